@@ -192,6 +192,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> AtaPacket<T> {
     pub fn clear_reserved(&mut self) {
         self.buffer.as_mut()[field::RESERVED].fill(0);
     }
+    /// The 12-byte argument, writable.
+    pub fn arg_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer.as_mut()[..ARG_LEN]
+    }
     /// The data area, writable (a disk read lands here).
     pub fn data_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::DATA]

@@ -1,0 +1,878 @@
+//! The target engine: one exported device (shelf.slot) as a deterministic state machine.
+//!
+//! The driver hands every received frame to [`Engine::handle_frame`] together with a reply
+//! buffer. The engine either ignores the frame, writes a complete reply into the buffer, or
+//! asks for disk I/O with an [`IoRequest`] carrying a token. The driver performs the I/O
+//! (reading straight into the reply buffer after the 36-byte ATA header, so read data is
+//! never copied) and calls [`Engine::complete`] with the token and the result; the engine then
+//! writes the reply header in front of the data.
+//!
+//! Behaviour follows AoEr11 as the project's `PROTOCOL.md` reconstructs it:
+//! - Query Config CCmd 0-4; test/prefix stay silent on a mismatch; set on a non-empty string
+//!   gets error 4; the sector count follows the receiving interface's MTU.
+//! - Mac Mask List read/edit with MError; a non-empty list silently drops other sources.
+//! - Reserve/Release read/set/force set; a non-reserving MAC gets error 6 for ATA commands
+//!   other than IDENTIFY (vblade `aoeata`) and for list changes.
+//! - Version other than 1: error 5. Unknown command (vendor included): error 1.
+//! - ATA READ/WRITE SECTORS (EXT), IDENTIFY, CHECK POWER MODE, FLUSH CACHE (EXT) (a real
+//!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
+//!   else is aborted (status DRDY|ERR, error ABRT). Out-of-range LBAs get IDNF and never
+//!   reach the disk.
+
+use std::fmt;
+
+use aoe_wire::ata::{error_bits, smart, status, AtaPacket, ARG_LEN as ATA_ARG_LEN};
+use aoe_wire::macmask::DirectiveCommand;
+use aoe_wire::{
+    max_sectors_for_mtu, AtaCommand, AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr,
+    Directive, Error as WireError, ErrorCode, Frame, HeaderRepr, Identify, MacAddr, MacMaskRepr,
+    MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr, Tag, TargetAddr, AOE_VERSION,
+    ATA_HEADER_LEN, MAX_CONFIG_LEN, MIN_FRAME_LEN, SECTOR_SIZE,
+};
+
+/// Most MACs the mask list holds; the one-byte directive count of a read response can carry
+/// no more than 255.
+pub const MAX_MASK_ENTRIES: usize = 255;
+
+/// Firmware version this target reports in Query Config responses.
+pub const FIRMWARE_VERSION: u16 = 0x0001;
+
+/// What is exported and how it is advertised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// Shelf and slot.
+    pub addr: TargetAddr,
+    /// Capacity in 512-byte sectors.
+    pub sectors: u64,
+    /// Refuse writes (ATA ABRT).
+    pub read_only: bool,
+    /// Buffer count advertised in Query Config: how many requests may be in flight.
+    pub buffer_count: u16,
+    /// Firmware version in Query Config responses.
+    pub firmware_version: u16,
+    /// Upper bound on the advertised sectors per command (the MTU bound applies too).
+    pub max_sectors: u8,
+    /// IDENTIFY model string.
+    pub model: String,
+    /// IDENTIFY serial string; unique per export.
+    pub serial: String,
+    /// IDENTIFY firmware string.
+    pub firmware: String,
+}
+
+/// State a target keeps across restarts (the daemon persists it when
+/// [`Engine::take_state_changed`] says it changed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersistentState {
+    /// The Query Config string.
+    pub config: Vec<u8>,
+    /// The Mac Mask List; empty means everyone.
+    pub mask: Vec<MacAddr>,
+    /// The reserve list; empty means not reserved.
+    pub reserve: Vec<MacAddr>,
+}
+
+/// A network interface the export is served on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interface {
+    /// The interface's MAC: the source of every reply sent on it.
+    pub mac: MacAddr,
+    /// The interface's MTU, which bounds the sectors per frame.
+    pub mtu: u32,
+}
+
+/// Opaque handle of an I/O in flight, returned to [`Engine::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(pub u32);
+
+/// Disk work the engine asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read `len` bytes at byte `offset` into `reply[ATA_HEADER_LEN..ATA_HEADER_LEN + len]`.
+    Read {
+        /// Byte offset in the export.
+        offset: u64,
+        /// Bytes to read.
+        len: usize,
+    },
+    /// Write `frame[data]` (the request frame's payload) at byte `offset`.
+    Write {
+        /// Byte offset in the export.
+        offset: u64,
+        /// Range of the data in the request frame.
+        data: std::ops::Range<usize>,
+    },
+    /// Make everything written so far durable (fdatasync).
+    Flush,
+}
+
+/// A request for disk I/O, completed later with [`Engine::complete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoRequest {
+    /// Hand back to [`Engine::complete`].
+    pub token: Token,
+    /// What to do.
+    pub kind: IoKind,
+}
+
+/// Why a frame got no reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not an AoE frame, or too short for the common header.
+    Malformed,
+    /// A response (another target's announcement, say): targets answer only requests.
+    Response,
+    /// Addressed to another shelf.slot, or to another MAC.
+    NotForUs,
+    /// The source is not on a non-empty Mac Mask List.
+    Masked,
+    /// Query Config test or prefix that did not match: AoEr11 says stay silent.
+    ConfigMismatch,
+    /// The interface index is not one the engine knows.
+    UnknownInterface,
+}
+
+/// What [`Engine::handle_frame`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send nothing.
+    Drop(DropReason),
+    /// Send the first `n` bytes of the reply buffer.
+    Reply(usize),
+    /// Do disk I/O, then call [`Engine::complete`]; keep the request frame (for writes) and
+    /// the reply buffer (for reads) until then.
+    Io(IoRequest),
+}
+
+/// How a disk operation failed, as far as the reply cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoFailure {
+    /// The medium failed (EIO): the reply reports an uncorrectable error.
+    Medium,
+    /// Anything else (ENOSPC, EROFS, ...): the command is aborted.
+    Aborted,
+}
+
+/// Counters for metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests answered (replies and completions).
+    pub replies: u64,
+    /// Frames dropped, any reason.
+    pub dropped: u64,
+    /// Replies with the AoE error flag.
+    pub aoe_errors: u64,
+    /// ATA commands answered with ERR status.
+    pub ata_errors: u64,
+    /// Sectors read.
+    pub sectors_read: u64,
+    /// Sectors written.
+    pub sectors_written: u64,
+    /// Flushes performed.
+    pub flushes: u64,
+    /// Most I/Os in flight at once.
+    pub max_in_flight: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    header: HeaderRepr,
+    ata: [u8; ATA_ARG_LEN],
+    kind: PendingKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PendingKind {
+    Read { len: usize, sectors: u64 },
+    Write { sectors: u64 },
+    Flush,
+}
+
+/// The target engine for one export.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: ExportConfig,
+    state: PersistentState,
+    state_changed: bool,
+    interfaces: Vec<Option<Interface>>,
+    pending: Vec<Option<Pending>>,
+    free: Vec<u32>,
+    in_flight: u32,
+    identify: [u8; 512],
+    stats: Stats,
+}
+
+impl Engine {
+    /// An engine for `cfg`, starting from `state` (the persisted config string, mask and
+    /// reserve lists, or the default).
+    pub fn new(cfg: ExportConfig, state: PersistentState) -> Engine {
+        let identify = Identify {
+            model: cfg.model.clone(),
+            serial: cfg.serial.clone(),
+            firmware: cfg.firmware.clone(),
+            sectors: cfg.sectors,
+            write_cache: true,
+            smart: true,
+        }
+        .build();
+        Engine {
+            cfg,
+            state,
+            state_changed: false,
+            interfaces: Vec::new(),
+            pending: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            identify,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The export's configuration.
+    pub fn config(&self) -> &ExportConfig {
+        &self.cfg
+    }
+
+    /// The state to persist.
+    pub fn state(&self) -> &PersistentState {
+        &self.state
+    }
+
+    /// True once after a change of config string, mask or reserve list.
+    pub fn take_state_changed(&mut self) -> bool {
+        std::mem::take(&mut self.state_changed)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// I/Os handed out and not yet completed.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Registers (or updates, on an MTU change) the interface with index `idx`.
+    pub fn set_interface(&mut self, idx: usize, iface: Interface) {
+        if self.interfaces.len() <= idx {
+            self.interfaces.resize(idx + 1, None);
+        }
+        self.interfaces[idx] = Some(iface);
+    }
+
+    /// Sectors per ATA command advertised on an interface: what its MTU carries, capped by
+    /// the configuration.
+    pub fn sectors_per_frame(&self, iface: &Interface) -> u8 {
+        max_sectors_for_mtu(iface.mtu).min(self.cfg.max_sectors)
+    }
+
+    /// The unsolicited Query Config responses to send when the export starts on interface
+    /// `idx` (vblade `aoead`): one broadcast, or one unicast to each MAC of a non-empty mask
+    /// list. Each is a complete, padded frame.
+    pub fn announcements(&self, idx: usize) -> Vec<Vec<u8>> {
+        let Some(iface) = self.interface(idx) else {
+            return Vec::new();
+        };
+        let dsts: Vec<MacAddr> = if self.state.mask.is_empty() {
+            vec![MacAddr::BROADCAST]
+        } else {
+            self.state.mask.clone()
+        };
+        dsts.into_iter()
+            .filter_map(|dst| {
+                let header = HeaderRepr {
+                    dst,
+                    src: iface.mac,
+                    version: AOE_VERSION,
+                    response: true,
+                    error: None,
+                    target: self.cfg.addr,
+                    command: Command::QueryConfig,
+                    tag: Tag(0),
+                };
+                let m = Message {
+                    header,
+                    body: Body::Config(self.config_reply(&iface, ConfigCommand::Read)),
+                };
+                m.to_vec().ok()
+            })
+            .collect()
+    }
+
+    fn interface(&self, idx: usize) -> Option<Interface> {
+        self.interfaces.get(idx).copied().flatten()
+    }
+
+    fn config_reply(&self, iface: &Interface, ccmd: ConfigCommand) -> ConfigRepr<'_> {
+        ConfigRepr {
+            buffer_count: self.cfg.buffer_count,
+            firmware_version: self.cfg.firmware_version,
+            sector_count: self.sectors_per_frame(iface),
+            aoe_version: AOE_VERSION,
+            ccmd,
+            config: &self.state.config,
+        }
+    }
+
+    /// Handles one received frame from interface `idx`; `reply` must hold a full frame of
+    /// that interface (MTU + 14 bytes).
+    pub fn handle_frame(&mut self, idx: usize, frame: &[u8], reply: &mut [u8]) -> Outcome {
+        let outcome = self.dispatch(idx, frame, reply);
+        match &outcome {
+            Outcome::Drop(_) => self.stats.dropped += 1,
+            Outcome::Reply(_) => self.stats.replies += 1,
+            Outcome::Io(_) => {}
+        }
+        outcome
+    }
+
+    fn dispatch(&mut self, idx: usize, frame: &[u8], reply: &mut [u8]) -> Outcome {
+        let Some(iface) = self.interface(idx) else {
+            return Outcome::Drop(DropReason::UnknownInterface);
+        };
+        let Ok(view) = Frame::new_checked(frame) else {
+            return Outcome::Drop(DropReason::Malformed);
+        };
+        let Ok(header) = HeaderRepr::parse(&view) else {
+            return Outcome::Drop(DropReason::Malformed);
+        };
+        if header.response {
+            return Outcome::Drop(DropReason::Response);
+        }
+        if !header.target.reaches(self.cfg.addr) {
+            return Outcome::Drop(DropReason::NotForUs);
+        }
+        if header.dst != iface.mac && !header.dst.is_broadcast() {
+            return Outcome::Drop(DropReason::NotForUs);
+        }
+        if !self.state.mask.is_empty() && !self.state.mask.contains(&header.src) {
+            return Outcome::Drop(DropReason::Masked);
+        }
+        // Replies carry the export's own address, never the wildcard the request used.
+        let mut rsp = header.response_to(iface.mac);
+        rsp.target = self.cfg.addr;
+        if header.version != AOE_VERSION {
+            return self.aoe_error(&rsp, ErrorCode::UnsupportedVersion, view.payload(), reply);
+        }
+        let msg = match Message::parse(frame) {
+            Ok(m) => m,
+            Err(e) => return self.malformed_body(&rsp, e, view.payload(), reply),
+        };
+        match msg.body {
+            Body::Ata(ata) => self.ata(&iface, &rsp, &ata, reply),
+            Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
+            Body::MacMask(m) => self.mac_mask(&rsp, &m, reply),
+            Body::Reserve(r) => self.reserve(&rsp, &r, reply),
+            Body::Unknown(p) => self.aoe_error(&rsp, ErrorCode::UnrecognizedCommand, p, reply),
+        }
+    }
+
+    /// A request whose header parsed but whose body did not.
+    fn malformed_body(
+        &mut self,
+        rsp: &HeaderRepr,
+        err: WireError,
+        payload: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        if rsp.command == Command::Ata && payload.len() >= ATA_ARG_LEN {
+            // A write whose frame is shorter than its sector count: abort the command.
+            let mut arg = [0u8; ATA_ARG_LEN];
+            arg.copy_from_slice(&payload[..ATA_ARG_LEN]);
+            return self.ata_status(
+                rsp,
+                &arg,
+                status::DRDY | status::ERR,
+                error_bits::ABRT,
+                reply,
+            );
+        }
+        tracing::debug!(error = %err, "malformed {:?} request", rsp.command);
+        self.aoe_error(rsp, ErrorCode::BadArgument, payload, reply)
+    }
+
+    /// Answers with the E flag and `code`, echoing the request's argument (vblade echoes the
+    /// request; ATA write data is not echoed).
+    fn aoe_error(
+        &mut self,
+        rsp: &HeaderRepr,
+        code: ErrorCode,
+        payload: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        self.stats.aoe_errors += 1;
+        let echo_len = match rsp.command {
+            Command::Ata => ATA_ARG_LEN,
+            Command::QueryConfig => aoe_wire::config::ARG_LEN,
+            Command::MacMaskList => aoe_wire::macmask::ARG_LEN,
+            Command::ReserveRelease => aoe_wire::reserve::ARG_LEN,
+            Command::Unknown(_) => 0,
+        }
+        .min(payload.len());
+        let header = HeaderRepr {
+            error: Some(code),
+            ..*rsp
+        };
+        // The echoed argument must describe the echoed bytes: lists and strings are not
+        // echoed, so their counts become zero.
+        let mut echo = [0u8; ATA_ARG_LEN];
+        echo[..echo_len].copy_from_slice(&payload[..echo_len]);
+        match rsp.command {
+            Command::QueryConfig if echo_len == 8 => echo[6..8].fill(0),
+            Command::MacMaskList if echo_len == 4 => echo[3] = 0,
+            Command::ReserveRelease if echo_len == 2 => echo[1] = 0,
+            _ => {}
+        }
+        let m = Message {
+            header,
+            body: Body::Unknown(&echo[..echo_len]),
+        };
+        match m.emit(reply) {
+            Ok(n) => Outcome::Reply(n),
+            Err(_) => Outcome::Drop(DropReason::Malformed),
+        }
+    }
+
+    fn emit(&mut self, header: HeaderRepr, body: Body<'_>, reply: &mut [u8]) -> Outcome {
+        match (Message { header, body }).emit(reply) {
+            Ok(n) => Outcome::Reply(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "reply does not fit the reply buffer");
+                Outcome::Drop(DropReason::Malformed)
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- Query Config
+
+    fn query_config(
+        &mut self,
+        iface: &Interface,
+        rsp: &HeaderRepr,
+        req: &ConfigRepr<'_>,
+        payload: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        let current = &self.state.config;
+        match req.ccmd {
+            ConfigCommand::Read => {}
+            ConfigCommand::Test => {
+                if req.config != current.as_slice() {
+                    return Outcome::Drop(DropReason::ConfigMismatch);
+                }
+            }
+            ConfigCommand::TestPrefix => {
+                if !current.starts_with(req.config) {
+                    return Outcome::Drop(DropReason::ConfigMismatch);
+                }
+            }
+            ConfigCommand::Set => {
+                if !current.is_empty() {
+                    return self.aoe_error(rsp, ErrorCode::ConfigStringPresent, payload, reply);
+                }
+                if self.reserved_against(rsp.dst) {
+                    return self.aoe_error(rsp, ErrorCode::TargetReserved, payload, reply);
+                }
+                self.set_config(req.config);
+            }
+            ConfigCommand::ForceSet => {
+                if self.reserved_against(rsp.dst) {
+                    return self.aoe_error(rsp, ErrorCode::TargetReserved, payload, reply);
+                }
+                self.set_config(req.config);
+            }
+            ConfigCommand::Unknown(_) => {
+                return self.aoe_error(rsp, ErrorCode::BadArgument, payload, reply);
+            }
+        }
+        let body = Body::Config(self.config_reply(iface, req.ccmd));
+        // `self` is borrowed by `body`; emit through a free function.
+        match (Message { header: *rsp, body }).emit(reply) {
+            Ok(n) => Outcome::Reply(n),
+            Err(_) => Outcome::Drop(DropReason::Malformed),
+        }
+    }
+
+    fn set_config(&mut self, s: &[u8]) {
+        debug_assert!(s.len() <= MAX_CONFIG_LEN);
+        if self.state.config != s {
+            self.state.config = s.to_vec();
+            self.state_changed = true;
+        }
+    }
+
+    /// True if a reserve list exists and `mac` is not on it.
+    fn reserved_against(&self, mac: MacAddr) -> bool {
+        !self.state.reserve.is_empty() && !self.state.reserve.contains(&mac)
+    }
+
+    // ---------------------------------------------------------------- Mac Mask List
+
+    fn mac_mask(&mut self, rsp: &HeaderRepr, req: &MacMaskRepr, reply: &mut [u8]) -> Outcome {
+        let mut merror = MaskError::None;
+        match req.mcmd {
+            MaskCommand::Read => {}
+            MaskCommand::Edit => {
+                if self.reserved_against(rsp.dst) {
+                    let arg = [0, u8::from(req.mcmd), 0, req.directives.len() as u8];
+                    return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
+                }
+                let before = self.state.mask.clone();
+                for d in &req.directives {
+                    match d.command {
+                        DirectiveCommand::NoDirective => {}
+                        DirectiveCommand::Add => {
+                            if !self.state.mask.contains(&d.mac) {
+                                if self.state.mask.len() >= MAX_MASK_ENTRIES {
+                                    merror = MaskError::ListFull;
+                                    break;
+                                }
+                                self.state.mask.push(d.mac);
+                            }
+                        }
+                        DirectiveCommand::Delete => self.state.mask.retain(|m| *m != d.mac),
+                        DirectiveCommand::Unknown(_) => {
+                            merror = MaskError::BadDirective;
+                            break;
+                        }
+                    }
+                }
+                if self.state.mask != before {
+                    self.state_changed = true;
+                }
+            }
+            MaskCommand::Unknown(_) => merror = MaskError::Unspecified,
+        }
+        let body = MacMaskRepr {
+            mcmd: req.mcmd,
+            merror,
+            directives: self
+                .state
+                .mask
+                .iter()
+                .map(|mac| Directive {
+                    command: DirectiveCommand::Add,
+                    mac: *mac,
+                })
+                .collect(),
+        };
+        self.emit(*rsp, Body::MacMask(body), reply)
+    }
+
+    // ---------------------------------------------------------------- Reserve/Release
+
+    fn reserve(&mut self, rsp: &HeaderRepr, req: &ReserveRepr, reply: &mut [u8]) -> Outcome {
+        match req.rcmd {
+            ReserveCommand::Read => {}
+            ReserveCommand::Set | ReserveCommand::ForceSet => {
+                if req.rcmd == ReserveCommand::Set && self.reserved_against(rsp.dst) {
+                    let arg = [u8::from(req.rcmd), 0];
+                    return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
+                }
+                if self.state.reserve != req.macs {
+                    self.state.reserve = req.macs.clone();
+                    self.state_changed = true;
+                }
+            }
+            ReserveCommand::Unknown(_) => {
+                let arg = [u8::from(req.rcmd), 0];
+                return self.aoe_error(rsp, ErrorCode::BadArgument, &arg, reply);
+            }
+        }
+        let body = ReserveRepr {
+            rcmd: req.rcmd,
+            macs: self.state.reserve.clone(),
+        };
+        self.emit(*rsp, Body::Reserve(body), reply)
+    }
+
+    // ---------------------------------------------------------------- ATA
+
+    fn ata(
+        &mut self,
+        iface: &Interface,
+        rsp: &HeaderRepr,
+        req: &AtaRepr<'_>,
+        reply: &mut [u8],
+    ) -> Outcome {
+        let mut arg = [0u8; ATA_ARG_LEN];
+        // Cannot fail: the argument is 12 bytes and `data` is not emitted here.
+        let _ = AtaRepr { data: &[], ..*req }.emit(&mut arg);
+        let cmd = req.command();
+        if cmd != AtaCommand::IdentifyDevice && self.reserved_against(rsp.dst) {
+            return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
+        }
+        let abort = status::DRDY | status::ERR;
+        match cmd {
+            AtaCommand::ReadSectors
+            | AtaCommand::ReadSectorsExt
+            | AtaCommand::WriteSectors
+            | AtaCommand::WriteSectorsExt => {
+                let write = matches!(cmd, AtaCommand::WriteSectors | AtaCommand::WriteSectorsExt);
+                self.read_write(iface, rsp, req, &arg, write, reply)
+            }
+            AtaCommand::IdentifyDevice => {
+                let id = self.identify;
+                self.ata_data_reply(rsp, &arg, &id, reply)
+            }
+            AtaCommand::CheckPowerMode => {
+                // Sector count 0xFF: active or idle.
+                arg[2] = 0xff;
+                self.ata_status(rsp, &arg, status::DRDY, 0, reply)
+            }
+            AtaCommand::FlushCache | AtaCommand::FlushCacheExt => {
+                self.start_io(rsp, &arg, IoKind::Flush, PendingKind::Flush)
+            }
+            AtaCommand::Smart => self.smart(rsp, req, &mut arg, reply),
+            AtaCommand::Unknown(_) => self.ata_status(rsp, &arg, abort, error_bits::ABRT, reply),
+        }
+    }
+
+    fn read_write(
+        &mut self,
+        iface: &Interface,
+        rsp: &HeaderRepr,
+        req: &AtaRepr<'_>,
+        arg: &[u8; ATA_ARG_LEN],
+        write: bool,
+        reply: &mut [u8],
+    ) -> Outcome {
+        let abort = status::DRDY | status::ERR;
+        let count = req.sector_count as u64;
+        // The frame must carry the whole transfer; count 0 (256 or 65536 sectors in ATA) never
+        // fits a frame, nor does more than the interface MTU allows.
+        let max = max_sectors_for_mtu(iface.mtu) as u64;
+        if count == 0 || count > max || ATA_HEADER_LEN + req.transfer_len() > reply.len() {
+            return self.ata_status(rsp, arg, abort, error_bits::ABRT, reply);
+        }
+        if write != req.aflags.contains(AtaFlags::WRITE) {
+            return self.ata_status(rsp, arg, abort, error_bits::ABRT, reply);
+        }
+        let lba = req.effective_lba();
+        if lba
+            .checked_add(count)
+            .is_none_or(|end| end > self.cfg.sectors)
+        {
+            return self.ata_status(rsp, arg, abort, error_bits::IDNF | error_bits::ABRT, reply);
+        }
+        let offset = lba * SECTOR_SIZE as u64;
+        if write {
+            if self.cfg.read_only {
+                return self.ata_status(rsp, arg, abort, error_bits::ABRT, reply);
+            }
+            let len = req.transfer_len();
+            self.start_io(
+                rsp,
+                arg,
+                IoKind::Write {
+                    offset,
+                    data: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
+                },
+                PendingKind::Write { sectors: count },
+            )
+        } else {
+            let len = req.transfer_len();
+            self.start_io(
+                rsp,
+                arg,
+                IoKind::Read { offset, len },
+                PendingKind::Read {
+                    len,
+                    sectors: count,
+                },
+            )
+        }
+    }
+
+    fn smart(
+        &mut self,
+        rsp: &HeaderRepr,
+        req: &AtaRepr<'_>,
+        arg: &mut [u8; ATA_ARG_LEN],
+        reply: &mut [u8],
+    ) -> Outcome {
+        let abort = status::DRDY | status::ERR;
+        match req.err_feature {
+            smart::RETURN_STATUS => {
+                // LBA mid/high 0x4F/0xC2: no threshold exceeded.
+                arg[5] = smart::SIGNATURE.0;
+                arg[6] = smart::SIGNATURE.1;
+                self.ata_status(rsp, arg, status::DRDY, 0, reply)
+            }
+            smart::ENABLE | smart::DISABLE | smart::OFFLINE_IMMEDIATE => {
+                self.ata_status(rsp, arg, status::DRDY, 0, reply)
+            }
+            smart::READ_DATA => {
+                let page = smart_data_page();
+                self.ata_data_reply(rsp, arg, &page, reply)
+            }
+            _ => self.ata_status(rsp, arg, abort, error_bits::ABRT, reply),
+        }
+    }
+
+    /// Hands out a token for disk work.
+    fn start_io(
+        &mut self,
+        rsp: &HeaderRepr,
+        arg: &[u8; ATA_ARG_LEN],
+        kind: IoKind,
+        pending: PendingKind,
+    ) -> Outcome {
+        let p = Pending {
+            header: *rsp,
+            ata: *arg,
+            kind: pending,
+        };
+        let token = match self.free.pop() {
+            Some(t) => {
+                self.pending[t as usize] = Some(p);
+                t
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u32
+            }
+        };
+        self.in_flight += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight);
+        Outcome::Io(IoRequest {
+            token: Token(token),
+            kind,
+        })
+    }
+
+    /// Completes disk work: writes the reply header (and, on failure, an ATA error) into
+    /// `reply`, whose data area a read has filled, and returns the length to send. `None`
+    /// for a token that is not in flight.
+    pub fn complete(
+        &mut self,
+        token: Token,
+        result: Result<(), IoFailure>,
+        reply: &mut [u8],
+    ) -> Option<usize> {
+        let p = self.pending.get_mut(token.0 as usize)?.take()?;
+        self.free.push(token.0);
+        self.in_flight -= 1;
+        self.stats.replies += 1;
+        let (st, err) = match result {
+            Ok(()) => (status::DRDY, 0),
+            Err(IoFailure::Medium) => (status::DRDY | status::ERR, error_bits::UNC),
+            Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
+        };
+        let data_len = match (p.kind, result) {
+            (PendingKind::Read { len, sectors }, Ok(())) => {
+                self.stats.sectors_read += sectors;
+                len
+            }
+            (PendingKind::Write { sectors }, Ok(())) => {
+                self.stats.sectors_written += sectors;
+                0
+            }
+            (PendingKind::Flush, Ok(())) => {
+                self.stats.flushes += 1;
+                0
+            }
+            (_, Err(_)) => {
+                self.stats.ata_errors += 1;
+                0
+            }
+        };
+        Some(write_ata_reply(&p.header, &p.ata, st, err, data_len, reply))
+    }
+
+    /// An ATA reply without data.
+    fn ata_status(
+        &mut self,
+        rsp: &HeaderRepr,
+        arg: &[u8; ATA_ARG_LEN],
+        st: u8,
+        err: u8,
+        reply: &mut [u8],
+    ) -> Outcome {
+        if st & status::ERR != 0 {
+            self.stats.ata_errors += 1;
+        }
+        if reply.len() < MIN_FRAME_LEN {
+            return Outcome::Drop(DropReason::Malformed);
+        }
+        Outcome::Reply(write_ata_reply(rsp, arg, st, err, 0, reply))
+    }
+
+    /// An ATA reply carrying `data` (IDENTIFY, SMART READ DATA).
+    fn ata_data_reply(
+        &mut self,
+        rsp: &HeaderRepr,
+        arg: &[u8; ATA_ARG_LEN],
+        data: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        if reply.len() < ATA_HEADER_LEN + data.len() {
+            return Outcome::Drop(DropReason::Malformed);
+        }
+        reply[ATA_HEADER_LEN..ATA_HEADER_LEN + data.len()].copy_from_slice(data);
+        Outcome::Reply(write_ata_reply(
+            rsp,
+            arg,
+            status::DRDY,
+            0,
+            data.len(),
+            reply,
+        ))
+    }
+}
+
+/// Writes an ATA reply header in front of `data_len` bytes already in place and pads to the
+/// Ethernet minimum with zeros (never with stale bytes of an earlier frame). The argument is
+/// the request's echoed, with status and error registers set.
+fn write_ata_reply(
+    header: &HeaderRepr,
+    arg: &[u8; ATA_ARG_LEN],
+    st: u8,
+    err: u8,
+    data_len: usize,
+    reply: &mut [u8],
+) -> usize {
+    // Callers checked that `reply` holds 36 + data_len and at least 60 bytes.
+    let _ = header.emit(reply);
+    let mut a = AtaPacket::new_unchecked(&mut reply[aoe_wire::HEADER_LEN..]);
+    a.arg_mut().copy_from_slice(arg);
+    a.set_err_feature(err);
+    a.set_cmd_status(st);
+    let len = ATA_HEADER_LEN + data_len;
+    if len < MIN_FRAME_LEN {
+        reply[len..MIN_FRAME_LEN].fill(0);
+    }
+    len.max(MIN_FRAME_LEN)
+}
+
+/// A SMART READ DATA page: no attributes, offline collection never started, self-test
+/// passed, SMART capabilities word and a valid checksum in byte 511.
+fn smart_data_page() -> [u8; 512] {
+    let mut p = [0u8; 512];
+    p[0] = 0x10; // data structure revision
+    p[362] = 0x00; // off-line data collection status: never started
+    p[363] = 0x00; // self-test execution status: passed
+    p[367] = 0x00; // off-line collection capability: none
+    p[368] = 0x03; // SMART capability: saves data over power cycles, supports autosave
+    p[370] = 0x01; // error logging supported
+    let sum = p[..511].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    p[511] = 0u8.wrapping_sub(sum);
+    p
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropReason::Malformed => "malformed frame",
+            DropReason::Response => "response frame",
+            DropReason::NotForUs => "addressed elsewhere",
+            DropReason::Masked => "source not on the mac mask list",
+            DropReason::ConfigMismatch => "config test did not match",
+            DropReason::UnknownInterface => "unknown interface",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
