@@ -342,7 +342,7 @@ mod tests {
     #[test]
     fn write_data_requires_full_sectors() {
         let mut b = vec![0x41, 0, 2, 0x34, 0, 0, 0, 0, 0, 0, 0, 0];
-        b.extend(std::iter::repeat(0xab).take(1000));
+        b.extend(std::iter::repeat_n(0xab, 1000));
         let a = AtaRepr::parse(&b).unwrap();
         assert!(a.aflags.contains(AtaFlags::WRITE));
         assert_eq!(
