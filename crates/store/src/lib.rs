@@ -1,1 +1,114 @@
+//! Backing stores for AoE exports, and the worker pool that serves them asynchronously.
+//!
+//! Layer: beside the protocol engines, below the target daemon. A [`Backend`] is a byte range
+//! of a file or block device addressed in bytes; [`Pool`] runs reads, writes and flushes on
+//! worker threads so the daemon's event loop never waits on the disk, and hands finished jobs
+//! back through a channel plus a caller-supplied wake-up (an eventfd in the daemon).
+//!
+//! What it does not do: know about frames or AoE. The daemon says where in its buffers the
+//! data lives ([`Op`]). An io_uring engine can later implement the same submit/complete shape.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod file;
+mod pool;
+
+pub use file::{FileBackend, OpenOptions};
+pub use pool::{Done, Job, Op, Pool};
+
+use std::io;
+
+/// A byte-addressed store an export reads and writes.
+///
+/// Implementations are shared between worker threads, so methods take `&self` and must be
+/// safe to call concurrently on disjoint or overlapping ranges (positional I/O).
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+
+    /// True for a zero-length store.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` from byte `offset`. A range past the end is an error
+    /// (`InvalidInput`), never a short read.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes `buf` at byte `offset`. A range past the end is an error (`InvalidInput`), so
+    /// nothing outside the export is ever written.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+
+    /// True if writes are refused.
+    fn read_only(&self) -> bool;
+}
+
+/// Checks that `len` bytes at `offset` lie inside a store of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is outside the export of {size} bytes"),
+        )),
+    }
+}
+
+/// A store held in memory, for tests and benchmarks.
+#[derive(Debug)]
+pub struct MemBackend {
+    data: std::sync::RwLock<Vec<u8>>,
+}
+
+impl MemBackend {
+    /// A zero-filled store of `len` bytes.
+    pub fn new(len: usize) -> MemBackend {
+        MemBackend {
+            data: std::sync::RwLock::new(vec![0; len]),
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+impl Backend for MemBackend {
+    fn len(&self) -> u64 {
+        self.data.read().map(|d| d.len() as u64).unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self
+            .data
+            .read()
+            .map_err(|_| io::Error::other("memory store poisoned"))?;
+        check_range(offset, buf.len(), d.len() as u64)?;
+        let o = offset as usize;
+        buf.copy_from_slice(&d[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| io::Error::other("memory store poisoned"))?;
+        check_range(offset, buf.len(), d.len() as u64)?;
+        let o = offset as usize;
+        d[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+}

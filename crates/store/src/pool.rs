@@ -1,0 +1,222 @@
+//! A pool of I/O worker threads.
+
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::Backend;
+
+/// One operation and where its data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Read `len` bytes at `offset` into `buf[at..at + len]`.
+    Read {
+        /// Byte offset in the backend.
+        offset: u64,
+        /// Where in [`Job::buf`] the data goes.
+        at: Range<usize>,
+    },
+    /// Write `buf[from]` at `offset`.
+    Write {
+        /// Byte offset in the backend.
+        offset: u64,
+        /// Where in [`Job::buf`] the data is.
+        from: Range<usize>,
+    },
+    /// fdatasync.
+    Flush,
+}
+
+/// Work for the pool.
+#[derive(Debug)]
+pub struct Job {
+    /// The store.
+    pub backend: Arc<dyn Backend>,
+    /// What to do.
+    pub op: Op,
+    /// The caller's handle, returned in [`Done`].
+    pub user: u64,
+    /// The buffer reads fill and writes take their data from; returned in [`Done`].
+    pub buf: Vec<u8>,
+}
+
+/// A finished job.
+#[derive(Debug)]
+pub struct Done {
+    /// The caller's handle.
+    pub user: u64,
+    /// The job's buffer, filled for reads.
+    pub buf: Vec<u8>,
+    /// What happened.
+    pub result: io::Result<()>,
+}
+
+/// Worker threads that run [`Job`]s and report [`Done`]s.
+pub struct Pool {
+    tx: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts `threads` workers. `wake` is called after each job completes, from the worker
+    /// thread (the daemon passes an eventfd notify so its poll loop wakes up).
+    pub fn new(threads: usize, wake: Arc<dyn Fn() + Send + Sync>) -> io::Result<Pool> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (dtx, done) = crossbeam_channel::unbounded::<Done>();
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let dtx = dtx.clone();
+            let wake = wake.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("aoe-io-{i}"))
+                .spawn(move || {
+                    for mut job in rx.iter() {
+                        let result = run(&mut job);
+                        let d = Done {
+                            user: job.user,
+                            buf: job.buf,
+                            result,
+                        };
+                        if dtx.send(d).is_err() {
+                            break;
+                        }
+                        wake();
+                    }
+                })?;
+            workers.push(h);
+        }
+        Ok(Pool {
+            tx: Some(tx),
+            done,
+            workers,
+        })
+    }
+
+    /// Queues a job.
+    pub fn submit(&self, job: Job) {
+        if let Some(tx) = &self.tx {
+            // Workers only stop when `tx` is dropped, so the channel is open here.
+            let _ = tx.send(job);
+        }
+    }
+
+    /// A finished job, if any, without waiting.
+    pub fn try_done(&self) -> Option<Done> {
+        self.done.try_recv().ok()
+    }
+
+    /// Waits for a finished job.
+    pub fn wait_done(&self, timeout: std::time::Duration) -> Option<Done> {
+        self.done.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn run(job: &mut Job) -> io::Result<()> {
+    match &job.op {
+        Op::Read { offset, at } => {
+            let buf = job.buf.get_mut(at.clone()).ok_or_else(bad_range)?;
+            job.backend.read_at(buf, *offset)
+        }
+        Op::Write { offset, from } => {
+            let buf = job.buf.get(from.clone()).ok_or_else(bad_range)?;
+            job.backend.write_at(buf, *offset)
+        }
+        Op::Flush => job.backend.flush(),
+    }
+}
+
+fn bad_range() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "job range outside its buffer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemBackend;
+    use std::time::Duration;
+
+    #[test]
+    fn jobs_complete_with_their_buffers() {
+        let mem = Arc::new(MemBackend::new(4096));
+        let woke = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woke.clone();
+        let pool = Pool::new(
+            2,
+            Arc::new(move || {
+                w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 612];
+        buf[100..612].fill(7);
+        pool.submit(Job {
+            backend: mem.clone(),
+            op: Op::Write {
+                offset: 512,
+                from: 100..612,
+            },
+            user: 1,
+            buf,
+        });
+        let d = pool.wait_done(Duration::from_secs(5)).unwrap();
+        assert_eq!(d.user, 1);
+        d.result.unwrap();
+        pool.submit(Job {
+            backend: mem.clone(),
+            op: Op::Read {
+                offset: 512,
+                at: 36..548,
+            },
+            user: 2,
+            buf: vec![0u8; 600],
+        });
+        let d = pool.wait_done(Duration::from_secs(5)).unwrap();
+        assert!(d.buf[36..548].iter().all(|x| *x == 7));
+        // Out of range: an error, nothing written.
+        pool.submit(Job {
+            backend: mem.clone(),
+            op: Op::Write {
+                offset: 4000,
+                from: 0..512,
+            },
+            user: 3,
+            buf: vec![1u8; 512],
+        });
+        let d = pool.wait_done(Duration::from_secs(5)).unwrap();
+        assert!(d.result.is_err());
+        assert!(mem.snapshot()[3584..].iter().all(|x| *x == 0));
+        pool.submit(Job {
+            backend: mem,
+            op: Op::Flush,
+            user: 4,
+            buf: Vec::new(),
+        });
+        pool.wait_done(Duration::from_secs(5))
+            .unwrap()
+            .result
+            .unwrap();
+        assert_eq!(woke.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+}
