@@ -1,1 +1,99 @@
-//! sys
+//! # aoe-sys: the operating-system layer
+//!
+//! This is the bottom layer of the AoE suite and **the only crate in the workspace that contains
+//! `unsafe` code**. It wraps the handful of Linux system calls the daemons need behind small,
+//! safe, `std::io`-flavoured types:
+//!
+//! * [`PacketSocket`]: an `AF_PACKET`/`SOCK_RAW` socket bound to one interface and to the AoE
+//!   ethertype [`ETH_P_AOE`] (0x88A2), with a classic BPF filter so that the kernel never queues
+//!   anything else; single-frame [`recv`](PacketSocket::recv)/[`send`](PacketSocket::send) and
+//!   batched `recvmmsg(2)`/`sendmmsg(2)` through [`RecvBatch`] and
+//!   [`send_batch`](PacketSocket::send_batch).
+//! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
+//!   network interfaces of the calling thread's network namespace.
+//! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
+//!   poll loop needs so that worker threads can hand it completions.
+//! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
+//!   the integration tests and by daemons started with `--netns`.
+//!
+//! What it deliberately does **not** do: it knows nothing about the AoE header beyond the
+//! ethertype (parsing lives in `aoe-wire`), it builds no frames (callers hand it complete
+//! Ethernet frames, destination, source and type included), and it starts no threads except the
+//! short-lived one inside [`run_in_netns`]. Errors are plain [`std::io::Error`]s; a few carry a
+//! message naming the interface or file they concern.
+//!
+//! Everything here is Linux-only.
+//!
+//! ## Network namespaces
+//!
+//! Sockets and interface queries act on the network namespace of the **calling thread** at the
+//! moment the socket is created. A [`PacketSocket`] keeps the namespace it was opened in for its
+//! whole life, so a socket opened inside [`run_in_netns`] may then be used from any thread.
+
+#![warn(missing_docs)]
+
+use std::io;
+
+mod event;
+mod iface;
+mod ns;
+mod packet;
+
+pub use event::{poll, EventFd, PollFd};
+pub use iface::{interface_info, list_interfaces, InterfaceInfo};
+pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
+pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
+
+/// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
+pub const ETH_P_AOE: u16 = 0x88A2;
+
+/// Length of an Ethernet II header: destination (6), source (6), ethertype (2).
+pub const ETH_HLEN: usize = 14;
+
+/// Buffer size, in bytes, that holds any frame an interface with this MTU can send or receive.
+///
+/// The MTU counts the payload after the Ethernet header, so a frame is at most `mtu + 14` bytes:
+/// 1514 for a standard 1500-byte MTU, 9014 for 9000-byte jumbo frames. The frame check sequence
+/// never reaches user space, and on interfaces with VLAN offload the 802.1Q tag is stripped by
+/// the kernel before an `AF_PACKET` socket sees the frame, so neither is counted.
+pub fn frame_capacity(mtu: u32) -> usize {
+    // u32 always fits in usize on the 32- and 64-bit Linux targets we support.
+    (mtu as usize).saturating_add(ETH_HLEN)
+}
+
+/// Turns a `-1` return of a libc call into the thread's `errno` as an [`io::Error`].
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Like [`cvt`] for calls returning `ssize_t`.
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // Non-negative ssize_t always fits in usize.
+        Ok(ret as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_capacity_adds_ethernet_header() {
+        assert_eq!(frame_capacity(1500), 1514);
+        assert_eq!(frame_capacity(9000), 9014);
+        assert_eq!(frame_capacity(0), 14);
+        assert_eq!(frame_capacity(u32::MAX), u32::MAX as usize + 14);
+    }
+
+    #[test]
+    fn ethertype_is_aoe() {
+        assert_eq!(ETH_P_AOE, 0x88a2);
+    }
+}

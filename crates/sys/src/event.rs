@@ -1,0 +1,232 @@
+//! Wake-ups and readiness: `eventfd(2)` and a thin `poll(2)` wrapper.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use crate::{cvt, cvt_size};
+
+/// A non-blocking, close-on-exec `eventfd(2)`: a counter other threads bump with
+/// [`notify`](Self::notify) to wake a thread sleeping in [`poll`] on it.
+///
+/// It is `Send + Sync`: share it with `Arc` between worker threads and the poll loop.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// Creates an eventfd with counter 0 (`EFD_NONBLOCK | EFD_CLOEXEC`).
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) takes only integers; the result is checked by cvt.
+        let raw = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: `raw` was just returned by eventfd(2), is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(EventFd { fd })
+    }
+
+    /// Adds 1 to the counter, making the fd readable. Never blocks: if the counter is already
+    /// at its maximum (`EAGAIN`), a wake-up is pending anyway and this returns `Ok`.
+    pub fn notify(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        loop {
+            // SAFETY: `one` is 8 readable bytes, the size eventfd(2) requires for a write.
+            let ret = unsafe {
+                libc::write(
+                    self.fd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    mem::size_of::<u64>(),
+                )
+            };
+            match cvt_size(ret) {
+                Ok(_) => return Ok(()),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(()),
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Reads and resets the counter, returning how many notifications arrived since the last
+    /// drain (0 if none, without blocking).
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut value: u64 = 0;
+        loop {
+            // SAFETY: `value` is 8 writable bytes, the size eventfd(2) requires for a read.
+            let ret = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut value as *mut u64).cast(),
+                    mem::size_of::<u64>(),
+                )
+            };
+            match cvt_size(ret) {
+                Ok(_) => return Ok(value),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(0),
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// One entry for [`poll`]: which fd, whether to wait for it to become readable, and the
+/// result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollFd {
+    /// The file descriptor. A negative value is ignored by poll(2) and never becomes ready.
+    pub fd: RawFd,
+    /// Wait for `POLLIN`. With `false` only errors and hang-ups are reported.
+    pub readable: bool,
+    /// Set by [`poll`]: the fd is readable, or has an error or hang-up pending (a read will
+    /// report it). Cleared when nothing happened.
+    pub ready: bool,
+}
+
+impl PollFd {
+    /// An entry that waits for `fd` to become readable.
+    pub fn new(fd: RawFd) -> PollFd {
+        PollFd {
+            fd,
+            readable: true,
+            ready: false,
+        }
+    }
+}
+
+/// Waits until at least one entry is ready or `timeout` passes (`None`: forever), and returns
+/// how many entries are ready, setting their [`ready`](PollFd::ready) flags.
+///
+/// The timeout is rounded up to whole milliseconds (so a tiny timeout still sleeps instead of
+/// spinning) and capped at `i32::MAX` ms. A signal interrupting the wait (`EINTR`) returns
+/// `Ok(0)` with no entry ready, like a timeout: callers loop anyway.
+pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    let mut raw: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|p| libc::pollfd {
+            fd: p.fd,
+            events: if p.readable { libc::POLLIN } else { 0 },
+            revents: 0,
+        })
+        .collect();
+    let timeout_ms = match timeout {
+        None => -1,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+        }
+    };
+    let nfds = libc::nfds_t::try_from(raw.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds for poll"))?;
+    // SAFETY: `raw` holds exactly `nfds` writable pollfd entries and outlives the call.
+    let ret = unsafe { libc::poll(raw.as_mut_ptr(), nfds, timeout_ms) };
+    for p in fds.iter_mut() {
+        p.ready = false;
+    }
+    match cvt(ret) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    let mut n = 0;
+    for (p, r) in fds.iter_mut().zip(&raw) {
+        p.ready = r.revents != 0;
+        n += usize::from(p.ready);
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[test]
+    fn eventfd_counts_and_drains() {
+        let ev = EventFd::new().unwrap();
+        assert_eq!(ev.drain().unwrap(), 0);
+        ev.notify().unwrap();
+        ev.notify().unwrap();
+        ev.notify().unwrap();
+        assert_eq!(ev.drain().unwrap(), 3);
+        assert_eq!(ev.drain().unwrap(), 0);
+    }
+
+    #[test]
+    fn poll_times_out_when_nothing_is_ready() {
+        let ev = EventFd::new().unwrap();
+        let mut fds = [PollFd::new(ev.as_raw_fd())];
+        let start = Instant::now();
+        assert_eq!(poll(&mut fds, Some(Duration::from_millis(30))).unwrap(), 0);
+        assert!(start.elapsed() >= Duration::from_millis(25));
+        assert!(!fds[0].ready);
+        // Sub-millisecond timeouts are rounded up, not turned into a busy 0.
+        assert_eq!(poll(&mut fds, Some(Duration::from_micros(1))).unwrap(), 0);
+    }
+
+    #[test]
+    fn poll_sees_notify_from_another_thread() {
+        let ev = Arc::new(EventFd::new().unwrap());
+        let idle = EventFd::new().unwrap();
+        let waker = {
+            let ev = Arc::clone(&ev);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                ev.notify().unwrap();
+            })
+        };
+        let mut fds = [PollFd::new(idle.as_raw_fd()), PollFd::new(ev.as_raw_fd())];
+        let n = poll(&mut fds, Some(Duration::from_secs(10))).unwrap();
+        waker.join().unwrap();
+        assert_eq!(n, 1);
+        assert!(!fds[0].ready);
+        assert!(fds[1].ready);
+        assert_eq!(ev.drain().unwrap(), 1);
+        // Drained: no longer ready.
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+    }
+
+    #[test]
+    fn poll_ignores_negative_fds_and_empty_sets() {
+        let mut fds = [PollFd::new(-1)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(poll(&mut [], Some(Duration::ZERO)).unwrap(), 0);
+    }
+
+    #[test]
+    fn poll_reports_hangup_even_when_not_waiting_for_input() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        let mut fds = [PollFd {
+            fd: a.as_raw_fd(),
+            readable: false,
+            ready: false,
+        }];
+        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+        assert!(fds[0].ready);
+    }
+
+    #[test]
+    fn eventfd_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<EventFd>();
+    }
+}

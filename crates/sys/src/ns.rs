@@ -1,0 +1,117 @@
+//! Network namespaces (`setns(2)`) and process limits.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::cvt;
+
+/// Moves the **calling thread** into the network namespace at `path` (usually
+/// `/run/netns/NAME`, as made by `ip netns add NAME`), with `setns(fd, CLONE_NEWNET)`.
+///
+/// Only this thread changes namespace; other threads of the process stay where they are, and
+/// threads it spawns afterwards start in the new namespace. Sockets opened before keep their
+/// namespace. Needs `CAP_SYS_ADMIN`. Prefer [`run_in_netns`], which confines the change to a
+/// throw-away thread, unless the whole thread is meant to live in the namespace.
+///
+/// # Errors
+///
+/// `NotFound` naming the path if it does not exist; `InvalidInput` if it is not a network
+/// namespace file (`EINVAL`); `PermissionDenied` without the capability.
+pub fn enter_netns(path: &Path) -> io::Result<()> {
+    let file = File::open(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open network namespace {}: {e}", path.display()),
+        )
+    })?;
+    // SAFETY: setns(2) takes an open fd (borrowed from `file`, alive for the call) and a flag.
+    cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).map_err(|e| {
+        let kind = if e.raw_os_error() == Some(libc::EINVAL) {
+            io::ErrorKind::InvalidInput
+        } else {
+            e.kind()
+        };
+        io::Error::new(
+            kind,
+            format!("cannot enter network namespace {}: {e}", path.display()),
+        )
+    })?;
+    Ok(())
+}
+
+/// Runs `f` on a new thread that first [enters](enter_netns) the network namespace at `path`,
+/// and returns its result. The calling thread's namespace is untouched.
+///
+/// Typical use: open a [`PacketSocket`](crate::PacketSocket) inside a namespace, then use it
+/// from anywhere (a socket keeps the namespace it was created in).
+///
+/// # Errors
+///
+/// The error of [`enter_netns`]; `f` is then not run. A panic in `f` is propagated.
+pub fn run_in_netns<T, F>(path: &Path, f: F) -> io::Result<T>
+where
+    T: Send,
+    F: FnOnce() -> T + Send,
+{
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> io::Result<T> {
+            enter_netns(path)?;
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, for daemons serving many exports or
+/// targets (each packet socket, eventfd and backing file is a descriptor).
+pub fn raise_nofile_limit() -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a writable rlimit that outlives the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a readable rlimit that outlives the call.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_namespace_is_not_found_and_named() {
+        let err = run_in_netns(Path::new("/run/netns/no-such-aoe-ns"), || ()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("no-such-aoe-ns"), "{err}");
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_namespace() {
+        let err = run_in_netns(Path::new("/proc/self/status"), || ()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    }
+
+    #[test]
+    fn own_namespace_can_be_entered_on_a_thread() {
+        // Entering the namespace we are already in is allowed, with CAP_SYS_ADMIN.
+        if aoe_testkit::is_root() {
+            let got = run_in_netns(Path::new("/proc/self/ns/net"), || 7).unwrap();
+            assert_eq!(got, 7);
+        }
+    }
+
+    #[test]
+    fn nofile_limit_can_be_raised() {
+        raise_nofile_limit().unwrap();
+    }
+}
