@@ -1,1 +1,73 @@
-fn main() {}
+//! `aoe`: the ATA-over-Ethernet suite in one binary.
+//!
+//! Subcommands for the target (`serve`), and later the initiator and the aoetools. Invoked
+//! through a link named after a classic tool (`vblade`, ...), it behaves as that tool
+//! (multi-call, decided by `argv[0]`).
+#![forbid(unsafe_code)]
+
+mod serve;
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// ATA over Ethernet (AoEr11): target, initiator and tools.
+#[derive(Debug, Parser)]
+#[command(name = "aoe", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a file or block device as an AoE target (vblade-compatible arguments).
+    Serve(serve::ServeArgs),
+}
+
+/// Tools reachable by the name the binary is invoked as.
+fn multicall(argv0: &OsString) -> Option<&'static str> {
+    let name = Path::new(argv0).file_name()?.to_str()?;
+    match name {
+        "vblade" => Some("serve"),
+        _ => None,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AOE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(sub) = args.first().and_then(multicall) {
+        args.insert(1, sub.into());
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aoe: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -694,14 +694,17 @@ impl Engine {
     ) -> Outcome {
         let abort = status::DRDY | status::ERR;
         match req.err_feature {
+            // Non-data SMART commands. aoetools' aoeping reads a 512-byte data area after
+            // the ATA header of every SMART reply and ignores shorter frames, so these replies
+            // carry a zeroed sector (trailing bytes an ATA reply's reader may ignore).
             smart::RETURN_STATUS => {
                 // LBA mid/high 0x4F/0xC2: no threshold exceeded.
                 arg[5] = smart::SIGNATURE.0;
                 arg[6] = smart::SIGNATURE.1;
-                self.ata_status(rsp, arg, status::DRDY, 0, reply)
+                self.ata_data_reply(rsp, arg, &[0u8; 512], reply)
             }
             smart::ENABLE | smart::DISABLE | smart::OFFLINE_IMMEDIATE => {
-                self.ata_status(rsp, arg, status::DRDY, 0, reply)
+                self.ata_data_reply(rsp, arg, &[0u8; 512], reply)
             }
             smart::READ_DATA => {
                 let page = smart_data_page();

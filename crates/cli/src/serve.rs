@@ -1,0 +1,118 @@
+//! `aoe serve` / `vblade`: the target.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
+use aoe_target::{Control, Daemon, ExportSpec, ServeConfig};
+use aoe_wire::MacAddr;
+use clap::Args;
+
+/// vblade's arguments: `[-b BUFCNT] [-d] [-s] [-r] [-m MAC[,MAC...]] [-o OFFSET] [-l LENGTH]
+/// SHELF SLOT NETIF FILE`, or `--config FILE` for any number of exports.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)"
+)]
+pub struct ServeArgs {
+    /// Advertised buffer count: requests the initiator may keep in flight.
+    #[arg(short = 'b', value_name = "BUFCNT")]
+    bufcnt: Option<u16>,
+    /// Open the file with O_DIRECT (bypass the page cache).
+    #[arg(short = 'd')]
+    direct: bool,
+    /// Open the file with O_SYNC (every write durable before it is acknowledged).
+    #[arg(short = 's')]
+    sync: bool,
+    /// Export read-only.
+    #[arg(short = 'r')]
+    read_only: bool,
+    /// Initial MAC mask list: only these initiators are answered.
+    #[arg(short = 'm', value_name = "MAC[,MAC...]", value_delimiter = ',')]
+    macs: Vec<String>,
+    /// Offset into the file, in 512-byte sectors.
+    #[arg(short = 'o', value_name = "OFFSET")]
+    offset: Option<u64>,
+    /// Length of the export, in 512-byte sectors (default: to the end of the file).
+    #[arg(short = 'l', value_name = "LENGTH")]
+    length: Option<u64>,
+    /// A TOML file with any number of exports, instead of the positional arguments.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shelf", "slot", "netif", "file"])]
+    config: Option<PathBuf>,
+    /// Keep config strings, mask and reserve lists here across restarts.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// I/O worker threads.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Do not send the unsolicited Query Config response at start.
+    #[arg(long)]
+    no_announce: bool,
+    /// Check the configuration (files, sizes, interfaces) and exit.
+    #[arg(long)]
+    check: bool,
+    /// Shelf (major) address, 0-65534.
+    shelf: Option<u16>,
+    /// Slot (minor) address, 0-254.
+    slot: Option<u8>,
+    /// Network interface to serve on.
+    netif: Option<String>,
+    /// File or block device to export.
+    file: Option<PathBuf>,
+}
+
+fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
+    if let Some(path) = &a.config {
+        let mut cfg = ServeConfig::load(path)?;
+        if let Some(d) = &a.state_dir {
+            cfg.state_dir = Some(d.clone());
+        }
+        if let Some(w) = a.workers {
+            cfg.workers = w;
+        }
+        return Ok((cfg, Some(path.clone())));
+    }
+    let (Some(shelf), Some(slot), Some(netif), Some(file)) =
+        (a.shelf, a.slot, a.netif.clone(), a.file.clone())
+    else {
+        bail!("usage: aoe serve [options] SHELF SLOT NETIF FILE, or aoe serve --config FILE");
+    };
+    let allowed_macs = a
+        .macs
+        .iter()
+        .map(|m| m.parse::<MacAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("-m")?;
+    let cfg = ServeConfig {
+        exports: vec![ExportSpec {
+            path: file,
+            shelf,
+            slot,
+            interfaces: vec![netif],
+            read_only: a.read_only,
+            direct_io: a.direct,
+            sync: a.sync,
+            offset: a.offset.unwrap_or(0),
+            length: a.length,
+            buffer_count: a.bufcnt.unwrap_or(DEFAULT_BUFFER_COUNT),
+            allowed_macs,
+            announce: !a.no_announce,
+        }],
+        state_dir: a.state_dir.clone(),
+        workers: a.workers.unwrap_or(DEFAULT_WORKERS),
+    };
+    Ok((cfg, None))
+}
+
+/// Runs `aoe serve`.
+pub fn run(a: ServeArgs) -> Result<()> {
+    let (cfg, path) = config_from_args(&a)?;
+    if a.check {
+        aoe_target::validate(&cfg)?;
+        println!("configuration ok: {} export(s)", cfg.exports.len());
+        return Ok(());
+    }
+    let control = Control::with_signals().context("cannot install signal handlers")?;
+    let mut daemon = Daemon::new(cfg, path)?;
+    daemon.run(&control)
+}

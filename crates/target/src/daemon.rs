@@ -1,0 +1,642 @@
+//! The event loop: sockets in, engines, worker pool, sockets out.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aoe_proto::target::{
+    Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
+    FIRMWARE_VERSION,
+};
+use aoe_store::{Backend, Done, FileBackend, Job, Op, OpenOptions, Pool};
+use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
+use aoe_wire::{MacAddr, ATA_HEADER_LEN};
+
+use crate::config::{ExportSpec, ServeConfig};
+use crate::state::StateFile;
+
+/// Frames taken from a socket per recvmmsg.
+const BATCH: usize = 64;
+/// How often interface MTUs are re-read.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// How the outside world steers a running daemon: stop and reload requests, from signals
+/// (SIGTERM/SIGINT stop, SIGHUP reloads) or from a test.
+#[derive(Debug, Clone)]
+pub struct Control {
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    wake: Arc<UnixStream>,
+    wake_rx: Arc<UnixStream>,
+}
+
+impl Control {
+    /// A control with no signal handlers.
+    pub fn new() -> io::Result<Control> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Control {
+            stop: Arc::new(AtomicBool::new(false)),
+            reload: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(tx),
+            wake_rx: Arc::new(rx),
+        })
+    }
+
+    /// A control driven by SIGTERM and SIGINT (stop) and SIGHUP (reload).
+    pub fn with_signals() -> io::Result<Control> {
+        let c = Control::new()?;
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, c.stop.clone())?;
+            signal_hook::low_level::pipe::register(sig, c.wake.try_clone()?)?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, c.reload.clone())?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, c.wake.try_clone()?)?;
+        Ok(c)
+    }
+
+    /// Asks the daemon to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = (&*self.wake).write_byte();
+    }
+
+    /// Asks the daemon to reload its configuration file.
+    pub fn reload(&self) {
+        self.reload.store(true, Ordering::SeqCst);
+        let _ = (&*self.wake).write_byte();
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&*self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+trait WriteByte {
+    fn write_byte(self) -> io::Result<()>;
+}
+
+impl WriteByte for &UnixStream {
+    fn write_byte(self) -> io::Result<()> {
+        use std::io::Write;
+        let mut s = self;
+        s.write_all(&[1])
+    }
+}
+
+struct IfaceRt {
+    name: String,
+    sock: PacketSocket,
+    batch: RecvBatch,
+    frame_cap: usize,
+    iface: Interface,
+    /// Exports served here (ids).
+    exports: Vec<u32>,
+    /// Replies waiting to be sent: buffer and length.
+    out: Vec<(Vec<u8>, usize)>,
+    send_failures: u64,
+}
+
+struct ExportRt {
+    spec: ExportSpec,
+    engine: Engine,
+    backend: Arc<dyn Backend>,
+    state_file: Option<StateFile>,
+    /// The interface each in-flight token answers on.
+    token_iface: Vec<usize>,
+    /// No longer configured: takes no new frames, goes away once its I/O has drained.
+    retiring: bool,
+}
+
+/// A running target.
+pub struct Daemon {
+    config_path: Option<PathBuf>,
+    config: ServeConfig,
+    ifaces: Vec<IfaceRt>,
+    exports: HashMap<u32, ExportRt>,
+    next_export_id: u32,
+    pool: Pool,
+    event: Arc<EventFd>,
+    spare: Vec<Vec<u8>>,
+    hostname: String,
+}
+
+impl Daemon {
+    /// Opens every export and interface of `config`; refuses, naming the problem, an export
+    /// that cannot be opened or an interface that does not exist. `config_path` is re-read
+    /// on reload.
+    pub fn new(config: ServeConfig, config_path: Option<PathBuf>) -> Result<Daemon> {
+        config.check_static()?;
+        let event = Arc::new(EventFd::new().context("cannot create eventfd")?);
+        let ev = event.clone();
+        let pool = Pool::new(
+            config.workers,
+            Arc::new(move || {
+                let _ = ev.notify();
+            }),
+        )
+        .context("cannot start I/O workers")?;
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let mut d = Daemon {
+            config_path,
+            config: ServeConfig::default(),
+            ifaces: Vec::new(),
+            exports: HashMap::new(),
+            next_export_id: 0,
+            pool,
+            event,
+            spare: Vec::new(),
+            hostname,
+        };
+        d.apply(config)?;
+        Ok(d)
+    }
+
+    /// Exports currently served: (address, interface names, sectors).
+    pub fn exports(&self) -> Vec<(aoe_wire::TargetAddr, Vec<String>, u64)> {
+        let mut v: Vec<_> = self
+            .exports
+            .values()
+            .filter(|e| !e.retiring)
+            .map(|e| {
+                (
+                    e.spec.addr(),
+                    e.spec.interfaces.clone(),
+                    e.engine.config().sectors,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn iface_index(&mut self, name: &str) -> Result<usize> {
+        if let Some(i) = self.ifaces.iter().position(|i| i.name == name) {
+            return Ok(i);
+        }
+        let sock = PacketSocket::open(name)
+            .with_context(|| format!("cannot open AoE socket on interface {name}"))?;
+        let info = sock.info().clone();
+        let frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
+        // Best effort: a faster send path, as the memory-only responder measured.
+        let _ = sock.set_qdisc_bypass(true);
+        self.ifaces.push(IfaceRt {
+            name: name.to_string(),
+            batch: RecvBatch::new(BATCH, frame_cap),
+            frame_cap,
+            iface: Interface {
+                mac: MacAddr(info.mac),
+                mtu: info.mtu,
+            },
+            sock,
+            exports: Vec::new(),
+            out: Vec::new(),
+            send_failures: 0,
+        });
+        Ok(self.ifaces.len() - 1)
+    }
+
+    /// Brings the running set of exports in line with `config`: unchanged exports keep
+    /// running untouched, changed and removed ones retire (after their in-flight I/O), new
+    /// ones start. Everything new is opened before anything changes, so a bad config leaves
+    /// the running one as it was.
+    fn apply(&mut self, config: ServeConfig) -> Result<()> {
+        config.check_static()?;
+        for e in &config.exports {
+            for i in &e.interfaces {
+                aoe_sys::interface_info(i)
+                    .with_context(|| format!("e{}.{}: no such interface {i}", e.shelf, e.slot))?;
+            }
+        }
+        let keep: Vec<u32> = self
+            .exports
+            .iter()
+            .filter(|(_, rt)| !rt.retiring && config.exports.contains(&rt.spec))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut new_rts = Vec::new();
+        for spec in &config.exports {
+            if keep.iter().any(|id| self.exports[id].spec == *spec) {
+                continue;
+            }
+            new_rts.push(self.open_export(spec, &config)?);
+        }
+        // Commit.
+        for (id, rt) in self.exports.iter_mut() {
+            if !keep.contains(id) && !rt.retiring {
+                tracing::info!(export = %rt.spec.addr(), "export removed or changed; retiring");
+                rt.retiring = true;
+            }
+        }
+        for i in &mut self.ifaces {
+            i.exports.retain(|id| keep.contains(id));
+        }
+        for mut rt in new_rts {
+            let id = self.next_export_id;
+            self.next_export_id += 1;
+            for name in rt.spec.interfaces.clone() {
+                let idx = self.iface_index(&name)?;
+                rt.engine.set_interface(idx, self.ifaces[idx].iface);
+                self.ifaces[idx].exports.push(id);
+                let info = self.ifaces[idx].iface;
+                tracing::info!(
+                    export = %rt.spec.addr(),
+                    path = %rt.spec.path.display(),
+                    sectors = rt.engine.config().sectors,
+                    interface = %name,
+                    mac = %info.mac,
+                    mtu = info.mtu,
+                    "exporting"
+                );
+                if rt.spec.announce {
+                    for frame in rt.engine.announcements(idx) {
+                        let n = frame.len();
+                        self.ifaces[idx].out.push((frame, n));
+                    }
+                }
+            }
+            self.exports.insert(id, rt);
+        }
+        self.size_socket_buffers();
+        self.config = config;
+        self.flush_sends();
+        Ok(())
+    }
+
+    fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
+        let backend = FileBackend::open(
+            &spec.path,
+            &OpenOptions {
+                read_only: spec.read_only,
+                direct: spec.direct_io,
+                sync: spec.sync,
+                offset_sectors: spec.offset,
+                length_sectors: spec.length,
+            },
+        )
+        .with_context(|| format!("{}", spec.addr()))?;
+        let sectors = backend.sectors();
+        let state_file = config
+            .state_dir
+            .as_ref()
+            .map(|d| StateFile::new(d, spec.addr()));
+        let state = match &state_file {
+            Some(f) => f
+                .load(&spec.allowed_macs)
+                .with_context(|| format!("{}: cannot load state", spec.addr()))?,
+            None => PersistentState {
+                mask: spec.allowed_macs.clone(),
+                ..Default::default()
+            },
+        };
+        let serial = format!("{}.{}:{}", spec.shelf, spec.slot, self.hostname);
+        let engine = Engine::new(
+            ExportConfig {
+                addr: spec.addr(),
+                sectors,
+                read_only: spec.read_only,
+                buffer_count: spec.buffer_count,
+                firmware_version: FIRMWARE_VERSION,
+                max_sectors: 255,
+                model: "aoe-rs target".into(),
+                serial,
+                firmware: env!("CARGO_PKG_VERSION").into(),
+            },
+            state,
+        );
+        Ok(ExportRt {
+            spec: spec.clone(),
+            engine,
+            backend: Arc::new(backend),
+            state_file,
+            token_iface: Vec::new(),
+            retiring: false,
+        })
+    }
+
+    /// Sizes each socket's receive buffer so the advertised buffer counts are honest: every
+    /// export's window of full frames fits, with room for the kernel's per-frame overhead.
+    fn size_socket_buffers(&mut self) {
+        for i in &self.ifaces {
+            let frames: usize = i
+                .exports
+                .iter()
+                .filter_map(|id| self.exports.get(id))
+                .map(|e| e.spec.buffer_count as usize)
+                .sum();
+            let per_frame = i.frame_cap + 1024;
+            let want = (frames * per_frame * 2).max(4 << 20);
+            if let Err(e) = i.sock.set_recv_buffer(want) {
+                tracing::warn!(interface = %i.name, error = %e, "cannot size receive buffer");
+            }
+            let _ = i.sock.set_send_buffer(want);
+        }
+    }
+
+    /// Runs until `control` says stop; then waits for in-flight I/O and returns.
+    pub fn run(&mut self, control: &Control) -> Result<()> {
+        let mut last_refresh = Instant::now();
+        loop {
+            if control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if control.reload.swap(false, Ordering::SeqCst) {
+                self.reload();
+            }
+            let mut fds: Vec<PollFd> = self
+                .ifaces
+                .iter()
+                .map(|i| PollFd::new(i.sock.as_raw_fd()))
+                .collect();
+            fds.push(PollFd::new(self.event.as_raw_fd()));
+            fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
+            aoe_sys::poll(&mut fds, Some(REFRESH)).context("poll")?;
+            let n = self.ifaces.len();
+            if fds[n + 1].ready {
+                control.drain();
+            }
+            if fds[n].ready {
+                let _ = self.event.drain();
+            }
+            self.complete_io();
+            for (idx, fd) in fds.iter().enumerate().take(n) {
+                if fd.ready {
+                    self.receive(idx);
+                }
+            }
+            self.complete_io();
+            self.flush_sends();
+            self.persist_state();
+            if last_refresh.elapsed() >= REFRESH {
+                last_refresh = Instant::now();
+                self.refresh_interfaces();
+                self.exports
+                    .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
+            }
+        }
+        self.drain_io(Duration::from_secs(30));
+        self.persist_state();
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::warn!("SIGHUP ignored: not started with --config");
+            return;
+        };
+        match ServeConfig::load(&path).map_err(anyhow::Error::from) {
+            Ok(cfg) => match self.apply(cfg) {
+                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                Err(e) => {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
+                }
+            },
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        }
+    }
+
+    fn take_buffer(&mut self, cap: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(mut b) => {
+                if b.len() < cap {
+                    b.resize(cap, 0);
+                }
+                b
+            }
+            None => vec![0u8; cap],
+        }
+    }
+
+    fn receive(&mut self, idx: usize) {
+        loop {
+            let got = {
+                let i = &mut self.ifaces[idx];
+                match i.sock.recv_batch(&mut i.batch) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(interface = %i.name, error = %e, "receive failed");
+                        0
+                    }
+                }
+            };
+            if got == 0 {
+                return;
+            }
+            for f in 0..got {
+                if self.ifaces[idx].batch.meta(f).truncated {
+                    tracing::debug!(interface = %self.ifaces[idx].name, "oversized frame dropped");
+                    continue;
+                }
+                let ids = self.ifaces[idx].exports.clone();
+                for id in ids {
+                    self.dispatch(idx, f, id);
+                }
+            }
+            if got < BATCH {
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
+        let cap = self.ifaces[idx].frame_cap;
+        let mut reply = self.take_buffer(cap);
+        let Some(rt) = self.exports.get_mut(&id) else {
+            self.spare.push(reply);
+            return;
+        };
+        let frame = self.ifaces[idx].batch.frame(f);
+        match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
+            Outcome::Reply(n) => self.ifaces[idx].out.push((reply, n)),
+            Outcome::Drop(reason) => {
+                tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped");
+                self.spare.push(reply);
+            }
+            Outcome::Io(req) => {
+                let t = req.token.0 as usize;
+                if rt.token_iface.len() <= t {
+                    rt.token_iface.resize(t + 1, 0);
+                }
+                rt.token_iface[t] = idx;
+                let op = match req.kind {
+                    IoKind::Read { offset, len } => Op::Read {
+                        offset,
+                        at: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
+                    },
+                    IoKind::Write { offset, data } => {
+                        // The receive batch is reused: the write data travels in the reply
+                        // buffer, whose header the completion then overwrites.
+                        reply[..frame.len()].copy_from_slice(frame);
+                        Op::Write { offset, from: data }
+                    }
+                    IoKind::Flush => Op::Flush,
+                };
+                self.pool.submit(Job {
+                    backend: rt.backend.clone(),
+                    op,
+                    user: (u64::from(id) << 32) | u64::from(req.token.0),
+                    buf: reply,
+                });
+            }
+        }
+    }
+
+    fn complete_io(&mut self) {
+        while let Some(done) = self.pool.try_done() {
+            self.finish(done);
+        }
+    }
+
+    /// Turns a finished job into a reply queued on the interface its request came from.
+    fn finish(&mut self, done: Done) {
+        let id = (done.user >> 32) as u32;
+        let token = Token(done.user as u32);
+        let mut buf = done.buf;
+        let Some(rt) = self.exports.get_mut(&id) else {
+            self.spare.push(buf);
+            return;
+        };
+        let result = done.result.map_err(|e| {
+            tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+            io_failure(&e)
+        });
+        let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
+        match rt.engine.complete(token, result, &mut buf) {
+            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].out.push((buf, n)),
+            _ => self.spare.push(buf),
+        }
+    }
+
+    fn flush_sends(&mut self) {
+        for i in &mut self.ifaces {
+            if i.out.is_empty() {
+                continue;
+            }
+            let mut sent = 0;
+            let mut tries = 0;
+            while sent < i.out.len() {
+                let frames: Vec<&[u8]> = i.out[sent..].iter().map(|(b, n)| &b[..*n]).collect();
+                match i.sock.send_batch(&frames) {
+                    Ok(0) => tries += 1,
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => tries += 1,
+                    Err(e) => {
+                        tracing::warn!(interface = %i.name, error = %e, "send failed");
+                        i.send_failures += 1;
+                        sent += 1; // skip the frame that failed; the initiator retransmits
+                        continue;
+                    }
+                }
+                if tries > 0 {
+                    if tries > 200 {
+                        tracing::warn!(interface = %i.name, dropped = i.out.len() - sent,
+                            "send queue full for 200 ms; replies dropped");
+                        i.send_failures += (i.out.len() - sent) as u64;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            for (b, _) in i.out.drain(..) {
+                self.spare.push(b);
+            }
+        }
+        // Keep a bounded cache of buffers.
+        self.spare.truncate(1024);
+    }
+
+    fn persist_state(&mut self) {
+        for rt in self.exports.values_mut() {
+            if !rt.engine.take_state_changed() {
+                continue;
+            }
+            if let Some(f) = &rt.state_file {
+                if let Err(e) = f.save(rt.engine.state(), &rt.spec.allowed_macs) {
+                    tracing::error!(export = %rt.spec.addr(), error = %e,
+                        "cannot save state to {}", f.path().display());
+                }
+            }
+        }
+    }
+
+    fn refresh_interfaces(&mut self) {
+        for (idx, i) in self.ifaces.iter_mut().enumerate() {
+            let Ok(info) = i.sock.refresh_info() else {
+                continue;
+            };
+            if info.mtu != i.iface.mtu {
+                tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
+                i.iface.mtu = info.mtu;
+                i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
+                i.batch = RecvBatch::new(BATCH, i.frame_cap);
+                for id in &i.exports {
+                    if let Some(rt) = self.exports.get_mut(id) {
+                        rt.engine.set_interface(idx, i.iface);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_io(&mut self, limit: Duration) {
+        let start = Instant::now();
+        while self.exports.values().any(|e| e.engine.in_flight() > 0) {
+            if start.elapsed() > limit {
+                tracing::error!("I/O still in flight after {limit:?}; exiting anyway");
+                return;
+            }
+            if let Some(done) = self.pool.wait_done(Duration::from_millis(100)) {
+                self.finish(done);
+                self.complete_io();
+                self.flush_sends();
+            }
+        }
+    }
+}
+
+/// How an I/O error shows in the ATA reply: EIO and a short read are medium errors (UNC),
+/// everything else aborts the command.
+fn io_failure(e: &io::Error) -> IoFailure {
+    const EIO: i32 = 5;
+    if e.raw_os_error() == Some(EIO) || e.kind() == io::ErrorKind::UnexpectedEof {
+        IoFailure::Medium
+    } else {
+        IoFailure::Aborted
+    }
+}
+
+/// Checks a config fully, as `aoe serve` does at start, without serving: files open with
+/// the right sizes and interfaces exist.
+pub fn validate(config: &ServeConfig) -> Result<()> {
+    config.check_static()?;
+    for e in &config.exports {
+        for i in &e.interfaces {
+            if aoe_sys::interface_info(i).is_err() {
+                bail!("e{}.{}: no such interface {i}", e.shelf, e.slot);
+            }
+        }
+        FileBackend::open(
+            &e.path,
+            &OpenOptions {
+                read_only: e.read_only,
+                direct: e.direct_io,
+                sync: e.sync,
+                offset_sectors: e.offset,
+                length_sectors: e.length,
+            },
+        )
+        .with_context(|| format!("{}", e.addr()))?;
+    }
+    Ok(())
+}
