@@ -418,10 +418,12 @@ impl Engine {
         // echoed, so their counts become zero.
         let mut echo = [0u8; ATA_ARG_LEN];
         echo[..echo_len].copy_from_slice(&payload[..echo_len]);
+        // (Also when the request was cut short inside the count field: a partial count padded
+        // with zeros would claim bytes that are not there.)
         match rsp.command {
-            Command::QueryConfig if echo_len == 8 => echo[6..8].fill(0),
-            Command::MacMaskList if echo_len == 4 => echo[3] = 0,
-            Command::ReserveRelease if echo_len == 2 => echo[1] = 0,
+            Command::QueryConfig => echo[6..8].fill(0),
+            Command::MacMaskList => echo[3] = 0,
+            Command::ReserveRelease => echo[1] = 0,
             _ => {}
         }
         let m = Message {

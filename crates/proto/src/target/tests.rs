@@ -628,3 +628,17 @@ fn unknown_interface_dropped() {
         Outcome::Drop(DropReason::UnknownInterface)
     );
 }
+
+/// Found by the target_engine fuzz target: a version-0 Query Config whose argument stops
+/// inside the string length got an error reply whose echoed length claimed 2560 bytes.
+#[test]
+fn error_reply_to_truncated_config_arg_parses() {
+    let mut e = engine(64);
+    let mut f = request(HOST, ADDR, cfg(ConfigCommand::Read, b""));
+    f.truncate(24 + 7);
+    f[14] = 0x00; // version 0
+    f[24 + 6] = 0x0a; // first byte of the string length
+    let r = reply_of(&mut e, &f).unwrap();
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(m.header.error, Some(ErrorCode::UnsupportedVersion));
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# fuzz.sh [SECONDS] [TARGET...] - build the cargo-fuzz targets in fuzz/ with libFuzzer
+# coverage instrumentation on the stable toolchain (no sanitizer, so no nightly needed) and run
+# each for SECONDS (default 60). Exit non-zero on a crash; the crashing input is kept in
+# fuzz/artifacts/TARGET/. With cargo-fuzz and nightly, `cargo fuzz run TARGET` works too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-60}; shift || true
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine)
+export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+ -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+ -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$PWD/fuzz/target}
+# An explicit --target keeps the instrumentation flags away from build scripts.
+host=$(rustc -vV | sed -n "s/^host: //p")
+cargo build --release --manifest-path fuzz/Cargo.toml --bins -q --target "$host"
+for t in "${targets[@]}"; do
+    corpus=fuzz/corpus/$t; mkdir -p "$corpus" "fuzz/artifacts/$t"
+    # Seed the frame corpus from the captured frames in the wire crate's test data.
+    if [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
+        python3 - "$corpus" "$t" <<'PY'
+import sys, os, re
+out, target = sys.argv[1], sys.argv[2]
+frames, cur = [], []
+for line in open("crates/wire/testdata/captures.txt"):
+    line = line.strip()
+    if line.startswith("=="):
+        if cur: frames.append(bytes(cur))
+        cur = []
+    elif line and not line.startswith("#") and re.fullmatch(r"([0-9a-fA-F]{2}\s*)+", line):
+        cur += [int(x, 16) for x in line.split()]
+if cur: frames.append(bytes(cur))
+for i, f in enumerate(frames):
+    data = f if target == "parse_frame" else len(f).to_bytes(2, "big") + f
+    open(os.path.join(out, "capture-%03d" % i), "wb").write(data)
+PY
+    fi
+    echo "fuzz: $t for ${secs}s"
+    "$CARGO_TARGET_DIR/$host/release/$t" -max_total_time="$secs" -print_final_stats=1 \
+        -artifact_prefix="fuzz/artifacts/$t/" "$corpus" 2>&1 | tail -n 4
+done
