@@ -5,6 +5,7 @@
 //! (multi-call, decided by `argv[0]`).
 #![forbid(unsafe_code)]
 
+mod read;
 mod serve;
 
 use std::ffi::OsString;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Export a file or block device as an AoE target (vblade-compatible arguments).
     Serve(serve::ServeArgs),
+    /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
+    Read(read::ReadArgs),
 }
 
 /// Tools reachable by the name the binary is invoked as.
@@ -43,6 +46,7 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Read(a) => read::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,184 @@
+//! `aoe read`: copy a whole AoE device (or a range) to a file with raw frames, one request in
+//! flight. A diagnostic and demo tool that needs no initiator daemon; `aoe initiator` is the
+//! real client.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aoe_sys::PacketSocket;
+use aoe_wire::{
+    max_sectors_for_mtu, AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr, HeaderRepr,
+    Identify, MacAddr, Message, Tag, TargetAddr,
+};
+use clap::Args;
+
+/// Read an AoE device into a file with raw frames (no initiator needed).
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Shelf.
+    shelf: u16,
+    /// Slot.
+    slot: u8,
+    /// Network interface the target is on.
+    netif: String,
+    /// Output file (`-` for standard output).
+    output: PathBuf,
+    /// First sector to read.
+    #[arg(long, default_value_t = 0)]
+    lba: u64,
+    /// Sectors to read (default: to the end of the device).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Seconds to wait for each answer before giving up (retransmitting every 200 ms).
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
+}
+
+struct Client {
+    sock: PacketSocket,
+    mac: MacAddr,
+    tag: u32,
+    timeout: Duration,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Sends `frame` (with a fresh tag patched in) until a response with that tag arrives;
+    /// returns the response length in `self.buf`.
+    fn exchange(&mut self, build: &dyn Fn(Tag) -> Vec<u8>) -> Result<usize> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            self.tag = (self.tag + 1) | Tag::USER_BIT;
+            let tag = Tag(self.tag);
+            let frame = build(tag);
+            self.sock.send(&frame).context("send")?;
+            let resend = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < resend {
+                let mut fds = [aoe_sys::PollFd::new(std::os::fd::AsRawFd::as_raw_fd(
+                    &self.sock,
+                ))];
+                aoe_sys::poll(&mut fds, Some(Duration::from_millis(20)))?;
+                while let Some(meta) = self.sock.recv(&mut self.buf)? {
+                    let Ok(m) = Message::parse(&self.buf[..meta.len]) else {
+                        continue;
+                    };
+                    if m.header.response && m.header.tag == tag && m.header.dst == self.mac {
+                        if let Some(e) = m.header.error {
+                            bail!("target answered with AoE error {}: {e}", u8::from(e));
+                        }
+                        return Ok(meta.len);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no answer within {:?}", self.timeout);
+            }
+        }
+    }
+}
+
+/// Runs `aoe read`.
+pub fn run(a: ReadArgs) -> Result<()> {
+    let sock = PacketSocket::open(&a.netif)
+        .with_context(|| format!("cannot open AoE socket on {}", a.netif))?;
+    let info = sock.info().clone();
+    let mac = MacAddr(info.mac);
+    let addr = TargetAddr::new(a.shelf, a.slot);
+    let mut c = Client {
+        sock,
+        mac,
+        tag: std::process::id() << 8,
+        timeout: Duration::from_secs(a.timeout),
+        buf: vec![0u8; aoe_sys::frame_capacity(info.mtu)],
+    };
+    // Query Config (broadcast) finds the target's MAC and its sectors per frame.
+    let n = c
+        .exchange(&|tag| {
+            let h = HeaderRepr::request(MacAddr::BROADCAST, mac, addr, Command::QueryConfig, tag);
+            Message {
+                header: h,
+                body: Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+            }
+            .to_vec()
+            .expect("fits")
+        })
+        .with_context(|| format!("{addr}: Query Config"))?;
+    let m = Message::parse(&c.buf[..n])?;
+    let target = m.header.src;
+    let Body::Config(cfg) = m.body else {
+        bail!("{addr}: unexpected answer to Query Config");
+    };
+    let per_frame = max_sectors_for_mtu(info.mtu)
+        .min(cfg.sector_count)
+        .max(1) as u64;
+    let ata = |tag: Tag, cmd: u8, flags: AtaFlags, count: u8, lba: u64| {
+        let h = HeaderRepr::request(target, mac, addr, Command::Ata, tag);
+        Message {
+            header: h,
+            body: Body::Ata(AtaRepr {
+                aflags: flags,
+                err_feature: 0,
+                sector_count: count,
+                cmd_status: cmd,
+                lba,
+                data: &[],
+            }),
+        }
+        .to_vec()
+        .expect("fits")
+    };
+    let n = c
+        .exchange(&|tag| ata(tag, 0xec, AtaFlags::empty(), 1, 0))
+        .with_context(|| format!("{addr}: IDENTIFY"))?;
+    let id = Identify::parse(&c.buf[aoe_wire::ATA_HEADER_LEN..n])?;
+    let sectors = id.sectors();
+    if a.lba > sectors {
+        bail!("{addr}: lba {} is beyond the device ({sectors} sectors)", a.lba);
+    }
+    let count = a.count.unwrap_or(sectors - a.lba);
+    if a.lba + count > sectors {
+        bail!("{addr}: {count} sectors at {} exceed the device ({sectors} sectors)", a.lba);
+    }
+    let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&a.output)
+                .with_context(|| format!("cannot create {}", a.output.display()))?,
+        ))
+    };
+    let mut lba = a.lba;
+    let end = a.lba + count;
+    while lba < end {
+        let k = per_frame.min(end - lba);
+        let n = c
+            .exchange(&|tag| ata(tag, 0x24, AtaFlags::EXTENDED, k as u8, lba))
+            .with_context(|| format!("{addr}: read at lba {lba}"))?;
+        let m = Message::parse(&c.buf[..n])?;
+        let Body::Ata(r) = m.body else {
+            bail!("{addr}: unexpected answer to a read");
+        };
+        if r.cmd_status & aoe_wire::ata::status::FAILURE_MASK != 0 {
+            bail!(
+                "{addr}: read at lba {lba} failed: ATA status {:#04x} error {:#04x}",
+                r.cmd_status,
+                r.err_feature
+            );
+        }
+        let len = (k as usize) * 512;
+        if r.data.len() < len {
+            bail!("{addr}: short read answer at lba {lba}");
+        }
+        out.write_all(&r.data[..len])?;
+        lba += k;
+    }
+    out.flush()?;
+    eprintln!(
+        "{addr}: read {count} sectors ({} bytes) from {target} via {}",
+        count * 512,
+        a.netif
+    );
+    Ok(())
+}

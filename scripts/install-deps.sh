@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# install-deps.sh - install (idempotently) everything the demo and the test suite need on a
+# fresh Debian machine: the real AoE peers we test against (vblade, aoetools, tshark, the
+# Linux kernel's aoe driver run in a qemu/TCG guest), FUSE and the loop/filesystem tools.
+# Safe to run again: it installs only what is missing. Needs root.
+set -euo pipefail
+
+[ "$(id -u)" = 0 ] || { echo "install-deps.sh: must run as root (apt-get)" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+APT="apt-get -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends"
+
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+have_cmd vblade   || need+=(vblade)
+have_cmd aoeping  || need+=(aoetools)
+have_cmd tshark   || need+=(tshark)
+have_cmd fusermount3 || need+=(fuse3)
+have_cmd ip       || need+=(iproute2)
+have_cmd mkfs.ext4 || need+=(e2fsprogs)
+have_cmd cpio     || need+=(cpio)
+have_cmd modprobe || need+=(kmod)
+have_cmd file     || need+=(file)
+have_cmd losetup  || need+=(mount)
+have_cmd setsid   || need+=(util-linux)
+[ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
+[ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
+
+# qemu-system-x86 (for the kernel aoe initiator guest). Some images ship a newer qemu-utils
+# from backports that Breaks Debian's qemu-system-common; install both from the same
+# release then, so qemu-img/qemu-io/qemu-nbd stay available.
+qemu_extra=()
+if ! have_cmd qemu-system-x86_64; then
+    need+=(qemu-system-x86)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${need[*]}"
+    if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || [ -n "$(find /var/lib/apt/lists -maxdepth 0 -mmin +1440 2>/dev/null)" ]; then
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+    fi
+    if printf '%s\n' "${need[@]}" | grep -qx qemu-system-x86; then
+        sysver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+        utilsver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+        if [ -n "$utilsver" ] && [ "$utilsver" != "$sysver" ]; then
+            qemu_extra=(--allow-downgrades "qemu-utils=$sysver" "qemu-block-extra=$sysver")
+        fi
+    fi
+    # tshark asks whether non-root users may capture; answer no without a prompt
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    $APT install "${need[@]}" "${qemu_extra[@]}"
+fi
+
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip; do
+    have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
+done
+echo "install-deps: all dependencies present"
