@@ -8,7 +8,11 @@
 //! - [`target`]: one exported device (shelf.slot). It answers Query Config, Mac Mask List,
 //!   Reserve/Release and ATA commands; disk work leaves it as an [`target::IoRequest`] with a
 //!   token, and comes back through [`target::Engine::complete`].
+//! - [`initiator`]: every device the host sees. Discovery, IDENTIFY, block I/O split into
+//!   frames, RTT-based retransmission, congestion window per target MAC, multipath failover
+//!   and dead-device detection, as the Linux `aoe` driver does; time is passed in.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod initiator;
 pub mod target;
