@@ -75,7 +75,8 @@ pub struct Config {
     /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
     pub rto_max: Duration,
     /// A frame unanswered this long taints its target, so new frames go to the others
-    /// (`HARD_SCORN_SECS`, 10 s; the driver also scorns after `deadsecs / targets`).
+    /// (`HARD_SCORN_SECS`, 10 s; the driver also scorns after `deadsecs / targets`). A
+    /// target is also tainted after `nframes` timeouts in a row without an answer.
     pub scorn_after: Duration,
 }
 
@@ -312,6 +313,8 @@ pub struct TargetInfo {
     pub rto: Duration,
     /// Retransmissions of frames sent to this target.
     pub retransmits: u64,
+    /// ATA responses received from this target.
+    pub answers: u64,
 }
 
 /// What `/sys/block/etherd!eX.Y` and debugfs show of a device.
@@ -394,6 +397,9 @@ struct Target {
     rtt_avg_us: u64,
     rtt_dev_us: u64,
     retransmits: u64,
+    answers: u64,
+    /// Timeouts since the last answer.
+    silent: u32,
 }
 
 impl Target {
@@ -414,6 +420,8 @@ impl Target {
             rtt_avg_us: RTT_AVG_INIT_US,
             rtt_dev_us: RTT_DEV_INIT_US,
             retransmits: 0,
+            answers: 0,
+            silent: 0,
         }
     }
 
@@ -1369,6 +1377,8 @@ impl Engine {
                 let t = &mut d.targets[ti];
                 t.on_answer(now.saturating_duration_since(f.sent));
                 t.nout = t.nout.saturating_sub(1);
+                t.answers += 1;
+                t.silent = 0;
                 if t.taint > 0 {
                     t.taint /= 2;
                 }
@@ -1590,8 +1600,14 @@ impl Engine {
             } else {
                 cfg.scorn_after.min(cfg.deadsecs / ntargets)
             };
-            if ntargets > 1 && waited > scorn_at {
+            // The driver scorns only after `deadsecs / targets` (or 10 s) of waiting; since we
+            // move a timed-out frame to another target at once, no frame may wait that long,
+            // so a target that let `nframes` timeouts pass without one answer is scorned too.
+            t.silent += 1;
+            if ntargets > 1 && (waited > scorn_at || t.silent >= t.nframes as u32) {
                 t.scorn();
+                t.silent = 0;
+                logs.push(format!("{addr}: target {} tainted ({})", t.mac, t.taint));
             }
             let nframes = t.nframes as u32;
             let npaths = t.paths.len();
@@ -1777,6 +1793,7 @@ impl Engine {
                     rtt_dev: Duration::from_micros(t.rtt_dev_us),
                     rto: t.rto(&self.cfg),
                     retransmits: t.retransmits,
+                    answers: t.answers,
                 }
             })
             .collect();

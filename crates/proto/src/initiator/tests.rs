@@ -784,7 +784,47 @@ fn sim_multipath_path_dies() {
         assert!(d.stats.retransmits > 0);
         assert!(sim.logs().any(|l| l.starts_with("retransmit e7.3")));
         assert_eq!(d.stats.ops_failed, 0);
+        let dead = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
+        assert!(dead.taint > 0, "the silent target is tainted: {dead:?}");
+        let answers = dead.answers;
+        // The path comes back: probes untaint it and it carries I/O again.
+        sim.seg_up[1] = true;
+        w.run(&mut sim, 200, Duration::from_secs(600));
+        let back = sim.device(DEV);
+        let back = back.targets.iter().find(|t| t.mac == TMAC2).unwrap();
+        assert_eq!(back.taint, 0, "{back:?}");
+        assert!(back.answers > answers + 20, "{back:?}");
     }
+}
+
+/// Removing interfaces: I/O moves to the remaining path; without any path the device goes
+/// down at once and nothing hangs.
+#[test]
+fn sim_remove_interface() {
+    let mut sim = Sim::new(61, LinkCfg::perfect(), Config::default(), &[1500, 1500]);
+    sim.add_target(spec(DEV, 512, 16, vec![(TMAC, 1500, 0), (TMAC2, 1500, 1)]));
+    bring_up(&mut sim, DEV);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.device(DEV).targets.len() == 2));
+    let mut w = Workload::new(DEV, 512, 16, 8);
+    w.fill(&mut sim, &mut 8);
+    sim.init.remove_interface(1);
+    sim.seg_up[1] = false;
+    w.run(&mut sim, 40, Duration::from_secs(30));
+    assert!(sim.is_up(DEV));
+    assert_eq!(sim.device(DEV).interfaces, vec!["eth0".to_string()]);
+    let id = sim
+        .submit(
+            DEV,
+            BlockOp::Read {
+                lba: 0,
+                sectors: 64,
+            },
+        )
+        .unwrap();
+    sim.init.remove_interface(0);
+    sim.flush();
+    assert_eq!(sim.completions[&id].1, Err(IoError::DeviceDown));
+    assert_eq!(sim.device(DEV).state, DeviceState::Down);
 }
 
 /// The target disappears: after `deadsecs` the device is down and every op has failed (none
