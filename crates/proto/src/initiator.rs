@@ -707,17 +707,26 @@ impl Engine {
         );
         let mtu_sectors = max_sectors_for_mtu(mtu);
         let mut logs = Vec::new();
+        let mut pathless = Vec::new();
         for d in self.devices.values_mut() {
             for t in &mut d.targets {
                 let scnt = t.sector_count;
                 for p in t.paths.iter_mut().filter(|p| p.iface == idx) {
                     p.sectors = path_sectors(mtu_sectors, scnt);
                 }
+                // An MTU too small for one sector makes the path useless.
+                t.paths.retain(|p| p.sectors > 0);
             }
             logs.extend(d.recompute_payload());
+            if d.life != Life::Down && !d.targets.iter().any(Target::usable) {
+                pathless.push(d.addr);
+            }
         }
         for l in logs {
             self.log(l);
+        }
+        for addr in pathless {
+            self.device_down(addr, "no path can carry a sector");
         }
         if new {
             let now = self.last_now;
