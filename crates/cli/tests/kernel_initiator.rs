@@ -1,0 +1,111 @@
+//! Interop: the Linux kernel's own AoE initiator (`aoe.ko` from Debian's linux-image-6.1, in
+//! a qemu/TCG guest) against `aoe serve`, at MTU 1500 and 9000, with vblade as the control.
+//!
+//! The work is done by `tests/interop/kernel-initiator.sh` (see its header): it builds the
+//! guest, joins the guest's TAP and a veth to the target with a bridge inside a network
+//! namespace of its own, and checks discovery, the payload size the MTU allows, whole-device
+//! md5s and a 1 MiB O_DIRECT pattern write at an offset, in the guest and in the backing file.
+//! Here we only run it and insist on PASS, printing its whole output otherwise.
+//!
+//! Needs root, qemu-system-x86, busybox-static (scripts/install-deps.sh), and the first run
+//! downloads the kernel package into `${AOE_CACHE:-/var/tmp/aoe-test-cache}`.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aoe_testkit::require_root;
+
+/// The script's own hard timeout (`-T`); it cleans up and fails when it is hit.
+const SCRIPT_TIMEOUT_S: u64 = 600;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/kernel-initiator.sh")
+}
+
+/// Runs the script with `template` at `mtu`; panics with its output unless it passes.
+fn run_kernel_initiator(template: &str, mtu: u32) {
+    require_root();
+    let script = script();
+    assert!(
+        script.is_file(),
+        "missing {} (the kernel-initiator interop script)",
+        script.display()
+    );
+    let log = tempfile::NamedTempFile::new().expect("temp file");
+    let out = File::options()
+        .append(true)
+        .open(log.path())
+        .expect("open log");
+    let err = out.try_clone().expect("clone log");
+    let started = Instant::now();
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .args(["-t", template, "-m", &mtu.to_string()])
+        .args(["-T", &SCRIPT_TIMEOUT_S.to_string()])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("run bash");
+    // The script enforces its own timeout and cleans up after itself; this is a backstop
+    // that gives it SIGTERM (so its trap still runs) and only then SIGKILL.
+    let deadline = started + Duration::from_secs(SCRIPT_TIMEOUT_S + 60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for script") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(40));
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let took = started.elapsed().as_secs_f32();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "kernel initiator vs `{template}` at MTU {mtu}: {} after {took:.0}s\n{output}",
+        match status {
+            Some(s) => format!("script exited with {s}"),
+            None => "script hung past its own timeout".into(),
+        },
+    );
+    eprintln!("kernel initiator vs `{template}` at MTU {mtu}: PASS in {took:.1}s");
+}
+
+fn aoe_serve_template() -> String {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    format!("'{aoe}' serve {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}")
+}
+
+#[test]
+fn kernel_initiator_aoe_serve_mtu_1500() {
+    run_kernel_initiator(&aoe_serve_template(), 1500);
+}
+
+#[test]
+fn kernel_initiator_aoe_serve_mtu_9000() {
+    run_kernel_initiator(&aoe_serve_template(), 9000);
+}
+
+/// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
+#[test]
+fn kernel_initiator_vblade_mtu_1500_control() {
+    let found = Command::new("sh")
+        .args(["-c", "command -v vblade"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "vblade not found on PATH: install Debian package vblade (scripts/install-deps.sh)"
+    );
+    run_kernel_initiator("vblade {SHELF} {SLOT} {IFACE} {FILE}", 1500);
+}

@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# kernel-initiator.sh - run an AoE target against the Linux kernel's own AoE initiator
+# (drivers/block/aoe from Debian's linux-image-6.1 package) booted in a qemu/TCG guest
+# with a busybox initramfs, and check the data path end to end.
+#
+# Topology, all inside one network namespace this script creates and deletes (AoE frames
+# never touch the host's interfaces):
+#
+#     guest eth0 (virtio-net) == tap "kitap" --+
+#                                              +-- bridge "kibr"
+#     target on "kitgt" <== veth ==> "kiport" -+
+#
+# Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
+#                            [-c CACHE_DIR] [-T SECONDS] [-k]
+#   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
+#                {SHELF} {SLOT} {IFACE} {FILE}. E.g.
+#                  -t 'target/release/aoe serve {SHELF} {SLOT} {IFACE} {FILE}'
+#                  -t 'vblade {SHELF} {SLOT} {IFACE} {FILE}'
+#   -m MTU       MTU of every link, the guest's too (default 1500)
+#   -s/-l        AoE shelf and slot (default 1 / 1)
+#   -z MiB       backing file size (default 32); it is filled with random bytes
+#   -c DIR       cache for the kernel package (default ${AOE_CACHE:-/var/tmp/aoe-test-cache})
+#   -T SECONDS   hard overall timeout (default 600)
+#   -k           keep the run directory (logs, console, backing file)
+#
+# Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
+# the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
+# 1 MiB random pattern written with dd oflag=direct at an unaligned-to-MiB offset reads back
+# (iflag=direct) identical; the host file holds it at that offset; the full md5 after the
+# write, in the guest and on the host, equals the expected one.
+#
+# Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, apt-get (first run
+# downloads the kernel package; later runs use the cache). Exit status: 0 PASS, 1 FAIL (the
+# last line says why), 2 usage.
+set -uo pipefail
+
+TEMPLATE=""
+MTU=1500
+SHELF=1
+SLOT=1
+SIZE_MB=32
+CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
+TOTAL=600
+KEEP=0
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while getopts "t:m:s:l:z:c:T:kh" o; do
+    case $o in
+        t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
+        z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
+        *) usage ;;
+    esac
+done
+[ -n "$TEMPLATE" ] || { echo "kernel-initiator.sh: -t TEMPLATE is required" >&2; usage; }
+for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL"; do
+    [[ $n =~ ^[0-9]+$ ]] || { echo "kernel-initiator.sh: not a number: $n" >&2; exit 2; }
+done
+[ "$SIZE_MB" -ge 8 ] || { echo "kernel-initiator.sh: -z must be at least 8 (MiB)" >&2; exit 2; }
+
+# Hard overall timeout: run the body under timeout(1), which sends SIGTERM; the body's trap
+# then cleans up (namespace, qemu, target). -k: SIGKILL 30 s later if that hangs.
+if [ -z "${_KI_BODY:-}" ]; then
+    _KI_BODY=1 timeout -k 30 "$TOTAL" bash "$0" "$@"
+    rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "FAIL: overall timeout of ${TOTAL}s hit"
+        exit 1
+    fi
+    exit $rc
+fi
+
+T0=$(date +%s)
+say() { echo "### [$(( $(date +%s) - T0 ))s] $*"; }
+fail() { echo "FAIL: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || fail "must run as root (network namespaces, tap devices)"
+for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe depmod md5sum apt-get dpkg flock; do
+    command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
+done
+BUSYBOX=$(command -v busybox || true)
+[ -n "$BUSYBOX" ] && file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' \
+    || fail "need a statically linked busybox (Debian package busybox-static)"
+[ -e /dev/net/tun ] || fail "no /dev/net/tun (tap devices)"
+
+NS=aoeki-$$
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
+TARGET_PID="" QEMU_PID=""
+
+# Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
+for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^aoeki-[0-9]*$'); do
+    [ -d "/proc/${old#aoeki-}" ] || ip netns del "$old" 2>/dev/null
+done
+
+# stop PID: SIGTERM, up to 5 s, then SIGKILL; PID may be -PGID. Only ids we started.
+stop() {
+    kill -TERM -- "$1" 2>/dev/null || return 0
+    local i
+    for i in $(seq 50); do kill -0 -- "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL -- "$1" 2>/dev/null
+    return 0
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    [ -n "$QEMU_PID" ] && stop "$QEMU_PID"
+    [ -n "$TARGET_PID" ] && stop "-$TARGET_PID"
+    if [ -e "/run/netns/$NS" ]; then
+        # Anything left in our own namespace was started by this script.
+        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$NS" 2>/dev/null
+    fi
+    if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'echo "FAIL: interrupted by a signal"; exit 1' INT TERM HUP
+
+# ---------------------------------------------------------------- kernel (cached)
+# The cache holds, per package, the kernel image and just the modules the guest loads
+# (virtio-net, aoe and their dependencies, in load order); the 400 MB package tree is dropped.
+mkdir -p "$CACHE" || fail "cannot create cache directory $CACHE"
+exec 9>"$CACHE/.lock"
+flock -w 300 9 || fail "cache $CACHE is locked by another run for more than 300 s"
+KDIR=$(ls -d "$CACHE"/linux-image-6.1.0-*-amd64 2>/dev/null | sort -V | while read -r d; do
+    [ -e "$d/.done" ] && echo "$d"; done | tail -1)
+if [ -z "$KDIR" ]; then
+    KPKG=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -1)
+    [ -n "$KPKG" ] || fail "no linux-image-6.1.0-*-amd64 package known to apt (apt-get update?)"
+    say "downloading $KPKG into $CACHE (once)"
+    KDIR=$CACHE/$KPKG
+    rm -rf "$KDIR" && mkdir -p "$KDIR/dl" || fail "cannot write $KDIR"
+    (cd "$KDIR/dl" && apt-get download "$KPKG" >/dev/null 2>&1) || fail "apt-get download $KPKG failed"
+    dpkg -x "$KDIR"/dl/*.deb "$KDIR/root" || fail "dpkg -x $KPKG failed"
+    KVER=$(ls "$KDIR/root/lib/modules" | head -1)
+    depmod -b "$KDIR/root" "$KVER" || fail "depmod failed"
+    cp "$KDIR/root/boot/vmlinuz-$KVER" "$KDIR/vmlinuz" || fail "no vmlinuz in $KPKG"
+    mkdir -p "$KDIR/modules"
+    : >"$KDIR/modules/order"
+    for m in virtio_pci virtio_net aoe; do
+        modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
+        while read -r path; do
+            b=$(basename "$path")
+            grep -qx "$b" "$KDIR/modules/order" && continue
+            cp "$path" "$KDIR/modules/$b" && echo "$b" >>"$KDIR/modules/order"
+        done
+    done
+    grep -qx aoe.ko "$KDIR/modules/order" || fail "aoe.ko not found in $KPKG"
+    echo "$KVER" >"$KDIR/version"
+    rm -rf "$KDIR/root" "$KDIR/dl"
+    touch "$KDIR/.done"
+fi
+flock -u 9
+exec 9>&-
+KVER=$(cat "$KDIR/version")
+say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$KDIR/modules/order")"
+
+# ---------------------------------------------------------------- data and expectations
+FILE=$RUN/backing.img
+PAT=$RUN/pattern.bin
+head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
+head -c $((1 << 20)) /dev/urandom >"$PAT" || fail "cannot write pattern"
+BS=65536
+SEEK=$(( (SIZE_MB << 20) / BS / 2 + 3 ))        # mid-device, not MiB-aligned
+OFF=$((SEEK * BS))
+PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
+H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
+EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + (1 << 20) + 1)) "$FILE"; } |
+            md5sum | cut -d' ' -f1)
+# The kernel uses min((mtu - 36) / 512, target's sector count) sectors per frame.
+EXP_PAYLOAD=$(( (MTU - 36) / 512 * 512 ))
+say "backing file ${SIZE_MB} MiB md5 $H_BEFORE; pattern md5 $PAT_MD5 at byte $OFF"
+
+# ---------------------------------------------------------------- initramfs
+IR=$RUN/initramfs
+mkdir -p "$IR"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+cp "$BUSYBOX" "$IR/bin/busybox"
+for a in $("$IR/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"; done
+cp "$KDIR"/modules/*.ko "$KDIR/modules/order" "$IR/lib/modules/"
+cp "$PAT" "$IR/pattern.bin"
+cat >"$IR/etc/ki.conf" <<EOF
+SHELF=$SHELF
+SLOT=$SLOT
+MTU=$MTU
+BS=$BS
+SEEK=$SEEK
+EOF
+cat >"$IR/init" <<'EOF'
+#!/bin/busybox sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+. /etc/ki.conf
+out() { echo "KI:$*"; }
+die() { out "GUEST_FAIL $*"; dmesg | tail -20; poweroff -f; sleep 60; }
+( sleep 900; out "GUEST_FAIL guest watchdog"; poweroff -f ) &
+out "T boot $(cut -d' ' -f1 /proc/uptime)"
+for m in $(cat /lib/modules/order); do
+    [ "$m" = aoe.ko ] && continue
+    insmod /lib/modules/$m || die "insmod $m"
+done
+i=0; while [ ! -e /sys/class/net/eth0 ]; do i=$((i+1)); [ $i -gt 100 ] && die "no eth0"; sleep 0.1; done
+ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
+ip link set eth0 up || die "eth0 up"
+insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
+DEV=/dev/etherd/e$SHELF.$SLOT
+SYS="/sys/block/etherd!e$SHELF.$SLOT"
+i=0
+while [ ! -b "$DEV" ] || [ "$(cat "$SYS/size" 2>/dev/null || echo 0)" = 0 ]; do
+    [ $((i % 20)) = 0 ] && [ -e /dev/etherd/discover ] && echo > /dev/etherd/discover
+    i=$((i+1)); [ $i -gt 600 ] && die "$DEV did not appear within 60 s"
+    sleep 0.1
+done
+out "T discovered $(cut -d' ' -f1 /proc/uptime)"
+out "BYTES $(blockdev --getsize64 $DEV)"
+out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
+out "STATE $(cat "$SYS/state" 2>/dev/null)"
+out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
+dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
+    { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+sync
+out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
+out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
+out "T done $(cut -d' ' -f1 /proc/uptime)"
+dmesg | grep -i aoe | sed 's/^/KI:DMESG /'
+out GUEST_DONE
+poweroff -f
+sleep 60
+EOF
+chmod +x "$IR/init"
+INITRD=$RUN/initramfs.cpio.gz
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+
+# ---------------------------------------------------------------- network
+ip netns add "$NS" || fail "ip netns add $NS"
+nsx() { nsenter --net="/run/netns/$NS" -- "$@"; }
+nsx sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
+ip -n "$NS" link set lo up
+ip -n "$NS" link add kibr type bridge stp_state 0 forward_delay 0 || fail "bridge"
+ip -n "$NS" tuntap add dev kitap mode tap || fail "tap"
+ip -n "$NS" link add kiport type veth peer name kitgt || fail "veth"
+for l in kitap kiport kitgt kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
+ip -n "$NS" link set kitap master kibr && ip -n "$NS" link set kiport master kibr || fail "bridge ports"
+for l in kibr kitap kiport kitgt; do ip -n "$NS" link set "$l" up || fail "$l up"; done
+
+# ---------------------------------------------------------------- target
+TCMD=${TEMPLATE//\{SHELF\}/$SHELF}
+TCMD=${TCMD//\{SLOT\}/$SLOT}
+TCMD=${TCMD//\{IFACE\}/kitgt}
+TCMD=${TCMD//\{FILE\}/$FILE}
+say "target: $TCMD"
+# setsid: the target leads its own process group, so stop() reaches any children too.
+# nsenter and setsid exec without forking (setsid: we are not a group leader), so $! is the
+# target's pid and its process group id.
+nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >"$RUN/target.log" 2>&1 </dev/null &
+TARGET_PID=$!
+sleep 1
+kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
+
+# ---------------------------------------------------------------- guest
+say "booting the guest (qemu TCG, MTU $MTU)"
+CONSOLE=$RUN/console.log
+nsenter --net="/run/netns/$NS" -- qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
+    -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
+    -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
+    </dev/null >"$CONSOLE" 2>&1 &
+QEMU_PID=$!
+wait "$QEMU_PID"
+QRC=$?
+QEMU_PID=""
+say "guest finished (qemu exit status $QRC)"
+
+kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
+stop "-$TARGET_PID"
+wait "$TARGET_PID" 2>/dev/null
+TARGET_PID=""
+
+# ---------------------------------------------------------------- verdict
+g() { tr -d '\r' <"$CONSOLE" | sed -n "s/^.*KI:$1 //p" | tail -1; }
+H_REGION=$(dd if="$FILE" bs=$BS skip="$SEEK" count=$(( (1 << 20) / BS )) 2>/dev/null | md5sum | cut -d' ' -f1)
+H_AFTER=$(md5sum <"$FILE" | cut -d' ' -f1)
+echo "### guest:"
+tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
+echo "### host: size $((SIZE_MB << 20)) md5 before $H_BEFORE, pattern $PAT_MD5 at $OFF, region now $H_REGION,"
+echo "###       md5 after $H_AFTER (expected $EXP_AFTER); expected payload $EXP_PAYLOAD"
+echo "### target log (tail):"
+tail -n 5 "$RUN/target.log" | sed 's/^/    /'
+echo "### total $(( $(date +%s) - T0 ))s"
+
+if grep -q 'KI:GUEST_FAIL' "$CONSOLE"; then
+    tr -d '\r' <"$CONSOLE" | tail -n 30
+    fail "guest: $(g GUEST_FAIL)"
+fi
+grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fail "guest did not finish (qemu exit status $QRC)"; }
+[ "$(g BYTES)" = $((SIZE_MB << 20)) ] || fail "guest device size $(g BYTES) != backing file size $((SIZE_MB << 20))"
+[ "$(g PAYLOAD)" = "$EXP_PAYLOAD" ] || fail "guest payload $(g PAYLOAD) bytes per frame != $EXP_PAYLOAD (what MTU $MTU allows)"
+[ "$(g MD5_BEFORE)" = "$H_BEFORE" ] || fail "whole-device md5 in the guest $(g MD5_BEFORE) != backing file $H_BEFORE"
+[ "$(g READBACK_MD5)" = "$PAT_MD5" ] || fail "pattern read back (iflag=direct) md5 $(g READBACK_MD5) != written $PAT_MD5"
+[ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
+[ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
+[ "$H_AFTER" = "$EXP_AFTER" ] || fail "host backing file md5 after the write $H_AFTER != expected $EXP_AFTER"
+echo "PASS: kernel AoE initiator ($KVER) against '$TCMD' at MTU $MTU"
+exit 0
