@@ -5,6 +5,7 @@
 //! (multi-call, decided by `argv[0]`).
 #![forbid(unsafe_code)]
 
+mod initiator;
 mod read;
 mod serve;
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Export a file or block device as an AoE target (vblade-compatible arguments).
     Serve(serve::ServeArgs),
+    /// Run the AoE initiator: discovery, /dev/etherd-style control files, device files.
+    Initiator(initiator::InitiatorArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
 }
@@ -67,12 +70,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
+        Command::Initiator(a) => initiator::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aoe: {e:#}");
-            ExitCode::from(1)
+            if e.downcast_ref::<serve::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

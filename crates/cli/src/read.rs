@@ -110,9 +110,7 @@ pub fn run(a: ReadArgs) -> Result<()> {
     let Body::Config(cfg) = m.body else {
         bail!("{addr}: unexpected answer to Query Config");
     };
-    let per_frame = max_sectors_for_mtu(info.mtu)
-        .min(cfg.sector_count)
-        .max(1) as u64;
+    let per_frame = max_sectors_for_mtu(info.mtu).min(cfg.sector_count).max(1) as u64;
     let ata = |tag: Tag, cmd: u8, flags: AtaFlags, count: u8, lba: u64| {
         let h = HeaderRepr::request(target, mac, addr, Command::Ata, tag);
         Message {
@@ -135,11 +133,17 @@ pub fn run(a: ReadArgs) -> Result<()> {
     let id = Identify::parse(&c.buf[aoe_wire::ATA_HEADER_LEN..n])?;
     let sectors = id.sectors();
     if a.lba > sectors {
-        bail!("{addr}: lba {} is beyond the device ({sectors} sectors)", a.lba);
+        bail!(
+            "{addr}: lba {} is beyond the device ({sectors} sectors)",
+            a.lba
+        );
     }
     let count = a.count.unwrap_or(sectors - a.lba);
     if a.lba + count > sectors {
-        bail!("{addr}: {count} sectors at {} exceed the device ({sectors} sectors)", a.lba);
+        bail!(
+            "{addr}: {count} sectors at {} exceed the device ({sectors} sectors)",
+            a.lba
+        );
     }
     let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())

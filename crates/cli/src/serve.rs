@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
 use aoe_target::{Control, Daemon, ExportSpec, ServeConfig};
 use aoe_wire::MacAddr;
@@ -75,7 +75,10 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
     let (Some(shelf), Some(slot), Some(netif), Some(file)) =
         (a.shelf, a.slot, a.netif.clone(), a.file.clone())
     else {
-        bail!("usage: aoe serve [options] SHELF SLOT NETIF FILE, or aoe serve --config FILE");
+        return Err(UsageError(
+            "usage: aoe serve [options] SHELF SLOT NETIF FILE, or aoe serve --config FILE".into(),
+        )
+        .into());
     };
     let allowed_macs = a
         .macs
@@ -103,6 +106,18 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
     };
     Ok((cfg, None))
 }
+
+/// A command line that names too little to run: exit status 2, like clap's own errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Runs `aoe serve`.
 pub fn run(a: ServeArgs) -> Result<()> {
