@@ -1,0 +1,456 @@
+//! `aoe serve` as a daemon, driven with raw AoE frames from a socket in a second namespace:
+//! the advertised buffer count holds under a burst, the state directory survives a restart,
+//! SIGHUP reloads a config file without disturbing unchanged exports, out-of-range I/O is
+//! refused without touching the file. Needs root; all frames stay on a veth pair between two
+//! namespaces the test creates.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aoe_sys::PacketSocket;
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+use aoe_wire::ata::{error_bits, status};
+use aoe_wire::macmask::DirectiveCommand;
+use aoe_wire::{
+    AtaFlags, AtaRepr, Body, Command as AoeCommand, ConfigCommand, ConfigRepr, Directive,
+    HeaderRepr, MacAddr, MacMaskRepr, MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr,
+    Tag, TargetAddr,
+};
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+
+struct Net {
+    t: Netns,
+    _i: Netns,
+    veth: VethPair,
+    sock: PacketSocket,
+    me: MacAddr,
+    tag: u32,
+}
+
+impl Net {
+    fn new(prefix: &str, mtu: u32) -> Net {
+        require_root();
+        let t = Netns::new(&format!("{prefix}t")).unwrap();
+        let i = Netns::new(&format!("{prefix}i")).unwrap();
+        let veth = VethPair::new(&t, &i, mtu).unwrap();
+        let name = veth.b_name().to_string();
+        let sock = aoe_sys::run_in_netns(&i.path(), move || PacketSocket::open(&name))
+            .unwrap()
+            .unwrap();
+        sock.set_recv_buffer(16 << 20).unwrap();
+        let me = MacAddr(veth.b_mac());
+        Net {
+            t,
+            _i: i,
+            veth,
+            sock,
+            me,
+            tag: 0x100,
+        }
+    }
+
+    fn target_if(&self) -> String {
+        self.veth.a_name().to_string()
+    }
+
+    fn serve(&self, args: &[&str]) -> NsChild {
+        let mut c = self.t.command(AOE);
+        c.arg("serve").args(args);
+        NsChild::spawn(&self.t, c).unwrap()
+    }
+
+    fn next_tag(&mut self) -> Tag {
+        self.tag += 1;
+        Tag(self.tag)
+    }
+
+    fn frame(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> (Tag, Vec<u8>) {
+        let command = match &body {
+            Body::Ata(_) => AoeCommand::Ata,
+            Body::Config(_) => AoeCommand::QueryConfig,
+            Body::MacMask(_) => AoeCommand::MacMaskList,
+            Body::Reserve(_) => AoeCommand::ReserveRelease,
+            Body::Unknown(_) => AoeCommand::Unknown(0xf0),
+        };
+        let tag = self.next_tag();
+        let h = HeaderRepr::request(dst, self.me, addr, command, tag);
+        (tag, Message { header: h, body }.to_vec().unwrap())
+    }
+
+    /// Sends frames and collects the responses to their tags, until all arrived or `wait`.
+    fn exchange(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
+        let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
+        let mut sent = 0;
+        while sent < refs.len() {
+            sent += self.sock.send_batch(&refs[sent..]).unwrap();
+        }
+        let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
+        let mut got = Vec::new();
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 9100];
+        while seen.len() < want.len() && Instant::now() < deadline {
+            match self.sock.recv(&mut buf).unwrap() {
+                Some(meta) => {
+                    let f = &buf[..meta.len];
+                    if let Ok(m) = Message::parse(f) {
+                        if m.header.response
+                            && want.contains(&m.header.tag.0)
+                            && seen.insert(m.header.tag.0)
+                        {
+                            got.push(f.to_vec());
+                        }
+                    }
+                }
+                None => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        got
+    }
+
+    fn one(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> Option<Vec<u8>> {
+        let f = self.frame(dst, addr, body);
+        self.exchange(&[f], Duration::from_secs(2)).pop()
+    }
+
+    /// Waits for the target to answer a Query Config; returns its MAC.
+    fn wait_up(&mut self, addr: TargetAddr) -> MacAddr {
+        let mut mac = None;
+        let ok = wait_until(Duration::from_secs(10), || {
+            let r = self.one(
+                MacAddr::BROADCAST,
+                addr,
+                Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+            );
+            mac = r.map(|r| Message::parse(&r).unwrap().header.src);
+            mac.is_some()
+        });
+        assert!(ok, "target {addr} never answered a Query Config");
+        mac.unwrap()
+    }
+}
+
+fn read(lba: u64, count: u8) -> Body<'static> {
+    Body::Ata(AtaRepr {
+        aflags: AtaFlags::EXTENDED,
+        err_feature: 0,
+        sector_count: count,
+        cmd_status: 0x24,
+        lba,
+        data: &[],
+    })
+}
+
+fn config_of(r: &[u8]) -> Vec<u8> {
+    match Message::parse(r).unwrap().body {
+        Body::Config(c) => c.config.to_vec(),
+        b => panic!("not a config reply: {b:?}"),
+    }
+}
+
+fn image(dir: &Path, name: &str, sectors: usize) -> String {
+    let p = dir.join(name);
+    let data: Vec<u8> = (0..sectors * 512)
+        .map(|i| (i / 512) as u8 ^ (i as u8))
+        .collect();
+    std::fs::write(&p, data).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn burst(mtu: u32, sectors_per_frame: u8) {
+    let mut n = Net::new("aoewin", mtu);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 8192);
+    let ifname = n.target_if();
+    let _t = n.serve(&["-b", "128", "1", "1", &ifname, &img]);
+    let addr = TargetAddr::new(1, 1);
+    let mac = n.wait_up(addr);
+    let r = n
+        .one(
+            mac,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .unwrap();
+    let Body::Config(c) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(c.buffer_count, 128);
+    assert_eq!(c.sector_count, sectors_per_frame);
+    // A full window of the largest reads, sent back to back in one sendmmsg burst.
+    let frames: Vec<_> = (0..128u64)
+        .map(|i| {
+            n.frame(
+                mac,
+                addr,
+                read(i * sectors_per_frame as u64 % 8000, sectors_per_frame),
+            )
+        })
+        .collect();
+    let got = n.exchange(&frames, Duration::from_secs(10));
+    assert_eq!(
+        got.len(),
+        128,
+        "a window of 128 (the advertised buffer count) lost requests"
+    );
+    for r in &got {
+        let Body::Ata(a) = Message::parse(r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status, status::DRDY);
+        assert_eq!(a.data.len(), sectors_per_frame as usize * 512);
+    }
+}
+
+#[test]
+fn advertised_buffer_count_holds_under_a_burst_mtu_1500() {
+    burst(1500, 2);
+}
+
+#[test]
+fn advertised_buffer_count_holds_under_a_burst_mtu_9000() {
+    burst(9000, 17);
+}
+
+#[test]
+fn out_of_range_io_is_refused_and_touches_nothing() {
+    let mut n = Net::new("aoerng", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let before = std::fs::read(&img).unwrap();
+    let ifname = n.target_if();
+    let _t = n.serve(&["2", "5", &ifname, &img]);
+    let addr = TargetAddr::new(2, 5);
+    let mac = n.wait_up(addr);
+    let data = vec![0xabu8; 1024];
+    for (lba, count) in [(63u64, 2u8), (64, 1), (1 << 40, 1)] {
+        let w = Body::Ata(AtaRepr {
+            aflags: AtaFlags::EXTENDED | AtaFlags::WRITE,
+            err_feature: 0,
+            sector_count: count,
+            cmd_status: 0x34,
+            lba,
+            data: &data[..count as usize * 512],
+        });
+        let r = n
+            .one(mac, addr, w)
+            .expect("an answer to an out-of-range write");
+        let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, status::ERR, "lba {lba}");
+        assert_ne!(a.err_feature & error_bits::IDNF, 0, "lba {lba}");
+        let r = n.one(mac, addr, read(lba, count)).unwrap();
+        let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, status::ERR);
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before, "file changed");
+}
+
+#[test]
+fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
+    let mut n = Net::new("aoesta", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let state = dir.path().join("state");
+    let st = state.to_str().unwrap().to_string();
+    let ifname = n.target_if();
+    let addr = TargetAddr::new(3, 1);
+    let cfg = b"kept-across-restarts-0123456789".to_vec();
+    {
+        let mut t = n.serve(&["--state-dir", &st, "3", "1", &ifname, &img]);
+        let mac = n.wait_up(addr);
+        let r = n
+            .one(
+                mac,
+                addr,
+                Body::Config(ConfigRepr::request(ConfigCommand::ForceSet, &cfg)),
+            )
+            .unwrap();
+        assert_eq!(config_of(&r), cfg);
+        let me = n.me;
+        let r = n
+            .one(
+                mac,
+                addr,
+                Body::MacMask(MacMaskRepr {
+                    mcmd: MaskCommand::Edit,
+                    merror: MaskError::None,
+                    directives: vec![Directive {
+                        command: DirectiveCommand::Add,
+                        mac: me,
+                    }],
+                }),
+            )
+            .unwrap();
+        let Body::MacMask(m) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(m.merror, MaskError::None);
+        let r = n
+            .one(
+                mac,
+                addr,
+                Body::Reserve(ReserveRepr {
+                    rcmd: ReserveCommand::Set,
+                    macs: vec![me],
+                }),
+            )
+            .unwrap();
+        let Body::Reserve(rr) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(rr.macs, vec![me]);
+        let st = t.stop().unwrap();
+        assert!(
+            st.success(),
+            "aoe serve did not exit cleanly on SIGTERM: {st:?}"
+        );
+    }
+    let _t = n.serve(&["--state-dir", &st, "3", "1", &ifname, &img]);
+    let mac = n.wait_up(addr);
+    let r = n
+        .one(
+            mac,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .unwrap();
+    assert_eq!(config_of(&r), cfg, "config string lost across a restart");
+    let r = n
+        .one(
+            mac,
+            addr,
+            Body::MacMask(MacMaskRepr {
+                mcmd: MaskCommand::Read,
+                merror: MaskError::None,
+                directives: vec![],
+            }),
+        )
+        .unwrap();
+    let Body::MacMask(m) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(
+        m.directives.iter().map(|d| d.mac).collect::<Vec<_>>(),
+        vec![n.me],
+        "mask lost"
+    );
+    let r = n
+        .one(
+            mac,
+            addr,
+            Body::Reserve(ReserveRepr {
+                rcmd: ReserveCommand::Read,
+                macs: vec![],
+            }),
+        )
+        .unwrap();
+    let Body::Reserve(rr) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(rr.macs, vec![n.me], "reservation lost");
+}
+
+#[test]
+fn sighup_reloads_without_disturbing_unchanged_exports() {
+    let mut n = Net::new("aoehup", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let b = image(dir.path(), "b.img", 64);
+    let c = image(dir.path(), "c.img", 128);
+    let ifname = n.target_if();
+    let conf = dir.path().join("serve.toml");
+    let write_conf = |slots: &[(u8, &str)]| {
+        let mut s = String::new();
+        for (slot, path) in slots {
+            s += &format!("[[export]]\npath = \"{path}\"\nshelf = 4\nslot = {slot}\ninterfaces = [\"{ifname}\"]\n\n");
+        }
+        std::fs::write(&conf, s).unwrap();
+    };
+    write_conf(&[(1, &a), (2, &b)]);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let (e1, e2, e3) = (
+        TargetAddr::new(4, 1),
+        TargetAddr::new(4, 2),
+        TargetAddr::new(4, 3),
+    );
+    let mac = n.wait_up(e1);
+    n.wait_up(e2);
+    // In-memory state of e4.1 that a restart of the export would lose.
+    let cfg = b"set-before-reload-0123456789abcdef".to_vec();
+    n.one(
+        mac,
+        e1,
+        Body::Config(ConfigRepr::request(ConfigCommand::ForceSet, &cfg)),
+    )
+    .unwrap();
+
+    write_conf(&[(1, &a), (3, &c)]);
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    hup(t.pid());
+    assert!(
+        wait_until(Duration::from_secs(10), || n
+            .one(
+                mac,
+                e3,
+                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
+            )
+            .is_some()),
+        "added export e4.3 not served after SIGHUP; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || n
+            .one(
+                mac,
+                e2,
+                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
+            )
+            .is_none()),
+        "removed export e4.2 still answers"
+    );
+    let r = n
+        .one(
+            mac,
+            e1,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .unwrap();
+    assert_eq!(
+        config_of(&r),
+        cfg,
+        "unchanged export e4.1 was restarted by the reload"
+    );
+    // A broken config is refused and the running one stays.
+    std::fs::write(
+        &conf,
+        "[[export]]\npath = \"/nonexistent.img\"\nshelf = 4\nslot = 9\ninterfaces = [\"lo0\"]\n",
+    )
+    .unwrap();
+    hup(t.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(n
+        .one(
+            mac,
+            e3,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
+        )
+        .is_some());
+    assert!(
+        t.output_so_far().contains("reload refused"),
+        "log:\n{}",
+        t.output_so_far()
+    );
+}
