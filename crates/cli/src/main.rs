@@ -5,6 +5,7 @@
 //! (multi-call, decided by `argv[0]`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod initiator;
 mod read;
 mod serve;
@@ -29,6 +30,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the AoE initiator: discovery, /dev/etherd-style control files, device files.
     Initiator(initiator::InitiatorArgs),
+    /// Measure target throughput against vblade in one run (private namespaces).
+    Bench(bench::BenchArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
 }
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
     };
     match result {
