@@ -121,8 +121,9 @@ pub enum BlockOp {
         /// The data.
         data: Vec<u8>,
     },
-    /// ATA FLUSH CACHE EXT (0xEA), or FLUSH CACHE (0xE7) on a device without LBA48. The Linux
-    /// driver never sends one; we do, so a write cache on the target is safe.
+    /// ATA FLUSH CACHE EXT (0xEA) if IDENTIFY advertises it (word 83 bit 13), else FLUSH CACHE
+    /// (0xE7), as libata chooses. The Linux AoE driver never sends one; we do, so a write
+    /// cache on the target is safe.
     Flush,
 }
 
@@ -1299,8 +1300,11 @@ impl Engine {
                     buf.get(s..e).unwrap_or(&[]),
                 )
             }
+            // libata's choice (`ata_id_has_flush_ext`): FLUSH CACHE EXT only when IDENTIFY
+            // word 83 bit 13 advertises it, not merely because the device is LBA48. vblade
+            // advertises LBA48 and FLUSH CACHE (word 83 = 0x5400) but aborts 0xEA.
             OpKind::Flush => (
-                if d.lba48 {
+                if d.identify.as_ref().is_some_and(|i| i.flush_cache_ext) {
                     AtaCommand::FlushCacheExt
                 } else {
                     AtaCommand::FlushCache

@@ -304,6 +304,35 @@ fn lba28_write_and_flush_encoding() {
     }));
 }
 
+/// Regression: vblade advertises LBA48 and FLUSH CACHE but not FLUSH CACHE EXT (word 83 =
+/// 0x5400, captured in `crates/wire/testdata/captures.txt`) and aborts 0xEA, so every fsync
+/// through the initiator failed with EIO against it. FLUSH CACHE EXT is sent only when
+/// advertised, as libata does.
+#[test]
+fn flush_cache_on_lba48_without_flush_ext_like_vblade() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let tx = drain(&mut e, t0);
+    let mut page = identify_page(1000);
+    page[166] = 0x00;
+    page[167] = 0x54; // word 83: valid, FLUSH CACHE, LBA48; no FLUSH CACHE EXT (vblade)
+    page[511] = 0;
+    let sum = page.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    page[511] = 0u8.wrapping_sub(sum);
+    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx[0].1[27], 0x24, "LBA48 reads still use READ SECTORS EXT");
+    e.submit(t0, DEV, BlockOp::Flush).unwrap();
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx[0].1[27], 0xe7, "FLUSH CACHE, not the unadvertised EXT");
+}
+
 #[test]
 fn flush_ext_on_lba48() {
     let (mut e, t0) = up_engine(1000, true);
