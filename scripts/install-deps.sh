@@ -23,6 +23,7 @@ have_cmd cpio     || need+=(cpio)
 have_cmd modprobe || need+=(kmod)
 have_cmd file     || need+=(file)
 have_cmd losetup  || need+=(mount)
+have_cmd nbdinfo  || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the initiator's --nbd
 have_cmd setsid   || need+=(util-linux)
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
@@ -52,7 +53,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $APT install "${need[@]}" "${qemu_extra[@]}"
 fi
 
-for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip; do
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy; do
     have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
 echo "install-deps: all dependencies present"

@@ -30,6 +30,17 @@ pub struct InitiatorArgs {
     /// Attach each device that comes up to a loop device with partition scan.
     #[arg(long = "loop")]
     loop_devices: bool,
+    /// Also serve every device that is up (and its partitions) as an NBD export named
+    /// eX.Y / eX.YpN on this Unix socket (qemu, nbd-client, nbdinfo, nbdcopy).
+    #[arg(long, value_name = "SOCKET")]
+    nbd: Option<PathBuf>,
+    /// Also serve NBD on TCP ADDR:PORT; loopback addresses only unless --nbd-tcp-any.
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_tcp: Option<String>,
+    /// Allow --nbd-tcp on a non-loopback address (NBD has no authentication: anyone who
+    /// can reach the port can read and write every AoE disk).
+    #[arg(long, requires = "nbd_tcp")]
+    nbd_tcp_any: bool,
 }
 
 /// Runs `aoe initiator`.
@@ -49,6 +60,10 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
+    let nbd_tcp = match &a.nbd_tcp {
+        None => None,
+        Some(s) => Some(resolve_nbd_tcp(s, a.nbd_tcp_any)?),
+    };
     aoe_initiator::run(
         aoe_initiator::Options {
             root: a.root,
@@ -56,7 +71,46 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
             deadsecs: a.deadsecs,
             maxout: a.maxout,
             loop_devices: a.loop_devices,
+            nbd: aoe_initiator::nbd::NbdOptions {
+                unix: a.nbd,
+                tcp: nbd_tcp,
+            },
         },
         stop,
     )
+}
+
+/// Resolves `--nbd-tcp ADDR:PORT` (a name such as `localhost:10809` too) and refuses an
+/// address that is not loopback unless `any` (`--nbd-tcp-any`).
+fn resolve_nbd_tcp(s: &str, any: bool) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let addr = s
+        .to_socket_addrs()
+        .with_context(|| format!("--nbd-tcp {s}: not an ADDR:PORT"))?
+        .next()
+        .with_context(|| format!("--nbd-tcp {s}: the name has no address"))?;
+    if !addr.ip().is_loopback() && !any {
+        anyhow::bail!(
+            "--nbd-tcp {s}: {} is not a loopback address; NBD has no authentication, so \
+             add --nbd-tcp-any to serve every AoE disk to the network anyway",
+            addr.ip()
+        );
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_tcp_is_loopback_unless_told_otherwise() {
+        assert!(resolve_nbd_tcp("127.0.0.1:10809", false).is_ok());
+        assert!(resolve_nbd_tcp("[::1]:10809", false).is_ok());
+        let e = resolve_nbd_tcp("0.0.0.0:10809", false).unwrap_err();
+        assert!(e.to_string().contains("--nbd-tcp-any"), "{e}");
+        assert!(resolve_nbd_tcp("192.0.2.1:10809", false).is_err());
+        assert!(resolve_nbd_tcp("0.0.0.0:10809", true).is_ok());
+        assert!(resolve_nbd_tcp("nonsense", false).is_err());
+    }
 }

@@ -6,6 +6,8 @@
 //! `flush`, one file per device (`eX.Y`) and per partition (`eX.YpN`), and a sysfs-like
 //! attribute tree that aoetools' `aoe-stat` reads. With `--loop` every device that comes up
 //! is attached to a loop device with partition scan, so a real block device exists.
+//! With `--nbd` every device that is up (and each partition) is also an NBD export
+//! ([`nbd`]), for qemu, nbd-client and the libnbd tools.
 //!
 //! It runs in any network namespace (the kernel driver serves only the initial one) and a
 //! target vanishing mid-I/O fails that I/O with EIO after `deadsecs` instead of crashing.
@@ -13,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod fs;
+pub mod nbd;
 pub mod net;
 pub mod partition;
 
@@ -38,6 +41,8 @@ pub struct Options {
     pub maxout: u16,
     /// Attach each device that comes up to a loop device.
     pub loop_devices: bool,
+    /// Serve the devices over NBD too (nothing when both addresses are None).
+    pub nbd: nbd::NbdOptions,
 }
 
 /// Runs the initiator until `stop` becomes true (SIGTERM/SIGINT in the binary): mounts the
@@ -87,12 +92,28 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<()> {
             opts.root.display()
         )
     })?;
+    let nbd_server = if opts.nbd.unix.is_some() || opts.nbd.tcp.is_some() {
+        match nbd::start(&opts.nbd, shared.clone(), handle.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                handle.send(net::Cmd::Stop);
+                let _ = net_thread.join();
+                drop(session);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(root = %opts.root.display(), "initiator running");
 
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping");
+    if let Some(s) = nbd_server {
+        s.stop();
+    }
     handle.send(net::Cmd::Stop);
     let _ = net_thread.join();
     // Wake blocked readers of `err` before unmounting.
