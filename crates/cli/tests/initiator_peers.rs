@@ -1,0 +1,959 @@
+//! Integration: `aoe initiator` against real targets, vblade (the Debian package, the
+//! reference) and our own `aoe serve`, at MTU 1500 and 9000.
+//!
+//! Each test builds its own pair of network namespaces joined by a veth link: the target in
+//! one, the initiator in the other, started with `--iflist` naming its end of the link, so
+//! AoE frames never touch the host's interfaces. The initiator is started with
+//! `nsenter --net` only (never `ip netns exec`, which would give it a private mount
+//! namespace), so its FUSE mount at ROOT is visible to this test process.
+//!
+//! What is checked, per target and MTU:
+//! * `data_*`: `echo > ROOT/discover` brings `eX.Y` back (after a `flush`) within 1 s with
+//!   the right size; its sha256 equals the backing file's; aligned and unaligned pattern
+//!   writes (one longer than a frame's payload) land in the backing file at the right
+//!   offset and read back through `eX.Y`; aoetools' `aoe-stat` (with `sysfs_dir=ROOT/sysfs`)
+//!   shows the device `up` with the right size, netif and payload; `err` has its lines.
+//! * `ext4_*` (`--loop`): mkfs.ext4 on the loop device, mount, write files, umount,
+//!   `fsck -n` clean (on the loop device and on the backing file), files intact after a
+//!   remount.
+//! * `dead_*` (`--deadsecs 3`): the target killed, I/O fails with EIO after deadsecs and
+//!   the device is `down`; then reads fail at once; the target restarted and `discover`
+//!   written, the device is `up` again with its data intact.
+//!
+//! Per target (MTU 1500): `control_*`: `interfaces` (refuses an unknown name, restricts
+//! discovery to the named interfaces), `flush` (skips an open device, removes a closed one;
+//! the empty write keeps an up device), `revalidate` (a target restarted over a grown file:
+//! the new size shows), and bad names refused.
+//!
+//! aoetools' `aoe-stat` drops every path containing the letter `p`, so ROOT lives under
+//! `/run/aoeroots/` with a name checked to have no `p` (a temp dir under /tmp would not do).
+//!
+//! These tests need root, fuse3, vblade, aoetools and e2fsprogs (`scripts/install-deps.sh`);
+//! a missing tool or missing root is a failure, never a skip.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+const SHELF: u16 = 7;
+const SLOT: u8 = 3;
+const DEV: &str = "e7.3";
+/// Backing file size in sectors: 32 MiB and 3 sectors, so a size rounded to KiB or MiB shows.
+const SECTORS: u64 = 32 * 2048 + 3;
+/// Where ROOTs are made: no `p` anywhere in the path (see the module docs).
+const ROOTS: &str = "/run/aoeroots";
+/// `--deadsecs` for the tests that kill the target.
+const DEADSECS: u64 = 3;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+// ------------------------------------------------------------------------------------------
+// Preconditions and small helpers
+
+/// Fails (never skips) unless every tool is on PATH.
+fn require_tools() {
+    require_root();
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("losetup", "util-linux"),
+        ("timeout", "coreutils"),
+        ("sha256sum", "coreutils"),
+        ("fusermount3", "fuse3"),
+        ("vblade", "vblade"),
+        ("aoe-stat", "aoetools"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("fsck.ext4", "e2fsprogs"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` not found on PATH: install Debian package {package} \
+             (scripts/install-deps.sh installs everything these tests use)"
+        );
+    }
+}
+
+/// Runs a command to completion (under the caller's own `timeout` where it could hang).
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds; returns stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(path: &Path) -> String {
+    let out = run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "sha256sum"])
+            .arg(path),
+    );
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Deterministic, position-dependent bytes (xorshift), different for each `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Number of AF_PACKET sockets open in `ns` (`/proc/net/packet` shows the reader's netns).
+fn packet_sockets(ns: &Netns) -> usize {
+    ns.run("cat", &["/proc/net/packet"])
+        .map(|s| s.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// The payload per frame the MTU allows for both targets: whole sectors after the 36 bytes
+/// of Ethernet, AoE and ATA headers (the driver's `aoecmd_cfg_rsp`, vblade's `confcmd`).
+fn payload_for(mtu: u32) -> u64 {
+    u64::from(mtu - 36) / 512 * 512
+}
+
+/// aoe-stat's size column: `512000 * sectors / 1e9`, `%04d`, a dot before the last three
+/// digits, "GB".
+fn aoe_stat_size(sectors: u64) -> String {
+    let n = format!("{:04}", 512_000 * sectors / 1_000_000_000);
+    let (int, frac) = n.split_at(n.len() - 3);
+    format!("{int}.{frac}GB")
+}
+
+// ------------------------------------------------------------------------------------------
+// Targets
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Our `aoe serve`.
+    AoeServe,
+    /// vblade, the reference implementation.
+    Vblade,
+}
+
+impl Target {
+    fn command(self, netif: &str, file: &Path) -> Command {
+        let mut cmd = match self {
+            Target::AoeServe => {
+                let mut c = Command::new(AOE);
+                c.arg("serve");
+                c
+            }
+            Target::Vblade => Command::new("vblade"),
+        };
+        cmd.arg(SHELF.to_string())
+            .arg(SLOT.to_string())
+            .arg(netif)
+            .arg(file);
+        cmd
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The rig: target and initiator on one veth link, ROOT mounted, everything undone on drop
+
+/// Options for the initiator.
+#[derive(Debug, Clone, Copy, Default)]
+struct InitOpts {
+    loop_devices: bool,
+    deadsecs: Option<u64>,
+    /// A second veth in the initiator's namespace leading to an empty namespace (no target).
+    spare_link: bool,
+}
+
+/// Field order matters only for what `Drop` does not do by hand: the link and namespaces go
+/// last.
+struct Rig {
+    kind: Target,
+    root: PathBuf,
+    file: PathBuf,
+    /// ext4 mount points to unmount on drop.
+    mounts: Vec<PathBuf>,
+    initiator: Option<NsChild>,
+    target: Option<NsChild>,
+    init_if: String,
+    target_if: String,
+    spare_if: Option<String>,
+    _spare: Option<(VethPair, Netns)>,
+    veth: VethPair,
+    init_ns: Netns,
+    target_ns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Namespaces, link, backing file (SECTORS, filled with a pattern), target, initiator;
+    /// returns once ROOT is mounted and the device is up.
+    fn start(kind: Target, mtu: u32, opts: InitOpts) -> Rig {
+        require_tools();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("backing.img");
+        fs::write(&file, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+
+        let root = Path::new(ROOTS).join(format!(
+            "r{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        assert!(
+            !root.to_string_lossy().contains('p'),
+            "{} contains a 'p': aoe-stat would not see it",
+            root.display()
+        );
+        fs::create_dir_all(&root).expect("create ROOT");
+
+        let target_ns = Netns::new("aoeit").expect("target namespace");
+        let init_ns = Netns::new("aoeii").expect("initiator namespace");
+        let veth = VethPair::new(&target_ns, &init_ns, mtu).expect("veth pair");
+        let spare = opts.spare_link.then(|| {
+            let ns = Netns::new("aoeis").expect("spare namespace");
+            let v = VethPair::new(&init_ns, &ns, mtu).expect("spare veth pair");
+            (v, ns)
+        });
+        let mut rig = Rig {
+            kind,
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: veth.b_name().to_owned(),
+            target_if: veth.a_name().to_owned(),
+            spare_if: spare.as_ref().map(|(v, _)| v.a_name().to_owned()),
+            _spare: spare,
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .arg("--iflist")
+            .arg(&rig.init_if)
+            .env("AOE_LOG", "debug");
+        if let Some(d) = opts.deadsecs {
+            cmd.args(["--deadsecs", &d.to_string()]);
+        }
+        if opts.loop_devices {
+            cmd.arg("--loop");
+        }
+        // NsChild::spawn uses `nsenter --net` only: same mount namespace as this process.
+        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
+        let discover = rig.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            rig.root.display(),
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        // It discovers at start; the target also announces itself when it starts.
+        let up = wait_until(Duration::from_secs(10), || {
+            rig.state().as_deref() == Some("up")
+        });
+        assert!(up, "{DEV} did not come up: {}", rig.logs());
+        rig
+    }
+
+    fn start_target(&mut self) {
+        assert!(self.target.is_none(), "target already running");
+        let mut t = self
+            .target_ns
+            .spawn(self.kind.command(&self.target_if, &self.file))
+            .expect("start target");
+        // Ready once its AF_PACKET socket exists.
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&self.target_ns) > 0 || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target {} did not start:\n{}",
+            t.label(),
+            t.output_so_far()
+        );
+        self.target = Some(t);
+    }
+
+    /// Stops the target and waits until its socket is gone.
+    fn kill_target(&mut self) {
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || packet_sockets(&self.target_ns)
+                == 0),
+            "target's socket still open"
+        );
+    }
+
+    fn dev(&self) -> PathBuf {
+        self.root.join(DEV)
+    }
+
+    fn attr_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("sysfs/block")
+            .join(format!("etherd!{DEV}"))
+            .join(name)
+    }
+
+    /// A sysfs attribute of the device, trimmed; None if the device is not there.
+    fn attr(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.attr_path(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    fn state(&self) -> Option<String> {
+        self.attr("state")
+    }
+
+    /// Writes `text` to a control file the way a shell's `echo TEXT > ROOT/NAME` does.
+    fn echo(&self, name: &str, text: &str) -> Output {
+        run(Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "20",
+                "sh",
+                "-c",
+                r#"echo "$1" > "$2""#,
+                "sh",
+                text,
+            ])
+            .arg(self.root.join(name)))
+    }
+
+    fn echo_ok(&self, name: &str, text: &str) {
+        let out = self.echo(name, text);
+        assert!(
+            out.status.success(),
+            "echo {text:?} > {name} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
+    /// Lines `err` has queued: `cat ROOT/err` blocks when the queue is empty, so it is
+    /// stopped after `secs` (the daemon answers an interrupted reader with EINTR).
+    fn err_lines(&self, secs: u32) -> String {
+        let out = run(Command::new("timeout")
+            .args(["-k", "5", &secs.to_string(), "cat"])
+            .arg(self.root.join("err")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Initiator and target output, for failure messages.
+    fn logs(&self) -> String {
+        let init = self
+            .initiator
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        let target = self
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        format!("\n--- initiator:\n{init}\n--- target:\n{target}")
+    }
+
+    /// Loop devices whose backing file is under ROOT.
+    fn loops(&self) -> Vec<String> {
+        let out = run(Command::new("losetup").args(["-n", "-l", "-O", "NAME,BACK-FILE"]));
+        let prefix = format!("{}/", self.root.display());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, back) = l.trim().split_once(char::is_whitespace)?;
+                back.trim().starts_with(&prefix).then(|| name.to_owned())
+            })
+            .collect()
+    }
+
+    /// Undoes everything a test may have left: ext4 mounts, loop devices, initiator (its
+    /// SIGTERM unmounts ROOT), target, then the mount and ROOT itself.
+    fn cleanup(&mut self) {
+        for m in self.mounts.drain(..) {
+            let _ = run(Command::new("umount").arg(&m));
+            let _ = run(Command::new("umount").arg("-l").arg(&m));
+        }
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        if let Some(mut i) = self.initiator.take() {
+            let _ = i.stop();
+        }
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        let _ = run(Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.root));
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        let _ = fs::remove_dir(&self.root);
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Reads `len` bytes at `offset` through a fresh open of `path` (a fresh open drops the
+/// FUSE page cache of the file, so the data comes over the network).
+fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+// ------------------------------------------------------------------------------------------
+// data_*: discovery, checksums, pattern writes, aoe-stat, err
+
+fn data_path(kind: Target, mtu: u32) {
+    let rig = Rig::start(kind, mtu, InitOpts::default());
+    let dev = rig.dev();
+
+    // Size: the file and the sysfs attribute.
+    assert_eq!(rig.attr("size").as_deref(), Some(&*SECTORS.to_string()));
+    assert_eq!(fs::metadata(&dev).expect("stat eX.Y").len(), SECTORS * 512);
+
+    // `flush all` removes the (closed) device; `echo > discover` brings it back within 1 s.
+    rig.echo_ok("flush", "all");
+    assert!(
+        wait_until(Duration::from_secs(2), || !dev.exists()
+            && rig.state().is_none()),
+        "{DEV} still there after `flush all`{}",
+        rig.logs()
+    );
+    let t0 = Instant::now();
+    rig.echo_ok("discover", "");
+    let back = wait_until(Duration::from_secs(1), || {
+        rig.state().as_deref() == Some("up")
+            && fs::metadata(&dev).is_ok_and(|m| m.len() == SECTORS * 512)
+    });
+    assert!(
+        back,
+        "{DEV} not up within 1 s of `echo > discover` ({:?}){}",
+        t0.elapsed(),
+        rig.logs()
+    );
+
+    // Whole-device checksum.
+    assert_eq!(
+        sha256(&dev),
+        sha256(&rig.file),
+        "sha256 of {DEV} != backing file"
+    );
+
+    // Pattern writes: aligned; unaligned and short; unaligned and longer than a frame's
+    // payload (several frames, partial first and last sectors); and the last bytes.
+    let payload = payload_for(mtu);
+    let writes: [(u64, usize); 4] = [
+        (8 << 20, 64 << 10),
+        (1_000_003, 100),
+        ((5 << 20) + 777, 3 * payload as usize + 1001),
+        (SECTORS * 512 - 700, 700),
+    ];
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .expect("open eX.Y for writing");
+        for (i, &(off, len)) in writes.iter().enumerate() {
+            f.write_all_at(&pattern(100 + i as u64, len), off)
+                .unwrap_or_else(|e| panic!("write {len} bytes at {off}: {e}{}", rig.logs()));
+        }
+        f.sync_all()
+            .unwrap_or_else(|e| panic!("fsync of {DEV}: {e}{}", rig.logs()));
+    }
+    let backing = File::open(&rig.file).expect("open backing file");
+    let original = pattern(1, (SECTORS * 512) as usize);
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let want = pattern(100 + i as u64, len);
+        let mut got = vec![0u8; len];
+        backing.read_exact_at(&mut got, off).expect("read backing");
+        assert!(
+            got == want,
+            "write of {len} at {off}: not in the backing file"
+        );
+        // The bytes around it are untouched.
+        let mut around = [0u8; 2];
+        backing.read_exact_at(&mut around[..1], off - 1).unwrap();
+        assert_eq!(
+            around[0],
+            original[off as usize - 1],
+            "byte before {off} changed"
+        );
+        if off + (len as u64) < SECTORS * 512 {
+            backing
+                .read_exact_at(&mut around[1..], off + len as u64)
+                .unwrap();
+            assert_eq!(
+                around[1],
+                original[off as usize + len],
+                "byte after {off}+{len} changed"
+            );
+        }
+        let read = read_at(&dev, off, len)
+            .unwrap_or_else(|e| panic!("read back {len} at {off}: {e}{}", rig.logs()));
+        assert!(
+            read == want,
+            "read back of {len} at {off} through {DEV} differs"
+        );
+    }
+    // An unaligned read spanning several frames and one of the writes.
+    let (off, len) = ((5 << 20) + 333, 5 * payload as usize + 77);
+    let mut want = vec![0u8; len];
+    backing.read_exact_at(&mut want, off).unwrap();
+    assert!(read_at(&dev, off, len).expect("unaligned read") == want);
+    assert_eq!(sha256(&dev), sha256(&rig.file), "sha256 after writes");
+
+    // aoe-stat over ROOT/sysfs.
+    let out = run_ok(Command::new("aoe-stat").env("sysfs_dir", rig.root.join("sysfs")));
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let want_row = vec![
+        DEV.to_owned(),
+        aoe_stat_size(SECTORS),
+        rig.init_if.clone(),
+        payload.to_string(),
+        "up".to_owned(),
+    ];
+    assert_eq!(rows.len(), 1, "aoe-stat output:\n{out}");
+    assert_eq!(rows[0], want_row, "aoe-stat output:\n{out}");
+    assert_eq!(rig.attr("payload"), Some(payload.to_string()));
+    assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
+    let mac = rig
+        .veth
+        .a_mac()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert_eq!(rig.attr("mac"), Some(mac));
+    let fw = rig.attr("firmware-version").unwrap_or_default();
+    assert!(
+        fw.starts_with("0x") && fw.len() == 6,
+        "firmware-version {fw:?}"
+    );
+
+    // err: the device coming up (twice: at start and after the rediscovery).
+    let err = rig.err_lines(2);
+    assert!(
+        err.lines()
+            .filter(|l| l.trim() == format!("{DEV} up"))
+            .count()
+            >= 2,
+        "err lines:\n{err}{}",
+        rig.logs()
+    );
+    assert!(err.contains(&format!("{DEV} v")) && err.contains(&format!("has {SECTORS} sectors")));
+}
+
+// ------------------------------------------------------------------------------------------
+// ext4_*: a real file system on the loop device
+
+fn ext4_over_loop(kind: Target, mtu: u32) {
+    let mut rig = Rig::start(
+        kind,
+        mtu,
+        InitOpts {
+            loop_devices: true,
+            ..InitOpts::default()
+        },
+    );
+    let mut loops = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            loops = rig.loops();
+            !loops.is_empty()
+        }),
+        "no loop device attached to {}{}",
+        rig.dev().display(),
+        rig.logs()
+    );
+    assert_eq!(loops.len(), 1, "loop devices over ROOT: {loops:?}");
+    let lo = loops[0].clone();
+
+    run_ok(Command::new("timeout").args([
+        "-k",
+        "5",
+        "60",
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-E",
+        "nodiscard",
+        "-L",
+        "aoeit",
+        &lo,
+    ]));
+    let mnt = rig.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+
+    let files: Vec<(String, Vec<u8>)> = [(1usize << 20), 4097, 5 << 20, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (format!("f{i}"), pattern(200 + i as u64, len)))
+        .collect();
+    fs::create_dir(mnt.join("d")).unwrap();
+    for (name, data) in &files {
+        fs::write(mnt.join("d").join(name), data).unwrap();
+    }
+    run_ok(Command::new("timeout").args(["-k", "5", "60", "sync"]));
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+
+    let fsck = run(Command::new("timeout").args(["-k", "5", "60", "fsck.ext4", "-n", "-f", &lo]));
+    assert!(
+        fsck.status.success(),
+        "fsck -n {lo} ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    // The data really is on the target: the backing file itself is a clean file system.
+    let fsck = run(Command::new("timeout")
+        .args(["-k", "5", "60", "fsck.ext4", "-n", "-f"])
+        .arg(&rig.file));
+    assert!(
+        fsck.status.success(),
+        "fsck -n of the backing file ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+    for (name, data) in &files {
+        let got = fs::read(mnt.join("d").join(name)).unwrap();
+        assert!(&got == data, "{name} differs after remount");
+    }
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+    let err = rig.err_lines(2);
+    assert!(
+        err.contains(&format!("{DEV} attached to {lo}")),
+        "err lines:\n{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// dead_*: the target dies and comes back
+
+fn is_eio(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(5)
+}
+
+fn dead_target(kind: Target, mtu: u32) {
+    let mut rig = Rig::start(
+        kind,
+        mtu,
+        InitOpts {
+            deadsecs: Some(DEADSECS),
+            ..InitOpts::default()
+        },
+    );
+    let dev = rig.dev();
+    // Something written before the target dies, to find again afterwards.
+    let mark = pattern(300, 4096 + 13);
+    {
+        let f = OpenOptions::new().write(true).open(&dev).unwrap();
+        f.write_all_at(&mark, 3 << 20).unwrap();
+    }
+    let before = sha256(&rig.file);
+
+    rig.kill_target();
+    // The initiator notices only when I/O goes unanswered: this read waits deadsecs.
+    let t0 = Instant::now();
+    let r = read_at(&dev, 7 << 20, 4096);
+    let waited = t0.elapsed();
+    match &r {
+        Err(e) if is_eio(e) => {}
+        other => panic!("read from a dead target: {other:?}, want EIO{}", rig.logs()),
+    }
+    assert!(
+        waited >= Duration::from_secs(DEADSECS - 1) && waited < Duration::from_secs(DEADSECS + 5),
+        "EIO after {waited:?}, deadsecs is {DEADSECS}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.state().as_deref()
+            == Some("down")),
+        "state {:?} after the target died{}",
+        rig.state(),
+        rig.logs()
+    );
+    // Down: reads fail at once.
+    let t0 = Instant::now();
+    let r = read_at(&dev, 0, 4096);
+    assert!(
+        matches!(&r, Err(e) if is_eio(e)),
+        "read from a down device: {r:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "EIO took {:?}",
+        t0.elapsed()
+    );
+    let w = OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .and_then(|f| f.write_all_at(&[1; 512], 0));
+    assert!(
+        matches!(&w, Err(e) if is_eio(e)),
+        "write to a down device: {w:?}"
+    );
+    let err = rig.err_lines(2);
+    assert!(err.contains(&format!("{DEV} down")), "err lines:\n{err}");
+
+    // Back: target restarted, `discover` written.
+    rig.start_target();
+    rig.echo_ok("discover", "");
+    assert!(
+        wait_until(Duration::from_secs(3), || rig.state().as_deref()
+            == Some("up")),
+        "state {:?} after the target came back{}",
+        rig.state(),
+        rig.logs()
+    );
+    assert_eq!(sha256(&rig.file), before, "backing file changed while down");
+    assert_eq!(sha256(&dev), before, "sha256 of {DEV} after recovery");
+    assert_eq!(read_at(&dev, 3 << 20, mark.len()).unwrap(), mark);
+}
+
+// ------------------------------------------------------------------------------------------
+// control_*: interfaces, flush, revalidate
+
+fn control_files(kind: Target) {
+    let mut rig = Rig::start(
+        kind,
+        1500,
+        InitOpts {
+            spare_link: true,
+            ..InitOpts::default()
+        },
+    );
+    let dev = rig.dev();
+    let ifaces = rig.root.join("interfaces");
+    let spare = rig.spare_if.clone().unwrap();
+
+    // interfaces: shows --iflist; an unknown name is refused and changes nothing.
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{}\n", rig.init_if)
+    );
+    let out = rig.echo("interfaces", "nosuch0");
+    assert!(
+        !out.status.success(),
+        "writing an unknown interface succeeded"
+    );
+    let e = fs::write(&ifaces, "nosuch0\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(22), "unknown interface: {e}");
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{}\n", rig.init_if)
+    );
+
+    // Restricted to the spare link (no target behind it), discovery finds nothing...
+    rig.echo_ok("interfaces", &spare);
+    assert_eq!(fs::read_to_string(&ifaces).unwrap(), format!("{spare}\n"));
+    rig.echo_ok("flush", "all");
+    assert!(wait_until(Duration::from_secs(2), || !dev.exists()));
+    rig.echo_ok("discover", "");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !dev.exists(),
+        "{DEV} found through {spare}, which has no target"
+    );
+    // ...and with both links (two names, like aoe_iflist) it is found again, through the
+    // right one only.
+    rig.echo_ok("interfaces", &format!("{} {spare}", rig.init_if));
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{} {spare}\n", rig.init_if)
+    );
+    rig.echo_ok("discover", "");
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.state().as_deref()
+            == Some("up")),
+        "{DEV} not found after interfaces were widened{}",
+        rig.logs()
+    );
+    assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
+    rig.echo_ok("interfaces", &rig.init_if.clone());
+
+    // flush: the empty write removes only down devices; `all` skips open ones.
+    rig.echo_ok("flush", "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("up"),
+        "empty flush removed an up device"
+    );
+    let held = File::open(&dev).unwrap();
+    rig.echo_ok("flush", "all");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("up"),
+        "flush removed an open device"
+    );
+    let mut buf = [0u8; 512];
+    held.read_exact_at(&mut buf, 512).expect("read while held");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    rig.echo_ok("flush", DEV);
+    assert!(
+        wait_until(Duration::from_secs(2), || !dev.exists()
+            && rig.state().is_none()),
+        "{DEV} still there after `flush {DEV}`"
+    );
+    assert!(rig.echo("flush", "bogus").status.code() != Some(0));
+    rig.echo_ok("discover", "");
+    assert!(wait_until(Duration::from_secs(2), || rig
+        .state()
+        .as_deref()
+        == Some("up")));
+
+    // revalidate: the target restarted over a grown file; the new size shows.
+    let grown = SECTORS + 8 * 2048;
+    rig.kill_target();
+    let f = OpenOptions::new().write(true).open(&rig.file).unwrap();
+    f.set_len(grown * 512).unwrap();
+    let tail = pattern(400, 4096);
+    f.write_all_at(&tail, (grown - 8) * 512).unwrap();
+    drop(f);
+    rig.start_target();
+    rig.echo_ok("revalidate", DEV);
+    assert!(
+        wait_until(Duration::from_secs(3), || rig.attr("size")
+            == Some(grown.to_string())),
+        "size {:?} after revalidate, want {grown}{}",
+        rig.attr("size"),
+        rig.logs()
+    );
+    assert!(wait_until(Duration::from_secs(1), || fs::metadata(&dev)
+        .is_ok_and(|m| m.len() == grown * 512)));
+    assert_eq!(read_at(&dev, (grown - 8) * 512, 4096).unwrap(), tail);
+    assert_eq!(sha256(&dev), sha256(&rig.file));
+    let out = rig.echo("revalidate", "e9.9");
+    assert!(
+        !out.status.success(),
+        "revalidate of an unknown device succeeded"
+    );
+    let e = fs::write(rig.root.join("revalidate"), "e9.9").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(19), "revalidate e9.9: {e}");
+    let e = fs::write(rig.root.join("revalidate"), "nonsense").unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::InvalidInput,
+        "revalidate nonsense: {e}"
+    );
+    let err = rig.err_lines(2);
+    assert!(
+        err.contains(&format!(
+            "{DEV}: size changed from {SECTORS} to {grown} sectors"
+        )),
+        "err lines:\n{err}"
+    );
+    assert!(
+        err.contains("busy (open), not flushed"),
+        "err lines:\n{err}"
+    );
+    assert!(err.contains("interfaces: nosuch0"), "err lines:\n{err}");
+}
+
+// ------------------------------------------------------------------------------------------
+// The matrix
+
+macro_rules! matrix {
+    ($($name:ident: $f:ident($kind:expr, $mtu:expr);)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $f($kind, $mtu);
+            }
+        )*
+    };
+}
+
+matrix! {
+    data_aoe_serve_mtu_1500: data_path(Target::AoeServe, 1500);
+    data_aoe_serve_mtu_9000: data_path(Target::AoeServe, 9000);
+    data_vblade_mtu_1500: data_path(Target::Vblade, 1500);
+    data_vblade_mtu_9000: data_path(Target::Vblade, 9000);
+    ext4_aoe_serve_mtu_1500: ext4_over_loop(Target::AoeServe, 1500);
+    ext4_aoe_serve_mtu_9000: ext4_over_loop(Target::AoeServe, 9000);
+    ext4_vblade_mtu_1500: ext4_over_loop(Target::Vblade, 1500);
+    ext4_vblade_mtu_9000: ext4_over_loop(Target::Vblade, 9000);
+    dead_aoe_serve_mtu_1500: dead_target(Target::AoeServe, 1500);
+    dead_aoe_serve_mtu_9000: dead_target(Target::AoeServe, 9000);
+    dead_vblade_mtu_1500: dead_target(Target::Vblade, 1500);
+    dead_vblade_mtu_9000: dead_target(Target::Vblade, 9000);
+}
+
+#[test]
+fn control_aoe_serve() {
+    control_files(Target::AoeServe);
+}
+
+#[test]
+fn control_vblade() {
+    control_files(Target::Vblade);
+}
