@@ -9,6 +9,7 @@ mod bench;
 mod initiator;
 mod read;
 mod serve;
+mod tools;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -34,6 +35,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
+    /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg.
+    #[command(flatten)]
+    Tool(tools::Tool),
 }
 
 /// Tools reachable by the name the binary is invoked as.
@@ -41,7 +45,7 @@ fn multicall(argv0: &OsString) -> Option<&'static str> {
     let name = Path::new(argv0).file_name()?.to_str()?;
     match name {
         "vblade" => Some("serve"),
-        _ => None,
+        other => tools::multicall(other),
     }
 }
 
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
+        Command::Tool(t) => tools::run(t),
         Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
     };

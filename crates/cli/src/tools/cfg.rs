@@ -1,0 +1,190 @@
+//! `aoecfg [-c read|test|prefix|set|fset] [-s STR] [-t SECS] [SHELF SLOT] [NETIF]`: one Query
+//! Config request with raw frames, answers printed as aoetools' `aoecfg.c` (release 36) does.
+//!
+//! As aoetools: the default address is the broadcast one (shelf 0xffff, slot 0xff) and the
+//! default interface `eth0`; with a full address it prints the first answer as `STRING` and
+//! exits, otherwise every answer as `SHELF.SLOT<TAB>STRING` until `-t` seconds have passed
+//! (for ever without `-t`); a timeout exits 0; an error answer prints `*badcmd*` etc.;
+//! usage errors print aoecfg's usage line and exit 1. Differences: replies shorter than 60
+//! bytes are accepted (aoetools drops them), requests are not padded to 1056 bytes, an
+//! interface name that does not exist is reported by name, and Ctrl-C exits 130 quietly.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use aoe_wire::{
+    Body, Command, ConfigCommand, ConfigRepr, HeaderRepr, MacAddr, Message, Tag, TargetAddr,
+};
+use clap::Args;
+
+use super::{aoe_fields, atoi, off, open_socket, recv_until, stop_flag, strtoul};
+
+/// Read or set AoE config strings with raw Query Config frames.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Commands (AoEr11 Query Config CCmd): read (0), test (1: answer only \
+if the string is equal), prefix (2: answer only if it starts with -s), set (3: set if empty), \
+fset (4: force set).\nOutput and exit codes as aoetools' aoecfg."
+)]
+pub struct CfgArgs {
+    /// Config command: read, test, prefix, set or fset.
+    #[arg(short = 'c', value_name = "CMD")]
+    cmd: Option<String>,
+    /// The config string to send.
+    #[arg(short = 's', value_name = "STR", allow_hyphen_values = true)]
+    string: Option<String>,
+    /// Seconds to wait for answers (default: for ever; exits 0 when they have passed).
+    #[arg(short = 't', value_name = "SECS", allow_hyphen_values = true)]
+    timeout: Option<String>,
+    /// Accepted and ignored, as by aoetools.
+    #[arg(short = 'v', hide = true)]
+    verbose: bool,
+    /// [SHELF SLOT] [NETIF] (NETIF defaults to eth0).
+    #[arg(value_name = "ARGS", num_args = 0..)]
+    args: Vec<String>,
+}
+
+const USAGE: &str = "usage: aoecfg [-c cmd] [-s cfgstr] [-t timeout] [shelf slot] [net]";
+
+fn usage_exit() -> ! {
+    eprintln!("{USAGE}");
+    super::exit_quietly(1)
+}
+
+/// aoecfg.c `errtab`: what it prints for an error answer, by error code & 7.
+const ERRTAB: [&str; 7] = [
+    "*GOK*",
+    "*badcmd*",
+    "*badarg*",
+    "*baddev*",
+    "*badcfg*",
+    "*badvers*",
+    "*GOK*",
+];
+
+/// The text aoecfg prints for the answer `f` (without the newline): the config string up to
+/// its length or first NUL (`%.*s`), or the error's name.
+pub fn answer_text(f: &[u8]) -> String {
+    if f[off::FLAGS] & off::F_ERR != 0 {
+        return ERRTAB[usize::from(f[off::ERROR] & 7) % ERRTAB.len()].to_string();
+    }
+    if f.len() < 32 {
+        return String::new();
+    }
+    let len = usize::from(u16::from_be_bytes([f[30], f[31]]));
+    let s = &f[32..f.len().min(32 + len)];
+    let s = s.split(|&b| b == 0).next().unwrap_or(&[]);
+    String::from_utf8_lossy(s).into_owned()
+}
+
+/// Runs `aoecfg`.
+pub fn run(a: CfgArgs) -> Result<()> {
+    let ccmd = match a.cmd.as_deref() {
+        None | Some("read") => ConfigCommand::Read,
+        Some("test") => ConfigCommand::Test,
+        Some("prefix") => ConfigCommand::TestPrefix,
+        Some("set") => ConfigCommand::Set,
+        Some("fset") => ConfigCommand::ForceSet,
+        Some(_) => usage_exit(),
+    };
+    let timeout = a.timeout.as_deref().map_or(0, atoi);
+    let (mut shelf, mut slot, mut net) = (0xffffu16, 0xffu8, "eth0".to_string());
+    let rest: &[String] = match a.args.as_slice() {
+        [s, l, rest @ ..] if rest.len() <= 1 => {
+            shelf = strtoul(s) as u16;
+            slot = strtoul(l) as u8;
+            rest
+        }
+        [_, _, ..] => usage_exit(),
+        one => one,
+    };
+    if let Some(n) = rest.first() {
+        if n.starts_with(|c: char| c.is_ascii_digit()) {
+            eprintln!("aoecfg Error: \"{n}\" is not a valid network interface");
+            usage_exit();
+        }
+        net = n.clone();
+    }
+    let single = shelf != 0xffff && slot != 0xff;
+    let cfg = a.string.unwrap_or_default();
+    let sock = open_socket(&net)?;
+    let mac = MacAddr(sock.info().mac);
+    // aoe_tag(): the microseconds of the current time with the high bit set.
+    let usec = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_micros());
+    let tag = usec | 1 << 31;
+    let q = Message {
+        header: HeaderRepr::request(
+            MacAddr::BROADCAST,
+            mac,
+            TargetAddr::new(shelf, slot),
+            Command::QueryConfig,
+            Tag(tag),
+        ),
+        body: Body::Config(ConfigRepr::request(ccmd, cfg.as_bytes())),
+    }
+    .to_vec()
+    .map_err(|e| anyhow::anyhow!("config string too long: {e}"))?;
+    sock.send(&q)?;
+    let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout as u64));
+    let stop = stop_flag()?;
+    let mut buf = vec![0u8; aoe_sys::frame_capacity(sock.info().mtu).max(2048)];
+    let mut out = std::io::stdout().lock();
+    loop {
+        let got = recv_until(&sock, &mut buf, deadline, &stop, |f| {
+            matches!(aoe_fields(f), Some((sh, sl, t, fl))
+                if sh != 0xffff && sl != 0xff
+                    && (shelf == 0xffff || sh == shelf)
+                    && (slot == 0xff || sl == slot)
+                    && t == tag && fl & off::F_RSP != 0)
+        })?;
+        let Some(n) = got else {
+            return Ok(());
+        };
+        let f = &buf[..n];
+        let text = answer_text(f);
+        if single {
+            writeln!(out, "{text}")?;
+        } else {
+            writeln!(
+                out,
+                "{}.{}\t{text}",
+                u16::from_be_bytes([f[16], f[17]]),
+                f[off::MINOR]
+            )?;
+        }
+        out.flush()?;
+        if single {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_as_aoecfg_prints_them() {
+        let mut f = vec![0u8; 60];
+        f[12..14].copy_from_slice(&[0x88, 0xa2]);
+        f[14] = 0x18;
+        f[30..32].copy_from_slice(&3u16.to_be_bytes());
+        f[32..35].copy_from_slice(b"abc");
+        assert_eq!(answer_text(&f), "abc");
+        f[14] = 0x1c;
+        f[15] = 4;
+        assert_eq!(answer_text(&f), "*badcfg*");
+    }
+
+    #[test]
+    fn atoi_and_strtoul_like_c() {
+        assert_eq!(atoi("12x"), 12);
+        assert_eq!(atoi("x"), 0);
+        assert_eq!(strtoul("0x10"), 16);
+        assert_eq!(strtoul("010"), 8);
+        assert_eq!(strtoul("7"), 7);
+    }
+}
