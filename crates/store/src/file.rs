@@ -6,6 +6,10 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use aoe_sys::NoWait;
+
 use crate::{check_range, Backend};
 
 const SECTOR: u64 = 512;
@@ -36,6 +40,11 @@ pub struct FileBackend {
     base: u64,
     len: u64,
     opts: OpenOptions,
+    /// On tmpfs/ramfs: reads and writes copy pages and never wait for a device, so they
+    /// are done inline.
+    memory: bool,
+    /// The file system refused `RWF_NOWAIT` once: stop trying.
+    nowait_unsupported: AtomicBool,
 }
 
 impl FileBackend {
@@ -113,11 +122,13 @@ impl FileBackend {
             ));
         }
         Ok(FileBackend {
-            file,
             path: path.to_path_buf(),
             base: opts.offset_sectors * SECTOR,
             len: len * SECTOR,
             opts: opts.clone(),
+            memory: aoe_sys::is_memory_fs(&file) && !opts.direct && !opts.sync,
+            nowait_unsupported: AtomicBool::new(false),
+            file,
         })
     }
 
@@ -192,6 +203,53 @@ impl Backend for FileBackend {
             self.direct_write(buf, pos)
         } else {
             self.file.write_all_at(buf, pos)
+        }
+    }
+
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.opts.direct {
+            return Ok(false);
+        }
+        check_range(offset, buf.len(), self.len)?;
+        let pos = self.base + offset;
+        if self.memory {
+            self.file.read_exact_at(buf, pos)?;
+            return Ok(true);
+        }
+        if self.nowait_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match aoe_sys::pread_nowait(&self.file, buf, pos)? {
+            NoWait::Done(n) => Ok(n == buf.len()),
+            NoWait::WouldBlock => Ok(false),
+            NoWait::Unsupported => {
+                self.nowait_unsupported.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
+    fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
+        // O_SYNC writes wait for the disk by definition; O_DIRECT needs the bounce buffer.
+        if self.opts.direct || self.opts.sync || self.opts.read_only {
+            return Ok(false);
+        }
+        check_range(offset, buf.len(), self.len)?;
+        let pos = self.base + offset;
+        if self.memory {
+            self.file.write_all_at(buf, pos)?;
+            return Ok(true);
+        }
+        if self.nowait_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match aoe_sys::pwrite_nowait(&self.file, buf, pos)? {
+            NoWait::Done(n) => Ok(n == buf.len()),
+            NoWait::WouldBlock => Ok(false),
+            NoWait::Unsupported => {
+                self.nowait_unsupported.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
         }
     }
 

@@ -42,6 +42,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
 
+    /// Reads like [`Backend::read_at`] if that can be done without blocking (the data is
+    /// cached); `Ok(false)` if it would block and the caller should use a worker instead.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Writes like [`Backend::write_at`] if that can be done without blocking; `Ok(false)`
+    /// if it would block (nothing, or only part, may have been written: the caller writes
+    /// the whole range again through a worker).
+    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// True if writes are refused.
     fn read_only(&self) -> bool;
 }

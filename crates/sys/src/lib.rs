@@ -13,6 +13,8 @@
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
 //!   poll loop needs so that worker threads can hand it completions.
+//! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
+//!   event loop serves page-cached data inline and hands only what would block to workers.
 //! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
 //!   the integration tests and by daemons started with `--netns`.
 //!
@@ -35,11 +37,13 @@
 use std::io;
 
 mod event;
+mod file;
 mod iface;
 mod ns;
 mod packet;
 
 pub use event::{poll, EventFd, PollFd};
+pub use file::{is_memory_fs, pread_nowait, pwrite_nowait, NoWait};
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};

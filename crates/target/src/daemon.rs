@@ -464,6 +464,33 @@ impl Daemon {
                 self.spare.push(reply);
             }
             Outcome::Io(req) => {
+                // Fast path: data in the page cache is read (and a write that need not wait is
+                // written) right here with RWF_NOWAIT; only I/O that would block goes to a
+                // worker. Either way the event loop never waits on the disk.
+                let inline = match &req.kind {
+                    IoKind::Read { offset, len } => rt
+                        .backend
+                        .try_read_at(&mut reply[ATA_HEADER_LEN..ATA_HEADER_LEN + len], *offset),
+                    IoKind::Write { offset, data } => {
+                        rt.backend.try_write_at(&frame[data.clone()], *offset)
+                    }
+                    IoKind::Flush => Ok(false),
+                };
+                let result = match inline {
+                    Ok(false) => None,
+                    Ok(true) => Some(Ok(())),
+                    Err(e) => {
+                        tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+                        Some(Err(io_failure(&e)))
+                    }
+                };
+                if let Some(result) = result {
+                    match rt.engine.complete(req.token, result, &mut reply) {
+                        Some(n) => self.ifaces[idx].out.push((reply, n)),
+                        None => self.spare.push(reply),
+                    }
+                    return;
+                }
                 let t = req.token.0 as usize;
                 if rt.token_iface.len() <= t {
                     rt.token_iface.resize(t + 1, 0);
