@@ -454,3 +454,51 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
         t.output_so_far()
     );
 }
+
+/// The binary called `vblade` is `aoe serve` with vblade's arguments (multi-call by argv[0]).
+#[test]
+fn invoked_as_vblade_it_serves_with_vblade_arguments() {
+    let mut n = Net::new("aoevbl", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let link = dir.path().join("vblade");
+    std::os::unix::fs::symlink(AOE, &link).unwrap();
+    // Usage errors are vblade's: too few operands.
+    let out = Command::new(&link).args(["1", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let ifname = n.target_if();
+    let mut c = n.t.command(&link);
+    c.args(["-r", "-b", "8", "6", "2", &ifname, &img]);
+    let _t = NsChild::spawn(&n.t, c).unwrap();
+    let addr = TargetAddr::new(6, 2);
+    let mac = n.wait_up(addr);
+    let r = n
+        .one(
+            mac,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .unwrap();
+    let Body::Config(cfg) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(cfg.buffer_count, 8, "-b was not honoured");
+    let data = [1u8; 512];
+    let w = Body::Ata(AtaRepr {
+        aflags: AtaFlags::EXTENDED | AtaFlags::WRITE,
+        err_feature: 0,
+        sector_count: 1,
+        cmd_status: 0x34,
+        lba: 0,
+        data: &data,
+    });
+    let r = n.one(mac, addr, w).unwrap();
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(
+        a.err_feature,
+        error_bits::ABRT,
+        "-r export accepted a write"
+    );
+}
