@@ -143,6 +143,8 @@ impl Rig {
             .arg(&rig.root)
             .args(["--iflist", &init_if, "--deadsecs", "4", "--nbd"])
             .arg(&rig.sock)
+            // 127.0.0.1 of the initiator's own namespace: no clash between tests.
+            .args(["--nbd-tcp", "127.0.0.1:10809"])
             .env("AOE_LOG", "debug");
         let mut init = NsChild::spawn_command(cmd).expect("start aoe initiator");
         let sock = rig.sock.clone();
@@ -422,7 +424,6 @@ fn real_clients(kind: Target) {
         let end = rest[1..].find("export=").map_or(rest.len(), |e| e + 1);
         assert!(
             rest[..end].lines().any(|l| l
-                .trim()
                 .split_whitespace()
                 .take(2)
                 .eq(["export-size:", &bytes.to_string()])),
@@ -442,6 +443,20 @@ fn real_clients(kind: Target) {
     ] {
         assert!(info.contains(needle), "nbdinfo lacks {needle:?}:\n{info}");
     }
+
+    // The TCP listener, from inside the initiator's namespace.
+    let o =
+        run(rig
+            ._init_ns
+            .command("timeout")
+            .args(["20", "nbdinfo", "nbd://127.0.0.1:10809/e1.2"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains(&format!("export-size: {size}")),
+        "nbdinfo over TCP ({}):\n{text}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // qemu-io: patterns at several offsets, unaligned and large, read back.
     let writes: [(u8, u64, u64); 6] = [

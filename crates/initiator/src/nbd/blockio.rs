@@ -20,7 +20,7 @@ use crate::net::Handle;
 pub const SECTOR: u64 = 512;
 
 /// Bytes of zeros written per AoE operation by [`write_zeroes`].
-const ZERO_CHUNK: u64 = 4 << 20;
+pub const ZERO_CHUNK: u64 = 4 << 20;
 
 /// Completion callback.
 pub type Cb<T> = Box<dyn FnOnce(Result<T, i32>) + Send>;
