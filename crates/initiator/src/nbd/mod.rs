@@ -361,29 +361,31 @@ fn transmission(
     base: u64,
     net: &Handle,
 ) -> io::Result<()> {
-    let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    // Each message carries the in-flight bytes it holds; the writer releases them once
+    // the reply is written, so a client that stops reading replies stops being read.
+    let (tx, rx) = crossbeam_channel::unbounded::<(Vec<u8>, u64)>();
+    let inflight = Arc::new(Inflight::default());
     let shut = w.try_clone()?;
+    let inf = inflight.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
             let mut w = BufWriter::with_capacity(256 << 10, w);
-            'out: while let Ok(m) = rx.recv() {
-                if w.write_all(&m).is_err() {
-                    break;
+            let mut ok = true;
+            while let Ok((m, held)) = rx.recv() {
+                ok = ok && w.write_all(&m).is_ok();
+                drop(m);
+                inf.release(held);
+                if ok && rx.is_empty() {
+                    ok = w.flush().is_ok();
                 }
-                while let Ok(m) = rx.try_recv() {
-                    if w.write_all(&m).is_err() {
-                        break 'out;
-                    }
-                }
-                if w.flush().is_err() {
-                    break;
+                if !ok {
+                    // Unblocks the reader; replies still due are dropped (but released).
+                    shut.shutdown();
                 }
             }
-            // Unblocks the reader if the client stopped reading replies.
-            shut.shutdown();
+            let _ = w.flush();
         })?;
-    let inflight = Arc::new(Inflight::default());
     let result = requests(&mut r, &tx, &session, dev, base, net, &inflight);
     inflight.wait_idle();
     drop(tx);
@@ -393,7 +395,7 @@ fn transmission(
 
 fn requests(
     r: &mut BufReader<Conn>,
-    tx: &crossbeam_channel::Sender<Vec<u8>>,
+    tx: &crossbeam_channel::Sender<(Vec<u8>, u64)>,
     session: &Arc<Session>,
     dev: TargetAddr,
     base: u64,
@@ -414,7 +416,8 @@ fn requests(
             Err(e) => {
                 tracing::debug!(request = %req, error = e, "nbd: request refused");
                 discard(r, u64::from(req.payload_len()))?;
-                let _ = tx.send(session.error_reply(req.cookie, e, "request refused"));
+                inflight.acquire(0);
+                let _ = tx.send((session.error_reply(req.cookie, e, "request refused"), 0));
                 continue;
             }
         };
@@ -425,11 +428,9 @@ fn requests(
             _ => 0,
         };
         let reply = {
-            let (tx, s, inf) = (tx.clone(), session.clone(), inflight.clone());
+            let tx = tx.clone();
             move |m: Vec<u8>| {
-                let _ = tx.send(m);
-                inf.release(bytes);
-                drop(s);
+                let _ = tx.send((m, bytes));
             }
         };
         let status = {
