@@ -1,0 +1,544 @@
+//! The aoetools subcommands against aoetools 36 itself, in namespaces this test creates
+//! (AoE frames only cross veth links and bridges inside them, never a host interface).
+//!
+//! - `aoe-stat`: ours and aoetools' (`sysfs_dir=ROOT/sysfs`) print the same bytes for the
+//!   devices of a running `aoe initiator`, with and without a regex; `aoe-interfaces`,
+//!   `aoe-flush`, `aoe-revalidate` and `aoe-discover` change the initiator's state as the
+//!   man pages say.
+//! - `aoeping`, `aoecfg`: ours and aoetools' print the same bytes and exit alike, against
+//!   vblade and against `aoe serve`.
+//! - `aoe-sancheck`: a bridge whose target-side port has MTU 1500 between a 9000-byte
+//!   initiator and a 9000-byte target: both sanchecks report the path's 1024-byte limit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use aoe_testkit::{require_root, wait_until, Bridge, Netns, NsChild, VethPair};
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+/// aoetools ignore frames shorter than 60 bytes and vblade does not pad its Query Config
+/// reply, so vblade gets a config string of at least 28 bytes.
+const CFG: &str = "aoetools-test-config-string-0123456789";
+
+fn require_tools() {
+    require_root();
+    for t in [
+        "aoe-stat",
+        "aoeping",
+        "aoecfg",
+        "aoe-sancheck",
+        "vblade",
+        "nsenter",
+        "fusermount3",
+    ] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "{t} not on PATH: scripts/install-deps.sh installs it");
+    }
+}
+
+/// A directory holding the `aoe` binary under each multi-call name.
+fn links() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("sh")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/install-links.sh"
+        ))
+        .arg(d.path())
+        .arg(AOE)
+        .output()
+        .expect("install-links.sh");
+    assert!(out.status.success(), "{out:?}");
+    d
+}
+
+fn image(dir: &Path, name: &str, sectors: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(sectors * 512))
+        .expect("image");
+    p
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.output().expect("run")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}stderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Two namespaces joined by a veth: the target's end `tgt0`, the peer's `eth0`.
+struct Rig {
+    tns: Netns,
+    pns: Netns,
+    _link: VethPair,
+    _dir: tempfile::TempDir,
+    targets: Vec<NsChild>,
+}
+
+impl Rig {
+    fn new(mtu: u32) -> Rig {
+        let tns = Netns::new("aoetl-t").expect("netns");
+        let pns = Netns::new("aoetl-p").expect("netns");
+        let link = VethPair::new_named(&tns, "tgt0", &pns, "eth0", mtu).expect("veth");
+        Rig {
+            tns,
+            pns,
+            _link: link,
+            _dir: tempfile::tempdir().expect("tempdir"),
+            targets: Vec::new(),
+        }
+    }
+
+    /// Starts vblade (or `aoe serve`) exporting `sectors` sectors as shelf.slot.
+    fn target(&mut self, vblade: bool, shelf: u16, slot: u8, sectors: u64) {
+        let img = image(self._dir.path(), &format!("{shelf}-{slot}.img"), sectors);
+        let mut c = if vblade {
+            Command::new("vblade")
+        } else {
+            let mut c = Command::new(AOE);
+            c.arg("serve");
+            c
+        };
+        c.arg(shelf.to_string())
+            .arg(slot.to_string())
+            .arg("tgt0")
+            .arg(img);
+        self.targets.push(self.tns.spawn(c).expect("target"));
+        // A config string long enough for aoetools to see vblade's replies.
+        let ok = wait_until(Duration::from_secs(10), || {
+            let mut c = self.pns.command("aoecfg");
+            c.args(["-c", "fset", "-s", CFG, "-t", "1"])
+                .arg(shelf.to_string())
+                .arg(slot.to_string())
+                .arg("eth0");
+            run(c).stdout.starts_with(CFG.as_bytes())
+        });
+        assert!(ok, "target e{shelf}.{slot} never answered");
+    }
+
+    /// Runs `program args` in the peer namespace.
+    fn peer(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
+        let mut c = self.pns.command(program);
+        c.args(args);
+        run(c)
+    }
+}
+
+/// Compares aoetools' `name` with ours (through the multi-call link) for each argument list.
+fn same_as_aoetools(rig: &Rig, links: &Path, name: &str, cases: &[&[&str]]) {
+    for args in cases {
+        let theirs = rig.peer(name, args);
+        let ours = rig.peer(links.join(name), args);
+        assert_eq!(
+            (theirs.status.code(), &theirs.stdout),
+            (ours.status.code(), &ours.stdout),
+            "{name} {args:?}:\naoetools: {}\nours: {}",
+            text(&theirs),
+            text(&ours)
+        );
+    }
+}
+
+#[test]
+fn aoeping_and_aoecfg_print_what_aoetools_print_against_vblade() {
+    require_tools();
+    let l = links();
+    let mut rig = Rig::new(1500);
+    rig.target(true, 1, 2, 2048);
+    same_as_aoetools(
+        &rig,
+        l.path(),
+        "aoeping",
+        &[
+            &["-v", "-s", "3", "1", "2", "eth0"],
+            &["-i", "-s", "3", "1", "2", "eth0"],
+            &["-I", "-s", "3", "1", "2", "eth0"],
+            &["-v", "-t", "77", "-I", "-s", "3", "1", "2", "eth0"],
+            // vblade's IDENTIFY word 82 has no SMART bit: both refuse, exit 1.
+            &["-S", "return_status", "-s", "3", "1", "2", "eth0"],
+            &["-s", "0", "1", "2", "eth0"],
+        ],
+    );
+    same_as_aoetools(
+        &rig,
+        l.path(),
+        "aoecfg",
+        &[
+            &["1", "2", "eth0"],
+            &["-t", "1", "eth0"],
+            &["-c", "test", "-s", CFG, "1", "2", "eth0"],
+            &["-c", "prefix", "-s", "aoetools-test", "-t", "1", "eth0"],
+            &[
+                "-c",
+                "test",
+                "-s",
+                "something-else-entirely-0123456",
+                "-t",
+                "1",
+                "1",
+                "2",
+                "eth0",
+            ],
+            &[
+                "-c",
+                "set",
+                "-s",
+                "another-config-string-0123456789",
+                "1",
+                "2",
+                "eth0",
+            ],
+            &["-c", "bogus", "1", "2", "eth0"],
+            &["1", "2", "3"],
+            &["1", "2", "eth0", "extra"],
+        ],
+    );
+}
+
+#[test]
+fn aoeping_and_aoecfg_print_what_aoetools_print_against_aoe_serve() {
+    require_tools();
+    let l = links();
+    let mut rig = Rig::new(9000);
+    rig.target(false, 3, 4, 4096);
+    same_as_aoetools(
+        &rig,
+        l.path(),
+        "aoeping",
+        &[
+            &["-v", "-s", "3", "3", "4", "eth0"],
+            &["-i", "-s", "3", "3", "4", "eth0"],
+            &["-I", "-s", "3", "3", "4", "eth0"],
+            // aoe serve answers SMART (word 82 bit 0 set).
+            &["-S", "return_status", "-s", "3", "3", "4", "eth0"],
+            &["-S", "read_data", "-s", "3", "3", "4", "eth0"],
+            &["-S", "enable", "-s", "3", "3", "4", "eth0"],
+            &["-S", "nosuch", "-s", "3", "3", "4", "eth0"],
+        ],
+    );
+    same_as_aoetools(
+        &rig,
+        l.path(),
+        "aoecfg",
+        &[
+            &["3", "4", "eth0"],
+            &["-t", "1", "eth0"],
+            &["-c", "test", "-s", CFG, "3", "4", "eth0"],
+            &[
+                "-c",
+                "set",
+                "-s",
+                "another-config-string-0123456789",
+                "3",
+                "4",
+                "eth0",
+            ],
+        ],
+    );
+}
+
+/// aoetools' own aoeping and aoecfg print the same facts against `aoe serve` as against
+/// vblade, apart from what identifies the implementation (serial, firmware, model, MACs,
+/// buffer count, firmware version).
+#[test]
+fn aoetools_see_the_same_facts_from_aoe_serve_and_vblade() {
+    require_tools();
+    let mut seen = Vec::new();
+    for vblade in [true, false] {
+        let mut rig = Rig::new(1500);
+        rig.target(vblade, 5, 6, 8192);
+        let cfg = rig.peer("aoecfg", &["5", "6", "eth0"]);
+        let fields = rig.peer("aoeping", &["-I", "-s", "3", "5", "6", "eth0"]);
+        let fields: Vec<String> = String::from_utf8_lossy(&fields.stdout)
+            .lines()
+            .map(|l| match l.split_once(": ") {
+                Some((k, _)) if ["serial_number", "firmware_rev", "model"].contains(&k) => {
+                    format!("{k}: *")
+                }
+                _ => l.to_string(),
+            })
+            .collect();
+        let hex = rig.peer("aoeping", &["-i", "-s", "3", "5", "6", "eth0"]);
+        let bytes: Vec<u8> = String::from_utf8_lossy(&hex.stdout)
+            .split_whitespace()
+            .filter_map(|w| u8::from_str_radix(w, 16).ok())
+            .collect();
+        assert_eq!(bytes.len(), 512, "{}", text(&hex));
+        let word = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        let lba28 = u32::from(word(60)) | u32::from(word(61)) << 16;
+        let lba48 = (0..4).fold(0u64, |a, i| a | u64::from(word(100 + i)) << (16 * i));
+        seen.push((cfg.stdout, fields, lba28, lba48, word(83) & (1 << 10) != 0));
+    }
+    assert_eq!(seen[0], seen[1], "vblade vs aoe serve as aoetools see them");
+    assert_eq!(seen[0].3, 8192);
+}
+
+// ------------------------------------------------------------------------------------------
+// aoe-stat and the control-file tools, against a running `aoe initiator`.
+
+/// Unmounts the initiator's FUSE root (lazily) and removes the directory.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A control root whose full path contains no `p`: aoetools' aoe-stat drops every path
+/// with one (`grep -v p`, meant for partitions).
+fn root_dir(tag: &str) -> PathBuf {
+    let d = PathBuf::from(format!(
+        "/run/aoeroots/{tag}{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    ));
+    assert!(!d.to_string_lossy().contains('p'));
+    std::fs::create_dir_all(&d).expect("root dir");
+    d
+}
+
+fn their_stat(root: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new("aoe-stat");
+    c.args(args).env("sysfs_dir", root.join("sysfs"));
+    run(c)
+}
+
+fn our_stat(links: &Path, root: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(links.join("aoe-stat"));
+    c.args(args).env("AOE_ROOT", root).env_remove("sysfs_dir");
+    run(c)
+}
+
+fn stats_agree(links: &Path, root: &Path, args: &[&str]) -> String {
+    let theirs = their_stat(root, args);
+    let ours = our_stat(links, root, args);
+    assert_eq!(
+        (theirs.status.code(), &theirs.stdout),
+        (ours.status.code(), &ours.stdout),
+        "aoe-stat {args:?}:\naoetools: {}\nours: {}",
+        text(&theirs),
+        text(&ours)
+    );
+    String::from_utf8_lossy(&ours.stdout).into_owned()
+}
+
+fn attr(root: &Path, dev: &str, name: &str) -> String {
+    std::fs::read_to_string(root.join(format!("sysfs/block/etherd!{dev}/{name}")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn aoe_stat_and_control_tools_against_a_running_initiator() {
+    require_tools();
+    let l = links();
+    let lp = l.path();
+    let mut rig = Rig::new(1500);
+    rig.target(false, 1, 2, 131_072);
+    rig.target(false, 1, 10, 2048);
+    rig.target(true, 7, 0, 8_589_934);
+    let root = root_dir("aoetools");
+    let _mount = Mount(root.clone());
+    let mut cmd = rig.pns.command(AOE);
+    cmd.args(["initiator", "--deadsecs", "3", "--root"])
+        .arg(&root);
+    let mut init = NsChild::spawn_command(cmd).expect("initiator");
+    let r = root.as_path();
+    let ok = wait_until(Duration::from_secs(20), || {
+        our_stat(lp, r, &[]).stdout.split(|&b| b == b'\n').count() == 4
+    });
+    assert!(ok, "devices never appeared:\n{}", init.output_so_far());
+
+    let all = stats_agree(lp, r, &[]);
+    assert!(
+        all.contains("      e1.2         0.067GB       eth0 1024  up"),
+        "{all}"
+    );
+    stats_agree(lp, r, &["e1.1"]);
+    stats_agree(lp, r, &["e7"]);
+    stats_agree(lp, r, &["e1\\.\\(2\\|10\\)"]);
+    stats_agree(lp, r, &["nothing-matches"]);
+
+    let aoe = |args: &[&str]| {
+        let mut c = rig.pns.command(AOE);
+        c.args(args).env("AOE_ROOT", r);
+        run(c)
+    };
+    // --json has the same facts.
+    let j = aoe(&["stat", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&j.stdout).contains(
+            r#"{"device":"e1.2","sectors":131072,"size":"0.067GB","netif":"eth0","payload":1024,"state":"up"}"#
+        ),
+        "{}",
+        text(&j)
+    );
+
+    // aoe-interfaces: show (all allowed), refuse a non-interface, set, show, clear.
+    assert_eq!(aoe(&["interfaces"]).stdout, b"\n");
+    let bad = aoe(&["interfaces", "nosuch0"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"nosuch0\" is not a network interface"));
+    assert!(aoe(&["interfaces", "eth0"]).status.success());
+    assert_eq!(aoe(&["interfaces"]).stdout, b"eth0\n");
+    assert_eq!(
+        aoe(&["interfaces", "--json"]).stdout,
+        b"{\"interfaces\":[\"eth0\"],\"all\":false}\n"
+    );
+    assert!(aoe(&["interfaces", "-c"]).status.success());
+    assert_eq!(aoe(&["interfaces"]).stdout, b"\n");
+
+    // aoe-revalidate: a known device, then an unknown one.
+    assert!(aoe(&["revalidate", "e1.2"]).status.success());
+    let no = aoe(&["revalidate", "e9.9"]);
+    assert_eq!(no.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("no such device"),
+        "{}",
+        text(&no)
+    );
+    assert_eq!(aoe(&["revalidate"]).status.code(), Some(2));
+
+    // aoe-flush NAME forgets just that device; then aoe-discover brings it back.
+    let no = aoe(&["flush", "e9.9"]);
+    assert_eq!(no.status.code(), Some(1), "{}", text(&no));
+    assert!(aoe(&["flush", "e1.10"]).status.success());
+    let after = stats_agree(lp, r, &[]);
+    assert!(
+        !after.contains("e1.10") && after.contains("e1.2"),
+        "{after}"
+    );
+    assert!(aoe(&["discover"]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || attr(
+        r, "e1.10", "state"
+    ) == "up"));
+
+    // A device whose target is gone goes down; aoe-flush without names forgets only it.
+    let mut t = rig.targets.remove(1);
+    t.stop().expect("stop e1.10's target");
+    assert!(
+        wait_until(Duration::from_secs(20), || attr(r, "e1.10", "state")
+            .starts_with("down")),
+        "e1.10 never went down:\n{}",
+        init.output_so_far()
+    );
+    let down = stats_agree(lp, r, &[]);
+    assert!(down.contains("e1.10") && down.contains("down"), "{down}");
+    assert!(aoe(&["flush"]).status.success());
+    let now = stats_agree(lp, r, &[]);
+    assert!(
+        !now.contains("e1.10") && now.contains("e1.2") && now.contains("e7.0"),
+        "{now}"
+    );
+
+    // aoe-flush -a forgets everything: both aoe-stats print nothing and exit 1 (their grep).
+    assert!(aoe(&["flush", "-a"]).status.success());
+    assert!(stats_agree(lp, r, &[]).is_empty());
+
+    // aoe-version names the running initiator.
+    let v = aoe(&["version"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains(" running aoe initiator:\taoe "),
+        "{}",
+        text(&v)
+    );
+    let _ = init.stop();
+}
+
+#[test]
+fn control_tools_name_what_is_wrong() {
+    require_root();
+    let l = links();
+    let missing = "/run/aoeroots/nothing-here";
+    for tool in ["aoe-stat", "aoe-discover", "aoe-flush", "aoe-interfaces"] {
+        let mut c = Command::new(l.path().join(tool));
+        c.env("AOE_ROOT", missing).env_remove("sysfs_dir");
+        let o = run(c);
+        assert_eq!(o.status.code(), Some(1), "{tool}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("no AoE initiator running at"),
+            "{tool}: {}",
+            text(&o)
+        );
+    }
+    for tool in ["aoe-mkdevs", "aoe-mkshelf"] {
+        let o = run(Command::new(l.path().join(tool)));
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not needed"));
+    }
+    let o = run(Command::new(l.path().join("aoeping")));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let mut c = Command::new(AOE);
+    c.args(["ping", "1", "1", "nosuch0", "-s", "1"]);
+    let o = run(c);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a network interface"));
+}
+
+// ------------------------------------------------------------------------------------------
+// aoe-sancheck
+
+/// initiator `eth0` (MTU 9000) -- [bridge: port 9000 | port 1500] -- target `tgt0` (9000).
+/// The target advertises 17 sectors; the switch port drops every frame above 1500 bytes,
+/// so the path carries 2 sectors. Both sanchecks must say so, in the same words.
+#[test]
+fn sancheck_reports_a_path_that_cannot_carry_the_payload() {
+    require_tools();
+    let ins = Netns::new("aoetl-i").expect("netns");
+    let sw = Netns::new("aoetl-s").expect("netns");
+    let tns = Netns::new("aoetl-t").expect("netns");
+    let a = VethPair::new_named(&ins, "eth0", &sw, "sw-i", 9000).expect("veth");
+    let b = VethPair::new_named(&sw, "sw-t", &tns, "tgt0", 9000).expect("veth");
+    sw.ip(&["link", "set", "dev", "sw-t", "mtu", "1500"])
+        .expect("mtu");
+    let br = Bridge::new(&sw).expect("bridge");
+    br.add_port("sw-i").expect("port");
+    br.add_port("sw-t").expect("port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path(), "s.img", 4096);
+    let mut c = Command::new(AOE);
+    c.args(["serve", "4", "2", "tgt0"]).arg(&img);
+    let target = tns.spawn(c).expect("aoe serve");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let theirs = run(ins.command("aoe-sancheck"));
+    let mut c = ins.command(AOE);
+    c.arg("sancheck");
+    let ours = run(c);
+    let t = String::from_utf8_lossy(&theirs.stdout).into_owned();
+    let o = String::from_utf8_lossy(&ours.stdout).into_owned();
+    let mac: String = b.b_mac().iter().map(|x| format!("{x:02x}")).collect();
+    let want = format!("   The path eth0->{mac} is only capable of 1024 byte payloads\n");
+    assert!(o.contains(&want), "ours:\n{o}\n{}", target.output_so_far());
+    assert!(o.contains("e4.2\t   1\t8704\teth0\n"), "ours:\n{o}");
+    assert_eq!(t, o, "aoetools' aoe-sancheck vs ours");
+
+    let mut c = ins.command(AOE);
+    c.args(["sancheck", "--json", "--wait", "2"]);
+    let j = String::from_utf8_lossy(&run(c).stdout).into_owned();
+    assert!(
+        j.contains("\"max_payload\":1024") && j.contains("\"payload\":8704"),
+        "{j}"
+    );
+    drop((a, br));
+}
