@@ -37,7 +37,8 @@ pub enum Cmd {
     Flush(FlushWhich, Sender<Vec<TargetAddr>>),
     /// Restrict AoE to these interfaces (empty: all).
     SetInterfaces(Vec<String>, Sender<Result<(), String>>),
-    /// A device file was opened (true) or closed (false).
+    /// A device file was opened (true) or closed (false). Counted: the device is open while
+    /// any file on it (device or partition, any number of opens) is.
     SetOpen(TargetAddr, bool),
     /// Stop the thread.
     Stop,
@@ -161,6 +162,8 @@ pub struct Net {
     handle: Handle,
     ifaces: Vec<Option<Iface>>,
     pending: HashMap<IoId, Done>,
+    /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
+    opens: HashMap<TargetAddr, u32>,
     buf: Vec<u8>,
     loop_devices: bool,
     root: std::path::PathBuf,
@@ -205,6 +208,7 @@ impl Net {
             handle,
             ifaces: Vec::new(),
             pending: HashMap::new(),
+            opens: HashMap::new(),
             buf: vec![0u8; 9216 + 14],
             loop_devices,
             root,
@@ -412,7 +416,17 @@ impl Net {
                 }
                 let _ = tx.send(r);
             }
-            Cmd::SetOpen(dev, open) => self.engine.set_open(dev, open),
+            Cmd::SetOpen(dev, open) => {
+                let n = self.opens.entry(dev).or_insert(0);
+                *n = if open { *n + 1 } else { n.saturating_sub(1) };
+                let busy = *n > 0;
+                if !busy {
+                    self.opens.remove(&dev);
+                }
+                // Idempotent in the engine; repeating it also covers a device that appeared
+                // after the first open.
+                self.engine.set_open(dev, busy);
+            }
             Cmd::Stop => {}
         }
     }
