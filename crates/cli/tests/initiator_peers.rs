@@ -22,8 +22,9 @@
 //!
 //! Per target (MTU 1500): `control_*`: `interfaces` (refuses an unknown name, restricts
 //! discovery to the named interfaces), `flush` (skips an open device, removes a closed one;
-//! the empty write keeps an up device), `revalidate` (a target restarted over a grown file:
-//! the new size shows), and bad names refused.
+//! the empty write keeps an up device), partitions (an MBR written through `eX.Y` shows
+//! `eX.Yp1`/`p2` of the right sizes at the right offsets), `revalidate` (a target
+//! restarted over a grown file: the new size shows), and bad names refused.
 //!
 //! aoetools' `aoe-stat` drops every path containing the letter `p`, so ROOT lives under
 //! `/run/aoeroots/` with a name checked to have no `p` (a temp dir under /tmp would not do).
@@ -481,6 +482,11 @@ fn data_path(kind: Target, mtu: u32) {
         rig.logs()
     );
 
+    eprintln!(
+        "{kind:?} mtu {mtu}: up {:?} after `echo > discover`",
+        t0.elapsed()
+    );
+
     // Whole-device checksum.
     assert_eq!(
         sha256(&dev),
@@ -489,7 +495,10 @@ fn data_path(kind: Target, mtu: u32) {
     );
 
     // Pattern writes: aligned; unaligned and short; unaligned and longer than a frame's
-    // payload (several frames, partial first and last sectors); and the last bytes.
+    // payload (several frames, partial first and last sectors); and the last bytes. The
+    // fsync is the regression check for FLUSH CACHE EXT, which vblade aborts (it advertises
+    // only FLUSH CACHE): fsync failed with EIO against vblade until the initiator chose the
+    // command from IDENTIFY.
     let payload = payload_for(mtu);
     let writes: [(u64, usize); 4] = [
         (8 << 20, 64 << 10),
@@ -719,11 +728,14 @@ fn dead_target(kind: Target, mtu: u32) {
     }
     let before = sha256(&rig.file);
 
+    // Held open across the failure: the state shows it (`down,closewait`, PROTOCOL.md 2.7).
+    let held = File::open(&dev).unwrap();
     rig.kill_target();
     // The initiator notices only when I/O goes unanswered: this read waits deadsecs.
     let t0 = Instant::now();
     let r = read_at(&dev, 7 << 20, 4096);
     let waited = t0.elapsed();
+    eprintln!("{kind:?} mtu {mtu}: EIO {waited:?} after the target died");
     match &r {
         Err(e) if is_eio(e) => {}
         other => panic!("read from a dead target: {other:?}, want EIO{}", rig.logs()),
@@ -732,6 +744,12 @@ fn dead_target(kind: Target, mtu: u32) {
         waited >= Duration::from_secs(DEADSECS - 1) && waited < Duration::from_secs(DEADSECS + 5),
         "EIO after {waited:?}, deadsecs is {DEADSECS}"
     );
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("down,closewait"),
+        "while held open"
+    );
+    drop(held);
     assert!(
         wait_until(Duration::from_secs(2), || rig.state().as_deref()
             == Some("down")),
@@ -847,6 +865,11 @@ fn control_files(kind: Target) {
         "empty flush removed an up device"
     );
     let held = File::open(&dev).unwrap();
+    // Regression: another open and close of the device (a read, as `sha256sum eX.Y` next to
+    // a mounted loop device would do) used to clear the open flag, so `flush all` removed a
+    // device that was still held.
+    drop(read_at(&dev, 0, 512).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
     rig.echo_ok("flush", "all");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -870,6 +893,57 @@ fn control_files(kind: Target) {
         .state()
         .as_deref()
         == Some("up")));
+
+    // Partitions: an MBR written through eX.Y is found when the device comes back; eX.YpN
+    // are windows onto the device at the partitions' offsets.
+    let parts: [(u64, u64); 2] = [(2048, 8192), (10240, 20480)];
+    {
+        let f = OpenOptions::new().write(true).open(&dev).unwrap();
+        f.write_all_at(&mbr(&parts), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    rig.echo_ok("flush", DEV);
+    assert!(wait_until(Duration::from_secs(2), || rig.state().is_none()));
+    rig.echo_ok("discover", "");
+    let p2 = rig.root.join(format!("{DEV}p2"));
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::metadata(&p2)
+            .is_ok_and(|m| m.len() == parts[1].1 * 512)),
+        "{DEV}p2 missing or of the wrong size{}",
+        rig.logs()
+    );
+    assert_eq!(
+        fs::metadata(rig.root.join(format!("{DEV}p1")))
+            .unwrap()
+            .len(),
+        parts[0].1 * 512
+    );
+    let data = pattern(500, 3000);
+    {
+        let f = OpenOptions::new().write(true).open(&p2).unwrap();
+        f.write_all_at(&data, 1234).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut got = vec![0u8; data.len()];
+    File::open(&rig.file)
+        .unwrap()
+        .read_exact_at(&mut got, parts[1].0 * 512 + 1234)
+        .unwrap();
+    assert!(
+        got == data,
+        "write to {DEV}p2 not at the partition's offset"
+    );
+    assert_eq!(read_at(&p2, 1234, data.len()).unwrap(), data);
+    let e = OpenOptions::new()
+        .write(true)
+        .open(&p2)
+        .and_then(|f| f.write_all_at(&[0; 512], parts[1].1 * 512))
+        .unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(28),
+        "write past the partition's end: {e}"
+    );
 
     // revalidate: the target restarted over a grown file; the new size shows.
     let grown = SECTORS + 8 * 2048;
@@ -917,6 +991,23 @@ fn control_files(kind: Target) {
         "err lines:\n{err}"
     );
     assert!(err.contains("interfaces: nosuch0"), "err lines:\n{err}");
+}
+
+/// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
+fn mbr(parts: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    for (i, &(start, sectors)) in parts.iter().enumerate() {
+        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
+        // status, CHS first (unused: 0xfeffff), type 0x83, CHS last, LBA start, sectors
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&(start as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    }
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
 }
 
 // ------------------------------------------------------------------------------------------
