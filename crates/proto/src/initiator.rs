@@ -619,8 +619,18 @@ struct Op {
     sectors: u64,
     /// Sectors handed to frames so far.
     issued: u64,
+    /// (offset, sectors) ranges taken back from frames too large for the path they were to
+    /// be retransmitted on (its MTU shrank under them); sent again before `issued` moves.
+    reissue: Vec<(u64, u64)>,
     /// Frames sent and not answered.
     frames_out: u32,
+}
+
+impl Op {
+    /// True while some of the op's sectors still wait for a frame.
+    fn unsent(&self) -> bool {
+        self.issued < self.sectors || !self.reissue.is_empty()
+    }
 }
 
 /// One frame outstanding, keyed by its tag (the driver's `struct frame`).
@@ -1167,6 +1177,7 @@ impl Engine {
                 lba,
                 sectors,
                 issued: 0,
+                reissue: Vec::new(),
                 frames_out: 0,
             },
         );
@@ -1202,20 +1213,31 @@ impl Engine {
             let Some(ti) = d.pick_target() else {
                 return;
             };
-            // (sector count, sectors of the op this frame covers)
-            let (count, covers) = match op.kind {
-                OpKind::Read(_) | OpKind::Write(_) => {
-                    let n = (op.sectors - op.issued).min(d.payload as u64);
-                    (n as u8, n)
+            let payload = d.payload as u64;
+            // (offset within the op, sector count)
+            let (offset, count) = match (op.reissue.last_mut(), &op.kind) {
+                (Some(r), _) => {
+                    let n = r.1.min(payload);
+                    let offset = r.0;
+                    *r = (r.0 + n, r.1 - n);
+                    if r.1 == 0 {
+                        op.reissue.pop();
+                    }
+                    (offset, n as u8)
+                }
+                (None, OpKind::Read(_) | OpKind::Write(_)) => {
+                    let n = (op.sectors - op.issued).min(payload);
+                    op.issued += n;
+                    (op.issued - n, n as u8)
                 }
                 // IDENTIFY returns one sector; FLUSH CACHE moves none.
-                OpKind::Identify | OpKind::Probe => (1, op.sectors),
-                OpKind::Flush => (0, op.sectors),
+                (None, kind) => {
+                    op.issued = op.sectors;
+                    (0, u8::from(!matches!(kind, OpKind::Flush)))
+                }
             };
-            let offset = op.issued;
-            op.issued += covers;
             op.frames_out += 1;
-            if op.issued >= op.sectors {
+            if !op.unsent() {
                 d.queue.pop_front();
             }
             self.send_new(now, addr, op_id, ti, offset, count);
@@ -1405,6 +1427,26 @@ impl Engine {
                 d.stats.ata_errors += 1;
             }
         }
+        // A data frame sized before the MTU shrank, refused by a target that now checks its
+        // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
+        // a media error. Its sectors go out again in frames that fit.
+        let data_op = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_)));
+        let payload = self.devices.get(&addr).map_or(0, |d| d.payload);
+        if failed && data_op && f.count > payload && payload > 0 {
+            if let Some(op) = self.ops.get_mut(&f.op) {
+                op.frames_out = op.frames_out.saturating_sub(1);
+            }
+            self.reissue(addr, f.op, f.offset, f.count as u64);
+            self.log(format!(
+                "{addr}: {}-sector frame tag {:08x} refused after the payload shrank to {payload}; resent in new frames",
+                f.count, h.tag.0
+            ));
+            self.pump(now, addr);
+            return;
+        }
         let result = match h.error {
             Some(code) => Err(IoError::Aoe(code)),
             None if failed => Err(IoError::Ata {
@@ -1464,7 +1506,7 @@ impl Engine {
             }
             OpKind::Write(_) | OpKind::Flush => {}
         }
-        if op.frames_out == 0 && op.issued >= op.sectors {
+        if op.frames_out == 0 && !op.unsent() {
             self.finish_op(f.op, Ok(()));
         }
     }
@@ -1662,7 +1704,8 @@ impl Engine {
             t.max_nout = t.max_nout.max(t.nout);
         }
         let t = &mut d.targets[new_ti];
-        let iface = t.paths[t.next_path % t.paths.len()].iface;
+        let path = &t.paths[t.next_path % t.paths.len()];
+        let (iface, path_sectors) = (path.iface, path.sectors);
         t.next_path = t.next_path.wrapping_add(1);
         let rto = backoff(t.rto(&cfg), f.retransmits + 1, cfg.rto_max);
         let mac = t.mac;
@@ -1674,7 +1717,7 @@ impl Engine {
             .get(&iface)
             .map(|i| i.mac)
             .unwrap_or_default();
-        let nf = Outstanding {
+        let mut nf = Outstanding {
             target: mac,
             iface,
             sent: now,
@@ -1682,6 +1725,19 @@ impl Engine {
             retransmits: f.retransmits + 1,
             ..f
         };
+        // The path's MTU shrank since the frame was sized (or it moves to a path with a
+        // smaller one): resent whole, neither the request (a write) nor the answer (a read)
+        // would fit, and it would time out for ever. Keep what fits; the rest goes back to
+        // the op and out in new frames as the window allows. (The Linux driver resends the
+        // frame unchanged.)
+        if nf.count > path_sectors {
+            let rest = (nf.count - path_sectors) as u64;
+            self.reissue(addr, f.op, nf.offset + path_sectors as u64, rest);
+            nf.count = path_sectors;
+            logs.push(format!(
+                "{addr}: {rest} sectors of tag {tag:08x} resent in new frames ({path_sectors} fit if {iface})"
+            ));
+        }
         for l in logs {
             self.log(l);
         }
@@ -1694,6 +1750,19 @@ impl Engine {
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
+    }
+
+    /// Hands sectors `offset..offset + sectors` of op `id` back to be sent again in frames
+    /// of the device's current payload, ahead of the ops queued behind it.
+    fn reissue(&mut self, addr: TargetAddr, id: u64, offset: u64, sectors: u64) {
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.reissue.push((offset, sectors));
+        }
+        if let Some(d) = self.devices.get_mut(&addr) {
+            if !d.queue.contains(&id) {
+                d.queue.push_front(id);
+            }
+        }
     }
 
     fn release_slot(&mut self, f: &Outstanding) {
@@ -1730,6 +1799,7 @@ impl Engine {
                     lba: 0,
                     sectors: 1,
                     issued: 1,
+                    reissue: Vec::new(),
                     frames_out: 1,
                 },
             );

@@ -573,6 +573,134 @@ fn mtu_9000_gives_17_sector_payload() {
     assert_eq!(e.device(DEV).unwrap().payload, 1024);
 }
 
+/// The LBA of an LBA48 ATA request frame.
+fn req_lba(f: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&f[28..34]);
+    u64::from_le_bytes(b)
+}
+
+/// Frames in flight when the MTU shrinks (a target such as vblade then cannot send the
+/// answer to a 2-sector read) are resent with what fits the path; the rest goes out in new
+/// frames, and the read completes with every sector in its place.
+#[test]
+fn retransmit_after_mtu_shrink_splits_the_frame() {
+    let (mut e, t0) = up_engine(1000, true);
+    let id = e
+        .submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 10,
+                sectors: 4,
+            },
+        )
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    assert_eq!(
+        tx.iter().map(|(_, f)| f[26]).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    e.add_interface(0, "eth0", HOST, 1000);
+    assert_eq!(e.device(DEV).unwrap().payload, 512);
+    // The 2-sector frames are never answered: they time out and come back one sector
+    // long; from then on every frame is answered, including those the answers let out.
+    let now = e.poll_timeout().unwrap();
+    e.handle_timeout(now);
+    let mut seen = Vec::new();
+    let mut tx = drain(&mut e, now);
+    let mut done = None;
+    while !tx.is_empty() {
+        for (_, f) in &tx {
+            assert_eq!(f[26], 1, "a frame larger than the path: {f:02x?}");
+            let lba = req_lba(f);
+            seen.push(lba);
+            let data = [lba as u8; 512];
+            e.handle_frame(now, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
+        }
+        tx = drain(&mut e, now);
+        for ev in events(&mut e) {
+            if let Event::Completed { id: got, result } = ev {
+                assert_eq!(got, id);
+                done = Some(result);
+            }
+        }
+    }
+    let data = done.expect("read completed").expect("read ok").unwrap();
+    let want: Vec<u8> = (10u8..14).flat_map(|l| [l; 512]).collect();
+    assert!(data == want, "sectors out of place");
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, vec![10, 11, 12, 13]);
+    assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 0);
+}
+
+/// A target that checks the sector count against its new, smaller MTU aborts the frames
+/// sized before the change (`aoe serve` does): their sectors are sent again in frames that
+/// fit, and the read succeeds. An abort of a frame that fits still fails the op.
+#[test]
+fn abort_of_a_frame_sized_before_the_mtu_shrank_resends_it() {
+    let (mut e, t0) = up_engine(1000, true);
+    let id = e
+        .submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 20,
+                sectors: 4,
+            },
+        )
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx.len(), 2);
+    e.add_interface(0, "eth0", HOST, 1000);
+    for (_, f) in &tx {
+        e.handle_frame(t0, 0, &ata_rsp(f, TMAC, 0x41, error_bits::ABRT, &[]));
+    }
+    assert!(
+        !events(&mut e)
+            .iter()
+            .any(|ev| matches!(ev, Event::Completed { .. })),
+        "the read failed on an abort caused by the MTU change"
+    );
+    let mut tx = drain(&mut e, t0);
+    let mut lbas = Vec::new();
+    let mut done = None;
+    while !tx.is_empty() {
+        for (_, f) in &tx {
+            assert_eq!(f[26], 1, "a frame larger than the path");
+            lbas.push(req_lba(f));
+            let data = [req_lba(f) as u8; 512];
+            e.handle_frame(t0, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
+        }
+        tx = drain(&mut e, t0);
+        for ev in events(&mut e) {
+            if let Event::Completed { id: got, result } = ev {
+                assert_eq!(got, id);
+                done = Some(result);
+            }
+        }
+    }
+    lbas.sort_unstable();
+    assert_eq!(lbas, vec![20, 21, 22, 23]);
+    let want: Vec<u8> = (20u8..24).flat_map(|l| [l; 512]).collect();
+    assert!(done.expect("completed").expect("read ok").unwrap() == want);
+
+    // A 1-sector frame aborted at payload 1 is a real error.
+    let id = e
+        .submit(t0, DEV, BlockOp::Read { lba: 5, sectors: 1 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, 0x41, error_bits::ABRT, &[]));
+    assert!(events(&mut e).contains(&Event::Completed {
+        id,
+        result: Err(IoError::Ata {
+            status: 0x41,
+            error: error_bits::ABRT
+        })
+    }));
+}
+
 #[test]
 fn mtu_too_small_for_a_sector_takes_device_down() {
     let (mut e, t0) = up_engine(1000, true);
