@@ -40,7 +40,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+use aoe_testkit::{require_root, wait_until, End, Netns, NsChild, VethPair};
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 const SHELF: u16 = 7;
@@ -408,6 +408,45 @@ impl Rig {
             .collect()
     }
 
+    /// True while something is mounted on ROOT (field 5 of /proc/self/mountinfo).
+    fn root_mounted(&self) -> bool {
+        let root = self.root.to_string_lossy();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*root))
+    }
+
+    /// The normal end of a test: SIGTERM stops the initiator cleanly (exit status 0 within
+    /// the 5 s NsChild::stop allows before SIGKILL), it unmounts ROOT and detaches the loop
+    /// devices it attached by itself. Drop then does the rest.
+    fn finish(mut self) {
+        assert!(
+            self.mounts.is_empty(),
+            "a test left {:?} mounted",
+            self.mounts
+        );
+        assert!(self.root_mounted(), "ROOT not mounted before the stop");
+        let mut init = self.initiator.take().expect("initiator running");
+        let t0 = Instant::now();
+        let status = init.stop().expect("stop the initiator");
+        assert!(
+            status.success(),
+            "aoe initiator after SIGTERM: {status} ({:?}):\n{}",
+            t0.elapsed(),
+            init.output_so_far()
+        );
+        assert!(
+            !self.root_mounted(),
+            "ROOT still mounted after the initiator stopped"
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || self.loops().is_empty()),
+            "loop devices left over ROOT: {:?}",
+            self.loops()
+        );
+    }
+
     /// Undoes everything a test may have left: ext4 mounts, loop devices, initiator (its
     /// SIGTERM unmounts ROOT), target, then the mount and ROOT itself.
     fn cleanup(&mut self) {
@@ -602,6 +641,7 @@ fn data_path(kind: Target, mtu: u32) {
         rig.logs()
     );
     assert!(err.contains(&format!("{DEV} v")) && err.contains(&format!("has {SECTORS} sectors")));
+    rig.finish();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -701,6 +741,7 @@ fn ext4_over_loop(kind: Target, mtu: u32) {
         err.contains(&format!("{DEV} attached to {lo}")),
         "err lines:\n{err}"
     );
+    rig.finish();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -793,6 +834,7 @@ fn dead_target(kind: Target, mtu: u32) {
     assert_eq!(sha256(&rig.file), before, "backing file changed while down");
     assert_eq!(sha256(&dev), before, "sha256 of {DEV} after recovery");
     assert_eq!(read_at(&dev, 3 << 20, mark.len()).unwrap(), mark);
+    rig.finish();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -854,7 +896,68 @@ fn control_files(kind: Target) {
         rig.logs()
     );
     assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
+
+    // Taking the device's only interface away puts it down at once (no path left: reads
+    // fail without waiting for deadsecs); giving it back brings it up with no `discover`
+    // (a new interface gets a broadcast query).
+    rig.echo_ok("interfaces", &spare);
+    assert!(
+        wait_until(Duration::from_secs(1), || rig.state().as_deref()
+            == Some("down")),
+        "state {:?} with the device's interface removed{}",
+        rig.state(),
+        rig.logs()
+    );
+    let t0 = Instant::now();
+    let r = read_at(&dev, 0, 512);
+    assert!(
+        matches!(&r, Err(e) if is_eio(e)),
+        "read without a path: {r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(1));
     rig.echo_ok("interfaces", &rig.init_if.clone());
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.state().as_deref()
+            == Some("up")),
+        "state {:?} with the interface back{}",
+        rig.state(),
+        rig.logs()
+    );
+
+    // The initiator's MTU lowered under a running device: after `discover` (which rescans
+    // interfaces) frames carry one sector, and I/O still works. vblade exits on any failed
+    // send (a reply over the MTU, or one the peer's veth drops: ENOBUFS), so nothing may be
+    // in flight when the MTU changes: a direct read, queued behind the partition scan that
+    // follows `up`, completes only once the scan's frames are answered. (The engine resends
+    // frames caught by an MTU change in pieces that fit; its unit tests cover that.)
+    run_ok(Command::new("timeout").args(["-k", "5", "30", "dd"]).args([
+        &format!("if={}", dev.display()),
+        "of=/dev/null",
+        "bs=512",
+        "count=1",
+        "skip=1000",
+        "iflag=direct",
+        "status=none",
+    ]));
+    rig.veth.set_end_mtu(End::B, 1000).unwrap();
+    rig.echo_ok("discover", "");
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
+            == Some("512")),
+        "payload {:?} at MTU 1000{}",
+        rig.attr("payload"),
+        rig.logs()
+    );
+    assert_eq!(sha256(&dev), sha256(&rig.file), "sha256 at MTU 1000");
+    rig.veth.set_end_mtu(End::B, 1500).unwrap();
+    rig.echo_ok("discover", "");
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
+            == Some("1024")),
+        "payload {:?} back at MTU 1500{}",
+        rig.attr("payload"),
+        rig.logs()
+    );
 
     // flush: the empty write removes only down devices; `all` skips open ones.
     rig.echo_ok("flush", "");
@@ -991,6 +1094,7 @@ fn control_files(kind: Target) {
         "err lines:\n{err}"
     );
     assert!(err.contains("interfaces: nosuch0"), "err lines:\n{err}");
+    rig.finish();
 }
 
 /// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
@@ -1008,6 +1112,94 @@ fn mbr(parts: &[(u64, u64)]) -> Vec<u8> {
     b[510] = 0x55;
     b[511] = 0xaa;
     b
+}
+
+// ------------------------------------------------------------------------------------------
+// SIGTERM with I/O in flight
+
+/// SIGTERM while a read waits on a dead target (deadsecs 60): the daemon fails the read,
+/// exits 0 and unmounts ROOT; the reader gets an error in seconds, not after deadsecs.
+#[test]
+fn sigterm_with_io_blocked_on_a_dead_target() {
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            deadsecs: Some(60),
+            ..InitOpts::default()
+        },
+    );
+    rig.kill_target();
+    let dev = rig.dev();
+    let reader = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = read_at(&dev, 1 << 20, 4096);
+        (r, t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the dead target"
+    );
+    rig.finish();
+    let (r, took) = reader.join().unwrap();
+    assert!(r.is_err(), "read from a dead target after SIGTERM: {r:?}");
+    assert!(took < Duration::from_secs(10), "the read took {took:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// MTU lowered with I/O in flight
+
+/// Both ends' MTU lowered while 2-sector reads wait at the target (stopped with SIGSTOP, so
+/// they are surely in flight): its 1060-byte answers no longer fit and are lost (or, once it
+/// has seen the new MTU, it aborts the requests); after `discover` the initiator resends
+/// those frames in 1-sector pieces and the read completes with the right bytes. Only
+/// against `aoe serve`: vblade exits on the first failed send.
+#[test]
+fn mtu_lowered_under_reads_in_flight() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let dev = rig.dev();
+    let pid = rig.target.as_ref().unwrap().pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    let reader = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            run(Command::new("timeout").args(["-k", "5", "60", "dd"]).args([
+                &format!("if={}", dev.display()),
+                "bs=64k",
+                "count=4",
+                "skip=8",
+                "iflag=direct",
+                "status=none",
+            ]))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    rig.veth.set_mtu(1000).unwrap();
+    rig.echo_ok("discover", "");
+    assert!(
+        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
+            == Some("512")),
+        "payload {:?} at MTU 1000{}",
+        rig.attr("payload"),
+        rig.logs()
+    );
+    run_ok(Command::new("kill").args(["-CONT", &pid]));
+    let out = reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "read across the MTU change: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        rig.logs()
+    );
+    let want = &pattern(1, (SECTORS * 512) as usize)[512 << 10..768 << 10];
+    assert!(out.stdout == want, "wrong bytes read across the MTU change");
+    let err = rig.err_lines(1);
+    assert!(
+        err.contains("resent in new frames"),
+        "no frame was split:\n{err}"
+    );
+    rig.finish();
 }
 
 // ------------------------------------------------------------------------------------------

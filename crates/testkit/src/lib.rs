@@ -398,11 +398,18 @@ impl VethPair {
 
     /// Sets the MTU of both ends (`ip link set ... mtu`).
     pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
-        let mtu = mtu.to_string();
         for end in [End::A, End::B] {
-            self.ip(end, &["link", "set", "dev", self.name(end), "mtu", &mtu])?;
+            self.set_end_mtu(end, mtu)?;
         }
         Ok(())
+    }
+
+    /// Sets the MTU of one end only. The other end still sends larger frames; the kernel
+    /// drops those on arrival, as a switch drops frames over a port's MTU.
+    pub fn set_end_mtu(&self, end: End, mtu: u32) -> io::Result<()> {
+        let mtu = mtu.to_string();
+        self.ip(end, &["link", "set", "dev", self.name(end), "mtu", &mtu])
+            .map(drop)
     }
 
     /// Brings `end` up or down. Taking one end down also takes the carrier of the other away
