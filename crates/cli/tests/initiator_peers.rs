@@ -344,6 +344,34 @@ impl Rig {
         self.attr("state")
     }
 
+    /// Waits up to `within` for attribute `name` to read `want`; panics otherwise, saying
+    /// `when` and with the logs.
+    fn wait_attr(&self, name: &str, want: &str, within: Duration, when: &str) {
+        assert!(
+            wait_until(within, || self.attr(name).as_deref() == Some(want)),
+            "{name} {:?} {when}, want {want}{}",
+            self.attr(name),
+            self.logs()
+        );
+    }
+
+    fn wait_state(&self, want: &str, within: Duration, when: &str) {
+        self.wait_attr("state", want, within, when);
+    }
+
+    /// A read of the device, which must fail with EIO at once (in under a second), as it
+    /// does while the device is down.
+    fn assert_prompt_eio(&self, len: usize, when: &str) {
+        let t0 = Instant::now();
+        let r = read_at(&self.dev(), 0, len);
+        assert!(matches!(&r, Err(e) if is_eio(e)), "read {when}: {r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "EIO {when} took {:?}",
+            t0.elapsed()
+        );
+    }
+
     /// Writes `text` to a control file the way a shell's `echo TEXT > ROOT/NAME` does.
     fn echo(&self, name: &str, text: &str) -> Output {
         run(Command::new("timeout")
@@ -791,25 +819,9 @@ fn dead_target(kind: Target, mtu: u32) {
         "while held open"
     );
     drop(held);
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.state().as_deref()
-            == Some("down")),
-        "state {:?} after the target died{}",
-        rig.state(),
-        rig.logs()
-    );
+    rig.wait_state("down", Duration::from_secs(2), "after the target died");
     // Down: reads fail at once.
-    let t0 = Instant::now();
-    let r = read_at(&dev, 0, 4096);
-    assert!(
-        matches!(&r, Err(e) if is_eio(e)),
-        "read from a down device: {r:?}"
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(1),
-        "EIO took {:?}",
-        t0.elapsed()
-    );
+    rig.assert_prompt_eio(4096, "from a down device");
     let w = OpenOptions::new()
         .write(true)
         .open(&dev)
@@ -824,13 +836,7 @@ fn dead_target(kind: Target, mtu: u32) {
     // Back: target restarted, `discover` written.
     rig.start_target();
     rig.echo_ok("discover", "");
-    assert!(
-        wait_until(Duration::from_secs(3), || rig.state().as_deref()
-            == Some("up")),
-        "state {:?} after the target came back{}",
-        rig.state(),
-        rig.logs()
-    );
+    rig.wait_state("up", Duration::from_secs(3), "after the target came back");
     assert_eq!(sha256(&rig.file), before, "backing file changed while down");
     assert_eq!(sha256(&dev), before, "sha256 of {DEV} after recovery");
     assert_eq!(read_at(&dev, 3 << 20, mark.len()).unwrap(), mark);
@@ -889,11 +895,10 @@ fn control_files(kind: Target) {
         format!("{} {spare}\n", rig.init_if)
     );
     rig.echo_ok("discover", "");
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.state().as_deref()
-            == Some("up")),
-        "{DEV} not found after interfaces were widened{}",
-        rig.logs()
+    rig.wait_state(
+        "up",
+        Duration::from_secs(2),
+        "after interfaces were widened",
     );
     assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
 
@@ -901,28 +906,14 @@ fn control_files(kind: Target) {
     // fail without waiting for deadsecs); giving it back brings it up with no `discover`
     // (a new interface gets a broadcast query).
     rig.echo_ok("interfaces", &spare);
-    assert!(
-        wait_until(Duration::from_secs(1), || rig.state().as_deref()
-            == Some("down")),
-        "state {:?} with the device's interface removed{}",
-        rig.state(),
-        rig.logs()
+    rig.wait_state(
+        "down",
+        Duration::from_secs(1),
+        "with the device's interface removed",
     );
-    let t0 = Instant::now();
-    let r = read_at(&dev, 0, 512);
-    assert!(
-        matches!(&r, Err(e) if is_eio(e)),
-        "read without a path: {r:?}"
-    );
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    rig.assert_prompt_eio(512, "without a path");
     rig.echo_ok("interfaces", &rig.init_if.clone());
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.state().as_deref()
-            == Some("up")),
-        "state {:?} with the interface back{}",
-        rig.state(),
-        rig.logs()
-    );
+    rig.wait_state("up", Duration::from_secs(2), "with the interface back");
 
     // The initiator's MTU lowered under a running device: after `discover` (which rescans
     // interfaces) frames carry one sector, and I/O still works. vblade exits on any failed
@@ -941,22 +932,15 @@ fn control_files(kind: Target) {
     ]));
     rig.veth.set_end_mtu(End::B, 1000).unwrap();
     rig.echo_ok("discover", "");
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
-            == Some("512")),
-        "payload {:?} at MTU 1000{}",
-        rig.attr("payload"),
-        rig.logs()
-    );
+    rig.wait_attr("payload", "512", Duration::from_secs(2), "at MTU 1000");
     assert_eq!(sha256(&dev), sha256(&rig.file), "sha256 at MTU 1000");
     rig.veth.set_end_mtu(End::B, 1500).unwrap();
     rig.echo_ok("discover", "");
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
-            == Some("1024")),
-        "payload {:?} back at MTU 1500{}",
-        rig.attr("payload"),
-        rig.logs()
+    rig.wait_attr(
+        "payload",
+        "1024",
+        Duration::from_secs(2),
+        "back at MTU 1500",
     );
 
     // flush: the empty write removes only down devices; `all` skips open ones.
@@ -1177,13 +1161,7 @@ fn mtu_lowered_under_reads_in_flight() {
     std::thread::sleep(Duration::from_millis(300));
     rig.veth.set_mtu(1000).unwrap();
     rig.echo_ok("discover", "");
-    assert!(
-        wait_until(Duration::from_secs(2), || rig.attr("payload").as_deref()
-            == Some("512")),
-        "payload {:?} at MTU 1000{}",
-        rig.attr("payload"),
-        rig.logs()
-    );
+    rig.wait_attr("payload", "512", Duration::from_secs(2), "at MTU 1000");
     run_ok(Command::new("kill").args(["-CONT", &pid]));
     let out = reader.join().unwrap();
     assert!(

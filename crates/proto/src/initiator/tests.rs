@@ -580,21 +580,46 @@ fn req_lba(f: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Frames in flight when the MTU shrinks (a target such as vblade then cannot send the
-/// answer to a 2-sector read) are resent with what fits the path; the rest goes out in new
-/// frames, and the read completes with every sector in its place.
-#[test]
-fn retransmit_after_mtu_shrink_splits_the_frame() {
+/// How an op completes: the data read (None for other ops), or the error.
+type IoResult = Result<Option<Vec<u8>>, IoError>;
+
+/// Answers the frames `tx` and every frame those answers let out, each with its LBA's low
+/// byte in all its data, checking that none asks for more than one sector. Returns the LBAs
+/// asked for, sorted, and how op `id` completed.
+fn answer_one_sector_frames(
+    e: &mut Engine,
+    now: Instant,
+    mut tx: Vec<(usize, Vec<u8>)>,
+    id: IoId,
+) -> (Vec<u64>, Option<IoResult>) {
+    let mut lbas = Vec::new();
+    let mut done = None;
+    while !tx.is_empty() {
+        for (_, f) in &tx {
+            assert_eq!(f[26], 1, "a frame larger than the path: {f:02x?}");
+            let lba = req_lba(f);
+            lbas.push(lba);
+            let data = [lba as u8; 512];
+            e.handle_frame(now, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
+        }
+        tx = drain(e, now);
+        for ev in events(e) {
+            if let Event::Completed { id: got, result } = ev {
+                assert_eq!(got, id);
+                done = Some(result);
+            }
+        }
+    }
+    lbas.sort_unstable();
+    (lbas, done)
+}
+
+/// A 4-sector read from `lba` sent as two 2-sector frames, then the MTU lowered to 1000
+/// (one sector per frame) under them. Returns the engine, the op and the two frames.
+fn read_in_flight_at_mtu_shrink(lba: u64) -> (Engine, Instant, IoId, Vec<(usize, Vec<u8>)>) {
     let (mut e, t0) = up_engine(1000, true);
     let id = e
-        .submit(
-            t0,
-            DEV,
-            BlockOp::Read {
-                lba: 10,
-                sectors: 4,
-            },
-        )
+        .submit(t0, DEV, BlockOp::Read { lba, sectors: 4 })
         .unwrap();
     let tx = drain(&mut e, t0);
     assert_eq!(
@@ -603,35 +628,25 @@ fn retransmit_after_mtu_shrink_splits_the_frame() {
     );
     e.add_interface(0, "eth0", HOST, 1000);
     assert_eq!(e.device(DEV).unwrap().payload, 512);
+    (e, t0, id, tx)
+}
+
+/// Frames in flight when the MTU shrinks (a target such as vblade then cannot send the
+/// answer to a 2-sector read) are resent with what fits the path; the rest goes out in new
+/// frames, and the read completes with every sector in its place.
+#[test]
+fn retransmit_after_mtu_shrink_splits_the_frame() {
+    let (mut e, _, id, _) = read_in_flight_at_mtu_shrink(10);
     // The 2-sector frames are never answered: they time out and come back one sector
     // long; from then on every frame is answered, including those the answers let out.
     let now = e.poll_timeout().unwrap();
     e.handle_timeout(now);
-    let mut seen = Vec::new();
-    let mut tx = drain(&mut e, now);
-    let mut done = None;
-    while !tx.is_empty() {
-        for (_, f) in &tx {
-            assert_eq!(f[26], 1, "a frame larger than the path: {f:02x?}");
-            let lba = req_lba(f);
-            seen.push(lba);
-            let data = [lba as u8; 512];
-            e.handle_frame(now, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
-        }
-        tx = drain(&mut e, now);
-        for ev in events(&mut e) {
-            if let Event::Completed { id: got, result } = ev {
-                assert_eq!(got, id);
-                done = Some(result);
-            }
-        }
-    }
+    let tx = drain(&mut e, now);
+    let (lbas, done) = answer_one_sector_frames(&mut e, now, tx, id);
     let data = done.expect("read completed").expect("read ok").unwrap();
     let want: Vec<u8> = (10u8..14).flat_map(|l| [l; 512]).collect();
     assert!(data == want, "sectors out of place");
-    seen.sort_unstable();
-    seen.dedup();
-    assert_eq!(seen, vec![10, 11, 12, 13]);
+    assert_eq!(lbas, vec![10, 11, 12, 13]);
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 0);
 }
 
@@ -640,20 +655,7 @@ fn retransmit_after_mtu_shrink_splits_the_frame() {
 /// fit, and the read succeeds. An abort of a frame that fits still fails the op.
 #[test]
 fn abort_of_a_frame_sized_before_the_mtu_shrank_resends_it() {
-    let (mut e, t0) = up_engine(1000, true);
-    let id = e
-        .submit(
-            t0,
-            DEV,
-            BlockOp::Read {
-                lba: 20,
-                sectors: 4,
-            },
-        )
-        .unwrap();
-    let tx = drain(&mut e, t0);
-    assert_eq!(tx.len(), 2);
-    e.add_interface(0, "eth0", HOST, 1000);
+    let (mut e, t0, id, tx) = read_in_flight_at_mtu_shrink(20);
     for (_, f) in &tx {
         e.handle_frame(t0, 0, &ata_rsp(f, TMAC, 0x41, error_bits::ABRT, &[]));
     }
@@ -663,25 +665,8 @@ fn abort_of_a_frame_sized_before_the_mtu_shrank_resends_it() {
             .any(|ev| matches!(ev, Event::Completed { .. })),
         "the read failed on an abort caused by the MTU change"
     );
-    let mut tx = drain(&mut e, t0);
-    let mut lbas = Vec::new();
-    let mut done = None;
-    while !tx.is_empty() {
-        for (_, f) in &tx {
-            assert_eq!(f[26], 1, "a frame larger than the path");
-            lbas.push(req_lba(f));
-            let data = [req_lba(f) as u8; 512];
-            e.handle_frame(t0, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
-        }
-        tx = drain(&mut e, t0);
-        for ev in events(&mut e) {
-            if let Event::Completed { id: got, result } = ev {
-                assert_eq!(got, id);
-                done = Some(result);
-            }
-        }
-    }
-    lbas.sort_unstable();
+    let tx = drain(&mut e, t0);
+    let (lbas, done) = answer_one_sector_frames(&mut e, t0, tx, id);
     assert_eq!(lbas, vec![20, 21, 22, 23]);
     let want: Vec<u8> = (20u8..24).flat_map(|l| [l; 512]).collect();
     assert!(done.expect("completed").expect("read ok").unwrap() == want);
