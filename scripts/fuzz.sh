@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
@@ -17,7 +17,7 @@ cargo build --release --manifest-path fuzz/Cargo.toml --bins -q --target "$host"
 for t in "${targets[@]}"; do
     corpus=fuzz/corpus/$t; mkdir -p "$corpus" "fuzz/artifacts/$t"
     # Seed the frame corpus from the captured frames in the wire crate's test data.
-    if [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
+    if [ "$t" != initiator_engine ] && [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
         python3 - "$corpus" "$t" <<'PY'
 import sys, os, re
 out, target = sys.argv[1], sys.argv[2]
