@@ -1231,9 +1231,13 @@ impl Engine {
                     (op.issued - n, n as u8)
                 }
                 // IDENTIFY returns one sector; FLUSH CACHE moves none.
-                (None, kind) => {
+                (None, OpKind::Identify | OpKind::Probe) => {
                     op.issued = op.sectors;
-                    (0, u8::from(!matches!(kind, OpKind::Flush)))
+                    (0, 1)
+                }
+                (None, OpKind::Flush) => {
+                    op.issued = op.sectors;
+                    (0, 0)
                 }
             };
             op.frames_out += 1;

@@ -444,9 +444,10 @@ impl Daemon {
             for idx in 0..self.ifaces.len() {
                 frames += self.receive(idx);
             }
+            // Worker completions are answered here too, not only after the spin.
             self.complete_io();
+            self.flush_sends();
             if frames > 0 {
-                self.flush_sends();
                 last = Instant::now();
             } else {
                 std::hint::spin_loop();
