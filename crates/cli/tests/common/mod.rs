@@ -1,0 +1,522 @@
+//! Helpers shared by the integration tests that run `aoe initiator` against a real target
+//! (vblade or `aoe serve`) on a veth link between two namespaces the test creates: the
+//! [`Rig`] (namespaces, link, backing file, target, initiator, ROOT mounted, all undone on
+//! drop), small command runners, and the deterministic data pattern.
+//!
+//! Every test binary that says `mod common;` compiles this file; not every one uses every
+//! helper.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+
+pub const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+pub const SHELF: u16 = 7;
+pub const SLOT: u8 = 3;
+pub const DEV: &str = "e7.3";
+/// Backing file size in sectors: 32 MiB and 3 sectors, so a size rounded to KiB or MiB shows.
+pub const SECTORS: u64 = 32 * 2048 + 3;
+/// Where ROOTs are made: no `p` anywhere in the path (see the module docs).
+pub const ROOTS: &str = "/run/aoeroots";
+/// `--deadsecs` for the tests that kill the target.
+pub const DEADSECS: u64 = 3;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+// ------------------------------------------------------------------------------------------
+// Preconditions and small helpers
+
+/// Fails (never skips) unless every tool is on PATH.
+pub fn require_tools() {
+    require_root();
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("losetup", "util-linux"),
+        ("timeout", "coreutils"),
+        ("sha256sum", "coreutils"),
+        ("fusermount3", "fuse3"),
+        ("vblade", "vblade"),
+        ("aoe-stat", "aoetools"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("fsck.ext4", "e2fsprogs"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` not found on PATH: install Debian package {package} \
+             (scripts/install-deps.sh installs everything these tests use)"
+        );
+    }
+}
+
+/// Runs a command to completion (under the caller's own `timeout` where it could hang).
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "sha256sum"])
+            .arg(path),
+    );
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Deterministic, position-dependent bytes (xorshift), different for each `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Number of AF_PACKET sockets open in `ns` (`/proc/net/packet` shows the reader's netns).
+pub fn packet_sockets(ns: &Netns) -> usize {
+    ns.run("cat", &["/proc/net/packet"])
+        .map(|s| s.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// The payload per frame the MTU allows for both targets: whole sectors after the 36 bytes
+/// of Ethernet, AoE and ATA headers (the driver's `aoecmd_cfg_rsp`, vblade's `confcmd`).
+pub fn payload_for(mtu: u32) -> u64 {
+    u64::from(mtu - 36) / 512 * 512
+}
+
+/// aoe-stat's size column: `512000 * sectors / 1e9`, `%04d`, a dot before the last three
+/// digits, "GB".
+pub fn aoe_stat_size(sectors: u64) -> String {
+    let n = format!("{:04}", 512_000 * sectors / 1_000_000_000);
+    let (int, frac) = n.split_at(n.len() - 3);
+    format!("{int}.{frac}GB")
+}
+
+// ------------------------------------------------------------------------------------------
+// Targets
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Our `aoe serve`.
+    AoeServe,
+    /// vblade, the reference implementation.
+    Vblade,
+}
+
+impl Target {
+    /// The target's command line: `extra` (options such as `-d`) before the positional
+    /// arguments, as vblade wants them.
+    pub fn command(self, netif: &str, file: &Path, extra: &[String]) -> Command {
+        let mut cmd = match self {
+            Target::AoeServe => {
+                let mut c = Command::new(AOE);
+                c.arg("serve");
+                c
+            }
+            Target::Vblade => Command::new("vblade"),
+        };
+        cmd.args(extra)
+            .arg(SHELF.to_string())
+            .arg(SLOT.to_string())
+            .arg(netif)
+            .arg(file);
+        cmd
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The rig: target and initiator on one veth link, ROOT mounted, everything undone on drop
+
+/// Options for the initiator.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InitOpts {
+    pub loop_devices: bool,
+    pub deadsecs: Option<u64>,
+    /// A second veth in the initiator's namespace leading to an empty namespace (no target).
+    pub spare_link: bool,
+}
+
+/// Field order matters only for what `Drop` does not do by hand: the link and namespaces go
+/// last.
+pub struct Rig {
+    pub kind: Target,
+    /// Options the target is started with, before its positional arguments.
+    pub target_args: Vec<String>,
+    pub root: PathBuf,
+    pub file: PathBuf,
+    /// ext4 mount points to unmount on drop.
+    pub mounts: Vec<PathBuf>,
+    pub initiator: Option<NsChild>,
+    pub target: Option<NsChild>,
+    pub init_if: String,
+    pub target_if: String,
+    pub spare_if: Option<String>,
+    pub _spare: Option<(VethPair, Netns)>,
+    pub veth: VethPair,
+    pub init_ns: Netns,
+    pub target_ns: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Namespaces, link, backing file (SECTORS, filled with a pattern), target, initiator;
+    /// returns once ROOT is mounted and the device is up.
+    pub fn start(kind: Target, mtu: u32, opts: InitOpts) -> Rig {
+        Rig::start_with(kind, mtu, opts, None, &[])
+    }
+
+    /// Like [`Rig::start`], with the target serving `file` (its contents as they are;
+    /// default: a new file of SECTORS filled with `pattern(1, ..)`) and given `target_args`
+    /// before its positional arguments (`-d`, `-s`, `-b 16`, ...), also on a restart.
+    pub fn start_with(
+        kind: Target,
+        mtu: u32,
+        opts: InitOpts,
+        file: Option<PathBuf>,
+        target_args: &[&str],
+    ) -> Rig {
+        require_tools();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = file.unwrap_or_else(|| {
+            let f = dir.path().join("backing.img");
+            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+            f
+        });
+
+        let root = Path::new(ROOTS).join(format!(
+            "r{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        assert!(
+            !root.to_string_lossy().contains('p'),
+            "{} contains a 'p': aoe-stat would not see it",
+            root.display()
+        );
+        fs::create_dir_all(&root).expect("create ROOT");
+
+        let target_ns = Netns::new("aoeit").expect("target namespace");
+        let init_ns = Netns::new("aoeii").expect("initiator namespace");
+        let veth = VethPair::new(&target_ns, &init_ns, mtu).expect("veth pair");
+        let spare = opts.spare_link.then(|| {
+            let ns = Netns::new("aoeis").expect("spare namespace");
+            let v = VethPair::new(&init_ns, &ns, mtu).expect("spare veth pair");
+            (v, ns)
+        });
+        let mut rig = Rig {
+            kind,
+            target_args: target_args.iter().map(|a| a.to_string()).collect(),
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: veth.b_name().to_owned(),
+            target_if: veth.a_name().to_owned(),
+            spare_if: spare.as_ref().map(|(v, _)| v.a_name().to_owned()),
+            _spare: spare,
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .arg("--iflist")
+            .arg(&rig.init_if)
+            .env("AOE_LOG", "debug");
+        if let Some(d) = opts.deadsecs {
+            cmd.args(["--deadsecs", &d.to_string()]);
+        }
+        if opts.loop_devices {
+            cmd.arg("--loop");
+        }
+        // NsChild::spawn uses `nsenter --net` only: same mount namespace as this process.
+        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
+        let discover = rig.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            rig.root.display(),
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        // It discovers at start; the target also announces itself when it starts.
+        let up = wait_until(Duration::from_secs(10), || {
+            rig.state().as_deref() == Some("up")
+        });
+        assert!(up, "{DEV} did not come up: {}", rig.logs());
+        rig
+    }
+
+    pub fn start_target(&mut self) {
+        assert!(self.target.is_none(), "target already running");
+        let mut t = self
+            .target_ns
+            .spawn(
+                self.kind
+                    .command(&self.target_if, &self.file, &self.target_args),
+            )
+            .expect("start target");
+        // Ready once its AF_PACKET socket exists.
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&self.target_ns) > 0 || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target {} did not start:\n{}",
+            t.label(),
+            t.output_so_far()
+        );
+        self.target = Some(t);
+    }
+
+    /// Stops the target and waits until its socket is gone.
+    pub fn kill_target(&mut self) {
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || packet_sockets(&self.target_ns)
+                == 0),
+            "target's socket still open"
+        );
+    }
+
+    pub fn dev(&self) -> PathBuf {
+        self.root.join(DEV)
+    }
+
+    pub fn attr_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("sysfs/block")
+            .join(format!("etherd!{DEV}"))
+            .join(name)
+    }
+
+    /// A sysfs attribute of the device, trimmed; None if the device is not there.
+    pub fn attr(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.attr_path(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    pub fn state(&self) -> Option<String> {
+        self.attr("state")
+    }
+
+    /// Waits up to `within` for attribute `name` to read `want`; panics otherwise, saying
+    /// `when` and with the logs.
+    pub fn wait_attr(&self, name: &str, want: &str, within: Duration, when: &str) {
+        assert!(
+            wait_until(within, || self.attr(name).as_deref() == Some(want)),
+            "{name} {:?} {when}, want {want}{}",
+            self.attr(name),
+            self.logs()
+        );
+    }
+
+    pub fn wait_state(&self, want: &str, within: Duration, when: &str) {
+        self.wait_attr("state", want, within, when);
+    }
+
+    /// A read of the device, which must fail with EIO at once (in under a second), as it
+    /// does while the device is down.
+    pub fn assert_prompt_eio(&self, len: usize, when: &str) {
+        let t0 = Instant::now();
+        let r = read_at(&self.dev(), 0, len);
+        assert!(matches!(&r, Err(e) if is_eio(e)), "read {when}: {r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "EIO {when} took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// Writes `text` to a control file the way a shell's `echo TEXT > ROOT/NAME` does.
+    pub fn echo(&self, name: &str, text: &str) -> Output {
+        run(Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "20",
+                "sh",
+                "-c",
+                r#"echo "$1" > "$2""#,
+                "sh",
+                text,
+            ])
+            .arg(self.root.join(name)))
+    }
+
+    pub fn echo_ok(&self, name: &str, text: &str) {
+        let out = self.echo(name, text);
+        assert!(
+            out.status.success(),
+            "echo {text:?} > {name} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
+    /// Lines `err` has queued: `cat ROOT/err` blocks when the queue is empty, so it is
+    /// stopped after `secs` (the daemon answers an interrupted reader with EINTR).
+    pub fn err_lines(&self, secs: u32) -> String {
+        let out = run(Command::new("timeout")
+            .args(["-k", "5", &secs.to_string(), "cat"])
+            .arg(self.root.join("err")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Initiator and target output, for failure messages.
+    pub fn logs(&self) -> String {
+        let init = self
+            .initiator
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        let target = self
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        format!("\n--- initiator:\n{init}\n--- target:\n{target}")
+    }
+
+    /// Loop devices whose backing file is under ROOT.
+    pub fn loops(&self) -> Vec<String> {
+        let out = run(Command::new("losetup").args(["-n", "-l", "-O", "NAME,BACK-FILE"]));
+        let prefix = format!("{}/", self.root.display());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, back) = l.trim().split_once(char::is_whitespace)?;
+                back.trim().starts_with(&prefix).then(|| name.to_owned())
+            })
+            .collect()
+    }
+
+    /// True while something is mounted on ROOT (field 5 of /proc/self/mountinfo).
+    pub fn root_mounted(&self) -> bool {
+        let root = self.root.to_string_lossy();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*root))
+    }
+
+    /// The normal end of a test: SIGTERM stops the initiator cleanly (exit status 0 within
+    /// the 5 s NsChild::stop allows before SIGKILL), it unmounts ROOT and detaches the loop
+    /// devices it attached by itself. Drop then does the rest.
+    pub fn finish(mut self) {
+        assert!(
+            self.mounts.is_empty(),
+            "a test left {:?} mounted",
+            self.mounts
+        );
+        assert!(self.root_mounted(), "ROOT not mounted before the stop");
+        let mut init = self.initiator.take().expect("initiator running");
+        let t0 = Instant::now();
+        let status = init.stop().expect("stop the initiator");
+        assert!(
+            status.success(),
+            "aoe initiator after SIGTERM: {status} ({:?}):\n{}",
+            t0.elapsed(),
+            init.output_so_far()
+        );
+        assert!(
+            !self.root_mounted(),
+            "ROOT still mounted after the initiator stopped"
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || self.loops().is_empty()),
+            "loop devices left over ROOT: {:?}",
+            self.loops()
+        );
+    }
+
+    /// Undoes everything a test may have left: ext4 mounts, loop devices, initiator (its
+    /// SIGTERM unmounts ROOT), target, then the mount and ROOT itself.
+    pub fn cleanup(&mut self) {
+        for m in self.mounts.drain(..) {
+            let _ = run(Command::new("umount").arg(&m));
+            let _ = run(Command::new("umount").arg("-l").arg(&m));
+        }
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        if let Some(mut i) = self.initiator.take() {
+            let _ = i.stop();
+        }
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        let _ = run(Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.root));
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        let _ = fs::remove_dir(&self.root);
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Reads `len` bytes at `offset` through a fresh open of `path` (a fresh open drops the
+/// FUSE page cache of the file, so the data comes over the network).
+pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+pub fn is_eio(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(5)
+}
