@@ -263,14 +263,17 @@ impl FileBackend {
         }
     }
 
-    /// Latches `e` (from `what`: "fdatasync", "write") if it is a write-back failure, logging
-    /// it loudly the first time; returns `e` for the caller to pass on.
-    fn latch(&self, e: io::Error, what: &str) -> io::Error {
-        let latches = what == "fdatasync" || e.raw_os_error() == Some(libc::EIO);
+    /// Latches `e` (from `what`) if it is a write-back failure, logging it loudly the first
+    /// time; returns `e` for the caller to pass on.
+    fn latch(&self, e: io::Error, what: Failing) -> io::Error {
+        let latches = what == Failing::Fdatasync || e.raw_os_error() == Some(libc::EIO);
         if latches {
             let mut slot = self.failure_slot();
             if slot.is_none() {
-                let desc = format!("{what} failed: {e}");
+                let desc = match what {
+                    Failing::Write => format!("write failed: {e}"),
+                    Failing::Fdatasync => format!("fdatasync failed: {e}"),
+                };
                 tracing::error!(
                     file = %self.path.display(),
                     failure = %desc,
@@ -347,7 +350,7 @@ impl Backend for FileBackend {
         } else {
             self.file.write_all_at(buf, pos)
         };
-        r.map_err(|e| self.latch(e, "write"))
+        r.map_err(|e| self.latch(e, Failing::Write))
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
@@ -384,13 +387,15 @@ impl Backend for FileBackend {
         if self.memory {
             self.file
                 .write_all_at(buf, pos)
-                .map_err(|e| self.latch(e, "write"))?;
+                .map_err(|e| self.latch(e, Failing::Write))?;
             return Ok(true);
         }
         if self.nowait_unsupported.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        match aoe_sys::pwrite_nowait(&self.file, buf, pos).map_err(|e| self.latch(e, "write"))? {
+        match aoe_sys::pwrite_nowait(&self.file, buf, pos)
+            .map_err(|e| self.latch(e, Failing::Write))?
+        {
             NoWait::Done(n) => Ok(n == buf.len()),
             NoWait::WouldBlock => Ok(false),
             NoWait::Unsupported => {
@@ -407,7 +412,7 @@ impl Backend for FileBackend {
         self.refuse_if_failed()?;
         self.file
             .sync_data()
-            .map_err(|e| self.latch(e, "fdatasync"))
+            .map_err(|e| self.latch(e, Failing::Fdatasync))
     }
 
     fn read_only(&self) -> bool {
@@ -417,6 +422,13 @@ impl Backend for FileBackend {
     fn failed(&self) -> bool {
         self.failure_slot().is_some()
     }
+}
+
+/// What failed, for [`FileBackend::latch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failing {
+    Write,
+    Fdatasync,
 }
 
 /// A heap buffer whose start is aligned to `align` bytes (the file's `stx_dio_mem_align`),
@@ -650,7 +662,7 @@ mod tests {
         b.write_at(&[1; 512], 0).unwrap();
         b.flush().unwrap();
         assert!(!Backend::failed(&b) && b.failed().is_none());
-        let e = b.latch(io::Error::from_raw_os_error(libc::EIO), "fdatasync");
+        let e = b.latch(io::Error::from_raw_os_error(libc::EIO), Failing::Fdatasync);
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
         assert!(Backend::failed(&b));
         assert!(
@@ -684,13 +696,16 @@ mod tests {
         let f = file_of(16 * 512);
         let b = FileBackend::open(f.path(), &OpenOptions::default()).unwrap();
         // A clean refusal of one write (full file system) is not a lost write.
-        let _ = b.latch(io::Error::from_raw_os_error(libc::ENOSPC), "write");
+        let _ = b.latch(io::Error::from_raw_os_error(libc::ENOSPC), Failing::Write);
         assert!(b.failed().is_none());
         // EIO from a write is.
-        let _ = b.latch(io::Error::from_raw_os_error(libc::EIO), "write");
+        let _ = b.latch(io::Error::from_raw_os_error(libc::EIO), Failing::Write);
         assert!(b.failed().unwrap().contains("write failed"));
         // The first failure is the one kept.
-        let _ = b.latch(io::Error::from_raw_os_error(libc::ENOSPC), "fdatasync");
+        let _ = b.latch(
+            io::Error::from_raw_os_error(libc::ENOSPC),
+            Failing::Fdatasync,
+        );
         assert!(b.failed().unwrap().contains("write failed"));
     }
 }
