@@ -12,6 +12,7 @@
 
 mod file;
 mod pool;
+mod range_lock;
 
 pub use file::{FileBackend, OpenOptions};
 pub use pool::{Done, Job, Op, Pool};
@@ -57,6 +58,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// True if writes are refused.
     fn read_only(&self) -> bool;
+
+    /// True while the store has latched a write-back failure and refuses writes and flushes
+    /// (see [`FileBackend::failed`]); for status and metrics.
+    fn failed(&self) -> bool {
+        false
+    }
 }
 
 /// Checks that `len` bytes at `offset` lie inside a store of `size` bytes.

@@ -80,6 +80,97 @@ pub fn is_memory_fs(file: &File) -> bool {
     t == TMPFS_MAGIC || t == RAMFS_MAGIC
 }
 
+/// What O_DIRECT I/O on a file needs aligned, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DioAlign {
+    /// Alignment of the user buffer's address (`stx_dio_mem_align`).
+    pub mem: u32,
+    /// Alignment of the file offset and of the length (`stx_dio_offset_align`).
+    pub offset: u32,
+    /// Where the numbers came from, for logs.
+    pub source: DioAlignSource,
+}
+
+/// Where a [`DioAlign`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DioAlignSource {
+    /// `statx(2)` with `STATX_DIOALIGN` (Linux 6.1+ for regular files on ext4, xfs, f2fs,
+    /// btrfs; 6.11+ for block devices).
+    Statx,
+    /// The block device's logical block size (`ioctl(BLKSSZGET)`), used for both.
+    LogicalBlockSize,
+}
+
+/// The alignment O_DIRECT I/O on `file` needs, as the kernel reports it: `statx(2)`
+/// `STATX_DIOALIGN` where the kernel and file system fill it in, else, for a block device,
+/// its logical block size (`BLKSSZGET`, what `blockdev --getss` prints). `None` if neither
+/// tells: the caller picks a safe default (4096 covers every Linux block device). A file
+/// system that reports `STATX_DIOALIGN` with zeros does not support O_DIRECT on the file;
+/// that is also `None` (the `open` with `O_DIRECT` would have failed already on most).
+pub fn dio_alignment(file: &File) -> Option<DioAlign> {
+    let fd = file.as_raw_fd();
+    let mut st = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the path is a valid NUL-terminated empty string and AT_EMPTY_PATH makes statx
+    // describe `fd` itself; `st` is valid for writes of a `statx`; the fd is open.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN | libc::STATX_TYPE,
+            st.as_mut_ptr(),
+        )
+    };
+    let mut is_blk = false;
+    if r == 0 {
+        // SAFETY: statx returned 0, so it filled `st` in (and it was zeroed before).
+        let st = unsafe { st.assume_init() };
+        if st.stx_mask & libc::STATX_DIOALIGN != 0
+            && st.stx_dio_mem_align != 0
+            && st.stx_dio_offset_align != 0
+        {
+            return Some(DioAlign {
+                mem: st.stx_dio_mem_align,
+                offset: st.stx_dio_offset_align,
+                source: DioAlignSource::Statx,
+            });
+        }
+        is_blk = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFBLK;
+    } else if let Ok(m) = file.metadata() {
+        use std::os::unix::fs::FileTypeExt;
+        is_blk = m.file_type().is_block_device();
+    }
+    if !is_blk {
+        return None;
+    }
+    logical_block_size(file).ok().map(|ss| DioAlign {
+        mem: ss,
+        offset: ss,
+        source: DioAlignSource::LogicalBlockSize,
+    })
+}
+
+/// The logical block size of a block device (`ioctl(BLKSSZGET)`).
+pub fn logical_block_size(file: &File) -> io::Result<u32> {
+    let mut ss: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one `int` through the pointer, which is valid for that; the
+    // fd is open. On a file that is not a block device it fails with ENOTTY and writes nothing.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::BLKSSZGET,
+            &mut ss as *mut libc::c_int,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(ss)
+        .ok()
+        .filter(|s| s.is_power_of_two())
+        .ok_or_else(|| io::Error::other(format!("BLKSSZGET returned {ss}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +227,20 @@ mod tests {
         assert!(is_memory_fs(&f));
         let here = File::open(env!("CARGO_MANIFEST_DIR")).unwrap();
         let _ = is_memory_fs(&here); // whatever it is, it must not fail
+    }
+
+    #[test]
+    fn dio_alignment_of_a_regular_file_is_a_power_of_two_or_unknown() {
+        let f = tempfile_in_target();
+        if let Some(a) = dio_alignment(&f) {
+            assert!(
+                a.mem.is_power_of_two() && a.offset.is_power_of_two(),
+                "{a:?}"
+            );
+            assert_eq!(a.source, DioAlignSource::Statx);
+        }
+        // Not a block device: BLKSSZGET refuses.
+        assert!(logical_block_size(&f).is_err());
     }
 
     fn tempfile_in_target() -> File {

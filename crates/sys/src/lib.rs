@@ -15,6 +15,8 @@
 //!   poll loop needs so that worker threads can hand it completions.
 //! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
 //!   event loop serves page-cached data inline and hands only what would block to workers.
+//! * [`dio_alignment`]: the alignment O_DIRECT needs on a file (`statx` `STATX_DIOALIGN`, or a
+//!   block device's logical block size from `BLKSSZGET`).
 //! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
 //!   the integration tests and by daemons started with `--netns`.
 //!
@@ -43,7 +45,10 @@ mod ns;
 mod packet;
 
 pub use event::{poll, EventFd, PollFd};
-pub use file::{is_memory_fs, pread_nowait, pwrite_nowait, NoWait};
+pub use file::{
+    dio_alignment, is_memory_fs, logical_block_size, pread_nowait, pwrite_nowait, DioAlign,
+    DioAlignSource, NoWait,
+};
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};

@@ -30,6 +30,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod faultfs;
+
 use std::borrow::Borrow;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};

@@ -520,3 +520,78 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 pub fn is_eio(e: &io::Error) -> bool {
     e.raw_os_error() == Some(5)
 }
+
+// ------------------------------------------------------------------------------------------
+// Store integrity (issue 9): a real file system with 4 KiB blocks under the target's file
+
+/// An ext4 file system with 4 KiB blocks (`mkfs.ext4 -b 4096`) on a loop device with
+/// `sector`-byte logical blocks (`losetup --sector-size`), mounted on a temporary directory.
+/// Drop unmounts it and detaches the loop device, also when the test panics: declare it
+/// before the [`Rig`] whose target serves a file on it, so the target is stopped first.
+pub struct Ext4Loop {
+    pub dir: tempfile::TempDir,
+    pub loopdev: Option<String>,
+    pub mounted: bool,
+}
+
+impl Ext4Loop {
+    pub fn new(sector: u32, mib: u64) -> Ext4Loop {
+        require_tools();
+        // On the disk the tests run on (not tmpfs), so the loop device does real I/O.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let image = dir.path().join("ext4.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("ext4 image");
+        let mut me = Ext4Loop {
+            dir,
+            loopdev: None,
+            mounted: false,
+        };
+        let dev = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show", "--sector-size", &sector.to_string()])
+                .arg(&image),
+        );
+        me.loopdev = Some(dev.trim().to_owned());
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(me.dev()),
+        );
+        fs::create_dir(me.mnt()).expect("mount point");
+        run_ok(Command::new("mount").arg(me.dev()).arg(me.mnt()));
+        me.mounted = true;
+        me
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_deref().unwrap_or_default()
+    }
+
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for Ext4Loop {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = run(Command::new("umount").arg(self.mnt()));
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = run(Command::new("losetup").args(["-d", &d]));
+        }
+    }
+}
+
+/// Indices of the 512-byte sectors in which `got` and `want` differ.
+pub fn wrong_sectors(got: &[u8], want: &[u8]) -> Vec<usize> {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    got.chunks(512)
+        .zip(want.chunks(512))
+        .enumerate()
+        .filter(|(_, (g, w))| g != w)
+        .map(|(i, _)| i)
+        .collect()
+}
