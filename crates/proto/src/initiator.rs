@@ -53,7 +53,7 @@ const DEFAULT_SECTORS: u8 = 2;
 /// Highest taint a target reaches (the driver's `MAX_TAINT`).
 const MAX_TAINT: u32 = 1000;
 
-/// Initial RTT estimate: the driver's 250 ms average; 62.5 ms deviation (`docs/PROTOCOL.md` 2.4, 4).
+/// Initial RTT: 250 ms average as in the driver, 62.5 ms deviation (`docs/PROTOCOL.md` 2.4, 4).
 const RTT_AVG_INIT_US: u64 = 250_000;
 const RTT_DEV_INIT_US: u64 = 62_500;
 
