@@ -318,7 +318,7 @@ fn dead_target(kind: Target, mtu: u32) {
     }
     let before = sha256(&rig.file);
 
-    // Held open across the failure: the state shows it (`down,closewait`, PROTOCOL.md 2.7).
+    // Held open across the failure: the state shows it (`down,closewait`, docs/PROTOCOL.md 2.7).
     let held = File::open(&dev).unwrap();
     rig.kill_target();
     // The initiator notices only when I/O goes unanswered: this read waits deadsecs.

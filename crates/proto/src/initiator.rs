@@ -20,7 +20,7 @@
 //!        -> all frames of the op answered -> Event::Completed
 //! ```
 //!
-//! Behaviour follows the project's `PROTOCOL.md` (sections 1.7 and 2.4-2.7):
+//! Behaviour follows `docs/PROTOCOL.md` (sections 1.7 and 2.4-2.7; differences in 4):
 //! - Discovery: broadcast Query Config on every interface when an interface is added, on
 //!   [`Engine::discover`] and every [`Config::discover_interval`] (the driver's 60 s beacon).
 //!   Any config response, asked for or not, adds the path it came on; a new (or down) device
@@ -53,7 +53,7 @@ const DEFAULT_SECTORS: u8 = 2;
 /// Highest taint a target reaches (the driver's `MAX_TAINT`).
 const MAX_TAINT: u32 = 1000;
 
-/// Initial RTT estimate (`PROTOCOL.md` 2.4: 250 ms average, 62.5 ms deviation).
+/// Initial RTT: 250 ms average as in the driver, 62.5 ms deviation (`docs/PROTOCOL.md` 2.4, 4).
 const RTT_AVG_INIT_US: u64 = 250_000;
 const RTT_DEV_INIT_US: u64 = 62_500;
 
@@ -241,7 +241,7 @@ pub enum Event {
     Log(String),
 }
 
-/// A device's state as `/sys/block/etherd!eX.Y/state` shows it (`PROTOCOL.md` 2.7).
+/// A device's state as `/sys/block/etherd!eX.Y/state` shows it (`docs/PROTOCOL.md` 2.7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
     /// Identified and taking I/O.

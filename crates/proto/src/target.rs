@@ -7,7 +7,7 @@
 //! never copied) and calls [`Engine::complete`] with the token and the result; the engine then
 //! writes the reply header in front of the data.
 //!
-//! Behaviour follows AoEr11 as the project's `PROTOCOL.md` reconstructs it:
+//! Behaviour follows AoEr11 as `docs/PROTOCOL.md` (sections 1.1-1.6, and 4) describes it:
 //! - Query Config CCmd 0-4; test/prefix stay silent on a mismatch; set on a non-empty string
 //!   gets error 4; the sector count follows the receiving interface's MTU.
 //! - Mac Mask List read/edit with MError; a non-empty list silently drops other sources.

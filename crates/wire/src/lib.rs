@@ -14,7 +14,7 @@
 //! - Open value spaces (commands, ATA opcodes, error codes) are enums with an `Unknown` variant,
 //!   so vendor commands and future codes are carried, never rejected.
 //!
-//! The layout follows AoEr11 as reconstructed in the project's `PROTOCOL.md` (tcpdump
+//! The layout follows AoEr11 as reconstructed in `docs/PROTOCOL.md` section 1 (tcpdump
 //! `print-aoe.c`, vblade `dat.h`, Linux `drivers/block/aoe/aoe.h`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
