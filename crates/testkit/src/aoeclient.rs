@@ -544,3 +544,85 @@ fn tag_base() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed).wrapping_shl(20)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+    const T: TargetAddr = TargetAddr::new(3, 4);
+
+    fn ata_of(frame: &[u8]) -> (HeaderRepr, AtaFlags, u8, u8, u64, Vec<u8>) {
+        let m = Message::parse(frame).unwrap();
+        let Body::Ata(a) = m.body else {
+            panic!("not ATA: {m:?}")
+        };
+        let data = match a.aflags.contains(AtaFlags::WRITE) {
+            true => a.write_data().unwrap().to_vec(),
+            false => Vec::new(),
+        };
+        (
+            m.header,
+            a.aflags,
+            a.cmd_status,
+            a.sector_count,
+            a.lba,
+            data,
+        )
+    }
+
+    #[test]
+    fn requests_emit_as_the_driver_sends_them() {
+        let data: Vec<u8> = (0..1024).map(|i| i as u8).collect();
+        let w = Request::Write {
+            lba: 77,
+            data: data.clone(),
+        };
+        let f = w.frame(MacAddr::BROADCAST, ME, T, Tag(9)).unwrap();
+        let (h, flags, cmd, count, lba, got) = ata_of(&f);
+        assert_eq!((h.tag, h.target, h.src, h.response), (Tag(9), T, ME, false));
+        assert_eq!(flags, AtaFlags::EXTENDED | AtaFlags::WRITE);
+        assert_eq!((cmd, count, lba), (0x34, 2, 77));
+        assert_eq!(got, data);
+
+        let r = Request::Read { lba: 5, count: 2 };
+        let (_, flags, cmd, count, lba, _) = ata_of(&r.frame(ME, ME, T, Tag(1)).unwrap());
+        assert_eq!((flags, cmd, count, lba), (AtaFlags::EXTENDED, 0x24, 2, 5));
+
+        let (_, _, cmd, count, _, _) = ata_of(&Request::Flush.frame(ME, ME, T, Tag(2)).unwrap());
+        assert_eq!((cmd, count), (0xea, 0));
+
+        let q = Request::QueryConfig
+            .frame(MacAddr::BROADCAST, ME, T, Tag(3))
+            .unwrap();
+        let m = Message::parse(&q).unwrap();
+        assert_eq!(m.header.command, Command::QueryConfig);
+        assert!(matches!(m.body, Body::Config(c) if c.ccmd == ConfigCommand::Read));
+    }
+
+    #[test]
+    fn rejects_requests_that_are_not_whole_sectors() {
+        assert!(Request::Read { lba: 0, count: 0 }.check().is_err());
+        for len in [0, 100, 513, 256 * 512] {
+            let w = Request::Write {
+                lba: 0,
+                data: vec![0; len],
+            };
+            assert!(w.check().is_err(), "{len} bytes");
+        }
+        assert!(Request::Write {
+            lba: 0,
+            data: vec![0; 512]
+        }
+        .check()
+        .is_ok());
+        assert_eq!(
+            Request::Write {
+                lba: 8,
+                data: vec![0; 1024]
+            }
+            .describe(),
+            "WRITE of 2 sectors at 8"
+        );
+    }
+}
