@@ -46,9 +46,17 @@ pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
     }
     let slots: Vec<&[u8]> = mbr[446..510].chunks_exact(16).collect();
     let mut parts = if slots.iter().any(|e| e[4] == PROTECTIVE) {
-        // efi.c `is_pmbr_valid`: any 0xEE slot (protective or hybrid MBR) means GPT; and
-        // msdos.c gives up on such an MBR, so a bad GPT means no partitions at all.
-        scan_gpt(head, capacity)
+        // efi.c `is_pmbr_valid`: a 0xEE slot starting at LBA 1 (protective or hybrid MBR)
+        // means GPT; and msdos.c gives up on any MBR with a 0xEE slot, so without a valid
+        // GPT there are no partitions at all.
+        if slots
+            .iter()
+            .any(|e| e[4] == PROTECTIVE && u32le(&e[8..12]) == 1)
+        {
+            scan_gpt(head, capacity)
+        } else {
+            Vec::new()
+        }
     } else if slots.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
         // msdos.c: a boot indicator other than 0 or 0x80 means this 55AA sector is not a
         // partition table (typically a FAT boot sector): no partitions.
@@ -323,6 +331,10 @@ mod tests {
             set(&mut s, 512 + at, bytes);
             assert_eq!(scan(&s, 10000), vec![], "{what}");
         }
+        // The protective slot must start at LBA 1 (efi.c `pmbr_part_valid`).
+        let mut s = good.clone();
+        set(&mut s, 446 + 8, &2u32.to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![]);
         // A device too small for the header's usable range; and one of 0 sectors.
         assert_eq!(scan(&good, 9000), vec![]);
         assert_eq!(scan(&good, 0), vec![]);
