@@ -33,8 +33,21 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let slots: Vec<&[u8]> = head[446..510].chunks_exact(16).collect();
+    let u64le = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
     if slots.iter().any(|s| s[4] == 0xee) {
+        // Partition N is entry N - 1 of the array at the header's entries LBA.
         assert!(last <= GPT_MAX_ENTRIES, "{parts:?}");
+        let base = u64le(&head[512 + 72..]) as usize * 512;
+        for p in &parts {
+            let e = &head[base + (p.number as usize - 1) * 128..][..128];
+            let (first, end) = (u64le(&e[32..]), u64le(&e[40..]));
+            assert_eq!(
+                (p.start, p.sectors),
+                (first, end - first + 1),
+                "entry {}",
+                p.number
+            );
+        }
     } else {
         for p in &parts {
             assert!((1..=4).contains(&p.number), "{parts:?}");
