@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine partition)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
@@ -17,7 +17,7 @@ cargo build --release --manifest-path fuzz/Cargo.toml --bins -q --target "$host"
 for t in "${targets[@]}"; do
     corpus=fuzz/corpus/$t; mkdir -p "$corpus" "fuzz/artifacts/$t"
     # Seed the frame corpus from the captured frames in the wire crate's test data.
-    if [ "$t" != initiator_engine ] && [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
+    if { [ "$t" = parse_frame ] || [ "$t" = target_engine ]; } && [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
         python3 - "$corpus" "$t" <<'PY'
 import sys, os, re
 out, target = sys.argv[1], sys.argv[2]
@@ -33,6 +33,31 @@ if cur: frames.append(bytes(cur))
 for i, f in enumerate(frames):
     data = f if target == "parse_frame" else len(f).to_bytes(2, "big") + f
     open(os.path.join(out, "capture-%03d" % i), "wb").write(data)
+PY
+    fi
+    # Seed the partition corpus with a DOS table and a GPT (device size, then the sectors).
+    if [ "$t" = partition ] && [ -z "$(ls -A "$corpus")" ]; then
+        python3 - "$corpus" <<'PY'
+import sys, os, struct
+out = sys.argv[1]
+def mbr(slots):
+    s = bytearray(34 * 512)
+    for i, (kind, start, n) in enumerate(slots):
+        s[446 + 16 * i + 4] = kind
+        s[446 + 16 * i + 8:446 + 16 * i + 16] = struct.pack("<II", start, n)
+    s[510:512] = b"\x55\xaa"
+    return s
+cap = 1 << 20
+dos = mbr([(0x83, 2048, 4096), (0, 0, 0), (0x05, 8192, 100), (0x83, 6144, 2048)])
+gpt = mbr([(0xee, 1, 0xffffffff)])
+gpt[512:600] = struct.pack("<8sIIII QQQQ16s QII", b"EFI PART", 0x10000, 92, 0, 0,
+                           1, cap - 1, 34, cap - 34, b"\0" * 16, 2, 128, 128)
+for i, (first, last) in enumerate([(2048, 4095), (4096, cap - 34)]):
+    e = 1024 + 128 * i
+    gpt[e] = 0xaf
+    gpt[e + 32:e + 48] = struct.pack("<QQ", first, last)
+for name, img in (("dos", dos), ("gpt", gpt)):
+    open(os.path.join(out, name), "wb").write(struct.pack("<Q", cap) + bytes(img))
 PY
     fi
     echo "fuzz: $t for ${secs}s"

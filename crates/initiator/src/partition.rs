@@ -1,6 +1,11 @@
 //! Partition tables on an AoE device: MBR primary partitions and GPT, as the kernel's
-//! partition scan finds them, so `eX.YpN` files can be offered (numbered like Linux: MBR
-//! slots 1-4, GPT entries from 1).
+//! partition scan finds them (`block/partitions/efi.c`, then `msdos.c`), so `eX.YpN` files
+//! can be offered (numbered like Linux: MBR slots 1-4, GPT entries from 1).
+//!
+//! The table comes from the device, so every field is hostile: all arithmetic on it is
+//! checked, and a table that does not add up yields no partitions or only its valid entries,
+//! never a panic or a partition outside the device. Not done: the GPT CRCs and the backup
+//! GPT at the end of the device (the kernel checks both), MBR logical partitions.
 
 /// One partition, in 512-byte sectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,34 +22,48 @@ pub struct Partition {
 /// header and 128 GPT entries of 128 bytes.
 pub const SCAN_SECTORS: u32 = 34;
 
-/// Partitions described by the first sectors of a device of `capacity` sectors. Entries
-/// that reach past the device are dropped; so are MBR extended containers (types 0x05,
-/// 0x0f, 0x85), whose logical partitions are not scanned.
+/// GPT entries read at most: those that fit in [`SCAN_SECTORS`] after the header.
+pub const GPT_MAX_ENTRIES: u32 = 128;
+
+const SECTOR: usize = 512;
+/// MBR partition type of a GPT protective MBR (`EFI_PMBR_OSTYPE_EFI_GPT`).
+const PROTECTIVE: u8 = 0xee;
+/// `sizeof(gpt_entry)`, the only entry size `efi.c` accepts.
+const GPT_ENTRY: usize = 128;
+/// `sizeof(gpt_header)`: the smallest header size `efi.c` accepts.
+const GPT_HEADER_MIN: u32 = 92;
+
+/// Partitions described by the first sectors of a device of `capacity` sectors (`head` may
+/// be shorter than [`SCAN_SECTORS`]; what it lacks is not there). Partitions that are empty,
+/// start at sector 0 or reach past the device are dropped; so are MBR extended containers
+/// (types 0x05, 0x0f, 0x85), whose logical partitions are not scanned.
 pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
-    if head.len() < 512 || head[510] != 0x55 || head[511] != 0xaa {
+    let Some(mbr) = head.get(..SECTOR) else {
+        return Vec::new();
+    };
+    if mbr[510] != 0x55 || mbr[511] != 0xaa {
         return Vec::new();
     }
-    let mut parts = Vec::new();
-    let mut protective = false;
-    for i in 0..4 {
-        let e = &head[446 + 16 * i..446 + 16 * (i + 1)];
-        let kind = e[4];
-        let start = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64;
-        let sectors = u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64;
-        match kind {
-            0 => {}
-            0xee => protective = true,
-            0x05 | 0x0f | 0x85 => {}
-            _ => parts.push(Partition {
-                number: i as u32 + 1,
-                start,
-                sectors,
-            }),
+    let slots: Vec<&[u8]> = mbr[446..510].chunks_exact(16).collect();
+    let mut parts = if slots.iter().any(|e| e[4] == PROTECTIVE) {
+        // efi.c `is_pmbr_valid`: a 0xEE slot starting at LBA 1 (protective or hybrid MBR)
+        // means GPT; and msdos.c gives up on any MBR with a 0xEE slot, so without a valid
+        // GPT there are no partitions at all.
+        if slots
+            .iter()
+            .any(|e| e[4] == PROTECTIVE && u32le(&e[8..12]) == 1)
+        {
+            scan_gpt(head, capacity)
+        } else {
+            Vec::new()
         }
-    }
-    if protective {
-        parts = scan_gpt(head);
-    }
+    } else if slots.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
+        // msdos.c: a boot indicator other than 0 or 0x80 means this 55AA sector is not a
+        // partition table (typically a FAT boot sector): no partitions.
+        Vec::new()
+    } else {
+        scan_mbr(&slots)
+    };
     parts.retain(|p| {
         p.sectors > 0
             && p.start > 0
@@ -55,25 +74,64 @@ pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
     parts
 }
 
-fn scan_gpt(head: &[u8]) -> Vec<Partition> {
-    let Some(h) = head.get(512..1024) else {
+/// The four primary slots (msdos.c: slot N is partition N; empty ones are skipped).
+fn scan_mbr(slots: &[&[u8]]) -> Vec<Partition> {
+    let mut parts = Vec::new();
+    for (number, e) in (1u32..).zip(slots) {
+        let start = u64::from(u32le(&e[8..12]));
+        let sectors = u64::from(u32le(&e[12..16]));
+        match e[4] {
+            0 | 0x05 | 0x0f | 0x85 => {}
+            _ => parts.push(Partition {
+                number,
+                start,
+                sectors,
+            }),
+        }
+    }
+    parts
+}
+
+/// The primary GPT at LBA 1, checked as efi.c `is_gpt_valid` does (but for the CRCs), and
+/// its entries as `is_pte_valid` takes them: a non-zero type GUID, both ends on the device.
+/// Entry `i` (from 0) is partition `i + 1`, as `efi_partition` numbers them.
+fn scan_gpt(head: &[u8], capacity: u64) -> Vec<Partition> {
+    let Some(last_lba) = capacity.checked_sub(1) else {
         return Vec::new();
     };
-    if &h[0..8] != b"EFI PART" {
+    let Some(h) = head.get(SECTOR..2 * SECTOR) else {
         return Vec::new();
-    }
-    let u32le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let u64le = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]));
+    };
+    let header_size = u32le(&h[12..16]);
+    let my_lba = u64le(&h[24..32]);
+    let first_usable = u64le(&h[40..48]);
+    let last_usable = u64le(&h[48..56]);
     let entries_lba = u64le(&h[72..80]);
-    let count = u32le(&h[80..84]) as usize;
-    let size = u32le(&h[84..88]) as usize;
-    if size < 128 || entries_lba == 0 {
+    let count = u32le(&h[80..84]);
+    let entry_size = u32le(&h[84..88]);
+    if &h[0..8] != b"EFI PART"
+        || !(GPT_HEADER_MIN..=SECTOR as u32).contains(&header_size)
+        || my_lba != 1
+        || first_usable > last_lba
+        || last_usable > last_lba
+        || last_usable < first_usable
+        || entry_size as usize != GPT_ENTRY
+    {
         return Vec::new();
     }
+    // Where the entries start in `head`; a table beyond what was read has no entries here.
+    let Some(base) = entries_lba
+        .checked_mul(SECTOR as u64)
+        .and_then(|b| usize::try_from(b).ok())
+    else {
+        return Vec::new();
+    };
     let mut parts = Vec::new();
-    for i in 0..count.min(128) {
-        let off = entries_lba as usize * 512 + i * size;
-        let Some(e) = head.get(off..off + 128) else {
+    for (number, i) in (1u32..).zip(0..count.min(GPT_MAX_ENTRIES) as usize) {
+        let Some(e) = (i * GPT_ENTRY)
+            .checked_add(base)
+            .and_then(|off| head.get(off..off.checked_add(GPT_ENTRY)?))
+        else {
             break;
         };
         if e[..16].iter().all(|b| *b == 0) {
@@ -81,18 +139,29 @@ fn scan_gpt(head: &[u8]) -> Vec<Partition> {
         }
         let first = u64le(&e[32..40]);
         let last = u64le(&e[40..48]);
-        if last < first {
+        if first > last_lba || last > last_lba || last < first {
             continue;
         }
+        // last <= last_lba < u64::MAX, so this cannot overflow; checked all the same.
+        let Some(sectors) = (last - first).checked_add(1) else {
+            continue;
+        };
         parts.push(Partition {
-            number: i as u32 + 1,
+            number,
             start: first,
-            sectors: last - first + 1,
+            sectors,
         });
     }
     parts
 }
 
+fn u32le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn u64le(b: &[u8]) -> u64 {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,34 +212,183 @@ mod tests {
         assert!(scan(&s[..100], 10000).is_empty());
     }
 
-    #[test]
-    fn gpt_entries() {
+    /// A protective MBR and a GPT header as sgdisk writes it for a device of `capacity`
+    /// sectors (CRCs left out: not checked), entries at LBA 2, then `entries` (first, last).
+    fn gpt(capacity: u64, entries: &[(u64, u64)]) -> Vec<u8> {
         let mut s = mbr(&[(0xee, 1, 0xffff_ffff)]);
         let h = &mut s[512..1024];
         h[0..8].copy_from_slice(b"EFI PART");
-        h[72..80].copy_from_slice(&2u64.to_le_bytes());
-        h[80..84].copy_from_slice(&128u32.to_le_bytes());
-        h[84..88].copy_from_slice(&128u32.to_le_bytes());
-        for (i, (first, last)) in [(2048u64, 4095u64), (4096, 8191)].iter().enumerate() {
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes()); // revision 1.0
+        h[12..16].copy_from_slice(&92u32.to_le_bytes()); // header size
+        h[24..32].copy_from_slice(&1u64.to_le_bytes()); // my LBA
+        h[32..40].copy_from_slice(&(capacity - 1).to_le_bytes()); // alternate LBA
+        h[40..48].copy_from_slice(&34u64.to_le_bytes()); // first usable
+        h[48..56].copy_from_slice(&(capacity - 34).to_le_bytes()); // last usable
+        h[72..80].copy_from_slice(&2u64.to_le_bytes()); // entries LBA
+        h[80..84].copy_from_slice(&128u32.to_le_bytes()); // entry count
+        h[84..88].copy_from_slice(&128u32.to_le_bytes()); // entry size
+        for (i, (first, last)) in entries.iter().enumerate() {
             let e = &mut s[1024 + i * 128..1024 + (i + 1) * 128];
             e[0] = 0xaf; // some type GUID
             e[32..40].copy_from_slice(&first.to_le_bytes());
             e[40..48].copy_from_slice(&last.to_le_bytes());
         }
-        let p = scan(&s, 10000);
+        s
+    }
+
+    fn set(s: &mut [u8], at: usize, bytes: &[u8]) {
+        s[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn p(number: u32, start: u64, sectors: u64) -> Partition {
+        Partition {
+            number,
+            start,
+            sectors,
+        }
+    }
+
+    #[test]
+    fn gpt_entries() {
+        let s = gpt(10000, &[(2048, 4095), (4096, 8191)]);
+        assert_eq!(scan(&s, 10000), vec![p(1, 2048, 2048), p(2, 4096, 4096)]);
+        // Partition numbers follow the entry index, gaps included (efi.c: i + 1).
+        let s = gpt(10000, &[(0, 0), (2048, 4095), (0, 0), (4096, 8191)]);
+        let mut t = s.clone();
+        t[1024..1152].fill(0);
+        t[1024 + 256..1024 + 384].fill(0);
+        assert_eq!(scan(&t, 10000), vec![p(2, 2048, 2048), p(4, 4096, 4096)]);
+    }
+
+    /// The entry array's LBA times 512 overflows: the old code wrapped it (to LBA 1 here, so
+    /// the real entry 1 was offered as partition 5), or panicked with overflow checks on.
+    /// Now the table is out of reach: no partitions.
+    #[test]
+    fn gpt_entries_lba_overflow() {
+        let mut s = gpt(10000, &[(2048, 4095)]);
+        set(&mut s, 512 + 72, &((1u64 << 55) + 1).to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![]);
+        set(&mut s, 512 + 72, &u64::MAX.to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![]);
+    }
+
+    /// An entry from LBA 0 to u64::MAX: `last - first + 1` overflowed (a panic with overflow
+    /// checks on). Now the entry is dropped, its valid neighbour kept.
+    #[test]
+    fn gpt_entry_whole_u64_range() {
+        let s = gpt(10000, &[(0, u64::MAX), (2048, 4095), (1, u64::MAX)]);
+        assert_eq!(scan(&s, 10000), vec![p(2, 2048, 2048)]);
+    }
+
+    /// efi.c accepts only 128-byte entries; the old code took any size >= 128 and stepped
+    /// through the table by it (a size of 2^32 - 1 put entry 2 at 4 GiB).
+    #[test]
+    fn gpt_entry_size_not_128() {
+        let mut s = gpt(10000, &[(2048, 4095), (4096, 8191)]);
+        for size in [256u32, 0xffff_ffff, 64, 0] {
+            set(&mut s, 512 + 84, &size.to_le_bytes());
+            assert_eq!(scan(&s, 10000), vec![], "entry size {size}");
+        }
+    }
+
+    /// A huge entry count is read only as far as the scanned sectors go.
+    #[test]
+    fn gpt_entry_count_huge() {
+        let mut s = gpt(10000, &[(2048, 4095)]);
+        set(&mut s, 512 + 80, &u32::MAX.to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![p(1, 2048, 2048)]);
+        // Entries LBA 33: only four fit in the 34 sectors read.
+        set(&mut s, 512 + 72, &33u64.to_le_bytes());
+        for i in 0..4u64 {
+            let e = 33 * 512 + i as usize * 128;
+            s[e] = 1;
+            set(&mut s, e + 32, &(100 + 10 * i).to_le_bytes());
+            set(&mut s, e + 40, &(109 + 10 * i).to_le_bytes());
+        }
+        let got = scan(&s, 10000);
         assert_eq!(
-            p,
+            got.iter().map(|p| p.number).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+    }
+
+    /// The header fields efi.c `is_gpt_valid` checks: a header that fails one of them is no
+    /// GPT, and the protective MBR makes msdos.c give up too.
+    #[test]
+    fn gpt_header_checks() {
+        let good = gpt(10000, &[(2048, 4095)]);
+        let cases: [(&str, usize, &[u8]); 7] = [
+            ("header size 91", 12, &91u32.to_le_bytes()),
+            ("header size 513", 12, &513u32.to_le_bytes()),
+            ("my LBA 2", 24, &2u64.to_le_bytes()),
+            ("first usable past the device", 40, &10000u64.to_le_bytes()),
+            ("last usable past the device", 48, &10000u64.to_le_bytes()),
+            ("last usable before first usable", 48, &33u64.to_le_bytes()),
+            ("signature", 0, b"EFI PARt"),
+        ];
+        for (what, at, bytes) in cases {
+            let mut s = good.clone();
+            set(&mut s, 512 + at, bytes);
+            assert_eq!(scan(&s, 10000), vec![], "{what}");
+        }
+        // The protective slot must start at LBA 1 (efi.c `pmbr_part_valid`).
+        let mut s = good.clone();
+        set(&mut s, 446 + 8, &2u32.to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![]);
+        // A device too small for the header's usable range; and one of 0 sectors.
+        assert_eq!(scan(&good, 9000), vec![]);
+        assert_eq!(scan(&good, 0), vec![]);
+        // Only the header sector was read, or not even that.
+        assert_eq!(scan(&good[..1024], 10000), vec![]);
+        assert_eq!(scan(&good[..1000], 10000), vec![]);
+    }
+
+    /// Entries with an end past the device, or ending before they start, are dropped
+    /// (efi.c `is_pte_valid`), the others kept.
+    #[test]
+    fn gpt_entries_past_device() {
+        let s = gpt(
+            10000,
+            &[
+                (2048, 10000),
+                (10000, 10001),
+                (4096, 4095),
+                (u64::MAX, 5),
+                (34, 9999),
+            ],
+        );
+        assert_eq!(scan(&s, 10000), vec![p(5, 34, 9966)]);
+    }
+
+    /// A FAT boot sector also ends in 55AA, and its boot code lands where the MBR slots
+    /// are. msdos.c rejects a table whose boot indicators are not 0 or 0x80; the old code
+    /// offered the bytes as partitions.
+    #[test]
+    fn fat_boot_sector_is_not_a_table() {
+        let mut s = mbr(&[(0x83, 63, 100)]);
+        s[446] = 0x4f; // boot indicator of slot 1: boot code, not 0/0x80
+        assert_eq!(scan(&s, 10000), vec![]);
+        s[446] = 0x80;
+        assert_eq!(scan(&s, 10000), vec![p(1, 63, 100)]);
+    }
+
+    /// MBR slots at the u32 limits: widened before adding, so nothing overflows; what is
+    /// past the device is dropped.
+    #[test]
+    fn mbr_slots_at_u32_limits() {
+        let s = mbr(&[
+            (0x83, u32::MAX, u32::MAX),
+            (0x83, 1, u32::MAX),
+            (0x83, u32::MAX, 1),
+            (0x83, 0, 5),
+        ]);
+        assert_eq!(scan(&s, u64::from(u32::MAX)), vec![]);
+        assert_eq!(
+            scan(&s, u64::MAX),
             vec![
-                Partition {
-                    number: 1,
-                    start: 2048,
-                    sectors: 2048
-                },
-                Partition {
-                    number: 2,
-                    start: 4096,
-                    sectors: 4096
-                }
+                p(1, 0xffff_ffff, 0xffff_ffff),
+                p(2, 1, 0xffff_ffff),
+                p(3, 0xffff_ffff, 1)
             ]
         );
     }

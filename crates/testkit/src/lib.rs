@@ -13,15 +13,19 @@
 //! * [`NsChild`]: a process (daemon, `vblade`, `tshark`, ...) running inside a namespace, with
 //!   its output captured to a temporary file; stopped with SIGTERM, then SIGKILL, on drop.
 //! * [`require_root`] and [`wait_until`]: the two helpers every such test needs.
+//! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
+//!   for tests that must know exactly which request was acknowledged.
 //!
 //! How: everything shells out to `ip` (iproute2), `nsenter` (util-linux) and `sh`; this crate
-//! has no `unsafe` and does not depend on `aoe-sys`, so `aoe-sys` itself can use it in its
-//! tests. Code that must run *inside* a namespace in the test process itself calls
-//! `aoe_sys::run_in_netns(ns.path(), ..)` (`setns(2)` on a helper thread).
+//! has no `unsafe`. Only [`aoeclient`] uses `aoe-sys` (and `aoe-wire`); `aoe-sys` still uses
+//! the rest in its tests (a dev-dependency cycle, which Cargo allows). Code that must run
+//! *inside* a namespace in the test process itself calls `aoe_sys::run_in_netns(ns.path(), ..)`
+//! (`setns(2)` on a helper thread).
 //!
-//! What it deliberately does not do: no traffic shaping, capture or frame building; and it
-//! never creates anything in the host namespace: veth pairs are created directly inside the
-//! test namespaces (`ip -n A link add ... peer ... netns B`).
+//! What it deliberately does not do: no traffic shaping or capture, no frame building beyond
+//! [`aoeclient`]'s few requests; and it never creates anything in the host namespace: veth
+//! pairs are created directly inside the test namespaces (`ip -n A link add ... peer ...
+//! netns B`).
 //!
 //! Names are `PREFIX-PID-N`, so namespaces left behind by a test process that was killed
 //! (and so could not run its destructors) are recognised and removed by the next
@@ -30,6 +34,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aoeclient;
 pub mod faultfs;
 
 use std::borrow::Borrow;
