@@ -18,6 +18,7 @@ pub mod fs;
 pub mod nbd;
 pub mod net;
 pub mod partition;
+pub mod rangelock;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,6 +14,7 @@ use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::partition::{self, Partition};
+use crate::rangelock::RangeLocks;
 
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
@@ -132,6 +133,7 @@ pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 pub struct Handle {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
+    locks: RangeLocks,
 }
 
 impl Handle {
@@ -145,6 +147,12 @@ impl Handle {
     /// Submits I/O.
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
         self.send(Cmd::Io { dev, op, done });
+    }
+
+    /// The sector range locks every front-end takes around its I/O (one table per
+    /// daemon, shared by the FUSE files and the NBD server).
+    pub fn locks(&self) -> &RangeLocks {
+        &self.locks
     }
 }
 
@@ -199,6 +207,7 @@ impl Net {
         let handle = Handle {
             tx,
             wake: wake.clone(),
+            locks: RangeLocks::new(),
         };
         Ok(Net {
             engine,
