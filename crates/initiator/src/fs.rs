@@ -349,9 +349,13 @@ impl Filesystem for AoeFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match node(ino.0) {
-            Some(Node::Dev(a, _)) => {
-                if !lock(&self.shared).devices.contains_key(&a) {
-                    return reply.error(Errno::ENOENT);
+            Some(Node::Dev(a, p)) => {
+                {
+                    let mut s = lock(&self.shared);
+                    if !s.devices.contains_key(&a) {
+                        return reply.error(Errno::ENOENT);
+                    }
+                    *s.open_files.entry((a, p)).or_insert(0) += 1;
                 }
                 self.net.send(Cmd::SetOpen(a, true));
                 reply.opened(FileHandle(0), FopenFlags::empty());
@@ -375,7 +379,16 @@ impl Filesystem for AoeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Dev(a, _)) = node(ino.0) {
+        if let Some(Node::Dev(a, p)) = node(ino.0) {
+            {
+                let mut s = lock(&self.shared);
+                if let Some(n) = s.open_files.get_mut(&(a, p)) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.open_files.remove(&(a, p));
+                    }
+                }
+            }
             self.net.send(Cmd::SetOpen(a, false));
         }
         reply.ok();

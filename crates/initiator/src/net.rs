@@ -69,6 +69,12 @@ pub struct Shared {
     pub err: VecDeque<String>,
     /// Readers of `err` waiting for a line, with their process IDs.
     pub err_waiters: Vec<(u32, fuser::ReplyData)>,
+    /// Opens of device (partition 0) and partition files through FUSE, by (device,
+    /// partition); a `--loop` device holds one open of its `eX.Y`. What [`crate::in_use`]
+    /// counts when asked to stop.
+    pub open_files: BTreeMap<(TargetAddr, u32), u32>,
+    /// NBD clients in transmission, by export name.
+    pub nbd_clients: BTreeMap<String, u32>,
 }
 
 /// Lines `err` keeps, like the driver's ring of 100 messages.
