@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aoe_testkit::wait_until;
@@ -237,6 +238,215 @@ fn concurrent_unaligned_writes_all_land() {
     assert!(
         all[REGION as usize + REGION_LEN..] == orig[REGION as usize + REGION_LEN..],
         "bytes after the region changed"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// SIGTERM while in use
+
+/// ext4 made and mounted on the `--loop` device: (rig, loop device, mount point).
+fn ext4_mounted_on_loop() -> (Rig, String, PathBuf) {
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            loop_devices: true,
+            ..InitOpts::default()
+        },
+    );
+    let mut loops = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            loops = rig.loops();
+            !loops.is_empty()
+        }),
+        "no loop device attached to {}{}",
+        rig.dev().display(),
+        rig.logs()
+    );
+    let lo = loops[0].clone();
+    run_ok(Command::new("timeout").args([
+        "-k",
+        "5",
+        "60",
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-E",
+        "nodiscard",
+        &lo,
+    ]));
+    let mnt = rig.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+    (rig, lo, mnt)
+}
+
+/// Waits for the initiator's one-line refusal to stop, which must name the device and
+/// SIGQUIT.
+fn wait_refusal(rig: &Rig) {
+    let init = rig.initiator.as_ref().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || init
+            .output_so_far()
+            .contains("not stopping while in use")),
+        "no refusal logged after SIGTERM{}",
+        rig.logs()
+    );
+    let out = init.output_so_far();
+    let line = out
+        .lines()
+        .find(|l| l.contains("not stopping while in use"))
+        .unwrap();
+    assert!(
+        line.contains(DEV) && line.contains("kill -QUIT"),
+        "refusal line: {line}"
+    );
+}
+
+/// Writes a file on the mounted file system and syncs it: both must succeed.
+fn write_and_sync(mnt: &Path, name: &str, seed: u64) {
+    let data = pattern(seed, 300_000);
+    fs::write(mnt.join(name), &data).unwrap();
+    run_ok(Command::new("timeout").args(["-k", "5", "60", "sync"]));
+    assert!(fs::read(mnt.join(name)).unwrap() == data);
+}
+
+/// SIGTERM (as `systemctl restart` sends) while ext4 is mounted on the `--loop` device: the
+/// daemon keeps running and serving (a write and sync on the file system succeed), and once
+/// the file system is unmounted it exits 0 by itself, unmounting ROOT and detaching the
+/// loop device. Before, it unmounted at once and the mounted ext4 got I/O errors.
+#[test]
+fn sigterm_while_mounted_waits_for_the_unmount() {
+    let (mut rig, lo, mnt) = ext4_mounted_on_loop();
+    write_and_sync(&mnt, "before", 1);
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    assert!(
+        rig.initiator.as_mut().unwrap().is_running(),
+        "the initiator stopped{}",
+        rig.logs()
+    );
+    write_and_sync(&mnt, "after", 2);
+    assert!(rig.root_mounted());
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the unmount: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+    assert!(
+        wait_until(Duration::from_secs(3), || rig.loops().is_empty()),
+        "loop devices left: {:?}",
+        rig.loops()
+    );
+    // What was written while it refused to stop is on the target.
+    let fsck = run(Command::new("timeout")
+        .args(["-k", "5", "60", "fsck.ext4", "-n", "-f"])
+        .arg(&rig.file));
+    assert!(
+        fsck.status.success(),
+        "fsck of the backing file after {lo} was unmounted: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// SIGTERM while in use, then SIGQUIT: the explicit second request stops it at once (exit
+/// 0, ROOT unmounted), even with the file system still mounted.
+#[test]
+fn sigquit_stops_even_while_mounted() {
+    let (mut rig, _lo, _mnt) = ext4_mounted_on_loop();
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let t0 = Instant::now();
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    eprintln!("SIGQUIT to exit: {:?}", t0.elapsed());
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    // Drop unmounts the ext4 (it now gets I/O errors) and detaches the loop device.
+}
+
+/// A device file held open by a process also keeps it from stopping, and closing it lets it
+/// stop; with nothing open SIGTERM stops at once (`Rig::finish` checks that elsewhere).
+#[test]
+fn sigterm_waits_for_an_open_partition_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = backing_with_partition(dir.path());
+    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
+    let part = rig.root.join(format!("{DEV}p1"));
+    assert!(wait_until(Duration::from_secs(10), || part.exists()));
+    let f = fs::File::open(&part).unwrap();
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(out.contains(&format!("{DEV}p1 (open 1x)")), "{out}");
+    let mut b = [0u8; 512];
+    f.read_exact_at(&mut b, 0).unwrap();
+    drop(f);
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the close: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+}
+
+// ------------------------------------------------------------------------------------------
+// One initiator per ROOT
+
+/// A second `aoe initiator` on a ROOT the first has mounted exits 1 with a clear message
+/// naming the first one's pid, without mounting anything; the first keeps working.
+#[test]
+fn second_initiator_on_a_mounted_root_is_refused() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let first = rig.initiator.as_ref().unwrap().pid();
+    let mut second = rig.spawn_initiator(&[]);
+    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
+    let out = second.output_so_far();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "second initiator: {out}"
+    );
+    let want = format!(
+        "{} is already mounted (by another aoe initiator, pid {first}); stop it first",
+        rig.root.display()
+    );
+    assert!(
+        out.contains(&want),
+        "second initiator said:\n{out}\nwant: {want}"
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&*rig.root.to_string_lossy()))
+        .count();
+    assert_eq!(mounts, 1, "mounts on ROOT");
+    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
+    assert!(
+        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
+        "wrong bytes"
     );
     rig.finish();
 }
