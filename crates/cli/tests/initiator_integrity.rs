@@ -6,7 +6,8 @@
 //! - SIGTERM while the device is in use (ext4 mounted on the `--loop` device) does not
 //!   stop the daemon: it keeps serving and exits once the file system is unmounted, or at
 //!   once on SIGQUIT;
-//! - a second `aoe initiator` on a ROOT that is already mounted refuses to start.
+//! - a second `aoe initiator` on a ROOT that is already mounted refuses to start;
+//! - a full send buffer does not stall the network thread.
 
 mod common;
 use common::*;
@@ -447,6 +448,80 @@ fn second_initiator_on_a_mounted_root_is_refused() {
     assert!(
         got == pattern(1, (1 << 20) + 4096)[1 << 20..],
         "wrong bytes"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// A full send buffer
+
+/// The initiator's link slowed to 16 kbit/s by a tbf qdisc with a queue that never drops:
+/// frames wait in it holding their socket's send buffer until send() says EAGAIN. With
+/// writes in flight, the network thread must keep answering commands promptly (it waits
+/// for POLLOUT instead of sleeping per frame); once the link is fast again the writes
+/// complete with the right bytes.
+#[test]
+fn full_send_buffer_does_not_stall_the_network_thread() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let tbf = |op: &str| {
+        let mut args = vec!["qdisc", op, "dev", &rig.init_if, "root"];
+        if op == "add" {
+            args.extend([
+                "tbf",
+                "rate",
+                "16kbit",
+                "burst",
+                "1600",
+                "limit",
+                "100000000",
+            ]);
+        }
+        rig.init_ns
+            .run("tc", &args)
+            .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"))
+    };
+    tbf("add");
+    let data = pattern(9, 4 << 20);
+    let writer = {
+        let dev = rig.dev();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(&dev).unwrap();
+            f.write_all_at(&data, 1 << 20)
+        })
+    };
+    let init = rig.initiator.as_ref().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || init
+            .output_so_far()
+            .contains("send buffer full")),
+        "the send buffer never filled{}",
+        rig.logs()
+    );
+    // `interfaces` is answered by the network thread (Cmd::SetInterfaces).
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let t0 = Instant::now();
+        rig.echo_ok("interfaces", &rig.init_if);
+        slowest = slowest.max(t0.elapsed());
+        n += 1;
+    }
+    eprintln!("slowest of {n} control writes in 3 s with the send buffer full: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a control write took {slowest:?} with the send buffer full{}",
+        rig.logs()
+    );
+    tbf("del");
+    writer
+        .join()
+        .unwrap()
+        .expect("the write once the link is fast again");
+    assert!(
+        read_at(&rig.dev(), 1 << 20, data.len()).unwrap() == data,
+        "wrong bytes after the congestion"
     );
     rig.finish();
 }
