@@ -413,6 +413,35 @@ fn sigterm_waits_for_an_open_partition_file() {
     assert!(!rig.root_mounted(), "ROOT still mounted");
 }
 
+/// An NBD client connected to an export holds the daemon too; it stops once the client
+/// disconnects.
+#[test]
+fn sigterm_waits_for_an_nbd_client() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let sock = rig.dir.path().join("nbd.sock");
+    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let client = nbd_connect(&sock, DEV);
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(out.contains(&format!("{DEV} (NBD, 1 client)")), "{out}");
+    // Still serving it: a write through NBD completes.
+    let errs = nbd_pipelined_writes(client, vec![(4096, pattern(5, 4096))]);
+    assert!(
+        errs.is_empty(),
+        "NBD write while refusing to stop: {errs:?}"
+    );
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the NBD client left: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+}
+
 // ------------------------------------------------------------------------------------------
 // One initiator per ROOT
 
