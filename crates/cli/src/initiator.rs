@@ -12,7 +12,13 @@ use clap::Args;
 #[command(
     after_help = "Control files under ROOT (like the kernel driver's /dev/etherd):\n  \
 discover, interfaces, err, revalidate, flush, eX.Y, eX.YpN, sysfs/block/etherd!eX.Y/*\n\
-aoetools' aoe-stat reads the attributes with sysfs_dir=ROOT/sysfs."
+aoetools' aoe-stat reads the attributes with sysfs_dir=ROOT/sysfs.\n\n\
+Stopping: like the kernel driver, which cannot be unloaded while a device is in use,\n\
+SIGTERM or SIGINT while a device or partition file is open, a --loop device is in use\n\
+(mounted, ...) or an NBD client is connected does not stop the daemon: it logs what is\n\
+in use, keeps serving, and exits once they are all closed. SIGQUIT (kill -QUIT PID, or\n\
+Ctrl-\\) stops it at once anyway: their I/O fails from then on.\n\
+One daemon per ROOT: a ROOT that is already mounted is refused."
 )]
 pub struct InitiatorArgs {
     /// Where control and device files appear.
@@ -45,10 +51,15 @@ pub struct InitiatorArgs {
 
 /// Runs `aoe initiator`.
 pub fn run(a: InitiatorArgs) -> Result<()> {
+    // SIGTERM/SIGINT: stop once no device is in use; SIGQUIT: stop now (see the module
+    // doc of aoe_initiator).
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
+    let force = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGQUIT, force.clone())
+        .context("cannot install signal handlers")?;
     if a.maxout == 0 {
         anyhow::bail!("--maxout must be at least 1");
     }
@@ -77,6 +88,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
             },
         },
         stop,
+        force,
     )
 }
 

@@ -622,8 +622,10 @@ fn mbr(parts: &[(u64, u64)]) -> Vec<u8> {
 // ------------------------------------------------------------------------------------------
 // SIGTERM with I/O in flight
 
-/// SIGTERM while a read waits on a dead target (deadsecs 60): the daemon fails the read,
-/// exits 0 and unmounts ROOT; the reader gets an error in seconds, not after deadsecs.
+/// SIGTERM while a read waits on a dead target (deadsecs 60): the reader holds the device
+/// file open, so the daemon refuses to stop (like `rmmod aoe` with a device open); SIGQUIT
+/// then makes it fail the read, exit 0 and unmount ROOT; the reader gets an error in
+/// seconds, not after deadsecs.
 #[test]
 fn sigterm_with_io_blocked_on_a_dead_target() {
     let mut rig = Rig::start(
@@ -646,7 +648,24 @@ fn sigterm_with_io_blocked_on_a_dead_target() {
         !reader.is_finished(),
         "the read did not wait for the dead target"
     );
-    rig.finish();
+    rig.signal_initiator("TERM");
+    assert!(
+        wait_until(Duration::from_secs(5), || rig
+            .logs()
+            .contains("not stopping while in use")),
+        "SIGTERM with the device open: no refusal{}",
+        rig.logs()
+    );
+    assert!(!reader.is_finished(), "the read ended on SIGTERM alone");
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().expect("initiator running");
+    let status = init.wait_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "aoe initiator after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted after SIGQUIT");
     let (r, took) = reader.join().unwrap();
     assert!(r.is_err(), "read from a dead target after SIGTERM: {r:?}");
     assert!(took < Duration::from_secs(10), "the read took {took:?}");

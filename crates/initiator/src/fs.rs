@@ -25,6 +25,7 @@ use fuser::{
     Request, WriteFlags,
 };
 
+use crate::nbd::blockio;
 use crate::net::{lock, Cmd, DevEntry, Handle, Shared};
 
 const ROOT: u64 = 1;
@@ -348,9 +349,13 @@ impl Filesystem for AoeFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match node(ino.0) {
-            Some(Node::Dev(a, _)) => {
-                if !lock(&self.shared).devices.contains_key(&a) {
-                    return reply.error(Errno::ENOENT);
+            Some(Node::Dev(a, p)) => {
+                {
+                    let mut s = lock(&self.shared);
+                    if !s.devices.contains_key(&a) {
+                        return reply.error(Errno::ENOENT);
+                    }
+                    *s.open_files.entry((a, p)).or_insert(0) += 1;
                 }
                 self.net.send(Cmd::SetOpen(a, true));
                 reply.opened(FileHandle(0), FopenFlags::empty());
@@ -374,7 +379,16 @@ impl Filesystem for AoeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Dev(a, _)) = node(ino.0) {
+        if let Some(Node::Dev(a, p)) = node(ino.0) {
+            {
+                let mut s = lock(&self.shared);
+                if let Some(n) = s.open_files.get_mut(&(a, p)) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.open_files.remove(&(a, p));
+                    }
+                }
+            }
             self.net.send(Cmd::SetOpen(a, false));
         }
         reply.ok();
@@ -538,6 +552,8 @@ impl AoeFs {
         extent(e, p).ok_or(Errno::ENODEV)
     }
 
+    /// A read of a device or partition file: the covering sectors, sliced
+    /// ([`blockio::read`], which holds them shared against a read-modify-write).
     fn read_dev(&self, a: TargetAddr, p: u32, offset: u64, size: u32, reply: ReplyData) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
@@ -547,24 +563,24 @@ impl AoeFs {
         if offset >= end || size == 0 {
             return reply.data(&[]);
         }
-        let want = (size as u64).min(end - offset);
-        let first = offset / 512;
-        let last = (offset + want).div_ceil(512);
-        let skip = (offset - first * 512) as usize;
-        self.net.io(
+        let want = (size as u64).min(end - offset) as usize;
+        blockio::read(
+            &self.net,
             a,
-            BlockOp::Read {
-                lba: start + first,
-                sectors: (last - first) as u32,
-            },
+            start,
+            offset,
+            want,
             Box::new(move |r| match r {
-                Ok(Some(d)) => reply.data(&d[skip..skip + want as usize]),
-                Ok(None) => reply.error(Errno::EIO),
+                Ok(d) => reply.data(&d),
                 Err(e) => reply.error(Errno::from_i32(e)),
             }),
         );
     }
 
+    /// A write to a device or partition file at any offset and length
+    /// ([`blockio::write`]: the partial sectors of an unaligned write are read, patched and
+    /// written back under an exclusive hold of the covering sectors, shared with the NBD
+    /// server, so concurrent writers to one sector through any file or export all land).
     fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
@@ -576,43 +592,16 @@ impl AoeFs {
         }
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
-        let data = &data[..n];
-        let first = offset / 512;
-        let last = (offset + n as u64).div_ceil(512);
-        let lba = start + first;
         let written = n as u32;
-        let done_write = move |r: Result<Option<Vec<u8>>, i32>| match r {
-            Ok(_) => reply.written(written),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        };
-        if offset % 512 == 0 && n % 512 == 0 {
-            self.net.io(
-                a,
-                BlockOp::Write {
-                    lba,
-                    data: data.to_vec(),
-                },
-                Box::new(done_write),
-            );
-            return;
-        }
-        // Unaligned: read the covering sectors, patch, write them back.
-        let skip = (offset - first * 512) as usize;
-        let patch = data.to_vec();
-        let net = self.net.clone();
-        self.net.io(
+        blockio::write(
+            &self.net,
             a,
-            BlockOp::Read {
-                lba,
-                sectors: (last - first) as u32,
-            },
+            start,
+            offset,
+            data[..n].to_vec(),
             Box::new(move |r| match r {
-                Ok(Some(mut buf)) => {
-                    buf[skip..skip + patch.len()].copy_from_slice(&patch);
-                    net.io(a, BlockOp::Write { lba, data: buf }, Box::new(done_write));
-                }
-                Ok(None) => done_write(Err(libc::EIO)),
-                Err(e) => done_write(Err(e)),
+                Ok(()) => reply.written(written),
+                Err(e) => reply.error(Errno::from_i32(e)),
             }),
         );
     }

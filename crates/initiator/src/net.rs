@@ -14,6 +14,7 @@ use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::partition::{self, Partition};
+use crate::rangelock::RangeLocks;
 
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
@@ -68,6 +69,12 @@ pub struct Shared {
     pub err: VecDeque<String>,
     /// Readers of `err` waiting for a line, with their process IDs.
     pub err_waiters: Vec<(u32, fuser::ReplyData)>,
+    /// Opens of device (partition 0) and partition files through FUSE, by (device,
+    /// partition); a `--loop` device holds one open of its `eX.Y`. What [`crate::in_use`]
+    /// counts when asked to stop.
+    pub open_files: BTreeMap<(TargetAddr, u32), u32>,
+    /// NBD clients in transmission, by export name.
+    pub nbd_clients: BTreeMap<String, u32>,
 }
 
 /// Lines `err` keeps, like the driver's ring of 100 messages.
@@ -132,6 +139,7 @@ pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 pub struct Handle {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
+    locks: RangeLocks,
 }
 
 impl Handle {
@@ -146,11 +154,75 @@ impl Handle {
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
         self.send(Cmd::Io { dev, op, done });
     }
+
+    /// The sector range locks every front-end takes around its I/O (one table per
+    /// daemon, shared by the FUSE files and the NBD server).
+    pub fn locks(&self) -> &RangeLocks {
+        &self.locks
+    }
 }
+
+/// Frames per interface waiting for room in its socket's send buffer.
+pub const BACKLOG: usize = 256;
 
 struct Iface {
     name: String,
     sock: PacketSocket,
+    /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
+    /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped.
+    backlog: VecDeque<Vec<u8>>,
+}
+
+/// What became of a frame handed to [`Iface::send`].
+enum Sent {
+    Done,
+    /// The send buffer is full: keep it and wait for `POLLOUT`.
+    Full,
+    /// Gone (sent into a full device queue, ENOBUFS, or another error): the retransmit
+    /// timer covers it, as for a frame lost on the wire.
+    Lost,
+}
+
+impl Iface {
+    fn send(&self, frame: &[u8]) -> Sent {
+        match self.sock.send(frame) {
+            Ok(()) => Sent::Done,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Sent::Full,
+            Err(e) => {
+                tracing::debug!(interface = %self.name, error = %e, "send failed");
+                Sent::Lost
+            }
+        }
+    }
+
+    /// Sends backlogged frames until the socket is full again.
+    fn flush(&mut self) {
+        while let Some(f) = self.backlog.front() {
+            if let Sent::Full = self.send(f) {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    /// Sends `frame` now if nothing is waiting before it, else queues it (or drops it,
+    /// with the backlog full); true if it was dropped.
+    fn send_or_queue(&mut self, frame: &[u8]) -> bool {
+        if self.backlog.is_empty() {
+            match self.send(frame) {
+                Sent::Done | Sent::Lost => return false,
+                Sent::Full => tracing::debug!(
+                    interface = %self.name,
+                    "send buffer full: queueing frames until POLLOUT"
+                ),
+            }
+        }
+        if self.backlog.len() >= BACKLOG {
+            return true;
+        }
+        self.backlog.push_back(frame.to_vec());
+        false
+    }
 }
 
 /// The network thread's state.
@@ -199,6 +271,7 @@ impl Net {
         let handle = Handle {
             tx,
             wake: wake.clone(),
+            locks: RangeLocks::new(),
         };
         Ok(Net {
             engine,
@@ -281,6 +354,7 @@ impl Net {
                         self.ifaces[idx] = Some(Iface {
                             name: w.name.clone(),
                             sock,
+                            backlog: VecDeque::new(),
                         });
                     }
                     Err(e) => {
@@ -335,10 +409,15 @@ impl Net {
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
+            // Never sleep on a full send buffer: wait for room (POLLOUT) together with
+            // frames and commands.
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::new(i.as_ref().map_or(-1, |i| i.sock.as_raw_fd())))
+                .map(|i| PollFd {
+                    writable: i.as_ref().is_some_and(|i| !i.backlog.is_empty()),
+                    ..PollFd::new(i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()))
+                })
                 .collect();
             fds.push(PollFd::new(self.wake.as_raw_fd()));
             if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
@@ -352,7 +431,12 @@ impl Net {
                 if !fd.ready {
                     continue;
                 }
-                let Some(i) = &self.ifaces[idx] else { continue };
+                let Some(i) = &mut self.ifaces[idx] else {
+                    continue;
+                };
+                if fd.writable {
+                    i.flush();
+                }
                 while let Ok(Some(meta)) = i.sock.recv(&mut self.buf) {
                     if !meta.truncated {
                         self.engine.handle_frame(now, idx, &self.buf[..meta.len]);
@@ -362,24 +446,25 @@ impl Net {
         }
     }
 
+    /// Sends what the engine has to send. A socket whose send buffer is full (EAGAIN) gets
+    /// its frames queued, up to [`BACKLOG`], and the loop waits for `POLLOUT` on it while
+    /// it keeps receiving and answering commands; frames beyond that are dropped and left
+    /// to the retransmit timer, as AoE expects of a lossy link (the driver's `aoenet_xmit`
+    /// likewise drops what `dev_queue_xmit` refuses).
     fn transmit(&mut self, now: Instant) {
+        for i in self.ifaces.iter_mut().flatten() {
+            i.flush();
+        }
         let mut out = vec![0u8; self.buf.len()];
+        let mut dropped = 0u32;
         while let Some(t) = self.engine.poll_transmit(now, &mut out) {
-            let Some(Some(i)) = self.ifaces.get(t.iface) else {
+            let Some(Some(i)) = self.ifaces.get_mut(t.iface) else {
                 continue;
             };
-            for _ in 0..100 {
-                match i.sock.send(&out[..t.len]) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err(e) => {
-                        tracing::debug!(interface = %i.name, error = %e, "send failed");
-                        break;
-                    }
-                    Ok(()) => break,
-                }
-            }
+            dropped += u32::from(i.send_or_queue(&out[..t.len]));
+        }
+        if dropped > 0 {
+            tracing::debug!(dropped, "send buffers full: frames dropped");
         }
     }
 

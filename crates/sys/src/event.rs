@@ -95,8 +95,10 @@ pub struct PollFd {
     pub fd: RawFd,
     /// Wait for `POLLIN`. With `false` only errors and hang-ups are reported.
     pub readable: bool,
-    /// Set by [`poll`]: the fd is readable, or has an error or hang-up pending (a read will
-    /// report it). Cleared when nothing happened.
+    /// Also wait for `POLLOUT` (room in the send buffer). `false` in [`PollFd::new`].
+    pub writable: bool,
+    /// Set by [`poll`]: the fd is readable (or writable, if asked), or has an error or
+    /// hang-up pending (a read will report it). Cleared when nothing happened.
     pub ready: bool,
 }
 
@@ -106,6 +108,7 @@ impl PollFd {
         PollFd {
             fd,
             readable: true,
+            writable: false,
             ready: false,
         }
     }
@@ -122,7 +125,8 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
         .iter()
         .map(|p| libc::pollfd {
             fd: p.fd,
-            events: if p.readable { libc::POLLIN } else { 0 },
+            events: (if p.readable { libc::POLLIN } else { 0 })
+                | (if p.writable { libc::POLLOUT } else { 0 }),
             revents: 0,
         })
         .collect();
@@ -218,10 +222,26 @@ mod tests {
         let mut fds = [PollFd {
             fd: a.as_raw_fd(),
             readable: false,
+            writable: false,
             ready: false,
         }];
         assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
         assert!(fds[0].ready);
+    }
+
+    #[test]
+    fn poll_waits_for_room_to_write_when_asked() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut fds = [PollFd {
+            writable: true,
+            readable: false,
+            ..PollFd::new(a.as_raw_fd())
+        }];
+        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+        assert!(fds[0].ready);
+        // Not asked: an idle socket is not ready.
+        let mut fds = [PollFd::new(a.as_raw_fd())];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
     }
 
     #[test]

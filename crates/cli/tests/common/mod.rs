@@ -595,3 +595,66 @@ pub fn wrong_sectors(got: &[u8], want: &[u8]) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+// ------------------------------------------------------------------------------------------
+// Initiator integrity (issue 9): restarting the initiator with other options, a second
+// initiator on the same ROOT, signals
+
+impl Rig {
+    /// The `aoe initiator` command line [`Rig::start_with`] uses (ROOT, the link, debug
+    /// logs; no `--loop` or `--deadsecs`), with `extra` arguments after it.
+    pub fn initiator_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--iflist")
+            .arg(&self.init_if)
+            .args(extra)
+            .env("AOE_LOG", "debug");
+        cmd
+    }
+
+    /// Starts another `aoe initiator` in the initiator's namespace on this rig's ROOT,
+    /// without waiting for anything.
+    pub fn spawn_initiator(&self, extra: &[&str]) -> NsChild {
+        self.init_ns
+            .spawn(self.initiator_command(extra))
+            .expect("start aoe initiator")
+    }
+
+    /// Stops the running initiator (it must exit 0 and unmount ROOT) and starts one with
+    /// `extra` arguments; returns once ROOT is mounted and the device is up again.
+    pub fn restart_initiator(&mut self, extra: &[&str]) {
+        let mut old = self.initiator.take().expect("initiator running");
+        let status = old.stop().expect("stop the initiator");
+        assert!(
+            status.success(),
+            "initiator before restart: {status}\n{}",
+            old.output_so_far()
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || !self.root_mounted()),
+            "ROOT still mounted after the initiator stopped"
+        );
+        let mut init = self.spawn_initiator(extra);
+        let discover = self.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator {extra:?} did not mount {}:\n{}",
+            self.root.display(),
+            init.output_so_far()
+        );
+        self.initiator = Some(init);
+        self.wait_state("up", Duration::from_secs(10), "after the restart");
+    }
+
+    /// Sends `signal` (`"TERM"`, `"QUIT"`, ...) to the initiator.
+    pub fn signal_initiator(&self, signal: &str) {
+        let pid = self.initiator.as_ref().expect("initiator running").pid();
+        run_ok(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]));
+    }
+}

@@ -2,19 +2,21 @@
 //! any offset and length (read the covering sectors and slice), writes of any offset and
 //! length (read-modify-write of the partial first and last sectors), writes of zeros, and
 //! flush. Every function is asynchronous: it submits and returns, and `done` runs later on
-//! the network thread.
+//! the network thread. Both front-ends use them: the NBD server and the FUSE device files
+//! (`fs.rs`).
 //!
-//! `fs.rs` has the same read-covering-sectors and read-modify-write logic inline for FUSE;
-//! it is kept separate on purpose for now (that file has another owner), but these helpers
-//! are meant to serve both.
-//!
-//! Unaligned writes are not atomic against other writes to the same sector: a client that
-//! honours the advertised 512-byte minimum block size never sends them.
+//! Every read and write holds its covering sectors in the daemon's
+//! [`RangeLocks`](crate::rangelock::RangeLocks) until it completes: shared when aligned,
+//! exclusive for a read-modify-write (from the read of the partial sectors to the end of
+//! the write back), so two unaligned writes to different bytes of one sector, through any
+//! mix of device files, partition files and NBD exports, both land (what the kernel's page
+//! cache guarantees above a real block device).
 
 use aoe_proto::initiator::BlockOp;
 use aoe_wire::TargetAddr;
 
 use crate::net::Handle;
+use crate::rangelock::Mode;
 
 /// Sector size of every AoE device.
 pub const SECTOR: u64 = 512;
@@ -42,42 +44,88 @@ pub fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, d
     let Ok(sectors) = u32::try_from(count) else {
         return done(Err(libc::EINVAL));
     };
-    net.io(
+    let lba = base + first;
+    let n2 = net.clone();
+    net.locks().acquire(
         dev,
-        BlockOp::Read {
-            lba: base + first,
-            sectors,
-        },
-        Box::new(move |r| match r {
-            Ok(Some(mut d)) if d.len() >= skip + len => {
-                d.drain(..skip);
-                d.truncate(len);
-                done(Ok(d))
-            }
-            Ok(_) => done(Err(libc::EIO)),
-            Err(e) => done(Err(e)),
+        lba,
+        count,
+        Mode::Shared,
+        Box::new(move |held| {
+            n2.io(
+                dev,
+                BlockOp::Read { lba, sectors },
+                Box::new(move |r| {
+                    drop(held);
+                    match r {
+                        Ok(Some(mut d)) if d.len() >= skip + len => {
+                            d.drain(..skip);
+                            d.truncate(len);
+                            done(Ok(d))
+                        }
+                        Ok(_) => done(Err(libc::EIO)),
+                        Err(e) => done(Err(e)),
+                    }
+                }),
+            )
         }),
     );
 }
 
 /// Writes `data` at byte `offset` of the extent starting at sector `base` of `dev`. An
-/// aligned write goes out as it is; otherwise the partial first and last sectors are read
-/// first and the whole covering range is written back.
+/// aligned write goes out as it is (holding its sectors shared); otherwise the partial
+/// first and last sectors are read first and the whole covering range is written back,
+/// all under an exclusive hold of the covering sectors.
 pub fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, done: Cb<()>) {
     if data.is_empty() {
         return done(Ok(()));
     }
     let len = data.len() as u64;
-    if offset % SECTOR == 0 && len % SECTOR == 0 {
-        return net.io(
-            dev,
-            BlockOp::Write {
-                lba: base + offset / SECTOR,
-                data,
-            },
-            Box::new(move |r| done(r.map(|_| ()))),
-        );
-    }
+    let (first, count, _) = covering(offset, len);
+    let aligned = offset % SECTOR == 0 && len % SECTOR == 0;
+    let mode = if aligned {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    let n2 = net.clone();
+    net.locks().acquire(
+        dev,
+        base + first,
+        count,
+        mode,
+        Box::new(move |held| {
+            // Released when the last AoE command of this write completes.
+            let done: Cb<()> = Box::new(move |r| {
+                drop(held);
+                done(r)
+            });
+            if aligned {
+                n2.io(
+                    dev,
+                    BlockOp::Write {
+                        lba: base + first,
+                        data,
+                    },
+                    Box::new(move |r| done(r.map(|_| ()))),
+                )
+            } else {
+                read_modify_write(n2, dev, base, offset, data, done)
+            }
+        }),
+    );
+}
+
+/// The unaligned half of [`write`], run with the covering sectors held exclusively.
+fn read_modify_write(
+    net: Handle,
+    dev: TargetAddr,
+    base: u64,
+    offset: u64,
+    data: Vec<u8>,
+    done: Cb<()>,
+) {
+    let len = data.len() as u64;
     let (first, count, skip) = covering(offset, len);
     let mut buf = vec![0u8; (count * SECTOR) as usize];
     buf[skip..skip + data.len()].copy_from_slice(&data);
@@ -90,7 +138,7 @@ pub fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8
     if covered.1 % SECTOR as usize != 0 && !(count == 1 && skip != 0) {
         todo.push(count - 1);
     }
-    fill(net.clone(), dev, base + first, buf, covered, todo, done);
+    fill(net, dev, base + first, buf, covered, todo, done);
 }
 
 /// Reads the partial sectors in `todo` (indices into `buf`) one after the other, keeps

@@ -268,7 +268,40 @@ fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()>
         return Ok(());
     };
     tracing::info!(%peer, export = %session.name, structured = session.structured, "nbd: client connected");
+    let _client = Client::count(&devices.0, &session.name);
     transmission(r, w, Arc::new(session), dev, base, net)
+}
+
+/// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
+/// lives (so the daemon does not stop under it on SIGTERM, see [`crate::in_use`]).
+struct Client {
+    shared: Arc<Mutex<Shared>>,
+    export: String,
+}
+
+impl Client {
+    fn count(shared: &Arc<Mutex<Shared>>, export: &str) -> Client {
+        *lock(shared)
+            .nbd_clients
+            .entry(export.to_string())
+            .or_insert(0) += 1;
+        Client {
+            shared: shared.clone(),
+            export: export.to_string(),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut s = lock(&self.shared);
+        if let Some(n) = s.nbd_clients.get_mut(&self.export) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.nbd_clients.remove(&self.export);
+            }
+        }
+    }
 }
 
 fn proto_err(e: proto::ProtocolError) -> io::Error {
