@@ -19,7 +19,7 @@ use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
 use crate::config::{ExportSpec, ServeConfig};
-use crate::state::StateFile;
+use crate::state::{StateFile, StateWriter};
 
 /// Frames taken from a socket per recvmmsg.
 const BATCH: usize = 64;
@@ -135,6 +135,8 @@ pub struct Daemon {
     event: Arc<EventFd>,
     spare: Vec<Vec<u8>>,
     hostname: String,
+    /// Saves state files off the event loop.
+    state_writer: StateWriter,
 }
 
 impl Daemon {
@@ -165,6 +167,7 @@ impl Daemon {
             event,
             spare: Vec::new(),
             hostname,
+            state_writer: StateWriter::new().context("cannot start the state writer")?,
         };
         d.apply(config)?;
         Ok(d)
@@ -398,6 +401,9 @@ impl Daemon {
         }
         self.drain_io(Duration::from_secs(30));
         self.persist_state();
+        if !self.state_writer.wait_idle(Duration::from_secs(30)) {
+            tracing::error!("state files still being written after 30 s; exiting anyway");
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -623,16 +629,15 @@ impl Daemon {
         self.spare.truncate(1024);
     }
 
+    /// Queues changed state for the writer thread: the loop never waits on fsync.
     fn persist_state(&mut self) {
         for rt in self.exports.values_mut() {
             if !rt.engine.take_state_changed() {
                 continue;
             }
             if let Some(f) = &rt.state_file {
-                if let Err(e) = f.save(rt.engine.state(), &rt.spec.allowed_macs) {
-                    tracing::error!(export = %rt.spec.addr(), error = %e,
-                        "cannot save state to {}", f.path().display());
-                }
+                self.state_writer
+                    .save(f, rt.engine.state(), &rt.spec.allowed_macs);
             }
         }
     }
