@@ -36,8 +36,10 @@ pub struct ServeArgs {
     /// Length of the export, in 512-byte sectors (default: to the end of the file).
     #[arg(short = 'l', value_name = "LENGTH")]
     length: Option<u64>,
-    /// A TOML file with any number of exports, instead of the positional arguments.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["shelf", "slot", "netif", "file"])]
+    /// A TOML file with any number of exports, instead of the positional arguments. Every
+    /// export option then comes from the file: -b, -d, -s, -r, -m, -o, -l, --no-announce and
+    /// the positional arguments are refused with it.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Keep config strings, mask and reserve lists here across restarts.
     #[arg(long, value_name = "DIR")]
@@ -61,8 +63,45 @@ pub struct ServeArgs {
     file: Option<PathBuf>,
 }
 
+/// The per-export flags and operands given on the command line, as the user spelled them.
+/// With `--config` the file sets all of these, so any of them is an error rather than
+/// silently ignored: `-r` ignored would serve a read-only intent writable.
+fn export_flags_given(a: &ServeArgs) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    let flags = [
+        ("-b", a.bufcnt.is_some()),
+        ("-d", a.direct),
+        ("-s", a.sync),
+        ("-r", a.read_only),
+        ("-m", !a.macs.is_empty()),
+        ("-o", a.offset.is_some()),
+        ("-l", a.length.is_some()),
+        ("--no-announce", a.no_announce),
+        ("SHELF", a.shelf.is_some()),
+        ("SLOT", a.slot.is_some()),
+        ("NETIF", a.netif.is_some()),
+        ("FILE", a.file.is_some()),
+    ];
+    for (name, given) in flags {
+        if given {
+            v.push(name);
+        }
+    }
+    v
+}
+
 fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
     if let Some(path) = &a.config {
+        let given = export_flags_given(a);
+        if !given.is_empty() {
+            return Err(UsageError(format!(
+                "--config {} sets every export option; remove {} from the command line \
+                 (put them in the config file)",
+                path.display(),
+                given.join(", ")
+            ))
+            .into());
+        }
         let mut cfg = ServeConfig::load(path)?;
         if let Some(d) = &a.state_dir {
             cfg.state_dir = Some(d.clone());

@@ -502,3 +502,100 @@ fn invoked_as_vblade_it_serves_with_vblade_arguments() {
         "-r export accepted a write"
     );
 }
+
+/// Issue 9 item 8: a Mac Mask List entry in the state file that does not parse refuses the
+/// start, naming the file and the entry. Dropping it (the old behaviour) left the list empty
+/// and the export open to every initiator.
+#[test]
+fn a_corrupt_state_file_refuses_the_start_naming_file_and_entry() {
+    let mut n = Net::new("aoecst", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let file = state.join("e7.1.toml");
+    // The mask held one initiator (not us); its entry is damaged.
+    std::fs::write(
+        &file,
+        "config_hex = \"\"\nmask = [\"02:00:00:00:0x:01\"]\nreserve = []\nmask_source = []\n",
+    )
+    .unwrap();
+    let ifname = n.target_if();
+    let mut t = n.serve(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "7",
+        "1",
+        &ifname,
+        &img,
+    ]);
+    let exited = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let addr = TargetAddr::new(7, 1);
+    let answered = exited.is_none()
+        && n.one(
+            MacAddr::BROADCAST,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .is_some();
+    assert!(
+        !answered,
+        "target started with a corrupt mask and answered an initiator not on it"
+    );
+    let st = exited.expect("aoe serve did not refuse a corrupt state file");
+    assert!(!st.success());
+    let log = t.output_so_far();
+    assert!(
+        log.contains(file.to_str().unwrap()) && log.contains("02:00:00:00:0x:01"),
+        "the refusal names neither the file nor the entry:\n{log}"
+    );
+}
+
+/// Issue 9 item 6: with --config every export option comes from the file; vblade flags
+/// given as well would be silently ignored (a `-r` export served writable), so they are a
+/// usage error (exit 2) naming them. Needs no root: the refusal comes before any socket.
+#[test]
+fn vblade_flags_with_a_config_file_are_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!("[[export]]\npath = \"{img}\"\nshelf = 1\nslot = 1\ninterfaces = [\"lo\"]\n"),
+    )
+    .unwrap();
+    let c = conf.to_str().unwrap();
+    for (flags, named) in [
+        (&["-r"][..], &["-r"][..]),
+        (&["-d", "-s", "-b", "4"], &["-d", "-s", "-b"]),
+        (
+            &["-m", "02:00:00:00:00:01", "-o", "8", "-l", "8"],
+            &["-m", "-o", "-l"],
+        ),
+        (&["--no-announce"], &["--no-announce"]),
+    ] {
+        let out = Command::new(AOE)
+            .arg("serve")
+            .args(["--config", c])
+            .args(flags)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{flags:?}: not one line: {err}"
+        );
+        for f in named {
+            assert!(err.contains(f), "{flags:?}: {f} not named: {err}");
+        }
+    }
+    // Positional arguments too (clap's conflict already refused these).
+    let out = Command::new(AOE)
+        .args(["serve", "--config", c, "1", "1", "lo", &img, "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
