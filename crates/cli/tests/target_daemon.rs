@@ -87,6 +87,12 @@ impl Net {
         while sent < refs.len() {
             sent += self.sock.send_batch(&refs[sent..]).unwrap();
         }
+        self.collect(frames, wait)
+    }
+
+    /// Collects the responses to the tags of `frames` (sent already), until all arrived or
+    /// `wait`.
+    fn collect(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
         let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
         let mut got = Vec::new();
         let mut seen = HashSet::new();
@@ -598,4 +604,76 @@ fn vblade_flags_with_a_config_file_are_a_usage_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Issue 9 item 9: requests beyond the advertised buffer count are dropped, not queued
+/// without limit (AoEr11 3.2: Buffer Count is what the target can queue; the initiator
+/// retransmits the rest). The target is stopped while a burst of 8x its buffer count of
+/// reads queues in its socket; `-d` sends every read to the worker pool, so once it runs
+/// again the whole burst is taken in before the first completion and at most the buffer
+/// count may be in flight. The dropped requests are answered when sent again.
+#[test]
+fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
+    const BUFCNT: usize = 8;
+    let mut n = Net::new("aoeovf", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 8192);
+    let ifname = n.target_if();
+    let mut t = n.serve(&["-d", "-b", &BUFCNT.to_string(), "1", "3", &ifname, &img]);
+    let addr = TargetAddr::new(1, 3);
+    let mac = n.wait_up(addr);
+    let frames: Vec<_> = (0..BUFCNT as u64 * 8)
+        .map(|i| n.frame(mac, addr, read(i * 2, 2)))
+        .collect();
+    signal(t.pid(), "-STOP");
+    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
+    let mut sent = 0;
+    while sent < refs.len() {
+        sent += n.sock.send_batch(&refs[sent..]).unwrap();
+    }
+    signal(t.pid(), "-CONT");
+    let got = n.collect(&frames, Duration::from_secs(3));
+    assert!(!got.is_empty(), "no request of the burst was answered");
+    assert!(
+        got.len() <= BUFCNT,
+        "{} requests of a burst of {} answered with a buffer count of {BUFCNT}: the \
+         excess was queued, not dropped",
+        got.len(),
+        frames.len()
+    );
+    // The initiator retransmits what was dropped; then it is answered.
+    let answered: HashSet<u32> = got
+        .iter()
+        .map(|r| Message::parse(r).unwrap().header.tag.0)
+        .collect();
+    let again: Vec<_> = frames
+        .iter()
+        .filter(|(tag, _)| !answered.contains(&tag.0))
+        .cloned()
+        .collect();
+    let mut done = 0;
+    for chunk in again.chunks(BUFCNT) {
+        done += n.exchange(chunk, Duration::from_secs(5)).len();
+    }
+    assert_eq!(
+        done,
+        again.len(),
+        "dropped requests not answered when sent again"
+    );
+    let st = t.stop().unwrap();
+    assert!(st.success(), "{st:?}");
+    let log = t.output_so_far();
+    let dropped = frames.len() - got.len();
+    assert!(
+        log.contains(&format!("total_over_buffer_count={dropped}")),
+        "the drops are not counted in the log:\n{log}"
+    );
 }

@@ -30,6 +30,12 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// sleeping in poll() costs a wake-up on another core for every batch: initiator and target
 /// then take turns instead of working at once.
 const SPIN: Duration = Duration::from_micros(100);
+/// Jobs the worker pool queues at most, over all exports. Each export already keeps at
+/// most its buffer count in flight per interface ([`aoe_proto::target::DropReason::OverBufferCount`]);
+/// this bounds the sum, so many exports or many interfaces cannot grow the queue (and the
+/// frame buffers it holds) without limit either. A request refused here is dropped and
+/// counted; the initiator retransmits.
+const POOL_QUEUE: usize = 8192;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
@@ -122,6 +128,10 @@ struct ExportRt {
     token_iface: Vec<usize>,
     /// No longer configured: takes no new frames, goes away once its I/O has drained.
     retiring: bool,
+    /// Requests dropped because the worker queue was full.
+    pool_full_drops: u64,
+    /// Drop counts last logged: (over the buffer count, worker queue full).
+    drops_logged: (u64, u64),
 }
 
 /// A running target.
@@ -149,6 +159,7 @@ impl Daemon {
         let ev = event.clone();
         let pool = Pool::new(
             config.workers,
+            POOL_QUEUE,
             Arc::new(move || {
                 let _ = ev.notify();
             }),
@@ -332,6 +343,8 @@ impl Daemon {
             state_file,
             token_iface: Vec::new(),
             retiring: false,
+            pool_full_drops: 0,
+            drops_logged: (0, 0),
         })
     }
 
@@ -395,6 +408,7 @@ impl Daemon {
             if last_refresh.elapsed() >= REFRESH {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
+                self.log_drops();
                 self.exports
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }
@@ -404,6 +418,7 @@ impl Daemon {
         if !self.state_writer.wait_idle(Duration::from_secs(30)) {
             tracing::error!("state files still being written after 30 s; exiting anyway");
         }
+        self.log_drops();
         tracing::info!("stopped");
         Ok(())
     }
@@ -555,12 +570,17 @@ impl Daemon {
                     }
                     IoKind::Flush => Op::Flush,
                 };
-                self.pool.submit(Job {
+                let job = Job {
                     backend: rt.backend.clone(),
                     op,
                     user: (u64::from(id) << 32) | u64::from(req.token.0),
                     buf: reply,
-                });
+                };
+                if let Err(job) = self.pool.try_submit(job) {
+                    rt.engine.abort(req.token);
+                    self.spare.push(job.buf);
+                    rt.pool_full_drops += 1;
+                }
             }
         }
     }
@@ -638,6 +658,26 @@ impl Daemon {
             if let Some(f) = &rt.state_file {
                 self.state_writer
                     .save(f, rt.engine.state(), &rt.spec.allowed_macs);
+            }
+        }
+    }
+
+    /// Logs requests dropped since the last call, at most once per export per call (the
+    /// loop calls it once a second): a flood is visible without a log line per frame.
+    fn log_drops(&mut self) {
+        for rt in self.exports.values_mut() {
+            let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
+            if now != rt.drops_logged {
+                tracing::warn!(
+                    export = %rt.spec.addr(),
+                    buffer_count = rt.spec.buffer_count,
+                    over_buffer_count = now.0 - rt.drops_logged.0,
+                    queue_full = now.1 - rt.drops_logged.1,
+                    total_over_buffer_count = now.0,
+                    total_queue_full = now.1,
+                    "requests dropped (the initiator retransmits)"
+                );
+                rt.drops_logged = now;
             }
         }
     }
