@@ -243,6 +243,9 @@ mod tests {
         fn len(&self) -> u64 {
             512
         }
+        fn read_only(&self) -> bool {
+            false
+        }
         fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
             let mut open = self.0.lock().unwrap();
             while !*open {

@@ -623,10 +623,11 @@ fn tokens_are_reused_and_in_flight_counted() {
 #[test]
 fn buffer_count_is_enforced_per_interface() {
     let mut e = engine(64);
+    // A second port (the request's destination MAC is the test's one MAC).
     e.set_interface(
         1,
         Interface {
-            mac: MacAddr([0x02, 0, 0, 0, 0, 0x11]),
+            mac: TARGET_MAC,
             mtu: 1500,
         },
     );
