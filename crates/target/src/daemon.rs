@@ -1,6 +1,6 @@
 //! The event loop: sockets in, engines, worker pool, sockets out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -36,6 +36,11 @@ const SPIN: Duration = Duration::from_micros(100);
 /// frame buffers it holds) without limit either. A request refused here is dropped and
 /// counted; the initiator retransmits.
 const POOL_QUEUE: usize = 8192;
+/// Replies an interface holds at most while its socket's send queue is full. The loop never
+/// sleeps on a full queue: it keeps the replies here, asks poll() for POLLOUT and goes on
+/// receiving and completing. A reply that finds the backlog full is dropped and counted;
+/// the initiator retransmits the request (AoE has no other recovery, AoEr11 section 2).
+const SEND_BACKLOG: usize = 4096;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
@@ -114,9 +119,28 @@ struct IfaceRt {
     iface: Interface,
     /// Exports served here (ids).
     exports: Vec<u32>,
-    /// Replies waiting to be sent: buffer and length.
-    out: Vec<(Vec<u8>, usize)>,
+    /// Replies waiting to be sent, oldest first: buffer and length. At most
+    /// [`SEND_BACKLOG`].
+    out: VecDeque<(Vec<u8>, usize)>,
+    /// Replies the socket refused with an error other than a full queue.
     send_failures: u64,
+    /// Replies dropped because the backlog was full.
+    backlog_drops: u64,
+    /// (send_failures, backlog_drops) last logged.
+    drops_logged: (u64, u64),
+}
+
+impl IfaceRt {
+    /// Queues a reply for sending, or drops it (counted) when the backlog is full; the
+    /// buffer goes back to `spare` then.
+    fn queue(&mut self, buf: Vec<u8>, n: usize, spare: &mut Vec<Vec<u8>>) {
+        if self.out.len() >= SEND_BACKLOG {
+            self.backlog_drops += 1;
+            spare.push(buf);
+        } else {
+            self.out.push_back((buf, n));
+        }
+    }
 }
 
 struct ExportRt {
@@ -222,8 +246,10 @@ impl Daemon {
             },
             sock,
             exports: Vec::new(),
-            out: Vec::new(),
+            out: VecDeque::new(),
             send_failures: 0,
+            backlog_drops: 0,
+            drops_logged: (0, 0),
         });
         Ok(self.ifaces.len() - 1)
     }
@@ -283,7 +309,7 @@ impl Daemon {
                 if rt.spec.announce {
                     for frame in rt.engine.announcements(idx) {
                         let n = frame.len();
-                        self.ifaces[idx].out.push((frame, n));
+                        self.ifaces[idx].queue(frame, n, &mut self.spare);
                     }
                 }
             }
@@ -377,10 +403,11 @@ impl Daemon {
             if control.reload.swap(false, Ordering::SeqCst) {
                 self.reload();
             }
+            // POLLOUT only where replies wait: a socket with room is always writable.
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::new(i.sock.as_raw_fd()))
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, !i.out.is_empty()))
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
@@ -414,6 +441,7 @@ impl Daemon {
             }
         }
         self.drain_io(Duration::from_secs(30));
+        self.drain_sends(Duration::from_secs(1));
         self.persist_state();
         if !self.state_writer.wait_idle(Duration::from_secs(30)) {
             tracing::error!("state files still being written after 30 s; exiting anyway");
@@ -519,7 +547,7 @@ impl Daemon {
         };
         let frame = self.ifaces[idx].batch.frame(f);
         match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
-            Outcome::Reply(n) => self.ifaces[idx].out.push((reply, n)),
+            Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
             Outcome::Drop(reason) => {
                 tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped");
                 self.spare.push(reply);
@@ -547,7 +575,7 @@ impl Daemon {
                 };
                 if let Some(result) = result {
                     match rt.engine.complete(req.token, result, &mut reply) {
-                        Some(n) => self.ifaces[idx].out.push((reply, n)),
+                        Some(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
                         None => self.spare.push(reply),
                     }
                     return;
@@ -606,47 +634,63 @@ impl Daemon {
         });
         let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
         match rt.engine.complete(token, result, &mut buf) {
-            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].out.push((buf, n)),
+            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
         }
     }
 
+    /// Sends what the interfaces' backlogs hold, as far as their sockets take it, without
+    /// waiting: a full send queue leaves the rest for the next turn, when poll() reports
+    /// the socket writable (POLLOUT) again.
     fn flush_sends(&mut self) {
         for i in &mut self.ifaces {
-            if i.out.is_empty() {
-                continue;
-            }
-            let mut sent = 0;
-            let mut tries = 0;
-            while sent < i.out.len() {
-                let frames: Vec<&[u8]> = i.out[sent..].iter().map(|(b, n)| &b[..*n]).collect();
-                match i.sock.send_batch(&frames) {
-                    Ok(0) => tries += 1,
-                    Ok(k) => sent += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => tries += 1,
+            while !i.out.is_empty() {
+                let frames: Vec<&[u8]> = i.out.iter().take(BATCH).map(|(b, n)| &b[..*n]).collect();
+                let sent = match i.sock.send_batch(&frames) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        tracing::warn!(interface = %i.name, error = %e, "send failed");
+                        // Skip the frame that failed; the initiator retransmits. Counted and
+                        // logged once a second by log_drops.
+                        tracing::debug!(interface = %i.name, error = %e, "send failed");
                         i.send_failures += 1;
-                        sent += 1; // skip the frame that failed; the initiator retransmits
-                        continue;
+                        1
+                    }
+                };
+                for _ in 0..sent {
+                    if let Some((b, _)) = i.out.pop_front() {
+                        self.spare.push(b);
                     }
                 }
-                if tries > 0 {
-                    if tries > 200 {
-                        tracing::warn!(interface = %i.name, dropped = i.out.len() - sent,
-                            "send queue full for 200 ms; replies dropped");
-                        i.send_failures += (i.out.len() - sent) as u64;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            for (b, _) in i.out.drain(..) {
-                self.spare.push(b);
             }
         }
         // Keep a bounded cache of buffers.
         self.spare.truncate(1024);
+    }
+
+    /// At stop: sends what is left, waiting for POLLOUT up to `limit`.
+    fn drain_sends(&mut self, limit: Duration) {
+        let start = Instant::now();
+        self.flush_sends();
+        while self.ifaces.iter().any(|i| !i.out.is_empty()) {
+            let Some(left) = limit.checked_sub(start.elapsed()) else {
+                let n: usize = self.ifaces.iter().map(|i| i.out.len()).sum();
+                tracing::warn!(
+                    replies = n,
+                    "send queues still full at exit; replies dropped"
+                );
+                return;
+            };
+            let mut fds: Vec<PollFd> = self
+                .ifaces
+                .iter()
+                .filter(|i| !i.out.is_empty())
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), false, true))
+                .collect();
+            let _ = aoe_sys::poll(&mut fds, Some(left));
+            self.flush_sends();
+        }
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.
@@ -678,6 +722,20 @@ impl Daemon {
                     "requests dropped (the initiator retransmits)"
                 );
                 rt.drops_logged = now;
+            }
+        }
+        for i in &mut self.ifaces {
+            let now = (i.send_failures, i.backlog_drops);
+            if now != i.drops_logged {
+                tracing::warn!(
+                    interface = %i.name,
+                    send_failed = now.0 - i.drops_logged.0,
+                    backlog_full = now.1 - i.drops_logged.1,
+                    total_send_failed = now.0,
+                    total_backlog_full = now.1,
+                    "replies dropped (the initiator retransmits)"
+                );
+                i.drops_logged = now;
             }
         }
     }
