@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Do not send the unsolicited Query Config response at start.
     #[arg(long)]
     no_announce: bool,
+    /// Start even if another target on the segment answers for our shelf.slot (only warn).
+    #[arg(long)]
+    allow_duplicate: bool,
+    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe.
+    #[arg(long, value_name = "MS")]
+    probe_ms: Option<u64>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -109,6 +115,12 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         if let Some(w) = a.workers {
             cfg.workers = w;
         }
+        if a.allow_duplicate {
+            cfg.allow_duplicate = true;
+        }
+        if let Some(ms) = a.probe_ms {
+            cfg.probe = std::time::Duration::from_millis(ms);
+        }
         return Ok((cfg, Some(path.clone())));
     }
     let (Some(shelf), Some(slot), Some(netif), Some(file)) =
@@ -142,6 +154,11 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         }],
         state_dir: a.state_dir.clone(),
         workers: a.workers.unwrap_or(DEFAULT_WORKERS),
+        allow_duplicate: a.allow_duplicate,
+        probe: a.probe_ms.map_or(
+            aoe_target::probe::DEFAULT_PROBE,
+            std::time::Duration::from_millis,
+        ),
     };
     Ok((cfg, None))
 }

@@ -677,3 +677,213 @@ fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
         "the drops are not counted in the log:\n{log}"
     );
 }
+
+/// A LAN for the duplicate probe: a bridge in a switch namespace with three hosts on it,
+/// `other` (another target), `us` (the `aoe serve` under test) and `ini` (the test's
+/// initiator socket).
+struct Lan {
+    sw: Netns,
+    other: Netns,
+    us: Netns,
+    _ini: Netns,
+    br: aoe_testkit::Bridge,
+    links: Vec<VethPair>,
+    sock: PacketSocket,
+    me: MacAddr,
+}
+
+impl Lan {
+    fn new(prefix: &str) -> Lan {
+        require_root();
+        let sw = Netns::new(&format!("{prefix}s")).unwrap();
+        let other = Netns::new(&format!("{prefix}o")).unwrap();
+        let us = Netns::new(&format!("{prefix}u")).unwrap();
+        let ini = Netns::new(&format!("{prefix}i")).unwrap();
+        let br = aoe_testkit::Bridge::new(&sw).unwrap();
+        let mut links = Vec::new();
+        for host in [&other, &us, &ini] {
+            let l = VethPair::new(host, &sw, 1500).unwrap();
+            br.add_port(l.b_name()).unwrap();
+            links.push(l);
+        }
+        let name = links[2].a_name().to_string();
+        let sock = aoe_sys::run_in_netns(&ini.path(), move || PacketSocket::open(&name))
+            .unwrap()
+            .unwrap();
+        let me = MacAddr(links[2].a_mac());
+        Lan {
+            sw,
+            other,
+            us,
+            _ini: ini,
+            br,
+            links,
+            sock,
+            me,
+        }
+    }
+
+    /// True once a Query Config for `addr` is answered by `mac`.
+    fn answered_by(&self, addr: TargetAddr, mac: MacAddr) -> bool {
+        wait_until(Duration::from_secs(10), || {
+            let h = HeaderRepr::request(
+                MacAddr::BROADCAST,
+                self.me,
+                addr,
+                AoeCommand::QueryConfig,
+                Tag(0x77),
+            );
+            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
+            self.sock
+                .send(&Message { header: h, body }.to_vec().unwrap())
+                .unwrap();
+            let mut buf = vec![0u8; 9100];
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline {
+                match self.sock.recv(&mut buf).unwrap() {
+                    Some(meta) => {
+                        if let Ok(m) = Message::parse(&buf[..meta.len]) {
+                            if m.header.response && m.header.target == addr && m.header.src == mac {
+                                return true;
+                            }
+                        }
+                    }
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            false
+        })
+    }
+}
+
+/// Issue 9 item 7: a second target with a shelf.slot already served on the segment (here
+/// vblade) refuses to start, naming the other MAC; `--allow-duplicate` starts it with a
+/// warning; a free address starts as before.
+#[test]
+fn a_shelf_slot_already_served_on_the_segment_refuses_the_start() {
+    let lan = Lan::new("aoedup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let mine = image(dir.path(), "m.img", 64);
+    let vblade = Command::new("vblade").arg("-h").output();
+    assert!(
+        vblade.is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let mut c = lan.other.command("vblade");
+    c.args(["1", "1", lan.links[0].a_name(), &img]);
+    let _vb = NsChild::spawn(&lan.other, c).unwrap();
+    let vb_mac = MacAddr(lan.links[0].a_mac());
+    let addr = TargetAddr::new(1, 1);
+    assert!(lan.answered_by(addr, vb_mac), "vblade never answered");
+    let us_if = lan.links[1].a_name().to_string();
+    let serve = |extra: &[&str], shelf_slot: [&str; 2]| {
+        let mut c = lan.us.command(AOE);
+        c.arg("serve")
+            .args(extra)
+            .args(shelf_slot)
+            .args([us_if.as_str(), mine.as_str()]);
+        NsChild::spawn(&lan.us, c).unwrap()
+    };
+
+    let mut t = serve(&[], ["1", "1"]);
+    let st = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = t.output_so_far();
+    let st = st.unwrap_or_else(|| panic!("started beside vblade's e1.1; log:\n{log}"));
+    assert!(!st.success());
+    assert!(
+        log.contains(&vb_mac.to_string()) && log.contains("e1.1"),
+        "the refusal does not name the other MAC {vb_mac}:\n{log}"
+    );
+
+    let mut t = serve(&["--allow-duplicate"], ["1", "1"]);
+    let us_mac = MacAddr(lan.links[1].a_mac());
+    assert!(
+        lan.answered_by(addr, us_mac),
+        "override: not serving; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.is_running());
+    let log = t.output_so_far();
+    assert!(
+        log.contains("WARN") && log.contains(&vb_mac.to_string()),
+        "override: no warning naming {vb_mac}:\n{log}"
+    );
+    drop(t);
+
+    // A free address starts; a reload that adds vblade's address is refused.
+    let conf = dir.path().join("serve.toml");
+    let export = |slot: u8, path: &str| {
+        format!(
+            "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = {slot}\ninterfaces = [\"{us_if}\"]\n"
+        )
+    };
+    std::fs::write(&conf, export(2, &mine)).unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let mut t = NsChild::spawn(&lan.us, c).unwrap();
+    assert!(
+        lan.answered_by(TargetAddr::new(1, 2), us_mac),
+        "a free address did not start; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.is_running());
+    std::fs::write(&conf, export(2, &mine) + &export(1, &img)).unwrap();
+    signal(t.pid(), "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .output_so_far()
+            .contains("reload refused")),
+        "a reload adding vblade's e1.1 was not refused; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.output_so_far().contains(&vb_mac.to_string()));
+    assert!(t.is_running());
+}
+
+/// Within one configuration: the same export on two interfaces of one switch (multipath)
+/// starts; two different exports with one shelf.slot on those interfaces are refused,
+/// since the probe from one interface is heard on the other.
+#[test]
+fn one_address_on_two_interfaces_of_one_segment_only_as_multipath() {
+    let lan = Lan::new("aoemp");
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let b = image(dir.path(), "b.img", 64);
+    let second = VethPair::new(&lan.us, &lan.sw, 1500).unwrap();
+    lan.br.add_port(second.b_name()).unwrap();
+    let (if1, if2) = (lan.links[1].a_name(), second.a_name());
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!("[[export]]\npath = \"{a}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if1}\", \"{if2}\"]\n"),
+    )
+    .unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let t = NsChild::spawn(&lan.us, c).unwrap();
+    assert!(
+        lan.answered_by(TargetAddr::new(3, 1), MacAddr(second.a_mac())),
+        "multipath export refused; log:\n{}",
+        t.output_so_far()
+    );
+    drop(t);
+    std::fs::write(
+        &conf,
+        format!(
+            "[[export]]\npath = \"{a}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if1}\"]\n\
+             [[export]]\npath = \"{b}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if2}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let mut t = NsChild::spawn(&lan.us, c).unwrap();
+    let st = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = t.output_so_far();
+    assert!(
+        matches!(st, Some(s) if !s.success()),
+        "two different exports of e3.1 on one segment started; log:\n{log}"
+    );
+    assert!(log.contains("share a segment"), "{log}");
+}

@@ -279,6 +279,24 @@ impl Daemon {
             }
             new_rts.push(self.open_export(spec, &config)?);
         }
+        // Ask the segments before announcing anything new: a second target with one of our
+        // addresses makes initiators mix two disks.
+        let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
+        let dups = crate::probe::probe(&new_specs, &config.exports, config.probe)?;
+        if !dups.is_empty() {
+            let what = dups
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !config.allow_duplicate {
+                bail!(
+                    "{what}: refusing to serve it (allow_duplicate = true or \
+                     --allow-duplicate serves it anyway)"
+                );
+            }
+            tracing::warn!("{what}: serving it anyway (allow_duplicate)");
+        }
         // Commit.
         for (id, rt) in self.exports.iter_mut() {
             if !keep.contains(id) && !rt.retiring {
