@@ -284,7 +284,7 @@ mod tests {
             }
             if u == 0 {
                 // Let the worker take the first job off the queue.
-                while pool.tx.as_ref().unwrap().len() > 0 {
+                while !pool.tx.as_ref().unwrap().is_empty() {
                     std::thread::yield_now();
                 }
             }

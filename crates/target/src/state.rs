@@ -303,7 +303,7 @@ mod tests {
         let good = "02:00:00:00:00:01";
         for (list, text) in [
             ("mask", format!("config_hex = \"\"\nmask = [\"{good}\", \"02:00:zz\"]\nreserve = []\nmask_source = []\n")),
-            ("reserve", format!("config_hex = \"\"\nmask = []\nreserve = [\"02:00:zz\"]\nmask_source = []\n")),
+            ("reserve", "config_hex = \"\"\nmask = []\nreserve = [\"02:00:zz\"]\nmask_source = []\n".to_string()),
             ("mask_source", format!("config_hex = \"\"\nmask = [\"{good}\"]\nreserve = []\nmask_source = [\"02:00:zz\"]\n")),
         ] {
             std::fs::write(f.path(), text).unwrap();
