@@ -279,6 +279,15 @@ impl Daemon {
             }
             new_rts.push(self.open_export(spec, &config)?);
         }
+        // The serving sockets open first, so requests that arrive during the probe wait in
+        // them and are answered once it is over, instead of being lost.
+        let names: Vec<String> = new_rts
+            .iter()
+            .flat_map(|rt| rt.spec.interfaces.clone())
+            .collect();
+        for name in names {
+            self.iface_index(&name)?;
+        }
         // Ask the segments before announcing anything new: a second target with one of our
         // addresses makes initiators mix two disks.
         let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
