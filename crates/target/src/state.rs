@@ -78,9 +78,22 @@ impl StateFile {
     pub fn load(&self, configured_mask: &[MacAddr]) -> std::io::Result<PersistentState> {
         let stored: Stored = match std::fs::read_to_string(&self.path) {
             Ok(t) => toml::from_str(&t).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|r| {
+                        format!(
+                            " line {}:",
+                            t[..r.start.min(t.len())].lines().count().max(1)
+                        )
+                    })
+                    .unwrap_or_default();
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("state file {}: {}", self.path.display(), e.message()),
+                    format!(
+                        "state file {}:{line} {}",
+                        self.path.display(),
+                        e.message().trim_end().replace('\n', "; ")
+                    ),
                 )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -311,6 +324,10 @@ mod tests {
             assert!(e.contains(&f.path().display().to_string()), "{e}");
             assert!(e.contains(&format!("{list} entry")) && e.contains("02:00:zz"), "{e}");
         }
+        // A file that is not TOML: the error names the line.
+        std::fs::write(f.path(), "config_hex = \"\"\nmask = [\n").unwrap();
+        let e = f.load(&[]).unwrap_err().to_string();
+        assert!(e.contains("line ") && !e.contains('\n'), "{e}");
     }
 
     #[test]
