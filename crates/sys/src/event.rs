@@ -248,6 +248,32 @@ mod tests {
     }
 
     #[test]
+    fn poll_reports_writable_again_once_a_full_queue_drains() {
+        use std::io::{Read, Write};
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let chunk = [0u8; 4096];
+        let mut queued = 0usize;
+        while let Ok(n) = a.write(&chunk) {
+            queued += n;
+        }
+        let mut fds = [PollFd::with_events(a.as_raw_fd(), false, true)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert!(!fds[0].writable);
+        let mut buf = vec![0u8; queued];
+        let mut read = 0;
+        while read < queued {
+            match b.read(&mut buf[read..]) {
+                Ok(n) => read += n,
+                Err(_) => break,
+            }
+        }
+        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+        assert!(fds[0].writable);
+    }
+
+    #[test]
     fn eventfd_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<EventFd>();
