@@ -690,6 +690,7 @@ struct Lan {
     links: Vec<VethPair>,
     sock: PacketSocket,
     me: MacAddr,
+    tag: std::cell::Cell<u32>,
 }
 
 impl Lan {
@@ -720,18 +721,22 @@ impl Lan {
             links,
             sock,
             me,
+            tag: std::cell::Cell::new(0x100),
         }
     }
 
-    /// True once a Query Config for `addr` is answered by `mac`.
+    /// True once a Query Config for `addr` is answered by `mac`. Each query has a tag of
+    /// its own, so a late answer to an earlier one does not count.
     fn answered_by(&self, addr: TargetAddr, mac: MacAddr) -> bool {
         wait_until(Duration::from_secs(10), || {
+            let tag = Tag(self.tag.get() + 1);
+            self.tag.set(tag.0);
             let h = HeaderRepr::request(
                 MacAddr::BROADCAST,
                 self.me,
                 addr,
                 AoeCommand::QueryConfig,
-                Tag(0x77),
+                tag,
             );
             let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
             self.sock
@@ -743,7 +748,11 @@ impl Lan {
                 match self.sock.recv(&mut buf).unwrap() {
                     Some(meta) => {
                         if let Ok(m) = Message::parse(&buf[..meta.len]) {
-                            if m.header.response && m.header.target == addr && m.header.src == mac {
+                            if m.header.response
+                                && m.header.tag == tag
+                                && m.header.target == addr
+                                && m.header.src == mac
+                            {
                                 return true;
                             }
                         }
@@ -828,8 +837,23 @@ fn a_shelf_slot_already_served_on_the_segment_refuses_the_start() {
         t.output_so_far()
     );
     assert!(t.is_running());
-    std::fs::write(&conf, export(2, &mine) + &export(1, &img)).unwrap();
+    // A long probe: running exports keep being served while it waits.
+    let long = format!("probe_ms = 3000\n{}{}", export(2, &mine), export(1, &img));
+    std::fs::write(&conf, long).unwrap();
     signal(t.pid(), "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .output_so_far()
+            .contains("exports=e1.1")),
+        "no probe on reload; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(lan.answered_by(TargetAddr::new(1, 2), us_mac));
+    assert!(
+        !t.output_so_far().contains("reload refused"),
+        "the running e1.2 was not served during the reload's probe; log:\n{}",
+        t.output_so_far()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || t
             .output_so_far()

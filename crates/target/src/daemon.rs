@@ -19,6 +19,7 @@ use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
 use crate::config::{ExportSpec, ServeConfig};
+use crate::probe::{Duplicate, Probe};
 use crate::state::{StateFile, StateWriter};
 
 /// Frames taken from a socket per recvmmsg.
@@ -291,7 +292,7 @@ impl Daemon {
         // Ask the segments before announcing anything new: a second target with one of our
         // addresses makes initiators mix two disks.
         let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
-        let dups = crate::probe::probe(&new_specs, &config.exports, config.probe)?;
+        let dups = self.probe(&new_specs, &config)?;
         if !dups.is_empty() {
             let what = dups
                 .iter()
@@ -346,6 +347,43 @@ impl Daemon {
         self.config = config;
         self.flush_sends();
         Ok(())
+    }
+
+    /// Runs the duplicate probe for `new`; running exports keep being served while it waits
+    /// (on a reload), new interfaces keep their frames queued until the probe is over.
+    fn probe(&mut self, new: &[&ExportSpec], config: &ServeConfig) -> Result<Vec<Duplicate>> {
+        let Some(mut p) = Probe::start(new, &config.exports, config.probe)? else {
+            return Ok(Vec::new());
+        };
+        let addrs: Vec<String> = new.iter().map(|e| e.addr().to_string()).collect();
+        tracing::info!(
+            exports = %addrs.join(","),
+            wait_ms = config.probe.as_millis() as u64,
+            "probing the segment for duplicate addresses"
+        );
+        loop {
+            p.collect()?;
+            let now = Instant::now();
+            if now >= p.deadline() {
+                return Ok(p.finish());
+            }
+            let serving: Vec<usize> = (0..self.ifaces.len())
+                .filter(|&i| !self.ifaces[i].exports.is_empty())
+                .collect();
+            let mut fds = p.fds();
+            fds.extend(serving.iter().map(|&i| {
+                let iface = &self.ifaces[i];
+                PollFd::with_events(iface.sock.as_raw_fd(), true, !iface.out.is_empty())
+            }));
+            fds.push(PollFd::new(self.event.as_raw_fd()));
+            aoe_sys::poll(&mut fds, Some(p.deadline() - now)).context("poll")?;
+            let _ = self.event.drain();
+            for i in serving {
+                self.receive(i);
+            }
+            self.complete_io();
+            self.flush_sends();
+        }
     }
 
     fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {

@@ -63,86 +63,150 @@ impl std::fmt::Display for Duplicate {
     }
 }
 
-/// Probes for every export of `new` on each of its interfaces and waits `timeout` for
-/// answers. `all` is the whole configuration (running and new exports): its interfaces'
-/// MACs are ours, and it says which export each (address, interface) belongs to.
-pub fn probe(new: &[&ExportSpec], all: &[ExportSpec], timeout: Duration) -> Result<Vec<Duplicate>> {
-    if new.is_empty() || timeout.is_zero() {
-        return Ok(Vec::new());
+/// A probe in progress: frames sent, answers collected as they come. The daemon polls
+/// [`fds`](Self::fds) next to its serving sockets, so running exports keep being served
+/// during the wait of a reload.
+pub struct Probe {
+    socks: Vec<(String, PacketSocket)>,
+    own: HashMap<MacAddr, String>,
+    tag: Tag,
+    wanted: HashSet<TargetAddr>,
+    /// Each export of the whole configuration: its address and interfaces.
+    exports: Vec<(TargetAddr, Vec<String>)>,
+    deadline: Instant,
+    found: Vec<Duplicate>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("wanted", &self.wanted)
+            .field("found", &self.found)
+            .finish_non_exhaustive()
     }
-    // Every interface of the configuration listens (a probe heard there shows a shared
-    // segment); the new exports' interfaces also send.
-    let mut names: Vec<&str> = all
-        .iter()
-        .flat_map(|e| e.interfaces.iter().map(String::as_str))
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let mut socks = Vec::new();
-    let mut own: HashMap<MacAddr, &str> = HashMap::new();
-    for name in &names {
-        let s = PacketSocket::open(name)
-            .with_context(|| format!("cannot open a probe socket on interface {name}"))?;
-        own.insert(MacAddr(s.info().mac), name);
-        socks.push((*name, s));
-    }
-    // Bit 31 set: the tag space Linux leaves to user-space tools (aoecmd.c newtag).
-    let tag = Tag(0x8000_0000 | (std::process::id() & 0x7fff_0000) | 0x0d0b);
-    for spec in new {
-        for (name, s) in socks
-            .iter()
-            .filter(|(n, _)| spec.interfaces.iter().any(|i| i == n))
-        {
-            let h = HeaderRepr::request(
-                MacAddr::BROADCAST,
-                MacAddr(s.info().mac),
-                spec.addr(),
-                Command::QueryConfig,
-                tag,
-            );
-            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
-            let frame = Message { header: h, body }
-                .to_vec()
-                .context("cannot build the probe frame")?;
-            s.send(&frame)
-                .with_context(|| format!("cannot send the probe on interface {name}"))?;
+}
+
+impl Probe {
+    /// Sends a probe for every export of `new` on each of its interfaces. `all` is the whole
+    /// configuration (running and new exports): its interfaces' MACs are ours, and it says
+    /// which export each (address, interface) belongs to. `None`: nothing to probe (no new
+    /// export, or a zero `timeout`).
+    pub fn start(
+        new: &[&ExportSpec],
+        all: &[ExportSpec],
+        timeout: Duration,
+    ) -> Result<Option<Probe>> {
+        if new.is_empty() || timeout.is_zero() {
+            return Ok(None);
         }
+        // Every interface of the configuration listens (a probe heard there shows a shared
+        // segment); the new exports' interfaces also send.
+        let mut names: Vec<&str> = all
+            .iter()
+            .flat_map(|e| e.interfaces.iter().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut socks = Vec::new();
+        let mut own = HashMap::new();
+        for name in &names {
+            let s = PacketSocket::open(name)
+                .with_context(|| format!("cannot open a probe socket on interface {name}"))?;
+            own.insert(MacAddr(s.info().mac), name.to_string());
+            socks.push((name.to_string(), s));
+        }
+        // Bit 31 set: the tag space Linux leaves to user-space tools (aoecmd.c newtag).
+        let tag = Tag(0x8000_0000 | (std::process::id() & 0x7fff_0000) | 0x0d0b);
+        for spec in new {
+            for (name, s) in socks
+                .iter()
+                .filter(|(n, _)| spec.interfaces.iter().any(|i| i == n))
+            {
+                let h = HeaderRepr::request(
+                    MacAddr::BROADCAST,
+                    MacAddr(s.info().mac),
+                    spec.addr(),
+                    Command::QueryConfig,
+                    tag,
+                );
+                let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
+                let frame = Message { header: h, body }
+                    .to_vec()
+                    .context("cannot build the probe frame")?;
+                s.send(&frame)
+                    .with_context(|| format!("cannot send the probe on interface {name}"))?;
+            }
+        }
+        Ok(Some(Probe {
+            socks,
+            own,
+            tag,
+            wanted: new.iter().map(|e| e.addr()).collect(),
+            exports: all
+                .iter()
+                .map(|e| (e.addr(), e.interfaces.clone()))
+                .collect(),
+            deadline: Instant::now() + timeout,
+            found: Vec::new(),
+            buf: vec![0u8; 9216],
+        }))
     }
-    // Which export (index in `all`) serves each address on each interface.
-    let owner = |addr: TargetAddr, iface: &str| {
-        all.iter()
-            .position(|e| e.addr() == addr && e.interfaces.iter().any(|i| i == iface))
-    };
-    let wanted: HashSet<TargetAddr> = new.iter().map(|e| e.addr()).collect();
-    let mut found = Vec::new();
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; 9216];
-    loop {
-        for (name, s) in &socks {
-            while let Some(meta) = s.recv(&mut buf).context("probe receive")? {
-                let Ok(m) = Message::parse(&buf[..meta.len.min(buf.len())]) else {
+
+    /// When the wait is over.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The probe's sockets, to poll for input.
+    pub fn fds(&self) -> Vec<PollFd> {
+        self.socks
+            .iter()
+            .map(|(_, s)| PollFd::new(s.as_raw_fd()))
+            .collect()
+    }
+
+    /// Which export of the configuration serves `addr` on `iface`.
+    fn owner(&self, addr: TargetAddr, iface: &str) -> Option<usize> {
+        self.exports
+            .iter()
+            .position(|(a, ifs)| *a == addr && ifs.iter().any(|i| i == iface))
+    }
+
+    /// Takes in what arrived, without waiting.
+    pub fn collect(&mut self) -> Result<()> {
+        for k in 0..self.socks.len() {
+            while let Some(meta) = self.socks[k]
+                .1
+                .recv(&mut self.buf)
+                .context("probe receive")?
+            {
+                let Ok(m) = Message::parse(&self.buf[..meta.len.min(self.buf.len())]) else {
                     continue;
                 };
                 let h = m.header;
-                if h.command != Command::QueryConfig || h.tag != tag || !wanted.contains(&h.target)
+                if h.command != Command::QueryConfig
+                    || h.tag != self.tag
+                    || !self.wanted.contains(&h.target)
                 {
                     continue;
                 }
-                let d = match own.get(&h.src) {
+                let name = &self.socks[k].0;
+                let d = match self.own.get(&h.src) {
                     // Another machine answered.
                     None if h.response => Duplicate {
                         addr: h.target,
-                        interface: name.to_string(),
+                        interface: name.clone(),
                         mac: h.src,
                         ours: false,
                     },
                     // Our probe from interface `from`, heard on `name`: the two share a
                     // segment. A duplicate if different exports hold the address there.
                     Some(from) if !h.response && from != name => {
-                        match (owner(h.target, from), owner(h.target, name)) {
+                        match (self.owner(h.target, from), self.owner(h.target, name)) {
                             (Some(a), Some(b)) if a != b => Duplicate {
                                 addr: h.target,
-                                interface: name.to_string(),
+                                interface: name.clone(),
                                 mac: h.src,
                                 ours: true,
                             },
@@ -151,19 +215,32 @@ pub fn probe(new: &[&ExportSpec], all: &[ExportSpec], timeout: Duration) -> Resu
                     }
                     _ => continue,
                 };
-                if !found.contains(&d) {
-                    found.push(d);
+                if !self.found.contains(&d) {
+                    self.found.push(d);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// What the probe found.
+    pub fn finish(self) -> Vec<Duplicate> {
+        self.found
+    }
+}
+
+/// Probes for every export of `new` (see [`Probe::start`]) and waits `timeout` for
+/// answers.
+pub fn probe(new: &[&ExportSpec], all: &[ExportSpec], timeout: Duration) -> Result<Vec<Duplicate>> {
+    let Some(mut p) = Probe::start(new, all, timeout)? else {
+        return Ok(Vec::new());
+    };
+    loop {
+        p.collect()?;
         let now = Instant::now();
-        if now >= deadline {
-            return Ok(found);
+        if now >= p.deadline() {
+            return Ok(p.finish());
         }
-        let mut fds: Vec<PollFd> = socks
-            .iter()
-            .map(|(_, s)| PollFd::new(s.as_raw_fd()))
-            .collect();
-        aoe_sys::poll(&mut fds, Some(deadline - now)).context("probe poll")?;
+        aoe_sys::poll(&mut p.fds(), Some(p.deadline() - now)).context("probe poll")?;
     }
 }
