@@ -36,7 +36,8 @@ pub struct ExportSpec {
     pub offset: u64,
     /// Length in sectors (vblade `-l`); `None`: to the end.
     pub length: Option<u64>,
-    /// Advertised buffer count (vblade `-b`).
+    /// Advertised buffer count (vblade `-b`), and enforced: disk requests beyond it per
+    /// interface are dropped (see `aoe_proto::target::DropReason::OverBufferCount`).
     pub buffer_count: u16,
     /// Initial Mac Mask List (vblade `-m`); empty: everyone.
     pub allowed_macs: Vec<MacAddr>,
