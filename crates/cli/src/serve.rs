@@ -36,8 +36,10 @@ pub struct ServeArgs {
     /// Length of the export, in 512-byte sectors (default: to the end of the file).
     #[arg(short = 'l', value_name = "LENGTH")]
     length: Option<u64>,
-    /// A TOML file with any number of exports, instead of the positional arguments.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["shelf", "slot", "netif", "file"])]
+    /// A TOML file with any number of exports, instead of the positional arguments. Every
+    /// export option then comes from the file: -b, -d, -s, -r, -m, -o, -l, --no-announce and
+    /// the positional arguments are refused with it.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Keep config strings, mask and reserve lists here across restarts.
     #[arg(long, value_name = "DIR")]
@@ -48,6 +50,12 @@ pub struct ServeArgs {
     /// Do not send the unsolicited Query Config response at start.
     #[arg(long)]
     no_announce: bool,
+    /// Start even if another target on the segment answers for our shelf.slot (only warn).
+    #[arg(long)]
+    allow_duplicate: bool,
+    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe.
+    #[arg(long, value_name = "MS")]
+    probe_ms: Option<u64>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -61,14 +69,57 @@ pub struct ServeArgs {
     file: Option<PathBuf>,
 }
 
+/// The per-export flags and operands given on the command line, as the user spelled them.
+/// With `--config` the file sets all of these, so any of them is an error rather than
+/// silently ignored: `-r` ignored would serve a read-only intent writable.
+fn export_flags_given(a: &ServeArgs) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    let flags = [
+        ("-b", a.bufcnt.is_some()),
+        ("-d", a.direct),
+        ("-s", a.sync),
+        ("-r", a.read_only),
+        ("-m", !a.macs.is_empty()),
+        ("-o", a.offset.is_some()),
+        ("-l", a.length.is_some()),
+        ("--no-announce", a.no_announce),
+        ("SHELF", a.shelf.is_some()),
+        ("SLOT", a.slot.is_some()),
+        ("NETIF", a.netif.is_some()),
+        ("FILE", a.file.is_some()),
+    ];
+    for (name, given) in flags {
+        if given {
+            v.push(name);
+        }
+    }
+    v
+}
+
 fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
     if let Some(path) = &a.config {
+        let given = export_flags_given(a);
+        if !given.is_empty() {
+            return Err(UsageError(format!(
+                "--config {} sets every export option; remove {} from the command line \
+                 (put them in the config file)",
+                path.display(),
+                given.join(", ")
+            ))
+            .into());
+        }
         let mut cfg = ServeConfig::load(path)?;
         if let Some(d) = &a.state_dir {
             cfg.state_dir = Some(d.clone());
         }
         if let Some(w) = a.workers {
             cfg.workers = w;
+        }
+        if a.allow_duplicate {
+            cfg.allow_duplicate = true;
+        }
+        if let Some(ms) = a.probe_ms {
+            cfg.probe = std::time::Duration::from_millis(ms);
         }
         return Ok((cfg, Some(path.clone())));
     }
@@ -103,6 +154,11 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         }],
         state_dir: a.state_dir.clone(),
         workers: a.workers.unwrap_or(DEFAULT_WORKERS),
+        allow_duplicate: a.allow_duplicate,
+        probe: a.probe_ms.map_or(
+            aoe_target::probe::DEFAULT_PROBE,
+            std::time::Duration::from_millis,
+        ),
     };
     Ok((cfg, None))
 }

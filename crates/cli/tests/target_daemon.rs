@@ -87,6 +87,12 @@ impl Net {
         while sent < refs.len() {
             sent += self.sock.send_batch(&refs[sent..]).unwrap();
         }
+        self.collect(frames, wait)
+    }
+
+    /// Collects the responses to the tags of `frames` (sent already), until all arrived or
+    /// `wait`.
+    fn collect(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
         let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
         let mut got = Vec::new();
         let mut seen = HashSet::new();
@@ -501,4 +507,407 @@ fn invoked_as_vblade_it_serves_with_vblade_arguments() {
         error_bits::ABRT,
         "-r export accepted a write"
     );
+}
+
+/// Issue 9 item 8: a Mac Mask List entry in the state file that does not parse refuses the
+/// start, naming the file and the entry. Dropping it (the old behaviour) left the list empty
+/// and the export open to every initiator.
+#[test]
+fn a_corrupt_state_file_refuses_the_start_naming_file_and_entry() {
+    let mut n = Net::new("aoecst", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let file = state.join("e7.1.toml");
+    // The mask held one initiator (not us); its entry is damaged.
+    std::fs::write(
+        &file,
+        "config_hex = \"\"\nmask = [\"02:00:00:00:0x:01\"]\nreserve = []\nmask_source = []\n",
+    )
+    .unwrap();
+    let ifname = n.target_if();
+    let mut t = n.serve(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "7",
+        "1",
+        &ifname,
+        &img,
+    ]);
+    let exited = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let addr = TargetAddr::new(7, 1);
+    let answered = exited.is_none()
+        && n.one(
+            MacAddr::BROADCAST,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+        .is_some();
+    assert!(
+        !answered,
+        "target started with a corrupt mask and answered an initiator not on it"
+    );
+    let st = exited.expect("aoe serve did not refuse a corrupt state file");
+    assert!(!st.success());
+    let log = t.output_so_far();
+    assert!(
+        log.contains(file.to_str().unwrap()) && log.contains("02:00:00:00:0x:01"),
+        "the refusal names neither the file nor the entry:\n{log}"
+    );
+}
+
+/// Issue 9 item 6: with --config every export option comes from the file; vblade flags
+/// given as well would be silently ignored (a `-r` export served writable), so they are a
+/// usage error (exit 2) naming them. Needs no root: the refusal comes before any socket.
+#[test]
+fn vblade_flags_with_a_config_file_are_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!("[[export]]\npath = \"{img}\"\nshelf = 1\nslot = 1\ninterfaces = [\"lo\"]\n"),
+    )
+    .unwrap();
+    let c = conf.to_str().unwrap();
+    for (flags, named) in [
+        (&["-r"][..], &["-r"][..]),
+        (&["-d", "-s", "-b", "4"], &["-d", "-s", "-b"]),
+        (
+            &["-m", "02:00:00:00:00:01", "-o", "8", "-l", "8"],
+            &["-m", "-o", "-l"],
+        ),
+        (&["--no-announce"], &["--no-announce"]),
+    ] {
+        let out = Command::new(AOE)
+            .arg("serve")
+            .args(["--config", c])
+            .args(flags)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{flags:?}: not one line: {err}"
+        );
+        for f in named {
+            assert!(err.contains(f), "{flags:?}: {f} not named: {err}");
+        }
+    }
+    // Positional arguments too (clap's conflict already refused these).
+    let out = Command::new(AOE)
+        .args(["serve", "--config", c, "1", "1", "lo", &img, "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Issue 9 item 9: requests beyond the advertised buffer count are dropped, not queued
+/// without limit (AoEr11 3.2: Buffer Count is what the target can queue; the initiator
+/// retransmits the rest). The target is stopped while a burst of 8x its buffer count of
+/// reads queues in its socket; `-d` sends every read to the worker pool, so once it runs
+/// again the whole burst is taken in before the first completion and at most the buffer
+/// count may be in flight. The dropped requests are answered when sent again.
+#[test]
+fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
+    const BUFCNT: usize = 8;
+    let mut n = Net::new("aoeovf", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 8192);
+    let ifname = n.target_if();
+    let mut t = n.serve(&["-d", "-b", &BUFCNT.to_string(), "1", "3", &ifname, &img]);
+    let addr = TargetAddr::new(1, 3);
+    let mac = n.wait_up(addr);
+    let frames: Vec<_> = (0..BUFCNT as u64 * 8)
+        .map(|i| n.frame(mac, addr, read(i * 2, 2)))
+        .collect();
+    signal(t.pid(), "-STOP");
+    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
+    let mut sent = 0;
+    while sent < refs.len() {
+        sent += n.sock.send_batch(&refs[sent..]).unwrap();
+    }
+    signal(t.pid(), "-CONT");
+    let got = n.collect(&frames, Duration::from_secs(3));
+    assert!(!got.is_empty(), "no request of the burst was answered");
+    assert!(
+        got.len() <= BUFCNT,
+        "{} requests of a burst of {} answered with a buffer count of {BUFCNT}: the \
+         excess was queued, not dropped",
+        got.len(),
+        frames.len()
+    );
+    // The initiator retransmits what was dropped; then it is answered.
+    let answered: HashSet<u32> = got
+        .iter()
+        .map(|r| Message::parse(r).unwrap().header.tag.0)
+        .collect();
+    let again: Vec<_> = frames
+        .iter()
+        .filter(|(tag, _)| !answered.contains(&tag.0))
+        .cloned()
+        .collect();
+    let mut done = 0;
+    for chunk in again.chunks(BUFCNT) {
+        done += n.exchange(chunk, Duration::from_secs(5)).len();
+    }
+    assert_eq!(
+        done,
+        again.len(),
+        "dropped requests not answered when sent again"
+    );
+    let st = t.stop().unwrap();
+    assert!(st.success(), "{st:?}");
+    let log = t.output_so_far();
+    let dropped = frames.len() - got.len();
+    assert!(
+        log.contains(&format!("total_over_buffer_count={dropped}")),
+        "the drops are not counted in the log:\n{log}"
+    );
+}
+
+/// A LAN for the duplicate probe: a bridge in a switch namespace with three hosts on it,
+/// `other` (another target), `us` (the `aoe serve` under test) and `ini` (the test's
+/// initiator socket).
+struct Lan {
+    sw: Netns,
+    other: Netns,
+    us: Netns,
+    _ini: Netns,
+    br: aoe_testkit::Bridge,
+    links: Vec<VethPair>,
+    sock: PacketSocket,
+    me: MacAddr,
+    tag: std::cell::Cell<u32>,
+}
+
+impl Lan {
+    fn new(prefix: &str) -> Lan {
+        require_root();
+        let sw = Netns::new(&format!("{prefix}s")).unwrap();
+        let other = Netns::new(&format!("{prefix}o")).unwrap();
+        let us = Netns::new(&format!("{prefix}u")).unwrap();
+        let ini = Netns::new(&format!("{prefix}i")).unwrap();
+        let br = aoe_testkit::Bridge::new(&sw).unwrap();
+        let mut links = Vec::new();
+        for host in [&other, &us, &ini] {
+            let l = VethPair::new(host, &sw, 1500).unwrap();
+            br.add_port(l.b_name()).unwrap();
+            links.push(l);
+        }
+        let name = links[2].a_name().to_string();
+        let sock = aoe_sys::run_in_netns(&ini.path(), move || PacketSocket::open(&name))
+            .unwrap()
+            .unwrap();
+        let me = MacAddr(links[2].a_mac());
+        Lan {
+            sw,
+            other,
+            us,
+            _ini: ini,
+            br,
+            links,
+            sock,
+            me,
+            tag: std::cell::Cell::new(0x100),
+        }
+    }
+
+    /// True once a Query Config for `addr` is answered by `mac`. Each query has a tag of
+    /// its own, so a late answer to an earlier one does not count.
+    fn answered_by(&self, addr: TargetAddr, mac: MacAddr) -> bool {
+        wait_until(Duration::from_secs(10), || {
+            let tag = Tag(self.tag.get() + 1);
+            self.tag.set(tag.0);
+            let h = HeaderRepr::request(
+                MacAddr::BROADCAST,
+                self.me,
+                addr,
+                AoeCommand::QueryConfig,
+                tag,
+            );
+            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
+            self.sock
+                .send(&Message { header: h, body }.to_vec().unwrap())
+                .unwrap();
+            let mut buf = vec![0u8; 9100];
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline {
+                match self.sock.recv(&mut buf).unwrap() {
+                    Some(meta) => {
+                        if let Ok(m) = Message::parse(&buf[..meta.len]) {
+                            if m.header.response
+                                && m.header.tag == tag
+                                && m.header.target == addr
+                                && m.header.src == mac
+                            {
+                                return true;
+                            }
+                        }
+                    }
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            false
+        })
+    }
+}
+
+/// Issue 9 item 7: a second target with a shelf.slot already served on the segment (here
+/// vblade) refuses to start, naming the other MAC; `--allow-duplicate` starts it with a
+/// warning; a free address starts as before.
+#[test]
+fn a_shelf_slot_already_served_on_the_segment_refuses_the_start() {
+    let lan = Lan::new("aoedup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64);
+    let mine = image(dir.path(), "m.img", 64);
+    let vblade = Command::new("vblade").arg("-h").output();
+    assert!(
+        vblade.is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let mut c = lan.other.command("vblade");
+    c.args(["1", "1", lan.links[0].a_name(), &img]);
+    let _vb = NsChild::spawn(&lan.other, c).unwrap();
+    let vb_mac = MacAddr(lan.links[0].a_mac());
+    let addr = TargetAddr::new(1, 1);
+    assert!(lan.answered_by(addr, vb_mac), "vblade never answered");
+    let us_if = lan.links[1].a_name().to_string();
+    let serve = |extra: &[&str], shelf_slot: [&str; 2]| {
+        let mut c = lan.us.command(AOE);
+        c.arg("serve")
+            .args(extra)
+            .args(shelf_slot)
+            .args([us_if.as_str(), mine.as_str()]);
+        NsChild::spawn(&lan.us, c).unwrap()
+    };
+
+    let mut t = serve(&[], ["1", "1"]);
+    let st = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = t.output_so_far();
+    let st = st.unwrap_or_else(|| panic!("started beside vblade's e1.1; log:\n{log}"));
+    assert!(!st.success());
+    assert!(
+        log.contains(&vb_mac.to_string()) && log.contains("e1.1"),
+        "the refusal does not name the other MAC {vb_mac}:\n{log}"
+    );
+
+    let mut t = serve(&["--allow-duplicate"], ["1", "1"]);
+    let us_mac = MacAddr(lan.links[1].a_mac());
+    assert!(
+        lan.answered_by(addr, us_mac),
+        "override: not serving; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.is_running());
+    let log = t.output_so_far();
+    assert!(
+        log.contains("WARN") && log.contains(&vb_mac.to_string()),
+        "override: no warning naming {vb_mac}:\n{log}"
+    );
+    drop(t);
+
+    // A free address starts; a reload that adds vblade's address is refused.
+    let conf = dir.path().join("serve.toml");
+    let export = |slot: u8, path: &str| {
+        format!(
+            "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = {slot}\ninterfaces = [\"{us_if}\"]\n"
+        )
+    };
+    std::fs::write(&conf, export(2, &mine)).unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let mut t = NsChild::spawn(&lan.us, c).unwrap();
+    assert!(
+        lan.answered_by(TargetAddr::new(1, 2), us_mac),
+        "a free address did not start; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.is_running());
+    // A long probe: running exports keep being served while it waits.
+    let long = format!("probe_ms = 3000\n{}{}", export(2, &mine), export(1, &img));
+    std::fs::write(&conf, long).unwrap();
+    signal(t.pid(), "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .output_so_far()
+            .contains("exports=e1.1")),
+        "no probe on reload; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(lan.answered_by(TargetAddr::new(1, 2), us_mac));
+    assert!(
+        !t.output_so_far().contains("reload refused"),
+        "the running e1.2 was not served during the reload's probe; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .output_so_far()
+            .contains("reload refused")),
+        "a reload adding vblade's e1.1 was not refused; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(t.output_so_far().contains(&vb_mac.to_string()));
+    assert!(t.is_running());
+}
+
+/// Within one configuration: the same export on two interfaces of one switch (multipath)
+/// starts; two different exports with one shelf.slot on those interfaces are refused,
+/// since the probe from one interface is heard on the other.
+#[test]
+fn one_address_on_two_interfaces_of_one_segment_only_as_multipath() {
+    let lan = Lan::new("aoemp");
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let b = image(dir.path(), "b.img", 64);
+    let second = VethPair::new(&lan.us, &lan.sw, 1500).unwrap();
+    lan.br.add_port(second.b_name()).unwrap();
+    let (if1, if2) = (lan.links[1].a_name(), second.a_name());
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!("[[export]]\npath = \"{a}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if1}\", \"{if2}\"]\n"),
+    )
+    .unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let t = NsChild::spawn(&lan.us, c).unwrap();
+    assert!(
+        lan.answered_by(TargetAddr::new(3, 1), MacAddr(second.a_mac())),
+        "multipath export refused; log:\n{}",
+        t.output_so_far()
+    );
+    drop(t);
+    std::fs::write(
+        &conf,
+        format!(
+            "[[export]]\npath = \"{a}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if1}\"]\n\
+             [[export]]\npath = \"{b}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if2}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    let mut t = NsChild::spawn(&lan.us, c).unwrap();
+    let st = t.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = t.output_so_far();
+    assert!(
+        matches!(st, Some(s) if !s.success()),
+        "two different exports of e3.1 on one segment started; log:\n{log}"
+    );
+    assert!(log.contains("share a segment"), "{log}");
 }

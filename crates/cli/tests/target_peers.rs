@@ -663,6 +663,7 @@ fn run_peer_checks(kind: Target, mtu: u32) -> (Report, Observed) {
             "eth.src",
             "frame.protocols",
             "aoe.response",
+            "aoe.cmd",
         ],
     );
     let _ = writeln!(r.log, "capture (no|len|src|protocols|response):");
@@ -686,7 +687,14 @@ fn run_peer_checks(kind: Target, mtu: u32) -> (Report, Observed) {
     let len = |c: &Vec<String>| c[1].parse::<u32>().unwrap_or(0);
     let runts: Vec<&Vec<String>> = from_target.iter().filter(|c| len(c) < 60).collect();
     let oversize = from_target.iter().filter(|c| len(c) > mtu + 14).count();
-    let requests = from_target.iter().filter(|c| c[4] == "0").count();
+    // The one request `aoe serve` sends is its duplicate-address probe at start, a Query
+    // Config (command 1) for its own shelf.slot (issue 9 item 7).
+    let requests = from_target
+        .iter()
+        .filter(|c| {
+            c[4] == "0" && !(kind == Target::AoeServe && c.get(5).map(String::as_str) == Some("1"))
+        })
+        .count();
     seen.runts = runts.len();
     r.check(
         frames.len() >= 20 && from_target.len() >= 10,

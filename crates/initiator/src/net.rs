@@ -414,9 +414,12 @@ impl Net {
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd {
-                    writable: i.as_ref().is_some_and(|i| !i.backlog.is_empty()),
-                    ..PollFd::new(i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()))
+                .map(|i| {
+                    PollFd::with_events(
+                        i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()),
+                        true,
+                        i.as_ref().is_some_and(|i| !i.backlog.is_empty()),
+                    )
                 })
                 .collect();
             fds.push(PollFd::new(self.wake.as_raw_fd()));
@@ -428,7 +431,7 @@ impl Net {
             }
             let now = Instant::now();
             for (idx, fd) in fds.iter().enumerate().take(self.ifaces.len()) {
-                if !fd.ready {
+                if !fd.ready && !fd.writable {
                     continue;
                 }
                 let Some(i) = &mut self.ifaces[idx] else {

@@ -46,7 +46,8 @@ pub struct ExportConfig {
     pub sectors: u64,
     /// Refuse writes (ATA ABRT).
     pub read_only: bool,
-    /// Buffer count advertised in Query Config: how many requests may be in flight.
+    /// Buffer count advertised in Query Config: how many requests may be in flight. The
+    /// engine enforces it: see [`DropReason::OverBufferCount`].
     pub buffer_count: u16,
     /// Firmware version in Query Config responses.
     pub firmware_version: u16,
@@ -130,6 +131,15 @@ pub enum DropReason {
     ConfigMismatch,
     /// The interface index is not one the engine knows.
     UnknownInterface,
+    /// Disk I/O beyond the advertised buffer count. AoEr11 section 3.2 defines Buffer
+    /// Count as "the maximum number of outstanding messages the server can queue for
+    /// processing" and lets the target drop the excess; the initiator retransmits. The count
+    /// holds per interface the request came in on: the Linux aoe driver keeps up to Buffer
+    /// Count requests outstanding per target MAC (`aoetgt.maxout`, aoecmd.c), so an
+    /// initiator using two ports of a multipath export keeps twice as many in flight.
+    /// vblade likewise bounds per target (its `-b` sizes the socket buffer), so several
+    /// initiators share one window: memory stays bounded whatever number of MACs send.
+    OverBufferCount,
 }
 
 /// What [`Engine::handle_frame`] decided.
@@ -172,10 +182,14 @@ pub struct Stats {
     pub flushes: u64,
     /// Most I/Os in flight at once.
     pub max_in_flight: u32,
+    /// Requests dropped because the buffer count was reached (also counted in `dropped`).
+    pub over_buffer_count: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Pending {
+    /// The interface the request came in on.
+    iface: usize,
     header: HeaderRepr,
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
@@ -198,6 +212,10 @@ pub struct Engine {
     pending: Vec<Option<Pending>>,
     free: Vec<u32>,
     in_flight: u32,
+    /// I/Os in flight per interface index: each at most the buffer count.
+    iface_in_flight: Vec<u32>,
+    /// The interface of the frame being handled.
+    cur_iface: usize,
     identify: [u8; 512],
     stats: Stats,
 }
@@ -223,6 +241,8 @@ impl Engine {
             pending: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            iface_in_flight: Vec::new(),
+            cur_iface: 0,
             identify,
             stats: Stats::default(),
         }
@@ -318,8 +338,13 @@ impl Engine {
     /// Handles one received frame from interface `idx`; `reply` must hold a full frame of
     /// that interface (MTU + 14 bytes).
     pub fn handle_frame(&mut self, idx: usize, frame: &[u8], reply: &mut [u8]) -> Outcome {
+        self.cur_iface = idx;
         let outcome = self.dispatch(idx, frame, reply);
         match &outcome {
+            Outcome::Drop(DropReason::OverBufferCount) => {
+                self.stats.dropped += 1;
+                self.stats.over_buffer_count += 1;
+            }
             Outcome::Drop(_) => self.stats.dropped += 1,
             Outcome::Reply(_) => self.stats.replies += 1,
             Outcome::Io(_) => {}
@@ -716,7 +741,8 @@ impl Engine {
         }
     }
 
-    /// Hands out a token for disk work.
+    /// Hands out a token for disk work, or drops the request if the interface it came in
+    /// on already has the buffer count in flight.
     fn start_io(
         &mut self,
         rsp: &HeaderRepr,
@@ -724,7 +750,16 @@ impl Engine {
         kind: IoKind,
         pending: PendingKind,
     ) -> Outcome {
+        let iface = self.cur_iface;
+        if self.iface_in_flight.len() <= iface {
+            self.iface_in_flight.resize(iface + 1, 0);
+        }
+        if self.iface_in_flight[iface] >= u32::from(self.cfg.buffer_count) {
+            return Outcome::Drop(DropReason::OverBufferCount);
+        }
+        self.iface_in_flight[iface] += 1;
         let p = Pending {
+            iface,
             header: *rsp,
             ata: *arg,
             kind: pending,
@@ -747,6 +782,24 @@ impl Engine {
         })
     }
 
+    /// Gives up disk work without replying (the driver could not queue it): the token is
+    /// free again and the request counts as dropped; the initiator retransmits. False for a
+    /// token that is not in flight.
+    pub fn abort(&mut self, token: Token) -> bool {
+        let Some(p) = self
+            .pending
+            .get_mut(token.0 as usize)
+            .and_then(Option::take)
+        else {
+            return false;
+        };
+        self.free.push(token.0);
+        self.in_flight -= 1;
+        self.iface_in_flight[p.iface] -= 1;
+        self.stats.dropped += 1;
+        true
+    }
+
     /// Completes disk work: writes the reply header (and, on failure, an ATA error) into
     /// `reply`, whose data area a read has filled, and returns the length to send. `None`
     /// for a token that is not in flight.
@@ -759,6 +812,7 @@ impl Engine {
         let p = self.pending.get_mut(token.0 as usize)?.take()?;
         self.free.push(token.0);
         self.in_flight -= 1;
+        self.iface_in_flight[p.iface] -= 1;
         self.stats.replies += 1;
         let (st, err) = match result {
             Ok(()) => (status::DRDY, 0),
@@ -875,6 +929,7 @@ impl fmt::Display for DropReason {
             DropReason::Masked => "source not on the mac mask list",
             DropReason::ConfigMismatch => "config test did not match",
             DropReason::UnknownInterface => "unknown interface",
+            DropReason::OverBufferCount => "buffer count reached",
         })
     }
 }

@@ -1,4 +1,6 @@
-//! A pool of I/O worker threads.
+//! A pool of I/O worker threads with a bounded queue: a flood of requests or a slow disk
+//! cannot grow it without limit; a full queue refuses the job and the caller drops the
+//! request (an AoE initiator retransmits).
 
 use std::io;
 use std::ops::Range;
@@ -70,10 +72,17 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Starts `threads` workers. `wake` is called after each job completes, from the worker
-    /// thread (the daemon passes an eventfd notify so its poll loop wakes up).
-    pub fn new(threads: usize, wake: Arc<dyn Fn() + Send + Sync>) -> io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+    /// Starts `threads` workers that take jobs from a queue of at most `queue` jobs. `wake`
+    /// is called after each job completes, from the worker thread (the daemon passes an
+    /// eventfd notify so its poll loop wakes up). The queue of finished jobs is not bounded
+    /// here: it never holds more than the jobs submitted and not yet taken back, which the
+    /// caller bounds (the target by its buffer counts).
+    pub fn new(
+        threads: usize,
+        queue: usize,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> io::Result<Pool> {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue.max(1));
         let (dtx, done) = crossbeam_channel::unbounded::<Done>();
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
@@ -105,11 +114,12 @@ impl Pool {
         })
     }
 
-    /// Queues a job.
-    pub fn submit(&self, job: Job) {
-        if let Some(tx) = &self.tx {
+    /// Queues a job without waiting; gives it back if the queue is full.
+    pub fn try_submit(&self, job: Job) -> Result<(), Job> {
+        match &self.tx {
             // Workers only stop when `tx` is dropped, so the channel is open here.
-            let _ = tx.send(job);
+            Some(tx) => tx.try_send(job).map_err(|e| e.into_inner()),
+            None => Err(job),
         }
     }
 
@@ -164,6 +174,7 @@ mod tests {
         let w = woke.clone();
         let pool = Pool::new(
             2,
+            16,
             Arc::new(move || {
                 w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
@@ -171,7 +182,7 @@ mod tests {
         .unwrap();
         let mut buf = vec![0u8; 612];
         buf[100..612].fill(7);
-        pool.submit(Job {
+        pool.try_submit(Job {
             backend: mem.clone(),
             op: Op::Write {
                 offset: 512,
@@ -179,11 +190,12 @@ mod tests {
             },
             user: 1,
             buf,
-        });
+        })
+        .unwrap();
         let d = pool.wait_done(Duration::from_secs(5)).unwrap();
         assert_eq!(d.user, 1);
         d.result.unwrap();
-        pool.submit(Job {
+        pool.try_submit(Job {
             backend: mem.clone(),
             op: Op::Read {
                 offset: 512,
@@ -191,11 +203,12 @@ mod tests {
             },
             user: 2,
             buf: vec![0u8; 600],
-        });
+        })
+        .unwrap();
         let d = pool.wait_done(Duration::from_secs(5)).unwrap();
         assert!(d.buf[36..548].iter().all(|x| *x == 7));
         // Out of range: an error, nothing written.
-        pool.submit(Job {
+        pool.try_submit(Job {
             backend: mem.clone(),
             op: Op::Write {
                 offset: 4000,
@@ -203,20 +216,84 @@ mod tests {
             },
             user: 3,
             buf: vec![1u8; 512],
-        });
+        })
+        .unwrap();
         let d = pool.wait_done(Duration::from_secs(5)).unwrap();
         assert!(d.result.is_err());
         assert!(mem.snapshot()[3584..].iter().all(|x| *x == 0));
-        pool.submit(Job {
+        pool.try_submit(Job {
             backend: mem,
             op: Op::Flush,
             user: 4,
             buf: Vec::new(),
-        });
+        })
+        .unwrap();
         pool.wait_done(Duration::from_secs(5))
             .unwrap()
             .result
             .unwrap();
         assert_eq!(woke.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    /// A backend whose reads wait until the test opens the gate.
+    #[derive(Debug)]
+    struct Gate(std::sync::Mutex<bool>, std::sync::Condvar);
+
+    impl Backend for Gate {
+        fn len(&self) -> u64 {
+            512
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+            let mut open = self.0.lock().unwrap();
+            while !*open {
+                open = self.1.wait(open).unwrap();
+            }
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_job_back() {
+        let gate = Arc::new(Gate(Default::default(), Default::default()));
+        let pool = Pool::new(1, 2, Arc::new(|| {})).unwrap();
+        let job = |user| Job {
+            backend: gate.clone(),
+            op: Op::Read {
+                offset: 0,
+                at: 0..0,
+            },
+            user,
+            buf: Vec::new(),
+        };
+        // One job blocks the worker, two wait in the queue, the fourth is refused.
+        let mut accepted = 0;
+        let mut refused = Vec::new();
+        for u in 0..4 {
+            match pool.try_submit(job(u)) {
+                Ok(()) => accepted += 1,
+                Err(j) => refused.push(j.user),
+            }
+            if u == 0 {
+                // Let the worker take the first job off the queue.
+                while !pool.tx.as_ref().unwrap().is_empty() {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        assert_eq!((accepted, refused), (3, vec![3]));
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        for _ in 0..3 {
+            pool.wait_done(Duration::from_secs(5)).unwrap();
+        }
     }
 }

@@ -87,35 +87,46 @@ impl AsFd for EventFd {
     }
 }
 
-/// One entry for [`poll`]: which fd, whether to wait for it to become readable, and the
-/// result.
+/// One entry for [`poll`]: which fd, whether to wait for it to become readable (and, with
+/// [`with_events`](Self::with_events), writable), and the result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollFd {
     /// The file descriptor. A negative value is ignored by poll(2) and never becomes ready.
     pub fd: RawFd,
     /// Wait for `POLLIN`. With `false` only errors and hang-ups are reported.
     pub readable: bool,
-    /// Also wait for `POLLOUT` (room in the send buffer). `false` in [`PollFd::new`].
-    pub writable: bool,
-    /// Set by [`poll`]: the fd is readable (or writable, if asked), or has an error or
-    /// hang-up pending (a read will report it). Cleared when nothing happened.
+    /// Set by [`poll`]: the fd is readable, or has an error or hang-up pending (a read will
+    /// report it). Cleared when nothing happened.
     pub ready: bool,
+    /// Wait for `POLLOUT` too.
+    pub want_writable: bool,
+    /// Set by [`poll`] for an entry with [`want_writable`](Self::want_writable): the fd can
+    /// take a write (`POLLOUT`). Cleared otherwise.
+    pub writable: bool,
 }
 
 impl PollFd {
     /// An entry that waits for `fd` to become readable.
     pub fn new(fd: RawFd) -> PollFd {
+        PollFd::with_events(fd, true, false)
+    }
+
+    /// An entry that waits for `fd` to become readable (`POLLIN`) and/or writable
+    /// (`POLLOUT`), as asked.
+    pub fn with_events(fd: RawFd, readable: bool, writable: bool) -> PollFd {
         PollFd {
             fd,
-            readable: true,
-            writable: false,
+            readable,
             ready: false,
+            want_writable: writable,
+            writable: false,
         }
     }
 }
 
 /// Waits until at least one entry is ready or `timeout` passes (`None`: forever), and returns
-/// how many entries are ready, setting their [`ready`](PollFd::ready) flags.
+/// how many entries are ready (readable, writable or both), setting their
+/// [`ready`](PollFd::ready) and [`writable`](PollFd::writable) flags.
 ///
 /// The timeout is rounded up to whole milliseconds (so a tiny timeout still sleeps instead of
 /// spinning) and capped at `i32::MAX` ms. A signal interrupting the wait (`EINTR`) returns
@@ -125,8 +136,8 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
         .iter()
         .map(|p| libc::pollfd {
             fd: p.fd,
-            events: (if p.readable { libc::POLLIN } else { 0 })
-                | (if p.writable { libc::POLLOUT } else { 0 }),
+            events: if p.readable { libc::POLLIN } else { 0 }
+                | if p.want_writable { libc::POLLOUT } else { 0 },
             revents: 0,
         })
         .collect();
@@ -143,6 +154,7 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
     let ret = unsafe { libc::poll(raw.as_mut_ptr(), nfds, timeout_ms) };
     for p in fds.iter_mut() {
         p.ready = false;
+        p.writable = false;
     }
     match cvt(ret) {
         Ok(_) => {}
@@ -151,8 +163,9 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
     }
     let mut n = 0;
     for (p, r) in fds.iter_mut().zip(&raw) {
-        p.ready = r.revents != 0;
-        n += usize::from(p.ready);
+        p.ready = r.revents & !libc::POLLOUT != 0;
+        p.writable = r.revents & libc::POLLOUT != 0;
+        n += usize::from(p.ready || p.writable);
     }
     Ok(n)
 }
@@ -219,29 +232,45 @@ mod tests {
     fn poll_reports_hangup_even_when_not_waiting_for_input() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         drop(b);
-        let mut fds = [PollFd {
-            fd: a.as_raw_fd(),
-            readable: false,
-            writable: false,
-            ready: false,
-        }];
+        let mut fds = [PollFd::with_events(a.as_raw_fd(), false, false)];
         assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
         assert!(fds[0].ready);
     }
 
     #[test]
-    fn poll_waits_for_room_to_write_when_asked() {
+    fn poll_reports_writable_only_when_asked() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut fds = [PollFd {
-            writable: true,
-            readable: false,
-            ..PollFd::new(a.as_raw_fd())
-        }];
-        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
-        assert!(fds[0].ready);
-        // Not asked: an idle socket is not ready.
         let mut fds = [PollFd::new(a.as_raw_fd())];
         assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        let mut fds = [PollFd::with_events(a.as_raw_fd(), true, true)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 1);
+        assert!(fds[0].writable && !fds[0].ready);
+    }
+
+    #[test]
+    fn poll_reports_writable_again_once_a_full_queue_drains() {
+        use std::io::{Read, Write};
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let chunk = [0u8; 4096];
+        let mut queued = 0usize;
+        while let Ok(n) = a.write(&chunk) {
+            queued += n;
+        }
+        let mut fds = [PollFd::with_events(a.as_raw_fd(), false, true)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert!(!fds[0].writable);
+        let mut buf = vec![0u8; queued];
+        let mut read = 0;
+        while read < queued {
+            match b.read(&mut buf[read..]) {
+                Ok(n) => read += n,
+                Err(_) => break,
+            }
+        }
+        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+        assert!(fds[0].writable);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aoe_wire::{MacAddr, TargetAddr};
 use serde::Deserialize;
@@ -35,7 +36,8 @@ pub struct ExportSpec {
     pub offset: u64,
     /// Length in sectors (vblade `-l`); `None`: to the end.
     pub length: Option<u64>,
-    /// Advertised buffer count (vblade `-b`).
+    /// Advertised buffer count (vblade `-b`), and enforced: disk requests beyond it per
+    /// interface are dropped (see `aoe_proto::target::DropReason::OverBufferCount`).
     pub buffer_count: u16,
     /// Initial Mac Mask List (vblade `-m`); empty: everyone.
     pub allowed_macs: Vec<MacAddr>,
@@ -59,6 +61,11 @@ pub struct ServeConfig {
     pub state_dir: Option<PathBuf>,
     /// I/O worker threads.
     pub workers: usize,
+    /// Start (or reload) even when the duplicate probe finds another target answering for
+    /// one of our addresses: the conflict is only logged.
+    pub allow_duplicate: bool,
+    /// How long the duplicate probe waits for answers ([`crate::probe`]); zero: no probe.
+    pub probe: Duration,
 }
 
 /// A configuration that cannot run, with a message naming the problem.
@@ -78,6 +85,9 @@ impl std::error::Error for ConfigError {}
 struct FileConfig {
     state_dir: Option<PathBuf>,
     workers: Option<usize>,
+    #[serde(default)]
+    allow_duplicate: bool,
+    probe_ms: Option<u64>,
     #[serde(default, rename = "export")]
     exports: Vec<FileExport>,
 }
@@ -146,6 +156,10 @@ impl ServeConfig {
             exports,
             state_dir: f.state_dir.map(|d| base.join(d)),
             workers: f.workers.unwrap_or(DEFAULT_WORKERS),
+            allow_duplicate: f.allow_duplicate,
+            probe: f
+                .probe_ms
+                .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
         };
         cfg.check_static()
             .map_err(|e| ConfigError(format!("{}: {e}", origin.display())))?;
@@ -211,6 +225,8 @@ mod tests {
         let t = r#"
             state_dir = "state"
             workers = 2
+            allow_duplicate = true
+            probe_ms = 250
             [[export]]
             path = "disk.img"
             shelf = 1
@@ -231,6 +247,8 @@ mod tests {
         let c = ServeConfig::from_toml(t, Path::new("/etc/aoe/serve.toml")).unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/etc/aoe/state")));
         assert_eq!(c.workers, 2);
+        assert!(c.allow_duplicate);
+        assert_eq!(c.probe, Duration::from_millis(250));
         let e = &c.exports[0];
         assert_eq!(e.path, PathBuf::from("/etc/aoe/disk.img"));
         assert_eq!((e.shelf, e.slot, e.offset, e.length), (1, 2, 8, Some(100)));

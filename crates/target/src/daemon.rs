@@ -1,6 +1,6 @@
 //! The event loop: sockets in, engines, worker pool, sockets out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -19,7 +19,8 @@ use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
 use crate::config::{ExportSpec, ServeConfig};
-use crate::state::StateFile;
+use crate::probe::{Duplicate, Probe};
+use crate::state::{StateFile, StateWriter};
 
 /// Frames taken from a socket per recvmmsg.
 const BATCH: usize = 64;
@@ -30,6 +31,17 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// sleeping in poll() costs a wake-up on another core for every batch: initiator and target
 /// then take turns instead of working at once.
 const SPIN: Duration = Duration::from_micros(100);
+/// Jobs the worker pool queues at most, over all exports. Each export already keeps at
+/// most its buffer count in flight per interface ([`aoe_proto::target::DropReason::OverBufferCount`]);
+/// this bounds the sum, so many exports or many interfaces cannot grow the queue (and the
+/// frame buffers it holds) without limit either. A request refused here is dropped and
+/// counted; the initiator retransmits.
+const POOL_QUEUE: usize = 8192;
+/// Replies an interface holds at most while its socket's send queue is full. The loop never
+/// sleeps on a full queue: it keeps the replies here, asks poll() for POLLOUT and goes on
+/// receiving and completing. A reply that finds the backlog full is dropped and counted;
+/// the initiator retransmits the request (AoE has no other recovery, AoEr11 section 2).
+const SEND_BACKLOG: usize = 4096;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
@@ -108,9 +120,28 @@ struct IfaceRt {
     iface: Interface,
     /// Exports served here (ids).
     exports: Vec<u32>,
-    /// Replies waiting to be sent: buffer and length.
-    out: Vec<(Vec<u8>, usize)>,
+    /// Replies waiting to be sent, oldest first: buffer and length. At most
+    /// [`SEND_BACKLOG`].
+    out: VecDeque<(Vec<u8>, usize)>,
+    /// Replies the socket refused with an error other than a full queue.
     send_failures: u64,
+    /// Replies dropped because the backlog was full.
+    backlog_drops: u64,
+    /// (send_failures, backlog_drops) last logged.
+    drops_logged: (u64, u64),
+}
+
+impl IfaceRt {
+    /// Queues a reply for sending, or drops it (counted) when the backlog is full; the
+    /// buffer goes back to `spare` then.
+    fn queue(&mut self, buf: Vec<u8>, n: usize, spare: &mut Vec<Vec<u8>>) {
+        if self.out.len() >= SEND_BACKLOG {
+            self.backlog_drops += 1;
+            spare.push(buf);
+        } else {
+            self.out.push_back((buf, n));
+        }
+    }
 }
 
 struct ExportRt {
@@ -122,6 +153,10 @@ struct ExportRt {
     token_iface: Vec<usize>,
     /// No longer configured: takes no new frames, goes away once its I/O has drained.
     retiring: bool,
+    /// Requests dropped because the worker queue was full.
+    pool_full_drops: u64,
+    /// Drop counts last logged: (over the buffer count, worker queue full).
+    drops_logged: (u64, u64),
 }
 
 /// A running target.
@@ -135,6 +170,8 @@ pub struct Daemon {
     event: Arc<EventFd>,
     spare: Vec<Vec<u8>>,
     hostname: String,
+    /// Saves state files off the event loop.
+    state_writer: StateWriter,
 }
 
 impl Daemon {
@@ -147,6 +184,7 @@ impl Daemon {
         let ev = event.clone();
         let pool = Pool::new(
             config.workers,
+            POOL_QUEUE,
             Arc::new(move || {
                 let _ = ev.notify();
             }),
@@ -165,6 +203,7 @@ impl Daemon {
             event,
             spare: Vec::new(),
             hostname,
+            state_writer: StateWriter::new().context("cannot start the state writer")?,
         };
         d.apply(config)?;
         Ok(d)
@@ -208,8 +247,10 @@ impl Daemon {
             },
             sock,
             exports: Vec::new(),
-            out: Vec::new(),
+            out: VecDeque::new(),
             send_failures: 0,
+            backlog_drops: 0,
+            drops_logged: (0, 0),
         });
         Ok(self.ifaces.len() - 1)
     }
@@ -238,6 +279,33 @@ impl Daemon {
                 continue;
             }
             new_rts.push(self.open_export(spec, &config)?);
+        }
+        // The serving sockets open first, so requests that arrive during the probe wait in
+        // them and are answered once it is over, instead of being lost.
+        let names: Vec<String> = new_rts
+            .iter()
+            .flat_map(|rt| rt.spec.interfaces.clone())
+            .collect();
+        for name in names {
+            self.iface_index(&name)?;
+        }
+        // Ask the segments before announcing anything new: a second target with one of our
+        // addresses makes initiators mix two disks.
+        let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
+        let dups = self.probe(&new_specs, &config)?;
+        if !dups.is_empty() {
+            let what = dups
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !config.allow_duplicate {
+                bail!(
+                    "{what}: refusing to serve it (allow_duplicate = true or \
+                     --allow-duplicate serves it anyway)"
+                );
+            }
+            tracing::warn!("{what}: serving it anyway (allow_duplicate)");
         }
         // Commit.
         for (id, rt) in self.exports.iter_mut() {
@@ -269,7 +337,7 @@ impl Daemon {
                 if rt.spec.announce {
                     for frame in rt.engine.announcements(idx) {
                         let n = frame.len();
-                        self.ifaces[idx].out.push((frame, n));
+                        self.ifaces[idx].queue(frame, n, &mut self.spare);
                     }
                 }
             }
@@ -279,6 +347,43 @@ impl Daemon {
         self.config = config;
         self.flush_sends();
         Ok(())
+    }
+
+    /// Runs the duplicate probe for `new`; running exports keep being served while it waits
+    /// (on a reload), new interfaces keep their frames queued until the probe is over.
+    fn probe(&mut self, new: &[&ExportSpec], config: &ServeConfig) -> Result<Vec<Duplicate>> {
+        let Some(mut p) = Probe::start(new, &config.exports, config.probe)? else {
+            return Ok(Vec::new());
+        };
+        let addrs: Vec<String> = new.iter().map(|e| e.addr().to_string()).collect();
+        tracing::info!(
+            exports = %addrs.join(","),
+            wait_ms = config.probe.as_millis() as u64,
+            "probing the segment for duplicate addresses"
+        );
+        loop {
+            p.collect()?;
+            let now = Instant::now();
+            if now >= p.deadline() {
+                return Ok(p.finish());
+            }
+            let serving: Vec<usize> = (0..self.ifaces.len())
+                .filter(|&i| !self.ifaces[i].exports.is_empty())
+                .collect();
+            let mut fds = p.fds();
+            fds.extend(serving.iter().map(|&i| {
+                let iface = &self.ifaces[i];
+                PollFd::with_events(iface.sock.as_raw_fd(), true, !iface.out.is_empty())
+            }));
+            fds.push(PollFd::new(self.event.as_raw_fd()));
+            aoe_sys::poll(&mut fds, Some(p.deadline() - now)).context("poll")?;
+            let _ = self.event.drain();
+            for i in serving {
+                self.receive(i);
+            }
+            self.complete_io();
+            self.flush_sends();
+        }
     }
 
     fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
@@ -329,6 +434,8 @@ impl Daemon {
             state_file,
             token_iface: Vec::new(),
             retiring: false,
+            pool_full_drops: 0,
+            drops_logged: (0, 0),
         })
     }
 
@@ -361,10 +468,11 @@ impl Daemon {
             if control.reload.swap(false, Ordering::SeqCst) {
                 self.reload();
             }
+            // POLLOUT only where replies wait: a socket with room is always writable.
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::new(i.sock.as_raw_fd()))
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, !i.out.is_empty()))
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
@@ -392,12 +500,18 @@ impl Daemon {
             if last_refresh.elapsed() >= REFRESH {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
+                self.log_drops();
                 self.exports
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }
         }
         self.drain_io(Duration::from_secs(30));
+        self.drain_sends(Duration::from_secs(1));
         self.persist_state();
+        if !self.state_writer.wait_idle(Duration::from_secs(30)) {
+            tracing::error!("state files still being written after 30 s; exiting anyway");
+        }
+        self.log_drops();
         tracing::info!("stopped");
         Ok(())
     }
@@ -498,7 +612,7 @@ impl Daemon {
         };
         let frame = self.ifaces[idx].batch.frame(f);
         match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
-            Outcome::Reply(n) => self.ifaces[idx].out.push((reply, n)),
+            Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
             Outcome::Drop(reason) => {
                 tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped");
                 self.spare.push(reply);
@@ -526,7 +640,7 @@ impl Daemon {
                 };
                 if let Some(result) = result {
                     match rt.engine.complete(req.token, result, &mut reply) {
-                        Some(n) => self.ifaces[idx].out.push((reply, n)),
+                        Some(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
                         None => self.spare.push(reply),
                     }
                     return;
@@ -549,12 +663,17 @@ impl Daemon {
                     }
                     IoKind::Flush => Op::Flush,
                 };
-                self.pool.submit(Job {
+                let job = Job {
                     backend: rt.backend.clone(),
                     op,
                     user: (u64::from(id) << 32) | u64::from(req.token.0),
                     buf: reply,
-                });
+                };
+                if let Err(job) = self.pool.try_submit(job) {
+                    rt.engine.abort(req.token);
+                    self.spare.push(job.buf);
+                    rt.pool_full_drops += 1;
+                }
             }
         }
     }
@@ -580,59 +699,108 @@ impl Daemon {
         });
         let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
         match rt.engine.complete(token, result, &mut buf) {
-            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].out.push((buf, n)),
+            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
         }
     }
 
+    /// Sends what the interfaces' backlogs hold, as far as their sockets take it, without
+    /// waiting: a full send queue leaves the rest for the next turn, when poll() reports
+    /// the socket writable (POLLOUT) again.
     fn flush_sends(&mut self) {
         for i in &mut self.ifaces {
-            if i.out.is_empty() {
-                continue;
-            }
-            let mut sent = 0;
-            let mut tries = 0;
-            while sent < i.out.len() {
-                let frames: Vec<&[u8]> = i.out[sent..].iter().map(|(b, n)| &b[..*n]).collect();
-                match i.sock.send_batch(&frames) {
-                    Ok(0) => tries += 1,
-                    Ok(k) => sent += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => tries += 1,
+            while !i.out.is_empty() {
+                let frames: Vec<&[u8]> = i.out.iter().take(BATCH).map(|(b, n)| &b[..*n]).collect();
+                let sent = match i.sock.send_batch(&frames) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        tracing::warn!(interface = %i.name, error = %e, "send failed");
+                        // Skip the frame that failed; the initiator retransmits. Counted and
+                        // logged once a second by log_drops.
+                        tracing::debug!(interface = %i.name, error = %e, "send failed");
                         i.send_failures += 1;
-                        sent += 1; // skip the frame that failed; the initiator retransmits
-                        continue;
+                        1
+                    }
+                };
+                for _ in 0..sent {
+                    if let Some((b, _)) = i.out.pop_front() {
+                        self.spare.push(b);
                     }
                 }
-                if tries > 0 {
-                    if tries > 200 {
-                        tracing::warn!(interface = %i.name, dropped = i.out.len() - sent,
-                            "send queue full for 200 ms; replies dropped");
-                        i.send_failures += (i.out.len() - sent) as u64;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            for (b, _) in i.out.drain(..) {
-                self.spare.push(b);
             }
         }
         // Keep a bounded cache of buffers.
         self.spare.truncate(1024);
     }
 
+    /// At stop: sends what is left, waiting for POLLOUT up to `limit`.
+    fn drain_sends(&mut self, limit: Duration) {
+        let start = Instant::now();
+        self.flush_sends();
+        while self.ifaces.iter().any(|i| !i.out.is_empty()) {
+            let Some(left) = limit.checked_sub(start.elapsed()) else {
+                let n: usize = self.ifaces.iter().map(|i| i.out.len()).sum();
+                tracing::warn!(
+                    replies = n,
+                    "send queues still full at exit; replies dropped"
+                );
+                return;
+            };
+            let mut fds: Vec<PollFd> = self
+                .ifaces
+                .iter()
+                .filter(|i| !i.out.is_empty())
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), false, true))
+                .collect();
+            let _ = aoe_sys::poll(&mut fds, Some(left));
+            self.flush_sends();
+        }
+    }
+
+    /// Queues changed state for the writer thread: the loop never waits on fsync.
     fn persist_state(&mut self) {
         for rt in self.exports.values_mut() {
             if !rt.engine.take_state_changed() {
                 continue;
             }
             if let Some(f) = &rt.state_file {
-                if let Err(e) = f.save(rt.engine.state(), &rt.spec.allowed_macs) {
-                    tracing::error!(export = %rt.spec.addr(), error = %e,
-                        "cannot save state to {}", f.path().display());
-                }
+                self.state_writer
+                    .save(f, rt.engine.state(), &rt.spec.allowed_macs);
+            }
+        }
+    }
+
+    /// Logs requests dropped since the last call, at most once per export per call (the
+    /// loop calls it once a second): a flood is visible without a log line per frame.
+    fn log_drops(&mut self) {
+        for rt in self.exports.values_mut() {
+            let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
+            if now != rt.drops_logged {
+                tracing::warn!(
+                    export = %rt.spec.addr(),
+                    buffer_count = rt.spec.buffer_count,
+                    over_buffer_count = now.0 - rt.drops_logged.0,
+                    queue_full = now.1 - rt.drops_logged.1,
+                    total_over_buffer_count = now.0,
+                    total_queue_full = now.1,
+                    "requests dropped (the initiator retransmits)"
+                );
+                rt.drops_logged = now;
+            }
+        }
+        for i in &mut self.ifaces {
+            let now = (i.send_failures, i.backlog_drops);
+            if now != i.drops_logged {
+                tracing::warn!(
+                    interface = %i.name,
+                    send_failed = now.0 - i.drops_logged.0,
+                    backlog_full = now.1 - i.drops_logged.1,
+                    total_send_failed = now.0,
+                    total_backlog_full = now.1,
+                    "replies dropped (the initiator retransmits)"
+                );
+                i.drops_logged = now;
             }
         }
     }

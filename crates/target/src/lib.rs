@@ -18,6 +18,7 @@
 
 pub mod config;
 mod daemon;
+pub mod probe;
 pub mod state;
 
 pub use config::{ExportSpec, ServeConfig};

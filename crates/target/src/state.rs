@@ -1,9 +1,18 @@
 //! Persistent per-export state: the config string, Mac Mask List and reserve list survive
 //! restarts in a state directory, one small TOML file per export (`e<shelf>.<slot>.toml`),
-//! replaced atomically (write, fsync, rename).
+//! replaced atomically (write, fsync, rename, fsync of the directory).
+//!
+//! A state file that does not parse refuses the start: its Mac Mask List is an access
+//! control list (AoEr11 section 3.3: a target with a non-empty list answers only the MACs on
+//! it), and dropping an entry that does not parse could empty the list and open the export
+//! to everyone. The daemon saves through a [`StateWriter`] thread, so its event loop never
+//! waits on fsync.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use aoe_proto::target::PersistentState;
 use aoe_wire::{MacAddr, TargetAddr};
@@ -26,8 +35,24 @@ pub struct StateFile {
     path: PathBuf,
 }
 
-fn macs(v: &[String]) -> Vec<MacAddr> {
-    v.iter().filter_map(|s| s.parse().ok()).collect()
+/// Parses a stored MAC list; an entry that is not a MAC is an error naming the file, the
+/// list and the entry, never dropped.
+fn macs(path: &Path, list: &str, v: &[String]) -> std::io::Result<Vec<MacAddr>> {
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "state file {}: {list} entry {} ({s:?}) is not a MAC address",
+                        path.display(),
+                        i + 1
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 fn strs(v: &[MacAddr]) -> Vec<String> {
@@ -53,9 +78,22 @@ impl StateFile {
     pub fn load(&self, configured_mask: &[MacAddr]) -> std::io::Result<PersistentState> {
         let stored: Stored = match std::fs::read_to_string(&self.path) {
             Ok(t) => toml::from_str(&t).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|r| {
+                        format!(
+                            " line {}:",
+                            t[..r.start.min(t.len())].lines().count().max(1)
+                        )
+                    })
+                    .unwrap_or_default();
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("state file {}: {}", self.path.display(), e.message()),
+                    format!(
+                        "state file {}:{line} {}",
+                        self.path.display(),
+                        e.message().trim_end().replace('\n', "; ")
+                    ),
                 )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -72,19 +110,24 @@ impl StateFile {
                 format!("state file {}: config_hex is not hex", self.path.display()),
             )
         })?;
-        let mask = if macs(&stored.mask_source) == configured_mask {
-            macs(&stored.mask)
+        let p = &self.path;
+        let stored_mask = macs(p, "mask", &stored.mask)?;
+        let reserve = macs(p, "reserve", &stored.reserve)?;
+        let mask = if macs(p, "mask_source", &stored.mask_source)? == configured_mask {
+            stored_mask
         } else {
             configured_mask.to_vec()
         };
         Ok(PersistentState {
             config,
             mask,
-            reserve: macs(&stored.reserve),
+            reserve,
         })
     }
 
-    /// Saves the state atomically.
+    /// Saves the state atomically: a reader (or a crash) sees the old file or the new one,
+    /// never a mix. The temporary file is fsynced before the rename and the directory after
+    /// it, so the rename itself survives a power cut (rename(2) alone is not durable).
     pub fn save(&self, s: &PersistentState, configured_mask: &[MacAddr]) -> std::io::Result<()> {
         let stored = Stored {
             config_hex: hex_encode(&s.config),
@@ -102,7 +145,121 @@ impl StateFile {
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &self.path)?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+type Queued = (StateFile, PersistentState, Vec<MacAddr>);
+
+#[derive(Default)]
+struct WriterQueue {
+    /// The newest state of each file not yet written; an older one it replaced is never
+    /// written, so this holds at most one entry per export.
+    pending: HashMap<PathBuf, Queued>,
+    /// Files being written now.
+    busy: usize,
+    stop: bool,
+}
+
+/// Saves state files on a thread of its own: [`save`](Self::save) only queues, so the
+/// event loop never waits on fsync. The newest state of a file wins; a state queued while
+/// an older one is being written is written after it. Dropping the writer writes what is
+/// queued, then stops the thread.
+pub struct StateWriter {
+    shared: Arc<(Mutex<WriterQueue>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StateWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateWriter").finish_non_exhaustive()
+    }
+}
+
+impl StateWriter {
+    /// Starts the writer thread.
+    pub fn new() -> std::io::Result<StateWriter> {
+        let shared: Arc<(Mutex<WriterQueue>, Condvar)> = Arc::default();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("aoe-state".into())
+            .spawn(move || writer_loop(&s))?;
+        Ok(StateWriter {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `state` for `file`; returns at once.
+    pub fn save(&self, file: &StateFile, state: &PersistentState, configured_mask: &[MacAddr]) {
+        let (m, cv) = &*self.shared;
+        let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
+        q.pending.insert(
+            file.path.clone(),
+            (file.clone(), state.clone(), configured_mask.to_vec()),
+        );
+        cv.notify_all();
+    }
+
+    /// Waits until everything queued so far is written (or `limit` passes); true if it is.
+    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let (m, cv) = &*self.shared;
+        let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = std::time::Instant::now() + limit;
+        while !q.pending.is_empty() || q.busy > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = cv
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+fn writer_loop(shared: &(Mutex<WriterQueue>, Condvar)) {
+    let (m, cv) = shared;
+    let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let Some(key) = q.pending.keys().next().cloned() else {
+            if q.stop {
+                return;
+            }
+            q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        let Some((file, state, configured)) = q.pending.remove(&key) else {
+            continue;
+        };
+        q.busy += 1;
+        drop(q);
+        if let Err(e) = file.save(&state, &configured) {
+            tracing::error!(error = %e, "cannot save state to {}", file.path().display());
+        }
+        q = m.lock().unwrap_or_else(|e| e.into_inner());
+        q.busy -= 1;
+        cv.notify_all();
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        {
+            let (m, cv) = &*self.shared;
+            m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -150,5 +307,62 @@ mod tests {
         )
         .unwrap();
         assert!(f.load(&[]).is_err());
+    }
+
+    #[test]
+    fn a_bad_mac_refuses_the_load_naming_file_and_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path(), TargetAddr::new(1, 1));
+        let good = "02:00:00:00:00:01";
+        for (list, text) in [
+            ("mask", format!("config_hex = \"\"\nmask = [\"{good}\", \"02:00:zz\"]\nreserve = []\nmask_source = []\n")),
+            ("reserve", "config_hex = \"\"\nmask = []\nreserve = [\"02:00:zz\"]\nmask_source = []\n".to_string()),
+            ("mask_source", format!("config_hex = \"\"\nmask = [\"{good}\"]\nreserve = []\nmask_source = [\"02:00:zz\"]\n")),
+        ] {
+            std::fs::write(f.path(), text).unwrap();
+            let e = f.load(&[]).unwrap_err().to_string();
+            assert!(e.contains(&f.path().display().to_string()), "{e}");
+            assert!(e.contains(&format!("{list} entry")) && e.contains("02:00:zz"), "{e}");
+        }
+        // A file that is not TOML: the error names the line.
+        std::fs::write(f.path(), "config_hex = \"\"\nmask = [\n").unwrap();
+        let e = f.load(&[]).unwrap_err().to_string();
+        assert!(e.contains("line ") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn the_writer_saves_off_thread_and_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path(), TargetAddr::new(2, 3));
+        let w = StateWriter::new().unwrap();
+        let a = MacAddr([2, 0, 0, 0, 0, 1]);
+        for i in 0..50u8 {
+            let s = PersistentState {
+                config: vec![i],
+                mask: vec![a],
+                reserve: vec![],
+            };
+            w.save(&f, &s, &[a]);
+        }
+        assert!(w.wait_idle(std::time::Duration::from_secs(10)));
+        // The newest state wins.
+        assert_eq!(f.load(&[a]).unwrap().config, vec![49]);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["e2.3.toml".to_string()],
+            "temporary file left behind"
+        );
+        // Dropping the writer writes what is still queued.
+        let s = PersistentState {
+            config: b"last".to_vec(),
+            ..Default::default()
+        };
+        w.save(&f, &s, &[]);
+        drop(w);
+        assert_eq!(f.load(&[]).unwrap().config, b"last".to_vec());
     }
 }

@@ -618,6 +618,50 @@ fn tokens_are_reused_and_in_flight_counted() {
     assert!(toks.contains(&io.token));
 }
 
+/// Issue 9 item 9: I/O beyond the advertised buffer count is dropped (AoEr11 3.2), per
+/// interface, and a completion or an abort frees a place.
+#[test]
+fn buffer_count_is_enforced_per_interface() {
+    let mut e = engine(64);
+    // A second port (the request's destination MAC is the test's one MAC).
+    e.set_interface(
+        1,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 1500,
+        },
+    );
+    let mut buf = vec![0u8; 1514];
+    let rd = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[]));
+    let mut toks = Vec::new();
+    for _ in 0..64 {
+        match e.handle_frame(0, &rd, &mut buf) {
+            Outcome::Io(io) => toks.push(io.token),
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(
+        e.handle_frame(0, &rd, &mut buf),
+        Outcome::Drop(DropReason::OverBufferCount)
+    );
+    assert_eq!(e.stats().over_buffer_count, 1);
+    // Requests that need no disk are still answered.
+    let q = request(HOST, ADDR, cfg(ConfigCommand::Read, b""));
+    assert!(matches!(e.handle_frame(0, &q, &mut buf), Outcome::Reply(_)));
+    // The other interface has its own window.
+    let Outcome::Io(other) = e.handle_frame(1, &rd, &mut buf) else {
+        panic!()
+    };
+    assert_eq!(e.in_flight(), 65);
+    e.complete(toks.pop().unwrap(), Ok(()), &mut buf).unwrap();
+    assert!(matches!(e.handle_frame(0, &rd, &mut buf), Outcome::Io(_)));
+    assert!(e.abort(toks.pop().unwrap()));
+    assert!(!e.abort(Token(9999)));
+    assert!(matches!(e.handle_frame(0, &rd, &mut buf), Outcome::Io(_)));
+    assert!(e.abort(other.token));
+    assert_eq!(e.in_flight(), 64);
+}
+
 #[test]
 fn unknown_interface_dropped() {
     let mut e = engine(64);
