@@ -300,8 +300,17 @@ fn req_lba28_at_the_2_28_boundary() {
         }
     }
     r.send_all(&frames);
-    // 2^28 + 5 in LBA28 is sector 5 of the 28-bit space only if the target masks; either
-    // way nothing outside the window may change (checked below).
+    // LBA28 commands address 28 bits (the upper bits of the LBA field are the device
+    // register, ATA8-ACS; aoe_wire::AtaRepr::effective_lba): 2^28 is sector 0 of the export,
+    // 2^28 + 5 sector 5, and 2^28 - 1 and 2^48 - 1 (0x0fffffff) are past its end.
+    let now = fs::read(&r.lan.file).unwrap();
+    for lba in [0usize, 5] {
+        let at = (OFF + lba) * 512;
+        assert!(
+            now[at..at + 1024] == data[..],
+            "LBA28 write at 2^28 + {lba} did not land on export sector {lba}"
+        );
+    }
     r.check("LBA28 at the 2^28 boundary");
 }
 
