@@ -4,6 +4,8 @@
 //! * `loss_*`: 5% loss, 1% duplication, 1% reordering (aoe_testkit::relay) under
 //!   `aoe initiator` against `aoe serve` and vblade; every byte written is read back and the
 //!   figures (frames lost, duplicated, retransmitted, MB/s with and without loss) printed.
+//! * `corrupted_*`: shelf.slot or command bytes corrupted in 2% of the frames: ignored,
+//!   retransmitted, data intact.
 //! * `link_cut_*`: a 3 s cut of the link in the middle of a transfer: no I/O error, data
 //!   intact (the driver retransmits until `deadsecs`, `aoecmd.c` `rexmit_timer`).
 //! * `vanished_target_*`: the target goes silent (link cut for good) with reads pending: they
@@ -152,6 +154,52 @@ fn loss_aoe_serve() {
 #[test]
 fn loss_vblade() {
     loss(Target::Vblade);
+}
+
+// ------------------------------------------------------------------------------------------
+// 1b. corrupted header fields
+
+/// Frames whose shelf.slot or command byte is corrupted (2% each way, one field at a time)
+/// are not taken for anything else: the initiator ignores a response for no device or of
+/// another command (`aoenet_rcv` dispatches on the command, `aoecmd_ata_rsp` checks the
+/// device) and the target a request not addressed to it, so the frame is lost and
+/// retransmitted and the data are intact.
+///
+/// Not tested: a corrupted tag, flags byte, ATA header or data. AoE trusts the Ethernet FCS
+/// for those: a tag changed into the tag of another outstanding read of the same device is
+/// accepted as that read's answer (measured: 2 wrong sectors in 2 MiB at 2% tag corruption,
+/// issue 14 report; the Linux driver matches on the tag alone too), and a flipped E bit or
+/// LBA is indistinguishable from a real error or request.
+#[test]
+fn corrupted_address_and_command_are_ignored_aoe_serve() {
+    use aoe_testkit::relay::Field;
+    let r = RelayRig::start(Target::AoeServe, 1500, InitOpts::default(), None, &[], 1, 5);
+    let ctl = r.control(0);
+    let dev = r.rig.dev();
+    for (i, field) in [Field::Address, Field::Command].into_iter().enumerate() {
+        ctl.set_faults(Faults {
+            corrupt: 0.02,
+            corrupt_field: Some(field),
+            ..Faults::default()
+        });
+        let data = pattern(150 + i as u64, 2 * MIB);
+        let off = (i * 2 * MIB) as u64;
+        write_in_pieces(&dev, off, &data)
+            .unwrap_or_else(|e| panic!("write with {field:?} corrupted: {e}{}", r.rig.logs()));
+        let got = read_at(&dev, off, data.len())
+            .unwrap_or_else(|e| panic!("read with {field:?} corrupted: {e}{}", r.rig.logs()));
+        ctl.set_faults(Faults::default());
+        assert_same(&got, &data, &format!("{field:?} corrupted"));
+        let back = fs::read(&r.rig.file).expect("backing file");
+        assert_same(&back[off as usize..][..data.len()], &data, "backing file");
+    }
+    let c = ctl.counters();
+    assert!(c.corrupted > 50, "too little corrupted: {c}");
+    eprintln!(
+        "corruption: {c}; initiator retransmits {}",
+        retransmits(&r.rig)
+    );
+    r.finish();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -537,6 +585,9 @@ fn imposter_on_a_non_allowed_interface_is_never_attached() {
     // Same shelf.slot, other data, on the spare link (not in --iflist).
     let fake = rig.dir.path().join("imposter.img");
     fs::write(&fake, pattern(666, (SECTORS * 512) as usize)).unwrap();
+    // Watch the spare link from the initiator's side: the imposter's frames do arrive there.
+    let spare_if = rig.spare_if.clone().expect("spare interface");
+    let watch = raw_socket(&rig.init_ns, &spare_if);
     let mut imposter = spare_ns
         .spawn(Target::AoeServe.command(spare_veth.b_name(), &fake, &[]))
         .expect("start the imposter");
@@ -550,15 +601,20 @@ fn imposter_on_a_non_allowed_interface_is_never_attached() {
         rig.echo_ok("discover", "");
         std::thread::sleep(Duration::from_millis(300));
     }
-    let spare_if = rig.spare_if.clone().expect("spare interface");
+    let imposter_mac = MacAddr(spare_veth.b_mac());
+    let seen = drain_frames(&watch, Duration::from_millis(200));
+    assert!(
+        seen.iter().any(|f| f[6..12] == imposter_mac.0),
+        "no frame of the imposter reached the initiator's namespace: the test proves nothing"
+    );
     let netif = rig.attr("netif").unwrap_or_default();
     assert!(
         netif.split(',').all(|n| n == rig.init_if),
         "netif {netif:?}: the imposter's interface {spare_if} is in use"
     );
     let mac = rig.attr("mac").unwrap_or_default();
-    let imposter_mac = MacAddr(spare_veth.b_mac()).to_string().replace(':', "");
-    assert!(!mac.contains(&imposter_mac), "mac {mac} is the imposter's");
+    let imposter_hex = imposter_mac.to_string().replace(':', "");
+    assert!(!mac.contains(&imposter_hex), "mac {mac} is the imposter's");
     assert_eq!(
         sha256(&rig.dev()),
         sha256(&rig.file),
