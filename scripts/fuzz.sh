@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine partition)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine partition nbd_handshake nbd_transmission)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
@@ -58,6 +58,24 @@ for i, (first, last) in enumerate([(2048, 4095), (4096, cap - 34)]):
     gpt[e + 32:e + 48] = struct.pack("<QQ", first, last)
 for name, img in (("dos", dos), ("gpt", gpt)):
     open(os.path.join(out, name), "wb").write(struct.pack("<Q", cap) + bytes(img))
+PY
+    fi
+    # Seed the NBD corpora: a handshake (flags, LIST, INFO, GO on e7.3) and a session
+    # (structured, 64 MiB: a read, a write with its payload, a flush, a disconnect).
+    if { [ "$t" = nbd_handshake ] || [ "$t" = nbd_transmission ]; } && [ -z "$(ls -A "$corpus")" ]; then
+        python3 - "$corpus" "$t" <<'PY'
+import sys, os, struct
+out, target = sys.argv[1], sys.argv[2]
+IHAVEOPT, REQ = 0x49484156454F5054, 0x25609513
+def opt(o, d=b""): return struct.pack(">QII", IHAVEOPT, o, len(d)) + d
+def info(name): return struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, 1)
+def req(kind, off, n, flags=0, cookie=7): return struct.pack(">IHHQQI", REQ, flags, kind, cookie, off, n)
+if target == "nbd_handshake":
+    data = struct.pack(">I", 3) + opt(3) + opt(8) + opt(6, info(b"e7.3")) + opt(7, info(b"e7.3"))
+else:
+    data = bytes([0x05]) + struct.pack(">Q", 64 << 20) + req(0, 4096, 1024) \
+        + req(1, 0, 512, 1) + b"\xab" * 512 + req(3, 0, 0) + req(2, 0, 0)
+open(os.path.join(out, "seed"), "wb").write(data)
 PY
     fi
     echo "fuzz: $t for ${secs}s"

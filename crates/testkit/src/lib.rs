@@ -36,6 +36,7 @@
 
 pub mod aoeclient;
 pub mod faultfs;
+pub mod relay;
 
 use std::borrow::Borrow;
 use std::ffi::OsStr;

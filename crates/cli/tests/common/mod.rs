@@ -658,3 +658,407 @@ impl Rig {
         run_ok(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]));
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Faults (issue 14): the rig with aoe_testkit::relay between target and initiator, and raw
+// frame exchanges for the hostile-frame table
+
+/// A [`Rig`] whose link runs through fault-injecting relays (aoe_testkit::relay), one per
+/// path: `target ns <-veth-> relay ns <-veth-> initiator ns`. With more than one path the
+/// target-side ends are joined by a bridge in the target's namespace and the target serves
+/// on the bridge, so one target MAC is reachable over every path (multipath, as a target
+/// with one port on a switched network with two initiator ports). Relays stop first on drop.
+pub struct RelayRig {
+    pub relays: Vec<aoe_testkit::relay::Relay>,
+    /// Per path: the initiator's interface name and MAC.
+    pub paths: Vec<(String, [u8; 6])>,
+    /// Extra paths' veths and middle namespaces (the first path's are in the Rig).
+    pub extra: Vec<(VethPair, VethPair, Netns)>,
+    pub bridge: Option<aoe_testkit::Bridge>,
+    pub rig: Rig,
+}
+
+impl RelayRig {
+    /// Like [`Rig::start_with`] with `npaths` relayed paths (RNG seeds `seed`, `seed + 1`,
+    /// ...). Returns once the device is up.
+    pub fn start(
+        kind: Target,
+        mtu: u32,
+        opts: InitOpts,
+        file: Option<PathBuf>,
+        target_args: &[&str],
+        npaths: usize,
+        seed: u64,
+    ) -> RelayRig {
+        use aoe_testkit::relay::Relay;
+        require_tools();
+        assert!(npaths >= 1);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = file.unwrap_or_else(|| {
+            let f = dir.path().join("backing.img");
+            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+            f
+        });
+        let root = Path::new(ROOTS).join(format!(
+            "f{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&root).expect("create ROOT");
+        let target_ns = Netns::new("aoeft").expect("target namespace");
+        let init_ns = Netns::new("aoefi").expect("initiator namespace");
+        let mut relays = Vec::new();
+        let mut paths = Vec::new();
+        let mut first = None;
+        let mut extra = Vec::new();
+        for i in 0..npaths {
+            let mid = Netns::new("aoefm").expect("relay namespace");
+            let t_side = VethPair::new(&target_ns, &mid, mtu).expect("target-side veth");
+            let i_side = VethPair::new(&mid, &init_ns, mtu).expect("initiator-side veth");
+            for ifname in [t_side.b_name(), i_side.a_name()] {
+                mid.ip(&["link", "set", "dev", ifname, "promisc", "on"])
+                    .expect("promisc");
+            }
+            relays.push(
+                Relay::start(&mid, t_side.b_name(), i_side.a_name(), seed + i as u64)
+                    .expect("start relay"),
+            );
+            paths.push((i_side.b_name().to_owned(), i_side.b_mac()));
+            if first.is_none() {
+                first = Some((t_side, i_side, mid));
+            } else {
+                extra.push((t_side, i_side, mid));
+            }
+        }
+        let (veth, i_side, mid) = first.expect("one path");
+        let (bridge, target_if) = if npaths > 1 {
+            let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+            br.add_port(veth.a_name()).expect("bridge port");
+            for (t, _, _) in &extra {
+                br.add_port(t.a_name()).expect("bridge port");
+            }
+            target_ns
+                .ip(&["link", "set", "dev", br.name(), "mtu", &mtu.to_string()])
+                .expect("bridge mtu");
+            let name = br.name().to_owned();
+            (Some(br), name)
+        } else {
+            (None, veth.a_name().to_owned())
+        };
+        let iflist = paths
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut rig = Rig {
+            kind,
+            target_args: target_args.iter().map(|a| a.to_string()).collect(),
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: iflist.clone(),
+            target_if,
+            spare_if: None,
+            _spare: Some((i_side, mid)),
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .arg("--iflist")
+            .arg(&iflist)
+            .env("AOE_LOG", "debug");
+        if let Some(d) = opts.deadsecs {
+            cmd.args(["--deadsecs", &d.to_string()]);
+        }
+        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
+        let discover = rig.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            rig.root.display(),
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        let me = RelayRig {
+            relays,
+            paths,
+            extra,
+            bridge,
+            rig,
+        };
+        // Discovery frames may be lost too: ask again until the device is up.
+        let up = wait_until(Duration::from_secs(20), || {
+            if me.rig.state().as_deref() == Some("up") {
+                return true;
+            }
+            let _ = me.rig.echo("discover", "");
+            std::thread::sleep(Duration::from_millis(300));
+            false
+        });
+        assert!(up, "{DEV} did not come up: {}", me.rig.logs());
+        me
+    }
+
+    pub fn control(&self, path: usize) -> aoe_testkit::relay::RelayControl {
+        self.relays[path].control()
+    }
+
+    /// Stops the relays, then finishes the rig (clean initiator stop).
+    pub fn finish(self) {
+        let RelayRig {
+            relays,
+            extra,
+            bridge,
+            rig,
+            ..
+        } = self;
+        drop(relays);
+        rig.finish();
+        drop(bridge);
+        drop(extra);
+    }
+}
+
+/// Writes `data` at `offset` of `dev` with O_DIRECT-free pwrite and fsync; the error as is.
+pub fn write_sync(dev: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(dev)?;
+    f.write_all_at(data, offset)?;
+    f.sync_all()
+}
+
+/// An AoE socket on `ifname` in `ns` (for hand-made frames).
+pub fn raw_socket(ns: &Netns, ifname: &str) -> aoe_sys::PacketSocket {
+    let name = ifname.to_owned();
+    aoe_sys::run_in_netns(&ns.path(), move || aoe_sys::PacketSocket::open(&name))
+        .expect("enter netns")
+        .unwrap_or_else(|e| panic!("AoE socket on {ifname}: {e}"))
+}
+
+/// Every AoE frame that arrives on `sock` within `wait` (polling, never blocking longer).
+pub fn drain_frames(sock: &aoe_sys::PacketSocket, wait: Duration) -> Vec<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 9100];
+    let deadline = Instant::now() + wait;
+    loop {
+        while let Some(meta) = sock.recv(&mut buf).expect("recv") {
+            got.push(buf[..meta.len.min(buf.len())].to_vec());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return got;
+        }
+        let mut fds = [aoe_sys::PollFd::new(sock.as_raw_fd())];
+        aoe_sys::poll(&mut fds, Some(deadline - now)).expect("poll");
+    }
+}
+
+/// A LAN for raw-frame tests: `aoe serve` (or vblade) in one namespace on a bridge, and
+/// `nclients` client namespaces each with a veth to the bridge and a raw AoE socket. The
+/// target serves `file` with `args` before its positional arguments.
+pub struct RawLan {
+    pub target: Option<NsChild>,
+    pub socks: Vec<aoe_sys::PacketSocket>,
+    pub macs: Vec<aoe_wire::MacAddr>,
+    pub target_mac: aoe_wire::MacAddr,
+    pub file: PathBuf,
+    pub bridge: aoe_testkit::Bridge,
+    pub veths: Vec<VethPair>,
+    pub clients: Vec<Netns>,
+    pub target_ns: Netns,
+    pub next_tag: u32,
+}
+
+impl RawLan {
+    pub fn start(kind: Target, file: &Path, args: &[&str], nclients: usize) -> RawLan {
+        require_tools();
+        let target_ns = Netns::new("aoelt").expect("target namespace");
+        let bridge = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+        let mut clients = Vec::new();
+        let mut veths = Vec::new();
+        let mut socks = Vec::new();
+        let mut macs = Vec::new();
+        for _ in 0..nclients {
+            let ns = Netns::new("aoelc").expect("client namespace");
+            let v = VethPair::new(&target_ns, &ns, 1500).expect("veth");
+            bridge.add_port(v.a_name()).expect("bridge port");
+            let s = raw_socket(&ns, v.b_name());
+            s.set_recv_buffer(8 << 20).expect("rcvbuf");
+            macs.push(aoe_wire::MacAddr(v.b_mac()));
+            socks.push(s);
+            veths.push(v);
+            clients.push(ns);
+        }
+        let target_mac = aoe_wire::MacAddr(
+            aoe_testkit::parse_mac(
+                target_ns
+                    .ip(&["-o", "link", "show", "dev", bridge.name()])
+                    .expect("ip link")
+                    .split_whitespace()
+                    .skip_while(|w| *w != "link/ether")
+                    .nth(1)
+                    .expect("bridge MAC"),
+            )
+            .expect("bridge MAC"),
+        );
+        // "{mac0}" in `args` stands for client 0's MAC (for -m).
+        let extra: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{mac0}", &macs[0].to_string()))
+            .collect();
+        let mut t = target_ns
+            .spawn(kind.command(bridge.name(), file, &extra))
+            .expect("start target");
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&target_ns) > 0 || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target did not start:\n{}",
+            t.output_so_far()
+        );
+        let mut lan = RawLan {
+            target: Some(t),
+            socks,
+            macs,
+            target_mac,
+            file: file.to_owned(),
+            bridge,
+            veths,
+            clients,
+            target_ns,
+            next_tag: 0x5000_0000,
+        };
+        // Bridge ports forward at once (no STP), but the target may still be starting: wait
+        // for it to answer a Query Config from client 0.
+        let up = wait_until(Duration::from_secs(10), || {
+            lan.request(0, Self::query(), Duration::from_millis(300))
+                .is_some()
+        });
+        assert!(up, "target never answered:{}", lan.logs());
+        // Drop the start-up announcements and the answers above.
+        for s in &lan.socks {
+            drain_frames(s, Duration::from_millis(50));
+        }
+        lan
+    }
+
+    pub fn query() -> aoe_wire::Body<'static> {
+        aoe_wire::Body::Config(aoe_wire::ConfigRepr::request(
+            aoe_wire::ConfigCommand::Read,
+            b"",
+        ))
+    }
+
+    pub fn ata(cmd: u8, write: bool, lba: u64, count: u8, data: &[u8]) -> aoe_wire::Body<'_> {
+        let mut aflags = aoe_wire::AtaFlags::EXTENDED;
+        if write {
+            aflags |= aoe_wire::AtaFlags::WRITE;
+        }
+        aoe_wire::Body::Ata(aoe_wire::AtaRepr {
+            aflags,
+            err_feature: 0,
+            sector_count: count,
+            cmd_status: cmd,
+            lba,
+            data,
+        })
+    }
+
+    /// The frame client `c` sends for `body` to the target's MAC (broadcast for Query
+    /// Config), shelf.slot SHELF.SLOT, with a fresh tag.
+    pub fn frame(&mut self, c: usize, body: aoe_wire::Body<'_>) -> (aoe_wire::Tag, Vec<u8>) {
+        use aoe_wire::{Body, Command as C, HeaderRepr, MacAddr, Message, Tag, TargetAddr};
+        let (command, dst) = match &body {
+            Body::Ata(_) => (C::Ata, self.target_mac),
+            Body::Config(_) => (C::QueryConfig, MacAddr::BROADCAST),
+            Body::MacMask(_) => (C::MacMaskList, self.target_mac),
+            Body::Reserve(_) => (C::ReserveRelease, self.target_mac),
+            Body::Unknown(_) => (C::Unknown(0xf0), self.target_mac),
+        };
+        self.next_tag += 1;
+        let tag = Tag(self.next_tag);
+        let h = HeaderRepr::request(
+            dst,
+            self.macs[c],
+            TargetAddr::new(SHELF, SLOT),
+            command,
+            tag,
+        );
+        (tag, Message { header: h, body }.to_vec().expect("emit"))
+    }
+
+    /// Sends raw `frame` from client `c` and returns the first response carrying `tag`
+    /// within `wait`.
+    pub fn send_raw(&self, c: usize, frame: &[u8], tag: u32, wait: Duration) -> Option<Vec<u8>> {
+        self.socks[c].send(frame).expect("send");
+        self.wait_tag(c, tag, wait)
+    }
+
+    /// The first response with `tag` arriving at client `c` within `wait`.
+    pub fn wait_tag(&self, c: usize, tag: u32, wait: Duration) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 9100];
+        loop {
+            while let Some(meta) = self.socks[c].recv(&mut buf).expect("recv") {
+                let f = &buf[..meta.len.min(buf.len())];
+                if let Ok(m) = aoe_wire::Message::parse(f) {
+                    if m.header.response && m.header.tag.0 == tag {
+                        return Some(f.to_vec());
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let mut fds = [aoe_sys::PollFd::new(self.socks[c].as_raw_fd())];
+            aoe_sys::poll(&mut fds, Some(deadline - now)).expect("poll");
+        }
+    }
+
+    /// Sends `body` from client `c`; the response, if one came within `wait`.
+    pub fn request(
+        &mut self,
+        c: usize,
+        body: aoe_wire::Body<'_>,
+        wait: Duration,
+    ) -> Option<Vec<u8>> {
+        let (tag, f) = self.frame(c, body);
+        self.send_raw(c, &f, tag.0, wait)
+    }
+
+    pub fn logs(&self) -> String {
+        self.target
+            .as_ref()
+            .map(|t| format!("\n--- target:\n{}", t.output_so_far()))
+            .unwrap_or_default()
+    }
+
+    /// True while the target process runs.
+    pub fn target_alive(&mut self) -> bool {
+        self.target.as_mut().is_some_and(NsChild::is_running)
+    }
+}
+
+/// AoE error and ATA status of a response frame.
+pub fn rsp_status(frame: &[u8]) -> (Option<aoe_wire::ErrorCode>, Option<u8>) {
+    let m = aoe_wire::Message::parse(frame).expect("parse response");
+    let st = match m.body {
+        aoe_wire::Body::Ata(a) => Some(a.cmd_status),
+        _ => None,
+    };
+    (m.header.error, st)
+}

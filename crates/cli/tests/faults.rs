@@ -1,0 +1,675 @@
+//! Issue 14: the real daemons under injected faults, each test in namespaces it creates and
+//! each asserting on data.
+//!
+//! * `loss_*`: 5% loss, 1% duplication, 1% reordering (aoe_testkit::relay) under
+//!   `aoe initiator` against `aoe serve` and vblade; every byte written is read back and the
+//!   figures (frames lost, duplicated, retransmitted, MB/s with and without loss) printed.
+//! * `corrupted_*`: shelf.slot or command bytes corrupted in 2% of the frames: ignored,
+//!   retransmitted, data intact.
+//! * `link_cut_*`: a 3 s cut of the link in the middle of a transfer: no I/O error, data
+//!   intact (the driver retransmits until `deadsecs`, `aoecmd.c` `rexmit_timer`).
+//! * `vanished_target_*`: the target goes silent (link cut for good) with reads pending: they
+//!   fail with EIO within deadsecs + 1 s of their start, new I/O fails at once, the daemon
+//!   stays up, and after `discover` the device is `up` again (extends initiator_peers.rs
+//!   `dead_*`, which kills the target with no I/O pending except one read).
+//! * `multipath_*`: two relayed paths to one target, one cut mid-transfer: the transfer
+//!   finishes, the cut path's retransmits show in `err` (the driver's `retransmit ... s=MAC`).
+//! * `reserved_*`, `mask_*`, `read_only_*`: raw clients (two MACs on one LAN) against the
+//!   target's Reserve/Release (error 6, AoEr11 3.4), MAC mask list (no answer outside it,
+//!   AoEr11 3.3) and `-r` (writes fail with ATA ABRT, vblade `ata.c`), the backing file
+//!   unchanged by every refused write.
+//! * `imposter_*`: a target with the same shelf.slot on an interface outside `--iflist` is
+//!   never attached (the driver's `aoe_iflist`, `is_aoe_netif`).
+//! * `flush_*`: FLUSH CACHE and FLUSH CACHE EXT reach fdatasync before their reply
+//!   (aoe_testkit::faultfs counts the FUSE_FSYNCs).
+//!
+//! Needs root, fuse3, vblade, aoetools (`scripts/install-deps.sh`).
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aoe_testkit::faultfs::FaultFs;
+use aoe_testkit::relay::Faults;
+use aoe_testkit::wait_until;
+use aoe_wire::{ErrorCode, MacAddr, ReserveCommand, ReserveRepr};
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// Writes `data` at `offset` of `dev` in 1 MiB pieces, then fsync; the first error.
+fn write_in_pieces(dev: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let f = OpenOptions::new().write(true).open(dev)?;
+    for (i, chunk) in data.chunks(MIB).enumerate() {
+        f.write_all_at(chunk, offset + (i * MIB) as u64)?;
+    }
+    f.sync_all()
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let bad = wrong_sectors(got, want);
+        panic!(
+            "{what}: {} sectors differ, first {:?}",
+            bad.len(),
+            &bad[..bad.len().min(8)]
+        );
+    }
+}
+
+/// Retransmissions so far: the initiator's `err` lines (`retransmit ... oldtag=`), counted in
+/// its log at INFO (the `err` file keeps only the last 100, like the driver's ring).
+fn retransmits(rig: &Rig) -> usize {
+    let log = rig
+        .initiator
+        .as_ref()
+        .map(aoe_testkit::NsChild::output_so_far)
+        .unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("INFO") && l.contains("retransmit") && l.contains("oldtag="))
+        .count()
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. loss, duplication, reordering
+
+fn loss(kind: Target) {
+    let r = RelayRig::start(kind, 1500, InitOpts::default(), None, &[], 1, 14);
+    let dev = r.rig.dev();
+    let ctl = r.control(0);
+
+    // Clean link first: the figure loss is compared with.
+    let clean = pattern(140, 16 * MIB);
+    let t0 = Instant::now();
+    write_in_pieces(&dev, 0, &clean).expect("write on a clean link");
+    let got = read_at(&dev, 0, clean.len()).expect("read on a clean link");
+    let clean_secs = t0.elapsed().as_secs_f64();
+    assert_same(&got, &clean, "clean link");
+    let c0 = ctl.counters();
+
+    // 8 MiB under 5% loss, 1% duplication, 1% reordering (issue 14 asks 256 MiB; today's
+    // retransmit timing makes that take an hour against vblade, see the report).
+    ctl.set_faults(Faults::lossy(0.05, 0.01, 0.01));
+    let lossy = pattern(141, 8 * MIB);
+    let off = 16 * MIB as u64;
+    let t0 = Instant::now();
+    write_in_pieces(&dev, off, &lossy)
+        .unwrap_or_else(|e| panic!("write under loss: {e}{}", r.rig.logs()));
+    let got = read_at(&dev, off, lossy.len())
+        .unwrap_or_else(|e| panic!("read under loss: {e}{}", r.rig.logs()));
+    let lossy_secs = t0.elapsed().as_secs_f64();
+    assert_same(&got, &lossy, "under loss");
+    ctl.set_faults(Faults::default());
+    let c1 = ctl.counters();
+    // Every byte also in the backing file.
+    let back = fs::read(&r.rig.file).expect("backing file");
+    assert_same(&back[..clean.len()], &clean, "backing file, clean part");
+    assert_same(
+        &back[off as usize..][..lossy.len()],
+        &lossy,
+        "backing file, lossy part",
+    );
+    eprintln!(
+        "FIGURES {kind:?}: clean {:.2} MB/s (32 MiB moved in {clean_secs:.1} s); \
+         under 5%/1%/1%: {:.2} MB/s (16 MiB moved in {lossy_secs:.1} s); \
+         relay under loss: {}; initiator retransmits: {}",
+        32.0 * 1.048_576 / clean_secs,
+        16.0 * 1.048_576 / lossy_secs,
+        Snapshot(c0, c1),
+        retransmits(&r.rig),
+    );
+    assert!(
+        c1.lost > c0.lost && c1.duplicated > c0.duplicated,
+        "no faults injected: {c1}"
+    );
+    r.finish();
+}
+
+/// Counter differences for the figures.
+struct Snapshot(aoe_testkit::relay::Snapshot, aoe_testkit::relay::Snapshot);
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = (&self.0, &self.1);
+        write!(
+            f,
+            "{} frames to the target, {} back, lost {}, duplicated {}, reordered {}",
+            b.to_target - a.to_target,
+            b.to_initiator - a.to_initiator,
+            b.lost - a.lost,
+            b.duplicated - a.duplicated,
+            b.reordered - a.reordered
+        )
+    }
+}
+
+#[test]
+fn loss_aoe_serve() {
+    loss(Target::AoeServe);
+}
+
+#[test]
+fn loss_vblade() {
+    loss(Target::Vblade);
+}
+
+// ------------------------------------------------------------------------------------------
+// 1b. corrupted header fields
+
+/// Frames whose shelf.slot or command byte is corrupted (2% each way, one field at a time)
+/// are not taken for anything else: the initiator ignores a response for no device or of
+/// another command (`aoenet_rcv` dispatches on the command, `aoecmd_ata_rsp` checks the
+/// device) and the target a request not addressed to it, so the frame is lost and
+/// retransmitted and the data are intact.
+///
+/// Not tested: a corrupted tag, flags byte, ATA header or data. AoE trusts the Ethernet FCS
+/// for those: a tag changed into the tag of another outstanding read of the same device is
+/// accepted as that read's answer (measured: 2 wrong sectors in 2 MiB at 2% tag corruption,
+/// issue 14 report; the Linux driver matches on the tag alone too), and a flipped E bit or
+/// LBA is indistinguishable from a real error or request.
+#[test]
+fn corrupted_address_and_command_are_ignored_aoe_serve() {
+    use aoe_testkit::relay::Field;
+    let r = RelayRig::start(Target::AoeServe, 1500, InitOpts::default(), None, &[], 1, 5);
+    let ctl = r.control(0);
+    let dev = r.rig.dev();
+    for (i, field) in [Field::Address, Field::Command].into_iter().enumerate() {
+        ctl.set_faults(Faults {
+            corrupt: 0.02,
+            corrupt_field: Some(field),
+            ..Faults::default()
+        });
+        let data = pattern(150 + i as u64, 2 * MIB);
+        let off = (i * 2 * MIB) as u64;
+        write_in_pieces(&dev, off, &data)
+            .unwrap_or_else(|e| panic!("write with {field:?} corrupted: {e}{}", r.rig.logs()));
+        let got = read_at(&dev, off, data.len())
+            .unwrap_or_else(|e| panic!("read with {field:?} corrupted: {e}{}", r.rig.logs()));
+        ctl.set_faults(Faults::default());
+        assert_same(&got, &data, &format!("{field:?} corrupted"));
+        let back = fs::read(&r.rig.file).expect("backing file");
+        assert_same(&back[off as usize..][..data.len()], &data, "backing file");
+    }
+    let c = ctl.counters();
+    assert!(c.corrupted > 50, "too little corrupted: {c}");
+    eprintln!(
+        "corruption: {c}; initiator retransmits {}",
+        retransmits(&r.rig)
+    );
+    r.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. a 3 s link cut mid-transfer
+
+#[test]
+fn link_cut_3s_mid_transfer_aoe_serve() {
+    let r = RelayRig::start(Target::AoeServe, 1500, InitOpts::default(), None, &[], 1, 2);
+    let ctl = r.control(0);
+    let data = pattern(200, 16 * MIB);
+    let dev = r.rig.dev();
+    let before = ctl.counters().to_target;
+    let cut_done = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_in_pieces(&dev, 4 * MIB as u64, &data));
+        // Cut once a quarter of the frames went through.
+        let started = wait_until(Duration::from_secs(60), || {
+            ctl.counters().to_target - before > 16 * 1024 / 4 / 2
+        });
+        assert!(started, "transfer did not start: {}", ctl.counters());
+        let cut_at = ctl.counters();
+        ctl.cut_for(Duration::from_secs(3))
+            .join()
+            .expect("cut thread");
+        let w = writer.join().expect("writer thread");
+        (w, cut_at)
+    });
+    let (w, cut_at) = cut_done;
+    w.unwrap_or_else(|e| panic!("write across a 3 s cut: {e}{}", r.rig.logs()));
+    let c = ctl.counters();
+    assert!(c.cut > 0, "nothing was cut: {c}");
+    assert!(
+        c.to_target > cut_at.to_target + c.cut,
+        "the transfer did not go on after the cut: {c}"
+    );
+    let got = read_at(&dev, 4 * MIB as u64, data.len()).expect("read back");
+    assert_same(&got, &data, "read back after the cut");
+    let back = fs::read(&r.rig.file).expect("backing file");
+    assert_same(&back[4 * MIB..][..data.len()], &data, "backing file");
+    assert_eq!(r.rig.state().as_deref(), Some("up"));
+    eprintln!("cut: {c}");
+    r.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. the target vanishes with I/O pending
+
+#[test]
+fn vanished_target_fails_pending_and_new_io_within_deadsecs() {
+    let r = RelayRig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            deadsecs: Some(DEADSECS),
+            ..InitOpts::default()
+        },
+        None,
+        &[],
+        1,
+        3,
+    );
+    let ctl = r.control(0);
+    let dev = r.rig.dev();
+    let want = pattern(1, (SECTORS * 512) as usize);
+    ctl.set_link(false);
+    let t0 = Instant::now();
+    // Four readers (different offsets, so none is served from another's page) pending.
+    let results: Vec<(std::io::Result<Vec<u8>>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|i| {
+                let dev = dev.clone();
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let r = read_at(&dev, (i + 1) << 20, 64 * 1024);
+                    (r, t.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("reader")).collect()
+    });
+    for (i, (res, took)) in results.iter().enumerate() {
+        assert!(
+            matches!(res, Err(e) if is_eio(e)),
+            "pending read {i}: {res:?}, want EIO{}",
+            r.rig.logs()
+        );
+        assert!(
+            *took < Duration::from_secs(DEADSECS + 1),
+            "pending read {i} failed after {took:?}, deadsecs {DEADSECS}"
+        );
+    }
+    eprintln!("pending reads failed {:?} after the cut", t0.elapsed());
+    r.rig
+        .wait_state("down", Duration::from_secs(2), "after the target vanished");
+    r.rig.assert_prompt_eio(4096, "new read on a down device");
+    let w = OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .and_then(|f| f.write_all_at(&[7; 4096], 0));
+    assert!(
+        matches!(&w, Err(e) if is_eio(e)),
+        "write to a down device: {w:?}"
+    );
+    let mut rig_init_alive = false;
+    if let Some(i) = r.rig.initiator.as_ref() {
+        rig_init_alive = r.rig.init_ns.pids().unwrap_or_default().contains(&i.pid());
+    }
+    assert!(rig_init_alive, "the initiator exited{}", r.rig.logs());
+
+    ctl.set_link(true);
+    r.rig.echo_ok("discover", "");
+    r.rig
+        .wait_state("up", Duration::from_secs(5), "after discover");
+    let got = read_at(&dev, 1 << 20, 64 * 1024).expect("read after the target came back");
+    assert_same(&got, &want[1 << 20..][..64 * 1024], "read after recovery");
+    r.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. multipath: one of two paths cut mid-transfer
+
+#[test]
+fn multipath_one_path_cut_mid_transfer() {
+    let r = RelayRig::start(Target::AoeServe, 1500, InitOpts::default(), None, &[], 2, 4);
+    // Both paths known before the transfer.
+    let both = wait_until(Duration::from_secs(10), || {
+        let _ = r.rig.echo("discover", "");
+        let n = r.rig.attr("netif").unwrap_or_default();
+        r.paths.iter().all(|(p, _)| n.contains(p.as_str()))
+    });
+    assert!(
+        both,
+        "netif {:?}, want both {:?}",
+        r.rig.attr("netif"),
+        r.paths
+    );
+    let (c0, c1) = (r.control(0), r.control(1));
+    let data = pattern(400, 16 * MIB);
+    let dev = r.rig.dev();
+    let w = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_in_pieces(&dev, 2 * MIB as u64, &data));
+        let started = wait_until(Duration::from_secs(60), || {
+            c0.counters().to_target > 1000 && c1.counters().to_target > 1000
+        });
+        assert!(
+            started,
+            "both paths not in use: {} / {}",
+            c0.counters(),
+            c1.counters()
+        );
+        c0.set_link(false);
+        writer.join().expect("writer")
+    });
+    w.unwrap_or_else(|e| panic!("write with one path cut: {e}{}", r.rig.logs()));
+    let got = read_at(&dev, 2 * MIB as u64, data.len()).expect("read back");
+    assert_same(&got, &data, "read back with one path cut");
+    let back = fs::read(&r.rig.file).expect("backing file");
+    assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
+    let cut_mac = MacAddr(r.paths[0].1).to_string();
+    let err = r.rig.err_lines(2);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("retransmit") && l.contains(&format!("s={cut_mac}"))),
+        "no retransmit from the cut path (s={cut_mac}) in err:\n{err}"
+    );
+    eprintln!(
+        "multipath: {} retransmits in err, ejected: {}; path 0: {}; path 1: {}",
+        retransmits(&r.rig),
+        err.lines().any(|l| l.contains("ejecting")),
+        c0.counters(),
+        c1.counters()
+    );
+    r.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// 5-7, 9: raw clients
+
+fn backing(dir: &Path, sectors: usize) -> std::path::PathBuf {
+    let f = dir.join("backing.img");
+    fs::write(&f, pattern(9, sectors * 512)).expect("backing file");
+    f
+}
+
+const WRITE_EXT: u8 = 0x34;
+const READ_EXT: u8 = 0x24;
+
+fn reservations(kind: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = backing(dir.path(), 2048);
+    let mut lan = RawLan::start(kind, &file, &[], 2);
+    let before = fs::read(&file).unwrap();
+    let me = lan.macs[0];
+    let set = |macs: Vec<MacAddr>| {
+        aoe_wire::Body::Reserve(ReserveRepr {
+            rcmd: ReserveCommand::Set,
+            macs,
+        })
+    };
+    let r = lan
+        .request(0, set(vec![me]), Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("no answer to Reserve{}", lan.logs()));
+    assert_eq!(rsp_status(&r).0, None, "Reserve refused");
+    // The other initiator: writes refused with error 6, nothing lands.
+    let other = pattern(50, 2 * 512);
+    for lba in [0u64, 100, 2046] {
+        let r = lan
+            .request(
+                1,
+                RawLan::ata(WRITE_EXT, true, lba, 2, &other),
+                Duration::from_secs(3),
+            )
+            .unwrap_or_else(|| panic!("no answer to the other's write{}", lan.logs()));
+        assert_eq!(
+            rsp_status(&r).0,
+            Some(ErrorCode::TargetReserved),
+            "write at {lba}"
+        );
+    }
+    // Nor may it take the reservation with a plain Set.
+    let r = lan
+        .request(1, set(vec![lan.macs[1]]), Duration::from_secs(3))
+        .expect("answer to the other's Reserve");
+    assert_eq!(
+        rsp_status(&r).0,
+        Some(ErrorCode::TargetReserved),
+        "other's Reserve Set"
+    );
+    assert_eq!(fs::read(&file).unwrap(), before, "a refused write landed");
+    // The holder is fully served.
+    let mine = pattern(51, 2 * 512);
+    let r = lan
+        .request(
+            0,
+            RawLan::ata(WRITE_EXT, true, 8, 2, &mine),
+            Duration::from_secs(3),
+        )
+        .expect("answer to the holder's write");
+    assert_eq!(rsp_status(&r).0, None, "holder's write");
+    assert_eq!(&fs::read(&file).unwrap()[8 * 512..10 * 512], &mine[..]);
+    // Released: the other writes again.
+    let r = lan
+        .request(0, set(vec![]), Duration::from_secs(3))
+        .expect("answer to the release");
+    assert_eq!(rsp_status(&r).0, None, "release");
+    let r = lan
+        .request(
+            1,
+            RawLan::ata(WRITE_EXT, true, 0, 2, &other),
+            Duration::from_secs(3),
+        )
+        .expect("answer after the release");
+    assert_eq!(rsp_status(&r).0, None, "write after the release");
+    assert_eq!(&fs::read(&file).unwrap()[..2 * 512], &other[..]);
+    assert!(lan.target_alive(), "target exited{}", lan.logs());
+}
+
+#[test]
+fn reserved_target_refuses_others_aoe_serve() {
+    reservations(Target::AoeServe);
+}
+
+#[test]
+fn reserved_target_refuses_others_vblade() {
+    reservations(Target::Vblade);
+}
+
+fn mask(kind: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = backing(dir.path(), 2048);
+    let want = fs::read(&file).unwrap();
+    // Client 0 on the list: RawLan::start waits for its Query Config answer.
+    let mut lan = RawLan::start(kind, &file, &["-m", "{mac0}"], 2);
+    let r = lan.request(1, RawLan::query(), Duration::from_secs(2));
+    assert!(r.is_none(), "Query Config from outside the mask answered");
+    let r = lan.request(
+        1,
+        RawLan::ata(READ_EXT, false, 0, 2, &[]),
+        Duration::from_secs(2),
+    );
+    assert!(r.is_none(), "read from outside the mask answered");
+    let r = lan.request(
+        1,
+        RawLan::ata(WRITE_EXT, true, 0, 1, &[0xee; 512]),
+        Duration::from_secs(2),
+    );
+    assert!(r.is_none(), "write from outside the mask answered");
+    assert_eq!(
+        fs::read(&file).unwrap(),
+        want,
+        "a write from outside the mask landed"
+    );
+    // Inside: full service.
+    let r = lan
+        .request(
+            0,
+            RawLan::ata(READ_EXT, false, 10, 2, &[]),
+            Duration::from_secs(3),
+        )
+        .expect("read from inside the mask");
+    let m = aoe_wire::Message::parse(&r).unwrap();
+    let aoe_wire::Body::Ata(a) = m.body else {
+        panic!("not ATA")
+    };
+    assert_eq!(&a.data[..1024], &want[10 * 512..12 * 512]);
+    let mine = pattern(60, 512);
+    let r = lan
+        .request(
+            0,
+            RawLan::ata(WRITE_EXT, true, 20, 1, &mine),
+            Duration::from_secs(3),
+        )
+        .expect("write from inside the mask");
+    assert_eq!(rsp_status(&r).0, None);
+    assert_eq!(&fs::read(&file).unwrap()[20 * 512..21 * 512], &mine[..]);
+    assert!(lan.target_alive(), "target exited{}", lan.logs());
+}
+
+#[test]
+fn mask_list_outsider_gets_no_answer_aoe_serve() {
+    mask(Target::AoeServe);
+}
+
+#[test]
+fn mask_list_outsider_gets_no_answer_vblade() {
+    mask(Target::Vblade);
+}
+
+fn read_only(kind: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = backing(dir.path(), 2048);
+    let want = fs::read(&file).unwrap();
+    let mut lan = RawLan::start(kind, &file, &["-r"], 1);
+    for (lba, n) in [(0u64, 1u8), (100, 2), (2047, 1)] {
+        let data = vec![0x5a; usize::from(n) * 512];
+        let r = lan
+            .request(
+                0,
+                RawLan::ata(WRITE_EXT, true, lba, n, &data),
+                Duration::from_secs(3),
+            )
+            .unwrap_or_else(|| panic!("no answer to a write{}", lan.logs()));
+        let (e, st) = rsp_status(&r);
+        assert!(
+            e.is_some() || st.is_some_and(|s| s & aoe_wire::ata::status::ERR != 0),
+            "write at {lba} to a read-only export: error {e:?}, status {st:?}"
+        );
+    }
+    assert_eq!(fs::read(&file).unwrap(), want, "read-only export written");
+    let r = lan
+        .request(
+            0,
+            RawLan::ata(READ_EXT, false, 5, 1, &[]),
+            Duration::from_secs(3),
+        )
+        .expect("read");
+    assert_eq!(rsp_status(&r), (None, Some(aoe_wire::ata::status::DRDY)));
+}
+
+#[test]
+fn read_only_export_refuses_writes_aoe_serve() {
+    read_only(Target::AoeServe);
+}
+
+#[test]
+fn read_only_export_refuses_writes_vblade() {
+    read_only(Target::Vblade);
+}
+
+// ------------------------------------------------------------------------------------------
+// 8. interface restriction
+
+#[test]
+fn imposter_on_a_non_allowed_interface_is_never_attached() {
+    let rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            spare_link: true,
+            ..InitOpts::default()
+        },
+    );
+    let (spare_veth, spare_ns) = rig._spare.as_ref().expect("spare link");
+    // Same shelf.slot, other data, on the spare link (not in --iflist).
+    let fake = rig.dir.path().join("imposter.img");
+    fs::write(&fake, pattern(666, (SECTORS * 512) as usize)).unwrap();
+    // Watch the spare link from the initiator's side: the imposter's frames do arrive there.
+    let spare_if = rig.spare_if.clone().expect("spare interface");
+    let watch = raw_socket(&rig.init_ns, &spare_if);
+    let mut imposter = spare_ns
+        .spawn(Target::AoeServe.command(spare_veth.b_name(), &fake, &[]))
+        .expect("start the imposter");
+    assert!(
+        wait_until(Duration::from_secs(10), || packet_sockets(spare_ns) > 0),
+        "imposter did not start: {}",
+        imposter.output_so_far()
+    );
+    // Discovery goes out again; the imposter also announced itself at start.
+    for _ in 0..3 {
+        rig.echo_ok("discover", "");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let imposter_mac = MacAddr(spare_veth.b_mac());
+    let seen = drain_frames(&watch, Duration::from_millis(200));
+    assert!(
+        seen.iter().any(|f| f[6..12] == imposter_mac.0),
+        "no frame of the imposter reached the initiator's namespace: the test proves nothing"
+    );
+    let netif = rig.attr("netif").unwrap_or_default();
+    assert!(
+        netif.split(',').all(|n| n == rig.init_if),
+        "netif {netif:?}: the imposter's interface {spare_if} is in use"
+    );
+    let mac = rig.attr("mac").unwrap_or_default();
+    let imposter_hex = imposter_mac.to_string().replace(':', "");
+    assert!(!mac.contains(&imposter_hex), "mac {mac} is the imposter's");
+    assert_eq!(
+        sha256(&rig.dev()),
+        sha256(&rig.file),
+        "data not the real target's"
+    );
+    // The imposter's frames reached the initiator's namespace, and were ignored.
+    assert!(
+        imposter.is_running(),
+        "imposter exited: {}",
+        imposter.output_so_far()
+    );
+    drop(imposter);
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. durability
+
+#[test]
+fn flush_reaches_fdatasync_before_the_reply() {
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = backing(store.path(), 4096);
+    let ffs = FaultFs::mount(&file).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let mut lan = RawLan::start(Target::AoeServe, &ffs.file(), &[], 1);
+    for (i, cmd) in [(0u64, 0xeau8), (1, 0xe7), (2, 0xea)] {
+        let data = pattern(90 + i, 2 * 512);
+        let r = lan
+            .request(
+                0,
+                RawLan::ata(WRITE_EXT, true, i * 8, 2, &data),
+                Duration::from_secs(3),
+            )
+            .expect("write");
+        assert_eq!(rsp_status(&r).0, None, "write");
+        let before = faults.fsyncs();
+        let r = lan
+            .request(
+                0,
+                RawLan::ata(cmd, false, 0, 0, &[]),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no answer to flush {cmd:#x}{}", lan.logs()));
+        // Read the counter the moment the reply is in: the fsync must already be counted.
+        let after = faults.fsyncs();
+        assert_eq!(
+            rsp_status(&r),
+            (None, Some(aoe_wire::ata::status::DRDY)),
+            "flush {cmd:#x}"
+        );
+        assert!(
+            after > before,
+            "flush {cmd:#x} answered before any fdatasync ({before} -> {after})"
+        );
+    }
+    drop(lan);
+    drop(ffs);
+}
