@@ -25,6 +25,7 @@ have_cmd file     || need+=(file)
 have_cmd losetup  || need+=(mount)
 have_cmd nbdinfo  || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the initiator's --nbd
 have_cmd setsid   || need+=(util-linux)
+have_cmd cc       || need+=(gcc)       # builds the send-refusing LD_PRELOAD shim of target_backlog.rs
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 
