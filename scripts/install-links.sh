@@ -17,7 +17,7 @@ fi
 case $aoe in /*) ;; *) aoe=$(cd "$(dirname "$aoe")" && pwd)/$(basename "$aoe") ;; esac
 mkdir -p "$dir"
 for name in aoe-discover aoe-stat aoe-interfaces aoe-flush aoe-revalidate aoe-version \
-	aoe-sancheck aoeping aoecfg aoe-mkdevs aoe-mkshelf vblade; do
+	aoe-sancheck aoeping aoecfg aoe-mkdevs aoe-mkshelf coraid-update sos-linux vblade; do
 	target=$dir/$name
 	if [ -e "$target" ] && [ ! -L "$target" ] && [ "${FORCE:-0}" != 1 ]; then
 		echo "$0: $target exists and is not a link; skipped (FORCE=1 replaces it)" >&2

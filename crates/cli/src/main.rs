@@ -15,7 +15,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// ATA over Ethernet (AoEr11): target, initiator and tools.
 #[derive(Debug, Parser)]
@@ -35,18 +35,44 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
-    /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg.
+    /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg,
+    /// coraid-update, sos-linux.
     #[command(flatten)]
     Tool(tools::Tool),
 }
 
-/// Tools reachable by the name the binary is invoked as.
-fn multicall(argv0: &OsString) -> Option<&'static str> {
+/// Tools reachable by the name the binary is invoked as: the name and its subcommand.
+fn multicall(argv0: &OsString) -> Option<(&str, &'static str)> {
     let name = Path::new(argv0).file_name()?.to_str()?;
-    match name {
-        "vblade" => Some("serve"),
-        other => tools::multicall(other),
-    }
+    let sub = match name {
+        "vblade" => "serve",
+        other => tools::multicall(other)?,
+    };
+    Some((name, sub))
+}
+
+/// vblade's own usage line (vblade 24 `usage()`), printed by a bare `vblade`.
+const VBLADE_USAGE: &str = "usage: vblade [-b bufcnt] [-o offset] [-l length] [-d ] [-s] [-r] \
+                            [ -m mac[,mac...] ] shelf slot netif filename";
+
+/// The command line parser; called by a multi-call name, the subcommand's usage line names
+/// the tool as it was called (`Usage: aoe-stat [OPTIONS] [REGEX]`, as aoetools print it),
+/// not `aoe-stat stat`.
+fn parser(called: Option<(&str, &str)>) -> clap::Command {
+    let cmd = Cli::command();
+    let Some((name, sub)) = called else {
+        return cmd;
+    };
+    let name = name.to_owned();
+    cmd.mut_subcommand(sub, move |sc| {
+        let usage = sc.clone().bin_name(&name).render_usage().to_string();
+        let usage = usage
+            .strip_prefix("Usage: ")
+            .unwrap_or(&usage)
+            .trim_end()
+            .to_owned();
+        sc.override_usage(usage)
+    })
 }
 
 fn init_logging() {
@@ -62,10 +88,20 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
-    if let Some(sub) = args.first().and_then(multicall) {
+    let argv0 = args.first().cloned().unwrap_or_default();
+    let called = multicall(&argv0);
+    if let Some((name, sub)) = called {
+        if name == "vblade" && args.len() == 1 {
+            // vblade without arguments prints its usage and exits 1.
+            eprintln!("{VBLADE_USAGE}");
+            return ExitCode::from(1);
+        }
         args.insert(1, sub.into());
     }
-    let cli = match Cli::try_parse_from(&args) {
+    let parsed = parser(called)
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

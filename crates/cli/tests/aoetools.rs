@@ -9,12 +9,19 @@
 //!   vblade and against `aoe serve`.
 //! - `aoe-sancheck`: a bridge whose target-side port has MTU 1500 between a 9000-byte
 //!   initiator and a 9000-byte target: both sanchecks report the path's 1024-byte limit.
+//! - Multi-call: every name's usage line names the tool as called; a bare `vblade` prints
+//!   what vblade itself prints and exits as it does.
+//! - `coraid-update` writes an update file to `aoe serve`'s export through the initiator's
+//!   ROOT, with aoetools' checks; `sos-linux` writes a report with every section.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use aoe_testkit::{require_root, wait_until, Bridge, Netns, NsChild, VethPair};
+
+/// The shared target + `aoe initiator` rig (used by name: this file has a `Rig` of its own).
+mod common;
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 /// aoetools ignore frames shorter than 60 bytes and vblade does not pad its Query Config
@@ -541,4 +548,282 @@ fn sancheck_reports_a_path_that_cannot_carry_the_payload() {
         "{j}"
     );
     drop((a, br));
+}
+
+// ------------------------------------------------------------ multi-call names, coraid-update, sos-linux
+
+/// Every multi-call name (the aoetools and vblade), as scripts/install-links.sh makes them.
+const TOOL_NAMES: [&str; 13] = [
+    "aoe-discover",
+    "aoe-stat",
+    "aoe-interfaces",
+    "aoe-flush",
+    "aoe-revalidate",
+    "aoe-version",
+    "aoe-sancheck",
+    "aoeping",
+    "aoecfg",
+    "aoe-mkdevs",
+    "aoe-mkshelf",
+    "coraid-update",
+    "sos-linux",
+];
+
+#[test]
+fn multicall_usage_names_the_tool_as_called() {
+    let links = links();
+    for name in TOOL_NAMES {
+        let tool = links.path().join(name);
+        assert!(tool.exists(), "install-links.sh did not make {name}");
+        let help = run({
+            let mut c = Command::new(&tool);
+            c.arg("--help");
+            c
+        });
+        let out = String::from_utf8_lossy(&help.stdout);
+        let usage = out
+            .lines()
+            .find(|l| l.starts_with("Usage: "))
+            .unwrap_or_else(|| panic!("{name} --help has no usage line:\n{}", text(&help)));
+        let words: Vec<&str> = usage.split_whitespace().collect();
+        assert_eq!(words[1], name, "{name}: {usage:?}");
+        assert!(
+            words
+                .get(2)
+                .is_none_or(|w| w.starts_with('[') || w.starts_with('<')),
+            "{name}: the usage line names a subcommand after the tool: {usage:?}"
+        );
+        // The same line on a usage error.
+        let bad = run({
+            let mut c = Command::new(&tool);
+            c.arg("--no-such-option");
+            c
+        });
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains(&format!("\n{usage}\n")),
+            "{name}: usage error without {usage:?}:\n{}",
+            text(&bad)
+        );
+    }
+}
+
+#[test]
+fn bare_vblade_prints_what_vblade_prints() {
+    let theirs = run(Command::new("vblade"));
+    let links = links();
+    let ours = run(Command::new(links.path().join("vblade")));
+    assert_eq!(ours.status.code(), Some(1), "{}", text(&ours));
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "{}",
+        text(&theirs)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stderr),
+        String::from_utf8_lossy(&theirs.stderr),
+        "ours:\n{}\ntheirs:\n{}",
+        text(&ours),
+        text(&theirs)
+    );
+    assert!(ours.stdout.is_empty());
+}
+
+/// `coraid-update` through its link, with ROOT from `AOE_ROOT` (as an operator would).
+fn coraid_update(links: &Path, root: &Path, file: &Path, dev: &Path) -> Output {
+    let mut c = Command::new(links.join("coraid-update"));
+    c.env("AOE_ROOT", root).arg(file).arg(dev);
+    run(c)
+}
+
+#[test]
+fn coraid_update_writes_the_file_to_the_update_target() {
+    let links = links();
+    let rig = common::Rig::start(common::Target::AoeServe, 1500, common::InitOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    // An update file of 1 MiB and 123 bytes: not a whole number of sectors.
+    let update = common::pattern(7, (1 << 20) + 123);
+    let upd = dir.path().join("update.bin");
+    std::fs::write(&upd, &update).unwrap();
+    let before = std::fs::read(&rig.file).unwrap();
+
+    let o = coraid_update(links.path(), &rig.root, &upd, &rig.dev());
+    assert_eq!(o.status.code(), Some(0), "{}{}", text(&o), rig.logs());
+    assert!(
+        o.stdout.is_empty() && o.stderr.is_empty(),
+        "coraid-update prints nothing on success: {}",
+        text(&o)
+    );
+    // Acknowledged only after the flush: the target's file holds it now.
+    let after = std::fs::read(&rig.file).unwrap();
+    assert!(
+        after[..update.len()] == update[..],
+        "update not on the target"
+    );
+    assert!(
+        after[update.len()..] == before[update.len()..],
+        "bytes past the update changed"
+    );
+
+    // aoetools' checks, each with its message and exit status 1; nothing written.
+    let cases: Vec<(PathBuf, PathBuf, &str)> = vec![
+        (upd.clone(), rig.root.join("e9.9"), "is not an AoE target"),
+        (
+            upd.clone(),
+            dir.path().join(common::DEV),
+            "is not an AoE target",
+        ),
+        (dir.path().join("missing.bin"), rig.dev(), "is not readable"),
+        (
+            {
+                let f = dir.path().join("bad.tarc");
+                std::fs::write(&f, b"not a tar archive").unwrap();
+                f
+            },
+            rig.dev(),
+            "does not appear to be a valid tarc file",
+        ),
+    ];
+    for (file, dev, want) in cases {
+        let o = coraid_update(links.path(), &rig.root, &file, &dev);
+        assert_eq!(o.status.code(), Some(1), "{file:?} {dev:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "{file:?} {dev:?}: want {want:?}: {}",
+            text(&o)
+        );
+    }
+    assert!(
+        std::fs::read(&rig.file).unwrap() == after,
+        "a refused update wrote"
+    );
+
+    // A real tar archive named .tarc goes through, by device name alone too.
+    let tarc = dir.path().join("sr.tarc");
+    let t = run({
+        let mut c = Command::new("tar");
+        c.arg("cf")
+            .arg(&tarc)
+            .arg("-C")
+            .arg(dir.path())
+            .arg("update.bin");
+        c
+    });
+    assert!(t.status.success(), "tar (Debian package tar): {}", text(&t));
+    let o = coraid_update(links.path(), &rig.root, &tarc, Path::new(common::DEV));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let tar_bytes = std::fs::read(&tarc).unwrap();
+    let now = std::fs::read(&rig.file).unwrap();
+    assert!(
+        now[..tar_bytes.len()] == tar_bytes[..],
+        "tarc not on the target"
+    );
+    rig.finish();
+}
+
+#[test]
+fn coraid_update_refuses_a_target_too_large_to_be_an_update_target() {
+    let links = links();
+    let dir = tempfile::tempdir().unwrap();
+    // 70000 KiB (as /proc/partitions counts: whole KiB) is the limit: 1 KiB more.
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(70_001 * 1024))
+        .unwrap();
+    let rig = common::Rig::start_with(
+        common::Target::AoeServe,
+        1500,
+        common::InitOpts::default(),
+        Some(big.clone()),
+        &[],
+    );
+    let upd = dir.path().join("u.bin");
+    std::fs::write(&upd, b"update").unwrap();
+    let o = coraid_update(links.path(), &rig.root, &upd, &rig.dev());
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is too large to be an update target"),
+        "{}",
+        text(&o)
+    );
+    let head = common::read_at(&big, 0, 6).unwrap();
+    assert_eq!(head, vec![0u8; 6], "refused, yet written");
+    rig.finish();
+}
+
+#[test]
+fn sos_linux_collects_every_section() {
+    let links = links();
+    let rig = common::Rig::start(common::Target::AoeServe, 1500, common::InitOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("sos.txt");
+    // In the initiator's namespace, where its interface is.
+    let mut c = rig.init_ns.command(links.path().join("sos-linux"));
+    c.arg("--root").arg(&rig.root).arg("-o").arg(&report);
+    let o = run(c);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        report.display().to_string(),
+        "prints the report's name"
+    );
+    let r = std::fs::read_to_string(&report).unwrap();
+    let mut at = 0;
+    for s in [
+        "host",
+        "aoe-version",
+        "aoe-stat",
+        "attributes",
+        "interfaces",
+        "err",
+        "logs",
+    ] {
+        let h = format!("==== {s} ====\n");
+        let i = r[at..]
+            .find(&h)
+            .unwrap_or_else(|| panic!("section {s} missing or out of order:\n{r}"));
+        at += i + h.len();
+    }
+    let section = |name: &str| {
+        let h = format!("==== {name} ====\n");
+        let start = r.find(&h).unwrap() + h.len();
+        let end = r[start..].find("\n==== ").map_or(r.len(), |e| start + e);
+        r[start..end].to_owned()
+    };
+    assert!(
+        section("aoe-version").contains("aoetools 36 compatible"),
+        "{r}"
+    );
+    assert!(
+        section("aoe-version").contains("pid"),
+        "running initiator: {r}"
+    );
+    // The device row, as aoe-stat prints it.
+    let stat = run({
+        let mut c = Command::new(links.path().join("aoe-stat"));
+        c.arg("--root").arg(&rig.root);
+        c
+    });
+    assert_eq!(section("aoe-stat"), String::from_utf8_lossy(&stat.stdout));
+    let attrs = section("attributes");
+    for a in ["size", "state", "netif", "payload", "firmware-version"] {
+        assert!(
+            attrs.contains(&format!("etherd!{}/{a}: ", common::DEV)),
+            "attribute {a}: {r}"
+        );
+    }
+    assert!(
+        section("interfaces").contains(&format!("{}: mtu 1500 up", rig.init_if)),
+        "{r}"
+    );
+    assert!(section("interfaces").contains("ROOT/interfaces: "), "{r}");
+    // The device came up: the initiator queued "e7.3 up" in err.
+    assert!(
+        section("err")
+            .lines()
+            .any(|l| l.trim() == format!("{} up", common::DEV)),
+        "{r}"
+    );
+    assert!(section("logs").contains("dmesg"), "{r}");
+    rig.finish();
 }

@@ -9,10 +9,17 @@
 //!
 //! Behaviour follows AoEr11 as `docs/PROTOCOL.md` (sections 1.1-1.6, and 4) describes it:
 //! - Query Config CCmd 0-4; test/prefix stay silent on a mismatch; set on a non-empty string
-//!   gets error 4; the sector count follows the receiving interface's MTU.
-//! - Mac Mask List read/edit with MError; a non-empty list silently drops other sources.
-//! - Reserve/Release read/set/force set; a non-reserving MAC gets error 6 for ATA commands
-//!   other than IDENTIFY (vblade `aoeata`) and for list changes.
+//!   gets error 4 unless it is the stored string (vblade `confcmd`, ggaoed: a retried set
+//!   succeeds); the sector count follows the receiving interface's MTU.
+//! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
+//!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
+//!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources.
+//! - Reserve/Release read/set/force set. A non-reserving MAC gets error 6 for ATA commands
+//!   other than IDENTIFY (vblade `aoeata`) and for Reserve/Release set (vblade `aoesrr`), as
+//!   vblade and ggaoed do. Deliberate extension: it also gets error 6 for Query Config set and
+//!   force set and for Mac Mask List edits, which vblade and ggaoed let anyone do; a
+//!   reservation here keeps other hosts from rewriting the string or from masking the
+//!   reserving host out. Reads (config, mask list, reserve list) stay open to all.
 //! - Version other than 1: error 5. Unknown command (vendor included): error 1.
 //! - ATA READ/WRITE SECTORS (EXT), IDENTIFY, CHECK POWER MODE, FLUSH CACHE (EXT) (a real
 //!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
@@ -224,15 +231,7 @@ impl Engine {
     /// An engine for `cfg`, starting from `state` (the persisted config string, mask and
     /// reserve lists, or the default).
     pub fn new(cfg: ExportConfig, state: PersistentState) -> Engine {
-        let identify = Identify {
-            model: cfg.model.clone(),
-            serial: cfg.serial.clone(),
-            firmware: cfg.firmware.clone(),
-            sectors: cfg.sectors,
-            write_cache: true,
-            smart: true,
-        }
-        .build();
+        let identify = identify_page(&cfg);
         Engine {
             cfg,
             state,
@@ -495,7 +494,9 @@ impl Engine {
                 }
             }
             ConfigCommand::Set => {
-                if !current.is_empty() {
+                // vblade `confcmd` and ggaoed refuse a set only when a *different* string is
+                // stored: a retried set (its reply was lost) succeeds.
+                if !current.is_empty() && current.as_slice() != req.config {
                     return self.aoe_error(rsp, ErrorCode::ConfigStringPresent, payload, reply);
                 }
                 if self.reserved_against(rsp.dst) {
@@ -536,8 +537,33 @@ impl Engine {
 
     // ---------------------------------------------------------------- Mac Mask List
 
+    /// Most MACs the Mac Mask List may hold: what one read reply carries at the smallest MTU
+    /// of the export's interfaces (10-byte AoE header, 4-byte argument, 8 bytes a directive),
+    /// and at most 255 (the one-byte Dir Count). An add past it fails with MError 3 (list
+    /// full), so a read reply always fits the frame it is sent in.
+    pub fn mask_capacity(&self) -> usize {
+        let per_frame = |mtu: u32| {
+            (mtu as usize).saturating_sub(
+                aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + aoe_wire::macmask::ARG_LEN,
+            ) / aoe_wire::macmask::DIRECTIVE_LEN
+        };
+        self.interfaces
+            .iter()
+            .flatten()
+            .map(|i| per_frame(i.mtu))
+            .min()
+            .unwrap_or(0)
+            .min(MAX_MASK_ENTRIES)
+    }
+
+    /// Mac Mask List read and edit, as vblade `aoemask` answers them:
+    /// - an edit applies its directives in order; the first that fails (a bad DCmd: MError 2;
+    ///   an add to a full list: MError 3) stops it, and the reply carries the MError with Dir
+    ///   Count set to the index of the failing directive and no list (directives before it
+    ///   stay applied);
+    /// - a read, and a successful edit, return the list with DCmd 0 in every entry;
+    /// - an unknown MCmd gets AoE error 2 (bad argument).
     fn mac_mask(&mut self, rsp: &HeaderRepr, req: &MacMaskRepr, reply: &mut [u8]) -> Outcome {
-        let mut merror = MaskError::None;
         match req.mcmd {
             MaskCommand::Read => {}
             MaskCommand::Edit => {
@@ -545,14 +571,16 @@ impl Engine {
                     let arg = [0, u8::from(req.mcmd), 0, req.directives.len() as u8];
                     return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
                 }
+                let capacity = self.mask_capacity();
                 let before = self.state.mask.clone();
-                for d in &req.directives {
+                let mut failed = None;
+                for (i, d) in req.directives.iter().enumerate() {
                     match d.command {
                         DirectiveCommand::NoDirective => {}
                         DirectiveCommand::Add => {
                             if !self.state.mask.contains(&d.mac) {
-                                if self.state.mask.len() >= MAX_MASK_ENTRIES {
-                                    merror = MaskError::ListFull;
+                                if self.state.mask.len() >= capacity {
+                                    failed = Some((i, MaskError::ListFull));
                                     break;
                                 }
                                 self.state.mask.push(d.mac);
@@ -560,7 +588,7 @@ impl Engine {
                         }
                         DirectiveCommand::Delete => self.state.mask.retain(|m| *m != d.mac),
                         DirectiveCommand::Unknown(_) => {
-                            merror = MaskError::BadDirective;
+                            failed = Some((i, MaskError::BadDirective));
                             break;
                         }
                     }
@@ -568,18 +596,35 @@ impl Engine {
                 if self.state.mask != before {
                     self.state_changed = true;
                 }
+                if let Some((index, merror)) = failed {
+                    let body = MacMaskRepr {
+                        mcmd: req.mcmd,
+                        merror,
+                        directives: Vec::new(),
+                    };
+                    let out = self.emit(*rsp, Body::MacMask(body), reply);
+                    if let Outcome::Reply(_) = out {
+                        // Dir Count: the failing directive's index (< 255, the request's
+                        // own count bounds it).
+                        reply[aoe_wire::HEADER_LEN + 3] = index as u8;
+                    }
+                    return out;
+                }
             }
-            MaskCommand::Unknown(_) => merror = MaskError::Unspecified,
+            MaskCommand::Unknown(_) => {
+                let arg = [0, u8::from(req.mcmd), 0, 0];
+                return self.aoe_error(rsp, ErrorCode::BadArgument, &arg, reply);
+            }
         }
         let body = MacMaskRepr {
             mcmd: req.mcmd,
-            merror,
+            merror: MaskError::None,
             directives: self
                 .state
                 .mask
                 .iter()
                 .map(|mac| Directive {
-                    command: DirectiveCommand::Add,
+                    command: DirectiveCommand::NoDirective,
                     mac: *mac,
                 })
                 .collect(),
@@ -903,6 +948,37 @@ fn write_ata_reply(
         reply[len..MIN_FRAME_LEN].fill(0);
     }
     len.max(MIN_FRAME_LEN)
+}
+
+/// IDENTIFY word 53 (field validity): bit 0 vouches for words 54-58, bit 1 for 64-70, bit 2
+/// for 88. None of them is filled here, so the word claims nothing (vblade's `atainit`
+/// leaves it zero too).
+const IDENTIFY_WORD53: u16 = 0x0000;
+
+/// IDENTIFY word 93 (hardware reset result) as vblade's `atainit` and ggaoed set it: 0x400b,
+/// bit 14 set and bit 15 clear (word valid), device 0 passed diagnostics (bit 3), device 0
+/// number determined by jumper (bits 2:1 = 01), bit 0 set.
+const IDENTIFY_WORD93: u16 = 0x400b;
+
+/// The IDENTIFY DEVICE page of an export: the common page of [`Identify::build`] with words 53
+/// and 93 as vblade and ggaoed report them, and the integrity checksum (word 255) redone.
+fn identify_page(cfg: &ExportConfig) -> [u8; 512] {
+    let mut p = Identify {
+        model: cfg.model.clone(),
+        serial: cfg.serial.clone(),
+        firmware: cfg.firmware.clone(),
+        sectors: cfg.sectors,
+        write_cache: true,
+        smart: true,
+    }
+    .build();
+    p[106..108].copy_from_slice(&IDENTIFY_WORD53.to_le_bytes());
+    p[186..188].copy_from_slice(&IDENTIFY_WORD93.to_le_bytes());
+    // Word 255: signature 0xA5, then a checksum byte making the page sum to zero mod 256.
+    p[510] = 0xa5;
+    let sum = p[..511].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    p[511] = 0u8.wrapping_sub(sum);
+    p
 }
 
 /// A SMART READ DATA page: no attributes, offline collection never started, self-test

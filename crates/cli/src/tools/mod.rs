@@ -13,6 +13,8 @@
 //! | `aoecfg`         | `aoe cfg`         | raw Query Config: read, test, prefix, set, fset      |
 //! | `aoe-mkdevs`     | `aoe mkdevs`      | explains why static nodes are not needed; fails      |
 //! | `aoe-mkshelf`    | `aoe mkshelf`     | the same                                             |
+//! | `coraid-update`  | `aoe coraid-update` | copies an update file to an update target          |
+//! | `sos-linux`      | `aoe sos-linux`   | support report: versions, devices, err, logs         |
 //!
 //! The file-based tools talk to `aoe initiator` through its control files under ROOT
 //! (`--root`, else `$AOE_ROOT`, else `/dev/etherd`), not to the kernel driver: aoetools'
@@ -30,6 +32,7 @@ use aoe_sys::PacketSocket;
 use clap::{Args, Subcommand};
 
 mod cfg;
+mod coraid_update;
 mod discover;
 mod flush;
 mod interfaces;
@@ -37,6 +40,7 @@ mod mkdevs;
 mod ping;
 mod revalidate;
 mod sancheck;
+mod sos;
 mod stat;
 mod version;
 
@@ -65,6 +69,10 @@ pub enum Tool {
     Mkdevs(mkdevs::MkArgs),
     /// Legacy static device nodes for one shelf (aoe-mkshelf): not needed here; fails.
     Mkshelf(mkdevs::MkArgs),
+    /// Upload an update file to a CORAID appliance's update target (coraid-update).
+    CoraidUpdate(coraid_update::CoraidUpdateArgs),
+    /// Collect support information into a text file (sos-linux).
+    SosLinux(sos::SosArgs),
 }
 
 /// The subcommand an aoetools name stands for, for multi-call by `argv[0]`.
@@ -81,6 +89,8 @@ pub fn multicall(name: &str) -> Option<&'static str> {
         "aoecfg" => "cfg",
         "aoe-mkdevs" => "mkdevs",
         "aoe-mkshelf" => "mkshelf",
+        "coraid-update" => "coraid-update",
+        "sos-linux" => "sos-linux",
         _ => return None,
     })
 }
@@ -99,6 +109,8 @@ pub fn run(t: Tool) -> Result<()> {
         Tool::Cfg(a) => cfg::run(a),
         Tool::Mkdevs(a) => mkdevs::run("aoe-mkdevs", a),
         Tool::Mkshelf(a) => mkdevs::run("aoe-mkshelf", a),
+        Tool::CoraidUpdate(a) => coraid_update::run(a),
+        Tool::SosLinux(a) => sos::run(a),
     }
 }
 

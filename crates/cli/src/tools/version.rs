@@ -87,6 +87,12 @@ fn initiator_process(root: &Path) -> Option<(u32, PathBuf)> {
 
 /// Runs `aoe-version`.
 pub fn run(a: VersionArgs) -> Result<()> {
+    print!("{}", report(&a.root.dir()));
+    Ok(())
+}
+
+/// What `aoe-version` prints for the initiator at `root` (also a section of `sos-linux`).
+pub fn report(root: &Path) -> String {
     let ours = env!("CARGO_PKG_VERSION");
     let mut s = line(
         "aoetools",
@@ -94,11 +100,10 @@ pub fn run(a: VersionArgs) -> Result<()> {
     );
     s += &line("installed aoe driver", &installed_driver());
     s += &line("running aoe driver", &running_driver());
-    let root = a.root.dir();
     let running = if !root.join("discover").exists() {
         "(none)".to_string()
     } else {
-        match initiator_process(&root) {
+        match initiator_process(root) {
             Some((pid, exe)) => {
                 let me = std::env::current_exe().ok();
                 let same = me.as_ref().is_some_and(|m| {
@@ -118,6 +123,5 @@ pub fn run(a: VersionArgs) -> Result<()> {
         }
     };
     s += &line("running aoe initiator", &running);
-    print!("{s}");
-    Ok(())
+    s
 }

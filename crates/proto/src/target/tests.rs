@@ -496,7 +496,14 @@ fn mac_mask_list_filters_sources() {
         panic!()
     };
     assert_eq!(m.merror, MaskError::None);
-    assert_eq!(m.directives, vec![add(HOST)]);
+    // The list comes back with DCmd 0 in each entry (vblade `aoemask`).
+    assert_eq!(
+        m.directives,
+        vec![Directive {
+            command: DirectiveCommand::NoDirective,
+            mac: HOST
+        }]
+    );
     assert!(e.take_state_changed());
     // OTHER is now masked out, silently.
     assert!(reply_of(&mut e, &request(OTHER, ADDR, cfg(ConfigCommand::Read, b""))).is_none());
@@ -515,7 +522,9 @@ fn mac_mask_list_filters_sources() {
         panic!()
     };
     assert_eq!(m.merror, MaskError::BadDirective);
-    assert_eq!(m.directives.len(), 1);
+    // Dir Count is the failing index (0) and no list follows.
+    assert!(m.directives.is_empty());
+    assert_eq!(e.state().mask, vec![HOST]);
     // Delete empties the list: everyone again.
     let del = Directive {
         command: DirectiveCommand::Delete,
@@ -685,4 +694,223 @@ fn error_reply_to_truncated_config_arg_parses() {
     let r = reply_of(&mut e, &f).unwrap();
     let m = Message::parse(&r).unwrap();
     assert_eq!(m.header.error, Some(ErrorCode::UnsupportedVersion));
+}
+
+// ------------------------------------------------------------ issue 11: vblade/ggaoed parity
+
+/// A request frame spelled out byte by byte: Ethernet header to TARGET_MAC from `src`, AoE
+/// version 1 with no flags, shelf 7 slot 3, `cmd`, tag 0x01020304, then `arg`.
+fn raw(src: MacAddr, cmd: u8, arg: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&TARGET_MAC.0); // destination
+    f.extend_from_slice(&src.0); // source
+    f.extend_from_slice(&[0x88, 0xa2]); // ethertype
+    f.push(0x10); // version 1, flags none
+    f.push(0x00); // error
+    f.extend_from_slice(&[0x00, 0x07]); // major (shelf) 7
+    f.push(0x03); // minor (slot) 3
+    f.push(cmd); // command
+    f.extend_from_slice(&[0x01, 0x02, 0x03, 0x04]); // tag
+    f.extend_from_slice(arg);
+    f
+}
+
+/// A Query Config request argument: buffer count, firmware, sector count, version/ccmd,
+/// string length, then the string.
+fn config_arg(ccmd: u8, s: &[u8]) -> Vec<u8> {
+    let mut a = vec![0, 0, 0, 0, 0, 0x10 | ccmd];
+    a.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    a.extend_from_slice(s);
+    a
+}
+
+#[test]
+fn config_set_of_the_stored_string_succeeds() {
+    let mut e = engine(1000);
+    let set = raw(HOST, 1, &config_arg(3, b"hello"));
+    let r = reply_of(&mut e, &set).unwrap();
+    assert_eq!(r[14], 0x18, "response, no error flag");
+    assert_eq!(e.state().config, b"hello");
+    // The same set again (its reply was lost): answered like the first, no error 4.
+    let r = reply_of(&mut e, &set).unwrap();
+    assert_eq!(r[14], 0x18, "a retried set must not carry the error flag");
+    assert_eq!(r[15], 0x00, "error code");
+    assert_eq!(&r[29..30], &[0x13], "version 1, ccmd 3 echoed");
+    assert_eq!(&r[30..32], &[0x00, 0x05], "string length");
+    assert_eq!(&r[32..37], b"hello");
+    // A different string is still refused with error 4 and changes nothing.
+    let r = reply_of(&mut e, &raw(HOST, 1, &config_arg(3, b"hellp"))).unwrap();
+    assert_eq!(r[14], 0x1c, "response with error flag");
+    assert_eq!(r[15], 0x04, "config string present");
+    assert_eq!(e.state().config, b"hello");
+    // A prefix of the stored string is a different string too.
+    let r = reply_of(&mut e, &raw(HOST, 1, &config_arg(3, b"hell"))).unwrap();
+    assert_eq!(r[15], 0x04);
+}
+
+// ------------------------------------------------------------ issue 11 item 12: Mac Mask List
+
+/// A Mac Mask List argument and directives: reserved, MCmd, MError, Dir Count, then each
+/// directive as reserved, DCmd, MAC.
+fn mask_arg(mcmd: u8, dirs: &[(u8, MacAddr)]) -> Vec<u8> {
+    let mut a = vec![0, mcmd, 0, dirs.len() as u8];
+    for (dcmd, mac) in dirs {
+        a.extend_from_slice(&[0, *dcmd]);
+        a.extend_from_slice(&mac.0);
+    }
+    a
+}
+
+#[test]
+fn mask_edit_error_reports_the_failing_index_without_the_list() {
+    let mut e = engine(64);
+    // add HOST, then a bad DCmd 7, then add OTHER (never reached).
+    let req = raw(HOST, 2, &mask_arg(1, &[(1, HOST), (7, OTHER), (1, OTHER)]));
+    let r = reply_of(&mut e, &req).unwrap();
+    assert_eq!(
+        r[14], 0x18,
+        "response, no AoE error flag: the MError says it"
+    );
+    assert_eq!(
+        &r[24..28],
+        &[0x00, 0x01, 0x02, 0x01],
+        "reserved, MCmd edit, MError 2 (bad DCmd), Dir Count = index 1 of the failing directive"
+    );
+    assert_eq!(r.len(), 60, "no list after the argument, only padding");
+    assert!(r[28..].iter().all(|b| *b == 0), "padding is zeros");
+    // Directives before the failing one stay applied, as in vblade.
+    assert_eq!(e.state().mask, vec![HOST]);
+}
+
+#[test]
+fn mask_read_lists_entries_with_dcmd_zero() {
+    let mut e = engine(64);
+    reply_of(
+        &mut e,
+        &raw(HOST, 2, &mask_arg(1, &[(1, HOST), (1, OTHER)])),
+    )
+    .unwrap();
+    let r = reply_of(&mut e, &raw(HOST, 2, &mask_arg(0, &[]))).unwrap();
+    let mut want = vec![0x00, 0x00, 0x00, 0x02]; // read, no error, two entries
+    want.extend_from_slice(&[0x00, 0x00]); // reserved, DCmd 0
+    want.extend_from_slice(&HOST.0);
+    want.extend_from_slice(&[0x00, 0x00]);
+    want.extend_from_slice(&OTHER.0);
+    assert_eq!(&r[24..24 + want.len()], want.as_slice());
+    // A successful edit returns the list the same way.
+    let r = reply_of(&mut e, &raw(HOST, 2, &mask_arg(1, &[(0, OTHER)]))).unwrap();
+    assert_eq!(&r[25..28], &[0x01, 0x00, 0x02]);
+    assert_eq!(r[29], 0x00, "DCmd 0 in an edit reply's list");
+}
+
+#[test]
+fn mask_unknown_mcmd_is_bad_argument() {
+    let mut e = engine(64);
+    let r = reply_of(&mut e, &raw(HOST, 2, &mask_arg(5, &[(1, HOST)]))).unwrap();
+    assert_eq!(r[14], 0x1c, "response with error flag");
+    assert_eq!(r[15], 0x02, "AoE error 2, bad argument");
+    assert_eq!(
+        &r[24..28],
+        &[0x00, 0x05, 0x00, 0x00],
+        "argument echoed, no list"
+    );
+    assert!(e.state().mask.is_empty());
+}
+
+#[test]
+fn mask_list_is_capped_at_one_reply_frame() {
+    let mut e = engine(64);
+    // MTU 1500: (1500 - 10 header - 4 argument) / 8 = 185 entries fit a reply.
+    assert_eq!(e.mask_capacity(), 185);
+    let macs: Vec<(u8, MacAddr)> = (0..186u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            (1, MacAddr([0x02, 0x10, b[0], b[1], b[2], b[3]]))
+        })
+        .collect();
+    // The first entry is HOST so the sender stays allowed.
+    let mut dirs = vec![(1, HOST)];
+    dirs.extend_from_slice(&macs[..185]);
+    let r = reply_of(&mut e, &raw(HOST, 2, &mask_arg(1, &dirs))).unwrap();
+    assert_eq!(
+        &r[24..28],
+        &[0x00, 0x01, 0x03, 185],
+        "MError 3 (list full) at directive 185"
+    );
+    assert_eq!(e.state().mask.len(), 185);
+    // The full list is still answered, in one frame of the interface.
+    let mut buf = vec![0u8; 1514];
+    let Outcome::Reply(n) = e.handle_frame(0, &raw(HOST, 2, &mask_arg(0, &[])), &mut buf) else {
+        panic!("a read of the full list must be answered")
+    };
+    assert_eq!(n, 24 + 4 + 185 * 8);
+    assert_eq!(buf[27], 185);
+    // A smaller MTU on any interface lowers the cap: (100 - 14) / 8 = 10.
+    e.set_interface(
+        1,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 100,
+        },
+    );
+    assert_eq!(e.mask_capacity(), 10);
+}
+
+// ------------------------------------------------------------ item 13: reservations
+
+#[test]
+fn reservation_checks_follow_vblade_plus_documented_extension() {
+    let mut e = engine(64);
+    // HOST reserves: Reserve/Release set, RCmd 1, one MAC.
+    let mut arg = vec![0x01, 0x01];
+    arg.extend_from_slice(&HOST.0);
+    reply_of(&mut e, &raw(HOST, 3, &arg)).unwrap();
+    assert_eq!(e.state().reserve, vec![HOST]);
+    let error_of = |e: &mut Engine, cmd, arg: &[u8]| {
+        let r = reply_of(e, &raw(OTHER, cmd, arg)).unwrap();
+        (r[14] & 0x04 != 0).then_some(r[15])
+    };
+    // vblade and ggaoed: ATA (READ SECTORS EXT, LBA 0, one sector) and Reserve set: error 6.
+    let ata_read = [0x00, 0x00, 0x01, 0x24, 0, 0, 0, 0x40, 0, 0, 0, 0];
+    assert_eq!(error_of(&mut e, 0, &ata_read), Some(6));
+    let mut set = vec![0x01, 0x01];
+    set.extend_from_slice(&OTHER.0);
+    assert_eq!(error_of(&mut e, 3, &set), Some(6));
+    // IDENTIFY, reserve read, config read and mask read stay open.
+    let identify = [0x00, 0x00, 0x01, 0xec, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(error_of(&mut e, 0, &identify), None);
+    assert_eq!(error_of(&mut e, 3, &[0x00, 0x00]), None);
+    assert_eq!(error_of(&mut e, 1, &config_arg(0, b"")), None);
+    assert_eq!(error_of(&mut e, 2, &mask_arg(0, &[])), None);
+    // The deliberate extension: config set and mask edits are refused too.
+    assert_eq!(error_of(&mut e, 1, &config_arg(3, b"x")), Some(6));
+    assert_eq!(error_of(&mut e, 1, &config_arg(4, b"x")), Some(6));
+    assert_eq!(error_of(&mut e, 2, &mask_arg(1, &[(1, OTHER)])), Some(6));
+    assert!(e.state().config.is_empty() && e.state().mask.is_empty());
+    // Force set takes the reservation over (vblade `aoesrr` RCmd 2).
+    let mut force = vec![0x02, 0x01];
+    force.extend_from_slice(&OTHER.0);
+    assert_eq!(error_of(&mut e, 3, &force), None);
+    assert_eq!(e.state().reserve, vec![OTHER]);
+}
+
+// ------------------------------------------------------------ item 14: IDENTIFY words
+
+#[test]
+fn identify_words_53_and_93_as_vblade() {
+    let mut e = engine(131072);
+    let identify = [0x00, 0x00, 0x01, 0xec, 0, 0, 0, 0, 0, 0, 0, 0];
+    let r = reply_of(&mut e, &raw(HOST, 0, &identify)).unwrap();
+    let page = &r[36..36 + 512];
+    // Word 53 (bytes 106-107): words 54-58, 64-70 and 88 are not filled, so no bit is set.
+    assert_eq!(&page[106..108], &[0x00, 0x00]);
+    // Word 93 (bytes 186-187), little-endian 0x400b as vblade's atainit sets it.
+    assert_eq!(&page[186..188], &[0x0b, 0x40]);
+    // Words the validity bits would vouch for are indeed empty.
+    assert!(page[108..118].iter().all(|b| *b == 0), "words 54-58");
+    assert!(page[128..142].iter().all(|b| *b == 0), "words 64-70");
+    assert!(page[176..178].iter().all(|b| *b == 0), "word 88");
+    // Integrity word still valid.
+    assert_eq!(page[510], 0xa5);
+    assert_eq!(page.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
 }
