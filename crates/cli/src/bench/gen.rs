@@ -452,8 +452,10 @@ pub fn run(
             last_activity = now;
         }
         // Retransmit what waited too long, under a new generation so a late reply to the
-        // old send is recognised as stale.
-        if now >= next_scan {
+        // old send is recognised as stale. Only once the receive queue is drained (a short
+        // batch): after the generator itself was descheduled, the replies still queued are
+        // not losses.
+        if n < BATCH && now >= next_scan {
             for (i, s) in slots.iter_mut().enumerate() {
                 if s.busy && s.sent <= now && now - s.sent > rto.timeout(s.tries) {
                     if pending.contains(&(i as u16)) {

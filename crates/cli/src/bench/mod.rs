@@ -73,8 +73,9 @@ pub struct BenchArgs {
     /// Microseconds to busy-poll for replies before sleeping in poll(2).
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
-    /// Lower bound of the RTT-adaptive retransmit timeout, in microseconds.
-    #[arg(long, default_value_t = 2000)]
+    /// Lower bound of the RTT-adaptive retransmit timeout, in microseconds. Below a few
+    /// milliseconds, the generator's own scheduling delays on a busy machine look like loss.
+    #[arg(long, default_value_t = 5000)]
     min_rto_us: u64,
     /// Seed of the random offsets (randread, randwrite).
     #[arg(long, default_value_t = 1)]
