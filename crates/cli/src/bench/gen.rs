@@ -146,7 +146,8 @@ pub struct Progress {
 #[derive(Clone, Copy)]
 struct Slot {
     busy: bool,
-    /// Bumped on every (re)send: a reply to an older send of the slot is stale.
+    /// Bumped on every (re)send, so each send has its own tag; the request's first send had
+    /// generation `gen - tries` (modulo 2^15).
     gen: u16,
     lba: u64,
     count: u8,
@@ -163,9 +164,12 @@ fn tag(slot: usize, gen: u16) -> u32 {
     Tag::USER_BIT | (u32::from(gen & 0x7fff) << 16) | slot as u32
 }
 
-/// Retransmit timeout after RFC 6298 (SRTT + 4 RTTVAR, Karn's rule: no samples from
-/// retransmitted requests), as the Linux driver adapts its `rttavg`/`mintimer` per target
-/// (`calc_rttavg` in aoecmd.c), with the lower bound of `Tuning::min_rto`.
+/// Retransmit timeout after RFC 6298 (SRTT + 4 RTTVAR, doubled per retry), as the Linux
+/// driver adapts its `rttavg`/`mintimer` per target (`calc_rttavg` in aoecmd.c), with the
+/// lower bound of `Tuning::min_rto`. Every send carries its own tag, so a reply names the send
+/// it answers and its sample is never ambiguous: Karn's rule (no samples from retransmitted
+/// requests) is not needed, and a late reply to a first send still teaches the estimator that
+/// the path is slow instead of leaving it to fire again and again.
 struct Rto {
     srtt: f64,
     rttvar: f64,
@@ -392,8 +396,11 @@ pub fn run(
                 continue;
             }
             let s = &mut slots[i];
-            if !s.busy || tag(i, s.gen) != tg {
-                // A reply to a send we already gave up on; the newer one is on its way.
+            // How many sends ago the answered one was: a reply to an earlier send of the same
+            // request (same LBA, same data) completes it as well as the newest would.
+            let age = u32::from(s.gen.wrapping_sub((tg >> 16) as u16) & 0x7fff);
+            if !s.busy || age > s.tries {
+                // A reply to an earlier request of this slot, long since completed.
                 continue;
             }
             if f[field::FLAGS] & field::ERROR_FLAG != 0 {
@@ -436,8 +443,10 @@ pub fn run(
                     }
                 }
             }
-            if s.tries == 0 {
+            if age == 0 {
                 rto.sample(now.saturating_duration_since(s.sent));
+            } else if age == s.tries {
+                rto.sample(now.saturating_duration_since(s.first));
             }
             st.hist
                 .record(now.saturating_duration_since(s.first).as_nanos() as u64);
