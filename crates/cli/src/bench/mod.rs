@@ -285,9 +285,9 @@ fn latency(h: &hist::Histogram) -> Latency {
     }
 }
 
-fn rate(n: u64, secs: f64) -> f64 {
+fn rate(x: f64, secs: f64) -> f64 {
     if secs > 0.0 {
-        n as f64 / secs
+        x / secs
     } else {
         0.0
     }
@@ -342,7 +342,8 @@ fn discover(sock: &PacketSocket, me: MacAddr, want: &Want) -> Result<TargetInfo>
         Want::Broadcast => TargetAddr::BROADCAST,
         Want::One(a) => *a,
     };
-    let tag = Tag(Tag::USER_BIT | 0x7fff_0001);
+    // Slot index 0xffff: above any window, so a late copy never completes a load request.
+    let tag = Tag(Tag::USER_BIT | 0x7fff_ffff);
     let q = Message {
         header: HeaderRepr::request(MacAddr::BROADCAST, me, addr, AoeCommand::QueryConfig, tag),
         body: Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
@@ -383,7 +384,7 @@ fn identify(
     mac: MacAddr,
     addr: TargetAddr,
 ) -> Result<IdentifyInfo> {
-    let tag = Tag(Tag::USER_BIT | 0x7fff_0002);
+    let tag = Tag(Tag::USER_BIT | 0x7fff_fffe);
     let q = Message {
         header: HeaderRepr::request(mac, me, addr, AoeCommand::Ata, tag),
         body: Body::Ata(AtaRepr {
@@ -548,8 +549,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let s = p.elapsed.as_secs_f64();
                 eprint!(
                     "\r{name} {s:6.1} s {:9.1} MB/s {:9.0} IOPS  retransmits {}   ",
-                    rate(p.bytes, s) / 1e6,
-                    rate(p.requests, s),
+                    rate(p.bytes as f64, s) / 1e6,
+                    rate(p.requests as f64, s),
                     p.retransmits
                 );
                 let _ = std::io::stderr().flush();
@@ -609,8 +610,8 @@ fn build_report(
             requests: p.requests,
             bytes: p.bytes,
             seconds: secs,
-            mb_per_s: rate(p.bytes, secs) / 1e6,
-            iops: rate(p.requests, secs),
+            mb_per_s: rate(p.bytes as f64, secs) / 1e6,
+            iops: rate(p.requests as f64, secs),
             latency_us: latency(&p.hist),
             retransmits: p.retransmits,
         });
@@ -628,8 +629,8 @@ fn build_report(
         requests,
         bytes,
         seconds: secs,
-        mb_per_s: rate(bytes, secs) / 1e6,
-        iops: rate(requests, secs),
+        mb_per_s: rate(bytes as f64, secs) / 1e6,
+        iops: rate(requests as f64, secs),
         latency_us: latency(&all),
         retransmits: sum(|p| p.retransmits),
         phases: reports,
@@ -672,16 +673,8 @@ fn print_human(r: &Report) {
         "generator CPU {:.2} s over {:.2} s ({:.0}% of one core)",
         r.generator_cpu_s,
         r.seconds,
-        100.0 * rate_f(r.generator_cpu_s, r.seconds)
+        100.0 * rate(r.generator_cpu_s, r.seconds)
     );
-}
-
-fn rate_f(x: f64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        x / secs
-    } else {
-        0.0
-    }
 }
 
 #[cfg(test)]
