@@ -14,32 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use aoe_sys::{PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{
-    AtaFlags, AtaRepr, Body, Command as AoeCommand, HeaderRepr, MacAddr, Message, Tag, TargetAddr,
-    ATA_HEADER_LEN,
+    AtaFlags, AtaPacket, AtaRepr, Body, Command as AoeCommand, Frame, HeaderRepr, MacAddr, Message,
+    Tag, TargetAddr, ATA_HEADER_LEN,
 };
 
 use super::hist::Histogram;
 use super::pattern::{self, SECTOR};
-
-/// Byte offsets in a whole Ethernet frame (AoEr11 §3.1 header, §3.2 ATA argument).
-mod field {
-    use std::ops::Range;
-    /// Ver/Flags; bit 3 = response, bit 2 = error.
-    pub const FLAGS: usize = 14;
-    pub const ERROR: usize = 15;
-    pub const MAJOR: Range<usize> = 16..18;
-    pub const MINOR: usize = 18;
-    pub const COMMAND: usize = 19;
-    pub const TAG: Range<usize> = 20..24;
-    /// Err/Feature: the ATA error register in a response.
-    pub const ERR_FEATURE: usize = 25;
-    pub const SECTOR_COUNT: usize = 26;
-    pub const CMD_STATUS: usize = 27;
-    /// Six bytes, little-endian.
-    pub const LBA: Range<usize> = 28..34;
-    pub const RESPONSE: u8 = 0x08;
-    pub const ERROR_FLAG: u8 = 0x04;
-}
 
 /// ATA status bits that mean the command failed: ERR (bit 0) and DF (bit 5), as the Linux
 /// driver checks them in `ktiocomplete` (`ATA_ERR | ATA_DF`).
@@ -327,16 +307,13 @@ pub fn run(
             s.gen = s.gen.wrapping_add(1);
             let data_len = if write { count as usize * SECTOR } else { 0 };
             s.len = (ATA_HEADER_LEN + data_len).max(MIN_FRAME);
-            let f = &mut arena[i * stride..(i + 1) * stride];
-            f[field::TAG].copy_from_slice(&tag(i, s.gen).to_be_bytes());
-            f[field::SECTOR_COUNT] = s.count;
-            f[field::LBA].copy_from_slice(&lba.to_le_bytes()[..6]);
+            let mut f = Frame::new_checked(&mut arena[i * stride..(i + 1) * stride])?;
+            f.set_tag(Tag(tag(i, s.gen)));
+            let mut ata = AtaPacket::new_checked(f.payload_mut())?;
+            ata.set_sector_count(s.count);
+            ata.set_lba(lba);
             if write {
-                pattern::fill(
-                    &mut f[ATA_HEADER_LEN..ATA_HEADER_LEN + data_len],
-                    lba,
-                    plan.stamp,
-                );
+                pattern::fill(&mut ata.data_mut()[..data_len], lba, plan.stamp);
             }
             pending.push_back(i as u16);
             busy += 1;
@@ -376,21 +353,16 @@ pub fn run(
         }
         for k in 0..n {
             let f = batch.frame(k);
-            if f.len() < ATA_HEADER_LEN
-                || f[field::FLAGS] & field::RESPONSE == 0
-                || f[field::COMMAND] != 0
-                || u16::from_be_bytes([f[field::MAJOR.start], f[field::MAJOR.start + 1]])
-                    != peer.addr.shelf
-                || f[field::MINOR] != peer.addr.slot
-            {
+            let Ok(fr) = Frame::new_checked(f) else {
+                continue;
+            };
+            if !fr.is_response() || fr.command() != AoeCommand::Ata || fr.target() != peer.addr {
                 continue;
             }
-            let tg = u32::from_be_bytes([
-                f[field::TAG.start],
-                f[field::TAG.start + 1],
-                f[field::TAG.start + 2],
-                f[field::TAG.start + 3],
-            ]);
+            let Ok(ata) = AtaPacket::new_checked(fr.payload()) else {
+                continue;
+            };
+            let tg = fr.tag().0;
             let i = (tg & 0xffff) as usize;
             if tg & Tag::USER_BIT == 0 || i >= slots.len() {
                 continue;
@@ -403,20 +375,20 @@ pub fn run(
                 // A reply to an earlier request of this slot, long since completed.
                 continue;
             }
-            if f[field::FLAGS] & field::ERROR_FLAG != 0 {
+            if fr.is_error() {
                 bail!(
                     "{} answered AoE error {} to the request for LBA {}",
                     peer.addr,
-                    f[field::ERROR],
+                    fr.error(),
                     s.lba
                 );
             }
-            if f[field::CMD_STATUS] & ATA_FAILED != 0 {
+            if ata.cmd_status() & ATA_FAILED != 0 {
                 bail!(
                     "{} answered ATA status {:#04x} error {:#04x} for LBA {}",
                     peer.addr,
-                    f[field::CMD_STATUS],
-                    f[field::ERR_FEATURE],
+                    ata.cmd_status(),
+                    ata.err_feature(),
                     s.lba
                 );
             }
@@ -472,7 +444,8 @@ pub fn run(
                     }
                     s.tries += 1;
                     s.gen = s.gen.wrapping_add(1);
-                    arena[i * stride..][field::TAG].copy_from_slice(&tag(i, s.gen).to_be_bytes());
+                    Frame::new_checked(&mut arena[i * stride..(i + 1) * stride])?
+                        .set_tag(Tag(tag(i, s.gen)));
                     pending.push_back(i as u16);
                     st.retransmits += 1;
                 }

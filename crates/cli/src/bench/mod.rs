@@ -238,9 +238,9 @@ struct Latency {
     max: f64,
 }
 
+/// What a phase, or the whole run, moved and how fast.
 #[derive(Debug, Serialize)]
-struct PhaseReport {
-    op: &'static str,
+struct Figures {
     requests: u64,
     bytes: u64,
     seconds: f64,
@@ -248,6 +248,27 @@ struct PhaseReport {
     iops: f64,
     latency_us: Latency,
     retransmits: u64,
+}
+
+impl Figures {
+    fn new(requests: u64, bytes: u64, seconds: f64, h: &hist::Histogram, retransmits: u64) -> Self {
+        Figures {
+            requests,
+            bytes,
+            seconds,
+            mb_per_s: rate(bytes as f64, seconds) / 1e6,
+            iops: rate(requests as f64, seconds),
+            latency_us: latency(h),
+            retransmits,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PhaseReport {
+    op: &'static str,
+    #[serde(flatten)]
+    figures: Figures,
 }
 
 #[derive(Debug, Serialize)]
@@ -259,13 +280,8 @@ struct Report {
     bs: u64,
     window: usize,
     /// Totals over all phases (verify has a write and a read phase).
-    requests: u64,
-    bytes: u64,
-    seconds: f64,
-    mb_per_s: f64,
-    iops: f64,
-    latency_us: Latency,
-    retransmits: u64,
+    #[serde(flatten)]
+    total: Figures,
     phases: Vec<PhaseReport>,
     verified_sectors: u64,
     mismatched_sectors: u64,
@@ -604,21 +620,19 @@ fn build_report(
     let mut reports = Vec::new();
     for p in phases {
         all.merge(&p.hist);
-        let secs = p.elapsed.as_secs_f64();
         reports.push(PhaseReport {
             op: op_name(p.op),
-            requests: p.requests,
-            bytes: p.bytes,
-            seconds: secs,
-            mb_per_s: rate(p.bytes as f64, secs) / 1e6,
-            iops: rate(p.requests as f64, secs),
-            latency_us: latency(&p.hist),
-            retransmits: p.retransmits,
+            figures: Figures::new(
+                p.requests,
+                p.bytes,
+                p.elapsed.as_secs_f64(),
+                &p.hist,
+                p.retransmits,
+            ),
         });
     }
     let sum = |f: fn(&PhaseStats) -> u64| phases.iter().map(f).sum::<u64>();
     let secs: f64 = phases.iter().map(|p| p.elapsed.as_secs_f64()).sum();
-    let (requests, bytes) = (sum(|p| p.requests), sum(|p| p.bytes));
     Report {
         interface: a.iface.clone(),
         mtu,
@@ -626,13 +640,13 @@ fn build_report(
         mode: a.mode,
         bs: u64::from(per) * SECTOR as u64,
         window: a.window,
-        requests,
-        bytes,
-        seconds: secs,
-        mb_per_s: rate(bytes as f64, secs) / 1e6,
-        iops: rate(requests as f64, secs),
-        latency_us: latency(&all),
-        retransmits: sum(|p| p.retransmits),
+        total: Figures::new(
+            sum(|p| p.requests),
+            sum(|p| p.bytes),
+            secs,
+            &all,
+            sum(|p| p.retransmits),
+        ),
         phases: reports,
         verified_sectors: sum(|p| p.checked_sectors),
         mismatched_sectors: sum(|p| p.bad_sectors),
@@ -656,11 +670,11 @@ fn print_human(r: &Report) {
         t.firmware_version,
         t.max_sectors
     );
-    for p in &r.phases {
-        let l = &p.latency_us;
+    for ph in &r.phases {
+        let (p, l) = (&ph.figures, &ph.figures.latency_us);
         println!(
             "{:<5} bs {} window {}: {:.1} MB/s, {:.0} IOPS, {} bytes in {:.2} s; latency us avg {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1}; retransmits {}",
-            p.op, r.bs, r.window, p.mb_per_s, p.iops, p.bytes, p.seconds, l.avg, l.p50, l.p99, l.p999, p.retransmits
+            ph.op, r.bs, r.window, p.mb_per_s, p.iops, p.bytes, p.seconds, l.avg, l.p50, l.p99, l.p999, p.retransmits
         );
     }
     if r.mode == Mode::Verify {
@@ -672,8 +686,8 @@ fn print_human(r: &Report) {
     println!(
         "generator CPU {:.2} s over {:.2} s ({:.0}% of one core)",
         r.generator_cpu_s,
-        r.seconds,
-        100.0 * rate(r.generator_cpu_s, r.seconds)
+        r.total.seconds,
+        100.0 * rate(r.generator_cpu_s, r.total.seconds)
     );
 }
 
