@@ -18,6 +18,7 @@ have_cmd aoeping  || need+=(aoetools)
 have_cmd tshark   || need+=(tshark)
 have_cmd fusermount3 || need+=(fuse3)
 have_cmd ip       || need+=(iproute2)
+have_cmd jq       || need+=(jq)         # scripts/bench-compare.sh reads aoe bench --json
 have_cmd mkfs.ext4 || need+=(e2fsprogs)
 have_cmd cpio     || need+=(cpio)
 have_cmd modprobe || need+=(kmod)

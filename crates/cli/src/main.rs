@@ -31,7 +31,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the AoE initiator: discovery, /dev/etherd-style control files, device files.
     Initiator(initiator::InitiatorArgs),
-    /// Measure target throughput against vblade in one run (private namespaces).
+    /// Drive an AoE target with reads, writes or a verify pass; report MB/s, IOPS, latency.
     Bench(bench::BenchArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),

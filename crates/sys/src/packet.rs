@@ -622,6 +622,24 @@ impl RecvBatch {
         self.metas[i]
     }
 
+    /// The full length of frame `i` of the last receive as it was on the wire, even when
+    /// the slot was smaller and the frame was cut (`recvmmsg` with `MSG_TRUNC` reports the
+    /// real length in `msg_len`, packet(7)); 0 for `len() <= i < capacity()`.
+    ///
+    /// A caller that needs only the headers can receive into small slots, saving the copy of
+    /// the payload, and still learn how much payload there was.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= capacity()`.
+    pub fn wire_len(&self, i: usize) -> usize {
+        if i < self.received {
+            self.hdrs[i].msg_len as usize
+        } else {
+            0
+        }
+    }
+
     /// The frames of the last receive with their metadata.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], RecvMeta)> + '_ {
         (0..self.received).map(move |i| (self.frame(i), self.metas[i]))
@@ -716,6 +734,13 @@ mod tests {
         assert_eq!(b.iter().count(), 0);
         let zero = RecvBatch::new(0, 1514);
         assert_eq!(zero.capacity(), 0);
+    }
+
+    #[test]
+    fn wire_len_is_zero_without_a_frame() {
+        let b = RecvBatch::new(2, 64);
+        assert_eq!(b.wire_len(0), 0);
+        assert_eq!(b.wire_len(1), 0);
     }
 
     #[test]

@@ -1,0 +1,516 @@
+//! The load generator's loop: a slab of pre-built request frames, sent and received in
+//! batches (`sendmmsg`/`recvmmsg` through [`aoe_sys`]), tags that are slab indices, a short
+//! busy-poll before sleeping in poll(2), and an RTT-adaptive retransmit timer.
+//!
+//! Nothing is allocated per frame: a request's frame lives in its slot of one arena for its
+//! whole life and is patched in place (tag, LBA, count, write data).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use aoe_sys::{PacketSocket, PollFd, RecvBatch};
+use aoe_wire::{
+    AtaFlags, AtaPacket, AtaRepr, Body, Command as AoeCommand, Frame, HeaderRepr, MacAddr, Message,
+    Tag, TargetAddr, ATA_HEADER_LEN,
+};
+
+use super::hist::Histogram;
+use super::pattern::{self, SECTOR};
+
+/// ATA status bits that mean the command failed: ERR (bit 0) and DF (bit 5), as the Linux
+/// driver checks them in `ktiocomplete` (`ATA_ERR | ATA_DF`).
+const ATA_FAILED: u8 = 0x21;
+/// Ethernet minimum frame without FCS: shorter frames are padded.
+const MIN_FRAME: usize = 60;
+/// Receive slot when the data is not checked: the 36 header bytes of an ATA reply, or the
+/// 60 of a padded one.
+const HEADERS_ONLY: usize = 64;
+/// Frames per `sendmmsg`/`recvmmsg` call.
+const BATCH: usize = 64;
+
+/// Reading or writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// READ SECTORS EXT.
+    Read,
+    /// WRITE SECTORS EXT.
+    Write,
+}
+
+/// Where a phase sends its requests and how it stops.
+pub struct Plan {
+    /// Read or write.
+    pub op: Op,
+    /// Random request-aligned offsets instead of sequential ones.
+    pub random: bool,
+    /// Sectors per request.
+    pub per: u8,
+    /// Requests stay inside sectors `0..span`.
+    pub span: u64,
+    /// Stop issuing after this many sectors (the last request may be short).
+    pub limit: Option<u64>,
+    /// Stop at this time, counting only what completed before it.
+    pub time: Option<Duration>,
+    /// Check read data against the pattern.
+    pub check: bool,
+    /// The pattern's run stamp.
+    pub stamp: u64,
+    /// Seed of the random offsets.
+    pub seed: u64,
+}
+
+/// How the loop behaves.
+pub struct Tuning {
+    /// Requests in flight.
+    pub window: usize,
+    /// Busy-poll this long after the last activity before sleeping in poll(2).
+    pub spin: Duration,
+    /// Lower bound of the retransmit timeout.
+    pub min_rto: Duration,
+    /// Give up when nothing at all came back for this long.
+    pub dead: Duration,
+}
+
+/// Where the target is.
+pub struct Peer<'a> {
+    /// The socket on the interface the target answered on.
+    pub sock: &'a PacketSocket,
+    /// Our MAC.
+    pub me: MacAddr,
+    /// The target's MAC.
+    pub mac: MacAddr,
+    /// The target's shelf and slot.
+    pub addr: TargetAddr,
+}
+
+/// What one phase did.
+pub struct PhaseStats {
+    /// Read or write.
+    pub op: Op,
+    /// Requests completed.
+    pub requests: u64,
+    /// Bytes completed.
+    pub bytes: u64,
+    /// From the first send to the last completion (or the time limit).
+    pub elapsed: Duration,
+    /// Latency from a request's first send to its reply, retransmissions included.
+    pub hist: Histogram,
+    /// Requests sent again after a timeout.
+    pub retransmits: u64,
+    /// Sectors checked against the pattern.
+    pub checked_sectors: u64,
+    /// Sectors that differed.
+    pub bad_sectors: u64,
+    /// First differing byte: (LBA, offset in the sector).
+    pub first_bad: Option<(u64, usize)>,
+    /// Stopped early by Ctrl-C.
+    pub interrupted: bool,
+}
+
+/// Progress so far, for the live line.
+pub struct Progress {
+    /// Since the phase started.
+    pub elapsed: Duration,
+    /// Bytes completed.
+    pub bytes: u64,
+    /// Requests completed.
+    pub requests: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    busy: bool,
+    /// Bumped on every (re)send, so each send has its own tag; the request's first send had
+    /// generation `gen - tries` (modulo 2^15).
+    gen: u16,
+    lba: u64,
+    count: u8,
+    len: usize,
+    first: Instant,
+    sent: Instant,
+    tries: u32,
+}
+
+/// Tag layout: bit 31 set (a user-space tool's tag), bits 16-30 the slot's generation,
+/// bits 0-15 the slot index. The target echoes the tag (AoEr11 §3.1), so a reply finds
+/// its request without a lookup table.
+fn tag(slot: usize, gen: u16) -> u32 {
+    Tag::USER_BIT | (u32::from(gen & 0x7fff) << 16) | slot as u32
+}
+
+/// Retransmit timeout after RFC 6298 (SRTT + 4 RTTVAR, doubled per retry), as the Linux
+/// driver adapts its `rttavg`/`mintimer` per target (`calc_rttavg` in aoecmd.c), with the
+/// lower bound of `Tuning::min_rto`. Every send carries its own tag, so a reply names the send
+/// it answers and its sample is never ambiguous: Karn's rule (no samples from retransmitted
+/// requests) is not needed, and a late reply to a first send still teaches the estimator that
+/// the path is slow instead of leaving it to fire again and again.
+struct Rto {
+    srtt: f64,
+    rttvar: f64,
+    min: f64,
+}
+
+impl Rto {
+    fn sample(&mut self, rtt: Duration) {
+        let r = rtt.as_secs_f64();
+        if self.srtt == 0.0 {
+            self.srtt = r;
+            self.rttvar = r / 2.0;
+        } else {
+            self.rttvar = 0.75 * self.rttvar + 0.25 * (self.srtt - r).abs();
+            self.srtt = 0.875 * self.srtt + 0.125 * r;
+        }
+    }
+
+    /// The timeout of a request sent `tries` times before (doubled per retry, at most 2 s).
+    fn timeout(&self, tries: u32) -> Duration {
+        let base = if self.srtt == 0.0 {
+            0.05
+        } else {
+            (self.srtt + 4.0 * self.rttvar).max(self.min)
+        };
+        Duration::from_secs_f64((base * f64::from(1u32 << tries.min(6))).min(2.0))
+    }
+}
+
+/// xorshift64*: cheap random offsets, reproducible from the seed.
+fn next_rand(s: &mut u64) -> u64 {
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    s.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Runs one phase. `progress` is called about once a second; `stop` ends the phase early.
+pub fn run(
+    peer: &Peer<'_>,
+    plan: &Plan,
+    t: &Tuning,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(&Progress),
+) -> Result<PhaseStats> {
+    let per = u64::from(plan.per);
+    let write = plan.op == Op::Write;
+    let data_max = usize::from(plan.per) * SECTOR;
+    let stride = (ATA_HEADER_LEN + if write { data_max } else { 0 }).max(MIN_FRAME);
+    // One template, emitted by aoe-wire, copied into every slot.
+    let zeros = vec![0u8; if write { data_max } else { 0 }];
+    let template = Message {
+        header: HeaderRepr::request(peer.mac, peer.me, peer.addr, AoeCommand::Ata, Tag(0)),
+        body: Body::Ata(AtaRepr {
+            aflags: if write {
+                AtaFlags::EXTENDED | AtaFlags::WRITE
+            } else {
+                AtaFlags::EXTENDED
+            },
+            err_feature: 0,
+            sector_count: plan.per,
+            // READ SECTORS EXT / WRITE SECTORS EXT (ATA8-ACS), as the driver's LBA48 path.
+            cmd_status: if write { 0x34 } else { 0x24 },
+            lba: 0,
+            data: &zeros,
+        }),
+    }
+    .to_vec()?;
+    let mut arena = vec![0u8; stride * t.window];
+    for f in arena.chunks_exact_mut(stride) {
+        f[..template.len()].copy_from_slice(&template);
+    }
+    let start = Instant::now();
+    let mut slots = vec![
+        Slot {
+            busy: false,
+            gen: 0,
+            lba: 0,
+            count: 0,
+            len: 0,
+            first: start,
+            sent: start,
+            tries: 0,
+        };
+        t.window
+    ];
+    let mut free: Vec<u16> = (0..t.window as u16).rev().collect();
+    let mut pending: VecDeque<u16> = VecDeque::with_capacity(t.window);
+    // Unless the data is checked, only the headers are copied out of the kernel: the slot
+    // holds the ATA header and `wire_len` still tells how much data the reply carried. On a
+    // read this saves the copy that is otherwise the generator's largest cost.
+    let slot_size = if plan.check {
+        aoe_sys::frame_capacity(peer.sock.info().mtu)
+    } else {
+        HEADERS_ONLY
+    };
+    let mut batch = RecvBatch::new(BATCH, slot_size);
+    let mut rto = Rto {
+        srtt: 0.0,
+        rttvar: 0.0,
+        min: t.min_rto.as_secs_f64(),
+    };
+    let deadline = plan.time.map(|d| start + d);
+    let slots_in_span = (plan.span / per).max(1);
+    let mut rng = plan.seed | 1;
+    let mut next_lba = 0u64;
+    let mut issued = 0u64;
+    let mut busy = 0usize;
+    let mut st = PhaseStats {
+        op: plan.op,
+        requests: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        hist: Histogram::new(),
+        retransmits: 0,
+        checked_sectors: 0,
+        bad_sectors: 0,
+        first_bad: None,
+        interrupted: false,
+    };
+    let mut last_reply = start;
+    let mut last_activity = start;
+    let mut next_scan = start;
+    let mut next_progress = start + Duration::from_secs(1);
+    let end = loop {
+        let mut now = Instant::now();
+        if stop.load(Ordering::Relaxed) {
+            st.interrupted = true;
+            break now;
+        }
+        if deadline.is_some_and(|d| now >= d) {
+            break deadline.unwrap_or(now);
+        }
+        // Issue new requests into free slots.
+        while plan.limit.is_none_or(|l| issued < l) {
+            let Some(i) = free.pop() else { break };
+            let (lba, count) = if plan.random {
+                let lba = (next_rand(&mut rng) % slots_in_span) * per;
+                (lba, per.min(plan.span - lba))
+            } else {
+                let lba = next_lba;
+                let count = per.min(plan.span - lba);
+                next_lba = (lba + count) % plan.span;
+                (lba, count)
+            };
+            let count = plan.limit.map_or(count, |l| count.min(l - issued));
+            issued += count;
+            let i = usize::from(i);
+            let s = &mut slots[i];
+            s.busy = true;
+            s.lba = lba;
+            // count <= per <= 255.
+            s.count = count as u8;
+            s.tries = 0;
+            s.gen = s.gen.wrapping_add(1);
+            let data_len = if write { count as usize * SECTOR } else { 0 };
+            s.len = (ATA_HEADER_LEN + data_len).max(MIN_FRAME);
+            let mut f = Frame::new_checked(&mut arena[i * stride..(i + 1) * stride])?;
+            f.set_tag(Tag(tag(i, s.gen)));
+            let mut ata = AtaPacket::new_checked(f.payload_mut())?;
+            ata.set_sector_count(s.count);
+            ata.set_lba(lba);
+            if write {
+                pattern::fill(&mut ata.data_mut()[..data_len], lba, plan.stamp);
+            }
+            pending.push_back(i as u16);
+            busy += 1;
+        }
+        if busy == 0 {
+            break now;
+        }
+        // Send what is pending, in batches.
+        while !pending.is_empty() {
+            let k = pending.len().min(BATCH);
+            let mut refs: [&[u8]; BATCH] = [&[]; BATCH];
+            for (r, &i) in refs.iter_mut().zip(pending.iter()) {
+                let i = usize::from(i);
+                *r = &arena[i * stride..i * stride + slots[i].len];
+            }
+            let n = match peer.sock.send_batch(&refs[..k]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e.into()),
+            };
+            let sent_at = Instant::now();
+            for i in pending.drain(..n) {
+                let s = &mut slots[usize::from(i)];
+                if s.tries == 0 {
+                    s.first = sent_at;
+                }
+                s.sent = sent_at;
+            }
+            if n < k {
+                break;
+            }
+        }
+        // Receive and complete.
+        let n = peer.sock.recv_batch(&mut batch)?;
+        if n > 0 {
+            now = Instant::now();
+        }
+        for k in 0..n {
+            let f = batch.frame(k);
+            let Ok(fr) = Frame::new_checked(f) else {
+                continue;
+            };
+            if !fr.is_response() || fr.command() != AoeCommand::Ata || fr.target() != peer.addr {
+                continue;
+            }
+            let Ok(ata) = AtaPacket::new_checked(fr.payload()) else {
+                continue;
+            };
+            let tg = fr.tag().0;
+            let i = (tg & 0xffff) as usize;
+            if tg & Tag::USER_BIT == 0 || i >= slots.len() {
+                continue;
+            }
+            let s = &mut slots[i];
+            // How many sends ago the answered one was: a reply to an earlier send of the same
+            // request (same LBA, same data) completes it as well as the newest would.
+            let age = u32::from(s.gen.wrapping_sub((tg >> 16) as u16) & 0x7fff);
+            if !s.busy || age > s.tries {
+                // A reply to an earlier request of this slot, long since completed.
+                continue;
+            }
+            if fr.is_error() {
+                bail!(
+                    "{} answered AoE error {} to the request for LBA {}",
+                    peer.addr,
+                    fr.error(),
+                    s.lba
+                );
+            }
+            if ata.cmd_status() & ATA_FAILED != 0 {
+                bail!(
+                    "{} answered ATA status {:#04x} error {:#04x} for LBA {}",
+                    peer.addr,
+                    ata.cmd_status(),
+                    ata.err_feature(),
+                    s.lba
+                );
+            }
+            let bytes = usize::from(s.count) * SECTOR;
+            if !write {
+                let wire = batch.wire_len(k);
+                if wire < ATA_HEADER_LEN + bytes {
+                    bail!(
+                        "{} answered a {}-sector read with {} bytes of data",
+                        peer.addr,
+                        s.count,
+                        wire - ATA_HEADER_LEN
+                    );
+                }
+                if plan.check {
+                    let Some(data) = f.get(ATA_HEADER_LEN..ATA_HEADER_LEN + bytes) else {
+                        bail!("a {wire}-byte reply from {} did not fit the MTU", peer.addr);
+                    };
+                    let (bad, first) = pattern::check(data, s.lba, plan.stamp);
+                    st.checked_sectors += u64::from(s.count);
+                    st.bad_sectors += bad;
+                    if st.first_bad.is_none() {
+                        st.first_bad = first;
+                    }
+                }
+            }
+            if age == 0 {
+                rto.sample(now.saturating_duration_since(s.sent));
+            } else if age == s.tries {
+                rto.sample(now.saturating_duration_since(s.first));
+            }
+            st.hist
+                .record(now.saturating_duration_since(s.first).as_nanos() as u64);
+            st.requests += 1;
+            st.bytes += bytes as u64;
+            s.busy = false;
+            busy -= 1;
+            free.push(i as u16);
+        }
+        if n > 0 {
+            last_reply = now;
+            last_activity = now;
+        }
+        // Retransmit what waited too long, under a new generation so a late reply to the
+        // old send is recognised as stale. Only once the receive queue is drained (a short
+        // batch): after the generator itself was descheduled, the replies still queued are
+        // not losses.
+        if n < BATCH && now >= next_scan {
+            for (i, s) in slots.iter_mut().enumerate() {
+                if s.busy && s.sent <= now && now - s.sent > rto.timeout(s.tries) {
+                    if pending.contains(&(i as u16)) {
+                        continue;
+                    }
+                    s.tries += 1;
+                    s.gen = s.gen.wrapping_add(1);
+                    Frame::new_checked(&mut arena[i * stride..(i + 1) * stride])?
+                        .set_tag(Tag(tag(i, s.gen)));
+                    pending.push_back(i as u16);
+                    st.retransmits += 1;
+                }
+            }
+            next_scan = now + (rto.timeout(0) / 4).min(Duration::from_millis(1));
+            if now - last_reply > t.dead {
+                bail!(
+                    "{} stopped answering: no reply for {:.1} s with {} requests in flight",
+                    peer.addr,
+                    t.dead.as_secs_f64(),
+                    busy
+                );
+            }
+        }
+        if now >= next_progress {
+            progress(&Progress {
+                elapsed: now - start,
+                bytes: st.bytes,
+                requests: st.requests,
+                retransmits: st.retransmits,
+            });
+            next_progress += Duration::from_secs(1);
+        }
+        if n > 0 || !pending.is_empty() || now - last_activity < t.spin {
+            continue;
+        }
+        // Idle: sleep until a reply arrives or the next retransmit scan is due.
+        let mut fds = [PollFd::new(peer.sock.as_raw_fd())];
+        let wake = deadline.map_or(next_scan, |d| d.min(next_scan));
+        aoe_sys::poll(&mut fds, Some(wake.saturating_duration_since(now)))?;
+        last_activity = Instant::now();
+    };
+    st.elapsed = end.saturating_duration_since(start);
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_carry_slot_and_generation() {
+        let t = tag(513, 0x8123);
+        assert_eq!(t & 0xffff, 513);
+        assert_eq!((t >> 16) & 0x7fff, 0x0123);
+        assert_ne!(t & Tag::USER_BIT, 0);
+    }
+
+    #[test]
+    fn rto_follows_rtt_with_floor_and_backoff() {
+        let mut r = Rto {
+            srtt: 0.0,
+            rttvar: 0.0,
+            min: 0.001,
+        };
+        assert_eq!(r.timeout(0), Duration::from_millis(50));
+        for _ in 0..50 {
+            r.sample(Duration::from_micros(100));
+        }
+        assert_eq!(r.timeout(0), Duration::from_millis(1));
+        assert_eq!(r.timeout(2), Duration::from_millis(4));
+        assert_eq!(r.timeout(30), Duration::from_secs_f64(0.064));
+        for _ in 0..50 {
+            r.sample(Duration::from_millis(10));
+        }
+        assert!(r.timeout(0) > Duration::from_millis(10));
+    }
+}
