@@ -75,21 +75,54 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         None => None,
         Some(s) => Some(resolve_nbd_tcp(s, a.nbd_tcp_any)?),
     };
-    aoe_initiator::run(
-        aoe_initiator::Options {
-            root: a.root,
-            iflist,
-            deadsecs: a.deadsecs,
-            maxout: a.maxout,
-            loop_devices: a.loop_devices,
-            nbd: aoe_initiator::nbd::NbdOptions {
-                unix: a.nbd,
-                tcp: nbd_tcp,
-            },
-        },
-        stop,
-        force,
-    )
+    let opts = aoe_initiator::Options {
+        root: a.root,
+        iflist,
+        deadsecs: a.deadsecs,
+        maxout: a.maxout,
+        loop_devices: a.loop_devices,
+    };
+    let nbd = aoe_nbd::NbdOptions {
+        unix: a.nbd,
+        tcp: nbd_tcp,
+    };
+    serve(&opts, &nbd, &stop, &force)
+}
+
+/// Runs the initiator with its front-ends until stopped (see [`aoe_initiator::Initiator::wait`]):
+/// the FUSE files at `opts.root`, NBD exports where `nbd` says. On stop: the NBD listeners
+/// go, I/O still in flight fails, blocked `err` readers get EINTR, ROOT is unmounted.
+fn serve(
+    opts: &aoe_initiator::Options,
+    nbd: &aoe_nbd::NbdOptions,
+    stop: &AtomicBool,
+    force: &AtomicBool,
+) -> Result<()> {
+    opts.check()?;
+    aoe_fuse::prepare_root(&opts.root)?;
+    let init = aoe_initiator::Initiator::start(opts)?;
+    let mount = aoe_fuse::mount(&opts.root, init.shared(), init.handle())?;
+    let nbd_server = if nbd.unix.is_some() || nbd.tcp.is_some() {
+        match aoe_nbd::start(nbd, init.shared(), init.handle()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                init.shutdown();
+                mount.unmount();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(root = %opts.root.display(), "initiator running");
+    init.wait(stop, force);
+    tracing::info!("stopping");
+    if let Some(s) = nbd_server {
+        s.stop();
+    }
+    init.shutdown();
+    mount.unmount();
+    Ok(())
 }
 
 /// Resolves `--nbd-tcp ADDR:PORT` (a name such as `localhost:10809` too) and refuses an

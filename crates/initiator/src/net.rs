@@ -13,8 +13,8 @@ use aoe_sys::{EventFd, PacketSocket, PollFd};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::blockdev::rangelock::RangeLocks;
 use crate::partition::{self, Partition};
-use crate::rangelock::RangeLocks;
 
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
@@ -68,13 +68,21 @@ pub struct Shared {
     /// Diagnostic lines not yet read from `err` (at most [`ERR_LINES`]).
     pub err: VecDeque<String>,
     /// Readers of `err` waiting for a line, with their process IDs.
-    pub err_waiters: Vec<(u32, fuser::ReplyData)>,
+    pub err_waiters: Vec<(u32, Box<dyn ErrWaiter>)>,
     /// Opens of device (partition 0) and partition files through FUSE, by (device,
     /// partition); a `--loop` device holds one open of its `eX.Y`. What [`crate::in_use`]
     /// counts when asked to stop.
     pub open_files: BTreeMap<(TargetAddr, u32), u32>,
     /// NBD clients in transmission, by export name.
     pub nbd_clients: BTreeMap<String, u32>,
+}
+
+/// A reader blocked on the `err` control file (a FUSE read, in `aoe-fuse`), answered once.
+pub trait ErrWaiter: Send {
+    /// Answers the read with a diagnostic line.
+    fn line(self: Box<Self>, line: &[u8]);
+    /// Answers the read with EINTR (its process has a signal pending, or the daemon stops).
+    fn interrupted(self: Box<Self>);
 }
 
 /// Lines `err` keeps, like the driver's ring of 100 messages.
@@ -87,7 +95,7 @@ impl Shared {
         let mut line = line;
         line.push('\n');
         if let Some((_, w)) = self.err_waiters.pop() {
-            w.data(line.as_bytes());
+            w.line(line.as_bytes());
             return;
         }
         if self.err.len() >= ERR_LINES {
@@ -106,7 +114,7 @@ impl Shared {
         while i < self.err_waiters.len() {
             if signal_pending(self.err_waiters[i].0) {
                 let (_, w) = self.err_waiters.swap_remove(i);
-                w.error(fuser::Errno::EINTR);
+                w.interrupted();
             } else {
                 i += 1;
             }

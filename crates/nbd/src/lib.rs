@@ -15,14 +15,17 @@
 //! matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
-//! byte-granular reads and writes over 512-byte sectors are in [`blockio`].
+//! byte-granular reads and writes over 512-byte sectors go through the initiator's
+//! block-device handle, [`aoe_initiator::blockdev`].
 //!
 //! A device that goes down fails the requests in flight on it with EIO (after the
 //! engine's `deadsecs`), new requests fail at once, and it disappears from `NBD_OPT_LIST`
 //! and `NBD_OPT_GO`; when it comes back, existing connections work again and it is listed
 //! again. A misbehaving client only ever loses its own connection.
 
-pub mod blockio;
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod proto;
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -36,7 +39,8 @@ use anyhow::{Context, Result};
 use aoe_proto::initiator::DeviceState;
 use aoe_wire::TargetAddr;
 
-use crate::net::{lock, Handle, Shared};
+use aoe_initiator::blockdev;
+use aoe_initiator::net::{lock, Handle, Shared};
 use proto::{
     BlockSizes, Command, Export, Exports, Handshake, OptionHeader, Request, Session, Step,
 };
@@ -273,7 +277,7 @@ fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()>
 }
 
 /// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
-/// lives (so the daemon does not stop under it on SIGTERM, see [`crate::in_use`]).
+/// lives (so the daemon does not stop under it on SIGTERM, see [`aoe_initiator::in_use`]).
 struct Client {
     shared: Arc<Mutex<Shared>>,
     export: String,
@@ -478,7 +482,7 @@ fn requests(
             Command::Read { offset, len } => {
                 inflight.acquire(bytes);
                 let s = session.clone();
-                blockio::read(
+                blockdev::read(
                     net,
                     dev,
                     base,
@@ -497,18 +501,18 @@ fn requests(
                 r.read_exact(&mut data)?;
                 inflight.acquire(bytes);
                 let done =
-                    blockio::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
-                blockio::write(net, dev, base, offset, data, done);
+                    blockdev::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
+                blockdev::write(net, dev, base, offset, data, done);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(bytes);
                 let done =
-                    blockio::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
-                blockio::write_zeroes(net, dev, base, offset, u64::from(len), done);
+                    blockdev::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
+                blockdev::write_zeroes(net, dev, base, offset, u64::from(len), done);
             }
             Command::Flush => {
                 inflight.acquire(bytes);
-                blockio::flush(net, dev, Box::new(move |res| reply(status(res))));
+                blockdev::flush(net, dev, Box::new(move |res| reply(status(res))));
             }
         }
     }

@@ -1,22 +1,25 @@
-//! Byte-granular I/O on a 512-byte-sector AoE device, on top of [`Handle::io`]: reads of
+//! The block-device handle every front-end uses: byte-granular I/O on a 512-byte-sector AoE
+//! device, on top of [`Handle::io`]: reads of
 //! any offset and length (read the covering sectors and slice), writes of any offset and
 //! length (read-modify-write of the partial first and last sectors), writes of zeros, and
 //! flush. Every function is asynchronous: it submits and returns, and `done` runs later on
-//! the network thread. Both front-ends use them: the NBD server and the FUSE device files
-//! (`fs.rs`).
+//! the network thread. The front-ends use them: the NBD server (`aoe-nbd`) and the FUSE
+//! device files (`aoe-fuse`); another (ublk) would too.
 //!
 //! Every read and write holds its covering sectors in the daemon's
-//! [`RangeLocks`](crate::rangelock::RangeLocks) until it completes: shared when aligned,
+//! [`RangeLocks`](rangelock::RangeLocks) until it completes: shared when aligned,
 //! exclusive for a read-modify-write (from the read of the partial sectors to the end of
 //! the write back), so two unaligned writes to different bytes of one sector, through any
 //! mix of device files, partition files and NBD exports, both land (what the kernel's page
 //! cache guarantees above a real block device).
 
+pub mod rangelock;
+
 use aoe_proto::initiator::BlockOp;
 use aoe_wire::TargetAddr;
 
 use crate::net::Handle;
-use crate::rangelock::Mode;
+use rangelock::Mode;
 
 /// Sector size of every AoE device.
 pub const SECTOR: u64 = 512;

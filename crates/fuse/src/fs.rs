@@ -25,8 +25,8 @@ use fuser::{
     Request, WriteFlags,
 };
 
-use crate::nbd::blockio;
-use crate::net::{lock, Cmd, DevEntry, Handle, Shared};
+use aoe_initiator::blockdev;
+use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
 const ROOT: u64 = 1;
 const DISCOVER: u64 = 2;
@@ -90,6 +90,18 @@ fn ino(n: Node) -> u64 {
         Node::Dev(a, p) => DEV_BASE + (key(a) << 16) + u64::from(p),
         Node::DevDir(a) => DEVDIR_BASE + (key(a) << 8),
         Node::Attr(a, i) => ATTR_BASE + (key(a) << 8) + i as u64,
+    }
+}
+
+/// A FUSE read of `err` waiting for a line.
+struct ErrReply(ReplyData);
+
+impl ErrWaiter for ErrReply {
+    fn line(self: Box<Self>, line: &[u8]) {
+        self.0.data(line);
+    }
+    fn interrupted(self: Box<Self>) {
+        self.0.error(fuser::Errno::EINTR);
     }
 }
 
@@ -412,7 +424,7 @@ impl Filesystem for AoeFs {
                 match s.err.pop_front() {
                     Some(line) => reply.data(line.as_bytes()),
                     // Blocks until a line arrives, like `cat /dev/etherd/err`.
-                    None => s.err_waiters.push((req.pid(), reply)),
+                    None => s.err_waiters.push((req.pid(), Box::new(ErrReply(reply)))),
                 }
             }
             Some(Node::Fixed(INTERFACES)) => {
@@ -553,7 +565,7 @@ impl AoeFs {
     }
 
     /// A read of a device or partition file: the covering sectors, sliced
-    /// ([`blockio::read`], which holds them shared against a read-modify-write).
+    /// ([`blockdev::read`], which holds them shared against a read-modify-write).
     fn read_dev(&self, a: TargetAddr, p: u32, offset: u64, size: u32, reply: ReplyData) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
@@ -564,7 +576,7 @@ impl AoeFs {
             return reply.data(&[]);
         }
         let want = (size as u64).min(end - offset) as usize;
-        blockio::read(
+        blockdev::read(
             &self.net,
             a,
             start,
@@ -578,7 +590,7 @@ impl AoeFs {
     }
 
     /// A write to a device or partition file at any offset and length
-    /// ([`blockio::write`]: the partial sectors of an unaligned write are read, patched and
+    /// ([`blockdev::write`]: the partial sectors of an unaligned write are read, patched and
     /// written back under an exclusive hold of the covering sectors, shared with the NBD
     /// server, so concurrent writers to one sector through any file or export all land).
     fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
@@ -593,7 +605,7 @@ impl AoeFs {
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
         let written = n as u32;
-        blockio::write(
+        blockdev::write(
             &self.net,
             a,
             start,
