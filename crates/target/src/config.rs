@@ -1,7 +1,6 @@
 //! Target configuration: vblade-style arguments or a TOML file with any number of exports.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -68,17 +67,87 @@ pub struct ServeConfig {
     pub probe: Duration,
 }
 
-/// A configuration that cannot run, with a message naming the problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A configuration that cannot run: one variant per cause, each the operator's to fix (the
+/// file, its path, or the `aoe serve` arguments).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Not TOML, or a key or value the format does not have (the TOML parser's message),
+    /// at a 1-based line and column when the parser names a place.
+    #[error("{}{}: {message}", origin.display(), at.map_or(String::new(), |(l, c)| format!(":{l}:{c}")))]
+    Syntax {
+        /// The file.
+        origin: PathBuf,
+        /// Line and column, 1-based.
+        at: Option<(usize, usize)>,
+        /// What is wrong.
+        message: String,
+    },
+    /// An `allowed_macs` entry that is not a MAC address.
+    #[error("{}: export #{export}: {error}", origin.display())]
+    BadMac {
+        /// The file.
+        origin: PathBuf,
+        /// The export's position in the file, 1-based.
+        export: usize,
+        /// The parse error.
+        error: aoe_wire::ParseMacError,
+    },
+    /// No export at all.
+    #[error("no exports configured")]
+    NoExports,
+    /// `workers = 0`.
+    #[error("workers must be at least 1")]
+    NoWorkers,
+    /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
+    #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
+    BroadcastShelf(u16),
+    /// Slot 0xff is the broadcast slot (AoEr11 section 2.1).
+    #[error("slot {0} is the broadcast slot and cannot be exported (use 0-254)")]
+    BroadcastSlot(u8),
+    /// An export with an empty interface list.
+    #[error("{0}: no interfaces given")]
+    NoInterfaces(TargetAddr),
+    /// `buffer_count = 0`: no request could ever be taken.
+    #[error("{0}: buffer count must be at least 1")]
+    NoBuffers(TargetAddr),
+    /// One shelf.slot twice on one interface.
+    #[error("{addr} is exported twice on interface {interface}")]
+    ExportedTwice {
+        /// The address.
+        addr: TargetAddr,
+        /// The interface.
+        interface: String,
+    },
+    /// A check of [`ServeConfig::check_static`] failed for a file.
+    #[error("{}: {error}", origin.display())]
+    In {
+        /// The file.
+        origin: PathBuf,
+        /// The failed check.
+        error: Box<ConfigError>,
+    },
 }
 
-impl std::error::Error for ConfigError {}
+/// The 1-based line and column of byte `pos` in `text`.
+fn line_column(text: &str, pos: usize) -> (usize, usize) {
+    let mut end = pos.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,8 +192,11 @@ impl ServeConfig {
     /// Parses a TOML configuration (see the README for the format). Relative paths are taken
     /// from the directory of `origin`.
     pub fn from_toml(text: &str, origin: &Path) -> Result<ServeConfig, ConfigError> {
-        let f: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("{}: {}", origin.display(), e.message())))?;
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_path_buf(),
+            at: e.span().map(|r| line_column(text, r.start)),
+            message: e.message().to_string(),
+        })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         let mut exports = Vec::new();
         for (i, e) in f.exports.into_iter().enumerate() {
@@ -132,8 +204,10 @@ impl ServeConfig {
                 .allowed_macs
                 .iter()
                 .map(|m| {
-                    m.parse::<MacAddr>().map_err(|err| {
-                        ConfigError(format!("{}: export #{}: {err}", origin.display(), i + 1))
+                    m.parse::<MacAddr>().map_err(|error| ConfigError::BadMac {
+                        origin: origin.to_path_buf(),
+                        export: i + 1,
+                        error,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -161,15 +235,19 @@ impl ServeConfig {
                 .probe_ms
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
         };
-        cfg.check_static()
-            .map_err(|e| ConfigError(format!("{}: {e}", origin.display())))?;
+        cfg.check_static().map_err(|e| ConfigError::In {
+            origin: origin.to_path_buf(),
+            error: Box::new(e),
+        })?;
         Ok(cfg)
     }
 
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
         Self::from_toml(&text, path)
     }
 
@@ -178,37 +256,32 @@ impl ServeConfig {
     /// shelf.slot exported twice on one interface.
     pub fn check_static(&self) -> Result<(), ConfigError> {
         if self.exports.is_empty() {
-            return Err(ConfigError("no exports configured".into()));
+            return Err(ConfigError::NoExports);
         }
         if self.workers == 0 {
-            return Err(ConfigError("workers must be at least 1".into()));
+            return Err(ConfigError::NoWorkers);
         }
         let mut seen = HashSet::new();
         for e in &self.exports {
             let a = e.addr();
             if e.shelf == TargetAddr::BROADCAST_SHELF {
-                return Err(ConfigError(format!(
-                    "shelf {} is the broadcast shelf and cannot be exported (use 0-65534)",
-                    e.shelf
-                )));
+                return Err(ConfigError::BroadcastShelf(e.shelf));
             }
             if e.slot == TargetAddr::BROADCAST_SLOT {
-                return Err(ConfigError(format!(
-                    "slot {} is the broadcast slot and cannot be exported (use 0-254)",
-                    e.slot
-                )));
+                return Err(ConfigError::BroadcastSlot(e.slot));
             }
             if e.interfaces.is_empty() {
-                return Err(ConfigError(format!("{a}: no interfaces given")));
+                return Err(ConfigError::NoInterfaces(a));
             }
             if e.buffer_count == 0 {
-                return Err(ConfigError(format!("{a}: buffer count must be at least 1")));
+                return Err(ConfigError::NoBuffers(a));
             }
             for i in &e.interfaces {
                 if !seen.insert((a, i.clone())) {
-                    return Err(ConfigError(format!(
-                        "{a} is exported twice on interface {i}"
-                    )));
+                    return Err(ConfigError::ExportedTwice {
+                        addr: a,
+                        interface: i.clone(),
+                    });
                 }
             }
         }
@@ -285,5 +358,39 @@ mod tests {
             err(&base("").replace("interfaces = [\"x\"]", "interfaces = []"))
                 .contains("no interfaces")
         );
+    }
+
+    /// Issue 10: a config error is data, one variant per cause, and a TOML error names its
+    /// line and column (here the unknown key on line 6).
+    #[test]
+    fn config_errors_are_typed_with_line_and_column() {
+        let text =
+            "[[export]]\npath = \"a\"\nshelf = 1\nslot = 1\ninterfaces = [\"x\"]\nbogus = 1\n";
+        let e = ServeConfig::from_toml(text, Path::new("/c.toml")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Syntax {
+                    at: Some((6, 1)),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("/c.toml:6:1: "), "{e}");
+        let e = ServeConfig::from_toml(
+            &text.replace("bogus = 1\n", "buffer_count = 0\n"),
+            Path::new("/c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::In { error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "/c.toml: e1.1: buffer count must be at least 1"
+        );
+        assert_eq!(line_column("a\nbé\nc", 5), (2, 3));
     }
 }

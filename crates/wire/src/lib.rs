@@ -35,7 +35,7 @@ pub mod reserve;
 pub use ata::{AtaCommand, AtaFlags, AtaPacket, AtaRepr};
 pub use config::{ConfigCommand, ConfigPacket, ConfigRepr, MAX_CONFIG_LEN};
 pub use error::{Error, Result};
-pub use ethernet::MacAddr;
+pub use ethernet::{MacAddr, ParseMacError};
 pub use header::{Command, ErrorCode, Frame, HeaderRepr, Tag, TargetAddr};
 pub use identify::{Identify, IdentifyInfo};
 pub use macmask::{
