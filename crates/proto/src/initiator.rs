@@ -273,6 +273,7 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline or
     /// the discovery beacon. `None` if nothing is pending.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         match (frames, self.next_discover) {
@@ -285,6 +286,7 @@ impl Engine {
     /// bytes) and says on which interface to send it. Call until `None` after every other
     /// call. A frame that does not fit `buf` is dropped, counted, and recovered by
     /// retransmission.
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.touch(now);
         while let Some((iface, frame)) = self.transmit.pop_front() {
@@ -302,6 +304,7 @@ impl Engine {
     }
 
     /// The next event, if any. Drain after every call.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

@@ -19,6 +19,34 @@ pub use pool::{Done, Job, Op, Pool};
 
 use std::io;
 
+/// Why a store operation failed, sorted by what the reply to the initiator must say (the
+/// target daemon maps it to an ATA status in one function, `ata_failure`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The medium failed (EIO): the disk's fault, reported as an uncorrectable error.
+    #[error("medium error: {0}")]
+    Medium(io::Error),
+    /// The backing file ended before the range (shrunk under the export): the operator's.
+    #[error("short read: {0}")]
+    ShortRead(io::Error),
+    /// Anything else (ENOSPC, EROFS, a range past the end, ...): the command is aborted.
+    #[error("{0}")]
+    Other(io::Error),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> StoreError {
+        if e.raw_os_error() == Some(libc::EIO) {
+            StoreError::Medium(e)
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            StoreError::ShortRead(e)
+        } else {
+            StoreError::Other(e)
+        }
+    }
+}
+
 /// A byte-addressed store an export reads and writes.
 ///
 /// Implementations are shared between worker threads, so methods take `&self` and must be

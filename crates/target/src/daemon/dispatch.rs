@@ -35,8 +35,9 @@ impl Daemon {
                     Ok(false) => None,
                     Ok(true) => Some(Ok(())),
                     Err(e) => {
+                        let e = StoreError::from(e);
                         tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
-                        Some(Err(io_failure(&e)))
+                        Some(Err(ata_failure(&e)))
                     }
                 };
                 if let Some(result) = result {
@@ -95,8 +96,9 @@ impl Daemon {
             return;
         };
         let result = done.result.map_err(|e| {
+            let e = StoreError::from(e);
             tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
-            io_failure(&e)
+            ata_failure(&e)
         });
         let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
         match rt.engine.complete(token, result, &mut buf) {
@@ -121,13 +123,40 @@ impl Daemon {
     }
 }
 
-/// How an I/O error shows in the ATA reply: EIO and a short read are medium errors (UNC),
-/// everything else aborts the command.
-pub(super) fn io_failure(e: &io::Error) -> IoFailure {
-    const EIO: i32 = 5;
-    if e.raw_os_error() == Some(EIO) || e.kind() == io::ErrorKind::UnexpectedEof {
-        IoFailure::Medium
-    } else {
-        IoFailure::Aborted
+/// How a store error shows in the ATA reply (the one place, as rust-vmm virtio-blk's
+/// `Error::status()`): a medium error (EIO) and a short read are uncorrectable (UNC, what a
+/// disk reports for an unreadable sector), everything else aborts the command (ABRT).
+pub(super) fn ata_failure(e: &StoreError) -> IoFailure {
+    match e {
+        StoreError::Medium(_) | StoreError::ShortRead(_) => IoFailure::Medium,
+        _ => IoFailure::Aborted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10: store errors are typed once and mapped to the ATA reply in one function.
+    #[test]
+    fn store_errors_map_to_ata_failures() {
+        let of = |e: io::Error| ata_failure(&StoreError::from(e));
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::EIO)),
+            IoFailure::Medium
+        );
+        assert_eq!(of(io::ErrorKind::UnexpectedEof.into()), IoFailure::Medium);
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::ENOSPC)),
+            IoFailure::Aborted
+        );
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::EROFS)),
+            IoFailure::Aborted
+        );
+        assert!(matches!(
+            StoreError::from(io::Error::from_raw_os_error(libc::EIO)),
+            StoreError::Medium(_)
+        ));
     }
 }
