@@ -267,21 +267,7 @@ fn ext4_mounted_on_loop() -> (Rig, String, PathBuf) {
         rig.logs()
     );
     let lo = loops[0].clone();
-    run_ok(Command::new("timeout").args([
-        "-k",
-        "5",
-        "60",
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-E",
-        "nodiscard",
-        &lo,
-    ]));
-    let mnt = rig.dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
-    rig.mounts.push(mnt.clone());
+    let mnt = mkfs_and_mount(&mut rig, &lo, &[]);
     (rig, lo, mnt)
 }
 

@@ -222,23 +222,7 @@ fn ext4_over_loop(kind: Target, mtu: u32) {
     assert_eq!(loops.len(), 1, "loop devices over ROOT: {loops:?}");
     let lo = loops[0].clone();
 
-    run_ok(Command::new("timeout").args([
-        "-k",
-        "5",
-        "60",
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-E",
-        "nodiscard",
-        "-L",
-        "aoeit",
-        &lo,
-    ]));
-    let mnt = rig.dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
-    rig.mounts.push(mnt.clone());
+    let mnt = mkfs_and_mount(&mut rig, &lo, &["-L", "aoeit"]);
 
     let files: Vec<(String, Vec<u8>)> = [(1usize << 20), 4097, 5 << 20, 1]
         .iter()

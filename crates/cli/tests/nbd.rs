@@ -34,7 +34,7 @@ enum Target {
 
 fn require_tools() {
     require_root();
-    for (tool, pkg) in [
+    aoe_testkit::require_tools(&[
         ("nbdinfo", "libnbd-bin"),
         ("nbdcopy", "libnbd-bin"),
         ("qemu-io", "qemu-utils"),
@@ -42,16 +42,7 @@ fn require_tools() {
         ("vblade", "vblade"),
         ("fusermount3", "fuse3"),
         ("nsenter", "util-linux"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "`{tool}` not found: install {pkg} (scripts/install-deps.sh)"
-        );
-    }
+    ]);
 }
 
 /// Deterministic bytes, different per `seed`.

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+use aoe_testkit::{require_root, require_tools, wait_until, Netns, NsChild, VethPair};
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 const SHELF: u16 = 7;
@@ -44,21 +44,6 @@ const PAD: &str = "-0123456789abcdef0123456789abcdef";
 
 // ------------------------------------------------------------------------------------------
 // Preconditions
-
-/// Fails (never skips) unless every tool is on PATH.
-fn require_tools(tools: &[(&str, &str)]) {
-    for (tool, package) in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "peer tool `{tool}` not found on PATH: install Debian package {package} \
-             (scripts/install-deps.sh installs every peer these tests use)"
-        );
-    }
-}
 
 fn require_peers() {
     require_root();

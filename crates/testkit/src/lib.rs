@@ -75,6 +75,22 @@ pub fn require_root() {
     );
 }
 
+/// Fails (never skips) unless every `(tool, Debian package)` is on PATH, naming the package
+/// to install (`scripts/install-deps.sh` installs everything the tests use).
+pub fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, package) in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` not found on PATH: install Debian package {package} \
+             (scripts/install-deps.sh installs everything these tests use)"
+        );
+    }
+}
+
 /// Calls `f` every 10 ms until it returns true or `timeout` has passed. Returns whether it
 /// did return true (it is always called at least once, and once more at the deadline).
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -658,3 +658,22 @@ impl Rig {
         run_ok(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]));
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Structure (issue 10): helpers the initiator test files shared as copies
+
+/// Makes ext4 on the loop device `lo` (`mkfs.ext4 -q -F -E nodiscard` plus `extra`, under a
+/// 60 s timeout) and mounts it at `DIR/mnt`, which the rig unmounts when dropped.
+pub fn mkfs_and_mount(rig: &mut Rig, lo: &str, extra: &[&str]) -> PathBuf {
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "mkfs.ext4", "-q", "-F", "-E", "nodiscard"])
+            .args(extra)
+            .arg(lo),
+    );
+    let mnt = rig.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+    mnt
+}
