@@ -654,7 +654,7 @@ mod tests {
 
     /// Issue 9, item 2: after a failed fdatasync every later FLUSH and write fails with EIO,
     /// also once the store works again; reads go on; clearing it serves writes again. The
-    /// failure is injected here; crates/store/tests/integrity.rs makes a real one with FUSE.
+    /// failure is injected here; crates/aoe-store/tests/integrity.rs makes a real one with FUSE.
     #[test]
     fn a_flush_failure_is_latched() {
         let f = file_of(16 * 512);

@@ -305,7 +305,7 @@ fn lba28_write_and_flush_encoding() {
 }
 
 /// Regression: vblade advertises LBA48 and FLUSH CACHE but not FLUSH CACHE EXT (word 83 =
-/// 0x5400, captured in `crates/wire/testdata/captures.txt`) and aborts 0xEA, so every fsync
+/// 0x5400, captured in `crates/aoe-wire/testdata/captures.txt`) and aborts 0xEA, so every fsync
 /// through the initiator failed with EIO against it. FLUSH CACHE EXT is sent only when
 /// advertised, as libata does.
 #[test]
