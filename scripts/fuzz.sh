@@ -17,12 +17,12 @@ cargo build --release --manifest-path fuzz/Cargo.toml --bins -q --target "$host"
 for t in "${targets[@]}"; do
     corpus=fuzz/corpus/$t; mkdir -p "$corpus" "fuzz/artifacts/$t"
     # Seed the frame corpus from the captured frames in the wire crate's test data.
-    if { [ "$t" = parse_frame ] || [ "$t" = target_engine ]; } && [ -f crates/wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
+    if { [ "$t" = parse_frame ] || [ "$t" = target_engine ]; } && [ -f crates/aoe-wire/testdata/captures.txt ] && [ -z "$(ls -A "$corpus")" ]; then
         python3 - "$corpus" "$t" <<'PY'
 import sys, os, re
 out, target = sys.argv[1], sys.argv[2]
 frames, cur = [], []
-for line in open("crates/wire/testdata/captures.txt"):
+for line in open("crates/aoe-wire/testdata/captures.txt"):
     line = line.strip()
     if line.startswith("=="):
         if cur: frames.append(bytes(cur))

@@ -1,5 +1,5 @@
 //! Any bytes as what an NBD client sends during the fixed newstyle handshake, fed to the
-//! initiator's server side (`aoe_initiator::nbd::proto::Handshake`) the way its connection
+//! initiator's server side (`aoe_nbd::proto::Handshake`) the way its connection
 //! loop does: 4 bytes of client flags, then option headers (`IHAVEOPT`, option, length)
 //! each followed by its data; data over `MAX_OPTION_DATA` is skipped and answered with
 //! `too_big`. Never a panic; every byte the server sends before the transmission phase is a
@@ -8,7 +8,7 @@
 //! with its size (NBD spec, "Fixed newstyle negotiation", "Option haggling").
 #![no_main]
 
-use aoe_initiator::nbd::proto::{
+use aoe_nbd::proto::{
     opt, BlockSizes, Export, Exports, Handshake, OptionHeader, Step, MAX_OPTION_DATA,
     OPT_REPLY_MAGIC,
 };

@@ -1,5 +1,5 @@
 //! Any bytes as an NBD client's transmission phase, fed to the initiator's request parser
-//! and checker (`aoe_initiator::nbd::proto::{Request, Session}`) the way its connection loop
+//! and checker (`aoe_nbd::proto::{Request, Session}`) the way its connection loop
 //! does: input = 1 byte of session settings (bit 0: structured replies), 8 bytes of export
 //! size (big-endian), then 28-byte request headers, a write's payload after its header.
 //! Never a panic; a request that passes `check` lies within the export and within the
@@ -8,7 +8,7 @@
 //! "Transmission", "Request types", "Error values", "Block size constraints").
 #![no_main]
 
-use aoe_initiator::nbd::proto::{
+use aoe_nbd::proto::{
     cmd, err, BlockSizes, Command, Export, Request, Session, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
 };

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # capture-frames.sh - capture REAL AoE frames exchanged by third-party peers and
-# write them as annotated hex test vectors (crates/wire/testdata/captures.txt).
+# write them as annotated hex test vectors (crates/aoe-wire/testdata/captures.txt).
 #
 # Peers: vblade (target); aoetools aoecfg, aoeping, aoe-sancheck (initiator side);
 # optionally the Linux kernel aoe initiator in a qemu guest (KERNEL=1 runs a temp
@@ -22,7 +22,7 @@
 # Environment:
 #   MTU=1500            veth MTU
 #   SHELF=7 SLOT=3      AoE address of vblade
-#   OUT=path            vector file (default: <repo>/crates/wire/testdata/captures.txt)
+#   OUT=path            vector file (default: <repo>/crates/aoe-wire/testdata/captures.txt)
 #   KEEP_PCAP=path      keep the aoetools capture (pcapng) there
 #   KERNEL=1            also run the kernel-initiator rig (qemu TCG guest, 2-5 min)
 #   KERNEL_RIG=path     rig to copy (default /work/shared/rigs/kernel-aoe-peer.sh)
@@ -37,7 +37,7 @@ SHELF=${SHELF:-7}
 SLOT=${SLOT:-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-OUT=${OUT:-$REPO/crates/wire/testdata/captures.txt}
+OUT=${OUT:-$REPO/crates/aoe-wire/testdata/captures.txt}
 KERNEL=${KERNEL:-0}
 KERNEL_RIG=${KERNEL_RIG:-/work/shared/rigs/kernel-aoe-peer.sh}
 KERNEL_PCAP=${KERNEL_PCAP:-}

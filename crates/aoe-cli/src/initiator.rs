@@ -1,0 +1,161 @@
+//! `aoe initiator`: the user-space AoE initiator daemon.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+/// Run the AoE initiator: discovery, control files and device files under ROOT.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Control files under ROOT (like the kernel driver's /dev/etherd):\n  \
+discover, interfaces, err, revalidate, flush, eX.Y, eX.YpN, sysfs/block/etherd!eX.Y/*\n\
+aoetools' aoe-stat reads the attributes with sysfs_dir=ROOT/sysfs.\n\n\
+Stopping: like the kernel driver, which cannot be unloaded while a device is in use,\n\
+SIGTERM or SIGINT while a device or partition file is open, a --loop device is in use\n\
+(mounted, ...) or an NBD client is connected does not stop the daemon: it logs what is\n\
+in use, keeps serving, and exits once they are all closed. SIGQUIT (kill -QUIT PID, or\n\
+Ctrl-\\) stops it at once anyway: their I/O fails from then on.\n\
+One daemon per ROOT: a ROOT that is already mounted is refused."
+)]
+pub struct InitiatorArgs {
+    /// Where control and device files appear.
+    #[arg(long, default_value = "/dev/etherd", value_name = "DIR")]
+    root: PathBuf,
+    /// Whitespace-separated interfaces AoE may use (like aoe_iflist); default: all.
+    #[arg(long, value_name = "\"IF ...\"")]
+    iflist: Option<String>,
+    /// Seconds without an answer before a device is down (like aoe_deadsecs); 0 = forever.
+    #[arg(long, default_value_t = 180, value_name = "N")]
+    deadsecs: u64,
+    /// Cap on outstanding frames per target (like aoe_maxout; the driver's code uses 64).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    maxout: u16,
+    /// Attach each device that comes up to a loop device with partition scan.
+    #[arg(long = "loop")]
+    loop_devices: bool,
+    /// Also serve every device that is up (and its partitions) as an NBD export named
+    /// eX.Y / eX.YpN on this Unix socket (qemu, nbd-client, nbdinfo, nbdcopy).
+    #[arg(long, value_name = "SOCKET")]
+    nbd: Option<PathBuf>,
+    /// Also serve NBD on TCP ADDR:PORT; loopback addresses only unless --nbd-tcp-any.
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_tcp: Option<String>,
+    /// Allow --nbd-tcp on a non-loopback address (NBD has no authentication: anyone who
+    /// can reach the port can read and write every AoE disk).
+    #[arg(long, requires = "nbd_tcp")]
+    nbd_tcp_any: bool,
+}
+
+/// Runs `aoe initiator`.
+pub fn run(a: InitiatorArgs) -> Result<()> {
+    // SIGTERM/SIGINT: stop once no device is in use; SIGQUIT: stop now (see the module
+    // doc of aoe_initiator).
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let force = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGQUIT, force.clone())
+        .context("cannot install signal handlers")?;
+    if a.maxout == 0 {
+        anyhow::bail!("--maxout must be at least 1");
+    }
+    let iflist = a
+        .iflist
+        .as_deref()
+        .unwrap_or("")
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let nbd_tcp = match &a.nbd_tcp {
+        None => None,
+        Some(s) => Some(resolve_nbd_tcp(s, a.nbd_tcp_any)?),
+    };
+    let opts = aoe_initiator::Options {
+        root: a.root,
+        iflist,
+        deadsecs: a.deadsecs,
+        maxout: a.maxout,
+        loop_devices: a.loop_devices,
+    };
+    let nbd = aoe_nbd::NbdOptions {
+        unix: a.nbd,
+        tcp: nbd_tcp,
+    };
+    serve(&opts, &nbd, &stop, &force)
+}
+
+/// Runs the initiator with its front-ends until stopped (see [`aoe_initiator::Initiator::wait`]):
+/// the FUSE files at `opts.root`, NBD exports where `nbd` says. On stop: the NBD listeners
+/// go, I/O still in flight fails, blocked `err` readers get EINTR, ROOT is unmounted.
+fn serve(
+    opts: &aoe_initiator::Options,
+    nbd: &aoe_nbd::NbdOptions,
+    stop: &AtomicBool,
+    force: &AtomicBool,
+) -> Result<()> {
+    opts.check()?;
+    aoe_fuse::prepare_root(&opts.root)?;
+    let init = aoe_initiator::Initiator::start(opts)?;
+    let mount = aoe_fuse::mount(&opts.root, init.shared(), init.handle())?;
+    let nbd_server = if nbd.unix.is_some() || nbd.tcp.is_some() {
+        match aoe_nbd::start(nbd, init.shared(), init.handle()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                init.shutdown();
+                mount.unmount();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(root = %opts.root.display(), "initiator running");
+    init.wait(stop, force);
+    tracing::info!("stopping");
+    if let Some(s) = nbd_server {
+        s.stop();
+    }
+    init.shutdown();
+    mount.unmount();
+    Ok(())
+}
+
+/// Resolves `--nbd-tcp ADDR:PORT` (a name such as `localhost:10809` too) and refuses an
+/// address that is not loopback unless `any` (`--nbd-tcp-any`).
+fn resolve_nbd_tcp(s: &str, any: bool) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let addr = s
+        .to_socket_addrs()
+        .with_context(|| format!("--nbd-tcp {s}: not an ADDR:PORT"))?
+        .next()
+        .with_context(|| format!("--nbd-tcp {s}: the name has no address"))?;
+    if !addr.ip().is_loopback() && !any {
+        anyhow::bail!(
+            "--nbd-tcp {s}: {} is not a loopback address; NBD has no authentication, so \
+             add --nbd-tcp-any to serve every AoE disk to the network anyway",
+            addr.ip()
+        );
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_tcp_is_loopback_unless_told_otherwise() {
+        assert!(resolve_nbd_tcp("127.0.0.1:10809", false).is_ok());
+        assert!(resolve_nbd_tcp("[::1]:10809", false).is_ok());
+        let e = resolve_nbd_tcp("0.0.0.0:10809", false).unwrap_err();
+        assert!(e.to_string().contains("--nbd-tcp-any"), "{e}");
+        assert!(resolve_nbd_tcp("192.0.2.1:10809", false).is_err());
+        assert!(resolve_nbd_tcp("0.0.0.0:10809", true).is_ok());
+        assert!(resolve_nbd_tcp("nonsense", false).is_err());
+    }
+}

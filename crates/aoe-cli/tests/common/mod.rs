@@ -1,0 +1,1083 @@
+//! Helpers shared by the integration tests that run `aoe initiator` against a real target
+//! (vblade or `aoe serve`) on a veth link between two namespaces the test creates: the
+//! [`Rig`] (namespaces, link, backing file, target, initiator, ROOT mounted, all undone on
+//! drop), small command runners, and the deterministic data pattern.
+//!
+//! Every test binary that says `mod common;` compiles this file; not every one uses every
+//! helper.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+
+pub const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+pub const SHELF: u16 = 7;
+pub const SLOT: u8 = 3;
+pub const DEV: &str = "e7.3";
+/// Backing file size in sectors: 32 MiB and 3 sectors, so a size rounded to KiB or MiB shows.
+pub const SECTORS: u64 = 32 * 2048 + 3;
+/// Where ROOTs are made: no `p` anywhere in the path (see the module docs).
+pub const ROOTS: &str = "/run/aoeroots";
+/// `--deadsecs` for the tests that kill the target.
+pub const DEADSECS: u64 = 3;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+// ------------------------------------------------------------------------------------------
+// Preconditions and small helpers
+
+/// Fails (never skips) unless every tool is on PATH.
+pub fn require_tools() {
+    require_root();
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("losetup", "util-linux"),
+        ("timeout", "coreutils"),
+        ("sha256sum", "coreutils"),
+        ("fusermount3", "fuse3"),
+        ("vblade", "vblade"),
+        ("aoe-stat", "aoetools"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("fsck.ext4", "e2fsprogs"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` not found on PATH: install Debian package {package} \
+             (scripts/install-deps.sh installs everything these tests use)"
+        );
+    }
+}
+
+/// Runs a command to completion (under the caller's own `timeout` where it could hang).
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "sha256sum"])
+            .arg(path),
+    );
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Deterministic, position-dependent bytes (xorshift), different for each `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Number of AF_PACKET sockets open in `ns` (`/proc/net/packet` shows the reader's netns).
+pub fn packet_sockets(ns: &Netns) -> usize {
+    ns.run("cat", &["/proc/net/packet"])
+        .map(|s| s.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// The payload per frame the MTU allows for both targets: whole sectors after the 36 bytes
+/// of Ethernet, AoE and ATA headers (the driver's `aoecmd_cfg_rsp`, vblade's `confcmd`).
+pub fn payload_for(mtu: u32) -> u64 {
+    u64::from(mtu - 36) / 512 * 512
+}
+
+/// aoe-stat's size column: `512000 * sectors / 1e9`, `%04d`, a dot before the last three
+/// digits, "GB".
+pub fn aoe_stat_size(sectors: u64) -> String {
+    let n = format!("{:04}", 512_000 * sectors / 1_000_000_000);
+    let (int, frac) = n.split_at(n.len() - 3);
+    format!("{int}.{frac}GB")
+}
+
+// ------------------------------------------------------------------------------------------
+// Targets
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Our `aoe serve`.
+    AoeServe,
+    /// vblade, the reference implementation.
+    Vblade,
+}
+
+impl Target {
+    /// The target's command line: `extra` (options such as `-d`) before the positional
+    /// arguments, as vblade wants them.
+    pub fn command(self, netif: &str, file: &Path, extra: &[String]) -> Command {
+        let mut cmd = match self {
+            Target::AoeServe => {
+                let mut c = Command::new(AOE);
+                c.arg("serve");
+                c
+            }
+            Target::Vblade => Command::new("vblade"),
+        };
+        cmd.args(extra)
+            .arg(SHELF.to_string())
+            .arg(SLOT.to_string())
+            .arg(netif)
+            .arg(file);
+        cmd
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The rig: target and initiator on one veth link, ROOT mounted, everything undone on drop
+
+/// Options for the initiator.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InitOpts {
+    pub loop_devices: bool,
+    pub deadsecs: Option<u64>,
+    /// A second veth in the initiator's namespace leading to an empty namespace (no target).
+    pub spare_link: bool,
+}
+
+/// Field order matters only for what `Drop` does not do by hand: the link and namespaces go
+/// last.
+pub struct Rig {
+    pub kind: Target,
+    /// Options the target is started with, before its positional arguments.
+    pub target_args: Vec<String>,
+    pub root: PathBuf,
+    pub file: PathBuf,
+    /// ext4 mount points to unmount on drop.
+    pub mounts: Vec<PathBuf>,
+    pub initiator: Option<NsChild>,
+    pub target: Option<NsChild>,
+    pub init_if: String,
+    pub target_if: String,
+    pub spare_if: Option<String>,
+    pub _spare: Option<(VethPair, Netns)>,
+    pub veth: VethPair,
+    pub init_ns: Netns,
+    pub target_ns: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Namespaces, link, backing file (SECTORS, filled with a pattern), target, initiator;
+    /// returns once ROOT is mounted and the device is up.
+    pub fn start(kind: Target, mtu: u32, opts: InitOpts) -> Rig {
+        Rig::start_with(kind, mtu, opts, None, &[])
+    }
+
+    /// Like [`Rig::start`], with the target serving `file` (its contents as they are;
+    /// default: a new file of SECTORS filled with `pattern(1, ..)`) and given `target_args`
+    /// before its positional arguments (`-d`, `-s`, `-b 16`, ...), also on a restart.
+    pub fn start_with(
+        kind: Target,
+        mtu: u32,
+        opts: InitOpts,
+        file: Option<PathBuf>,
+        target_args: &[&str],
+    ) -> Rig {
+        require_tools();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = file.unwrap_or_else(|| {
+            let f = dir.path().join("backing.img");
+            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+            f
+        });
+
+        let root = Path::new(ROOTS).join(format!(
+            "r{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        assert!(
+            !root.to_string_lossy().contains('p'),
+            "{} contains a 'p': aoe-stat would not see it",
+            root.display()
+        );
+        fs::create_dir_all(&root).expect("create ROOT");
+
+        let target_ns = Netns::new("aoeit").expect("target namespace");
+        let init_ns = Netns::new("aoeii").expect("initiator namespace");
+        let veth = VethPair::new(&target_ns, &init_ns, mtu).expect("veth pair");
+        let spare = opts.spare_link.then(|| {
+            let ns = Netns::new("aoeis").expect("spare namespace");
+            let v = VethPair::new(&init_ns, &ns, mtu).expect("spare veth pair");
+            (v, ns)
+        });
+        let mut rig = Rig {
+            kind,
+            target_args: target_args.iter().map(|a| a.to_string()).collect(),
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: veth.b_name().to_owned(),
+            target_if: veth.a_name().to_owned(),
+            spare_if: spare.as_ref().map(|(v, _)| v.a_name().to_owned()),
+            _spare: spare,
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .arg("--iflist")
+            .arg(&rig.init_if)
+            .env("AOE_LOG", "debug");
+        if let Some(d) = opts.deadsecs {
+            cmd.args(["--deadsecs", &d.to_string()]);
+        }
+        if opts.loop_devices {
+            cmd.arg("--loop");
+        }
+        // NsChild::spawn uses `nsenter --net` only: same mount namespace as this process.
+        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
+        let discover = rig.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            rig.root.display(),
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        // It discovers at start; the target also announces itself when it starts.
+        let up = wait_until(Duration::from_secs(10), || {
+            rig.state().as_deref() == Some("up")
+        });
+        assert!(up, "{DEV} did not come up: {}", rig.logs());
+        rig
+    }
+
+    pub fn start_target(&mut self) {
+        assert!(self.target.is_none(), "target already running");
+        let mut t = self
+            .target_ns
+            .spawn(
+                self.kind
+                    .command(&self.target_if, &self.file, &self.target_args),
+            )
+            .expect("start target");
+        // Ready once its AF_PACKET socket exists.
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&self.target_ns) > 0 || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target {} did not start:\n{}",
+            t.label(),
+            t.output_so_far()
+        );
+        self.target = Some(t);
+    }
+
+    /// Stops the target and waits until its socket is gone.
+    pub fn kill_target(&mut self) {
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || packet_sockets(&self.target_ns)
+                == 0),
+            "target's socket still open"
+        );
+    }
+
+    pub fn dev(&self) -> PathBuf {
+        self.root.join(DEV)
+    }
+
+    pub fn attr_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("sysfs/block")
+            .join(format!("etherd!{DEV}"))
+            .join(name)
+    }
+
+    /// A sysfs attribute of the device, trimmed; None if the device is not there.
+    pub fn attr(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.attr_path(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    pub fn state(&self) -> Option<String> {
+        self.attr("state")
+    }
+
+    /// Waits up to `within` for attribute `name` to read `want`; panics otherwise, saying
+    /// `when` and with the logs.
+    pub fn wait_attr(&self, name: &str, want: &str, within: Duration, when: &str) {
+        assert!(
+            wait_until(within, || self.attr(name).as_deref() == Some(want)),
+            "{name} {:?} {when}, want {want}{}",
+            self.attr(name),
+            self.logs()
+        );
+    }
+
+    pub fn wait_state(&self, want: &str, within: Duration, when: &str) {
+        self.wait_attr("state", want, within, when);
+    }
+
+    /// A read of the device, which must fail with EIO at once (in under a second), as it
+    /// does while the device is down.
+    pub fn assert_prompt_eio(&self, len: usize, when: &str) {
+        let t0 = Instant::now();
+        let r = read_at(&self.dev(), 0, len);
+        assert!(matches!(&r, Err(e) if is_eio(e)), "read {when}: {r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "EIO {when} took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// Writes `text` to a control file the way a shell's `echo TEXT > ROOT/NAME` does.
+    pub fn echo(&self, name: &str, text: &str) -> Output {
+        run(Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "20",
+                "sh",
+                "-c",
+                r#"echo "$1" > "$2""#,
+                "sh",
+                text,
+            ])
+            .arg(self.root.join(name)))
+    }
+
+    pub fn echo_ok(&self, name: &str, text: &str) {
+        let out = self.echo(name, text);
+        assert!(
+            out.status.success(),
+            "echo {text:?} > {name} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
+    /// Lines `err` has queued: `cat ROOT/err` blocks when the queue is empty, so it is
+    /// stopped after `secs` (the daemon answers an interrupted reader with EINTR).
+    pub fn err_lines(&self, secs: u32) -> String {
+        let out = run(Command::new("timeout")
+            .args(["-k", "5", &secs.to_string(), "cat"])
+            .arg(self.root.join("err")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Initiator and target output, for failure messages.
+    pub fn logs(&self) -> String {
+        let init = self
+            .initiator
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        let target = self
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        format!("\n--- initiator:\n{init}\n--- target:\n{target}")
+    }
+
+    /// Loop devices whose backing file is under ROOT.
+    pub fn loops(&self) -> Vec<String> {
+        let out = run(Command::new("losetup").args(["-n", "-l", "-O", "NAME,BACK-FILE"]));
+        let prefix = format!("{}/", self.root.display());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, back) = l.trim().split_once(char::is_whitespace)?;
+                back.trim().starts_with(&prefix).then(|| name.to_owned())
+            })
+            .collect()
+    }
+
+    /// True while something is mounted on ROOT (field 5 of /proc/self/mountinfo).
+    pub fn root_mounted(&self) -> bool {
+        let root = self.root.to_string_lossy();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*root))
+    }
+
+    /// The normal end of a test: SIGTERM stops the initiator cleanly (exit status 0 within
+    /// the 5 s NsChild::stop allows before SIGKILL), it unmounts ROOT and detaches the loop
+    /// devices it attached by itself. Drop then does the rest.
+    pub fn finish(mut self) {
+        assert!(
+            self.mounts.is_empty(),
+            "a test left {:?} mounted",
+            self.mounts
+        );
+        assert!(self.root_mounted(), "ROOT not mounted before the stop");
+        let mut init = self.initiator.take().expect("initiator running");
+        let t0 = Instant::now();
+        let status = init.stop().expect("stop the initiator");
+        assert!(
+            status.success(),
+            "aoe initiator after SIGTERM: {status} ({:?}):\n{}",
+            t0.elapsed(),
+            init.output_so_far()
+        );
+        assert!(
+            !self.root_mounted(),
+            "ROOT still mounted after the initiator stopped"
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || self.loops().is_empty()),
+            "loop devices left over ROOT: {:?}",
+            self.loops()
+        );
+    }
+
+    /// Undoes everything a test may have left: ext4 mounts, loop devices, initiator (its
+    /// SIGTERM unmounts ROOT), target, then the mount and ROOT itself.
+    pub fn cleanup(&mut self) {
+        for m in self.mounts.drain(..) {
+            let _ = run(Command::new("umount").arg(&m));
+            let _ = run(Command::new("umount").arg("-l").arg(&m));
+        }
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        if let Some(mut i) = self.initiator.take() {
+            let _ = i.stop();
+        }
+        if let Some(mut t) = self.target.take() {
+            let _ = t.stop();
+        }
+        let _ = run(Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.root));
+        for lo in self.loops() {
+            let _ = run(Command::new("losetup").args(["-d", &lo]));
+        }
+        let _ = fs::remove_dir(&self.root);
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Reads `len` bytes at `offset` through a fresh open of `path` (a fresh open drops the
+/// FUSE page cache of the file, so the data comes over the network).
+pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+pub fn is_eio(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(5)
+}
+
+// ------------------------------------------------------------------------------------------
+// Store integrity (issue 9): a real file system with 4 KiB blocks under the target's file
+
+/// An ext4 file system with 4 KiB blocks (`mkfs.ext4 -b 4096`) on a loop device with
+/// `sector`-byte logical blocks (`losetup --sector-size`), mounted on a temporary directory.
+/// Drop unmounts it and detaches the loop device, also when the test panics: declare it
+/// before the [`Rig`] whose target serves a file on it, so the target is stopped first.
+pub struct Ext4Loop {
+    pub dir: tempfile::TempDir,
+    pub loopdev: Option<String>,
+    pub mounted: bool,
+}
+
+impl Ext4Loop {
+    pub fn new(sector: u32, mib: u64) -> Ext4Loop {
+        require_tools();
+        // On the disk the tests run on (not tmpfs), so the loop device does real I/O.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let image = dir.path().join("ext4.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("ext4 image");
+        let mut me = Ext4Loop {
+            dir,
+            loopdev: None,
+            mounted: false,
+        };
+        let dev = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show", "--sector-size", &sector.to_string()])
+                .arg(&image),
+        );
+        me.loopdev = Some(dev.trim().to_owned());
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(me.dev()),
+        );
+        fs::create_dir(me.mnt()).expect("mount point");
+        run_ok(Command::new("mount").arg(me.dev()).arg(me.mnt()));
+        me.mounted = true;
+        me
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_deref().unwrap_or_default()
+    }
+
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for Ext4Loop {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = run(Command::new("umount").arg(self.mnt()));
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = run(Command::new("losetup").args(["-d", &d]));
+        }
+    }
+}
+
+/// Indices of the 512-byte sectors in which `got` and `want` differ.
+pub fn wrong_sectors(got: &[u8], want: &[u8]) -> Vec<usize> {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    got.chunks(512)
+        .zip(want.chunks(512))
+        .enumerate()
+        .filter(|(_, (g, w))| g != w)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Initiator integrity (issue 9): restarting the initiator with other options, a second
+// initiator on the same ROOT, signals
+
+impl Rig {
+    /// The `aoe initiator` command line [`Rig::start_with`] uses (ROOT, the link, debug
+    /// logs; no `--loop` or `--deadsecs`), with `extra` arguments after it.
+    pub fn initiator_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--iflist")
+            .arg(&self.init_if)
+            .args(extra)
+            .env("AOE_LOG", "debug");
+        cmd
+    }
+
+    /// Starts another `aoe initiator` in the initiator's namespace on this rig's ROOT,
+    /// without waiting for anything.
+    pub fn spawn_initiator(&self, extra: &[&str]) -> NsChild {
+        self.init_ns
+            .spawn(self.initiator_command(extra))
+            .expect("start aoe initiator")
+    }
+
+    /// Stops the running initiator (it must exit 0 and unmount ROOT) and starts one with
+    /// `extra` arguments; returns once ROOT is mounted and the device is up again.
+    pub fn restart_initiator(&mut self, extra: &[&str]) {
+        let mut old = self.initiator.take().expect("initiator running");
+        let status = old.stop().expect("stop the initiator");
+        assert!(
+            status.success(),
+            "initiator before restart: {status}\n{}",
+            old.output_so_far()
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || !self.root_mounted()),
+            "ROOT still mounted after the initiator stopped"
+        );
+        let mut init = self.spawn_initiator(extra);
+        let discover = self.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator {extra:?} did not mount {}:\n{}",
+            self.root.display(),
+            init.output_so_far()
+        );
+        self.initiator = Some(init);
+        self.wait_state("up", Duration::from_secs(10), "after the restart");
+    }
+
+    /// Sends `signal` (`"TERM"`, `"QUIT"`, ...) to the initiator.
+    pub fn signal_initiator(&self, signal: &str) {
+        let pid = self.initiator.as_ref().expect("initiator running").pid();
+        run_ok(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Faults (issue 14): the rig with aoe_testkit::relay between target and initiator, and raw
+// frame exchanges for the hostile-frame table
+
+/// A [`Rig`] whose link runs through fault-injecting relays (aoe_testkit::relay), one per
+/// path: `target ns <-veth-> relay ns <-veth-> initiator ns`. With more than one path the
+/// target-side ends are joined by a bridge in the target's namespace and the target serves
+/// on the bridge, so one target MAC is reachable over every path (multipath, as a target
+/// with one port on a switched network with two initiator ports). Relays stop first on drop.
+pub struct RelayRig {
+    pub relays: Vec<aoe_testkit::relay::Relay>,
+    /// Per path: the initiator's interface name and MAC.
+    pub paths: Vec<(String, [u8; 6])>,
+    /// Extra paths' veths and middle namespaces (the first path's are in the Rig).
+    pub extra: Vec<(VethPair, VethPair, Netns)>,
+    pub bridge: Option<aoe_testkit::Bridge>,
+    pub rig: Rig,
+}
+
+impl RelayRig {
+    /// Like [`Rig::start_with`] with `npaths` relayed paths (RNG seeds `seed`, `seed + 1`,
+    /// ...). Returns once the device is up.
+    pub fn start(
+        kind: Target,
+        mtu: u32,
+        opts: InitOpts,
+        file: Option<PathBuf>,
+        target_args: &[&str],
+        npaths: usize,
+        seed: u64,
+    ) -> RelayRig {
+        use aoe_testkit::relay::Relay;
+        require_tools();
+        assert!(npaths >= 1);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = file.unwrap_or_else(|| {
+            let f = dir.path().join("backing.img");
+            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+            f
+        });
+        let root = Path::new(ROOTS).join(format!(
+            "f{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&root).expect("create ROOT");
+        let target_ns = Netns::new("aoeft").expect("target namespace");
+        let init_ns = Netns::new("aoefi").expect("initiator namespace");
+        let mut relays = Vec::new();
+        let mut paths = Vec::new();
+        let mut first = None;
+        let mut extra = Vec::new();
+        for i in 0..npaths {
+            let mid = Netns::new("aoefm").expect("relay namespace");
+            let t_side = VethPair::new(&target_ns, &mid, mtu).expect("target-side veth");
+            let i_side = VethPair::new(&mid, &init_ns, mtu).expect("initiator-side veth");
+            for ifname in [t_side.b_name(), i_side.a_name()] {
+                mid.ip(&["link", "set", "dev", ifname, "promisc", "on"])
+                    .expect("promisc");
+            }
+            relays.push(
+                Relay::start(&mid, t_side.b_name(), i_side.a_name(), seed + i as u64)
+                    .expect("start relay"),
+            );
+            paths.push((i_side.b_name().to_owned(), i_side.b_mac()));
+            if first.is_none() {
+                first = Some((t_side, i_side, mid));
+            } else {
+                extra.push((t_side, i_side, mid));
+            }
+        }
+        let (veth, i_side, mid) = first.expect("one path");
+        let (bridge, target_if) = if npaths > 1 {
+            let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+            br.add_port(veth.a_name()).expect("bridge port");
+            for (t, _, _) in &extra {
+                br.add_port(t.a_name()).expect("bridge port");
+            }
+            target_ns
+                .ip(&["link", "set", "dev", br.name(), "mtu", &mtu.to_string()])
+                .expect("bridge mtu");
+            let name = br.name().to_owned();
+            (Some(br), name)
+        } else {
+            (None, veth.a_name().to_owned())
+        };
+        let iflist = paths
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut rig = Rig {
+            kind,
+            target_args: target_args.iter().map(|a| a.to_string()).collect(),
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: iflist.clone(),
+            target_if,
+            spare_if: None,
+            _spare: Some((i_side, mid)),
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .arg("--iflist")
+            .arg(&iflist)
+            .env("AOE_LOG", "debug");
+        if let Some(d) = opts.deadsecs {
+            cmd.args(["--deadsecs", &d.to_string()]);
+        }
+        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
+        let discover = rig.root.join("discover");
+        let mounted = wait_until(Duration::from_secs(10), || {
+            discover.exists() || !init.is_running()
+        });
+        assert!(
+            mounted && init.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            rig.root.display(),
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        let me = RelayRig {
+            relays,
+            paths,
+            extra,
+            bridge,
+            rig,
+        };
+        // Discovery frames may be lost too: ask again until the device is up.
+        let up = wait_until(Duration::from_secs(20), || {
+            if me.rig.state().as_deref() == Some("up") {
+                return true;
+            }
+            let _ = me.rig.echo("discover", "");
+            std::thread::sleep(Duration::from_millis(300));
+            false
+        });
+        assert!(up, "{DEV} did not come up: {}", me.rig.logs());
+        me
+    }
+
+    pub fn control(&self, path: usize) -> aoe_testkit::relay::RelayControl {
+        self.relays[path].control()
+    }
+
+    /// Stops the relays, then finishes the rig (clean initiator stop).
+    pub fn finish(self) {
+        let RelayRig {
+            relays,
+            extra,
+            bridge,
+            rig,
+            ..
+        } = self;
+        drop(relays);
+        rig.finish();
+        drop(bridge);
+        drop(extra);
+    }
+}
+
+/// Writes `data` at `offset` of `dev` with O_DIRECT-free pwrite and fsync; the error as is.
+pub fn write_sync(dev: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(dev)?;
+    f.write_all_at(data, offset)?;
+    f.sync_all()
+}
+
+/// An AoE socket on `ifname` in `ns` (for hand-made frames).
+pub fn raw_socket(ns: &Netns, ifname: &str) -> aoe_sys::PacketSocket {
+    let name = ifname.to_owned();
+    aoe_sys::run_in_netns(&ns.path(), move || aoe_sys::PacketSocket::open(&name))
+        .expect("enter netns")
+        .unwrap_or_else(|e| panic!("AoE socket on {ifname}: {e}"))
+}
+
+/// Every AoE frame that arrives on `sock` within `wait` (polling, never blocking longer).
+pub fn drain_frames(sock: &aoe_sys::PacketSocket, wait: Duration) -> Vec<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 9100];
+    let deadline = Instant::now() + wait;
+    loop {
+        while let Some(meta) = sock.recv(&mut buf).expect("recv") {
+            got.push(buf[..meta.len.min(buf.len())].to_vec());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return got;
+        }
+        let mut fds = [aoe_sys::PollFd::new(sock.as_raw_fd())];
+        aoe_sys::poll(&mut fds, Some(deadline - now)).expect("poll");
+    }
+}
+
+/// A LAN for raw-frame tests: `aoe serve` (or vblade) in one namespace on a bridge, and
+/// `nclients` client namespaces each with a veth to the bridge and a raw AoE socket. The
+/// target serves `file` with `args` before its positional arguments.
+pub struct RawLan {
+    pub target: Option<NsChild>,
+    pub socks: Vec<aoe_sys::PacketSocket>,
+    pub macs: Vec<aoe_wire::MacAddr>,
+    pub target_mac: aoe_wire::MacAddr,
+    pub file: PathBuf,
+    pub bridge: aoe_testkit::Bridge,
+    pub veths: Vec<VethPair>,
+    pub clients: Vec<Netns>,
+    pub target_ns: Netns,
+    pub next_tag: u32,
+}
+
+impl RawLan {
+    pub fn start(kind: Target, file: &Path, args: &[&str], nclients: usize) -> RawLan {
+        require_tools();
+        let target_ns = Netns::new("aoelt").expect("target namespace");
+        let bridge = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+        let mut clients = Vec::new();
+        let mut veths = Vec::new();
+        let mut socks = Vec::new();
+        let mut macs = Vec::new();
+        for _ in 0..nclients {
+            let ns = Netns::new("aoelc").expect("client namespace");
+            let v = VethPair::new(&target_ns, &ns, 1500).expect("veth");
+            bridge.add_port(v.a_name()).expect("bridge port");
+            let s = raw_socket(&ns, v.b_name());
+            s.set_recv_buffer(8 << 20).expect("rcvbuf");
+            macs.push(aoe_wire::MacAddr(v.b_mac()));
+            socks.push(s);
+            veths.push(v);
+            clients.push(ns);
+        }
+        let target_mac = aoe_wire::MacAddr(
+            aoe_testkit::parse_mac(
+                target_ns
+                    .ip(&["-o", "link", "show", "dev", bridge.name()])
+                    .expect("ip link")
+                    .split_whitespace()
+                    .skip_while(|w| *w != "link/ether")
+                    .nth(1)
+                    .expect("bridge MAC"),
+            )
+            .expect("bridge MAC"),
+        );
+        // "{mac0}" in `args` stands for client 0's MAC (for -m).
+        let extra: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{mac0}", &macs[0].to_string()))
+            .collect();
+        let mut t = target_ns
+            .spawn(kind.command(bridge.name(), file, &extra))
+            .expect("start target");
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&target_ns) > 0 || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target did not start:\n{}",
+            t.output_so_far()
+        );
+        let mut lan = RawLan {
+            target: Some(t),
+            socks,
+            macs,
+            target_mac,
+            file: file.to_owned(),
+            bridge,
+            veths,
+            clients,
+            target_ns,
+            next_tag: 0x5000_0000,
+        };
+        // Bridge ports forward at once (no STP), but the target may still be starting: wait
+        // for it to answer a Query Config from client 0.
+        let up = wait_until(Duration::from_secs(10), || {
+            lan.request(0, Self::query(), Duration::from_millis(300))
+                .is_some()
+        });
+        assert!(up, "target never answered:{}", lan.logs());
+        // Drop the start-up announcements and the answers above.
+        for s in &lan.socks {
+            drain_frames(s, Duration::from_millis(50));
+        }
+        lan
+    }
+
+    pub fn query() -> aoe_wire::Body<'static> {
+        aoe_wire::Body::Config(aoe_wire::ConfigRepr::request(
+            aoe_wire::ConfigCommand::Read,
+            b"",
+        ))
+    }
+
+    pub fn ata(cmd: u8, write: bool, lba: u64, count: u8, data: &[u8]) -> aoe_wire::Body<'_> {
+        let mut aflags = aoe_wire::AtaFlags::EXTENDED;
+        if write {
+            aflags |= aoe_wire::AtaFlags::WRITE;
+        }
+        aoe_wire::Body::Ata(aoe_wire::AtaRepr {
+            aflags,
+            err_feature: 0,
+            sector_count: count,
+            cmd_status: cmd,
+            lba,
+            data,
+        })
+    }
+
+    /// The frame client `c` sends for `body` to the target's MAC (broadcast for Query
+    /// Config), shelf.slot SHELF.SLOT, with a fresh tag.
+    pub fn frame(&mut self, c: usize, body: aoe_wire::Body<'_>) -> (aoe_wire::Tag, Vec<u8>) {
+        use aoe_wire::{Body, Command as C, HeaderRepr, MacAddr, Message, Tag, TargetAddr};
+        let (command, dst) = match &body {
+            Body::Ata(_) => (C::Ata, self.target_mac),
+            Body::Config(_) => (C::QueryConfig, MacAddr::BROADCAST),
+            Body::MacMask(_) => (C::MacMaskList, self.target_mac),
+            Body::Reserve(_) => (C::ReserveRelease, self.target_mac),
+            Body::Unknown(_) => (C::Unknown(0xf0), self.target_mac),
+        };
+        self.next_tag += 1;
+        let tag = Tag(self.next_tag);
+        let h = HeaderRepr::request(
+            dst,
+            self.macs[c],
+            TargetAddr::new(SHELF, SLOT),
+            command,
+            tag,
+        );
+        (tag, Message { header: h, body }.to_vec().expect("emit"))
+    }
+
+    /// Sends raw `frame` from client `c` and returns the first response carrying `tag`
+    /// within `wait`.
+    pub fn send_raw(&self, c: usize, frame: &[u8], tag: u32, wait: Duration) -> Option<Vec<u8>> {
+        self.socks[c].send(frame).expect("send");
+        self.wait_tag(c, tag, wait)
+    }
+
+    /// The first response with `tag` arriving at client `c` within `wait`.
+    pub fn wait_tag(&self, c: usize, tag: u32, wait: Duration) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 9100];
+        loop {
+            while let Some(meta) = self.socks[c].recv(&mut buf).expect("recv") {
+                let f = &buf[..meta.len.min(buf.len())];
+                if let Ok(m) = aoe_wire::Message::parse(f) {
+                    if m.header.response && m.header.tag.0 == tag {
+                        return Some(f.to_vec());
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let mut fds = [aoe_sys::PollFd::new(self.socks[c].as_raw_fd())];
+            aoe_sys::poll(&mut fds, Some(deadline - now)).expect("poll");
+        }
+    }
+
+    /// Sends `body` from client `c`; the response, if one came within `wait`.
+    pub fn request(
+        &mut self,
+        c: usize,
+        body: aoe_wire::Body<'_>,
+        wait: Duration,
+    ) -> Option<Vec<u8>> {
+        let (tag, f) = self.frame(c, body);
+        self.send_raw(c, &f, tag.0, wait)
+    }
+
+    pub fn logs(&self) -> String {
+        self.target
+            .as_ref()
+            .map(|t| format!("\n--- target:\n{}", t.output_so_far()))
+            .unwrap_or_default()
+    }
+
+    /// True while the target process runs.
+    pub fn target_alive(&mut self) -> bool {
+        self.target.as_mut().is_some_and(NsChild::is_running)
+    }
+}
+
+/// AoE error and ATA status of a response frame.
+pub fn rsp_status(frame: &[u8]) -> (Option<aoe_wire::ErrorCode>, Option<u8>) {
+    let m = aoe_wire::Message::parse(frame).expect("parse response");
+    let st = match m.body {
+        aoe_wire::Body::Ata(a) => Some(a.cmd_status),
+        _ => None,
+    };
+    (m.header.error, st)
+}
+
+// ------------------------------------------------------------------------------------------
+// Structure (issue 10): helpers the initiator test files shared as copies
+
+/// Makes ext4 on the loop device `lo` (`mkfs.ext4 -q -F -E nodiscard` plus `extra`, under a
+/// 60 s timeout) and mounts it at `DIR/mnt`, which the rig unmounts when dropped.
+pub fn mkfs_and_mount(rig: &mut Rig, lo: &str, extra: &[&str]) -> PathBuf {
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "mkfs.ext4", "-q", "-F", "-E", "nodiscard"])
+            .args(extra)
+            .arg(lo),
+    );
+    let mnt = rig.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+    mnt
+}

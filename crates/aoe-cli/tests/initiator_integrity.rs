@@ -1,0 +1,542 @@
+//! Data-integrity regressions of `aoe initiator` (issue 9), against `aoe serve` on a veth
+//! link between two namespaces the tests create (see `common`):
+//!
+//! - concurrent unaligned writes to different bytes of the same sectors, through the
+//!   device file, a partition file and NBD at once, all land (the sector range locks);
+//! - SIGTERM while the device is in use (ext4 mounted on the `--loop` device) does not
+//!   stop the daemon: it keeps serving and exits once the file system is unmounted, or at
+//!   once on SIGQUIT;
+//! - a second `aoe initiator` on a ROOT that is already mounted refuses to start;
+//! - a full send buffer does not stall the network thread.
+
+mod common;
+use common::*;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aoe_testkit::wait_until;
+
+// ------------------------------------------------------------------------------------------
+// Concurrent unaligned writes
+
+/// First sector of partition 1 in the backing file's MBR.
+const PART_START: u64 = 2048;
+/// Sectors of partition 1.
+const PART_SECTORS: u64 = 8192;
+/// The bytes the writers share: 64 sectors from 3 sectors into partition 1.
+const REGION: u64 = (PART_START + 3) * 512;
+const REGION_LEN: usize = 64 * 512;
+
+/// A backing file of SECTORS holding `pattern(1, ..)` with an MBR at sector 0 whose
+/// partition 1 is at [PART_START, PART_START + PART_SECTORS).
+fn backing_with_partition(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut b = pattern(1, (SECTORS * 512) as usize);
+    b[..512].fill(0);
+    let e = &mut b[446..462];
+    e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    e[4] = 0x83;
+    e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    e[8..12].copy_from_slice(&(PART_START as u32).to_le_bytes());
+    e[12..16].copy_from_slice(&(PART_SECTORS as u32).to_le_bytes());
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    let f = dir.join("parted.img");
+    fs::write(&f, &b).unwrap();
+    (f, b)
+}
+
+/// The region cut into pieces of 1 to 37 bytes (so almost none is aligned), dealt to
+/// `writers` writers in turn: (offset in the region, length, writer).
+fn pieces(writers: usize) -> Vec<(usize, usize, usize)> {
+    let lens = pattern(77, REGION_LEN);
+    let mut v = Vec::new();
+    let mut off = 0;
+    let mut i = 0;
+    while off < REGION_LEN {
+        let len = (1 + lens[i] as usize % 37).min(REGION_LEN - off);
+        v.push((off, len, i % writers));
+        off += len;
+        i += 1;
+    }
+    v
+}
+
+/// A minimal NBD client on a Unix socket: fixed newstyle handshake with `NBD_OPT_GO`, then
+/// simple replies only.
+fn nbd_connect(sock: &Path, export: &str) -> UnixStream {
+    let mut s = UnixStream::connect(sock).expect("connect to the NBD socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+    // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    o.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    o.extend_from_slice(&d);
+    s.write_all(&o).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).unwrap();
+        assert!(kind < 1 << 31, "NBD_OPT_GO {export}: error reply {kind:#x}");
+        if kind == 1 {
+            return s;
+        }
+    }
+}
+
+/// Sends every write (`NBD_CMD_WRITE`, cookie = index) from one thread while this one
+/// reads the replies, so the server has up to its cap of them in flight at once; returns
+/// (cookie, error) of those that failed.
+fn nbd_pipelined_writes(s: UnixStream, writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, u32)> {
+    let n = writes.len();
+    let mut w = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        for (i, (off, data)) in writes.iter().enumerate() {
+            out.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes());
+            out.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+            out.extend_from_slice(&(i as u64).to_be_bytes());
+            out.extend_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+        }
+        w.write_all(&out).unwrap();
+    });
+    let mut r = s;
+    let mut errs = Vec::new();
+    for _ in 0..n {
+        let mut h = [0u8; 16];
+        r.read_exact(&mut h).expect("NBD write reply");
+        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        if err != 0 {
+            errs.push((u64::from_be_bytes(h[8..16].try_into().unwrap()), err));
+        }
+    }
+    sender.join().unwrap();
+    // NBD_CMD_DISC
+    let mut d = 0x2560_9513u32.to_be_bytes().to_vec();
+    d.extend_from_slice(&[0, 0, 0, 2]);
+    d.extend_from_slice(&[0u8; 20]);
+    let _ = r.write_all(&d);
+    errs
+}
+
+/// Four writers at once on the same 64 sectors, each owning every fourth piece of 1 to 37
+/// bytes (so neighbouring pieces of one sector belong to different writers): the whole
+/// device file and the partition file through FUSE (pwrite, one piece at a time), and the
+/// device and partition exports through NBD (all pieces in flight at once). Every byte must
+/// end up as its owner wrote it, in the backing file and read back through the device.
+/// Before the sector range locks, the read-modify-writes of one sector overwrote each
+/// other's bytes with stale ones.
+#[test]
+fn concurrent_unaligned_writes_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, orig) = backing_with_partition(dir.path());
+    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
+    let sock = rig.dir.path().join("nbd.sock");
+    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    let part = rig.root.join(format!("{DEV}p1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || part.exists() && sock.exists()),
+        "no {} or NBD socket{}",
+        part.display(),
+        rig.logs()
+    );
+
+    const WRITERS: usize = 4;
+    let new: Vec<Vec<u8>> = (0..WRITERS)
+        .map(|w| pattern(1000 + w as u64, REGION_LEN))
+        .collect();
+    let pieces = pieces(WRITERS);
+    let mut want = orig[REGION as usize..][..REGION_LEN].to_vec();
+    for &(off, len, w) in &pieces {
+        want[off..off + len].copy_from_slice(&new[w][off..off + len]);
+    }
+    let part_off = REGION - PART_START * 512;
+    // Writer w: its pieces as (offset in its file or export, bytes).
+    let mine = |w: usize, base: u64| -> Vec<(u64, Vec<u8>)> {
+        pieces
+            .iter()
+            .filter(|p| p.2 == w)
+            .map(|&(off, len, _)| (base + off as u64, new[w][off..off + len].to_vec()))
+            .collect()
+    };
+    let t0 = Instant::now();
+    let mut fuse = Vec::new();
+    for (w, path, base) in [(0, rig.dev(), REGION), (1, part.clone(), part_off)] {
+        let writes = mine(w, base);
+        fuse.push(std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            for (off, data) in writes {
+                f.write_all_at(&data, off)
+                    .unwrap_or_else(|e| panic!("pwrite {} at {off}: {e}", path.display()));
+            }
+        }));
+    }
+    let mut nbd = Vec::new();
+    for (w, export, base) in [
+        (2, DEV.to_string(), REGION),
+        (3, format!("{DEV}p1"), part_off),
+    ] {
+        let writes = mine(w, base);
+        let s = nbd_connect(&sock, &export);
+        nbd.push(std::thread::spawn(move || nbd_pipelined_writes(s, writes)));
+    }
+    for t in fuse {
+        t.join().expect("FUSE writer");
+    }
+    for t in nbd {
+        let errs = t.join().expect("NBD writer");
+        assert!(errs.is_empty(), "NBD writes failed: {errs:?}");
+    }
+    eprintln!(
+        "{} pieces by {WRITERS} writers in {:?}",
+        pieces.len(),
+        t0.elapsed()
+    );
+
+    let check = |got: &[u8], what: &str| {
+        let bad: Vec<usize> = (0..REGION_LEN).filter(|&i| got[i] != want[i]).collect();
+        assert!(
+            bad.is_empty(),
+            "{what}: {} of {REGION_LEN} bytes lost, first at region offset {} (piece {:?})",
+            bad.len(),
+            bad[0],
+            pieces.iter().find(|p| p.0 <= bad[0] && bad[0] < p.0 + p.1)
+        );
+    };
+    let f = fs::File::open(&rig.file).unwrap();
+    let mut got = vec![0u8; REGION_LEN];
+    f.read_exact_at(&mut got, REGION).unwrap();
+    check(&got, "backing file");
+    check(
+        &read_at(&rig.dev(), REGION, REGION_LEN).unwrap(),
+        "read back through the device",
+    );
+    // Nothing outside the region changed.
+    let all = fs::read(&rig.file).unwrap();
+    assert!(
+        all[..REGION as usize] == orig[..REGION as usize],
+        "bytes before the region changed"
+    );
+    assert!(
+        all[REGION as usize + REGION_LEN..] == orig[REGION as usize + REGION_LEN..],
+        "bytes after the region changed"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// SIGTERM while in use
+
+/// ext4 made and mounted on the `--loop` device: (rig, loop device, mount point).
+fn ext4_mounted_on_loop() -> (Rig, String, PathBuf) {
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            loop_devices: true,
+            ..InitOpts::default()
+        },
+    );
+    let mut loops = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            loops = rig.loops();
+            !loops.is_empty()
+        }),
+        "no loop device attached to {}{}",
+        rig.dev().display(),
+        rig.logs()
+    );
+    let lo = loops[0].clone();
+    let mnt = mkfs_and_mount(&mut rig, &lo, &[]);
+    (rig, lo, mnt)
+}
+
+/// Waits for the initiator's one-line refusal to stop, which must name the device and
+/// SIGQUIT.
+fn wait_refusal(rig: &Rig) {
+    let init = rig.initiator.as_ref().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || init
+            .output_so_far()
+            .contains("not stopping while in use")),
+        "no refusal logged after SIGTERM{}",
+        rig.logs()
+    );
+    let out = init.output_so_far();
+    let line = out
+        .lines()
+        .find(|l| l.contains("not stopping while in use"))
+        .unwrap();
+    assert!(
+        line.contains(DEV) && line.contains("kill -QUIT"),
+        "refusal line: {line}"
+    );
+}
+
+/// Writes a file on the mounted file system and syncs it: both must succeed.
+fn write_and_sync(mnt: &Path, name: &str, seed: u64) {
+    let data = pattern(seed, 300_000);
+    fs::write(mnt.join(name), &data).unwrap();
+    run_ok(Command::new("timeout").args(["-k", "5", "60", "sync"]));
+    assert!(fs::read(mnt.join(name)).unwrap() == data);
+}
+
+/// SIGTERM (as `systemctl restart` sends) while ext4 is mounted on the `--loop` device: the
+/// daemon keeps running and serving (a write and sync on the file system succeed), and once
+/// the file system is unmounted it exits 0 by itself, unmounting ROOT and detaching the
+/// loop device. Before, it unmounted at once and the mounted ext4 got I/O errors.
+#[test]
+fn sigterm_while_mounted_waits_for_the_unmount() {
+    let (mut rig, lo, mnt) = ext4_mounted_on_loop();
+    write_and_sync(&mnt, "before", 1);
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    assert!(
+        rig.initiator.as_mut().unwrap().is_running(),
+        "the initiator stopped{}",
+        rig.logs()
+    );
+    write_and_sync(&mnt, "after", 2);
+    assert!(rig.root_mounted());
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the unmount: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+    assert!(
+        wait_until(Duration::from_secs(3), || rig.loops().is_empty()),
+        "loop devices left: {:?}",
+        rig.loops()
+    );
+    // What was written while it refused to stop is on the target.
+    let fsck = run(Command::new("timeout")
+        .args(["-k", "5", "60", "fsck.ext4", "-n", "-f"])
+        .arg(&rig.file));
+    assert!(
+        fsck.status.success(),
+        "fsck of the backing file after {lo} was unmounted: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// SIGTERM while in use, then SIGQUIT: the explicit second request stops it at once (exit
+/// 0, ROOT unmounted), even with the file system still mounted.
+#[test]
+fn sigquit_stops_even_while_mounted() {
+    let (mut rig, _lo, _mnt) = ext4_mounted_on_loop();
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let t0 = Instant::now();
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    eprintln!("SIGQUIT to exit: {:?}", t0.elapsed());
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    // Drop unmounts the ext4 (it now gets I/O errors) and detaches the loop device.
+}
+
+/// A device file held open by a process also keeps it from stopping, and closing it lets it
+/// stop; with nothing open SIGTERM stops at once (`Rig::finish` checks that elsewhere).
+#[test]
+fn sigterm_waits_for_an_open_partition_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = backing_with_partition(dir.path());
+    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
+    let part = rig.root.join(format!("{DEV}p1"));
+    assert!(wait_until(Duration::from_secs(10), || part.exists()));
+    let f = fs::File::open(&part).unwrap();
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(out.contains(&format!("{DEV}p1 (open 1x)")), "{out}");
+    let mut b = [0u8; 512];
+    f.read_exact_at(&mut b, 0).unwrap();
+    drop(f);
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the close: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+}
+
+/// An NBD client connected to an export holds the daemon too; it stops once the client
+/// disconnects.
+#[test]
+fn sigterm_waits_for_an_nbd_client() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let sock = rig.dir.path().join("nbd.sock");
+    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let client = nbd_connect(&sock, DEV);
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(out.contains(&format!("{DEV} (NBD, 1 client)")), "{out}");
+    // Still serving it: a write through NBD completes.
+    let errs = nbd_pipelined_writes(client, vec![(4096, pattern(5, 4096))]);
+    assert!(
+        errs.is_empty(),
+        "NBD write while refusing to stop: {errs:?}"
+    );
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the NBD client left: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+}
+
+// ------------------------------------------------------------------------------------------
+// One initiator per ROOT
+
+/// A second `aoe initiator` on a ROOT the first has mounted exits 1 with a clear message
+/// naming the first one's pid, without mounting anything; the first keeps working.
+#[test]
+fn second_initiator_on_a_mounted_root_is_refused() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let first = rig.initiator.as_ref().unwrap().pid();
+    let mut second = rig.spawn_initiator(&[]);
+    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
+    let out = second.output_so_far();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "second initiator: {out}"
+    );
+    let want = format!(
+        "{} is already mounted (by another aoe initiator, pid {first}); stop it first",
+        rig.root.display()
+    );
+    assert!(
+        out.contains(&want),
+        "second initiator said:\n{out}\nwant: {want}"
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&*rig.root.to_string_lossy()))
+        .count();
+    assert_eq!(mounts, 1, "mounts on ROOT");
+    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
+    assert!(
+        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
+        "wrong bytes"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// A full send buffer
+
+/// The initiator's link slowed to 16 kbit/s by a tbf qdisc with a queue that never drops:
+/// frames wait in it holding their socket's send buffer until send() says EAGAIN. With
+/// writes in flight, the network thread must keep answering commands promptly (it waits
+/// for POLLOUT instead of sleeping per frame); once the link is fast again the writes
+/// complete with the right bytes.
+#[test]
+fn full_send_buffer_does_not_stall_the_network_thread() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let tbf = |op: &str| {
+        let mut args = vec!["qdisc", op, "dev", &rig.init_if, "root"];
+        if op == "add" {
+            args.extend([
+                "tbf",
+                "rate",
+                "16kbit",
+                "burst",
+                "1600",
+                "limit",
+                "100000000",
+            ]);
+        }
+        rig.init_ns
+            .run("tc", &args)
+            .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"))
+    };
+    tbf("add");
+    let data = pattern(9, 4 << 20);
+    let writer = {
+        let dev = rig.dev();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(&dev).unwrap();
+            f.write_all_at(&data, 1 << 20)
+        })
+    };
+    let init = rig.initiator.as_ref().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || init
+            .output_so_far()
+            .contains("send buffer full")),
+        "the send buffer never filled{}",
+        rig.logs()
+    );
+    // `interfaces` is answered by the network thread (Cmd::SetInterfaces).
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let t0 = Instant::now();
+        rig.echo_ok("interfaces", &rig.init_if);
+        slowest = slowest.max(t0.elapsed());
+        n += 1;
+    }
+    eprintln!("slowest of {n} control writes in 3 s with the send buffer full: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a control write took {slowest:?} with the send buffer full{}",
+        rig.logs()
+    );
+    tbf("del");
+    writer
+        .join()
+        .unwrap()
+        .expect("the write once the link is fast again");
+    assert!(
+        read_at(&rig.dev(), 1 << 20, data.len()).unwrap() == data,
+        "wrong bytes after the congestion"
+    );
+    rig.finish();
+}

@@ -1,0 +1,744 @@
+//! Integration: `aoe initiator` against real targets, vblade (the Debian package, the
+//! reference) and our own `aoe serve`, at MTU 1500 and 9000.
+//!
+//! Each test builds its own pair of network namespaces joined by a veth link: the target in
+//! one, the initiator in the other, started with `--iflist` naming its end of the link, so
+//! AoE frames never touch the host's interfaces. The initiator is started with
+//! `nsenter --net` only (never `ip netns exec`, which would give it a private mount
+//! namespace), so its FUSE mount at ROOT is visible to this test process.
+//!
+//! What is checked, per target and MTU:
+//! * `data_*`: `echo > ROOT/discover` brings `eX.Y` back (after a `flush`) within 1 s with
+//!   the right size; its sha256 equals the backing file's; aligned and unaligned pattern
+//!   writes (one longer than a frame's payload) land in the backing file at the right
+//!   offset and read back through `eX.Y`; aoetools' `aoe-stat` (with `sysfs_dir=ROOT/sysfs`)
+//!   shows the device `up` with the right size, netif and payload; `err` has its lines.
+//! * `ext4_*` (`--loop`): mkfs.ext4 on the loop device, mount, write files, umount,
+//!   `fsck -n` clean (on the loop device and on the backing file), files intact after a
+//!   remount.
+//! * `dead_*` (`--deadsecs 3`): the target killed, I/O fails with EIO after deadsecs and
+//!   the device is `down`; then reads fail at once; the target restarted and `discover`
+//!   written, the device is `up` again with its data intact.
+//!
+//! Per target (MTU 1500): `control_*`: `interfaces` (refuses an unknown name, restricts
+//! discovery to the named interfaces), `flush` (skips an open device, removes a closed one;
+//! the empty write keeps an up device), partitions (an MBR written through `eX.Y` shows
+//! `eX.Yp1`/`p2` of the right sizes at the right offsets), `revalidate` (a target
+//! restarted over a grown file: the new size shows), and bad names refused.
+//!
+//! aoetools' `aoe-stat` drops every path containing the letter `p`, so ROOT lives under
+//! `/run/aoeroots/` with a name checked to have no `p` (a temp dir under /tmp would not do).
+//!
+//! These tests need root, fuse3, vblade, aoetools and e2fsprogs (`scripts/install-deps.sh`);
+//! a missing tool or missing root is a failure, never a skip.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aoe_testkit::{wait_until, End};
+use common::*;
+// ------------------------------------------------------------------------------------------
+// data_*: discovery, checksums, pattern writes, aoe-stat, err
+
+fn data_path(kind: Target, mtu: u32) {
+    let rig = Rig::start(kind, mtu, InitOpts::default());
+    let dev = rig.dev();
+
+    // Size: the file and the sysfs attribute.
+    assert_eq!(rig.attr("size").as_deref(), Some(&*SECTORS.to_string()));
+    assert_eq!(fs::metadata(&dev).expect("stat eX.Y").len(), SECTORS * 512);
+
+    // `flush all` removes the (closed) device; `echo > discover` brings it back within 1 s.
+    rig.echo_ok("flush", "all");
+    assert!(
+        wait_until(Duration::from_secs(2), || !dev.exists()
+            && rig.state().is_none()),
+        "{DEV} still there after `flush all`{}",
+        rig.logs()
+    );
+    let t0 = Instant::now();
+    rig.echo_ok("discover", "");
+    let back = wait_until(Duration::from_secs(1), || {
+        rig.state().as_deref() == Some("up")
+            && fs::metadata(&dev).is_ok_and(|m| m.len() == SECTORS * 512)
+    });
+    assert!(
+        back,
+        "{DEV} not up within 1 s of `echo > discover` ({:?}){}",
+        t0.elapsed(),
+        rig.logs()
+    );
+
+    eprintln!(
+        "{kind:?} mtu {mtu}: up {:?} after `echo > discover`",
+        t0.elapsed()
+    );
+
+    // Whole-device checksum.
+    assert_eq!(
+        sha256(&dev),
+        sha256(&rig.file),
+        "sha256 of {DEV} != backing file"
+    );
+
+    // Pattern writes: aligned; unaligned and short; unaligned and longer than a frame's
+    // payload (several frames, partial first and last sectors); and the last bytes. The
+    // fsync is the regression check for FLUSH CACHE EXT, which vblade aborts (it advertises
+    // only FLUSH CACHE): fsync failed with EIO against vblade until the initiator chose the
+    // command from IDENTIFY.
+    let payload = payload_for(mtu);
+    let writes: [(u64, usize); 4] = [
+        (8 << 20, 64 << 10),
+        (1_000_003, 100),
+        ((5 << 20) + 777, 3 * payload as usize + 1001),
+        (SECTORS * 512 - 700, 700),
+    ];
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .expect("open eX.Y for writing");
+        for (i, &(off, len)) in writes.iter().enumerate() {
+            f.write_all_at(&pattern(100 + i as u64, len), off)
+                .unwrap_or_else(|e| panic!("write {len} bytes at {off}: {e}{}", rig.logs()));
+        }
+        f.sync_all()
+            .unwrap_or_else(|e| panic!("fsync of {DEV}: {e}{}", rig.logs()));
+    }
+    let backing = File::open(&rig.file).expect("open backing file");
+    let original = pattern(1, (SECTORS * 512) as usize);
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let want = pattern(100 + i as u64, len);
+        let mut got = vec![0u8; len];
+        backing.read_exact_at(&mut got, off).expect("read backing");
+        assert!(
+            got == want,
+            "write of {len} at {off}: not in the backing file"
+        );
+        // The bytes around it are untouched.
+        let mut around = [0u8; 2];
+        backing.read_exact_at(&mut around[..1], off - 1).unwrap();
+        assert_eq!(
+            around[0],
+            original[off as usize - 1],
+            "byte before {off} changed"
+        );
+        if off + (len as u64) < SECTORS * 512 {
+            backing
+                .read_exact_at(&mut around[1..], off + len as u64)
+                .unwrap();
+            assert_eq!(
+                around[1],
+                original[off as usize + len],
+                "byte after {off}+{len} changed"
+            );
+        }
+        let read = read_at(&dev, off, len)
+            .unwrap_or_else(|e| panic!("read back {len} at {off}: {e}{}", rig.logs()));
+        assert!(
+            read == want,
+            "read back of {len} at {off} through {DEV} differs"
+        );
+    }
+    // An unaligned read spanning several frames and one of the writes.
+    let (off, len) = ((5 << 20) + 333, 5 * payload as usize + 77);
+    let mut want = vec![0u8; len];
+    backing.read_exact_at(&mut want, off).unwrap();
+    assert!(read_at(&dev, off, len).expect("unaligned read") == want);
+    assert_eq!(sha256(&dev), sha256(&rig.file), "sha256 after writes");
+
+    // aoe-stat over ROOT/sysfs.
+    let out = run_ok(Command::new("aoe-stat").env("sysfs_dir", rig.root.join("sysfs")));
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let want_row = vec![
+        DEV.to_owned(),
+        aoe_stat_size(SECTORS),
+        rig.init_if.clone(),
+        payload.to_string(),
+        "up".to_owned(),
+    ];
+    assert_eq!(rows.len(), 1, "aoe-stat output:\n{out}");
+    assert_eq!(rows[0], want_row, "aoe-stat output:\n{out}");
+    assert_eq!(rig.attr("payload"), Some(payload.to_string()));
+    assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
+    let mac = rig
+        .veth
+        .a_mac()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert_eq!(rig.attr("mac"), Some(mac));
+    let fw = rig.attr("firmware-version").unwrap_or_default();
+    assert!(
+        fw.starts_with("0x") && fw.len() == 6,
+        "firmware-version {fw:?}"
+    );
+
+    // err: the device coming up (twice: at start and after the rediscovery).
+    let err = rig.err_lines(2);
+    assert!(
+        err.lines()
+            .filter(|l| l.trim() == format!("{DEV} up"))
+            .count()
+            >= 2,
+        "err lines:\n{err}{}",
+        rig.logs()
+    );
+    assert!(err.contains(&format!("{DEV} v")) && err.contains(&format!("has {SECTORS} sectors")));
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// ext4_*: a real file system on the loop device
+
+fn ext4_over_loop(kind: Target, mtu: u32) {
+    let mut rig = Rig::start(
+        kind,
+        mtu,
+        InitOpts {
+            loop_devices: true,
+            ..InitOpts::default()
+        },
+    );
+    let mut loops = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            loops = rig.loops();
+            !loops.is_empty()
+        }),
+        "no loop device attached to {}{}",
+        rig.dev().display(),
+        rig.logs()
+    );
+    assert_eq!(loops.len(), 1, "loop devices over ROOT: {loops:?}");
+    let lo = loops[0].clone();
+
+    let mnt = mkfs_and_mount(&mut rig, &lo, &["-L", "aoeit"]);
+
+    let files: Vec<(String, Vec<u8>)> = [(1usize << 20), 4097, 5 << 20, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (format!("f{i}"), pattern(200 + i as u64, len)))
+        .collect();
+    fs::create_dir(mnt.join("d")).unwrap();
+    for (name, data) in &files {
+        fs::write(mnt.join("d").join(name), data).unwrap();
+    }
+    run_ok(Command::new("timeout").args(["-k", "5", "60", "sync"]));
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+
+    let fsck = run(Command::new("timeout").args(["-k", "5", "60", "fsck.ext4", "-n", "-f", &lo]));
+    assert!(
+        fsck.status.success(),
+        "fsck -n {lo} ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    // The data really is on the target: the backing file itself is a clean file system.
+    let fsck = run(Command::new("timeout")
+        .args(["-k", "5", "60", "fsck.ext4", "-n", "-f"])
+        .arg(&rig.file));
+    assert!(
+        fsck.status.success(),
+        "fsck -n of the backing file ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    run_ok(Command::new("mount").arg(&lo).arg(&mnt));
+    rig.mounts.push(mnt.clone());
+    for (name, data) in &files {
+        let got = fs::read(mnt.join("d").join(name)).unwrap();
+        assert!(&got == data, "{name} differs after remount");
+    }
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(&mnt),
+    );
+    rig.mounts.clear();
+    let err = rig.err_lines(2);
+    assert!(
+        err.contains(&format!("{DEV} attached to {lo}")),
+        "err lines:\n{err}"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// dead_*: the target dies and comes back
+
+fn dead_target(kind: Target, mtu: u32) {
+    let mut rig = Rig::start(
+        kind,
+        mtu,
+        InitOpts {
+            deadsecs: Some(DEADSECS),
+            ..InitOpts::default()
+        },
+    );
+    let dev = rig.dev();
+    // Something written before the target dies, to find again afterwards.
+    let mark = pattern(300, 4096 + 13);
+    {
+        let f = OpenOptions::new().write(true).open(&dev).unwrap();
+        f.write_all_at(&mark, 3 << 20).unwrap();
+    }
+    let before = sha256(&rig.file);
+
+    // Held open across the failure: the state shows it (`down,closewait`, docs/PROTOCOL.md 2.7).
+    let held = File::open(&dev).unwrap();
+    rig.kill_target();
+    // The initiator notices only when I/O goes unanswered: this read waits deadsecs.
+    let t0 = Instant::now();
+    let r = read_at(&dev, 7 << 20, 4096);
+    let waited = t0.elapsed();
+    eprintln!("{kind:?} mtu {mtu}: EIO {waited:?} after the target died");
+    match &r {
+        Err(e) if is_eio(e) => {}
+        other => panic!("read from a dead target: {other:?}, want EIO{}", rig.logs()),
+    }
+    assert!(
+        waited >= Duration::from_secs(DEADSECS - 1) && waited < Duration::from_secs(DEADSECS + 5),
+        "EIO after {waited:?}, deadsecs is {DEADSECS}"
+    );
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("down,closewait"),
+        "while held open"
+    );
+    drop(held);
+    rig.wait_state("down", Duration::from_secs(2), "after the target died");
+    // Down: reads fail at once.
+    rig.assert_prompt_eio(4096, "from a down device");
+    let w = OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .and_then(|f| f.write_all_at(&[1; 512], 0));
+    assert!(
+        matches!(&w, Err(e) if is_eio(e)),
+        "write to a down device: {w:?}"
+    );
+    let err = rig.err_lines(2);
+    assert!(err.contains(&format!("{DEV} down")), "err lines:\n{err}");
+
+    // Back: target restarted, `discover` written.
+    rig.start_target();
+    rig.echo_ok("discover", "");
+    rig.wait_state("up", Duration::from_secs(3), "after the target came back");
+    assert_eq!(sha256(&rig.file), before, "backing file changed while down");
+    assert_eq!(sha256(&dev), before, "sha256 of {DEV} after recovery");
+    assert_eq!(read_at(&dev, 3 << 20, mark.len()).unwrap(), mark);
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// control_*: interfaces, flush, revalidate
+
+fn control_files(kind: Target) {
+    let mut rig = Rig::start(
+        kind,
+        1500,
+        InitOpts {
+            spare_link: true,
+            ..InitOpts::default()
+        },
+    );
+    let dev = rig.dev();
+    let ifaces = rig.root.join("interfaces");
+    let spare = rig.spare_if.clone().unwrap();
+
+    // interfaces: shows --iflist; an unknown name is refused and changes nothing.
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{}\n", rig.init_if)
+    );
+    let out = rig.echo("interfaces", "nosuch0");
+    assert!(
+        !out.status.success(),
+        "writing an unknown interface succeeded"
+    );
+    let e = fs::write(&ifaces, "nosuch0\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(22), "unknown interface: {e}");
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{}\n", rig.init_if)
+    );
+
+    // Restricted to the spare link (no target behind it), discovery finds nothing...
+    rig.echo_ok("interfaces", &spare);
+    assert_eq!(fs::read_to_string(&ifaces).unwrap(), format!("{spare}\n"));
+    rig.echo_ok("flush", "all");
+    assert!(wait_until(Duration::from_secs(2), || !dev.exists()));
+    rig.echo_ok("discover", "");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !dev.exists(),
+        "{DEV} found through {spare}, which has no target"
+    );
+    // ...and with both links (two names, like aoe_iflist) it is found again, through the
+    // right one only.
+    rig.echo_ok("interfaces", &format!("{} {spare}", rig.init_if));
+    assert_eq!(
+        fs::read_to_string(&ifaces).unwrap(),
+        format!("{} {spare}\n", rig.init_if)
+    );
+    rig.echo_ok("discover", "");
+    rig.wait_state(
+        "up",
+        Duration::from_secs(2),
+        "after interfaces were widened",
+    );
+    assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
+
+    // Taking the device's only interface away puts it down at once (no path left: reads
+    // fail without waiting for deadsecs); giving it back brings it up with no `discover`
+    // (a new interface gets a broadcast query).
+    rig.echo_ok("interfaces", &spare);
+    rig.wait_state(
+        "down",
+        Duration::from_secs(1),
+        "with the device's interface removed",
+    );
+    rig.assert_prompt_eio(512, "without a path");
+    rig.echo_ok("interfaces", &rig.init_if.clone());
+    rig.wait_state("up", Duration::from_secs(2), "with the interface back");
+
+    // The initiator's MTU lowered under a running device: after `discover` (which rescans
+    // interfaces) frames carry one sector, and I/O still works. vblade exits on any failed
+    // send (a reply over the MTU, or one the peer's veth drops: ENOBUFS), so nothing may be
+    // in flight when the MTU changes: a direct read, queued behind the partition scan that
+    // follows `up`, completes only once the scan's frames are answered. (The engine resends
+    // frames caught by an MTU change in pieces that fit; its unit tests cover that.)
+    run_ok(Command::new("timeout").args(["-k", "5", "30", "dd"]).args([
+        &format!("if={}", dev.display()),
+        "of=/dev/null",
+        "bs=512",
+        "count=1",
+        "skip=1000",
+        "iflag=direct",
+        "status=none",
+    ]));
+    rig.veth.set_end_mtu(End::B, 1000).unwrap();
+    rig.echo_ok("discover", "");
+    rig.wait_attr("payload", "512", Duration::from_secs(2), "at MTU 1000");
+    assert_eq!(sha256(&dev), sha256(&rig.file), "sha256 at MTU 1000");
+    rig.veth.set_end_mtu(End::B, 1500).unwrap();
+    rig.echo_ok("discover", "");
+    rig.wait_attr(
+        "payload",
+        "1024",
+        Duration::from_secs(2),
+        "back at MTU 1500",
+    );
+
+    // flush: the empty write removes only down devices; `all` skips open ones.
+    rig.echo_ok("flush", "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("up"),
+        "empty flush removed an up device"
+    );
+    let held = File::open(&dev).unwrap();
+    // Regression: another open and close of the device (a read, as `sha256sum eX.Y` next to
+    // a mounted loop device would do) used to clear the open flag, so `flush all` removed a
+    // device that was still held.
+    drop(read_at(&dev, 0, 512).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    rig.echo_ok("flush", "all");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.state().as_deref(),
+        Some("up"),
+        "flush removed an open device"
+    );
+    let mut buf = [0u8; 512];
+    held.read_exact_at(&mut buf, 512).expect("read while held");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    rig.echo_ok("flush", DEV);
+    assert!(
+        wait_until(Duration::from_secs(2), || !dev.exists()
+            && rig.state().is_none()),
+        "{DEV} still there after `flush {DEV}`"
+    );
+    assert!(rig.echo("flush", "bogus").status.code() != Some(0));
+    rig.echo_ok("discover", "");
+    assert!(wait_until(Duration::from_secs(2), || rig
+        .state()
+        .as_deref()
+        == Some("up")));
+
+    // Partitions: an MBR written through eX.Y is found when the device comes back; eX.YpN
+    // are windows onto the device at the partitions' offsets.
+    let parts: [(u64, u64); 2] = [(2048, 8192), (10240, 20480)];
+    {
+        let f = OpenOptions::new().write(true).open(&dev).unwrap();
+        f.write_all_at(&mbr(&parts), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    rig.echo_ok("flush", DEV);
+    assert!(wait_until(Duration::from_secs(2), || rig.state().is_none()));
+    rig.echo_ok("discover", "");
+    let p2 = rig.root.join(format!("{DEV}p2"));
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::metadata(&p2)
+            .is_ok_and(|m| m.len() == parts[1].1 * 512)),
+        "{DEV}p2 missing or of the wrong size{}",
+        rig.logs()
+    );
+    assert_eq!(
+        fs::metadata(rig.root.join(format!("{DEV}p1")))
+            .unwrap()
+            .len(),
+        parts[0].1 * 512
+    );
+    let data = pattern(500, 3000);
+    {
+        let f = OpenOptions::new().write(true).open(&p2).unwrap();
+        f.write_all_at(&data, 1234).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut got = vec![0u8; data.len()];
+    File::open(&rig.file)
+        .unwrap()
+        .read_exact_at(&mut got, parts[1].0 * 512 + 1234)
+        .unwrap();
+    assert!(
+        got == data,
+        "write to {DEV}p2 not at the partition's offset"
+    );
+    assert_eq!(read_at(&p2, 1234, data.len()).unwrap(), data);
+    let e = OpenOptions::new()
+        .write(true)
+        .open(&p2)
+        .and_then(|f| f.write_all_at(&[0; 512], parts[1].1 * 512))
+        .unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(28),
+        "write past the partition's end: {e}"
+    );
+
+    // revalidate: the target restarted over a grown file; the new size shows.
+    let grown = SECTORS + 8 * 2048;
+    rig.kill_target();
+    let f = OpenOptions::new().write(true).open(&rig.file).unwrap();
+    f.set_len(grown * 512).unwrap();
+    let tail = pattern(400, 4096);
+    f.write_all_at(&tail, (grown - 8) * 512).unwrap();
+    drop(f);
+    rig.start_target();
+    rig.echo_ok("revalidate", DEV);
+    assert!(
+        wait_until(Duration::from_secs(3), || rig.attr("size")
+            == Some(grown.to_string())),
+        "size {:?} after revalidate, want {grown}{}",
+        rig.attr("size"),
+        rig.logs()
+    );
+    assert!(wait_until(Duration::from_secs(1), || fs::metadata(&dev)
+        .is_ok_and(|m| m.len() == grown * 512)));
+    assert_eq!(read_at(&dev, (grown - 8) * 512, 4096).unwrap(), tail);
+    assert_eq!(sha256(&dev), sha256(&rig.file));
+    let out = rig.echo("revalidate", "e9.9");
+    assert!(
+        !out.status.success(),
+        "revalidate of an unknown device succeeded"
+    );
+    let e = fs::write(rig.root.join("revalidate"), "e9.9").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(19), "revalidate e9.9: {e}");
+    let e = fs::write(rig.root.join("revalidate"), "nonsense").unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::InvalidInput,
+        "revalidate nonsense: {e}"
+    );
+    let err = rig.err_lines(2);
+    assert!(
+        err.contains(&format!(
+            "{DEV}: size changed from {SECTORS} to {grown} sectors"
+        )),
+        "err lines:\n{err}"
+    );
+    assert!(
+        err.contains("busy (open), not flushed"),
+        "err lines:\n{err}"
+    );
+    assert!(err.contains("interfaces: nosuch0"), "err lines:\n{err}");
+    rig.finish();
+}
+
+/// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
+fn mbr(parts: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    for (i, &(start, sectors)) in parts.iter().enumerate() {
+        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
+        // status, CHS first (unused: 0xfeffff), type 0x83, CHS last, LBA start, sectors
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&(start as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    }
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
+}
+
+// ------------------------------------------------------------------------------------------
+// SIGTERM with I/O in flight
+
+/// SIGTERM while a read waits on a dead target (deadsecs 60): the reader holds the device
+/// file open, so the daemon refuses to stop (like `rmmod aoe` with a device open); SIGQUIT
+/// then makes it fail the read, exit 0 and unmount ROOT; the reader gets an error in
+/// seconds, not after deadsecs.
+#[test]
+fn sigterm_with_io_blocked_on_a_dead_target() {
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            deadsecs: Some(60),
+            ..InitOpts::default()
+        },
+    );
+    rig.kill_target();
+    let dev = rig.dev();
+    let reader = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = read_at(&dev, 1 << 20, 4096);
+        (r, t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the dead target"
+    );
+    rig.signal_initiator("TERM");
+    assert!(
+        wait_until(Duration::from_secs(5), || rig
+            .logs()
+            .contains("not stopping while in use")),
+        "SIGTERM with the device open: no refusal{}",
+        rig.logs()
+    );
+    assert!(!reader.is_finished(), "the read ended on SIGTERM alone");
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().expect("initiator running");
+    let status = init.wait_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "aoe initiator after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted after SIGQUIT");
+    let (r, took) = reader.join().unwrap();
+    assert!(r.is_err(), "read from a dead target after SIGTERM: {r:?}");
+    assert!(took < Duration::from_secs(10), "the read took {took:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// MTU lowered with I/O in flight
+
+/// Both ends' MTU lowered while 2-sector reads wait at the target (stopped with SIGSTOP, so
+/// they are surely in flight): its 1060-byte answers no longer fit and are lost (or, once it
+/// has seen the new MTU, it aborts the requests); after `discover` the initiator resends
+/// those frames in 1-sector pieces and the read completes with the right bytes. Only
+/// against `aoe serve`: vblade exits on the first failed send.
+#[test]
+fn mtu_lowered_under_reads_in_flight() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let dev = rig.dev();
+    let pid = rig.target.as_ref().unwrap().pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    let reader = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            run(Command::new("timeout").args(["-k", "5", "60", "dd"]).args([
+                &format!("if={}", dev.display()),
+                "bs=64k",
+                "count=4",
+                "skip=8",
+                "iflag=direct",
+                "status=none",
+            ]))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    rig.veth.set_mtu(1000).unwrap();
+    rig.echo_ok("discover", "");
+    rig.wait_attr("payload", "512", Duration::from_secs(2), "at MTU 1000");
+    run_ok(Command::new("kill").args(["-CONT", &pid]));
+    let out = reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "read across the MTU change: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        rig.logs()
+    );
+    let want = &pattern(1, (SECTORS * 512) as usize)[512 << 10..768 << 10];
+    assert!(out.stdout == want, "wrong bytes read across the MTU change");
+    let err = rig.err_lines(1);
+    assert!(
+        err.contains("resent in new frames"),
+        "no frame was split:\n{err}"
+    );
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// The matrix
+
+macro_rules! matrix {
+    ($($name:ident: $f:ident($kind:expr, $mtu:expr);)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $f($kind, $mtu);
+            }
+        )*
+    };
+}
+
+matrix! {
+    data_aoe_serve_mtu_1500: data_path(Target::AoeServe, 1500);
+    data_aoe_serve_mtu_9000: data_path(Target::AoeServe, 9000);
+    data_vblade_mtu_1500: data_path(Target::Vblade, 1500);
+    data_vblade_mtu_9000: data_path(Target::Vblade, 9000);
+    ext4_aoe_serve_mtu_1500: ext4_over_loop(Target::AoeServe, 1500);
+    ext4_aoe_serve_mtu_9000: ext4_over_loop(Target::AoeServe, 9000);
+    ext4_vblade_mtu_1500: ext4_over_loop(Target::Vblade, 1500);
+    ext4_vblade_mtu_9000: ext4_over_loop(Target::Vblade, 9000);
+    dead_aoe_serve_mtu_1500: dead_target(Target::AoeServe, 1500);
+    dead_aoe_serve_mtu_9000: dead_target(Target::AoeServe, 9000);
+    dead_vblade_mtu_1500: dead_target(Target::Vblade, 1500);
+    dead_vblade_mtu_9000: dead_target(Target::Vblade, 9000);
+}
+
+#[test]
+fn control_aoe_serve() {
+    control_files(Target::AoeServe);
+}
+
+#[test]
+fn control_vblade() {
+    control_files(Target::Vblade);
+}

@@ -1,0 +1,720 @@
+//! Integration: `aoe initiator --nbd SOCKET` with real NBD clients (libnbd's `nbdinfo` and
+//! `nbdcopy`, `qemu-io`, `qemu-img`) and with a raw client that misbehaves, against vblade
+//! and against `aoe serve`.
+//!
+//! Each test makes two network namespaces joined by a veth pair: two targets (shelf 1,
+//! slots 1 and 2) in one, `aoe initiator --root TMP --nbd TMP/nbd.sock` in the other.
+//! AoE frames never leave that link; the Unix socket lives in the shared mount namespace,
+//! so the clients run on the host side. What the clients write is checked in the
+//! targets' backing files.
+//!
+//! These tests need root and the clients (`scripts/install-deps.sh` installs them); a
+//! missing tool is a failure, never a skip.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+/// Sectors per backing file: not a power of two, so an off-by-some size shows.
+const SECTORS: u64 = 16 * 1024 + 3;
+/// The MBR partition on slot 1: start and length in sectors.
+const PART: (u64, u64) = (2048, 4096);
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Vblade,
+    AoeServe,
+}
+
+fn require_tools() {
+    require_root();
+    aoe_testkit::require_tools(&[
+        ("nbdinfo", "libnbd-bin"),
+        ("nbdcopy", "libnbd-bin"),
+        ("qemu-io", "qemu-utils"),
+        ("qemu-img", "qemu-utils"),
+        ("vblade", "vblade"),
+        ("fusermount3", "fuse3"),
+        ("nsenter", "util-linux"),
+    ]);
+}
+
+/// Deterministic bytes, different per `seed`.
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn packet_sockets(ns: &Netns) -> usize {
+    ns.run("cat", &["/proc/net/packet"])
+        .map(|s| s.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let label = format!("{cmd:?}");
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {label}: {e}"))
+}
+
+/// Field order: processes stop before the link and namespaces go.
+struct Rig {
+    kind: Target,
+    initiator: Option<NsChild>,
+    targets: Vec<Option<NsChild>>,
+    files: Vec<PathBuf>,
+    root: PathBuf,
+    sock: PathBuf,
+    target_if: String,
+    _veth: VethPair,
+    _init_ns: Netns,
+    target_ns: Netns,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start(kind: Target) -> Rig {
+        require_tools();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut files = Vec::new();
+        for slot in 1..=2u32 {
+            let f = dir.path().join(format!("slot{slot}.img"));
+            let mut data = pattern(slot, (SECTORS * 512) as usize);
+            if slot == 1 {
+                // One MBR primary partition (type 0x83).
+                data[446..462].fill(0);
+                data[446 + 4] = 0x83;
+                data[446 + 8..446 + 12].copy_from_slice(&(PART.0 as u32).to_le_bytes());
+                data[446 + 12..446 + 16].copy_from_slice(&(PART.1 as u32).to_le_bytes());
+                data[462..510].fill(0);
+                data[510] = 0x55;
+                data[511] = 0xaa;
+            }
+            fs::write(&f, data).expect("backing file");
+            files.push(f);
+        }
+        let root = dir.path().join("etherd");
+        let sock = dir.path().join("nbd.sock");
+        let target_ns = Netns::new("aoent").expect("target namespace");
+        let init_ns = Netns::new("aoeni").expect("initiator namespace");
+        let veth = VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
+        let init_if = veth.b_name().to_owned();
+        let mut rig = Rig {
+            kind,
+            initiator: None,
+            targets: vec![None, None],
+            files,
+            root,
+            sock,
+            target_if: veth.a_name().to_owned(),
+            _veth: veth,
+            _init_ns: init_ns,
+            target_ns,
+            _dir: dir,
+        };
+        for i in 0..2 {
+            rig.start_target(i);
+        }
+        let mut cmd = rig._init_ns.command(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&rig.root)
+            .args(["--iflist", &init_if, "--deadsecs", "4", "--nbd"])
+            .arg(&rig.sock)
+            // 127.0.0.1 of the initiator's own namespace: no clash between tests.
+            .args(["--nbd-tcp", "127.0.0.1:10809"])
+            .env("AOE_LOG", "debug");
+        let mut init = NsChild::spawn_command(cmd).expect("start aoe initiator");
+        let sock = rig.sock.clone();
+        let ready = wait_until(Duration::from_secs(10), || {
+            sock.exists() || !init.is_running()
+        });
+        assert!(
+            ready && init.is_running(),
+            "aoe initiator did not start:\n{}",
+            init.output_so_far()
+        );
+        rig.initiator = Some(init);
+        let up = wait_until(Duration::from_secs(15), || {
+            let l = rig.list();
+            l.contains("export=\"e1.1\"")
+                && l.contains("export=\"e1.2\"")
+                && l.contains("export=\"e1.1p1\"")
+        });
+        assert!(up, "exports did not appear: {}{}", rig.list(), rig.logs());
+        rig
+    }
+
+    fn start_target(&mut self, i: usize) {
+        let slot = (i + 1).to_string();
+        let mut cmd = match self.kind {
+            Target::Vblade => Command::new("vblade"),
+            Target::AoeServe => {
+                let mut c = Command::new(AOE);
+                c.arg("serve");
+                c
+            }
+        };
+        cmd.args(["1", &slot, &self.target_if]).arg(&self.files[i]);
+        let before = packet_sockets(&self.target_ns);
+        let mut t = self.target_ns.spawn(cmd).expect("start target");
+        let bound = wait_until(Duration::from_secs(10), || {
+            packet_sockets(&self.target_ns) > before || !t.is_running()
+        });
+        assert!(
+            bound && t.is_running(),
+            "target did not start:\n{}",
+            t.output_so_far()
+        );
+        self.targets[i] = Some(t);
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    fn list(&self) -> String {
+        let o = run(Command::new("timeout").args(["20", "nbdinfo", "--list", &self.uri("")]));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn logs(&self) -> String {
+        let init = self
+            .initiator
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default();
+        let tail: Vec<&str> = init.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("\n--- initiator (tail):\n{}", tail.join("\n"))
+    }
+
+    /// Runs a client under a timeout; asserts success and returns stdout + stderr.
+    fn client(&self, program: &str, args: &[&str]) -> String {
+        let o = run(Command::new("timeout")
+            .args(["-k", "5", "120", program])
+            .args(args));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success(),
+            "{program} {args:?} failed ({}):\n{text}{}",
+            o.status,
+            self.logs()
+        );
+        text
+    }
+
+    fn backing(&self, i: usize) -> Vec<u8> {
+        fs::read(&self.files[i]).expect("read backing file")
+    }
+
+    fn connect(&self, export: &str, structured: bool) -> Client {
+        Client::connect(&self.sock, export, structured)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(mut i) = self.initiator.take() {
+            let _ = i.stop();
+        }
+        for t in self.targets.iter_mut() {
+            if let Some(mut t) = t.take() {
+                let _ = t.stop();
+            }
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.root)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A raw NBD client, to send what real clients never do
+
+struct Client {
+    s: UnixStream,
+    structured: bool,
+}
+
+/// A reply: cookie, error, data.
+type Reply = (u64, u32, Vec<u8>);
+
+impl Client {
+    fn raw(sock: &Path) -> UnixStream {
+        let s = UnixStream::connect(sock).expect("connect to the NBD socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+
+    /// Fixed newstyle handshake with NBD_OPT_GO (and structured replies if asked).
+    fn connect(sock: &Path, export: &str, structured: bool) -> Client {
+        let mut s = Self::raw(sock);
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        if structured {
+            send_option(&mut s, 8, &[]);
+            assert_eq!(read_option_reply(&mut s).1, 1);
+        }
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        send_option(&mut s, 7, &d);
+        loop {
+            let (_, kind, _) = read_option_reply(&mut s);
+            assert!(kind < 1 << 31, "GO {export} failed: reply type {kind:#x}");
+            if kind == 1 {
+                break;
+            }
+        }
+        Client { s, structured }
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
+        let mut b = Vec::with_capacity(28 + data.len());
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Reads one reply; `read_len` says how much data a simple read reply carries.
+    fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> Reply {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).expect("reply");
+        match u32::from_be_bytes(m) {
+            0x6744_6698 => {
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h).unwrap();
+                let err = u32::from_be_bytes(h[0..4].try_into().unwrap());
+                let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
+                let mut data = vec![0u8; if err == 0 { read_len(cookie) } else { 0 }];
+                self.s.read_exact(&mut data).unwrap();
+                (cookie, err, data)
+            }
+            0x668e_33ef => {
+                assert!(self.structured, "structured reply without negotiation");
+                let mut h = [0u8; 16];
+                self.s.read_exact(&mut h).unwrap();
+                let flags = u16::from_be_bytes([h[0], h[1]]);
+                assert_eq!(flags & 1, 1, "one chunk per reply, flagged done");
+                let kind = u16::from_be_bytes([h[2], h[3]]);
+                let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+                let mut p = vec![0u8; len];
+                self.s.read_exact(&mut p).unwrap();
+                match kind {
+                    0 => (cookie, 0, Vec::new()),
+                    1 => (cookie, 0, p[8..].to_vec()),
+                    0x8001 => (
+                        cookie,
+                        u32::from_be_bytes(p[0..4].try_into().unwrap()),
+                        vec![],
+                    ),
+                    k => panic!("unexpected chunk type {k:#x}"),
+                }
+            }
+            m => panic!("bad reply magic {m:#x}"),
+        }
+    }
+
+    fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.send(0, 0, 1, offset, len, &[]);
+        let (c, e, d) = self.reply(|_| len as usize);
+        assert_eq!(c, 1);
+        if e == 0 {
+            Ok(d)
+        } else {
+            Err(e)
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
+        self.send(1, flags, 2, offset, data.len() as u32, data);
+        let (c, e, _) = self.reply(|_| 0);
+        assert_eq!(c, 2);
+        e
+    }
+}
+
+fn send_option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+    let mut b = b"IHAVEOPT".to_vec();
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b).unwrap();
+}
+
+fn read_option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).expect("option reply");
+    assert_eq!(&h[..8], &0x0003_e889_0455_65a9u64.to_be_bytes());
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut d = vec![0u8; len];
+    s.read_exact(&mut d).unwrap();
+    (opt, kind, d)
+}
+
+/// True once the server has closed `s` (read returns EOF or a reset).
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => continue,
+        }
+    }
+}
+
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const EIO: u32 = 5;
+
+// ------------------------------------------------------------------------------------------
+// The scenarios
+
+fn real_clients(kind: Target) {
+    let rig = Rig::start(kind);
+    let size = SECTORS * 512;
+
+    // nbdinfo --list: every device and partition, with its size.
+    let list = rig.list();
+    for (name, bytes) in [("e1.1", size), ("e1.2", size), ("e1.1p1", PART.1 * 512)] {
+        let at = list
+            .find(&format!("export=\"{name}\":"))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{list}"));
+        let rest = &list[at..];
+        let end = rest[1..].find("export=").map_or(rest.len(), |e| e + 1);
+        assert!(
+            rest[..end].lines().any(|l| l
+                .split_whitespace()
+                .take(2)
+                .eq(["export-size:", &bytes.to_string()])),
+            "{name} should be {bytes} bytes:\n{list}"
+        );
+    }
+    // nbdinfo on one export: block sizes.
+    let info = rig.client("nbdinfo", &[&rig.uri("e1.1")]);
+    for needle in [
+        "block_size_minimum: 512",
+        "block_size_preferred: 1024",
+        "block_size_maximum: 33554432",
+        "can_flush: true",
+        "can_fua: true",
+        "can_zero: true",
+        "can_multi_conn: true",
+    ] {
+        assert!(info.contains(needle), "nbdinfo lacks {needle:?}:\n{info}");
+    }
+
+    // The TCP listener, from inside the initiator's namespace.
+    let o =
+        run(rig
+            ._init_ns
+            .command("timeout")
+            .args(["20", "nbdinfo", "nbd://127.0.0.1:10809/e1.2"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains(&format!("export-size: {size}")),
+        "nbdinfo over TCP ({}):\n{text}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // qemu-io: patterns at several offsets, unaligned and large, read back.
+    let writes: [(u8, u64, u64); 6] = [
+        (0xab, 0, 4096),
+        (0xcd, 12345, 1000),
+        (0x5a, 1 << 20, 3 << 20),
+        (0x11, (6 << 20) + 511, 2),
+        (0x22, size - 700, 700),
+        (0x33, 5 << 20, 40 << 10),
+    ];
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for (p, off, len) in writes {
+        args.push("-c".into());
+        args.push(format!("write -P {p:#x} {off} {len}"));
+    }
+    args.push("-c".into());
+    args.push("flush".into());
+    for (p, off, len) in writes {
+        args.push("-c".into());
+        args.push(format!("read -P {p:#x} {off} {len}"));
+    }
+    args.push(rig.uri("e1.1"));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = rig.client("qemu-io", &argv);
+    assert!(
+        !out.contains("fail") && !out.contains("error"),
+        "qemu-io:\n{out}"
+    );
+    let img = rig.backing(0);
+    for (p, off, len) in writes {
+        let r = &img[off as usize..(off + len) as usize];
+        assert!(
+            r.iter().all(|b| *b == p),
+            "backing file at {off}+{len} is not {p:#x}"
+        );
+    }
+    // Bytes next to the unaligned writes are untouched.
+    let orig = pattern(1, size as usize);
+    let odd = (6 << 20) + 511;
+    assert_eq!(img[odd - 1], orig[odd - 1]);
+    assert_eq!(img[odd + 2], orig[odd + 2]);
+    assert_eq!(img[12344], orig[12344]);
+    assert_eq!(img[13345], orig[13345]);
+
+    // qemu-img convert: the AoE disk to a local file, a local file back; checksums match.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("copy.img");
+    rig.client(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &rig.uri("e1.1"),
+            local.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        fs::read(&local).unwrap() == rig.backing(0),
+        "copy of e1.1 differs"
+    );
+    let src = dir.path().join("src.img");
+    fs::write(&src, pattern(77, size as usize)).unwrap();
+    rig.client(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &rig.uri("e1.2"),
+        ],
+    );
+    assert!(
+        rig.backing(1) == pattern(77, size as usize),
+        "e1.2 after qemu-img convert differs"
+    );
+
+    // nbdcopy between two exports.
+    rig.client("nbdcopy", &[&rig.uri("e1.1"), &rig.uri("e1.2")]);
+    assert!(
+        rig.backing(0) == rig.backing(1),
+        "nbdcopy e1.1 -> e1.2 differs"
+    );
+
+    // A partition export is a window on the device.
+    rig.client(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 8192",
+            &rig.uri("e1.1p1"),
+        ],
+    );
+    let img = rig.backing(0);
+    let start = (PART.0 * 512) as usize;
+    assert!(img[start..start + 8192].iter().all(|b| *b == 0x77));
+}
+
+fn raw_clients(kind: Target) {
+    let mut rig = Rig::start(kind);
+    let size = SECTORS * 512;
+
+    for structured in [false, true] {
+        let mut c = rig.connect("e1.2", structured);
+        // Unaligned write and read, served by read-modify-write.
+        let before = rig.backing(1);
+        let data = pattern(9 + u32::from(structured), 1500);
+        assert_eq!(c.write(777, &data, 1), 0);
+        assert_eq!(c.read(777, 1500).unwrap(), data);
+        let img = rig.backing(1);
+        assert_eq!(&img[777..2277], &data[..]);
+        assert_eq!(img[776], before[776]);
+        assert_eq!(img[2277], before[2277]);
+        // Write zeroes (type 6), unaligned, really written.
+        c.send(6, 0, 3, 1000, 5000, &[]);
+        assert_eq!(c.reply(|_| 0), (3, 0, vec![]));
+        assert!(rig.backing(1)[1000..6000].iter().all(|b| *b == 0));
+        // Out of range: EINVAL for reads, ENOSPC for writes (payload skipped).
+        assert_eq!(c.read(size - 512, 1024), Err(EINVAL));
+        assert_eq!(c.read(u64::MAX - 10, 512), Err(EINVAL));
+        assert_eq!(c.write(size, &[1u8; 512], 0), ENOSPC);
+        // Oversize: more than the advertised 32 MiB maximum.
+        assert_eq!(c.read(0, (32 << 20) + 512), Err(EINVAL));
+        // Unknown command, TRIM (not advertised), unknown flag.
+        for (kind, flags) in [(0x77u16, 0u16), (4, 0), (0, 0x100)] {
+            c.send(kind, flags, 4, 0, 512, &[]);
+            assert_eq!(
+                c.reply(|_| 0),
+                (4, EINVAL, vec![]),
+                "type {kind} flags {flags:#x}"
+            );
+        }
+        // Many requests in flight, replies matched by cookie.
+        for i in 0..64u64 {
+            c.send(0, 0, 100 + i, i * 4096, 4096, &[]);
+        }
+        let img = rig.backing(1);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let (cookie, e, d) = c.reply(|_| 4096);
+            assert_eq!(e, 0);
+            let i = cookie - 100;
+            assert_eq!(d, &img[(i * 4096) as usize..((i + 1) * 4096) as usize]);
+            seen.insert(cookie);
+        }
+        assert_eq!(seen.len(), 64);
+        // Flush, then a clean disconnect.
+        c.send(3, 0, 5, 0, 0, &[]);
+        assert_eq!(c.reply(|_| 0), (5, 0, vec![]));
+        c.send(2, 0, 6, 0, 0, &[]);
+        assert!(closed(&mut c.s));
+    }
+
+    // Handshake abuse: wrong option magic, unknown client flags -> closed.
+    let mut s = Client::raw(&rig.sock);
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(b"IHAVEOPX\0\0\0\x03\0\0\0\0").unwrap();
+    assert!(closed(&mut s), "bad option magic should close");
+    let mut s = Client::raw(&rig.sock);
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&0x80u32.to_be_bytes()).unwrap();
+    assert!(closed(&mut s), "unknown client flags should close");
+    // Unknown export: NBD_REP_ERR_UNKNOWN, and the option phase goes on.
+    let mut s = Client::raw(&rig.sock);
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, 7, b"\0\0\0\x04e9.9\0\0");
+    assert_eq!(read_option_reply(&mut s).1, (1 << 31) + 6);
+    send_option(&mut s, 2, &[]);
+    assert_eq!(read_option_reply(&mut s).1, 1);
+    // Wrong request magic in transmission: closed.
+    let mut c = rig.connect("e1.1", false);
+    c.s.write_all(&[0x25, 0x60, 0x95, 0x14]).unwrap();
+    c.s.write_all(&[0u8; 24]).unwrap();
+    assert!(closed(&mut c.s), "bad request magic should close");
+    // Disconnect in the middle of a request and of a write payload.
+    let mut c = rig.connect("e1.1", true);
+    c.s.write_all(&[0x25, 0x60, 0x95, 0x13, 0, 0]).unwrap();
+    drop(c);
+    let mut c = rig.connect("e1.1", true);
+    c.send(1, 0, 1, 0, 1 << 20, &[7u8; 1000]);
+    drop(c);
+    // Disconnect with reads in flight.
+    let mut c = rig.connect("e1.1", false);
+    for i in 0..32 {
+        c.send(0, 0, i, 0, 1 << 20, &[]);
+    }
+    drop(c);
+
+    // The daemon still serves.
+    let mut c = rig.connect("e1.1", false);
+    assert!(c.read(0, 512).is_ok());
+    assert!(rig.list().contains("export=\"e1.2\""));
+
+    // A device that goes down: in-flight and new requests fail with EIO, it leaves the
+    // list; it comes back with its target.
+    let mut c2 = rig.connect("e1.2", true);
+    if let Some(mut t) = rig.targets[1].take() {
+        let _ = t.stop();
+    }
+    assert_eq!(c2.read(0, 4096), Err(EIO), "read on a dead target");
+    let gone = wait_until(Duration::from_secs(10), || {
+        !rig.list().contains("export=\"e1.2\"")
+    });
+    assert!(gone, "e1.2 still listed while down:\n{}", rig.list());
+    assert_eq!(c2.read(0, 4096), Err(EIO), "read on a down device");
+    assert!(c.read(0, 512).is_ok(), "e1.1 is still up");
+    rig.start_target(1);
+    let back = wait_until(Duration::from_secs(20), || {
+        rig.list().contains("export=\"e1.2\"")
+    });
+    assert!(
+        back,
+        "e1.2 did not come back:\n{}{}",
+        rig.list(),
+        rig.logs()
+    );
+    let img = rig.backing(1);
+    assert_eq!(
+        c2.read(0, 4096).unwrap(),
+        &img[..4096],
+        "same connection, device back"
+    );
+    let running = rig.initiator.as_mut().is_some_and(NsChild::is_running);
+    assert!(running, "initiator died:{}", rig.logs());
+}
+
+#[test]
+fn nbd_real_clients_vblade() {
+    real_clients(Target::Vblade);
+}
+
+#[test]
+fn nbd_real_clients_aoe_serve() {
+    real_clients(Target::AoeServe);
+}
+
+#[test]
+fn nbd_bad_clients_vblade() {
+    raw_clients(Target::Vblade);
+}
+
+#[test]
+fn nbd_bad_clients_aoe_serve() {
+    raw_clients(Target::AoeServe);
+}
+
+#[test]
+fn nbd_tcp_refuses_non_loopback() {
+    let o = run(Command::new(AOE).args([
+        "initiator",
+        "--root",
+        "/nonexistent/aoe-nbd-test",
+        "--nbd-tcp",
+        "0.0.0.0:10809",
+    ]));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--nbd-tcp-any"), "{err}");
+}

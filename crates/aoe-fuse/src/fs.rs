@@ -1,0 +1,638 @@
+//! The `/dev/etherd`-style file system over FUSE.
+//!
+//! ```text
+//! ROOT/discover            write: broadcast a Query Config on every allowed interface
+//! ROOT/interfaces          read/write: the allowed interfaces (empty: all)
+//! ROOT/err                 read: blocks until a diagnostic line is available
+//! ROOT/revalidate          write "eX.Y": re-query and re-IDENTIFY
+//! ROOT/flush               write "all", names, or nothing (= down devices): remove devices
+//! ROOT/eX.Y                the device, read/write at any offset; fsync = FLUSH CACHE EXT
+//! ROOT/eX.YpN              partition N of an MBR or GPT table on it
+//! ROOT/sysfs/block/etherd!eX.Y/{state,mac,netif,firmware-version,payload,size}
+//! ```
+//! The attribute tree is laid out like the kernel's sysfs so aoetools' `aoe-stat` reads it
+//! with `sysfs_dir=ROOT/sysfs`.
+
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aoe_proto::initiator::{BlockOp, FlushWhich};
+use aoe_wire::TargetAddr;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
+    Request, WriteFlags,
+};
+
+use aoe_initiator::blockdev;
+use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
+
+const ROOT: u64 = 1;
+const DISCOVER: u64 = 2;
+const INTERFACES: u64 = 3;
+const ERR: u64 = 4;
+const REVALIDATE: u64 = 5;
+const FLUSH: u64 = 6;
+const SYSFS: u64 = 7;
+const SYSFS_BLOCK: u64 = 8;
+
+const DEV_BASE: u64 = 1 << 40;
+const DEVDIR_BASE: u64 = 2 << 40;
+const ATTR_BASE: u64 = 3 << 40;
+
+const ATTRS: [&str; 6] = [
+    "state",
+    "mac",
+    "netif",
+    "firmware-version",
+    "payload",
+    "size",
+];
+const TTL: Duration = Duration::from_millis(200);
+
+fn key(a: TargetAddr) -> u64 {
+    (u64::from(a.shelf) << 8) | u64::from(a.slot)
+}
+
+fn addr_of(k: u64) -> TargetAddr {
+    TargetAddr::new((k >> 8) as u16, k as u8)
+}
+
+/// What an inode number names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Fixed(u64),
+    Dev(TargetAddr, u32),
+    DevDir(TargetAddr),
+    Attr(TargetAddr, usize),
+}
+
+fn node(ino: u64) -> Option<Node> {
+    match ino {
+        1..=8 => Some(Node::Fixed(ino)),
+        i if i >= ATTR_BASE => Some(Node::Attr(
+            addr_of((i - ATTR_BASE) >> 8),
+            ((i - ATTR_BASE) & 0xff) as usize,
+        )),
+        i if i >= DEVDIR_BASE => Some(Node::DevDir(addr_of((i - DEVDIR_BASE) >> 8))),
+        i if i >= DEV_BASE => Some(Node::Dev(
+            addr_of((i - DEV_BASE) >> 16),
+            ((i - DEV_BASE) & 0xffff) as u32,
+        )),
+        _ => None,
+    }
+}
+
+fn ino(n: Node) -> u64 {
+    match n {
+        Node::Fixed(i) => i,
+        Node::Dev(a, p) => DEV_BASE + (key(a) << 16) + u64::from(p),
+        Node::DevDir(a) => DEVDIR_BASE + (key(a) << 8),
+        Node::Attr(a, i) => ATTR_BASE + (key(a) << 8) + i as u64,
+    }
+}
+
+/// A FUSE read of `err` waiting for a line.
+struct ErrReply(ReplyData);
+
+impl ErrWaiter for ErrReply {
+    fn line(self: Box<Self>, line: &[u8]) {
+        self.0.data(line);
+    }
+    fn interrupted(self: Box<Self>) {
+        self.0.error(fuser::Errno::EINTR);
+    }
+}
+
+/// The file system.
+pub struct AoeFs {
+    shared: Arc<Mutex<Shared>>,
+    net: Handle,
+    uid: u32,
+    gid: u32,
+    start: SystemTime,
+}
+
+impl AoeFs {
+    /// A file system over the shared state, sending work to `net`.
+    pub fn new(shared: Arc<Mutex<Shared>>, net: Handle) -> AoeFs {
+        AoeFs {
+            shared,
+            net,
+            uid: 0,
+            gid: 0,
+            start: SystemTime::now(),
+        }
+    }
+
+    fn attr(&self, n: Node, size: u64, kind: FileType, perm: u16) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino(n)),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.start,
+            mtime: self.start,
+            ctime: self.start,
+            crtime: self.start,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 512,
+            flags: 0,
+        }
+    }
+
+    /// Attributes of a node, or None if it does not exist (now).
+    fn getattr_node(&self, n: Node) -> Option<FileAttr> {
+        let s = lock(&self.shared);
+        Some(match n {
+            Node::Fixed(ROOT | SYSFS | SYSFS_BLOCK) => self.attr(n, 0, FileType::Directory, 0o755),
+            Node::Fixed(DISCOVER | REVALIDATE | FLUSH) => {
+                self.attr(n, 0, FileType::RegularFile, 0o200)
+            }
+            Node::Fixed(INTERFACES) => self.attr(n, 0, FileType::RegularFile, 0o600),
+            Node::Fixed(ERR) => self.attr(n, 0, FileType::RegularFile, 0o400),
+            Node::Fixed(_) => return None,
+            Node::Dev(a, p) => {
+                let e = s.devices.get(&a)?;
+                let (_, len) = extent(e, p)?;
+                self.attr(n, len * 512, FileType::RegularFile, 0o660)
+            }
+            Node::DevDir(a) => {
+                s.devices.get(&a)?;
+                self.attr(n, 0, FileType::Directory, 0o755)
+            }
+            Node::Attr(a, i) => {
+                let e = s.devices.get(&a)?;
+                let v = attr_value(e, i)?;
+                self.attr(n, v.len() as u64, FileType::RegularFile, 0o444)
+            }
+        })
+    }
+
+    fn children(&self, dir: u64) -> Option<Vec<(Node, FileType, String)>> {
+        let s = lock(&self.shared);
+        let mut v = Vec::new();
+        match node(dir)? {
+            Node::Fixed(ROOT) => {
+                for (i, name) in [
+                    (DISCOVER, "discover"),
+                    (INTERFACES, "interfaces"),
+                    (ERR, "err"),
+                    (REVALIDATE, "revalidate"),
+                    (FLUSH, "flush"),
+                ] {
+                    v.push((Node::Fixed(i), FileType::RegularFile, name.to_string()));
+                }
+                v.push((Node::Fixed(SYSFS), FileType::Directory, "sysfs".into()));
+                for (a, e) in &s.devices {
+                    v.push((Node::Dev(*a, 0), FileType::RegularFile, a.to_string()));
+                    for p in &e.partitions {
+                        v.push((
+                            Node::Dev(*a, p.number),
+                            FileType::RegularFile,
+                            format!("{a}p{}", p.number),
+                        ));
+                    }
+                }
+            }
+            Node::Fixed(SYSFS) => v.push((
+                Node::Fixed(SYSFS_BLOCK),
+                FileType::Directory,
+                "block".into(),
+            )),
+            Node::Fixed(SYSFS_BLOCK) => {
+                for a in s.devices.keys() {
+                    v.push((Node::DevDir(*a), FileType::Directory, format!("etherd!{a}")));
+                }
+            }
+            Node::DevDir(a) => {
+                s.devices.get(&a)?;
+                for (i, name) in ATTRS.iter().enumerate() {
+                    v.push((Node::Attr(a, i), FileType::RegularFile, name.to_string()));
+                }
+            }
+            _ => return None,
+        }
+        Some(v)
+    }
+
+    /// Runs a command that answers on a channel, waiting briefly for the answer.
+    fn ask<T>(&self, make: impl FnOnce(crossbeam_channel::Sender<T>) -> Cmd) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.net.send(make(tx));
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    fn control_write(&self, which: u64, data: &[u8]) -> Result<(), Errno> {
+        let text = String::from_utf8_lossy(data);
+        let words: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .collect();
+        match which {
+            DISCOVER => {
+                self.net.send(Cmd::Discover);
+                Ok(())
+            }
+            INTERFACES => {
+                let list = words.iter().map(|w| w.to_string()).collect();
+                match self.ask(|tx| Cmd::SetInterfaces(list, tx)) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => {
+                        lock(&self.shared).push_err(format!("interfaces: {e}"));
+                        Err(Errno::EINVAL)
+                    }
+                    None => Err(Errno::EIO),
+                }
+            }
+            REVALIDATE => {
+                let [name] = words.as_slice() else {
+                    return Err(Errno::EINVAL);
+                };
+                let dev: TargetAddr = name.parse().map_err(|_| Errno::EINVAL)?;
+                match self.ask(|tx| Cmd::Revalidate(dev, tx)) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(_)) => Err(Errno::ENODEV),
+                    None => Err(Errno::EIO),
+                }
+            }
+            FLUSH => {
+                let which = match words.as_slice() {
+                    [] => FlushWhich::Down,
+                    ["all"] => FlushWhich::All,
+                    names => FlushWhich::Named(
+                        names
+                            .iter()
+                            .map(|n| n.parse::<TargetAddr>().map_err(|_| Errno::EINVAL))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                };
+                self.ask(|tx| Cmd::Flush(which, tx)).ok_or(Errno::EIO)?;
+                Ok(())
+            }
+            _ => Err(Errno::EACCES),
+        }
+    }
+}
+
+/// Start and length (sectors) of device `a`'s partition `p` (0: the whole device).
+fn extent(e: &DevEntry, p: u32) -> Option<(u64, u64)> {
+    if p == 0 {
+        return Some((0, e.info.sectors));
+    }
+    e.partitions
+        .iter()
+        .find(|x| x.number == p)
+        .map(|x| (x.start, x.sectors))
+}
+
+/// The text of attribute file `i` (see [`ATTRS`]), newline-terminated like sysfs.
+fn attr_value(e: &DevEntry, i: usize) -> Option<String> {
+    let info = &e.info;
+    let v = match *ATTRS.get(i)? {
+        "state" => info.state.to_string(),
+        "mac" => info
+            .targets
+            .first()
+            .map(|t| t.mac.0.iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default(),
+        "netif" => info.interfaces.join(","),
+        "firmware-version" => format!("0x{:04x}", info.firmware_version),
+        "payload" => info.payload.to_string(),
+        "size" => info.sectors.to_string(),
+        _ => return None,
+    };
+    Some(v + "\n")
+}
+
+impl Filesystem for AoeFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        let found = self
+            .children(parent.0)
+            .and_then(|c| c.into_iter().find(|(_, _, n)| n == name))
+            .and_then(|(n, _, _)| self.getattr_node(n));
+        match found {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match node(ino.0).and_then(|n| self.getattr_node(n)) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Like a block device: truncation (O_TRUNC) changes nothing; control files accept it
+        // so `echo > file` works.
+        match node(ino.0).and_then(|n| self.getattr_node(n)) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino.0) {
+            Some(Node::Dev(a, p)) => {
+                {
+                    let mut s = lock(&self.shared);
+                    if !s.devices.contains_key(&a) {
+                        return reply.error(Errno::ENOENT);
+                    }
+                    *s.open_files.entry((a, p)).or_insert(0) += 1;
+                }
+                self.net.send(Cmd::SetOpen(a, true));
+                reply.opened(FileHandle(0), FopenFlags::empty());
+            }
+            // Control and attribute files have no fixed size: bypass the page cache.
+            Some(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
+            ),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(Node::Dev(a, p)) = node(ino.0) {
+            {
+                let mut s = lock(&self.shared);
+                if let Some(n) = s.open_files.get_mut(&(a, p)) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.open_files.remove(&(a, p));
+                    }
+                }
+            }
+            self.net.send(Cmd::SetOpen(a, false));
+        }
+        reply.ok();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match node(ino.0) {
+            Some(Node::Fixed(ERR)) => {
+                let mut s = lock(&self.shared);
+                match s.err.pop_front() {
+                    Some(line) => reply.data(line.as_bytes()),
+                    // Blocks until a line arrives, like `cat /dev/etherd/err`.
+                    None => s.err_waiters.push((req.pid(), Box::new(ErrReply(reply)))),
+                }
+            }
+            Some(Node::Fixed(INTERFACES)) => {
+                let s = lock(&self.shared);
+                let text = if s.iflist.is_empty() {
+                    String::new()
+                } else {
+                    s.iflist.join(" ") + "\n"
+                };
+                reply.data(slice_at(text.as_bytes(), offset, size));
+            }
+            Some(Node::Attr(a, i)) => {
+                let s = lock(&self.shared);
+                match s.devices.get(&a).and_then(|e| attr_value(e, i)) {
+                    Some(v) => reply.data(slice_at(v.as_bytes(), offset, size)),
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            Some(Node::Dev(a, p)) => self.read_dev(a, p, offset, size, reply),
+            Some(Node::Fixed(_)) => reply.data(&[]),
+            _ => reply.error(Errno::EISDIR),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match node(ino.0) {
+            Some(Node::Fixed(which @ (DISCOVER | INTERFACES | REVALIDATE | FLUSH))) => {
+                match self.control_write(which, data) {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(e) => reply.error(e),
+                }
+            }
+            Some(Node::Dev(a, p)) => self.write_dev(a, p, offset, data, reply),
+            _ => reply.error(Errno::EACCES),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match node(ino.0) {
+            Some(Node::Dev(a, _)) => self.net.io(
+                a,
+                BlockOp::Flush,
+                Box::new(move |r| match r {
+                    Ok(_) => reply.ok(),
+                    Err(e) => reply.error(Errno::from_i32(e)),
+                }),
+            ),
+            _ => reply.ok(),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.size(0);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(children) = self.children(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let mut all = vec![
+            (ino.0, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
+        all.extend(
+            children
+                .into_iter()
+                .map(|(n, k, name)| (self::ino(n), k, name)),
+        );
+        for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+fn slice_at(b: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = (offset as usize).min(b.len());
+    let end = start.saturating_add(size as usize).min(b.len());
+    &b[start..end]
+}
+
+impl AoeFs {
+    /// Device extent (start, length) in sectors, or an errno.
+    fn dev_extent(&self, a: TargetAddr, p: u32) -> Result<(u64, u64), Errno> {
+        let s = lock(&self.shared);
+        let e = s.devices.get(&a).ok_or(Errno::ENODEV)?;
+        extent(e, p).ok_or(Errno::ENODEV)
+    }
+
+    /// A read of a device or partition file: the covering sectors, sliced
+    /// ([`blockdev::read`], which holds them shared against a read-modify-write).
+    fn read_dev(&self, a: TargetAddr, p: u32, offset: u64, size: u32, reply: ReplyData) {
+        let (start, len) = match self.dev_extent(a, p) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let end = len * 512;
+        if offset >= end || size == 0 {
+            return reply.data(&[]);
+        }
+        let want = (size as u64).min(end - offset) as usize;
+        blockdev::read(
+            &self.net,
+            a,
+            start,
+            offset,
+            want,
+            Box::new(move |r| match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+        );
+    }
+
+    /// A write to a device or partition file at any offset and length
+    /// ([`blockdev::write`]: the partial sectors of an unaligned write are read, patched and
+    /// written back under an exclusive hold of the covering sectors, shared with the NBD
+    /// server, so concurrent writers to one sector through any file or export all land).
+    fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let (start, len) = match self.dev_extent(a, p) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let end = len * 512;
+        if offset >= end {
+            return reply.error(Errno::ENOSPC);
+        }
+        // A write reaching past the end is cut at the end and reported short.
+        let n = (data.len() as u64).min(end - offset) as usize;
+        let written = n as u32;
+        blockdev::write(
+            &self.net,
+            a,
+            start,
+            offset,
+            data[..n].to_vec(),
+            Box::new(move |r| match r {
+                Ok(()) => reply.written(written),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        for n in [
+            Node::Fixed(ERR),
+            Node::Dev(TargetAddr::new(65534, 254), 0),
+            Node::Dev(TargetAddr::new(7, 3), 128),
+            Node::DevDir(TargetAddr::new(0, 0)),
+            Node::Attr(TargetAddr::new(65534, 254), 5),
+        ] {
+            assert_eq!(node(ino(n)), Some(n));
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The FUSE front-end of the AoE initiator: the Linux driver's `/dev/etherd` control and
+//! device files, and a sysfs-like attribute tree, under a ROOT directory ([`fs`]).
+//!
+//! Layer: a front-end over [`aoe_initiator`]; device I/O goes through its block-device
+//! handle ([`aoe_initiator::blockdev`]), control writes go to its network thread as
+//! commands. It knows nothing of frames or sockets.
+//!
+//! One daemon per ROOT: a ROOT that is already mounted (by another `aoe initiator`, or by
+//! anything else) is refused before mounting ([`prepare_root`]), since two FUSE mounts
+//! stacked on one directory would each take requests meant for the other.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod fs;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use aoe_initiator::net::{Handle, Shared};
+
+/// Refuses a ROOT that is already mounted, then creates it if needed. Call before
+/// starting the initiator, so a refused ROOT starts nothing.
+pub fn prepare_root(root: &Path) -> Result<()> {
+    refuse_mounted_root(root)?;
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))
+}
+
+/// The mounted file system; [`Mount::unmount`] takes it down.
+pub struct Mount {
+    session: fuser::BackgroundSession,
+    root: PathBuf,
+}
+
+/// Mounts the file system over `shared` at `root`, sending work to `net`.
+pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Mount> {
+    let mut fcfg = fuser::Config::default();
+    fcfg.mount_options = vec![
+        fuser::MountOption::FSName("aoe".into()),
+        fuser::MountOption::Subtype("etherd".into()),
+        fuser::MountOption::NoExec,
+    ];
+    fcfg.acl = fuser::SessionACL::All;
+    fcfg.n_threads = Some(2);
+    let session = fuser::spawn_mount(fs::AoeFs::new(shared, net), root, &fcfg)
+        .with_context(|| format!("cannot mount the control file system on {}", root.display()))?;
+    Ok(Mount {
+        session,
+        root: root.to_path_buf(),
+    })
+}
+
+impl Mount {
+    /// Unmounts. Call after [`aoe_initiator::Initiator::shutdown`], which wakes blocked
+    /// readers of `err` first.
+    pub fn unmount(self) {
+        drop(self.session);
+        // The BackgroundSession unmounts on drop; make sure nothing is left mounted even if
+        // a reader still held a file open (lazy unmount).
+        let _ = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.root)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Fails if something is already mounted on `root` (field 5 of /proc/self/mountinfo): a
+/// second FUSE mount stacked on an `aoe initiator`'s ROOT would take requests meant for
+/// the first and answer them from an empty device list.
+fn refuse_mounted_root(root: &Path) -> Result<()> {
+    // Not `canonicalize(root)`: a stale FUSE mount (its daemon gone) fails stat with
+    // ENOTCONN. Resolve the parent and keep the last component.
+    let abs = match (root.parent(), root.file_name()) {
+        (Some(p), Some(n)) => {
+            let p = if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            };
+            match p.canonicalize() {
+                Ok(p) => p.join(n),
+                Err(_) => return Ok(()),
+            }
+        }
+        _ => root.to_path_buf(),
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Ok(());
+    };
+    let Some((fstype, source)) = mount_at(&info, &abs) else {
+        return Ok(());
+    };
+    let r = root.display();
+    // Mounted by root the type is `fuse` (the subtype goes into the options), through
+    // fusermount3 `fuse.etherd`; the source is the FSName either way.
+    if (fstype == "fuse" || fstype.starts_with("fuse.")) && source == "aoe" {
+        match initiator_pid_on(&abs) {
+            Some(pid) => anyhow::bail!(
+                "{r} is already mounted (by another aoe initiator, pid {pid}); stop it first"
+            ),
+            None => anyhow::bail!(
+                "{r} is already mounted (by another aoe initiator, which seems to be gone: \
+                 fusermount3 -u -z {r} removes a stale mount); stop it first"
+            ),
+        }
+    }
+    anyhow::bail!(
+        "{r} is already mounted ({fstype} from {source}); unmount it or choose another --root"
+    )
+}
+
+/// The file system type and source of the mount on `dir` in a mountinfo text (the last
+/// one: mounts stacked on one directory hide the earlier ones).
+fn mount_at(mountinfo: &str, dir: &Path) -> Option<(String, String)> {
+    let want = dir.to_str()?;
+    let mut found = None;
+    for l in mountinfo.lines() {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.get(4).map(|m| unescape(m)).as_deref() == Some(want) {
+            let fstype = fields.get(sep + 1).copied().unwrap_or("?").to_string();
+            let source = fields.get(sep + 2).map(|s| unescape(s)).unwrap_or_default();
+            found = Some((fstype, source));
+        }
+    }
+    found
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The pid of another `aoe initiator` process whose `--root` (default `/dev/etherd`) is
+/// `root`, found through /proc/PID/{comm,cmdline,cwd}; None if there is none (or /proc
+/// does not tell).
+fn initiator_pid_on(root: &Path) -> Option<u32> {
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let dir = e.path();
+        if !std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "aoe") {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.iter().any(|a| a == "initiator") {
+            continue;
+        }
+        let mut r = PathBuf::from("/dev/etherd");
+        for (i, a) in args.iter().enumerate() {
+            if a == "--root" {
+                if let Some(v) = args.get(i + 1) {
+                    r = PathBuf::from(v);
+                }
+            } else if let Some(v) = a.strip_prefix("--root=") {
+                r = PathBuf::from(v);
+            }
+        }
+        if r.is_relative() {
+            match std::fs::read_link(dir.join("cwd")) {
+                Ok(cwd) => r = cwd.join(r),
+                Err(_) => continue,
+            }
+        }
+        let same = r == root
+            || r.parent()
+                .and_then(|p| p.canonicalize().ok())
+                .zip(r.file_name())
+                .is_some_and(|(p, n)| p.join(n) == root);
+        if same {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lookup() {
+        let info = "\
+22 1 0:21 / /run rw,nosuid - tmpfs tmpfs rw
+90 22 0:50 / /run/aoe\\040roots/r1 rw,nosuid,nodev shared:1 - fuse.etherd aoe rw,user_id=0
+91 22 0:51 / /run/x rw - ext4 /dev/loop0 rw
+92 91 0:52 / /run/x rw - fuse.etherd aoe rw
+";
+        assert_eq!(
+            mount_at(info, Path::new("/run/aoe roots/r1")),
+            Some(("fuse.etherd".into(), "aoe".into()))
+        );
+        // The last mount on a directory is the visible one.
+        assert_eq!(
+            mount_at(info, Path::new("/run/x")),
+            Some(("fuse.etherd".into(), "aoe".into()))
+        );
+        assert_eq!(mount_at(info, Path::new("/run/aoe")), None);
+        assert_eq!(mount_at("garbage\n\n1 2 3", Path::new("/run")), None);
+        assert_eq!(unescape("a\\040b\\134c\\"), "a b\\c\\");
+    }
+
+    #[test]
+    fn an_unmounted_root_is_fine() {
+        let d = std::env::temp_dir();
+        assert!(refuse_mounted_root(&d.join("aoe-no-such-root")).is_ok());
+    }
+}

@@ -1,0 +1,271 @@
+//! The block-device handle every front-end uses: byte-granular I/O on a 512-byte-sector AoE
+//! device, on top of [`Handle::io`]: reads of
+//! any offset and length (read the covering sectors and slice), writes of any offset and
+//! length (read-modify-write of the partial first and last sectors), writes of zeros, and
+//! flush. Every function is asynchronous: it submits and returns, and `done` runs later on
+//! the network thread. The front-ends use them: the NBD server (`aoe-nbd`) and the FUSE
+//! device files (`aoe-fuse`); another (ublk) would too.
+//!
+//! Every read and write holds its covering sectors in the daemon's
+//! [`RangeLocks`](rangelock::RangeLocks) until it completes: shared when aligned,
+//! exclusive for a read-modify-write (from the read of the partial sectors to the end of
+//! the write back), so two unaligned writes to different bytes of one sector, through any
+//! mix of device files, partition files and NBD exports, both land (what the kernel's page
+//! cache guarantees above a real block device).
+
+pub mod rangelock;
+
+use aoe_proto::initiator::BlockOp;
+use aoe_wire::TargetAddr;
+
+use crate::net::Handle;
+use rangelock::Mode;
+
+/// Sector size of every AoE device.
+pub const SECTOR: u64 = 512;
+
+/// Bytes of zeros written per AoE operation by [`write_zeroes`].
+pub const ZERO_CHUNK: u64 = 4 << 20;
+
+/// Completion callback.
+pub type Cb<T> = Box<dyn FnOnce(Result<T, i32>) + Send>;
+
+/// The sectors covering bytes `[offset, offset + len)`: first sector, sector count, and
+/// the offset of `offset` inside the first sector. `len` must be non-zero.
+pub fn covering(offset: u64, len: u64) -> (u64, u64, usize) {
+    let first = offset / SECTOR;
+    let last = (offset + len).div_ceil(SECTOR);
+    (first, last - first, (offset % SECTOR) as usize)
+}
+
+/// Reads `len` bytes at byte `offset` of the extent starting at sector `base` of `dev`.
+pub fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done: Cb<Vec<u8>>) {
+    if len == 0 {
+        return done(Ok(Vec::new()));
+    }
+    let (first, count, skip) = covering(offset, len as u64);
+    let Ok(sectors) = u32::try_from(count) else {
+        return done(Err(libc::EINVAL));
+    };
+    let lba = base + first;
+    let n2 = net.clone();
+    net.locks().acquire(
+        dev,
+        lba,
+        count,
+        Mode::Shared,
+        Box::new(move |held| {
+            n2.io(
+                dev,
+                BlockOp::Read { lba, sectors },
+                Box::new(move |r| {
+                    drop(held);
+                    match r {
+                        Ok(Some(mut d)) if d.len() >= skip + len => {
+                            d.drain(..skip);
+                            d.truncate(len);
+                            done(Ok(d))
+                        }
+                        Ok(_) => done(Err(libc::EIO)),
+                        Err(e) => done(Err(e)),
+                    }
+                }),
+            )
+        }),
+    );
+}
+
+/// Writes `data` at byte `offset` of the extent starting at sector `base` of `dev`. An
+/// aligned write goes out as it is (holding its sectors shared); otherwise the partial
+/// first and last sectors are read first and the whole covering range is written back,
+/// all under an exclusive hold of the covering sectors.
+pub fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, done: Cb<()>) {
+    if data.is_empty() {
+        return done(Ok(()));
+    }
+    let len = data.len() as u64;
+    let (first, count, _) = covering(offset, len);
+    let aligned = offset % SECTOR == 0 && len % SECTOR == 0;
+    let mode = if aligned {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    let n2 = net.clone();
+    net.locks().acquire(
+        dev,
+        base + first,
+        count,
+        mode,
+        Box::new(move |held| {
+            // Released when the last AoE command of this write completes.
+            let done: Cb<()> = Box::new(move |r| {
+                drop(held);
+                done(r)
+            });
+            if aligned {
+                n2.io(
+                    dev,
+                    BlockOp::Write {
+                        lba: base + first,
+                        data,
+                    },
+                    Box::new(move |r| done(r.map(|_| ()))),
+                )
+            } else {
+                read_modify_write(n2, dev, base, offset, data, done)
+            }
+        }),
+    );
+}
+
+/// The unaligned half of [`write`], run with the covering sectors held exclusively.
+fn read_modify_write(
+    net: Handle,
+    dev: TargetAddr,
+    base: u64,
+    offset: u64,
+    data: Vec<u8>,
+    done: Cb<()>,
+) {
+    let len = data.len() as u64;
+    let (first, count, skip) = covering(offset, len);
+    let mut buf = vec![0u8; (count * SECTOR) as usize];
+    buf[skip..skip + data.len()].copy_from_slice(&data);
+    drop(data);
+    let covered = (skip, skip + len as usize);
+    let mut todo = Vec::new();
+    if skip != 0 {
+        todo.push(0);
+    }
+    if covered.1 % SECTOR as usize != 0 && !(count == 1 && skip != 0) {
+        todo.push(count - 1);
+    }
+    fill(net, dev, base + first, buf, covered, todo, done);
+}
+
+/// Reads the partial sectors in `todo` (indices into `buf`) one after the other, keeps
+/// their bytes outside `covered`, then writes `buf` at `lba`.
+fn fill(
+    net: Handle,
+    dev: TargetAddr,
+    lba: u64,
+    buf: Vec<u8>,
+    covered: (usize, usize),
+    mut todo: Vec<u64>,
+    done: Cb<()>,
+) {
+    let Some(i) = todo.pop() else {
+        return net.io(
+            dev,
+            BlockOp::Write { lba, data: buf },
+            Box::new(move |r| done(r.map(|_| ()))),
+        );
+    };
+    let n2 = net.clone();
+    net.io(
+        dev,
+        BlockOp::Read {
+            lba: lba + i,
+            sectors: 1,
+        },
+        Box::new(move |r| match r {
+            Ok(Some(old)) if old.len() == SECTOR as usize => {
+                let mut buf = buf;
+                patch_outside(&mut buf, i, &old, covered);
+                fill(n2, dev, lba, buf, covered, todo, done)
+            }
+            Ok(_) => done(Err(libc::EIO)),
+            Err(e) => done(Err(e)),
+        }),
+    );
+}
+
+/// Copies the bytes of sector `i`'s old contents that lie outside `covered` into `buf`.
+fn patch_outside(buf: &mut [u8], i: u64, old: &[u8], covered: (usize, usize)) {
+    let s = (i * SECTOR) as usize;
+    let e = s + SECTOR as usize;
+    for (a, b) in [(s, covered.0.min(e)), (covered.1.max(s), e)] {
+        if a < b {
+            buf[a..b].copy_from_slice(&old[a - s..b - s]);
+        }
+    }
+}
+
+/// Writes `len` zero bytes at byte `offset` (real writes: AoE has no unmap or write-same),
+/// in chunks of [`ZERO_CHUNK`] one after the other so a large request does not allocate
+/// its whole length.
+pub fn write_zeroes(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: u64, done: Cb<()>) {
+    if len == 0 {
+        return done(Ok(()));
+    }
+    // Cut at the first sector boundary so every chunk after an unaligned head is aligned.
+    let mut n = (ZERO_CHUNK - offset % ZERO_CHUNK).min(len);
+    if offset % SECTOR != 0 {
+        n = (SECTOR - offset % SECTOR).min(len);
+    }
+    let net2 = net.clone();
+    write(
+        net,
+        dev,
+        base,
+        offset,
+        vec![0u8; n as usize],
+        Box::new(move |r| match r {
+            Ok(()) => write_zeroes(&net2, dev, base, offset + n, len - n, done),
+            Err(e) => done(Err(e)),
+        }),
+    );
+}
+
+/// ATA FLUSH CACHE EXT on `dev`.
+pub fn flush(net: &Handle, dev: TargetAddr, done: Cb<()>) {
+    net.io(dev, BlockOp::Flush, Box::new(move |r| done(r.map(|_| ()))));
+}
+
+/// Runs `first`, then (if it succeeded and `also_flush`) a flush, then `done`: a write
+/// with FUA is acknowledged only once it is on stable storage.
+pub fn then_flush(net: &Handle, dev: TargetAddr, also_flush: bool, done: Cb<()>) -> Cb<()> {
+    if !also_flush {
+        return done;
+    }
+    let net = net.clone();
+    Box::new(move |r| match r {
+        Ok(()) => flush(&net, dev, done),
+        Err(e) => done(Err(e)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covering_sectors() {
+        assert_eq!(covering(0, 512), (0, 1, 0));
+        assert_eq!(covering(1, 1), (0, 1, 1));
+        assert_eq!(covering(511, 2), (0, 2, 511));
+        assert_eq!(covering(1024, 1536), (2, 3, 0));
+        assert_eq!(covering(1000, 100), (1, 2, 488));
+        assert_eq!(covering(1030, 100), (2, 1, 6));
+    }
+
+    #[test]
+    fn patch_keeps_old_bytes_outside_the_write() {
+        // Two sectors, new data in [100, 700).
+        let mut buf = vec![0xaau8; 1024];
+        let old0 = vec![1u8; 512];
+        let old1 = vec![2u8; 512];
+        patch_outside(&mut buf, 0, &old0, (100, 700));
+        patch_outside(&mut buf, 1, &old1, (100, 700));
+        assert!(buf[..100].iter().all(|b| *b == 1));
+        assert!(buf[100..700].iter().all(|b| *b == 0xaa));
+        assert!(buf[700..].iter().all(|b| *b == 2));
+        // Inside one sector: both ends from the same old sector.
+        let mut buf = vec![0xaau8; 512];
+        patch_outside(&mut buf, 0, &old0, (3, 8));
+        assert_eq!(&buf[..3], &[1, 1, 1]);
+        assert!(buf[3..8].iter().all(|b| *b == 0xaa));
+        assert!(buf[8..].iter().all(|b| *b == 1));
+    }
+}

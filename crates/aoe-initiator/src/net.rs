@@ -1,0 +1,690 @@
+//! The network thread: owns the sans-I/O initiator engine and the AF_PACKET sockets, runs
+//! commands from the file system, and publishes device state for it to read.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aoe_proto::initiator::{
+    BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError,
+};
+use aoe_sys::{EventFd, PacketSocket, PollFd};
+use aoe_wire::{MacAddr, TargetAddr};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::blockdev::rangelock::RangeLocks;
+use crate::partition::{self, Partition};
+
+/// Called once with the outcome of an I/O: read data, or an errno.
+pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
+
+/// Work for the network thread.
+pub enum Cmd {
+    /// Block I/O on a device.
+    Io {
+        /// The device.
+        dev: TargetAddr,
+        /// What to do.
+        op: BlockOp,
+        /// Called on completion.
+        done: Done,
+    },
+    /// Broadcast a Query Config on every allowed interface (and pick up new interfaces).
+    Discover,
+    /// Re-query and re-IDENTIFY a device.
+    Revalidate(TargetAddr, Sender<Result<(), String>>),
+    /// Remove devices.
+    Flush(FlushWhich, Sender<Vec<TargetAddr>>),
+    /// Restrict AoE to these interfaces (empty: all).
+    SetInterfaces(Vec<String>, Sender<Result<(), String>>),
+    /// A device file was opened (true) or closed (false). Counted: the device is open while
+    /// any file on it (device or partition, any number of opens) is.
+    SetOpen(TargetAddr, bool),
+    /// Stop the thread.
+    Stop,
+}
+
+/// A device as the file system shows it.
+#[derive(Debug, Clone)]
+pub struct DevEntry {
+    /// The engine's view.
+    pub info: DeviceInfo,
+    /// Partitions found on it.
+    pub partitions: Vec<Partition>,
+    /// The loop device attached to it (`--loop`).
+    pub loop_device: Option<String>,
+}
+
+/// State shared between the network thread and the file system.
+#[derive(Default)]
+pub struct Shared {
+    /// Known devices.
+    pub devices: BTreeMap<TargetAddr, DevEntry>,
+    /// The interface restriction as written (empty: all).
+    pub iflist: Vec<String>,
+    /// Interfaces in use.
+    pub active_ifaces: Vec<String>,
+    /// Diagnostic lines not yet read from `err` (at most [`ERR_LINES`]).
+    pub err: VecDeque<String>,
+    /// Readers of `err` waiting for a line, with their process IDs.
+    pub err_waiters: Vec<(u32, Box<dyn ErrWaiter>)>,
+    /// Opens of device (partition 0) and partition files through FUSE, by (device,
+    /// partition); a `--loop` device holds one open of its `eX.Y`. What [`crate::in_use`]
+    /// counts when asked to stop.
+    pub open_files: BTreeMap<(TargetAddr, u32), u32>,
+    /// NBD clients in transmission, by export name.
+    pub nbd_clients: BTreeMap<String, u32>,
+}
+
+/// A reader blocked on the `err` control file (a FUSE read, in `aoe-fuse`), answered once.
+pub trait ErrWaiter: Send {
+    /// Answers the read with a diagnostic line.
+    fn line(self: Box<Self>, line: &[u8]);
+    /// Answers the read with EINTR (its process has a signal pending, or the daemon stops).
+    fn interrupted(self: Box<Self>);
+}
+
+/// Lines `err` keeps, like the driver's ring of 100 messages.
+pub const ERR_LINES: usize = 100;
+
+impl Shared {
+    /// Queues a diagnostic line, handing it straight to a waiting reader if there is one.
+    pub fn push_err(&mut self, line: String) {
+        tracing::info!(target: "aoe::err", "{line}");
+        let mut line = line;
+        line.push('\n');
+        if let Some((_, w)) = self.err_waiters.pop() {
+            w.line(line.as_bytes());
+            return;
+        }
+        if self.err.len() >= ERR_LINES {
+            self.err.pop_front();
+        }
+        self.err.push_back(line);
+    }
+}
+
+impl Shared {
+    /// Answers EINTR to readers of `err` whose process has a signal pending or is gone. A
+    /// FUSE request the daemon has taken cannot be killed until it is answered, so without
+    /// this `timeout cat err` or Ctrl-C would hang like an unkillable read.
+    pub fn interrupt_err_waiters(&mut self) {
+        let mut i = 0;
+        while i < self.err_waiters.len() {
+            if signal_pending(self.err_waiters[i].0) {
+                let (_, w) = self.err_waiters.swap_remove(i);
+                w.interrupted();
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// True if process `pid` is gone or has a signal pending (`SigPnd`/`ShdPnd` in
+/// /proc/PID/status).
+fn signal_pending(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status.lines().any(|l| {
+        (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            && l.split_whitespace()
+                .nth(1)
+                .is_some_and(|v| !v.trim_start_matches('0').is_empty())
+    })
+}
+
+/// Locks the shared state, surviving a poisoned lock (a panicking FUSE callback must not
+/// take the daemon down with it).
+pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The file system's handle on the network thread.
+#[derive(Clone)]
+pub struct Handle {
+    tx: Sender<Cmd>,
+    wake: Arc<EventFd>,
+    locks: RangeLocks,
+}
+
+impl Handle {
+    /// Sends a command and wakes the thread.
+    pub fn send(&self, cmd: Cmd) {
+        if self.tx.send(cmd).is_ok() {
+            let _ = self.wake.notify();
+        }
+    }
+
+    /// Submits I/O.
+    pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
+        self.send(Cmd::Io { dev, op, done });
+    }
+
+    /// The sector range locks every front-end takes around its I/O (one table per
+    /// daemon, shared by the FUSE files and the NBD server).
+    pub fn locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+}
+
+/// Frames per interface waiting for room in its socket's send buffer.
+pub const BACKLOG: usize = 256;
+
+struct Iface {
+    name: String,
+    sock: PacketSocket,
+    /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
+    /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped.
+    backlog: VecDeque<Vec<u8>>,
+}
+
+/// What became of a frame handed to [`Iface::send`].
+enum Sent {
+    Done,
+    /// The send buffer is full: keep it and wait for `POLLOUT`.
+    Full,
+    /// Gone (sent into a full device queue, ENOBUFS, or another error): the retransmit
+    /// timer covers it, as for a frame lost on the wire.
+    Lost,
+}
+
+impl Iface {
+    fn send(&self, frame: &[u8]) -> Sent {
+        match self.sock.send(frame) {
+            Ok(()) => Sent::Done,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Sent::Full,
+            Err(e) => {
+                tracing::debug!(interface = %self.name, error = %e, "send failed");
+                Sent::Lost
+            }
+        }
+    }
+
+    /// Sends backlogged frames until the socket is full again.
+    fn flush(&mut self) {
+        while let Some(f) = self.backlog.front() {
+            if let Sent::Full = self.send(f) {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    /// Sends `frame` now if nothing is waiting before it, else queues it (or drops it,
+    /// with the backlog full); true if it was dropped.
+    fn send_or_queue(&mut self, frame: &[u8]) -> bool {
+        if self.backlog.is_empty() {
+            match self.send(frame) {
+                Sent::Done | Sent::Lost => return false,
+                Sent::Full => tracing::debug!(
+                    interface = %self.name,
+                    "send buffer full: queueing frames until POLLOUT"
+                ),
+            }
+        }
+        if self.backlog.len() >= BACKLOG {
+            return true;
+        }
+        self.backlog.push_back(frame.to_vec());
+        false
+    }
+}
+
+/// The network thread's state.
+pub struct Net {
+    engine: Engine,
+    shared: Arc<Mutex<Shared>>,
+    rx: Receiver<Cmd>,
+    wake: Arc<EventFd>,
+    handle: Handle,
+    ifaces: Vec<Option<Iface>>,
+    pending: HashMap<IoId, Done>,
+    /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
+    opens: HashMap<TargetAddr, u32>,
+    buf: Vec<u8>,
+    loop_devices: bool,
+    root: std::path::PathBuf,
+}
+
+/// Maps an I/O failure to the errno the file system returns.
+pub fn errno_of(e: &IoError) -> i32 {
+    match e {
+        IoError::Ata { .. } | IoError::Aoe(_) | IoError::DeviceDown | IoError::Removed => libc::EIO,
+        _ => libc::EIO,
+    }
+}
+
+fn errno_of_submit(e: &SubmitError) -> i32 {
+    match e {
+        SubmitError::UnknownDevice => libc::ENODEV,
+        SubmitError::DeviceDown => libc::EIO,
+        SubmitError::OutOfRange { .. } => libc::ENOSPC,
+        _ => libc::EINVAL,
+    }
+}
+
+impl Net {
+    /// A network thread state for `engine`, publishing into `shared`.
+    pub fn new(
+        engine: Engine,
+        shared: Arc<Mutex<Shared>>,
+        loop_devices: bool,
+        root: std::path::PathBuf,
+    ) -> std::io::Result<Net> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let wake = Arc::new(EventFd::new()?);
+        let handle = Handle {
+            tx,
+            wake: wake.clone(),
+            locks: RangeLocks::new(),
+        };
+        Ok(Net {
+            engine,
+            shared,
+            rx,
+            wake,
+            handle,
+            ifaces: Vec::new(),
+            pending: HashMap::new(),
+            opens: HashMap::new(),
+            buf: vec![0u8; 9216 + 14],
+            loop_devices,
+            root,
+        })
+    }
+
+    /// A handle for the file system.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Opens sockets on the allowed interfaces: those named in `iflist`, or every
+    /// non-loopback interface of the namespace when it is empty. Interfaces that vanished
+    /// or are no longer allowed are dropped.
+    pub fn sync_interfaces(&mut self) -> Result<(), String> {
+        let iflist = lock(&self.shared).iflist.clone();
+        let all = aoe_sys::list_interfaces().map_err(|e| format!("cannot list interfaces: {e}"))?;
+        for name in &iflist {
+            if !all.iter().any(|i| &i.name == name) {
+                return Err(format!("{name} is not a network interface"));
+            }
+        }
+        let wanted: Vec<_> = all
+            .into_iter()
+            .filter(|i| {
+                if iflist.is_empty() {
+                    !i.loopback
+                } else {
+                    iflist.contains(&i.name)
+                }
+            })
+            .collect();
+        let now = Instant::now();
+        for (idx, slot) in self.ifaces.iter_mut().enumerate() {
+            if let Some(i) = slot {
+                if !wanted.iter().any(|w| w.name == i.name) {
+                    tracing::info!(interface = %i.name, "interface no longer used");
+                    self.engine.remove_interface(idx);
+                    *slot = None;
+                }
+            }
+        }
+        for w in wanted {
+            let known = self
+                .ifaces
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.as_ref().is_some_and(|i| i.name == w.name))
+                .map(|(i, _)| i);
+            match known {
+                Some(idx) => {
+                    // MTU may have changed.
+                    self.engine
+                        .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
+                }
+                None => match PacketSocket::open(&w.name) {
+                    Ok(sock) => {
+                        let _ = sock.set_recv_buffer(8 << 20);
+                        let idx =
+                            self.ifaces
+                                .iter()
+                                .position(Option::is_none)
+                                .unwrap_or_else(|| {
+                                    self.ifaces.push(None);
+                                    self.ifaces.len() - 1
+                                });
+                        tracing::info!(interface = %w.name, mtu = w.mtu, "using interface");
+                        self.engine
+                            .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
+                        self.ifaces[idx] = Some(Iface {
+                            name: w.name.clone(),
+                            sock,
+                            backlog: VecDeque::new(),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface = %w.name, error = %e, "cannot open AoE socket")
+                    }
+                },
+            }
+        }
+        lock(&self.shared).active_ifaces = self
+            .ifaces
+            .iter()
+            .flatten()
+            .map(|i| i.name.clone())
+            .collect();
+        let _ = now;
+        Ok(())
+    }
+
+    /// Runs until [`Cmd::Stop`].
+    pub fn run(mut self) {
+        let _ = self.sync_interfaces();
+        self.engine.discover(Instant::now());
+        let mut last_scan = Instant::now();
+        loop {
+            let mut changed = false;
+            while let Ok(cmd) = self.rx.try_recv() {
+                if matches!(cmd, Cmd::Stop) {
+                    self.fail_all();
+                    return;
+                }
+                self.command(cmd);
+                changed = true;
+            }
+            let now = Instant::now();
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+            self.transmit(now);
+            changed |= self.events();
+            if changed {
+                self.publish();
+            }
+            lock(&self.shared).interrupt_err_waiters();
+            if last_scan.elapsed() > Duration::from_secs(5) {
+                last_scan = Instant::now();
+                let _ = self.sync_interfaces();
+                self.publish();
+            }
+            let timeout = self
+                .engine
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            // Never sleep on a full send buffer: wait for room (POLLOUT) together with
+            // frames and commands.
+            let mut fds: Vec<PollFd> = self
+                .ifaces
+                .iter()
+                .map(|i| {
+                    PollFd::with_events(
+                        i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()),
+                        true,
+                        i.as_ref().is_some_and(|i| !i.backlog.is_empty()),
+                    )
+                })
+                .collect();
+            fds.push(PollFd::new(self.wake.as_raw_fd()));
+            if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
+                continue;
+            }
+            if fds.last().is_some_and(|f| f.ready) {
+                let _ = self.wake.drain();
+            }
+            let now = Instant::now();
+            for (idx, fd) in fds.iter().enumerate().take(self.ifaces.len()) {
+                if !fd.ready && !fd.writable {
+                    continue;
+                }
+                let Some(i) = &mut self.ifaces[idx] else {
+                    continue;
+                };
+                if fd.writable {
+                    i.flush();
+                }
+                while let Ok(Some(meta)) = i.sock.recv(&mut self.buf) {
+                    if !meta.truncated {
+                        self.engine.handle_frame(now, idx, &self.buf[..meta.len]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what the engine has to send. A socket whose send buffer is full (EAGAIN) gets
+    /// its frames queued, up to [`BACKLOG`], and the loop waits for `POLLOUT` on it while
+    /// it keeps receiving and answering commands; frames beyond that are dropped and left
+    /// to the retransmit timer, as AoE expects of a lossy link (the driver's `aoenet_xmit`
+    /// likewise drops what `dev_queue_xmit` refuses).
+    fn transmit(&mut self, now: Instant) {
+        for i in self.ifaces.iter_mut().flatten() {
+            i.flush();
+        }
+        let mut out = vec![0u8; self.buf.len()];
+        let mut dropped = 0u32;
+        while let Some(t) = self.engine.poll_transmit(now, &mut out) {
+            let Some(Some(i)) = self.ifaces.get_mut(t.iface) else {
+                continue;
+            };
+            dropped += u32::from(i.send_or_queue(&out[..t.len]));
+        }
+        if dropped > 0 {
+            tracing::debug!(dropped, "send buffers full: frames dropped");
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let now = Instant::now();
+        match cmd {
+            Cmd::Io { dev, op, done } => match self.engine.submit(now, dev, op) {
+                Ok(id) => {
+                    self.pending.insert(id, done);
+                }
+                Err(e) => done(Err(errno_of_submit(&e))),
+            },
+            Cmd::Discover => {
+                let _ = self.sync_interfaces();
+                self.engine.discover(now);
+            }
+            Cmd::Revalidate(dev, tx) => {
+                let r = self
+                    .engine
+                    .revalidate(now, dev)
+                    .map_err(|e| format!("{dev}: {e}"));
+                let _ = tx.send(r);
+            }
+            Cmd::Flush(which, tx) => {
+                let removed = self.engine.flush_devices(which);
+                let _ = tx.send(removed);
+            }
+            Cmd::SetInterfaces(list, tx) => {
+                let old = std::mem::replace(&mut lock(&self.shared).iflist, list);
+                let r = self.sync_interfaces();
+                if r.is_err() {
+                    lock(&self.shared).iflist = old;
+                    let _ = self.sync_interfaces();
+                }
+                let _ = tx.send(r);
+            }
+            Cmd::SetOpen(dev, open) => {
+                let n = self.opens.entry(dev).or_insert(0);
+                *n = if open { *n + 1 } else { n.saturating_sub(1) };
+                let busy = *n > 0;
+                if !busy {
+                    self.opens.remove(&dev);
+                }
+                // Idempotent in the engine; repeating it also covers a device that appeared
+                // after the first open.
+                self.engine.set_open(dev, busy);
+            }
+            Cmd::Stop => {}
+        }
+    }
+
+    /// Handles engine events; true if device state may have changed.
+    fn events(&mut self) -> bool {
+        let mut changed = false;
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                Event::Completed { id, result } => {
+                    if let Some(done) = self.pending.remove(&id) {
+                        done(result.map_err(|e| errno_of(&e)));
+                    }
+                    changed = true;
+                }
+                Event::Log(line) => lock(&self.shared).push_err(line),
+                Event::DeviceUp(dev) => {
+                    // (The engine logs the state change itself.)
+                    self.publish();
+                    self.scan_partitions(dev);
+                    changed = true;
+                }
+                Event::DeviceResized { dev, .. } => {
+                    self.publish();
+                    self.scan_partitions(dev);
+                    changed = true;
+                }
+                Event::DeviceDown(dev) => {
+                    self.detach_loop(dev);
+                    changed = true;
+                }
+                Event::DeviceRemoved(dev) => {
+                    self.detach_loop(dev);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Copies the engine's device list into the shared state, keeping partitions and loop
+    /// devices of devices that stay.
+    fn publish(&mut self) {
+        let devices = self.engine.devices();
+        let mut s = lock(&self.shared);
+        let mut next = BTreeMap::new();
+        for info in devices {
+            let old = s.devices.remove(&info.addr);
+            let (partitions, loop_device) = old
+                .map(|o| (o.partitions, o.loop_device))
+                .unwrap_or_default();
+            next.insert(
+                info.addr,
+                DevEntry {
+                    info,
+                    partitions,
+                    loop_device,
+                },
+            );
+        }
+        s.devices = next;
+    }
+
+    fn scan_partitions(&mut self, dev: TargetAddr) {
+        let shared = self.shared.clone();
+        let capacity = self.engine.device(dev).map_or(0, |d| d.sectors);
+        let sectors = (partition::SCAN_SECTORS as u64).min(capacity) as u32;
+        if sectors == 0 {
+            return;
+        }
+        let loop_devices = self.loop_devices;
+        let path = self.root.join(dev.to_string());
+        let done: Done = Box::new(move |r| {
+            let parts = match r {
+                Ok(Some(head)) => partition::scan(&head, capacity),
+                _ => Vec::new(),
+            };
+            let mut s = lock(&shared);
+            if let Some(e) = s.devices.get_mut(&dev) {
+                if !parts.is_empty() {
+                    tracing::info!(device = %dev, partitions = parts.len(), "partition table found");
+                }
+                e.partitions = parts;
+                if loop_devices && e.loop_device.is_none() {
+                    drop(s);
+                    attach_loop(shared.clone(), dev, path);
+                }
+            }
+        });
+        match self
+            .engine
+            .submit(Instant::now(), dev, BlockOp::Read { lba: 0, sectors })
+        {
+            Ok(id) => {
+                self.pending.insert(id, done);
+            }
+            Err(e) => done(Err(errno_of_submit(&e))),
+        }
+    }
+
+    fn detach_loop(&mut self, dev: TargetAddr) {
+        let lo = lock(&self.shared)
+            .devices
+            .get_mut(&dev)
+            .and_then(|e| e.loop_device.take());
+        if let Some(lo) = lo {
+            detach_loop_device(&lo);
+        }
+    }
+
+    fn fail_all(&mut self) {
+        for (_, done) in self.pending.drain() {
+            done(Err(libc::EIO));
+        }
+        let loops: Vec<String> = lock(&self.shared)
+            .devices
+            .values_mut()
+            .filter_map(|e| e.loop_device.take())
+            .collect();
+        for lo in loops {
+            detach_loop_device(&lo);
+        }
+    }
+}
+
+/// Attaches a loop device with partition scan to a device file, from a thread of its own:
+/// losetup reads the file through this daemon, so the network thread must keep running.
+fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--partscan"])
+            .arg(&path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                let mut s = lock(&shared);
+                s.push_err(format!("{dev} attached to {lo}"));
+                match s.devices.get_mut(&dev) {
+                    Some(e) => e.loop_device = Some(lo),
+                    None => {
+                        drop(s);
+                        detach_loop_device(&lo);
+                    }
+                }
+            }
+            Ok(o) => lock(&shared).push_err(format!(
+                "{dev}: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
+        }
+    });
+}
+
+fn detach_loop_device(lo: &str) {
+    let lo = lo.to_string();
+    // Detach lazily (the kernel finishes once the last user closes it); off the network
+    // thread since it may read through us.
+    std::thread::spawn(move || {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &lo])
+            .status();
+    });
+}

@@ -1,0 +1,571 @@
+//! The initiator engine: discovery, block I/O and failover for every AoE device seen, as a
+//! deterministic state machine (the user-space counterpart of the Linux driver's core,
+//! `drivers/block/aoe/aoecmd.c` and `aoedev.c`, version 85).
+//!
+//! The engine owns no socket, clock or thread. The daemon around it:
+//! 1. registers its interfaces ([`Engine::add_interface`]),
+//! 2. feeds every received AoE frame to [`Engine::handle_frame`],
+//! 3. calls [`Engine::handle_timeout`] when [`Engine::poll_timeout`] says so,
+//! 4. after any call, drains [`Engine::poll_transmit`] (frames to send) and
+//!    [`Engine::poll_event`] (device changes, I/O completions, log lines).
+//!
+//! Block I/O enters through [`Engine::submit`], never blocks, and leaves as
+//! [`Event::Completed`].
+//!
+//! ```text
+//!  submit(BlockOp) -> per-device queue -> split into frames of `payload` sectors
+//!        -> window per target MAC (slow start / congestion avoidance, collapse on timeout)
+//!        -> path (target MAC x local interface) round-robin, tainted targets avoided
+//!        -> poll_transmit ........ network ........ handle_frame(response, by tag)
+//!        -> all frames of the op answered -> Event::Completed
+//! ```
+//!
+//! Behaviour follows `docs/PROTOCOL.md` (sections 1.7 and 2.4-2.7; differences in 4):
+//! - Discovery: broadcast Query Config on every interface when an interface is added, on
+//!   [`Engine::discover`] and every [`Config::discover_interval`] (the driver's 60 s beacon).
+//!   Any config response, asked for or not, adds the path it came on; a new (or down) device
+//!   is IDENTIFYed and then up.
+//! - Tags `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`; bit 31 belongs to user tools and
+//!   responses carrying it are ignored (`aoenet_rcv`).
+//! - RTT per target (Jacobson/Karels), retransmission with a fresh tag on the next path,
+//!   per-frame exponential backoff, device down after [`Config::deadsecs`].
+//! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
+//!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use aoe_wire::ata::status;
+use aoe_wire::{
+    max_sectors_for_mtu, AtaCommand, AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr,
+    ErrorCode, Frame, HeaderRepr, Identify, IdentifyInfo, MacAddr, Message, Tag, TargetAddr,
+    ETHERTYPE_AOE, SECTOR_SIZE,
+};
+
+/// Most local interfaces one target MAC is used through (the driver's `NAOEIFS`).
+pub const MAX_PATHS_PER_TARGET: usize = 8;
+
+/// Payload used when a target advertises a sector count of 0 (the driver's `DEFAULTBCNT`,
+/// 1024 bytes).
+const DEFAULT_SECTORS: u8 = 2;
+
+/// Highest taint a target reaches (the driver's `MAX_TAINT`).
+const MAX_TAINT: u32 = 1000;
+
+/// Initial RTT: 250 ms average as in the driver, 62.5 ms deviation (`docs/PROTOCOL.md` 2.4, 4).
+const RTT_AVG_INIT_US: u64 = 250_000;
+const RTT_DEV_INIT_US: u64 = 62_500;
+
+mod device;
+mod encode;
+mod receive;
+mod retransmit;
+mod rtt;
+mod split;
+mod types;
+
+use device::*;
+use rtt::*;
+pub use types::*;
+
+/// The initiator engine. See the module documentation for how a daemon drives it.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Config,
+    start: Instant,
+    last_now: Instant,
+    interfaces: BTreeMap<usize, Iface>,
+    devices: BTreeMap<TargetAddr, Device>,
+    ops: BTreeMap<u64, Op>,
+    outstanding: BTreeMap<u32, Outstanding>,
+    next_op: u64,
+    lasttag: u32,
+    next_discover: Option<Instant>,
+    transmit: VecDeque<(usize, Vec<u8>)>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl Engine {
+    /// A new engine. Discovery starts when interfaces are added (each new interface gets a
+    /// broadcast Query Config); the beacon repeats every [`Config::discover_interval`].
+    pub fn new(cfg: Config, now: Instant) -> Engine {
+        let next_discover = (!cfg.discover_interval.is_zero()).then(|| now + cfg.discover_interval);
+        let cfg = Config {
+            maxout: cfg.maxout.max(1),
+            ..cfg
+        };
+        Engine {
+            cfg,
+            start: now,
+            last_now: now,
+            interfaces: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            outstanding: BTreeMap::new(),
+            next_op: 0,
+            lasttag: 0,
+            next_discover,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Engine-wide counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Registers interface `idx` (any number the daemon likes, e.g. its ifindex), or updates
+    /// its name, MAC and MTU. A new interface gets a broadcast Query Config at once; an MTU
+    /// change recomputes the payload of every path through it.
+    pub fn add_interface(&mut self, idx: usize, name: &str, mac: MacAddr, mtu: u32) {
+        let new = !self.interfaces.contains_key(&idx);
+        self.interfaces.insert(
+            idx,
+            Iface {
+                name: name.to_string(),
+                mac,
+                mtu,
+            },
+        );
+        let mtu_sectors = max_sectors_for_mtu(mtu);
+        let mut logs = Vec::new();
+        let mut pathless = Vec::new();
+        for d in self.devices.values_mut() {
+            for t in &mut d.targets {
+                let scnt = t.sector_count;
+                for p in t.paths.iter_mut().filter(|p| p.iface == idx) {
+                    p.sectors = path_sectors(mtu_sectors, scnt);
+                }
+                // An MTU too small for one sector makes the path useless.
+                t.paths.retain(|p| p.sectors > 0);
+            }
+            logs.extend(d.recompute_payload());
+            if d.life != Life::Down && !d.targets.iter().any(Target::usable) {
+                pathless.push(d.addr);
+            }
+        }
+        for l in logs {
+            self.log(l);
+        }
+        for addr in pathless {
+            self.device_down(addr, "no path can carry a sector");
+        }
+        if new {
+            let now = self.last_now;
+            self.queue_config_query(now, idx, MacAddr::BROADCAST, TargetAddr::BROADCAST);
+        }
+    }
+
+    /// Forgets interface `idx`: paths through it are dropped; frames outstanding on it are
+    /// retransmitted elsewhere when they time out. A device left without any path goes down
+    /// (its I/O fails rather than waiting for `deadsecs`).
+    pub fn remove_interface(&mut self, idx: usize) {
+        if self.interfaces.remove(&idx).is_none() {
+            return;
+        }
+        let mut logs = Vec::new();
+        let mut pathless = Vec::new();
+        for d in self.devices.values_mut() {
+            for t in &mut d.targets {
+                t.paths.retain(|p| p.iface != idx);
+            }
+            logs.extend(d.recompute_payload());
+            if d.life != Life::Down && !d.targets.iter().any(Target::usable) {
+                pathless.push(d.addr);
+            }
+        }
+        for l in logs {
+            self.log(l);
+        }
+        for addr in pathless {
+            self.device_down(addr, "no path left");
+        }
+    }
+
+    /// Queues a broadcast Query Config (dst ff:ff:ff:ff:ff:ff, shelf 0xffff, slot 0xff) on
+    /// every interface (`aoecmd_cfg_pkts`; writing `/dev/etherd/discover`), and restarts the
+    /// beacon period.
+    pub fn discover(&mut self, now: Instant) {
+        self.touch(now);
+        let ifaces: Vec<usize> = self.interfaces.keys().copied().collect();
+        for idx in ifaces {
+            self.queue_config_query(now, idx, MacAddr::BROADCAST, TargetAddr::BROADCAST);
+        }
+        if !self.cfg.discover_interval.is_zero() {
+            self.next_discover = Some(now + self.cfg.discover_interval);
+        }
+    }
+
+    /// Handles one frame received on interface `iface`. Anything that is not an AoE response
+    /// addressed to us is ignored; no byte sequence makes this panic.
+    pub fn handle_frame(&mut self, now: Instant, iface: usize, frame: &[u8]) {
+        self.touch(now);
+        let Some(local) = self.interfaces.get(&iface) else {
+            return;
+        };
+        let local_mac = local.mac;
+        let Ok(view) = Frame::new_checked(frame) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if view.ethertype() != ETHERTYPE_AOE || !view.is_response() {
+            // Not AoE, or another initiator's request seen on a shared segment.
+            return;
+        }
+        if view.dst() != local_mac && !view.dst().is_multicast() {
+            return;
+        }
+        if view.tag().0 & Tag::USER_BIT != 0 {
+            // `aoenet_rcv`: bit 31 tags belong to aoeping/aoecfg.
+            self.stats.user_tags += 1;
+            return;
+        }
+        let msg = match Message::parse(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                self.log(format!("bad frame from {} on if {iface}: {e}", view.src()));
+                return;
+            }
+        };
+        match msg.body {
+            Body::Config(cfg) => self.config_response(now, iface, &msg.header, &cfg),
+            Body::Ata(ata) => self.ata_response(now, iface, &msg.header, &ata),
+            _ => {}
+        }
+    }
+
+    /// Retransmits frames whose timeout passed, declares devices down after `deadsecs`, probes
+    /// tainted targets and sends the discovery beacon. Call it when [`Engine::poll_timeout`]
+    /// is reached (calling it early is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.touch(now);
+        if self.next_discover.is_some_and(|t| now >= t) {
+            self.discover(now);
+        }
+        let expired: Vec<u32> = self
+            .outstanding
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in expired {
+            // An earlier expiry in this loop may have taken the device down.
+            if self.outstanding.contains_key(&tag) {
+                self.frame_timed_out(now, tag);
+            }
+        }
+        self.probe_tainted(now);
+        let addrs: Vec<TargetAddr> = self.devices.keys().copied().collect();
+        for a in addrs {
+            self.pump(now, a);
+        }
+    }
+
+    /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline or
+    /// the discovery beacon. `None` if nothing is pending.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let frames = self.outstanding.values().map(|f| f.deadline).min();
+        match (frames, self.next_discover) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Writes the next frame to send into `buf` (which must hold the interface's MTU + 14
+    /// bytes) and says on which interface to send it. Call until `None` after every other
+    /// call. A frame that does not fit `buf` is dropped, counted, and recovered by
+    /// retransmission.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.touch(now);
+        while let Some((iface, frame)) = self.transmit.pop_front() {
+            if frame.len() > buf.len() {
+                self.stats.tx_buffer_too_small += 1;
+                continue;
+            }
+            buf[..frame.len()].copy_from_slice(&frame);
+            return Some(Transmit {
+                iface,
+                len: frame.len(),
+            });
+        }
+        None
+    }
+
+    /// The next event, if any. Drain after every call.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Queues a block operation. Never blocks: frames go out as the window allows, and the
+    /// result arrives as [`Event::Completed`]. Fails at once for unknown or down devices
+    /// and for malformed requests.
+    pub fn submit(
+        &mut self,
+        now: Instant,
+        dev: TargetAddr,
+        op: BlockOp,
+    ) -> Result<IoId, SubmitError> {
+        self.touch(now);
+        let d = self.devices.get(&dev).ok_or(SubmitError::UnknownDevice)?;
+        if d.life != Life::Up {
+            return Err(SubmitError::DeviceDown);
+        }
+        let (kind, lba, sectors) = match op {
+            BlockOp::Read { lba, sectors } => {
+                if sectors == 0 {
+                    return Err(SubmitError::Empty);
+                }
+                let buf = vec![0u8; sectors as usize * SECTOR_SIZE];
+                (OpKind::Read(buf), lba, sectors as u64)
+            }
+            BlockOp::Write { lba, data } => {
+                if data.is_empty() {
+                    return Err(SubmitError::Empty);
+                }
+                if data.len() % SECTOR_SIZE != 0 {
+                    return Err(SubmitError::Unaligned { len: data.len() });
+                }
+                let n = (data.len() / SECTOR_SIZE) as u64;
+                (OpKind::Write(data), lba, n)
+            }
+            BlockOp::Flush => (OpKind::Flush, 0, 1),
+        };
+        if !matches!(kind, OpKind::Flush) && lba.checked_add(sectors).is_none_or(|e| e > d.sectors)
+        {
+            return Err(SubmitError::OutOfRange {
+                lba,
+                sectors,
+                capacity: d.sectors,
+            });
+        }
+        let id = self.new_op(dev, kind, lba, sectors, false);
+        self.pump(now, dev);
+        Ok(IoId(id))
+    }
+
+    /// Like writing "eX.Y" to `/dev/etherd/revalidate`: resets every target's RTT estimate
+    /// and window, sends each target MAC a Query Config and, if the device is up,
+    /// re-IDENTIFYs it so a grown export shows its new size ([`Event::DeviceResized`]).
+    /// A down device comes back up when the query is answered.
+    pub fn revalidate(&mut self, now: Instant, dev: TargetAddr) -> Result<(), DeviceError> {
+        self.touch(now);
+        let d = self
+            .devices
+            .get_mut(&dev)
+            .ok_or(DeviceError::UnknownDevice)?;
+        let mut queries = Vec::new();
+        for t in &mut d.targets {
+            t.reset_rtt();
+            t.wreset();
+            if let Some(p) = t.paths.first() {
+                queries.push((p.iface, t.mac));
+            }
+        }
+        let up = d.life == Life::Up;
+        for (iface, mac) in queries {
+            self.queue_config_query(now, iface, mac, dev);
+        }
+        if up {
+            self.queue_identify(now, dev);
+        }
+        Ok(())
+    }
+
+    /// Removes devices, like writing to `/dev/etherd/flush` (`aoedev_flush`): "all", the
+    /// named ones, or (empty write) those that are down. Open devices are skipped, as the
+    /// driver skips busy ones. Outstanding I/O of a removed device fails with
+    /// [`IoError::Removed`]. Returns the devices removed.
+    pub fn flush_devices(&mut self, which: FlushWhich) -> Vec<TargetAddr> {
+        let chosen: Vec<TargetAddr> = self
+            .devices
+            .values()
+            .filter(|d| match &which {
+                FlushWhich::All => true,
+                FlushWhich::Down => d.life != Life::Up,
+                FlushWhich::Named(names) => names.contains(&d.addr),
+            })
+            .map(|d| d.addr)
+            .collect();
+        let mut removed = Vec::new();
+        for addr in chosen {
+            if self.devices.get(&addr).is_some_and(|d| d.open) {
+                self.log(format!("{addr}: busy (open), not flushed"));
+                continue;
+            }
+            self.fail_device_io(addr, IoError::Removed);
+            self.devices.remove(&addr);
+            self.events.push_back(Event::DeviceRemoved(addr));
+            removed.push(addr);
+        }
+        removed
+    }
+
+    /// Every known device with its state, paths, windows and counters, in shelf.slot order.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices.values().map(|d| self.info(d)).collect()
+    }
+
+    /// One device's information.
+    pub fn device(&self, dev: TargetAddr) -> Option<DeviceInfo> {
+        self.devices.get(&dev).map(|d| self.info(d))
+    }
+
+    /// Tells the engine whether the device is open (a front-end holds it), so a down device
+    /// shows "down,closewait" and is not flushed. Closing a down device sends it a Query
+    /// Config so it can come back (`aoeblk_release`).
+    pub fn set_open(&mut self, dev: TargetAddr, open: bool) {
+        let Some(d) = self.devices.get_mut(&dev) else {
+            return;
+        };
+        let was = d.open;
+        d.open = open;
+        if was && !open && d.life == Life::Down {
+            let queries: Vec<(usize, MacAddr)> = d
+                .targets
+                .iter()
+                .filter_map(|t| t.paths.first().map(|p| (p.iface, t.mac)))
+                .collect();
+            let now = self.last_now;
+            for (iface, mac) in queries {
+                self.queue_config_query(now, iface, mac, dev);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn touch(&mut self, now: Instant) {
+        if now > self.last_now {
+            self.last_now = now;
+        }
+    }
+
+    fn log(&mut self, line: String) {
+        tracing::debug!("{line}");
+        self.events.push_back(Event::Log(line));
+    }
+
+    /// `newtag`: `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`, bit 31 clear, skipping any
+    /// tag still outstanding so tags stay unique.
+    fn new_tag(&mut self, now: Instant) -> u32 {
+        let ticks = now.saturating_duration_since(self.start).as_millis() as u32;
+        loop {
+            self.lasttag = self.lasttag.wrapping_add(1);
+            let tag = ((self.lasttag & 0x7fff) << 16) | (ticks & 0xffff);
+            if !self.outstanding.contains_key(&tag) {
+                return tag;
+            }
+        }
+    }
+
+    /// `aoedev_downdev`: the device is down; all its I/O fails at once.
+    fn device_down(&mut self, addr: TargetAddr, why: &str) {
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        let was_up = d.life == Life::Up;
+        d.life = Life::Down;
+        for t in &mut d.targets {
+            t.wreset();
+            t.taint = 0;
+        }
+        self.log(format!("{addr} down: {why}"));
+        self.fail_device_io(addr, IoError::DeviceDown);
+        if was_up {
+            self.events.push_back(Event::DeviceDown(addr));
+        }
+    }
+
+    /// Drops every outstanding frame and queued op of `addr`, failing user ops with `err`.
+    fn fail_device_io(&mut self, addr: TargetAddr, err: IoError) {
+        self.outstanding.retain(|_, f| f.dev != addr);
+        if let Some(d) = self.devices.get_mut(&addr) {
+            d.queue.clear();
+            for t in &mut d.targets {
+                t.nout = 0;
+            }
+        }
+        let ids: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.dev == addr)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.finish_op(id, Err(err.clone()));
+        }
+    }
+
+    fn info(&self, d: &Device) -> DeviceInfo {
+        let name = |i: usize| {
+            self.interfaces
+                .get(&i)
+                .map_or_else(|| format!("if{i}"), |f| f.name.clone())
+        };
+        let mut interfaces: Vec<String> = Vec::new();
+        let targets = d
+            .targets
+            .iter()
+            .map(|t| {
+                let names: Vec<String> = t.paths.iter().map(|p| name(p.iface)).collect();
+                for n in &names {
+                    if !interfaces.contains(n) {
+                        interfaces.push(n.clone());
+                    }
+                }
+                TargetInfo {
+                    mac: t.mac,
+                    interfaces: names,
+                    buffer_count: t.buffer_count,
+                    nframes: t.nframes,
+                    maxout: t.maxout,
+                    ssthresh: t.ssthresh,
+                    nout: t.nout,
+                    max_nout: t.max_nout,
+                    taint: t.taint,
+                    rtt_avg: Duration::from_micros(t.rtt_avg_us),
+                    rtt_dev: Duration::from_micros(t.rtt_dev_us),
+                    rto: t.rto(&self.cfg),
+                    retransmits: t.retransmits,
+                    answers: t.answers,
+                }
+            })
+            .collect();
+        DeviceInfo {
+            addr: d.addr,
+            state: d.state(),
+            sectors: d.sectors,
+            identify: d.identify.clone(),
+            firmware_version: d.firmware_version,
+            config: d.config.clone(),
+            payload: d.payload as usize * SECTOR_SIZE,
+            targets,
+            interfaces,
+            open: d.open,
+            ops_outstanding: self
+                .ops
+                .values()
+                .filter(|o| o.dev == d.addr && !o.kind.internal())
+                .count(),
+            stats: d.stats,
+        }
+    }
+}
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;

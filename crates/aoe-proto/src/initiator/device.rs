@@ -1,0 +1,157 @@
+//! A device's state (lifecycle, targets, payload) and the operations and frames in flight.
+
+use super::*;
+
+/// The device's lifecycle (the driver's `DEVFL_UP`; identifying = up not yet set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Life {
+    Identifying,
+    Up,
+    Down,
+}
+
+#[derive(Debug)]
+pub(super) struct Device {
+    pub(super) addr: TargetAddr,
+    pub(super) life: Life,
+    pub(super) open: bool,
+    pub(super) targets: Vec<Target>,
+    pub(super) next_target: usize,
+    pub(super) identify: Option<IdentifyInfo>,
+    pub(super) sectors: u64,
+    pub(super) lba48: bool,
+    pub(super) firmware_version: u16,
+    pub(super) config: Vec<u8>,
+    /// Sectors per frame: min over all paths (`maxbcnt`).
+    pub(super) payload: u8,
+    /// Operations with frames not yet sent, in submission order.
+    pub(super) queue: VecDeque<u64>,
+    pub(super) stats: DeviceStats,
+}
+
+impl Device {
+    pub(super) fn new(addr: TargetAddr) -> Device {
+        Device {
+            addr,
+            life: Life::Down,
+            open: false,
+            targets: Vec::new(),
+            next_target: 0,
+            identify: None,
+            sectors: 0,
+            lba48: false,
+            firmware_version: 0,
+            config: Vec::new(),
+            payload: 0,
+            queue: VecDeque::new(),
+            stats: DeviceStats::default(),
+        }
+    }
+
+    pub(super) fn target_idx(&self, mac: MacAddr) -> Option<usize> {
+        self.targets.iter().position(|t| t.mac == mac)
+    }
+
+    /// `setdbcnt`: the payload is the minimum over every path.
+    pub(super) fn recompute_payload(&mut self) -> Option<String> {
+        let min = self
+            .targets
+            .iter()
+            .flat_map(|t| t.paths.iter().map(|p| p.sectors))
+            .min()
+            .unwrap_or(0);
+        if min != self.payload {
+            self.payload = min;
+            return Some(format!(
+                "{}: setting {} byte data frames",
+                self.addr,
+                min as usize * SECTOR_SIZE
+            ));
+        }
+        None
+    }
+
+    /// `newframe`: the next target (round-robin) with room in its window, skipping tainted
+    /// targets unless every usable one is tainted.
+    pub(super) fn pick_target(&mut self) -> Option<usize> {
+        let n = self.targets.len();
+        let all_tainted = self
+            .targets
+            .iter()
+            .filter(|t| t.usable())
+            .all(|t| t.taint > 0);
+        for k in 0..n {
+            let i = (self.next_target + k) % n;
+            let t = &self.targets[i];
+            if t.usable() && t.nout < t.maxout && (t.taint == 0 || all_tainted) {
+                self.next_target = i + 1;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub(super) fn state(&self) -> DeviceState {
+        match (self.life, self.open) {
+            (Life::Up, _) => DeviceState::Up,
+            (_, true) => DeviceState::DownCloseWait,
+            (_, false) => DeviceState::Down,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum OpKind {
+    Read(Vec<u8>),
+    Write(Vec<u8>),
+    Flush,
+    /// Internal: IDENTIFY DEVICE at discovery or revalidation.
+    Identify,
+    /// Internal: a one-sector read to see whether a tainted target answers again.
+    Probe,
+}
+
+impl OpKind {
+    pub(super) fn internal(&self) -> bool {
+        matches!(self, OpKind::Identify | OpKind::Probe)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Op {
+    pub(super) dev: TargetAddr,
+    pub(super) kind: OpKind,
+    pub(super) lba: u64,
+    /// Sectors in all (1 for non-data commands, so one frame is sent).
+    pub(super) sectors: u64,
+    /// Sectors handed to frames so far.
+    pub(super) issued: u64,
+    /// (offset, sectors) ranges taken back from frames too large for the path they were to
+    /// be retransmitted on (its MTU shrank under them); sent again before `issued` moves.
+    pub(super) reissue: Vec<(u64, u64)>,
+    /// Frames sent and not answered.
+    pub(super) frames_out: u32,
+}
+
+impl Op {
+    /// True while some of the op's sectors still wait for a frame.
+    pub(super) fn unsent(&self) -> bool {
+        self.issued < self.sectors || !self.reissue.is_empty()
+    }
+}
+
+/// One frame outstanding, keyed by its tag (the driver's `struct frame`).
+#[derive(Debug, Clone)]
+pub(super) struct Outstanding {
+    pub(super) dev: TargetAddr,
+    pub(super) op: u64,
+    pub(super) target: MacAddr,
+    pub(super) iface: usize,
+    /// Sector offset within the op.
+    pub(super) offset: u64,
+    pub(super) count: u8,
+    pub(super) sent: Instant,
+    pub(super) first_sent: Instant,
+    pub(super) deadline: Instant,
+    pub(super) retransmits: u32,
+}

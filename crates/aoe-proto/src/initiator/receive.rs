@@ -1,0 +1,330 @@
+//! Responses: config responses (new paths and devices) and ATA responses (completions,
+//! IDENTIFY), `aoecmd_cfg_rsp` and `aoecmd_ata_rsp`.
+
+use super::*;
+
+impl Engine {
+    /// `aoecmd_cfg_rsp`: records the target MAC and the path, sizes the window and payload,
+    /// and IDENTIFYs a new or down device.
+    pub(super) fn config_response(
+        &mut self,
+        now: Instant,
+        iface: usize,
+        h: &HeaderRepr,
+        cfg: &ConfigRepr<'_>,
+    ) {
+        if h.target.is_wildcard() {
+            self.stats.wildcard_rejected += 1;
+            self.log(format!(
+                "{}: config response claims wildcard shelf {} slot {}, rejected",
+                h.src, h.target.shelf, h.target.slot
+            ));
+            return;
+        }
+        if let Some(e) = h.error {
+            self.log(format!("{}: config error from {}: {e}", h.target, h.src));
+            return;
+        }
+        if h.target.shelf == 0xfff {
+            self.log(format!(
+                "{}: shelf 0xfff from {}: check shelf dip switches",
+                h.target, h.src
+            ));
+        }
+        let Some(mtu) = self.interfaces.get(&iface).map(|i| i.mtu) else {
+            return;
+        };
+        let maxout = self.cfg.maxout;
+        let d = self
+            .devices
+            .entry(h.target)
+            .or_insert_with(|| Device::new(h.target));
+        d.firmware_version = cfg.firmware_version;
+        d.config = cfg.config.to_vec();
+        let ti = match d.target_idx(h.src) {
+            Some(i) => i,
+            None => {
+                d.targets.push(Target::new(h.src));
+                d.targets.len() - 1
+            }
+        };
+        let t = &mut d.targets[ti];
+        let nframes = cfg.buffer_count.clamp(1, maxout);
+        let fresh = t.buffer_count == 0 && t.paths.is_empty();
+        t.buffer_count = cfg.buffer_count;
+        t.sector_count = cfg.sector_count;
+        if t.nframes != nframes || fresh {
+            t.nframes = nframes;
+            t.wreset();
+        }
+        let sectors = path_sectors(max_sectors_for_mtu(mtu), cfg.sector_count);
+        for p in &mut t.paths {
+            p.sectors = path_sectors(
+                max_sectors_for_mtu(self.interfaces.get(&p.iface).map_or(0, |i| i.mtu)),
+                cfg.sector_count,
+            );
+        }
+        let npaths = t.paths.len();
+        match t.paths.iter().position(|p| p.iface == iface) {
+            Some(i) => t.paths[i].lost = 0,
+            // A path whose MTU cannot carry one sector is useless.
+            None if sectors > 0 && npaths < MAX_PATHS_PER_TARGET => t.paths.push(Path {
+                iface,
+                sectors,
+                lost: 0,
+            }),
+            None => {}
+        }
+        let log = d.recompute_payload();
+        let identify = d.life == Life::Down && d.payload > 0;
+        if identify {
+            d.life = Life::Identifying;
+        }
+        if let Some(l) = log {
+            self.log(l);
+        }
+        if identify {
+            self.queue_identify(now, h.target);
+        }
+    }
+
+    /// A response to an ATA request (`aoecmd_ata_rsp`, `ktiocomplete`).
+    pub(super) fn ata_response(
+        &mut self,
+        now: Instant,
+        iface: usize,
+        h: &HeaderRepr,
+        ata: &AtaRepr<'_>,
+    ) {
+        let Some(f) = self.outstanding.get(&h.tag.0) else {
+            match self.devices.get_mut(&h.target) {
+                Some(d) => d.stats.unexpected_responses += 1,
+                None => self.stats.unknown_device += 1,
+            }
+            self.log(format!(
+                "unexpected rsp {} tag={:08x} from {} on if {iface} (late or duplicate)",
+                h.target, h.tag.0, h.src
+            ));
+            return;
+        };
+        let f = f.clone();
+        let is_read = self
+            .ops
+            .get(&f.op)
+            .map(|o| match o.kind {
+                OpKind::Read(_) | OpKind::Probe => f.count as usize * SECTOR_SIZE,
+                OpKind::Identify => aoe_wire::identify::IDENTIFY_LEN,
+                _ => 0,
+            })
+            .unwrap_or(0);
+        let failed = h.error.is_some() || ata.cmd_status & status::FAILURE_MASK != 0;
+        if h.src != f.target || h.target != f.dev || (!failed && ata.data.len() < is_read) {
+            if let Some(d) = self.devices.get_mut(&f.dev) {
+                d.stats.bad_responses += 1;
+            }
+            self.log(format!(
+                "bad rsp {} tag={:08x} from {}: expected {} from {}{}",
+                h.target,
+                h.tag.0,
+                h.src,
+                f.dev,
+                f.target,
+                if ata.data.len() < is_read {
+                    " (short data)"
+                } else {
+                    ""
+                }
+            ));
+            return;
+        }
+        self.outstanding.remove(&h.tag.0);
+        let addr = f.dev;
+        if let Some(d) = self.devices.get_mut(&addr) {
+            if let Some(ti) = d.target_idx(f.target) {
+                let t = &mut d.targets[ti];
+                t.on_answer(now.saturating_duration_since(f.sent));
+                t.nout = t.nout.saturating_sub(1);
+                t.answers += 1;
+                t.silent = 0;
+                if t.taint > 0 {
+                    t.taint /= 2;
+                }
+                if let Some(p) = t.paths.iter_mut().find(|p| p.iface == f.iface) {
+                    p.lost = 0;
+                }
+            }
+            if h.error.is_some() {
+                d.stats.aoe_errors += 1;
+            } else if failed {
+                d.stats.ata_errors += 1;
+            }
+        }
+        // A data frame sized before the MTU shrank, refused by a target that now checks its
+        // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
+        // a media error. Its sectors go out again in frames that fit.
+        let data_op = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_)));
+        let payload = self.devices.get(&addr).map_or(0, |d| d.payload);
+        if failed && data_op && f.count > payload && payload > 0 {
+            if let Some(op) = self.ops.get_mut(&f.op) {
+                op.frames_out = op.frames_out.saturating_sub(1);
+            }
+            self.reissue(addr, f.op, f.offset, f.count as u64);
+            self.log(format!(
+                "{addr}: {}-sector frame tag {:08x} refused after the payload shrank to {payload}; resent in new frames",
+                f.count, h.tag.0
+            ));
+            self.pump(now, addr);
+            return;
+        }
+        let result = match h.error {
+            Some(code) => Err(IoError::Aoe(code)),
+            None if failed => Err(IoError::Ata {
+                status: ata.cmd_status,
+                error: ata.err_feature,
+            }),
+            None => Ok(()),
+        };
+        self.frame_done(now, &f, result, ata.data);
+        self.pump(now, addr);
+    }
+
+    /// Applies one frame's outcome to its operation.
+    pub(super) fn frame_done(
+        &mut self,
+        now: Instant,
+        f: &Outstanding,
+        result: Result<(), IoError>,
+        data: &[u8],
+    ) {
+        let Some(op) = self.ops.get_mut(&f.op) else {
+            return; // the op already failed; this was an orphan
+        };
+        op.frames_out = op.frames_out.saturating_sub(1);
+        if let Err(e) = result {
+            match op.kind {
+                OpKind::Identify => {
+                    self.ops.remove(&f.op);
+                    self.identify_failed(f.dev, &format!("IDENTIFY failed: {e}"));
+                }
+                OpKind::Probe => {
+                    self.ops.remove(&f.op);
+                }
+                _ => {
+                    self.log(format!("{}: I/O error: {e}", f.dev));
+                    self.finish_op(f.op, Err(e));
+                }
+            }
+            return;
+        }
+        match &mut op.kind {
+            OpKind::Read(buf) => {
+                let s = f.offset as usize * SECTOR_SIZE;
+                let n = f.count as usize * SECTOR_SIZE;
+                if let (Some(dst), Some(src)) = (buf.get_mut(s..s + n), data.get(..n)) {
+                    dst.copy_from_slice(src);
+                }
+            }
+            OpKind::Identify => {
+                self.ops.remove(&f.op);
+                self.identify_done(now, f.dev, data);
+                return;
+            }
+            OpKind::Probe => {
+                self.ops.remove(&f.op);
+                return;
+            }
+            OpKind::Write(_) | OpKind::Flush => {}
+        }
+        if op.frames_out == 0 && !op.unsent() {
+            self.finish_op(f.op, Ok(()));
+        }
+    }
+
+    /// Completes a user operation: removes it (and its unsent rest) and reports it.
+    pub(super) fn finish_op(&mut self, id: u64, result: Result<(), IoError>) {
+        let Some(op) = self.ops.remove(&id) else {
+            return;
+        };
+        if let Some(d) = self.devices.get_mut(&op.dev) {
+            d.queue.retain(|q| *q != id);
+            match result {
+                Ok(()) => d.stats.ops_ok += 1,
+                Err(_) => d.stats.ops_failed += 1,
+            }
+        }
+        if op.kind.internal() {
+            return;
+        }
+        let result = result.map(|()| match op.kind {
+            OpKind::Read(buf) => Some(buf),
+            _ => None,
+        });
+        self.events.push_back(Event::Completed {
+            id: IoId(id),
+            result,
+        });
+    }
+
+    /// `ataid_complete`: capacity and LBA48 from the page; up (or resized).
+    pub(super) fn identify_done(&mut self, now: Instant, addr: TargetAddr, page: &[u8]) {
+        let info = match Identify::parse(page) {
+            Ok(i) => i,
+            Err(e) => {
+                self.identify_failed(addr, &format!("bad IDENTIFY page: {e}"));
+                return;
+            }
+        };
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        let old = d.sectors;
+        let new = info.sectors();
+        d.sectors = new;
+        d.lba48 = info.lba48;
+        d.identify = Some(info);
+        let mac = d.targets.first().map(|t| t.mac).unwrap_or_default();
+        let fw = d.firmware_version;
+        match d.life {
+            Life::Identifying => {
+                d.life = Life::Up;
+                self.log(format!("{mac} {addr} v{fw:x} has {new} sectors"));
+                self.log(format!("{addr} up"));
+                self.events.push_back(Event::DeviceUp(addr));
+                if old != 0 && old != new {
+                    self.events.push_back(Event::DeviceResized {
+                        dev: addr,
+                        old_sectors: old,
+                        new_sectors: new,
+                    });
+                }
+            }
+            Life::Up if old != new => {
+                self.log(format!("{addr}: size changed from {old} to {new} sectors"));
+                self.events.push_back(Event::DeviceResized {
+                    dev: addr,
+                    old_sectors: old,
+                    new_sectors: new,
+                });
+            }
+            _ => {}
+        }
+        self.pump(now, addr);
+    }
+
+    pub(super) fn identify_failed(&mut self, addr: TargetAddr, why: &str) {
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        match d.life {
+            Life::Identifying => {
+                d.life = Life::Down;
+                self.log(format!("{addr}: {why}"));
+            }
+            Life::Up => self.log(format!("{addr}: revalidate: {why}")),
+            Life::Down => {}
+        }
+    }
+}

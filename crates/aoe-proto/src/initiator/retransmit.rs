@@ -1,0 +1,220 @@
+//! Retransmission: frame deadlines, `rexmit_timer` (fresh tag on the next path, backoff,
+//! window collapse, scorn, path ejection, device down) and probes of tainted targets.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn deadline(&self, now: Instant, first_sent: Instant, rto: Duration) -> Instant {
+        let d = now + rto;
+        if self.cfg.deadsecs.is_zero() {
+            d
+        } else {
+            d.min((first_sent + self.cfg.deadsecs).max(now))
+        }
+    }
+
+    /// `rexmit_timer` for one frame: dead device after `deadsecs`, else a fresh tag on the
+    /// next path, with window collapse, scorn and path ejection as the driver does.
+    pub(super) fn frame_timed_out(&mut self, now: Instant, tag: u32) {
+        let Some(f) = self.outstanding.get(&tag).cloned() else {
+            return;
+        };
+        let addr = f.dev;
+        let probe = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Probe));
+        if probe || !self.ops.contains_key(&f.op) || !self.devices.contains_key(&addr) {
+            // An orphan of a failed op, or an unanswered probe (the next timer run sends
+            // another): give the window slot back, never retransmit.
+            self.outstanding.remove(&tag);
+            if probe {
+                self.ops.remove(&f.op);
+            }
+            self.release_slot(&f);
+            return;
+        }
+        let waited = now.saturating_duration_since(f.first_sent);
+        if !self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs {
+            let identifying = self
+                .devices
+                .get(&addr)
+                .is_some_and(|d| d.life == Life::Identifying);
+            if identifying {
+                self.outstanding.remove(&tag);
+                self.release_slot(&f);
+                self.ops.remove(&f.op);
+                self.identify_failed(addr, "IDENTIFY unanswered");
+                return;
+            }
+            self.device_down(
+                addr,
+                &format!("tag {tag:08x} unanswered for {} s", waited.as_secs()),
+            );
+            return;
+        }
+        let cfg = self.cfg.clone();
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        let ntargets = d.targets.iter().filter(|t| t.usable()).count().max(1) as u32;
+        let mut logs = Vec::new();
+        let Some(old_ti) = d.target_idx(f.target) else {
+            self.outstanding.remove(&tag);
+            return;
+        };
+        {
+            let t = &mut d.targets[old_ti];
+            t.on_timeout();
+            t.retransmits += 1;
+            let scorn_at = if cfg.deadsecs.is_zero() {
+                cfg.scorn_after
+            } else {
+                cfg.scorn_after.min(cfg.deadsecs / ntargets)
+            };
+            // The driver scorns only after `deadsecs / targets` (or 10 s) of waiting; since we
+            // move a timed-out frame to another target at once, no frame may wait that long,
+            // so a target that let `nframes` timeouts pass without one answer is scorned too.
+            t.silent += 1;
+            if ntargets > 1 && (waited > scorn_at || t.silent >= t.nframes as u32) {
+                t.scorn();
+                t.silent = 0;
+                logs.push(format!("{addr}: target {} tainted ({})", t.mac, t.taint));
+            }
+            let nframes = t.nframes as u32;
+            let npaths = t.paths.len();
+            if let Some(pi) = t.paths.iter().position(|p| p.iface == f.iface) {
+                t.paths[pi].lost += 1;
+                if t.paths[pi].lost > 2 * nframes && npaths > 1 {
+                    let p = t.paths.remove(pi);
+                    logs.push(format!(
+                        "{addr}: ejecting if {} from target {} after {} losses",
+                        p.iface, t.mac, p.lost
+                    ));
+                }
+            }
+        }
+        // The next path: another target with room (untainted unless all are), else the
+        // same target's next interface (`resend` -> `ifrotate`, `reassign_frame`).
+        let n = d.targets.len();
+        let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+        let mut new_ti = old_ti;
+        for k in 1..n {
+            let i = (old_ti + k) % n;
+            let t = &d.targets[i];
+            if t.usable() && t.nout < t.nframes && (t.taint == 0 || all_tainted) {
+                new_ti = i;
+                break;
+            }
+        }
+        if !d.targets[new_ti].usable() {
+            for l in logs {
+                self.log(l);
+            }
+            self.device_down(addr, "no path left");
+            return;
+        }
+        if new_ti != old_ti {
+            d.targets[old_ti].nout = d.targets[old_ti].nout.saturating_sub(1);
+            let t = &mut d.targets[new_ti];
+            t.nout += 1;
+            t.max_nout = t.max_nout.max(t.nout);
+        }
+        let t = &mut d.targets[new_ti];
+        let path = &t.paths[t.next_path % t.paths.len()];
+        let (iface, path_sectors) = (path.iface, path.sectors);
+        t.next_path = t.next_path.wrapping_add(1);
+        let rto = backoff(t.rto(&cfg), f.retransmits + 1, cfg.rto_max);
+        let mac = t.mac;
+        d.stats.retransmits += 1;
+        self.outstanding.remove(&tag);
+        let newtag = self.new_tag(now);
+        let src = self
+            .interfaces
+            .get(&iface)
+            .map(|i| i.mac)
+            .unwrap_or_default();
+        let mut nf = Outstanding {
+            target: mac,
+            iface,
+            sent: now,
+            deadline: self.deadline(now, f.first_sent, rto),
+            retransmits: f.retransmits + 1,
+            ..f
+        };
+        // The path's MTU shrank since the frame was sized (or it moves to a path with a
+        // smaller one): resent whole, neither the request (a write) nor the answer (a read)
+        // would fit, and it would time out for ever. Keep what fits; the rest goes back to
+        // the op and out in new frames as the window allows. (The Linux driver resends the
+        // frame unchanged.)
+        if nf.count > path_sectors {
+            let rest = (nf.count - path_sectors) as u64;
+            self.reissue(addr, f.op, nf.offset + path_sectors as u64, rest);
+            nf.count = path_sectors;
+            logs.push(format!(
+                "{addr}: {rest} sectors of tag {tag:08x} resent in new frames ({path_sectors} fit if {iface})"
+            ));
+        }
+        for l in logs {
+            self.log(l);
+        }
+        let nout = self
+            .devices
+            .get(&addr)
+            .map_or(0, |d| d.targets[new_ti].nout);
+        self.log(format!(
+            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}"
+        ));
+        self.emit_frame(newtag, &nf);
+        self.outstanding.insert(newtag, nf);
+    }
+
+    pub(super) fn release_slot(&mut self, f: &Outstanding) {
+        if let Some(d) = self.devices.get_mut(&f.dev) {
+            if let Some(ti) = d.target_idx(f.target) {
+                d.targets[ti].nout = d.targets[ti].nout.saturating_sub(1);
+            }
+        }
+    }
+
+    /// `probe`: a one-sector read to each tainted target with nothing outstanding; every
+    /// answer halves the taint (the driver decrements it; halving recovers a path that came
+    /// back within a few answers instead of up to 1000).
+    pub(super) fn probe_tainted(&mut self, now: Instant) {
+        let mut probes = Vec::new();
+        for d in self.devices.values() {
+            if d.life != Life::Up || d.sectors == 0 {
+                continue;
+            }
+            for (ti, t) in d.targets.iter().enumerate() {
+                if t.taint > 0 && t.nout == 0 && t.usable() {
+                    probes.push((d.addr, ti));
+                }
+            }
+        }
+        for (addr, ti) in probes {
+            let id = self.next_op;
+            self.next_op += 1;
+            self.ops.insert(
+                id,
+                Op {
+                    dev: addr,
+                    kind: OpKind::Probe,
+                    lba: 0,
+                    sectors: 1,
+                    issued: 1,
+                    reissue: Vec::new(),
+                    frames_out: 1,
+                },
+            );
+            self.send_new(now, addr, id, ti, 0, 1);
+        }
+    }
+}
+
+/// `rto * 2^n`, capped.
+pub(super) fn backoff(rto: Duration, n: u32, max: Duration) -> Duration {
+    rto.checked_mul(1u32 << n.min(16))
+        .unwrap_or(max)
+        .min(max.max(rto))
+}

@@ -1,0 +1,156 @@
+//! Operation splitting: block ops into frames of the device's payload, sent on the
+//! window of the next usable target (`aoecmd_work`, `aoecmd_ata_rw`).
+
+use super::*;
+
+impl Engine {
+    /// Queues IDENTIFY DEVICE (scnt 1) at the head of the device's queue.
+    pub(super) fn queue_identify(&mut self, now: Instant, dev: TargetAddr) {
+        let pending = self
+            .ops
+            .values()
+            .any(|o| o.dev == dev && matches!(o.kind, OpKind::Identify));
+        if !pending {
+            self.new_op(dev, OpKind::Identify, 0, 1, true);
+        }
+        self.pump(now, dev);
+    }
+
+    pub(super) fn new_op(
+        &mut self,
+        dev: TargetAddr,
+        kind: OpKind,
+        lba: u64,
+        sectors: u64,
+        front: bool,
+    ) -> u64 {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(
+            id,
+            Op {
+                dev,
+                kind,
+                lba,
+                sectors,
+                issued: 0,
+                reissue: Vec::new(),
+                frames_out: 0,
+            },
+        );
+        if let Some(d) = self.devices.get_mut(&dev) {
+            if front {
+                d.queue.push_front(id);
+            } else {
+                d.queue.push_back(id);
+            }
+        }
+        id
+    }
+
+    /// Sends queued frames while some target's window has room.
+    pub(super) fn pump(&mut self, now: Instant, addr: TargetAddr) {
+        loop {
+            let Some(d) = self.devices.get_mut(&addr) else {
+                return;
+            };
+            if d.life == Life::Down || d.payload == 0 {
+                return;
+            }
+            let Some(&op_id) = d.queue.front() else {
+                return;
+            };
+            let Some(op) = self.ops.get_mut(&op_id) else {
+                d.queue.pop_front();
+                continue;
+            };
+            if d.life == Life::Identifying && !matches!(op.kind, OpKind::Identify) {
+                return;
+            }
+            let Some(ti) = d.pick_target() else {
+                return;
+            };
+            let payload = d.payload as u64;
+            // (offset within the op, sector count)
+            let (offset, count) = match (op.reissue.last_mut(), &op.kind) {
+                (Some(r), _) => {
+                    let n = r.1.min(payload);
+                    let offset = r.0;
+                    *r = (r.0 + n, r.1 - n);
+                    if r.1 == 0 {
+                        op.reissue.pop();
+                    }
+                    (offset, n as u8)
+                }
+                (None, OpKind::Read(_) | OpKind::Write(_)) => {
+                    let n = (op.sectors - op.issued).min(payload);
+                    op.issued += n;
+                    (op.issued - n, n as u8)
+                }
+                // IDENTIFY returns one sector; FLUSH CACHE moves none.
+                (None, OpKind::Identify | OpKind::Probe) => {
+                    op.issued = op.sectors;
+                    (0, 1)
+                }
+                (None, OpKind::Flush) => {
+                    op.issued = op.sectors;
+                    (0, 0)
+                }
+            };
+            op.frames_out += 1;
+            if !op.unsent() {
+                d.queue.pop_front();
+            }
+            self.send_new(now, addr, op_id, ti, offset, count);
+        }
+    }
+
+    /// Sends one new frame of `op` to target `ti`.
+    pub(super) fn send_new(
+        &mut self,
+        now: Instant,
+        addr: TargetAddr,
+        op: u64,
+        ti: usize,
+        offset: u64,
+        count: u8,
+    ) {
+        let tag = self.new_tag(now);
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        let t = &mut d.targets[ti];
+        t.nout += 1;
+        t.max_nout = t.max_nout.max(t.nout);
+        let rto = t.rto(&self.cfg);
+        let iface = t.paths[t.next_path % t.paths.len()].iface;
+        t.next_path = t.next_path.wrapping_add(1);
+        let f = Outstanding {
+            dev: addr,
+            op,
+            target: t.mac,
+            iface,
+            offset,
+            count,
+            sent: now,
+            first_sent: now,
+            deadline: self.deadline(now, now, rto),
+            retransmits: 0,
+        };
+        self.emit_frame(tag, &f);
+        self.outstanding.insert(tag, f);
+    }
+
+    /// Hands sectors `offset..offset + sectors` of op `id` back to be sent again in frames
+    /// of the device's current payload, ahead of the ops queued behind it.
+    pub(super) fn reissue(&mut self, addr: TargetAddr, id: u64, offset: u64, sectors: u64) {
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.reissue.push((offset, sectors));
+        }
+        if let Some(d) = self.devices.get_mut(&addr) {
+            if !d.queue.contains(&id) {
+                d.queue.push_front(id);
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The engine's public types: configuration, I/O requests and errors, what it emits
+//! (frames, events) and what it reports (device and target information, statistics).
+
+use super::*;
+
+/// Tunables. Defaults are the Linux driver's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// How long a frame may stay unanswered before its device is declared down
+    /// (`aoe_deadsecs`, 180 s). [`Duration::ZERO`] retries forever, as the driver documents.
+    pub deadsecs: Duration,
+    /// Cap on outstanding frames per target MAC (`aoe_maxout`). 64 is the value in the
+    /// driver's code; its documentation (`aoe.rst`) still says 128.
+    pub maxout: u16,
+    /// Period of the discovery beacon (the driver's `discover_timer`, 60 s). Zero disables it.
+    pub discover_interval: Duration,
+    /// Lowest retransmission timeout. The driver's timer ticks every 100 ms (`TIMERTICK`),
+    /// which acts as a floor; without one a 100 µs veth RTT would retransmit every frame a
+    /// slow disk holds for a millisecond.
+    pub rto_min: Duration,
+    /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
+    pub rto_max: Duration,
+    /// A frame unanswered this long taints its target, so new frames go to the others
+    /// (`HARD_SCORN_SECS`, 10 s; the driver also scorns after `deadsecs / targets`). A
+    /// target is also tainted after `nframes` timeouts in a row without an answer.
+    pub scorn_after: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            deadsecs: Duration::from_secs(180),
+            maxout: 64,
+            discover_interval: Duration::from_secs(60),
+            rto_min: Duration::from_millis(50),
+            rto_max: Duration::from_secs(5),
+            scorn_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Identifies one submitted [`BlockOp`] in its [`Event::Completed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IoId(pub u64);
+
+impl fmt::Display for IoId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "io#{}", self.0)
+    }
+}
+
+/// A block operation on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Read `sectors` 512-byte sectors at `lba`; completes with the data.
+    Read {
+        /// First sector.
+        lba: u64,
+        /// Sectors to read (at least 1).
+        sectors: u32,
+    },
+    /// Write `data` (a non-empty multiple of 512 bytes) at `lba`. It completes only when the
+    /// target acknowledged every frame.
+    Write {
+        /// First sector.
+        lba: u64,
+        /// The data.
+        data: Vec<u8>,
+    },
+    /// ATA FLUSH CACHE EXT (0xEA) if IDENTIFY advertises it (word 83 bit 13), else FLUSH CACHE
+    /// (0xE7), as libata chooses. The Linux AoE driver never sends one; we do, so a write
+    /// cache on the target is safe.
+    Flush,
+}
+
+/// Why an operation failed. Whose fault it is is named per variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IoError {
+    /// The target's drive reported an error (status & 0xa9, `ktiocomplete`); not retried.
+    #[error("ATA error: status {status:#04x}, error {error:#04x}")]
+    Ata {
+        /// ATA status register.
+        status: u8,
+        /// ATA error register.
+        error: u8,
+    },
+    /// The target answered with the AoE error flag; not retried.
+    #[error("AoE error: {0}")]
+    Aoe(ErrorCode),
+    /// The device went down (no answer within `deadsecs`, or no path left) with the
+    /// operation outstanding: the network or the target failed (EIO).
+    #[error("device down")]
+    DeviceDown,
+    /// The device was flushed ([`Engine::flush_devices`]) with the operation outstanding.
+    #[error("device removed")]
+    Removed,
+}
+
+/// Why [`Engine::submit`] refused an operation (the caller's mistake or a down device).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// No device with that address was discovered.
+    #[error("no such device")]
+    UnknownDevice,
+    /// The device is down (or not yet identified): fail fast, as the driver does for a
+    /// device without `DEVFL_UP`.
+    #[error("device is down")]
+    DeviceDown,
+    /// A read of zero sectors, or a write of no data.
+    #[error("empty operation")]
+    Empty,
+    /// Write data not a multiple of 512 bytes.
+    #[error("write of {len} bytes is not a multiple of 512")]
+    Unaligned {
+        /// Bytes given.
+        len: usize,
+    },
+    /// The range ends beyond the device.
+    #[error("sectors {lba}+{sectors} beyond the device's {capacity}")]
+    OutOfRange {
+        /// First sector.
+        lba: u64,
+        /// Sectors asked for.
+        sectors: u64,
+        /// Device capacity in sectors.
+        capacity: u64,
+    },
+}
+
+/// Errors of device-level calls ([`Engine::revalidate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// No device with that address was discovered.
+    #[error("no such device")]
+    UnknownDevice,
+}
+
+/// Which devices [`Engine::flush_devices`] removes (what `/dev/etherd/flush` accepts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushWhich {
+    /// "all": every device that is not open.
+    All,
+    /// Empty write: only devices that are down (and not open).
+    Down,
+    /// The named devices (if not open).
+    Named(Vec<TargetAddr>),
+}
+
+/// A frame [`Engine::poll_transmit`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Send on this interface (the index given to [`Engine::add_interface`]).
+    pub iface: usize,
+    /// Bytes of the buffer to send (at least 60: frames are padded).
+    pub len: usize,
+}
+
+/// Something the daemon should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The device answered IDENTIFY and takes I/O.
+    DeviceUp(TargetAddr),
+    /// The device went down; its outstanding I/O has failed.
+    DeviceDown(TargetAddr),
+    /// The device was removed by [`Engine::flush_devices`].
+    DeviceRemoved(TargetAddr),
+    /// A re-IDENTIFY (revalidate or rediscovery) found a new capacity.
+    DeviceResized {
+        /// The device.
+        dev: TargetAddr,
+        /// Capacity before, in sectors.
+        old_sectors: u64,
+        /// Capacity now, in sectors.
+        new_sectors: u64,
+    },
+    /// A submitted operation finished: read data for reads, `None` for writes and flushes.
+    Completed {
+        /// What [`Engine::submit`] returned.
+        id: IoId,
+        /// The outcome.
+        result: Result<Option<Vec<u8>>, IoError>,
+    },
+    /// One diagnostic line, like the driver's `/dev/etherd/err` ("retransmit e7.3 oldtag=...").
+    Log(String),
+}
+
+/// A device's state as `/sys/block/etherd!eX.Y/state` shows it (`docs/PROTOCOL.md` 2.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Identified and taking I/O.
+    Up,
+    /// Down (dead, never identified, or identifying after a rediscovery).
+    Down,
+    /// Down while still open ("down,closewait").
+    DownCloseWait,
+}
+
+impl fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceState::Up => "up",
+            DeviceState::Down => "down",
+            DeviceState::DownCloseWait => "down,closewait",
+        })
+    }
+}
+
+/// Counters of one device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// ATA frames sent, retransmissions included.
+    pub frames_sent: u64,
+    /// Retransmissions.
+    pub retransmits: u64,
+    /// Responses whose tag matched nothing outstanding: late (already retransmitted and
+    /// answered) or duplicated by the network. Counted and ignored, never applied twice.
+    pub unexpected_responses: u64,
+    /// Responses whose tag matched but whose source MAC, shelf.slot or data length did not;
+    /// ignored, the frame stays outstanding.
+    pub bad_responses: u64,
+    /// Frames answered with an ATA error status.
+    pub ata_errors: u64,
+    /// Frames answered with the AoE error flag.
+    pub aoe_errors: u64,
+    /// Operations completed successfully.
+    pub ops_ok: u64,
+    /// Operations failed.
+    pub ops_failed: u64,
+}
+
+/// One target MAC of a device (the driver's `struct aoetgt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// The target's MAC.
+    pub mac: MacAddr,
+    /// Names of the local interfaces it is reached through.
+    pub interfaces: Vec<String>,
+    /// Buffer count from Query Config.
+    pub buffer_count: u16,
+    /// `min(buffer count, maxout)`: the window's ceiling.
+    pub nframes: u16,
+    /// The current window.
+    pub maxout: u16,
+    /// Slow-start threshold.
+    pub ssthresh: u16,
+    /// Frames outstanding now.
+    pub nout: u16,
+    /// Most frames ever outstanding at once.
+    pub max_nout: u16,
+    /// Taint (0 = healthy; raised by `scorn`, lowered by answers).
+    pub taint: u32,
+    /// Smoothed RTT.
+    pub rtt_avg: Duration,
+    /// RTT mean deviation.
+    pub rtt_dev: Duration,
+    /// Current retransmission timeout, `2*avg + 8*dev` within the configured bounds.
+    pub rto: Duration,
+    /// Retransmissions of frames sent to this target.
+    pub retransmits: u64,
+    /// ATA responses received from this target.
+    pub answers: u64,
+}
+
+/// What `/sys/block/etherd!eX.Y` and debugfs show of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Shelf and slot.
+    pub addr: TargetAddr,
+    /// State.
+    pub state: DeviceState,
+    /// Capacity in sectors (0 until identified).
+    pub sectors: u64,
+    /// What IDENTIFY said, once it answered.
+    pub identify: Option<IdentifyInfo>,
+    /// Firmware version from Query Config (`firmware-version`, "0x%04x").
+    pub firmware_version: u16,
+    /// The config string from the latest Query Config response.
+    pub config: Vec<u8>,
+    /// Bytes of data per frame (`payload`, the driver's `maxbcnt`).
+    pub payload: usize,
+    /// The target MACs and their windows.
+    pub targets: Vec<TargetInfo>,
+    /// Local interfaces across all targets, without repeats (`netif`).
+    pub interfaces: Vec<String>,
+    /// Open, as told by [`Engine::set_open`].
+    pub open: bool,
+    /// Operations submitted and not yet completed.
+    pub ops_outstanding: usize,
+    /// Counters.
+    pub stats: DeviceStats,
+}
+
+/// Engine-wide counters (frames that belong to no device).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames that did not parse.
+    pub malformed: u64,
+    /// Responses ignored because their tag has bit 31 set (user tools').
+    pub user_tags: u64,
+    /// Config responses refused for claiming shelf 0xffff or slot 0xff.
+    pub wildcard_rejected: u64,
+    /// ATA responses for devices the engine does not know.
+    pub unknown_device: u64,
+    /// Frames dropped by `poll_transmit` because the buffer was too small.
+    pub tx_buffer_too_small: u64,
+}

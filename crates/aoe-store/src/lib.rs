@@ -1,0 +1,162 @@
+//! Backing stores for AoE exports, and the worker pool that serves them asynchronously.
+//!
+//! Layer: beside the protocol engines, below the target daemon. A [`Backend`] is a byte range
+//! of a file or block device addressed in bytes; [`Pool`] runs reads, writes and flushes on
+//! worker threads so the daemon's event loop never waits on the disk, and hands finished jobs
+//! back through a channel plus a caller-supplied wake-up (an eventfd in the daemon).
+//!
+//! What it does not do: know about frames or AoE. The daemon says where in its buffers the
+//! data lives ([`Op`]). An io_uring engine can later implement the same submit/complete shape.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod file;
+mod pool;
+mod range_lock;
+
+pub use file::{FileBackend, OpenOptions};
+pub use pool::{Done, Job, Op, Pool};
+
+use std::io;
+
+/// Why a store operation failed, sorted by what the reply to the initiator must say (the
+/// target daemon maps it to an ATA status in one function, `ata_failure`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The medium failed (EIO): the disk's fault, reported as an uncorrectable error.
+    #[error("medium error: {0}")]
+    Medium(io::Error),
+    /// The backing file ended before the range (shrunk under the export): the operator's.
+    #[error("short read: {0}")]
+    ShortRead(io::Error),
+    /// Anything else (ENOSPC, EROFS, a range past the end, ...): the command is aborted.
+    #[error("{0}")]
+    Other(io::Error),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> StoreError {
+        if e.raw_os_error() == Some(libc::EIO) {
+            StoreError::Medium(e)
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            StoreError::ShortRead(e)
+        } else {
+            StoreError::Other(e)
+        }
+    }
+}
+
+/// A byte-addressed store an export reads and writes.
+///
+/// Implementations are shared between worker threads, so methods take `&self` and must be
+/// safe to call concurrently on disjoint or overlapping ranges (positional I/O).
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+
+    /// True for a zero-length store.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` from byte `offset`. A range past the end is an error
+    /// (`InvalidInput`), never a short read.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes `buf` at byte `offset`. A range past the end is an error (`InvalidInput`), so
+    /// nothing outside the export is ever written.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Reads like [`Backend::read_at`] if that can be done without blocking (the data is
+    /// cached); `Ok(false)` if it would block and the caller should use a worker instead.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Writes like [`Backend::write_at`] if that can be done without blocking; `Ok(false)`
+    /// if it would block (nothing, or only part, may have been written: the caller writes
+    /// the whole range again through a worker).
+    fn try_write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// True if writes are refused.
+    fn read_only(&self) -> bool;
+
+    /// True while the store has latched a write-back failure and refuses writes and flushes
+    /// (see [`FileBackend::failed`]); for status and metrics.
+    fn failed(&self) -> bool {
+        false
+    }
+}
+
+/// Checks that `len` bytes at `offset` lie inside a store of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is outside the export of {size} bytes"),
+        )),
+    }
+}
+
+/// A store held in memory, for tests and benchmarks.
+#[derive(Debug)]
+pub struct MemBackend {
+    data: std::sync::RwLock<Vec<u8>>,
+}
+
+impl MemBackend {
+    /// A zero-filled store of `len` bytes.
+    pub fn new(len: usize) -> MemBackend {
+        MemBackend {
+            data: std::sync::RwLock::new(vec![0; len]),
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+impl Backend for MemBackend {
+    fn len(&self) -> u64 {
+        self.data.read().map(|d| d.len() as u64).unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self
+            .data
+            .read()
+            .map_err(|_| io::Error::other("memory store poisoned"))?;
+        check_range(offset, buf.len(), d.len() as u64)?;
+        let o = offset as usize;
+        buf.copy_from_slice(&d[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| io::Error::other("memory store poisoned"))?;
+        check_range(offset, buf.len(), d.len() as u64)?;
+        let o = offset as usize;
+        d[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,396 @@
+//! Target configuration: vblade-style arguments or a TOML file with any number of exports.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aoe_wire::{MacAddr, TargetAddr};
+use serde::Deserialize;
+
+/// Buffer count advertised when none is given. Larger than vblade's 16 because requests are
+/// served asynchronously and the socket buffer is sized to hold this many frames per export.
+pub const DEFAULT_BUFFER_COUNT: u16 = 128;
+
+/// I/O worker threads when none is given.
+pub const DEFAULT_WORKERS: usize = 4;
+
+/// One export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// The file or block device.
+    pub path: PathBuf,
+    /// Shelf (major).
+    pub shelf: u16,
+    /// Slot (minor).
+    pub slot: u8,
+    /// Interfaces it is served on.
+    pub interfaces: Vec<String>,
+    /// Refuse writes (vblade `-r`).
+    pub read_only: bool,
+    /// O_DIRECT (vblade `-d`).
+    pub direct_io: bool,
+    /// O_SYNC (vblade `-s`).
+    pub sync: bool,
+    /// Offset in sectors (vblade `-o`).
+    pub offset: u64,
+    /// Length in sectors (vblade `-l`); `None`: to the end.
+    pub length: Option<u64>,
+    /// Advertised buffer count (vblade `-b`), and enforced: disk requests beyond it per
+    /// interface are dropped (see `aoe_proto::target::DropReason::OverBufferCount`).
+    pub buffer_count: u16,
+    /// Initial Mac Mask List (vblade `-m`); empty: everyone.
+    pub allowed_macs: Vec<MacAddr>,
+    /// Send the unsolicited Query Config response at start.
+    pub announce: bool,
+}
+
+impl ExportSpec {
+    /// The export's address.
+    pub fn addr(&self) -> TargetAddr {
+        TargetAddr::new(self.shelf, self.slot)
+    }
+}
+
+/// Everything `aoe serve` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServeConfig {
+    /// The exports.
+    pub exports: Vec<ExportSpec>,
+    /// Where config strings, mask and reserve lists persist; `None`: in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// I/O worker threads.
+    pub workers: usize,
+    /// Start (or reload) even when the duplicate probe finds another target answering for
+    /// one of our addresses: the conflict is only logged.
+    pub allow_duplicate: bool,
+    /// How long the duplicate probe waits for answers ([`crate::probe`]); zero: no probe.
+    pub probe: Duration,
+}
+
+/// A configuration that cannot run: one variant per cause, each the operator's to fix (the
+/// file, its path, or the `aoe serve` arguments).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Not TOML, or a key or value the format does not have (the TOML parser's message),
+    /// at a 1-based line and column when the parser names a place.
+    #[error("{}{}: {message}", origin.display(), at.map_or(String::new(), |(l, c)| format!(":{l}:{c}")))]
+    Syntax {
+        /// The file.
+        origin: PathBuf,
+        /// Line and column, 1-based.
+        at: Option<(usize, usize)>,
+        /// What is wrong.
+        message: String,
+    },
+    /// An `allowed_macs` entry that is not a MAC address.
+    #[error("{}: export #{export}: {error}", origin.display())]
+    BadMac {
+        /// The file.
+        origin: PathBuf,
+        /// The export's position in the file, 1-based.
+        export: usize,
+        /// The parse error.
+        error: aoe_wire::ParseMacError,
+    },
+    /// No export at all.
+    #[error("no exports configured")]
+    NoExports,
+    /// `workers = 0`.
+    #[error("workers must be at least 1")]
+    NoWorkers,
+    /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
+    #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
+    BroadcastShelf(u16),
+    /// Slot 0xff is the broadcast slot (AoEr11 section 2.1).
+    #[error("slot {0} is the broadcast slot and cannot be exported (use 0-254)")]
+    BroadcastSlot(u8),
+    /// An export with an empty interface list.
+    #[error("{0}: no interfaces given")]
+    NoInterfaces(TargetAddr),
+    /// `buffer_count = 0`: no request could ever be taken.
+    #[error("{0}: buffer count must be at least 1")]
+    NoBuffers(TargetAddr),
+    /// One shelf.slot twice on one interface.
+    #[error("{addr} is exported twice on interface {interface}")]
+    ExportedTwice {
+        /// The address.
+        addr: TargetAddr,
+        /// The interface.
+        interface: String,
+    },
+    /// A check of [`ServeConfig::check_static`] failed for a file.
+    #[error("{}: {error}", origin.display())]
+    In {
+        /// The file.
+        origin: PathBuf,
+        /// The failed check.
+        error: Box<ConfigError>,
+    },
+}
+
+/// The 1-based line and column of byte `pos` in `text`.
+fn line_column(text: &str, pos: usize) -> (usize, usize) {
+    let mut end = pos.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    workers: Option<usize>,
+    #[serde(default)]
+    allow_duplicate: bool,
+    probe_ms: Option<u64>,
+    #[serde(default, rename = "export")]
+    exports: Vec<FileExport>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    path: PathBuf,
+    shelf: u16,
+    slot: u8,
+    interfaces: Vec<String>,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    direct_io: bool,
+    #[serde(default)]
+    sync: bool,
+    #[serde(default)]
+    offset: u64,
+    length: Option<u64>,
+    buffer_count: Option<u16>,
+    #[serde(default)]
+    allowed_macs: Vec<String>,
+    #[serde(default = "yes")]
+    announce: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ServeConfig {
+    /// Parses a TOML configuration (see the README for the format). Relative paths are taken
+    /// from the directory of `origin`.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<ServeConfig, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_path_buf(),
+            at: e.span().map(|r| line_column(text, r.start)),
+            message: e.message().to_string(),
+        })?;
+        let base = origin.parent().unwrap_or(Path::new("."));
+        let mut exports = Vec::new();
+        for (i, e) in f.exports.into_iter().enumerate() {
+            let allowed_macs = e
+                .allowed_macs
+                .iter()
+                .map(|m| {
+                    m.parse::<MacAddr>().map_err(|error| ConfigError::BadMac {
+                        origin: origin.to_path_buf(),
+                        export: i + 1,
+                        error,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            exports.push(ExportSpec {
+                path: base.join(&e.path),
+                shelf: e.shelf,
+                slot: e.slot,
+                interfaces: e.interfaces,
+                read_only: e.read_only,
+                direct_io: e.direct_io,
+                sync: e.sync,
+                offset: e.offset,
+                length: e.length,
+                buffer_count: e.buffer_count.unwrap_or(DEFAULT_BUFFER_COUNT),
+                allowed_macs,
+                announce: e.announce,
+            });
+        }
+        let cfg = ServeConfig {
+            exports,
+            state_dir: f.state_dir.map(|d| base.join(d)),
+            workers: f.workers.unwrap_or(DEFAULT_WORKERS),
+            allow_duplicate: f.allow_duplicate,
+            probe: f
+                .probe_ms
+                .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
+        };
+        cfg.check_static().map_err(|e| ConfigError::In {
+            origin: origin.to_path_buf(),
+            error: Box::new(e),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks what can be checked without touching files or interfaces: at least one export,
+    /// real (non-wildcard) addresses, interfaces named, a non-zero buffer count, and no
+    /// shelf.slot exported twice on one interface.
+    pub fn check_static(&self) -> Result<(), ConfigError> {
+        if self.exports.is_empty() {
+            return Err(ConfigError::NoExports);
+        }
+        if self.workers == 0 {
+            return Err(ConfigError::NoWorkers);
+        }
+        let mut seen = HashSet::new();
+        for e in &self.exports {
+            let a = e.addr();
+            if e.shelf == TargetAddr::BROADCAST_SHELF {
+                return Err(ConfigError::BroadcastShelf(e.shelf));
+            }
+            if e.slot == TargetAddr::BROADCAST_SLOT {
+                return Err(ConfigError::BroadcastSlot(e.slot));
+            }
+            if e.interfaces.is_empty() {
+                return Err(ConfigError::NoInterfaces(a));
+            }
+            if e.buffer_count == 0 {
+                return Err(ConfigError::NoBuffers(a));
+            }
+            for i in &e.interfaces {
+                if !seen.insert((a, i.clone())) {
+                    return Err(ConfigError::ExportedTwice {
+                        addr: a,
+                        interface: i.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_file() {
+        let t = r#"
+            state_dir = "state"
+            workers = 2
+            allow_duplicate = true
+            probe_ms = 250
+            [[export]]
+            path = "disk.img"
+            shelf = 1
+            slot = 2
+            interfaces = ["veth0", "veth1"]
+            read_only = true
+            offset = 8
+            length = 100
+            buffer_count = 32
+            allowed_macs = ["00:11:22:33:44:55"]
+            announce = false
+            [[export]]
+            path = "/abs/other.img"
+            shelf = 1
+            slot = 3
+            interfaces = ["veth0"]
+        "#;
+        let c = ServeConfig::from_toml(t, Path::new("/etc/aoe/serve.toml")).unwrap();
+        assert_eq!(c.state_dir, Some(PathBuf::from("/etc/aoe/state")));
+        assert_eq!(c.workers, 2);
+        assert!(c.allow_duplicate);
+        assert_eq!(c.probe, Duration::from_millis(250));
+        let e = &c.exports[0];
+        assert_eq!(e.path, PathBuf::from("/etc/aoe/disk.img"));
+        assert_eq!((e.shelf, e.slot, e.offset, e.length), (1, 2, 8, Some(100)));
+        assert!(e.read_only && !e.announce);
+        assert_eq!(e.allowed_macs.len(), 1);
+        assert_eq!(c.exports[1].path, PathBuf::from("/abs/other.img"));
+        assert_eq!(c.exports[1].buffer_count, DEFAULT_BUFFER_COUNT);
+        assert!(c.exports[1].announce);
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        let base = |extra: &str| {
+            format!("[[export]]\npath = \"a\"\nshelf = 1\nslot = 1\ninterfaces = [\"x\"]\n{extra}")
+        };
+        let err = |t: &str| {
+            ServeConfig::from_toml(t, Path::new("/c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("").contains("no exports"));
+        assert!(err(&base("bogus = 1")).contains("bogus"));
+        assert!(err(&base("allowed_macs = [\"zz\"]")).contains("not a MAC"));
+        assert!(err(&base("buffer_count = 0")).contains("buffer count"));
+        let dup = format!("{}\n{}", base(""), base(""));
+        assert!(
+            err(&dup).contains("exported twice on interface x"),
+            "{}",
+            err(&dup)
+        );
+        assert!(err(&base("").replace("shelf = 1", "shelf = 65535")).contains("broadcast shelf"));
+        assert!(err(&base("").replace("slot = 1", "slot = 255")).contains("broadcast slot"));
+        assert!(
+            err(&base("").replace("interfaces = [\"x\"]", "interfaces = []"))
+                .contains("no interfaces")
+        );
+    }
+
+    /// Issue 10: a config error is data, one variant per cause, and a TOML error names its
+    /// line and column (here the unknown key on line 6).
+    #[test]
+    fn config_errors_are_typed_with_line_and_column() {
+        let text =
+            "[[export]]\npath = \"a\"\nshelf = 1\nslot = 1\ninterfaces = [\"x\"]\nbogus = 1\n";
+        let e = ServeConfig::from_toml(text, Path::new("/c.toml")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Syntax {
+                    at: Some((6, 1)),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("/c.toml:6:1: "), "{e}");
+        let e = ServeConfig::from_toml(
+            &text.replace("bogus = 1\n", "buffer_count = 0\n"),
+            Path::new("/c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::In { error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "/c.toml: e1.1: buffer count must be at least 1"
+        );
+        assert_eq!(line_column("a\nbé\nc", 5), (2, 3));
+    }
+}

@@ -1,0 +1,373 @@
+//! The target daemon: the event loop (sockets in, engines, worker pool, sockets out) here;
+//! export lifecycle in [`exports`], I/O dispatch and completion in [`dispatch`], the send
+//! backlog in [`send`].
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aoe_proto::target::{
+    Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
+    FIRMWARE_VERSION,
+};
+use aoe_store::{Backend, Done, FileBackend, Job, Op, OpenOptions, Pool, StoreError};
+use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
+use aoe_wire::{MacAddr, ATA_HEADER_LEN};
+
+use crate::config::{ExportSpec, ServeConfig};
+use crate::probe::{Duplicate, Probe};
+use crate::state::{StateFile, StateWriter};
+
+mod dispatch;
+mod exports;
+mod send;
+
+pub use exports::validate;
+use exports::ExportRt;
+use send::IfaceRt;
+
+/// Frames taken from a socket per recvmmsg.
+const BATCH: usize = 64;
+/// How often interface MTUs are re-read.
+const REFRESH: Duration = Duration::from_secs(1);
+/// How long the loop keeps polling its sockets without sleeping after the last frame.
+/// While an initiator keeps requests in flight the next ones are microseconds away, and
+/// sleeping in poll() costs a wake-up on another core for every batch: initiator and target
+/// then take turns instead of working at once.
+const SPIN: Duration = Duration::from_micros(100);
+/// Jobs the worker pool queues at most, over all exports. Each export already keeps at
+/// most its buffer count in flight per interface ([`aoe_proto::target::DropReason::OverBufferCount`]);
+/// this bounds the sum, so many exports or many interfaces cannot grow the queue (and the
+/// frame buffers it holds) without limit either. A request refused here is dropped and
+/// counted; the initiator retransmits.
+const POOL_QUEUE: usize = 8192;
+/// Replies an interface holds at most while its socket's send queue is full. The loop never
+/// sleeps on a full queue: it keeps the replies here, asks poll() for POLLOUT and goes on
+/// receiving and completing. A reply that finds the backlog full is dropped and counted;
+/// the initiator retransmits the request (AoE has no other recovery, AoEr11 section 2).
+const SEND_BACKLOG: usize = 4096;
+/// The longest stretch spent spinning before the loop's other duties (signals, reloads,
+/// state files, MTU refresh) get their turn.
+const SPIN_MAX: Duration = Duration::from_millis(10);
+
+/// How the outside world steers a running daemon: stop and reload requests, from signals
+/// (SIGTERM/SIGINT stop, SIGHUP reloads) or from a test.
+#[derive(Debug, Clone)]
+pub struct Control {
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    wake: Arc<UnixStream>,
+    wake_rx: Arc<UnixStream>,
+}
+
+impl Control {
+    /// A control with no signal handlers.
+    pub fn new() -> io::Result<Control> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Control {
+            stop: Arc::new(AtomicBool::new(false)),
+            reload: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(tx),
+            wake_rx: Arc::new(rx),
+        })
+    }
+
+    /// A control driven by SIGTERM and SIGINT (stop) and SIGHUP (reload).
+    pub fn with_signals() -> io::Result<Control> {
+        let c = Control::new()?;
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, c.stop.clone())?;
+            signal_hook::low_level::pipe::register(sig, c.wake.try_clone()?)?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, c.reload.clone())?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, c.wake.try_clone()?)?;
+        Ok(c)
+    }
+
+    /// Asks the daemon to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = (&*self.wake).write_byte();
+    }
+
+    /// Asks the daemon to reload its configuration file.
+    pub fn reload(&self) {
+        self.reload.store(true, Ordering::SeqCst);
+        let _ = (&*self.wake).write_byte();
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&*self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+trait WriteByte {
+    fn write_byte(self) -> io::Result<()>;
+}
+
+impl WriteByte for &UnixStream {
+    fn write_byte(self) -> io::Result<()> {
+        use std::io::Write;
+        let mut s = self;
+        s.write_all(&[1])
+    }
+}
+
+/// A running target.
+pub struct Daemon {
+    config_path: Option<PathBuf>,
+    config: ServeConfig,
+    ifaces: Vec<IfaceRt>,
+    exports: HashMap<u32, ExportRt>,
+    next_export_id: u32,
+    pool: Pool,
+    event: Arc<EventFd>,
+    spare: Vec<Vec<u8>>,
+    hostname: String,
+    /// Saves state files off the event loop.
+    state_writer: StateWriter,
+}
+
+impl Daemon {
+    /// Opens every export and interface of `config`; refuses, naming the problem, an export
+    /// that cannot be opened or an interface that does not exist. `config_path` is re-read
+    /// on reload.
+    pub fn new(config: ServeConfig, config_path: Option<PathBuf>) -> Result<Daemon> {
+        config.check_static()?;
+        let event = Arc::new(EventFd::new().context("cannot create eventfd")?);
+        let ev = event.clone();
+        let pool = Pool::new(
+            config.workers,
+            POOL_QUEUE,
+            Arc::new(move || {
+                let _ = ev.notify();
+            }),
+        )
+        .context("cannot start I/O workers")?;
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let mut d = Daemon {
+            config_path,
+            config: ServeConfig::default(),
+            ifaces: Vec::new(),
+            exports: HashMap::new(),
+            next_export_id: 0,
+            pool,
+            event,
+            spare: Vec::new(),
+            hostname,
+            state_writer: StateWriter::new().context("cannot start the state writer")?,
+        };
+        d.apply(config)?;
+        Ok(d)
+    }
+
+    /// Runs until `control` says stop; then waits for in-flight I/O and returns.
+    pub fn run(&mut self, control: &Control) -> Result<()> {
+        let mut last_refresh = Instant::now();
+        loop {
+            if control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if control.reload.swap(false, Ordering::SeqCst) {
+                self.reload();
+            }
+            // POLLOUT only where replies wait: a socket with room is always writable.
+            let mut fds: Vec<PollFd> = self
+                .ifaces
+                .iter()
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, !i.out.is_empty()))
+                .collect();
+            fds.push(PollFd::new(self.event.as_raw_fd()));
+            fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
+            aoe_sys::poll(&mut fds, Some(REFRESH)).context("poll")?;
+            let n = self.ifaces.len();
+            if fds[n + 1].ready {
+                control.drain();
+            }
+            if fds[n].ready {
+                let _ = self.event.drain();
+            }
+            self.complete_io();
+            let mut frames = 0;
+            for (idx, fd) in fds.iter().enumerate().take(n) {
+                if fd.ready {
+                    frames += self.receive(idx);
+                }
+            }
+            self.complete_io();
+            self.flush_sends();
+            if frames > 0 {
+                self.spin(control);
+            }
+            self.persist_state();
+            if last_refresh.elapsed() >= REFRESH {
+                last_refresh = Instant::now();
+                self.refresh_interfaces();
+                self.log_drops();
+                self.exports
+                    .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
+            }
+        }
+        self.drain_io(Duration::from_secs(30));
+        self.drain_sends(Duration::from_secs(1));
+        self.persist_state();
+        if !self.state_writer.wait_idle(Duration::from_secs(30)) {
+            tracing::error!("state files still being written after 30 s; exiting anyway");
+        }
+        self.log_drops();
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::warn!("SIGHUP ignored: not started with --config");
+            return;
+        };
+        match ServeConfig::load(&path).map_err(anyhow::Error::from) {
+            Ok(cfg) => match self.apply(cfg) {
+                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                Err(e) => {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
+                }
+            },
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        }
+    }
+
+    /// Serves frames as they come, without sleeping, until none came for [`SPIN`] (or for
+    /// at most [`SPIN_MAX`], or until a stop or reload is asked for).
+    fn spin(&mut self, control: &Control) {
+        let start = Instant::now();
+        let mut last = start;
+        while last.elapsed() < SPIN
+            && start.elapsed() < SPIN_MAX
+            && !control.stop.load(Ordering::Relaxed)
+            && !control.reload.load(Ordering::Relaxed)
+        {
+            let mut frames = 0;
+            for idx in 0..self.ifaces.len() {
+                frames += self.receive(idx);
+            }
+            // Worker completions are answered here too, not only after the spin.
+            self.complete_io();
+            self.flush_sends();
+            if frames > 0 {
+                last = Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Takes every frame waiting on interface `idx` to its exports; returns how many.
+    fn receive(&mut self, idx: usize) -> usize {
+        let mut total = 0;
+        loop {
+            let got = {
+                let i = &mut self.ifaces[idx];
+                match i.sock.recv_batch(&mut i.batch) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(interface = %i.name, error = %e, "receive failed");
+                        0
+                    }
+                }
+            };
+            if got == 0 {
+                return total;
+            }
+            total += got;
+            for f in 0..got {
+                if self.ifaces[idx].batch.meta(f).truncated {
+                    tracing::debug!(interface = %self.ifaces[idx].name, "oversized frame dropped");
+                    continue;
+                }
+                let ids = self.ifaces[idx].exports.clone();
+                for id in ids {
+                    self.dispatch(idx, f, id);
+                }
+            }
+            if got < BATCH {
+                return total;
+            }
+        }
+    }
+
+    /// Queues changed state for the writer thread: the loop never waits on fsync.
+    fn persist_state(&mut self) {
+        for rt in self.exports.values_mut() {
+            if !rt.engine.take_state_changed() {
+                continue;
+            }
+            if let Some(f) = &rt.state_file {
+                self.state_writer
+                    .save(f, rt.engine.state(), &rt.spec.allowed_macs);
+            }
+        }
+    }
+
+    /// Logs requests dropped since the last call, at most once per export per call (the
+    /// loop calls it once a second): a flood is visible without a log line per frame.
+    fn log_drops(&mut self) {
+        for rt in self.exports.values_mut() {
+            let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
+            if now != rt.drops_logged {
+                tracing::warn!(
+                    export = %rt.spec.addr(),
+                    buffer_count = rt.spec.buffer_count,
+                    over_buffer_count = now.0 - rt.drops_logged.0,
+                    queue_full = now.1 - rt.drops_logged.1,
+                    total_over_buffer_count = now.0,
+                    total_queue_full = now.1,
+                    "requests dropped (the initiator retransmits)"
+                );
+                rt.drops_logged = now;
+            }
+        }
+        for i in &mut self.ifaces {
+            let now = (i.send_failures, i.backlog_drops);
+            if now != i.drops_logged {
+                tracing::warn!(
+                    interface = %i.name,
+                    send_failed = now.0 - i.drops_logged.0,
+                    backlog_full = now.1 - i.drops_logged.1,
+                    total_send_failed = now.0,
+                    total_backlog_full = now.1,
+                    "replies dropped (the initiator retransmits)"
+                );
+                i.drops_logged = now;
+            }
+        }
+    }
+
+    fn refresh_interfaces(&mut self) {
+        for (idx, i) in self.ifaces.iter_mut().enumerate() {
+            let Ok(info) = i.sock.refresh_info() else {
+                continue;
+            };
+            if info.mtu != i.iface.mtu {
+                tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
+                i.iface.mtu = info.mtu;
+                i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
+                i.batch = RecvBatch::new(BATCH, i.frame_cap);
+                for id in &i.exports {
+                    if let Some(rt) = self.exports.get_mut(id) {
+                        rt.engine.set_interface(idx, i.iface);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! I/O dispatch and completion: engine actions to worker-pool jobs, completions back to
+//! the engine and its replies to the send backlog; how a store error shows on the wire.
+
+use super::*;
+
+impl Daemon {
+    pub(super) fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
+        let cap = self.ifaces[idx].frame_cap;
+        let mut reply = self.take_buffer(cap);
+        let Some(rt) = self.exports.get_mut(&id) else {
+            self.spare.push(reply);
+            return;
+        };
+        let frame = self.ifaces[idx].batch.frame(f);
+        match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
+            Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
+            Outcome::Drop(reason) => {
+                tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped");
+                self.spare.push(reply);
+            }
+            Outcome::Io(req) => {
+                // Fast path: data in the page cache is read (and a write that need not wait is
+                // written) right here with RWF_NOWAIT; only I/O that would block goes to a
+                // worker. Either way the event loop never waits on the disk.
+                let inline = match &req.kind {
+                    IoKind::Read { offset, len } => rt
+                        .backend
+                        .try_read_at(&mut reply[ATA_HEADER_LEN..ATA_HEADER_LEN + len], *offset),
+                    IoKind::Write { offset, data } => {
+                        rt.backend.try_write_at(&frame[data.clone()], *offset)
+                    }
+                    IoKind::Flush => Ok(false),
+                };
+                let result = match inline {
+                    Ok(false) => None,
+                    Ok(true) => Some(Ok(())),
+                    Err(e) => {
+                        let e = StoreError::from(e);
+                        tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+                        Some(Err(ata_failure(&e)))
+                    }
+                };
+                if let Some(result) = result {
+                    match rt.engine.complete(req.token, result, &mut reply) {
+                        Some(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
+                        None => self.spare.push(reply),
+                    }
+                    return;
+                }
+                let t = req.token.0 as usize;
+                if rt.token_iface.len() <= t {
+                    rt.token_iface.resize(t + 1, 0);
+                }
+                rt.token_iface[t] = idx;
+                let op = match req.kind {
+                    IoKind::Read { offset, len } => Op::Read {
+                        offset,
+                        at: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
+                    },
+                    IoKind::Write { offset, data } => {
+                        // The receive batch is reused: the write data travels in the reply
+                        // buffer, whose header the completion then overwrites.
+                        reply[..frame.len()].copy_from_slice(frame);
+                        Op::Write { offset, from: data }
+                    }
+                    IoKind::Flush => Op::Flush,
+                };
+                let job = Job {
+                    backend: rt.backend.clone(),
+                    op,
+                    user: (u64::from(id) << 32) | u64::from(req.token.0),
+                    buf: reply,
+                };
+                if let Err(job) = self.pool.try_submit(job) {
+                    rt.engine.abort(req.token);
+                    self.spare.push(job.buf);
+                    rt.pool_full_drops += 1;
+                }
+            }
+        }
+    }
+
+    pub(super) fn complete_io(&mut self) {
+        while let Some(done) = self.pool.try_done() {
+            self.finish(done);
+        }
+    }
+
+    /// Turns a finished job into a reply queued on the interface its request came from.
+    pub(super) fn finish(&mut self, done: Done) {
+        let id = (done.user >> 32) as u32;
+        let token = Token(done.user as u32);
+        let mut buf = done.buf;
+        let Some(rt) = self.exports.get_mut(&id) else {
+            self.spare.push(buf);
+            return;
+        };
+        let result = done.result.map_err(|e| {
+            let e = StoreError::from(e);
+            tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+            ata_failure(&e)
+        });
+        let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
+        match rt.engine.complete(token, result, &mut buf) {
+            Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
+            _ => self.spare.push(buf),
+        }
+    }
+
+    pub(super) fn drain_io(&mut self, limit: Duration) {
+        let start = Instant::now();
+        while self.exports.values().any(|e| e.engine.in_flight() > 0) {
+            if start.elapsed() > limit {
+                tracing::error!("I/O still in flight after {limit:?}; exiting anyway");
+                return;
+            }
+            if let Some(done) = self.pool.wait_done(Duration::from_millis(100)) {
+                self.finish(done);
+                self.complete_io();
+                self.flush_sends();
+            }
+        }
+    }
+}
+
+/// How a store error shows in the ATA reply (the one place, as rust-vmm virtio-blk's
+/// `Error::status()`): a medium error (EIO) and a short read are uncorrectable (UNC, what a
+/// disk reports for an unreadable sector), everything else aborts the command (ABRT).
+pub(super) fn ata_failure(e: &StoreError) -> IoFailure {
+    match e {
+        StoreError::Medium(_) | StoreError::ShortRead(_) => IoFailure::Medium,
+        _ => IoFailure::Aborted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10: store errors are typed once and mapped to the ATA reply in one function.
+    #[test]
+    fn store_errors_map_to_ata_failures() {
+        let of = |e: io::Error| ata_failure(&StoreError::from(e));
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::EIO)),
+            IoFailure::Medium
+        );
+        assert_eq!(of(io::ErrorKind::UnexpectedEof.into()), IoFailure::Medium);
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::ENOSPC)),
+            IoFailure::Aborted
+        );
+        assert_eq!(
+            of(io::Error::from_raw_os_error(libc::EROFS)),
+            IoFailure::Aborted
+        );
+        assert!(matches!(
+            StoreError::from(io::Error::from_raw_os_error(libc::EIO)),
+            StoreError::Medium(_)
+        ));
+    }
+}

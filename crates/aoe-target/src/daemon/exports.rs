@@ -1,0 +1,280 @@
+//! Export lifecycle: opening exports and interfaces, applying a (re)loaded configuration,
+//! the duplicate shelf.slot probe, retiring exports, and checking a config without serving.
+
+use super::*;
+
+pub(super) struct ExportRt {
+    pub(super) spec: ExportSpec,
+    pub(super) engine: Engine,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) state_file: Option<StateFile>,
+    /// The interface each in-flight token answers on.
+    pub(super) token_iface: Vec<usize>,
+    /// No longer configured: takes no new frames, goes away once its I/O has drained.
+    pub(super) retiring: bool,
+    /// Requests dropped because the worker queue was full.
+    pub(super) pool_full_drops: u64,
+    /// Drop counts last logged: (over the buffer count, worker queue full).
+    pub(super) drops_logged: (u64, u64),
+}
+
+impl Daemon {
+    /// Exports currently served: (address, interface names, sectors).
+    pub fn exports(&self) -> Vec<(aoe_wire::TargetAddr, Vec<String>, u64)> {
+        let mut v: Vec<_> = self
+            .exports
+            .values()
+            .filter(|e| !e.retiring)
+            .map(|e| {
+                (
+                    e.spec.addr(),
+                    e.spec.interfaces.clone(),
+                    e.engine.config().sectors,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub(super) fn iface_index(&mut self, name: &str) -> Result<usize> {
+        if let Some(i) = self.ifaces.iter().position(|i| i.name == name) {
+            return Ok(i);
+        }
+        let sock = PacketSocket::open(name)
+            .with_context(|| format!("cannot open AoE socket on interface {name}"))?;
+        let info = sock.info().clone();
+        let frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
+        // Best effort: a faster send path, as the memory-only responder measured.
+        let _ = sock.set_qdisc_bypass(true);
+        self.ifaces.push(IfaceRt {
+            name: name.to_string(),
+            batch: RecvBatch::new(BATCH, frame_cap),
+            frame_cap,
+            iface: Interface {
+                mac: MacAddr(info.mac),
+                mtu: info.mtu,
+            },
+            sock,
+            exports: Vec::new(),
+            out: VecDeque::new(),
+            send_failures: 0,
+            backlog_drops: 0,
+            drops_logged: (0, 0),
+        });
+        Ok(self.ifaces.len() - 1)
+    }
+
+    /// Brings the running set of exports in line with `config`: unchanged exports keep
+    /// running untouched, changed and removed ones retire (after their in-flight I/O), new
+    /// ones start. Everything new is opened before anything changes, so a bad config leaves
+    /// the running one as it was.
+    pub(super) fn apply(&mut self, config: ServeConfig) -> Result<()> {
+        config.check_static()?;
+        for e in &config.exports {
+            for i in &e.interfaces {
+                aoe_sys::interface_info(i)
+                    .with_context(|| format!("e{}.{}: no such interface {i}", e.shelf, e.slot))?;
+            }
+        }
+        let keep: Vec<u32> = self
+            .exports
+            .iter()
+            .filter(|(_, rt)| !rt.retiring && config.exports.contains(&rt.spec))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut new_rts = Vec::new();
+        for spec in &config.exports {
+            if keep.iter().any(|id| self.exports[id].spec == *spec) {
+                continue;
+            }
+            new_rts.push(self.open_export(spec, &config)?);
+        }
+        // The serving sockets open first, so requests that arrive during the probe wait in
+        // them and are answered once it is over, instead of being lost.
+        let names: Vec<String> = new_rts
+            .iter()
+            .flat_map(|rt| rt.spec.interfaces.clone())
+            .collect();
+        for name in names {
+            self.iface_index(&name)?;
+        }
+        // Ask the segments before announcing anything new: a second target with one of our
+        // addresses makes initiators mix two disks.
+        let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
+        let dups = self.probe(&new_specs, &config)?;
+        if !dups.is_empty() {
+            let what = dups
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !config.allow_duplicate {
+                bail!(
+                    "{what}: refusing to serve it (allow_duplicate = true or \
+                     --allow-duplicate serves it anyway)"
+                );
+            }
+            tracing::warn!("{what}: serving it anyway (allow_duplicate)");
+        }
+        // Commit.
+        for (id, rt) in self.exports.iter_mut() {
+            if !keep.contains(id) && !rt.retiring {
+                tracing::info!(export = %rt.spec.addr(), "export removed or changed; retiring");
+                rt.retiring = true;
+            }
+        }
+        for i in &mut self.ifaces {
+            i.exports.retain(|id| keep.contains(id));
+        }
+        for mut rt in new_rts {
+            let id = self.next_export_id;
+            self.next_export_id += 1;
+            for name in rt.spec.interfaces.clone() {
+                let idx = self.iface_index(&name)?;
+                rt.engine.set_interface(idx, self.ifaces[idx].iface);
+                self.ifaces[idx].exports.push(id);
+                let info = self.ifaces[idx].iface;
+                tracing::info!(
+                    export = %rt.spec.addr(),
+                    path = %rt.spec.path.display(),
+                    sectors = rt.engine.config().sectors,
+                    interface = %name,
+                    mac = %info.mac,
+                    mtu = info.mtu,
+                    "exporting"
+                );
+                if rt.spec.announce {
+                    for frame in rt.engine.announcements(idx) {
+                        let n = frame.len();
+                        self.ifaces[idx].queue(frame, n, &mut self.spare);
+                    }
+                }
+            }
+            self.exports.insert(id, rt);
+        }
+        self.size_socket_buffers();
+        self.config = config;
+        self.flush_sends();
+        Ok(())
+    }
+
+    /// Runs the duplicate probe for `new`; running exports keep being served while it waits
+    /// (on a reload), new interfaces keep their frames queued until the probe is over.
+    pub(super) fn probe(
+        &mut self,
+        new: &[&ExportSpec],
+        config: &ServeConfig,
+    ) -> Result<Vec<Duplicate>> {
+        let Some(mut p) = Probe::start(new, &config.exports, config.probe)? else {
+            return Ok(Vec::new());
+        };
+        let addrs: Vec<String> = new.iter().map(|e| e.addr().to_string()).collect();
+        tracing::info!(
+            exports = %addrs.join(","),
+            wait_ms = config.probe.as_millis() as u64,
+            "probing the segment for duplicate addresses"
+        );
+        loop {
+            p.collect()?;
+            let now = Instant::now();
+            if now >= p.deadline() {
+                return Ok(p.finish());
+            }
+            let serving: Vec<usize> = (0..self.ifaces.len())
+                .filter(|&i| !self.ifaces[i].exports.is_empty())
+                .collect();
+            let mut fds = p.fds();
+            fds.extend(serving.iter().map(|&i| {
+                let iface = &self.ifaces[i];
+                PollFd::with_events(iface.sock.as_raw_fd(), true, !iface.out.is_empty())
+            }));
+            fds.push(PollFd::new(self.event.as_raw_fd()));
+            aoe_sys::poll(&mut fds, Some(p.deadline() - now)).context("poll")?;
+            let _ = self.event.drain();
+            for i in serving {
+                self.receive(i);
+            }
+            self.complete_io();
+            self.flush_sends();
+        }
+    }
+
+    pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
+        let backend = FileBackend::open(
+            &spec.path,
+            &OpenOptions {
+                read_only: spec.read_only,
+                direct: spec.direct_io,
+                sync: spec.sync,
+                offset_sectors: spec.offset,
+                length_sectors: spec.length,
+            },
+        )
+        .with_context(|| format!("{}", spec.addr()))?;
+        let sectors = backend.sectors();
+        let state_file = config
+            .state_dir
+            .as_ref()
+            .map(|d| StateFile::new(d, spec.addr()));
+        let state = match &state_file {
+            Some(f) => f
+                .load(&spec.allowed_macs)
+                .with_context(|| format!("{}: cannot load state", spec.addr()))?,
+            None => PersistentState {
+                mask: spec.allowed_macs.clone(),
+                ..Default::default()
+            },
+        };
+        let serial = format!("{}.{}:{}", spec.shelf, spec.slot, self.hostname);
+        let engine = Engine::new(
+            ExportConfig {
+                addr: spec.addr(),
+                sectors,
+                read_only: spec.read_only,
+                buffer_count: spec.buffer_count,
+                firmware_version: FIRMWARE_VERSION,
+                max_sectors: 255,
+                model: "aoe-rs target".into(),
+                serial,
+                firmware: env!("CARGO_PKG_VERSION").into(),
+            },
+            state,
+        );
+        Ok(ExportRt {
+            spec: spec.clone(),
+            engine,
+            backend: Arc::new(backend),
+            state_file,
+            token_iface: Vec::new(),
+            retiring: false,
+            pool_full_drops: 0,
+            drops_logged: (0, 0),
+        })
+    }
+}
+
+/// Checks a config fully, as `aoe serve` does at start, without serving: files open with
+/// the right sizes and interfaces exist.
+pub fn validate(config: &ServeConfig) -> Result<()> {
+    config.check_static()?;
+    for e in &config.exports {
+        for i in &e.interfaces {
+            if aoe_sys::interface_info(i).is_err() {
+                bail!("e{}.{}: no such interface {i}", e.shelf, e.slot);
+            }
+        }
+        FileBackend::open(
+            &e.path,
+            &OpenOptions {
+                read_only: e.read_only,
+                direct: e.direct_io,
+                sync: e.sync,
+                offset_sectors: e.offset,
+                length_sectors: e.length,
+            },
+        )
+        .with_context(|| format!("{}", e.addr()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! A FUSE file system that passes one backing file through and fails `fsync` and writes on
+//! demand, for tests of what a daemon does when its storage fails (device-mapper's `error` and
+//! `flakey` targets are not available in every test kernel; FUSE is).
+//!
+//! [`FaultFs::mount`] mounts, on a fresh temporary directory and from a thread of the test
+//! process itself, a file system holding one file, [`FaultFs::file`], whose reads, writes and
+//! fsyncs go to the backing file. [`Faults`] (shared, so a test can hold it while a daemon uses
+//! the file) switches failures on and off and counts what the file system saw:
+//!
+//! * `fail_fsync(true)`: every `fsync`/`fdatasync` on the file fails with EIO, as a disk whose
+//!   write-back failed does (the data written through stays in the backing file: what is
+//!   tested is that the error is reported and remembered, not that data vanish).
+//! * `fail_writes(Some(errno))`: every write fails with `errno` (EIO, ENOSPC, ...) and writes
+//!   nothing.
+//! * `fsyncs` and `writes`: counters of the FUSE_FSYNC and FUSE_WRITE requests seen (failed or
+//!   not), e.g. to check that a FLUSH reached fdatasync before it was answered.
+//!
+//! The file is served without `FOPEN_DIRECT_IO` and without the FUSE write-back cache, so each
+//! `write(2)` by a user of the file reaches the file system (write-through) and each
+//! `fsync(2)` sends one FUSE_FSYNC. Open the file with O_DIRECT if page-cache reads would hide
+//! what a test looks for.
+//!
+//! It needs `/dev/fuse` and `fusermount3` (Debian package fuse3) and, for other users than the
+//! mounting one to open the file, root. Dropping [`FaultFs`] unmounts (lazily, so a daemon
+//! still holding the file open does not keep it mounted) and removes the directory.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
+    Request, WriteFlags,
+};
+
+/// Name of the one file in the file system.
+pub const FILE_NAME: &str = "disk.img";
+
+const ROOT_INO: u64 = 1;
+const FILE_INO: u64 = 2;
+const TTL: Duration = Duration::from_secs(1);
+
+/// The switches and counters of a [`FaultFs`], shared with its FUSE threads.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// FUSE_FSYNC requests seen on the file (fsync and fdatasync), failed or not.
+    pub fsyncs: AtomicU64,
+    /// FUSE_WRITE requests seen on the file, failed or not.
+    pub writes: AtomicU64,
+    fail_fsync: AtomicBool,
+    /// 0: writes succeed; otherwise the errno they fail with.
+    fail_writes: AtomicI32,
+}
+
+impl Faults {
+    /// Makes every later fsync fail with EIO (`true`) or succeed again (`false`).
+    pub fn fail_fsync(&self, on: bool) {
+        self.fail_fsync.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes every later write fail with `errno` (e.g. `libc::EIO` = 5, `ENOSPC` = 28), or
+    /// succeed again (`None`).
+    pub fn fail_writes(&self, errno: Option<i32>) {
+        self.fail_writes.store(errno.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Number of fsyncs seen so far.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::SeqCst)
+    }
+
+    /// Number of writes seen so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+struct PassThrough {
+    backing: File,
+    size: u64,
+    faults: Arc<Faults>,
+    start: SystemTime,
+}
+
+impl PassThrough {
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            ROOT_INO => (FileType::Directory, 0o755, 0, 2),
+            FILE_INO => (FileType::RegularFile, 0o644, self.size, 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.start,
+            mtime: self.start,
+            ctime: self.start,
+            crtime: self.start,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+fn errno_of(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(5))
+}
+
+impl Filesystem for PassThrough {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent.0, name.to_str()) {
+            (ROOT_INO, Some(FILE_NAME)) => match self.attr(FILE_INO) {
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // A fixed-size disk image: resizing is refused, everything else is ignored.
+        if size.is_some_and(|s| s != self.size) {
+            return reply.error(Errno::EPERM);
+        }
+        match self.attr(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match ino.0 {
+            FILE_INO => reply.opened(FileHandle(0), FopenFlags::empty()),
+            _ => reply.error(Errno::EISDIR),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino.0 != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let end = offset.saturating_add(u64::from(size)).min(self.size);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        match self.backing.read_exact_at(&mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if ino.0 != FILE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        self.faults.writes.fetch_add(1, Ordering::SeqCst);
+        let fail = self.faults.fail_writes.load(Ordering::SeqCst);
+        if fail != 0 {
+            return reply.error(Errno::from_i32(fail));
+        }
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return reply.error(Errno::ENOSPC);
+        }
+        match self.backing.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino.0 != FILE_INO {
+            return reply.ok();
+        }
+        self.faults.fsyncs.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_fsync.load(Ordering::SeqCst) {
+            return reply.error(Errno::EIO);
+        }
+        match self.backing.sync_data() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT_INO {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let all = [
+            (ROOT_INO, FileType::Directory, "."),
+            (ROOT_INO, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, FILE_NAME),
+        ];
+        for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// A mounted fault-injecting pass-through of one file; unmounted on drop.
+pub struct FaultFs {
+    session: Option<fuser::BackgroundSession>,
+    faults: Arc<Faults>,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for FaultFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultFs")
+            .field("mountpoint", &self.dir.path())
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+impl FaultFs {
+    /// Mounts a pass-through of `backing` (opened read-write; its size is fixed for the life
+    /// of the mount) on a new temporary directory, and waits until the file is visible.
+    ///
+    /// # Errors
+    ///
+    /// The backing file cannot be opened, or the mount fails (no `/dev/fuse`, no
+    /// `fusermount3`: install Debian package fuse3), each with a message naming it.
+    pub fn mount(backing: &Path) -> io::Result<FaultFs> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(backing)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot open {}: {e}", backing.display()))
+            })?;
+        let size = file.metadata()?.len();
+        let faults = Arc::new(Faults::default());
+        let dir = tempfile::Builder::new().prefix("aoe-faultfs-").tempdir()?;
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![
+            fuser::MountOption::FSName("aoe-faultfs".into()),
+            fuser::MountOption::Subtype("faultfs".into()),
+        ];
+        // Root mounts; the daemon under test may run as another user.
+        cfg.acl = fuser::SessionACL::All;
+        cfg.n_threads = Some(2);
+        let fs = PassThrough {
+            backing: file,
+            size,
+            faults: faults.clone(),
+            start: SystemTime::now(),
+        };
+        let session = fuser::spawn_mount(fs, dir.path(), &cfg).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot mount the fault file system on {} (needs /dev/fuse and \
+                     fusermount3 from Debian package fuse3): {e}",
+                    dir.path().display()
+                ),
+            )
+        })?;
+        let me = FaultFs {
+            session: Some(session),
+            faults,
+            dir,
+        };
+        let file = me.file();
+        if !crate::wait_until(Duration::from_secs(5), || file.exists()) {
+            return Err(io::Error::other(format!(
+                "{} did not appear after mounting",
+                file.display()
+            )));
+        }
+        Ok(me)
+    }
+
+    /// The pass-through file.
+    pub fn file(&self) -> PathBuf {
+        self.dir.path().join(FILE_NAME)
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The switches and counters.
+    pub fn faults(&self) -> Arc<Faults> {
+        self.faults.clone()
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        // A lazy unmount first: a daemon that still has the file open must not keep the
+        // session thread (and so this drop) waiting.
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(s) = self.session.take() {
+            drop(s);
+        }
+    }
+}

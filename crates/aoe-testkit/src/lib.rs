@@ -1,0 +1,765 @@
+//! # aoe-testkit: network-namespace fixtures for integration tests
+//!
+//! The test-support layer. It builds throw-away network topologies with RAII guards, so a
+//! test that sends real AoE frames never touches the host's own interfaces and leaves nothing
+//! behind, even when it panics:
+//!
+//! * [`Netns`]: a named network namespace (`ip netns add`), loopback up, IPv6 off so that no
+//!   router/neighbour solicitations show up next to the frames under test. Dropping it kills
+//!   the processes still inside and deletes it.
+//! * [`VethPair`]: a veth link between two namespaces (or inside one), both ends up, with a
+//!   chosen MTU (1500, 9000 for jumbo frames, ...). Deleted on drop.
+//! * [`Bridge`]: a Linux bridge inside a namespace, to join several hosts on one segment.
+//! * [`NsChild`]: a process (daemon, `vblade`, `tshark`, ...) running inside a namespace, with
+//!   its output captured to a temporary file; stopped with SIGTERM, then SIGKILL, on drop.
+//! * [`require_root`] and [`wait_until`]: the two helpers every such test needs.
+//! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
+//!   for tests that must know exactly which request was acknowledged.
+//!
+//! How: everything shells out to `ip` (iproute2), `nsenter` (util-linux) and `sh`; this crate
+//! has no `unsafe`. Only [`aoeclient`] uses `aoe-sys` (and `aoe-wire`); `aoe-sys` still uses
+//! the rest in its tests (a dev-dependency cycle, which Cargo allows). Code that must run
+//! *inside* a namespace in the test process itself calls `aoe_sys::run_in_netns(ns.path(), ..)`
+//! (`setns(2)` on a helper thread).
+//!
+//! What it deliberately does not do: no traffic shaping or capture, no frame building beyond
+//! [`aoeclient`]'s few requests; and it never creates anything in the host namespace: veth
+//! pairs are created directly inside the test namespaces (`ip -n A link add ... peer ...
+//! netns B`).
+//!
+//! Names are `PREFIX-PID-N`, so namespaces left behind by a test process that was killed
+//! (and so could not run its destructors) are recognised and removed by the next
+//! [`Netns::new`] with the same prefix, see [`remove_stale_namespaces`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod aoeclient;
+pub mod faultfs;
+pub mod relay;
+
+use std::borrow::Borrow;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counter that makes names unique within this process.
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+fn next_id() -> u32 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// True if the effective user id is 0, read from the `Uid:` line of `/proc/self/status`.
+pub fn is_root() -> bool {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        // Fields: real, effective, saved, filesystem.
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .is_some_and(|euid| euid == "0")
+}
+
+/// Panics with a clear message unless running as root: namespace and veth tests cannot work
+/// otherwise, and failing loudly beats a confusing `ip` error.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "these tests need root: network namespaces (run them as root, e.g. `sudo -E cargo test`)"
+    );
+}
+
+/// Fails (never skips) unless every `(tool, Debian package)` is on PATH, naming the package
+/// to install (`scripts/install-deps.sh` installs everything the tests use).
+pub fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, package) in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` not found on PATH: install Debian package {package} \
+             (scripts/install-deps.sh installs everything these tests use)"
+        );
+    }
+}
+
+/// Calls `f` every 10 ms until it returns true or `timeout` has passed. Returns whether it
+/// did return true (it is always called at least once, and once more at the deadline).
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+    }
+}
+
+/// Runs `cmd` to completion and returns its stdout; a failure to start or a non-zero exit is
+/// an error that quotes the command and its stderr.
+fn run(cmd: &mut Command) -> io::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sends `signal` (e.g. `"TERM"`) to `pid` through the shell's `kill` builtin (no `unsafe`
+/// needed); errors (process already gone) are ignored.
+fn signal(pid: u32, signal: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -{signal} {pid}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+///
+/// It starts with only `lo`, which is brought up, and with IPv6 disabled
+/// (`net.ipv6.conf.{all,default}.disable_ipv6 = 1`) so that interfaces added later send no
+/// IPv6 chatter. Dropping it first kills (SIGKILL) every process still in it except the test
+/// process itself, then runs `ip netns del`.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `PREFIX-PID-N`. First removes stale namespaces with the same
+    /// prefix whose process has died (see [`remove_stale_namespaces`]).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an empty prefix or one containing `/` or whitespace; otherwise the
+    /// failing command and its stderr (not root, no `ip`, ...).
+    pub fn new(prefix: &str) -> io::Result<Netns> {
+        check_prefix(prefix)?;
+        let _ = remove_stale_namespaces(prefix);
+        let name = format!("{prefix}-{}-{}", std::process::id(), next_id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        // From here on, dropping `ns` deletes the namespace if a later step fails.
+        let ns = Netns { name };
+        if Path::new("/proc/sys/net/ipv6").exists() {
+            // /proc/sys/net shows the namespace of the process that opens it, here the shell
+            // nsenter started inside the namespace.
+            let mut cmd = ns.command("sh");
+            cmd.args([
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && \
+                 echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+            ]);
+            run(&mut cmd)?;
+        }
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, as shown by `ip netns list`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/NAME`, the bind mount that keeps the namespace alive; pass it to
+    /// `aoe_sys::enter_netns` / `run_in_netns` or to `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// A [`Command`] that runs `program` inside the namespace:
+    /// `nsenter --net=/run/netns/NAME -- program`. Add arguments with `.arg`/`.args`.
+    ///
+    /// `nsenter` is used rather than `ip netns exec`, which would also make a private mount
+    /// namespace and remount `/sys`; only the network namespace changes here.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(self.net_arg()).arg("--").arg(program);
+        cmd
+    }
+
+    /// Runs `ip -n NAME ARGS...` and returns its stdout; the error quotes the command and
+    /// its stderr.
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Runs `program ARGS...` inside the namespace to completion and returns its stdout; a
+    /// non-zero exit is an error quoting stderr.
+    pub fn run(&self, program: impl AsRef<OsStr>, args: &[&str]) -> io::Result<String> {
+        run(self.command(program).args(args))
+    }
+
+    /// Starts `cmd` (a plain `Command`, by value or by reference) inside the namespace as an
+    /// [`NsChild`]; same as [`NsChild::spawn`].
+    pub fn spawn(&self, cmd: impl Borrow<Command>) -> io::Result<NsChild> {
+        NsChild::spawn(self, cmd)
+    }
+
+    /// Process ids in the namespace (`ip netns pids NAME`).
+    pub fn pids(&self) -> io::Result<Vec<u32>> {
+        let out = run(Command::new("ip").args(["netns", "pids", &self.name]))?;
+        Ok(out
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
+    fn net_arg(&self) -> String {
+        format!("--net={}", self.path().display())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let me = std::process::id();
+        if let Ok(pids) = self.pids() {
+            // Our own pid shows up if the main thread was moved into the namespace (tests
+            // run on the main thread with --test-threads=1); never kill ourselves.
+            for pid in pids.into_iter().filter(|&p| p != me) {
+                signal(pid, "KILL");
+            }
+        }
+        for attempt in 0..5 {
+            if run(Command::new("ip").args(["netns", "del", &self.name])).is_ok() {
+                return;
+            }
+            if !self.path().exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20 << attempt));
+        }
+        eprintln!(
+            "aoe-testkit: could not delete network namespace {}",
+            self.name
+        );
+    }
+}
+
+fn check_prefix(prefix: &str) -> io::Result<()> {
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || prefix.contains('/')
+        || prefix.chars().any(char::is_whitespace)
+    {
+        return Err(invalid(format!(
+            "namespace prefix {prefix:?} must be 1 to 64 characters without '/' or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `PREFIX-PID-N` and returns PID.
+fn stale_candidate_pid(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?.strip_prefix('-')?;
+    let (pid, n) = rest.split_once('-')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Deletes namespaces named `PREFIX-PID-N` whose creating process `PID` no longer exists, and
+/// returns their names. Such leftovers come from test processes killed before their
+/// destructors ran (SIGKILL, a CI time-out). Namespaces of live processes are left alone.
+pub fn remove_stale_namespaces(prefix: &str) -> io::Result<Vec<String>> {
+    check_prefix(prefix)?;
+    let listing = run(Command::new("ip").args(["netns", "list"]))?;
+    let mut removed = Vec::new();
+    // Lines look like "NAME" or "NAME (id: 3)".
+    for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(pid) = stale_candidate_pid(name, prefix) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if run(Command::new("ip").args(["netns", "del", name])).is_ok() {
+            removed.push(name.to_owned());
+        }
+    }
+    Ok(removed)
+}
+
+/// Names of the network namespaces that exist now (`ip netns list`).
+pub fn list_namespaces() -> io::Result<Vec<String>> {
+    let listing = run(Command::new("ip").args(["netns", "list"]))?;
+    Ok(listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// One end of a [`VethPair`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The end in the first namespace passed to [`VethPair::new`].
+    A,
+    /// The end in the second namespace.
+    B,
+}
+
+/// A veth pair: end A in one namespace, end B in another (or the same), deleted on drop.
+///
+/// A frame sent on one end arrives on the other, like a cable between two hosts. The guard
+/// stores namespace names rather than borrowing the [`Netns`] guards, so it can live in the
+/// same struct; dropping it after its namespaces is harmless (deleting a namespace deletes
+/// its veths).
+#[derive(Debug)]
+pub struct VethPair {
+    a_ns: String,
+    b_ns: String,
+    a_name: String,
+    b_name: String,
+    a_mac: [u8; 6],
+    b_mac: [u8; 6],
+}
+
+impl VethPair {
+    /// Creates a pair with generated names (`vPID-Na` / `vPID-Nb`, at most 13 characters),
+    /// sets `mtu` on both ends and brings them up.
+    pub fn new(a: &Netns, b: &Netns, mtu: u32) -> io::Result<VethPair> {
+        let n = next_id() % 100_000;
+        let pid = std::process::id() % 100_000;
+        let a_name = format!("v{pid}-{n}a");
+        let b_name = format!("v{pid}-{n}b");
+        Self::new_named(a, &a_name, b, &b_name, mtu)
+    }
+
+    /// Like [`new`](Self::new) with chosen interface names, e.g. `eth0` in each host
+    /// namespace. Names must be 1 to 15 characters without `/`, `:` or whitespace, and unique
+    /// within their namespace.
+    pub fn new_named(
+        a: &Netns,
+        a_name: &str,
+        b: &Netns,
+        b_name: &str,
+        mtu: u32,
+    ) -> io::Result<VethPair> {
+        check_ifname(a_name)?;
+        check_ifname(b_name)?;
+        // Created inside the namespaces directly; nothing ever appears in the host namespace.
+        a.ip(&[
+            "link", "add", "name", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
+        ])?;
+        let mut pair = VethPair {
+            a_ns: a.name.clone(),
+            b_ns: b.name.clone(),
+            a_name: a_name.to_owned(),
+            b_name: b_name.to_owned(),
+            a_mac: [0; 6],
+            b_mac: [0; 6],
+        };
+        pair.set_mtu(mtu)?;
+        pair.set_link(End::A, true)?;
+        pair.set_link(End::B, true)?;
+        pair.a_mac = pair.mac(End::A)?;
+        pair.b_mac = pair.mac(End::B)?;
+        Ok(pair)
+    }
+
+    /// Interface name of end A (in the first namespace).
+    pub fn a_name(&self) -> &str {
+        &self.a_name
+    }
+
+    /// Interface name of end B (in the second namespace).
+    pub fn b_name(&self) -> &str {
+        &self.b_name
+    }
+
+    /// MAC address of end A, as read when the pair was created.
+    pub fn a_mac(&self) -> [u8; 6] {
+        self.a_mac
+    }
+
+    /// MAC address of end B, as read when the pair was created.
+    pub fn b_mac(&self) -> [u8; 6] {
+        self.b_mac
+    }
+
+    /// Name of the namespace holding `end`.
+    pub fn ns_name(&self, end: End) -> &str {
+        match end {
+            End::A => &self.a_ns,
+            End::B => &self.b_ns,
+        }
+    }
+
+    /// Interface name of `end`.
+    pub fn name(&self, end: End) -> &str {
+        match end {
+            End::A => &self.a_name,
+            End::B => &self.b_name,
+        }
+    }
+
+    /// Sets the MTU of both ends (`ip link set ... mtu`).
+    pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
+        for end in [End::A, End::B] {
+            self.set_end_mtu(end, mtu)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the MTU of one end only. The other end still sends larger frames; the kernel
+    /// drops those on arrival, as a switch drops frames over a port's MTU.
+    pub fn set_end_mtu(&self, end: End, mtu: u32) -> io::Result<()> {
+        let mtu = mtu.to_string();
+        self.ip(end, &["link", "set", "dev", self.name(end), "mtu", &mtu])
+            .map(drop)
+    }
+
+    /// Brings `end` up or down. Taking one end down also takes the carrier of the other away
+    /// (its state becomes `LOWERLAYERDOWN`), like pulling a cable.
+    pub fn set_link(&self, end: End, up: bool) -> io::Result<()> {
+        let state = if up { "up" } else { "down" };
+        self.ip(end, &["link", "set", "dev", self.name(end), state])
+            .map(drop)
+    }
+
+    /// The current MTU of `end`, read with `ip -o link show`.
+    pub fn mtu(&self, end: End) -> io::Result<u32> {
+        let line = self.ip(end, &["-o", "link", "show", "dev", self.name(end)])?;
+        field_after(&line, "mtu")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no mtu in `ip link` output: {line}")))
+    }
+
+    /// The current MAC address of `end`, read with `ip -o link show`.
+    pub fn mac(&self, end: End) -> io::Result<[u8; 6]> {
+        let line = self.ip(end, &["-o", "link", "show", "dev", self.name(end)])?;
+        field_after(&line, "link/ether")
+            .and_then(parse_mac)
+            .ok_or_else(|| io::Error::other(format!("no MAC in `ip link` output: {line}")))
+    }
+
+    fn ip(&self, end: End, args: &[&str]) -> io::Result<String> {
+        run(Command::new("ip")
+            .args(["-n", self.ns_name(end)])
+            .args(args))
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        // Deleting one end deletes both. Fails harmlessly if the namespace is already gone.
+        let _ = run(Command::new("ip")
+            .args(["-n", &self.a_ns, "link", "del", "dev", &self.a_name])
+            .stderr(Stdio::null()));
+    }
+}
+
+/// A Linux bridge inside a namespace, acting as the switch of a test LAN: create one in a
+/// "switch" namespace, connect each host namespace to it with a [`VethPair`], and
+/// [`add_port`](Self::add_port) the switch-side ends. STP is off (the default), so ports
+/// forward at once. Deleted on drop.
+#[derive(Debug)]
+pub struct Bridge {
+    ns: String,
+    name: String,
+}
+
+impl Bridge {
+    /// Creates bridge `brN` in `ns` and brings it up. Its MTU follows the smallest port MTU.
+    pub fn new(ns: &Netns) -> io::Result<Bridge> {
+        let name = format!("br{}", next_id() % 1_000_000);
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            &name,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+        ])?;
+        let bridge = Bridge {
+            ns: ns.name.clone(),
+            name,
+        };
+        bridge.ip(&["link", "set", "dev", &bridge.name, "up"])?;
+        Ok(bridge)
+    }
+
+    /// The bridge's interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Enslaves `ifname` (an interface in the bridge's namespace) and brings it up.
+    pub fn add_port(&self, ifname: &str) -> io::Result<()> {
+        self.ip(&["link", "set", "dev", ifname, "master", &self.name, "up"])
+            .map(drop)
+    }
+
+    fn ip(&self, args: &[&str]) -> io::Result<String> {
+        run(Command::new("ip").args(["-n", &self.ns]).args(args))
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip")
+            .args(["-n", &self.ns, "link", "del", "dev", &self.name])
+            .stderr(Stdio::null()));
+    }
+}
+
+fn check_ifname(name: &str) -> io::Result<()> {
+    // Linux dev_valid_name: 1..IFNAMSIZ-1 bytes, not "." or "..", no '/', ':' or whitespace.
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.chars().any(char::is_whitespace)
+    {
+        return Err(invalid(format!(
+            "{name:?} is not a valid interface name (1 to 15 bytes, no '/', ':' or whitespace)"
+        )));
+    }
+    Ok(())
+}
+
+/// The whitespace-separated word after `key` in `line`.
+fn field_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == key)?;
+    words.next()
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A process running inside a [`Netns`], with stdout and stderr captured to a temporary file.
+/// Dropping it [stops](Self::stop) the process.
+#[derive(Debug)]
+pub struct NsChild {
+    child: Child,
+    status: Option<ExitStatus>,
+    output: tempfile::TempPath,
+    label: String,
+}
+
+impl NsChild {
+    /// Starts `cmd` inside `ns`: its program, arguments, environment changes and working
+    /// directory are carried over to `nsenter --net=... -- program args...`. Stdin is
+    /// `/dev/null`; stdout and stderr go to [`output_so_far`](Self::output_so_far).
+    ///
+    /// `cmd` may be passed by value, `&` or `&mut`. Pass a plain command (`Command::new("vblade")`);
+    /// one from [`Netns::command`] belongs in [`spawn_command`](Self::spawn_command).
+    pub fn spawn(ns: &Netns, cmd: impl Borrow<Command>) -> io::Result<NsChild> {
+        let cmd = cmd.borrow();
+        let mut wrapped = ns.command(cmd.get_program());
+        wrapped.args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => wrapped.env(key, v),
+                None => wrapped.env_remove(key),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        Self::spawn_command(wrapped)
+    }
+
+    /// Starts `cmd` as it is, e.g. one built with [`Netns::command`], capturing its output.
+    pub fn spawn_command(mut cmd: Command) -> io::Result<NsChild> {
+        let output = tempfile::Builder::new()
+            .prefix("aoe-testkit-out-")
+            .tempfile()?
+            .into_temp_path();
+        let stdout: File = OpenOptions::new().append(true).open(&output)?;
+        let stderr = stdout.try_clone()?;
+        let label = format!("{cmd:?}");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {label}: {e}")))?;
+        Ok(NsChild {
+            child,
+            status: None,
+            output,
+            label,
+        })
+    }
+
+    /// Process id (of the program itself: `nsenter` execs it without forking).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit; `Ok(None)` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+        }
+    }
+
+    /// Stops the process: SIGTERM, up to 5 s for it to exit, then SIGKILL. Returns its exit
+    /// status (at once if it had already exited).
+    pub fn stop(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        // The child is not reaped until we wait for it, so its pid cannot have been reused.
+        signal(self.pid(), "TERM");
+        if let Some(status) = self.wait_timeout(Duration::from_secs(5))? {
+            return Ok(status);
+        }
+        match self.child.kill() {
+            Ok(()) => {}
+            // Exited between the last check and the kill.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {}
+            Err(e) => return Err(e),
+        }
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Exit status, if the process has exited (without blocking).
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status)
+    }
+
+    /// Everything the process wrote to stdout and stderr so far (interleaved as written,
+    /// invalid UTF-8 replaced). Handy in assertion messages.
+    pub fn output_so_far(&self) -> String {
+        match fs::read(&self.output) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => format!("<cannot read output of {}: {e}>", self.label),
+        }
+    }
+
+    /// The command line, for messages.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl Drop for NsChild {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_macs() {
+        assert_eq!(
+            parse_mac("5a:aa:be:e5:69:79"),
+            Some([0x5a, 0xaa, 0xbe, 0xe5, 0x69, 0x79])
+        );
+        assert_eq!(parse_mac("5a:aa:be:e5:69"), None);
+        assert_eq!(parse_mac("5a:aa:be:e5:69:79:00"), None);
+        assert_eq!(parse_mac("5a:aa:be:e5:69:zz"), None);
+        assert_eq!(parse_mac("5a:aa:be:e5:69:"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+
+    #[test]
+    fn finds_fields_in_ip_link_output() {
+        let line = "2: va@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 9000 qdisc noqueue state UP \
+                    mode DEFAULT group default qlen 1000\\    link/ether 5a:aa:be:e5:69:79 brd \
+                    ff:ff:ff:ff:ff:ff link-netns t2x";
+        assert_eq!(field_after(line, "mtu"), Some("9000"));
+        assert_eq!(field_after(line, "link/ether"), Some("5a:aa:be:e5:69:79"));
+        assert_eq!(field_after(line, "nothing"), None);
+    }
+
+    #[test]
+    fn recognises_stale_names() {
+        assert_eq!(stale_candidate_pid("aoe-123-4", "aoe"), Some(123));
+        assert_eq!(stale_candidate_pid("aoe-x-123-4", "aoe"), None);
+        assert_eq!(stale_candidate_pid("aoe-123-", "aoe"), None);
+        assert_eq!(stale_candidate_pid("aoe-123", "aoe"), None);
+        assert_eq!(stale_candidate_pid("other-123-4", "aoe"), None);
+        assert_eq!(stale_candidate_pid("aoex-123-4", "aoe"), None);
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        assert!(check_prefix("").is_err());
+        assert!(check_prefix("a/b").is_err());
+        assert!(check_prefix("a b").is_err());
+        assert!(check_prefix("aoe").is_ok());
+        assert!(check_ifname("a-name-that-is-too-long").is_err());
+        assert!(check_ifname("eth0:1").is_err());
+        assert!(check_ifname("..").is_err());
+        assert!(check_ifname("eth0").is_ok());
+    }
+
+    #[test]
+    fn wait_until_returns_early_and_times_out() {
+        let start = Instant::now();
+        assert!(wait_until(Duration::from_secs(10), || true));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        let mut calls = 0;
+        assert!(!wait_until(Duration::from_millis(30), || {
+            calls += 1;
+            false
+        }));
+        assert!(calls >= 2);
+    }
+}
