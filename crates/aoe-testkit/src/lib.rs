@@ -653,12 +653,18 @@ impl NsChild {
     /// Stops the process: SIGTERM, up to 5 s for it to exit, then SIGKILL. Returns its exit
     /// status (at once if it had already exited).
     pub fn stop(&mut self) -> io::Result<ExitStatus> {
+        self.stop_within(Duration::from_secs(5))
+    }
+
+    /// Like [`NsChild::stop`], allowing `grace` between SIGTERM and SIGKILL (for a daemon
+    /// that finishes work in progress before it exits).
+    pub fn stop_within(&mut self, grace: Duration) -> io::Result<ExitStatus> {
         if let Some(status) = self.try_wait()? {
             return Ok(status);
         }
         // The child is not reaped until we wait for it, so its pid cannot have been reused.
         signal(self.pid(), "TERM");
-        if let Some(status) = self.wait_timeout(Duration::from_secs(5))? {
+        if let Some(status) = self.wait_timeout(grace)? {
             return Ok(status);
         }
         match self.child.kill() {

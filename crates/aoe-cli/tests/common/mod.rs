@@ -446,8 +446,10 @@ impl Rig {
     }
 
     /// The normal end of a test: SIGTERM stops the initiator cleanly (exit status 0 within
-    /// the 5 s NsChild::stop allows before SIGKILL), it unmounts ROOT and detaches the loop
-    /// devices it attached by itself. Drop then does the rest.
+    /// 30 s, else SIGKILL), it unmounts ROOT and detaches the loop devices it attached by
+    /// itself. Drop then does the rest. The grace is long because SIGTERM waits for files
+    /// still open, and the kernel releases a FUSE file only once its last readahead has
+    /// completed, which after a lossy spell can take a few retransmit back-offs.
     pub fn finish(mut self) {
         assert!(
             self.mounts.is_empty(),
@@ -457,7 +459,9 @@ impl Rig {
         assert!(self.root_mounted(), "ROOT not mounted before the stop");
         let mut init = self.initiator.take().expect("initiator running");
         let t0 = Instant::now();
-        let status = init.stop().expect("stop the initiator");
+        let status = init
+            .stop_within(Duration::from_secs(30))
+            .expect("stop the initiator");
         assert!(
             status.success(),
             "aoe initiator after SIGTERM: {status} ({:?}):\n{}",
