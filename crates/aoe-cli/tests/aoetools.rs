@@ -443,11 +443,26 @@ fn aoe_stat_and_control_tools_against_a_running_initiator() {
     // A device whose target is gone goes down; aoe-flush without names forgets only it.
     let mut t = rig.targets.remove(1);
     t.stop().expect("stop e1.10's target");
+    // Like the driver, the initiator finds a target dead through I/O that goes unanswered
+    // for deadsecs; an idle device stays up. One read, which fails with EIO, does it.
+    let dev = r.join("e1.10");
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        std::fs::File::open(dev).and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut buf, 0)
+        })
+    });
     assert!(
         wait_until(Duration::from_secs(20), || attr(r, "e1.10", "state")
             .starts_with("down")),
         "e1.10 never went down:\n{}",
         init.output_so_far()
+    );
+    let read = reader.join().expect("reader thread");
+    assert!(
+        read.is_err(),
+        "a read of e1.10 with its target gone: {read:?}"
     );
     let down = stats_agree(lp, r, &[]);
     assert!(down.contains("e1.10") && down.contains("down"), "{down}");
