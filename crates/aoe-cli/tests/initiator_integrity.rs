@@ -256,16 +256,7 @@ fn ext4_mounted_on_loop() -> (Rig, String, PathBuf) {
             ..InitOpts::default()
         },
     );
-    let mut loops = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            loops = rig.loops();
-            !loops.is_empty()
-        }),
-        "no loop device attached to {}{}",
-        rig.dev().display(),
-        rig.logs()
-    );
+    let loops = rig.wait_loops();
     let lo = loops[0].clone();
     let mnt = mkfs_and_mount(&mut rig, &lo, &[]);
     (rig, lo, mnt)

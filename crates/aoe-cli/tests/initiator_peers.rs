@@ -209,16 +209,7 @@ fn ext4_over_loop(kind: Target, mtu: u32) {
             ..InitOpts::default()
         },
     );
-    let mut loops = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            loops = rig.loops();
-            !loops.is_empty()
-        }),
-        "no loop device attached to {}{}",
-        rig.dev().display(),
-        rig.logs()
-    );
+    let loops = rig.wait_loops();
     assert_eq!(loops.len(), 1, "loop devices over ROOT: {loops:?}");
     let lo = loops[0].clone();
 

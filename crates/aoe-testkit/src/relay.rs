@@ -323,6 +323,12 @@ impl Relay {
         self.control.clone()
     }
 
+    /// True while the relay thread runs (a socket error ends it early; [`Relay::stop`]
+    /// then returns the error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the thread and returns its result (an I/O error on a socket ends it early).
     pub fn stop(&mut self) -> io::Result<()> {
         self.control.shared.stop.store(true, Ordering::SeqCst);

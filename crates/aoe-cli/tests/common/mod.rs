@@ -36,7 +36,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Fails (never skips) unless every tool is on PATH.
 pub fn require_tools() {
     require_root();
-    for (tool, package) in [
+    aoe_testkit::require_tools(&[
         ("ip", "iproute2"),
         ("nsenter", "util-linux"),
         ("losetup", "util-linux"),
@@ -47,17 +47,7 @@ pub fn require_tools() {
         ("aoe-stat", "aoetools"),
         ("mkfs.ext4", "e2fsprogs"),
         ("fsck.ext4", "e2fsprogs"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "`{tool}` not found on PATH: install Debian package {package} \
-             (scripts/install-deps.sh installs everything these tests use)"
-        );
-    }
+    ]);
 }
 
 /// Runs a command to completion (under the caller's own `timeout` where it could hang).
@@ -168,6 +158,20 @@ pub struct InitOpts {
     pub spare_link: bool,
 }
 
+impl InitOpts {
+    /// The initiator arguments these options stand for.
+    pub fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(d) = self.deadsecs {
+            v.extend(["--deadsecs".to_string(), d.to_string()]);
+        }
+        if self.loop_devices {
+            v.push("--loop".into());
+        }
+        v
+    }
+}
+
 /// Field order matters only for what `Drop` does not do by hand: the link and namespaces go
 /// last.
 pub struct Rig {
@@ -253,33 +257,7 @@ impl Rig {
             dir,
         };
         rig.start_target();
-
-        let mut cmd = Command::new(AOE);
-        cmd.arg("initiator")
-            .arg("--root")
-            .arg(&rig.root)
-            .arg("--iflist")
-            .arg(&rig.init_if)
-            .env("AOE_LOG", "debug");
-        if let Some(d) = opts.deadsecs {
-            cmd.args(["--deadsecs", &d.to_string()]);
-        }
-        if opts.loop_devices {
-            cmd.arg("--loop");
-        }
-        // NsChild::spawn uses `nsenter --net` only: same mount namespace as this process.
-        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
-        let discover = rig.root.join("discover");
-        let mounted = wait_until(Duration::from_secs(10), || {
-            discover.exists() || !init.is_running()
-        });
-        assert!(
-            mounted && init.is_running(),
-            "aoe initiator did not mount {}:\n{}",
-            rig.root.display(),
-            init.output_so_far()
-        );
-        rig.initiator = Some(init);
+        rig.launch_initiator(&opts.args());
         // It discovers at start; the target also announces itself when it starts.
         let up = wait_until(Duration::from_secs(10), || {
             rig.state().as_deref() == Some("up")
@@ -641,7 +619,17 @@ impl Rig {
             wait_until(Duration::from_secs(5), || !self.root_mounted()),
             "ROOT still mounted after the initiator stopped"
         );
-        let mut init = self.spawn_initiator(extra);
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        self.launch_initiator(&extra);
+        self.wait_state("up", Duration::from_secs(10), "after the restart");
+    }
+
+    /// Starts `aoe initiator` with `extra` arguments as this rig's initiator and waits until
+    /// it has mounted ROOT (not for any device). `nsenter --net` only: the mount is in this
+    /// process's mount namespace.
+    pub fn launch_initiator(&mut self, extra: &[String]) {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut init = self.spawn_initiator(&extra);
         let discover = self.root.join("discover");
         let mounted = wait_until(Duration::from_secs(10), || {
             discover.exists() || !init.is_running()
@@ -653,7 +641,22 @@ impl Rig {
             init.output_so_far()
         );
         self.initiator = Some(init);
-        self.wait_state("up", Duration::from_secs(10), "after the restart");
+    }
+
+    /// Waits (10 s) for `--loop` to attach the device and returns the loop devices over
+    /// ROOT; panics with the logs if none appears.
+    pub fn wait_loops(&self) -> Vec<String> {
+        let mut loops = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                loops = self.loops();
+                !loops.is_empty()
+            }),
+            "no loop device attached to {}{}",
+            self.dev().display(),
+            self.logs()
+        );
+        loops
     }
 
     /// Sends `signal` (`"TERM"`, `"QUIT"`, ...) to the initiator.
@@ -772,28 +775,8 @@ impl RelayRig {
             dir,
         };
         rig.start_target();
-        let mut cmd = Command::new(AOE);
-        cmd.arg("initiator")
-            .arg("--root")
-            .arg(&rig.root)
-            .arg("--iflist")
-            .arg(&iflist)
-            .env("AOE_LOG", "debug");
-        if let Some(d) = opts.deadsecs {
-            cmd.args(["--deadsecs", &d.to_string()]);
-        }
-        let mut init = rig.init_ns.spawn(cmd).expect("start aoe initiator");
-        let discover = rig.root.join("discover");
-        let mounted = wait_until(Duration::from_secs(10), || {
-            discover.exists() || !init.is_running()
-        });
-        assert!(
-            mounted && init.is_running(),
-            "aoe initiator did not mount {}:\n{}",
-            rig.root.display(),
-            init.output_so_far()
-        );
-        rig.initiator = Some(init);
+        // `init_if` is the whole --iflist here: every path's initiator end.
+        rig.launch_initiator(&opts.args());
         let me = RelayRig {
             relays,
             paths,
@@ -818,17 +801,25 @@ impl RelayRig {
         self.relays[path].control()
     }
 
-    /// Stops the relays, then finishes the rig (clean initiator stop).
+    /// Finishes the rig (clean initiator stop) while the relays still carry frames (each
+    /// must still be running: a socket error would have ended it), then stops the relays.
+    /// In that order because the initiator does not stop while a device file is open, and
+    /// the kernel releases a FUSE file only after its readahead has completed over the link.
     pub fn finish(self) {
         let RelayRig {
-            relays,
+            mut relays,
             extra,
             bridge,
             rig,
             ..
         } = self;
-        drop(relays);
+        for (i, r) in relays.iter_mut().enumerate() {
+            if !r.is_running() {
+                panic!("relay of path {i} ended early: {:?}", r.stop());
+            }
+        }
         rig.finish();
+        drop(relays);
         drop(bridge);
         drop(extra);
     }
