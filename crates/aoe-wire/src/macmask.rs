@@ -74,11 +74,15 @@ impl<T: AsRef<[u8]>> MacMaskPacket<T> {
     }
 
     /// Wraps after checking the argument and that every directive its count names is present.
+    /// In a reply with an MError the count is the index of the failing directive and no list
+    /// follows (vblade's `aoemask`), so only the argument is checked there.
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         check_len(p.buffer.as_ref(), ARG_LEN)?;
-        let needed = ARG_LEN + p.dir_count() as usize * DIRECTIVE_LEN;
-        check_len(p.buffer.as_ref(), needed)?;
+        if p.merror() == MaskError::None {
+            let needed = ARG_LEN + p.dir_count() as usize * DIRECTIVE_LEN;
+            check_len(p.buffer.as_ref(), needed)?;
+        }
         Ok(p)
     }
 
@@ -94,9 +98,10 @@ impl<T: AsRef<[u8]>> MacMaskPacket<T> {
     pub fn dir_count(&self) -> u8 {
         self.buffer.as_ref()[3]
     }
-    /// The `i`th directive; `None` past the count.
+    /// The `i`th directive; `None` past the count, and in a reply with an MError (where the
+    /// count is the failing directive's index).
     pub fn directive(&self, i: usize) -> Option<Directive> {
-        if i >= self.dir_count() as usize {
+        if i >= self.dir_count() as usize || self.merror() != MaskError::None {
             return None;
         }
         let d = self
@@ -176,6 +181,19 @@ impl fmt::Display for MacMaskRepr {
 
 #[cfg(test)]
 mod tests {
+    /// AoEr11 / vblade: an edit that fails at directive 6 answers MError 2 and Dir Count 6
+    /// with no list; that reply parses (the target fuzzer found the parser refusing it).
+    #[test]
+    fn error_reply_count_is_an_index_without_a_list() {
+        let arg = [0x00, 0x01, 0x02, 0x06];
+        let m = MacMaskRepr::parse(&arg).unwrap();
+        assert_eq!(m.mcmd, MaskCommand::Edit);
+        assert_eq!(m.merror, MaskError::from(2));
+        assert!(m.directives.is_empty());
+        // Without an MError the count still has to be backed by directives.
+        assert!(MacMaskRepr::parse(&[0x00, 0x01, 0x00, 0x06]).is_err());
+    }
+
     use super::*;
 
     /// Edit request: add 00:11:22:33:44:55, delete 66:77:88:99:aa:bb.
