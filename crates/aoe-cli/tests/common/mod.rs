@@ -146,6 +146,30 @@ impl Target {
     }
 }
 
+/// A temporary directory, the backing file (`file`, or a new one of SECTORS filled with
+/// `pattern(1, ..)` in the directory) and a fresh ROOT under [`ROOTS`] named `TAG PID-N`,
+/// checked to contain no `p` (aoe-stat skips such paths) and created.
+pub fn backing_and_root(tag: char, file: Option<PathBuf>) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = file.unwrap_or_else(|| {
+        let f = dir.path().join("backing.img");
+        fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
+        f
+    });
+    let root = Path::new(ROOTS).join(format!(
+        "{tag}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    assert!(
+        !root.to_string_lossy().contains('p'),
+        "{} contains a 'p': aoe-stat would not see it",
+        root.display()
+    );
+    fs::create_dir_all(&root).expect("create ROOT");
+    (dir, file, root)
+}
+
 // ------------------------------------------------------------------------------------------
 // The rig: target and initiator on one veth link, ROOT mounted, everything undone on drop
 
@@ -212,24 +236,7 @@ impl Rig {
         target_args: &[&str],
     ) -> Rig {
         require_tools();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = file.unwrap_or_else(|| {
-            let f = dir.path().join("backing.img");
-            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
-            f
-        });
-
-        let root = Path::new(ROOTS).join(format!(
-            "r{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        assert!(
-            !root.to_string_lossy().contains('p'),
-            "{} contains a 'p': aoe-stat would not see it",
-            root.display()
-        );
-        fs::create_dir_all(&root).expect("create ROOT");
+        let (dir, file, root) = backing_and_root('r', file);
 
         let target_ns = Netns::new("aoeit").expect("target namespace");
         let init_ns = Netns::new("aoeii").expect("initiator namespace");
@@ -700,18 +707,7 @@ impl RelayRig {
         use aoe_testkit::relay::Relay;
         require_tools();
         assert!(npaths >= 1);
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = file.unwrap_or_else(|| {
-            let f = dir.path().join("backing.img");
-            fs::write(&f, pattern(1, (SECTORS * 512) as usize)).expect("backing file");
-            f
-        });
-        let root = Path::new(ROOTS).join(format!(
-            "f{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&root).expect("create ROOT");
+        let (dir, file, root) = backing_and_root('f', file);
         let target_ns = Netns::new("aoeft").expect("target namespace");
         let init_ns = Netns::new("aoefi").expect("initiator namespace");
         let mut relays = Vec::new();
