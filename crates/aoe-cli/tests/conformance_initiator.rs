@@ -10,9 +10,9 @@
 //! * `growth_*` (item 2): the target restarted over a grown file; nobody has the device
 //!   open, so the config answers (its announcement, a discover) re-IDENTIFY it and the new
 //!   size shows, without `revalidate`.
-//! * `revalidate_partition_*` (item 7): a partition table written into the target's backing
-//!   file (not through the initiator); `echo eX.Y > revalidate` re-reads it and `eX.Yp1`
-//!   appears with its size and bytes, without flush and discover.
+//! * `revalidate_partition_*` (item 7): a second partition added to the table in the
+//!   target's backing file (not through the initiator); `echo eX.Y > revalidate` re-reads
+//!   the table and `eX.Yp2` appears with its size and bytes, without flush and discover.
 //!
 //! Needs root, fuse3, vblade, aoetools (`scripts/install-deps.sh`).
 
@@ -147,44 +147,63 @@ fn growth_vblade() {
 // ------------------------------------------------------------------------------------------
 // revalidate_partition_*: revalidate re-reads the partition table
 
-/// A DOS partition table (boot sector) with one Linux partition at `start`, `sectors` long.
-fn mbr_one(start: u32, sectors: u32) -> Vec<u8> {
+/// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
+fn mbr(parts: &[(u32, u32)]) -> Vec<u8> {
     let mut b = vec![0u8; 512];
-    let e = &mut b[446..462];
-    e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
-    e[4] = 0x83;
-    e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
-    e[8..12].copy_from_slice(&start.to_le_bytes());
-    e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    for (i, &(start, sectors)) in parts.iter().enumerate() {
+        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    }
     b[510] = 0x55;
     b[511] = 0xaa;
     b
 }
 
 fn revalidate_partition(kind: Target) {
-    let rig = Rig::start(kind, 1500, InitOpts::default());
-    let p1 = rig.root.join(format!("{DEV}p1"));
-    assert!(!p1.exists(), "no partition table yet");
-    // Written on the target's side, behind the initiator's back.
-    let (start, sectors) = (2048u32, 4096u32);
+    // The export starts with one partition, so the scan at discovery is seen to be done
+    // (eX.Yp1 appears) before the table changes.
+    let parts = [(2048u32, 4096u32), (8192, 8192)];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parted.img");
+    let mut img = pattern(1, (SECTORS * 512) as usize);
+    img[..512].copy_from_slice(&mbr(&parts[..1]));
+    fs::write(&file, &img).unwrap();
+    let rig = Rig::start_with(kind, 1500, InitOpts::default(), Some(file.clone()), &[]);
+    let part = |n: usize| rig.root.join(format!("{DEV}p{n}"));
+    assert!(
+        wait_until(Duration::from_secs(5), || fs::metadata(part(1))
+            .is_ok_and(|m| m.len() == u64::from(parts[0].1) * 512)),
+        "{DEV}p1 not found at discovery{}",
+        rig.logs()
+    );
+    assert!(!part(2).exists());
+    // A second partition added on the target's side, behind the initiator's back.
     {
-        let f = OpenOptions::new().write(true).open(&rig.file).unwrap();
-        f.write_all_at(&mbr_one(start, sectors), 0).unwrap();
+        let f = OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&mbr(&parts), 0).unwrap();
         f.sync_all().unwrap();
     }
     rig.echo_ok("revalidate", DEV);
     assert!(
-        wait_until(Duration::from_secs(5), || fs::metadata(&p1)
-            .is_ok_and(|m| m.len() == u64::from(sectors) * 512)),
-        "{DEV}p1 missing or of the wrong size after revalidate{}",
+        wait_until(Duration::from_secs(5), || fs::metadata(part(2))
+            .is_ok_and(|m| m.len() == u64::from(parts[1].1) * 512)),
+        "{DEV}p2 missing or of the wrong size after revalidate{}",
         rig.logs()
     );
     let mut want = vec![0u8; 4096];
-    File::open(&rig.file)
+    File::open(&file)
         .unwrap()
-        .read_exact_at(&mut want, u64::from(start) * 512 + 512)
+        .read_exact_at(&mut want, u64::from(parts[1].0) * 512 + 512)
         .unwrap();
-    assert_eq!(read_at(&p1, 512, 4096).unwrap(), want, "{DEV}p1's bytes");
+    assert_eq!(
+        read_at(&part(2), 512, 4096).unwrap(),
+        want,
+        "{DEV}p2's bytes"
+    );
     assert_eq!(rig.state().as_deref(), Some("up"));
     rig.finish();
 }
