@@ -30,8 +30,9 @@ pub struct InitiatorArgs {
     /// Seconds without an answer before a device is down (like aoe_deadsecs); 0 = forever.
     #[arg(long, default_value_t = 180, value_name = "N")]
     deadsecs: u64,
-    /// Cap on outstanding frames per target (like aoe_maxout; the driver's code uses 64).
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    /// Cap on outstanding frames per target (like aoe_maxout). The default, 128, is what the
+    /// driver's admin guide documents; the driver's code uses 64.
+    #[arg(long, default_value_t = 128, value_name = "N")]
     maxout: u16,
     /// Attach each device that comes up to a loop device with partition scan.
     #[arg(long = "loop")]

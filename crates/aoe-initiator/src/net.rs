@@ -32,7 +32,7 @@ pub enum Cmd {
     },
     /// Broadcast a Query Config on every allowed interface (and pick up new interfaces).
     Discover,
-    /// Re-query and re-IDENTIFY a device.
+    /// Re-query and re-IDENTIFY a device, then re-read its partition table.
     Revalidate(TargetAddr, Sender<Result<(), String>>),
     /// Remove devices.
     Flush(FlushWhich, Sender<Vec<TargetAddr>>),
@@ -546,6 +546,14 @@ impl Net {
                     changed = true;
                 }
                 Event::DeviceResized { dev, .. } => {
+                    self.publish();
+                    self.scan_partitions(dev);
+                    changed = true;
+                }
+                // `revalidate` re-reads the partition table even when the size is the
+                // same, so a partition added on the target appears without flush and
+                // discover.
+                Event::Revalidated(dev) => {
                     self.publish();
                     self.scan_partitions(dev);
                     changed = true;

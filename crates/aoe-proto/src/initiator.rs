@@ -23,8 +23,11 @@
 //! Behaviour follows `docs/PROTOCOL.md` (sections 1.7 and 2.4-2.7; differences in 4):
 //! - Discovery: broadcast Query Config on every interface when an interface is added, on
 //!   [`Engine::discover`] and every [`Config::discover_interval`] (the driver's 60 s beacon).
-//!   Any config response, asked for or not, adds the path it came on; a new (or down) device
-//!   is IDENTIFYed and then up.
+//!   Any config response, asked for or not, adds the path it came on; a device that nobody
+//!   has open is (re-)IDENTIFYed on every one (`aoecmd_cfg_rsp`): a new or down device comes
+//!   up, an up one shows a new size. An open device is left alone until its last close.
+//! - ATA responses are matched by shelf.slot and tag (`aoecmd_ata_rsp`, `getframe`), not by
+//!   source MAC: a multi-port target may answer from another port.
 //! - Tags `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`; bit 31 belongs to user tools and
 //!   responses carrying it are ignored (`aoenet_rcv`).
 //! - RTT per target (Jacobson/Karels), retransmission with a fresh tag on the next path,
@@ -356,32 +359,39 @@ impl Engine {
         Ok(IoId(id))
     }
 
-    /// Like writing "eX.Y" to `/dev/etherd/revalidate`: resets every target's RTT estimate
-    /// and window, sends each target MAC a Query Config and, if the device is up,
-    /// re-IDENTIFYs it so a grown export shows its new size ([`Event::DeviceResized`]).
-    /// A down device comes back up when the query is answered.
+    /// Like writing "eX.Y" to `/dev/etherd/revalidate` (`revalidate` in aoechr.c):
+    /// `aoecmd_cleanslate` (every target's RTT estimate and window start over, the payload is
+    /// forgotten and re-learnt from the Query Config response), an IDENTIFY if the device is
+    /// up, and a Query Config for its shelf.slot broadcast on every interface
+    /// (`aoecmd_cfg`). The IDENTIFY's answer emits [`Event::Revalidated`] (and
+    /// [`Event::DeviceResized`] if the size changed), on which the daemon re-reads the
+    /// partition table. A down device that nobody has open is IDENTIFYed when the query is
+    /// answered and comes up; one that is open stays "down,closewait" until it is closed
+    /// (the admin guide's rule; the driver's revalidate would IDENTIFY it regardless).
     pub fn revalidate(&mut self, now: Instant, dev: TargetAddr) -> Result<(), DeviceError> {
         self.touch(now);
         let d = self
             .devices
             .get_mut(&dev)
             .ok_or(DeviceError::UnknownDevice)?;
-        let mut queries = Vec::new();
-        for t in &mut d.targets {
-            t.reset_rtt();
-            t.wreset();
-            if let Some(p) = t.paths.first() {
-                queries.push((p.iface, t.mac));
-            }
-        }
+        d.cleanslate();
         let up = d.life == Life::Up;
-        for (iface, mac) in queries {
-            self.queue_config_query(now, iface, mac, dev);
-        }
+        d.revalidating = up;
         if up {
             self.queue_identify(now, dev);
         }
+        self.query_device(now, dev);
         Ok(())
+    }
+
+    /// `aoecmd_cfg(major, minor)`: a Query Config for `dev` alone (its shelf.slot, broadcast
+    /// destination) on every interface the engine was given (the daemon adds only the
+    /// allowed ones, `aoe_iflist`).
+    fn query_device(&mut self, now: Instant, dev: TargetAddr) {
+        let ifaces: Vec<usize> = self.interfaces.keys().copied().collect();
+        for idx in ifaces {
+            self.queue_config_query(now, idx, MacAddr::BROADCAST, dev);
+        }
     }
 
     /// Removes devices, like writing to `/dev/etherd/flush` (`aoedev_flush`): "all", the
@@ -423,25 +433,22 @@ impl Engine {
         self.devices.get(&dev).map(|d| self.info(d))
     }
 
-    /// Tells the engine whether the device is open (a front-end holds it), so a down device
-    /// shows "down,closewait" and is not flushed. Closing a down device sends it a Query
-    /// Config so it can come back (`aoeblk_release`).
+    /// Tells the engine whether the device is open (a front-end holds it). While open, a
+    /// device is not re-IDENTIFYed on config responses ("don't change users' perspective",
+    /// `aoecmd_cfg_rsp`), so one that went down shows "down,closewait" and stays down: the
+    /// admin guide's "cannot come up again until it has been closed". It is not flushed
+    /// either. The last close sends a Query Config for it on every interface
+    /// (`aoeblk_release` -> `aoecmd_cfg`); the answer IDENTIFYs it, so it comes back up (or
+    /// shows a new size) if its target answers.
     pub fn set_open(&mut self, dev: TargetAddr, open: bool) {
         let Some(d) = self.devices.get_mut(&dev) else {
             return;
         };
         let was = d.open;
         d.open = open;
-        if was && !open && d.life == Life::Down {
-            let queries: Vec<(usize, MacAddr)> = d
-                .targets
-                .iter()
-                .filter_map(|t| t.paths.first().map(|p| (p.iface, t.mac)))
-                .collect();
+        if was && !open {
             let now = self.last_now;
-            for (iface, mac) in queries {
-                self.queue_config_query(now, iface, mac, dev);
-            }
+            self.query_device(now, dev);
         }
     }
 

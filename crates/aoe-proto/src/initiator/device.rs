@@ -27,6 +27,12 @@ pub(super) struct Device {
     /// Operations with frames not yet sent, in submission order.
     pub(super) queue: VecDeque<u64>,
     pub(super) stats: DeviceStats,
+    /// A revalidate's IDENTIFY is pending: its answer emits [`Event::Revalidated`].
+    pub(super) revalidating: bool,
+    /// When a response from another MAC than the frame's was last logged, and how many
+    /// were not logged since (the log is rate-limited like `pr_err_ratelimited`).
+    pub(super) other_mac_logged: Option<Instant>,
+    pub(super) other_mac_unlogged: u64,
 }
 
 impl Device {
@@ -45,6 +51,9 @@ impl Device {
             payload: 0,
             queue: VecDeque::new(),
             stats: DeviceStats::default(),
+            revalidating: false,
+            other_mac_logged: None,
+            other_mac_unlogged: 0,
         }
     }
 
@@ -69,6 +78,18 @@ impl Device {
             ));
         }
         None
+    }
+
+    /// `aoecmd_cleanslate` (revalidate): every target's RTT estimate and window start over,
+    /// and the payload is forgotten until the next Query Config response sets it again
+    /// (`maxbcnt = 0`; meanwhile frames carry the driver's `DEFAULTBCNT`, 2 sectors, or
+    /// less if a path cannot carry that much).
+    pub(super) fn cleanslate(&mut self) {
+        for t in &mut self.targets {
+            t.reset_rtt();
+            t.wreset();
+        }
+        self.payload = self.payload.min(DEFAULT_SECTORS);
     }
 
     /// `newframe`: the next target (round-robin) with room in its window, skipping tainted

@@ -5,7 +5,10 @@ use super::*;
 
 impl Engine {
     /// `aoecmd_cfg_rsp`: records the target MAC and the path, sizes the window and payload,
-    /// and IDENTIFYs a new or down device.
+    /// and, if nobody has the device open, takes the firmware version and IDENTIFYs it: a
+    /// new or down device comes up, an up one is re-read so a target that grew or was
+    /// replaced is seen on the next discover or beacon. An open device keeps what its users
+    /// see ("don't change users' perspective"); a down one stays "down,closewait".
     pub(super) fn config_response(
         &mut self,
         now: Instant,
@@ -39,7 +42,9 @@ impl Engine {
             .devices
             .entry(h.target)
             .or_insert_with(|| Device::new(h.target));
-        d.firmware_version = cfg.firmware_version;
+        if !d.open {
+            d.firmware_version = cfg.firmware_version;
+        }
         d.config = cfg.config.to_vec();
         let ti = match d.target_idx(h.src) {
             Some(i) => i,
@@ -76,8 +81,8 @@ impl Engine {
             None => {}
         }
         let log = d.recompute_payload();
-        let identify = d.life == Life::Down && d.payload > 0;
-        if identify {
+        let identify = !d.open && d.payload > 0;
+        if identify && d.life == Life::Down {
             d.life = Life::Identifying;
         }
         if let Some(l) = log {
@@ -117,25 +122,35 @@ impl Engine {
                 _ => 0,
             })
             .unwrap_or(0);
+        if h.target != f.dev {
+            // `aoecmd_ata_rsp` looks the tag up among the frames of the device the header
+            // names: a tag of another device's frame is an unexpected response there.
+            match self.devices.get_mut(&h.target) {
+                Some(d) => d.stats.unexpected_responses += 1,
+                None => self.stats.unknown_device += 1,
+            }
+            self.log(format!(
+                "unexpected rsp {} tag={:08x} from {} on if {iface} (tag of {})",
+                h.target, h.tag.0, h.src, f.dev
+            ));
+            return;
+        }
         let failed = h.error.is_some() || ata.cmd_status & status::FAILURE_MASK != 0;
-        if h.src != f.target || h.target != f.dev || (!failed && ata.data.len() < is_read) {
+        if !failed && ata.data.len() < is_read {
             if let Some(d) = self.devices.get_mut(&f.dev) {
                 d.stats.bad_responses += 1;
             }
             self.log(format!(
-                "bad rsp {} tag={:08x} from {}: expected {} from {}{}",
+                "bad rsp {} tag={:08x} from {}: {} bytes of data, {is_read} expected (short data)",
                 h.target,
                 h.tag.0,
                 h.src,
-                f.dev,
-                f.target,
-                if ata.data.len() < is_read {
-                    " (short data)"
-                } else {
-                    ""
-                }
+                ata.data.len()
             ));
             return;
+        }
+        if h.src != f.target {
+            self.other_mac_response(now, &f, h.src);
         }
         self.outstanding.remove(&h.tag.0);
         let addr = f.dev;
@@ -269,14 +284,19 @@ impl Engine {
     }
 
     /// `ataid_complete`: capacity and LBA48 from the page; up (or resized).
+    ///
+    /// LBA48 is bit 10 of word 83 or of word 86, with no check of word 83's validity bits
+    /// (14/15), exactly as `ataid_complete` tests it; the capacity is then words 100-103,
+    /// else words 60-61.
     pub(super) fn identify_done(&mut self, now: Instant, addr: TargetAddr, page: &[u8]) {
-        let info = match Identify::parse(page) {
+        let mut info = match Identify::parse(page) {
             Ok(i) => i,
             Err(e) => {
                 self.identify_failed(addr, &format!("bad IDENTIFY page: {e}"));
                 return;
             }
         };
+        info.lba48 = driver_lba48(page);
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
         };
@@ -287,6 +307,7 @@ impl Engine {
         d.identify = Some(info);
         let mac = d.targets.first().map(|t| t.mac).unwrap_or_default();
         let fw = d.firmware_version;
+        let revalidated = std::mem::take(&mut d.revalidating);
         match d.life {
             Life::Identifying => {
                 d.life = Life::Up;
@@ -311,13 +332,44 @@ impl Engine {
             }
             _ => {}
         }
+        if revalidated {
+            self.events.push_back(Event::Revalidated(addr));
+        }
         self.pump(now, addr);
+    }
+
+    /// A response matched a frame of this device by tag but came from another MAC than the
+    /// frame went to. Accepted (the driver never compares the source); counted, and logged
+    /// at most once every [`OTHER_MAC_LOG_EVERY`] per device with the number not logged.
+    fn other_mac_response(&mut self, now: Instant, f: &Outstanding, src: MacAddr) {
+        let Some(d) = self.devices.get_mut(&f.dev) else {
+            return;
+        };
+        d.stats.other_mac_responses += 1;
+        if d.other_mac_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < OTHER_MAC_LOG_EVERY)
+        {
+            d.other_mac_unlogged += 1;
+            return;
+        }
+        d.other_mac_logged = Some(now);
+        let unlogged = std::mem::take(&mut d.other_mac_unlogged);
+        let more = if unlogged > 0 {
+            format!(" ({unlogged} more since the last report)")
+        } else {
+            String::new()
+        };
+        self.log(format!(
+            "{}: response from {src}, frame sent to {}; accepted{more}",
+            f.dev, f.target
+        ));
     }
 
     pub(super) fn identify_failed(&mut self, addr: TargetAddr, why: &str) {
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
         };
+        d.revalidating = false;
         match d.life {
             Life::Identifying => {
                 d.life = Life::Down;
@@ -327,4 +379,16 @@ impl Engine {
             Life::Down => {}
         }
     }
+}
+
+/// How often a device logs responses from another MAC than the frame's.
+const OTHER_MAC_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// `ataid_complete`'s LBA48 test: `(word 83 | word 86) & (1 << 10)`, no validity gate.
+fn driver_lba48(page: &[u8]) -> bool {
+    let word = |w: usize| {
+        page.get(2 * w..2 * w + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    (word(83) | word(86)) & (1 << 10) != 0
 }

@@ -9,8 +9,9 @@ pub struct Config {
     /// How long a frame may stay unanswered before its device is declared down
     /// (`aoe_deadsecs`, 180 s). [`Duration::ZERO`] retries forever, as the driver documents.
     pub deadsecs: Duration,
-    /// Cap on outstanding frames per target MAC (`aoe_maxout`). 64 is the value in the
-    /// driver's code; its documentation (`aoe.rst`) still says 128.
+    /// Cap on outstanding frames per target MAC (`aoe_maxout`). The default is 128, what the
+    /// driver's admin guide (`Documentation/admin-guide/aoe/aoe.rst`) documents and users
+    /// read; the driver's code (`aoecmd.c`) uses 64. A target's buffer count caps it further.
     pub maxout: u16,
     /// Period of the discovery beacon (the driver's `discover_timer`, 60 s). Zero disables it.
     pub discover_interval: Duration,
@@ -30,7 +31,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             deadsecs: Duration::from_secs(180),
-            maxout: 64,
+            maxout: 128,
             discover_interval: Duration::from_secs(60),
             rto_min: Duration::from_millis(50),
             rto_max: Duration::from_secs(5),
@@ -167,6 +168,10 @@ pub enum Event {
     DeviceDown(TargetAddr),
     /// The device was removed by [`Engine::flush_devices`].
     DeviceRemoved(TargetAddr),
+    /// The IDENTIFY sent by [`Engine::revalidate`] was answered: the size is current, and the
+    /// daemon re-reads the partition table (writing `revalidate` is how a partition added on
+    /// the target shows up without flush and discover).
+    Revalidated(TargetAddr),
     /// A re-IDENTIFY (revalidate or rediscovery) found a new capacity.
     DeviceResized {
         /// The device.
@@ -218,9 +223,13 @@ pub struct DeviceStats {
     /// Responses whose tag matched nothing outstanding: late (already retransmitted and
     /// answered) or duplicated by the network. Counted and ignored, never applied twice.
     pub unexpected_responses: u64,
-    /// Responses whose tag matched but whose source MAC, shelf.slot or data length did not;
+    /// Responses whose tag matched a frame of this device but whose read data was short;
     /// ignored, the frame stays outstanding.
     pub bad_responses: u64,
+    /// Responses accepted from a MAC other than the one the frame was sent to (a multi-port
+    /// target answering from another port). The driver matches by device and tag only
+    /// (`aoecmd_ata_rsp`, `getframe`); so do we, and count them here.
+    pub other_mac_responses: u64,
     /// Frames answered with an ATA error status.
     pub ata_errors: u64,
     /// Frames answered with the AoE error flag.
