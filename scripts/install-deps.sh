@@ -29,6 +29,14 @@ have_cmd setsid   || need+=(util-linux)
 have_cmd cc       || need+=(gcc)       # builds the send-refusing LD_PRELOAD shim of target_backlog.rs
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
+# Ceph RBD exports (the `rbd` feature): librbd/librados headers and libraries to build it, and
+# a one-node cluster for its tests (scripts/ceph-up.sh).
+have_pkg librbd-dev || need+=(librbd-dev)
+have_cmd ceph-mon || need+=(ceph-mon)
+have_cmd ceph-mgr || need+=(ceph-mgr)
+have_cmd ceph-osd || need+=(ceph-osd)
+have_cmd rbd      || need+=(ceph-common)
+have_cmd uuidgen  || need+=(uuid-runtime)
 
 # qemu-system-x86 (for the kernel aoe initiator guest). Some images ship a newer qemu-utils
 # from backports that Breaks Debian's qemu-system-common; install both from the same
@@ -55,7 +63,9 @@ if [ ${#need[@]} -gt 0 ]; then
     $APT install "${need[@]}" "${qemu_extra[@]}"
 fi
 
-for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy; do
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy \
+         ceph-mon ceph-mgr ceph-osd rbd uuidgen; do
     have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
+[ -e /usr/include/rbd/librbd.h ] || { echo "install-deps: librbd-dev still missing after install" >&2; exit 1; }
 echo "install-deps: all dependencies present"

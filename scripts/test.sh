@@ -21,12 +21,12 @@ step "rustfmt"
 cargo fmt --all --check
 
 step "clippy"
-cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release --features aoe-cli/rbd -- -D warnings
 
 step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --release 2>&1 | tee "$log"
+cargo test --workspace --release --features aoe-cli/rbd 2>&1 | tee "$log"
 passed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($i ~ /^passed;?$/) s+=$(i-1)} END {print s+0}' "$log")
 failed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($i ~ /^failed;?$/) s+=$(i-1)} END {print s+0}' "$log")
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
-use aoe_target::{Control, Daemon, ExportSpec, ServeConfig};
+use aoe_target::{CephOptions, Control, Daemon, ExportSpec, ServeConfig};
 use aoe_wire::MacAddr;
 use clap::Args;
 
@@ -12,7 +12,7 @@ use clap::Args;
 /// SHELF SLOT NETIF FILE`, or `--config FILE` for any number of exports.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)"
+    after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)\n  aoe serve --ceph-conf /etc/ceph/ceph.conf --client-id aoe 1 2 eth1 rbd:pool/img"
 )]
 pub struct ServeArgs {
     /// Advertised buffer count: requests the initiator may keep in flight.
@@ -56,6 +56,16 @@ pub struct ServeArgs {
     /// How long to wait for answers to the duplicate probe before announcing; 0: no probe.
     #[arg(long, value_name = "MS")]
     probe_ms: Option<u64>,
+    /// For an rbd:POOL/IMAGE export: the Ceph cluster's config file (default: $CEPH_CONF or
+    /// /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "FILE")]
+    ceph_conf: Option<PathBuf>,
+    /// For an rbd:POOL/IMAGE export: the cephx client id, without "client." (default: admin).
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
+    /// For an rbd:POOL/IMAGE export: the client's keyring (default: the one ceph.conf names).
+    #[arg(long, value_name = "FILE")]
+    keyring: Option<PathBuf>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -65,7 +75,8 @@ pub struct ServeArgs {
     slot: Option<u8>,
     /// Network interface to serve on.
     netif: Option<String>,
-    /// File or block device to export.
+    /// File or block device to export, or a Ceph RBD image as rbd:POOL/IMAGE or
+    /// rbd:POOL/NAMESPACE/IMAGE (needs the `rbd` build feature).
     file: Option<PathBuf>,
 }
 
@@ -83,6 +94,9 @@ fn export_flags_given(a: &ServeArgs) -> Vec<&'static str> {
         ("-o", a.offset.is_some()),
         ("-l", a.length.is_some()),
         ("--no-announce", a.no_announce),
+        ("--ceph-conf", a.ceph_conf.is_some()),
+        ("--client-id", a.client_id.is_some()),
+        ("--keyring", a.keyring.is_some()),
         ("SHELF", a.shelf.is_some()),
         ("SLOT", a.slot.is_some()),
         ("NETIF", a.netif.is_some()),
@@ -151,6 +165,11 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             buffer_count: a.bufcnt.unwrap_or(DEFAULT_BUFFER_COUNT),
             allowed_macs,
             announce: !a.no_announce,
+            ceph: CephOptions {
+                ceph_conf: a.ceph_conf.clone(),
+                client_id: a.client_id.clone(),
+                keyring: a.keyring.clone(),
+            },
         }],
         state_dir: a.state_dir.clone(),
         workers: a.workers.unwrap_or(DEFAULT_WORKERS),

@@ -42,12 +42,83 @@ pub struct ExportSpec {
     pub allowed_macs: Vec<MacAddr>,
     /// Send the unsolicited Query Config response at start.
     pub announce: bool,
+    /// How to reach the Ceph cluster of an `rbd:` export (empty for files).
+    pub ceph: CephOptions,
 }
 
 impl ExportSpec {
     /// The export's address.
     pub fn addr(&self) -> TargetAddr {
         TargetAddr::new(self.shelf, self.slot)
+    }
+
+    /// The RBD image if the backing store is `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`;
+    /// `None` for a file or block device; an error for an `rbd:` path of another shape.
+    pub fn rbd_image(&self) -> Option<Result<RbdImage, ConfigError>> {
+        let p = self.path.to_str()?;
+        let rest = p.strip_prefix(RBD_PREFIX)?;
+        Some(RbdImage::parse(rest).ok_or_else(|| ConfigError::BadRbd {
+            addr: self.addr(),
+            path: p.to_string(),
+        }))
+    }
+}
+
+/// What marks an export's path as a Ceph RBD image rather than a file.
+pub const RBD_PREFIX: &str = "rbd:";
+
+/// A Ceph RBD image named by an export's `rbd:POOL[/NAMESPACE]/IMAGE` path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdImage {
+    /// The pool.
+    pub pool: String,
+    /// The RADOS namespace, if named.
+    pub namespace: Option<String>,
+    /// The image.
+    pub image: String,
+}
+
+impl RbdImage {
+    /// Parses `POOL/IMAGE` or `POOL/NAMESPACE/IMAGE` (what follows `rbd:`); no part may be
+    /// empty or hold an `@` (a snapshot, which would be read-only: not supported).
+    pub fn parse(s: &str) -> Option<RbdImage> {
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.iter().any(|p| p.is_empty() || p.contains('@')) {
+            return None;
+        }
+        match parts[..] {
+            [pool, image] => Some(RbdImage {
+                pool: pool.into(),
+                namespace: None,
+                image: image.into(),
+            }),
+            [pool, ns, image] => Some(RbdImage {
+                pool: pool.into(),
+                namespace: Some(ns.into()),
+                image: image.into(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Cluster access for an `rbd:` export: the `ceph_conf`, `client_id` and `keyring` keys of an
+/// export (or `--ceph-conf`, `--client-id`, `--keyring`). Unset: librados's defaults
+/// (`$CEPH_CONF` or /etc/ceph/ceph.conf, `client.admin`, the keyring ceph.conf names).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CephOptions {
+    /// The cluster's ceph.conf.
+    pub ceph_conf: Option<PathBuf>,
+    /// The cephx client id, without `client.`.
+    pub client_id: Option<String>,
+    /// The client's keyring.
+    pub keyring: Option<PathBuf>,
+}
+
+impl CephOptions {
+    /// True if none is set.
+    pub fn is_empty(&self) -> bool {
+        self == &CephOptions::default()
     }
 }
 
@@ -127,6 +198,27 @@ pub enum ConfigError {
         /// The interface.
         interface: String,
     },
+    /// An `rbd:` path that is not `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`.
+    #[error("{addr}: {path} is not rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE")]
+    BadRbd {
+        /// The export.
+        addr: TargetAddr,
+        /// The path as given.
+        path: String,
+    },
+    /// `ceph_conf`, `client_id` or `keyring` on an export that is not an `rbd:` image: they
+    /// would be ignored.
+    #[error("{0}: ceph_conf, client_id and keyring apply only to an rbd:POOL/IMAGE export")]
+    CephOptionsWithoutRbd(TargetAddr),
+    /// A file-only option on an `rbd:` export: librbd has no page cache to bypass and an
+    /// image is exported whole, so it would be ignored.
+    #[error("{addr}: {option} applies to files, not to an rbd: export")]
+    FileOptionOnRbd {
+        /// The export.
+        addr: TargetAddr,
+        /// The option.
+        option: &'static str,
+    },
     /// A check of [`ServeConfig::check_static`] failed for a file.
     #[error("{}: {error}", origin.display())]
     In {
@@ -182,6 +274,9 @@ struct FileExport {
     allowed_macs: Vec<String>,
     #[serde(default = "yes")]
     announce: bool,
+    ceph_conf: Option<PathBuf>,
+    client_id: Option<String>,
+    keyring: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -211,8 +306,14 @@ impl ServeConfig {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            // An rbd: image is a name, not a path: not taken relative to the file.
+            let is_rbd = e.path.to_str().is_some_and(|p| p.starts_with(RBD_PREFIX));
             exports.push(ExportSpec {
-                path: base.join(&e.path),
+                path: if is_rbd {
+                    e.path.clone()
+                } else {
+                    base.join(&e.path)
+                },
                 shelf: e.shelf,
                 slot: e.slot,
                 interfaces: e.interfaces,
@@ -224,6 +325,11 @@ impl ServeConfig {
                 buffer_count: e.buffer_count.unwrap_or(DEFAULT_BUFFER_COUNT),
                 allowed_macs,
                 announce: e.announce,
+                ceph: CephOptions {
+                    ceph_conf: e.ceph_conf.map(|c| base.join(c)),
+                    client_id: e.client_id,
+                    keyring: e.keyring.map(|k| base.join(k)),
+                },
             });
         }
         let cfg = ServeConfig {
@@ -252,8 +358,9 @@ impl ServeConfig {
     }
 
     /// Checks what can be checked without touching files or interfaces: at least one export,
-    /// real (non-wildcard) addresses, interfaces named, a non-zero buffer count, and no
-    /// shelf.slot exported twice on one interface.
+    /// real (non-wildcard) addresses, interfaces named, a non-zero buffer count, no
+    /// shelf.slot exported twice on one interface, well-formed `rbd:` names and Ceph options
+    /// only on them.
     pub fn check_static(&self) -> Result<(), ConfigError> {
         if self.exports.is_empty() {
             return Err(ConfigError::NoExports);
@@ -275,6 +382,25 @@ impl ServeConfig {
             }
             if e.buffer_count == 0 {
                 return Err(ConfigError::NoBuffers(a));
+            }
+            match e.rbd_image() {
+                Some(r) => {
+                    r?;
+                    let file_only = [
+                        ("direct_io (-d)", e.direct_io),
+                        ("sync (-s)", e.sync),
+                        ("offset (-o)", e.offset != 0),
+                        ("length (-l)", e.length.is_some()),
+                    ];
+                    if let Some((name, _)) = file_only.iter().find(|(_, on)| *on) {
+                        return Err(ConfigError::FileOptionOnRbd {
+                            addr: a,
+                            option: name,
+                        });
+                    }
+                }
+                None if !e.ceph.is_empty() => return Err(ConfigError::CephOptionsWithoutRbd(a)),
+                None => {}
             }
             for i in &e.interfaces {
                 if !seen.insert((a, i.clone())) {
@@ -358,6 +484,77 @@ mod tests {
             err(&base("").replace("interfaces = [\"x\"]", "interfaces = []"))
                 .contains("no interfaces")
         );
+    }
+
+    /// Issue 13: an export backed by an RBD image, its cluster options beside it; the image
+    /// name is not taken relative to the config file, the ceph.conf and keyring are.
+    #[test]
+    fn parses_rbd_exports() {
+        let t = r#"
+            [[export]]
+            path = "rbd:pool/img"
+            shelf = 1
+            slot = 2
+            interfaces = ["veth0"]
+            ceph_conf = "ceph.conf"
+            client_id = "aoe"
+            keyring = "/k/aoe.keyring"
+            [[export]]
+            path = "rbd:pool/ns/img2"
+            shelf = 1
+            slot = 3
+            interfaces = ["veth0"]
+        "#;
+        let c = ServeConfig::from_toml(t, Path::new("/etc/aoe/serve.toml")).unwrap();
+        let e = &c.exports[0];
+        assert_eq!(e.path, PathBuf::from("rbd:pool/img"));
+        assert_eq!(
+            e.rbd_image().unwrap().unwrap(),
+            RbdImage {
+                pool: "pool".into(),
+                namespace: None,
+                image: "img".into()
+            }
+        );
+        assert_eq!(e.ceph.ceph_conf, Some(PathBuf::from("/etc/aoe/ceph.conf")));
+        assert_eq!(e.ceph.client_id.as_deref(), Some("aoe"));
+        assert_eq!(e.ceph.keyring, Some(PathBuf::from("/k/aoe.keyring")));
+        let r = c.exports[1].rbd_image().unwrap().unwrap();
+        assert_eq!(
+            (r.namespace.as_deref(), r.image.as_str()),
+            (Some("ns"), "img2")
+        );
+        assert!(c.exports[1].ceph.is_empty());
+    }
+
+    /// Issue 13: a malformed rbd: name, and Ceph options on a file export (which would be
+    /// silently ignored), are refused at load.
+    #[test]
+    fn refuses_bad_rbd_exports() {
+        let with = |path: &str, extra: &str| {
+            let t = format!(
+                "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = 1\ninterfaces = [\"x\"]\n{extra}"
+            );
+            ServeConfig::from_toml(&t, Path::new("/c.toml")).map(|_| ())
+        };
+        for bad in [
+            "rbd:",
+            "rbd:pool",
+            "rbd:pool/",
+            "rbd:/img",
+            "rbd:a/b/c/d",
+            "rbd:p/i@snap",
+        ] {
+            let e = with(bad, "").unwrap_err().to_string();
+            assert!(e.contains("is not rbd:POOL/IMAGE"), "{bad}: {e}");
+        }
+        let e = with("disk.img", "client_id = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apply only to an rbd:POOL/IMAGE export"), "{e}");
+        with("rbd:p/i", "client_id = \"x\"").unwrap();
+        let e = with("rbd:p/i", "offset = 8").unwrap_err().to_string();
+        assert!(e.contains("offset (-o) applies to files"), "{e}");
     }
 
     /// Issue 10: a config error is data, one variant per cause, and a TOML error names its

@@ -16,7 +16,7 @@ use aoe_proto::target::{
     Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
     FIRMWARE_VERSION,
 };
-use aoe_store::{Backend, Done, FileBackend, Job, Op, OpenOptions, Pool, StoreError};
+use aoe_store::{Backend, Done, Job, Op, Pool, StoreError};
 use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 

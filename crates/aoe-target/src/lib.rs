@@ -16,10 +16,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backing;
 pub mod config;
 mod daemon;
 pub mod probe;
 pub mod state;
 
-pub use config::{ExportSpec, ServeConfig};
+pub use backing::CEPH_CONNECT_TIMEOUT;
+pub use config::{CephOptions, ExportSpec, ServeConfig};
 pub use daemon::{validate, Control, Daemon};

@@ -1072,3 +1072,159 @@ pub fn mkfs_and_mount(rig: &mut Rig, lo: &str, extra: &[&str]) -> PathBuf {
     rig.mounts.push(mnt.clone());
     mnt
 }
+
+// ------------------------------------------------------------------------------------------
+// Ceph RBD exports (issue 13): a throwaway cluster inside the target's namespace, and the
+// rig around an `rbd:` export
+
+/// A one-node Ceph cluster that scripts/ceph-up.sh started on the loopback of `ns` (so
+/// `aoe serve` in that namespace reaches it at 127.0.0.1, and nothing leaves the namespace);
+/// stopped by scripts/ceph-down.sh on drop.
+pub struct Ceph {
+    pub dir: PathBuf,
+    ns_path: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Ceph {
+    fn script(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts")
+            .join(name)
+    }
+
+    /// Starts the cluster in `ns`: about 15-30 s; panics with its logs if it does not come up.
+    pub fn start(ns: &Netns) -> Ceph {
+        aoe_testkit::require_tools(&[
+            ("ceph-mon", "ceph-mon"),
+            ("ceph-mgr", "ceph-mgr"),
+            ("ceph-osd", "ceph-osd"),
+            ("rbd", "ceph-common"),
+            ("uuidgen", "uuid-runtime"),
+        ]);
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("ceph");
+        let out = run(ns
+            .command("timeout")
+            .args(["-k", "5", "300", "bash"])
+            .arg(Self::script("ceph-up.sh"))
+            .arg(&dir));
+        assert!(
+            out.status.success(),
+            "ceph-up.sh failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ceph {
+            dir,
+            ns_path: ns.path(),
+            _tmp: tmp,
+        }
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("ceph.conf")
+    }
+
+    pub fn keyring(&self) -> PathBuf {
+        self.dir.join("ceph.client.admin.keyring")
+    }
+
+    /// A Ceph command line tool (`rbd`, `ceph`) run in the cluster's namespace with its
+    /// config, under `timeout`.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.ns_path.display()))
+            .args(["--", "timeout", "-k", "5", "120", tool, "-c"])
+            .arg(self.conf())
+            .args(args);
+        c
+    }
+
+    /// Runs a tool and returns its stdout; panics with its output if it fails.
+    pub fn ok(&self, tool: &str, args: &[&str]) -> String {
+        run_ok(&mut self.tool(tool, args))
+    }
+
+    /// The `aoe serve` options that reach this cluster as client.admin.
+    pub fn serve_args(&self) -> Vec<String> {
+        vec![
+            "--ceph-conf".into(),
+            self.conf().display().to_string(),
+            "--client-id".into(),
+            "admin".into(),
+            "--keyring".into(),
+            self.keyring().display().to_string(),
+        ]
+    }
+
+    /// The image's contents as `rbd export` sees them.
+    pub fn export(&self, image: &str) -> Vec<u8> {
+        let out = self.dir.join("export.img");
+        let _ = fs::remove_file(&out);
+        self.ok("rbd", &["export", image, &out.display().to_string()]);
+        let data = fs::read(&out).expect("read rbd export");
+        let _ = fs::remove_file(&out);
+        data
+    }
+
+    pub fn stop(&mut self) {
+        let _ = run(Command::new("timeout")
+            .args(["-k", "5", "60", "bash"])
+            .arg(Self::script("ceph-down.sh"))
+            .arg(&self.dir));
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A [`Rig`] whose target is `aoe serve` exporting the RBD image `image` (created by the
+/// caller through `prepare`, which runs once the cluster is up and before the target
+/// starts) of a cluster in the target's namespace. The rig drops first: it stops initiator
+/// and target, then its namespaces go (which kills the cluster's daemons), then ceph-down.sh
+/// removes the cluster's directory.
+pub struct RbdRig {
+    pub rig: Rig,
+    pub ceph: Ceph,
+}
+
+impl RbdRig {
+    pub fn start(image: &str, prepare: impl FnOnce(&Ceph)) -> RbdRig {
+        require_tools();
+        let target_ns = Netns::new("aoeit").expect("target namespace");
+        let init_ns = Netns::new("aoeii").expect("initiator namespace");
+        let veth = VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
+        let ceph = Ceph::start(&target_ns);
+        prepare(&ceph);
+        let (dir, _, root) = backing_and_root('c', Some(PathBuf::from(format!("rbd:{image}"))));
+        let mut rig = Rig {
+            kind: Target::AoeServe,
+            target_args: ceph.serve_args(),
+            root,
+            file: PathBuf::from(format!("rbd:{image}")),
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: veth.b_name().to_owned(),
+            target_if: veth.a_name().to_owned(),
+            spare_if: None,
+            _spare: None,
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        };
+        rig.start_target();
+        rig.launch_initiator(&InitOpts::default().args());
+        let up = wait_until(Duration::from_secs(20), || {
+            rig.state().as_deref() == Some("up")
+        });
+        assert!(up, "{DEV} did not come up: {}", rig.logs());
+        RbdRig { rig, ceph }
+    }
+}

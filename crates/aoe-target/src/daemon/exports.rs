@@ -201,18 +201,7 @@ impl Daemon {
     }
 
     pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
-        let backend = FileBackend::open(
-            &spec.path,
-            &OpenOptions {
-                read_only: spec.read_only,
-                direct: spec.direct_io,
-                sync: spec.sync,
-                offset_sectors: spec.offset,
-                length_sectors: spec.length,
-            },
-        )
-        .with_context(|| format!("{}", spec.addr()))?;
-        let sectors = backend.sectors();
+        let (backend, sectors) = crate::backing::open(spec)?;
         let state_file = config
             .state_dir
             .as_ref()
@@ -244,7 +233,7 @@ impl Daemon {
         Ok(ExportRt {
             spec: spec.clone(),
             engine,
-            backend: Arc::new(backend),
+            backend,
             state_file,
             token_iface: Vec::new(),
             retiring: false,
@@ -264,17 +253,7 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
                 bail!("e{}.{}: no such interface {i}", e.shelf, e.slot);
             }
         }
-        FileBackend::open(
-            &e.path,
-            &OpenOptions {
-                read_only: e.read_only,
-                direct: e.direct_io,
-                sync: e.sync,
-                offset_sectors: e.offset,
-                length_sectors: e.length,
-            },
-        )
-        .with_context(|| format!("{}", e.addr()))?;
+        crate::backing::open(e)?;
     }
     Ok(())
 }
