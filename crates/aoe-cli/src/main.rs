@@ -7,6 +7,7 @@
 
 mod bench;
 mod initiator;
+mod metrics;
 mod ops;
 mod read;
 mod serve;

@@ -59,6 +59,8 @@ pub struct ServeArgs {
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArg,
     /// Shelf (major) address, 0-65534.
     shelf: Option<u16>,
     /// Slot (minor) address, 0-254.
@@ -185,5 +187,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let control = Control::with_signals().context("cannot install signal handlers")?;
     let mut daemon = Daemon::new(cfg, path)?;
+    if let Some(addr) = a.metrics.metrics {
+        let obs = daemon.observer();
+        crate::metrics::serve(addr, move || crate::metrics::target_text(&obs))?;
+    }
     daemon.run(&control)
 }

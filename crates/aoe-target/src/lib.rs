@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod control;
 mod daemon;
 pub mod probe;
 pub mod state;
