@@ -11,6 +11,7 @@ mod metrics;
 mod ops;
 mod read;
 mod serve;
+mod target_ctl;
 mod tools;
 mod trace;
 

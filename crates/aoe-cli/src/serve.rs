@@ -61,6 +61,8 @@ pub struct ServeArgs {
     check: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
+    #[command(flatten)]
+    control: crate::target_ctl::ControlArg,
     /// Shelf (major) address, 0-65534.
     shelf: Option<u16>,
     /// Slot (minor) address, 0-254.
@@ -191,5 +193,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let obs = daemon.observer();
         crate::metrics::serve(addr, move || crate::metrics::target_text(&obs))?;
     }
+    let _control = crate::target_ctl::listen(&a.control, daemon.observer())?;
     daemon.run(&control)
 }

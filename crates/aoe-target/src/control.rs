@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters of one export, since it was opened (or since `clear-stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportCounters {
     /// Requests answered (replies sent or queued).
     pub replies: u64,
@@ -58,7 +58,7 @@ impl ExportCounters {
 }
 
 /// One export as the daemon serves it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportStatus {
     /// `shelf.slot`.
     pub target: String,
@@ -97,7 +97,7 @@ pub struct ExportStatus {
 }
 
 /// One interface's reply-side counters.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IfaceStatus {
     /// Interface name.
     pub name: String,
@@ -110,7 +110,7 @@ pub struct IfaceStatus {
 }
 
 /// Everything a reader sees of the target at one moment.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Seconds since the epoch when the snapshot was taken.
     pub taken: f64,
@@ -128,12 +128,17 @@ pub struct Snapshot {
     pub interfaces: Vec<IfaceStatus>,
 }
 
+/// Wakes the daemon's loop.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
 /// The daemon's published state and the requests readers leave for it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Observer {
     current: Mutex<(u64, Arc<Snapshot>)>,
     published: Condvar,
     wanted: AtomicBool,
+    /// Wakes the daemon's loop from its poll, so a reader waits for no timeout.
+    waker: Mutex<Option<Waker>>,
     /// Counters at the last `clear-stats`, by `shelf.slot` (and interface name).
     baseline: Mutex<(
         BTreeMap<String, ExportCounters>,
@@ -145,6 +150,11 @@ impl Observer {
     /// A new observer with an empty snapshot.
     pub fn new() -> Arc<Observer> {
         Arc::new(Observer::default())
+    }
+
+    /// Called by the daemon when it starts its loop: how to wake it.
+    pub fn set_waker(&self, w: Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
     }
 
     /// Called by the daemon's loop: true when a reader is waiting for a fresh snapshot.
@@ -176,6 +186,9 @@ impl Observer {
         let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let seen = guard.0;
         self.wanted.store(true, Ordering::Relaxed);
+        if let Some(w) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            w();
+        }
         let (guard, _) = self
             .published
             .wait_timeout_while(guard, within, |c| c.0 == seen)
@@ -236,4 +249,176 @@ pub fn now_epoch() -> f64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()
+}
+
+// ------------------------------------------------------------------------------------------
+// The control socket (`aoe target`, after ggaoed's ggaoectl)
+
+/// A control request: one JSON object on one line, e.g. `{"cmd":"stats","target":"7.3"}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Request {
+    /// `status`, `stats`, `show-config`, `show-macmask`, `show-reserve`, `clear-stats` or
+    /// `monitor`.
+    pub cmd: String,
+    /// Only this export (`shelf.slot`); every export when absent.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// `monitor`: milliseconds between samples (default 1000, at least 100).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// `monitor`: samples to send before closing (default: until the client goes away).
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+/// The default socket path: `/run/aoe/serve-PID.sock`.
+pub fn default_socket_path() -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/run/aoe/serve-{}.sock", std::process::id()))
+}
+
+/// A listening control socket; the socket file is removed when it is dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: std::path::PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on the Unix socket `path` (mode 0600, its directory created 0700 if missing) and
+/// answers requests from a thread per connection. A stale socket file (nothing listening)
+/// is replaced; a live one is refused, naming it.
+pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<ControlSocket> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control socket {} is in use by another aoe serve; give this one another \
+                 --control PATH",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    tracing::info!(socket = %path.display(), "control socket listening");
+    std::thread::Builder::new()
+        .name("aoe-control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let obs = obs.clone();
+                let _ = std::thread::Builder::new()
+                    .name("aoe-control-conn".into())
+                    .spawn(move || {
+                        let _ = handle(conn, &obs);
+                    });
+            }
+        })
+        .context("cannot start the control thread")?;
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Waits this long for the loop to publish a fresh snapshot (it wakes once a second).
+const FRESH: Duration = Duration::from_millis(1500);
+
+/// Answers the requests of one connection, a line each, until it closes.
+fn handle(conn: std::os::unix::net::UnixStream, obs: &Observer) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut out = conn.try_clone()?;
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                reply_err(&mut out, &format!("bad request: {e}"))?;
+                continue;
+            }
+        };
+        if req.cmd == "monitor" {
+            let every = Duration::from_millis(req.interval_ms.unwrap_or(1000).max(100));
+            let mut sent = 0u64;
+            while req.count.is_none_or(|c| sent < c) {
+                let snap = filtered(obs.fresh_shown(FRESH), req.target.as_deref());
+                let v = serde_json::json!({ "ok": true, "data": snap });
+                writeln!(out, "{v}")?;
+                out.flush()?;
+                sent += 1;
+                if req.count.is_none_or(|c| sent < c) {
+                    std::thread::sleep(every);
+                }
+            }
+            continue;
+        }
+        let data = match req.cmd.as_str() {
+            "status" | "stats" | "show-config" | "show-macmask" | "show-reserve" => {
+                let snap = filtered(obs.fresh_shown(FRESH), req.target.as_deref());
+                if let Some(t) = &req.target {
+                    if snap.exports.is_empty() {
+                        reply_err(&mut out, &format!("no export {t} on this target"))?;
+                        continue;
+                    }
+                }
+                serde_json::to_value(snap).unwrap_or_default()
+            }
+            "clear-stats" => {
+                let n = obs.clear_stats(FRESH, req.target.as_deref());
+                if n == 0 && req.target.is_some() {
+                    let t = req.target.as_deref().unwrap_or_default();
+                    reply_err(&mut out, &format!("no export {t} on this target"))?;
+                    continue;
+                }
+                serde_json::json!({ "cleared": n })
+            }
+            other => {
+                reply_err(&mut out, &format!("unknown command {other:?}"))?;
+                continue;
+            }
+        };
+        writeln!(out, "{}", serde_json::json!({ "ok": true, "data": data }))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn reply_err(out: &mut impl std::io::Write, msg: &str) -> std::io::Result<()> {
+    writeln!(out, "{}", serde_json::json!({ "ok": false, "error": msg }))?;
+    out.flush()
+}
+
+/// `snap` with only export `target` (`shelf.slot` or `eshelf.slot`), or all.
+fn filtered(mut snap: Snapshot, target: Option<&str>) -> Snapshot {
+    if let Some(t) = target {
+        let t = t.strip_prefix('e').unwrap_or(t);
+        snap.exports.retain(|e| e.target == t);
+    }
+    snap
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").finish_non_exhaustive()
+    }
 }

@@ -181,6 +181,10 @@ impl Daemon {
     pub fn run(&mut self, control: &Control) -> Result<()> {
         let mut last_refresh = Instant::now();
         self.observer.publish(self.snapshot());
+        let wake = control.wake.clone();
+        self.observer.set_waker(Box::new(move || {
+            let _ = (&*wake).write_byte();
+        }));
         loop {
             if control.stop.load(Ordering::SeqCst) {
                 break;
