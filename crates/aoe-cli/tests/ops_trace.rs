@@ -20,7 +20,7 @@ fn frame_lines(out: &str) -> Vec<&str> {
 #[test]
 fn trace_decodes_a_transfer_writes_pcap_and_names_malformed_frames() {
     aoe_testkit::require_tools(&[("tshark", "tshark")]);
-    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
     let dir = tempfile::tempdir().expect("temp dir");
     let pcap = dir.path().join("trace.pcap");
     // On the initiator's side: `aoe serve` sends with PACKET_QDISC_BYPASS, which hides its

@@ -128,6 +128,13 @@ pub struct Snapshot {
     pub interfaces: Vec<IfaceStatus>,
 }
 
+/// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface
+/// (send failures, backlog drops).
+type Baseline = (
+    BTreeMap<String, ExportCounters>,
+    BTreeMap<String, (u64, u64)>,
+);
+
 /// Wakes the daemon's loop.
 pub type Waker = Box<dyn Fn() + Send + Sync>;
 
@@ -140,10 +147,7 @@ pub struct Observer {
     /// Wakes the daemon's loop from its poll, so a reader waits for no timeout.
     waker: Mutex<Option<Waker>>,
     /// Counters at the last `clear-stats`, by `shelf.slot` (and interface name).
-    baseline: Mutex<(
-        BTreeMap<String, ExportCounters>,
-        BTreeMap<String, (u64, u64)>,
-    )>,
+    baseline: Mutex<Baseline>,
 }
 
 impl Observer {
