@@ -402,7 +402,7 @@ mod tests {
             Command::QueryConfig,
             aoe_wire::Tag(5),
         )
-        .response_to(MacAddr([2, 0, 0, 0, 0, 2]));
+        .response_to(MacAddr([2, 0, 0, 0, 0, 1]));
         Message {
             header: h,
             body: Body::Config(ConfigRepr {
@@ -423,7 +423,7 @@ mod tests {
         let l = describe(Duration::from_secs(3661), &query_reply(), false);
         assert_eq!(
             l,
-            "01:01:01.000000 02:00:00:00:00:02 > 02:00:00:00:00:01 7.3 tag 0x00000005 rsp \
+            "01:01:01.000000 02:00:00:00:00:01 > 02:00:00:00:00:02 7.3 tag 0x00000005 rsp \
              config read bufcnt 16 firmware 0x4019 maxsectors 2 aoe 1 string \"hi\""
         );
     }
