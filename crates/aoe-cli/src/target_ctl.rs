@@ -91,7 +91,7 @@ struct MonitorArgs {
     count: Option<u64>,
 }
 
-/// Finds the socket: `--socket`, else the only `/run/aoe/serve-*.sock`.
+/// Finds the socket: `--socket`, else the only live `/run/aoe/serve-*.sock`.
 fn socket_path(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.clone());
@@ -102,7 +102,10 @@ fn socket_path(given: &Option<PathBuf>) -> Result<PathBuf> {
                 .map(|e| e.path())
                 .filter(|p| {
                     let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    n.starts_with("serve-") && n.ends_with(".sock")
+                    // Left by a target that was killed: nothing answers there.
+                    n.starts_with("serve-")
+                        && n.ends_with(".sock")
+                        && UnixStream::connect(p).is_ok()
                 })
                 .collect()
         })
