@@ -48,6 +48,8 @@ pub struct InitiatorArgs {
     /// can reach the port can read and write every AoE disk).
     #[arg(long, requires = "nbd_tcp")]
     nbd_tcp_any: bool,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArg,
 }
 
 /// Runs `aoe initiator`.
@@ -87,7 +89,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         unix: a.nbd,
         tcp: nbd_tcp,
     };
-    serve(&opts, &nbd, &stop, &force)
+    serve(&opts, &nbd, &stop, &force, a.metrics.metrics)
 }
 
 /// Runs the initiator with its front-ends until stopped (see [`aoe_initiator::Initiator::wait`]):
@@ -98,11 +100,16 @@ fn serve(
     nbd: &aoe_nbd::NbdOptions,
     stop: &AtomicBool,
     force: &AtomicBool,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     opts.check()?;
     aoe_fuse::prepare_root(&opts.root)?;
     let init = aoe_initiator::Initiator::start(opts)?;
     let mount = aoe_fuse::mount(&opts.root, init.shared(), init.handle())?;
+    if let Some(addr) = metrics {
+        let shared = init.shared();
+        crate::metrics::serve(addr, move || crate::metrics::initiator_text(&shared))?;
+    }
     let nbd_server = if nbd.unix.is_some() || nbd.tcp.is_some() {
         match aoe_nbd::start(nbd, init.shared(), init.handle()) {
             Ok(s) => Some(s),

@@ -7,9 +7,13 @@
 
 mod bench;
 mod initiator;
+mod metrics;
+mod ops;
 mod read;
 mod serve;
+mod target_ctl;
 mod tools;
+mod trace;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -39,6 +43,8 @@ enum Command {
     /// coraid-update, sos-linux.
     #[command(flatten)]
     Tool(tools::Tool),
+    #[command(flatten)]
+    Ops(ops::Ops),
 }
 
 /// Tools reachable by the name the binary is invoked as: the name and its subcommand.
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
         Command::Tool(t) => tools::run(t),
         Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
+        Command::Ops(o) => ops::run(o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

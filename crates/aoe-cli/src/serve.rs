@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArg,
+    #[command(flatten)]
+    control: crate::target_ctl::ControlArg,
     /// Shelf (major) address, 0-65534.
     shelf: Option<u16>,
     /// Slot (minor) address, 0-254.
@@ -204,5 +208,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let control = Control::with_signals().context("cannot install signal handlers")?;
     let mut daemon = Daemon::new(cfg, path)?;
+    if let Some(addr) = a.metrics.metrics {
+        let obs = daemon.observer();
+        crate::metrics::serve(addr, move || crate::metrics::target_text(&obs))?;
+    }
+    let _control = crate::target_ctl::listen(&a.control, daemon.observer())?;
     daemon.run(&control)
 }

@@ -143,6 +143,34 @@ impl PacketSocket {
         Ok(sock)
     }
 
+    /// Opens a capture tap for `aoe trace`: an `ETH_P_ALL` socket on `ifname` with the same
+    /// ethertype filter as [`open`](Self::open), without `PACKET_IGNORE_OUTGOING`, so it sees
+    /// the AoE frames the host sends as well as those it receives (packet(7): outgoing frames
+    /// reach only `ETH_P_ALL` taps, as tcpdump's do). [`ethertype`](Self::ethertype) reports
+    /// `ETH_P_ALL`, the bound protocol.
+    pub fn open_tap(ifname: &str, ethertype: u16) -> io::Result<PacketSocket> {
+        // SAFETY: socket(2) takes only integers; the result is checked by cvt.
+        let raw = cvt(unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        })?;
+        // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let info = info_by_name(fd.as_raw_fd(), ifname)?;
+        let sock = PacketSocket {
+            fd,
+            info,
+            ethertype: libc::ETH_P_ALL as u16,
+        };
+        sock.attach_filter(&ethertype_filter(ethertype))?;
+        sock.drain_queue();
+        sock.bind()?;
+        Ok(sock)
+    }
+
     /// The interface as it was when the socket was opened (or last
     /// [refreshed](Self::refresh_info)).
     pub fn info(&self) -> &InterfaceInfo {

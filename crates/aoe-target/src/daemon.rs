@@ -135,6 +135,9 @@ pub struct Daemon {
     hostname: String,
     /// Saves state files off the event loop.
     state_writer: StateWriter,
+    /// Where the loop publishes snapshots for metrics and the control socket.
+    observer: Arc<crate::control::Observer>,
+    started: Instant,
 }
 
 impl Daemon {
@@ -167,6 +170,8 @@ impl Daemon {
             spare: Vec::new(),
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
+            observer: crate::control::Observer::new(),
+            started: Instant::now(),
         };
         d.apply(config)?;
         Ok(d)
@@ -175,6 +180,11 @@ impl Daemon {
     /// Runs until `control` says stop; then waits for in-flight I/O and returns.
     pub fn run(&mut self, control: &Control) -> Result<()> {
         let mut last_refresh = Instant::now();
+        self.observer.publish(self.snapshot());
+        let wake = control.wake.clone();
+        self.observer.set_waker(Box::new(move || {
+            let _ = (&*wake).write_byte();
+        }));
         loop {
             if control.stop.load(Ordering::SeqCst) {
                 break;
@@ -211,6 +221,9 @@ impl Daemon {
                 self.spin(control);
             }
             self.persist_state();
+            if self.observer.wanted() || last_refresh.elapsed() >= REFRESH {
+                self.observer.publish(self.snapshot());
+            }
             if last_refresh.elapsed() >= REFRESH {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
@@ -228,6 +241,74 @@ impl Daemon {
         self.log_drops();
         tracing::info!("stopped");
         Ok(())
+    }
+
+    /// The observer this daemon publishes its state to (metrics, control socket).
+    pub fn observer(&self) -> Arc<crate::control::Observer> {
+        self.observer.clone()
+    }
+
+    /// The state as it is now, from the counters the engine and the loop already keep.
+    fn snapshot(&self) -> crate::control::Snapshot {
+        use crate::control::{ExportCounters, ExportStatus, IfaceStatus, Snapshot};
+        let mut exports: Vec<ExportStatus> = self
+            .exports
+            .values()
+            .filter(|e| !e.retiring)
+            .map(|e| {
+                let st = e.engine.stats();
+                let ps = e.engine.state();
+                let a = e.spec.addr();
+                ExportStatus {
+                    target: format!("{}.{}", a.shelf, a.slot),
+                    shelf: a.shelf,
+                    slot: a.slot,
+                    interfaces: e.spec.interfaces.clone(),
+                    path: e.spec.path.display().to_string(),
+                    sectors: e.engine.config().sectors,
+                    offset: e.spec.offset,
+                    read_only: e.spec.read_only,
+                    direct: e.spec.direct_io,
+                    sync: e.spec.sync,
+                    buffer_count: e.spec.buffer_count,
+                    in_flight: e.engine.in_flight(),
+                    max_in_flight: st.max_in_flight,
+                    config_string: String::from_utf8_lossy(&ps.config).into_owned(),
+                    mask: ps.mask.iter().map(ToString::to_string).collect(),
+                    reserve: ps.reserve.iter().map(ToString::to_string).collect(),
+                    counters: ExportCounters {
+                        replies: st.replies,
+                        aoe_errors: st.aoe_errors,
+                        ata_errors: st.ata_errors,
+                        bytes_read: st.sectors_read * 512,
+                        bytes_written: st.sectors_written * 512,
+                        flushes: st.flushes,
+                        dropped: st.dropped,
+                        dropped_over_buffer_count: st.over_buffer_count,
+                        dropped_queue_full: e.pool_full_drops,
+                    },
+                }
+            })
+            .collect();
+        exports.sort_by_key(|e| (e.shelf, e.slot));
+        Snapshot {
+            taken: crate::control::now_epoch(),
+            pid: std::process::id(),
+            uptime: self.started.elapsed().as_secs_f64(),
+            config_file: self.config_path.as_ref().map(|p| p.display().to_string()),
+            workers: self.config.workers,
+            exports,
+            interfaces: self
+                .ifaces
+                .iter()
+                .map(|i| IfaceStatus {
+                    name: i.name.clone(),
+                    mtu: i.iface.mtu,
+                    send_failed: i.send_failures,
+                    backlog_full: i.backlog_drops,
+                })
+                .collect(),
+        }
     }
 
     fn reload(&mut self) {

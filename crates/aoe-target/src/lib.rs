@@ -18,6 +18,7 @@
 
 mod backing;
 pub mod config;
+pub mod control;
 mod daemon;
 pub mod probe;
 pub mod state;

@@ -1,0 +1,343 @@
+//! `--metrics ADDR:PORT` on `aoe serve` and `aoe initiator`: Prometheus metrics over HTTP.
+//!
+//! Encoded by `prometheus-client` (OpenMetrics text, which Prometheus scrapes natively) and
+//! served by a small responder thread on a std `TcpListener`: `GET /metrics` answers the
+//! metrics, anything else 404. Each scrape builds a registry from the state the daemons
+//! already publish (the target's [`aoe_target::control::Observer`] snapshot, the initiator's
+//! [`aoe_initiator::net::Shared`] devices), so the I/O paths carry no metrics code at all.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aoe_proto::initiator::DeviceState;
+use aoe_target::control::Observer;
+use clap::Args;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The `--metrics` option.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArg {
+    /// Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9610).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A registry being filled for one scrape.
+struct Scrape {
+    reg: Registry,
+}
+
+impl Scrape {
+    fn new() -> Scrape {
+        Scrape {
+            reg: Registry::default(),
+        }
+    }
+
+    fn counter(&mut self, name: &str, help: &str, rows: Vec<(Labels, u64)>) {
+        let fam = Family::<Labels, Counter>::default();
+        for (l, v) in rows {
+            fam.get_or_create(&l).inc_by(v);
+        }
+        self.reg.register(name, help, fam);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, rows: Vec<(Labels, i64)>) {
+        let fam = Family::<Labels, Gauge>::default();
+        for (l, v) in rows {
+            fam.get_or_create(&l).set(v);
+        }
+        self.reg.register(name, help, fam);
+    }
+
+    fn gauge_f(&mut self, name: &str, help: &str, rows: Vec<(Labels, f64)>) {
+        let fam = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (l, v) in rows {
+            fam.get_or_create(&l).set(v);
+        }
+        self.reg.register(name, help, fam);
+    }
+
+    fn text(self) -> String {
+        let mut s = String::new();
+        // Encoding into a String cannot fail.
+        let _ = encode(&mut s, &self.reg);
+        s
+    }
+}
+
+/// The target's metrics, per export (`export="shelf.slot"`, `interfaces`) and interface.
+pub fn target_text(obs: &Observer) -> String {
+    let snap = obs.fresh(Duration::from_millis(1500));
+    let mut s = Scrape::new();
+    let ex = |e: &aoe_target::control::ExportStatus| {
+        labels(&[
+            ("export", &e.target),
+            ("interfaces", &e.interfaces.join(",")),
+        ])
+    };
+    let per = |f: &dyn Fn(&aoe_target::control::ExportCounters) -> u64| {
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), f(&e.counters)))
+            .collect::<Vec<_>>()
+    };
+    s.counter(
+        "aoe_target_replies",
+        "Requests answered",
+        per(&|c| c.replies),
+    );
+    s.counter(
+        "aoe_target_read_bytes",
+        "Bytes read from the backing store for initiators",
+        per(&|c| c.bytes_read),
+    );
+    s.counter(
+        "aoe_target_written_bytes",
+        "Bytes written to the backing store",
+        per(&|c| c.bytes_written),
+    );
+    s.counter(
+        "aoe_target_flushes",
+        "FLUSH CACHE commands",
+        per(&|c| c.flushes),
+    );
+    let mut errors = Vec::new();
+    let mut drops = Vec::new();
+    for e in &snap.exports {
+        let l = ex(e);
+        let with = |k: &str, v: &str| {
+            let mut l = l.clone();
+            l.push((k.to_string(), v.to_string()));
+            l
+        };
+        errors.push((with("kind", "aoe"), e.counters.aoe_errors));
+        errors.push((with("kind", "ata"), e.counters.ata_errors));
+        let c = &e.counters;
+        drops.push((with("reason", "buffer_count"), c.dropped_over_buffer_count));
+        drops.push((with("reason", "queue_full"), c.dropped_queue_full));
+        let other = c
+            .dropped
+            .saturating_sub(c.dropped_over_buffer_count + c.dropped_queue_full);
+        drops.push((with("reason", "other"), other));
+    }
+    s.counter(
+        "aoe_target_errors",
+        "Replies with the AoE error flag (kind=aoe) or ATA ERR status (kind=ata)",
+        errors,
+    );
+    s.counter(
+        "aoe_target_dropped_requests",
+        "Requests dropped: buffer count reached, worker queue full, other (bad or not for us)",
+        drops,
+    );
+    s.gauge(
+        "aoe_target_in_flight",
+        "Requests in flight",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), i64::from(e.in_flight)))
+            .collect(),
+    );
+    let mut rdrops = Vec::new();
+    for i in &snap.interfaces {
+        let l = |r: &str| labels(&[("interface", &i.name), ("reason", r)]);
+        rdrops.push((l("send_failed"), i.send_failed));
+        rdrops.push((l("backlog_full"), i.backlog_full));
+    }
+    s.counter(
+        "aoe_target_dropped_replies",
+        "Replies dropped by interface: the socket refused them, or the send backlog was full",
+        rdrops,
+    );
+    s.text()
+}
+
+/// The initiator's metrics, per device (`device="eX.Y"`) and per target MAC.
+pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
+    let devs: Vec<_> = aoe_initiator::net::lock(shared)
+        .devices
+        .values()
+        .map(|d| d.info.clone())
+        .collect();
+    let mut s = Scrape::new();
+    let dl = |d: &aoe_proto::initiator::DeviceInfo| labels(&[("device", &d.addr.to_string())]);
+    let per = |f: &dyn Fn(&aoe_proto::initiator::DeviceInfo) -> u64| {
+        devs.iter().map(|d| (dl(d), f(d))).collect::<Vec<_>>()
+    };
+    let mut ops = Vec::new();
+    let mut errors = Vec::new();
+    let mut states = Vec::new();
+    for d in &devs {
+        let with = |k: &str, v: &str| {
+            let mut l = dl(d);
+            l.push((k.to_string(), v.to_string()));
+            l
+        };
+        ops.push((with("result", "ok"), d.stats.ops_ok));
+        ops.push((with("result", "failed"), d.stats.ops_failed));
+        errors.push((with("kind", "aoe"), d.stats.aoe_errors));
+        errors.push((with("kind", "ata"), d.stats.ata_errors));
+        errors.push((with("kind", "bad_response"), d.stats.bad_responses));
+        errors.push((
+            with("kind", "unexpected_response"),
+            d.stats.unexpected_responses,
+        ));
+        for st in [
+            DeviceState::Up,
+            DeviceState::Down,
+            DeviceState::DownCloseWait,
+        ] {
+            states.push((with("state", &st.to_string()), i64::from(d.state == st)));
+        }
+    }
+    s.counter(
+        "aoe_initiator_requests",
+        "Block requests completed, by result",
+        ops,
+    );
+    s.counter(
+        "aoe_initiator_frames_sent",
+        "ATA frames sent, retransmissions included",
+        per(&|d| d.stats.frames_sent),
+    );
+    s.counter(
+        "aoe_initiator_retransmits",
+        "ATA frames retransmitted",
+        per(&|d| d.stats.retransmits),
+    );
+    s.counter(
+        "aoe_initiator_errors",
+        "Responses with the AoE error flag, ATA errors, and responses ignored as bad or unexpected",
+        errors,
+    );
+    s.gauge(
+        "aoe_initiator_state",
+        "Device state (the driver's up, down, down,closewait): 1 for the current one",
+        states,
+    );
+    s.gauge(
+        "aoe_initiator_in_flight",
+        "Block requests submitted and not yet completed",
+        devs.iter()
+            .map(|d| (dl(d), d.ops_outstanding as i64))
+            .collect(),
+    );
+    s.gauge(
+        "aoe_initiator_size_bytes",
+        "Device capacity",
+        devs.iter()
+            .map(|d| (dl(d), (d.sectors * 512) as i64))
+            .collect(),
+    );
+    let mut rtt = Vec::new();
+    let mut dev = Vec::new();
+    let mut win = Vec::new();
+    let mut nout = Vec::new();
+    for d in &devs {
+        for t in &d.targets {
+            let l = labels(&[("device", &d.addr.to_string()), ("mac", &t.mac.to_string())]);
+            rtt.push((l.clone(), t.rtt_avg.as_secs_f64()));
+            dev.push((l.clone(), t.rtt_dev.as_secs_f64()));
+            win.push((l.clone(), i64::from(t.maxout)));
+            nout.push((l, i64::from(t.nout)));
+        }
+    }
+    s.gauge_f(
+        "aoe_initiator_rtt_average_seconds",
+        "Smoothed round-trip time per target MAC",
+        rtt,
+    );
+    s.gauge_f(
+        "aoe_initiator_rtt_deviation_seconds",
+        "Round-trip time mean deviation per target MAC",
+        dev,
+    );
+    s.gauge(
+        "aoe_initiator_window",
+        "Congestion window (frames allowed outstanding) per target MAC",
+        win,
+    );
+    s.gauge(
+        "aoe_initiator_frames_outstanding",
+        "ATA frames outstanding per target MAC",
+        nout,
+    );
+    s.text()
+}
+
+/// Starts the HTTP responder on `addr`, answering `GET /metrics` with `render()`. The
+/// thread lives as long as the process.
+pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + 'static) -> Result<()> {
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("--metrics {addr}: cannot listen"))?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    std::thread::Builder::new()
+        .name("aoe-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                // One scrape at a time: Prometheus scrapes every few seconds.
+                if let Err(e) = answer(conn, &render) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+        })
+        .context("cannot start the metrics thread")?;
+    Ok(())
+}
+
+/// Reads one HTTP/1.x request and answers it, closing the connection.
+fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = BufReader::new(conn.try_clone()?);
+    let mut first = String::new();
+    r.read_line(&mut first)?;
+    // Headers end at the first empty line; a client that sends more than 100 is cut off.
+    for _ in 0..100 {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "only GET /metrics is served here\n".to_string(),
+        )
+    };
+    let mut w = conn;
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    w.flush()
+}

@@ -1,0 +1,206 @@
+//! `aoe target` (issue 12): every subcommand, plain and `--json`, against a running
+//! `aoe serve` with an initiator on a veth link; the control socket is 0600 and goes away
+//! with the target.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use aoe_testkit::wait_until;
+use aoe_wire::{
+    Body, Command as AoeCmd, Directive, DirectiveCommand, HeaderRepr, MacAddr, MacMaskRepr,
+    MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr, Tag, TargetAddr,
+};
+use common::*;
+
+fn target(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    run(Command::new("timeout")
+        .args(["-k", "5", "60", AOE, "target", "--socket"])
+        .arg(sock)
+        .args(args))
+}
+
+fn target_ok(sock: &std::path::Path, args: &[&str]) -> String {
+    let out = target(sock, args);
+    assert!(
+        out.status.success(),
+        "aoe target {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = target_ok(sock, &a);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+#[test]
+fn every_target_subcommand_against_a_running_target() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let mut rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        None,
+        &["--control", &sock_s],
+    );
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+    let data = read_at(&rig.dev(), 0, 64 * 1024).expect("read through the device");
+    assert_eq!(data.len(), 64 * 1024);
+
+    // status
+    let s = target_ok(&sock, &["status"]);
+    let row = s
+        .lines()
+        .find(|l| l.starts_with(&format!("{SHELF}.{SLOT} ")))
+        .unwrap_or_else(|| panic!("no row for {SHELF}.{SLOT}:\n{s}"));
+    assert!(
+        row.contains(&rig.target_if)
+            && row.contains(&SECTORS.to_string())
+            && row.contains(" rw ")
+            && row.contains(&rig.file.display().to_string()),
+        "{row}"
+    );
+    let j = json(&sock, &["status"]);
+    assert_eq!(j["exports"][0]["target"], format!("{SHELF}.{SLOT}"));
+    assert_eq!(j["exports"][0]["sectors"], SECTORS);
+    assert_eq!(j["pid"], rig.target.as_ref().unwrap().pid());
+
+    // stats
+    let j = json(&sock, &["stats"]);
+    let read0 = j["exports"][0]["counters"]["bytes_read"].as_u64().unwrap();
+    assert!(read0 >= 64 * 1024, "bytes_read {read0}: {j}");
+    assert!(j["exports"][0]["counters"]["replies"].as_u64().unwrap() > 0);
+    let s = target_ok(&sock, &["stats", &format!("e{SHELF}.{SLOT}")]);
+    assert!(
+        s.contains("READ-BYTES") && s.contains(&read0.to_string()),
+        "{s}"
+    );
+    assert!(s.contains(&rig.target_if), "interface row missing:\n{s}");
+
+    // show-config
+    let s = target_ok(&sock, &["show-config"]);
+    assert!(
+        s.contains(&format!("{SHELF}.{SLOT}:"))
+            && s.contains("buffer-count  ")
+            && s.contains("config-string \"\""),
+        "{s}"
+    );
+    let j = json(&sock, &["show-config"]);
+    assert_eq!(j["exports"][0]["read_only"], false);
+
+    // show-macmask and show-reserve: empty, then set over the wire by raw frames.
+    let s = target_ok(&sock, &["show-macmask"]);
+    assert!(s.contains("(empty: every initiator)"), "{s}");
+    let s = target_ok(&sock, &["show-reserve"]);
+    assert!(s.contains("(empty: not reserved)"), "{s}");
+    let me = MacAddr(rig.veth.b_mac());
+    let raw = raw_socket(&rig.init_ns, &rig.init_if);
+    let header = |cmd, tag| {
+        HeaderRepr::request(
+            MacAddr(rig.veth.a_mac()),
+            me,
+            TargetAddr::new(SHELF, SLOT),
+            cmd,
+            Tag(tag),
+        )
+    };
+    let mask = Message {
+        header: header(AoeCmd::MacMaskList, 0x8000_0101),
+        body: Body::MacMask(MacMaskRepr {
+            mcmd: MaskCommand::Edit,
+            merror: MaskError::None,
+            directives: vec![Directive {
+                command: DirectiveCommand::Add,
+                mac: me,
+            }],
+        }),
+    };
+    raw.send(&mask.to_vec().unwrap()).expect("send mask edit");
+    let reserve = Message {
+        header: header(AoeCmd::ReserveRelease, 0x8000_0102),
+        body: Body::Reserve(ReserveRepr {
+            rcmd: ReserveCommand::Set,
+            macs: vec![me],
+        }),
+    };
+    raw.send(&reserve.to_vec().unwrap()).expect("send reserve");
+    let mut s = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            s = target_ok(&sock, &["show-macmask"]);
+            s.contains(&me.to_string())
+        }),
+        "mask not shown: {s}"
+    );
+    assert_eq!(
+        json(&sock, &["show-macmask"])["exports"][0]["mask"][0],
+        me.to_string()
+    );
+    let s = target_ok(&sock, &["show-reserve"]);
+    assert!(s.contains(&format!("{SHELF}.{SLOT}: {me}")), "{s}");
+    assert_eq!(
+        json(&sock, &["show-reserve"])["exports"][0]["reserve"][0],
+        me.to_string()
+    );
+
+    // clear-stats: the counters shown start again from zero.
+    let s = target_ok(&sock, &["clear-stats"]);
+    assert_eq!(s.trim(), "statistics cleared for 1 export(s)");
+    let j = json(&sock, &["stats"]);
+    let read1 = j["exports"][0]["counters"]["bytes_read"].as_u64().unwrap();
+    assert!(
+        read1 < read0,
+        "bytes_read {read1} after clear-stats, {read0} before"
+    );
+    assert_eq!(json(&sock, &["clear-stats", "7.3"])["cleared"], 1);
+
+    // monitor: a header and one line per interval.
+    let s = target_ok(&sock, &["monitor", "-i", "0.2", "-c", "2"]);
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 3, "{s}");
+    assert!(
+        lines[0].starts_with("TARGET") && lines[0].contains("READ-B/s"),
+        "{s}"
+    );
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.starts_with(&format!("{SHELF}.{SLOT} "))),
+        "{s}"
+    );
+    let s = target_ok(&sock, &["--json", "monitor", "-i", "0.2", "-c", "2"]);
+    assert_eq!(s.lines().count(), 2, "{s}");
+    for l in s.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+        assert_eq!(v["exports"][0]["target"], format!("{SHELF}.{SLOT}"));
+    }
+
+    // Errors are one line and exit 1.
+    let out = target(&sock, &["stats", "9.9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "aoe: target: no export 9.9 on this target");
+
+    // The socket goes away with the target.
+    rig.kill_target();
+    assert!(
+        wait_until(Duration::from_secs(5), || !sock.exists()),
+        "socket left behind"
+    );
+    rig.start_target();
+    rig.finish();
+}

@@ -1,0 +1,186 @@
+//! `--metrics` on `aoe serve` and `aoe initiator` (issue 12): scraped over HTTP on
+//! 127.0.0.1 inside each namespace during a transfer, the counters move and every line is
+//! Prometheus/OpenMetrics text.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aoe_testkit::{wait_until, Netns};
+use common::*;
+
+const PORT: u16 = 9610;
+
+/// `GET /metrics` from inside `ns`; the body, after checking the status and content type.
+fn scrape(ns: &Netns) -> String {
+    let mut conn = aoe_sys::run_in_netns(&ns.path(), || TcpStream::connect(("127.0.0.1", PORT)))
+        .expect("enter netns")
+        .expect("connect to the metrics port");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read the response");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP header and body");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    check_exposition(body);
+    body.to_owned()
+}
+
+fn is_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+}
+
+/// Checks the syntax of every line: `# HELP|TYPE|UNIT name ...`, `# EOF` last, or a sample
+/// `name{label="value",...} number`.
+fn check_exposition(body: &str) {
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no # EOF at the end:\n{body}");
+    for l in &lines[..lines.len() - 1] {
+        if let Some(rest) = l.strip_prefix("# ") {
+            let mut w = rest.splitn(3, ' ');
+            let kind = w.next().unwrap_or("");
+            let name = w.next().unwrap_or("");
+            assert!(
+                ["HELP", "TYPE", "UNIT"].contains(&kind) && is_name(name),
+                "bad comment line {l:?}"
+            );
+            if kind == "TYPE" {
+                let t = w.next().unwrap_or("");
+                assert!(["counter", "gauge"].contains(&t), "type {t:?} in {l:?}");
+            }
+            continue;
+        }
+        let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l:?}"));
+        assert!(value.parse::<f64>().is_ok(), "value {value:?} in {l:?}");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, Some(rest.strip_suffix('}').expect("closing brace"))),
+            None => (series, None),
+        };
+        assert!(is_name(name), "metric name {name:?} in {l:?}");
+        if let Some(labels) = labels {
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{l:?}"));
+                assert!(is_name(k), "label {k:?} in {l:?}");
+                assert!(
+                    !v.trim_end_matches('"').contains('"'),
+                    "label value in {l:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The value of the sample `series` exactly as written (name and labels).
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_move_during_a_transfer_on_target_and_initiator() {
+    let addr = format!("127.0.0.1:{PORT}");
+    let mut rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        None,
+        &["--metrics", &addr],
+    );
+    rig.restart_initiator(&["--metrics", &addr]);
+
+    let before_t = scrape(&rig.target_ns);
+    let before_i = scrape(&rig.init_ns);
+    let ex = format!(
+        "{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\"}}",
+        rig.target_if
+    );
+    let dev = format!("{{device=\"{DEV}\"}}");
+    let read0 = value(&before_t, &format!("aoe_target_read_bytes_total{ex}"))
+        .unwrap_or_else(|| panic!("no read bytes for {ex}:\n{before_t}"));
+    let ok0 = value(
+        &before_i,
+        &format!("aoe_initiator_requests_total{{device=\"{DEV}\",result=\"ok\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no requests for {DEV}:\n{before_i}"));
+    assert_eq!(
+        value(
+            &before_i,
+            &format!("aoe_initiator_state{{device=\"{DEV}\",state=\"up\"}}")
+        ),
+        Some(1.0),
+        "{before_i}"
+    );
+
+    // A transfer: reads of the whole device, over and over, until the test is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let path = rig.dev();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (n % 64) * (512 * 1024);
+                read_at(&path, off, 512 * 1024).expect("read during the scrape");
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut t = String::new();
+    let mut i = String::new();
+    let moved = wait_until(Duration::from_secs(30), || {
+        t = scrape(&rig.target_ns);
+        i = scrape(&rig.init_ns);
+        let read = value(&t, &format!("aoe_target_read_bytes_total{ex}")).unwrap_or(0.0);
+        let ok = value(
+            &i,
+            &format!("aoe_initiator_requests_total{{device=\"{DEV}\",result=\"ok\"}}"),
+        )
+        .unwrap_or(0.0);
+        read >= read0 + 1024.0 * 1024.0 && ok > ok0
+    });
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader thread");
+    assert!(moved, "counters did not move:\n{t}\n---\n{i}{}", rig.logs());
+    assert!(reads > 0);
+    for series in [
+        format!("aoe_target_replies_total{ex}"),
+        format!("aoe_target_in_flight{ex}"),
+        format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"buffer_count\"}}", rig.target_if),
+    ] {
+        assert!(value(&t, &series).is_some(), "no {series}:\n{t}");
+    }
+    assert!(value(&t, &format!("aoe_target_replies_total{ex}")).unwrap() > 0.0);
+    for series in [
+        format!("aoe_initiator_frames_sent_total{dev}"),
+        format!("aoe_initiator_retransmits_total{dev}"),
+        format!("aoe_initiator_in_flight{dev}"),
+    ] {
+        assert!(value(&i, &series).is_some(), "no {series}:\n{i}");
+    }
+    assert!(
+        i.lines()
+            .any(|l| l.starts_with("aoe_initiator_rtt_average_seconds{")
+                && l.contains(&format!("device=\"{DEV}\""))),
+        "no RTT:\n{i}"
+    );
+    assert!(
+        i.lines()
+            .any(|l| l.starts_with("aoe_initiator_window{") && !l.ends_with(" 0")),
+        "no window:\n{i}"
+    );
+    rig.finish();
+}

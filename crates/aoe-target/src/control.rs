@@ -1,0 +1,428 @@
+//! What a running target shows of itself: a [`Snapshot`] of its exports, counters and lists,
+//! published by the daemon's own loop into an [`Observer`] that other threads (the metrics
+//! responder, the control socket) read.
+//!
+//! The hot path is untouched: the counters are the ones the engine and the daemon already
+//! keep ([`aoe_proto::target::Stats`], the worker-queue and send-backlog drops); the loop
+//! copies them into a new snapshot once a second, and sooner when a reader asks
+//! ([`Observer::fresh`]). `clear-stats` (ggaoectl's) is a baseline kept here and subtracted
+//! from what is shown, so the daemon's own totals (which its drop log lines difference)
+//! never go backwards.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Counters of one export, since it was opened (or since `clear-stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportCounters {
+    /// Requests answered (replies sent or queued).
+    pub replies: u64,
+    /// Replies with the AoE error flag.
+    pub aoe_errors: u64,
+    /// ATA commands answered with the ERR status bit.
+    pub ata_errors: u64,
+    /// Bytes read from the backing store for initiators.
+    pub bytes_read: u64,
+    /// Bytes written to the backing store.
+    pub bytes_written: u64,
+    /// FLUSH CACHE commands performed.
+    pub flushes: u64,
+    /// Requests dropped, any reason (the engine's count).
+    pub dropped: u64,
+    /// Requests dropped because the buffer count was reached.
+    pub dropped_over_buffer_count: u64,
+    /// Requests dropped because the I/O worker queue was full.
+    pub dropped_queue_full: u64,
+}
+
+impl ExportCounters {
+    fn minus(self, b: ExportCounters) -> ExportCounters {
+        ExportCounters {
+            replies: self.replies.saturating_sub(b.replies),
+            aoe_errors: self.aoe_errors.saturating_sub(b.aoe_errors),
+            ata_errors: self.ata_errors.saturating_sub(b.ata_errors),
+            bytes_read: self.bytes_read.saturating_sub(b.bytes_read),
+            bytes_written: self.bytes_written.saturating_sub(b.bytes_written),
+            flushes: self.flushes.saturating_sub(b.flushes),
+            dropped: self.dropped.saturating_sub(b.dropped),
+            dropped_over_buffer_count: self
+                .dropped_over_buffer_count
+                .saturating_sub(b.dropped_over_buffer_count),
+            dropped_queue_full: self.dropped_queue_full.saturating_sub(b.dropped_queue_full),
+        }
+    }
+}
+
+/// One export as the daemon serves it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportStatus {
+    /// `shelf.slot`.
+    pub target: String,
+    /// Shelf.
+    pub shelf: u16,
+    /// Slot.
+    pub slot: u8,
+    /// Interfaces it is served on.
+    pub interfaces: Vec<String>,
+    /// Backing file or device.
+    pub path: String,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Offset into the backing store, bytes.
+    pub offset: u64,
+    /// Read-only (`-r`).
+    pub read_only: bool,
+    /// `O_DIRECT` (`-d`).
+    pub direct: bool,
+    /// `O_SYNC` (`-s`).
+    pub sync: bool,
+    /// Buffer count advertised (`-b`).
+    pub buffer_count: u16,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Most requests in flight at once.
+    pub max_in_flight: u32,
+    /// The Query Config string.
+    pub config_string: String,
+    /// The Mac Mask List (empty: everyone).
+    pub mask: Vec<String>,
+    /// The reserve list (empty: not reserved).
+    pub reserve: Vec<String>,
+    /// Counters.
+    pub counters: ExportCounters,
+}
+
+/// One interface's reply-side counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IfaceStatus {
+    /// Interface name.
+    pub name: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Replies the socket refused with an error.
+    pub send_failed: u64,
+    /// Replies dropped because the send backlog was full.
+    pub backlog_full: u64,
+}
+
+/// Everything a reader sees of the target at one moment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Seconds since the epoch when the snapshot was taken.
+    pub taken: f64,
+    /// Process ID of the daemon.
+    pub pid: u32,
+    /// Seconds the daemon has been running.
+    pub uptime: f64,
+    /// The configuration file, if started with one.
+    pub config_file: Option<String>,
+    /// I/O worker threads.
+    pub workers: usize,
+    /// Exports, by shelf and slot.
+    pub exports: Vec<ExportStatus>,
+    /// Interfaces.
+    pub interfaces: Vec<IfaceStatus>,
+}
+
+/// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface
+/// (send failures, backlog drops).
+type Baseline = (
+    BTreeMap<String, ExportCounters>,
+    BTreeMap<String, (u64, u64)>,
+);
+
+/// Wakes the daemon's loop.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// The daemon's published state and the requests readers leave for it.
+#[derive(Default)]
+pub struct Observer {
+    current: Mutex<(u64, Arc<Snapshot>)>,
+    published: Condvar,
+    wanted: AtomicBool,
+    /// Wakes the daemon's loop from its poll, so a reader waits for no timeout.
+    waker: Mutex<Option<Waker>>,
+    /// Counters at the last `clear-stats`, by `shelf.slot` (and interface name).
+    baseline: Mutex<Baseline>,
+}
+
+impl Observer {
+    /// A new observer with an empty snapshot.
+    pub fn new() -> Arc<Observer> {
+        Arc::new(Observer::default())
+    }
+
+    /// Called by the daemon when it starts its loop: how to wake it.
+    pub fn set_waker(&self, w: Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+    }
+
+    /// Called by the daemon's loop: true when a reader is waiting for a fresh snapshot.
+    pub fn wanted(&self) -> bool {
+        self.wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Called by the daemon's loop with the state as it is now.
+    pub fn publish(&self, snap: Snapshot) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.0 += 1;
+        cur.1 = Arc::new(snap);
+        self.published.notify_all();
+    }
+
+    /// The latest snapshot, as published (raw totals, no baseline applied).
+    pub fn latest(&self) -> Arc<Snapshot> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Asks the daemon for a snapshot taken from now on and waits up to `within` for it
+    /// (the loop wakes at least once a second); returns the latest one either way, raw
+    /// totals (what metrics export: counters never go backwards).
+    pub fn fresh(&self, within: Duration) -> Arc<Snapshot> {
+        let guard = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = guard.0;
+        self.wanted.store(true, Ordering::Relaxed);
+        if let Some(w) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            w();
+        }
+        let (guard, _) = self
+            .published
+            .wait_timeout_while(guard, within, |c| c.0 == seen)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.1.clone()
+    }
+
+    /// Like [`fresh`](Self::fresh) with the `clear-stats` baseline subtracted (what the
+    /// control tool shows).
+    pub fn fresh_shown(&self, within: Duration) -> Snapshot {
+        let snap = self.fresh(within);
+        self.shown(&snap)
+    }
+
+    /// `snap` with the `clear-stats` baseline subtracted.
+    fn shown(&self, snap: &Snapshot) -> Snapshot {
+        let base = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = snap.clone();
+        for e in &mut s.exports {
+            if let Some(b) = base.0.get(&e.target) {
+                e.counters = e.counters.minus(*b);
+            }
+        }
+        for i in &mut s.interfaces {
+            if let Some(&(f, b)) = base.1.get(&i.name) {
+                i.send_failed = i.send_failed.saturating_sub(f);
+                i.backlog_full = i.backlog_full.saturating_sub(b);
+            }
+        }
+        s
+    }
+
+    /// ggaoectl `clear-stats`: counters shown from now on start at zero (for `shelf.slot`
+    /// only, or every export and interface).
+    pub fn clear_stats(&self, within: Duration, only: Option<&str>) -> usize {
+        let snap = self.fresh(within);
+        let mut base = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for e in &snap.exports {
+            if only.is_none_or(|t| t == e.target) {
+                base.0.insert(e.target.clone(), e.counters);
+                n += 1;
+            }
+        }
+        if only.is_none() {
+            for i in &snap.interfaces {
+                base.1
+                    .insert(i.name.clone(), (i.send_failed, i.backlog_full));
+            }
+        }
+        n
+    }
+}
+
+/// Seconds since the epoch, for [`Snapshot::taken`].
+pub fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+// ------------------------------------------------------------------------------------------
+// The control socket (`aoe target`, after ggaoed's ggaoectl)
+
+/// A control request: one JSON object on one line, e.g. `{"cmd":"stats","target":"7.3"}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Request {
+    /// `status`, `stats`, `show-config`, `show-macmask`, `show-reserve`, `clear-stats` or
+    /// `monitor`.
+    pub cmd: String,
+    /// Only this export (`shelf.slot`); every export when absent.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// `monitor`: milliseconds between samples (default 1000, at least 100).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// `monitor`: samples to send before closing (default: until the client goes away).
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+/// The default socket path: `/run/aoe/serve-PID.sock`.
+pub fn default_socket_path() -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/run/aoe/serve-{}.sock", std::process::id()))
+}
+
+/// A listening control socket; the socket file is removed when it is dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: std::path::PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on the Unix socket `path` (mode 0600, its directory created 0700 if missing) and
+/// answers requests from a thread per connection. A stale socket file (nothing listening)
+/// is replaced; a live one is refused, naming it.
+pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<ControlSocket> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control socket {} is in use by another aoe serve; give this one another \
+                 --control PATH",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    tracing::info!(socket = %path.display(), "control socket listening");
+    std::thread::Builder::new()
+        .name("aoe-control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let obs = obs.clone();
+                let _ = std::thread::Builder::new()
+                    .name("aoe-control-conn".into())
+                    .spawn(move || {
+                        let _ = handle(conn, &obs);
+                    });
+            }
+        })
+        .context("cannot start the control thread")?;
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Waits this long for the loop to publish a fresh snapshot (it wakes once a second).
+const FRESH: Duration = Duration::from_millis(1500);
+
+/// Answers the requests of one connection, a line each, until it closes.
+fn handle(conn: std::os::unix::net::UnixStream, obs: &Observer) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut out = conn.try_clone()?;
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                reply_err(&mut out, &format!("bad request: {e}"))?;
+                continue;
+            }
+        };
+        if req.cmd == "monitor" {
+            let every = Duration::from_millis(req.interval_ms.unwrap_or(1000).max(100));
+            let mut sent = 0u64;
+            while req.count.is_none_or(|c| sent < c) {
+                let snap = filtered(obs.fresh_shown(FRESH), req.target.as_deref());
+                let v = serde_json::json!({ "ok": true, "data": snap });
+                writeln!(out, "{v}")?;
+                out.flush()?;
+                sent += 1;
+                if req.count.is_none_or(|c| sent < c) {
+                    std::thread::sleep(every);
+                }
+            }
+            continue;
+        }
+        let data = match req.cmd.as_str() {
+            "status" | "stats" | "show-config" | "show-macmask" | "show-reserve" => {
+                let snap = filtered(obs.fresh_shown(FRESH), req.target.as_deref());
+                if let Some(t) = &req.target {
+                    if snap.exports.is_empty() {
+                        reply_err(&mut out, &format!("no export {t} on this target"))?;
+                        continue;
+                    }
+                }
+                serde_json::to_value(snap).unwrap_or_default()
+            }
+            "clear-stats" => {
+                let n = obs.clear_stats(FRESH, req.target.as_deref());
+                if n == 0 && req.target.is_some() {
+                    let t = req.target.as_deref().unwrap_or_default();
+                    reply_err(&mut out, &format!("no export {t} on this target"))?;
+                    continue;
+                }
+                serde_json::json!({ "cleared": n })
+            }
+            other => {
+                reply_err(&mut out, &format!("unknown command {other:?}"))?;
+                continue;
+            }
+        };
+        writeln!(out, "{}", serde_json::json!({ "ok": true, "data": data }))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn reply_err(out: &mut impl std::io::Write, msg: &str) -> std::io::Result<()> {
+    writeln!(out, "{}", serde_json::json!({ "ok": false, "error": msg }))?;
+    out.flush()
+}
+
+/// `snap` with only export `target` (`shelf.slot` or `eshelf.slot`), or all.
+fn filtered(mut snap: Snapshot, target: Option<&str>) -> Snapshot {
+    if let Some(t) = target {
+        let t = t.strip_prefix('e').unwrap_or(t);
+        snap.exports.retain(|e| e.target == t);
+    }
+    snap
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").finish_non_exhaustive()
+    }
+}
