@@ -342,3 +342,56 @@ fn identify_page_and_debug_file() {
     assert_eq!(rig.attr("netif").as_deref(), Some(rig.init_if.as_str()));
     rig.finish();
 }
+
+/// `state` shows ",kickme" while frames wait for the network layer (the driver's
+/// `DEVFL_KICKME`; here a socket send buffer full behind a 16 kbit/s tbf qdisc that never
+/// drops, as in initiator_integrity.rs), and plain "up" again once the link is fast and the
+/// backlog has drained.
+#[test]
+fn state_kickme_while_the_send_buffer_is_full() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let tc = |op: &str| {
+        let mut args = vec!["qdisc", op, "dev", &rig.init_if, "root"];
+        if op == "add" {
+            args.extend([
+                "tbf",
+                "rate",
+                "16kbit",
+                "burst",
+                "1600",
+                "limit",
+                "100000000",
+            ]);
+        }
+        rig.init_ns
+            .run("tc", &args)
+            .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"))
+    };
+    tc("add");
+    let data = pattern(9, 4 << 20);
+    let writer = {
+        let dev = rig.dev();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&dev).unwrap();
+            f.write_all_at(&data, 1 << 20)
+        })
+    };
+    let kicked = wait_until(Duration::from_secs(30), || {
+        rig.state().as_deref() == Some("up,kickme")
+    });
+    tc("del");
+    assert!(
+        kicked,
+        "state never showed up,kickme: {:?}{}",
+        rig.state(),
+        rig.logs()
+    );
+    writer
+        .join()
+        .unwrap()
+        .expect("the write once the link is fast again");
+    rig.wait_state("up", Duration::from_secs(30), "after the backlog drained");
+    rig.finish();
+}
