@@ -20,6 +20,7 @@ have_cmd fusermount3 || need+=(fuse3)
 have_cmd ip       || need+=(iproute2)
 have_cmd jq       || need+=(jq)         # scripts/bench-compare.sh reads aoe bench --json
 have_cmd mkfs.ext4 || need+=(e2fsprogs)
+have_cmd sfdisk   || need+=(fdisk)      # conformance_files.rs writes MBR tables with logical partitions
 have_cmd cpio     || need+=(cpio)
 have_cmd modprobe || need+=(kmod)
 have_cmd file     || need+=(file)

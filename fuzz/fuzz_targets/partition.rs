@@ -1,23 +1,32 @@
-//! Any bytes as the first sectors of a disk into the initiator's partition scanner, as the
-//! network thread feeds it (`scan(head, capacity)` with up to `SCAN_SECTORS` read from the
-//! device): input = device size in sectors (8 bytes, little-endian) then the head. Never a
+//! Any bytes as a disk into the initiator's partition scanner, as the network thread feeds
+//! it (`scan_with(head, capacity, read_sector)` with up to `SCAN_SECTORS` read from the
+//! device, and EBRs read from anywhere on it): input = device size in sectors (8 bytes,
+//! little-endian) then the disk's first sectors (sectors past them read as missing). Never a
 //! panic; every partition is non-empty and lies within the device after sector 0; numbers
-//! are unique, ascending and as the kernel names them (MBR: slot N is partition N with that
-//! slot's start and length; GPT: entry index + 1, at most `GPT_MAX_ENTRIES`).
+//! are unique, ascending, at most `MAX_PARTITION`, and as the kernel names them (MBR: slot
+//! N is partition N with that slot's start and length, 2 sectors of an extended one;
+//! logical partitions from 5; GPT: entry index + 1, at most `GPT_MAX_ENTRIES`).
 #![no_main]
 
-use aoe_initiator::partition::{scan, GPT_MAX_ENTRIES, SCAN_SECTORS};
+use aoe_initiator::partition::{scan_with, GPT_MAX_ENTRIES, MAX_PARTITION, SCAN_SECTORS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((size, head)) = data.split_first_chunk::<8>() else {
+    let Some((size, disk)) = data.split_first_chunk::<8>() else {
         return;
     };
     let capacity = u64::from_le_bytes(*size);
     // The network thread reads at most SCAN_SECTORS, and no more than the device has.
     let max = (SCAN_SECTORS as u64).min(capacity) as usize * 512;
-    let head = &head[..head.len().min(max)];
-    let parts = scan(head, capacity);
+    let head = &disk[..disk.len().min(max)];
+    let mut reads = 0u32;
+    let parts = scan_with(head, capacity, &mut |lba| {
+        reads += 1;
+        assert!(lba < capacity, "EBR read at {lba} past {capacity}");
+        let off = usize::try_from(lba).ok()?.checked_mul(512)?;
+        disk.get(off..off.checked_add(512)?).map(<[u8]>::to_vec)
+    });
+    assert!(reads <= 1000, "{reads} EBR reads");
     let mut last = 0;
     for p in &parts {
         assert!(p.sectors > 0 && p.start > 0, "{p:?}");
@@ -29,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         );
         last = p.number;
     }
+    assert!(last <= MAX_PARTITION, "{parts:?}");
     if parts.is_empty() {
         return;
     }
@@ -49,17 +59,15 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     } else {
-        for p in &parts {
-            assert!((1..=4).contains(&p.number), "{parts:?}");
+        for p in parts.iter().filter(|p| p.number <= 4) {
             let s = slots[p.number as usize - 1];
             let field =
                 |at: usize| u64::from(u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]));
-            assert_eq!(
-                (p.start, p.sectors),
-                (field(8), field(12)),
-                "slot {}",
-                p.number
-            );
+            let sectors = match s[4] {
+                0x05 | 0x0f | 0x85 => field(12).min(2),
+                _ => field(12),
+            };
+            assert_eq!((p.start, p.sectors), (field(8), sectors), "slot {}", p.number);
         }
     }
 });

@@ -8,16 +8,18 @@
 //! ROOT/flush               write "all", names, or nothing (= down devices): remove devices
 //! ROOT/eX.Y                the device, read/write at any offset; fsync = FLUSH CACHE EXT
 //! ROOT/eX.YpN              partition N of an MBR or GPT table on it
-//! ROOT/sysfs/block/etherd!eX.Y/{state,mac,netif,firmware-version,payload,size}
+//! ROOT/sysfs/block/etherd!eX.Y/{state,mac,netif,firmware-version,payload,size,identify}
+//! ROOT/sysfs/kernel/debug/aoe/eX.Y   the driver's debugfs file (/sys/kernel/debug/aoe/eX.Y)
 //! ```
 //! The attribute tree is laid out like the kernel's sysfs so aoetools' `aoe-stat` reads it
-//! with `sysfs_dir=ROOT/sysfs`.
+//! with `sysfs_dir=ROOT/sysfs`. `identify` is ours: the raw 512-byte IDENTIFY page the
+//! driver returns for the `HDIO_GET_IDENTITY` ioctl, which a FUSE file cannot answer.
 
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aoe_proto::initiator::{BlockOp, FlushWhich};
+use aoe_proto::initiator::{BlockOp, DeviceState, FlushWhich};
 use aoe_wire::TargetAddr;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
@@ -36,18 +38,25 @@ const REVALIDATE: u64 = 5;
 const FLUSH: u64 = 6;
 const SYSFS: u64 = 7;
 const SYSFS_BLOCK: u64 = 8;
+const SYSFS_KERNEL: u64 = 9;
+const SYSFS_DEBUG: u64 = 10;
+const SYSFS_DEBUG_AOE: u64 = 11;
+/// The attribute index of a device's debug file (under `SYSFS_DEBUG_AOE`, not in its
+/// attribute directory).
+const DEBUG_ATTR: usize = 0xff;
 
 const DEV_BASE: u64 = 1 << 40;
 const DEVDIR_BASE: u64 = 2 << 40;
 const ATTR_BASE: u64 = 3 << 40;
 
-const ATTRS: [&str; 6] = [
+const ATTRS: [&str; 7] = [
     "state",
     "mac",
     "netif",
     "firmware-version",
     "payload",
     "size",
+    "identify",
 ];
 const TTL: Duration = Duration::from_millis(200);
 
@@ -70,7 +79,7 @@ enum Node {
 
 fn node(ino: u64) -> Option<Node> {
     match ino {
-        1..=8 => Some(Node::Fixed(ino)),
+        1..=11 => Some(Node::Fixed(ino)),
         i if i >= ATTR_BASE => Some(Node::Attr(
             addr_of((i - ATTR_BASE) >> 8),
             ((i - ATTR_BASE) & 0xff) as usize,
@@ -150,7 +159,9 @@ impl AoeFs {
     fn getattr_node(&self, n: Node) -> Option<FileAttr> {
         let s = lock(&self.shared);
         Some(match n {
-            Node::Fixed(ROOT | SYSFS | SYSFS_BLOCK) => self.attr(n, 0, FileType::Directory, 0o755),
+            Node::Fixed(
+                ROOT | SYSFS | SYSFS_BLOCK | SYSFS_KERNEL | SYSFS_DEBUG | SYSFS_DEBUG_AOE,
+            ) => self.attr(n, 0, FileType::Directory, 0o755),
             Node::Fixed(DISCOVER | REVALIDATE | FLUSH) => {
                 self.attr(n, 0, FileType::RegularFile, 0o200)
             }
@@ -169,7 +180,9 @@ impl AoeFs {
             Node::Attr(a, i) => {
                 let e = s.devices.get(&a)?;
                 let v = attr_value(e, i)?;
-                self.attr(n, v.len() as u64, FileType::RegularFile, 0o444)
+                // The debug file is for root only, as debugfs is.
+                let perm = if i == DEBUG_ATTR { 0o400 } else { 0o444 };
+                self.attr(n, v.len() as u64, FileType::RegularFile, perm)
             }
         })
     }
@@ -200,11 +213,39 @@ impl AoeFs {
                     }
                 }
             }
-            Node::Fixed(SYSFS) => v.push((
-                Node::Fixed(SYSFS_BLOCK),
+            Node::Fixed(SYSFS) => {
+                v.push((
+                    Node::Fixed(SYSFS_BLOCK),
+                    FileType::Directory,
+                    "block".into(),
+                ));
+                v.push((
+                    Node::Fixed(SYSFS_KERNEL),
+                    FileType::Directory,
+                    "kernel".into(),
+                ));
+            }
+            Node::Fixed(SYSFS_KERNEL) => v.push((
+                Node::Fixed(SYSFS_DEBUG),
                 FileType::Directory,
-                "block".into(),
+                "debug".into(),
             )),
+            Node::Fixed(SYSFS_DEBUG) => v.push((
+                Node::Fixed(SYSFS_DEBUG_AOE),
+                FileType::Directory,
+                "aoe".into(),
+            )),
+            // aoeblk.c `aoedisk_add_debugfs`: one file per device, named after its disk
+            // without "etherd/".
+            Node::Fixed(SYSFS_DEBUG_AOE) => {
+                for a in s.devices.keys() {
+                    v.push((
+                        Node::Attr(*a, DEBUG_ATTR),
+                        FileType::RegularFile,
+                        a.to_string(),
+                    ));
+                }
+            }
             Node::Fixed(SYSFS_BLOCK) => {
                 for a in s.devices.keys() {
                     v.push((Node::DevDir(*a), FileType::Directory, format!("etherd!{a}")));
@@ -291,23 +332,83 @@ fn extent(e: &DevEntry, p: u32) -> Option<(u64, u64)> {
         .map(|x| (x.start, x.sectors))
 }
 
-/// The text of attribute file `i` (see [`ATTRS`]), newline-terminated like sysfs.
-fn attr_value(e: &DevEntry, i: usize) -> Option<String> {
+/// The bytes of attribute file `i` (see [`ATTRS`], and [`DEBUG_ATTR`]): text ending in a
+/// newline like sysfs, but for `identify` (the raw page, empty before IDENTIFY answered).
+fn attr_value(e: &DevEntry, i: usize) -> Option<Vec<u8>> {
     let info = &e.info;
+    if i == DEBUG_ATTR {
+        return Some(debug_text(e).into_bytes());
+    }
     let v = match *ATTRS.get(i)? {
-        "state" => info.state.to_string(),
+        "state" => state_text(info.state, e.kickme),
+        // aoeblk.c `aoedisk_show_mac`: the first target's MAC ("%pm"), "none" without one.
         "mac" => info
             .targets
             .first()
-            .map(|t| t.mac.0.iter().map(|b| format!("{b:02x}")).collect())
-            .unwrap_or_default(),
+            .map_or_else(|| "none".to_string(), |t| hex_mac(&t.mac.0)),
+        // `aoedisk_show_netif`: the interfaces of all targets, "none" when there are none
+        // (no target, or every interface it was reached through is gone).
+        "netif" if info.interfaces.is_empty() => "none".to_string(),
         "netif" => info.interfaces.join(","),
         "firmware-version" => format!("0x{:04x}", info.firmware_version),
         "payload" => info.payload.to_string(),
         "size" => info.sectors.to_string(),
+        "identify" => return Some(e.identify_page.clone().unwrap_or_default()),
         _ => return None,
     };
-    Some(v + "\n")
+    Some((v + "\n").into_bytes())
+}
+
+/// `%pm`: six bytes in lower-case hex without separators.
+fn hex_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// aoeblk.c `aoedisk_show_state`: "up" or "down", then ",kickme" if the device waits for
+/// the network layer (`DEVFL_KICKME`, which wins), else ",closewait" if it is down and
+/// open.
+fn state_text(state: DeviceState, kickme: bool) -> String {
+    let up = if state == DeviceState::Up {
+        "up"
+    } else {
+        "down"
+    };
+    let why = if kickme {
+        ",kickme"
+    } else if state == DeviceState::DownCloseWait {
+        ",closewait"
+    } else {
+        ""
+    };
+    format!("{up}{why}")
+}
+
+/// What aoeblk.c `aoedisk_debugfs_show` prints, for the values this initiator has:
+/// `rttavg: N rttdev: N` (microseconds; the driver keeps one estimate per device, we keep
+/// one per target MAC and show the first target's), `maxbcnt` (the payload), then per
+/// target MAC `MAC:nout:maxout:nframes`, `\tssthresh:N`, `\ttaint:N` and a tab and its
+/// interfaces. Left out, having no meaning here: `nskbpool`, `kicked`, `ref`, `falloc`,
+/// `ffree` and the per-target `r`/`w` packet counts.
+fn debug_text(e: &DevEntry) -> String {
+    let info = &e.info;
+    let (avg, dev) = info
+        .targets
+        .first()
+        .map_or((0, 0), |t| (t.rtt_avg.as_micros(), t.rtt_dev.as_micros()));
+    let mut s = format!("rttavg: {avg} rttdev: {dev}\nmaxbcnt: {}\n", info.payload);
+    for t in &info.targets {
+        s += &format!(
+            "{}:{}:{}:{}\n\tssthresh:{}\n\ttaint:{}\n\t{}\n",
+            hex_mac(&t.mac.0),
+            t.nout,
+            t.maxout,
+            t.nframes,
+            t.ssthresh,
+            t.taint,
+            t.interfaces.join(",")
+        );
+    }
+    s
 }
 
 impl Filesystem for AoeFs {
@@ -414,7 +515,7 @@ impl Filesystem for AoeFs {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
@@ -423,6 +524,8 @@ impl Filesystem for AoeFs {
                 let mut s = lock(&self.shared);
                 match s.err.pop_front() {
                     Some(line) => reply.data(line.as_bytes()),
+                    // aoechr.c `aoechr_read`: O_NDELAY and nothing queued is EAGAIN.
+                    None if flags.0 & libc::O_NONBLOCK != 0 => reply.error(Errno::EAGAIN),
                     // Blocks until a line arrives, like `cat /dev/etherd/err`.
                     None => s.err_waiters.push((req.pid(), Box::new(ErrReply(reply)))),
                 }
@@ -439,7 +542,7 @@ impl Filesystem for AoeFs {
             Some(Node::Attr(a, i)) => {
                 let s = lock(&self.shared);
                 match s.devices.get(&a).and_then(|e| attr_value(e, i)) {
-                    Some(v) => reply.data(slice_at(v.as_bytes(), offset, size)),
+                    Some(v) => reply.data(slice_at(&v, offset, size)),
                     None => reply.error(Errno::ENOENT),
                 }
             }
@@ -634,5 +737,96 @@ mod tests {
         ] {
             assert_eq!(node(ino(n)), Some(n));
         }
+    }
+
+    fn entry() -> DevEntry {
+        use aoe_proto::initiator::{DeviceInfo, DeviceStats, TargetInfo};
+        let t = TargetInfo {
+            mac: aoe_wire::MacAddr([2, 0xbb, 0, 0, 0, 1]),
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            buffer_count: 16,
+            nframes: 16,
+            maxout: 9,
+            ssthresh: 8,
+            nout: 3,
+            max_nout: 9,
+            taint: 2,
+            rtt_avg: Duration::from_micros(250),
+            rtt_dev: Duration::from_micros(40),
+            rto: Duration::from_millis(50),
+            retransmits: 0,
+            answers: 7,
+        };
+        DevEntry {
+            info: DeviceInfo {
+                addr: TargetAddr::new(7, 3),
+                state: DeviceState::Up,
+                sectors: 100,
+                identify: None,
+                firmware_version: 0x4019,
+                config: Vec::new(),
+                payload: 1024,
+                targets: vec![t],
+                interfaces: vec!["eth0".into(), "eth1".into()],
+                open: false,
+                ops_outstanding: 0,
+                stats: DeviceStats::default(),
+            },
+            partitions: Vec::new(),
+            loop_device: None,
+            identify_page: None,
+            kickme: false,
+        }
+    }
+
+    fn text(e: &DevEntry, name: &str) -> String {
+        let i = ATTRS.iter().position(|a| *a == name).unwrap();
+        String::from_utf8(attr_value(e, i).unwrap()).unwrap()
+    }
+
+    /// aoeblk.c: `mac` and `netif` say "none" without a target or interface.
+    #[test]
+    fn mac_and_netif_none() {
+        let mut e = entry();
+        assert_eq!(text(&e, "mac"), "02bb00000001\n");
+        assert_eq!(text(&e, "netif"), "eth0,eth1\n");
+        e.info.interfaces.clear();
+        assert_eq!(text(&e, "netif"), "none\n");
+        e.info.targets.clear();
+        assert_eq!(text(&e, "mac"), "none\n");
+    }
+
+    /// `aoedisk_show_state`: ",kickme" wins over ",closewait".
+    #[test]
+    fn state_kickme_and_closewait() {
+        let mut e = entry();
+        assert_eq!(text(&e, "state"), "up\n");
+        e.kickme = true;
+        assert_eq!(text(&e, "state"), "up,kickme\n");
+        e.info.state = DeviceState::DownCloseWait;
+        assert_eq!(text(&e, "state"), "down,kickme\n");
+        e.kickme = false;
+        assert_eq!(text(&e, "state"), "down,closewait\n");
+        e.info.state = DeviceState::Down;
+        assert_eq!(text(&e, "state"), "down\n");
+    }
+
+    /// The debug file has `aoedisk_debugfs_show`'s lines; `identify` is the raw page.
+    #[test]
+    fn debug_and_identify() {
+        let mut e = entry();
+        let d = String::from_utf8(attr_value(&e, DEBUG_ATTR).unwrap()).unwrap();
+        assert_eq!(
+            d,
+            "rttavg: 250 rttdev: 40\nmaxbcnt: 1024\n02bb00000001:3:9:16\n\tssthresh:8\n\ttaint:2\n\teth0,eth1\n"
+        );
+        let i = ATTRS.iter().position(|a| *a == "identify").unwrap();
+        assert_eq!(attr_value(&e, i), Some(Vec::new()));
+        e.identify_page = Some((0..=255u8).cycle().take(512).collect());
+        assert_eq!(attr_value(&e, i).unwrap().len(), 512);
+        assert_eq!(
+            node(ino(Node::Attr(e.info.addr, DEBUG_ATTR))),
+            Some(Node::Attr(e.info.addr, DEBUG_ATTR))
+        );
     }
 }

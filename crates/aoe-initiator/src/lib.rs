@@ -56,13 +56,11 @@ pub struct Options {
 }
 
 impl Options {
-    /// Refuses an `iflist` entry that is not a network interface of this namespace.
+    /// Refuses an `iflist` entry that can never be an interface name. Names that do not
+    /// exist (yet) are accepted: the list is a name filter, as the driver's `aoe_iflist`
+    /// ([`net::Net::sync_interfaces`]).
     pub fn check(&self) -> Result<()> {
-        for i in &self.iflist {
-            aoe_sys::interface_info(i)
-                .with_context(|| format!("--iflist: {i} is not a network interface"))?;
-        }
-        Ok(())
+        net::check_iflist(&self.iflist).map_err(|e| anyhow::anyhow!("--iflist: {e}"))
     }
 }
 

@@ -54,6 +54,13 @@ pub struct DevEntry {
     pub partitions: Vec<Partition>,
     /// The loop device attached to it (`--loop`).
     pub loop_device: Option<String>,
+    /// The raw IDENTIFY page of its latest answer (what `HDIO_GET_IDENTITY` returns).
+    pub identify_page: Option<Vec<u8>>,
+    /// The driver's `DEVFL_KICKME` ("slow polling network card catch"): frames for it wait
+    /// because the network layer holds the send buffers, here a full socket send buffer
+    /// (EAGAIN) on one of its interfaces with frames backlogged. Cleared when the backlog
+    /// drains, as the driver's timer clears the flag and kicks the queue.
+    pub kickme: bool,
 }
 
 /// State shared between the network thread and the file system.
@@ -175,6 +182,9 @@ pub const BACKLOG: usize = 256;
 
 struct Iface {
     name: String,
+    /// The interface's index when its socket was opened: a new interface of the same name
+    /// (deleted and re-created) has another and needs a new socket.
+    index: u32,
     sock: PacketSocket,
     /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
     /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped.
@@ -247,7 +257,16 @@ pub struct Net {
     buf: Vec<u8>,
     loop_devices: bool,
     root: std::path::PathBuf,
+    /// Names in the interface list that did not exist at the last sync (said once on `err`).
+    missing: Vec<String>,
+    /// Some interface had frames backlogged at the last publish (see [`DevEntry::kickme`]).
+    backlogged: bool,
 }
+
+/// How often the network thread looks for interfaces that appeared, vanished or changed
+/// (the `iflist` is a name filter; a listed name may appear at any time). A list of the
+/// namespace's interfaces every few seconds, not a busy poll.
+pub const RESCAN: Duration = Duration::from_secs(5);
 
 /// Maps an I/O failure to the errno the file system returns.
 pub fn errno_of(e: &IoError) -> i32 {
@@ -293,6 +312,8 @@ impl Net {
             buf: vec![0u8; 9216 + 14],
             loop_devices,
             root,
+            missing: Vec::new(),
+            backlogged: false,
         })
     }
 
@@ -303,15 +324,29 @@ impl Net {
 
     /// Opens sockets on the allowed interfaces: those named in `iflist`, or every
     /// non-loopback interface of the namespace when it is empty. Interfaces that vanished
-    /// or are no longer allowed are dropped.
-    pub fn sync_interfaces(&mut self) -> Result<(), String> {
+    /// or are no longer allowed are dropped; one re-created under the same name (a new
+    /// index) gets a new socket.
+    ///
+    /// `iflist` is a name filter, as the driver's `aoe_iflist` is (`aoenet.c`
+    /// `is_aoe_netif` compares names only): a name that does not exist (yet) is kept and
+    /// used once an interface of that name appears, found by the periodic rescan in
+    /// [`Net::run`] ([`RESCAN`]); one listed name that is missing or vanishes never stops
+    /// the others from being synced. A missing name is said once on `err` (again if it
+    /// comes back and goes away again). Returns the number of interfaces newly opened.
+    pub fn sync_interfaces(&mut self) -> Result<usize, String> {
         let iflist = lock(&self.shared).iflist.clone();
         let all = aoe_sys::list_interfaces().map_err(|e| format!("cannot list interfaces: {e}"))?;
-        for name in &iflist {
-            if !all.iter().any(|i| &i.name == name) {
-                return Err(format!("{name} is not a network interface"));
-            }
+        let missing: Vec<String> = iflist
+            .iter()
+            .filter(|n| !all.iter().any(|i| &i.name == *n))
+            .cloned()
+            .collect();
+        for name in missing.iter().filter(|n| !self.missing.contains(n)) {
+            lock(&self.shared).push_err(format!(
+                "interfaces: {name} does not exist (yet); used once it appears"
+            ));
         }
+        self.missing = missing;
         let wanted: Vec<_> = all
             .into_iter()
             .filter(|i| {
@@ -322,16 +357,19 @@ impl Net {
                 }
             })
             .collect();
-        let now = Instant::now();
         for (idx, slot) in self.ifaces.iter_mut().enumerate() {
             if let Some(i) = slot {
-                if !wanted.iter().any(|w| w.name == i.name) {
-                    tracing::info!(interface = %i.name, "interface no longer used");
+                let same = wanted
+                    .iter()
+                    .any(|w| w.name == i.name && w.index == i.index);
+                if !same {
+                    tracing::info!(interface = %i.name, "interface gone or no longer used");
                     self.engine.remove_interface(idx);
                     *slot = None;
                 }
             }
         }
+        let mut opened = 0;
         for w in wanted {
             let known = self
                 .ifaces
@@ -361,9 +399,11 @@ impl Net {
                             .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                         self.ifaces[idx] = Some(Iface {
                             name: w.name.clone(),
+                            index: w.index,
                             sock,
                             backlog: VecDeque::new(),
                         });
+                        opened += 1;
                     }
                     Err(e) => {
                         tracing::warn!(interface = %w.name, error = %e, "cannot open AoE socket")
@@ -377,8 +417,7 @@ impl Net {
             .flatten()
             .map(|i| i.name.clone())
             .collect();
-        let _ = now;
-        Ok(())
+        Ok(opened)
     }
 
     /// Runs until [`Cmd::Stop`].
@@ -402,13 +441,21 @@ impl Net {
             }
             self.transmit(now);
             changed |= self.events();
-            if changed {
+            // `kickme` follows the send backlogs: publish when one fills or drains.
+            let backlogged = self.ifaces.iter().flatten().any(|i| !i.backlog.is_empty());
+            if changed || backlogged != self.backlogged {
+                self.backlogged = backlogged;
                 self.publish();
             }
             lock(&self.shared).interrupt_err_waiters();
-            if last_scan.elapsed() > Duration::from_secs(5) {
+            if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
-                let _ = self.sync_interfaces();
+                // An interface that just appeared gets a Query Config broadcast at once, so
+                // its targets are found without waiting for the next beacon (the driver
+                // only finds them then, or on an aoe-discover).
+                if self.sync_interfaces().is_ok_and(|n| n > 0) {
+                    self.engine.discover(Instant::now());
+                }
                 self.publish();
             }
             let timeout = self
@@ -504,13 +551,14 @@ impl Net {
                 let _ = tx.send(removed);
             }
             Cmd::SetInterfaces(list, tx) => {
-                let old = std::mem::replace(&mut lock(&self.shared).iflist, list);
-                let r = self.sync_interfaces();
-                if r.is_err() {
-                    lock(&self.shared).iflist = old;
-                    let _ = self.sync_interfaces();
-                }
-                let _ = tx.send(r);
+                let r = check_iflist(&list).and_then(|()| {
+                    let old = std::mem::replace(&mut lock(&self.shared).iflist, list);
+                    self.sync_interfaces().inspect_err(|_| {
+                        lock(&self.shared).iflist = old;
+                        let _ = self.sync_interfaces();
+                    })
+                });
+                let _ = tx.send(r.map(|_| ()));
             }
             Cmd::SetOpen(dev, open) => {
                 let n = self.opens.entry(dev).or_insert(0);
@@ -575,6 +623,13 @@ impl Net {
     /// devices of devices that stay.
     fn publish(&mut self) {
         let devices = self.engine.devices();
+        let backlogged: Vec<&str> = self
+            .ifaces
+            .iter()
+            .flatten()
+            .filter(|i| !i.backlog.is_empty())
+            .map(|i| i.name.as_str())
+            .collect();
         let mut s = lock(&self.shared);
         let mut next = BTreeMap::new();
         for info in devices {
@@ -582,18 +637,29 @@ impl Net {
             let (partitions, loop_device) = old
                 .map(|o| (o.partitions, o.loop_device))
                 .unwrap_or_default();
+            let identify_page = self.engine.identify_page(info.addr).map(<[u8]>::to_vec);
+            let kickme = info
+                .interfaces
+                .iter()
+                .any(|i| backlogged.contains(&i.as_str()));
             next.insert(
                 info.addr,
                 DevEntry {
                     info,
                     partitions,
                     loop_device,
+                    identify_page,
+                    kickme,
                 },
             );
         }
         s.devices = next;
     }
 
+    /// Reads the partition table of `dev` (MBR primaries, the EBR chain of extended
+    /// partitions, GPT: [`partition::scan_with`]) from a thread of its own, through the
+    /// same I/O path as the files: an EBR can be anywhere on the device, so the reads follow
+    /// each other and the network thread must keep running meanwhile.
     fn scan_partitions(&mut self, dev: TargetAddr) {
         let shared = self.shared.clone();
         let capacity = self.engine.device(dev).map_or(0, |d| d.sectors);
@@ -603,10 +669,24 @@ impl Net {
         }
         let loop_devices = self.loop_devices;
         let path = self.root.join(dev.to_string());
-        let done: Done = Box::new(move |r| {
-            let parts = match r {
-                Ok(Some(head)) => partition::scan(&head, capacity),
-                _ => Vec::new(),
+        let handle = self.handle.clone();
+        let scan = move || {
+            // Blocks until the I/O completes; the network thread answers every I/O (EIO
+            // when it stops), or drops it with its channel, which ends the wait too.
+            let read = |lba: u64, sectors: u32| -> Option<Vec<u8>> {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                handle.io(
+                    dev,
+                    BlockOp::Read { lba, sectors },
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                );
+                rx.recv().ok()?.ok()?
+            };
+            let parts = match read(0, sectors) {
+                Some(head) => partition::scan_with(&head, capacity, &mut |lba| read(lba, 1)),
+                None => Vec::new(),
             };
             let mut s = lock(&shared);
             if let Some(e) = s.devices.get_mut(&dev) {
@@ -619,15 +699,12 @@ impl Net {
                     attach_loop(shared.clone(), dev, path);
                 }
             }
-        });
-        match self
-            .engine
-            .submit(Instant::now(), dev, BlockOp::Read { lba: 0, sectors })
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("aoe-partscan".into())
+            .spawn(scan)
         {
-            Ok(id) => {
-                self.pending.insert(id, done);
-            }
-            Err(e) => done(Err(errno_of_submit(&e))),
+            tracing::warn!(device = %dev, error = %e, "cannot start the partition scan");
         }
     }
 
@@ -654,6 +731,23 @@ impl Net {
             detach_loop_device(&lo);
         }
     }
+}
+
+/// Refuses an interface list entry that can never name an interface (empty, longer than
+/// the 15 bytes of `IFNAMSIZ`, or with `/`, NUL or whitespace); names that merely do not
+/// exist are accepted (see [`Net::sync_interfaces`]).
+pub fn check_iflist(list: &[String]) -> Result<(), String> {
+    for n in list {
+        if n.is_empty()
+            || n.len() > 15
+            || n.contains(|c: char| c == '/' || c == '\0' || c.is_whitespace())
+        {
+            return Err(format!(
+                "{n:?} cannot be an interface name (1 to 15 bytes, no '/' or whitespace)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Attaches a loop device with partition scan to a device file, from a thread of its own:

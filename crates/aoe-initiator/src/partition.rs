@@ -1,11 +1,16 @@
-//! Partition tables on an AoE device: MBR primary partitions and GPT, as the kernel's
-//! partition scan finds them (`block/partitions/efi.c`, then `msdos.c`), so `eX.YpN` files
-//! can be offered (numbered like Linux: MBR slots 1-4, GPT entries from 1).
+//! Partition tables on an AoE device: MBR primary, extended and logical partitions, and
+//! GPT, as the kernel's partition scan finds them (`block/partitions/efi.c`, then
+//! `msdos.c`), so `eX.YpN` files can be offered, numbered as the kernel numbers them on an
+//! aoe disk: MBR slots 1-4, logical partitions from 5, GPT entries from 1, and never past
+//! 15 (the driver's disks have `AOE_PARTITIONS` = 16 minors, so `state->limit` is 16).
 //!
 //! The table comes from the device, so every field is hostile: all arithmetic on it is
 //! checked, and a table that does not add up yields no partitions or only its valid entries,
 //! never a panic or a partition outside the device. Not done: the GPT CRCs and the backup
-//! GPT at the end of the device (the kernel checks both), MBR logical partitions.
+//! GPT at the end of the device (the kernel checks both). Differences on purpose: an entry
+//! that reaches past the device is dropped (the kernel keeps it cut at the end), and an EBR
+//! chain that comes back to an EBR already read ends there (msdos.c follows it, adding the
+//! same logical partitions again under new numbers, until 100 links without one or p15).
 
 /// One partition, in 512-byte sectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +27,16 @@ pub struct Partition {
 /// header and 128 GPT entries of 128 bytes.
 pub const SCAN_SECTORS: u32 = 34;
 
-/// GPT entries read at most: those that fit in [`SCAN_SECTORS`] after the header.
-pub const GPT_MAX_ENTRIES: u32 = 128;
+/// The highest partition number on an aoe disk: `AOE_PARTITIONS` (16) minors, one of them
+/// the whole disk. msdos.c stops adding logical partitions there, efi.c reads no more
+/// entries (`i < state->limit - 1`).
+pub const MAX_PARTITION: u32 = 15;
+
+/// GPT entries read at most: those numbered up to [`MAX_PARTITION`].
+pub const GPT_MAX_ENTRIES: u32 = MAX_PARTITION;
+
+/// EBR links msdos.c `parse_extended` follows without finding a data partition.
+const MAX_EBR_LINKS: u32 = 100;
 
 const SECTOR: usize = 512;
 /// MBR partition type of a GPT protective MBR (`EFI_PMBR_OSTYPE_EFI_GPT`).
@@ -34,10 +47,22 @@ const GPT_ENTRY: usize = 128;
 const GPT_HEADER_MIN: u32 = 92;
 
 /// Partitions described by the first sectors of a device of `capacity` sectors (`head` may
-/// be shorter than [`SCAN_SECTORS`]; what it lacks is not there). Partitions that are empty,
-/// start at sector 0 or reach past the device are dropped; so are MBR extended containers
-/// (types 0x05, 0x0f, 0x85), whose logical partitions are not scanned.
+/// be shorter than [`SCAN_SECTORS`]; what it lacks is not there). EBRs of logical
+/// partitions are read from `head` only: use [`scan_with`] to read them from the device.
 pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
+    scan_with(head, capacity, &mut |_| None)
+}
+
+/// Like [`scan`], with `read_sector(lba)` giving sectors beyond `head` (the EBRs of an
+/// extended partition, anywhere on the device); None when a sector cannot be read, which
+/// ends that chain. Partitions that are empty, start at sector 0 or reach past the device
+/// are dropped. An extended container is offered as msdos.c offers it: its first 2 sectors
+/// (room for a boot loader, and no `mkfs` on the whole container).
+pub fn scan_with(
+    head: &[u8],
+    capacity: u64,
+    read_sector: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Vec<Partition> {
     let Some(mbr) = head.get(..SECTOR) else {
         return Vec::new();
     };
@@ -62,7 +87,18 @@ pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
         // partition table (typically a FAT boot sector): no partitions.
         Vec::new()
     } else {
-        scan_mbr(&slots)
+        let mut read = |lba: u64| -> Option<Vec<u8>> {
+            // A link past the device is not followed (nothing to read there).
+            if lba >= capacity {
+                return None;
+            }
+            let off = usize::try_from(lba).ok()?.checked_mul(SECTOR)?;
+            match head.get(off..off.checked_add(SECTOR)?) {
+                Some(s) => Some(s.to_vec()),
+                None => read_sector(lba),
+            }
+        };
+        scan_mbr(&slots, &mut read)
     };
     parts.retain(|p| {
         p.sectors > 0
@@ -74,27 +110,112 @@ pub fn scan(head: &[u8], capacity: u64) -> Vec<Partition> {
     parts
 }
 
-/// The four primary slots (msdos.c: slot N is partition N; empty ones are skipped).
-fn scan_mbr(slots: &[&[u8]]) -> Vec<Partition> {
+/// msdos.c `is_extended_partition`: DOS, Windows (LBA) and Linux extended.
+fn is_extended(kind: u8) -> bool {
+    matches!(kind, 0x05 | 0x0f | 0x85)
+}
+
+/// The four primary slots (msdos.c: slot N is partition N; those of 0 sectors are skipped), then
+/// the logical partitions of each extended one, numbered from 5 on across all of them.
+fn scan_mbr(slots: &[&[u8]], read: &mut dyn FnMut(u64) -> Option<Vec<u8>>) -> Vec<Partition> {
     let mut parts = Vec::new();
+    let mut next = 5u32;
     for (number, e) in (1u32..).zip(slots) {
         let start = u64::from(u32le(&e[8..12]));
         let sectors = u64::from(u32le(&e[12..16]));
-        match e[4] {
-            0 | 0x05 | 0x0f | 0x85 => {}
-            _ => parts.push(Partition {
+        if sectors == 0 {
+            continue;
+        }
+        if is_extended(e[4]) {
+            parts.push(Partition {
                 number,
                 start,
-                sectors,
-            }),
+                sectors: sectors.min(2),
+            });
+            scan_extended(start, sectors, &mut next, &mut parts, read);
+            continue;
         }
+        // msdos.c puts any non-empty slot, whatever its type (0 included).
+        parts.push(Partition {
+            number,
+            start,
+            sectors,
+        });
     }
     parts
 }
 
+/// msdos.c `parse_extended`: follows the chain of EBRs from the extended partition at
+/// `first` (`first_size` sectors). In each EBR the data entries (non-empty, not extended)
+/// are logical partitions, at offsets from that EBR; entries 3 and 4 only if they lie inside
+/// both that EBR's link and the extended partition ("sometimes contain random garbage").
+/// The first extended entry links to the next EBR, at an offset from `first`. Ends at an
+/// unreadable sector or one without 55AA, after [`MAX_EBR_LINKS`] links without a data
+/// partition, past [`MAX_PARTITION`], or at an EBR already read (a loop).
+fn scan_extended(
+    first: u64,
+    first_size: u64,
+    next: &mut u32,
+    parts: &mut Vec<Partition>,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) {
+    let (mut this, mut this_size) = (first, first_size);
+    let mut seen = Vec::new();
+    let mut links = 0u32;
+    loop {
+        links += 1;
+        if links > MAX_EBR_LINKS || *next > MAX_PARTITION || seen.contains(&this) {
+            return;
+        }
+        seen.push(this);
+        let Some(ebr) = read(this) else {
+            return;
+        };
+        if ebr.len() < SECTOR || ebr[510] != 0x55 || ebr[511] != 0xaa {
+            return;
+        }
+        let slots: Vec<&[u8]> = ebr[446..510].chunks_exact(16).collect();
+        for (i, e) in slots.iter().enumerate() {
+            let offs = u64::from(u32le(&e[8..12]));
+            let size = u64::from(u32le(&e[12..16]));
+            if size == 0 || is_extended(e[4]) {
+                continue;
+            }
+            // u64 of two u32s: no overflow.
+            let start = this + offs;
+            if i >= 2
+                && (offs + size > this_size
+                    || start < first
+                    || start + size > first.saturating_add(first_size))
+            {
+                continue;
+            }
+            parts.push(Partition {
+                number: *next,
+                start,
+                sectors: size,
+            });
+            links = 0;
+            *next += 1;
+            if *next > MAX_PARTITION {
+                return;
+            }
+        }
+        let Some(link) = slots
+            .iter()
+            .find(|e| u32le(&e[12..16]) != 0 && is_extended(e[4]))
+        else {
+            return;
+        };
+        this = first.saturating_add(u64::from(u32le(&link[8..12])));
+        this_size = u64::from(u32le(&link[12..16]));
+    }
+}
+
 /// The primary GPT at LBA 1, checked as efi.c `is_gpt_valid` does (but for the CRCs), and
 /// its entries as `is_pte_valid` takes them: a non-zero type GUID, both ends on the device.
-/// Entry `i` (from 0) is partition `i + 1`, as `efi_partition` numbers them.
+/// Entry `i` (from 0) is partition `i + 1`, as `efi_partition` numbers them, up to
+/// [`GPT_MAX_ENTRIES`].
 fn scan_gpt(head: &[u8], capacity: u64) -> Vec<Partition> {
     let Some(last_lba) = capacity.checked_sub(1) else {
         return Vec::new();
@@ -195,6 +316,12 @@ mod tests {
                     number: 1,
                     start: 2048,
                     sectors: 4096
+                },
+                // The extended container: its first 2 sectors, as msdos.c offers it.
+                Partition {
+                    number: 3,
+                    start: 8192,
+                    sectors: 2
                 },
                 Partition {
                     number: 4,
@@ -391,5 +518,156 @@ mod tests {
                 p(3, 0xffff_ffff, 1)
             ]
         );
+    }
+
+    /// A disk of `sectors` sectors as bytes, its MBR holding `primaries`.
+    fn disk(sectors: usize, primaries: &[(u8, u32, u32)]) -> Vec<u8> {
+        let mut d = vec![0u8; sectors * 512];
+        d[..SCAN_SECTORS as usize * 512].copy_from_slice(&mbr(primaries));
+        d
+    }
+
+    /// Writes an EBR at `lba`: its data entry (offset from the EBR, length) and its link
+    /// (offset from the extended partition, length), either may be absent.
+    fn ebr(d: &mut [u8], lba: u32, data: Option<(u32, u32)>, link: Option<(u32, u32)>) {
+        let s = &mut d[lba as usize * 512..(lba as usize + 1) * 512];
+        s.fill(0);
+        for (i, (kind, e)) in [(0x83u8, data), (0x05, link)].into_iter().enumerate() {
+            if let Some((start, len)) = e {
+                let x = &mut s[446 + 16 * i..446 + 16 * (i + 1)];
+                x[4] = kind;
+                x[8..12].copy_from_slice(&start.to_le_bytes());
+                x[12..16].copy_from_slice(&len.to_le_bytes());
+            }
+        }
+        s[510] = 0x55;
+        s[511] = 0xaa;
+    }
+
+    /// Scans a whole-disk image, reading EBRs from it, and counts the sectors read.
+    fn scan_disk(d: &[u8]) -> (Vec<Partition>, usize) {
+        let mut reads = 0;
+        let head = &d[..(SCAN_SECTORS as usize * 512).min(d.len())];
+        let parts = scan_with(head, (d.len() / 512) as u64, &mut |lba| {
+            reads += 1;
+            let off = usize::try_from(lba).ok()?.checked_mul(512)?;
+            d.get(off..off + 512).map(<[u8]>::to_vec)
+        });
+        (parts, reads)
+    }
+
+    /// What `sfdisk` writes for `p1 primary, p2 extended with two logicals`: the container
+    /// is offered as 2 sectors (msdos.c), the logicals as p5 and p6 at their EBR's offset.
+    #[test]
+    fn mbr_extended_with_two_logicals() {
+        let mut d = disk(20000, &[(0x83, 2048, 2048), (0x05, 4096, 10000)]);
+        ebr(&mut d, 4096, Some((2048, 3000)), Some((6000, 4000)));
+        ebr(&mut d, 10096, Some((2048, 1952)), None);
+        let (parts, reads) = scan_disk(&d);
+        assert_eq!(
+            parts,
+            vec![
+                p(1, 2048, 2048),
+                p(2, 4096, 2),
+                p(5, 6144, 3000),
+                p(6, 12144, 1952)
+            ]
+        );
+        assert_eq!(reads, 2);
+        // Without a way to read the EBRs, only the primaries.
+        assert_eq!(
+            scan(&d[..34 * 512], 20000),
+            vec![p(1, 2048, 2048), p(2, 4096, 2)]
+        );
+    }
+
+    /// Logical partitions stop at 15, the driver's last minor (msdos.c `state->limit`).
+    #[test]
+    fn mbr_logicals_stop_at_15() {
+        let mut d = disk(40000, &[(0x0f, 100, 30000)]);
+        for i in 0..20u32 {
+            let link = (i < 19).then_some(((i + 1) * 1000, 1000));
+            ebr(&mut d, 100 + i * 1000, Some((10, 500)), link);
+        }
+        let (parts, reads) = scan_disk(&d);
+        let numbers: Vec<u32> = parts.iter().map(|p| p.number).collect();
+        assert_eq!(numbers, [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(parts.last(), Some(&p(15, 100 + 10 * 1000 + 10, 500)));
+        assert_eq!(reads, 11);
+    }
+
+    /// An EBR that links back to itself or to an earlier EBR: the chain ends there, no
+    /// partition twice, no endless reading.
+    #[test]
+    fn mbr_ebr_loops_end() {
+        let mut d = disk(20000, &[(0x05, 100, 10000)]);
+        ebr(&mut d, 100, Some((10, 50)), Some((1000, 1000)));
+        ebr(&mut d, 1100, Some((10, 50)), Some((0, 1000)));
+        let (parts, reads) = scan_disk(&d);
+        assert_eq!(parts, vec![p(1, 100, 2), p(5, 110, 50), p(6, 1110, 50)]);
+        assert_eq!(reads, 2);
+        // A self-loop without data partitions.
+        let mut d = disk(20000, &[(0x05, 100, 10000)]);
+        ebr(&mut d, 100, None, Some((0, 1000)));
+        let (parts, reads) = scan_disk(&d);
+        assert_eq!(parts, vec![p(1, 100, 2)]);
+        assert_eq!(reads, 1);
+    }
+
+    /// Links and data entries out of range: past the device, at u32 limits, to sectors that
+    /// cannot be read, or to a sector without 55AA. No panic; what is valid stays.
+    #[test]
+    fn mbr_ebr_out_of_range() {
+        let mut d = disk(20000, &[(0x05, 100, 10000)]);
+        ebr(&mut d, 100, Some((u32::MAX, u32::MAX)), Some((u32::MAX, 5)));
+        let (parts, reads) = scan_disk(&d);
+        assert_eq!(parts, vec![p(1, 100, 2)]);
+        assert_eq!(reads, 1, "a link past the device is not read: {reads}");
+        // A data entry past the device is dropped, the chain goes on.
+        ebr(&mut d, 100, Some((30000, 10)), Some((500, 100)));
+        ebr(&mut d, 600, Some((1, 10)), Some((600, 100)));
+        // The third EBR has no signature: the chain ends.
+        let (parts, _) = scan_disk(&d);
+        assert_eq!(parts, vec![p(1, 100, 2), p(6, 601, 10)]);
+        // An extended container at the u32 limits.
+        let d = disk(100, &[(0x85, u32::MAX, u32::MAX)]);
+        assert_eq!(scan_disk(&d).0, vec![]);
+        // Truncated EBR sectors from the reader.
+        let d = disk(100, &[(0x05, 50, 40)]);
+        let head = d[..34 * 512].to_vec();
+        assert_eq!(
+            scan_with(&head, 100, &mut |_| Some(vec![0x55; 100])),
+            vec![p(1, 50, 2)]
+        );
+    }
+
+    /// Entries 3 and 4 of an EBR count only inside the EBR's link and the extended
+    /// partition (msdos.c: "these sometimes contain random garbage").
+    #[test]
+    fn mbr_ebr_garbage_in_entries_3_and_4() {
+        let mut d = disk(20000, &[(0x05, 100, 1000)]);
+        ebr(&mut d, 100, Some((10, 50)), None);
+        let s = &mut d[100 * 512..101 * 512];
+        // Entry 3 inside, entry 4 outside the extended partition.
+        for (i, (start, len)) in [(2, (100u32, 20u32)), (3, (900, 500))] {
+            let x = &mut s[446 + 16 * i..446 + 16 * (i + 1)];
+            x[4] = 0x83;
+            x[8..12].copy_from_slice(&start.to_le_bytes());
+            x[12..16].copy_from_slice(&len.to_le_bytes());
+        }
+        assert_eq!(
+            scan_disk(&d).0,
+            vec![p(1, 100, 2), p(5, 110, 50), p(6, 200, 20)]
+        );
+    }
+
+    /// GPT entries past the 15th are not offered: the driver's disks have 16 minors.
+    #[test]
+    fn gpt_entries_stop_at_15() {
+        let entries: Vec<(u64, u64)> = (0..20).map(|i| (100 + 10 * i, 109 + 10 * i)).collect();
+        let s = gpt(10000, &entries);
+        let got = scan(&s, 10000);
+        assert_eq!(got.len(), 15);
+        assert_eq!(got.last(), Some(&p(15, 240, 10)));
     }
 }

@@ -428,6 +428,16 @@ impl Engine {
         self.devices.values().map(|d| self.info(d)).collect()
     }
 
+    /// The raw 512-byte IDENTIFY DEVICE page of the device's latest answer, as received
+    /// (little-endian words): what the driver keeps in `d->ident` and returns for
+    /// `HDIO_GET_IDENTITY`. None before the first answer.
+    pub fn identify_page(&self, dev: TargetAddr) -> Option<&[u8]> {
+        self.devices
+            .get(&dev)
+            .map(|d| d.identify_page.as_slice())
+            .filter(|p| !p.is_empty())
+    }
+
     /// One device's information.
     pub fn device(&self, dev: TargetAddr) -> Option<DeviceInfo> {
         self.devices.get(&dev).map(|d| self.info(d))

@@ -18,6 +18,8 @@ pub(super) struct Device {
     pub(super) targets: Vec<Target>,
     pub(super) next_target: usize,
     pub(super) identify: Option<IdentifyInfo>,
+    /// The raw IDENTIFY page of the latest answer (`d->ident`); empty before one.
+    pub(super) identify_page: Vec<u8>,
     pub(super) sectors: u64,
     pub(super) lba48: bool,
     pub(super) firmware_version: u16,
@@ -44,6 +46,7 @@ impl Device {
             targets: Vec::new(),
             next_target: 0,
             identify: None,
+            identify_page: Vec::new(),
             sectors: 0,
             lba48: false,
             firmware_version: 0,

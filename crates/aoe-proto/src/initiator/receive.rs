@@ -305,6 +305,7 @@ impl Engine {
         d.sectors = new;
         d.lba48 = info.lba48;
         d.identify = Some(info);
+        d.identify_page = page.get(..512).unwrap_or(page).to_vec();
         let mac = d.targets.first().map(|t| t.mac).unwrap_or_default();
         let fw = d.firmware_version;
         let revalidated = std::mem::take(&mut d.revalidating);
