@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use aoe_proto::initiator::{
     BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError,
 };
+use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketSocket, PollFd};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
@@ -173,6 +174,20 @@ impl Handle {
 /// Frames per interface waiting for room in its socket's send buffer.
 pub const BACKLOG: usize = 256;
 
+/// Most frames taken from one interface per pass of the loop. A flood arriving faster than
+/// the engine digests it must not keep the thread in the receive loop: between batches it
+/// runs commands (the front-ends' I/O), timers and sends, so a legitimate device keeps
+/// being served while the socket's receive buffer overflows and the kernel drops the rest.
+pub const RX_BUDGET: usize = 256;
+
+/// Shortest time between two copies of the device list into [`Shared`] made only because
+/// I/O completed (device events publish at once): copying every device's information after
+/// every completion would cost `--max-devices` copies per I/O.
+const IO_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Log lines about frames (send failures, full buffers): one per kind per second.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Iface {
     name: String,
     sock: PacketSocket,
@@ -192,21 +207,23 @@ enum Sent {
 }
 
 impl Iface {
-    fn send(&self, frame: &[u8]) -> Sent {
+    fn send(&self, frame: &[u8], logs: &mut RateLimiter) -> Sent {
         match self.sock.send(frame) {
             Ok(()) => Sent::Done,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Sent::Full,
             Err(e) => {
-                tracing::debug!(interface = %self.name, error = %e, "send failed");
+                if let Some(a) = logs.check(Instant::now(), "send failed") {
+                    tracing::debug!(interface = %self.name, error = %e, "send failed{a}");
+                }
                 Sent::Lost
             }
         }
     }
 
     /// Sends backlogged frames until the socket is full again.
-    fn flush(&mut self) {
+    fn flush(&mut self, logs: &mut RateLimiter) {
         while let Some(f) = self.backlog.front() {
-            if let Sent::Full = self.send(f) {
+            if let Sent::Full = self.send(f, logs) {
                 return;
             }
             self.backlog.pop_front();
@@ -215,14 +232,18 @@ impl Iface {
 
     /// Sends `frame` now if nothing is waiting before it, else queues it (or drops it,
     /// with the backlog full); true if it was dropped.
-    fn send_or_queue(&mut self, frame: &[u8]) -> bool {
+    fn send_or_queue(&mut self, frame: &[u8], logs: &mut RateLimiter) -> bool {
         if self.backlog.is_empty() {
-            match self.send(frame) {
+            match self.send(frame, logs) {
                 Sent::Done | Sent::Lost => return false,
-                Sent::Full => tracing::debug!(
-                    interface = %self.name,
-                    "send buffer full: queueing frames until POLLOUT"
-                ),
+                Sent::Full => {
+                    if let Some(a) = logs.check(Instant::now(), "send buffer full") {
+                        tracing::debug!(
+                            interface = %self.name,
+                            "send buffer full: queueing frames until POLLOUT{a}"
+                        );
+                    }
+                }
             }
         }
         if self.backlog.len() >= BACKLOG {
@@ -247,6 +268,12 @@ pub struct Net {
     buf: Vec<u8>,
     loop_devices: bool,
     root: std::path::PathBuf,
+    /// When the device list was last copied into [`Shared`].
+    published: Instant,
+    /// I/O completed since then.
+    unpublished: bool,
+    /// Log lines about frames, one per kind per [`LOG_INTERVAL`].
+    logs: RateLimiter,
 }
 
 /// Maps an I/O failure to the errno the file system returns.
@@ -293,6 +320,9 @@ impl Net {
             buf: vec![0u8; 9216 + 14],
             loop_devices,
             root,
+            published: Instant::now(),
+            unpublished: false,
+            logs: RateLimiter::new(LOG_INTERVAL),
         })
     }
 
@@ -401,8 +431,14 @@ impl Net {
                 self.engine.handle_timeout(now);
             }
             self.transmit(now);
-            changed |= self.events();
-            if changed {
+            let (state, io) = self.events();
+            // Completions change only counters the front-ends do not read: they are
+            // published at most every IO_PUBLISH_INTERVAL (the loop wakes every second).
+            self.unpublished |= io;
+            if changed
+                || state
+                || (self.unpublished && self.published.elapsed() >= IO_PUBLISH_INTERVAL)
+            {
                 self.publish();
             }
             lock(&self.shared).interrupt_err_waiters();
@@ -417,6 +453,7 @@ impl Net {
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
+
             // Never sleep on a full send buffer: wait for room (POLLOUT) together with
             // frames and commands.
             let mut fds: Vec<PollFd> = self
@@ -446,9 +483,12 @@ impl Net {
                     continue;
                 };
                 if fd.writable {
-                    i.flush();
+                    i.flush(&mut self.logs);
                 }
-                while let Ok(Some(meta)) = i.sock.recv(&mut self.buf) {
+                for _ in 0..RX_BUDGET {
+                    let Ok(Some(meta)) = i.sock.recv(&mut self.buf) else {
+                        break;
+                    };
                     if !meta.truncated {
                         self.engine.handle_frame(now, idx, &self.buf[..meta.len]);
                     }
@@ -464,7 +504,7 @@ impl Net {
     /// likewise drops what `dev_queue_xmit` refuses).
     fn transmit(&mut self, now: Instant) {
         for i in self.ifaces.iter_mut().flatten() {
-            i.flush();
+            i.flush(&mut self.logs);
         }
         let mut out = vec![0u8; self.buf.len()];
         let mut dropped = 0u32;
@@ -472,10 +512,12 @@ impl Net {
             let Some(Some(i)) = self.ifaces.get_mut(t.iface) else {
                 continue;
             };
-            dropped += u32::from(i.send_or_queue(&out[..t.len]));
+            dropped += u32::from(i.send_or_queue(&out[..t.len], &mut self.logs));
         }
         if dropped > 0 {
-            tracing::debug!(dropped, "send buffers full: frames dropped");
+            if let Some(a) = self.logs.check(now, "frames dropped") {
+                tracing::debug!(dropped, "send buffers full: frames dropped{a}");
+            }
         }
     }
 
@@ -527,16 +569,18 @@ impl Net {
         }
     }
 
-    /// Handles engine events; true if device state may have changed.
-    fn events(&mut self) -> bool {
+    /// Handles engine events; says whether device state may have changed, and whether I/O
+    /// completed.
+    fn events(&mut self) -> (bool, bool) {
         let mut changed = false;
+        let mut io = false;
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Completed { id, result } => {
                     if let Some(done) = self.pending.remove(&id) {
                         done(result.map_err(|e| errno_of(&e)));
                     }
-                    changed = true;
+                    io = true;
                 }
                 Event::Log(line) => lock(&self.shared).push_err(line),
                 Event::DeviceUp(dev) => {
@@ -560,12 +604,14 @@ impl Net {
                 }
             }
         }
-        changed
+        (changed, io)
     }
 
     /// Copies the engine's device list into the shared state, keeping partitions and loop
     /// devices of devices that stay.
     fn publish(&mut self) {
+        self.published = Instant::now();
+        self.unpublished = false;
         let devices = self.engine.devices();
         let mut s = lock(&self.shared);
         let mut next = BTreeMap::new();
