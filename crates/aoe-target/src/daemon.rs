@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use aoe_proto::ratelimit::RateLimiter;
 use aoe_proto::target::{
     Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
     FIRMWARE_VERSION,
@@ -135,7 +136,13 @@ pub struct Daemon {
     hostname: String,
     /// Saves state files off the event loop.
     state_writer: StateWriter,
+    /// Log lines any sender can provoke (dropped frames, failed I/O it asked for): one per
+    /// kind per [`LOG_INTERVAL`], with the count suppressed in between.
+    logs: RateLimiter,
 }
+
+/// Interval of [`Daemon`]'s rate-limited log lines.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Opens every export and interface of `config`; refuses, naming the problem, an export
@@ -167,6 +174,7 @@ impl Daemon {
             spare: Vec::new(),
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
+            logs: RateLimiter::new(LOG_INTERVAL),
         };
         d.apply(config)?;
         Ok(d)
@@ -280,7 +288,9 @@ impl Daemon {
                 match i.sock.recv_batch(&mut i.batch) {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::warn!(interface = %i.name, error = %e, "receive failed");
+                        if let Some(a) = self.logs.check(Instant::now(), "receive failed") {
+                            tracing::warn!(interface = %i.name, error = %e, "receive failed{a}");
+                        }
                         0
                     }
                 }
@@ -291,7 +301,12 @@ impl Daemon {
             total += got;
             for f in 0..got {
                 if self.ifaces[idx].batch.meta(f).truncated {
-                    tracing::debug!(interface = %self.ifaces[idx].name, "oversized frame dropped");
+                    if let Some(a) = self.logs.check(Instant::now(), "oversized frame") {
+                        tracing::debug!(
+                            interface = %self.ifaces[idx].name,
+                            "oversized frame dropped{a}"
+                        );
+                    }
                     continue;
                 }
                 let ids = self.ifaces[idx].exports.clone();

@@ -81,7 +81,9 @@ impl Daemon {
                     Err(e) => {
                         // Skip the frame that failed; the initiator retransmits. Counted and
                         // logged once a second by log_drops.
-                        tracing::debug!(interface = %i.name, error = %e, "send failed");
+                        if let Some(a) = self.logs.check(Instant::now(), "send failed") {
+                            tracing::debug!(interface = %i.name, error = %e, "send failed{a}");
+                        }
                         i.send_failures += 1;
                         1
                     }
