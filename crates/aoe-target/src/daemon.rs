@@ -53,6 +53,11 @@ const POOL_QUEUE: usize = 8192;
 /// receiving and completing. A reply that finds the backlog full is dropped and counted;
 /// the initiator retransmits the request (AoE has no other recovery, AoEr11 section 2).
 const SEND_BACKLOG: usize = 4096;
+/// Places of [`SEND_BACKLOG`] replies other than ATA may take (see `IfaceRt::queue`).
+const CONTROL_BACKLOG: usize = SEND_BACKLOG / 4;
+/// Most batches [`Daemon::receive`] takes from one interface before the loop answers
+/// completed I/O and sends: a flood arriving as fast as it is read must not starve them.
+const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
@@ -282,7 +287,7 @@ impl Daemon {
     /// Takes every frame waiting on interface `idx` to its exports; returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
-        loop {
+        for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
                 match i.sock.recv_batch(&mut i.batch) {
@@ -318,6 +323,7 @@ impl Daemon {
                 return total;
             }
         }
+        total
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.
