@@ -236,17 +236,20 @@ impl FloodLan {
             .expect("bridge port learning");
     }
 
-    /// One read of the real device at a random offset, checked; panics on wrong data.
-    fn read_checked(&self, rng: &mut Rng) -> Result<(), std::io::Error> {
-        let max = (SECTORS * 512) as usize - READ_LEN;
-        let off = (rng.next() as usize % max) & !511;
-        let got = read_at(&self.rig.dev(), off as u64, READ_LEN)?;
-        assert!(
-            got == self.expected[off..off + READ_LEN],
-            "wrong data at offset {off}: sectors {:?} differ",
-            wrong_sectors(&got, &self.expected[off..off + READ_LEN])
-        );
-        Ok(())
+    /// One read of the real device at a random offset, checked.
+    fn read_checked(&self, rng: &mut Rng) -> Result<(), String> {
+        read_checked(&self.rig.dev(), &self.expected, rng)
+    }
+
+    /// The daemons' output, its last 4000 bytes (after a flood it may hold a great many
+    /// lines).
+    fn logs(&self) -> String {
+        let l = self.rig.logs();
+        let mut from = l.len().saturating_sub(4000);
+        while !l.is_char_boundary(from) {
+            from += 1;
+        }
+        l[from..].to_owned()
     }
 
     /// The frames of `kind`, one per call, built by patching a template.
@@ -319,14 +322,30 @@ impl FloodLan {
             self.read_checked(&mut rng).expect("read before the flood");
         }
         let before: Vec<u64> = watched.iter().map(Watched::rss_kib).collect();
-        let stop = AtomicBool::new(false);
+        let stop = Arc::new(AtomicBool::new(false));
         let sent = AtomicU64::new(0);
         let dropped = AtomicU64::new(0);
-        let reads = Mutex::new(Vec::<Instant>::new());
-        let errors = Mutex::new(Vec::<String>::new());
-        let sock = Arc::new(raw_socket(&self.flood_ns, &self.flood_if));
+        let reads = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sock = raw_socket(&self.flood_ns, &self.flood_if);
         let mut next = self.flooder(kind, seed);
         let t0 = Instant::now();
+        // The reader runs on a thread of its own, not joined if it hangs: a read stalled in
+        // the initiator must fail the test, not hang it (dropping the rig stops the
+        // initiator, which fails the read).
+        let reader = {
+            let (stop, reads, errors) = (stop.clone(), reads.clone(), errors.clone());
+            let (dev, expected) = (self.rig.dev(), self.expected.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(seed ^ 0xead);
+                while !stop.load(Ordering::Relaxed) {
+                    match read_checked(&dev, &expected, &mut rng) {
+                        Ok(()) => reads.lock().unwrap().push(Instant::now()),
+                        Err(e) => errors.lock().unwrap().push(e),
+                    }
+                }
+            })
+        };
         std::thread::scope(|s| {
             s.spawn(|| {
                 // sendmmsg of 64 frames at a time: as fast as one core pushes them through
@@ -345,23 +364,17 @@ impl FloodLan {
                     }
                 }
             });
-            s.spawn(|| {
-                let mut rng = Rng(seed ^ 0xead);
-                while !stop.load(Ordering::Relaxed) {
-                    match self.read_checked(&mut rng) {
-                        Ok(()) => reads.lock().unwrap().push(Instant::now()),
-                        Err(e) => errors.lock().unwrap().push(e.to_string()),
-                    }
-                }
-            });
             while t0.elapsed() < FLOOD {
                 std::thread::sleep(Duration::from_millis(200));
             }
             stop.store(true, Ordering::Relaxed);
         });
         let end = Instant::now();
-        let reads = reads.into_inner().unwrap();
-        let errors = errors.into_inner().unwrap();
+        // The read in progress ends within MAX_READ_GAP, or counts as a stall up to now.
+        wait_until(MAX_READ_GAP, || reader.is_finished());
+        let now = Instant::now();
+        let reads = reads.lock().unwrap().clone();
+        let errors = errors.lock().unwrap().clone();
         let sent = sent.into_inner();
         eprintln!(
             "{kind:?}: {sent} frames in {:.1} s ({:.0}/s; {} refused by the socket); {} reads of {} KiB completed",
@@ -374,13 +387,14 @@ impl FloodLan {
         assert!(
             errors.is_empty(),
             "{kind:?}: reads failed: {errors:?}{}",
-            self.rig.logs()
+            self.logs()
         );
         // Reads kept completing: no gap longer than MAX_READ_GAP, from the start of the flood
         // to its end.
         let mut last = t0;
         let mut worst = Duration::ZERO;
-        for &r in reads.iter().chain([end].iter()) {
+        let stop_at = if reader.is_finished() { end } else { now };
+        for &r in reads.iter().chain([stop_at].iter()) {
             worst = worst.max(r.saturating_duration_since(last));
             last = r;
         }
@@ -389,14 +403,14 @@ impl FloodLan {
         assert!(
             rate >= MIN_READS_PER_SEC,
             "{kind:?}: {rate:.2} reads/s during the flood{}",
-            self.rig.logs()
+            self.logs()
         );
         assert!(
             worst <= MAX_READ_GAP,
             "{kind:?}: {} reads in {:?}, longest gap without one {worst:?}{}",
             reads.len(),
             FLOOD,
-            self.rig.logs()
+            self.logs()
         );
         for (w, before) in watched.iter().zip(before) {
             // CPU back to idle (under 20% of a core over a second) within 10 s.
@@ -410,7 +424,7 @@ impl FloodLan {
                 "{kind:?}: {} still at {:.0}% CPU 10 s after the flood{}",
                 w.name,
                 cpu * 100.0,
-                self.rig.logs()
+                self.logs()
             );
             let after = w.rss_kib();
             eprintln!(
@@ -434,6 +448,20 @@ impl FloodLan {
             .expect("ROOT/sysfs/block")
             .count()
     }
+}
+
+/// One read of `dev` at a random offset, checked against `expected`.
+fn read_checked(dev: &std::path::Path, expected: &[u8], rng: &mut Rng) -> Result<(), String> {
+    let max = expected.len() - READ_LEN;
+    let off = (rng.next() as usize % max) & !511;
+    let got = read_at(dev, off as u64, READ_LEN).map_err(|e| format!("read at {off}: {e}"))?;
+    if got != expected[off..off + READ_LEN] {
+        return Err(format!(
+            "wrong data at offset {off}: sectors {:?} differ",
+            wrong_sectors(&got, &expected[off..off + READ_LEN])
+        ));
+    }
+    Ok(())
 }
 
 /// The executable name of process `pid` (to be sure the pid watched is the daemon, not a
