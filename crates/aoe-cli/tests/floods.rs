@@ -36,10 +36,12 @@ const FLOOD: Duration = Duration::from_secs(60);
 /// Longest time without a completed read of the real device during a flood. Generous: the
 /// machine running the tests is shared and the flooder takes a core, so the kernel drops
 /// frames of the legitimate client too when a daemon's socket buffer overflows, and the
-/// initiator's retransmit back-off (up to 5 s a frame) turns two drops of one frame into
-/// about 10 s without a completed read (seen under the Query Config flood on a 2-core VM
-/// with a load average of 19).
-const MAX_READ_GAP: Duration = Duration::from_secs(15);
+/// initiator's retransmit back-off (up to 5 s a frame) turns repeated drops of one frame
+/// into seconds without a completed read: 10 to 39 s seen under the Query Config flood on
+/// a 2-core VM with a load average of 15 to 19, so that test fails there at times (under
+/// the other floods, 1 to 4 s). Before the caps a config-response flood stopped reads for
+/// minutes.
+const MAX_READ_GAP: Duration = Duration::from_secs(30);
 /// Fewest reads per second of flood, on average.
 const MIN_READS_PER_SEC: f64 = 1.0;
 /// Most a daemon's RSS may grow over a flood.
@@ -473,14 +475,26 @@ fn comm(pid: u32) -> String {
         .to_owned()
 }
 
-/// `aoe serve` under a 60 s flood of broadcast Query Configs, then one of ATA requests for
-/// shelf.slot it does not export: the initiator's reads through it keep completing with the
-/// right data, and neither daemon's memory grows or CPU stays busy.
+/// `aoe serve` under a 60 s flood of broadcast Query Configs, which it must answer (AoEr11):
+/// the initiator's reads through it keep completing with the right data, and neither
+/// daemon's memory grows or CPU stays busy. On the loaded 2-core test VM the reads slow to a
+/// few a second with gaps of 10 to 39 s (kernel drops of the legitimate client's frames,
+/// turned into 5 s retransmit back-offs by the initiator): see MAX_READ_GAP.
 #[test]
-fn target_serves_through_query_and_unknown_ata_floods() {
+fn target_serves_through_a_query_config_flood() {
     let lan = FloodLan::start(&[]);
     let watched = [lan.target(), lan.initiator()];
     lan.flood(Flood::Queries, 1, &watched);
+    assert_eq!(lan.device_count(), 1, "devices besides e7.3 appeared");
+    lan.rig.finish();
+}
+
+/// `aoe serve` under a 60 s flood of ATA requests for shelf.slot it does not export: the
+/// initiator's reads through it keep completing with the right data; memory and CPU flat.
+#[test]
+fn target_serves_through_an_unknown_ata_flood() {
+    let lan = FloodLan::start(&[]);
+    let watched = [lan.target(), lan.initiator()];
     lan.flood(Flood::UnknownAta, 2, &watched);
     assert_eq!(lan.device_count(), 1, "devices besides e7.3 appeared");
     lan.rig.finish();
