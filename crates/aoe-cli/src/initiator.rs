@@ -34,6 +34,16 @@ pub struct InitiatorArgs {
     /// driver's admin guide documents; the driver's code uses 64.
     #[arg(long, default_value_t = 128, value_name = "N")]
     maxout: u16,
+    /// Most devices (shelf.slot) to keep. Anyone on the segment can announce devices, so
+    /// config responses for more are refused (one rate-limited line in `err`, counted):
+    /// a flood of them costs bounded memory and CPU. Devices already known are never
+    /// displaced; `echo > ROOT/flush` removes those that are down to make room.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_devices: usize,
+    /// Most target MACs (paths' far ends) per device; config responses from more MACs for
+    /// one shelf.slot are refused the same way.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_targets: usize,
     /// Attach each device that comes up to a loop device with partition scan.
     #[arg(long = "loop")]
     loop_devices: bool,
@@ -66,6 +76,12 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
     if a.maxout == 0 {
         anyhow::bail!("--maxout must be at least 1");
     }
+    if a.max_devices == 0 {
+        anyhow::bail!("--max-devices must be at least 1");
+    }
+    if a.max_targets == 0 {
+        anyhow::bail!("--max-targets must be at least 1");
+    }
     let iflist = a
         .iflist
         .as_deref()
@@ -84,6 +100,8 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         deadsecs: a.deadsecs,
         maxout: a.maxout,
         loop_devices: a.loop_devices,
+        max_devices: a.max_devices,
+        max_targets: a.max_targets,
     };
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,

@@ -321,6 +321,33 @@ impl AoeFs {
     }
 }
 
+/// The node `name` names in directory `parent` if it is a device file (`eX.Y`, `eX.YpN`
+/// under ROOT) or a device's attribute directory (`etherd!eX.Y` under `sysfs/block`), in
+/// the one spelling `children` lists it by; whether it exists is the caller's check.
+fn device_node(parent: u64, name: &str) -> Option<Node> {
+    let canonical = |a: TargetAddr, s: &str| (a.to_string() == s).then_some(a);
+    match parent {
+        ROOT => {
+            let (dev, part) = match name.split_once('p') {
+                Some((d, p)) => (
+                    d,
+                    p.parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0 && n.to_string() == p)?,
+                ),
+                None => (name, 0),
+            };
+            let a = canonical(dev.parse().ok()?, dev)?;
+            (part <= 0xffff).then_some(Node::Dev(a, part))
+        }
+        SYSFS_BLOCK => {
+            let dev = name.strip_prefix("etherd!")?;
+            Some(Node::DevDir(canonical(dev.parse().ok()?, dev)?))
+        }
+        _ => None,
+    }
+}
+
 /// Start and length (sectors) of device `a`'s partition `p` (0: the whole device).
 fn extent(e: &DevEntry, p: u32) -> Option<(u64, u64)> {
     if p == 0 {
@@ -416,10 +443,15 @@ impl Filesystem for AoeFs {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
-        let found = self
-            .children(parent.0)
-            .and_then(|c| c.into_iter().find(|(_, _, n)| n == name))
-            .and_then(|(n, _, _)| self.getattr_node(n));
+        // Device and attribute-directory names are parsed, not searched for: a lookup
+        // costs the same with one device or `--max-devices` of them.
+        let found = match device_node(parent.0, name) {
+            Some(n) => self.getattr_node(n),
+            None => self
+                .children(parent.0)
+                .and_then(|c| c.into_iter().find(|(_, _, n)| n == name))
+                .and_then(|(n, _, _)| self.getattr_node(n)),
+        };
         match found {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -725,6 +757,31 @@ impl AoeFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_parse_to_the_nodes_listed() {
+        let a = TargetAddr::new(7, 3);
+        assert_eq!(device_node(ROOT, "e7.3"), Some(Node::Dev(a, 0)));
+        assert_eq!(device_node(ROOT, "e7.3p12"), Some(Node::Dev(a, 12)));
+        assert_eq!(
+            device_node(SYSFS_BLOCK, "etherd!e7.3"),
+            Some(Node::DevDir(a))
+        );
+        for other in [
+            "e07.3",
+            "7.3",
+            "e7.3p",
+            "e7.3p0",
+            "e7.3p01",
+            "e7.3p70000",
+            "err",
+            "e65535.1",
+        ] {
+            assert_eq!(device_node(ROOT, other), None, "{other}");
+        }
+        assert_eq!(device_node(SYSFS_BLOCK, "e7.3"), None);
+        assert_eq!(device_node(SYSFS, "block"), None);
+    }
 
     #[test]
     fn inode_numbers_round_trip() {

@@ -53,6 +53,10 @@ pub struct Options {
     pub maxout: u16,
     /// Attach each device that comes up to a loop device.
     pub loop_devices: bool,
+    /// Most devices kept; config responses for more are refused ([`Config::max_devices`]).
+    pub max_devices: usize,
+    /// Most target MACs per device ([`Config::max_targets`]).
+    pub max_targets: usize,
 }
 
 impl Options {
@@ -78,6 +82,8 @@ impl Initiator {
         let cfg = Config {
             deadsecs: Duration::from_secs(opts.deadsecs),
             maxout: opts.maxout,
+            max_devices: opts.max_devices,
+            max_targets: opts.max_targets,
             ..Config::default()
         };
         let engine = Engine::new(cfg, Instant::now());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use aoe_proto::initiator::{
     BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError,
 };
+use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketSocket, PollFd};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
@@ -180,6 +181,20 @@ impl Handle {
 /// Frames per interface waiting for room in its socket's send buffer.
 pub const BACKLOG: usize = 256;
 
+/// Most frames taken from one interface per pass of the loop. A flood arriving faster than
+/// the engine digests it must not keep the thread in the receive loop: between batches it
+/// runs commands (the front-ends' I/O), timers and sends, so a legitimate device keeps
+/// being served while the socket's receive buffer overflows and the kernel drops the rest.
+pub const RX_BUDGET: usize = 256;
+
+/// Shortest time between two copies of the device list into [`Shared`] made only because
+/// I/O completed (device events publish at once): copying every device's information after
+/// every completion would cost `--max-devices` copies per I/O.
+const IO_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Log lines about frames (send failures, full buffers): one per kind per second.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Iface {
     name: String,
     /// The interface's index when its socket was opened: a new interface of the same name
@@ -202,21 +217,23 @@ enum Sent {
 }
 
 impl Iface {
-    fn send(&self, frame: &[u8]) -> Sent {
+    fn send(&self, frame: &[u8], logs: &mut RateLimiter) -> Sent {
         match self.sock.send(frame) {
             Ok(()) => Sent::Done,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Sent::Full,
             Err(e) => {
-                tracing::debug!(interface = %self.name, error = %e, "send failed");
+                if let Some(a) = logs.check(Instant::now(), "send failed") {
+                    tracing::debug!(interface = %self.name, error = %e, "send failed{a}");
+                }
                 Sent::Lost
             }
         }
     }
 
     /// Sends backlogged frames until the socket is full again.
-    fn flush(&mut self) {
+    fn flush(&mut self, logs: &mut RateLimiter) {
         while let Some(f) = self.backlog.front() {
-            if let Sent::Full = self.send(f) {
+            if let Sent::Full = self.send(f, logs) {
                 return;
             }
             self.backlog.pop_front();
@@ -225,14 +242,18 @@ impl Iface {
 
     /// Sends `frame` now if nothing is waiting before it, else queues it (or drops it,
     /// with the backlog full); true if it was dropped.
-    fn send_or_queue(&mut self, frame: &[u8]) -> bool {
+    fn send_or_queue(&mut self, frame: &[u8], logs: &mut RateLimiter) -> bool {
         if self.backlog.is_empty() {
-            match self.send(frame) {
+            match self.send(frame, logs) {
                 Sent::Done | Sent::Lost => return false,
-                Sent::Full => tracing::debug!(
-                    interface = %self.name,
-                    "send buffer full: queueing frames until POLLOUT"
-                ),
+                Sent::Full => {
+                    if let Some(a) = logs.check(Instant::now(), "send buffer full") {
+                        tracing::debug!(
+                            interface = %self.name,
+                            "send buffer full: queueing frames until POLLOUT{a}"
+                        );
+                    }
+                }
             }
         }
         if self.backlog.len() >= BACKLOG {
@@ -261,6 +282,12 @@ pub struct Net {
     missing: Vec<String>,
     /// Some interface had frames backlogged at the last publish (see [`DevEntry::kickme`]).
     backlogged: bool,
+    /// When the device list was last copied into [`Shared`].
+    published: Instant,
+    /// I/O completed since then.
+    unpublished: bool,
+    /// Log lines about frames, one per kind per [`LOG_INTERVAL`].
+    logs: RateLimiter,
 }
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
@@ -314,6 +341,9 @@ impl Net {
             root,
             missing: Vec::new(),
             backlogged: false,
+            published: Instant::now(),
+            unpublished: false,
+            logs: RateLimiter::new(LOG_INTERVAL),
         })
     }
 
@@ -440,10 +470,17 @@ impl Net {
                 self.engine.handle_timeout(now);
             }
             self.transmit(now);
-            changed |= self.events();
+            let (state, io) = self.events();
+            changed |= state;
+            // Completions change only counters the front-ends do not read: they are
+            // published at most every IO_PUBLISH_INTERVAL (the loop wakes every second).
+            self.unpublished |= io;
             // `kickme` follows the send backlogs: publish when one fills or drains.
             let backlogged = self.ifaces.iter().flatten().any(|i| !i.backlog.is_empty());
-            if changed || backlogged != self.backlogged {
+            if changed
+                || backlogged != self.backlogged
+                || (self.unpublished && self.published.elapsed() >= IO_PUBLISH_INTERVAL)
+            {
                 self.backlogged = backlogged;
                 self.publish();
             }
@@ -464,6 +501,7 @@ impl Net {
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
+
             // Never sleep on a full send buffer: wait for room (POLLOUT) together with
             // frames and commands.
             let mut fds: Vec<PollFd> = self
@@ -493,9 +531,12 @@ impl Net {
                     continue;
                 };
                 if fd.writable {
-                    i.flush();
+                    i.flush(&mut self.logs);
                 }
-                while let Ok(Some(meta)) = i.sock.recv(&mut self.buf) {
+                for _ in 0..RX_BUDGET {
+                    let Ok(Some(meta)) = i.sock.recv(&mut self.buf) else {
+                        break;
+                    };
                     if !meta.truncated {
                         self.engine.handle_frame(now, idx, &self.buf[..meta.len]);
                     }
@@ -511,7 +552,7 @@ impl Net {
     /// likewise drops what `dev_queue_xmit` refuses).
     fn transmit(&mut self, now: Instant) {
         for i in self.ifaces.iter_mut().flatten() {
-            i.flush();
+            i.flush(&mut self.logs);
         }
         let mut out = vec![0u8; self.buf.len()];
         let mut dropped = 0u32;
@@ -519,10 +560,12 @@ impl Net {
             let Some(Some(i)) = self.ifaces.get_mut(t.iface) else {
                 continue;
             };
-            dropped += u32::from(i.send_or_queue(&out[..t.len]));
+            dropped += u32::from(i.send_or_queue(&out[..t.len], &mut self.logs));
         }
         if dropped > 0 {
-            tracing::debug!(dropped, "send buffers full: frames dropped");
+            if let Some(a) = self.logs.check(now, "frames dropped") {
+                tracing::debug!(dropped, "send buffers full: frames dropped{a}");
+            }
         }
     }
 
@@ -575,16 +618,18 @@ impl Net {
         }
     }
 
-    /// Handles engine events; true if device state may have changed.
-    fn events(&mut self) -> bool {
+    /// Handles engine events; says whether device state may have changed, and whether I/O
+    /// completed.
+    fn events(&mut self) -> (bool, bool) {
         let mut changed = false;
+        let mut io = false;
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Completed { id, result } => {
                     if let Some(done) = self.pending.remove(&id) {
                         done(result.map_err(|e| errno_of(&e)));
                     }
-                    changed = true;
+                    io = true;
                 }
                 Event::Log(line) => lock(&self.shared).push_err(line),
                 Event::DeviceUp(dev) => {
@@ -616,12 +661,14 @@ impl Net {
                 }
             }
         }
-        changed
+        (changed, io)
     }
 
     /// Copies the engine's device list into the shared state, keeping partitions and loop
     /// devices of devices that stay.
     fn publish(&mut self) {
+        self.published = Instant::now();
+        self.unpublished = false;
         let devices = self.engine.devices();
         let backlogged: Vec<&str> = self
             .ifaces

@@ -39,6 +39,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::ratelimit::RateLimiter;
 use aoe_wire::ata::status;
 use aoe_wire::{
     max_sectors_for_mtu, AtaCommand, AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr,
@@ -88,6 +89,8 @@ pub struct Engine {
     transmit: VecDeque<(usize, Vec<u8>)>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Log lines a peer can provoke, one per kind per [`Config::peer_log_interval`].
+    peer_logs: RateLimiter,
 }
 
 impl Engine {
@@ -97,8 +100,11 @@ impl Engine {
         let next_discover = (!cfg.discover_interval.is_zero()).then(|| now + cfg.discover_interval);
         let cfg = Config {
             maxout: cfg.maxout.max(1),
+            max_devices: cfg.max_devices.max(1),
+            max_targets: cfg.max_targets.max(1),
             ..cfg
         };
+        let peer_logs = RateLimiter::new(cfg.peer_log_interval);
         Engine {
             cfg,
             start: now,
@@ -113,6 +119,7 @@ impl Engine {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            peer_logs,
         }
     }
 
@@ -236,7 +243,10 @@ impl Engine {
             Ok(m) => m,
             Err(e) => {
                 self.stats.malformed += 1;
-                self.log(format!("bad frame from {} on if {iface}: {e}", view.src()));
+                let src = view.src();
+                self.log_peer(now, "bad frame", || {
+                    format!("bad frame from {src} on if {iface}: {e}")
+                });
                 return;
             }
         };
@@ -473,6 +483,15 @@ impl Engine {
     fn log(&mut self, line: String) {
         tracing::debug!("{line}");
         self.events.push_back(Event::Log(line));
+    }
+
+    /// [`Engine::log`] for a line a peer can provoke with any frame it likes: at most one
+    /// per `kind` per [`Config::peer_log_interval`], carrying the count suppressed since the
+    /// previous one. `line` is built only when it is logged.
+    fn log_peer(&mut self, now: Instant, kind: &'static str, line: impl FnOnce() -> String) {
+        if let Some(a) = self.peer_logs.check(now, kind) {
+            self.log(format!("{}{a}", line()));
+        }
     }
 
     /// `newtag`: `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`, bit 31 clear, skipping any

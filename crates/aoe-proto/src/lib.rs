@@ -15,4 +15,5 @@
 #![warn(missing_docs)]
 
 pub mod initiator;
+pub mod ratelimit;
 pub mod target;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use aoe_proto::ratelimit::RateLimiter;
 use aoe_proto::target::{
     Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
     FIRMWARE_VERSION,
@@ -52,6 +53,11 @@ const POOL_QUEUE: usize = 8192;
 /// receiving and completing. A reply that finds the backlog full is dropped and counted;
 /// the initiator retransmits the request (AoE has no other recovery, AoEr11 section 2).
 const SEND_BACKLOG: usize = 4096;
+/// Places of [`SEND_BACKLOG`] replies other than ATA may take (see `IfaceRt::queue`).
+const CONTROL_BACKLOG: usize = SEND_BACKLOG / 4;
+/// Most batches [`Daemon::receive`] takes from one interface before the loop answers
+/// completed I/O and sends: a flood arriving as fast as it is read must not starve them.
+const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
@@ -138,7 +144,13 @@ pub struct Daemon {
     /// Where the loop publishes snapshots for metrics and the control socket.
     observer: Arc<crate::control::Observer>,
     started: Instant,
+    /// Log lines any sender can provoke (dropped frames, failed I/O it asked for): one per
+    /// kind per [`LOG_INTERVAL`], with the count suppressed in between.
+    logs: RateLimiter,
 }
+
+/// Interval of [`Daemon`]'s rate-limited log lines.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Opens every export and interface of `config`; refuses, naming the problem, an export
@@ -172,6 +184,7 @@ impl Daemon {
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),
             started: Instant::now(),
+            logs: RateLimiter::new(LOG_INTERVAL),
         };
         d.apply(config)?;
         Ok(d)
@@ -355,13 +368,15 @@ impl Daemon {
     /// Takes every frame waiting on interface `idx` to its exports; returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
-        loop {
+        for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
                 match i.sock.recv_batch(&mut i.batch) {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::warn!(interface = %i.name, error = %e, "receive failed");
+                        if let Some(a) = self.logs.check(Instant::now(), "receive failed") {
+                            tracing::warn!(interface = %i.name, error = %e, "receive failed{a}");
+                        }
                         0
                     }
                 }
@@ -372,7 +387,12 @@ impl Daemon {
             total += got;
             for f in 0..got {
                 if self.ifaces[idx].batch.meta(f).truncated {
-                    tracing::debug!(interface = %self.ifaces[idx].name, "oversized frame dropped");
+                    if let Some(a) = self.logs.check(Instant::now(), "oversized frame") {
+                        tracing::debug!(
+                            interface = %self.ifaces[idx].name,
+                            "oversized frame dropped{a}"
+                        );
+                    }
                     continue;
                 }
                 let ids = self.ifaces[idx].exports.clone();
@@ -384,6 +404,7 @@ impl Daemon {
                 return total;
             }
         }
+        total
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.

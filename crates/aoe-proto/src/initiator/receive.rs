@@ -18,25 +18,34 @@ impl Engine {
     ) {
         if h.target.is_wildcard() {
             self.stats.wildcard_rejected += 1;
-            self.log(format!(
-                "{}: config response claims wildcard shelf {} slot {}, rejected",
-                h.src, h.target.shelf, h.target.slot
-            ));
+            self.log_peer(now, "wildcard config", || {
+                format!(
+                    "{}: config response claims wildcard shelf {} slot {}, rejected",
+                    h.src, h.target.shelf, h.target.slot
+                )
+            });
             return;
         }
         if let Some(e) = h.error {
-            self.log(format!("{}: config error from {}: {e}", h.target, h.src));
+            self.log_peer(now, "config error", || {
+                format!("{}: config error from {}: {e}", h.target, h.src)
+            });
             return;
         }
         if h.target.shelf == 0xfff {
-            self.log(format!(
-                "{}: shelf 0xfff from {}: check shelf dip switches",
-                h.target, h.src
-            ));
+            self.log_peer(now, "shelf 0xfff", || {
+                format!(
+                    "{}: shelf 0xfff from {}: check shelf dip switches",
+                    h.target, h.src
+                )
+            });
         }
         let Some(mtu) = self.interfaces.get(&iface).map(|i| i.mtu) else {
             return;
         };
+        if !self.admit(now, h) {
+            return;
+        }
         let maxout = self.cfg.maxout;
         let d = self
             .devices
@@ -93,6 +102,41 @@ impl Engine {
         }
     }
 
+    /// Whether a config response from `h.src` for `h.target` may add what it would add: a
+    /// new device only below [`Config::max_devices`], a new target MAC only below
+    /// [`Config::max_targets`] (the cap a flood of config responses for random shelf.slot
+    /// from random MACs meets). Known devices and MACs always pass; a refusal is counted and
+    /// logged once per [`Config::peer_log_interval`].
+    fn admit(&mut self, now: Instant, h: &HeaderRepr) -> bool {
+        let (max_d, max_t) = (self.cfg.max_devices, self.cfg.max_targets);
+        match self.devices.get(&h.target) {
+            Some(d) if d.target_idx(h.src).is_some() || d.targets.len() < max_t => true,
+            None if self.devices.len() < max_d => true,
+            Some(_) => {
+                self.stats.targets_refused += 1;
+                let n = self.stats.targets_refused;
+                self.log_peer(now, "target refused", || {
+                    format!(
+                        "{}: new target {} refused: {max_t} targets known (max-targets); {n} refused in all",
+                        h.target, h.src
+                    )
+                });
+                false
+            }
+            None => {
+                self.stats.devices_refused += 1;
+                let n = self.stats.devices_refused;
+                self.log_peer(now, "device refused", || {
+                    format!(
+                        "{}: new device from {} refused: {max_d} devices known (max-devices); {n} refused in all",
+                        h.target, h.src
+                    )
+                });
+                false
+            }
+        }
+    }
+
     /// A response to an ATA request (`aoecmd_ata_rsp`, `ktiocomplete`).
     pub(super) fn ata_response(
         &mut self,
@@ -106,10 +150,12 @@ impl Engine {
                 Some(d) => d.stats.unexpected_responses += 1,
                 None => self.stats.unknown_device += 1,
             }
-            self.log(format!(
-                "unexpected rsp {} tag={:08x} from {} on if {iface} (late or duplicate)",
-                h.target, h.tag.0, h.src
-            ));
+            self.log_peer(now, "unexpected rsp", || {
+                format!(
+                    "unexpected rsp {} tag={:08x} from {} on if {iface} (late or duplicate)",
+                    h.target, h.tag.0, h.src
+                )
+            });
             return;
         };
         let f = f.clone();
@@ -140,13 +186,15 @@ impl Engine {
             if let Some(d) = self.devices.get_mut(&f.dev) {
                 d.stats.bad_responses += 1;
             }
-            self.log(format!(
-                "bad rsp {} tag={:08x} from {}: {} bytes of data, {is_read} expected (short data)",
-                h.target,
-                h.tag.0,
-                h.src,
-                ata.data.len()
-            ));
+            self.log_peer(now, "bad rsp", || {
+                format!(
+                    "bad rsp {} tag={:08x} from {}: {} bytes of data, {is_read} expected (short data)",
+                    h.target,
+                    h.tag.0,
+                    h.src,
+                    ata.data.len()
+                )
+            });
             return;
         }
         if h.src != f.target {

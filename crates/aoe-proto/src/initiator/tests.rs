@@ -1451,4 +1451,116 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
     );
     assert!(!events(&mut e).contains(&Event::Revalidated(DEV)));
+
+// ------------------------------------------------------------------------------------------
+// Floods (issue 14): caps on devices and target MACs, rate-limited peer log lines
+
+/// A flood of config responses for random shelf.slot from random MACs stops adding devices
+/// and MACs at the caps: the frames beyond are counted, one log line per interval says so,
+/// and nothing is sent for them (no IDENTIFY to a phantom beyond the cap). Devices already
+/// known keep working and a known MAC still refreshes its device.
+#[test]
+fn config_response_flood_stops_at_the_device_and_target_caps() {
+    let (mut e, t0) = up_engine(1000, true);
+    let cfg = Config {
+        max_devices: 8,
+        max_targets: 3,
+        ..Config::default()
+    };
+    // The same engine state with small caps: rebuild it through the public calls.
+    let mut small = Engine::new(cfg, t0);
+    small.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut small, t0);
+    small.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let tx = drain(&mut small, t0);
+    small.handle_frame(
+        t0,
+        0,
+        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
+    );
+    assert!(events(&mut small).contains(&Event::DeviceUp(DEV)));
+    let mut rng = Rng::new(14);
+    let mut sent = 0;
+    for i in 0..20_000u32 {
+        let now = t0 + Duration::from_micros(u64::from(i) * 50); // 1 s in all
+        let addr = TargetAddr::new((rng.below(0xffff)) as u16, rng.below(0xff) as u8);
+        let src = MacAddr([2, 0xcc, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        let f = config_rsp(src, addr, 16, 2, 0);
+        small.handle_frame(now, 0, &f);
+        e.handle_frame(now, 0, &f);
+        sent += drain(&mut small, now).len();
+        // New MACs for the real device.
+        small.handle_frame(now, 0, &config_rsp(src, DEV, 16, 2, 0));
+    }
+    assert_eq!(small.devices().len(), 8, "devices at the cap");
+    assert_eq!(
+        small.device(DEV).unwrap().targets.len(),
+        3,
+        "MACs at the cap"
+    );
+    assert!(small.devices().iter().all(|d| d.targets.len() <= 3));
+    assert!(
+        sent <= 7 + 2,
+        "{sent} frames sent for the flood: one IDENTIFY per device admitted"
+    );
+    let st = small.stats();
+    assert!(st.devices_refused > 19_000, "{st:?}");
+    assert!(st.targets_refused > 19_000, "{st:?}");
+    let logs: Vec<String> = events(&mut small)
+        .into_iter()
+        .filter_map(|ev| match ev {
+            Event::Log(l) if l.contains("refused") => Some(l),
+            _ => None,
+        })
+        .collect();
+    // One line per kind per second of flood (1 s of simulated time: at most 2 each).
+    assert!(
+        (2..=4).contains(&logs.len()),
+        "{} refusal lines: {logs:?}",
+        logs.len()
+    );
+    // The default cap (256) holds too.
+    assert_eq!(e.devices().len(), Config::default().max_devices);
+    // The real device still reads.
+    let id = small
+        .submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
+        .unwrap();
+    let tx = drain(&mut small, t0);
+    let (_, req) = tx.iter().find(|(_, f)| f[19] == 0).expect("read request");
+    let mac = MacAddr(req[0..6].try_into().unwrap());
+    small.handle_frame(t0, 0, &ata_rsp(req, mac, status::DRDY, 0, &[7u8; 512]));
+    assert!(events(&mut small).iter().any(
+        |ev| matches!(ev, Event::Completed { id: i, result: Ok(Some(d)) } if *i == id && d[0] == 7)
+    ));
+}
+
+/// Lines a peer provokes at will (here: responses with unknown tags) are rate-limited: one
+/// per second, the next carrying the count suppressed.
+#[test]
+fn unexpected_responses_log_one_line_per_interval() {
+    let (mut e, t0) = up_engine(1000, true);
+    events(&mut e);
+    let req = {
+        e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
+            .unwrap();
+        drain(&mut e, t0).remove(0).1
+    };
+    for i in 0..1000u32 {
+        let mut f = ata_rsp(&req, TMAC, status::DRDY, 0, &[0u8; 512]);
+        f[20..24].copy_from_slice(&(0x7000_0000 | i).to_be_bytes());
+        e.handle_frame(t0 + Duration::from_millis(u64::from(i) * 2), 0, &f);
+    }
+    let lines: Vec<String> = events(&mut e)
+        .into_iter()
+        .filter_map(|ev| match ev {
+            Event::Log(l) if l.starts_with("unexpected rsp") => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].ends_with("(499 similar lines suppressed)"),
+        "{lines:?}"
+    );
+    assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1000);
 }

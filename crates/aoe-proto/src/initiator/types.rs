@@ -25,6 +25,20 @@ pub struct Config {
     /// (`HARD_SCORN_SECS`, 10 s; the driver also scorns after `deadsecs / targets`). A
     /// target is also tainted after `nframes` timeouts in a row without an answer.
     pub scorn_after: Duration,
+    /// Most devices (shelf.slot) the engine keeps. A config response for a new shelf.slot
+    /// beyond it is refused (counted in [`Stats::devices_refused`], one rate-limited log
+    /// line), so a flood of config responses for random addresses costs bounded memory and
+    /// work. The driver has no such cap but runs out of minor numbers at 65536 devices
+    /// (`N_DEVS` in `aoeblk.c`); devices already known are never dropped for a newcomer.
+    pub max_devices: usize,
+    /// Most target MACs one device keeps (the driver starts with `NTARGETS` = 4 and grows
+    /// the table without a bound in `grow_targets`). A config response from a new MAC beyond
+    /// it is refused ([`Stats::targets_refused`], one rate-limited log line).
+    pub max_targets: usize,
+    /// At most one line per kind per this interval for what a peer can provoke (bad frames,
+    /// unexpected responses, refused devices), with the count suppressed in between, like
+    /// the driver's `pr_info_ratelimited`. Zero logs every line.
+    pub peer_log_interval: Duration,
 }
 
 impl Default for Config {
@@ -36,6 +50,9 @@ impl Default for Config {
             rto_min: Duration::from_millis(50),
             rto_max: Duration::from_secs(5),
             scorn_after: Duration::from_secs(10),
+            max_devices: 256,
+            max_targets: 16,
+            peer_log_interval: Duration::from_secs(1),
         }
     }
 }
@@ -315,4 +332,9 @@ pub struct Stats {
     pub unknown_device: u64,
     /// Frames dropped by `poll_transmit` because the buffer was too small.
     pub tx_buffer_too_small: u64,
+    /// Config responses for a new shelf.slot refused with [`Config::max_devices`] known.
+    pub devices_refused: u64,
+    /// Config responses from a new target MAC refused with [`Config::max_targets`] known
+    /// for that device.
+    pub targets_refused: u64,
 }

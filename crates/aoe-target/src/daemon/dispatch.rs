@@ -15,7 +15,13 @@ impl Daemon {
         match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
             Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
             Outcome::Drop(reason) => {
-                tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped");
+                // A frame per dropped request would let any sender fill the log: checked
+                // only when trace is on, then one line a second.
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    if let Some(a) = self.logs.check(Instant::now(), "frame dropped") {
+                        tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped{a}");
+                    }
+                }
                 self.spare.push(reply);
             }
             Outcome::Io(req) => {
@@ -36,7 +42,9 @@ impl Daemon {
                     Ok(true) => Some(Ok(())),
                     Err(e) => {
                         let e = StoreError::from(e);
-                        tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+                        if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
+                            tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed{a}");
+                        }
                         Some(Err(ata_failure(&e)))
                     }
                 };
@@ -95,9 +103,12 @@ impl Daemon {
             self.spare.push(buf);
             return;
         };
+        let logs = &mut self.logs;
         let result = done.result.map_err(|e| {
             let e = StoreError::from(e);
-            tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed");
+            if let Some(a) = logs.check(Instant::now(), "I/O failed") {
+                tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed{a}");
+            }
             ata_failure(&e)
         });
         let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);

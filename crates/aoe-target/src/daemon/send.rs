@@ -24,9 +24,15 @@ pub(super) struct IfaceRt {
 
 impl IfaceRt {
     /// Queues a reply for sending, or drops it (counted) when the backlog is full; the
-    /// buffer goes back to `spare` then.
+    /// buffer goes back to `spare` then. Replies other than ATA (Query Config, mask and
+    /// reservation answers) get only the first [`CONTROL_BACKLOG`] places: anyone can ask
+    /// for those by broadcast as fast as the link allows, and their answers must not crowd
+    /// out the data replies a legitimate initiator waits for (a full backlog drops them,
+    /// and each drop costs that initiator a retransmit timeout).
     pub(super) fn queue(&mut self, buf: Vec<u8>, n: usize, spare: &mut Vec<Vec<u8>>) {
-        if self.out.len() >= SEND_BACKLOG {
+        let ata = buf.get(19) == Some(&0); // AoE header: command 0 = ATA
+        let cap = if ata { SEND_BACKLOG } else { CONTROL_BACKLOG };
+        if self.out.len() >= cap {
             self.backlog_drops += 1;
             spare.push(buf);
         } else {
@@ -81,7 +87,9 @@ impl Daemon {
                     Err(e) => {
                         // Skip the frame that failed; the initiator retransmits. Counted and
                         // logged once a second by log_drops.
-                        tracing::debug!(interface = %i.name, error = %e, "send failed");
+                        if let Some(a) = self.logs.check(Instant::now(), "send failed") {
+                            tracing::debug!(interface = %i.name, error = %e, "send failed{a}");
+                        }
                         i.send_failures += 1;
                         1
                     }
