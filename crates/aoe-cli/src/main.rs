@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod demo;
 mod initiator;
 mod read;
 mod serve;
@@ -33,6 +34,8 @@ enum Command {
     Initiator(initiator::InitiatorArgs),
     /// Drive an AoE target with reads, writes or a verify pass; report MB/s, IOPS, latency.
     Bench(bench::BenchArgs),
+    /// The whole job on a private link: target, initiator, aoe-stat, ext4 written and read back.
+    Demo(demo::DemoArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
     /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg,
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Tool(t) => tools::run(t),
         Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
