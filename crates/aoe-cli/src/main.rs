@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod generate;
 mod initiator;
 mod read;
 mod serve;
@@ -36,6 +37,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The whole job on a private link: target, initiator, aoe-stat, ext4 written and read back.
     Demo(demo::DemoArgs),
+    /// Write man pages or shell completions (bash, zsh, fish) generated from these definitions.
+    Generate(generate::GenerateArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
     /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg,
@@ -52,6 +55,32 @@ fn multicall(argv0: &OsString) -> Option<(&str, &'static str)> {
         other => tools::multicall(other)?,
     };
     Some((name, sub))
+}
+
+/// Every multi-call name (the links scripts/install-links.sh and scripts/install.sh make).
+const MULTICALL_NAMES: &[&str] = &[
+    "vblade",
+    "aoe-discover",
+    "aoe-stat",
+    "aoe-interfaces",
+    "aoe-flush",
+    "aoe-revalidate",
+    "aoe-version",
+    "aoe-sancheck",
+    "aoeping",
+    "aoecfg",
+    "aoe-mkdevs",
+    "aoe-mkshelf",
+    "coraid-update",
+    "sos-linux",
+];
+
+/// Each multi-call name with the subcommand it stands for.
+fn multicall_table() -> Vec<(&'static str, &'static str)> {
+    MULTICALL_NAMES
+        .iter()
+        .filter_map(|n| multicall(&OsString::from(n)).map(|(_, sub)| (*n, sub)))
+        .collect()
 }
 
 /// vblade's own usage line (vblade 24 `usage()`), printed by a bare `vblade`.
@@ -117,6 +146,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Generate(a) => generate::run(a, Cli::command(), &multicall_table()),
         Command::Tool(t) => tools::run(t),
         Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
@@ -131,5 +161,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_multicall_name_has_a_subcommand() {
+        assert_eq!(multicall_table().len(), MULTICALL_NAMES.len());
     }
 }

@@ -175,3 +175,180 @@ fn demo_interrupted_mid_way_removes_everything() {
         "left behind after SIGINT: {left:#?}\n{stderr}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Install: man pages, completions, units (scripts/install.sh, `aoe generate`)
+
+/// The repository root (two levels above this crate).
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs scripts/install.sh with this build's binary into a fresh PREFIX (and SYSCONFDIR
+/// inside it); returns the directory.
+fn install() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .arg(repo().join("scripts/install.sh"))
+        .env("PREFIX", dir.path())
+        .env("SYSCONFDIR", dir.path().join("etc"))
+        .env("AOE", AOE)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// The subcommands `aoe --help` lists, less `help`.
+fn subcommands() -> Vec<String> {
+    let out = Command::new(AOE).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cmds = help.split("Commands:").nth(1).expect("a Commands: section");
+    let cmds = cmds.split("\n\n").next().unwrap();
+    let names: Vec<String> = cmds
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("    "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n != "help")
+        .collect();
+    assert!(names.len() > 10, "too few subcommands in:\n{help}");
+    names
+}
+
+/// The multi-call names scripts/install-links.sh makes.
+fn multicall_names() -> Vec<String> {
+    let s = fs::read_to_string(repo().join("scripts/install-links.sh")).unwrap();
+    let list = s
+        .split("for name in")
+        .nth(1)
+        .unwrap()
+        .split("; do")
+        .next()
+        .unwrap();
+    list.split_whitespace()
+        .filter(|w| *w != "\\")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_command_and_multicall_name_has_a_man_page_that_renders_cleanly() {
+    require_tools(&[("man", "man-db"), ("groff", "groff")]);
+    let dir = install();
+    let man1 = dir.path().join("share/man/man1");
+    let mut pages: Vec<String> = vec!["aoe".into()];
+    pages.extend(subcommands().iter().map(|s| format!("aoe-{s}")));
+    pages.extend(multicall_names());
+    for p in &pages {
+        let page = man1.join(format!("{p}.1"));
+        assert!(page.is_file(), "no man page {}", page.display());
+        let out = Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(&page)
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "man -l {p}.1: {err}"
+        );
+        // Overstrike bold (`S\bS`) as man writes it to a pipe, removed.
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(text.contains("SYNOPSIS"), "{p}.1 has no SYNOPSIS:\n{text}");
+    }
+    // The binary and every link.
+    for n in multicall_names() {
+        let link = dir.path().join("bin").join(&n);
+        assert_eq!(
+            fs::read_link(&link).unwrap(),
+            std::path::Path::new("aoe"),
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn every_shell_parses_every_completion_file() {
+    require_tools(&[("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")]);
+    let dir = install();
+    let share = dir.path().join("share");
+    let mut names = vec!["aoe".to_owned()];
+    names.extend(multicall_names());
+    for n in &names {
+        for (shell, file) in [
+            ("bash", share.join("bash-completion/completions").join(n)),
+            (
+                "zsh",
+                share.join("zsh/site-functions").join(format!("_{n}")),
+            ),
+            (
+                "fish",
+                share
+                    .join("fish/vendor_completions.d")
+                    .join(format!("{n}.fish")),
+            ),
+        ] {
+            assert!(file.is_file(), "no {shell} completion {}", file.display());
+            let out = Command::new(shell).arg("-n").arg(&file).output().unwrap();
+            assert!(
+                out.status.success() && out.stderr.is_empty(),
+                "{shell} -n {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // bash: completing `aoe se` offers serve.
+    let bash = share.join("bash-completion/completions/aoe");
+    let script = format!(
+        "source {}; COMP_WORDS=(aoe se); COMP_CWORD=1; COMP_LINE='aoe se'; COMP_POINT=6; \
+         _aoe aoe se aoe; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        bash.display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.lines().any(|l| l == "serve"),
+        "bash completion of `aoe se`: {got:?}"
+    );
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    require_tools(&[("systemd-analyze", "systemd"), ("man", "man-db")]);
+    let dir = install();
+    let units = dir.path().join("lib/systemd/system");
+    for u in ["aoe-initiator.service", "aoe-serve@.service"] {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(units.join(u))
+            // verify checks that Documentation=man:... pages exist.
+            .env("MANPATH", dir.path().join("share/man"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "systemd-analyze verify {u}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = fs::read_to_string(units.join(u)).unwrap();
+        let bin = dir.path().join("bin/aoe");
+        assert!(
+            text.contains(&format!("ExecStart={} ", bin.display())),
+            "{text}"
+        );
+    }
+}
