@@ -36,7 +36,9 @@ pub struct ServeArgs {
     /// Length of the export, in 512-byte sectors (default: to the end of the file).
     #[arg(short = 'l', value_name = "LENGTH")]
     length: Option<u64>,
-    /// A TOML file with any number of exports, instead of the positional arguments. Every
+    /// A TOML file with any number of exports, or Debian vblade-persistence files (a
+    /// directory such as /etc/vblade.conf.d, or one NAME.conf), instead of the positional
+    /// arguments; SIGHUP reloads it. Every
     /// export option then comes from the file: -b, -d, -s, -r, -m, -o, -l, --no-announce and
     /// the positional arguments are refused with it.
     #[arg(long, value_name = "FILE")]
