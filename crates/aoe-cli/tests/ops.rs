@@ -352,3 +352,85 @@ fn units_pass_systemd_analyze_verify() {
         );
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// aoe read: broadcast addresses refused, no partial output left
+
+#[test]
+fn read_refuses_broadcast_addresses_and_creates_no_file() {
+    require_root();
+    let ns = aoe_testkit::Netns::new("aoeopsr").unwrap();
+    let peer = aoe_testkit::Netns::new("aoeopsp").unwrap();
+    let veth = aoe_testkit::VethPair::new(&ns, &peer, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (shelf, slot) in [("65535", "255"), ("65535", "1"), ("1", "255")] {
+        let out_file = dir.path().join("out.img");
+        let mut cmd = ns.command(AOE);
+        cmd.args(["read", shelf, slot, veth.a_name()])
+            .arg(&out_file)
+            .args(["--timeout", "1"]);
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "aoe read {shelf} {slot}: {err}");
+        assert!(err.contains("broadcast address"), "{err}");
+        assert!(
+            !out_file.exists(),
+            "aoe read {shelf} {slot} created its output"
+        );
+    }
+}
+
+#[test]
+fn read_removes_its_partial_output_when_the_target_goes_away() {
+    require_root();
+    let t_ns = aoe_testkit::Netns::new("aoeopst").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsi").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(4 << 30).unwrap();
+    let mut target = t_ns
+        .spawn({
+            let mut c = Command::new(AOE);
+            c.args(["serve", "--probe-ms", "0", "5", "5", veth.a_name()])
+                .arg(&img);
+            c
+        })
+        .unwrap();
+    let out_file = dir.path().join("out.img");
+    let mut reader = i_ns
+        .spawn({
+            let mut c = Command::new(AOE);
+            c.args(["read", "5", "5", veth.b_name()])
+                .arg(&out_file)
+                .args(["--timeout", "2"]);
+            c
+        })
+        .unwrap();
+    let started = wait_until(Duration::from_secs(60), || {
+        fs::metadata(&out_file).is_ok_and(|m| m.len() > (1 << 20)) || !reader.is_running()
+    });
+    assert!(
+        started && reader.is_running(),
+        "the read did not get going: {}\n{}",
+        reader.output_so_far(),
+        target.output_so_far()
+    );
+    target.stop().unwrap();
+    let status = reader
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("aoe read ends after the target went away");
+    assert!(!status.success(), "{}", reader.output_so_far());
+    assert!(
+        !out_file.exists(),
+        "a partial copy was left: {} bytes\n{}",
+        fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0),
+        reader.output_so_far()
+    );
+    assert!(
+        reader.output_so_far().contains("removed"),
+        "{}",
+        reader.output_so_far()
+    );
+}
