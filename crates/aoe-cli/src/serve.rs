@@ -15,7 +15,7 @@ use clap::Args;
     after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)"
 )]
 pub struct ServeArgs {
-    /// Advertised buffer count: requests the initiator may keep in flight.
+    /// Advertised buffer count: requests the initiator may keep in flight [default: 128].
     #[arg(short = 'b', value_name = "BUFCNT")]
     bufcnt: Option<u16>,
     /// Open the file with O_DIRECT (bypass the page cache).
@@ -30,7 +30,7 @@ pub struct ServeArgs {
     /// Initial MAC mask list: only these initiators are answered.
     #[arg(short = 'm', value_name = "MAC[,MAC...]", value_delimiter = ',')]
     macs: Vec<String>,
-    /// Offset into the file, in 512-byte sectors.
+    /// Offset into the file, in 512-byte sectors [default: 0].
     #[arg(short = 'o', value_name = "OFFSET")]
     offset: Option<u64>,
     /// Length of the export, in 512-byte sectors (default: to the end of the file).
@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// Keep config strings, mask and reserve lists here across restarts.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// I/O worker threads.
+    /// I/O worker threads [default: 4].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Do not send the unsolicited Query Config response at start.
@@ -55,7 +55,8 @@ pub struct ServeArgs {
     /// Start even if another target on the segment answers for our shelf.slot (only warn).
     #[arg(long)]
     allow_duplicate: bool,
-    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe.
+    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe
+    /// [default: 1000].
     #[arg(long, value_name = "MS")]
     probe_ms: Option<u64>,
     /// Check the configuration (files, sizes, interfaces) and exit.

@@ -434,3 +434,32 @@ fn read_removes_its_partial_output_when_the_target_goes_away() {
         reader.output_so_far()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// --help shows defaults
+
+/// The defaults `aoe serve --help` shows are the ones the target applies (the options are
+/// `Option`s so that `--config` can tell given from not given, hence written in the help).
+#[test]
+fn serve_help_shows_the_defaults_it_applies() {
+    let out = Command::new(AOE).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let line = |opt: &str| {
+        help.lines()
+            .skip_while(|l| !l.contains(opt))
+            .take_while(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
+    let probe = aoe_target::probe::DEFAULT_PROBE.as_millis();
+    for (opt, want) in [
+        ("-b <BUFCNT>", DEFAULT_BUFFER_COUNT.to_string()),
+        ("--workers <N>", DEFAULT_WORKERS.to_string()),
+        ("--probe-ms <MS>", probe.to_string()),
+        ("-o <OFFSET>", "0".to_string()),
+    ] {
+        let l = line(opt);
+        assert!(l.contains(&format!("[default: {want}]")), "{opt}: {l:?}");
+    }
+}
