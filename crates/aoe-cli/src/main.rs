@@ -107,9 +107,19 @@ fn parser(called: Option<(&str, &str)>) -> clap::Command {
     })
 }
 
+/// Logs to stderr, filtered by `AOE_LOG` (tracing's env-filter syntax; default `info`).
+/// fuser logs a multi-line `WARN [Not Implemented] access(...)` for every access(2) on the
+/// FUSE files (its default for an operation we leave to the kernel's permission checks), so
+/// its target is held at `error` unless `AOE_LOG` names `fuser` itself.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AOE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("AOE_LOG").unwrap_or_else(|_| "info".to_owned());
+    let spec = if spec.contains("fuser") {
+        spec
+    } else {
+        format!("{spec},fuser=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -442,7 +442,10 @@ fn read_removes_its_partial_output_when_the_target_goes_away() {
 /// `Option`s so that `--config` can tell given from not given, hence written in the help).
 #[test]
 fn serve_help_shows_the_defaults_it_applies() {
-    let out = Command::new(AOE).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(AOE)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     let line = |opt: &str| {
         help.lines()
@@ -461,5 +464,58 @@ fn serve_help_shows_the_defaults_it_applies() {
     ] {
         let l = line(opt);
         assert!(l.contains(&format!("[default: {want}]")), "{opt}: {l:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Log noise
+
+/// fuser's `WARN [Not Implemented] access(...)` (several lines per access(2) on a FUSE
+/// file) stays out of the initiator's log, at the default level and at debug.
+#[test]
+fn initiator_log_has_no_fuser_not_implemented_noise() {
+    demo_tools();
+    for level in ["info", "debug"] {
+        let ns = aoe_testkit::Netns::new("aoeopsf").unwrap();
+        let peer = aoe_testkit::Netns::new("aoeopsg").unwrap();
+        let veth = aoe_testkit::VethPair::new(&ns, &peer, 1500).unwrap();
+        fs::create_dir_all("/run/aoeroots").unwrap();
+        let root =
+            std::path::PathBuf::from(format!("/run/aoeroots/f{}-{level}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&root)
+            .args(["--iflist", veth.b_name()])
+            .env("AOE_LOG", level);
+        let mut init = peer.spawn(cmd).unwrap();
+        let discover = root.join("discover");
+        assert!(
+            wait_until(Duration::from_secs(20), || discover.exists()
+                || !init.is_running()),
+            "initiator did not mount: {}",
+            init.output_so_far()
+        );
+        // access(2) on the control files, as `test -w` in aoetools' scripts does.
+        for _ in 0..3 {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "test -w {0}/discover && test -r {0}/interfaces",
+                    root.display()
+                ))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let status = init.stop_within(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "{}", init.output_so_far());
+        let log = init.output_so_far();
+        let _ = fs::remove_dir(&root);
+        assert!(
+            !log.contains("Not Implemented"),
+            "AOE_LOG={level}: fuser noise in the log:\n{log}"
+        );
     }
 }
