@@ -519,3 +519,47 @@ fn initiator_log_has_no_fuser_not_implemented_noise() {
         );
     }
 }
+
+/// The "exporting" line names how the export is served: read-only, direct, sync, offset,
+/// mask.
+#[test]
+fn exporting_line_names_read_only_direct_sync_offset_and_mask() {
+    require_root();
+    let t_ns = aoe_testkit::Netns::new("aoeopse").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsj").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let mut c = Command::new(AOE);
+    c.args(["serve", "--probe-ms", "0", "-r", "-s", "-o", "8"])
+        .args([
+            "-m",
+            "52:54:00:12:34:56,52:54:00:12:34:57",
+            "3",
+            "4",
+            veth.a_name(),
+        ])
+        .arg(&img);
+    let mut t = t_ns.spawn(c).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || t
+            .output_so_far()
+            .contains("exporting")
+            || !t.is_running()),
+        "{}",
+        t.output_so_far()
+    );
+    t.stop().unwrap();
+    let log = t.output_so_far();
+    let line = log.lines().find(|l| l.contains("exporting")).unwrap();
+    for want in [
+        "read_only=true",
+        "direct=false",
+        "sync=true",
+        "offset=8",
+        "mask=52:54:00:12:34:56,52:54:00:12:34:57",
+    ] {
+        assert!(line.contains(want), "no {want} in {line:?}");
+    }
+}
