@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod demo;
+mod generate;
 mod initiator;
 mod metrics;
 mod ops;
@@ -37,6 +39,10 @@ enum Command {
     Initiator(initiator::InitiatorArgs),
     /// Drive an AoE target with reads, writes or a verify pass; report MB/s, IOPS, latency.
     Bench(bench::BenchArgs),
+    /// The whole job on a private link: target, initiator, aoe-stat, ext4 written and read back.
+    Demo(demo::DemoArgs),
+    /// Write man pages or shell completions (bash, zsh, fish) generated from these definitions.
+    Generate(generate::GenerateArgs),
     /// Read an AoE device into a file with raw frames (a diagnostic needing no initiator).
     Read(read::ReadArgs),
     /// The aoetools: stat, discover, interfaces, flush, revalidate, version, sancheck, ping, cfg,
@@ -55,6 +61,32 @@ fn multicall(argv0: &OsString) -> Option<(&str, &'static str)> {
         other => tools::multicall(other)?,
     };
     Some((name, sub))
+}
+
+/// Every multi-call name (the links scripts/install-links.sh and scripts/install.sh make).
+const MULTICALL_NAMES: &[&str] = &[
+    "vblade",
+    "aoe-discover",
+    "aoe-stat",
+    "aoe-interfaces",
+    "aoe-flush",
+    "aoe-revalidate",
+    "aoe-version",
+    "aoe-sancheck",
+    "aoeping",
+    "aoecfg",
+    "aoe-mkdevs",
+    "aoe-mkshelf",
+    "coraid-update",
+    "sos-linux",
+];
+
+/// Each multi-call name with the subcommand it stands for.
+fn multicall_table() -> Vec<(&'static str, &'static str)> {
+    MULTICALL_NAMES
+        .iter()
+        .filter_map(|n| multicall(&OsString::from(n)).map(|(_, sub)| (*n, sub)))
+        .collect()
 }
 
 /// vblade's own usage line (vblade 24 `usage()`), printed by a bare `vblade`.
@@ -81,9 +113,19 @@ fn parser(called: Option<(&str, &str)>) -> clap::Command {
     })
 }
 
+/// Logs to stderr, filtered by `AOE_LOG` (tracing's env-filter syntax; default `info`).
+/// fuser logs a multi-line `WARN [Not Implemented] access(...)` for every access(2) on the
+/// FUSE files (its default for an operation we leave to the kernel's permission checks), so
+/// its target is held at `error` unless `AOE_LOG` names `fuser` itself.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AOE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("AOE_LOG").unwrap_or_else(|_| "info".to_owned());
+    let spec = if spec.contains("fuser") {
+        spec
+    } else {
+        format!("{spec},fuser=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -119,6 +161,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Read(a) => read::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Generate(a) => generate::run(a, Cli::command(), &multicall_table()),
         Command::Tool(t) => tools::run(t),
         Command::Bench(a) => bench::run(a),
         Command::Initiator(a) => initiator::run(a),
@@ -134,5 +178,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_multicall_name_has_a_subcommand() {
+        assert_eq!(multicall_table().len(), MULTICALL_NAMES.len());
     }
 }

@@ -81,6 +81,18 @@ impl Client {
 
 /// Runs `aoe read`.
 pub fn run(a: ReadArgs) -> Result<()> {
+    // Shelf 0xffff and slot 0xff are the broadcast values (AoEr11 section 2.1): every target
+    // (or every slot of a shelf) would answer, and the copy would come from whichever
+    // answered first.
+    if a.shelf == TargetAddr::BROADCAST_SHELF || a.slot == TargetAddr::BROADCAST_SLOT {
+        return Err(crate::tools::usage(format!(
+            "aoe read {} {}: {} is a broadcast address; name one target (shelf 0-65534, \
+             slot 0-254; `aoe stat` or `aoeping` show them)",
+            a.shelf,
+            a.slot,
+            TargetAddr::new(a.shelf, a.slot)
+        )));
+    }
     let sock = PacketSocket::open(&a.netif)
         .with_context(|| format!("cannot open AoE socket on {}", a.netif))?;
     let info = sock.info().clone();
@@ -145,16 +157,45 @@ pub fn run(a: ReadArgs) -> Result<()> {
             a.lba
         );
     }
-    let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
+    let to_file = a.output.as_os_str() != "-";
+    let mut out: Box<dyn Write> = if to_file {
         Box::new(std::io::BufWriter::new(
             std::fs::File::create(&a.output)
                 .with_context(|| format!("cannot create {}", a.output.display()))?,
         ))
+    } else {
+        Box::new(std::io::stdout().lock())
     };
-    let mut lba = a.lba;
-    let end = a.lba + count;
+    let copied = copy(&mut c, &ata, addr, a.lba, count, per_frame, &mut out);
+    drop(out);
+    if let Err(e) = copied {
+        // No partial copy left behind to be taken for the device's contents.
+        if to_file {
+            let _ = std::fs::remove_file(&a.output);
+            return Err(e.context(format!("{} removed", a.output.display())));
+        }
+        return Err(e);
+    }
+    eprintln!(
+        "{addr}: read {count} sectors ({} bytes) from {target} via {}",
+        count * 512,
+        a.netif
+    );
+    Ok(())
+}
+
+/// Reads `count` sectors from `start` into `out`, `per_frame` at a time.
+fn copy(
+    c: &mut Client,
+    ata: &dyn Fn(Tag, u8, AtaFlags, u8, u64) -> Vec<u8>,
+    addr: TargetAddr,
+    start: u64,
+    count: u64,
+    per_frame: u64,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let mut lba = start;
+    let end = start + count;
     while lba < end {
         let k = per_frame.min(end - lba);
         let n = c
@@ -179,10 +220,5 @@ pub fn run(a: ReadArgs) -> Result<()> {
         lba += k;
     }
     out.flush()?;
-    eprintln!(
-        "{addr}: read {count} sectors ({} bytes) from {target} via {}",
-        count * 512,
-        a.netif
-    );
     Ok(())
 }

@@ -15,7 +15,7 @@ use clap::Args;
     after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)\n  aoe serve --ceph-conf /etc/ceph/ceph.conf --client-id aoe 1 2 eth1 rbd:pool/img"
 )]
 pub struct ServeArgs {
-    /// Advertised buffer count: requests the initiator may keep in flight.
+    /// Advertised buffer count: requests the initiator may keep in flight [default: 128].
     #[arg(short = 'b', value_name = "BUFCNT")]
     bufcnt: Option<u16>,
     /// Open the file with O_DIRECT (bypass the page cache).
@@ -30,13 +30,15 @@ pub struct ServeArgs {
     /// Initial MAC mask list: only these initiators are answered.
     #[arg(short = 'm', value_name = "MAC[,MAC...]", value_delimiter = ',')]
     macs: Vec<String>,
-    /// Offset into the file, in 512-byte sectors.
+    /// Offset into the file, in 512-byte sectors [default: 0].
     #[arg(short = 'o', value_name = "OFFSET")]
     offset: Option<u64>,
     /// Length of the export, in 512-byte sectors (default: to the end of the file).
     #[arg(short = 'l', value_name = "LENGTH")]
     length: Option<u64>,
-    /// A TOML file with any number of exports, instead of the positional arguments. Every
+    /// A TOML file with any number of exports, or Debian vblade-persistence files (a
+    /// directory such as /etc/vblade.conf.d, or one NAME.conf), instead of the positional
+    /// arguments; SIGHUP reloads it. Every
     /// export option then comes from the file: -b, -d, -s, -r, -m, -o, -l, --no-announce and
     /// the positional arguments are refused with it.
     #[arg(long, value_name = "FILE")]
@@ -44,7 +46,7 @@ pub struct ServeArgs {
     /// Keep config strings, mask and reserve lists here across restarts.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// I/O worker threads.
+    /// I/O worker threads [default: 4].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Do not send the unsolicited Query Config response at start.
@@ -53,7 +55,8 @@ pub struct ServeArgs {
     /// Start even if another target on the segment answers for our shelf.slot (only warn).
     #[arg(long)]
     allow_duplicate: bool,
-    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe.
+    /// How long to wait for answers to the duplicate probe before announcing; 0: no probe
+    /// [default: 1000].
     #[arg(long, value_name = "MS")]
     probe_ms: Option<u64>,
     /// For an rbd:POOL/IMAGE export: the Ceph cluster's config file (default: $CEPH_CONF or

@@ -219,6 +219,17 @@ pub enum ConfigError {
         /// The option.
         option: &'static str,
     },
+    /// A line of a vblade-persistence file (`/etc/vblade.conf.d/NAME.conf`) that is not a
+    /// known `key=value`, or a value or vblade option that does not parse.
+    #[error("{}:{line}: {message}", origin.display())]
+    Vblade {
+        /// The file.
+        origin: PathBuf,
+        /// 1-based line (0 when the file as a whole is wrong, e.g. a missing key).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A check of [`ServeConfig::check_static`] failed for a file.
     #[error("{}: {error}", origin.display())]
     In {
@@ -348,13 +359,80 @@ impl ServeConfig {
         Ok(cfg)
     }
 
-    /// Reads and parses a TOML file.
+    /// Reads and parses a configuration: a directory is read as Debian's vblade-persistence
+    /// directory (`/etc/vblade.conf.d`, see [`ServeConfig::from_vblade_dir`]), a file whose
+    /// name ends in `.conf` as one vblade-persistence file, anything else as TOML. SIGHUP
+    /// reloads go through here too, so either format reloads.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
+                path: p.to_path_buf(),
+                error,
+            })
+        };
+        if path.is_dir() {
+            return Self::from_vblade_dir(path);
+        }
+        let text = read(path)?;
+        if path.extension().is_some_and(|e| e == "conf") {
+            let cfg = ServeConfig {
+                exports: vec![vblade_export(&text, path)?],
+                ..ServeConfig::defaults()
+            };
+            cfg.check_static().map_err(|e| ConfigError::In {
+                origin: path.to_path_buf(),
+                error: Box::new(e),
+            })?;
+            return Ok(cfg);
+        }
         Self::from_toml(&text, path)
+    }
+
+    /// Every `*.conf` file of a vblade-persistence directory (Debian's vblade-persistence
+    /// package, `/etc/vblade.conf.d/`), one export each, in file-name order, with the
+    /// daemon-wide settings at their defaults. See [`vblade_export`] for the format.
+    pub fn from_vblade_dir(dir: &Path) -> Result<ServeConfig, ConfigError> {
+        let rd = |error| ConfigError::Read {
+            path: dir.to_path_buf(),
+            error,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(rd)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rd)?
+            .into_iter()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "conf") && p.is_file())
+            .collect();
+        files.sort();
+        let mut exports = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).map_err(|error| ConfigError::Read {
+                path: f.clone(),
+                error,
+            })?;
+            exports.push(vblade_export(&text, f)?);
+        }
+        let cfg = ServeConfig {
+            exports,
+            ..ServeConfig::defaults()
+        };
+        cfg.check_static().map_err(|e| ConfigError::In {
+            origin: dir.to_path_buf(),
+            error: Box::new(e),
+        })?;
+        Ok(cfg)
+    }
+
+    /// No exports, every daemon-wide setting at its default.
+    fn defaults() -> ServeConfig {
+        ServeConfig {
+            exports: Vec::new(),
+            state_dir: None,
+            workers: DEFAULT_WORKERS,
+            allow_duplicate: false,
+            probe: crate::probe::DEFAULT_PROBE,
+        }
     }
 
     /// Checks what can be checked without touching files or interfaces: at least one export,
@@ -413,6 +491,140 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+/// One vblade-persistence file: shell-style `key=value` lines, as the package's init
+/// script and systemd generator read them (`# comment` lines and blank lines skipped, a
+/// value optionally in single or double quotes):
+///
+/// ```text
+/// shelf=14
+/// slot=2
+/// netif=ens3
+/// filename=/dev/mapper/SSD-aoe
+/// options='-r -m 11:22:33:44:55:66,22:33:44:55:66:77 -o 8'
+/// ionice='--class best-effort --classdata 7'
+/// ```
+///
+/// `options` are vblade's own (`-b N -d -s -r -m MACS -o N -l N`). `ionice` is accepted and
+/// not applied (a warning says so): set `IOSchedulingClass=` in a drop-in of the unit
+/// instead. Any other key, option or a missing one is an error naming the line.
+fn vblade_export(text: &str, origin: &Path) -> Result<ExportSpec, ConfigError> {
+    let err = |line: usize, message: String| ConfigError::Vblade {
+        origin: origin.to_path_buf(),
+        line,
+        message,
+    };
+    let mut vals: std::collections::HashMap<&str, (usize, String)> = Default::default();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = l.split_once('=') else {
+            return Err(err(n, format!("not key=value: {l:?}")));
+        };
+        let k = k.trim();
+        if !matches!(
+            k,
+            "shelf" | "slot" | "netif" | "filename" | "options" | "ionice"
+        ) {
+            return Err(err(
+                n,
+                format!("unknown key {k:?} (shelf, slot, netif, filename, options, ionice)"),
+            ));
+        }
+        let v = v.trim();
+        let v = match (v.chars().next(), v.chars().last()) {
+            (Some(q @ ('\'' | '"')), Some(e)) if v.len() >= 2 && e == q => &v[1..v.len() - 1],
+            (Some('\'' | '"'), _) => return Err(err(n, format!("unclosed quote in {v:?}"))),
+            _ => v,
+        };
+        if vals.insert(k, (n, v.to_owned())).is_some() {
+            return Err(err(n, format!("{k} given twice")));
+        }
+    }
+    let need = |k: &str| {
+        vals.get(k)
+            .cloned()
+            .ok_or_else(|| err(0, format!("no {k}= line")))
+    };
+    let num = |k: &str, max: u64| -> Result<u64, ConfigError> {
+        let (n, v) = need(k)?;
+        v.parse::<u64>()
+            .ok()
+            .filter(|x| *x <= max)
+            .ok_or_else(|| err(n, format!("{k}={v}: not a number from 0 to {max}")))
+    };
+    let shelf = num("shelf", u64::from(u16::MAX))? as u16;
+    let slot = num("slot", u64::from(u8::MAX))? as u8;
+    let (_, netif) = need("netif")?;
+    let (_, filename) = need("filename")?;
+    if let Some((n, v)) = vals.get("ionice") {
+        tracing::warn!(
+            file = %origin.display(),
+            line = n,
+            ionice = %v,
+            "ionice is not applied by aoe serve; use IOSchedulingClass= in the unit instead"
+        );
+    }
+    let mut e = ExportSpec {
+        path: PathBuf::from(filename),
+        shelf,
+        slot,
+        interfaces: vec![netif],
+        read_only: false,
+        direct_io: false,
+        sync: false,
+        offset: 0,
+        length: None,
+        buffer_count: DEFAULT_BUFFER_COUNT,
+        allowed_macs: Vec::new(),
+        announce: true,
+    };
+    if let Some((n, opts)) = vals.get("options") {
+        let bad = |m: String| err(*n, m);
+        let mut it = opts.split_whitespace();
+        while let Some(flag) = it.next() {
+            let mut arg = |f: &str| {
+                it.next()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad(format!("options: {f} needs a value")))
+            };
+            let parse_n = |f: &str, v: String| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("options: {f} {v}: not a number")))
+            };
+            match flag {
+                "-d" => e.direct_io = true,
+                "-s" => e.sync = true,
+                "-r" => e.read_only = true,
+                "-b" => {
+                    let v = arg("-b")?;
+                    e.buffer_count = v
+                        .parse()
+                        .map_err(|_| bad(format!("options: -b {v}: not a number")))?;
+                }
+                "-o" => e.offset = parse_n("-o", arg("-o")?)?,
+                "-l" => e.length = Some(parse_n("-l", arg("-l")?)?),
+                "-m" => {
+                    for m in arg("-m")?.split(',').filter(|m| !m.is_empty()) {
+                        e.allowed_macs
+                            .push(m.parse().map_err(|x: aoe_wire::ParseMacError| {
+                                bad(format!("options: -m {m}: {x}"))
+                            })?);
+                    }
+                }
+                other => {
+                    return Err(bad(format!(
+                        "options: {other} is not a vblade option (-b -d -s -r -m -o -l)"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(e)
 }
 
 #[cfg(test)]
@@ -555,6 +767,67 @@ mod tests {
         with("rbd:p/i", "client_id = \"x\"").unwrap();
         let e = with("rbd:p/i", "offset = 8").unwrap_err().to_string();
         assert!(e.contains("offset (-o) applies to files"), "{e}");
+    }
+
+    /// Issue 12: Debian's vblade-persistence files, one export each, read as a directory
+    /// or a single `.conf` file.
+    #[test]
+    fn reads_vblade_persistence_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.conf"),
+            "# exported by vblade-persistence\nshelf=14\nslot=2\nnetif=ens3\n\
+             filename=/dev/mapper/SSD-aoe\n\
+             options='-r -m 11:22:33:44:55:66,22:33:44:55:66:77 -o 8 -l 100 -b 16 -d -s'\n\
+             ionice='--class best-effort --classdata 7'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("a.conf"),
+            "shelf=1\nslot=0\nnetif=\"eth1\"\nfilename=/srv/a.img\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("README"), "not a conf file").unwrap();
+        let c = ServeConfig::load(dir.path()).unwrap();
+        assert_eq!(c.exports.len(), 2);
+        let a = &c.exports[0];
+        assert_eq!((a.shelf, a.slot), (1, 0));
+        assert_eq!(a.interfaces, ["eth1"]);
+        assert_eq!(a.path, PathBuf::from("/srv/a.img"));
+        assert!(!a.read_only && a.announce && a.buffer_count == DEFAULT_BUFFER_COUNT);
+        let b = &c.exports[1];
+        assert_eq!((b.shelf, b.slot), (14, 2));
+        assert!(b.read_only && b.direct_io && b.sync);
+        assert_eq!((b.offset, b.length, b.buffer_count), (8, Some(100), 16));
+        assert_eq!(b.allowed_macs.len(), 2);
+        assert_eq!(c.workers, DEFAULT_WORKERS);
+        // One file alone, by its .conf name.
+        let one = ServeConfig::load(&dir.path().join("a.conf")).unwrap();
+        assert_eq!(one.exports, vec![a.clone()]);
+
+        let err = |text: &str| {
+            let f = dir.path().join("bad.conf");
+            std::fs::write(&f, text).unwrap();
+            let e = ServeConfig::load(&f).unwrap_err().to_string();
+            std::fs::remove_file(&f).unwrap();
+            e
+        };
+        let ok = "shelf=1\nslot=1\nnetif=x\nfilename=/f\n";
+        assert!(
+            err(&format!("{ok}bogus=1\n")).ends_with(
+                "bad.conf:5: unknown key \"bogus\" (shelf, slot, netif, filename, options, ionice)"
+            ),
+            "{}",
+            err(&format!("{ok}bogus=1\n"))
+        );
+        assert!(
+            err(&format!("{ok}options='-x'\n")).contains(":5: options: -x is not a vblade option")
+        );
+        assert!(err(&format!("{ok}options='-m zz'\n")).contains(":5: options: -m zz"));
+        assert!(err(&ok.replace("shelf=1", "shelf=70000")).contains(":1: shelf=70000"));
+        assert!(err(&ok.replace("netif=x\n", "")).contains("no netif= line"));
+        assert!(err(&ok.replace("slot=1", "slot=255")).contains("broadcast slot"));
+        assert!(err(&format!("{ok}options='-r\n")).contains(":5: unclosed quote"));
     }
 
     /// Issue 10: a config error is data, one variant per cause, and a TOML error names its

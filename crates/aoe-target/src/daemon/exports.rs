@@ -142,6 +142,11 @@ impl Daemon {
                     interface = %name,
                     mac = %info.mac,
                     mtu = info.mtu,
+                    read_only = rt.spec.read_only,
+                    direct = rt.spec.direct_io,
+                    sync = rt.spec.sync,
+                    offset = rt.spec.offset,
+                    mask = %mask_list(&rt.spec.allowed_macs),
                     "exporting"
                 );
                 if rt.spec.announce {
@@ -256,4 +261,16 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
         crate::backing::open(e)?;
     }
     Ok(())
+}
+
+/// The MAC mask list as the "exporting" log line shows it: `any` when empty (everyone is
+/// answered), else the addresses joined by commas.
+fn mask_list(macs: &[aoe_wire::MacAddr]) -> String {
+    if macs.is_empty() {
+        return "any".to_owned();
+    }
+    macs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

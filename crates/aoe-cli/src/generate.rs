@@ -1,0 +1,156 @@
+//! `aoe generate`: man pages and shell completions, made from the clap definitions
+//! (clap_mangen, clap_complete), so they never drift from `--help`.
+//!
+//! Pages: `aoe.1`, one `aoe-SUB.1` per subcommand, and one page per multi-call name that is
+//! not already such a page (`vblade.1`, `aoeping.1`, `aoecfg.1`, `coraid-update.1`,
+//! `sos-linux.1`; `aoe-stat` is both the link and `aoe stat`, one page). Completions: one
+//! file for `aoe` and one per multi-call name, named as each shell looks them up
+//! (bash-completion: `NAME`, zsh: `_NAME`, fish: `NAME.fish`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use clap_complete::Shell;
+
+/// Write man pages or shell completions, generated from the command-line definitions.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// Write section-1 man pages into DIR: aoe.1, aoe-SUB.1 per subcommand, and one per
+    /// multi-call name (vblade.1, aoeping.1, ...).
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script of `aoe` for SHELL; with --dir, write one file per
+    /// command name (aoe and every multi-call name) there instead.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+        /// Write files here (bash: NAME, zsh: _NAME, fish: NAME.fish) instead of stdout.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `aoe generate`. `cli` is the full `aoe` command; `multicall` the multi-call names
+/// with the subcommand each stands for.
+pub fn run(a: GenerateArgs, cli: clap::Command, multicall: &[(&str, &str)]) -> Result<()> {
+    match a.what {
+        What::Man { dir } => {
+            let n = man_pages(&cli, multicall, &dir)?;
+            eprintln!("wrote {n} man pages to {}", dir.display());
+            Ok(())
+        }
+        What::Completions { shell, dir: None } => {
+            let mut cmd = cli;
+            clap_complete::generate(shell, &mut cmd, "aoe", &mut std::io::stdout());
+            Ok(())
+        }
+        What::Completions {
+            shell,
+            dir: Some(dir),
+        } => {
+            let n = completions(shell, &cli, multicall, &dir)?;
+            eprintln!("wrote {n} {shell} completion files to {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// The subcommand `sub` of `cli` as a command of its own called `name` (for a multi-call
+/// link) with its usage line naming it so.
+fn standalone(cli: &clap::Command, sub: &str, name: &str) -> Result<clap::Command> {
+    let sc = cli
+        .find_subcommand(sub)
+        .with_context(|| format!("no subcommand {sub}"))?
+        .clone();
+    Ok(sc
+        .name(name.to_owned())
+        .bin_name(name.to_owned())
+        .display_name(name.to_owned())
+        .version(env!("CARGO_PKG_VERSION")))
+}
+
+fn write_page(cmd: clap::Command, path: &Path) -> Result<()> {
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(cmd)
+        .section("1")
+        .source(format!("aoe {}", env!("CARGO_PKG_VERSION")))
+        .manual("AoE tools")
+        .render(&mut buf)
+        .with_context(|| format!("cannot render {}", path.display()))?;
+    fs::write(path, buf).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes every page; returns how many.
+fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Result<usize> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cli = cli.clone();
+    cli.build();
+    write_page(cli.clone(), &dir.join("aoe.1"))?;
+    let mut n = 1;
+    let mut written = vec!["aoe".to_owned()];
+    for sc in cli.get_subcommands() {
+        let sub = sc.get_name();
+        if sub == "help" {
+            continue;
+        }
+        let name = format!("aoe-{sub}");
+        let cmd = sc
+            .clone()
+            .name(name.clone())
+            .bin_name(format!("aoe {sub}"))
+            .display_name(name.clone())
+            .version(env!("CARGO_PKG_VERSION"));
+        write_page(cmd, &dir.join(format!("{name}.1")))?;
+        written.push(name);
+        n += 1;
+    }
+    for (name, sub) in multicall {
+        if written.iter().any(|w| w == name) {
+            continue;
+        }
+        write_page(standalone(&cli, sub, name)?, &dir.join(format!("{name}.1")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The file a shell's completion loader looks for, for command `name`.
+fn completion_file(shell: Shell, name: &str) -> String {
+    match shell {
+        // bash-completion loads completions/NAME on first use of NAME.
+        Shell::Bash => name.to_owned(),
+        other => clap_complete::Generator::file_name(&other, name),
+    }
+}
+
+fn completions(
+    shell: Shell,
+    cli: &clap::Command,
+    multicall: &[(&str, &str)],
+    dir: &Path,
+) -> Result<usize> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmds = vec![("aoe".to_owned(), cli.clone())];
+    for (name, sub) in multicall {
+        cmds.push(((*name).to_owned(), standalone(cli, sub, name)?));
+    }
+    for (name, mut cmd) in cmds.iter().cloned() {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut cmd, name.clone(), &mut buf);
+        let path = dir.join(completion_file(shell, &name));
+        fs::write(&path, buf).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(cmds.len())
+}

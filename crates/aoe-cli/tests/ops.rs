@@ -1,0 +1,565 @@
+//! Operations (issue 12): `aoe demo` end to end and interrupted, leaving nothing behind.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aoe_testkit::{require_root, require_tools, wait_until};
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+
+fn demo_tools() {
+    require_root();
+    require_tools(&[
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("losetup", "mount"),
+        ("blockdev", "util-linux"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("fsck.ext4", "e2fsprogs"),
+        ("debugfs", "e2fsprogs"),
+        ("fusermount3", "fuse3"),
+    ]);
+}
+
+/// Everything a demo with process id `pid` could leave behind, named; empty when clean.
+fn leftovers(pid: u32) -> Vec<String> {
+    let tag = format!("aoedemo-{pid}");
+    let mut left = Vec::new();
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for l in String::from_utf8_lossy(&netns.stdout).lines() {
+        if l.contains(&tag) {
+            left.push(format!("namespace {l}"));
+        }
+    }
+    for l in fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+        if l.contains(&tag) {
+            left.push(format!("mount {l}"));
+        }
+    }
+    let lo = Command::new("losetup").args(["-l", "-n"]).output().unwrap();
+    for l in String::from_utf8_lossy(&lo.stdout).lines() {
+        if l.contains(&tag) {
+            left.push(format!("loop device {l}"));
+        }
+    }
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&tag) || cmdline.contains(&format!("aoedemo{}", pid % 1_000_000)) {
+            left.push(format!(
+                "process {}: {cmdline}",
+                e.file_name().to_string_lossy()
+            ));
+        }
+    }
+    for dir in [
+        format!("/run/{tag}"),
+        std::env::temp_dir().join(&tag).display().to_string(),
+    ] {
+        if fs::metadata(&dir).is_ok() {
+            left.push(format!("directory {dir}"));
+        }
+    }
+    left
+}
+
+#[test]
+fn demo_runs_end_to_end_and_leaves_nothing_behind() {
+    demo_tools();
+    let child = Command::new("timeout")
+        .args(["300", AOE, "demo", "--no-install"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `timeout` runs the demo as its child: the demo's pid names what it makes.
+    let timeout_pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "aoe demo: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    for want in [
+        "== aoe stat",
+        "== mkfs.ext4",
+        "== fsck.ext4",
+        "== read back",
+        "== figures",
+        "DEMO OK",
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
+    // aoe-stat's row for the device, up.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("e1.1") && l.contains(" up")),
+        "no aoe-stat row for e1.1 up:\n{stdout}"
+    );
+    let pid = demo_pid(&stdout).unwrap_or(timeout_pid);
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "left behind: {left:#?}\n{stdout}");
+}
+
+/// The demo's pid, from its namespace names in the first line.
+fn demo_pid(stdout: &str) -> Option<u32> {
+    let at = stdout.find("aoedemo-")? + "aoedemo-".len();
+    stdout[at..].split('-').next()?.parse().ok()
+}
+
+#[test]
+fn demo_interrupted_mid_way_removes_everything() {
+    demo_tools();
+    let mut child = Command::new(AOE)
+        .args(["demo", "--no-install", "--write", "48"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    // Mid-way: the file system is mounted on the AoE device and being written.
+    let mut seen = Vec::new();
+    let mid = wait_until(Duration::from_secs(120), || {
+        while let Ok(l) = rx.try_recv() {
+            seen.push(l);
+        }
+        seen.iter().any(|l| l.starts_with("== write"))
+    });
+    assert!(mid, "the demo never reached the write step: {seen:#?}");
+    assert!(
+        !leftovers(pid).is_empty(),
+        "mid-way, the demo should have made namespaces and mounts"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut status = None;
+    let done = wait_until(Duration::from_secs(90), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+    }
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+    assert!(done, "the demo did not end within 90 s of SIGINT: {stderr}");
+    assert_eq!(
+        status.unwrap().code(),
+        Some(130),
+        "exit status; stderr:\n{stderr}"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let left = leftovers(pid);
+    assert!(
+        left.is_empty(),
+        "left behind after SIGINT: {left:#?}\n{stderr}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Install: man pages, completions, units (scripts/install.sh, `aoe generate`)
+
+/// The repository root (two levels above this crate).
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs scripts/install.sh with this build's binary into a fresh PREFIX (and SYSCONFDIR
+/// inside it); returns the directory.
+fn install() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .arg(repo().join("scripts/install.sh"))
+        .env("PREFIX", dir.path())
+        .env("SYSCONFDIR", dir.path().join("etc"))
+        .env("AOE", AOE)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// The subcommands `aoe --help` lists, less `help`.
+fn subcommands() -> Vec<String> {
+    let out = Command::new(AOE).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cmds = help.split("Commands:").nth(1).expect("a Commands: section");
+    let cmds = cmds.split("\n\n").next().unwrap();
+    let names: Vec<String> = cmds
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("    "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n != "help")
+        .collect();
+    assert!(names.len() > 10, "too few subcommands in:\n{help}");
+    names
+}
+
+/// The multi-call names scripts/install-links.sh makes.
+fn multicall_names() -> Vec<String> {
+    let s = fs::read_to_string(repo().join("scripts/install-links.sh")).unwrap();
+    let list = s
+        .split("for name in")
+        .nth(1)
+        .unwrap()
+        .split("; do")
+        .next()
+        .unwrap();
+    list.split_whitespace()
+        .filter(|w| *w != "\\")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_command_and_multicall_name_has_a_man_page_that_renders_cleanly() {
+    require_tools(&[("man", "man-db"), ("groff", "groff")]);
+    let dir = install();
+    let man1 = dir.path().join("share/man/man1");
+    let mut pages: Vec<String> = vec!["aoe".into()];
+    pages.extend(subcommands().iter().map(|s| format!("aoe-{s}")));
+    pages.extend(multicall_names());
+    for p in &pages {
+        let page = man1.join(format!("{p}.1"));
+        assert!(page.is_file(), "no man page {}", page.display());
+        let out = Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(&page)
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "man -l {p}.1: {err}"
+        );
+        // Overstrike bold (`S\bS`) as man writes it to a pipe, removed.
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(text.contains("SYNOPSIS"), "{p}.1 has no SYNOPSIS:\n{text}");
+    }
+    // The binary and every link.
+    for n in multicall_names() {
+        let link = dir.path().join("bin").join(&n);
+        assert_eq!(
+            fs::read_link(&link).unwrap(),
+            std::path::Path::new("aoe"),
+            "{n}"
+        );
+    }
+}
+
+#[test]
+fn every_shell_parses_every_completion_file() {
+    require_tools(&[("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")]);
+    let dir = install();
+    let share = dir.path().join("share");
+    let mut names = vec!["aoe".to_owned()];
+    names.extend(multicall_names());
+    for n in &names {
+        for (shell, file) in [
+            ("bash", share.join("bash-completion/completions").join(n)),
+            (
+                "zsh",
+                share.join("zsh/site-functions").join(format!("_{n}")),
+            ),
+            (
+                "fish",
+                share
+                    .join("fish/vendor_completions.d")
+                    .join(format!("{n}.fish")),
+            ),
+        ] {
+            assert!(file.is_file(), "no {shell} completion {}", file.display());
+            let out = Command::new(shell).arg("-n").arg(&file).output().unwrap();
+            assert!(
+                out.status.success() && out.stderr.is_empty(),
+                "{shell} -n {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // bash: completing `aoe se` offers serve.
+    let bash = share.join("bash-completion/completions/aoe");
+    let script = format!(
+        "source {}; COMP_WORDS=(aoe se); COMP_CWORD=1; COMP_LINE='aoe se'; COMP_POINT=6; \
+         _aoe aoe se aoe; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        bash.display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.lines().any(|l| l == "serve"),
+        "bash completion of `aoe se`: {got:?}"
+    );
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    require_tools(&[("systemd-analyze", "systemd"), ("man", "man-db")]);
+    let dir = install();
+    let units = dir.path().join("lib/systemd/system");
+    for u in ["aoe-initiator.service", "aoe-serve@.service"] {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(units.join(u))
+            // verify checks that Documentation=man:... pages exist.
+            .env("MANPATH", dir.path().join("share/man"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "systemd-analyze verify {u}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = fs::read_to_string(units.join(u)).unwrap();
+        let bin = dir.path().join("bin/aoe");
+        assert!(
+            text.contains(&format!("ExecStart={} ", bin.display())),
+            "{text}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// aoe read: broadcast addresses refused, no partial output left
+
+#[test]
+fn read_refuses_broadcast_addresses_and_creates_no_file() {
+    require_root();
+    let ns = aoe_testkit::Netns::new("aoeopsr").unwrap();
+    let peer = aoe_testkit::Netns::new("aoeopsp").unwrap();
+    let veth = aoe_testkit::VethPair::new(&ns, &peer, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (shelf, slot) in [("65535", "255"), ("65535", "1"), ("1", "255")] {
+        let out_file = dir.path().join("out.img");
+        let mut cmd = ns.command(AOE);
+        cmd.args(["read", shelf, slot, veth.a_name()])
+            .arg(&out_file)
+            .args(["--timeout", "1"]);
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "aoe read {shelf} {slot}: {err}");
+        assert!(err.contains("broadcast address"), "{err}");
+        assert!(
+            !out_file.exists(),
+            "aoe read {shelf} {slot} created its output"
+        );
+    }
+}
+
+#[test]
+fn read_removes_its_partial_output_when_the_target_goes_away() {
+    require_root();
+    let t_ns = aoe_testkit::Netns::new("aoeopst").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsi").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(4 << 30).unwrap();
+    let mut target = t_ns
+        .spawn({
+            let mut c = Command::new(AOE);
+            c.args(["serve", "--probe-ms", "0", "5", "5", veth.a_name()])
+                .arg(&img);
+            c
+        })
+        .unwrap();
+    let out_file = dir.path().join("out.img");
+    let mut reader = i_ns
+        .spawn({
+            let mut c = Command::new(AOE);
+            c.args(["read", "5", "5", veth.b_name()])
+                .arg(&out_file)
+                .args(["--timeout", "2"]);
+            c
+        })
+        .unwrap();
+    let started = wait_until(Duration::from_secs(60), || {
+        fs::metadata(&out_file).is_ok_and(|m| m.len() > (1 << 20)) || !reader.is_running()
+    });
+    assert!(
+        started && reader.is_running(),
+        "the read did not get going: {}\n{}",
+        reader.output_so_far(),
+        target.output_so_far()
+    );
+    target.stop().unwrap();
+    let status = reader
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("aoe read ends after the target went away");
+    assert!(!status.success(), "{}", reader.output_so_far());
+    assert!(
+        !out_file.exists(),
+        "a partial copy was left: {} bytes\n{}",
+        fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0),
+        reader.output_so_far()
+    );
+    assert!(
+        reader.output_so_far().contains("removed"),
+        "{}",
+        reader.output_so_far()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// --help shows defaults
+
+/// The defaults `aoe serve --help` shows are the ones the target applies (the options are
+/// `Option`s so that `--config` can tell given from not given, hence written in the help).
+#[test]
+fn serve_help_shows_the_defaults_it_applies() {
+    let out = Command::new(AOE)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let line = |opt: &str| {
+        help.lines()
+            .skip_while(|l| !l.contains(opt))
+            .take_while(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
+    let probe = aoe_target::probe::DEFAULT_PROBE.as_millis();
+    for (opt, want) in [
+        ("-b <BUFCNT>", DEFAULT_BUFFER_COUNT.to_string()),
+        ("--workers <N>", DEFAULT_WORKERS.to_string()),
+        ("--probe-ms <MS>", probe.to_string()),
+        ("-o <OFFSET>", "0".to_string()),
+    ] {
+        let l = line(opt);
+        assert!(l.contains(&format!("[default: {want}]")), "{opt}: {l:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Log noise
+
+/// fuser's `WARN [Not Implemented] access(...)` (several lines per access(2) on a FUSE
+/// file) stays out of the initiator's log, at the default level and at debug.
+#[test]
+fn initiator_log_has_no_fuser_not_implemented_noise() {
+    demo_tools();
+    for level in ["info", "debug"] {
+        let ns = aoe_testkit::Netns::new("aoeopsf").unwrap();
+        let peer = aoe_testkit::Netns::new("aoeopsg").unwrap();
+        let veth = aoe_testkit::VethPair::new(&ns, &peer, 1500).unwrap();
+        fs::create_dir_all("/run/aoeroots").unwrap();
+        let root =
+            std::path::PathBuf::from(format!("/run/aoeroots/f{}-{level}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let mut cmd = Command::new(AOE);
+        cmd.arg("initiator")
+            .arg("--root")
+            .arg(&root)
+            .args(["--iflist", veth.b_name()])
+            .env("AOE_LOG", level);
+        let mut init = peer.spawn(cmd).unwrap();
+        let discover = root.join("discover");
+        assert!(
+            wait_until(Duration::from_secs(20), || discover.exists()
+                || !init.is_running()),
+            "initiator did not mount: {}",
+            init.output_so_far()
+        );
+        // access(2) on the control files, as `test -w` in aoetools' scripts does.
+        for _ in 0..3 {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "test -w {0}/discover && test -r {0}/interfaces",
+                    root.display()
+                ))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let status = init.stop_within(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "{}", init.output_so_far());
+        let log = init.output_so_far();
+        let _ = fs::remove_dir(&root);
+        assert!(
+            !log.contains("Not Implemented"),
+            "AOE_LOG={level}: fuser noise in the log:\n{log}"
+        );
+    }
+}
+
+/// The "exporting" line names how the export is served: read-only, direct, sync, offset,
+/// mask.
+#[test]
+fn exporting_line_names_read_only_direct_sync_offset_and_mask() {
+    require_root();
+    let t_ns = aoe_testkit::Netns::new("aoeopse").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsj").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let mut c = Command::new(AOE);
+    c.args(["serve", "--probe-ms", "0", "-r", "-s", "-o", "8"])
+        .args([
+            "-m",
+            "52:54:00:12:34:56,52:54:00:12:34:57",
+            "3",
+            "4",
+            veth.a_name(),
+        ])
+        .arg(&img);
+    let mut t = t_ns.spawn(c).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || t
+            .output_so_far()
+            .contains("exporting")
+            || !t.is_running()),
+        "{}",
+        t.output_so_far()
+    );
+    t.stop().unwrap();
+    let log = t.output_so_far();
+    let line = log.lines().find(|l| l.contains("exporting")).unwrap();
+    for want in [
+        "read_only=true",
+        "direct=false",
+        "sync=true",
+        "offset=8",
+        "mask=52:54:00:12:34:56,52:54:00:12:34:57",
+    ] {
+        assert!(line.contains(want), "no {want} in {line:?}");
+    }
+}
