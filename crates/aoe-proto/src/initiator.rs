@@ -566,6 +566,4 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod sim;
-#[cfg(test)]
 mod tests;
