@@ -7,27 +7,25 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aoe_sys::PacketSocket;
+use aoe_testkit::aoeclient::AoeClient;
 use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
 use aoe_wire::ata::{error_bits, status};
 use aoe_wire::macmask::DirectiveCommand;
 use aoe_wire::{
-    AtaFlags, AtaRepr, Body, Command as AoeCommand, ConfigCommand, ConfigRepr, Directive,
-    HeaderRepr, MacAddr, MacMaskRepr, MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr,
-    Tag, TargetAddr,
+    AtaFlags, AtaRepr, Body, ConfigCommand, ConfigRepr, Directive, MacAddr, MacMaskRepr,
+    MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr, Tag, TargetAddr,
 };
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 
+/// Two namespaces joined by a veth pair: the target's end, and a raw AoE client on the other.
 struct Net {
     t: Netns,
     _i: Netns,
     veth: VethPair,
-    sock: PacketSocket,
-    me: MacAddr,
-    tag: u32,
+    client: AoeClient,
 }
 
 impl Net {
@@ -36,19 +34,13 @@ impl Net {
         let t = Netns::new(&format!("{prefix}t")).unwrap();
         let i = Netns::new(&format!("{prefix}i")).unwrap();
         let veth = VethPair::new(&t, &i, mtu).unwrap();
-        let name = veth.b_name().to_string();
-        let sock = aoe_sys::run_in_netns(&i.path(), move || PacketSocket::open(&name))
-            .unwrap()
-            .unwrap();
-        sock.set_recv_buffer(16 << 20).unwrap();
-        let me = MacAddr(veth.b_mac());
+        // The client's own target address is unused: every raw frame names its own.
+        let client = AoeClient::open(&i, veth.b_name(), TargetAddr::new(0, 0)).unwrap();
         Net {
             t,
             _i: i,
             veth,
-            sock,
-            me,
-            tag: 0x100,
+            client,
         }
     }
 
@@ -62,80 +54,28 @@ impl Net {
         NsChild::spawn(&self.t, c).unwrap()
     }
 
-    fn next_tag(&mut self) -> Tag {
-        self.tag += 1;
-        Tag(self.tag)
-    }
-
     fn frame(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> (Tag, Vec<u8>) {
-        let command = match &body {
-            Body::Ata(_) => AoeCommand::Ata,
-            Body::Config(_) => AoeCommand::QueryConfig,
-            Body::MacMask(_) => AoeCommand::MacMaskList,
-            Body::Reserve(_) => AoeCommand::ReserveRelease,
-            Body::Unknown(_) => AoeCommand::Unknown(0xf0),
-        };
-        let tag = self.next_tag();
-        let h = HeaderRepr::request(dst, self.me, addr, command, tag);
-        (tag, Message { header: h, body }.to_vec().unwrap())
+        self.client.raw_frame(dst, addr, body).unwrap()
     }
 
     /// Sends frames and collects the responses to their tags, until all arrived or `wait`.
-    fn exchange(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
-        let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
-        let mut sent = 0;
-        while sent < refs.len() {
-            sent += self.sock.send_batch(&refs[sent..]).unwrap();
-        }
-        self.collect(frames, wait)
-    }
-
-    /// Collects the responses to the tags of `frames` (sent already), until all arrived or
-    /// `wait`.
-    fn collect(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
-        let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
-        let mut got = Vec::new();
-        let mut seen = HashSet::new();
-        let deadline = Instant::now() + wait;
-        let mut buf = vec![0u8; 9100];
-        while seen.len() < want.len() && Instant::now() < deadline {
-            match self.sock.recv(&mut buf).unwrap() {
-                Some(meta) => {
-                    let f = &buf[..meta.len];
-                    if let Ok(m) = Message::parse(f) {
-                        if m.header.response
-                            && want.contains(&m.header.tag.0)
-                            && seen.insert(m.header.tag.0)
-                        {
-                            got.push(f.to_vec());
-                        }
-                    }
-                }
-                None => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
-        got
+    fn exchange(&mut self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
+        self.client.exchange_raw(frames, wait).unwrap()
     }
 
     fn one(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> Option<Vec<u8>> {
-        let f = self.frame(dst, addr, body);
-        self.exchange(&[f], Duration::from_secs(2)).pop()
+        self.client
+            .raw_call(dst, addr, body, Duration::from_secs(2))
+            .unwrap()
     }
 
     /// Waits for the target to answer a Query Config; returns its MAC.
     fn wait_up(&mut self, addr: TargetAddr) -> MacAddr {
-        let mut mac = None;
-        let ok = wait_until(Duration::from_secs(10), || {
-            let r = self.one(
-                MacAddr::BROADCAST,
-                addr,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-            );
-            mac = r.map(|r| Message::parse(&r).unwrap().header.src);
-            mac.is_some()
-        });
-        assert!(ok, "target {addr} never answered a Query Config");
-        mac.unwrap()
+        let mac = self
+            .client
+            .raw_wait_answer(addr, None, Duration::from_secs(10))
+            .unwrap();
+        mac.unwrap_or_else(|| panic!("target {addr} never answered a Query Config"))
     }
 }
 
@@ -279,7 +219,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
             )
             .unwrap();
         assert_eq!(config_of(&r), cfg);
-        let me = n.me;
+        let me = n.client.mac();
         let r = n
             .one(
                 mac,
@@ -344,7 +284,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     };
     assert_eq!(
         m.directives.iter().map(|d| d.mac).collect::<Vec<_>>(),
-        vec![n.me],
+        vec![n.client.mac()],
         "mask lost"
     );
     let r = n
@@ -360,7 +300,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     let Body::Reserve(rr) = Message::parse(&r).unwrap().body else {
         panic!()
     };
-    assert_eq!(rr.macs, vec![n.me], "reservation lost");
+    assert_eq!(rr.macs, vec![n.client.mac()], "reservation lost");
 }
 
 #[test]
@@ -634,13 +574,12 @@ fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
         .map(|i| n.frame(mac, addr, read(i * 2, 2)))
         .collect();
     signal(t.pid(), "-STOP");
-    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
-    let mut sent = 0;
-    while sent < refs.len() {
-        sent += n.sock.send_batch(&refs[sent..]).unwrap();
-    }
+    n.client.send_raw(&frames).unwrap();
     signal(t.pid(), "-CONT");
-    let got = n.collect(&frames, Duration::from_secs(3));
+    let got = n
+        .client
+        .collect_raw(&frames, Duration::from_secs(3))
+        .unwrap();
     assert!(!got.is_empty(), "no request of the burst was answered");
     assert!(
         got.len() <= BUFCNT,
@@ -688,9 +627,7 @@ struct Lan {
     _ini: Netns,
     br: aoe_testkit::Bridge,
     links: Vec<VethPair>,
-    sock: PacketSocket,
-    me: MacAddr,
-    tag: std::cell::Cell<u32>,
+    client: std::cell::RefCell<AoeClient>,
 }
 
 impl Lan {
@@ -707,11 +644,7 @@ impl Lan {
             br.add_port(l.b_name()).unwrap();
             links.push(l);
         }
-        let name = links[2].a_name().to_string();
-        let sock = aoe_sys::run_in_netns(&ini.path(), move || PacketSocket::open(&name))
-            .unwrap()
-            .unwrap();
-        let me = MacAddr(links[2].a_mac());
+        let client = AoeClient::open(&ini, links[2].a_name(), TargetAddr::new(0, 0)).unwrap();
         Lan {
             sw,
             other,
@@ -719,49 +652,16 @@ impl Lan {
             _ini: ini,
             br,
             links,
-            sock,
-            me,
-            tag: std::cell::Cell::new(0x100),
+            client: std::cell::RefCell::new(client),
         }
     }
 
     /// True once a Query Config for `addr` is answered by `mac`. Each query has a tag of
     /// its own, so a late answer to an earlier one does not count.
     fn answered_by(&self, addr: TargetAddr, mac: MacAddr) -> bool {
-        wait_until(Duration::from_secs(10), || {
-            let tag = Tag(self.tag.get() + 1);
-            self.tag.set(tag.0);
-            let h = HeaderRepr::request(
-                MacAddr::BROADCAST,
-                self.me,
-                addr,
-                AoeCommand::QueryConfig,
-                tag,
-            );
-            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
-            self.sock
-                .send(&Message { header: h, body }.to_vec().unwrap())
-                .unwrap();
-            let mut buf = vec![0u8; 9100];
-            let deadline = Instant::now() + Duration::from_millis(300);
-            while Instant::now() < deadline {
-                match self.sock.recv(&mut buf).unwrap() {
-                    Some(meta) => {
-                        if let Ok(m) = Message::parse(&buf[..meta.len]) {
-                            if m.header.response
-                                && m.header.tag == tag
-                                && m.header.target == addr
-                                && m.header.src == mac
-                            {
-                                return true;
-                            }
-                        }
-                    }
-                    None => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            false
-        })
+        let mut c = self.client.borrow_mut();
+        let got = c.raw_wait_answer(addr, Some(mac), Duration::from_secs(10));
+        got.unwrap().is_some()
     }
 }
 
