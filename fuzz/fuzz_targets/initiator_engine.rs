@@ -183,7 +183,7 @@ fuzz_target!(|data: &[u8]| {
                         let _ = net.sim.init.revalidate(now, DEV);
                     }
                     2 => {
-                        net.sim.init.flush_devices(FlushWhich::Down);
+                        let _ = net.sim.init.flush_devices(FlushWhich::Down);
                     }
                     _ => net.sim.init.set_open(DEV, arg & 4 != 0),
                 }
