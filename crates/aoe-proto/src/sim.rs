@@ -417,7 +417,11 @@ impl Sim {
 
     /// Advances to the next event not after `limit`; false if there is none.
     pub fn step(&mut self, limit: Instant) -> bool {
-        let next_wire = self.wire.keys().next().map(|k| k.0);
+        // A held link delivers nothing by itself (see [`Sim::hold`]).
+        let next_wire = match self.hold {
+            true => None,
+            false => self.wire.keys().next().map(|k| k.0),
+        };
         let next_io = self
             .targets
             .iter()
@@ -781,5 +785,52 @@ impl Workload {
                 sim.init.devices()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A held link moves only timers and disk I/O: stepping ends at the limit with the
+    /// frames still on the wire (it once spun at their arrival time forever), and delivered
+    /// by hand they bring the device up.
+    #[test]
+    fn a_held_link_waits_for_deliver() {
+        let addr = TargetAddr::new(1, 1);
+        let mut sim = Sim::new(1, LinkCfg::perfect(), Config::default(), &[1500]);
+        sim.hold = true;
+        sim.add_target(TargetSpec {
+            addr,
+            sectors: 64,
+            buffer_count: 8,
+            ifaces: vec![(MacAddr([2, 0xbb, 0, 0, 0, 1]), 1500, 0)],
+            io_delay: Duration::ZERO,
+            disk: None,
+        });
+        let queued = |s: &Sim| s.on_wire(Toward::Target) + s.on_wire(Toward::Initiator);
+        let before = queued(&sim);
+        assert!(before > 0, "discovery and the announcement are on the wire");
+        let limit = sim.now + Duration::from_secs(1);
+        let mut steps = 0;
+        while sim.step(limit) {
+            steps += 1;
+            assert!(
+                steps < 10_000,
+                "a held link keeps stepping at {:?}",
+                sim.now
+            );
+        }
+        assert_eq!(sim.now, limit);
+        assert!(queued(&sim) >= before, "nothing was delivered by itself");
+        assert!(!sim.is_up(addr));
+        for _ in 0..1_000 {
+            if queued(&sim) == 0 {
+                break;
+            }
+            sim.deliver(Toward::Target, 0);
+            sim.deliver(Toward::Initiator, 0);
+        }
+        assert!(sim.is_up(addr), "{:?}", sim.logs().collect::<Vec<_>>());
     }
 }
