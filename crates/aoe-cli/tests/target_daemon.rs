@@ -69,6 +69,15 @@ impl Net {
             .unwrap()
     }
 
+    /// A Query Config (read) to `dst` for `addr`, and its answer.
+    fn query(&mut self, dst: MacAddr, addr: TargetAddr) -> Option<Vec<u8>> {
+        self.one(
+            dst,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
+    }
+
     /// Waits for the target to answer a Query Config; returns its MAC.
     fn wait_up(&mut self, addr: TargetAddr) -> MacAddr {
         let mac = self
@@ -114,13 +123,7 @@ fn burst(mtu: u32, sectors_per_frame: u8) {
     let _t = n.serve(&["-b", "128", "1", "1", &ifname, &img]);
     let addr = TargetAddr::new(1, 1);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     let Body::Config(c) = Message::parse(&r).unwrap().body else {
         panic!()
     };
@@ -260,13 +263,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     }
     let _t = n.serve(&["--state-dir", &st, "3", "1", &ifname, &img]);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     assert_eq!(config_of(&r), cfg, "config string lost across a restart");
     let r = n
         .one(
@@ -347,33 +344,15 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
     };
     hup(t.pid());
     assert!(
-        wait_until(Duration::from_secs(10), || n
-            .one(
-                mac,
-                e3,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-            )
-            .is_some()),
+        wait_until(Duration::from_secs(10), || n.query(mac, e3).is_some()),
         "added export e4.3 not served after SIGHUP; log:\n{}",
         t.output_so_far()
     );
     assert!(
-        wait_until(Duration::from_secs(5), || n
-            .one(
-                mac,
-                e2,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-            )
-            .is_none()),
+        wait_until(Duration::from_secs(5), || n.query(mac, e2).is_none()),
         "removed export e4.2 still answers"
     );
-    let r = n
-        .one(
-            mac,
-            e1,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, e1).unwrap();
     assert_eq!(
         config_of(&r),
         cfg,
@@ -387,13 +366,7 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
     .unwrap();
     hup(t.pid());
     std::thread::sleep(Duration::from_millis(500));
-    assert!(n
-        .one(
-            mac,
-            e3,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-        )
-        .is_some());
+    assert!(n.query(mac, e3).is_some());
     assert!(
         t.output_so_far().contains("reload refused"),
         "log:\n{}",
@@ -418,13 +391,7 @@ fn invoked_as_vblade_it_serves_with_vblade_arguments() {
     let _t = NsChild::spawn(&n.t, c).unwrap();
     let addr = TargetAddr::new(6, 2);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     let Body::Config(cfg) = Message::parse(&r).unwrap().body else {
         panic!()
     };
@@ -477,13 +444,7 @@ fn a_corrupt_state_file_refuses_the_start_naming_file_and_entry() {
     ]);
     let exited = t.wait_timeout(Duration::from_secs(10)).unwrap();
     let addr = TargetAddr::new(7, 1);
-    let answered = exited.is_none()
-        && n.one(
-            MacAddr::BROADCAST,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .is_some();
+    let answered = exited.is_none() && n.query(MacAddr::BROADCAST, addr).is_some();
     assert!(
         !answered,
         "target started with a corrupt mask and answered an initiator not on it"
