@@ -704,17 +704,3 @@ fn nbd_bad_clients_vblade() {
 fn nbd_bad_clients_aoe_serve() {
     raw_clients(Target::AoeServe);
 }
-
-#[test]
-fn nbd_tcp_refuses_non_loopback() {
-    let o = run(Command::new(AOE).args([
-        "initiator",
-        "--root",
-        "/nonexistent/aoe-nbd-test",
-        "--nbd-tcp",
-        "0.0.0.0:10809",
-    ]));
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--nbd-tcp-any"), "{err}");
-}

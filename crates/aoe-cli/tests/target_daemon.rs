@@ -7,27 +7,25 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aoe_sys::PacketSocket;
+use aoe_testkit::aoeclient::AoeClient;
 use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
 use aoe_wire::ata::{error_bits, status};
 use aoe_wire::macmask::DirectiveCommand;
 use aoe_wire::{
-    AtaFlags, AtaRepr, Body, Command as AoeCommand, ConfigCommand, ConfigRepr, Directive,
-    HeaderRepr, MacAddr, MacMaskRepr, MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr,
-    Tag, TargetAddr,
+    AtaFlags, AtaRepr, Body, ConfigCommand, ConfigRepr, Directive, MacAddr, MacMaskRepr,
+    MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr, Tag, TargetAddr,
 };
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 
+/// Two namespaces joined by a veth pair: the target's end, and a raw AoE client on the other.
 struct Net {
     t: Netns,
     _i: Netns,
     veth: VethPair,
-    sock: PacketSocket,
-    me: MacAddr,
-    tag: u32,
+    client: AoeClient,
 }
 
 impl Net {
@@ -36,19 +34,13 @@ impl Net {
         let t = Netns::new(&format!("{prefix}t")).unwrap();
         let i = Netns::new(&format!("{prefix}i")).unwrap();
         let veth = VethPair::new(&t, &i, mtu).unwrap();
-        let name = veth.b_name().to_string();
-        let sock = aoe_sys::run_in_netns(&i.path(), move || PacketSocket::open(&name))
-            .unwrap()
-            .unwrap();
-        sock.set_recv_buffer(16 << 20).unwrap();
-        let me = MacAddr(veth.b_mac());
+        // The client's own target address is unused: every raw frame names its own.
+        let client = AoeClient::open(&i, veth.b_name(), TargetAddr::new(0, 0)).unwrap();
         Net {
             t,
             _i: i,
             veth,
-            sock,
-            me,
-            tag: 0x100,
+            client,
         }
     }
 
@@ -62,80 +54,37 @@ impl Net {
         NsChild::spawn(&self.t, c).unwrap()
     }
 
-    fn next_tag(&mut self) -> Tag {
-        self.tag += 1;
-        Tag(self.tag)
-    }
-
     fn frame(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> (Tag, Vec<u8>) {
-        let command = match &body {
-            Body::Ata(_) => AoeCommand::Ata,
-            Body::Config(_) => AoeCommand::QueryConfig,
-            Body::MacMask(_) => AoeCommand::MacMaskList,
-            Body::Reserve(_) => AoeCommand::ReserveRelease,
-            Body::Unknown(_) => AoeCommand::Unknown(0xf0),
-        };
-        let tag = self.next_tag();
-        let h = HeaderRepr::request(dst, self.me, addr, command, tag);
-        (tag, Message { header: h, body }.to_vec().unwrap())
+        self.client.raw_frame(dst, addr, body).unwrap()
     }
 
     /// Sends frames and collects the responses to their tags, until all arrived or `wait`.
-    fn exchange(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
-        let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
-        let mut sent = 0;
-        while sent < refs.len() {
-            sent += self.sock.send_batch(&refs[sent..]).unwrap();
-        }
-        self.collect(frames, wait)
-    }
-
-    /// Collects the responses to the tags of `frames` (sent already), until all arrived or
-    /// `wait`.
-    fn collect(&self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
-        let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
-        let mut got = Vec::new();
-        let mut seen = HashSet::new();
-        let deadline = Instant::now() + wait;
-        let mut buf = vec![0u8; 9100];
-        while seen.len() < want.len() && Instant::now() < deadline {
-            match self.sock.recv(&mut buf).unwrap() {
-                Some(meta) => {
-                    let f = &buf[..meta.len];
-                    if let Ok(m) = Message::parse(f) {
-                        if m.header.response
-                            && want.contains(&m.header.tag.0)
-                            && seen.insert(m.header.tag.0)
-                        {
-                            got.push(f.to_vec());
-                        }
-                    }
-                }
-                None => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
-        got
+    fn exchange(&mut self, frames: &[(Tag, Vec<u8>)], wait: Duration) -> Vec<Vec<u8>> {
+        self.client.exchange_raw(frames, wait).unwrap()
     }
 
     fn one(&mut self, dst: MacAddr, addr: TargetAddr, body: Body<'_>) -> Option<Vec<u8>> {
-        let f = self.frame(dst, addr, body);
-        self.exchange(&[f], Duration::from_secs(2)).pop()
+        self.client
+            .raw_call(dst, addr, body, Duration::from_secs(2))
+            .unwrap()
+    }
+
+    /// A Query Config (read) to `dst` for `addr`, and its answer.
+    fn query(&mut self, dst: MacAddr, addr: TargetAddr) -> Option<Vec<u8>> {
+        self.one(
+            dst,
+            addr,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        )
     }
 
     /// Waits for the target to answer a Query Config; returns its MAC.
     fn wait_up(&mut self, addr: TargetAddr) -> MacAddr {
-        let mut mac = None;
-        let ok = wait_until(Duration::from_secs(10), || {
-            let r = self.one(
-                MacAddr::BROADCAST,
-                addr,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-            );
-            mac = r.map(|r| Message::parse(&r).unwrap().header.src);
-            mac.is_some()
-        });
-        assert!(ok, "target {addr} never answered a Query Config");
-        mac.unwrap()
+        let mac = self
+            .client
+            .raw_wait_answer(addr, None, Duration::from_secs(10))
+            .unwrap();
+        mac.unwrap_or_else(|| panic!("target {addr} never answered a Query Config"))
     }
 }
 
@@ -174,13 +123,7 @@ fn burst(mtu: u32, sectors_per_frame: u8) {
     let _t = n.serve(&["-b", "128", "1", "1", &ifname, &img]);
     let addr = TargetAddr::new(1, 1);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     let Body::Config(c) = Message::parse(&r).unwrap().body else {
         panic!()
     };
@@ -279,7 +222,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
             )
             .unwrap();
         assert_eq!(config_of(&r), cfg);
-        let me = n.me;
+        let me = n.client.mac();
         let r = n
             .one(
                 mac,
@@ -320,13 +263,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     }
     let _t = n.serve(&["--state-dir", &st, "3", "1", &ifname, &img]);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     assert_eq!(config_of(&r), cfg, "config string lost across a restart");
     let r = n
         .one(
@@ -344,7 +281,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     };
     assert_eq!(
         m.directives.iter().map(|d| d.mac).collect::<Vec<_>>(),
-        vec![n.me],
+        vec![n.client.mac()],
         "mask lost"
     );
     let r = n
@@ -360,7 +297,7 @@ fn state_dir_keeps_config_mask_and_reservation_across_restarts() {
     let Body::Reserve(rr) = Message::parse(&r).unwrap().body else {
         panic!()
     };
-    assert_eq!(rr.macs, vec![n.me], "reservation lost");
+    assert_eq!(rr.macs, vec![n.client.mac()], "reservation lost");
 }
 
 #[test]
@@ -407,33 +344,15 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
     };
     hup(t.pid());
     assert!(
-        wait_until(Duration::from_secs(10), || n
-            .one(
-                mac,
-                e3,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-            )
-            .is_some()),
+        wait_until(Duration::from_secs(10), || n.query(mac, e3).is_some()),
         "added export e4.3 not served after SIGHUP; log:\n{}",
         t.output_so_far()
     );
     assert!(
-        wait_until(Duration::from_secs(5), || n
-            .one(
-                mac,
-                e2,
-                Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-            )
-            .is_none()),
+        wait_until(Duration::from_secs(5), || n.query(mac, e2).is_none()),
         "removed export e4.2 still answers"
     );
-    let r = n
-        .one(
-            mac,
-            e1,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, e1).unwrap();
     assert_eq!(
         config_of(&r),
         cfg,
@@ -447,13 +366,7 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
     .unwrap();
     hup(t.pid());
     std::thread::sleep(Duration::from_millis(500));
-    assert!(n
-        .one(
-            mac,
-            e3,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b""))
-        )
-        .is_some());
+    assert!(n.query(mac, e3).is_some());
     assert!(
         t.output_so_far().contains("reload refused"),
         "log:\n{}",
@@ -478,13 +391,7 @@ fn invoked_as_vblade_it_serves_with_vblade_arguments() {
     let _t = NsChild::spawn(&n.t, c).unwrap();
     let addr = TargetAddr::new(6, 2);
     let mac = n.wait_up(addr);
-    let r = n
-        .one(
-            mac,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .unwrap();
+    let r = n.query(mac, addr).unwrap();
     let Body::Config(cfg) = Message::parse(&r).unwrap().body else {
         panic!()
     };
@@ -537,13 +444,7 @@ fn a_corrupt_state_file_refuses_the_start_naming_file_and_entry() {
     ]);
     let exited = t.wait_timeout(Duration::from_secs(10)).unwrap();
     let addr = TargetAddr::new(7, 1);
-    let answered = exited.is_none()
-        && n.one(
-            MacAddr::BROADCAST,
-            addr,
-            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
-        )
-        .is_some();
+    let answered = exited.is_none() && n.query(MacAddr::BROADCAST, addr).is_some();
     assert!(
         !answered,
         "target started with a corrupt mask and answered an initiator not on it"
@@ -555,55 +456,6 @@ fn a_corrupt_state_file_refuses_the_start_naming_file_and_entry() {
         log.contains(file.to_str().unwrap()) && log.contains("02:00:00:00:0x:01"),
         "the refusal names neither the file nor the entry:\n{log}"
     );
-}
-
-/// Issue 9 item 6: with --config every export option comes from the file; vblade flags
-/// given as well would be silently ignored (a `-r` export served writable), so they are a
-/// usage error (exit 2) naming them. Needs no root: the refusal comes before any socket.
-#[test]
-fn vblade_flags_with_a_config_file_are_a_usage_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "d.img", 64);
-    let conf = dir.path().join("serve.toml");
-    std::fs::write(
-        &conf,
-        format!("[[export]]\npath = \"{img}\"\nshelf = 1\nslot = 1\ninterfaces = [\"lo\"]\n"),
-    )
-    .unwrap();
-    let c = conf.to_str().unwrap();
-    for (flags, named) in [
-        (&["-r"][..], &["-r"][..]),
-        (&["-d", "-s", "-b", "4"], &["-d", "-s", "-b"]),
-        (
-            &["-m", "02:00:00:00:00:01", "-o", "8", "-l", "8"],
-            &["-m", "-o", "-l"],
-        ),
-        (&["--no-announce"], &["--no-announce"]),
-    ] {
-        let out = Command::new(AOE)
-            .arg("serve")
-            .args(["--config", c])
-            .args(flags)
-            .arg("--check")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "{flags:?}: not one line: {err}"
-        );
-        for f in named {
-            assert!(err.contains(f), "{flags:?}: {f} not named: {err}");
-        }
-    }
-    // Positional arguments too (clap's conflict already refused these).
-    let out = Command::new(AOE)
-        .args(["serve", "--config", c, "1", "1", "lo", &img, "--check"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -634,13 +486,12 @@ fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
         .map(|i| n.frame(mac, addr, read(i * 2, 2)))
         .collect();
     signal(t.pid(), "-STOP");
-    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
-    let mut sent = 0;
-    while sent < refs.len() {
-        sent += n.sock.send_batch(&refs[sent..]).unwrap();
-    }
+    n.client.send_raw(&frames).unwrap();
     signal(t.pid(), "-CONT");
-    let got = n.collect(&frames, Duration::from_secs(3));
+    let got = n
+        .client
+        .collect_raw(&frames, Duration::from_secs(3))
+        .unwrap();
     assert!(!got.is_empty(), "no request of the burst was answered");
     assert!(
         got.len() <= BUFCNT,
@@ -688,9 +539,7 @@ struct Lan {
     _ini: Netns,
     br: aoe_testkit::Bridge,
     links: Vec<VethPair>,
-    sock: PacketSocket,
-    me: MacAddr,
-    tag: std::cell::Cell<u32>,
+    client: std::cell::RefCell<AoeClient>,
 }
 
 impl Lan {
@@ -707,11 +556,7 @@ impl Lan {
             br.add_port(l.b_name()).unwrap();
             links.push(l);
         }
-        let name = links[2].a_name().to_string();
-        let sock = aoe_sys::run_in_netns(&ini.path(), move || PacketSocket::open(&name))
-            .unwrap()
-            .unwrap();
-        let me = MacAddr(links[2].a_mac());
+        let client = AoeClient::open(&ini, links[2].a_name(), TargetAddr::new(0, 0)).unwrap();
         Lan {
             sw,
             other,
@@ -719,49 +564,16 @@ impl Lan {
             _ini: ini,
             br,
             links,
-            sock,
-            me,
-            tag: std::cell::Cell::new(0x100),
+            client: std::cell::RefCell::new(client),
         }
     }
 
     /// True once a Query Config for `addr` is answered by `mac`. Each query has a tag of
     /// its own, so a late answer to an earlier one does not count.
     fn answered_by(&self, addr: TargetAddr, mac: MacAddr) -> bool {
-        wait_until(Duration::from_secs(10), || {
-            let tag = Tag(self.tag.get() + 1);
-            self.tag.set(tag.0);
-            let h = HeaderRepr::request(
-                MacAddr::BROADCAST,
-                self.me,
-                addr,
-                AoeCommand::QueryConfig,
-                tag,
-            );
-            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
-            self.sock
-                .send(&Message { header: h, body }.to_vec().unwrap())
-                .unwrap();
-            let mut buf = vec![0u8; 9100];
-            let deadline = Instant::now() + Duration::from_millis(300);
-            while Instant::now() < deadline {
-                match self.sock.recv(&mut buf).unwrap() {
-                    Some(meta) => {
-                        if let Ok(m) = Message::parse(&buf[..meta.len]) {
-                            if m.header.response
-                                && m.header.tag == tag
-                                && m.header.target == addr
-                                && m.header.src == mac
-                            {
-                                return true;
-                            }
-                        }
-                    }
-                    None => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            false
-        })
+        let mut c = self.client.borrow_mut();
+        let got = c.raw_wait_answer(addr, Some(mac), Duration::from_secs(10));
+        got.unwrap().is_some()
     }
 }
 

@@ -27,7 +27,7 @@ use fuser::{
     Request, WriteFlags,
 };
 
-use aoe_initiator::blockdev;
+use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
 const ROOT: u64 = 1;
@@ -700,7 +700,7 @@ impl AoeFs {
     }
 
     /// A read of a device or partition file: the covering sectors, sliced
-    /// ([`blockdev::read`], which holds them shared against a read-modify-write).
+    /// ([`BlockDevice::read`], which holds them shared against a read-modify-write).
     fn read_dev(&self, a: TargetAddr, p: u32, offset: u64, size: u32, reply: ReplyData) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
@@ -711,10 +711,7 @@ impl AoeFs {
             return reply.data(&[]);
         }
         let want = (size as u64).min(end - offset) as usize;
-        blockdev::read(
-            &self.net,
-            a,
-            start,
+        BlockDevice::new(self.net.clone(), a, start).read(
             offset,
             want,
             Box::new(move |r| match r {
@@ -725,7 +722,7 @@ impl AoeFs {
     }
 
     /// A write to a device or partition file at any offset and length
-    /// ([`blockdev::write`]: the partial sectors of an unaligned write are read, patched and
+    /// ([`BlockDevice::write`]: the partial sectors of an unaligned write are read, patched and
     /// written back under an exclusive hold of the covering sectors, shared with the NBD
     /// server, so concurrent writers to one sector through any file or export all land).
     fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
@@ -740,10 +737,7 @@ impl AoeFs {
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
         let written = n as u32;
-        blockdev::write(
-            &self.net,
-            a,
-            start,
+        BlockDevice::new(self.net.clone(), a, start).write(
             offset,
             data[..n].to_vec(),
             Box::new(move |r| match r {

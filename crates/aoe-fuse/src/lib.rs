@@ -2,7 +2,7 @@
 //! device files, and a sysfs-like attribute tree, under a ROOT directory ([`fs`]).
 //!
 //! Layer: a front-end over [`aoe_initiator`]; device I/O goes through its block-device
-//! handle ([`aoe_initiator::blockdev`]), control writes go to its network thread as
+//! handle ([`aoe_initiator::blockdev::BlockDevice`]), control writes go to its network thread as
 //! commands. It knows nothing of frames or sockets.
 //!
 //! One daemon per ROOT: a ROOT that is already mounted (by another `aoe initiator`, or by

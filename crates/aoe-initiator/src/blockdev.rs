@@ -1,10 +1,10 @@
-//! The block-device handle every front-end uses: byte-granular I/O on a 512-byte-sector AoE
-//! device, on top of [`Handle::io`]: reads of
+//! The block-device handle every front-end uses, [`BlockDevice`]: byte-granular I/O on a
+//! 512-byte-sector AoE device (or a partition of one), on top of [`Handle::io`]: reads of
 //! any offset and length (read the covering sectors and slice), writes of any offset and
 //! length (read-modify-write of the partial first and last sectors), writes of zeros, and
-//! flush. Every function is asynchronous: it submits and returns, and `done` runs later on
-//! the network thread. The front-ends use them: the NBD server (`aoe-nbd`) and the FUSE
-//! device files (`aoe-fuse`); another (ublk) would too.
+//! flush. Every method is asynchronous: it submits to the network thread and returns, and
+//! `done` runs later on that thread. The front-ends hold one: the NBD server (`aoe-nbd`)
+//! and the FUSE device files (`aoe-fuse`); another (ublk) would too.
 //!
 //! Every read and write holds its covering sectors in the daemon's
 //! [`RangeLocks`](rangelock::RangeLocks) until it completes: shared when aligned,
@@ -24,11 +24,69 @@ use rangelock::Mode;
 /// Sector size of every AoE device.
 pub const SECTOR: u64 = 512;
 
-/// Bytes of zeros written per AoE operation by [`write_zeroes`].
+/// Bytes of zeros written per AoE operation by [`BlockDevice::write_zeroes`].
 pub const ZERO_CHUNK: u64 = 4 << 20;
 
 /// Completion callback.
 pub type Cb<T> = Box<dyn FnOnce(Result<T, i32>) + Send>;
+
+/// A block device as a front-end sees it: the extent starting at sector `base` of AoE device
+/// `dev` (a whole device, or one of its partitions), read and written at byte granularity
+/// through the initiator's network thread. Cheap to clone.
+#[derive(Clone)]
+pub struct BlockDevice {
+    net: Handle,
+    dev: TargetAddr,
+    base: u64,
+}
+
+impl BlockDevice {
+    /// The extent starting at sector `base` of `dev`, through the network thread `net`.
+    pub fn new(net: Handle, dev: TargetAddr, base: u64) -> BlockDevice {
+        BlockDevice { net, dev, base }
+    }
+
+    /// The AoE device (shelf.slot).
+    pub fn addr(&self) -> TargetAddr {
+        self.dev
+    }
+
+    /// First sector of the extent on the AoE device.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Reads `len` bytes at byte `offset` of the extent, holding the covering sectors shared.
+    pub fn read(&self, offset: u64, len: usize, done: Cb<Vec<u8>>) {
+        read(&self.net, self.dev, self.base, offset, len, done)
+    }
+
+    /// Writes `data` at byte `offset` of the extent. An aligned write goes out as it is
+    /// (holding its sectors shared); otherwise the partial first and last sectors are read
+    /// first and the whole covering range is written back, all under an exclusive hold of
+    /// the covering sectors.
+    pub fn write(&self, offset: u64, data: Vec<u8>, done: Cb<()>) {
+        write(&self.net, self.dev, self.base, offset, data, done)
+    }
+
+    /// Writes `len` zero bytes at byte `offset` (real writes: AoE has no unmap or
+    /// write-same), in chunks of [`ZERO_CHUNK`] one after the other.
+    pub fn write_zeroes(&self, offset: u64, len: u64, done: Cb<()>) {
+        write_zeroes(&self.net, self.dev, self.base, offset, len, done)
+    }
+
+    /// ATA FLUSH CACHE EXT on the device.
+    pub fn flush(&self, done: Cb<()>) {
+        flush(&self.net, self.dev, done)
+    }
+
+    /// A callback that runs, once the operation it is given to succeeded and if
+    /// `also_flush`, a flush, then `done`: a write with FUA is acknowledged only once it is
+    /// on stable storage.
+    pub fn then_flush(&self, also_flush: bool, done: Cb<()>) -> Cb<()> {
+        then_flush(&self.net, self.dev, also_flush, done)
+    }
+}
 
 /// The sectors covering bytes `[offset, offset + len)`: first sector, sector count, and
 /// the offset of `offset` inside the first sector. `len` must be non-zero.
@@ -39,7 +97,7 @@ pub fn covering(offset: u64, len: u64) -> (u64, u64, usize) {
 }
 
 /// Reads `len` bytes at byte `offset` of the extent starting at sector `base` of `dev`.
-pub fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done: Cb<Vec<u8>>) {
+fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done: Cb<Vec<u8>>) {
     if len == 0 {
         return done(Ok(Vec::new()));
     }
@@ -79,7 +137,7 @@ pub fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, d
 /// aligned write goes out as it is (holding its sectors shared); otherwise the partial
 /// first and last sectors are read first and the whole covering range is written back,
 /// all under an exclusive hold of the covering sectors.
-pub fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, done: Cb<()>) {
+fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, done: Cb<()>) {
     if data.is_empty() {
         return done(Ok(()));
     }
@@ -195,7 +253,7 @@ fn patch_outside(buf: &mut [u8], i: u64, old: &[u8], covered: (usize, usize)) {
 /// Writes `len` zero bytes at byte `offset` (real writes: AoE has no unmap or write-same),
 /// in chunks of [`ZERO_CHUNK`] one after the other so a large request does not allocate
 /// its whole length.
-pub fn write_zeroes(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: u64, done: Cb<()>) {
+fn write_zeroes(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: u64, done: Cb<()>) {
     if len == 0 {
         return done(Ok(()));
     }
@@ -219,13 +277,13 @@ pub fn write_zeroes(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: 
 }
 
 /// ATA FLUSH CACHE EXT on `dev`.
-pub fn flush(net: &Handle, dev: TargetAddr, done: Cb<()>) {
+fn flush(net: &Handle, dev: TargetAddr, done: Cb<()>) {
     net.io(dev, BlockOp::Flush, Box::new(move |r| done(r.map(|_| ()))));
 }
 
 /// Runs `first`, then (if it succeeded and `also_flush`) a flush, then `done`: a write
 /// with FUA is acknowledged only once it is on stable storage.
-pub fn then_flush(net: &Handle, dev: TargetAddr, also_flush: bool, done: Cb<()>) -> Cb<()> {
+fn then_flush(net: &Handle, dev: TargetAddr, also_flush: bool, done: Cb<()>) -> Cb<()> {
     if !also_flush {
         return done;
     }

@@ -16,7 +16,7 @@
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
-//! block-device handle, [`aoe_initiator::blockdev`].
+//! block-device handle, [`aoe_initiator::blockdev::BlockDevice`].
 //!
 //! A device that goes down fails the requests in flight on it with EIO (after the
 //! engine's `deadsecs`), new requests fail at once, and it disappears from `NBD_OPT_LIST`
@@ -39,7 +39,7 @@ use anyhow::{Context, Result};
 use aoe_proto::initiator::DeviceState;
 use aoe_wire::TargetAddr;
 
-use aoe_initiator::blockdev;
+use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Handle, Shared};
 use proto::{
     BlockSizes, Command, Export, Exports, Handshake, OptionHeader, Request, Session, Step,
@@ -423,7 +423,8 @@ fn transmission(
             }
             let _ = w.flush();
         })?;
-    let result = requests(&mut r, &tx, &session, dev, base, net, &inflight);
+    let bd = BlockDevice::new(net.clone(), dev, base);
+    let result = requests(&mut r, &tx, &session, &bd, &inflight);
     inflight.wait_idle();
     drop(tx);
     let _ = writer.join();
@@ -434,9 +435,7 @@ fn requests(
     r: &mut BufReader<Conn>,
     tx: &crossbeam_channel::Sender<(Vec<u8>, u64)>,
     session: &Arc<Session>,
-    dev: TargetAddr,
-    base: u64,
-    net: &Handle,
+    bd: &BlockDevice,
     inflight: &Arc<Inflight>,
 ) -> io::Result<()> {
     loop {
@@ -482,10 +481,7 @@ fn requests(
             Command::Read { offset, len } => {
                 inflight.acquire(bytes);
                 let s = session.clone();
-                blockdev::read(
-                    net,
-                    dev,
-                    base,
+                bd.read(
                     offset,
                     len as usize,
                     Box::new(move |res| {
@@ -500,19 +496,17 @@ fn requests(
                 let mut data = vec![0u8; len as usize];
                 r.read_exact(&mut data)?;
                 inflight.acquire(bytes);
-                let done =
-                    blockdev::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
-                blockdev::write(net, dev, base, offset, data, done);
+                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res))));
+                bd.write(offset, data, done);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(bytes);
-                let done =
-                    blockdev::then_flush(net, dev, fua, Box::new(move |res| reply(status(res))));
-                blockdev::write_zeroes(net, dev, base, offset, u64::from(len), done);
+                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res))));
+                bd.write_zeroes(offset, u64::from(len), done);
             }
             Command::Flush => {
                 inflight.acquire(bytes);
-                blockdev::flush(net, dev, Box::new(move |res| reply(status(res))));
+                bd.flush(Box::new(move |res| reply(status(res))));
             }
         }
     }

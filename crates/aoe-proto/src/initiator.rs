@@ -286,7 +286,7 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline or
     /// the discovery beacon. `None` if nothing is pending.
-    #[must_use]
+    #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         match (frames, self.next_discover) {
@@ -299,7 +299,7 @@ impl Engine {
     /// bytes) and says on which interface to send it. Call until `None` after every other
     /// call. A frame that does not fit `buf` is dropped, counted, and recovered by
     /// retransmission.
-    #[must_use]
+    #[must_use = "the frame written to buf must be sent, or it is lost"]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.touch(now);
         while let Some((iface, frame)) = self.transmit.pop_front() {
@@ -317,7 +317,7 @@ impl Engine {
     }
 
     /// The next event, if any. Drain after every call.
-    #[must_use]
+    #[must_use = "the event is taken off the queue: completions must reach their callers"]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -408,6 +408,7 @@ impl Engine {
     /// named ones, or (empty write) those that are down. Open devices are skipped, as the
     /// driver skips busy ones. Outstanding I/O of a removed device fails with
     /// [`IoError::Removed`]. Returns the devices removed.
+    #[must_use = "the removed devices' front-end files must go too"]
     pub fn flush_devices(&mut self, which: FlushWhich) -> Vec<TargetAddr> {
         let chosen: Vec<TargetAddr> = self
             .devices
@@ -601,7 +602,5 @@ impl Engine {
     }
 }
 
-#[cfg(test)]
-mod sim;
 #[cfg(test)]
 mod tests;

@@ -11,9 +11,13 @@
 //! - [`initiator`]: every device the host sees. Discovery, IDENTIFY, block I/O split into
 //!   frames, RTT-based retransmission, congestion window per target MAC, multipath failover
 //!   and dead-device detection, as the Linux `aoe` driver does; time is passed in.
+//! - `sim` (this crate's tests, or the `sim` feature): the initiator engine against target
+//!   engines over a seeded, simulated link in virtual time; the fuzz targets use it too.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod initiator;
 pub mod ratelimit;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod target;

@@ -258,6 +258,7 @@ impl Engine {
     }
 
     /// True once after a change of config string, mask or reserve list.
+    #[must_use = "the flag is cleared: a changed state must be saved"]
     pub fn take_state_changed(&mut self) -> bool {
         std::mem::take(&mut self.state_changed)
     }
@@ -289,6 +290,7 @@ impl Engine {
     /// The unsolicited Query Config responses to send when the export starts on interface
     /// `idx` (vblade `aoead`): one broadcast, or one unicast to each MAC of a non-empty mask
     /// list. Each is a complete, padded frame.
+    #[must_use = "the announcements must be broadcast"]
     pub fn announcements(&self, idx: usize) -> Vec<Vec<u8>> {
         let Some(iface) = self.interface(idx) else {
             return Vec::new();
@@ -336,6 +338,7 @@ impl Engine {
 
     /// Handles one received frame from interface `idx`; `reply` must hold a full frame of
     /// that interface (MTU + 14 bytes).
+    #[must_use = "the reply must be sent or the I/O performed"]
     pub fn handle_frame(&mut self, idx: usize, frame: &[u8], reply: &mut [u8]) -> Outcome {
         self.cur_iface = idx;
         let outcome = self.dispatch(idx, frame, reply);
@@ -848,6 +851,7 @@ impl Engine {
     /// Completes disk work: writes the reply header (and, on failure, an ATA error) into
     /// `reply`, whose data area a read has filled, and returns the length to send. `None`
     /// for a token that is not in flight.
+    #[must_use = "the reply written to the buffer must be sent"]
     pub fn complete(
         &mut self,
         token: Token,

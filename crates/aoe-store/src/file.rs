@@ -540,10 +540,18 @@ mod tests {
         );
     }
 
+    /// A scratch directory on disk (tmpfs may lack `O_DIRECT`): beside the test binary, in
+    /// the target directory of whoever built it, not in the source tree, which an
+    /// unprivileged user running the tests may not own.
+    fn scratch_dir() -> tempfile::TempDir {
+        let exe = std::env::current_exe().unwrap();
+        tempfile::tempdir_in(exe.parent().unwrap()).unwrap()
+    }
+
     #[test]
     fn direct_io_unaligned_ranges() {
         // O_DIRECT is not supported on tmpfs; use a file under the target dir if it is not.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let dir = scratch_dir();
         let p = dir.path().join("direct.img");
         std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
         let b = match FileBackend::open(
@@ -581,7 +589,7 @@ mod tests {
     /// that neighbours always run at once; every sector must hold its own stamp.
     #[test]
     fn direct_rmw_of_neighbouring_frames_loses_nothing() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let dir = scratch_dir();
         let p = dir.path().join("rmw.img");
         const SECTORS: u64 = 2048; // 1 MiB
         std::fs::write(&p, vec![0u8; (SECTORS * 512) as usize]).unwrap();
@@ -634,7 +642,7 @@ mod tests {
 
     #[test]
     fn direct_alignment_comes_from_the_kernel() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let dir = scratch_dir();
         let p = dir.path().join("align.img");
         std::fs::write(&p, vec![0u8; 8 * 512]).unwrap();
         let direct = OpenOptions {

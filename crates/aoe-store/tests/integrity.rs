@@ -35,8 +35,8 @@ fn require_tool(tool: &str, package: &str) {
 fn require_root() {
     assert!(
         aoe_testkit::is_root(),
-        "this test needs root: it makes a loop device and mounts ext4 / FUSE on it \
-         (run it as root, e.g. `sudo -E cargo test -p aoe-store --test integrity`)"
+        "needs root: run scripts/test.sh as root (this test makes a loop device and mounts \
+         ext4 / FUSE on it)"
     );
 }
 

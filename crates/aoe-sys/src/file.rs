@@ -243,8 +243,14 @@ mod tests {
         assert!(logical_block_size(&f).is_err());
     }
 
+    /// A scratch file on disk (tmpfs may lack `O_DIRECT`): beside the test binary, in the
+    /// target directory of whoever built it, not in the source tree, which an unprivileged
+    /// user running the tests may not own.
     fn tempfile_in_target() -> File {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        let exe = std::env::current_exe().unwrap();
+        let p = exe
+            .parent()
+            .unwrap()
             .join(format!("aoe-sys-nowait-{}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)

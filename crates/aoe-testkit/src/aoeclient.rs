@@ -15,11 +15,18 @@
 //! counts the MTU allows, `aoe_wire::max_sectors_for_mtu`), and no failover between
 //! interfaces or targets.
 //!
+//! Raw frames: for tests of how a target answers what a well-behaved client never sends
+//! (any [`Body`], any shelf.slot, bursts past the buffer count, MAC masks, reservations),
+//! [`raw_frame`](AoeClient::raw_frame), [`send_raw`](AoeClient::send_raw) and
+//! [`collect_raw`](AoeClient::collect_raw) build, send and match frames by tag, with no
+//! window and no retransmission; the replies come back as bytes. Raw frames and the requests
+//! above are not mixed on one client: `collect_raw` drops every reply but those it waits for.
+//!
 //! Note on retransmission: a retransmitted WRITE may reach the target twice. A caller that
 //! sends another write to the same sectors after the first one's reply must allow for the
 //! late copy (see [`AoeClient::retransmitted`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -286,6 +293,11 @@ impl AoeClient {
         self.dst
     }
 
+    /// This client's own MAC (the interface's).
+    pub fn mac(&self) -> MacAddr {
+        self.me
+    }
+
     /// The MTU of the interface, as it was when the socket was opened.
     pub fn mtu(&self) -> u32 {
         self.sock.info().mtu
@@ -451,6 +463,143 @@ impl AoeClient {
         tags.sort_by_key(|t| t.0);
         self.ready.clear();
         tags
+    }
+
+    /// A request frame from this client to `dst` for `target` carrying `body`, with a fresh
+    /// tag; the AoE command follows the body (`Body::Unknown` goes out as command 0xf0). Not
+    /// sent: see [`send_raw`](Self::send_raw).
+    pub fn raw_frame(
+        &mut self,
+        dst: MacAddr,
+        target: TargetAddr,
+        body: Body<'_>,
+    ) -> io::Result<(Tag, Vec<u8>)> {
+        let command = match &body {
+            Body::Ata(_) => Command::Ata,
+            Body::Config(_) => Command::QueryConfig,
+            Body::MacMask(_) => Command::MacMaskList,
+            Body::Reserve(_) => Command::ReserveRelease,
+            Body::Unknown(_) => Command::Unknown(0xf0),
+        };
+        self.next_tag = self.next_tag.wrapping_add(1);
+        let tag = Tag(self.next_tag);
+        let header = HeaderRepr::request(dst, self.me, target, command, tag);
+        let frame = Message { header, body }
+            .to_vec()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e}")))?;
+        Ok((tag, frame))
+    }
+
+    /// Sends raw frames as one burst (`sendmmsg` batches), all of them, in order.
+    pub fn send_raw(&self, frames: &[(Tag, Vec<u8>)]) -> io::Result<()> {
+        let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &f[..]).collect();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut sent = 0;
+        while sent < refs.len() {
+            match self.sock.send_batch(&refs[sent..]) {
+                Ok(n) => sent += n,
+                // A full device queue is transient on a veth.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects the first response, from any MAC, to each of the tags of `frames` (sent
+    /// already), until all arrived or `wait` passed; the replies as bytes, in arrival order.
+    pub fn collect_raw(
+        &mut self,
+        frames: &[(Tag, Vec<u8>)],
+        wait: Duration,
+    ) -> io::Result<Vec<Vec<u8>>> {
+        let want: HashSet<u32> = frames.iter().map(|(t, _)| t.0).collect();
+        self.collect_where(&want, wait, |_| true)
+    }
+
+    /// The first response to each tag in `want` whose header passes `accept`.
+    fn collect_where(
+        &mut self,
+        want: &HashSet<u32>,
+        wait: Duration,
+        accept: impl Fn(&HeaderRepr) -> bool,
+    ) -> io::Result<Vec<Vec<u8>>> {
+        let mut seen = HashSet::new();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + wait;
+        while seen.len() < want.len() {
+            while let Some(meta) = self.sock.recv(&mut self.buf)? {
+                let f = &self.buf[..meta.len.min(self.buf.len())];
+                if let Ok(m) = Message::parse(f) {
+                    let tag = m.header.tag.0;
+                    if m.header.response
+                        && want.contains(&tag)
+                        && accept(&m.header)
+                        && seen.insert(tag)
+                    {
+                        got.push(f.to_vec());
+                    }
+                }
+            }
+            let now = Instant::now();
+            if seen.len() == want.len() || now >= deadline {
+                break;
+            }
+            let mut fds = [PollFd::new(self.sock.as_raw_fd())];
+            aoe_sys::poll(&mut fds, Some(deadline - now))?;
+        }
+        Ok(got)
+    }
+
+    /// [`send_raw`](Self::send_raw), then [`collect_raw`](Self::collect_raw).
+    pub fn exchange_raw(
+        &mut self,
+        frames: &[(Tag, Vec<u8>)],
+        wait: Duration,
+    ) -> io::Result<Vec<Vec<u8>>> {
+        self.send_raw(frames)?;
+        self.collect_raw(frames, wait)
+    }
+
+    /// One raw request to `dst` for `target` and its reply, if one came within `wait`.
+    pub fn raw_call(
+        &mut self,
+        dst: MacAddr,
+        target: TargetAddr,
+        body: Body<'_>,
+        wait: Duration,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let f = self.raw_frame(dst, target, body)?;
+        Ok(self.exchange_raw(&[f], wait)?.pop())
+    }
+
+    /// Broadcasts a Query Config for `target` (each with a tag of its own, so a late answer
+    /// to an earlier one does not count) until one is answered, by `from` if given, or
+    /// `within` passes; the MAC that answered.
+    pub fn raw_wait_answer(
+        &mut self,
+        target: TargetAddr,
+        from: Option<MacAddr>,
+        within: Duration,
+    ) -> io::Result<Option<MacAddr>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
+            let f = self.raw_frame(MacAddr::BROADCAST, target, body)?;
+            self.send_raw(std::slice::from_ref(&f))?;
+            let want = HashSet::from([f.0 .0]);
+            let got = self.collect_where(&want, Duration::from_millis(300), |h| {
+                h.target == target && from.is_none_or(|m| m == h.src)
+            })?;
+            if let Some(m) = got.first().and_then(|r| Message::parse(r).ok()) {
+                return Ok(Some(m.header.src));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
     }
 
     fn transmit(&self, frame: &[u8]) -> io::Result<()> {

@@ -306,9 +306,10 @@ impl FaultFs {
     ///
     /// # Errors
     ///
-    /// The backing file cannot be opened, or the mount fails (no `/dev/fuse`, no
+    /// Not root (`PermissionDenied`), the backing file cannot be opened, or the mount fails (no `/dev/fuse`, no
     /// `fusermount3`: install Debian package fuse3), each with a message naming it.
     pub fn mount(backing: &Path) -> io::Result<FaultFs> {
+        crate::not_root_error()?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -67,12 +67,24 @@ pub fn is_root() -> bool {
         .is_some_and(|euid| euid == "0")
 }
 
+/// `PermissionDenied` naming what to do, unless running as root: for the helpers that need
+/// it, so a test that unwraps their result says why it failed.
+pub(crate) fn not_root_error() -> io::Result<()> {
+    if is_root() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "needs root: run scripts/test.sh as root (network namespaces, veth pairs, FUSE mounts)",
+    ))
+}
+
 /// Panics with a clear message unless running as root: namespace and veth tests cannot work
 /// otherwise, and failing loudly beats a confusing `ip` error.
 pub fn require_root() {
     assert!(
         is_root(),
-        "these tests need root: network namespaces (run them as root, e.g. `sudo -E cargo test`)"
+        "needs root: run scripts/test.sh as root (network namespaces, veth pairs, FUSE mounts)"
     );
 }
 
@@ -158,9 +170,10 @@ impl Netns {
     /// # Errors
     ///
     /// `InvalidInput` for an empty prefix or one containing `/` or whitespace; otherwise the
-    /// failing command and its stderr (not root, no `ip`, ...).
+    /// failing command and its stderr (no `ip`, ...); `PermissionDenied` when not root.
     pub fn new(prefix: &str) -> io::Result<Netns> {
         check_prefix(prefix)?;
+        not_root_error()?;
         let _ = remove_stale_namespaces(prefix);
         let name = format!("{prefix}-{}-{}", std::process::id(), next_id());
         run(Command::new("ip").args(["netns", "add", &name]))?;

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aoe_wire::{
-    Body, Command, ConfigCommand, ConfigRepr, HeaderRepr, MacAddr, Message, Tag, TargetAddr,
+    Body, Command, ConfigCommand, ConfigPacket, ConfigRepr, HeaderRepr, MacAddr, Message, Tag,
+    TargetAddr,
 };
 use clap::Args;
 
-use super::{aoe_fields, atoi, off, open_socket, recv_until, stop_flag, strtoul};
+use super::{aoe_frame, atoi, is_answer, open_socket, recv_until, stop_flag, strtoul};
 
 /// Read or set AoE config strings with raw Query Config frames.
 #[derive(Debug, Args)]
@@ -64,17 +65,19 @@ const ERRTAB: [&str; 7] = [
 ];
 
 /// The text aoecfg prints for the answer `f` (without the newline): the config string up to
-/// its length or first NUL (`%.*s`), or the error's name.
+/// its length or first NUL (`%.*s`), or the error's name. An answer too short for its
+/// Query Config header or the string its length names prints as an empty string.
 pub fn answer_text(f: &[u8]) -> String {
-    if f[off::FLAGS] & off::F_ERR != 0 {
-        return ERRTAB[usize::from(f[off::ERROR] & 7) % ERRTAB.len()].to_string();
-    }
-    if f.len() < 32 {
+    let Some(h) = aoe_frame(f) else {
         return String::new();
+    };
+    if h.is_error() {
+        return ERRTAB[usize::from(h.error() & 7) % ERRTAB.len()].to_string();
     }
-    let len = usize::from(u16::from_be_bytes([f[30], f[31]]));
-    let s = &f[32..f.len().min(32 + len)];
-    let s = s.split(|&b| b == 0).next().unwrap_or(&[]);
+    let Ok(c) = ConfigPacket::new_checked(h.payload()) else {
+        return String::new();
+    };
+    let s = c.string().split(|&b| b == 0).next().unwrap_or(&[]);
     String::from_utf8_lossy(s).into_owned()
 }
 
@@ -134,26 +137,21 @@ pub fn run(a: CfgArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     loop {
         let got = recv_until(&sock, &mut buf, deadline, &stop, |f| {
-            matches!(aoe_fields(f), Some((sh, sl, t, fl))
-                if sh != 0xffff && sl != 0xff
-                    && (shelf == 0xffff || sh == shelf)
-                    && (slot == 0xff || sl == slot)
-                    && t == tag && fl & off::F_RSP != 0)
+            is_answer(f, shelf, slot, tag)
+                && aoe_frame(f).is_some_and(|h| h.major() != 0xffff && h.minor() != 0xff)
         })?;
         let Some(n) = got else {
             return Ok(());
         };
         let f = &buf[..n];
         let text = answer_text(f);
+        let Some(h) = aoe_frame(f) else {
+            continue;
+        };
         if single {
             writeln!(out, "{text}")?;
         } else {
-            writeln!(
-                out,
-                "{}.{}\t{text}",
-                u16::from_be_bytes([f[16], f[17]]),
-                f[off::MINOR]
-            )?;
+            writeln!(out, "{}.{}\t{text}", h.major(), h.minor())?;
         }
         out.flush()?;
         if single {
@@ -168,14 +166,16 @@ mod tests {
 
     #[test]
     fn answers_as_aoecfg_prints_them() {
-        let mut f = vec![0u8; 60];
-        f[12..14].copy_from_slice(&[0x88, 0xa2]);
-        f[14] = 0x18;
-        f[30..32].copy_from_slice(&3u16.to_be_bytes());
-        f[32..35].copy_from_slice(b"abc");
+        let me = MacAddr([2, 0, 0, 0, 0, 1]);
+        let mut header =
+            HeaderRepr::request(me, me, TargetAddr::new(1, 2), Command::QueryConfig, Tag(7));
+        header.response = true;
+        let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b"abc"));
+        let mut f = Message { header, body }.to_vec().unwrap();
         assert_eq!(answer_text(&f), "abc");
-        f[14] = 0x1c;
-        f[15] = 4;
+        let mut view = aoe_wire::Frame::new_checked(&mut f[..]).unwrap();
+        view.set_version_flags(1, 0x0c);
+        view.set_error(4);
         assert_eq!(answer_text(&f), "*badcfg*");
     }
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use aoe_sys::PacketSocket;
+use aoe_wire::Frame;
 use clap::{Args, Subcommand};
 
 mod cfg;
@@ -330,37 +331,19 @@ pub fn recv_until(
     }
 }
 
-/// Byte offsets in an AoE frame (AoEr11 §3; aoetools' `dat.h`).
-pub mod off {
-    /// Ethernet source address.
-    pub const SRC: std::ops::Range<usize> = 6..12;
-    /// EtherType.
-    pub const TYPE: std::ops::Range<usize> = 12..14;
-    /// Version (high nibble) and flags (R = 0x08, E = 0x04).
-    pub const FLAGS: usize = 14;
-    /// Error code.
-    pub const ERROR: usize = 15;
-    /// Slot (minor).
-    pub const MINOR: usize = 18;
-    /// Command.
-    pub const CMD: usize = 19;
-    /// Tag, big-endian.
-    pub const TAG: std::ops::Range<usize> = 20..24;
-    /// Response flag.
-    pub const F_RSP: u8 = 0x08;
-    /// Error flag.
-    pub const F_ERR: u8 = 0x04;
+/// A view of the AoE header of a received frame, if it is one (EtherType 0x88A2 and the
+/// whole 24-byte header present), through aoe-wire's [`Frame`]: aoetools' `dat.h` fields.
+pub fn aoe_frame(f: &[u8]) -> Option<Frame<&[u8]>> {
+    Frame::new_checked(f).ok()
 }
 
-/// The shelf, slot, tag and flags of a received AoE frame, if it is one.
-pub fn aoe_fields(f: &[u8]) -> Option<(u16, u8, u32, u8)> {
-    if f.len() < 24 || f[off::TYPE] != [0x88, 0xa2] {
-        return None;
-    }
-    Some((
-        u16::from_be_bytes([f[16], f[17]]),
-        f[off::MINOR],
-        u32::from_be_bytes([f[20], f[21], f[22], f[23]]),
-        f[off::FLAGS],
-    ))
+/// Whether `f` is a response to `tag` from `shelf.slot` (0xffff and 0xff match any shelf
+/// and slot, as in aoetools' `aoe_tag` filters).
+pub fn is_answer(f: &[u8], shelf: u16, slot: u8, tag: u32) -> bool {
+    aoe_frame(f).is_some_and(|h| {
+        (shelf == 0xffff || h.major() == shelf)
+            && (slot == 0xff || h.minor() == slot)
+            && h.tag().0 == tag
+            && h.is_response()
+    })
 }

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use aoe_wire::{
-    AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr, HeaderRepr, MacAddr, Message, Tag,
-    TargetAddr,
+    AtaFlags, AtaPacket, AtaRepr, Body, Command, ConfigCommand, ConfigRepr, HeaderRepr, MacAddr,
+    Message, Tag, TargetAddr,
 };
 use clap::Args;
 
-use super::{aoe_fields, atoi, hex_print, mac_hex, off, open_socket, recv_until, stop_flag};
+use super::{aoe_frame, atoi, hex_print, is_answer, mac_hex, open_socket, recv_until, stop_flag};
 
 /// Ping an AoE target with raw frames: Query Config, and optionally IDENTIFY and SMART.
 #[derive(Debug, Args)]
@@ -113,6 +113,13 @@ pub fn identify_fields(data: &[u8]) -> String {
     s
 }
 
+/// The ATA part of an answer, through aoe-wire's [`AtaPacket`] view; `None` if the frame is
+/// too short for it.
+fn ata_answer(f: &[u8]) -> Option<AtaPacket<&[u8]>> {
+    aoe_frame(f)?;
+    AtaPacket::new_checked(&f[aoe_wire::HEADER_LEN..]).ok()
+}
+
 struct Pinger {
     sock: aoe_sys::PacketSocket,
     mac: MacAddr,
@@ -129,8 +136,8 @@ impl Pinger {
         self.sock.send(frame)?;
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let got = recv_until(&self.sock, &mut self.buf, deadline, &self.stop, |f| {
-            matches!(aoe_fields(f), Some((sh, sl, t, fl))
-                if sh == shelf && sl == slot && t == tag && fl & off::F_RSP != 0)
+            is_answer(f, shelf, slot, tag)
+                && aoe_frame(f).is_some_and(|h| h.major() == shelf && h.minor() == slot)
         })?;
         match got {
             Some(n) => Ok(n),
@@ -208,16 +215,17 @@ pub fn run(a: PingArgs) -> Result<()> {
     .expect("a Query Config request fits");
     let n = p.exchange(&q, shelf, slot, tag)?;
     tag = tag.wrapping_add(1);
-    let target = MacAddr::from_bytes(&p.buf[off::SRC]);
+    let answer = aoe_frame(&p.buf[..n]).expect("an AoE answer");
+    let target = answer.src();
     if a.verbose > 0 {
         let mut s = String::from("config query response:\n");
         hex_print(&mut s, &p.buf[..n], " ");
         s.push('\n');
         s.push_str(&format!(
             "found e{}.{} with mac {}\n",
-            u16::from_be_bytes([p.buf[16], p.buf[17]]),
-            p.buf[off::MINOR],
-            mac_hex(&p.buf[off::SRC])
+            answer.major(),
+            answer.minor(),
+            mac_hex(&target.0)
         ));
         out.write_all(s.as_bytes())?;
         out.flush()?;
@@ -241,9 +249,10 @@ pub fn run(a: PingArgs) -> Result<()> {
         );
         let n = p.exchange(&f, shelf, slot, tag)?;
         let mut data = [0u8; 512];
-        let got = n.saturating_sub(aoe_wire::ATA_HEADER_LEN).min(512);
-        data[..got]
-            .copy_from_slice(&p.buf[aoe_wire::ATA_HEADER_LEN..aoe_wire::ATA_HEADER_LEN + got]);
+        let answer = ata_answer(&p.buf[..n]);
+        let got = answer.as_ref().map_or(&[][..], |a| a.data());
+        let got = &got[..got.len().min(512)];
+        data[..got.len()].copy_from_slice(got);
         // Word 82 bit 0: SMART feature set supported (ATA-8 ACS).
         smartable = data[164] & 1 != 0;
         if a.identify_fields {
@@ -299,23 +308,24 @@ pub fn run(a: PingArgs) -> Result<()> {
                 data: &data,
             },
         );
-        let n = p
-            .exchange(&f, shelf, slot, tag)?
-            .max(aoe_wire::ATA_HEADER_LEN);
-        // The ATA header after the AoE one: aflags 24, err/feature 25, sector count 26,
-        // cmd/status 27, LBA 28..34 (show_smart_regs prints them in this order).
-        let r = &p.buf[..n];
-        if r[25] & aoe_wire::ata::error_bits::ABRT != 0 {
+        let n = p.exchange(&f, shelf, slot, tag)?;
+        // The ATA registers of the answer (show_smart_regs prints them in this order); an
+        // answer too short for them reads as zeros.
+        let r = ata_answer(&p.buf[..n]);
+        let (err, count, status, lba) = r.as_ref().map_or((0, 0, 0, 0), |a| {
+            (a.err_feature(), a.sector_count(), a.cmd_status(), a.lba())
+        });
+        if err & aoe_wire::ata::error_bits::ABRT != 0 {
             eprintln!("SMART command aborted on target.");
             super::exit_quietly(1);
         }
         let regs = [
-            ("Features", r[25]),
-            ("Sector Count", r[26]),
-            ("LBA Low", r[28]),
-            ("LBA Mid", r[29]),
-            ("LBA High", r[30]),
-            ("Status", r[27]),
+            ("Features", err),
+            ("Sector Count", count),
+            ("LBA Low", lba as u8),
+            ("LBA Mid", (lba >> 8) as u8),
+            ("LBA High", (lba >> 16) as u8),
+            ("Status", status),
         ];
         let mut s = String::from("ATA registers:\n");
         for (name, v) in regs {
@@ -324,8 +334,9 @@ pub fn run(a: PingArgs) -> Result<()> {
         if dir == 1 {
             s.push_str("SMART data:\n");
             let mut d = [0u8; 512];
-            let got = n.saturating_sub(36).min(512);
-            d[..got].copy_from_slice(&p.buf[36..36 + got]);
+            let got = r.as_ref().map_or(&[][..], |a| a.data());
+            let got = &got[..got.len().min(512)];
+            d[..got.len()].copy_from_slice(got);
             hex_print(&mut s, &d, " ");
         }
         out.write_all(s.as_bytes())?;

@@ -24,9 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aoe_sys::PacketSocket;
+use aoe_wire::{
+    AtaRepr, Body, Command, ConfigCommand, ConfigPacket, ConfigRepr, HeaderRepr, MacAddr, Message,
+    Tag, TargetAddr,
+};
 use clap::Args;
 
-use super::{json_str, mac_hex, off, stop_flag};
+use super::{aoe_frame, json_str, mac_hex, stop_flag};
 
 /// Check interfaces and paths to AoE devices: status, MTU, payload each path carries.
 #[derive(Debug, Args)]
@@ -164,16 +168,27 @@ fn probe(e: &Eth, shelf: u16, slot: u8, l: &Lun) {
     let Some(sock) = &e.sock else { return };
     let mut n = (e.mtu as usize).saturating_sub(36) & !511;
     while n > 0 {
-        let mut f = vec![0u8; 36 + n];
-        f[0..6].copy_from_slice(&l.mac);
-        f[6..12].copy_from_slice(&sock.info().mac);
-        f[12..14].copy_from_slice(&[0x88, 0xa2]);
-        f[14] = 0x10;
-        f[16..18].copy_from_slice(&shelf.to_be_bytes());
-        f[18] = slot;
-        f[off::TAG].copy_from_slice(&((l.id << 16) | (n / 512) as u32).to_be_bytes());
-        f[26] = 1; // sector count
-        f[27] = 0xec; // IDENTIFY DEVICE
+        // IDENTIFY DEVICE of one sector, the frame padded with zeros to carry `n` bytes.
+        let mut f = vec![0u8; aoe_wire::ATA_HEADER_LEN + n];
+        let tag = Tag((l.id << 16) | (n / 512) as u32);
+        let header = HeaderRepr::request(
+            MacAddr(l.mac),
+            MacAddr(sock.info().mac),
+            TargetAddr::new(shelf, slot),
+            Command::Ata,
+            tag,
+        );
+        let body = Body::Ata(AtaRepr {
+            aflags: aoe_wire::AtaFlags::empty(),
+            err_feature: 0,
+            sector_count: 1,
+            cmd_status: 0xec,
+            lba: 0,
+            data: &[],
+        });
+        Message { header, body }
+            .emit(&mut f)
+            .expect("an IDENTIFY request fits its padded frame");
         if let Err(err) = sock.send(&f) {
             eprintln!("{}: write failed: {err}", e.name);
         }
@@ -220,15 +235,17 @@ pub fn run(a: SancheckArgs) -> Result<()> {
     // discover: a broadcast Query Config, tag 0x80000000, padded to 60 bytes.
     for e in &mut eths {
         let Some(sock) = &e.sock else { continue };
-        let mut f = [0u8; 60];
-        f[0..6].fill(0xff);
-        f[6..12].copy_from_slice(&sock.info().mac);
-        f[12..14].copy_from_slice(&[0x88, 0xa2]);
-        f[14] = 0x10;
-        f[16..18].copy_from_slice(&[0xff, 0xff]);
-        f[18] = 0xff;
-        f[19] = 1;
-        f[off::TAG].copy_from_slice(&0x8000_0000u32.to_be_bytes());
+        let header = HeaderRepr::request(
+            MacAddr::BROADCAST,
+            MacAddr(sock.info().mac),
+            TargetAddr::new(0xffff, 0xff),
+            Command::QueryConfig,
+            Tag(0x8000_0000),
+        );
+        let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b""));
+        let f = Message { header, body }
+            .to_vec()
+            .expect("a Query Config request fits");
         if let Err(err) = sock.send(&f) {
             eprintln!("skipping {}, discover failure: {err}", e.name);
             e.sock = None;
@@ -259,27 +276,26 @@ pub fn run(a: SancheckArgs) -> Result<()> {
                 };
                 let f = &buf[..meta.len];
                 // jinput: responses without error, tag high bit set.
-                if f.len() < 24 || f[off::TYPE] != [0x88, 0xa2] {
+                let Some(h) = aoe_frame(f) else {
+                    continue;
+                };
+                if !h.is_response() || h.is_error() || h.tag().0 & 0x8000_0000 == 0 {
                     continue;
                 }
-                if f[off::FLAGS] & (off::F_RSP | off::F_ERR) != off::F_RSP || f[20] & 0x80 == 0 {
-                    continue;
-                }
-                let shelf = u16::from_be_bytes([f[16], f[17]]);
-                let slot = f[off::MINOR];
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(&f[off::SRC]);
-                let tag = u32::from_be_bytes([f[20], f[21], f[22], f[23]]);
+                let (shelf, slot, mac, tag) = (h.major(), h.minor(), h.src().0, h.tag().0);
                 let key = (shelf, slot, mac);
-                match f[off::CMD] {
-                    1 if f.len() >= 32 => {
+                match h.command() {
+                    Command::QueryConfig => {
+                        let Ok(c) = ConfigPacket::new_checked(h.payload()) else {
+                            continue;
+                        };
                         if e.luns.contains_key(&key) {
                             continue;
                         }
                         let l = Lun {
                             mac,
                             id: 0x8000 | next_id,
-                            nsect: u32::from(f[28]),
+                            nsect: u32::from(c.sector_count()),
                             maxsect: 0,
                         };
                         next_id += 1;
@@ -287,7 +303,7 @@ pub fn run(a: SancheckArgs) -> Result<()> {
                         e.luns.insert(key, l);
                         last = Instant::now();
                     }
-                    0 => {
+                    Command::Ata => {
                         let Some(l) = e.luns.get_mut(&key) else {
                             continue;
                         };

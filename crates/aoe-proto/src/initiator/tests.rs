@@ -2,8 +2,8 @@
 //! simulations against the target engine for the behaviour under loss, duplication,
 //! reordering, path failure and target death.
 
-use super::sim::{Disk, LinkCfg, Rng, Sim, TargetSpec, Workload, INIT_MACS};
 use super::*;
+use crate::sim::{Disk, LinkCfg, Rng, Sim, TargetSpec, Workload, INIT_MACS};
 use aoe_wire::ata::error_bits;
 
 const TMAC: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 1]);
