@@ -582,6 +582,7 @@ fn vblade_export(text: &str, origin: &Path) -> Result<ExportSpec, ConfigError> {
         buffer_count: DEFAULT_BUFFER_COUNT,
         allowed_macs: Vec::new(),
         announce: true,
+        ceph: CephOptions::default(),
     };
     if let Some((n, opts)) = vals.get("options") {
         let bad = |m: String| err(*n, m);

@@ -1451,6 +1451,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
     );
     assert!(!events(&mut e).contains(&Event::Revalidated(DEV)));
+}
 
 // ------------------------------------------------------------------------------------------
 // Floods (issue 14): caps on devices and target MACs, rate-limited peer log lines
