@@ -14,7 +14,7 @@
 //!
 //! ```text
 //!  submit(BlockOp) -> per-device queue -> split into frames of `payload` sectors
-//!        -> window per target MAC (slow start / congestion avoidance, collapse on timeout)
+//!        -> window per target MAC (slow start / congestion avoidance, halved once per loss)
 //!        -> path (target MAC x local interface) round-robin, tainted targets avoided
 //!        -> poll_transmit ........ network ........ handle_frame(response, by tag)
 //!        -> all frames of the op answered -> Event::Completed
@@ -27,8 +27,9 @@
 //!   is IDENTIFYed and then up.
 //! - Tags `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`; bit 31 belongs to user tools and
 //!   responses carrying it are ignored (`aoenet_rcv`).
-//! - RTT per target (Jacobson/Karels), retransmission with a fresh tag on the next path,
-//!   per-frame exponential backoff, device down after [`Config::deadsecs`].
+//! - RTT per target (RFC 6298), retransmission with a fresh tag on the next path when the
+//!   timer runs out or later frames were answered first, per-frame exponential backoff,
+//!   device down after [`Config::deadsecs`] (`docs/PROTOCOL.md` 4, "Loss recovery").
 //! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
 //!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
 
@@ -540,6 +541,8 @@ impl Engine {
                     rtt_dev: Duration::from_micros(t.rtt_dev_us),
                     rto: t.rto(&self.cfg),
                     retransmits: t.retransmits,
+                    fast_retransmits: t.fast_retransmits,
+                    window_cuts: t.reductions,
                     answers: t.answers,
                 }
             })

@@ -154,4 +154,8 @@ pub(super) struct Outstanding {
     pub(super) first_sent: Instant,
     pub(super) deadline: Instant,
     pub(super) retransmits: u32,
+    /// Send order at the target (`Target::next_seq`) of this copy.
+    pub(super) seq: u64,
+    /// Answers to frames sent to the same target after this copy (fast retransmit).
+    pub(super) later_answered: u16,
 }

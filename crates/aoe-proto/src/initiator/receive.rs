@@ -142,7 +142,8 @@ impl Engine {
         if let Some(d) = self.devices.get_mut(&addr) {
             if let Some(ti) = d.target_idx(f.target) {
                 let t = &mut d.targets[ti];
-                t.on_answer(now.saturating_duration_since(f.sent));
+                // Karn's rule: no RTT sample from a retransmitted frame.
+                t.on_answer((f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)));
                 t.nout = t.nout.saturating_sub(1);
                 t.answers += 1;
                 t.silent = 0;
@@ -159,6 +160,7 @@ impl Engine {
                 d.stats.ata_errors += 1;
             }
         }
+        self.later_frame_answered(now, &f);
         // A data frame sized before the MTU shrank, refused by a target that now checks its
         // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
         // a media error. Its sectors go out again in frames that fit.

@@ -11,6 +11,9 @@ const TMAC2: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 2]);
 const HOST: MacAddr = INIT_MACS[0];
 const DEV: TargetAddr = TargetAddr { shelf: 7, slot: 3 };
 
+/// Loss recovery: RTT-following timeout, Karn's rule, fast retransmission, window floor.
+mod loss;
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -430,7 +433,7 @@ fn duplicate_and_foreign_responses_ignored() {
 }
 
 #[test]
-fn retransmit_uses_fresh_tag_and_collapses_window() {
+fn retransmit_uses_fresh_tag_and_cuts_window_to_floor() {
     let (mut e, t0) = up_engine(1000, true);
     e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
         .unwrap();
@@ -454,7 +457,8 @@ fn retransmit_uses_fresh_tag_and_collapses_window() {
         "{ev:?}"
     );
     let d = e.device(DEV).unwrap();
-    assert_eq!(d.targets[0].maxout, 1);
+    // Halved, but not below `min_window` (8); the driver would set it to 1.
+    assert_eq!(d.targets[0].maxout, 8);
     assert_eq!(d.stats.retransmits, 1);
     // The late answer to the old tag is counted and ignored; the new one completes.
     e.handle_frame(
@@ -946,9 +950,18 @@ fn sim_multipath_path_dies() {
         let dead = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
         assert!(dead.taint > 0, "the silent target is tainted: {dead:?}");
         let answers = dead.answers;
-        // The path comes back: probes untaint it and it carries I/O again.
+        // The path comes back: probes untaint it and it carries I/O again. Probes go out
+        // when the timer runs (`handle_timeout`); with fast retransmission and an RTO near
+        // the RTT the 200 ops take a few hundred ms, so run in rounds until it is clean.
         sim.seg_up[1] = true;
-        w.run(&mut sim, 200, Duration::from_secs(600));
+        for _ in 0..10 {
+            w.run(&mut sim, 200, Duration::from_secs(600));
+            let d = sim.device(DEV);
+            let t = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
+            if t.taint == 0 && t.answers > answers + 20 {
+                break;
+            }
+        }
         let back = sim.device(DEV);
         let back = back.targets.iter().find(|t| t.mac == TMAC2).unwrap();
         assert_eq!(back.taint, 0, "{back:?}");
