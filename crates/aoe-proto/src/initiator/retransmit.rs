@@ -145,6 +145,17 @@ impl Engine {
             .get(&iface)
             .map(|i| i.mac)
             .unwrap_or_default();
+        let mut earlier = if mac == f.target {
+            f.earlier.clone()
+        } else {
+            Vec::new()
+        };
+        if mac == f.target {
+            if earlier.len() >= MAX_EARLIER_COPIES {
+                earlier.remove(0);
+            }
+            earlier.push((tag, f.sent));
+        }
         let mut nf = Outstanding {
             target: mac,
             iface,
@@ -153,6 +164,7 @@ impl Engine {
             retransmits: f.retransmits + 1,
             seq,
             later_answered: 0,
+            earlier,
             ..f
         };
         // The path's MTU shrank since the frame was sized (or it moves to a path with a
@@ -253,6 +265,26 @@ impl Engine {
         self.resend(now, tag, f, ti, rto, logs, " (later frames answered)");
     }
 
+    /// The outstanding frame an answer with `tag` from `src` belongs to, and, if the tag
+    /// is that of an earlier copy, when that copy was sent. A frame resent to the same
+    /// target MAC asks for the same thing with a new tag, so whichever copy is answered
+    /// first completes it and the others' answers are ignored as late (the driver forgets
+    /// the old tag, so when only the answer was slow it waits for the copy's answer too,
+    /// queued behind the original at the target). The answer to an earlier copy is an
+    /// unambiguous RTT sample of that copy: the timer fired too soon, and the sample
+    /// raises it.
+    pub(super) fn answered_frame(&self, tag: u32, src: MacAddr) -> Option<(u32, Option<Instant>)> {
+        if self.outstanding.contains_key(&tag) {
+            return Some((tag, None));
+        }
+        self.outstanding.iter().find_map(|(cur, f)| {
+            f.earlier
+                .iter()
+                .find(|e| e.0 == tag && f.target == src)
+                .map(|e| (*cur, Some(e.1)))
+        })
+    }
+
     pub(super) fn release_slot(&mut self, f: &Outstanding) {
         if let Some(d) = self.devices.get_mut(&f.dev) {
             if let Some(ti) = d.target_idx(f.target) {
@@ -295,6 +327,9 @@ impl Engine {
         }
     }
 }
+
+/// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
+const MAX_EARLIER_COPIES: usize = 4;
 
 /// `rto * 2^n`, capped.
 pub(super) fn backoff(rto: Duration, n: u32, max: Duration) -> Duration {

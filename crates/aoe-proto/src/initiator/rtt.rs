@@ -1,8 +1,9 @@
 //! Per target MAC: the paths (local interfaces) it answers on, its RTT estimate and
 //! retransmission timeout (RFC 6298 rather than the driver's `calc_rttavg`/`rto`), and its
-//! window of outstanding frames (`aoecmd_ata_rsp` growth; a loss halves it once per loss
-//! episode down to a floor, where the driver's `rexmit_timer` collapses it to 1 on every
-//! timeout). `docs/PROTOCOL.md` 4 ("Loss recovery") says why we differ.
+//! window of outstanding frames (`aoecmd_ata_rsp` growth; a timeout or a burst of losses
+//! halves it at most once per loss episode, down to a floor, where the driver's
+//! `rexmit_timer` sets it to 1 on every timeout). `docs/PROTOCOL.md` 4 ("Loss recovery")
+//! says why we differ.
 
 use super::*;
 

@@ -139,6 +139,7 @@ impl Engine {
             retransmits: 0,
             seq,
             later_answered: 0,
+            earlier: Vec::new(),
         };
         self.emit_frame(tag, &f);
         self.outstanding.insert(tag, f);

@@ -256,3 +256,45 @@ fn sim_five_percent_loss_keeps_half_the_rate() {
         }
     }
 }
+
+/// A frame resent because its answer was only slow: the original's answer completes it
+/// (the driver would wait for the copy's, queued behind the original at the target), gives
+/// an RTT sample of the original (the timeout was too short, so it rises), and the copy's
+/// answer is then ignored as late.
+#[test]
+fn answer_to_an_earlier_copy_completes_the_frame_and_raises_the_timeout() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let deadline = e.poll_timeout().unwrap();
+    e.handle_timeout(deadline);
+    let copy = drain(&mut e, deadline)
+        .into_iter()
+        .find(|(_, f)| req_lba(f) == 0)
+        .unwrap()
+        .1;
+    let rto_before = e.device(DEV).unwrap().targets[0].rto;
+    let late = t0 + Duration::from_millis(5);
+    e.handle_frame(
+        late,
+        0,
+        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[3; 512]),
+    );
+    let done: Vec<_> = events(&mut e)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Completed { result, .. } => Some(result),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, vec![Ok(Some(vec![3; 512]))]);
+    let t = e.device(DEV).unwrap().targets[0].clone();
+    assert_eq!(t.nout, 0);
+    assert!(t.rto > rto_before, "{:?} -> {:?}", rto_before, t.rto);
+    e.handle_frame(late, 0, &ata_rsp(&copy, TMAC, status::DRDY, 0, &[4; 512]));
+    assert!(events(&mut e)
+        .iter()
+        .all(|e| !matches!(e, Event::Completed { .. })));
+    assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
+}
