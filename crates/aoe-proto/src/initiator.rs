@@ -51,6 +51,9 @@ pub const MAX_PATHS_PER_TARGET: usize = 8;
 /// 1024 bytes).
 const DEFAULT_SECTORS: u8 = 2;
 
+/// How often tainted targets are probed (the driver's `TIMERTICK`, 100 ms).
+const PROBE_TICK: Duration = Duration::from_millis(100);
+
 /// Highest taint a target reaches (the driver's `MAX_TAINT`).
 const MAX_TAINT: u32 = 1000;
 
@@ -83,6 +86,8 @@ pub struct Engine {
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
+    /// When the timer runs next to probe tainted targets (`Engine::tainted_targets`).
+    next_probe: Option<Instant>,
     transmit: VecDeque<(usize, Vec<u8>)>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -108,6 +113,7 @@ impl Engine {
             next_op: 0,
             lasttag: 0,
             next_discover,
+            next_probe: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -266,21 +272,24 @@ impl Engine {
             }
         }
         self.probe_tainted(now);
+        // The driver probes on every 100 ms tick of `rexmit_timer`; with fast retransmission
+        // and a timeout near the RTT our timer may not run for long, so probing has its own.
+        self.next_probe = self.tainted_targets().then(|| now + PROBE_TICK);
         let addrs: Vec<TargetAddr> = self.devices.keys().copied().collect();
         for a in addrs {
             self.pump(now, a);
         }
     }
 
-    /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline or
-    /// the discovery beacon. `None` if nothing is pending.
+    /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the
+    /// next probe of a tainted target or the discovery beacon. `None` if nothing is pending.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
-        match (frames, self.next_discover) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [frames, self.next_discover, self.next_probe]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Writes the next frame to send into `buf` (which must hold the interface's MTU + 14

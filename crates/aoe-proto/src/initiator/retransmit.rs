@@ -267,22 +267,33 @@ impl Engine {
 
     /// The outstanding frame an answer with `tag` from `src` belongs to, and, if the tag
     /// is that of an earlier copy, when that copy was sent. A frame resent to the same
-    /// target MAC asks for the same thing with a new tag, so whichever copy is answered
-    /// first completes it and the others' answers are ignored as late (the driver forgets
-    /// the old tag, so when only the answer was slow it waits for the copy's answer too,
-    /// queued behind the original at the target). The answer to an earlier copy is an
+    /// target MAC asks for the same thing with a new tag, so for a read whichever copy is
+    /// answered first completes it and the others' answers are ignored as late (the driver
+    /// forgets the old tag, so when only the answer was slow it waits for the copy's answer
+    /// too, queued behind the original at the target). The answer to an earlier copy is an
     /// unambiguous RTT sample of that copy: the timer fired too soon, and the sample
     /// raises it.
+    ///
+    /// A write still waits for its latest copy's answer: completed on an earlier one, it
+    /// could be followed by a new write to the same sectors while the copy is still queued
+    /// at the target, and a target that serves requests in parallel (`aoe serve`) could
+    /// then apply the stale copy last.
     pub(super) fn answered_frame(&self, tag: u32, src: MacAddr) -> Option<(u32, Option<Instant>)> {
         if self.outstanding.contains_key(&tag) {
             return Some((tag, None));
         }
-        self.outstanding.iter().find_map(|(cur, f)| {
+        let (cur, sent) = self.outstanding.iter().find_map(|(cur, f)| {
             f.earlier
                 .iter()
                 .find(|e| e.0 == tag && f.target == src)
-                .map(|e| (*cur, Some(e.1)))
-        })
+                .map(|e| (*cur, e.1))
+        })?;
+        let f = self.outstanding.get(&cur)?;
+        let write = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Write(_)));
+        (!write).then_some((cur, Some(sent)))
     }
 
     pub(super) fn release_slot(&mut self, f: &Outstanding) {
@@ -325,6 +336,15 @@ impl Engine {
             );
             self.send_new(now, addr, id, ti, 0, 1);
         }
+    }
+}
+
+impl Engine {
+    /// True while some up device has a usable tainted target, which the timer probes.
+    pub(super) fn tainted_targets(&self) -> bool {
+        self.devices
+            .values()
+            .any(|d| d.life == Life::Up && d.targets.iter().any(|t| t.taint > 0 && t.usable()))
     }
 }
 

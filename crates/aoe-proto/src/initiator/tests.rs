@@ -951,9 +951,9 @@ fn sim_multipath_path_dies() {
         let dead = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
         assert!(dead.taint > 0, "the silent target is tainted: {dead:?}");
         let answers = dead.answers;
-        // The path comes back: probes untaint it and it carries I/O again. Probes go out
-        // when the timer runs (`handle_timeout`); with fast retransmission and an RTO near
-        // the RTT the 200 ops take a few hundred ms, so run in rounds until it is clean.
+        // The path comes back: probes (one per 100 ms tick) untaint it and it carries I/O
+        // again. With fast retransmission and an RTO near the RTT 200 ops take only a few
+        // hundred ms, so run in rounds until it is clean.
         sim.seg_up[1] = true;
         for _ in 0..10 {
             w.run(&mut sim, 200, Duration::from_secs(600));

@@ -298,3 +298,41 @@ fn answer_to_an_earlier_copy_completes_the_frame_and_raises_the_timeout() {
         .all(|e| !matches!(e, Event::Completed { .. })));
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
 }
+
+/// A write is not completed on an earlier copy's answer: it waits for its latest copy's,
+/// so no copy of it can still be queued at the target when a newer write to the same
+/// sectors goes out.
+#[test]
+fn write_waits_for_its_latest_copy() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.submit(
+        t0,
+        DEV,
+        BlockOp::Write {
+            lba: 0,
+            data: vec![9; 512],
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, t0);
+    let deadline = e.poll_timeout().unwrap();
+    e.handle_timeout(deadline);
+    let copy = drain(&mut e, deadline)
+        .into_iter()
+        .find(|(_, f)| req_lba(f) == 0)
+        .unwrap()
+        .1;
+    let late = t0 + Duration::from_millis(5);
+    e.handle_frame(late, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[]));
+    assert!(events(&mut e)
+        .iter()
+        .all(|e| !matches!(e, Event::Completed { .. })));
+    e.handle_frame(late, 0, &ata_rsp(&copy, TMAC, status::DRDY, 0, &[]));
+    assert!(events(&mut e).iter().any(|e| matches!(
+        e,
+        Event::Completed {
+            result: Ok(None),
+            ..
+        }
+    )));
+}
