@@ -2,8 +2,9 @@
 //! each asserting on data.
 //!
 //! * `loss_*`: 5% loss, 1% duplication, 1% reordering (aoe_testkit::relay) under
-//!   `aoe initiator` against `aoe serve` and vblade; every byte written is read back and the
-//!   figures (frames lost, duplicated, retransmitted, MB/s with and without loss) printed.
+//!   `aoe initiator` against `aoe serve` and vblade at MTU 1500 and 9000; every byte written
+//!   is read back and the figures (frames lost, duplicated, retransmitted, MB/s with and
+//!   without loss, and the goal: at least half the loss-free rate) printed.
 //! * `corrupted_*`: shelf.slot or command bytes corrupted in 2% of the frames: ignored,
 //!   retransmitted, data intact.
 //! * `link_cut_*`: a 3 s cut of the link in the middle of a transfer: no I/O error, data
@@ -63,38 +64,71 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 /// Retransmissions so far: the initiator's `err` lines (`retransmit ... oldtag=`), counted in
 /// its log at INFO (the `err` file keeps only the last 100, like the driver's ring).
 fn retransmits(rig: &Rig) -> usize {
+    retransmit_lines(rig, "")
+}
+
+/// Retransmissions that later frames' answers triggered (fast retransmission), not a timer.
+fn fast_retransmits(rig: &Rig) -> usize {
+    retransmit_lines(rig, "(later frames answered)")
+}
+
+fn retransmit_lines(rig: &Rig, with: &str) -> usize {
     let log = rig
         .initiator
         .as_ref()
         .map(aoe_testkit::NsChild::output_so_far)
         .unwrap_or_default();
     log.lines()
-        .filter(|l| l.contains("INFO") && l.contains("retransmit") && l.contains("oldtag="))
+        .filter(|l| {
+            l.contains("INFO")
+                && l.contains("retransmit")
+                && l.contains("oldtag=")
+                && l.contains(with)
+        })
         .count()
 }
 
 // ------------------------------------------------------------------------------------------
 // 1. loss, duplication, reordering
 
+/// Size moved each way (written, then read back) on the clean link and again under loss.
+const LOSS_TEST_BYTES: usize = 16 * MIB;
+
+/// Issue 14 test 1 at MTU 1500 and 9000: the same transfer on a clean relayed link and
+/// under 5% loss, 1% duplication, 1% reordering, every byte checked. The goal (at least
+/// half the loss-free rate under loss) is printed as a figure, never asserted on: timing on
+/// a shared machine measures the machine as much as the code. Engine-level checks of the
+/// goal, in simulated time, are in aoe-proto (`initiator::tests::loss`).
 fn loss(kind: Target) {
-    let r = RelayRig::start(kind, 1500, InitOpts::default(), None, &[], 1, 14);
+    let mut lines = Vec::new();
+    for (mtu, seed) in [(1500u32, 14u64), (9000, 15)] {
+        lines.push(loss_at(kind, mtu, seed));
+    }
+    for l in lines {
+        eprintln!("{l}");
+    }
+}
+
+fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
+    let r = RelayRig::start(kind, mtu, InitOpts::default(), None, &[], 1, seed);
     let dev = r.rig.dev();
     let ctl = r.control(0);
+    let n = LOSS_TEST_BYTES;
 
     // Clean link first: the figure loss is compared with.
-    let clean = pattern(140, 16 * MIB);
+    let clean = pattern(140, n);
     let t0 = Instant::now();
     write_in_pieces(&dev, 0, &clean).expect("write on a clean link");
     let got = read_at(&dev, 0, clean.len()).expect("read on a clean link");
     let clean_secs = t0.elapsed().as_secs_f64();
     assert_same(&got, &clean, "clean link");
     let c0 = ctl.counters();
+    let (rx0, fast0) = (retransmits(&r.rig), fast_retransmits(&r.rig));
 
-    // 8 MiB under 5% loss, 1% duplication, 1% reordering (issue 14 asks 256 MiB; today's
-    // retransmit timing makes that take an hour against vblade, see the report).
+    // The same amount under 5% loss, 1% duplication, 1% reordering.
     ctl.set_faults(Faults::lossy(0.05, 0.01, 0.01));
-    let lossy = pattern(141, 8 * MIB);
-    let off = 16 * MIB as u64;
+    let lossy = pattern(141, n);
+    let off = n as u64;
     let t0 = Instant::now();
     write_in_pieces(&dev, off, &lossy)
         .unwrap_or_else(|e| panic!("write under loss: {e}{}", r.rig.logs()));
@@ -104,6 +138,7 @@ fn loss(kind: Target) {
     assert_same(&got, &lossy, "under loss");
     ctl.set_faults(Faults::default());
     let c1 = ctl.counters();
+    let (rx1, fast1) = (retransmits(&r.rig), fast_retransmits(&r.rig));
     // Every byte also in the backing file.
     let back = fs::read(&r.rig.file).expect("backing file");
     assert_same(&back[..clean.len()], &clean, "backing file, clean part");
@@ -112,20 +147,27 @@ fn loss(kind: Target) {
         &lossy,
         "backing file, lossy part",
     );
+    let moved_mb = 2.0 * n as f64 / 1e6;
+    let (clean_mbs, lossy_mbs) = (moved_mb / clean_secs, moved_mb / lossy_secs);
     eprintln!(
-        "FIGURES {kind:?}: clean {:.2} MB/s (32 MiB moved in {clean_secs:.1} s); \
-         under 5%/1%/1%: {:.2} MB/s (16 MiB moved in {lossy_secs:.1} s); \
-         relay under loss: {}; initiator retransmits: {}",
-        32.0 * 1.048_576 / clean_secs,
-        16.0 * 1.048_576 / lossy_secs,
+        "FIGURES {kind:?} MTU {mtu}: clean {clean_mbs:.2} MB/s ({moved_mb:.1} MB moved in \
+         {clean_secs:.1} s, {rx0} retransmits, {fast0} fast); under 5%/1%/1%: {lossy_mbs:.2} \
+         MB/s ({moved_mb:.1} MB moved in {lossy_secs:.1} s); relay under loss: {}; initiator \
+         retransmits under loss: {} ({} fast)",
         Snapshot(c0, c1),
-        retransmits(&r.rig),
+        rx1 - rx0,
+        fast1 - fast0,
     );
     assert!(
         c1.lost > c0.lost && c1.duplicated > c0.duplicated,
         "no faults injected: {c1}"
     );
     r.finish();
+    format!(
+        "GOAL {kind:?} MTU {mtu}: {lossy_mbs:.2} MB/s under loss against {clean_mbs:.2} MB/s \
+         without, {:.0}% (goal: at least 50%)",
+        100.0 * lossy_mbs / clean_mbs
+    )
 }
 
 /// Counter differences for the figures.
@@ -358,16 +400,33 @@ fn multipath_one_path_cut_mid_transfer() {
     let back = fs::read(&r.rig.file).expect("backing file");
     assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
     let cut_mac = MacAddr(r.paths[0].1).to_string();
+    // Every `err` line as a reader of the file saw it during the run: the daemon logs each
+    // at INFO (`push_err`). The file itself keeps only the last 100 (the driver's
+    // ring), which spurious retransmissions on the surviving path (a loaded machine, an RTO
+    // near the RTT) and their late answers can fill after the cut path was ejected.
+    let log = r
+        .rig
+        .initiator
+        .as_ref()
+        .map(aoe_testkit::NsChild::output_so_far)
+        .unwrap_or_default();
+    let err_stream: Vec<&str> = log.lines().filter(|l| l.contains("INFO")).collect();
+    let from_cut = err_stream
+        .iter()
+        .filter(|l| l.contains("retransmit") && l.contains(&format!("s={cut_mac}")))
+        .count();
     let err = r.rig.err_lines(2);
     assert!(
-        err.lines()
-            .any(|l| l.starts_with("retransmit") && l.contains(&format!("s={cut_mac}"))),
-        "no retransmit from the cut path (s={cut_mac}) in err:\n{err}"
+        from_cut > 0,
+        "no retransmit from the cut path (s={cut_mac}) in err ({} lines); the file's last \
+         lines:\n{err}",
+        err_stream.len()
     );
     eprintln!(
-        "multipath: {} retransmits in err, ejected: {}; path 0: {}; path 1: {}",
+        "multipath: {} retransmits in err, {from_cut} from the cut path, ejected: {}; \
+         path 0: {}; path 1: {}",
         retransmits(&r.rig),
-        err.lines().any(|l| l.contains("ejecting")),
+        err_stream.iter().any(|l| l.contains("ejecting")),
         c0.counters(),
         c1.counters()
     );

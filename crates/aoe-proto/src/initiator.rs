@@ -14,7 +14,7 @@
 //!
 //! ```text
 //!  submit(BlockOp) -> per-device queue -> split into frames of `payload` sectors
-//!        -> window per target MAC (slow start / congestion avoidance, collapse on timeout)
+//!        -> window per target MAC (slow start / congestion avoidance, halved once per loss)
 //!        -> path (target MAC x local interface) round-robin, tainted targets avoided
 //!        -> poll_transmit ........ network ........ handle_frame(response, by tag)
 //!        -> all frames of the op answered -> Event::Completed
@@ -30,8 +30,9 @@
 //!   source MAC: a multi-port target may answer from another port.
 //! - Tags `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`; bit 31 belongs to user tools and
 //!   responses carrying it are ignored (`aoenet_rcv`).
-//! - RTT per target (Jacobson/Karels), retransmission with a fresh tag on the next path,
-//!   per-frame exponential backoff, device down after [`Config::deadsecs`].
+//! - RTT per target (RFC 6298), retransmission with a fresh tag on the next path when the
+//!   timer runs out or later frames were answered first, per-frame exponential backoff,
+//!   device down after [`Config::deadsecs`] (`docs/PROTOCOL.md` 4, "Loss recovery").
 //! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
 //!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
 
@@ -53,6 +54,9 @@ pub const MAX_PATHS_PER_TARGET: usize = 8;
 /// Payload used when a target advertises a sector count of 0 (the driver's `DEFAULTBCNT`,
 /// 1024 bytes).
 const DEFAULT_SECTORS: u8 = 2;
+
+/// How often tainted targets are probed (the driver's `TIMERTICK`, 100 ms).
+const PROBE_TICK: Duration = Duration::from_millis(100);
 
 /// Highest taint a target reaches (the driver's `MAX_TAINT`).
 const MAX_TAINT: u32 = 1000;
@@ -86,6 +90,8 @@ pub struct Engine {
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
+    /// When the timer runs next to probe tainted targets (`Engine::tainted_targets`).
+    next_probe: Option<Instant>,
     transmit: VecDeque<(usize, Vec<u8>)>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -116,6 +122,7 @@ impl Engine {
             next_op: 0,
             lasttag: 0,
             next_discover,
+            next_probe: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -278,21 +285,24 @@ impl Engine {
             }
         }
         self.probe_tainted(now);
+        // The driver probes on every 100 ms tick of `rexmit_timer`; with fast retransmission
+        // and a timeout near the RTT our timer may not run for long, so probing has its own.
+        self.next_probe = self.tainted_targets().then(|| now + PROBE_TICK);
         let addrs: Vec<TargetAddr> = self.devices.keys().copied().collect();
         for a in addrs {
             self.pump(now, a);
         }
     }
 
-    /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline or
-    /// the discovery beacon. `None` if nothing is pending.
+    /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the
+    /// next probe of a tainted target or the discovery beacon. `None` if nothing is pending.
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
-        match (frames, self.next_discover) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [frames, self.next_discover, self.next_probe]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Writes the next frame to send into `buf` (which must hold the interface's MTU + 14
@@ -577,6 +587,8 @@ impl Engine {
                     rtt_dev: Duration::from_micros(t.rtt_dev_us),
                     rto: t.rto(&self.cfg),
                     retransmits: t.retransmits,
+                    fast_retransmits: t.fast_retransmits,
+                    window_cuts: t.reductions,
                     answers: t.answers,
                 }
             })

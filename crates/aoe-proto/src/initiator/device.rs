@@ -178,4 +178,11 @@ pub(super) struct Outstanding {
     pub(super) first_sent: Instant,
     pub(super) deadline: Instant,
     pub(super) retransmits: u32,
+    /// Send order at the target (`Target::next_seq`) of this copy.
+    pub(super) seq: u64,
+    /// Answers to frames sent to the same target after this copy (fast retransmit).
+    pub(super) later_answered: u16,
+    /// Tags and send times of earlier copies sent to the same target MAC: an answer to one
+    /// of them completes the frame too (`Engine::answered_frame`).
+    pub(super) earlier: Vec<(u32, Instant)>,
 }

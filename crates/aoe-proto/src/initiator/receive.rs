@@ -145,7 +145,9 @@ impl Engine {
         h: &HeaderRepr,
         ata: &AtaRepr<'_>,
     ) {
-        let Some(f) = self.outstanding.get(&h.tag.0) else {
+        // The frame's own tag, or an earlier copy's (loss recovery, `answered_frame`).
+        let answered = self.answered_frame(h.tag.0);
+        let Some((key, earlier_sent)) = answered else {
             match self.devices.get_mut(&h.target) {
                 Some(d) => d.stats.unexpected_responses += 1,
                 None => self.stats.unknown_device += 1,
@@ -158,7 +160,9 @@ impl Engine {
             });
             return;
         };
-        let f = f.clone();
+        let Some(f) = self.outstanding.get(&key).cloned() else {
+            return;
+        };
         let is_read = self
             .ops
             .get(&f.op)
@@ -200,12 +204,17 @@ impl Engine {
         if h.src != f.target {
             self.other_mac_response(now, &f, h.src);
         }
-        self.outstanding.remove(&h.tag.0);
+        self.outstanding.remove(&key);
         let addr = f.dev;
         if let Some(d) = self.devices.get_mut(&addr) {
             if let Some(ti) = d.target_idx(f.target) {
                 let t = &mut d.targets[ti];
-                t.on_answer(now.saturating_duration_since(f.sent));
+                // Karn's rule: no RTT sample from a retransmitted frame, but one from an
+                // earlier copy whose tag came back.
+                t.on_answer(match earlier_sent {
+                    Some(sent) => Some(now.saturating_duration_since(sent)),
+                    None => (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)),
+                });
                 t.nout = t.nout.saturating_sub(1);
                 t.answers += 1;
                 t.silent = 0;
@@ -222,6 +231,7 @@ impl Engine {
                 d.stats.ata_errors += 1;
             }
         }
+        self.later_frame_answered(now, &f);
         // A data frame sized before the MTU shrank, refused by a target that now checks its
         // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
         // a media error. Its sectors go out again in frames that fit.

@@ -1,5 +1,6 @@
 //! Retransmission: frame deadlines, `rexmit_timer` (fresh tag on the next path, backoff,
-//! window collapse, scorn, path ejection, device down) and probes of tainted targets.
+//! window cut, scorn, path ejection, device down), fast retransmission when later frames
+//! are answered first, and probes of tainted targets.
 
 use super::*;
 
@@ -65,7 +66,7 @@ impl Engine {
         };
         {
             let t = &mut d.targets[old_ti];
-            t.on_timeout();
+            t.on_loss(f.seq, cfg.min_window, true);
             t.retransmits += 1;
             let scorn_at = if cfg.deadsecs.is_zero() {
                 cfg.scorn_after
@@ -81,18 +82,7 @@ impl Engine {
                 t.silent = 0;
                 logs.push(format!("{addr}: target {} tainted ({})", t.mac, t.taint));
             }
-            let nframes = t.nframes as u32;
-            let npaths = t.paths.len();
-            if let Some(pi) = t.paths.iter().position(|p| p.iface == f.iface) {
-                t.paths[pi].lost += 1;
-                if t.paths[pi].lost > 2 * nframes && npaths > 1 {
-                    let p = t.paths.remove(pi);
-                    logs.push(format!(
-                        "{addr}: ejecting if {} from target {} after {} losses",
-                        p.iface, t.mac, p.lost
-                    ));
-                }
-            }
+            logs.extend(t.path_lost(addr, f.iface));
         }
         // The next path: another target with room (untainted unless all are), else the
         // same target's next interface (`resend` -> `ifrotate`, `reassign_frame`).
@@ -120,13 +110,34 @@ impl Engine {
             t.nout += 1;
             t.max_nout = t.max_nout.max(t.nout);
         }
-        let t = &mut d.targets[new_ti];
+        let rto = backoff(d.targets[new_ti].rto(&cfg), f.retransmits + 1, cfg.rto_max);
+        self.resend(now, tag, f, new_ti, rto, logs, "");
+    }
+
+    /// Sends a copy of frame `tag` (already taken out of its old target's accounting if it
+    /// moves) to target `ti` on that target's next path, with a fresh tag and timeout `rto`.
+    #[allow(clippy::too_many_arguments)]
+    fn resend(
+        &mut self,
+        now: Instant,
+        tag: u32,
+        f: Outstanding,
+        ti: usize,
+        rto: Duration,
+        mut logs: Vec<String>,
+        why: &str,
+    ) {
+        let addr = f.dev;
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        d.stats.retransmits += 1;
+        let t = &mut d.targets[ti];
         let path = &t.paths[t.next_path % t.paths.len()];
         let (iface, path_sectors) = (path.iface, path.sectors);
         t.next_path = t.next_path.wrapping_add(1);
-        let rto = backoff(t.rto(&cfg), f.retransmits + 1, cfg.rto_max);
+        let seq = t.take_seq();
         let mac = t.mac;
-        d.stats.retransmits += 1;
         self.outstanding.remove(&tag);
         let newtag = self.new_tag(now);
         let src = self
@@ -134,12 +145,26 @@ impl Engine {
             .get(&iface)
             .map(|i| i.mac)
             .unwrap_or_default();
+        let mut earlier = if mac == f.target {
+            f.earlier.clone()
+        } else {
+            Vec::new()
+        };
+        if mac == f.target {
+            if earlier.len() >= MAX_EARLIER_COPIES {
+                earlier.remove(0);
+            }
+            earlier.push((tag, f.sent));
+        }
         let mut nf = Outstanding {
             target: mac,
             iface,
             sent: now,
             deadline: self.deadline(now, f.first_sent, rto),
             retransmits: f.retransmits + 1,
+            seq,
+            later_answered: 0,
+            earlier,
             ..f
         };
         // The path's MTU shrank since the frame was sized (or it moves to a path with a
@@ -158,15 +183,115 @@ impl Engine {
         for l in logs {
             self.log(l);
         }
-        let nout = self
-            .devices
-            .get(&addr)
-            .map_or(0, |d| d.targets[new_ti].nout);
+        let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
         self.log(format!(
-            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}"
+            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{why}"
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
+    }
+
+    /// Fast retransmission (RFC 5681 3.2, with answers to later frames in place of duplicate
+    /// ACKs, and RACK's reordering window, RFC 8985 6.2): `answered` was just answered, so
+    /// every frame still outstanding at its target that was sent before it has one more
+    /// later frame answered. One with [`Config::fast_retransmit`] such answers that has also
+    /// been out for `srtt + srtt/4` is taken as lost and resent at once, on the target's
+    /// next path, without waiting for its timer. The age test keeps a target that completes
+    /// requests out of order (a worker pool; a disk that reorders) from triggering copies of
+    /// frames that are merely a little late. The copy counts afresh from its own send, so a
+    /// frame is resent this way at most once per round trip. Frames of failed ops, probes,
+    /// IDENTIFYs and frames past `deadsecs` are left to the timer, which handles them as the
+    /// driver does. The driver has no such thing: a lost frame waits for `rexmit_timer`.
+    pub(super) fn later_frame_answered(&mut self, now: Instant, answered: &Outstanding) {
+        let thresh = self.cfg.fast_retransmit;
+        if thresh == 0 {
+            return;
+        }
+        let Some(srtt) = self
+            .devices
+            .get(&answered.dev)
+            .and_then(|d| d.target_idx(answered.target).map(|ti| &d.targets[ti]))
+            .map(|t| t.rtt_avg_us + t.rtt_avg_us / 4)
+        else {
+            return;
+        };
+        let mut lost = Vec::new();
+        for (tag, f) in self.outstanding.iter_mut() {
+            if f.dev == answered.dev && f.target == answered.target && f.seq < answered.seq {
+                f.later_answered = f.later_answered.saturating_add(1);
+                let age = now.saturating_duration_since(f.sent).as_micros();
+                if f.later_answered >= thresh && age >= u128::from(srtt) {
+                    lost.push(*tag);
+                }
+            }
+        }
+        for tag in lost {
+            self.fast_retransmit(now, tag);
+        }
+    }
+
+    fn fast_retransmit(&mut self, now: Instant, tag: u32) {
+        let Some(f) = self.outstanding.get(&tag).cloned() else {
+            return;
+        };
+        let data_op = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush));
+        let waited = now.saturating_duration_since(f.first_sent);
+        if !data_op || (!self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs) {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        let addr = f.dev;
+        let Some(d) = self.devices.get_mut(&addr) else {
+            return;
+        };
+        if d.life != Life::Up {
+            return;
+        }
+        let Some(ti) = d.target_idx(f.target) else {
+            return;
+        };
+        let t = &mut d.targets[ti];
+        if !t.usable() {
+            return;
+        }
+        t.on_loss(f.seq, cfg.min_window, false);
+        t.retransmits += 1;
+        t.fast_retransmits += 1;
+        let logs: Vec<String> = t.path_lost(addr, f.iface).into_iter().collect();
+        let rto = t.rto(&cfg);
+        self.resend(now, tag, f, ti, rto, logs, " (later frames answered)");
+    }
+
+    /// The outstanding frame an answer with `tag` from `src` belongs to, and, if the tag
+    /// is that of an earlier copy, when that copy was sent. A frame resent to the same
+    /// target MAC asks for the same thing with a new tag, so for a read whichever copy is
+    /// answered first completes it and the others' answers are ignored as late (the driver
+    /// forgets the old tag, so when only the answer was slow it waits for the copy's answer
+    /// too, queued behind the original at the target). The answer to an earlier copy is an
+    /// unambiguous RTT sample of that copy: the timer fired too soon, and the sample
+    /// raises it.
+    ///
+    /// A write still waits for its latest copy's answer: completed on an earlier one, it
+    /// could be followed by a new write to the same sectors while the copy is still queued
+    /// at the target, and a target that serves requests in parallel (`aoe serve`) could
+    /// then apply the stale copy last.
+    pub(super) fn answered_frame(&self, tag: u32) -> Option<(u32, Option<Instant>)> {
+        if self.outstanding.contains_key(&tag) {
+            return Some((tag, None));
+        }
+        let (cur, sent) = self
+            .outstanding
+            .iter()
+            .find_map(|(cur, f)| f.earlier.iter().find(|e| e.0 == tag).map(|e| (*cur, e.1)))?;
+        let f = self.outstanding.get(&cur)?;
+        let write = self
+            .ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Write(_)));
+        (!write).then_some((cur, Some(sent)))
     }
 
     pub(super) fn release_slot(&mut self, f: &Outstanding) {
@@ -211,6 +336,18 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// True while some up device has a usable tainted target, which the timer probes.
+    pub(super) fn tainted_targets(&self) -> bool {
+        self.devices
+            .values()
+            .any(|d| d.life == Life::Up && d.targets.iter().any(|t| t.taint > 0 && t.usable()))
+    }
+}
+
+/// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
+const MAX_EARLIER_COPIES: usize = 4;
 
 /// `rto * 2^n`, capped.
 pub(super) fn backoff(rto: Duration, n: u32, max: Duration) -> Duration {

@@ -1,6 +1,9 @@
-//! Per target MAC: the paths (local interfaces) it answers on, its RTT estimate
-//! (Jacobson/Karels, the driver's `calc_rttavg`) and its window of outstanding frames
-//! (`aoecmd_ata_rsp` growth, `rexmit_timer` collapse).
+//! Per target MAC: the paths (local interfaces) it answers on, its RTT estimate and
+//! retransmission timeout (RFC 6298 rather than the driver's `calc_rttavg`/`rto`), and its
+//! window of outstanding frames (`aoecmd_ata_rsp` growth; a timeout or a burst of losses
+//! halves it at most once per loss episode, down to a floor, where the driver's
+//! `rexmit_timer` sets it to 1 on every timeout). `docs/PROTOCOL.md` 4 ("Loss recovery")
+//! says why we differ.
 
 use super::*;
 
@@ -37,6 +40,23 @@ pub(super) struct Target {
     pub(super) taint: u32,
     pub(super) rtt_avg_us: u64,
     pub(super) rtt_dev_us: u64,
+    /// False until the first RTT sample, which replaces the initial estimate (RFC 6298 2.2).
+    pub(super) sampled: bool,
+    /// Send order of frames to this target: each frame (and each copy of it) takes the next
+    /// number, so an answer tells which outstanding frames were sent before it.
+    pub(super) next_seq: u64,
+    /// Frames sent before this number belong to the current loss episode (NewReno's
+    /// `recover`, RFC 6582): their losses do not start another.
+    pub(super) recover_seq: u64,
+    /// Frames lost in the current episode, the window when it began, and whether it has
+    /// cut the window (at most once).
+    pub(super) episode_losses: u32,
+    pub(super) episode_window: u16,
+    pub(super) episode_cut: bool,
+    /// Window reductions (loss episodes).
+    pub(super) reductions: u64,
+    /// Retransmissions triggered by later frames' answers, not by the timer.
+    pub(super) fast_retransmits: u64,
     pub(super) retransmits: u64,
     pub(super) answers: u64,
     /// Timeouts since the last answer.
@@ -60,6 +80,14 @@ impl Target {
             taint: 0,
             rtt_avg_us: RTT_AVG_INIT_US,
             rtt_dev_us: RTT_DEV_INIT_US,
+            sampled: false,
+            next_seq: 0,
+            recover_seq: 0,
+            episode_losses: 0,
+            episode_window: 0,
+            episode_cut: false,
+            reductions: 0,
+            fast_retransmits: 0,
             retransmits: 0,
             answers: 0,
             silent: 0,
@@ -76,23 +104,32 @@ impl Target {
     pub(super) fn reset_rtt(&mut self) {
         self.rtt_avg_us = RTT_AVG_INIT_US;
         self.rtt_dev_us = RTT_DEV_INIT_US;
+        self.sampled = false;
     }
 
-    /// `calc_rttavg`: Jacobson/Karels with gain 1/8 for both average and deviation
-    /// (RTTSCALE 8, RTTDSCALE 3), then window growth: slow start below `ssthresh`,
+    /// The send-order number of the next frame to this target.
+    pub(super) fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    /// An answer: an RTT sample unless the frame was retransmitted (`None`, Karn's rule),
+    /// then window growth as the driver's `aoecmd_ata_rsp`: slow start below `ssthresh`,
     /// afterwards one more frame per full window (`next_cwnd` countdown).
-    pub(super) fn on_answer(&mut self, rtt: Duration) {
-        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
-        let err = rtt.abs_diff(self.rtt_avg_us);
-        if rtt >= self.rtt_avg_us {
-            self.rtt_avg_us += err / 8;
-        } else {
-            self.rtt_avg_us -= err / 8;
-        }
-        if err >= self.rtt_dev_us {
-            self.rtt_dev_us += (err - self.rtt_dev_us) / 8;
-        } else {
-            self.rtt_dev_us -= (self.rtt_dev_us - err) / 8;
+    ///
+    /// The estimator is RFC 6298's: the first sample sets the average and half of it as
+    /// the deviation; later ones move the average by 1/8 and the deviation by 1/4 of the
+    /// error. (The driver's `calc_rttavg` moves both by 1/8 from a 250 ms start, so on a
+    /// 150 µs link it takes some 50 answers to forget the start.)
+    ///
+    /// Karn's rule: a retransmission carries a fresh tag, so its answer is not ambiguous as
+    /// in TCP, but the target answers the original and the copy back to back when only the
+    /// answer was slow, and the copy's short "RTT" would pull the estimate, and with it the
+    /// timeout, below the real round trip: more spurious retransmissions.
+    pub(super) fn on_answer(&mut self, rtt: Option<Duration>) {
+        if let Some(rtt) = rtt {
+            self.sample(rtt);
         }
         if self.maxout >= self.nframes {
             return;
@@ -109,12 +146,59 @@ impl Target {
         }
     }
 
-    /// `rexmit_timer`: any timeout halves the threshold and collapses the window to 1.
-    pub(super) fn on_timeout(&mut self) {
-        if self.maxout != 1 {
-            self.ssthresh = (self.maxout / 2).max(1);
-            self.maxout = 1;
+    fn sample(&mut self, rtt: Duration) {
+        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        if !self.sampled {
+            self.sampled = true;
+            self.rtt_avg_us = rtt;
+            self.rtt_dev_us = rtt / 2;
+            return;
         }
+        let err = rtt.abs_diff(self.rtt_avg_us);
+        if err >= self.rtt_dev_us {
+            self.rtt_dev_us += (err - self.rtt_dev_us) / 4;
+        } else {
+            self.rtt_dev_us -= (self.rtt_dev_us - err) / 4;
+        }
+        if rtt >= self.rtt_avg_us {
+            self.rtt_avg_us += err / 8;
+        } else {
+            self.rtt_avg_us -= err / 8;
+        }
+    }
+
+    /// A frame sent as number `seq` was lost: its timer ran out (`timeout`), or frames sent
+    /// after it were answered first. Losses of frames sent before the episode's first loss
+    /// was seen belong to that episode (NewReno's `recover`, RFC 6582), and an episode cuts
+    /// the window at most once: it is halved, never below `min(floor, nframes)`, and slow
+    /// start ends there; it grows back by one frame per full window ([`Target::on_answer`]).
+    ///
+    /// What cuts it is a sign of congestion, not any loss: a timeout (the path went silent
+    /// for a whole RTO), or more than a quarter of the episode's window lost (a queue that
+    /// overflowed drops frames in bursts). A few frames found lost by later answers, while
+    /// the path keeps answering, are random loss and leave the window alone.
+    ///
+    /// The driver's `rexmit_timer` instead sets the window to 1 on every timeout: on a
+    /// segment that drops 5% of frames at random that keeps the window near 1 and the link
+    /// idle. Returns true if the window was cut.
+    pub(super) fn on_loss(&mut self, seq: u64, floor: u16, timeout: bool) -> bool {
+        if seq >= self.recover_seq {
+            self.recover_seq = self.next_seq;
+            self.episode_losses = 0;
+            self.episode_cut = false;
+            self.episode_window = self.maxout;
+        }
+        self.episode_losses += 1;
+        if self.episode_cut || (!timeout && self.episode_losses * 4 <= self.episode_window as u32) {
+            return false;
+        }
+        let floor = floor.clamp(1, self.nframes.max(1));
+        self.maxout = (self.maxout / 2).max(floor);
+        self.ssthresh = self.maxout;
+        self.next_cwnd = self.maxout;
+        self.episode_cut = true;
+        self.reductions += 1;
+        true
     }
 
     /// The driver's `scorn`: taint grows threefold, capped.
@@ -125,9 +209,31 @@ impl Target {
         self.taint = self.taint.max(n).min(MAX_TAINT);
     }
 
+    /// RFC 6298's `srtt + 4 * rttvar`, at least twice the smoothed RTT (so a steady link,
+    /// whose deviation decays to 0, does not retransmit every frame that is a little late)
+    /// and within [`Config::rto_min`] and [`Config::rto_max`]. The driver uses
+    /// `2 * rttavg + 8 * rttdev` on a 100 ms timer tick (`rexmit_timer`).
     pub(super) fn rto(&self, cfg: &Config) -> Duration {
-        let us = 2 * self.rtt_avg_us + 8 * self.rtt_dev_us;
+        let us = (self.rtt_avg_us + 4 * self.rtt_dev_us).max(2 * self.rtt_avg_us);
         Duration::from_micros(us).clamp(cfg.rto_min, cfg.rto_max.max(cfg.rto_min))
+    }
+
+    /// A frame sent on local interface `iface` was lost: the path's loss count grows, and
+    /// a path with more than `2 * nframes` losses since its last answer is ejected if the
+    /// target has another (`ejectif` in `rexmit_timer`). Returns the log line.
+    pub(super) fn path_lost(&mut self, dev: TargetAddr, iface: usize) -> Option<String> {
+        let nframes = self.nframes as u32;
+        let npaths = self.paths.len();
+        let pi = self.paths.iter().position(|p| p.iface == iface)?;
+        self.paths[pi].lost += 1;
+        if self.paths[pi].lost > 2 * nframes && npaths > 1 {
+            let p = self.paths.remove(pi);
+            return Some(format!(
+                "{dev}: ejecting if {} from target {} after {} losses",
+                p.iface, self.mac, p.lost
+            ));
+        }
+        None
     }
 
     pub(super) fn usable(&self) -> bool {

@@ -125,6 +125,7 @@ impl Engine {
         let rto = t.rto(&self.cfg);
         let iface = t.paths[t.next_path % t.paths.len()].iface;
         t.next_path = t.next_path.wrapping_add(1);
+        let seq = t.take_seq();
         let f = Outstanding {
             dev: addr,
             op,
@@ -136,6 +137,9 @@ impl Engine {
             first_sent: now,
             deadline: self.deadline(now, now, rto),
             retransmits: 0,
+            seq,
+            later_answered: 0,
+            earlier: Vec::new(),
         };
         self.emit_frame(tag, &f);
         self.outstanding.insert(tag, f);

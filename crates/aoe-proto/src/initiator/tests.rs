@@ -11,6 +11,9 @@ const TMAC2: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 2]);
 const HOST: MacAddr = INIT_MACS[0];
 const DEV: TargetAddr = TargetAddr { shelf: 7, slot: 3 };
 
+/// Loss recovery: RTT-following timeout, Karn's rule, fast retransmission, window floor.
+mod loss;
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -539,7 +542,7 @@ fn response_is_matched_by_tag_only_like_the_driver() {
 }
 
 #[test]
-fn retransmit_uses_fresh_tag_and_collapses_window() {
+fn retransmit_uses_fresh_tag_and_cuts_window_to_floor() {
     let (mut e, t0) = up_engine(1000, true);
     e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 })
         .unwrap();
@@ -563,9 +566,11 @@ fn retransmit_uses_fresh_tag_and_collapses_window() {
         "{ev:?}"
     );
     let d = e.device(DEV).unwrap();
-    assert_eq!(d.targets[0].maxout, 1);
+    // Halved, but not below `min_window` (8); the driver would set it to 1.
+    assert_eq!(d.targets[0].maxout, 8);
     assert_eq!(d.stats.retransmits, 1);
-    // The late answer to the old tag is counted and ignored; the new one completes.
+    // The late answer to the old tag completes the read (the same request: the timeout was
+    // too soon); the copy's answer then comes late, and is counted and ignored.
     e.handle_frame(
         deadline,
         0,
@@ -583,7 +588,7 @@ fn retransmit_uses_fresh_tag_and_collapses_window() {
             _ => None,
         })
         .collect();
-    assert_eq!(done, vec![Ok(Some(vec![2; 512]))]);
+    assert_eq!(done, vec![Ok(Some(vec![1; 512]))]);
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
 }
 
@@ -1055,9 +1060,18 @@ fn sim_multipath_path_dies() {
         let dead = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
         assert!(dead.taint > 0, "the silent target is tainted: {dead:?}");
         let answers = dead.answers;
-        // The path comes back: probes untaint it and it carries I/O again.
+        // The path comes back: probes (one per 100 ms tick) untaint it and it carries I/O
+        // again. With fast retransmission and an RTO near the RTT 200 ops take only a few
+        // hundred ms, so run in rounds until it is clean.
         sim.seg_up[1] = true;
-        w.run(&mut sim, 200, Duration::from_secs(600));
+        for _ in 0..10 {
+            w.run(&mut sim, 200, Duration::from_secs(600));
+            let d = sim.device(DEV);
+            let t = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
+            if t.taint == 0 && t.answers > answers + 20 {
+                break;
+            }
+        }
         let back = sim.device(DEV);
         let back = back.targets.iter().find(|t| t.mac == TMAC2).unwrap();
         assert_eq!(back.taint, 0, "{back:?}");

@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Tunables. Defaults are the Linux driver's.
+/// Tunables. Defaults are the Linux driver's, except loss recovery (`rto_min`,
+/// `min_window`, `fast_retransmit`; `docs/PROTOCOL.md` 4, "Loss recovery").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// How long a frame may stay unanswered before its device is declared down
@@ -15,9 +16,11 @@ pub struct Config {
     pub maxout: u16,
     /// Period of the discovery beacon (the driver's `discover_timer`, 60 s). Zero disables it.
     pub discover_interval: Duration,
-    /// Lowest retransmission timeout. The driver's timer ticks every 100 ms (`TIMERTICK`),
-    /// which acts as a floor; without one a 100 µs veth RTT would retransmit every frame a
-    /// slow disk holds for a millisecond.
+    /// Lowest retransmission timeout. The timeout itself follows the measured RTT
+    /// (`srtt + 4 * rttvar`, at least `2 * srtt`), so a disk that holds frames for
+    /// milliseconds raises it; this floor only keeps a quiet 100 µs link from timing out
+    /// on scheduling noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts
+    /// as its floor and turns every random loss into a 100 ms stall.
     pub rto_min: Duration,
     /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
     pub rto_max: Duration,
@@ -39,6 +42,16 @@ pub struct Config {
     /// unexpected responses, refused devices), with the count suppressed in between, like
     /// the driver's `pr_info_ratelimited`. Zero logs every line.
     pub peer_log_interval: Duration,
+    /// The window of a target never shrinks below this many frames (or its `nframes`, if
+    /// smaller) for a loss. It is halved at most once per loss episode, and only for signs
+    /// of congestion (a timeout, or over a quarter of the window lost), and grows back by one
+    /// frame per window. The driver sets it to 1 on every timeout.
+    pub min_window: u16,
+    /// Resend an outstanding frame at once when this many frames sent after it to the same
+    /// target MAC were answered (TCP's fast retransmit, RFC 5681 3.2, counting answers to
+    /// later frames instead of duplicate ACKs). 0 turns it off. The driver waits for the
+    /// timer.
+    pub fast_retransmit: u16,
 }
 
 impl Default for Config {
@@ -47,12 +60,14 @@ impl Default for Config {
             deadsecs: Duration::from_secs(180),
             maxout: 128,
             discover_interval: Duration::from_secs(60),
-            rto_min: Duration::from_millis(50),
+            rto_min: Duration::from_micros(500),
             rto_max: Duration::from_secs(5),
             scorn_after: Duration::from_secs(10),
             max_devices: 256,
             max_targets: 16,
             peer_log_interval: Duration::from_secs(1),
+            min_window: 8,
+            fast_retransmit: 3,
         }
     }
 }
@@ -282,10 +297,15 @@ pub struct TargetInfo {
     pub rtt_avg: Duration,
     /// RTT mean deviation.
     pub rtt_dev: Duration,
-    /// Current retransmission timeout, `2*avg + 8*dev` within the configured bounds.
+    /// Current retransmission timeout: `avg + 4*dev`, at least `2*avg`, within the
+    /// configured bounds.
     pub rto: Duration,
     /// Retransmissions of frames sent to this target.
     pub retransmits: u64,
+    /// Of those, sent because later frames were answered first ([`Config::fast_retransmit`]).
+    pub fast_retransmits: u64,
+    /// Times the window was cut for a loss (at most once per loss episode).
+    pub window_cuts: u64,
     /// ATA responses received from this target.
     pub answers: u64,
 }
