@@ -807,6 +807,8 @@ mod tests {
             rto: Duration::from_millis(50),
             retransmits: 0,
             answers: 7,
+            fast_retransmits: 0,
+            window_cuts: 0,
         };
         DevEntry {
             info: DeviceInfo {
