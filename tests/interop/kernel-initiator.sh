@@ -11,7 +11,7 @@
 #     target on "kitgt" <== veth ==> "kiport" -+
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
-#                            [-c CACHE_DIR] [-T SECONDS] [-k]
+#                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}. E.g.
 #                  -t 'target/release/aoe serve {SHELF} {SLOT} {IFACE} {FILE}'
@@ -22,16 +22,22 @@
 #   -c DIR       cache for the kernel package (default ${AOE_CACHE:-/var/tmp/aoe-test-cache})
 #   -T SECONDS   hard overall timeout (default 600)
 #   -k           keep the run directory (logs, console, backing file)
+#   -r POOL/IMAGE  RBD mode (issue 13): start a one-node Ceph cluster (scripts/ceph-up.sh)
+#                on the loopback of the namespace, put the random data in with
+#                `rbd import` as POOL/IMAGE, make {FILE} `rbd:POOL/IMAGE` and offer the
+#                placeholders {CEPH_CONF} and {CEPH_KEYRING}; the host checks below are made
+#                on what `rbd export` gives after the target stopped, not on a backing file
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
 # 1 MiB random pattern written with dd oflag=direct at an unaligned-to-MiB offset reads back
-# (iflag=direct) identical; the host file holds it at that offset; the full md5 after the
-# write, in the guest and on the host, equals the expected one.
+# (iflag=direct) identical; the host file (with -r: the `rbd export`) holds it at that
+# offset; the full md5 after the write, in the guest and on the host, equals the expected one.
 #
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, apt-get (first run
-# downloads the kernel package; later runs use the cache). Exit status: 0 PASS, 1 FAIL (the
-# last line says why), 2 usage.
+# downloads the kernel package; later runs use the cache); with -r also ceph-mon, ceph-mgr,
+# ceph-osd, ceph-common, uuid-runtime. Exit status: 0 PASS, 1 FAIL (the last line says why),
+# 2 usage.
 set -uo pipefail
 
 TEMPLATE=""
@@ -42,11 +48,13 @@ SIZE_MB=32
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=600
 KEEP=0
-usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:kh" o; do
+RBD=""
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while getopts "t:m:s:l:z:c:T:r:kh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
+        r) RBD=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -55,6 +63,8 @@ for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "kernel-initiator.sh: not a number: $n" >&2; exit 2; }
 done
 [ "$SIZE_MB" -ge 8 ] || { echo "kernel-initiator.sh: -z must be at least 8 (MiB)" >&2; exit 2; }
+[ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
+    { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
 # Hard overall timeout: run the body under timeout(1), which sends SIGTERM; the body's trap
 # then cleans up (namespace, qemu, target). -k: SIGKILL 30 s later if that hangs.
@@ -80,6 +90,14 @@ BUSYBOX=$(command -v busybox || true)
 [ -n "$BUSYBOX" ] && file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' \
     || fail "need a statically linked busybox (Debian package busybox-static)"
 [ -e /dev/net/tun ] || fail "no /dev/net/tun (tap devices)"
+CEPH_UP=$(dirname "$0")/../../scripts/ceph-up.sh
+CEPH_DOWN=$(dirname "$0")/../../scripts/ceph-down.sh
+if [ -n "$RBD" ]; then
+    [ -f "$CEPH_UP" ] && [ -f "$CEPH_DOWN" ] || fail "-r: no $CEPH_UP / $CEPH_DOWN"
+    for t in ceph-mon:ceph-mon ceph-mgr:ceph-mgr ceph-osd:ceph-osd rbd:ceph-common uuidgen:uuid-runtime; do
+        command -v "${t%%:*}" >/dev/null || fail "-r: missing tool ${t%%:*} (Debian package ${t#*:}, scripts/install-deps.sh)"
+    done
+fi
 
 NS=aoeki-$$
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
@@ -103,6 +121,8 @@ cleanup() {
     trap - EXIT INT TERM HUP
     [ -n "$QEMU_PID" ] && stop "$QEMU_PID"
     [ -n "$TARGET_PID" ] && stop "-$TARGET_PID"
+    # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
+    [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     if [ -e "/run/netns/$NS" ]; then
         # Anything left in our own namespace was started by this script.
         for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
@@ -241,11 +261,32 @@ for l in kitap kiport kitgt kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fai
 ip -n "$NS" link set kitap master kibr && ip -n "$NS" link set kiport master kibr || fail "bridge ports"
 for l in kibr kitap kiport kitgt; do ip -n "$NS" link set "$l" up || fail "$l up"; done
 
+# ---------------------------------------------------------------- Ceph (-r only)
+CEPH_CONF="" CEPH_KEYRING="" TFILE=$FILE
+if [ -n "$RBD" ]; then
+    say "RBD mode: one-node Ceph cluster in the namespace, rbd import of the data as $RBD"
+    nsx bash "$CEPH_UP" "$RUN/ceph" >"$RUN/ceph-up.log" 2>&1 ||
+        { cat "$RUN/ceph-up.log"; fail "ceph-up.sh failed"; }
+    CEPH_CONF=$RUN/ceph/ceph.conf
+    CEPH_KEYRING=$RUN/ceph/ceph.client.admin.keyring
+    rbdx() { nsx timeout -k 5 300 rbd -c "$CEPH_CONF" "$@"; }
+    if [[ $RBD == */*/* ]]; then
+        rbdx namespace create "${RBD%/*}" >/dev/null 2>&1 || fail "rbd namespace create ${RBD%/*}"
+    fi
+    rbdx import --no-progress "$FILE" "$RBD" >"$RUN/rbd.log" 2>&1 ||
+        { cat "$RUN/rbd.log"; fail "rbd import into $RBD failed"; }
+    # From here the host side of every check is `rbd export`, never this file.
+    mv "$FILE" "$RUN/seed.img"
+    TFILE=rbd:$RBD
+fi
+
 # ---------------------------------------------------------------- target
 TCMD=${TEMPLATE//\{SHELF\}/$SHELF}
 TCMD=${TCMD//\{SLOT\}/$SLOT}
 TCMD=${TCMD//\{IFACE\}/kitgt}
-TCMD=${TCMD//\{FILE\}/$FILE}
+TCMD=${TCMD//\{FILE\}/$TFILE}
+TCMD=${TCMD//\{CEPH_CONF\}/$CEPH_CONF}
+TCMD=${TCMD//\{CEPH_KEYRING\}/$CEPH_KEYRING}
 say "target: $TCMD"
 # setsid: the target leads its own process group, so stop() reaches any children too.
 # nsenter and setsid exec without forking (setsid: we are not a group leader), so $! is the
@@ -275,12 +316,20 @@ stop "-$TARGET_PID"
 wait "$TARGET_PID" 2>/dev/null
 TARGET_PID=""
 
+# The target has stopped (and flushed): what the image holds now is what `rbd export` says.
+if [ -n "$RBD" ]; then
+    rbdx export --no-progress "$RBD" "$FILE" >"$RUN/rbd.log" 2>&1 ||
+        { cat "$RUN/rbd.log"; fail "rbd export of $RBD failed"; }
+    say "rbd export of $RBD: $(stat -c %s "$FILE") bytes"
+fi
+
 # ---------------------------------------------------------------- verdict
 g() { tr -d '\r' <"$CONSOLE" | sed -n "s/^.*KI:$1 //p" | tail -1; }
 H_REGION=$(dd if="$FILE" bs=$BS skip="$SEEK" count=$(( (1 << 20) / BS )) 2>/dev/null | md5sum | cut -d' ' -f1)
 H_AFTER=$(md5sum <"$FILE" | cut -d' ' -f1)
 echo "### guest:"
 tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
+[ -n "$RBD" ] && echo "### host side: \`rbd export $RBD\`"
 echo "### host: size $((SIZE_MB << 20)) md5 before $H_BEFORE, pattern $PAT_MD5 at $OFF, region now $H_REGION,"
 echo "###       md5 after $H_AFTER (expected $EXP_AFTER); expected payload $EXP_PAYLOAD"
 echo "### target log (tail):"

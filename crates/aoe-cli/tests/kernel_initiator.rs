@@ -26,6 +26,11 @@ fn script() -> PathBuf {
 
 /// Runs the script with `template` at `mtu`; panics with its output unless it passes.
 fn run_kernel_initiator(template: &str, mtu: u32) {
+    run_kernel_initiator_with(template, mtu, &[]);
+}
+
+/// [`run_kernel_initiator`] with `extra` options for the script (e.g. `-r POOL/IMAGE`).
+fn run_kernel_initiator_with(template: &str, mtu: u32, extra: &[&str]) {
     require_root();
     let script = script();
     assert!(
@@ -44,6 +49,7 @@ fn run_kernel_initiator(template: &str, mtu: u32) {
         .arg(&script)
         .args(["-t", template, "-m", &mtu.to_string()])
         .args(["-T", &SCRIPT_TIMEOUT_S.to_string()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -108,4 +114,21 @@ fn kernel_initiator_vblade_mtu_1500_control() {
         "vblade not found on PATH: install Debian package vblade (scripts/install-deps.sh)"
     );
     run_kernel_initiator("vblade {SHELF} {SLOT} {IFACE} {FILE}", 1500);
+}
+
+/// Issue 13: the kernel driver against an RBD-backed export (`aoe serve ... rbd:rbd/ki`).
+/// The script's `-r` mode starts a one-node Ceph cluster in its namespace, puts the random
+/// data in with `rbd import` (the guest's whole-device md5 must match it), and checks the
+/// pattern the guest wrote, and the whole image after it, in `rbd export` instead of a
+/// backing file. Needs the `rbd` feature and the Ceph packages (scripts/install-deps.sh).
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_aoe_serve_rbd_mtu_1500() {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    let template = format!(
+        "'{aoe}' serve --ceph-conf {{CEPH_CONF}} --client-id admin \
+         --keyring {{CEPH_KEYRING}} {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}"
+    );
+    run_kernel_initiator_with(&template, 1500, &["-r", "rbd/ki"]);
 }

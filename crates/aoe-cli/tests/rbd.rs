@@ -319,3 +319,46 @@ fn a_gateway_that_lost_its_lock_refuses_writes() {
     let _ = b.stop();
     r.rig.cleanup();
 }
+
+/// A resized image is seen by the initiator's revalidate: `rbd resize`, then
+/// `echo eX.Y > ROOT/revalidate` (as for the Linux driver's /dev/etherd/revalidate, which
+/// re-sends IDENTIFY), and the export's size attribute shows the new size; the sectors
+/// past the old end are written through AoE and `rbd export` has them. A shrink shows too.
+#[test]
+fn a_resized_image_is_seen_on_revalidate() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let rig = &r.rig;
+    assert_eq!(rig.attr("size").as_deref(), Some("65536"), "{}", rig.logs());
+    r.ceph.ok("rbd", &["resize", "rbd/img", "--size", "48M"]);
+    rig.echo_ok("revalidate", &format!("e{SHELF}.{SLOT}"));
+    assert!(
+        wait_until(Duration::from_secs(30), || rig.attr("size").as_deref()
+            == Some("98304")),
+        "size after rbd resize to 48M and revalidate: {:?}{}",
+        rig.attr("size"),
+        rig.logs()
+    );
+    let grown = pattern(10, 1 << 20);
+    write_sync(&rig.dev(), 40 << 20, &grown).expect("write past the old end");
+    let exported = r.ceph.export("rbd/img");
+    assert_eq!(exported.len(), 48 << 20);
+    assert!(
+        exported[40 << 20..(40 << 20) + grown.len()] == grown[..],
+        "rbd export lacks the write past the old end"
+    );
+    r.ceph.ok(
+        "rbd",
+        &["resize", "rbd/img", "--size", "16M", "--allow-shrink"],
+    );
+    rig.echo_ok("revalidate", &format!("e{SHELF}.{SLOT}"));
+    assert!(
+        wait_until(Duration::from_secs(30), || rig.attr("size").as_deref()
+            == Some("32768")),
+        "size after rbd resize to 16M and revalidate: {:?}{}",
+        rig.attr("size"),
+        rig.logs()
+    );
+    r.rig.finish();
+}

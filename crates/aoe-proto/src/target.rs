@@ -281,6 +281,20 @@ impl Engine {
         self.interfaces[idx] = Some(iface);
     }
 
+    /// Sets the capacity in sectors (a resized backing store, e.g. `rbd resize` of an RBD
+    /// image: issue 13); true if it changed. The IDENTIFY page is rebuilt, so the next
+    /// IDENTIFY carries the new size: the Linux driver re-sends IDENTIFY on `revalidate`
+    /// (aoecmd.c `aoecmd_ata_id`) and `ataid_complete` sets the new capacity when it differs.
+    /// READ/WRITE bounds follow at once.
+    pub fn set_sectors(&mut self, sectors: u64) -> bool {
+        if sectors == self.cfg.sectors {
+            return false;
+        }
+        self.cfg.sectors = sectors;
+        self.identify = identify_page(&self.cfg);
+        true
+    }
+
     /// Sectors per ATA command advertised on an interface: what its MTU carries, capped by
     /// the configuration.
     pub fn sectors_per_frame(&self, iface: &Interface) -> u8 {
@@ -952,6 +966,19 @@ fn write_ata_reply(
         reply[len..MIN_FRAME_LEN].fill(0);
     }
     len.max(MIN_FRAME_LEN)
+}
+
+/// True if `frame` is an AoE ATA request for IDENTIFY DEVICE (whoever it is addressed to):
+/// the daemon re-reads its store's size before handing such a frame to [`Engine::handle_frame`],
+/// so a resize shows on the initiator's next IDENTIFY. Any frame that does not parse is false.
+pub fn is_identify_request(frame: &[u8]) -> bool {
+    match Message::parse(frame) {
+        Ok(m) => {
+            !m.header.response
+                && matches!(m.body, Body::Ata(a) if a.command() == AtaCommand::IdentifyDevice)
+        }
+        Err(_) => false,
+    }
 }
 
 /// IDENTIFY word 53 (field validity): bit 0 vouches for words 54-58, bit 1 for 64-70, bit 2

@@ -914,3 +914,38 @@ fn identify_words_53_and_93_as_vblade() {
     assert_eq!(page[510], 0xa5);
     assert_eq!(page.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
 }
+
+// ------------------------------------------------------------ issue 13: a resized store
+
+#[test]
+fn set_sectors_shows_in_the_next_identify_and_bounds() {
+    let mut e = engine(64);
+    let id = request(HOST, ADDR, ata(0xec, AtaFlags::empty(), 1, 0, &[]));
+    assert!(is_identify_request(&id));
+    let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 64, &[]));
+    assert!(!is_identify_request(&read));
+    assert!(!is_identify_request(&id[..20]));
+    let sectors = |e: &mut Engine| {
+        let r = reply_of(e, &id).unwrap();
+        Identify::parse(&r[36..]).unwrap().sectors()
+    };
+    assert_eq!(sectors(&mut e), 64);
+    assert!(!e.set_sectors(64));
+    assert!(e.set_sectors(128));
+    assert_eq!(e.config().sectors, 128);
+    assert_eq!(sectors(&mut e), 128);
+    // Sector 64, past the old end, is now inside.
+    let mut disk = vec![0u8; 128 * 512];
+    let r = io_round(&mut e, &mut disk, &read);
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(
+        a.cmd_status,
+        status::DRDY,
+        "read of sector 64 after growing"
+    );
+    // Shrinking takes it away again.
+    assert!(e.set_sectors(32));
+    assert_eq!(sectors(&mut e), 32);
+}

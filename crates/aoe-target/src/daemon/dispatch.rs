@@ -12,6 +12,15 @@ impl Daemon {
             return;
         };
         let frame = self.ifaces[idx].batch.frame(f);
+        // The store's size may have changed (`rbd resize`): re-read it for IDENTIFY, which the
+        // initiator sends on discovery and on revalidate. Only whole sectors are exported.
+        if aoe_proto::target::is_identify_request(frame) {
+            let sectors = rt.backend.len() / 512;
+            let old = rt.engine.config().sectors;
+            if rt.engine.set_sectors(sectors) {
+                tracing::info!(export = %rt.spec.addr(), old, sectors, "store resized");
+            }
+        }
         match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
             Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
             Outcome::Drop(reason) => {
