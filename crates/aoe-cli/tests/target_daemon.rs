@@ -723,3 +723,74 @@ fn one_address_on_two_interfaces_of_one_segment_only_as_multipath() {
     );
     assert!(log.contains("share a segment"), "{log}");
 }
+
+/// Issues 9/14: a write that overlaps one still in flight runs after it. A write of A to
+/// sectors 0-1 is slowed down in the store (`aoe_testkit::faultfs`, 500 ms); a write of B to
+/// the same sectors is sent right after it, before its answer. With four workers and no
+/// ordering, B was written (and answered) first and A landed last: what a retransmitted
+/// write answered before its original does to the application's next write.
+#[test]
+fn an_overlapping_write_waits_for_the_one_in_flight() {
+    use aoe_testkit::aoeclient::Request;
+    use aoe_testkit::faultfs::FaultFs;
+    let mut n = Net::new("aoeord", 1500);
+    let store = tempfile::tempdir().unwrap();
+    let backing = store.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    // Without it the kernel sends the FUSE writes of one file one at a time.
+    faults.parallel_writes(true);
+    let file = ffs.file();
+    let ifname = n.target_if();
+    let t = n.serve(&[
+        "-s",
+        "--workers",
+        "4",
+        "3",
+        "1",
+        &ifname,
+        file.to_str().unwrap(),
+    ]);
+    let addr = TargetAddr::new(3, 1);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    // No retransmits of our own: the order is the target's doing alone.
+    c.set_retransmit_timeout(Duration::from_secs(60));
+    let a = vec![0xa1u8; 1024];
+    let b = vec![0xb2u8; 1024];
+    faults.delay_writes(Some((&a[..16], Duration::from_millis(500))));
+    let ta = c.send(&Request::Write { lba: 0, data: a }).unwrap();
+    c.send(&Request::Write {
+        lba: 0,
+        data: b.clone(),
+    })
+    .unwrap();
+    let mut order = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while order.len() < 2 && std::time::Instant::now() < deadline {
+        for r in c.poll(Duration::from_secs(1)).unwrap() {
+            assert!(r.is_ok(), "write failed: {:?}{}", r.body, t.output_so_far());
+            order.push(if r.tag == ta { "A" } else { "B" });
+        }
+    }
+    assert_eq!(order.len(), 2, "answers missing{}", t.output_so_far());
+    faults.delay_writes(None);
+    let r = c
+        .call(&Request::Read { lba: 0, count: 2 }, Duration::from_secs(10))
+        .unwrap();
+    assert!(r.is_ok(), "read failed: {:?}", r.body);
+    let got = r.data();
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert!(
+        got == b && on_disk[..1024] == b[..],
+        "sectors 0-1 read back {:#04x} (store {:#04x}), want B ({:#04x}); answers came {order:?}",
+        got[0],
+        on_disk[0],
+        b[0]
+    );
+    assert_eq!(order, ["A", "B"], "B answered before the A it waited for");
+    drop(t);
+    drop(ffs);
+}

@@ -123,6 +123,11 @@ impl Pool {
         }
     }
 
+    /// Jobs queued and not yet taken by a worker.
+    pub fn queued(&self) -> usize {
+        self.tx.as_ref().map_or(0, Sender::len)
+    }
+
     /// A finished job, if any, without waiting.
     pub fn try_done(&self) -> Option<Done> {
         self.done.try_recv().ok()

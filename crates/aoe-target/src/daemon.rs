@@ -27,10 +27,12 @@ use crate::state::{StateFile, StateWriter};
 
 mod dispatch;
 mod exports;
+mod order;
 mod send;
 
 pub use exports::validate;
 use exports::ExportRt;
+use order::WriteOrder;
 use send::IfaceRt;
 
 /// Frames taken from a socket per recvmmsg.
@@ -138,6 +140,9 @@ pub struct Daemon {
     pool: Pool,
     event: Arc<EventFd>,
     spare: Vec<Vec<u8>>,
+    /// Writes waiting for an overlapping write (all exports): they count against
+    /// [`POOL_QUEUE`] as the pool's own queue does.
+    waiting_writes: usize,
     hostname: String,
     /// Saves state files off the event loop.
     state_writer: StateWriter,
@@ -180,6 +185,7 @@ impl Daemon {
             pool,
             event,
             spare: Vec::new(),
+            waiting_writes: 0,
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),

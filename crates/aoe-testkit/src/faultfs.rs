@@ -12,6 +12,12 @@
 //!   tested is that the error is reported and remembered, not that data vanish).
 //! * `fail_writes(Some(errno))`: every write fails with `errno` (EIO, ENOSPC, ...) and writes
 //!   nothing.
+//! * `delay_writes(prefix, d)`: a write whose data begins with `prefix` waits `d` before it is
+//!   carried out (and answered), as a slow disk does; other writes go on meanwhile. With
+//!   `parallel_writes(true)` set before the file is opened, opens answer `FOPEN_DIRECT_IO |
+//!   FOPEN_PARALLEL_DIRECT_WRITES`, so the kernel sends writes to different ranges of one open
+//!   file at once instead of one at a time under the inode lock (Linux 6.2+): only then can a
+//!   later write overtake a delayed one.
 //! * `fsyncs` and `writes`: counters of the FUSE_FSYNC and FUSE_WRITE requests seen (failed or
 //!   not), e.g. to check that a FLUSH reached fdatasync before it was answered.
 //!
@@ -31,7 +37,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -57,6 +63,10 @@ pub struct Faults {
     fail_fsync: AtomicBool,
     /// 0: writes succeed; otherwise the errno they fail with.
     fail_writes: AtomicI32,
+    /// Writes whose data begin with these bytes wait this long (none: no delay).
+    delay: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// Opens answer FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES.
+    parallel_writes: AtomicBool,
 }
 
 impl Faults {
@@ -69,6 +79,20 @@ impl Faults {
     /// succeed again (`None`).
     pub fn fail_writes(&self, errno: Option<i32>) {
         self.fail_writes.store(errno.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Makes every later write whose data begins with `prefix` (non-empty) wait `delay`
+    /// before it is carried out, or no write wait (`None`).
+    pub fn delay_writes(&self, what: Option<(&[u8], Duration)>) {
+        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = what
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, d)| (p.to_vec(), d));
+    }
+
+    /// Makes later opens of the file ask the kernel for parallel direct writes (`true`), or
+    /// for ordinary page-cache I/O again (`false`, the default).
+    pub fn parallel_writes(&self, on: bool) {
+        self.parallel_writes.store(on, Ordering::SeqCst);
     }
 
     /// Number of fsyncs seen so far.
@@ -169,6 +193,10 @@ impl Filesystem for PassThrough {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match ino.0 {
+            FILE_INO if self.faults.parallel_writes.load(Ordering::SeqCst) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
             FILE_INO => reply.opened(FileHandle(0), FopenFlags::empty()),
             _ => reply.error(Errno::EISDIR),
         }
@@ -220,6 +248,13 @@ impl Filesystem for PassThrough {
         }
         if offset.saturating_add(data.len() as u64) > self.size {
             return reply.error(Errno::ENOSPC);
+        }
+        let delay = match &*self.faults.delay.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((prefix, d)) if data.starts_with(prefix) => Some(*d),
+            _ => None,
+        };
+        if let Some(d) = delay {
+            std::thread::sleep(d);
         }
         match self.backing.write_all_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),

@@ -1,5 +1,16 @@
 //! I/O dispatch and completion: engine actions to worker-pool jobs, completions back to
 //! the engine and its replies to the send backlog; how a store error shows on the wire.
+//!
+//! Ordering: per export, a write that overlaps (byte ranges intersect) a write submitted to
+//! the worker pool and not completed, or an earlier write still waiting, is neither written
+//! inline nor submitted: it waits in [`ExportRt::writes`] and is submitted once every earlier
+//! overlapping write has completed, in arrival order ([`super::order`] says why: a
+//! retransmitted write answered before its original must not let newer data be overwritten
+//! by the original). Reads, flushes and writes to other sectors run in parallel as before. A
+//! waiting write holds its engine slot (so counts against the buffer count) and a place of
+//! [`POOL_QUEUE`] (so the waiting list is bounded like the pool's queue); when neither is
+//! free the request is dropped and counted like one refused by a full pool, and the
+//! initiator retransmits.
 
 use super::*;
 
@@ -37,7 +48,13 @@ impl Daemon {
                 // Fast path: data in the page cache is read (and a write that need not wait is
                 // written) right here with RWF_NOWAIT; only I/O that would block goes to a
                 // worker. Either way the event loop never waits on the disk.
+                let write_range = match &req.kind {
+                    IoKind::Write { offset, data } => Some(*offset..*offset + data.len() as u64),
+                    _ => None,
+                };
+                let ordered = write_range.as_ref().is_some_and(|r| rt.writes.must_wait(r));
                 let inline = match &req.kind {
+                    IoKind::Write { .. } if ordered => Ok(false),
                     IoKind::Read { offset, len } => rt
                         .backend
                         .try_read_at(&mut reply[ATA_HEADER_LEN..ATA_HEADER_LEN + len], *offset),
@@ -88,10 +105,29 @@ impl Daemon {
                     user: (u64::from(id) << 32) | u64::from(req.token.0),
                     buf: reply,
                 };
-                if let Err(job) = self.pool.try_submit(job) {
-                    rt.engine.abort(req.token);
-                    self.spare.push(job.buf);
-                    rt.pool_full_drops += 1;
+                if ordered {
+                    if self.pool.queued() + self.waiting_writes >= POOL_QUEUE {
+                        rt.engine.abort(req.token);
+                        self.spare.push(job.buf);
+                        rt.pool_full_drops += 1;
+                        return;
+                    }
+                    let range = write_range.unwrap_or_else(|| unreachable!());
+                    rt.writes.wait(req.token.0, range, job);
+                    self.waiting_writes += 1;
+                    return;
+                }
+                match self.pool.try_submit(job) {
+                    Ok(()) => {
+                        if let Some(range) = write_range {
+                            rt.writes.started(req.token.0, range);
+                        }
+                    }
+                    Err(job) => {
+                        rt.engine.abort(req.token);
+                        self.spare.push(job.buf);
+                        rt.pool_full_drops += 1;
+                    }
                 }
             }
         }
@@ -124,6 +160,20 @@ impl Daemon {
         match rt.engine.complete(token, result, &mut buf) {
             Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
+        }
+        // Writes that waited for this one go now, in arrival order. One the pool refuses is
+        // dropped (the initiator retransmits) and releases in turn what waited for it.
+        let mut done = vec![token.0];
+        while let Some(t) = done.pop() {
+            for (t, job) in rt.writes.completed(t) {
+                self.waiting_writes -= 1;
+                if let Err(job) = self.pool.try_submit(job) {
+                    rt.engine.abort(Token(t));
+                    self.spare.push(job.buf);
+                    rt.pool_full_drops += 1;
+                    done.push(t);
+                }
+            }
         }
     }
 

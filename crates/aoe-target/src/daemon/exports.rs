@@ -16,6 +16,8 @@ pub(super) struct ExportRt {
     pub(super) pool_full_drops: u64,
     /// Drop counts last logged: (over the buffer count, worker queue full).
     pub(super) drops_logged: (u64, u64),
+    /// Writes in the pool, and writes waiting for an overlapping one (see [`super::order`]).
+    pub(super) writes: WriteOrder<Job>,
 }
 
 impl Daemon {
@@ -244,6 +246,7 @@ impl Daemon {
             retiring: false,
             pool_full_drops: 0,
             drops_logged: (0, 0),
+            writes: WriteOrder::default(),
         })
     }
 }
