@@ -1228,3 +1228,26 @@ impl RbdRig {
         RbdRig { rig, ceph }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Deduplication (issue 10): helpers this session's test files had each written twice
+
+/// Slows `ifname` in `ns` to 16 kbit/s with a tbf qdisc whose queue never drops
+/// (`op` "add"), or removes it again (`op` "del"): frames wait in the queue holding their
+/// socket's send buffer until send() says EAGAIN.
+pub fn tbf_slow_link(ns: &Netns, ifname: &str, op: &str) {
+    let mut args = vec!["qdisc", op, "dev", ifname, "root"];
+    if op == "add" {
+        args.extend([
+            "tbf",
+            "rate",
+            "16kbit",
+            "burst",
+            "1600",
+            "limit",
+            "100000000",
+        ]);
+    }
+    ns.run("tc", &args)
+        .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"));
+}
