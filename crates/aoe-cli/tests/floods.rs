@@ -157,16 +157,7 @@ impl FloodLan {
         let fveth = VethPair::new(&target_ns, &flood_ns, 1500).expect("flooder veth");
         bridge.add_port(fveth.a_name()).expect("bridge port");
         // The bridge's MAC, once every port is in (it follows the lowest port MAC).
-        let target_mac = aoe_testkit::parse_mac(
-            target_ns
-                .ip(&["-o", "link", "show", "dev", bridge.name()])
-                .expect("ip link")
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .expect("bridge MAC"),
-        )
-        .expect("bridge MAC");
+        let target_mac = bridge_mac(&target_ns, bridge.name());
         let expected = fs::read(&file).expect("backing file");
         let mut rig = Rig {
             kind: Target::AoeServe,

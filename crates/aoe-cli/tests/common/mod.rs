@@ -1251,3 +1251,17 @@ pub fn tbf_slow_link(ns: &Netns, ifname: &str, op: &str) {
     ns.run("tc", &args)
         .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"));
 }
+
+/// The MAC of bridge `name` in `ns`, as `ip -o link show` reports it (a bridge's MAC
+/// follows its lowest port MAC, so ask once every port is in).
+pub fn bridge_mac(ns: &Netns, name: &str) -> [u8; 6] {
+    aoe_testkit::parse_mac(
+        ns.ip(&["-o", "link", "show", "dev", name])
+            .expect("ip link")
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("bridge MAC"),
+    )
+    .expect("bridge MAC")
+}
