@@ -51,17 +51,8 @@ const MAX_DEVICES: usize = 256;
 /// Bytes per read of the legitimate client.
 const READ_LEN: usize = 64 * 1024;
 
-/// Little xorshift; seeded per flood so a failure replays.
-struct Rng(u64);
-
+/// common's xorshift, seeded per flood so a failure replays.
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
     /// A shelf.slot that is neither a wildcard nor the real device.
     fn addr(&mut self) -> TargetAddr {
         loop {

@@ -1232,6 +1232,19 @@ impl RbdRig {
 // ------------------------------------------------------------------------------------------
 // Deduplication (issue 10): helpers this session's test files had each written twice
 
+/// Little xorshift (Marsaglia's 13/7/17 triple); each test seeds it per case so a failure
+/// replays. hostile_frames.rs and floods.rs draw from it.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Slows `ifname` in `ns` to 16 kbit/s with a tbf qdisc whose queue never drops
 /// (`op` "add"), or removes it again (`op` "del"): frames wait in the queue holding their
 /// socket's send buffer until send() says EAGAIN.
