@@ -1245,6 +1245,24 @@ impl Rng {
     }
 }
 
+/// A DOS partition table (boot sector) with Linux partitions (type 0x83) at
+/// (LBA start, sectors), the two 32-bit fields of an MBR partition entry.
+pub fn mbr(parts: &[(u32, u32)]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    for (i, &(start, sectors)) in parts.iter().enumerate() {
+        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
+        // status, CHS first (unused: 0xfeffff), type 0x83, CHS last, LBA start, sectors
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    }
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
+}
+
 /// Slows `ifname` in `ns` to 16 kbit/s with a tbf qdisc whose queue never drops
 /// (`op` "add"), or removes it again (`op` "del"): frames wait in the queue holding their
 /// socket's send buffer until send() says EAGAIN.
