@@ -32,6 +32,17 @@ fn events(e: &mut Engine) -> Vec<Event> {
     std::iter::from_fn(|| e.poll_event()).collect()
 }
 
+/// The results of the operations that completed, in order; other events are dropped.
+fn completions(e: &mut Engine) -> Vec<Result<Option<Vec<u8>>, IoError>> {
+    events(e)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Completed { result, .. } => Some(result),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A Query Config response as a target sends it.
 fn config_rsp(src: MacAddr, addr: TargetAddr, bufcnt: u16, scnt: u8, tag: u32) -> Vec<u8> {
     let mut h = HeaderRepr::request(HOST, src, addr, Command::QueryConfig, Tag(tag));
@@ -581,13 +592,7 @@ fn retransmit_uses_fresh_tag_and_cuts_window_to_floor() {
         0,
         &ata_rsp(again, TMAC, status::DRDY, 0, &[2; 512]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     assert_eq!(done, vec![Ok(Some(vec![1; 512]))]);
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
 }

@@ -65,13 +65,7 @@ fn later_answers_resend_a_frame_before_its_timeout() {
         0,
         &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[7; 1024]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     let mut want = vec![6u8; 1024];
     want.extend([5u8; 4 * 1024]);
     assert_eq!(done, vec![Ok(Some(want))]);
@@ -281,13 +275,7 @@ fn answer_to_an_earlier_copy_completes_the_frame_and_raises_the_timeout() {
         0,
         &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[3; 512]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     assert_eq!(done, vec![Ok(Some(vec![3; 512]))]);
     let t = e.device(DEV).unwrap().targets[0].clone();
     assert_eq!(t.nout, 0);
