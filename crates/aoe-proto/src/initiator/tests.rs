@@ -94,6 +94,11 @@ fn identify_page(sectors: u64) -> [u8; 512] {
     .build()
 }
 
+/// TMAC's good answer (DRDY) to IDENTIFY request `req`, for a disk of `sectors`.
+fn identify_rsp(req: &[u8], sectors: u64) -> Vec<u8> {
+    ata_rsp(req, TMAC, status::DRDY, 0, &identify_page(sectors))
+}
+
 /// Sets IDENTIFY word `w` and fixes the integrity checksum (word 255).
 fn set_word(p: &mut [u8; 512], w: usize, v: u16) {
     p[2 * w..2 * w + 2].copy_from_slice(&v.to_le_bytes());
@@ -197,11 +202,7 @@ fn config_response_identify_then_up() {
     assert_eq!(d.targets[0].maxout, 50, "starts at half");
     assert_eq!(d.payload, 1024);
     assert_eq!(d.config, b"cfg");
-    e.handle_frame(
-        t0 + ms(1),
-        0,
-        &ata_rsp(f, TMAC, status::DRDY, 0, &identify_page(5000)),
-    );
+    e.handle_frame(t0 + ms(1), 0, &identify_rsp(f, 5000));
     let ev = events(&mut e);
     assert!(ev.contains(&Event::DeviceUp(DEV)), "{ev:?}");
     assert!(ev.contains(&Event::Log("e7.3 up".into())));
@@ -1347,11 +1348,7 @@ fn last_close_queries_the_device_on_every_interface() {
     let tx = drain(&mut e, now);
     assert_eq!(tx.len(), 1);
     assert_eq!(tx[0].1[27], 0xec, "IDENTIFY");
-    e.handle_frame(
-        now,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(now, 0, &identify_rsp(&tx[0].1, 1000));
     assert_eq!(e.device(DEV).unwrap().state, DeviceState::Up);
 }
 
@@ -1417,11 +1414,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
     drain(&mut e, t0);
     e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 17, 0));
     let tx = drain(&mut e, t0);
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
     events(&mut e);
     assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
     e.revalidate(t0, DEV).unwrap();
@@ -1445,11 +1438,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         "window reset (the engine's wreset: half of 16)"
     );
     // Same size: no resize, but Revalidated.
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&ident[0].1, 1000));
     let ev = events(&mut e);
     assert!(ev.contains(&Event::Revalidated(DEV)), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::DeviceResized { .. })));
@@ -1464,11 +1453,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         1,
         "re-IDENTIFY of an idle device on the config answer"
     );
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&ident[0].1, 1000));
     assert!(!events(&mut e).contains(&Event::Revalidated(DEV)));
 }
 
@@ -1493,11 +1478,7 @@ fn config_response_flood_stops_at_the_device_and_target_caps() {
     drain(&mut small, t0);
     small.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
     let tx = drain(&mut small, t0);
-    small.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    small.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
     assert!(events(&mut small).contains(&Event::DeviceUp(DEV)));
     let mut rng = Rng::new(14);
     let mut sent = 0;
