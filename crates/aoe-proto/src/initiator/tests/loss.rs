@@ -101,33 +101,32 @@ fn retransmitted_frame_gives_no_rtt_sample() {
 #[test]
 fn retransmission_timeout_follows_the_rtt() {
     let (mut e, t0) = up_engine(100_000, true);
-    let mut now = t0;
-    for i in 0..40 {
-        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
-            .unwrap();
-        let tx = drain(&mut e, now);
-        now += Duration::from_micros(150);
-        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
-        events(&mut e);
-    }
+    let now = reads_answered_after(&mut e, t0, Duration::from_micros(150));
     let rto = e.device(DEV).unwrap().targets[0].rto;
     assert!(
         rto < Duration::from_millis(1),
         "rto {rto:?} on a 150 µs RTT"
     );
-    for i in 0..40 {
-        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
-            .unwrap();
-        let tx = drain(&mut e, now);
-        now += Duration::from_millis(20);
-        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
-        events(&mut e);
-    }
+    reads_answered_after(&mut e, now, Duration::from_millis(20));
     let rto = e.device(DEV).unwrap().targets[0].rto;
     assert!(
         rto >= Duration::from_millis(20),
         "rto {rto:?} on a 20 ms RTT"
     );
+}
+
+/// Forty one-sector reads, one at a time, each answered `rtt` after it was sent; returns
+/// the time of the last answer.
+fn reads_answered_after(e: &mut Engine, mut now: Instant, rtt: Duration) -> Instant {
+    for i in 0..40 {
+        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
+            .unwrap();
+        let tx = drain(e, now);
+        now += rtt;
+        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
+        events(e);
+    }
+    now
 }
 
 /// A link that keeps frames in order, as a veth or a switch does (the simulated link draws
