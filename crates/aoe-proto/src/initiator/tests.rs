@@ -32,6 +32,17 @@ fn events(e: &mut Engine) -> Vec<Event> {
     std::iter::from_fn(|| e.poll_event()).collect()
 }
 
+/// The engine's log lines that `keep` accepts, in order; other events are dropped.
+fn log_lines(e: &mut Engine, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    events(e)
+        .into_iter()
+        .filter_map(|ev| match ev {
+            Event::Log(l) if keep(&l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The results of the operations that completed, in order; other events are dropped.
 fn completions(e: &mut Engine) -> Vec<Result<Option<Vec<u8>>, IoError>> {
     events(e)
@@ -1507,13 +1518,7 @@ fn config_response_flood_stops_at_the_device_and_target_caps() {
     let st = small.stats();
     assert!(st.devices_refused > 19_000, "{st:?}");
     assert!(st.targets_refused > 19_000, "{st:?}");
-    let logs: Vec<String> = events(&mut small)
-        .into_iter()
-        .filter_map(|ev| match ev {
-            Event::Log(l) if l.contains("refused") => Some(l),
-            _ => None,
-        })
-        .collect();
+    let logs = log_lines(&mut small, |l| l.contains("refused"));
     // One line per kind per second of flood (1 s of simulated time: at most 2 each).
     assert!(
         (2..=4).contains(&logs.len()),
@@ -1551,13 +1556,7 @@ fn unexpected_responses_log_one_line_per_interval() {
         f[20..24].copy_from_slice(&(0x7000_0000 | i).to_be_bytes());
         e.handle_frame(t0 + Duration::from_millis(u64::from(i) * 2), 0, &f);
     }
-    let lines: Vec<String> = events(&mut e)
-        .into_iter()
-        .filter_map(|ev| match ev {
-            Event::Log(l) if l.starts_with("unexpected rsp") => Some(l),
-            _ => None,
-        })
-        .collect();
+    let lines = log_lines(&mut e, |l| l.starts_with("unexpected rsp"));
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
         lines[1].ends_with("(499 similar lines suppressed)"),
