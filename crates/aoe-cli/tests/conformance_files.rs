@@ -350,23 +350,7 @@ fn identify_page_and_debug_file() {
 #[test]
 fn state_kickme_while_the_send_buffer_is_full() {
     let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
-    let tc = |op: &str| {
-        let mut args = vec!["qdisc", op, "dev", &rig.init_if, "root"];
-        if op == "add" {
-            args.extend([
-                "tbf",
-                "rate",
-                "16kbit",
-                "burst",
-                "1600",
-                "limit",
-                "100000000",
-            ]);
-        }
-        rig.init_ns
-            .run("tc", &args)
-            .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"))
-    };
+    let tc = |op: &str| tbf_slow_link(&rig.init_ns, &rig.init_if, op);
     tc("add");
     let data = pattern(9, 4 << 20);
     let writer = {

@@ -147,22 +147,6 @@ fn growth_vblade() {
 // ------------------------------------------------------------------------------------------
 // revalidate_partition_*: revalidate re-reads the partition table
 
-/// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
-fn mbr(parts: &[(u32, u32)]) -> Vec<u8> {
-    let mut b = vec![0u8; 512];
-    for (i, &(start, sectors)) in parts.iter().enumerate() {
-        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
-        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
-        e[4] = 0x83;
-        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
-        e[8..12].copy_from_slice(&start.to_le_bytes());
-        e[12..16].copy_from_slice(&sectors.to_le_bytes());
-    }
-    b[510] = 0x55;
-    b[511] = 0xaa;
-    b
-}
-
 fn revalidate_partition(kind: Target) {
     // The export starts with one partition, so the scan at discovery is seen to be done
     // (eX.Yp1 appears) before the table changes.

@@ -51,17 +51,8 @@ const MAX_DEVICES: usize = 256;
 /// Bytes per read of the legitimate client.
 const READ_LEN: usize = 64 * 1024;
 
-/// Little xorshift; seeded per flood so a failure replays.
-struct Rng(u64);
-
+/// common's xorshift, seeded per flood so a failure replays.
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
     /// A shelf.slot that is neither a wildcard nor the real device.
     fn addr(&mut self) -> TargetAddr {
         loop {
@@ -157,16 +148,7 @@ impl FloodLan {
         let fveth = VethPair::new(&target_ns, &flood_ns, 1500).expect("flooder veth");
         bridge.add_port(fveth.a_name()).expect("bridge port");
         // The bridge's MAC, once every port is in (it follows the lowest port MAC).
-        let target_mac = aoe_testkit::parse_mac(
-            target_ns
-                .ip(&["-o", "link", "show", "dev", bridge.name()])
-                .expect("ip link")
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .expect("bridge MAC"),
-        )
-        .expect("bridge MAC");
+        let target_mac = bridge_mac(&target_ns, bridge.name());
         let expected = fs::read(&file).expect("backing file");
         let mut rig = Rig {
             kind: Target::AoeServe,

@@ -35,18 +35,6 @@ const OFF: usize = 1024;
 const LEN: usize = 2048;
 const FILE_SECTORS: usize = 4096;
 
-/// Little xorshift for row contents; seeded per row so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Request rows against `aoe serve`
 

@@ -469,23 +469,7 @@ fn second_initiator_on_a_mounted_root_is_refused() {
 #[test]
 fn full_send_buffer_does_not_stall_the_network_thread() {
     let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
-    let tbf = |op: &str| {
-        let mut args = vec!["qdisc", op, "dev", &rig.init_if, "root"];
-        if op == "add" {
-            args.extend([
-                "tbf",
-                "rate",
-                "16kbit",
-                "burst",
-                "1600",
-                "limit",
-                "100000000",
-            ]);
-        }
-        rig.init_ns
-            .run("tc", &args)
-            .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"))
-    };
+    let tbf = |op: &str| tbf_slow_link(&rig.init_ns, &rig.init_if, op);
     tbf("add");
     let data = pattern(9, 4 << 20);
     let writer = {

@@ -481,7 +481,7 @@ fn control_files(kind: Target) {
 
     // Partitions: an MBR written through eX.Y is found when the device comes back; eX.YpN
     // are windows onto the device at the partitions' offsets.
-    let parts: [(u64, u64); 2] = [(2048, 8192), (10240, 20480)];
+    let parts: [(u32, u32); 2] = [(2048, 8192), (10240, 20480)];
     {
         let f = OpenOptions::new().write(true).open(&dev).unwrap();
         f.write_all_at(&mbr(&parts), 0).unwrap();
@@ -493,7 +493,7 @@ fn control_files(kind: Target) {
     let p2 = rig.root.join(format!("{DEV}p2"));
     assert!(
         wait_until(Duration::from_secs(2), || fs::metadata(&p2)
-            .is_ok_and(|m| m.len() == parts[1].1 * 512)),
+            .is_ok_and(|m| m.len() == u64::from(parts[1].1) * 512)),
         "{DEV}p2 missing or of the wrong size{}",
         rig.logs()
     );
@@ -501,7 +501,7 @@ fn control_files(kind: Target) {
         fs::metadata(rig.root.join(format!("{DEV}p1")))
             .unwrap()
             .len(),
-        parts[0].1 * 512
+        u64::from(parts[0].1) * 512
     );
     let data = pattern(500, 3000);
     {
@@ -512,7 +512,7 @@ fn control_files(kind: Target) {
     let mut got = vec![0u8; data.len()];
     File::open(&rig.file)
         .unwrap()
-        .read_exact_at(&mut got, parts[1].0 * 512 + 1234)
+        .read_exact_at(&mut got, u64::from(parts[1].0) * 512 + 1234)
         .unwrap();
     assert!(
         got == data,
@@ -522,7 +522,7 @@ fn control_files(kind: Target) {
     let e = OpenOptions::new()
         .write(true)
         .open(&p2)
-        .and_then(|f| f.write_all_at(&[0; 512], parts[1].1 * 512))
+        .and_then(|f| f.write_all_at(&[0; 512], u64::from(parts[1].1) * 512))
         .unwrap_err();
     assert_eq!(
         e.raw_os_error(),
@@ -577,23 +577,6 @@ fn control_files(kind: Target) {
     );
     assert!(err.contains("interfaces: nosuch0"), "err lines:\n{err}");
     rig.finish();
-}
-
-/// A DOS partition table (boot sector) with Linux partitions at (start, sectors).
-fn mbr(parts: &[(u64, u64)]) -> Vec<u8> {
-    let mut b = vec![0u8; 512];
-    for (i, &(start, sectors)) in parts.iter().enumerate() {
-        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
-        // status, CHS first (unused: 0xfeffff), type 0x83, CHS last, LBA start, sectors
-        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
-        e[4] = 0x83;
-        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
-        e[8..12].copy_from_slice(&(start as u32).to_le_bytes());
-        e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
-    }
-    b[510] = 0x55;
-    b[511] = 0xaa;
-    b
 }
 
 // ------------------------------------------------------------------------------------------

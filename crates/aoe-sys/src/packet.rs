@@ -114,24 +114,7 @@ impl PacketSocket {
     /// With `ETH_P_ALL` (0x0003) no filter is attached and the socket sees every incoming frame
     /// of the interface (the filter would compare against 0x0003 and drop everything).
     pub fn open_ethertype(ifname: &str, ethertype: u16) -> io::Result<PacketSocket> {
-        // SAFETY: socket(2) takes only integers; the result is checked by cvt.
-        let raw = cvt(unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Query through the packet socket itself so the answer is about its own namespace.
-        let info = info_by_name(fd.as_raw_fd(), ifname)?;
-        let sock = PacketSocket {
-            fd,
-            info,
-            ethertype,
-        };
-
+        let sock = Self::open_unbound(ifname, ethertype)?;
         if libc::c_int::from(ethertype) != libc::ETH_P_ALL {
             sock.attach_filter(&ethertype_filter(ethertype))?;
         }
@@ -149,6 +132,17 @@ impl PacketSocket {
     /// reach only `ETH_P_ALL` taps, as tcpdump's do). [`ethertype`](Self::ethertype) reports
     /// `ETH_P_ALL`, the bound protocol.
     pub fn open_tap(ifname: &str, ethertype: u16) -> io::Result<PacketSocket> {
+        let sock = Self::open_unbound(ifname, libc::ETH_P_ALL as u16)?;
+        sock.attach_filter(&ethertype_filter(ethertype))?;
+        sock.drain_queue();
+        sock.bind()?;
+        Ok(sock)
+    }
+
+    /// The part [`open_ethertype`](Self::open_ethertype) and [`open_tap`](Self::open_tap)
+    /// share: a non-blocking `AF_PACKET` raw socket and the interface `ifname` as seen from
+    /// it, with `ethertype` as the protocol the caller will bind; no filter, not yet bound.
+    fn open_unbound(ifname: &str, ethertype: u16) -> io::Result<PacketSocket> {
         // SAFETY: socket(2) takes only integers; the result is checked by cvt.
         let raw = cvt(unsafe {
             libc::socket(
@@ -159,16 +153,13 @@ impl PacketSocket {
         })?;
         // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Query through the packet socket itself so the answer is about its own namespace.
         let info = info_by_name(fd.as_raw_fd(), ifname)?;
-        let sock = PacketSocket {
+        Ok(PacketSocket {
             fd,
             info,
-            ethertype: libc::ETH_P_ALL as u16,
-        };
-        sock.attach_filter(&ethertype_filter(ethertype))?;
-        sock.drain_queue();
-        sock.bind()?;
-        Ok(sock)
+            ethertype,
+        })
     }
 
     /// The interface as it was when the socket was opened (or last

@@ -1228,3 +1228,71 @@ impl RbdRig {
         RbdRig { rig, ceph }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Deduplication (issue 10): helpers this session's test files had each written twice
+
+/// Little xorshift (Marsaglia's 13/7/17 triple); each test seeds it per case so a failure
+/// replays. hostile_frames.rs and floods.rs draw from it.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A DOS partition table (boot sector) with Linux partitions (type 0x83) at
+/// (LBA start, sectors), the two 32-bit fields of an MBR partition entry.
+pub fn mbr(parts: &[(u32, u32)]) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    for (i, &(start, sectors)) in parts.iter().enumerate() {
+        let e = &mut b[446 + 16 * i..446 + 16 * (i + 1)];
+        // status, CHS first (unused: 0xfeffff), type 0x83, CHS last, LBA start, sectors
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = 0x83;
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    }
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
+}
+
+/// Slows `ifname` in `ns` to 16 kbit/s with a tbf qdisc whose queue never drops
+/// (`op` "add"), or removes it again (`op` "del"): frames wait in the queue holding their
+/// socket's send buffer until send() says EAGAIN.
+pub fn tbf_slow_link(ns: &Netns, ifname: &str, op: &str) {
+    let mut args = vec!["qdisc", op, "dev", ifname, "root"];
+    if op == "add" {
+        args.extend([
+            "tbf",
+            "rate",
+            "16kbit",
+            "burst",
+            "1600",
+            "limit",
+            "100000000",
+        ]);
+    }
+    ns.run("tc", &args)
+        .unwrap_or_else(|e| panic!("tc {args:?} (Debian package iproute2): {e}"));
+}
+
+/// The MAC of bridge `name` in `ns`, as `ip -o link show` reports it (a bridge's MAC
+/// follows its lowest port MAC, so ask once every port is in).
+pub fn bridge_mac(ns: &Netns, name: &str) -> [u8; 6] {
+    aoe_testkit::parse_mac(
+        ns.ip(&["-o", "link", "show", "dev", name])
+            .expect("ip link")
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("bridge MAC"),
+    )
+    .expect("bridge MAC")
+}

@@ -32,6 +32,28 @@ fn events(e: &mut Engine) -> Vec<Event> {
     std::iter::from_fn(|| e.poll_event()).collect()
 }
 
+/// The engine's log lines that `keep` accepts, in order; other events are dropped.
+fn log_lines(e: &mut Engine, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    events(e)
+        .into_iter()
+        .filter_map(|ev| match ev {
+            Event::Log(l) if keep(&l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The results of the operations that completed, in order; other events are dropped.
+fn completions(e: &mut Engine) -> Vec<Result<Option<Vec<u8>>, IoError>> {
+    events(e)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Completed { result, .. } => Some(result),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A Query Config response as a target sends it.
 fn config_rsp(src: MacAddr, addr: TargetAddr, bufcnt: u16, scnt: u8, tag: u32) -> Vec<u8> {
     let mut h = HeaderRepr::request(HOST, src, addr, Command::QueryConfig, Tag(tag));
@@ -81,6 +103,11 @@ fn identify_page(sectors: u64) -> [u8; 512] {
         smart: false,
     }
     .build()
+}
+
+/// TMAC's good answer (DRDY) to IDENTIFY request `req`, for a disk of `sectors`.
+fn identify_rsp(req: &[u8], sectors: u64) -> Vec<u8> {
+    ata_rsp(req, TMAC, status::DRDY, 0, &identify_page(sectors))
 }
 
 /// Sets IDENTIFY word `w` and fixes the integrity checksum (word 255).
@@ -186,11 +213,7 @@ fn config_response_identify_then_up() {
     assert_eq!(d.targets[0].maxout, 50, "starts at half");
     assert_eq!(d.payload, 1024);
     assert_eq!(d.config, b"cfg");
-    e.handle_frame(
-        t0 + ms(1),
-        0,
-        &ata_rsp(f, TMAC, status::DRDY, 0, &identify_page(5000)),
-    );
+    e.handle_frame(t0 + ms(1), 0, &identify_rsp(f, 5000));
     let ev = events(&mut e);
     assert!(ev.contains(&Event::DeviceUp(DEV)), "{ev:?}");
     assert!(ev.contains(&Event::Log("e7.3 up".into())));
@@ -581,13 +604,7 @@ fn retransmit_uses_fresh_tag_and_cuts_window_to_floor() {
         0,
         &ata_rsp(again, TMAC, status::DRDY, 0, &[2; 512]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     assert_eq!(done, vec![Ok(Some(vec![1; 512]))]);
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
 }
@@ -1342,11 +1359,7 @@ fn last_close_queries_the_device_on_every_interface() {
     let tx = drain(&mut e, now);
     assert_eq!(tx.len(), 1);
     assert_eq!(tx[0].1[27], 0xec, "IDENTIFY");
-    e.handle_frame(
-        now,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(now, 0, &identify_rsp(&tx[0].1, 1000));
     assert_eq!(e.device(DEV).unwrap().state, DeviceState::Up);
 }
 
@@ -1412,11 +1425,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
     drain(&mut e, t0);
     e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 17, 0));
     let tx = drain(&mut e, t0);
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
     events(&mut e);
     assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
     e.revalidate(t0, DEV).unwrap();
@@ -1440,11 +1449,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         "window reset (the engine's wreset: half of 16)"
     );
     // Same size: no resize, but Revalidated.
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&ident[0].1, 1000));
     let ev = events(&mut e);
     assert!(ev.contains(&Event::Revalidated(DEV)), "{ev:?}");
     assert!(!ev.iter().any(|e| matches!(e, Event::DeviceResized { .. })));
@@ -1459,11 +1464,7 @@ fn revalidate_queries_every_interface_and_relearns_the_payload() {
         1,
         "re-IDENTIFY of an idle device on the config answer"
     );
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&ident[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp(&ident[0].1, 1000));
     assert!(!events(&mut e).contains(&Event::Revalidated(DEV)));
 }
 
@@ -1488,11 +1489,7 @@ fn config_response_flood_stops_at_the_device_and_target_caps() {
     drain(&mut small, t0);
     small.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
     let tx = drain(&mut small, t0);
-    small.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &identify_page(1000)),
-    );
+    small.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
     assert!(events(&mut small).contains(&Event::DeviceUp(DEV)));
     let mut rng = Rng::new(14);
     let mut sent = 0;
@@ -1521,13 +1518,7 @@ fn config_response_flood_stops_at_the_device_and_target_caps() {
     let st = small.stats();
     assert!(st.devices_refused > 19_000, "{st:?}");
     assert!(st.targets_refused > 19_000, "{st:?}");
-    let logs: Vec<String> = events(&mut small)
-        .into_iter()
-        .filter_map(|ev| match ev {
-            Event::Log(l) if l.contains("refused") => Some(l),
-            _ => None,
-        })
-        .collect();
+    let logs = log_lines(&mut small, |l| l.contains("refused"));
     // One line per kind per second of flood (1 s of simulated time: at most 2 each).
     assert!(
         (2..=4).contains(&logs.len()),
@@ -1565,13 +1556,7 @@ fn unexpected_responses_log_one_line_per_interval() {
         f[20..24].copy_from_slice(&(0x7000_0000 | i).to_be_bytes());
         e.handle_frame(t0 + Duration::from_millis(u64::from(i) * 2), 0, &f);
     }
-    let lines: Vec<String> = events(&mut e)
-        .into_iter()
-        .filter_map(|ev| match ev {
-            Event::Log(l) if l.starts_with("unexpected rsp") => Some(l),
-            _ => None,
-        })
-        .collect();
+    let lines = log_lines(&mut e, |l| l.starts_with("unexpected rsp"));
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(
         lines[1].ends_with("(499 similar lines suppressed)"),

@@ -65,13 +65,7 @@ fn later_answers_resend_a_frame_before_its_timeout() {
         0,
         &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[7; 1024]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     let mut want = vec![6u8; 1024];
     want.extend([5u8; 4 * 1024]);
     assert_eq!(done, vec![Ok(Some(want))]);
@@ -107,33 +101,32 @@ fn retransmitted_frame_gives_no_rtt_sample() {
 #[test]
 fn retransmission_timeout_follows_the_rtt() {
     let (mut e, t0) = up_engine(100_000, true);
-    let mut now = t0;
-    for i in 0..40 {
-        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
-            .unwrap();
-        let tx = drain(&mut e, now);
-        now += Duration::from_micros(150);
-        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
-        events(&mut e);
-    }
+    let now = reads_answered_after(&mut e, t0, Duration::from_micros(150));
     let rto = e.device(DEV).unwrap().targets[0].rto;
     assert!(
         rto < Duration::from_millis(1),
         "rto {rto:?} on a 150 µs RTT"
     );
-    for i in 0..40 {
-        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
-            .unwrap();
-        let tx = drain(&mut e, now);
-        now += Duration::from_millis(20);
-        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
-        events(&mut e);
-    }
+    reads_answered_after(&mut e, now, Duration::from_millis(20));
     let rto = e.device(DEV).unwrap().targets[0].rto;
     assert!(
         rto >= Duration::from_millis(20),
         "rto {rto:?} on a 20 ms RTT"
     );
+}
+
+/// Forty one-sector reads, one at a time, each answered `rtt` after it was sent; returns
+/// the time of the last answer.
+fn reads_answered_after(e: &mut Engine, mut now: Instant, rtt: Duration) -> Instant {
+    for i in 0..40 {
+        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
+            .unwrap();
+        let tx = drain(e, now);
+        now += rtt;
+        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
+        events(e);
+    }
+    now
 }
 
 /// A link that keeps frames in order, as a veth or a switch does (the simulated link draws
@@ -281,13 +274,7 @@ fn answer_to_an_earlier_copy_completes_the_frame_and_raises_the_timeout() {
         0,
         &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[3; 512]),
     );
-    let done: Vec<_> = events(&mut e)
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Completed { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let done = completions(&mut e);
     assert_eq!(done, vec![Ok(Some(vec![3; 512]))]);
     let t = e.device(DEV).unwrap().targets[0].clone();
     assert_eq!(t.nout, 0);
