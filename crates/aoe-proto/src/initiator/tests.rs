@@ -131,8 +131,12 @@ fn identify_page_lba28(sectors: u64) -> [u8; 512] {
 
 /// An engine with one interface and device e7.3 up (bufcnt 16, 2 sectors per frame).
 fn up_engine(sectors: u64, lba48: bool) -> (Engine, Instant) {
+    up_engine_with(Config::default(), sectors, lba48)
+}
+
+fn up_engine_with(cfg: Config, sectors: u64, lba48: bool) -> (Engine, Instant) {
     let t0 = Instant::now();
-    let mut e = Engine::new(Config::default(), t0);
+    let mut e = Engine::new(cfg, t0);
     e.add_interface(0, "eth0", HOST, 1500);
     drain(&mut e, t0);
     e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
