@@ -107,6 +107,9 @@ pub fn scan_with(
                 .checked_add(p.sectors)
                 .is_some_and(|e| e <= capacity)
     });
+    // msdos.c adds the four primary slots first and parses extended ones afterwards, so
+    // p4 comes before p5 even when the extended container is in slot 2 or 3.
+    parts.sort_by_key(|p| p.number);
     parts
 }
 
@@ -579,6 +582,26 @@ mod tests {
             scan(&d[..34 * 512], 20000),
             vec![p(1, 2048, 2048), p(2, 4096, 2)]
         );
+    }
+
+    /// An extended container in slot 2 and a primary in slot 4: partitions come out by
+    /// number, p4 before the logical p5, as msdos.c adds them (found by the partition fuzz
+    /// target: the scanner gave [1, 5, 4]).
+    #[test]
+    fn logicals_follow_the_fourth_primary() {
+        let mut d = disk(
+            20000,
+            &[
+                (0x83, 2048, 2048),
+                (0x05, 4096, 6000),
+                (0, 0, 0),
+                (0x83, 12000, 2048),
+            ],
+        );
+        ebr(&mut d, 4096, Some((2048, 1000)), None);
+        let (parts, _) = scan_disk(&d);
+        let numbers: Vec<u32> = parts.iter().map(|p| p.number).collect();
+        assert_eq!(numbers, [1, 2, 4, 5], "{parts:?}");
     }
 
     /// Logical partitions stop at 15, the driver's last minor (msdos.c `state->limit`).
