@@ -67,6 +67,17 @@ struct Eth {
     luns: BTreeMap<(u16, u8, [u8; 6]), Lun>,
 }
 
+impl Eth {
+    /// The answers from `shelf.slot` on this interface, one per target MAC, highest MAC
+    /// first (the order aoetools walks its list in).
+    fn luns_of(&self, shelf: u16, slot: u8) -> impl Iterator<Item = (&(u16, u8, [u8; 6]), &Lun)> {
+        self.luns
+            .iter()
+            .rev()
+            .filter(move |(k, _)| k.0 == shelf && k.1 == slot)
+    }
+}
+
 /// aoetools' `getpciid`: `/sys/class/net/IF/device/{vendor,device}` without the `0x`.
 fn pci_id(name: &str) -> String {
     let read = |f: &str| -> Option<String> {
@@ -97,12 +108,7 @@ fn check(eths: &[Eth], shelf: u16, slot: u8) -> Report {
     let mut paths = Vec::new();
     for e in eths {
         let mut found = false;
-        for l in e
-            .luns
-            .iter()
-            .rev()
-            .filter(|(k, _)| k.0 == shelf && k.1 == slot)
-        {
+        for l in e.luns_of(shelf, slot) {
             found = true;
             mtu = if mtu == 0 { e.mtu } else { mtu.max(e.mtu) };
             if !macs.contains(&l.1.mac) {
@@ -121,12 +127,7 @@ fn check(eths: &[Eth], shelf: u16, slot: u8) -> Report {
     }
     for e in eths {
         let mut found = false;
-        for l in e
-            .luns
-            .iter()
-            .rev()
-            .filter(|(k, _)| k.0 == shelf && k.1 == slot)
-        {
+        for l in e.luns_of(shelf, slot) {
             found = true;
             if l.1.maxsect < e.mtu.saturating_sub(32) / 512 {
                 warnings.push(format!(
