@@ -35,7 +35,8 @@ for i, f in enumerate(frames):
     open(os.path.join(out, "capture-%03d" % i), "wb").write(data)
 PY
     fi
-    # Seed the partition corpus with a DOS table and a GPT (device size, then the sectors).
+    # Seed the partition corpus with a DOS table and a GPT (flags, device size, then the
+    # sectors; flag bit 0 has the target write the GPT's CRCs).
     if [ "$t" = partition ] && [ -z "$(ls -A "$corpus")" ]; then
         python3 - "$corpus" <<'PY'
 import sys, os, struct
@@ -56,8 +57,8 @@ for i, (first, last) in enumerate([(2048, 4095), (4096, cap - 34)]):
     e = 1024 + 128 * i
     gpt[e] = 0xaf
     gpt[e + 32:e + 48] = struct.pack("<QQ", first, last)
-for name, img in (("dos", dos), ("gpt", gpt)):
-    open(os.path.join(out, name), "wb").write(struct.pack("<Q", cap) + bytes(img))
+for name, flags, img in (("dos", 0, dos), ("gpt", 1, gpt)):
+    open(os.path.join(out, name), "wb").write(bytes([flags]) + struct.pack("<Q", cap) + bytes(img))
 PY
     fi
     # Seed the NBD corpora: a handshake (flags, LIST, INFO, GO on e7.3) and a session

@@ -6,8 +6,11 @@
 //!
 //! The table comes from the device, so every field is hostile: all arithmetic on it is
 //! checked, and a table that does not add up yields no partitions or only its valid entries,
-//! never a panic or a partition outside the device. Not done: the GPT CRCs and the backup
-//! GPT at the end of the device (the kernel checks both). Differences on purpose: an entry
+//! never a panic or a partition outside the device. A GPT is taken only with both CRCs right
+//! (header and entry array, as efi.c `is_gpt_valid`); like the kernel without the `gpt`
+//! boot option, the backup GPT at the end of the device is never used in place of a bad
+//! primary (efi.c `find_valid_gpt` reads it only after a valid primary, and only to compare;
+//! we do not compare). Differences on purpose: an entry
 //! that reaches past the device is dropped (the kernel keeps it cut at the end), and an EBR
 //! chain that comes back to an EBR already read ends there (msdos.c follows it, adding the
 //! same logical partitions again under new numbers, until 100 links without one or p15).
@@ -45,6 +48,9 @@ const PROTECTIVE: u8 = 0xee;
 const GPT_ENTRY: usize = 128;
 /// `sizeof(gpt_header)`: the smallest header size `efi.c` accepts.
 const GPT_HEADER_MIN: u32 = 92;
+/// The largest entry array read: efi.c refuses one over `KMALLOC_MAX_SIZE` (4 MiB on x86-64
+/// with 4 KiB pages), so a hostile count cannot make the scan read the whole device.
+pub const GPT_MAX_TABLE_BYTES: u64 = 4 << 20;
 
 /// Partitions described by the first sectors of a device of `capacity` sectors (`head` may
 /// be shorter than [`SCAN_SECTORS`]; what it lacks is not there). EBRs of logical
@@ -70,6 +76,17 @@ pub fn scan_with(
         return Vec::new();
     }
     let slots: Vec<&[u8]> = mbr[446..510].chunks_exact(16).collect();
+    let mut read = |lba: u64| -> Option<Vec<u8>> {
+        // Nothing past the device is read (a link or table there is not followed).
+        if lba >= capacity {
+            return None;
+        }
+        let off = usize::try_from(lba).ok()?.checked_mul(SECTOR)?;
+        match head.get(off..off.checked_add(SECTOR)?) {
+            Some(s) => Some(s.to_vec()),
+            None => read_sector(lba),
+        }
+    };
     let mut parts = if slots.iter().any(|e| e[4] == PROTECTIVE) {
         // efi.c `is_pmbr_valid`: a 0xEE slot starting at LBA 1 (protective or hybrid MBR)
         // means GPT; and msdos.c gives up on any MBR with a 0xEE slot, so without a valid
@@ -78,7 +95,7 @@ pub fn scan_with(
             .iter()
             .any(|e| e[4] == PROTECTIVE && u32le(&e[8..12]) == 1)
         {
-            scan_gpt(head, capacity)
+            scan_gpt(head, capacity, &mut read)
         } else {
             Vec::new()
         }
@@ -87,17 +104,6 @@ pub fn scan_with(
         // partition table (typically a FAT boot sector): no partitions.
         Vec::new()
     } else {
-        let mut read = |lba: u64| -> Option<Vec<u8>> {
-            // A link past the device is not followed (nothing to read there).
-            if lba >= capacity {
-                return None;
-            }
-            let off = usize::try_from(lba).ok()?.checked_mul(SECTOR)?;
-            match head.get(off..off.checked_add(SECTOR)?) {
-                Some(s) => Some(s.to_vec()),
-                None => read_sector(lba),
-            }
-        };
         scan_mbr(&slots, &mut read)
     };
     parts.retain(|p| {
@@ -215,11 +221,19 @@ fn scan_extended(
     }
 }
 
-/// The primary GPT at LBA 1, checked as efi.c `is_gpt_valid` does (but for the CRCs), and
-/// its entries as `is_pte_valid` takes them: a non-zero type GUID, both ends on the device.
-/// Entry `i` (from 0) is partition `i + 1`, as `efi_partition` numbers them, up to
+/// The primary GPT at LBA 1, checked as efi.c `is_gpt_valid` does: signature, header size,
+/// header CRC32 (over `header_size` bytes with the CRC field zeroed), `my_lba`, the usable
+/// range, the entry size, the entry array's size (at most [`GPT_MAX_TABLE_BYTES`], as the
+/// kernel's allocation bound) and its CRC32 (over all `count * 128` bytes, read from the
+/// device where they lie beyond `head`; an unreadable array is no GPT). Its entries are
+/// taken as `is_pte_valid` takes them: a non-zero type GUID, both ends on the device. Entry
+/// `i` (from 0) is partition `i + 1`, as `efi_partition` numbers them, up to
 /// [`GPT_MAX_ENTRIES`].
-fn scan_gpt(head: &[u8], capacity: u64) -> Vec<Partition> {
+fn scan_gpt(
+    head: &[u8],
+    capacity: u64,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Vec<Partition> {
     let Some(last_lba) = capacity.checked_sub(1) else {
         return Vec::new();
     };
@@ -240,24 +254,22 @@ fn scan_gpt(head: &[u8], capacity: u64) -> Vec<Partition> {
         || last_usable > last_lba
         || last_usable < first_usable
         || entry_size as usize != GPT_ENTRY
+        || header_crc(&h[..header_size as usize]) != u32le(&h[16..20])
     {
         return Vec::new();
     }
-    // Where the entries start in `head`; a table beyond what was read has no entries here.
-    let Some(base) = entries_lba
-        .checked_mul(SECTOR as u64)
-        .and_then(|b| usize::try_from(b).ok())
-    else {
+    let table_bytes = u64::from(count) * GPT_ENTRY as u64;
+    if table_bytes > GPT_MAX_TABLE_BYTES {
+        return Vec::new();
+    }
+    let Some(table) = read_table(entries_lba, table_bytes as usize, read) else {
         return Vec::new();
     };
+    if crc32fast::hash(&table) != u32le(&h[88..92]) {
+        return Vec::new();
+    }
     let mut parts = Vec::new();
-    for (number, i) in (1u32..).zip(0..count.min(GPT_MAX_ENTRIES) as usize) {
-        let Some(e) = (i * GPT_ENTRY)
-            .checked_add(base)
-            .and_then(|off| head.get(off..off.checked_add(GPT_ENTRY)?))
-        else {
-            break;
-        };
+    for (number, e) in (1u32..=GPT_MAX_ENTRIES).zip(table.chunks_exact(GPT_ENTRY)) {
         if e[..16].iter().all(|b| *b == 0) {
             continue;
         }
@@ -277,6 +289,33 @@ fn scan_gpt(head: &[u8], capacity: u64) -> Vec<Partition> {
         });
     }
     parts
+}
+
+/// CRC32 of a GPT header with its own CRC field (bytes 16..20) taken as zero.
+fn header_crc(h: &[u8]) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..16]);
+    c.update(&[0; 4]);
+    c.update(&h[20..]);
+    c.finalize()
+}
+
+/// `len` bytes of the device from sector `lba` on, sector by sector through `read`; None if
+/// a sector cannot be read or the range does not fit the address space.
+fn read_table(
+    lba: u64,
+    len: usize,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let mut table = Vec::with_capacity(len);
+    let mut at = lba;
+    while table.len() < len {
+        let sector = read(at)?;
+        let take = (len - table.len()).min(sector.len());
+        table.extend_from_slice(sector.get(..take)?);
+        at = at.checked_add(1)?;
+    }
+    Some(table)
 }
 
 fn u32le(b: &[u8]) -> u32 {
@@ -343,7 +382,7 @@ mod tests {
     }
 
     /// A protective MBR and a GPT header as sgdisk writes it for a device of `capacity`
-    /// sectors (CRCs left out: not checked), entries at LBA 2, then `entries` (first, last).
+    /// sectors, entries at LBA 2, then `entries` (first, last), both CRCs right.
     fn gpt(capacity: u64, entries: &[(u64, u64)]) -> Vec<u8> {
         let mut s = mbr(&[(0xee, 1, 0xffff_ffff)]);
         let h = &mut s[512..1024];
@@ -363,7 +402,31 @@ mod tests {
             e[32..40].copy_from_slice(&first.to_le_bytes());
             e[40..48].copy_from_slice(&last.to_le_bytes());
         }
+        seal(&mut s);
         s
+    }
+
+    /// Recomputes both CRCs of the GPT in `s` (entry array as far as `s` holds it), so a
+    /// test that changes a field meets the check for that field, not the CRC's.
+    fn seal(s: &mut [u8]) {
+        let lba = u64le(&s[512 + 72..]);
+        let len = u64::from(u32le(&s[512 + 80..])) * 128;
+        let table_crc = usize::try_from(lba)
+            .ok()
+            .and_then(|l| l.checked_mul(512))
+            .and_then(|a| Some(a..a.checked_add(usize::try_from(len).ok()?)?))
+            .and_then(|r| s.get(r))
+            .map_or(0, crc32fast::hash);
+        set(s, 512 + 88, &table_crc.to_le_bytes());
+        let size = (u32le(&s[512 + 12..]) as usize).clamp(20, 512);
+        let crc = header_crc(&s[512..512 + size]);
+        set(s, 512 + 16, &crc.to_le_bytes());
+    }
+
+    /// Sets a field and reseals the table.
+    fn set_sealed(s: &mut [u8], at: usize, bytes: &[u8]) {
+        set(s, at, bytes);
+        seal(s);
     }
 
     fn set(s: &mut [u8], at: usize, bytes: &[u8]) {
@@ -387,6 +450,7 @@ mod tests {
         let mut t = s.clone();
         t[1024..1152].fill(0);
         t[1024 + 256..1024 + 384].fill(0);
+        seal(&mut t);
         assert_eq!(scan(&t, 10000), vec![p(2, 2048, 2048), p(4, 4096, 4096)]);
     }
 
@@ -396,9 +460,9 @@ mod tests {
     #[test]
     fn gpt_entries_lba_overflow() {
         let mut s = gpt(10000, &[(2048, 4095)]);
-        set(&mut s, 512 + 72, &((1u64 << 55) + 1).to_le_bytes());
+        set_sealed(&mut s, 512 + 72, &((1u64 << 55) + 1).to_le_bytes());
         assert_eq!(scan(&s, 10000), vec![]);
-        set(&mut s, 512 + 72, &u64::MAX.to_le_bytes());
+        set_sealed(&mut s, 512 + 72, &u64::MAX.to_le_bytes());
         assert_eq!(scan(&s, 10000), vec![]);
     }
 
@@ -416,30 +480,75 @@ mod tests {
     fn gpt_entry_size_not_128() {
         let mut s = gpt(10000, &[(2048, 4095), (4096, 8191)]);
         for size in [256u32, 0xffff_ffff, 64, 0] {
-            set(&mut s, 512 + 84, &size.to_le_bytes());
+            set_sealed(&mut s, 512 + 84, &size.to_le_bytes());
             assert_eq!(scan(&s, 10000), vec![], "entry size {size}");
         }
     }
 
-    /// A huge entry count is read only as far as the scanned sectors go.
+    /// An entry array larger than the kernel would allocate is no GPT (and is not read); a
+    /// legal one beyond the scanned sectors is read from the device, sector by sector, and
+    /// its CRC checked over all of it.
     #[test]
     fn gpt_entry_count_huge() {
         let mut s = gpt(10000, &[(2048, 4095)]);
-        set(&mut s, 512 + 80, &u32::MAX.to_le_bytes());
-        assert_eq!(scan(&s, 10000), vec![p(1, 2048, 2048)]);
-        // Entries LBA 33: only four fit in the 34 sectors read.
-        set(&mut s, 512 + 72, &33u64.to_le_bytes());
-        for i in 0..4u64 {
-            let e = 33 * 512 + i as usize * 128;
-            s[e] = 1;
-            set(&mut s, e + 32, &(100 + 10 * i).to_le_bytes());
-            set(&mut s, e + 40, &(109 + 10 * i).to_le_bytes());
-        }
-        let got = scan(&s, 10000);
+        set_sealed(&mut s, 512 + 80, &u32::MAX.to_le_bytes());
+        let mut reads = 0;
         assert_eq!(
-            got.iter().map(|p| p.number).collect::<Vec<_>>(),
-            [1, 2, 3, 4]
+            scan_with(&s, 10000, &mut |_| {
+                reads += 1;
+                None
+            }),
+            vec![]
         );
+        assert_eq!(reads, 0);
+        // 4 MiB exactly is allowed: 32768 entries, 8192 sectors from LBA 2.
+        let mut disk = gpt(10000, &[(2048, 4095)]);
+        disk.resize(8194 * 512, 0);
+        set_sealed(&mut disk, 512 + 80, &32768u32.to_le_bytes());
+        let head = &disk[..SCAN_SECTORS as usize * 512];
+        let mut reads = 0;
+        let got = scan_with(head, 10000, &mut |lba| {
+            reads += 1;
+            let at = lba as usize * 512;
+            disk.get(at..at + 512).map(<[u8]>::to_vec)
+        });
+        assert_eq!(got, vec![p(1, 2048, 2048)]);
+        assert_eq!(reads, 8194 - SCAN_SECTORS as usize);
+        // The same array, one sector unreadable: no GPT.
+        let got = scan_with(head, 10000, &mut |lba| {
+            let at = lba as usize * 512;
+            (lba != 5000).then(|| disk[at..at + 512].to_vec())
+        });
+        assert_eq!(got, vec![]);
+    }
+
+    /// The header's CRC32 and the entry array's CRC32 (efi.c `is_gpt_valid`): one flipped bit
+    /// in the header, in an entry the scan uses, or in one it never looks at (entry 100) means
+    /// no GPT at all, as the kernel's scan finds none. The old code took all three.
+    #[test]
+    fn gpt_crcs_checked() {
+        let good = gpt(10000, &[(2048, 4095), (4096, 8191)]);
+        assert_eq!(scan(&good, 10000), vec![p(1, 2048, 2048), p(2, 4096, 4096)]);
+        for (what, at) in [
+            ("header: first usable", 512 + 40),
+            ("header: CRC field", 512 + 16),
+            ("header: entries CRC field", 512 + 88),
+            ("entry 1's last LBA", 1024 + 40),
+            ("entry 100's type", 1024 + 99 * 128),
+        ] {
+            let mut s = good.clone();
+            s[at] ^= 1;
+            assert_eq!(scan(&s, 10000), vec![], "{what}");
+        }
+        // Bytes after a 92-byte header are outside its CRC (`header_size` bytes only); a
+        // larger header_size takes them in.
+        let mut s = good.clone();
+        s[512 + 200] = 7;
+        assert_eq!(scan(&s, 10000).len(), 2);
+        set(&mut s, 512 + 12, &512u32.to_le_bytes());
+        assert_eq!(scan(&s, 10000), vec![]);
+        seal(&mut s);
+        assert_eq!(scan(&s, 10000).len(), 2);
     }
 
     /// The header fields efi.c `is_gpt_valid` checks: a header that fails one of them is no
@@ -458,7 +567,7 @@ mod tests {
         ];
         for (what, at, bytes) in cases {
             let mut s = good.clone();
-            set(&mut s, 512 + at, bytes);
+            set_sealed(&mut s, 512 + at, bytes);
             assert_eq!(scan(&s, 10000), vec![], "{what}");
         }
         // The protective slot must start at LBA 1 (efi.c `pmbr_part_valid`).
