@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod blockdev;
+pub mod errlog;
 pub mod net;
 pub mod partition;
 
