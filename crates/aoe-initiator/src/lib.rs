@@ -28,6 +28,7 @@
 
 pub mod blockdev;
 pub mod errlog;
+pub mod iostats;
 pub mod net;
 pub mod partition;
 

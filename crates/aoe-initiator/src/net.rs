@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::blockdev::rangelock::RangeLocks;
 use crate::errlog::ErrLog;
+use crate::iostats::IoBytes;
 use crate::partition::{self, Partition};
 
 /// Called once with the outcome of an I/O: read data, or an errno.
@@ -86,6 +87,8 @@ pub struct Shared {
     pub nbd_clients: BTreeMap<String, u32>,
     /// The rate limit of the log copy of `err` lines.
     pub err_log: ErrLog,
+    /// Bytes read and written per device (metrics).
+    pub io_bytes: Arc<IoBytes>,
 }
 
 /// A reader blocked on the `err` control file (a FUSE read, in `aoe-fuse`), answered once.
@@ -169,6 +172,7 @@ pub struct Handle {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     locks: RangeLocks,
+    bytes: Arc<IoBytes>,
 }
 
 impl Handle {
@@ -181,6 +185,7 @@ impl Handle {
 
     /// Submits I/O.
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
+        let done = self.bytes.counting(dev, &op, done);
         self.send(Cmd::Io { dev, op, done });
     }
 
@@ -339,6 +344,7 @@ impl Net {
             tx,
             wake: wake.clone(),
             locks: RangeLocks::new(),
+            bytes: lock(&shared).io_bytes.clone(),
         };
         Ok(Net {
             engine,

@@ -305,6 +305,8 @@ impl Daemon {
                         dropped: st.dropped,
                         dropped_over_buffer_count: st.over_buffer_count,
                         dropped_queue_full: e.pool_full_drops,
+                        requests: st.requests.into(),
+                        aoe_error_codes: st.aoe_error_codes.into(),
                     },
                 }
             })
