@@ -393,7 +393,7 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "control socket {} is in use by another aoe serve; give this one another \
-                 --control PATH",
+                 --control PATH (or control = \"PATH\" in its config file)",
                 path.display()
             );
         }

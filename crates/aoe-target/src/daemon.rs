@@ -338,12 +338,28 @@ impl Daemon {
             return;
         };
         match ServeConfig::load(&path).map_err(anyhow::Error::from) {
-            Ok(cfg) => match self.apply(cfg) {
-                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-                Err(e) => {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
-                }
-            },
+            Ok(cfg) if cfg.control != self.config.control => {
+                let was = self.config.control.clone();
+                let shown = |c: &Option<PathBuf>| {
+                    c.as_ref()
+                        .map_or("the default".to_string(), |p| p.display().to_string())
+                };
+                tracing::warn!(
+                    "reload: control = {} is read at start; the socket stays at {} until \
+                     aoe serve restarts",
+                    shown(&cfg.control),
+                    shown(&was)
+                );
+                self.apply_reloaded(ServeConfig { control: was, ..cfg }, &path);
+            }
+            Ok(cfg) => self.apply_reloaded(cfg, &path),
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        }
+    }
+
+    fn apply_reloaded(&mut self, cfg: ServeConfig, path: &std::path::Path) {
+        match self.apply(cfg) {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
         }
     }
