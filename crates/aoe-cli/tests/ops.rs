@@ -553,6 +553,8 @@ fn exporting_line_names_read_only_direct_sync_offset_and_mask() {
     t.stop().unwrap();
     let log = t.output_so_far();
     let line = log.lines().find(|l| l.contains("exporting")).unwrap();
+    // Keyed by shelf.slot, as every per-export line (issue 12).
+    assert!(line.contains("e3.4: exporting"), "{line:?}");
     for want in [
         "read_only=true",
         "direct=false",

@@ -761,7 +761,7 @@ impl Net {
             let mut s = lock(&shared);
             if let Some(e) = s.devices.get_mut(&dev) {
                 if !parts.is_empty() {
-                    tracing::info!(device = %dev, partitions = parts.len(), "partition table found");
+                    tracing::info!(partitions = parts.len(), "{dev}: partition table found");
                 }
                 e.partitions = parts;
                 if loop_devices && e.loop_device.is_none() {
@@ -774,7 +774,7 @@ impl Net {
             .name("aoe-partscan".into())
             .spawn(scan)
         {
-            tracing::warn!(device = %dev, error = %e, "cannot start the partition scan");
+            tracing::warn!(error = %e, "{dev}: cannot start the partition scan");
         }
     }
 

@@ -451,13 +451,13 @@ impl Daemon {
             let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
             if now != rt.drops_logged {
                 tracing::warn!(
-                    export = %rt.spec.addr(),
                     buffer_count = rt.spec.buffer_count,
                     over_buffer_count = now.0 - rt.drops_logged.0,
                     queue_full = now.1 - rt.drops_logged.1,
                     total_over_buffer_count = now.0,
                     total_queue_full = now.1,
-                    "requests dropped (the initiator retransmits)"
+                    "{}: requests dropped (the initiator retransmits)",
+                    rt.spec.addr()
                 );
                 rt.drops_logged = now;
             }
