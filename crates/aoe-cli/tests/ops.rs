@@ -653,7 +653,10 @@ fn read_progress_only_on_a_terminal_and_ping_cfg_json() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(fs::read(&out_file).unwrap() == data, "aoe read copied wrong data");
+    assert!(
+        fs::read(&out_file).unwrap() == data,
+        "aoe read copied wrong data"
+    );
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(
         !err.contains('\r') && err.starts_with("e5.6: read 16384 sectors"),

@@ -230,10 +230,7 @@ fn control_socket_path_from_the_config_file_and_the_flag_over_it() {
     .unwrap();
     let from_file = dir.path().join("run/ctl.sock");
     let flag = dir.path().join("flag.sock");
-    for (extra, want, not) in [
-        (None, &from_file, &flag),
-        (Some(&flag), &flag, &from_file),
-    ] {
+    for (extra, want, not) in [(None, &from_file, &flag), (Some(&flag), &flag, &from_file)] {
         let mut c = Command::new(AOE);
         c.args(["serve", "--config"]).arg(&conf);
         if let Some(f) = extra {

@@ -202,10 +202,26 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     assert!(value(&t, &format!("aoe_target_replies_total{ex}")).unwrap() > 0.0);
     // Discovery IDENTIFYs the device and queries its config; every kind and error code is
     // exported, zero or not.
-    assert!(value(&t, &kind("ata_identify")).unwrap_or(0.0) >= 1.0, "{t}");
-    assert!(value(&t, &kind("config_query")).unwrap_or(0.0) >= 1.0, "{t}");
-    for k in ["ata_flush", "ata_other", "config_set", "mac_mask", "reserve", "unknown"] {
-        assert!(value(&t, &kind(k)).is_some(), "no requests of kind {k}:\n{t}");
+    assert!(
+        value(&t, &kind("ata_identify")).unwrap_or(0.0) >= 1.0,
+        "{t}"
+    );
+    assert!(
+        value(&t, &kind("config_query")).unwrap_or(0.0) >= 1.0,
+        "{t}"
+    );
+    for k in [
+        "ata_flush",
+        "ata_other",
+        "config_set",
+        "mac_mask",
+        "reserve",
+        "unknown",
+    ] {
+        assert!(
+            value(&t, &kind(k)).is_some(),
+            "no requests of kind {k}:\n{t}"
+        );
     }
     assert!(
         value(
@@ -232,7 +248,8 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     ] {
         assert!(
             i.lines()
-                .any(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("device=\"{DEV}\""))),
+                .any(|l| l.starts_with(&format!("{name}{{"))
+                    && l.contains(&format!("device=\"{DEV}\""))),
             "no {name}:\n{i}"
         );
     }

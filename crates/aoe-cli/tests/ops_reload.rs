@@ -72,7 +72,8 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     let t = rig.target_ns.spawn(cmd).expect("start aoe serve");
     rig.target = Some(t);
     assert!(
-        wait_until(Duration::from_secs(10), || packet_sockets(&rig.target_ns) > 0),
+        wait_until(Duration::from_secs(10), || packet_sockets(&rig.target_ns)
+            > 0),
         "aoe serve --config did not start{}",
         rig.logs()
     );
@@ -113,7 +114,12 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     };
 
     let pid = rig.target.as_ref().expect("target").pid();
-    let log = |rig: &Rig| rig.target.as_ref().map(|t| t.output_so_far()).unwrap_or_default();
+    let log = |rig: &Rig| {
+        rig.target
+            .as_ref()
+            .map(|t| t.output_so_far())
+            .unwrap_or_default()
+    };
     let steps: [(&str, Option<(&Path, bool)>); 4] = [
         ("the same file again", None),
         ("a second export added", Some((&other, false))),
@@ -124,7 +130,8 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
         // Reads are going on before each reload.
         let r0 = reads.load(Ordering::Relaxed);
         assert!(
-            wait_until(Duration::from_secs(30), || reads.load(Ordering::Relaxed) >= r0 + 3
+            wait_until(Duration::from_secs(30), || reads.load(Ordering::Relaxed)
+                >= r0 + 3
                 || failure.lock().unwrap().is_some()),
             "no reads before reload {n} ({what}){}",
             rig.logs()
@@ -154,7 +161,8 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     );
     let r0 = reads.load(Ordering::Relaxed);
     assert!(
-        wait_until(Duration::from_secs(30), || reads.load(Ordering::Relaxed) >= r0 + 3
+        wait_until(Duration::from_secs(30), || reads.load(Ordering::Relaxed)
+            >= r0 + 3
             || failure.lock().unwrap().is_some()),
         "no reads after the last reload{}",
         rig.logs()
@@ -170,7 +178,10 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
         .lines()
         .filter(|l| l.contains("exporting") && l.contains(&dev))
         .count();
-    assert_eq!(opened, 1, "the unchanged export {dev} was reopened:\n{tlog}");
+    assert_eq!(
+        opened, 1,
+        "the unchanged export {dev} was reopened:\n{tlog}"
+    );
     assert!(
         !tlog
             .lines()

@@ -350,7 +350,13 @@ impl Daemon {
                     shown(&cfg.control),
                     shown(&was)
                 );
-                self.apply_reloaded(ServeConfig { control: was, ..cfg }, &path);
+                self.apply_reloaded(
+                    ServeConfig {
+                        control: was,
+                        ..cfg
+                    },
+                    &path,
+                );
             }
             Ok(cfg) => self.apply_reloaded(cfg, &path),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),

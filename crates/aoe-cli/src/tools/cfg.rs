@@ -217,7 +217,10 @@ mod tests {
         view.set_error(4);
         assert_eq!(answer_text(&f), "*badcfg*");
         let j = answer_json(&f);
-        assert_eq!((&j["error"], &j["error_code"]), (&"badcfg".into(), &4.into()));
+        assert_eq!(
+            (&j["error"], &j["error_code"]),
+            (&"badcfg".into(), &4.into())
+        );
     }
 
     #[test]

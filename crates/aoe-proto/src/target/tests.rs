@@ -977,8 +977,14 @@ fn requests_and_errors_are_counted_by_kind() {
         &mut disk,
         &request(HOST, ADDR, ata(0xe7, AtaFlags::empty(), 0, 0, &[])),
     );
-    let _ = reply_of(&mut e, &request(HOST, ADDR, ata(0xec, AtaFlags::empty(), 1, 0, &[])));
-    let _ = reply_of(&mut e, &request(HOST, ADDR, ata(0xe5, AtaFlags::empty(), 0, 0, &[])));
+    let _ = reply_of(
+        &mut e,
+        &request(HOST, ADDR, ata(0xec, AtaFlags::empty(), 1, 0, &[])),
+    );
+    let _ = reply_of(
+        &mut e,
+        &request(HOST, ADDR, ata(0xe5, AtaFlags::empty(), 0, 0, &[])),
+    );
     let _ = reply_of(&mut e, &request(HOST, ADDR, cfg(ConfigCommand::Read, b"")));
     let _ = reply_of(&mut e, &request(HOST, ADDR, cfg(ConfigCommand::Set, b"a")));
     // A second set finds the string present: error 4.
