@@ -406,10 +406,11 @@ fn multipath_one_path_cut_mid_transfer() {
     let back = fs::read(&r.rig.file).expect("backing file");
     assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
     let cut_mac = MacAddr(r.paths[0].1).to_string();
-    // Every `err` line as a reader of the file saw it during the run: the daemon logs each
-    // at INFO (`push_err`). The file itself keeps only the last 100 (the driver's
-    // ring), which spurious retransmissions on the surviving path (a loaded machine, an RTO
-    // near the RTT) and their late answers can fill after the cut path was ejected.
+    // The `err` lines as a reader of the file saw them during the run: the daemon logs them
+    // at INFO (`push_err`), retransmissions at least once a second per path (`errlog.rs`).
+    // The file itself keeps only the last 100 (the driver's ring), which spurious
+    // retransmissions on the surviving path (a loaded machine, an RTO near the RTT) and
+    // their late answers can fill after the cut path was ejected.
     let log = r
         .rig
         .initiator
