@@ -119,6 +119,31 @@ pub fn target_text(obs: &Observer) -> String {
         "FLUSH CACHE commands",
         per(&|c| c.flushes),
     );
+    let mut requests = Vec::new();
+    let mut codes = Vec::new();
+    for e in &snap.exports {
+        for (kind, n) in e.counters.requests.named() {
+            let mut l = ex(e);
+            l.push(("kind".into(), kind.into()));
+            requests.push((l, n));
+        }
+        for (code, n) in e.counters.aoe_error_codes.named() {
+            let mut l = ex(e);
+            l.push(("code".into(), code.into()));
+            codes.push((l, n));
+        }
+    }
+    s.counter(
+        "aoe_target_requests",
+        "Requests by command: ATA read, write, identify, flush, other; Query Config query and \
+         set; Mac Mask List; Reserve/Release; unknown commands",
+        requests,
+    );
+    s.counter(
+        "aoe_target_aoe_errors",
+        "Replies with the AoE error flag by error code (AoEr11 section 2.4)",
+        codes,
+    );
     let mut errors = Vec::new();
     let mut drops = Vec::new();
     for e in &snap.exports {
@@ -172,11 +197,11 @@ pub fn target_text(obs: &Observer) -> String {
 
 /// The initiator's metrics, per device (`device="eX.Y"`) and per target MAC.
 pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
-    let devs: Vec<_> = aoe_initiator::net::lock(shared)
-        .devices
-        .values()
-        .map(|d| d.info.clone())
-        .collect();
+    let (devs, io_bytes) = {
+        let s = aoe_initiator::net::lock(shared);
+        let devs: Vec<_> = s.devices.values().map(|d| d.info.clone()).collect();
+        (devs, s.io_bytes.clone())
+    };
     let mut s = Scrape::new();
     let dl = |d: &aoe_proto::initiator::DeviceInfo| labels(&[("device", &d.addr.to_string())]);
     let per = |f: &dyn Fn(&aoe_proto::initiator::DeviceInfo) -> u64| {
@@ -212,6 +237,16 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         "aoe_initiator_requests",
         "Block requests completed, by result",
         ops,
+    );
+    s.counter(
+        "aoe_initiator_read_bytes",
+        "Bytes read from the device (completed reads of the files, NBD and partition scans)",
+        per(&|d| io_bytes.of(d.addr).0),
+    );
+    s.counter(
+        "aoe_initiator_written_bytes",
+        "Bytes written to the device (completed writes)",
+        per(&|d| io_bytes.of(d.addr).1),
     );
     s.counter(
         "aoe_initiator_frames_sent",

@@ -185,6 +185,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             aoe_target::probe::DEFAULT_PROBE,
             std::time::Duration::from_millis,
         ),
+        control: None,
     };
     Ok((cfg, None))
 }
@@ -209,12 +210,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         println!("configuration ok: {} export(s)", cfg.exports.len());
         return Ok(());
     }
+    let cfg_control = cfg.control.clone();
     let control = Control::with_signals().context("cannot install signal handlers")?;
     let mut daemon = Daemon::new(cfg, path)?;
     if let Some(addr) = a.metrics.metrics {
         let obs = daemon.observer();
         crate::metrics::serve(addr, move || crate::metrics::target_text(&obs))?;
     }
-    let _control = crate::target_ctl::listen(&a.control, daemon.observer())?;
+    // `--control` wins over the file's `control` key.
+    let control_arg = crate::target_ctl::ControlArg {
+        control: a.control.control.clone().or(cfg_control),
+    };
+    let _control = crate::target_ctl::listen(&control_arg, daemon.observer())?;
     daemon.run(&control)
 }

@@ -18,7 +18,8 @@ use clap::{Args, Subcommand};
 /// `--control` on `aoe serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ControlArg {
-    /// Control socket for `aoe target` (mode 0600) [default: /run/aoe/serve-PID.sock].
+    /// Control socket for `aoe target` (mode 0600); overrides the config file's `control`
+    /// key [default: /run/aoe/serve-PID.sock].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }

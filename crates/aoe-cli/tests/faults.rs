@@ -62,7 +62,9 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 }
 
 /// Retransmissions so far: the initiator's `err` lines (`retransmit ... oldtag=`), counted in
-/// its log at INFO (the `err` file keeps only the last 100, like the driver's ring).
+/// its log at INFO (the `err` file keeps only the last 100, like the driver's ring), with
+/// the lines the log's rate limit suppressed (`(N similar lines suppressed)`, also on the
+/// summary line of a burst).
 fn retransmits(rig: &Rig) -> usize {
     retransmit_lines(rig, "")
 }
@@ -79,13 +81,17 @@ fn retransmit_lines(rig: &Rig, with: &str) -> usize {
         .map(aoe_testkit::NsChild::output_so_far)
         .unwrap_or_default();
     log.lines()
-        .filter(|l| {
-            l.contains("INFO")
-                && l.contains("retransmit")
-                && l.contains("oldtag=")
-                && l.contains(with)
-        })
-        .count()
+        .filter(|l| l.contains("INFO") && l.contains("retransmit ") && l.contains(with))
+        .map(|l| usize::from(l.contains("oldtag=")) + suppressed(l))
+        .sum()
+}
+
+/// The count of a rate-limited log line's `(N similar line[s] suppressed)`, else 0.
+fn suppressed(line: &str) -> usize {
+    line.rsplit_once(" (")
+        .filter(|(_, r)| r.contains("similar line"))
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -400,10 +406,11 @@ fn multipath_one_path_cut_mid_transfer() {
     let back = fs::read(&r.rig.file).expect("backing file");
     assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
     let cut_mac = MacAddr(r.paths[0].1).to_string();
-    // Every `err` line as a reader of the file saw it during the run: the daemon logs each
-    // at INFO (`push_err`). The file itself keeps only the last 100 (the driver's
-    // ring), which spurious retransmissions on the surviving path (a loaded machine, an RTO
-    // near the RTT) and their late answers can fill after the cut path was ejected.
+    // The `err` lines as a reader of the file saw them during the run: the daemon logs them
+    // at INFO (`push_err`), retransmissions at least once a second per path (`errlog.rs`).
+    // The file itself keeps only the last 100 (the driver's ring), which spurious
+    // retransmissions on the surviving path (a loaded machine, an RTO near the RTT) and
+    // their late answers can fill after the cut path was ejected.
     let log = r
         .rig
         .initiator

@@ -553,6 +553,8 @@ fn exporting_line_names_read_only_direct_sync_offset_and_mask() {
     t.stop().unwrap();
     let log = t.output_so_far();
     let line = log.lines().find(|l| l.contains("exporting")).unwrap();
+    // Keyed by shelf.slot, as every per-export line (issue 12).
+    assert!(line.contains("e3.4: exporting"), "{line:?}");
     for want in [
         "read_only=true",
         "direct=false",
@@ -562,4 +564,125 @@ fn exporting_line_names_read_only_direct_sync_offset_and_mask() {
     ] {
         assert!(line.contains(want), "no {want} in {line:?}");
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Progress on a terminal, quiet in scripts; --json where a script parses the output
+
+/// `cmd` run in the network namespace `ns` (nsenter), its output.
+fn in_ns(ns: &aoe_testkit::Netns, cmd: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .args(cmd)
+        .output()
+        .expect("run nsenter")
+}
+
+fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(s.lines().count(), 1, "{what}: one line of JSON: {s:?}");
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("{what}: {e}: {s}"))
+}
+
+/// Issue 12: `aoe read` shows its progress on a terminal (here the pty `script` gives it)
+/// and prints only its summary line otherwise; `aoeping --json` and `aoecfg --json` print
+/// one JSON object (per answer) a script can parse.
+#[test]
+fn read_progress_only_on_a_terminal_and_ping_cfg_json() {
+    require_root();
+    require_tools(&[("script", "bsdutils"), ("nsenter", "util-linux")]);
+    let t_ns = aoe_testkit::Netns::new("aoeopsq").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsr").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i / 512 % 251) as u8).collect();
+    fs::write(&img, &data).unwrap();
+    let mut target = t_ns
+        .spawn({
+            let mut c = Command::new(AOE);
+            c.args(["serve", "--probe-ms", "0", "5", "6", veth.a_name()])
+                .arg(&img);
+            c
+        })
+        .unwrap();
+    let b = veth.b_name();
+    let mut ping = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let out = in_ns(
+                &i_ns,
+                &[AOE, "ping", "--json", "-I", "-s", "1", "5", "6", b],
+            );
+            let ok = out.status.success();
+            ping = Some(out);
+            ok
+        }),
+        "no answer to aoe ping --json: {:?}\n{}",
+        ping,
+        target.output_so_far()
+    );
+    let p = json_of(ping.as_ref().unwrap(), "aoe ping --json -I");
+    let target_mac = aoe_wire::MacAddr(veth.a_mac()).to_string();
+    assert_eq!(p["target"], "e5.6", "{p}");
+    assert_eq!(p["mac"], target_mac.as_str(), "{p}");
+    assert_eq!(p["interface"], b, "{p}");
+    assert!(p["rtt_ms"].as_f64().is_some_and(|r| r >= 0.0), "{p}");
+    assert_eq!(p["identify"]["sectors"], (data.len() / 512) as u64, "{p}");
+    assert_eq!(p["buffer_count"], 128, "{p}");
+
+    let c = json_of(
+        &in_ns(&i_ns, &[AOE, "cfg", "--json", "-t", "5", "5", "6", b]),
+        "aoe cfg --json",
+    );
+    assert_eq!(c["target"], "e5.6", "{c}");
+    assert_eq!(c["string"], "", "{c}");
+    assert!(c["error"].is_null(), "{c}");
+
+    // Not a terminal: the summary line only.
+    let out_file = dir.path().join("out.img");
+    let out = in_ns(
+        &i_ns,
+        &[AOE, "read", "5", "6", b, out_file.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        fs::read(&out_file).unwrap() == data,
+        "aoe read copied wrong data"
+    );
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(
+        !err.contains('\r') && err.starts_with("e5.6: read 16384 sectors"),
+        "{err:?}"
+    );
+
+    // On a terminal: the progress line, then the summary.
+    let tty_file = dir.path().join("tty.img");
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "nsenter --net={} {AOE} read 5 6 {b} {}",
+                i_ns.path().display(),
+                tty_file.display()
+            ),
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("\re5.6: ") && shown.contains(" of 8.0 MiB ("),
+        "no progress line on a terminal: {shown:?}"
+    );
+    assert!(shown.contains("e5.6: read 16384 sectors"), "{shown:?}");
+    target.stop().unwrap();
 }

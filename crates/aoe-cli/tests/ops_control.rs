@@ -204,3 +204,49 @@ fn every_target_subcommand_against_a_running_target() {
     rig.start_target();
     rig.finish();
 }
+
+/// Issue 12: the control socket's path as the config file's `control` key (relative to the
+/// file, like its other paths), and `--control` on the command line winning over it.
+#[test]
+fn control_socket_path_from_the_config_file_and_the_flag_over_it() {
+    let t_ns = aoe_testkit::Netns::new("aoectlk").expect("namespace");
+    let o_ns = aoe_testkit::Netns::new("aoectll").expect("namespace");
+    let veth = aoe_testkit::VethPair::new(&t_ns, &o_ns, 1500).expect("veth pair");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "control = \"run/ctl.sock\"\nprobe_ms = 0\n[[export]]\npath = \"disk.img\"\n\
+             shelf = 9\nslot = 8\ninterfaces = [\"{}\"]\n",
+            veth.a_name()
+        ),
+    )
+    .unwrap();
+    let from_file = dir.path().join("run/ctl.sock");
+    let flag = dir.path().join("flag.sock");
+    for (extra, want, not) in [(None, &from_file, &flag), (Some(&flag), &flag, &from_file)] {
+        let mut c = Command::new(AOE);
+        c.args(["serve", "--config"]).arg(&conf);
+        if let Some(f) = extra {
+            c.arg("--control").arg(f);
+        }
+        let mut t = t_ns.spawn(c).expect("start aoe serve");
+        assert!(
+            wait_until(Duration::from_secs(20), || want.exists() || !t.is_running()),
+            "no control socket at {}:\n{}",
+            want.display(),
+            t.output_so_far()
+        );
+        let st = json(want, &["status"]);
+        assert_eq!(st["exports"][0]["target"], "9.8", "{st}");
+        assert!(!not.exists(), "a socket at {} too", not.display());
+        t.stop().expect("stop aoe serve");
+        assert!(!want.exists(), "socket left behind at {}", want.display());
+    }
+}

@@ -1,6 +1,7 @@
 //! `--metrics` on `aoe serve` and `aoe initiator` (issue 12): scraped over HTTP on
 //! 127.0.0.1 inside each namespace during a transfer, the counters move and every line is
-//! Prometheus/OpenMetrics text.
+//! Prometheus/OpenMetrics text: the target's requests by command and errors by code, the
+//! initiator's bytes read and written, RTT, window, state and in-flight per device.
 
 mod common;
 
@@ -110,6 +111,18 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     let dev = format!("{{device=\"{DEV}\"}}");
     let read0 = value(&before_t, &format!("aoe_target_read_bytes_total{ex}"))
         .unwrap_or_else(|| panic!("no read bytes for {ex}:\n{before_t}"));
+    let kind = |k: &str| {
+        format!(
+            "aoe_target_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",kind=\"{k}\"}}",
+            rig.target_if
+        )
+    };
+    let reads0 = value(&before_t, &kind("ata_read")).unwrap_or_else(|| panic!("{before_t}"));
+    let writes0 = value(&before_t, &kind("ata_write")).unwrap_or_else(|| panic!("{before_t}"));
+    let rbytes = format!("aoe_initiator_read_bytes_total{{device=\"{DEV}\"}}");
+    let wbytes = format!("aoe_initiator_written_bytes_total{{device=\"{DEV}\"}}");
+    let rb0 = value(&before_i, &rbytes).unwrap_or_else(|| panic!("{before_i}"));
+    let wb0 = value(&before_i, &wbytes).unwrap_or_else(|| panic!("{before_i}"));
     let ok0 = value(
         &before_i,
         &format!("aoe_initiator_requests_total{{device=\"{DEV}\",result=\"ok\"}}"),
@@ -139,6 +152,21 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
             n
         })
     };
+    // And writes, past the region read.
+    let writer = {
+        let stop = stop.clone();
+        let path = rig.dev();
+        std::thread::spawn(move || {
+            let data = pattern(7, 64 * 1024);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (32 << 20) - (n % 8 + 1) * data.len() as u64;
+                write_sync(&path, off, &data).expect("write during the scrape");
+                n += 1;
+            }
+            n
+        })
+    };
     let mut t = String::new();
     let mut i = String::new();
     let moved = wait_until(Duration::from_secs(30), || {
@@ -150,10 +178,18 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
             &format!("aoe_initiator_requests_total{{device=\"{DEV}\",result=\"ok\"}}"),
         )
         .unwrap_or(0.0);
-        read >= read0 + 1024.0 * 1024.0 && ok > ok0
+        let v = |b: &str, k: &str, at: f64| value(b, k).is_some_and(|x| x > at);
+        read >= read0 + 1024.0 * 1024.0
+            && ok > ok0
+            && v(&t, &kind("ata_read"), reads0)
+            && v(&t, &kind("ata_write"), writes0)
+            && v(&i, &rbytes, rb0 + 1024.0 * 1024.0)
+            && v(&i, &wbytes, wb0)
     });
     stop.store(true, Ordering::Relaxed);
     let reads = reader.join().expect("reader thread");
+    let writes = writer.join().expect("writer thread");
+    assert!(writes > 0);
     assert!(moved, "counters did not move:\n{t}\n---\n{i}{}", rig.logs());
     assert!(reads > 0);
     for series in [
@@ -164,12 +200,58 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         assert!(value(&t, &series).is_some(), "no {series}:\n{t}");
     }
     assert!(value(&t, &format!("aoe_target_replies_total{ex}")).unwrap() > 0.0);
+    // Discovery IDENTIFYs the device and queries its config; every kind and error code is
+    // exported, zero or not.
+    assert!(
+        value(&t, &kind("ata_identify")).unwrap_or(0.0) >= 1.0,
+        "{t}"
+    );
+    assert!(
+        value(&t, &kind("config_query")).unwrap_or(0.0) >= 1.0,
+        "{t}"
+    );
+    for k in [
+        "ata_flush",
+        "ata_other",
+        "config_set",
+        "mac_mask",
+        "reserve",
+        "unknown",
+    ] {
+        assert!(
+            value(&t, &kind(k)).is_some(),
+            "no requests of kind {k}:\n{t}"
+        );
+    }
+    assert!(
+        value(
+            &t,
+            &format!(
+                "aoe_target_aoe_errors_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",code=\"target_reserved\"}}",
+                rig.target_if
+            )
+        )
+        .is_some(),
+        "no AoE errors by code:\n{t}"
+    );
     for series in [
         format!("aoe_initiator_frames_sent_total{dev}"),
         format!("aoe_initiator_retransmits_total{dev}"),
         format!("aoe_initiator_in_flight{dev}"),
     ] {
         assert!(value(&i, &series).is_some(), "no {series}:\n{i}");
+    }
+    for name in [
+        "aoe_initiator_rtt_average_seconds",
+        "aoe_initiator_rtt_deviation_seconds",
+        "aoe_initiator_frames_outstanding",
+    ] {
+        assert!(
+            i.lines()
+                .any(|l| l.starts_with(&format!("{name}{{"))
+                    && l.contains(&format!("device=\"{DEV}\""))),
+            "no {name}:\n{i}"
+        );
     }
     assert!(
         i.lines()

@@ -27,6 +27,8 @@
 #![warn(missing_docs)]
 
 pub mod blockdev;
+pub mod errlog;
+pub mod iostats;
 pub mod net;
 pub mod partition;
 

@@ -15,6 +15,8 @@ use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::blockdev::rangelock::RangeLocks;
+use crate::errlog::ErrLog;
+use crate::iostats::IoBytes;
 use crate::partition::{self, Partition};
 
 /// Called once with the outcome of an I/O: read data, or an errno.
@@ -83,6 +85,10 @@ pub struct Shared {
     pub open_files: BTreeMap<(TargetAddr, u32), u32>,
     /// NBD clients in transmission, by export name.
     pub nbd_clients: BTreeMap<String, u32>,
+    /// The rate limit of the log copy of `err` lines.
+    pub err_log: ErrLog,
+    /// Bytes read and written per device (metrics).
+    pub io_bytes: Arc<IoBytes>,
 }
 
 /// A reader blocked on the `err` control file (a FUSE read, in `aoe-fuse`), answered once.
@@ -97,9 +103,12 @@ pub trait ErrWaiter: Send {
 pub const ERR_LINES: usize = 100;
 
 impl Shared {
-    /// Queues a diagnostic line, handing it straight to a waiting reader if there is one.
+    /// Queues a diagnostic line, handing it straight to a waiting reader if there is one,
+    /// and logs it at INFO, lines a dead target repeats rate-limited ([`ErrLog`]).
     pub fn push_err(&mut self, line: String) {
-        tracing::info!(target: "aoe::err", "{line}");
+        if let Some(l) = self.err_log.filter(Instant::now(), &line) {
+            tracing::info!(target: "aoe::err", "{l}");
+        }
         let mut line = line;
         line.push('\n');
         if let Some((_, w)) = self.err_waiters.pop() {
@@ -126,6 +135,13 @@ impl Shared {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// Logs the counts of `err` lines suppressed from the log by kinds gone quiet.
+    pub fn flush_err_log(&mut self, now: Instant) {
+        for l in self.err_log.flush(now) {
+            tracing::info!(target: "aoe::err", "{l}");
         }
     }
 }
@@ -156,6 +172,7 @@ pub struct Handle {
     tx: Sender<Cmd>,
     wake: Arc<EventFd>,
     locks: RangeLocks,
+    bytes: Arc<IoBytes>,
 }
 
 impl Handle {
@@ -168,6 +185,7 @@ impl Handle {
 
     /// Submits I/O.
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
+        let done = self.bytes.counting(dev, &op, done);
         self.send(Cmd::Io { dev, op, done });
     }
 
@@ -326,6 +344,7 @@ impl Net {
             tx,
             wake: wake.clone(),
             locks: RangeLocks::new(),
+            bytes: lock(&shared).io_bytes.clone(),
         };
         Ok(Net {
             engine,
@@ -484,7 +503,11 @@ impl Net {
                 self.backlogged = backlogged;
                 self.publish();
             }
-            lock(&self.shared).interrupt_err_waiters();
+            {
+                let mut s = lock(&self.shared);
+                s.interrupt_err_waiters();
+                s.flush_err_log(Instant::now());
+            }
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
@@ -738,7 +761,7 @@ impl Net {
             let mut s = lock(&shared);
             if let Some(e) = s.devices.get_mut(&dev) {
                 if !parts.is_empty() {
-                    tracing::info!(device = %dev, partitions = parts.len(), "partition table found");
+                    tracing::info!(partitions = parts.len(), "{dev}: partition table found");
                 }
                 e.partitions = parts;
                 if loop_devices && e.loop_device.is_none() {
@@ -751,7 +774,7 @@ impl Net {
             .name("aoe-partscan".into())
             .spawn(scan)
         {
-            tracing::warn!(device = %dev, error = %e, "cannot start the partition scan");
+            tracing::warn!(error = %e, "{dev}: cannot start the partition scan");
         }
     }
 

@@ -191,6 +191,93 @@ pub struct Stats {
     pub max_in_flight: u32,
     /// Requests dropped because the buffer count was reached (also counted in `dropped`).
     pub over_buffer_count: u64,
+    /// Requests for this export that parsed, by command.
+    pub requests: RequestCounts,
+    /// Replies with the AoE error flag (`aoe_errors`), by error code.
+    pub aoe_error_codes: AoeErrorCounts,
+}
+
+/// Requests for an export by command (AoEr11 section 2.3 `Command`, and for ATA the command
+/// register, section 3.1): what was asked, whatever the answer (a reply, an error, or I/O).
+/// Requests dropped before their body parsed (masked, for another target, malformed
+/// headers) are not here but in [`Stats::dropped`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// ATA READ SECTORS (EXT).
+    pub ata_read: u64,
+    /// ATA WRITE SECTORS (EXT).
+    pub ata_write: u64,
+    /// ATA IDENTIFY DEVICE.
+    pub ata_identify: u64,
+    /// ATA FLUSH CACHE (EXT).
+    pub ata_flush: u64,
+    /// Other ATA commands (SMART, CHECK POWER MODE, unknown ones).
+    pub ata_other: u64,
+    /// Query Config read, test and test-prefix (CCmd 0-2).
+    pub config_query: u64,
+    /// Query Config set and force set (CCmd 3, 4).
+    pub config_set: u64,
+    /// Mac Mask List (command 2).
+    pub mac_mask: u64,
+    /// Reserve/Release (command 3).
+    pub reserve: u64,
+    /// Unknown AoE commands (answered with error 1).
+    pub unknown: u64,
+}
+
+/// Replies with the AoE error flag by error code (AoEr11 section 2.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AoeErrorCounts {
+    /// 1: unrecognized command code.
+    pub unrecognized_command: u64,
+    /// 2: bad argument parameter.
+    pub bad_argument: u64,
+    /// 3: device unavailable.
+    pub device_unavailable: u64,
+    /// 4: config string present.
+    pub config_string_present: u64,
+    /// 5: unsupported version.
+    pub unsupported_version: u64,
+    /// 6: target is reserved.
+    pub target_reserved: u64,
+}
+
+impl RequestCounts {
+    fn count(&mut self, body: &Body<'_>) {
+        let n = match body {
+            Body::Ata(a) => match a.command() {
+                AtaCommand::ReadSectors | AtaCommand::ReadSectorsExt => &mut self.ata_read,
+                AtaCommand::WriteSectors | AtaCommand::WriteSectorsExt => &mut self.ata_write,
+                AtaCommand::IdentifyDevice => &mut self.ata_identify,
+                AtaCommand::FlushCache | AtaCommand::FlushCacheExt => &mut self.ata_flush,
+                _ => &mut self.ata_other,
+            },
+            Body::Config(c) => match c.ccmd {
+                ConfigCommand::Set | ConfigCommand::ForceSet => &mut self.config_set,
+                _ => &mut self.config_query,
+            },
+            Body::MacMask(_) => &mut self.mac_mask,
+            Body::Reserve(_) => &mut self.reserve,
+            Body::Unknown(_) => &mut self.unknown,
+        };
+        *n += 1;
+    }
+}
+
+impl AoeErrorCounts {
+    fn count(&mut self, code: ErrorCode) {
+        let n = match code {
+            ErrorCode::UnrecognizedCommand | ErrorCode::Unknown(_) => {
+                &mut self.unrecognized_command
+            }
+            ErrorCode::BadArgument => &mut self.bad_argument,
+            ErrorCode::DeviceUnavailable => &mut self.device_unavailable,
+            ErrorCode::ConfigStringPresent => &mut self.config_string_present,
+            ErrorCode::UnsupportedVersion => &mut self.unsupported_version,
+            ErrorCode::TargetReserved => &mut self.target_reserved,
+        };
+        *n += 1;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +487,7 @@ impl Engine {
             Ok(m) => m,
             Err(e) => return self.malformed_body(&rsp, e, view.payload(), reply),
         };
+        self.stats.requests.count(&msg.body);
         match msg.body {
             Body::Ata(ata) => self.ata(&iface, &rsp, &ata, reply),
             Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
@@ -443,6 +531,7 @@ impl Engine {
         reply: &mut [u8],
     ) -> Outcome {
         self.stats.aoe_errors += 1;
+        self.stats.aoe_error_codes.count(code);
         let echo_len = match rsp.command {
             Command::Ata => ATA_ARG_LEN,
             Command::QueryConfig => aoe_wire::config::ARG_LEN,

@@ -136,6 +136,11 @@ pub struct ServeConfig {
     pub allow_duplicate: bool,
     /// How long the duplicate probe waits for answers ([`crate::probe`]); zero: no probe.
     pub probe: Duration,
+    /// The control socket (`control` in the file, `--control` on the command line, which
+    /// wins); `None`: the default, `/run/aoe/serve-PID.sock`
+    /// ([`crate::control::default_socket_path`]). Read at start: a reload that changes it
+    /// is logged and takes effect at the next start.
+    pub control: Option<PathBuf>,
 }
 
 /// A configuration that cannot run: one variant per cause, each the operator's to fix (the
@@ -260,6 +265,7 @@ struct FileConfig {
     #[serde(default)]
     allow_duplicate: bool,
     probe_ms: Option<u64>,
+    control: Option<PathBuf>,
     #[serde(default, rename = "export")]
     exports: Vec<FileExport>,
 }
@@ -351,6 +357,7 @@ impl ServeConfig {
             probe: f
                 .probe_ms
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
+            control: f.control.map(|c| base.join(c)),
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -432,6 +439,7 @@ impl ServeConfig {
             workers: DEFAULT_WORKERS,
             allow_duplicate: false,
             probe: crate::probe::DEFAULT_PROBE,
+            control: None,
         }
     }
 
@@ -639,6 +647,7 @@ mod tests {
             workers = 2
             allow_duplicate = true
             probe_ms = 250
+            control = "ctl/serve.sock"
             [[export]]
             path = "disk.img"
             shelf = 1
@@ -661,6 +670,7 @@ mod tests {
         assert_eq!(c.workers, 2);
         assert!(c.allow_duplicate);
         assert_eq!(c.probe, Duration::from_millis(250));
+        assert_eq!(c.control, Some(PathBuf::from("/etc/aoe/ctl/serve.sock")));
         let e = &c.exports[0];
         assert_eq!(e.path, PathBuf::from("/etc/aoe/disk.img"));
         assert_eq!((e.shelf, e.slot, e.offset, e.length), (1, 2, 8, Some(100)));

@@ -37,6 +37,85 @@ pub struct ExportCounters {
     pub dropped_over_buffer_count: u64,
     /// Requests dropped because the I/O worker queue was full.
     pub dropped_queue_full: u64,
+    /// Requests by command ([`aoe_proto::target::RequestCounts`]).
+    #[serde(default)]
+    pub requests: RequestCounters,
+    /// Replies with the AoE error flag by error code
+    /// ([`aoe_proto::target::AoeErrorCounts`]).
+    #[serde(default)]
+    pub aoe_error_codes: AoeErrorCounters,
+}
+
+/// Generates a serializable copy of an engine counter struct, with `minus` for `clear-stats`.
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident from $src:path { $($(#[$fm:meta])* $f:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name {
+            $($(#[$fm])* pub $f: u64,)*
+        }
+
+        impl From<$src> for $name {
+            fn from(c: $src) -> Self {
+                $name { $($f: c.$f,)* }
+            }
+        }
+
+        impl $name {
+            fn minus(self, b: $name) -> $name {
+                $name { $($f: self.$f.saturating_sub(b.$f),)* }
+            }
+
+            /// Every counter with its name (the metric label and the JSON key).
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($f), self.$f),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Requests for an export by command, as the engine counts them.
+    RequestCounters from aoe_proto::target::RequestCounts {
+        /// ATA READ SECTORS (EXT).
+        ata_read,
+        /// ATA WRITE SECTORS (EXT).
+        ata_write,
+        /// ATA IDENTIFY DEVICE.
+        ata_identify,
+        /// ATA FLUSH CACHE (EXT).
+        ata_flush,
+        /// Other ATA commands.
+        ata_other,
+        /// Query Config read and tests.
+        config_query,
+        /// Query Config set and force set.
+        config_set,
+        /// Mac Mask List.
+        mac_mask,
+        /// Reserve/Release.
+        reserve,
+        /// Unknown AoE commands.
+        unknown,
+    }
+}
+
+counters! {
+    /// Replies with the AoE error flag by error code (AoEr11 section 2.4).
+    AoeErrorCounters from aoe_proto::target::AoeErrorCounts {
+        /// 1.
+        unrecognized_command,
+        /// 2.
+        bad_argument,
+        /// 3.
+        device_unavailable,
+        /// 4.
+        config_string_present,
+        /// 5.
+        unsupported_version,
+        /// 6.
+        target_reserved,
+    }
 }
 
 impl ExportCounters {
@@ -53,6 +132,8 @@ impl ExportCounters {
                 .dropped_over_buffer_count
                 .saturating_sub(b.dropped_over_buffer_count),
             dropped_queue_full: self.dropped_queue_full.saturating_sub(b.dropped_queue_full),
+            requests: self.requests.minus(b.requests),
+            aoe_error_codes: self.aoe_error_codes.minus(b.aoe_error_codes),
         }
     }
 }
@@ -312,7 +393,7 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "control socket {} is in use by another aoe serve; give this one another \
-                 --control PATH",
+                 --control PATH (or control = \"PATH\" in its config file)",
                 path.display()
             );
         }

@@ -305,6 +305,8 @@ impl Daemon {
                         dropped: st.dropped,
                         dropped_over_buffer_count: st.over_buffer_count,
                         dropped_queue_full: e.pool_full_drops,
+                        requests: st.requests.into(),
+                        aoe_error_codes: st.aoe_error_codes.into(),
                     },
                 }
             })
@@ -336,12 +338,34 @@ impl Daemon {
             return;
         };
         match ServeConfig::load(&path).map_err(anyhow::Error::from) {
-            Ok(cfg) => match self.apply(cfg) {
-                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-                Err(e) => {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
-                }
-            },
+            Ok(cfg) if cfg.control != self.config.control => {
+                let was = self.config.control.clone();
+                let shown = |c: &Option<PathBuf>| {
+                    c.as_ref()
+                        .map_or("the default".to_string(), |p| p.display().to_string())
+                };
+                tracing::warn!(
+                    "reload: control = {} is read at start; the socket stays at {} until \
+                     aoe serve restarts",
+                    shown(&cfg.control),
+                    shown(&was)
+                );
+                self.apply_reloaded(
+                    ServeConfig {
+                        control: was,
+                        ..cfg
+                    },
+                    &path,
+                );
+            }
+            Ok(cfg) => self.apply_reloaded(cfg, &path),
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        }
+    }
+
+    fn apply_reloaded(&mut self, cfg: ServeConfig, path: &std::path::Path) {
+        match self.apply(cfg) {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
         }
     }
@@ -433,13 +457,13 @@ impl Daemon {
             let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
             if now != rt.drops_logged {
                 tracing::warn!(
-                    export = %rt.spec.addr(),
                     buffer_count = rt.spec.buffer_count,
                     over_buffer_count = now.0 - rt.drops_logged.0,
                     queue_full = now.1 - rt.drops_logged.1,
                     total_over_buffer_count = now.0,
                     total_queue_full = now.1,
-                    "requests dropped (the initiator retransmits)"
+                    "{}: requests dropped (the initiator retransmits)",
+                    rt.spec.addr()
                 );
                 rt.drops_logged = now;
             }

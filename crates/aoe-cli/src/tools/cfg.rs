@@ -41,6 +41,11 @@ pub struct CfgArgs {
     /// Accepted and ignored, as by aoetools.
     #[arg(short = 'v', hide = true)]
     verbose: bool,
+    /// Print each answer as a JSON object on a line of its own (target, shelf, slot, mac,
+    /// buffer_count, firmware_version, sectors_per_frame, aoe_version, string, error)
+    /// instead of aoecfg's text. Without it the output is aoecfg's, byte for byte.
+    #[arg(long)]
+    json: bool,
     /// [SHELF SLOT] [NETIF] (NETIF defaults to eth0).
     #[arg(value_name = "ARGS", num_args = 0..)]
     args: Vec<String>,
@@ -79,6 +84,33 @@ pub fn answer_text(f: &[u8]) -> String {
     };
     let s = c.string().split(|&b| b == 0).next().unwrap_or(&[]);
     String::from_utf8_lossy(s).into_owned()
+}
+
+/// One answer as `--json` prints it: the header's address and source MAC, the Query Config
+/// fields (AoEr11 section 3.2), the string (lossy UTF-8, up to its length or first NUL, as
+/// aoecfg prints it) and, for an error answer, the error's name and code instead.
+pub fn answer_json(f: &[u8]) -> serde_json::Value {
+    let Some(h) = aoe_frame(f) else {
+        return serde_json::Value::Null;
+    };
+    let mut v = serde_json::json!({
+        "target": format!("e{}.{}", h.major(), h.minor()),
+        "shelf": h.major(),
+        "slot": h.minor(),
+        "mac": h.src().to_string(),
+    });
+    if h.is_error() {
+        v["error"] = answer_text(f).trim_matches('*').into();
+        v["error_code"] = h.error().into();
+    } else if let Ok(c) = ConfigPacket::new_checked(h.payload()) {
+        v["buffer_count"] = c.buffer_count().into();
+        v["firmware_version"] = format!("{:#06x}", c.firmware_version()).into();
+        v["sectors_per_frame"] = c.sector_count().into();
+        v["aoe_version"] = c.aoe_version().into();
+        v["string"] = answer_text(f).into();
+        v["error"] = serde_json::Value::Null;
+    }
+    v
 }
 
 /// Runs `aoecfg`.
@@ -148,7 +180,9 @@ pub fn run(a: CfgArgs) -> Result<()> {
         let Some(h) = aoe_frame(f) else {
             continue;
         };
-        if single {
+        if a.json {
+            writeln!(out, "{}", answer_json(f))?;
+        } else if single {
             writeln!(out, "{text}")?;
         } else {
             writeln!(out, "{}.{}\t{text}", h.major(), h.minor())?;
@@ -173,10 +207,20 @@ mod tests {
         let body = Body::Config(ConfigRepr::request(ConfigCommand::Read, b"abc"));
         let mut f = Message { header, body }.to_vec().unwrap();
         assert_eq!(answer_text(&f), "abc");
+        let j = answer_json(&f);
+        assert_eq!(j["target"], "e1.2");
+        assert_eq!(j["string"], "abc");
+        assert_eq!(j["mac"], "02:00:00:00:00:01");
+        assert!(j["error"].is_null());
         let mut view = aoe_wire::Frame::new_checked(&mut f[..]).unwrap();
         view.set_version_flags(1, 0x0c);
         view.set_error(4);
         assert_eq!(answer_text(&f), "*badcfg*");
+        let j = answer_json(&f);
+        assert_eq!(
+            (&j["error"], &j["error_code"]),
+            (&"badcfg".into(), &4.into())
+        );
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct PingArgs {
     /// Starting AoE tag (the high bit is always set, as for every user-space AoE tool).
     #[arg(short = 't', value_name = "TAG", allow_hyphen_values = true)]
     tag: Option<String>,
+    /// Print one JSON object instead of aoeping's text: the Query Config answer (as
+    /// `aoecfg --json`) with the round-trip time, and with -i/-I the IDENTIFY fields, with
+    /// -S the SMART registers (and data, hex). Without it the output is aoeping's.
+    #[arg(long)]
+    json: bool,
     /// Shelf (major) address.
     shelf: String,
     /// Slot (minor) address.
@@ -177,7 +182,8 @@ pub fn run(a: PingArgs) -> Result<()> {
     let shelf = atoi(&a.shelf) as u16;
     let slot = atoi(&a.slot) as u8;
     let mut out = std::io::stdout().lock();
-    if a.verbose > 0 {
+    let mut json = serde_json::Map::new();
+    if a.verbose > 0 && !a.json {
         write!(
             out,
             "tag: {tag:x}\neth: {}\nshelf: {}\nslot: {}\n",
@@ -213,11 +219,20 @@ pub fn run(a: PingArgs) -> Result<()> {
     }
     .to_vec()
     .expect("a Query Config request fits");
+    let t0 = Instant::now();
     let n = p.exchange(&q, shelf, slot, tag)?;
+    let rtt = t0.elapsed();
     tag = tag.wrapping_add(1);
     let answer = aoe_frame(&p.buf[..n]).expect("an AoE answer");
     let target = answer.src();
-    if a.verbose > 0 {
+    if a.json {
+        if let serde_json::Value::Object(m) = super::cfg::answer_json(&p.buf[..n]) {
+            json.extend(m);
+        }
+        json.insert("interface".into(), a.netif.clone().into());
+        json.insert("rtt_ms".into(), (rtt.as_secs_f64() * 1000.0).into());
+    }
+    if a.verbose > 0 && !a.json {
         let mut s = String::from("config query response:\n");
         hex_print(&mut s, &p.buf[..n], " ");
         s.push('\n');
@@ -255,7 +270,21 @@ pub fn run(a: PingArgs) -> Result<()> {
         data[..got.len()].copy_from_slice(got);
         // Word 82 bit 0: SMART feature set supported (ATA-8 ACS).
         smartable = data[164] & 1 != 0;
-        if a.identify_fields {
+        if a.json {
+            if let Ok(id) = aoe_wire::Identify::parse(&data) {
+                json.insert(
+                    "identify".into(),
+                    serde_json::json!({
+                        "model": id.model,
+                        "serial": id.serial,
+                        "firmware": id.firmware,
+                        "sectors": id.sectors(),
+                        "lba48": id.lba48,
+                        "smart": smartable,
+                    }),
+                );
+            }
+        } else if a.identify_fields {
             out.write_all(identify_fields(&data).as_bytes())?;
         } else if a.identify_hex {
             let mut s = String::from("device identify response:\n");
@@ -327,6 +356,26 @@ pub fn run(a: PingArgs) -> Result<()> {
             ("LBA High", (lba >> 16) as u8),
             ("Status", status),
         ];
+        if a.json {
+            let mut r = serde_json::Map::new();
+            for (name, v) in regs {
+                r.insert(name.to_lowercase().replace(' ', "_"), v.into());
+            }
+            let mut sm = serde_json::json!({ "command": name, "registers": r });
+            if dir == 1 {
+                let got = ata_answer(&p.buf[..n]);
+                let d = got.as_ref().map_or(&[][..], |a| a.data());
+                let hex: String = d[..d.len().min(512)]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                sm["data"] = hex.into();
+            }
+            json.insert("smart".into(), sm);
+            writeln!(out, "{}", serde_json::Value::Object(json))?;
+            out.flush()?;
+            return Ok(());
+        }
         let mut s = String::from("ATA registers:\n");
         for (name, v) in regs {
             s.push_str(&format!("{name:>20}: 0x{v:02x}\n"));
@@ -340,6 +389,10 @@ pub fn run(a: PingArgs) -> Result<()> {
             hex_print(&mut s, &d, " ");
         }
         out.write_all(s.as_bytes())?;
+        out.flush()?;
+    }
+    if a.json {
+        writeln!(out, "{}", serde_json::Value::Object(json))?;
         out.flush()?;
     }
     Ok(())

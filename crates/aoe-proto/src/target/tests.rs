@@ -949,3 +949,93 @@ fn set_sectors_shows_in_the_next_identify_and_bounds() {
     assert!(e.set_sectors(32));
     assert_eq!(sectors(&mut e), 32);
 }
+
+/// Issue 12's metrics: requests counted by command, AoE errors by code.
+#[test]
+fn requests_and_errors_are_counted_by_kind() {
+    let mut e = engine(64);
+    let mut disk = vec![0u8; 64 * 512];
+    let sector = [0x5au8; 512];
+    let _ = io_round(
+        &mut e,
+        &mut disk,
+        &request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[])),
+    );
+    for _ in 0..2 {
+        let _ = io_round(
+            &mut e,
+            &mut disk,
+            &request(
+                HOST,
+                ADDR,
+                ata(0x34, AtaFlags::EXTENDED | AtaFlags::WRITE, 1, 1, &sector),
+            ),
+        );
+    }
+    let _ = io_round(
+        &mut e,
+        &mut disk,
+        &request(HOST, ADDR, ata(0xe7, AtaFlags::empty(), 0, 0, &[])),
+    );
+    let _ = reply_of(
+        &mut e,
+        &request(HOST, ADDR, ata(0xec, AtaFlags::empty(), 1, 0, &[])),
+    );
+    let _ = reply_of(
+        &mut e,
+        &request(HOST, ADDR, ata(0xe5, AtaFlags::empty(), 0, 0, &[])),
+    );
+    let _ = reply_of(&mut e, &request(HOST, ADDR, cfg(ConfigCommand::Read, b"")));
+    let _ = reply_of(&mut e, &request(HOST, ADDR, cfg(ConfigCommand::Set, b"a")));
+    // A second set finds the string present: error 4.
+    let _ = reply_of(&mut e, &request(HOST, ADDR, cfg(ConfigCommand::Set, b"b")));
+    let _ = reply_of(
+        &mut e,
+        &request(
+            HOST,
+            ADDR,
+            Body::MacMask(MacMaskRepr {
+                mcmd: MaskCommand::Read,
+                merror: MaskError::None,
+                directives: vec![],
+            }),
+        ),
+    );
+    let _ = reply_of(
+        &mut e,
+        &request(
+            HOST,
+            ADDR,
+            Body::Reserve(ReserveRepr {
+                rcmd: ReserveCommand::Read,
+                macs: vec![],
+            }),
+        ),
+    );
+    let _ = reply_of(&mut e, &request(HOST, ADDR, Body::Unknown(&[])));
+    let s = e.stats();
+    assert_eq!(
+        s.requests,
+        RequestCounts {
+            ata_read: 1,
+            ata_write: 2,
+            ata_identify: 1,
+            ata_flush: 1,
+            ata_other: 1,
+            config_query: 1,
+            config_set: 2,
+            mac_mask: 1,
+            reserve: 1,
+            unknown: 1,
+        }
+    );
+    assert_eq!(
+        s.aoe_error_codes,
+        AoeErrorCounts {
+            unrecognized_command: 1,
+            config_string_present: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(s.aoe_errors, 2);
+}

@@ -29,7 +29,7 @@ impl Daemon {
             let sectors = rt.backend.len() / 512;
             let old = rt.engine.config().sectors;
             if rt.engine.set_sectors(sectors) {
-                tracing::info!(export = %rt.spec.addr(), old, sectors, "store resized");
+                tracing::info!(old, sectors, "{}: store resized", rt.spec.addr());
             }
         }
         match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
@@ -69,7 +69,7 @@ impl Daemon {
                     Err(e) => {
                         let e = StoreError::from(e);
                         if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
-                            tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed{a}");
+                            tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
                         }
                         Some(Err(ata_failure(&e)))
                     }
@@ -152,7 +152,7 @@ impl Daemon {
         let result = done.result.map_err(|e| {
             let e = StoreError::from(e);
             if let Some(a) = logs.check(Instant::now(), "I/O failed") {
-                tracing::warn!(export = %rt.spec.addr(), error = %e, "I/O failed{a}");
+                tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
             }
             ata_failure(&e)
         });

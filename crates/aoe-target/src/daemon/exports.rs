@@ -122,7 +122,7 @@ impl Daemon {
         // Commit.
         for (id, rt) in self.exports.iter_mut() {
             if !keep.contains(id) && !rt.retiring {
-                tracing::info!(export = %rt.spec.addr(), "export removed or changed; retiring");
+                tracing::info!("{}: export removed or changed; retiring", rt.spec.addr());
                 rt.retiring = true;
             }
         }
@@ -138,7 +138,6 @@ impl Daemon {
                 self.ifaces[idx].exports.push(id);
                 let info = self.ifaces[idx].iface;
                 tracing::info!(
-                    export = %rt.spec.addr(),
                     path = %rt.spec.path.display(),
                     sectors = rt.engine.config().sectors,
                     interface = %name,
@@ -149,7 +148,8 @@ impl Daemon {
                     sync = rt.spec.sync,
                     offset = rt.spec.offset,
                     mask = %mask_list(&rt.spec.allowed_macs),
-                    "exporting"
+                    "{}: exporting",
+                    rt.spec.addr()
                 );
                 if rt.spec.announce {
                     for frame in rt.engine.announcements(idx) {
@@ -178,9 +178,9 @@ impl Daemon {
         };
         let addrs: Vec<String> = new.iter().map(|e| e.addr().to_string()).collect();
         tracing::info!(
-            exports = %addrs.join(","),
             wait_ms = config.probe.as_millis() as u64,
-            "probing the segment for duplicate addresses"
+            "{}: probing the segment for duplicate addresses",
+            addrs.join(",")
         );
         loop {
             p.collect()?;
