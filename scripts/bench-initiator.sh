@@ -17,8 +17,10 @@
 # Usage: sudo scripts/bench-initiator.sh
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade"   SIZE_MB=1024
 #   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   WINDOW=64 (raw generator window)
-#   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   DD_BS=1M (dd's block size)   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
+#   PERFSTAT=1  also print the initiator's system calls and context switches per MiB read
+#             (perf stat), figures a loaded machine does not disturb
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
 # nbdkit (Debian: nbdkit), and perf for PERF (Debian: linux-perf).
 set -euo pipefail
@@ -32,8 +34,10 @@ RUNS=${RUNS:-3}
 WRITES=${WRITES:-1}
 WINDOW=${WINDOW:-64}
 NBDKIT=${NBDKIT:-1}
+DD_BS=${DD_BS:-1M}
 INIT_ARGS=${INIT_ARGS:-}
 PERF=${PERF:-}
+PERFSTAT=${PERFSTAT:-0}
 SHELF=1 SLOT=1
 
 die() { echo "bench-initiator: $*" >&2; exit 1; }
@@ -96,6 +100,14 @@ setup_link() { # mtu
 in_t() { nsenter --net="/run/netns/$NS_T" -- "$@"; }
 in_i() { nsenter --net="/run/netns/$NS_I" -- "$@"; }
 load() { cut -d' ' -f1 /proc/loadavg; }
+# user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+# The initiator's CPU-seconds per GB moved since ticks $1 (RUNS runs of SIZE_MB MiB).
+cpu_per_gb() {
+    awk -v t=$(( $(cpu_ticks "$INIT_PID") - $1 )) -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
+        'BEGIN { printf "%.2f\n", (t / hz) / (b / 1e9) }'
+}
 median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 # MB/s of moving SIZE_MB MiB in the seconds a command took.
 timed() { # cmd... -> MB/s on stdout
@@ -133,7 +145,18 @@ start_initiator() {
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ -n "$PERF" ]; then
+    if [ "$PERFSTAT" = 1 ]; then
+        perf stat -x, -e raw_syscalls:sys_enter,context-switches,task-clock -p "$INIT_PID" \
+            -o "$WORK/stat" >/dev/null 2>&1 &
+        local pp=$!; sleep 0.3
+        "$@"
+        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        awk -F, -v mib=$(( RUNS * SIZE_MB )) -v n="$name" '
+            $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
+            $3 == "task-clock" { tc = $1 }
+            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
+                  n, sc / mib, cs / mib, tc / mib }' "$WORK/stat" >&2
+    elif [ -n "$PERF" ]; then
         mkdir -p "$PERF"
         perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" >/dev/null 2>&1 &
         local pp=$!; sleep 0.3
@@ -169,18 +192,22 @@ for mtu in $MTUS; do
         start_target "$t"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         start_initiator
+        c0=$(cpu_ticks "$INIT_PID")
         dev=$(perf_during "dev-$t-$mtu" cell dev \
-            dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs=1M iflag=direct count="$SIZE_MB")
+            dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag=direct,count_bytes \
+            count=$((SIZE_MB << 20)))
+        devc=$(cpu_per_gb "$c0"); c0=$(cpu_ticks "$INIT_PID")
         nbd=$(perf_during "nbd-$t-$mtu" cell nbd in_i nbdcopy "$URI" null:)
+        nbdc=$(cpu_per_gb "$c0")
         devw=- nbdw=-
         if [ "$WRITES" = 1 ]; then
-            devw=$(cell devw dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs=1M oflag=direct \
-                count="$SIZE_MB" conv=notrunc)
+            devw=$(cell devw dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" oflag=direct \
+                conv=notrunc)
             nbdw=$(cell nbdw in_i nbdcopy "$SRC" "$URI")
         fi
         stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
         stop_pid "$TARGET_PID"; TARGET_PID=""
-        row "| $mtu | $t | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(load) |"
+        row "| $mtu | $t | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $devc / $nbdc | $(load) |"
     done
     if [ "$NBDKIT" = 1 ]; then
         nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i 10.91.0.1 -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
@@ -190,12 +217,13 @@ for mtu in $MTUS; do
         kw=-
         [ "$WRITES" = 1 ] && kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
         stop_pid "$KIT_PID"; KIT_PID=""
-        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | $(load) |"
+        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | $(load) |"
     fi
 done
 
 echo
-echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=1M direct on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
-echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | load |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS direct on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
+echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least"
+echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | load |"
+echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
