@@ -26,6 +26,7 @@ have_cmd modprobe || need+=(kmod)
 have_cmd file     || need+=(file)
 have_cmd losetup  || need+=(mount)
 have_cmd nbdinfo  || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the initiator's --nbd
+have_cmd nbdkit   || need+=(nbdkit)       # scripts/bench-initiator.sh: NBD over TCP, the comparison
 have_cmd setsid   || need+=(util-linux)
 have_cmd zsh      || need+=(zsh)        # ops.rs: zsh -n on the generated completions
 have_cmd fish     || need+=(fish)       # ops.rs: fish -n on the generated completions
@@ -70,7 +71,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $APT install "${need[@]}" "${qemu_extra[@]}"
 fi
 
-for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy \
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy nbdkit \
          ceph-mon ceph-mgr ceph-osd rbd uuidgen; do
     have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done

@@ -22,9 +22,9 @@ use std::time::{Duration, SystemTime};
 use aoe_proto::initiator::{BlockOp, DeviceState, FlushWhich};
 use aoe_wire::TargetAddr;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
-    Request, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
 use aoe_initiator::blockdev::BlockDevice;
@@ -439,6 +439,19 @@ fn debug_text(e: &DevEntry) -> String {
 }
 
 impl Filesystem for AoeFs {
+    /// Asks for `FUSE_ASYNC_DIO` where the kernel has it: a direct read or write longer
+    /// than one request (`max_pages`, 1 MiB with the default `fs.fuse.max_pages_limit`)
+    /// goes out as that many requests at once, all in flight together, instead of one
+    /// after the other (fs/fuse/file.c `fuse_direct_io`, `fuse_async_req_send`): `dd
+    /// bs=4M iflag=direct` keeps 4 MiB in the AoE window, not 1 MiB with a gap after each.
+    /// Requests are already as large as the kernel allows (fuser asks for `FUSE_MAX_PAGES`
+    /// and a 16 MiB `max_write`; the kernel caps both at `max_pages_limit`).
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Without it (a kernel before 3.13) long direct I/O goes one request at a time.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);

@@ -10,7 +10,7 @@ use aoe_proto::initiator::{
     BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError,
 };
 use aoe_proto::ratelimit::RateLimiter;
-use aoe_sys::{EventFd, PacketSocket, PollFd};
+use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
@@ -205,6 +205,16 @@ pub const BACKLOG: usize = 256;
 /// being served while the socket's receive buffer overflows and the kernel drops the rest.
 pub const RX_BUDGET: usize = 256;
 
+/// Frames taken from a socket per `recvmmsg(2)`, and at most sent per `sendmmsg(2)` chunk
+/// (what `aoe serve` and independent generators batch): one system call per batch instead
+/// of one per frame, the engine's answers sent after each batch so the window refills.
+pub const RX_BATCH: usize = 64;
+
+/// Bytes of the largest frame received: a 9000-byte MTU plus the Ethernet header, with room
+/// for the few interfaces with a larger MTU than AoE uses (longer frames are cut, counted
+/// as truncated and ignored).
+const FRAME_BUF: usize = 9216 + 14;
+
 /// Shortest time between two copies of the device list into [`Shared`] made only because
 /// I/O completed (device events publish at once): copying every device's information after
 /// every completion would cost `--max-devices` copies per I/O.
@@ -220,7 +230,8 @@ struct Iface {
     index: u32,
     sock: PacketSocket,
     /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
-    /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped.
+    /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped. The engine's own
+    /// buffers ([`Engine::poll_transmit_frame`]): queueing copies nothing.
     backlog: VecDeque<Vec<u8>>,
 }
 
@@ -248,37 +259,78 @@ impl Iface {
         }
     }
 
-    /// Sends backlogged frames until the socket is full again.
+    /// Sends backlogged frames, in batches, until the socket is full again.
     fn flush(&mut self, logs: &mut RateLimiter) {
-        while let Some(f) = self.backlog.front() {
-            if let Sent::Full = self.send(f, logs) {
+        while !self.backlog.is_empty() {
+            let (n, full) = {
+                let (a, b) = self.backlog.as_slices();
+                let frames: Vec<&[u8]> = a
+                    .iter()
+                    .chain(b)
+                    .take(RX_BATCH)
+                    .map(Vec::as_slice)
+                    .collect();
+                self.send_some(&frames, logs)
+            };
+            self.backlog.drain(..n);
+            if full {
                 return;
             }
-            self.backlog.pop_front();
         }
     }
 
-    /// Sends `frame` now if nothing is waiting before it, else queues it (or drops it,
-    /// with the backlog full); true if it was dropped.
-    fn send_or_queue(&mut self, frame: &[u8], logs: &mut RateLimiter) -> bool {
+    /// Sends the first frames of `frames` with one `sendmmsg(2)` (falling back to one
+    /// `send(2)` to learn why the kernel stopped part way): how many are done with (sent,
+    /// or lost to an error other than a full buffer), and whether the socket is full.
+    fn send_some(&self, frames: &[&[u8]], logs: &mut RateLimiter) -> (usize, bool) {
+        let Some(first) = frames.first() else {
+            return (0, false);
+        };
+        if frames.len() > 1 {
+            if let Ok(n) = self.sock.send_batch(frames) {
+                if n > 0 {
+                    return (n, false);
+                }
+            }
+        }
+        // One frame, or the batch refused its first frame: classify that one.
+        match self.send(first, logs) {
+            Sent::Done | Sent::Lost => (1, false),
+            Sent::Full => (0, true),
+        }
+    }
+
+    /// Sends `frames` now, in batches, if nothing is waiting before them; what the socket
+    /// refuses (full send buffer) is queued behind the backlog, or dropped with the
+    /// backlog full. Returns the number dropped.
+    fn send_or_queue(&mut self, frames: Vec<Vec<u8>>, logs: &mut RateLimiter) -> u32 {
+        let mut done = 0;
         if self.backlog.is_empty() {
-            match self.send(frame, logs) {
-                Sent::Done | Sent::Lost => return false,
-                Sent::Full => {
+            let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+            while done < slices.len() {
+                let end = slices.len().min(done + RX_BATCH);
+                let (n, full) = self.send_some(&slices[done..end], logs);
+                done += n;
+                if full {
                     if let Some(a) = logs.check(Instant::now(), "send buffer full") {
                         tracing::debug!(
                             interface = %self.name,
                             "send buffer full: queueing frames until POLLOUT{a}"
                         );
                     }
+                    break;
                 }
             }
         }
-        if self.backlog.len() >= BACKLOG {
-            return true;
+        let mut dropped = 0;
+        for f in frames.into_iter().skip(done) {
+            if self.backlog.len() >= BACKLOG {
+                dropped += 1;
+            } else {
+                self.backlog.push_back(f);
+            }
         }
-        self.backlog.push_back(frame.to_vec());
-        false
+        dropped
     }
 }
 
@@ -293,7 +345,10 @@ pub struct Net {
     pending: HashMap<IoId, Done>,
     /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
     opens: HashMap<TargetAddr, u32>,
-    buf: Vec<u8>,
+    /// Frames received with one `recvmmsg(2)`.
+    rxb: RecvBatch,
+    /// Frames taken from the engine for each interface index, sent together.
+    tx: Vec<Vec<Vec<u8>>>,
     loop_devices: bool,
     root: std::path::PathBuf,
     /// Names in the interface list that did not exist at the last sync (said once on `err`).
@@ -355,7 +410,8 @@ impl Net {
             ifaces: Vec::new(),
             pending: HashMap::new(),
             opens: HashMap::new(),
-            buf: vec![0u8; 9216 + 14],
+            rxb: RecvBatch::new(RX_BATCH, FRAME_BUF),
+            tx: Vec::new(),
             loop_devices,
             root,
             missing: Vec::new(),
@@ -556,12 +612,17 @@ impl Net {
                 if fd.writable {
                     i.flush(&mut self.logs);
                 }
-                for _ in 0..RX_BUDGET {
-                    let Ok(Some(meta)) = i.sock.recv(&mut self.buf) else {
+                let mut taken = 0;
+                while taken < RX_BUDGET {
+                    let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
+                    for (frame, meta) in self.rxb.iter() {
+                        if !meta.truncated {
+                            self.engine.handle_frame(now, idx, frame);
+                        }
+                    }
+                    taken += n;
+                    if n < RX_BATCH {
                         break;
-                    };
-                    if !meta.truncated {
-                        self.engine.handle_frame(now, idx, &self.buf[..meta.len]);
                     }
                 }
             }
@@ -577,13 +638,29 @@ impl Net {
         for i in self.ifaces.iter_mut().flatten() {
             i.flush(&mut self.logs);
         }
-        let mut out = vec![0u8; self.buf.len()];
         let mut dropped = 0u32;
-        while let Some(t) = self.engine.poll_transmit(now, &mut out) {
-            let Some(Some(i)) = self.ifaces.get_mut(t.iface) else {
+        if self.tx.len() < self.ifaces.len() {
+            self.tx.resize_with(self.ifaces.len(), Vec::new);
+        }
+        let mut any = false;
+        while let Some((iface, frame)) = self.engine.poll_transmit_frame(now) {
+            if let Some(q) = self.tx.get_mut(iface) {
+                q.push(frame);
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        for (idx, q) in self.tx.iter_mut().enumerate() {
+            if q.is_empty() {
                 continue;
-            };
-            dropped += u32::from(i.send_or_queue(&out[..t.len], &mut self.logs));
+            }
+            let frames = std::mem::take(q);
+            match self.ifaces.get_mut(idx) {
+                Some(Some(i)) => dropped += i.send_or_queue(frames, &mut self.logs),
+                _ => continue,
+            }
         }
         if dropped > 0 {
             if let Some(a) = self.logs.check(now, "frames dropped") {

@@ -6,13 +6,14 @@
 //!  client ──► reader thread: handshake ([`proto::Handshake`]), then per request:
 //!             parse + check ([`proto::Session::check`]) ──► net::Handle::io ──► AoE window
 //!                                                                                   │
-//!  client ◄── writer thread ◄── channel ◄── reply encoded in the completion ◄───────┘
+//!  client ◄── writer thread ◄── channel ◄── reply made in the completion ◄──────────┘
 //! ```
 //! One reader and one writer thread per connection: the reader submits each request as
 //! it arrives (up to [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] bytes in flight),
-//! completions encode their reply on the network thread and hand it to the writer, so
-//! replies go out in completion order, not request order (NBD allows that: the cookie
-//! matches them up).
+//! completions make a reply header on the network thread and hand it, with a read's data
+//! as the engine assembled it, to the writer, which sends what has queued up with one
+//! `writev(2)` (the data is never copied into a reply buffer). Replies go out in completion
+//! order, not request order (NBD allows that: the cookie matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -28,7 +29,7 @@
 
 pub mod proto;
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -169,6 +170,12 @@ impl Write for Conn {
         match self {
             Conn::Unix(s) => s.write(b),
             Conn::Tcp(s) => s.write(b),
+        }
+    }
+    fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write_vectored(b),
+            Conn::Tcp(s) => s.write_vectored(b),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -386,6 +393,38 @@ impl Inflight {
     }
 }
 
+/// A reply for the writer thread: its header (or the whole reply), a read's data handed
+/// over as the engine assembled it, and the in-flight bytes it holds.
+struct Reply {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    held: u64,
+}
+
+/// Replies the writer takes per `writev(2)`.
+const WRITE_BATCH: usize = 64;
+
+/// Writes the replies, heads and data, with as few `writev(2)` calls as the socket allows:
+/// a read's data goes from the buffer the AoE frames were gathered in straight to the
+/// socket, never copied into a reply buffer.
+fn write_replies(w: &mut impl Write, replies: &[Reply]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = replies
+        .iter()
+        .flat_map(|r| [IoSlice::new(&r.head), IoSlice::new(&r.data)])
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The transmission phase ("Transmission"): read requests, submit them, let completions
 /// queue replies for the writer thread. Ends on `NBD_CMD_DISC`, end of stream, a bad
 /// magic or a write error; requests still in flight are finished first (`NBD_CMD_DISC`:
@@ -400,28 +439,33 @@ fn transmission(
 ) -> io::Result<()> {
     // Each message carries the in-flight bytes it holds; the writer releases them once
     // the reply is written, so a client that stops reading replies stops being read.
-    let (tx, rx) = crossbeam_channel::unbounded::<(Vec<u8>, u64)>();
+    let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
     let inflight = Arc::new(Inflight::default());
     let shut = w.try_clone()?;
     let inf = inflight.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
-            let mut w = BufWriter::with_capacity(256 << 10, w);
+            let mut w = w;
             let mut ok = true;
-            while let Ok((m, held)) = rx.recv() {
-                ok = ok && w.write_all(&m).is_ok();
-                drop(m);
-                inf.release(held);
-                if ok && rx.is_empty() {
-                    ok = w.flush().is_ok();
+            let mut batch = Vec::with_capacity(WRITE_BATCH);
+            while let Ok(first) = rx.recv() {
+                batch.push(first);
+                while batch.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                ok = ok && write_replies(&mut w, &batch).is_ok();
+                for m in batch.drain(..) {
+                    inf.release(m.held);
                 }
                 if !ok {
                     // Unblocks the reader; replies still due are dropped (but released).
                     shut.shutdown();
                 }
             }
-            let _ = w.flush();
         })?;
     let bd = BlockDevice::new(net.clone(), dev, base);
     let result = requests(&mut r, &tx, &session, &bd, &inflight);
@@ -433,7 +477,7 @@ fn transmission(
 
 fn requests(
     r: &mut BufReader<Conn>,
-    tx: &crossbeam_channel::Sender<(Vec<u8>, u64)>,
+    tx: &crossbeam_channel::Sender<Reply>,
     session: &Arc<Session>,
     bd: &BlockDevice,
     inflight: &Arc<Inflight>,
@@ -453,7 +497,11 @@ fn requests(
                 tracing::debug!(request = %req, error = e, "nbd: request refused");
                 discard(r, u64::from(req.payload_len()))?;
                 inflight.acquire(0);
-                let _ = tx.send((session.error_reply(req.cookie, e, "request refused"), 0));
+                let _ = tx.send(Reply {
+                    head: session.error_reply(req.cookie, e, "request refused"),
+                    data: Vec::new(),
+                    held: 0,
+                });
                 continue;
             }
         };
@@ -465,8 +513,12 @@ fn requests(
         };
         let reply = {
             let tx = tx.clone();
-            move |m: Vec<u8>| {
-                let _ = tx.send((m, bytes));
+            move |head: Vec<u8>, data: Vec<u8>| {
+                let _ = tx.send(Reply {
+                    head,
+                    data,
+                    held: bytes,
+                });
             }
         };
         let status = {
@@ -484,11 +536,15 @@ fn requests(
                 bd.read(
                     offset,
                     len as usize,
-                    Box::new(move |res| {
-                        reply(match res {
-                            Ok(d) => s.read_reply(cookie, offset, &d),
-                            Err(e) => s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"),
-                        })
+                    Box::new(move |res| match res {
+                        Ok(d) => {
+                            let head = s.read_reply_head(cookie, offset, d.len());
+                            reply(head, d)
+                        }
+                        Err(e) => reply(
+                            s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"),
+                            Vec::new(),
+                        ),
                     }),
                 );
             }
@@ -496,18 +552,81 @@ fn requests(
                 let mut data = vec![0u8; len as usize];
                 r.read_exact(&mut data)?;
                 inflight.acquire(bytes);
-                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res))));
+                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res), Vec::new())));
                 bd.write(offset, data, done);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(bytes);
-                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res))));
+                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res), Vec::new())));
                 bd.write_zeroes(offset, u64::from(len), done);
             }
             Command::Flush => {
                 inflight.acquire(bytes);
-                bd.flush(Box::new(move |res| reply(status(res))));
+                bd.flush(Box::new(move |res| reply(status(res), Vec::new())));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most `max` bytes per call, like a full send buffer does.
+    struct Dribble {
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl Write for Dribble {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = b.len().min(self.max);
+            self.out.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.max - n);
+                self.out.extend_from_slice(&b[..k]);
+                n += k;
+                if n == self.max {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Short writes anywhere (inside a head, inside data, across replies) lose or repeat
+    /// no byte: the replies arrive whole and in order.
+    #[test]
+    fn short_writev_keeps_the_stream_whole() {
+        let replies: Vec<Reply> = (0..5u8)
+            .map(|i| Reply {
+                head: vec![i; 16],
+                data: if i % 2 == 0 {
+                    (0..1000).map(|j| (j % 251) as u8 ^ i).collect()
+                } else {
+                    Vec::new()
+                },
+                held: 0,
+            })
+            .collect();
+        let want: Vec<u8> = replies
+            .iter()
+            .flat_map(|r| r.head.iter().chain(&r.data).copied())
+            .collect();
+        for max in [1, 7, 16, 17, 999, 4096] {
+            let mut w = Dribble {
+                out: Vec::new(),
+                max,
+            };
+            write_replies(&mut w, &replies).unwrap();
+            assert!(w.out == want, "max {max}");
         }
     }
 }

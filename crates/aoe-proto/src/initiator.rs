@@ -326,6 +326,15 @@ impl Engine {
         None
     }
 
+    /// The next frame to send, as [`Engine::poll_transmit`] gives it but handed over
+    /// instead of copied: the interface index and the frame (padded, ready for the wire).
+    /// A daemon that sends in batches (`sendmmsg`) keeps the frames until the call, or in
+    /// its backlog while the socket is full, without a copy per frame.
+    pub fn poll_transmit_frame(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
+        self.touch(now);
+        self.transmit.pop_front()
+    }
+
     /// The next event, if any. Drain after every call.
     #[must_use = "the event is taken off the queue: completions must reach their callers"]
     pub fn poll_event(&mut self) -> Option<Event> {

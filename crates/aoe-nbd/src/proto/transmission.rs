@@ -197,21 +197,31 @@ impl Session {
     /// the data, or (structured, "NBD_REPLY_TYPE_OFFSET_DATA") one data chunk flagged
     /// done. A structured read of nothing is answered with NBD_REPLY_TYPE_NONE.
     pub fn read_reply(&self, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
-        if !self.structured {
-            let mut v = simple_reply(cookie, 0);
+        let mut v = self.read_reply_head(cookie, offset, data.len());
+        if !(self.structured && data.is_empty()) {
             v.extend_from_slice(data);
-            return v;
         }
-        if data.is_empty() {
+        v
+    }
+
+    /// What [`Session::read_reply`] puts before the `len` bytes of data: the server writes
+    /// it and the data with one `writev(2)`, so the data is never copied into a reply
+    /// buffer. For a structured read of nothing it is the whole (NBD_REPLY_TYPE_NONE) reply.
+    pub fn read_reply_head(&self, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+        if !self.structured {
+            return simple_reply(cookie, 0);
+        }
+        if len == 0 {
             return self.done_reply(cookie);
         }
-        structured_chunk(
-            chunk::FLAG_DONE,
-            chunk::OFFSET_DATA,
-            cookie,
-            &offset.to_be_bytes(),
-            data,
-        )
+        let mut v = Vec::with_capacity(28);
+        v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        v.extend_from_slice(&chunk::FLAG_DONE.to_be_bytes());
+        v.extend_from_slice(&chunk::OFFSET_DATA.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&((8 + len) as u32).to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v
     }
 
     /// The reply to a failed command: a simple reply carrying the error, or
