@@ -13,7 +13,8 @@
 #   before   (if BEFORE= names a binary) that older `aoe serve` on the image, driven from the
 #            other namespace by `aoe bench --bs BS --window WINDOW --time TIME`;
 #   after    $AOE serve likewise.
-# and prints a markdown table of MB/s (10^6 bytes/s) with each AoE row's ratio to `rbd bench`.
+# RUNS times, and prints a markdown table of the median MB/s (10^6 bytes/s) of each, with the
+# AoE cells' ratio to the `rbd bench` median and their retransmits (summed over the runs).
 #
 # Usage: sudo scripts/bench-rbd.sh          (settings from the environment)
 #   AOE=target/release/aoe   the aoe binary, built with --features aoe-cli/rbd (also the generator)
@@ -22,7 +23,8 @@
 #   AFTER_ARGS=""            extra `aoe serve` options of $AOE
 #   MTU=9000  BS=8k  WINDOWS="16 64"  MODES="read randread write randwrite"  TIME=5
 #   IMAGE_MB=512             image size (written once before the reads)
-#   MIN_RTO_US=200000        `aoe bench --min-rto-us`: an OSD's latency swings far past the
+#   RUNS=3                   rounds (rbd, before, after, interleaved); each cell is the median
+#   MIN_RTO_US=1000000       `aoe bench --min-rto-us`: an OSD's latency swings far past the
 #                            generator's 5 ms default floor, and each early copy is one more
 #                            request for the cluster (`rbd bench` never sends one twice)
 #   CEPH_STORE=bluestore     passed to ceph-up.sh (bluestore on a sparse file, or memstore)
@@ -41,7 +43,8 @@ WINDOWS=${WINDOWS:-16 64}
 MODES=${MODES:-read randread write randwrite}
 TIME=${TIME:-5}
 IMAGE_MB=${IMAGE_MB:-512}
-MIN_RTO_US=${MIN_RTO_US:-200000}
+MIN_RTO_US=${MIN_RTO_US:-1000000}
+RUNS=${RUNS:-3}
 OUT=${OUT:-}
 SHELF=1 SLOT=1 IMAGE=rbd/aoebench
 
@@ -146,23 +149,35 @@ aoe_bench() { # mode window -> "MB/s retransmits"
     jq -r '"\(.mb_per_s * 10 | round / 10) \(.retransmits)"' "$WORK/out.json"
 }
 
+median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
+
 ROWS=()
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for mode in $MODES; do
     for w in $WINDOWS; do
-        r=$(rbd_bench "$mode" "$w")
-        cells=("$r")
+        : >"$WORK/rbd.runs"; : >"$WORK/before.runs"; : >"$WORK/after.runs"
+        for _ in $(seq 1 "$RUNS"); do
+            rbd_bench "$mode" "$w" >>"$WORK/rbd.runs"; echo >>"$WORK/rbd.runs"
+            for who in before after; do
+                if [ "$who" = before ]; then
+                    [ -n "$BEFORE" ] || continue
+                    start_target "$BEFORE" "$BEFORE_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                else
+                    start_target "$AOE" "$AFTER_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                fi
+                aoe_bench "$mode" "$w" >>"$WORK/$who.runs"
+                stop_target
+            done
+        done
+        r=$(awk 'NF { print $1 }' "$WORK/rbd.runs" | median)
+        cells=("$r ($(awk 'NF { printf "%s%s", s, $1; s = "/" }' "$WORK/rbd.runs"))")
         for who in before after; do
-            if [ "$who" = before ]; then
-                [ -n "$BEFORE" ] || { cells+=("-" "-"); continue; }
-                start_target "$BEFORE" "$BEFORE_ARGS" || { cells+=("failed" "-"); continue; }
-            else
-                start_target "$AOE" "$AFTER_ARGS" || { cells+=("failed" "-"); continue; }
-            fi
-            read -r mb rx < <(aoe_bench "$mode" "$w")
-            stop_target
+            if [ ! -s "$WORK/$who.runs" ]; then cells+=("-"); continue; fi
+            mb=$(awk '{ print $1 }' "$WORK/$who.runs" | median)
+            rx=$(awk '{ n += ($2 == "-" ? 0 : $2) } END { print n }' "$WORK/$who.runs")
+            all=$(awk '{ printf "%s%s", s, $1; s = "/" }' "$WORK/$who.runs")
             ratio=$(awk -v a="$mb" -v b="$r" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-            cells+=("$mb ($ratio, $rx retx)")
+            cells+=("$mb ($all) **${ratio}x**, $rx retx")
         done
         line="| $mode | $w | ${cells[0]} | ${cells[1]} | ${cells[2]} |"
         ROWS+=("$line"); echo "$line" >&2
@@ -171,9 +186,9 @@ done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
 {
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}; load average $LOAD0 at the start, $LOAD1 at the end"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, RUNS=$RUNS (median), min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}; load average $LOAD0 at the start, $LOAD1 at the end"
     echo
-    echo "| pattern | window | \`rbd bench\` MB/s | before: MB/s (ratio, retransmits) | after: MB/s (ratio, retransmits) |"
+    echo "| pattern | window | \`rbd bench\` MB/s (runs) | before: MB/s (runs), ratio, retransmits | after: MB/s (runs), ratio, retransmits |"
     echo "|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
 } >"$WORK/table.md"
