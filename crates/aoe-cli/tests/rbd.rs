@@ -362,3 +362,147 @@ fn a_resized_image_is_seen_on_revalidate() {
     );
     r.rig.finish();
 }
+
+/// Issue 13 (many requests in flight): an RBD export submits every request to librbd at once
+/// and collects completions from librbd's callbacks, so the requests in flight against the
+/// cluster are not capped by `--workers`. With the only OSD stopped, 8 reads of 8 different
+/// objects from a raw AoE client, to a gateway with one worker, must all be outstanding in
+/// the gateway's librados objecter (its admin socket's `objecter_requests`) at once; the old
+/// worker-waits-per-request store had 1 there. Then the gateway is told to stop while they
+/// are still in flight: it waits for librbd to give their buffers back (nothing is freed
+/// under librbd), and once the OSD is back the reads are answered, with the data, and the
+/// gateway exits cleanly.
+#[test]
+fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
+    let seeded = pattern(11, IMAGE_BYTES);
+    let r = RbdRig::start("rbd/img", |ceph| {
+        let f = ceph.dir.join("seed.img");
+        fs::write(&f, &seeded).expect("write seed file");
+        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
+        fs::remove_file(&f).expect("remove seed file");
+    });
+    // A second, read-only gateway (no lock to take) with a single worker thread.
+    let mut b = start_gateway(
+        &r,
+        (SHELF, SLOT + 1),
+        &["--no-announce", "-r", "--workers", "1"],
+    );
+    let asok = r
+        .ceph
+        .dir
+        .join("run")
+        .join(format!("ceph-client.admin.{}.asok", b.pid()));
+    assert!(
+        wait_until(Duration::from_secs(30), || asok.exists()),
+        "no admin socket {} for gateway B:\n{}",
+        asok.display(),
+        b.output_so_far()
+    );
+    let mut client = AoeClient::open(
+        &r.rig.init_ns,
+        &r.rig.init_if,
+        TargetAddr::new(SHELF, SLOT + 1),
+    )
+    .expect("raw AoE client");
+    client.set_retransmit_timeout(Duration::from_secs(300));
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway B");
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // One 2-sector read in each of 8 objects (4 MiB each: 8192 sectors).
+    const READS: u64 = 8;
+    for i in 0..READS {
+        client
+            .send(&Request::Read {
+                lba: i * 8192 + 8,
+                count: 2,
+            })
+            .expect("send a read");
+    }
+    // The OSD ops the gateway's objecter has sent and not had answered (its admin socket
+    // also lists the header watch's pings, which pile up while the OSD is stopped).
+    let objecter = || {
+        let out = r
+            .rig
+            .target_ns
+            .command("ceph")
+            .args([
+                "--admin-daemon",
+                &asok.display().to_string(),
+                "objecter_requests",
+            ])
+            .output()
+            .expect("ceph --admin-daemon");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ops = |json: &str| {
+        serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                v["ops"].as_array().map(|ops| {
+                    ops.iter()
+                        .filter(|op| {
+                            op["object_id"]
+                                .as_str()
+                                .is_some_and(|o| o.starts_with("rbd_data."))
+                        })
+                        .count()
+                })
+            })
+            .unwrap_or(0)
+    };
+    let all = wait_until(Duration::from_secs(30), || {
+        ops(&objecter()) >= READS as usize
+    });
+    let seen = objecter();
+    if !all {
+        run_ok(Command::new("kill").args(["-CONT", &osd]));
+    }
+    assert!(
+        all,
+        "{} of {READS} reads of data objects in flight at librbd with --workers 1 (the OSD \
+         stopped): {seen}",
+        ops(&seen)
+    );
+
+    // Stop the gateway while the reads wait on the stopped OSD: it must not exit (their
+    // buffers are librbd's until the callbacks) ...
+    run_ok(Command::new("kill").args(["-TERM", &b.pid().to_string()]));
+    let exited_early = wait_until(Duration::from_secs(3), || !b.is_running());
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(!exited_early, "gateway B exited with reads in flight");
+    // ... and, the OSD back, answers them with the image's data and exits cleanly.
+    let mut replies = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while replies.len() < READS as usize && std::time::Instant::now() < deadline {
+        replies.extend(client.poll(Duration::from_secs(1)).expect("poll replies"));
+    }
+    assert_eq!(
+        replies.len(),
+        READS as usize,
+        "replies after the OSD came back"
+    );
+    for reply in &replies {
+        assert!(reply.is_ok(), "a read failed: {reply:?}");
+        let d = reply.data();
+        assert!(
+            (0..READS).any(|i| {
+                let at = (i * 8192 + 8) as usize * 512;
+                d == &seeded[at..at + 1024]
+            }),
+            "a read returned data that is not the image's"
+        );
+    }
+    let status = b
+        .wait_timeout(Duration::from_secs(120))
+        .expect("wait for gateway B");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "gateway B did not exit cleanly: {status:?}\n{}",
+        b.output_so_far()
+    );
+    r.rig.finish();
+}

@@ -287,6 +287,7 @@ impl IoCtx {
         Ok(Image {
             raw,
             _io: self.clone(),
+            in_flight: Arc::new(InFlight::default()),
         })
     }
 }
@@ -303,6 +304,8 @@ impl Drop for IoCtx {
 pub struct Image {
     raw: ffi::rbd_image_t,
     _io: Arc<IoCtx>,
+    /// Operations started with [`Image::aio_submit`] whose callback has not finished.
+    in_flight: Arc<InFlight>,
 }
 
 // SAFETY: librbd's image handle is internally locked and its aio calls are meant to be
@@ -492,8 +495,234 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: ours; every operation was waited for before its call returned, so none is
-        // in flight. The return value (a final flush's error) has nowhere to go.
+        // Operations submitted with a callback own their buffers until it has run; the
+        // image is closed only after the last one, so librbd never completes into a closed
+        // image and no callback outlives what it refers to.
+        self.in_flight.wait_idle();
+        // SAFETY: ours; the waiting operations (read_at & co.) were waited for before their
+        // call returned and the callback ones just above, so none is in flight. The return
+        // value (a final flush's error) has nowhere to go.
         unsafe { ffi::rbd_close(self.raw) };
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Asynchronous I/O with completion callbacks (many requests in flight, no thread waiting):
+// the store interface of aoe-store, for the RBD backend of aoe-rbd.
+
+/// What one asynchronous operation does; the ranges say where in its buffer the data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AioOp {
+    /// `rbd_aio_read` of `at.len()` bytes at `offset` into `buf[at]`.
+    Read {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Where in the buffer the data goes.
+        at: std::ops::Range<usize>,
+    },
+    /// `rbd_aio_write` of `buf[from]` at `offset`.
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Where in the buffer the data is.
+        from: std::ops::Range<usize>,
+    },
+    /// `rbd_aio_write_zeroes` of `len` bytes at `offset` (the buffer is unused).
+    WriteZeroes {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Bytes to zero.
+        len: u64,
+    },
+    /// `rbd_aio_flush` (the buffer is unused).
+    Flush,
+}
+
+/// Called once when an operation has completed, on a librbd thread (or on the submitting
+/// thread if librbd refused it at once): the operation's buffer back, and librbd's result
+/// (bytes transferred, 0, or `-errno`). It must not block: librbd runs every image's
+/// completions on a few threads.
+pub type AioDone = Box<dyn FnOnce(Vec<u8>, isize) + Send + 'static>;
+
+/// Counts an image's callback operations, so that closing it can wait for them.
+#[derive(Debug, Default)]
+struct InFlight {
+    n: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn enter(&self) {
+        *self.n.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn leave(&self) {
+        let mut n = self.n.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn count(&self) -> usize {
+        *self.n.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the count to reach 0; says so on stderr every 10 s meanwhile (a cluster
+    /// that went away holds the operations, and freeing their buffers early would let
+    /// librbd write into freed memory, so there is no giving up).
+    fn wait_idle(&self) {
+        let mut n = self.n.lock().unwrap_or_else(|p| p.into_inner());
+        let start = std::time::Instant::now();
+        while *n > 0 {
+            let (g, t) = self
+                .idle
+                .wait_timeout(n, std::time::Duration::from_secs(10))
+                .unwrap_or_else(|p| p.into_inner());
+            n = g;
+            if t.timed_out() && *n > 0 {
+                eprintln!(
+                    "rbd: closing an image waits for {} operation(s) in flight ({} s so far)",
+                    *n,
+                    start.elapsed().as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// One operation between submit and callback: owns the buffer librbd reads or writes.
+struct Pending {
+    buf: Vec<u8>,
+    done: AioDone,
+    in_flight: Arc<InFlight>,
+}
+
+impl Pending {
+    /// Hands the buffer and result to the caller's callback and leaves the count. A panic
+    /// in the callback is stopped here: it must not unwind into librbd's C++ frames.
+    fn finish(self, result: isize) {
+        let Pending {
+            buf,
+            done,
+            in_flight,
+        } = self;
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(buf, result)));
+        in_flight.leave();
+    }
+}
+
+/// The completion callback given to `rbd_aio_create_completion`.
+extern "C" fn aio_complete(c: ffi::rbd_completion_t, arg: *mut std::os::raw::c_void) {
+    // SAFETY: `arg` is the `Box<Pending>` that `Image::aio_submit` leaked with `into_raw`
+    // for this completion alone, and librbd calls this once per completion, so the box is
+    // taken back exactly once.
+    let pending = unsafe { Box::from_raw(arg.cast::<Pending>()) };
+    // SAFETY: `c` is the live completion this callback was registered on; the operation is
+    // complete (that is why we are called).
+    let result = unsafe { ffi::rbd_aio_get_return_value(c) };
+    // SAFETY: ours and complete; released once, here (as qemu's block/rbd.c does in its
+    // callback). Nothing refers to it afterwards.
+    unsafe { ffi::rbd_aio_release(c) };
+    pending.finish(result);
+}
+
+impl Image {
+    /// Starts `op` on `buf` and returns at once; `done` gets the buffer back with the result
+    /// when librbd has completed it, on one of librbd's threads. The buffer is owned by the
+    /// operation until then (so nothing the caller does, dropping everything included, can
+    /// free it under librbd), and the image is not closed before every such operation has
+    /// completed. `done` is always called exactly once: with `-EINVAL` for a range outside
+    /// `buf`, `-ENOMEM` if no completion can be made, or librbd's `-errno` if it refuses the
+    /// operation outright.
+    pub fn aio_submit(&self, op: AioOp, buf: Vec<u8>, done: AioDone) {
+        let range = match &op {
+            AioOp::Read { at, .. } => Some(at.clone()),
+            AioOp::Write { from, .. } => Some(from.clone()),
+            AioOp::WriteZeroes { .. } | AioOp::Flush => None,
+        };
+        if let Some(r) = &range {
+            if r.start > r.end || r.end > buf.len() {
+                done(buf, -(libc::EINVAL as isize));
+                return;
+            }
+        }
+        self.in_flight.enter();
+        let pending = Box::new(Pending {
+            buf,
+            done,
+            in_flight: self.in_flight.clone(),
+        });
+        let arg = Box::into_raw(pending);
+        let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
+        let r = check(
+            // SAFETY: `arg` stays valid until the callback takes it back (or until we do,
+            // below, if the completion or the submission fails); valid out-pointer.
+            unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(aio_complete), &mut c) },
+            "rbd_aio_create_completion",
+        );
+        if r.is_err() {
+            // SAFETY: no completion exists, so no callback will take the box: it is ours.
+            let pending = unsafe { Box::from_raw(arg) };
+            pending.finish(-(libc::ENOMEM as isize));
+            return;
+        }
+        // SAFETY: `arg` points to the live `Pending` (only the callback frees it, and it
+        // cannot run before the operation is submitted below). The buffer's heap block does
+        // not move while the Vec sits in the box; librbd gets a pointer into it and the
+        // box keeps it alive until the callback returns it.
+        let base = unsafe { (*arg).buf.as_mut_ptr() };
+        let r = match (op, range) {
+            (AioOp::Read { offset, .. }, Some(at)) => {
+                // SAFETY: `at` lies inside the buffer (checked above), which the pending
+                // operation owns until the callback; librbd writes at most `at.len()` bytes
+                // there. Live image and completion.
+                unsafe {
+                    ffi::rbd_aio_read(
+                        self.raw,
+                        offset,
+                        at.len(),
+                        base.add(at.start).cast::<c_char>(),
+                        c,
+                    )
+                }
+            }
+            (AioOp::Write { offset, .. }, Some(from)) => {
+                // SAFETY: as for reads; librbd only reads the `from.len()` bytes (it copies
+                // them or keeps the pointer until the completion, which the box outlives).
+                unsafe {
+                    ffi::rbd_aio_write(
+                        self.raw,
+                        offset,
+                        from.len(),
+                        base.add(from.start).cast::<c_char>(),
+                        c,
+                    )
+                }
+            }
+            (AioOp::WriteZeroes { offset, len }, _) => match usize::try_from(len) {
+                // SAFETY: live image and completion; no buffer; flags 0 (plain zeroing).
+                Ok(len) => unsafe { ffi::rbd_aio_write_zeroes(self.raw, offset, len, c, 0, 0) },
+                Err(_) => -libc::EINVAL,
+            },
+            // SAFETY: live image and completion.
+            (AioOp::Flush, _) => unsafe { ffi::rbd_aio_flush(self.raw, c) },
+            // Read and Write always carry their range (set from the op above).
+            (AioOp::Read { .. } | AioOp::Write { .. }, None) => -libc::EINVAL,
+        };
+        if r < 0 {
+            // librbd did not take the operation, so it will not call back (qemu's
+            // block/rbd.c relies on the same): release the completion and finish here.
+            // SAFETY: the completion was never submitted; released once.
+            unsafe { ffi::rbd_aio_release(c) };
+            // SAFETY: the callback will not run, so the box is ours again.
+            let pending = unsafe { Box::from_raw(arg) };
+            pending.finish(r as isize);
+        }
+    }
+
+    /// Operations started with [`Image::aio_submit`] whose callback has not finished.
+    pub fn aio_in_flight(&self) -> usize {
+        self.in_flight.count()
     }
 }

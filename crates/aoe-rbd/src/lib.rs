@@ -13,10 +13,15 @@
 //! and answers every later write with an ATA error. So the newest gateway wins and the old
 //! one never writes behind its back.
 //!
-//! I/O: reads, writes and flushes are librbd aio calls waited for on the store's worker
-//! threads, so as many requests are in flight against the cluster as `aoe serve` has workers
-//! (`--workers`). Errors keep their errno and reach the initiator as ATA errors through
-//! `aoe_store::StoreError`. librbd's cache is off, so an acknowledged write is on the OSDs
+//! I/O: the store is an [`aoe_store::AsyncBackend`]. Each request is a librbd aio call
+//! (read, write, write-zeroes, flush) whose completion callback, on a librbd thread, pushes
+//! (token, buffer, result) onto the daemon's [`Completions`] queue and so writes its eventfd:
+//! no thread waits per request, and as many are in flight against the cluster as the daemon
+//! submits (each export's buffer count bounds that; [`MAX_IN_FLIGHT`] bounds it here too).
+//! A buffer belongs to its operation until the callback gives it back, and the image is
+//! closed only after the last callback, so a daemon that stops with requests in flight
+//! frees nothing librbd still writes into. Errors keep their errno and reach the initiator
+//! as ATA errors through `aoe_store::StoreError`. librbd's cache is off, so an acknowledged write is on the OSDs
 //! and survives the gateway. No OSD timeout is set: while the cluster is away I/O waits in
 //! librbd, and the initiator retransmits, so service resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -28,8 +33,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aoe_rbd_sys::{errno, Cluster, Image};
-use aoe_store::Backend;
+use aoe_rbd_sys::{errno, AioOp, Cluster, Image};
+use aoe_store::{AsyncBackend, Completions, Done, Op, Request};
+
+/// Requests one image has in flight at most; more are given back to the daemon, which drops
+/// them (the initiator retransmits). The export's buffer count normally keeps far below it.
+pub const MAX_IN_FLIGHT: usize = 8192;
 
 /// `EBLOCKLISTED` in Ceph is `ESHUTDOWN`.
 const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
@@ -124,17 +133,56 @@ pub struct RbdBackend {
     name: String,
     image: Image,
     read_only: bool,
-    /// Size at open, or as last read: what `len` answers if the cluster cannot be asked.
+    /// Size at open, or as last read: what `len` answers if the cluster cannot be asked,
+    /// and what requests are checked against.
     size: AtomicU64,
+    /// The lock state the completion callbacks update.
+    fence: Arc<Fence>,
+    /// Where finished requests go.
+    completions: Arc<Completions>,
+}
+
+/// Whether the exclusive lock was lost; shared with the completion callbacks.
+#[derive(Debug)]
+struct Fence {
+    name: String,
     /// Set when the exclusive lock was lost: writes are refused from then on.
     fenced: AtomicBool,
+}
+
+impl Fence {
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Marks the lock lost (once: logs the first time) and says so as an error.
+    fn fence(&self, cause: &io::Error) -> io::Error {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                image = %self.name,
+                error = %cause,
+                "lost the image's exclusive lock (another gateway took it over); \
+                 refusing every write from now on"
+            );
+        }
+        io::Error::from_raw_os_error(libc::EROFS)
+    }
+
+    /// A write's or flush's librbd error, with a lost lock turned into the fence.
+    fn write_error(&self, e: io::Error) -> io::Error {
+        match e.raw_os_error() {
+            Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence(&e),
+            _ => e,
+        }
+    }
 }
 
 impl RbdBackend {
     /// Connects, opens the image and, for a writable export of an image with the
     /// exclusive-lock feature, takes its lock, breaking (and so blocklisting) a previous
     /// holder's: see the crate documentation for the failover this gives.
-    pub fn open(o: &RbdOptions) -> Result<RbdBackend, OpenError> {
+    /// Finished requests go to `completions`.
+    pub fn open(o: &RbdOptions, completions: Arc<Completions>) -> Result<RbdBackend, OpenError> {
         let name = o.name();
         let client = o.client_id.clone().unwrap_or_else(|| "admin".into());
         let secs = o.connect_timeout.as_secs().max(1).to_string();
@@ -189,7 +237,11 @@ impl RbdBackend {
             image,
             read_only: o.read_only,
             size: AtomicU64::new(size),
-            fenced: AtomicBool::new(false),
+            fence: Arc::new(Fence {
+                name: name.clone(),
+                fenced: AtomicBool::new(false),
+            }),
+            completions,
         };
         if !o.read_only
             && b.image
@@ -241,22 +293,11 @@ impl RbdBackend {
         self.len() / 512
     }
 
-    /// Marks the lock lost (once: logs the first time) and says so as an error.
-    fn fence(&self, cause: &io::Error) -> io::Error {
-        if !self.fenced.swap(true, Ordering::SeqCst) {
-            tracing::error!(
-                image = %self.name,
-                error = %cause,
-                "lost the image's exclusive lock (another gateway took it over); \
-                 refusing every write from now on"
-            );
-        }
-        io::Error::from_raw_os_error(libc::EROFS)
-    }
-
-    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
-        let size = self.len();
-        match offset.checked_add(len as u64) {
+    /// Checks a request against the size last read (re-read on every IDENTIFY, so after a
+    /// resize the initiator's revalidate brings both up to date).
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.size.load(Ordering::Relaxed);
+        match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -269,7 +310,7 @@ impl RbdBackend {
     }
 }
 
-impl Backend for RbdBackend {
+impl AsyncBackend for RbdBackend {
     fn len(&self) -> u64 {
         match self.image.size() {
             Ok(s) => {
@@ -280,42 +321,89 @@ impl Backend for RbdBackend {
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
-        self.image.read_at(buf, offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
-        if self.fenced.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
-        self.check_range(offset, buf.len())?;
-        self.image
-            .write_at(buf, offset)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence(&e),
-                _ => e,
-            })
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        if self.fenced.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
-        self.image.flush().map_err(|e| match e.raw_os_error() {
-            Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence(&e),
-            _ => e,
-        })
-    }
-
     fn read_only(&self) -> bool {
         self.read_only
     }
 
     fn failed(&self) -> bool {
-        self.fenced.load(Ordering::SeqCst)
+        self.fence.is_fenced()
+    }
+
+    fn submit(&self, req: Request) -> Result<(), Request> {
+        if self.image.aio_in_flight() >= MAX_IN_FLIGHT {
+            return Err(req);
+        }
+        let Request { op, token, buf } = req;
+        let writes = !matches!(op, Op::Read { .. });
+        // Refused before librbd sees it: completed at once, with the error.
+        let refuse = |buf: Vec<u8>, e: io::Error| {
+            self.completions.push(Done {
+                user: token,
+                buf,
+                result: Err(e),
+            });
+        };
+        if writes && !matches!(op, Op::Flush) && self.read_only {
+            refuse(buf, io::Error::from_raw_os_error(libc::EROFS));
+            return Ok(());
+        }
+        if writes && self.fence.is_fenced() {
+            refuse(buf, io::Error::from_raw_os_error(libc::EROFS));
+            return Ok(());
+        }
+        let (aio, len) = match op {
+            Op::Read { offset, at } => {
+                let n = at.len();
+                (AioOp::Read { offset, at }, Some((offset, n)))
+            }
+            Op::Write { offset, from } => {
+                let n = from.len();
+                (AioOp::Write { offset, from }, Some((offset, n)))
+            }
+            Op::WriteZeroes { offset, len } => {
+                if let Err(e) = self.check_range(offset, len) {
+                    refuse(buf, e);
+                    return Ok(());
+                }
+                (AioOp::WriteZeroes { offset, len }, None)
+            }
+            Op::Flush => (AioOp::Flush, None),
+        };
+        if let Some((offset, n)) = len {
+            if let Err(e) = self.check_range(offset, n as u64) {
+                refuse(buf, e);
+                return Ok(());
+            }
+        }
+        let read_len = match &aio {
+            AioOp::Read { at, .. } => Some(at.len()),
+            _ => None,
+        };
+        let completions = self.completions.clone();
+        let fence = self.fence.clone();
+        self.image.aio_submit(
+            aio,
+            buf,
+            Box::new(move |buf, r| {
+                let result = if r < 0 {
+                    let e = io::Error::from_raw_os_error((-r) as i32);
+                    Err(if writes { fence.write_error(e) } else { e })
+                } else {
+                    match read_len {
+                        Some(n) if r as usize != n => Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("rbd read: {r} of {n} bytes"),
+                        )),
+                        _ => Ok(()),
+                    }
+                };
+                completions.push(Done {
+                    user: token,
+                    buf,
+                    result,
+                });
+            }),
+        );
+        Ok(())
     }
 }

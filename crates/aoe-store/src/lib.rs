@@ -5,15 +5,22 @@
 //! worker threads so the daemon's event loop never waits on the disk, and hands finished jobs
 //! back through a channel plus a caller-supplied wake-up (an eventfd in the daemon).
 //!
+//! The daemon sees every store through [`AsyncBackend`] (submit a [`Request`], collect its
+//! [`Done`] from [`Completions`] after a wake-up): a synchronous [`Backend`] through
+//! [`PoolBackend`] on the worker pool, a natively asynchronous store (Ceph RBD, in `aoe-rbd`)
+//! directly.
+//!
 //! What it does not do: know about frames or AoE. The daemon says where in its buffers the
-//! data lives ([`Op`]). An io_uring engine can later implement the same submit/complete shape.
+//! data lives ([`Op`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aio;
 mod file;
 mod pool;
 mod range_lock;
 
+pub use aio::{AsyncBackend, Completions, PoolBackend, Request};
 pub use file::{FileBackend, OpenOptions};
 pub use pool::{Done, Job, Op, Pool};
 
@@ -70,6 +77,33 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
+
+    /// Writes `len` zero bytes at `offset`; by default with [`Backend::write_at`] in pieces
+    /// of at most 64 KiB (checked against the size first, so nothing is written for a range
+    /// past the end).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        const PIECE: u64 = 64 * 1024;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "zeroed range overflows"))?;
+        if end > self.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is outside the export of {} bytes",
+                    self.len()
+                ),
+            ));
+        }
+        let zeroes = vec![0u8; len.min(PIECE) as usize];
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(PIECE) as usize;
+            self.write_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 
     /// Reads like [`Backend::read_at`] if that can be done without blocking (the data is
     /// cached); `Ok(false)` if it would block and the caller should use a worker instead.

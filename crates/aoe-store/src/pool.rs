@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::Backend;
+use crate::{Backend, Completions};
 
 /// One operation and where its data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +30,13 @@ pub enum Op {
     },
     /// fdatasync.
     Flush,
+    /// Write `len` zero bytes at `offset` (no buffer).
+    WriteZeroes {
+        /// Byte offset in the backend.
+        offset: u64,
+        /// Bytes to zero.
+        len: u64,
+    },
 }
 
 /// Work for the pool.
@@ -59,7 +66,7 @@ pub struct Done {
 /// Worker threads that run [`Job`]s and report [`Done`]s.
 pub struct Pool {
     tx: Option<Sender<Job>>,
-    done: Receiver<Done>,
+    done: Arc<Completions>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -82,27 +89,31 @@ impl Pool {
         queue: usize,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> io::Result<Pool> {
+        Pool::with_completions(threads, queue, Completions::new(wake))
+    }
+
+    /// Like [`Pool::new`], but finished jobs go to `done`, a queue the caller may share
+    /// with other stores (the daemon's one completion queue for every export).
+    pub fn with_completions(
+        threads: usize,
+        queue: usize,
+        done: Arc<Completions>,
+    ) -> io::Result<Pool> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(queue.max(1));
-        let (dtx, done) = crossbeam_channel::unbounded::<Done>();
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let dtx = dtx.clone();
-            let wake = wake.clone();
+            let rx: Receiver<Job> = rx.clone();
+            let done = done.clone();
             let h = std::thread::Builder::new()
                 .name(format!("aoe-io-{i}"))
                 .spawn(move || {
                     for mut job in rx.iter() {
                         let result = run(&mut job);
-                        let d = Done {
+                        done.push(Done {
                             user: job.user,
                             buf: job.buf,
                             result,
-                        };
-                        if dtx.send(d).is_err() {
-                            break;
-                        }
-                        wake();
+                        });
                     }
                 })?;
             workers.push(h);
@@ -130,12 +141,12 @@ impl Pool {
 
     /// A finished job, if any, without waiting.
     pub fn try_done(&self) -> Option<Done> {
-        self.done.try_recv().ok()
+        self.done.try_pop()
     }
 
     /// Waits for a finished job.
     pub fn wait_done(&self, timeout: std::time::Duration) -> Option<Done> {
-        self.done.recv_timeout(timeout).ok()
+        self.done.wait(timeout)
     }
 }
 
@@ -159,6 +170,7 @@ fn run(job: &mut Job) -> io::Result<()> {
             job.backend.write_at(buf, *offset)
         }
         Op::Flush => job.backend.flush(),
+        Op::WriteZeroes { offset, len } => job.backend.write_zeroes(*offset, *len),
     }
 }
 

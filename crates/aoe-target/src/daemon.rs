@@ -17,7 +17,7 @@ use aoe_proto::target::{
     Engine, ExportConfig, Interface, IoFailure, IoKind, Outcome, PersistentState, Token,
     FIRMWARE_VERSION,
 };
-use aoe_store::{Backend, Done, Job, Op, Pool, StoreError};
+use aoe_store::{AsyncBackend, Completions, Done, Op, Pool, Request, StoreError};
 use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
@@ -137,7 +137,10 @@ pub struct Daemon {
     ifaces: Vec<IfaceRt>,
     exports: HashMap<u32, ExportRt>,
     next_export_id: u32,
-    pool: Pool,
+    /// Workers for the exports on synchronous stores (files, block devices).
+    pool: Arc<Pool>,
+    /// Where every store's finished requests arrive; a push writes [`Daemon::event`].
+    completions: Arc<Completions>,
     event: Arc<EventFd>,
     spare: Vec<Vec<u8>>,
     /// Writes waiting for an overlapping write (all exports): they count against
@@ -165,14 +168,15 @@ impl Daemon {
         config.check_static()?;
         let event = Arc::new(EventFd::new().context("cannot create eventfd")?);
         let ev = event.clone();
-        let pool = Pool::new(
-            config.workers,
-            POOL_QUEUE,
-            Arc::new(move || {
-                let _ = ev.notify();
-            }),
-        )
-        .context("cannot start I/O workers")?;
+        // One completion queue for every store, the worker pool's and librbd's callbacks
+        // alike: each push writes the eventfd the loop polls.
+        let completions = Completions::new(Arc::new(move || {
+            let _ = ev.notify();
+        }));
+        let pool = Arc::new(
+            Pool::with_completions(config.workers, POOL_QUEUE, completions.clone())
+                .context("cannot start I/O workers")?,
+        );
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
@@ -183,6 +187,7 @@ impl Daemon {
             exports: HashMap::new(),
             next_export_id: 0,
             pool,
+            completions,
             event,
             spare: Vec::new(),
             waiting_writes: 0,

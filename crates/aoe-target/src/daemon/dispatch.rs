@@ -1,15 +1,17 @@
-//! I/O dispatch and completion: engine actions to worker-pool jobs, completions back to
-//! the engine and its replies to the send backlog; how a store error shows on the wire.
+//! I/O dispatch and completion: engine actions to store requests (submitted through
+//! [`AsyncBackend`]: a file's run on the worker pool, an RBD image's as librbd aio), their
+//! completions (one queue for every store, woken through the eventfd) back to the engine and
+//! its replies to the send backlog; how a store error shows on the wire.
 //!
 //! Ordering: per export, a write that overlaps (byte ranges intersect) a write submitted to
-//! the worker pool and not completed, or an earlier write still waiting, is neither written
+//! the store and not completed, or an earlier write still waiting, is neither written
 //! inline nor submitted: it waits in [`ExportRt::writes`] and is submitted once every earlier
 //! overlapping write has completed, in arrival order ([`super::order`] says why: a
 //! retransmitted write answered before its original must not let newer data be overwritten
 //! by the original). Reads, flushes and writes to other sectors run in parallel as before. A
 //! waiting write holds its engine slot (so counts against the buffer count) and a place of
 //! [`POOL_QUEUE`] (so the waiting list is bounded like the pool's queue); when neither is
-//! free the request is dropped and counted like one refused by a full pool, and the
+//! free the request is dropped and counted like one refused by a full store queue, and the
 //! initiator retransmits.
 
 use super::*;
@@ -99,14 +101,13 @@ impl Daemon {
                     }
                     IoKind::Flush => Op::Flush,
                 };
-                let job = Job {
-                    backend: rt.backend.clone(),
+                let job = Request {
                     op,
-                    user: (u64::from(id) << 32) | u64::from(req.token.0),
+                    token: (u64::from(id) << 32) | u64::from(req.token.0),
                     buf: reply,
                 };
                 if ordered {
-                    if self.pool.queued() + self.waiting_writes >= POOL_QUEUE {
+                    if rt.backend.queued() + self.waiting_writes >= POOL_QUEUE {
                         rt.engine.abort(req.token);
                         self.spare.push(job.buf);
                         rt.pool_full_drops += 1;
@@ -117,7 +118,7 @@ impl Daemon {
                     self.waiting_writes += 1;
                     return;
                 }
-                match self.pool.try_submit(job) {
+                match rt.backend.submit(job) {
                     Ok(()) => {
                         if let Some(range) = write_range {
                             rt.writes.started(req.token.0, range);
@@ -134,12 +135,12 @@ impl Daemon {
     }
 
     pub(super) fn complete_io(&mut self) {
-        while let Some(done) = self.pool.try_done() {
+        while let Some(done) = self.completions.try_pop() {
             self.finish(done);
         }
     }
 
-    /// Turns a finished job into a reply queued on the interface its request came from.
+    /// Turns a finished request into a reply queued on the interface its request came from.
     pub(super) fn finish(&mut self, done: Done) {
         let id = (done.user >> 32) as u32;
         let token = Token(done.user as u32);
@@ -161,13 +162,13 @@ impl Daemon {
             Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
         }
-        // Writes that waited for this one go now, in arrival order. One the pool refuses is
+        // Writes that waited for this one go now, in arrival order. One the store refuses is
         // dropped (the initiator retransmits) and releases in turn what waited for it.
         let mut done = vec![token.0];
         while let Some(t) = done.pop() {
             for (t, job) in rt.writes.completed(t) {
                 self.waiting_writes -= 1;
-                if let Err(job) = self.pool.try_submit(job) {
+                if let Err(job) = rt.backend.submit(job) {
                     rt.engine.abort(Token(t));
                     self.spare.push(job.buf);
                     rt.pool_full_drops += 1;
@@ -184,7 +185,7 @@ impl Daemon {
                 tracing::error!("I/O still in flight after {limit:?}; exiting anyway");
                 return;
             }
-            if let Some(done) = self.pool.wait_done(Duration::from_millis(100)) {
+            if let Some(done) = self.completions.wait(Duration::from_millis(100)) {
                 self.finish(done);
                 self.complete_io();
                 self.flush_sends();

@@ -6,7 +6,9 @@ use super::*;
 pub(super) struct ExportRt {
     pub(super) spec: ExportSpec,
     pub(super) engine: Engine,
-    pub(super) backend: Arc<dyn Backend>,
+    /// The store, through the asynchronous interface (a file on the worker pool, or a
+    /// natively asynchronous store).
+    pub(super) backend: Arc<dyn AsyncBackend>,
     pub(super) state_file: Option<StateFile>,
     /// The interface each in-flight token answers on.
     pub(super) token_iface: Vec<usize>,
@@ -16,8 +18,9 @@ pub(super) struct ExportRt {
     pub(super) pool_full_drops: u64,
     /// Drop counts last logged: (over the buffer count, worker queue full).
     pub(super) drops_logged: (u64, u64),
-    /// Writes in the pool, and writes waiting for an overlapping one (see [`super::order`]).
-    pub(super) writes: WriteOrder<Job>,
+    /// Writes submitted to the store, and writes waiting for an overlapping one (see
+    /// [`super::order`]).
+    pub(super) writes: WriteOrder<Request>,
 }
 
 impl Daemon {
@@ -208,7 +211,8 @@ impl Daemon {
     }
 
     pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
-        let (backend, sectors) = crate::backing::open(spec)?;
+        let (opened, sectors) = crate::backing::open(spec, &self.completions)?;
+        let backend = opened.into_async(&self.pool);
         let state_file = config
             .state_dir
             .as_ref()
@@ -261,7 +265,8 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
                 bail!("e{}.{}: no such interface {i}", e.shelf, e.slot);
             }
         }
-        crate::backing::open(e)?;
+        // Nothing is submitted: a queue nobody reads is enough to open the store.
+        crate::backing::open(e, &Completions::new(Arc::new(|| {})))?;
     }
     Ok(())
 }

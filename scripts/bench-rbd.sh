@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# bench-rbd.sh - an RBD-backed `aoe serve` export against `rbd bench` on the same image and
+# pattern, in one run, with `aoe bench` as the generator (issue 13's goal: at least 0.8x).
+#
+# It makes two private network namespaces joined by a veth pair (never the host's
+# interfaces; both removed on exit, Ctrl-C included), starts a one-node cluster with
+# scripts/ceph-up.sh inside the target's namespace (on its own loopback; stopped with
+# scripts/ceph-down.sh on exit), creates an image and writes it once over its whole length
+# (so reads reach the OSD, not librbd's answer for never-written objects). Then for each
+# (mode, window) it runs, interleaved so a busy machine slows them alike:
+#   rbd      `rbd bench` in the target's namespace: --io-size BS --io-threads WINDOW,
+#            --rbd-cache=false (as `aoe serve` runs librbd), for TIME seconds;
+#   before   (if BEFORE= names a binary) that older `aoe serve` on the image, driven from the
+#            other namespace by `aoe bench --bs BS --window WINDOW --time TIME`;
+#   after    $AOE serve likewise.
+# RUNS times, and prints a markdown table of the median MB/s (10^6 bytes/s) of each, with the
+# AoE cells' ratio to the `rbd bench` median and their retransmits (summed over the runs).
+#
+# Usage: sudo scripts/bench-rbd.sh          (settings from the environment)
+#   AOE=target/release/aoe   the aoe binary, built with --features aoe-cli/rbd (also the generator)
+#   BEFORE=path              an older aoe (rbd feature) to compare, e.g. main's build
+#   BEFORE_ARGS="--workers 16"  its extra `aoe serve` options (the old one needed workers >= window)
+#   AFTER_ARGS=""            extra `aoe serve` options of $AOE
+#   MTU=9000  BS=8k  WINDOWS="16 64"  MODES="read randread write randwrite"  TIME=5
+#   IMAGE_MB=512             image size (written once before the reads)
+#   RUNS=3                   rounds (rbd, before, after, interleaved); each cell is the median
+#   MIN_RTO_US=1000000       `aoe bench --min-rto-us`: an OSD's latency swings far past the
+#                            generator's 5 ms default floor, and each early copy is one more
+#                            request for the cluster (`rbd bench` never sends one twice)
+#   CEPH_STORE=bluestore     passed to ceph-up.sh (bluestore on a sparse file, or memstore)
+#   OUT=path                 also write the table there
+# Needs root, iproute2, util-linux (nsenter), jq, ceph-mon/-mgr/-osd, ceph-common.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+AOE=${AOE:-target/release/aoe}
+BEFORE=${BEFORE:-}
+BEFORE_ARGS=${BEFORE_ARGS:---workers 16}
+AFTER_ARGS=${AFTER_ARGS:-}
+MTU=${MTU:-9000}
+BS=${BS:-8k}
+WINDOWS=${WINDOWS:-16 64}
+MODES=${MODES:-read randread write randwrite}
+TIME=${TIME:-5}
+IMAGE_MB=${IMAGE_MB:-512}
+MIN_RTO_US=${MIN_RTO_US:-1000000}
+RUNS=${RUNS:-3}
+OUT=${OUT:-}
+SHELF=1 SLOT=1 IMAGE=rbd/aoebench
+
+die() { echo "bench-rbd: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root (namespaces, raw sockets)"
+for t in ip nsenter jq awk rbd ceph; do
+    command -v "$t" >/dev/null || die "missing $t (Debian: iproute2, util-linux, jq, gawk, ceph-common)"
+done
+[ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release --features aoe-cli/rbd)"
+AOE=$(readlink -f "$AOE")
+[ -z "$BEFORE" ] || { [ -x "$BEFORE" ] || die "no binary at BEFORE=$BEFORE"; BEFORE=$(readlink -f "$BEFORE"); }
+case $BS in
+    *k | *K) BS_BYTES=$(( ${BS%[kK]} * 1024 )) ;;
+    *) BS_BYTES=$BS ;;
+esac
+
+TAG=$$
+NS_T=aoerbdT$TAG NS_I=aoerbdI$TAG IF_T=rbdT$TAG IF_I=rbdI$TAG
+WORK=$(mktemp -d /tmp/aoe-bench-rbd.XXXXXX)
+CEPH=$WORK/ceph
+CONF=$CEPH/ceph.conf
+TARGET_PID=""
+
+stop_target() {
+    if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
+        kill -TERM "$TARGET_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$TARGET_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$TARGET_PID" 2>/dev/null || true
+        wait "$TARGET_PID" 2>/dev/null || true
+    fi
+    TARGET_PID=""
+}
+cleanup() {
+    set +e
+    stop_target
+    [ -d "$CEPH" ] && ip netns exec "$NS_T" bash "$here/ceph-down.sh" "$CEPH" >/dev/null 2>&1
+    ip netns del "$NS_T" 2>/dev/null
+    ip netns del "$NS_I" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+inT() { ip netns exec "$NS_T" "$@"; }
+gen() { nsenter --net="/run/netns/$NS_I" -- "$AOE" bench "$IF_I" "$@"; }
+
+ip netns add "$NS_T"; ip netns add "$NS_I"
+ip link add "$IF_T" netns "$NS_T" mtu "$MTU" type veth peer name "$IF_I" netns "$NS_I" mtu "$MTU"
+for ns in "$NS_T" "$NS_I"; do
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
+    ip -n "$ns" link set lo up
+done
+ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
+
+echo "bench-rbd: starting a one-node cluster in $NS_T" >&2
+inT timeout -k 5 300 bash "$here/ceph-up.sh" "$CEPH" >&2
+inT rbd -c "$CONF" create "$IMAGE" --size "${IMAGE_MB}M"
+echo "bench-rbd: writing the ${IMAGE_MB} MiB image once" >&2
+inT rbd -c "$CONF" bench "$IMAGE" --io-type write --io-pattern seq --io-size 4M \
+    --io-threads 4 --io-total "${IMAGE_MB}M" --rbd-cache=false >/dev/null
+
+start_target() { # binary extra-args -> sets TARGET_PID, returns 1 if it never answers
+    local bin=$1; shift
+    # shellcheck disable=SC2086
+    nsenter --net="/run/netns/$NS_T" -- "$bin" serve --ceph-conf "$CONF" --client-id admin \
+        --keyring "$CEPH/ceph.client.admin.keyring" $* "$SHELF" "$SLOT" "$IF_T" "rbd:$IMAGE" \
+        >"$WORK/target.log" 2>&1 &
+    TARGET_PID=$!
+    for _ in $(seq 1 100); do
+        gen --target "$SHELF.$SLOT" --size 64k >/dev/null 2>&1 && return 0
+        kill -0 "$TARGET_PID" 2>/dev/null || break
+        sleep 0.2
+    done
+    echo "bench-rbd: $bin did not answer; its log:" >&2; sed 's/^/    /' "$WORK/target.log" >&2
+    stop_target; return 1
+}
+
+# rbd bench for TIME seconds: it has no time limit of its own, so it gets far more bytes
+# than it can move and is stopped with SIGINT, on which it still prints its summary
+# (`elapsed: N ops: N ops/sec: X bytes/sec: ...`); MB/s = ops/sec x io size. Without a
+# summary, its per-second lines (SEC OPS OPS/SEC BYTES/SEC, OPS cumulative) give the rate.
+rbd_bench() { # mode window -> MB/s
+    local type=read pattern=seq
+    case $1 in
+        read) ;; randread) pattern=rand ;;
+        write) type=write ;; randwrite) type=write pattern=rand ;;
+    esac
+    inT timeout -s INT -k 5 $((TIME + 1)) stdbuf -oL rbd -c "$CONF" bench "$IMAGE" \
+        --io-type "$type" --io-pattern "$pattern" --io-size "$BS_BYTES" --io-threads "$2" \
+        --io-total 100G --rbd-cache=false >"$WORK/rbd.out" 2>&1 || true
+    awk -v bs="$BS_BYTES" '$1 ~ /^[0-9]+$/ && $2 ~ /^[0-9]+$/ { sec = $1; ops = $2 }
+        $1 == "elapsed:" && $5 == "ops/sec:" { rate = $6 }
+        END { if (rate > 0) printf "%.1f", rate * bs / 1e6
+              else if (sec > 0) printf "%.1f", ops * bs / sec / 1e6; else print "0" }' "$WORK/rbd.out"
+}
+
+aoe_bench() { # mode window -> "MB/s retransmits"
+    local -a w=()
+    case $1 in write | randwrite) w=(--write) ;; esac
+    gen --target "$SHELF.$SLOT" --mode "$1" "${w[@]}" --bs "$BS_BYTES" --window "$2" \
+        --min-rto-us "$MIN_RTO_US" --time "$TIME" --json >"$WORK/out.json" 2>"$WORK/gen.err" || { echo "0 -"; return; }
+    jq -r '"\(.mb_per_s * 10 | round / 10) \(.retransmits)"' "$WORK/out.json"
+}
+
+median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
+
+ROWS=()
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+for mode in $MODES; do
+    for w in $WINDOWS; do
+        : >"$WORK/rbd.runs"; : >"$WORK/before.runs"; : >"$WORK/after.runs"
+        for _ in $(seq 1 "$RUNS"); do
+            rbd_bench "$mode" "$w" >>"$WORK/rbd.runs"; echo >>"$WORK/rbd.runs"
+            for who in before after; do
+                if [ "$who" = before ]; then
+                    [ -n "$BEFORE" ] || continue
+                    start_target "$BEFORE" "$BEFORE_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                else
+                    start_target "$AOE" "$AFTER_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                fi
+                aoe_bench "$mode" "$w" >>"$WORK/$who.runs"
+                stop_target
+            done
+        done
+        r=$(awk 'NF { print $1 }' "$WORK/rbd.runs" | median)
+        cells=("$r ($(awk 'NF { printf "%s%s", s, $1; s = "/" }' "$WORK/rbd.runs"))")
+        for who in before after; do
+            if [ ! -s "$WORK/$who.runs" ]; then cells+=("-"); continue; fi
+            mb=$(awk '{ print $1 }' "$WORK/$who.runs" | median)
+            rx=$(awk '{ n += ($2 == "-" ? 0 : $2) } END { print n }' "$WORK/$who.runs")
+            all=$(awk '{ printf "%s%s", s, $1; s = "/" }' "$WORK/$who.runs")
+            ratio=$(awk -v a="$mb" -v b="$r" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+            cells+=("$mb ($all) **${ratio}x**, $rx retx")
+        done
+        line="| $mode | $w | ${cells[0]} | ${cells[1]} | ${cells[2]} |"
+        ROWS+=("$line"); echo "$line" >&2
+    done
+done
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
+
+{
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, RUNS=$RUNS (median), min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}; load average $LOAD0 at the start, $LOAD1 at the end"
+    echo
+    echo "| pattern | window | \`rbd bench\` MB/s (runs) | before: MB/s (runs), ratio, retransmits | after: MB/s (runs), ratio, retransmits |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${ROWS[@]}"
+} >"$WORK/table.md"
+cat "$WORK/table.md"
+[ -z "$OUT" ] || cp "$WORK/table.md" "$OUT"
