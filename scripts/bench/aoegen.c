@@ -73,7 +73,7 @@ static uint64_t xorshift(void) {
     return rng;
 }
 
-struct slot { int busy; uint16_t gen; uint64_t first, sent; };
+struct slot { int busy; uint16_t gen, tries; uint64_t first, sent; };
 
 int main(int argc, char **argv) {
     if (argc != 9) {
@@ -201,8 +201,9 @@ int main(int argc, char **argv) {
                 if (rmsg[j].msg_len < HDR || !(f[14] & 0x08) || f[19] != 0) continue;
                 uint32_t tg = get_tag(f);
                 unsigned i = tg & 0xffff;
+                /* A reply to this request's first send or to any of its retransmissions. */
                 if (!(tg & 0x80000000u) || i >= window || !sl[i].busy ||
-                    ((tg >> 16) & 0x7fff) != (sl[i].gen & 0x7fff))
+                    ((sl[i].gen - (tg >> 16)) & 0x7fff) > sl[i].tries)
                     continue;
                 if ((f[14] & 0x04) || (f[27] & 0x21)) {
                     fprintf(stderr, "aoegen: error reply (flags %#x status %#x)\n", f[14], f[27]);
@@ -224,6 +225,7 @@ int main(int argc, char **argv) {
                 sl[i].gen++;
                 set_tag(rq, 0x80000000u | (uint32_t)(sl[i].gen & 0x7fff) << 16 | i);
                 sl[i].first = 0;
+                sl[i].tries = 0;
                 pend[npend++] = i;
             }
             continue;
@@ -235,6 +237,7 @@ int main(int argc, char **argv) {
                     for (unsigned j = 0; j < npend; j++) queued |= pend[j] == i;
                     if (queued) continue;
                     sl[i].gen++;
+                    sl[i].tries++;
                     set_tag(arena + i * stride, 0x80000000u | (uint32_t)(sl[i].gen & 0x7fff) << 16 | i);
                     pend[npend++] = i;
                     retrans++;
