@@ -80,6 +80,7 @@ pub struct HeaderRxRing<'a> {
     sock: &'a PacketSocket,
     map: *mut u8,
     map_len: usize,
+    snap: usize,
     frame_size: usize,
     frames_per_block: usize,
     frame_nr: usize,
@@ -137,6 +138,7 @@ impl<'a> HeaderRxRing<'a> {
             sock,
             map: map.cast(),
             map_len,
+            snap,
             frame_size,
             frames_per_block,
             frame_nr,
@@ -175,7 +177,8 @@ impl<'a> HeaderRxRing<'a> {
                 )
             };
             let mac = mac.min(self.frame_size);
-            let stored = snaplen.min(self.frame_size - mac);
+            // The ring frame may hold a few bytes more than asked (alignment); hand over `snap`.
+            let stored = snaplen.min(self.frame_size - mac).min(self.snap);
             // SAFETY: `mac + stored <= frame_size`, so the slice lies inside this frame of the
             // mapping, which we own until the status store below and which outlives the call.
             let data = unsafe { std::slice::from_raw_parts(hdr.add(mac), stored) };
