@@ -1,6 +1,7 @@
-//! The load generator's loop: a slab of pre-built request frames, sent and received in
-//! batches (`sendmmsg`/`recvmmsg` through [`aoe_sys`]), tags that are slab indices, a short
-//! busy-poll before sleeping in poll(2), and an RTT-adaptive retransmit timer.
+//! The load generator's loop: a slab of pre-built request frames, sent in batches
+//! (`sendmmsg` through [`aoe_sys`]), replies read from a PACKET_MMAP RX ring that keeps only
+//! their headers (`recvmmsg` when the data is checked, or with `--no-ring`), tags that are slab
+//! indices, a short busy-poll before sleeping in poll(2), and an RTT-adaptive retransmit timer.
 //!
 //! Nothing is allocated per frame: a request's frame lives in its slot of one arena for its
 //! whole life and is patched in place (tag, LBA, count, write data).
