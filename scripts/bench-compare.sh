@@ -26,7 +26,8 @@
 #   MTUS="1500 9000"  MODES="read randread write"  WINDOWS="16 64"  TIME=3  SIZE_MB=512
 #   RANDBS=4096       request size for randread/randwrite (capped by the MTU); read and write
 #                     use the MTU's most
-#   RUNS=1            repetitions per cell; the median MB/s is reported
+#   RUNS=1            repetitions per cell; the median MB/s is reported (the lower middle
+#                     for an even count)
 #   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset)
 #   PATHS=1           0: skip the initiator and nbdkit rows
 #   INIT_TARGETS="aoe vblade"  targets the initiator is measured against
