@@ -1,71 +1,106 @@
 #!/usr/bin/env bash
-# bench-compare.sh - compare AoE targets in one run with `aoe bench` as the load generator.
+# bench-compare.sh - compare AoE targets, generators and whole paths in one run.
 #
 # For each MTU it makes two private network namespaces joined by a veth pair (never the
-# host's interfaces; both are removed on exit, Ctrl-C included), puts a backing file on
-# tmpfs, and for each (mode, window, target) starts the target alone in one namespace,
-# drives it from the other with `aoe bench --json` for TIME seconds, and reads the target's
-# user+system CPU time from /proc/PID/stat before and after. Targets are interleaved per
-# configuration, so a busy machine slows them alike.
+# host's interfaces; both are removed on exit, Ctrl-C included) and puts a backing file on
+# tmpfs. Then:
+#
+# 1. Targets under load generators: for each (mode, window, target) it starts the target
+#    alone in one namespace and drives it from the other, for TIME seconds, with each
+#    generator in GENS: `aoe bench --json` ("aoe") and scripts/bench/aoegen.c ("c"), a minimal
+#    independent generator in C compiled here with gcc, the cross-check that `aoe bench` is not
+#    the limit. The target's user+system CPU time comes from /proc/PID/stat before and after.
+#    Targets and generators are interleaved per cell, so a busy machine slows them alike.
+# 2. Whole paths (PATHS=1): `aoe serve` (and the other INIT_TARGETS) with `aoe initiator` in the
+#    other namespace, reading and writing the whole file through the device file (dd bs=1M
+#    iflag=direct / oflag=direct) and through the initiator's NBD socket (nbdcopy); and the
+#    baseline a user would pick instead, nbdkit serving the same file over TCP on the same
+#    veth, read and written with nbdcopy. Ratios: against the best raw `aoe bench` figure for
+#    the same target and direction at that MTU, and against nbdkit.
 #
 # Usage: sudo scripts/bench-compare.sh            (all settings from the environment)
-#   AOE=target/release/aoe    the aoe binary (generator, and the `aoe` target)
+#   AOE=target/release/aoe    the aoe binary (generator, `aoe` target, initiator)
 #   TARGETS="vblade aoe ggaoed"  targets in order; a name without a built-in command needs
 #                             TARGET_CMD_<name>='cmd ... {shelf} {slot} {netif} {file}'
-#   MTUS="1500 9000"  MODES="read randread"  WINDOWS="16 64"  TIME=5  SIZE_MB=1024
-#   RANDBS=4096       request size for randread (capped by the MTU); read uses the MTU's most
-#   RUNS=1            repetitions per cell; the median MB/s is reported
-#   PIN=0             1: target on CPU 0, generator on CPU 1 (taskset)
-#   OLD_AOE=path      also run that binary's old self-contained `aoe bench` against vblade
-#                     (read rows only), to compare the generators
-#   OUT=path          also write the markdown table there
-# Needs root, iproute2, util-linux (nsenter, taskset), jq, and the targets themselves.
+#   GENS="aoe c"              load generators: `aoe bench`, the C cross-check
+#   MTUS="1500 9000"  MODES="read randread write"  WINDOWS="16 64"  TIME=3  SIZE_MB=512
+#   RANDBS=4096       request size for randread/randwrite (capped by the MTU); read and write
+#                     use the MTU's most
+#   RUNS=1            repetitions per cell; the median MB/s is reported (the lower middle
+#                     for an even count)
+#   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset)
+#   PATHS=1           0: skip the initiator and nbdkit rows
+#   INIT_TARGETS="aoe vblade"  targets the initiator is measured against
+#   PERF_DIR=path     record `perf record -g` of the target and of the generator per cell
+#                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each)
+#   OUT=path          also write the markdown tables there
+# Needs root, iproute2, util-linux (nsenter, taskset), jq, gcc, and the targets; PATHS=1 also
+# fuse3, nbdkit and libnbd-bin (nbdcopy, nbdinfo); PERF_DIR linux-perf.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "$0")" && pwd)
 AOE=${AOE:-target/release/aoe}
 TARGETS=${TARGETS:-vblade aoe ggaoed}
+GENS=${GENS:-aoe c}
 MTUS=${MTUS:-1500 9000}
-MODES=${MODES:-read randread}
+MODES=${MODES:-read randread write}
 WINDOWS=${WINDOWS:-16 64}
-TIME=${TIME:-5}
-SIZE_MB=${SIZE_MB:-1024}
+TIME=${TIME:-3}
+SIZE_MB=${SIZE_MB:-512}
 RANDBS=${RANDBS:-4096}
 RUNS=${RUNS:-1}
 PIN=${PIN:-0}
-OLD_AOE=${OLD_AOE:-}
+PATHS=${PATHS:-1}
+INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
+PERF_DIR=${PERF_DIR:-}
 OUT=${OUT:-}
 SHELF=1 SLOT=1
 
 die() { echo "bench-compare: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (namespaces, raw sockets)"
-for t in ip nsenter taskset jq awk; do
-    command -v "$t" >/dev/null || die "missing $t (Debian: iproute2, util-linux, jq, gawk)"
+for t in ip nsenter taskset jq awk gcc; do
+    command -v "$t" >/dev/null || die "missing $t (Debian: iproute2, util-linux, jq, gawk, gcc)"
 done
+if [ "$PATHS" = 1 ]; then
+    for t in nbdkit nbdcopy nbdinfo fusermount3; do
+        command -v "$t" >/dev/null || die "missing $t (Debian: nbdkit, libnbd-bin, fuse3); or PATHS=0"
+    done
+fi
+[ -z "$PERF_DIR" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 AOE=$(readlink -f "$AOE")
-[ -z "$OLD_AOE" ] || OLD_AOE=$(readlink -f "$OLD_AOE")
+[ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); }
 
 TAG=$$
 NS_T=aoecmpT$TAG NS_I=aoecmpI$TAG IF_T=cmpT$TAG IF_I=cmpI$TAG
+IP_T=10.231.0.1 IP_I=10.231.0.2 NBD_PORT=10809
 FILE=/dev/shm/aoe-bench-compare-$TAG.img
+SRC=/dev/shm/aoe-bench-compare-$TAG.src
 WORK=$(mktemp -d /tmp/aoe-bench-compare.XXXXXX)
-TARGET_PID=""
+ROOT=$WORK/root
+TARGET_PID="" INIT_PID=""
 
-stop_target() {
-    if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
-        kill -TERM "$TARGET_PID" 2>/dev/null || true
-        for _ in $(seq 1 30); do kill -0 "$TARGET_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$TARGET_PID" 2>/dev/null || true
-        wait "$TARGET_PID" 2>/dev/null || true
-    fi
-    TARGET_PID=""
+stop_pid() { # pid [signal]: signal, wait up to 3 s, then SIGKILL
+    local pid=$1 sig=${2:-TERM}
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -"$sig" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+stop_target() { stop_pid "$TARGET_PID"; TARGET_PID=""; }
+stop_initiator() {
+    # SIGQUIT: stop at once even if a client still has a device open (README, initiator).
+    stop_pid "$INIT_PID" QUIT; INIT_PID=""
+    mountpoint -q "$ROOT" 2>/dev/null && fusermount3 -u "$ROOT" 2>/dev/null || true
 }
 cleanup() {
     set +e
+    stop_initiator
     stop_target
     ip netns del "$NS_T" 2>/dev/null     # deleting a namespace deletes its veth end
     ip netns del "$NS_I" 2>/dev/null
-    rm -f "$FILE"
+    rm -f "$FILE" "$SRC"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -74,6 +109,9 @@ trap 'exit 130' INT TERM HUP
 # user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
+
+echo "compiling the C generator ($HERE/bench/aoegen.c)" >&2
+gcc -O2 -Wall -o "$WORK/aoegen" "$HERE/bench/aoegen.c"
 
 target_cmd() { # name -> command words on stdout, one per line
     local name=$1 tmpl
@@ -97,20 +135,27 @@ setup_link() { # mtu
         ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
         ip -n "$ns" link set lo up
     done
+    ip -n "$NS_T" addr add "$IP_T/24" dev "$IF_T"; ip -n "$NS_I" addr add "$IP_I/24" dev "$IF_I"
     ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
 }
 
 GEN_PIN=() TGT_PIN=()
 [ "$PIN" = 1 ] && { TGT_PIN=(taskset -c 0); GEN_PIN=(taskset -c 1); }
-gen() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$AOE" bench "$IF_I" "$@"; }
+# nsenter --net only (not `ip netns exec`, which makes a private mount namespace, so the
+# initiator's FUSE mount would be invisible here).
+in_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@"; }
+bench() { in_i "$AOE" bench "$IF_I" "$@"; }
+# In the background, so that $! is the program's own PID (nsenter and taskset exec).
+bg_t() { nsenter --net="/run/netns/$NS_T" -- "${TGT_PIN[@]}" "$@" & }
+bg_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@" & }
 
 start_target() { # name -> sets TARGET_PID, returns 1 if it never answers
     local -a cmd
     mapfile -t cmd < <(target_cmd "$1")
-    nsenter --net="/run/netns/$NS_T" -- "${TGT_PIN[@]}" "${cmd[@]}" >"$WORK/target.log" 2>&1 &
-    TARGET_PID=$!        # nsenter and taskset exec, so this is the target's own PID
+    bg_t "${cmd[@]}" >"$WORK/target.log" 2>&1
+    TARGET_PID=$!
     for _ in $(seq 1 50); do
-        gen --target "$SHELF.$SLOT" --size 512 >/dev/null 2>&1 && return 0
+        bench --target "$SHELF.$SLOT" --size 512 >/dev/null 2>&1 && return 0
         kill -0 "$TARGET_PID" 2>/dev/null || break
         sleep 0.2
     done
@@ -118,60 +163,193 @@ start_target() { # name -> sets TARGET_PID, returns 1 if it never answers
     stop_target; return 1
 }
 
+# One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds".
+run_gen() { # gen mode bs window cell
+    local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf=""
+    if [ -n "$PERF_DIR" ]; then
+        perf=(perf record -q -g -o "$PERF_DIR/$cell.gen.data" --)
+        perf record -q -g -p "$TARGET_PID" -o "$PERF_DIR/$cell.target.data" 2>/dev/null &
+        tperf=$!
+    fi
+    case $g in
+        aoe)
+            local wflag=(); case $mode in *write) wflag=(--write) ;; esac
+            in_i "${perf[@]}" "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" \
+                "${wflag[@]}" --bs "$bs" --window "$w" --time "$TIME" --json ;;
+        c)
+            in_i "${perf[@]}" "$WORK/aoegen" "$IF_I" "$SHELF" "$SLOT" "$mode" "$bs" "$w" "$TIME" \
+                $((SIZE_MB * 2048)) ;;
+    esac >"$WORK/out.json" 2>"$WORK/gen.err" || {
+        sed 's/^/    /' "$WORK/gen.err" >&2
+        echo "0 0 0 0 0 0 1"
+        [ -z "$tperf" ] || stop_pid "$tperf" INT
+        return
+    }
+    if [ -n "$tperf" ]; then
+        stop_pid "$tperf" INT
+        for d in target gen; do
+            perf report -i "$PERF_DIR/$cell.$d.data" --no-children --stdio -g none \
+                --percent-limit 1 2>/dev/null | grep -v '^#' | grep . | head -20 >"$PERF_DIR/$cell.$d.txt" || true
+        done
+    fi
+    jq -r '[.mb_per_s, .iops, .latency_us.p99, .retransmits, .bytes, .generator_cpu_s, .seconds] | @tsv' \
+        "$WORK/out.json"
+}
+
 echo "backing file: $SIZE_MB MiB on tmpfs ($FILE)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
+[ "$PATHS" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
 
-ROWS=()
-row() { ROWS+=("$1"); echo "$1" >&2; }
+GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv
+: >"$GENROWS"; : >"$PATHROWS"
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 
-for mtu in $MTUS; do
-    setup_link "$mtu"
-    maxbs=$(( (mtu - 36) / 512 * 512 ))
+gen_cells() { # mtu
+    local mtu=$1 maxbs=$(( ($1 - 36) / 512 * 512 )) bs mode w t g
     for mode in $MODES; do
-        bs=$maxbs; [ "$mode" = randread ] && bs=$(( RANDBS < maxbs ? RANDBS : maxbs ))
+        bs=$maxbs
+        case $mode in rand*) bs=$(( RANDBS < maxbs ? RANDBS : maxbs )) ;; esac
         for w in $WINDOWS; do
             for t in $TARGETS; do
                 if ! target_cmd "$t" >/dev/null; then
-                    row "| $mtu | $mode | $bs | $w | $t | not installed (set TARGET_CMD_$t) | | | | | |"
+                    echo "bench-compare: $t: not installed (set TARGET_CMD_$t); skipped" >&2
                     continue
                 fi
-                start_target "$t" || { row "| $mtu | $mode | $bs | $w | $t | did not start | | | | | |"; continue; }
-                : >"$WORK/runs"
-                for _ in $(seq 1 "$RUNS"); do
-                    c0=$(cpu_ticks "$TARGET_PID")
-                    gen --target "$SHELF.$SLOT" --mode "$mode" --bs "$bs" --window "$w" \
-                        --time "$TIME" --json >"$WORK/out.json"
-                    c1=$(cpu_ticks "$TARGET_PID")
-                    jq -r --argjson cpu "$(( c1 - c0 ))" --argjson hz "$HZ" \
-                        '[.mb_per_s, .iops, .latency_us.p99, .retransmits,
-                          (if .bytes > 0 then ($cpu / $hz) / (.bytes / 1e9) else 0 end),
-                          (100 * .generator_cpu_s / .seconds), .target.buffer_count] | @tsv' \
-                        "$WORK/out.json" >>"$WORK/runs"
+                start_target "$t" || continue
+                local bufs
+                bufs=$(bench --target "$SHELF.$SLOT" --size 512 --json | jq .target.buffer_count)
+                for g in $GENS; do
+                    : >"$WORK/runs"
+                    for r in $(seq 1 "$RUNS"); do
+                        c0=$(cpu_ticks "$TARGET_PID")
+                        out=$(run_gen "$g" "$mode" "$bs" "$w" "$mtu-$mode-w$w-$t-$g-$r")
+                        c1=$(cpu_ticks "$TARGET_PID")
+                        echo "$out $(( c1 - c0 ))" >>"$WORK/runs"
+                    done
+                    med=$(awk '{ print $1 }' "$WORK/runs" | median)
+                    awk -v m="$med" '$1 == m { print; exit }' "$WORK/runs" | awk -v OFS='\t' \
+                        -v mtu="$mtu" -v mode="$mode" -v bs="$bs" -v w="$w" -v t="$t" -v g="$g" \
+                        -v bufs="$bufs" -v hz="$HZ" '{
+                            tcpu = ($5 > 0) ? ($8 / hz) / ($5 / 1e9) : 0
+                            print mtu, mode, bs, w, t, bufs, g, $1, $2, $3, $4, tcpu, 100 * $6 / $7
+                        }' | tee -a "$GENROWS" >&2
                 done
                 stop_target
-                med=$(awk '{ print $1 }' "$WORK/runs" | median)
-                line=$(awk -v m="$med" '$1 == m { print; exit }' "$WORK/runs")
-                row "$(awk -v mtu="$mtu" -v mode="$mode" -v bs="$bs" -v w="$w" -v t="$t" \
-                    '{ printf "| %s | %s | %s | %s | %s (%s buffers) | %.0f | %.0f | %.0f | %d | %.2f | %.0f%% |", mtu, mode, bs, w, t, $7, $1, $2, $3, $4, $5, $6 }' <<<"$line")"
             done
-            if [ -n "$OLD_AOE" ] && [ "$mode" = read ]; then
-                # The old self-contained bench: its own namespaces, vblade, MTU-sized requests.
-                old=$("$OLD_AOE" bench --targets vblade --mtu "$mtu" --window "$w" --seconds "$TIME" \
-                      --runs "$RUNS" --size-mib "$SIZE_MB" --pattern seq-read 2>&1 | awk '$1 == "vblade" { print $2, $3, $4, $5 }')
-                row "$(awk -v mtu="$mtu" -v bs="$maxbs" -v w="$w" \
-                    '{ printf "| %s | read | %s | %s | vblade, old `aoe bench` as generator | %.0f | %.0f | - | %d | %.2f | - |", mtu, bs, w, $1, $2, $4, $3 }' <<<"$old")"
-            fi
         done
     done
+}
+
+# One transfer on the initiator side; appends a row. Args: mtu op path target cmd...
+measure_path() {
+    local mtu=$1 op=$2 path=$3 t=$4; shift 4
+    local c0 c1 i0=0 i1=0 tm real user sys
+    c0=$(cpu_ticks "$TARGET_PID")
+    [ -z "$INIT_PID" ] || i0=$(cpu_ticks "$INIT_PID")
+    tm=$( { TIMEFORMAT='%R %U %S'; time in_i "$@" >/dev/null 2>"$WORK/client.err"; } 2>&1 ) || {
+        echo "bench-compare: $path $op failed:" >&2; sed 's/^/    /' "$WORK/client.err" >&2; return 0; }
+    c1=$(cpu_ticks "$TARGET_PID")
+    [ -z "$INIT_PID" ] || i1=$(cpu_ticks "$INIT_PID")
+    read -r real user sys <<<"$tm"
+    awk -v OFS='\t' -v mtu="$mtu" -v op="$op" -v path="$path" -v t="$t" -v bytes=$((SIZE_MB << 20)) \
+        -v real="$real" -v cl="$(awk -v u="$user" -v s="$sys" 'BEGIN { print u + s }')" \
+        -v tc=$(( c1 - c0 )) -v ic=$(( i1 - i0 )) -v hz="$HZ" 'BEGIN {
+            gb = bytes / 1e9
+            print mtu, op, path, t, bytes / real / 1e6, (tc / hz) / gb, (ic / hz + cl) / gb
+        }' | tee -a "$PATHROWS" >&2
+}
+
+path_cells() { # mtu
+    local mtu=$1 t dev nbd
+    for t in $INIT_TARGETS; do
+        target_cmd "$t" >/dev/null || continue
+        start_target "$t" || continue
+        mkdir -p "$ROOT"
+        bg_i "$AOE" initiator --root "$ROOT" --iflist "$IF_I" --nbd "$WORK/nbd.sock" \
+            >"$WORK/initiator.log" 2>&1
+        INIT_PID=$!
+        dev=$ROOT/e$SHELF.$SLOT nbd="nbd+unix:///e$SHELF.$SLOT?socket=$WORK/nbd.sock"
+        for _ in $(seq 1 100); do [ -e "$dev" ] && [ -S "$WORK/nbd.sock" ] && break; sleep 0.1; done
+        if [ ! -e "$dev" ]; then
+            echo "bench-compare: aoe initiator did not bring up $dev; its log:" >&2
+            sed 's/^/    /' "$WORK/initiator.log" >&2
+        else
+            measure_path "$mtu" read "device file (dd)" "$t" \
+                dd if="$dev" of=/dev/null bs=1M iflag=direct
+            measure_path "$mtu" write "device file (dd)" "$t" \
+                dd if="$SRC" of="$dev" bs=1M oflag=direct conv=notrunc
+            measure_path "$mtu" read "initiator NBD (nbdcopy)" "$t" \
+                nbdcopy --no-extents "$nbd" null:
+            measure_path "$mtu" write "initiator NBD (nbdcopy)" "$t" nbdcopy --no-extents "$SRC" "$nbd"
+        fi
+        stop_initiator
+        stop_target
+    done
+    # The TCP baseline: nbdkit's file plugin on the same file and link.
+    bg_t nbdkit -f -i "$IP_T" -p "$NBD_PORT" file "$FILE" >"$WORK/target.log" 2>&1
+    TARGET_PID=$!
+    for _ in $(seq 1 50); do
+        in_i nbdinfo --size "nbd://$IP_T:$NBD_PORT" >/dev/null 2>&1 && break; sleep 0.1
+    done
+    measure_path "$mtu" read "nbdkit TCP (nbdcopy)" nbdkit \
+        nbdcopy --no-extents "nbd://$IP_T:$NBD_PORT" null:
+    measure_path "$mtu" write "nbdkit TCP (nbdcopy)" nbdkit nbdcopy --no-extents "$SRC" "nbd://$IP_T:$NBD_PORT"
+    stop_target
+}
+
+for mtu in $MTUS; do
+    setup_link "$mtu"
+    gen_cells "$mtu"
+    [ "$PATHS" = 1 ] && path_cells "$mtu"
 done
 
 {
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); TIME=$TIME s per cell, RUNS=$RUNS, $SIZE_MB MiB file on tmpfs, PIN=$PIN"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); load average $LOAD0 at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; TIME=$TIME s per cell, RUNS=$RUNS, $SIZE_MB MiB file on tmpfs, PIN=$PIN"
     echo
-    echo "| MTU | mode | bs | window | target | MB/s | IOPS | p99 us | retransmits | target CPU-s/GB | generator CPU |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|"
-    printf '%s\n' "${ROWS[@]}"
+    echo "Targets under load generators (generator \`aoe\` = \`aoe bench\`, \`c\` = scripts/bench/aoegen.c):"
+    echo
+    echo "| MTU | mode | bs | window | target (buffers) | generator | MB/s | IOPS | p99 us | retransmits | target CPU-s/GB | generator CPU |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s (%s) | %s | %.0f | %.0f | %.0f | %d | %.2f | %.0f%% |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 }' "$GENROWS"
+    echo
+    echo "Ratios in the same run: \`aoe bench\` against the C generator (same target, cell), and \`aoe serve\` against vblade (\`aoe bench\` rows):"
+    echo
+    echo "| MTU | mode | window | target | aoe bench / C | aoe/vblade MB/s | aoe/vblade CPU-s per GB |"
+    echo "|---|---|---|---|---|---|---|"
+    awk -F'\t' '
+        { k = $1 SUBSEP $2 SUBSEP $4; mb[k, $5, $7] = $8; cpu[k, $5, $7] = $12
+          if (!(k in seen)) { seen[k] = 1; keys[++nk] = k }
+          if (!(($5) in tseen)) { tseen[$5] = 1; ts[++nt] = $5 } }
+        function r(a, b) { return (b > 0 && a != "") ? sprintf("%.2fx", a / b) : "-" }
+        END {
+            for (i = 1; i <= nk; i++) {
+                split(keys[i], p, SUBSEP)
+                for (j = 1; j <= nt; j++) {
+                    t = ts[j]
+                    if (!((keys[i], t, "aoe") in mb)) continue
+                    av = (t == "aoe") ? r(mb[keys[i], "aoe", "aoe"], mb[keys[i], "vblade", "aoe"]) : "-"
+                    ac = (t == "aoe") ? r(cpu[keys[i], "aoe", "aoe"], cpu[keys[i], "vblade", "aoe"]) : "-"
+                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3], t,
+                        r(mb[keys[i], t, "aoe"], mb[keys[i], t, "c"]), av, ac
+                }
+            }
+        }' "$GENROWS"
+    if [ -s "$PATHROWS" ]; then
+        echo
+        echo "Whole paths, the $SIZE_MB MiB file per transfer (client CPU: \`aoe initiator\` plus dd or nbdcopy; raw = the best \`aoe bench\` seq read or write MB/s against the same target at that MTU):"
+        echo
+        echo "| MTU | op | path | target | MB/s | target CPU-s/GB | client CPU-s/GB | vs raw generator | vs nbdkit TCP |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' 'NR == FNR { if ($7 == "aoe" && ($2 == "read" || $2 == "write")) {
+                          k = $1 SUBSEP $2 SUBSEP $5; if ($8 > raw[k]) raw[k] = $8 }; next }
+            { rows[++n] = $0; if ($4 == "nbdkit") tcp[$1, $2] = $5 }
+            function r(a, b) { return (b > 0) ? sprintf("%.2fx", a / b) : "-" }
+            END { for (i = 1; i <= n; i++) { split(rows[i], f, "\t")
+                printf "| %s | %s | %s | %s | %.0f | %.2f | %.2f | %s | %s |\n", f[1], f[2], f[3], f[4],
+                    f[5], f[6], f[7], (f[4] == "nbdkit") ? "-" : r(f[5], raw[f[1], f[2], f[4]]),
+                    (f[4] == "nbdkit") ? "-" : r(f[5], tcp[f[1], f[2]]) } }' "$GENROWS" "$PATHROWS"
+    fi
 } >"$WORK/table.md"
 cat "$WORK/table.md"
 [ -z "$OUT" ] || cp "$WORK/table.md" "$OUT"

@@ -26,7 +26,9 @@ have_cmd modprobe || need+=(kmod)
 have_cmd file     || need+=(file)
 have_cmd losetup  || need+=(mount)
 have_cmd nbdinfo  || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the initiator's --nbd
-have_cmd nbdkit   || need+=(nbdkit)       # scripts/bench-initiator.sh: NBD over TCP, the comparison
+have_cmd nbdkit   || need+=(nbdkit)       # bench-compare.sh, bench-initiator.sh: the NBD-over-TCP baseline
+have_cmd gcc      || need+=(gcc)          # scripts/bench-compare.sh compiles scripts/bench/aoegen.c
+have_cmd perf     || need+=(linux-perf)   # scripts/bench-compare.sh PERF_DIR=: profiles per cell
 have_cmd setsid   || need+=(util-linux)
 have_cmd zsh      || need+=(zsh)        # ops.rs: zsh -n on the generated completions
 have_cmd fish     || need+=(fish)       # ops.rs: fish -n on the generated completions

@@ -237,3 +237,20 @@ fn unusable_arguments_fail_with_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     }
 }
+
+#[test]
+fn ring_and_recvmmsg_receive_paths_complete_the_same_sized_read() {
+    let rig = BenchRig::start(Target::AoeServe, 1500);
+    let per = payload_for(1500) as f64;
+    for extra in [&[][..], &["--no-ring"][..]] {
+        let mut args = vec!["--target", "7.3", "--size", "2M", "--window", "16"];
+        args.extend_from_slice(extra);
+        let v = rig.bench_json(&args);
+        assert_eq!(num(&v, "bytes"), 2097152.0, "{extra:?}: {v:#}");
+        assert_eq!(
+            num(&v, "requests"),
+            (2097152.0 / per).ceil(),
+            "{extra:?}: {v:#}"
+        );
+    }
+}

@@ -9,6 +9,9 @@
 //!   anything else; single-frame [`recv`](PacketSocket::recv)/[`send`](PacketSocket::send) and
 //!   batched `recvmmsg(2)`/`sendmmsg(2)` through [`RecvBatch`] and
 //!   [`send_batch`](PacketSocket::send_batch).
+//! * [`HeaderRxRing`]: a TPACKET_V2 `PACKET_RX_RING` on a [`PacketSocket`] that keeps only
+//!   each frame's first bytes, so `aoe bench` reads replies without a system call or a
+//!   payload copy.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
@@ -40,6 +43,7 @@ use std::io;
 
 mod event;
 mod file;
+mod header_ring;
 mod iface;
 mod ns;
 mod packet;
@@ -49,6 +53,7 @@ pub use file::{
     dio_alignment, is_memory_fs, logical_block_size, pread_nowait, pwrite_nowait, DioAlign,
     DioAlignSource, NoWait,
 };
+pub use header_ring::HeaderRxRing;
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// milliseconds, the generator's own scheduling delays on a busy machine look like loss.
     #[arg(long, default_value_t = 5000)]
     min_rto_us: u64,
+    /// Receive replies with `recvmmsg` instead of through a PACKET_MMAP RX ring (TPACKET_V2)
+    /// that keeps only their headers; verify always checks data through `recvmmsg`.
+    #[arg(long)]
+    no_ring: bool,
     /// Seed of the random offsets (randread, randwrite).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -544,6 +548,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         spin: Duration::from_micros(a.spin_us),
         min_rto: Duration::from_micros(a.min_rto_us),
         dead: Duration::from_secs(5),
+        ring: !a.no_ring,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

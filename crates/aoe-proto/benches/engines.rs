@@ -1,0 +1,205 @@
+//! The engines' hot paths, without I/O: the target engine turning a read request into disk
+//! work and its completion into a reply, and the initiator engine issuing a read and
+//! completing it from the reply. Run with `cargo bench -p aoe-proto`; numbers are per request.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use aoe_proto::initiator::{self, BlockOp, Event};
+use aoe_proto::target::{self, ExportConfig, Interface, Outcome, PersistentState};
+use aoe_wire::{
+    AtaFlags, AtaRepr, Body, Command, ConfigCommand, ConfigRepr, HeaderRepr, Identify, MacAddr,
+    Message, Tag, TargetAddr,
+};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const HOST: MacAddr = MacAddr([0x02, 0xaa, 0, 0, 0, 1]);
+const TMAC: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 1]);
+const ADDR: TargetAddr = TargetAddr { shelf: 1, slot: 1 };
+/// 17 sectors: what one MTU 9000 frame carries.
+const SECTORS: u8 = 17;
+const MTU: u32 = 9000;
+const DISK: u64 = 1 << 21;
+
+fn read_request(lba: u64) -> Vec<u8> {
+    Message {
+        header: HeaderRepr::request(TMAC, HOST, ADDR, Command::Ata, Tag(0x8000_0001)),
+        body: Body::Ata(AtaRepr {
+            aflags: AtaFlags::EXTENDED,
+            err_feature: 0,
+            sector_count: SECTORS,
+            // READ SECTORS EXT.
+            cmd_status: 0x24,
+            lba,
+            data: &[],
+        }),
+    }
+    .to_vec()
+    .unwrap()
+}
+
+fn target_engine() -> target::Engine {
+    let mut e = target::Engine::new(
+        ExportConfig {
+            addr: ADDR,
+            sectors: DISK,
+            read_only: false,
+            buffer_count: 64,
+            firmware_version: target::FIRMWARE_VERSION,
+            max_sectors: 255,
+            model: "bench".into(),
+            serial: "bench-1".into(),
+            firmware: "1".into(),
+        },
+        PersistentState::default(),
+    );
+    e.set_interface(
+        0,
+        Interface {
+            mac: TMAC,
+            mtu: MTU,
+        },
+    );
+    e
+}
+
+fn target(c: &mut Criterion) {
+    let mut g = c.benchmark_group("target engine");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("read request -> disk work -> reply header", |b| {
+        let mut e = target_engine();
+        let req = read_request(4096);
+        let mut reply = vec![0u8; 9014];
+        b.iter(|| {
+            let Outcome::Io(io) = e.handle_frame(0, black_box(&req), &mut reply) else {
+                panic!("a read must ask for disk work");
+            };
+            e.complete(io.token, Ok(()), &mut reply).unwrap()
+        })
+    });
+    g.bench_function("query config -> reply", |b| {
+        let mut e = target_engine();
+        let q = Message {
+            header: HeaderRepr::request(
+                MacAddr::BROADCAST,
+                HOST,
+                TargetAddr::BROADCAST,
+                Command::QueryConfig,
+                Tag(0x8000_0002),
+            ),
+            body: Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        }
+        .to_vec()
+        .unwrap();
+        let mut reply = vec![0u8; 9014];
+        b.iter(|| e.handle_frame(0, black_box(&q), &mut reply))
+    });
+    g.finish();
+}
+
+/// The answer to ATA request `req` with `data`, as the target sends it.
+fn ata_reply(req: &[u8], data: &[u8]) -> Vec<u8> {
+    let m = Message::parse(req).unwrap();
+    let Body::Ata(a) = m.body else {
+        panic!("not ATA")
+    };
+    Message {
+        header: m.header.response_to(TMAC),
+        body: Body::Ata(AtaRepr {
+            // DRDY.
+            cmd_status: 0x40,
+            data,
+            ..a
+        }),
+    }
+    .to_vec()
+    .unwrap()
+}
+
+/// An initiator engine with e1.1 up on one MTU 9000 interface (64 buffers, 17 sectors).
+fn initiator_engine(now: Instant) -> initiator::Engine {
+    let mut e = initiator::Engine::new(initiator::Config::default(), now);
+    e.add_interface(0, "eth0", HOST, MTU);
+    let mut buf = vec![0u8; 9014];
+    while e.poll_transmit(now, &mut buf).is_some() {}
+    let mut h = HeaderRepr::request(HOST, TMAC, ADDR, Command::QueryConfig, Tag(0));
+    h.response = true;
+    let cfg = Message {
+        header: h,
+        body: Body::Config(ConfigRepr {
+            buffer_count: 64,
+            firmware_version: 1,
+            sector_count: SECTORS,
+            aoe_version: 1,
+            ccmd: ConfigCommand::Read,
+            config: b"",
+        }),
+    }
+    .to_vec()
+    .unwrap();
+    e.handle_frame(now, 0, &cfg);
+    let t = e
+        .poll_transmit(now, &mut buf)
+        .expect("IDENTIFY after config");
+    let page = Identify {
+        model: "bench".into(),
+        serial: "bench-1".into(),
+        firmware: "1".into(),
+        sectors: DISK,
+        write_cache: true,
+        smart: false,
+    }
+    .build();
+    e.handle_frame(now, 0, &ata_reply(&buf[..t.len], &page));
+    assert!(std::iter::from_fn(|| e.poll_event()).any(|ev| ev == Event::DeviceUp(ADDR)));
+    e
+}
+
+/// Submits a read of `sectors` and answers every frame the engine sends from `template`
+/// (a reply with a full frame of data) with the request's tag, until it completes.
+fn read_through(
+    e: &mut initiator::Engine,
+    now: Instant,
+    buf: &mut [u8],
+    rsp: &mut [u8],
+    sectors: u32,
+) {
+    e.submit(now, ADDR, BlockOp::Read { lba: 0, sectors })
+        .unwrap();
+    loop {
+        while e.poll_transmit(now, buf).is_some() {
+            // Echo the tag (bytes 20..24); count and LBA of a full frame match the template.
+            rsp[20..24].copy_from_slice(&buf[20..24]);
+            let n = usize::from(buf[26]) * 512 + 36;
+            e.handle_frame(now, 0, &rsp[..n.max(60)]);
+        }
+        while let Some(ev) = e.poll_event() {
+            if let Event::Completed { result, .. } = ev {
+                black_box(result.unwrap());
+                return;
+            }
+        }
+    }
+}
+
+fn initiator(c: &mut Criterion) {
+    let now = Instant::now();
+    let data = vec![0x5a; usize::from(SECTORS) * 512];
+    let mut g = c.benchmark_group("initiator engine");
+    for (name, sectors) in [
+        ("read 8704 B (one frame)", 17u32),
+        ("read 1 MiB (121 frames)", 2048),
+    ] {
+        g.throughput(Throughput::Bytes(u64::from(sectors) * 512));
+        g.bench_function(name, |b| {
+            let mut e = initiator_engine(now);
+            let mut buf = vec![0u8; 9014];
+            let mut rsp = ata_reply(&read_request(0), &data);
+            b.iter(|| read_through(&mut e, now, &mut buf, &mut rsp, sectors))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, target, initiator);
+criterion_main!(benches);
