@@ -61,6 +61,9 @@ pub(super) struct Target {
     pub(super) answers: u64,
     /// Timeouts since the last answer.
     pub(super) silent: u32,
+    /// The highest send order (`next_seq`) of an answered copy: a held copy sent before it
+    /// is not queued behind it (`Held`).
+    pub(super) answered_seq: Option<u64>,
 }
 
 impl Target {
@@ -91,6 +94,7 @@ impl Target {
             retransmits: 0,
             answers: 0,
             silent: 0,
+            answered_seq: None,
         }
     }
 
