@@ -147,7 +147,7 @@ impl Engine {
         h: &HeaderRepr,
         ata: &AtaRepr<'_>,
     ) {
-        let held = self.held_answered(h.target, h.tag.0);
+        let held = self.held_answered(now, h.target, h.tag.0);
         self.ata_answer(now, iface, h, ata);
         if !self.held.is_empty() {
             // A later frame answered: held copies sent before it are presumed lost.
@@ -233,8 +233,8 @@ impl Engine {
                     // The answer to the frame's latest copy: its slot is free. (A waiting
                     // frame's last copy was held, and freed by `held_answered`.)
                     t.nout = t.nout.saturating_sub(1);
-                    t.answered_seq = Some(t.answered_seq.map_or(f.seq, |s| s.max(f.seq)));
                 }
+                t.answered_copy(f.seq, now);
                 t.answers += 1;
                 t.silent = 0;
                 if t.taint > 0 {

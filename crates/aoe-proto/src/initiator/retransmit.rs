@@ -68,8 +68,12 @@ impl Engine {
             return;
         }
         if f.waiting.is_some() {
-            // Its next copy still waits for a slot; this deadline only guards `deadsecs`.
-            let park = self.park_deadline(now, f.first_sent);
+            // Its next copy still waits for a slot or for a sign that it is due
+            // (`Target::copy_due_after_timeout`): looked at again after a while, and at
+            // `deadsecs` at the latest.
+            let park = self
+                .park_deadline(now, f.first_sent)
+                .min(now + self.recheck(&f));
             if let Some(w) = self.outstanding.get_mut(&tag) {
                 w.deadline = park;
             }
@@ -152,26 +156,21 @@ impl Engine {
     }
 
     /// The answer to a held copy: its slot is free. True if `tag` was one (of device `dev`).
-    pub(super) fn held_answered(&mut self, dev: TargetAddr, tag: u32) -> bool {
+    pub(super) fn held_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
         if self.held.get(&tag).is_none_or(|h| h.dev != dev) {
             return false;
         }
         if let Some(h) = self.held.remove(&tag) {
             self.release(h.dev, h.target);
-            self.answered_seq(h.dev, h.target, h.seq);
+            if let Some(t) = self
+                .devices
+                .get_mut(&h.dev)
+                .and_then(|d| d.target_idx(h.target).map(|ti| &mut d.targets[ti]))
+            {
+                t.answered_copy(h.seq, now);
+            }
         }
         true
-    }
-
-    /// A copy sent to `mac` as number `seq` was answered.
-    pub(super) fn answered_seq(&mut self, dev: TargetAddr, mac: MacAddr, seq: u64) {
-        if let Some(t) = self
-            .devices
-            .get_mut(&dev)
-            .and_then(|d| d.target_idx(mac).map(|ti| &mut d.targets[ti]))
-        {
-            t.answered_seq = Some(t.answered_seq.map_or(seq, |s| s.max(seq)));
-        }
     }
 
     /// One slot of `mac`'s window on device `dev` is free.
@@ -192,6 +191,17 @@ impl Engine {
         }
     }
 
+    /// How soon a waiting frame is looked at again by the timer: its target's smoothed RTT
+    /// (when `Target::copy_due_after_timeout` may turn true without an answer), at least
+    /// `rto_min`.
+    fn recheck(&self, f: &Outstanding) -> Duration {
+        self.devices
+            .get(&f.dev)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+            .map_or(self.cfg.rto_min, |t| Duration::from_micros(t.rtt_avg_us))
+            .max(self.cfg.rto_min)
+    }
+
     /// Frame `tag`'s last copy is held; its next copy goes out when a window has room
     /// (`Engine::send_waiting_copies`, run by `pump`).
     fn copy_due(&mut self, now: Instant, tag: u32, why: CopyWhy) {
@@ -199,7 +209,9 @@ impl Engine {
             return;
         };
         let (dev, first_sent) = (f.dev, f.first_sent);
-        let park = self.park_deadline(now, first_sent);
+        let park = self
+            .park_deadline(now, first_sent)
+            .min(now + self.recheck(f));
         if let Some(f) = self.outstanding.get_mut(&tag) {
             f.waiting = Some(why);
             f.deadline = park;
@@ -215,21 +227,22 @@ impl Engine {
     /// its buffer count): a retransmission ignores the congestion window, as TCP's does,
     /// but never puts the target over its buffer count. True if none is left waiting.
     pub(super) fn send_waiting_copies(&mut self, now: Instant, addr: TargetAddr) -> bool {
+        let mut i = 0;
         loop {
             let Some(d) = self.devices.get_mut(&addr) else {
                 return false;
             };
-            let Some(&key) = d.rexmitq.front() else {
-                return true;
+            let Some(&key) = d.rexmitq.get(i) else {
+                return d.rexmitq.is_empty();
             };
             let Some(f) = self.outstanding.get(&key).filter(|f| f.waiting.is_some()) else {
-                d.rexmitq.pop_front();
+                d.rexmitq.remove(i);
                 continue;
             };
             let f = f.clone();
             if !self.ops.contains_key(&f.op) {
                 // Its op failed: nothing to resend (the last copy stays held).
-                d.rexmitq.pop_front();
+                d.rexmitq.remove(i);
                 self.outstanding.remove(&key);
                 continue;
             }
@@ -241,10 +254,18 @@ impl Engine {
                 return false;
             }
             let why = f.waiting.unwrap_or(CopyWhy::Timeout);
+            let due = why == CopyWhy::LaterAnswered
+                || d.target_idx(f.target)
+                    .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(f.seq, now));
+            if !due {
+                // Looked at again on the next answer or timer run.
+                i += 1;
+                continue;
+            }
             let Some(ti) = place_copy(d, f.target, why) else {
                 return false;
             };
-            d.rexmitq.pop_front();
+            d.rexmitq.remove(i);
             let rto = d.targets[ti].rto(&self.cfg);
             let (rto, note) = match why {
                 CopyWhy::Timeout => (backoff(rto, f.retransmits + 1, self.cfg.rto_max), ""),

@@ -311,7 +311,9 @@ pub struct TargetInfo {
     /// Current retransmission timeout: `avg + 4*dev`, at least `2*avg`, within the
     /// configured bounds.
     pub rto: Duration,
-    /// Retransmissions of frames sent to this target.
+    /// Frames sent to this target found lost, by their timer or by later answers. Each is
+    /// copied, unless its own answer comes while the copy waits for a window slot or for a
+    /// sign that it is due ([`DeviceStats::retransmits`] counts the copies sent).
     pub retransmits: u64,
     /// Of those, sent because later frames were answered first ([`Config::fast_retransmit`]).
     pub fast_retransmits: u64,
