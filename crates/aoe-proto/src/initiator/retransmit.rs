@@ -517,28 +517,24 @@ const SILENT_HOLD: Duration = Duration::from_secs(1);
 const MAX_EARLIER_COPIES: usize = 4;
 
 /// Where a frame's next copy goes (`CopyWhy`): after a timeout another usable target with
-/// room (untainted unless all are), else the same target if it has room (its next
-/// interface: `resend` -> `ifrotate`), else any usable target with room; `None` while every
-/// window is full. Room is below `nframes`, the target's buffer count.
+/// room, else the same target if it has room (its next interface: `resend` ->
+/// `ifrotate`); after later answers the same target first, then another. Other targets
+/// are taken only untainted, unless every usable one is tainted. `None` while every
+/// window it may use is full. Room is below `nframes`, the target's buffer count.
 fn place_copy(d: &Device, old: MacAddr, why: CopyWhy) -> Option<usize> {
     let n = d.targets.len();
+    let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
     let room = |t: &Target| t.usable() && t.nout < t.nframes;
-    let old_ti = d.target_idx(old);
-    if why == CopyWhy::Timeout {
-        let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
-        let from = old_ti.unwrap_or(0);
-        for k in 1..n {
-            let i = (from + k) % n;
-            let t = &d.targets[i];
-            if room(t) && (t.taint == 0 || all_tainted) {
-                return Some(i);
-            }
-        }
+    let old_ti = d.target_idx(old).filter(|&i| room(&d.targets[i]));
+    let from = d.target_idx(old).unwrap_or(0);
+    let other = (0..n)
+        .map(|k| (from + 1 + k) % n)
+        .filter(|&i| Some(i) != d.target_idx(old))
+        .find(|&i| room(&d.targets[i]) && (d.targets[i].taint == 0 || all_tainted));
+    match why {
+        CopyWhy::Timeout => other.or(old_ti),
+        CopyWhy::LaterAnswered => old_ti.or(other),
     }
-    if let Some(i) = old_ti.filter(|&i| room(&d.targets[i])) {
-        return Some(i);
-    }
-    (0..n).find(|&i| room(&d.targets[i]))
 }
 
 /// `rto * 2^n`, capped.

@@ -22,16 +22,13 @@ pub struct Config {
     /// scheduling noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts
     /// as its floor and turns every random loss into a 100 ms stall.
     ///
-    /// The default is 20 ms. A floor near the RTT (500 µs) recovers faster from random loss
-    /// (the engine tests show it), but on a busy host it fired for frames only queued
-    /// behind a full window: with the window at the target's buffer count, every copy of a
-    /// frame the target still holds puts it over that count, the target drops the excess
-    /// (`aoe serve` enforces it, as issue 9 requires), and the drops feed more timeouts, a
-    /// retransmission storm on a loss-free link (seen at 500 µs and 5 ms, and once at
-    /// 10 ms, on the shared 2-core test machine; none at 20 ms). Counting copies a target
-    /// may still hold against its window would remove that feedback; until then the
-    /// floor stays conservative. Most random losses are recovered by fast retransmit,
-    /// which does not wait for this timer.
+    /// The default is 500 µs, near a LAN's round trip. A low floor fires for frames that
+    /// are only queued at a busy target; that costs no drops: a copy counts against the
+    /// window, and goes out only below the target's buffer count and once the target has
+    /// answered a frame sent after the original or stayed silent for a round trip
+    /// (`docs/PROTOCOL.md` 4, "Loss recovery"). Before copies were counted, a floor this low
+    /// put `aoe serve` over its buffer count and fed retransmission storms, and the default
+    /// was 20 ms.
     pub rto_min: Duration,
     /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
     pub rto_max: Duration,
@@ -71,7 +68,7 @@ impl Default for Config {
             deadsecs: Duration::from_secs(180),
             maxout: 128,
             discover_interval: Duration::from_secs(60),
-            rto_min: Duration::from_millis(20),
+            rto_min: Duration::from_micros(500),
             rto_max: Duration::from_secs(5),
             scorn_after: Duration::from_secs(10),
             max_devices: 256,
