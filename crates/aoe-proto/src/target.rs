@@ -10,7 +10,10 @@
 //! Behaviour follows AoEr11 as `docs/PROTOCOL.md` (sections 1.1-1.6, and 4) describes it:
 //! - Query Config CCmd 0-4; test/prefix stay silent on a mismatch; set on a non-empty string
 //!   gets error 4 unless it is the stored string (vblade `confcmd`, ggaoed: a retried set
-//!   succeeds); the sector count follows the receiving interface's MTU.
+//!   succeeds); the sector count follows the receiving interface's MTU. Deliberate
+//!   departure: at most [`QUERY_ANSWERS_PER_SOURCE`] queries per source MAC are answered
+//!   per period ([`Engine::next_query_period`]; vblade answers all), so a query flood
+//!   cannot keep the target from serving ATA requests.
 //! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
 //!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
 //!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources.
