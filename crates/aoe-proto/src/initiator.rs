@@ -87,6 +87,8 @@ pub struct Engine {
     devices: BTreeMap<TargetAddr, Device>,
     ops: BTreeMap<u64, Op>,
     outstanding: BTreeMap<u32, Outstanding>,
+    /// Copies that still hold a window slot without standing for a frame, by tag.
+    held: BTreeMap<u32, Held>,
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
@@ -119,6 +121,7 @@ impl Engine {
             devices: BTreeMap::new(),
             ops: BTreeMap::new(),
             outstanding: BTreeMap::new(),
+            held: BTreeMap::new(),
             next_op: 0,
             lasttag: 0,
             next_discover,
@@ -272,6 +275,7 @@ impl Engine {
         if self.next_discover.is_some_and(|t| now >= t) {
             self.discover(now);
         }
+        self.expire_held(now);
         let expired: Vec<u32> = self
             .outstanding
             .iter()
@@ -299,7 +303,8 @@ impl Engine {
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
-        [frames, self.next_discover, self.next_probe]
+        let held = self.held.values().map(|h| h.check_at).min();
+        [frames, held, self.next_discover, self.next_probe]
             .into_iter()
             .flatten()
             .min()
@@ -521,7 +526,7 @@ impl Engine {
         loop {
             self.lasttag = self.lasttag.wrapping_add(1);
             let tag = ((self.lasttag & 0x7fff) << 16) | (ticks & 0xffff);
-            if !self.outstanding.contains_key(&tag) {
+            if !self.outstanding.contains_key(&tag) && !self.held.contains_key(&tag) {
                 return tag;
             }
         }
@@ -548,8 +553,10 @@ impl Engine {
     /// Drops every outstanding frame and queued op of `addr`, failing user ops with `err`.
     fn fail_device_io(&mut self, addr: TargetAddr, err: IoError) {
         self.outstanding.retain(|_, f| f.dev != addr);
+        self.held.retain(|_, h| h.dev != addr);
         if let Some(d) = self.devices.get_mut(&addr) {
             d.queue.clear();
+            d.rexmitq.clear();
             for t in &mut d.targets {
                 t.nout = 0;
             }

@@ -158,6 +158,12 @@ pub struct SimTarget {
     pub up: bool,
     /// Disk latency: each I/O completes after a random delay up to this.
     pub io_delay: Duration,
+    /// Serial service instead: when non-zero, I/Os are served one at a time in arrival
+    /// order, each taking this long (vblade's single loop; a slow disk). Requests beyond
+    /// the buffer count are dropped by the target engine, as `aoe serve` does.
+    pub service: Duration,
+    /// When the serial server is next free.
+    busy_until: Instant,
     pending: BTreeMap<(Instant, u64), (usize, target::Token, Vec<u8>)>,
 }
 
@@ -281,6 +287,8 @@ impl Sim {
             ifaces: spec.ifaces.iter().map(|i| (i.0, i.1)).collect(),
             up: true,
             io_delay: spec.io_delay,
+            service: Duration::ZERO,
+            busy_until: self.now,
             pending: BTreeMap::new(),
         });
         self.announce(t);
@@ -405,8 +413,14 @@ impl Sim {
                         IoKind::Flush => {}
                     }
                 }
-                let delay = self.targets[t].io_delay;
-                let at = self.now + self.rng.duration(Duration::ZERO, delay);
+                let st = &mut self.targets[t];
+                let at = if st.service.is_zero() {
+                    let delay = st.io_delay;
+                    self.now + self.rng.duration(Duration::ZERO, delay)
+                } else {
+                    st.busy_until = st.busy_until.max(self.now) + st.service;
+                    st.busy_until
+                };
                 self.seq += 1;
                 self.targets[t]
                     .pending
@@ -506,6 +520,19 @@ impl Sim {
         if !up {
             self.targets[t].pending.clear();
         }
+    }
+
+    /// Target `t` stops serving for `d` (its host is busy, as a loaded machine starves a
+    /// daemon of CPU): every I/O in progress completes `d` later, and new ones queue behind.
+    /// Requests still arrive and count against its buffer count.
+    pub fn stall_target(&mut self, t: usize, d: Duration) {
+        let st = &mut self.targets[t];
+        let pending = std::mem::take(&mut st.pending);
+        st.pending = pending
+            .into_iter()
+            .map(|((at, seq), v)| ((at.max(self.now) + d, seq), v))
+            .collect();
+        st.busy_until = st.busy_until.max(self.now) + d;
     }
 
     /// Sets the MTU of initiator interface `k` (adding it back if it was removed).

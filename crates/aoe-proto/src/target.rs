@@ -10,7 +10,10 @@
 //! Behaviour follows AoEr11 as `docs/PROTOCOL.md` (sections 1.1-1.6, and 4) describes it:
 //! - Query Config CCmd 0-4; test/prefix stay silent on a mismatch; set on a non-empty string
 //!   gets error 4 unless it is the stored string (vblade `confcmd`, ggaoed: a retried set
-//!   succeeds); the sector count follows the receiving interface's MTU.
+//!   succeeds); the sector count follows the receiving interface's MTU. Deliberate
+//!   departure: at most [`QUERY_ANSWERS_PER_SOURCE`] queries per source MAC are answered
+//!   per period ([`Engine::next_query_period`]; vblade answers all), so a query flood
+//!   cannot keep the target from serving ATA requests.
 //! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
 //!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
 //!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources.
@@ -147,6 +150,48 @@ pub enum DropReason {
     /// vblade likewise bounds per target (its `-b` sizes the socket buffer), so several
     /// initiators share one window: memory stays bounded whatever number of MACs send.
     OverBufferCount,
+    /// A Query Config beyond what one source gets answered per period
+    /// ([`QUERY_ANSWERS_PER_SOURCE`]). A deliberate departure from vblade, which answers
+    /// every query: a flood of broadcast queries otherwise keeps the target busy sending
+    /// answers while the kernel drops legitimate ATA requests with the flood (issue 14).
+    QueryRateLimited,
+}
+
+/// Query Config requests one source MAC gets answered per period of
+/// [`Engine::next_query_period`] (the daemon starts one every second). An initiator sends
+/// one per interface on discovery and one per beacon (the Linux driver's `aoecmd_cfg`,
+/// every 60 s) or revalidate; aoetools send one per command.
+pub const QUERY_ANSWERS_PER_SOURCE: u32 = 32;
+
+/// Sources counted apart per period; queries from further ones share one allowance of
+/// [`QUERY_ANSWERS_PER_SOURCE`], so random source MACs get no more than one source does.
+const QUERY_SOURCES: usize = 64;
+
+/// Query Config answers given per source in the current period.
+#[derive(Debug, Default)]
+struct QueryLimit {
+    sources: Vec<(MacAddr, u32)>,
+    others: u32,
+}
+
+impl QueryLimit {
+    /// Counts a query from `src`; true if it is answered.
+    fn admit(&mut self, src: MacAddr) -> bool {
+        let i = match self.sources.iter().position(|e| e.0 == src) {
+            Some(i) => Some(i),
+            None if self.sources.len() < QUERY_SOURCES => {
+                self.sources.push((src, 0));
+                Some(self.sources.len() - 1)
+            }
+            None => None,
+        };
+        let n = match i {
+            Some(i) => &mut self.sources[i].1,
+            None => &mut self.others,
+        };
+        *n = n.saturating_add(1);
+        *n <= QUERY_ANSWERS_PER_SOURCE
+    }
 }
 
 /// What [`Engine::handle_frame`] decided.
@@ -195,6 +240,8 @@ pub struct Stats {
     pub requests: RequestCounts,
     /// Replies with the AoE error flag (`aoe_errors`), by error code.
     pub aoe_error_codes: AoeErrorCounts,
+    /// Query Config requests left unanswered by the per-source limit (also in `dropped`).
+    pub queries_limited: u64,
 }
 
 /// Requests for an export by command (AoEr11 section 2.3 `Command`, and for ATA the command
@@ -312,6 +359,7 @@ pub struct Engine {
     cur_iface: usize,
     identify: [u8; 512],
     stats: Stats,
+    queries: QueryLimit,
 }
 
 impl Engine {
@@ -331,7 +379,14 @@ impl Engine {
             cur_iface: 0,
             identify,
             stats: Stats::default(),
+            queries: QueryLimit::default(),
         }
+    }
+
+    /// Starts a new period for the per-source limit of Query Config answers
+    /// ([`QUERY_ANSWERS_PER_SOURCE`]); the daemon calls it every second.
+    pub fn next_query_period(&mut self) {
+        self.queries = QueryLimit::default();
     }
 
     /// The export's configuration.
@@ -448,6 +503,10 @@ impl Engine {
                 self.stats.dropped += 1;
                 self.stats.over_buffer_count += 1;
             }
+            Outcome::Drop(DropReason::QueryRateLimited) => {
+                self.stats.dropped += 1;
+                self.stats.queries_limited += 1;
+            }
             Outcome::Drop(_) => self.stats.dropped += 1,
             Outcome::Reply(_) => self.stats.replies += 1,
             Outcome::Io(_) => {}
@@ -476,6 +535,11 @@ impl Engine {
         }
         if !self.state.mask.is_empty() && !self.state.mask.contains(&header.src) {
             return Outcome::Drop(DropReason::Masked);
+        }
+        // Before any parsing or reply: an unanswered query costs what a frame for another
+        // shelf.slot costs.
+        if header.command == Command::QueryConfig && !self.queries.admit(header.src) {
+            return Outcome::Drop(DropReason::QueryRateLimited);
         }
         // Replies carry the export's own address, never the wildcard the request used.
         let mut rsp = header.response_to(iface.mac);
@@ -1126,6 +1190,7 @@ impl fmt::Display for DropReason {
             DropReason::ConfigMismatch => "config test did not match",
             DropReason::UnknownInterface => "unknown interface",
             DropReason::OverBufferCount => "buffer count reached",
+            DropReason::QueryRateLimited => "query answers for this source used up",
         })
     }
 }

@@ -252,6 +252,9 @@ impl Daemon {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
                 self.log_drops();
+                for e in self.exports.values_mut() {
+                    e.engine.next_query_period();
+                }
                 self.exports
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }

@@ -28,6 +28,9 @@ pub(super) struct Device {
     pub(super) payload: u8,
     /// Operations with frames not yet sent, in submission order.
     pub(super) queue: VecDeque<u64>,
+    /// Frames (keys of `Engine::outstanding`) whose next copy waits for a free window slot
+    /// (the driver's `rexmitq`); sent before any new frame.
+    pub(super) rexmitq: VecDeque<u32>,
     pub(super) stats: DeviceStats,
     /// A revalidate's IDENTIFY is pending: its answer emits [`Event::Revalidated`].
     pub(super) revalidating: bool,
@@ -53,6 +56,7 @@ impl Device {
             config: Vec::new(),
             payload: 0,
             queue: VecDeque::new(),
+            rexmitq: VecDeque::new(),
             stats: DeviceStats::default(),
             revalidating: false,
             other_mac_logged: None,
@@ -185,4 +189,37 @@ pub(super) struct Outstanding {
     /// Tags and send times of earlier copies sent to the same target MAC: an answer to one
     /// of them completes the frame too (`Engine::answered_frame`).
     pub(super) earlier: Vec<(u32, Instant)>,
+    /// Set while the frame's next copy waits for a window slot (`Device::rexmitq`): the
+    /// frame's last copy, under this frame's key, is then held (`Engine::held`), and
+    /// `target`, `iface`, `sent` and `seq` are that copy's.
+    pub(super) waiting: Option<CopyWhy>,
+}
+
+/// Why a frame's next copy is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CopyWhy {
+    /// Its last copy's timer ran out: the copy goes to another target if one has room,
+    /// with its timeout doubled.
+    Timeout,
+    /// Later frames to the same target were answered first (fast retransmit).
+    LaterAnswered,
+}
+
+/// A copy of a frame the target may still hold although it no longer stands for the frame
+/// (another copy replaced it, or the frame completed on another copy's answer). It keeps its
+/// slot in its target's window (`Target::nout`) until its own answer comes or it is presumed
+/// lost: at `due` if the target has since answered a frame sent after it (so it is not
+/// queued behind), else once the target has been silent on it until `silent_until` (a
+/// stalled target answers nothing; a cut link neither). The driver frees a copy's slot when
+/// it resends the frame (`rexmit_timer`: `t->nout--`).
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) dev: TargetAddr,
+    pub(super) target: MacAddr,
+    /// The copy's send order at its target (`Target::next_seq`).
+    pub(super) seq: u64,
+    pub(super) due: Instant,
+    pub(super) silent_until: Instant,
+    /// When the timer looks at it next: `due`, then `silent_until`.
+    pub(super) check_at: Instant,
 }

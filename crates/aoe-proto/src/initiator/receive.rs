@@ -137,7 +137,9 @@ impl Engine {
         }
     }
 
-    /// A response to an ATA request (`aoecmd_ata_rsp`, `ktiocomplete`).
+    /// A response to an ATA request (`aoecmd_ata_rsp`, `ktiocomplete`). If it answers a
+    /// held copy (`Engine::held`), that copy's window slot is free whatever else the answer
+    /// does, and a copy waiting for a slot may go out.
     pub(super) fn ata_response(
         &mut self,
         now: Instant,
@@ -145,6 +147,18 @@ impl Engine {
         h: &HeaderRepr,
         ata: &AtaRepr<'_>,
     ) {
+        let held = self.held_answered(now, h.target, h.tag.0);
+        self.ata_answer(now, iface, h, ata);
+        if !self.held.is_empty() {
+            // A later frame answered: held copies sent before it are presumed lost.
+            self.expire_held(now);
+        }
+        if held || !self.held.is_empty() {
+            self.pump(now, h.target);
+        }
+    }
+
+    fn ata_answer(&mut self, now: Instant, iface: usize, h: &HeaderRepr, ata: &AtaRepr<'_>) {
         // The frame's own tag, or an earlier copy's (loss recovery, `answered_frame`).
         let answered = self.answered_frame(h.tag.0);
         let Some((key, earlier_sent)) = answered else {
@@ -215,7 +229,12 @@ impl Engine {
                     Some(sent) => Some(now.saturating_duration_since(sent)),
                     None => (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)),
                 });
-                t.nout = t.nout.saturating_sub(1);
+                if f.waiting.is_none() && earlier_sent.is_none() {
+                    // The answer to the frame's latest copy: its slot is free. (A waiting
+                    // frame's last copy was held, and freed by `held_answered`.)
+                    t.nout = t.nout.saturating_sub(1);
+                }
+                t.answered_copy(f.seq, now);
                 t.answers += 1;
                 t.silent = 0;
                 if t.taint > 0 {
@@ -230,6 +249,15 @@ impl Engine {
             } else if failed {
                 d.stats.ata_errors += 1;
             }
+        }
+        if f.waiting.is_some() {
+            if let Some(d) = self.devices.get_mut(&addr) {
+                d.rexmitq.retain(|k| *k != key);
+            }
+        } else if earlier_sent.is_some() {
+            // Completed by an earlier copy's answer: the latest copy may still be queued at
+            // the target, so it keeps its slot until its own answer or its timer.
+            self.hold_copy(key, &f, f.deadline);
         }
         self.later_frame_answered(now, &f);
         // A data frame sized before the MTU shrank, refused by a target that now checks its

@@ -14,8 +14,16 @@ impl Engine {
         }
     }
 
-    /// `rexmit_timer` for one frame: dead device after `deadsecs`, else a fresh tag on the
-    /// next path, with window collapse, scorn and path ejection as the driver does.
+    /// `rexmit_timer` for one frame: dead device after `deadsecs`, else the window cut,
+    /// scorn and path ejection as the driver does, and the frame's next copy queued
+    /// (`Device::rexmitq`) to go out on the next path as soon as a window has room.
+    ///
+    /// Unlike the driver, the copy that timed out keeps its slot: it may be only queued
+    /// at the target (a stalled or slow target, not a lost frame), and a target that
+    /// enforces its buffer count (`aoe serve`) drops whatever goes over it. It is presumed
+    /// lost, and its slot freed, one more timeout later (`Engine::held`), or sooner if its
+    /// own answer comes. The driver frees the slot at once (`t->nout--`) and paces the copy
+    /// to the window in `rexmit_deferred`.
     pub(super) fn frame_timed_out(&mut self, now: Instant, tag: u32) {
         let Some(f) = self.outstanding.get(&tag).cloned() else {
             return;
@@ -25,14 +33,17 @@ impl Engine {
             .ops
             .get(&f.op)
             .is_some_and(|o| matches!(o.kind, OpKind::Probe));
+        let timeout = f.deadline.saturating_duration_since(f.sent);
         if probe || !self.ops.contains_key(&f.op) || !self.devices.contains_key(&addr) {
             // An orphan of a failed op, or an unanswered probe (the next timer run sends
-            // another): give the window slot back, never retransmit.
+            // another): never retransmitted; its copy keeps its slot until presumed lost.
             self.outstanding.remove(&tag);
             if probe {
                 self.ops.remove(&f.op);
             }
-            self.release_slot(&f);
+            if f.waiting.is_none() {
+                self.hold_copy(tag, &f, now + timeout);
+            }
             return;
         }
         let waited = now.saturating_duration_since(f.first_sent);
@@ -43,7 +54,9 @@ impl Engine {
                 .is_some_and(|d| d.life == Life::Identifying);
             if identifying {
                 self.outstanding.remove(&tag);
-                self.release_slot(&f);
+                if f.waiting.is_none() {
+                    self.hold_copy(tag, &f, now + timeout);
+                }
                 self.ops.remove(&f.op);
                 self.identify_failed(addr, "IDENTIFY unanswered");
                 return;
@@ -54,18 +67,26 @@ impl Engine {
             );
             return;
         }
+        if f.waiting.is_some() {
+            // Its next copy still waits for a slot or for a sign that it is due
+            // (`Target::copy_due_after_timeout`): looked at again after a while, and at
+            // `deadsecs` at the latest.
+            let park = self
+                .park_deadline(now, f.first_sent)
+                .min(now + self.recheck(&f));
+            if let Some(w) = self.outstanding.get_mut(&tag) {
+                w.deadline = park;
+            }
+            return;
+        }
         let cfg = self.cfg.clone();
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
         };
         let ntargets = d.targets.iter().filter(|t| t.usable()).count().max(1) as u32;
         let mut logs = Vec::new();
-        let Some(old_ti) = d.target_idx(f.target) else {
-            self.outstanding.remove(&tag);
-            return;
-        };
-        {
-            let t = &mut d.targets[old_ti];
+        if let Some(ti) = d.target_idx(f.target) {
+            let t = &mut d.targets[ti];
             t.on_loss(f.seq, cfg.min_window, true);
             t.retransmits += 1;
             let scorn_at = if cfg.deadsecs.is_zero() {
@@ -84,39 +105,178 @@ impl Engine {
             }
             logs.extend(t.path_lost(addr, f.iface));
         }
-        // The next path: another target with room (untainted unless all are), else the
-        // same target's next interface (`resend` -> `ifrotate`, `reassign_frame`).
-        let n = d.targets.len();
-        let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
-        let mut new_ti = old_ti;
-        for k in 1..n {
-            let i = (old_ti + k) % n;
-            let t = &d.targets[i];
-            if t.usable() && t.nout < t.nframes && (t.taint == 0 || all_tainted) {
-                new_ti = i;
-                break;
-            }
+        for l in logs {
+            self.log(l);
         }
-        if !d.targets[new_ti].usable() {
-            for l in logs {
-                self.log(l);
-            }
-            self.device_down(addr, "no path left");
-            return;
-        }
-        if new_ti != old_ti {
-            d.targets[old_ti].nout = d.targets[old_ti].nout.saturating_sub(1);
-            let t = &mut d.targets[new_ti];
-            t.nout += 1;
-            t.max_nout = t.max_nout.max(t.nout);
-        }
-        let rto = backoff(d.targets[new_ti].rto(&cfg), f.retransmits + 1, cfg.rto_max);
-        self.resend(now, tag, f, new_ti, rto, logs, "");
+        self.hold_copy(tag, &f, now + timeout);
+        self.copy_due(now, tag, CopyWhy::Timeout);
     }
 
-    /// Sends a copy of frame `tag` (already taken out of its old target's accounting if it
-    /// moves) to target `ti` on that target's next path, with a fresh tag and timeout `rto`.
-    #[allow(clippy::too_many_arguments)]
+    /// Copy `tag` of frame `f` keeps its window slot, without standing for the frame any
+    /// more, until its own answer or its presumed loss (`Held`), due at `due`.
+    pub(super) fn hold_copy(&mut self, tag: u32, f: &Outstanding, due: Instant) {
+        let silent_until = (f.sent + SILENT_HOLD).max(due);
+        self.held.insert(
+            tag,
+            Held {
+                dev: f.dev,
+                target: f.target,
+                seq: f.seq,
+                due,
+                silent_until,
+                check_at: due,
+            },
+        );
+    }
+
+    /// Frees the window slots of held copies presumed lost by `now`: past `due` with a
+    /// later frame to the same target answered, or past `silent_until`.
+    pub(super) fn expire_held(&mut self, now: Instant) {
+        let mut lost = Vec::new();
+        for (tag, h) in self.held.iter_mut() {
+            if h.due > now {
+                continue;
+            }
+            let passed = self
+                .devices
+                .get(&h.dev)
+                .and_then(|d| d.target_idx(h.target).map(|ti| &d.targets[ti]))
+                .is_none_or(|t| t.answered_seq.is_some_and(|s| s > h.seq));
+            if passed || h.silent_until <= now {
+                lost.push(*tag);
+            } else {
+                h.check_at = h.silent_until;
+            }
+        }
+        for tag in lost {
+            if let Some(h) = self.held.remove(&tag) {
+                self.release(h.dev, h.target);
+            }
+        }
+    }
+
+    /// The answer to a held copy: its slot is free. True if `tag` was one (of device `dev`).
+    pub(super) fn held_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
+        if self.held.get(&tag).is_none_or(|h| h.dev != dev) {
+            return false;
+        }
+        if let Some(h) = self.held.remove(&tag) {
+            self.release(h.dev, h.target);
+            if let Some(t) = self
+                .devices
+                .get_mut(&h.dev)
+                .and_then(|d| d.target_idx(h.target).map(|ti| &mut d.targets[ti]))
+            {
+                t.answered_copy(h.seq, now);
+            }
+        }
+        true
+    }
+
+    /// One slot of `mac`'s window on device `dev` is free.
+    pub(super) fn release(&mut self, dev: TargetAddr, mac: MacAddr) {
+        if let Some(d) = self.devices.get_mut(&dev) {
+            if let Some(ti) = d.target_idx(mac) {
+                d.targets[ti].nout = d.targets[ti].nout.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Where a waiting frame's deadline is parked: only `deadsecs` ends the wait.
+    fn park_deadline(&self, now: Instant, first_sent: Instant) -> Instant {
+        if self.cfg.deadsecs.is_zero() {
+            now + self.cfg.rto_max
+        } else {
+            (first_sent + self.cfg.deadsecs).max(now)
+        }
+    }
+
+    /// How soon a waiting frame is looked at again by the timer: its target's smoothed RTT
+    /// (when `Target::copy_due_after_timeout` may turn true without an answer), at least
+    /// `rto_min`.
+    fn recheck(&self, f: &Outstanding) -> Duration {
+        self.devices
+            .get(&f.dev)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+            .map_or(self.cfg.rto_min, |t| Duration::from_micros(t.rtt_avg_us))
+            .max(self.cfg.rto_min)
+    }
+
+    /// Frame `tag`'s last copy is held; its next copy goes out when a window has room
+    /// (`Engine::send_waiting_copies`, run by `pump`).
+    fn copy_due(&mut self, now: Instant, tag: u32, why: CopyWhy) {
+        let Some(f) = self.outstanding.get(&tag) else {
+            return;
+        };
+        let (dev, first_sent) = (f.dev, f.first_sent);
+        let park = self
+            .park_deadline(now, first_sent)
+            .min(now + self.recheck(f));
+        if let Some(f) = self.outstanding.get_mut(&tag) {
+            f.waiting = Some(why);
+            f.deadline = park;
+        }
+        if let Some(d) = self.devices.get_mut(&dev) {
+            d.rexmitq.push_back(tag);
+        }
+    }
+
+    /// Sends the copies waiting for a window slot, oldest first, while a target has room
+    /// (`rexmit_deferred`). Every copy that may still be at a target counts against that
+    /// target's window, and a copy goes out only below the target's ceiling (`nframes`,
+    /// its buffer count): a retransmission ignores the congestion window, as TCP's does,
+    /// but never puts the target over its buffer count. True if none is left waiting.
+    pub(super) fn send_waiting_copies(&mut self, now: Instant, addr: TargetAddr) -> bool {
+        let mut i = 0;
+        loop {
+            let Some(d) = self.devices.get_mut(&addr) else {
+                return false;
+            };
+            let Some(&key) = d.rexmitq.get(i) else {
+                return d.rexmitq.is_empty();
+            };
+            let Some(f) = self.outstanding.get(&key).filter(|f| f.waiting.is_some()) else {
+                d.rexmitq.remove(i);
+                continue;
+            };
+            let f = f.clone();
+            if !self.ops.contains_key(&f.op) {
+                // Its op failed: nothing to resend (the last copy stays held).
+                d.rexmitq.remove(i);
+                self.outstanding.remove(&key);
+                continue;
+            }
+            if d.life == Life::Down {
+                return false;
+            }
+            if !d.targets.iter().any(Target::usable) {
+                self.device_down(addr, "no path left");
+                return false;
+            }
+            let why = f.waiting.unwrap_or(CopyWhy::Timeout);
+            let due = why == CopyWhy::LaterAnswered
+                || d.target_idx(f.target)
+                    .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(f.seq, now));
+            if !due {
+                // Looked at again on the next answer or timer run.
+                i += 1;
+                continue;
+            }
+            let Some(ti) = place_copy(d, f.target, why) else {
+                return false;
+            };
+            d.rexmitq.remove(i);
+            let rto = d.targets[ti].rto(&self.cfg);
+            let (rto, note) = match why {
+                CopyWhy::Timeout => (backoff(rto, f.retransmits + 1, self.cfg.rto_max), ""),
+                CopyWhy::LaterAnswered => (rto, " (later frames answered)"),
+            };
+            self.resend(now, key, f, ti, rto, note);
+        }
+    }
+
+    /// Sends a copy of frame `tag` to target `ti` (which has room) on that target's next
+    /// path, with a fresh tag and timeout `rto`; the copy takes a slot of its own.
     fn resend(
         &mut self,
         now: Instant,
@@ -124,7 +284,6 @@ impl Engine {
         f: Outstanding,
         ti: usize,
         rto: Duration,
-        mut logs: Vec<String>,
         why: &str,
     ) {
         let addr = f.dev;
@@ -133,6 +292,8 @@ impl Engine {
         };
         d.stats.retransmits += 1;
         let t = &mut d.targets[ti];
+        t.nout += 1;
+        t.max_nout = t.max_nout.max(t.nout);
         let path = &t.paths[t.next_path % t.paths.len()];
         let (iface, path_sectors) = (path.iface, path.sectors);
         t.next_path = t.next_path.wrapping_add(1);
@@ -165,6 +326,7 @@ impl Engine {
             seq,
             later_answered: 0,
             earlier,
+            waiting: None,
             ..f
         };
         // The path's MTU shrank since the frame was sized (or it moves to a path with a
@@ -176,12 +338,9 @@ impl Engine {
             let rest = (nf.count - path_sectors) as u64;
             self.reissue(addr, f.op, nf.offset + path_sectors as u64, rest);
             nf.count = path_sectors;
-            logs.push(format!(
+            self.log(format!(
                 "{addr}: {rest} sectors of tag {tag:08x} resent in new frames ({path_sectors} fit if {iface})"
             ));
-        }
-        for l in logs {
-            self.log(l);
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
         self.log(format!(
@@ -217,7 +376,11 @@ impl Engine {
         };
         let mut lost = Vec::new();
         for (tag, f) in self.outstanding.iter_mut() {
-            if f.dev == answered.dev && f.target == answered.target && f.seq < answered.seq {
+            if f.dev == answered.dev
+                && f.target == answered.target
+                && f.seq < answered.seq
+                && f.waiting.is_none()
+            {
                 f.later_answered = f.later_answered.saturating_add(1);
                 let age = now.saturating_duration_since(f.sent).as_micros();
                 if f.later_answered >= thresh && age >= u128::from(srtt) {
@@ -239,7 +402,10 @@ impl Engine {
             .get(&f.op)
             .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush));
         let waited = now.saturating_duration_since(f.first_sent);
-        if !data_op || (!self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs) {
+        if f.waiting.is_some()
+            || !data_op
+            || (!self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs)
+        {
             return;
         }
         let cfg = self.cfg.clone();
@@ -260,9 +426,13 @@ impl Engine {
         t.on_loss(f.seq, cfg.min_window, false);
         t.retransmits += 1;
         t.fast_retransmits += 1;
-        let logs: Vec<String> = t.path_lost(addr, f.iface).into_iter().collect();
-        let rto = t.rto(&cfg);
-        self.resend(now, tag, f, ti, rto, logs, " (later frames answered)");
+        if let Some(l) = t.path_lost(addr, f.iface) {
+            self.log(l);
+        }
+        // Most likely lost, but a target that serves requests in parallel may still hold
+        // it: the copy keeps its slot until its own timer runs out.
+        self.hold_copy(tag, &f, f.deadline);
+        self.copy_due(now, tag, CopyWhy::LaterAnswered);
     }
 
     /// The outstanding frame an answer with `tag` from `src` belongs to, and, if the tag
@@ -292,14 +462,6 @@ impl Engine {
             .get(&f.op)
             .is_some_and(|o| matches!(o.kind, OpKind::Write(_)));
         (!write).then_some((cur, Some(sent)))
-    }
-
-    pub(super) fn release_slot(&mut self, f: &Outstanding) {
-        if let Some(d) = self.devices.get_mut(&f.dev) {
-            if let Some(ti) = d.target_idx(f.target) {
-                d.targets[ti].nout = d.targets[ti].nout.saturating_sub(1);
-            }
-        }
     }
 
     /// `probe`: a one-sector read to each tainted target with nothing outstanding; every
@@ -346,8 +508,34 @@ impl Engine {
     }
 }
 
+/// How long a held copy keeps its slot while its target answers nothing sent after it
+/// (`Held`): longer than a loaded host stalls a daemon (tens of milliseconds), short next
+/// to `deadsecs`, so a cut link still gets its copies out after a second.
+const SILENT_HOLD: Duration = Duration::from_secs(1);
+
 /// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
 const MAX_EARLIER_COPIES: usize = 4;
+
+/// Where a frame's next copy goes (`CopyWhy`): after a timeout another usable target with
+/// room, else the same target if it has room (its next interface: `resend` ->
+/// `ifrotate`); after later answers the same target first, then another. Other targets
+/// are taken only untainted, unless every usable one is tainted. `None` while every
+/// window it may use is full. Room is below `nframes`, the target's buffer count.
+fn place_copy(d: &Device, old: MacAddr, why: CopyWhy) -> Option<usize> {
+    let n = d.targets.len();
+    let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+    let room = |t: &Target| t.usable() && t.nout < t.nframes;
+    let old_ti = d.target_idx(old).filter(|&i| room(&d.targets[i]));
+    let from = d.target_idx(old).unwrap_or(0);
+    let other = (0..n)
+        .map(|k| (from + 1 + k) % n)
+        .filter(|&i| Some(i) != d.target_idx(old))
+        .find(|&i| room(&d.targets[i]) && (d.targets[i].taint == 0 || all_tainted));
+    match why {
+        CopyWhy::Timeout => other.or(old_ti),
+        CopyWhy::LaterAnswered => old_ti.or(other),
+    }
+}
 
 /// `rto * 2^n`, capped.
 pub(super) fn backoff(rto: Duration, n: u32, max: Duration) -> Duration {

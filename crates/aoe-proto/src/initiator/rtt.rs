@@ -61,6 +61,11 @@ pub(super) struct Target {
     pub(super) answers: u64,
     /// Timeouts since the last answer.
     pub(super) silent: u32,
+    /// The highest send order (`next_seq`) of an answered copy: a held copy sent before it
+    /// is not queued behind it (`Held`).
+    pub(super) answered_seq: Option<u64>,
+    /// When it last answered anything (a held copy included).
+    pub(super) last_answer: Option<Instant>,
 }
 
 impl Target {
@@ -91,7 +96,29 @@ impl Target {
             retransmits: 0,
             answers: 0,
             silent: 0,
+            answered_seq: None,
+            last_answer: None,
         }
+    }
+
+    /// A copy sent as number `seq` was answered at `now`.
+    pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) {
+        self.answered_seq = Some(self.answered_seq.map_or(seq, |s| s.max(seq)));
+        self.last_answer = Some(now);
+    }
+
+    /// Whether a copy of the frame whose last copy went here as number `seq`, and timed
+    /// out, should go out now (given a free slot): the target answered a frame sent after
+    /// it (so it skipped it: lost), or it has answered nothing for a smoothed RTT (lost,
+    /// or the target stalled; either way nothing tells us it is merely queued). While the
+    /// target keeps answering frames sent before it, it is most likely queued behind
+    /// them, and its own answer is on its way: a copy would only be work for the target,
+    /// and with the window full the spurious copy of one frame after another.
+    pub(super) fn copy_due_after_timeout(&self, seq: u64, now: Instant) -> bool {
+        self.answered_seq.is_some_and(|s| s > seq)
+            || self.last_answer.is_none_or(|t| {
+                now.saturating_duration_since(t) >= Duration::from_micros(self.rtt_avg_us)
+            })
     }
 
     /// `aoecmd_wreset` then `addtgt`: window at half its ceiling, slow start up to there.

@@ -48,8 +48,13 @@ impl Engine {
         id
     }
 
-    /// Sends queued frames while some target's window has room.
+    /// Sends queued frames while some target's window has room: first the copies waiting
+    /// for a slot (`Device::rexmitq`, as the driver's `rexmit_deferred` runs before
+    /// `aoecmd_work` sends new frames), then new frames.
     pub(super) fn pump(&mut self, now: Instant, addr: TargetAddr) {
+        if !self.send_waiting_copies(now, addr) {
+            return;
+        }
         loop {
             let Some(d) = self.devices.get_mut(&addr) else {
                 return;
@@ -140,6 +145,7 @@ impl Engine {
             seq,
             later_answered: 0,
             earlier: Vec::new(),
+            waiting: None,
         };
         self.emit_frame(tag, &f);
         self.outstanding.insert(tag, f);

@@ -1083,10 +1083,13 @@ fn sim_multipath_path_dies() {
         let answers = dead.answers;
         // The path comes back: probes (one per 100 ms tick) untaint it and it carries I/O
         // again. With fast retransmission and an RTO near the RTT 200 ops take only a few
-        // hundred ms, so run in rounds until it is clean.
+        // hundred ms, so run in rounds until it is clean. Probes start once the copies
+        // lost on the dark path gave their slots back, up to a second after they were sent
+        // (a silent target's copies are held that long: `Held`).
         sim.seg_up[1] = true;
         for _ in 0..10 {
             w.run(&mut sim, 200, Duration::from_secs(600));
+            sim.run_for(Duration::from_millis(200));
             let d = sim.device(DEV);
             let t = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
             if t.taint == 0 && t.answers > answers + 20 {

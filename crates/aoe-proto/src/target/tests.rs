@@ -1039,3 +1039,52 @@ fn requests_and_errors_are_counted_by_kind() {
     );
     assert_eq!(s.aoe_errors, 2);
 }
+
+/// A source gets `QUERY_ANSWERS_PER_SOURCE` Query Config answers per period and no more
+/// (issue 14: a broadcast query flood kept `aoe serve` busy answering while the kernel
+/// dropped a legitimate initiator's ATA requests with the flood); other sources are
+/// answered meanwhile, ATA requests from the flooding source too, and the next period
+/// answers it again. Sources past the ones counted apart share one allowance.
+#[test]
+fn query_answers_are_limited_per_source() {
+    let mut e = engine(64);
+    let mut buf = vec![0u8; 1514];
+    let q = |src| request(src, TargetAddr::BROADCAST, cfg(ConfigCommand::Read, b""));
+    for _ in 0..QUERY_ANSWERS_PER_SOURCE {
+        assert!(matches!(
+            e.handle_frame(0, &q(OTHER), &mut buf),
+            Outcome::Reply(_)
+        ));
+    }
+    for _ in 0..100 {
+        assert_eq!(
+            e.handle_frame(0, &q(OTHER), &mut buf),
+            Outcome::Drop(DropReason::QueryRateLimited)
+        );
+    }
+    assert_eq!(e.stats().queries_limited, 100);
+    assert!(matches!(
+        e.handle_frame(0, &q(HOST), &mut buf),
+        Outcome::Reply(_)
+    ));
+    let rd = request(OTHER, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[]));
+    assert!(matches!(e.handle_frame(0, &rd, &mut buf), Outcome::Io(_)));
+    // Random source MACs: past the sources counted apart, one allowance for all.
+    let mut answered = 0;
+    for i in 0..1000u32 {
+        let b = i.to_be_bytes();
+        let src = MacAddr([0x02, 0x77, b[0], b[1], b[2], b[3]]);
+        if matches!(e.handle_frame(0, &q(src), &mut buf), Outcome::Reply(_)) {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered <= 64 + QUERY_ANSWERS_PER_SOURCE,
+        "{answered} random sources answered"
+    );
+    e.next_query_period();
+    assert!(matches!(
+        e.handle_frame(0, &q(OTHER), &mut buf),
+        Outcome::Reply(_)
+    ));
+}

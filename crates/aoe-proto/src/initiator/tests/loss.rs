@@ -291,13 +291,18 @@ fn answer_to_an_earlier_copy_completes_the_frame_and_raises_the_timeout() {
     let done = completions(&mut e);
     assert_eq!(done, vec![Ok(Some(vec![3; 512]))]);
     let t = e.device(DEV).unwrap().targets[0].clone();
-    assert_eq!(t.nout, 0);
+    assert_eq!(
+        t.nout, 1,
+        "the copy, maybe still queued at the target, keeps its slot"
+    );
     assert!(t.rto > rto_before, "{:?} -> {:?}", rto_before, t.rto);
     e.handle_frame(late, 0, &ata_rsp(&copy, TMAC, status::DRDY, 0, &[4; 512]));
     assert!(events(&mut e)
         .iter()
         .all(|e| !matches!(e, Event::Completed { .. })));
-    assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1);
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.stats.unexpected_responses, 1);
+    assert_eq!(d.targets[0].nout, 0, "the copy's own answer frees its slot");
 }
 
 /// A write is not completed on an earlier copy's answer: it waits for its latest copy's,
@@ -336,4 +341,153 @@ fn write_waits_for_its_latest_copy() {
             ..
         }
     )));
+}
+
+/// Random I/O against a target that serves one request at a time (`service` each) and stalls
+/// now and then for 2-6 ms (a daemon starved of CPU on a loaded host), with the 500 µs
+/// floor, so frames only queued at the target time out. Returns the simulation once
+/// `ops` operations completed and every read was checked.
+fn stalling_target_run(seed: u64, link: LinkCfg, ops: u64, service: Duration) -> Sim {
+    let mut sim = Sim::new(seed, link, low_floor(), &[1500]);
+    let t = sim.add_target(spec(DEV, 4096, 16, vec![(TMAC, 1500, 0)]));
+    sim.targets[t].service = service;
+    bring_up(&mut sim, DEV);
+    let mut w = Workload::new(DEV, 4096, 64, 8);
+    let limit = sim.now + Duration::from_secs(600);
+    let mut budget = ops;
+    let mut next_stall = sim.now + ms(10);
+    loop {
+        w.reap(&mut sim);
+        w.fill(&mut sim, &mut budget);
+        if budget == 0 && w.idle() {
+            break;
+        }
+        if sim.now >= next_stall {
+            let d = sim.rng.duration(ms(2), ms(6));
+            sim.stall_target(t, d);
+            next_stall = sim.now + ms(15);
+        }
+        assert!(sim.step(limit), "stuck at {:?}", sim.now - sim.base);
+        slots_accounted(&sim);
+    }
+    sim
+}
+
+/// Every target's `nout` is exactly the copies that may be at it: frames whose latest copy
+/// went there and copies held there (`Engine::held`). A slot taken and never given back,
+/// or given back twice, breaks it.
+fn slots_accounted(sim: &Sim) {
+    let e = &sim.init;
+    for d in e.devices.values() {
+        for t in &d.targets {
+            let current = e
+                .outstanding
+                .values()
+                .filter(|f| f.dev == d.addr && f.target == t.mac && f.waiting.is_none())
+                .count();
+            let held = e
+                .held
+                .values()
+                .filter(|h| h.dev == d.addr && h.target == t.mac)
+                .count();
+            assert_eq!(
+                t.nout as usize,
+                current + held,
+                "{} target {}: nout {} but {current} frames and {held} held copies",
+                d.addr,
+                t.mac,
+                t.nout
+            );
+        }
+    }
+}
+
+/// Every copy a target may still hold counts against its window, and a copy sent on a
+/// timeout waits for a free slot instead of going out past the window: against a target
+/// that drops requests beyond its buffer count (as `aoe serve` does) and stalls for longer
+/// than the timeout, on a loss-free link, frames time out and are copied, yet the target
+/// never drops one, and no slot is left taken once the copies are answered or presumed
+/// lost. (Before: a copy took its original's slot while the original was still queued,
+/// the target dropped what went over its count, and each drop was another timeout.)
+#[test]
+fn copies_never_put_a_stalled_target_over_its_buffer_count() {
+    for seed in [1u64, 2, 3, 4] {
+        let mut sim = stalling_target_run(seed, link(0.0, 0.0), 300, Duration::from_micros(30));
+        let d = sim.device(DEV);
+        let st = sim.targets[0].eng.stats();
+        eprintln!(
+            "seed {seed}: retransmits {}, target dropped {} (over its buffer count {}); {:?}",
+            d.stats.retransmits, st.dropped, st.over_buffer_count, d.targets[0]
+        );
+        // Timeouts fired (each counted on the target) ...
+        assert!(
+            d.targets[0].retransmits > 0,
+            "seed {seed}: no timeout provoked"
+        );
+        assert_eq!(
+            st.over_buffer_count, 0,
+            "seed {seed}: {} requests over the target's buffer count",
+            st.over_buffer_count
+        );
+        sim.run_for(Duration::from_secs(30));
+        assert_eq!(
+            sim.device(DEV).targets[0].nout,
+            0,
+            "seed {seed}: slots leaked"
+        );
+    }
+}
+
+/// No window slot leaks, whatever ends a copy (its answer, another copy's, its presumed
+/// loss, a path dying): a lossy, duplicating, reordering link, two targets for one device
+/// (one serving serially, so copies move between them and some wait for a slot), then one
+/// path cut. Every target's `nout` counts exactly the copies that may be at it; once the
+/// work is done and the last copies are presumed lost, only a probe of a tainted target
+/// may hold a slot; neither target ever went over its buffer count.
+#[test]
+fn copies_leak_no_window_slot_under_loss_and_multipath_failover() {
+    for seed in [31u64, 32, 33] {
+        let cfg = Config {
+            deadsecs: Duration::from_secs(60),
+            ..low_floor()
+        };
+        let mut sim = Sim::new(seed, LinkCfg::lossy(5.0, 2.0), cfg, &[1500, 1500]);
+        let a = sim.add_target(spec(DEV, 2048, 8, vec![(TMAC, 1500, 0)]));
+        let disk: Disk = sim.targets[a].disk.clone();
+        let b = sim.add_target(TargetSpec {
+            disk: Some(disk),
+            ..spec(DEV, 2048, 8, vec![(TMAC2, 1500, 1)])
+        });
+        sim.targets[b].service = Duration::from_micros(100);
+        bring_up(&mut sim, DEV);
+        assert!(
+            sim.run_until(Duration::from_secs(60), |s| s.device(DEV).targets.len()
+                == 2),
+            "seed {seed}: second target not found"
+        );
+        let mut w = Workload::new(DEV, 2048, 32, 12);
+        let idle = |sim: &mut Sim, what: &str| {
+            slots_accounted(sim);
+            sim.run_for(Duration::from_secs(30));
+            slots_accounted(sim);
+            let d = sim.device(DEV);
+            assert!(d.stats.retransmits > 0, "seed {seed}: no loss injected");
+            for t in &d.targets {
+                // A tainted target may have its probe out (or held), nothing else.
+                let probes = if t.taint > 0 { 1 } else { 0 };
+                assert!(
+                    t.nout <= probes,
+                    "seed {seed} {what}: leaked window slots: {t:?}"
+                );
+            }
+            for t in &sim.targets {
+                assert_eq!(t.eng.stats().over_buffer_count, 0, "seed {seed} {what}");
+            }
+        };
+        w.run(&mut sim, 150, Duration::from_secs(600));
+        idle(&mut sim, "both paths");
+        sim.seg_up[1] = false;
+        w.run(&mut sim, 100, Duration::from_secs(600));
+        idle(&mut sim, "one path");
+    }
 }
