@@ -197,10 +197,10 @@ pub fn target_text(obs: &Observer) -> String {
 
 /// The initiator's metrics, per device (`device="eX.Y"`) and per target MAC.
 pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
-    let (devs, io_bytes) = {
+    let (devs, io_bytes, drops) = {
         let s = aoe_initiator::net::lock(shared);
         let devs: Vec<_> = s.devices.values().map(|d| d.info.clone()).collect();
-        (devs, s.io_bytes.clone())
+        (devs, s.io_bytes.clone(), s.drops)
     };
     let mut s = Scrape::new();
     let dl = |d: &aoe_proto::initiator::DeviceInfo| labels(&[("device", &d.addr.to_string())]);
@@ -262,6 +262,26 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         "aoe_initiator_errors",
         "Responses with the AoE error flag, ATA errors, and responses ignored as bad or unexpected",
         errors,
+    );
+    let e = drops.engine;
+    s.counter(
+        "aoe_initiator_dropped",
+        "Frames the initiator dropped, by reason (engine-wide: frames that belong to no \
+         device, caps reached, send buffers full), and err lines lost to a full ring",
+        [
+            ("malformed", e.malformed),
+            ("user_tag", e.user_tags),
+            ("wildcard_config", e.wildcard_rejected),
+            ("unknown_device", e.unknown_device),
+            ("tx_buffer_too_small", e.tx_buffer_too_small),
+            ("device_cap", e.devices_refused),
+            ("target_cap", e.targets_refused),
+            ("send_buffer_full", drops.send_buffer_full),
+            ("err_ring_full", drops.err_ring_full),
+        ]
+        .into_iter()
+        .map(|(r, n)| (labels(&[("reason", r)]), n))
+        .collect(),
     );
     s.gauge(
         "aoe_initiator_state",

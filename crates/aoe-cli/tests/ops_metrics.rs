@@ -238,6 +238,9 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         format!("aoe_initiator_frames_sent_total{dev}"),
         format!("aoe_initiator_retransmits_total{dev}"),
         format!("aoe_initiator_in_flight{dev}"),
+        "aoe_initiator_dropped_total{reason=\"unknown_device\"}".to_string(),
+        "aoe_initiator_dropped_total{reason=\"send_buffer_full\"}".to_string(),
+        "aoe_initiator_dropped_total{reason=\"err_ring_full\"}".to_string(),
     ] {
         assert!(value(&i, &series).is_some(), "no {series}:\n{i}");
     }

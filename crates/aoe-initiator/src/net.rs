@@ -89,6 +89,20 @@ pub struct Shared {
     pub err_log: ErrLog,
     /// Bytes read and written per device (metrics).
     pub io_bytes: Arc<IoBytes>,
+    /// Frames and lines dropped, by reason (metrics), as of the last publication.
+    pub drops: Drops,
+}
+
+/// What the initiator dropped, by reason: the engine's counters of frames that belong to no
+/// device, frames the send path could not queue, and `err` lines lost to a full ring.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Drops {
+    /// The engine's counters (malformed frames, unknown devices, caps reached, ...).
+    pub engine: aoe_proto::initiator::Stats,
+    /// Frames dropped with the send buffer full and the backlog at [`BACKLOG`].
+    pub send_buffer_full: u64,
+    /// `err` lines dropped because [`ERR_LINES`] were waiting unread.
+    pub err_ring_full: u64,
 }
 
 /// A reader blocked on the `err` control file (a FUSE read, in `aoe-fuse`), answered once.
@@ -115,8 +129,11 @@ impl Shared {
             w.line(line.as_bytes());
             return;
         }
+        // aoechr.c `aoechr_error`: with NMSG (100) messages unread the new one is dropped,
+        // so a burst cannot push out the lines that came before it.
         if self.err.len() >= ERR_LINES {
-            self.err.pop_front();
+            self.drops.err_ring_full += 1;
+            return;
         }
         self.err.push_back(line);
     }
@@ -357,6 +374,8 @@ pub struct Net {
     backlogged: bool,
     /// When the device list was last copied into [`Shared`].
     published: Instant,
+    /// Frames dropped by [`Iface::send_or_queue`] so far (published in [`Drops`]).
+    send_dropped: u64,
     /// I/O completed since then.
     unpublished: bool,
     /// Log lines about frames, one per kind per [`LOG_INTERVAL`].
@@ -417,6 +436,7 @@ impl Net {
             missing: Vec::new(),
             backlogged: false,
             published: Instant::now(),
+            send_dropped: 0,
             unpublished: false,
             logs: RateLimiter::new(LOG_INTERVAL),
         })
@@ -663,6 +683,7 @@ impl Net {
             }
         }
         if dropped > 0 {
+            self.send_dropped += u64::from(dropped);
             if let Some(a) = self.logs.check(now, "frames dropped") {
                 tracing::debug!(dropped, "send buffers full: frames dropped{a}");
             }
@@ -778,6 +799,8 @@ impl Net {
             .map(|i| i.name.as_str())
             .collect();
         let mut s = lock(&self.shared);
+        s.drops.engine = self.engine.stats();
+        s.drops.send_buffer_full = self.send_dropped;
         let mut next = BTreeMap::new();
         for info in devices {
             let old = s.devices.remove(&info.addr);
@@ -936,4 +959,27 @@ fn detach_loop_device(lo: &str) {
             .args(["-d", &lo])
             .status();
     });
+}
+
+#[cfg(test)]
+mod err_ring_tests {
+    use super::*;
+
+    /// aoechr.c `aoechr_error`: a full ring drops the new line, not the oldest, so the
+    /// lines before a burst (an `up`, say) stay readable; each dropped line is counted.
+    /// The old ring dropped the oldest.
+    #[test]
+    fn a_full_err_ring_drops_the_new_line() {
+        let mut s = Shared::default();
+        for i in 0..ERR_LINES + 5 {
+            s.push_err(format!("line {i}"));
+        }
+        assert_eq!(s.err.len(), ERR_LINES);
+        assert_eq!(s.err.front().map(String::as_str), Some("line 0\n"));
+        assert_eq!(s.err.back().map(String::as_str), Some("line 99\n"));
+        assert_eq!(s.drops.err_ring_full, 5);
+        s.err.pop_front();
+        s.push_err("after".into());
+        assert_eq!(s.err.back().map(String::as_str), Some("after\n"));
+    }
 }
