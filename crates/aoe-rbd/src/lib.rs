@@ -8,10 +8,16 @@
 //!
 //! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
 //! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
-//! gateway that was only slow, not dead, can no longer write: its next write fails with
-//! `EBLOCKLISTED` (or `EROFS` from librbd's lock state), it logs once that it lost the lock
-//! and answers every later write with an ATA error. So the newest gateway wins and the old
-//! one never writes behind its back.
+//! gateway that was only slow, not dead, can no longer write. It notices without waiting for
+//! a write: a monitor thread per image asks the cluster who holds the lock every
+//! [`MONITOR_INTERVAL`] (sooner when librbd's update watch reports a header change), and an
+//! owner that is not this client, or `EBLOCKLISTED`, fences it; a write that fails with
+//! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
+//! lock, answers every later write with an ATA error and reports itself failed
+//! ([`RbdBackend::lock_lost`], `Backend::failed`). So the newest gateway wins and the old
+//! one never writes behind its back. The same monitor re-reads the image's size
+//! ([`RbdBackend::size_seen`]), which the daemon announces; AoE reservations are kept in the
+//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover.
 //!
 //! I/O: reads, writes and flushes are librbd aio calls waited for on the store's worker
 //! threads, so as many requests are in flight against the cluster as `aoe serve` has workers

@@ -1,6 +1,11 @@
 //! Opening an export's backing store: a file or block device ([`FileBackend`]), or, with the
 //! `rbd` cargo feature, a Ceph RBD image (`aoe_rbd::RbdBackend`) for an `rbd:` path.
+//!
+//! A store several gateways serve at once (an RBD image) also gives the daemon a
+//! [`SharedStore`]: a side channel outside the I/O path that the daemon's timer polls (size
+//! changes to announce) and that keeps the AoE reservation where every gateway sees it.
 
+use std::io;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -12,8 +17,30 @@ use crate::config::ExportSpec;
 /// with one line saying so.
 pub const CEPH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Opens `spec`'s store; returns it and its size in 512-byte sectors.
-pub(crate) fn open(spec: &ExportSpec) -> Result<(Arc<dyn Backend>, u64)> {
+/// What a store shared by several gateways (an `rbd:` image, issue 13) tells the daemon and
+/// keeps for it, beside the I/O path of [`Backend`].
+pub(crate) trait SharedStore: Send + Sync {
+    /// The size in bytes as last seen, without asking the cluster (the daemon's event loop
+    /// asks it once a second and announces a change).
+    fn size_seen(&self) -> u64;
+    /// The AoE reserve list kept in the store (empty: not reserved). May block: asked when
+    /// the export opens.
+    fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>>;
+    /// Stores the reserve list; returns once the store has it. Blocks for a round trip to
+    /// the cluster: called only for a Reserve/Release set that changed the list.
+    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()>;
+}
+
+/// An opened store: the backend, its size in 512-byte sectors, and its side channel if it
+/// is shared by several gateways.
+pub(crate) struct Opened {
+    pub backend: Arc<dyn Backend>,
+    pub sectors: u64,
+    pub shared: Option<Arc<dyn SharedStore>>,
+}
+
+/// Opens `spec`'s store.
+pub(crate) fn open(spec: &ExportSpec) -> Result<Opened> {
     if let Some(image) = spec.rbd_image() {
         let image = image?;
         return open_rbd(spec, image);
@@ -30,11 +57,34 @@ pub(crate) fn open(spec: &ExportSpec) -> Result<(Arc<dyn Backend>, u64)> {
     )
     .with_context(|| format!("{}", spec.addr()))?;
     let sectors = backend.sectors();
-    Ok((Arc::new(backend), sectors))
+    Ok(Opened {
+        backend: Arc::new(backend),
+        sectors,
+        shared: None,
+    })
 }
 
 #[cfg(feature = "rbd")]
-fn open_rbd(spec: &ExportSpec, image: crate::config::RbdImage) -> Result<(Arc<dyn Backend>, u64)> {
+impl SharedStore for aoe_rbd::RbdBackend {
+    fn size_seen(&self) -> u64 {
+        aoe_rbd::RbdBackend::size_seen(self)
+    }
+
+    fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>> {
+        Ok(aoe_rbd::RbdBackend::reservation(self)?
+            .into_iter()
+            .map(aoe_wire::MacAddr)
+            .collect())
+    }
+
+    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()> {
+        let raw: Vec<[u8; 6]> = macs.iter().map(|m| m.0).collect();
+        aoe_rbd::RbdBackend::set_reservation(self, &raw)
+    }
+}
+
+#[cfg(feature = "rbd")]
+fn open_rbd(spec: &ExportSpec, image: crate::config::RbdImage) -> Result<Opened> {
     let b = aoe_rbd::RbdBackend::open(&aoe_rbd::RbdOptions {
         pool: image.pool,
         namespace: image.namespace,
@@ -47,11 +97,16 @@ fn open_rbd(spec: &ExportSpec, image: crate::config::RbdImage) -> Result<(Arc<dy
     })
     .with_context(|| format!("{}", spec.addr()))?;
     let sectors = b.sectors();
-    Ok((Arc::new(b), sectors))
+    let b = Arc::new(b);
+    Ok(Opened {
+        backend: b.clone(),
+        sectors,
+        shared: Some(b),
+    })
 }
 
 #[cfg(not(feature = "rbd"))]
-fn open_rbd(spec: &ExportSpec, _: crate::config::RbdImage) -> Result<(Arc<dyn Backend>, u64)> {
+fn open_rbd(spec: &ExportSpec, _: crate::config::RbdImage) -> Result<Opened> {
     anyhow::bail!(
         "{}: {} is a Ceph RBD image, but this aoe was built without the `rbd` feature \
          (cargo build --features aoe-cli/rbd, with librbd-dev installed)",

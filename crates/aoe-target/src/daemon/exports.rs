@@ -18,6 +18,9 @@ pub(super) struct ExportRt {
     pub(super) drops_logged: (u64, u64),
     /// Writes in the pool, and writes waiting for an overlapping one (see [`super::order`]).
     pub(super) writes: WriteOrder<Job>,
+    /// The store's side channel when several gateways share it (an `rbd:` image): see
+    /// [`super::shared`].
+    pub(super) shared: Option<Arc<dyn crate::backing::SharedStore>>,
 }
 
 impl Daemon {
@@ -208,7 +211,11 @@ impl Daemon {
     }
 
     pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
-        let (backend, sectors) = crate::backing::open(spec)?;
+        let crate::backing::Opened {
+            backend,
+            sectors,
+            shared,
+        } = crate::backing::open(spec)?;
         let state_file = config
             .state_dir
             .as_ref()
@@ -221,6 +228,17 @@ impl Daemon {
                 mask: spec.allowed_macs.clone(),
                 ..Default::default()
             },
+        };
+        // A shared store's reservation is the one every gateway of it enforces: it replaces
+        // what this gateway's state file remembers.
+        let state = match &shared {
+            Some(sh) => PersistentState {
+                reserve: sh
+                    .reservation()
+                    .with_context(|| format!("{}: cannot read the reservation", spec.addr()))?,
+                ..state
+            },
+            None => state,
         };
         let serial = format!("{}.{}:{}", spec.shelf, spec.slot, self.hostname);
         let engine = Engine::new(
@@ -247,6 +265,7 @@ impl Daemon {
             pool_full_drops: 0,
             drops_logged: (0, 0),
             writes: WriteOrder::default(),
+            shared,
         })
     }
 }
