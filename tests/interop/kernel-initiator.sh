@@ -26,7 +26,11 @@
 #                on the loopback of the namespace, put the random data in with
 #                `rbd import` as POOL/IMAGE, make {FILE} `rbd:POOL/IMAGE` and offer the
 #                placeholders {CEPH_CONF} and {CEPH_KEYRING}; the host checks below are made
-#                on what `rbd export` gives after the target stopped, not on a backing file
+#                on what `rbd export` gives after the target stopped, not on a backing file.
+#                After its checks the guest asks for a resize: the host runs `rbd resize`
+#                (16 MiB more) and the guest must see the new size, from the target's
+#                announcement (the driver re-IDENTIFYs an idle device on a config response)
+#                within 30 s, else after writing e{SHELF}.{SLOT} to /dev/etherd/revalidate
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -202,6 +206,7 @@ SLOT=$SLOT
 MTU=$MTU
 BS=$BS
 SEEK=$SEEK
+RESIZE_TO=${RBD:+$(( (SIZE_MB + 16) << 20 ))}
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -239,6 +244,21 @@ sync
 out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
 out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
+if [ -n "$RESIZE_TO" ]; then
+    # RBD mode: the host resizes the image when it reads this line.
+    out "RESIZE_ME"
+    how=announced i=0
+    while [ "$(blockdev --getsize64 $DEV)" != "$RESIZE_TO" ]; do
+        i=$((i+1))
+        [ $i -gt 300 ] && die "size $(blockdev --getsize64 $DEV) 150 s after rbd resize, want $RESIZE_TO"
+        if [ $i -ge 60 ] && [ $((i % 10)) = 0 ]; then
+            how=revalidate
+            echo "e$SHELF.$SLOT" > /dev/etherd/revalidate
+        fi
+        sleep 0.5
+    done
+    out "RESIZED $(blockdev --getsize64 $DEV) $how"
+fi
 out "T done $(cut -d' ' -f1 /proc/uptime)"
 dmesg | grep -i aoe | sed 's/^/KI:DMESG /'
 out GUEST_DONE
@@ -306,6 +326,18 @@ nsenter --net="/run/netns/$NS" -- qemu-system-x86_64 -nographic -no-reboot -acce
     -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
     </dev/null >"$CONSOLE" 2>&1 &
 QEMU_PID=$!
+if [ -n "$RBD" ]; then
+    # The guest asks for the resize once its data checks are done.
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+            rbdx resize --no-progress --size $((SIZE_MB + 16))M "$RBD" >"$RUN/rbd.log" 2>&1 ||
+                { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
+            say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
+            break
+        fi
+        sleep 0.5
+    done
+fi
 wait "$QEMU_PID"
 QRC=$?
 QEMU_PID=""
@@ -321,6 +353,10 @@ if [ -n "$RBD" ]; then
     rbdx export --no-progress "$RBD" "$FILE" >"$RUN/rbd.log" 2>&1 ||
         { cat "$RUN/rbd.log"; fail "rbd export of $RBD failed"; }
     say "rbd export of $RBD: $(stat -c %s "$FILE") bytes"
+    [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB + 16) << 20 )) ] ||
+        fail "rbd export of $RBD has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was resized to"
+    # The checks below are on the original extent.
+    truncate -s $((SIZE_MB << 20)) "$FILE"
 fi
 
 # ---------------------------------------------------------------- verdict
@@ -348,5 +384,10 @@ grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fai
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
 [ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
 [ "$H_AFTER" = "$EXP_AFTER" ] || fail "host backing file md5 after the write $H_AFTER != expected $EXP_AFTER"
+if [ -n "$RBD" ]; then
+    resized=$(g RESIZED)
+    [ "${resized%% *}" = $(( (SIZE_MB + 16) << 20 )) ] ||
+        fail "guest size after rbd resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
+fi
 echo "PASS: kernel AoE initiator ($KVER) against '$TCMD' at MTU $MTU"
 exit 0

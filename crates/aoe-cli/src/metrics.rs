@@ -181,6 +181,15 @@ pub fn target_text(obs: &Observer) -> String {
             .map(|e| (ex(e), i64::from(e.in_flight)))
             .collect(),
     );
+    s.gauge(
+        "aoe_target_store_failed",
+        "1 while the store refuses writes: a latched write-back failure, or an rbd: export \
+         whose exclusive lock another gateway took over",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), i64::from(e.failed)))
+            .collect(),
+    );
     let mut rdrops = Vec::new();
     for i in &snap.interfaces {
         let l = |r: &str| labels(&[("interface", &i.name), ("reason", r)]);

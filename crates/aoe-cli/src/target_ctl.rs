@@ -217,6 +217,9 @@ fn mode(e: &ExportStatus) -> String {
     if e.sync {
         m.push_str(",sync");
     }
+    if e.failed {
+        m.push_str(",failed");
+    }
     m
 }
 

@@ -120,7 +120,10 @@ fn kernel_initiator_vblade_mtu_1500_control() {
 /// The script's `-r` mode starts a one-node Ceph cluster in its namespace, puts the random
 /// data in with `rbd import` (the guest's whole-device md5 must match it), and checks the
 /// pattern the guest wrote, and the whole image after it, in `rbd export` instead of a
-/// backing file. Needs the `rbd` feature and the Ceph packages (scripts/install-deps.sh).
+/// backing file. Then the host grows the image with `rbd resize` and the guest's driver must
+/// see the new size (from the target's announcement, or else after a write to
+/// /dev/etherd/revalidate; the guest's console says which). Needs the `rbd` feature and the
+/// Ceph packages (scripts/install-deps.sh).
 #[cfg(feature = "rbd")]
 #[test]
 fn kernel_initiator_aoe_serve_rbd_mtu_1500() {

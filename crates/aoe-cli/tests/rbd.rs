@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use aoe_testkit::aoeclient::{AoeClient, Request};
 use aoe_testkit::{wait_until, NsChild};
-use aoe_wire::TargetAddr;
+use aoe_wire::{ErrorCode, Message, ReserveCommand, ReserveRepr, TargetAddr};
 use common::*;
 
 /// 32 MiB: the image size of these tests.
@@ -286,14 +286,51 @@ fn a_second_gateway_takes_over_a_killed_ones_image() {
     r.rig.finish();
 }
 
-/// Fencing: a gateway whose lock another one broke stops writing (an ATA error to the
-/// initiator) and says so once, while the new holder writes.
+/// `GET /metrics` of the `aoe serve` started with `--metrics 127.0.0.1:{METRICS_PORT}` in
+/// `ns`: the whole response.
+fn scrape(ns: &aoe_testkit::Netns) -> String {
+    use std::io::{Read, Write};
+    let mut conn = aoe_sys::run_in_netns(&ns.path(), || {
+        std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))
+    })
+    .expect("enter netns")
+    .expect("connect to the metrics port");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send the request");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read the response");
+    resp
+}
+
+/// Where gateway A serves its metrics in the fencing test.
+const METRICS_PORT: u16 = 9611;
+
+/// Fencing: a gateway whose lock another one broke notices at once, with no write sent to
+/// it (its monitor asks the cluster who holds the lock, and librbd's update watch wakes it
+/// early): it says so in one log line, its metrics say so, and it refuses writes (an ATA
+/// error to the initiator) while the new holder writes.
 #[test]
-fn a_gateway_that_lost_its_lock_refuses_writes() {
+fn a_gateway_that_lost_its_lock_says_so_at_once_and_refuses_writes() {
     let mut r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
+    // Gateway A again, now with its metrics on.
+    r.rig.kill_target();
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    r.rig.target_args.extend(["--metrics".to_string(), metrics]);
+    r.rig.start_target();
+    r.rig.echo_ok("discover", "");
+    r.rig
+        .wait_state("up", Duration::from_secs(30), "after gateway A restarted");
     write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write while holding the lock");
+    let failed = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("aoe_target_store_failed{"))
+            .map(|l| l.trim_end().ends_with(" 1"))
+    };
+    assert_eq!(failed(&scrape(&r.rig.target_ns)), Some(false));
     // Gateway B on another address, same image: it breaks A's lock while A is alive.
     let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce"]);
     let out = b.output_so_far();
@@ -301,16 +338,33 @@ fn a_gateway_that_lost_its_lock_refuses_writes() {
         out.contains("breaking it"),
         "B did not break A's lock:\n{out}"
     );
-    let w = write_sync(&r.rig.dev(), 8192, &pattern(7, 4096));
-    assert!(w.is_err(), "gateway A wrote after losing its lock");
+    // No write goes to A: it must find out by itself.
     assert!(
-        wait_until(Duration::from_secs(10), || r
+        wait_until(Duration::from_secs(30), || r
             .rig
             .logs()
             .contains("lost the image's exclusive lock")),
-        "gateway A did not say it lost the lock{}",
+        "gateway A did not notice within 30 s that it lost the lock{}",
         r.rig.logs()
     );
+    assert_eq!(
+        r.rig
+            .logs()
+            .matches("lost the image's exclusive lock")
+            .count(),
+        1,
+        "one line{}",
+        r.rig.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || failed(&scrape(
+            &r.rig.target_ns
+        )) == Some(true)),
+        "A's metrics do not say the store failed:\n{}",
+        scrape(&r.rig.target_ns)
+    );
+    let w = write_sync(&r.rig.dev(), 8192, &pattern(7, 4096));
+    assert!(w.is_err(), "gateway A wrote after losing its lock");
     let exported = r.ceph.export("rbd/img");
     assert!(
         exported[8192..8192 + 4096].iter().all(|&x| x == 0),
@@ -320,24 +374,140 @@ fn a_gateway_that_lost_its_lock_refuses_writes() {
     r.rig.cleanup();
 }
 
-/// A resized image is seen by the initiator's revalidate: `rbd resize`, then
-/// `echo eX.Y > ROOT/revalidate` (as for the Linux driver's /dev/etherd/revalidate, which
-/// re-sends IDENTIFY), and the export's size attribute shows the new size; the sectors
-/// past the old end are written through AoE and `rbd export` has them. A shrink shows too.
+/// Reservations are kept in the image (metadata `aoe.reserve`), so they outlive the gateway:
+/// initiator X reserves the export through gateway A; A is killed with SIGKILL; gateway B
+/// takes the image over; initiator Y (another MAC: a macvlan on the initiator's link) gets
+/// the reservation error from B for its writes and none of them lands, while X still
+/// writes.
 #[test]
-fn a_resized_image_is_seen_on_revalidate() {
+fn a_reservation_made_through_one_gateway_holds_on_the_next() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let target = TargetAddr::new(SHELF, SLOT);
+    let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, target).expect("client X");
+    x.discover(Duration::from_secs(10))
+        .expect("X finds gateway A");
+    let set = aoe_wire::Body::Reserve(ReserveRepr {
+        rcmd: ReserveCommand::Set,
+        macs: vec![x.mac()],
+    });
+    let rsp = x
+        .raw_call(x.target_mac(), target, set, Duration::from_secs(30))
+        .expect("Reserve through A")
+        .unwrap_or_else(|| panic!("no answer to Reserve{}", r.rig.logs()));
+    let m = Message::parse(&rsp).expect("Reserve reply parses");
+    assert_eq!(m.header.error, None, "Reserve refused{}", r.rig.logs());
+
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    assert!(
+        wait_until(Duration::from_secs(5), || packet_sockets(&r.rig.target_ns)
+            == 0),
+        "gateway A's socket still open"
+    );
+    let meta = r
+        .ceph
+        .ok("rbd", &["image-meta", "get", "rbd/img", "aoe.reserve"]);
+    assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
+    let b = start_gateway(&r, (SHELF, SLOT), &[]);
+    r.rig.target = Some(b);
+
+    // Y: another MAC on the initiator's side of the link.
+    run_ok(r.rig.init_ns.command("ip").args([
+        "link",
+        "add",
+        "link",
+        &r.rig.init_if,
+        "name",
+        "aoemv0",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ]));
+    run_ok(
+        r.rig
+            .init_ns
+            .command("ip")
+            .args(["link", "set", "aoemv0", "up"]),
+    );
+    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", target).expect("client Y");
+    assert_ne!(y.mac(), x.mac());
+    y.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}{}", r.rig.logs()));
+    // Two sectors: what one frame carries at MTU 1500.
+    let theirs = pattern(11, 1024);
+    for lba in [0u64, 1000, 65534] {
+        let rsp = y
+            .call(
+                &Request::Write {
+                    lba,
+                    data: theirs.clone(),
+                },
+                Duration::from_secs(30),
+            )
+            .expect("Y's write answered");
+        assert_eq!(
+            rsp.error,
+            Some(ErrorCode::TargetReserved),
+            "Y's write at {lba} through gateway B{}",
+            r.rig.logs()
+        );
+    }
+    let mine = pattern(12, 1024);
+    let rsp = x
+        .call(
+            &Request::Write {
+                lba: 16,
+                data: mine.clone(),
+            },
+            Duration::from_secs(30),
+        )
+        .expect("X's write answered");
+    assert!(rsp.is_ok(), "X's write through gateway B: {rsp:?}");
+    let exported = r.ceph.export("rbd/img");
+    for lba in [0usize, 1000, 65534] {
+        assert!(
+            exported[lba * 512..lba * 512 + 1024]
+                .iter()
+                .all(|&b| b == 0),
+            "Y's write at {lba} landed"
+        );
+    }
+    assert!(
+        exported[16 * 512..16 * 512 + 1024] == mine[..],
+        "X's write is missing"
+    );
+    drop((x, y));
+    r.rig.cleanup();
+}
+
+/// A resized image is announced: after `rbd resize` the gateway (told by librbd's update
+/// watch, or its monitor's next look) sends the unsolicited Query Config response of its
+/// start again, and the initiator, which re-IDENTIFYs an idle up device on a config
+/// response (as the Linux driver's `aoecmd_cfg_rsp` does), shows the new size with no
+/// `revalidate`; the sectors past the old end are written through AoE and `rbd export` has
+/// them. A shrink is seen on the initiator's revalidate too: `echo eX.Y > ROOT/revalidate`,
+/// as for the Linux driver's /dev/etherd/revalidate, which re-sends IDENTIFY.
+#[test]
+fn a_resized_image_is_announced_and_seen_on_revalidate() {
     let r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
     let rig = &r.rig;
     assert_eq!(rig.attr("size").as_deref(), Some("65536"), "{}", rig.logs());
     r.ceph.ok("rbd", &["resize", "rbd/img", "--size", "48M"]);
-    rig.echo_ok("revalidate", &format!("e{SHELF}.{SLOT}"));
     assert!(
         wait_until(Duration::from_secs(30), || rig.attr("size").as_deref()
             == Some("98304")),
-        "size after rbd resize to 48M and revalidate: {:?}{}",
+        "size after rbd resize to 48M, no revalidate: {:?}{}",
         rig.attr("size"),
+        rig.logs()
+    );
+    assert!(
+        rig.logs().contains("store resized; announcing it"),
+        "the gateway did not say it announced the resize{}",
         rig.logs()
     );
     let grown = pattern(10, 1 << 20);

@@ -437,6 +437,19 @@ impl Engine {
         true
     }
 
+    /// Replaces the reserve list (AoEr11 Reserve/Release) with `macs`, as a store shared by
+    /// several targets holds it (an `rbd:` export keeps it in the image: issue 13); true if
+    /// it changed, and then [`Engine::take_state_changed`] says so too. The daemon also
+    /// restores the previous list with it when such a store could not keep a new one.
+    pub fn set_reserve(&mut self, macs: Vec<MacAddr>) -> bool {
+        if self.state.reserve == macs {
+            return false;
+        }
+        self.state.reserve = macs;
+        self.state_changed = true;
+        true
+    }
+
     /// Sectors per ATA command advertised on an interface: what its MTU carries, capped by
     /// the configuration.
     pub fn sectors_per_frame(&self, iface: &Interface) -> u8 {
@@ -1129,6 +1142,21 @@ pub fn is_identify_request(frame: &[u8]) -> bool {
         Ok(m) => {
             !m.header.response
                 && matches!(m.body, Body::Ata(a) if a.command() == AtaCommand::IdentifyDevice)
+        }
+        Err(_) => false,
+    }
+}
+
+/// True if `frame` is an AoE Reserve/Release request (command 3, whoever it is addressed
+/// to): the daemon notes the reserve list before handing such a frame to
+/// [`Engine::handle_frame`], so a change can be stored where other targets of the same
+/// store see it before the reply goes out. Only the fixed header is looked at.
+pub fn is_reserve_request(frame: &[u8]) -> bool {
+    match Frame::new_checked(frame) {
+        Ok(f) => {
+            f.ethertype() == aoe_wire::ETHERTYPE_AOE
+                && !f.is_response()
+                && f.command() == Command::ReserveRelease
         }
         Err(_) => false,
     }

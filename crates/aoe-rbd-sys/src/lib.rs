@@ -118,6 +118,39 @@ pub mod ffi {
             lock_owner: *const c_char,
         ) -> c_int;
     }
+
+    // Watching the image and keeping state in it (issue 13: fencing noticed at once, resize
+    // announced, reservations shared by gateways). A block of its own, apart from the aio
+    // declarations above.
+    /// `rbd_update_callback_t`: called from a librbd thread when the image's header changes.
+    pub type rbd_update_callback_t = Option<unsafe extern "C" fn(arg: *mut c_void)>;
+
+    extern "C" {
+        // rados/librados.h
+        pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+        pub fn rados_buffer_free(buf: *mut c_char);
+
+        // rbd/librbd.h
+        pub fn rbd_update_watch(
+            image: rbd_image_t,
+            handle: *mut u64,
+            watch_cb: rbd_update_callback_t,
+            arg: *mut c_void,
+        ) -> c_int;
+        pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
+        pub fn rbd_metadata_get(
+            image: rbd_image_t,
+            key: *const c_char,
+            value: *mut c_char,
+            val_len: *mut usize,
+        ) -> c_int;
+        pub fn rbd_metadata_set(
+            image: rbd_image_t,
+            key: *const c_char,
+            value: *const c_char,
+        ) -> c_int;
+        pub fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
+    }
 }
 
 /// A `-errno` return as an error, anything else as its value.
@@ -288,6 +321,7 @@ impl IoCtx {
             raw,
             _io: self.clone(),
             in_flight: Arc::new(InFlight::default()),
+            watch: std::sync::Mutex::new(None),
         })
     }
 }
@@ -306,6 +340,36 @@ pub struct Image {
     _io: Arc<IoCtx>,
     /// Operations started with [`Image::aio_submit`] whose callback has not finished.
     in_flight: Arc<InFlight>,
+    /// The update watch of [`Image::watch_updates`], if any: librbd's handle and the
+    /// callback it was given, unregistered and freed in Drop before the image is closed.
+    watch: std::sync::Mutex<Option<UpdateWatch>>,
+}
+
+/// What an update watch keeps alive: librbd's handle and the boxed callback whose address
+/// librbd holds as the watch's argument.
+struct UpdateWatch {
+    handle: u64,
+    callback: *mut Callback,
+}
+
+/// An update callback, boxed once more so that librbd gets a thin pointer.
+type Callback = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for UpdateWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpdateWatch({})", self.handle)
+    }
+}
+
+/// The C side of an update watch: librbd calls it from one of its threads with the
+/// argument given to `rbd_update_watch`.
+unsafe extern "C" fn on_update(arg: *mut std::os::raw::c_void) {
+    // SAFETY: `arg` is the `*mut Callback` registered in Image::watch_updates, freed only in
+    // Image's Drop after rbd_update_unwatch, which waits for callbacks under way.
+    let f = unsafe { &*(arg as *const Callback) };
+    // A panic must not unwind into C: it is caught and dropped (the callback only wakes a
+    // thread, so there is nothing to recover).
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 // SAFETY: librbd's image handle is internally locked and its aio calls are meant to be
@@ -493,15 +557,144 @@ impl Image {
     }
 }
 
+// Watching the image and keeping state in it (issue 13). A block apart from the I/O
+// methods above.
+impl Image {
+    /// Calls `f` (from a librbd thread) whenever the image's header changes: a resize, a
+    /// metadata change, a lock taken or released, and after librbd re-established its watch
+    /// on the header (as after this client was blocklisted): `rbd_update_watch`. `f` should
+    /// only note the event and wake someone; it must not call back into this image, nor own
+    /// it (the image's Drop unregisters the watch and waits for its callbacks). One
+    /// watch per image: a second call replaces nothing and fails with `EEXIST`.
+    pub fn watch_updates(&self, f: Box<dyn Fn() + Send + Sync>) -> io::Result<()> {
+        let mut slot = self
+            .watch
+            .lock()
+            .map_err(|_| io::Error::other("update watch lock poisoned"))?;
+        if slot.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        let callback: *mut Callback = Box::into_raw(Box::new(f));
+        let mut handle = 0u64;
+        let r = check(
+            // SAFETY: live image, valid out-pointer; `callback` stays allocated until Drop
+            // has unregistered the watch (or just below, if registering fails).
+            unsafe {
+                ffi::rbd_update_watch(self.raw, &mut handle, Some(on_update), callback.cast())
+            },
+            "rbd_update_watch",
+        );
+        if let Err(e) = r {
+            // SAFETY: librbd refused the watch, so it holds no copy of the pointer; ours, freed
+            // once.
+            drop(unsafe { Box::from_raw(callback) });
+            return Err(e);
+        }
+        *slot = Some(UpdateWatch { handle, callback });
+        Ok(())
+    }
+
+    /// The addresses of this client's RADOS session (`rados_getaddrs`), e.g.
+    /// `127.0.0.1:0/3271524781`: what [`Image::lock_owners`] lists for a lock this client holds.
+    pub fn client_addrs(&self) -> io::Result<String> {
+        let mut p: *mut c_char = std::ptr::null_mut();
+        check(
+            // SAFETY: live connected cluster handle (the image holds it), valid out-pointer.
+            unsafe { ffi::rados_getaddrs(self._io._cluster.raw, &mut p) },
+            "rados_getaddrs",
+        )?;
+        if p.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: librados set `p` to a NUL-terminated string it allocated.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        // SAFETY: that buffer, freed once with the function librados names for it.
+        unsafe { ffi::rados_buffer_free(p) };
+        Ok(s)
+    }
+
+    /// The image metadata value of `key` (`rbd image-meta get`), `None` if unset.
+    pub fn metadata_get(&self, key: &str) -> io::Result<Option<String>> {
+        let ckey = cstr(key)?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            let mut len = buf.len();
+            let r =
+                // SAFETY: live image, NUL-terminated key, `buf` has `len` writable bytes and
+                // librbd writes at most `len` (or sets `len` to the size needed: ERANGE).
+                unsafe {
+                    ffi::rbd_metadata_get(self.raw, ckey.as_ptr(), buf.as_mut_ptr().cast(), &mut len)
+                };
+            if r == -libc::ENOENT {
+                return Ok(None);
+            }
+            if r == -libc::ERANGE && len > buf.len() && len <= 1 << 20 {
+                buf.resize(len, 0);
+                continue;
+            }
+            check(r, "rbd_metadata_get")?;
+            let end = buf[..len.min(buf.len())]
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(len.min(buf.len()));
+            return Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()));
+        }
+    }
+
+    /// Sets image metadata `key` to `value` (`rbd image-meta set`); librbd notifies the
+    /// image's other watchers, whose [`Image::watch_updates`] callbacks run.
+    pub fn metadata_set(&self, key: &str, value: &str) -> io::Result<()> {
+        let (ckey, cval) = (cstr(key)?, cstr(value)?);
+        check(
+            // SAFETY: live image, both strings NUL-terminated and copied by librbd.
+            unsafe { ffi::rbd_metadata_set(self.raw, ckey.as_ptr(), cval.as_ptr()) },
+            "rbd_metadata_set",
+        )?;
+        Ok(())
+    }
+
+    /// Removes image metadata `key`; no error if it was not set.
+    pub fn metadata_remove(&self, key: &str) -> io::Result<()> {
+        let ckey = cstr(key)?;
+        // SAFETY: live image, NUL-terminated key.
+        let r = unsafe { ffi::rbd_metadata_remove(self.raw, ckey.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(r, "rbd_metadata_remove")?;
+        Ok(())
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
-        // Operations submitted with a callback own their buffers until it has run; the
-        // image is closed only after the last one, so librbd never completes into a closed
-        // image and no callback outlives what it refers to.
+        // The order matters: nothing may call back into freed memory, and rbd_close must
+        // come last. This must not run on a librbd thread, inside a callback: a callback
+        // that owned the image (aio or watch) would wait here for itself. So neither kind
+        // may own it (see `AioDone` and `watch_updates`; aoe-rbd's hold only a queue, a
+        // fence flag and a wake-up flag).
+        // 1. Operations submitted with a callback own their buffers until it has run; wait
+        //    for the last one, so librbd never completes into a closed image and no aio
+        //    callback outlives what it refers to. No new one can start: Drop has `&mut self`,
+        //    so nobody else can call aio_submit. An aio callback does not touch the update
+        //    watch (and must not block), so waiting here cannot hold up a watch callback
+        //    that librbd runs on the same threads, nor the reverse.
         self.in_flight.wait_idle();
+        // 2. The update watch: its callback's box may only be freed once librbd can no
+        //    longer call it.
+        if let Some(w) = self.watch.get_mut().ok().and_then(Option::take) {
+            // SAFETY: live image (not closed until below), the handle librbd gave us.
+            // rbd_update_unwatch returns once no callback of this watch runs or will run
+            // (it waits for notifications under way), so the callback can be freed after it.
+            unsafe { ffi::rbd_update_unwatch(self.raw, w.handle) };
+            // SAFETY: the pointer Box::into_raw made in watch_updates, freed once, here, and
+            // librbd no longer uses it (unregistered just above).
+            drop(unsafe { Box::from_raw(w.callback) });
+        }
+        // 3. Close.
         // SAFETY: ours; the waiting operations (read_at & co.) were waited for before their
-        // call returned and the callback ones just above, so none is in flight. The return
-        // value (a final flush's error) has nowhere to go.
+        // call returned and the callback ones in step 1, so none is in flight, and no watch
+        // is registered (step 2). The return value (a final flush's error) has nowhere to go.
         unsafe { ffi::rbd_close(self.raw) };
     }
 }
@@ -541,7 +734,9 @@ pub enum AioOp {
 /// Called once when an operation has completed, on a librbd thread (or on the submitting
 /// thread if librbd refused it at once): the operation's buffer back, and librbd's result
 /// (bytes transferred, 0, or `-errno`). It must not block: librbd runs every image's
-/// completions on a few threads.
+/// completions on a few threads. Nor may it own the [`Image`] (directly or through an
+/// `Arc`): dropping the image waits for every callback, so a callback must never be the
+/// one that drops it.
 pub type AioDone = Box<dyn FnOnce(Vec<u8>, isize) + Send + 'static>;
 
 /// Counts an image's callback operations, so that closing it can wait for them.

@@ -8,29 +8,38 @@
 //!
 //! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
 //! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
-//! gateway that was only slow, not dead, can no longer write: its next write fails with
-//! `EBLOCKLISTED` (or `EROFS` from librbd's lock state), it logs once that it lost the lock
-//! and answers every later write with an ATA error. So the newest gateway wins and the old
-//! one never writes behind its back.
+//! gateway that was only slow, not dead, can no longer write. It notices without waiting for
+//! a write: a monitor thread per image asks the cluster who holds the lock every
+//! [`MONITOR_INTERVAL`] (sooner when librbd's update watch reports a header change), and an
+//! owner that is not this client, or `EBLOCKLISTED`, fences it; a write that fails with
+//! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
+//! lock, answers every later write with an ATA error and reports itself failed
+//! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
+//! one never writes behind its back. The same monitor re-reads the image's size
+//! ([`RbdBackend::size_seen`]), which the daemon announces; AoE reservations are kept in the
+//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover.
 //!
 //! I/O: the store is an [`aoe_store::AsyncBackend`]. Each request is a librbd aio call
 //! (read, write, write-zeroes, flush) whose completion callback, on a librbd thread, pushes
 //! (token, buffer, result) onto the daemon's [`Completions`] queue and so writes its eventfd:
 //! no thread waits per request, and as many are in flight against the cluster as the daemon
-//! submits (each export's buffer count bounds that; [`MAX_IN_FLIGHT`] bounds it here too).
-//! A buffer belongs to its operation until the callback gives it back, and the image is
-//! closed only after the last callback, so a daemon that stops with requests in flight
-//! frees nothing librbd still writes into. Errors keep their errno and reach the initiator
-//! as ATA errors through `aoe_store::StoreError`. librbd's cache is off, so an acknowledged write is on the OSDs
-//! and survives the gateway. No OSD timeout is set: while the cluster is away I/O waits in
-//! librbd, and the initiator retransmits, so service resumes when the cluster comes back.
+//! submits (each export's buffer count bounds that; [`MAX_IN_FLIGHT`] bounds it here too),
+//! not as many as `--workers`. A fenced gateway refuses writes, write-zeroes and flushes in
+//! `submit`, before librbd sees them, with the same `EROFS` (an ATA error) as a write that
+//! fails on a lost lock. A buffer belongs to its operation until the callback gives it back,
+//! and the image is closed only after the last callback, so a daemon that stops with
+//! requests in flight frees nothing librbd still writes into. Errors keep their errno and
+//! reach the initiator as ATA errors through `aoe_store::StoreError`. librbd's cache is off,
+//! so an acknowledged write is on the OSDs and survives the gateway. No OSD timeout is set:
+//! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
+//! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use aoe_rbd_sys::{errno, AioOp, Cluster, Image};
@@ -130,19 +139,39 @@ pub enum OpenError {
 /// An open RBD image serving an export.
 #[derive(Debug)]
 pub struct RbdBackend {
+    shared: Arc<Shared>,
+    /// The monitor thread, joined on drop so that the image (and its lock) is closed then.
+    monitor: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the I/O path and the monitor thread share.
+#[derive(Debug)]
+struct Shared {
     name: String,
     image: Image,
     read_only: bool,
-    /// Size at open, or as last read: what `len` answers if the cluster cannot be asked,
-    /// and what requests are checked against.
+    /// Size at open, or as last read (by the monitor, or `len` on IDENTIFY): what `len`
+    /// answers if the cluster cannot be asked, and what requests are checked against.
     size: AtomicU64,
-    /// The lock state the completion callbacks update.
+    /// The lock state: shared with the aio completion callbacks, which must not hold the
+    /// image (see [`Fence`]).
     fence: Arc<Fence>,
+    /// True if we took the exclusive lock at open: the monitor then checks we still hold it.
+    locked: bool,
+    /// Our RADOS session's addresses (`rados_getaddrs`), to find ourselves among the lock's
+    /// owners.
+    addrs: String,
+    /// Wakes the monitor thread early: librbd's update callback and Drop (with `stop`).
+    wake: Arc<Wake>,
+    stop: AtomicBool,
     /// Where finished requests go.
     completions: Arc<Completions>,
 }
 
-/// Whether the exclusive lock was lost; shared with the completion callbacks.
+/// Whether the exclusive lock was lost. Apart from [`Shared`] so that an aio completion
+/// callback can fence without holding a reference to the image: a callback holding the
+/// last one would close the image on a librbd thread, from inside the callback that
+/// closing waits for.
 #[derive(Debug)]
 struct Fence {
     name: String,
@@ -168,7 +197,8 @@ impl Fence {
         io::Error::from_raw_os_error(libc::EROFS)
     }
 
-    /// A write's or flush's librbd error, with a lost lock turned into the fence.
+    /// A write's, write-zeroes' or flush's librbd error, with a lost lock turned into the
+    /// fence.
     fn write_error(&self, e: io::Error) -> io::Error {
         match e.raw_os_error() {
             Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence(&e),
@@ -176,6 +206,34 @@ impl Fence {
         }
     }
 }
+
+/// The monitor's wake-up flag. Apart from [`Shared`] for the same reason as [`Fence`]: the
+/// update watch's callback holds only this, never the image, so it cannot be the one that
+/// drops the image (whose Drop unregisters that very watch and waits for its callbacks).
+#[derive(Debug, Default)]
+struct Wake {
+    flag: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    fn wake(&self) {
+        if let Ok(mut w) = self.flag.lock() {
+            *w = true;
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// How often the monitor thread asks the cluster who holds the image's lock, and re-reads
+/// the image's size, when no update notification came sooner.
+pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The image metadata key (`rbd image-meta get IMAGE aoe.reserve`) that holds the AoE
+/// Reserve/Release list of an `rbd:` export: MAC addresses, comma-separated; unset when the
+/// image is not reserved. Kept in the cluster, so every gateway of the image enforces the
+/// same reservation, including one that takes over from a dead gateway.
+pub const RESERVE_KEY: &str = "aoe.reserve";
 
 impl RbdBackend {
     /// Connects, opens the image and, for a writable export of an image with the
@@ -232,7 +290,12 @@ impl RbdBackend {
         );
         let image = io.open(&o.image).map_err(|e| classify(e, "image"))?;
         let size = image.size().map_err(|e| classify(e, "size"))?;
-        let b = RbdBackend {
+        let locked = !o.read_only
+            && image
+                .has_exclusive_lock()
+                .map_err(|e| classify(e, "lock"))?;
+        let addrs = image.client_addrs().map_err(|e| classify(e, "addrs"))?;
+        let shared = Arc::new(Shared {
             name: name.clone(),
             image,
             read_only: o.read_only,
@@ -241,16 +304,195 @@ impl RbdBackend {
                 name: name.clone(),
                 fenced: AtomicBool::new(false),
             }),
+            locked,
+            addrs,
+            wake: Arc::new(Wake::default()),
+            stop: AtomicBool::new(false),
             completions,
-        };
-        if !o.read_only
-            && b.image
-                .has_exclusive_lock()
-                .map_err(|e| classify(e, "lock"))?
-        {
-            b.take_lock().map_err(|e| classify(e, "lock"))?;
+        });
+        if locked {
+            shared.take_lock().map_err(|e| classify(e, "lock"))?;
         }
-        Ok(b)
+        // librbd calls back on every header change (resize, metadata, lock traffic, and after
+        // it re-registered its watch, as it does once this client is blocklisted): the monitor
+        // then looks at once instead of at its next tick. The callback holds only the wake-up
+        // flag, not the image, so it never keeps the image open nor closes it.
+        let wake = shared.wake.clone();
+        shared
+            .image
+            .watch_updates(Box::new(move || wake.wake()))
+            .map_err(|e| classify(e, "watch"))?;
+        let monitor = shared.clone();
+        let monitor = std::thread::Builder::new()
+            .name("rbd-monitor".into())
+            .spawn(move || monitor.monitor())
+            .map_err(|e| classify(e, "thread"))?;
+        Ok(RbdBackend {
+            shared,
+            monitor: Some(monitor),
+        })
+    }
+
+    /// The export's name, `rbd:POOL/IMAGE`.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Size in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.len() / 512
+    }
+
+    /// The image's size in bytes as the monitor thread last read it (at most
+    /// [`MONITOR_INTERVAL`] old, sooner after an update notification): no call to the
+    /// cluster, so the daemon's event loop can ask it on its timer and announce a resize.
+    pub fn size_seen(&self) -> u64 {
+        self.shared.size.load(Ordering::Relaxed)
+    }
+
+    /// True once this gateway lost the image's exclusive lock (another gateway broke it):
+    /// every write is refused from then on. Noticed by the monitor thread within about
+    /// [`MONITOR_INTERVAL`], with no write needed.
+    pub fn lock_lost(&self) -> bool {
+        self.shared.fence.is_fenced()
+    }
+
+    /// The reservation kept in the image ([`RESERVE_KEY`]): empty if not reserved. Asks the
+    /// cluster (blocking).
+    pub fn reservation(&self) -> io::Result<Vec<[u8; 6]>> {
+        match self.shared.image.metadata_get(RESERVE_KEY)? {
+            None => Ok(Vec::new()),
+            Some(v) => parse_macs(&v).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("image metadata {RESERVE_KEY} is not a MAC list: {v:?}"),
+                )
+            }),
+        }
+    }
+
+    /// Stores the reservation in the image ([`RESERVE_KEY`]; removed when `macs` is empty),
+    /// waiting until the cluster has it. A gateway that lost the lock is refused (`EROFS`):
+    /// only the lock holder changes the image's state.
+    pub fn set_reservation(&self, macs: &[[u8; 6]]) -> io::Result<()> {
+        if self.shared.read_only || self.lock_lost() {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let r = if macs.is_empty() {
+            self.shared.image.metadata_remove(RESERVE_KEY)
+        } else {
+            self.shared
+                .image
+                .metadata_set(RESERVE_KEY, &format_macs(macs))
+        };
+        r.map_err(|e| match errno(&e) {
+            Some(libc::EROFS) | Some(EBLOCKLISTED) => self.shared.fence.fence(&e),
+            _ => e,
+        })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff,...`.
+fn format_macs(macs: &[[u8; 6]]) -> String {
+    macs.iter()
+        .map(|m| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The inverse of [`format_macs`]; `None` if any entry is not a MAC address.
+fn parse_macs(s: &str) -> Option<Vec<[u8; 6]>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            let mut mac = [0u8; 6];
+            let mut parts = m.split(':');
+            for b in &mut mac {
+                let p = parts.next()?;
+                if p.len() != 2 {
+                    return None;
+                }
+                *b = u8::from_str_radix(p, 16).ok()?;
+            }
+            parts.next().is_none().then_some(mac)
+        })
+        .collect()
+}
+
+impl Drop for RbdBackend {
+    fn drop(&mut self) {
+        // The monitor thread ends at once (or when the cluster call it is in returns); then
+        // the image closes with the last reference (no aio or watch callback holds one),
+        // after its last request in flight has completed (aoe-rbd-sys waits for them),
+        // releasing the lock for the next gateway.
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.wake();
+        if let Some(t) = self.monitor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    /// The monitor thread: every [`MONITOR_INTERVAL`], or at once when librbd says the
+    /// header changed, re-reads the size and checks that the lock is still ours. It never
+    /// touches the event loop: a cluster that does not answer blocks only this thread.
+    fn monitor(&self) {
+        loop {
+            {
+                let Ok(mut w) = self.wake.flag.lock() else {
+                    return;
+                };
+                if !*w && !self.stop.load(Ordering::SeqCst) {
+                    w = match self.wake.cv.wait_timeout(w, MONITOR_INTERVAL) {
+                        Ok((w, _)) => w,
+                        Err(_) => return,
+                    };
+                }
+                *w = false;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(s) = self.image.size() {
+                self.size.store(s, Ordering::Relaxed);
+            }
+            if self.locked && !self.fence.is_fenced() {
+                self.check_lock();
+            }
+        }
+    }
+
+    /// Asks the cluster who holds the lock (`rbd_lock_get_owners`). Fenced if the cluster
+    /// says we are blocklisted, or if the owner is not us (someone broke our lock without
+    /// blocklisting us, or the lock is free): librbd itself would only find out at our next
+    /// write. Other errors (the cluster away) change nothing: the next tick asks again.
+    fn check_lock(&self) {
+        match self.image.lock_owners() {
+            Ok(owners) => {
+                if !owners.iter().any(|o| is_us(&self.addrs, o)) {
+                    let held = if owners.is_empty() {
+                        "nobody".to_string()
+                    } else {
+                        owners.join(",")
+                    };
+                    self.fence.fence(&io::Error::other(format!(
+                        "the lock is held by {held}, not by this gateway ({})",
+                        self.addrs
+                    )));
+                }
+            }
+            Err(e) if matches!(errno(&e), Some(EBLOCKLISTED)) => {
+                self.fence.fence(&e);
+            }
+            Err(e) => tracing::debug!(image = %self.name, error = %e, "lock owner check failed"),
+        }
     }
 
     /// Takes the exclusive lock; if another client holds it, breaks that client's lock
@@ -283,18 +525,20 @@ impl RbdBackend {
         self.image.lock_acquire()
     }
 
-    /// The export's name, `rbd:POOL/IMAGE`.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The size now (librbd refreshes it after a resize), or as last read if the cluster
+    /// cannot be asked.
+    fn len(&self) -> u64 {
+        match self.image.size() {
+            Ok(s) => {
+                self.size.store(s, Ordering::Relaxed);
+                s
+            }
+            Err(_) => self.size.load(Ordering::Relaxed),
+        }
     }
 
-    /// Size in 512-byte sectors.
-    pub fn sectors(&self) -> u64 {
-        self.len() / 512
-    }
-
-    /// Checks a request against the size last read (re-read on every IDENTIFY, so after a
-    /// resize the initiator's revalidate brings both up to date).
+    /// Checks a request against the size last read (by the monitor each
+    /// [`MONITOR_INTERVAL`], and on every IDENTIFY): no cluster call on the I/O path.
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let size = self.size.load(Ordering::Relaxed);
         match offset.checked_add(len) {
@@ -312,65 +556,59 @@ impl RbdBackend {
 
 impl AsyncBackend for RbdBackend {
     fn len(&self) -> u64 {
-        match self.image.size() {
-            Ok(s) => {
-                self.size.store(s, Ordering::Relaxed);
-                s
-            }
-            Err(_) => self.size.load(Ordering::Relaxed),
-        }
+        self.shared.len()
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.shared.read_only
     }
 
     fn failed(&self) -> bool {
-        self.fence.is_fenced()
+        self.lock_lost()
     }
 
     fn submit(&self, req: Request) -> Result<(), Request> {
-        if self.image.aio_in_flight() >= MAX_IN_FLIGHT {
+        let sh = &self.shared;
+        if sh.image.aio_in_flight() >= MAX_IN_FLIGHT {
             return Err(req);
         }
         let Request { op, token, buf } = req;
         let writes = !matches!(op, Op::Read { .. });
         // Refused before librbd sees it: completed at once, with the error.
         let refuse = |buf: Vec<u8>, e: io::Error| {
-            self.completions.push(Done {
+            sh.completions.push(Done {
                 user: token,
                 buf,
                 result: Err(e),
             });
         };
-        if writes && !matches!(op, Op::Flush) && self.read_only {
+        if writes && !matches!(op, Op::Flush) && sh.read_only {
             refuse(buf, io::Error::from_raw_os_error(libc::EROFS));
             return Ok(());
         }
-        if writes && self.fence.is_fenced() {
+        // A gateway that lost the lock (noticed by the monitor, or by an earlier write's
+        // error) sends no write, write-zeroes or flush to the cluster: EROFS, the error of
+        // a write refused on a lost lock, an ATA error on the wire.
+        if writes && sh.fence.is_fenced() {
             refuse(buf, io::Error::from_raw_os_error(libc::EROFS));
             return Ok(());
         }
-        let (aio, len) = match op {
+        let (aio, range) = match op {
             Op::Read { offset, at } => {
-                let n = at.len();
+                let n = at.len() as u64;
                 (AioOp::Read { offset, at }, Some((offset, n)))
             }
             Op::Write { offset, from } => {
-                let n = from.len();
+                let n = from.len() as u64;
                 (AioOp::Write { offset, from }, Some((offset, n)))
             }
             Op::WriteZeroes { offset, len } => {
-                if let Err(e) = self.check_range(offset, len) {
-                    refuse(buf, e);
-                    return Ok(());
-                }
-                (AioOp::WriteZeroes { offset, len }, None)
+                (AioOp::WriteZeroes { offset, len }, Some((offset, len)))
             }
             Op::Flush => (AioOp::Flush, None),
         };
-        if let Some((offset, n)) = len {
-            if let Err(e) = self.check_range(offset, n as u64) {
+        if let Some((offset, n)) = range {
+            if let Err(e) = sh.check_range(offset, n) {
                 refuse(buf, e);
                 return Ok(());
             }
@@ -379,9 +617,10 @@ impl AsyncBackend for RbdBackend {
             AioOp::Read { at, .. } => Some(at.len()),
             _ => None,
         };
-        let completions = self.completions.clone();
-        let fence = self.fence.clone();
-        self.image.aio_submit(
+        // The callback holds the queue and the fence, never the image (see [`Fence`]).
+        let completions = sh.completions.clone();
+        let fence = sh.fence.clone();
+        sh.image.aio_submit(
             aio,
             buf,
             Box::new(move |buf, r| {
@@ -406,4 +645,21 @@ impl AsyncBackend for RbdBackend {
         );
         Ok(())
     }
+}
+
+/// True if lock owner `owner` (`IP:PORT/NONCE`, as `rbd_lock_get_owners` lists it) is one
+/// of our session's addresses `ours` (`rados_getaddrs`: the same form, possibly as a
+/// `[v2:...,v1:...]` vector).
+fn is_us(ours: &str, owner: &str) -> bool {
+    let strip = |a: &str| -> String {
+        let a = a.trim().trim_start_matches('[').trim_end_matches(']');
+        let a = a
+            .strip_prefix("v1:")
+            .or_else(|| a.strip_prefix("v2:"))
+            .or_else(|| a.strip_prefix("any:"))
+            .unwrap_or(a);
+        a.to_string()
+    };
+    let owner = strip(owner);
+    !owner.is_empty() && ours.split(',').any(|a| strip(a) == owner)
 }

@@ -1,6 +1,11 @@
 //! Opening an export's backing store: a file or block device ([`FileBackend`]), or, with the
 //! `rbd` cargo feature, a Ceph RBD image (`aoe_rbd::RbdBackend`) for an `rbd:` path.
+//!
+//! A store several gateways serve at once (an RBD image) also gives the daemon a
+//! [`SharedStore`]: a side channel outside the I/O path that the daemon's timer polls (size
+//! changes to announce) and that keeps the AoE reservation where every gateway sees it.
 
+use std::io;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -12,9 +17,24 @@ use crate::config::ExportSpec;
 /// with one line saying so.
 pub const CEPH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// An opened store, before the daemon serves it through the asynchronous interface.
+/// What a store shared by several gateways (an `rbd:` image, issue 13) tells the daemon and
+/// keeps for it, beside the I/O path of [`AsyncBackend`].
+pub(crate) trait SharedStore: Send + Sync {
+    /// The size in bytes as last seen, without asking the cluster (the daemon's event loop
+    /// asks it once a second and announces a change).
+    fn size_seen(&self) -> u64;
+    /// The AoE reserve list kept in the store (empty: not reserved). May block: asked when
+    /// the export opens.
+    fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>>;
+    /// Stores the reserve list; returns once the store has it. Blocks for a round trip to
+    /// the cluster: called only for a Reserve/Release set that changed the list.
+    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()>;
+}
+
+/// An opened store's I/O path, before the daemon serves it through the asynchronous
+/// interface.
 #[derive(Debug)]
-pub(crate) enum Opened {
+pub(crate) enum Store {
     /// A synchronous store (file, block device): served on the worker pool.
     Sync(Arc<dyn Backend>),
     /// A natively asynchronous store (an RBD image), completing into the queue it was
@@ -23,19 +43,28 @@ pub(crate) enum Opened {
     Async(Arc<dyn AsyncBackend>),
 }
 
-impl Opened {
+impl Store {
     /// The store as the daemon submits to it: a synchronous one on `pool`'s workers.
     pub(crate) fn into_async(self, pool: &Arc<Pool>) -> Arc<dyn AsyncBackend> {
         match self {
-            Opened::Sync(b) => Arc::new(PoolBackend::new(b, pool.clone())),
-            Opened::Async(b) => b,
+            Store::Sync(b) => Arc::new(PoolBackend::new(b, pool.clone())),
+            Store::Async(b) => b,
         }
     }
 }
 
-/// Opens `spec`'s store; returns it and its size in 512-byte sectors. A natively
-/// asynchronous store hands its finished requests to `completions`.
-pub(crate) fn open(spec: &ExportSpec, completions: &Arc<Completions>) -> Result<(Opened, u64)> {
+/// An opened store: its I/O path, its size in 512-byte sectors, and its side channel if it
+/// is shared by several gateways (an RBD image is both the asynchronous backend and the
+/// side channel: one object, two views).
+pub(crate) struct Opened {
+    pub backend: Store,
+    pub sectors: u64,
+    pub shared: Option<Arc<dyn SharedStore>>,
+}
+
+/// Opens `spec`'s store. A natively asynchronous store hands its finished requests to
+/// `completions`.
+pub(crate) fn open(spec: &ExportSpec, completions: &Arc<Completions>) -> Result<Opened> {
     if let Some(image) = spec.rbd_image() {
         let image = image?;
         return open_rbd(spec, image, completions);
@@ -52,7 +81,30 @@ pub(crate) fn open(spec: &ExportSpec, completions: &Arc<Completions>) -> Result<
     )
     .with_context(|| format!("{}", spec.addr()))?;
     let sectors = backend.sectors();
-    Ok((Opened::Sync(Arc::new(backend)), sectors))
+    Ok(Opened {
+        backend: Store::Sync(Arc::new(backend)),
+        sectors,
+        shared: None,
+    })
+}
+
+#[cfg(feature = "rbd")]
+impl SharedStore for aoe_rbd::RbdBackend {
+    fn size_seen(&self) -> u64 {
+        aoe_rbd::RbdBackend::size_seen(self)
+    }
+
+    fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>> {
+        Ok(aoe_rbd::RbdBackend::reservation(self)?
+            .into_iter()
+            .map(aoe_wire::MacAddr)
+            .collect())
+    }
+
+    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()> {
+        let raw: Vec<[u8; 6]> = macs.iter().map(|m| m.0).collect();
+        aoe_rbd::RbdBackend::set_reservation(self, &raw)
+    }
 }
 
 #[cfg(feature = "rbd")]
@@ -60,7 +112,7 @@ fn open_rbd(
     spec: &ExportSpec,
     image: crate::config::RbdImage,
     completions: &Arc<Completions>,
-) -> Result<(Opened, u64)> {
+) -> Result<Opened> {
     let b = aoe_rbd::RbdBackend::open(
         &aoe_rbd::RbdOptions {
             pool: image.pool,
@@ -76,15 +128,16 @@ fn open_rbd(
     )
     .with_context(|| format!("{}", spec.addr()))?;
     let sectors = b.sectors();
-    Ok((Opened::Async(Arc::new(b)), sectors))
+    let b = Arc::new(b);
+    Ok(Opened {
+        backend: Store::Async(b.clone()),
+        sectors,
+        shared: Some(b),
+    })
 }
 
 #[cfg(not(feature = "rbd"))]
-fn open_rbd(
-    spec: &ExportSpec,
-    _: crate::config::RbdImage,
-    _: &Arc<Completions>,
-) -> Result<(Opened, u64)> {
+fn open_rbd(spec: &ExportSpec, _: crate::config::RbdImage, _: &Arc<Completions>) -> Result<Opened> {
     anyhow::bail!(
         "{}: {} is a Ceph RBD image, but this aoe was built without the `rbd` feature \
          (cargo build --features aoe-cli/rbd, with librbd-dev installed)",

@@ -173,6 +173,10 @@ pub struct ExportStatus {
     pub mask: Vec<String>,
     /// The reserve list (empty: not reserved).
     pub reserve: Vec<String>,
+    /// The store refuses writes: a latched write-back failure of a file, or an `rbd:` export
+    /// whose exclusive lock another gateway took over (issue 13).
+    #[serde(default)]
+    pub failed: bool,
     /// Counters.
     pub counters: ExportCounters,
 }

@@ -29,6 +29,7 @@ mod dispatch;
 mod exports;
 mod order;
 mod send;
+mod shared;
 
 pub use exports::validate;
 use exports::ExportRt;
@@ -251,6 +252,7 @@ impl Daemon {
             if last_refresh.elapsed() >= REFRESH {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
+                self.poll_shared_stores();
                 self.log_drops();
                 for e in self.exports.values_mut() {
                     e.engine.next_query_period();
@@ -303,6 +305,7 @@ impl Daemon {
                     config_string: String::from_utf8_lossy(&ps.config).into_owned(),
                     mask: ps.mask.iter().map(ToString::to_string).collect(),
                     reserve: ps.reserve.iter().map(ToString::to_string).collect(),
+                    failed: e.backend.failed(),
                     counters: ExportCounters {
                         replies: st.replies,
                         aoe_errors: st.aoe_errors,

@@ -1088,3 +1088,39 @@ fn query_answers_are_limited_per_source() {
         Outcome::Reply(_)
     ));
 }
+
+// ------------------------------------------------------ issue 13: a reservation kept elsewhere
+
+/// The daemon spots Reserve/Release requests (only those) to store a changed list in a shared
+/// store, and puts a list back or in place with `set_reserve`, which the engine enforces at
+/// once and reports as a state change.
+#[test]
+fn reserve_requests_are_spotted_and_set_reserve_is_enforced() {
+    let mut e = engine(64);
+    let res = |rcmd, macs| Body::Reserve(ReserveRepr { rcmd, macs });
+    let set = request(HOST, ADDR, res(ReserveCommand::Set, vec![HOST]));
+    assert!(is_reserve_request(&set));
+    assert!(!is_reserve_request(&set[..20]));
+    let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[]));
+    assert!(!is_reserve_request(&read));
+    let r = reply_of(&mut e, &set).unwrap();
+    assert!(!is_reserve_request(&r), "a response is not a request");
+    assert!(e.take_state_changed());
+    // Put back (the store refused it): nobody reserved, OTHER's ATA served.
+    assert!(e.set_reserve(vec![]));
+    assert!(e.take_state_changed());
+    assert!(!e.set_reserve(vec![]));
+    let other = request(OTHER, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[]));
+    let mut buf = vec![0u8; 1514];
+    assert!(matches!(
+        e.handle_frame(0, &other, &mut buf),
+        Outcome::Io(_)
+    ));
+    // Set from the store: OTHER refused with error 6.
+    assert!(e.set_reserve(vec![HOST]));
+    let r = reply_of(&mut e, &other).unwrap();
+    assert_eq!(
+        Message::parse(&r).unwrap().header.error,
+        Some(ErrorCode::TargetReserved)
+    );
+}

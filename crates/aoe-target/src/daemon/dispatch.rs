@@ -34,7 +34,17 @@ impl Daemon {
                 tracing::info!(old, sectors, "{}: store resized", rt.spec.addr());
             }
         }
-        match rt.engine.handle_frame(idx, frame, &mut reply[..cap]) {
+        // A shared store keeps the reserve list (issue 13): see [`super::shared`].
+        let reserve_before = (rt.shared.is_some() && aoe_proto::target::is_reserve_request(frame))
+            .then(|| rt.engine.state().reserve.clone());
+        let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
+        if let Some(before) = reserve_before {
+            if !super::shared::keep_reservation(rt, before, &mut self.logs) {
+                self.spare.push(reply);
+                return;
+            }
+        }
+        match outcome {
             Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
             Outcome::Drop(reason) => {
                 // A frame per dropped request would let any sender fill the log: checked

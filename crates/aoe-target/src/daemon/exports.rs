@@ -21,6 +21,9 @@ pub(super) struct ExportRt {
     /// Writes submitted to the store, and writes waiting for an overlapping one (see
     /// [`super::order`]).
     pub(super) writes: WriteOrder<Request>,
+    /// The store's side channel when several gateways share it (an `rbd:` image): see
+    /// [`super::shared`]. The same store as `backend` for an `rbd:` export.
+    pub(super) shared: Option<Arc<dyn crate::backing::SharedStore>>,
 }
 
 impl Daemon {
@@ -211,8 +214,12 @@ impl Daemon {
     }
 
     pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
-        let (opened, sectors) = crate::backing::open(spec, &self.completions)?;
-        let backend = opened.into_async(&self.pool);
+        let crate::backing::Opened {
+            backend,
+            sectors,
+            shared,
+        } = crate::backing::open(spec, &self.completions)?;
+        let backend = backend.into_async(&self.pool);
         let state_file = config
             .state_dir
             .as_ref()
@@ -225,6 +232,17 @@ impl Daemon {
                 mask: spec.allowed_macs.clone(),
                 ..Default::default()
             },
+        };
+        // A shared store's reservation is the one every gateway of it enforces: it replaces
+        // what this gateway's state file remembers.
+        let state = match &shared {
+            Some(sh) => PersistentState {
+                reserve: sh
+                    .reservation()
+                    .with_context(|| format!("{}: cannot read the reservation", spec.addr()))?,
+                ..state
+            },
+            None => state,
         };
         let serial = format!("{}.{}:{}", spec.shelf, spec.slot, self.hostname);
         let engine = Engine::new(
@@ -251,6 +269,7 @@ impl Daemon {
             pool_full_drops: 0,
             drops_logged: (0, 0),
             writes: WriteOrder::default(),
+            shared,
         })
     }
 }
