@@ -9,6 +9,8 @@
 //!   anything else; single-frame [`recv`](PacketSocket::recv)/[`send`](PacketSocket::send) and
 //!   batched `recvmmsg(2)`/`sendmmsg(2)` through [`RecvBatch`] and
 //!   [`send_batch`](PacketSocket::send_batch).
+//! * [`PacketRing`]: `PACKET_MMAP` receive and transmit rings (`TPACKET_V2`) on a
+//!   [`PacketSocket`]: frames in without a system call, out with one `send()` per batch.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
@@ -43,6 +45,7 @@ mod file;
 mod iface;
 mod ns;
 mod packet;
+mod ring;
 
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
@@ -52,6 +55,7 @@ pub use file::{
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
+pub use ring::{PacketRing, RingStats};
 
 /// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
 pub const ETH_P_AOE: u16 = 0x88A2;
