@@ -136,6 +136,22 @@ pub struct ServeConfig {
     pub allow_duplicate: bool,
     /// How long the duplicate probe waits for answers ([`crate::probe`]); zero: no probe.
     pub probe: Duration,
+    /// How frames reach and leave the sockets (`aoe serve --io`); fixed at start, a reload
+    /// keeps the running one.
+    pub io: IoMode,
+}
+
+/// How the target moves frames between its sockets and itself (`aoe serve --io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// `PACKET_MMAP` rings (`TPACKET_V2`, packet(7)): frames are read from a receive ring
+    /// without a system call and replies go out through a transmit ring with one `send()`
+    /// per batch. Falls back to [`IoMode::Mmsg`], with one log line, where a ring cannot be
+    /// set up.
+    #[default]
+    Rings,
+    /// `recvmmsg(2)` / `sendmmsg(2)` batches of 64 frames, a copy each way in the kernel.
+    Mmsg,
 }
 
 /// A configuration that cannot run: one variant per cause, each the operator's to fix (the
@@ -351,6 +367,7 @@ impl ServeConfig {
             probe: f
                 .probe_ms
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
+            io: IoMode::default(),
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -432,6 +449,7 @@ impl ServeConfig {
             workers: DEFAULT_WORKERS,
             allow_duplicate: false,
             probe: crate::probe::DEFAULT_PROBE,
+            io: IoMode::default(),
         }
     }
 

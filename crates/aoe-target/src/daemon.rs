@@ -21,7 +21,7 @@ use aoe_store::{Backend, Done, Job, Op, Pool, StoreError};
 use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
-use crate::config::{ExportSpec, ServeConfig};
+use crate::config::{ExportSpec, IoMode, ServeConfig};
 use crate::probe::{Duplicate, Probe};
 use crate::state::{StateFile, StateWriter};
 
@@ -33,7 +33,7 @@ mod send;
 pub use exports::validate;
 use exports::ExportRt;
 use order::WriteOrder;
-use send::IfaceRt;
+use send::{Batch, IfaceRt};
 
 /// Frames taken from a socket per recvmmsg.
 const BATCH: usize = 64;
@@ -63,6 +63,9 @@ const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
+/// How soon the loop kicks a transmit ring again that the kernel refused (a full device
+/// queue): the kernel signals no POLLOUT for frames still marked in the ring.
+const KICK_RETRY: Duration = Duration::from_millis(1);
 
 /// How the outside world steers a running daemon: stop and reload requests, from signals
 /// (SIGTERM/SIGINT stop, SIGHUP reloads) or from a test.
@@ -152,6 +155,8 @@ pub struct Daemon {
     /// Log lines any sender can provoke (dropped frames, failed I/O it asked for): one per
     /// kind per [`LOG_INTERVAL`], with the count suppressed in between.
     logs: RateLimiter,
+    /// How interfaces move frames, from the configuration at start (a reload keeps it).
+    io: IoMode,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -191,6 +196,7 @@ impl Daemon {
             observer: crate::control::Observer::new(),
             started: Instant::now(),
             logs: RateLimiter::new(LOG_INTERVAL),
+            io: config.io,
         };
         d.apply(config)?;
         Ok(d)
@@ -215,11 +221,16 @@ impl Daemon {
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, !i.out.is_empty()))
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, i.wants_out()))
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
-            aoe_sys::poll(&mut fds, Some(REFRESH)).context("poll")?;
+            let wait = if self.ifaces.iter().any(IfaceRt::kick_pending) {
+                KICK_RETRY
+            } else {
+                REFRESH
+            };
+            aoe_sys::poll(&mut fds, Some(wait)).context("poll")?;
             let n = self.ifaces.len();
             if fds[n + 1].ready {
                 control.drain();
@@ -336,12 +347,15 @@ impl Daemon {
             return;
         };
         match ServeConfig::load(&path).map_err(anyhow::Error::from) {
-            Ok(cfg) => match self.apply(cfg) {
-                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-                Err(e) => {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
+            Ok(mut cfg) => {
+                cfg.io = self.io;
+                match self.apply(cfg) {
+                    Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the running configuration: {e:#}")
+                    }
                 }
-            },
+            }
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
         }
     }
@@ -377,7 +391,7 @@ impl Daemon {
         for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
-                match i.sock.recv_batch(&mut i.batch) {
+                match i.recv() {
                     Ok(n) => n,
                     Err(e) => {
                         if let Some(a) = self.logs.check(Instant::now(), "receive failed") {
@@ -469,7 +483,11 @@ impl Daemon {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
                 i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
-                i.batch = RecvBatch::new(BATCH, i.frame_cap);
+                let frames = match &i.batch {
+                    Batch::Ring(r) => r.rx_frames(),
+                    Batch::Mmsg(_) => send::RING_FRAMES,
+                };
+                i.rebuild(self.io, frames);
                 for id in &i.exports {
                     if let Some(rt) = self.exports.get_mut(id) {
                         rt.engine.set_interface(idx, i.iface);

@@ -51,7 +51,7 @@ impl Daemon {
         let _ = sock.set_qdisc_bypass(true);
         self.ifaces.push(IfaceRt {
             name: name.to_string(),
-            batch: RecvBatch::new(BATCH, frame_cap),
+            batch: Batch::new(self.io, &sock, name, frame_cap, super::send::RING_FRAMES),
             frame_cap,
             iface: Interface {
                 mac: MacAddr(info.mac),
