@@ -1,8 +1,10 @@
 //! The target's network fast path (issue 15): `aoe serve --io rings` (PACKET_MMAP rings, the
-//! default) and `--io mmsg` (recvmmsg/sendmmsg) serve the same bytes at both MTUs, and the
-//! rings are set up anew when the interface's MTU changes. Needs root; all frames stay on a
-//! veth pair between two namespaces the test creates.
+//! default) and `--io mmsg` (recvmmsg/sendmmsg) serve the same bytes at both MTUs, the rings
+//! are set up anew when the interface's MTU changes, and a frame reaches only the export its
+//! shelf.slot names. Needs root; all frames stay on a veth pair between two namespaces the
+//! test creates.
 
+use std::process::Command;
 use std::time::Duration;
 
 use aoe_testkit::aoeclient::{AoeClient, Reply, ReplyBody, Request};
@@ -161,4 +163,88 @@ fn rings_follow_an_mtu_change() {
         "no 17-sector read answered after the MTU went to 9000"
     );
     write_read_back(&mut c, &file, 17, 16, 2);
+}
+
+/// JSON of `aoe target --json stats` on the control socket `sock`.
+fn stats(sock: &std::path::Path) -> serde_json::Value {
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", AOE, "target", "--socket"])
+        .arg(sock)
+        .args(["--json", "stats"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn counter(j: &serde_json::Value, target: &str, name: &str) -> u64 {
+    let e = j["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == target)
+        .unwrap_or_else(|| panic!("no export {target}: {j}"));
+    e["counters"][name].as_u64().unwrap()
+}
+
+/// Two exports on one interface: requests for 1.1 are handed to 1.1's engine only, so 1.2
+/// neither parses nor counts them (before, every frame went to every export on the interface
+/// and 1.2 counted each as dropped, "addressed elsewhere"); a broadcast still reaches both.
+#[test]
+fn a_frame_reaches_only_its_export() {
+    let n = Net::new("fproute", 1500);
+    let (a, b) = (n.image("a.img"), n.image("b.img"));
+    let conf = n.dir.path().join("serve.toml");
+    let ifname = n.veth.a_name();
+    std::fs::write(
+        &conf,
+        format!(
+            "[[export]]\npath = \"{a}\"\nshelf = 1\nslot = 1\ninterfaces = [\"{ifname}\"]\n\n\
+             [[export]]\npath = \"{b}\"\nshelf = 1\nslot = 2\ninterfaces = [\"{ifname}\"]\n"
+        ),
+    )
+    .unwrap();
+    let sock = n.dir.path().join("ctl.sock");
+    let _t = n.serve(&[
+        "--config",
+        conf.to_str().unwrap(),
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    let mut c = n.client(TargetAddr::new(1, 1));
+    n.client(TargetAddr::new(1, 2));
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let before = stats(&sock);
+    let reads: Vec<Request> = (0..64)
+        .map(|k| Request::Read { lba: k, count: 2 })
+        .collect();
+    for r in c.run(&reads, Duration::from_secs(30)).unwrap() {
+        data_of(&r);
+    }
+    let after = stats(&sock);
+    assert!(
+        counter(&after, "1.1", "replies") >= counter(&before, "1.1", "replies") + 64,
+        "{after}"
+    );
+    assert_eq!(
+        counter(&after, "1.2", "dropped"),
+        counter(&before, "1.2", "dropped"),
+        "1.2 saw 1.1's requests: {after}"
+    );
+    // Broadcast Query Config (shelf 0xffff, slot 0xff) is answered by both.
+    let mut all = AoeClient::open(&n.i, n.veth.b_name(), TargetAddr::new(0xffff, 0xff)).unwrap();
+    all.send(&Request::QueryConfig).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = stats(&sock);
+            counter(&now, "1.1", "replies") > counter(&after, "1.1", "replies")
+                && counter(&now, "1.2", "replies") > counter(&after, "1.2", "replies")
+        }),
+        "a broadcast Query Config was not answered by both: {}",
+        stats(&sock)
+    );
 }

@@ -385,7 +385,8 @@ impl Daemon {
         }
     }
 
-    /// Takes every frame waiting on interface `idx` to its exports; returns how many.
+    /// Takes every frame waiting on interface `idx` to the exports it is addressed to
+    /// ([`Daemon::routes_to`]); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
         for _ in 0..RX_BATCHES {
@@ -415,9 +416,11 @@ impl Daemon {
                     }
                     continue;
                 }
-                let ids = self.ifaces[idx].exports.clone();
-                for id in ids {
-                    self.dispatch(idx, f, id);
+                for k in 0..self.ifaces[idx].exports.len() {
+                    let id = self.ifaces[idx].exports[k];
+                    if self.routes_to(idx, f, id) {
+                        self.dispatch(idx, f, id);
+                    }
                 }
             }
             if got < BATCH {
@@ -425,6 +428,25 @@ impl Daemon {
             }
         }
         total
+    }
+
+    /// True if frame `f` of interface `idx` may concern export `id`: its AoE header's
+    /// shelf.slot (bytes 16-18 of the frame) is the export's or a wildcard (AoEr11 section
+    /// 2: major 0xffff and minor 0xff address every shelf and every slot), as the engine
+    /// itself tests with [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). So a frame
+    /// reaches only its own export, not every export on the interface (the engine of each
+    /// other export used to parse it and count it dropped, "addressed elsewhere"). A frame
+    /// too short to carry the address goes to every export, whose engine drops and counts it
+    /// as malformed, as before.
+    fn routes_to(&self, idx: usize, f: usize, id: u32) -> bool {
+        let Some(rt) = self.exports.get(&id) else {
+            return false;
+        };
+        let frame = self.ifaces[idx].batch.frame(f);
+        let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
+            return true;
+        };
+        aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor).reaches(rt.spec.addr())
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.
