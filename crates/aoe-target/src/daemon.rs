@@ -505,9 +505,9 @@ impl Daemon {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
                 i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
-                let frames = match &i.batch {
-                    Batch::Ring(r) => r.rx_frames(),
-                    Batch::Mmsg(_) => send::RING_FRAMES,
+                let frames = match (&i.batch, &i.ring_next) {
+                    (Batch::Ring(r), _) | (_, Some(r)) => r.rx_frames(),
+                    _ => send::RING_FRAMES,
                 };
                 i.rebuild(self.io, frames);
                 for id in &i.exports {

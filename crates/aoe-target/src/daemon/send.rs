@@ -76,12 +76,29 @@ pub(super) struct IfaceRt {
     pub(super) backlog_drops: u64,
     /// (send_failures, backlog_drops) last logged.
     pub(super) drops_logged: (u64, u64),
+    /// A ring set up on the socket while `batch` still reads the ordinary receive queue:
+    /// frames that arrived before the ring existed wait there (the kernel delivers to the
+    /// ring only from its setup on, and a ring's reader never looks at that queue), and an
+    /// initiator that starts with us sends its first Query Config right then. `recv` reads
+    /// the queue until it is empty, then switches to the ring for good.
+    pub(super) ring_next: Option<PacketRing>,
 }
 
 impl IfaceRt {
     /// Receives the next batch of frames (they stay readable through `batch` until the next
     /// call); returns how many.
     pub(super) fn recv(&mut self) -> io::Result<usize> {
+        if self.ring_next.is_some() {
+            if let Batch::Mmsg(b) = &mut self.batch {
+                let n = self.sock.recv_batch(b)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+            }
+            if let Some(r) = self.ring_next.take() {
+                self.batch = Batch::Ring(r);
+            }
+        }
         match &mut self.batch {
             Batch::Mmsg(b) => self.sock.recv_batch(b),
             Batch::Ring(r) => Ok(r.recv_batch(BATCH)),
@@ -98,15 +115,26 @@ impl IfaceRt {
     /// device queue). The kernel reports no POLLOUT for them, so the loop polls with a short
     /// timeout and kicks again.
     pub(super) fn kick_pending(&self) -> bool {
-        matches!(&self.batch, Batch::Ring(r) if r.needs_kick())
+        self.ring().is_some_and(PacketRing::needs_kick)
+    }
+
+    /// The socket's ring, in use or about to be (`ring_next`).
+    pub(super) fn ring(&self) -> Option<&PacketRing> {
+        match (&self.batch, &self.ring_next) {
+            (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
+            _ => None,
+        }
     }
 
     /// Sets up the batch anew for the current `frame_cap`, with at least `frames` ring slots
     /// (an MTU change, more buffers to honour). The old ring is unmapped first: the kernel
     /// replaces a socket's ring only when nothing maps it.
     pub(super) fn rebuild(&mut self, mode: IoMode, frames: usize) {
-        self.batch = Batch::Mmsg(RecvBatch::new(0, 0));
-        self.batch = Batch::new(mode, &self.sock, &self.name, self.frame_cap, frames);
+        self.ring_next = None;
+        self.batch = Batch::Mmsg(RecvBatch::new(BATCH, self.frame_cap));
+        if let Batch::Ring(r) = Batch::new(mode, &self.sock, &self.name, self.frame_cap, frames) {
+            self.ring_next = Some(r);
+        }
     }
 }
 
@@ -142,8 +170,8 @@ impl Daemon {
                 .sum();
             let per_frame = i.frame_cap + 1024;
             let want = (frames * per_frame * 2).max(4 << 20);
-            if let Batch::Ring(r) = &i.batch {
-                if r.rx_frames() < 2 * frames {
+            if let Some(rx_frames) = i.ring().map(PacketRing::rx_frames) {
+                if rx_frames < 2 * frames {
                     i.rebuild(self.io, (2 * frames).max(RING_FRAMES));
                 }
             }
@@ -171,7 +199,14 @@ impl Daemon {
     /// the socket writable (POLLOUT) again.
     pub(super) fn flush_sends(&mut self) {
         for i in &mut self.ifaces {
-            if let Batch::Ring(r) = &mut i.batch {
+            // Once a socket has a transmit ring every send on it goes through the ring
+            // (packet_sendmsg calls tpacket_snd), so replies use it even while the receive
+            // side still reads frames from before the ring.
+            let ring = match (&mut i.batch, &mut i.ring_next) {
+                (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
+                _ => None,
+            };
+            if let Some(r) = ring {
                 while let Some((b, n)) = i.out.front() {
                     match r.push(&b[..*n]) {
                         Ok(true) => {}
