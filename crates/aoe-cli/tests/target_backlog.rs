@@ -235,7 +235,9 @@ fn replies_wait_in_the_backlog_while_sends_are_refused() {
     let i = Netns::new("aoebli").unwrap();
     let veth = VethPair::new(&t, &i, MTU).unwrap();
     let mut cmd = Command::new(AOE);
-    cmd.args(["serve", "2", "7", veth.a_name()])
+    // The shim counts sendmmsg batches, so this pins the mmsg path's backlog; with the
+    // default `--io rings` replies wait in the transmit ring and leave with one send() kick.
+    cmd.args(["serve", "--io", "mmsg", "2", "7", veth.a_name()])
         .arg(&file)
         .env("LD_PRELOAD", &shim)
         .env("AOE_SHIM_GATE", &gate)

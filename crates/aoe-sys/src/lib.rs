@@ -12,6 +12,8 @@
 //! * [`HeaderRxRing`]: a TPACKET_V2 `PACKET_RX_RING` on a [`PacketSocket`] that keeps only
 //!   each frame's first bytes, so `aoe bench` reads replies without a system call or a
 //!   payload copy.
+//! * [`PacketRing`]: `PACKET_MMAP` receive and transmit rings (`TPACKET_V2`) on a
+//!   [`PacketSocket`]: frames in without a system call, out with one `send()` per batch.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
@@ -47,6 +49,7 @@ mod header_ring;
 mod iface;
 mod ns;
 mod packet;
+mod ring;
 
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
@@ -57,6 +60,7 @@ pub use header_ring::HeaderRxRing;
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
+pub use ring::{PacketRing, RingStats};
 
 /// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
 pub const ETH_P_AOE: u16 = 0x88A2;

@@ -141,6 +141,23 @@ pub struct ServeConfig {
     /// ([`crate::control::default_socket_path`]). Read at start: a reload that changes it
     /// is logged and takes effect at the next start.
     pub control: Option<PathBuf>,
+    /// How frames reach and leave the sockets (`aoe serve --io`); fixed at start, a reload
+    /// keeps the running one.
+    pub io: IoMode,
+}
+
+/// How the target moves frames between its sockets and itself (`aoe serve --io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// `PACKET_MMAP` rings (`TPACKET_V2`, packet(7)): frames are read from a receive ring
+    /// without a system call and replies go out through a transmit ring with one `send()`
+    /// per batch. Falls back to [`IoMode::Mmsg`], with one log line, where a ring cannot be
+    /// set up. Not the default yet: target_peers.rs sees the first aoecfg exchange after
+    /// start go unanswered with it (open).
+    Rings,
+    /// `recvmmsg(2)` / `sendmmsg(2)` batches of 64 frames, a copy each way in the kernel.
+    #[default]
+    Mmsg,
 }
 
 /// A configuration that cannot run: one variant per cause, each the operator's to fix (the
@@ -358,6 +375,7 @@ impl ServeConfig {
                 .probe_ms
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
             control: f.control.map(|c| base.join(c)),
+            io: IoMode::default(),
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -440,6 +458,7 @@ impl ServeConfig {
             allow_duplicate: false,
             probe: crate::probe::DEFAULT_PROBE,
             control: None,
+            io: IoMode::default(),
         }
     }
 

@@ -21,7 +21,7 @@ use aoe_store::{AsyncBackend, Completions, Done, Op, Pool, Request, StoreError};
 use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
-use crate::config::{ExportSpec, ServeConfig};
+use crate::config::{ExportSpec, IoMode, ServeConfig};
 use crate::probe::{Duplicate, Probe};
 use crate::state::{StateFile, StateWriter};
 
@@ -34,7 +34,7 @@ mod shared;
 pub use exports::validate;
 use exports::ExportRt;
 use order::WriteOrder;
-use send::IfaceRt;
+use send::{Batch, IfaceRt};
 
 /// Frames taken from a socket per recvmmsg.
 const BATCH: usize = 64;
@@ -64,6 +64,9 @@ const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
+/// How soon the loop kicks a transmit ring again that the kernel refused (a full device
+/// queue): the kernel signals no POLLOUT for frames still marked in the ring.
+const KICK_RETRY: Duration = Duration::from_millis(1);
 
 /// How the outside world steers a running daemon: stop and reload requests, from signals
 /// (SIGTERM/SIGINT stop, SIGHUP reloads) or from a test.
@@ -156,6 +159,8 @@ pub struct Daemon {
     /// Log lines any sender can provoke (dropped frames, failed I/O it asked for): one per
     /// kind per [`LOG_INTERVAL`], with the count suppressed in between.
     logs: RateLimiter,
+    /// How interfaces move frames, from the configuration at start (a reload keeps it).
+    io: IoMode,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -197,6 +202,7 @@ impl Daemon {
             observer: crate::control::Observer::new(),
             started: Instant::now(),
             logs: RateLimiter::new(LOG_INTERVAL),
+            io: config.io,
         };
         d.apply(config)?;
         Ok(d)
@@ -221,11 +227,16 @@ impl Daemon {
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, !i.out.is_empty()))
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, i.wants_out()))
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
-            aoe_sys::poll(&mut fds, Some(REFRESH)).context("poll")?;
+            let wait = if self.ifaces.iter().any(IfaceRt::kick_pending) {
+                KICK_RETRY
+            } else {
+                REFRESH
+            };
+            aoe_sys::poll(&mut fds, Some(wait)).context("poll")?;
             let n = self.ifaces.len();
             if fds[n + 1].ready {
                 control.drain();
@@ -374,7 +385,9 @@ impl Daemon {
         }
     }
 
-    fn apply_reloaded(&mut self, cfg: ServeConfig, path: &std::path::Path) {
+    fn apply_reloaded(&mut self, mut cfg: ServeConfig, path: &std::path::Path) {
+        // The I/O mode is fixed at start (`--io`): a reload keeps the running one.
+        cfg.io = self.io;
         match self.apply(cfg) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
@@ -406,13 +419,14 @@ impl Daemon {
         }
     }
 
-    /// Takes every frame waiting on interface `idx` to its exports; returns how many.
+    /// Takes every frame waiting on interface `idx` to the exports it is addressed to
+    /// ([`Daemon::routes_to`]); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
         for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
-                match i.sock.recv_batch(&mut i.batch) {
+                match i.recv() {
                     Ok(n) => n,
                     Err(e) => {
                         if let Some(a) = self.logs.check(Instant::now(), "receive failed") {
@@ -436,9 +450,11 @@ impl Daemon {
                     }
                     continue;
                 }
-                let ids = self.ifaces[idx].exports.clone();
-                for id in ids {
-                    self.dispatch(idx, f, id);
+                for k in 0..self.ifaces[idx].exports.len() {
+                    let id = self.ifaces[idx].exports[k];
+                    if self.routes_to(idx, f, id) {
+                        self.dispatch(idx, f, id);
+                    }
                 }
             }
             if got < BATCH {
@@ -446,6 +462,25 @@ impl Daemon {
             }
         }
         total
+    }
+
+    /// True if frame `f` of interface `idx` may concern export `id`: its AoE header's
+    /// shelf.slot (bytes 16-18 of the frame) is the export's or a wildcard (AoEr11 section
+    /// 2: major 0xffff and minor 0xff address every shelf and every slot), as the engine
+    /// itself tests with [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). So a frame
+    /// reaches only its own export, not every export on the interface (the engine of each
+    /// other export used to parse it and count it dropped, "addressed elsewhere"). A frame
+    /// too short to carry the address goes to every export, whose engine drops and counts it
+    /// as malformed, as before.
+    fn routes_to(&self, idx: usize, f: usize, id: u32) -> bool {
+        let Some(rt) = self.exports.get(&id) else {
+            return false;
+        };
+        let frame = self.ifaces[idx].batch.frame(f);
+        let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
+            return true;
+        };
+        aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor).reaches(rt.spec.addr())
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.
@@ -504,7 +539,11 @@ impl Daemon {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
                 i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
-                i.batch = RecvBatch::new(BATCH, i.frame_cap);
+                let frames = match (&i.batch, &i.ring_next) {
+                    (Batch::Ring(r), _) | (_, Some(r)) => r.rx_frames(),
+                    _ => send::RING_FRAMES,
+                };
+                i.rebuild(self.io, frames);
                 for id in &i.exports {
                     if let Some(rt) = self.exports.get_mut(id) {
                         rt.engine.set_interface(idx, i.iface);

@@ -57,7 +57,11 @@ impl Daemon {
         let _ = sock.set_qdisc_bypass(true);
         self.ifaces.push(IfaceRt {
             name: name.to_string(),
-            batch: RecvBatch::new(BATCH, frame_cap),
+            batch: Batch::Mmsg(RecvBatch::new(BATCH, frame_cap)),
+            ring_next: match Batch::new(self.io, &sock, name, frame_cap, super::send::RING_FRAMES) {
+                Batch::Ring(r) => Some(r),
+                Batch::Mmsg(_) => None,
+            },
             frame_cap,
             iface: Interface {
                 mac: MacAddr(info.mac),

@@ -1,12 +1,68 @@
 //! The send backlog: replies queued per interface, flushed when the socket has room
-//! (POLLOUT), dropped and counted when full; reply buffers are recycled.
+//! (POLLOUT), dropped and counted when full; reply buffers are recycled. How frames come in
+//! and go out of an interface's socket: [`Batch`].
 
 use super::*;
+use aoe_sys::{PacketRing, RecvMeta};
+
+/// Receive slots of an interface's ring at least ([`IoMode::Rings`]); grown to twice the sum
+/// of the buffer counts served there (`Daemon::size_socket_buffers`), so every request an
+/// initiator may have in flight, and a retransmitted copy of each, has a slot.
+pub(super) const RING_FRAMES: usize = 1024;
+
+/// Where an interface's received frames are, and how its replies leave.
+pub(super) enum Batch {
+    /// `recvmmsg` into this batch, `sendmmsg` from the backlog.
+    Mmsg(RecvBatch),
+    /// `PACKET_MMAP` receive and transmit rings on the socket: frames are read where the
+    /// kernel wrote them, replies are copied into transmit slots and sent with one kick.
+    Ring(PacketRing),
+}
+
+impl Batch {
+    /// Frame `f` of the last receive.
+    pub(super) fn frame(&self, f: usize) -> &[u8] {
+        match self {
+            Batch::Mmsg(b) => b.frame(f),
+            Batch::Ring(r) => r.frame(f),
+        }
+    }
+
+    /// Metadata of frame `f` of the last receive.
+    pub(super) fn meta(&self, f: usize) -> RecvMeta {
+        match self {
+            Batch::Mmsg(b) => b.meta(f),
+            Batch::Ring(r) => r.meta(f),
+        }
+    }
+
+    /// A batch for `mode` on `sock`: rings where asked for and possible, else `recvmmsg`
+    /// buffers (logged once per interface when rings were asked for and failed).
+    pub(super) fn new(
+        mode: IoMode,
+        sock: &PacketSocket,
+        name: &str,
+        frame_cap: usize,
+        frames: usize,
+    ) -> Batch {
+        if mode == IoMode::Rings {
+            match PacketRing::new(sock, frame_cap, frames, frames) {
+                Ok(r) => return Batch::Ring(r),
+                Err(e) => tracing::warn!(
+                    interface = %name,
+                    error = %e,
+                    "cannot set up packet rings; using recvmmsg/sendmmsg"
+                ),
+            }
+        }
+        Batch::Mmsg(RecvBatch::new(BATCH, frame_cap))
+    }
+}
 
 pub(super) struct IfaceRt {
     pub(super) name: String,
     pub(super) sock: PacketSocket,
-    pub(super) batch: RecvBatch,
+    pub(super) batch: Batch,
     pub(super) frame_cap: usize,
     pub(super) iface: Interface,
     /// Exports served here (ids).
@@ -20,6 +76,66 @@ pub(super) struct IfaceRt {
     pub(super) backlog_drops: u64,
     /// (send_failures, backlog_drops) last logged.
     pub(super) drops_logged: (u64, u64),
+    /// A ring set up on the socket while `batch` still reads the ordinary receive queue:
+    /// frames that arrived before the ring existed wait there (the kernel delivers to the
+    /// ring only from its setup on, and a ring's reader never looks at that queue), and an
+    /// initiator that starts with us sends its first Query Config right then. `recv` reads
+    /// the queue until it is empty, then switches to the ring for good.
+    pub(super) ring_next: Option<PacketRing>,
+}
+
+impl IfaceRt {
+    /// Receives the next batch of frames (they stay readable through `batch` until the next
+    /// call); returns how many.
+    pub(super) fn recv(&mut self) -> io::Result<usize> {
+        if self.ring_next.is_some() {
+            if let Batch::Mmsg(b) = &mut self.batch {
+                let n = self.sock.recv_batch(b)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+            }
+            if let Some(r) = self.ring_next.take() {
+                self.batch = Batch::Ring(r);
+            }
+        }
+        match &mut self.batch {
+            Batch::Mmsg(b) => self.sock.recv_batch(b),
+            Batch::Ring(r) => Ok(r.recv_batch(BATCH)),
+        }
+    }
+
+    /// True if the loop must wait for the socket to become writable: replies wait in the
+    /// backlog.
+    pub(super) fn wants_out(&self) -> bool {
+        !self.out.is_empty() || self.kick_pending()
+    }
+
+    /// True if replies sit in the transmit ring that the kernel refused to take yet (a full
+    /// device queue). The kernel reports no POLLOUT for them, so the loop polls with a short
+    /// timeout and kicks again.
+    pub(super) fn kick_pending(&self) -> bool {
+        self.ring().is_some_and(PacketRing::needs_kick)
+    }
+
+    /// The socket's ring, in use or about to be (`ring_next`).
+    pub(super) fn ring(&self) -> Option<&PacketRing> {
+        match (&self.batch, &self.ring_next) {
+            (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Sets up the batch anew for the current `frame_cap`, with at least `frames` ring slots
+    /// (an MTU change, more buffers to honour). The old ring is unmapped first: the kernel
+    /// replaces a socket's ring only when nothing maps it.
+    pub(super) fn rebuild(&mut self, mode: IoMode, frames: usize) {
+        self.ring_next = None;
+        self.batch = Batch::Mmsg(RecvBatch::new(BATCH, self.frame_cap));
+        if let Batch::Ring(r) = Batch::new(mode, &self.sock, &self.name, self.frame_cap, frames) {
+            self.ring_next = Some(r);
+        }
+    }
 }
 
 impl IfaceRt {
@@ -45,7 +161,7 @@ impl Daemon {
     /// Sizes each socket's receive buffer so the advertised buffer counts are honest: every
     /// export's window of full frames fits, with room for the kernel's per-frame overhead.
     pub(super) fn size_socket_buffers(&mut self) {
-        for i in &self.ifaces {
+        for i in &mut self.ifaces {
             let frames: usize = i
                 .exports
                 .iter()
@@ -54,6 +170,11 @@ impl Daemon {
                 .sum();
             let per_frame = i.frame_cap + 1024;
             let want = (frames * per_frame * 2).max(4 << 20);
+            if let Some(rx_frames) = i.ring().map(PacketRing::rx_frames) {
+                if rx_frames < 2 * frames {
+                    i.rebuild(self.io, (2 * frames).max(RING_FRAMES));
+                }
+            }
             if let Err(e) = i.sock.set_recv_buffer(want) {
                 tracing::warn!(interface = %i.name, error = %e, "cannot size receive buffer");
             }
@@ -78,6 +199,41 @@ impl Daemon {
     /// the socket writable (POLLOUT) again.
     pub(super) fn flush_sends(&mut self) {
         for i in &mut self.ifaces {
+            // Once a socket has a transmit ring every send on it goes through the ring
+            // (packet_sendmsg calls tpacket_snd), so replies use it even while the receive
+            // side still reads frames from before the ring.
+            let ring = match (&mut i.batch, &mut i.ring_next) {
+                (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
+                _ => None,
+            };
+            if let Some(r) = ring {
+                while let Some((b, n)) = i.out.front() {
+                    match r.push(&b[..*n]) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            if let Some(a) = self.logs.check(Instant::now(), "send failed") {
+                                tracing::debug!(interface = %i.name, error = %e, "send failed{a}");
+                            }
+                            i.send_failures += 1;
+                        }
+                    }
+                    if let Some((b, _)) = i.out.pop_front() {
+                        self.spare.push(b);
+                    }
+                }
+                match r.kick() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        if let Some(a) = self.logs.check(Instant::now(), "send failed") {
+                            tracing::debug!(interface = %i.name, error = %e, "send failed{a}");
+                        }
+                        i.send_failures += 1;
+                    }
+                }
+                continue;
+            }
             while !i.out.is_empty() {
                 let frames: Vec<&[u8]> = i.out.iter().take(BATCH).map(|(b, n)| &b[..*n]).collect();
                 let sent = match i.sock.send_batch(&frames) {
@@ -109,7 +265,7 @@ impl Daemon {
     pub(super) fn drain_sends(&mut self, limit: Duration) {
         let start = Instant::now();
         self.flush_sends();
-        while self.ifaces.iter().any(|i| !i.out.is_empty()) {
+        while self.ifaces.iter().any(IfaceRt::wants_out) {
             let Some(left) = limit.checked_sub(start.elapsed()) else {
                 let n: usize = self.ifaces.iter().map(|i| i.out.len()).sum();
                 tracing::warn!(
@@ -121,10 +277,15 @@ impl Daemon {
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .filter(|i| !i.out.is_empty())
+                .filter(|i| i.wants_out())
                 .map(|i| PollFd::with_events(i.sock.as_raw_fd(), false, true))
                 .collect();
-            let _ = aoe_sys::poll(&mut fds, Some(left));
+            let wait = if self.ifaces.iter().any(IfaceRt::kick_pending) {
+                left.min(KICK_RETRY)
+            } else {
+                left
+            };
+            let _ = aoe_sys::poll(&mut fds, Some(wait));
             self.flush_sends();
         }
     }

@@ -1,0 +1,250 @@
+//! The target's network fast path (issue 15): `aoe serve --io rings` (PACKET_MMAP rings, the
+//! default) and `--io mmsg` (recvmmsg/sendmmsg) serve the same bytes at both MTUs, the rings
+//! are set up anew when the interface's MTU changes, and a frame reaches only the export its
+//! shelf.slot names. Needs root; all frames stay on a veth pair between two namespaces the
+//! test creates.
+
+use std::process::Command;
+use std::time::Duration;
+
+use aoe_testkit::aoeclient::{AoeClient, Reply, ReplyBody, Request};
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+use aoe_wire::TargetAddr;
+
+const AOE: &str = env!("CARGO_BIN_EXE_aoe");
+const SECTORS: usize = 4096;
+
+struct Net {
+    t: Netns,
+    i: Netns,
+    veth: VethPair,
+    dir: tempfile::TempDir,
+}
+
+impl Net {
+    fn new(prefix: &str, mtu: u32) -> Net {
+        require_root();
+        let t = Netns::new(&format!("{prefix}t")).unwrap();
+        let i = Netns::new(&format!("{prefix}i")).unwrap();
+        let veth = VethPair::new(&t, &i, mtu).unwrap();
+        Net {
+            t,
+            i,
+            veth,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A zeroed image of [`SECTORS`] sectors in the test's directory.
+    fn image(&self, name: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, vec![0u8; SECTORS * 512]).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    fn serve(&self, args: &[&str]) -> NsChild {
+        let mut c = self.t.command(AOE);
+        c.arg("serve").args(["--probe-ms", "0"]).args(args);
+        NsChild::spawn(&self.t, c).unwrap()
+    }
+
+    fn client(&self, addr: TargetAddr) -> AoeClient {
+        let mut c = AoeClient::open(&self.i, self.veth.b_name(), addr).unwrap();
+        c.discover(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{addr} never answered: {e}"));
+        c
+    }
+}
+
+fn data_of(r: &Reply) -> &[u8] {
+    assert!(r.is_ok(), "failed reply: {r:?}");
+    match &r.body {
+        ReplyBody::Ata { data, .. } => data,
+        b => panic!("not an ATA reply: {b:?}"),
+    }
+}
+
+/// Sector `lba` of the pattern the tests write: every byte depends on the sector and offset.
+fn pattern(lba: usize, seed: u8) -> Vec<u8> {
+    (0..512)
+        .map(|i| (lba as u8).wrapping_mul(31) ^ (i as u8) ^ seed ^ ((lba >> 8) as u8))
+        .collect()
+}
+
+/// Writes the pattern over the first `n` frames of `per_frame` sectors with a full window,
+/// reads it back the same way, and checks every byte and the file itself.
+fn write_read_back(c: &mut AoeClient, file: &str, per_frame: usize, n: usize, seed: u8) {
+    let writes: Vec<Request> = (0..n)
+        .map(|k| Request::Write {
+            lba: (k * per_frame) as u64,
+            data: (0..per_frame)
+                .flat_map(|s| pattern(k * per_frame + s, seed))
+                .collect(),
+        })
+        .collect();
+    for r in c.run(&writes, Duration::from_secs(60)).unwrap() {
+        assert!(r.is_ok(), "write failed: {r:?}");
+    }
+    let reads: Vec<Request> = (0..n)
+        .map(|k| Request::Read {
+            lba: (k * per_frame) as u64,
+            count: per_frame as u8,
+        })
+        .collect();
+    let replies = c.run(&reads, Duration::from_secs(60)).unwrap();
+    for (k, r) in replies.iter().enumerate() {
+        let want: Vec<u8> = (0..per_frame)
+            .flat_map(|s| pattern(k * per_frame + s, seed))
+            .collect();
+        assert!(data_of(r) == want.as_slice(), "frame {k}: data differs");
+    }
+    let on_disk = std::fs::read(file).unwrap();
+    for lba in 0..n * per_frame {
+        assert!(
+            on_disk[lba * 512..(lba + 1) * 512] == pattern(lba, seed)[..],
+            "sector {lba} in the file differs"
+        );
+    }
+}
+
+fn both_modes_serve_the_same_bytes(mtu: u32) {
+    let n = Net::new(&format!("fpio{mtu}"), mtu);
+    let per_frame = (mtu as usize - 36) / 512;
+    for (k, mode) in ["rings", "mmsg"].into_iter().enumerate() {
+        let file = n.image(&format!("{mode}.img"));
+        let mut t = n.serve(&["--io", mode, "1", "1", n.veth.a_name(), &file]);
+        let mut c = n.client(TargetAddr::new(1, 1));
+        c.set_window(64);
+        write_read_back(
+            &mut c,
+            &file,
+            per_frame,
+            (SECTORS / per_frame).min(256),
+            k as u8,
+        );
+        t.stop().unwrap();
+        let log = t.output_so_far();
+        assert!(
+            !log.contains("cannot set up packet rings"),
+            "--io {mode} fell back:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn rings_and_mmsg_serve_the_same_bytes_mtu_1500() {
+    both_modes_serve_the_same_bytes(1500);
+}
+
+#[test]
+fn rings_and_mmsg_serve_the_same_bytes_mtu_9000() {
+    both_modes_serve_the_same_bytes(9000);
+}
+
+/// The transmit ring's slots are sized for the MTU at start: after the MTU grows, replies
+/// of the new size only go out if the daemon set the rings up anew (it re-reads MTUs once a
+/// second), and requests of the new size only come in whole if the receive ring was too.
+#[test]
+fn rings_follow_an_mtu_change() {
+    let n = Net::new("fpmtu", 1500);
+    let file = n.image("mtu.img");
+    let _t = n.serve(&["--io", "rings", "1", "1", n.veth.a_name(), &file]);
+    let mut c = n.client(TargetAddr::new(1, 1));
+    write_read_back(&mut c, &file, 2, 8, 1);
+    n.veth.set_mtu(9000).unwrap();
+    // 17 sectors (8704 bytes) fit a 9000-byte frame only.
+    let mut c = n.client(TargetAddr::new(1, 1));
+    c.set_retransmit_timeout(Duration::from_millis(200));
+    let big = Request::Read { lba: 0, count: 17 };
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .call(&big, Duration::from_secs(1))
+            .is_ok_and(|r| r.is_ok())),
+        "no 17-sector read answered after the MTU went to 9000"
+    );
+    write_read_back(&mut c, &file, 17, 16, 2);
+}
+
+/// JSON of `aoe target --json stats` on the control socket `sock`.
+fn stats(sock: &std::path::Path) -> serde_json::Value {
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", AOE, "target", "--socket"])
+        .arg(sock)
+        .args(["--json", "stats"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn counter(j: &serde_json::Value, target: &str, name: &str) -> u64 {
+    let e = j["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == target)
+        .unwrap_or_else(|| panic!("no export {target}: {j}"));
+    e["counters"][name].as_u64().unwrap()
+}
+
+/// Two exports on one interface: requests for 1.1 are handed to 1.1's engine only, so 1.2
+/// neither parses nor counts them (before, every frame went to every export on the interface
+/// and 1.2 counted each as dropped, "addressed elsewhere"); a broadcast still reaches both.
+#[test]
+fn a_frame_reaches_only_its_export() {
+    let n = Net::new("fproute", 1500);
+    let (a, b) = (n.image("a.img"), n.image("b.img"));
+    let conf = n.dir.path().join("serve.toml");
+    let ifname = n.veth.a_name();
+    std::fs::write(
+        &conf,
+        format!(
+            "[[export]]\npath = \"{a}\"\nshelf = 1\nslot = 1\ninterfaces = [\"{ifname}\"]\n\n\
+             [[export]]\npath = \"{b}\"\nshelf = 1\nslot = 2\ninterfaces = [\"{ifname}\"]\n"
+        ),
+    )
+    .unwrap();
+    let sock = n.dir.path().join("ctl.sock");
+    let _t = n.serve(&[
+        "--config",
+        conf.to_str().unwrap(),
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    let mut c = n.client(TargetAddr::new(1, 1));
+    n.client(TargetAddr::new(1, 2));
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let before = stats(&sock);
+    let reads: Vec<Request> = (0..64)
+        .map(|k| Request::Read { lba: k, count: 2 })
+        .collect();
+    for r in c.run(&reads, Duration::from_secs(30)).unwrap() {
+        data_of(&r);
+    }
+    let after = stats(&sock);
+    assert!(
+        counter(&after, "1.1", "replies") >= counter(&before, "1.1", "replies") + 64,
+        "{after}"
+    );
+    assert_eq!(
+        counter(&after, "1.2", "dropped"),
+        counter(&before, "1.2", "dropped"),
+        "1.2 saw 1.1's requests: {after}"
+    );
+    // Broadcast Query Config (shelf 0xffff, slot 0xff) is answered by both.
+    let mut all = AoeClient::open(&n.i, n.veth.b_name(), TargetAddr::new(0xffff, 0xff)).unwrap();
+    all.send(&Request::QueryConfig).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = stats(&sock);
+            counter(&now, "1.1", "replies") > counter(&after, "1.1", "replies")
+                && counter(&now, "1.2", "replies") > counter(&after, "1.2", "replies")
+        }),
+        "a broadcast Query Config was not answered by both: {}",
+        stats(&sock)
+    );
+}

@@ -1,0 +1,537 @@
+//! `PACKET_MMAP` rings (packet(7), Documentation/networking/packet_mmap.rst): a receive and a
+//! transmit ring of `TPACKET_V2` frames shared with the kernel, so that frames come in
+//! without a system call per batch and go out with one `send()` kick per batch.
+//!
+//! Why `TPACKET_V2` and not the block-based `TPACKET_V3` for receiving: a V3 block is handed
+//! to user space only when it is full or when its retire timer fires, and that timer counts
+//! in whole milliseconds (`tp_retire_blk_tov`). An initiator keeping 16 requests in flight
+//! sees a round trip of 50-200 us, so a block of a few frames would wait for the timer and
+//! the window would stall. V2 hands over every frame as soon as it is written (its own
+//! `tp_status`), which is what a request/reply protocol needs; one socket then carries both
+//! rings, since `PACKET_VERSION` applies to both.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::packet::{PacketSocket, RecvMeta};
+use crate::{cvt, cvt_size};
+
+// <linux/if_packet.h>
+const PACKET_RX_RING: libc::c_int = 5;
+const PACKET_VERSION: libc::c_int = 10;
+const PACKET_TX_RING: libc::c_int = 13;
+const PACKET_LOSS: libc::c_int = 14;
+const TPACKET_V2: libc::c_int = 1;
+const TP_STATUS_KERNEL: u32 = 0;
+const TP_STATUS_USER: u32 = 1;
+const TP_STATUS_AVAILABLE: u32 = 0;
+const TP_STATUS_SEND_REQUEST: u32 = 1;
+const TP_STATUS_WRONG_FORMAT: u32 = 1 << 2;
+const TPACKET_ALIGNMENT: usize = 16;
+/// `sizeof(struct tpacket2_hdr)`: tp_status, tp_len, tp_snaplen (u32), tp_mac, tp_net (u16),
+/// tp_sec, tp_nsec (u32), tp_vlan_tci, tp_vlan_tpid (u16), tp_padding[4].
+const TPACKET2_HDR_SIZE: usize = 32;
+/// Where a transmitted frame's data starts in its slot: `TPACKET2_HDRLEN -
+/// sizeof(struct sockaddr_ll)` = `TPACKET_ALIGN(32)`, as `tpacket_fill_skb` expects without
+/// `PACKET_TX_HAS_OFF`.
+const TX_DATA_OFFSET: usize = 32;
+/// Where received frame data can start at the latest for SOCK_RAW: `tpacket_rcv` puts the
+/// MAC header at `TPACKET_ALIGN(TPACKET2_HDRLEN + 16) - 14` = 66 (TPACKET2_HDRLEN is
+/// 32 + sizeof(sockaddr_ll) = 52); the slot needs room for that plus the whole frame.
+const RX_DATA_OFFSET: usize = 80;
+
+const fn align(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// `struct tpacket_req` from `<linux/if_packet.h>`.
+#[repr(C)]
+struct TpacketReq {
+    tp_block_size: libc::c_uint,
+    tp_block_nr: libc::c_uint,
+    tp_frame_size: libc::c_uint,
+    tp_frame_nr: libc::c_uint,
+}
+
+/// The geometry of one ring: `frame_nr` slots of `frame_size` bytes, `per_block` to a block
+/// of `block_size` bytes (frames never cross a block, packet_mmap.rst).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    frame_size: usize,
+    block_size: usize,
+    per_block: usize,
+    block_nr: usize,
+}
+
+impl Geometry {
+    /// At least `frames` slots that each hold `data` bytes after `offset`: blocks of about
+    /// 128 KiB (a multiple of the page size), as many as needed.
+    fn new(frames: usize, data: usize, offset: usize, page: usize) -> Geometry {
+        let frame_size = align(offset + data, TPACKET_ALIGNMENT);
+        let block_size = align(frame_size.max(128 << 10), page);
+        let per_block = block_size / frame_size;
+        let block_nr = frames.max(1).div_ceil(per_block);
+        Geometry {
+            frame_size,
+            block_size,
+            per_block,
+            block_nr,
+        }
+    }
+
+    fn frame_nr(&self) -> usize {
+        self.per_block * self.block_nr
+    }
+
+    fn bytes(&self) -> usize {
+        self.block_size * self.block_nr
+    }
+
+    /// Offset of slot `i` from the start of the ring.
+    fn slot(&self, i: usize) -> usize {
+        (i / self.per_block) * self.block_size + (i % self.per_block) * self.frame_size
+    }
+
+    fn req(&self) -> io::Result<TpacketReq> {
+        let c = |v: usize| {
+            libc::c_uint::try_from(v)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "packet ring too large"))
+        };
+        Ok(TpacketReq {
+            tp_block_size: c(self.block_size)?,
+            tp_block_nr: c(self.block_nr)?,
+            tp_frame_size: c(self.frame_size)?,
+            tp_frame_nr: c(self.frame_nr())?,
+        })
+    }
+}
+
+/// Counters of a [`PacketRing`] since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Frames the kernel refused to send (`TP_STATUS_WRONG_FORMAT`: too long for the
+    /// interface's MTU, or malformed).
+    pub tx_rejected: u64,
+}
+
+/// A `TPACKET_V2` receive ring and transmit ring on one [`PacketSocket`], mapped into this
+/// process (packet(7) `PACKET_RX_RING`, `PACKET_TX_RING`, `PACKET_MMAP`).
+///
+/// Receiving: [`recv_batch`](Self::recv_batch) collects the frames the kernel has written
+/// (no system call at all: each slot's `tp_status` says whose it is) and lends them through
+/// [`frame`](Self::frame) and [`meta`](Self::meta) until the next `recv_batch`, which hands
+/// their slots back to the kernel. `poll(POLLIN)` on the socket reports a frame waiting.
+///
+/// Sending: [`push`](Self::push) copies a frame into the next free slot and marks it
+/// `TP_STATUS_SEND_REQUEST`; [`kick`](Self::kick) (one `send(fd, NULL, 0)`) makes the kernel
+/// send every marked slot. A slot becomes free again when the kernel has let go of the frame.
+///
+/// The socket keeps its filter, binding and options; while the ring exists, `recv` and
+/// `recv_batch` on the socket itself see nothing (the kernel delivers into the ring).
+/// Frames sent through the socket's `send` still go out. Dropping the ring unmaps it; to
+/// size it anew (an MTU change) drop it first, then [`new`](Self::new) on the same socket.
+pub struct PacketRing {
+    map: NonNull<u8>,
+    map_len: usize,
+    rx: Geometry,
+    tx: Geometry,
+    /// Next receive slot to look at.
+    rx_head: usize,
+    /// Slots lent out by the last `recv_batch`, starting at `rx_lent_from`.
+    rx_lent: usize,
+    rx_lent_from: usize,
+    /// (offset of the frame data in the ring, meta) of the lent frames.
+    lent: Vec<(usize, RecvMeta)>,
+    /// Next transmit slot to fill.
+    tx_head: usize,
+    /// Slots marked since the last kick that took them all.
+    tx_unkicked: usize,
+    fd: libc::c_int,
+    stats: RingStats,
+}
+
+// SAFETY: the mapping is owned by the ring (unmapped on drop) and only touched through
+// `&mut self` (writes) or `&self` reads of slots the kernel has handed over; moving it to
+// another thread or reading it from several is as safe as for a Vec.
+unsafe impl Send for PacketRing {}
+// SAFETY: as above; `&self` methods only read.
+unsafe impl Sync for PacketRing {}
+
+impl PacketRing {
+    /// Puts a receive ring of at least `rx_frames` and a transmit ring of at least
+    /// `tx_frames` slots, each holding a frame of `frame_cap` bytes, on `sock` and maps them.
+    ///
+    /// # Errors
+    ///
+    /// `EBUSY` if the socket already has a ring (a mapped one: drop it first), or any error of
+    /// `setsockopt(PACKET_VERSION / PACKET_RX_RING / PACKET_TX_RING)` and `mmap`, e.g. on a
+    /// kernel built without `CONFIG_PACKET_MMAP`-era support; the socket is then left with no
+    /// ring and works as before.
+    pub fn new(
+        sock: &PacketSocket,
+        frame_cap: usize,
+        rx_frames: usize,
+        tx_frames: usize,
+    ) -> io::Result<PacketRing> {
+        // SAFETY: sysconf takes an integer and returns one.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
+        let rx = Geometry::new(rx_frames, frame_cap, RX_DATA_OFFSET, page);
+        let tx = Geometry::new(tx_frames, frame_cap, TX_DATA_OFFSET, page);
+        let fd = sock.as_raw_fd();
+        // A socket whose earlier ring was unmapped still holds it: free it first (a request
+        // with no blocks), or the kernel refuses the new one with EBUSY.
+        let none = TpacketReq {
+            tp_block_size: 0,
+            tp_block_nr: 0,
+            tp_frame_size: 0,
+            tp_frame_nr: 0,
+        };
+        let _ = set_req(fd, PACKET_RX_RING, &none);
+        let _ = set_req(fd, PACKET_TX_RING, &none);
+        set_int(fd, PACKET_VERSION, TPACKET_V2)?;
+        // PACKET_LOSS: a frame the kernel cannot send (too long, malformed) is skipped and its
+        // slot freed; without it tpacket_snd leaves the slot TP_STATUS_WRONG_FORMAT at the
+        // ring's head and sends nothing after it until user space clears it.
+        set_int(fd, PACKET_LOSS, 1)?;
+        set_req(fd, PACKET_RX_RING, &rx.req()?)?;
+        if let Err(e) = set_req(fd, PACKET_TX_RING, &tx.req()?) {
+            let _ = set_req(fd, PACKET_RX_RING, &none);
+            return Err(e);
+        }
+        let map_len = rx.bytes() + tx.bytes();
+        // SAFETY: a fresh shared mapping of the socket's rings (RX first, then TX, as
+        // packet_mmap.rst says for one mmap of both); the kernel checks the length against
+        // the rings it just made. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            let _ = set_req(fd, PACKET_RX_RING, &none);
+            let _ = set_req(fd, PACKET_TX_RING, &none);
+            return Err(e);
+        }
+        let map = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(PacketRing {
+            map,
+            map_len,
+            rx,
+            tx,
+            rx_head: 0,
+            rx_lent: 0,
+            rx_lent_from: 0,
+            lent: Vec::with_capacity(rx.frame_nr()),
+            tx_head: 0,
+            tx_unkicked: 0,
+            fd,
+            stats: RingStats::default(),
+        })
+    }
+
+    /// Receive slots.
+    pub fn rx_frames(&self) -> usize {
+        self.rx.frame_nr()
+    }
+
+    /// Transmit slots.
+    pub fn tx_frames(&self) -> usize {
+        self.tx.frame_nr()
+    }
+
+    /// The largest frame a transmit slot holds.
+    pub fn tx_frame_cap(&self) -> usize {
+        self.tx.frame_size - TX_DATA_OFFSET
+    }
+
+    /// Counters since the ring was made.
+    pub fn stats(&self) -> RingStats {
+        self.stats
+    }
+
+    /// The status word at the start of the slot at `off` bytes into the mapping.
+    fn status(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off + TPACKET2_HDR_SIZE <= self.map_len && off % 16 == 0);
+        // SAFETY: `off` is a slot start inside the mapping (16-aligned, so aligned for u32),
+        // which lives as long as `self`; the kernel updates the word concurrently, which is
+        // why it is only ever accessed as an atomic.
+        unsafe { AtomicU32::from_ptr(self.map.as_ptr().add(off).cast::<u32>()) }
+    }
+
+    /// A u32 or u16 field of a slot header the kernel has handed over (`TP_STATUS_USER`).
+    fn read_u32(&self, off: usize) -> u32 {
+        // SAFETY: inside the mapping, in a slot user space owns now; unaligned read is fine.
+        unsafe { ptr::read_volatile(self.map.as_ptr().add(off).cast::<u32>()) }
+    }
+
+    fn read_u16(&self, off: usize) -> u16 {
+        // SAFETY: as read_u32; offset 12 of a 16-aligned slot is 2-aligned.
+        unsafe { ptr::read_volatile(self.map.as_ptr().add(off).cast::<u16>()) }
+    }
+
+    /// Gives the frames lent by the last call back to the kernel, then lends up to `max`
+    /// frames that have arrived since, in arrival order; returns how many (0: none waiting).
+    /// No system call.
+    pub fn recv_batch(&mut self, max: usize) -> usize {
+        self.release();
+        let n = self.rx.frame_nr();
+        self.rx_lent_from = self.rx_head;
+        while self.lent.len() < max {
+            let off = self.rx.slot(self.rx_head);
+            // Acquire: the frame's bytes and header fields are visible once the status is.
+            let st = self.status(off).load(Ordering::Acquire);
+            if st & TP_STATUS_USER == 0 {
+                break;
+            }
+            let wire = self.read_u32(off + 4) as usize; // tp_len
+            let snap = self.read_u32(off + 8) as usize; // tp_snaplen
+            let mac = usize::from(self.read_u16(off + 12)); // tp_mac
+                                                            // The kernel keeps tp_mac + tp_snaplen inside the slot; check rather than trust.
+            let len = if mac + snap <= self.rx.frame_size {
+                snap
+            } else {
+                0
+            };
+            let mut src = [0u8; 6];
+            if len >= 12 {
+                // SAFETY: bytes mac+6..mac+12 are inside the slot (len >= 12 checked above).
+                unsafe {
+                    ptr::copy_nonoverlapping(
+                        self.map.as_ptr().add(off + mac + 6),
+                        src.as_mut_ptr(),
+                        6,
+                    )
+                };
+            }
+            let meta = RecvMeta {
+                len,
+                truncated: wire > len,
+                src,
+            };
+            self.lent.push((off + mac, meta));
+            self.rx_head = (self.rx_head + 1) % n;
+            self.rx_lent += 1;
+        }
+        self.lent.len()
+    }
+
+    fn release(&mut self) {
+        let n = self.rx.frame_nr();
+        for k in 0..self.rx_lent {
+            let off = self.rx.slot((self.rx_lent_from + k) % n);
+            // Release: our reads of the frame are done before the kernel may overwrite it.
+            self.status(off).store(TP_STATUS_KERNEL, Ordering::Release);
+        }
+        self.rx_lent = 0;
+        self.lent.clear();
+    }
+
+    /// Frames lent by the last [`recv_batch`](Self::recv_batch).
+    pub fn len(&self) -> usize {
+        self.lent.len()
+    }
+
+    /// True if the last [`recv_batch`](Self::recv_batch) lent nothing.
+    pub fn is_empty(&self) -> bool {
+        self.lent.is_empty()
+    }
+
+    /// Frame `i` of the last [`recv_batch`](Self::recv_batch), from its destination address
+    /// on (`meta(i).len` bytes).
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`, like slice indexing.
+    pub fn frame(&self, i: usize) -> &[u8] {
+        let (off, meta) = self.lent[i];
+        // SAFETY: the slot is user-owned until the next recv_batch (which needs &mut self,
+        // so this borrow has ended by then); recv_batch checked off + len is inside it.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), meta.len) }
+    }
+
+    /// Metadata of frame `i` of the last [`recv_batch`](Self::recv_batch).
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`.
+    pub fn meta(&self, i: usize) -> RecvMeta {
+        self.lent[i].1
+    }
+
+    /// Copies `frame` into the next free transmit slot and marks it for sending; it goes out
+    /// at the next [`kick`](Self::kick). Returns false, copying nothing, when the ring is full
+    /// (the kernel still holds the next slot).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] if `frame` is longer than
+    /// [`tx_frame_cap`](Self::tx_frame_cap).
+    pub fn push(&mut self, frame: &[u8]) -> io::Result<bool> {
+        if frame.len() > self.tx_frame_cap() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes does not fit a {}-byte ring slot",
+                    frame.len(),
+                    self.tx_frame_cap()
+                ),
+            ));
+        }
+        let off = self.rx.bytes() + self.tx.slot(self.tx_head);
+        let st = self.status(off).load(Ordering::Acquire);
+        if st == TP_STATUS_WRONG_FORMAT {
+            self.stats.tx_rejected += 1;
+        } else if st != TP_STATUS_AVAILABLE {
+            return Ok(false);
+        }
+        // SAFETY: the slot is available (the kernel does not touch it until we mark it), and
+        // the frame fits after the header (checked above).
+        unsafe {
+            let base = self.map.as_ptr().add(off);
+            ptr::copy_nonoverlapping(frame.as_ptr(), base.add(TX_DATA_OFFSET), frame.len());
+            // tp_len (u32 at offset 4); the length checked above fits a u32 slot size.
+            ptr::write_volatile(base.add(4).cast::<u32>(), frame.len() as u32);
+        }
+        // Release: data and length are visible to the kernel before the request is.
+        self.status(off)
+            .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
+        self.tx_head = (self.tx_head + 1) % self.tx.frame_nr();
+        self.tx_unkicked += 1;
+        Ok(true)
+    }
+
+    /// True if frames were pushed that no [`kick`](Self::kick) has sent yet.
+    pub fn needs_kick(&self) -> bool {
+        self.tx_unkicked > 0
+    }
+
+    /// Asks the kernel to send every marked slot: one `send(fd, NULL, 0, MSG_DONTWAIT)`.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::WouldBlock`] when the device queue is full (`ENOBUFS`, `EAGAIN`):
+    /// the frames not sent stay marked, and the next kick sends them. `EINTR` is retried.
+    pub fn kick(&mut self) -> io::Result<()> {
+        if self.tx_unkicked == 0 {
+            return Ok(());
+        }
+        loop {
+            // SAFETY: a NULL buffer of length 0 is what tpacket_snd expects from a kick; the
+            // kernel reads the frames from the mapped ring, which outlives the call.
+            let ret = unsafe { libc::send(self.fd, ptr::null(), 0, libc::MSG_DONTWAIT) };
+            match cvt_size(ret) {
+                Ok(_) => {
+                    self.tx_unkicked = 0;
+                    return Ok(());
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "transmit queue full (ENOBUFS)",
+                        ))
+                    }
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for PacketRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of that length, unmapped once; no borrow of it
+        // can outlive `self`.
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+    }
+}
+
+impl std::fmt::Debug for PacketRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketRing")
+            .field("rx", &self.rx)
+            .field("tx", &self.tx)
+            .field("lent", &self.lent.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn set_int(fd: libc::c_int, name: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: `val` is a readable c_int whose size is passed; it outlives the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            name,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn set_req(fd: libc::c_int, name: libc::c_int, req: &TpacketReq) -> io::Result<()> {
+    // SAFETY: `req` is a readable tpacket_req whose size is passed; it outlives the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            name,
+            (req as *const TpacketReq).cast(),
+            std::mem::size_of::<TpacketReq>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_keeps_frames_inside_blocks() {
+        for (data, off) in [
+            (1514, RX_DATA_OFFSET),
+            (9014, RX_DATA_OFFSET),
+            (9014, TX_DATA_OFFSET),
+        ] {
+            let g = Geometry::new(1000, data, off, 4096);
+            assert_eq!(g.frame_size % TPACKET_ALIGNMENT, 0);
+            assert!(g.frame_size >= off + data);
+            assert_eq!(g.block_size % 4096, 0);
+            assert!(g.per_block * g.frame_size <= g.block_size);
+            assert!(g.frame_nr() >= 1000);
+            let last = g.slot(g.frame_nr() - 1);
+            assert!(last + g.frame_size <= g.bytes());
+        }
+        // 1514 + 80 bytes: 1600-byte slots, 81 to a 128 KiB block.
+        let g = Geometry::new(1024, 1514, RX_DATA_OFFSET, 4096);
+        assert_eq!(
+            (g.frame_size, g.block_size, g.per_block),
+            (1600, 131072, 81)
+        );
+        assert_eq!(g.slot(81), 131072);
+        // A frame larger than 128 KiB still gets a block of its own.
+        let g = Geometry::new(2, 200_000, TX_DATA_OFFSET, 4096);
+        assert_eq!(g.per_block, 1);
+        assert!(g.block_size >= 200_032);
+    }
+
+    #[test]
+    fn ring_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<PacketRing>();
+    }
+}
