@@ -656,7 +656,7 @@ fn a_shelf_slot_already_served_on_the_segment_refuses_the_start() {
     assert!(
         wait_until(Duration::from_secs(10), || t
             .output_so_far()
-            .contains("exports=e1.1")),
+            .contains("e1.1: probing the segment")),
         "no probe on reload; log:\n{}",
         t.output_so_far()
     );
