@@ -153,23 +153,13 @@ impl FloodLan {
         // The bridge's MAC, once every port is in (it follows the lowest port MAC).
         let target_mac = bridge_mac(&target_ns, bridge.name());
         let expected = fs::read(&file).expect("backing file");
-        let mut rig = Rig {
-            kind: Target::AoeServe,
-            target_args: Vec::new(),
-            root,
-            file,
-            mounts: Vec::new(),
-            initiator: None,
-            target: None,
-            init_if: veth.b_name().to_owned(),
-            target_if: bridge.name().to_owned(),
-            spare_if: None,
-            _spare: None,
-            veth,
-            init_ns,
-            target_ns,
-            dir,
-        };
+        let mut rig = Rig::assemble(
+            Target::AoeServe,
+            Vec::new(),
+            (dir, file, root),
+            (veth, target_ns, init_ns),
+            bridge.name().to_owned(),
+        );
         rig.start_target();
         let extra: Vec<String> = init_args.iter().map(|a| a.to_string()).collect();
         rig.launch_initiator(&extra);

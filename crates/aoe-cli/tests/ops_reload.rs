@@ -49,23 +49,14 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     let target_ns = Netns::new("aoeht").expect("target namespace");
     let init_ns = Netns::new("aoehi").expect("initiator namespace");
     let veth = VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
-    let mut rig = Rig {
-        kind: Target::AoeServe,
-        target_args: Vec::new(),
-        root,
-        file,
-        mounts: Vec::new(),
-        initiator: None,
-        target: None,
-        init_if: veth.b_name().to_owned(),
-        target_if: veth.a_name().to_owned(),
-        spare_if: None,
-        _spare: None,
-        veth,
-        init_ns,
-        target_ns,
-        dir,
-    };
+    let target_if = veth.a_name().to_owned();
+    let mut rig = Rig::assemble(
+        Target::AoeServe,
+        Vec::new(),
+        (dir, file, root),
+        (veth, target_ns, init_ns),
+        target_if,
+    );
     write_conf(&conf, &rig.target_if, &rig.file, None);
     let mut cmd = Command::new(AOE);
     cmd.args(["serve", "--config"]).arg(&conf);

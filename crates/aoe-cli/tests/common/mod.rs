@@ -219,6 +219,39 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// A rig with nothing started yet: `backing` is what [`backing_and_root`] returns (dir,
+    /// file, root), `link` the veth pair and its (target, initiator) namespaces; the
+    /// initiator uses the pair's initiator end, the target `target_if` (the pair's other end,
+    /// or a bridge it is a port of). Callers with a spare link or several paths set
+    /// `init_if`, `spare_if` and `_spare` afterwards.
+    pub fn assemble(
+        kind: Target,
+        target_args: Vec<String>,
+        backing: (tempfile::TempDir, PathBuf, PathBuf),
+        link: (VethPair, Netns, Netns),
+        target_if: String,
+    ) -> Rig {
+        let (dir, file, root) = backing;
+        let (veth, target_ns, init_ns) = link;
+        Rig {
+            kind,
+            target_args,
+            root,
+            file,
+            mounts: Vec::new(),
+            initiator: None,
+            target: None,
+            init_if: veth.b_name().to_owned(),
+            target_if,
+            spare_if: None,
+            _spare: None,
+            veth,
+            init_ns,
+            target_ns,
+            dir,
+        }
+    }
+
     /// Namespaces, link, backing file (SECTORS, filled with a pattern), target, initiator;
     /// returns once ROOT is mounted and the device is up.
     pub fn start(kind: Target, mtu: u32, opts: InitOpts) -> Rig {
@@ -246,23 +279,16 @@ impl Rig {
             let v = VethPair::new(&init_ns, &ns, mtu).expect("spare veth pair");
             (v, ns)
         });
-        let mut rig = Rig {
+        let target_if = veth.a_name().to_owned();
+        let mut rig = Rig::assemble(
             kind,
-            target_args: target_args.iter().map(|a| a.to_string()).collect(),
-            root,
-            file,
-            mounts: Vec::new(),
-            initiator: None,
-            target: None,
-            init_if: veth.b_name().to_owned(),
-            target_if: veth.a_name().to_owned(),
-            spare_if: spare.as_ref().map(|(v, _)| v.a_name().to_owned()),
-            _spare: spare,
-            veth,
-            init_ns,
-            target_ns,
-            dir,
-        };
+            target_args.iter().map(|a| a.to_string()).collect(),
+            (dir, file, root),
+            (veth, target_ns, init_ns),
+            target_if,
+        );
+        rig.spare_if = spare.as_ref().map(|(v, _)| v.a_name().to_owned());
+        rig._spare = spare;
         rig.start_target();
         rig.launch_initiator(&opts.args());
         // It discovers at start; the target also announces itself when it starts.
@@ -753,23 +779,15 @@ impl RelayRig {
             .map(|(n, _)| n.as_str())
             .collect::<Vec<_>>()
             .join(" ");
-        let mut rig = Rig {
+        let mut rig = Rig::assemble(
             kind,
-            target_args: target_args.iter().map(|a| a.to_string()).collect(),
-            root,
-            file,
-            mounts: Vec::new(),
-            initiator: None,
-            target: None,
-            init_if: iflist.clone(),
+            target_args.iter().map(|a| a.to_string()).collect(),
+            (dir, file, root),
+            (veth, target_ns, init_ns),
             target_if,
-            spare_if: None,
-            _spare: Some((i_side, mid)),
-            veth,
-            init_ns,
-            target_ns,
-            dir,
-        };
+        );
+        rig.init_if = iflist.clone();
+        rig._spare = Some((i_side, mid));
         rig.start_target();
         // `init_if` is the whole --iflist here: every path's initiator end.
         rig.launch_initiator(&opts.args());
@@ -1202,23 +1220,14 @@ impl RbdRig {
         let ceph = Ceph::start(&target_ns);
         prepare(&ceph);
         let (dir, _, root) = backing_and_root('c', Some(PathBuf::from(format!("rbd:{image}"))));
-        let mut rig = Rig {
-            kind: Target::AoeServe,
-            target_args: ceph.serve_args(),
-            root,
-            file: PathBuf::from(format!("rbd:{image}")),
-            mounts: Vec::new(),
-            initiator: None,
-            target: None,
-            init_if: veth.b_name().to_owned(),
-            target_if: veth.a_name().to_owned(),
-            spare_if: None,
-            _spare: None,
-            veth,
-            init_ns,
-            target_ns,
-            dir,
-        };
+        let target_if = veth.a_name().to_owned();
+        let mut rig = Rig::assemble(
+            Target::AoeServe,
+            ceph.serve_args(),
+            (dir, PathBuf::from(format!("rbd:{image}")), root),
+            (veth, target_ns, init_ns),
+            target_if,
+        );
         rig.start_target();
         rig.launch_initiator(&InitOpts::default().args());
         let up = wait_until(Duration::from_secs(20), || {
