@@ -18,6 +18,9 @@
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade"   SIZE_MB=1024
 #   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   WINDOW=64 (raw generator window)
 #   DD_BS=1M (dd's block size)   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
+#             with more than one, each run measures them in turn (interleaved, not one after
+#             the other), every row names its binary, and the target and raw generator stay $AOE
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   PERFSTAT=1  also print the initiator's system calls and context switches per MiB read
 #             (perf stat), figures a loaded machine does not disturb
@@ -48,6 +51,13 @@ done
 [ "$NBDKIT" = 1 ] && { command -v nbdkit >/dev/null || die "missing nbdkit (Debian: nbdkit)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 AOE=$(readlink -f "$AOE")
+INITS=${INITS:-$AOE}
+INIT_BINS=()
+for b in $INITS; do
+    [ -x "$b" ] || die "no initiator binary at $b"
+    INIT_BINS+=("$(readlink -f "$b")")
+done
+INIT_AOE=${INIT_BINS[0]}
 
 TAG=$$
 NS_T=aoebiT$TAG NS_I=aoebiI$TAG IF_T=biT$TAG IF_I=biI$TAG
@@ -103,9 +113,9 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 # user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
-# The initiator's CPU-seconds per GB moved since ticks $1 (RUNS runs of SIZE_MB MiB).
-cpu_per_gb() {
-    awk -v t=$(( $(cpu_ticks "$INIT_PID") - $1 )) -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
+# CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB.
+per_gb() {
+    awk -v t="$1" -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
         'BEGIN { printf "%.2f\n", (t / hz) / (b / 1e9) }'
 }
 median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
@@ -134,7 +144,7 @@ start_target() { # name
 start_initiator() {
     mkdir -p "$ROOT"
     # shellcheck disable=SC2086
-    nsenter --net="/run/netns/$NS_I" -- "$AOE" initiator --root "$ROOT" --iflist "$IF_I" --nbd "$SOCK" $INIT_ARGS \
+    nsenter --net="/run/netns/$NS_I" -- "$INIT_AOE" initiator --root "$ROOT" --iflist "$IF_I" --nbd "$SOCK" $INIT_ARGS \
         >"$WORK/init.log" 2>&1 &
     INIT_PID=$!
     for _ in $(seq 1 100); do
@@ -151,7 +161,7 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
         local pp=$!; sleep 0.3
         "$@"
         kill -INT "$pp"; wait "$pp" 2>/dev/null || true
-        awk -F, -v mib=$(( RUNS * SIZE_MB )) -v n="$name" '
+        awk -F, -v mib="$SIZE_MB" -v n="$name" '
             $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
             $3 == "task-clock" { tc = $1 }
             END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
@@ -191,23 +201,36 @@ for mtu in $MTUS; do
     for t in $TARGETS; do
         start_target "$t"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
-        start_initiator
-        c0=$(cpu_ticks "$INIT_PID")
-        dev=$(perf_during "dev-$t-$mtu" cell dev \
-            dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag=direct,count_bytes \
-            count=$((SIZE_MB << 20)))
-        devc=$(cpu_per_gb "$c0"); c0=$(cpu_ticks "$INIT_PID")
-        nbd=$(perf_during "nbd-$t-$mtu" cell nbd in_i nbdcopy "$URI" null:)
-        nbdc=$(cpu_per_gb "$c0")
-        devw=- nbdw=-
-        if [ "$WRITES" = 1 ]; then
-            devw=$(cell devw dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" oflag=direct \
-                conv=notrunc)
-            nbdw=$(cell nbdw in_i nbdcopy "$SRC" "$URI")
-        fi
-        stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+        # Per initiator binary (index k): MB/s of each run, and CPU ticks spent in dev and nbd reads.
+        declare -A V=() TK=()
+        for run in $(seq 1 "$RUNS"); do
+            for k in "${!INIT_BINS[@]}"; do
+                INIT_AOE=${INIT_BINS[$k]}
+                start_initiator
+                c0=$(cpu_ticks "$INIT_PID")
+                V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
+                    dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag=direct,count_bytes \
+                    count=$((SIZE_MB << 20))) "
+                c1=$(cpu_ticks "$INIT_PID"); TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 ))
+                V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
+                c2=$(cpu_ticks "$INIT_PID"); TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 ))
+                if [ "$WRITES" = 1 ]; then
+                    V[devw,$k]+="$(timed dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" \
+                        oflag=direct conv=notrunc) "
+                    V[nbdw,$k]+="$(timed in_i nbdcopy "$SRC" "$URI") "
+                fi
+                stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+            done
+        done
         stop_pid "$TARGET_PID"; TARGET_PID=""
-        row "| $mtu | $t | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $devc / $nbdc | $(load) |"
+        for k in "${!INIT_BINS[@]}"; do
+            med() { [ -n "${V[$1,$k]:-}" ] && printf '%s\n' ${V[$1,$k]} | median || echo -; }
+            dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
+            label=$t
+            [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
+            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $(load) |"
+        done
+        unset V TK
     done
     if [ "$NBDKIT" = 1 ]; then
         nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i 10.91.0.1 -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &

@@ -276,8 +276,9 @@ impl Iface {
         }
     }
 
-    /// Sends backlogged frames, in batches, until the socket is full again.
-    fn flush(&mut self, logs: &mut RateLimiter) {
+    /// Sends backlogged frames, in batches, until the socket is full again; the buffers of
+    /// those done with go to `spent`.
+    fn flush(&mut self, logs: &mut RateLimiter, spent: &mut Vec<Vec<u8>>) {
         while !self.backlog.is_empty() {
             let (n, full) = {
                 let (a, b) = self.backlog.as_slices();
@@ -289,7 +290,7 @@ impl Iface {
                     .collect();
                 self.send_some(&frames, logs)
             };
-            self.backlog.drain(..n);
+            spent.extend(self.backlog.drain(..n));
             if full {
                 return;
             }
@@ -319,8 +320,14 @@ impl Iface {
 
     /// Sends `frames` now, in batches, if nothing is waiting before them; what the socket
     /// refuses (full send buffer) is queued behind the backlog, or dropped with the
-    /// backlog full. Returns the number dropped.
-    fn send_or_queue(&mut self, frames: Vec<Vec<u8>>, logs: &mut RateLimiter) -> u32 {
+    /// backlog full. The buffers of frames done with (sent, lost or dropped) go to `spent`,
+    /// and `frames` is left empty. Returns the number dropped.
+    fn send_or_queue(
+        &mut self,
+        frames: &mut Vec<Vec<u8>>,
+        logs: &mut RateLimiter,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> u32 {
         let mut done = 0;
         if self.backlog.is_empty() {
             let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
@@ -340,9 +347,12 @@ impl Iface {
             }
         }
         let mut dropped = 0;
-        for f in frames.into_iter().skip(done) {
+        let mut frames = frames.drain(..);
+        spent.extend(frames.by_ref().take(done));
+        for f in frames {
             if self.backlog.len() >= BACKLOG {
                 dropped += 1;
+                spent.push(f);
             } else {
                 self.backlog.push_back(f);
             }
@@ -366,6 +376,8 @@ pub struct Net {
     rxb: RecvBatch,
     /// Frames taken from the engine for each interface index, sent together.
     tx: Vec<Vec<Vec<u8>>>,
+    /// Buffers of frames sent, handed back to the engine ([`Engine::recycle_frame`]).
+    spent: Vec<Vec<u8>>,
     loop_devices: bool,
     root: std::path::PathBuf,
     /// Names in the interface list that did not exist at the last sync (said once on `err`).
@@ -431,6 +443,7 @@ impl Net {
             opens: HashMap::new(),
             rxb: RecvBatch::new(RX_BATCH, FRAME_BUF),
             tx: Vec::new(),
+            spent: Vec::new(),
             loop_devices,
             root,
             missing: Vec::new(),
@@ -630,7 +643,7 @@ impl Net {
                     continue;
                 };
                 if fd.writable {
-                    i.flush(&mut self.logs);
+                    i.flush(&mut self.logs, &mut self.spent);
                 }
                 let mut taken = 0;
                 while taken < RX_BUDGET {
@@ -656,7 +669,7 @@ impl Net {
     /// likewise drops what `dev_queue_xmit` refuses).
     fn transmit(&mut self, now: Instant) {
         for i in self.ifaces.iter_mut().flatten() {
-            i.flush(&mut self.logs);
+            i.flush(&mut self.logs, &mut self.spent);
         }
         let mut dropped = 0u32;
         if self.tx.len() < self.ifaces.len() {
@@ -669,18 +682,18 @@ impl Net {
                 any = true;
             }
         }
-        if !any {
-            return;
+        if any {
+            for (idx, q) in self.tx.iter_mut().enumerate() {
+                match self.ifaces.get_mut(idx) {
+                    Some(Some(i)) if !q.is_empty() => {
+                        dropped += i.send_or_queue(q, &mut self.logs, &mut self.spent)
+                    }
+                    _ => self.spent.append(q),
+                }
+            }
         }
-        for (idx, q) in self.tx.iter_mut().enumerate() {
-            if q.is_empty() {
-                continue;
-            }
-            let frames = std::mem::take(q);
-            match self.ifaces.get_mut(idx) {
-                Some(Some(i)) => dropped += i.send_or_queue(frames, &mut self.logs),
-                _ => continue,
-            }
+        for f in self.spent.drain(..) {
+            self.engine.recycle_frame(f);
         }
         if dropped > 0 {
             self.send_dropped += u64::from(dropped);

@@ -549,8 +549,11 @@ fn requests(
                 );
             }
             Command::Write { offset, len, fua } => {
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // Read into spare capacity: no zeroing of bytes the payload overwrites.
+                let mut data = Vec::with_capacity(len as usize);
+                if r.by_ref().take(u64::from(len)).read_to_end(&mut data)? < len as usize {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
                 inflight.acquire(bytes);
                 let done = bd.then_flush(fua, Box::new(move |res| reply(status(res), Vec::new())));
                 bd.write(offset, data, done);

@@ -91,9 +91,18 @@ impl Engine {
                 data,
             }),
         };
-        if let Ok(v) = msg.to_vec() {
-            d.stats.frames_sent += 1;
-            self.transmit.push_back((f.iface, v));
+        let mut buf = self.spare.pop().unwrap_or_default();
+        // `Message::emit` writes every byte up to the length it returns (header, ATA
+        // arguments, data, padding), so a reused buffer's old bytes never reach the wire
+        // and only growth past its old length is zeroed.
+        buf.resize(msg.buffer_len(), 0);
+        match msg.emit(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                d.stats.frames_sent += 1;
+                self.transmit.push_back((f.iface, buf));
+            }
+            Err(_) => self.recycle_frame(buf),
         }
     }
 }

@@ -324,8 +324,8 @@ impl Engine {
             OpKind::Read(buf) => {
                 let s = f.offset as usize * SECTOR_SIZE;
                 let n = f.count as usize * SECTOR_SIZE;
-                if let (Some(dst), Some(src)) = (buf.get_mut(s..s + n), data.get(..n)) {
-                    dst.copy_from_slice(src);
+                if let Some(src) = data.get(..n) {
+                    place(buf, s, src);
                 }
             }
             OpKind::Identify => {
@@ -360,7 +360,12 @@ impl Engine {
             return;
         }
         let result = result.map(|()| match op.kind {
-            OpKind::Read(buf) => Some(buf),
+            OpKind::Read(mut buf) => {
+                // Every frame of the op was answered, so `place` has filled it to the end;
+                // this only restates the length the caller asked for.
+                buf.resize(op.sectors as usize * SECTOR_SIZE, 0);
+                Some(buf)
+            }
             _ => None,
         });
         self.events.push_back(Event::Completed {
@@ -468,6 +473,21 @@ impl Engine {
     }
 }
 
+/// Copies one frame's data to byte `at` of a read's buffer, which grows as frames land
+/// (allocated with its capacity but empty, [`Engine::submit`]): a frame that continues the
+/// buffer, the usual case since answers mostly come in the order the frames went out, is
+/// appended without the buffer ever being zeroed first; one that lands beyond the end
+/// zero-fills the gap, which the frames before it overwrite when they are answered.
+pub(super) fn place(buf: &mut Vec<u8>, at: usize, src: &[u8]) {
+    if buf.len() < at {
+        buf.resize(at, 0);
+    }
+    let end = at + src.len();
+    let inside = buf.len().min(end) - at;
+    buf[at..at + inside].copy_from_slice(&src[..inside]);
+    buf.extend_from_slice(&src[inside..]);
+}
+
 /// How often a device logs responses from another MAC than the frame's.
 const OTHER_MAC_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -478,4 +498,38 @@ fn driver_lba48(page: &[u8]) -> bool {
             .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
     };
     (word(83) | word(86)) & (1 << 10) != 0
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::place;
+
+    /// Frames landing in any order build the same buffer as in order: appended when they
+    /// continue it, the gap zero-filled and then overwritten when one lands beyond the end.
+    #[test]
+    fn frames_in_any_order_fill_the_buffer() {
+        let piece = |i: u8| vec![i + 1; 4];
+        let want: Vec<u8> = (0..4).flat_map(piece).collect();
+        for order in [
+            [0, 1, 2, 3],
+            [3, 2, 1, 0],
+            [1, 0, 3, 2],
+            [2, 0, 3, 1],
+            [0, 3, 1, 2],
+        ] {
+            let mut buf = Vec::with_capacity(16);
+            for i in order {
+                place(&mut buf, i as usize * 4, &piece(i));
+            }
+            assert_eq!(buf, want, "order {order:?}");
+        }
+        // A frame sent again over bytes already there (a reissue) rewrites them.
+        let mut buf = want.clone();
+        place(&mut buf, 2, &[9, 9, 9, 9]);
+        assert_eq!(buf, [1, 1, 9, 9, 9, 9, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4]);
+        // One that overlaps the end both rewrites and appends.
+        let mut buf = vec![1, 1, 1];
+        place(&mut buf, 2, &[5, 6, 7]);
+        assert_eq!(buf, [1, 1, 5, 6, 7]);
+    }
 }
