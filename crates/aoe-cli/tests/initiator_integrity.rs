@@ -570,6 +570,47 @@ fn sigkill_mid_write_then_restart_takes_over_root_and_nbd_socket() {
     rig.finish();
 }
 
+/// The loop device `--loop` attached survives a SIGKILL of the initiator, bound to a file
+/// on the dead mount where every I/O fails; it used to stay so for good. The restart
+/// detaches it (`losetup -d`): held open here, so the kernel can only mark it to go with
+/// its last close (`autoclear`), which keeps its name from being reused meanwhile.
+#[test]
+fn sigkill_then_restart_detaches_the_dead_initiators_loop_device() {
+    let opts = InitOpts {
+        loop_devices: true,
+        ..InitOpts::default()
+    };
+    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let old = rig.wait_loops();
+    assert_eq!(old.len(), 1, "{old:?}");
+    let holder = fs::File::open(&old[0]).unwrap();
+    let autoclear = PathBuf::from(old[0].replace("/dev/", "/sys/block/")).join("loop/autoclear");
+    assert_eq!(fs::read_to_string(&autoclear).unwrap().trim(), "0");
+    rig.signal_initiator("KILL");
+    let mut dead = rig.initiator.take().unwrap();
+    assert!(dead
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .is_some());
+    rig.launch_initiator(&["--loop".to_string()]);
+    rig.wait_state("up", Duration::from_secs(10), "after the restart");
+    let detached = wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&autoclear).is_ok_and(|a| a.trim() == "1")
+    });
+    if !detached {
+        // Do not leave it behind.
+        let _ = Command::new("losetup").args(["-d", &old[0]]).status();
+    }
+    assert!(
+        detached,
+        "{} still attached after the restart{}",
+        old[0],
+        rig.logs()
+    );
+    drop(holder);
+    rig.finish();
+}
+
 // ------------------------------------------------------------------------------------------
 // A full send buffer
 

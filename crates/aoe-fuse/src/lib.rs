@@ -121,6 +121,7 @@ fn refuse_mounted_root(root: &Path) -> Result<()> {
 fn remove_stale_mount(root: &Path) -> Result<()> {
     let r = root.display();
     tracing::warn!("{r}: removing the stale mount of an aoe initiator that is gone");
+    detach_stale_loops(root);
     let out = std::process::Command::new("fusermount3")
         .args(["-u", "-z"])
         .arg(root)
@@ -135,6 +136,43 @@ fn remove_stale_mount(root: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Detaches the loop devices the dead initiator's `--loop` attached to files under `root`
+/// (`/sys/block/loopN/loop/backing_file`): they can only fail I/O now, and the restarted
+/// initiator attaches new ones. `losetup -d` on one still in use (mounted) detaches it
+/// once its last user closes it.
+fn detach_stale_loops(root: &Path) {
+    let prefix = format!("{}/", root.display());
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let back = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if !back.trim_end().starts_with(&prefix) {
+            continue;
+        }
+        let dev = format!("/dev/{name}");
+        let ok = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            tracing::warn!(
+                "{dev}: detached; it was attached to {} by the initiator that is gone",
+                back.trim_end()
+            );
+        } else {
+            tracing::warn!(
+                "{dev}: attached to {} by the initiator that is gone; losetup -d {dev} failed",
+                back.trim_end()
+            );
+        }
+    }
 }
 
 /// The file system type and source of the mount on `dir` in a mountinfo text (the last
