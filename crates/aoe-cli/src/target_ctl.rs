@@ -31,6 +31,15 @@ pub fn listen(a: &ControlArg, obs: Arc<Observer>) -> Result<Option<ControlSocket
         Some(p) => aoe_target::control::listen(p, obs).map(Some),
         None => {
             let p = aoe_target::control::default_socket_path();
+            if let Some(dir) = p.parent() {
+                let n = aoe_target::control::remove_dead_sockets(dir);
+                if n > 0 {
+                    tracing::info!(
+                        "removed {n} control socket(s) of killed targets from {}",
+                        dir.display()
+                    );
+                }
+            }
             match aoe_target::control::listen(&p, obs) {
                 Ok(s) => Ok(Some(s)),
                 Err(e) => {

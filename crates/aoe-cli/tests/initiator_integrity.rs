@@ -6,7 +6,8 @@
 //! - SIGTERM while the device is in use (ext4 mounted on the `--loop` device) does not
 //!   stop the daemon: it keeps serving and exits once the file system is unmounted, or at
 //!   once on SIGQUIT;
-//! - a second `aoe initiator` on a ROOT that is already mounted refuses to start;
+//! - a second `aoe initiator` on a ROOT that is already mounted refuses to start, and
+//!   a restart after SIGKILL takes the dead one's ROOT and NBD socket over;
 //! - a full send buffer does not stall the network thread.
 
 mod common;
@@ -455,6 +456,158 @@ fn second_initiator_on_a_mounted_root_is_refused() {
         got == pattern(1, (1 << 20) + 4096)[1 << 20..],
         "wrong bytes"
     );
+    rig.finish();
+}
+
+/// SIGKILL of `aoe initiator` in the middle of a write through its device file and of one
+/// through NBD: both writers get an error instead of hanging, and the dead daemon leaves a
+/// FUSE mount answering ENOTCONN and its NBD socket file. A restart on the same ROOT and
+/// socket removes the stale mount (one warning line), takes the socket over and serves
+/// both again; it used to exit 1 asking for `fusermount3 -u -z`. Before that, a second
+/// initiator on another ROOT is refused the first one's live NBD socket instead of
+/// silently taking it over.
+#[test]
+fn sigkill_mid_write_then_restart_takes_over_root_and_nbd_socket() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let sock = rig.dir.path().join("nbd.sock");
+    let nbd = ["--nbd", sock.to_str().unwrap()];
+    rig.restart_initiator(&nbd);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+
+    // A live socket stays with its server.
+    let root2 = rig.dir.path().join("root2");
+    let mut other = rig
+        .init_ns
+        .spawn(
+            Command::new(AOE)
+                .args(["initiator", "--root", root2.to_str().unwrap()])
+                .args(["--iflist", &rig.init_if])
+                .args(nbd),
+        )
+        .unwrap();
+    let status = other.wait_timeout(Duration::from_secs(10)).unwrap();
+    let out = other.output_so_far();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "--nbd: {} is in use by a running server",
+            sock.display()
+        )),
+        "{out}"
+    );
+    let client = nbd_connect(&sock, DEV);
+    assert!(nbd_pipelined_writes(client, vec![(0, pattern(7, 4096))]).is_empty());
+
+    // Writers on both front-ends, then SIGKILL.
+    let mut dd = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while dd if=/dev/zero of={} bs=64k oflag=direct status=none; do :; done; exit 1",
+            rig.dev().display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = nbd_connect(&sock, DEV);
+    let replies = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = replies.clone();
+    // One NBD_CMD_WRITE at a time, over and over: true once the connection fails.
+    let nbd_writer = std::thread::spawn(move || {
+        for i in 0u64.. {
+            let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+            req.extend_from_slice(&[0, 0, 0, 1]); // flags, NBD_CMD_WRITE
+            req.extend_from_slice(&i.to_be_bytes());
+            req.extend_from_slice(&((i % 1024) * 4096).to_be_bytes());
+            req.extend_from_slice(&4096u32.to_be_bytes());
+            req.extend_from_slice(&pattern(i, 4096));
+            let mut h = [0u8; 16];
+            if client
+                .write_all(&req)
+                .and_then(|_| client.read_exact(&mut h))
+                .is_err()
+            {
+                return true;
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        false
+    });
+    assert!(wait_until(Duration::from_secs(10), || {
+        replies.load(std::sync::atomic::Ordering::Relaxed) > 20
+    }));
+    rig.signal_initiator("KILL");
+    let mut dead = rig.initiator.take().unwrap();
+    assert!(dead
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .is_some());
+    let dd_done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
+    assert!(dd_done, "dd on the device file hangs after SIGKILL");
+    assert!(!dd.wait().unwrap().success(), "dd succeeded across SIGKILL");
+    assert!(
+        nbd_writer.join().unwrap(),
+        "the NBD writer saw every reply across SIGKILL"
+    );
+    assert!(
+        fs::metadata(&rig.root).is_err_and(|e| e.kind() == std::io::ErrorKind::NotConnected),
+        "ROOT is not a stale mount after SIGKILL"
+    );
+    assert!(sock.exists(), "the NBD socket file is gone");
+
+    // The restart takes over.
+    rig.launch_initiator(&nbd.map(String::from));
+    rig.wait_state("up", Duration::from_secs(10), "after the restart");
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(
+        out.contains("removing the stale mount of an aoe initiator that is gone"),
+        "{out}"
+    );
+    write_sync(&rig.dev(), 8192, &pattern(9, 4096)).expect("write through the device file");
+    let client = nbd_connect(&sock, DEV);
+    assert!(nbd_pipelined_writes(client, vec![(0, pattern(8, 4096))]).is_empty());
+    assert!(read_at(&rig.dev(), 0, 4096).unwrap() == pattern(8, 4096));
+    assert!(read_at(&rig.dev(), 8192, 4096).unwrap() == pattern(9, 4096));
+    rig.finish();
+}
+
+/// The loop device `--loop` attached survives a SIGKILL of the initiator, bound to a file
+/// on the dead mount where every I/O fails; it used to stay so for good. The restart
+/// detaches it (`losetup -d`): held open here, so the kernel can only mark it to go with
+/// its last close (`autoclear`), which keeps its name from being reused meanwhile.
+#[test]
+fn sigkill_then_restart_detaches_the_dead_initiators_loop_device() {
+    let opts = InitOpts {
+        loop_devices: true,
+        ..InitOpts::default()
+    };
+    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let old = rig.wait_loops();
+    assert_eq!(old.len(), 1, "{old:?}");
+    let holder = fs::File::open(&old[0]).unwrap();
+    let autoclear = PathBuf::from(old[0].replace("/dev/", "/sys/block/")).join("loop/autoclear");
+    assert_eq!(fs::read_to_string(&autoclear).unwrap().trim(), "0");
+    rig.signal_initiator("KILL");
+    let mut dead = rig.initiator.take().unwrap();
+    assert!(dead
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .is_some());
+    rig.launch_initiator(&["--loop".to_string()]);
+    rig.wait_state("up", Duration::from_secs(10), "after the restart");
+    let detached = wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&autoclear).is_ok_and(|a| a.trim() == "1")
+    });
+    if !detached {
+        // Do not leave it behind.
+        let _ = Command::new("losetup").args(["-d", &old[0]]).status();
+    }
+    assert!(
+        detached,
+        "{} still attached after the restart{}",
+        old[0],
+        rig.logs()
+    );
+    drop(holder);
     rig.finish();
 }
 

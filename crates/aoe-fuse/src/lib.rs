@@ -95,6 +95,12 @@ fn refuse_mounted_root(root: &Path) -> Result<()> {
     // Mounted by root the type is `fuse` (the subtype goes into the options), through
     // fusermount3 `fuse.etherd`; the source is the FSName either way.
     if (fstype == "fuse" || fstype.starts_with("fuse.")) && source == "aoe" {
+        // ENOTCONN: the connection of this mount is gone, so is the daemon that served it
+        // (killed, or crashed). Nothing answers there any more; a restart takes its place,
+        // as a restarted `aoe initiator` under a service manager must.
+        if std::fs::metadata(&abs).is_err_and(|e| e.kind() == std::io::ErrorKind::NotConnected) {
+            return remove_stale_mount(&abs);
+        }
         match initiator_pid_on(&abs) {
             Some(pid) => anyhow::bail!(
                 "{r} is already mounted (by another aoe initiator, pid {pid}); stop it first"
@@ -108,6 +114,65 @@ fn refuse_mounted_root(root: &Path) -> Result<()> {
     anyhow::bail!(
         "{r} is already mounted ({fstype} from {source}); unmount it or choose another --root"
     )
+}
+
+/// Lazily unmounts the mount on `root` whose FUSE daemon is gone (the file system answers
+/// ENOTCONN), saying so once; fails if it stays.
+fn remove_stale_mount(root: &Path) -> Result<()> {
+    let r = root.display();
+    tracing::warn!("{r}: removing the stale mount of an aoe initiator that is gone");
+    detach_stale_loops(root);
+    let out = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(root)
+        .output()
+        .with_context(|| format!("{r} is a stale mount; cannot run fusermount3 -u -z {r}"))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if !out.status.success() || mount_at(&info, root).is_some_and(|(_, s)| s == "aoe") {
+        anyhow::bail!(
+            "{r} is a stale mount of an aoe initiator that is gone, and fusermount3 -u -z {r} \
+             failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Detaches the loop devices the dead initiator's `--loop` attached to files under `root`
+/// (`/sys/block/loopN/loop/backing_file`): they can only fail I/O now, and the restarted
+/// initiator attaches new ones. `losetup -d` on one still in use (mounted) detaches it
+/// once its last user closes it.
+fn detach_stale_loops(root: &Path) {
+    let prefix = format!("{}/", root.display());
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let back = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if !back.trim_end().starts_with(&prefix) {
+            continue;
+        }
+        let dev = format!("/dev/{name}");
+        let ok = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            tracing::warn!(
+                "{dev}: detached; it was attached to {} by the initiator that is gone",
+                back.trim_end()
+            );
+        } else {
+            tracing::warn!(
+                "{dev}: attached to {} by the initiator that is gone; losetup -d {dev} failed",
+                back.trim_end()
+            );
+        }
+    }
 }
 
 /// The file system type and source of the mount on `dir` in a mountinfo text (the last

@@ -91,6 +91,10 @@ pub struct Shared {
     pub io_bytes: Arc<IoBytes>,
     /// Frames and lines dropped, by reason (metrics), as of the last publication.
     pub drops: Drops,
+    /// Partition scans started (numbers them), and the number of the latest of each
+    /// known device: [`Shared::start_scan`], [`Shared::finish_scan`].
+    pub(crate) scans_started: u64,
+    pub(crate) latest_scan: BTreeMap<TargetAddr, u64>,
 }
 
 /// What the initiator dropped, by reason: the engine's counters of frames that belong to no
@@ -140,6 +144,31 @@ impl Shared {
 }
 
 impl Shared {
+    /// Numbers a new partition scan of `dev`; it is the latest of `dev` from now on.
+    fn start_scan(&mut self, dev: TargetAddr) -> u64 {
+        self.scans_started += 1;
+        self.latest_scan.insert(dev, self.scans_started);
+        self.scans_started
+    }
+
+    /// Stores the partitions scan `n` of `dev` found, unless a later scan of `dev` was
+    /// started since (or the device is gone): scans run on threads of their own, so the
+    /// one an `up` started can finish after the one a resize or revalidate started next,
+    /// and its table, read at the old size, must not replace the newer one. Says whether
+    /// it stored them.
+    fn finish_scan(&mut self, dev: TargetAddr, n: u64, parts: Vec<Partition>) -> bool {
+        if self.latest_scan.get(&dev) != Some(&n) {
+            return false;
+        }
+        match self.devices.get_mut(&dev) {
+            Some(e) => {
+                e.partitions = parts;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Answers EINTR to readers of `err` whose process has a signal pending or is gone. A
     /// FUSE request the daemon has taken cannot be killed until it is answered, so without
     /// this `timeout cat err` or Ctrl-C would hang like an unkillable read.
@@ -836,6 +865,7 @@ impl Net {
                 },
             );
         }
+        s.latest_scan.retain(|dev, _| next.contains_key(dev));
         s.devices = next;
     }
 
@@ -853,6 +883,7 @@ impl Net {
         let loop_devices = self.loop_devices;
         let path = self.root.join(dev.to_string());
         let handle = self.handle.clone();
+        let n = lock(&shared).start_scan(dev);
         let scan = move || {
             // Blocks until the I/O completes; the network thread answers every I/O (EIO
             // when it stops), or drops it with its channel, which ends the wait too.
@@ -871,13 +902,13 @@ impl Net {
                 Some(head) => partition::scan_with(&head, capacity, &mut |lba| read(lba, 1)),
                 None => Vec::new(),
             };
+            let found = parts.len();
             let mut s = lock(&shared);
-            if let Some(e) = s.devices.get_mut(&dev) {
-                if !parts.is_empty() {
-                    tracing::info!(partitions = parts.len(), "{dev}: partition table found");
+            if s.finish_scan(dev, n, parts) {
+                if found > 0 {
+                    tracing::info!(partitions = found, "{dev}: partition table found");
                 }
-                e.partitions = parts;
-                if loop_devices && e.loop_device.is_none() {
+                if loop_devices && s.devices.get(&dev).is_some_and(|e| e.loop_device.is_none()) {
                     drop(s);
                     attach_loop(shared.clone(), dev, path);
                 }
@@ -994,5 +1025,66 @@ mod err_ring_tests {
         s.err.pop_front();
         s.push_err("after".into());
         assert_eq!(s.err.back().map(String::as_str), Some("after\n"));
+    }
+}
+
+#[cfg(test)]
+mod scan_order_tests {
+    use super::*;
+    use aoe_proto::initiator::{DeviceState, DeviceStats};
+
+    const DEV: TargetAddr = TargetAddr { shelf: 1, slot: 2 };
+
+    fn known(s: &mut Shared, sectors: u64) {
+        let info = DeviceInfo {
+            addr: DEV,
+            state: DeviceState::Up,
+            sectors,
+            identify: None,
+            firmware_version: 0,
+            config: Vec::new(),
+            payload: 1024,
+            targets: Vec::new(),
+            interfaces: Vec::new(),
+            open: false,
+            ops_outstanding: 0,
+            stats: DeviceStats::default(),
+        };
+        s.devices.insert(
+            DEV,
+            DevEntry {
+                info,
+                partitions: Vec::new(),
+                loop_device: None,
+                identify_page: None,
+                kickme: false,
+            },
+        );
+    }
+
+    fn part(sectors: u64) -> Vec<Partition> {
+        vec![Partition {
+            number: 1,
+            start: 2048,
+            sectors,
+        }]
+    }
+
+    /// The scan an `up` started and the one a resize started right after run on threads
+    /// of their own; when the first finishes last, its table (read at the old size) used
+    /// to replace the second's. The latest scan's table stays.
+    #[test]
+    fn an_older_partition_scan_finishing_last_does_not_win() {
+        let mut s = Shared::default();
+        known(&mut s, 4096);
+        let up = s.start_scan(DEV);
+        let resized = s.start_scan(DEV);
+        assert!(s.finish_scan(DEV, resized, part(8192)));
+        assert!(!s.finish_scan(DEV, up, part(2048)), "older scan dropped");
+        assert_eq!(s.devices[&DEV].partitions, part(8192));
+        // A scan of a device that is gone stores nothing.
+        let gone = s.start_scan(DEV);
+        s.devices.clear();
+        assert!(!s.finish_scan(DEV, gone, part(1)));
     }
 }

@@ -236,10 +236,18 @@ pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Resu
     })
 }
 
-/// Removes a leftover socket at `path` (from a daemon that died); refuses to remove
-/// anything that is not a socket.
+/// Removes a leftover socket at `path` (from a daemon that died: nothing accepts on it);
+/// refuses to take the socket of a server that still listens there (another `aoe
+/// initiator` on another ROOT, say), or anything that is not a socket.
 fn remove_stale_socket(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() && UnixStream::connect(path).is_ok() => {
+            anyhow::bail!(
+                "--nbd: {} is in use by a running server (another aoe initiator?); stop it or \
+                 pick another path",
+                path.display()
+            )
+        }
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
             .with_context(|| format!("--nbd: cannot remove stale socket {}", path.display())),
         Ok(_) => anyhow::bail!(

@@ -365,6 +365,37 @@ pub fn default_socket_path() -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/run/aoe/serve-{}.sock", std::process::id()))
 }
 
+/// Removes the `serve-PID.sock` files in `dir` (the default sockets' directory) left by
+/// targets that were killed: no process PID exists and nothing accepts on the socket.
+/// Each SIGKILL left one behind for good, since the next target takes a path of its own.
+/// Returns how many went.
+pub fn remove_dead_sockets(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("serve-")?.strip_suffix(".sock"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        if std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::os::unix::net::UnixStream::connect(&path).is_ok()
+        {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A listening control socket; the socket file is removed when it is dropped.
 #[derive(Debug)]
 pub struct ControlSocket {
@@ -509,5 +540,34 @@ fn filtered(mut snap: Snapshot, target: Option<&str>) -> Snapshot {
 impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Observer").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod dead_socket_tests {
+    use super::*;
+
+    /// A socket file of a killed target (its pid gone, nothing listening) goes; the socket
+    /// of a live process, an unrelated file and a name that is not `serve-PID.sock` stay.
+    #[test]
+    fn killed_targets_sockets_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let dead = dir.path().join(format!("serve-{}.sock", pid_max + 1));
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        assert!(dead.exists());
+        let live = dir
+            .path()
+            .join(format!("serve-{}.sock", std::process::id()));
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let other = dir.path().join("serve-x.sock");
+        std::fs::write(&other, b"").unwrap();
+        assert_eq!(remove_dead_sockets(dir.path()), 1);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 }

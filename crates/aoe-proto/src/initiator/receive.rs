@@ -51,10 +51,14 @@ impl Engine {
             .devices
             .entry(h.target)
             .or_insert_with(|| Device::new(h.target));
+        // "Don't change users' perspective": the driver takes `fw_ver` only while nobody
+        // has the device open. It keeps no config string; ours ([`DeviceInfo::config`])
+        // follows the same rule, so a response (after another host's `aoecfg -c set`, or
+        // a spoofed one) cannot rewrite it under an open device's users.
         if !d.open {
             d.firmware_version = cfg.firmware_version;
+            d.config = cfg.config.to_vec();
         }
-        d.config = cfg.config.to_vec();
         let ti = match d.target_idx(h.src) {
             Some(i) => i,
             None => {

@@ -1608,3 +1608,43 @@ fn unexpected_responses_log_one_line_per_interval() {
     );
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 1000);
 }
+
+/// A Query Config response from the known target MAC while the device is open changes
+/// neither its firmware version nor its config string: `aoecmd_cfg_rsp` takes what the
+/// users see (`d->fw_ver`) only when `d->nopen == 0` ("don't change users' perspective";
+/// the driver keeps no config string at all). The engine used to overwrite the string
+/// on every response, from any MAC, open or not.
+#[test]
+fn config_response_keeps_an_open_devices_config_string() {
+    let (mut e, t0) = up_engine(1000, true);
+    let rsp = |fw: u16, s: &[u8]| {
+        let mut h = HeaderRepr::request(HOST, TMAC, DEV, Command::QueryConfig, Tag(0));
+        h.response = true;
+        Message {
+            header: h,
+            body: Body::Config(ConfigRepr {
+                buffer_count: 16,
+                firmware_version: fw,
+                sector_count: 2,
+                aoe_version: 1,
+                ccmd: ConfigCommand::Read,
+                config: s,
+            }),
+        }
+        .to_vec()
+        .unwrap()
+    };
+    e.set_open(DEV, true);
+    drain(&mut e, t0);
+    e.handle_frame(t0 + ms(1), 0, &rsp(0x1234, b"other host's string"));
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.firmware_version, 0x4019, "open: firmware version kept");
+    assert_eq!(d.config, b"cfg", "open: config string kept");
+    // Closed again, the next response is taken, as the firmware version is.
+    e.set_open(DEV, false);
+    drain(&mut e, t0 + ms(2));
+    e.handle_frame(t0 + ms(3), 0, &rsp(0x1234, b"new"));
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.firmware_version, 0x1234);
+    assert_eq!(d.config, b"new");
+}

@@ -335,7 +335,8 @@ pub struct DeviceInfo {
     pub identify: Option<IdentifyInfo>,
     /// Firmware version from Query Config (`firmware-version`, "0x%04x").
     pub firmware_version: u16,
-    /// The config string from the latest Query Config response.
+    /// The config string from the latest Query Config response taken while the device
+    /// was not open (as [`DeviceInfo::firmware_version`]).
     pub config: Vec<u8>,
     /// Bytes of data per frame (`payload`, the driver's `maxbcnt`).
     pub payload: usize,
