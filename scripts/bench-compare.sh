@@ -22,7 +22,10 @@
 #   AOE=target/release/aoe    the aoe binary (generator, `aoe` target, initiator)
 #   TARGETS="vblade aoe ggaoed"  targets in order; a name without a built-in command needs
 #                             TARGET_CMD_<name>='cmd ... {shelf} {slot} {netif} {file}'
-#   GENS="aoe c"              load generators: `aoe bench`, the C cross-check
+#   GENS="aoe c"              load generators: `aoe bench`, the C cross-check; any other name
+#                             needs GEN_AOE_<name>='aoe-binary [bench flags...]', another
+#                             `aoe bench` (an older build, other flags), e.g.
+#                             GENS="aoe c old" GEN_AOE_old=/tmp/aoe-old
 #   MTUS="1500 9000"  MODES="read randread write"  WINDOWS="16 64"  TIME=3  SIZE_MB=512
 #   RANDBS=4096       request size for randread/randwrite (capped by the MTU); read and write
 #                     use the MTU's most
@@ -39,6 +42,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/bench/lib.sh"
 AOE=${AOE:-target/release/aoe}
 TARGETS=${TARGETS:-vblade aoe ggaoed}
 GENS=${GENS:-aoe c}
@@ -72,7 +77,7 @@ AOE=$(readlink -f "$AOE")
 [ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); }
 
 TAG=$$
-NS_T=aoecmpT$TAG NS_I=aoecmpI$TAG IF_T=cmpT$TAG IF_I=cmpI$TAG
+bench_names cmp
 IP_T=10.231.0.1 IP_I=10.231.0.2 NBD_PORT=10809
 FILE=/dev/shm/aoe-bench-compare-$TAG.img
 SRC=/dev/shm/aoe-bench-compare-$TAG.src
@@ -98,70 +103,26 @@ cleanup() {
     set +e
     stop_initiator
     stop_target
-    ip netns del "$NS_T" 2>/dev/null     # deleting a namespace deletes its veth end
-    ip netns del "$NS_I" 2>/dev/null
+    bench_unlink
     rm -f "$FILE" "$SRC"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-# user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
+for g in $GENS; do
+    case $g in aoe | c) continue ;; esac
+    var="GEN_AOE_$g"
+    [ -n "${!var:-}" ] || die "generator $g: set GEN_AOE_$g='aoe-binary [bench flags...]'"
+    read -r -a words <<<"${!var}"
+    [ -x "${words[0]}" ] || die "generator $g: ${words[0]} is not an executable"
+done
 
 echo "compiling the C generator ($HERE/bench/aoegen.c)" >&2
 gcc -O2 -Wall -o "$WORK/aoegen" "$HERE/bench/aoegen.c"
 
-target_cmd() { # name -> command words on stdout, one per line
-    local name=$1 tmpl
-    case $name in
-        aoe) tmpl="$AOE serve {shelf} {slot} {netif} {file}" ;;
-        vblade) tmpl="vblade {shelf} {slot} {netif} {file}" ;;
-        *) local var="TARGET_CMD_$name"; tmpl=${!var:-} ;;
-    esac
-    [ -n "$tmpl" ] || return 1
-    tmpl=${tmpl//\{shelf\}/$SHELF}; tmpl=${tmpl//\{slot\}/$SLOT}
-    tmpl=${tmpl//\{netif\}/$IF_T}; tmpl=${tmpl//\{file\}/$FILE}
-    printf '%s\n' $tmpl
-}
-
-setup_link() { # mtu
-    ip netns del "$NS_T" 2>/dev/null || true
-    ip netns del "$NS_I" 2>/dev/null || true
-    ip netns add "$NS_T"; ip netns add "$NS_I"
-    ip link add "$IF_T" netns "$NS_T" mtu "$1" type veth peer name "$IF_I" netns "$NS_I" mtu "$1"
-    for ns in "$NS_T" "$NS_I"; do
-        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
-        ip -n "$ns" link set lo up
-    done
-    ip -n "$NS_T" addr add "$IP_T/24" dev "$IF_T"; ip -n "$NS_I" addr add "$IP_I/24" dev "$IF_I"
-    ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
-}
-
-GEN_PIN=() TGT_PIN=()
 [ "$PIN" = 1 ] && { TGT_PIN=(taskset -c 0); GEN_PIN=(taskset -c 1); }
-# nsenter --net only (not `ip netns exec`, which makes a private mount namespace, so the
-# initiator's FUSE mount would be invisible here).
-in_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@"; }
-bench() { in_i "$AOE" bench "$IF_I" "$@"; }
-# In the background, so that $! is the program's own PID (nsenter and taskset exec).
-bg_t() { nsenter --net="/run/netns/$NS_T" -- "${TGT_PIN[@]}" "$@" & }
-bg_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@" & }
-
-start_target() { # name -> sets TARGET_PID, returns 1 if it never answers
-    local -a cmd
-    mapfile -t cmd < <(target_cmd "$1")
-    bg_t "${cmd[@]}" >"$WORK/target.log" 2>&1
-    TARGET_PID=$!
-    for _ in $(seq 1 50); do
-        bench --target "$SHELF.$SLOT" --size 512 >/dev/null 2>&1 && return 0
-        kill -0 "$TARGET_PID" 2>/dev/null || break
-        sleep 0.2
-    done
-    echo "bench-compare: $1 did not answer; its log:" >&2; sed 's/^/    /' "$WORK/target.log" >&2
-    stop_target; return 1
-}
+EXTRA_GENS=$(for g in $GENS; do case $g in aoe | c) ;; *) printf '%s ' "$g" ;; esac; done)
 
 # One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds".
 run_gen() { # gen mode bs window cell
@@ -179,6 +140,12 @@ run_gen() { # gen mode bs window cell
         c)
             in_i "${perf[@]}" "$WORK/aoegen" "$IF_I" "$SHELF" "$SLOT" "$mode" "$bs" "$w" "$TIME" \
                 $((SIZE_MB * 2048)) ;;
+        *)
+            local var="GEN_AOE_$g" wflag=() words
+            read -r -a words <<<"${!var}"
+            case $mode in *write) wflag=(--write) ;; esac
+            in_i "${perf[@]}" "${words[0]}" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" \
+                "${wflag[@]}" --bs "$bs" --window "$w" --time "$TIME" --json "${words[@]:1}" ;;
     esac >"$WORK/out.json" 2>"$WORK/gen.err" || {
         sed 's/^/    /' "$WORK/gen.err" >&2
         echo "0 0 0 0 0 0 1"
@@ -203,7 +170,6 @@ head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv
 : >"$GENROWS"; : >"$PATHROWS"
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 
 gen_cells() { # mtu
     local mtu=$1 maxbs=$(( ($1 - 36) / 512 * 512 )) bs mode w t g
@@ -299,7 +265,7 @@ path_cells() { # mtu
 }
 
 for mtu in $MTUS; do
-    setup_link "$mtu"
+    bench_link "$mtu"
     gen_cells "$mtu"
     [ "$PATHS" = 1 ] && path_cells "$mtu"
 done
@@ -307,7 +273,8 @@ done
 {
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); load average $LOAD0 at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; TIME=$TIME s per cell, RUNS=$RUNS, $SIZE_MB MiB file on tmpfs, PIN=$PIN"
     echo
-    echo "Targets under load generators (generator \`aoe\` = \`aoe bench\`, \`c\` = scripts/bench/aoegen.c):"
+    echo "Targets under load generators (generator \`aoe\` = \`aoe bench\`, \`c\` = scripts/bench/aoegen.c$(
+        for g in $EXTRA_GENS; do v="GEN_AOE_$g"; printf ', `%s` = `%s bench ...`' "$g" "${!v}"; done)):"
     echo
     echo "| MTU | mode | bs | window | target (buffers) | generator | MB/s | IOPS | p99 us | retransmits | target CPU-s/GB | generator CPU |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -315,14 +282,15 @@ done
     echo
     echo "Ratios in the same run: \`aoe bench\` against the C generator (same target, cell), and \`aoe serve\` against vblade (\`aoe bench\` rows):"
     echo
-    echo "| MTU | mode | window | target | aoe bench / C | aoe/vblade MB/s | aoe/vblade CPU-s per GB |"
-    echo "|---|---|---|---|---|---|---|"
-    awk -F'\t' '
+    echo "| MTU | mode | window | target | aoe bench / C |$(for g in $EXTRA_GENS; do printf ' %s / C |' "$g"; done) aoe/vblade MB/s | aoe/vblade CPU-s per GB |"
+    echo "|---|---|---|---|---|$(for g in $EXTRA_GENS; do printf -- '---|'; done)---|---|"
+    awk -F'\t' -v extra="$EXTRA_GENS" '
         { k = $1 SUBSEP $2 SUBSEP $4; mb[k, $5, $7] = $8; cpu[k, $5, $7] = $12
           if (!(k in seen)) { seen[k] = 1; keys[++nk] = k }
           if (!(($5) in tseen)) { tseen[$5] = 1; ts[++nt] = $5 } }
         function r(a, b) { return (b > 0 && a != "") ? sprintf("%.2fx", a / b) : "-" }
         END {
+            ne = split(extra, xs, " ")
             for (i = 1; i <= nk; i++) {
                 split(keys[i], p, SUBSEP)
                 for (j = 1; j <= nt; j++) {
@@ -330,8 +298,10 @@ done
                     if (!((keys[i], t, "aoe") in mb)) continue
                     av = (t == "aoe") ? r(mb[keys[i], "aoe", "aoe"], mb[keys[i], "vblade", "aoe"]) : "-"
                     ac = (t == "aoe") ? r(cpu[keys[i], "aoe", "aoe"], cpu[keys[i], "vblade", "aoe"]) : "-"
-                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3], t,
-                        r(mb[keys[i], t, "aoe"], mb[keys[i], t, "c"]), av, ac
+                    xr = ""
+                    for (x = 1; x <= ne; x++) xr = xr " " r(mb[keys[i], t, xs[x]], mb[keys[i], t, "c"]) " |"
+                    printf "| %s | %s | %s | %s | %s |%s %s | %s |\n", p[1], p[2], p[3], t,
+                        r(mb[keys[i], t, "aoe"], mb[keys[i], t, "c"]), xr, av, ac
                 }
             }
         }' "$GENROWS"

@@ -15,7 +15,8 @@
 # of one run only.
 #
 # Usage: sudo scripts/bench-initiator.sh
-#   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade"   SIZE_MB=1024
+#   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
+#   as in bench-compare.sh)   SIZE_MB=1024
 #   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   WINDOW=64 (raw generator window)
 #   DD_BS=1M (dd's block size)   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
@@ -28,6 +29,9 @@
 # nbdkit (Debian: nbdkit), and perf for PERF (Debian: linux-perf).
 set -euo pipefail
 
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/bench/lib.sh"
 AOE=${AOE:-target/release/aoe}
 MTUS=${MTUS:-1500 9000}
 TARGETS=${TARGETS:-aoe vblade}
@@ -60,7 +64,8 @@ done
 INIT_AOE=${INIT_BINS[0]}
 
 TAG=$$
-NS_T=aoebiT$TAG NS_I=aoebiI$TAG IF_T=biT$TAG IF_I=biI$TAG
+bench_names bi
+IP_T=10.91.0.1 IP_I=10.91.0.2
 FILE=/dev/shm/aoe-bench-initiator-$TAG.img
 SRC=/dev/shm/aoe-bench-initiator-$TAG.src
 WORK=$(mktemp -d /tmp/aoe-bench-initiator.XXXXXX)
@@ -86,39 +91,19 @@ stop_all() {
 cleanup() {
     set +e
     stop_all
-    ip netns del "$NS_T" 2>/dev/null
-    ip netns del "$NS_I" 2>/dev/null
+    bench_unlink
     rm -f "$FILE" "$SRC"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-setup_link() { # mtu
-    ip netns del "$NS_T" 2>/dev/null || true
-    ip netns del "$NS_I" 2>/dev/null || true
-    ip netns add "$NS_T"; ip netns add "$NS_I"
-    ip link add "$IF_T" netns "$NS_T" mtu "$1" type veth peer name "$IF_I" netns "$NS_I" mtu "$1"
-    for ns in "$NS_T" "$NS_I"; do
-        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
-        ip -n "$ns" link set lo up
-    done
-    ip -n "$NS_T" addr add 10.91.0.1/24 dev "$IF_T"
-    ip -n "$NS_I" addr add 10.91.0.2/24 dev "$IF_I"
-    ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
-}
-in_t() { nsenter --net="/run/netns/$NS_T" -- "$@"; }
-in_i() { nsenter --net="/run/netns/$NS_I" -- "$@"; }
 load() { cut -d' ' -f1 /proc/loadavg; }
-# user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
-# CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB.
+# CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB (cpu_ticks, HZ: lib.sh).
 per_gb() {
     awk -v t="$1" -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
         'BEGIN { printf "%.2f\n", (t / hz) / (b / 1e9) }'
 }
-median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 # MB/s of moving SIZE_MB MiB in the seconds a command took.
 timed() { # cmd... -> MB/s on stdout
     local t0 t1
@@ -126,21 +111,6 @@ timed() { # cmd... -> MB/s on stdout
     awk -v b=$((SIZE_MB << 20)) -v a="$t0" -v z="$t1" 'BEGIN { printf "%.0f\n", b / (z - a) / 1e6 }'
 }
 
-start_target() { # name
-    local -a cmd
-    case $1 in
-        aoe) cmd=("$AOE" serve "$SHELF" "$SLOT" "$IF_T" "$FILE") ;;
-        vblade) cmd=(vblade "$SHELF" "$SLOT" "$IF_T" "$FILE") ;;
-        *) die "unknown target $1" ;;
-    esac
-    nsenter --net="/run/netns/$NS_T" -- "${cmd[@]}" >"$WORK/target.log" 2>&1 &
-    TARGET_PID=$!
-    for _ in $(seq 1 50); do
-        in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --size 512 >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    sed 's/^/    /' "$WORK/target.log" >&2; die "$1 did not answer"
-}
 start_initiator() {
     mkdir -p "$ROOT"
     # shellcheck disable=SC2086
@@ -197,9 +167,9 @@ head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 URI="nbd+unix:///e$SHELF.$SLOT?socket=$SOCK"
 
 for mtu in $MTUS; do
-    setup_link "$mtu"
+    bench_link "$mtu"
     for t in $TARGETS; do
-        start_target "$t"
+        start_target "$t" || die "$t did not answer"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         # Per initiator binary (index k): MB/s of each run, and CPU ticks spent in dev and nbd reads.
         declare -A V=() TK=()

@@ -232,7 +232,8 @@ int main(int argc, char **argv) {
         }
         if (now >= next_scan) {
             for (unsigned i = 0; i < window; i++) {
-                if (sl[i].busy && now - sl[i].sent > RTO_NS) {
+                /* `now` was read before this pass's sends: a slot sent since is newer. */
+                if (sl[i].busy && sl[i].sent <= now && now - sl[i].sent > RTO_NS) {
                     int queued = 0;
                     for (unsigned j = 0; j < npend; j++) queued |= pend[j] == i;
                     if (queued) continue;

@@ -242,15 +242,29 @@ fn unusable_arguments_fail_with_one_line() {
 fn ring_and_recvmmsg_receive_paths_complete_the_same_sized_read() {
     let rig = BenchRig::start(Target::AoeServe, 1500);
     let per = payload_for(1500) as f64;
-    for extra in [&[][..], &["--no-ring"][..]] {
+    for rx in [&[][..], &["--rx", "ring"][..], &["--rx", "mmsg"][..]] {
         let mut args = vec!["--target", "7.3", "--size", "2M", "--window", "16"];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(rx);
         let v = rig.bench_json(&args);
-        assert_eq!(num(&v, "bytes"), 2097152.0, "{extra:?}: {v:#}");
+        assert_eq!(num(&v, "bytes"), 2097152.0, "{rx:?}: {v:#}");
         assert_eq!(
             num(&v, "requests"),
             (2097152.0 / per).ceil(),
-            "{extra:?}: {v:#}"
+            "{rx:?}: {v:#}"
         );
     }
+    // Verify with the ring asked for: its write phase receives through the ring, its
+    // read-back whole frames through recvmmsg, on the same socket one after the other.
+    let v = rig.bench_json(&[
+        "--target", "7.3", "--mode", "verify", "--write", "--size", "3M", "--window", "64", "--rx",
+        "ring",
+    ]);
+    assert_eq!(num(&v, "verified_sectors"), 6144.0, "{v:#}");
+    assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
+    let out = rig.bench(&["--target", "7.3", "--rx", "rings"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown --rx value is a usage error"
+    );
 }

@@ -9,9 +9,14 @@
 //! the window would stall. V2 hands over every frame as soon as it is written (its own
 //! `tp_status`), which is what a request/reply protocol needs; one socket then carries both
 //! rings, since `PACKET_VERSION` applies to both.
+//!
+//! The one ring implementation of the crate: the target uses both rings with whole frames,
+//! `aoe bench` (the load generator, `--rx ring`) a receive ring alone, of header-sized slots
+//! (the kernel stores the first bytes of a frame and reports its wire length):
+//! [`PacketRing::with_slots`] sizes each ring's slots, or leaves one ring out.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -67,12 +72,13 @@ struct Geometry {
 
 impl Geometry {
     /// At least `frames` slots that each hold `data` bytes after `offset`: blocks of about
-    /// 128 KiB (a multiple of the page size), as many as needed.
+    /// 128 KiB (a multiple of the page size), as many as needed. No frames: no blocks, which
+    /// the kernel takes as "no ring" (`packet_set_ring` with `tp_block_nr` 0).
     fn new(frames: usize, data: usize, offset: usize, page: usize) -> Geometry {
         let frame_size = align(offset + data, TPACKET_ALIGNMENT);
         let block_size = align(frame_size.max(128 << 10), page);
         let per_block = block_size / frame_size;
-        let block_nr = frames.max(1).div_ceil(per_block);
+        let block_nr = frames.div_ceil(per_block);
         Geometry {
             frame_size,
             block_size,
@@ -124,14 +130,21 @@ pub struct RingStats {
 /// [`frame`](Self::frame) and [`meta`](Self::meta) until the next `recv_batch`, which hands
 /// their slots back to the kernel. `poll(POLLIN)` on the socket reports a frame waiting.
 ///
+/// The kernel stores at most the receive slot's capacity of each frame and reports the frame's
+/// length on the wire ([`wire_len`](Self::wire_len)), so small slots receive headers only.
+///
 /// Sending: [`push`](Self::push) copies a frame into the next free slot and marks it
 /// `TP_STATUS_SEND_REQUEST`; [`kick`](Self::kick) (one `send(fd, NULL, 0)`) makes the kernel
 /// send every marked slot. A slot becomes free again when the kernel has let go of the frame.
 ///
-/// The socket keeps its filter, binding and options; while the ring exists, `recv` and
-/// `recv_batch` on the socket itself see nothing (the kernel delivers into the ring).
-/// Frames sent through the socket's `send` still go out. Dropping the ring unmaps it; to
-/// size it anew (an MTU change) drop it first, then [`new`](Self::new) on the same socket.
+/// The socket keeps its filter, binding and options; while a receive ring exists, `recv` and
+/// `recv_batch` on the socket itself see nothing (the kernel delivers into the ring). While
+/// a transmit ring exists every send on the socket goes through it (packet_sendmsg calls
+/// tpacket_snd), so the socket's own `send` sends only frames marked in the ring, nothing of
+/// its own buffer. Dropping the ring unmaps it and removes it from the socket (best effort:
+/// the kernel keeps a transmit ring whose frames are still in flight), which then receives
+/// and sends by itself again; to size it anew (an MTU change) drop it first, then
+/// [`new`](Self::new) on the same socket.
 pub struct PacketRing {
     map: NonNull<u8>,
     map_len: usize,
@@ -142,13 +155,15 @@ pub struct PacketRing {
     /// Slots lent out by the last `recv_batch`, starting at `rx_lent_from`.
     rx_lent: usize,
     rx_lent_from: usize,
-    /// (offset of the frame data in the ring, meta) of the lent frames.
-    lent: Vec<(usize, RecvMeta)>,
+    /// (offset of the frame data in the ring, meta, wire length) of the lent frames.
+    lent: Vec<(usize, RecvMeta, usize)>,
     /// Next transmit slot to fill.
     tx_head: usize,
     /// Slots marked since the last kick that took them all.
     tx_unkicked: usize,
-    fd: libc::c_int,
+    /// A duplicate of the socket's descriptor, so that kicks and the removal on drop reach
+    /// this socket even if its `PacketSocket` was closed first.
+    fd: OwnedFd,
     stats: RingStats,
 }
 
@@ -175,14 +190,41 @@ impl PacketRing {
         rx_frames: usize,
         tx_frames: usize,
     ) -> io::Result<PacketRing> {
+        Self::with_slots(sock, frame_cap, rx_frames, frame_cap, tx_frames)
+    }
+
+    /// Like [`new`](Self::new) with slots of their own size per ring: a receive slot stores
+    /// the first `rx_cap` bytes of a frame (the kernel cuts the rest and still reports its
+    /// wire length), a transmit slot holds frames of up to `tx_cap` bytes. Either count may
+    /// be 0 for no ring of that kind: without a receive ring the socket's own `recv` and
+    /// `recv_batch` go on receiving, and [`recv_batch`](Self::recv_batch) lends nothing;
+    /// without a transmit ring [`push`](Self::push) finds no slot. At least one ring.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new); [`io::ErrorKind::InvalidInput`] if both counts are 0.
+    pub fn with_slots(
+        sock: &PacketSocket,
+        rx_cap: usize,
+        rx_frames: usize,
+        tx_cap: usize,
+        tx_frames: usize,
+    ) -> io::Result<PacketRing> {
+        if rx_frames == 0 && tx_frames == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a packet ring needs receive or transmit slots",
+            ));
+        }
         // SAFETY: sysconf takes an integer and returns one.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .ok()
             .filter(|&p| p > 0)
             .unwrap_or(4096);
-        let rx = Geometry::new(rx_frames, frame_cap, RX_DATA_OFFSET, page);
-        let tx = Geometry::new(tx_frames, frame_cap, TX_DATA_OFFSET, page);
-        let fd = sock.as_raw_fd();
+        let rx = Geometry::new(rx_frames, rx_cap, RX_DATA_OFFSET, page);
+        let tx = Geometry::new(tx_frames, tx_cap, TX_DATA_OFFSET, page);
+        let owned = sock.as_fd().try_clone_to_owned()?;
+        let fd = owned.as_raw_fd();
         // A socket whose earlier ring was unmapped still holds it: free it first (a request
         // with no blocks), or the kernel refuses the new one with EBUSY.
         let none = TpacketReq {
@@ -198,10 +240,14 @@ impl PacketRing {
         // slot freed; without it tpacket_snd leaves the slot TP_STATUS_WRONG_FORMAT at the
         // ring's head and sends nothing after it until user space clears it.
         set_int(fd, PACKET_LOSS, 1)?;
-        set_req(fd, PACKET_RX_RING, &rx.req()?)?;
-        if let Err(e) = set_req(fd, PACKET_TX_RING, &tx.req()?) {
-            let _ = set_req(fd, PACKET_RX_RING, &none);
-            return Err(e);
+        if rx.frame_nr() > 0 {
+            set_req(fd, PACKET_RX_RING, &rx.req()?)?;
+        }
+        if tx.frame_nr() > 0 {
+            if let Err(e) = set_req(fd, PACKET_TX_RING, &tx.req()?) {
+                let _ = set_req(fd, PACKET_RX_RING, &none);
+                return Err(e);
+            }
         }
         let map_len = rx.bytes() + tx.bytes();
         // SAFETY: a fresh shared mapping of the socket's rings (RX first, then TX, as
@@ -235,7 +281,7 @@ impl PacketRing {
             lent: Vec::with_capacity(rx.frame_nr()),
             tx_head: 0,
             tx_unkicked: 0,
-            fd,
+            fd: owned,
             stats: RingStats::default(),
         })
     }
@@ -287,7 +333,7 @@ impl PacketRing {
         self.release();
         let n = self.rx.frame_nr();
         self.rx_lent_from = self.rx_head;
-        while self.lent.len() < max {
+        while n > 0 && self.lent.len() < max {
             let off = self.rx.slot(self.rx_head);
             // Acquire: the frame's bytes and header fields are visible once the status is.
             let st = self.status(off).load(Ordering::Acquire);
@@ -319,7 +365,7 @@ impl PacketRing {
                 truncated: wire > len,
                 src,
             };
-            self.lent.push((off + mac, meta));
+            self.lent.push((off + mac, meta, wire));
             self.rx_head = (self.rx_head + 1) % n;
             self.rx_lent += 1;
         }
@@ -354,7 +400,7 @@ impl PacketRing {
     ///
     /// If `i >= len()`, like slice indexing.
     pub fn frame(&self, i: usize) -> &[u8] {
-        let (off, meta) = self.lent[i];
+        let (off, meta, _) = self.lent[i];
         // SAFETY: the slot is user-owned until the next recv_batch (which needs &mut self,
         // so this borrow has ended by then); recv_batch checked off + len is inside it.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), meta.len) }
@@ -369,6 +415,16 @@ impl PacketRing {
         self.lent[i].1
     }
 
+    /// Length on the wire of frame `i` of the last [`recv_batch`](Self::recv_batch): more than
+    /// `meta(i).len` when the slot kept only its start (`tp_len`, packet_mmap.rst).
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`.
+    pub fn wire_len(&self, i: usize) -> usize {
+        self.lent[i].2
+    }
+
     /// Copies `frame` into the next free transmit slot and marks it for sending; it goes out
     /// at the next [`kick`](Self::kick). Returns false, copying nothing, when the ring is full
     /// (the kernel still holds the next slot).
@@ -378,6 +434,9 @@ impl PacketRing {
     /// [`io::ErrorKind::InvalidInput`] if `frame` is longer than
     /// [`tx_frame_cap`](Self::tx_frame_cap).
     pub fn push(&mut self, frame: &[u8]) -> io::Result<bool> {
+        if self.tx.frame_nr() == 0 {
+            return Ok(false);
+        }
         if frame.len() > self.tx_frame_cap() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -429,7 +488,8 @@ impl PacketRing {
         loop {
             // SAFETY: a NULL buffer of length 0 is what tpacket_snd expects from a kick; the
             // kernel reads the frames from the mapped ring, which outlives the call.
-            let ret = unsafe { libc::send(self.fd, ptr::null(), 0, libc::MSG_DONTWAIT) };
+            let ret =
+                unsafe { libc::send(self.fd.as_raw_fd(), ptr::null(), 0, libc::MSG_DONTWAIT) };
             match cvt_size(ret) {
                 Ok(_) => {
                     self.tx_unkicked = 0;
@@ -455,6 +515,17 @@ impl Drop for PacketRing {
         // SAFETY: the mapping made in `new`, of that length, unmapped once; no borrow of it
         // can outlive `self`.
         unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+        // Unmapped, the rings can be freed (a request with no blocks, packet_set_ring), so
+        // the socket receives through recv again. The kernel refuses (EBUSY) to free a
+        // transmit ring with frames still in flight; the socket then keeps it until closed.
+        let none = TpacketReq {
+            tp_block_size: 0,
+            tp_block_nr: 0,
+            tp_frame_size: 0,
+            tp_frame_nr: 0,
+        };
+        let _ = set_req(self.fd.as_raw_fd(), PACKET_RX_RING, &none);
+        let _ = set_req(self.fd.as_raw_fd(), PACKET_TX_RING, &none);
     }
 }
 
@@ -523,6 +594,9 @@ mod tests {
             (1600, 131072, 81)
         );
         assert_eq!(g.slot(81), 131072);
+        // No frames: no blocks, the kernel's "no ring".
+        let g = Geometry::new(0, 64, RX_DATA_OFFSET, 4096);
+        assert_eq!((g.block_nr, g.frame_nr(), g.bytes()), (0, 0, 0));
         // A frame larger than 128 KiB still gets a block of its own.
         let g = Geometry::new(2, 200_000, TX_DATA_OFFSET, 4096);
         assert_eq!(g.per_block, 1);

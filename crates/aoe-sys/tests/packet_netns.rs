@@ -268,6 +268,46 @@ fn non_aoe_frames_are_not_received() {
     assert_eq!(seen, vec![ip_frame, aoe_frame]);
 }
 
+#[test]
+fn a_bound_socket_without_its_filter_still_receives_only_its_ethertype() {
+    let l = link(1500);
+    let ip_a = open_in(&l.a, l.veth.a_name(), ETH_P_IP);
+    let aoe_a = open_in(&l.a, l.veth.a_name(), ETH_P_AOE);
+    let aoe_b = open_in(&l.b, l.veth.b_name(), ETH_P_AOE);
+    let ip_b = open_in(&l.b, l.veth.b_name(), ETH_P_IP);
+    assert_eq!(attached_filter_len(&aoe_b), 4);
+    aoe_b.detach_filter().expect("detach the filter");
+    assert_eq!(attached_filter_len(&aoe_b), 0);
+    // Detaching twice: the kernel says there is nothing to detach.
+    assert!(aoe_b.detach_filter().is_err());
+
+    // The binding alone keeps other ethertypes out ...
+    let ip_frame = frame(l.veth.b_mac(), l.veth.a_mac(), ETH_P_IP, 60, 3);
+    ip_a.send(&ip_frame).expect("send IPv4-typed frame");
+    let mut buf = [0u8; 1514];
+    let meta = recv_within(&ip_b, &mut buf, WAIT).expect("IPv4 socket on B receives it");
+    assert_eq!(&buf[..meta.len], &ip_frame[..]);
+    assert!(
+        !wait_readable(&aoe_b, QUIET),
+        "AoE socket saw a 0x0800 frame"
+    );
+    // ... and AoE still comes in.
+    let aoe_frame = frame(l.veth.b_mac(), l.veth.a_mac(), ETH_P_AOE, 60, 4);
+    aoe_a.send(&aoe_frame).expect("send AoE frame");
+    let meta = recv_within(&aoe_b, &mut buf, WAIT).expect("AoE socket receives AoE");
+    assert_eq!(&buf[..meta.len], &aoe_frame[..]);
+
+    // A capture socket would see everything without its filter: refused.
+    let tap = run_in_netns(&l.b.path(), || {
+        PacketSocket::open_tap(l.veth.b_name(), ETH_P_AOE)
+    })
+    .expect("enter namespace")
+    .expect("open a tap");
+    let err = tap.detach_filter().expect_err("a tap keeps its filter");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(attached_filter_len(&tap), 4);
+}
+
 /// Number of instructions of the socket's classic BPF filter (0 if none), read back with
 /// `SO_GET_FILTER` (socket(7)) and a zero-length buffer.
 fn attached_filter_len(sock: &PacketSocket) -> u32 {

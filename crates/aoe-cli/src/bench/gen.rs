@@ -1,7 +1,8 @@
 //! The load generator's loop: a slab of pre-built request frames, sent in batches
-//! (`sendmmsg` through [`aoe_sys`]), replies read from a PACKET_MMAP RX ring that keeps only
-//! their headers (`recvmmsg` when the data is checked, or with `--no-ring`), tags that are slab
-//! indices, a short busy-poll before sleeping in poll(2), and an RTT-adaptive retransmit timer.
+//! (`sendmmsg` through [`aoe_sys`]), replies read by `recvmmsg` into header-sized buffers (or,
+//! with `--rx ring`, from a PACKET_MMAP RX ring of header-sized slots, a [`PacketRing`]; whole
+//! frames when the data is checked), tags that are slab indices, a short busy-poll before
+//! sleeping in poll(2), and an RTT-adaptive retransmit timer.
 //!
 //! Nothing is allocated per frame: a request's frame lives in its slot of one arena for its
 //! whole life and is patched in place (tag, LBA, count, write data).
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use aoe_sys::{HeaderRxRing, PacketSocket, PollFd, RecvBatch};
+use aoe_sys::{PacketRing, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{
     AtaFlags, AtaPacket, AtaRepr, Body, Command as AoeCommand, Frame, HeaderRepr, MacAddr, Message,
     Tag, TargetAddr, ATA_HEADER_LEN,
@@ -74,20 +75,9 @@ pub struct Tuning {
     pub min_rto: Duration,
     /// Give up when nothing at all came back for this long.
     pub dead: Duration,
-    /// Receive unchecked replies through an RX ring ([`HeaderRxRing`]) instead of `recvmmsg`.
-    pub ring: bool,
-}
-
-/// Where replies are received.
-enum Rx<'a> {
-    /// `recvmmsg` into slots of this batch.
-    Batch(RecvBatch),
-    /// The ring, and a copy of the headers of the frames drained in one pass: (bytes, stored
-    /// length, wire length).
-    Ring(
-        HeaderRxRing<'a>,
-        Box<[([u8; HEADERS_ONLY], usize, usize); BATCH]>,
-    ),
+    /// Receive unchecked replies through the RX ring of a [`PacketRing`] instead of
+    /// `recvmmsg`.
+    pub rx_ring: bool,
 }
 
 /// Where the target is.
@@ -253,24 +243,29 @@ pub fn run(
     ];
     let mut free: Vec<u16> = (0..t.window as u16).rev().collect();
     let mut pending: VecDeque<u16> = VecDeque::with_capacity(t.window);
-    // Unless the data is checked, replies come through an RX ring that keeps only their
-    // headers: no system call per reply or per batch, no copy of the data (the ring frame's
-    // length field still tells how much data the reply carried). Checked data comes through
+    // Replies come through `recvmmsg` into header-sized slots (`MSG_TRUNC` still gives the
+    // length, so the data of a read reply is counted, not copied), or with `--rx ring`
+    // through an RX ring that keeps only their headers (no system call per batch; the kernel
+    // fills the ring in the target's transmit path instead). Checked data comes through
     // `recvmmsg` into full-size slots.
-    let mut rx = if plan.check || !t.ring {
+    let rx_ring = t.rx_ring && !plan.check;
+    let mut ring = if rx_ring {
+        let frames = (4 * t.window).max(2048);
+        Some(
+            PacketRing::with_slots(peer.sock, HEADERS_ONLY, frames, 0, 0)
+                .map_err(|e| anyhow::anyhow!("cannot attach an RX ring to the socket: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let mut batch = (!rx_ring).then(|| {
         let slot_size = if plan.check {
             aoe_sys::frame_capacity(peer.sock.info().mtu)
         } else {
             HEADERS_ONLY
         };
-        Rx::Batch(RecvBatch::new(BATCH, slot_size))
-    } else {
-        Rx::Ring(
-            HeaderRxRing::attach(peer.sock, HEADERS_ONLY, (4 * t.window).max(2048))
-                .map_err(|e| anyhow::anyhow!("cannot attach an RX ring to the socket: {e}"))?,
-            Box::new([([0u8; HEADERS_ONLY], 0, 0); BATCH]),
-        )
-    };
+        RecvBatch::new(BATCH, slot_size)
+    });
     let mut rto = Rto {
         srtt: 0.0,
         rttvar: 0.0,
@@ -370,28 +365,20 @@ pub fn run(
                 break;
             }
         }
-        // Receive and complete.
-        let n = match &mut rx {
-            Rx::Batch(b) => peer.sock.recv_batch(b)?,
-            Rx::Ring(ring, got) => {
-                let mut k = 0;
-                ring.drain(BATCH, |data, wire| {
-                    let g = &mut got[k];
-                    let len = data.len().min(HEADERS_ONLY);
-                    g.0[..len].copy_from_slice(&data[..len]);
-                    g.1 = len;
-                    g.2 = wire;
-                    k += 1;
-                })
-            }
+        // Receive and complete. Ring frames stay lent until the next `recv_batch`.
+        let n = match (&mut batch, &mut ring) {
+            (Some(b), _) => peer.sock.recv_batch(b)?,
+            (None, Some(r)) => r.recv_batch(BATCH),
+            (None, None) => 0,
         };
         if n > 0 {
             now = Instant::now();
         }
         for k in 0..n {
-            let (f, wire) = match &rx {
-                Rx::Batch(b) => (b.frame(k), b.wire_len(k)),
-                Rx::Ring(_, got) => (&got[k].0[..got[k].1], got[k].2),
+            let (f, wire) = match (&batch, &ring) {
+                (Some(b), _) => (b.frame(k), b.wire_len(k)),
+                (None, Some(r)) => (r.frame(k), r.wire_len(k)),
+                (None, None) => break,
             };
             let Ok(fr) = Frame::new_checked(f) else {
                 continue;

@@ -1,0 +1,182 @@
+//! `PacketRing::with_slots` as the load generator uses it (a receive ring of header-sized
+//! slots, a transmit ring, or either alone) over a veth link between two namespaces made by
+//! aoe-testkit. Needs root; nothing touches the host's interfaces.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use aoe_sys::{poll, run_in_netns, PacketRing, PacketSocket, PollFd, ETH_P_AOE};
+use aoe_testkit::{require_root, Netns, VethPair};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn open_in(ns: &Netns, ifname: &str) -> PacketSocket {
+    run_in_netns(&ns.path(), || PacketSocket::open(ifname))
+        .expect("enter namespace")
+        .unwrap_or_else(|e| panic!("open {ifname} in {}: {e}", ns.name()))
+}
+
+/// An AoE-typed frame of `len` bytes whose byte 14 is `seed` (the rest a pattern).
+fn frame(dst: [u8; 6], src: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETH_P_AOE.to_be_bytes());
+    let mut x = seed;
+    while f.len() < len {
+        f.push(x);
+        x = x.wrapping_mul(31).wrapping_add(7);
+    }
+    f
+}
+
+/// Receives from the ring until `want` frames came or WAIT passed: (stored bytes, wire
+/// length).
+fn drain_within(sock: &PacketSocket, ring: &mut PacketRing, want: usize) -> Vec<(Vec<u8>, usize)> {
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        let n = ring.recv_batch(want - got.len());
+        for i in 0..n {
+            got.push((ring.frame(i).to_vec(), ring.wire_len(i)));
+        }
+        if n == 0 {
+            let mut fds = [PollFd::new(sock.as_raw_fd())];
+            poll(&mut fds, Some(Duration::from_millis(50))).expect("poll");
+        }
+    }
+    got
+}
+
+/// Receives one frame through the socket itself (no receive ring), or panics after WAIT.
+fn recv_one(sock: &PacketSocket) -> Vec<u8> {
+    let mut buf = vec![0u8; 9014];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(m) = sock.recv(&mut buf).expect("recv") {
+            return buf[..m.len].to_vec();
+        }
+        assert!(Instant::now() < deadline, "no frame through recv");
+        let mut fds = [PollFd::new(sock.as_raw_fd())];
+        poll(&mut fds, Some(Duration::from_millis(50))).expect("poll");
+    }
+}
+
+#[test]
+fn header_slots_keep_the_headers_and_the_wire_length_then_give_the_socket_back() {
+    require_root();
+    let a = Netns::new("aoering").expect("namespace a");
+    let b = Netns::new("aoering").expect("namespace b");
+    let veth = VethPair::new(&a, &b, 9000).expect("veth pair");
+    let tx = open_in(&a, veth.a_name());
+    let rx = open_in(&b, veth.b_name());
+    let (src, dst) = (tx.info().mac, rx.info().mac);
+
+    // More frames than the ring's first block holds, so the walk crosses blocks: big ones
+    // are cut to the slot, small ones are whole, order is kept.
+    let mut ring = PacketRing::with_slots(&rx, 64, 2048, 0, 0).expect("receive ring");
+    assert!(ring.rx_frames() >= 2048);
+    assert_eq!(ring.tx_frames(), 0);
+    let sizes: Vec<usize> = (0..600).map(|i| [60, 1514, 9014, 100][i % 4]).collect();
+    for (i, &len) in sizes.iter().enumerate() {
+        tx.send(&frame(dst, src, len, i as u8)).expect("send");
+    }
+    let got = drain_within(&rx, &mut ring, sizes.len());
+    assert_eq!(got.len(), sizes.len(), "every frame reached the ring");
+    for (i, ((data, wire), &len)) in got.iter().zip(&sizes).enumerate() {
+        assert_eq!(*wire, len, "frame {i}: wire length");
+        assert!(
+            data.len() >= len.min(64),
+            "frame {i}: {} bytes stored",
+            data.len()
+        );
+        let want = frame(dst, src, len, i as u8);
+        assert_eq!(data[..], want[..data.len()], "frame {i}: stored bytes");
+    }
+    // The ring goes around: frames given back are reused.
+    for round in 0..4u8 {
+        for i in 0..700u32 {
+            tx.send(&frame(dst, src, 200, round ^ i as u8))
+                .expect("send");
+        }
+        let got = drain_within(&rx, &mut ring, 700);
+        assert_eq!(got.len(), 700, "round {round}");
+        assert!(got
+            .iter()
+            .all(|(d, w)| *w == 200 && d.len() >= 64 && d.len() < 200));
+    }
+
+    // Dropped, the ring is removed and the socket receives through recv again; a second
+    // ring can be made afterwards (what `aoe bench verify` does between its phases).
+    drop(ring);
+    tx.send(&frame(dst, src, 1000, 9)).expect("send");
+    assert_eq!(recv_one(&rx), frame(dst, src, 1000, 9));
+    let mut again = PacketRing::with_slots(&rx, 64, 16, 0, 0).expect("a second ring");
+    tx.send(&frame(dst, src, 300, 5)).expect("send");
+    let got = drain_within(&rx, &mut again, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, 300);
+}
+
+#[test]
+fn transmit_ring_alone_sends_every_pushed_frame_and_leaves_receiving_to_the_socket() {
+    require_root();
+    let a = Netns::new("aoering").expect("namespace a");
+    let b = Netns::new("aoering").expect("namespace b");
+    let veth = VethPair::new(&a, &b, 1500).expect("veth pair");
+    let tx = open_in(&a, veth.a_name());
+    let rx = open_in(&b, veth.b_name());
+    let (src, dst) = (tx.info().mac, rx.info().mac);
+    rx.set_recv_buffer(8 << 20).expect("receive buffer");
+
+    let mut ring = PacketRing::with_slots(&tx, 0, 0, 1514, 64).expect("transmit ring");
+    assert_eq!(ring.rx_frames(), 0);
+    assert!(ring.tx_frames() >= 64);
+    // Nothing to receive through a ring that is not there.
+    assert_eq!(ring.recv_batch(8), 0);
+    // Several times round the ring, a batch per kick: each frame arrives once, in order.
+    let mut sent = 0u32;
+    for round in 0..10u32 {
+        let mut batch = Vec::new();
+        for k in 0..40u32 {
+            let f = frame(
+                dst,
+                src,
+                [60, 1514, 777][(k % 3) as usize],
+                (round * 40 + k) as u8,
+            );
+            // A slot still held by the kernel: kick and wait for it.
+            let deadline = Instant::now() + WAIT;
+            while !ring.push(&f).expect("push") {
+                ring.kick().ok();
+                assert!(Instant::now() < deadline, "transmit slots never came back");
+                std::thread::yield_now();
+            }
+            batch.push(f);
+        }
+        assert!(ring.needs_kick());
+        ring.kick().expect("kick");
+        assert!(!ring.needs_kick());
+        for (k, f) in batch.iter().enumerate() {
+            assert_eq!(&recv_one(&rx), f, "round {round} frame {k}");
+        }
+        sent += 40;
+    }
+    assert_eq!(sent, 400);
+    assert_eq!(ring.stats().tx_rejected, 0);
+    // A frame larger than a slot is refused before anything is copied.
+    let err = ring.push(&vec![0u8; 1600]).expect_err("too large");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    // While the transmit ring exists every send on the socket goes through it (packet_sendmsg
+    // calls tpacket_snd); dropped, it is removed and the socket's own sends go out again.
+    assert!(
+        tx.send(&frame(dst, src, 90, 1)).is_err(),
+        "send beside a TX ring"
+    );
+    drop(ring);
+    tx.send(&frame(dst, src, 90, 2))
+        .expect("send after the ring");
+    assert_eq!(recv_one(&rx), frame(dst, src, 90, 2));
+    // Neither ring: refused.
+    assert!(PacketRing::with_slots(&rx, 64, 0, 64, 0).is_err());
+}

@@ -1,0 +1,86 @@
+# scripts/bench/lib.sh - the namespace, veth and target setup shared by bench-compare.sh and
+# bench-initiator.sh. Sourced, not run.
+#
+# Two private network namespaces joined by a veth pair (never the host's interfaces), a
+# target started alone in one of them, programs run in the other. The caller:
+#   - calls bench_names PREFIX (namespaces aoe<PREFIX>T$$ / aoe<PREFIX>I$$, interfaces
+#     <PREFIX>T$$ / <PREFIX>I$$) and sets IP_T, IP_I (the addresses nbdkit's TCP runs over);
+#   - sets AOE (an absolute path), WORK (a private directory), SHELF, SLOT and FILE (the
+#     backing file), and may set TGT_PIN / GEN_PIN (command prefixes, e.g. taskset -c 0);
+#   - defines stop_pid PID (signal, wait, kill) and removes the namespaces on exit with
+#     bench_unlink.
+
+GEN_PIN=() TGT_PIN=()
+
+bench_names() { # prefix
+    NS_T=aoe${1}T$$ NS_I=aoe${1}I$$ IF_T=${1}T$$ IF_I=${1}I$$
+}
+
+# Both namespaces anew, the veth pair between them with this MTU, addresses, links up.
+bench_link() { # mtu
+    bench_unlink
+    ip netns add "$NS_T"; ip netns add "$NS_I"
+    ip link add "$IF_T" netns "$NS_T" mtu "$1" type veth peer name "$IF_I" netns "$NS_I" mtu "$1"
+    for ns in "$NS_T" "$NS_I"; do
+        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$NS_T" addr add "$IP_T/24" dev "$IF_T"; ip -n "$NS_I" addr add "$IP_I/24" dev "$IF_I"
+    ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
+}
+
+# Deleting a namespace deletes its end of the veth pair.
+bench_unlink() {
+    ip netns del "$NS_T" 2>/dev/null || true
+    ip netns del "$NS_I" 2>/dev/null || true
+}
+
+# nsenter --net only (not `ip netns exec`, which makes a private mount namespace, so the
+# initiator's FUSE mount would be invisible here).
+in_t() { nsenter --net="/run/netns/$NS_T" -- "${TGT_PIN[@]}" "$@"; }
+in_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@"; }
+# In the background, so that $! is the program's own PID (nsenter and taskset exec).
+bg_t() { nsenter --net="/run/netns/$NS_T" -- "${TGT_PIN[@]}" "$@" & }
+bg_i() { nsenter --net="/run/netns/$NS_I" -- "${GEN_PIN[@]}" "$@" & }
+bench() { in_i "$AOE" bench "$IF_I" "$@"; }
+
+# user+system ticks of a process (fields 14 and 15 of /proc/PID/stat, after the comm field).
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+# The middle line of numbers on stdin (the lower middle for an even count).
+median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
+
+# A target's command words, one per line: built in for `aoe` (aoe serve) and vblade, else
+# from TARGET_CMD_<name>='cmd ... {shelf} {slot} {netif} {file}'. Fails for an unknown name.
+target_cmd() { # name
+    local name=$1 tmpl
+    case $name in
+        aoe) tmpl="$AOE serve {shelf} {slot} {netif} {file}" ;;
+        vblade) tmpl="vblade {shelf} {slot} {netif} {file}" ;;
+        *) local var="TARGET_CMD_$name"; tmpl=${!var:-} ;;
+    esac
+    [ -n "$tmpl" ] || return 1
+    tmpl=${tmpl//\{shelf\}/$SHELF}; tmpl=${tmpl//\{slot\}/$SLOT}
+    tmpl=${tmpl//\{netif\}/$IF_T}; tmpl=${tmpl//\{file\}/$FILE}
+    printf '%s\n' $tmpl
+}
+
+# Starts a target in its namespace (log in $WORK/target.log) and waits until it answers a
+# one-request read; sets TARGET_PID. Returns 1, the target stopped and its log shown, if it
+# never answers.
+start_target() { # name
+    local -a cmd
+    target_cmd "$1" >/dev/null || {
+        echo "$(basename "$0"): no command for target $1 (set TARGET_CMD_$1)" >&2; return 1; }
+    mapfile -t cmd < <(target_cmd "$1")
+    bg_t "${cmd[@]}" >"$WORK/target.log" 2>&1
+    TARGET_PID=$!
+    for _ in $(seq 1 50); do
+        bench --target "$SHELF.$SLOT" --size 512 >/dev/null 2>&1 && return 0
+        kill -0 "$TARGET_PID" 2>/dev/null || break
+        sleep 0.2
+    done
+    echo "$(basename "$0"): $1 did not answer; its log:" >&2; sed 's/^/    /' "$WORK/target.log" >&2
+    stop_pid "$TARGET_PID"; TARGET_PID=""
+    return 1
+}
