@@ -130,8 +130,12 @@ pub struct RingStats {
 ///
 /// The socket keeps its filter, binding and options; while the ring exists, `recv` and
 /// `recv_batch` on the socket itself see nothing (the kernel delivers into the ring).
-/// Frames sent through the socket's `send` still go out. Dropping the ring unmaps it; to
-/// size it anew (an MTU change) drop it first, then [`new`](Self::new) on the same socket.
+/// Frames sent through the socket's `send` still go out. Dropping the ring unmaps it.
+///
+/// Set up on a bound socket ([`new`](Self::new)), a ring loses the frames that arrive
+/// meanwhile and those already queued (the kernel detaches the socket for the setup and
+/// purges its queue): a server sets its rings up before binding, with
+/// [`PacketSocket::open_with_ring`], and sizes them anew (an MTU change) on a fresh socket.
 pub struct PacketRing {
     map: NonNull<u8>,
     map_len: usize,

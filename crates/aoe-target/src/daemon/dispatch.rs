@@ -24,7 +24,7 @@ impl Daemon {
             self.spare.push(reply);
             return;
         };
-        let frame = self.ifaces[idx].batch.frame(f);
+        let frame = self.ifaces[idx].frame(f);
         // The store's size may have changed (`rbd resize`): re-read it for IDENTIFY, which the
         // initiator sends on discovery and on revalidate. Only whole sectors are exported.
         if aoe_proto::target::is_identify_request(frame) {
