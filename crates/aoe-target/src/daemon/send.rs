@@ -148,6 +148,36 @@ impl IfaceRt {
         self.received().meta(f)
     }
 
+    /// Frame `f` of the last [`recv`](Self::recv) and, where the reply can be built in the
+    /// transmit ring ([`PacketRing::frame_and_slot`]), the next free slot's first `cap`
+    /// bytes; send what was built there with [`commit`](Self::commit). No slot while replies
+    /// wait in the backlog: they go first.
+    pub(super) fn frame_and_slot(&mut self, f: usize, cap: usize) -> (&[u8], Option<&mut [u8]>) {
+        if self.reading_old || !self.out.is_empty() {
+            return (self.frame(f), None);
+        }
+        match &mut self.batch {
+            Batch::Ring(r) => {
+                let (frame, slot) = r.frame_and_slot(f);
+                (
+                    frame,
+                    slot.filter(|s| s.len() >= cap).map(|s| &mut s[..cap]),
+                )
+            }
+            Batch::Mmsg(b) => (b.frame(f), None),
+        }
+    }
+
+    /// Sends the reply of `n` bytes built in the slot [`frame_and_slot`](Self::frame_and_slot)
+    /// lent, at the next kick ([`Daemon::flush_sends`]).
+    pub(super) fn commit(&mut self, n: usize) {
+        if let Batch::Ring(r) = &mut self.batch {
+            if r.commit(n).is_err() {
+                self.send_failures += 1;
+            }
+        }
+    }
+
     /// True if the loop must wait for the socket to become writable: replies wait in the
     /// backlog.
     pub(super) fn wants_out(&self) -> bool {
@@ -243,18 +273,6 @@ impl Daemon {
                 tracing::warn!(interface = %i.name, error = %e, "cannot size receive buffer");
             }
             let _ = i.sock.set_send_buffer(want);
-        }
-    }
-
-    pub(super) fn take_buffer(&mut self, cap: usize) -> Vec<u8> {
-        match self.spare.pop() {
-            Some(mut b) => {
-                if b.len() < cap {
-                    b.resize(cap, 0);
-                }
-                b
-            }
-            None => vec![0u8; cap],
         }
     }
 
