@@ -216,6 +216,30 @@ fn rings_follow_an_mtu_change() {
         "no 17-sector read answered after the MTU went to 9000"
     );
     write_read_back(&mut c, &file, 17, 16, 2);
+    // The new socket is sized as the first one was: a new socket starts with the kernel's
+    // default buffers (about 200 KiB, some twenty jumbo frames in flight). `ss -0 -m` shows
+    // each packet socket's receive (rb) and send (tb) buffer; the old socket closes once it
+    // has been read empty.
+    let mut shown = String::new();
+    let sized = wait_until(Duration::from_secs(10), || {
+        shown = n.t.run("ss", &["-0", "-a", "-m"]).unwrap_or_default();
+        let bufs: Vec<(u64, u64)> = shown
+            .lines()
+            .filter_map(|l| {
+                let m = l.split("skmem:(").nth(1)?;
+                let field = |k: &str| {
+                    m.split([',', ')'])
+                        .find_map(|x| x.strip_prefix(k)?.parse::<u64>().ok())
+                };
+                Some((field("rb")?, field("tb")?))
+            })
+            .collect();
+        bufs.len() == 1 && bufs.iter().all(|&(r, t)| r >= 4 << 20 && t >= 4 << 20)
+    });
+    assert!(
+        sized,
+        "after the MTU change: expected one packet socket with 4 MiB buffers or more:\n{shown}"
+    );
 }
 
 /// JSON of `aoe target --json stats` on the control socket `sock`.

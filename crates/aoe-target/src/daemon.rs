@@ -534,6 +534,7 @@ impl Daemon {
     }
 
     fn refresh_interfaces(&mut self) {
+        let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
             let Ok(info) = i.sock.refresh_info() else {
                 continue;
@@ -547,12 +548,17 @@ impl Daemon {
                     Batch::Mmsg(_) => send::RING_FRAMES,
                 };
                 i.rebuild(self.io, frames);
+                rebuilt = true;
                 for id in &i.exports {
                     if let Some(rt) = self.exports.get_mut(id) {
                         rt.engine.set_interface(idx, i.iface);
                     }
                 }
             }
+        }
+        if rebuilt {
+            // A new socket starts with the kernel's default buffer sizes.
+            self.size_socket_buffers();
         }
     }
 }

@@ -59,8 +59,6 @@ impl Daemon {
             .sum();
         let (sock, batch) = super::send::open_socket(self.io, name, ring_frames(buffers))
             .with_context(|| format!("cannot open AoE socket on interface {name}"))?;
-        // Best effort: a faster send path, as the memory-only responder measured.
-        let _ = sock.set_qdisc_bypass(true);
         self.ifaces.push(IfaceRt::new(name, sock, batch));
         Ok(self.ifaces.len() - 1)
     }
