@@ -15,7 +15,8 @@ pub(super) enum Batch {
     /// `recvmmsg` into this batch, `sendmmsg` from the backlog.
     Mmsg(RecvBatch),
     /// `PACKET_MMAP` receive and transmit rings on the socket: frames are read where the
-    /// kernel wrote them, replies are copied into transmit slots and sent with one kick.
+    /// kernel wrote them, replies are built in transmit slots (those that waited in the
+    /// backlog are copied there) and sent with one kick per batch.
     Ring(PacketRing),
 }
 
