@@ -69,11 +69,11 @@ pub struct ServeArgs {
     /// For an rbd:POOL/IMAGE export: the client's keyring (default: the one ceph.conf names).
     #[arg(long, value_name = "FILE")]
     keyring: Option<PathBuf>,
-    /// How frames move between the interfaces and the target: `rings` reads requests from a
-    /// PACKET_MMAP receive ring without a system call and sends replies through a transmit
-    /// ring, one send() per batch, less CPU per GB (falls back to mmsg, logging it, where
-    /// rings cannot be set up); `mmsg` uses recvmmsg/sendmmsg batches of 64.
-    #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Mmsg)]
+    /// How frames move between the interfaces and the target: `rings` (the default) reads
+    /// requests from a PACKET_MMAP receive ring without a system call and sends replies
+    /// through a transmit ring, one send() per batch, less CPU per GB (falls back to mmsg,
+    /// logging it, where rings cannot be set up); `mmsg` uses recvmmsg/sendmmsg batches of 64.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]

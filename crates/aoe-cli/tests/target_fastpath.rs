@@ -1,8 +1,8 @@
 //! The target's network fast path (issue 15): `aoe serve --io rings` (PACKET_MMAP rings, the
-//! default) and `--io mmsg` (recvmmsg/sendmmsg) serve the same bytes at both MTUs, the rings
-//! are set up anew when the interface's MTU changes, and a frame reaches only the export its
-//! shelf.slot names. Needs root; all frames stay on a veth pair between two namespaces the
-//! test creates.
+//! default) and `--io mmsg` (recvmmsg/sendmmsg) serve the same bytes at both MTUs, answer a
+//! request sent the moment the socket is bound, the rings are set up anew when the
+//! interface's MTU changes, and a frame reaches only the export its shelf.slot names. Needs
+//! root; all frames stay on a veth pair between two namespaces the test creates.
 
 use std::process::Command;
 use std::time::Duration;
@@ -141,6 +141,59 @@ fn rings_and_mmsg_serve_the_same_bytes_mtu_9000() {
     both_modes_serve_the_same_bytes(9000);
 }
 
+/// True once process `pid` (after `nsenter` has exec'd it: its name is `aoe`) has an AoE
+/// socket bound to an interface: `/proc/PID/net/packet` lists the sockets of its network
+/// namespace, with the bound protocol (hex) and interface index.
+fn aoe_socket_bound(pid: u32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "aoe" {
+        return false;
+    }
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/packet")).unwrap_or_default();
+    table.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.get(3) == Some(&"88a2") && cols.get(4).is_some_and(|i| *i != "0")
+    })
+}
+
+/// Regression (issue 15): with `--io rings` the first Query Config after start went
+/// unanswered (target_peers.rs saw it with aoecfg). The daemon bound its socket and then set
+/// its rings up, and setting a ring up on a bound socket takes the socket off the network
+/// for a while (`packet_set_ring`: unregister, `synchronize_net`) and then purges what it
+/// had queued. It now sets the rings up before it binds. Each round starts the target and
+/// sends one Query Config (no retransmission) the moment its socket shows as bound; it must
+/// be answered, in both modes.
+#[test]
+fn a_query_sent_as_soon_as_the_socket_is_bound_is_answered() {
+    let n = Net::new("fpbind", 1500);
+    let file = n.image("bind.img");
+    for mode in ["rings", "mmsg"] {
+        for round in 0..5 {
+            let mut c = AoeClient::open(&n.i, n.veth.b_name(), TargetAddr::new(1, 1)).unwrap();
+            c.set_retransmit_timeout(Duration::from_secs(60));
+            let mut t = n.serve(&["--io", mode, "1", "1", n.veth.a_name(), &file]);
+            let start = std::time::Instant::now();
+            // Polled without sleeping: the frame must go out right after the bind.
+            while !aoe_socket_bound(t.pid()) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10) && t.is_running(),
+                    "--io {mode}: no bound AoE socket:\n{}",
+                    t.output_so_far()
+                );
+                std::thread::yield_now();
+            }
+            let r = c.call(&Request::QueryConfig, Duration::from_secs(5));
+            t.stop().unwrap();
+            assert!(
+                r.is_ok(),
+                "--io {mode}, round {round}: the Query Config sent right after the bind went \
+                 unanswered: {r:?}\n{}",
+                t.output_so_far()
+            );
+        }
+    }
+}
+
 /// The transmit ring's slots are sized for the MTU at start: after the MTU grows, replies
 /// of the new size only go out if the daemon set the rings up anew (it re-reads MTUs once a
 /// second), and requests of the new size only come in whole if the receive ring was too.
@@ -163,6 +216,30 @@ fn rings_follow_an_mtu_change() {
         "no 17-sector read answered after the MTU went to 9000"
     );
     write_read_back(&mut c, &file, 17, 16, 2);
+    // The new socket is sized as the first one was: a new socket starts with the kernel's
+    // default buffers (about 200 KiB, some twenty jumbo frames in flight). `ss -0 -m` shows
+    // each packet socket's receive (rb) and send (tb) buffer; the old socket closes once it
+    // has been read empty.
+    let mut shown = String::new();
+    let sized = wait_until(Duration::from_secs(10), || {
+        shown = n.t.run("ss", &["-0", "-a", "-m"]).unwrap_or_default();
+        let bufs: Vec<(u64, u64)> = shown
+            .lines()
+            .filter_map(|l| {
+                let m = l.split("skmem:(").nth(1)?;
+                let field = |k: &str| {
+                    m.split([',', ')'])
+                        .find_map(|x| x.strip_prefix(k)?.parse::<u64>().ok())
+                };
+                Some((field("rb")?, field("tb")?))
+            })
+            .collect();
+        bufs.len() == 1 && bufs.iter().all(|&(r, t)| r >= 4 << 20 && t >= 4 << 20)
+    });
+    assert!(
+        sized,
+        "after the MTU change: expected one packet socket with 4 MiB buffers or more:\n{shown}"
+    );
 }
 
 /// JSON of `aoe target --json stats` on the control socket `sock`.

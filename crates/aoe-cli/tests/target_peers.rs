@@ -99,10 +99,19 @@ impl Target {
     }
 }
 
-/// Number of AF_PACKET sockets open in `ns` (`/proc/net/packet` shows the reader's netns).
+/// Number of AF_PACKET sockets bound to an interface in `ns` (`/proc/net/packet` shows the
+/// reader's netns; column 5 is the interface index, 0 until `bind`). A socket is listed from
+/// `socket()` on but receives nothing before it is bound, and `aoe serve` sets its rings up
+/// in between (milliseconds at MTU 9000): an aoecfg sent when the socket is merely listed
+/// goes unanswered.
 fn packet_sockets(ns: &Netns) -> usize {
     ns.run("cat", &["/proc/net/packet"])
-        .map(|s| s.lines().count().saturating_sub(1))
+        .map(|s| {
+            s.lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(4).is_some_and(|i| i != "0"))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -156,7 +165,7 @@ impl Rig {
         let mut target = target_ns
             .spawn(kind.command(veth.a_name(), &file))
             .expect("start target");
-        // Ready once its AF_PACKET socket exists: frames are queued to it from then on.
+        // Ready once its AF_PACKET socket is bound: frames are queued to it from then on.
         let bound = wait_until(Duration::from_secs(10), || {
             packet_sockets(&target_ns) > 0 || !target.is_running()
         });

@@ -126,6 +126,54 @@ impl PacketSocket {
         Ok(sock)
     }
 
+    /// Opens an AoE socket on `ifname` as [`open`](Self::open) does, with a
+    /// [`PacketRing`](crate::PacketRing) of at least `frames` receive and as many transmit
+    /// slots, each holding a frame of the interface's MTU
+    /// ([`frame_capacity`](crate::frame_capacity), at least `min_frame` bytes), set up
+    /// *before* the socket is bound.
+    ///
+    /// Why before: a ring set up on a bound socket takes it off the network meanwhile
+    /// (`packet_set_ring` unregisters the protocol hook and waits in `synchronize_net`, an
+    /// RCU grace period, milliseconds on a busy host, once per ring) and then purges its
+    /// receive queue (`skb_queue_purge`), so the frames a peer sent right then are lost: the
+    /// first Query Config after `aoe serve --io rings` started went unanswered. Bound
+    /// afterwards, the socket delivers every frame from the bind on into the ring.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open), and as [`PacketRing::new`](crate::PacketRing::new) when the
+    /// rings cannot be set up (the socket is closed then; open one without rings instead).
+    pub fn open_with_ring(
+        ifname: &str,
+        min_frame: usize,
+        frames: usize,
+    ) -> io::Result<(PacketSocket, crate::PacketRing)> {
+        let sock = Self::open_unbound(ifname, ETH_P_AOE)?;
+        sock.attach_filter(&ethertype_filter(ETH_P_AOE))?;
+        let _ = sock.setsockopt_int(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
+        let cap = crate::frame_capacity(sock.info.mtu).max(min_frame);
+        let ring = crate::PacketRing::new(&sock, cap, frames, frames)?;
+        sock.bind()?;
+        Ok((sock, ring))
+    }
+
+    /// Makes the socket take no more frames (a filter that accepts none); what it already
+    /// holds stays readable. For handing an interface over to a new socket: bind the new
+    /// one, stop the old one, read the old one until it is empty.
+    ///
+    /// # Errors
+    ///
+    /// Any error of `setsockopt(SO_ATTACH_FILTER)`.
+    pub fn stop_receiving(&self) -> io::Result<()> {
+        // BPF_RET | BPF_K with k = 0: keep 0 bytes, i.e. drop the frame.
+        self.attach_filter(&[libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }])
+    }
+
     /// Opens a capture tap for `aoe trace`: an `ETH_P_ALL` socket on `ifname` with the same
     /// ethertype filter as [`open`](Self::open), without `PACKET_IGNORE_OUTGOING`, so it sees
     /// the AoE frames the host sends as well as those it receives (packet(7): outgoing frames

@@ -143,8 +143,12 @@ pub struct RingStats {
 /// tpacket_snd), so the socket's own `send` sends only frames marked in the ring, nothing of
 /// its own buffer. Dropping the ring unmaps it and removes it from the socket (best effort:
 /// the kernel keeps a transmit ring whose frames are still in flight), which then receives
-/// and sends by itself again; to size it anew (an MTU change) drop it first, then
-/// [`new`](Self::new) on the same socket.
+/// and sends by itself again.
+///
+/// Set up on a bound socket ([`new`](Self::new)), a ring loses the frames that arrive
+/// meanwhile and those already queued (the kernel detaches the socket for the setup and
+/// purges its queue): a server sets its rings up before binding, with
+/// [`PacketSocket::open_with_ring`], and sizes them anew (an MTU change) on a fresh socket.
 pub struct PacketRing {
     map: NonNull<u8>,
     map_len: usize,
@@ -434,40 +438,108 @@ impl PacketRing {
     /// [`io::ErrorKind::InvalidInput`] if `frame` is longer than
     /// [`tx_frame_cap`](Self::tx_frame_cap).
     pub fn push(&mut self, frame: &[u8]) -> io::Result<bool> {
-        if self.tx.frame_nr() == 0 {
+        self.check_len(frame.len())?;
+        let Some(off) = self.free_tx_slot() else {
             return Ok(false);
+        };
+        // SAFETY: the slot is free (the kernel does not touch it until we mark it), and the
+        // frame fits after the header (checked above).
+        unsafe {
+            ptr::copy_nonoverlapping(
+                frame.as_ptr(),
+                self.map.as_ptr().add(off + TX_DATA_OFFSET),
+                frame.len(),
+            );
         }
-        if frame.len() > self.tx_frame_cap() {
+        self.mark(off, frame.len());
+        Ok(true)
+    }
+
+    /// Frame `i` of the last [`recv_batch`](Self::recv_batch), and the data area of the next
+    /// free transmit slot ([`tx_frame_cap`](Self::tx_frame_cap) bytes; `None` when the ring
+    /// is full), so a reply is built in place while the request is read: no buffer, no copy.
+    /// The slot goes out only once [`commit`](Self::commit)ted; until then it stays free and
+    /// the next call lends it again.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`, like slice indexing.
+    pub fn frame_and_slot(&mut self, i: usize) -> (&[u8], Option<&mut [u8]>) {
+        let (off, meta) = self.lent[i];
+        let slot = self.free_tx_slot();
+        let cap = self.tx_frame_cap();
+        let base = self.map.as_ptr();
+        // SAFETY: the receive slot is user-owned until the next recv_batch (which needs
+        // &mut self, so these borrows have ended by then) and recv_batch checked off + len
+        // is inside it; the transmit slot is free (the kernel does not touch it until it is
+        // marked, which needs &mut self too) and `cap` bytes after its header are inside
+        // it. The two do not overlap: the receive ring ends where the transmit ring begins.
+        unsafe {
+            (
+                std::slice::from_raw_parts(base.add(off), meta.len),
+                slot.map(|o| std::slice::from_raw_parts_mut(base.add(o + TX_DATA_OFFSET), cap)),
+            )
+        }
+    }
+
+    /// Marks the slot [`frame_and_slot`](Self::frame_and_slot) lent, holding a frame of `len`
+    /// bytes, for sending; it goes out at the next [`kick`](Self::kick).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] if `len` is longer than
+    /// [`tx_frame_cap`](Self::tx_frame_cap); [`io::ErrorKind::WouldBlock`] if the ring is
+    /// full (no slot was lent).
+    pub fn commit(&mut self, len: usize) -> io::Result<()> {
+        self.check_len(len)?;
+        let Some(off) = self.free_tx_slot() else {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "no free transmit slot to commit",
+            ));
+        };
+        self.mark(off, len);
+        Ok(())
+    }
+
+    fn check_len(&self, len: usize) -> io::Result<()> {
+        if len > self.tx_frame_cap() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "frame of {} bytes does not fit a {}-byte ring slot",
-                    frame.len(),
+                    "frame of {len} bytes does not fit a {}-byte ring slot",
                     self.tx_frame_cap()
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Offset of the next transmit slot if the kernel has let go of it: sent
+    /// (`TP_STATUS_AVAILABLE`), or refused and skipped (`TP_STATUS_WRONG_FORMAT` with
+    /// `PACKET_LOSS`).
+    fn free_tx_slot(&self) -> Option<usize> {
+        if self.tx.frame_nr() == 0 {
+            return None;
+        }
         let off = self.rx.bytes() + self.tx.slot(self.tx_head);
         let st = self.status(off).load(Ordering::Acquire);
-        if st == TP_STATUS_WRONG_FORMAT {
+        (st == TP_STATUS_AVAILABLE || st == TP_STATUS_WRONG_FORMAT).then_some(off)
+    }
+
+    /// Marks the free slot at `off`, its first `len` data bytes written, for sending.
+    fn mark(&mut self, off: usize, len: usize) {
+        if self.status(off).load(Ordering::Acquire) == TP_STATUS_WRONG_FORMAT {
             self.stats.tx_rejected += 1;
-        } else if st != TP_STATUS_AVAILABLE {
-            return Ok(false);
         }
-        // SAFETY: the slot is available (the kernel does not touch it until we mark it), and
-        // the frame fits after the header (checked above).
-        unsafe {
-            let base = self.map.as_ptr().add(off);
-            ptr::copy_nonoverlapping(frame.as_ptr(), base.add(TX_DATA_OFFSET), frame.len());
-            // tp_len (u32 at offset 4); the length checked above fits a u32 slot size.
-            ptr::write_volatile(base.add(4).cast::<u32>(), frame.len() as u32);
-        }
+        // SAFETY: tp_len (u32 at offset 4) of a free slot inside the mapping; `len` was
+        // checked against the slot size, which fits a u32.
+        unsafe { ptr::write_volatile(self.map.as_ptr().add(off + 4).cast::<u32>(), len as u32) };
         // Release: data and length are visible to the kernel before the request is.
         self.status(off)
             .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
         self.tx_head = (self.tx_head + 1) % self.tx.frame_nr();
         self.tx_unkicked += 1;
-        Ok(true)
     }
 
     /// True if frames were pushed that no [`kick`](Self::kick) has sent yet.

@@ -152,11 +152,10 @@ pub enum IoMode {
     /// `PACKET_MMAP` rings (`TPACKET_V2`, packet(7)): frames are read from a receive ring
     /// without a system call and replies go out through a transmit ring with one `send()`
     /// per batch. Falls back to [`IoMode::Mmsg`], with one log line, where a ring cannot be
-    /// set up. Not the default yet: target_peers.rs sees the first aoecfg exchange after
-    /// start go unanswered with it (open).
+    /// set up.
+    #[default]
     Rings,
     /// `recvmmsg(2)` / `sendmmsg(2)` batches of 64 frames, a copy each way in the kernel.
-    #[default]
     Mmsg,
 }
 

@@ -231,7 +231,10 @@ impl Daemon {
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
-            let wait = if self.ifaces.iter().any(IfaceRt::kick_pending) {
+            let wait = if self.ifaces.iter().any(|i| i.old.is_some()) {
+                // A replaced socket still holds frames poll() does not watch.
+                Duration::ZERO
+            } else if self.ifaces.iter().any(IfaceRt::kick_pending) {
                 KICK_RETRY
             } else {
                 REFRESH
@@ -247,7 +250,7 @@ impl Daemon {
             self.complete_io();
             let mut frames = 0;
             for (idx, fd) in fds.iter().enumerate().take(n) {
-                if fd.ready {
+                if fd.ready || self.ifaces[idx].old.is_some() {
                     frames += self.receive(idx);
                 }
             }
@@ -441,7 +444,7 @@ impl Daemon {
             }
             total += got;
             for f in 0..got {
-                if self.ifaces[idx].batch.meta(f).truncated {
+                if self.ifaces[idx].meta(f).truncated {
                     if let Some(a) = self.logs.check(Instant::now(), "oversized frame") {
                         tracing::debug!(
                             interface = %self.ifaces[idx].name,
@@ -476,7 +479,7 @@ impl Daemon {
         let Some(rt) = self.exports.get(&id) else {
             return false;
         };
-        let frame = self.ifaces[idx].batch.frame(f);
+        let frame = self.ifaces[idx].frame(f);
         let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
             return true;
         };
@@ -531,6 +534,7 @@ impl Daemon {
     }
 
     fn refresh_interfaces(&mut self) {
+        let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
             let Ok(info) = i.sock.refresh_info() else {
                 continue;
@@ -539,17 +543,22 @@ impl Daemon {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
                 i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
-                let frames = match (&i.batch, &i.ring_next) {
-                    (Batch::Ring(r), _) | (_, Some(r)) => r.rx_frames(),
-                    _ => send::RING_FRAMES,
+                let frames = match &i.batch {
+                    Batch::Ring(r) => r.rx_frames(),
+                    Batch::Mmsg(_) => send::RING_FRAMES,
                 };
                 i.rebuild(self.io, frames);
+                rebuilt = true;
                 for id in &i.exports {
                     if let Some(rt) = self.exports.get_mut(id) {
                         rt.engine.set_interface(idx, i.iface);
                     }
                 }
             }
+        }
+        if rebuilt {
+            // A new socket starts with the kernel's default buffer sizes.
+            self.size_socket_buffers();
         }
     }
 }

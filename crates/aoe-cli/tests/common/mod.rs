@@ -93,10 +93,19 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Number of AF_PACKET sockets open in `ns` (`/proc/net/packet` shows the reader's netns).
+/// Number of AF_PACKET sockets bound to an interface in `ns` (`/proc/net/packet` shows the
+/// reader's netns; column 5 is the interface index, 0 until `bind`). A socket is listed from
+/// `socket()` on but receives nothing before it is bound, and `aoe serve` sets its rings up
+/// in between (milliseconds at MTU 9000): a peer that starts talking when the socket is
+/// merely listed loses its first frames.
 pub fn packet_sockets(ns: &Netns) -> usize {
     ns.run("cat", &["/proc/net/packet"])
-        .map(|s| s.lines().count().saturating_sub(1))
+        .map(|s| {
+            s.lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(4).is_some_and(|i| i != "0"))
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -19,12 +19,19 @@ use super::*;
 impl Daemon {
     pub(super) fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
         let cap = self.ifaces[idx].frame_cap;
-        let mut reply = self.take_buffer(cap);
         let Some(rt) = self.exports.get_mut(&id) else {
-            self.spare.push(reply);
             return;
         };
-        let frame = self.ifaces[idx].batch.frame(f);
+        let iface = &mut self.ifaces[idx];
+        // With a transmit ring, the reply is built in its next free slot (a read's data is
+        // read straight into it) and committed there: no reply buffer, no copy. Otherwise
+        // (no ring, a full ring, replies queued ahead) in a buffer that goes to the backlog.
+        let (frame, slot) = iface.frame_and_slot(f, cap);
+        let mut owned = None;
+        let reply: &mut [u8] = match slot {
+            Some(s) => s,
+            None => owned.insert(take_buffer(&mut self.spare, cap)),
+        };
         // The store's size may have changed (`rbd resize`): re-read it for IDENTIFY, which the
         // initiator sends on discovery and on revalidate. Only whole sectors are exported.
         if aoe_proto::target::is_identify_request(frame) {
@@ -40,12 +47,12 @@ impl Daemon {
         let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
         if let Some(before) = reserve_before {
             if !super::shared::keep_reservation(rt, before, &mut self.logs) {
-                self.spare.push(reply);
+                self.spare.extend(owned);
                 return;
             }
         }
-        match outcome {
-            Outcome::Reply(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
+        let n = match outcome {
+            Outcome::Reply(n) => n,
             Outcome::Drop(reason) => {
                 // A frame per dropped request would let any sender fill the log: checked
                 // only when trace is on, then one line a second.
@@ -54,7 +61,8 @@ impl Daemon {
                         tracing::trace!(export = %rt.spec.addr(), %reason, "frame dropped{a}");
                     }
                 }
-                self.spare.push(reply);
+                self.spare.extend(owned);
+                return;
             }
             Outcome::Io(req) => {
                 // Fast path: data in the page cache is read (and a write that need not wait is
@@ -87,60 +95,71 @@ impl Daemon {
                     }
                 };
                 if let Some(result) = result {
-                    match rt.engine.complete(req.token, result, &mut reply) {
-                        Some(n) => self.ifaces[idx].queue(reply, n, &mut self.spare),
-                        None => self.spare.push(reply),
-                    }
-                    return;
-                }
-                let t = req.token.0 as usize;
-                if rt.token_iface.len() <= t {
-                    rt.token_iface.resize(t + 1, 0);
-                }
-                rt.token_iface[t] = idx;
-                let op = match req.kind {
-                    IoKind::Read { offset, len } => Op::Read {
-                        offset,
-                        at: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
-                    },
-                    IoKind::Write { offset, data } => {
-                        // The receive batch is reused: the write data travels in the reply
-                        // buffer, whose header the completion then overwrites.
-                        reply[..frame.len()].copy_from_slice(frame);
-                        Op::Write { offset, from: data }
-                    }
-                    IoKind::Flush => Op::Flush,
-                };
-                let job = Request {
-                    op,
-                    token: (u64::from(id) << 32) | u64::from(req.token.0),
-                    buf: reply,
-                };
-                if ordered {
-                    if rt.backend.queued() + self.waiting_writes >= POOL_QUEUE {
-                        rt.engine.abort(req.token);
-                        self.spare.push(job.buf);
-                        rt.pool_full_drops += 1;
-                        return;
-                    }
-                    let range = write_range.unwrap_or_else(|| unreachable!());
-                    rt.writes.wait(req.token.0, range, job);
-                    self.waiting_writes += 1;
-                    return;
-                }
-                match rt.backend.submit(job) {
-                    Ok(()) => {
-                        if let Some(range) = write_range {
-                            rt.writes.started(req.token.0, range);
+                    match rt.engine.complete(req.token, result, reply) {
+                        Some(n) => n,
+                        None => {
+                            self.spare.extend(owned);
+                            return;
                         }
                     }
-                    Err(job) => {
-                        rt.engine.abort(req.token);
-                        self.spare.push(job.buf);
-                        rt.pool_full_drops += 1;
+                } else {
+                    let t = req.token.0 as usize;
+                    if rt.token_iface.len() <= t {
+                        rt.token_iface.resize(t + 1, 0);
                     }
+                    rt.token_iface[t] = idx;
+                    // The job needs a buffer of its own: a transmit slot stays free for the
+                    // next reply.
+                    let mut buf = owned.unwrap_or_else(|| take_buffer(&mut self.spare, cap));
+                    let op = match req.kind {
+                        IoKind::Read { offset, len } => Op::Read {
+                            offset,
+                            at: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
+                        },
+                        IoKind::Write { offset, data } => {
+                            // The receive batch is reused: the write data travels in the
+                            // reply buffer, whose header the completion then overwrites.
+                            buf[..frame.len()].copy_from_slice(frame);
+                            Op::Write { offset, from: data }
+                        }
+                        IoKind::Flush => Op::Flush,
+                    };
+                    let job = Request {
+                        op,
+                        token: (u64::from(id) << 32) | u64::from(req.token.0),
+                        buf,
+                    };
+                    if ordered {
+                        if rt.backend.queued() + self.waiting_writes >= POOL_QUEUE {
+                            rt.engine.abort(req.token);
+                            self.spare.push(job.buf);
+                            rt.pool_full_drops += 1;
+                            return;
+                        }
+                        let range = write_range.unwrap_or_else(|| unreachable!());
+                        rt.writes.wait(req.token.0, range, job);
+                        self.waiting_writes += 1;
+                        return;
+                    }
+                    match rt.backend.submit(job) {
+                        Ok(()) => {
+                            if let Some(range) = write_range {
+                                rt.writes.started(req.token.0, range);
+                            }
+                        }
+                        Err(job) => {
+                            rt.engine.abort(req.token);
+                            self.spare.push(job.buf);
+                            rt.pool_full_drops += 1;
+                        }
+                    }
+                    return;
                 }
             }
+        };
+        match owned {
+            Some(buf) => iface.queue(buf, n, &mut self.spare),
+            None => iface.commit(n),
         }
     }
 
@@ -201,6 +220,19 @@ impl Daemon {
                 self.flush_sends();
             }
         }
+    }
+}
+
+/// A reply buffer of at least `cap` bytes: a spare one, or a new one.
+pub(super) fn take_buffer(spare: &mut Vec<Vec<u8>>, cap: usize) -> Vec<u8> {
+    match spare.pop() {
+        Some(mut b) => {
+            if b.len() < cap {
+                b.resize(cap, 0);
+            }
+            b
+        }
+        None => vec![0u8; cap],
     }
 }
 

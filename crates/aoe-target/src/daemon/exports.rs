@@ -45,35 +45,21 @@ impl Daemon {
         v
     }
 
-    pub(super) fn iface_index(&mut self, name: &str) -> Result<usize> {
+    /// The index of interface `name`, opening its socket if it has none yet, with ring slots
+    /// for the buffer counts `config` serves there.
+    pub(super) fn iface_index(&mut self, name: &str, config: &ServeConfig) -> Result<usize> {
         if let Some(i) = self.ifaces.iter().position(|i| i.name == name) {
             return Ok(i);
         }
-        let sock = PacketSocket::open(name)
+        let buffers: usize = config
+            .exports
+            .iter()
+            .filter(|e| e.interfaces.iter().any(|i| i == name))
+            .map(|e| e.buffer_count as usize)
+            .sum();
+        let (sock, batch) = super::send::open_socket(self.io, name, ring_frames(buffers))
             .with_context(|| format!("cannot open AoE socket on interface {name}"))?;
-        let info = sock.info().clone();
-        let frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
-        // Best effort: a faster send path, as the memory-only responder measured.
-        let _ = sock.set_qdisc_bypass(true);
-        self.ifaces.push(IfaceRt {
-            name: name.to_string(),
-            batch: Batch::Mmsg(RecvBatch::new(BATCH, frame_cap)),
-            ring_next: match Batch::new(self.io, &sock, name, frame_cap, super::send::RING_FRAMES) {
-                Batch::Ring(r) => Some(r),
-                Batch::Mmsg(_) => None,
-            },
-            frame_cap,
-            iface: Interface {
-                mac: MacAddr(info.mac),
-                mtu: info.mtu,
-            },
-            sock,
-            exports: Vec::new(),
-            out: VecDeque::new(),
-            send_failures: 0,
-            backlog_drops: 0,
-            drops_logged: (0, 0),
-        });
+        self.ifaces.push(IfaceRt::new(name, sock, batch));
         Ok(self.ifaces.len() - 1)
     }
 
@@ -109,7 +95,7 @@ impl Daemon {
             .flat_map(|rt| rt.spec.interfaces.clone())
             .collect();
         for name in names {
-            self.iface_index(&name)?;
+            self.iface_index(&name, &config)?;
         }
         // Ask the segments before announcing anything new: a second target with one of our
         // addresses makes initiators mix two disks.
@@ -143,7 +129,7 @@ impl Daemon {
             let id = self.next_export_id;
             self.next_export_id += 1;
             for name in rt.spec.interfaces.clone() {
-                let idx = self.iface_index(&name)?;
+                let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
                 self.ifaces[idx].exports.push(id);
                 let info = self.ifaces[idx].iface;
@@ -292,6 +278,13 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))?;
     }
     Ok(())
+}
+
+/// Ring slots for an interface serving `buffers` buffers in all: twice that (every request
+/// an initiator may have in flight, and a retransmitted copy of each), at least
+/// [`super::send::RING_FRAMES`].
+pub(super) fn ring_frames(buffers: usize) -> usize {
+    (2 * buffers).max(super::send::RING_FRAMES)
 }
 
 /// The MAC mask list as the "exporting" log line shows it: `any` when empty (everyone is

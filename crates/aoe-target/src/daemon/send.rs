@@ -15,7 +15,8 @@ pub(super) enum Batch {
     /// `recvmmsg` into this batch, `sendmmsg` from the backlog.
     Mmsg(RecvBatch),
     /// `PACKET_MMAP` receive and transmit rings on the socket: frames are read where the
-    /// kernel wrote them, replies are copied into transmit slots and sent with one kick.
+    /// kernel wrote them, replies are built in transmit slots (those that waited in the
+    /// backlog are copied there) and sent with one kick per batch.
     Ring(PacketRing),
 }
 
@@ -35,28 +36,36 @@ impl Batch {
             Batch::Ring(r) => r.meta(f),
         }
     }
+}
 
-    /// A batch for `mode` on `sock`: rings where asked for and possible, else `recvmmsg`
-    /// buffers (logged once per interface when rings were asked for and failed).
-    pub(super) fn new(
-        mode: IoMode,
-        sock: &PacketSocket,
-        name: &str,
-        frame_cap: usize,
-        frames: usize,
-    ) -> Batch {
-        if mode == IoMode::Rings {
-            match PacketRing::new(sock, frame_cap, frames, frames) {
-                Ok(r) => return Batch::Ring(r),
-                Err(e) => tracing::warn!(
-                    interface = %name,
-                    error = %e,
-                    "cannot set up packet rings; using recvmmsg/sendmmsg"
-                ),
+/// Opens interface `name`'s socket for `mode`: with rings of at least `frames` slots set up
+/// before the socket is bound ([`PacketSocket::open_with_ring`] says why), or, for `mmsg`
+/// and where a ring cannot be set up (logged once), a plain socket and `recvmmsg` buffers.
+/// `PACKET_QDISC_BYPASS` is on where the kernel has it; the buffer sizes are
+/// [`Daemon::size_socket_buffers`]'s.
+pub(super) fn open_socket(
+    mode: IoMode,
+    name: &str,
+    frames: usize,
+) -> io::Result<(PacketSocket, Batch)> {
+    if mode == IoMode::Rings {
+        match PacketSocket::open_with_ring(name, aoe_wire::MIN_FRAME_LEN, frames) {
+            Ok((sock, ring)) => {
+                // Best effort: a faster send path, as the memory-only responder measured.
+                let _ = sock.set_qdisc_bypass(true);
+                return Ok((sock, Batch::Ring(ring)));
             }
+            Err(e) => tracing::warn!(
+                interface = %name,
+                error = %e,
+                "cannot set up packet rings; using recvmmsg/sendmmsg"
+            ),
         }
-        Batch::Mmsg(RecvBatch::new(BATCH, frame_cap))
     }
+    let sock = PacketSocket::open(name)?;
+    let _ = sock.set_qdisc_bypass(true);
+    let cap = aoe_sys::frame_capacity(sock.info().mtu).max(aoe_wire::MIN_FRAME_LEN);
+    Ok((sock, Batch::Mmsg(RecvBatch::new(BATCH, cap))))
 }
 
 pub(super) struct IfaceRt {
@@ -76,32 +85,104 @@ pub(super) struct IfaceRt {
     pub(super) backlog_drops: u64,
     /// (send_failures, backlog_drops) last logged.
     pub(super) drops_logged: (u64, u64),
-    /// A ring set up on the socket while `batch` still reads the ordinary receive queue:
-    /// frames that arrived before the ring existed wait there (the kernel delivers to the
-    /// ring only from its setup on, and a ring's reader never looks at that queue), and an
-    /// initiator that starts with us sends its first Query Config right then. `recv` reads
-    /// the queue until it is empty, then switches to the ring for good.
-    pub(super) ring_next: Option<PacketRing>,
+    /// The socket and batch replaced by [`rebuild`](Self::rebuild): it takes no new frames
+    /// (`stop_receiving`), and the frames that reached it before are read from it until it
+    /// is empty, then it is closed. Between the new socket's bind and that, a frame may
+    /// reach both and be answered twice, which AoE allows (a retransmission looks the
+    /// same).
+    pub(super) old: Option<(PacketSocket, Batch)>,
+    /// True while the frames of the last [`recv`](Self::recv) are in `old`.
+    reading_old: bool,
 }
 
 impl IfaceRt {
-    /// Receives the next batch of frames (they stay readable through `batch` until the next
-    /// call); returns how many.
-    pub(super) fn recv(&mut self) -> io::Result<usize> {
-        if self.ring_next.is_some() {
-            if let Batch::Mmsg(b) = &mut self.batch {
-                let n = self.sock.recv_batch(b)?;
-                if n > 0 {
-                    return Ok(n);
-                }
-            }
-            if let Some(r) = self.ring_next.take() {
-                self.batch = Batch::Ring(r);
-            }
+    pub(super) fn new(name: &str, sock: PacketSocket, batch: Batch) -> IfaceRt {
+        let info = sock.info().clone();
+        IfaceRt {
+            name: name.to_string(),
+            batch,
+            frame_cap: aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN),
+            iface: Interface {
+                mac: MacAddr(info.mac),
+                mtu: info.mtu,
+            },
+            sock,
+            exports: Vec::new(),
+            out: VecDeque::new(),
+            send_failures: 0,
+            backlog_drops: 0,
+            drops_logged: (0, 0),
+            old: None,
+            reading_old: false,
         }
+    }
+
+    /// Receives the next batch of frames (they stay readable through
+    /// [`frame`](Self::frame) and [`meta`](Self::meta) until the next call); returns how
+    /// many.
+    pub(super) fn recv(&mut self) -> io::Result<usize> {
+        if let Some((sock, batch)) = &mut self.old {
+            let n = match batch {
+                Batch::Mmsg(b) => sock.recv_batch(b).unwrap_or(0),
+                Batch::Ring(r) => r.recv_batch(BATCH),
+            };
+            if n > 0 {
+                self.reading_old = true;
+                return Ok(n);
+            }
+            self.old = None;
+        }
+        self.reading_old = false;
         match &mut self.batch {
             Batch::Mmsg(b) => self.sock.recv_batch(b),
             Batch::Ring(r) => Ok(r.recv_batch(BATCH)),
+        }
+    }
+
+    fn received(&self) -> &Batch {
+        match &self.old {
+            Some((_, b)) if self.reading_old => b,
+            _ => &self.batch,
+        }
+    }
+
+    /// Frame `f` of the last [`recv`](Self::recv).
+    pub(super) fn frame(&self, f: usize) -> &[u8] {
+        self.received().frame(f)
+    }
+
+    /// Metadata of frame `f` of the last [`recv`](Self::recv).
+    pub(super) fn meta(&self, f: usize) -> RecvMeta {
+        self.received().meta(f)
+    }
+
+    /// Frame `f` of the last [`recv`](Self::recv) and, where the reply can be built in the
+    /// transmit ring ([`PacketRing::frame_and_slot`]), the next free slot's first `cap`
+    /// bytes; send what was built there with [`commit`](Self::commit). No slot while replies
+    /// wait in the backlog: they go first.
+    pub(super) fn frame_and_slot(&mut self, f: usize, cap: usize) -> (&[u8], Option<&mut [u8]>) {
+        if self.reading_old || !self.out.is_empty() {
+            return (self.frame(f), None);
+        }
+        match &mut self.batch {
+            Batch::Ring(r) => {
+                let (frame, slot) = r.frame_and_slot(f);
+                (
+                    frame,
+                    slot.filter(|s| s.len() >= cap).map(|s| &mut s[..cap]),
+                )
+            }
+            Batch::Mmsg(b) => (b.frame(f), None),
+        }
+    }
+
+    /// Sends the reply of `n` bytes built in the slot [`frame_and_slot`](Self::frame_and_slot)
+    /// lent, at the next kick ([`Daemon::flush_sends`]).
+    pub(super) fn commit(&mut self, n: usize) {
+        if let Batch::Ring(r) = &mut self.batch {
+            if r.commit(n).is_err() {
+                self.send_failures += 1;
+            }
         }
     }
 
@@ -118,22 +199,43 @@ impl IfaceRt {
         self.ring().is_some_and(PacketRing::needs_kick)
     }
 
-    /// The socket's ring, in use or about to be (`ring_next`).
+    /// The socket's ring, if it has one.
     pub(super) fn ring(&self) -> Option<&PacketRing> {
-        match (&self.batch, &self.ring_next) {
-            (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
-            _ => None,
+        match &self.batch {
+            Batch::Ring(r) => Some(r),
+            Batch::Mmsg(_) => None,
         }
     }
 
     /// Sets up the batch anew for the current `frame_cap`, with at least `frames` ring slots
-    /// (an MTU change, more buffers to honour). The old ring is unmapped first: the kernel
-    /// replaces a socket's ring only when nothing maps it.
+    /// (an MTU change, more buffers to honour). A ring is sized on a new socket, bound once
+    /// its ring exists (a ring set up on the bound socket would drop what arrives
+    /// meanwhile); the old socket is read until empty ([`IfaceRt::old`]). If no new socket
+    /// can be opened the interface keeps the one it has.
     pub(super) fn rebuild(&mut self, mode: IoMode, frames: usize) {
-        self.ring_next = None;
-        self.batch = Batch::Mmsg(RecvBatch::new(BATCH, self.frame_cap));
-        if let Batch::Ring(r) = Batch::new(mode, &self.sock, &self.name, self.frame_cap, frames) {
-            self.ring_next = Some(r);
+        if mode == IoMode::Mmsg {
+            self.batch = Batch::Mmsg(RecvBatch::new(BATCH, self.frame_cap));
+            return;
+        }
+        match open_socket(mode, &self.name, frames) {
+            Ok((sock, batch)) => {
+                if let Batch::Ring(r) = &mut self.batch {
+                    // Best effort: replies still marked in the old ring go out now.
+                    let _ = r.kick();
+                }
+                let old_sock = std::mem::replace(&mut self.sock, sock);
+                if let Err(e) = old_sock.stop_receiving() {
+                    tracing::warn!(interface = %self.name, error = %e, "cannot stop the old socket");
+                }
+                let old_batch = std::mem::replace(&mut self.batch, batch);
+                self.old = Some((old_sock, old_batch));
+                self.reading_old = false;
+            }
+            Err(e) => tracing::error!(
+                interface = %self.name,
+                error = %e,
+                "cannot open a new socket for the new MTU or buffer count; keeping the old one"
+            ),
         }
     }
 }
@@ -172,7 +274,7 @@ impl Daemon {
             let want = (frames * per_frame * 2).max(4 << 20);
             if let Some(rx_frames) = i.ring().map(PacketRing::rx_frames) {
                 if rx_frames < 2 * frames {
-                    i.rebuild(self.io, (2 * frames).max(RING_FRAMES));
+                    i.rebuild(self.io, super::exports::ring_frames(frames));
                 }
             }
             if let Err(e) = i.sock.set_recv_buffer(want) {
@@ -182,31 +284,12 @@ impl Daemon {
         }
     }
 
-    pub(super) fn take_buffer(&mut self, cap: usize) -> Vec<u8> {
-        match self.spare.pop() {
-            Some(mut b) => {
-                if b.len() < cap {
-                    b.resize(cap, 0);
-                }
-                b
-            }
-            None => vec![0u8; cap],
-        }
-    }
-
     /// Sends what the interfaces' backlogs hold, as far as their sockets take it, without
     /// waiting: a full send queue leaves the rest for the next turn, when poll() reports
     /// the socket writable (POLLOUT) again.
     pub(super) fn flush_sends(&mut self) {
         for i in &mut self.ifaces {
-            // Once a socket has a transmit ring every send on it goes through the ring
-            // (packet_sendmsg calls tpacket_snd), so replies use it even while the receive
-            // side still reads frames from before the ring.
-            let ring = match (&mut i.batch, &mut i.ring_next) {
-                (Batch::Ring(r), _) | (_, Some(r)) => Some(r),
-                _ => None,
-            };
-            if let Some(r) = ring {
+            if let Batch::Ring(r) = &mut i.batch {
                 while let Some((b, n)) = i.out.front() {
                     match r.push(&b[..*n]) {
                         Ok(true) => {}
