@@ -347,7 +347,8 @@ impl PacketRing {
             let wire = self.read_u32(off + 4) as usize; // tp_len
             let snap = self.read_u32(off + 8) as usize; // tp_snaplen
             let mac = usize::from(self.read_u16(off + 12)); // tp_mac
-                                                            // The kernel keeps tp_mac + tp_snaplen inside the slot; check rather than trust.
+
+            // The kernel keeps tp_mac + tp_snaplen inside the slot; check rather than trust.
             let len = if mac + snap <= self.rx.frame_size {
                 snap
             } else {
@@ -465,7 +466,7 @@ impl PacketRing {
     ///
     /// If `i >= len()`, like slice indexing.
     pub fn frame_and_slot(&mut self, i: usize) -> (&[u8], Option<&mut [u8]>) {
-        let (off, meta) = self.lent[i];
+        let (off, meta, _) = self.lent[i];
         let slot = self.free_tx_slot();
         let cap = self.tx_frame_cap();
         let base = self.map.as_ptr();
