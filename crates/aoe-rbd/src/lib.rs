@@ -17,7 +17,10 @@
 //! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
 //! one never writes behind its back. The same monitor re-reads the image's size
 //! ([`RbdBackend::size_seen`]), which the daemon announces; AoE reservations are kept in the
-//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover.
+//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover: the monitor thread
+//! stores them ([`RbdBackend::store_reservation`], off the daemon's event loop) and re-reads
+//! them on each update notification, so a change made through another gateway is seen
+//! while running ([`RbdBackend::reservation_update`]).
 //!
 //! I/O: the store is an [`aoe_store::AsyncBackend`]. Each request is a librbd aio call
 //! (read, write, write-zeroes, flush) whose completion callback, on a librbd thread, pushes
@@ -161,11 +164,35 @@ struct Shared {
     /// Our RADOS session's addresses (`rados_getaddrs`), to find ourselves among the lock's
     /// owners.
     addrs: String,
-    /// Wakes the monitor thread early: librbd's update callback and Drop (with `stop`).
+    /// Wakes the monitor thread early: librbd's update callback, a reservation to store, and
+    /// Drop (with `stop`).
     wake: Arc<Wake>,
     stop: AtomicBool,
     /// Where finished requests go.
     completions: Arc<Completions>,
+    /// Reservations to store, in order: the monitor thread stores them, so a cluster that
+    /// does not answer never holds up the daemon's event loop.
+    reserve_jobs: Mutex<std::collections::VecDeque<ReserveJob>>,
+    /// The reservation as the cluster last told it (read after each update notification,
+    /// or stored by this gateway), not yet taken by [`RbdBackend::reservation_update`].
+    reserve_update: Mutex<Option<Vec<[u8; 6]>>>,
+    /// True while `reserve_update` holds one: the daemon's check per frame is one load.
+    reserve_changed: AtomicBool,
+}
+
+/// A reservation for the monitor thread to store, and whom to tell once it is stored.
+struct ReserveJob {
+    macs: Vec<[u8; 6]>,
+    done: ReserveDone,
+}
+
+/// Called with the outcome of a stored reservation (on the monitor thread).
+pub type ReserveDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+impl std::fmt::Debug for ReserveJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReserveJob({})", format_macs(&self.macs))
+    }
 }
 
 /// Whether the exclusive lock was lost. Apart from [`Shared`] so that an aio completion
@@ -212,14 +239,25 @@ impl Fence {
 /// drops the image (whose Drop unregisters that very watch and waits for its callbacks).
 #[derive(Debug, Default)]
 struct Wake {
-    flag: Mutex<bool>,
+    flag: Mutex<Woken>,
     cv: Condvar,
 }
 
+/// Why the monitor thread was woken.
+#[derive(Debug, Default, Clone, Copy)]
+struct Woken {
+    /// librbd's update watch fired: the header changed (size, metadata, lock traffic) or
+    /// librbd re-registered its watch (after which it cannot know what it missed).
+    updated: bool,
+    /// Work was queued, or the backend is being dropped.
+    poked: bool,
+}
+
 impl Wake {
-    fn wake(&self) {
+    fn wake(&self, updated: bool) {
         if let Ok(mut w) = self.flag.lock() {
-            *w = true;
+            w.updated |= updated;
+            w.poked |= !updated;
             self.cv.notify_all();
         }
     }
@@ -309,6 +347,9 @@ impl RbdBackend {
             wake: Arc::new(Wake::default()),
             stop: AtomicBool::new(false),
             completions,
+            reserve_jobs: Mutex::new(std::collections::VecDeque::new()),
+            reserve_update: Mutex::new(None),
+            reserve_changed: AtomicBool::new(false),
         });
         if locked {
             shared.take_lock().map_err(|e| classify(e, "lock"))?;
@@ -320,7 +361,7 @@ impl RbdBackend {
         let wake = shared.wake.clone();
         shared
             .image
-            .watch_updates(Box::new(move || wake.wake()))
+            .watch_updates(Box::new(move || wake.wake(true)))
             .map_err(|e| classify(e, "watch"))?;
         let monitor = shared.clone();
         let monitor = std::thread::Builder::new()
@@ -360,35 +401,45 @@ impl RbdBackend {
     /// The reservation kept in the image ([`RESERVE_KEY`]): empty if not reserved. Asks the
     /// cluster (blocking).
     pub fn reservation(&self) -> io::Result<Vec<[u8; 6]>> {
-        match self.shared.image.metadata_get(RESERVE_KEY)? {
-            None => Ok(Vec::new()),
-            Some(v) => parse_macs(&v).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("image metadata {RESERVE_KEY} is not a MAC list: {v:?}"),
-                )
-            }),
-        }
+        parse_reservation(self.shared.image.metadata_get(RESERVE_KEY)?.as_deref())
     }
 
-    /// Stores the reservation in the image ([`RESERVE_KEY`]; removed when `macs` is empty),
-    /// waiting until the cluster has it. A gateway that lost the lock is refused (`EROFS`):
-    /// only the lock holder changes the image's state.
-    pub fn set_reservation(&self, macs: &[[u8; 6]]) -> io::Result<()> {
+    /// Stores the reservation in the image ([`RESERVE_KEY`]; removed when `macs` is empty)
+    /// without waiting: the monitor thread stores it, in the order given, and then calls
+    /// `done` (on that thread) with the outcome, `Ok` once the cluster has it. librbd has no
+    /// asynchronous metadata call (`librbd.h` offers only `rbd_metadata_set`), so a thread
+    /// must wait on the cluster, and it is this one rather than the daemon's event loop:
+    /// while the cluster does not answer, only this image's reservation (and lock check)
+    /// waits. A gateway that lost the lock is refused (`EROFS`): only the lock holder
+    /// changes the image's state.
+    pub fn store_reservation(&self, macs: &[[u8; 6]], done: ReserveDone) {
         if self.shared.read_only || self.lock_lost() {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
+            done(Err(io::Error::from_raw_os_error(libc::EROFS)));
+            return;
         }
-        let r = if macs.is_empty() {
-            self.shared.image.metadata_remove(RESERVE_KEY)
-        } else {
-            self.shared
-                .image
-                .metadata_set(RESERVE_KEY, &format_macs(macs))
-        };
-        r.map_err(|e| match errno(&e) {
-            Some(libc::EROFS) | Some(EBLOCKLISTED) => self.shared.fence.fence(&e),
-            _ => e,
-        })
+        match self.shared.reserve_jobs.lock() {
+            Ok(mut q) => q.push_back(ReserveJob {
+                macs: macs.to_vec(),
+                done,
+            }),
+            Err(_) => {
+                done(Err(io::Error::other("reservation queue poisoned")));
+                return;
+            }
+        }
+        self.shared.wake.wake(false);
+    }
+
+    /// The reservation as the cluster holds it now, if it changed since the last call:
+    /// read by the monitor thread after each update notification of the image (another
+    /// gateway, or `rbd image-meta set`, changed it) and set by each reservation this
+    /// gateway stored. No cluster call: one atomic load when nothing changed, so the
+    /// daemon may ask before every frame it hands to the export.
+    pub fn reservation_update(&self) -> Option<Vec<[u8; 6]>> {
+        if !self.shared.reserve_changed.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        self.shared.reserve_update.lock().ok()?.take()
     }
 }
 
@@ -403,6 +454,19 @@ fn format_macs(macs: &[[u8; 6]]) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The value of [`RESERVE_KEY`] as a reserve list: none (unset) is empty.
+fn parse_reservation(v: Option<&str>) -> io::Result<Vec<[u8; 6]>> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(v) => parse_macs(v).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("image metadata {RESERVE_KEY} is not a MAC list: {v:?}"),
+            )
+        }),
+    }
 }
 
 /// The inverse of [`format_macs`]; `None` if any entry is not a MAC address.
@@ -432,7 +496,7 @@ impl Drop for RbdBackend {
         // after its last request in flight has completed (aoe-rbd-sys waits for them),
         // releasing the lock for the next gateway.
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.wake.wake();
+        self.shared.wake.wake(false);
         if let Some(t) = self.monitor.take() {
             let _ = t.join();
         }
@@ -445,20 +509,26 @@ impl Shared {
     /// touches the event loop: a cluster that does not answer blocks only this thread.
     fn monitor(&self) {
         loop {
-            {
+            let woken = {
                 let Ok(mut w) = self.wake.flag.lock() else {
                     return;
                 };
-                if !*w && !self.stop.load(Ordering::SeqCst) {
+                if !w.updated && !w.poked && !self.stop.load(Ordering::SeqCst) {
                     w = match self.wake.cv.wait_timeout(w, MONITOR_INTERVAL) {
                         Ok((w, _)) => w,
                         Err(_) => return,
                     };
                 }
-                *w = false;
-            }
+                std::mem::take(&mut *w)
+            };
             if self.stop.load(Ordering::SeqCst) {
+                // Reservations not stored yet are dropped with their callbacks: the daemon
+                // is stopping, and it never answered them.
                 return;
+            }
+            self.store_reservations();
+            if woken.updated {
+                self.read_reservation();
             }
             if let Ok(s) = self.image.size() {
                 self.size.store(s, Ordering::Relaxed);
@@ -466,6 +536,63 @@ impl Shared {
             if self.locked && !self.fence.is_fenced() {
                 self.check_lock();
             }
+        }
+    }
+
+    /// Stores the queued reservations, in order, and tells each one's caller.
+    fn store_reservations(&self) {
+        loop {
+            let job = match self.reserve_jobs.lock() {
+                Ok(mut q) => q.pop_front(),
+                Err(_) => None,
+            };
+            let Some(job) = job else {
+                return;
+            };
+            let r = if self.fence.is_fenced() {
+                Err(io::Error::from_raw_os_error(libc::EROFS))
+            } else if job.macs.is_empty() {
+                self.image.metadata_remove(RESERVE_KEY)
+            } else {
+                self.image
+                    .metadata_set(RESERVE_KEY, &format_macs(&job.macs))
+            };
+            let r = r.map_err(|e| match errno(&e) {
+                Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence.fence(&e),
+                _ => e,
+            });
+            if r.is_ok() {
+                // What the cluster holds now: a notification's read from before this store
+                // must not be taken after it.
+                self.publish_reservation(job.macs.clone());
+            }
+            (job.done)(r);
+        }
+    }
+
+    /// Reads the reservation after an update notification and publishes it for
+    /// [`RbdBackend::reservation_update`]. A value that is not a MAC list is logged and
+    /// ignored (the gateway keeps enforcing what it had); a failed read likewise (the
+    /// cluster away: librbd re-registers its watch when it comes back, and that fires the
+    /// update callback again).
+    fn read_reservation(&self) {
+        match self.image.metadata_get(RESERVE_KEY) {
+            Ok(v) => match parse_reservation(v.as_deref()) {
+                Ok(macs) => self.publish_reservation(macs),
+                Err(e) => {
+                    tracing::warn!(image = %self.name, error = %e, "reservation not taken")
+                }
+            },
+            Err(e) => {
+                tracing::debug!(image = %self.name, error = %e, "reservation not read")
+            }
+        }
+    }
+
+    fn publish_reservation(&self, macs: Vec<[u8; 6]>) {
+        if let Ok(mut u) = self.reserve_update.lock() {
+            *u = Some(macs);
+            self.reserve_changed.store(true, Ordering::SeqCst);
         }
     }
 

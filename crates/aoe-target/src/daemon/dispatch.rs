@@ -35,12 +35,28 @@ impl Daemon {
             }
         }
         // A shared store keeps the reserve list (issue 13): see [`super::shared`].
-        let reserve_before = (rt.shared.is_some() && aoe_proto::target::is_reserve_request(frame))
-            .then(|| rt.engine.state().reserve.clone());
+        let mut reserve_before = None;
+        if rt.shared.is_some() {
+            super::shared::take_reservation_update(rt);
+            if aoe_proto::target::is_reserve_request(frame) {
+                if rt.reserve_pending.is_some() {
+                    // One change at a time: the initiator retransmits, and is answered
+                    // from what the store then holds.
+                    self.spare.push(reply);
+                    return;
+                }
+                reserve_before = Some(rt.engine.state().reserve.clone());
+            }
+        }
         let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
         if let Some(before) = reserve_before {
-            if !super::shared::keep_reservation(rt, before, &mut self.logs) {
-                self.spare.push(reply);
+            if rt.engine.state().reserve != before {
+                let Outcome::Reply(n) = outcome else {
+                    let _ = rt.engine.set_reserve(before);
+                    self.spare.push(reply);
+                    return;
+                };
+                super::shared::store_reservation(rt, id, idx, before, reply, n, &self.completions);
                 return;
             }
         }
@@ -154,6 +170,10 @@ impl Daemon {
     pub(super) fn finish(&mut self, done: Done) {
         let id = (done.user >> 32) as u32;
         let token = Token(done.user as u32);
+        if token.0 == super::shared::RESERVE_TOKEN {
+            self.reservation_stored(id, done.buf, done.result);
+            return;
+        }
         let mut buf = done.buf;
         let Some(rt) = self.exports.get_mut(&id) else {
             self.spare.push(buf);
