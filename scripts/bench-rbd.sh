@@ -29,6 +29,9 @@
 #                            request for the cluster (`rbd bench` never sends one twice)
 #   CEPH_STORE=bluestore     passed to ceph-up.sh (bluestore on a sparse file, or memstore)
 #   OUT=path                 also write the table there
+#   PERF_DIR=dir             also `perf record -g` the AoE target and the OSD during each
+#                            AoE cell (dir/MODE-WINDOW-WHO-RUN.{target,osd}.data), with a
+#                            top-25 `perf report --no-children` summary of each beside it
 # Needs root, iproute2, util-linux (nsenter), jq, ceph-mon/-mgr/-osd, ceph-common.
 set -euo pipefail
 
@@ -46,6 +49,7 @@ IMAGE_MB=${IMAGE_MB:-512}
 MIN_RTO_US=${MIN_RTO_US:-1000000}
 RUNS=${RUNS:-3}
 OUT=${OUT:-}
+PERF_DIR=${PERF_DIR:-}
 SHELF=1 SLOT=1 IMAGE=rbd/aoebench
 
 die() { echo "bench-rbd: $*" >&2; exit 1; }
@@ -55,6 +59,7 @@ for t in ip nsenter jq awk rbd ceph; do
 done
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release --features aoe-cli/rbd)"
 AOE=$(readlink -f "$AOE")
+[ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); command -v perf >/dev/null || die "PERF_DIR needs perf (Debian: linux-perf)"; }
 [ -z "$BEFORE" ] || { [ -x "$BEFORE" ] || die "no binary at BEFORE=$BEFORE"; BEFORE=$(readlink -f "$BEFORE"); }
 case $BS in
     *k | *K) BS_BYTES=$(( ${BS%[kK]} * 1024 )) ;;
@@ -149,6 +154,27 @@ aoe_bench() { # mode window -> "MB/s retransmits"
     jq -r '"\(.mb_per_s * 10 | round / 10) \(.retransmits)"' "$WORK/out.json"
 }
 
+# perf record -g of the target and of the OSD for the length of one AoE cell, then a summary.
+perf_start() { # name -> PERF_PIDS
+    PERF_PIDS=()
+    [ -n "$PERF_DIR" ] || return 0
+    local osd
+    osd=$(cat "$CEPH/osd.pid")
+    perf record -q -g -o "$PERF_DIR/$1.target.data" -p "$TARGET_PID" >/dev/null 2>&1 &
+    PERF_PIDS+=($!)
+    perf record -q -g -o "$PERF_DIR/$1.osd.data" -p "$osd" >/dev/null 2>&1 &
+    PERF_PIDS+=($!)
+}
+perf_stop() { # name
+    [ -n "$PERF_DIR" ] || return 0
+    local p
+    for p in "${PERF_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    for who in target osd; do
+        perf report -i "$PERF_DIR/$1.$who.data" --no-children --sort comm,dso,symbol --stdio 2>/dev/null \
+            | grep -v '^#' | grep -E '^ +[0-9]' | head -25 >"$PERF_DIR/$1.$who.top" || true
+    done
+}
+
 median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 
 ROWS=()
@@ -165,7 +191,10 @@ for mode in $MODES; do
                 else
                     start_target "$AOE" "$AFTER_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
                 fi
+                run_no=$(wc -l <"$WORK/$who.runs")
+                perf_start "$mode-$w-$who-$run_no"
                 aoe_bench "$mode" "$w" >>"$WORK/$who.runs"
+                perf_stop "$mode-$w-$who-$run_no"
                 stop_target
             done
         done
