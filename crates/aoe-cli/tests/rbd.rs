@@ -307,10 +307,11 @@ fn scrape(ns: &aoe_testkit::Netns) -> String {
 /// Where gateway A serves its metrics in the fencing test.
 const METRICS_PORT: u16 = 9611;
 
-/// Fencing: a gateway whose lock another one broke notices at once, with no write sent to
-/// it (its monitor asks the cluster who holds the lock, and librbd's update watch wakes it
-/// early): it says so in one log line, its metrics say so, and it refuses writes (an ATA
-/// error to the initiator) while the new holder writes.
+/// Fencing: a gateway whose lock another one broke notices by itself, with no write sent to
+/// it (the break blocklists it, librbd's update watch fires once librbd re-registers the
+/// watch the OSD dropped, and the monitor then asks the cluster who holds the lock): it
+/// says so in one log line, its metrics say so, and it refuses writes (an ATA error to the
+/// initiator) while the new holder writes.
 #[test]
 fn a_gateway_that_lost_its_lock_says_so_at_once_and_refuses_writes() {
     let mut r = RbdRig::start("rbd/img", |ceph| {

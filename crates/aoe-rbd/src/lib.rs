@@ -9,9 +9,10 @@
 //! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
 //! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
 //! gateway that was only slow, not dead, can no longer write. It notices without waiting for
-//! a write: a monitor thread per image asks the cluster who holds the lock every
-//! [`MONITOR_INTERVAL`] (sooner when librbd's update watch reports a header change), and an
-//! owner that is not this client, or `EBLOCKLISTED`, fences it; a write that fails with
+//! a write: a monitor thread per image asks the cluster who holds the lock whenever librbd's
+//! update watch reports a header change (which a blocklisted client's watch does once
+//! librbd re-registers it), and an owner that is not this client, or `EBLOCKLISTED`, fences
+//! it; a write that fails with
 //! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
 //! lock, answers every later write with an ATA error and reports itself failed
 //! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
@@ -263,10 +264,6 @@ impl Wake {
     }
 }
 
-/// How often the monitor thread asks the cluster who holds the image's lock, and re-reads
-/// the image's size, when no update notification came sooner.
-pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
-
 /// The image metadata key (`rbd image-meta get IMAGE aoe.reserve`) that holds the AoE
 /// Reserve/Release list of an `rbd:` export: MAC addresses, comma-separated; unset when the
 /// image is not reserved. Kept in the cluster, so every gateway of the image enforces the
@@ -290,6 +287,10 @@ impl RbdBackend {
             // only once the OSDs have it, so a gateway killed with SIGKILL loses no
             // acknowledged write (librbd's cache turns write-back after the first flush).
             ("rbd_cache", "false"),
+            // A gateway that breaks another's lock has the cluster blocklist it first (Ceph's
+            // default, made sure of here): the fenced gateway's writes then fail at the OSDs,
+            // and librbd's update watch tells its monitor (see [`Shared::monitor`]).
+            ("rbd_blocklist_on_break_lock", "true"),
         ];
         if let Some(k) = &keyring {
             options.push(("keyring", k.as_str()));
@@ -384,16 +385,16 @@ impl RbdBackend {
         self.len() / 512
     }
 
-    /// The image's size in bytes as the monitor thread last read it (at most
-    /// [`MONITOR_INTERVAL`] old, sooner after an update notification): no call to the
-    /// cluster, so the daemon's event loop can ask it on its timer and announce a resize.
+    /// The image's size in bytes as the monitor thread last read it (after the update
+    /// notification that a resize sends): no call to the cluster, so the daemon's event
+    /// loop can ask it on its timer and announce a resize.
     pub fn size_seen(&self) -> u64 {
         self.shared.size.load(Ordering::Relaxed)
     }
 
     /// True once this gateway lost the image's exclusive lock (another gateway broke it):
-    /// every write is refused from then on. Noticed by the monitor thread within about
-    /// [`MONITOR_INTERVAL`], with no write needed.
+    /// every write is refused from then on. Noticed by the monitor thread once librbd's
+    /// watch reports it (seconds: its next watch ping), or by the first write refused.
     pub fn lock_lost(&self) -> bool {
         self.shared.fence.is_fenced()
     }
@@ -504,18 +505,29 @@ impl Drop for RbdBackend {
 }
 
 impl Shared {
-    /// The monitor thread: every [`MONITOR_INTERVAL`], or at once when librbd says the
-    /// header changed, re-reads the size and checks that the lock is still ours. It never
-    /// touches the event loop: a cluster that does not answer blocks only this thread.
+    /// The monitor thread: when librbd says the header changed, re-reads the size and the
+    /// reservation and checks that the lock is still ours; when asked, stores reservations.
+    /// Nothing else: an idle image costs the cluster nothing beyond librbd's own watch. It
+    /// never touches the event loop: a cluster that does not answer blocks only this thread.
+    ///
+    /// Why the update watch is enough for the lock (librbd `ImageWatcher`): a resize or a
+    /// metadata change sends a header update to every watcher; a gateway whose lock is
+    /// broken is blocklisted first (`rbd_blocklist_on_break_lock`, set at open), the OSD
+    /// drops its watch, librbd finds out at its next watch ping and re-registers, and after
+    /// re-registering (failed, since blocklisted) it calls the update callbacks, as it does
+    /// after every re-registration because it cannot know what it missed. Until then its
+    /// writes already fail at the OSDs with `EBLOCKLISTED`, which fences at once. A lock
+    /// taken without blocklisting (an operator who turned it off for their own tools) is
+    /// not noticed until then: librbd gives no lock-change events through its C API.
     fn monitor(&self) {
         loop {
             let woken = {
                 let Ok(mut w) = self.wake.flag.lock() else {
                     return;
                 };
-                if !w.updated && !w.poked && !self.stop.load(Ordering::SeqCst) {
-                    w = match self.wake.cv.wait_timeout(w, MONITOR_INTERVAL) {
-                        Ok((w, _)) => w,
+                while !w.updated && !w.poked && !self.stop.load(Ordering::SeqCst) {
+                    w = match self.wake.cv.wait(w) {
+                        Ok(w) => w,
                         Err(_) => return,
                     };
                 }
@@ -528,13 +540,13 @@ impl Shared {
             }
             self.store_reservations();
             if woken.updated {
+                if let Ok(s) = self.image.size() {
+                    self.size.store(s, Ordering::Relaxed);
+                }
                 self.read_reservation();
-            }
-            if let Ok(s) = self.image.size() {
-                self.size.store(s, Ordering::Relaxed);
-            }
-            if self.locked && !self.fence.is_fenced() {
-                self.check_lock();
+                if self.locked && !self.fence.is_fenced() {
+                    self.check_lock();
+                }
             }
         }
     }
@@ -664,8 +676,8 @@ impl Shared {
         }
     }
 
-    /// Checks a request against the size last read (by the monitor each
-    /// [`MONITOR_INTERVAL`], and on every IDENTIFY): no cluster call on the I/O path.
+    /// Checks a request against the size last read (by the monitor after each update
+    /// notification, and on every IDENTIFY): no cluster call on the I/O path.
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let size = self.size.load(Ordering::Relaxed);
         match offset.checked_add(len) {
