@@ -24,6 +24,20 @@
 use super::*;
 
 impl Daemon {
+    /// Whether spinning for the next frames after a batch ([`SPIN`]) pays: only if some
+    /// export's store answers within the spin (a file, often from the page cache). A shared
+    /// store's (RBD) requests complete on librbd's threads after a round trip to the OSDs,
+    /// hundreds of microseconds, while frames of a steady initiator keep arriving within
+    /// the spin: the loop then spins for [`SPIN_MAX`] at a time and takes a core from the
+    /// librbd threads and the OSD that the requests wait for (`perf record` of `aoe serve`
+    /// under `scripts/bench-rbd.sh`, window 16: the event loop thread had 39% of the
+    /// process's samples, in `recv_batch` and the system calls around it, librbd's
+    /// messenger 35%). Without it the loop sleeps in poll() and is woken by the socket or
+    /// the completions' eventfd.
+    pub(super) fn spin_pays(&self) -> bool {
+        self.exports.values().any(|e| e.shared.is_none())
+    }
+
     /// The timer's look at shared stores (once per [`REFRESH`]): a changed size is taken and
     /// announced on every interface of the export (unless started with `--no-announce`).
     pub(super) fn poll_shared_stores(&mut self) {
