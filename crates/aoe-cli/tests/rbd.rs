@@ -836,7 +836,8 @@ fn a_reserve_waiting_for_the_cluster_holds_up_no_other_export() {
 
 /// Issue 13: a reservation changed through one gateway is enforced by another gateway of the
 /// same image while both run (librbd's update watch tells the second, which re-reads the
-/// image's metadata), not only when the second opens the image. Gateway A holds the lock;
+/// image's metadata), not only when the second opens the image, and before a frame reaches
+/// it (its status shows it). Gateway A holds the lock;
 /// gateway B serves the image read-only under another address. X reserves through A: Y's
 /// reads through B are refused (AoE error 6). X's Reserve that would change the list
 /// through B, which cannot store it (read-only), is answered with AoE error 3 and changes
@@ -846,7 +847,27 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
     let mut r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
-    let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce", "-r"]);
+    let sock = r.rig.dir.path().join("b.sock");
+    let sock_s = sock.display().to_string();
+    let mut b = start_gateway(
+        &r,
+        (SHELF, SLOT + 1),
+        &["--no-announce", "-r", "--control", &sock_s],
+    );
+    // B's reserve list as its control socket shows it.
+    let b_reserve = || {
+        let out = run(Command::new("timeout").args([
+            "-k",
+            "5",
+            "60",
+            AOE,
+            "target",
+            "--socket",
+            &sock_s,
+            "show-reserve",
+        ]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let a_addr = TargetAddr::new(SHELF, SLOT);
     let b_addr = TargetAddr::new(SHELF, SLOT + 1);
     let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, a_addr).expect("client X");
@@ -895,6 +916,15 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
         "X's Reserve through A{}",
         r.rig.logs()
     );
+    // B takes it with no frame sent to it (its status shows it), ...
+    assert!(
+        wait_until(Duration::from_secs(30), || b_reserve()
+            .contains(&format!("{SHELF}.{}: {xmac}", SLOT + 1))),
+        "gateway B's status does not show the reservation made through A: {}\n{}",
+        b_reserve(),
+        b.output_so_far()
+    );
+    // ... and enforces it.
     assert!(
         wait_until(Duration::from_secs(30), || y_reads(&mut y)
             == Some(ErrorCode::TargetReserved)),

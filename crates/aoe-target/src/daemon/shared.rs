@@ -39,11 +39,18 @@ impl Daemon {
     }
 
     /// The timer's look at shared stores (once per [`REFRESH`]): a changed size is taken and
-    /// announced on every interface of the export (unless started with `--no-announce`).
+    /// announced on every interface of the export (unless started with `--no-announce`), a
+    /// changed reservation taken.
     pub(super) fn poll_shared_stores(&mut self) {
         let mut announce = Vec::new();
         for (id, rt) in self.exports.iter_mut() {
-            let Some(sh) = rt.shared.as_ref().filter(|_| !rt.retiring) else {
+            if rt.shared.is_none() || rt.retiring {
+                continue;
+            }
+            // Also taken before each frame; here for an export no frame reached, so that
+            // its status and state file show the list the store holds.
+            take_reservation_update(rt);
+            let Some(sh) = rt.shared.as_ref() else {
                 continue;
             };
             let sectors = sh.size_seen() / 512;
