@@ -14,12 +14,14 @@
 #            other namespace by `aoe bench --bs BS --window WINDOW --time TIME`;
 #   after    $AOE serve likewise.
 # RUNS times, and prints a markdown table of the median MB/s (10^6 bytes/s) of each, with the
-# AoE cells' ratio to the `rbd bench` median and their retransmits (summed over the runs).
+# AoE cells' ratio to the `rbd bench` median, their retransmits (summed over the runs) and
+# the target's CPU time (all its threads, librbd's included) per GB moved (median).
 #
 # Usage: sudo scripts/bench-rbd.sh          (settings from the environment)
 #   AOE=target/release/aoe   the aoe binary, built with --features aoe-cli/rbd (also the generator)
 #   BEFORE=path              an older aoe (rbd feature) to compare, e.g. main's build
-#   BEFORE_ARGS="--workers 16"  its extra `aoe serve` options (the old one needed workers >= window)
+#   BEFORE_ARGS=""           its extra `aoe serve` options (a build before the asynchronous
+#                            store, 2026-12-02, needs "--workers 16": workers >= window)
 #   AFTER_ARGS=""            extra `aoe serve` options of $AOE
 #   MTU=9000  BS=8k  WINDOWS="16 64"  MODES="read randread write randwrite"  TIME=5
 #   IMAGE_MB=512             image size (written once before the reads)
@@ -29,13 +31,16 @@
 #                            request for the cluster (`rbd bench` never sends one twice)
 #   CEPH_STORE=bluestore     passed to ceph-up.sh (bluestore on a sparse file, or memstore)
 #   OUT=path                 also write the table there
+#   PERF_DIR=dir             also `perf record -g` the AoE target and the OSD during each
+#                            AoE cell (dir/MODE-WINDOW-WHO-RUN.{target,osd}.data), with a
+#                            top-25 `perf report --no-children` summary of each beside it
 # Needs root, iproute2, util-linux (nsenter), jq, ceph-mon/-mgr/-osd, ceph-common.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 AOE=${AOE:-target/release/aoe}
 BEFORE=${BEFORE:-}
-BEFORE_ARGS=${BEFORE_ARGS:---workers 16}
+BEFORE_ARGS=${BEFORE_ARGS:-}
 AFTER_ARGS=${AFTER_ARGS:-}
 MTU=${MTU:-9000}
 BS=${BS:-8k}
@@ -46,6 +51,7 @@ IMAGE_MB=${IMAGE_MB:-512}
 MIN_RTO_US=${MIN_RTO_US:-1000000}
 RUNS=${RUNS:-3}
 OUT=${OUT:-}
+PERF_DIR=${PERF_DIR:-}
 SHELF=1 SLOT=1 IMAGE=rbd/aoebench
 
 die() { echo "bench-rbd: $*" >&2; exit 1; }
@@ -55,6 +61,7 @@ for t in ip nsenter jq awk rbd ceph; do
 done
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release --features aoe-cli/rbd)"
 AOE=$(readlink -f "$AOE")
+[ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); command -v perf >/dev/null || die "PERF_DIR needs perf (Debian: linux-perf)"; }
 [ -z "$BEFORE" ] || { [ -x "$BEFORE" ] || die "no binary at BEFORE=$BEFORE"; BEFORE=$(readlink -f "$BEFORE"); }
 case $BS in
     *k | *K) BS_BYTES=$(( ${BS%[kK]} * 1024 )) ;;
@@ -141,12 +148,45 @@ rbd_bench() { # mode window -> MB/s
               else if (sec > 0) printf "%.1f", ops * bs / sec / 1e6; else print "0" }' "$WORK/rbd.out"
 }
 
-aoe_bench() { # mode window -> "MB/s retransmits"
+# The target's CPU time so far (user + system, all threads), in clock ticks.
+target_ticks() { awk '{ print $14 + $15 }' "/proc/$TARGET_PID/stat"; }
+
+aoe_bench() { # mode window -> "MB/s retransmits target-CPU-seconds-per-GB"
     local -a w=()
+    local t0 t1
     case $1 in write | randwrite) w=(--write) ;; esac
+    t0=$(target_ticks)
     gen --target "$SHELF.$SLOT" --mode "$1" "${w[@]}" --bs "$BS_BYTES" --window "$2" \
-        --min-rto-us "$MIN_RTO_US" --time "$TIME" --json >"$WORK/out.json" 2>"$WORK/gen.err" || { echo "0 -"; return; }
-    jq -r '"\(.mb_per_s * 10 | round / 10) \(.retransmits)"' "$WORK/out.json"
+        --min-rto-us "$MIN_RTO_US" --time "$TIME" --json >"$WORK/out.json" 2>"$WORK/gen.err" || { echo "0 - -"; return; }
+    t1=$(target_ticks)
+    jq -r --argjson cpu "$(( t1 - t0 ))" --argjson hz "$(getconf CLK_TCK)" \
+        '"\(.mb_per_s * 10 | round / 10) \(.retransmits) \(if .bytes > 0 then ($cpu / $hz / (.bytes / 1e9) * 10 | round / 10) else "-" end)"' "$WORK/out.json"
+}
+
+# perf record -g of the target and of the OSD for the length of one AoE cell, then a summary.
+perf_start() { # name -> PERF_PIDS
+    PERF_PIDS=()
+    [ -n "$PERF_DIR" ] || return 0
+    local osd
+    osd=$(cat "$CEPH/osd.pid")
+    perf record -q -g -o "$PERF_DIR/$1.target.data" -p "$TARGET_PID" >/dev/null 2>&1 &
+    PERF_PIDS+=($!)
+    perf record -q -g -o "$PERF_DIR/$1.osd.data" -p "$osd" >/dev/null 2>&1 &
+    PERF_PIDS+=($!)
+}
+perf_stop() { # name
+    [ -n "$PERF_DIR" ] || return 0
+    local p
+    for p in "${PERF_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    for who in target osd; do
+        {
+            perf report -i "$PERF_DIR/$1.$who.data" --no-children --sort comm -g none --stdio 2>/dev/null \
+                | grep -E '^ +[0-9]' | head -8
+            echo
+            perf report -i "$PERF_DIR/$1.$who.data" --no-children --sort comm,dso,symbol -g none --stdio 2>/dev/null \
+                | grep -E '^ +[0-9]' | sed 's/ *$//' | cut -c1-160 | head -25
+        } >"$PERF_DIR/$1.$who.top" || true
+    done
 }
 
 median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
@@ -161,11 +201,14 @@ for mode in $MODES; do
             for who in before after; do
                 if [ "$who" = before ]; then
                     [ -n "$BEFORE" ] || continue
-                    start_target "$BEFORE" "$BEFORE_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                    start_target "$BEFORE" "$BEFORE_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
                 else
-                    start_target "$AOE" "$AFTER_ARGS" || { echo "0 0" >>"$WORK/$who.runs"; continue; }
+                    start_target "$AOE" "$AFTER_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
                 fi
+                run_no=$(wc -l <"$WORK/$who.runs")
+                perf_start "$mode-$w-$who-$run_no"
                 aoe_bench "$mode" "$w" >>"$WORK/$who.runs"
+                perf_stop "$mode-$w-$who-$run_no"
                 stop_target
             done
         done
@@ -177,7 +220,8 @@ for mode in $MODES; do
             rx=$(awk '{ n += ($2 == "-" ? 0 : $2) } END { print n }' "$WORK/$who.runs")
             all=$(awk '{ printf "%s%s", s, $1; s = "/" }' "$WORK/$who.runs")
             ratio=$(awk -v a="$mb" -v b="$r" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-            cells+=("$mb ($all) **${ratio}x**, $rx retx")
+            cpu=$(awk '$3 != "-" && $3 != "" { print $3 }' "$WORK/$who.runs" | median)
+            cells+=("$mb ($all) **${ratio}x**, $rx retx, ${cpu:--} CPU-s/GB")
         done
         line="| $mode | $w | ${cells[0]} | ${cells[1]} | ${cells[2]} |"
         ROWS+=("$line"); echo "$line" >&2
@@ -188,7 +232,7 @@ LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 {
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, RUNS=$RUNS (median), min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}; load average $LOAD0 at the start, $LOAD1 at the end"
     echo
-    echo "| pattern | window | \`rbd bench\` MB/s (runs) | before: MB/s (runs), ratio, retransmits | after: MB/s (runs), ratio, retransmits |"
+    echo "| pattern | window | \`rbd bench\` MB/s (runs) | before: MB/s (runs), ratio, retransmits, target CPU-s/GB | after: likewise |"
     echo "|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
 } >"$WORK/table.md"

@@ -307,10 +307,11 @@ fn scrape(ns: &aoe_testkit::Netns) -> String {
 /// Where gateway A serves its metrics in the fencing test.
 const METRICS_PORT: u16 = 9611;
 
-/// Fencing: a gateway whose lock another one broke notices at once, with no write sent to
-/// it (its monitor asks the cluster who holds the lock, and librbd's update watch wakes it
-/// early): it says so in one log line, its metrics say so, and it refuses writes (an ATA
-/// error to the initiator) while the new holder writes.
+/// Fencing: a gateway whose lock another one broke notices by itself, with no write sent to
+/// it (the break blocklists it, librbd's update watch fires once librbd re-registers the
+/// watch the OSD dropped, and the monitor then asks the cluster who holds the lock): it
+/// says so in one log line, its metrics say so, and it refuses writes (an ATA error to the
+/// initiator) while the new holder writes.
 #[test]
 fn a_gateway_that_lost_its_lock_says_so_at_once_and_refuses_writes() {
     let mut r = RbdRig::start("rbd/img", |ceph| {
@@ -675,4 +676,304 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         b.output_so_far()
     );
     r.rig.finish();
+}
+
+/// The Reserve/Release reply, parsed: its AoE error, and the reserve list it carries.
+fn reserve_reply(rsp: &[u8]) -> (Option<ErrorCode>, Vec<aoe_wire::MacAddr>) {
+    let m = Message::parse(rsp).expect("Reserve reply parses");
+    let macs = match m.body {
+        aoe_wire::Body::Reserve(r) => r.macs,
+        _ => Vec::new(),
+    };
+    (m.header.error, macs)
+}
+
+/// `client`'s Reserve/Release set of `macs` for `target`, and its reply within `wait`.
+fn reserve(
+    client: &mut AoeClient,
+    target: TargetAddr,
+    macs: Vec<aoe_wire::MacAddr>,
+    wait: Duration,
+) -> Option<(Option<ErrorCode>, Vec<aoe_wire::MacAddr>)> {
+    let body = aoe_wire::Body::Reserve(ReserveRepr {
+        rcmd: ReserveCommand::Set,
+        macs,
+    });
+    client
+        .raw_call(client.target_mac(), target, body, wait)
+        .expect("send Reserve")
+        .map(|r| reserve_reply(&r))
+}
+
+/// Issue 13: a Reserve is stored in the image off the event loop. One daemon serves an RBD
+/// image and a file; with the cluster's only OSD stopped, a Reserve set on the image is not
+/// answered (the metadata is not durable yet) while the file export keeps answering writes
+/// and reads; the OSD back, the Reserve is answered with the list, which the image holds.
+/// Before, the event loop waited inside `rbd_metadata_set` and the file export went silent.
+#[test]
+fn a_reserve_waiting_for_the_cluster_holds_up_no_other_export() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    r.rig.kill_target();
+    let file = r.rig.dir.path().join("second.img");
+    fs::write(&file, vec![0u8; 4 << 20]).expect("second export's file");
+    let config = r.rig.dir.path().join("two.toml");
+    fs::write(
+        &config,
+        format!(
+            "probe_ms = 0\n\
+             [[export]]\npath = \"rbd:rbd/img\"\nshelf = {SHELF}\nslot = {SLOT}\n\
+             interfaces = [\"{netif}\"]\nceph_conf = \"{conf}\"\nclient_id = \"admin\"\n\
+             keyring = \"{keyring}\"\n\
+             [[export]]\npath = \"{file}\"\nshelf = {SHELF}\nslot = {slot2}\n\
+             interfaces = [\"{netif}\"]\n",
+            netif = r.rig.target_if,
+            conf = r.ceph.conf().display(),
+            keyring = r.ceph.keyring().display(),
+            file = file.display(),
+            slot2 = SLOT + 1,
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut t = r.rig.target_ns.spawn(cmd).expect("start aoe serve");
+    let bound = wait_until(Duration::from_secs(90), || {
+        packet_sockets(&r.rig.target_ns) > 0 || !t.is_running()
+    });
+    assert!(
+        bound && t.is_running(),
+        "aoe serve --config did not start:\n{}",
+        t.output_so_far()
+    );
+    r.rig.target = Some(t);
+
+    let image = TargetAddr::new(SHELF, SLOT);
+    let other = TargetAddr::new(SHELF, SLOT + 1);
+    let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, image).expect("client X");
+    x.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("X finds the image's export: {e}{}", r.rig.logs()));
+    let mut f = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, other).expect("client F");
+    f.discover(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("F finds the file's export: {e}{}", r.rig.logs()));
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    let set = aoe_wire::Body::Reserve(ReserveRepr {
+        rcmd: ReserveCommand::Set,
+        macs: vec![x.mac()],
+    });
+    let frame = x
+        .raw_frame(x.target_mac(), image, set)
+        .expect("Reserve frame");
+    x.send_raw(std::slice::from_ref(&frame))
+        .expect("send Reserve");
+    let early = x
+        .collect_raw(std::slice::from_ref(&frame), Duration::from_secs(2))
+        .expect("collect");
+    // The file export answers meanwhile: writes and reads, several round trips.
+    let mut served = Ok(());
+    for i in 0..8u64 {
+        let data = pattern(20 + i, 1024);
+        let w = f.call(
+            &Request::Write {
+                lba: 2 * i,
+                data: data.clone(),
+            },
+            Duration::from_secs(5),
+        );
+        let rd = f.call(
+            &Request::Read {
+                lba: 2 * i,
+                count: 2,
+            },
+            Duration::from_secs(5),
+        );
+        match (w, rd) {
+            (Ok(w), Ok(rd)) if w.is_ok() && rd.is_ok() && rd.data() == &data[..] => {}
+            other => {
+                served = Err(format!("{other:?}"));
+                break;
+            }
+        }
+    }
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(
+        early.is_empty(),
+        "the Reserve was answered while the OSD was stopped{}",
+        r.rig.logs()
+    );
+    assert!(
+        served.is_ok(),
+        "the file export stopped answering while a Reserve waited for the cluster: {:?}{}",
+        served,
+        r.rig.logs()
+    );
+    let rsp = x
+        .collect_raw(std::slice::from_ref(&frame), Duration::from_secs(120))
+        .expect("collect");
+    let rsp = rsp.first().unwrap_or_else(|| {
+        panic!(
+            "no answer to the Reserve after the OSD came back{}",
+            r.rig.logs()
+        )
+    });
+    assert_eq!(
+        reserve_reply(rsp),
+        (None, vec![x.mac()]),
+        "Reserve reply{}",
+        r.rig.logs()
+    );
+    let meta = r
+        .ceph
+        .ok("rbd", &["image-meta", "get", "rbd/img", "aoe.reserve"]);
+    assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
+    drop((x, f));
+    r.rig.cleanup();
+}
+
+/// Issue 13: a reservation changed through one gateway is enforced by another gateway of the
+/// same image while both run (librbd's update watch tells the second, which re-reads the
+/// image's metadata), not only when the second opens the image, and before a frame reaches
+/// it (its status shows it). Gateway A holds the lock;
+/// gateway B serves the image read-only under another address. X reserves through A: Y's
+/// reads through B are refused (AoE error 6). X's Reserve that would change the list
+/// through B, which cannot store it (read-only), is answered with AoE error 3 and changes
+/// nothing. X releases through A: Y reads through B again.
+#[test]
+fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let sock = r.rig.dir.path().join("b.sock");
+    let sock_s = sock.display().to_string();
+    let mut b = start_gateway(
+        &r,
+        (SHELF, SLOT + 1),
+        &["--no-announce", "-r", "--control", &sock_s],
+    );
+    // B's reserve list as its control socket shows it.
+    let b_reserve = || {
+        let out = run(Command::new("timeout").args([
+            "-k",
+            "5",
+            "60",
+            AOE,
+            "target",
+            "--socket",
+            &sock_s,
+            "show-reserve",
+        ]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let a_addr = TargetAddr::new(SHELF, SLOT);
+    let b_addr = TargetAddr::new(SHELF, SLOT + 1);
+    let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, a_addr).expect("client X");
+    x.discover(Duration::from_secs(10))
+        .expect("X finds gateway A");
+    let mut xb = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, b_addr).expect("client X on B");
+    xb.discover(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("X finds gateway B: {e}\n{}", b.output_so_far()));
+    run_ok(r.rig.init_ns.command("ip").args([
+        "link",
+        "add",
+        "link",
+        &r.rig.init_if,
+        "name",
+        "aoemv0",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ]));
+    run_ok(
+        r.rig
+            .init_ns
+            .command("ip")
+            .args(["link", "set", "aoemv0", "up"]),
+    );
+    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", b_addr).expect("client Y");
+    assert_ne!(y.mac(), x.mac());
+    y.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}\n{}", b.output_so_far()));
+    let y_reads = |y: &mut AoeClient| {
+        y.call(&Request::Read { lba: 8, count: 2 }, Duration::from_secs(10))
+            .expect("Y's read through B answered")
+            .error
+    };
+    assert_eq!(
+        y_reads(&mut y),
+        None,
+        "Y's read through B before any Reserve"
+    );
+
+    let xmac = x.mac();
+    assert_eq!(
+        reserve(&mut x, a_addr, vec![xmac], Duration::from_secs(30)),
+        Some((None, vec![xmac])),
+        "X's Reserve through A{}",
+        r.rig.logs()
+    );
+    // B takes it with no frame sent to it (its status shows it), ...
+    assert!(
+        wait_until(Duration::from_secs(30), || b_reserve()
+            .contains(&format!("{SHELF}.{}: {xmac}", SLOT + 1))),
+        "gateway B's status does not show the reservation made through A: {}\n{}",
+        b_reserve(),
+        b.output_so_far()
+    );
+    // ... and enforces it.
+    assert!(
+        wait_until(Duration::from_secs(30), || y_reads(&mut y)
+            == Some(ErrorCode::TargetReserved)),
+        "gateway B does not enforce the reservation made through A:\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        b.output_so_far()
+            .contains("reservation changed in the shared store; enforcing it"),
+        "B did not say it took the reservation:\n{}",
+        b.output_so_far()
+    );
+
+    // B is read-only: it cannot store a change, and says so.
+    assert_eq!(
+        reserve(
+            &mut xb,
+            b_addr,
+            vec![xmac, y.mac()],
+            Duration::from_secs(30)
+        )
+        .map(|(e, _)| e),
+        Some(Some(ErrorCode::DeviceUnavailable)),
+        "a Reserve gateway B cannot store:\n{}",
+        b.output_so_far()
+    );
+    assert_eq!(
+        y_reads(&mut y),
+        Some(ErrorCode::TargetReserved),
+        "the refused Reserve through B changed its list"
+    );
+
+    assert_eq!(
+        reserve(&mut x, a_addr, Vec::new(), Duration::from_secs(30)),
+        Some((None, Vec::new())),
+        "X's release through A{}",
+        r.rig.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || y_reads(&mut y).is_none()),
+        "gateway B still enforces the released reservation:\n{}",
+        b.output_so_far()
+    );
+    let meta = r.ceph.ok("rbd", &["image-meta", "list", "rbd/img"]);
+    assert!(
+        !meta.contains("aoe.reserve"),
+        "reservation left in the image: {meta}"
+    );
+    drop((x, xb, y));
+    let _ = b.stop();
+    r.rig.cleanup();
 }

@@ -9,15 +9,19 @@
 //! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
 //! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
 //! gateway that was only slow, not dead, can no longer write. It notices without waiting for
-//! a write: a monitor thread per image asks the cluster who holds the lock every
-//! [`MONITOR_INTERVAL`] (sooner when librbd's update watch reports a header change), and an
-//! owner that is not this client, or `EBLOCKLISTED`, fences it; a write that fails with
+//! a write: a monitor thread per image asks the cluster who holds the lock whenever librbd's
+//! update watch reports a header change (which a blocklisted client's watch does once
+//! librbd re-registers it), and an owner that is not this client, or `EBLOCKLISTED`, fences
+//! it; a write that fails with
 //! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
 //! lock, answers every later write with an ATA error and reports itself failed
 //! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
 //! one never writes behind its back. The same monitor re-reads the image's size
 //! ([`RbdBackend::size_seen`]), which the daemon announces; AoE reservations are kept in the
-//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover.
+//! image's metadata ([`RESERVE_KEY`]) so that they survive a failover: the monitor thread
+//! stores them ([`RbdBackend::store_reservation`], off the daemon's event loop) and re-reads
+//! them on each update notification, so a change made through another gateway is seen
+//! while running ([`RbdBackend::reservation_update`]).
 //!
 //! I/O: the store is an [`aoe_store::AsyncBackend`]. Each request is a librbd aio call
 //! (read, write, write-zeroes, flush) whose completion callback, on a librbd thread, pushes
@@ -161,11 +165,35 @@ struct Shared {
     /// Our RADOS session's addresses (`rados_getaddrs`), to find ourselves among the lock's
     /// owners.
     addrs: String,
-    /// Wakes the monitor thread early: librbd's update callback and Drop (with `stop`).
+    /// Wakes the monitor thread early: librbd's update callback, a reservation to store, and
+    /// Drop (with `stop`).
     wake: Arc<Wake>,
     stop: AtomicBool,
     /// Where finished requests go.
     completions: Arc<Completions>,
+    /// Reservations to store, in order: the monitor thread stores them, so a cluster that
+    /// does not answer never holds up the daemon's event loop.
+    reserve_jobs: Mutex<std::collections::VecDeque<ReserveJob>>,
+    /// The reservation as the cluster last told it (read after each update notification,
+    /// or stored by this gateway), not yet taken by [`RbdBackend::reservation_update`].
+    reserve_update: Mutex<Option<Vec<[u8; 6]>>>,
+    /// True while `reserve_update` holds one: the daemon's check per frame is one load.
+    reserve_changed: AtomicBool,
+}
+
+/// A reservation for the monitor thread to store, and whom to tell once it is stored.
+struct ReserveJob {
+    macs: Vec<[u8; 6]>,
+    done: ReserveDone,
+}
+
+/// Called with the outcome of a stored reservation (on the monitor thread).
+pub type ReserveDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+impl std::fmt::Debug for ReserveJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReserveJob({})", format_macs(&self.macs))
+    }
 }
 
 /// Whether the exclusive lock was lost. Apart from [`Shared`] so that an aio completion
@@ -212,22 +240,29 @@ impl Fence {
 /// drops the image (whose Drop unregisters that very watch and waits for its callbacks).
 #[derive(Debug, Default)]
 struct Wake {
-    flag: Mutex<bool>,
+    flag: Mutex<Woken>,
     cv: Condvar,
 }
 
+/// Why the monitor thread was woken.
+#[derive(Debug, Default, Clone, Copy)]
+struct Woken {
+    /// librbd's update watch fired: the header changed (size, metadata, lock traffic) or
+    /// librbd re-registered its watch (after which it cannot know what it missed).
+    updated: bool,
+    /// Work was queued, or the backend is being dropped.
+    poked: bool,
+}
+
 impl Wake {
-    fn wake(&self) {
+    fn wake(&self, updated: bool) {
         if let Ok(mut w) = self.flag.lock() {
-            *w = true;
+            w.updated |= updated;
+            w.poked |= !updated;
             self.cv.notify_all();
         }
     }
 }
-
-/// How often the monitor thread asks the cluster who holds the image's lock, and re-reads
-/// the image's size, when no update notification came sooner.
-pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The image metadata key (`rbd image-meta get IMAGE aoe.reserve`) that holds the AoE
 /// Reserve/Release list of an `rbd:` export: MAC addresses, comma-separated; unset when the
@@ -252,6 +287,10 @@ impl RbdBackend {
             // only once the OSDs have it, so a gateway killed with SIGKILL loses no
             // acknowledged write (librbd's cache turns write-back after the first flush).
             ("rbd_cache", "false"),
+            // A gateway that breaks another's lock has the cluster blocklist it first (Ceph's
+            // default, made sure of here): the fenced gateway's writes then fail at the OSDs,
+            // and librbd's update watch tells its monitor (see [`Shared::monitor`]).
+            ("rbd_blocklist_on_break_lock", "true"),
         ];
         if let Some(k) = &keyring {
             options.push(("keyring", k.as_str()));
@@ -309,6 +348,9 @@ impl RbdBackend {
             wake: Arc::new(Wake::default()),
             stop: AtomicBool::new(false),
             completions,
+            reserve_jobs: Mutex::new(std::collections::VecDeque::new()),
+            reserve_update: Mutex::new(None),
+            reserve_changed: AtomicBool::new(false),
         });
         if locked {
             shared.take_lock().map_err(|e| classify(e, "lock"))?;
@@ -320,7 +362,7 @@ impl RbdBackend {
         let wake = shared.wake.clone();
         shared
             .image
-            .watch_updates(Box::new(move || wake.wake()))
+            .watch_updates(Box::new(move || wake.wake(true)))
             .map_err(|e| classify(e, "watch"))?;
         let monitor = shared.clone();
         let monitor = std::thread::Builder::new()
@@ -343,16 +385,16 @@ impl RbdBackend {
         self.len() / 512
     }
 
-    /// The image's size in bytes as the monitor thread last read it (at most
-    /// [`MONITOR_INTERVAL`] old, sooner after an update notification): no call to the
-    /// cluster, so the daemon's event loop can ask it on its timer and announce a resize.
+    /// The image's size in bytes as the monitor thread last read it (after the update
+    /// notification that a resize sends): no call to the cluster, so the daemon's event
+    /// loop can ask it on its timer and announce a resize.
     pub fn size_seen(&self) -> u64 {
         self.shared.size.load(Ordering::Relaxed)
     }
 
     /// True once this gateway lost the image's exclusive lock (another gateway broke it):
-    /// every write is refused from then on. Noticed by the monitor thread within about
-    /// [`MONITOR_INTERVAL`], with no write needed.
+    /// every write is refused from then on. Noticed by the monitor thread once librbd's
+    /// watch reports it (seconds: its next watch ping), or by the first write refused.
     pub fn lock_lost(&self) -> bool {
         self.shared.fence.is_fenced()
     }
@@ -360,35 +402,45 @@ impl RbdBackend {
     /// The reservation kept in the image ([`RESERVE_KEY`]): empty if not reserved. Asks the
     /// cluster (blocking).
     pub fn reservation(&self) -> io::Result<Vec<[u8; 6]>> {
-        match self.shared.image.metadata_get(RESERVE_KEY)? {
-            None => Ok(Vec::new()),
-            Some(v) => parse_macs(&v).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("image metadata {RESERVE_KEY} is not a MAC list: {v:?}"),
-                )
-            }),
-        }
+        parse_reservation(self.shared.image.metadata_get(RESERVE_KEY)?.as_deref())
     }
 
-    /// Stores the reservation in the image ([`RESERVE_KEY`]; removed when `macs` is empty),
-    /// waiting until the cluster has it. A gateway that lost the lock is refused (`EROFS`):
-    /// only the lock holder changes the image's state.
-    pub fn set_reservation(&self, macs: &[[u8; 6]]) -> io::Result<()> {
+    /// Stores the reservation in the image ([`RESERVE_KEY`]; removed when `macs` is empty)
+    /// without waiting: the monitor thread stores it, in the order given, and then calls
+    /// `done` (on that thread) with the outcome, `Ok` once the cluster has it. librbd has no
+    /// asynchronous metadata call (`librbd.h` offers only `rbd_metadata_set`), so a thread
+    /// must wait on the cluster, and it is this one rather than the daemon's event loop:
+    /// while the cluster does not answer, only this image's reservation (and lock check)
+    /// waits. A gateway that lost the lock is refused (`EROFS`): only the lock holder
+    /// changes the image's state.
+    pub fn store_reservation(&self, macs: &[[u8; 6]], done: ReserveDone) {
         if self.shared.read_only || self.lock_lost() {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
+            done(Err(io::Error::from_raw_os_error(libc::EROFS)));
+            return;
         }
-        let r = if macs.is_empty() {
-            self.shared.image.metadata_remove(RESERVE_KEY)
-        } else {
-            self.shared
-                .image
-                .metadata_set(RESERVE_KEY, &format_macs(macs))
-        };
-        r.map_err(|e| match errno(&e) {
-            Some(libc::EROFS) | Some(EBLOCKLISTED) => self.shared.fence.fence(&e),
-            _ => e,
-        })
+        match self.shared.reserve_jobs.lock() {
+            Ok(mut q) => q.push_back(ReserveJob {
+                macs: macs.to_vec(),
+                done,
+            }),
+            Err(_) => {
+                done(Err(io::Error::other("reservation queue poisoned")));
+                return;
+            }
+        }
+        self.shared.wake.wake(false);
+    }
+
+    /// The reservation as the cluster holds it now, if it changed since the last call:
+    /// read by the monitor thread after each update notification of the image (another
+    /// gateway, or `rbd image-meta set`, changed it) and set by each reservation this
+    /// gateway stored. No cluster call: one atomic load when nothing changed, so the
+    /// daemon may ask before every frame it hands to the export.
+    pub fn reservation_update(&self) -> Option<Vec<[u8; 6]>> {
+        if !self.shared.reserve_changed.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        self.shared.reserve_update.lock().ok()?.take()
     }
 }
 
@@ -403,6 +455,19 @@ fn format_macs(macs: &[[u8; 6]]) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The value of [`RESERVE_KEY`] as a reserve list: none (unset) is empty.
+fn parse_reservation(v: Option<&str>) -> io::Result<Vec<[u8; 6]>> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(v) => parse_macs(v).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("image metadata {RESERVE_KEY} is not a MAC list: {v:?}"),
+            )
+        }),
+    }
 }
 
 /// The inverse of [`format_macs`]; `None` if any entry is not a MAC address.
@@ -432,7 +497,7 @@ impl Drop for RbdBackend {
         // after its last request in flight has completed (aoe-rbd-sys waits for them),
         // releasing the lock for the next gateway.
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.wake.wake();
+        self.shared.wake.wake(false);
         if let Some(t) = self.monitor.take() {
             let _ = t.join();
         }
@@ -440,32 +505,106 @@ impl Drop for RbdBackend {
 }
 
 impl Shared {
-    /// The monitor thread: every [`MONITOR_INTERVAL`], or at once when librbd says the
-    /// header changed, re-reads the size and checks that the lock is still ours. It never
-    /// touches the event loop: a cluster that does not answer blocks only this thread.
+    /// The monitor thread: when librbd says the header changed, re-reads the size and the
+    /// reservation and checks that the lock is still ours; when asked, stores reservations.
+    /// Nothing else: an idle image costs the cluster nothing beyond librbd's own watch. It
+    /// never touches the event loop: a cluster that does not answer blocks only this thread.
+    ///
+    /// Why the update watch is enough for the lock (librbd `ImageWatcher`): a resize or a
+    /// metadata change sends a header update to every watcher; a gateway whose lock is
+    /// broken is blocklisted first (`rbd_blocklist_on_break_lock`, set at open), the OSD
+    /// drops its watch, librbd finds out at its next watch ping and re-registers, and after
+    /// re-registering (failed, since blocklisted) it calls the update callbacks, as it does
+    /// after every re-registration because it cannot know what it missed. Until then its
+    /// writes already fail at the OSDs with `EBLOCKLISTED`, which fences at once. A lock
+    /// taken without blocklisting (an operator who turned it off for their own tools) is
+    /// not noticed until then: librbd gives no lock-change events through its C API.
     fn monitor(&self) {
         loop {
-            {
+            let woken = {
                 let Ok(mut w) = self.wake.flag.lock() else {
                     return;
                 };
-                if !*w && !self.stop.load(Ordering::SeqCst) {
-                    w = match self.wake.cv.wait_timeout(w, MONITOR_INTERVAL) {
-                        Ok((w, _)) => w,
+                while !w.updated && !w.poked && !self.stop.load(Ordering::SeqCst) {
+                    w = match self.wake.cv.wait(w) {
+                        Ok(w) => w,
                         Err(_) => return,
                     };
                 }
-                *w = false;
-            }
+                std::mem::take(&mut *w)
+            };
             if self.stop.load(Ordering::SeqCst) {
+                // Reservations not stored yet are dropped with their callbacks: the daemon
+                // is stopping, and it never answered them.
                 return;
             }
-            if let Ok(s) = self.image.size() {
-                self.size.store(s, Ordering::Relaxed);
+            self.store_reservations();
+            if woken.updated {
+                if let Ok(s) = self.image.size() {
+                    self.size.store(s, Ordering::Relaxed);
+                }
+                self.read_reservation();
+                if self.locked && !self.fence.is_fenced() {
+                    self.check_lock();
+                }
             }
-            if self.locked && !self.fence.is_fenced() {
-                self.check_lock();
+        }
+    }
+
+    /// Stores the queued reservations, in order, and tells each one's caller.
+    fn store_reservations(&self) {
+        loop {
+            let job = match self.reserve_jobs.lock() {
+                Ok(mut q) => q.pop_front(),
+                Err(_) => None,
+            };
+            let Some(job) = job else {
+                return;
+            };
+            let r = if self.fence.is_fenced() {
+                Err(io::Error::from_raw_os_error(libc::EROFS))
+            } else if job.macs.is_empty() {
+                self.image.metadata_remove(RESERVE_KEY)
+            } else {
+                self.image
+                    .metadata_set(RESERVE_KEY, &format_macs(&job.macs))
+            };
+            let r = r.map_err(|e| match errno(&e) {
+                Some(libc::EROFS) | Some(EBLOCKLISTED) => self.fence.fence(&e),
+                _ => e,
+            });
+            if r.is_ok() {
+                // What the cluster holds now: a notification's read from before this store
+                // must not be taken after it.
+                self.publish_reservation(job.macs.clone());
             }
+            (job.done)(r);
+        }
+    }
+
+    /// Reads the reservation after an update notification and publishes it for
+    /// [`RbdBackend::reservation_update`]. A value that is not a MAC list is logged and
+    /// ignored (the gateway keeps enforcing what it had); a failed read likewise (the
+    /// cluster away: librbd re-registers its watch when it comes back, and that fires the
+    /// update callback again).
+    fn read_reservation(&self) {
+        match self.image.metadata_get(RESERVE_KEY) {
+            Ok(v) => match parse_reservation(v.as_deref()) {
+                Ok(macs) => self.publish_reservation(macs),
+                Err(e) => {
+                    tracing::warn!(image = %self.name, error = %e, "reservation not taken")
+                }
+            },
+            Err(e) => {
+                tracing::debug!(image = %self.name, error = %e, "reservation not read")
+            }
+        }
+    }
+
+    fn publish_reservation(&self, macs: Vec<[u8; 6]>) {
+        if let Ok(mut u) = self.reserve_update.lock() {
+            *u = Some(macs);
+            self.reserve_changed.store(true, Ordering::SeqCst);
         }
     }
 
@@ -537,8 +676,8 @@ impl Shared {
         }
     }
 
-    /// Checks a request against the size last read (by the monitor each
-    /// [`MONITOR_INTERVAL`], and on every IDENTIFY): no cluster call on the I/O path.
+    /// Checks a request against the size last read (by the monitor after each update
+    /// notification, and on every IDENTIFY): no cluster call on the I/O path.
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let size = self.size.load(Ordering::Relaxed);
         match offset.checked_add(len) {

@@ -26,10 +26,16 @@ pub(crate) trait SharedStore: Send + Sync {
     /// The AoE reserve list kept in the store (empty: not reserved). May block: asked when
     /// the export opens.
     fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>>;
-    /// Stores the reserve list; returns once the store has it. Blocks for a round trip to
-    /// the cluster: called only for a Reserve/Release set that changed the list.
-    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()>;
+    /// Stores the reserve list without blocking: `done` is called, from another thread,
+    /// with `Ok` once the store has it, or with the error that kept it from storing it.
+    fn store_reservation(&self, macs: &[aoe_wire::MacAddr], done: ReserveDone);
+    /// The reserve list as the store holds it, if it changed since the last call (another
+    /// gateway changed it): no call to the cluster, cheap enough to ask for every frame.
+    fn reservation_update(&self) -> Option<Vec<aoe_wire::MacAddr>>;
 }
+
+/// Told the outcome of [`SharedStore::store_reservation`].
+pub(crate) type ReserveDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// An opened store's I/O path, before the daemon serves it through the asynchronous
 /// interface.
@@ -101,9 +107,14 @@ impl SharedStore for aoe_rbd::RbdBackend {
             .collect())
     }
 
-    fn set_reservation(&self, macs: &[aoe_wire::MacAddr]) -> io::Result<()> {
+    fn store_reservation(&self, macs: &[aoe_wire::MacAddr], done: ReserveDone) {
         let raw: Vec<[u8; 6]> = macs.iter().map(|m| m.0).collect();
-        aoe_rbd::RbdBackend::set_reservation(self, &raw)
+        aoe_rbd::RbdBackend::store_reservation(self, &raw, done)
+    }
+
+    fn reservation_update(&self) -> Option<Vec<aoe_wire::MacAddr>> {
+        aoe_rbd::RbdBackend::reservation_update(self)
+            .map(|v| v.into_iter().map(aoe_wire::MacAddr).collect())
     }
 }
 

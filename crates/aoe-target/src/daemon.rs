@@ -256,7 +256,7 @@ impl Daemon {
             }
             self.complete_io();
             self.flush_sends();
-            if frames > 0 {
+            if frames > 0 && self.spin_pays() {
                 self.spin(control);
             }
             self.persist_state();

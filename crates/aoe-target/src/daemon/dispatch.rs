@@ -42,12 +42,33 @@ impl Daemon {
             }
         }
         // A shared store keeps the reserve list (issue 13): see [`super::shared`].
-        let reserve_before = (rt.shared.is_some() && aoe_proto::target::is_reserve_request(frame))
-            .then(|| rt.engine.state().reserve.clone());
+        let mut reserve_before = None;
+        if rt.shared.is_some() {
+            super::shared::take_reservation_update(rt);
+            if aoe_proto::target::is_reserve_request(frame) {
+                if rt.reserve_pending.is_some() {
+                    // One change at a time: the initiator retransmits, and is answered
+                    // from what the store then holds.
+                    self.spare.extend(owned);
+                    return;
+                }
+                reserve_before = Some(rt.engine.state().reserve.clone());
+            }
+        }
         let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
         if let Some(before) = reserve_before {
-            if !super::shared::keep_reservation(rt, before, &mut self.logs) {
+            if rt.engine.state().reserve != before {
+                let Outcome::Reply(n) = outcome else {
+                    let _ = rt.engine.set_reserve(before);
+                    self.spare.extend(owned);
+                    return;
+                };
+                // The reply waits for the cluster, so in a buffer of its own: a transmit
+                // slot must not be held (the kernel sends slots in order).
+                let mut buf = take_buffer(&mut self.spare, cap);
+                buf[..n].copy_from_slice(&reply[..n]);
                 self.spare.extend(owned);
+                super::shared::store_reservation(rt, id, idx, before, buf, n, &self.completions);
                 return;
             }
         }
@@ -173,6 +194,10 @@ impl Daemon {
     pub(super) fn finish(&mut self, done: Done) {
         let id = (done.user >> 32) as u32;
         let token = Token(done.user as u32);
+        if token.0 == super::shared::RESERVE_TOKEN {
+            self.reservation_stored(id, done.buf, done.result);
+            return;
+        }
         let mut buf = done.buf;
         let Some(rt) = self.exports.get_mut(&id) else {
             self.spare.push(buf);

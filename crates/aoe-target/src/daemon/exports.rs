@@ -24,6 +24,8 @@ pub(super) struct ExportRt {
     /// The store's side channel when several gateways share it (an `rbd:` image): see
     /// [`super::shared`]. The same store as `backend` for an `rbd:` export.
     pub(super) shared: Option<Arc<dyn crate::backing::SharedStore>>,
+    /// A reserve list being stored in `shared`, whose Reserve/Release reply waits for it.
+    pub(super) reserve_pending: Option<super::shared::PendingReserve>,
 }
 
 impl Daemon {
@@ -260,6 +262,7 @@ impl Daemon {
             drops_logged: (0, 0),
             writes: WriteOrder::default(),
             shared,
+            reserve_pending: None,
         })
     }
 }

@@ -10,19 +10,47 @@
 //! - The reservation lives in the store: a Reserve/Release set that changes the list is
 //!   stored there before its reply goes out, so a gateway that takes the image over from a
 //!   dead one (and reads it when it opens the export) enforces the reservation the initiator
-//!   was told about. If the store cannot keep it, the engine's list is put back and the
-//!   request is not answered: the initiator retransmits, and no host is told it holds a
-//!   reservation that the next gateway would not know.
+//!   was told about. Storing it is a round trip to the cluster, done off the event loop (the
+//!   store's own thread): meanwhile the engine keeps the old list, further Reserve/Release
+//!   requests to the export are dropped (the initiator retransmits) and everything else,
+//!   this export's I/O and other exports, is served. Once stored, the engine takes the new
+//!   list and the reply goes out; if the store cannot keep it, the reply goes out as AoE
+//!   error 3 (device unavailable) and the list stays as it was, so no host is told it holds
+//!   a reservation that the next gateway would not know.
+//! - A reservation changed through another gateway of the same store is taken as soon as
+//!   the store has seen it (an RBD image: librbd's update watch, then a read of the
+//!   metadata), checked before every frame handed to the export.
 
 use super::*;
 
 impl Daemon {
+    /// Whether spinning for the next frames after a batch ([`SPIN`]) pays: only if some
+    /// export's store answers within the spin (a file, often from the page cache). A shared
+    /// store's (RBD) requests complete on librbd's threads after a round trip to the OSDs,
+    /// hundreds of microseconds, while frames of a steady initiator keep arriving within
+    /// the spin: the loop then spins for [`SPIN_MAX`] at a time and takes a core from the
+    /// librbd threads and the OSD that the requests wait for (`perf record` of `aoe serve`
+    /// under `scripts/bench-rbd.sh`, window 16: the event loop thread had 39% of the
+    /// process's samples, in `recv_batch` and the system calls around it, librbd's
+    /// messenger 35%). Without it the loop sleeps in poll() and is woken by the socket or
+    /// the completions' eventfd.
+    pub(super) fn spin_pays(&self) -> bool {
+        self.exports.values().any(|e| e.shared.is_none())
+    }
+
     /// The timer's look at shared stores (once per [`REFRESH`]): a changed size is taken and
-    /// announced on every interface of the export (unless started with `--no-announce`).
+    /// announced on every interface of the export (unless started with `--no-announce`), a
+    /// changed reservation taken.
     pub(super) fn poll_shared_stores(&mut self) {
         let mut announce = Vec::new();
         for (id, rt) in self.exports.iter_mut() {
-            let Some(sh) = rt.shared.as_ref().filter(|_| !rt.retiring) else {
+            if rt.shared.is_none() || rt.retiring {
+                continue;
+            }
+            // Also taken before each frame; here for an export no frame reached, so that
+            // its status and state file show the list the store holds.
+            take_reservation_update(rt);
+            let Some(sh) = rt.shared.as_ref() else {
                 continue;
             };
             let sectors = sh.size_seen() / 512;
@@ -58,41 +86,119 @@ impl Daemon {
     }
 }
 
-/// After the engine handled a Reserve/Release request on an export with a shared store:
-/// if the reserve list changed from `before`, stores it there. False (and the engine's
-/// list back to `before`) if the store refused or failed: the reply must not go out.
-pub(super) fn keep_reservation(
-    rt: &mut ExportRt,
-    before: Vec<MacAddr>,
-    logs: &mut RateLimiter,
-) -> bool {
-    let Some(sh) = rt.shared.as_ref() else {
-        return true;
+/// The token of a reservation's completion in the daemon's completion queue (the export's
+/// id in the high half, as for I/O). Engine tokens are slab indices below the buffer count,
+/// so never this.
+pub(super) const RESERVE_TOKEN: u32 = u32::MAX;
+
+/// A Reserve/Release reply waiting for its reserve list to be stored.
+pub(super) struct PendingReserve {
+    /// The list to take once stored.
+    list: Vec<MacAddr>,
+    /// The interface the request came in on, and the reply's length.
+    iface: usize,
+    len: usize,
+}
+
+/// Takes a reserve list that changed in the shared store (through another gateway) into
+/// the engine.
+pub(super) fn take_reservation_update(rt: &mut ExportRt) {
+    let Some(list) = rt.shared.as_ref().and_then(|sh| sh.reservation_update()) else {
+        return;
     };
-    if rt.engine.state().reserve == before {
-        return true;
+    if rt.engine.set_reserve(list) {
+        tracing::info!(
+            export = %rt.spec.addr(),
+            reserve = %mask_list(&rt.engine.state().reserve),
+            "reservation changed in the shared store; enforcing it"
+        );
     }
-    let list = mask_list(&rt.engine.state().reserve);
-    match sh.set_reservation(&rt.engine.state().reserve) {
-        Ok(()) => {
-            tracing::info!(
-                export = %rt.spec.addr(),
-                reserve = %list,
-                "reservation stored in the shared store"
-            );
-            true
-        }
-        Err(e) => {
-            if let Some(a) = logs.check(Instant::now(), "reservation not stored") {
-                tracing::warn!(
+}
+
+/// The engine answered a Reserve/Release request on an export with a shared store with
+/// `reply` (`len` bytes, to go out on `iface`) and a reserve list other than `before`:
+/// the engine goes back to `before` and the new list is handed to the store; the reply
+/// waits in the completion queue until the store has it ([`Daemon::reservation_stored`]).
+pub(super) fn store_reservation(
+    rt: &mut ExportRt,
+    id: u32,
+    iface: usize,
+    before: Vec<MacAddr>,
+    reply: Vec<u8>,
+    len: usize,
+    completions: &Arc<Completions>,
+) {
+    let list = rt.engine.state().reserve.clone();
+    let _ = rt.engine.set_reserve(before);
+    let Some(sh) = rt.shared.as_ref() else {
+        return;
+    };
+    rt.reserve_pending = Some(PendingReserve {
+        list: list.clone(),
+        iface,
+        len,
+    });
+    let completions = completions.clone();
+    let user = (u64::from(id) << 32) | u64::from(RESERVE_TOKEN);
+    sh.store_reservation(
+        &list,
+        Box::new(move |result| {
+            completions.push(Done {
+                user,
+                buf: reply,
+                result,
+            })
+        }),
+    );
+}
+
+impl Daemon {
+    /// A reserve list handed to the shared store is stored (`result` Ok): the engine takes
+    /// it and the waiting reply goes out. Or it is not: the reply goes out as AoE error 3
+    /// (device unavailable; AoEr11 section 2.1), the engine's list unchanged.
+    pub(super) fn reservation_stored(&mut self, id: u32, mut buf: Vec<u8>, result: io::Result<()>) {
+        let Some(rt) = self.exports.get_mut(&id) else {
+            self.spare.push(buf);
+            return;
+        };
+        let Some(p) = rt.reserve_pending.take() else {
+            self.spare.push(buf);
+            return;
+        };
+        let list = mask_list(&p.list);
+        match result {
+            Ok(()) => {
+                let _ = rt.engine.set_reserve(p.list);
+                tracing::info!(
                     export = %rt.spec.addr(),
                     reserve = %list,
-                    error = %e,
-                    "cannot store the reservation in the shared store; request not answered{a}"
+                    "reservation stored in the shared store"
                 );
             }
-            let _ = rt.engine.set_reserve(before);
-            false
+            Err(e) => {
+                if let Some(a) = self.logs.check(Instant::now(), "reservation not stored") {
+                    tracing::warn!(
+                        export = %rt.spec.addr(),
+                        reserve = %list,
+                        error = %e,
+                        "cannot store the reservation in the shared store; \
+                         answered with AoE error 3 (device unavailable){a}"
+                    );
+                }
+                let Some(Ok(mut f)) = buf.get_mut(..p.len).map(aoe_wire::Frame::new_checked) else {
+                    self.spare.push(buf);
+                    return;
+                };
+                let (version, flags) = (f.version(), f.flags());
+                f.set_version_flags(version, flags | aoe_wire::header::FLAG_ERROR);
+                f.set_error(aoe_wire::ErrorCode::DeviceUnavailable.into());
+            }
+        }
+        if p.iface < self.ifaces.len() {
+            self.ifaces[p.iface].queue(buf, p.len, &mut self.spare);
+            self.flush_sends();
+        } else {
+            self.spare.push(buf);
         }
     }
 }
