@@ -66,6 +66,59 @@ pub(super) struct Target {
     pub(super) answered_seq: Option<u64>,
     /// When it last answered anything (a held copy included).
     pub(super) last_answer: Option<Instant>,
+    /// The shortest and longest recent RTT samples: the spread of this target's answer
+    /// times (`Target::reo_wnd`) and the floor of its timeout (`Target::rto`).
+    pub(super) rtt_range: RttRange,
+    /// Copies found spurious: the target answered an earlier copy after the copy was sent
+    /// (Eifel detection, RFC 3522, with the tag as the timestamp).
+    pub(super) spurious: u64,
+    /// The window, threshold and countdown before the current episode's cut, restored if a
+    /// copy of that episode turns out spurious (Eifel response, RFC 4015; F-RTO's undo,
+    /// RFC 5682 3.1 step 3b).
+    pub(super) undo: Option<(u16, u16, u16)>,
+}
+
+/// The extremes of a target's RTT samples over the last one to two
+/// [`RTT_RANGE_PERIOD`]s (two buckets, the older dropped as a new one starts): a windowed
+/// min and max, as RACK keeps a windowed minimum (RFC 8985 6.2, `RACK.min_RTT`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct RttRange {
+    start: Option<Instant>,
+    cur: Option<(u64, u64)>,
+    prev: Option<(u64, u64)>,
+}
+
+/// How long one bucket of [`RttRange`] lasts: long enough to remember a disk's slow answers
+/// between two of them on a busy host, short enough to forget one stall within seconds.
+const RTT_RANGE_PERIOD: Duration = Duration::from_secs(1);
+
+impl RttRange {
+    fn add(&mut self, now: Instant, us: u64) {
+        if self
+            .start
+            .is_none_or(|s| now.saturating_duration_since(s) >= RTT_RANGE_PERIOD)
+        {
+            // A bucket older than two periods says nothing about now.
+            let fresh = self
+                .start
+                .is_some_and(|s| now.saturating_duration_since(s) < 2 * RTT_RANGE_PERIOD);
+            self.prev = if fresh { self.cur } else { None };
+            self.cur = None;
+            self.start = Some(now);
+        }
+        self.cur = Some(
+            self.cur
+                .map_or((us, us), |(lo, hi)| (lo.min(us), hi.max(us))),
+        );
+    }
+
+    /// (min, max) in microseconds, if any sample is recent.
+    pub(super) fn get(&self) -> Option<(u64, u64)> {
+        match (self.cur, self.prev) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (x, y) => x.or(y),
+        }
+    }
 }
 
 impl Target {
@@ -98,6 +151,9 @@ impl Target {
             silent: 0,
             answered_seq: None,
             last_answer: None,
+            rtt_range: RttRange::default(),
+            spurious: 0,
+            undo: None,
         }
     }
 
@@ -132,6 +188,7 @@ impl Target {
         self.rtt_avg_us = RTT_AVG_INIT_US;
         self.rtt_dev_us = RTT_DEV_INIT_US;
         self.sampled = false;
+        self.rtt_range = RttRange::default();
     }
 
     /// The send-order number of the next frame to this target.
@@ -154,9 +211,9 @@ impl Target {
     /// in TCP, but the target answers the original and the copy back to back when only the
     /// answer was slow, and the copy's short "RTT" would pull the estimate, and with it the
     /// timeout, below the real round trip: more spurious retransmissions.
-    pub(super) fn on_answer(&mut self, rtt: Option<Duration>) {
+    pub(super) fn on_answer(&mut self, now: Instant, rtt: Option<Duration>) {
         if let Some(rtt) = rtt {
-            self.sample(rtt);
+            self.sample(now, rtt);
         }
         if self.maxout >= self.nframes {
             return;
@@ -173,8 +230,10 @@ impl Target {
         }
     }
 
-    fn sample(&mut self, rtt: Duration) {
+    /// One RTT sample: the RFC 6298 estimate and the recent range ([`RttRange`]).
+    pub(super) fn sample(&mut self, now: Instant, rtt: Duration) {
         let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.rtt_range.add(now, rtt);
         if !self.sampled {
             self.sampled = true;
             self.rtt_avg_us = rtt;
@@ -214,12 +273,14 @@ impl Target {
             self.episode_losses = 0;
             self.episode_cut = false;
             self.episode_window = self.maxout;
+            self.undo = None;
         }
         self.episode_losses += 1;
         if self.episode_cut || (!timeout && self.episode_losses * 4 <= self.episode_window as u32) {
             return false;
         }
         let floor = floor.clamp(1, self.nframes.max(1));
+        self.undo = Some((self.maxout, self.ssthresh, self.next_cwnd));
         self.maxout = (self.maxout / 2).max(floor);
         self.ssthresh = self.maxout;
         self.next_cwnd = self.maxout;
@@ -236,13 +297,57 @@ impl Target {
         self.taint = self.taint.max(n).min(MAX_TAINT);
     }
 
-    /// RFC 6298's `srtt + 4 * rttvar`, at least twice the smoothed RTT (so a steady link,
-    /// whose deviation decays to 0, does not retransmit every frame that is a little late)
-    /// and within [`Config::rto_min`] and [`Config::rto_max`]. The driver uses
-    /// `2 * rttavg + 8 * rttdev` on a 100 ms timer tick (`rexmit_timer`).
+    /// RFC 6298's `srtt + 4 * rttvar` (2.3), at least twice the smoothed RTT (so a steady
+    /// link, whose deviation decays to 0, does not retransmit every frame that is a little
+    /// late) and at least 5/4 of the longest recent sample ([`RttRange`]), within
+    /// [`Config::rto_min`] and [`Config::rto_max`]. The last term is the floor that follows
+    /// the target: `aoe serve` answers from the page cache in microseconds and from its
+    /// workers in milliseconds, the average follows the fast answers, and a timeout under
+    /// the slow ones would copy every one of them (copies, not recoveries: the answer comes).
+    /// A slow answer that was copied anyway still gives its sample (the tag of the earlier
+    /// copy, `Engine::answered_frame`), so the floor rises past it. The timer is only the
+    /// backstop: most losses are found by later answers ([`Target::reo_wnd`]). The driver
+    /// uses `2 * rttavg + 8 * rttdev` on a 100 ms timer tick (`rexmit_timer`).
     pub(super) fn rto(&self, cfg: &Config) -> Duration {
-        let us = (self.rtt_avg_us + 4 * self.rtt_dev_us).max(2 * self.rtt_avg_us);
+        let us = (self.rtt_avg_us + 4 * self.rtt_dev_us)
+            .max(2 * self.rtt_avg_us)
+            .max(self.recent_max_us() + self.recent_max_us() / 4);
         Duration::from_micros(us).clamp(cfg.rto_min, cfg.rto_max.max(cfg.rto_min))
+    }
+
+    /// The longest recent sample (0 without one).
+    fn recent_max_us(&self) -> u64 {
+        self.rtt_range.get().map_or(0, |(_, hi)| hi)
+    }
+
+    /// RACK's reordering window (RFC 8985 6.2): how much longer than a frame sent after it
+    /// took an earlier frame may take before it is presumed lost. RACK starts at
+    /// `min_RTT / 4` and widens it when DSACKs report spurious retransmissions; here the
+    /// window is the spread of the target's recent answer times (longest minus shortest
+    /// sample), at least a quarter of the shortest: a target that answers in 150-200 µs
+    /// finds a loss within some 50 µs of the answer that reveals it, one whose disk answers
+    /// in 0.1-5 ms only after 5 ms, by which time an answer merely slow has come. A spurious
+    /// copy (its original answered after all) adds its original's sample, widening it.
+    pub(super) fn reo_wnd(&self) -> Duration {
+        let lo = self.rtt_range.get().map_or(self.rtt_avg_us, |(lo, _)| lo);
+        let hi = self.recent_max_us().max(lo);
+        Duration::from_micros(hi - lo + hi / 4)
+    }
+
+    /// An earlier copy was answered after a later copy of the same frame went out: the
+    /// later copy was spurious (Eifel detection, RFC 3522, the tag standing for the
+    /// timestamp). Its sample (`rtt`) enters the estimate and the range, raising the timeout
+    /// and the reordering window; and if the current loss episode cut the window, the cut
+    /// is undone (Eifel response, RFC 4015; F-RTO, RFC 5682, undoes a spurious timeout's
+    /// cut the same way): the target was slow, not congested.
+    pub(super) fn spurious_copy(&mut self, now: Instant, rtt: Duration) {
+        self.spurious += 1;
+        self.sample(now, rtt);
+        if let Some((maxout, ssthresh, next_cwnd)) = self.undo.take() {
+            self.maxout = self.maxout.max(maxout).min(self.nframes.max(1));
+            self.ssthresh = ssthresh;
+            self.next_cwnd = next_cwnd;
+        }
     }
 
     /// A frame sent on local interface `iface` was lost: the path's loss count grows, and
