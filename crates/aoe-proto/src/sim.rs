@@ -162,12 +162,6 @@ pub struct SimTarget {
     /// order, each taking this long (vblade's single loop; a slow disk). Requests beyond
     /// the buffer count are dropped by the target engine, as `aoe serve` does.
     pub service: Duration,
-    /// Percent of I/Os that take [`SimTarget::slow_delay`] instead (half of it to all of
-    /// it), served in parallel with the others: `aoe serve` answering most reads from the
-    /// page cache in microseconds and the rest from its worker pool in milliseconds.
-    pub slow_pct: f64,
-    /// The latency of the slow I/Os.
-    pub slow_delay: Duration,
     /// When the serial server is next free.
     busy_until: Instant,
     pending: BTreeMap<(Instant, u64), (usize, target::Token, Vec<u8>)>,
@@ -294,8 +288,6 @@ impl Sim {
             up: true,
             io_delay: spec.io_delay,
             service: Duration::ZERO,
-            slow_pct: 0.0,
-            slow_delay: Duration::ZERO,
             busy_until: self.now,
             pending: BTreeMap::new(),
         });
@@ -422,10 +414,7 @@ impl Sim {
                     }
                 }
                 let st = &mut self.targets[t];
-                let at = if st.slow_pct > 0.0 && self.rng.chance(st.slow_pct) {
-                    let delay = st.slow_delay;
-                    self.now + self.rng.duration(delay / 2, delay)
-                } else if st.service.is_zero() {
+                let at = if st.service.is_zero() {
                     let delay = st.io_delay;
                     self.now + self.rng.duration(Duration::ZERO, delay)
                 } else {

@@ -557,6 +557,7 @@ impl Engine {
             return;
         }
         t.on_loss(f.seq, cfg.min_window, false);
+        t.loss_found();
         t.retransmits += 1;
         t.fast_retransmits += 1;
         if let Some(l) = t.path_lost(addr, f.iface) {

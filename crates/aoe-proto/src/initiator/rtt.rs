@@ -66,9 +66,11 @@ pub(super) struct Target {
     pub(super) answered_seq: Option<u64>,
     /// When it last answered anything (a held copy included).
     pub(super) last_answer: Option<Instant>,
-    /// The shortest and longest recent RTT samples: the spread of this target's answer
-    /// times (`Target::reo_wnd`) and the floor of its timeout (`Target::rto`).
+    /// The shortest (and longest) recent RTT samples: RACK's `min_RTT`.
     pub(super) rtt_range: RttRange,
+    /// How late, over the shortest RTT, answers to frames presumed lost came, smoothed
+    /// (`Target::spurious_copy`): the reordering window (`Target::reo_wnd`).
+    pub(super) late_us: u64,
     /// Copies found spurious: the target answered an earlier copy after the copy was sent
     /// (Eifel detection, RFC 3522, with the tag as the timestamp).
     pub(super) spurious: u64,
@@ -78,9 +80,9 @@ pub(super) struct Target {
     pub(super) undo: Option<(u16, u16, u16)>,
 }
 
-/// The extremes of a target's RTT samples over the last one to two
-/// [`RTT_RANGE_PERIOD`]s (two buckets, the older dropped as a new one starts): a windowed
-/// min and max, as RACK keeps a windowed minimum (RFC 8985 6.2, `RACK.min_RTT`).
+/// The extremes of a series of times over the last one to two [`RTT_RANGE_PERIOD`]s (two
+/// buckets, the older dropped as a new one starts): a windowed min and max, as RACK keeps
+/// a windowed minimum RTT (RFC 8985 6.2, `RACK.min_RTT`).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct RttRange {
     start: Option<Instant>,
@@ -152,6 +154,7 @@ impl Target {
             answered_seq: None,
             last_answer: None,
             rtt_range: RttRange::default(),
+            late_us: 0,
             spurious: 0,
             undo: None,
         }
@@ -189,6 +192,7 @@ impl Target {
         self.rtt_dev_us = RTT_DEV_INIT_US;
         self.sampled = false;
         self.rtt_range = RttRange::default();
+        self.late_us = 0;
     }
 
     /// The send-order number of the next frame to this target.
@@ -299,50 +303,61 @@ impl Target {
 
     /// RFC 6298's `srtt + 4 * rttvar` (2.3), at least twice the smoothed RTT (so a steady
     /// link, whose deviation decays to 0, does not retransmit every frame that is a little
-    /// late) and at least 5/4 of the longest recent sample ([`RttRange`]), within
-    /// [`Config::rto_min`] and [`Config::rto_max`]. The last term is the floor that follows
-    /// the target: `aoe serve` answers from the page cache in microseconds and from its
-    /// workers in milliseconds, the average follows the fast answers, and a timeout under
-    /// the slow ones would copy every one of them (copies, not recoveries: the answer comes).
-    /// A slow answer that was copied anyway still gives its sample (the tag of the earlier
-    /// copy, `Engine::answered_frame`), so the floor rises past it. The timer is only the
-    /// backstop: most losses are found by later answers ([`Target::reo_wnd`]). The driver
-    /// uses `2 * rttavg + 8 * rttdev` on a 100 ms timer tick (`rexmit_timer`).
+    /// late), within [`Config::rto_min`] and [`Config::rto_max`]. The estimate includes the
+    /// samples of frames presumed lost and answered after all ([`Target::spurious_copy`]),
+    /// so a target whose slow answers were copied raises it. The timer is only the backstop
+    /// ([`Config::rto_min`]). The driver uses `2 * rttavg + 8 * rttdev` on a 100 ms timer
+    /// tick (`rexmit_timer`).
     pub(super) fn rto(&self, cfg: &Config) -> Duration {
-        let us = (self.rtt_avg_us + 4 * self.rtt_dev_us)
-            .max(2 * self.rtt_avg_us)
-            .max(self.recent_max_us() + self.recent_max_us() / 4);
+        let us = (self.rtt_avg_us + 4 * self.rtt_dev_us).max(2 * self.rtt_avg_us);
         Duration::from_micros(us).clamp(cfg.rto_min, cfg.rto_max.max(cfg.rto_min))
     }
 
-    /// The longest recent sample (0 without one).
-    fn recent_max_us(&self) -> u64 {
-        self.rtt_range.get().map_or(0, |(_, hi)| hi)
+    /// The shortest recent RTT sample (RACK's `min_RTT`), the smoothed RTT without one.
+    fn min_rtt_us(&self) -> u64 {
+        self.rtt_range.get().map_or(self.rtt_avg_us, |(lo, _)| lo)
     }
 
     /// RACK's reordering window (RFC 8985 6.2): how much longer than a frame sent after it
-    /// took an earlier frame may take before it is presumed lost. RACK starts at
-    /// `min_RTT / 4` and widens it when DSACKs report spurious retransmissions; here the
-    /// window is the spread of the target's recent answer times (longest minus shortest
-    /// sample), at least a quarter of the shortest: a target that answers in 150-200 µs
-    /// finds a loss within some 50 µs of the answer that reveals it, one whose disk answers
-    /// in 0.1-5 ms only after 5 ms, by which time an answer merely slow has come. A spurious
-    /// copy (its original answered after all) adds its original's sample, widening it.
+    /// an earlier frame may take before it is presumed lost. RACK starts at `min_RTT / 4`,
+    /// widens it when DSACKs report spurious retransmissions (`reo_wnd_mult`), never beyond
+    /// the smoothed RTT, and narrows it again after 16 recoveries without one. Here the
+    /// answer to a frame presumed lost tells how late it was (its sample over the shortest
+    /// one); the window is 5/4 of a smoothed lateness ([`Target::late_us`], gain 1/4 per
+    /// spurious copy, shrinking by 1/16 per loss found), at least `min_RTT / 4` and at most
+    /// `srtt + 4 * rttvar` (RACK's cap is the smoothed RTT, which a target with slow
+    /// answers among fast ones exceeds). A link that reorders now and then (the relay
+    /// holds a frame up to 20 ms) must not hold every recovery back for that long: hence
+    /// smoothed, and shrinking with every loss, where a maximum would keep one outlier.
     pub(super) fn reo_wnd(&self) -> Duration {
-        let lo = self.rtt_range.get().map_or(self.rtt_avg_us, |(lo, _)| lo);
-        let hi = self.recent_max_us().max(lo);
-        Duration::from_micros(hi - lo + hi / 4)
+        let late = self.late_us + self.late_us / 4;
+        let cap = self.rtt_avg_us + 4 * self.rtt_dev_us;
+        Duration::from_micros(late.min(cap).max(self.min_rtt_us() / 4))
     }
 
-    /// An earlier copy was answered after a later copy of the same frame went out: the
-    /// later copy was spurious (Eifel detection, RFC 3522, the tag standing for the
-    /// timestamp). Its sample (`rtt`) enters the estimate and the range, raising the timeout
-    /// and the reordering window; and if the current loss episode cut the window, the cut
-    /// is undone (Eifel response, RFC 4015; F-RTO, RFC 5682, undoes a spurious timeout's
-    /// cut the same way): the target was slow, not congested.
+    /// A loss found from later answers, not (yet) proven spurious: RACK's persistence, the
+    /// reordering window narrows.
+    pub(super) fn loss_found(&mut self) {
+        self.late_us -= self.late_us / 16;
+    }
+
+    /// A frame presumed lost (its copy sent, or waiting to go) was answered after all, `rtt`
+    /// after it was sent: the presumption was wrong (Eifel detection, RFC 3522, the tag
+    /// standing for the timestamp). Its sample enters the estimate (raising the timeout);
+    /// how late it was widens the reordering window ([`Target::reo_wnd`]); and if the
+    /// current loss episode cut the window, the cut is undone (Eifel response, RFC 4015;
+    /// F-RTO, RFC 5682, undoes a spurious timeout's cut the same way): the target was slow,
+    /// not congested.
     pub(super) fn spurious_copy(&mut self, now: Instant, rtt: Duration) {
         self.spurious += 1;
         self.sample(now, rtt);
+        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        let late = rtt.saturating_sub(self.min_rtt_us());
+        if late >= self.late_us {
+            self.late_us += (late - self.late_us) / 4;
+        } else {
+            self.late_us -= (self.late_us - late) / 4;
+        }
         if let Some((maxout, ssthresh, next_cwnd)) = self.undo.take() {
             self.maxout = self.maxout.max(maxout).min(self.nframes.max(1));
             self.ssthresh = ssthresh;

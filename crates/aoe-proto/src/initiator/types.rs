@@ -16,20 +16,19 @@ pub struct Config {
     pub maxout: u16,
     /// Period of the discovery beacon (the driver's `discover_timer`, 60 s). Zero disables it.
     pub discover_interval: Duration,
-    /// Lowest retransmission timeout: a constant under the one that follows the target
-    /// (`Target::rto`: RFC 6298's `srtt + 4 * rttvar`, at least `2 * srtt` and 5/4 of the
-    /// longest recent answer time), so a quiet 100 µs link does not time out on scheduling
-    /// noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts as its floor
-    /// and turns every random loss into a 100 ms stall.
+    /// Lowest retransmission timeout, under the one that follows the target (RFC 6298's
+    /// `srtt + 4 * rttvar`, at least `2 * srtt`), so a quiet 100 µs link does not time out
+    /// on scheduling noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts
+    /// as its floor and turns every random loss into a 100 ms stall.
     ///
     /// The default is 500 µs (it was 20 ms). The timer is the backstop: it restarts with
     /// every answer from the frame's target (RFC 6298 5.3), so it fires only once the
     /// target has been silent for a whole timeout; losses among answered frames are found
     /// from the answers to frames sent after them (RACK, [`Config::fast_retransmit`]). A
     /// target that answers some frames in microseconds and others in milliseconds (`aoe
-    /// serve`: page cache and worker pool) raises both the timeout and RACK's reordering
-    /// window through its slow answers, including those of frames copied anyway (the
-    /// answer to the earlier copy is a sample of it, and undoes the copy's window cut).
+    /// serve`: page cache and worker pool) raises the estimate and RACK's reordering window
+    /// through its slow answers, including those of frames copied anyway (the answer to
+    /// the earlier copy is a sample of it, and undoes the copy's window cut).
     pub rto_min: Duration,
     /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
     pub rto_max: Duration,
@@ -57,9 +56,8 @@ pub struct Config {
     /// frame per window. The driver sets it to 1 on every timeout.
     pub min_window: u16,
     /// An outstanding frame is presumed lost once this many frames sent after it to the
-    /// same target MAC were answered and RACK's reordering window has passed since the
-    /// latest of them would have made it due (RFC 8985 6.2; `Target::reo_wnd`, the spread of
-    /// the target's recent answer times plus a quarter of the longest): its copy goes out
+    /// same target MAC were answered and it has been out as long as the latest of them took
+    /// plus RACK's reordering window (RFC 8985 6.2; `Target::reo_wnd`): its copy goes out
     /// then, without waiting for the timer. 1 is RACK's rule; RFC 5681 3.2's duplicate-ACK
     /// threshold would be 3. 0 turns it off. The driver waits for the timer.
     pub fast_retransmit: u16,
