@@ -550,7 +550,9 @@ impl Net {
                     self.engine
                         .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                 }
-                None => match PacketSocket::open(&w.name) {
+                // Responses only: the kernel's filter drops requests (a flood of broadcast
+                // queries or ATA requests on the segment) before they take queue space.
+                None => match PacketSocket::open_responses(&w.name) {
                     Ok(sock) => {
                         let _ = sock.set_recv_buffer(8 << 20);
                         let idx =

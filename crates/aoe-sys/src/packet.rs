@@ -64,6 +64,39 @@ fn ethertype_filter(ethertype: u16) -> [libc::sock_filter; 4] {
     ]
 }
 
+/// The AoE response flag in the header's version/flags byte (AoEr11 section 2: `R`, bit 3
+/// of the low nibble; `aoe_wire`'s `FLAG_RESPONSE`).
+const AOE_FLAG_RESPONSE: u32 = 0x08;
+
+/// The classic BPF program of [`PacketSocket::open_responses`]: AoE frames with the response
+/// flag set, nothing else (a frame too short to have the flags byte is dropped, as a load
+/// past the end ends a classic BPF program with 0):
+///
+/// ```text
+/// ldh [12]                  ; A = ethertype
+/// jeq #0x88a2, 0, 3         ; AoE: fall through, else drop
+/// ldb [14]                  ; A = version/flags byte of the AoE header
+/// jset #0x08, 0, 1          ; response flag set: accept, else drop
+/// ret #262144               ; accept the whole frame
+/// ret #0                    ; drop
+/// ```
+fn response_filter() -> [libc::sock_filter; 6] {
+    let ldh_abs = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+    let ldb_abs = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    let jeq_k = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let jset_k = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    let ret_k = (libc::BPF_RET | libc::BPF_K) as u16;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    [
+        insn(ldh_abs, 0, 0, 12),
+        insn(jeq_k, 0, 3, u32::from(ETH_P_AOE)),
+        insn(ldb_abs, 0, 0, 14),
+        insn(jset_k, 0, 1, AOE_FLAG_RESPONSE),
+        insn(ret_k, 0, 0, BPF_ACCEPT_LEN),
+        insn(ret_k, 0, 0, 0),
+    ]
+}
+
 /// An `AF_PACKET`/`SOCK_RAW` socket bound to one interface that receives only frames of one
 /// ethertype, by default AoE ([`ETH_P_AOE`]).
 ///
@@ -172,6 +205,26 @@ impl PacketSocket {
             jf: 0,
             k: 0,
         }])
+    }
+
+    /// Like [`open`](Self::open), for an initiator: an AoE socket whose filter also drops
+    /// AoE requests (frames without the response flag), so a flood of requests on the
+    /// segment (broadcast Query Configs, ATA requests for any target) never takes room in
+    /// its receive queue from the answers it waits for. The kernel runs the filter before it
+    /// queues a frame (socket(7), `SO_ATTACH_FILTER`), so a dropped request costs no
+    /// wake-up, copy or queue space; nor is it counted in [`stats`](Self::stats).
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub fn open_responses(ifname: &str) -> io::Result<PacketSocket> {
+        let sock = Self::open_unbound(ifname, ETH_P_AOE)?;
+        sock.attach_filter(&response_filter())?;
+        sock.drain_queue();
+        // Best effort, as in `open_ethertype`.
+        let _ = sock.setsockopt_int(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
+        sock.bind()?;
+        Ok(sock)
     }
 
     /// Opens a capture tap for `aoe trace`: an `ETH_P_ALL` socket on `ifname` with the same
@@ -793,6 +846,24 @@ mod tests {
             (0x06, 0, 0, 0),
         ];
         let got = ethertype_filter(ETH_P_AOE);
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((g.code, g.jt, g.jf, g.k), w);
+        }
+    }
+
+    #[test]
+    fn response_filter_is_the_documented_program() {
+        // `tcpdump -dd 'ether proto 0x88a2 and ether[14] & 8 != 0'` compiles to the same
+        // checks: ldh [12], jeq 0x88a2, ldb [14], jset 8, ret 262144, ret 0.
+        let want: [(u16, u8, u8, u32); 6] = [
+            (0x28, 0, 0, 0x0c),
+            (0x15, 0, 3, 0x88a2),
+            (0x30, 0, 0, 0x0e),
+            (0x45, 0, 1, 0x08),
+            (0x06, 0, 0, 0x4_0000),
+            (0x06, 0, 0, 0),
+        ];
+        let got = response_filter();
         for (g, w) in got.iter().zip(want) {
             assert_eq!((g.code, g.jt, g.jf, g.k), w);
         }

@@ -308,6 +308,58 @@ fn a_bound_socket_without_its_filter_still_receives_only_its_ethertype() {
     assert_eq!(attached_filter_len(&tap), 4);
 }
 
+/// An initiator's socket (`open_responses`) gets AoE responses only: a request frame (the
+/// response flag clear), a non-AoE frame and a runt AoE frame without a flags byte are never
+/// queued to it (its `PACKET_STATISTICS` count nothing), while a plain AoE socket on the
+/// same interface sees the request; a response arrives.
+#[test]
+fn response_socket_never_receives_requests() {
+    let l = link(1500);
+    let aoe_a = open_in(&l.a, l.veth.a_name(), ETH_P_AOE);
+    let ip_a = open_in(&l.a, l.veth.a_name(), ETH_P_IP);
+    let resp_b = run_in_netns(&l.b.path(), || {
+        PacketSocket::open_responses(l.veth.b_name())
+    })
+    .expect("enter namespace")
+    .expect("open response socket");
+    let plain_b = open_in(&l.b, l.veth.b_name(), ETH_P_AOE);
+    assert_eq!(resp_b.ethertype(), ETH_P_AOE);
+    assert_eq!(attached_filter_len(&resp_b), 6);
+
+    // An AoE request: byte 14 is version 1, flags 0 (a broadcast Query Config's).
+    let mut request = frame([0xff; 6], l.veth.a_mac(), ETH_P_AOE, 60, 11);
+    request[14] = 0x10;
+    // The same with the error flag but not the response flag: still a request.
+    let mut request_err = request.clone();
+    request_err[14] = 0x14;
+    aoe_a.send(&request).expect("send request");
+    aoe_a.send(&request_err).expect("send request with E");
+    ip_a.send(&frame(l.veth.b_mac(), l.veth.a_mac(), ETH_P_IP, 60, 12))
+        .expect("send IPv4 frame");
+    // The plain AoE socket on B shows both requests arrived ...
+    let mut buf = [0u8; 1514];
+    for want in [&request, &request_err] {
+        let meta = recv_within(&plain_b, &mut buf, WAIT).expect("plain socket sees a request");
+        assert_eq!(&buf[..meta.len], &want[..]);
+    }
+    // ... the response socket got nothing.
+    assert!(
+        !wait_readable(&resp_b, QUIET),
+        "response socket saw a request"
+    );
+    assert_eq!(resp_b.recv(&mut buf).unwrap(), None);
+
+    // A response (version 1, R) arrives, and is the first thing it sees.
+    let mut response = frame(l.veth.b_mac(), l.veth.a_mac(), ETH_P_AOE, 60, 13);
+    response[14] = 0x18;
+    aoe_a.send(&response).expect("send response");
+    let meta = recv_within(&resp_b, &mut buf, WAIT).expect("response socket gets a response");
+    assert_eq!(&buf[..meta.len], &response[..]);
+    let stats = resp_b.stats().expect("PACKET_STATISTICS");
+    assert_eq!(stats.packets, 1, "only the response passed the filter");
+    assert_eq!(stats.drops, 0);
+}
+
 /// Number of instructions of the socket's classic BPF filter (0 if none), read back with
 /// `SO_GET_FILTER` (socket(7)) and a zero-length buffer.
 fn attached_filter_len(sock: &PacketSocket) -> u32 {
