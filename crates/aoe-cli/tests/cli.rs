@@ -155,3 +155,29 @@ fn serve_refuses_overlapping_writable_exports() {
     let out = check();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Audit: `aoe serve` names its socket with `--control`; `aoe target` takes the same flag
+/// (an alias of `--socket`) and documents it in --help.
+#[test]
+fn target_takes_control_like_serve() {
+    let help = Command::new(AOE)
+        .args(["target", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.contains("--control"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = Command::new(AOE)
+        .args(["target", "status", "--control"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Not a usage error: the flag is taken, and the socket it names is what fails.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains(sock.to_str().unwrap()), "{err}");
+}
