@@ -54,8 +54,9 @@ pub fn listen(a: &ControlArg, obs: Arc<Observer>) -> Result<Option<ControlSocket
 /// Arguments of `aoe target`.
 #[derive(Debug, Args)]
 pub struct TargetArgs {
-    /// The target's control socket [default: the only /run/aoe/serve-*.sock].
-    #[arg(long, global = true, value_name = "PATH")]
+    /// The target's control socket, the path given to `aoe serve --control` [default: the
+    /// only /run/aoe/serve-*.sock].
+    #[arg(long, visible_alias = "control", global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Print the answer as JSON, one object per line.
     #[arg(long, global = true)]
@@ -101,7 +102,7 @@ struct MonitorArgs {
     count: Option<u64>,
 }
 
-/// Finds the socket: `--socket`, else the only live `/run/aoe/serve-*.sock`.
+/// Finds the socket: `--socket` (or `--control`), else the only live `/run/aoe/serve-*.sock`.
 fn socket_path(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.clone());

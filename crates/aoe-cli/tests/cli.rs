@@ -75,3 +75,109 @@ fn vblade_flags_with_a_config_file_are_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Audit: `aoe serve -m ff:ff:ff:ff:ff:ff` (any group address) would serve an export that
+/// answers nobody; it is refused with one line, exit 1, naming the address. No root needed:
+/// `--check` opens the file and looks up `lo`, nothing more.
+#[test]
+fn serve_refuses_a_group_mac_in_the_mask_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let img = img.to_str().unwrap();
+    for macs in ["ff:ff:ff:ff:ff:ff", "02:00:00:00:00:01,01:00:5e:00:00:01"] {
+        let out = Command::new(AOE)
+            .args(["serve", "-m", macs, "1", "1", "lo", img, "--check"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{macs}: {out:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{macs}: not one line: {err}");
+        let bad = macs.rsplit(',').next().unwrap();
+        assert!(
+            err.contains(&format!("e1.1: {bad} is a multicast or broadcast address")),
+            "{macs}: {err}"
+        );
+    }
+    let out = Command::new(AOE)
+        .args([
+            "serve",
+            "-m",
+            "02:00:00:00:00:01",
+            "1",
+            "1",
+            "lo",
+            img,
+            "--check",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Audit: two writable exports of one file (here the second through a symlink) would
+/// overwrite each other; `aoe serve --check` (and a start or reload, which apply the same
+/// check) refuses them naming both, exit 1. Read-only on both sides is allowed.
+#[test]
+fn serve_refuses_overlapping_writable_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("img1"), vec![0u8; 64 * 512]).unwrap();
+    std::os::unix::fs::symlink("img1", dir.path().join("same")).unwrap();
+    let conf = dir.path().join("serve.toml");
+    let write = |ro: bool| {
+        let e = |path: &str, slot: u8| {
+            format!(
+                "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = {slot}\n\
+                 interfaces = [\"lo\"]\nread_only = {ro}\n"
+            )
+        };
+        std::fs::write(&conf, format!("{}{}", e("img1", 1), e("same", 2))).unwrap();
+    };
+    let check = || {
+        Command::new(AOE)
+            .arg("serve")
+            .arg("--config")
+            .arg(&conf)
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    write(false);
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("e1.1 and e1.2 both export") && err.contains("both are writable"),
+        "{err}"
+    );
+    write(true);
+    let out = check();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Audit: `aoe serve` names its socket with `--control`; `aoe target` takes the same flag
+/// (an alias of `--socket`) and documents it in --help.
+#[test]
+fn target_takes_control_like_serve() {
+    let help = Command::new(AOE)
+        .args(["target", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.contains("--control"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = Command::new(AOE)
+        .args(["target", "status", "--control"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Not a usage error: the flag is taken, and the socket it names is what fails.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains(sock.to_str().unwrap()), "{err}");
+}

@@ -374,6 +374,57 @@ fn sighup_reloads_without_disturbing_unchanged_exports() {
     );
 }
 
+/// Audit: a reload that adds a second writable export of a file already exported is
+/// refused naming both, and the running export stays; a read-only pair is then taken.
+#[test]
+fn sighup_refuses_overlapping_writable_exports() {
+    let mut n = Net::new("aoeovl", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let ifname = n.target_if();
+    let conf = dir.path().join("serve.toml");
+    let write_conf = |slots: &[(u8, bool)]| {
+        let mut s = String::new();
+        for (slot, ro) in slots {
+            s += &format!(
+                "[[export]]\npath = \"{a}\"\nshelf = 4\nslot = {slot}\n\
+                 interfaces = [\"{ifname}\"]\nread_only = {ro}\n\n"
+            );
+        }
+        std::fs::write(&conf, s).unwrap();
+    };
+    write_conf(&[(1, true)]);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let (e1, e2) = (TargetAddr::new(4, 1), TargetAddr::new(4, 2));
+    let mac = n.wait_up(e1);
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &t.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    write_conf(&[(1, true), (2, false)]);
+    hup();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let log = t.output_so_far();
+            log.contains("reload refused") && log.contains("e4.1 and e4.2 both export")
+        }),
+        "overlapping writable export not refused on reload; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(n.query(mac, e1).is_some(), "running export lost");
+    assert!(n.query(mac, e2).is_none(), "refused export e4.2 answers");
+    write_conf(&[(1, true), (2, true)]);
+    hup();
+    assert!(
+        wait_until(Duration::from_secs(10), || n.query(mac, e2).is_some()),
+        "read-only pair not served after SIGHUP; log:\n{}",
+        t.output_so_far()
+    );
+}
+
 /// The binary called `vblade` is `aoe serve` with vblade's arguments (multi-call by argv[0]).
 #[test]
 fn invoked_as_vblade_it_serves_with_vblade_arguments() {

@@ -1178,3 +1178,87 @@ fn retries_masks_reservations_and_identify_as_vblade_answers_them() {
         "aoe serve's config set while reserved"
     );
 }
+
+/// Audit: a start with a group MAC in the mask list (here broadcast) would serve an export
+/// that answers nobody; refused with one line naming the address.
+#[test]
+fn cli_refuses_group_mac_in_mask_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = sized_file(dir.path(), "ok.img", 1 << 20);
+    assert_refused(
+        &["serve", "-m", "ff:ff:ff:ff:ff:ff", "1", "1", "cli0", &ok],
+        dir.path(),
+        &["e1.1", "ff:ff:ff:ff:ff:ff", "multicast or broadcast"],
+    );
+}
+
+/// Audit: a start with two writable exports of one block device through two device nodes
+/// (a loop device and a second node with its device number, another inode) is refused
+/// naming both; so are two writable exports of one file.
+#[test]
+fn cli_refuses_overlapping_writable_exports() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    sized_file(dir.path(), "img1", 1 << 20);
+    let cfg = dir.path().join("overlap.toml");
+    let export = |path: &str, slot: u8, extra: &str| {
+        format!(
+            "[[export]]\npath = \"{path}\"\nshelf = 4\nslot = {slot}\n\
+             interfaces = [\"cli0\"]\n{extra}\n"
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!("{}{}", export("img1", 1, ""), export("img1", 2, "")),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_string_lossy().into_owned();
+    assert_refused(
+        &["serve", "--config", &cfg_s],
+        dir.path(),
+        &["e4.1 and e4.2 both export", "img1", "both are writable"],
+    );
+
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(dir.path().join("img1"))
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(loopdev.clone());
+    let rdev = std::fs::metadata(&loopdev).unwrap().rdev();
+    let node = dir.path().join("second-node");
+    let made = Command::new("mknod")
+        .arg(&node)
+        .arg("b")
+        .arg(((rdev >> 8) & 0xfff).to_string())
+        .arg(((rdev & 0xff) | ((rdev >> 12) & 0xfff00)).to_string())
+        .status()
+        .expect("run mknod");
+    assert!(made.success(), "mknod failed");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            export(&loopdev, 1, "read_only = true"),
+            export(&node.to_string_lossy(), 2, "offset = 8")
+        ),
+    )
+    .unwrap();
+    assert_refused(
+        &["serve", "--config", &cfg_s],
+        dir.path(),
+        &[
+            "e4.1 and e4.2 both export",
+            &loopdev,
+            "one of them is writable",
+        ],
+    );
+}

@@ -219,6 +219,39 @@ pub enum ConfigError {
         /// The interface.
         interface: String,
     },
+    /// A Mac Mask List entry that is a group (multicast or broadcast) address. The target
+    /// answers an initiator whose frame's source address is on the list, and a source
+    /// address is never a group address (IEEE 802.3 clause 3.2.3: the I/G bit of a source
+    /// is 0), so the export would answer nobody.
+    #[error(
+        "{addr}: {mac} is a multicast or broadcast address; a MAC mask list holds initiators' \
+         unicast addresses (with it the export would answer nobody)"
+    )]
+    GroupMac {
+        /// The export.
+        addr: TargetAddr,
+        /// The address as parsed.
+        mac: MacAddr,
+    },
+    /// Two exports of overlapping sectors of one file or block device (or of one RBD image),
+    /// at least one of them writable: each would overwrite data the other serves, behind
+    /// the other's back. Read-only overlaps are allowed; one shelf.slot on several
+    /// interfaces is one export (its paths), not two.
+    #[error(
+        "{first} and {second} both export {what}, and {}; make both read-only or give them \
+         ranges that do not overlap (-o/-l, offset/length)",
+        if *both_writable { "both are writable" } else { "one of them is writable" }
+    )]
+    Overlap {
+        /// The export listed first.
+        first: TargetAddr,
+        /// The export listed second.
+        second: TargetAddr,
+        /// The shared store and range, as the operator named it.
+        what: String,
+        /// Whether both are writable (else one is).
+        both_writable: bool,
+    },
     /// An `rbd:` path that is not `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`.
     #[error("{addr}: {path} is not rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE")]
     BadRbd {
@@ -250,6 +283,16 @@ pub enum ConfigError {
         line: usize,
         /// What is wrong.
         message: String,
+    },
+    /// A check failed at a 1-based line and column of a file.
+    #[error("{}:{}:{}: {error}", origin.display(), at.0, at.1)]
+    At {
+        /// The file.
+        origin: PathBuf,
+        /// Line and column, 1-based.
+        at: (usize, usize),
+        /// The failed check.
+        error: Box<ConfigError>,
     },
     /// A check of [`ServeConfig::check_static`] failed for a file.
     #[error("{}: {error}", origin.display())]
@@ -304,7 +347,7 @@ struct FileExport {
     length: Option<u64>,
     buffer_count: Option<u16>,
     #[serde(default)]
-    allowed_macs: Vec<String>,
+    allowed_macs: Vec<toml::Spanned<String>>,
     #[serde(default = "yes")]
     announce: bool,
     ceph_conf: Option<PathBuf>,
@@ -328,17 +371,28 @@ impl ServeConfig {
         let base = origin.parent().unwrap_or(Path::new("."));
         let mut exports = Vec::new();
         for (i, e) in f.exports.into_iter().enumerate() {
-            let allowed_macs = e
-                .allowed_macs
-                .iter()
-                .map(|m| {
-                    m.parse::<MacAddr>().map_err(|error| ConfigError::BadMac {
-                        origin: origin.to_path_buf(),
-                        export: i + 1,
-                        error,
+            let addr = TargetAddr::new(e.shelf, e.slot);
+            let allowed_macs =
+                e.allowed_macs
+                    .iter()
+                    .map(|m| {
+                        let mac = m.get_ref().parse::<MacAddr>().map_err(|error| {
+                            ConfigError::BadMac {
+                                origin: origin.to_path_buf(),
+                                export: i + 1,
+                                error,
+                            }
+                        })?;
+                        if mac.is_multicast() {
+                            return Err(ConfigError::At {
+                                origin: origin.to_path_buf(),
+                                at: line_column(text, m.span().start),
+                                error: Box::new(ConfigError::GroupMac { addr, mac }),
+                            });
+                        }
+                        Ok(mac)
                     })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+                    .collect::<Result<Vec<_>, _>>()?;
             // An rbd: image is a name, not a path: not taken relative to the file.
             let is_rbd = e.path.to_str().is_some_and(|p| p.starts_with(RBD_PREFIX));
             exports.push(ExportSpec {
@@ -463,8 +517,8 @@ impl ServeConfig {
 
     /// Checks what can be checked without touching files or interfaces: at least one export,
     /// real (non-wildcard) addresses, interfaces named, a non-zero buffer count, no
-    /// shelf.slot exported twice on one interface, well-formed `rbd:` names and Ceph options
-    /// only on them.
+    /// shelf.slot exported twice on one interface, unicast MAC mask lists, well-formed `rbd:`
+    /// names and Ceph options only on them.
     pub fn check_static(&self) -> Result<(), ConfigError> {
         if self.exports.is_empty() {
             return Err(ConfigError::NoExports);
@@ -486,6 +540,9 @@ impl ServeConfig {
             }
             if e.buffer_count == 0 {
                 return Err(ConfigError::NoBuffers(a));
+            }
+            if let Some(&mac) = e.allowed_macs.iter().find(|m| m.is_multicast()) {
+                return Err(ConfigError::GroupMac { addr: a, mac });
             }
             match e.rbd_image() {
                 Some(r) => {
@@ -519,6 +576,80 @@ impl ServeConfig {
     }
 }
 
+impl ServeConfig {
+    /// Refuses two exports (of different shelf.slot) of overlapping sectors of one backing
+    /// store when at least one of them is writable ([`ConfigError::Overlap`]); read-only
+    /// overlaps are allowed. Files and block devices are compared by what `stat(2)` finds
+    /// behind the path: a block device by its device number (so `/dev/sdb` and a
+    /// `/dev/disk/by-id` link to it are one), a file by device and inode (so a second
+    /// spelling of the path or a hard link is too), with the `-o`/`-l` sector ranges. RBD
+    /// images are compared by pool, namespace and image name (an image is exported whole).
+    /// A path that cannot be stat'ed is left to the open that follows, which names the error.
+    /// One shelf.slot listed on several interfaces is one export (its paths), never refused.
+    pub fn check_overlaps(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        #[derive(PartialEq)]
+        enum Store {
+            Block(u64),
+            File(u64, u64),
+            Rbd(RbdImage),
+        }
+        let range = |s: u64, e: u64| {
+            if e == u64::MAX {
+                format!("{s}-end")
+            } else {
+                format!("{s}-{}", e - 1)
+            }
+        };
+        let mut seen: Vec<(Store, u64, u64, &ExportSpec)> = Vec::new();
+        for e in &self.exports {
+            let store = match e.rbd_image() {
+                Some(r) => Store::Rbd(r?),
+                None => match std::fs::metadata(&e.path) {
+                    Ok(m) if m.file_type().is_block_device() => Store::Block(m.rdev()),
+                    Ok(m) => Store::File(m.dev(), m.ino()),
+                    Err(_) => continue,
+                },
+            };
+            let start = e.offset;
+            let end = e.length.map_or(u64::MAX, |l| start.saturating_add(l));
+            for (other_store, o_start, o_end, o) in &seen {
+                if *other_store != store
+                    || o.addr() == e.addr()
+                    || (o.read_only && e.read_only)
+                    || start >= *o_end
+                    || *o_start >= end
+                {
+                    continue;
+                }
+                let what = match &store {
+                    Store::Rbd(_) => e.path.display().to_string(),
+                    _ => {
+                        let same = if o.path == e.path {
+                            o.path.display().to_string()
+                        } else {
+                            format!("{} and {}", o.path.display(), e.path.display())
+                        };
+                        format!(
+                            "{same} (sectors {} and {})",
+                            range(*o_start, *o_end),
+                            range(start, end)
+                        )
+                    }
+                };
+                return Err(ConfigError::Overlap {
+                    first: o.addr(),
+                    second: e.addr(),
+                    what,
+                    both_writable: !o.read_only && !e.read_only,
+                });
+            }
+            seen.push((store, start, end, e));
+        }
+        Ok(())
+    }
+}
+
 /// One vblade-persistence file: shell-style `key=value` lines, as the package's init
 /// script and systemd generator read them (`# comment` lines and blank lines skipped, a
 /// value optionally in single or double quotes):
@@ -528,7 +659,7 @@ impl ServeConfig {
 /// slot=2
 /// netif=ens3
 /// filename=/dev/mapper/SSD-aoe
-/// options='-r -m 11:22:33:44:55:66,22:33:44:55:66:77 -o 8'
+/// options='-r -m 12:22:33:44:55:66,22:33:44:55:66:77 -o 8'
 /// ionice='--class best-effort --classdata 7'
 /// ```
 ///
@@ -637,10 +768,17 @@ fn vblade_export(text: &str, origin: &Path) -> Result<ExportSpec, ConfigError> {
                 "-l" => e.length = Some(parse_n("-l", arg("-l")?)?),
                 "-m" => {
                     for m in arg("-m")?.split(',').filter(|m| !m.is_empty()) {
-                        e.allowed_macs
-                            .push(m.parse().map_err(|x: aoe_wire::ParseMacError| {
-                                bad(format!("options: -m {m}: {x}"))
-                            })?);
+                        let mac: MacAddr = m.parse().map_err(|x: aoe_wire::ParseMacError| {
+                            bad(format!("options: -m {m}: {x}"))
+                        })?;
+                        if mac.is_multicast() {
+                            let addr = e.addr();
+                            return Err(bad(format!(
+                                "options: -m: {}",
+                                ConfigError::GroupMac { addr, mac }
+                            )));
+                        }
+                        e.allowed_macs.push(mac);
                     }
                 }
                 other => {
@@ -807,7 +945,7 @@ mod tests {
             dir.path().join("b.conf"),
             "# exported by vblade-persistence\nshelf=14\nslot=2\nnetif=ens3\n\
              filename=/dev/mapper/SSD-aoe\n\
-             options='-r -m 11:22:33:44:55:66,22:33:44:55:66:77 -o 8 -l 100 -b 16 -d -s'\n\
+             options='-r -m 12:22:33:44:55:66,22:33:44:55:66:77 -o 8 -l 100 -b 16 -d -s'\n\
              ionice='--class best-effort --classdata 7'\n",
         )
         .unwrap();
@@ -891,5 +1029,145 @@ mod tests {
             "/c.toml: e1.1: buffer count must be at least 1"
         );
         assert_eq!(line_column("a\nbé\nc", 5), (2, 3));
+    }
+
+    /// Audit: a broadcast or multicast MAC in a mask list would make the export answer
+    /// nobody (a frame's source is never a group address); the file, the vblade options
+    /// and a config built from the command line all refuse it, the TOML file at the line
+    /// and column of the entry.
+    #[test]
+    fn refuses_group_macs_in_mask_lists() {
+        let text = "[[export]]\npath = \"a\"\nshelf = 1\nslot = 1\ninterfaces = [\"x\"]\n\
+                    allowed_macs = [\"02:00:00:00:00:01\", \"ff:ff:ff:ff:ff:ff\"]\n";
+        let e = ServeConfig::from_toml(text, Path::new("/c.toml")).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::At { at: (6, 38), error, .. }
+                if matches!(**error, ConfigError::GroupMac { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("/c.toml:6:38: e1.1: ff:ff:ff:ff:ff:ff is a multicast or broadcast"),
+            "{e}"
+        );
+        let multicast = text.replace("ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01");
+        let e = ServeConfig::from_toml(&multicast, Path::new("/c.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("01:00:5e:00:00:01 is a multicast"),
+            "{e}"
+        );
+        // A unicast list still parses.
+        let unicast = text.replace("ff:ff:ff:ff:ff:ff", "02:00:00:00:00:02");
+        ServeConfig::from_toml(&unicast, Path::new("/c.toml")).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v.conf");
+        std::fs::write(
+            &f,
+            "shelf=1\nslot=1\nnetif=x\nfilename=/f\noptions='-m 02:00:00:00:00:01,ff:ff:ff:ff:ff:ff'\n",
+        )
+        .unwrap();
+        let e = ServeConfig::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("v.conf:5: options: -m: e1.1: ff:ff:ff:ff:ff:ff is a"),
+            "{e}"
+        );
+
+        // What `aoe serve -m` builds: check_static refuses it.
+        let mut c = ServeConfig::from_toml(&unicast, Path::new("/c.toml")).unwrap();
+        c.exports[0].allowed_macs.push(MacAddr::BROADCAST);
+        assert!(matches!(
+            c.check_static(),
+            Err(ConfigError::GroupMac {
+                mac: MacAddr::BROADCAST,
+                ..
+            })
+        ));
+    }
+
+    /// Audit: two exports of overlapping sectors of one file, at least one writable, would
+    /// overwrite each other's data; refused whatever the path spelling. Read-only overlaps,
+    /// disjoint ranges and one shelf.slot on two interfaces stay allowed. RBD images are
+    /// compared by name.
+    #[test]
+    fn refuses_overlapping_writable_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("img1"), vec![0u8; 64 * 512]).unwrap();
+        std::os::unix::fs::symlink("img1", dir.path().join("link")).unwrap();
+        let origin = dir.path().join("c.toml");
+        let export = |path: &str, slot: u8, iface: &str, extra: &str| {
+            format!(
+                "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = {slot}\n\
+                 interfaces = [\"{iface}\"]\n{extra}\n"
+            )
+        };
+        let check = |a: String, b: String| {
+            ServeConfig::from_toml(&format!("{a}{b}"), &origin)
+                .unwrap()
+                .check_overlaps()
+        };
+        let e = check(export("img1", 1, "x", ""), export("img1", 2, "x", "")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Overlap {
+                    both_writable: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with("e1.1 and e1.2 both export ")
+                && e.to_string().contains("img1 (sectors 0-end and 0-end)"),
+            "{e}"
+        );
+        // Another spelling of the same file, one of the two read-only.
+        let e = check(
+            export("img1", 1, "x", "read_only = true"),
+            export("link", 2, "y", "offset = 8"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("link (sectors 0-end and 8-end), and one of them is writable"),
+            "{e}"
+        );
+        // Ranges that overlap by one sector, and ranges that do not.
+        let e = check(
+            export("img1", 1, "x", "length = 9"),
+            export("img1", 2, "x", "offset = 8"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("(sectors 0-8 and 8-end)"), "{e}");
+        check(
+            export("img1", 1, "x", "length = 8"),
+            export("img1", 2, "x", "offset = 8"),
+        )
+        .unwrap();
+        // Both read-only: allowed.
+        check(
+            export("img1", 1, "x", "read_only = true"),
+            export("link", 2, "x", "read_only = true"),
+        )
+        .unwrap();
+        // One shelf.slot on two interfaces (two entries): one export, its two paths.
+        check(export("img1", 1, "x", ""), export("img1", 1, "y", "")).unwrap();
+        // A file that does not exist is left to the open, which names it.
+        check(export("none", 1, "x", ""), export("none", 2, "x", "")).unwrap();
+
+        let e = check(export("rbd:p/i", 1, "x", ""), export("rbd:p/i", 2, "y", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("e1.1 and e1.2 both export rbd:p/i, and both"),
+            "{e}"
+        );
+        check(
+            export("rbd:p/i", 1, "x", ""),
+            export("rbd:p/ns/i", 2, "y", ""),
+        )
+        .unwrap();
     }
 }

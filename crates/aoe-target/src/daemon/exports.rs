@@ -71,6 +71,7 @@ impl Daemon {
     /// the running one as it was.
     pub(super) fn apply(&mut self, config: ServeConfig) -> Result<()> {
         config.check_static()?;
+        config.check_overlaps()?;
         for e in &config.exports {
             for i in &e.interfaces {
                 aoe_sys::interface_info(i)
@@ -268,9 +269,11 @@ impl Daemon {
 }
 
 /// Checks a config fully, as `aoe serve` does at start, without serving: files open with
-/// the right sizes and interfaces exist.
+/// the right sizes, interfaces exist, and no writable export overlaps another
+/// ([`ServeConfig::check_overlaps`]).
 pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_static()?;
+    config.check_overlaps()?;
     for e in &config.exports {
         for i in &e.interfaces {
             if aoe_sys::interface_info(i).is_err() {
