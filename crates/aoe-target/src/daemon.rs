@@ -542,7 +542,7 @@ impl Daemon {
             if info.mtu != i.iface.mtu {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
-                i.frame_cap = aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN);
+                i.frame_cap = send::frame_cap(info.mtu);
                 let frames = match &i.batch {
                     Batch::Ring(r) => r.rx_frames(),
                     Batch::Mmsg(_) => send::RING_FRAMES,

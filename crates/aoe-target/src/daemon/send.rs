@@ -64,8 +64,14 @@ pub(super) fn open_socket(
     }
     let sock = PacketSocket::open(name)?;
     let _ = sock.set_qdisc_bypass(true);
-    let cap = aoe_sys::frame_capacity(sock.info().mtu).max(aoe_wire::MIN_FRAME_LEN);
+    let cap = frame_cap(sock.info().mtu);
     Ok((sock, Batch::Mmsg(RecvBatch::new(BATCH, cap))))
+}
+
+/// The bytes a frame received or sent on an interface of `mtu` may take (Ethernet header
+/// included), never less than the shortest AoE frame.
+pub(super) fn frame_cap(mtu: u32) -> usize {
+    aoe_sys::frame_capacity(mtu).max(aoe_wire::MIN_FRAME_LEN)
 }
 
 pub(super) struct IfaceRt {
@@ -101,7 +107,7 @@ impl IfaceRt {
         IfaceRt {
             name: name.to_string(),
             batch,
-            frame_cap: aoe_sys::frame_capacity(info.mtu).max(aoe_wire::MIN_FRAME_LEN),
+            frame_cap: frame_cap(info.mtu),
             iface: Interface {
                 mac: MacAddr(info.mac),
                 mtu: info.mtu,
