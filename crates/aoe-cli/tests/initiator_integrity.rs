@@ -535,12 +535,7 @@ fn sigkill_mid_write_then_restart_takes_over_root_and_nbd_socket() {
     assert!(wait_until(Duration::from_secs(10), || {
         replies.load(std::sync::atomic::Ordering::Relaxed) > 20
     }));
-    rig.signal_initiator("KILL");
-    let mut dead = rig.initiator.take().unwrap();
-    assert!(dead
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap()
-        .is_some());
+    rig.sigkill_initiator();
     let dd_done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
     assert!(dd_done, "dd on the device file hangs after SIGKILL");
     assert!(!dd.wait().unwrap().success(), "dd succeeded across SIGKILL");
@@ -586,12 +581,7 @@ fn sigkill_then_restart_detaches_the_dead_initiators_loop_device() {
     let holder = fs::File::open(&old[0]).unwrap();
     let autoclear = PathBuf::from(old[0].replace("/dev/", "/sys/block/")).join("loop/autoclear");
     assert_eq!(fs::read_to_string(&autoclear).unwrap().trim(), "0");
-    rig.signal_initiator("KILL");
-    let mut dead = rig.initiator.take().unwrap();
-    assert!(dead
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap()
-        .is_some());
+    rig.sigkill_initiator();
     rig.launch_initiator(&["--loop".to_string()]);
     rig.wait_state("up", Duration::from_secs(10), "after the restart");
     let detached = wait_until(Duration::from_secs(10), || {

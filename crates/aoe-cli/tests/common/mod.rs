@@ -706,6 +706,19 @@ impl Rig {
         let pid = self.initiator.as_ref().expect("initiator running").pid();
         run_ok(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]));
     }
+
+    /// SIGKILLs the initiator and waits (10 s at most) until it is gone; what it leaves
+    /// behind (its ROOT mount, NBD socket, loop devices) stays for the test to look at.
+    pub fn sigkill_initiator(&mut self) {
+        self.signal_initiator("KILL");
+        let mut dead = self.initiator.take().expect("initiator running");
+        assert!(
+            dead.wait_timeout(Duration::from_secs(10))
+                .unwrap()
+                .is_some(),
+            "initiator still running 10 s after SIGKILL"
+        );
+    }
 }
 
 // ------------------------------------------------------------------------------------------
