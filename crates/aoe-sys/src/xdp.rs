@@ -777,10 +777,13 @@ impl XdpSocket {
     ///
     /// # Errors
     ///
-    /// [`io::ErrorKind::WouldBlock`] when the device queue stays full (`EAGAIN`, `EBUSY`,
-    /// `ENOBUFS` after as many tries as batches): what is left goes at the next kick.
+    /// [`io::ErrorKind::WouldBlock`] when three calls in a row took nothing (a full device
+    /// queue: `EAGAIN`, `EBUSY`, `ENOBUFS`): what is left goes at the next kick. Any other
+    /// error of `sendto`.
     pub fn kick(&mut self) -> io::Result<()> {
-        let mut tries = self.tx_unkicked / KICK_BATCH + 2;
+        // Calls that took nothing (a full device queue, or the kernel returning early) are
+        // counted; a few in a row and the rest waits for the next kick.
+        let mut idle = 0;
         while self.tx_unkicked > 0 {
             // Copy mode (all veth offers) sends only from sendmsg, whatever the ring's
             // need_wakeup flag says: no check, always the system call.
@@ -796,27 +799,29 @@ impl XdpSocket {
                     0,
                 )
             };
+            let err = (ret < 0).then(io::Error::last_os_error);
             let pending = self
                 .tx
                 .ours
-                .wrapping_sub(self.tx.consumer().load(Ordering::Acquire));
-            self.tx_unkicked = pending as usize;
-            if ret < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOBUFS) => {
-                        tries -= 1;
-                        if tries == 0 {
-                            self.reap();
-                            return Err(io::Error::new(
-                                io::ErrorKind::WouldBlock,
-                                "XDP transmit queue full",
-                            ));
-                        }
-                    }
-                    _ => return Err(e),
-                }
+                .wrapping_sub(self.tx.consumer().load(Ordering::Acquire))
+                as usize;
+            if pending < self.tx_unkicked {
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            self.tx_unkicked = pending;
+            match err.as_ref().and_then(io::Error::raw_os_error) {
+                None | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                | Some(libc::ENOBUFS) => {}
+                Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("sendto"))),
+            }
+            if idle >= 3 && self.tx_unkicked > 0 {
+                self.reap();
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "XDP transmit queue full",
+                ));
             }
         }
         self.reap();
