@@ -72,6 +72,9 @@ const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
 const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
 /// Room the kernel keeps before a received frame in its chunk (`XDP_PACKET_HEADROOM`).
 const XDP_PACKET_HEADROOM: usize = 256;
+/// The longest frame a socket takes: a chain of at most 16 page-sized chunks, within the
+/// kernel's `MAX_SKB_FRAGS` (17) fragments of a transmitted frame.
+const MAX_FRAME: usize = 16 * 4096;
 /// Frames `xsk_generic_xmit` sends per `sendto` (`TX_BATCH_SIZE` in net/xdp/xsk.c).
 const KICK_BATCH: usize = 32;
 
@@ -358,14 +361,22 @@ impl XdpSocket {
     /// program is refused, or any error of the socket options and mappings; each names the
     /// step and the interface. Nothing is left attached after an error.
     pub fn open(ifname: &str, cfg: XdpConfig) -> io::Result<XdpSocket> {
-        let info = interface_info(ifname)?;
-        let ctx = |step: &str, e: io::Error| explain(ifname, step, e);
-        if cfg.frame_cap < crate::ETH_HLEN || cfg.rx_frames == 0 || cfg.tx_frames == 0 {
+        if cfg.frame_cap < crate::ETH_HLEN
+            || cfg.frame_cap > MAX_FRAME
+            || cfg.rx_frames == 0
+            || cfg.tx_frames == 0
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "an AF_XDP socket needs a frame capacity and receive and transmit slots",
+                format!(
+                    "AF_XDP on {ifname}: frames of {} bytes (14 to {MAX_FRAME}), {} receive and \
+                     {} transmit slots (at least 1 each)",
+                    cfg.frame_cap, cfg.rx_frames, cfg.tx_frames
+                ),
             ));
         }
+        let info = interface_info(ifname)?;
+        let ctx = |step: &str, e: io::Error| explain(ifname, step, e);
         // A received frame lands XDP_PACKET_HEADROOM into its chunk: 2 KiB chunks fit an
         // MTU-1500 frame, 4 KiB ones (the largest the kernel takes without huge pages) hold
         // the rest as a chain.
@@ -1161,6 +1172,27 @@ mod tests {
         assert_eq!(pow2(1).unwrap(), 1);
         assert_eq!(pow2(100).unwrap(), 128);
         assert!(pow2(usize::MAX).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_before_anything_is_opened() {
+        // No interface is looked up (this one does not exist), nothing is loaded.
+        for (cap, rx, tx) in [
+            (10, 16, 16),
+            (MAX_FRAME + 1, 16, 16),
+            (1514, 0, 16),
+            (1514, 16, 0),
+        ] {
+            let cfg = XdpConfig {
+                frame_cap: cap,
+                rx_frames: rx,
+                tx_frames: tx,
+                mode: XdpModeWanted::Auto,
+            };
+            let e = XdpSocket::open("nosuchif0", cfg).err().expect("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().contains("nosuchif0"), "{e}");
+        }
     }
 
     #[test]
