@@ -13,6 +13,11 @@
 //!   [`PacketSocket`]: frames in without a system call, out with one `send()` per batch. The
 //!   target uses both with whole frames; `aoe bench` a receive ring of header-sized slots
 //!   (replies read without a system call or a payload copy) and a transmit ring.
+//! * [`XdpSocket`]: an `AF_XDP` socket with its UMEM and rings on queue 0 of an interface,
+//!   and the XDP program (hand-assembled, loaded with bpf(2), no libbpf) that steers AoE
+//!   frames into it; the same receive-lend, build-in-slot and kick shape as [`PacketRing`].
+//!   A measured prototype: README "The target's fast path" says why the target does not use
+//!   it on veth.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
@@ -48,6 +53,7 @@ mod iface;
 mod ns;
 mod packet;
 mod ring;
+mod xdp;
 
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
@@ -58,6 +64,7 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats};
+pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 
 /// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
 pub const ETH_P_AOE: u16 = 0x88A2;
