@@ -29,14 +29,18 @@
 #   MTUS="1500 9000"  MODES="read randread write"  WINDOWS="16 64"  TIME=3  SIZE_MB=512
 #   RANDBS=4096       request size for randread/randwrite (capped by the MTU); read and write
 #                     use the MTU's most
-#   RUNS=1            repetitions per cell; the median MB/s is reported (the lower middle
+#   RUNS=1            rounds per cell, each running every generator once (interleaved); the
+#                     median MB/s is reported (the lower middle
 #                     for an even count)
-#   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset)
+#   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset);
+#                     fifo: the same, both also SCHED_FIFO 10 (chrt), for a machine loaded
+#                     by other work (not the default: it starves that work meanwhile)
 #   PATHS=1           0: skip the initiator and nbdkit rows
 #   INIT_TARGETS="aoe vblade"  targets the initiator is measured against
 #   PERF_DIR=path     record `perf record -g` of the target and of the generator per cell
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each)
-#   OUT=path          also write the markdown tables there
+#   OUT=path          also write the markdown tables there, and every round of every
+#                     generator row (with p50) to path.runs.tsv
 # Needs root, iproute2, util-linux (nsenter, taskset), jq, gcc, and the targets; PATHS=1 also
 # fuse3, nbdkit and libnbd-bin (nbdcopy, nbdinfo); PERF_DIR linux-perf.
 set -euo pipefail
@@ -71,6 +75,7 @@ if [ "$PATHS" = 1 ]; then
         command -v "$t" >/dev/null || die "missing $t (Debian: nbdkit, libnbd-bin, fuse3); or PATHS=0"
     done
 fi
+[ "$PIN" != fifo ] || command -v chrt >/dev/null || die "missing chrt (Debian: util-linux)"
 [ -z "$PERF_DIR" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 AOE=$(readlink -f "$AOE")
@@ -121,10 +126,17 @@ done
 echo "compiling the C generator ($HERE/bench/aoegen.c)" >&2
 gcc -O2 -Wall -o "$WORK/aoegen" "$HERE/bench/aoegen.c"
 
-[ "$PIN" = 1 ] && { TGT_PIN=(taskset -c 0); GEN_PIN=(taskset -c 1); }
+case $PIN in
+    0) ;;
+    1) TGT_PIN=(taskset -c 0) GEN_PIN=(taskset -c 1) ;;
+    # Real-time as well: under other builds a SCHED_OTHER target or generator is preempted
+    # for milliseconds at a time, which shows as retransmits and halves a cell at random.
+    fifo) TGT_PIN=(chrt -f 10 taskset -c 0) GEN_PIN=(chrt -f 10 taskset -c 1) ;;
+    *) die "PIN=$PIN: 0, 1 or fifo" ;;
+esac
 EXTRA_GENS=$(for g in $GENS; do case $g in aoe | c) ;; *) printf '%s ' "$g" ;; esac; done)
 
-# One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds".
+# One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds p50".
 run_gen() { # gen mode bs window cell
     local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf=""
     if [ -n "$PERF_DIR" ]; then
@@ -148,7 +160,7 @@ run_gen() { # gen mode bs window cell
                 "${wflag[@]}" --bs "$bs" --window "$w" --time "$TIME" --json "${words[@]:1}" ;;
     esac >"$WORK/out.json" 2>"$WORK/gen.err" || {
         sed 's/^/    /' "$WORK/gen.err" >&2
-        echo "0 0 0 0 0 0 1"
+        echo "0 0 0 0 0 0 1 0"
         [ -z "$tperf" ] || stop_pid "$tperf" INT
         return
     }
@@ -159,7 +171,8 @@ run_gen() { # gen mode bs window cell
                 --percent-limit 1 2>/dev/null | grep -v '^#' | grep . | head -20 >"$PERF_DIR/$cell.$d.txt" || true
         done
     fi
-    jq -r '[.mb_per_s, .iops, .latency_us.p99, .retransmits, .bytes, .generator_cpu_s, .seconds] | @tsv' \
+    jq -r '[.mb_per_s, .iops, .latency_us.p99, .retransmits, .bytes, .generator_cpu_s, .seconds,
+            .latency_us.p50] | @tsv' \
         "$WORK/out.json"
 }
 
@@ -167,8 +180,8 @@ echo "backing file: $SIZE_MB MiB on tmpfs ($FILE)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 [ "$PATHS" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
 
-GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv
-: >"$GENROWS"; : >"$PATHROWS"
+GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv RUNROWS=$WORK/runs.tsv
+: >"$GENROWS"; : >"$PATHROWS"; : >"$RUNROWS"
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 gen_cells() { # mtu
@@ -185,19 +198,28 @@ gen_cells() { # mtu
                 start_target "$t" || continue
                 local bufs
                 bufs=$(bench --target "$SHELF.$SLOT" --size 512 --json | jq .target.buffer_count)
-                for g in $GENS; do
-                    : >"$WORK/runs"
-                    for r in $(seq 1 "$RUNS"); do
+                # Rounds outside, generators inside: each round runs every generator once, so
+                # a burst of load from elsewhere falls on all of them alike.
+                for g in $GENS; do : >"$WORK/runs.$g"; done
+                for r in $(seq 1 "$RUNS"); do
+                    for g in $GENS; do
                         c0=$(cpu_ticks "$TARGET_PID")
                         out=$(run_gen "$g" "$mode" "$bs" "$w" "$mtu-$mode-w$w-$t-$g-$r")
                         c1=$(cpu_ticks "$TARGET_PID")
-                        echo "$out $(( c1 - c0 ))" >>"$WORK/runs"
+                        echo "$out $(( c1 - c0 ))" >>"$WORK/runs.$g"
+                        echo "$out $(( c1 - c0 ))" | awk -v OFS='\t' -v mtu="$mtu" -v mode="$mode" \
+                            -v w="$w" -v t="$t" -v g="$g" -v r="$r" -v hz="$HZ" '{
+                            tcpu = ($5 > 0) ? ($9 / hz) / ($5 / 1e9) : 0
+                            print mtu, mode, w, t, g, r, $1, $8, $3, $4, tcpu, 100 * $6 / $7
+                        }' >>"$RUNROWS"
                     done
-                    med=$(awk '{ print $1 }' "$WORK/runs" | median)
-                    awk -v m="$med" '$1 == m { print; exit }' "$WORK/runs" | awk -v OFS='\t' \
+                done
+                for g in $GENS; do
+                    med=$(awk '{ print $1 }' "$WORK/runs.$g" | median)
+                    awk -v m="$med" '$1 == m { print; exit }' "$WORK/runs.$g" | awk -v OFS='\t' \
                         -v mtu="$mtu" -v mode="$mode" -v bs="$bs" -v w="$w" -v t="$t" -v g="$g" \
                         -v bufs="$bufs" -v hz="$HZ" '{
-                            tcpu = ($5 > 0) ? ($8 / hz) / ($5 / 1e9) : 0
+                            tcpu = ($5 > 0) ? ($9 / hz) / ($5 / 1e9) : 0
                             print mtu, mode, bs, w, t, bufs, g, $1, $2, $3, $4, tcpu, 100 * $6 / $7
                         }' | tee -a "$GENROWS" >&2
                 done
@@ -322,4 +344,8 @@ done
     fi
 } >"$WORK/table.md"
 cat "$WORK/table.md"
-[ -z "$OUT" ] || cp "$WORK/table.md" "$OUT"
+[ -z "$OUT" ] || {
+    cp "$WORK/table.md" "$OUT"
+    { printf 'mtu\tmode\twindow\ttarget\tgenerator\tround\tMB/s\tp50_us\tp99_us\tretransmits\ttarget_cpu_s_per_GB\tgenerator_cpu_pct\n'
+      cat "$RUNROWS"; } >"$OUT.runs.tsv"
+}
