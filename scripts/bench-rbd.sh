@@ -2,8 +2,8 @@
 # bench-rbd.sh - an RBD-backed `aoe serve` export against `rbd bench` on the same image and
 # pattern, in one run, with `aoe bench` as the generator (issue 13's goal: at least 0.8x).
 #
-# It makes two private network namespaces joined by a veth pair (never the host's
-# interfaces; both removed on exit, Ctrl-C included), starts a one-node cluster with
+# It makes two private network namespaces joined by a veth pair with scripts/bench/lib.sh
+# (never the host's interfaces; both removed on exit, Ctrl-C included), starts a one-node cluster with
 # scripts/ceph-up.sh inside the target's namespace (on its own loopback; stopped with
 # scripts/ceph-down.sh on exit), creates an image and writes it once over its whole length
 # (so reads reach the OSD, not librbd's answer for never-written objects). Then for each
@@ -38,6 +38,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 AOE=${AOE:-target/release/aoe}
 BEFORE=${BEFORE:-}
 BEFORE_ARGS=${BEFORE_ARGS:-}
@@ -68,60 +70,51 @@ case $BS in
     *) BS_BYTES=$BS ;;
 esac
 
-TAG=$$
-NS_T=aoerbdT$TAG NS_I=aoerbdI$TAG IF_T=rbdT$TAG IF_I=rbdI$TAG
+bench_names rbd
+# lib.sh puts these on the veth pair; nothing here uses them (AoE is below IP, and the
+# cluster is on the target namespace's loopback).
+IP_T=10.213.0.1 IP_I=10.213.0.2
 WORK=$(mktemp -d /tmp/aoe-bench-rbd.XXXXXX)
 CEPH=$WORK/ceph
 CONF=$CEPH/ceph.conf
 TARGET_PID=""
 
-stop_target() {
-    if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
-        kill -TERM "$TARGET_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$TARGET_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$TARGET_PID" 2>/dev/null || true
-        wait "$TARGET_PID" 2>/dev/null || true
-    fi
-    TARGET_PID=""
+stop_pid() { # pid: SIGTERM, 10 s to go, then SIGKILL
+    [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
 }
+stop_target() { stop_pid "$TARGET_PID"; TARGET_PID=""; }
 cleanup() {
     set +e
     stop_target
-    [ -d "$CEPH" ] && ip netns exec "$NS_T" bash "$here/ceph-down.sh" "$CEPH" >/dev/null 2>&1
-    ip netns del "$NS_T" 2>/dev/null
-    ip netns del "$NS_I" 2>/dev/null
+    [ -d "$CEPH" ] && in_t bash "$here/ceph-down.sh" "$CEPH" >/dev/null 2>&1
+    bench_unlink
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-inT() { ip netns exec "$NS_T" "$@"; }
-gen() { nsenter --net="/run/netns/$NS_I" -- "$AOE" bench "$IF_I" "$@"; }
-
-ip netns add "$NS_T"; ip netns add "$NS_I"
-ip link add "$IF_T" netns "$NS_T" mtu "$MTU" type veth peer name "$IF_I" netns "$NS_I" mtu "$MTU"
-for ns in "$NS_T" "$NS_I"; do
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
-    ip -n "$ns" link set lo up
-done
-ip -n "$NS_T" link set "$IF_T" up; ip -n "$NS_I" link set "$IF_I" up
+bench_link "$MTU"
 
 echo "bench-rbd: starting a one-node cluster in $NS_T" >&2
-inT timeout -k 5 300 bash "$here/ceph-up.sh" "$CEPH" >&2
-inT rbd -c "$CONF" create "$IMAGE" --size "${IMAGE_MB}M"
+in_t timeout -k 5 300 bash "$here/ceph-up.sh" "$CEPH" >&2
+in_t rbd -c "$CONF" create "$IMAGE" --size "${IMAGE_MB}M"
 echo "bench-rbd: writing the ${IMAGE_MB} MiB image once" >&2
-inT rbd -c "$CONF" bench "$IMAGE" --io-type write --io-pattern seq --io-size 4M \
+in_t rbd -c "$CONF" bench "$IMAGE" --io-type write --io-pattern seq --io-size 4M \
     --io-threads 4 --io-total "${IMAGE_MB}M" --rbd-cache=false >/dev/null
 
-start_target() { # binary extra-args -> sets TARGET_PID, returns 1 if it never answers
+start_gateway() { # binary extra-args -> sets TARGET_PID, returns 1 if it never answers
     local bin=$1; shift
     # shellcheck disable=SC2086
-    nsenter --net="/run/netns/$NS_T" -- "$bin" serve --ceph-conf "$CONF" --client-id admin \
+    bg_t "$bin" serve --ceph-conf "$CONF" --client-id admin \
         --keyring "$CEPH/ceph.client.admin.keyring" $* "$SHELF" "$SLOT" "$IF_T" "rbd:$IMAGE" \
-        >"$WORK/target.log" 2>&1 &
+        >"$WORK/target.log" 2>&1
     TARGET_PID=$!
     for _ in $(seq 1 100); do
-        gen --target "$SHELF.$SLOT" --size 64k >/dev/null 2>&1 && return 0
+        bench --target "$SHELF.$SLOT" --size 64k >/dev/null 2>&1 && return 0
         kill -0 "$TARGET_PID" 2>/dev/null || break
         sleep 0.2
     done
@@ -139,7 +132,7 @@ rbd_bench() { # mode window -> MB/s
         read) ;; randread) pattern=rand ;;
         write) type=write ;; randwrite) type=write pattern=rand ;;
     esac
-    inT timeout -s INT -k 5 $((TIME + 1)) stdbuf -oL rbd -c "$CONF" bench "$IMAGE" \
+    in_t timeout -s INT -k 5 $((TIME + 1)) stdbuf -oL rbd -c "$CONF" bench "$IMAGE" \
         --io-type "$type" --io-pattern "$pattern" --io-size "$BS_BYTES" --io-threads "$2" \
         --io-total 100G --rbd-cache=false >"$WORK/rbd.out" 2>&1 || true
     awk -v bs="$BS_BYTES" '$1 ~ /^[0-9]+$/ && $2 ~ /^[0-9]+$/ { sec = $1; ops = $2 }
@@ -148,18 +141,16 @@ rbd_bench() { # mode window -> MB/s
               else if (sec > 0) printf "%.1f", ops * bs / sec / 1e6; else print "0" }' "$WORK/rbd.out"
 }
 
-# The target's CPU time so far (user + system, all threads), in clock ticks.
-target_ticks() { awk '{ print $14 + $15 }' "/proc/$TARGET_PID/stat"; }
 
 aoe_bench() { # mode window -> "MB/s retransmits target-CPU-seconds-per-GB"
     local -a w=()
     local t0 t1
     case $1 in write | randwrite) w=(--write) ;; esac
-    t0=$(target_ticks)
-    gen --target "$SHELF.$SLOT" --mode "$1" "${w[@]}" --bs "$BS_BYTES" --window "$2" \
+    t0=$(cpu_ticks "$TARGET_PID")
+    bench --target "$SHELF.$SLOT" --mode "$1" "${w[@]}" --bs "$BS_BYTES" --window "$2" \
         --min-rto-us "$MIN_RTO_US" --time "$TIME" --json >"$WORK/out.json" 2>"$WORK/gen.err" || { echo "0 - -"; return; }
-    t1=$(target_ticks)
-    jq -r --argjson cpu "$(( t1 - t0 ))" --argjson hz "$(getconf CLK_TCK)" \
+    t1=$(cpu_ticks "$TARGET_PID")
+    jq -r --argjson cpu "$(( t1 - t0 ))" --argjson hz "$HZ" \
         '"\(.mb_per_s * 10 | round / 10) \(.retransmits) \(if .bytes > 0 then ($cpu / $hz / (.bytes / 1e9) * 10 | round / 10) else "-" end)"' "$WORK/out.json"
 }
 
@@ -189,8 +180,6 @@ perf_stop() { # name
     done
 }
 
-median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
-
 ROWS=()
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for mode in $MODES; do
@@ -201,9 +190,9 @@ for mode in $MODES; do
             for who in before after; do
                 if [ "$who" = before ]; then
                     [ -n "$BEFORE" ] || continue
-                    start_target "$BEFORE" "$BEFORE_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
+                    start_gateway "$BEFORE" "$BEFORE_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
                 else
-                    start_target "$AOE" "$AFTER_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
+                    start_gateway "$AOE" "$AFTER_ARGS" || { echo "0 0 -" >>"$WORK/$who.runs"; continue; }
                 fi
                 run_no=$(wc -l <"$WORK/$who.runs")
                 perf_start "$mode-$w-$who-$run_no"

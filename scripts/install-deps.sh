@@ -46,6 +46,8 @@ have_cmd ceph-mon || need+=(ceph-mon)
 have_cmd ceph-mgr || need+=(ceph-mgr)
 have_cmd ceph-osd || need+=(ceph-osd)
 have_cmd rbd      || need+=(ceph-common)
+# tests/rbd.rs: a librbd client that takes a gateway's lock without blocklisting it.
+have_pkg python3-rbd || need+=(python3-rbd)
 have_cmd uuidgen  || need+=(uuid-runtime)
 
 # qemu-system-x86 (for the kernel aoe initiator guest). Some images ship a newer qemu-utils

@@ -193,6 +193,22 @@ fn kill_9(t: &mut NsChild) {
     );
 }
 
+/// The failover of the takeover tests: gateway A (the rig's target) is killed with SIGKILL
+/// and its socket is gone; `between` looks at the cluster while no gateway runs; gateway B
+/// is started on the same image and address and becomes the rig's target.
+fn take_over(r: &mut RbdRig, between: impl FnOnce(&RbdRig)) {
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    assert!(
+        wait_until(Duration::from_secs(5), || packet_sockets(&r.rig.target_ns)
+            == 0),
+        "gateway A's socket still open"
+    );
+    between(&*r);
+    let b = start_gateway(r, (SHELF, SLOT), &[]);
+    r.rig.target = Some(b);
+}
+
 /// The failover of the README: gateway A holds the image's exclusive lock; it is killed
 /// with SIGKILL; gateway B, started on the same image, breaks A's lock (the cluster
 /// blocklists A) and serves; the initiator carries on after `discover`, and every write A
@@ -240,16 +256,7 @@ fn a_second_gateway_takes_over_a_killed_ones_image() {
         "a raw write failed: {replies:?}"
     );
     drop(client);
-    let mut a = r.rig.target.take().expect("gateway A");
-    kill_9(&mut a);
-    assert!(
-        wait_until(Duration::from_secs(5), || packet_sockets(&r.rig.target_ns)
-            == 0),
-        "gateway A's socket still open"
-    );
-
-    let b = start_gateway(&r, (SHELF, SLOT), &[]);
-    r.rig.target = Some(b);
+    take_over(&mut r, |_| ());
     let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
     assert!(
         blocklist.contains("127.0.0.1"),
@@ -375,6 +382,88 @@ fn a_gateway_that_lost_its_lock_says_so_at_once_and_refuses_writes() {
     r.rig.cleanup();
 }
 
+/// A librbd client that breaks the gateway's lock *without* blocklisting it and takes the
+/// lock itself (python3-rbd's `lock_break` and `lock_acquire` with
+/// `rbd_blocklist_on_break_lock=false`, as a third-party tool configured so might) sends no
+/// header update, and the gateway's writes still work at the OSDs (librbd does not guard
+/// object writes with the lock): before 2026-12-02 gateway A went on writing behind the new
+/// holder's back for as long as it ran. Now its monitor asks who holds the lock every
+/// second while it writes: A's writes start failing within seconds, it says so once, and
+/// a write after that does not reach the image. (Writes in the second before it notices
+/// still land: see the README's fencing paragraph.)
+#[test]
+fn a_lock_taken_without_blocklisting_stops_the_gateways_writes() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write while holding the lock");
+    let peer_py = "import rados, rbd, sys, time\n\
+        c = rados.Rados(conffile=sys.argv[1], conf={'rbd_blocklist_on_break_lock': 'false'})\n\
+        c.connect()\n\
+        im = rbd.Image(c.open_ioctx('rbd'), 'img')\n\
+        for o in im.lock_get_owners():\n    im.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, o['owner'])\n\
+        im.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)\n\
+        print('acquired', [o['owner'] for o in im.lock_get_owners()], flush=True)\n\
+        time.sleep(600)\n";
+    // Debian's python3-rbd is for the system's python3, not another one first in PATH.
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", peer_py]).arg(r.ceph.conf());
+    let mut peer = r
+        .rig
+        .target_ns
+        .spawn(cmd)
+        .expect("start the python3-rbd peer");
+    assert!(
+        wait_until(Duration::from_secs(60), || peer
+            .output_so_far()
+            .contains("acquired")
+            || !peer.is_running()),
+        "the peer did not take the lock"
+    );
+    assert!(
+        peer.is_running(),
+        "the python3-rbd peer failed (is python3-rbd installed?):\n{}",
+        peer.output_so_far()
+    );
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    assert!(
+        !blocklist.contains("127.0.0.1"),
+        "the peer blocklisted gateway A after all: {blocklist:?}"
+    );
+    // Write through A until a write fails (each write is new data at a new place).
+    let mut at = 1u64 << 20;
+    let refused = wait_until(Duration::from_secs(30), || {
+        at += 4096;
+        write_sync(&r.rig.dev(), at, &pattern(at, 4096)).is_err()
+    });
+    assert!(
+        refused,
+        "gateway A kept writing for 30 s after another client took its lock{}",
+        r.rig.logs()
+    );
+    assert_eq!(
+        r.rig
+            .logs()
+            .matches("lost the image's exclusive lock")
+            .count(),
+        1,
+        "A says once that it lost the lock{}",
+        r.rig.logs()
+    );
+    let late = 16u64 << 20;
+    let w = write_sync(&r.rig.dev(), late, &pattern(7, 4096));
+    assert!(w.is_err(), "gateway A wrote after it noticed the loss");
+    let exported = r.ceph.export("rbd/img");
+    assert!(
+        exported[late as usize..late as usize + 4096]
+            .iter()
+            .all(|&x| x == 0),
+        "A's write after the loss reached the image"
+    );
+    let _ = peer.stop();
+    r.rig.cleanup();
+}
+
 /// Reservations are kept in the image (metadata `aoe.reserve`), so they outlive the gateway:
 /// initiator X reserves the export through gateway A; A is killed with SIGKILL; gateway B
 /// takes the image over; initiator Y (another MAC: a macvlan on the initiator's link) gets
@@ -400,19 +489,12 @@ fn a_reservation_made_through_one_gateway_holds_on_the_next() {
     let m = Message::parse(&rsp).expect("Reserve reply parses");
     assert_eq!(m.header.error, None, "Reserve refused{}", r.rig.logs());
 
-    let mut a = r.rig.target.take().expect("gateway A");
-    kill_9(&mut a);
-    assert!(
-        wait_until(Duration::from_secs(5), || packet_sockets(&r.rig.target_ns)
-            == 0),
-        "gateway A's socket still open"
-    );
-    let meta = r
-        .ceph
-        .ok("rbd", &["image-meta", "get", "rbd/img", "aoe.reserve"]);
-    assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
-    let b = start_gateway(&r, (SHELF, SLOT), &[]);
-    r.rig.target = Some(b);
+    take_over(&mut r, |r: &RbdRig| {
+        let meta = r
+            .ceph
+            .ok("rbd", &["image-meta", "get", "rbd/img", "aoe.reserve"]);
+        assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
+    });
 
     // Y: another MAC on the initiator's side of the link.
     run_ok(r.rig.init_ns.command("ip").args([

@@ -11,8 +11,9 @@
 //! gateway that was only slow, not dead, can no longer write. It notices without waiting for
 //! a write: a monitor thread per image asks the cluster who holds the lock whenever librbd's
 //! update watch reports a header change (which a blocklisted client's watch does once
-//! librbd re-registers it), and an owner that is not this client, or `EBLOCKLISTED`, fences
-//! it; a write that fails with
+//! librbd re-registers it), and every [`LOCK_RECHECK`] while the export writes (a lock
+//! taken without blocklisting sends no header update), and an owner that is not this
+//! client, or `EBLOCKLISTED`, fences it; a write that fails with
 //! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
 //! lock, answers every later write with an ATA error and reports itself failed
 //! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
@@ -52,6 +53,13 @@ use aoe_store::{AsyncBackend, Completions, Done, Op, Request};
 /// Requests one image has in flight at most; more are given back to the daemon, which drops
 /// them (the initiator retransmits). The export's buffer count normally keeps far below it.
 pub const MAX_IN_FLIGHT: usize = 8192;
+
+/// How often, while the export writes, the monitor asks the cluster who holds the lock
+/// (one OSD read, `rbd_lock_get_owners`): a client that breaks the lock without
+/// blocklisting us and takes it (`rbd_lock_break` and `rbd_lock_acquire` with
+/// `rbd_blocklist_on_break_lock=false`) sends no header update, so nothing else tells us.
+/// An idle export asks nothing.
+pub const LOCK_RECHECK: Duration = Duration::from_secs(1);
 
 /// `EBLOCKLISTED` in Ceph is `ESHUTDOWN`.
 const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
@@ -162,6 +170,9 @@ struct Shared {
     fence: Arc<Fence>,
     /// True if we took the exclusive lock at open: the monitor then checks we still hold it.
     locked: bool,
+    /// Set by every write, write-zeroes and flush sent to librbd, cleared by the monitor's
+    /// next lock check ([`LOCK_RECHECK`]).
+    wrote: AtomicBool,
     /// Our RADOS session's addresses (`rados_getaddrs`), to find ourselves among the lock's
     /// owners.
     addrs: String,
@@ -344,6 +355,7 @@ impl RbdBackend {
                 fenced: AtomicBool::new(false),
             }),
             locked,
+            wrote: AtomicBool::new(false),
             addrs,
             wake: Arc::new(Wake::default()),
             stop: AtomicBool::new(false),
@@ -394,7 +406,8 @@ impl RbdBackend {
 
     /// True once this gateway lost the image's exclusive lock (another gateway broke it):
     /// every write is refused from then on. Noticed by the monitor thread once librbd's
-    /// watch reports it (seconds: its next watch ping), or by the first write refused.
+    /// watch reports it (seconds: its next watch ping), by its check every
+    /// [`LOCK_RECHECK`] while the export writes, or by the first write refused.
     pub fn lock_lost(&self) -> bool {
         self.shared.fence.is_fenced()
     }
@@ -506,9 +519,10 @@ impl Drop for RbdBackend {
 
 impl Shared {
     /// The monitor thread: when librbd says the header changed, re-reads the size and the
-    /// reservation and checks that the lock is still ours; when asked, stores reservations.
-    /// Nothing else: an idle image costs the cluster nothing beyond librbd's own watch. It
-    /// never touches the event loop: a cluster that does not answer blocks only this thread.
+    /// reservation and checks that the lock is still ours; while the export writes, checks
+    /// the lock every [`LOCK_RECHECK`] too; when asked, stores reservations. Nothing else:
+    /// an idle image costs the cluster nothing beyond librbd's own watch. It never touches
+    /// the event loop: a cluster that does not answer blocks only this thread.
     ///
     /// Why the update watch is enough for the lock (librbd `ImageWatcher`): a resize or a
     /// metadata change sends a header update to every watcher; a gateway whose lock is
@@ -516,22 +530,37 @@ impl Shared {
     /// drops its watch, librbd finds out at its next watch ping and re-registers, and after
     /// re-registering (failed, since blocklisted) it calls the update callbacks, as it does
     /// after every re-registration because it cannot know what it missed. Until then its
-    /// writes already fail at the OSDs with `EBLOCKLISTED`, which fences at once. A lock
-    /// taken without blocklisting (an operator who turned it off for their own tools) is
-    /// not noticed until then: librbd gives no lock-change events through its C API.
+    /// writes already fail at the OSDs with `EBLOCKLISTED`, which fences at once.
+    ///
+    /// A lock taken without blocklisting (a client with `rbd_blocklist_on_break_lock=false`)
+    /// leaves our writes working at the OSDs: librbd does not guard object writes with the
+    /// lock. `rbd lock rm` (librbd's `break_lock`) sends a header update after the break, so
+    /// the update watch tells us; `rbd_lock_break` followed by `rbd_lock_acquire` sends only
+    /// librbd's acquired-lock notification, which reaches no update callback (librbd
+    /// `ImageWatcher::handle_payload(AcquiredLockPayload)`). Hence the check every
+    /// [`LOCK_RECHECK`] while writes flow: writes sent between the loss and that check
+    /// (at most about [`LOCK_RECHECK`] plus a round trip) still land; only blocklisting
+    /// fences them at the OSDs.
     fn monitor(&self) {
         loop {
-            let woken = {
+            let (woken, recheck) = {
                 let Ok(mut w) = self.wake.flag.lock() else {
                     return;
                 };
+                let mut recheck = false;
                 while !w.updated && !w.poked && !self.stop.load(Ordering::SeqCst) {
-                    w = match self.wake.cv.wait(w) {
-                        Ok(w) => w,
+                    let (g, t) = match self.wake.cv.wait_timeout(w, LOCK_RECHECK) {
+                        Ok(r) => r,
                         Err(_) => return,
                     };
+                    w = g;
+                    // Only an export that wrote since the last check asks the cluster.
+                    if t.timed_out() && self.locked && self.wrote.load(Ordering::SeqCst) {
+                        recheck = true;
+                        break;
+                    }
                 }
-                std::mem::take(&mut *w)
+                (std::mem::take(&mut *w), recheck)
             };
             if self.stop.load(Ordering::SeqCst) {
                 // Reservations not stored yet are dropped with their callbacks: the daemon
@@ -544,9 +573,10 @@ impl Shared {
                     self.size.store(s, Ordering::Relaxed);
                 }
                 self.read_reservation();
-                if self.locked && !self.fence.is_fenced() {
-                    self.check_lock();
-                }
+            }
+            if (woken.updated || recheck) && self.locked && !self.fence.is_fenced() {
+                self.wrote.store(false, Ordering::SeqCst);
+                self.check_lock();
             }
         }
     }
@@ -610,8 +640,9 @@ impl Shared {
 
     /// Asks the cluster who holds the lock (`rbd_lock_get_owners`). Fenced if the cluster
     /// says we are blocklisted, or if the owner is not us (someone broke our lock without
-    /// blocklisting us, or the lock is free): librbd itself would only find out at our next
-    /// write. Other errors (the cluster away) change nothing: the next tick asks again.
+    /// blocklisting us, or the lock is free): librbd itself does not find out (without a
+    /// blocklist our writes still work). Other errors (the cluster away) change nothing:
+    /// the next update or write-time check asks again.
     fn check_lock(&self) {
         match self.image.lock_owners() {
             Ok(owners) => {
@@ -731,6 +762,9 @@ impl AsyncBackend for RbdBackend {
         if writes && sh.fence.is_fenced() {
             refuse(buf, io::Error::from_raw_os_error(libc::EROFS));
             return Ok(());
+        }
+        if writes && sh.locked {
+            sh.wrote.store(true, Ordering::SeqCst);
         }
         let (aio, range) = match op {
             Op::Read { offset, at } => {

@@ -161,6 +161,9 @@ pub struct Daemon {
     logs: RateLimiter,
     /// How interfaces move frames, from the configuration at start (a reload keeps it).
     io: IoMode,
+    /// True if the frames received since the loop last slept reached a file export: what
+    /// [`Daemon::spin_pays`] asks.
+    batch_file_frames: bool,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -203,6 +206,7 @@ impl Daemon {
             started: Instant::now(),
             logs: RateLimiter::new(LOG_INTERVAL),
             io: config.io,
+            batch_file_frames: false,
         };
         d.apply(config)?;
         Ok(d)
@@ -249,6 +253,7 @@ impl Daemon {
             }
             self.complete_io();
             let mut frames = 0;
+            self.batch_file_frames = false;
             for (idx, fd) in fds.iter().enumerate().take(n) {
                 if fd.ready || self.ifaces[idx].old.is_some() {
                     frames += self.receive(idx);
@@ -398,7 +403,8 @@ impl Daemon {
     }
 
     /// Serves frames as they come, without sleeping, until none came for [`SPIN`] (or for
-    /// at most [`SPIN_MAX`], or until a stop or reload is asked for).
+    /// at most [`SPIN_MAX`], or until a stop or reload is asked for, or until only RBD
+    /// requests are outstanding: [`Daemon::spin_yields`]).
     fn spin(&mut self, control: &Control) {
         let start = Instant::now();
         let mut last = start;
@@ -406,6 +412,7 @@ impl Daemon {
             && start.elapsed() < SPIN_MAX
             && !control.stop.load(Ordering::Relaxed)
             && !control.reload.load(Ordering::Relaxed)
+            && !self.spin_yields()
         {
             let mut frames = 0;
             for idx in 0..self.ifaces.len() {
@@ -456,6 +463,9 @@ impl Daemon {
                 for k in 0..self.ifaces[idx].exports.len() {
                     let id = self.ifaces[idx].exports[k];
                     if self.routes_to(idx, f, id) {
+                        if self.exports.get(&id).is_some_and(|e| e.shared.is_none()) {
+                            self.batch_file_frames = true;
+                        }
                         self.dispatch(idx, f, id);
                     }
                 }

@@ -24,18 +24,46 @@
 use super::*;
 
 impl Daemon {
-    /// Whether spinning for the next frames after a batch ([`SPIN`]) pays: only if some
-    /// export's store answers within the spin (a file, often from the page cache). A shared
-    /// store's (RBD) requests complete on librbd's threads after a round trip to the OSDs,
-    /// hundreds of microseconds, while frames of a steady initiator keep arriving within
-    /// the spin: the loop then spins for [`SPIN_MAX`] at a time and takes a core from the
-    /// librbd threads and the OSD that the requests wait for (`perf record` of `aoe serve`
-    /// under `scripts/bench-rbd.sh`, window 16: the event loop thread had 39% of the
-    /// process's samples, in `recv_batch` and the system calls around it, librbd's
-    /// messenger 35%). Without it the loop sleeps in poll() and is woken by the socket or
-    /// the completions' eventfd.
+    /// Whether spinning for the next frames after a batch ([`SPIN`]) pays, from what the
+    /// batch waited for. It pays for a file export, whose store answers within the spin
+    /// (often from the page cache, or a worker within microseconds), while a steady
+    /// initiator's next frames arrive within it too. It does not for a shared store's
+    /// (RBD) requests: they complete on librbd's threads after a round trip to the OSDs,
+    /// hundreds of microseconds, and a loop spinning meanwhile (for [`SPIN_MAX`] at a time,
+    /// as frames keep coming) takes a core from the librbd threads and the OSD those
+    /// requests wait for (`perf record` of `aoe serve` under `scripts/bench-rbd.sh`, window
+    /// 16: the event loop thread had 39% of the process's samples, in `recv_batch` and the
+    /// system calls around it, librbd's messenger 35%). So: spin if the batch brought frames
+    /// for a file export ([`Daemon::batch_file_frames`]) or file requests are still at the
+    /// workers, unless [`Daemon::spin_yields`]. Otherwise the loop sleeps in poll() and is
+    /// woken by the socket or the completions' eventfd.
     pub(super) fn spin_pays(&self) -> bool {
-        self.exports.values().any(|e| e.shared.is_none())
+        let (rbd, file) = self.outstanding();
+        // File replies pending; or file frames came and no RBD request waits.
+        file || (self.batch_file_frames && !rbd)
+    }
+
+    /// True while shared-store (RBD) requests are outstanding and no file request is: the
+    /// spin stops then, so that librbd's threads get the CPU, even if file frames came
+    /// before (a daemon serving files and RBD images on two cores, issue 13).
+    pub(super) fn spin_yields(&self) -> bool {
+        let (rbd, file) = self.outstanding();
+        rbd && !file
+    }
+
+    /// Whether requests are in flight: (to shared stores, to file stores).
+    fn outstanding(&self) -> (bool, bool) {
+        let (mut rbd, mut file) = (false, false);
+        for e in self.exports.values() {
+            if e.engine.in_flight() > 0 {
+                if e.shared.is_some() {
+                    rbd = true;
+                } else {
+                    file = true;
+                }
+            }
+        }
+        (rbd, file)
     }
 
     /// The timer's look at shared stores (once per [`REFRESH`]): a changed size is taken and
