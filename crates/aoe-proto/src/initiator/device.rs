@@ -186,6 +186,10 @@ pub(super) struct Outstanding {
     pub(super) seq: u64,
     /// Answers to frames sent to the same target after this copy (fast retransmit).
     pub(super) later_answered: u16,
+    /// This copy was sent because its target fell silent for a whole timeout
+    /// (`Engine::frame_timed_out`): its answer says the target is alive, not that the
+    /// frames sent before it are lost (`Engine::later_frame_answered`).
+    pub(super) after_silence: bool,
     /// Tags and send times of earlier copies sent to the same target MAC: an answer to one
     /// of them completes the frame too (`Engine::answered_frame`).
     pub(super) earlier: Vec<(u32, Instant)>,

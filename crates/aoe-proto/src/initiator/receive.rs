@@ -266,8 +266,8 @@ impl Engine {
                     t.nout = t.nout.saturating_sub(1);
                 }
                 t.answered_copy(f.seq, now);
+                t.probe_answered = f.after_silence;
                 t.answers += 1;
-                t.silent = 0;
                 if t.taint > 0 {
                     t.taint /= 2;
                 }

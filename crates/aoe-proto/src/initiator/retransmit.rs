@@ -97,6 +97,38 @@ impl Engine {
             }
             return;
         }
+        // The target has been silent for a whole timeout. As TCP's timer does (RFC 6298
+        // 5.4), only the earliest frame outstanding there is copied, and the timer backs
+        // off (5.5); the others wait for that copy's answer or any other, after which RACK
+        // finds the lost ones (`later_frame_answered`; RFC 8985's tail loss probe is the
+        // same idea). A stalled target (a daemon starved of CPU) then gets one copy per
+        // backed-off timeout, not a copy of its whole window at once. The driver copies
+        // every frame whose timer ran out. A frame that can move to another target still
+        // does (multipath failover, as the driver).
+        // Once the target has answered such a copy and then nothing else for a timeout,
+        // it is alive and the frames it still has not answered are lost: all are copied.
+        let probe_answered = self
+            .devices
+            .get(&addr)
+            .and_then(|d| {
+                d.target_idx(f.target)
+                    .map(|ti| d.targets[ti].probe_answered)
+            })
+            .unwrap_or(false);
+        if !probe_answered && !self.copies_elsewhere(&f) && !self.earliest_at_target(tag, &f) {
+            let backed_off = self
+                .devices
+                .get(&addr)
+                .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+                .map(|t| backoff(t.rto(&self.cfg), t.silent.max(1), self.cfg.rto_max));
+            if let Some(rto) = backed_off {
+                let deadline = self.deadline(now, f.first_sent, rto);
+                if let Some(o) = self.outstanding.get_mut(&tag) {
+                    o.deadline = deadline;
+                }
+                return;
+            }
+        }
         let cfg = self.cfg.clone();
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
@@ -128,6 +160,30 @@ impl Engine {
         }
         self.hold_copy(tag, &f, now + timeout, true);
         self.copy_due(now, tag, CopyWhy::Timeout);
+    }
+
+    /// Whether frame `f`'s copy after a timeout may go to another target of its device
+    /// (`place_copy`: a usable one, untainted unless every usable one is tainted).
+    fn copies_elsewhere(&self, f: &Outstanding) -> bool {
+        self.devices.get(&f.dev).is_some_and(|d| {
+            let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+            d.targets
+                .iter()
+                .any(|t| t.mac != f.target && t.usable() && (t.taint == 0 || all_tainted))
+        })
+    }
+
+    /// Whether `tag` is the earliest frame (first sent, then lowest send order) of a live
+    /// operation outstanding at `f`'s target, its copy waiting to go out counted.
+    fn earliest_at_target(&self, tag: u32, f: &Outstanding) -> bool {
+        let key = |g: &Outstanding| (g.first_sent, g.seq);
+        !self.outstanding.iter().any(|(k, g)| {
+            *k != tag
+                && g.dev == f.dev
+                && g.target == f.target
+                && self.ops.contains_key(&g.op)
+                && key(g) < key(f)
+        })
     }
 
     /// Copy `tag` of frame `f` keeps its window slot, without standing for the frame any
@@ -344,11 +400,11 @@ impl Engine {
             };
             d.rexmitq.remove(i);
             let rto = d.targets[ti].rto(&self.cfg);
-            let (rto, note) = match why {
-                CopyWhy::Timeout => (backoff(rto, f.retransmits + 1, self.cfg.rto_max), ""),
-                CopyWhy::LaterAnswered => (rto, " (later frames answered)"),
+            let rto = match why {
+                CopyWhy::Timeout => backoff(rto, f.retransmits + 1, self.cfg.rto_max),
+                CopyWhy::LaterAnswered => rto,
             };
-            self.resend(now, key, f, ti, rto, note);
+            self.resend(now, key, f, ti, rto, why);
         }
     }
 
@@ -361,7 +417,7 @@ impl Engine {
         f: Outstanding,
         ti: usize,
         rto: Duration,
-        why: &str,
+        why: CopyWhy,
     ) {
         let addr = f.dev;
         let Some(d) = self.devices.get_mut(&addr) else {
@@ -402,6 +458,7 @@ impl Engine {
             retransmits: f.retransmits + 1,
             seq,
             later_answered: 0,
+            after_silence: why == CopyWhy::Timeout,
             earlier,
             waiting: None,
             ..f
@@ -420,8 +477,12 @@ impl Engine {
             ));
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
+        let note = match why {
+            CopyWhy::Timeout => "",
+            CopyWhy::LaterAnswered => " (later frames answered)",
+        };
         self.log(format!(
-            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{why}"
+            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{note}"
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
@@ -450,7 +511,12 @@ impl Engine {
         sent: Instant,
     ) {
         let thresh = self.cfg.fast_retransmit;
-        if thresh == 0 {
+        if thresh == 0 || answered.after_silence {
+            // A copy sent after a silent timeout overtakes everything the target still
+            // holds from before its silence (a stalled daemon works through its backlog
+            // first, or a disk serves it in any order): its answer says the target is
+            // alive, not that those frames are lost. If nothing else is answered for a
+            // timeout, they are (`Target::probe_answered`, `Engine::frame_timed_out`).
             return;
         }
         let Some(reo_wnd) = self

@@ -61,6 +61,10 @@ pub(super) struct Target {
     pub(super) answers: u64,
     /// Timeouts since the last answer.
     pub(super) silent: u32,
+    /// Its last answer was to a copy sent after it fell silent for a whole timeout (a
+    /// probe, `Outstanding::after_silence`): if it answers nothing more for a timeout, the
+    /// frames it still holds unanswered are lost, not queued (`Engine::frame_timed_out`).
+    pub(super) probe_answered: bool,
     /// The highest send order (`next_seq`) of an answered copy: a held copy sent before it
     /// is not queued behind it (`Held`).
     pub(super) answered_seq: Option<u64>,
@@ -151,6 +155,7 @@ impl Target {
             retransmits: 0,
             answers: 0,
             silent: 0,
+            probe_answered: false,
             answered_seq: None,
             last_answer: None,
             rtt_range: RttRange::default(),
@@ -164,6 +169,8 @@ impl Target {
     pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) {
         self.answered_seq = Some(self.answered_seq.map_or(seq, |s| s.max(seq)));
         self.last_answer = Some(now);
+        self.silent = 0;
+        self.probe_answered = false;
     }
 
     /// Whether a copy of the frame whose last copy went here as number `seq`, and timed
