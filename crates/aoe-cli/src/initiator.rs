@@ -18,7 +18,8 @@ SIGTERM or SIGINT while a device or partition file is open, a --loop device is i
 (mounted, ...) or an NBD client is connected does not stop the daemon: it logs what is\n\
 in use, keeps serving, and exits once they are all closed. SIGQUIT (kill -QUIT PID, or\n\
 Ctrl-\\) stops it at once anyway: their I/O fails from then on.\n\
-One daemon per ROOT: a ROOT that is already mounted is refused."
+One daemon per ROOT: a ROOT that is already mounted is refused. One daemon per network\n\
+namespace: a second would send from the same MACs and take the first one's answers."
 )]
 pub struct InitiatorArgs {
     /// Where control and device files appear.
@@ -122,6 +123,7 @@ fn serve(
 ) -> Result<()> {
     opts.check()?;
     aoe_fuse::prepare_root(&opts.root)?;
+    let _claim = claim_network_namespace()?;
     let init = aoe_initiator::Initiator::start(opts)?;
     let mount = aoe_fuse::mount(&opts.root, init.shared(), init.handle())?;
     if let Some(addr) = metrics {
@@ -149,6 +151,52 @@ fn serve(
     init.shutdown();
     mount.unmount();
     Ok(())
+}
+
+/// The abstract Unix socket (unix(7); its names belong to the network namespace) that
+/// marks a running `aoe initiator` in a network namespace.
+const CLAIM: &str = "aoe-initiator";
+
+/// Claims the network namespace for this initiator, for as long as the listener lives (the
+/// kernel frees the name when the process ends, SIGKILL included). Two initiators in one
+/// namespace send from the same MACs, and each sees the other's answers: their tags come
+/// from the same counter and clock (`newtag`), so one can take the other's read data or
+/// write acknowledgement as its own. The Linux driver is one per kernel and never meets this.
+fn claim_network_namespace() -> Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(CLAIM)?;
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let who = claim_holder().map_or(String::new(), |pid| format!(", pid {pid}"));
+            anyhow::bail!(
+                "another aoe initiator runs in this network namespace{who}; two would send \
+                 from the same MACs and take each other's answers: stop it, or run this one \
+                 in a network namespace of its own"
+            )
+        }
+        Err(e) => Err(e).context("cannot bind the abstract socket @aoe-initiator"),
+    }
+}
+
+/// The pid of the process holding [`CLAIM`], found through /proc/net/unix (this network
+/// namespace's sockets) and the holders' /proc/PID/fd links; `None` if not found.
+fn claim_holder() -> Option<u32> {
+    let unix = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let want = format!("@{CLAIM}");
+    let inode = unix.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 8 && f[7] == want).then(|| f[6].to_string())
+    })?;
+    let link = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        std::fs::read_dir(p.path().join("fd"))
+            .ok()?
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == &*link))
+            .then_some(pid)
+    })
 }
 
 /// Resolves `--nbd-tcp ADDR:PORT` (a name such as `localhost:10809` too) and refuses an

@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// Keep config strings, mask and reserve lists here across restarts.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// I/O worker threads [default: 4].
+    /// I/O worker threads, 1 to 1024 [default: 4].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Do not send the unsolicited Query Config response at start.

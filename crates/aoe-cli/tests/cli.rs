@@ -181,3 +181,40 @@ fn target_takes_control_like_serve() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(err.contains(sock.to_str().unwrap()), "{err}");
 }
+
+/// Audit (issue 14): `aoe ping abc 1 IF` pinged shelf 0 and `aoe ping 99999 1 IF` a wrapped
+/// shelf, and without `-s` waited for ever; aoetools' aoeping (atoi) does the same, and for an
+/// out-of-range or broadcast address never matches the answer either. Each is now a usage
+/// error (exit 2) naming the argument, before any socket is opened, so `lo` is enough.
+#[test]
+fn ping_refuses_an_address_that_names_no_one_target() {
+    for (shelf, slot, named) in [
+        ("abc", "1", "<SHELF>"),
+        ("99999", "1", "<SHELF>"),
+        ("65535", "1", "broadcast shelf"),
+        ("-1", "1", "<SHELF>"),
+        ("1", "x", "<SLOT>"),
+        ("1", "300", "<SLOT>"),
+        ("1", "255", "broadcast slot"),
+    ] {
+        let mut child = Command::new(AOE)
+            .args(["ping", "--", shelf, slot, "lo"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run aoe ping");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().expect("try_wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().ok();
+                panic!("aoe ping {shelf} {slot} lo still waiting after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().expect("output");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{shelf} {slot}: {err}");
+        assert!(err.contains(named), "{shelf} {slot}: {err}");
+    }
+}

@@ -459,6 +459,46 @@ fn second_initiator_on_a_mounted_root_is_refused() {
     rig.finish();
 }
 
+/// Audit (issue 14): a second `aoe initiator` in the first one's network namespace, on
+/// another ROOT, ran beside it: both send from the interface's MAC with tags from the same
+/// counter and clock, so each could take the other's answers. It now exits 1 naming the
+/// first one's pid, mounts nothing, and the first keeps working.
+#[test]
+fn second_initiator_in_one_network_namespace_is_refused() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let first = rig.initiator.as_ref().unwrap().pid();
+    let root2 = rig.dir.path().join("root2");
+    let mut c = Command::new(AOE);
+    c.args(["initiator", "--root", root2.to_str().unwrap()])
+        .args(["--iflist", &rig.init_if]);
+    let mut second = rig.init_ns.spawn(c).unwrap();
+    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
+    let out = second.output_so_far();
+    if status.is_none() {
+        second.stop().ok();
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "second initiator: {out}"
+    );
+    let want = format!("another aoe initiator runs in this network namespace, pid {first}");
+    assert!(
+        out.contains(&want),
+        "second initiator said:\n{out}\nwant: {want}"
+    );
+    assert!(
+        !root2.join("discover").exists(),
+        "the second initiator mounted its ROOT"
+    );
+    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
+    assert!(
+        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
+        "wrong bytes"
+    );
+    rig.finish();
+}
+
 /// SIGKILL of `aoe initiator` in the middle of a write through its device file and of one
 /// through NBD: both writers get an error instead of hanging, and the dead daemon leaves a
 /// FUSE mount answering ENOTCONN and its NBD socket file. A restart on the same ROOT and
@@ -474,14 +514,16 @@ fn sigkill_mid_write_then_restart_takes_over_root_and_nbd_socket() {
     rig.restart_initiator(&nbd);
     assert!(wait_until(Duration::from_secs(10), || sock.exists()));
 
-    // A live socket stays with its server.
+    // A live socket stays with its server (the second initiator in a network namespace of
+    // its own: in the first one's it is refused for that).
     let root2 = rig.dir.path().join("root2");
-    let mut other = rig
-        .init_ns
+    let ns2 = aoe_testkit::Netns::new("aoeii2").unwrap();
+    let lan2 = aoe_testkit::VethPair::new_named(&ns2, "n2a", &ns2, "n2b", 1500).unwrap();
+    let mut other = ns2
         .spawn(
             Command::new(AOE)
                 .args(["initiator", "--root", root2.to_str().unwrap()])
-                .args(["--iflist", &rig.init_if])
+                .args(["--iflist", lan2.a_name()])
                 .args(nbd),
         )
         .unwrap();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aoe_testkit::{wait_until, Netns, VethPair};
+use aoe_testkit::{wait_until, Netns, NsChild, VethPair};
 use common::*;
 
 /// The config file: the export the reader uses (`SHELF.SLOT`, the rig's backing file), and
@@ -188,4 +188,64 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
         reads.load(Ordering::Relaxed)
     );
     rig.finish();
+}
+
+/// Audit (issue 14): an image replaced under its path (`mv new.img disk.img`) and a SIGHUP
+/// with the configuration unchanged. The reload said "configuration reloaded" and went on
+/// serving the deleted file; now the export counts as changed: retired and reopened, and a
+/// read after the reload returns the new file's bytes.
+#[test]
+fn sighup_after_the_image_is_replaced_serves_the_new_image() {
+    require_tools();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    fs::write(&file, pattern(3, 1 << 20)).expect("image");
+    let conf = dir.path().join("serve.toml");
+    let target_ns = Netns::new("aoehr").expect("target namespace");
+    let peer = Netns::new("aoehp").expect("reader namespace");
+    let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
+    write_conf(&conf, veth.a_name(), &file, None);
+    let mut cmd = Command::new(AOE);
+    cmd.args(["serve", "--probe-ms", "0", "--config"])
+        .arg(&conf);
+    let mut target = target_ns.spawn(cmd).expect("start aoe serve");
+    let read = |want: &[u8], when: &str, target: &NsChild| {
+        let out = dir.path().join("read.bin");
+        let mut c = peer.command(AOE);
+        c.args(["read", &SHELF.to_string(), &SLOT.to_string(), veth.b_name()])
+            .arg(&out);
+        let o = run(&mut c);
+        assert!(
+            o.status.success(),
+            "aoe read {when}: {o:?}\n{}",
+            target.output_so_far()
+        );
+        assert!(
+            fs::read(&out).expect("read output") == want,
+            "{when}: the bytes read are not the image's\n{}",
+            target.output_so_far()
+        );
+    };
+    read(&pattern(3, 1 << 20), "at start", &target);
+    let new = dir.path().join("new.img");
+    fs::write(&new, pattern(4, 1 << 20)).expect("new image");
+    fs::rename(&new, &file).expect("replace the image");
+    let pid = target.pid().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]));
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &target.output_so_far(),
+            "configuration reloaded"
+        ) == 1),
+        "reload not done\n{}",
+        target.output_so_far()
+    );
+    read(&pattern(4, 1 << 20), "after the reload", &target);
+    assert_eq!(
+        count(&target.output_so_far(), "retiring"),
+        1,
+        "{}",
+        target.output_so_far()
+    );
+    target.stop().expect("stop aoe serve");
 }

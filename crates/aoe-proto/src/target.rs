@@ -16,7 +16,8 @@
 //!   cannot keep the target from serving ATA requests.
 //! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
 //!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
-//!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources.
+//!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources. Departure:
+//!   an add of a group MAC fails with MError 1 (vblade adds it and then answers nobody).
 //! - Reserve/Release read/set/force set. A non-reserving MAC gets error 6 for ATA commands
 //!   other than IDENTIFY (vblade `aoeata`) and for Reserve/Release set (vblade `aoesrr`), as
 //!   vblade and ggaoed do. Deliberate extension: it also gets error 6 for Query Config set and
@@ -741,7 +742,9 @@ impl Engine {
 
     /// Mac Mask List read and edit, as vblade `aoemask` answers them:
     /// - an edit applies its directives in order; the first that fails (a bad DCmd: MError 2;
-    ///   an add to a full list: MError 3) stops it, and the reply carries the MError with Dir
+    ///   an add to a full list: MError 3; an add of a group (multicast or broadcast) MAC,
+    ///   which vblade accepts: MError 1, unspecified, as AoEr11 3.4 has no closer code) stops
+    ///   it, and the reply carries the MError with Dir
     ///   Count set to the index of the failing directive and no list (directives before it
     ///   stay applied);
     /// - a read, and a successful edit, return the list with DCmd 0 in every entry;
@@ -760,6 +763,12 @@ impl Engine {
                 for (i, d) in req.directives.iter().enumerate() {
                     match d.command {
                         DirectiveCommand::NoDirective => {}
+                        // No frame has a group source address, so a group MAC in the
+                        // list would only shut everyone out; vblade adds it.
+                        DirectiveCommand::Add if d.mac.is_multicast() => {
+                            failed = Some((i, MaskError::Unspecified));
+                            break;
+                        }
                         DirectiveCommand::Add => {
                             if !self.state.mask.contains(&d.mac) {
                                 if self.state.mask.len() >= capacity {

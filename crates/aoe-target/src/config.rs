@@ -14,6 +14,10 @@ pub const DEFAULT_BUFFER_COUNT: u16 = 128;
 /// I/O worker threads when none is given.
 pub const DEFAULT_WORKERS: usize = 4;
 
+/// Most I/O worker threads: far more than a disk queue keeps busy, far fewer than the
+/// thread start-up memory that failed (a panic in std) at about 18 000 on a 24 GiB VM.
+pub const MAX_WORKERS: usize = 1024;
+
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -196,9 +200,10 @@ pub enum ConfigError {
     /// No export at all.
     #[error("no exports configured")]
     NoExports,
-    /// `workers = 0`.
-    #[error("workers must be at least 1")]
-    NoWorkers,
+    /// `workers` outside 1..=[`MAX_WORKERS`]: none could serve a request, and tens of
+    /// thousands exhaust the process's memory maps while starting.
+    #[error("workers must be from 1 to {MAX_WORKERS}, not {0}")]
+    Workers(usize),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -523,8 +528,8 @@ impl ServeConfig {
         if self.exports.is_empty() {
             return Err(ConfigError::NoExports);
         }
-        if self.workers == 0 {
-            return Err(ConfigError::NoWorkers);
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError::Workers(self.workers));
         }
         let mut seen = HashSet::new();
         for e in &self.exports {
@@ -851,6 +856,15 @@ mod tests {
         assert!(err(&base("bogus = 1")).contains("bogus"));
         assert!(err(&base("allowed_macs = [\"zz\"]")).contains("not a MAC"));
         assert!(err(&base("buffer_count = 0")).contains("buffer count"));
+        // Audit (issue 14): `--workers 100000` started threads until the allocator failed
+        // (a panic and an abort in std's thread start-up, at about 18 000 on the test VM).
+        for w in ["100000", "0"] {
+            let e = err(&format!("workers = {w}\n{}", base("")));
+            assert!(
+                e.contains(&format!("workers must be from 1 to 1024, not {w}")),
+                "{e}"
+            );
+        }
         let dup = format!("{}\n{}", base(""), base(""));
         assert!(
             err(&dup).contains("exported twice on interface x"),

@@ -7,7 +7,9 @@
 //! shortest valid frames (aoetools sends a 1056-byte Query Config full of 0xED); a timeout
 //! prints a message and exits 1 (aoetools dies of SIGALRM, status 142); Ctrl-C exits 130
 //! quietly; `write_log` sets the ATA write flag (aoetools sets bit 0 of the AoE header's
-//! flags byte instead); usage errors caught by the parser exit 2.
+//! flags byte instead); usage errors caught by the parser exit 2, among them a SHELF or SLOT
+//! that is not a decimal number naming one target (aoeping reads them with `atoi` and, for
+//! junk, a broadcast or an out-of-range address, may wait for ever: see [`parse_shelf`]).
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -53,12 +55,38 @@ pub struct PingArgs {
     /// -S the SMART registers (and data, hex). Without it the output is aoeping's.
     #[arg(long)]
     json: bool,
-    /// Shelf (major) address.
-    shelf: String,
-    /// Slot (minor) address.
-    slot: String,
+    /// Shelf (major) address, 0 to 65534.
+    #[arg(value_parser = parse_shelf)]
+    shelf: u16,
+    /// Slot (minor) address, 0 to 254.
+    #[arg(value_parser = parse_slot)]
+    slot: u8,
     /// Network interface the target is reachable on.
     netif: String,
+}
+
+/// SHELF as a decimal number that names one target. aoeping reads it with `atoi`, so junk
+/// (`abc`) pings shelf 0, and 65536 and up are sent wrapped but compared unwrapped with the
+/// answer, as is the broadcast shelf 65535: it waits for ever (checked against aoetools 36's
+/// aoeping in a namespace). Here each is a usage error instead; every valid address is sent
+/// and printed as aoeping does.
+fn parse_shelf(s: &str) -> Result<u16, String> {
+    address(s, 0xfffe, "65535 is the broadcast shelf")
+}
+
+/// SLOT as [`parse_shelf`] reads SHELF: 0 to 254 (255 is the broadcast slot).
+fn parse_slot(s: &str) -> Result<u8, String> {
+    address(s, 0xfe, "255 is the broadcast slot").map(|v| v as u8)
+}
+
+fn address(s: &str, max: u16, broadcast: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(v) if v <= u32::from(max) => Ok(v as u16),
+        Ok(v) if v == u32::from(max) + 1 => Err(format!(
+            "{broadcast}, which names no one target; use aoecfg to ask every target"
+        )),
+        _ => Err(format!("not a decimal number from 0 to {max}")),
+    }
 }
 
 /// aoeping.c `smarts[]`: name, features register, data direction (1 = in, 2 = out).
@@ -179,17 +207,14 @@ pub fn run(a: PingArgs) -> Result<()> {
         None => None,
     };
     let mut tag = a.tag.as_deref().map_or(0, |t| atoi(t) as u32) | 1 << 31;
-    let shelf = atoi(&a.shelf) as u16;
-    let slot = atoi(&a.slot) as u8;
+    let (shelf, slot) = (a.shelf, a.slot);
     let mut out = std::io::stdout().lock();
     let mut json = serde_json::Map::new();
     if a.verbose > 0 && !a.json {
         write!(
             out,
-            "tag: {tag:x}\neth: {}\nshelf: {}\nslot: {}\n",
-            a.netif,
-            atoi(&a.shelf) as u32,
-            atoi(&a.slot) as u32
+            "tag: {tag:x}\neth: {}\nshelf: {shelf}\nslot: {slot}\n",
+            a.netif
         )?;
         out.flush()?;
     }

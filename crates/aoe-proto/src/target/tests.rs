@@ -803,6 +803,33 @@ fn mask_read_lists_entries_with_dcmd_zero() {
     assert_eq!(r[29], 0x00, "DCmd 0 in an edit reply's list");
 }
 
+/// Audit (issue 14): an add of a group (multicast or broadcast) MAC. No frame comes from a
+/// group source address, so a list holding only it would answer nobody, the same mistake
+/// `-m` and `allowed_macs` refuse at start. vblade (`aoemask`/`addmask`) adds it; here the
+/// edit stops at it with MError 1 (AoEr11 3.4: unspecified error; the DCmd itself is valid,
+/// so 2 would mislead) and Dir Count at its index. Deleting one is a harmless no-op.
+#[test]
+fn mask_add_of_a_group_mac_is_refused() {
+    let mut e = engine(64);
+    for group in [
+        MacAddr::BROADCAST,
+        MacAddr([0x01, 0x00, 0x5e, 0, 0, 1]),
+        MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+    ] {
+        let req = raw(HOST, 2, &mask_arg(1, &[(1, HOST), (1, group), (1, OTHER)]));
+        let r = reply_of(&mut e, &req).unwrap();
+        assert_eq!(r[14], 0x18, "{group}: a response, the MError says it");
+        assert_eq!(
+            &r[24..28],
+            &[0x00, 0x01, 0x01, 0x01],
+            "{group}: MError 1 (unspecified) at directive index 1"
+        );
+        assert_eq!(e.state().mask, vec![HOST], "{group}: never in the list");
+        let r = reply_of(&mut e, &raw(HOST, 2, &mask_arg(1, &[(2, group)]))).unwrap();
+        assert_eq!(&r[25..28], &[0x01, 0x00, 0x01], "{group}: a delete is fine");
+    }
+}
+
 #[test]
 fn mask_unknown_mcmd_is_bad_argument() {
     let mut e = engine(64);

@@ -26,6 +26,22 @@ pub(super) struct ExportRt {
     pub(super) shared: Option<Arc<dyn crate::backing::SharedStore>>,
     /// A reserve list being stored in `shared`, whose Reserve/Release reply waits for it.
     pub(super) reserve_pending: Option<super::shared::PendingReserve>,
+    /// The device and inode the path named when it was opened ([`file_identity`]).
+    pub(super) file: Option<(u64, u64)>,
+}
+
+/// The device and inode `spec.path` names now; `None` for an `rbd:` image or a path that
+/// does not resolve. A reload compares it with the open export's: a file replaced under
+/// the same path (a restored image, `mv new.img disk.img`) is a changed export, reopened,
+/// not one that keeps serving the deleted file behind a "configuration reloaded".
+fn file_identity(spec: &ExportSpec) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    if spec.rbd_image().is_some() {
+        return None;
+    }
+    std::fs::metadata(&spec.path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Daemon {
@@ -81,7 +97,11 @@ impl Daemon {
         let keep: Vec<u32> = self
             .exports
             .iter()
-            .filter(|(_, rt)| !rt.retiring && config.exports.contains(&rt.spec))
+            .filter(|(_, rt)| {
+                !rt.retiring
+                    && config.exports.contains(&rt.spec)
+                    && rt.file == file_identity(&rt.spec)
+            })
             .map(|(id, _)| *id)
             .collect();
         let mut new_rts = Vec::new();
@@ -212,6 +232,7 @@ impl Daemon {
             sectors,
             shared,
         } = crate::backing::open(spec, &self.completions)?;
+        let file = file_identity(spec);
         let backend = backend.into_async(&self.pool);
         let state_file = config
             .state_dir
@@ -264,6 +285,7 @@ impl Daemon {
             writes: WriteOrder::default(),
             shared,
             reserve_pending: None,
+            file,
         })
     }
 }
