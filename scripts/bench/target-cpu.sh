@@ -12,7 +12,7 @@
 # by default as in bench-compare.sh; a disk file system (e.g. /var/tmp) is where the target
 # reads with RWF_NOWAIT (preadv2 or io_uring), which tmpfs does not support. One line per
 # run: mtu mode bs window build round task-clock-ms syscalls syscalls-per-request MB/s.
-# Needs linux-perf.
+# Needs linux-perf and jq.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/lib.sh
@@ -55,8 +55,8 @@ for cell in "$@"; do
             stop_pid "$TARGET_PID"; TARGET_PID=""
             ms=$(awk -F, '$3 == "task-clock" { printf "%.0f", $1 }' "$WORK/perf.txt")
             sc=$(awk -F, '$3 ~ /sys_enter/ { print $1 }' "$WORK/perf.txt")
-            reqs=$(echo "$out" | grep -o '"requests":[0-9]*' | head -1 | cut -d: -f2)
-            mbs=$(echo "$out" | grep -o '"mb_per_s":[0-9.]*' | head -1 | cut -d: -f2)
+            reqs=$(echo "$out" | jq .requests)
+            mbs=$(echo "$out" | jq '.mb_per_s | round')
             per=$(awk -v s="$sc" -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.2f", s / r; else print "-" }')
             echo "$mtu $mode $bs $win $build $round $ms $sc $per ${mbs:-?}"
         done
