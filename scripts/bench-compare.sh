@@ -41,6 +41,9 @@
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each)
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
+#   FILE_DIR=/dev/shm where the backing file lives; a disk file system (e.g. /var/tmp, the
+#                     file read into the page cache first) is where `aoe serve` reads with
+#                     RWF_NOWAIT through io_uring, which tmpfs does not support
 # Needs root, iproute2, util-linux (nsenter, taskset), jq, gcc, and the targets; PATHS=1 also
 # fuse3, nbdkit and libnbd-bin (nbdcopy, nbdinfo); PERF_DIR linux-perf.
 set -euo pipefail
@@ -62,6 +65,7 @@ PIN=${PIN:-0}
 PATHS=${PATHS:-1}
 INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
 PERF_DIR=${PERF_DIR:-}
+FILE_DIR=${FILE_DIR:-/dev/shm}
 OUT=${OUT:-}
 SHELF=1 SLOT=1
 
@@ -84,7 +88,7 @@ AOE=$(readlink -f "$AOE")
 TAG=$$
 bench_names cmp
 IP_T=10.231.0.1 IP_I=10.231.0.2 NBD_PORT=10809
-FILE=/dev/shm/aoe-bench-compare-$TAG.img
+FILE=$FILE_DIR/aoe-bench-compare-$TAG.img
 SRC=/dev/shm/aoe-bench-compare-$TAG.src
 WORK=$(mktemp -d /tmp/aoe-bench-compare.XXXXXX)
 ROOT=$WORK/root
@@ -176,8 +180,10 @@ run_gen() { # gen mode bs window cell
         "$WORK/out.json"
 }
 
-echo "backing file: $SIZE_MB MiB on tmpfs ($FILE)" >&2
+FILE_FS=$(stat -f -c %T "$FILE_DIR")
+echo "backing file: $SIZE_MB MiB on $FILE_FS ($FILE)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
+cat "$FILE" >/dev/null
 [ "$PATHS" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
 
 GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv RUNROWS=$WORK/runs.tsv
@@ -293,7 +299,7 @@ for mtu in $MTUS; do
 done
 
 {
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); load average $LOAD0 at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; TIME=$TIME s per cell, RUNS=$RUNS, $SIZE_MB MiB file on tmpfs, PIN=$PIN"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); load average $LOAD0 at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end; TIME=$TIME s per cell, RUNS=$RUNS, $SIZE_MB MiB file on $FILE_FS, PIN=$PIN"
     echo
     echo "Targets under load generators (generator \`aoe\` = \`aoe bench\`, \`c\` = scripts/bench/aoegen.c$(
         for g in $EXTRA_GENS; do v="GEN_AOE_$g"; printf ', `%s` = `%s bench ...`' "$g" "${!v}"; done)):"

@@ -112,6 +112,15 @@ pub trait AsyncBackend: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// See [`Backend::nowait_read_source`].
+    fn nowait_read_source(
+        &self,
+        _offset: u64,
+        _len: usize,
+    ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
+        Ok(None)
+    }
+
     /// Starts `req`; its [`Done`] arrives on the store's [`Completions`]. Gives the request
     /// back, untouched, if the store cannot take it now (a full queue): the caller drops it
     /// and the AoE initiator retransmits. A request it takes is always completed, also with
@@ -166,6 +175,14 @@ impl AsyncBackend for PoolBackend {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
         self.backend.try_write_at(buf, offset)
+    }
+
+    fn nowait_read_source(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
+        self.backend.nowait_read_source(offset, len)
     }
 
     fn submit(&self, req: Request) -> Result<(), Request> {

@@ -376,6 +376,23 @@ impl Backend for FileBackend {
         }
     }
 
+    fn nowait_read_source(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
+        // As try_read_at: O_DIRECT goes through the aligned bounce buffer on a worker, a
+        // memory file system has no RWF_NOWAIT (its reads never wait: try_read_at reads it).
+        if self.opts.direct || self.memory || self.nowait_unsupported.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        check_range(offset, len, self.len)?;
+        Ok(Some((
+            std::os::fd::AsFd::as_fd(&self.file),
+            self.base + offset,
+        )))
+    }
+
     fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
         // O_SYNC writes wait for the disk by definition; O_DIRECT needs the bounce buffer.
         if self.opts.direct || self.opts.sync || self.opts.read_only {

@@ -111,6 +111,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// Where a read of `len` bytes at `offset` may be tried without blocking by the caller's
+    /// own means (the target's io_uring batch, `RWF_NOWAIT`): the file and the byte position
+    /// in it. `Ok(None)`: use [`try_read_at`](Self::try_read_at) (or a worker) instead, as
+    /// for O_DIRECT, a memory file system and a store that is not a file. A range outside the
+    /// store is the error [`read_at`](Self::read_at) would give.
+    fn nowait_read_source(
+        &self,
+        _offset: u64,
+        _len: usize,
+    ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
+        Ok(None)
+    }
+
     /// Writes like [`Backend::write_at`] if that can be done without blocking; `Ok(false)`
     /// if it would block (nothing, or only part, may have been written: the caller writes
     /// the whole range again through a worker).

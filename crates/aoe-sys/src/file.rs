@@ -54,7 +54,13 @@ fn nowait_result(r: isize) -> io::Result<NoWait> {
     if r >= 0 {
         return Ok(NoWait::Done(r as usize));
     }
-    let e = io::Error::last_os_error();
+    nowait_error(io::Error::last_os_error())
+}
+
+/// What a failed non-blocking read or write means: `EAGAIN` would block, `EOPNOTSUPP` never
+/// works on this file; any other error is the I/O's own. Shared with [`crate::uring`], whose
+/// completions carry the same errors.
+pub(crate) fn nowait_error(e: io::Error) -> io::Result<NoWait> {
     match e.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(NoWait::WouldBlock),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(NoWait::Unsupported),

@@ -22,6 +22,8 @@
 //!   network interfaces of the calling thread's network namespace.
 //! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
 //!   poll loop needs so that worker threads can hand it completions.
+//! * [`SlotReads`]: io_uring reads with `RWF_NOWAIT` straight into a [`PacketRing`]'s
+//!   transmit slots, one `io_uring_enter` for a batch of them.
 //! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
 //!   event loop serves page-cached data inline and hands only what would block to workers.
 //! * [`dio_alignment`]: the alignment O_DIRECT needs on a file (`statx` `STATX_DIOALIGN`, or a
@@ -54,6 +56,7 @@ mod ns;
 mod packet;
 mod ring;
 mod xdp;
+mod uring;
 
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
@@ -65,6 +68,7 @@ pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
+pub use uring::{SlotRead, SlotReads};
 
 /// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
 pub const ETH_P_AOE: u16 = 0x88A2;

@@ -466,8 +466,22 @@ impl PacketRing {
     ///
     /// If `i >= len()`, like slice indexing.
     pub fn frame_and_slot(&mut self, i: usize) -> (&[u8], Option<&mut [u8]>) {
+        self.frame_and_slot_ahead(i, 0)
+    }
+
+    /// Like [`frame_and_slot`](Self::frame_and_slot), with the transmit slot `ahead` places
+    /// after the next free one, so several replies of one batch can be built before any is
+    /// committed (the target reads their data with one `io_uring_enter`). `None` if that
+    /// slot is not free; callers ask for `ahead` = 0, 1, 2, ... in turn and stop at the first
+    /// `None`, so every slot before it is free too. Commit them in order with
+    /// [`commit_from`](Self::commit_from).
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`, like slice indexing.
+    pub fn frame_and_slot_ahead(&mut self, i: usize, ahead: usize) -> (&[u8], Option<&mut [u8]>) {
         let (off, meta, _) = self.lent[i];
-        let slot = self.free_tx_slot();
+        let slot = self.free_tx_slot_ahead(ahead);
         let cap = self.tx_frame_cap();
         let base = self.map.as_ptr();
         // SAFETY: the receive slot is user-owned until the next recv_batch (which needs
@@ -483,6 +497,36 @@ impl PacketRing {
         }
     }
 
+    /// The data area of the transmit slot `ahead` places after the next free one
+    /// ([`tx_frame_cap`](Self::tx_frame_cap) bytes), if that slot is free.
+    pub fn slot_ahead(&mut self, ahead: usize) -> Option<&mut [u8]> {
+        let off = self.free_tx_slot_ahead(ahead)?;
+        let cap = self.tx_frame_cap();
+        // SAFETY: as in frame_and_slot_ahead: a free transmit slot, `cap` data bytes inside
+        // it, borrowed mutably from `self` so nothing marks it meanwhile.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_ptr().add(off + TX_DATA_OFFSET), cap)
+        })
+    }
+
+    /// Pointer to `len` bytes at `at` in the data area of the free transmit slot `ahead`
+    /// places after the next free one, for a read the kernel does into it (`crate::uring`).
+    /// `None` if the slot is not free or the range is not inside its data area.
+    pub(crate) fn slot_ptr_ahead(
+        &mut self,
+        ahead: usize,
+        at: usize,
+        len: usize,
+    ) -> Option<*mut u8> {
+        let off = self.free_tx_slot_ahead(ahead)?;
+        if at.checked_add(len)? > self.tx_frame_cap() {
+            return None;
+        }
+        // SAFETY: off + TX_DATA_OFFSET + at + len is inside the slot (checked above), so
+        // inside the mapping.
+        Some(unsafe { self.map.as_ptr().add(off + TX_DATA_OFFSET + at) })
+    }
+
     /// Marks the slot [`frame_and_slot`](Self::frame_and_slot) lent, holding a frame of `len`
     /// bytes, for sending; it goes out at the next [`kick`](Self::kick).
     ///
@@ -492,13 +536,39 @@ impl PacketRing {
     /// [`tx_frame_cap`](Self::tx_frame_cap); [`io::ErrorKind::WouldBlock`] if the ring is
     /// full (no slot was lent).
     pub fn commit(&mut self, len: usize) -> io::Result<()> {
+        self.commit_from(0, len)
+    }
+
+    /// Marks the next free slot for sending with the frame of `len` bytes built in the slot
+    /// `ahead` places after it ([`frame_and_slot_ahead`](Self::frame_and_slot_ahead)),
+    /// copied down first when `ahead` > 0: the kernel sends slots in order and stops at the
+    /// first one not marked, so a reply whose slot was given up (its read went elsewhere)
+    /// must not leave a hole.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit`](Self::commit); [`io::ErrorKind::WouldBlock`] also if the slot `ahead`
+    /// is not free.
+    pub fn commit_from(&mut self, ahead: usize, len: usize) -> io::Result<()> {
         self.check_len(len)?;
-        let Some(off) = self.free_tx_slot() else {
+        let (Some(off), Some(from)) = (self.free_tx_slot(), self.free_tx_slot_ahead(ahead)) else {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 "no free transmit slot to commit",
             ));
         };
+        if from != off {
+            // SAFETY: both slots are free (the kernel does not touch them until marked) and
+            // distinct, and `len` bytes fit each one's data area (check_len).
+            unsafe {
+                let base = self.map.as_ptr();
+                ptr::copy_nonoverlapping(
+                    base.add(from + TX_DATA_OFFSET),
+                    base.add(off + TX_DATA_OFFSET),
+                    len,
+                );
+            }
+        }
         self.mark(off, len);
         Ok(())
     }
@@ -520,10 +590,17 @@ impl PacketRing {
     /// (`TP_STATUS_AVAILABLE`), or refused and skipped (`TP_STATUS_WRONG_FORMAT` with
     /// `PACKET_LOSS`).
     fn free_tx_slot(&self) -> Option<usize> {
-        if self.tx.frame_nr() == 0 {
+        self.free_tx_slot_ahead(0)
+    }
+
+    /// Offset of the transmit slot `ahead` places after the next one, if the kernel has let
+    /// go of it (as [`free_tx_slot`](Self::free_tx_slot)); `None` past the ring's size.
+    fn free_tx_slot_ahead(&self, ahead: usize) -> Option<usize> {
+        let n = self.tx.frame_nr();
+        if ahead >= n {
             return None;
         }
-        let off = self.rx.bytes() + self.tx.slot(self.tx_head);
+        let off = self.rx.bytes() + self.tx.slot((self.tx_head + ahead) % n);
         let st = self.status(off).load(Ordering::Acquire);
         (st == TP_STATUS_AVAILABLE || st == TP_STATUS_WRONG_FORMAT).then_some(off)
     }

@@ -267,3 +267,129 @@ fn a_reply_built_in_a_transmit_slot_goes_out_once_committed() {
     assert!(ring.commit(ring.tx_frame_cap() + 1).is_err());
     assert!(!ring.needs_kick());
 }
+
+/// A file of `len` bytes on the disk file system (the target directory, not tmpfs, which
+/// has no `RWF_NOWAIT`), every byte a function of its position, written back so its pages
+/// can be dropped from the page cache.
+fn disk_file(name: &str, len: usize) -> (std::fs::File, Vec<u8>) {
+    use std::io::Write;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", std::process::id()));
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("create file");
+    f.write_all(&data).expect("write file");
+    f.sync_all().expect("fsync");
+    std::fs::remove_file(&path).expect("unlink");
+    (f, data)
+}
+
+#[test]
+fn reads_go_straight_into_transmit_slots_and_a_given_up_slot_leaves_no_hole() {
+    use aoe_sys::{NoWait, SlotRead, SlotReads};
+    use std::os::fd::AsFd;
+    require_root();
+    let a = Netns::new("aoeur").expect("namespace a");
+    let b = Netns::new("aoeur").expect("namespace b");
+    let veth = VethPair::new(&a, &b, 1500).expect("veth pair");
+    let tx = open_in(&a, veth.a_name());
+    let rx = open_in(&b, veth.b_name());
+    let (src, dst) = (tx.info().mac, rx.info().mac);
+    rx.set_recv_buffer(8 << 20).expect("receive buffer");
+    let mut ring = PacketRing::with_slots(&tx, 0, 0, 1514, 64).expect("transmit ring");
+    let mut reads = SlotReads::new(4).expect("io_uring");
+
+    // Six frames, each an Ethernet header followed by 1000 bytes of the file read into its
+    // slot: more reads than the io_uring's 4 entries, so they go in two submissions. The
+    // file's third 64 KiB is not in the page cache: its read would wait for the disk, so
+    // with RWF_NOWAIT it comes back at once as WouldBlock, and its slot is given up. (The
+    // whole file is dropped and the rest read back: a written file sits in large folios,
+    // which POSIX_FADV_DONTNEED does not drop in part.)
+    let (file, data) = disk_file("slot-reads", 6 << 16);
+    // SAFETY: posix_fadvise only reads its integer arguments.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+    let offset = |j: usize| (j as u64) << 16;
+    for j in [0, 1, 3, 4, 5] {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut [0u8; 1000], offset(j))
+            .expect("read into the page cache");
+    }
+    for j in 0..6 {
+        let slot = ring.slot_ahead(j).expect("free slot");
+        slot[..14].copy_from_slice(&frame(dst, src, 14, 0));
+        slot[14] = j as u8;
+    }
+    let mut out = Vec::new();
+    let mut list: Vec<SlotRead> = (0..6)
+        .map(|j| SlotRead {
+            file: file.as_fd(),
+            offset: offset(j),
+            slot: j,
+            at: 15,
+            len: 1000,
+            user: j,
+        })
+        .collect();
+    // A slot past the ring and a range past the slot are refused, not started.
+    list.push(SlotRead {
+        slot: ring.tx_frames(),
+        user: 100,
+        ..list[0]
+    });
+    list.push(SlotRead {
+        at: ring.tx_frame_cap() - 10,
+        user: 101,
+        ..list[0]
+    });
+    reads
+        .read_into_slots(&mut ring, list, &mut out)
+        .expect("read_into_slots");
+    out.sort_by_key(|(u, _)| *u);
+    let results: Vec<String> = out.iter().map(|(u, r)| format!("{u}: {r:?}")).collect();
+    assert_eq!(out.len(), 8, "one result per read: {results:?}");
+    for (u, r) in &out {
+        match u {
+            2 => assert!(
+                matches!(r, Ok(NoWait::WouldBlock)),
+                "the uncached read: {r:?}"
+            ),
+            100 | 101 => assert_eq!(
+                r.as_ref().map_err(std::io::Error::kind).unwrap_err(),
+                std::io::ErrorKind::InvalidInput
+            ),
+            _ => assert!(matches!(r, Ok(NoWait::Done(1000))), "read {u}: {r:?}"),
+        }
+    }
+    // Marked in order, the reply of the given-up slot left out: the ones after it move down
+    // one slot each, and nothing is sent before the kick.
+    let mut skipped = 0;
+    for j in 0..6 {
+        if j == 2 {
+            skipped += 1;
+            continue;
+        }
+        ring.commit_from(skipped, 1015).expect("commit");
+    }
+    assert!(frames_within(&rx, Duration::from_millis(200)).is_empty());
+    ring.kick().expect("kick");
+    let got = frames_within(&rx, Duration::from_millis(500));
+    let want: Vec<Vec<u8>> = [0, 1, 3, 4, 5]
+        .iter()
+        .map(|&j| {
+            let mut f = frame(dst, src, 14, 0);
+            f.push(j as u8);
+            f.extend_from_slice(&data[(j << 16)..(j << 16) + 1000]);
+            f
+        })
+        .collect();
+    assert_eq!(got.len(), want.len(), "frames sent");
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "frame {k} differs");
+    }
+}

@@ -164,6 +164,12 @@ pub struct Daemon {
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
+    /// With rings: the io_uring the reads of a receive batch go through, one
+    /// `io_uring_enter` for all of them ([`Daemon::finish_staged`]); `None` where io_uring
+    /// is unavailable (logged once), and each read is one `preadv2` as before.
+    uring: Option<aoe_sys::SlotReads>,
+    /// Results of the last io_uring batch (kept for its capacity).
+    uring_out: Vec<(usize, io::Result<aoe_sys::NoWait>)>,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -207,7 +213,18 @@ impl Daemon {
             logs: RateLimiter::new(LOG_INTERVAL),
             io: config.io,
             batch_file_frames: false,
+            uring: None,
+            uring_out: Vec::with_capacity(BATCH),
         };
+        if config.io == IoMode::Rings {
+            match aoe_sys::SlotReads::new(BATCH as u32) {
+                Ok(u) => d.uring = Some(u),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "io_uring unavailable; cached reads use one preadv2 each"
+                ),
+            }
+        }
         d.apply(config)?;
         Ok(d)
     }
@@ -470,6 +487,8 @@ impl Daemon {
                     }
                 }
             }
+            // The batch's reads, then its replies into the transmit ring, in order.
+            self.finish_staged(idx);
             if got < BATCH {
                 return total;
             }

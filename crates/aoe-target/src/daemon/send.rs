@@ -4,6 +4,7 @@
 
 use super::*;
 use aoe_sys::{PacketRing, RecvMeta};
+use dispatch::Staged;
 
 /// Receive slots of an interface's ring at least ([`IoMode::Rings`]); grown to twice the sum
 /// of the buffer counts served there (`Daemon::size_socket_buffers`), so every request an
@@ -99,6 +100,10 @@ pub(super) struct IfaceRt {
     pub(super) old: Option<(PacketSocket, Batch)>,
     /// True while the frames of the last [`recv`](Self::recv) are in `old`.
     reading_old: bool,
+    /// Replies of the current receive batch built in transmit slots and not yet marked, in
+    /// slot order from the ring's next free one; [`Daemon::finish_staged`] reads their data
+    /// (one `io_uring_enter`) and marks them at the end of the batch.
+    pub(super) staged: Vec<Staged>,
 }
 
 impl IfaceRt {
@@ -120,6 +125,7 @@ impl IfaceRt {
             drops_logged: (0, 0),
             old: None,
             reading_old: false,
+            staged: Vec::with_capacity(BATCH),
         }
     }
 
@@ -163,16 +169,17 @@ impl IfaceRt {
     }
 
     /// Frame `f` of the last [`recv`](Self::recv) and, where the reply can be built in the
-    /// transmit ring ([`PacketRing::frame_and_slot`]), the next free slot's first `cap`
-    /// bytes; send what was built there with [`commit`](Self::commit). No slot while replies
-    /// wait in the backlog: they go first.
+    /// transmit ring ([`PacketRing::frame_and_slot_ahead`]), the first `cap` bytes of the
+    /// free slot after those the batch's replies already took; send what was built there
+    /// with [`commit`](Self::commit), or stage a read into it ([`Staged::Read`]). No slot
+    /// while replies wait in the backlog: they go first.
     pub(super) fn frame_and_slot(&mut self, f: usize, cap: usize) -> (&[u8], Option<&mut [u8]>) {
         if self.reading_old || !self.out.is_empty() {
             return (self.frame(f), None);
         }
         match &mut self.batch {
             Batch::Ring(r) => {
-                let (frame, slot) = r.frame_and_slot(f);
+                let (frame, slot) = r.frame_and_slot_ahead(f, self.staged.len());
                 (
                     frame,
                     slot.filter(|s| s.len() >= cap).map(|s| &mut s[..cap]),
@@ -183,13 +190,10 @@ impl IfaceRt {
     }
 
     /// Sends the reply of `n` bytes built in the slot [`frame_and_slot`](Self::frame_and_slot)
-    /// lent, at the next kick ([`Daemon::flush_sends`]).
+    /// lent, at the next kick ([`Daemon::flush_sends`]) after the batch
+    /// ([`Daemon::finish_staged`] marks it, behind the batch's earlier replies).
     pub(super) fn commit(&mut self, n: usize) {
-        if let Batch::Ring(r) = &mut self.batch {
-            if r.commit(n).is_err() {
-                self.send_failures += 1;
-            }
-        }
+        self.staged.push(Staged::Ready(n));
     }
 
     /// True if the loop must wait for the socket to become writable: replies wait in the
