@@ -18,7 +18,9 @@
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
 #   as in bench-compare.sh)   SIZE_MB=1024
 #   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   WINDOW=64 (raw generator window)
-#   DD_BS=1M (dd's block size)   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
+#             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
+#   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
 #             with more than one, each run measures them in turn (interleaved, not one after
 #             the other), every row names its binary, and the target and raw generator stay $AOE
@@ -42,6 +44,8 @@ WRITES=${WRITES:-1}
 WINDOW=${WINDOW:-64}
 NBDKIT=${NBDKIT:-1}
 DD_BS=${DD_BS:-1M}
+DD_IFLAG=${DD_IFLAG-direct}
+DD_OFLAG=${DD_OFLAG-direct}
 INIT_ARGS=${INIT_ARGS:-}
 PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
@@ -171,22 +175,25 @@ for mtu in $MTUS; do
     for t in $TARGETS; do
         start_target "$t" || die "$t did not answer"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
-        # Per initiator binary (index k): MB/s of each run, and CPU ticks spent in dev and nbd reads.
-        declare -A V=() TK=()
+        # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
+        # and the target (TT) spent in dev and nbd reads.
+        declare -A V=() TK=() TT=()
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do
                 INIT_AOE=${INIT_BINS[$k]}
                 start_initiator
-                c0=$(cpu_ticks "$INIT_PID")
+                c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
                 V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
-                    dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag=direct,count_bytes \
+                    dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
                     count=$((SIZE_MB << 20))) "
-                c1=$(cpu_ticks "$INIT_PID"); TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 ))
+                c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
+                TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
                 V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
-                c2=$(cpu_ticks "$INIT_PID"); TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 ))
+                c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
+                TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
                 if [ "$WRITES" = 1 ]; then
                     V[devw,$k]+="$(timed dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" \
-                        oflag=direct conv=notrunc) "
+                        ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
                     V[nbdw,$k]+="$(timed in_i nbdcopy "$SRC" "$URI") "
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
@@ -198,9 +205,9 @@ for mtu in $MTUS; do
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
             label=$t
             [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
-            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $(load) |"
+            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
         done
-        unset V TK
+        unset V TK TT
     done
     if [ "$NBDKIT" = 1 ]; then
         nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i 10.91.0.1 -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
@@ -210,13 +217,14 @@ for mtu in $MTUS; do
         kw=-
         [ "$WRITES" = 1 ] && kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
         stop_pid "$KIT_PID"; KIT_PID=""
-        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | $(load) |"
+        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | | $(load) |"
     fi
 done
 
 echo
-echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS direct on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
-echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least"
-echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | load |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
+echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least;"
+echo "target CPU = the same of the target, which on a veth also pays for delivering its replies into the initiator's socket"
+echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | target CPU-s/GB | load |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
