@@ -55,8 +55,8 @@ mod iface;
 mod ns;
 mod packet;
 mod ring;
-mod xdp;
 mod uring;
+mod xdp;
 
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
@@ -67,8 +67,8 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats};
-pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 pub use uring::{SlotRead, SlotReads};
+pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 
 /// The AoE ethertype, registered with the IEEE as 0x88A2 (AoEr11 §2, "Ethernet Type").
 pub const ETH_P_AOE: u16 = 0x88A2;
