@@ -349,7 +349,7 @@ fn identify_page_and_debug_file() {
 /// backlog has drained.
 #[test]
 fn state_kickme_while_the_send_buffer_is_full() {
-    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
     let tc = |op: &str| tbf_slow_link(&rig.init_ns, &rig.init_if, op);
     tc("add");
     let data = pattern(9, 4 << 20);

@@ -653,7 +653,7 @@ fn sigkill_then_restart_detaches_the_dead_initiators_loop_device() {
 /// complete with the right bytes.
 #[test]
 fn full_send_buffer_does_not_stall_the_network_thread() {
-    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
     let tbf = |op: &str| tbf_slow_link(&rig.init_ns, &rig.init_if, op);
     tbf("add");
     let data = pattern(9, 4 << 20);

@@ -1296,7 +1296,11 @@ pub fn mbr(parts: &[(u32, u32)]) -> Vec<u8> {
 
 /// Slows `ifname` in `ns` to 16 kbit/s with a tbf qdisc whose queue never drops
 /// (`op` "add"), or removes it again (`op` "del"): frames wait in the queue holding their
-/// socket's send buffer until send() says EAGAIN.
+/// socket's send buffer until send() says EAGAIN. The bucket holds one jumbo frame (tbf
+/// drops a frame larger than its burst). Tests that need the send buffer full run at MTU
+/// 9000: the initiator's first window of 8 KiB writes (about 64 frames) outgrows the
+/// default 208 KiB send buffer by itself, where 1 KiB frames needed retransmissions of
+/// the whole window on top, which the engine no longer sends (one copy per silent timeout).
 pub fn tbf_slow_link(ns: &Netns, ifname: &str, op: &str) {
     let mut args = vec!["qdisc", op, "dev", ifname, "root"];
     if op == "add" {
@@ -1305,7 +1309,7 @@ pub fn tbf_slow_link(ns: &Netns, ifname: &str, op: &str) {
             "rate",
             "16kbit",
             "burst",
-            "1600",
+            "10000",
             "limit",
             "100000000",
         ]);
