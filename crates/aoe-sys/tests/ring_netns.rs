@@ -19,6 +19,35 @@ fn open_in(ns: &Netns, ifname: &str) -> PacketSocket {
         .unwrap_or_else(|e| panic!("open {ifname} in {}: {e}", ns.name()))
 }
 
+/// Two namespaces named after `prefix`, joined by a veth pair of `mtu`, with a socket open
+/// on each end: `tx` on a, `rx` on b, and their MACs. Bind `_veth` and `_ns` by name:
+/// dropping them removes the link.
+struct Link {
+    tx: PacketSocket,
+    rx: PacketSocket,
+    src: [u8; 6],
+    dst: [u8; 6],
+    _veth: VethPair,
+    _ns: (Netns, Netns),
+}
+
+fn link(prefix: &str, mtu: u32) -> Link {
+    let a = Netns::new(prefix).expect("namespace a");
+    let b = Netns::new(prefix).expect("namespace b");
+    let veth = VethPair::new(&a, &b, mtu).expect("veth pair");
+    let tx = open_in(&a, veth.a_name());
+    let rx = open_in(&b, veth.b_name());
+    let (src, dst) = (tx.info().mac, rx.info().mac);
+    Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth: veth,
+        _ns: (a, b),
+    }
+}
+
 /// An AoE-typed frame of `len` bytes whose byte 14 is `seed` (the rest a pattern).
 fn frame(dst: [u8; 6], src: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
     let mut f = Vec::with_capacity(len);
@@ -68,12 +97,14 @@ fn recv_one(sock: &PacketSocket) -> Vec<u8> {
 #[test]
 fn header_slots_keep_the_headers_and_the_wire_length_then_give_the_socket_back() {
     require_root();
-    let a = Netns::new("aoering").expect("namespace a");
-    let b = Netns::new("aoering").expect("namespace b");
-    let veth = VethPair::new(&a, &b, 9000).expect("veth pair");
-    let tx = open_in(&a, veth.a_name());
-    let rx = open_in(&b, veth.b_name());
-    let (src, dst) = (tx.info().mac, rx.info().mac);
+    let Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoering", 9000);
 
     // More frames than the ring's first block holds, so the walk crosses blocks: big ones
     // are cut to the slot, small ones are whole, order is kept.
@@ -124,12 +155,14 @@ fn header_slots_keep_the_headers_and_the_wire_length_then_give_the_socket_back()
 #[test]
 fn transmit_ring_alone_sends_every_pushed_frame_and_leaves_receiving_to_the_socket() {
     require_root();
-    let a = Netns::new("aoering").expect("namespace a");
-    let b = Netns::new("aoering").expect("namespace b");
-    let veth = VethPair::new(&a, &b, 1500).expect("veth pair");
-    let tx = open_in(&a, veth.a_name());
-    let rx = open_in(&b, veth.b_name());
-    let (src, dst) = (tx.info().mac, rx.info().mac);
+    let Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoering", 1500);
     rx.set_recv_buffer(8 << 20).expect("receive buffer");
 
     let mut ring = PacketRing::with_slots(&tx, 0, 0, 1514, 64).expect("transmit ring");
@@ -294,12 +327,14 @@ fn reads_go_straight_into_transmit_slots_and_a_given_up_slot_leaves_no_hole() {
     use aoe_sys::{NoWait, SlotRead, SlotReads};
     use std::os::fd::AsFd;
     require_root();
-    let a = Netns::new("aoeur").expect("namespace a");
-    let b = Netns::new("aoeur").expect("namespace b");
-    let veth = VethPair::new(&a, &b, 1500).expect("veth pair");
-    let tx = open_in(&a, veth.a_name());
-    let rx = open_in(&b, veth.b_name());
-    let (src, dst) = (tx.info().mac, rx.info().mac);
+    let Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoeur", 1500);
     rx.set_recv_buffer(8 << 20).expect("receive buffer");
     let mut ring = PacketRing::with_slots(&tx, 0, 0, 1514, 64).expect("transmit ring");
     let mut reads = SlotReads::new(4).expect("io_uring");
