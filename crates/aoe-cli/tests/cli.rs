@@ -218,3 +218,74 @@ fn ping_refuses_an_address_that_names_no_one_target() {
         assert!(err.contains(named), "{shelf} {slot}: {err}");
     }
 }
+
+/// Runs `aoe ARGS` with stdin closed; fails the test if it is still running after 20 s.
+fn run_bounded(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(AOE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run aoe");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("aoe {args:?} still running after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Audit (s7): `aoecfg 70000 1 IF` asked shelf 4464 and `aoecfg 1 300 IF` slot 44 (C's
+/// strtoul cast to the field's width; aoetools 36's aoecfg wraps alike, checked in a
+/// namespace: `aoecfg -t 1 65537 1 IF` prints shelf 1's string), and a shelf of `abc` was
+/// shelf 0; `-t -3` or `-t abc` waited for ever (aoetools: `select: Invalid argument`, exit 1,
+/// or for ever). Each is now a usage error (exit 2) naming the argument and its range, before
+/// any socket is opened; a name that is no interface shows the check comes first.
+#[test]
+fn cfg_refuses_out_of_range_and_junk_arguments() {
+    for (args, named) in [
+        (&["70000", "1"][..], "shelf 70000"),
+        (&["65536", "1"], "shelf 65536"),
+        (&["1", "300"], "slot 300"),
+        (&["1", "256"], "slot 256"),
+        (&["abc", "1"], "shelf abc"),
+        (&["1x", "1"], "shelf 1x"),
+        (&["1", "0x100"], "slot 0x100"),
+        (&["-t", "-3", "1", "1"], "-t -3"),
+        (&["-t", "abc", "1", "1"], "-t abc"),
+    ] {
+        let mut a = vec!["cfg"];
+        a.extend_from_slice(args);
+        a.push("aoe-no-such-if0");
+        let o = run_bounded(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        assert!(err.contains(named), "{args:?}: {named:?} not named: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+    }
+    // The whole range, broadcast included, in strtoul's bases, still reaches the interface
+    // lookup (exit 1 naming the interface).
+    for args in [
+        &["65535", "255"][..],
+        &["0xffff", "0xff"],
+        &["0", "0"],
+        &["010", "7"],
+        &["-t", "0", "1", "1"],
+    ] {
+        let mut a = vec!["cfg"];
+        a.extend_from_slice(args);
+        a.push("aoe-no-such-if0");
+        let o = run_bounded(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        assert!(err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+    }
+}
