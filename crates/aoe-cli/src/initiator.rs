@@ -28,8 +28,9 @@ pub struct InitiatorArgs {
     /// Whitespace-separated interfaces AoE may use (like aoe_iflist); default: all.
     #[arg(long, value_name = "\"IF ...\"")]
     iflist: Option<String>,
-    /// Seconds without an answer before a device is down (like aoe_deadsecs); 0 = forever.
-    #[arg(long, default_value_t = 180, value_name = "N")]
+    /// Seconds without an answer before a device is down (like aoe_deadsecs), 0 to 86400;
+    /// 0 = forever.
+    #[arg(long, default_value_t = 180, value_name = "N", value_parser = parse_deadsecs)]
     deadsecs: u64,
     /// Cap on outstanding frames per target (like aoe_maxout). The default, 128, is what the
     /// driver's admin guide documents; the driver's code uses 64.
@@ -61,6 +62,19 @@ pub struct InitiatorArgs {
     nbd_tcp_any: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
+}
+
+/// `--deadsecs`: 0 (never down) to [`aoe_initiator::MAX_DEADSECS`]. The driver's
+/// `aoe_deadsecs` is an int; past a day a dead target would hold I/O for longer than anyone
+/// waits, and near `u64::MAX` the deadline overflowed `Instant` in the network thread.
+fn parse_deadsecs(s: &str) -> Result<u64, String> {
+    let max = aoe_initiator::MAX_DEADSECS;
+    match s.trim().parse::<u64>() {
+        Ok(v) if v <= max => Ok(v),
+        _ => Err(format!(
+            "--deadsecs {s} is not from 0 to {max} seconds (0: a device is never declared down)"
+        )),
+    }
 }
 
 /// Runs `aoe initiator`.

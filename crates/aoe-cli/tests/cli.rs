@@ -289,3 +289,62 @@ fn cfg_refuses_out_of_range_and_junk_arguments() {
         assert!(err.contains("aoe-no-such-if0"), "{args:?}: {err}");
     }
 }
+
+/// Audit (s7): `aoe serve --probe-ms 18446744073709551615` (or `probe_ms` so in its TOML
+/// file) started a probe that never ended, deaf to SIGTERM, and never served; `aoe
+/// initiator --deadsecs 18446744073709551615` panicked its network thread ("overflow when
+/// adding duration to instant") and left a daemon that answered nothing. Each is now
+/// refused before anything is opened, naming the flag and its range (0 stays "no probe" /
+/// "never down"); the largest accepted value is still taken.
+#[test]
+fn duration_flags_out_of_range_are_refused_with_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let serve =
+        |ms: &str| run_bounded(&["serve", "--probe-ms", ms, "1", "1", "lo", &img, "--check"]);
+    for ms in ["18446744073709551615", "3600000", "10001"] {
+        let o = serve(ms);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "--probe-ms {ms}: {o:?}");
+        assert!(
+            err.contains(&format!("probe_ms {ms}")) && err.contains("0 to 10000"),
+            "--probe-ms {ms}: {err}"
+        );
+    }
+    for ms in ["0", "10000"] {
+        let o = serve(ms);
+        assert!(o.status.success(), "--probe-ms {ms}: {o:?}");
+    }
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "probe_ms = 99999999\n[[export]]\npath = \"{img}\"\nshelf = 1\nslot = 1\n\
+             interfaces = [\"lo\"]\n"
+        ),
+    )
+    .unwrap();
+    let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(err.contains("probe_ms 99999999"), "{err}");
+
+    let root = dir.path().join("root");
+    for secs in ["18446744073709551615", "86401"] {
+        let o = run_bounded(&[
+            "initiator",
+            "--root",
+            root.to_str().unwrap(),
+            "--deadsecs",
+            secs,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--deadsecs {secs}: {o:?}");
+        assert!(
+            err.contains(&format!("--deadsecs {secs}")) && err.contains("0 to 86400"),
+            "--deadsecs {secs}: {err}"
+        );
+    }
+}

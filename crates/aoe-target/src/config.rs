@@ -204,6 +204,15 @@ pub enum ConfigError {
     /// thousands exhaust the process's memory maps while starting.
     #[error("workers must be from 1 to {MAX_WORKERS}, not {0}")]
     Workers(usize),
+    /// `probe_ms` (`--probe-ms`) past [`crate::probe::MAX_PROBE`]: the start (or reload)
+    /// would wait that long before serving, deaf to SIGTERM at start, and a value near
+    /// `u64::MAX` never ends. The user's mistake.
+    #[error(
+        "--probe-ms / probe_ms {0} is not from 0 to {max} ms (0: no probe; targets answer a \
+         Query Config within milliseconds)",
+        max = crate::probe::MAX_PROBE.as_millis()
+    )]
+    Probe(u128),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -530,6 +539,9 @@ impl ServeConfig {
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(ConfigError::Workers(self.workers));
+        }
+        if self.probe > crate::probe::MAX_PROBE {
+            return Err(ConfigError::Probe(self.probe.as_millis()));
         }
         let mut seen = HashSet::new();
         for e in &self.exports {
