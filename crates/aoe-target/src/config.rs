@@ -126,6 +126,39 @@ impl CephOptions {
     }
 }
 
+/// Settings given on the command line next to `--config` (`--state-dir`, `--workers`,
+/// `--allow-duplicate`, `--probe-ms`): they win over the file's keys, at start and at
+/// every reload, which re-reads the file alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--allow-duplicate` (only ever turns it on).
+    pub allow_duplicate: bool,
+    /// `--probe-ms`.
+    pub probe: Option<Duration>,
+}
+
+impl Overrides {
+    /// Applies the overrides to a configuration loaded from its file.
+    pub fn apply(&self, cfg: &mut ServeConfig) {
+        if let Some(d) = &self.state_dir {
+            cfg.state_dir = Some(d.clone());
+        }
+        if let Some(w) = self.workers {
+            cfg.workers = w;
+        }
+        if self.allow_duplicate {
+            cfg.allow_duplicate = true;
+        }
+        if let Some(p) = self.probe {
+            cfg.probe = p;
+        }
+    }
+}
+
 /// Everything `aoe serve` runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServeConfig {
