@@ -348,3 +348,28 @@ fn duration_flags_out_of_range_are_refused_with_the_range() {
         );
     }
 }
+
+/// Audit (s7): a TOML syntax error in `aoe serve --config` printed the parser's message as
+/// is, over two lines (`FILE:2:1: invalid array` / ``expected `]` ``), at start and in the
+/// reload's log line, where the README promises one line naming line and column.
+#[test]
+fn serve_config_syntax_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("serve.toml");
+    for text in [
+        "garbage = [\n",
+        "[[export]]\npath = \"x\nshelf = 1\n",
+        "a = 1\na = 2\n",
+    ] {
+        std::fs::write(&conf, text).unwrap();
+        let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{text:?}: {o:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{text:?}: not one line: {err}"
+        );
+        assert!(err.contains("serve.toml:"), "{text:?}: {err}");
+    }
+}

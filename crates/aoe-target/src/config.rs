@@ -413,7 +413,9 @@ impl ServeConfig {
         let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_path_buf(),
             at: e.span().map(|r| line_column(text, r.start)),
-            message: e.message().to_string(),
+            // toml's messages may run over several lines (`invalid array` / `expected
+            // `]``): one line, as every other configuration error.
+            message: e.message().trim_end().replace('\n', "; "),
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         let mut exports = Vec::new();
