@@ -373,3 +373,28 @@ fn serve_config_syntax_errors_are_one_line() {
         assert!(err.contains("serve.toml:"), "{text:?}: {err}");
     }
 }
+
+/// Audit (s7): `aoe bench --min-rto-us 5000000` was taken and silently capped: every
+/// timeout is at most 2 s (the generator's cap), so a floor above it did nothing; and
+/// `--spin-us` took any value. Both are now refused by the parser (exit 2) with the range,
+/// before any socket; a value in range still reaches the interface lookup (exit 1).
+#[test]
+fn bench_tuning_flags_out_of_range_are_refused() {
+    for (flag, v, range) in [
+        ("--min-rto-us", "2000001", "0..=2000000"),
+        ("--min-rto-us", "18446744073709551615", "0..=2000000"),
+        ("--spin-us", "1000001", "0..=1000000"),
+    ] {
+        let o = run_bounded(&["bench", flag, v, "--target", "1.1", "aoe-no-such-if0"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {v}: {o:?}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {v}: {err}"
+        );
+    }
+    for (flag, v) in [("--min-rto-us", "2000000"), ("--spin-us", "0")] {
+        let o = run_bounded(&["bench", flag, v, "--target", "1.1", "aoe-no-such-if0"]);
+        assert_eq!(o.status.code(), Some(1), "{flag} {v}: {o:?}");
+    }
+}
