@@ -398,3 +398,29 @@ fn bench_tuning_flags_out_of_range_are_refused() {
         assert_eq!(o.status.code(), Some(1), "{flag} {v}: {o:?}");
     }
 }
+
+/// Audit (s7): `aoe-interfaces NOSUCHIF` printed aoetools' line (`aoe-interfaces Error:
+/// "X" is not a network interface`) and then a second one of its own (`aoe: not a network
+/// interface: X`); aoetools' script prints the first and exits 1. The check comes before
+/// ROOT is written, so a directory with a `discover` file stands in for an initiator.
+#[test]
+fn interfaces_reports_a_bad_name_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("discover"), "").unwrap();
+    let o = run_bounded(&[
+        "interfaces",
+        "--root",
+        dir.path().to_str().unwrap(),
+        "aoe-no-such-if0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(
+        err,
+        "aoe-interfaces Error: \"aoe-no-such-if0\" is not a network interface\n"
+    );
+    assert!(
+        !dir.path().join("interfaces").exists(),
+        "ROOT/interfaces written"
+    );
+}
