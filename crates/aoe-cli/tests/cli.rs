@@ -424,3 +424,55 @@ fn interfaces_reports_a_bad_name_once() {
         "ROOT/interfaces written"
     );
 }
+
+/// Audit (s7): `aoe target monitor -i 31` failed after 30 s with `Resource temporarily
+/// unavailable`: the control connection's read timeout (30 s) was shorter than the interval
+/// between the daemon's samples. And `-i 1e30` was taken (a monitor that never prints).
+/// The read timeout now follows the interval, which is at most an hour. A stand-in daemon
+/// answers the request 31 s late (no root needed: it is a Unix socket in a temporary
+/// directory).
+#[test]
+fn target_monitor_waits_as_long_as_its_interval() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("serve.sock");
+    let o = run_bounded(&[
+        "target",
+        "--control",
+        sock.to_str().unwrap(),
+        "monitor",
+        "-i",
+        "3601",
+        "-c",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("-i 3601") && err.contains("3600"), "{err}");
+
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // The daemon's first sample comes at once, later ones an interval apart; here the
+        // answer comes after 31 s, past the old fixed 30 s.
+        std::thread::sleep(std::time::Duration::from_secs(31));
+        let _ = writeln!(&s, "{{\"ok\":false,\"error\":\"late-answer\"}}");
+        line
+    });
+    let out = Command::new(AOE)
+        .args(["target", "--control", sock.to_str().unwrap()])
+        .args(["monitor", "-i", "40", "-c", "1"])
+        .output()
+        .unwrap();
+    let req = server.join().unwrap();
+    assert!(req.contains("\"interval_ms\":40000"), "{req}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("late-answer"),
+        "gave up before the answer: {err}"
+    );
+}
