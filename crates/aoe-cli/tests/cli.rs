@@ -476,3 +476,38 @@ fn target_monitor_waits_as_long_as_its_interval() {
         "gave up before the answer: {err}"
     );
 }
+
+/// Audit (s7): `aoe read --timeout 18446744073709551615` panicked ("overflow when adding
+/// duration to instant"), `--timeout 0` gave up before any answer could come ("no answer
+/// within 0ns"), and `aoe sancheck --wait 18446744073709551615` probed for ever. Both are
+/// now 1 to 3600 seconds, refused by the parser (exit 2) before any socket.
+#[test]
+fn read_and_sancheck_waits_out_of_range_are_refused() {
+    for args in [
+        &[
+            "read",
+            "--timeout",
+            "18446744073709551615",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ][..],
+        &[
+            "read",
+            "--timeout",
+            "0",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ],
+        &["sancheck", "--wait", "18446744073709551615"],
+        &["sancheck", "--wait", "0"],
+    ] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        assert!(err.contains("1..=3600"), "{args:?}: {err}");
+    }
+}
