@@ -511,3 +511,23 @@ fn read_and_sancheck_waits_out_of_range_are_refused() {
         assert!(err.contains("1..=3600"), "{args:?}: {err}");
     }
 }
+
+/// Audit (s7): `sos-linux --err-wait-ms 18446744073709551615` waited for ever for a first
+/// `err` line when none was queued (the initiator's `err` blocks until one comes). It is now
+/// 0 to 60000 ms, refused by the parser (exit 2) before anything is read or written.
+#[test]
+fn sos_linux_err_wait_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.txt");
+    let o = run_bounded(&[
+        "sos-linux",
+        "--err-wait-ms",
+        "18446744073709551615",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("0..=60000"), "{err}");
+    assert!(!out.exists(), "a report was written");
+}
