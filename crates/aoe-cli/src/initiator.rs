@@ -19,7 +19,9 @@ SIGTERM or SIGINT while a device or partition file is open, a --loop device is i
 in use, keeps serving, and exits once they are all closed. SIGQUIT (kill -QUIT PID, or\n\
 Ctrl-\\) stops it at once anyway: their I/O fails from then on.\n\
 One daemon per ROOT: a ROOT that is already mounted is refused. One daemon per network\n\
-namespace: a second would send from the same MACs and take the first one's answers."
+namespace, even with disjoint --iflist: one serves any number of interfaces (add more with\n\
+aoe-interfaces --root ROOT IF...); for a second, move its interfaces into a namespace of\n\
+their own (ip link set IF netns NS) and start it there."
 )]
 pub struct InitiatorArgs {
     /// Where control and device files appear.
@@ -28,8 +30,9 @@ pub struct InitiatorArgs {
     /// Whitespace-separated interfaces AoE may use (like aoe_iflist); default: all.
     #[arg(long, value_name = "\"IF ...\"")]
     iflist: Option<String>,
-    /// Seconds without an answer before a device is down (like aoe_deadsecs); 0 = forever.
-    #[arg(long, default_value_t = 180, value_name = "N")]
+    /// Seconds without an answer before a device is down (like aoe_deadsecs), 0 to 86400;
+    /// 0 = forever.
+    #[arg(long, default_value_t = 180, value_name = "N", value_parser = parse_deadsecs)]
     deadsecs: u64,
     /// Cap on outstanding frames per target (like aoe_maxout). The default, 128, is what the
     /// driver's admin guide documents; the driver's code uses 64.
@@ -61,6 +64,19 @@ pub struct InitiatorArgs {
     nbd_tcp_any: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
+}
+
+/// `--deadsecs`: 0 (never down) to [`aoe_initiator::MAX_DEADSECS`]. The driver's
+/// `aoe_deadsecs` is an int; past a day a dead target would hold I/O for longer than anyone
+/// waits, and near `u64::MAX` the deadline overflowed `Instant` in the network thread.
+fn parse_deadsecs(s: &str) -> Result<u64, String> {
+    let max = aoe_initiator::MAX_DEADSECS;
+    match s.trim().parse::<u64>() {
+        Ok(v) if v <= max => Ok(v),
+        _ => Err(format!(
+            "--deadsecs {s} is not from 0 to {max} seconds (0: a device is never declared down)"
+        )),
+    }
 }
 
 /// Runs `aoe initiator`.
@@ -168,11 +184,19 @@ fn claim_network_namespace() -> Result<std::os::unix::net::UnixListener> {
     match std::os::unix::net::UnixListener::bind_addr(&addr) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let who = claim_holder().map_or(String::new(), |pid| format!(", pid {pid}"));
+            let holder = claim_holder();
+            let who = holder.map_or(String::new(), |pid| format!(", pid {pid}"));
+            let root = holder
+                .and_then(holder_root)
+                .unwrap_or_else(|| "ITS_ROOT".into());
             anyhow::bail!(
-                "another aoe initiator runs in this network namespace{who}; two would send \
-                 from the same MACs and take each other's answers: stop it, or run this one \
-                 in a network namespace of its own"
+                "another aoe initiator runs in this network namespace{who}, with ROOT {root}; \
+                 one initiator serves every interface it is given, so add yours to its list \
+                 (aoe-interfaces --root {root} IF..., or write them to {root}/interfaces) or \
+                 move the interfaces into a network namespace of their own (ip link set IF \
+                 netns NS) and start this one there; two in one namespace are refused even \
+                 with disjoint --iflist, since either list can be rewritten at run time \
+                 ({root}/interfaces) and two on one interface take each other's answers"
             )
         }
         Err(e) => Err(e).context("cannot bind the abstract socket @aoe-initiator"),
@@ -197,6 +221,25 @@ fn claim_holder() -> Option<u32> {
             .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == &*link))
             .then_some(pid)
     })
+}
+
+/// The ROOT of the initiator `pid` (its `--root DIR` or `--root=DIR`, else the default
+/// `/dev/etherd`), read from its command line; `None` if that cannot be read.
+fn holder_root(pid: u32) -> Option<String> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmd
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let root = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--root") {
+            Some("") => args.get(i + 1).cloned(),
+            Some(v) => v.strip_prefix('=').map(str::to_string),
+            None => None,
+        });
+    Some(root.unwrap_or_else(|| "/dev/etherd".into()))
 }
 
 /// Resolves `--nbd-tcp ADDR:PORT` (a name such as `localhost:10809` too) and refuses an

@@ -281,6 +281,7 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
             ("malformed", e.malformed),
             ("user_tag", e.user_tags),
             ("wildcard_config", e.wildcard_rejected),
+            ("group_source", e.group_source),
             ("unknown_device", e.unknown_device),
             ("tx_buffer_too_small", e.tx_buffer_too_small),
             ("device_cap", e.devices_refused),

@@ -35,8 +35,9 @@ pub struct ReadArgs {
     /// Sectors to read (default: to the end of the device).
     #[arg(long)]
     count: Option<u64>,
-    /// Seconds to wait for each answer before giving up (retransmitting every 200 ms).
-    #[arg(long, default_value_t = 5)]
+    /// Seconds to wait for each answer before giving up (retransmitting every 200 ms),
+    /// 1 to 3600.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use aoe_target::config::{DEFAULT_BUFFER_COUNT, DEFAULT_WORKERS};
-use aoe_target::{CephOptions, Control, Daemon, ExportSpec, IoMode, ServeConfig};
+use aoe_target::{CephOptions, Control, Daemon, ExportSpec, IoMode, Overrides, ServeConfig};
 use aoe_wire::MacAddr;
 use clap::Args;
 
@@ -141,6 +141,16 @@ fn export_flags_given(a: &ServeArgs) -> Vec<&'static str> {
     v
 }
 
+/// The settings given next to `--config` that win over its file, at start and on reload.
+fn overrides(a: &ServeArgs) -> Overrides {
+    Overrides {
+        state_dir: a.state_dir.clone(),
+        workers: a.workers,
+        allow_duplicate: a.allow_duplicate,
+        probe: a.probe_ms.map(std::time::Duration::from_millis),
+    }
+}
+
 fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
     if let Some(path) = &a.config {
         let given = export_flags_given(a);
@@ -154,18 +164,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             .into());
         }
         let mut cfg = ServeConfig::load(path)?;
-        if let Some(d) = &a.state_dir {
-            cfg.state_dir = Some(d.clone());
-        }
-        if let Some(w) = a.workers {
-            cfg.workers = w;
-        }
-        if a.allow_duplicate {
-            cfg.allow_duplicate = true;
-        }
-        if let Some(ms) = a.probe_ms {
-            cfg.probe = std::time::Duration::from_millis(ms);
-        }
+        overrides(a).apply(&mut cfg);
         cfg.io = a.io.into();
         return Ok((cfg, Some(path.clone())));
     }
@@ -239,6 +238,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let cfg_control = cfg.control.clone();
     let control = Control::with_signals().context("cannot install signal handlers")?;
     let mut daemon = Daemon::new(cfg, path)?;
+    daemon.set_overrides(overrides(&a));
     if let Some(addr) = a.metrics.metrics {
         let obs = daemon.observer();
         crate::metrics::serve(addr, move || crate::metrics::target_text(&obs))?;

@@ -94,8 +94,8 @@ struct Which {
 struct MonitorArgs {
     /// Only this export, SHELF.SLOT or eSHELF.SLOT.
     target: Option<String>,
-    /// Seconds between lines (at least 0.1).
-    #[arg(short = 'i', long, default_value_t = 1.0, value_name = "SECONDS")]
+    /// Seconds between lines, 0.1 to 3600.
+    #[arg(short = 'i', long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     interval: f64,
     /// Stop after COUNT intervals [default: until interrupted].
     #[arg(short = 'c', long, value_name = "COUNT")]
@@ -337,14 +337,27 @@ fn lists(out: &mut String, s: &Snapshot, f: fn(&ExportStatus) -> &Vec<String>, e
     }
 }
 
+/// `monitor -i`: 0.1 s (the daemon's floor) to an hour; NaN, infinities and the rest are
+/// usage errors, before anything is connected.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.1..=MAX_INTERVAL_S).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "-i {s}: the interval is from 0.1 to {MAX_INTERVAL_S} seconds"
+        )),
+    }
+}
+
+/// The longest `monitor -i`, in seconds.
+const MAX_INTERVAL_S: f64 = 3600.0;
+
 /// ggaoectl `monitor`: rates over each interval, a line per export.
 fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
-    if !(m.interval.is_finite() && m.interval >= 0.1) {
-        return Err(crate::tools::usage(format!(
-            "-i {}: the interval is at least 0.1 seconds",
-            m.interval
-        )));
-    }
+    // The daemon answers once per interval: the connection's fixed 30 s read timeout
+    // would give up between two samples of a longer one.
+    c.w.set_read_timeout(Some(
+        Duration::from_secs_f64(m.interval) + Duration::from_secs(30),
+    ))?;
     let ms = (m.interval * 1000.0) as u64;
     // One sample more than lines: rates need a previous sample.
     let count = m.count.map(|n| n + 1);

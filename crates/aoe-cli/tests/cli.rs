@@ -218,3 +218,316 @@ fn ping_refuses_an_address_that_names_no_one_target() {
         assert!(err.contains(named), "{shelf} {slot}: {err}");
     }
 }
+
+/// Runs `aoe ARGS` with stdin closed; fails the test if it is still running after 20 s.
+fn run_bounded(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(AOE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run aoe");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("aoe {args:?} still running after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Audit (s7): `aoecfg 70000 1 IF` asked shelf 4464 and `aoecfg 1 300 IF` slot 44 (C's
+/// strtoul cast to the field's width; aoetools 36's aoecfg wraps alike, checked in a
+/// namespace: `aoecfg -t 1 65537 1 IF` prints shelf 1's string), and a shelf of `abc` was
+/// shelf 0; `-t -3` or `-t abc` waited for ever (aoetools: `select: Invalid argument`, exit 1,
+/// or for ever). Each is now a usage error (exit 2) naming the argument and its range, before
+/// any socket is opened; a name that is no interface shows the check comes first.
+#[test]
+fn cfg_refuses_out_of_range_and_junk_arguments() {
+    for (args, named) in [
+        (&["70000", "1"][..], "shelf 70000"),
+        (&["65536", "1"], "shelf 65536"),
+        (&["1", "300"], "slot 300"),
+        (&["1", "256"], "slot 256"),
+        (&["abc", "1"], "shelf abc"),
+        (&["1x", "1"], "shelf 1x"),
+        (&["1", "0x100"], "slot 0x100"),
+        (&["-t", "-3", "1", "1"], "-t -3"),
+        (&["-t", "abc", "1", "1"], "-t abc"),
+    ] {
+        let mut a = vec!["cfg"];
+        a.extend_from_slice(args);
+        a.push("aoe-no-such-if0");
+        let o = run_bounded(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        assert!(err.contains(named), "{args:?}: {named:?} not named: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+    }
+    // The whole range, broadcast included, in strtoul's bases, still reaches the interface
+    // lookup (exit 1 naming the interface).
+    for args in [
+        &["65535", "255"][..],
+        &["0xffff", "0xff"],
+        &["0", "0"],
+        &["010", "7"],
+        &["-t", "0", "1", "1"],
+    ] {
+        let mut a = vec!["cfg"];
+        a.extend_from_slice(args);
+        a.push("aoe-no-such-if0");
+        let o = run_bounded(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        assert!(err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+    }
+}
+
+/// Audit (s7): `aoe serve --probe-ms 18446744073709551615` (or `probe_ms` so in its TOML
+/// file) started a probe that never ended, deaf to SIGTERM, and never served; `aoe
+/// initiator --deadsecs 18446744073709551615` panicked its network thread ("overflow when
+/// adding duration to instant") and left a daemon that answered nothing. Each is now
+/// refused before anything is opened, naming the flag and its range (0 stays "no probe" /
+/// "never down"); the largest accepted value is still taken.
+#[test]
+fn duration_flags_out_of_range_are_refused_with_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let serve =
+        |ms: &str| run_bounded(&["serve", "--probe-ms", ms, "1", "1", "lo", &img, "--check"]);
+    for ms in ["18446744073709551615", "3600000", "10001"] {
+        let o = serve(ms);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "--probe-ms {ms}: {o:?}");
+        assert!(
+            err.contains(&format!("probe_ms {ms}")) && err.contains("0 to 10000"),
+            "--probe-ms {ms}: {err}"
+        );
+    }
+    for ms in ["0", "10000"] {
+        let o = serve(ms);
+        assert!(o.status.success(), "--probe-ms {ms}: {o:?}");
+    }
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "probe_ms = 99999999\n[[export]]\npath = \"{img}\"\nshelf = 1\nslot = 1\n\
+             interfaces = [\"lo\"]\n"
+        ),
+    )
+    .unwrap();
+    let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(err.contains("probe_ms 99999999"), "{err}");
+
+    let root = dir.path().join("root");
+    for secs in ["18446744073709551615", "86401"] {
+        let o = run_bounded(&[
+            "initiator",
+            "--root",
+            root.to_str().unwrap(),
+            "--deadsecs",
+            secs,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--deadsecs {secs}: {o:?}");
+        assert!(
+            err.contains(&format!("--deadsecs {secs}")) && err.contains("0 to 86400"),
+            "--deadsecs {secs}: {err}"
+        );
+    }
+}
+
+/// Audit (s7): a TOML syntax error in `aoe serve --config` printed the parser's message as
+/// is, over two lines (`FILE:2:1: invalid array` / ``expected `]` ``), at start and in the
+/// reload's log line, where the README promises one line naming line and column.
+#[test]
+fn serve_config_syntax_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("serve.toml");
+    for text in [
+        "garbage = [\n",
+        "[[export]]\npath = \"x\nshelf = 1\n",
+        "a = 1\na = 2\n",
+    ] {
+        std::fs::write(&conf, text).unwrap();
+        let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{text:?}: {o:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{text:?}: not one line: {err}"
+        );
+        assert!(err.contains("serve.toml:"), "{text:?}: {err}");
+    }
+}
+
+/// Audit (s7): `aoe bench --min-rto-us 5000000` was taken and silently capped: every
+/// timeout is at most 2 s (the generator's cap), so a floor above it did nothing; and
+/// `--spin-us` took any value. Both are now refused by the parser (exit 2) with the range,
+/// before any socket; a value in range still reaches the interface lookup (exit 1).
+#[test]
+fn bench_tuning_flags_out_of_range_are_refused() {
+    for (flag, v, range) in [
+        ("--min-rto-us", "2000001", "0..=2000000"),
+        ("--min-rto-us", "18446744073709551615", "0..=2000000"),
+        ("--spin-us", "1000001", "0..=1000000"),
+    ] {
+        let o = run_bounded(&["bench", flag, v, "--target", "1.1", "aoe-no-such-if0"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {v}: {o:?}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {v}: {err}"
+        );
+    }
+    for (flag, v) in [("--min-rto-us", "2000000"), ("--spin-us", "0")] {
+        let o = run_bounded(&["bench", flag, v, "--target", "1.1", "aoe-no-such-if0"]);
+        assert_eq!(o.status.code(), Some(1), "{flag} {v}: {o:?}");
+    }
+}
+
+/// Audit (s7): `aoe-interfaces NOSUCHIF` printed aoetools' line (`aoe-interfaces Error:
+/// "X" is not a network interface`) and then a second one of its own (`aoe: not a network
+/// interface: X`); aoetools' script prints the first and exits 1. The check comes before
+/// ROOT is written, so a directory with a `discover` file stands in for an initiator.
+#[test]
+fn interfaces_reports_a_bad_name_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("discover"), "").unwrap();
+    let o = run_bounded(&[
+        "interfaces",
+        "--root",
+        dir.path().to_str().unwrap(),
+        "aoe-no-such-if0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(
+        err,
+        "aoe-interfaces Error: \"aoe-no-such-if0\" is not a network interface\n"
+    );
+    assert!(
+        !dir.path().join("interfaces").exists(),
+        "ROOT/interfaces written"
+    );
+}
+
+/// Audit (s7): `aoe target monitor -i 31` failed after 30 s with `Resource temporarily
+/// unavailable`: the control connection's read timeout (30 s) was shorter than the interval
+/// between the daemon's samples. And `-i 1e30` was taken (a monitor that never prints).
+/// The read timeout now follows the interval, which is at most an hour. A stand-in daemon
+/// answers the request 31 s late (no root needed: it is a Unix socket in a temporary
+/// directory).
+#[test]
+fn target_monitor_waits_as_long_as_its_interval() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("serve.sock");
+    let o = run_bounded(&[
+        "target",
+        "--control",
+        sock.to_str().unwrap(),
+        "monitor",
+        "-i",
+        "3601",
+        "-c",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("-i 3601") && err.contains("3600"), "{err}");
+
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // The daemon's first sample comes at once, later ones an interval apart; here the
+        // answer comes after 31 s, past the old fixed 30 s.
+        std::thread::sleep(std::time::Duration::from_secs(31));
+        let _ = writeln!(&s, "{{\"ok\":false,\"error\":\"late-answer\"}}");
+        line
+    });
+    let out = Command::new(AOE)
+        .args(["target", "--control", sock.to_str().unwrap()])
+        .args(["monitor", "-i", "40", "-c", "1"])
+        .output()
+        .unwrap();
+    let req = server.join().unwrap();
+    assert!(req.contains("\"interval_ms\":40000"), "{req}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("late-answer"),
+        "gave up before the answer: {err}"
+    );
+}
+
+/// Audit (s7): `aoe read --timeout 18446744073709551615` panicked ("overflow when adding
+/// duration to instant"), `--timeout 0` gave up before any answer could come ("no answer
+/// within 0ns"), and `aoe sancheck --wait 18446744073709551615` probed for ever. Both are
+/// now 1 to 3600 seconds, refused by the parser (exit 2) before any socket.
+#[test]
+fn read_and_sancheck_waits_out_of_range_are_refused() {
+    for args in [
+        &[
+            "read",
+            "--timeout",
+            "18446744073709551615",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ][..],
+        &[
+            "read",
+            "--timeout",
+            "0",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ],
+        &["sancheck", "--wait", "18446744073709551615"],
+        &["sancheck", "--wait", "0"],
+    ] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        assert!(err.contains("1..=3600"), "{args:?}: {err}");
+    }
+}
+
+/// Audit (s7): `sos-linux --err-wait-ms 18446744073709551615` waited for ever for a first
+/// `err` line when none was queued (the initiator's `err` blocks until one comes). It is now
+/// 0 to 60000 ms, refused by the parser (exit 2) before anything is read or written.
+#[test]
+fn sos_linux_err_wait_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.txt");
+    let o = run_bounded(&[
+        "sos-linux",
+        "--err-wait-ms",
+        "18446744073709551615",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("0..=60000"), "{err}");
+    assert!(!out.exists(), "a report was written");
+}

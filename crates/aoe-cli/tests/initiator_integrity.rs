@@ -463,6 +463,12 @@ fn second_initiator_on_a_mounted_root_is_refused() {
 /// another ROOT, ran beside it: both send from the interface's MAC with tags from the same
 /// counter and clock, so each could take the other's answers. It now exits 1 naming the
 /// first one's pid, mounts nothing, and the first keeps working.
+///
+/// Audit (s7): also with an `--iflist` disjoint from the first one's. Refused still (the
+/// kernel driver is one per machine, one initiator serves any number of interfaces, and
+/// either list can be rewritten at run time through ROOT/interfaces), but the error now
+/// says how to get there: the first one's ROOT and `aoe-interfaces --root ROOT`, or a
+/// network namespace of its own; it used to say only "stop it".
 #[test]
 fn second_initiator_in_one_network_namespace_is_refused() {
     let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
@@ -470,7 +476,7 @@ fn second_initiator_in_one_network_namespace_is_refused() {
     let root2 = rig.dir.path().join("root2");
     let mut c = Command::new(AOE);
     c.args(["initiator", "--root", root2.to_str().unwrap()])
-        .args(["--iflist", &rig.init_if]);
+        .args(["--iflist", "aoe-disjoint0"]);
     let mut second = rig.init_ns.spawn(c).unwrap();
     let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
     let out = second.output_so_far();
@@ -487,6 +493,18 @@ fn second_initiator_in_one_network_namespace_is_refused() {
         out.contains(&want),
         "second initiator said:\n{out}\nwant: {want}"
     );
+    let root1 = rig.root.display();
+    for want in [
+        format!("with ROOT {root1}"),
+        format!("aoe-interfaces --root {root1}"),
+        "ip link set IF netns".to_string(),
+        "disjoint --iflist".to_string(),
+    ] {
+        assert!(
+            out.contains(&want),
+            "second initiator said:\n{out}\nwant: {want}"
+        );
+    }
     assert!(
         !root2.join("discover").exists(),
         "the second initiator mounted its ROOT"

@@ -249,3 +249,52 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
     );
     target.stop().expect("stop aoe serve");
 }
+
+/// Audit (s7): `aoe serve --config FILE` with `--probe-ms`, `--state-dir`, `--workers` or
+/// `--allow-duplicate` took them at start, and a SIGHUP reloaded the file alone, so they
+/// were silently dropped: here the reload that adds an export probed for the default 1000
+/// ms although `--probe-ms 0` was given (and a `--state-dir` given so stopped being used
+/// for new state). The command line's overrides now apply to every reload too.
+#[test]
+fn sighup_keeps_the_command_lines_overrides() {
+    aoe_testkit::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("d.img");
+    fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+    let conf = dir.path().join("serve.toml");
+    let target_ns = Netns::new("aoeko").expect("target namespace");
+    let peer_ns = Netns::new("aoekp").expect("peer namespace");
+    let veth = VethPair::new(&target_ns, &peer_ns, 1500).expect("veth pair");
+    let ifname = veth.a_name().to_owned();
+    write_conf(&conf, &ifname, &img, None);
+    let mut cmd = Command::new(AOE);
+    cmd.args(["serve", "--probe-ms", "0", "--config"])
+        .arg(&conf);
+    let mut t: NsChild = target_ns.spawn(cmd).expect("start aoe serve");
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .output_so_far()
+            .contains("control socket listening")),
+        "aoe serve did not start: {}",
+        t.output_so_far()
+    );
+    let other = dir.path().join("other.img");
+    fs::write(&other, vec![0u8; 1 << 20]).expect("second image");
+    write_conf(&conf, &ifname, &img, Some((&other, false)));
+    run_ok(Command::new("kill").args(["-HUP", &t.pid().to_string()]));
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &t.output_so_far(),
+            "configuration reloaded"
+        ) == 1),
+        "no reload: {}",
+        t.output_so_far()
+    );
+    let log = t.output_so_far();
+    t.stop().ok();
+    assert_eq!(
+        count(&log, "probing the segment"),
+        0,
+        "--probe-ms 0 was dropped by the reload:\n{log}"
+    );
+}

@@ -41,6 +41,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aoe_proto::initiator::{Config, Engine};
 
+/// The largest `deadsecs` [`Options::check`] accepts: a day (0 means never down).
+pub const MAX_DEADSECS: u64 = 86_400;
+
 /// What `aoe initiator` runs with (the driver's module parameters, plus the mount point).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -62,10 +65,17 @@ pub struct Options {
 }
 
 impl Options {
-    /// Refuses an `iflist` entry that can never be an interface name. Names that do not
+    /// Refuses a `deadsecs` past [`MAX_DEADSECS`] (its deadline would overflow `Instant`)
+    /// and an `iflist` entry that can never be an interface name. Names that do not
     /// exist (yet) are accepted: the list is a name filter, as the driver's `aoe_iflist`
     /// ([`net::Net::sync_interfaces`]).
     pub fn check(&self) -> Result<()> {
+        if self.deadsecs > MAX_DEADSECS {
+            anyhow::bail!(
+                "deadsecs {} is not from 0 to {MAX_DEADSECS} seconds (0: never down)",
+                self.deadsecs
+            );
+        }
         net::check_iflist(&self.iflist).map_err(|e| anyhow::anyhow!("--iflist: {e}"))
     }
 }

@@ -252,6 +252,20 @@ impl Engine {
         if view.dst() != local_mac && !view.dst().is_multicast() {
             return;
         }
+        if view.src().is_multicast() {
+            // No target sends from a group address (the I/G bit marks destinations, IEEE
+            // 802); taken as a target's MAC, every request after it would go to every host
+            // on the segment. The target side refuses group MACs in its mask list alike.
+            self.stats.group_source += 1;
+            let (src, addr) = (view.src(), (view.major(), view.minor()));
+            self.log_peer(now, "group source", || {
+                format!(
+                    "e{}.{}: response from group source {src} on if {iface} ignored",
+                    addr.0, addr.1
+                )
+            });
+            return;
+        }
         if view.tag().0 & Tag::USER_BIT != 0 {
             // `aoenet_rcv`: bit 31 tags belong to aoeping/aoecfg.
             self.stats.user_tags += 1;

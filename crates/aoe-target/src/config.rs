@@ -126,6 +126,39 @@ impl CephOptions {
     }
 }
 
+/// Settings given on the command line next to `--config` (`--state-dir`, `--workers`,
+/// `--allow-duplicate`, `--probe-ms`): they win over the file's keys, at start and at
+/// every reload, which re-reads the file alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--allow-duplicate` (only ever turns it on).
+    pub allow_duplicate: bool,
+    /// `--probe-ms`.
+    pub probe: Option<Duration>,
+}
+
+impl Overrides {
+    /// Applies the overrides to a configuration loaded from its file.
+    pub fn apply(&self, cfg: &mut ServeConfig) {
+        if let Some(d) = &self.state_dir {
+            cfg.state_dir = Some(d.clone());
+        }
+        if let Some(w) = self.workers {
+            cfg.workers = w;
+        }
+        if self.allow_duplicate {
+            cfg.allow_duplicate = true;
+        }
+        if let Some(p) = self.probe {
+            cfg.probe = p;
+        }
+    }
+}
+
 /// Everything `aoe serve` runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServeConfig {
@@ -204,6 +237,15 @@ pub enum ConfigError {
     /// thousands exhaust the process's memory maps while starting.
     #[error("workers must be from 1 to {MAX_WORKERS}, not {0}")]
     Workers(usize),
+    /// `probe_ms` (`--probe-ms`) past [`crate::probe::MAX_PROBE`]: the start (or reload)
+    /// would wait that long before serving, deaf to SIGTERM at start, and a value near
+    /// `u64::MAX` never ends. The user's mistake.
+    #[error(
+        "--probe-ms / probe_ms {0} is not from 0 to {max} ms (0: no probe; targets answer a \
+         Query Config within milliseconds)",
+        max = crate::probe::MAX_PROBE.as_millis()
+    )]
+    Probe(u128),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -371,7 +413,9 @@ impl ServeConfig {
         let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_path_buf(),
             at: e.span().map(|r| line_column(text, r.start)),
-            message: e.message().to_string(),
+            // toml's messages may run over several lines (`invalid array` / `expected
+            // `]``): one line, as every other configuration error.
+            message: e.message().trim_end().replace('\n', "; "),
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         let mut exports = Vec::new();
@@ -530,6 +574,9 @@ impl ServeConfig {
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(ConfigError::Workers(self.workers));
+        }
+        if self.probe > crate::probe::MAX_PROBE {
+            return Err(ConfigError::Probe(self.probe.as_millis()));
         }
         let mut seen = HashSet::new();
         for e in &self.exports {

@@ -137,6 +137,8 @@ impl WriteByte for &UnixStream {
 /// A running target.
 pub struct Daemon {
     config_path: Option<PathBuf>,
+    /// The command line's settings next to `--config`, applied to every reload.
+    overrides: crate::config::Overrides,
     config: ServeConfig,
     ifaces: Vec<IfaceRt>,
     exports: HashMap<u32, ExportRt>,
@@ -197,6 +199,7 @@ impl Daemon {
             .unwrap_or_else(|_| "localhost".into());
         let mut d = Daemon {
             config_path,
+            overrides: Default::default(),
             config: ServeConfig::default(),
             ifaces: Vec::new(),
             exports: HashMap::new(),
@@ -379,12 +382,23 @@ impl Daemon {
         }
     }
 
+    /// Sets the command line's settings that every reload applies over the file's
+    /// ([`crate::config::Overrides`]); the caller applied them to the starting
+    /// configuration already.
+    pub fn set_overrides(&mut self, o: crate::config::Overrides) {
+        self.overrides = o;
+    }
+
     fn reload(&mut self) {
         let Some(path) = self.config_path.clone() else {
             tracing::warn!("SIGHUP ignored: not started with --config");
             return;
         };
-        match ServeConfig::load(&path).map_err(anyhow::Error::from) {
+        let loaded = ServeConfig::load(&path).map(|mut c| {
+            self.overrides.apply(&mut c);
+            c
+        });
+        match loaded.map_err(anyhow::Error::from) {
             Ok(cfg) if cfg.control != self.config.control => {
                 let was = self.config.control.clone();
                 let shown = |c: &Option<PathBuf>| {

@@ -24,5 +24,5 @@ pub mod probe;
 pub mod state;
 
 pub use backing::CEPH_CONNECT_TIMEOUT;
-pub use config::{CephOptions, ExportSpec, IoMode, ServeConfig};
+pub use config::{CephOptions, ExportSpec, IoMode, Overrides, ServeConfig};
 pub use daemon::{validate, Control, Daemon};

@@ -31,6 +31,11 @@ use crate::config::ExportSpec;
 /// How long the probe waits for answers when none is configured.
 pub const DEFAULT_PROBE: Duration = Duration::from_secs(1);
 
+/// The longest probe a configuration may ask for: ten times what a loaded segment needs
+/// ([`DEFAULT_PROBE`]); beyond it a start only waits longer (unstoppable at start: the
+/// probe runs before the daemon's loop reads SIGTERM).
+pub const MAX_PROBE: Duration = Duration::from_secs(10);
+
 /// Another target answering for one of our addresses, or two of our exports meeting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Duplicate {

@@ -161,6 +161,9 @@ struct Rto {
     min: f64,
 }
 
+/// The longest retransmit timeout, in microseconds (2 s): `--min-rto-us` cannot exceed it.
+pub const MAX_RTO_US: u64 = 2_000_000;
+
 impl Rto {
     fn sample(&mut self, rtt: Duration) {
         let r = rtt.as_secs_f64();
@@ -173,14 +176,17 @@ impl Rto {
         }
     }
 
-    /// The timeout of a request sent `tries` times before (doubled per retry, at most 2 s).
+    /// The timeout of a request sent `tries` times before (doubled per retry, at most
+    /// [`MAX_RTO_US`]).
     fn timeout(&self, tries: u32) -> Duration {
         let base = if self.srtt == 0.0 {
             0.05
         } else {
             (self.srtt + 4.0 * self.rttvar).max(self.min)
         };
-        Duration::from_secs_f64((base * f64::from(1u32 << tries.min(6))).min(2.0))
+        Duration::from_secs_f64(
+            (base * f64::from(1u32 << tries.min(6))).min(MAX_RTO_US as f64 / 1e6),
+        )
     }
 }
 

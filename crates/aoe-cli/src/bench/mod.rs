@@ -70,14 +70,15 @@ pub struct BenchArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Microseconds to busy-poll for replies before sleeping in poll(2).
-    #[arg(long, default_value_t = 50)]
+    /// Microseconds to busy-poll for replies before sleeping in poll(2), 0 to 1000000.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     spin_us: u64,
     /// Lower bound of the RTT-adaptive retransmit timeout, in microseconds. The default is
     /// the C cross-check's fixed timeout: on a busy machine scheduling delays reach several
     /// milliseconds, and a lower floor resends requests that were never lost (work the
-    /// target then does twice).
-    #[arg(long, default_value_t = 20_000)]
+    /// target then does twice). 0 to 2000000: every timeout is at most 2 s, so a higher
+    /// floor could not be kept.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(0..=gen::MAX_RTO_US))]
     min_rto_us: u64,
     /// How replies come in: `mmsg`, `recvmmsg` into header-sized buffers, or `ring`, a
     /// PACKET_MMAP RX ring (TPACKET_V2) that keeps only their headers: fewer system calls

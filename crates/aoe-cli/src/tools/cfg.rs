@@ -7,19 +7,25 @@
 //! (for ever without `-t`); a timeout exits 0; an error answer prints `*badcmd*` etc.;
 //! usage errors print aoecfg's usage line and exit 1. Differences: replies shorter than 60
 //! bytes are accepted (aoetools drops them), requests are not padded to 1056 bytes, an
-//! interface name that does not exist is reported by name, and Ctrl-C exits 130 quietly.
+//! interface name that does not exist is reported by name, Ctrl-C exits 130 quietly, and a
+//! SHELF, SLOT or `-t` that is not a whole number in range is a usage error (exit 2): aoecfg
+//! reads SHELF and SLOT with `strtoul` and casts them to the header's 16 and 8 bits, so
+//! `aoecfg 65537 1` asks shelf 1 and `abc` is shelf 0 (checked against aoetools 36 in a
+//! namespace), and a negative `-t` fails in `select` while junk waits for ever.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+
+use super::usage;
 use aoe_wire::{
     Body, Command, ConfigCommand, ConfigPacket, ConfigRepr, HeaderRepr, MacAddr, Message, Tag,
     TargetAddr,
 };
 use clap::Args;
 
-use super::{aoe_frame, atoi, is_answer, open_socket, recv_until, stop_flag, strtoul};
+use super::{aoe_frame, is_answer, open_socket, recv_until, stop_flag};
 
 /// Read or set AoE config strings with raw Query Config frames.
 #[derive(Debug, Args)]
@@ -113,6 +119,27 @@ pub fn answer_json(f: &[u8]) -> serde_json::Value {
     v
 }
 
+/// SHELF or SLOT as aoecfg's `strtoul(s, 0, 0)` reads it (decimal, `0x` hex, leading-`0`
+/// octal), but only a whole number from 0 to `max` (`max` itself is the broadcast address,
+/// every shelf or slot): anything else is a usage error naming it, where aoecfg would send
+/// the number cut to the field's width (AoEr11 section 2: a 16-bit major, an 8-bit minor).
+fn address(s: &str, what: &str, max: u64) -> Result<u64> {
+    let t = s.trim();
+    let (radix, body) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    match u64::from_str_radix(body, radix) {
+        Ok(v) if v <= max && !body.starts_with(['+', '-']) => Ok(v),
+        _ => Err(usage(format!(
+            "{what} {s}: not a {what} address (0 to {max}; {max} asks every {what})"
+        ))),
+    }
+}
+
 /// Runs `aoecfg`.
 pub fn run(a: CfgArgs) -> Result<()> {
     let ccmd = match a.cmd.as_deref() {
@@ -123,12 +150,23 @@ pub fn run(a: CfgArgs) -> Result<()> {
         Some("fset") => ConfigCommand::ForceSet,
         Some(_) => usage_exit(),
     };
-    let timeout = a.timeout.as_deref().map_or(0, atoi);
+    let timeout = match a.timeout.as_deref() {
+        None => 0,
+        Some(t) => match t.trim().parse::<u32>() {
+            Ok(v) => u64::from(v),
+            Err(_) => {
+                return Err(usage(format!(
+                    "-t {t}: not a number of seconds (0 to {}; 0 waits for ever)",
+                    u32::MAX
+                )))
+            }
+        },
+    };
     let (mut shelf, mut slot, mut net) = (0xffffu16, 0xffu8, "eth0".to_string());
     let rest: &[String] = match a.args.as_slice() {
         [s, l, rest @ ..] if rest.len() <= 1 => {
-            shelf = strtoul(s) as u16;
-            slot = strtoul(l) as u8;
+            shelf = address(s, "shelf", 0xffff)? as u16;
+            slot = address(l, "slot", 0xff)? as u8;
             rest
         }
         [_, _, ..] => usage_exit(),
@@ -163,7 +201,7 @@ pub fn run(a: CfgArgs) -> Result<()> {
     .to_vec()
     .map_err(|e| anyhow::anyhow!("config string too long: {e}"))?;
     sock.send(&q)?;
-    let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout as u64));
+    let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout));
     let stop = stop_flag()?;
     let mut buf = vec![0u8; aoe_sys::frame_capacity(sock.info().mtu).max(2048)];
     let mut out = std::io::stdout().lock();
@@ -224,7 +262,19 @@ mod tests {
     }
 
     #[test]
+    fn addresses_in_strtoul_bases_and_range() {
+        assert_eq!(address("0x10", "shelf", 0xffff).unwrap(), 16);
+        assert_eq!(address("010", "shelf", 0xffff).unwrap(), 8);
+        assert_eq!(address("0", "slot", 0xff).unwrap(), 0);
+        assert_eq!(address("255", "slot", 0xff).unwrap(), 255);
+        for bad in ["256", "-1", "+1", "", "0x", "08", "1 2", "x"] {
+            assert!(address(bad, "slot", 0xff).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn atoi_and_strtoul_like_c() {
+        use super::super::{atoi, strtoul};
         assert_eq!(atoi("12x"), 12);
         assert_eq!(atoi("x"), 0);
         assert_eq!(strtoul("0x10"), 16);

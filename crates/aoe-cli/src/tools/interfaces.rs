@@ -7,7 +7,7 @@
 //! caller's network namespace (aoetools tests `/sys/class/net/X`, which shows the namespace
 //! sysfs was mounted in).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::{json_str, RootArg};
@@ -63,10 +63,8 @@ pub fn run(a: InterfacesArgs) -> Result<()> {
         eprintln!("aoe-interfaces Error: \"{i}\" is not a network interface");
     }
     if !bad.is_empty() {
-        bail!(
-            "not a network interface: {}",
-            bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
-        );
+        // Said above, once per name, as aoetools' script says it.
+        super::exit_quietly(1);
     }
     root.control("interfaces", &format!("{}\n", a.interfaces.join(" ")))
 }

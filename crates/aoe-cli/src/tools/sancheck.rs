@@ -41,8 +41,8 @@ pub struct SancheckArgs {
     /// Print JSON instead of aoetools' report.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait after the last useful answer (aoetools: 5).
-    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    /// Seconds to wait after the last useful answer (aoetools: 5), 1 to 3600.
+    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     wait: u64,
 }
 

@@ -38,8 +38,9 @@ pub struct SosArgs {
     /// Where to write the report [default: /tmp/sos-linux-HOSTNAME.txt].
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
-    /// How long to wait for the first line of ROOT/err, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    /// How long to wait for the first line of ROOT/err, in milliseconds, 0 to 60000 (the
+    /// file blocks until a line comes, so a longer wait only delays the report).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     err_wait_ms: u64,
 }
 

@@ -249,6 +249,50 @@ fn wildcard_config_response_rejected() {
         .any(|ev| matches!(ev, Event::Log(l) if l.contains("rejected"))));
 }
 
+/// Audit (s7): a config response from a group (multicast or broadcast) source MAC made that
+/// address a target, and every IDENTIFY, read and write after it went to the group: to
+/// every host on the segment. No target sends from a group address (IEEE 802: the I/G bit
+/// marks a destination), so such a response is refused, counted and logged, and an ATA
+/// response from one is not taken as an answer either.
+#[test]
+fn response_from_a_group_source_mac_is_refused() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    for group in [MacAddr::BROADCAST, MacAddr([0x01, 0x00, 0x5e, 0, 0, 1])] {
+        e.handle_frame(t0, 0, &config_rsp(group, DEV, 16, 2, 0));
+        let tx = drain(&mut e, t0);
+        assert!(
+            tx.iter()
+                .all(|(_, f)| MacAddr(f[..6].try_into().unwrap()) != group),
+            "{group}: a frame went to the group address"
+        );
+        assert!(e.devices().is_empty(), "{group}: a device was made");
+    }
+    assert_eq!(e.stats().group_source, 2);
+    assert!(events(&mut e)
+        .iter()
+        .any(|ev| matches!(ev, Event::Log(l) if l.contains("group source"))));
+    // Up through TMAC; an answer to its IDENTIFY from a group source is not the answer.
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx.len(), 1);
+    e.handle_frame(
+        t0,
+        0,
+        &ata_rsp(
+            &tx[0].1,
+            MacAddr::BROADCAST,
+            status::DRDY,
+            0,
+            &identify_page(5000),
+        ),
+    );
+    assert_ne!(e.device(DEV).unwrap().state, DeviceState::Up);
+    assert_eq!(e.stats().group_source, 3);
+}
+
 #[test]
 fn read_is_split_into_payload_frames_lba48() {
     let (mut e, t0) = up_engine(1 << 40, true);

@@ -361,6 +361,9 @@ pub struct Stats {
     pub user_tags: u64,
     /// Config responses refused for claiming shelf 0xffff or slot 0xff.
     pub wildcard_rejected: u64,
+    /// Responses refused because their source MAC is a group (multicast or broadcast)
+    /// address: no target sends from one, and requests to it would reach every host.
+    pub group_source: u64,
     /// ATA responses for devices the engine does not know.
     pub unknown_device: u64,
     /// Frames dropped by `poll_transmit` because the buffer was too small.
