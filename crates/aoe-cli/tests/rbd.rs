@@ -496,29 +496,7 @@ fn a_reservation_made_through_one_gateway_holds_on_the_next() {
         assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
     });
 
-    // Y: another MAC on the initiator's side of the link.
-    run_ok(r.rig.init_ns.command("ip").args([
-        "link",
-        "add",
-        "link",
-        &r.rig.init_if,
-        "name",
-        "aoemv0",
-        "type",
-        "macvlan",
-        "mode",
-        "bridge",
-    ]));
-    run_ok(
-        r.rig
-            .init_ns
-            .command("ip")
-            .args(["link", "set", "aoemv0", "up"]),
-    );
-    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", target).expect("client Y");
-    assert_ne!(y.mac(), x.mac());
-    y.discover(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}{}", r.rig.logs()));
+    let mut y = macvlan_client(&r.rig, target, x.mac(), || r.rig.logs());
     // Two sectors: what one frame carries at MTU 1500.
     let theirs = pattern(11, 1024);
     for lba in [0u64, 1000, 65534] {
@@ -564,6 +542,41 @@ fn a_reservation_made_through_one_gateway_holds_on_the_next() {
     );
     drop((x, y));
     r.rig.cleanup();
+}
+
+/// Client Y of the reservation tests: a raw AoE client with a MAC of its own (not `x`, the
+/// other client's) on the initiator's side of the link: a macvlan `aoemv0` on the rig's
+/// initiator interface, in bridge mode so that it reaches the target through the same veth.
+/// It has found `target` (`discover`) when this returns; `context` adds the gateway's log
+/// to a failure.
+fn macvlan_client(
+    rig: &Rig,
+    target: TargetAddr,
+    x: aoe_wire::MacAddr,
+    context: impl Fn() -> String,
+) -> AoeClient {
+    run_ok(rig.init_ns.command("ip").args([
+        "link",
+        "add",
+        "link",
+        &rig.init_if,
+        "name",
+        "aoemv0",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ]));
+    run_ok(
+        rig.init_ns
+            .command("ip")
+            .args(["link", "set", "aoemv0", "up"]),
+    );
+    let mut y = AoeClient::open(&rig.init_ns, "aoemv0", target).expect("client Y");
+    assert_ne!(y.mac(), x, "client Y has client X's MAC");
+    y.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("Y finds {target:?}: {e}{}", context()));
+    y
 }
 
 /// A resized image is announced: after `rbd resize` the gateway (told by librbd's update
@@ -958,28 +971,9 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
     let mut xb = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, b_addr).expect("client X on B");
     xb.discover(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("X finds gateway B: {e}\n{}", b.output_so_far()));
-    run_ok(r.rig.init_ns.command("ip").args([
-        "link",
-        "add",
-        "link",
-        &r.rig.init_if,
-        "name",
-        "aoemv0",
-        "type",
-        "macvlan",
-        "mode",
-        "bridge",
-    ]));
-    run_ok(
-        r.rig
-            .init_ns
-            .command("ip")
-            .args(["link", "set", "aoemv0", "up"]),
-    );
-    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", b_addr).expect("client Y");
-    assert_ne!(y.mac(), x.mac());
-    y.discover(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}\n{}", b.output_so_far()));
+    let mut y = macvlan_client(&r.rig, b_addr, x.mac(), || {
+        format!("\n{}", b.output_so_far())
+    });
     let y_reads = |y: &mut AoeClient| {
         y.call(&Request::Read { lba: 8, count: 2 }, Duration::from_secs(10))
             .expect("Y's read through B answered")
