@@ -773,6 +773,183 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     r.rig.finish();
 }
 
+/// The data objects a gateway's librados objecter has sent and not had answered (its admin
+/// socket `asok`): (object number, byte offset in the object, length) of each read, parsed
+/// from `objecter_requests` (`"sparse-read 8192~122880"`); other ops (the header watch's
+/// pings) are left out.
+fn objecter_reads(ns: &aoe_testkit::Netns, asok: &std::path::Path) -> Vec<(u64, u64, u64)> {
+    let out = ns
+        .command("ceph")
+        .args([
+            "--admin-daemon",
+            &asok.display().to_string(),
+            "objecter_requests",
+        ])
+        .output()
+        .expect("ceph --admin-daemon");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut reads = Vec::new();
+    for op in v["ops"].as_array().into_iter().flatten() {
+        let Some(obj) = op["object_id"].as_str() else {
+            continue;
+        };
+        let Some(no) = obj
+            .strip_prefix("rbd_data.")
+            .and_then(|o| o.rsplit('.').next())
+            .and_then(|n| u64::from_str_radix(n, 16).ok())
+        else {
+            continue;
+        };
+        for o in op["osd_ops"].as_array().into_iter().flatten() {
+            let Some(ext) = o.as_str().and_then(|o| {
+                o.strip_prefix("sparse-read ")
+                    .or_else(|| o.strip_prefix("read "))
+            }) else {
+                continue;
+            };
+            let ext = ext.split_whitespace().next().unwrap_or("");
+            if let Some((off, len)) = ext.split_once('~') {
+                if let (Ok(off), Ok(len)) = (off.parse(), len.parse()) {
+                    reads.push((no, off, len));
+                }
+            }
+        }
+    }
+    reads
+}
+
+/// Issue 13 (sequential reads at 0.5x of `rbd bench`): the reads of one receive batch that
+/// follow one another are one librbd read (`rbd_aio_readv`), scattered into the replies. An
+/// image of 64 KiB objects, seeded with `rbd import`; with its only OSD stopped, a raw AoE
+/// client sends one burst of 100 one-frame reads (2 sectors at MTU 1500): 96 covering the
+/// image's last 96 KiB in descending order (so across the object boundary 64 KiB before the
+/// end, and up to the last sector), and 4 lone ones between. Once every requested byte is
+/// in the gateway's objecter, it holds fewer than half as many OSD reads as AoE reads
+/// (before, one per AoE read, each inside one object: 100, plus those of the rig's
+/// initiator, which finds gateway B too and reads its first sectors; merged, about 10);
+/// the OSD back, every reply carries exactly its own sectors.
+#[test]
+fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
+    const BYTES: usize = 4 << 20;
+    const OBJECT: u64 = 64 << 10;
+    let seeded = pattern(13, BYTES);
+    let r = RbdRig::start("rbd/img", |ceph| {
+        let f = ceph.dir.join("seed.img");
+        fs::write(&f, &seeded).expect("write seed file");
+        ceph.ok(
+            "rbd",
+            &[
+                "import",
+                "--object-size",
+                "64K",
+                &f.display().to_string(),
+                "rbd/img",
+            ],
+        );
+        fs::remove_file(&f).expect("remove seed file");
+    });
+    // A second, read-only gateway that only this test's client talks to.
+    let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce", "-r"]);
+    let asok = r
+        .ceph
+        .dir
+        .join("run")
+        .join(format!("ceph-client.admin.{}.asok", b.pid()));
+    assert!(
+        wait_until(Duration::from_secs(30), || asok.exists()),
+        "no admin socket {} for gateway B:\n{}",
+        asok.display(),
+        b.output_so_far()
+    );
+    let addr = TargetAddr::new(SHELF, SLOT + 1);
+    let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, addr).expect("raw client");
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway B");
+
+    let last = (BYTES / 512) as u64;
+    let mut lbas: Vec<u64> = (0..96).map(|i| last - 2 - 2 * i).collect();
+    for (k, lone) in [8u64, 1000, 4000, 6000].into_iter().enumerate() {
+        lbas.insert(k * 24, lone);
+    }
+    let mut frames = Vec::new();
+    let mut lba_of = std::collections::HashMap::new();
+    for &lba in &lbas {
+        let body = aoe_wire::Body::Ata(aoe_wire::AtaRepr {
+            aflags: aoe_wire::AtaFlags::EXTENDED,
+            err_feature: 0,
+            sector_count: 2,
+            cmd_status: aoe_wire::AtaCommand::ReadSectorsExt.into(),
+            lba,
+            data: &[],
+        });
+        let (tag, frame) = client
+            .raw_frame(client.target_mac(), addr, body)
+            .expect("read frame");
+        lba_of.insert(tag.0, lba);
+        frames.push((tag, frame));
+    }
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    client.send_raw(&frames).expect("send the burst");
+    // Every requested byte at the objecter (as image offsets).
+    let covered = |reads: &[(u64, u64, u64)]| {
+        lbas.iter().all(|&lba| {
+            let (a, z) = (lba * 512, lba * 512 + 1024);
+            reads.iter().any(|&(no, off, len)| {
+                let start = no * OBJECT + off;
+                start <= a && z <= start + len
+            })
+        })
+    };
+    let all = wait_until(Duration::from_secs(30), || {
+        covered(&objecter_reads(&r.rig.target_ns, &asok))
+    });
+    let seen = objecter_reads(&r.rig.target_ns, &asok);
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(
+        all,
+        "the burst's reads did not all reach the objecter: {seen:?}\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        seen.len() * 2 < lbas.len(),
+        "{} OSD reads for {} contiguous AoE reads (none merged?): {seen:?}",
+        seen.len(),
+        lbas.len()
+    );
+
+    let replies = client
+        .collect_raw(&frames, Duration::from_secs(120))
+        .expect("collect replies");
+    assert_eq!(
+        replies.len(),
+        frames.len(),
+        "replies after the OSD came back\n{}",
+        b.output_so_far()
+    );
+    for rsp in &replies {
+        let m = Message::parse(rsp).expect("reply parses");
+        let aoe_wire::Body::Ata(ata) = &m.body else {
+            panic!("not an ATA reply: {m:?}");
+        };
+        let lba = lba_of[&m.header.tag.0];
+        assert_eq!(m.header.error, None, "read at {lba}");
+        assert_eq!(ata.cmd_status & 0x21, 0, "read at {lba} failed: {ata:?}");
+        let at = lba as usize * 512;
+        assert!(
+            ata.data == &seeded[at..at + 1024],
+            "the reply for LBA {lba} carries other sectors (wrong sectors: {:?})",
+            wrong_sectors(ata.data, &seeded[at..at + 1024])
+        );
+    }
+    drop(client);
+    let _ = b.stop();
+    r.rig.finish();
+}
+
 /// The Reserve/Release reply, parsed: its AoE error, and the reserve list it carries.
 fn reserve_reply(rsp: &[u8]) -> (Option<ErrorCode>, Vec<aoe_wire::MacAddr>) {
     let m = Message::parse(rsp).expect("Reserve reply parses");
