@@ -825,15 +825,14 @@ fn objecter_reads(ns: &aoe_testkit::Netns, asok: &std::path::Path) -> Vec<(u64, 
 /// image's last 96 KiB in descending order (so across the object boundary 64 KiB before the
 /// end, and up to the last sector), and 4 lone ones between. Once every requested byte is
 /// in the gateway's objecter, it holds fewer than half as many OSD reads as AoE reads
-/// (before, one per AoE read, each inside one object: 100, plus those of the rig's
-/// initiator, which finds gateway B too and reads its first sectors; merged, about 10);
-/// the OSD back, every reply carries exactly its own sectors.
+/// (before, one per AoE read, each inside one object: 100; merged, about 10); the OSD
+/// back, every reply carries exactly its own sectors.
 #[test]
 fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
     const BYTES: usize = 4 << 20;
     const OBJECT: u64 = 64 << 10;
     let seeded = pattern(13, BYTES);
-    let r = RbdRig::start("rbd/img", |ceph| {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
         let f = ceph.dir.join("seed.img");
         fs::write(&f, &seeded).expect("write seed file");
         ceph.ok(
@@ -848,7 +847,14 @@ fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
         );
         fs::remove_file(&f).expect("remove seed file");
     });
-    // A second, read-only gateway that only this test's client talks to.
+    // A second, read-only gateway that only this test's client talks to: the rig's
+    // initiator is stopped first (it would find gateway B and read its first sectors,
+    // taking buffers of B's count while the OSD is stopped).
+    let mut init = r.rig.initiator.take().expect("the rig's initiator");
+    let stopped = init
+        .stop_within(Duration::from_secs(30))
+        .expect("stop the rig's initiator");
+    assert!(stopped.success(), "aoe initiator after SIGTERM: {stopped}");
     let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce", "-r"]);
     let asok = r
         .ceph
@@ -947,7 +953,7 @@ fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
     }
     drop(client);
     let _ = b.stop();
-    r.rig.finish();
+    r.rig.cleanup();
 }
 
 /// The Reserve/Release reply, parsed: its AoE error, and the reserve list it carries.
