@@ -9,7 +9,11 @@
 # (so reads reach the OSD, not librbd's answer for never-written objects). Then for each
 # (mode, window) it runs, interleaved so a busy machine slows them alike:
 #   rbd      `rbd bench` in the target's namespace: --io-size BS --io-threads WINDOW,
-#            --rbd-cache=false (as `aoe serve` runs librbd), for TIME seconds;
+#            --rbd-cache=false (as `aoe serve` runs librbd), for TIME seconds; the sequential
+#            modes with --io-pattern full-seq (RBD_SEQ): one stream with WINDOW requests in
+#            flight, as `aoe bench` reads and writes. `rbd bench`'s own default, `seq`, is
+#            WINDOW streams, each in its own slice of the image, so spread over WINDOW
+#            objects and placement groups at once, a different load on the OSD;
 #   before   (if BEFORE= names a binary) that older `aoe serve` on the image, driven from the
 #            other namespace by `aoe bench --bs BS --window WINDOW --time TIME`;
 #   after    $AOE serve likewise.
@@ -24,6 +28,7 @@
 #                            store, 2026-12-02, needs "--workers 16": workers >= window)
 #   AFTER_ARGS=""            extra `aoe serve` options of $AOE
 #   MTU=9000  BS=8k  WINDOWS="16 64"  MODES="read randread write randwrite"  TIME=5
+#   RBD_SEQ=full-seq         `rbd bench --io-pattern` of the sequential modes (seq: see above)
 #   IMAGE_MB=512             image size (written once before the reads)
 #   RUNS=3                   rounds (rbd, before, after, interleaved); each cell is the median
 #   MIN_RTO_US=1000000       `aoe bench --min-rto-us`: an OSD's latency swings far past the
@@ -51,6 +56,7 @@ MODES=${MODES:-read randread write randwrite}
 TIME=${TIME:-5}
 IMAGE_MB=${IMAGE_MB:-512}
 MIN_RTO_US=${MIN_RTO_US:-1000000}
+RBD_SEQ=${RBD_SEQ:-full-seq}
 RUNS=${RUNS:-3}
 OUT=${OUT:-}
 PERF_DIR=${PERF_DIR:-}
@@ -127,7 +133,7 @@ start_gateway() { # binary extra-args -> sets TARGET_PID, returns 1 if it never 
 # (`elapsed: N ops: N ops/sec: X bytes/sec: ...`); MB/s = ops/sec x io size. Without a
 # summary, its per-second lines (SEC OPS OPS/SEC BYTES/SEC, OPS cumulative) give the rate.
 rbd_bench() { # mode window -> MB/s
-    local type=read pattern=seq
+    local type=read pattern=$RBD_SEQ
     case $1 in
         read) ;; randread) pattern=rand ;;
         write) type=write ;; randwrite) type=write pattern=rand ;;
@@ -219,7 +225,7 @@ done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
 {
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, RUNS=$RUNS (median), min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}; load average $LOAD0 at the start, $LOAD1 at the end"
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r); MTU $MTU, bs $BS, TIME=$TIME s per cell, RUNS=$RUNS (median), min RTO $MIN_RTO_US us, ${IMAGE_MB} MiB image, ${CEPH_STORE:-bluestore}, rbd bench's sequential pattern $RBD_SEQ; load average $LOAD0 at the start, $LOAD1 at the end"
     echo
     echo "| pattern | window | \`rbd bench\` MB/s (runs) | before: MB/s (runs), ratio, retransmits, target CPU-s/GB | after: likewise |"
     echo "|---|---|---|---|---|"

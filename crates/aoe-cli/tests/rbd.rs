@@ -496,29 +496,7 @@ fn a_reservation_made_through_one_gateway_holds_on_the_next() {
         assert_eq!(meta.trim(), x.mac().to_string(), "reservation in the image");
     });
 
-    // Y: another MAC on the initiator's side of the link.
-    run_ok(r.rig.init_ns.command("ip").args([
-        "link",
-        "add",
-        "link",
-        &r.rig.init_if,
-        "name",
-        "aoemv0",
-        "type",
-        "macvlan",
-        "mode",
-        "bridge",
-    ]));
-    run_ok(
-        r.rig
-            .init_ns
-            .command("ip")
-            .args(["link", "set", "aoemv0", "up"]),
-    );
-    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", target).expect("client Y");
-    assert_ne!(y.mac(), x.mac());
-    y.discover(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}{}", r.rig.logs()));
+    let mut y = macvlan_client(&r.rig, target, x.mac(), || r.rig.logs());
     // Two sectors: what one frame carries at MTU 1500.
     let theirs = pattern(11, 1024);
     for lba in [0u64, 1000, 65534] {
@@ -564,6 +542,41 @@ fn a_reservation_made_through_one_gateway_holds_on_the_next() {
     );
     drop((x, y));
     r.rig.cleanup();
+}
+
+/// Client Y of the reservation tests: a raw AoE client with a MAC of its own (not `x`, the
+/// other client's) on the initiator's side of the link: a macvlan `aoemv0` on the rig's
+/// initiator interface, in bridge mode so that it reaches the target through the same veth.
+/// It has found `target` (`discover`) when this returns; `context` adds the gateway's log
+/// to a failure.
+fn macvlan_client(
+    rig: &Rig,
+    target: TargetAddr,
+    x: aoe_wire::MacAddr,
+    context: impl Fn() -> String,
+) -> AoeClient {
+    run_ok(rig.init_ns.command("ip").args([
+        "link",
+        "add",
+        "link",
+        &rig.init_if,
+        "name",
+        "aoemv0",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ]));
+    run_ok(
+        rig.init_ns
+            .command("ip")
+            .args(["link", "set", "aoemv0", "up"]),
+    );
+    let mut y = AoeClient::open(&rig.init_ns, "aoemv0", target).expect("client Y");
+    assert_ne!(y.mac(), x, "client Y has client X's MAC");
+    y.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("Y finds {target:?}: {e}{}", context()));
+    y
 }
 
 /// A resized image is announced: after `rbd resize` the gateway (told by librbd's update
@@ -758,6 +771,189 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         b.output_so_far()
     );
     r.rig.finish();
+}
+
+/// The data objects a gateway's librados objecter has sent and not had answered (its admin
+/// socket `asok`): (object number, byte offset in the object, length) of each read, parsed
+/// from `objecter_requests` (`"sparse-read 8192~122880"`); other ops (the header watch's
+/// pings) are left out.
+fn objecter_reads(ns: &aoe_testkit::Netns, asok: &std::path::Path) -> Vec<(u64, u64, u64)> {
+    let out = ns
+        .command("ceph")
+        .args([
+            "--admin-daemon",
+            &asok.display().to_string(),
+            "objecter_requests",
+        ])
+        .output()
+        .expect("ceph --admin-daemon");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut reads = Vec::new();
+    for op in v["ops"].as_array().into_iter().flatten() {
+        let Some(obj) = op["object_id"].as_str() else {
+            continue;
+        };
+        let Some(no) = obj
+            .strip_prefix("rbd_data.")
+            .and_then(|o| o.rsplit('.').next())
+            .and_then(|n| u64::from_str_radix(n, 16).ok())
+        else {
+            continue;
+        };
+        for o in op["osd_ops"].as_array().into_iter().flatten() {
+            let Some(ext) = o.as_str().and_then(|o| {
+                o.strip_prefix("sparse-read ")
+                    .or_else(|| o.strip_prefix("read "))
+            }) else {
+                continue;
+            };
+            let ext = ext.split_whitespace().next().unwrap_or("");
+            if let Some((off, len)) = ext.split_once('~') {
+                if let (Ok(off), Ok(len)) = (off.parse(), len.parse()) {
+                    reads.push((no, off, len));
+                }
+            }
+        }
+    }
+    reads
+}
+
+/// Issue 13 (sequential reads at 0.5x of `rbd bench`): the reads of one receive batch that
+/// follow one another are one librbd read (`rbd_aio_readv`), scattered into the replies. An
+/// image of 64 KiB objects, seeded with `rbd import`; with its only OSD stopped, a raw AoE
+/// client sends one burst of 100 one-frame reads (2 sectors at MTU 1500): 96 covering the
+/// image's last 96 KiB in descending order (so across the object boundary 64 KiB before the
+/// end, and up to the last sector), and 4 lone ones between. Once every requested byte is
+/// in the gateway's objecter, it holds fewer than half as many OSD reads as AoE reads
+/// (before, one per AoE read, each inside one object: 100; merged, about 10); the OSD
+/// back, every reply carries exactly its own sectors.
+#[test]
+fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
+    const BYTES: usize = 4 << 20;
+    const OBJECT: u64 = 64 << 10;
+    let seeded = pattern(13, BYTES);
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        let f = ceph.dir.join("seed.img");
+        fs::write(&f, &seeded).expect("write seed file");
+        ceph.ok(
+            "rbd",
+            &[
+                "import",
+                "--object-size",
+                "64K",
+                &f.display().to_string(),
+                "rbd/img",
+            ],
+        );
+        fs::remove_file(&f).expect("remove seed file");
+    });
+    // A second, read-only gateway that only this test's client talks to: the rig's
+    // initiator is stopped first (it would find gateway B and read its first sectors,
+    // taking buffers of B's count while the OSD is stopped).
+    let mut init = r.rig.initiator.take().expect("the rig's initiator");
+    let stopped = init
+        .stop_within(Duration::from_secs(30))
+        .expect("stop the rig's initiator");
+    assert!(stopped.success(), "aoe initiator after SIGTERM: {stopped}");
+    let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce", "-r"]);
+    let asok = r
+        .ceph
+        .dir
+        .join("run")
+        .join(format!("ceph-client.admin.{}.asok", b.pid()));
+    assert!(
+        wait_until(Duration::from_secs(30), || asok.exists()),
+        "no admin socket {} for gateway B:\n{}",
+        asok.display(),
+        b.output_so_far()
+    );
+    let addr = TargetAddr::new(SHELF, SLOT + 1);
+    let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, addr).expect("raw client");
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway B");
+
+    let last = (BYTES / 512) as u64;
+    let mut lbas: Vec<u64> = (0..96).map(|i| last - 2 - 2 * i).collect();
+    for (k, lone) in [8u64, 1000, 4000, 6000].into_iter().enumerate() {
+        lbas.insert(k * 24, lone);
+    }
+    let mut frames = Vec::new();
+    let mut lba_of = std::collections::HashMap::new();
+    for &lba in &lbas {
+        let body = aoe_wire::Body::Ata(aoe_wire::AtaRepr {
+            aflags: aoe_wire::AtaFlags::EXTENDED,
+            err_feature: 0,
+            sector_count: 2,
+            cmd_status: aoe_wire::AtaCommand::ReadSectorsExt.into(),
+            lba,
+            data: &[],
+        });
+        let (tag, frame) = client
+            .raw_frame(client.target_mac(), addr, body)
+            .expect("read frame");
+        lba_of.insert(tag.0, lba);
+        frames.push((tag, frame));
+    }
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    client.send_raw(&frames).expect("send the burst");
+    // Every requested byte at the objecter (as image offsets).
+    let covered = |reads: &[(u64, u64, u64)]| {
+        lbas.iter().all(|&lba| {
+            let (a, z) = (lba * 512, lba * 512 + 1024);
+            reads.iter().any(|&(no, off, len)| {
+                let start = no * OBJECT + off;
+                start <= a && z <= start + len
+            })
+        })
+    };
+    let all = wait_until(Duration::from_secs(30), || {
+        covered(&objecter_reads(&r.rig.target_ns, &asok))
+    });
+    let seen = objecter_reads(&r.rig.target_ns, &asok);
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(
+        all,
+        "the burst's reads did not all reach the objecter: {seen:?}\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        seen.len() * 2 < lbas.len(),
+        "{} OSD reads for {} contiguous AoE reads (none merged?): {seen:?}",
+        seen.len(),
+        lbas.len()
+    );
+
+    let replies = client
+        .collect_raw(&frames, Duration::from_secs(120))
+        .expect("collect replies");
+    assert_eq!(
+        replies.len(),
+        frames.len(),
+        "replies after the OSD came back\n{}",
+        b.output_so_far()
+    );
+    for rsp in &replies {
+        let m = Message::parse(rsp).expect("reply parses");
+        let aoe_wire::Body::Ata(ata) = &m.body else {
+            panic!("not an ATA reply: {m:?}");
+        };
+        let lba = lba_of[&m.header.tag.0];
+        assert_eq!(m.header.error, None, "read at {lba}");
+        assert_eq!(ata.cmd_status & 0x21, 0, "read at {lba} failed: {ata:?}");
+        let at = lba as usize * 512;
+        assert!(
+            ata.data == &seeded[at..at + 1024],
+            "the reply for LBA {lba} carries other sectors (wrong sectors: {:?})",
+            wrong_sectors(ata.data, &seeded[at..at + 1024])
+        );
+    }
+    drop(client);
+    let _ = b.stop();
+    r.rig.cleanup();
 }
 
 /// The Reserve/Release reply, parsed: its AoE error, and the reserve list it carries.
@@ -958,28 +1154,9 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
     let mut xb = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, b_addr).expect("client X on B");
     xb.discover(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("X finds gateway B: {e}\n{}", b.output_so_far()));
-    run_ok(r.rig.init_ns.command("ip").args([
-        "link",
-        "add",
-        "link",
-        &r.rig.init_if,
-        "name",
-        "aoemv0",
-        "type",
-        "macvlan",
-        "mode",
-        "bridge",
-    ]));
-    run_ok(
-        r.rig
-            .init_ns
-            .command("ip")
-            .args(["link", "set", "aoemv0", "up"]),
-    );
-    let mut y = AoeClient::open(&r.rig.init_ns, "aoemv0", b_addr).expect("client Y");
-    assert_ne!(y.mac(), x.mac());
-    y.discover(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("Y finds gateway B: {e}\n{}", b.output_so_far()));
+    let mut y = macvlan_client(&r.rig, b_addr, x.mac(), || {
+        format!("\n{}", b.output_so_far())
+    });
     let y_reads = |y: &mut AoeClient| {
         y.call(&Request::Read { lba: 8, count: 2 }, Duration::from_secs(10))
             .expect("Y's read through B answered")

@@ -4,8 +4,9 @@
 //! functions of Ceph's `rados/librados.h` and `rbd/librbd.h` (Debian's librbd-dev, Ceph 16
 //! "pacific" and later) that an AoE export of an RBD image needs, declared in [`ffi`] from the
 //! headers, and safe types over them: [`Cluster`] (a connected `rados_t`), [`IoCtx`] (a pool,
-//! optionally a namespace), [`Image`] (an open image: size, asynchronous read, write, flush
-//! and write-zeroes, the exclusive lock).
+//! optionally a namespace), [`Image`] (an open image: size, asynchronous read, vectored read
+//! (`rbd_aio_readv`, [`Image::aio_readv`]), write, flush and write-zeroes, the exclusive
+//! lock).
 //!
 //! The crates.io librbd bindings are stale, and bindgen would need libclang at build time
 //! for about twenty functions, so they are written by hand; each signature is the header's.
@@ -100,6 +101,13 @@ pub mod ffi {
             op_flags: c_int,
         ) -> c_int;
         pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
+        pub fn rbd_aio_readv(
+            image: rbd_image_t,
+            iov: *const libc::iovec,
+            iovcnt: c_int,
+            off: u64,
+            c: rbd_completion_t,
+        ) -> c_int;
         pub fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int;
         pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
         pub fn rbd_aio_release(c: rbd_completion_t);
@@ -786,32 +794,56 @@ impl InFlight {
     }
 }
 
-/// One operation between submit and callback: owns the buffer librbd reads or writes.
+/// Called once when a vectored read ([`Image::aio_readv`]) has completed, with the parts'
+/// buffers back in the order they were given and librbd's result (bytes read, or
+/// `-errno`); the same rules as [`AioDone`].
+pub type AioDoneMany = Box<dyn FnOnce(Vec<Vec<u8>>, isize) + Send + 'static>;
+
+/// Most parts of one vectored read: Linux's `IOV_MAX`, the bound `readv(2)` callers keep
+/// to, kept here too (a receive batch of 64 frames never comes near it).
+pub const MAX_READV_PARTS: usize = 1024;
+
+/// What an operation owns between submit and callback.
+enum Owned {
+    /// One buffer ([`Image::aio_submit`]).
+    One { buf: Vec<u8>, done: AioDone },
+    /// Several ([`Image::aio_readv`]), and the iovec array librbd scatters into: built once
+    /// the buffers sit in the box, never grown afterwards, so its heap array (whose address
+    /// librbd keeps) and the buffers it points into stay put until the callback.
+    Many {
+        bufs: Vec<Vec<u8>>,
+        iov: Vec<libc::iovec>,
+        done: AioDoneMany,
+    },
+}
+
+/// One operation between submit and callback: owns the buffers librbd reads or writes.
 struct Pending {
-    buf: Vec<u8>,
-    done: AioDone,
+    owned: Owned,
     in_flight: Arc<InFlight>,
 }
 
 impl Pending {
-    /// Hands the buffer and result to the caller's callback and leaves the count. A panic
+    /// Hands the buffers and result to the caller's callback and leaves the count. A panic
     /// in the callback is stopped here: it must not unwind into librbd's C++ frames.
     fn finish(self, result: isize) {
-        let Pending {
-            buf,
-            done,
-            in_flight,
-        } = self;
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(buf, result)));
+        let Pending { owned, in_flight } = self;
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match owned {
+            Owned::One { buf, done } => done(buf, result),
+            Owned::Many { bufs, iov, done } => {
+                drop(iov);
+                done(bufs, result)
+            }
+        }));
         in_flight.leave();
     }
 }
 
 /// The completion callback given to `rbd_aio_create_completion`.
 extern "C" fn aio_complete(c: ffi::rbd_completion_t, arg: *mut std::os::raw::c_void) {
-    // SAFETY: `arg` is the `Box<Pending>` that `Image::aio_submit` leaked with `into_raw`
-    // for this completion alone, and librbd calls this once per completion, so the box is
-    // taken back exactly once.
+    // SAFETY: `arg` is the `Box<Pending>` that `Image::aio_submit` or `Image::aio_readv`
+    // leaked with `into_raw` for this completion alone, and librbd calls this once per
+    // completion, so the box is taken back exactly once.
     let pending = unsafe { Box::from_raw(arg.cast::<Pending>()) };
     // SAFETY: `c` is the live completion this callback was registered on; the operation is
     // complete (that is why we are called).
@@ -844,8 +876,7 @@ impl Image {
         }
         self.in_flight.enter();
         let pending = Box::new(Pending {
-            buf,
-            done,
+            owned: Owned::One { buf, done },
             in_flight: self.in_flight.clone(),
         });
         let arg = Box::into_raw(pending);
@@ -866,7 +897,10 @@ impl Image {
         // cannot run before the operation is submitted below). The buffer's heap block does
         // not move while the Vec sits in the box; librbd gets a pointer into it and the
         // box keeps it alive until the callback returns it.
-        let base = unsafe { (*arg).buf.as_mut_ptr() };
+        let base = match unsafe { &mut (*arg).owned } {
+            Owned::One { buf, .. } => buf.as_mut_ptr(),
+            Owned::Many { .. } => unreachable!("aio_submit boxes one buffer"),
+        };
         let r = match (op, range) {
             (AioOp::Read { offset, .. }, Some(at)) => {
                 // SAFETY: `at` lies inside the buffer (checked above), which the pending
@@ -916,7 +950,86 @@ impl Image {
         }
     }
 
-    /// Operations started with [`Image::aio_submit`] whose callback has not finished.
+    /// Starts one `rbd_aio_readv` of the parts' ranges, back to back from `offset` (part
+    /// `i` gets the bytes after those of parts `0..i`), and returns at once: one librbd read,
+    /// so one OSD op per object it touches, instead of one per part. `done` gets the buffers
+    /// back in the same order with librbd's result (the total length on success), on one of
+    /// librbd's threads; as with [`Image::aio_submit`] the buffers belong to the operation
+    /// until then, the image is not closed before it completes, and `done` is always called
+    /// exactly once: with `-EINVAL` for no parts, more than [`MAX_READV_PARTS`], or a range
+    /// outside its buffer.
+    pub fn aio_readv(
+        &self,
+        offset: u64,
+        parts: Vec<(Vec<u8>, std::ops::Range<usize>)>,
+        done: AioDoneMany,
+    ) {
+        let bad = parts.is_empty()
+            || parts.len() > MAX_READV_PARTS
+            || parts
+                .iter()
+                .any(|(b, r)| r.start > r.end || r.end > b.len());
+        let (bufs, ranges): (Vec<Vec<u8>>, Vec<std::ops::Range<usize>>) = parts.into_iter().unzip();
+        if bad {
+            done(bufs, -(libc::EINVAL as isize));
+            return;
+        }
+        self.in_flight.enter();
+        let arg = Box::into_raw(Box::new(Pending {
+            owned: Owned::Many {
+                bufs,
+                iov: Vec::with_capacity(ranges.len()),
+                done,
+            },
+            in_flight: self.in_flight.clone(),
+        }));
+        // SAFETY: `arg` is the live box just made; nothing else refers to it until the
+        // operation is submitted below, so this is the only reference. Each buffer's heap
+        // block stays where it is while its Vec sits in the box (the outer Vec is never
+        // changed again), and `iov` gets its final length here, within its capacity, so
+        // neither it nor the blocks it points into move before the callback frees the box.
+        let (iov_ptr, iov_len) = match unsafe { &mut (*arg).owned } {
+            Owned::Many { bufs, iov, .. } => {
+                for (b, r) in bufs.iter_mut().zip(&ranges) {
+                    iov.push(libc::iovec {
+                        // SAFETY: `r` lies inside `b` (checked above).
+                        iov_base: unsafe { b.as_mut_ptr().add(r.start) }.cast(),
+                        iov_len: r.len(),
+                    });
+                }
+                (iov.as_ptr(), iov.len())
+            }
+            Owned::One { .. } => unreachable!("aio_readv boxes several buffers"),
+        };
+        let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
+        let r = check(
+            // SAFETY: `arg` stays valid until the callback takes it back (or until we do,
+            // below, if the completion or the submission fails); valid out-pointer.
+            unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(aio_complete), &mut c) },
+            "rbd_aio_create_completion",
+        );
+        if r.is_err() {
+            // SAFETY: no completion exists, so no callback will take the box: it is ours.
+            let pending = unsafe { Box::from_raw(arg) };
+            pending.finish(-(libc::ENOMEM as isize));
+            return;
+        }
+        // SAFETY: `iov_ptr` is `iov_len` (1..=MAX_READV_PARTS, so it fits a c_int) iovecs,
+        // each pointing at writable bytes of a buffer the pending operation owns until the
+        // callback; the array itself lives in the same box. Live image and completion.
+        let r = unsafe { ffi::rbd_aio_readv(self.raw, iov_ptr, iov_len as c_int, offset, c) };
+        if r < 0 {
+            // As in aio_submit: librbd did not take it and will not call back.
+            // SAFETY: the completion was never submitted; released once.
+            unsafe { ffi::rbd_aio_release(c) };
+            // SAFETY: the callback will not run, so the box is ours again.
+            let pending = unsafe { Box::from_raw(arg) };
+            pending.finish(r as isize);
+        }
+    }
+
+    /// Operations started with [`Image::aio_submit`] or [`Image::aio_readv`] whose callback
+    /// has not finished.
     pub fn aio_in_flight(&self) -> usize {
         self.in_flight.count()
     }

@@ -29,7 +29,11 @@
 //! (token, buffer, result) onto the daemon's [`Completions`] queue and so writes its eventfd:
 //! no thread waits per request, and as many are in flight against the cluster as the daemon
 //! submits (each export's buffer count bounds that; [`MAX_IN_FLIGHT`] bounds it here too),
-//! not as many as `--workers`. A fenced gateway refuses writes, write-zeroes and flushes in
+//! not as many as `--workers`. Reads that follow one another in a receive batch (a sequential
+//! initiator's, one frame each) are one `rbd_aio_readv` scattered into their reply buffers
+//! ([`RbdBackend`]'s `submit_reads`): one OSD op per object instead of one per frame, which
+//! is what a single sequential stream, all of whose requests land on one object and so one
+//! placement group, is limited by. A fenced gateway refuses writes, write-zeroes and flushes in
 //! `submit`, before librbd sees them, with the same `EROFS` (an ATA error) as a write that
 //! fails on a lost lock. A buffer belongs to its operation until the callback gives it back,
 //! and the image is closed only after the last callback, so a daemon that stops with
@@ -47,8 +51,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use aoe_rbd_sys::{errno, AioOp, Cluster, Image};
-use aoe_store::{AsyncBackend, Completions, Done, Op, Request};
+use aoe_rbd_sys::{errno, AioOp, Cluster, Image, MAX_READV_PARTS};
+use aoe_store::{read_runs, AsyncBackend, Completions, Done, Op, Request};
 
 /// Requests one image has in flight at most; more are given back to the daemon, which drops
 /// them (the initiator retransmits). The export's buffer count normally keeps far below it.
@@ -724,6 +728,11 @@ impl Shared {
     }
 }
 
+/// The most bytes one merged read asks librbd for ([`RbdBackend::submit_reads`]): a
+/// receive batch's worth of 8 KiB frames (64, the daemon's batch) fits, and librbd splits a
+/// read that spans objects into one OSD op per object itself.
+pub const MAX_READ_RUN: u64 = 1 << 20;
+
 impl AsyncBackend for RbdBackend {
     fn len(&self) -> u64 {
         self.shared.len()
@@ -817,6 +826,85 @@ impl AsyncBackend for RbdBackend {
             }),
         );
         Ok(())
+    }
+
+    fn merges_reads(&self) -> bool {
+        true
+    }
+
+    /// A receive batch's reads: each run of contiguous ones ([`aoe_store::read_runs`], at
+    /// most [`MAX_READ_RUN`] bytes and [`MAX_READV_PARTS`] parts) is one `rbd_aio_readv`
+    /// that librbd scatters straight into the requests' buffers, so one OSD op per object
+    /// instead of one per frame, and one completion (every part gets the run's result). A
+    /// run of one is a plain read ([`AsyncBackend::submit`]); a read outside the image is
+    /// refused alone, before the runs are formed.
+    fn submit_reads(&self, reads: Vec<Request>) -> Vec<Request> {
+        let sh = &self.shared;
+        let mut inside = Vec::with_capacity(reads.len());
+        for r in reads {
+            if let Op::Read { offset, at } = &r.op {
+                if let Err(e) = sh.check_range(*offset, at.len() as u64) {
+                    sh.completions.push(Done {
+                        user: r.token,
+                        buf: r.buf,
+                        result: Err(e),
+                    });
+                    continue;
+                }
+            }
+            inside.push(r);
+        }
+        let mut back = Vec::new();
+        for run in read_runs(inside, MAX_READ_RUN, MAX_READV_PARTS) {
+            if run.parts.len() == 1 {
+                back.extend(run.parts.into_iter().filter_map(|r| self.submit(r).err()));
+                continue;
+            }
+            if sh.image.aio_in_flight() >= MAX_IN_FLIGHT {
+                back.extend(run.parts);
+                continue;
+            }
+            let mut tokens = Vec::with_capacity(run.parts.len());
+            let parts = run
+                .parts
+                .into_iter()
+                .map(|r| {
+                    tokens.push(r.token);
+                    let at = match r.op {
+                        Op::Read { at, .. } => at,
+                        // read_runs joins reads only.
+                        _ => 0..0,
+                    };
+                    (r.buf, at)
+                })
+                .collect();
+            let completions = sh.completions.clone();
+            let want = run.len;
+            sh.image.aio_readv(
+                run.offset,
+                parts,
+                Box::new(move |bufs, r| {
+                    let result = || {
+                        if r < 0 {
+                            Err(io::Error::from_raw_os_error((-r) as i32))
+                        } else if r as u64 != want {
+                            Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("rbd read: {r} of {want} bytes"),
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    completions.push_all(bufs.into_iter().zip(tokens).map(|(buf, user)| Done {
+                        user,
+                        buf,
+                        result: result(),
+                    }));
+                }),
+            );
+        }
+        back
     }
 }
 

@@ -20,7 +20,7 @@ mod file;
 mod pool;
 mod range_lock;
 
-pub use aio::{AsyncBackend, Completions, PoolBackend, Request};
+pub use aio::{read_runs, AsyncBackend, Completions, PoolBackend, ReadRun, Request};
 pub use file::{FileBackend, OpenOptions};
 pub use pool::{Done, Job, Op, Pool};
 

@@ -172,6 +172,8 @@ pub struct Daemon {
     uring: Option<aoe_sys::SlotReads>,
     /// Results of the last io_uring batch (kept for its capacity).
     uring_out: Vec<(usize, io::Result<aoe_sys::NoWait>)>,
+    /// Exports whose [`ExportRt::gathered`] holds reads of the current receive batch.
+    gathering: Vec<u32>,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -218,6 +220,7 @@ impl Daemon {
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
+            gathering: Vec::new(),
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
@@ -501,8 +504,10 @@ impl Daemon {
                     }
                 }
             }
-            // The batch's reads, then its replies into the transmit ring, in order.
+            // The batch's reads, then its replies into the transmit ring, in order; the
+            // reads held back for merging stores go to them now, together.
             self.finish_staged(idx);
+            self.submit_gathered_reads();
             if got < BATCH {
                 return total;
             }

@@ -21,10 +21,14 @@ impl Daemon {
         let cap = self.ifaces[idx].frame_cap;
         // A write must not overtake the reads staged before it in this batch: a read that
         // came first reads what was there before, as when each read was done on arrival.
-        if may_write(self.ifaces[idx].frame(f))
-            && self.ifaces[idx].staged.iter().any(Staged::unread)
-        {
-            self.run_staged_reads(idx);
+        if may_write(self.ifaces[idx].frame(f)) {
+            if self.ifaces[idx].staged.iter().any(Staged::unread) {
+                self.run_staged_reads(idx);
+            }
+            // Likewise the reads held back for merging: submitted before the write is.
+            if !self.gathering.is_empty() {
+                self.submit_gathered_reads();
+            }
         }
         let Some(rt) = self.exports.get_mut(&id) else {
             return;
@@ -181,6 +185,15 @@ impl Daemon {
                         let range = write_range.unwrap_or_else(|| unreachable!());
                         rt.writes.wait(req.token.0, range, job);
                         self.waiting_writes += 1;
+                        return;
+                    }
+                    // A store that merges contiguous reads gets the batch's together, at
+                    // its end.
+                    if matches!(job.op, Op::Read { .. }) && rt.backend.merges_reads() {
+                        if rt.gathered.is_empty() {
+                            self.gathering.push(id);
+                        }
+                        rt.gathered.push(job);
                         return;
                     }
                     match rt.backend.submit(job) {
@@ -367,6 +380,27 @@ impl Daemon {
             }
         }
         self.ifaces[idx].staged = staged;
+    }
+
+    /// Hands each export's reads held back in this receive batch ([`ExportRt::gathered`])
+    /// to its store at once ([`AsyncBackend::submit_reads`]: an RBD image reads each
+    /// contiguous run with one librbd call). Reads the store cannot take are dropped and
+    /// counted like a full queue's, and the initiator retransmits them.
+    pub(super) fn submit_gathered_reads(&mut self) {
+        let mut ids = std::mem::take(&mut self.gathering);
+        for id in ids.drain(..) {
+            let Some(rt) = self.exports.get_mut(&id) else {
+                continue;
+            };
+            let reads = std::mem::take(&mut rt.gathered);
+            for job in rt.backend.submit_reads(reads) {
+                rt.engine.abort(Token(job.token as u32));
+                self.spare.push(job.buf);
+                rt.pool_full_drops += 1;
+            }
+        }
+        // Kept for its capacity.
+        self.gathering = ids;
     }
 
     pub(super) fn complete_io(&mut self) {

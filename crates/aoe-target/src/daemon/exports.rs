@@ -28,6 +28,11 @@ pub(super) struct ExportRt {
     pub(super) reserve_pending: Option<super::shared::PendingReserve>,
     /// The device and inode the path named when it was opened ([`file_identity`]).
     pub(super) file: Option<(u64, u64)>,
+    /// Reads of the current receive batch held back for a store that
+    /// [merges](aoe_store::AsyncBackend::merges_reads) contiguous ones: handed over together
+    /// at the batch's end ([`Daemon::submit_gathered_reads`]), so always empty between
+    /// batches.
+    pub(super) gathered: Vec<Request>,
 }
 
 /// The device and inode `spec.path` names now; `None` for an `rbd:` image or a path that
@@ -286,6 +291,7 @@ impl Daemon {
             shared,
             reserve_pending: None,
             file,
+            gathered: Vec::new(),
         })
     }
 }
