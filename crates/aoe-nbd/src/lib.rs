@@ -448,6 +448,7 @@ fn transmission(
     // Each message carries the in-flight bytes it holds; the writer releases them once
     // the reply is written, so a client that stops reading replies stops being read.
     let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
+    let recycle = net.clone();
     let inflight = Arc::new(Inflight::default());
     let shut = w.try_clone()?;
     let inf = inflight.clone();
@@ -468,6 +469,8 @@ fn transmission(
                 ok = ok && write_replies(&mut w, &batch).is_ok();
                 for m in batch.drain(..) {
                     inf.release(m.held);
+                    // A read's buffer goes back to the engine for a later read to fill.
+                    recycle.recycle(m.data);
                 }
                 if !ok {
                     // Unblocks the reader; replies still due are dropped (but released).
