@@ -437,6 +437,53 @@ fn recycled_read_buffers_are_reused_and_hold_only_new_data() {
     assert!(fourth == bytes(3, 2));
 }
 
+/// The send-order list that finds the frames sent before an answered one keeps only what
+/// may still be outstanding: after a long read answered in order it is empty, and while
+/// answers come back in reverse order within each window (every answer has earlier
+/// frames outstanding), it never grows past its bound.
+#[test]
+fn send_order_list_stays_bounded() {
+    let (mut e, t0) = up_engine(100_000, true);
+    let target = |e: &Engine| e.devices[&DEV].targets[0].sent_order.len();
+    let bound = |e: &Engine| e.devices[&DEV].targets[0].sent_order_compact_at();
+    for reverse in [false, true] {
+        e.submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 0,
+                sectors: 4000,
+            },
+        )
+        .unwrap();
+        let mut done = false;
+        while !done {
+            let tx = drain(&mut e, t0);
+            assert!(!tx.is_empty(), "read stalled");
+            let order: Vec<_> = if reverse {
+                tx.iter().rev().collect()
+            } else {
+                tx.iter().collect()
+            };
+            for (_, req) in order {
+                let m = Message::parse(req).unwrap();
+                let Body::Ata(a) = m.body else {
+                    panic!("not ATA")
+                };
+                let data = vec![0u8; a.sector_count as usize * 512];
+                e.handle_frame(t0, 0, &ata_rsp(req, TMAC, status::DRDY, 0, &data));
+                assert!(target(&e) <= bound(&e) + 1, "{} entries", target(&e));
+            }
+            done = completions(&mut e)
+                .iter()
+                .any(|r| matches!(r, Ok(Some(d)) if d.len() == 4000 * 512));
+        }
+        if !reverse {
+            assert_eq!(target(&e), 0, "every entry answered and dropped");
+        }
+    }
+}
+
 /// Regression: vblade advertises LBA48 and FLUSH CACHE but not FLUSH CACHE EXT (word 83 =
 /// 0x5400, captured in `crates/aoe-wire/testdata/captures.txt`) and aborts 0xEA, so every fsync
 /// through the initiator failed with EIO against it. FLUSH CACHE EXT is sent only when
