@@ -25,7 +25,7 @@
 #             with more than one, each run measures them in turn (interleaved, not one after
 #             the other), every row names its binary, and the target and raw generator stay $AOE
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
-#   PERFSTAT=1  also print the initiator's system calls and context switches per MiB read
+#   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
 # nbdkit (Debian: nbdkit), and perf for PERF (Debian: linux-perf).
@@ -130,16 +130,16 @@ start_initiator() {
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
     if [ "$PERFSTAT" = 1 ]; then
-        perf stat -x, -e raw_syscalls:sys_enter,context-switches,task-clock -p "$INIT_PID" \
+        perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock -p "$INIT_PID" \
             -o "$WORK/stat" >/dev/null 2>&1 &
         local pp=$!; sleep 0.3
         "$@"
         kill -INT "$pp"; wait "$pp" 2>/dev/null || true
         awk -F, -v mib="$SIZE_MB" -v n="$name" '
             $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
-            $3 == "task-clock" { tc = $1 }
-            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
-                  n, sc / mib, cs / mib, tc / mib }' "$WORK/stat" >&2
+            $3 == "page-faults" { pf = $1 } $3 == "task-clock" { tc = $1 }
+            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.1f page faults/MiB, %.2f CPU-ms/MiB\n",
+                  n, sc / mib, cs / mib, pf / mib, tc / mib }' "$WORK/stat" >&2
     elif [ -n "$PERF" ]; then
         mkdir -p "$PERF"
         perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" >/dev/null 2>&1 &

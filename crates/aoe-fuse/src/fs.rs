@@ -741,11 +741,15 @@ impl AoeFs {
             return reply.data(&[]);
         }
         let want = (size as u64).min(end - offset) as usize;
+        let net = self.net.clone();
         BlockDevice::new(self.net.clone(), a, start).read(
             offset,
             want,
             Box::new(move |r| match r {
-                Ok(d) => reply.data(&d),
+                Ok(d) => {
+                    reply.data(&d);
+                    net.recycle(d);
+                }
                 Err(e) => reply.error(Errno::from_i32(e)),
             }),
         );

@@ -44,6 +44,9 @@ pub enum Cmd {
     /// A device file was opened (true) or closed (false). Counted: the device is open while
     /// any file on it (device or partition, any number of opens) is.
     SetOpen(TargetAddr, bool),
+    /// A read's buffer the front-end is done with, for the engine to fill a later read into
+    /// ([`Engine::recycle_read_buffer`]).
+    Recycle(Vec<u8>),
     /// Stop the thread.
     Stop,
 }
@@ -233,6 +236,16 @@ impl Handle {
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
         let done = self.bytes.counting(dev, &op, done);
         self.send(Cmd::Io { dev, op, done });
+    }
+
+    /// Hands a read's buffer back once the front-end is done with it (the reply sent), so
+    /// the engine fills a later read into pages already in memory instead of fresh ones
+    /// ([`Engine::recycle_read_buffer`]). Does not wake the thread: the buffer is taken in
+    /// with the next command or frame.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        if buf.capacity() > 0 {
+            let _ = self.tx.send(Cmd::Recycle(buf));
+        }
     }
 
     /// The sector range locks every front-end takes around its I/O (one table per
@@ -860,6 +873,7 @@ impl Net {
                 // after the first open.
                 self.engine.set_open(dev, busy);
             }
+            Cmd::Recycle(buf) => self.engine.recycle_read_buffer(buf),
             Cmd::Stop => {}
         }
     }

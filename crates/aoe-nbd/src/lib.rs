@@ -412,6 +412,15 @@ struct Reply {
 /// Replies the writer takes per `writev(2)`.
 const WRITE_BATCH: usize = 64;
 
+/// Send buffer asked for on a Unix-socket connection: many replies of a copy tool's
+/// request size (nbdcopy: 256 KiB, 64 in flight per connection), so the writer hands over
+/// what has queued up without blocking part way through a reply until the client has read
+/// (the default, `net.core.wmem_default`, is about 200 KiB: less than one such reply, and
+/// the writer blocked in every one of them, two context switches each). The kernel caps it
+/// at `net.core.wmem_max`, which is no error: its value then stands. TCP keeps its
+/// autotuning.
+const UNIX_SNDBUF: usize = 4 << 20;
+
 /// Writes the replies, heads and data, with as few `writev(2)` calls as the socket allows:
 /// a read's data goes from the buffer the AoE frames were gathered in straight to the
 /// socket, never copied into a reply buffer.
@@ -445,9 +454,13 @@ fn transmission(
     base: u64,
     net: &Handle,
 ) -> io::Result<()> {
+    if let Conn::Unix(s) = &w {
+        let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SNDBUF);
+    }
     // Each message carries the in-flight bytes it holds; the writer releases them once
     // the reply is written, so a client that stops reading replies stops being read.
     let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
+    let recycle = net.clone();
     let inflight = Arc::new(Inflight::default());
     let shut = w.try_clone()?;
     let inf = inflight.clone();
@@ -468,6 +481,8 @@ fn transmission(
                 ok = ok && write_replies(&mut w, &batch).is_ok();
                 for m in batch.drain(..) {
                     inf.release(m.held);
+                    // A read's buffer goes back to the engine for a later read to fill.
+                    recycle.recycle(m.data);
                 }
                 if !ok {
                     // Unblocks the reader; replies still due are dropped (but released).

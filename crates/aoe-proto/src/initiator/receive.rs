@@ -329,6 +329,9 @@ impl Engine {
                 let s = f.offset as usize * SECTOR_SIZE;
                 let n = f.count as usize * SECTOR_SIZE;
                 if let Some(src) = data.get(..n) {
+                    if buf.capacity() == 0 {
+                        *buf = self.read_spare.take(op.sectors as usize * SECTOR_SIZE);
+                    }
                     place(buf, s, src);
                 }
             }
@@ -490,6 +493,40 @@ pub(super) fn place(buf: &mut Vec<u8>, at: usize, src: &[u8]) {
     let inside = buf.len().min(end) - at;
     buf[at..at + inside].copy_from_slice(&src[..inside]);
     buf.extend_from_slice(&src[inside..]);
+}
+
+/// Read buffers handed back by the caller for reuse ([`Engine::recycle_read_buffer`]).
+#[derive(Debug, Default)]
+pub(super) struct ReadSpare {
+    bufs: Vec<Vec<u8>>,
+    /// Capacity of `bufs` in all, at most [`SPARE_READ_BYTES`].
+    bytes: usize,
+}
+
+impl ReadSpare {
+    /// An empty buffer with room for `len` bytes: a kept one if one is large enough (the
+    /// most recently kept first, whose pages are likeliest in cache), else a new one.
+    pub(super) fn take(&mut self, len: usize) -> Vec<u8> {
+        match self.bufs.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let b = self.bufs.swap_remove(i);
+                self.bytes -= b.capacity();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Keeps `buf` (emptied) if it fits in [`SPARE_READ_BYTES`]; frees it otherwise.
+    pub(super) fn put(&mut self, mut buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if cap == 0 || self.bytes + cap > SPARE_READ_BYTES {
+            return;
+        }
+        buf.clear();
+        self.bytes += cap;
+        self.bufs.push(buf);
+    }
 }
 
 /// How often a device logs responses from another MAC than the frame's.

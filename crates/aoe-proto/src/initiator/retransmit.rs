@@ -301,6 +301,9 @@ impl Engine {
         let mac = t.mac;
         self.outstanding.remove(&tag);
         let newtag = self.new_tag(now);
+        if let Some(d) = self.devices.get_mut(&addr) {
+            d.targets[ti].sent_order.push_back((seq, newtag));
+        }
         let src = self
             .interfaces
             .get(&iface)
@@ -366,25 +369,46 @@ impl Engine {
         if thresh == 0 {
             return;
         }
-        let Some(srtt) = self
+        let Some(t) = self
             .devices
-            .get(&answered.dev)
-            .and_then(|d| d.target_idx(answered.target).map(|ti| &d.targets[ti]))
-            .map(|t| t.rtt_avg_us + t.rtt_avg_us / 4)
+            .get_mut(&answered.dev)
+            .and_then(|d| d.target_idx(answered.target).map(|ti| &mut d.targets[ti]))
         else {
             return;
         };
+        let srtt = t.rtt_avg_us + t.rtt_avg_us / 4;
+        // The copies sent to this target before the answered one, oldest first, from its
+        // send-order list: with answers in order there are none, and this costs nothing,
+        // where a scan of every outstanding frame cost a window's worth per answer.
+        let outstanding = &mut self.outstanding;
+        let live = |o: &BTreeMap<u32, Outstanding>, (seq, tag): (u64, u32)| {
+            o.get(&tag).is_some_and(|f| {
+                f.seq == seq && f.dev == answered.dev && f.target == answered.target
+            })
+        };
+        while t.sent_order.front().is_some_and(|e| !live(outstanding, *e)) {
+            t.sent_order.pop_front();
+        }
+        if t.sent_order.len() > t.sent_order_compact_at() {
+            t.sent_order.retain(|e| live(outstanding, *e));
+        }
         let mut lost = Vec::new();
-        for (tag, f) in self.outstanding.iter_mut() {
-            if f.dev == answered.dev
+        for &(seq, tag) in &t.sent_order {
+            if seq >= answered.seq {
+                break;
+            }
+            let Some(f) = outstanding.get_mut(&tag) else {
+                continue;
+            };
+            if f.seq == seq
+                && f.dev == answered.dev
                 && f.target == answered.target
-                && f.seq < answered.seq
                 && f.waiting.is_none()
             {
                 f.later_answered = f.later_answered.saturating_add(1);
                 let age = now.saturating_duration_since(f.sent).as_micros();
                 if f.later_answered >= thresh && age >= u128::from(srtt) {
-                    lost.push(*tag);
+                    lost.push(tag);
                 }
             }
         }

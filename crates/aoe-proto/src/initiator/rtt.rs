@@ -66,6 +66,12 @@ pub(super) struct Target {
     pub(super) answered_seq: Option<u64>,
     /// When it last answered anything (a held copy included).
     pub(super) last_answer: Option<Instant>,
+    /// (send order, tag) of every copy sent to it, in send order, so an answer finds the
+    /// frames sent before it without a scan of every outstanding frame
+    /// (`Engine::later_frame_answered`). Entries of copies no longer outstanding under that
+    /// tag and send order are dropped from the front as they reach it, and all at once when
+    /// they outnumber the window ([`Target::sent_order_compact_at`]).
+    pub(super) sent_order: VecDeque<(u64, u32)>,
 }
 
 impl Target {
@@ -98,7 +104,15 @@ impl Target {
             silent: 0,
             answered_seq: None,
             last_answer: None,
+            sent_order: VecDeque::new(),
         }
+    }
+
+    /// Length of [`Target::sent_order`] beyond which its stale entries are dropped: a few
+    /// times the frames it can have out, so a frame waiting at the front for long (while
+    /// later ones come and go) costs bounded memory and scan time.
+    pub(super) fn sent_order_compact_at(&self) -> usize {
+        64 + 4 * usize::from(self.nframes.max(self.nout))
     }
 
     /// A copy sent as number `seq` was answered at `now`.

@@ -131,6 +131,7 @@ impl Engine {
         let iface = t.paths[t.next_path % t.paths.len()].iface;
         t.next_path = t.next_path.wrapping_add(1);
         let seq = t.take_seq();
+        t.sent_order.push_back((seq, tag));
         let f = Outstanding {
             dev: addr,
             op,

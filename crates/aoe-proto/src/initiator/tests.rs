@@ -426,6 +426,108 @@ fn recycled_frame_buffers_encode_the_same_frames() {
     assert_eq!(frames(true), fresh);
 }
 
+/// A read buffer handed back with `recycle_read_buffer` (full of stale bytes) is filled by
+/// a later read large enough for it, answered out of order, and the read completes with
+/// exactly the target's bytes; a read larger than every kept buffer gets a new one.
+#[test]
+fn recycled_read_buffers_are_reused_and_hold_only_new_data() {
+    let (mut e, t0) = up_engine(100_000, true);
+    let bytes = |lba: u64, sectors: u64| -> Vec<u8> {
+        (0..sectors * 512)
+            .map(|i| ((lba * 512 + i) % 253) as u8)
+            .collect()
+    };
+    // Reads `sectors` at `lba`, answering each batch of 1 KiB frames the window lets out
+    // last to first; returns the engine's completed buffer.
+    let read = |e: &mut Engine, lba: u64, sectors: u32| -> Vec<u8> {
+        e.submit(t0, DEV, BlockOp::Read { lba, sectors }).unwrap();
+        loop {
+            let tx = drain(e, t0);
+            assert!(!tx.is_empty(), "read {lba}+{sectors} stalled");
+            for (_, req) in tx.iter().rev() {
+                let m = Message::parse(req).unwrap();
+                let Body::Ata(a) = m.body else {
+                    panic!("not ATA")
+                };
+                let data = bytes(a.lba, u64::from(a.sector_count));
+                e.handle_frame(t0, 0, &ata_rsp(req, TMAC, status::DRDY, 0, &data));
+            }
+            match completions(e).pop() {
+                Some(Ok(Some(d))) => return d,
+                Some(other) => panic!("read {lba}+{sectors}: {other:?}"),
+                None => {}
+            }
+        }
+    };
+    let mut first = read(&mut e, 10, 6);
+    assert!(first == bytes(10, 6));
+    first.fill(0xee);
+    let ptr = first.as_ptr();
+    e.recycle_read_buffer(first);
+    let second = read(&mut e, 77, 4);
+    assert_eq!(second.as_ptr(), ptr, "the kept buffer was filled");
+    assert!(
+        second == bytes(77, 4),
+        "only the new read's bytes, none stale"
+    );
+    // Too small for a read of 8 sectors: that one gets a new buffer, and the kept one
+    // stays for a later small read.
+    e.recycle_read_buffer(second);
+    let third = read(&mut e, 500, 8);
+    assert_ne!(third.as_ptr(), ptr);
+    assert!(third == bytes(500, 8));
+    let fourth = read(&mut e, 3, 2);
+    assert_eq!(fourth.as_ptr(), ptr);
+    assert!(fourth == bytes(3, 2));
+}
+
+/// The send-order list that finds the frames sent before an answered one keeps only what
+/// may still be outstanding: after a long read answered in order it is empty, and while
+/// answers come back in reverse order within each window (every answer has earlier
+/// frames outstanding), it never grows past its bound.
+#[test]
+fn send_order_list_stays_bounded() {
+    let (mut e, t0) = up_engine(100_000, true);
+    let target = |e: &Engine| e.devices[&DEV].targets[0].sent_order.len();
+    let bound = |e: &Engine| e.devices[&DEV].targets[0].sent_order_compact_at();
+    for reverse in [false, true] {
+        e.submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 0,
+                sectors: 4000,
+            },
+        )
+        .unwrap();
+        let mut done = false;
+        while !done {
+            let tx = drain(&mut e, t0);
+            assert!(!tx.is_empty(), "read stalled");
+            let order: Vec<_> = if reverse {
+                tx.iter().rev().collect()
+            } else {
+                tx.iter().collect()
+            };
+            for (_, req) in order {
+                let m = Message::parse(req).unwrap();
+                let Body::Ata(a) = m.body else {
+                    panic!("not ATA")
+                };
+                let data = vec![0u8; a.sector_count as usize * 512];
+                e.handle_frame(t0, 0, &ata_rsp(req, TMAC, status::DRDY, 0, &data));
+                assert!(target(&e) <= bound(&e) + 1, "{} entries", target(&e));
+            }
+            done = completions(&mut e)
+                .iter()
+                .any(|r| matches!(r, Ok(Some(d)) if d.len() == 4000 * 512));
+        }
+        if !reverse {
+            assert_eq!(target(&e), 0, "every entry answered and dropped");
+        }
+    }
+}
+
 /// Regression: vblade advertises LBA48 and FLUSH CACHE but not FLUSH CACHE EXT (word 83 =
 /// 0x5400, captured in `crates/aoe-wire/testdata/captures.txt`) and aborts 0xEA, so every fsync
 /// through the initiator failed with EIO against it. FLUSH CACHE EXT is sent only when
