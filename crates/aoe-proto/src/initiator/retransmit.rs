@@ -42,7 +42,7 @@ impl Engine {
                 self.ops.remove(&f.op);
             }
             if f.waiting.is_none() {
-                self.hold_copy(tag, &f, now + timeout);
+                self.hold_copy(tag, &f, now + timeout, false);
             }
             return;
         }
@@ -55,7 +55,7 @@ impl Engine {
             if identifying {
                 self.outstanding.remove(&tag);
                 if f.waiting.is_none() {
-                    self.hold_copy(tag, &f, now + timeout);
+                    self.hold_copy(tag, &f, now + timeout, false);
                 }
                 self.ops.remove(&f.op);
                 self.identify_failed(addr, "IDENTIFY unanswered");
@@ -78,6 +78,56 @@ impl Engine {
                 w.deadline = park;
             }
             return;
+        }
+        // The timer restarts with every answer from the frame's target (RFC 6298 5.3), so
+        // it fires only once the target has answered nothing for a whole timeout: the
+        // backstop. While the target keeps answering, a frame lost among the answered ones
+        // is found by the answers to frames sent after it (RACK, `later_frame_answered`),
+        // and one only queued or slow at the target is not copied.
+        let restart = self
+            .devices
+            .get(&addr)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+            .and_then(|t| Some(t.last_answer? + t.rto(&self.cfg)))
+            .filter(|at| *at > now);
+        if let Some(at) = restart {
+            let deadline = self.deadline(now, f.first_sent, at - now);
+            if let Some(o) = self.outstanding.get_mut(&tag) {
+                o.deadline = deadline;
+            }
+            return;
+        }
+        // The target has been silent for a whole timeout. As TCP's timer does (RFC 6298
+        // 5.4), only the earliest frame outstanding there is copied, and the timer backs
+        // off (5.5); the others wait for that copy's answer or any other, after which RACK
+        // finds the lost ones (`later_frame_answered`; RFC 8985's tail loss probe is the
+        // same idea). A stalled target (a daemon starved of CPU) then gets one copy per
+        // backed-off timeout, not a copy of its whole window at once. The driver copies
+        // every frame whose timer ran out. A frame that can move to another target still
+        // does (multipath failover, as the driver).
+        // Once the target has answered such a copy and then nothing else for a timeout,
+        // it is alive and the frames it still has not answered are lost: all are copied.
+        let probe_answered = self
+            .devices
+            .get(&addr)
+            .and_then(|d| {
+                d.target_idx(f.target)
+                    .map(|ti| d.targets[ti].probe_answered)
+            })
+            .unwrap_or(false);
+        if !probe_answered && !self.copies_elsewhere(&f) && !self.earliest_at_target(tag, &f) {
+            let backed_off = self
+                .devices
+                .get(&addr)
+                .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+                .map(|t| backoff(t.rto(&self.cfg), t.silent.max(1), self.cfg.rto_max));
+            if let Some(rto) = backed_off {
+                let deadline = self.deadline(now, f.first_sent, rto);
+                if let Some(o) = self.outstanding.get_mut(&tag) {
+                    o.deadline = deadline;
+                }
+                return;
+            }
         }
         let cfg = self.cfg.clone();
         let Some(d) = self.devices.get_mut(&addr) else {
@@ -108,13 +158,43 @@ impl Engine {
         for l in logs {
             self.log(l);
         }
-        self.hold_copy(tag, &f, now + timeout);
+        self.hold_copy(tag, &f, now + timeout, true);
         self.copy_due(now, tag, CopyWhy::Timeout);
+    }
+
+    /// Whether frame `f`'s copy after a timeout may go to another target of its device
+    /// (`place_copy`: a usable one, untainted unless every usable one is tainted).
+    fn copies_elsewhere(&self, f: &Outstanding) -> bool {
+        self.devices.get(&f.dev).is_some_and(|d| {
+            let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+            d.targets
+                .iter()
+                .any(|t| t.mac != f.target && t.usable() && (t.taint == 0 || all_tainted))
+        })
+    }
+
+    /// Whether `tag` is the earliest frame (first sent, then lowest send order) of a live
+    /// operation outstanding at `f`'s target, its copy waiting to go out counted.
+    fn earliest_at_target(&self, tag: u32, f: &Outstanding) -> bool {
+        let key = |g: &Outstanding| (g.first_sent, g.seq);
+        !self.outstanding.iter().any(|(k, g)| {
+            *k != tag
+                && g.dev == f.dev
+                && g.target == f.target
+                && self.ops.contains_key(&g.op)
+                && key(g) < key(f)
+        })
     }
 
     /// Copy `tag` of frame `f` keeps its window slot, without standing for the frame any
     /// more, until its own answer or its presumed loss (`Held`), due at `due`.
-    pub(super) fn hold_copy(&mut self, tag: u32, f: &Outstanding, due: Instant) {
+    pub(super) fn hold_copy(
+        &mut self,
+        tag: u32,
+        f: &Outstanding,
+        due: Instant,
+        presumed_lost: bool,
+    ) {
         let silent_until = (f.sent + SILENT_HOLD).max(due);
         self.held.insert(
             tag,
@@ -122,6 +202,8 @@ impl Engine {
                 dev: f.dev,
                 target: f.target,
                 seq: f.seq,
+                sent: f.sent,
+                presumed_lost,
                 due,
                 silent_until,
                 check_at: due,
@@ -151,11 +233,59 @@ impl Engine {
         for tag in lost {
             if let Some(h) = self.held.remove(&tag) {
                 self.release(h.dev, h.target);
+                if h.presumed_lost {
+                    self.add_ghost(now, tag, &h);
+                }
             }
         }
     }
 
-    /// The answer to a held copy: its slot is free. True if `tag` was one (of device `dev`).
+    /// Remembers held copy `tag`, presumed lost and its slot freed, for [`GHOST_TTL`].
+    fn add_ghost(&mut self, now: Instant, tag: u32, h: &Held) {
+        while self.ghost_order.len() >= MAX_GHOSTS
+            || self
+                .ghost_order
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= GHOST_TTL)
+        {
+            let Some((_, old)) = self.ghost_order.pop_front() else {
+                break;
+            };
+            self.ghosts.remove(&old);
+        }
+        self.ghosts.insert(
+            tag,
+            Ghost {
+                dev: h.dev,
+                target: h.target,
+                sent: h.sent,
+            },
+        );
+        self.ghost_order.push_back((now, tag));
+    }
+
+    /// The answer to a copy presumed lost after all (`Engine::ghosts`): a sample of it, and
+    /// the presumption undone (`Target::spurious_copy`). True if `tag` was one (of `dev`).
+    pub(super) fn ghost_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
+        if self.ghosts.get(&tag).is_none_or(|g| g.dev != dev) {
+            return false;
+        }
+        let Some(g) = self.ghosts.remove(&tag) else {
+            return false;
+        };
+        if let Some(t) = self
+            .devices
+            .get_mut(&g.dev)
+            .and_then(|d| d.target_idx(g.target).map(|ti| &mut d.targets[ti]))
+        {
+            t.spurious_copy(now, now.saturating_duration_since(g.sent));
+        }
+        true
+    }
+
+    /// The answer to a held copy: its slot is free, and if the copy was presumed lost, the
+    /// presumption was wrong (`Target::spurious_copy`: a sample of the copy, the window
+    /// cut undone). True if `tag` was one (of device `dev`).
     pub(super) fn held_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
         if self.held.get(&tag).is_none_or(|h| h.dev != dev) {
             return false;
@@ -168,6 +298,9 @@ impl Engine {
                 .and_then(|d| d.target_idx(h.target).map(|ti| &mut d.targets[ti]))
             {
                 t.answered_copy(h.seq, now);
+                if h.presumed_lost {
+                    t.spurious_copy(now, now.saturating_duration_since(h.sent));
+                }
             }
         }
         true
@@ -267,11 +400,11 @@ impl Engine {
             };
             d.rexmitq.remove(i);
             let rto = d.targets[ti].rto(&self.cfg);
-            let (rto, note) = match why {
-                CopyWhy::Timeout => (backoff(rto, f.retransmits + 1, self.cfg.rto_max), ""),
-                CopyWhy::LaterAnswered => (rto, " (later frames answered)"),
+            let rto = match why {
+                CopyWhy::Timeout => backoff(rto, f.retransmits + 1, self.cfg.rto_max),
+                CopyWhy::LaterAnswered => rto,
             };
-            self.resend(now, key, f, ti, rto, note);
+            self.resend(now, key, f, ti, rto, why);
         }
     }
 
@@ -284,7 +417,7 @@ impl Engine {
         f: Outstanding,
         ti: usize,
         rto: Duration,
-        why: &str,
+        why: CopyWhy,
     ) {
         let addr = f.dev;
         let Some(d) = self.devices.get_mut(&addr) else {
@@ -325,6 +458,7 @@ impl Engine {
             retransmits: f.retransmits + 1,
             seq,
             later_answered: 0,
+            after_silence: why == CopyWhy::Timeout,
             earlier,
             waiting: None,
             ..f
@@ -343,37 +477,57 @@ impl Engine {
             ));
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
+        let note = match why {
+            CopyWhy::Timeout => "",
+            CopyWhy::LaterAnswered => " (later frames answered)",
+        };
         self.log(format!(
-            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{why}"
+            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{note}"
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
     }
 
-    /// Fast retransmission (RFC 5681 3.2, with answers to later frames in place of duplicate
-    /// ACKs, and RACK's reordering window, RFC 8985 6.2): `answered` was just answered, so
-    /// every frame still outstanding at its target that was sent before it has one more
-    /// later frame answered. One with [`Config::fast_retransmit`] such answers that has also
-    /// been out for `srtt + srtt/4` is taken as lost and resent at once, on the target's
-    /// next path, without waiting for its timer. The age test keeps a target that completes
-    /// requests out of order (a worker pool; a disk that reorders) from triggering copies of
-    /// frames that are merely a little late. The copy counts afresh from its own send, so a
-    /// frame is resent this way at most once per round trip. Frames of failed ops, probes,
-    /// IDENTIFYs and frames past `deadsecs` are left to the timer, which handles them as the
-    /// driver does. The driver has no such thing: a lost frame waits for `rexmit_timer`.
-    pub(super) fn later_frame_answered(&mut self, now: Instant, answered: &Outstanding) {
+    /// Loss detection from later answers, as RACK does it (RFC 8985 6.2), with
+    /// [`Config::fast_retransmit`] as the count of later answers a frame needs first (RFC
+    /// 5681 3.2's duplicate-ACK threshold; AoE has answers to later frames where TCP has
+    /// duplicate ACKs): `answered`, sent at `sent`, was just answered, so every frame still
+    /// outstanding at its target that was sent before it has one more later frame answered.
+    /// Such a frame is presumed lost once it has been out as long as `answered` took plus
+    /// the target's reordering window (`Target::reo_wnd`, the spread of its answer times):
+    /// at once if that has passed, else when it passes (RACK's reordering timer, RFC 8985
+    /// 6.3; `Engine::rack`) if its answer has not come by then. Its copy goes out at once,
+    /// on the target's next path, without waiting for the retransmission timer, which is
+    /// only the backstop. A target that completes requests out of order (a worker pool, a
+    /// disk that reorders) widens its own window by the spread of its answer times, so a
+    /// frame merely slow is not copied. The copy counts afresh from its own send. Frames of
+    /// failed ops, probes, IDENTIFYs and frames past `deadsecs` are left to the timer, which
+    /// handles them as the driver does. The driver has no such thing: a lost frame waits
+    /// for `rexmit_timer`.
+    pub(super) fn later_frame_answered(
+        &mut self,
+        now: Instant,
+        answered: &Outstanding,
+        sent: Instant,
+    ) {
         let thresh = self.cfg.fast_retransmit;
-        if thresh == 0 {
+        if thresh == 0 || answered.after_silence {
+            // A copy sent after a silent timeout overtakes everything the target still
+            // holds from before its silence (a stalled daemon works through its backlog
+            // first, or a disk serves it in any order): its answer says the target is
+            // alive, not that those frames are lost. If nothing else is answered for a
+            // timeout, they are (`Target::probe_answered`, `Engine::frame_timed_out`).
             return;
         }
-        let Some(srtt) = self
+        let Some(reo_wnd) = self
             .devices
             .get(&answered.dev)
             .and_then(|d| d.target_idx(answered.target).map(|ti| &d.targets[ti]))
-            .map(|t| t.rtt_avg_us + t.rtt_avg_us / 4)
+            .map(Target::reo_wnd)
         else {
             return;
         };
+        let wait = now.saturating_duration_since(sent) + reo_wnd;
         let mut lost = Vec::new();
         for (tag, f) in self.outstanding.iter_mut() {
             if f.dev == answered.dev
@@ -382,14 +536,59 @@ impl Engine {
                 && f.waiting.is_none()
             {
                 f.later_answered = f.later_answered.saturating_add(1);
-                let age = now.saturating_duration_since(f.sent).as_micros();
-                if f.later_answered >= thresh && age >= u128::from(srtt) {
-                    lost.push(*tag);
+                if f.later_answered >= thresh {
+                    let at = f.sent + wait;
+                    if at <= now {
+                        lost.push(*tag);
+                    } else {
+                        let e = self.rack.entry(*tag).or_insert(at);
+                        *e = (*e).min(at);
+                    }
                 }
             }
         }
         for tag in lost {
+            self.rack.remove(&tag);
             self.fast_retransmit(now, tag);
+        }
+    }
+
+    /// RACK's reordering timer (RFC 8985 6.3): frames whose reordering window passed
+    /// without their answer are presumed lost (`Engine::later_frame_answered`).
+    pub(super) fn rack_timers(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .rack
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in due {
+            self.rack.remove(&tag);
+            self.fast_retransmit(now, tag);
+        }
+    }
+
+    /// The answer to an earlier copy of a write, which waits for its latest copy's answer
+    /// (`Engine::answered_frame`): the later copy was spurious all the same, and the answer
+    /// is a sample of the earlier copy (`Target::spurious_copy`).
+    pub(super) fn late_write_copy_answered(&mut self, now: Instant, h: &HeaderRepr) {
+        let tag = h.tag.0;
+        let Some((sent, mac)) = self.outstanding.values_mut().find_map(|f| {
+            if f.dev != h.target {
+                return None;
+            }
+            let i = f.earlier.iter().position(|e| e.0 == tag)?;
+            // Forgotten, so a duplicate of the answer is not another sample.
+            Some((f.earlier.remove(i).1, f.target))
+        }) else {
+            return;
+        };
+        if let Some(t) = self
+            .devices
+            .get_mut(&h.target)
+            .and_then(|d| d.target_idx(mac).map(|ti| &mut d.targets[ti]))
+        {
+            t.spurious_copy(now, now.saturating_duration_since(sent));
         }
     }
 
@@ -424,6 +623,7 @@ impl Engine {
             return;
         }
         t.on_loss(f.seq, cfg.min_window, false);
+        t.loss_found();
         t.retransmits += 1;
         t.fast_retransmits += 1;
         if let Some(l) = t.path_lost(addr, f.iface) {
@@ -431,7 +631,7 @@ impl Engine {
         }
         // Most likely lost, but a target that serves requests in parallel may still hold
         // it: the copy keeps its slot until its own timer runs out.
-        self.hold_copy(tag, &f, f.deadline);
+        self.hold_copy(tag, &f, f.deadline, true);
         self.copy_due(now, tag, CopyWhy::LaterAnswered);
     }
 
@@ -515,6 +715,13 @@ const SILENT_HOLD: Duration = Duration::from_secs(1);
 
 /// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
 const MAX_EARLIER_COPIES: usize = 4;
+
+/// Most copies presumed lost remembered after their slot was freed (`Engine::ghosts`).
+pub(super) const MAX_GHOSTS: usize = 1024;
+
+/// How long such a copy is remembered: as long as a held copy of a silent target keeps its
+/// slot, twice; an answer later than that is not a round trip worth learning from.
+pub(super) const GHOST_TTL: Duration = Duration::from_secs(2);
 
 /// Where a frame's next copy goes (`CopyWhy`): after a timeout another usable target with
 /// room, else the same target if it has room (its next interface: `resend` ->
