@@ -230,7 +230,8 @@ pub(super) struct Held {
     pub(super) presumed_lost: bool,
     pub(super) due: Instant,
     pub(super) silent_until: Instant,
-    /// When the timer looks at it next: `due`, then `silent_until`.
+    /// When the timer looks at it next: the earlier of `due` and `silent_until`, then
+    /// `silent_until`.
     pub(super) check_at: Instant,
 }
 

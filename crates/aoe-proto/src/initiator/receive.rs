@@ -238,6 +238,7 @@ impl Engine {
         self.outstanding.remove(&key);
         self.rack.remove(&key);
         let addr = f.dev;
+        let mut ended_silence = false;
         if let Some(d) = self.devices.get_mut(&addr) {
             if let Some(ti) = d.target_idx(f.target) {
                 let t = &mut d.targets[ti];
@@ -265,7 +266,7 @@ impl Engine {
                     // frame's last copy was held, and freed by `held_answered`.)
                     t.nout = t.nout.saturating_sub(1);
                 }
-                t.answered_copy(f.seq, now);
+                ended_silence = t.answered_copy(f.seq, now);
                 t.probe_answered = f.after_silence;
                 t.answers += 1;
                 if t.taint > 0 {
@@ -281,6 +282,9 @@ impl Engine {
                 d.stats.ata_errors += 1;
             }
         }
+        if ended_silence {
+            self.restart_timers(now, addr, f.target);
+        }
         if f.waiting.is_some() {
             if let Some(d) = self.devices.get_mut(&addr) {
                 d.rexmitq.retain(|k| *k != key);
@@ -288,7 +292,7 @@ impl Engine {
         } else if earlier_sent.is_some() {
             // Completed by an earlier copy's answer: the latest copy may still be queued at
             // the target, so it keeps its slot until its own answer or its timer.
-            self.hold_copy(key, &f, f.deadline, false);
+            self.hold_copy(now, key, &f, f.deadline, false);
         }
         self.later_frame_answered(now, &f, earlier_sent.unwrap_or(f.sent));
         // A data frame sized before the MTU shrank, refused by a target that now checks its

@@ -42,7 +42,7 @@ impl Engine {
                 self.ops.remove(&f.op);
             }
             if f.waiting.is_none() {
-                self.hold_copy(tag, &f, now + timeout, false);
+                self.hold_copy(now, tag, &f, now + timeout, false);
             }
             return;
         }
@@ -55,7 +55,7 @@ impl Engine {
             if identifying {
                 self.outstanding.remove(&tag);
                 if f.waiting.is_none() {
-                    self.hold_copy(tag, &f, now + timeout, false);
+                    self.hold_copy(now, tag, &f, now + timeout, false);
                 }
                 self.ops.remove(&f.op);
                 self.identify_failed(addr, "IDENTIFY unanswered");
@@ -67,15 +67,12 @@ impl Engine {
             );
             return;
         }
-        if f.waiting.is_some() {
+        if let Some(why) = f.waiting {
             // Its next copy still waits for a slot or for a sign that it is due
-            // (`Target::copy_due_after_timeout`): looked at again after a while, and at
-            // `deadsecs` at the latest.
-            let park = self
-                .park_deadline(now, f.first_sent)
-                .min(now + self.recheck(&f));
+            // (`Target::copy_due_after_timeout`).
+            let wake = self.waiting_wake(now, &f, why);
             if let Some(w) = self.outstanding.get_mut(&tag) {
-                w.deadline = park;
+                w.deadline = wake;
             }
             return;
         }
@@ -116,11 +113,12 @@ impl Engine {
             })
             .unwrap_or(false);
         if !probe_answered && !self.copies_elsewhere(&f) && !self.earliest_at_target(tag, &f) {
+            let cfg = &self.cfg;
             let backed_off = self
                 .devices
-                .get(&addr)
-                .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
-                .map(|t| backoff(t.rto(&self.cfg), t.silent.max(1), self.cfg.rto_max));
+                .get_mut(&addr)
+                .and_then(|d| d.target_idx(f.target).map(|ti| &mut d.targets[ti]))
+                .map(|t| t.silent_backoff(now, cfg));
             if let Some(rto) = backed_off {
                 let deadline = self.deadline(now, f.first_sent, rto);
                 if let Some(o) = self.outstanding.get_mut(&tag) {
@@ -148,6 +146,7 @@ impl Engine {
             // move a timed-out frame to another target at once, no frame may wait that long,
             // so a target that let `nframes` timeouts pass without one answer is scorned too.
             t.silent += 1;
+            t.silent_since.get_or_insert(now);
             if ntargets > 1 && (waited > scorn_at || t.silent >= t.nframes as u32) {
                 t.scorn();
                 t.silent = 0;
@@ -158,7 +157,7 @@ impl Engine {
         for l in logs {
             self.log(l);
         }
-        self.hold_copy(tag, &f, now + timeout, true);
+        self.hold_copy(now, tag, &f, now + timeout, true);
         self.copy_due(now, tag, CopyWhy::Timeout);
     }
 
@@ -173,10 +172,14 @@ impl Engine {
         })
     }
 
-    /// Whether `tag` is the earliest frame (first sent, then lowest send order) of a live
-    /// operation outstanding at `f`'s target, its copy waiting to go out counted.
+    /// Whether `tag` is the earliest frame of a live operation outstanding at `f`'s target,
+    /// its copy waiting to go out counted: first sent first, then in the order the frames
+    /// were made (op, then offset), which copies keep. (Ordered by the latest copy's send
+    /// order instead, the frame just copied would stop being the earliest, and each silent
+    /// timeout would copy another frame of the window, as TCP's timer does not: it resends
+    /// the earliest unacknowledged segment until it is acknowledged, RFC 6298 5.4.)
     fn earliest_at_target(&self, tag: u32, f: &Outstanding) -> bool {
-        let key = |g: &Outstanding| (g.first_sent, g.seq);
+        let key = |g: &Outstanding| (g.first_sent, g.op, g.offset);
         !self.outstanding.iter().any(|(k, g)| {
             *k != tag
                 && g.dev == f.dev
@@ -187,28 +190,48 @@ impl Engine {
     }
 
     /// Copy `tag` of frame `f` keeps its window slot, without standing for the frame any
-    /// more, until its own answer or its presumed loss (`Held`), due at `due`.
+    /// more, until its own answer or its presumed loss (`Held`): at `due` if the target has
+    /// answered a frame sent after it by then, else once it has been out [`SILENT_HOLD`] or
+    /// its target's RTO, whichever is longer (a target that takes seconds to answer keeps
+    /// its frames that long). A copy out that long already is presumed lost at once: its
+    /// slot is free now. (Held until `due` regardless, a copy whose timer had backed off
+    /// through a long silence kept its slot as long again, and at a full window the next
+    /// copy waited for it past `deadsecs`.)
     pub(super) fn hold_copy(
         &mut self,
+        now: Instant,
         tag: u32,
         f: &Outstanding,
         due: Instant,
         presumed_lost: bool,
     ) {
-        let silent_until = (f.sent + SILENT_HOLD).max(due);
-        self.held.insert(
-            tag,
-            Held {
-                dev: f.dev,
-                target: f.target,
-                seq: f.seq,
-                sent: f.sent,
-                presumed_lost,
-                due,
-                silent_until,
-                check_at: due,
-            },
-        );
+        let rto = self
+            .devices
+            .get(&f.dev)
+            .and_then(|d| {
+                d.target_idx(f.target)
+                    .map(|ti| d.targets[ti].rto(&self.cfg))
+            })
+            .unwrap_or(self.cfg.rto_min);
+        let silent_until = f.sent + SILENT_HOLD.max(rto);
+        let h = Held {
+            dev: f.dev,
+            target: f.target,
+            seq: f.seq,
+            sent: f.sent,
+            presumed_lost,
+            due,
+            silent_until,
+            check_at: due.min(silent_until),
+        };
+        if silent_until <= now {
+            self.release(h.dev, h.target);
+            if presumed_lost {
+                self.add_ghost(now, tag, &h);
+            }
+            return;
+        }
+        self.held.insert(tag, h);
     }
 
     /// Frees the window slots of held copies presumed lost by `now`: past `due` with a
@@ -216,6 +239,10 @@ impl Engine {
     pub(super) fn expire_held(&mut self, now: Instant) {
         let mut lost = Vec::new();
         for (tag, h) in self.held.iter_mut() {
+            if h.silent_until <= now {
+                lost.push(*tag);
+                continue;
+            }
             if h.due > now {
                 continue;
             }
@@ -224,7 +251,7 @@ impl Engine {
                 .get(&h.dev)
                 .and_then(|d| d.target_idx(h.target).map(|ti| &d.targets[ti]))
                 .is_none_or(|t| t.answered_seq.is_some_and(|s| s > h.seq));
-            if passed || h.silent_until <= now {
+            if passed {
                 lost.push(*tag);
             } else {
                 h.check_at = h.silent_until;
@@ -292,18 +319,50 @@ impl Engine {
         }
         if let Some(h) = self.held.remove(&tag) {
             self.release(h.dev, h.target);
+            let mut ended_silence = false;
             if let Some(t) = self
                 .devices
                 .get_mut(&h.dev)
                 .and_then(|d| d.target_idx(h.target).map(|ti| &mut d.targets[ti]))
             {
-                t.answered_copy(h.seq, now);
+                ended_silence = t.answered_copy(h.seq, now);
                 if h.presumed_lost {
                     t.spurious_copy(now, now.saturating_duration_since(h.sent));
                 }
             }
+            if ended_silence {
+                self.restart_timers(now, h.dev, h.target);
+            }
         }
         true
+    }
+
+    /// Target `mac` of device `dev` answered after a silence: the frames outstanding there,
+    /// whose timers backed off through the silence (`Target::silent_backoff`, up to
+    /// `rto_max`), run again one timeout from now, as every answer restarts TCP's timer
+    /// (RFC 6298 5.3). Without it, a frame that slept through a link cut would be looked
+    /// at only seconds after the link came back, and with a short `deadsecs` could take
+    /// the device down though the target answers again. Frames whose copy waits are left
+    /// as they are (`Engine::waiting_wake`).
+    pub(super) fn restart_timers(&mut self, now: Instant, dev: TargetAddr, mac: MacAddr) {
+        let Some(rto) = self
+            .devices
+            .get(&dev)
+            .and_then(|d| d.target_idx(mac).map(|ti| d.targets[ti].rto(&self.cfg)))
+        else {
+            return;
+        };
+        let restarted: Vec<(u32, Instant)> = self
+            .outstanding
+            .iter()
+            .filter(|(_, f)| f.dev == dev && f.target == mac && f.waiting.is_none())
+            .map(|(tag, f)| (*tag, f.deadline.min(self.deadline(now, f.first_sent, rto))))
+            .collect();
+        for (tag, deadline) in restarted {
+            if let Some(f) = self.outstanding.get_mut(&tag) {
+                f.deadline = deadline;
+            }
+        }
     }
 
     /// One slot of `mac`'s window on device `dev` is free.
@@ -324,15 +383,26 @@ impl Engine {
         }
     }
 
-    /// How soon a waiting frame is looked at again by the timer: its target's smoothed RTT
-    /// (when `Target::copy_due_after_timeout` may turn true without an answer), at least
-    /// `rto_min`.
-    fn recheck(&self, f: &Outstanding) -> Duration {
-        self.devices
+    /// When the timer must look at frame `f`, whose next copy waits (`why`), again. A copy
+    /// that is due waits only for a window slot, and every slot is freed by an event that
+    /// sends the waiting copies (an answer, a held copy's expiry on the timer, `pump`): its
+    /// frame sleeps until `deadsecs`, when the device goes down if it is still unanswered.
+    /// A copy after a timeout that is not yet due becomes due by time alone when its target
+    /// has answered nothing for a smoothed RTT (`Target::copy_due_after_timeout`): the
+    /// timer runs then, once, not every RTT while the window stays full (which, on a 500 µs
+    /// timeout, ran the timer some 2000 times a second while a target was silent).
+    fn waiting_wake(&self, now: Instant, f: &Outstanding, why: CopyWhy) -> Instant {
+        let park = self.park_deadline(now, f.first_sent);
+        let t = self
+            .devices
             .get(&f.dev)
-            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
-            .map_or(self.cfg.rto_min, |t| Duration::from_micros(t.rtt_avg_us))
-            .max(self.cfg.rto_min)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]));
+        match (why, t) {
+            (CopyWhy::Timeout, Some(t)) if !t.copy_due_after_timeout(f.seq, now) => t
+                .copy_due_at()
+                .map_or(park, |at| park.min(at.max(now + self.cfg.rto_min))),
+            _ => park,
+        }
     }
 
     /// Frame `tag`'s last copy is held; its next copy goes out when a window has room
@@ -341,10 +411,8 @@ impl Engine {
         let Some(f) = self.outstanding.get(&tag) else {
             return;
         };
-        let (dev, first_sent) = (f.dev, f.first_sent);
-        let park = self
-            .park_deadline(now, first_sent)
-            .min(now + self.recheck(f));
+        let dev = f.dev;
+        let park = self.waiting_wake(now, f, why);
         if let Some(f) = self.outstanding.get_mut(&tag) {
             f.waiting = Some(why);
             f.deadline = park;
@@ -631,7 +699,7 @@ impl Engine {
         }
         // Most likely lost, but a target that serves requests in parallel may still hold
         // it: the copy keeps its slot until its own timer runs out.
-        self.hold_copy(tag, &f, f.deadline, true);
+        self.hold_copy(now, tag, &f, f.deadline, true);
         self.copy_due(now, tag, CopyWhy::LaterAnswered);
     }
 

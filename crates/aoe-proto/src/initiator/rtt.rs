@@ -61,6 +61,10 @@ pub(super) struct Target {
     pub(super) answers: u64,
     /// Timeouts since the last answer.
     pub(super) silent: u32,
+    /// When its timer first found it silent (no answer for a whole timeout) since its last
+    /// answer: the frames queued behind the one copied then sleep as long again as the
+    /// silence has lasted (`Target::silent_backoff`).
+    pub(super) silent_since: Option<Instant>,
     /// Its last answer was to a copy sent after it fell silent for a whole timeout (a
     /// probe, `Outstanding::after_silence`): if it answers nothing more for a timeout, the
     /// frames it still holds unanswered are lost, not queued (`Engine::frame_timed_out`).
@@ -155,6 +159,7 @@ impl Target {
             retransmits: 0,
             answers: 0,
             silent: 0,
+            silent_since: None,
             probe_answered: false,
             answered_seq: None,
             last_answer: None,
@@ -165,12 +170,30 @@ impl Target {
         }
     }
 
-    /// A copy sent as number `seq` was answered at `now`.
-    pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) {
+    /// A copy sent as number `seq` was answered at `now`. True if that ends a silence
+    /// (`silent_since`): the timers of the frames that slept through it restart
+    /// (`Engine::restart_timers`).
+    pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) -> bool {
+        let ended_silence = self.silent_since.is_some();
         self.answered_seq = Some(self.answered_seq.map_or(seq, |s| s.max(seq)));
         self.last_answer = Some(now);
         self.silent = 0;
+        self.silent_since = None;
         self.probe_answered = false;
+        ended_silence
+    }
+
+    /// How long a frame that waits behind the one copied at a silent target sleeps before
+    /// its timer looks again: as long as the silence has lasted, between one timeout and
+    /// `rto_max`, so the timer's runs back off exponentially over a silence as RFC 6298
+    /// 5.5 backs off a timer, however few copies go out (a full window of held copies
+    /// lets one go out per [`SILENT_HOLD`](super::retransmit)). Starts the silence's clock
+    /// at `now` if it is not running.
+    pub(super) fn silent_backoff(&mut self, now: Instant, cfg: &Config) -> Duration {
+        let since = *self.silent_since.get_or_insert(now);
+        let rto = self.rto(cfg);
+        now.saturating_duration_since(since)
+            .clamp(rto, cfg.rto_max.max(rto))
     }
 
     /// Whether a copy of the frame whose last copy went here as number `seq`, and timed
@@ -185,6 +208,12 @@ impl Target {
             || self.last_answer.is_none_or(|t| {
                 now.saturating_duration_since(t) >= Duration::from_micros(self.rtt_avg_us)
             })
+    }
+
+    /// When a copy after a timeout turns due by time alone (`copy_due_after_timeout`): a
+    /// smoothed RTT after the last answer. `None` if it never answered.
+    pub(super) fn copy_due_at(&self) -> Option<Instant> {
+        Some(self.last_answer? + Duration::from_micros(self.rtt_avg_us))
     }
 
     /// `aoecmd_wreset` then `addtgt`: window at half its ceiling, slow start up to there.

@@ -673,3 +673,178 @@ fn frames_all_lost_recover_once_the_link_is_back() {
         assert_eq!(st.over_buffer_count, 0, "seed {seed}");
     }
 }
+
+/// Runs the engine on its own timer, as the daemon does, until `id` completes: returns
+/// how many times the timer ran and how long that took (the fuzz target `initiator_engine`
+/// drives it the same way).
+fn timer_runs_until_done(sim: &mut Sim, id: IoId, budget: usize) -> (usize, Duration) {
+    let start = sim.now;
+    let mut runs = 0;
+    while !sim.completions.contains_key(&id) && runs < budget {
+        let now = sim.now;
+        let Some(t) = sim.init.poll_timeout() else {
+            break;
+        };
+        sim.run_for(
+            t.saturating_duration_since(now)
+                .max(Duration::from_micros(1)),
+        );
+        runs += 1;
+    }
+    (runs, sim.now - start)
+}
+
+/// A target that stops answering with a window full of frames: the device goes down and
+/// the write fails (EIO) within `deadsecs` of its first frame, as the driver's
+/// `rexmit_timer` does, and meanwhile the timer backs off (RFC 6298 5.5) instead of running
+/// every few hundred microseconds. What the fuzz target found
+/// (`fuzz/regressions/initiator_engine-s6-loss-liveness`): the target's MTU shrank under
+/// the initiator, so only the write's last, one-sector frame still reached it and was
+/// answered; every two-sector frame was dropped. The copies that timed out held their slots
+/// for a second, so the next copy waited for a slot, and it, and every frame behind it,
+/// was looked at again every 0.5-2 ms: 3000 timer runs in the 3 s before the device went
+/// down (the fuzz target allows 1000).
+#[test]
+fn silent_target_with_a_full_window_backs_off_and_fails_within_deadsecs() {
+    let deadsecs = Duration::from_secs(3);
+    for shrink_mtu in [false, true] {
+        let cfg = Config {
+            deadsecs,
+            ..Config::default()
+        };
+        let mut sim = Sim::new(1, LinkCfg::perfect(), cfg, &[1500]);
+        let mut s = spec(DEV, 96, 8, vec![(TMAC, 1500, 0)]);
+        s.io_delay = Duration::ZERO;
+        sim.add_target(s);
+        bring_up(&mut sim, DEV);
+        if shrink_mtu {
+            // Two-sector frames (1024 bytes of data) no longer fit; one sector does.
+            sim.set_target_mtu(0, 0, 1000);
+        } else {
+            sim.seg_up[0] = false;
+        }
+        let start = sim.now;
+        let id = sim
+            .submit(
+                DEV,
+                BlockOp::Write {
+                    lba: 10,
+                    data: vec![7; 31 * 512],
+                },
+            )
+            .unwrap();
+        let (runs, took) = timer_runs_until_done(&mut sim, id, 100_000);
+        let result = sim
+            .completions
+            .get(&id)
+            .map(|(at, r)| (*at - start, r.clone()));
+        eprintln!("shrink_mtu {shrink_mtu}: {runs} timer runs, {took:?}: {result:?}");
+        let (at, result) = result.expect("the write completes");
+        assert_eq!(result, Err(IoError::DeviceDown), "shrink_mtu {shrink_mtu}");
+        assert!(
+            at <= deadsecs + ms(10),
+            "shrink_mtu {shrink_mtu}: failed after {at:?}, deadsecs {deadsecs:?}"
+        );
+        assert!(
+            runs <= 200,
+            "shrink_mtu {shrink_mtu}: the timer ran {runs} times in {took:?}"
+        );
+    }
+}
+
+/// A link cut for half of `deadsecs` with a full window of reads out: while it is cut, the
+/// timers back off (a handful of timer runs and copies, not one per millisecond), and once
+/// the link is back and the target answers a copy of the earliest frame, the frames that
+/// slept through the cut are copied one timeout later (RFC 6298 5.3: an answer restarts the
+/// timer): every read completes with the target's data, none fails with the device down.
+/// At a full window a copy goes out only once the copy before it is presumed lost, a second
+/// after it was sent (`SILENT_HOLD`), so all are done within a second of the link's return.
+/// Before, the timer ran every 0.5-2 ms through the cut (750 runs for 300 ms, 3750 for
+/// 1.5 s); with the timers backed off but not restarted by the answer, the frames behind
+/// the earliest were copied only when their backed-off timers ran out (1.34 s after the
+/// link's return for the 300 ms cut).
+#[test]
+fn frames_that_slept_through_a_cut_are_copied_once_the_target_answers() {
+    let deadsecs = Duration::from_secs(3);
+    for cut in [ms(300), ms(1500)] {
+        let cfg = Config {
+            deadsecs,
+            ..Config::default()
+        };
+        let mut sim = Sim::new(2, LinkCfg::perfect(), cfg, &[1500]);
+        let mut s = spec(DEV, 96, 8, vec![(TMAC, 1500, 0)]);
+        s.io_delay = Duration::ZERO;
+        let disk: Disk = std::rc::Rc::new(std::cell::RefCell::new(
+            (0..96 * 512).map(|i| (i / 7) as u8).collect(),
+        ));
+        s.disk = Some(disk.clone());
+        sim.add_target(s);
+        bring_up(&mut sim, DEV);
+        // Grow the window to its ceiling of 8 first.
+        for _ in 0..16 {
+            let id = sim
+                .submit(
+                    DEV,
+                    BlockOp::Read {
+                        lba: 0,
+                        sectors: 16,
+                    },
+                )
+                .unwrap();
+            assert!(sim.run_until(ms(100), |s| s.completions.contains_key(&id)));
+        }
+        sim.seg_up[0] = false;
+        let ids: Vec<IoId> = (0..8)
+            .map(|i| {
+                sim.submit(
+                    DEV,
+                    BlockOp::Read {
+                        lba: i * 2,
+                        sectors: 2,
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(sim.device(DEV).targets[0].nout, 8);
+        let copies_before = sim.device(DEV).stats.retransmits;
+        let mut runs = 0;
+        let back = sim.now + cut;
+        while sim.now < back {
+            let next = sim.init.poll_timeout().unwrap().min(back);
+            let now = sim.now;
+            sim.run_for(
+                next.saturating_duration_since(now)
+                    .max(Duration::from_micros(1)),
+            );
+            runs += 1;
+        }
+        let copies = sim.device(DEV).stats.retransmits - copies_before;
+        sim.seg_up[0] = true;
+        let done = sim.run_until(deadsecs, |s| {
+            ids.iter().all(|id| s.completions.contains_key(id))
+        });
+        assert!(done, "cut {cut:?}: reads outstanding");
+        let last = ids.iter().map(|id| sim.completions[id].0).max().unwrap();
+        eprintln!(
+            "cut {cut:?}: {runs} timer runs and {copies} copies while cut; all done {:?} after the link came back",
+            last - back
+        );
+        for (i, id) in ids.iter().enumerate() {
+            let (_, r) = &sim.completions[id];
+            let want = &disk.borrow()[i * 1024..(i + 1) * 1024];
+            assert_eq!(
+                r.as_ref().map(|d| d.as_deref() == Some(want)),
+                Ok(true),
+                "cut {cut:?}: read {i}"
+            );
+        }
+        assert!(runs <= 50, "cut {cut:?}: the timer ran {runs} times");
+        assert!(copies <= 8, "cut {cut:?}: {copies} copies while cut");
+        assert!(
+            last - back <= Duration::from_secs(1) + ms(10),
+            "cut {cut:?}: the reads completed {:?} after the link came back",
+            last - back
+        );
+    }
+}
