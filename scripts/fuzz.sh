@@ -79,6 +79,16 @@ else:
 open(os.path.join(out, "seed"), "wb").write(data)
 PY
     fi
+    # Inputs that once failed (fuzz/regressions/TARGET-*) must pass before fuzzing.
+    regressions=(fuzz/regressions/"$t"-*)
+    if [ -e "${regressions[0]}" ]; then
+        echo "fuzz: $t regressions: ${regressions[*]}"
+        if ! out=$("$CARGO_TARGET_DIR/$host/release/$t" "${regressions[@]}" 2>&1); then
+            echo "$out" | grep -v '^ *[0-9]*: \|^ *at ' | tail -n 20
+            echo "fuzz: $t: a regression input fails" >&2
+            exit 1
+        fi
+    fi
     echo "fuzz: $t for ${secs}s"
     "$CARGO_TARGET_DIR/$host/release/$t" -max_total_time="$secs" -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$t/" "$corpus" 2>&1 | tail -n 4

@@ -101,6 +101,16 @@ pub struct Engine {
     outstanding: BTreeMap<u32, Outstanding>,
     /// Copies that still hold a window slot without standing for a frame, by tag.
     held: BTreeMap<u32, Held>,
+    /// RACK's reordering timer (RFC 8985 6.3), by tag: when an outstanding frame that a
+    /// later frame's answer overtook is presumed lost if still unanswered
+    /// (`Engine::later_frame_answered`).
+    rack: BTreeMap<u32, Instant>,
+    /// Copies presumed lost whose slot was freed without an answer (`Engine::expire_held`),
+    /// by tag, oldest first in `ghost_order`: an answer that still comes proves the
+    /// presumption wrong (`Engine::ghost_answered`). At most [`MAX_GHOSTS`], each kept
+    /// [`GHOST_TTL`].
+    ghosts: BTreeMap<u32, Ghost>,
+    ghost_order: VecDeque<(Instant, u32)>,
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
@@ -140,6 +150,9 @@ impl Engine {
             ops: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             held: BTreeMap::new(),
+            rack: BTreeMap::new(),
+            ghosts: BTreeMap::new(),
+            ghost_order: VecDeque::new(),
             next_op: 0,
             lasttag: 0,
             next_discover,
@@ -310,6 +323,7 @@ impl Engine {
             self.discover(now);
         }
         self.expire_held(now);
+        self.rack_timers(now);
         let expired: Vec<u32> = self
             .outstanding
             .iter()
@@ -338,7 +352,8 @@ impl Engine {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         let held = self.held.values().map(|h| h.check_at).min();
-        [frames, held, self.next_discover, self.next_probe]
+        let rack = self.rack.values().min().copied();
+        [frames, held, rack, self.next_discover, self.next_probe]
             .into_iter()
             .flatten()
             .min()
@@ -581,7 +596,10 @@ impl Engine {
         loop {
             self.lasttag = self.lasttag.wrapping_add(1);
             let tag = ((self.lasttag & 0x7fff) << 16) | (ticks & 0xffff);
-            if !self.outstanding.contains_key(&tag) && !self.held.contains_key(&tag) {
+            if !self.outstanding.contains_key(&tag)
+                && !self.held.contains_key(&tag)
+                && !self.ghosts.contains_key(&tag)
+            {
                 return tag;
             }
         }
@@ -609,6 +627,9 @@ impl Engine {
     fn fail_device_io(&mut self, addr: TargetAddr, err: IoError) {
         self.outstanding.retain(|_, f| f.dev != addr);
         self.held.retain(|_, h| h.dev != addr);
+        let outstanding = &self.outstanding;
+        self.rack.retain(|tag, _| outstanding.contains_key(tag));
+        self.ghosts.retain(|_, g| g.dev != addr);
         if let Some(d) = self.devices.get_mut(&addr) {
             d.queue.clear();
             d.rexmitq.clear();

@@ -162,7 +162,7 @@ pub struct SimTarget {
     /// order, each taking this long (vblade's single loop; a slow disk). Requests beyond
     /// the buffer count are dropped by the target engine, as `aoe serve` does.
     pub service: Duration,
-    /// When the serial server is next free.
+    /// When the serial server is next free; without serial service, when a stall ends.
     busy_until: Instant,
     pending: BTreeMap<(Instant, u64), (usize, target::Token, Vec<u8>)>,
 }
@@ -415,8 +415,10 @@ impl Sim {
                 }
                 let st = &mut self.targets[t];
                 let at = if st.service.is_zero() {
+                    // Not before the end of a stall (`busy_until`, which only a stall
+                    // moves for a target without serial service).
                     let delay = st.io_delay;
-                    self.now + self.rng.duration(Duration::ZERO, delay)
+                    self.now.max(st.busy_until) + self.rng.duration(Duration::ZERO, delay)
                 } else {
                     st.busy_until = st.busy_until.max(self.now) + st.service;
                     st.busy_until

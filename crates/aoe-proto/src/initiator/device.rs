@@ -186,6 +186,10 @@ pub(super) struct Outstanding {
     pub(super) seq: u64,
     /// Answers to frames sent to the same target after this copy (fast retransmit).
     pub(super) later_answered: u16,
+    /// This copy was sent because its target fell silent for a whole timeout
+    /// (`Engine::frame_timed_out`): its answer says the target is alive, not that the
+    /// frames sent before it are lost (`Engine::later_frame_answered`).
+    pub(super) after_silence: bool,
     /// Tags and send times of earlier copies sent to the same target MAC: an answer to one
     /// of them completes the frame too (`Engine::answered_frame`).
     pub(super) earlier: Vec<(u32, Instant)>,
@@ -218,8 +222,24 @@ pub(super) struct Held {
     pub(super) target: MacAddr,
     /// The copy's send order at its target (`Target::next_seq`).
     pub(super) seq: u64,
+    /// When the copy was sent: its answer is an RTT sample of it.
+    pub(super) sent: Instant,
+    /// Held because it was presumed lost (its timer ran out, or later frames were answered
+    /// first): its answer proves that wrong (`Target::spurious_copy`). False for a copy
+    /// held because another copy of its frame was answered first.
+    pub(super) presumed_lost: bool,
     pub(super) due: Instant,
     pub(super) silent_until: Instant,
-    /// When the timer looks at it next: `due`, then `silent_until`.
+    /// When the timer looks at it next: the earlier of `due` and `silent_until`, then
+    /// `silent_until`.
     pub(super) check_at: Instant,
+}
+
+/// A copy presumed lost whose window slot was freed without its answer (`Engine::ghosts`):
+/// kept a while so that its answer, if it still comes, is known for what it is.
+#[derive(Debug, Clone)]
+pub(super) struct Ghost {
+    pub(super) dev: TargetAddr,
+    pub(super) target: MacAddr,
+    pub(super) sent: Instant,
 }

@@ -152,7 +152,8 @@ impl Engine {
         ata: &AtaRepr<'_>,
     ) {
         let held = self.held_answered(now, h.target, h.tag.0);
-        self.ata_answer(now, iface, h, ata);
+        let sampled = held || self.ghost_answered(now, h.target, h.tag.0);
+        self.ata_answer(now, iface, h, ata, sampled);
         if !self.held.is_empty() {
             // A later frame answered: held copies sent before it are presumed lost.
             self.expire_held(now);
@@ -162,10 +163,22 @@ impl Engine {
         }
     }
 
-    fn ata_answer(&mut self, now: Instant, iface: usize, h: &HeaderRepr, ata: &AtaRepr<'_>) {
+    /// `held`: the answer was to a held copy or one presumed lost (`Engine::held_answered`
+    /// or `Engine::ghost_answered` took its sample).
+    fn ata_answer(
+        &mut self,
+        now: Instant,
+        iface: usize,
+        h: &HeaderRepr,
+        ata: &AtaRepr<'_>,
+        held: bool,
+    ) {
         // The frame's own tag, or an earlier copy's (loss recovery, `answered_frame`).
         let answered = self.answered_frame(h.tag.0);
         let Some((key, earlier_sent)) = answered else {
+            if !held {
+                self.late_write_copy_answered(now, h);
+            }
             match self.devices.get_mut(&h.target) {
                 Some(d) => d.stats.unexpected_responses += 1,
                 None => self.stats.unknown_device += 1,
@@ -223,24 +236,39 @@ impl Engine {
             self.other_mac_response(now, &f, h.src);
         }
         self.outstanding.remove(&key);
+        self.rack.remove(&key);
         let addr = f.dev;
+        let mut ended_silence = false;
         if let Some(d) = self.devices.get_mut(&addr) {
             if let Some(ti) = d.target_idx(f.target) {
                 let t = &mut d.targets[ti];
                 // Karn's rule: no RTT sample from a retransmitted frame, but one from an
                 // earlier copy whose tag came back.
-                t.on_answer(match earlier_sent {
-                    Some(sent) => Some(now.saturating_duration_since(sent)),
-                    None => (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)),
-                });
+                match earlier_sent {
+                    // An earlier copy answered after a later one went out: the later one
+                    // was spurious (`Target::spurious_copy`), unless a held copy's answer
+                    // already said so.
+                    Some(sent) if !held => {
+                        t.spurious_copy(now, now.saturating_duration_since(sent));
+                        t.on_answer(now, None);
+                    }
+                    // The same for a held copy (its sample taken by `held_answered`), and
+                    // the answer to the copy whose successor waits to go out.
+                    Some(_) => t.on_answer(now, None),
+                    None if f.waiting.is_some() => t.on_answer(now, None),
+                    None => t.on_answer(
+                        now,
+                        (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)),
+                    ),
+                }
                 if f.waiting.is_none() && earlier_sent.is_none() {
                     // The answer to the frame's latest copy: its slot is free. (A waiting
                     // frame's last copy was held, and freed by `held_answered`.)
                     t.nout = t.nout.saturating_sub(1);
                 }
-                t.answered_copy(f.seq, now);
+                ended_silence = t.answered_copy(f.seq, now);
+                t.probe_answered = f.after_silence;
                 t.answers += 1;
-                t.silent = 0;
                 if t.taint > 0 {
                     t.taint /= 2;
                 }
@@ -254,6 +282,9 @@ impl Engine {
                 d.stats.ata_errors += 1;
             }
         }
+        if ended_silence {
+            self.restart_timers(now, addr, f.target);
+        }
         if f.waiting.is_some() {
             if let Some(d) = self.devices.get_mut(&addr) {
                 d.rexmitq.retain(|k| *k != key);
@@ -261,9 +292,9 @@ impl Engine {
         } else if earlier_sent.is_some() {
             // Completed by an earlier copy's answer: the latest copy may still be queued at
             // the target, so it keeps its slot until its own answer or its timer.
-            self.hold_copy(key, &f, f.deadline);
+            self.hold_copy(now, key, &f, f.deadline, false);
         }
-        self.later_frame_answered(now, &f);
+        self.later_frame_answered(now, &f, earlier_sent.unwrap_or(f.sent));
         // A data frame sized before the MTU shrank, refused by a target that now checks its
         // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
         // a media error. Its sectors go out again in frames that fit.

@@ -42,7 +42,7 @@ impl Engine {
                 self.ops.remove(&f.op);
             }
             if f.waiting.is_none() {
-                self.hold_copy(tag, &f, now + timeout);
+                self.hold_copy(now, tag, &f, now + timeout, false);
             }
             return;
         }
@@ -55,7 +55,7 @@ impl Engine {
             if identifying {
                 self.outstanding.remove(&tag);
                 if f.waiting.is_none() {
-                    self.hold_copy(tag, &f, now + timeout);
+                    self.hold_copy(now, tag, &f, now + timeout, false);
                 }
                 self.ops.remove(&f.op);
                 self.identify_failed(addr, "IDENTIFY unanswered");
@@ -67,17 +67,65 @@ impl Engine {
             );
             return;
         }
-        if f.waiting.is_some() {
+        if let Some(why) = f.waiting {
             // Its next copy still waits for a slot or for a sign that it is due
-            // (`Target::copy_due_after_timeout`): looked at again after a while, and at
-            // `deadsecs` at the latest.
-            let park = self
-                .park_deadline(now, f.first_sent)
-                .min(now + self.recheck(&f));
+            // (`Target::copy_due_after_timeout`).
+            let wake = self.waiting_wake(now, &f, why);
             if let Some(w) = self.outstanding.get_mut(&tag) {
-                w.deadline = park;
+                w.deadline = wake;
             }
             return;
+        }
+        // The timer restarts with every answer from the frame's target (RFC 6298 5.3), so
+        // it fires only once the target has answered nothing for a whole timeout: the
+        // backstop. While the target keeps answering, a frame lost among the answered ones
+        // is found by the answers to frames sent after it (RACK, `later_frame_answered`),
+        // and one only queued or slow at the target is not copied.
+        let restart = self
+            .devices
+            .get(&addr)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
+            .and_then(|t| Some(t.last_answer? + t.rto(&self.cfg)))
+            .filter(|at| *at > now);
+        if let Some(at) = restart {
+            let deadline = self.deadline(now, f.first_sent, at - now);
+            if let Some(o) = self.outstanding.get_mut(&tag) {
+                o.deadline = deadline;
+            }
+            return;
+        }
+        // The target has been silent for a whole timeout. As TCP's timer does (RFC 6298
+        // 5.4), only the earliest frame outstanding there is copied, and the timer backs
+        // off (5.5); the others wait for that copy's answer or any other, after which RACK
+        // finds the lost ones (`later_frame_answered`; RFC 8985's tail loss probe is the
+        // same idea). A stalled target (a daemon starved of CPU) then gets one copy per
+        // backed-off timeout, not a copy of its whole window at once. The driver copies
+        // every frame whose timer ran out. A frame that can move to another target still
+        // does (multipath failover, as the driver).
+        // Once the target has answered such a copy and then nothing else for a timeout,
+        // it is alive and the frames it still has not answered are lost: all are copied.
+        let probe_answered = self
+            .devices
+            .get(&addr)
+            .and_then(|d| {
+                d.target_idx(f.target)
+                    .map(|ti| d.targets[ti].probe_answered)
+            })
+            .unwrap_or(false);
+        if !probe_answered && !self.copies_elsewhere(&f) && !self.earliest_at_target(tag, &f) {
+            let cfg = &self.cfg;
+            let backed_off = self
+                .devices
+                .get_mut(&addr)
+                .and_then(|d| d.target_idx(f.target).map(|ti| &mut d.targets[ti]))
+                .map(|t| t.silent_backoff(now, cfg));
+            if let Some(rto) = backed_off {
+                let deadline = self.deadline(now, f.first_sent, rto);
+                if let Some(o) = self.outstanding.get_mut(&tag) {
+                    o.deadline = deadline;
+                }
+                return;
+            }
         }
         let cfg = self.cfg.clone();
         let Some(d) = self.devices.get_mut(&addr) else {
@@ -98,6 +146,7 @@ impl Engine {
             // move a timed-out frame to another target at once, no frame may wait that long,
             // so a target that let `nframes` timeouts pass without one answer is scorned too.
             t.silent += 1;
+            t.silent_since.get_or_insert(now);
             if ntargets > 1 && (waited > scorn_at || t.silent >= t.nframes as u32) {
                 t.scorn();
                 t.silent = 0;
@@ -108,25 +157,81 @@ impl Engine {
         for l in logs {
             self.log(l);
         }
-        self.hold_copy(tag, &f, now + timeout);
+        self.hold_copy(now, tag, &f, now + timeout, true);
         self.copy_due(now, tag, CopyWhy::Timeout);
     }
 
+    /// Whether frame `f`'s copy after a timeout may go to another target of its device
+    /// (`place_copy`: a usable one, untainted unless every usable one is tainted).
+    fn copies_elsewhere(&self, f: &Outstanding) -> bool {
+        self.devices.get(&f.dev).is_some_and(|d| {
+            let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+            d.targets
+                .iter()
+                .any(|t| t.mac != f.target && t.usable() && (t.taint == 0 || all_tainted))
+        })
+    }
+
+    /// Whether `tag` is the earliest frame of a live operation outstanding at `f`'s target,
+    /// its copy waiting to go out counted: first sent first, then in the order the frames
+    /// were made (op, then offset), which copies keep. (Ordered by the latest copy's send
+    /// order instead, the frame just copied would stop being the earliest, and each silent
+    /// timeout would copy another frame of the window, as TCP's timer does not: it resends
+    /// the earliest unacknowledged segment until it is acknowledged, RFC 6298 5.4.)
+    fn earliest_at_target(&self, tag: u32, f: &Outstanding) -> bool {
+        let key = |g: &Outstanding| (g.first_sent, g.op, g.offset);
+        !self.outstanding.iter().any(|(k, g)| {
+            *k != tag
+                && g.dev == f.dev
+                && g.target == f.target
+                && self.ops.contains_key(&g.op)
+                && key(g) < key(f)
+        })
+    }
+
     /// Copy `tag` of frame `f` keeps its window slot, without standing for the frame any
-    /// more, until its own answer or its presumed loss (`Held`), due at `due`.
-    pub(super) fn hold_copy(&mut self, tag: u32, f: &Outstanding, due: Instant) {
-        let silent_until = (f.sent + SILENT_HOLD).max(due);
-        self.held.insert(
-            tag,
-            Held {
-                dev: f.dev,
-                target: f.target,
-                seq: f.seq,
-                due,
-                silent_until,
-                check_at: due,
-            },
-        );
+    /// more, until its own answer or its presumed loss (`Held`): at `due` if the target has
+    /// answered a frame sent after it by then, else once it has been out [`SILENT_HOLD`] or
+    /// its target's RTO, whichever is longer (a target that takes seconds to answer keeps
+    /// its frames that long). A copy out that long already is presumed lost at once: its
+    /// slot is free now. (Held until `due` regardless, a copy whose timer had backed off
+    /// through a long silence kept its slot as long again, and at a full window the next
+    /// copy waited for it past `deadsecs`.)
+    pub(super) fn hold_copy(
+        &mut self,
+        now: Instant,
+        tag: u32,
+        f: &Outstanding,
+        due: Instant,
+        presumed_lost: bool,
+    ) {
+        let rto = self
+            .devices
+            .get(&f.dev)
+            .and_then(|d| {
+                d.target_idx(f.target)
+                    .map(|ti| d.targets[ti].rto(&self.cfg))
+            })
+            .unwrap_or(self.cfg.rto_min);
+        let silent_until = f.sent + SILENT_HOLD.max(rto);
+        let h = Held {
+            dev: f.dev,
+            target: f.target,
+            seq: f.seq,
+            sent: f.sent,
+            presumed_lost,
+            due,
+            silent_until,
+            check_at: due.min(silent_until),
+        };
+        if silent_until <= now {
+            self.release(h.dev, h.target);
+            if presumed_lost {
+                self.add_ghost(now, tag, &h);
+            }
+            return;
+        }
+        self.held.insert(tag, h);
     }
 
     /// Frees the window slots of held copies presumed lost by `now`: past `due` with a
@@ -134,6 +239,10 @@ impl Engine {
     pub(super) fn expire_held(&mut self, now: Instant) {
         let mut lost = Vec::new();
         for (tag, h) in self.held.iter_mut() {
+            if h.silent_until <= now {
+                lost.push(*tag);
+                continue;
+            }
             if h.due > now {
                 continue;
             }
@@ -142,7 +251,7 @@ impl Engine {
                 .get(&h.dev)
                 .and_then(|d| d.target_idx(h.target).map(|ti| &d.targets[ti]))
                 .is_none_or(|t| t.answered_seq.is_some_and(|s| s > h.seq));
-            if passed || h.silent_until <= now {
+            if passed {
                 lost.push(*tag);
             } else {
                 h.check_at = h.silent_until;
@@ -151,26 +260,109 @@ impl Engine {
         for tag in lost {
             if let Some(h) = self.held.remove(&tag) {
                 self.release(h.dev, h.target);
+                if h.presumed_lost {
+                    self.add_ghost(now, tag, &h);
+                }
             }
         }
     }
 
-    /// The answer to a held copy: its slot is free. True if `tag` was one (of device `dev`).
+    /// Remembers held copy `tag`, presumed lost and its slot freed, for [`GHOST_TTL`].
+    fn add_ghost(&mut self, now: Instant, tag: u32, h: &Held) {
+        while self.ghost_order.len() >= MAX_GHOSTS
+            || self
+                .ghost_order
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= GHOST_TTL)
+        {
+            let Some((_, old)) = self.ghost_order.pop_front() else {
+                break;
+            };
+            self.ghosts.remove(&old);
+        }
+        self.ghosts.insert(
+            tag,
+            Ghost {
+                dev: h.dev,
+                target: h.target,
+                sent: h.sent,
+            },
+        );
+        self.ghost_order.push_back((now, tag));
+    }
+
+    /// The answer to a copy presumed lost after all (`Engine::ghosts`): a sample of it, and
+    /// the presumption undone (`Target::spurious_copy`). True if `tag` was one (of `dev`).
+    pub(super) fn ghost_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
+        if self.ghosts.get(&tag).is_none_or(|g| g.dev != dev) {
+            return false;
+        }
+        let Some(g) = self.ghosts.remove(&tag) else {
+            return false;
+        };
+        if let Some(t) = self
+            .devices
+            .get_mut(&g.dev)
+            .and_then(|d| d.target_idx(g.target).map(|ti| &mut d.targets[ti]))
+        {
+            t.spurious_copy(now, now.saturating_duration_since(g.sent));
+        }
+        true
+    }
+
+    /// The answer to a held copy: its slot is free, and if the copy was presumed lost, the
+    /// presumption was wrong (`Target::spurious_copy`: a sample of the copy, the window
+    /// cut undone). True if `tag` was one (of device `dev`).
     pub(super) fn held_answered(&mut self, now: Instant, dev: TargetAddr, tag: u32) -> bool {
         if self.held.get(&tag).is_none_or(|h| h.dev != dev) {
             return false;
         }
         if let Some(h) = self.held.remove(&tag) {
             self.release(h.dev, h.target);
+            let mut ended_silence = false;
             if let Some(t) = self
                 .devices
                 .get_mut(&h.dev)
                 .and_then(|d| d.target_idx(h.target).map(|ti| &mut d.targets[ti]))
             {
-                t.answered_copy(h.seq, now);
+                ended_silence = t.answered_copy(h.seq, now);
+                if h.presumed_lost {
+                    t.spurious_copy(now, now.saturating_duration_since(h.sent));
+                }
+            }
+            if ended_silence {
+                self.restart_timers(now, h.dev, h.target);
             }
         }
         true
+    }
+
+    /// Target `mac` of device `dev` answered after a silence: the frames outstanding there,
+    /// whose timers backed off through the silence (`Target::silent_backoff`, up to
+    /// `rto_max`), run again one timeout from now, as every answer restarts TCP's timer
+    /// (RFC 6298 5.3). Without it, a frame that slept through a link cut would be looked
+    /// at only seconds after the link came back, and with a short `deadsecs` could take
+    /// the device down though the target answers again. Frames whose copy waits are left
+    /// as they are (`Engine::waiting_wake`).
+    pub(super) fn restart_timers(&mut self, now: Instant, dev: TargetAddr, mac: MacAddr) {
+        let Some(rto) = self
+            .devices
+            .get(&dev)
+            .and_then(|d| d.target_idx(mac).map(|ti| d.targets[ti].rto(&self.cfg)))
+        else {
+            return;
+        };
+        let restarted: Vec<(u32, Instant)> = self
+            .outstanding
+            .iter()
+            .filter(|(_, f)| f.dev == dev && f.target == mac && f.waiting.is_none())
+            .map(|(tag, f)| (*tag, f.deadline.min(self.deadline(now, f.first_sent, rto))))
+            .collect();
+        for (tag, deadline) in restarted {
+            if let Some(f) = self.outstanding.get_mut(&tag) {
+                f.deadline = deadline;
+            }
+        }
     }
 
     /// One slot of `mac`'s window on device `dev` is free.
@@ -191,15 +383,26 @@ impl Engine {
         }
     }
 
-    /// How soon a waiting frame is looked at again by the timer: its target's smoothed RTT
-    /// (when `Target::copy_due_after_timeout` may turn true without an answer), at least
-    /// `rto_min`.
-    fn recheck(&self, f: &Outstanding) -> Duration {
-        self.devices
+    /// When the timer must look at frame `f`, whose next copy waits (`why`), again. A copy
+    /// that is due waits only for a window slot, and every slot is freed by an event that
+    /// sends the waiting copies (an answer, a held copy's expiry on the timer, `pump`): its
+    /// frame sleeps until `deadsecs`, when the device goes down if it is still unanswered.
+    /// A copy after a timeout that is not yet due becomes due by time alone when its target
+    /// has answered nothing for a smoothed RTT (`Target::copy_due_after_timeout`): the
+    /// timer runs then, once, not every RTT while the window stays full (which, on a 500 µs
+    /// timeout, ran the timer some 2000 times a second while a target was silent).
+    fn waiting_wake(&self, now: Instant, f: &Outstanding, why: CopyWhy) -> Instant {
+        let park = self.park_deadline(now, f.first_sent);
+        let t = self
+            .devices
             .get(&f.dev)
-            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]))
-            .map_or(self.cfg.rto_min, |t| Duration::from_micros(t.rtt_avg_us))
-            .max(self.cfg.rto_min)
+            .and_then(|d| d.target_idx(f.target).map(|ti| &d.targets[ti]));
+        match (why, t) {
+            (CopyWhy::Timeout, Some(t)) if !t.copy_due_after_timeout(f.seq, now) => t
+                .copy_due_at()
+                .map_or(park, |at| park.min(at.max(now + self.cfg.rto_min))),
+            _ => park,
+        }
     }
 
     /// Frame `tag`'s last copy is held; its next copy goes out when a window has room
@@ -208,10 +411,8 @@ impl Engine {
         let Some(f) = self.outstanding.get(&tag) else {
             return;
         };
-        let (dev, first_sent) = (f.dev, f.first_sent);
-        let park = self
-            .park_deadline(now, first_sent)
-            .min(now + self.recheck(f));
+        let dev = f.dev;
+        let park = self.waiting_wake(now, f, why);
         if let Some(f) = self.outstanding.get_mut(&tag) {
             f.waiting = Some(why);
             f.deadline = park;
@@ -267,11 +468,11 @@ impl Engine {
             };
             d.rexmitq.remove(i);
             let rto = d.targets[ti].rto(&self.cfg);
-            let (rto, note) = match why {
-                CopyWhy::Timeout => (backoff(rto, f.retransmits + 1, self.cfg.rto_max), ""),
-                CopyWhy::LaterAnswered => (rto, " (later frames answered)"),
+            let rto = match why {
+                CopyWhy::Timeout => backoff(rto, f.retransmits + 1, self.cfg.rto_max),
+                CopyWhy::LaterAnswered => rto,
             };
-            self.resend(now, key, f, ti, rto, note);
+            self.resend(now, key, f, ti, rto, why);
         }
     }
 
@@ -284,7 +485,7 @@ impl Engine {
         f: Outstanding,
         ti: usize,
         rto: Duration,
-        why: &str,
+        why: CopyWhy,
     ) {
         let addr = f.dev;
         let Some(d) = self.devices.get_mut(&addr) else {
@@ -328,6 +529,7 @@ impl Engine {
             retransmits: f.retransmits + 1,
             seq,
             later_answered: 0,
+            after_silence: why == CopyWhy::Timeout,
             earlier,
             waiting: None,
             ..f
@@ -346,27 +548,46 @@ impl Engine {
             ));
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
+        let note = match why {
+            CopyWhy::Timeout => "",
+            CopyWhy::LaterAnswered => " (later frames answered)",
+        };
         self.log(format!(
-            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{why}"
+            "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{note}"
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
     }
 
-    /// Fast retransmission (RFC 5681 3.2, with answers to later frames in place of duplicate
-    /// ACKs, and RACK's reordering window, RFC 8985 6.2): `answered` was just answered, so
-    /// every frame still outstanding at its target that was sent before it has one more
-    /// later frame answered. One with [`Config::fast_retransmit`] such answers that has also
-    /// been out for `srtt + srtt/4` is taken as lost and resent at once, on the target's
-    /// next path, without waiting for its timer. The age test keeps a target that completes
-    /// requests out of order (a worker pool; a disk that reorders) from triggering copies of
-    /// frames that are merely a little late. The copy counts afresh from its own send, so a
-    /// frame is resent this way at most once per round trip. Frames of failed ops, probes,
-    /// IDENTIFYs and frames past `deadsecs` are left to the timer, which handles them as the
-    /// driver does. The driver has no such thing: a lost frame waits for `rexmit_timer`.
-    pub(super) fn later_frame_answered(&mut self, now: Instant, answered: &Outstanding) {
+    /// Loss detection from later answers, as RACK does it (RFC 8985 6.2), with
+    /// [`Config::fast_retransmit`] as the count of later answers a frame needs first (RFC
+    /// 5681 3.2's duplicate-ACK threshold; AoE has answers to later frames where TCP has
+    /// duplicate ACKs): `answered`, sent at `sent`, was just answered, so every frame still
+    /// outstanding at its target that was sent before it has one more later frame answered.
+    /// Such a frame is presumed lost once it has been out as long as `answered` took plus
+    /// the target's reordering window (`Target::reo_wnd`, the spread of its answer times):
+    /// at once if that has passed, else when it passes (RACK's reordering timer, RFC 8985
+    /// 6.3; `Engine::rack`) if its answer has not come by then. Its copy goes out at once,
+    /// on the target's next path, without waiting for the retransmission timer, which is
+    /// only the backstop. A target that completes requests out of order (a worker pool, a
+    /// disk that reorders) widens its own window by the spread of its answer times, so a
+    /// frame merely slow is not copied. The copy counts afresh from its own send. Frames of
+    /// failed ops, probes, IDENTIFYs and frames past `deadsecs` are left to the timer, which
+    /// handles them as the driver does. The driver has no such thing: a lost frame waits
+    /// for `rexmit_timer`.
+    pub(super) fn later_frame_answered(
+        &mut self,
+        now: Instant,
+        answered: &Outstanding,
+        sent: Instant,
+    ) {
         let thresh = self.cfg.fast_retransmit;
-        if thresh == 0 {
+        if thresh == 0 || answered.after_silence {
+            // A copy sent after a silent timeout overtakes everything the target still
+            // holds from before its silence (a stalled daemon works through its backlog
+            // first, or a disk serves it in any order): its answer says the target is
+            // alive, not that those frames are lost. If nothing else is answered for a
+            // timeout, they are (`Target::probe_answered`, `Engine::frame_timed_out`).
             return;
         }
         let Some(t) = self
@@ -376,7 +597,8 @@ impl Engine {
         else {
             return;
         };
-        let srtt = t.rtt_avg_us + t.rtt_avg_us / 4;
+        let wait = now.saturating_duration_since(sent) + t.reo_wnd();
+        let rack = &mut self.rack;
         // The copies sent to this target before the answered one, oldest first, from its
         // send-order list: with answers in order there are none, and this costs nothing,
         // where a scan of every outstanding frame cost a window's worth per answer.
@@ -406,14 +628,59 @@ impl Engine {
                 && f.waiting.is_none()
             {
                 f.later_answered = f.later_answered.saturating_add(1);
-                let age = now.saturating_duration_since(f.sent).as_micros();
-                if f.later_answered >= thresh && age >= u128::from(srtt) {
-                    lost.push(tag);
+                if f.later_answered >= thresh {
+                    let at = f.sent + wait;
+                    if at <= now {
+                        lost.push(tag);
+                    } else {
+                        let e = rack.entry(tag).or_insert(at);
+                        *e = (*e).min(at);
+                    }
                 }
             }
         }
         for tag in lost {
+            self.rack.remove(&tag);
             self.fast_retransmit(now, tag);
+        }
+    }
+
+    /// RACK's reordering timer (RFC 8985 6.3): frames whose reordering window passed
+    /// without their answer are presumed lost (`Engine::later_frame_answered`).
+    pub(super) fn rack_timers(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .rack
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in due {
+            self.rack.remove(&tag);
+            self.fast_retransmit(now, tag);
+        }
+    }
+
+    /// The answer to an earlier copy of a write, which waits for its latest copy's answer
+    /// (`Engine::answered_frame`): the later copy was spurious all the same, and the answer
+    /// is a sample of the earlier copy (`Target::spurious_copy`).
+    pub(super) fn late_write_copy_answered(&mut self, now: Instant, h: &HeaderRepr) {
+        let tag = h.tag.0;
+        let Some((sent, mac)) = self.outstanding.values_mut().find_map(|f| {
+            if f.dev != h.target {
+                return None;
+            }
+            let i = f.earlier.iter().position(|e| e.0 == tag)?;
+            // Forgotten, so a duplicate of the answer is not another sample.
+            Some((f.earlier.remove(i).1, f.target))
+        }) else {
+            return;
+        };
+        if let Some(t) = self
+            .devices
+            .get_mut(&h.target)
+            .and_then(|d| d.target_idx(mac).map(|ti| &mut d.targets[ti]))
+        {
+            t.spurious_copy(now, now.saturating_duration_since(sent));
         }
     }
 
@@ -448,6 +715,7 @@ impl Engine {
             return;
         }
         t.on_loss(f.seq, cfg.min_window, false);
+        t.loss_found();
         t.retransmits += 1;
         t.fast_retransmits += 1;
         if let Some(l) = t.path_lost(addr, f.iface) {
@@ -455,7 +723,7 @@ impl Engine {
         }
         // Most likely lost, but a target that serves requests in parallel may still hold
         // it: the copy keeps its slot until its own timer runs out.
-        self.hold_copy(tag, &f, f.deadline);
+        self.hold_copy(now, tag, &f, f.deadline, true);
         self.copy_due(now, tag, CopyWhy::LaterAnswered);
     }
 
@@ -539,6 +807,13 @@ const SILENT_HOLD: Duration = Duration::from_secs(1);
 
 /// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
 const MAX_EARLIER_COPIES: usize = 4;
+
+/// Most copies presumed lost remembered after their slot was freed (`Engine::ghosts`).
+pub(super) const MAX_GHOSTS: usize = 1024;
+
+/// How long such a copy is remembered: as long as a held copy of a silent target keeps its
+/// slot, twice; an answer later than that is not a round trip worth learning from.
+pub(super) const GHOST_TTL: Duration = Duration::from_secs(2);
 
 /// Where a frame's next copy goes (`CopyWhy`): after a timeout another usable target with
 /// room, else the same target if it has room (its next interface: `resend` ->

@@ -61,17 +61,80 @@ pub(super) struct Target {
     pub(super) answers: u64,
     /// Timeouts since the last answer.
     pub(super) silent: u32,
+    /// When its timer first found it silent (no answer for a whole timeout) since its last
+    /// answer: the frames queued behind the one copied then sleep as long again as the
+    /// silence has lasted (`Target::silent_backoff`).
+    pub(super) silent_since: Option<Instant>,
+    /// Its last answer was to a copy sent after it fell silent for a whole timeout (a
+    /// probe, `Outstanding::after_silence`): if it answers nothing more for a timeout, the
+    /// frames it still holds unanswered are lost, not queued (`Engine::frame_timed_out`).
+    pub(super) probe_answered: bool,
     /// The highest send order (`next_seq`) of an answered copy: a held copy sent before it
     /// is not queued behind it (`Held`).
     pub(super) answered_seq: Option<u64>,
     /// When it last answered anything (a held copy included).
     pub(super) last_answer: Option<Instant>,
+    /// The shortest (and longest) recent RTT samples: RACK's `min_RTT`.
+    pub(super) rtt_range: RttRange,
+    /// How late, over the shortest RTT, answers to frames presumed lost came, smoothed
+    /// (`Target::spurious_copy`): the reordering window (`Target::reo_wnd`).
+    pub(super) late_us: u64,
+    /// Copies found spurious: the target answered an earlier copy after the copy was sent
+    /// (Eifel detection, RFC 3522, with the tag as the timestamp).
+    pub(super) spurious: u64,
+    /// The window, threshold and countdown before the current episode's cut, restored if a
+    /// copy of that episode turns out spurious (Eifel response, RFC 4015; F-RTO's undo,
+    /// RFC 5682 3.1 step 3b).
+    pub(super) undo: Option<(u16, u16, u16)>,
     /// (send order, tag) of every copy sent to it, in send order, so an answer finds the
     /// frames sent before it without a scan of every outstanding frame
     /// (`Engine::later_frame_answered`). Entries of copies no longer outstanding under that
     /// tag and send order are dropped from the front as they reach it, and all at once when
     /// they outnumber the window ([`Target::sent_order_compact_at`]).
     pub(super) sent_order: VecDeque<(u64, u32)>,
+}
+
+/// The extremes of a series of times over the last one to two [`RTT_RANGE_PERIOD`]s (two
+/// buckets, the older dropped as a new one starts): a windowed min and max, as RACK keeps
+/// a windowed minimum RTT (RFC 8985 6.2, `RACK.min_RTT`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct RttRange {
+    start: Option<Instant>,
+    cur: Option<(u64, u64)>,
+    prev: Option<(u64, u64)>,
+}
+
+/// How long one bucket of [`RttRange`] lasts: long enough to remember a disk's slow answers
+/// between two of them on a busy host, short enough to forget one stall within seconds.
+const RTT_RANGE_PERIOD: Duration = Duration::from_secs(1);
+
+impl RttRange {
+    fn add(&mut self, now: Instant, us: u64) {
+        if self
+            .start
+            .is_none_or(|s| now.saturating_duration_since(s) >= RTT_RANGE_PERIOD)
+        {
+            // A bucket older than two periods says nothing about now.
+            let fresh = self
+                .start
+                .is_some_and(|s| now.saturating_duration_since(s) < 2 * RTT_RANGE_PERIOD);
+            self.prev = if fresh { self.cur } else { None };
+            self.cur = None;
+            self.start = Some(now);
+        }
+        self.cur = Some(
+            self.cur
+                .map_or((us, us), |(lo, hi)| (lo.min(us), hi.max(us))),
+        );
+    }
+
+    /// (min, max) in microseconds, if any sample is recent.
+    pub(super) fn get(&self) -> Option<(u64, u64)> {
+        match (self.cur, self.prev) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (x, y) => x.or(y),
+        }
+    }
 }
 
 impl Target {
@@ -102,8 +165,14 @@ impl Target {
             retransmits: 0,
             answers: 0,
             silent: 0,
+            silent_since: None,
+            probe_answered: false,
             answered_seq: None,
             last_answer: None,
+            rtt_range: RttRange::default(),
+            late_us: 0,
+            spurious: 0,
+            undo: None,
             sent_order: VecDeque::new(),
         }
     }
@@ -115,10 +184,30 @@ impl Target {
         64 + 4 * usize::from(self.nframes.max(self.nout))
     }
 
-    /// A copy sent as number `seq` was answered at `now`.
-    pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) {
+    /// A copy sent as number `seq` was answered at `now`. True if that ends a silence
+    /// (`silent_since`): the timers of the frames that slept through it restart
+    /// (`Engine::restart_timers`).
+    pub(super) fn answered_copy(&mut self, seq: u64, now: Instant) -> bool {
+        let ended_silence = self.silent_since.is_some();
         self.answered_seq = Some(self.answered_seq.map_or(seq, |s| s.max(seq)));
         self.last_answer = Some(now);
+        self.silent = 0;
+        self.silent_since = None;
+        self.probe_answered = false;
+        ended_silence
+    }
+
+    /// How long a frame that waits behind the one copied at a silent target sleeps before
+    /// its timer looks again: as long as the silence has lasted, between one timeout and
+    /// `rto_max`, so the timer's runs back off exponentially over a silence as RFC 6298
+    /// 5.5 backs off a timer, however few copies go out (a full window of held copies
+    /// lets one go out per [`SILENT_HOLD`](super::retransmit)). Starts the silence's clock
+    /// at `now` if it is not running.
+    pub(super) fn silent_backoff(&mut self, now: Instant, cfg: &Config) -> Duration {
+        let since = *self.silent_since.get_or_insert(now);
+        let rto = self.rto(cfg);
+        now.saturating_duration_since(since)
+            .clamp(rto, cfg.rto_max.max(rto))
     }
 
     /// Whether a copy of the frame whose last copy went here as number `seq`, and timed
@@ -135,6 +224,12 @@ impl Target {
             })
     }
 
+    /// When a copy after a timeout turns due by time alone (`copy_due_after_timeout`): a
+    /// smoothed RTT after the last answer. `None` if it never answered.
+    pub(super) fn copy_due_at(&self) -> Option<Instant> {
+        Some(self.last_answer? + Duration::from_micros(self.rtt_avg_us))
+    }
+
     /// `aoecmd_wreset` then `addtgt`: window at half its ceiling, slow start up to there.
     pub(super) fn wreset(&mut self) {
         self.ssthresh = (self.nframes / 2).max(1);
@@ -146,6 +241,8 @@ impl Target {
         self.rtt_avg_us = RTT_AVG_INIT_US;
         self.rtt_dev_us = RTT_DEV_INIT_US;
         self.sampled = false;
+        self.rtt_range = RttRange::default();
+        self.late_us = 0;
     }
 
     /// The send-order number of the next frame to this target.
@@ -168,9 +265,9 @@ impl Target {
     /// in TCP, but the target answers the original and the copy back to back when only the
     /// answer was slow, and the copy's short "RTT" would pull the estimate, and with it the
     /// timeout, below the real round trip: more spurious retransmissions.
-    pub(super) fn on_answer(&mut self, rtt: Option<Duration>) {
+    pub(super) fn on_answer(&mut self, now: Instant, rtt: Option<Duration>) {
         if let Some(rtt) = rtt {
-            self.sample(rtt);
+            self.sample(now, rtt);
         }
         if self.maxout >= self.nframes {
             return;
@@ -187,8 +284,10 @@ impl Target {
         }
     }
 
-    fn sample(&mut self, rtt: Duration) {
+    /// One RTT sample: the RFC 6298 estimate and the recent range ([`RttRange`]).
+    pub(super) fn sample(&mut self, now: Instant, rtt: Duration) {
         let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.rtt_range.add(now, rtt);
         if !self.sampled {
             self.sampled = true;
             self.rtt_avg_us = rtt;
@@ -228,12 +327,14 @@ impl Target {
             self.episode_losses = 0;
             self.episode_cut = false;
             self.episode_window = self.maxout;
+            self.undo = None;
         }
         self.episode_losses += 1;
         if self.episode_cut || (!timeout && self.episode_losses * 4 <= self.episode_window as u32) {
             return false;
         }
         let floor = floor.clamp(1, self.nframes.max(1));
+        self.undo = Some((self.maxout, self.ssthresh, self.next_cwnd));
         self.maxout = (self.maxout / 2).max(floor);
         self.ssthresh = self.maxout;
         self.next_cwnd = self.maxout;
@@ -250,13 +351,68 @@ impl Target {
         self.taint = self.taint.max(n).min(MAX_TAINT);
     }
 
-    /// RFC 6298's `srtt + 4 * rttvar`, at least twice the smoothed RTT (so a steady link,
-    /// whose deviation decays to 0, does not retransmit every frame that is a little late)
-    /// and within [`Config::rto_min`] and [`Config::rto_max`]. The driver uses
-    /// `2 * rttavg + 8 * rttdev` on a 100 ms timer tick (`rexmit_timer`).
+    /// RFC 6298's `srtt + 4 * rttvar` (2.3), at least twice the smoothed RTT (so a steady
+    /// link, whose deviation decays to 0, does not retransmit every frame that is a little
+    /// late), within [`Config::rto_min`] and [`Config::rto_max`]. The estimate includes the
+    /// samples of frames presumed lost and answered after all ([`Target::spurious_copy`]),
+    /// so a target whose slow answers were copied raises it. The timer is only the backstop
+    /// ([`Config::rto_min`]). The driver uses `2 * rttavg + 8 * rttdev` on a 100 ms timer
+    /// tick (`rexmit_timer`).
     pub(super) fn rto(&self, cfg: &Config) -> Duration {
         let us = (self.rtt_avg_us + 4 * self.rtt_dev_us).max(2 * self.rtt_avg_us);
         Duration::from_micros(us).clamp(cfg.rto_min, cfg.rto_max.max(cfg.rto_min))
+    }
+
+    /// The shortest recent RTT sample (RACK's `min_RTT`), the smoothed RTT without one.
+    fn min_rtt_us(&self) -> u64 {
+        self.rtt_range.get().map_or(self.rtt_avg_us, |(lo, _)| lo)
+    }
+
+    /// RACK's reordering window (RFC 8985 6.2): how much longer than a frame sent after it
+    /// an earlier frame may take before it is presumed lost. RACK starts at `min_RTT / 4`,
+    /// widens it when DSACKs report spurious retransmissions (`reo_wnd_mult`), never beyond
+    /// the smoothed RTT, and narrows it again after 16 recoveries without one. Here the
+    /// answer to a frame presumed lost tells how late it was (its sample over the shortest
+    /// one); the window is 5/4 of a smoothed lateness ([`Target::late_us`], gain 1/4 per
+    /// spurious copy, shrinking by 1/16 per loss found), at least `min_RTT / 4` and at most
+    /// `srtt + 4 * rttvar` (RACK's cap is the smoothed RTT, which a target with slow
+    /// answers among fast ones exceeds). A link that reorders now and then (the relay
+    /// holds a frame up to 20 ms) must not hold every recovery back for that long: hence
+    /// smoothed, and shrinking with every loss, where a maximum would keep one outlier.
+    pub(super) fn reo_wnd(&self) -> Duration {
+        let late = self.late_us + self.late_us / 4;
+        let cap = self.rtt_avg_us + 4 * self.rtt_dev_us;
+        Duration::from_micros(late.min(cap).max(self.min_rtt_us() / 4))
+    }
+
+    /// A loss found from later answers, not (yet) proven spurious: RACK's persistence, the
+    /// reordering window narrows.
+    pub(super) fn loss_found(&mut self) {
+        self.late_us -= self.late_us / 16;
+    }
+
+    /// A frame presumed lost (its copy sent, or waiting to go) was answered after all, `rtt`
+    /// after it was sent: the presumption was wrong (Eifel detection, RFC 3522, the tag
+    /// standing for the timestamp). Its sample enters the estimate (raising the timeout);
+    /// how late it was widens the reordering window ([`Target::reo_wnd`]); and if the
+    /// current loss episode cut the window, the cut is undone (Eifel response, RFC 4015;
+    /// F-RTO, RFC 5682, undoes a spurious timeout's cut the same way): the target was slow,
+    /// not congested.
+    pub(super) fn spurious_copy(&mut self, now: Instant, rtt: Duration) {
+        self.spurious += 1;
+        self.sample(now, rtt);
+        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        let late = rtt.saturating_sub(self.min_rtt_us());
+        if late >= self.late_us {
+            self.late_us += (late - self.late_us) / 4;
+        } else {
+            self.late_us -= (self.late_us - late) / 4;
+        }
+        if let Some((maxout, ssthresh, next_cwnd)) = self.undo.take() {
+            self.maxout = self.maxout.max(maxout).min(self.nframes.max(1));
+            self.ssthresh = ssthresh;
+            self.next_cwnd = next_cwnd;
+        }
     }
 
     /// A frame sent on local interface `iface` was lost: the path's loss count grows, and

@@ -145,6 +145,7 @@ impl Engine {
             retransmits: 0,
             seq,
             later_answered: 0,
+            after_silence: false,
             earlier: Vec::new(),
             waiting: None,
         };

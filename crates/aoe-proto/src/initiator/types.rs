@@ -16,21 +16,19 @@ pub struct Config {
     pub maxout: u16,
     /// Period of the discovery beacon (the driver's `discover_timer`, 60 s). Zero disables it.
     pub discover_interval: Duration,
-    /// Lowest retransmission timeout. The timeout itself follows the measured RTT
-    /// (`srtt + 4 * rttvar`, at least `2 * srtt`), so a disk that holds frames for
-    /// milliseconds raises it; this floor keeps a quiet 100 µs link from timing out on
-    /// scheduling noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts
+    /// Lowest retransmission timeout, under the one that follows the target (RFC 6298's
+    /// `srtt + 4 * rttvar`, at least `2 * srtt`), so a quiet 100 µs link does not time out
+    /// on scheduling noise. The driver's timer ticks every 100 ms (`TIMERTICK`), which acts
     /// as its floor and turns every random loss into a 100 ms stall.
     ///
-    /// The default is 20 ms. Every copy a target may still hold counts against its window,
-    /// so a low floor no longer feeds retransmission storms: at 500 µs no request went over
-    /// a target's buffer count, and through the relay at 5% loss the goal was met
-    /// at both MTUs (README, "Reliability"). But `aoe serve` answers from the page cache in
-    /// microseconds and from its workers in milliseconds on a busy host, the estimate
-    /// follows the fast answers, and at 500 µs the slow ones timed out by the hundred on a
-    /// loss-free veth (copies, not drops; enough to push the device's lines out of the
-    /// 100-line `err` ring that `initiator_peers.rs` checks). Most random losses are
-    /// recovered by fast retransmit, which does not wait for this timer.
+    /// The default is 500 µs (it was 20 ms). The timer is the backstop: it restarts with
+    /// every answer from the frame's target (RFC 6298 5.3), so it fires only once the
+    /// target has been silent for a whole timeout; losses among answered frames are found
+    /// from the answers to frames sent after them (RACK, [`Config::fast_retransmit`]). A
+    /// target that answers some frames in microseconds and others in milliseconds (`aoe
+    /// serve`: page cache and worker pool) raises the estimate and RACK's reordering window
+    /// through its slow answers, including those of frames copied anyway (the answer to
+    /// the earlier copy is a sample of it, and undoes the copy's window cut).
     pub rto_min: Duration,
     /// Highest retransmission timeout, also the cap of the per-frame exponential backoff.
     pub rto_max: Duration,
@@ -57,10 +55,11 @@ pub struct Config {
     /// of congestion (a timeout, or over a quarter of the window lost), and grows back by one
     /// frame per window. The driver sets it to 1 on every timeout.
     pub min_window: u16,
-    /// Resend an outstanding frame at once when this many frames sent after it to the same
-    /// target MAC were answered (TCP's fast retransmit, RFC 5681 3.2, counting answers to
-    /// later frames instead of duplicate ACKs). 0 turns it off. The driver waits for the
-    /// timer.
+    /// An outstanding frame is presumed lost once this many frames sent after it to the
+    /// same target MAC were answered and it has been out as long as the latest of them took
+    /// plus RACK's reordering window (RFC 8985 6.2; `Target::reo_wnd`): its copy goes out
+    /// then, without waiting for the timer. 1 is RACK's rule; RFC 5681 3.2's duplicate-ACK
+    /// threshold would be 3. 0 turns it off. The driver waits for the timer.
     pub fast_retransmit: u16,
 }
 
@@ -70,14 +69,14 @@ impl Default for Config {
             deadsecs: Duration::from_secs(180),
             maxout: 128,
             discover_interval: Duration::from_secs(60),
-            rto_min: Duration::from_millis(20),
+            rto_min: Duration::from_micros(500),
             rto_max: Duration::from_secs(5),
             scorn_after: Duration::from_secs(10),
             max_devices: 256,
             max_targets: 16,
             peer_log_interval: Duration::from_secs(1),
             min_window: 8,
-            fast_retransmit: 3,
+            fast_retransmit: 1,
         }
     }
 }
