@@ -124,9 +124,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Writes like [`Backend::write_at`] if that can be done without blocking; `Ok(false)`
-    /// if it would block (nothing, or only part, may have been written: the caller writes
-    /// the whole range again through a worker).
+    /// Writes like [`Backend::write_at`] if that can be done without waiting for a device or
+    /// a server (a file on a local disk without `RWF_NOWAIT` writes may still wait briefly:
+    /// see [`FileBackend`]'s); `Ok(false)` if it would block (nothing, or only part, may
+    /// have been written: the caller writes the whole range again through a worker).
     fn try_write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<bool> {
         Ok(false)
     }

@@ -73,17 +73,43 @@ pub(crate) fn nowait_error(e: io::Error) -> io::Result<NoWait> {
 pub fn is_memory_fs(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    matches!(fs_magic(file), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// True if `file` is a block device or lives on a local disk file system (ext2/3/4, XFS,
+/// btrfs, f2fs; `fstatfs(2)` `f_type`, `linux/magic.h`), where a buffered write copies into
+/// the page cache and waits only for local things (dirty-page throttling, the journal). Not
+/// for network or FUSE file systems, where a write may wait for a server.
+pub fn is_local_disk_fs(file: &File) -> bool {
+    const EXT4_SUPER_MAGIC: i64 = 0xef53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    const F2FS_SUPER_MAGIC: i64 = 0xf2f5_2010;
+    const BDEVFS_MAGIC: i64 = 0x6264_6576;
+    matches!(
+        fs_magic(file),
+        Some(
+            EXT4_SUPER_MAGIC
+                | XFS_SUPER_MAGIC
+                | BTRFS_SUPER_MAGIC
+                | F2FS_SUPER_MAGIC
+                | BDEVFS_MAGIC
+        )
+    )
+}
+
+/// The `f_type` of the file system `file` lives on, if `fstatfs(2)` tells.
+fn fs_magic(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `st` is valid for writes of a `statfs`; the fd is open for the call.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     if r != 0 {
-        return false;
+        return None;
     }
     // SAFETY: fstatfs returned 0, so it filled `st` in.
     let st = unsafe { st.assume_init() };
     #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every target
-    let t = st.f_type as i64;
-    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    Some(st.f_type as i64)
 }
 
 /// What O_DIRECT I/O on a file needs aligned, in bytes.
@@ -233,6 +259,7 @@ mod tests {
         assert!(is_memory_fs(&f));
         let here = File::open(env!("CARGO_MANIFEST_DIR")).unwrap();
         let _ = is_memory_fs(&here); // whatever it is, it must not fail
+        assert!(!is_local_disk_fs(&f), "tmpfs is no disk file system");
     }
 
     #[test]
