@@ -329,7 +329,7 @@ impl FileBackend {
     /// A buffered write done by the caller's thread with a plain `pwrite`, on a local disk
     /// only and unless one was slow less than [`INLINE_PAUSE`] ago (`Ok(false)`: the caller
     /// uses a worker).
-    fn write_inline(&self, buf: &[u8], pos: u64) -> io::Result<bool> {
+    fn write_inline(&self, bufs: &[&[u8]], pos: u64) -> io::Result<bool> {
         if !self.local_disk {
             return Ok(false);
         }
@@ -337,9 +337,11 @@ impl FileBackend {
         if (now.as_nanos() as u64) < self.inline_paused_until.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        self.file
-            .write_all_at(buf, pos)
-            .map_err(|e| self.latch(e, Failing::Write))?;
+        let r = match bufs {
+            [one] => self.file.write_all_at(one, pos),
+            _ => aoe_sys::pwritev_all(&self.file, bufs, pos),
+        };
+        r.map_err(|e| self.latch(e, Failing::Write))?;
         let took = self.opened.elapsed().saturating_sub(now);
         if took > INLINE_SLOW {
             let until = now + took + INLINE_PAUSE;
@@ -464,7 +466,7 @@ impl Backend for FileBackend {
             return Ok(true);
         }
         if self.write_nowait_unsupported.load(Ordering::Relaxed) {
-            return self.write_inline(buf, pos);
+            return self.write_inline(&[buf], pos);
         }
         match aoe_sys::pwrite_nowait(&self.file, buf, pos)
             .map_err(|e| self.latch(e, Failing::Write))?
@@ -473,9 +475,41 @@ impl Backend for FileBackend {
             NoWait::WouldBlock => Ok(false),
             NoWait::Unsupported => {
                 self.write_nowait_unsupported.store(true, Ordering::Relaxed);
-                self.write_inline(buf, pos)
+                self.write_inline(&[buf], pos)
             }
         }
+    }
+
+    /// [`try_write_at`](Self::try_write_at) of contiguous slices with one `pwritev`
+    /// (`RWF_NOWAIT`, or plain where the file system refuses that, on the same terms).
+    fn try_write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<bool> {
+        if let [one] = bufs {
+            return self.try_write_at(one, offset);
+        }
+        if self.opts.direct || self.opts.sync || self.opts.read_only {
+            return Ok(false);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        check_range(offset, total, self.len)?;
+        self.refuse_if_failed()?;
+        let pos = self.base + offset;
+        if self.memory {
+            aoe_sys::pwritev_all(&self.file, bufs, pos)
+                .map_err(|e| self.latch(e, Failing::Write))?;
+            return Ok(true);
+        }
+        if !self.write_nowait_unsupported.load(Ordering::Relaxed) {
+            match aoe_sys::pwritev_nowait(&self.file, bufs, pos)
+                .map_err(|e| self.latch(e, Failing::Write))?
+            {
+                NoWait::Done(n) => return Ok(n == total),
+                NoWait::WouldBlock => return Ok(false),
+                NoWait::Unsupported => {
+                    self.write_nowait_unsupported.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.write_inline(bufs, pos)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -631,24 +665,24 @@ mod tests {
         let mut b = FileBackend::open(&path, &OpenOptions::default()).unwrap();
         // Whatever the scratch directory's file system is, as a local disk.
         b.local_disk = true;
-        assert!(b.write_inline(&[1; 512], 0).unwrap());
+        assert!(b.write_inline(&[&[1; 512]], 0).unwrap());
         let paused = b.opened.elapsed() + INLINE_PAUSE;
         b.inline_paused_until
             .store(paused.as_nanos() as u64, Ordering::Relaxed);
         assert!(
-            !b.write_inline(&[2; 512], 0).unwrap(),
+            !b.write_inline(&[&[2; 512]], 0).unwrap(),
             "written while paused"
         );
         let mut back = [0u8; 512];
         b.read_at(&mut back, 0).unwrap();
         assert_eq!(back, [1; 512], "a paused write reached the file");
         b.inline_paused_until.store(0, Ordering::Relaxed);
-        assert!(b.write_inline(&[3; 512], 0).unwrap());
+        assert!(b.write_inline(&[&[3; 512]], 0).unwrap());
         b.read_at(&mut back, 0).unwrap();
         assert_eq!(back, [3; 512]);
         b.local_disk = false;
         assert!(
-            !b.write_inline(&[4; 512], 0).unwrap(),
+            !b.write_inline(&[&[4; 512]], 0).unwrap(),
             "inline on no local disk"
         );
     }

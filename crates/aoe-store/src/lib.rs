@@ -132,6 +132,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// [`try_write_at`](Self::try_write_at) of the slices of `bufs` (at most
+    /// [`aoe_sys::MAX_WRITEV`]) one after the other from `offset`: the contiguous writes of a
+    /// receive batch in one system call where the store can (a file: one `pwritev`). Same
+    /// answers: `Ok(false)`, nothing or part written, the caller writes every slice again
+    /// through a worker; an error, the caller tries each slice alone to learn which fails.
+    /// The default writes the slices one by one.
+    fn try_write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<bool> {
+        let mut at = offset;
+        for b in bufs {
+            if !self.try_write_at(b, at)? {
+                return Ok(false);
+            }
+            at += b.len() as u64;
+        }
+        Ok(true)
+    }
+
     /// True if writes are refused.
     fn read_only(&self) -> bool;
 

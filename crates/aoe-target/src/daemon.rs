@@ -170,6 +170,8 @@ pub struct Daemon {
     uring: Option<aoe_sys::SlotReads>,
     /// Results of the last io_uring batch (kept for its capacity).
     uring_out: Vec<(usize, io::Result<aoe_sys::NoWait>)>,
+    /// The staged writes of one run (`run_staged_writes`; kept for its capacity).
+    write_run: Vec<usize>,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -216,6 +218,7 @@ impl Daemon {
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
+            write_run: Vec::with_capacity(BATCH),
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
