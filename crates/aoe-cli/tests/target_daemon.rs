@@ -933,3 +933,65 @@ fn writes_of_one_batch_land_in_arrival_order() {
     );
     drop(t);
 }
+
+/// A block device export (a loop device): writes run on the loop, and a read of data no
+/// longer cached (`blockdev --flushbufs`) goes to a worker and comes back right. A device
+/// node lives on devtmpfs, and such an export used to be taken for a tmpfs file, its reads
+/// done on the event loop whether cached or not.
+#[test]
+fn a_block_device_export_reads_back_uncached_data() {
+    use aoe_testkit::aoeclient::Request;
+    let mut n = Net::new("aoebd", 1500);
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = store.path().join("bdev.img");
+    std::fs::write(&image, vec![5u8; 4 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let ifname = n.target_if();
+    let t = n.serve(&["3", "4", &ifname, &dev]);
+    let addr = TargetAddr::new(3, 4);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    let data: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+    let r = c
+        .call(
+            &Request::Write {
+                lba: 100,
+                data: data.clone(),
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(r.is_ok(), "write failed: {:?}{}", r.body, t.output_so_far());
+    let st = Command::new("blockdev")
+        .args(["--flushbufs", &dev])
+        .status()
+        .expect("run blockdev");
+    assert!(st.success());
+    for lba in [100u64, 2000] {
+        let r = c
+            .call(&Request::Read { lba, count: 2 }, Duration::from_secs(10))
+            .unwrap();
+        assert!(r.is_ok(), "read failed: {:?}{}", r.body, t.output_so_far());
+        let want = if lba == 100 {
+            data.clone()
+        } else {
+            vec![5u8; 1024]
+        };
+        assert!(r.data() == &want[..], "lba {lba} read back wrong");
+    }
+    drop(t);
+}

@@ -73,7 +73,7 @@ pub struct FileBackend {
     /// fast (see [`FileBackend::try_write_at`]). Kept apart from reads, which such a file
     /// system still does with `RWF_NOWAIT`.
     write_nowait_unsupported: AtomicBool,
-    /// A block device or a file on a local disk file system
+    /// A block device, or a file on a local disk file system
     /// ([`aoe_sys::is_local_disk_fs`]): the only stores whose writes are done inline without
     /// `RWF_NOWAIT`. A network or FUSE file system's write may wait for its server.
     local_disk: bool,
@@ -186,10 +186,12 @@ impl FileBackend {
             base: opts.offset_sectors * SECTOR,
             len: len * SECTOR,
             opts: opts.clone(),
-            memory: aoe_sys::is_memory_fs(&file) && !opts.direct && !opts.sync,
+            // A device node lives on devtmpfs, a tmpfs: what counts for a block device is
+            // the device, not the file system of its node.
+            memory: ft.is_file() && aoe_sys::is_memory_fs(&file) && !opts.direct && !opts.sync,
             read_nowait_unsupported: AtomicBool::new(false),
             write_nowait_unsupported: AtomicBool::new(false),
-            local_disk: aoe_sys::is_local_disk_fs(&file),
+            local_disk: ft.is_block_device() || aoe_sys::is_local_disk_fs(&file),
             inline_paused_until: AtomicU64::new(0),
             opened: Instant::now(),
             file,

@@ -329,3 +329,43 @@ fn buffered_writes_on_ext4_run_inline_and_reads_stay_nowait() {
         "a write to a FUSE file ran on the caller's thread"
     );
 }
+
+/// A block device's node lives on devtmpfs, a tmpfs, so an export of one (`aoe serve ...
+/// /dev/sdb`, vblade's usual case) was taken for a memory file system: its reads were plain
+/// `pread`s on the caller's thread (the target's event loop), waiting for the disk whenever
+/// the data was not cached. Now a read of uncached data says "would block" (the target hands
+/// it to a worker) and a cached one runs inline; writes are plain inline `pwrite`s as on a
+/// local disk file system.
+#[test]
+fn a_block_device_is_no_memory_file_system() {
+    require_root();
+    require_tool("losetup", "util-linux");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = dir.path().join("bdev.img");
+    fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let dev = sh(Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let b = FileBackend::open(Path::new(&dev), &OpenOptions::default()).unwrap();
+    // Drop the device's cached pages (BLKFLSBUF: written back, then invalidated).
+    require_tool("blockdev", "util-linux");
+    sh(Command::new("blockdev").args(["--flushbufs", &dev]));
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        !b.try_read_at(&mut buf, 1 << 20).unwrap(),
+        "an uncached read of a block device ran on the caller's thread"
+    );
+    b.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|x| *x == 7));
+    assert!(b.try_read_at(&mut buf, 1 << 20).unwrap(), "a cached read");
+    assert!(b.try_write_at(&[9; 1024], 512).unwrap(), "an inline write");
+    b.read_at(&mut buf, 0).unwrap();
+    assert!(buf[512..1536].iter().all(|x| *x == 9) && buf[..512].iter().all(|x| *x == 7));
+}

@@ -170,25 +170,19 @@ pub fn is_memory_fs(file: &File) -> bool {
     matches!(fs_magic(file), Some(TMPFS_MAGIC | RAMFS_MAGIC))
 }
 
-/// True if `file` is a block device or lives on a local disk file system (ext2/3/4, XFS,
-/// btrfs, f2fs; `fstatfs(2)` `f_type`, `linux/magic.h`), where a buffered write copies into
-/// the page cache and waits only for local things (dirty-page throttling, the journal). Not
-/// for network or FUSE file systems, where a write may wait for a server.
+/// True if `file` lives on a local disk file system (ext2/3/4, XFS, btrfs, f2fs; `fstatfs(2)`
+/// `f_type`, `linux/magic.h`), where a buffered write copies into the page cache and waits
+/// only for local things (dirty-page throttling, the journal). Not for network or FUSE file
+/// systems, where a write may wait for a server. A block device's node says nothing (it
+/// lives on devtmpfs): ask its file type.
 pub fn is_local_disk_fs(file: &File) -> bool {
     const EXT4_SUPER_MAGIC: i64 = 0xef53;
     const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
     const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
     const F2FS_SUPER_MAGIC: i64 = 0xf2f5_2010;
-    const BDEVFS_MAGIC: i64 = 0x6264_6576;
     matches!(
         fs_magic(file),
-        Some(
-            EXT4_SUPER_MAGIC
-                | XFS_SUPER_MAGIC
-                | BTRFS_SUPER_MAGIC
-                | F2FS_SUPER_MAGIC
-                | BDEVFS_MAGIC
-        )
+        Some(EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC | F2FS_SUPER_MAGIC)
     )
 }
 
