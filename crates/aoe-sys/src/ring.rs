@@ -30,12 +30,9 @@ const PACKET_TX_RING: libc::c_int = 13;
 const PACKET_LOSS: libc::c_int = 14;
 const PACKET_VNET_HDR: libc::c_int = 15;
 /// `sizeof(struct virtio_net_hdr)`: flags, gso_type (u8), hdr_len, gso_size, csum_start,
-/// csum_offset (u16, little-endian on the machines we run on: `vio_le()`).
+/// csum_offset (u16, in the host's byte order: packet sockets read it with `vio_le()`, the
+/// legacy virtio rule).
 const VNET_HDR_LEN: usize = 10;
-/// Frames up to this long are sent from the linear part of the skb (`hdr_len` = the whole
-/// frame, see [`PacketRing::mark`]); longer ones keep the ring's pages as fragments, where a
-/// linear buffer would be a multi-page allocation.
-const VNET_LINEAR_MAX: usize = 2048;
 const TPACKET_V2: libc::c_int = 1;
 const TP_STATUS_KERNEL: u32 = 0;
 const TP_STATUS_USER: u32 = 1;
@@ -239,7 +236,7 @@ impl PacketRing {
         let fd = owned.as_raw_fd();
         // With both rings (every send and receive of the socket goes through them), a
         // virtio_net_hdr before each frame lets a transmitted frame say how much of it the
-        // kernel copies into the skb (`hdr_len`): all of a short one. Without it
+        // kernel copies into the skb (`hdr_len`): all of it. Without it
         // tpacket_snd attaches the ring's pages as zero-copy fragments, and veth, which may
         // not pass those on, copies them into newly allocated pages (`skb_copy_ubufs`):
         // 17% of the target's samples at MTU 1500. Best effort: without it, as before.
@@ -637,11 +634,13 @@ impl PacketRing {
         }
         if self.vnet > 0 {
             // virtio_net_hdr: no checksum offload, no GSO; hdr_len, the bytes tpacket_snd
-            // copies into the skb's linear part (at least the Ethernet header), the whole of
-            // a short frame.
-            let copy = if len <= VNET_LINEAR_MAX { len } else { 0 };
+            // copies into the skb's linear part: the whole frame. Measured against keeping
+            // the fragments past 2048 bytes (MTU 9000, pinned): 0.66x the target's CPU for
+            // 4 KiB random reads, 0.86x for 8.5 KiB reads.
             let mut h = [0u8; VNET_HDR_LEN];
-            h[2..4].copy_from_slice(&(copy as u16).to_le_bytes());
+            // (Past 65535 bytes, which no MTU gives, the rest would go as fragments.)
+            let hdr_len = u16::try_from(len).unwrap_or(u16::MAX);
+            h[2..4].copy_from_slice(&hdr_len.to_ne_bytes());
             // SAFETY: the header's bytes are inside the free slot, before its frame data.
             unsafe {
                 ptr::copy_nonoverlapping(

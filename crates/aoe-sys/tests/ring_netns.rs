@@ -430,10 +430,10 @@ fn reads_go_straight_into_transmit_slots_and_a_given_up_slot_leaves_no_hole() {
 }
 
 /// Issue 15: with both rings the socket carries a `virtio_net_hdr` before each frame
-/// (`PACKET_VNET_HDR`, so that a short transmitted frame is copied into the skb rather than
+/// (`PACKET_VNET_HDR`, so that a transmitted frame is copied into the skb rather than
 /// attached as ring pages veth then copies again). The header must never show: frames of
-/// every size up to a jumbo frame (linear, and past `VNET_LINEAR_MAX` as fragments) arrive
-/// byte for byte, and received frames start at their destination address.
+/// every size up to a jumbo frame arrive byte for byte, and received frames start at their
+/// destination address.
 #[test]
 fn both_rings_send_and_receive_frames_unchanged() {
     require_root();
