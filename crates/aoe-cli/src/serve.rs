@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// logging it, where rings cannot be set up); `mmsg` uses recvmmsg/sendmmsg batches of 64.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
+    /// How long, in microseconds, the target keeps polling its sockets after the last frame
+    /// before it sleeps, 0 to 10000 [default: 100]. Longer answers an initiator that keeps
+    /// requests in flight sooner; shorter costs less CPU per GB. Fixed at start.
+    #[arg(long, value_name = "US")]
+    spin_us: Option<u64>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -166,6 +171,9 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         let mut cfg = ServeConfig::load(path)?;
         overrides(a).apply(&mut cfg);
         cfg.io = a.io.into();
+        if let Some(us) = a.spin_us {
+            cfg.spin = std::time::Duration::from_micros(us);
+        }
         return Ok((cfg, Some(path.clone())));
     }
     let (Some(shelf), Some(slot), Some(netif), Some(file)) =
@@ -211,6 +219,10 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         ),
         control: None,
         io: a.io.into(),
+        spin: a.spin_us.map_or(
+            aoe_target::config::DEFAULT_SPIN,
+            std::time::Duration::from_micros,
+        ),
     };
     Ok((cfg, None))
 }

@@ -156,6 +156,33 @@ fn serve_refuses_overlapping_writable_exports() {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// Issue 15: `aoe serve --spin-us` takes 0 to 10000 (10 ms); more is refused by `--check`
+/// (and a start) naming the limit, exit 1, not cut down silently.
+#[test]
+fn serve_refuses_a_spin_over_10_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let check = |us: &str| {
+        Command::new(AOE)
+            .args(["serve", "--check", "--spin-us", us, "1", "1", "lo"])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let out = check("10001");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("at most 10000 us (10 ms), not 10001 us"),
+        "{err}"
+    );
+    for ok in ["0", "10000"] {
+        let out = check(ok);
+        assert!(out.status.success(), "--spin-us {ok}: {out:?}");
+    }
+}
+
 /// Audit: `aoe serve` names its socket with `--control`; `aoe target` takes the same flag
 /// (an alias of `--socket`) and documents it in --help.
 #[test]

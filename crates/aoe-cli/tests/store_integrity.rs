@@ -1,6 +1,7 @@
 //! Issue 9: data integrity of `aoe serve`'s backing store, end to end through `aoe initiator`.
 //!
-//! * `concurrent_writes_*`: `aoe serve -d` (O_DIRECT) and `-s` (O_SYNC) serving a file on ext4
+//! * `concurrent_writes_*`: `aoe serve -d` (O_DIRECT), `-s` (O_SYNC) and buffered (writes on
+//!   the event loop, issue 15) serving a file on ext4
 //!   with 4 KiB blocks on a loop device, at MTU 1500 (1 KiB per frame) and 9000 (8.5 KiB);
 //!   `dd bs=64k oflag=direct conv=fsync` of a pattern onto the device file, then four `dd`s at
 //!   once, then every byte of the backing file compared. `-d` used to read-modify-write each
@@ -41,7 +42,7 @@ fn dd(src: &Path, dev: &Path, seek: u64) -> Command {
     c
 }
 
-fn concurrent_writes(flag: &str, mtu: u32, sector: u32) {
+fn concurrent_writes(flags: &[&str], mtu: u32, sector: u32) {
     let ext4 = Ext4Loop::new(sector, 64);
     let file = ext4.mnt().join("export.img");
     let mut want = pattern(1, (SECTORS * 512) as usize);
@@ -51,7 +52,7 @@ fn concurrent_writes(flag: &str, mtu: u32, sector: u32) {
         mtu,
         InitOpts::default(),
         Some(file.clone()),
-        &[flag],
+        flags,
     );
 
     // One sequential 8 MiB write, then four 2 MiB writes from four processes at once.
@@ -80,7 +81,7 @@ fn concurrent_writes(flag: &str, mtu: u32, sector: u32) {
     let wrong = wrong_sectors(&got, &want);
     assert!(
         wrong.is_empty(),
-        "aoe serve {flag}, MTU {mtu}, {sector}-byte-sector loop device: {} of {} sectors of \
+        "aoe serve {flags:?}, MTU {mtu}, {sector}-byte-sector loop device: {} of {} sectors of \
          the backing file wrong, first {:?}{}",
         wrong.len(),
         SECTORS,
@@ -93,28 +94,40 @@ fn concurrent_writes(flag: &str, mtu: u32, sector: u32) {
 
 #[test]
 fn concurrent_writes_direct_mtu_1500() {
-    concurrent_writes("-d", 1500, 512);
+    concurrent_writes(&["-d"], 1500, 512);
 }
 
 #[test]
 fn concurrent_writes_direct_mtu_9000() {
-    concurrent_writes("-d", 9000, 512);
+    concurrent_writes(&["-d"], 9000, 512);
 }
 
 /// A 4 KiB-sector device: every 1 KiB frame is read-modify-written, under the range lock.
 #[test]
 fn concurrent_writes_direct_4k_sectors_mtu_1500() {
-    concurrent_writes("-d", 1500, 4096);
+    concurrent_writes(&["-d"], 1500, 4096);
+}
+
+/// Issue 15: buffered writes on ext4 run on the event loop (a plain `pwrite`, ext4 has no
+/// `RWF_NOWAIT` for them), except those that overlap a write still on a worker.
+#[test]
+fn concurrent_writes_buffered_mtu_1500() {
+    concurrent_writes(&[], 1500, 512);
+}
+
+#[test]
+fn concurrent_writes_buffered_mtu_9000() {
+    concurrent_writes(&[], 9000, 512);
 }
 
 #[test]
 fn concurrent_writes_sync_mtu_1500() {
-    concurrent_writes("-s", 1500, 512);
+    concurrent_writes(&["-s"], 1500, 512);
 }
 
 #[test]
 fn concurrent_writes_sync_mtu_9000() {
-    concurrent_writes("-s", 9000, 512);
+    concurrent_writes(&["-s"], 9000, 512);
 }
 
 fn is_io_error(r: &std::io::Result<()>) -> bool {

@@ -845,3 +845,153 @@ fn an_overlapping_write_waits_for_the_one_in_flight() {
     drop(t);
     drop(ffs);
 }
+
+/// Issue 15: the writes of one receive batch run at its end, those that follow each other
+/// on the store as one `pwritev`. Overlapping, unaligned-to-the-page and contiguous writes
+/// sent back to back (so that they arrive in as few batches as the target makes) to a
+/// buffered export on a disk file system (where the loop writes them itself) must land as
+/// if written one by one in arrival order: the later write to a sector is what stays, and a
+/// read sent after them sees them.
+#[test]
+fn writes_of_one_batch_land_in_arrival_order() {
+    use aoe_testkit::aoeclient::Request;
+    let mut n = Net::new("aoewb", 9000);
+    // Beside the test binaries, on disk: /tmp may be tmpfs.
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let backing = store.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ifname = n.target_if();
+    let t = n.serve(&["3", "2", &ifname, backing.to_str().unwrap()]);
+    let addr = TargetAddr::new(3, 2);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    c.set_retransmit_timeout(Duration::from_secs(60));
+    let mut want = vec![0u8; 64 * 512];
+    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    for round in 0..20u8 {
+        writes.clear();
+        // A contiguous run of 1-sector writes, one of 2 sectors inside it again (overlap),
+        // then one that continues the run, then sector 0 twice (the second must stay).
+        for s in 0..8u64 {
+            writes.push((
+                s,
+                vec![round.wrapping_mul(16).wrapping_add(s as u8 + 1); 512],
+            ));
+        }
+        writes.push((3, vec![0xa0 ^ round; 1024]));
+        writes.push((8, vec![0xb0 ^ round; 512]));
+        writes.push((0, vec![0xc0 ^ round; 512]));
+        writes.push((0, vec![0xd0 ^ round; 512]));
+        let mut tags = HashSet::new();
+        for (lba, data) in &writes {
+            let at = (*lba * 512) as usize;
+            want[at..at + data.len()].copy_from_slice(data);
+            let tag = c
+                .send(&Request::Write {
+                    lba: *lba,
+                    data: data.clone(),
+                })
+                .unwrap();
+            tags.insert(tag);
+        }
+        let rd = c.send(&Request::Read { lba: 0, count: 16 }).unwrap();
+        let mut read_back = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while (!tags.is_empty() || read_back.is_none()) && std::time::Instant::now() < deadline {
+            for r in c.poll(Duration::from_secs(1)).unwrap() {
+                assert!(
+                    r.is_ok(),
+                    "round {round}: {:?}{}",
+                    r.body,
+                    t.output_so_far()
+                );
+                if r.tag == rd {
+                    read_back = Some(r.data().to_vec());
+                } else {
+                    tags.remove(&r.tag);
+                }
+            }
+        }
+        assert!(
+            tags.is_empty(),
+            "round {round}: answers missing{}",
+            t.output_so_far()
+        );
+        let got = read_back.expect("the read's answer");
+        let first_wrong = (0..16).find(|s| got[s * 512..][..512] != want[s * 512..][..512]);
+        assert_eq!(
+            first_wrong, None,
+            "round {round}: the read after the writes saw sector {first_wrong:?} wrong"
+        );
+    }
+    let on_disk = std::fs::read(&backing).unwrap();
+    let first_wrong = (0..64).find(|s| on_disk[s * 512..][..512] != want[s * 512..][..512]);
+    assert_eq!(
+        first_wrong, None,
+        "sector {first_wrong:?} of the file wrong"
+    );
+    drop(t);
+}
+
+/// A block device export (a loop device): writes run on the loop, and a read of data no
+/// longer cached (`blockdev --flushbufs`) goes to a worker and comes back right. A device
+/// node lives on devtmpfs, and such an export used to be taken for a tmpfs file, its reads
+/// done on the event loop whether cached or not.
+#[test]
+fn a_block_device_export_reads_back_uncached_data() {
+    use aoe_testkit::aoeclient::Request;
+    let mut n = Net::new("aoebd", 1500);
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = store.path().join("bdev.img");
+    std::fs::write(&image, vec![5u8; 4 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let ifname = n.target_if();
+    let t = n.serve(&["3", "4", &ifname, &dev]);
+    let addr = TargetAddr::new(3, 4);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    let data: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+    let r = c
+        .call(
+            &Request::Write {
+                lba: 100,
+                data: data.clone(),
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(r.is_ok(), "write failed: {:?}{}", r.body, t.output_so_far());
+    let st = Command::new("blockdev")
+        .args(["--flushbufs", &dev])
+        .status()
+        .expect("run blockdev");
+    assert!(st.success());
+    for lba in [100u64, 2000] {
+        let r = c
+            .call(&Request::Read { lba, count: 2 }, Duration::from_secs(10))
+            .unwrap();
+        assert!(r.is_ok(), "read failed: {:?}{}", r.body, t.output_so_far());
+        let want = if lba == 100 {
+            data.clone()
+        } else {
+            vec![5u8; 1024]
+        };
+        assert!(r.data() == &want[..], "lba {lba} read back wrong");
+    }
+    drop(t);
+}

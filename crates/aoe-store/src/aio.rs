@@ -121,6 +121,12 @@ pub trait AsyncBackend: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// Writes the slices of `bufs` one after the other at once if that can be done without
+    /// blocking (see [`Backend::try_write_vectored_at`]); `Ok(false)`: submit each.
+    fn try_write_vectored_at(&self, _bufs: &[&[u8]], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// See [`Backend::nowait_read_source`].
     fn nowait_read_source(
         &self,
@@ -262,6 +268,10 @@ impl AsyncBackend for PoolBackend {
 
     fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
         self.backend.try_write_at(buf, offset)
+    }
+
+    fn try_write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<bool> {
+        self.backend.try_write_vectored_at(bufs, offset)
     }
 
     fn nowait_read_source(

@@ -16,8 +16,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use aoe_sys::NoWait;
 
@@ -31,6 +32,13 @@ const SECTOR: u64 = 512;
 const DEFAULT_DIRECT_ALIGN: usize = 4096;
 /// Largest alignment accepted from the kernel or a caller (a page on the biggest-page systems).
 const MAX_DIRECT_ALIGN: usize = 64 * 1024;
+/// A buffered write done inline (on a file system without `RWF_NOWAIT` writes) that took
+/// longer than this waited for something (dirty-page throttling, the journal, a page under
+/// write-back) rather than copying into the page cache, which takes microseconds.
+const INLINE_SLOW: Duration = Duration::from_millis(1);
+/// After such a slow write, writes go to a worker for this long before inline writes are
+/// tried again.
+const INLINE_PAUSE: Duration = Duration::from_millis(100);
 
 /// How to open a backing file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,8 +66,22 @@ pub struct FileBackend {
     /// On tmpfs/ramfs: reads and writes copy pages and never wait for a device, so they
     /// are done inline.
     memory: bool,
-    /// The file system refused `RWF_NOWAIT` once: stop trying.
-    nowait_unsupported: AtomicBool,
+    /// The file system refused `RWF_NOWAIT` for a read once: stop trying for reads.
+    read_nowait_unsupported: AtomicBool,
+    /// The file system refused `RWF_NOWAIT` for a write once (ext4 and block devices do for
+    /// buffered writes, Linux 6.18): writes are then plain `pwrite`s, inline while they are
+    /// fast (see [`FileBackend::try_write_at`]). Kept apart from reads, which such a file
+    /// system still does with `RWF_NOWAIT`.
+    write_nowait_unsupported: AtomicBool,
+    /// A block device, or a file on a local disk file system
+    /// ([`aoe_sys::is_local_disk_fs`]): the only stores whose writes are done inline without
+    /// `RWF_NOWAIT`. A network or FUSE file system's write may wait for its server.
+    local_disk: bool,
+    /// Until when (nanoseconds after `opened`) inline plain writes are paused after one was
+    /// slow ([`INLINE_SLOW`]).
+    inline_paused_until: AtomicU64,
+    /// When the file was opened: the clock `inline_paused_until` counts from.
+    opened: Instant,
     /// O_DIRECT alignment of file offsets and lengths, in bytes (a power of two >= 512).
     align: usize,
     /// O_DIRECT alignment of memory addresses, in bytes (a power of two).
@@ -164,8 +186,14 @@ impl FileBackend {
             base: opts.offset_sectors * SECTOR,
             len: len * SECTOR,
             opts: opts.clone(),
-            memory: aoe_sys::is_memory_fs(&file) && !opts.direct && !opts.sync,
-            nowait_unsupported: AtomicBool::new(false),
+            // A device node lives on devtmpfs, a tmpfs: what counts for a block device is
+            // the device, not the file system of its node.
+            memory: ft.is_file() && aoe_sys::is_memory_fs(&file) && !opts.direct && !opts.sync,
+            read_nowait_unsupported: AtomicBool::new(false),
+            write_nowait_unsupported: AtomicBool::new(false),
+            local_disk: ft.is_block_device() || aoe_sys::is_local_disk_fs(&file),
+            inline_paused_until: AtomicU64::new(0),
+            opened: Instant::now(),
             file,
         })
     }
@@ -300,6 +328,31 @@ impl FileBackend {
         Ok(())
     }
 
+    /// A buffered write done by the caller's thread with a plain `pwrite`, on a local disk
+    /// only and unless one was slow less than [`INLINE_PAUSE`] ago (`Ok(false)`: the caller
+    /// uses a worker).
+    fn write_inline(&self, bufs: &[&[u8]], pos: u64) -> io::Result<bool> {
+        if !self.local_disk {
+            return Ok(false);
+        }
+        let now = self.opened.elapsed();
+        if (now.as_nanos() as u64) < self.inline_paused_until.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let r = match bufs {
+            [one] => self.file.write_all_at(one, pos),
+            _ => aoe_sys::pwritev_all(&self.file, bufs, pos),
+        };
+        r.map_err(|e| self.latch(e, Failing::Write))?;
+        let took = self.opened.elapsed().saturating_sub(now);
+        if took > INLINE_SLOW {
+            let until = now + took + INLINE_PAUSE;
+            self.inline_paused_until
+                .store(until.as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
     /// Writes through an aligned bounce buffer. A range that does not start and end on the
     /// alignment is read-modify-written, holding its aligned blocks in `writing` from the
     /// read to the end of the write, and every direct write holds its blocks too, so no
@@ -363,14 +416,14 @@ impl Backend for FileBackend {
             self.file.read_exact_at(buf, pos)?;
             return Ok(true);
         }
-        if self.nowait_unsupported.load(Ordering::Relaxed) {
+        if self.read_nowait_unsupported.load(Ordering::Relaxed) {
             return Ok(false);
         }
         match aoe_sys::pread_nowait(&self.file, buf, pos)? {
             NoWait::Done(n) => Ok(n == buf.len()),
             NoWait::WouldBlock => Ok(false),
             NoWait::Unsupported => {
-                self.nowait_unsupported.store(true, Ordering::Relaxed);
+                self.read_nowait_unsupported.store(true, Ordering::Relaxed);
                 Ok(false)
             }
         }
@@ -383,7 +436,7 @@ impl Backend for FileBackend {
     ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
         // As try_read_at: O_DIRECT goes through the aligned bounce buffer on a worker, a
         // memory file system has no RWF_NOWAIT (its reads never wait: try_read_at reads it).
-        if self.opts.direct || self.memory || self.nowait_unsupported.load(Ordering::Relaxed) {
+        if self.opts.direct || self.memory || self.read_nowait_unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
         check_range(offset, len, self.len)?;
@@ -393,6 +446,13 @@ impl Backend for FileBackend {
         )))
     }
 
+    /// Without `RWF_NOWAIT` for buffered writes (ext4 refuses it with `EOPNOTSUPP`), a
+    /// write is one plain `pwrite` here, as vblade does every write: it copies into the page
+    /// cache, and handing it to a worker instead cost 8x vblade's CPU per GB (a wake-up and
+    /// a context switch each way, issue 15). What could make it wait (dirty-page
+    /// throttling, a full journal) shows as a write slower than [`INLINE_SLOW`], after which
+    /// writes go to the workers for [`INLINE_PAUSE`], so the caller's loop stalls at most
+    /// once per pause.
     fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
         // O_SYNC writes wait for the disk by definition; O_DIRECT needs the bounce buffer.
         if self.opts.direct || self.opts.sync || self.opts.read_only {
@@ -407,8 +467,8 @@ impl Backend for FileBackend {
                 .map_err(|e| self.latch(e, Failing::Write))?;
             return Ok(true);
         }
-        if self.nowait_unsupported.load(Ordering::Relaxed) {
-            return Ok(false);
+        if self.write_nowait_unsupported.load(Ordering::Relaxed) {
+            return self.write_inline(&[buf], pos);
         }
         match aoe_sys::pwrite_nowait(&self.file, buf, pos)
             .map_err(|e| self.latch(e, Failing::Write))?
@@ -416,10 +476,42 @@ impl Backend for FileBackend {
             NoWait::Done(n) => Ok(n == buf.len()),
             NoWait::WouldBlock => Ok(false),
             NoWait::Unsupported => {
-                self.nowait_unsupported.store(true, Ordering::Relaxed);
-                Ok(false)
+                self.write_nowait_unsupported.store(true, Ordering::Relaxed);
+                self.write_inline(&[buf], pos)
             }
         }
+    }
+
+    /// [`try_write_at`](Self::try_write_at) of contiguous slices with one `pwritev`
+    /// (`RWF_NOWAIT`, or plain where the file system refuses that, on the same terms).
+    fn try_write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<bool> {
+        if let [one] = bufs {
+            return self.try_write_at(one, offset);
+        }
+        if self.opts.direct || self.opts.sync || self.opts.read_only {
+            return Ok(false);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        check_range(offset, total, self.len)?;
+        self.refuse_if_failed()?;
+        let pos = self.base + offset;
+        if self.memory {
+            aoe_sys::pwritev_all(&self.file, bufs, pos)
+                .map_err(|e| self.latch(e, Failing::Write))?;
+            return Ok(true);
+        }
+        if !self.write_nowait_unsupported.load(Ordering::Relaxed) {
+            match aoe_sys::pwritev_nowait(&self.file, bufs, pos)
+                .map_err(|e| self.latch(e, Failing::Write))?
+            {
+                NoWait::Done(n) => return Ok(n == total),
+                NoWait::WouldBlock => return Ok(false),
+                NoWait::Unsupported => {
+                    self.write_nowait_unsupported.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.write_inline(bufs, pos)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -563,6 +655,38 @@ mod tests {
     fn scratch_dir() -> tempfile::TempDir {
         let exe = std::env::current_exe().unwrap();
         tempfile::tempdir_in(exe.parent().unwrap()).unwrap()
+    }
+
+    /// Issue 15: after an inline write that waited (dirty-page throttling, the journal),
+    /// writes go to a worker until the pause is over, then run inline again.
+    #[test]
+    fn a_slow_inline_write_pauses_inline_writes() {
+        let dir = scratch_dir();
+        let path = dir.path().join("w.img");
+        std::fs::write(&path, vec![0u8; 64 * 512]).unwrap();
+        let mut b = FileBackend::open(&path, &OpenOptions::default()).unwrap();
+        // Whatever the scratch directory's file system is, as a local disk.
+        b.local_disk = true;
+        assert!(b.write_inline(&[&[1; 512]], 0).unwrap());
+        let paused = b.opened.elapsed() + INLINE_PAUSE;
+        b.inline_paused_until
+            .store(paused.as_nanos() as u64, Ordering::Relaxed);
+        assert!(
+            !b.write_inline(&[&[2; 512]], 0).unwrap(),
+            "written while paused"
+        );
+        let mut back = [0u8; 512];
+        b.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [1; 512], "a paused write reached the file");
+        b.inline_paused_until.store(0, Ordering::Relaxed);
+        assert!(b.write_inline(&[&[3; 512]], 0).unwrap());
+        b.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [3; 512]);
+        b.local_disk = false;
+        assert!(
+            !b.write_inline(&[&[4; 512]], 0).unwrap(),
+            "inline on no local disk"
+        );
     }
 
     #[test]

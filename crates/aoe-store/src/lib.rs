@@ -124,11 +124,29 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Writes like [`Backend::write_at`] if that can be done without blocking; `Ok(false)`
-    /// if it would block (nothing, or only part, may have been written: the caller writes
-    /// the whole range again through a worker).
+    /// Writes like [`Backend::write_at`] if that can be done without waiting for a device or
+    /// a server (a file on a local disk without `RWF_NOWAIT` writes may still wait briefly:
+    /// see [`FileBackend`]'s); `Ok(false)` if it would block (nothing, or only part, may
+    /// have been written: the caller writes the whole range again through a worker).
     fn try_write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<bool> {
         Ok(false)
+    }
+
+    /// [`try_write_at`](Self::try_write_at) of the slices of `bufs` (at most
+    /// [`aoe_sys::MAX_WRITEV`]) one after the other from `offset`: the contiguous writes of a
+    /// receive batch in one system call where the store can (a file: one `pwritev`). Same
+    /// answers: `Ok(false)`, nothing or part written, the caller writes every slice again
+    /// through a worker; an error, the caller tries each slice alone to learn which fails.
+    /// The default writes the slices one by one.
+    fn try_write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<bool> {
+        let mut at = offset;
+        for b in bufs {
+            if !self.try_write_at(b, at)? {
+                return Ok(false);
+            }
+            at += b.len() as u64;
+        }
+        Ok(true)
     }
 
     /// True if writes are refused.

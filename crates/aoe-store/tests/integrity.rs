@@ -278,3 +278,94 @@ fn a_failed_fdatasync_is_latched() {
         .unwrap();
     assert_eq!(first, [1; 512]);
 }
+
+/// Issue 15: ext4 refuses `RWF_NOWAIT` for buffered writes (`EOPNOTSUPP`, Linux 6.18). That
+/// used to turn `RWF_NOWAIT` off for the file's reads as well, so after the first write every
+/// read and write of the export went to a worker (a wake-up and a context switch each way,
+/// 8x vblade's CPU per GB for writes). Now a buffered write on a local disk is a plain
+/// `pwrite` by the caller (as vblade does) and reads stay `RWF_NOWAIT`; on FUSE, whose
+/// server may not answer, writes still go to a worker.
+#[test]
+fn buffered_writes_on_ext4_run_inline_and_reads_stay_nowait() {
+    let fsys = Ext4Loop::new(512, 64);
+    let file = fsys.mnt().join("export.img");
+    fs::write(&file, vec![0u8; 4 << 20]).unwrap();
+    let b = FileBackend::open(&file, &OpenOptions::default()).unwrap();
+    let mut back = vec![0u8; 1024];
+    assert!(b.try_read_at(&mut back, 0).unwrap(), "a cached read");
+    // Unaligned, odd-sized writes, one overlapping the other: the later one must win.
+    assert!(
+        b.try_write_at(&[0xa1; 1536], 512).unwrap(),
+        "a buffered write on ext4 went to a worker"
+    );
+    assert!(b.try_write_at(&[0xb2; 1024], 1024).unwrap());
+    assert!(
+        b.try_read_at(&mut back, 0).unwrap(),
+        "after a write, a cached read no longer runs inline"
+    );
+    assert!(back[..512].iter().all(|x| *x == 0));
+    assert!(back[512..1024].iter().all(|x| *x == 0xa1));
+    assert!(
+        b.nowait_read_source(0, 1024).unwrap().is_some(),
+        "after a write, reads no longer go through RWF_NOWAIT"
+    );
+    let mut all = vec![0u8; 4096];
+    fs::File::open(&file)
+        .unwrap()
+        .read_exact_at(&mut all, 0)
+        .unwrap();
+    assert!(all[512..1024].iter().all(|x| *x == 0xa1));
+    assert!(all[1024..2048].iter().all(|x| *x == 0xb2));
+    assert!(all[2048..].iter().all(|x| *x == 0));
+
+    require_tool("fusermount3", "fuse3");
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b.img");
+    fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).unwrap();
+    let f = FileBackend::open(&ffs.file(), &OpenOptions::default()).unwrap();
+    assert!(
+        !f.try_write_at(&[1; 512], 0).unwrap(),
+        "a write to a FUSE file ran on the caller's thread"
+    );
+}
+
+/// A block device's node lives on devtmpfs, a tmpfs, so an export of one (`aoe serve ...
+/// /dev/sdb`, vblade's usual case) was taken for a memory file system: its reads were plain
+/// `pread`s on the caller's thread (the target's event loop), waiting for the disk whenever
+/// the data was not cached. Now a read of uncached data says "would block" (the target hands
+/// it to a worker) and a cached one runs inline; writes are plain inline `pwrite`s as on a
+/// local disk file system.
+#[test]
+fn a_block_device_is_no_memory_file_system() {
+    require_root();
+    require_tool("losetup", "util-linux");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = dir.path().join("bdev.img");
+    fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let dev = sh(Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let b = FileBackend::open(Path::new(&dev), &OpenOptions::default()).unwrap();
+    // Drop the device's cached pages (BLKFLSBUF: written back, then invalidated).
+    require_tool("blockdev", "util-linux");
+    sh(Command::new("blockdev").args(["--flushbufs", &dev]));
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        !b.try_read_at(&mut buf, 1 << 20).unwrap(),
+        "an uncached read of a block device ran on the caller's thread"
+    );
+    b.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|x| *x == 7));
+    assert!(b.try_read_at(&mut buf, 1 << 20).unwrap(), "a cached read");
+    assert!(b.try_write_at(&[9; 1024], 512).unwrap(), "an inline write");
+    b.read_at(&mut buf, 0).unwrap();
+    assert!(buf[512..1536].iter().all(|x| *x == 9) && buf[..512].iter().all(|x| *x == 7));
+}

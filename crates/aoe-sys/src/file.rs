@@ -50,6 +50,100 @@ pub fn pwrite_nowait(file: &File, buf: &[u8], offset: u64) -> io::Result<NoWait>
     nowait_result(r)
 }
 
+/// Most slices [`pwritev_nowait`] and [`pwritev_all`] take: a receive batch's frames.
+pub const MAX_WRITEV: usize = 64;
+
+/// `bufs` as iovecs (at most [`MAX_WRITEV`]), in `out`; more is `InvalidInput`.
+fn iovecs<'a>(
+    bufs: &[&[u8]],
+    out: &'a mut [libc::iovec; MAX_WRITEV],
+) -> io::Result<&'a [libc::iovec]> {
+    if bufs.len() > out.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (v, b) in out.iter_mut().zip(bufs) {
+        *v = libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        };
+    }
+    Ok(&out[..bufs.len()])
+}
+
+/// Writes the slices of `bufs` (at most [`MAX_WRITEV`]), one after the other, at `offset` with one
+/// `pwritev2(RWF_NOWAIT)`; see [`pwrite_nowait`]. `Done(n)` with `n` short of the total left
+/// the rest unwritten: the caller writes the whole range again.
+pub fn pwritev_nowait(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<NoWait> {
+    let mut v = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_WRITEV];
+    let iov = iovecs(bufs, &mut v)?;
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: each iovec describes a slice of `bufs`, valid for reads for the whole call (the
+    // kernel only reads through the pointers despite the `*mut` type); the count is the
+    // slice's length; the fd is open.
+    let r = unsafe {
+        libc::pwritev2(
+            file.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len() as libc::c_int,
+            off,
+            libc::RWF_NOWAIT,
+        )
+    };
+    nowait_result(r)
+}
+
+/// Writes all the slices of `bufs` (at most [`MAX_WRITEV`]), one after the other, at `offset`: one
+/// `pwritev` for all of them, more only after a short write (what `write_all_at` is for one
+/// slice).
+pub fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The slices not yet (fully) written.
+        let mut skip = done;
+        let mut rest: [&[u8]; MAX_WRITEV] = [&[]; MAX_WRITEV];
+        let mut k = 0;
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            if k == rest.len() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            rest[k] = &b[skip..];
+            skip = 0;
+            k += 1;
+        }
+        let mut v = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_WRITEV];
+        let iov = iovecs(&rest[..k], &mut v)?;
+        let Ok(off) = libc::off_t::try_from(offset + done as u64) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: as in pwritev_nowait: the iovecs describe live slices of `bufs`, read only.
+        let r = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off) };
+        match r {
+            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn nowait_result(r: isize) -> io::Result<NoWait> {
     if r >= 0 {
         return Ok(NoWait::Done(r as usize));
@@ -73,17 +167,37 @@ pub(crate) fn nowait_error(e: io::Error) -> io::Result<NoWait> {
 pub fn is_memory_fs(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    matches!(fs_magic(file), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// True if `file` lives on a local disk file system (ext2/3/4, XFS, btrfs, f2fs; `fstatfs(2)`
+/// `f_type`, `linux/magic.h`), where a buffered write copies into the page cache and waits
+/// only for local things (dirty-page throttling, the journal). Not for network or FUSE file
+/// systems, where a write may wait for a server. A block device's node says nothing (it
+/// lives on devtmpfs): ask its file type.
+pub fn is_local_disk_fs(file: &File) -> bool {
+    const EXT4_SUPER_MAGIC: i64 = 0xef53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    const F2FS_SUPER_MAGIC: i64 = 0xf2f5_2010;
+    matches!(
+        fs_magic(file),
+        Some(EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC | F2FS_SUPER_MAGIC)
+    )
+}
+
+/// The `f_type` of the file system `file` lives on, if `fstatfs(2)` tells.
+fn fs_magic(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `st` is valid for writes of a `statfs`; the fd is open for the call.
     let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     if r != 0 {
-        return false;
+        return None;
     }
     // SAFETY: fstatfs returned 0, so it filled `st` in.
     let st = unsafe { st.assume_init() };
     #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every target
-    let t = st.f_type as i64;
-    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    Some(st.f_type as i64)
 }
 
 /// What O_DIRECT I/O on a file needs aligned, in bytes.
@@ -224,6 +338,38 @@ mod tests {
         }
     }
 
+    /// The slices land one after the other, unaligned and of odd sizes, with one call.
+    #[test]
+    fn pwritev_writes_slices_in_order() {
+        let f = tempfile_in_target();
+        f.set_len(8192).unwrap();
+        let a = [1u8; 700];
+        let b = [2u8; 1];
+        let c = [3u8; 1500];
+        pwritev_all(&f, &[&a, &b, &c], 100).unwrap();
+        let mut back = vec![0u8; 2400];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
+        assert!(back[..100].iter().all(|x| *x == 0));
+        assert!(back[100..800].iter().all(|x| *x == 1));
+        assert_eq!(back[800], 2);
+        assert!(back[801..2301].iter().all(|x| *x == 3));
+        assert!(back[2301..].iter().all(|x| *x == 0));
+        match pwritev_nowait(&f, &[&c, &a], 0).unwrap() {
+            NoWait::Done(n) => {
+                assert_eq!(n, 2200);
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
+                assert!(back[..1500].iter().all(|x| *x == 3));
+                assert!(back[1500..2200].iter().all(|x| *x == 1));
+            }
+            NoWait::WouldBlock | NoWait::Unsupported => {}
+        }
+        let many: Vec<&[u8]> = vec![&b[..]; MAX_WRITEV + 1];
+        assert_eq!(
+            pwritev_all(&f, &many, 0).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
     #[test]
     fn shm_is_a_memory_file_system() {
         let p =
@@ -233,6 +379,7 @@ mod tests {
         assert!(is_memory_fs(&f));
         let here = File::open(env!("CARGO_MANIFEST_DIR")).unwrap();
         let _ = is_memory_fs(&here); // whatever it is, it must not fail
+        assert!(!is_local_disk_fs(&f), "tmpfs is no disk file system");
     }
 
     #[test]
@@ -253,11 +400,14 @@ mod tests {
     /// target directory of whoever built it, not in the source tree, which an unprivileged
     /// user running the tests may not own.
     fn tempfile_in_target() -> File {
+        // One name per call: tests run in parallel threads of one process.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let exe = std::env::current_exe().unwrap();
         let p = exe
             .parent()
             .unwrap()
-            .join(format!("aoe-sys-nowait-{}", std::process::id()));
+            .join(format!("aoe-sys-nowait-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

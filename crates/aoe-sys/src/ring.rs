@@ -28,6 +28,11 @@ const PACKET_RX_RING: libc::c_int = 5;
 const PACKET_VERSION: libc::c_int = 10;
 const PACKET_TX_RING: libc::c_int = 13;
 const PACKET_LOSS: libc::c_int = 14;
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// `sizeof(struct virtio_net_hdr)`: flags, gso_type (u8), hdr_len, gso_size, csum_start,
+/// csum_offset (u16, in the host's byte order: packet sockets read it with `vio_le()`, the
+/// legacy virtio rule).
+const VNET_HDR_LEN: usize = 10;
 const TPACKET_V2: libc::c_int = 1;
 const TP_STATUS_KERNEL: u32 = 0;
 const TP_STATUS_USER: u32 = 1;
@@ -169,6 +174,8 @@ pub struct PacketRing {
     /// this socket even if its `PacketSocket` was closed first.
     fd: OwnedFd,
     stats: RingStats,
+    /// Bytes of `virtio_net_hdr` before each frame (`PACKET_VNET_HDR`), 0 without.
+    vnet: usize,
 }
 
 // SAFETY: the mapping is owned by the ring (unmapped on drop) and only touched through
@@ -225,10 +232,21 @@ impl PacketRing {
             .ok()
             .filter(|&p| p > 0)
             .unwrap_or(4096);
-        let rx = Geometry::new(rx_frames, rx_cap, RX_DATA_OFFSET, page);
-        let tx = Geometry::new(tx_frames, tx_cap, TX_DATA_OFFSET, page);
         let owned = sock.as_fd().try_clone_to_owned()?;
         let fd = owned.as_raw_fd();
+        // With both rings (every send and receive of the socket goes through them), a
+        // virtio_net_hdr before each frame lets a transmitted frame say how much of it the
+        // kernel copies into the skb (`hdr_len`): all of it. Without it
+        // tpacket_snd attaches the ring's pages as zero-copy fragments, and veth, which may
+        // not pass those on, copies them into newly allocated pages (`skb_copy_ubufs`):
+        // 17% of the target's samples at MTU 1500. Best effort: without it, as before.
+        let vnet = if rx_frames > 0 && tx_frames > 0 && set_int(fd, PACKET_VNET_HDR, 1).is_ok() {
+            VNET_HDR_LEN
+        } else {
+            0
+        };
+        let rx = Geometry::new(rx_frames, rx_cap, RX_DATA_OFFSET + vnet, page);
+        let tx = Geometry::new(tx_frames, tx_cap, TX_DATA_OFFSET + vnet, page);
         // A socket whose earlier ring was unmapped still holds it: free it first (a request
         // with no blocks), or the kernel refuses the new one with EBUSY.
         let none = TpacketReq {
@@ -287,6 +305,7 @@ impl PacketRing {
             tx_unkicked: 0,
             fd: owned,
             stats: RingStats::default(),
+            vnet,
         })
     }
 
@@ -302,7 +321,12 @@ impl PacketRing {
 
     /// The largest frame a transmit slot holds.
     pub fn tx_frame_cap(&self) -> usize {
-        self.tx.frame_size - TX_DATA_OFFSET
+        self.tx.frame_size - self.tx_off()
+    }
+
+    /// Where a transmitted frame starts in its slot: after the `virtio_net_hdr`, if any.
+    fn tx_off(&self) -> usize {
+        TX_DATA_OFFSET + self.vnet
     }
 
     /// Counters since the ring was made.
@@ -448,7 +472,7 @@ impl PacketRing {
         unsafe {
             ptr::copy_nonoverlapping(
                 frame.as_ptr(),
-                self.map.as_ptr().add(off + TX_DATA_OFFSET),
+                self.map.as_ptr().add(off + self.tx_off()),
                 frame.len(),
             );
         }
@@ -483,6 +507,7 @@ impl PacketRing {
         let (off, meta, _) = self.lent[i];
         let slot = self.free_tx_slot_ahead(ahead);
         let cap = self.tx_frame_cap();
+        let data = self.tx_off();
         let base = self.map.as_ptr();
         // SAFETY: the receive slot is user-owned until the next recv_batch (which needs
         // &mut self, so these borrows have ended by then) and recv_batch checked off + len
@@ -492,7 +517,7 @@ impl PacketRing {
         unsafe {
             (
                 std::slice::from_raw_parts(base.add(off), meta.len),
-                slot.map(|o| std::slice::from_raw_parts_mut(base.add(o + TX_DATA_OFFSET), cap)),
+                slot.map(|o| std::slice::from_raw_parts_mut(base.add(o + data), cap)),
             )
         }
     }
@@ -505,7 +530,7 @@ impl PacketRing {
         // SAFETY: as in frame_and_slot_ahead: a free transmit slot, `cap` data bytes inside
         // it, borrowed mutably from `self` so nothing marks it meanwhile.
         Some(unsafe {
-            std::slice::from_raw_parts_mut(self.map.as_ptr().add(off + TX_DATA_OFFSET), cap)
+            std::slice::from_raw_parts_mut(self.map.as_ptr().add(off + self.tx_off()), cap)
         })
     }
 
@@ -522,9 +547,9 @@ impl PacketRing {
         if at.checked_add(len)? > self.tx_frame_cap() {
             return None;
         }
-        // SAFETY: off + TX_DATA_OFFSET + at + len is inside the slot (checked above), so
-        // inside the mapping.
-        Some(unsafe { self.map.as_ptr().add(off + TX_DATA_OFFSET + at) })
+        // SAFETY: off + tx_off + at + len is inside the slot (checked above), so inside the
+        // mapping.
+        Some(unsafe { self.map.as_ptr().add(off + self.tx_off() + at) })
     }
 
     /// Marks the slot [`frame_and_slot`](Self::frame_and_slot) lent, holding a frame of `len`
@@ -562,11 +587,8 @@ impl PacketRing {
             // distinct, and `len` bytes fit each one's data area (check_len).
             unsafe {
                 let base = self.map.as_ptr();
-                ptr::copy_nonoverlapping(
-                    base.add(from + TX_DATA_OFFSET),
-                    base.add(off + TX_DATA_OFFSET),
-                    len,
-                );
+                let data = self.tx_off();
+                ptr::copy_nonoverlapping(base.add(from + data), base.add(off + data), len);
             }
         }
         self.mark(off, len);
@@ -610,9 +632,32 @@ impl PacketRing {
         if self.status(off).load(Ordering::Acquire) == TP_STATUS_WRONG_FORMAT {
             self.stats.tx_rejected += 1;
         }
+        if self.vnet > 0 {
+            // virtio_net_hdr: no checksum offload, no GSO; hdr_len, the bytes tpacket_snd
+            // copies into the skb's linear part: the whole frame. Measured against keeping
+            // the fragments past 2048 bytes (MTU 9000, pinned): 0.66x the target's CPU for
+            // 4 KiB random reads, 0.86x for 8.5 KiB reads.
+            let mut h = [0u8; VNET_HDR_LEN];
+            // (Past 65535 bytes, which no MTU gives, the rest would go as fragments.)
+            let hdr_len = u16::try_from(len).unwrap_or(u16::MAX);
+            h[2..4].copy_from_slice(&hdr_len.to_ne_bytes());
+            // SAFETY: the header's bytes are inside the free slot, before its frame data.
+            unsafe {
+                ptr::copy_nonoverlapping(
+                    h.as_ptr(),
+                    self.map.as_ptr().add(off + TX_DATA_OFFSET),
+                    VNET_HDR_LEN,
+                )
+            };
+        }
         // SAFETY: tp_len (u32 at offset 4) of a free slot inside the mapping; `len` was
         // checked against the slot size, which fits a u32.
-        unsafe { ptr::write_volatile(self.map.as_ptr().add(off + 4).cast::<u32>(), len as u32) };
+        unsafe {
+            ptr::write_volatile(
+                self.map.as_ptr().add(off + 4).cast::<u32>(),
+                (len + self.vnet) as u32,
+            )
+        };
         // Release: data and length are visible to the kernel before the request is.
         self.status(off)
             .store(TP_STATUS_SEND_REQUEST, Ordering::Release);

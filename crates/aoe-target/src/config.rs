@@ -18,6 +18,14 @@ pub const DEFAULT_WORKERS: usize = 4;
 /// thread start-up memory that failed (a panic in std) at about 18 000 on a 24 GiB VM.
 pub const MAX_WORKERS: usize = 1024;
 
+/// How long the event loop keeps polling its sockets after the last frame when none is
+/// given (`aoe serve --spin-us`): see [`ServeConfig::spin`].
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
+/// Longest spin accepted: the loop's other duties (signals, reloads, state files) wait that
+/// long at most anyway.
+pub const MAX_SPIN: Duration = Duration::from_millis(10);
+
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -181,6 +189,12 @@ pub struct ServeConfig {
     /// How frames reach and leave the sockets (`aoe serve --io`); fixed at start, a reload
     /// keeps the running one.
     pub io: IoMode,
+    /// How long the event loop keeps polling its sockets without sleeping after the last
+    /// frame (`aoe serve --spin-us`, at most [`MAX_SPIN`]; zero: sleep in poll() at once).
+    /// Spinning trades CPU time for latency: while an initiator keeps requests in flight
+    /// the next ones are microseconds away, and sleeping costs a wake-up for every batch.
+    /// Fixed at start, like `io`.
+    pub spin: Duration,
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -246,6 +260,9 @@ pub enum ConfigError {
         max = crate::probe::MAX_PROBE.as_millis()
     )]
     Probe(u128),
+    /// A spin longer than [`MAX_SPIN`].
+    #[error("the spin must be at most 10000 us (10 ms), not {0} us")]
+    Spin(u128),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -478,6 +495,7 @@ impl ServeConfig {
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
+            spin: DEFAULT_SPIN,
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -561,6 +579,7 @@ impl ServeConfig {
             probe: crate::probe::DEFAULT_PROBE,
             control: None,
             io: IoMode::default(),
+            spin: DEFAULT_SPIN,
         }
     }
 
@@ -577,6 +596,9 @@ impl ServeConfig {
         }
         if self.probe > crate::probe::MAX_PROBE {
             return Err(ConfigError::Probe(self.probe.as_millis()));
+        }
+        if self.spin > MAX_SPIN {
+            return Err(ConfigError::Spin(self.spin.as_micros()));
         }
         let mut seen = HashSet::new();
         for e in &self.exports {
@@ -912,6 +934,14 @@ mod tests {
                 "{e}"
             );
         }
+        // `--spin-us` (issue 15): at most 10 ms, what the loop's other duties wait anyway.
+        let mut c = ServeConfig::from_toml(&base(""), Path::new("/c.toml")).unwrap();
+        assert_eq!(c.spin, DEFAULT_SPIN);
+        c.spin = MAX_SPIN;
+        c.check_static().unwrap();
+        c.spin = MAX_SPIN + Duration::from_micros(1);
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("at most 10000 us (10 ms), not 10001 us"), "{e}");
         let dup = format!("{}\n{}", base(""), base(""));
         assert!(
             err(&dup).contains("exported twice on interface x"),

@@ -40,11 +40,6 @@ use send::{Batch, IfaceRt};
 const BATCH: usize = 64;
 /// How often interface MTUs are re-read.
 const REFRESH: Duration = Duration::from_secs(1);
-/// How long the loop keeps polling its sockets without sleeping after the last frame.
-/// While an initiator keeps requests in flight the next ones are microseconds away, and
-/// sleeping in poll() costs a wake-up on another core for every batch: initiator and target
-/// then take turns instead of working at once.
-const SPIN: Duration = Duration::from_micros(100);
 /// Jobs the worker pool queues at most, over all exports. Each export already keeps at
 /// most its buffer count in flight per interface ([`aoe_proto::target::DropReason::OverBufferCount`]);
 /// this bounds the sum, so many exports or many interfaces cannot grow the queue (and the
@@ -163,6 +158,11 @@ pub struct Daemon {
     logs: RateLimiter,
     /// How interfaces move frames, from the configuration at start (a reload keeps it).
     io: IoMode,
+    /// How long the loop keeps polling after the last frame ([`ServeConfig::spin`]; while
+    /// an initiator keeps requests in flight the next ones are microseconds away, and
+    /// sleeping in poll() costs a wake-up on another core for every batch), from the
+    /// configuration at start (a reload keeps it).
+    spin: Duration,
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
@@ -174,6 +174,8 @@ pub struct Daemon {
     uring_out: Vec<(usize, io::Result<aoe_sys::NoWait>)>,
     /// Exports whose [`ExportRt::gathered`] holds reads of the current receive batch.
     gathering: Vec<u32>,
+    /// The staged writes of one run (`run_staged_writes`; kept for its capacity).
+    write_run: Vec<usize>,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -217,10 +219,12 @@ impl Daemon {
             started: Instant::now(),
             logs: RateLimiter::new(LOG_INTERVAL),
             io: config.io,
+            spin: config.spin,
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
             gathering: Vec::new(),
+            write_run: Vec::with_capacity(BATCH),
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
@@ -284,7 +288,7 @@ impl Daemon {
             }
             self.complete_io();
             self.flush_sends();
-            if frames > 0 && self.spin_pays() {
+            if frames > 0 && !self.spin.is_zero() && self.spin_pays() {
                 self.spin(control);
             }
             self.persist_state();
@@ -430,19 +434,20 @@ impl Daemon {
     fn apply_reloaded(&mut self, mut cfg: ServeConfig, path: &std::path::Path) {
         // The I/O mode is fixed at start (`--io`): a reload keeps the running one.
         cfg.io = self.io;
+        cfg.spin = self.spin;
         match self.apply(cfg) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
         }
     }
 
-    /// Serves frames as they come, without sleeping, until none came for [`SPIN`] (or for
+    /// Serves frames as they come, without sleeping, until none came for `spin` (or for
     /// at most [`SPIN_MAX`], or until a stop or reload is asked for, or until only RBD
     /// requests are outstanding: [`Daemon::spin_yields`]).
     fn spin(&mut self, control: &Control) {
         let start = Instant::now();
         let mut last = start;
-        while last.elapsed() < SPIN
+        while last.elapsed() < self.spin
             && start.elapsed() < SPIN_MAX
             && !control.stop.load(Ordering::Relaxed)
             && !control.reload.load(Ordering::Relaxed)

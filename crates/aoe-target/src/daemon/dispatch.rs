@@ -29,6 +29,17 @@ impl Daemon {
             if !self.gathering.is_empty() {
                 self.submit_gathered_reads();
             }
+            // A write that may have to wait for one on a worker must not get ahead of the
+            // batch's staged writes: one of them that then went to a worker would wait
+            // behind it, the older data landing last.
+            if self.ifaces[idx].staged.iter().any(Staged::unwritten)
+                && self.exports.get(&id).is_some_and(|rt| !rt.writes.is_idle())
+            {
+                self.run_staged_writes(idx);
+            }
+        } else if self.ifaces[idx].staged.iter().any(Staged::unwritten) {
+            // And a read (or flush) must find the writes staged before it done.
+            self.run_staged_writes(idx);
         }
         let Some(rt) = self.exports.get_mut(&id) else {
             return;
@@ -122,6 +133,20 @@ impl Daemon {
                         });
                         return;
                     }
+                }
+                // Likewise a write that need not wait for an earlier one: the batch's writes
+                // run at its end (run_staged_writes), contiguous ones as one pwritev.
+                if let (IoKind::Write { offset, data }, true, false) = (&req.kind, in_slot, ordered)
+                {
+                    iface.staged.push(Staged::Write {
+                        id,
+                        token: req.token,
+                        offset: *offset,
+                        frame: f,
+                        data: data.clone(),
+                        done: None,
+                    });
+                    return;
                 }
                 let inline = match &req.kind {
                     IoKind::Write { .. } if ordered => Ok(false),
@@ -300,6 +325,183 @@ impl Daemon {
         }
     }
 
+    /// Runs the writes staged in interface `idx`'s batch that have not run yet, in arrival
+    /// order: each run of writes to one export that follow each other on the store
+    /// (contiguous, in order) as one `try_write_vectored_at` (one `pwritev`), the others one
+    /// each. A write that now overlaps one on a worker waits for it ([`super::order`]); writes
+    /// the store cannot take inline go to a worker, in order, as from `dispatch`. Two writes
+    /// to the same sectors in one batch are never in one run, and the later one is written
+    /// after the earlier: the later data is what stays.
+    pub(super) fn run_staged_writes(&mut self, idx: usize) {
+        if !self.ifaces[idx].staged.iter().any(Staged::unwritten) {
+            return;
+        }
+        let mut staged = std::mem::take(&mut self.ifaces[idx].staged);
+        let mut run: Vec<usize> = std::mem::take(&mut self.write_run);
+        run.clear();
+        let mut run_end = 0;
+        for j in 0..staged.len() {
+            let Staged::Write {
+                id,
+                offset,
+                ref data,
+                done: None,
+                ..
+            } = staged[j]
+            else {
+                continue;
+            };
+            let range = offset..offset + data.len() as u64;
+            let joins = match run.last().map(|&k| &staged[k]) {
+                Some(Staged::Write { id: rid, .. }) => {
+                    *rid == id && run_end == offset && run.len() < aoe_sys::MAX_WRITEV
+                }
+                _ => false,
+            };
+            if !joins {
+                // Written (or on a worker) before the next write looks for overlaps.
+                self.write_staged_run(idx, &mut staged, &run);
+                run.clear();
+            }
+            if self
+                .exports
+                .get(&id)
+                .is_some_and(|rt| rt.writes.must_wait(&range))
+            {
+                self.write_staged_run(idx, &mut staged, &run);
+                run.clear();
+                self.write_to_worker(idx, &mut staged[j], true);
+                continue;
+            }
+            run.push(j);
+            run_end = range.end;
+        }
+        self.write_staged_run(idx, &mut staged, &run);
+        run.clear();
+        self.write_run = run;
+        self.ifaces[idx].staged = staged;
+    }
+
+    /// Writes the staged writes `run` (contiguous, one export) with one
+    /// `try_write_vectored_at`; what it cannot take goes to a worker, each on its own, in
+    /// order; after an error, each is tried alone, so the reply of each says how it went.
+    fn write_staged_run(&mut self, idx: usize, staged: &mut [Staged], run: &[usize]) {
+        let Some(&first) = run.first() else {
+            return;
+        };
+        let Staged::Write { id, offset, .. } = staged[first] else {
+            return;
+        };
+        let Some(rt) = self.exports.get(&id) else {
+            // The export went away (a reload) with its engine: nothing to answer.
+            for &j in run {
+                set_write_done(&mut staged[j], WriteDone::Handed);
+            }
+            return;
+        };
+        let iface = &self.ifaces[idx];
+        let mut bufs: [&[u8]; aoe_sys::MAX_WRITEV] = [&[]; aoe_sys::MAX_WRITEV];
+        for (b, &j) in bufs.iter_mut().zip(run) {
+            if let Staged::Write { frame, data, .. } = &staged[j] {
+                *b = &iface.frame(*frame)[data.clone()];
+            }
+        }
+        let all = rt.backend.try_write_vectored_at(&bufs[..run.len()], offset);
+        match all {
+            Ok(true) => {
+                for &j in run {
+                    set_write_done(&mut staged[j], WriteDone::Inline(Ok(())));
+                }
+            }
+            Ok(false) => {
+                for &j in run {
+                    self.write_to_worker(idx, &mut staged[j], false);
+                }
+            }
+            Err(_) => {
+                for &j in run {
+                    let Staged::Write {
+                        offset,
+                        frame,
+                        ref data,
+                        ..
+                    } = staged[j]
+                    else {
+                        continue;
+                    };
+                    let Some(rt) = self.exports.get(&id) else {
+                        continue;
+                    };
+                    let buf = &self.ifaces[idx].frame(frame)[data.clone()];
+                    match rt.backend.try_write_at(buf, offset) {
+                        Ok(true) => set_write_done(&mut staged[j], WriteDone::Inline(Ok(()))),
+                        Ok(false) => self.write_to_worker(idx, &mut staged[j], false),
+                        Err(e) => {
+                            let e = StoreError::from(e);
+                            if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
+                                tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
+                            }
+                            set_write_done(&mut staged[j], WriteDone::Inline(Err(ata_failure(&e))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands staged write `s` to the store's workers in a buffer of its own (the receive
+    /// batch is reused), as `dispatch` does: behind the earlier overlapping writes if
+    /// `waits`, else submitted now. A full queue drops it (counted; the initiator
+    /// retransmits).
+    fn write_to_worker(&mut self, idx: usize, s: &mut Staged, waits: bool) {
+        let Staged::Write {
+            id,
+            token,
+            offset,
+            frame,
+            ref data,
+            ..
+        } = *s
+        else {
+            return;
+        };
+        let data = data.clone();
+        set_write_done(s, WriteDone::Handed);
+        let cap = self.ifaces[idx].frame_cap;
+        let Some(rt) = self.exports.get_mut(&id) else {
+            return;
+        };
+        note_iface(rt, token, idx);
+        let frame = self.ifaces[idx].frame(frame);
+        let mut buf = take_buffer(&mut self.spare, cap.max(frame.len()));
+        buf[..frame.len()].copy_from_slice(frame);
+        let range = offset..offset + data.len() as u64;
+        let job = Request {
+            op: Op::Write { offset, from: data },
+            token: (u64::from(id) << 32) | u64::from(token.0),
+            buf,
+        };
+        if waits {
+            if rt.backend.queued() + self.waiting_writes >= POOL_QUEUE {
+                rt.engine.abort(token);
+                self.spare.push(job.buf);
+                rt.pool_full_drops += 1;
+                return;
+            }
+            rt.writes.wait(token.0, range, job);
+            self.waiting_writes += 1;
+            return;
+        }
+        match rt.backend.submit(job) {
+            Ok(()) => rt.writes.started(token.0, range),
+            Err(job) => {
+                rt.engine.abort(token);
+                self.spare.push(job.buf);
+                rt.pool_full_drops += 1;
+            }
+        }
+    }
+
     /// Ends interface `idx`'s receive batch: runs its staged reads
     /// ([`run_staged_reads`](Self::run_staged_reads)), then marks its replies for sending in
     /// order. A read that would block (or was only partly cached) goes to a worker, as it
@@ -310,6 +512,7 @@ impl Daemon {
         if self.ifaces[idx].staged.is_empty() {
             return;
         }
+        self.run_staged_writes(idx);
         self.run_staged_reads(idx);
         let cap = self.ifaces[idx].frame_cap;
         let mut staged = std::mem::take(&mut self.ifaces[idx].staged);
@@ -323,6 +526,18 @@ impl Daemon {
             };
             let n = match s {
                 Staged::Ready(n) => Some(n),
+                Staged::Write {
+                    id,
+                    token,
+                    done: Some(WriteDone::Inline(r)),
+                    ..
+                } => match (self.exports.get_mut(&id), ring.slot_ahead(skipped)) {
+                    (Some(rt), Some(slot)) => rt.engine.complete(token, r, &mut slot[..cap]),
+                    _ => None,
+                },
+                // Handed to a worker (or to the writes waiting for an earlier one), or dropped:
+                // its reply, if any, comes from there.
+                Staged::Write { .. } => None,
                 Staged::Read {
                     id,
                     token,
@@ -486,12 +701,42 @@ pub(super) enum Staged {
         len: usize,
         done: Option<io::Result<aoe_sys::NoWait>>,
     },
+    /// Export `id`'s write for `token` of `data` (a range of received frame `frame`) at
+    /// `offset`; `done` once it has run ([`Daemon::run_staged_writes`]).
+    Write {
+        id: u32,
+        token: Token,
+        offset: u64,
+        frame: usize,
+        data: std::ops::Range<usize>,
+        done: Option<WriteDone>,
+    },
 }
 
 impl Staged {
     /// True for a read that has not run yet.
     pub(super) fn unread(&self) -> bool {
         matches!(self, Staged::Read { done: None, .. })
+    }
+
+    /// True for a write that has not run yet.
+    pub(super) fn unwritten(&self) -> bool {
+        matches!(self, Staged::Write { done: None, .. })
+    }
+}
+
+/// How a staged write went.
+pub(super) enum WriteDone {
+    /// Written by the loop (or failed): the reply goes in its slot.
+    Inline(Result<(), IoFailure>),
+    /// Handed to a worker or to the writes waiting for an earlier one, or dropped: its slot
+    /// is given up.
+    Handed,
+}
+
+fn set_write_done(s: &mut Staged, d: WriteDone) {
+    if let Staged::Write { done, .. } = s {
+        *done = Some(d);
     }
 }
 

@@ -48,6 +48,11 @@ impl<T> WriteOrder<T> {
             || self.waiting.iter().any(|(_, r, _)| overlaps(r, range))
     }
 
+    /// True if no write is in flight or waiting.
+    pub(super) fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
     /// Records a write submitted to the pool.
     pub(super) fn started(&mut self, token: u32, range: Range<u64>) {
         self.running.push((token, range));

@@ -24,7 +24,7 @@
 use super::*;
 
 impl Daemon {
-    /// Whether spinning for the next frames after a batch ([`SPIN`]) pays, from what the
+    /// Whether spinning for the next frames after a batch (`ServeConfig::spin`) pays, from what the
     /// batch waited for. It pays for a file export, whose store answers within the spin
     /// (often from the page cache, or a worker within microseconds), while a steady
     /// initiator's next frames arrive within it too. It does not for a shared store's
