@@ -244,8 +244,8 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
     fig.never_answered = client.abandon().len();
     for t in client.retransmitted() {
         if let Some(&(lba, count, gen)) = all.get(&t.0) {
-            for s in lba as usize..(lba + count) as usize {
-                late[s].push(gen);
+            for l in &mut late[lba as usize..(lba + count) as usize] {
+                l.push(gen);
             }
         }
     }
