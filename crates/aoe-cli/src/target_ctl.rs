@@ -97,9 +97,28 @@ struct MonitorArgs {
     /// Seconds between lines (at least 0.1).
     #[arg(short = 'i', long, default_value_t = 1.0, value_name = "SECONDS")]
     interval: f64,
-    /// Stop after COUNT intervals [default: until interrupted].
+    /// Stop after COUNT intervals, at least 1 [default: until interrupted].
     #[arg(short = 'c', long, value_name = "COUNT")]
     count: Option<u64>,
+}
+
+impl MonitorArgs {
+    /// Usage errors (exit 2), before the socket is opened. `-c 0` would print the header and
+    /// no line: a count of nothing is a mistake (leave `-c` out to run until interrupted).
+    fn check(&self) -> Result<()> {
+        if !(self.interval.is_finite() && self.interval >= 0.1) {
+            return Err(crate::tools::usage(format!(
+                "-i {}: the interval is at least 0.1 seconds",
+                self.interval
+            )));
+        }
+        if self.count == Some(0) {
+            return Err(crate::tools::usage(
+                "-c 0: the count is at least 1 (leave -c out to run until interrupted)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Finds the socket: `--socket` (or `--control`), else the only live `/run/aoe/serve-*.sock`.
@@ -185,6 +204,9 @@ impl Conn {
 
 /// Runs `aoe target`.
 pub fn run(a: TargetArgs) -> Result<()> {
+    if let TargetCmd::Monitor(m) = &a.cmd {
+        m.check()?;
+    }
     let path = socket_path(&a.socket)?;
     let mut c = Conn::open(&path)?;
     let (cmd, which) = match &a.cmd {
@@ -339,12 +361,6 @@ fn lists(out: &mut String, s: &Snapshot, f: fn(&ExportStatus) -> &Vec<String>, e
 
 /// ggaoectl `monitor`: rates over each interval, a line per export.
 fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
-    if !(m.interval.is_finite() && m.interval >= 0.1) {
-        return Err(crate::tools::usage(format!(
-            "-i {}: the interval is at least 0.1 seconds",
-            m.interval
-        )));
-    }
     let ms = (m.interval * 1000.0) as u64;
     // One sample more than lines: rates need a previous sample.
     let count = m.count.map(|n| n + 1);

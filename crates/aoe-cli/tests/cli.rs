@@ -218,3 +218,35 @@ fn ping_refuses_an_address_that_names_no_one_target() {
         assert!(err.contains(named), "{shelf} {slot}: {err}");
     }
 }
+
+/// `aoe target monitor -c 0` printed the header and no line and exited 0: a count of nothing
+/// is now a usage error (exit 2, one line naming the range), like `-i` below 0.1, checked
+/// before any socket is opened (so no target is needed here).
+#[test]
+fn target_monitor_count_zero_is_a_usage_error() {
+    for (args, named) in [
+        (&["-c", "0"][..], "-c 0: the count is at least 1"),
+        (&["-i", "0.05"][..], "-i 0.05: the interval is at least 0.1"),
+    ] {
+        let out = Command::new(AOE)
+            .args([
+                "target",
+                "--socket",
+                "/nonexistent/aoe-target.sock",
+                "monitor",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(err.contains(named), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: printed {:?}", out.stdout);
+    }
+}
