@@ -625,6 +625,113 @@ fn sigquit_mid_fsync_writes_fails_the_rest() {
     check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
 }
 
+/// One NBD request (`cmd`: 1 write, 3 flush) on `s` and its simple reply's error; an I/O
+/// error if the connection ended first.
+fn nbd_call(s: &mut UnixStream, cmd: u16, cookie: u64, off: u64, data: &[u8]) -> io::Result<u32> {
+    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&cmd.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&off.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    s.write_all(&out)?;
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h)?;
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    assert_eq!(&h[8..16], &cookie.to_be_bytes(), "reply to another request");
+    Ok(u32::from_be_bytes(h[4..8].try_into().unwrap()))
+}
+
+/// SIGTERM then SIGQUIT while an NBD client writes and flushes 64 KiB chunks one after the
+/// other: the daemon exits 0 at once with ROOT unmounted; the client's request in progress
+/// ends in an error reply or a closed connection (never a success it did not earn), and
+/// every chunk whose write and flush were answered with no error is on the target.
+#[test]
+fn sigquit_mid_nbd_writes_fails_the_rest() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let sock = rig.dir.path().join("nbd.sock");
+    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let initial = fs::read(&rig.file).unwrap();
+    let chunks = 256;
+    let mut s = nbd_connect(&sock, DEV);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let p2 = progress.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = WriterLog {
+            done: vec![None; chunks],
+            failed: None,
+            calls_ok: 0,
+        };
+        let mut cookie = 0u64;
+        'passes: for pass in 1.. {
+            for i in 0..chunks {
+                cookie += 2;
+                let off = (i * CHUNK) as u64;
+                let r = nbd_call(&mut s, 1, cookie, off, &chunk_data(pass, i)).and_then(|e| {
+                    if e != 0 {
+                        return Ok(e);
+                    }
+                    nbd_call(&mut s, 3, cookie + 1, 0, &[])
+                });
+                match r {
+                    Ok(0) => {}
+                    Ok(e) => {
+                        let e = io::Error::other(format!("NBD error {e}"));
+                        log.failed = Some((i, pass, e));
+                        break 'passes;
+                    }
+                    Err(e) => {
+                        log.failed = Some((i, pass, e));
+                        break 'passes;
+                    }
+                }
+                log.done[i] = Some(pass);
+                log.calls_ok += 1;
+                p2.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let _ = tx.send(log);
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= 16),
+        "the NBD writer did not get going{}",
+        rig.logs()
+    );
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    let log = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the NBD writer hung after the daemon exited");
+    let Some((i, p, e)) = &log.failed else {
+        panic!(
+            "the NBD writer never saw an error after SIGQUIT ({} calls)",
+            log.calls_ok
+        );
+    };
+    eprintln!(
+        "{} NBD write+flush pairs completed; chunk {i} pass {p} failed: {e}",
+        log.calls_ok
+    );
+    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
+}
+
 // ------------------------------------------------------------------------------------------
 // One initiator per ROOT
 
