@@ -26,6 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aoe_testkit::aoeclient::{AoeClient, Request};
+use aoe_testkit::faultfs::{FaultFs, Faults};
 use aoe_testkit::{require_root, Netns, NsChild, VethPair};
 use aoe_wire::{TargetAddr, SECTOR_SIZE};
 
@@ -37,6 +38,8 @@ const WINDOW: usize = 16;
 const MTU: u32 = 1500;
 const ADDR: TargetAddr = TargetAddr::new(1, 1);
 const MAGIC: &[u8; 8] = b"AOESTOP!";
+/// How long each write takes on the slow store.
+const SLOW_WRITE: Duration = Duration::from_millis(50);
 
 /// splitmix64, so a failing seed can be rerun.
 struct Rng(u64);
@@ -123,21 +126,26 @@ struct Figures {
     acked_after: u64,
     sent_after: u64,
     in_flight_at_term: usize,
+    last_fill: usize,
     never_answered: usize,
     stop_ms: u128,
 }
 
 /// One seeded run: stream of writes, SIGTERM mid-stream, go on until the process exits, check
 /// the exit status and the backing file.
-fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
-    let file = dir.join(format!("stop-{seed}.img"));
-    std::fs::File::create(&file)
-        .unwrap()
-        .set_len(SECTORS * SECTOR_SIZE as u64)
-        .unwrap();
-    let mut target = net.serve(flags, &file);
+///
+/// `slow`: the file lies on [`FaultFs`] and every write takes [`SLOW_WRITE`], so that writes
+/// are still being carried out when the signal comes; then every write the target had
+/// received by then must be answered (the stop waits for them), not merely left unanswered.
+fn stop_run(net: &Net, flags: &[&str], file: &Path, seed: u64, slow: Option<&Faults>) -> Figures {
+    let mut target = net.serve(flags, file);
     let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
     client.set_window(WINDOW);
+    if slow.is_some() {
+        // Writes queue behind each other on the slow store (the kernel runs one write of a
+        // FUSE file at a time): no retransmissions, whose duplicate writes would pile up.
+        client.set_retransmit_timeout(Duration::from_secs(5));
+    }
     let found = client.discover(Duration::from_secs(10));
     assert!(
         found.is_ok(),
@@ -146,7 +154,16 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
     );
 
     let mut rng = Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) ^ 0x5157);
-    let term_after = 50 + rng.below(400);
+    let term_after = match slow {
+        // Slow writes: a few windows' worth, then the signal.
+        Some(f) => {
+            f.delay_writes(Some((MAGIC, SLOW_WRITE)));
+            20 + rng.below(20)
+        }
+        None => 50 + rng.below(400),
+    };
+    // Writes sent by the last fill before the signal (the target may not have read them).
+    let mut last_fill;
     // Per sector: generations sent in order, the last acknowledged one, whether a write to
     // it is outstanding, and retransmitted generations (a stale copy may land late).
     let n = SECTORS as usize;
@@ -162,6 +179,7 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
     let started = Instant::now();
     let status = loop {
         // Fill the window with writes to sectors no outstanding write covers.
+        last_fill = 0;
         while client.can_send() {
             let count = 1 + rng.below(2);
             let lba = rng.below(SECTORS - count + 1);
@@ -179,6 +197,7 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
             let tag = client.send(&Request::Write { lba, data }).unwrap();
             ops.insert(tag.0, (lba, count, gen));
             all.insert(tag.0, (lba, count, gen));
+            last_fill += 1;
             if term_at.is_some() {
                 fig.sent_after += 1;
             }
@@ -186,6 +205,7 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
         if term_at.is_none() && fig.acked_before >= term_after {
             // Mid-stream: the window was just filled.
             fig.in_flight_at_term = client.outstanding();
+            fig.last_fill = last_fill;
             let ok = Command::new("kill")
                 .args(["-TERM", &target.pid().to_string()])
                 .status()
@@ -250,7 +270,21 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
         }
     }
 
-    let image = std::fs::read(&file).unwrap();
+    if let Some(f) = slow {
+        f.delay_writes(None);
+        // Every write received before the signal was being carried out (slowly) when it
+        // came: the stop must have waited for it and answered it.
+        assert!(
+            fig.acked_after >= (fig.in_flight_at_term - fig.last_fill) as u64,
+            "seed {seed}: {} writes in flight at SIGTERM ({} sent just before it), only {} \
+             answered after it: the stop did not wait for writes being carried out\n{}",
+            fig.in_flight_at_term,
+            fig.last_fill,
+            fig.acked_after,
+            target.output_so_far()
+        );
+    }
+    let image = std::fs::read(file).unwrap();
     let mut bad = Vec::new();
     for (s, sector) in image.chunks_exact(SECTOR_SIZE).enumerate() {
         // The last acknowledged generation, or one sent after it (in flight at the stop: it
@@ -283,8 +317,15 @@ fn stop_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
         target.output_so_far()
     );
     drop(target);
-    std::fs::remove_file(&file).unwrap();
     fig
+}
+
+/// A fresh zeroed backing file.
+fn zeroed(file: &Path) {
+    std::fs::File::create(file)
+        .unwrap()
+        .set_len(SECTORS * SECTOR_SIZE as u64)
+        .unwrap();
 }
 
 /// Books the replies: every one must be a success (the export is healthy), and frees its
@@ -319,7 +360,10 @@ fn stop_test(prefix: &str, flags: &[&str], dir: &Path) {
     let net = Net::new(prefix);
     let mut in_flight = 0;
     for seed in 1..=SEEDS {
-        let f = stop_run(&net, flags, dir, seed);
+        let file = dir.join(format!("stop-{seed}.img"));
+        zeroed(&file);
+        let f = stop_run(&net, flags, &file, seed, None);
+        std::fs::remove_file(&file).unwrap();
         println!(
             "aoe serve {flags:?} seed {seed}: {} writes acked before SIGTERM, {} in flight at \
              it, {} sent and {} acked after it, {} never answered, exit {} ms after it",
@@ -337,6 +381,36 @@ fn stop_test(prefix: &str, flags: &[&str], dir: &Path) {
         in_flight > 0,
         "aoe serve {flags:?}: no write in flight at any SIGTERM"
     );
+}
+
+/// `--io mmsg`: the other receive path.
+#[test]
+fn sigterm_buffered_mmsg() {
+    let dir = tempfile::tempdir().unwrap();
+    stop_test("sgtm", &["--io", "mmsg"], dir.path());
+}
+
+/// Writes that take [`SLOW_WRITE`] each (a slow disk, through [`FaultFs`]): the stop waits
+/// for those being carried out and answers them.
+#[test]
+fn sigterm_waits_for_slow_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new("sgtw");
+    for seed in 1..=2 {
+        let backing = dir.path().join(format!("slow-{seed}.img"));
+        zeroed(&backing);
+        let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+        let f = stop_run(&net, &[], &ffs.file(), seed, Some(&ffs.faults()));
+        println!(
+            "slow writes seed {seed}: {} acked before SIGTERM, {} in flight at it ({} sent \
+             just before), {} acked after it, exit {} ms after it",
+            f.acked_before, f.in_flight_at_term, f.last_fill, f.acked_after, f.stop_ms
+        );
+        assert!(
+            f.in_flight_at_term > f.last_fill,
+            "seed {seed}: nothing in flight"
+        );
+    }
 }
 
 #[test]
