@@ -97,9 +97,23 @@ struct MonitorArgs {
     /// Seconds between lines, 0.1 to 3600.
     #[arg(short = 'i', long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     interval: f64,
-    /// Stop after COUNT intervals [default: until interrupted].
+    /// Stop after COUNT intervals, at least 1 [default: until interrupted].
     #[arg(short = 'c', long, value_name = "COUNT")]
     count: Option<u64>,
+}
+
+impl MonitorArgs {
+    /// Usage errors (exit 2), before the socket is opened (`-i` is checked by its parser,
+    /// [`parse_interval`]). `-c 0` would print the header and
+    /// no line: a count of nothing is a mistake (leave `-c` out to run until interrupted).
+    fn check(&self) -> Result<()> {
+        if self.count == Some(0) {
+            return Err(crate::tools::usage(
+                "-c 0: the count is at least 1 (leave -c out to run until interrupted)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Finds the socket: `--socket` (or `--control`), else the only live `/run/aoe/serve-*.sock`.
@@ -185,6 +199,9 @@ impl Conn {
 
 /// Runs `aoe target`.
 pub fn run(a: TargetArgs) -> Result<()> {
+    if let TargetCmd::Monitor(m) = &a.cmd {
+        m.check()?;
+    }
     let path = socket_path(&a.socket)?;
     let mut c = Conn::open(&path)?;
     let (cmd, which) = match &a.cmd {

@@ -558,3 +558,33 @@ fn sos_linux_err_wait_out_of_range_is_refused() {
     assert!(err.contains("0..=60000"), "{err}");
     assert!(!out.exists(), "a report was written");
 }
+
+/// `aoe target monitor -c 0` printed the header and no line and exited 0: a count of nothing
+/// is now a usage error (exit 2, one line naming the range), checked before any socket is
+/// opened (so no target is needed here). `-i` out of range is its parser's error
+/// (`target_monitor_waits_as_long_as_its_interval`).
+#[test]
+fn target_monitor_count_zero_is_a_usage_error() {
+    for (args, named) in [(&["-c", "0"][..], "-c 0: the count is at least 1")] {
+        let out = Command::new(AOE)
+            .args([
+                "target",
+                "--socket",
+                "/nonexistent/aoe-target.sock",
+                "monitor",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(err.contains(named), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: printed {:?}", out.stdout);
+    }
+}

@@ -14,11 +14,13 @@ mod common;
 use common::*;
 
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aoe_testkit::wait_until;
@@ -418,6 +420,316 @@ fn sigterm_waits_for_an_nbd_client() {
         init.output_so_far()
     );
     assert!(!rig.root_mounted(), "ROOT still mounted");
+}
+
+// ------------------------------------------------------------------------------------------
+// A stop in the middle of an application's write+fsync stream
+
+/// Bytes per write of the fsync writer.
+const CHUNK: usize = 64 * 1024;
+
+/// What the writer wrote to chunk `i` in pass `pass` (pass 0: the backing file's initial
+/// content is not a pass).
+fn chunk_data(pass: u64, i: usize) -> Vec<u8> {
+    pattern(1000 + pass * 1_000_000 + i as u64, CHUNK)
+}
+
+/// What an application doing `pwrite` + `fsync` of 64 KiB chunks, pass after pass over the
+/// device, saw: per chunk the last pass whose write and fsync both succeeded, and the chunk
+/// and pass of the call that failed (the writer stops there).
+struct WriterLog {
+    done: Vec<Option<u64>>,
+    failed: Option<(usize, u64, io::Error)>,
+    calls_ok: usize,
+}
+
+/// Starts the writer on `dev`; it counts completed chunks in `progress` and stops at the
+/// first error or once `stop` is set.
+fn fsync_writer(
+    dev: PathBuf,
+    chunks: usize,
+    progress: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> std::sync::mpsc::Receiver<WriterLog> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = WriterLog {
+            done: vec![None; chunks],
+            failed: None,
+            calls_ok: 0,
+        };
+        let f = match OpenOptions::new().write(true).open(&dev) {
+            Ok(f) => f,
+            Err(e) => {
+                log.failed = Some((0, 1, e));
+                let _ = tx.send(log);
+                return;
+            }
+        };
+        'passes: for pass in 1.. {
+            for i in 0..chunks {
+                if stop.load(Ordering::SeqCst) {
+                    break 'passes;
+                }
+                let r = f
+                    .write_all_at(&chunk_data(pass, i), (i * CHUNK) as u64)
+                    .and_then(|()| f.sync_data());
+                if let Err(e) = r {
+                    log.failed = Some((i, pass, e));
+                    break 'passes;
+                }
+                log.done[i] = Some(pass);
+                log.calls_ok += 1;
+                progress.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        drop(f);
+        let _ = tx.send(log);
+    });
+    rx
+}
+
+/// Every chunk the writer saw written and synced is in the backing file `got`; the chunk
+/// whose call failed holds, sector by sector, its previous content or the new one.
+fn check_fsynced(got: &[u8], initial: &[u8], log: &WriterLog) {
+    let old = |i: usize| match log.done[i] {
+        Some(p) => chunk_data(p, i),
+        None => initial[i * CHUNK..(i + 1) * CHUNK].to_vec(),
+    };
+    let mut bad = Vec::new();
+    for i in 0..log.done.len() {
+        let have = &got[i * CHUNK..(i + 1) * CHUNK];
+        let want = old(i);
+        match &log.failed {
+            Some((fi, fp, _)) if *fi == i => {
+                let new = chunk_data(*fp, i);
+                let torn = (0..CHUNK / 512).any(|s| {
+                    let r = s * 512..(s + 1) * 512;
+                    have[r.clone()] != want[r.clone()] && have[r.clone()] != new[r]
+                });
+                if torn {
+                    bad.push(format!("chunk {i} (the failed call): neither old nor new"));
+                }
+            }
+            _ if have != want.as_slice() => bad.push(format!(
+                "chunk {i}: not what the last synced write (pass {:?}) wrote",
+                log.done[i]
+            )),
+            _ => {}
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} chunks lost synced writes:\n{}",
+        bad.len(),
+        log.done.len(),
+        bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// SIGTERM while an application writes and fsyncs through the device file: the daemon
+/// refuses to stop while the file is open, every call goes on succeeding, and once the
+/// application closes the file the daemon exits 0 with ROOT unmounted; every synced write is
+/// on the target.
+#[test]
+fn sigterm_mid_fsync_writes_keeps_serving_them() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let initial = fs::read(&rig.file).unwrap();
+    let chunks = 256; // 16 MiB
+    let progress = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = fsync_writer(rig.dev(), chunks, progress.clone(), stop.clone());
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= 16),
+        "the writer did not get going{}",
+        rig.logs()
+    );
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    // Still served after the refusal: more calls complete.
+    let at_refusal = progress.load(Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= at_refusal + 16),
+        "no write completed after the refusal{}",
+        rig.logs()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let log = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("writer hung");
+    if let Some((i, p, e)) = &log.failed {
+        panic!(
+            "chunk {i} pass {p} failed while the daemon refused to stop: {e}{}",
+            rig.logs()
+        );
+    }
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the writer closed the device: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(!rig.root_mounted(), "ROOT still mounted");
+    eprintln!("{} write+fsync calls completed", log.calls_ok);
+    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
+}
+
+/// SIGTERM then SIGQUIT while an application writes and fsyncs through the device file: the
+/// daemon exits 0 at once, ROOT is unmounted (no hung FUSE mount), the application's next
+/// call fails (never a silent success), and every call that succeeded before is on the
+/// target.
+#[test]
+fn sigquit_mid_fsync_writes_fails_the_rest() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let initial = fs::read(&rig.file).unwrap();
+    let chunks = 256;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = fsync_writer(rig.dev(), chunks, progress.clone(), stop.clone());
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= 16),
+        "the writer did not get going{}",
+        rig.logs()
+    );
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    let log = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the writer hung after the daemon exited");
+    let Some((i, p, e)) = &log.failed else {
+        panic!(
+            "the writer never saw an error after SIGQUIT ({} calls)",
+            log.calls_ok
+        );
+    };
+    eprintln!(
+        "{} write+fsync calls completed; chunk {i} pass {p} failed: {e}",
+        log.calls_ok
+    );
+    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
+}
+
+/// One NBD request (`cmd`: 1 write, 3 flush) on `s` and its simple reply's error; an I/O
+/// error if the connection ended first.
+fn nbd_call(s: &mut UnixStream, cmd: u16, cookie: u64, off: u64, data: &[u8]) -> io::Result<u32> {
+    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&cmd.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&off.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    s.write_all(&out)?;
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h)?;
+    assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+    assert_eq!(&h[8..16], &cookie.to_be_bytes(), "reply to another request");
+    Ok(u32::from_be_bytes(h[4..8].try_into().unwrap()))
+}
+
+/// SIGTERM then SIGQUIT while an NBD client writes and flushes 64 KiB chunks one after the
+/// other: the daemon exits 0 at once with ROOT unmounted; the client's request in progress
+/// ends in an error reply or a closed connection (never a success it did not earn), and
+/// every chunk whose write and flush were answered with no error is on the target.
+#[test]
+fn sigquit_mid_nbd_writes_fails_the_rest() {
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let sock = rig.dir.path().join("nbd.sock");
+    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let initial = fs::read(&rig.file).unwrap();
+    let chunks = 256;
+    let mut s = nbd_connect(&sock, DEV);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let p2 = progress.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = WriterLog {
+            done: vec![None; chunks],
+            failed: None,
+            calls_ok: 0,
+        };
+        let mut cookie = 0u64;
+        'passes: for pass in 1.. {
+            for i in 0..chunks {
+                cookie += 2;
+                let off = (i * CHUNK) as u64;
+                let r = nbd_call(&mut s, 1, cookie, off, &chunk_data(pass, i)).and_then(|e| {
+                    if e != 0 {
+                        return Ok(e);
+                    }
+                    nbd_call(&mut s, 3, cookie + 1, 0, &[])
+                });
+                match r {
+                    Ok(0) => {}
+                    Ok(e) => {
+                        let e = io::Error::other(format!("NBD error {e}"));
+                        log.failed = Some((i, pass, e));
+                        break 'passes;
+                    }
+                    Err(e) => {
+                        log.failed = Some((i, pass, e));
+                        break 'passes;
+                    }
+                }
+                log.done[i] = Some(pass);
+                log.calls_ok += 1;
+                p2.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let _ = tx.send(log);
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= 16),
+        "the NBD writer did not get going{}",
+        rig.logs()
+    );
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    let log = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the NBD writer hung after the daemon exited");
+    let Some((i, p, e)) = &log.failed else {
+        panic!(
+            "the NBD writer never saw an error after SIGQUIT ({} calls)",
+            log.calls_ok
+        );
+    };
+    eprintln!(
+        "{} NBD write+flush pairs completed; chunk {i} pass {p} failed: {e}",
+        log.calls_ok
+    );
+    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
 }
 
 // ------------------------------------------------------------------------------------------
