@@ -830,6 +830,13 @@ impl Engine {
         match req.rcmd {
             ReserveCommand::Read => {}
             ReserveCommand::Set | ReserveCommand::ForceSet => {
+                // No frame comes from a group source (IEEE 802 I/G bit): a reservation
+                // naming one could never be held, only shut others out. Bad argument, as
+                // a Mac Mask List add of one is refused.
+                if req.macs.iter().any(MacAddr::is_multicast) {
+                    let arg = [u8::from(req.rcmd), 0];
+                    return self.aoe_error(rsp, ErrorCode::BadArgument, &arg, reply);
+                }
                 if req.rcmd == ReserveCommand::Set && self.reserved_against(rsp.dst) {
                     let arg = [u8::from(req.rcmd), 0];
                     return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);

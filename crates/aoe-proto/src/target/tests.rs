@@ -830,6 +830,30 @@ fn mask_add_of_a_group_mac_is_refused() {
     }
 }
 
+/// Audit (s7): a Reserve set (or force set) naming a group MAC was stored, and saved to the
+/// state file: a reservation that no frame can hold (none comes from a group source) shuts
+/// every host's writes out, or, beside unicast entries, is dead weight. It is refused with
+/// AoE error 2 (bad argument), the list unchanged, as a mask add of one is refused.
+#[test]
+fn reserve_of_a_group_mac_is_refused() {
+    let mut e = engine(64);
+    let res = |rcmd, macs| Body::Reserve(ReserveRepr { rcmd, macs });
+    for rcmd in [ReserveCommand::Set, ReserveCommand::ForceSet] {
+        for group in [MacAddr::BROADCAST, MacAddr([0x01, 0x00, 0x5e, 0, 0, 1])] {
+            let r = reply_of(&mut e, &request(HOST, ADDR, res(rcmd, vec![HOST, group])))
+                .unwrap();
+            assert_eq!(
+                Message::parse(&r).unwrap().header.error,
+                Some(ErrorCode::BadArgument),
+                "{rcmd:?} {group}"
+            );
+            assert!(e.state().reserve.is_empty(), "{rcmd:?} {group}: stored");
+        }
+    }
+    reply_of(&mut e, &request(HOST, ADDR, res(ReserveCommand::Set, vec![HOST]))).unwrap();
+    assert_eq!(e.state().reserve, vec![HOST]);
+}
+
 #[test]
 fn mask_unknown_mcmd_is_bad_argument() {
     let mut e = engine(64);
