@@ -55,6 +55,37 @@ fn macs(path: &Path, list: &str, v: &[String]) -> std::io::Result<Vec<MacAddr>> 
         .collect()
 }
 
+/// Drops the group (multicast or broadcast) MACs of a stored list, each with a warning.
+/// Versions before the wire refused them stored what a Mac Mask List add or a Reserve set
+/// put there; no frame comes from a group source (IEEE 802 I/G bit), so such an entry
+/// admits nobody. A list of group MACs only answered nobody, and dropping them all would
+/// open the export to everyone: that refuses the load instead (fail closed, like an entry
+/// that does not parse).
+fn unicast(path: &Path, list: &str, v: Vec<MacAddr>) -> std::io::Result<Vec<MacAddr>> {
+    let (group, keep): (Vec<MacAddr>, Vec<MacAddr>) = v.into_iter().partition(|m| m.is_multicast());
+    if group.is_empty() {
+        return Ok(keep);
+    }
+    let shown = strs(&group).join(", ");
+    if keep.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "state file {}: {list} holds only group MACs ({shown}), which no frame comes \
+                 from, so it admitted nobody; dropping them would admit everyone: edit the \
+                 {list} list in the file (unicast MACs, or [] for everyone) or remove the file",
+                path.display()
+            ),
+        ));
+    }
+    tracing::warn!(
+        "state file {}: dropping group MACs from the {list} list ({shown}): no frame comes \
+         from a group address; the other entries stay in force",
+        path.display()
+    );
+    Ok(keep)
+}
+
 fn strs(v: &[MacAddr]) -> Vec<String> {
     v.iter().map(|m| m.to_string()).collect()
 }
@@ -112,9 +143,10 @@ impl StateFile {
         })?;
         let p = &self.path;
         let stored_mask = macs(p, "mask", &stored.mask)?;
-        let reserve = macs(p, "reserve", &stored.reserve)?;
+        let reserve = unicast(p, "reserve", macs(p, "reserve", &stored.reserve)?)?;
+        // The stored mask's group entries matter only if it is used (not re-seeded).
         let mask = if macs(p, "mask_source", &stored.mask_source)? == configured_mask {
-            stored_mask
+            unicast(p, "mask", stored_mask)?
         } else {
             configured_mask.to_vec()
         };
@@ -328,6 +360,51 @@ mod tests {
         std::fs::write(f.path(), "config_hex = \"\"\nmask = [\n").unwrap();
         let e = f.load(&[]).unwrap_err().to_string();
         assert!(e.contains("line ") && !e.contains('\n'), "{e}");
+    }
+
+    /// Audit (s7): versions before the wire refused it stored a group (multicast or
+    /// broadcast) MAC that a Mac Mask List add or a Reserve put in the list. No frame comes
+    /// from a group source, so such an entry grants nothing: it is dropped at load, with a
+    /// warning; the unicast entries beside it stay in force. A list of group MACs only
+    /// answered nobody; dropping them would open the export to everyone, so that file
+    /// refuses the start (fail closed, as for an entry that does not parse), naming the fix.
+    #[test]
+    fn group_macs_stored_by_an_earlier_version_are_dropped_never_widening_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path(), TargetAddr::new(1, 1));
+        let good = MacAddr([2, 0, 0, 0, 0, 1]);
+        std::fs::write(
+            f.path(),
+            "config_hex = \"\"\nmask = [\"ff:ff:ff:ff:ff:ff\", \"02:00:00:00:00:01\"]\n\
+             reserve = [\"01:00:5e:00:00:01\", \"02:00:00:00:00:01\"]\nmask_source = []\n",
+        )
+        .unwrap();
+        let s = f.load(&[]).unwrap();
+        assert_eq!((s.mask, s.reserve), (vec![good], vec![good]));
+        for (list, text) in [
+            ("mask", "mask = [\"ff:ff:ff:ff:ff:ff\"]\nreserve = []\n"),
+            ("reserve", "mask = []\nreserve = [\"33:33:00:00:00:01\"]\n"),
+        ] {
+            std::fs::write(
+                f.path(),
+                format!("config_hex = \"\"\n{text}mask_source = []\n"),
+            )
+            .unwrap();
+            let e = f.load(&[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&f.path().display().to_string())
+                    && e.contains(&format!("{list} holds only group"))
+                    && !e.contains('\n'),
+                "{e}"
+            );
+        }
+        // A configured list that changed replaces the stored one, group entries and all.
+        std::fs::write(
+            f.path(),
+            "config_hex = \"\"\nmask = [\"ff:ff:ff:ff:ff:ff\"]\nreserve = []\nmask_source = []\n",
+        )
+        .unwrap();
+        assert_eq!(f.load(&[good]).unwrap().mask, vec![good]);
     }
 
     #[test]
