@@ -840,8 +840,7 @@ fn reserve_of_a_group_mac_is_refused() {
     let res = |rcmd, macs| Body::Reserve(ReserveRepr { rcmd, macs });
     for rcmd in [ReserveCommand::Set, ReserveCommand::ForceSet] {
         for group in [MacAddr::BROADCAST, MacAddr([0x01, 0x00, 0x5e, 0, 0, 1])] {
-            let r = reply_of(&mut e, &request(HOST, ADDR, res(rcmd, vec![HOST, group])))
-                .unwrap();
+            let r = reply_of(&mut e, &request(HOST, ADDR, res(rcmd, vec![HOST, group]))).unwrap();
             assert_eq!(
                 Message::parse(&r).unwrap().header.error,
                 Some(ErrorCode::BadArgument),
@@ -850,7 +849,11 @@ fn reserve_of_a_group_mac_is_refused() {
             assert!(e.state().reserve.is_empty(), "{rcmd:?} {group}: stored");
         }
     }
-    reply_of(&mut e, &request(HOST, ADDR, res(ReserveCommand::Set, vec![HOST]))).unwrap();
+    reply_of(
+        &mut e,
+        &request(HOST, ADDR, res(ReserveCommand::Set, vec![HOST])),
+    )
+    .unwrap();
     assert_eq!(e.state().reserve, vec![HOST]);
 }
 
