@@ -38,7 +38,15 @@
 #   OUT=path                 also write the table there
 #   PERF_DIR=dir             also `perf record -g` the AoE target and the OSD during each
 #                            AoE cell (dir/MODE-WINDOW-WHO-RUN.{target,osd}.data), with a
-#                            top-25 `perf report --no-children` summary of each beside it
+#                            top-25 `perf report --no-children` summary of each beside it,
+#                            and `perf stat` context switches and task clock per thread of
+#                            the target (dir/NAME.target.stat) and in all of `rbd bench`
+#                            (dir/MODE-WINDOW-rbd-RUN.stat), to weigh the hand-offs, and
+#                            each target thread's time on a CPU and waiting for one
+#                            (dir/NAME.target.sched, from /proc/PID/task/TID/schedstat)
+#   PERF_RECORD=1            0: with PERF_DIR, `perf stat` only (cheap counters): `perf
+#                            record -g` of the OSD during the AoE cells alone slows the
+#                            OSD for them and not for `rbd bench`, so take ratios without it
 # Needs root, iproute2, util-linux (nsenter), jq, ceph-mon/-mgr/-osd, ceph-common.
 set -euo pipefail
 
@@ -60,6 +68,7 @@ RBD_SEQ=${RBD_SEQ:-full-seq}
 RUNS=${RUNS:-3}
 OUT=${OUT:-}
 PERF_DIR=${PERF_DIR:-}
+PERF_RECORD=${PERF_RECORD:-1}
 SHELF=1 SLOT=1 IMAGE=rbd/aoebench
 
 die() { echo "bench-rbd: $*" >&2; exit 1; }
@@ -138,7 +147,10 @@ rbd_bench() { # mode window -> MB/s
         read) ;; randread) pattern=rand ;;
         write) type=write ;; randwrite) type=write pattern=rand ;;
     esac
-    in_t timeout -s INT -k 5 $((TIME + 1)) stdbuf -oL rbd -c "$CONF" bench "$IMAGE" \
+    local -a stat=()
+    [ -z "$PERF_DIR" ] || stat=(perf stat -e context-switches,task-clock
+        -o "$PERF_DIR/$1-$2-rbd-$(wc -l <"$WORK/rbd.runs").stat")
+    in_t timeout -s INT -k 5 $((TIME + 1)) "${stat[@]}" stdbuf -oL rbd -c "$CONF" bench "$IMAGE" \
         --io-type "$type" --io-pattern "$pattern" --io-size "$BS_BYTES" --io-threads "$2" \
         --io-total 100G --rbd-cache=false >"$WORK/rbd.out" 2>&1 || true
     awk -v bs="$BS_BYTES" '$1 ~ /^[0-9]+$/ && $2 ~ /^[0-9]+$/ { sec = $1; ops = $2 }
@@ -166,15 +178,32 @@ perf_start() { # name -> PERF_PIDS
     [ -n "$PERF_DIR" ] || return 0
     local osd
     osd=$(cat "$CEPH/osd.pid")
-    perf record -q -g -o "$PERF_DIR/$1.target.data" -p "$TARGET_PID" >/dev/null 2>&1 &
+    if [ "$PERF_RECORD" = 1 ]; then
+        perf record -q -g -o "$PERF_DIR/$1.target.data" -p "$TARGET_PID" >/dev/null 2>&1 &
+        PERF_PIDS+=($!)
+        perf record -q -g -o "$PERF_DIR/$1.osd.data" -p "$osd" >/dev/null 2>&1 &
+        PERF_PIDS+=($!)
+    fi
+    perf stat -e context-switches,task-clock --per-thread -p "$TARGET_PID" \
+        -o "$PERF_DIR/$1.target.stat" >/dev/null 2>&1 &
     PERF_PIDS+=($!)
-    perf record -q -g -o "$PERF_DIR/$1.osd.data" -p "$osd" >/dev/null 2>&1 &
-    PERF_PIDS+=($!)
+    schedstat >"$WORK/sched0"
+}
+schedstat() { # the target's threads: name-TID run-ns wait-ns
+    local t
+    for t in /proc/"$TARGET_PID"/task/*; do
+        printf '%s-%s %s\n' "$(cat "$t/comm")" "${t##*/}" "$(cut -d' ' -f1,2 "$t/schedstat")"
+    done 2>/dev/null
 }
 perf_stop() { # name
     [ -n "$PERF_DIR" ] || return 0
     local p
     for p in "${PERF_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    # Per thread: ns on a CPU and ns runnable but waiting for one (/proc/PID/task/TID/schedstat).
+    schedstat | awk 'NR == FNR { run[$1] = $2; wait[$1] = $3; next }
+        { printf "%-20s %8.1f ms on CPU %8.1f ms waiting for a CPU\n", $1, ($2 - run[$1]) / 1e6, ($3 - wait[$1]) / 1e6 }' \
+        "$WORK/sched0" - >"$PERF_DIR/$1.target.sched" || true
+    [ "$PERF_RECORD" = 1 ] || return 0
     for who in target osd; do
         {
             perf report -i "$PERF_DIR/$1.$who.data" --no-children --sort comm -g none --stdio 2>/dev/null \

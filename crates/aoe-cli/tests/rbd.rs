@@ -1236,3 +1236,114 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
     let _ = b.stop();
     r.rig.cleanup();
 }
+
+/// Issue 13 with the s7 audit: the reserve list kept in the image (`aoe.reserve`) follows
+/// the state file's rule for group (multicast, broadcast) MACs, which no frame comes from.
+/// Set to group MACs only (as a version before the wire refused them could store, or by
+/// hand), a starting gateway refuses the export, naming the image and the fix, where it
+/// used to enforce a reservation nobody can hold; the running gateway A does not take it.
+/// Set to a group MAC beside client X's, a gateway starts and enforces X alone.
+#[test]
+fn group_macs_in_the_images_reservation_are_dropped_never_widening_access() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let gateway_b = |extra: &[&str]| {
+        let rig = &r.rig;
+        let mut cmd = Command::new(AOE);
+        cmd.arg("serve")
+            .args(&rig.target_args)
+            .args(["--no-announce", "-r"])
+            .args(extra)
+            .arg(SHELF.to_string())
+            .arg((SLOT + 1).to_string())
+            .arg(&rig.target_if)
+            .arg(&rig.file);
+        rig.target_ns.spawn(cmd).expect("start gateway B")
+    };
+    r.ceph.ok(
+        "rbd",
+        &[
+            "image-meta",
+            "set",
+            "rbd/img",
+            "aoe.reserve",
+            "ff:ff:ff:ff:ff:ff,01:00:5e:00:00:01",
+        ],
+    );
+    let mut b = gateway_b(&[]);
+    let status = b
+        .wait_timeout(Duration::from_secs(90))
+        .expect("wait for gateway B");
+    let out = b.output_so_far();
+    assert!(
+        matches!(status, Some(s) if !s.success()),
+        "gateway B started on a reservation of group MACs only ({status:?}):\n{out}"
+    );
+    assert!(
+        out.contains("image rbd/img metadata aoe.reserve: reserve holds only group MACs")
+            && out.contains("rbd image-meta remove rbd/img aoe.reserve"),
+        "gateway B's refusal does not name the image and the fix:\n{out}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || r
+            .rig
+            .logs()
+            .contains("reserve holds only group MACs")),
+        "gateway A did not refuse the changed reservation:{}",
+        r.rig.logs()
+    );
+
+    let x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
+        .expect("client X");
+    let xmac = x.mac();
+    r.ceph.ok(
+        "rbd",
+        &[
+            "image-meta",
+            "set",
+            "rbd/img",
+            "aoe.reserve",
+            &format!("ff:ff:ff:ff:ff:ff,{xmac}"),
+        ],
+    );
+    let sock = r.rig.dir.path().join("b.sock");
+    let sock_s = sock.display().to_string();
+    let mut b = gateway_b(&["--control", &sock_s]);
+    let b_reserve = || {
+        let out = run(Command::new("timeout").args([
+            "-k",
+            "5",
+            "60",
+            AOE,
+            "target",
+            "--socket",
+            &sock_s,
+            "show-reserve",
+        ]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), || b_reserve()
+            .contains(&format!("{SHELF}.{}: {xmac}", SLOT + 1))
+            || !b.is_running()),
+        "gateway B does not show X's reservation: {}\n{}",
+        b_reserve(),
+        b.output_so_far()
+    );
+    let shown = b_reserve();
+    assert!(
+        b.is_running() && !shown.contains("ff:ff:ff:ff:ff:ff"),
+        "gateway B's reservation: {shown}\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        b.output_so_far()
+            .contains("dropping group MACs from the reserve list"),
+        "gateway B did not warn of the dropped group MAC:\n{}",
+        b.output_so_far()
+    );
+    drop(x);
+    let _ = b.stop();
+    r.rig.cleanup();
+}

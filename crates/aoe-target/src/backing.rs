@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use aoe_store::{AsyncBackend, Backend, Completions, FileBackend, OpenOptions, Pool, PoolBackend};
 
 use crate::config::ExportSpec;
+use aoe_wire::MacAddr;
 
 /// How long an `rbd:` export waits for the cluster's monitors at start before it gives up
 /// with one line saying so.
@@ -101,10 +102,11 @@ impl SharedStore for aoe_rbd::RbdBackend {
     }
 
     fn reservation(&self) -> io::Result<Vec<aoe_wire::MacAddr>> {
-        Ok(aoe_rbd::RbdBackend::reservation(self)?
-            .into_iter()
-            .map(aoe_wire::MacAddr)
-            .collect())
+        image_reservation(
+            self.name(),
+            aoe_rbd::RESERVE_KEY,
+            aoe_rbd::RbdBackend::reservation(self)?,
+        )
     }
 
     fn store_reservation(&self, macs: &[aoe_wire::MacAddr], done: ReserveDone) {
@@ -112,10 +114,38 @@ impl SharedStore for aoe_rbd::RbdBackend {
         aoe_rbd::RbdBackend::store_reservation(self, &raw, done)
     }
 
+    /// A list of group MACs only (set with `rbd image-meta set` or by an earlier version)
+    /// is logged and not taken, as aoe-rbd does with a value that is not a MAC list: the
+    /// gateway keeps enforcing what it had.
     fn reservation_update(&self) -> Option<Vec<aoe_wire::MacAddr>> {
-        aoe_rbd::RbdBackend::reservation_update(self)
-            .map(|v| v.into_iter().map(aoe_wire::MacAddr).collect())
+        let raw = aoe_rbd::RbdBackend::reservation_update(self)?;
+        match image_reservation(self.name(), aoe_rbd::RESERVE_KEY, raw) {
+            Ok(list) => Some(list),
+            Err(e) => {
+                tracing::warn!(error = %e, "reservation not taken");
+                None
+            }
+        }
     }
+}
+
+/// The reserve list kept in an RBD image's metadata (`key` of `image`, `rbd:POOL/IMAGE`)
+/// as the engine enforces it: group MACs dropped with a warning, a list of group MACs only
+/// refused, by the same rule as the state file's ([`crate::state::drop_group_macs`]). The
+/// image outlives every gateway: a group MAC stored before the wire refused Reserve of one
+/// (AoE error 2), or set by hand, is still there.
+#[cfg_attr(not(any(test, feature = "rbd")), allow(dead_code))]
+fn image_reservation(image: &str, key: &str, raw: Vec<[u8; 6]>) -> io::Result<Vec<MacAddr>> {
+    let spec = image.strip_prefix("rbd:").unwrap_or(image);
+    crate::state::drop_group_macs(
+        &format!("image {spec} metadata {key}"),
+        "reserve",
+        &format!(
+            "set it to unicast MACs (rbd image-meta set {spec} {key} MAC,...) or remove it \
+             (rbd image-meta remove {spec} {key}) to release the reservation"
+        ),
+        raw.into_iter().map(MacAddr).collect(),
+    )
 }
 
 #[cfg(feature = "rbd")]
@@ -177,5 +207,44 @@ mod tests {
             .to_string();
         assert!(e.contains("built without the `rbd` feature"), "{e}");
         assert!(e.starts_with("e1.1: rbd:pool/img"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::*;
+
+    /// Issue 13 with the s7 audit: the reservation kept in an RBD image follows the state
+    /// file's rule. A group MAC (stored before the wire refused it, or set by hand) is
+    /// dropped beside unicast ones; a list of group MACs only refuses the start (it
+    /// reserved the export for nobody; dropping it would open it to everyone), naming the
+    /// image and the `rbd` commands that repair it.
+    #[test]
+    fn group_macs_in_the_image_reservation_are_dropped_never_widening_access() {
+        let good = [2, 0, 0, 0, 0, 1];
+        let r = image_reservation("rbd:rbd/img", "aoe.reserve", vec![[0xff; 6], good]);
+        assert_eq!(r.unwrap(), vec![MacAddr(good)]);
+        assert_eq!(
+            image_reservation("rbd:rbd/img", "aoe.reserve", vec![good]).unwrap(),
+            vec![MacAddr(good)]
+        );
+        assert!(image_reservation("rbd:rbd/img", "aoe.reserve", vec![])
+            .unwrap()
+            .is_empty());
+        let e = image_reservation(
+            "rbd:rbd/img",
+            "aoe.reserve",
+            vec![[0x01, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]],
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let e = e.to_string();
+        assert!(
+            e.starts_with("image rbd/img metadata aoe.reserve: reserve holds only group MACs")
+                && e.contains("01:00:5e:00:00:01, 33:33:00:00:00:01")
+                && e.contains("rbd image-meta remove rbd/img aoe.reserve")
+                && !e.contains('\n'),
+            "{e}"
+        );
     }
 }

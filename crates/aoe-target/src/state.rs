@@ -61,7 +61,16 @@ fn macs(path: &Path, list: &str, v: &[String]) -> std::io::Result<Vec<MacAddr>> 
 /// admits nobody. A list of group MACs only answered nobody, and dropping them all would
 /// open the export to everyone: that refuses the load instead (fail closed, like an entry
 /// that does not parse).
-fn unicast(path: &Path, list: &str, v: Vec<MacAddr>) -> std::io::Result<Vec<MacAddr>> {
+///
+/// `origin` names where the list was stored (the start of every message), `fix` says how
+/// to repair a list of group MACs only there. The one rule for every place a list is kept:
+/// the state file here, an RBD image's metadata (`backing`).
+pub(crate) fn drop_group_macs(
+    origin: &str,
+    list: &str,
+    fix: &str,
+    v: Vec<MacAddr>,
+) -> std::io::Result<Vec<MacAddr>> {
     let (group, keep): (Vec<MacAddr>, Vec<MacAddr>) = v.into_iter().partition(|m| m.is_multicast());
     if group.is_empty() {
         return Ok(keep);
@@ -71,19 +80,29 @@ fn unicast(path: &Path, list: &str, v: Vec<MacAddr>) -> std::io::Result<Vec<MacA
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "state file {}: {list} holds only group MACs ({shown}), which no frame comes \
-                 from, so it admitted nobody; dropping them would admit everyone: edit the \
-                 {list} list in the file (unicast MACs, or [] for everyone) or remove the file",
-                path.display()
+                "{origin}: {list} holds only group MACs ({shown}), which no frame comes \
+                 from, so it admitted nobody; dropping them would admit everyone: {fix}"
             ),
         ));
     }
     tracing::warn!(
-        "state file {}: dropping group MACs from the {list} list ({shown}): no frame comes \
-         from a group address; the other entries stay in force",
-        path.display()
+        "{origin}: dropping group MACs from the {list} list ({shown}): no frame comes \
+         from a group address; the other entries stay in force"
     );
     Ok(keep)
+}
+
+/// [`drop_group_macs`] for a list of the state file at `path`.
+fn unicast(path: &Path, list: &str, v: Vec<MacAddr>) -> std::io::Result<Vec<MacAddr>> {
+    drop_group_macs(
+        &format!("state file {}", path.display()),
+        list,
+        &format!(
+            "edit the {list} list in the file (unicast MACs, or [] for everyone) or remove \
+             the file"
+        ),
+        v,
+    )
 }
 
 fn strs(v: &[MacAddr]) -> Vec<String> {
