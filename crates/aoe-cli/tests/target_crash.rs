@@ -28,76 +28,24 @@
 //! O_DIRECT path once lost acknowledged writes even without a crash, through an unlocked
 //! read-modify-write of 4 KiB blocks; `store_integrity.rs` pins that).
 
+mod stamped;
+use stamped::{generation, stamp, Net, Rng, MTU};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aoe_testkit::aoeclient::{AoeClient, Request};
-use aoe_testkit::{require_root, Netns, NsChild, VethPair};
+use aoe_testkit::NsChild;
 use aoe_wire::{max_sectors_for_mtu, TargetAddr, SECTOR_SIZE};
 
-const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 /// Export size: small, so that sectors are written many times over.
 const SECTORS: u64 = 4096;
 const SEEDS: u64 = 20;
 const WINDOW: usize = 16;
-const MTU: u32 = 1500;
 const ADDR: TargetAddr = TargetAddr::new(1, 1);
 const MAGIC: &[u8; 8] = b"AOECRASH";
-
-/// splitmix64: a small deterministic generator, so a failing seed can be rerun.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Sector `lba` as generation `gen` writes it: magic, LBA, generation, then bytes that
-/// depend on all three, so a torn, misplaced or stale sector is recognised.
-fn stamp(lba: u64, gen: u64) -> Vec<u8> {
-    let mut s = vec![0u8; SECTOR_SIZE];
-    s[..8].copy_from_slice(MAGIC);
-    s[8..16].copy_from_slice(&lba.to_le_bytes());
-    s[16..24].copy_from_slice(&gen.to_le_bytes());
-    let mut x = lba.wrapping_mul(0x1000_0001) ^ gen.wrapping_mul(0x9e37_79b9);
-    for b in &mut s[24..] {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *b = (x >> 56) as u8;
-    }
-    s
-}
-
-/// The generation in sector `lba` (0: never written, all zeros), or what is wrong with it.
-fn generation(sector: &[u8], lba: u64) -> Result<u64, String> {
-    if sector.iter().all(|b| *b == 0) {
-        return Ok(0);
-    }
-    if &sector[..8] != MAGIC {
-        return Err("no stamp".into());
-    }
-    let at = u64::from_le_bytes(sector[8..16].try_into().unwrap());
-    let gen = u64::from_le_bytes(sector[16..24].try_into().unwrap());
-    if at != lba {
-        return Err(format!("stamp of sector {at} (generation {gen})"));
-    }
-    if sector != stamp(lba, gen) {
-        return Err(format!("torn sector of generation {gen}"));
-    }
-    Ok(gen)
-}
 
 #[derive(Clone, Copy)]
 enum Op {
@@ -133,15 +81,7 @@ impl Ledger {
 
     /// Generations sector `s` may hold after the crash.
     fn acceptable(&self, s: usize) -> Vec<u64> {
-        let mut ok = match self.durable[s] {
-            Some(d) => {
-                let i = self.sent[s].iter().position(|g| *g == d).unwrap();
-                self.sent[s][i..].to_vec()
-            }
-            None => [&[0][..], &self.sent[s]].concat(),
-        };
-        ok.extend(&self.late[s]);
-        ok
+        stamped::acceptable(self.durable[s], &self.sent[s], &self.late[s])
     }
 }
 
@@ -156,31 +96,6 @@ struct Figures {
     writes_in_flight_at_kill: usize,
     durable_sectors: usize,
     retransmits: u64,
-}
-
-struct Net {
-    t: Netns,
-    i: Netns,
-    veth: VethPair,
-}
-
-impl Net {
-    fn new(prefix: &str) -> Net {
-        require_root();
-        let t = Netns::new(&format!("{prefix}t")).unwrap();
-        let i = Netns::new(&format!("{prefix}i")).unwrap();
-        let veth = VethPair::new(&t, &i, MTU).unwrap();
-        Net { t, i, veth }
-    }
-
-    fn serve(&self, flags: &[&str], file: &Path) -> NsChild {
-        let mut c = Command::new(AOE);
-        c.arg("serve")
-            .args(flags)
-            .args(["1", "1", self.veth.a_name()])
-            .arg(file);
-        NsChild::spawn(&self.t, c).unwrap()
-    }
 }
 
 /// SIGKILL, as a crash would end the process (no destructors, no flush, nothing answered).
@@ -251,7 +166,9 @@ fn crash_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
                         ledger.sent[s].push(gen);
                     }
                     fig.writes_sent += 1;
-                    let data = (lba..lba + count).flat_map(|s| stamp(s, gen)).collect();
+                    let data = (lba..lba + count)
+                        .flat_map(|s| stamp(MAGIC, s, gen))
+                        .collect();
                     Request::Write { lba, data }
                 }
             };
@@ -344,7 +261,7 @@ fn crash_run(net: &Net, flags: &[&str], dir: &Path, seed: u64) -> Figures {
     let mut bad = Vec::new();
     for (s, sector) in image.chunks_exact(SECTOR_SIZE).enumerate() {
         let ok = ledger.acceptable(s);
-        match generation(sector, s as u64) {
+        match generation(MAGIC, sector, s as u64) {
             Ok(g) if ok.contains(&g) => {}
             found => bad.push(format!(
                 "sector {s}: found {found:?}, durable generation {:?}, acceptable {ok:?}",

@@ -19,7 +19,9 @@
 //! ext4 with 4 KiB blocks on a loop device (`common::Ext4Loop`), as `store_integrity.rs` does.
 
 mod common;
+mod stamped;
 use common::Ext4Loop;
+use stamped::{acceptable, generation, stamp, Net, Rng};
 
 use std::path::Path;
 use std::process::Command;
@@ -27,15 +29,12 @@ use std::time::{Duration, Instant};
 
 use aoe_testkit::aoeclient::{AoeClient, Request};
 use aoe_testkit::faultfs::{FaultFs, Faults};
-use aoe_testkit::{require_root, Netns, NsChild, VethPair};
 use aoe_wire::{TargetAddr, SECTOR_SIZE};
 
-const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 /// Export size: small, so that sectors are written several times over.
 const SECTORS: u64 = 2048;
 const SEEDS: u64 = 6;
 const WINDOW: usize = 16;
-const MTU: u32 = 1500;
 const ADDR: TargetAddr = TargetAddr::new(1, 1);
 const MAGIC: &[u8; 8] = b"AOESTOP!";
 /// How long `aoe serve` may take to exit after SIGTERM: it waits up to 30 s for I/O in
@@ -45,84 +44,6 @@ const MAGIC: &[u8; 8] = b"AOESTOP!";
 const STOP_LIMIT: Duration = Duration::from_secs(40);
 /// How long each write takes on the slow store.
 const SLOW_WRITE: Duration = Duration::from_millis(50);
-
-/// splitmix64, so a failing seed can be rerun.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Sector `lba` as generation `gen` writes it: magic, LBA, generation, then bytes that depend
-/// on both, so a torn, misplaced or stale sector is recognised.
-fn stamp(lba: u64, gen: u64) -> Vec<u8> {
-    let mut s = vec![0u8; SECTOR_SIZE];
-    s[..8].copy_from_slice(MAGIC);
-    s[8..16].copy_from_slice(&lba.to_le_bytes());
-    s[16..24].copy_from_slice(&gen.to_le_bytes());
-    let mut x = lba.wrapping_mul(0x1000_0001) ^ gen.wrapping_mul(0x9e37_79b9);
-    for b in &mut s[24..] {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *b = (x >> 56) as u8;
-    }
-    s
-}
-
-/// The generation in sector `lba` (0: never written), or what is wrong with it.
-fn generation(sector: &[u8], lba: u64) -> Result<u64, String> {
-    if sector.iter().all(|b| *b == 0) {
-        return Ok(0);
-    }
-    if &sector[..8] != MAGIC {
-        return Err("no stamp".into());
-    }
-    let at = u64::from_le_bytes(sector[8..16].try_into().unwrap());
-    let gen = u64::from_le_bytes(sector[16..24].try_into().unwrap());
-    if at != lba {
-        return Err(format!("stamp of sector {at} (generation {gen})"));
-    }
-    if sector != stamp(lba, gen) {
-        return Err(format!("torn sector of generation {gen}"));
-    }
-    Ok(gen)
-}
-
-struct Net {
-    t: Netns,
-    i: Netns,
-    veth: VethPair,
-}
-
-impl Net {
-    fn new(prefix: &str) -> Net {
-        require_root();
-        let t = Netns::new(&format!("{prefix}t")).unwrap();
-        let i = Netns::new(&format!("{prefix}i")).unwrap();
-        let veth = VethPair::new(&t, &i, MTU).unwrap();
-        Net { t, i, veth }
-    }
-
-    fn serve(&self, flags: &[&str], file: &Path) -> NsChild {
-        let mut c = Command::new(AOE);
-        c.arg("serve")
-            .args(flags)
-            .args(["1", "1", self.veth.a_name()])
-            .arg(file);
-        NsChild::spawn(&self.t, c).unwrap()
-    }
-}
 
 /// What one run saw.
 #[derive(Default)]
@@ -198,7 +119,9 @@ fn stop_run(net: &Net, flags: &[&str], file: &Path, seed: u64, slow: Option<&Fau
                 busy[s] = true;
                 sent[s].push(gen);
             }
-            let data = (lba..lba + count).flat_map(|s| stamp(s, gen)).collect();
+            let data = (lba..lba + count)
+                .flat_map(|s| stamp(MAGIC, s, gen))
+                .collect();
             let tag = client.send(&Request::Write { lba, data }).unwrap();
             ops.insert(tag.0, (lba, count, gen));
             all.insert(tag.0, (lba, count, gen));
@@ -294,15 +217,8 @@ fn stop_run(net: &Net, flags: &[&str], file: &Path, seed: u64, slow: Option<&Fau
     for (s, sector) in image.chunks_exact(SECTOR_SIZE).enumerate() {
         // The last acknowledged generation, or one sent after it (in flight at the stop: it
         // may or may not have been written); with none acknowledged, zeros or any sent.
-        let mut ok = match acked[s] {
-            Some(a) => {
-                let i = sent[s].iter().position(|g| *g == a).unwrap();
-                sent[s][i..].to_vec()
-            }
-            None => [&[0][..], &sent[s]].concat(),
-        };
-        ok.extend(&late[s]);
-        match generation(sector, s as u64) {
+        let ok = acceptable(acked[s], &sent[s], &late[s]);
+        match generation(MAGIC, sector, s as u64) {
             Ok(g) if ok.contains(&g) => {}
             found => bad.push(format!(
                 "sector {s}: found {found:?}, acknowledged generation {:?}, acceptable {ok:?}",
