@@ -527,6 +527,77 @@ fn check_fsynced(got: &[u8], initial: &[u8], log: &WriterLog) {
     );
 }
 
+/// Waits until the writer has completed `n` calls in all.
+fn wait_progress(rig: &Rig, progress: &AtomicUsize, n: usize, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
+            >= n),
+        "{what}{}",
+        rig.logs()
+    );
+}
+
+/// Starts [`fsync_writer`] on the rig's device over 256 chunks (16 MiB) and waits for its
+/// first 16 calls; returns the backing file's content before it, the progress counter, the
+/// stop flag and the writer's log.
+fn fsync_writer_going(
+    rig: &Rig,
+) -> (
+    Vec<u8>,
+    Arc<AtomicUsize>,
+    Arc<AtomicBool>,
+    std::sync::mpsc::Receiver<WriterLog>,
+) {
+    let initial = fs::read(&rig.file).unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = fsync_writer(rig.dev(), 256, progress.clone(), stop.clone());
+    wait_progress(rig, &progress, 16, "the writer did not get going");
+    (initial, progress, stop, rx)
+}
+
+/// SIGTERM, the refusal, then SIGQUIT while `writer` runs: the daemon exits 0 within 10 s,
+/// ROOT is unmounted within 3 s, the writer's log arrives within `log_wait` with a failed
+/// call (never a silent success), and every call that succeeded before is on the target
+/// (`initial`: the backing file before the writer).
+fn quit_mid_writes(
+    rig: &mut Rig,
+    rx: std::sync::mpsc::Receiver<WriterLog>,
+    initial: &[u8],
+    log_wait: Duration,
+    writer: &str,
+    calls: &str,
+) {
+    rig.signal_initiator("TERM");
+    wait_refusal(rig);
+    rig.signal_initiator("QUIT");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGQUIT: {status:?}\n{}",
+        init.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+    let log = rx
+        .recv_timeout(log_wait)
+        .unwrap_or_else(|e| panic!("{writer} hung after the daemon exited: {e}"));
+    let Some((i, p, e)) = &log.failed else {
+        panic!(
+            "{writer} never saw an error after SIGQUIT ({} calls)",
+            log.calls_ok
+        );
+    };
+    eprintln!(
+        "{} {calls} completed; chunk {i} pass {p} failed: {e}",
+        log.calls_ok
+    );
+    check_fsynced(&fs::read(&rig.file).unwrap(), initial, &log);
+}
+
 /// SIGTERM while an application writes and fsyncs through the device file: the daemon
 /// refuses to stop while the file is open, every call goes on succeeding, and once the
 /// application closes the file the daemon exits 0 with ROOT unmounted; every synced write is
@@ -534,26 +605,16 @@ fn check_fsynced(got: &[u8], initial: &[u8], log: &WriterLog) {
 #[test]
 fn sigterm_mid_fsync_writes_keeps_serving_them() {
     let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
-    let initial = fs::read(&rig.file).unwrap();
-    let chunks = 256; // 16 MiB
-    let progress = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let rx = fsync_writer(rig.dev(), chunks, progress.clone(), stop.clone());
-    assert!(
-        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
-            >= 16),
-        "the writer did not get going{}",
-        rig.logs()
-    );
+    let (initial, progress, stop, rx) = fsync_writer_going(&rig);
     rig.signal_initiator("TERM");
     wait_refusal(&rig);
     // Still served after the refusal: more calls complete.
     let at_refusal = progress.load(Ordering::SeqCst);
-    assert!(
-        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
-            >= at_refusal + 16),
-        "no write completed after the refusal{}",
-        rig.logs()
+    wait_progress(
+        &rig,
+        &progress,
+        at_refusal + 16,
+        "no write completed after the refusal",
     );
     stop.store(true, Ordering::SeqCst);
     let log = rx
@@ -584,45 +645,16 @@ fn sigterm_mid_fsync_writes_keeps_serving_them() {
 #[test]
 fn sigquit_mid_fsync_writes_fails_the_rest() {
     let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
-    let initial = fs::read(&rig.file).unwrap();
-    let chunks = 256;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let rx = fsync_writer(rig.dev(), chunks, progress.clone(), stop.clone());
-    assert!(
-        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
-            >= 16),
-        "the writer did not get going{}",
-        rig.logs()
+    // The stop flag stays unset: only the daemon's exit ends this writer.
+    let (initial, _progress, _stop, rx) = fsync_writer_going(&rig);
+    quit_mid_writes(
+        &mut rig,
+        rx,
+        &initial,
+        Duration::from_secs(10),
+        "the writer",
+        "write+fsync calls",
     );
-    rig.signal_initiator("TERM");
-    wait_refusal(&rig);
-    rig.signal_initiator("QUIT");
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after SIGQUIT: {status:?}\n{}",
-        init.output_so_far()
-    );
-    assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
-        "ROOT still mounted after SIGQUIT"
-    );
-    let log = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the writer hung after the daemon exited");
-    let Some((i, p, e)) = &log.failed else {
-        panic!(
-            "the writer never saw an error after SIGQUIT ({} calls)",
-            log.calls_ok
-        );
-    };
-    eprintln!(
-        "{} write+fsync calls completed; chunk {i} pass {p} failed: {e}",
-        log.calls_ok
-    );
-    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
 }
 
 /// One NBD request (`cmd`: 1 write, 3 flush) on `s` and its simple reply's error; an I/O
@@ -696,40 +728,15 @@ fn sigquit_mid_nbd_writes_fails_the_rest() {
         }
         let _ = tx.send(log);
     });
-    assert!(
-        wait_until(Duration::from_secs(20), || progress.load(Ordering::SeqCst)
-            >= 16),
-        "the NBD writer did not get going{}",
-        rig.logs()
+    wait_progress(&rig, &progress, 16, "the NBD writer did not get going");
+    quit_mid_writes(
+        &mut rig,
+        rx,
+        &initial,
+        Duration::from_secs(30),
+        "the NBD writer",
+        "NBD write+flush pairs",
     );
-    rig.signal_initiator("TERM");
-    wait_refusal(&rig);
-    rig.signal_initiator("QUIT");
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after SIGQUIT: {status:?}\n{}",
-        init.output_so_far()
-    );
-    assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
-        "ROOT still mounted after SIGQUIT"
-    );
-    let log = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the NBD writer hung after the daemon exited");
-    let Some((i, p, e)) = &log.failed else {
-        panic!(
-            "the NBD writer never saw an error after SIGQUIT ({} calls)",
-            log.calls_ok
-        );
-    };
-    eprintln!(
-        "{} NBD write+flush pairs completed; chunk {i} pass {p} failed: {e}",
-        log.calls_ok
-    );
-    check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
 }
 
 // ------------------------------------------------------------------------------------------
