@@ -158,6 +158,26 @@ fn link(loss_pct: f64, dup_pct: f64) -> LinkCfg {
     }
 }
 
+/// Takes the requests of `inflight` (id to LBA) that have completed out of it and out of
+/// `sim.completions`: each one's id, LBA and result.
+fn take_done(
+    sim: &mut Sim,
+    inflight: &mut BTreeMap<IoId, u64>,
+) -> Vec<(IoId, u64, crate::sim::IoResult)> {
+    let done: Vec<IoId> = inflight
+        .keys()
+        .filter(|id| sim.completions.contains_key(id))
+        .copied()
+        .collect();
+    done.into_iter()
+        .map(|id| {
+            let lba = inflight.remove(&id).unwrap();
+            let (_, r) = sim.completions.remove(&id).unwrap();
+            (id, lba, r)
+        })
+        .collect()
+}
+
 /// What [`stream`] measured.
 struct Streamed {
     took: Duration,
@@ -203,14 +223,7 @@ fn stream(seed: u64, link: LinkCfg, mtu: u32, cfg: Config) -> Streamed {
             }
             assert!(sim.step(limit), "stuck at {:?}", sim.now - start);
             min_window = min_window.min(sim.init.devices[&DEV].targets[0].maxout);
-            let done: Vec<IoId> = inflight
-                .keys()
-                .filter(|id| sim.completions.contains_key(id))
-                .copied()
-                .collect();
-            for id in done {
-                let lba = inflight.remove(&id).unwrap();
-                let (_, r) = sim.completions.remove(&id).unwrap();
+            for (id, lba, r) in take_done(&mut sim, &mut inflight) {
                 let r = r.unwrap_or_else(|e| panic!("{id} at {lba} failed: {e}"));
                 if let Some(got) = r {
                     let range = lba as usize * 512..(lba + OP) as usize * 512;
@@ -574,14 +587,7 @@ fn window_out_then(
     let mut inflight: BTreeMap<IoId, u64> = BTreeMap::new();
     let mut next = 0u64;
     let reap = |sim: &mut Sim, inflight: &mut BTreeMap<IoId, u64>| {
-        let done: Vec<IoId> = inflight
-            .keys()
-            .filter(|id| sim.completions.contains_key(id))
-            .copied()
-            .collect();
-        for id in done {
-            let lba = inflight.remove(&id).unwrap();
-            let (_, r) = sim.completions.remove(&id).unwrap();
+        for (_, lba, r) in take_done(sim, inflight) {
             let got = r
                 .unwrap_or_else(|e| panic!("seed {seed}: read at {lba} failed: {e}"))
                 .unwrap();
