@@ -157,6 +157,21 @@ fn rbd_export_reads_and_writes_through_aoe() {
     r.rig.finish();
 }
 
+/// The reserve list a gateway's control socket `sock` shows (`aoe target show-reserve`).
+fn show_reserve(sock: &str) -> String {
+    let out = run(Command::new("timeout").args([
+        "-k",
+        "5",
+        "60",
+        AOE,
+        "target",
+        "--socket",
+        sock,
+        "show-reserve",
+    ]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Starts `aoe serve` on the rig's export in the target's namespace and waits (generously:
 /// breaking a dead holder's lock asks the cluster first) until its AoE socket is open.
 fn start_gateway(r: &RbdRig, shelf_slot: (u16, u8), extra: &[&str]) -> NsChild {
@@ -1133,19 +1148,7 @@ fn a_reservation_changed_through_another_gateway_is_enforced_while_running() {
         &["--no-announce", "-r", "--control", &sock_s],
     );
     // B's reserve list as its control socket shows it.
-    let b_reserve = || {
-        let out = run(Command::new("timeout").args([
-            "-k",
-            "5",
-            "60",
-            AOE,
-            "target",
-            "--socket",
-            &sock_s,
-            "show-reserve",
-        ]));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let b_reserve = || show_reserve(&sock_s);
     let a_addr = TargetAddr::new(SHELF, SLOT);
     let b_addr = TargetAddr::new(SHELF, SLOT + 1);
     let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, a_addr).expect("client X");
@@ -1310,19 +1313,7 @@ fn group_macs_in_the_images_reservation_are_dropped_never_widening_access() {
     let sock = r.rig.dir.path().join("b.sock");
     let sock_s = sock.display().to_string();
     let mut b = gateway_b(&["--control", &sock_s]);
-    let b_reserve = || {
-        let out = run(Command::new("timeout").args([
-            "-k",
-            "5",
-            "60",
-            AOE,
-            "target",
-            "--socket",
-            &sock_s,
-            "show-reserve",
-        ]));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let b_reserve = || show_reserve(&sock_s);
     assert!(
         wait_until(Duration::from_secs(90), || b_reserve()
             .contains(&format!("{SHELF}.{}: {xmac}", SLOT + 1))
