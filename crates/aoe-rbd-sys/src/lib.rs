@@ -839,6 +839,43 @@ impl Pending {
     }
 }
 
+/// A completion that hands `arg` to [`aio_complete`], for [`Image::aio_submit`] and
+/// [`Image::aio_readv`]; `None` if librbd could not make one, in which case the operation has
+/// been finished here with `-ENOMEM`.
+///
+/// # Safety
+/// `arg` comes from `Box::into_raw` and nothing else owns it: the completion's callback, or
+/// whoever takes it back on a failure, frees it.
+unsafe fn completion_for(arg: *mut Pending) -> Option<ffi::rbd_completion_t> {
+    let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
+    let r = check(
+        // SAFETY: `arg` stays valid until the callback takes it back (or until we do, below
+        // or in `refused`, if the completion or the submission fails); valid out-pointer.
+        unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(aio_complete), &mut c) },
+        "rbd_aio_create_completion",
+    );
+    if r.is_err() {
+        // SAFETY: no completion exists, so no callback will take the box: it is ours.
+        let pending = unsafe { Box::from_raw(arg) };
+        pending.finish(-(libc::ENOMEM as isize));
+        return None;
+    }
+    Some(c)
+}
+
+/// librbd refused the operation (`r` < 0), so it will not call back (qemu's block/rbd.c
+/// relies on the same): releases the completion and finishes the operation with `r` here.
+///
+/// # Safety
+/// `c` is the completion [`completion_for`] made for `arg`, never submitted or released.
+unsafe fn refused(c: ffi::rbd_completion_t, arg: *mut Pending, r: c_int) {
+    // SAFETY: the completion was never submitted; released once.
+    unsafe { ffi::rbd_aio_release(c) };
+    // SAFETY: the callback will not run, so the box is ours again.
+    let pending = unsafe { Box::from_raw(arg) };
+    pending.finish(r as isize);
+}
+
 /// The completion callback given to `rbd_aio_create_completion`.
 extern "C" fn aio_complete(c: ffi::rbd_completion_t, arg: *mut std::os::raw::c_void) {
     // SAFETY: `arg` is the `Box<Pending>` that `Image::aio_submit` or `Image::aio_readv`
@@ -880,19 +917,10 @@ impl Image {
             in_flight: self.in_flight.clone(),
         });
         let arg = Box::into_raw(pending);
-        let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
-        let r = check(
-            // SAFETY: `arg` stays valid until the callback takes it back (or until we do,
-            // below, if the completion or the submission fails); valid out-pointer.
-            unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(aio_complete), &mut c) },
-            "rbd_aio_create_completion",
-        );
-        if r.is_err() {
-            // SAFETY: no completion exists, so no callback will take the box: it is ours.
-            let pending = unsafe { Box::from_raw(arg) };
-            pending.finish(-(libc::ENOMEM as isize));
+        // SAFETY: `arg` is the box just leaked above, owned by nothing else.
+        let Some(c) = (unsafe { completion_for(arg) }) else {
             return;
-        }
+        };
         // SAFETY: `arg` points to the live `Pending` (only the callback frees it, and it
         // cannot run before the operation is submitted below). The buffer's heap block does
         // not move while the Vec sits in the box; librbd gets a pointer into it and the
@@ -940,13 +968,8 @@ impl Image {
             (AioOp::Read { .. } | AioOp::Write { .. }, None) => -libc::EINVAL,
         };
         if r < 0 {
-            // librbd did not take the operation, so it will not call back (qemu's
-            // block/rbd.c relies on the same): release the completion and finish here.
-            // SAFETY: the completion was never submitted; released once.
-            unsafe { ffi::rbd_aio_release(c) };
-            // SAFETY: the callback will not run, so the box is ours again.
-            let pending = unsafe { Box::from_raw(arg) };
-            pending.finish(r as isize);
+            // SAFETY: librbd refused `c`, made for `arg` by `completion_for` above.
+            unsafe { refused(c, arg, r) };
         }
     }
 
@@ -1001,30 +1024,17 @@ impl Image {
             }
             Owned::One { .. } => unreachable!("aio_readv boxes several buffers"),
         };
-        let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
-        let r = check(
-            // SAFETY: `arg` stays valid until the callback takes it back (or until we do,
-            // below, if the completion or the submission fails); valid out-pointer.
-            unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(aio_complete), &mut c) },
-            "rbd_aio_create_completion",
-        );
-        if r.is_err() {
-            // SAFETY: no completion exists, so no callback will take the box: it is ours.
-            let pending = unsafe { Box::from_raw(arg) };
-            pending.finish(-(libc::ENOMEM as isize));
+        // SAFETY: `arg` is the box just leaked above, owned by nothing else.
+        let Some(c) = (unsafe { completion_for(arg) }) else {
             return;
-        }
+        };
         // SAFETY: `iov_ptr` is `iov_len` (1..=MAX_READV_PARTS, so it fits a c_int) iovecs,
         // each pointing at writable bytes of a buffer the pending operation owns until the
         // callback; the array itself lives in the same box. Live image and completion.
         let r = unsafe { ffi::rbd_aio_readv(self.raw, iov_ptr, iov_len as c_int, offset, c) };
         if r < 0 {
-            // As in aio_submit: librbd did not take it and will not call back.
-            // SAFETY: the completion was never submitted; released once.
-            unsafe { ffi::rbd_aio_release(c) };
-            // SAFETY: the callback will not run, so the box is ours again.
-            let pending = unsafe { Box::from_raw(arg) };
-            pending.finish(r as isize);
+            // SAFETY: librbd refused `c`, made for `arg` by `completion_for` above.
+            unsafe { refused(c, arg, r) };
         }
     }
 
