@@ -265,6 +265,17 @@ fn ext4_mounted_on_loop() -> (Rig, String, PathBuf) {
     (rig, lo, mnt)
 }
 
+/// The initiator exits with status 0 within 10 s; `after` says after what, for the message.
+fn initiator_exits_0(rig: &mut Rig, after: &str) {
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{after}: {status:?}\n{}",
+        init.output_so_far()
+    );
+}
+
 /// Waits for the initiator's one-line refusal to stop, which must name the device and
 /// SIGQUIT.
 fn wait_refusal(rig: &Rig) {
@@ -318,13 +329,7 @@ fn sigterm_while_mounted_waits_for_the_unmount() {
             .arg(&mnt),
     );
     rig.mounts.clear();
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after the unmount: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(&mut rig, "after the unmount");
     assert!(!rig.root_mounted(), "ROOT still mounted");
     assert!(
         wait_until(Duration::from_secs(3), || rig.loops().is_empty()),
@@ -351,13 +356,7 @@ fn sigquit_stops_even_while_mounted() {
     wait_refusal(&rig);
     let t0 = Instant::now();
     rig.signal_initiator("QUIT");
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after SIGQUIT: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(&mut rig, "after SIGQUIT");
     eprintln!("SIGQUIT to exit: {:?}", t0.elapsed());
     assert!(
         wait_until(Duration::from_secs(3), || !rig.root_mounted()),
@@ -383,13 +382,7 @@ fn sigterm_waits_for_an_open_partition_file() {
     let mut b = [0u8; 512];
     f.read_exact_at(&mut b, 0).unwrap();
     drop(f);
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after the close: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(&mut rig, "after the close");
     assert!(!rig.root_mounted(), "ROOT still mounted");
 }
 
@@ -412,13 +405,7 @@ fn sigterm_waits_for_an_nbd_client() {
         errs.is_empty(),
         "NBD write while refusing to stop: {errs:?}"
     );
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after the NBD client left: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(&mut rig, "after the NBD client left");
     assert!(!rig.root_mounted(), "ROOT still mounted");
 }
 
@@ -571,13 +558,7 @@ fn quit_mid_writes(
     rig.signal_initiator("TERM");
     wait_refusal(rig);
     rig.signal_initiator("QUIT");
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after SIGQUIT: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(rig, "after SIGQUIT");
     assert!(
         wait_until(Duration::from_secs(3), || !rig.root_mounted()),
         "ROOT still mounted after SIGQUIT"
@@ -626,13 +607,7 @@ fn sigterm_mid_fsync_writes_keeps_serving_them() {
             rig.logs()
         );
     }
-    let mut init = rig.initiator.take().unwrap();
-    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "after the writer closed the device: {status:?}\n{}",
-        init.output_so_far()
-    );
+    initiator_exits_0(&mut rig, "after the writer closed the device");
     assert!(!rig.root_mounted(), "ROOT still mounted");
     eprintln!("{} write+fsync calls completed", log.calls_ok);
     check_fsynced(&fs::read(&rig.file).unwrap(), &initial, &log);
