@@ -668,17 +668,7 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         (SHELF, SLOT + 1),
         &["--no-announce", "-r", "--workers", "1"],
     );
-    let asok = r
-        .ceph
-        .dir
-        .join("run")
-        .join(format!("ceph-client.admin.{}.asok", b.pid()));
-    assert!(
-        wait_until(Duration::from_secs(30), || asok.exists()),
-        "no admin socket {} for gateway B:\n{}",
-        asok.display(),
-        b.output_so_far()
-    );
+    let asok = admin_socket(&r, &b);
     let mut client = AoeClient::open(
         &r.rig.init_ns,
         &r.rig.init_if,
@@ -788,6 +778,22 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     r.rig.finish();
 }
 
+/// Gateway `b`'s librados admin socket, once it exists (within 30 s).
+fn admin_socket(r: &RbdRig, b: &NsChild) -> std::path::PathBuf {
+    let asok = r
+        .ceph
+        .dir
+        .join("run")
+        .join(format!("ceph-client.admin.{}.asok", b.pid()));
+    assert!(
+        wait_until(Duration::from_secs(30), || asok.exists()),
+        "no admin socket {} for gateway B:\n{}",
+        asok.display(),
+        b.output_so_far()
+    );
+    asok
+}
+
 /// The data objects a gateway's librados objecter has sent and not had answered (its admin
 /// socket `asok`): (object number, byte offset in the object, length) of each read, parsed
 /// from `objecter_requests` (`"sparse-read 8192~122880"`); other ops (the header watch's
@@ -871,17 +877,7 @@ fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
         .expect("stop the rig's initiator");
     assert!(stopped.success(), "aoe initiator after SIGTERM: {stopped}");
     let mut b = start_gateway(&r, (SHELF, SLOT + 1), &["--no-announce", "-r"]);
-    let asok = r
-        .ceph
-        .dir
-        .join("run")
-        .join(format!("ceph-client.admin.{}.asok", b.pid()));
-    assert!(
-        wait_until(Duration::from_secs(30), || asok.exists()),
-        "no admin socket {} for gateway B:\n{}",
-        asok.display(),
-        b.output_so_far()
-    );
+    let asok = admin_socket(&r, &b);
     let addr = TargetAddr::new(SHELF, SLOT + 1);
     let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, addr).expect("raw client");
     client
