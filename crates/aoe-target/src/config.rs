@@ -11,6 +11,14 @@ use serde::Deserialize;
 /// served asynchronously and the socket buffer is sized to hold this many frames per export.
 pub const DEFAULT_BUFFER_COUNT: u16 = 128;
 
+/// Largest buffer count an export may advertise: the requests the worker queue holds
+/// (`POOL_QUEUE` in the daemon, shared by every export). AoEr11 section 3.2 defines Buffer
+/// Count as the outstanding messages the server can queue; a larger count was advertised
+/// and then dropped past the queue (every O_DIRECT request takes a place in it), and the
+/// receive ring sized for it (two slots per buffer) pinned 2.4 GB per interface at MTU
+/// 9000 for 65535. The Linux driver keeps at most `aoe_maxout` (default 64) anyway.
+pub const MAX_BUFFER_COUNT: u16 = 8192;
+
 /// I/O worker threads when none is given.
 pub const DEFAULT_WORKERS: usize = 4;
 
@@ -275,6 +283,11 @@ pub enum ConfigError {
     /// `buffer_count = 0`: no request could ever be taken.
     #[error("{0}: buffer count must be at least 1")]
     NoBuffers(TargetAddr),
+    /// A buffer count over [`MAX_BUFFER_COUNT`]: advertised, it would not be honoured.
+    #[error(
+        "{0}: buffer count {1} is more than the target can queue (at most {MAX_BUFFER_COUNT})"
+    )]
+    TooManyBuffers(TargetAddr, u16),
     /// One shelf.slot twice on one interface.
     #[error("{addr} is exported twice on interface {interface}")]
     ExportedTwice {
@@ -615,6 +628,9 @@ impl ServeConfig {
             if e.buffer_count == 0 {
                 return Err(ConfigError::NoBuffers(a));
             }
+            if e.buffer_count > MAX_BUFFER_COUNT {
+                return Err(ConfigError::TooManyBuffers(a, e.buffer_count));
+            }
             if let Some(&mac) = e.allowed_macs.iter().find(|m| m.is_multicast()) {
                 return Err(ConfigError::GroupMac { addr: a, mac });
             }
@@ -925,6 +941,16 @@ mod tests {
         assert!(err(&base("bogus = 1")).contains("bogus"));
         assert!(err(&base("allowed_macs = [\"zz\"]")).contains("not a MAC"));
         assert!(err(&base("buffer_count = 0")).contains("buffer count"));
+        // Audit (s8): more than the worker queue holds was advertised and not honoured.
+        assert!(err(&base("buffer_count = 8193")).contains("at most 8192"));
+        assert!(err(&base("buffer_count = 65535")).contains("at most 8192"));
+        assert_eq!(
+            ServeConfig::from_toml(&base("buffer_count = 8192"), Path::new("/c.toml"))
+                .unwrap()
+                .exports[0]
+                .buffer_count,
+            MAX_BUFFER_COUNT
+        );
         // Audit (issue 14): `--workers 100000` started threads until the allocator failed
         // (a panic and an abort in std's thread start-up, at about 18 000 on the test VM).
         for w in ["100000", "0"] {

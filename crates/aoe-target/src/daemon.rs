@@ -46,6 +46,8 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// frame buffers it holds) without limit either. A request refused here is dropped and
 /// counted; the initiator retransmits.
 const POOL_QUEUE: usize = 8192;
+// One export's advertised window must fit the queue on its own.
+const _: () = assert!(crate::config::MAX_BUFFER_COUNT as usize <= POOL_QUEUE);
 /// Replies an interface holds at most while its socket's send queue is full. The loop never
 /// sleeps on a full queue: it keeps the replies here, asks poll() for POLLOUT and goes on
 /// receiving and completing. A reply that finds the backlog full is dropped and counted;
