@@ -34,6 +34,13 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// long at most anyway.
 pub const MAX_SPIN: Duration = Duration::from_millis(10);
 
+/// How long a stop (SIGTERM, SIGINT) waits for the I/O in flight when none is given
+/// (`aoe serve --drain-secs`): see [`ServeConfig::drain`].
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// Longest drain accepted: systemd's default stop timeout is 90 s, past which it kills.
+pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -203,6 +210,10 @@ pub struct ServeConfig {
     /// the next ones are microseconds away, and sleeping costs a wake-up for every batch.
     /// Fixed at start, like `io`.
     pub spin: Duration,
+    /// How long a stop waits for the I/O in flight to finish and be answered (`aoe serve
+    /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the
+    /// log and the daemon fails (exit status 1). Fixed at start, like `io`.
+    pub drain: Duration,
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -268,6 +279,9 @@ pub enum ConfigError {
         max = crate::probe::MAX_PROBE.as_millis()
     )]
     Probe(u128),
+    /// A drain limit longer than [`MAX_DRAIN`].
+    #[error("the drain limit must be at most 3600 s, not {0} s")]
+    Drain(u64),
     /// A spin longer than [`MAX_SPIN`].
     #[error("the spin must be at most 10000 us (10 ms), not {0} us")]
     Spin(u128),
@@ -509,6 +523,7 @@ impl ServeConfig {
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            drain: DEFAULT_DRAIN,
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -593,6 +608,7 @@ impl ServeConfig {
             control: None,
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            drain: DEFAULT_DRAIN,
         }
     }
 
@@ -609,6 +625,9 @@ impl ServeConfig {
         }
         if self.probe > crate::probe::MAX_PROBE {
             return Err(ConfigError::Probe(self.probe.as_millis()));
+        }
+        if self.drain > MAX_DRAIN {
+            return Err(ConfigError::Drain(self.drain.as_secs()));
         }
         if self.spin > MAX_SPIN {
             return Err(ConfigError::Spin(self.spin.as_micros()));
@@ -968,6 +987,14 @@ mod tests {
         c.spin = MAX_SPIN + Duration::from_micros(1);
         let e = c.check_static().unwrap_err().to_string();
         assert!(e.contains("at most 10000 us (10 ms), not 10001 us"), "{e}");
+        c.spin = DEFAULT_SPIN;
+        // `--drain-secs` (audit s8): at most an hour.
+        assert_eq!(c.drain, DEFAULT_DRAIN);
+        c.drain = MAX_DRAIN;
+        c.check_static().unwrap();
+        c.drain = MAX_DRAIN + Duration::from_secs(1);
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("at most 3600 s, not 3601 s"), "{e}");
         let dup = format!("{}\n{}", base(""), base(""));
         assert!(
             err(&dup).contains("exported twice on interface x"),
