@@ -171,7 +171,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("aoe: {e:#}");
+            // Named as called: `aoe-stat: no AoE initiator ...`, as a tool's own name prefixes
+            // its messages.
+            let me = called.map_or("aoe", |(name, _)| name);
+            eprintln!("{me}: {e:#}");
             if e.downcast_ref::<serve::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

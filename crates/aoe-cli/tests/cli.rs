@@ -616,3 +616,35 @@ fn target_monitor_count_zero_is_a_usage_error() {
     assert!(err.contains("-c 0: the count is at least 1"), "{err}");
     assert!(out.stdout.is_empty(), "printed {:?}", out.stdout);
 }
+
+/// Audit (s8): called by a multi-call name, a failure was still reported as `aoe: ...`, so a
+/// script running `aoe-stat` or `aoe-flush` logged a program it never called. The message
+/// now names the tool as called (one line, exit 1); `aoe stat` keeps `aoe: `.
+#[test]
+fn errors_name_the_multicall_tool_as_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("no-initiator");
+    for name in ["aoe-stat", "aoe-flush", "aoe-discover"] {
+        let link = dir.path().join(name);
+        std::os::unix::fs::symlink(AOE, &link).unwrap();
+        let out = Command::new(&link)
+            .env("AOE_ROOT", &root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+        assert!(
+            err.starts_with(&format!("{name}: no AoE initiator running")),
+            "{name}: {err}"
+        );
+    }
+    let out = Command::new(AOE)
+        .args(["stat"])
+        .env("AOE_ROOT", &root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("aoe: no AoE initiator running"), "{err}");
+}
