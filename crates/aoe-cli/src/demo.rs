@@ -82,6 +82,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
     ensure_tools(!a.no_install)?;
+    reap(&stop);
     let mut demo = Demo::new(stop);
     let result = demo.run(&a);
     if let Err(e) = &result {
@@ -260,7 +261,11 @@ struct Demo {
 
 impl Demo {
     fn new(stop: Arc<AtomicBool>) -> Demo {
-        let pid = std::process::id();
+        Demo::for_pid(stop, std::process::id())
+    }
+
+    /// The names a demo of process `pid` uses (its own, or a dead one's: [`reap`]).
+    fn for_pid(stop: Arc<AtomicBool>, pid: u32) -> Demo {
         let tag = format!("aoedemo-{pid}");
         // Interface names: at most 15 characters, unique per demo.
         let n = pid % 1_000_000;
@@ -624,6 +629,10 @@ impl Demo {
         if let Some(mut p) = self.initiator.take() {
             p.stop(Duration::from_secs(30), "QUIT");
         }
+        // A dead demo's initiator is no child of ours: SIGQUIT stops it, device in use or not.
+        if let Some(ns) = &self.ns_i {
+            stop_ns_processes(ns, "QUIT");
+        }
         if self.root_made {
             if is_mounted(&self.root) {
                 quiet(
@@ -638,6 +647,9 @@ impl Demo {
         if let Some(mut p) = self.target.take() {
             p.stop(Duration::from_secs(10), "KILL");
         }
+        if let Some(ns) = &self.ns_t {
+            stop_ns_processes(ns, "TERM");
+        }
         for ns in [self.ns_i.take(), self.ns_t.take()].into_iter().flatten() {
             // Deleting a namespace deletes the veth end in it, and with it the pair.
             quiet(Command::new("ip").args(["netns", "del", &ns]));
@@ -651,6 +663,91 @@ impl Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Removes what demos that are no longer running left behind: one killed by SIGKILL or the
+/// OOM killer never ran its cleanup, and its namespaces, mounts, loop device, target and
+/// initiator would stay for good. A demo is known by its namespaces (`aoedemo-PID-t`,
+/// `-i`); one whose process still runs `aoe demo` is left alone.
+fn reap(stop: &Arc<AtomicBool>) {
+    let mut dead: Vec<u32> = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix("aoedemo-")?;
+            let pid = rest
+                .strip_suffix("-t")
+                .or_else(|| rest.strip_suffix("-i"))?;
+            pid.parse::<u32>().ok()
+        })
+        .filter(|&pid| pid != std::process::id() && !is_demo(pid))
+        .collect();
+    dead.sort_unstable();
+    dead.dedup();
+    for pid in dead {
+        say(&format!(
+            "== removing what demo {pid} left (it is no longer running; killed?)"
+        ));
+        let mut d = Demo::for_pid(stop.clone(), pid);
+        for (ns, slot) in [("t", &mut d.ns_t), ("i", &mut d.ns_i)] {
+            let name = format!("{}-{ns}", d.tag);
+            if Path::new("/run/netns").join(&name).exists() {
+                *slot = Some(name);
+            }
+        }
+        let work = std::env::temp_dir().join(&d.tag);
+        if work.is_dir() {
+            if is_mounted(&work.join("mnt")) {
+                d.mnt = Some(work.join("mnt"));
+            }
+            d.work = Some(work);
+        }
+        d.root_made = d.root.is_dir();
+        d.cleanup();
+    }
+}
+
+/// Whether process `pid` runs `aoe demo` (by any name of the binary).
+fn is_demo(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"demo".as_slice()))
+        .unwrap_or(false)
+}
+
+/// Signals every process in network namespace `ns` with `sig`, then SIGKILL to those still
+/// there after 10 s; waits (up to 5 s more) for them to go.
+fn stop_ns_processes(ns: &str, sig: &str) {
+    let pids = || -> Vec<String> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let kill = |sig: &str, pids: &[String]| {
+        if pids.is_empty() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .args(pids)
+            .stderr(Stdio::null())
+            .status();
+    };
+    kill(sig, &pids());
+    if !wait_for(Duration::from_secs(10), || pids().is_empty()) {
+        kill("KILL", &pids());
+        wait_for(Duration::from_secs(5), || pids().is_empty());
     }
 }
 

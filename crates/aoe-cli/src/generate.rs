@@ -81,8 +81,78 @@ fn standalone(cli: &clap::Command, sub: &str, name: &str) -> Result<clap::Comman
         .version(env!("CARGO_PKG_VERSION")))
 }
 
+/// The page's SYNOPSIS line for `cmd` as `name` calls it: every option that is not hidden
+/// with its value names (`[-b BUFCNT]`, `[--config FILE]`, `[-v]...`), then the positional
+/// arguments (`<SHELF>` required, `[FILE]` optional). clap_mangen's own synopsis names no
+/// values (`[-b ] [--config]`), and clap's usage line folds the options into `[OPTIONS]`.
+fn synopsis(cmd: &clap::Command, name: &str) -> String {
+    let values = |a: &clap::Arg| -> String {
+        if !a.get_action().takes_values() {
+            return String::new();
+        }
+        match a.get_value_names() {
+            Some(v) => v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
+            None => a.get_id().as_str().to_uppercase(),
+        }
+    };
+    let repeats = |a: &clap::Arg| {
+        matches!(
+            a.get_action(),
+            clap::ArgAction::Append | clap::ArgAction::Count
+        )
+    };
+    let mut out = vec![name.to_owned()];
+    for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        if a.is_positional() {
+            continue;
+        }
+        let flag = match (a.get_short(), a.get_long()) {
+            (Some(s), Some(l)) => format!("-{s}|--{l}"),
+            (Some(s), None) => format!("-{s}"),
+            (None, Some(l)) => format!("--{l}"),
+            (None, None) => continue,
+        };
+        let v = values(a);
+        let item = if v.is_empty() {
+            flag
+        } else {
+            format!("{flag} {v}")
+        };
+        let dots = if repeats(a) { "..." } else { "" };
+        if a.is_required_set() {
+            out.push(format!("{item}{dots}"));
+        } else {
+            out.push(format!("[{item}]{dots}"));
+        }
+    }
+    for a in cmd.get_positionals().filter(|a| !a.is_hide_set()) {
+        let v = match a.get_value_names() {
+            Some(v) => v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
+            None => a.get_id().as_str().to_uppercase(),
+        };
+        let many = a.get_num_args().is_some_and(|n| n.max_values() > 1);
+        let dots = if many { "..." } else { "" };
+        if a.is_required_set() {
+            out.push(format!("<{v}>{dots}"));
+        } else {
+            out.push(format!("[{v}]{dots}"));
+        }
+    }
+    if cmd.has_subcommands() {
+        out.push("<COMMAND>".to_owned());
+    }
+    out.join(" ")
+}
+
 fn write_page(cmd: clap::Command, path: &Path) -> Result<()> {
     let mut buf = Vec::new();
+    // clap_mangen renders an overridden usage as given, the name in bold.
+    let name = cmd
+        .get_bin_name()
+        .unwrap_or_else(|| cmd.get_name())
+        .to_owned();
+    let line = synopsis(&cmd, &name);
+    let cmd = cmd.override_usage(line);
     clap_mangen::Man::new(cmd)
         .section("1")
         .source(format!("aoe {}", env!("CARGO_PKG_VERSION")))
@@ -153,4 +223,85 @@ fn completions(
         fs::write(&path, buf).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(cmds.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The SYNOPSIS section of page `name` as written by `aoe generate man`, roff included.
+    fn synopsis_of(name: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        man_pages(
+            &crate::Cli::command(),
+            &crate::multicall_table(),
+            dir.path(),
+        )
+        .unwrap();
+        let page = fs::read_to_string(dir.path().join(format!("{name}.1"))).unwrap();
+        let s = page.split(".SH SYNOPSIS").nth(1).unwrap();
+        let s = s.split(".SH ").next().unwrap();
+        assert!(s.starts_with("\n\\fB"), "the name is not bold: {s}");
+        s.replace("\\fB", "")
+            .replace("\\fR", "")
+            .replace("\\fI", "")
+            .replace("\\-", "-")
+    }
+
+    /// Audit (s8): clap_mangen's own synopsis names no option values (`[-b ] [--config]`,
+    /// a short flag with a space inside its brackets), so `man aoe-serve` did not say what
+    /// `-b` or `--config` take; the synopsis is now written from the arguments themselves.
+    #[test]
+    fn man_synopsis_names_option_values() {
+        let s = synopsis_of("aoe-serve");
+        for want in [
+            "[-b BUFCNT]",
+            "[-m MAC[,MAC...]]...",
+            "[--config FILE]",
+            "[--drain-secs SECS]",
+            "[-d]",
+            "[-h|--help]",
+            "[SHELF]",
+        ] {
+            assert!(s.contains(want), "{want} not in the synopsis: {s}");
+        }
+        assert!(s.starts_with("\naoe serve "), "{s}");
+        let s = synopsis_of("aoeping");
+        assert!(s.starts_with("\naoeping "), "{s}");
+        for want in [
+            "[-v]...",
+            "[-s SECS]",
+            "[-S CMD[:ARG]]",
+            "<SHELF> <SLOT> <NETIF>",
+        ] {
+            assert!(s.contains(want), "{want} not in the synopsis: {s}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod help_audit {
+    use clap::CommandFactory;
+
+    fn walk(c: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in c.get_arguments().filter(|a| !a.is_hide_set()) {
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for s in c.get_subcommands() {
+            walk(s, &format!("{path} {}", s.get_name()), out);
+        }
+    }
+
+    /// Every argument of every command has help text (the man page's OPTIONS and `--help`).
+    #[test]
+    fn every_argument_is_documented() {
+        let mut c = crate::Cli::command();
+        c.build();
+        let mut missing = Vec::new();
+        walk(&c, "aoe", &mut missing);
+        assert!(missing.is_empty(), "no help: {missing:#?}");
+    }
 }

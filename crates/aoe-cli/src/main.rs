@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Export a file or block device as an AoE target (vblade-compatible arguments).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run the AoE initiator: discovery, /dev/etherd-style control files, device files.
     Initiator(initiator::InitiatorArgs),
     /// Drive an AoE target with reads, writes or a verify pass; report MB/s, IOPS, latency.
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match cli.command {
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::Read(a) => read::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate::run(a, Cli::command(), &multicall_table()),
@@ -171,7 +171,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("aoe: {e:#}");
+            // Named as called: `aoe-stat: no AoE initiator ...`, as a tool's own name prefixes
+            // its messages.
+            let me = called.map_or("aoe", |(name, _)| name);
+            eprintln!("{me}: {e:#}");
             if e.downcast_ref::<serve::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

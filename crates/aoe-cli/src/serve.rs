@@ -15,7 +15,8 @@ use clap::Args;
     after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)\n  aoe serve --ceph-conf /etc/ceph/ceph.conf --client-id aoe 1 2 eth1 rbd:pool/img"
 )]
 pub struct ServeArgs {
-    /// Advertised buffer count: requests the initiator may keep in flight [default: 128].
+    /// Advertised buffer count: requests the initiator may keep in flight, 1 to 8192
+    /// [default: 128].
     #[arg(short = 'b', value_name = "BUFCNT")]
     bufcnt: Option<u16>,
     /// Open the file with O_DIRECT (bypass the page cache).
@@ -80,6 +81,11 @@ pub struct ServeArgs {
     /// requests in flight sooner; shorter costs less CPU per GB. Fixed at start.
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
+    /// How long, in seconds, a stop (SIGTERM, SIGINT) waits for the I/O in flight to finish
+    /// and be answered, 0 to 3600 [default: 30]. What is still in flight then is logged, by
+    /// export, and the target exits with status 1 (the stop lost work). Fixed at start.
+    #[arg(long, value_name = "SECS")]
+    drain_secs: Option<u64>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -174,6 +180,9 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         if let Some(us) = a.spin_us {
             cfg.spin = std::time::Duration::from_micros(us);
         }
+        if let Some(s) = a.drain_secs {
+            cfg.drain = std::time::Duration::from_secs(s);
+        }
         return Ok((cfg, Some(path.clone())));
     }
     let (Some(shelf), Some(slot), Some(netif), Some(file)) =
@@ -222,6 +231,10 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         spin: a.spin_us.map_or(
             aoe_target::config::DEFAULT_SPIN,
             std::time::Duration::from_micros,
+        ),
+        drain: a.drain_secs.map_or(
+            aoe_target::config::DEFAULT_DRAIN,
+            std::time::Duration::from_secs,
         ),
     };
     Ok((cfg, None))

@@ -176,6 +176,67 @@ fn demo_interrupted_mid_way_removes_everything() {
     );
 }
 
+/// Audit (s8): a demo killed by SIGKILL (or the OOM killer) cannot clean up: its namespaces,
+/// FUSE root, mounted ext4 on a loop device, target and initiator stayed for good, and a
+/// user who ran the README's first command again saw them pile up. The next `aoe demo`
+/// removes what a demo that is no longer running left, saying so.
+/// Seen failing before the fix: the second demo passed and every leftover was still there.
+#[test]
+fn demo_after_a_sigkilled_demo_removes_what_it_left() {
+    demo_tools();
+    let mut child = Command::new(AOE)
+        .args(["demo", "--no-install", "--write", "48"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let mid = wait_until(Duration::from_secs(120), || {
+        while let Ok(l) = rx.try_recv() {
+            seen.push(l);
+        }
+        seen.iter().any(|l| l.starts_with("== write"))
+    });
+    if !mid {
+        let _ = child.kill();
+    }
+    assert!(mid, "the demo never reached the write step: {seen:#?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = leftovers(pid);
+    assert!(
+        left.iter().any(|l| l.starts_with("namespace"))
+            && left.iter().any(|l| l.starts_with("loop device")),
+        "a SIGKILLed demo should have left its namespaces and loop device: {left:#?}"
+    );
+    let out = Command::new("timeout")
+        .args(["300", AOE, "demo", "--no-install"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "second demo: {stdout}\n{stderr}");
+    let left = leftovers(pid);
+    assert!(
+        left.is_empty(),
+        "the second demo left what demo {pid} left: {left:#?}\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("removing what demo {pid} left")),
+        "the second demo did not say it removed them: {stdout}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // Install: man pages, completions, units (scripts/install.sh, `aoe generate`)
 

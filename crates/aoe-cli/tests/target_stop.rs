@@ -351,3 +351,92 @@ fn sigterm_sync_ext4() {
     let ext4 = Ext4Loop::new(512, 64);
     stop_test("sgts", &["-s"], &ext4.mnt());
 }
+
+/// Audit (s8): a stop whose I/O does not finish within the drain limit (a write stuck on a
+/// hung store) lost work, and a service manager must be able to tell: `aoe serve` logged
+/// "I/O still in flight; exiting anyway" and exited 0. Now it names, within the limit, the
+/// export and what was left unanswered, and exits 1 (once the kernel lets it: a process
+/// cannot exit while one of its threads waits for a FUSE write that its server has taken,
+/// so the exit itself comes when the stuck write ends).
+/// Seen failing before the fix: exit status 0, no line naming the export.
+#[test]
+fn sigterm_with_io_stuck_past_the_drain_limit_exits_1() {
+    /// How long the stuck write takes: well past the drain limit (1 s).
+    const STUCK: Duration = Duration::from_secs(6);
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new("sgtk");
+    let backing = dir.path().join("stuck.img");
+    zeroed(&backing);
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let mut target = net.serve(&["--drain-secs", "1"], &ffs.file());
+    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
+    client.set_retransmit_timeout(Duration::from_secs(60));
+    assert!(
+        client.discover(Duration::from_secs(10)).is_ok(),
+        "aoe serve never answered Query Config: {}",
+        target.output_so_far()
+    );
+    faults.delay_writes(Some((MAGIC, STUCK)));
+    client
+        .send(&Request::Write {
+            lba: 3,
+            data: stamp(MAGIC, 3, 1),
+        })
+        .unwrap();
+    // Wait (with a deadline) until the store holds the write, then stop the target.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while faults.writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no write reached the store");
+        let _ = client.poll(Duration::from_millis(10)).unwrap();
+    }
+    let term = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &target.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -TERM failed");
+    // What was left is named while the write is still stuck: the drain limit holds.
+    let named = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("still in flight"))
+            .map(str::to_owned)
+    };
+    let line = loop {
+        if let Some(l) = named(&target.output_so_far()) {
+            break l;
+        }
+        assert!(
+            term.elapsed() < STUCK - Duration::from_secs(1),
+            "nothing named as left {:?} after SIGTERM: {}",
+            term.elapsed(),
+            target.output_so_far()
+        );
+        if target.try_wait().unwrap().is_some() {
+            panic!("exited naming nothing left: {}", target.output_so_far());
+        }
+        std::thread::yield_now();
+        let _ = client.poll(Duration::from_millis(20)).unwrap();
+    };
+    assert!(
+        line.contains("e1.1") && line.contains("1 write (1 sectors)"),
+        "the line names no export or kind: {line}"
+    );
+    let status = target.wait_timeout(STOP_LIMIT).unwrap();
+    let out = target.output_so_far();
+    let Some(status) = status else {
+        panic!("aoe serve still running {STOP_LIMIT:?} after SIGTERM: {out}");
+    };
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.contains("work lost: e1.1: 1 write")),
+        "the last line does not say what was lost: {out}"
+    );
+    assert!(
+        client.poll(Duration::ZERO).unwrap().is_empty(),
+        "the stuck write was answered after the drain limit"
+    );
+    drop(target);
+}

@@ -245,6 +245,56 @@ pub struct Stats {
     pub queries_limited: u64,
 }
 
+/// I/Os in flight by kind ([`Engine::in_flight_kinds`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Reads.
+    pub reads: u32,
+    /// Sectors they read.
+    pub read_sectors: u64,
+    /// Writes (WRITE SECTORS and write-zeroes alike).
+    pub writes: u32,
+    /// Sectors they write.
+    pub write_sectors: u64,
+    /// Cache flushes.
+    pub flushes: u32,
+}
+
+impl std::fmt::Display for InFlight {
+    /// `3 writes (6 sectors), 1 read (2 sectors), 1 flush`: the kinds present.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: u32| if n == 1 { "" } else { "s" };
+        let mut parts = Vec::new();
+        if self.writes > 0 {
+            parts.push(format!(
+                "{} write{} ({} sectors)",
+                self.writes,
+                plural(self.writes),
+                self.write_sectors
+            ));
+        }
+        if self.reads > 0 {
+            parts.push(format!(
+                "{} read{} ({} sectors)",
+                self.reads,
+                plural(self.reads),
+                self.read_sectors
+            ));
+        }
+        if self.flushes > 0 {
+            parts.push(format!(
+                "{} flush{}",
+                self.flushes,
+                if self.flushes == 1 { "" } else { "es" }
+            ));
+        }
+        if parts.is_empty() {
+            return f.write_str("nothing");
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// Requests for an export by command (AoEr11 section 2.3 `Command`, and for ATA the command
 /// register, section 3.1): what was asked, whatever the answer (a reply, an error, or I/O).
 /// Requests dropped before their body parsed (masked, for another target, malformed
@@ -414,6 +464,25 @@ impl Engine {
     /// I/Os handed out and not yet completed.
     pub fn in_flight(&self) -> u32 {
         self.in_flight
+    }
+
+    /// The I/Os in flight by kind: what a stop that cannot wait for them leaves unanswered.
+    pub fn in_flight_kinds(&self) -> InFlight {
+        let mut f = InFlight::default();
+        for p in self.pending.iter().flatten() {
+            match p.kind {
+                PendingKind::Read { sectors, .. } => {
+                    f.reads += 1;
+                    f.read_sectors += sectors;
+                }
+                PendingKind::Write { sectors } => {
+                    f.writes += 1;
+                    f.write_sectors += sectors;
+                }
+                PendingKind::Flush => f.flushes += 1,
+            }
+        }
+        f
     }
 
     /// Registers (or updates, on an MTU change) the interface with index `idx`.

@@ -11,6 +11,14 @@ use serde::Deserialize;
 /// served asynchronously and the socket buffer is sized to hold this many frames per export.
 pub const DEFAULT_BUFFER_COUNT: u16 = 128;
 
+/// Largest buffer count an export may advertise: the requests the worker queue holds
+/// (`POOL_QUEUE` in the daemon, shared by every export). AoEr11 section 3.2 defines Buffer
+/// Count as the outstanding messages the server can queue; a larger count was advertised
+/// and then dropped past the queue (every O_DIRECT request takes a place in it), and the
+/// receive ring sized for it (two slots per buffer) pinned 2.4 GB per interface at MTU
+/// 9000 for 65535. The Linux driver keeps at most `aoe_maxout` (default 64) anyway.
+pub const MAX_BUFFER_COUNT: u16 = 8192;
+
 /// I/O worker threads when none is given.
 pub const DEFAULT_WORKERS: usize = 4;
 
@@ -25,6 +33,13 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// Longest spin accepted: the loop's other duties (signals, reloads, state files) wait that
 /// long at most anyway.
 pub const MAX_SPIN: Duration = Duration::from_millis(10);
+
+/// How long a stop (SIGTERM, SIGINT) waits for the I/O in flight when none is given
+/// (`aoe serve --drain-secs`): see [`ServeConfig::drain`].
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// Longest drain accepted: systemd's default stop timeout is 90 s, past which it kills.
+pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +210,10 @@ pub struct ServeConfig {
     /// the next ones are microseconds away, and sleeping costs a wake-up for every batch.
     /// Fixed at start, like `io`.
     pub spin: Duration,
+    /// How long a stop waits for the I/O in flight to finish and be answered (`aoe serve
+    /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the
+    /// log and the daemon fails (exit status 1). Fixed at start, like `io`.
+    pub drain: Duration,
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -260,6 +279,9 @@ pub enum ConfigError {
         max = crate::probe::MAX_PROBE.as_millis()
     )]
     Probe(u128),
+    /// A drain limit longer than [`MAX_DRAIN`].
+    #[error("the drain limit must be at most 3600 s, not {0} s")]
+    Drain(u64),
     /// A spin longer than [`MAX_SPIN`].
     #[error("the spin must be at most 10000 us (10 ms), not {0} us")]
     Spin(u128),
@@ -275,6 +297,11 @@ pub enum ConfigError {
     /// `buffer_count = 0`: no request could ever be taken.
     #[error("{0}: buffer count must be at least 1")]
     NoBuffers(TargetAddr),
+    /// A buffer count over [`MAX_BUFFER_COUNT`]: advertised, it would not be honoured.
+    #[error(
+        "{0}: buffer count {1} is more than the target can queue (at most {MAX_BUFFER_COUNT})"
+    )]
+    TooManyBuffers(TargetAddr, u16),
     /// One shelf.slot twice on one interface.
     #[error("{addr} is exported twice on interface {interface}")]
     ExportedTwice {
@@ -496,6 +523,7 @@ impl ServeConfig {
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            drain: DEFAULT_DRAIN,
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -580,6 +608,7 @@ impl ServeConfig {
             control: None,
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            drain: DEFAULT_DRAIN,
         }
     }
 
@@ -596,6 +625,9 @@ impl ServeConfig {
         }
         if self.probe > crate::probe::MAX_PROBE {
             return Err(ConfigError::Probe(self.probe.as_millis()));
+        }
+        if self.drain > MAX_DRAIN {
+            return Err(ConfigError::Drain(self.drain.as_secs()));
         }
         if self.spin > MAX_SPIN {
             return Err(ConfigError::Spin(self.spin.as_micros()));
@@ -614,6 +646,9 @@ impl ServeConfig {
             }
             if e.buffer_count == 0 {
                 return Err(ConfigError::NoBuffers(a));
+            }
+            if e.buffer_count > MAX_BUFFER_COUNT {
+                return Err(ConfigError::TooManyBuffers(a, e.buffer_count));
             }
             if let Some(&mac) = e.allowed_macs.iter().find(|m| m.is_multicast()) {
                 return Err(ConfigError::GroupMac { addr: a, mac });
@@ -925,6 +960,16 @@ mod tests {
         assert!(err(&base("bogus = 1")).contains("bogus"));
         assert!(err(&base("allowed_macs = [\"zz\"]")).contains("not a MAC"));
         assert!(err(&base("buffer_count = 0")).contains("buffer count"));
+        // Audit (s8): more than the worker queue holds was advertised and not honoured.
+        assert!(err(&base("buffer_count = 8193")).contains("at most 8192"));
+        assert!(err(&base("buffer_count = 65535")).contains("at most 8192"));
+        assert_eq!(
+            ServeConfig::from_toml(&base("buffer_count = 8192"), Path::new("/c.toml"))
+                .unwrap()
+                .exports[0]
+                .buffer_count,
+            MAX_BUFFER_COUNT
+        );
         // Audit (issue 14): `--workers 100000` started threads until the allocator failed
         // (a panic and an abort in std's thread start-up, at about 18 000 on the test VM).
         for w in ["100000", "0"] {
@@ -942,6 +987,14 @@ mod tests {
         c.spin = MAX_SPIN + Duration::from_micros(1);
         let e = c.check_static().unwrap_err().to_string();
         assert!(e.contains("at most 10000 us (10 ms), not 10001 us"), "{e}");
+        c.spin = DEFAULT_SPIN;
+        // `--drain-secs` (audit s8): at most an hour.
+        assert_eq!(c.drain, DEFAULT_DRAIN);
+        c.drain = MAX_DRAIN;
+        c.check_static().unwrap();
+        c.drain = MAX_DRAIN + Duration::from_secs(1);
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("at most 3600 s, not 3601 s"), "{e}");
         let dup = format!("{}\n{}", base(""), base(""));
         assert!(
             err(&dup).contains("exported twice on interface x"),

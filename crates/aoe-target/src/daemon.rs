@@ -46,6 +46,8 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// frame buffers it holds) without limit either. A request refused here is dropped and
 /// counted; the initiator retransmits.
 const POOL_QUEUE: usize = 8192;
+// One export's advertised window must fit the queue on its own.
+const _: () = assert!(crate::config::MAX_BUFFER_COUNT as usize <= POOL_QUEUE);
 /// Replies an interface holds at most while its socket's send queue is full. The loop never
 /// sleeps on a full queue: it keeps the replies here, asks poll() for POLLOUT and goes on
 /// receiving and completing. A reply that finds the backlog full is dropped and counted;
@@ -163,6 +165,8 @@ pub struct Daemon {
     /// sleeping in poll() costs a wake-up on another core for every batch), from the
     /// configuration at start (a reload keeps it).
     spin: Duration,
+    /// How long a stop waits for the I/O in flight ([`ServeConfig::drain`]).
+    drain: Duration,
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
@@ -220,6 +224,7 @@ impl Daemon {
             logs: RateLimiter::new(LOG_INTERVAL),
             io: config.io,
             spin: config.spin,
+            drain: config.drain,
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
@@ -307,15 +312,36 @@ impl Daemon {
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }
         }
-        self.drain_io(Duration::from_secs(30));
+        let left = self.drain_io(self.drain);
         self.drain_sends(Duration::from_secs(1));
         self.persist_state();
-        if !self.state_writer.wait_idle(Duration::from_secs(30)) {
+        let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
+        if !state_saved {
             tracing::error!("state files still being written after 30 s; exiting anyway");
         }
         self.log_drops();
-        tracing::info!("stopped");
-        Ok(())
+        if left.is_empty() && state_saved {
+            tracing::info!("stopped");
+            return Ok(());
+        }
+        // The stop lost work, and a service manager must see it (exit status 1). A thread
+        // stuck in a store's I/O or a state file's write is left to the process exit:
+        // dropping the pool or the writer would join it and wait as long as it is stuck.
+        std::mem::forget(self.pool.clone());
+        self.state_writer.detach();
+        let mut lost: Vec<String> = left
+            .iter()
+            .map(|(addr, what)| format!("{addr}: {what}"))
+            .collect();
+        if !state_saved {
+            lost.push("state files not saved".into());
+        }
+        tracing::error!("stopped with work lost");
+        anyhow::bail!(
+            "stopped after {} s with work lost: {}",
+            self.drain.as_secs(),
+            lost.join("; ")
+        )
     }
 
     /// The observer this daemon publishes its state to (metrics, control socket).
@@ -435,6 +461,7 @@ impl Daemon {
         // The I/O mode is fixed at start (`--io`): a reload keeps the running one.
         cfg.io = self.io;
         cfg.spin = self.spin;
+        cfg.drain = self.drain;
         match self.apply(cfg) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),

@@ -257,6 +257,12 @@ impl StateWriter {
         cv.notify_all();
     }
 
+    /// Lets the writer thread go: dropping the writer then neither waits for it nor stops
+    /// it, for an exit that must not wait on a write that is stuck.
+    pub fn detach(&mut self) {
+        self.thread = None;
+    }
+
     /// Waits until everything queued so far is written (or `limit` passes); true if it is.
     pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
         let (m, cv) = &*self.shared;

@@ -627,6 +627,65 @@ fn tokens_are_reused_and_in_flight_counted() {
     assert!(toks.contains(&io.token));
 }
 
+/// What a stop that cannot wait leaves unanswered, by kind (audit s8: the daemon logs it).
+#[test]
+fn in_flight_kinds_count_what_is_outstanding() {
+    let mut e = engine(64);
+    let mut buf = vec![0u8; 1514];
+    assert_eq!(e.in_flight_kinds().to_string(), "nothing");
+    let mut toks = Vec::new();
+    for f in [
+        request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 2, 0, &[])),
+        request(
+            HOST,
+            ADDR,
+            ata(
+                0x34,
+                AtaFlags::EXTENDED | AtaFlags::WRITE,
+                2,
+                8,
+                &[7u8; 1024],
+            ),
+        ),
+        request(
+            HOST,
+            ADDR,
+            ata(
+                0x34,
+                AtaFlags::EXTENDED | AtaFlags::WRITE,
+                1,
+                16,
+                &[7u8; 512],
+            ),
+        ),
+        request(HOST, ADDR, ata(0xea, AtaFlags::empty(), 0, 0, &[])),
+    ] {
+        match e.handle_frame(0, &f, &mut buf) {
+            Outcome::Io(io) => toks.push(io.token),
+            o => panic!("{o:?}"),
+        }
+    }
+    let k = e.in_flight_kinds();
+    assert_eq!(
+        (
+            k.reads,
+            k.read_sectors,
+            k.writes,
+            k.write_sectors,
+            k.flushes
+        ),
+        (1, 2, 2, 3, 1)
+    );
+    assert_eq!(
+        k.to_string(),
+        "2 writes (3 sectors), 1 read (2 sectors), 1 flush"
+    );
+    for t in toks {
+        e.complete(t, Ok(()), &mut buf).unwrap();
+    }
+    assert_eq!(e.in_flight_kinds(), Default::default());
+}
+
 /// Issue 9 item 9: I/O beyond the advertised buffer count is dropped (AoEr11 3.2), per
 /// interface, and a completion or an abort frees a place.
 #[test]

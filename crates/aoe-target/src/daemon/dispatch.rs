@@ -15,6 +15,7 @@
 //! initiator retransmits.
 
 use super::*;
+use aoe_proto::target::InFlight;
 
 impl Daemon {
     pub(super) fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
@@ -666,12 +667,27 @@ impl Daemon {
         }
     }
 
-    pub(super) fn drain_io(&mut self, limit: Duration) {
+    /// Waits up to `limit` for the I/O in flight to finish, answering each as it does.
+    /// Returns what is still in flight after `limit`, by export (empty: everything was
+    /// answered); each is logged, one line per export.
+    pub(super) fn drain_io(&mut self, limit: Duration) -> Vec<(aoe_wire::TargetAddr, InFlight)> {
         let start = Instant::now();
         while self.exports.values().any(|e| e.engine.in_flight() > 0) {
             if start.elapsed() > limit {
-                tracing::error!("I/O still in flight after {limit:?}; exiting anyway");
-                return;
+                let mut left: Vec<_> = self
+                    .exports
+                    .values()
+                    .filter(|e| e.engine.in_flight() > 0)
+                    .map(|e| (e.spec.addr(), e.engine.in_flight_kinds()))
+                    .collect();
+                left.sort_by_key(|(a, _)| *a);
+                for (addr, what) in &left {
+                    tracing::error!(
+                        "{addr}: {what} still in flight {} s after the stop; never answered",
+                        limit.as_secs()
+                    );
+                }
+                return left;
             }
             if let Some(done) = self.completions.wait(Duration::from_millis(100)) {
                 self.finish(done);
@@ -679,6 +695,7 @@ impl Daemon {
                 self.flush_sends();
             }
         }
+        Vec::new()
     }
 }
 
