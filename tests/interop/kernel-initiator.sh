@@ -38,6 +38,15 @@
 # (iflag=direct) identical; the host file (with -r: the `rbd export`) holds it at that
 # offset; the full md5 after the write, in the guest and on the host, equals the expected one.
 #
+# On a failure or a timeout the output says where it stopped: the guest prints a timestamped
+# "T STEP" line before each step; its watchdog (the budget left of -T, less a margin for the
+# host's checks, passed in ki.conf) fires before the host's timeout and prints the step it
+# was in, the aoe driver's debugfs state, its retransmit messages (/dev/etherd/err), the
+# blocked tasks (sysrq w) and the tail of dmesg, then powers off. The host, on a signal
+# (timeout) or a failed guest, prints the guest's KI: lines and console tail, the target's
+# log tail, its threads and (aoe serve) its counters from the control socket, and
+# `ip -s link` of the namespace.
+#
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, apt-get (first run
 # downloads the kernel package; later runs use the cache); with -r also ceph-mon, ceph-mgr,
 # ceph-osd, ceph-common, uuid-runtime. Exit status: 0 PASS, 1 FAIL (the last line says why),
@@ -53,7 +62,7 @@ CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=600
 KEEP=0
 RBD=""
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while getopts "t:m:s:l:z:c:T:r:kh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
@@ -105,7 +114,11 @@ fi
 
 NS=aoeki-$$
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
+CONSOLE=$RUN/console.log
 TARGET_PID="" QEMU_PID=""
+# The guest's watchdog fires this long before the host's timeout, leaving the host time to
+# stop the target and print its side.
+GUEST_MARGIN=60
 
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
 for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^aoeki-[0-9]*$'); do
@@ -135,8 +148,60 @@ cleanup() {
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
+# diagnose: what the host can see of a run that did not finish, cheaply and bounded in time
+# (timeout(1) sends SIGKILL 30 s after SIGTERM): the guest's KI: lines (the step it reached)
+# and console tail, the target's log tail, threads and counters (aoe serve's control socket),
+# the namespace's link counters.
+diagnose() {
+    echo "### diagnostics at $(( $(date +%s) - T0 ))s"
+    diagnose_guest
+    diagnose_host
+}
+diagnose_guest() {
+    if [ -s "$CONSOLE" ]; then
+        echo "### guest (KI: lines):"
+        tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
+        echo "### guest console (tail, other lines):"
+        tr -d '\r' <"$CONSOLE" | grep -v 'KI:' | tail -n 15 | sed 's/^/    /'
+        echo "### console last written $(( $(date +%s) - $(stat -c %Y "$CONSOLE") ))s ago"
+    else
+        echo "### guest console: empty or not started"
+    fi
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        echo "### qemu:"; ps -o pid,stat,pcpu,time,etime -p "$QEMU_PID" | sed 's/^/    /'
+    fi
+}
+diagnose_host() {
+    if [ -f "$RUN/target.log" ]; then
+        echo "### target log (tail):"; tail -n 20 "$RUN/target.log" | sed 's/^/    /'
+    fi
+    if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
+        echo "### target threads:"
+        ps -L -o tid,stat,pcpu,time,wchan:24,comm -p "$TARGET_PID" | sed 's/^/    /'
+        # aoe serve's control socket (vblade has none); /proc/PID/exe is the binary even if
+        # it was rebuilt meanwhile.
+        local sock=/run/aoe/serve-$TARGET_PID.sock
+        if [ -S "$sock" ]; then
+            echo "### target status and counters (aoe target):"
+            local q
+            for q in status "--json stats"; do
+                # shellcheck disable=SC2086 # $q is two words on purpose
+                timeout 5 "/proc/$TARGET_PID/exe" target --socket "$sock" $q 2>&1 | sed 's/^/    /'
+                [ "${PIPESTATUS[0]}" = 0 ] || echo "    (aoe target $q: no answer within 5 s)"
+            done
+        fi
+    fi
+    if [ -e "/run/netns/$NS" ]; then
+        echo "### links (packets, bytes, dropped; as ip -s link counts them):"
+        # ip netns exec mounts the namespace's own /sys (nsenter would show the host's).
+        timeout 5 ip netns exec "$NS" sh -c 'cd /sys/class/net && for l in *; do
+            s=$l/statistics; r() { cat "$s/$1"; }
+            echo "$l: rx $(r rx_packets) $(r rx_bytes) $(r rx_dropped) tx $(r tx_packets) $(r tx_bytes) $(r tx_dropped)"
+        done' 2>&1 | sed 's/^/    /'
+    fi
+}
 trap cleanup EXIT
-trap 'echo "FAIL: interrupted by a signal"; exit 1' INT TERM HUP
+trap 'echo "FAIL: interrupted by a signal ($(( $(date +%s) - T0 ))s)"; diagnose; exit 1' INT TERM HUP
 
 # ---------------------------------------------------------------- kernel (cached)
 # The cache holds, per package, the kernel image and just the modules the guest loads
@@ -212,11 +277,28 @@ cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 . /etc/ki.conf
+DEV=/dev/etherd/e$SHELF.$SLOT
+SYS="/sys/block/etherd!e$SHELF.$SLOT"
 out() { echo "KI:$*"; }
-die() { out "GUEST_FAIL $*"; dmesg | tail -20; poweroff -f; sleep 60; }
-( sleep 900; out "GUEST_FAIL guest watchdog"; poweroff -f ) &
-out "T boot $(cut -d' ' -f1 /proc/uptime)"
+up() { cut -d' ' -f1 /proc/uptime; }
+# step NAME: a timestamped line before each step; the watchdog and die name the last one.
+step() { echo "$1" >/tmp/step; out "T $1 $(up)"; }
+# What the guest knows of where it stopped: the device's state, the driver's view of the
+# target (debugfs: in flight, window, rtt), its retransmit messages, the blocked tasks.
+diag() {
+    out "DIAG in step $(cat /tmp/step) at $(up)s; device state $(cat "$SYS/state" 2>/dev/null)"
+    cat "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null | sed 's/^/KI:DIAG aoe: /'
+    out "DIAG $(grep -c . /tmp/err.log 2>/dev/null) driver messages (/dev/etherd/err), the last:"
+    tail -n 15 /tmp/err.log 2>/dev/null | sed 's/^/KI:DIAG err: /'
+    echo w >/proc/sysrq-trigger 2>/dev/null
+    dmesg | tail -n +"$(cat /tmp/dmesg0 2>/dev/null || echo 1)" | tail -n 80 | sed 's/^/KI:DIAG dmesg: /'
+}
+die() { out "GUEST_FAIL $* (step $(cat /tmp/step))"; diag; poweroff -f; sleep 60; }
+( sleep "$WATCHDOG"; out "GUEST_FAIL guest watchdog: ${WATCHDOG}s (step $(cat /tmp/step))"; diag
+  poweroff -f ) &
+step boot
 for m in $(cat /lib/modules/order); do
     [ "$m" = aoe.ko ] && continue
     insmod /lib/modules/$m || die "insmod $m"
@@ -224,27 +306,37 @@ done
 i=0; while [ ! -e /sys/class/net/eth0 ]; do i=$((i+1)); [ $i -gt 100 ] && die "no eth0"; sleep 0.1; done
 ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
+# diag prints dmesg from here on (the boot's lines are of no interest).
+echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
 insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
-DEV=/dev/etherd/e$SHELF.$SLOT
-SYS="/sys/block/etherd!e$SHELF.$SLOT"
+# The driver's messages (retransmits, "down"): only this device reports them.
+cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
+step discover
 i=0
 while [ ! -b "$DEV" ] || [ "$(cat "$SYS/size" 2>/dev/null || echo 0)" = 0 ]; do
     [ $((i % 20)) = 0 ] && [ -e /dev/etherd/discover ] && echo > /dev/etherd/discover
     i=$((i+1)); [ $i -gt 600 ] && die "$DEV did not appear within 60 s"
     sleep 0.1
 done
-out "T discovered $(cut -d' ' -f1 /proc/uptime)"
+out "T discovered $(up)"
 out "BYTES $(blockdev --getsize64 $DEV)"
 out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
 out "STATE $(cat "$SYS/state" 2>/dev/null)"
+step md5_before
 out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
+step pattern_write
 dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
     { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+step sync
 sync
+step readback
 out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+step drop_caches
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
+step md5_after
 out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
 if [ -n "$RESIZE_TO" ]; then
+    step resize
     # RBD mode: the host resizes the image when it reads this line.
     out "RESIZE_ME"
     how=announced i=0
@@ -259,15 +351,14 @@ if [ -n "$RESIZE_TO" ]; then
     done
     out "RESIZED $(blockdev --getsize64 $DEV) $how"
 fi
-out "T done $(cut -d' ' -f1 /proc/uptime)"
+out "T done $(up)"
+out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
 dmesg | grep -i aoe | sed 's/^/KI:DMESG /'
 out GUEST_DONE
 poweroff -f
 sleep 60
 EOF
 chmod +x "$IR/init"
-INITRD=$RUN/initramfs.cpio.gz
-(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
 
 # ---------------------------------------------------------------- network
 ip netns add "$NS" || fail "ip netns add $NS"
@@ -317,9 +408,16 @@ sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
 
 # ---------------------------------------------------------------- guest
-say "booting the guest (qemu TCG, MTU $MTU)"
-CONSOLE=$RUN/console.log
-nsenter --net="/run/netns/$NS" -- qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
+# The guest's watchdog: what is left of -T now, less the host's margin.
+WATCHDOG=$(( TOTAL - ($(date +%s) - T0) - GUEST_MARGIN ))
+[ "$WATCHDOG" -ge 60 ] || fail "-T $TOTAL leaves the guest ${WATCHDOG}s after the setup; give more"
+echo "WATCHDOG=$WATCHDOG" >>"$IR/etc/ki.conf"
+INITRD=$RUN/initramfs.cpio.gz
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+say "booting the guest (qemu TCG, MTU $MTU, guest watchdog ${WATCHDOG}s)"
+# setsid, as for the target: timeout(1) signals its whole process group, and the guest is
+# stopped by cleanup, after the diagnostics (so they see it running).
+nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
     -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
@@ -342,6 +440,8 @@ wait "$QEMU_PID"
 QRC=$?
 QEMU_PID=""
 say "guest finished (qemu exit status $QRC)"
+# A guest that failed: the target's side while it still runs (the guest's is printed below).
+grep -q 'KI:GUEST_DONE' "$CONSOLE" || diagnose_host
 
 kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
 stop "-$TARGET_PID"
@@ -373,7 +473,8 @@ tail -n 5 "$RUN/target.log" | sed 's/^/    /'
 echo "### total $(( $(date +%s) - T0 ))s"
 
 if grep -q 'KI:GUEST_FAIL' "$CONSOLE"; then
-    tr -d '\r' <"$CONSOLE" | tail -n 30
+    echo "### guest console (tail, other lines):"
+    tr -d '\r' <"$CONSOLE" | grep -v 'KI:' | tail -n 15 | sed 's/^/    /'
     fail "guest: $(g GUEST_FAIL)"
 fi
 grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fail "guest did not finish (qemu exit status $QRC)"; }
