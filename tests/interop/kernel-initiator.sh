@@ -171,6 +171,13 @@ diagnose_guest() {
         echo "### qemu:"; ps -o pid,stat,pcpu,time,etime -p "$QEMU_PID" | sed 's/^/    /'
     fi
 }
+# target_ctl ARGS...: `aoe target ARGS` on the running target's control socket, indented
+# (aoe serve only: vblade has none). /proc/PID/exe is the binary even if it was rebuilt since.
+target_ctl() {
+    timeout 5 "/proc/$TARGET_PID/exe" target --socket "/run/aoe/serve-$TARGET_PID.sock" "$@" 2>&1 |
+        sed 's/^/    /'
+    [ "${PIPESTATUS[0]}" = 0 ] || echo "    (aoe target $*: no answer within 5 s)"
+}
 diagnose_host() {
     if [ -f "$RUN/target.log" ]; then
         echo "### target log (tail):"; tail -n 20 "$RUN/target.log" | sed 's/^/    /'
@@ -178,17 +185,9 @@ diagnose_host() {
     if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
         echo "### target threads:"
         ps -L -o tid,stat,pcpu,time,wchan:24,comm -p "$TARGET_PID" | sed 's/^/    /'
-        # aoe serve's control socket (vblade has none); /proc/PID/exe is the binary even if
-        # it was rebuilt meanwhile.
-        local sock=/run/aoe/serve-$TARGET_PID.sock
-        if [ -S "$sock" ]; then
+        if [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
             echo "### target status and counters (aoe target):"
-            local q
-            for q in status "--json stats"; do
-                # shellcheck disable=SC2086 # $q is two words on purpose
-                timeout 5 "/proc/$TARGET_PID/exe" target --socket "$sock" $q 2>&1 | sed 's/^/    /'
-                [ "${PIPESTATUS[0]}" = 0 ] || echo "    (aoe target $q: no answer within 5 s)"
-            done
+            target_ctl status; target_ctl --json stats
         fi
     fi
     if [ -e "/run/netns/$NS" ]; then
@@ -353,6 +352,8 @@ if [ -n "$RESIZE_TO" ]; then
 fi
 out "T done $(up)"
 out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
+# The driver's messages themselves (a retransmit answered late shows as "unexpected rsp").
+head -n 20 /tmp/err.log | sed 's/^ */KI:ERR /'
 dmesg | grep -i aoe | sed 's/^/KI:DMESG /'
 out GUEST_DONE
 poweroff -f
@@ -444,6 +445,10 @@ say "guest finished (qemu exit status $QRC)"
 grep -q 'KI:GUEST_DONE' "$CONSOLE" || diagnose_host
 
 kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
+# The target's own account of the run (aoe serve): requests still in flight, drops.
+if [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
+    { target_ctl status; target_ctl stats; } >"$RUN/target-ctl.txt"
+fi
 stop "-$TARGET_PID"
 wait "$TARGET_PID" 2>/dev/null
 TARGET_PID=""
@@ -470,6 +475,10 @@ echo "### host: size $((SIZE_MB << 20)) md5 before $H_BEFORE, pattern $PAT_MD5 a
 echo "###       md5 after $H_AFTER (expected $EXP_AFTER); expected payload $EXP_PAYLOAD"
 echo "### target log (tail):"
 tail -n 5 "$RUN/target.log" | sed 's/^/    /'
+if [ -s "$RUN/target-ctl.txt" ]; then
+    echo "### target status and counters after the guest finished:"
+    cat "$RUN/target-ctl.txt"
+fi
 echo "### total $(( $(date +%s) - T0 ))s"
 
 if grep -q 'KI:GUEST_FAIL' "$CONSOLE"; then
