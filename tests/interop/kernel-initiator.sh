@@ -38,14 +38,20 @@
 # (iflag=direct) identical; the host file (with -r: the `rbd export`) holds it at that
 # offset; the full md5 after the write, in the guest and on the host, equals the expected one.
 #
+# Budgets: the guest's kernel must start its init within 180 s of qemu's start (the host
+# checks); then each guest step has a budget (60 s; whole-device reads 60 s + 4 s per MiB,
+# 188 s for 32 MiB, i.e. under 256 KiB/s fails) and the whole guest the time left of -T
+# less a 60 s margin for the host's checks (the guest's watchdog; ki.conf gives it as a
+# time of the host's clock, which the guest's starts from). A step over its budget fails
+# naming it, so a stall is a clear failure well before -T.
+#
 # On a failure or a timeout the output says where it stopped: the guest prints a timestamped
-# "T STEP" line before each step; its watchdog (the budget left of -T, less a margin for the
-# host's checks, passed in ki.conf) fires before the host's timeout and prints the step it
-# was in, the aoe driver's debugfs state, its retransmit messages (/dev/etherd/err), the
-# blocked tasks (sysrq w) and the tail of dmesg, then powers off. The host, on a signal
-# (timeout) or a failed guest, prints the guest's KI: lines and console tail, the target's
-# log tail, its threads and (aoe serve) its counters from the control socket, and
-# `ip -s link` of the namespace.
+# "T STEP" line before each step; its watchdog prints the step it was in, the aoe driver's
+# debugfs state, its messages (retransmits, /dev/etherd/err), the blocked tasks (sysrq w)
+# and dmesg, then powers off. The host, on a signal (timeout) or a failed guest, prints the
+# guest's KI: lines and console tail, the target's log tail, its threads and (aoe serve) its
+# status and counters from the control socket, and the namespace's link counters. A passing
+# run prints the step times, the driver's retransmit count and the target's counters.
 #
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, apt-get (first run
 # downloads the kernel package; later runs use the cache); with -r also ceph-mon, ceph-mgr,
@@ -253,6 +259,10 @@ PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
 H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
 EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + (1 << 20) + 1)) "$FILE"; } |
             md5sum | cut -d' ' -f1)
+# The guest's budget for reading the whole device (a step that takes longer fails, naming
+# it): a minute plus 4 s per MiB, i.e. slower than 256 KiB/s is a failure. Unloaded, a
+# 32 MiB read takes 3-6 s; with four TCG guests and two busy loops on two cores, 6-14 s.
+READ_BUDGET=$(( 60 + 4 * SIZE_MB ))
 # The kernel uses min((mtu - 36) / 512, target's sector count) sectors per frame.
 EXP_PAYLOAD=$(( (MTU - 36) / 512 * 512 ))
 say "backing file ${SIZE_MB} MiB md5 $H_BEFORE; pattern md5 $PAT_MD5 at byte $OFF"
@@ -271,6 +281,7 @@ MTU=$MTU
 BS=$BS
 SEEK=$SEEK
 RESIZE_TO=${RBD:+$(( (SIZE_MB + 16) << 20 ))}
+READ_BUDGET=$READ_BUDGET
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -282,22 +293,42 @@ DEV=/dev/etherd/e$SHELF.$SLOT
 SYS="/sys/block/etherd!e$SHELF.$SLOT"
 out() { echo "KI:$*"; }
 up() { cut -d' ' -f1 /proc/uptime; }
-# step NAME: a timestamped line before each step; the watchdog and die name the last one.
-step() { echo "$1" >/tmp/step; out "T $1 $(up)"; }
+# step NAME BUDGET: a timestamped line before each step, which must end within BUDGET
+# seconds (the watchdog below checks); the watchdog and die name the step.
+step() { echo "$1 $(up) $2" >/tmp/step; out "T $1 $(up)"; }
+where() { set -- $(cat /tmp/step); echo "$1, ${2%.*}s..$(up)s"; }
 # What the guest knows of where it stopped: the device's state, the driver's view of the
 # target (debugfs: in flight, window, rtt), its retransmit messages, the blocked tasks.
 diag() {
-    out "DIAG in step $(cat /tmp/step) at $(up)s; device state $(cat "$SYS/state" 2>/dev/null)"
+    out "DIAG in step $(where); device state $(cat "$SYS/state" 2>/dev/null)"
     cat "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null | sed 's/^/KI:DIAG aoe: /'
     out "DIAG $(grep -c . /tmp/err.log 2>/dev/null) driver messages (/dev/etherd/err), the last:"
     tail -n 15 /tmp/err.log 2>/dev/null | sed 's/^/KI:DIAG err: /'
     echo w >/proc/sysrq-trigger 2>/dev/null
     dmesg | tail -n +"$(cat /tmp/dmesg0 2>/dev/null || echo 1)" | tail -n 80 | sed 's/^/KI:DIAG dmesg: /'
 }
-die() { out "GUEST_FAIL $* (step $(cat /tmp/step))"; diag; poweroff -f; sleep 60; }
-( sleep "$WATCHDOG"; out "GUEST_FAIL guest watchdog: ${WATCHDOG}s (step $(cat /tmp/step))"; diag
-  poweroff -f ) &
-step boot
+die() { out "GUEST_FAIL $* (step $(where))"; diag; poweroff -f; sleep 60; }
+# The watchdog: each step within its budget, the whole run before DEADLINE, a time of the
+# host's clock GUEST_MARGIN seconds before its timeout (the guest's clock starts from the
+# host's through the emulated RTC: its uptime would not count the seconds a loaded host
+# takes to get the guest's kernel started). A step over its budget is reported, with diag.
+(
+    while sleep 1; do
+        now=$(up); now=${now%.*}
+        set -- $(cat /tmp/step 2>/dev/null)
+        [ $# = 3 ] || continue
+        if [ "$(date +%s)" -ge "$DEADLINE" ]; then
+            out "GUEST_FAIL guest watchdog: the run's deadline, ${GUEST_MARGIN}s before the host's timeout (step $(where))"
+        elif [ $((now - ${2%.*})) -gt "$3" ]; then
+            out "GUEST_FAIL step $1 took more than its budget of $3 s (step $(where))"
+        else
+            continue
+        fi
+        diag; poweroff -f
+    done
+) &
+step boot 60
+out "CLOCK $(date +%s)"
 for m in $(cat /lib/modules/order); do
     [ "$m" = aoe.ko ] && continue
     insmod /lib/modules/$m || die "insmod $m"
@@ -310,7 +341,7 @@ echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
 insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
 # The driver's messages (retransmits, "down"): only this device reports them.
 cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
-step discover
+step discover 90
 i=0
 while [ ! -b "$DEV" ] || [ "$(cat "$SYS/size" 2>/dev/null || echo 0)" = 0 ]; do
     [ $((i % 20)) = 0 ] && [ -e /dev/etherd/discover ] && echo > /dev/etherd/discover
@@ -321,21 +352,22 @@ out "T discovered $(up)"
 out "BYTES $(blockdev --getsize64 $DEV)"
 out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
 out "STATE $(cat "$SYS/state" 2>/dev/null)"
-step md5_before
+out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/null) aoe_maxout=$(cat /sys/module/aoe/parameters/aoe_maxout 2>/dev/null)"
+step md5_before "$READ_BUDGET"
 out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
-step pattern_write
+step pattern_write 60
 dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
     { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
-step sync
+step sync 60
 sync
-step readback
+step readback 60
 out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
-step drop_caches
+step drop_caches 60
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
-step md5_after
+step md5_after "$READ_BUDGET"
 out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
 if [ -n "$RESIZE_TO" ]; then
-    step resize
+    step resize 180
     # RBD mode: the host resizes the image when it reads this line.
     out "RESIZE_ME"
     how=announced i=0
@@ -350,7 +382,7 @@ if [ -n "$RESIZE_TO" ]; then
     done
     out "RESIZED $(blockdev --getsize64 $DEV) $how"
 fi
-out "T done $(up)"
+step done 60
 out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
 # The driver's messages themselves (a retransmit answered late shows as "unexpected rsp").
 head -n 20 /tmp/err.log | sed 's/^ */KI:ERR /'
@@ -409,10 +441,11 @@ sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
 
 # ---------------------------------------------------------------- guest
-# The guest's watchdog: what is left of -T now, less the host's margin.
-WATCHDOG=$(( TOTAL - ($(date +%s) - T0) - GUEST_MARGIN ))
+# The guest's watchdog: the host's timeout less its margin, in the host's clock.
+DEADLINE=$(( T0 + TOTAL - GUEST_MARGIN ))
+WATCHDOG=$(( DEADLINE - $(date +%s) ))
 [ "$WATCHDOG" -ge 60 ] || fail "-T $TOTAL leaves the guest ${WATCHDOG}s after the setup; give more"
-echo "WATCHDOG=$WATCHDOG" >>"$IR/etc/ki.conf"
+printf 'DEADLINE=%s\nGUEST_MARGIN=%s\n' "$DEADLINE" "$GUEST_MARGIN" >>"$IR/etc/ki.conf"
 INITRD=$RUN/initramfs.cpio.gz
 (cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
 say "booting the guest (qemu TCG, MTU $MTU, guest watchdog ${WATCHDOG}s)"
@@ -425,30 +458,46 @@ nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboo
     -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
     </dev/null >"$CONSOLE" 2>&1 &
 QEMU_PID=$!
-if [ -n "$RBD" ]; then
-    # The guest asks for the resize once its data checks are done.
-    while kill -0 "$QEMU_PID" 2>/dev/null; do
-        if grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
-            rbdx resize --no-progress --size $((SIZE_MB + 16))M "$RBD" >"$RUN/rbd.log" 2>&1 ||
-                { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
-            say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
-            break
+QEMU_T0=$(date +%s)
+# Until the guest's init runs, its own watchdog cannot: the host gives the kernel's boot
+# BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
+# on two cores). In RBD mode the guest asks for the resize once its data checks are done.
+BOOT_BUDGET=180
+booted=0 resized=0
+while kill -0 "$QEMU_PID" 2>/dev/null; do
+    if [ $booted = 0 ]; then
+        if grep -q 'KI:T boot' "$CONSOLE"; then
+            booted=1
+            sleep 0.5 # for its CLOCK line
+            g_up=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*KI:T boot //p')
+            g_clock=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*KI:CLOCK //p')
+            say "guest init started $(( $(date +%s) - QEMU_T0 ))s after qemu (guest uptime ${g_up}s, its clock $(( ${g_clock:-0} - $(date +%s) ))s off ours)"
+        elif [ $(( $(date +%s) - QEMU_T0 )) -gt $BOOT_BUDGET ]; then
+            diagnose
+            fail "the guest's kernel did not start its init within ${BOOT_BUDGET}s of qemu's start (console above)"
         fi
-        sleep 0.5
-    done
-fi
+    fi
+    if [ -n "$RBD" ] && [ $resized = 0 ] && grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+        rbdx resize --no-progress --size $((SIZE_MB + 16))M "$RBD" >"$RUN/rbd.log" 2>&1 ||
+            { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
+        say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
+        resized=1
+    fi
+    sleep 0.5
+done
 wait "$QEMU_PID"
 QRC=$?
 QEMU_PID=""
-say "guest finished (qemu exit status $QRC)"
+say "guest finished (qemu exit status $QRC) $(( $(date +%s) - QEMU_T0 ))s after qemu's start"
 # A guest that failed: the target's side while it still runs (the guest's is printed below).
-grep -q 'KI:GUEST_DONE' "$CONSOLE" || diagnose_host
-
-kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
-# The target's own account of the run (aoe serve): requests still in flight, drops.
-if [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
+# One that finished: the target's own account of the run (aoe serve), printed below.
+if ! grep -q 'KI:GUEST_DONE' "$CONSOLE"; then
+    diagnose_host
+elif [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
     { target_ctl status; target_ctl stats; } >"$RUN/target-ctl.txt"
 fi
+
+kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
 stop "-$TARGET_PID"
 wait "$TARGET_PID" 2>/dev/null
 TARGET_PID=""
