@@ -453,7 +453,7 @@ say "booting the guest (qemu TCG, MTU $MTU, guest watchdog ${WATCHDOG}s)"
 # stopped by cleanup, after the diagnostics (so they see it running).
 nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
     -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
     </dev/null >"$CONSOLE" 2>&1 &
