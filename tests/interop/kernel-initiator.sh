@@ -38,6 +38,22 @@
 # (iflag=direct) identical; the host file (with -r: the `rbd export`) holds it at that
 # offset; the full md5 after the write, in the guest and on the host, equals the expected one.
 #
+# Budgets: the guest's kernel must start its init within 180 s of qemu's start (the host
+# checks); then each guest step has a budget (60 s; whole-device reads 60 s + 4 s per MiB,
+# 188 s for 32 MiB, i.e. under 256 KiB/s fails) and the whole guest the time left of -T
+# less a 60 s margin for the host's checks (the guest's watchdog; ki.conf gives it as a
+# time of the host's clock). The guest measures its budgets on the emulated RTC, which
+# follows the host's clock, not on its own clock (which a loaded host can put far off). A
+# step over its budget fails naming it, so a stall is a clear failure well before -T.
+#
+# On a failure or a timeout the output says where it stopped: the guest prints a timestamped
+# "T STEP" line before each step; its watchdog prints the step it was in, the aoe driver's
+# debugfs state, its messages (retransmits, /dev/etherd/err), the blocked tasks (sysrq w)
+# and dmesg, then powers off. The host, on a signal (timeout) or a failed guest, prints the
+# guest's KI: lines and console tail, the target's log tail, its threads and (aoe serve) its
+# status and counters from the control socket, and the namespace's link counters. A passing
+# run prints the step times, the driver's retransmit count and the target's counters.
+#
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, apt-get (first run
 # downloads the kernel package; later runs use the cache); with -r also ceph-mon, ceph-mgr,
 # ceph-osd, ceph-common, uuid-runtime. Exit status: 0 PASS, 1 FAIL (the last line says why),
@@ -53,7 +69,7 @@ CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=600
 KEEP=0
 RBD=""
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while getopts "t:m:s:l:z:c:T:r:kh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
@@ -105,7 +121,11 @@ fi
 
 NS=aoeki-$$
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
+CONSOLE=$RUN/console.log
 TARGET_PID="" QEMU_PID=""
+# The guest's watchdog fires this long before the host's timeout, leaving the host time to
+# stop the target and print its side.
+GUEST_MARGIN=60
 
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
 for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^aoeki-[0-9]*$'); do
@@ -135,8 +155,59 @@ cleanup() {
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
+# diagnose: what the host can see of a run that did not finish, cheaply and bounded in time
+# (timeout(1) sends SIGKILL 30 s after SIGTERM): the guest's KI: lines (the step it reached)
+# and console tail, the target's log tail, threads and counters (aoe serve's control socket),
+# the namespace's link counters.
+diagnose() {
+    echo "### diagnostics at $(( $(date +%s) - T0 ))s"
+    diagnose_guest
+    diagnose_host
+}
+diagnose_guest() {
+    if [ -s "$CONSOLE" ]; then
+        echo "### guest (KI: lines):"
+        tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
+        echo "### guest console (tail, other lines):"
+        tr -d '\r' <"$CONSOLE" | grep -v 'KI:' | tail -n 15 | sed 's/^/    /'
+        echo "### console last written $(( $(date +%s) - $(stat -c %Y "$CONSOLE") ))s ago"
+    else
+        echo "### guest console: empty or not started"
+    fi
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        echo "### qemu:"; ps -o pid,stat,pcpu,time,etime -p "$QEMU_PID" | sed 's/^/    /'
+    fi
+}
+# target_ctl ARGS...: `aoe target ARGS` on the running target's control socket, indented
+# (aoe serve only: vblade has none). /proc/PID/exe is the binary even if it was rebuilt since.
+target_ctl() {
+    timeout 5 "/proc/$TARGET_PID/exe" target --socket "/run/aoe/serve-$TARGET_PID.sock" "$@" 2>&1 |
+        sed 's/^/    /'
+    [ "${PIPESTATUS[0]}" = 0 ] || echo "    (aoe target $*: no answer within 5 s)"
+}
+diagnose_host() {
+    if [ -f "$RUN/target.log" ]; then
+        echo "### target log (tail):"; tail -n 20 "$RUN/target.log" | sed 's/^/    /'
+    fi
+    if [ -n "$TARGET_PID" ] && kill -0 "$TARGET_PID" 2>/dev/null; then
+        echo "### target threads:"
+        ps -L -o tid,stat,pcpu,time,wchan:24,comm -p "$TARGET_PID" | sed 's/^/    /'
+        if [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
+            echo "### target status and counters (aoe target):"
+            target_ctl status; target_ctl --json stats
+        fi
+    fi
+    if [ -e "/run/netns/$NS" ]; then
+        echo "### links (packets, bytes, dropped; as ip -s link counts them):"
+        # ip netns exec mounts the namespace's own /sys (nsenter would show the host's).
+        timeout 5 ip netns exec "$NS" sh -c 'cd /sys/class/net && for l in *; do
+            s=$l/statistics; r() { cat "$s/$1"; }
+            echo "$l: rx $(r rx_packets) $(r rx_bytes) $(r rx_dropped) tx $(r tx_packets) $(r tx_bytes) $(r tx_dropped)"
+        done' 2>&1 | sed 's/^/    /'
+    fi
+}
 trap cleanup EXIT
-trap 'echo "FAIL: interrupted by a signal"; exit 1' INT TERM HUP
+trap 'echo "FAIL: interrupted by a signal ($(( $(date +%s) - T0 ))s)"; diagnose; exit 1' INT TERM HUP
 
 # ---------------------------------------------------------------- kernel (cached)
 # The cache holds, per package, the kernel image and just the modules the guest loads
@@ -189,6 +260,10 @@ PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
 H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
 EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + (1 << 20) + 1)) "$FILE"; } |
             md5sum | cut -d' ' -f1)
+# The guest's budget for reading the whole device (a step that takes longer fails, naming
+# it): a minute plus 4 s per MiB, i.e. slower than 256 KiB/s is a failure. Unloaded, a
+# 32 MiB read takes 3-6 s; with four TCG guests and two busy loops on two cores, 6-14 s.
+READ_BUDGET=$(( 60 + 4 * SIZE_MB ))
 # The kernel uses min((mtu - 36) / 512, target's sector count) sectors per frame.
 EXP_PAYLOAD=$(( (MTU - 36) / 512 * 512 ))
 say "backing file ${SIZE_MB} MiB md5 $H_BEFORE; pattern md5 $PAT_MD5 at byte $OFF"
@@ -207,16 +282,59 @@ MTU=$MTU
 BS=$BS
 SEEK=$SEEK
 RESIZE_TO=${RBD:+$(( (SIZE_MB + 16) << 20 ))}
+READ_BUDGET=$READ_BUDGET
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 . /etc/ki.conf
+DEV=/dev/etherd/e$SHELF.$SLOT
+SYS="/sys/block/etherd!e$SHELF.$SLOT"
 out() { echo "KI:$*"; }
-die() { out "GUEST_FAIL $*"; dmesg | tail -20; poweroff -f; sleep 60; }
-( sleep 900; out "GUEST_FAIL guest watchdog"; poweroff -f ) &
-out "T boot $(cut -d' ' -f1 /proc/uptime)"
+up() { cut -d' ' -f1 /proc/uptime; }
+# The host's clock, in seconds: the emulated CMOS RTC follows it (qemu's default -rtc
+# clock=host). The guest's own clock can be far off under a loaded host: TSC calibration
+# under TCG once put its uptime at 238 s 10 s after qemu's start. Budgets count in this one.
+hnow() { cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null || date +%s; }
+# step NAME BUDGET: a timestamped line (guest uptime, host clock) before each step, which
+# must end within BUDGET seconds of the host's clock (the watchdog below checks); the
+# watchdog and die name the step.
+step() { h=$(hnow); echo "$1 $h $2" >/tmp/step; out "T $1 $(up) $h"; }
+where() { set -- $(cat /tmp/step); echo "$1, $(( $(hnow) - $2 ))s in; uptime $(up)s"; }
+# What the guest knows of where it stopped: the device's state, the driver's view of the
+# target (debugfs: in flight, window, rtt), its retransmit messages, the blocked tasks.
+diag() {
+    out "DIAG in step $(where); device state $(cat "$SYS/state" 2>/dev/null)"
+    cat "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null | sed 's/^/KI:DIAG aoe: /'
+    out "DIAG $(grep -c . /tmp/err.log 2>/dev/null) driver messages (/dev/etherd/err), the last:"
+    tail -n 15 /tmp/err.log 2>/dev/null | sed 's/^/KI:DIAG err: /'
+    echo w >/proc/sysrq-trigger 2>/dev/null
+    dmesg | tail -n +"$(cat /tmp/dmesg0 2>/dev/null || echo 1)" | tail -n 80 | sed 's/^/KI:DIAG dmesg: /'
+}
+die() { out "GUEST_FAIL $* (step $(where))"; diag; poweroff -f; sleep 60; }
+# The watchdog: each step within its budget, the whole run before DEADLINE, a time of the
+# host's clock GUEST_MARGIN seconds before its timeout (read from the RTC, so the seconds a
+# loaded host takes to get the guest's kernel started count too). A step over its budget
+# is reported, with diag.
+(
+    while sleep 1; do
+        now=$(hnow)
+        set -- $(cat /tmp/step 2>/dev/null)
+        [ $# = 3 ] || continue
+        if [ "$now" -ge "$DEADLINE" ]; then
+            out "GUEST_FAIL guest watchdog: the run's deadline, ${GUEST_MARGIN}s before the host's timeout (step $(where))"
+        elif [ $((now - $2)) -gt "$3" ]; then
+            out "GUEST_FAIL step $1 took more than its budget of $3 s (step $(where))"
+        else
+            continue
+        fi
+        diag; poweroff -f
+    done
+) &
+step boot 60
+out "CLOCK $(date +%s) $(hnow)"
 for m in $(cat /lib/modules/order); do
     [ "$m" = aoe.ko ] && continue
     insmod /lib/modules/$m || die "insmod $m"
@@ -224,27 +342,38 @@ done
 i=0; while [ ! -e /sys/class/net/eth0 ]; do i=$((i+1)); [ $i -gt 100 ] && die "no eth0"; sleep 0.1; done
 ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
+# diag prints dmesg from here on (the boot's lines are of no interest).
+echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
 insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
-DEV=/dev/etherd/e$SHELF.$SLOT
-SYS="/sys/block/etherd!e$SHELF.$SLOT"
+# The driver's messages (retransmits, "down"): only this device reports them.
+cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
+step discover 90
 i=0
 while [ ! -b "$DEV" ] || [ "$(cat "$SYS/size" 2>/dev/null || echo 0)" = 0 ]; do
     [ $((i % 20)) = 0 ] && [ -e /dev/etherd/discover ] && echo > /dev/etherd/discover
     i=$((i+1)); [ $i -gt 600 ] && die "$DEV did not appear within 60 s"
     sleep 0.1
 done
-out "T discovered $(cut -d' ' -f1 /proc/uptime)"
+out "T discovered $(up)"
 out "BYTES $(blockdev --getsize64 $DEV)"
 out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
 out "STATE $(cat "$SYS/state" 2>/dev/null)"
+out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/null) aoe_maxout=$(cat /sys/module/aoe/parameters/aoe_maxout 2>/dev/null)"
+step md5_before "$READ_BUDGET"
 out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
+step pattern_write 60
 dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
     { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+step sync 60
 sync
+step readback 60
 out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+step drop_caches 60
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
+step md5_after "$READ_BUDGET"
 out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
 if [ -n "$RESIZE_TO" ]; then
+    step resize 180
     # RBD mode: the host resizes the image when it reads this line.
     out "RESIZE_ME"
     how=announced i=0
@@ -259,15 +388,16 @@ if [ -n "$RESIZE_TO" ]; then
     done
     out "RESIZED $(blockdev --getsize64 $DEV) $how"
 fi
-out "T done $(cut -d' ' -f1 /proc/uptime)"
+step done 60
+out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
+# The driver's messages themselves (a retransmit answered late shows as "unexpected rsp").
+head -n 20 /tmp/err.log | sed 's/^ */KI:ERR /'
 dmesg | grep -i aoe | sed 's/^/KI:DMESG /'
 out GUEST_DONE
 poweroff -f
 sleep 60
 EOF
 chmod +x "$IR/init"
-INITRD=$RUN/initramfs.cpio.gz
-(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
 
 # ---------------------------------------------------------------- network
 ip netns add "$NS" || fail "ip netns add $NS"
@@ -317,31 +447,61 @@ sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
 
 # ---------------------------------------------------------------- guest
-say "booting the guest (qemu TCG, MTU $MTU)"
-CONSOLE=$RUN/console.log
-nsenter --net="/run/netns/$NS" -- qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
+# The guest's watchdog: the host's timeout less its margin, in the host's clock.
+DEADLINE=$(( T0 + TOTAL - GUEST_MARGIN ))
+WATCHDOG=$(( DEADLINE - $(date +%s) ))
+[ "$WATCHDOG" -ge 60 ] || fail "-T $TOTAL leaves the guest ${WATCHDOG}s after the setup; give more"
+printf 'DEADLINE=%s\nGUEST_MARGIN=%s\n' "$DEADLINE" "$GUEST_MARGIN" >>"$IR/etc/ki.conf"
+INITRD=$RUN/initramfs.cpio.gz
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+say "booting the guest (qemu TCG, MTU $MTU, guest watchdog ${WATCHDOG}s)"
+# setsid, as for the target: timeout(1) signals its whole process group, and the guest is
+# stopped by cleanup, after the diagnostics (so they see it running).
+nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
     -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
     </dev/null >"$CONSOLE" 2>&1 &
 QEMU_PID=$!
-if [ -n "$RBD" ]; then
-    # The guest asks for the resize once its data checks are done.
-    while kill -0 "$QEMU_PID" 2>/dev/null; do
-        if grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
-            rbdx resize --no-progress --size $((SIZE_MB + 16))M "$RBD" >"$RUN/rbd.log" 2>&1 ||
-                { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
-            say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
-            break
+QEMU_T0=$(date +%s)
+# Until the guest's init runs, its own watchdog cannot: the host gives the kernel's boot
+# BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
+# on two cores). In RBD mode the guest asks for the resize once its data checks are done.
+BOOT_BUDGET=180
+booted=0 resized=0
+while kill -0 "$QEMU_PID" 2>/dev/null; do
+    if [ $booted = 0 ]; then
+        if grep -q 'KI:T boot' "$CONSOLE"; then
+            booted=1
+            sleep 0.5 # for its CLOCK line
+            g_up=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*KI:T boot \([^ ]*\).*/\1/p')
+            read -r g_clock g_rtc < <(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*KI:CLOCK //p')
+            say "guest init started $(( $(date +%s) - QEMU_T0 ))s after qemu (guest uptime ${g_up}s; its clock $(( ${g_clock:-0} - $(date +%s) ))s off ours, its RTC $(( ${g_rtc:-0} - $(date +%s) ))s)"
+        elif [ $(( $(date +%s) - QEMU_T0 )) -gt $BOOT_BUDGET ]; then
+            diagnose
+            fail "the guest's kernel did not start its init within ${BOOT_BUDGET}s of qemu's start (console above)"
         fi
-        sleep 0.5
-    done
-fi
+    fi
+    if [ -n "$RBD" ] && [ $resized = 0 ] && grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+        rbdx resize --no-progress --size $((SIZE_MB + 16))M "$RBD" >"$RUN/rbd.log" 2>&1 ||
+            { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
+        say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
+        resized=1
+    fi
+    sleep 0.5
+done
 wait "$QEMU_PID"
 QRC=$?
 QEMU_PID=""
-say "guest finished (qemu exit status $QRC)"
+say "guest finished (qemu exit status $QRC) $(( $(date +%s) - QEMU_T0 ))s after qemu's start"
+# A guest that failed: the target's side while it still runs (the guest's is printed below).
+# One that finished: the target's own account of the run (aoe serve), printed below.
+if ! grep -q 'KI:GUEST_DONE' "$CONSOLE"; then
+    diagnose_host
+elif [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
+    { target_ctl status; target_ctl stats; } >"$RUN/target-ctl.txt"
+fi
 
 kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
 stop "-$TARGET_PID"
@@ -370,10 +530,15 @@ echo "### host: size $((SIZE_MB << 20)) md5 before $H_BEFORE, pattern $PAT_MD5 a
 echo "###       md5 after $H_AFTER (expected $EXP_AFTER); expected payload $EXP_PAYLOAD"
 echo "### target log (tail):"
 tail -n 5 "$RUN/target.log" | sed 's/^/    /'
+if [ -s "$RUN/target-ctl.txt" ]; then
+    echo "### target status and counters after the guest finished:"
+    cat "$RUN/target-ctl.txt"
+fi
 echo "### total $(( $(date +%s) - T0 ))s"
 
 if grep -q 'KI:GUEST_FAIL' "$CONSOLE"; then
-    tr -d '\r' <"$CONSOLE" | tail -n 30
+    echo "### guest console (tail, other lines):"
+    tr -d '\r' <"$CONSOLE" | grep -v 'KI:' | tail -n 15 | sed 's/^/    /'
     fail "guest: $(g GUEST_FAIL)"
 fi
 grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fail "guest did not finish (qemu exit status $QRC)"; }
