@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use aoe_sys::NoWait;
 
 use crate::range_lock::RangeLock;
-use crate::{check_range, Backend};
+use crate::{check_range, Backend, ReadSource};
 
 const SECTOR: u64 = 512;
 /// O_DIRECT alignment when the kernel does not tell (no `STATX_DIOALIGN`, not a block device):
@@ -444,6 +444,24 @@ impl Backend for FileBackend {
             std::os::fd::AsFd::as_fd(&self.file),
             self.base + offset,
         )))
+    }
+
+    fn inline_read_source(&self, offset: u64, len: usize) -> io::Result<Option<ReadSource<'_>>> {
+        if self.memory && !self.opts.direct {
+            check_range(offset, len, self.len)?;
+            return Ok(Some(ReadSource {
+                fd: std::os::fd::AsFd::as_fd(&self.file),
+                pos: self.base + offset,
+                nowait: false,
+            }));
+        }
+        Ok(self
+            .nowait_read_source(offset, len)?
+            .map(|(fd, pos)| ReadSource {
+                fd,
+                pos,
+                nowait: true,
+            }))
     }
 
     /// Without `RWF_NOWAIT` for buffered writes (ext4 refuses it with `EOPNOTSUPP`), a
