@@ -707,6 +707,47 @@ mod tests {
         );
     }
 
+    /// Issue 15: where the target may read a batch's contiguous reads itself (one
+    /// `preadv2`): a tmpfs file without `RWF_NOWAIT` (its reads never wait), a disk file
+    /// with it, the position counted from the export's offset; a range outside the export
+    /// is an error; O_DIRECT not at all (its reads need the aligned bounce buffer).
+    #[test]
+    fn inline_read_source_says_where_and_how() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let disk = scratch_dir();
+        for (dir, memory) in [(shm.path(), true), (disk.path(), false)] {
+            let p = dir.join("src.img");
+            std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            if aoe_sys::is_memory_fs(&f) != memory {
+                continue; // /dev/shm not tmpfs, or the scratch dir on one: nothing to see
+            }
+            let b = FileBackend::open(
+                &p,
+                &OpenOptions {
+                    offset_sectors: 8,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let src = b.inline_read_source(1024, 2048).unwrap().unwrap();
+            assert_eq!(src.pos, 8 * 512 + 1024);
+            assert_eq!(src.nowait, !memory, "{}", p.display());
+            assert!(b.inline_read_source(56 * 512 - 512, 1024).is_err());
+        }
+        let p = disk.path().join("direct.img");
+        std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+        if let Ok(b) = FileBackend::open(
+            &p,
+            &OpenOptions {
+                direct: true,
+                ..Default::default()
+            },
+        ) {
+            assert!(b.inline_read_source(0, 512).unwrap().is_none());
+        }
+    }
+
     #[test]
     fn direct_io_unaligned_ranges() {
         // O_DIRECT is not supported on tmpfs; use a file under the target dir if it is not.
