@@ -76,9 +76,11 @@ pub struct ServeArgs {
     /// logging it, where rings cannot be set up); `mmsg` uses recvmmsg/sendmmsg batches of 64.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
-    /// How long, in microseconds, the target keeps polling its sockets after the last frame
-    /// before it sleeps, 0 to 10000 [default: 100]. Longer answers an initiator that keeps
-    /// requests in flight sooner; shorter costs less CPU per GB. Fixed at start.
+    /// How long at most, in microseconds, the target keeps polling its sockets after the
+    /// last frame before it sleeps, 0 to 10000 [default: 100]. Within it the spin adapts: it
+    /// shortens while the next frames come later than this, and lengthens while they come
+    /// sooner. Longer answers an initiator that keeps requests in flight sooner; shorter
+    /// costs less CPU per GB. Fixed at start.
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
     /// How long, in seconds, a stop (SIGTERM, SIGINT) waits for the I/O in flight to finish

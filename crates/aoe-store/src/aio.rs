@@ -136,6 +136,15 @@ pub trait AsyncBackend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// See [`Backend::inline_read_source`].
+    fn inline_read_source(
+        &self,
+        _offset: u64,
+        _len: usize,
+    ) -> io::Result<Option<crate::ReadSource<'_>>> {
+        Ok(None)
+    }
+
     /// Starts `req`; its [`Done`] arrives on the store's [`Completions`]. Gives the request
     /// back, untouched, if the store cannot take it now (a full queue): the caller drops it
     /// and the AoE initiator retransmits. A request it takes is always completed, also with
@@ -280,6 +289,14 @@ impl AsyncBackend for PoolBackend {
         len: usize,
     ) -> io::Result<Option<(std::os::fd::BorrowedFd<'_>, u64)>> {
         self.backend.nowait_read_source(offset, len)
+    }
+
+    fn inline_read_source(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<crate::ReadSource<'_>>> {
+        self.backend.inline_read_source(offset, len)
     }
 
     fn submit(&self, req: Request) -> Result<(), Request> {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use aoe_sys::NoWait;
 
 use crate::range_lock::RangeLock;
-use crate::{check_range, Backend};
+use crate::{check_range, Backend, ReadSource};
 
 const SECTOR: u64 = 512;
 /// O_DIRECT alignment when the kernel does not tell (no `STATX_DIOALIGN`, not a block device):
@@ -446,6 +446,24 @@ impl Backend for FileBackend {
         )))
     }
 
+    fn inline_read_source(&self, offset: u64, len: usize) -> io::Result<Option<ReadSource<'_>>> {
+        if self.memory && !self.opts.direct {
+            check_range(offset, len, self.len)?;
+            return Ok(Some(ReadSource {
+                fd: std::os::fd::AsFd::as_fd(&self.file),
+                pos: self.base + offset,
+                nowait: false,
+            }));
+        }
+        Ok(self
+            .nowait_read_source(offset, len)?
+            .map(|(fd, pos)| ReadSource {
+                fd,
+                pos,
+                nowait: true,
+            }))
+    }
+
     /// Without `RWF_NOWAIT` for buffered writes (ext4 refuses it with `EOPNOTSUPP`), a
     /// write is one plain `pwrite` here, as vblade does every write: it copies into the page
     /// cache, and handing it to a worker instead cost 8x vblade's CPU per GB (a wake-up and
@@ -687,6 +705,47 @@ mod tests {
             !b.write_inline(&[&[4; 512]], 0).unwrap(),
             "inline on no local disk"
         );
+    }
+
+    /// Issue 15: where the target may read a batch's contiguous reads itself (one
+    /// `preadv2`): a tmpfs file without `RWF_NOWAIT` (its reads never wait), a disk file
+    /// with it, the position counted from the export's offset; a range outside the export
+    /// is an error; O_DIRECT not at all (its reads need the aligned bounce buffer).
+    #[test]
+    fn inline_read_source_says_where_and_how() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let disk = scratch_dir();
+        for (dir, memory) in [(shm.path(), true), (disk.path(), false)] {
+            let p = dir.join("src.img");
+            std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            if aoe_sys::is_memory_fs(&f) != memory {
+                continue; // /dev/shm not tmpfs, or the scratch dir on one: nothing to see
+            }
+            let b = FileBackend::open(
+                &p,
+                &OpenOptions {
+                    offset_sectors: 8,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let src = b.inline_read_source(1024, 2048).unwrap().unwrap();
+            assert_eq!(src.pos, 8 * 512 + 1024);
+            assert_eq!(src.nowait, !memory, "{}", p.display());
+            assert!(b.inline_read_source(56 * 512 - 512, 1024).is_err());
+        }
+        let p = disk.path().join("direct.img");
+        std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+        if let Ok(b) = FileBackend::open(
+            &p,
+            &OpenOptions {
+                direct: true,
+                ..Default::default()
+            },
+        ) {
+            assert!(b.inline_read_source(0, 512).unwrap().is_none());
+        }
     }
 
     #[test]

@@ -124,6 +124,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Where a read of `len` bytes at `offset` may be done by the caller's own means without
+    /// waiting for a device, several contiguous ones in one call (the target's `preadv2`
+    /// of a receive batch's contiguous reads): the file, the byte position in it, and whether
+    /// the read needs `RWF_NOWAIT` for that. By default [`nowait_read_source`]'s answer,
+    /// with `RWF_NOWAIT`; a file on a memory file system, whose reads never wait for a
+    /// device, needs none. `Ok(None)`: use [`try_read_at`](Self::try_read_at) (or a worker).
+    ///
+    /// [`nowait_read_source`]: Self::nowait_read_source
+    fn inline_read_source(&self, offset: u64, len: usize) -> io::Result<Option<ReadSource<'_>>> {
+        Ok(self
+            .nowait_read_source(offset, len)?
+            .map(|(fd, pos)| ReadSource {
+                fd,
+                pos,
+                nowait: true,
+            }))
+    }
+
     /// Writes like [`Backend::write_at`] if that can be done without waiting for a device or
     /// a server (a file on a local disk without `RWF_NOWAIT` writes may still wait briefly:
     /// see [`FileBackend`]'s); `Ok(false)` if it would block (nothing, or only part, may
@@ -157,6 +175,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn failed(&self) -> bool {
         false
     }
+}
+
+/// Where a store's read may be done without a worker ([`Backend::inline_read_source`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSource<'a> {
+    /// The file to read.
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// The byte position of the read in it.
+    pub pos: u64,
+    /// True if only a read with `RWF_NOWAIT` is sure not to wait (the data may not be
+    /// cached); false where reads never wait for a device (a memory file system).
+    pub nowait: bool,
 }
 
 /// Checks that `len` bytes at `offset` lie inside a store of `size` bytes.

@@ -144,7 +144,7 @@ pub fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn nowait_result(r: isize) -> io::Result<NoWait> {
+pub(crate) fn nowait_result(r: isize) -> io::Result<NoWait> {
     if r >= 0 {
         return Ok(NoWait::Done(r as usize));
     }

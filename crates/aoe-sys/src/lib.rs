@@ -66,7 +66,7 @@ pub use file::{
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
-pub use ring::{PacketRing, RingStats};
+pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 

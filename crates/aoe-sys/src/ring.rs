@@ -705,6 +705,89 @@ impl PacketRing {
     }
 }
 
+/// One part of a vectored read into transmit slots ([`PacketRing::preadv_into_slots`]):
+/// `len` bytes at `at` in the data area of the free slot `ahead` places after the next
+/// free one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPart {
+    /// The slot, counted from the next free one as in
+    /// [`slot_ahead`](PacketRing::slot_ahead).
+    pub ahead: usize,
+    /// Where in the slot's data area the bytes go.
+    pub at: usize,
+    /// How many bytes.
+    pub len: usize,
+}
+
+/// Parts of one [`PacketRing::preadv_into_slots`] at most (a receive batch of the target).
+pub const MAX_SLOT_PARTS: usize = 64;
+
+impl PacketRing {
+    /// Reads the bytes of `file` from `offset` on into the transmit slots `parts` name, one
+    /// part after the other, with one `preadv2` (`RWF_NOWAIT` if `nowait`): the contiguous
+    /// reads of a receive batch cost one system call and one walk of the page cache instead
+    /// of one each. `Done(n)`: the first `n` bytes arrived (fewer than the parts hold if only
+    /// part was cached, or at the end of the file); the parts past them are untouched.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for more than [`MAX_SLOT_PARTS`] parts, parts whose
+    /// slots are not free, not in increasing order (so no two iovecs share a slot) or whose
+    /// range is outside a slot's data area, and an offset past `off_t`; else the read's own
+    /// error (`WouldBlock` and `Unsupported` as [`crate::pread_nowait`]).
+    pub fn preadv_into_slots(
+        &mut self,
+        file: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        parts: &[SlotPart],
+        nowait: bool,
+    ) -> io::Result<crate::NoWait> {
+        let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+        if parts.len() > MAX_SLOT_PARTS {
+            return Err(invalid());
+        }
+        let mut v = [libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_SLOT_PARTS];
+        let mut prev = None;
+        for (iov, p) in v.iter_mut().zip(parts) {
+            if prev.is_some_and(|a| p.ahead <= a) {
+                return Err(invalid());
+            }
+            prev = Some(p.ahead);
+            let ptr = self
+                .slot_ptr_ahead(p.ahead, p.at, p.len)
+                .ok_or_else(invalid)?;
+            *iov = libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: p.len,
+            };
+        }
+        let off = libc::off_t::try_from(offset).map_err(|_| invalid())?;
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        loop {
+            // SAFETY: each iovec points at `len` bytes inside the data area of a distinct
+            // free transmit slot (checked by slot_ptr_ahead; distinct as the slots are in
+            // increasing order), which the kernel does not touch until a slot is marked,
+            // and `self` is borrowed mutably for the call so nothing marks one meanwhile.
+            let r = unsafe {
+                libc::preadv2(
+                    file.as_raw_fd(),
+                    v.as_ptr(),
+                    parts.len() as libc::c_int,
+                    off,
+                    flags,
+                )
+            };
+            if r < 0 && !nowait && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return crate::file::nowait_result(r);
+        }
+    }
+}
+
 impl Drop for PacketRing {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, of that length, unmapped once; no borrow of it

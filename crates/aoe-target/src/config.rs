@@ -204,11 +204,12 @@ pub struct ServeConfig {
     /// How frames reach and leave the sockets (`aoe serve --io`); fixed at start, a reload
     /// keeps the running one.
     pub io: IoMode,
-    /// How long the event loop keeps polling its sockets without sleeping after the last
-    /// frame (`aoe serve --spin-us`, at most [`MAX_SPIN`]; zero: sleep in poll() at once).
-    /// Spinning trades CPU time for latency: while an initiator keeps requests in flight
-    /// the next ones are microseconds away, and sleeping costs a wake-up for every batch.
-    /// Fixed at start, like `io`.
+    /// How long at most the event loop keeps polling its sockets without sleeping after the
+    /// last frame (`aoe serve --spin-us`, at most [`MAX_SPIN`]; zero: sleep in poll() at
+    /// once); within it the daemon adapts the spin to the gaps between batches. Spinning
+    /// trades CPU time for latency: while an initiator keeps requests in flight the next
+    /// ones are microseconds away, and sleeping costs a wake-up for every batch. Fixed at
+    /// start, like `io`.
     pub spin: Duration,
     /// How long a stop waits for the I/O in flight to finish and be answered (`aoe serve
     /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the

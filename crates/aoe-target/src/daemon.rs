@@ -30,6 +30,7 @@ mod exports;
 mod order;
 mod send;
 mod shared;
+mod spin;
 
 pub use exports::validate;
 use exports::ExportRt;
@@ -167,6 +168,14 @@ pub struct Daemon {
     spin: Duration,
     /// How long a stop waits for the I/O in flight ([`ServeConfig::drain`]).
     drain: Duration,
+    /// How long the loop spins now, at most `spin`: shortened while the next frames come
+    /// long after the spin would have ended, lengthened while they come soon after
+    /// ([`spin::SpinWindow`]).
+    spin_window: spin::SpinWindow,
+    /// When the last frame came before the loop went to sleep in poll() (the spin found
+    /// nothing within its window, or the window was zero): the next frame's gap adapts
+    /// `spin_window`.
+    slept_after: Option<Instant>,
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
@@ -225,6 +234,8 @@ impl Daemon {
             io: config.io,
             spin: config.spin,
             drain: config.drain,
+            spin_window: spin::SpinWindow::new(config.spin),
+            slept_after: None,
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
@@ -293,8 +304,13 @@ impl Daemon {
             }
             self.complete_io();
             self.flush_sends();
-            if frames > 0 && !self.spin.is_zero() && self.spin_pays() {
-                self.spin(control);
+            if frames > 0 {
+                if let Some(t) = self.slept_after.take() {
+                    self.spin_window.after_sleep(t.elapsed());
+                }
+                if !self.spin.is_zero() && self.spin_pays() {
+                    self.slept_after = self.spin(control);
+                }
             }
             self.persist_state();
             if self.observer.wanted() || last_refresh.elapsed() >= REFRESH {
@@ -468,18 +484,26 @@ impl Daemon {
         }
     }
 
-    /// Serves frames as they come, without sleeping, until none came for `spin` (or for
-    /// at most [`SPIN_MAX`], or until a stop or reload is asked for, or until only RBD
-    /// requests are outstanding: [`Daemon::spin_yields`]).
-    fn spin(&mut self, control: &Control) {
+    /// Serves frames as they come, without sleeping, until none came for the spin window
+    /// ([`spin::SpinWindow`], at most `spin`), or for at most [`SPIN_MAX`], or until a stop
+    /// or reload is asked for, or until only RBD requests are outstanding
+    /// ([`Daemon::spin_yields`]). Returns when the last frame came if it ended because none
+    /// came within the window (the loop sleeps next, and the next frame's gap adapts the
+    /// window); `None` if it ended for another reason.
+    fn spin(&mut self, control: &Control) -> Option<Instant> {
+        let window = self.spin_window.get();
         let start = Instant::now();
+        if window.is_zero() {
+            return Some(start);
+        }
         let mut last = start;
-        while last.elapsed() < self.spin
-            && start.elapsed() < SPIN_MAX
-            && !control.stop.load(Ordering::Relaxed)
-            && !control.reload.load(Ordering::Relaxed)
-            && !self.spin_yields()
-        {
+        loop {
+            if control.stop.load(Ordering::Relaxed)
+                || control.reload.load(Ordering::Relaxed)
+                || self.spin_yields()
+            {
+                return None;
+            }
             let mut frames = 0;
             for idx in 0..self.ifaces.len() {
                 frames += self.receive(idx);
@@ -487,9 +511,17 @@ impl Daemon {
             // Worker completions are answered here too, not only after the spin.
             self.complete_io();
             self.flush_sends();
+            // One clock read a turn.
+            let now = Instant::now();
             if frames > 0 {
-                last = Instant::now();
-            } else {
+                last = now;
+            } else if now - last >= window {
+                return Some(last);
+            }
+            if now - start >= SPIN_MAX {
+                return None;
+            }
+            if frames == 0 {
                 std::hint::spin_loop();
             }
         }

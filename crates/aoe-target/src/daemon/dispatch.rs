@@ -118,13 +118,12 @@ impl Daemon {
                     _ => None,
                 };
                 let ordered = write_range.as_ref().is_some_and(|r| rt.writes.must_wait(r));
-                // With a transmit slot and io_uring, a read of a file that can be read
-                // without blocking is staged: all of the batch's are read into their slots
-                // with one io_uring_enter at its end (finish_staged).
-                if let (IoKind::Read { offset, len }, true, Some(_)) =
-                    (&req.kind, in_slot, &self.uring)
-                {
-                    if let Ok(Some(_)) = rt.backend.nowait_read_source(*offset, *len) {
+                // With a transmit slot, a read of a file that can be read without blocking
+                // is staged: at the end of the batch its contiguous reads are read into their
+                // slots with one preadv2 each run, or all of them with one io_uring_enter
+                // (run_staged_reads).
+                if let (IoKind::Read { offset, len }, true) = (&req.kind, in_slot) {
+                    if let Ok(Some(_)) = rt.backend.inline_read_source(*offset, *len) {
                         iface.staged.push(Staged::Read {
                             id,
                             token: req.token,
@@ -244,37 +243,79 @@ impl Daemon {
         }
     }
 
-    /// Runs the reads staged in interface `idx`'s batch that have not run yet: one
-    /// `io_uring_enter` for all of them, each straight into its transmit slot with
-    /// `RWF_NOWAIT`. Fewer than [`URING_MIN_READS`] are one `preadv2` each (`try_read_at`),
-    /// as before. If io_uring fails, it is closed (logged once) and the reads left are done
-    /// one by one by `finish_staged`.
+    /// Runs the reads staged in interface `idx`'s batch that have not run yet, each
+    /// straight into its transmit slot: each run of reads of one export that follow each
+    /// other on the store (a sequential reader's) with one `preadv2` (`RWF_NOWAIT` where the
+    /// data may not be cached), which walks the page cache once for the run; with
+    /// [`URING_MIN_READS`] runs or more (random reads at a large window) all of them with
+    /// one `io_uring_enter` instead. A read that did not run (an error, a short read) is
+    /// tried alone by `finish_staged`; one that would block goes to a worker there. If
+    /// io_uring fails, it is closed (logged once).
     pub(super) fn run_staged_reads(&mut self, idx: usize) {
-        let cap = self.ifaces[idx].frame_cap;
         let IfaceRt { batch, staged, .. } = &mut self.ifaces[idx];
         let Batch::Ring(ring) = batch else {
             return;
         };
-        let unread = staged.iter().filter(|s| s.unread()).count();
-        if unread < URING_MIN_READS || self.uring.is_none() {
-            for (j, s) in staged.iter_mut().enumerate() {
-                if let Staged::Read {
-                    id,
-                    offset,
-                    len,
-                    done: done @ None,
-                    ..
-                } = s
-                {
-                    let (Some(rt), Some(slot)) = (self.exports.get(id), ring.slot_ahead(j)) else {
+        let mut members = [0usize; aoe_sys::MAX_SLOT_PARTS];
+        let (mut runs, mut j) = (0, 0);
+        while let Some((_, next)) = read_run(staged, j, &mut members) {
+            runs += 1;
+            j = next;
+        }
+        if runs == 0 {
+            return;
+        }
+        if runs < URING_MIN_READS || self.uring.is_none() {
+            let mut parts = [aoe_sys::SlotPart {
+                ahead: 0,
+                at: 0,
+                len: 0,
+            }; aoe_sys::MAX_SLOT_PARTS];
+            let mut j = 0;
+            while let Some((m, next)) = read_run(staged, j, &mut members) {
+                j = next;
+                let mut total = 0;
+                for (p, &k) in parts.iter_mut().zip(&members[..m]) {
+                    let len = staged[k].read_len();
+                    total += len;
+                    *p = aoe_sys::SlotPart {
+                        ahead: k,
+                        at: ATA_HEADER_LEN,
+                        len,
+                    };
+                }
+                let Staged::Read { id, offset, .. } = &staged[members[0]] else {
+                    continue;
+                };
+                let Some(Ok(Some(src))) = self
+                    .exports
+                    .get(id)
+                    .map(|rt| rt.backend.inline_read_source(*offset, total))
+                else {
+                    continue;
+                };
+                let r = ring.preadv_into_slots(src.fd, src.pos, &parts[..m], src.nowait);
+                let mut end = 0;
+                for &k in &members[..m] {
+                    let Staged::Read { len, done, .. } = &mut staged[k] else {
                         continue;
                     };
-                    let data = &mut slot[..cap][ATA_HEADER_LEN..ATA_HEADER_LEN + *len];
-                    *done = Some(match rt.backend.try_read_at(data, *offset) {
-                        Ok(true) => Ok(aoe_sys::NoWait::Done(*len)),
-                        Ok(false) => Ok(aoe_sys::NoWait::WouldBlock),
-                        Err(e) => Err(e),
-                    });
+                    end += *len;
+                    *done = match &r {
+                        Ok(aoe_sys::NoWait::Done(n)) if end <= *n => {
+                            Some(Ok(aoe_sys::NoWait::Done(*len)))
+                        }
+                        // Only part was cached: the rest goes to a worker.
+                        Ok(aoe_sys::NoWait::Done(_)) if src.nowait => {
+                            Some(Ok(aoe_sys::NoWait::WouldBlock))
+                        }
+                        Ok(w @ (aoe_sys::NoWait::WouldBlock | aoe_sys::NoWait::Unsupported)) => {
+                            Some(Ok(*w))
+                        }
+                        // A short read that could have waited (the file shrank) or an error:
+                        // each read alone in finish_staged, which learns which one fails.
+                        Ok(aoe_sys::NoWait::Done(_)) | Err(_) => None,
+                    };
                 }
             }
             return;
@@ -282,9 +323,6 @@ impl Daemon {
         let Some(uring) = &mut self.uring else {
             return;
         };
-        if unread == 0 {
-            return;
-        }
         let exports = &self.exports;
         let reads = staged.iter().enumerate().filter_map(|(j, s)| match s {
             Staged::Read {
@@ -704,6 +742,47 @@ impl Daemon {
 /// cost more target CPU than the `preadv2` calls it replaced, at window 64 less.
 const URING_MIN_READS: usize = 8;
 
+/// The run of unread reads starting at the first unread one at or after `staged[from]`:
+/// reads of one export, each starting where the one before ends (entries in between that
+/// are not unread reads are passed over), at most [`aoe_sys::MAX_SLOT_PARTS`]. Their indices
+/// go into `members`; returns how many, and where to look for the next run.
+fn read_run(
+    staged: &[Staged],
+    from: usize,
+    members: &mut [usize; aoe_sys::MAX_SLOT_PARTS],
+) -> Option<(usize, usize)> {
+    let first = from + staged.get(from..)?.iter().position(Staged::unread)?;
+    let Staged::Read {
+        id, offset, len, ..
+    } = &staged[first]
+    else {
+        return None;
+    };
+    let (id, mut end) = (*id, offset + *len as u64);
+    members[0] = first;
+    let mut m = 1;
+    let mut k = first + 1;
+    while k < staged.len() && m < members.len() {
+        match &staged[k] {
+            Staged::Read {
+                id: i,
+                offset: o,
+                len: l,
+                done: None,
+                ..
+            } if *i == id && *o == end => {
+                members[m] = k;
+                m += 1;
+                end += *l as u64;
+            }
+            Staged::Read { done: None, .. } => break,
+            _ => {}
+        }
+        k += 1;
+    }
+    Some((m, k))
+}
+
 /// A reply of the current receive batch, in a transmit slot not yet marked
 /// ([`IfaceRt::staged`]).
 pub(super) enum Staged {
@@ -734,6 +813,14 @@ impl Staged {
     /// True for a read that has not run yet.
     pub(super) fn unread(&self) -> bool {
         matches!(self, Staged::Read { done: None, .. })
+    }
+
+    /// The length of a read, 0 for anything else.
+    pub(super) fn read_len(&self) -> usize {
+        match self {
+            Staged::Read { len, .. } => *len,
+            _ => 0,
+        }
     }
 
     /// True for a write that has not run yet.
@@ -829,6 +916,66 @@ pub(super) fn ata_failure(e: &StoreError) -> IoFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read(id: u32, offset: u64, len: usize) -> Staged {
+        Staged::Read {
+            id,
+            token: Token(0),
+            offset,
+            len,
+            done: None,
+        }
+    }
+
+    /// All runs of `staged` as lists of indices.
+    fn runs(staged: &[Staged]) -> Vec<Vec<usize>> {
+        let mut members = [0usize; aoe_sys::MAX_SLOT_PARTS];
+        let (mut out, mut j) = (Vec::new(), 0);
+        while let Some((m, next)) = read_run(staged, j, &mut members) {
+            out.push(members[..m].to_vec());
+            j = next;
+        }
+        out
+    }
+
+    /// Issue 15: the contiguous reads of a receive batch are one preadv2. A run takes only
+    /// unread reads of one export, each starting where the one before ends; replies
+    /// already built and reads already done are passed over, anything else ends it.
+    #[test]
+    fn read_runs_take_contiguous_unread_reads_of_one_export() {
+        let mut done = read(1, 3072, 1024);
+        if let Staged::Read { done: d, .. } = &mut done {
+            *d = Some(Ok(aoe_sys::NoWait::Done(1024)));
+        }
+        let staged = vec![
+            read(1, 0, 1024),
+            read(1, 1024, 1024),
+            Staged::Ready(60), // a reply in between (an error, a Query Config)
+            read(1, 2048, 1024),
+            done,               // already read: passed over
+            read(1, 4096, 512), // not where the run ends (3072): a new run
+            read(2, 4608, 512), // another export: a new run
+            read(2, 5120, 512),
+            read(2, 5120, 512), // the same sectors again (a retransmission): a new run
+        ];
+        assert_eq!(
+            runs(&staged),
+            vec![vec![0, 1, 3], vec![5], vec![6, 7], vec![8]]
+        );
+        assert!(runs(&[Staged::Ready(60)]).is_empty());
+        assert!(runs(&[]).is_empty());
+    }
+
+    /// A run holds at most what one preadv2 of slots takes; the rest starts the next.
+    #[test]
+    fn read_runs_stop_at_the_part_limit() {
+        let n = aoe_sys::MAX_SLOT_PARTS + 3;
+        let staged: Vec<Staged> = (0..n).map(|k| read(1, k as u64 * 512, 512)).collect();
+        let r = runs(&staged);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].len(), aoe_sys::MAX_SLOT_PARTS);
+        assert_eq!(r[1], (aoe_sys::MAX_SLOT_PARTS..n).collect::<Vec<_>>());
+    }
 
     /// Issue 10: store errors are typed once and mapped to the ATA reply in one function.
     #[test]
