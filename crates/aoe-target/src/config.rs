@@ -195,6 +195,10 @@ pub struct ServeConfig {
     /// the next ones are microseconds away, and sleeping costs a wake-up for every batch.
     /// Fixed at start, like `io`.
     pub spin: Duration,
+    /// How long and how many executed writes each export remembers, to answer a network
+    /// duplicate of one instead of executing it again (`aoe serve --dedup-window-ms`,
+    /// `--dedup-entries`; [`aoe_proto::target::DedupConfig`]). Fixed at start, like `io`.
+    pub dedup: aoe_proto::target::DedupConfig,
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -496,6 +500,7 @@ impl ServeConfig {
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            dedup: aoe_proto::target::DedupConfig::default(),
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -580,6 +585,7 @@ impl ServeConfig {
             control: None,
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            dedup: aoe_proto::target::DedupConfig::default(),
         }
     }
 

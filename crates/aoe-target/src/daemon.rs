@@ -163,6 +163,8 @@ pub struct Daemon {
     /// sleeping in poll() costs a wake-up on another core for every batch), from the
     /// configuration at start (a reload keeps it).
     spin: Duration,
+    /// The duplicate-write table's settings ([`ServeConfig::dedup`]), fixed at start.
+    dedup: aoe_proto::target::DedupConfig,
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
@@ -220,6 +222,7 @@ impl Daemon {
             logs: RateLimiter::new(LOG_INTERVAL),
             io: config.io,
             spin: config.spin,
+            dedup: config.dedup,
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
@@ -435,6 +438,7 @@ impl Daemon {
         // The I/O mode is fixed at start (`--io`): a reload keeps the running one.
         cfg.io = self.io;
         cfg.spin = self.spin;
+        cfg.dedup = self.dedup;
         match self.apply(cfg) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
@@ -472,6 +476,15 @@ impl Daemon {
     /// ([`Daemon::routes_to`]); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
+        // The window of the engines' duplicate-write tables counts from here: a clock read
+        // per call, not per frame.
+        let now = Instant::now();
+        for k in 0..self.ifaces[idx].exports.len() {
+            let id = self.ifaces[idx].exports[k];
+            if let Some(e) = self.exports.get_mut(&id) {
+                e.engine.set_now(now);
+            }
+        }
         for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
