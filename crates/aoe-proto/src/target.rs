@@ -987,9 +987,12 @@ impl Engine {
                 count: req.sector_count,
                 lba,
             };
-            // The frame carries `len` bytes: `transfer_len` was checked against it in parse.
-            let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
-            match self.dedup.check(self.now, &key, digest) {
+            // The frame carries `len` bytes (parse checked it); no digest when the table is off.
+            let digest = self
+                .dedup
+                .active()
+                .then(|| dedup::Digest::of(&req.data[..len.min(req.data.len())]));
+            match digest.map_or(dedup::Seen::New, |d| self.dedup.check(self.now, &key, d)) {
                 dedup::Seen::New => {}
                 dedup::Seen::InFlight => {
                     self.stats.duplicate_writes += 1;
@@ -1015,7 +1018,7 @@ impl Engine {
                 },
                 PendingKind::Write { sectors: count },
             );
-            if let Outcome::Io(io) = &out {
+            if let (Outcome::Io(io), Some(digest)) = (&out, digest) {
                 if let Some(seq) = self.dedup.insert(self.now, key, digest) {
                     if let Some(p) = self
                         .pending

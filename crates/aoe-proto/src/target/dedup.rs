@@ -139,6 +139,11 @@ impl Dedup {
         }
     }
 
+    /// False when the configuration turns suppression off: nothing is looked up.
+    pub(super) fn active(&self) -> bool {
+        self.cfg.enabled()
+    }
+
     pub(super) fn config(&self) -> DedupConfig {
         self.cfg
     }
