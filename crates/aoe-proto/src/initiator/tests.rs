@@ -14,6 +14,9 @@ const DEV: TargetAddr = TargetAddr { shelf: 7, slot: 3 };
 /// Loss recovery: RTT-following timeout, Karn's rule, fast retransmission, window floor.
 mod loss;
 
+/// Late copies of writes: an overlapping write waits for every copy of an earlier one.
+mod fence;
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
