@@ -988,17 +988,15 @@ impl Engine {
                 lba,
             };
             // The frame carries `len` bytes (parse checked it); no digest when the table is off.
-            let digest = self
-                .dedup
-                .active()
-                .then(|| dedup::Digest::of(&req.data[..len.min(req.data.len())]));
-            match digest.map_or(dedup::Seen::New, |d| self.dedup.check(self.now, &key, d)) {
-                dedup::Seen::New => {}
-                dedup::Seen::InFlight => {
-                    self.stats.duplicate_writes += 1;
-                    return Outcome::Drop(DropReason::DuplicateInFlight);
-                }
-                dedup::Seen::Done { status, error } => {
+            let admitted = if self.dedup.active() {
+                let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
+                self.dedup.admit(self.now, key, digest)
+            } else {
+                Ok(None)
+            };
+            let seq = match admitted {
+                Ok(seq) => seq,
+                Err(dedup::Seen::Done { status, error }) => {
                     self.stats.duplicate_writes += 1;
                     if status & status::ERR != 0 {
                         self.stats.ata_errors += 1;
@@ -1008,7 +1006,11 @@ impl Engine {
                     }
                     return Outcome::Reply(write_ata_reply(rsp, arg, status, error, 0, reply));
                 }
-            }
+                Err(_) => {
+                    self.stats.duplicate_writes += 1;
+                    return Outcome::Drop(DropReason::DuplicateInFlight);
+                }
+            };
             let out = self.start_io(
                 rsp,
                 arg,
@@ -1018,15 +1020,19 @@ impl Engine {
                 },
                 PendingKind::Write { sectors: count },
             );
-            if let (Outcome::Io(io), Some(digest)) = (&out, digest) {
-                if let Some(seq) = self.dedup.insert(self.now, key, digest) {
-                    if let Some(p) = self
-                        .pending
-                        .get_mut(io.token.0 as usize)
-                        .and_then(Option::as_mut)
-                    {
-                        p.dedup = Some((key, seq));
+            if let Some(seq) = seq {
+                match &out {
+                    Outcome::Io(io) => {
+                        if let Some(p) = self
+                            .pending
+                            .get_mut(io.token.0 as usize)
+                            .and_then(Option::as_mut)
+                        {
+                            p.dedup = Some((key, seq));
+                        }
                     }
+                    // Not executed (over the buffer count): a copy must run.
+                    _ => self.dedup.forget(&key, seq),
                 }
             }
             out

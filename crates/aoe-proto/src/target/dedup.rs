@@ -18,12 +18,14 @@
 //!
 //! Tags: the Linux driver and `aoe initiator` make a tag of `(counter & 0x7fff) << 16 |
 //! (milliseconds & 0xffff)`, so one MAC repeats a tag at the earliest after 65 s, far
-//! outside the window. aoetools set bit 31 and use a counter; iPXE's aoe.c a counter per
-//! command. An initiator that writes the same data under the same tag, LBA and count again
+//! outside the window. aoetools set bit 31 and count (and only read); iPXE's aoe.c a 16-bit
+//! counter under a fixed high half (`AOE_TAG_MAGIC`), so a tag comes back after 65536 commands. An initiator that writes the same data under the same tag, LBA and count again
 //! within the window, after another write to those sectors, would have its second write
 //! taken for a copy: none of the known initiators can, since none repeats a tag that soon.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use aoe_wire::MacAddr;
@@ -64,13 +66,25 @@ impl DedupConfig {
 }
 
 /// What identifies a write request apart from its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Key {
     pub(super) src: MacAddr,
     pub(super) tag: u32,
     pub(super) cmd: u8,
     pub(super) count: u8,
     pub(super) lba: u64,
+}
+
+impl Hash for Key {
+    /// Three words into the (keyed, flood-proof) hasher instead of five fields with length
+    /// prefixes: this runs for every write.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let m = self.src.0;
+        let mac = u64::from_be_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0]);
+        state.write_u64(mac | u64::from(self.cmd) << 8 | u64::from(self.count));
+        state.write_u64(self.lba);
+        state.write_u32(self.tag);
+    }
 }
 
 /// The data's digest: CRC-32 (IEEE; crc32fast uses the CPU's carry-less multiply), and the wrapping sum of its little-endian 64-bit words (not
@@ -109,10 +123,19 @@ struct Entry {
     seq: u64,
 }
 
+fn seen(e: &Entry) -> Seen {
+    match e.state {
+        State::InFlight => Seen::InFlight,
+        State::Done { status, error } => Seen::Done { status, error },
+    }
+}
+
 /// What the table says of a write request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Seen {
-    /// Not a copy of a remembered write: execute it.
+    /// Not a copy of a remembered write: execute it. (Only `check`, for the tests, says
+    /// so; `admit` remembers such a write at once and returns its seq instead.)
+    #[cfg(test)]
     New,
     /// A copy of a write still in flight.
     InFlight,
@@ -180,39 +203,62 @@ impl Dedup {
         }
     }
 
-    /// Looks a write up (and expires old entries first).
+    /// Looks a write up (and expires old entries first) without remembering it.
+    #[cfg(test)]
     pub(super) fn check(&mut self, now: Option<Instant>, key: &Key, digest: Digest) -> Seen {
         if !self.cfg.enabled() {
             return Seen::New;
         }
         self.expire(now);
         match self.map.get(key) {
-            Some(e) if e.digest == digest => match e.state {
-                State::InFlight => Seen::InFlight,
-                State::Done { status, error } => Seen::Done { status, error },
-            },
+            Some(e) if e.digest == digest => seen(e),
             _ => Seen::New,
         }
     }
 
-    /// Remembers a write handed to the driver; returns the seq to finish it with.
+    /// Remembers a write about to be handed to the driver; returns the seq to finish it
+    /// with.
+    #[cfg(test)]
     pub(super) fn insert(&mut self, now: Option<Instant>, key: Key, digest: Digest) -> Option<u64> {
-        if !self.cfg.enabled() {
-            return None;
+        match self.admit(now, key, digest) {
+            Ok(seq) => seq,
+            Err(_) => None,
         }
+    }
+
+    /// One lookup for the hot path: a copy of a remembered write is `Err` with what the table
+    /// says of it; anything else is remembered as in flight (replacing an entry under the
+    /// same key with other data) and `Ok` with the seq to finish or forget it with (`None`
+    /// when the table is off).
+    pub(super) fn admit(
+        &mut self,
+        now: Option<Instant>,
+        key: Key,
+        digest: Digest,
+    ) -> Result<Option<u64>, Seen> {
+        if !self.cfg.enabled() {
+            return Ok(None);
+        }
+        self.expire(now);
         let seq = self.next_seq;
+        let fresh = Entry {
+            digest,
+            state: State::InFlight,
+            seq,
+        };
+        match self.map.entry(key) {
+            MapEntry::Occupied(e) if e.get().digest == digest => return Err(seen(e.get())),
+            MapEntry::Occupied(mut e) => {
+                e.insert(fresh);
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(fresh);
+            }
+        }
         self.next_seq += 1;
-        self.map.insert(
-            key,
-            Entry {
-                digest,
-                state: State::InFlight,
-                seq,
-            },
-        );
         self.order.push_back((now, key, seq));
         self.expire(now);
-        Some(seq)
+        Ok(Some(seq))
     }
 
     /// The write's reply went out with these registers.
