@@ -220,10 +220,7 @@ impl Dedup {
     /// with.
     #[cfg(test)]
     pub(super) fn insert(&mut self, now: Option<Instant>, key: Key, digest: Digest) -> Option<u64> {
-        match self.admit(now, key, digest) {
-            Ok(seq) => seq,
-            Err(_) => None,
-        }
+        self.admit(now, key, digest).unwrap_or_default()
     }
 
     /// One lookup for the hot path: a copy of a remembered write is `Err` with what the table
