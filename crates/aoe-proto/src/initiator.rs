@@ -35,6 +35,10 @@
 //!   device down after [`Config::deadsecs`] (`docs/PROTOCOL.md` 4, "Loss recovery").
 //! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
 //!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
+//! - Beyond the driver: a write waits while a copy of an earlier write to any of its sectors
+//!   may still reach the target (sent, unanswered, out less than max(1 s, RTO): `fences`),
+//!   so a delayed original whose retransmitted copy completed it never lands after a newer
+//!   write (`docs/PROTOCOL.md` 4, "Late copies of writes"). The driver sends it at once.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
