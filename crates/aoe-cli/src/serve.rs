@@ -88,6 +88,15 @@ pub struct ServeArgs {
     /// export, and the target exits with status 1 (the stop lost work). Fixed at start.
     #[arg(long, value_name = "SECS")]
     drain_secs: Option<u64>,
+    /// How long, in milliseconds, each export remembers a write it executed, to answer a
+    /// network duplicate of it without writing again (a late copy would put old data back
+    /// over a newer write) [default: 3000]. 0 turns this off. Fixed at start.
+    #[arg(long, value_name = "MS")]
+    dedup_window_ms: Option<u64>,
+    /// Most writes each export remembers for that, the oldest forgotten first [default:
+    /// 16384, about 1.5 MiB]. 0 turns it off. Fixed at start.
+    #[arg(long, value_name = "N")]
+    dedup_entries: Option<usize>,
     /// Check the configuration (files, sizes, interfaces) and exit.
     #[arg(long)]
     check: bool,
@@ -185,6 +194,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         if let Some(s) = a.drain_secs {
             cfg.drain = std::time::Duration::from_secs(s);
         }
+        cfg.dedup = dedup(a);
         return Ok((cfg, Some(path.clone())));
     }
     let (Some(shelf), Some(slot), Some(netif), Some(file)) =
@@ -238,8 +248,20 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             aoe_target::config::DEFAULT_DRAIN,
             std::time::Duration::from_secs,
         ),
+        dedup: dedup(a),
     };
     Ok((cfg, None))
+}
+
+/// `--dedup-window-ms` and `--dedup-entries` over the defaults.
+fn dedup(a: &ServeArgs) -> aoe_proto::target::DedupConfig {
+    let d = aoe_proto::target::DedupConfig::default();
+    aoe_proto::target::DedupConfig {
+        window: a
+            .dedup_window_ms
+            .map_or(d.window, std::time::Duration::from_millis),
+        entries: a.dedup_entries.unwrap_or(d.entries),
+    }
 }
 
 /// A command line that names too little to run: exit status 2, like clap's own errors.

@@ -35,6 +35,10 @@
 //!   device down after [`Config::deadsecs`] (`docs/PROTOCOL.md` 4, "Loss recovery").
 //! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
 //!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
+//! - Beyond the driver: a write waits while a copy of an earlier write to any of its sectors
+//!   may still reach the target (sent, unanswered, out less than max(1 s, RTO): `fences`),
+//!   so a delayed original whose retransmitted copy completed it never lands after a newer
+//!   write (`docs/PROTOCOL.md` 4, "Late copies of writes"). The driver sends it at once.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -111,6 +115,10 @@ pub struct Engine {
     /// [`GHOST_TTL`].
     ghosts: BTreeMap<u32, Ghost>,
     ghost_order: VecDeque<(Instant, u32)>,
+    /// Every copy of a write sent and not yet answered nor presumed gone, by tag: a write
+    /// to sectors one covers waits (`Engine::pick_queued`), so that a late copy of an
+    /// earlier write never lands after a newer one.
+    fences: BTreeMap<u32, Fence>,
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
@@ -153,6 +161,7 @@ impl Engine {
             rack: BTreeMap::new(),
             ghosts: BTreeMap::new(),
             ghost_order: VecDeque::new(),
+            fences: BTreeMap::new(),
             next_op: 0,
             lasttag: 0,
             next_discover,
@@ -323,6 +332,7 @@ impl Engine {
             self.discover(now);
         }
         self.expire_held(now);
+        self.expire_fences(now);
         self.rack_timers(now);
         let expired: Vec<u32> = self
             .outstanding
@@ -353,10 +363,22 @@ impl Engine {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         let held = self.held.values().map(|h| h.check_at).min();
         let rack = self.rack.values().min().copied();
-        [frames, held, rack, self.next_discover, self.next_probe]
-            .into_iter()
-            .flatten()
-            .min()
+        // Only while a write waits for one: otherwise a fence's end changes nothing.
+        let fence = self
+            .fenced_ops()
+            .then(|| self.fences.values().map(|f| f.gone_at).min())
+            .flatten();
+        [
+            frames,
+            held,
+            rack,
+            fence,
+            self.next_discover,
+            self.next_probe,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Writes the next frame to send into `buf` (which must hold the interface's MTU + 14
@@ -630,6 +652,7 @@ impl Engine {
         let outstanding = &self.outstanding;
         self.rack.retain(|tag, _| outstanding.contains_key(tag));
         self.ghosts.retain(|_, g| g.dev != addr);
+        self.fences.retain(|_, f| f.dev != addr);
         if let Some(d) = self.devices.get_mut(&addr) {
             d.queue.clear();
             d.rexmitq.clear();

@@ -14,11 +14,12 @@
 //! sectors than fit in the answer at that MTU; each target's window stays within
 //! `min(bufcnt, maxout)`.
 //!
-//! Ordering caveat (true of AoE itself, which has no sequence numbers): a network duplicate of
-//! an old write that arrives after a newer write to the same sectors would undo it. The link
-//! keeps `delay_max < 3 * delay_min` and the RTO floor far above `delay_max`, so a duplicate
-//! always lands before the next write to the same sectors can (a write needs a round trip to
-//! complete, and the next one a further one-way trip).
+//! Late copies of writes (AoE has no sequence numbers): a network duplicate of an old write
+//! that arrives after a newer write to the same sectors would undo it, and so would a
+//! delayed original whose retransmitted copy completed the write. The target engine answers
+//! a duplicate (same source, tag, range and data) without executing it again, and the
+//! initiator sends no write over sectors a copy of an earlier write may still reach, so the
+//! link may delay frames well past the RTO (`sim_late_copies_never_undo_newer_writes`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -387,6 +388,7 @@ impl Sim {
             return;
         }
         let mut reply = vec![0u8; 9014];
+        self.targets[t].eng.set_now(self.now);
         let out = self.targets[t].eng.handle_frame(j, frame, &mut reply);
         match out {
             Outcome::Drop(_) => {}

@@ -29,8 +29,16 @@
 //!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
 //!   else is aborted (status DRDY|ERR, error ABRT). Out-of-range LBAs get IDNF and never
 //!   reach the disk.
+//! - Departure from vblade: a copy of a write executed within the last few seconds (same
+//!   source MAC, tag, command, LBA, count and data: a network duplicate) is answered as the
+//!   write was and not executed again, so a late copy never overwrites a newer write
+//!   ([`DedupConfig`], the `dedup` module).
 
 use std::fmt;
+use std::time::Instant;
+
+mod dedup;
+pub use dedup::{DedupConfig, DEFAULT_DEDUP_ENTRIES, DEFAULT_DEDUP_WINDOW};
 
 use aoe_wire::ata::{error_bits, smart, status, AtaPacket, ARG_LEN as ATA_ARG_LEN};
 use aoe_wire::macmask::DirectiveCommand;
@@ -156,6 +164,9 @@ pub enum DropReason {
     /// every query: a flood of broadcast queries otherwise keeps the target busy sending
     /// answers while the kernel drops legitimate ATA requests with the flood (issue 14).
     QueryRateLimited,
+    /// A copy of a write whose disk I/O is still in flight (a network duplicate): the
+    /// write's own reply answers it when the I/O completes ([`DedupConfig`]).
+    DuplicateInFlight,
 }
 
 /// Query Config requests one source MAC gets answered per period of
@@ -243,6 +254,9 @@ pub struct Stats {
     pub aoe_error_codes: AoeErrorCounts,
     /// Query Config requests left unanswered by the per-source limit (also in `dropped`).
     pub queries_limited: u64,
+    /// Copies of recently executed writes answered without executing them again, or
+    /// dropped while the write was in flight ([`DedupConfig`]; network duplicates).
+    pub duplicate_writes: u64,
 }
 
 /// I/Os in flight by kind ([`Engine::in_flight_kinds`]).
@@ -385,6 +399,8 @@ struct Pending {
     header: HeaderRepr,
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
+    /// A write's entry in the table of executed writes, finished with its reply.
+    dedup: Option<(dedup::Key, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -411,6 +427,11 @@ pub struct Engine {
     identify: [u8; 512],
     stats: Stats,
     queries: QueryLimit,
+    /// Writes executed recently, by source, tag and range ([`DedupConfig`]).
+    dedup: dedup::Dedup,
+    /// The time the driver last gave ([`Engine::set_now`]); `None` until then, when entries
+    /// of `dedup` are forgotten by number only.
+    now: Option<Instant>,
 }
 
 impl Engine {
@@ -431,7 +452,30 @@ impl Engine {
             identify,
             stats: Stats::default(),
             queries: QueryLimit::default(),
+            dedup: dedup::Dedup::new(DedupConfig::default()),
+            now: None,
         }
+    }
+
+    /// Tells the engine the time: the window of [`DedupConfig`] counts from it. The daemon
+    /// calls it whenever it takes a batch of frames; the engine reads no clock.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// How long and how many executed writes are remembered to answer their copies.
+    pub fn set_dedup(&mut self, cfg: DedupConfig) {
+        self.dedup.set_config(cfg, self.now);
+    }
+
+    /// The current [`DedupConfig`].
+    pub fn dedup_config(&self) -> DedupConfig {
+        self.dedup.config()
+    }
+
+    /// Executed writes remembered now (at most [`DedupConfig::entries`]).
+    pub fn dedup_entries(&self) -> usize {
+        self.dedup.len()
     }
 
     /// Starts a new period for the per-source limit of Query Config answers
@@ -1002,7 +1046,41 @@ impl Engine {
                 return self.ata_status(rsp, arg, abort, error_bits::ABRT, reply);
             }
             let len = req.transfer_len();
-            self.start_io(
+            // A copy of a write executed moments ago (a network duplicate) gets that write's
+            // reply and never reaches the disk: run again after a newer write to these
+            // sectors, it would put the old data back over acknowledged new data.
+            let key = dedup::Key {
+                src: rsp.dst,
+                tag: rsp.tag.0,
+                cmd: req.cmd_status,
+                count: req.sector_count,
+                lba,
+            };
+            // The frame carries `len` bytes (parse checked it); no digest when the table is off.
+            let admitted = if self.dedup.active() {
+                let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
+                self.dedup.admit(self.now, key, digest)
+            } else {
+                Ok(None)
+            };
+            let seq = match admitted {
+                Ok(seq) => seq,
+                Err(dedup::Seen::Done { status, error }) => {
+                    self.stats.duplicate_writes += 1;
+                    if status & status::ERR != 0 {
+                        self.stats.ata_errors += 1;
+                    }
+                    if reply.len() < MIN_FRAME_LEN {
+                        return Outcome::Drop(DropReason::Malformed);
+                    }
+                    return Outcome::Reply(write_ata_reply(rsp, arg, status, error, 0, reply));
+                }
+                Err(_) => {
+                    self.stats.duplicate_writes += 1;
+                    return Outcome::Drop(DropReason::DuplicateInFlight);
+                }
+            };
+            let out = self.start_io(
                 rsp,
                 arg,
                 IoKind::Write {
@@ -1010,7 +1088,23 @@ impl Engine {
                     data: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
                 },
                 PendingKind::Write { sectors: count },
-            )
+            );
+            if let Some(seq) = seq {
+                match &out {
+                    Outcome::Io(io) => {
+                        if let Some(p) = self
+                            .pending
+                            .get_mut(io.token.0 as usize)
+                            .and_then(Option::as_mut)
+                        {
+                            p.dedup = Some((key, seq));
+                        }
+                    }
+                    // Not executed (over the buffer count): a copy must run.
+                    _ => self.dedup.forget(&key, seq),
+                }
+            }
+            out
         } else {
             let len = req.transfer_len();
             self.start_io(
@@ -1076,6 +1170,7 @@ impl Engine {
             header: *rsp,
             ata: *arg,
             kind: pending,
+            dedup: None,
         };
         let token = match self.free.pop() {
             Some(t) => {
@@ -1110,6 +1205,9 @@ impl Engine {
         self.in_flight -= 1;
         self.iface_in_flight[p.iface] -= 1;
         self.stats.dropped += 1;
+        if let Some((key, seq)) = &p.dedup {
+            self.dedup.forget(key, *seq);
+        }
         true
     }
 
@@ -1133,6 +1231,9 @@ impl Engine {
             Err(IoFailure::Medium) => (status::DRDY | status::ERR, error_bits::UNC),
             Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
         };
+        if let Some((key, seq)) = &p.dedup {
+            self.dedup.finish(key, *seq, st, err);
+        }
         let data_len = match (p.kind, result) {
             (PendingKind::Read { len, sectors }, Ok(())) => {
                 self.stats.sectors_read += sectors;
@@ -1304,6 +1405,7 @@ impl fmt::Display for DropReason {
             DropReason::UnknownInterface => "unknown interface",
             DropReason::OverBufferCount => "buffer count reached",
             DropReason::QueryRateLimited => "query answers for this source used up",
+            DropReason::DuplicateInFlight => "copy of a write in flight",
         })
     }
 }

@@ -215,6 +215,10 @@ pub struct ServeConfig {
     /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the
     /// log and the daemon fails (exit status 1). Fixed at start, like `io`.
     pub drain: Duration,
+    /// How long and how many executed writes each export remembers, to answer a network
+    /// duplicate of one instead of executing it again (`aoe serve --dedup-window-ms`,
+    /// `--dedup-entries`; [`aoe_proto::target::DedupConfig`]). Fixed at start, like `io`.
+    pub dedup: aoe_proto::target::DedupConfig,
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -525,6 +529,7 @@ impl ServeConfig {
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
             drain: DEFAULT_DRAIN,
+            dedup: aoe_proto::target::DedupConfig::default(),
         };
         cfg.check_static().map_err(|e| ConfigError::In {
             origin: origin.to_path_buf(),
@@ -610,6 +615,7 @@ impl ServeConfig {
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
             drain: DEFAULT_DRAIN,
+            dedup: aoe_proto::target::DedupConfig::default(),
         }
     }
 

@@ -176,6 +176,8 @@ pub struct Daemon {
     /// nothing within its window, or the window was zero): the next frame's gap adapts
     /// `spin_window`.
     slept_after: Option<Instant>,
+    /// The duplicate-write table's settings ([`ServeConfig::dedup`]), fixed at start.
+    dedup: aoe_proto::target::DedupConfig,
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
@@ -236,6 +238,7 @@ impl Daemon {
             drain: config.drain,
             spin_window: spin::SpinWindow::new(config.spin),
             slept_after: None,
+            dedup: config.dedup,
             batch_file_frames: false,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
@@ -478,6 +481,7 @@ impl Daemon {
         cfg.io = self.io;
         cfg.spin = self.spin;
         cfg.drain = self.drain;
+        cfg.dedup = self.dedup;
         match self.apply(cfg) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
@@ -531,6 +535,15 @@ impl Daemon {
     /// ([`Daemon::routes_to`]); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
+        // The window of the engines' duplicate-write tables counts from here: a clock read
+        // per call, not per frame.
+        let now = Instant::now();
+        for k in 0..self.ifaces[idx].exports.len() {
+            let id = self.ifaces[idx].exports[k];
+            if let Some(e) = self.exports.get_mut(&id) {
+                e.engine.set_now(now);
+            }
+        }
         for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];

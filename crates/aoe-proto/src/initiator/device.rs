@@ -31,6 +31,9 @@ pub(super) struct Device {
     /// Frames (keys of `Engine::outstanding`) whose next copy waits for a free window slot
     /// (the driver's `rexmitq`); sent before any new frame.
     pub(super) rexmitq: VecDeque<u32>,
+    /// A queued write waits for a fence (`Engine::fences`): the timer must run when the
+    /// first one ends.
+    pub(super) fence_wait: bool,
     pub(super) stats: DeviceStats,
     /// A revalidate's IDENTIFY is pending: its answer emits [`Event::Revalidated`].
     pub(super) revalidating: bool,
@@ -57,6 +60,7 @@ impl Device {
             payload: 0,
             queue: VecDeque::new(),
             rexmitq: VecDeque::new(),
+            fence_wait: false,
             stats: DeviceStats::default(),
             revalidating: false,
             other_mac_logged: None,
@@ -159,6 +163,9 @@ pub(super) struct Op {
     pub(super) reissue: Vec<(u64, u64)>,
     /// Frames sent and not answered.
     pub(super) frames_out: u32,
+    /// Held back at least once by a fence (`Engine::pick_queued`), counted in
+    /// [`Stats::writes_fenced`].
+    pub(super) fenced: bool,
 }
 
 impl Op {
@@ -233,6 +240,22 @@ pub(super) struct Held {
     /// When the timer looks at it next: the earlier of `due` and `silent_until`, then
     /// `silent_until`.
     pub(super) check_at: Instant,
+}
+
+/// A copy of a write that may still reach the target (`Engine::fences`): sent, and neither
+/// answered nor out so long that it is presumed gone. The target would execute it whenever
+/// it arrives, so no other write to its sectors may be sent before then.
+#[derive(Debug, Clone)]
+pub(super) struct Fence {
+    pub(super) dev: TargetAddr,
+    /// The op the copy belongs to: its own frames do not wait for each other.
+    pub(super) op: u64,
+    /// The sectors it writes: `lba..end`.
+    pub(super) lba: u64,
+    pub(super) end: u64,
+    /// When it is presumed gone: sent plus `SILENT_HOLD` (1 s) or its target's RTO, whichever
+    /// is longer, as a held copy's slot is freed (`Held::silent_until`).
+    pub(super) gone_at: Instant,
 }
 
 /// A copy presumed lost whose window slot was freed without its answer (`Engine::ghosts`):

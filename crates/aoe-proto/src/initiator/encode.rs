@@ -91,6 +91,19 @@ impl Engine {
                 data,
             }),
         };
+        // Every copy of a write fences its sectors until answered or presumed gone.
+        let fence = matches!(op.kind, OpKind::Write(_)).then(|| {
+            let rto = d
+                .target_idx(f.target)
+                .map_or(self.cfg.rto_min, |ti| d.targets[ti].rto(&self.cfg));
+            Fence {
+                dev: f.dev,
+                op: f.op,
+                lba,
+                end: lba + u64::from(f.count),
+                gone_at: f.sent + super::retransmit::SILENT_HOLD.max(rto),
+            }
+        });
         let mut buf = self.spare.pop().unwrap_or_default();
         // `Message::emit` writes every byte up to the length it returns (header, ATA
         // arguments, data, padding), so a reused buffer's old bytes never reach the wire
@@ -101,6 +114,9 @@ impl Engine {
                 buf.truncate(n);
                 d.stats.frames_sent += 1;
                 self.transmit.push_back((f.iface, buf));
+                if let Some(fence) = fence {
+                    self.fences.insert(tag, fence);
+                }
             }
             Err(_) => self.recycle_frame(buf),
         }

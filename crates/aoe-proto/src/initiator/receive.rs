@@ -153,7 +153,13 @@ impl Engine {
     ) {
         let held = self.held_answered(now, h.target, h.tag.0);
         let sampled = held || self.ghost_answered(now, h.target, h.tag.0);
+        // Whichever copy this answers, that copy can no longer land: its fence is gone.
+        let unfenced = self.fences.get(&h.tag.0).is_some_and(|f| f.dev == h.target)
+            && self.fences.remove(&h.tag.0).is_some();
         self.ata_answer(now, iface, h, ata, sampled);
+        if unfenced && self.devices.get(&h.target).is_some_and(|d| d.fence_wait) {
+            self.pump(now, h.target);
+        }
         if !self.held.is_empty() {
             // A later frame answered: held copies sent before it are presumed lost.
             self.expire_held(now);

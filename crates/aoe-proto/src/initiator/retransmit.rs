@@ -267,6 +267,18 @@ impl Engine {
         }
     }
 
+    /// Lifts the fences (`Engine::fences`) of write copies presumed gone by `now`.
+    pub(super) fn expire_fences(&mut self, now: Instant) {
+        if self.fences.values().any(|f| f.gone_at <= now) {
+            self.fences.retain(|_, f| f.gone_at > now);
+        }
+    }
+
+    /// True while some device has a write waiting for a fence.
+    pub(super) fn fenced_ops(&self) -> bool {
+        !self.fences.is_empty() && self.devices.values().any(|d| d.fence_wait)
+    }
+
     /// Remembers held copy `tag`, presumed lost and its slot freed, for [`GHOST_TTL`].
     fn add_ghost(&mut self, now: Instant, tag: u32, h: &Held) {
         while self.ghost_order.len() >= MAX_GHOSTS
@@ -784,6 +796,7 @@ impl Engine {
                     issued: 1,
                     reissue: Vec::new(),
                     frames_out: 1,
+                    fenced: false,
                 },
             );
             self.send_new(now, addr, id, ti, 0, 1);
@@ -803,7 +816,7 @@ impl Engine {
 /// How long a held copy keeps its slot while its target answers nothing sent after it
 /// (`Held`): longer than a loaded host stalls a daemon (tens of milliseconds), short next
 /// to `deadsecs`, so a cut link still gets its copies out after a second.
-const SILENT_HOLD: Duration = Duration::from_secs(1);
+pub(super) const SILENT_HOLD: Duration = Duration::from_secs(1);
 
 /// Earlier copies of a frame whose answers are still taken (`Engine::answered_frame`).
 const MAX_EARLIER_COPIES: usize = 4;

@@ -36,6 +36,7 @@ impl Engine {
                 issued: 0,
                 reissue: Vec::new(),
                 frames_out: 0,
+                fenced: false,
             },
         );
         if let Some(d) = self.devices.get_mut(&dev) {
@@ -56,17 +57,19 @@ impl Engine {
             return;
         }
         loop {
+            let pick = self.pick_queued(addr);
             let Some(d) = self.devices.get_mut(&addr) else {
                 return;
             };
             if d.life == Life::Down || d.payload == 0 {
                 return;
             }
-            let Some(&op_id) = d.queue.front() else {
+            let Some(i) = pick else {
                 return;
             };
+            let op_id = d.queue[i];
             let Some(op) = self.ops.get_mut(&op_id) else {
-                d.queue.pop_front();
+                d.queue.remove(i);
                 continue;
             };
             if d.life == Life::Identifying && !matches!(op.kind, OpKind::Identify) {
@@ -104,10 +107,72 @@ impl Engine {
             };
             op.frames_out += 1;
             if !op.unsent() {
-                d.queue.pop_front();
+                d.queue.remove(i);
             }
             self.send_new(now, addr, op_id, ti, offset, count);
         }
+    }
+
+    /// The position in `addr`'s queue of the op to send a frame of next: the first that is
+    /// neither a write with sectors under a fence (`Engine::fences`: a copy of an earlier
+    /// write to them may still reach the target, and would land after this one) nor an op
+    /// overlapping one held back before it (overlapping ops keep their order). Ops already
+    /// started go on; reads, flushes and IDENTIFY never wait for a fence: a late copy of a
+    /// completed write writes what the read would see anyway, and a flush covers writes
+    /// completed before it. Non-overlapping I/O passes a waiting write. Sets the device's
+    /// `fence_wait` so the timer wakes when the first fence ends.
+    pub(super) fn pick_queued(&mut self, addr: TargetAddr) -> Option<usize> {
+        let d = self.devices.get(&addr)?;
+        if self.fences.is_empty() {
+            let some = (!d.queue.is_empty()).then_some(0);
+            if let Some(d) = self.devices.get_mut(&addr) {
+                d.fence_wait = false;
+            }
+            return some;
+        }
+        let overlaps = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1;
+        let mut held_back: Vec<(u64, u64)> = Vec::new();
+        let mut newly_fenced = Vec::new();
+        let mut pick = None;
+        for (i, id) in d.queue.iter().enumerate() {
+            let Some(op) = self.ops.get(id) else {
+                pick = Some(i);
+                break;
+            };
+            let data = matches!(op.kind, OpKind::Read(_) | OpKind::Write(_));
+            if !data || op.issued > 0 || !op.reissue.is_empty() {
+                pick = Some(i);
+                break;
+            }
+            let range = (op.lba, op.lba + op.sectors);
+            let fenced = || {
+                matches!(op.kind, OpKind::Write(_))
+                    && self
+                        .fences
+                        .values()
+                        .any(|f| f.dev == addr && f.op != *id && overlaps(range, (f.lba, f.end)))
+            };
+            if held_back.iter().any(|h| overlaps(*h, range)) || fenced() {
+                held_back.push(range);
+                if matches!(op.kind, OpKind::Write(_)) && !op.fenced {
+                    newly_fenced.push(*id);
+                }
+                continue;
+            }
+            pick = Some(i);
+            break;
+        }
+        let waiting = !held_back.is_empty();
+        for id in newly_fenced {
+            if let Some(op) = self.ops.get_mut(&id) {
+                op.fenced = true;
+                self.stats.writes_fenced += 1;
+            }
+        }
+        if let Some(d) = self.devices.get_mut(&addr) {
+            d.fence_wait = waiting;
+        }
+        pick
     }
 
     /// Sends one new frame of `op` to target `ti`.

@@ -372,4 +372,7 @@ pub struct Stats {
     /// Config responses from a new target MAC refused with [`Config::max_targets`] known
     /// for that device.
     pub targets_refused: u64,
+    /// Writes held back because a copy of an earlier write to some of their sectors could
+    /// still reach the target (each counted once).
+    pub writes_fenced: u64,
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use aoe_wire::ata::status;
+use std::time::Duration;
 
 const TARGET_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x10]);
 const HOST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x20]);
@@ -1074,14 +1075,15 @@ fn requests_and_errors_are_counted_by_kind() {
         &mut disk,
         &request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[])),
     );
-    for _ in 0..2 {
+    // Two writes (to two LBAs: the same frame twice is a duplicate, answered unexecuted).
+    for lba in 1..3 {
         let _ = io_round(
             &mut e,
             &mut disk,
             &request(
                 HOST,
                 ADDR,
-                ata(0x34, AtaFlags::EXTENDED | AtaFlags::WRITE, 1, 1, &sector),
+                ata(0x34, AtaFlags::EXTENDED | AtaFlags::WRITE, 1, lba, &sector),
             ),
         );
     }
@@ -1236,4 +1238,113 @@ fn reserve_requests_are_spotted_and_set_reserve_is_enforced() {
         Message::parse(&r).unwrap().header.error,
         Some(ErrorCode::TargetReserved)
     );
+}
+
+/// A write request from `src` with tag `tag`: LBA48 WRITE SECTORS EXT of `data`.
+fn write_frame(src: MacAddr, tag: u32, lba: u64, data: &[u8]) -> Vec<u8> {
+    let header = HeaderRepr::request(TARGET_MAC, src, ADDR, Command::Ata, Tag(tag));
+    let body = ata(
+        0x34,
+        AtaFlags::WRITE | AtaFlags::EXTENDED,
+        (data.len() / 512) as u8,
+        lba,
+        data,
+    );
+    Message { header, body }.to_vec().unwrap()
+}
+
+/// Regression (network duplication, issue 14): W1 (tag T, data A) to LBA X is answered, W2
+/// (tag T2, data B) to X is answered, then the network's delayed copy of W1's frame arrives.
+/// Executed again it put A back over B, an acknowledged write. It must be answered as W1 was
+/// and never reach the disk. (Before the duplicate-write table this got `Outcome::Io`.)
+#[test]
+fn late_copy_of_a_write_is_answered_not_executed() {
+    let mut e = engine(1000);
+    let t0 = Instant::now();
+    e.set_now(t0);
+    let mut disk = vec![0u8; 1000 * 512];
+    let (a, b) = (vec![0xaau8; 1024], vec![0xbbu8; 1024]);
+    let w1 = write_frame(HOST, 0x0001_0001, 10, &a);
+    let w2 = write_frame(HOST, 0x0002_0002, 10, &b);
+    let r1 = io_round(&mut e, &mut disk, &w1);
+    io_round(&mut e, &mut disk, &w2);
+    e.set_now(t0 + Duration::from_millis(50));
+    let again = reply_of(&mut e, &w1).expect("a copy of an answered write is answered");
+    assert_eq!(again, r1, "the same reply as the write got");
+    assert_eq!(&disk[10 * 512..12 * 512], &b[..], "W2's data stays");
+    assert_eq!(e.stats().duplicate_writes, 1);
+    assert_eq!(e.stats().sectors_written, 4, "the copy wrote nothing");
+}
+
+#[test]
+fn copy_of_a_write_in_flight_is_dropped_and_a_failed_write_answers_its_copy_alike() {
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let w = write_frame(HOST, 7, 20, &[1u8; 512]);
+    let mut buf = vec![0u8; 1514];
+    let Outcome::Io(io) = e.handle_frame(0, &w, &mut buf) else {
+        panic!()
+    };
+    let mut buf2 = vec![0u8; 1514];
+    assert_eq!(
+        e.handle_frame(0, &w, &mut buf2),
+        Outcome::Drop(DropReason::DuplicateInFlight)
+    );
+    let n = e
+        .complete(io.token, Err(IoFailure::Medium), &mut buf)
+        .unwrap();
+    let r = reply_of(&mut e, &w).unwrap();
+    assert_eq!(r, buf[..n], "the copy gets the write's error too");
+    let m = Message::parse(&r).unwrap();
+    let Body::Ata(a) = m.body else { panic!() };
+    assert_eq!(a.err_feature, error_bits::UNC);
+}
+
+#[test]
+fn same_tag_and_lba_with_other_data_or_from_another_mac_is_executed() {
+    // Initiators that reuse tags (or two hosts with the same tag) keep working: only a
+    // request equal in source, tag, command, LBA, count and data is a copy.
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let mut disk = vec![0u8; 1000 * 512];
+    io_round(&mut e, &mut disk, &write_frame(HOST, 5, 30, &[1u8; 512]));
+    io_round(&mut e, &mut disk, &write_frame(HOST, 5, 30, &[2u8; 512]));
+    io_round(&mut e, &mut disk, &write_frame(HOST, 5, 30, &[1u8; 512]));
+    assert_eq!(disk[30 * 512], 1);
+    io_round(&mut e, &mut disk, &write_frame(OTHER, 5, 30, &[1u8; 512]));
+    io_round(&mut e, &mut disk, &write_frame(HOST, 5, 31, &[1u8; 512]));
+    assert_eq!(e.stats().duplicate_writes, 0);
+}
+
+#[test]
+fn copies_past_the_window_or_the_bound_are_executed_and_the_table_stays_bounded() {
+    let mut e = engine(100_000);
+    let t0 = Instant::now();
+    e.set_now(t0);
+    e.set_dedup(DedupConfig {
+        window: Duration::from_secs(1),
+        entries: 100,
+    });
+    let mut disk = vec![0u8; 100_000 * 512];
+    let w = write_frame(HOST, 1, 0, &[9u8; 512]);
+    io_round(&mut e, &mut disk, &w);
+    e.set_now(t0 + Duration::from_secs(1));
+    io_round(&mut e, &mut disk, &w);
+    // A flood of distinct writes: the table holds the newest 100, the first is forgotten.
+    for tag in 2..1000u32 {
+        io_round(
+            &mut e,
+            &mut disk,
+            &write_frame(OTHER, tag, u64::from(tag), &[3u8; 512]),
+        );
+    }
+    assert!(e.dedup_entries() <= 100);
+    io_round(&mut e, &mut disk, &w);
+    // Off: every copy is executed (vblade's behaviour).
+    e.set_dedup(DedupConfig {
+        window: Duration::ZERO,
+        entries: 100,
+    });
+    io_round(&mut e, &mut disk, &w);
+    io_round(&mut e, &mut disk, &w);
 }

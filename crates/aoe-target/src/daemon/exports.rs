@@ -264,7 +264,7 @@ impl Daemon {
             None => state,
         };
         let serial = format!("{}.{}:{}", spec.shelf, spec.slot, self.hostname);
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             ExportConfig {
                 addr: spec.addr(),
                 sectors,
@@ -278,6 +278,7 @@ impl Daemon {
             },
             state,
         );
+        engine.set_dedup(config.dedup);
         Ok(ExportRt {
             spec: spec.clone(),
             engine,
