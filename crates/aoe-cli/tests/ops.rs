@@ -116,14 +116,16 @@ fn demo_pid(stdout: &str) -> Option<u32> {
     stdout[at..].split('-').next()?.parse().ok()
 }
 
-#[test]
-fn demo_interrupted_mid_way_removes_everything() {
+/// Starts `aoe demo` (its stderr to `stderr`) and waits until it reports its write step:
+/// mid-way, with the file system mounted on the AoE device and being written. Returns the
+/// demo and its pid; kills it and panics if it never gets there within 120 s.
+fn demo_writing(stderr: Stdio) -> (std::process::Child, u32) {
     demo_tools();
     let mut child = Command::new(AOE)
         .args(["demo", "--no-install", "--write", "48"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let pid = child.id();
@@ -134,7 +136,6 @@ fn demo_interrupted_mid_way_removes_everything() {
             let _ = tx.send(l);
         }
     });
-    // Mid-way: the file system is mounted on the AoE device and being written.
     let mut seen = Vec::new();
     let mid = wait_until(Duration::from_secs(120), || {
         while let Ok(l) = rx.try_recv() {
@@ -142,7 +143,16 @@ fn demo_interrupted_mid_way_removes_everything() {
         }
         seen.iter().any(|l| l.starts_with("== write"))
     });
+    if !mid {
+        let _ = child.kill();
+    }
     assert!(mid, "the demo never reached the write step: {seen:#?}");
+    (child, pid)
+}
+
+#[test]
+fn demo_interrupted_mid_way_removes_everything() {
+    let (mut child, pid) = demo_writing(Stdio::piped());
     assert!(
         !leftovers(pid).is_empty(),
         "mid-way, the demo should have made namespaces and mounts"
@@ -183,33 +193,7 @@ fn demo_interrupted_mid_way_removes_everything() {
 /// Seen failing before the fix: the second demo passed and every leftover was still there.
 #[test]
 fn demo_after_a_sigkilled_demo_removes_what_it_left() {
-    demo_tools();
-    let mut child = Command::new(AOE)
-        .args(["demo", "--no-install", "--write", "48"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let mut seen = Vec::new();
-    let mid = wait_until(Duration::from_secs(120), || {
-        while let Ok(l) = rx.try_recv() {
-            seen.push(l);
-        }
-        seen.iter().any(|l| l.starts_with("== write"))
-    });
-    if !mid {
-        let _ = child.kill();
-    }
-    assert!(mid, "the demo never reached the write step: {seen:#?}");
+    let (mut child, pid) = demo_writing(Stdio::null());
     child.kill().unwrap();
     child.wait().unwrap();
     let left = leftovers(pid);
