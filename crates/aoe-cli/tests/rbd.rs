@@ -172,6 +172,43 @@ fn show_reserve(sock: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `rbd:POOL/NAMESPACE/IMAGE`: an image in a RADOS namespace of the pool is the one served
+/// (not a same-named image outside it): data written through AoE is what `rbd export` of the
+/// namespaced image sees, and the pool's default namespace holds no such image.
+#[test]
+fn an_image_in_a_rados_namespace_is_served() {
+    let r = RbdRig::start("rbd/tenant1/img", |ceph| {
+        ceph.ok("rbd", &["namespace", "create", "rbd/tenant1"]);
+        ceph.ok("rbd", &["create", "rbd/tenant1/img", "--size", "32M"]);
+    });
+    let rig = &r.rig;
+    assert_eq!(
+        rig.attr("size").as_deref(),
+        Some(&*(IMAGE_BYTES / 512).to_string()),
+        "sectors of the export{}",
+        rig.logs()
+    );
+    let a = pattern(5, 256 * 1024);
+    let a_at = 3 << 20;
+    write_sync(&rig.dev(), a_at as u64, &a).expect("write through AoE");
+    let exported = r.ceph.export("rbd/tenant1/img");
+    assert_eq!(exported.len(), IMAGE_BYTES);
+    assert!(
+        exported[a_at..a_at + a.len()] == a[..],
+        "rbd export of rbd/tenant1/img differs from what was written through AoE{}",
+        rig.logs()
+    );
+    assert!(
+        exported[..a_at].iter().all(|&b| b == 0),
+        "rbd export of rbd/tenant1/img has data before the write"
+    );
+    let outside = r.ceph.ok("rbd", &["ls", "rbd"]);
+    assert!(
+        !outside.lines().any(|l| l.trim() == "img"),
+        "an image named img outside the namespace: {outside}"
+    );
+}
+
 /// Starts `aoe serve` on the rig's export in the target's namespace and waits (generously:
 /// breaking a dead holder's lock asks the cluster first) until its AoE socket is open.
 fn start_gateway(r: &RbdRig, shelf_slot: (u16, u8), extra: &[&str]) -> NsChild {
