@@ -56,6 +56,24 @@ impl Net {
     }
 }
 
+/// Sends `reads` (all `Request::Read`) and checks that every reply carries the bytes of
+/// `data` its LBA and count name; `what` heads the failure message.
+fn check_reads(c: &mut AoeClient, reads: &[Request], data: &[u8], what: &str) {
+    let replies = c.run(reads, Duration::from_secs(60)).unwrap();
+    assert_eq!(replies.len(), reads.len());
+    for (r, q) in replies.iter().zip(reads) {
+        let Request::Read { lba, count } = q else {
+            panic!("check_reads takes reads only: {q:?}");
+        };
+        let at = *lba as usize * 512;
+        let end = at + usize::from(*count) * 512;
+        assert!(
+            data_of(r) == &data[at..end],
+            "{what}, read at byte {at}: wrong data"
+        );
+    }
+}
+
 fn data_of(r: &Reply) -> &[u8] {
     assert!(r.is_ok(), "failed reply: {r:?}");
     match &r.body {
@@ -381,14 +399,7 @@ fn reads_of_one_batch_come_back_right_when_some_miss_the_page_cache() {
         .collect();
     for round in 0..4 {
         drop_cached(&path, 2 * MIB);
-        let replies = c.run(&reads, Duration::from_secs(60)).unwrap();
-        assert_eq!(replies.len(), reads.len());
-        for (r, &o) in replies.iter().zip(&offsets) {
-            assert!(
-                data_of(r) == &data[o..o + 1024],
-                "round {round}, read at byte {o}: wrong data"
-            );
-        }
+        check_reads(&mut c, &reads, &data, &format!("round {round}"));
     }
     t.stop().unwrap();
     let log = t.output_so_far();
@@ -438,14 +449,7 @@ fn contiguous_reads_across_the_page_cache_edge_come_back_right() {
             file.write_all_at(&data[at..at + 64 * KIB], at as u64)
                 .unwrap();
         }
-        let replies = c.run(&reads, Duration::from_secs(60)).unwrap();
-        assert_eq!(replies.len(), reads.len());
-        for (r, &o) in replies.iter().zip(&offsets) {
-            assert!(
-                data_of(r) == &data[o..o + 1024],
-                "round {round}, read at byte {o}: wrong data"
-            );
-        }
+        check_reads(&mut c, &reads, &data, &format!("round {round}"));
     }
     t.stop().unwrap();
 }
@@ -481,14 +485,7 @@ fn contiguous_reads_from_tmpfs_come_back_right() {
                 count: per_frame as u8,
             })
             .collect();
-        let replies = c.run(&reads, Duration::from_secs(60)).unwrap();
-        assert_eq!(replies.len(), reads.len());
-        for (r, &l) in replies.iter().zip(&lbas) {
-            assert!(
-                data_of(r) == &data[l * 512..(l + per_frame) * 512],
-                "MTU {mtu}, read of sector {l}: wrong data"
-            );
-        }
+        check_reads(&mut c, &reads, &data, &format!("MTU {mtu}"));
         t.stop().unwrap();
     }
 }
