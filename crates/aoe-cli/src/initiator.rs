@@ -27,7 +27,8 @@ pub struct InitiatorArgs {
     /// Where control and device files appear.
     #[arg(long, default_value = "/dev/etherd", value_name = "DIR")]
     root: PathBuf,
-    /// Whitespace-separated interfaces AoE may use (like aoe_iflist); default: all.
+    /// Whitespace-separated interfaces AoE may use (like aoe_iflist); default: all. A list
+    /// that names none is refused.
     #[arg(long, value_name = "\"IF ...\"")]
     iflist: Option<String>,
     /// Seconds without an answer before a device is down (like aoe_deadsecs), 0 to 86400;
@@ -99,7 +100,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
     if a.max_targets == 0 {
         anyhow::bail!("--max-targets must be at least 1");
     }
-    let iflist = a
+    let iflist: Vec<String> = a
         .iflist
         .as_deref()
         .unwrap_or("")
@@ -107,6 +108,15 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
+    // An empty aoe_iflist means every interface; an `--iflist` given but naming none is
+    // far more likely a script's empty variable than a wish for every link, and on a host
+    // that would send AoE broadcasts out of every interface: refuse it.
+    if a.iflist.is_some() && iflist.is_empty() {
+        anyhow::bail!(
+            "--iflist names no interface (leave it out to use every interface, as an empty \
+             aoe_iflist does)"
+        );
+    }
     let nbd_tcp = match &a.nbd_tcp {
         None => None,
         Some(s) => Some(resolve_nbd_tcp(s, a.nbd_tcp_any)?),

@@ -731,3 +731,34 @@ fn read_progress_only_on_a_terminal_and_ping_cfg_json() {
     assert!(shown.contains("e5.6: read 16384 sectors"), "{shown:?}");
     target.stop().unwrap();
 }
+
+/// `aoe initiator --iflist ''` (say, a script's empty variable) used to start on every
+/// interface, as if `--iflist` had not been given. It is refused at once, one line naming
+/// the option. Run in a namespace of its own, so that the code before the fix (which
+/// started and ran until `timeout` ended it: exit 124) met only a loopback.
+#[test]
+fn initiator_refuses_an_iflist_that_names_no_interface() {
+    require_root();
+    let ns = aoe_testkit::Netns::new("aoeopsif").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    for list in ["", " ", ", ,"] {
+        let out = ns
+            .command("timeout")
+            .args(["10", AOE, "initiator", "--root"])
+            .arg(root.path())
+            .args(["--iflist", list])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "--iflist {list:?}: exit status; stderr:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("--iflist names no interface") && stderr.trim().lines().count() == 1,
+            "--iflist {list:?}: {stderr}"
+        );
+    }
+}
