@@ -480,7 +480,14 @@ impl Engine {
                 || d.target_idx(f.target)
                     .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(f.seq, now));
             if !due {
-                // Looked at again on the next answer or timer run.
+                // Looked at again on the next answer or timer run. Its frame's timer may be
+                // parked (the copy was due when queued, and an answer since made it wait
+                // again): it must run when the copy turns due by time alone, or with no
+                // other frame out nothing would send it before the next beacon.
+                let wake = self.waiting_wake(now, &f, why);
+                if let Some(o) = self.outstanding.get_mut(&key) {
+                    o.deadline = o.deadline.min(wake);
+                }
                 i += 1;
                 continue;
             }
