@@ -50,6 +50,81 @@ fn write_in_pieces(dev: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> 
     f.sync_all()
 }
 
+/// Progress of a transfer under loss, one mark per MiB: a gap of more than
+/// [`Gaps::STALL`] between marks is a stall, reported with the initiator's log around it
+/// (to `$AOE_STALL_DIR` if set, else to stderr).
+struct Gaps {
+    t0: Instant,
+    last: Instant,
+    stalls: Vec<(String, f64, f64)>,
+}
+
+impl Gaps {
+    const STALL: Duration = Duration::from_secs(2);
+
+    fn new(t0: Instant) -> Gaps {
+        Gaps {
+            t0,
+            last: t0,
+            stalls: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, what: &str) {
+        self.mark_after(what, Self::STALL);
+    }
+
+    /// A mark where a gap of `stall` is a stall.
+    fn mark_after(&mut self, what: &str, stall: Duration) {
+        let now = Instant::now();
+        let gap = now - self.last;
+        if gap > stall {
+            let at = (self.last - self.t0).as_secs_f64();
+            eprintln!("STALL {what}: {:.1} s from {at:.1} s", gap.as_secs_f64());
+            self.stalls.push((what.to_owned(), at, gap.as_secs_f64()));
+        }
+        self.last = now;
+    }
+
+    fn report(&self, what: &str, rig: &Rig) {
+        if self.stalls.is_empty() {
+            return;
+        }
+        let log = rig
+            .initiator
+            .as_ref()
+            .map(aoe_testkit::NsChild::output_so_far)
+            .unwrap_or_default();
+        let text = format!("{what}: stalls {:?}\n{log}", self.stalls);
+        match std::env::var_os("AOE_STALL_DIR") {
+            Some(d) => {
+                let p = Path::new(&d).join(format!(
+                    "stall-{}-{}.log",
+                    std::process::id(),
+                    what.replace(' ', "_")
+                ));
+                let _ = fs::write(&p, text);
+                eprintln!("STALL log: {}", p.display());
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+fn write_in_pieces_timed(
+    dev: &Path,
+    offset: u64,
+    data: &[u8],
+    gaps: &mut Gaps,
+) -> std::io::Result<()> {
+    let f = OpenOptions::new().write(true).open(dev)?;
+    for (i, chunk) in data.chunks(MIB).enumerate() {
+        f.write_all_at(chunk, offset + (i * MIB) as u64)?;
+        gaps.mark(&format!("write MiB {i}"));
+    }
+    f.sync_all()
+}
+
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let bad = wrong_sectors(got, want);
@@ -117,7 +192,14 @@ fn file_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
 /// goal, in simulated time, are in aoe-proto (`initiator::tests::loss`).
 fn loss(kind: Target) {
     let mut lines = Vec::new();
+    // AOE_LOSS_MTU=1500 (or 9000) runs only that MTU (to chase an intermittent stall).
+    let only: Option<u32> = std::env::var("AOE_LOSS_MTU")
+        .ok()
+        .and_then(|m| m.parse().ok());
     for (mtu, seed) in [(1500u32, 14u64), (9000, 15)] {
+        if only.is_some_and(|m| m != mtu) {
+            continue;
+        }
         lines.push(loss_at(kind, mtu, seed));
     }
     for l in lines {
@@ -157,11 +239,17 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     let lossy = pattern(141, n);
     let off = n as u64;
     let t0 = Instant::now();
-    write_in_pieces(&dev, off, &lossy)
+    let mut gaps = Gaps::new(t0);
+    write_in_pieces_timed(&dev, off, &lossy, &mut gaps)
         .unwrap_or_else(|e| panic!("write under loss: {e}{}", r.rig.logs()));
+    gaps.mark("fsync done");
+    // One read of it all, as before the marks: the kernel splits it into many requests in
+    // flight at once (a read per MiB would change the load this measures).
     let got = read_at(&dev, off, lossy.len())
         .unwrap_or_else(|e| panic!("read under loss: {e}{}", r.rig.logs()));
+    gaps.mark_after("read", Duration::from_secs(10));
     let lossy_secs = t0.elapsed().as_secs_f64();
+    gaps.report(&format!("{kind:?} MTU {mtu}"), &r.rig);
     assert_same(&got, &lossy, "under loss");
     drop(got);
     ctl.set_faults(Faults::default());

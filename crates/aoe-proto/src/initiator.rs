@@ -331,7 +331,8 @@ impl Engine {
         if self.next_discover.is_some_and(|t| now >= t) {
             self.discover(now);
         }
-        self.expire_held(now);
+        // Every device is pumped below, whichever got a slot back.
+        let _freed = self.expire_held(now);
         self.expire_fences(now);
         self.rack_timers(now);
         let expired: Vec<u32> = self

@@ -160,12 +160,22 @@ impl Engine {
         if unfenced && self.devices.get(&h.target).is_some_and(|d| d.fence_wait) {
             self.pump(now, h.target);
         }
+        let mut freed = Vec::new();
         if !self.held.is_empty() {
-            // A later frame answered: held copies sent before it are presumed lost.
-            self.expire_held(now);
+            // A later frame answered: held copies sent before it are presumed lost. Their
+            // slots go to the waiting copies and queued frames now: this answer's own pump
+            // (if it took any step: not for a duplicate or a late copy's) ran while they
+            // still took the slots, a waiting copy's timer is parked, and with nothing else
+            // out no timer would send anything (the initiator stalled until the 60 s beacon).
+            freed = self.expire_held(now);
         }
-        if held || !self.held.is_empty() {
+        if held || !self.held.is_empty() || freed.contains(&h.target) {
             self.pump(now, h.target);
+        }
+        for dev in freed {
+            if dev != h.target {
+                self.pump(now, dev);
+            }
         }
     }
 

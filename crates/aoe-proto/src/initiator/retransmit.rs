@@ -235,8 +235,12 @@ impl Engine {
     }
 
     /// Frees the window slots of held copies presumed lost by `now`: past `due` with a
-    /// later frame to the same target answered, or past `silent_until`.
-    pub(super) fn expire_held(&mut self, now: Instant) {
+    /// later frame to the same target answered, or past `silent_until`. Returns the
+    /// devices that got a slot back: the caller must `pump` them, or a copy waiting for
+    /// that slot (`Device::rexmitq`, its frame's timer parked) may wait for the next
+    /// unrelated timer run, as long as the 60 s discovery beacon.
+    #[must_use = "a freed slot must be offered to the copies waiting for one (pump)"]
+    pub(super) fn expire_held(&mut self, now: Instant) -> Vec<TargetAddr> {
         let mut lost = Vec::new();
         for (tag, h) in self.held.iter_mut() {
             if h.silent_until <= now {
@@ -257,14 +261,19 @@ impl Engine {
                 h.check_at = h.silent_until;
             }
         }
+        let mut freed: Vec<TargetAddr> = Vec::new();
         for tag in lost {
             if let Some(h) = self.held.remove(&tag) {
                 self.release(h.dev, h.target);
+                if !freed.contains(&h.dev) {
+                    freed.push(h.dev);
+                }
                 if h.presumed_lost {
                     self.add_ghost(now, tag, &h);
                 }
             }
         }
+        freed
     }
 
     /// Lifts the fences (`Engine::fences`) of write copies presumed gone by `now`.
@@ -471,7 +480,14 @@ impl Engine {
                 || d.target_idx(f.target)
                     .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(f.seq, now));
             if !due {
-                // Looked at again on the next answer or timer run.
+                // Looked at again on the next answer or timer run. Its frame's timer may be
+                // parked (the copy was due when queued, and an answer since made it wait
+                // again): it must run when the copy turns due by time alone, or with no
+                // other frame out nothing would send it before the next beacon.
+                let wake = self.waiting_wake(now, &f, why);
+                if let Some(o) = self.outstanding.get_mut(&key) {
+                    o.deadline = o.deadline.min(wake);
+                }
                 i += 1;
                 continue;
             }

@@ -854,3 +854,136 @@ fn frames_that_slept_through_a_cut_are_copied_once_the_target_answers() {
         );
     }
 }
+
+/// A frame's copy waits for a window slot held by the frame's own earlier copy
+/// (`Engine::held`; one slot here: buffer count 1). The held copy is presumed lost at its
+/// `silent_until`; if an answer the engine no longer expects (a duplicate of an earlier
+/// answer, as a link that duplicates frames delivers) arrives just then, before the timer
+/// runs (a daemon handles the frames of a wake-up before its timer), handling that answer
+/// frees the slot. The waiting copy must still go out at once: nothing else would send it
+/// (its frame's timer is parked until `deadsecs`, no other frame is out). `aoe initiator`
+/// under 5% loss stalled some 50 s on this, until the discovery beacon's timer run (60 s
+/// after the last) sent the copies.
+#[test]
+fn copy_waiting_for_a_slot_goes_out_when_a_late_answer_frees_it() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 1, 2, 0));
+    let tx = drain(&mut e, t0);
+    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    // One read answered; its answer will come again later.
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let now = t0 + Duration::from_micros(100);
+    let dup = ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[1; 1024]);
+    e.handle_frame(now, 0, &dup);
+    assert_eq!(completions(&mut e).len(), 1);
+    // The next read's frame is lost; its copy waits for the only slot, which the lost
+    // frame's copy holds until presumed lost.
+    e.submit(now, DEV, BlockOp::Read { lba: 2, sectors: 2 })
+        .unwrap();
+    assert_eq!(drain(&mut e, now).len(), 1);
+    let release = loop {
+        let at = e.poll_timeout().unwrap();
+        assert!(at < t0 + Duration::from_secs(5), "no copy held");
+        let waiting = !e.devices[&DEV].rexmitq.is_empty();
+        if waiting && e.held.values().any(|h| at == h.silent_until) {
+            break at;
+        }
+        e.handle_timeout(at);
+        assert!(drain(&mut e, at).is_empty(), "no slot for a copy yet");
+    };
+    // The duplicate arrives as the held copy is presumed lost, before the timer runs.
+    e.handle_frame(release, 0, &dup);
+    let mut sent = drain(&mut e, release);
+    // Then the daemon's loop: the timer whenever it is due, for two seconds.
+    let mut now = release;
+    while sent.is_empty() {
+        let Some(at) = e
+            .poll_timeout()
+            .filter(|at| *at <= release + Duration::from_secs(2))
+        else {
+            break;
+        };
+        now = now.max(at);
+        e.handle_timeout(now);
+        sent = drain(&mut e, now);
+    }
+    assert_eq!(
+        sent.iter().map(|(_, f)| req_lba(f)).collect::<Vec<_>>(),
+        vec![2],
+        "the copy went out within 2 s (next timer run {:?} after the release)",
+        e.poll_timeout()
+            .map(|t| t.saturating_duration_since(release))
+    );
+}
+
+/// The window is taken only by a held copy: the spare copy of a frame that its first
+/// copy's late answer completed (`Engine::held`). A new read waits in the queue, nothing
+/// is out. If an answer the engine no longer expects arrives just as the held copy is
+/// presumed lost (before the timer runs), handling it frees the slot, and the queued frame
+/// must go out then: no timer would send it before the discovery beacon.
+#[test]
+fn queued_frame_goes_out_when_a_late_answer_frees_the_window() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    let first = drain(&mut e, t0);
+    let rsp = ata_rsp(&first[0].1, TMAC, status::DRDY, 0, &[1; 1024]);
+    // Its timer runs out: a copy goes out.
+    let mut now = t0;
+    while !e.outstanding.values().any(|f| f.retransmits > 0) {
+        now = e.poll_timeout().unwrap();
+        assert!(now < t0 + Duration::from_secs(1), "no copy");
+        e.handle_timeout(now);
+        drain(&mut e, now);
+    }
+    // The first copy's answer arrives late: the read is done, its copy keeps its slot.
+    now += Duration::from_micros(10);
+    e.handle_frame(now, 0, &rsp);
+    assert_eq!(completions(&mut e).len(), 1);
+    assert_eq!((e.held.len(), e.outstanding.len()), (1, 0));
+    // A window of that one slot (as when a window at its floor is all held copies), and
+    // the next read queued behind it.
+    let t = &mut e.devices.get_mut(&DEV).unwrap().targets[0];
+    assert_eq!(t.nout, 1);
+    t.maxout = 1;
+    e.submit(now, DEV, BlockOp::Read { lba: 2, sectors: 2 })
+        .unwrap();
+    assert!(drain(&mut e, now).is_empty(), "the window is full");
+    let release = loop {
+        let at = e.poll_timeout().unwrap();
+        assert!(at < t0 + Duration::from_secs(5), "never released");
+        if e.held.values().any(|h| h.silent_until <= at) {
+            break at;
+        }
+        e.handle_timeout(at);
+        assert!(drain(&mut e, at).is_empty(), "the window is still full");
+    };
+    // A duplicate of that answer arrives as the held copy is presumed lost.
+    e.handle_frame(release, 0, &rsp);
+    let mut sent = drain(&mut e, release);
+    let mut now = release;
+    while sent.is_empty() {
+        let Some(at) = e
+            .poll_timeout()
+            .filter(|at| *at <= release + Duration::from_secs(2))
+        else {
+            break;
+        };
+        now = now.max(at);
+        e.handle_timeout(now);
+        sent = drain(&mut e, now);
+    }
+    assert_eq!(
+        sent.iter().map(|(_, f)| req_lba(f)).collect::<Vec<_>>(),
+        vec![2],
+        "the next frame went out within 2 s (next timer run {:?} after the release)",
+        e.poll_timeout()
+            .map(|t| t.saturating_duration_since(release))
+    );
+}
