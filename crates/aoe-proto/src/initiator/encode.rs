@@ -92,7 +92,7 @@ impl Engine {
             }),
         };
         // Every copy of a write fences its sectors until answered or presumed gone.
-        let fence = matches!(op.kind, OpKind::Write(_)).then(|| {
+        let fence = (self.cfg.fence_writes && matches!(op.kind, OpKind::Write(_))).then(|| {
             let rto = d
                 .target_idx(f.target)
                 .map_or(self.cfg.rto_min, |ti| d.targets[ti].rto(&self.cfg));

@@ -61,6 +61,13 @@ pub struct Config {
     /// then, without waiting for the timer. 1 is RACK's rule; RFC 5681 3.2's duplicate-ACK
     /// threshold would be 3. 0 turns it off. The driver waits for the timer.
     pub fast_retransmit: u16,
+    /// Hold a write back while a copy of an earlier write to any of its sectors may still
+    /// reach the target (`Engine::fences`), so a delayed copy cannot land on top of it.
+    /// Off by default for now: the `initiator_engine` fuzz target found that it can keep an
+    /// operation pending past `deadsecs` plus its margin (input kept in
+    /// `fuzz/regressions/initiator_engine-s8-fence-liveness`; the harness runs with the
+    /// default). The target's duplicate-write table covers network duplicates either way.
+    pub fence_writes: bool,
 }
 
 impl Default for Config {
@@ -77,6 +84,7 @@ impl Default for Config {
             peer_log_interval: Duration::from_secs(1),
             min_window: 8,
             fast_retransmit: 1,
+            fence_writes: false,
         }
     }
 }

@@ -19,7 +19,11 @@ fn is_write(frame: &[u8]) -> bool {
 /// second with a fresh tag, which is answered: W1 completes. Returns the engine, the time,
 /// and W1's first frame (still "in the network").
 fn w1_completed_on_its_copy() -> (Engine, Instant, Vec<u8>) {
-    let (mut e, t0) = up_engine(1000, true);
+    let cfg = Config {
+        fence_writes: true,
+        ..Config::default()
+    };
+    let (mut e, t0) = up_engine_with(cfg, 1000, true);
     e.submit(
         t0,
         DEV,
