@@ -898,28 +898,7 @@ fn copy_waiting_for_a_slot_goes_out_when_a_late_answer_frees_it() {
         assert!(drain(&mut e, at).is_empty(), "no slot for a copy yet");
     };
     // The duplicate arrives as the held copy is presumed lost, before the timer runs.
-    e.handle_frame(release, 0, &dup);
-    let mut sent = drain(&mut e, release);
-    // Then the daemon's loop: the timer whenever it is due, for two seconds.
-    let mut now = release;
-    while sent.is_empty() {
-        let Some(at) = e
-            .poll_timeout()
-            .filter(|at| *at <= release + Duration::from_secs(2))
-        else {
-            break;
-        };
-        now = now.max(at);
-        e.handle_timeout(now);
-        sent = drain(&mut e, now);
-    }
-    assert_eq!(
-        sent.iter().map(|(_, f)| req_lba(f)).collect::<Vec<_>>(),
-        vec![2],
-        "the copy went out within 2 s (next timer run {:?} after the release)",
-        e.poll_timeout()
-            .map(|t| t.saturating_duration_since(release))
-    );
+    late_answer_sends_lba_2(&mut e, release, &dup, "the copy");
 }
 
 /// The window is taken only by a held copy: the spare copy of a frame that its first
@@ -965,8 +944,15 @@ fn queued_frame_goes_out_when_a_late_answer_frees_the_window() {
         assert!(drain(&mut e, at).is_empty(), "the window is still full");
     };
     // A duplicate of that answer arrives as the held copy is presumed lost.
-    e.handle_frame(release, 0, &rsp);
-    let mut sent = drain(&mut e, release);
+    late_answer_sends_lba_2(&mut e, release, &rsp, "the next frame");
+}
+
+/// Hands the engine `late` (an answer it no longer expects) at `release`, when a held
+/// copy is presumed lost, then runs its timer whenever due, as the daemon's loop does, for
+/// two seconds: `what`, the frame of the read at LBA 2, must have gone out by then.
+fn late_answer_sends_lba_2(e: &mut Engine, release: Instant, late: &[u8], what: &str) {
+    e.handle_frame(release, 0, late);
+    let mut sent = drain(e, release);
     let mut now = release;
     while sent.is_empty() {
         let Some(at) = e
@@ -977,12 +963,12 @@ fn queued_frame_goes_out_when_a_late_answer_frees_the_window() {
         };
         now = now.max(at);
         e.handle_timeout(now);
-        sent = drain(&mut e, now);
+        sent = drain(e, now);
     }
     assert_eq!(
         sent.iter().map(|(_, f)| req_lba(f)).collect::<Vec<_>>(),
         vec![2],
-        "the next frame went out within 2 s (next timer run {:?} after the release)",
+        "{what} went out within 2 s (next timer run {:?} after the release)",
         e.poll_timeout()
             .map(|t| t.saturating_duration_since(release))
     );
