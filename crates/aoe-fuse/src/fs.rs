@@ -440,7 +440,7 @@ fn debug_text(e: &DevEntry) -> String {
 
 /// Bytes of one FUSE read or write request on a device file: a quarter of `dd bs=1M`'s
 /// system call. Measured at MTU 9000 against `aoe serve` (`scripts/bench-initiator.sh`,
-/// README "Performance"): smaller requests cost more requests per byte, larger ones leave
+/// docs/PERFORMANCE.md, "The initiator's path"): smaller requests cost more requests per byte, larger ones leave
 /// one request per system call and the link idle while it is answered.
 const REQUEST_BYTES: u32 = 256 << 10;
 

@@ -310,7 +310,7 @@ const RX_RING_MIN_SLOTS: usize = 256;
 /// network thread takes a batch without a system call and without the socket's per-frame
 /// `recvmsg` work (the skb queue, the hardened user copy's checks). On a veth the copy into
 /// the slot runs in the sender's context, the target's. Measured against `recvmmsg` at MTU
-/// 9000 and 1500 in `scripts/bench-initiator.sh` (README "Performance").
+/// 9000 and 1500 in `scripts/bench-initiator.sh` (docs/PERFORMANCE.md, "The initiator's path").
 struct RxRing {
     ring: PacketRing,
     /// The largest frame a slot holds: the interface's frame size when the ring was made.

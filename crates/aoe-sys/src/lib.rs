@@ -16,7 +16,7 @@
 //! * [`XdpSocket`]: an `AF_XDP` socket with its UMEM and rings on queue 0 of an interface,
 //!   and the XDP program (hand-assembled, loaded with bpf(2), no libbpf) that steers AoE
 //!   frames into it; the same receive-lend, build-in-slot and kick shape as [`PacketRing`].
-//!   A measured prototype: README "The target's fast path" says why the target does not use
+//!   A measured prototype: docs/PERFORMANCE.md ("AF_XDP, tried and measured") says why the target does not use
 //!   it on veth.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.

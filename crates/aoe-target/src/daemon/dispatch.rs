@@ -737,7 +737,7 @@ impl Daemon {
     }
 }
 
-/// Reads of one batch at least for io_uring; fewer are one `preadv2` each. Measured (README,
+/// Reads of one batch at least for io_uring; fewer are one `preadv2` each. Measured (docs/PERFORMANCE.md,
 /// "The target's fast path"): at window 16 (batches of a few reads) one `io_uring_enter`
 /// cost more target CPU than the `preadv2` calls it replaced, at window 64 less.
 const URING_MIN_READS: usize = 8;

@@ -7,7 +7,7 @@
 //! batch while the initiator sends the next one 300 us later (a generator that cannot keep
 //! up, a machine other work loads) spends most of its time spinning for nothing. Sleeping
 //! costs a wake-up, which the sender's CPU mostly pays. Measured with
-//! scripts/bench/target-cpu.sh at load average 12 (README, "The target's fast path"): the
+//! scripts/bench/target-cpu.sh at load average 12 (docs/PERFORMANCE.md, "The target's fast path"): the
 //! fixed 100 us spin was 30-37% of the target's CPU time at window 16.
 
 use std::time::Duration;
