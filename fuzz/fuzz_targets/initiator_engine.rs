@@ -260,13 +260,14 @@ fn run(data: &[u8], fence_writes: bool) {
 /// The engine's `deadsecs` here.
 const DEADSECS: Duration = Duration::from_secs(3);
 
-/// How long after the links become reliable an operation may still be outstanding beyond
-/// `deadsecs`: a frame of it may go out only once a slot frees, which a copy presumed lost
-/// keeps for up to a second (`SILENT_HOLD` in the engine), and the device may still be
-/// identifying.
+/// How long beyond `deadsecs` the operations may go without one of them ending (counted
+/// from the links becoming reliable, then from the last one that ended): a frame may go
+/// out only once a slot frees, which a copy presumed lost keeps for up to a second
+/// (`SILENT_HOLD` in the engine), a write may wait a second for a fence, and the device may
+/// still be identifying.
 const LIVENESS_MARGIN: Duration = Duration::from_secs(3);
 
 /// Timer runs allowed for that: a frame's backed-off timeouts number about
-/// log2(deadsecs / rto_min), some dozen, and each held copy or copy waiting for a slot adds
-/// a few.
+/// log2(deadsecs / rto_min), some dozen, and each held copy, copy waiting for a slot or
+/// write waiting for a fence adds a few.
 const MAX_TIMER_RUNS: usize = 1000;
