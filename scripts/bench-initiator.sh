@@ -25,6 +25,7 @@
 #             with more than one, each run measures them in turn (interleaved, not one after
 #             the other), every row names its binary, and the target and raw generator stay $AOE
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
+#   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
@@ -194,7 +195,11 @@ for mtu in $MTUS; do
                 if [ "$WRITES" = 1 ]; then
                     V[devw,$k]+="$(timed dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" \
                         ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
+                    c3=$(cpu_ticks "$INIT_PID")
+                    TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 ))
                     V[nbdw,$k]+="$(timed in_i nbdcopy "$SRC" "$URI") "
+                    c4=$(cpu_ticks "$INIT_PID")
+                    TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 ))
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
             done
@@ -205,7 +210,9 @@ for mtu in $MTUS; do
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
             label=$t
             [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
-            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
+            wcpu=-
+            [ "$WRITES" = 1 ] && wcpu="$(per_gb "${TK[devw,$k]}") / $(per_gb "${TK[nbdw,$k]}")"
+            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $wcpu | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
         done
         unset V TK TT
     done
@@ -217,14 +224,15 @@ for mtu in $MTUS; do
         kw=-
         [ "$WRITES" = 1 ] && kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
         stop_pid "$KIT_PID"; KIT_PID=""
-        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | | $(load) |"
+        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | | | $(load) |"
     fi
 done
 
 echo
 echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
 echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least;"
+echo "initiator write CPU = the same per GB written (dev / nbd);"
 echo "target CPU = the same of the target, which on a veth also pays for delivering its replies into the initiator's socket"
-echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | target CPU-s/GB | load |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | initiator write CPU-s/GB | target CPU-s/GB | load |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"

@@ -49,6 +49,12 @@ pub struct InitiatorArgs {
     /// one shelf.slot are refused the same way.
     #[arg(long, default_value_t = 16, value_name = "N")]
     max_targets: usize,
+    /// Tests only: send a write at once even while a copy of an earlier write to its
+    /// sectors may still reach the target, so a delayed original can undo a newer,
+    /// acknowledged write (what the Linux driver does). Hidden: it exists to show the
+    /// hazard the fence prevents (crates/aoe-cli/tests/faults.rs).
+    #[arg(long, hide = true)]
+    unsafe_no_write_fence: bool,
     /// Attach each device that comes up to a loop device with partition scan.
     #[arg(long = "loop")]
     loop_devices: bool,
@@ -129,6 +135,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         loop_devices: a.loop_devices,
         max_devices: a.max_devices,
         max_targets: a.max_targets,
+        fence_writes: !a.unsafe_no_write_fence,
     };
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,

@@ -293,6 +293,12 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         .map(|(r, n)| (labels(&[("reason", r)]), n))
         .collect(),
     );
+    s.counter(
+        "aoe_initiator_writes_fenced",
+        "Writes held back because a copy of an earlier write to some of their sectors could \
+         still reach the target (the write fence; each write counted once)",
+        vec![(Labels::new(), e.writes_fenced)],
+    );
     s.gauge(
         "aoe_initiator_state",
         "Device state (the driver's up, down, down,closewait): 1 for the current one",

@@ -23,6 +23,11 @@
 //!   never attached (the driver's `aoe_iflist`, `is_aoe_netif`).
 //! * `flush_*`: FLUSH CACHE and FLUSH CACHE EXT reach fdatasync before their reply
 //!   (aoe_testkit::faultfs counts the FUSE_FSYNCs).
+//! * `late_original_*`: the relay holds the first copy of a write past the initiator's
+//!   timeout (its retransmitted copy completes the write), a newer write to the same
+//!   sectors follows, then the held original is let through: the newer data must stay (the
+//!   initiator's write fence), against `aoe serve` and vblade; with the fence off
+//!   (`--unsafe-no-write-fence`, the Linux driver's behaviour) the original undoes it.
 //!
 //! Needs root, fuse3, vblade, aoetools (`scripts/install-deps.sh`).
 
@@ -843,4 +848,122 @@ fn flush_reaches_fdatasync_before_the_reply() {
     }
     drop(lan);
     drop(ffs);
+}
+
+// ------------------------------------------------------------------------------------------
+// Integrity: a late original of a retransmitted write
+
+/// Where the two writes go: sector 64 (a page of the FUSE file, so each write is one
+/// request starting there).
+const LATE_LBA: u64 = 64;
+
+/// How long the relay holds W1's first frame: well past the initiator's retransmission
+/// timeout (milliseconds on a veth), well within the fence (max(1 s, RTO) from its send).
+const LATE_HOLD: Duration = Duration::from_millis(500);
+
+/// W1 to sector [`LATE_LBA`], its first frame held by the relay for [`LATE_HOLD`] so that a
+/// retransmitted copy (a fresh tag) completes it; then W2 to the same sectors; then the held
+/// original reaches the target and is answered. Returns what the sectors hold after that,
+/// read through the initiator and from the backing file, with W1's and W2's data.
+fn late_original(kind: Target, fence: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let opts = InitOpts {
+        no_write_fence: !fence,
+        ..InitOpts::default()
+    };
+    let r = RelayRig::start(kind, 1500, opts, None, &[], 1, 31);
+    let ctl = r.control(0);
+    let dev = r.rig.dev();
+    let off = LATE_LBA * 512;
+    let (w1, w2) = (pattern(310, 4096), pattern(311, 4096));
+    ctl.hold_writes(LATE_LBA, 1, LATE_HOLD);
+    let t0 = Instant::now();
+    write_in_pieces(&dev, off, &w1).unwrap_or_else(|e| panic!("W1: {e}{}", r.rig.logs()));
+    let c = ctl.counters();
+    assert_eq!(c.held, 1, "W1's first frame not held: {c}");
+    assert_eq!(
+        c.released,
+        0,
+        "W1 completed only after its original was let through ({:?}): no copy overtook it",
+        t0.elapsed()
+    );
+    assert!(retransmits(&r.rig) > 0, "W1 completed without a copy");
+    write_in_pieces(&dev, off, &w2).unwrap_or_else(|e| panic!("W2: {e}{}", r.rig.logs()));
+    let w2_done = t0.elapsed();
+    // The original reaches the target and is answered: whatever it did is done.
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.counters().held_answered
+            >= 1),
+        "the held original was never answered: {}",
+        ctl.counters()
+    );
+    let got = read_at(&dev, off, w2.len()).expect("read back");
+    let back = file_range(&r.rig.file, off, w2.len());
+    eprintln!(
+        "late original {kind:?} fence {fence}: W2 done {w2_done:?} after W1 started, \
+         held {LATE_HOLD:?}; relay: {}; device has {}, backing file has {}",
+        ctl.counters(),
+        which(&got, &w1, &w2),
+        which(&back, &w1, &w2)
+    );
+    r.finish();
+    (got, back, w1, w2)
+}
+
+/// Bytes of W1's first frame, the one the relay holds: two sectors at MTU 1500.
+const LATE_FRAME: usize = 1024;
+
+/// W2 with the sectors of W1's held frame put back: what a late original leaves.
+fn undone(w1: &[u8], w2: &[u8]) -> Vec<u8> {
+    [&w1[..LATE_FRAME], &w2[LATE_FRAME..]].concat()
+}
+
+fn which(got: &[u8], w1: &[u8], w2: &[u8]) -> &'static str {
+    if got == w2 {
+        "W2"
+    } else if got == undone(w1, w2) {
+        "W2 with its first two sectors W1's again (undone by the late original)"
+    } else {
+        "neither"
+    }
+}
+
+fn late_original_never_undoes_a_newer_write(kind: Target) {
+    let (got, back, _, w2) = late_original(kind, true);
+    assert_same(&back, &w2, "backing file after W1's late original");
+    assert_same(&got, &w2, "read after W1's late original");
+}
+
+/// The hazard the fence guards against, shown: without it, W2 goes out at once and W1's
+/// late original, executed after it, puts W1's data back (an acknowledged write lost).
+/// If this ever passes with W2 intact, the test no longer reproduces the hazard and the
+/// fenced test above proves nothing.
+fn late_original_undoes_a_newer_write_without_the_fence(kind: Target) {
+    let (got, back, w1, w2) = late_original(kind, false);
+    let want = undone(&w1, &w2);
+    assert_same(
+        &back,
+        &want,
+        "backing file without the fence (W1's original last)",
+    );
+    assert_same(&got, &want, "read without the fence");
+}
+
+#[test]
+fn late_original_never_undoes_a_newer_write_aoe_serve() {
+    late_original_never_undoes_a_newer_write(Target::AoeServe);
+}
+
+#[test]
+fn late_original_never_undoes_a_newer_write_vblade() {
+    late_original_never_undoes_a_newer_write(Target::Vblade);
+}
+
+#[test]
+fn late_original_undoes_a_newer_write_without_the_fence_aoe_serve() {
+    late_original_undoes_a_newer_write_without_the_fence(Target::AoeServe);
+}
+
+#[test]
+fn late_original_undoes_a_newer_write_without_the_fence_vblade() {
+    late_original_undoes_a_newer_write_without_the_fence(Target::Vblade);
 }

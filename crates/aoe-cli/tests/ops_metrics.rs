@@ -241,6 +241,7 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         "aoe_initiator_dropped_total{reason=\"unknown_device\"}".to_string(),
         "aoe_initiator_dropped_total{reason=\"send_buffer_full\"}".to_string(),
         "aoe_initiator_dropped_total{reason=\"err_ring_full\"}".to_string(),
+        "aoe_initiator_writes_fenced_total".to_string(),
     ] {
         assert!(value(&i, &series).is_some(), "no {series}:\n{i}");
     }

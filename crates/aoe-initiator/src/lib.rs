@@ -62,6 +62,10 @@ pub struct Options {
     pub max_devices: usize,
     /// Most target MACs per device ([`Config::max_targets`]).
     pub max_targets: usize,
+    /// Hold a write back while a copy of an earlier write to its sectors may still reach
+    /// the target ([`Config::fence_writes`]). Always on but in tests that show what it
+    /// prevents.
+    pub fence_writes: bool,
 }
 
 impl Options {
@@ -96,6 +100,7 @@ impl Initiator {
             maxout: opts.maxout,
             max_devices: opts.max_devices,
             max_targets: opts.max_targets,
+            fence_writes: opts.fence_writes,
             ..Config::default()
         };
         let engine = Engine::new(cfg, Instant::now());

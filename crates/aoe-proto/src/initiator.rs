@@ -358,13 +358,15 @@ impl Engine {
     }
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the
-    /// next probe of a tainted target or the discovery beacon. `None` if nothing is pending.
+    /// next probe of a tainted target, the end of the first write fence while ops are
+    /// queued, or the discovery beacon. `None` if nothing is pending.
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         let held = self.held.values().map(|h| h.check_at).min();
         let rack = self.rack.values().min().copied();
-        // Only while a write waits for one: otherwise a fence's end changes nothing.
+        // Only while an op is queued (a write may wait for one): otherwise a fence's end
+        // changes nothing.
         let fence = self
             .fenced_ops()
             .then(|| self.fences.values().map(|f| f.gone_at).min())
@@ -653,7 +655,9 @@ impl Engine {
         let outstanding = &self.outstanding;
         self.rack.retain(|tag, _| outstanding.contains_key(tag));
         self.ghosts.retain(|_, g| g.dev != addr);
-        self.fences.retain(|_, f| f.dev != addr);
+        // The fences stay: a copy sent before the device went down may still reach the
+        // target, and a write after the device comes back (or is found again) must wait
+        // for it as any other. They end by time (`Engine::expire_fences`).
         if let Some(d) = self.devices.get_mut(&addr) {
             d.queue.clear();
             d.rexmitq.clear();

@@ -13,7 +13,11 @@
 //! * corruption of a chosen [`Field`] (XOR with a non-zero byte);
 //! * a cut ([`RelayControl::set_link`], [`RelayControl::cut_for`]): every frame dropped while
 //!   the link is down, as when a cable is pulled (the veth carriers stay up, so neither end
-//!   sees a link change: only silence, like a dead switch port).
+//!   sees a link change: only silence, like a dead switch port);
+//! * a hold ([`RelayControl::hold_writes`]): the first write requests to a chosen LBA are
+//!   kept back for a while and then sent, every other frame passing them meanwhile, as a
+//!   frame stuck in a queue somewhere while its retransmission overtakes it; the answers
+//!   to the frames held are counted, so a test knows when the target has executed them.
 //!
 //! [`RelayControl`] changes the faults while traffic flows and reads the [`Counters`].
 //!
@@ -151,6 +155,12 @@ pub struct Counters {
     pub cut: AtomicU64,
     /// Frames the outgoing socket refused (queue full, too long, ...).
     pub send_errors: AtomicU64,
+    /// Write requests kept back by [`RelayControl::hold_writes`].
+    pub held: AtomicU64,
+    /// Of those, sent on since.
+    pub released: AtomicU64,
+    /// Responses seen with the tag of a frame held (the target's answers to them).
+    pub held_answered: AtomicU64,
 }
 
 /// A copy of the [`Counters`] at one moment.
@@ -166,6 +176,9 @@ pub struct Snapshot {
     pub corrupted: u64,
     pub cut: u64,
     pub send_errors: u64,
+    pub held: u64,
+    pub released: u64,
+    pub held_answered: u64,
 }
 
 impl Counters {
@@ -182,6 +195,9 @@ impl Counters {
             corrupted: g(&self.corrupted),
             cut: g(&self.cut),
             send_errors: g(&self.send_errors),
+            held: g(&self.held),
+            released: g(&self.released),
+            held_answered: g(&self.held_answered),
         }
     }
 }
@@ -191,7 +207,8 @@ impl std::fmt::Display for Snapshot {
         write!(
             f,
             "{} frames to the target, {} to the initiator; forwarded {}, lost {}, duplicated {}, \
-             reordered {}, corrupted {}, cut {}, send errors {}",
+             reordered {}, corrupted {}, cut {}, send errors {}, held {} (released {}, \
+             answered {})",
             self.to_target,
             self.to_initiator,
             self.forwarded,
@@ -200,13 +217,52 @@ impl std::fmt::Display for Snapshot {
             self.reordered,
             self.corrupted,
             self.cut,
-            self.send_errors
+            self.send_errors,
+            self.held,
+            self.released,
+            self.held_answered
         )
     }
 }
 
+/// [`RelayControl::hold_writes`]: the next `remaining` ATA writes to `lba` towards the
+/// target are kept back for `hold`.
+#[derive(Debug, Clone, Copy)]
+struct HoldWrites {
+    lba: u64,
+    remaining: u32,
+    hold: Duration,
+}
+
+impl HoldWrites {
+    /// True if `frame` is an ATA write request (WRITE SECTORS or WRITE SECTORS EXT)
+    /// whose first sector is `self.lba`.
+    fn matches(&self, frame: &[u8]) -> bool {
+        if frame.len() < 36 || frame[14] & 0x08 != 0 || frame[19] != 0 {
+            return false;
+        }
+        if !matches!(frame[27], 0x30 | 0x34) {
+            return false;
+        }
+        let mut b = [0u8; 8];
+        b[..6].copy_from_slice(&frame[28..34]);
+        let mut lba = u64::from_le_bytes(b);
+        if frame[24] & 0x40 == 0 {
+            // LBA28: the low nibble of byte 31 is the top of the address.
+            lba &= 0x0fff_ffff;
+        }
+        lba == self.lba
+    }
+}
+
+/// The tag of an AoE frame (bytes 20-23).
+fn tag_of(frame: &[u8]) -> Option<[u8; 4]> {
+    frame.get(20..24)?.try_into().ok()
+}
+
 struct Shared {
     faults: Mutex<Faults>,
+    hold: Mutex<Option<HoldWrites>>,
     link_up: AtomicBool,
     stop: AtomicBool,
     counters: Counters,
@@ -239,6 +295,22 @@ impl RelayControl {
     /// Replaces the faults; frames already held back keep their fate.
     pub fn set_faults(&self, faults: Faults) {
         *self.faults() = faults;
+    }
+
+    /// Keeps back the next `count` ATA write requests whose first sector is `lba` (towards
+    /// the target) for `hold` each, then sends them, while every other frame passes: a
+    /// delayed original that its retransmitted copy overtakes. Replaces an earlier rule.
+    /// Counted in `held` and `released`; the target's answers to them in `held_answered`.
+    pub fn hold_writes(&self, lba: u64, count: u32, hold: Duration) {
+        *self
+            .shared
+            .hold
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(HoldWrites {
+            lba,
+            remaining: count,
+            hold,
+        });
     }
 
     /// Brings the link up (frames pass) or down (every frame is dropped and counted in `cut`).
@@ -302,6 +374,7 @@ impl Relay {
         }
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
+            hold: Mutex::new(None),
             link_up: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
@@ -377,6 +450,9 @@ fn run(shared: &Shared, t_sock: &PacketSocket, i_sock: &PacketSocket, seed: u64)
     let mut delayed: VecDeque<Held> = VecDeque::new();
     // Per direction (0: to target, 1: to initiator), a frame held back for reordering.
     let mut reordered: [Option<Held>; 2] = [None, None];
+    // Write requests kept back by `RelayControl::hold_writes`, and the tags of those held.
+    let mut held_writes: Vec<Held> = Vec::new();
+    let mut held_tags: Vec<[u8; 4]> = Vec::new();
     let c = &shared.counters;
     let send = |to_target: bool, frame: &[u8]| {
         let sock = if to_target { t_sock } else { i_sock };
@@ -411,11 +487,17 @@ fn run(shared: &Shared, t_sock: &PacketSocket, i_sock: &PacketSocket, seed: u64)
                 send(h.to_target, &h.frame);
             }
         }
+        while let Some(i) = held_writes.iter().position(|h| h.at <= now) {
+            let h = held_writes.remove(i);
+            send(h.to_target, &h.frame);
+            c.released.fetch_add(1, Ordering::Relaxed);
+        }
         let next = delayed
             .front()
             .map(|h| h.at)
             .into_iter()
             .chain(reordered.iter().flatten().map(|h| h.at))
+            .chain(held_writes.iter().map(|h| h.at))
             .min();
         let wait = next
             .map_or(Duration::from_millis(10), |t| {
@@ -438,6 +520,26 @@ fn run(shared: &Shared, t_sock: &PacketSocket, i_sock: &PacketSocket, seed: u64)
                 if !shared.link_up.load(Ordering::SeqCst) {
                     c.cut.fetch_add(1, Ordering::Relaxed);
                     continue;
+                }
+                if !to_target && tag_of(&frame).is_some_and(|t| held_tags.contains(&t)) {
+                    c.held_answered.fetch_add(1, Ordering::Relaxed);
+                }
+                if to_target {
+                    let mut rule = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(r) = rule
+                        .as_mut()
+                        .filter(|r| r.remaining > 0 && r.matches(&frame))
+                    {
+                        r.remaining -= 1;
+                        c.held.fetch_add(1, Ordering::Relaxed);
+                        held_tags.extend(tag_of(&frame));
+                        held_writes.push(Held {
+                            at: Instant::now() + r.hold,
+                            to_target,
+                            frame,
+                        });
+                        continue;
+                    }
                 }
                 let f = shared
                     .faults
@@ -581,5 +683,33 @@ mod tests {
         assert_eq!(Field::Data.range(60), 36..60);
         assert!(Field::Data.range(30).is_empty());
         assert_eq!(Field::Any.range(10), 10..10);
+    }
+
+    /// An ATA request as the initiator sends it: flags byte, command, LBA (6 bytes LE).
+    fn ata(ext: bool, cmd: u8, lba: u64) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[14] = 0x10;
+        f[24] = if ext { 0x41 } else { 0x01 };
+        f[27] = cmd;
+        f[28..34].copy_from_slice(&lba.to_le_bytes()[..6]);
+        f
+    }
+
+    #[test]
+    fn hold_matches_write_requests_to_its_lba_only() {
+        let h = HoldWrites {
+            lba: 64,
+            remaining: 1,
+            hold: Duration::ZERO,
+        };
+        assert!(h.matches(&ata(true, 0x34, 64)));
+        // LBA28: the top nibble of byte 31 carries the device bits (0xe0), not address.
+        assert!(h.matches(&ata(false, 0x30, 64 | 0xe000_0000)));
+        assert!(!h.matches(&ata(true, 0x34, 65)));
+        assert!(!h.matches(&ata(true, 0x24, 64)), "a read");
+        let mut rsp = ata(true, 0x34, 64);
+        rsp[14] |= 0x08;
+        assert!(!h.matches(&rsp), "a response");
+        assert!(!h.matches(&ata(true, 0x34, 64)[..30]), "too short");
     }
 }

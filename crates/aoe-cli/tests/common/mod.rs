@@ -189,6 +189,9 @@ pub struct InitOpts {
     pub deadsecs: Option<u64>,
     /// A second veth in the initiator's namespace leading to an empty namespace (no target).
     pub spare_link: bool,
+    /// `--unsafe-no-write-fence`: writes go out at once even while a copy of an earlier
+    /// write to their sectors may still land (only to show what the fence prevents).
+    pub no_write_fence: bool,
 }
 
 impl InitOpts {
@@ -200,6 +203,9 @@ impl InitOpts {
         }
         if self.loop_devices {
             v.push("--loop".into());
+        }
+        if self.no_write_fence {
+            v.push("--unsafe-no-write-fence".into());
         }
         v
     }

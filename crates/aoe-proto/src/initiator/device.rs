@@ -31,9 +31,6 @@ pub(super) struct Device {
     /// Frames (keys of `Engine::outstanding`) whose next copy waits for a free window slot
     /// (the driver's `rexmitq`); sent before any new frame.
     pub(super) rexmitq: VecDeque<u32>,
-    /// A queued write waits for a fence (`Engine::fences`): the timer must run when the
-    /// first one ends.
-    pub(super) fence_wait: bool,
     pub(super) stats: DeviceStats,
     /// A revalidate's IDENTIFY is pending: its answer emits [`Event::Revalidated`].
     pub(super) revalidating: bool,
@@ -60,7 +57,6 @@ impl Device {
             payload: 0,
             queue: VecDeque::new(),
             rexmitq: VecDeque::new(),
-            fence_wait: false,
             stats: DeviceStats::default(),
             revalidating: false,
             other_mac_logged: None,

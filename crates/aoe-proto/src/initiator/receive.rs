@@ -157,7 +157,12 @@ impl Engine {
         let unfenced = self.fences.get(&h.tag.0).is_some_and(|f| f.dev == h.target)
             && self.fences.remove(&h.tag.0).is_some();
         self.ata_answer(now, iface, h, ata, sampled);
-        if unfenced && self.devices.get(&h.target).is_some_and(|d| d.fence_wait) {
+        if unfenced
+            && self
+                .devices
+                .get(&h.target)
+                .is_some_and(|d| !d.queue.is_empty())
+        {
             self.pump(now, h.target);
         }
         let mut freed = Vec::new();

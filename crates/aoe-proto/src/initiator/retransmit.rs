@@ -283,9 +283,12 @@ impl Engine {
         }
     }
 
-    /// True while some device has a write waiting for a fence.
+    /// True while a fence stands and some device has ops queued, one of which may wait for
+    /// it. Worked out from the queues themselves, not from a flag `pick_queued` keeps, so
+    /// no path that queues an op or raises a fence can leave a waiting write without its
+    /// wake-up; a wake-up for a fence nobody waits for costs one timer run.
     pub(super) fn fenced_ops(&self) -> bool {
-        !self.fences.is_empty() && self.devices.values().any(|d| d.fence_wait)
+        !self.fences.is_empty() && self.devices.values().any(|d| !d.queue.is_empty())
     }
 
     /// Remembers held copy `tag`, presumed lost and its slot freed, for [`GHOST_TTL`].

@@ -119,16 +119,13 @@ impl Engine {
     /// overlapping one held back before it (overlapping ops keep their order). Ops already
     /// started go on; reads, flushes and IDENTIFY never wait for a fence: a late copy of a
     /// completed write writes what the read would see anyway, and a flush covers writes
-    /// completed before it. Non-overlapping I/O passes a waiting write. Sets the device's
-    /// `fence_wait` so the timer wakes when the first fence ends.
+    /// completed before it. Non-overlapping I/O passes a waiting write. What wakes a waiting
+    /// write: an answer that lifts a fence pumps its device (`Engine::ata_response`), and
+    /// [`Engine::poll_timeout`] reports the first fence's end while any op is queued.
     pub(super) fn pick_queued(&mut self, addr: TargetAddr) -> Option<usize> {
         let d = self.devices.get(&addr)?;
         if self.fences.is_empty() {
-            let some = (!d.queue.is_empty()).then_some(0);
-            if let Some(d) = self.devices.get_mut(&addr) {
-                d.fence_wait = false;
-            }
-            return some;
+            return (!d.queue.is_empty()).then_some(0);
         }
         let overlaps = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1;
         let mut held_back: Vec<(u64, u64)> = Vec::new();
@@ -162,15 +159,11 @@ impl Engine {
             pick = Some(i);
             break;
         }
-        let waiting = !held_back.is_empty();
         for id in newly_fenced {
             if let Some(op) = self.ops.get_mut(&id) {
                 op.fenced = true;
                 self.stats.writes_fenced += 1;
             }
-        }
-        if let Some(d) = self.devices.get_mut(&addr) {
-            d.fence_wait = waiting;
         }
         pick
     }

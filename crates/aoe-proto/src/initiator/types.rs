@@ -62,11 +62,12 @@ pub struct Config {
     /// threshold would be 3. 0 turns it off. The driver waits for the timer.
     pub fast_retransmit: u16,
     /// Hold a write back while a copy of an earlier write to any of its sectors may still
-    /// reach the target (`Engine::fences`), so a delayed copy cannot land on top of it.
-    /// Off by default for now: the `initiator_engine` fuzz target found that it can keep an
-    /// operation pending past `deadsecs` plus its margin (input kept in
-    /// `fuzz/regressions/initiator_engine-s8-fence-liveness`; the harness runs with the
-    /// default). The target's duplicate-write table covers network duplicates either way.
+    /// reach the target (`Engine::fences`: sent, and neither answered nor out for max(1 s,
+    /// RTO)), so a delayed original whose retransmitted copy completed its write cannot
+    /// land on top of a newer write. On by default; the Linux driver has no such fence.
+    /// Overlapping writes then go one after another, each waiting up to a second for a
+    /// lost copy of the one before. Off only for tests that show the hazard. The target's
+    /// duplicate-write table covers network duplicates (same tag) either way.
     pub fence_writes: bool,
 }
 
@@ -84,7 +85,7 @@ impl Default for Config {
             peer_log_interval: Duration::from_secs(1),
             min_window: 8,
             fast_retransmit: 1,
-            fence_writes: false,
+            fence_writes: true,
         }
     }
 }
