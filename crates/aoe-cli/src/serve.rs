@@ -94,7 +94,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     dedup_window_ms: Option<u64>,
     /// Most writes each export remembers for that, the oldest forgotten first [default:
-    /// 16384, about 1.5 MiB]. 0 turns it off. Fixed at start.
+    /// 16384, about 2 MiB]. 0 turns it off. Fixed at start.
     #[arg(long, value_name = "N")]
     dedup_entries: Option<usize>,
     /// Check the configuration (files, sizes, interfaces) and exit.
