@@ -380,6 +380,9 @@ mod tests {
             d.len(),
             d.order.len()
         );
+        // Nor its memory: the queue never held one more than the bound, which would have
+        // doubled its capacity (the growth is amortized doubling: 4, 8, ..., 64).
+        assert!(d.order.capacity() < 2 * 64, "{}", d.order.capacity());
         // The newest are kept.
         assert_eq!(d.check(None, &key(9_999), dg), Seen::InFlight);
         assert_eq!(d.check(None, &key(0), dg), Seen::New);
