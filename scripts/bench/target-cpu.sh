@@ -5,10 +5,13 @@
 # On a shared machine MB/s swing with the load; CPU time per byte moved swings much less.
 #
 #   sudo OLD=/tmp/aoe-old NEW=target/release/aoe [ROUNDS=3] [FILE_DIR=/dev/shm] \
+#       [OLD_ARGS='--spin-us 0'] [NEW_ARGS=...] \
 #       scripts/bench/target-cpu.sh "MTU MODE BS WINDOW SIZE" ...
 #
-# e.g. "1500 randread 1k 16 64M" "9000 read 8704 16 256M". FILE_DIR is where the backing
-# file (SIZE_MB MiB of random data, read once into the page cache) lives: /dev/shm (tmpfs)
+# OLD_ARGS and NEW_ARGS are extra `aoe serve` options for each build (one binary with two
+# settings: OLD=NEW=target/release/aoe OLD_ARGS='--dedup-window-ms 0'). Cells e.g. "1500
+# randread 1k 16 64M" "9000 read 8704 16 256M" "9000 write 8704 16 256M". FILE_DIR is where
+# the backing file (SIZE_MB MiB of random data, read once into the page cache) lives: /dev/shm (tmpfs)
 # by default as in bench-compare.sh; a disk file system (e.g. /var/tmp) is where the target
 # reads with RWF_NOWAIT (preadv2 or io_uring), which tmpfs does not support. One line per
 # run: mtu mode bs window build round task-clock-ms syscalls syscalls-per-request MB/s.
@@ -23,8 +26,8 @@ ROUNDS=${ROUNDS:-3}
 FILE_DIR=${FILE_DIR:-/dev/shm}
 SIZE_MB=${SIZE_MB:-512}
 AOE=$NEW SHELF=1 SLOT=1 IP_T=10.213.0.1 IP_I=10.213.0.2
-TARGET_CMD_old="$OLD serve {shelf} {slot} {netif} {file}"
-TARGET_CMD_new="$NEW serve {shelf} {slot} {netif} {file}"
+TARGET_CMD_old="$OLD serve ${OLD_ARGS:-} {shelf} {slot} {netif} {file}"
+TARGET_CMD_new="$NEW serve ${NEW_ARGS:-} {shelf} {slot} {netif} {file}"
 command -v perf >/dev/null || { echo "missing perf (Debian: linux-perf)" >&2; exit 1; }
 bench_names tc
 WORK=$(mktemp -d)
@@ -41,6 +44,9 @@ echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), load $(cut -d' ' -f1-3 /proc/loadavg),
 echo "# mtu mode bs window build round task_ms syscalls syscalls_per_req MB/s"
 for cell in "$@"; do
     read -r mtu mode bs win size <<<"$cell"
+    # Writes overwrite the scratch file: `aoe bench` wants that confirmed.
+    confirm=()
+    case $mode in *write) confirm=(--write) ;; esac
     bench_link "$mtu"
     for round in $(seq 1 "$ROUNDS"); do
         for build in old new; do
@@ -50,7 +56,7 @@ for cell in "$@"; do
             perf_pid=$!
             sleep 0.3
             out=$(bench --target "$SHELF.$SLOT" --mode "$mode" --bs "$bs" --window "$win" \
-                --size "$size" --json)
+                --size "$size" "${confirm[@]}" --json)
             kill -INT "$perf_pid"; wait "$perf_pid" || true
             stop_pid "$TARGET_PID"; TARGET_PID=""
             ms=$(awk -F, '$3 == "task-clock" { printf "%.0f", $1 }' "$WORK/perf.txt")

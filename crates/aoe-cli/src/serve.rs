@@ -77,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
     /// How long at most, in microseconds, the target keeps polling its sockets after the
-    /// last frame before it sleeps, 0 to 10000 [default: 100]. Within it the spin adapts: it
+    /// last frame before it sleeps, 0 to 10000 [default: 25]. Within it the spin adapts: it
     /// shortens while the next frames come later than this, and lengthens while they come
     /// sooner. Longer answers an initiator that keeps requests in flight sooner; shorter
     /// costs less CPU per GB. Fixed at start.
@@ -94,7 +94,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     dedup_window_ms: Option<u64>,
     /// Most writes each export remembers for that, the oldest forgotten first [default:
-    /// 16384, about 1.5 MiB]. 0 turns it off. Fixed at start.
+    /// 16384, about 2 MiB]. 0 turns it off. Fixed at start.
     #[arg(long, value_name = "N")]
     dedup_entries: Option<usize>,
     /// Check the configuration (files, sizes, interfaces) and exit.

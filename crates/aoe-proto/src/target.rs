@@ -1231,8 +1231,8 @@ impl Engine {
             Err(IoFailure::Medium) => (status::DRDY | status::ERR, error_bits::UNC),
             Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
         };
-        if let Some((key, seq)) = &p.dedup {
-            self.dedup.finish(key, *seq, st, err);
+        if let Some((_, seq)) = &p.dedup {
+            self.dedup.finish(*seq, st, err);
         }
         let data_len = match (p.kind, result) {
             (PendingKind::Read { len, sectors }, Ok(())) => {

@@ -27,8 +27,11 @@ pub const DEFAULT_WORKERS: usize = 4;
 pub const MAX_WORKERS: usize = 1024;
 
 /// How long the event loop keeps polling its sockets after the last frame when none is
-/// given (`aoe serve --spin-us`): see [`ServeConfig::spin`].
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+/// given (`aoe serve --spin-us`): see [`ServeConfig::spin`]. 25 us, down from 100: on this
+/// 2-CPU VM the shorter most took 0.84-0.89x the target's CPU time for the same transfer at
+/// window 16 (9 of 9 interleaved pairs, load 9) with no less MB/s, and earlier pinned runs
+/// gave 20 us the MB/s of 100 us (docs/PERFORMANCE.md, "The target's write path").
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(25);
 
 /// Longest spin accepted: the loop's other duties (signals, reloads, state files) wait that
 /// long at most anyway.

@@ -8,7 +8,7 @@
 //! write, and nobody notices. vblade and the Linux driver do nothing about it.
 //!
 //! The target remembers each write it executed by (source MAC, tag, ATA command, LBA, sector
-//! count) with a digest of the data (CRC-32 of the payload and a 64-bit word sum), for
+//! count) with a digest of the data (XXH3-128 of the payload), for
 //! [`DedupConfig::window`] and at most [`DedupConfig::entries`] writes (oldest forgotten
 //! first). A request matching an entry in key and digest is a copy of that write: it gets the
 //! reply the write got (the first reply may be the frame that was lost), or nothing while
@@ -35,7 +35,8 @@ use aoe_wire::MacAddr;
 /// copy of a write to be presumed gone (a second, or its retransmission timeout).
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(3);
 
-/// Default of [`DedupConfig::entries`]: about 1.5 MiB per export when full. At a sustained
+/// Default of [`DedupConfig::entries`]: about 2 MiB per export when full (64 bytes an entry
+/// in the age queue, 33 a bucket of the map at twice as many buckets). At a sustained
 /// 120 000 writes a second (1 GB/s of 8 KiB frames) it covers the last 130 ms.
 pub const DEFAULT_DEDUP_ENTRIES: usize = 16384;
 
@@ -87,22 +88,17 @@ impl Hash for Key {
     }
 }
 
-/// The data's digest: CRC-32 (IEEE; crc32fast uses the CPU's carry-less multiply), and the wrapping sum of its little-endian 64-bit words (not
-/// linear over GF(2), so a difference CRC-32 cannot see is unlikely to cancel in both).
+/// The data's digest: XXH3-128 (xxhash-rust, SSE2/AVX2 where the CPU has them). It replaced
+/// CRC-32 plus a 64-bit word sum (96 bits, the sum linear and so weak against structured
+/// differences) at a third of their cost per byte (docs/PERFORMANCE.md, "The target's write
+/// path"): 128 well-mixed bits, so two different payloads under one key pass for a copy
+/// with probability about 2^-128, less than the 2^-96 the old pair could at best give.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Digest(u32, u64);
+pub(super) struct Digest(u128);
 
 impl Digest {
     pub(super) fn of(data: &[u8]) -> Digest {
-        let mut chunks = data.chunks_exact(8);
-        let sum = chunks.by_ref().fold(0u64, |s, c| {
-            s.wrapping_add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        });
-        let tail = chunks
-            .remainder()
-            .iter()
-            .fold(0u64, |s, b| s.rotate_left(8) ^ u64::from(*b));
-        Digest(crc32fast::hash(data), sum ^ tail)
+        Digest(xxhash_rust::xxh3::xxh3_128(data))
     }
 }
 
@@ -115,12 +111,14 @@ pub(super) enum State {
     Done { status: u8, error: u8 },
 }
 
+/// A remembered write, in [`Dedup::order`] at its seq.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// When it was admitted (`None` in engines fed no time: never too old).
+    at: Option<Instant>,
+    key: Key,
     digest: Digest,
     state: State,
-    /// Distinguishes this entry from an older one under the same key in `order`.
-    seq: u64,
 }
 
 fn seen(e: &Entry) -> Seen {
@@ -144,13 +142,20 @@ pub(super) enum Seen {
 }
 
 /// The table of recently executed writes of one export.
+///
+/// Each write admitted gets the next seq and an [`Entry`] at the back of `order`, which is
+/// indexed by seq (`order[seq - first]`); `map` says which seq each key stands for now. A
+/// write costs two lookups in `map` (its admission, and the removal of the one it pushes out
+/// of the window or the bound); finishing it none (the seq finds its entry).
 #[derive(Debug, Default)]
 pub(super) struct Dedup {
     cfg: DedupConfig,
-    map: HashMap<Key, Entry>,
-    /// Entries by age: (when, key, seq). An element whose seq no longer matches the map's
-    /// entry stands for one replaced since, and only counts against the bound.
-    order: VecDeque<(Option<Instant>, Key, u64)>,
+    map: HashMap<Key, u64>,
+    /// Entries by age, oldest first, of seqs `first..next_seq`. One whose seq `map` no
+    /// longer holds for its key was replaced since, and only counts against the bound.
+    order: VecDeque<Entry>,
+    /// The seq of `order`'s front.
+    first: u64,
     next_seq: u64,
 }
 
@@ -177,6 +182,7 @@ impl Dedup {
         if !cfg.enabled() {
             self.map = HashMap::new();
             self.order = VecDeque::new();
+            self.first = self.next_seq;
         }
         self.expire(now);
     }
@@ -188,19 +194,35 @@ impl Dedup {
 
     /// Forgets entries past the window at `now` and beyond the bound.
     fn expire(&mut self, now: Option<Instant>) {
-        while let Some(&(at, key, seq)) = self.order.front() {
-            let old = match (now, at) {
+        self.expire_to(now, self.cfg.entries);
+    }
+
+    /// Forgets entries past the window at `now`, and the oldest beyond `most`.
+    fn expire_to(&mut self, now: Option<Instant>, most: usize) {
+        while let Some(e) = self.order.front() {
+            let old = match (now, e.at) {
                 (Some(now), Some(at)) => now.saturating_duration_since(at) >= self.cfg.window,
                 _ => false,
             };
-            if !old && self.order.len() <= self.cfg.entries {
+            if !old && self.order.len() <= most {
                 break;
             }
+            let key = e.key;
+            let seq = self.first;
             self.order.pop_front();
-            if self.map.get(&key).is_some_and(|e| e.seq == seq) {
-                self.map.remove(&key);
+            self.first += 1;
+            if let MapEntry::Occupied(m) = self.map.entry(key) {
+                if *m.get() == seq {
+                    m.remove();
+                }
             }
         }
+    }
+
+    /// The entry of `seq`, if still remembered.
+    fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+        let i = seq.checked_sub(self.first)?;
+        self.order.get_mut(usize::try_from(i).ok()?)
     }
 
     /// Looks a write up (and expires old entries first) without remembering it.
@@ -210,7 +232,11 @@ impl Dedup {
             return Seen::New;
         }
         self.expire(now);
-        match self.map.get(key) {
+        let i = self
+            .map
+            .get(key)
+            .map(|&s| s.wrapping_sub(self.first) as usize);
+        match i.and_then(|i| self.order.get(i)) {
             Some(e) if e.digest == digest => seen(e),
             _ => Seen::New,
         }
@@ -236,39 +262,45 @@ impl Dedup {
         if !self.cfg.enabled() {
             return Ok(None);
         }
-        self.expire(now);
+        // Room for one more within the bound (so `order` never grows past it).
+        self.expire_to(now, self.cfg.entries - 1);
         let seq = self.next_seq;
-        let fresh = Entry {
-            digest,
-            state: State::InFlight,
-            seq,
-        };
         match self.map.entry(key) {
-            MapEntry::Occupied(e) if e.get().digest == digest => return Err(seen(e.get())),
-            MapEntry::Occupied(mut e) => {
-                e.insert(fresh);
+            MapEntry::Occupied(mut m) => {
+                // The map holds only seqs still in `order` (`expire` removes the others).
+                let i = m.get().wrapping_sub(self.first) as usize;
+                if let Some(e) = self.order.get(i).filter(|e| e.digest == digest) {
+                    return Err(seen(e));
+                }
+                m.insert(seq);
             }
             MapEntry::Vacant(v) => {
-                v.insert(fresh);
+                v.insert(seq);
             }
         }
         self.next_seq += 1;
-        self.order.push_back((now, key, seq));
-        self.expire(now);
+        self.order.push_back(Entry {
+            at: now,
+            key,
+            digest,
+            state: State::InFlight,
+        });
         Ok(Some(seq))
     }
 
     /// The write's reply went out with these registers.
-    pub(super) fn finish(&mut self, key: &Key, seq: u64, status: u8, error: u8) {
-        if let Some(e) = self.map.get_mut(key).filter(|e| e.seq == seq) {
+    pub(super) fn finish(&mut self, seq: u64, status: u8, error: u8) {
+        if let Some(e) = self.entry_mut(seq) {
             e.state = State::Done { status, error };
         }
     }
 
     /// The write never ran (the driver could not queue it): a copy must run.
     pub(super) fn forget(&mut self, key: &Key, seq: u64) {
-        if self.map.get(key).is_some_and(|e| e.seq == seq) {
-            self.map.remove(key);
+        if let MapEntry::Occupied(m) = self.map.entry(*key) {
+            if *m.get() == seq {
+                m.remove();
+            }
         }
     }
 }
@@ -295,7 +327,7 @@ mod tests {
         assert_eq!(d.check(Some(t0), &key(7), dg), Seen::New);
         let seq = d.insert(Some(t0), key(7), dg).unwrap();
         assert_eq!(d.check(Some(t0), &key(7), dg), Seen::InFlight);
-        d.finish(&key(7), seq, 0x40, 0);
+        d.finish(seq, 0x40, 0);
         assert_eq!(
             d.check(Some(t0), &key(7), dg),
             Seen::Done {
@@ -322,10 +354,10 @@ mod tests {
         let mut d = Dedup::new(DedupConfig::default());
         let (a, b) = (Digest::of(&[0xaa; 512]), Digest::of(&[0xbb; 512]));
         let s = d.insert(None, key(1), a).unwrap();
-        d.finish(&key(1), s, 0x40, 0);
+        d.finish(s, 0x40, 0);
         assert_eq!(d.check(None, &key(1), b), Seen::New);
         let s = d.insert(None, key(1), b).unwrap();
-        d.finish(&key(1), s, 0x40, 0);
+        d.finish(s, 0x40, 0);
         assert_eq!(d.check(None, &key(1), a), Seen::New);
     }
 
@@ -348,6 +380,9 @@ mod tests {
             d.len(),
             d.order.len()
         );
+        // Nor its memory: the queue never held one more than the bound, which would have
+        // doubled its capacity (the growth is amortized doubling: 4, 8, ..., 64).
+        assert!(d.order.capacity() < 2 * 64, "{}", d.order.capacity());
         // The newest are kept.
         assert_eq!(d.check(None, &key(9_999), dg), Seen::InFlight);
         assert_eq!(d.check(None, &key(0), dg), Seen::New);
@@ -369,6 +404,48 @@ mod tests {
         );
         assert!(d.insert(None, key(1), dg).is_none());
         assert_eq!(d.check(None, &key(1), dg), Seen::New);
+    }
+
+    /// A write is finished by its seq alone: the reply of a write replaced since (same key,
+    /// other data) must not mark the newer one answered, one pushed out of the table is
+    /// ignored, and seqs keep finding their entries across evictions and a table turned off
+    /// and on again.
+    #[test]
+    fn finish_by_seq_marks_only_its_own_write() {
+        let cfg = DedupConfig {
+            window: Duration::from_secs(60),
+            entries: 4,
+        };
+        let mut d = Dedup::new(cfg);
+        let (a, b) = (Digest::of(&[0xaa; 512]), Digest::of(&[0xbb; 512]));
+        let old = d.insert(None, key(1), a).unwrap();
+        let new = d.insert(None, key(1), b).unwrap();
+        d.finish(old, 0x41, 0x04);
+        assert_eq!(d.check(None, &key(1), b), Seen::InFlight);
+        d.finish(new, 0x40, 0);
+        let done = Seen::Done {
+            status: 0x40,
+            error: 0,
+        };
+        assert_eq!(d.check(None, &key(1), b), done);
+        // Push both out (bound 4), then finish the evicted one: nothing changes, and the
+        // newest entries are found by their seqs.
+        let mut last = 0;
+        for tag in 10..20 {
+            last = d.insert(None, key(tag), a).unwrap();
+        }
+        d.finish(new, 0x41, 0x04);
+        assert_eq!(d.check(None, &key(1), b), Seen::New);
+        assert_eq!(d.check(None, &key(19), a), Seen::InFlight);
+        d.finish(last, 0x40, 0);
+        assert_eq!(d.check(None, &key(19), a), done);
+        assert_eq!(d.check(None, &key(18), a), Seen::InFlight);
+        // Off and on again: new seqs, found as before.
+        d.set_config(DedupConfig { entries: 0, ..cfg }, None);
+        d.set_config(cfg, None);
+        let s = d.insert(None, key(1), a).unwrap();
+        d.finish(s, 0x40, 0);
+        assert_eq!(d.check(None, &key(1), a), done);
     }
 
     #[test]
