@@ -176,7 +176,7 @@ for mtu in $MTUS; do
         start_target "$t" || die "$t did not answer"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
-        # and the target (TT) spent in dev and nbd reads.
+        # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
         declare -A V=() TK=() TT=()
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do
@@ -194,7 +194,11 @@ for mtu in $MTUS; do
                 if [ "$WRITES" = 1 ]; then
                     V[devw,$k]+="$(timed dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" \
                         ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
+                    c3=$(cpu_ticks "$INIT_PID")
+                    TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 ))
                     V[nbdw,$k]+="$(timed in_i nbdcopy "$SRC" "$URI") "
+                    c4=$(cpu_ticks "$INIT_PID")
+                    TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 ))
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
             done
@@ -205,7 +209,9 @@ for mtu in $MTUS; do
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
             label=$t
             [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
-            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
+            wcpu=""
+            [ "$WRITES" = 1 ] && wcpu=" / $(per_gb "${TK[devw,$k]}") / $(per_gb "${TK[nbdw,$k]}")"
+            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}")$wcpu | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
         done
         unset V TK TT
     done
@@ -223,7 +229,8 @@ done
 
 echo
 echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
-echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least;"
+echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd) and, with WRITES=1, written (dev / nbd):"
+echo "the figure a loaded machine disturbs least;"
 echo "target CPU = the same of the target, which on a veth also pays for delivering its replies into the initiator's socket"
 echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | target CPU-s/GB | load |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
