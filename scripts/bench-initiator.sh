@@ -12,7 +12,8 @@
 # then, on the same veth with addresses, nbdkit's file plugin over TCP read and written with
 # nbdcopy (what a user would pick instead). Every cell is the median of RUNS runs and is
 # printed with the load average, since this is meant for a shared machine: compare figures
-# of one run only.
+# of one run only. The initiator's CPU-seconds per GB are given for dev and nbd reads, then
+# (WRITES=1) dev and nbd writes.
 #
 # Usage: sudo scripts/bench-initiator.sh
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
