@@ -12,7 +12,8 @@
 # then, on the same veth with addresses, nbdkit's file plugin over TCP read and written with
 # nbdcopy (what a user would pick instead). Every cell is the median of RUNS runs and is
 # printed with the load average, since this is meant for a shared machine: compare figures
-# of one run only.
+# of one run only. The initiator's CPU-seconds per GB are given for dev and nbd reads and,
+# in their own column (WRITES=1), for dev and nbd writes.
 #
 # Usage: sudo scripts/bench-initiator.sh
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
@@ -177,7 +178,7 @@ for mtu in $MTUS; do
         start_target "$t" || die "$t did not answer"
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
-        # and the target (TT) spent in dev and nbd reads.
+        # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
         declare -A V=() TK=() TT=()
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do

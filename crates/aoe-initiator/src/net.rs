@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aoe_proto::initiator::{
-    BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError,
+    BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
@@ -293,8 +293,8 @@ struct Iface {
     ring: Option<RxRing>,
     /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
     /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped. The engine's own
-    /// buffers ([`Engine::poll_transmit_frame`]): queueing copies nothing.
-    backlog: VecDeque<Vec<u8>>,
+    /// buffers ([`Engine::poll_transmit_parts`]): queueing copies nothing.
+    backlog: VecDeque<TxFrame>,
 }
 
 /// Bytes of receive ring per interface: about the 8 MiB receive buffer's worth of frames
@@ -342,9 +342,8 @@ fn rx_ring(sock: &PacketSocket, name: &str, mtu: u32) -> Option<RxRing> {
     }
 }
 
-/// What became of a frame handed to [`Iface::send`].
+/// What became of a frame the socket refused ([`Iface::refused`]).
 enum Sent {
-    Done,
     /// The send buffer is full: keep it and wait for `POLLOUT`.
     Full,
     /// Gone (sent into a full device queue, ENOBUFS, or another error): the retransmit
@@ -353,77 +352,76 @@ enum Sent {
 }
 
 impl Iface {
-    fn send(&self, frame: &[u8], logs: &mut RateLimiter) -> Sent {
-        match self.sock.send(frame) {
-            Ok(()) => Sent::Done,
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Sent::Full,
-            Err(e) => {
-                if let Some(a) = logs.check(Instant::now(), "send failed") {
-                    tracing::debug!(interface = %self.name, error = %e, "send failed{a}");
-                }
-                Sent::Lost
-            }
+    /// What became of the first frame of a batch the socket refused with `e`.
+    fn refused(&self, e: &std::io::Error, logs: &mut RateLimiter) -> Sent {
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Sent::Full;
         }
+        if let Some(a) = logs.check(Instant::now(), "send failed") {
+            tracing::debug!(interface = %self.name, error = %e, "send failed{a}");
+        }
+        Sent::Lost
     }
 
-    /// Sends backlogged frames, in batches, until the socket is full again; the buffers of
-    /// those done with go to `spent`.
+    /// Sends backlogged frames, in batches, until the socket is full again; the header
+    /// buffers of those done with go to `spent`.
     fn flush(&mut self, logs: &mut RateLimiter, spent: &mut Vec<Vec<u8>>) {
         while !self.backlog.is_empty() {
             let (n, full) = {
                 let (a, b) = self.backlog.as_slices();
-                let frames: Vec<&[u8]> = a
+                let frames: Vec<[&[u8]; 2]> = a
                     .iter()
                     .chain(b)
                     .take(RX_BATCH)
-                    .map(Vec::as_slice)
+                    .map(|f| [f.head.as_slice(), f.data()])
                     .collect();
                 self.send_some(&frames, logs)
             };
-            spent.extend(self.backlog.drain(..n));
+            spent.extend(self.backlog.drain(..n).map(|f| f.head));
             if full {
                 return;
             }
         }
     }
 
-    /// Sends the first frames of `frames` with one `sendmmsg(2)` (falling back to one
-    /// `send(2)` to learn why the kernel stopped part way): how many are done with (sent,
-    /// or lost to an error other than a full buffer), and whether the socket is full.
-    fn send_some(&self, frames: &[&[u8]], logs: &mut RateLimiter) -> (usize, bool) {
-        let Some(first) = frames.first() else {
+    /// Sends the first frames of `frames` (each its headers and its write data, sent from
+    /// where they lie: [`PacketSocket::send_batch_parts`]) with one `sendmmsg(2)`: how
+    /// many are done with (sent, or lost to an error other than a full buffer), and
+    /// whether the socket is full.
+    fn send_some(&self, frames: &[[&[u8]; 2]], logs: &mut RateLimiter) -> (usize, bool) {
+        if frames.is_empty() {
             return (0, false);
-        };
-        if frames.len() > 1 {
-            if let Ok(n) = self.sock.send_batch(frames) {
-                if n > 0 {
-                    return (n, false);
-                }
-            }
         }
-        // One frame, or the batch refused its first frame: classify that one.
-        match self.send(first, logs) {
-            Sent::Done | Sent::Lost => (1, false),
-            Sent::Full => (0, true),
+        match self.sock.send_batch_parts(frames) {
+            Ok(n) if n > 0 => (n, false),
+            // The kernel took none without an error: try again once poll says so.
+            Ok(_) => (0, true),
+            Err(e) => match self.refused(&e, logs) {
+                Sent::Full => (0, true),
+                Sent::Lost => (1, false),
+            },
         }
     }
 
     /// Sends `frames` now, in batches, if nothing is waiting before them; what the socket
     /// refuses (full send buffer) is queued behind the backlog, or dropped with the
-    /// backlog full. The buffers of frames done with (sent, lost or dropped) go to `spent`,
-    /// and `frames` is left empty. Returns the number dropped.
+    /// backlog full. The header buffers of frames done with (sent, lost or dropped) go to
+    /// `spent`, and `frames` is left empty. Returns the number dropped.
     fn send_or_queue(
         &mut self,
-        frames: &mut Vec<Vec<u8>>,
+        frames: &mut Vec<TxFrame>,
         logs: &mut RateLimiter,
         spent: &mut Vec<Vec<u8>>,
     ) -> u32 {
         let mut done = 0;
         if self.backlog.is_empty() {
-            let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-            while done < slices.len() {
-                let end = slices.len().min(done + RX_BATCH);
-                let (n, full) = self.send_some(&slices[done..end], logs);
+            let parts: Vec<[&[u8]; 2]> = frames
+                .iter()
+                .map(|f| [f.head.as_slice(), f.data()])
+                .collect();
+            while done < parts.len() {
+                let end = parts.len().min(done + RX_BATCH);
+                let (n, full) = self.send_some(&parts[done..end], logs);
                 done += n;
                 if full {
                     if let Some(a) = logs.check(Instant::now(), "send buffer full") {
@@ -438,11 +436,11 @@ impl Iface {
         }
         let mut dropped = 0;
         let mut frames = frames.drain(..);
-        spent.extend(frames.by_ref().take(done));
+        spent.extend(frames.by_ref().take(done).map(|f| f.head));
         for f in frames {
             if self.backlog.len() >= BACKLOG {
                 dropped += 1;
-                spent.push(f);
+                spent.push(f.head);
             } else {
                 self.backlog.push_back(f);
             }
@@ -465,8 +463,8 @@ pub struct Net {
     /// Frames received with one `recvmmsg(2)`.
     rxb: RecvBatch,
     /// Frames taken from the engine for each interface index, sent together.
-    tx: Vec<Vec<Vec<u8>>>,
-    /// Buffers of frames sent, handed back to the engine ([`Engine::recycle_frame`]).
+    tx: Vec<Vec<TxFrame>>,
+    /// Header buffers of frames sent, handed back to the engine ([`Engine::recycle_frame`]).
     spent: Vec<Vec<u8>>,
     loop_devices: bool,
     root: std::path::PathBuf,
@@ -801,10 +799,12 @@ impl Net {
             self.tx.resize_with(self.ifaces.len(), Vec::new);
         }
         let mut any = false;
-        while let Some((iface, frame)) = self.engine.poll_transmit_frame(now) {
-            if let Some(q) = self.tx.get_mut(iface) {
+        while let Some(frame) = self.engine.poll_transmit_parts(now) {
+            if let Some(q) = self.tx.get_mut(frame.iface) {
                 q.push(frame);
                 any = true;
+            } else {
+                self.spent.push(frame.head);
             }
         }
         if any {
@@ -813,7 +813,7 @@ impl Net {
                     Some(Some(i)) if !q.is_empty() => {
                         dropped += i.send_or_queue(q, &mut self.logs, &mut self.spent)
                     }
-                    _ => self.spent.append(q),
+                    _ => self.spent.extend(q.drain(..).map(|f| f.head)),
                 }
             }
         }

@@ -29,7 +29,7 @@
 
 pub mod proto;
 
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -279,7 +279,7 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
 /// Serves one connection: handshake, then transmission.
 fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()> {
     let mut w = c.try_clone()?;
-    let mut r = BufReader::with_capacity(256 << 10, c);
+    let mut r = BufReader::with_capacity(READ_BUF, c);
     let Some(session) = handshake(&mut r, &mut w, devices)? else {
         return Ok(());
     };
@@ -407,6 +407,34 @@ struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
     held: u64,
+}
+
+/// Bytes of the connection's read buffer: request headers (28 bytes) and the handshake go
+/// through it, a write's payload only as far as it was read ahead with a header; the rest
+/// goes from the socket straight into the write's buffer ([`read_payload`]). A buffer as
+/// large as a copy tool's writes (256 KiB) held most of each payload, copied once more.
+const READ_BUF: usize = 16 << 10;
+
+/// Reads a write's `len` bytes of payload: what the read buffer holds of it, then the
+/// rest from the socket directly into the vector's spare capacity (the standard streams
+/// fill it without zeroing it first, and without a bounce through the read buffer).
+fn read_payload(r: &mut BufReader<Conn>, len: usize) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(len);
+    let ahead = r.buffer();
+    let n = ahead.len().min(len);
+    data.extend_from_slice(&ahead[..n]);
+    r.consume(n);
+    let rest = (len - n) as u64;
+    if rest > 0 {
+        match r.get_mut() {
+            Conn::Unix(s) => s.take(rest).read_to_end(&mut data)?,
+            Conn::Tcp(s) => s.take(rest).read_to_end(&mut data)?,
+        };
+    }
+    if data.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(data)
 }
 
 /// Replies the writer takes per `writev(2)`.
@@ -572,11 +600,7 @@ fn requests(
                 );
             }
             Command::Write { offset, len, fua } => {
-                // Read into spare capacity: no zeroing of bytes the payload overwrites.
-                let mut data = Vec::with_capacity(len as usize);
-                if r.by_ref().take(u64::from(len)).read_to_end(&mut data)? < len as usize {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
+                let data = read_payload(r, len as usize)?;
                 inflight.acquire(bytes);
                 let done = bd.then_flush(fua, Box::new(move |res| reply(status(res), Vec::new())));
                 bd.write(offset, data, done);
@@ -625,6 +649,45 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A write's payload read partly from what the read buffer holds and partly straight
+    /// from the socket arrives whole, the bytes after it stay for the next request, and a
+    /// payload cut short by the end of the stream is an error, not a short write.
+    #[test]
+    fn payloads_read_past_the_buffer_arrive_whole() {
+        for len in [
+            1usize,
+            100,
+            READ_BUF - 28,
+            READ_BUF,
+            3 * READ_BUF + 17,
+            256 << 10,
+        ] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let writer = std::thread::spawn(move || {
+                b.write_all(&[7u8; 28]).unwrap();
+                b.write_all(&payload).unwrap();
+                b.write_all(b"next").unwrap();
+                payload
+            });
+            let mut r = BufReader::with_capacity(READ_BUF, Conn::Unix(a));
+            let mut head = [0u8; 28];
+            r.read_exact(&mut head).unwrap();
+            let got = read_payload(&mut r, len).unwrap();
+            let payload = writer.join().unwrap();
+            assert!(got == payload, "len {len}");
+            let mut next = [0u8; 4];
+            r.read_exact(&mut next).unwrap();
+            assert_eq!(&next, b"next", "len {len}");
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&[1u8; 5000]).unwrap();
+        drop(b);
+        let mut r = BufReader::with_capacity(READ_BUF, Conn::Unix(a));
+        let e = read_payload(&mut r, 6000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     /// Short writes anywhere (inside a head, inside data, across replies) lose or repeat

@@ -42,6 +42,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::ratelimit::RateLimiter;
@@ -124,7 +125,9 @@ pub struct Engine {
     next_discover: Option<Instant>,
     /// When the timer runs next to probe tainted targets (`Engine::tainted_targets`).
     next_probe: Option<Instant>,
-    transmit: VecDeque<(usize, Vec<u8>)>,
+    /// Frames to send: the interface, the frame's bytes (its headers only when write data
+    /// follows) and the write data it carries.
+    transmit: VecDeque<(usize, Vec<u8>, Option<TxData>)>,
     /// Frame buffers sent and handed back ([`Engine::recycle_frame`]), reused for the next
     /// frames: at most [`SPARE_FRAMES`], so encoding a frame neither allocates nor zeroes.
     spare: Vec<Vec<u8>>,
@@ -391,13 +394,16 @@ impl Engine {
     #[must_use = "the frame written to buf must be sent, or it is lost"]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.touch(now);
-        while let Some((iface, frame)) = self.transmit.pop_front() {
-            if frame.len() > buf.len() {
+        while let Some((iface, frame, data)) = self.transmit.pop_front() {
+            let data = data.as_ref().map_or(&[][..], TxData::as_slice);
+            let len = frame.len() + data.len();
+            if len > buf.len() {
                 self.stats.tx_buffer_too_small += 1;
+                self.recycle_frame(frame);
                 continue;
             }
             buf[..frame.len()].copy_from_slice(&frame);
-            let len = frame.len();
+            buf[frame.len()..len].copy_from_slice(data);
             self.recycle_frame(frame);
             return Some(Transmit { iface, len });
         }
@@ -406,12 +412,27 @@ impl Engine {
 
     /// The next frame to send, as [`Engine::poll_transmit`] gives it but handed over
     /// instead of copied: the interface index and the frame (padded, ready for the wire).
-    /// A daemon that sends in batches (`sendmmsg`) keeps the frames until the call, or in
-    /// its backlog while the socket is full, without a copy per frame, and then hands each
-    /// back with [`Engine::recycle_frame`].
+    /// A write frame's data is copied behind its headers here; [`Engine::poll_transmit_parts`]
+    /// hands it over without that copy. Hand the buffer back with [`Engine::recycle_frame`].
     pub fn poll_transmit_frame(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
         self.touch(now);
-        self.transmit.pop_front()
+        let (iface, mut frame, data) = self.transmit.pop_front()?;
+        if let Some(d) = data {
+            frame.extend_from_slice(d.as_slice());
+        }
+        Some((iface, frame))
+    }
+
+    /// The next frame to send, in the two parts a vectored send (`sendmmsg` with two
+    /// iovecs per frame) puts on the wire back to back ([`TxFrame`]): a write's sectors are
+    /// never copied into a frame buffer, only its headers are written. A daemon that sends
+    /// in batches keeps the frames until the call, or in its backlog while the socket is
+    /// full, and then hands each `head` back with [`Engine::recycle_frame`] (the data is
+    /// released by dropping it).
+    pub fn poll_transmit_parts(&mut self, now: Instant) -> Option<TxFrame> {
+        self.touch(now);
+        let (iface, head, data) = self.transmit.pop_front()?;
+        Some(TxFrame { iface, head, data })
     }
 
     /// Takes back a frame buffer from [`Engine::poll_transmit_frame`] once it is sent (or
@@ -471,7 +492,7 @@ impl Engine {
                     return Err(SubmitError::Unaligned { len: data.len() });
                 }
                 let n = (data.len() / SECTOR_SIZE) as u64;
-                (OpKind::Write(data), lba, n)
+                (OpKind::Write(Arc::new(data)), lba, n)
             }
             BlockOp::Flush => (OpKind::Flush, 0, 1),
         };

@@ -530,6 +530,65 @@ impl PacketSocket {
         Ok(sent)
     }
 
+    /// Sends several frames, each given as two parts put on the wire back to back (headers
+    /// and the data behind them; either may be empty), with `sendmmsg(2)` and two iovecs
+    /// per frame, in chunks of up to 64 per system call: a frame's data is sent from where
+    /// it lies, never copied into a frame buffer first. Returns how many were sent, in
+    /// order, as [`send_batch`](Self::send_batch) does, and fails as it does when not even
+    /// the first frame could be sent.
+    pub fn send_batch_parts(&self, frames: &[[&[u8]; 2]]) -> io::Result<usize> {
+        const CHUNK: usize = 64;
+        let mut sent = 0;
+        for chunk in frames.chunks(CHUNK) {
+            // SAFETY: iovec is a pointer and a length; all-zero (NULL, 0) is valid.
+            let mut iovs: [libc::iovec; 2 * CHUNK] = unsafe { mem::zeroed() };
+            // SAFETY: mmsghdr is integers and NULL-able pointers; all-zero is valid.
+            let mut hdrs: [libc::mmsghdr; CHUNK] = unsafe { mem::zeroed() };
+            for (pair, frame) in iovs.chunks_exact_mut(2).zip(chunk) {
+                for (iov, part) in pair.iter_mut().zip(frame) {
+                    *iov = libc::iovec {
+                        iov_base: part.as_ptr() as *mut libc::c_void,
+                        iov_len: part.len(),
+                    };
+                }
+            }
+            let iov_base = iovs.as_mut_ptr();
+            for (i, hdr) in hdrs.iter_mut().take(chunk.len()).enumerate() {
+                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(2 * i);
+                hdr.msg_hdr.msg_iovlen = 2;
+            }
+            // chunk.len() <= 64.
+            let vlen = chunk.len() as libc::c_uint;
+            let n = loop {
+                // SAFETY: the first `vlen` headers each point at two iovecs in `iovs`, which
+                // point at parts borrowed from `frames` (an empty part is a valid zero-length
+                // iovec); the kernel only reads them (send path) and all outlive the call. No
+                // destination address: the bound ifindex and protocol are used (packet(7)).
+                let ret = unsafe {
+                    libc::sendmmsg(
+                        self.fd.as_raw_fd(),
+                        hdrs.as_mut_ptr(),
+                        vlen,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                match cvt(ret) {
+                    Ok(n) => break usize::try_from(n).unwrap_or(0),
+                    Err(e) => match classify_send_error(e) {
+                        SendError::Retry => continue,
+                        SendError::Fail(e) if sent == 0 => return Err(e),
+                        SendError::Fail(_) => return Ok(sent),
+                    },
+                }
+            };
+            sent += n.min(chunk.len());
+            if n < chunk.len() {
+                break;
+            }
+        }
+        Ok(sent)
+    }
+
     fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {
         let prog = libc::sock_fprog {
             len: libc::c_ushort::try_from(program.len())

@@ -131,7 +131,8 @@ impl Device {
 #[derive(Debug)]
 pub(super) enum OpKind {
     Read(Vec<u8>),
-    Write(Vec<u8>),
+    /// Shared with the frames carrying it ([`TxData`]) until they are sent.
+    Write(Arc<Vec<u8>>),
     Flush,
     /// Internal: IDENTIFY DEVICE at discovery or revalidation.
     Identify,

@@ -20,7 +20,7 @@ impl Engine {
             body: Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
         };
         if let Ok(v) = msg.to_vec() {
-            self.transmit.push_back((iface, v));
+            self.transmit.push_back((iface, v, None));
         }
     }
 
@@ -34,7 +34,10 @@ impl Engine {
             return;
         };
         let lba = op.lba + f.offset;
-        let (cmd, aflags, data): (AtaCommand, AtaFlags, &[u8]) = match &op.kind {
+        // A write's sectors: not copied into the frame, but sent from the write's buffer
+        // behind the headers ([`TxFrame`]).
+        let mut tail = None;
+        let (cmd, aflags) = match &op.kind {
             OpKind::Read(_) | OpKind::Probe => (
                 if d.lba48 {
                     AtaCommand::ReadSectorsExt
@@ -42,11 +45,17 @@ impl Engine {
                     AtaCommand::ReadSectors
                 },
                 AtaFlags::empty(),
-                &[],
             ),
             OpKind::Write(buf) => {
-                let s = f.offset as usize * SECTOR_SIZE;
-                let e = s + f.count as usize * SECTOR_SIZE;
+                let start = f.offset as usize * SECTOR_SIZE;
+                let end = start + f.count as usize * SECTOR_SIZE;
+                if end <= buf.len() && start < end {
+                    tail = Some(TxData {
+                        buf: buf.clone(),
+                        start,
+                        end,
+                    });
+                }
                 (
                     if d.lba48 {
                         AtaCommand::WriteSectorsExt
@@ -54,7 +63,6 @@ impl Engine {
                         AtaCommand::WriteSectors
                     },
                     AtaFlags::WRITE,
-                    buf.get(s..e).unwrap_or(&[]),
                 )
             }
             // libata's choice (`ata_id_has_flush_ext`): FLUSH CACHE EXT only when IDENTIFY
@@ -67,9 +75,8 @@ impl Engine {
                     AtaCommand::FlushCache
                 },
                 AtaFlags::empty(),
-                &[],
             ),
-            OpKind::Identify => (AtaCommand::IdentifyDevice, AtaFlags::empty(), &[]),
+            OpKind::Identify => (AtaCommand::IdentifyDevice, AtaFlags::empty()),
         };
         let data_cmd = matches!(op.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Probe);
         let lba = if data_cmd { lba } else { 0 };
@@ -88,7 +95,7 @@ impl Engine {
                 sector_count: f.count,
                 cmd_status: u8::from(cmd),
                 lba: lba_field,
-                data,
+                data: &[],
             }),
         };
         // Every copy of a write fences its sectors until answered or presumed gone.
@@ -111,9 +118,15 @@ impl Engine {
         buf.resize(msg.buffer_len(), 0);
         match msg.emit(&mut buf) {
             Ok(n) => {
-                buf.truncate(n);
+                // With data behind them the headers need no padding: the frame is longer
+                // than the Ethernet minimum.
+                buf.truncate(if tail.is_some() {
+                    msg.unpadded_len()
+                } else {
+                    n
+                });
                 d.stats.frames_sent += 1;
-                self.transmit.push_back((f.iface, buf));
+                self.transmit.push_back((f.iface, buf, tail));
                 if let Some(fence) = fence {
                     self.fences.insert(tag, fence);
                 }

@@ -429,6 +429,64 @@ fn recycled_frame_buffers_encode_the_same_frames() {
     assert_eq!(frames(true), fresh);
 }
 
+/// `poll_transmit_parts` hands a write frame over as its 36 bytes of headers and the
+/// write's own sectors behind them (no copy), other frames whole; each frame's two parts
+/// put together are byte for byte what `poll_transmit_frame` gives. The data of a frame
+/// still queued stays readable after its write completed and the caller dropped its copy.
+#[test]
+fn write_frames_hand_over_the_sectors_behind_their_headers() {
+    let data: Vec<u8> = (0..3072).map(|i| (i * 13 + 5) as u8).collect();
+    let submit = |e: &mut Engine, t0: Instant| {
+        e.submit(
+            t0,
+            DEV,
+            BlockOp::Write {
+                lba: 40,
+                data: data.clone(),
+            },
+        )
+        .unwrap();
+        e.submit(t0, DEV, BlockOp::Read { lba: 9, sectors: 5 })
+            .unwrap();
+    };
+    let (mut whole, t0) = up_engine(100_000, true);
+    submit(&mut whole, t0);
+    let want: Vec<Vec<u8>> = std::iter::from_fn(|| whole.poll_transmit_frame(t0))
+        .map(|(_, f)| f)
+        .collect();
+    let (mut e, t0) = up_engine(100_000, true);
+    submit(&mut e, t0);
+    let parts: Vec<TxFrame> = std::iter::from_fn(|| e.poll_transmit_parts(t0)).collect();
+    assert_eq!(parts.len(), 3 + 3, "1 KiB frames at MTU 1500");
+    for (i, f) in parts.iter().take(3).enumerate() {
+        assert_eq!(
+            f.head.len(),
+            aoe_wire::HEADER_LEN + 12,
+            "frame {i}: headers only"
+        );
+        assert_eq!(f.data(), &data[i * 1024..(i + 1) * 1024], "frame {i}");
+    }
+    for f in &parts[3..] {
+        assert!(f.data.is_none(), "a read request carries no data");
+        assert_eq!(f.head.len(), 60);
+    }
+    let joined: Vec<Vec<u8>> = parts
+        .iter()
+        .map(|f| [f.head.as_slice(), f.data()].concat())
+        .collect();
+    assert_eq!(joined, want);
+    // Every write frame answered: the write completes, its frames' data still reads.
+    for f in &parts[..3] {
+        e.handle_frame(t0, 0, &ata_rsp(&joined_of(f), TMAC, status::DRDY, 0, &[]));
+    }
+    assert_eq!(completions(&mut e), vec![Ok(None)]);
+    assert_eq!(parts[2].data(), &data[2048..3072]);
+}
+
+fn joined_of(f: &TxFrame) -> Vec<u8> {
+    [f.head.as_slice(), f.data()].concat()
+}
+
 /// A read buffer handed back with `recycle_read_buffer` (full of stale bytes) is filled by
 /// a later read large enough for it, answered out of order, and the read completes with
 /// exactly the target's bytes; a read larger than every kept buffer gets a new one.

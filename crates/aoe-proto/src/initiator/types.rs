@@ -209,6 +209,53 @@ pub struct Transmit {
     pub len: usize,
 }
 
+/// A frame [`Engine::poll_transmit_parts`] hands over, in two parts sent back to back with
+/// one vectored send: `head`, the frame's own bytes (the whole frame, padded, when it
+/// carries no write data), and `data`, the sectors a write frame carries, borrowed from
+/// the write instead of copied into the frame.
+#[derive(Debug, Clone)]
+pub struct TxFrame {
+    /// Send on this interface (the index given to [`Engine::add_interface`]).
+    pub iface: usize,
+    /// The Ethernet, AoE and ATA headers (and, without `data`, the rest of the frame).
+    pub head: Vec<u8>,
+    /// The write data that follows `head` on the wire.
+    pub data: Option<TxData>,
+}
+
+impl TxFrame {
+    /// The data part, empty for a frame without one.
+    pub fn data(&self) -> &[u8] {
+        self.data.as_ref().map_or(&[], TxData::as_slice)
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data().len()
+    }
+
+    /// Never true for a frame the engine made (at least 60 bytes).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sectors of a write one frame carries: a range of the write's buffer, shared with the
+/// operation (which keeps it for retransmissions) until the frame is sent.
+#[derive(Debug, Clone)]
+pub struct TxData {
+    pub(super) buf: Arc<Vec<u8>>,
+    pub(super) start: usize,
+    pub(super) end: usize,
+}
+
+impl TxData {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf.get(self.start..self.end).unwrap_or(&[])
+    }
+}
+
 /// Something the daemon should know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
