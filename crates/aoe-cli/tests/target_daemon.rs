@@ -995,3 +995,119 @@ fn a_block_device_export_reads_back_uncached_data() {
     }
     drop(t);
 }
+
+/// Issue 14 (fixes round): a WRITE addressed to a wildcard shelf or slot is aborted by every
+/// export it reaches and writes none of them. Three exports (4.1, 4.2, 5.1, one file each);
+/// hand-built WRITE EXT frames to 0xffff.0xff, 0xffff.1 and 4.0xff, each sent to the
+/// target's MAC and to the broadcast MAC. Every export reached answers with ATA ABRT, and
+/// every backing file is unchanged; a READ to 0xffff.0xff is still answered by all three, and
+/// a WRITE to 4.1 itself still lands (so the frames are right). On main every export
+/// reached executed the write.
+#[test]
+fn writes_to_a_wildcard_address_change_no_export() {
+    let mut n = Net::new("aoebcw", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        (TargetAddr::new(4, 1), image(dir.path(), "a.img", 64)),
+        (TargetAddr::new(4, 2), image(dir.path(), "b.img", 64)),
+        (TargetAddr::new(5, 1), image(dir.path(), "c.img", 64)),
+    ];
+    let ifname = n.target_if();
+    let conf = dir.path().join("serve.toml");
+    let mut s = String::new();
+    for (a, path) in &files {
+        s += &format!(
+            "[[export]]\npath = \"{path}\"\nshelf = {}\nslot = {}\ninterfaces = [\"{ifname}\"]\n\n",
+            a.shelf, a.slot
+        );
+    }
+    std::fs::write(&conf, s).unwrap();
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let mut mac = MacAddr::BROADCAST;
+    for (a, _) in &files {
+        mac = n.wait_up(*a);
+    }
+    let original: Vec<Vec<u8>> = files
+        .iter()
+        .map(|(_, p)| std::fs::read(p).unwrap())
+        .collect();
+    let data = vec![0xeeu8; 2 * 512];
+    let write = |lba| {
+        Body::Ata(AtaRepr {
+            aflags: AtaFlags::EXTENDED | AtaFlags::WRITE,
+            err_feature: 0,
+            sector_count: 2,
+            cmd_status: 0x34,
+            lba,
+            data: &data,
+        })
+    };
+    let wild = [
+        (TargetAddr::BROADCAST, 3),
+        (TargetAddr::new(0xffff, 1), 2),
+        (TargetAddr::new(4, 0xff), 2),
+    ];
+    for (addr, reached) in wild {
+        for dst in [mac, MacAddr::BROADCAST] {
+            let (tag, f) = n.frame(dst, addr, write(4));
+            n.client.send_raw(&[(tag, f)]).unwrap();
+            let got = n
+                .client
+                .collect_tag(tag, reached, Duration::from_secs(5))
+                .unwrap();
+            assert_eq!(
+                got.len(),
+                reached,
+                "write to {addr} via {dst}: {} answers; log:\n{}",
+                got.len(),
+                t.output_so_far()
+            );
+            for r in &got {
+                let m = Message::parse(r).unwrap();
+                let Body::Ata(a) = m.body else {
+                    panic!("not an ATA reply")
+                };
+                assert_eq!(
+                    (a.cmd_status, a.err_feature),
+                    (status::DRDY | status::ERR, error_bits::ABRT),
+                    "write to {addr} via {dst}, answered by {}",
+                    m.header.target
+                );
+            }
+        }
+    }
+    for ((a, p), o) in files.iter().zip(&original) {
+        assert!(
+            std::fs::read(p).unwrap() == *o,
+            "export {a}: backing file changed by a wildcard write"
+        );
+    }
+    // Reads to the wildcard address are still answered, by every export.
+    let (tag, f) = n.frame(MacAddr::BROADCAST, TargetAddr::BROADCAST, read(4, 2));
+    n.client.send_raw(&[(tag, f)]).unwrap();
+    let got = n
+        .client
+        .collect_tag(tag, 3, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(got.len(), 3, "answers to a wildcard read");
+    for r in &got {
+        let m = Message::parse(r).unwrap();
+        let Body::Ata(a) = m.body else { panic!() };
+        let i = files
+            .iter()
+            .position(|(x, _)| *x == m.header.target)
+            .unwrap();
+        assert_eq!(a.cmd_status & status::ERR, 0);
+        assert_eq!(a.data, &original[i][4 * 512..6 * 512]);
+    }
+    // The same write to one export's own address runs.
+    let r = n.one(mac, files[0].0, write(4)).unwrap();
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(a.cmd_status & status::ERR, 0);
+    assert_eq!(
+        &std::fs::read(&files[0].1).unwrap()[4 * 512..6 * 512],
+        &data[..]
+    );
+}

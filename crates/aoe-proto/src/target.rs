@@ -257,6 +257,9 @@ pub struct Stats {
     /// Copies of recently executed writes answered without executing them again, or
     /// dropped while the write was in flight ([`DedupConfig`]; network duplicates).
     pub duplicate_writes: u64,
+    /// WRITE SECTORS (EXT) addressed to a wildcard shelf or slot, aborted unexecuted
+    /// (also in `ata_errors`).
+    pub wildcard_writes_refused: u64,
 }
 
 /// I/Os in flight by kind ([`Engine::in_flight_kinds`]).
@@ -680,7 +683,7 @@ impl Engine {
         };
         self.stats.requests.count(&msg.body);
         match msg.body {
-            Body::Ata(ata) => self.ata(&iface, &rsp, &ata, reply),
+            Body::Ata(ata) => self.ata(&iface, &rsp, &ata, header.target.is_wildcard(), reply),
             Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
             Body::MacMask(m) => self.mac_mask(&rsp, &m, reply),
             Body::Reserve(r) => self.reserve(&rsp, &r, reply),
@@ -978,6 +981,7 @@ impl Engine {
         iface: &Interface,
         rsp: &HeaderRepr,
         req: &AtaRepr<'_>,
+        wildcard: bool,
         reply: &mut [u8],
     ) -> Outcome {
         let mut arg = [0u8; ATA_ARG_LEN];
@@ -988,6 +992,14 @@ impl Engine {
             return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
         }
         let abort = status::DRDY | status::ERR;
+        // A write sent to a wildcard shelf or slot reaches every export that matches it (and,
+        // on a LAN, every target): one frame would write them all. The Linux driver never
+        // sends ATA to a wildcard address, so such a write is a mistake or an attack; it is
+        // aborted before anything else looks at it (docs/PROTOCOL.md 1.7).
+        if wildcard && matches!(cmd, AtaCommand::WriteSectors | AtaCommand::WriteSectorsExt) {
+            self.stats.wildcard_writes_refused += 1;
+            return self.ata_status(rsp, &arg, abort, error_bits::ABRT, reply);
+        }
         match cmd {
             AtaCommand::ReadSectors
             | AtaCommand::ReadSectorsExt

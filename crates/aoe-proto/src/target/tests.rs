@@ -1348,3 +1348,75 @@ fn copies_past_the_window_or_the_bound_are_executed_and_the_table_stays_bounded(
     io_round(&mut e, &mut disk, &w);
     io_round(&mut e, &mut disk, &w);
 }
+
+/// Issue 14 (fixes round): a WRITE addressed to a wildcard shelf or slot (0xffff.0xff,
+/// 0xffff with the export's slot, the export's shelf with 0xff) is aborted, not executed:
+/// one such frame would otherwise write every export it reaches. Reads and IDENTIFY to
+/// the same addresses are still answered, and a WRITE to the export's own address runs.
+#[test]
+fn writes_to_a_wildcard_address_are_aborted_reads_answered() {
+    let mut e = engine(64);
+    let data = [0x5au8; 1024];
+    let wild = [
+        TargetAddr::BROADCAST,
+        TargetAddr::new(TargetAddr::BROADCAST_SHELF, ADDR.slot),
+        TargetAddr::new(ADDR.shelf, TargetAddr::BROADCAST_SLOT),
+    ];
+    for addr in wild {
+        for cmd in [0x30u8, 0x34] {
+            let flags = if cmd == 0x34 {
+                AtaFlags::EXTENDED | AtaFlags::WRITE
+            } else {
+                AtaFlags::WRITE
+            };
+            let w = request(HOST, addr, ata(cmd, flags, 2, 0, &data));
+            let r = reply_of(&mut e, &w)
+                .unwrap_or_else(|| panic!("write {cmd:#x} to {addr}: no abort reply"));
+            let m = Message::parse(&r).unwrap();
+            assert_eq!(m.header.target, ADDR, "reply names the export");
+            let Body::Ata(a) = m.body else { panic!() };
+            assert_eq!(
+                (a.cmd_status, a.err_feature),
+                (status::DRDY | status::ERR, error_bits::ABRT),
+                "write {cmd:#x} to {addr}"
+            );
+        }
+        let mut disk = vec![0x11u8; 64 * 512];
+        let r = io_round(
+            &mut e,
+            &mut disk,
+            &request(HOST, addr, ata(0x24, AtaFlags::EXTENDED, 2, 0, &[])),
+        );
+        let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, 0, "read from {addr}");
+        assert_eq!(a.data, &disk[..1024]);
+        let id = reply_of(
+            &mut e,
+            &request(HOST, addr, ata(0xec, AtaFlags::empty(), 1, 0, &[])),
+        )
+        .unwrap();
+        let Body::Ata(a) = Message::parse(&id).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, 0, "IDENTIFY to {addr}");
+    }
+    assert_eq!(e.stats().sectors_written, 0);
+    assert_eq!(e.stats().wildcard_writes_refused, 6);
+    let mut disk = vec![0u8; 64 * 512];
+    let r = io_round(
+        &mut e,
+        &mut disk,
+        &request(
+            HOST,
+            ADDR,
+            ata(0x34, AtaFlags::EXTENDED | AtaFlags::WRITE, 2, 0, &data),
+        ),
+    );
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(a.cmd_status & status::ERR, 0);
+    assert_eq!(&disk[..1024], &data[..]);
+}
