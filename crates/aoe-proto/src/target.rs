@@ -254,12 +254,24 @@ pub struct Stats {
     pub aoe_error_codes: AoeErrorCounts,
     /// Query Config requests left unanswered by the per-source limit (also in `dropped`).
     pub queries_limited: u64,
-    /// Copies of recently executed writes answered without executing them again, or
-    /// dropped while the write was in flight ([`DedupConfig`]; network duplicates).
-    pub duplicate_writes: u64,
+    /// The duplicate-write table ([`DedupConfig`]; network duplicates of writes).
+    pub dedup: DedupCounts,
     /// WRITE SECTORS (EXT) addressed to a wildcard shelf or slot, aborted unexecuted
     /// (also in `ata_errors`).
     pub wildcard_writes_refused: u64,
+}
+
+/// What the duplicate-write table did ([`DedupConfig`]), since the export started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DedupCounts {
+    /// Copies of a write already answered, answered again from the table (the write's
+    /// status, not executed again).
+    pub answered: u64,
+    /// Copies of a write still on its way to the disk, dropped (its reply answers both).
+    pub dropped_in_flight: u64,
+    /// Writes forgotten inside the window because the table was full: a late copy of one
+    /// would be executed. Rising steadily, `--dedup-entries` is too small for the write rate.
+    pub evicted: u64,
 }
 
 /// I/Os in flight by kind ([`Engine::in_flight_kinds`]).
@@ -505,7 +517,9 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut st = self.stats;
+        st.dedup.evicted = self.dedup.evicted();
+        st
     }
 
     /// I/Os handed out and not yet completed.
@@ -1078,7 +1092,7 @@ impl Engine {
             let seq = match admitted {
                 Ok(seq) => seq,
                 Err(dedup::Seen::Done { status, error }) => {
-                    self.stats.duplicate_writes += 1;
+                    self.stats.dedup.answered += 1;
                     if status & status::ERR != 0 {
                         self.stats.ata_errors += 1;
                     }
@@ -1088,7 +1102,7 @@ impl Engine {
                     return Outcome::Reply(write_ata_reply(rsp, arg, status, error, 0, reply));
                 }
                 Err(_) => {
-                    self.stats.duplicate_writes += 1;
+                    self.stats.dedup.dropped_in_flight += 1;
                     return Outcome::Drop(DropReason::DuplicateInFlight);
                 }
             };

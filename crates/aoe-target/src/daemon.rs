@@ -409,6 +409,8 @@ impl Daemon {
                         dropped_queue_full: e.pool_full_drops,
                         requests: st.requests.into(),
                         aoe_error_codes: st.aoe_error_codes.into(),
+                        duplicate_writes: st.dedup.into(),
+                        wildcard_writes_refused: st.wildcard_writes_refused,
                     },
                 }
             })

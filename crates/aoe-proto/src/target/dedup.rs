@@ -152,6 +152,10 @@ pub(super) struct Dedup {
     /// entry stands for one replaced since, and only counts against the bound.
     order: VecDeque<(Option<Instant>, Key, u64)>,
     next_seq: u64,
+    /// Writes forgotten inside the window because the table was full (`entries`): a copy of
+    /// one of them arriving late would be executed again. Steadily rising, the bound is too
+    /// small for the write rate.
+    evicted: u64,
 }
 
 impl Dedup {
@@ -186,6 +190,11 @@ impl Dedup {
         self.map.len()
     }
 
+    /// Entries forgotten for the bound while still inside the window, since the start.
+    pub(super) fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
     /// Forgets entries past the window at `now` and beyond the bound.
     fn expire(&mut self, now: Option<Instant>) {
         while let Some(&(at, key, seq)) = self.order.front() {
@@ -199,6 +208,9 @@ impl Dedup {
             self.order.pop_front();
             if self.map.get(&key).is_some_and(|e| e.seq == seq) {
                 self.map.remove(&key);
+                if !old {
+                    self.evicted += 1;
+                }
             }
         }
     }

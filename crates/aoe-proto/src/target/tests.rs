@@ -1272,7 +1272,13 @@ fn late_copy_of_a_write_is_answered_not_executed() {
     let again = reply_of(&mut e, &w1).expect("a copy of an answered write is answered");
     assert_eq!(again, r1, "the same reply as the write got");
     assert_eq!(&disk[10 * 512..12 * 512], &b[..], "W2's data stays");
-    assert_eq!(e.stats().duplicate_writes, 1);
+    assert_eq!(
+        e.stats().dedup,
+        DedupCounts {
+            answered: 1,
+            ..DedupCounts::default()
+        }
+    );
     assert_eq!(e.stats().sectors_written, 4, "the copy wrote nothing");
 }
 
@@ -1290,6 +1296,8 @@ fn copy_of_a_write_in_flight_is_dropped_and_a_failed_write_answers_its_copy_alik
         e.handle_frame(0, &w, &mut buf2),
         Outcome::Drop(DropReason::DuplicateInFlight)
     );
+    assert_eq!(e.stats().dedup.dropped_in_flight, 1);
+    assert_eq!(e.stats().dedup.answered, 0);
     let n = e
         .complete(io.token, Err(IoFailure::Medium), &mut buf)
         .unwrap();
@@ -1313,7 +1321,7 @@ fn same_tag_and_lba_with_other_data_or_from_another_mac_is_executed() {
     assert_eq!(disk[30 * 512], 1);
     io_round(&mut e, &mut disk, &write_frame(OTHER, 5, 30, &[1u8; 512]));
     io_round(&mut e, &mut disk, &write_frame(HOST, 5, 31, &[1u8; 512]));
-    assert_eq!(e.stats().duplicate_writes, 0);
+    assert_eq!(e.stats().dedup, DedupCounts::default());
 }
 
 #[test]
@@ -1339,7 +1347,12 @@ fn copies_past_the_window_or_the_bound_are_executed_and_the_table_stays_bounded(
         );
     }
     assert!(e.dedup_entries() <= 100);
+    // w's entry of t0 was forgotten for its age, not counted; of the 999 written since (w
+    // again and 998 others), all but the newest 100 were forgotten for the bound.
+    assert_eq!(e.stats().dedup.evicted, 899);
     io_round(&mut e, &mut disk, &w);
+    assert_eq!(e.stats().dedup.evicted, 900);
+    assert_eq!(e.stats().dedup.answered, 0);
     // Off: every copy is executed (vblade's behaviour).
     e.set_dedup(DedupConfig {
         window: Duration::ZERO,
