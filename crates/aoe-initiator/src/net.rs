@@ -1214,7 +1214,7 @@ mod iflist_tests {
     #[test]
     fn a_refused_name_is_echoed_capped_and_escaped() {
         let long = "x".repeat(4000) + "\u{1b}[31m";
-        let e = check_iflist(&[long.clone()]).unwrap_err();
+        let e = check_iflist(std::slice::from_ref(&long)).unwrap_err();
         assert!(e.len() < 200, "{} bytes: {e}", e.len());
         assert!(e.contains("(4005 bytes)"), "{e}");
         assert!(e.starts_with(&format!("\"{}\"...", "x".repeat(64))), "{e}");
