@@ -72,14 +72,30 @@ PERF_RECORD=${PERF_RECORD:-1}
 SHELF=1 SLOT=1 IMAGE=rbd/aoebench
 
 die() { echo "bench-rbd: $*" >&2; exit 1; }
+# The binary first: a wrong build is found before anything needs root.
+[ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release --features aoe-cli/rbd)"
+AOE=$(readlink -f "$AOE")
+# A binary without the rbd feature refuses every rbd: export, and each cell would read as
+# 0 MB/s: stop here instead. `aoe --version` names the features (older builds: the librbd
+# the rbd feature links, in the ELF dynamic section).
+# (Output captured first: under pipefail, grep -q quitting early would fail the writer.)
+has_rbd() {
+    local v
+    v=$("$1" --version 2>/dev/null || true)
+    grep -q '^features:.*\brbd\b' <<<"$v" && return 0
+    command -v readelf >/dev/null || return 1
+    v=$(readelf -d "$1" 2>/dev/null || true)
+    grep -q 'NEEDED.*librbd' <<<"$v"
+}
+has_rbd "$AOE" || die "$AOE was built without the rbd feature: cargo build --release -p aoe-cli --features aoe-cli/rbd"
 [ "$(id -u)" = 0 ] || die "must run as root (namespaces, raw sockets)"
 for t in ip nsenter jq awk rbd ceph; do
     command -v "$t" >/dev/null || die "missing $t (Debian: iproute2, util-linux, jq, gawk, ceph-common)"
 done
-[ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release --features aoe-cli/rbd)"
-AOE=$(readlink -f "$AOE")
 [ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); command -v perf >/dev/null || die "PERF_DIR needs perf (Debian: linux-perf)"; }
 [ -z "$BEFORE" ] || { [ -x "$BEFORE" ] || die "no binary at BEFORE=$BEFORE"; BEFORE=$(readlink -f "$BEFORE"); }
+[ -z "$BEFORE" ] || has_rbd "$BEFORE" || die "BEFORE=$BEFORE was built without the rbd feature: cargo build --release -p aoe-cli --features aoe-cli/rbd"
+
 case $BS in
     *k | *K) BS_BYTES=$(( ${BS%[kK]} * 1024 )) ;;
     *) BS_BYTES=$BS ;;

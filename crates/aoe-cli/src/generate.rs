@@ -144,14 +144,20 @@ fn synopsis(cmd: &clap::Command, name: &str) -> String {
     out.join(" ")
 }
 
-fn write_page(cmd: clap::Command, path: &Path) -> Result<()> {
+/// Writes the page of `cmd` to `path`; its synopsis names the command by its bin name, and
+/// then, if `also` is given, again as `also` calls it (a multi-call link's page: `aoe-stat
+/// ...` first, as aoetools' own page, then `aoe stat ...`).
+fn write_page(cmd: clap::Command, path: &Path, also: Option<&str>) -> Result<()> {
     let mut buf = Vec::new();
     // clap_mangen renders an overridden usage as given, the name in bold.
     let name = cmd
         .get_bin_name()
         .unwrap_or_else(|| cmd.get_name())
         .to_owned();
-    let line = synopsis(&cmd, &name);
+    let mut line = synopsis(&cmd, &name);
+    if let Some(also) = also {
+        line = format!("{line}\n{}", synopsis(&cmd, also));
+    }
     let cmd = cmd.override_usage(line);
     clap_mangen::Man::new(cmd)
         .section("1")
@@ -167,7 +173,7 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cli = cli.clone();
     cli.build();
-    write_page(cli.clone(), &dir.join("aoe.1"))?;
+    write_page(cli.clone(), &dir.join("aoe.1"), None)?;
     let mut n = 1;
     let mut written = vec!["aoe".to_owned()];
     for sc in cli.get_subcommands() {
@@ -176,13 +182,21 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
             continue;
         }
         let name = format!("aoe-{sub}");
+        // `aoe-stat` is both this page and a multi-call link: the page shows the link's
+        // invocation first, as aoetools' aoe-stat(8) does, then `aoe stat`.
+        let link = multicall.iter().any(|(m, s)| *m == name && *s == sub);
+        let (bin, also) = if link {
+            (name.clone(), Some(format!("aoe {sub}")))
+        } else {
+            (format!("aoe {sub}"), None)
+        };
         let cmd = sc
             .clone()
             .name(name.clone())
-            .bin_name(format!("aoe {sub}"))
+            .bin_name(bin)
             .display_name(name.clone())
             .version(env!("CARGO_PKG_VERSION"));
-        write_page(cmd, &dir.join(format!("{name}.1")))?;
+        write_page(cmd, &dir.join(format!("{name}.1")), also.as_deref())?;
         written.push(name);
         n += 1;
     }
@@ -190,7 +204,11 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
         if written.iter().any(|w| w == name) {
             continue;
         }
-        write_page(standalone(&cli, sub, name)?, &dir.join(format!("{name}.1")))?;
+        write_page(
+            standalone(&cli, sub, name)?,
+            &dir.join(format!("{name}.1")),
+            Some(&format!("aoe {sub}")),
+        )?;
         n += 1;
     }
     Ok(n)
@@ -231,7 +249,7 @@ mod tests {
     use clap::CommandFactory;
 
     /// The SYNOPSIS section of page `name` as written by `aoe generate man`, roff included.
-    fn synopsis_of(name: &str) -> String {
+    pub(super) fn synopsis_of(name: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         man_pages(
             &crate::Cli::command(),
@@ -277,6 +295,34 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want} not in the synopsis: {s}");
         }
+    }
+}
+
+/// Issue 14 (fixes round): the page of each multi-call name shows it invoked under that
+/// name, as aoetools' own pages do (`aoe-stat [-a] ...`), then as the `aoe` subcommand; it
+/// showed `aoe stat ...` alone on `aoe-stat.1` (and so for aoe-discover, aoe-flush, ...).
+/// Pages of subcommands that are no link keep `aoe SUB`.
+#[cfg(test)]
+mod multicall_pages {
+    use super::tests::synopsis_of;
+
+    #[test]
+    fn each_multicall_page_shows_its_own_name_first() {
+        for (name, sub) in crate::multicall_table() {
+            let s = synopsis_of(name);
+            let mut lines = s.trim_start_matches('\n').lines();
+            let first = lines.next().unwrap_or("");
+            assert!(
+                first.starts_with(&format!("{name} ")) || first == name,
+                "{name}.1 synopsis starts {first:?}"
+            );
+            assert!(
+                s.contains(&format!("aoe {sub}")),
+                "{name}.1 does not show `aoe {sub}`: {s}"
+            );
+        }
+        let s = synopsis_of("aoe-serve");
+        assert!(s.starts_with("\naoe serve "), "{s}");
     }
 }
 

@@ -23,9 +23,16 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+/// `aoe --version`: the version and the optional features built in, so a script (and a
+/// user) can tell whether this binary serves `rbd:` images (scripts/bench-rbd.sh checks).
+#[cfg(feature = "rbd")]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\nfeatures: rbd");
+#[cfg(not(feature = "rbd"))]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\nfeatures: (none)");
+
 /// ATA over Ethernet (AoEr11): target, initiator and tools.
 #[derive(Debug, Parser)]
-#[command(name = "aoe", version, about, long_about = None)]
+#[command(name = "aoe", version, long_version = LONG_VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -144,6 +144,29 @@ pub fn target_text(obs: &Observer) -> String {
         "Replies with the AoE error flag by error code (AoEr11 section 2.4)",
         codes,
     );
+    let mut dups = Vec::new();
+    for e in &snap.exports {
+        for (what, n) in e.counters.duplicate_writes.named() {
+            let mut l = ex(e);
+            l.push(("what".into(), what.into()));
+            dups.push((l, n));
+        }
+    }
+    s.counter(
+        "aoe_target_duplicate_writes",
+        "The duplicate-write table: copies of an answered write answered from it (answered), \
+         copies of a write in flight dropped (dropped_in_flight), writes forgotten inside the \
+         window because the table was full (evicted)",
+        dups,
+    );
+    s.counter(
+        "aoe_target_wildcard_writes_refused",
+        "WRITEs addressed to shelf 0xffff or slot 0xff, aborted without writing",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), e.counters.wildcard_writes_refused))
+            .collect(),
+    );
     let mut errors = Vec::new();
     let mut drops = Vec::new();
     for e in &snap.exports {

@@ -314,6 +314,25 @@ fn stats(out: &mut String, s: &Snapshot) {
             c.dropped_queue_full
         );
     }
+    // The duplicate-write table (copies answered from it, copies dropped while the write
+    // was in flight, writes forgotten early for its bound) and wildcard writes refused.
+    let _ = writeln!(
+        out,
+        "{:<10} {:>12} {:>12} {:>12} {:>15}",
+        "TARGET", "DUP-ANSWERED", "DUP-DROPPED", "DUP-EVICTED", "WILDCARD-WRITES"
+    );
+    for e in &s.exports {
+        let d = &e.counters.duplicate_writes;
+        let _ = writeln!(
+            out,
+            "{:<10} {:>12} {:>12} {:>12} {:>15}",
+            e.target,
+            d.answered,
+            d.dropped_in_flight,
+            d.evicted,
+            e.counters.wildcard_writes_refused
+        );
+    }
     let _ = writeln!(
         out,
         "{:<16} {:>6} {:>12} {:>12}",

@@ -648,3 +648,57 @@ fn errors_name_the_multicall_tool_as_called() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("aoe: no AoE initiator running"), "{err}");
 }
+
+/// `aoe --version` names the optional features built in (a second line, `features: rbd` or
+/// `features: (none)`), so scripts and users can tell an rbd build from another.
+#[test]
+fn version_names_the_features_built_in() {
+    let o = Command::new(AOE)
+        .arg("--version")
+        .output()
+        .expect("run aoe");
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    let features = out
+        .lines()
+        .find_map(|l| l.strip_prefix("features: "))
+        .unwrap_or_else(|| panic!("no features line in {out:?}"));
+    assert_eq!(
+        features.split_whitespace().any(|f| f == "rbd"),
+        cfg!(feature = "rbd"),
+        "{out:?}"
+    );
+}
+
+/// Issue 14 (fixes round): `scripts/bench-rbd.sh` given a binary built without the `rbd`
+/// feature stops at once, exit status 1, with one line naming the feature, before it needs
+/// root or starts a cluster. On main it started the cluster and printed a table of 0 MB/s
+/// (every `rbd:` export refused). The binary here is a stand-in that reports no features,
+/// as `aoe --version` of such a build does.
+#[test]
+fn bench_rbd_refuses_a_binary_without_the_rbd_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("aoe");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'aoe 0.1.0'\necho 'features: (none)'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench-rbd.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .env("AOE", &fake)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bench-rbd.sh");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("without the rbd feature"), "{err}");
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

@@ -365,6 +365,14 @@ fn drop_cached(path: &std::path::Path, cached: usize) {
     dd(&["bs=64k", &format!("count={}", cached >> 16)]);
 }
 
+/// Which of the pages at `offsets` (one page each) of `file` are in the page cache.
+fn resident_at(file: &std::fs::File, offsets: &[usize]) -> Vec<bool> {
+    offsets
+        .iter()
+        .map(|&o| aoe_sys::resident_pages(file, o as u64, 1).expect("mincore")[0])
+        .collect()
+}
+
 /// Issue 15, the reads of a receive batch through io_uring: cached data is read straight
 /// into the transmit slots with one io_uring_enter for the batch; a read that would wait for
 /// the disk goes to a worker and gives up its slot, and the replies behind it move down
@@ -372,23 +380,44 @@ fn drop_cached(path: &std::path::Path, cached: usize) {
 /// and uncached reads taking turns in every batch, every reply comes back with its own
 /// data. The file is on the disk file system: tmpfs has no RWF_NOWAIT, so it never takes
 /// this path.
+///
+/// The misses are real (issue 14, fixes round): the uncached reads are 1 MiB apart from
+/// 32 MiB on, so neither the readahead after the cached first 2 MiB (this disk's
+/// read_ahead_kb is up to 8 MiB) nor a miss's own readahead (a few pages for a 1 KiB read)
+/// reaches the next one; before each round mincore(2) shows every uncached page out of the
+/// cache and every cached one in, and after it the page halfway to the next uncached read is
+/// still out, so no miss's readahead brought the next one in. Before, the uncached reads
+/// were 4 KiB apart at 8 MiB: the re-read of the first 2 MiB had read ahead over them, and
+/// the first miss's readahead over the rest.
 #[test]
 fn reads_of_one_batch_come_back_right_when_some_miss_the_page_cache() {
     let n = Net::new("fpmiss", 1500);
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("disk.img");
+    const KIB: usize = 1 << 10;
     const MIB: usize = 1 << 20;
-    let data: Vec<u8> = (0..16 * MIB / 512).flat_map(|l| pattern(l, 5)).collect();
+    const MISSES: usize = 64;
+    const FAR: usize = 32 * MIB;
+    let data: Vec<u8> = (0..(FAR + MISSES * MIB) / 512)
+        .flat_map(|l| pattern(l, 5))
+        .collect();
     std::fs::write(&path, &data).unwrap();
-    std::fs::File::open(&path).unwrap().sync_all().unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
     let mut t = n.serve(&["1", "1", n.veth.a_name(), path.to_str().unwrap()]);
     let mut c = n.client(TargetAddr::new(1, 1));
     c.set_window(64);
-    // 1 KiB reads 4 KiB apart, taking turns between the first MiB (in the page cache) and
-    // the last 8 MiB (not: far enough from the first 2 MiB that the kernel's readahead
-    // after those cannot have brought it in).
-    let offsets: Vec<usize> = (0..256)
-        .flat_map(|k| [k * 4096, 8 * MIB + k * 4096])
+    // 1 KiB reads: four from the first MiB (in the page cache), then one from past FAR (not),
+    // and again.
+    let cached: Vec<usize> = (0..4 * MISSES).map(|k| k * 4 * KIB).collect();
+    let uncached: Vec<usize> = (0..MISSES).map(|k| FAR + k * MIB).collect();
+    let between: Vec<usize> = uncached.iter().map(|o| o + MIB / 2).collect();
+    let offsets: Vec<usize> = (0..MISSES)
+        .flat_map(|k| {
+            let mut v = cached[4 * k..4 * k + 4].to_vec();
+            v.insert(1, uncached[k]);
+            v
+        })
         .collect();
     let reads: Vec<Request> = offsets
         .iter()
@@ -399,7 +428,23 @@ fn reads_of_one_batch_come_back_right_when_some_miss_the_page_cache() {
         .collect();
     for round in 0..4 {
         drop_cached(&path, 2 * MIB);
+        let out = resident_at(&file, &uncached);
+        assert!(
+            out.iter().all(|r| !r),
+            "round {round}: uncached pages in the page cache before the reads: {out:?}"
+        );
+        let r#in = resident_at(&file, &cached);
+        assert!(
+            r#in.iter().all(|r| *r),
+            "round {round}: cached pages missing: {in:?}",
+            in = r#in
+        );
         check_reads(&mut c, &reads, &data, &format!("round {round}"));
+        let gaps = resident_at(&file, &between);
+        assert!(
+            gaps.iter().all(|r| !r),
+            "round {round}: a miss read ahead halfway to the next: {gaps:?}"
+        );
     }
     t.stop().unwrap();
     let log = t.output_so_far();

@@ -1054,11 +1054,29 @@ pub fn check_iflist(list: &[String]) -> Result<(), String> {
             || n.contains(|c: char| c == '/' || c == '\0' || c.is_whitespace())
         {
             return Err(format!(
-                "{n:?} cannot be an interface name (1 to 15 bytes, no '/' or whitespace)"
+                "{} cannot be an interface name (1 to 15 bytes, no '/' or whitespace)",
+                shown_name(n)
             ));
         }
     }
     Ok(())
+}
+
+/// Most bytes of a refused name that an error shows.
+const SHOWN_NAME_MAX: usize = 64;
+
+/// `n` quoted and escaped for an error line, cut to [`SHOWN_NAME_MAX`] bytes (at a
+/// character boundary) with its length after it: anyone who may write `interfaces` can
+/// write 4 KiB at a time, and each refusal goes to `err` and the log.
+fn shown_name(n: &str) -> String {
+    if n.len() <= SHOWN_NAME_MAX {
+        return format!("{n:?}");
+    }
+    let mut end = SHOWN_NAME_MAX;
+    while !n.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &n[..end], n.len())
 }
 
 /// Attaches a loop device with partition scan to a device file, from a thread of its own:
@@ -1183,5 +1201,33 @@ mod scan_order_tests {
         let gone = s.start_scan(DEV);
         s.devices.clear();
         assert!(!s.finish_scan(DEV, gone, part(1)));
+    }
+}
+
+#[cfg(test)]
+mod iflist_tests {
+    use super::*;
+
+    /// Issue 14 (fixes round): a refused entry is echoed in `err`, the log and `--iflist`'s
+    /// error at most 64 bytes long, escaped, with its length: a 4 KiB write to `interfaces`
+    /// was echoed whole into each.
+    #[test]
+    fn a_refused_name_is_echoed_capped_and_escaped() {
+        let long = "x".repeat(4000) + "\u{1b}[31m";
+        let e = check_iflist(std::slice::from_ref(&long)).unwrap_err();
+        assert!(e.len() < 200, "{} bytes: {e}", e.len());
+        assert!(e.contains("(4005 bytes)"), "{e}");
+        assert!(e.starts_with(&format!("\"{}\"...", "x".repeat(64))), "{e}");
+        // A control character inside the shown part is escaped, and a cut never splits a
+        // character.
+        let odd = "é".repeat(40) + "\n" + &"y".repeat(100);
+        let e = check_iflist(&[odd]).unwrap_err();
+        assert!(e.starts_with(&format!("\"{}\"...", "é".repeat(32))), "{e}");
+        let e = check_iflist(&["a\nb".into()]).unwrap_err();
+        assert!(e.starts_with("\"a\\nb\" cannot be"), "{e}");
+        // Short names are shown whole, as before.
+        let e = check_iflist(&["eth0 x".into()]).unwrap_err();
+        assert!(e.starts_with("\"eth0 x\" cannot be"), "{e}");
+        assert!(check_iflist(&["eth0".into(), "veth1".into()]).is_ok());
     }
 }

@@ -254,9 +254,24 @@ pub struct Stats {
     pub aoe_error_codes: AoeErrorCounts,
     /// Query Config requests left unanswered by the per-source limit (also in `dropped`).
     pub queries_limited: u64,
-    /// Copies of recently executed writes answered without executing them again, or
-    /// dropped while the write was in flight ([`DedupConfig`]; network duplicates).
-    pub duplicate_writes: u64,
+    /// The duplicate-write table ([`DedupConfig`]; network duplicates of writes).
+    pub dedup: DedupCounts,
+    /// WRITE SECTORS (EXT) addressed to a wildcard shelf or slot, aborted unexecuted
+    /// (also in `ata_errors`).
+    pub wildcard_writes_refused: u64,
+}
+
+/// What the duplicate-write table did ([`DedupConfig`]), since the export started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DedupCounts {
+    /// Copies of a write already answered, answered again from the table (the write's
+    /// status, not executed again).
+    pub answered: u64,
+    /// Copies of a write still on its way to the disk, dropped (its reply answers both).
+    pub dropped_in_flight: u64,
+    /// Writes forgotten inside the window because the table was full: a late copy of one
+    /// would be executed. Rising steadily, `--dedup-entries` is too small for the write rate.
+    pub evicted: u64,
 }
 
 /// I/Os in flight by kind ([`Engine::in_flight_kinds`]).
@@ -502,7 +517,9 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut st = self.stats;
+        st.dedup.evicted = self.dedup.evicted();
+        st
     }
 
     /// I/Os handed out and not yet completed.
@@ -680,7 +697,7 @@ impl Engine {
         };
         self.stats.requests.count(&msg.body);
         match msg.body {
-            Body::Ata(ata) => self.ata(&iface, &rsp, &ata, reply),
+            Body::Ata(ata) => self.ata(&iface, &rsp, &ata, header.target.is_wildcard(), reply),
             Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
             Body::MacMask(m) => self.mac_mask(&rsp, &m, reply),
             Body::Reserve(r) => self.reserve(&rsp, &r, reply),
@@ -978,6 +995,7 @@ impl Engine {
         iface: &Interface,
         rsp: &HeaderRepr,
         req: &AtaRepr<'_>,
+        wildcard: bool,
         reply: &mut [u8],
     ) -> Outcome {
         let mut arg = [0u8; ATA_ARG_LEN];
@@ -988,6 +1006,14 @@ impl Engine {
             return self.aoe_error(rsp, ErrorCode::TargetReserved, &arg, reply);
         }
         let abort = status::DRDY | status::ERR;
+        // A write sent to a wildcard shelf or slot reaches every export that matches it (and,
+        // on a LAN, every target): one frame would write them all. The Linux driver never
+        // sends ATA to a wildcard address, so such a write is a mistake or an attack; it is
+        // aborted before anything else looks at it (docs/PROTOCOL.md 1.7).
+        if wildcard && matches!(cmd, AtaCommand::WriteSectors | AtaCommand::WriteSectorsExt) {
+            self.stats.wildcard_writes_refused += 1;
+            return self.ata_status(rsp, &arg, abort, error_bits::ABRT, reply);
+        }
         match cmd {
             AtaCommand::ReadSectors
             | AtaCommand::ReadSectorsExt
@@ -1066,7 +1092,7 @@ impl Engine {
             let seq = match admitted {
                 Ok(seq) => seq,
                 Err(dedup::Seen::Done { status, error }) => {
-                    self.stats.duplicate_writes += 1;
+                    self.stats.dedup.answered += 1;
                     if status & status::ERR != 0 {
                         self.stats.ata_errors += 1;
                     }
@@ -1076,7 +1102,7 @@ impl Engine {
                     return Outcome::Reply(write_ata_reply(rsp, arg, status, error, 0, reply));
                 }
                 Err(_) => {
-                    self.stats.duplicate_writes += 1;
+                    self.stats.dedup.dropped_in_flight += 1;
                     return Outcome::Drop(DropReason::DuplicateInFlight);
                 }
             };

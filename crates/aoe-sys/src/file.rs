@@ -291,10 +291,73 @@ pub fn logical_block_size(file: &File) -> io::Result<u32> {
         .ok_or_else(|| io::Error::other(format!("BLKSSZGET returned {ss}")))
 }
 
+/// Which pages of `file` in `offset..offset + len` (rounded out to whole pages) are in the
+/// page cache, one `bool` per page, from `mincore(2)` on a read-only mapping that is never
+/// touched (so the check itself reads nothing in, unlike a read with `RWF_NOWAIT`, whose
+/// miss starts readahead). For tests and diagnostics that must know a read will miss. The
+/// kernel reports a file's pages only to a caller that owns it or may write it (Linux 5.0).
+///
+/// # Errors
+///
+/// Those of `mmap` (e.g. a range past the end of the file is refused by `mincore` with
+/// `ENOMEM`) and `mincore`.
+pub fn resident_pages(file: &File, offset: u64, len: usize) -> io::Result<Vec<bool>> {
+    // SAFETY: sysconf takes an integer and returns one.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|&p| p > 0)
+        .unwrap_or(4096);
+    let start = offset / page * page;
+    let end = (offset + len as u64).div_ceil(page) * page;
+    let map_len = usize::try_from(end - start)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
+    if map_len == 0 {
+        return Ok(Vec::new());
+    }
+    let at = libc::off_t::try_from(start)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
+    // SAFETY: a fresh read-only shared mapping of the file's range, checked before use,
+    // never dereferenced (mincore only asks about it) and unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            at,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mut vec = vec![0u8; map_len / page as usize];
+    // SAFETY: `p` is the page-aligned mapping of `map_len` bytes made above; `vec` holds one
+    // byte per page of it, as mincore writes.
+    let r = unsafe { libc::mincore(p, map_len, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: the mapping made above, of `map_len` bytes, no longer used.
+    unsafe { libc::munmap(p, map_len) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().map(|b| b & 1 != 0).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn pages_just_written_are_resident() {
+        let mut f = tempfile_in_target();
+        f.write_all(&[1u8; 3 * 4096]).unwrap();
+        let r = resident_pages(&f, 100, 2 * 4096).unwrap();
+        assert_eq!(r.len(), 3, "rounded out to whole pages");
+        assert!(r.iter().all(|&x| x), "{r:?}");
+        assert!(resident_pages(&f, 0, 0).unwrap().is_empty());
+    }
 
     #[test]
     fn cached_data_is_read_and_written_without_blocking() {

@@ -61,7 +61,7 @@ mod xdp;
 pub use event::{poll, EventFd, PollFd};
 pub use file::{
     dio_alignment, is_local_disk_fs, is_memory_fs, logical_block_size, pread_nowait, pwrite_nowait,
-    pwritev_all, pwritev_nowait, DioAlign, DioAlignSource, NoWait, MAX_WRITEV,
+    pwritev_all, pwritev_nowait, resident_pages, DioAlign, DioAlignSource, NoWait, MAX_WRITEV,
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};

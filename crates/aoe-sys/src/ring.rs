@@ -670,38 +670,62 @@ impl PacketRing {
         self.tx_unkicked > 0
     }
 
-    /// Asks the kernel to send every marked slot: one `send(fd, NULL, 0, MSG_DONTWAIT)`.
+    /// Asks the kernel to send every marked slot: `send(fd, NULL, 0, MSG_DONTWAIT)`, again
+    /// while it makes progress and frames are left.
+    ///
+    /// The kernel (`tpacket_snd`) stops at the first frame it cannot charge to the socket's
+    /// send buffer (frames still queued below, in a qdisc or a slow device, hold it) and
+    /// returns the bytes it sent so far, a success: the frames after stay marked. So after
+    /// each send the marked slots are looked at again; those the kernel has not taken are
+    /// kicked once more, and if it takes none of them the kick reports `WouldBlock` with
+    /// [`needs_kick`](Self::needs_kick) still true.
     ///
     /// # Errors
     ///
-    /// [`io::ErrorKind::WouldBlock`] when the device queue is full (`ENOBUFS`, `EAGAIN`):
-    /// the frames not sent stay marked, and the next kick sends them. `EINTR` is retried.
+    /// [`io::ErrorKind::WouldBlock`] when the device queue or the send buffer is full
+    /// (`ENOBUFS`, `EAGAIN`, or a send that took none of the frames left): those stay
+    /// marked, and a later kick sends them. The kernel signals no `POLLOUT` for them (that
+    /// says only that the next slot is free): retry on a short timer. `EINTR` is retried.
     pub fn kick(&mut self) -> io::Result<()> {
-        if self.tx_unkicked == 0 {
-            return Ok(());
-        }
-        loop {
+        let full = || io::Error::new(io::ErrorKind::WouldBlock, "transmit queue full (ENOBUFS)");
+        while self.tx_unkicked > 0 {
             // SAFETY: a NULL buffer of length 0 is what tpacket_snd expects from a kick; the
             // kernel reads the frames from the mapped ring, which outlives the call.
             let ret =
                 unsafe { libc::send(self.fd.as_raw_fd(), ptr::null(), 0, libc::MSG_DONTWAIT) };
             match cvt_size(ret) {
                 Ok(_) => {
-                    self.tx_unkicked = 0;
-                    return Ok(());
+                    let left = self.tx_still_requested();
+                    if left == 0 {
+                        self.tx_unkicked = 0;
+                        return Ok(());
+                    }
+                    let progress = left < self.tx_unkicked;
+                    self.tx_unkicked = left;
+                    if !progress {
+                        return Err(full());
+                    }
                 }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            "transmit queue full (ENOBUFS)",
-                        ))
-                    }
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => return Err(full()),
                     _ => return Err(e),
                 },
             }
         }
+        Ok(())
+    }
+
+    /// How many of the last `tx_unkicked` marked slots the kernel has not taken yet (still
+    /// `TP_STATUS_SEND_REQUEST`). The kernel sends marked slots in ring order and stops at
+    /// the first it cannot take, so these are the newest: the count says which.
+    fn tx_still_requested(&self) -> usize {
+        let n = self.tx.frame_nr();
+        (1..=self.tx_unkicked.min(n))
+            .map(|back| (self.tx_head + n - back) % n)
+            .map(|i| self.rx.bytes() + self.tx.slot(i))
+            .filter(|&off| self.status(off).load(Ordering::Acquire) == TP_STATUS_SEND_REQUEST)
+            .count()
     }
 }
 

@@ -464,3 +464,75 @@ fn both_rings_send_and_receive_frames_unchanged() {
         assert_eq!(got[0].1, len, "wire length");
     }
 }
+
+/// Issue 14 (fixes round): a kick that the socket's send buffer cuts short (the kernel's
+/// tpacket_snd stops at the first frame it cannot charge to the buffer and returns the
+/// bytes sent so far, a success) leaves `needs_kick` true, so the caller kicks again until
+/// every frame is out, as the target's loop does while `needs_kick` holds. The link's
+/// sender holds its frames in a slow tbf qdisc (each charged to the socket until the qdisc
+/// lets it go) and has a small SO_SNDBUF; 64 frames of 1514 bytes are pushed and kicked
+/// once. On main `kick` took the partial send for the whole and cleared `needs_kick`: the
+/// rest stayed marked in the ring (until the next push and kick, a retransmission's reply
+/// in the target) and the peer got about a dozen of the 64.
+#[test]
+fn a_kick_cut_short_by_the_send_buffer_leaves_the_rest_to_kick() {
+    require_root();
+    let a = Netns::new("aoekick").expect("namespace a");
+    let b = Netns::new("aoekick").expect("namespace b");
+    let veth = VethPair::new(&a, &b, 1500).expect("veth pair");
+    // 20 Mbit/s: 64 full frames take about 40 ms to leave.
+    a.run(
+        "tc",
+        &[
+            "qdisc",
+            "add",
+            "dev",
+            veth.a_name(),
+            "root",
+            "tbf",
+            "rate",
+            "20mbit",
+            "burst",
+            "4kb",
+            "limit",
+            "1mb",
+        ],
+    )
+    .expect("tc qdisc add tbf");
+    let tx = open_in(&a, veth.a_name());
+    let rx = open_in(&b, veth.b_name());
+    rx.set_recv_buffer(8 << 20).expect("receive buffer");
+    let (src, dst) = (tx.info().mac, rx.info().mac);
+    let mut ring = PacketRing::with_slots(&tx, 0, 0, 1514, 64).expect("transmit ring");
+    // Room for a few frames in flight (the kernel doubles it and keeps a floor).
+    tx.set_send_buffer(8 << 10).expect("send buffer");
+    let frames: Vec<Vec<u8>> = (0..64u8).map(|k| frame(dst, src, 1514, k)).collect();
+    for f in &frames {
+        assert!(ring.push(f).expect("push"), "a free slot");
+    }
+    let first = ring.kick();
+    // The caller's loop: kick again while frames are left, a millisecond apart (the
+    // target's KICK_RETRY), for at most WAIT.
+    let deadline = Instant::now() + WAIT;
+    while ring.needs_kick() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        match ring.kick() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("kick: {e}"),
+        }
+    }
+    let got = frames_within(&rx, Duration::from_secs(2));
+    assert_eq!(
+        got.len(),
+        frames.len(),
+        "{} of {} frames reached the peer (first kick: {first:?}, needs_kick: {})",
+        got.len(),
+        frames.len(),
+        ring.needs_kick()
+    );
+    assert_eq!(got, frames, "order and bytes");
+    drop(ring);
+    drop((tx, rx));
+    drop(veth);
+}

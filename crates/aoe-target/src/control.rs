@@ -44,6 +44,12 @@ pub struct ExportCounters {
     /// ([`aoe_proto::target::AoeErrorCounts`]).
     #[serde(default)]
     pub aoe_error_codes: AoeErrorCounters,
+    /// The duplicate-write table ([`aoe_proto::target::DedupCounts`]).
+    #[serde(default)]
+    pub duplicate_writes: DedupCounters,
+    /// WRITEs addressed to a wildcard shelf or slot, aborted unexecuted (docs/PROTOCOL.md 1.7).
+    #[serde(default)]
+    pub wildcard_writes_refused: u64,
 }
 
 /// Generates a serializable copy of an engine counter struct, with `minus` for `clear-stats`.
@@ -118,6 +124,18 @@ counters! {
     }
 }
 
+counters! {
+    /// What the duplicate-write table did ([`aoe_proto::target::DedupCounts`]).
+    DedupCounters from aoe_proto::target::DedupCounts {
+        /// Copies of an answered write, answered from the table without executing them.
+        answered,
+        /// Copies of a write in flight, dropped.
+        dropped_in_flight,
+        /// Writes forgotten inside the window because the table was full.
+        evicted,
+    }
+}
+
 impl ExportCounters {
     fn minus(self, b: ExportCounters) -> ExportCounters {
         ExportCounters {
@@ -134,6 +152,10 @@ impl ExportCounters {
             dropped_queue_full: self.dropped_queue_full.saturating_sub(b.dropped_queue_full),
             requests: self.requests.minus(b.requests),
             aoe_error_codes: self.aoe_error_codes.minus(b.aoe_error_codes),
+            duplicate_writes: self.duplicate_writes.minus(b.duplicate_writes),
+            wildcard_writes_refused: self
+                .wildcard_writes_refused
+                .saturating_sub(b.wildcard_writes_refused),
         }
     }
 }

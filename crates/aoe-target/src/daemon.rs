@@ -62,8 +62,9 @@ const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
-/// How soon the loop kicks a transmit ring again that the kernel refused (a full device
-/// queue): the kernel signals no POLLOUT for frames still marked in the ring.
+/// How soon the loop kicks a transmit ring again that the kernel refused or took only part
+/// of (a full device queue, or a send buffer held by frames still queued below): the kernel
+/// signals no POLLOUT for frames still marked in the ring.
 const KICK_RETRY: Duration = Duration::from_millis(1);
 
 /// How the outside world steers a running daemon: stop and reload requests, from signals
@@ -409,6 +410,8 @@ impl Daemon {
                         dropped_queue_full: e.pool_full_drops,
                         requests: st.requests.into(),
                         aoe_error_codes: st.aoe_error_codes.into(),
+                        duplicate_writes: st.dedup.into(),
+                        wildcard_writes_refused: st.wildcard_writes_refused,
                     },
                 }
             })

@@ -553,6 +553,29 @@ impl AoeClient {
         Ok(got)
     }
 
+    /// Every response carrying `tag` (from any MAC and shelf.slot: a request to a wildcard
+    /// address is answered by each export it reaches), until `n` arrived or `wait` passed.
+    pub fn collect_tag(&mut self, tag: Tag, n: usize, wait: Duration) -> io::Result<Vec<Vec<u8>>> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + wait;
+        loop {
+            while let Some(meta) = self.sock.recv(&mut self.buf)? {
+                let f = &self.buf[..meta.len.min(self.buf.len())];
+                if let Ok(m) = Message::parse(f) {
+                    if m.header.response && m.header.tag == tag {
+                        got.push(f.to_vec());
+                    }
+                }
+            }
+            let now = Instant::now();
+            if got.len() >= n || now >= deadline {
+                return Ok(got);
+            }
+            let mut fds = [PollFd::new(self.sock.as_raw_fd())];
+            aoe_sys::poll(&mut fds, Some(deadline - now))?;
+        }
+    }
+
     /// [`send_raw`](Self::send_raw), then [`collect_raw`](Self::collect_raw).
     pub fn exchange_raw(
         &mut self,

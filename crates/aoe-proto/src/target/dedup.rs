@@ -157,6 +157,10 @@ pub(super) struct Dedup {
     /// The seq of `order`'s front.
     first: u64,
     next_seq: u64,
+    /// Writes forgotten inside the window because the table was full (`entries`): a copy of
+    /// one of them arriving late would be executed again. Steadily rising, the bound is too
+    /// small for the write rate.
+    evicted: u64,
 }
 
 impl Dedup {
@@ -192,6 +196,11 @@ impl Dedup {
         self.map.len()
     }
 
+    /// Entries forgotten for the bound while still inside the window, since the start.
+    pub(super) fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
     /// Forgets entries past the window at `now` and beyond the bound.
     fn expire(&mut self, now: Option<Instant>) {
         self.expire_to(now, self.cfg.entries);
@@ -214,6 +223,9 @@ impl Dedup {
             if let MapEntry::Occupied(m) = self.map.entry(key) {
                 if *m.get() == seq {
                     m.remove();
+                    if !old {
+                        self.evicted += 1;
+                    }
                 }
             }
         }

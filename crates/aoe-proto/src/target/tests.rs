@@ -1272,7 +1272,13 @@ fn late_copy_of_a_write_is_answered_not_executed() {
     let again = reply_of(&mut e, &w1).expect("a copy of an answered write is answered");
     assert_eq!(again, r1, "the same reply as the write got");
     assert_eq!(&disk[10 * 512..12 * 512], &b[..], "W2's data stays");
-    assert_eq!(e.stats().duplicate_writes, 1);
+    assert_eq!(
+        e.stats().dedup,
+        DedupCounts {
+            answered: 1,
+            ..DedupCounts::default()
+        }
+    );
     assert_eq!(e.stats().sectors_written, 4, "the copy wrote nothing");
 }
 
@@ -1290,6 +1296,8 @@ fn copy_of_a_write_in_flight_is_dropped_and_a_failed_write_answers_its_copy_alik
         e.handle_frame(0, &w, &mut buf2),
         Outcome::Drop(DropReason::DuplicateInFlight)
     );
+    assert_eq!(e.stats().dedup.dropped_in_flight, 1);
+    assert_eq!(e.stats().dedup.answered, 0);
     let n = e
         .complete(io.token, Err(IoFailure::Medium), &mut buf)
         .unwrap();
@@ -1313,7 +1321,7 @@ fn same_tag_and_lba_with_other_data_or_from_another_mac_is_executed() {
     assert_eq!(disk[30 * 512], 1);
     io_round(&mut e, &mut disk, &write_frame(OTHER, 5, 30, &[1u8; 512]));
     io_round(&mut e, &mut disk, &write_frame(HOST, 5, 31, &[1u8; 512]));
-    assert_eq!(e.stats().duplicate_writes, 0);
+    assert_eq!(e.stats().dedup, DedupCounts::default());
 }
 
 #[test]
@@ -1339,7 +1347,12 @@ fn copies_past_the_window_or_the_bound_are_executed_and_the_table_stays_bounded(
         );
     }
     assert!(e.dedup_entries() <= 100);
+    // w's entry of t0 was forgotten for its age, not counted; of the 999 written since (w
+    // again and 998 others), all but the newest 100 were forgotten for the bound.
+    assert_eq!(e.stats().dedup.evicted, 899);
     io_round(&mut e, &mut disk, &w);
+    assert_eq!(e.stats().dedup.evicted, 900);
+    assert_eq!(e.stats().dedup.answered, 0);
     // Off: every copy is executed (vblade's behaviour).
     e.set_dedup(DedupConfig {
         window: Duration::ZERO,
@@ -1347,4 +1360,76 @@ fn copies_past_the_window_or_the_bound_are_executed_and_the_table_stays_bounded(
     });
     io_round(&mut e, &mut disk, &w);
     io_round(&mut e, &mut disk, &w);
+}
+
+/// Issue 14 (fixes round): a WRITE addressed to a wildcard shelf or slot (0xffff.0xff,
+/// 0xffff with the export's slot, the export's shelf with 0xff) is aborted, not executed:
+/// one such frame would otherwise write every export it reaches. Reads and IDENTIFY to
+/// the same addresses are still answered, and a WRITE to the export's own address runs.
+#[test]
+fn writes_to_a_wildcard_address_are_aborted_reads_answered() {
+    let mut e = engine(64);
+    let data = [0x5au8; 1024];
+    let wild = [
+        TargetAddr::BROADCAST,
+        TargetAddr::new(TargetAddr::BROADCAST_SHELF, ADDR.slot),
+        TargetAddr::new(ADDR.shelf, TargetAddr::BROADCAST_SLOT),
+    ];
+    for addr in wild {
+        for cmd in [0x30u8, 0x34] {
+            let flags = if cmd == 0x34 {
+                AtaFlags::EXTENDED | AtaFlags::WRITE
+            } else {
+                AtaFlags::WRITE
+            };
+            let w = request(HOST, addr, ata(cmd, flags, 2, 0, &data));
+            let r = reply_of(&mut e, &w)
+                .unwrap_or_else(|| panic!("write {cmd:#x} to {addr}: no abort reply"));
+            let m = Message::parse(&r).unwrap();
+            assert_eq!(m.header.target, ADDR, "reply names the export");
+            let Body::Ata(a) = m.body else { panic!() };
+            assert_eq!(
+                (a.cmd_status, a.err_feature),
+                (status::DRDY | status::ERR, error_bits::ABRT),
+                "write {cmd:#x} to {addr}"
+            );
+        }
+        let mut disk = vec![0x11u8; 64 * 512];
+        let r = io_round(
+            &mut e,
+            &mut disk,
+            &request(HOST, addr, ata(0x24, AtaFlags::EXTENDED, 2, 0, &[])),
+        );
+        let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, 0, "read from {addr}");
+        assert_eq!(a.data, &disk[..1024]);
+        let id = reply_of(
+            &mut e,
+            &request(HOST, addr, ata(0xec, AtaFlags::empty(), 1, 0, &[])),
+        )
+        .unwrap();
+        let Body::Ata(a) = Message::parse(&id).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(a.cmd_status & status::ERR, 0, "IDENTIFY to {addr}");
+    }
+    assert_eq!(e.stats().sectors_written, 0);
+    assert_eq!(e.stats().wildcard_writes_refused, 6);
+    let mut disk = vec![0u8; 64 * 512];
+    let r = io_round(
+        &mut e,
+        &mut disk,
+        &request(
+            HOST,
+            ADDR,
+            ata(0x34, AtaFlags::EXTENDED | AtaFlags::WRITE, 2, 0, &data),
+        ),
+    );
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(a.cmd_status & status::ERR, 0);
+    assert_eq!(&disk[..1024], &data[..]);
 }
