@@ -149,6 +149,20 @@ fn fast_retransmits(rig: &Rig) -> usize {
     retransmit_lines(rig, "(later frames answered)")
 }
 
+/// Copies sent as tail loss probes (nothing answered for two RTTs at the end of a burst),
+/// counted in the initiator's DEBUG lines, which no rate limit thins out (the INFO line of
+/// a burst carries one note for all the lines it stands for).
+fn tail_probes(rig: &Rig) -> usize {
+    let log = rig
+        .initiator
+        .as_ref()
+        .map(aoe_testkit::NsChild::output_so_far)
+        .unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("DEBUG") && l.contains("retransmit ") && l.contains("(tail probe)"))
+        .count()
+}
+
 fn retransmit_lines(rig: &Rig, with: &str) -> usize {
     let log = rig
         .initiator
@@ -244,7 +258,11 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     assert_same(&back, &clean, "backing file, clean part");
     drop((back, clean));
     let c0 = ctl.counters();
-    let (rx0, fast0) = (retransmits(&r.rig), fast_retransmits(&r.rig));
+    let (rx0, fast0, tlp0) = (
+        retransmits(&r.rig),
+        fast_retransmits(&r.rig),
+        tail_probes(&r.rig),
+    );
     let d0 = drops();
 
     // The same amount under 5% loss, 1% duplication, 1% reordering.
@@ -268,7 +286,11 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     drop(got);
     ctl.set_faults(Faults::default());
     let c1 = ctl.counters();
-    let (rx1, fast1) = (retransmits(&r.rig), fast_retransmits(&r.rig));
+    let (rx1, fast1, tlp1) = (
+        retransmits(&r.rig),
+        fast_retransmits(&r.rig),
+        tail_probes(&r.rig),
+    );
     let target = match (d0, drops()) {
         (Some(a), Some(b)) => format!(
             "; target drops under loss: {} ({} over its buffer count, {} queue full)",
@@ -302,13 +324,15 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     let (clean_mbs, lossy_mbs) = (moved_mb / clean_secs, moved_mb / lossy_secs);
     eprintln!(
         "FIGURES {kind:?} MTU {mtu}: clean {clean_mbs:.2} MB/s ({moved_mb:.1} MB moved in \
-         {clean_secs:.1} s, writing {clean_write_secs:.1} s, {rx0} retransmits, {fast0} fast); \
+         {clean_secs:.1} s, writing {clean_write_secs:.1} s, {rx0} retransmits, {fast0} fast, {tlp0} tail probes); \
          under 5%/1%/1%: {lossy_mbs:.2} MB/s ({moved_mb:.1} MB moved in {lossy_secs:.1} s, \
          writing {write_secs:.1} s); relay under loss: {}; initiator \
-         retransmits under loss: {} ({} fast){target}; initiator after: {window}",
+         retransmits under loss: {} ({} fast, {} tail probes){target}; initiator after: \
+         {window}",
         Snapshot(c0, c1),
         rx1 - rx0,
         fast1 - fast0,
+        tlp1 - tlp0,
     );
     assert!(
         c1.lost > c0.lost && c1.duplicated > c0.duplicated,
