@@ -154,6 +154,20 @@ fn fast_retransmits(rig: &Rig) -> usize {
     retransmit_lines(rig, "(later frames answered)")
 }
 
+/// Copies sent as tail loss probes (nothing answered for two RTTs at the end of a burst),
+/// counted in the initiator's DEBUG lines, which no rate limit thins out (the INFO line of
+/// a burst carries one note for all the lines it stands for).
+fn tail_probes(rig: &Rig) -> usize {
+    let log = rig
+        .initiator
+        .as_ref()
+        .map(aoe_testkit::NsChild::output_so_far)
+        .unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("DEBUG") && l.contains("retransmit ") && l.contains("(tail probe)"))
+        .count()
+}
+
 fn retransmit_lines(rig: &Rig, with: &str) -> usize {
     let log = rig
         .initiator
@@ -220,14 +234,26 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     fs::File::create(&file)
         .and_then(|f| f.set_len((2 * n + MIB) as u64))
         .expect("backing file");
-    let r = RelayRig::start(kind, mtu, InitOpts::default(), Some(file), &[], 1, seed);
+    // `aoe serve` reports its drops on a control socket; AOE_LOSS_TARGET_ARGS adds target
+    // options (e.g. "-b 16") to compare settings under loss.
+    let sock = dir.path().join("ctl.sock");
+    let mut args: Vec<String> = std::env::var("AOE_LOSS_TARGET_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if kind == Target::AoeServe {
+        args.extend(["--control".to_owned(), sock.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = RelayRig::start(kind, mtu, InitOpts::default(), Some(file), &args, 1, seed);
     let dev = r.rig.dev();
     let ctl = r.control(0);
+    let drops = || (kind == Target::AoeServe).then(|| target_drops(&sock));
 
     // Clean link first: the figure loss is compared with.
     let clean = pattern(140, n);
     let t0 = Instant::now();
     write_in_pieces(&dev, 0, &clean).expect("write on a clean link");
+    let clean_write_secs = t0.elapsed().as_secs_f64();
     let got = read_at(&dev, 0, clean.len()).expect("read on a clean link");
     let clean_secs = t0.elapsed().as_secs_f64();
     assert_same(&got, &clean, "clean link");
@@ -237,7 +263,12 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     assert_same(&back, &clean, "backing file, clean part");
     drop((back, clean));
     let c0 = ctl.counters();
-    let (rx0, fast0) = (retransmits(&r.rig), fast_retransmits(&r.rig));
+    let (rx0, fast0, tlp0) = (
+        retransmits(&r.rig),
+        fast_retransmits(&r.rig),
+        tail_probes(&r.rig),
+    );
+    let d0 = drops();
 
     // The same amount under 5% loss, 1% duplication, 1% reordering.
     ctl.set_faults(Faults::lossy(0.05, 0.01, 0.01));
@@ -248,6 +279,7 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     write_in_pieces_timed(&dev, off, &lossy, &mut gaps)
         .unwrap_or_else(|e| panic!("write under loss: {e}{}", r.rig.logs()));
     gaps.mark("fsync done");
+    let write_secs = t0.elapsed().as_secs_f64();
     // One read of it all, as before the marks: the kernel splits it into many requests in
     // flight at once (a read per MiB would change the load this measures).
     let got = read_at(&dev, off, lossy.len())
@@ -259,7 +291,37 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     drop(got);
     ctl.set_faults(Faults::default());
     let c1 = ctl.counters();
-    let (rx1, fast1) = (retransmits(&r.rig), fast_retransmits(&r.rig));
+    let (rx1, fast1, tlp1) = (
+        retransmits(&r.rig),
+        fast_retransmits(&r.rig),
+        tail_probes(&r.rig),
+    );
+    let target = match (d0, drops()) {
+        (Some(a), Some(b)) => format!(
+            "; target drops under loss: {} ({} over its buffer count, {} queue full)",
+            b.0 - a.0,
+            b.1 - a.1,
+            b.2 - a.2
+        ),
+        _ => String::new(),
+    };
+    if let Some(d) = std::env::var_os("AOE_LOSS_LOG_DIR") {
+        // The initiator's log (every retransmission, with its time) for a closer look.
+        let log = r
+            .rig
+            .initiator
+            .as_ref()
+            .map(aoe_testkit::NsChild::output_so_far)
+            .unwrap_or_default();
+        let p = Path::new(&d).join(format!("loss-{kind:?}-{mtu}-{}.log", std::process::id()));
+        fs::write(&p, log).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        eprintln!("LOG {}", p.display());
+    }
+    let window = fs::read_to_string(r.rig.root.join("sysfs/kernel/debug/aoe").join(DEV))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let back = file_range(&r.rig.file, off, n);
     assert_same(&back, &lossy, "backing file, lossy part");
     drop((back, lossy));
@@ -267,12 +329,15 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     let (clean_mbs, lossy_mbs) = (moved_mb / clean_secs, moved_mb / lossy_secs);
     eprintln!(
         "FIGURES {kind:?} MTU {mtu}: clean {clean_mbs:.2} MB/s ({moved_mb:.1} MB moved in \
-         {clean_secs:.1} s, {rx0} retransmits, {fast0} fast); under 5%/1%/1%: {lossy_mbs:.2} \
-         MB/s ({moved_mb:.1} MB moved in {lossy_secs:.1} s); relay under loss: {}; initiator \
-         retransmits under loss: {} ({} fast)",
+         {clean_secs:.1} s, writing {clean_write_secs:.1} s, {rx0} retransmits, {fast0} fast, {tlp0} tail probes); \
+         under 5%/1%/1%: {lossy_mbs:.2} MB/s ({moved_mb:.1} MB moved in {lossy_secs:.1} s, \
+         writing {write_secs:.1} s); relay under loss: {}; initiator \
+         retransmits under loss: {} ({} fast, {} tail probes){target}; initiator after: \
+         {window}",
         Snapshot(c0, c1),
         rx1 - rx0,
         fast1 - fast0,
+        tlp1 - tlp0,
     );
     assert!(
         c1.lost > c0.lost && c1.duplicated > c0.duplicated,
@@ -283,6 +348,28 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
         "GOAL {kind:?} MTU {mtu}: {lossy_mbs:.2} MB/s under loss against {clean_mbs:.2} MB/s \
          without, {:.0}% (goal: at least 50%)",
         100.0 * lossy_mbs / clean_mbs
+    )
+}
+
+/// Requests `aoe serve` dropped in all, over its buffer count and for a full worker queue
+/// (`aoe target --json stats` on its control socket `sock`), over its one export.
+fn target_drops(sock: &Path) -> (u64, u64, u64) {
+    let out = run_ok(
+        std::process::Command::new("timeout")
+            .args(["-k", "5", "60", AOE, "target", "--socket"])
+            .arg(sock)
+            .args(["--json", "stats"]),
+    );
+    let j: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    let c = &j["exports"][0]["counters"];
+    let n = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the target's stats: {j}"))
+    };
+    (
+        n("dropped"),
+        n("dropped_over_buffer_count"),
+        n("dropped_queue_full"),
     )
 }
 

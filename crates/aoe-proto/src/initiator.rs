@@ -31,7 +31,8 @@
 //! - Tags `(++lasttag & 0x7fff) << 16 | (ticks & 0xffff)`; bit 31 belongs to user tools and
 //!   responses carrying it are ignored (`aoenet_rcv`).
 //! - RTT per target (RFC 6298), retransmission with a fresh tag on the next path when the
-//!   timer runs out or later frames were answered first, per-frame exponential backoff,
+//!   timer runs out or later frames were answered first, a tail loss probe when the last
+//!   frames of a burst go unanswered for two smoothed RTTs, per-frame exponential backoff,
 //!   device down after [`Config::deadsecs`] (`docs/PROTOCOL.md` 4, "Loss recovery").
 //! - Beyond the driver: FLUSH CACHE (EXT) for [`BlockOp::Flush`] (the driver never flushes),
 //!   and every I/O of a device that goes down or is flushed fails promptly instead of hanging.
@@ -326,8 +327,9 @@ impl Engine {
         }
     }
 
-    /// Retransmits frames whose timeout passed, declares devices down after `deadsecs`, probes
-    /// tainted targets and sends the discovery beacon. Call it when [`Engine::poll_timeout`]
+    /// Retransmits frames whose timeout passed or whose target went silent at the end of a
+    /// burst (tail loss probes), declares devices down after `deadsecs`, probes tainted
+    /// targets and sends the discovery beacon. Call it when [`Engine::poll_timeout`]
     /// is reached (calling it early is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.touch(now);
@@ -338,6 +340,7 @@ impl Engine {
         let _freed = self.expire_held(now);
         self.expire_fences(now);
         self.rack_timers(now);
+        self.tail_probes(now);
         let expired: Vec<u32> = self
             .outstanding
             .iter()
@@ -361,13 +364,14 @@ impl Engine {
     }
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the
-    /// next probe of a tainted target, the end of the first write fence while ops are
-    /// queued, or the discovery beacon. `None` if nothing is pending.
+    /// next tail loss probe, the next probe of a tainted target, the end of the first write
+    /// fence while ops are queued, or the discovery beacon. `None` if nothing is pending.
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let frames = self.outstanding.values().map(|f| f.deadline).min();
         let held = self.held.values().map(|h| h.check_at).min();
         let rack = self.rack.values().min().copied();
+        let tail = self.next_tail_probe();
         // Only while an op is queued (a write may wait for one): otherwise a fence's end
         // changes nothing.
         let fence = self
@@ -378,6 +382,7 @@ impl Engine {
             frames,
             held,
             rack,
+            tail,
             fence,
             self.next_discover,
             self.next_probe,
@@ -729,6 +734,7 @@ impl Engine {
                     rto: t.rto(&self.cfg),
                     retransmits: t.retransmits,
                     fast_retransmits: t.fast_retransmits,
+                    tail_probes: t.tail_probes,
                     window_cuts: t.reductions,
                     answers: t.answers,
                 }

@@ -211,6 +211,10 @@ pub(super) enum CopyWhy {
     Timeout,
     /// Later frames to the same target were answered first (fast retransmit).
     LaterAnswered,
+    /// The target answered nothing for a probe timeout while nothing more was to go to it:
+    /// a copy of the latest frame out there, whose answer reveals the others lost
+    /// (`Engine::tail_probes`).
+    TailProbe,
 }
 
 /// A copy of a frame the target may still hold although it no longer stands for the frame

@@ -479,7 +479,7 @@ impl Engine {
                 return false;
             }
             let why = f.waiting.unwrap_or(CopyWhy::Timeout);
-            let due = why == CopyWhy::LaterAnswered
+            let due = why != CopyWhy::Timeout
                 || d.target_idx(f.target)
                     .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(f.seq, now));
             if !due {
@@ -501,7 +501,7 @@ impl Engine {
             let rto = d.targets[ti].rto(&self.cfg);
             let rto = match why {
                 CopyWhy::Timeout => backoff(rto, f.retransmits + 1, self.cfg.rto_max),
-                CopyWhy::LaterAnswered => rto,
+                CopyWhy::LaterAnswered | CopyWhy::TailProbe => rto,
             };
             self.resend(now, key, f, ti, rto, why);
         }
@@ -530,6 +530,7 @@ impl Engine {
         let (iface, path_sectors) = (path.iface, path.sectors);
         t.next_path = t.next_path.wrapping_add(1);
         let seq = t.take_seq();
+        t.last_sent = Some(now);
         let mac = t.mac;
         self.outstanding.remove(&tag);
         let newtag = self.new_tag(now);
@@ -582,6 +583,7 @@ impl Engine {
         let note = match why {
             CopyWhy::Timeout => "",
             CopyWhy::LaterAnswered => " (later frames answered)",
+            CopyWhy::TailProbe => " (tail probe)",
         };
         self.log(format!(
             "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{note}"
@@ -673,6 +675,99 @@ impl Engine {
         for tag in lost {
             self.rack.remove(&tag);
             self.fast_retransmit(now, tag);
+        }
+    }
+
+    /// When target `t` of device `d` gets a tail loss probe (RACK-TLP, RFC 8985 7): a probe
+    /// timeout ([`Target::pto`]) after its last answer or the last frame sent to it,
+    /// whichever is later, while frames are out there and nothing more waits to go to the
+    /// device (no unsent frame, no copy waiting), once per silence. `None` if none is due.
+    ///
+    /// Such a tail is where RACK finds nothing: no frame is sent after the last ones, so no
+    /// answer overtakes them, and a lost one waited for the RTO (`srtt + 4 * rttvar`, at
+    /// least twice the RTT) with the link idle. Each request of a write through the page
+    /// cache ends in one (the kernel sends the next when it is done). A window still busy
+    /// is left to RACK and the timer, so a stalled target gets no more than one probe.
+    pub(super) fn tail_probe_at(&self, d: &Device, t: &Target) -> Option<Instant> {
+        if d.life != Life::Up
+            || !d.queue.is_empty()
+            || !d.rexmitq.is_empty()
+            || t.nout == 0
+            || t.tail_probe_out
+            || !t.usable()
+        {
+            return None;
+        }
+        let base = match (t.last_answer, t.last_sent) {
+            (Some(a), Some(s)) => a.max(s),
+            (a, s) => a.or(s)?,
+        };
+        base.checked_add(t.pto(&self.cfg)?)
+    }
+
+    /// The earliest [`Engine::tail_probe_at`] of every target.
+    pub(super) fn next_tail_probe(&self) -> Option<Instant> {
+        self.devices
+            .values()
+            .flat_map(|d| d.targets.iter().filter_map(|t| self.tail_probe_at(d, t)))
+            .min()
+    }
+
+    /// Sends the tail loss probes due by `now`: a copy of the latest frame out at each such
+    /// target (RFC 8985 7.3 retransmits the most recently sent segment), taking a free slot
+    /// as a fast retransmission's copy does. Its answer overtakes every frame sent before
+    /// it, so RACK then finds those lost (`Engine::later_frame_answered`); if the probe
+    /// itself is lost, the timer still runs an RTO after the last answer. The window is left
+    /// alone (a probe is no sign of congestion; RACK's losses or the timeout that may follow
+    /// count as usual), and the original, presumed lost, keeps its slot as a fast
+    /// retransmission's does: its answer after all is a sample that raises the smoothed
+    /// RTT, and with it the probe timeout (`Target::spurious_copy`).
+    pub(super) fn tail_probes(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for d in self.devices.values() {
+            for t in &d.targets {
+                if self.tail_probe_at(d, t).is_some_and(|at| at <= now) {
+                    due.push((d.addr, t.mac));
+                }
+            }
+        }
+        for (addr, mac) in due {
+            let latest = self
+                .outstanding
+                .iter()
+                .filter(|(_, f)| {
+                    f.dev == addr
+                        && f.target == mac
+                        && f.waiting.is_none()
+                        && self.ops.get(&f.op).is_some_and(|o| {
+                            matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush)
+                        })
+                })
+                .max_by_key(|(_, f)| f.seq)
+                .map(|(tag, f)| (*tag, f.first_sent));
+            let Some(t) = self
+                .devices
+                .get_mut(&addr)
+                .and_then(|d| d.target_idx(mac).map(|ti| &mut d.targets[ti]))
+            else {
+                continue;
+            };
+            // Once per silence, whether or not a frame could be copied.
+            t.tail_probe_out = true;
+            let Some((tag, first_sent)) = latest else {
+                continue;
+            };
+            let waited = now.saturating_duration_since(first_sent);
+            if !self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs {
+                continue;
+            }
+            t.retransmits += 1;
+            t.tail_probes += 1;
+            let Some(f) = self.outstanding.get(&tag).cloned() else {
+                continue;
+            };
+            self.hold_copy(now, tag, &f, f.deadline, true);
+            self.copy_due(now, tag, CopyWhy::TailProbe);
         }
     }
 
@@ -864,7 +959,7 @@ fn place_copy(d: &Device, old: MacAddr, why: CopyWhy) -> Option<usize> {
         .find(|&i| room(&d.targets[i]) && (d.targets[i].taint == 0 || all_tainted));
     match why {
         CopyWhy::Timeout => other.or(old_ti),
-        CopyWhy::LaterAnswered => old_ti.or(other),
+        CopyWhy::LaterAnswered | CopyWhy::TailProbe => old_ti.or(other),
     }
 }
 

@@ -74,6 +74,13 @@ pub(super) struct Target {
     pub(super) answered_seq: Option<u64>,
     /// When it last answered anything (a held copy included).
     pub(super) last_answer: Option<Instant>,
+    /// When a frame or copy last went to it: with `last_answer`, where the tail loss
+    /// probe's timer counts from (`Engine::tail_probe_at`).
+    pub(super) last_sent: Option<Instant>,
+    /// A tail loss probe went out since its last answer: one per silence, the RTO after it.
+    pub(super) tail_probe_out: bool,
+    /// Tail loss probes sent (`Engine::tail_probes`).
+    pub(super) tail_probes: u64,
     /// The shortest (and longest) recent RTT samples: RACK's `min_RTT`.
     pub(super) rtt_range: RttRange,
     /// How late, over the shortest RTT, answers to frames presumed lost came, smoothed
@@ -169,6 +176,9 @@ impl Target {
             probe_answered: false,
             answered_seq: None,
             last_answer: None,
+            last_sent: None,
+            tail_probe_out: false,
+            tail_probes: 0,
             rtt_range: RttRange::default(),
             late_us: 0,
             spurious: 0,
@@ -191,6 +201,7 @@ impl Target {
         let ended_silence = self.silent_since.is_some();
         self.answered_seq = Some(self.answered_seq.map_or(seq, |s| s.max(seq)));
         self.last_answer = Some(now);
+        self.tail_probe_out = false;
         self.silent = 0;
         self.silent_since = None;
         self.probe_answered = false;
@@ -361,6 +372,16 @@ impl Target {
     pub(super) fn rto(&self, cfg: &Config) -> Duration {
         let us = (self.rtt_avg_us + 4 * self.rtt_dev_us).max(2 * self.rtt_avg_us);
         Duration::from_micros(us).clamp(cfg.rto_min, cfg.rto_max.max(cfg.rto_min))
+    }
+
+    /// RACK-TLP's probe timeout (RFC 8985 7.2): twice the smoothed RTT, at least
+    /// [`Config::rto_min`]. `None` before the first sample (RFC 8985 leaves it to the RTO
+    /// then) or where it is not shorter than the RTO, which then comes first anyway: a
+    /// probe only shortens the wait where the target's answer times spread, and
+    /// `srtt + 4 * rttvar` is well over twice the RTT (`aoe serve`'s worker pool).
+    pub(super) fn pto(&self, cfg: &Config) -> Option<Duration> {
+        let pto = Duration::from_micros(self.rtt_avg_us.saturating_mul(2)).max(cfg.rto_min);
+        (self.sampled && pto < self.rto(cfg)).then_some(pto)
     }
 
     /// The shortest recent RTT sample (RACK's `min_RTT`), the smoothed RTT without one.

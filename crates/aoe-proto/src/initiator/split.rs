@@ -190,6 +190,7 @@ impl Engine {
         t.next_path = t.next_path.wrapping_add(1);
         let seq = t.take_seq();
         t.sent_order.push_back((seq, tag));
+        t.last_sent = Some(now);
         let f = Outstanding {
             dev: addr,
             op,

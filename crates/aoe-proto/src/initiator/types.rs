@@ -371,6 +371,9 @@ pub struct TargetInfo {
     pub retransmits: u64,
     /// Of those, sent because later frames were answered first ([`Config::fast_retransmit`]).
     pub fast_retransmits: u64,
+    /// Of those, sent as tail loss probes: the target answered nothing for two smoothed
+    /// RTTs while nothing more was to go to it (RACK-TLP, RFC 8985 7).
+    pub tail_probes: u64,
     /// Times the window was cut for a loss (at most once per loss episode).
     pub window_cuts: u64,
     /// ATA responses received from this target.

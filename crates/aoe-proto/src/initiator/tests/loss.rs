@@ -973,3 +973,76 @@ fn late_answer_sends_lba_2(e: &mut Engine, release: Instant, late: &[u8], what: 
             .map(|t| t.saturating_duration_since(release))
     );
 }
+
+/// A lost last frame (nothing sent after it, so no later answer reveals it: each request of
+/// a write through the page cache ends so) is copied two smoothed RTTs after the target's
+/// last answer, as RACK-TLP's tail loss probe (RFC 8985 7), not a whole RTO later: with
+/// `aoe serve`'s answer times spread by its worker pool, `srtt + 4 * rttvar` is several
+/// times the RTT, and at MTU 9000 (30 frames a 256 KiB request) a tail loss every few
+/// requests waited that long with the link idle. The probe is no sign of congestion: the
+/// window stays.
+#[test]
+fn lost_last_frame_is_probed_after_two_rtts_not_the_timeout() {
+    let (mut e, t0) = up_engine(100_000, true);
+    // Answers after 100 µs and 2 ms by turns: a smoothed RTT near 1 ms, its deviation near
+    // that, so the RTO is over twice the smoothed RTT.
+    let mut now = t0;
+    for i in 0..40 {
+        e.submit(now, DEV, BlockOp::Read { lba: i, sectors: 1 })
+            .unwrap();
+        let tx = drain(&mut e, now);
+        now += Duration::from_micros(if i % 2 == 0 { 100 } else { 2000 });
+        e.handle_frame(now, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 512]));
+        events(&mut e);
+    }
+    let before = e.device(DEV).unwrap().targets[0].clone();
+    let (srtt, rto) = (before.rtt_avg, before.rto);
+    assert!(rto > 2 * srtt + ms(1), "rto {rto:?}, srtt {srtt:?}");
+    // Two frames; the first is answered after 100 µs, the last is lost.
+    e.submit(
+        now,
+        DEV,
+        BlockOp::Read {
+            lba: 100,
+            sectors: 4,
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, now);
+    assert_eq!(tx.len(), 2);
+    let answered = now + Duration::from_micros(100);
+    e.handle_frame(
+        answered,
+        0,
+        &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[1; 1024]),
+    );
+    assert!(drain(&mut e, answered).is_empty());
+    let at = e.poll_timeout().unwrap();
+    assert!(
+        at <= answered + 2 * srtt,
+        "next timer run {:?} after the last answer (srtt {srtt:?}, rto {rto:?})",
+        at - answered
+    );
+    e.handle_timeout(at);
+    let again = drain(&mut e, at);
+    assert_eq!(again.len(), 1, "the last frame probed");
+    assert_eq!(req_lba(&again[0].1), 102);
+    assert_ne!(tag_of(&again[0].1), tag_of(&tx[1].1), "fresh tag");
+    let t = &e.device(DEV).unwrap().targets[0];
+    assert_eq!(
+        (t.maxout, t.window_cuts),
+        (before.maxout, before.window_cuts)
+    );
+    assert_eq!(t.tail_probes, 1);
+    // Its answer completes the read; nothing else goes out.
+    let done_at = at + Duration::from_micros(100);
+    e.handle_frame(
+        done_at,
+        0,
+        &ata_rsp(&again[0].1, TMAC, status::DRDY, 0, &[2; 1024]),
+    );
+    let mut want = vec![1u8; 1024];
+    want.extend([2u8; 1024]);
+    assert_eq!(completions(&mut e), vec![Ok(Some(want))]);
+    assert!(drain(&mut e, done_at).is_empty());
+}
