@@ -498,29 +498,12 @@ impl PacketSocket {
                 hdr.msg_hdr.msg_iov = iov_base.wrapping_add(i);
                 hdr.msg_hdr.msg_iovlen = 1;
             }
-            // chunk.len() <= 64.
-            let vlen = chunk.len() as libc::c_uint;
-            let n = loop {
-                // SAFETY: the first `vlen` headers each point at one iovec in `iovs`, which
-                // points at a frame borrowed from `frames`; the kernel only reads them (send
-                // path) and all outlive the call. No destination address: the bound ifindex
-                // and protocol are used (packet(7)).
-                let ret = unsafe {
-                    libc::sendmmsg(
-                        self.fd.as_raw_fd(),
-                        hdrs.as_mut_ptr(),
-                        vlen,
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                match cvt(ret) {
-                    Ok(n) => break usize::try_from(n).unwrap_or(0),
-                    Err(e) => match classify_send_error(e) {
-                        SendError::Retry => continue,
-                        SendError::Fail(e) if sent == 0 => return Err(e),
-                        SendError::Fail(_) => return Ok(sent),
-                    },
-                }
+            // SAFETY: the first `chunk.len()` headers each point at one iovec in `iovs`,
+            // which points at a frame borrowed from `frames`; all outlive the call.
+            let n = match unsafe { self.sendmmsg_chunk(&mut hdrs[..chunk.len()]) } {
+                Ok(n) => n,
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => return Ok(sent),
             };
             sent += n.min(chunk.len());
             if n < chunk.len() {
@@ -557,29 +540,13 @@ impl PacketSocket {
                 hdr.msg_hdr.msg_iov = iov_base.wrapping_add(2 * i);
                 hdr.msg_hdr.msg_iovlen = 2;
             }
-            // chunk.len() <= 64.
-            let vlen = chunk.len() as libc::c_uint;
-            let n = loop {
-                // SAFETY: the first `vlen` headers each point at two iovecs in `iovs`, which
-                // point at parts borrowed from `frames` (an empty part is a valid zero-length
-                // iovec); the kernel only reads them (send path) and all outlive the call. No
-                // destination address: the bound ifindex and protocol are used (packet(7)).
-                let ret = unsafe {
-                    libc::sendmmsg(
-                        self.fd.as_raw_fd(),
-                        hdrs.as_mut_ptr(),
-                        vlen,
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                match cvt(ret) {
-                    Ok(n) => break usize::try_from(n).unwrap_or(0),
-                    Err(e) => match classify_send_error(e) {
-                        SendError::Retry => continue,
-                        SendError::Fail(e) if sent == 0 => return Err(e),
-                        SendError::Fail(_) => return Ok(sent),
-                    },
-                }
+            // SAFETY: the first `chunk.len()` headers each point at two iovecs in `iovs`,
+            // which point at parts borrowed from `frames` (an empty part is a valid
+            // zero-length iovec); all outlive the call.
+            let n = match unsafe { self.sendmmsg_chunk(&mut hdrs[..chunk.len()]) } {
+                Ok(n) => n,
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => return Ok(sent),
             };
             sent += n.min(chunk.len());
             if n < chunk.len() {
@@ -587,6 +554,38 @@ impl PacketSocket {
             }
         }
         Ok(sent)
+    }
+
+    /// One `sendmmsg(2)` of `hdrs` (at most 64), retried on `EINTR` and the other errors
+    /// [`classify_send_error`] calls transient; returns how many messages the kernel took.
+    /// No destination address: the bound ifindex and protocol are used (packet(7)).
+    ///
+    /// # Safety
+    ///
+    /// Every header's `msg_iov`/`msg_iovlen` must describe iovecs that point at readable
+    /// memory of their lengths, alive for the call; the kernel only reads them (send path).
+    unsafe fn sendmmsg_chunk(&self, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+        // Callers pass chunks of at most 64.
+        let vlen = hdrs.len() as libc::c_uint;
+        loop {
+            // SAFETY: `hdrs` holds `vlen` headers whose iovecs are valid for reading (this
+            // function's contract); the kernel writes only each header's `msg_len`.
+            let ret = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    vlen,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match cvt(ret) {
+                Ok(n) => return Ok(usize::try_from(n).unwrap_or(0)),
+                Err(e) => match classify_send_error(e) {
+                    SendError::Retry => continue,
+                    SendError::Fail(e) => return Err(e),
+                },
+            }
+        }
     }
 
     fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {
