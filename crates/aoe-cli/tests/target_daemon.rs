@@ -18,6 +18,8 @@ use aoe_wire::{
     MaskCommand, MaskError, Message, ReserveCommand, ReserveRepr, Tag, TargetAddr,
 };
 
+mod common;
+
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 
 /// Two namespaces joined by a veth pair: the target's end, and a raw AoE client on the other.
@@ -1112,20 +1114,9 @@ fn writes_to_a_wildcard_address_change_no_export() {
     );
 }
 
-/// JSON of `aoe target --socket SOCK --json status`.
-fn status_json(sock: &Path) -> serde_json::Value {
-    let out = Command::new("timeout")
-        .args(["-k", "5", "60", AOE, "target", "--socket"])
-        .arg(sock)
-        .args(["--json", "status"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+/// JSON of `aoe target --json status` on the control socket `sock`.
+fn status_json(sock: &std::path::Path) -> serde_json::Value {
+    common::target_json(sock, "status")
 }
 
 /// `GET /metrics` on 127.0.0.1:`port` inside `ns`: the body.

@@ -11,6 +11,8 @@ use aoe_testkit::aoeclient::{AoeClient, Reply, ReplyBody, Request};
 use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
 use aoe_wire::TargetAddr;
 
+mod common;
+
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 const SECTORS: usize = 4096;
 
@@ -262,18 +264,7 @@ fn rings_follow_an_mtu_change() {
 
 /// JSON of `aoe target --json stats` on the control socket `sock`.
 fn stats(sock: &std::path::Path) -> serde_json::Value {
-    let out = Command::new("timeout")
-        .args(["-k", "5", "60", AOE, "target", "--socket"])
-        .arg(sock)
-        .args(["--json", "stats"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::target_json(sock, "stats")
 }
 
 fn counter(j: &serde_json::Value, target: &str, name: &str) -> u64 {

@@ -1337,3 +1337,20 @@ pub fn bridge_mac(ns: &Netns, name: &str) -> [u8; 6] {
     )
     .expect("bridge MAC")
 }
+
+/// JSON of `aoe target --socket SOCK --json WHAT` (`status`, `stats`) from a running
+/// `aoe serve`'s control socket.
+pub fn target_json(sock: &Path, what: &str) -> serde_json::Value {
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", AOE, "target", "--socket"])
+        .arg(sock)
+        .args(["--json", what])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
