@@ -14,6 +14,21 @@ impl Engine {
         }
     }
 
+    /// Frame `f` has been out (its first copy sent) for `deadsecs` or longer: no more copies,
+    /// the device goes down instead (`aoe_deadsecs`).
+    fn past_deadsecs(&self, f: &Outstanding, now: Instant) -> bool {
+        !self.cfg.deadsecs.is_zero()
+            && now.saturating_duration_since(f.first_sent) >= self.cfg.deadsecs
+    }
+
+    /// Frame `f` carries a data op (READ, WRITE, FLUSH), the only kind a loss found from
+    /// other answers (fast retransmission, tail probe) copies; not IDENTIFY or a probe.
+    fn carries_data(&self, f: &Outstanding) -> bool {
+        self.ops
+            .get(&f.op)
+            .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush))
+    }
+
     /// `rexmit_timer` for one frame: dead device after `deadsecs`, else the window cut,
     /// scorn and path ejection as the driver does, and the frame's next copy queued
     /// (`Device::rexmitq`) to go out on the next path as soon as a window has room.
@@ -736,15 +751,10 @@ impl Engine {
                 .outstanding
                 .iter()
                 .filter(|(_, f)| {
-                    f.dev == addr
-                        && f.target == mac
-                        && f.waiting.is_none()
-                        && self.ops.get(&f.op).is_some_and(|o| {
-                            matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush)
-                        })
+                    f.dev == addr && f.target == mac && f.waiting.is_none() && self.carries_data(f)
                 })
                 .max_by_key(|(_, f)| f.seq)
-                .map(|(tag, f)| (*tag, f.first_sent));
+                .map(|(tag, f)| (*tag, self.past_deadsecs(f, now)));
             let Some(t) = self
                 .devices
                 .get_mut(&addr)
@@ -754,11 +764,10 @@ impl Engine {
             };
             // Once per silence, whether or not a frame could be copied.
             t.tail_probe_out = true;
-            let Some((tag, first_sent)) = latest else {
+            let Some((tag, past_deadsecs)) = latest else {
                 continue;
             };
-            let waited = now.saturating_duration_since(first_sent);
-            if !self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs {
+            if past_deadsecs {
                 continue;
             }
             t.retransmits += 1;
@@ -814,15 +823,7 @@ impl Engine {
         let Some(f) = self.outstanding.get(&tag).cloned() else {
             return;
         };
-        let data_op = self
-            .ops
-            .get(&f.op)
-            .is_some_and(|o| matches!(o.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Flush));
-        let waited = now.saturating_duration_since(f.first_sent);
-        if f.waiting.is_some()
-            || !data_op
-            || (!self.cfg.deadsecs.is_zero() && waited >= self.cfg.deadsecs)
-        {
+        if f.waiting.is_some() || !self.carries_data(&f) || self.past_deadsecs(&f, now) {
             return;
         }
         let cfg = self.cfg.clone();
