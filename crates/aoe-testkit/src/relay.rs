@@ -37,6 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aoe_sys::{PacketSocket, PollFd};
+use aoe_wire::{AtaCommand, Body, Message};
 
 use crate::{Netns, VethPair};
 
@@ -238,26 +239,24 @@ impl HoldWrites {
     /// True if `frame` is an ATA write request (WRITE SECTORS or WRITE SECTORS EXT)
     /// whose first sector is `self.lba`.
     fn matches(&self, frame: &[u8]) -> bool {
-        if frame.len() < 36 || frame[14] & 0x08 != 0 || frame[19] != 0 {
-            return false;
+        match Message::parse(frame) {
+            Ok(Message {
+                header,
+                body: Body::Ata(ata),
+            }) if !header.response => {
+                matches!(
+                    ata.command(),
+                    AtaCommand::WriteSectors | AtaCommand::WriteSectorsExt
+                ) && ata.effective_lba() == self.lba
+            }
+            _ => false,
         }
-        if !matches!(frame[27], 0x30 | 0x34) {
-            return false;
-        }
-        let mut b = [0u8; 8];
-        b[..6].copy_from_slice(&frame[28..34]);
-        let mut lba = u64::from_le_bytes(b);
-        if frame[24] & 0x40 == 0 {
-            // LBA28: the low nibble of byte 31 is the top of the address.
-            lba &= 0x0fff_ffff;
-        }
-        lba == self.lba
     }
 }
 
-/// The tag of an AoE frame (bytes 20-23).
+/// The tag of an AoE frame ([`Field::Tag`]).
 fn tag_of(frame: &[u8]) -> Option<[u8; 4]> {
-    frame.get(20..24)?.try_into().ok()
+    frame.get(Field::Tag.range(frame.len()))?.try_into().ok()
 }
 
 struct Shared {
@@ -685,9 +684,11 @@ mod tests {
         assert_eq!(Field::Any.range(10), 10..10);
     }
 
-    /// An ATA request as the initiator sends it: flags byte, command, LBA (6 bytes LE).
+    /// An ATA request as the initiator sends it: AoE's EtherType, flags byte, command, LBA
+    /// (6 bytes LE).
     fn ata(ext: bool, cmd: u8, lba: u64) -> Vec<u8> {
         let mut f = vec![0u8; 60];
+        f[12..14].copy_from_slice(&[0x88, 0xa2]);
         f[14] = 0x10;
         f[24] = if ext { 0x41 } else { 0x01 };
         f[27] = cmd;
