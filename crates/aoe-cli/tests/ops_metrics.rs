@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,23 +16,14 @@ const PORT: u16 = 9610;
 
 /// `GET /metrics` from inside `ns`; the body, after checking the status and content type.
 fn scrape(ns: &Netns) -> String {
-    let mut conn = aoe_sys::run_in_netns(&ns.path(), || TcpStream::connect(("127.0.0.1", PORT)))
-        .expect("enter netns")
-        .expect("connect to the metrics port");
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    conn.read_to_string(&mut resp).expect("read the response");
-    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP header and body");
+    let (head, body) = get_metrics(ns, PORT);
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert!(
         head.contains("Content-Type: application/openmetrics-text"),
         "{head}"
     );
-    check_exposition(body);
-    body.to_owned()
+    check_exposition(&body);
+    body
 }
 
 fn is_name(s: &str) -> bool {

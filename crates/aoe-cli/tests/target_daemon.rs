@@ -1121,19 +1121,7 @@ fn status_json(sock: &std::path::Path) -> serde_json::Value {
 
 /// `GET /metrics` on 127.0.0.1:`port` inside `ns`: the body.
 fn scrape(ns: &Netns, port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut conn = aoe_sys::run_in_netns(&ns.path(), || {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-    })
-    .expect("enter netns")
-    .expect("connect to the metrics port");
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    conn.read_to_string(&mut resp).unwrap();
-    resp.split_once("\r\n\r\n").expect("HTTP body").1.to_owned()
+    common::get_metrics(ns, port).1
 }
 
 /// Issue 14 (fixes round): the duplicate-write table's counters (copies answered from it,

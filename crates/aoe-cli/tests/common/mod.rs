@@ -1354,3 +1354,22 @@ pub fn target_json(sock: &Path, what: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `GET /metrics` on 127.0.0.1:`port` from inside `ns` (a daemon's `--metrics` listener):
+/// the response's head and body.
+pub fn get_metrics(ns: &Netns, port: u16) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut conn = aoe_sys::run_in_netns(&ns.path(), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+    })
+    .expect("enter netns")
+    .expect("connect to the metrics port");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read the response");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP header and body");
+    (head.to_owned(), body.to_owned())
+}
