@@ -251,11 +251,13 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
 
     // Clean link first: the figure loss is compared with.
     let clean = pattern(140, n);
+    let k0 = Contention::sample(&r.rig);
     let t0 = Instant::now();
     write_in_pieces(&dev, 0, &clean).expect("write on a clean link");
     let clean_write_secs = t0.elapsed().as_secs_f64();
     let got = read_at(&dev, 0, clean.len()).expect("read on a clean link");
     let clean_secs = t0.elapsed().as_secs_f64();
+    let k1 = Contention::sample(&r.rig);
     assert_same(&got, &clean, "clean link");
     drop(got);
     // Every byte also in the backing file.
@@ -274,6 +276,7 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     ctl.set_faults(Faults::lossy(0.05, 0.01, 0.01));
     let lossy = pattern(141, n);
     let off = n as u64;
+    let k2 = Contention::sample(&r.rig);
     let t0 = Instant::now();
     let mut gaps = Gaps::new(t0);
     write_in_pieces_timed(&dev, off, &lossy, &mut gaps)
@@ -286,6 +289,7 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
         .unwrap_or_else(|e| panic!("read under loss: {e}{}", r.rig.logs()));
     gaps.mark_after("read", Duration::from_secs(10));
     let lossy_secs = t0.elapsed().as_secs_f64();
+    let k3 = Contention::sample(&r.rig);
     gaps.report(&format!("{kind:?} MTU {mtu}"), &r.rig);
     assert_same(&got, &lossy, "under loss");
     drop(got);
@@ -333,11 +337,13 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
          under 5%/1%/1%: {lossy_mbs:.2} MB/s ({moved_mb:.1} MB moved in {lossy_secs:.1} s, \
          writing {write_secs:.1} s); relay under loss: {}; initiator \
          retransmits under loss: {} ({} fast, {} tail probes){target}; initiator after: \
-         {window}",
+         {window}; machine, loss-free {}; under loss {}",
         Snapshot(c0, c1),
         rx1 - rx0,
         fast1 - fast0,
         tlp1 - tlp0,
+        k0.phase(&k1),
+        k2.phase(&k3),
     );
     assert!(
         c1.lost > c0.lost && c1.duplicated > c0.duplicated,
@@ -349,6 +355,73 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
          without, {:.0}% (goal: at least 50%)",
         100.0 * lossy_mbs / clean_mbs
     )
+}
+
+/// What the machine did to one phase of a loss run: run-queue waits (ns; `schedstat`'s
+/// second field, summed over every thread) of the test process (the relay's threads), of
+/// every process in the initiator's namespace and in the target's, and the machine's CPU
+/// pressure (PSI `some` total, us: time during which some task waited for a CPU). A
+/// loss-free and a lossy phase are only comparable when the machine treated them alike;
+/// these say whether it did (on 2 CPUs shared with other builds it often does not).
+#[derive(Clone, Copy)]
+struct Contention {
+    at: Instant,
+    relay_ns: u64,
+    initiator_ns: u64,
+    target_ns: u64,
+    psi_us: Option<u64>,
+}
+
+impl Contention {
+    fn sample(rig: &Rig) -> Contention {
+        let waits = |pids: Vec<u32>| -> u64 { pids.into_iter().map(run_queue_wait).sum() };
+        Contention {
+            at: Instant::now(),
+            relay_ns: run_queue_wait(std::process::id()),
+            initiator_ns: waits(rig.init_ns.pids().unwrap_or_default()),
+            target_ns: waits(rig.target_ns.pids().unwrap_or_default()),
+            psi_us: fs::read_to_string("/proc/pressure/cpu").ok().and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("some "))?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            }),
+        }
+    }
+
+    /// `later` against `self`: the phase's seconds and what waited in it.
+    fn phase(&self, later: &Contention) -> String {
+        let secs = (later.at - self.at).as_secs_f64();
+        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
+        let psi = match (self.psi_us, later.psi_us) {
+            (Some(a), Some(b)) => format!(
+                ", CPU pressure {:.0}%",
+                100.0 * b.saturating_sub(a) as f64 / 1e6 / secs
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "{secs:.1} s: run-queue wait relay {:.0} ms, initiator {:.0} ms, target {:.0} ms{psi}",
+            ms(self.relay_ns, later.relay_ns),
+            ms(self.initiator_ns, later.initiator_ns),
+            ms(self.target_ns, later.target_ns),
+        )
+    }
+}
+
+/// Nanoseconds every thread of process `pid` spent runnable but waiting for a CPU (0 for a
+/// process that is gone).
+fn run_queue_wait(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Requests `aoe serve` dropped in all, over its buffer count and for a full worker queue

@@ -1022,8 +1022,8 @@ fn full_send_buffer_does_not_stall_the_network_thread() {
 // Long direct I/O (FUSE_ASYNC_DIO)
 
 /// `dd bs=4M` with O_DIRECT through the device file: with `FUSE_ASYNC_DIO` the kernel sends
-/// each 4 MiB as sixteen 256 KiB requests at once (aoe-fuse `REQUEST_BYTES`), completed in
-/// any order; every byte must land where it belongs, both ways, and nothing around it may
+/// each 4 MiB as sixteen 256 KiB read requests (aoe-fuse `REQUEST_BYTES`) or four 1 MiB
+/// write requests (`WRITE_REQUEST_BYTES`) at once, completed in any order; every byte must land where it belongs, both ways, and nothing around it may
 /// change.
 #[test]
 fn long_direct_io_lands_in_place() {

@@ -259,3 +259,57 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     );
     rig.finish();
 }
+
+/// Buffered writes go to the initiator in requests of 1 MiB (aoe-fuse `WRITE_REQUEST_BYTES`):
+/// the kernel sends a buffered write() one request at a time, each only once the one before
+/// is answered, so four 1 MiB write() calls are four requests, not sixteen of 256 KiB (each
+/// waiting for its slowest frame, under loss a retransmission). Reads stay at 256 KiB
+/// (`max_read`): a 4 MiB direct read is sixteen requests, all in flight at once. Counted by
+/// the initiator's `aoe_initiator_requests_total`. Before the change: 16 write requests.
+#[test]
+fn buffered_writes_go_in_mib_requests_reads_in_quarters() {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let addr = format!("127.0.0.1:{PORT}");
+    let mut rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
+    rig.restart_initiator(&["--metrics", &addr]);
+    let series = format!("aoe_initiator_requests_total{{device=\"{DEV}\",result=\"ok\"}}");
+    let ok = || {
+        let body = scrape(&rig.init_ns);
+        value(&body, &series).unwrap_or_else(|| panic!("no {series}:\n{body}"))
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.dev())
+        .expect("open the device");
+    let data = pattern(90, MIB as usize);
+    let before = ok();
+    for i in 1..=4 {
+        f.write_all_at(&data, i * MIB).expect("buffered write");
+    }
+    // The counter follows completions a moment late: wait for the least it can be.
+    wait_until(Duration::from_secs(5), || ok() - before >= 4.0);
+    let writes = ok() - before;
+    drop(f);
+    let before = ok();
+    let out = std::process::Command::new("dd")
+        .arg(format!("if={}", rig.dev().display()))
+        .args(["of=/dev/null", "bs=4M", "count=1", "skip=1", "iflag=direct"])
+        .args(["status=none"])
+        .output()
+        .expect("dd (coreutils)");
+    assert!(out.status.success(), "dd: {out:?}");
+    wait_until(Duration::from_secs(5), || ok() - before >= 16.0);
+    let reads = ok() - before;
+    assert_eq!(
+        (writes, reads),
+        (4.0, 16.0),
+        "requests for four buffered 1 MiB writes and one direct 4 MiB read{}",
+        rig.logs()
+    );
+    assert_eq!(
+        read_at(&rig.dev(), MIB, MIB as usize).expect("read back"),
+        data
+    );
+    rig.finish();
+}

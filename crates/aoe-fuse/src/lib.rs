@@ -39,6 +39,9 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Mou
         fuser::MountOption::FSName("aoe".into()),
         fuser::MountOption::Subtype("etherd".into()),
         fuser::MountOption::NoExec,
+        // Reads in requests of REQUEST_BYTES, direct or read-ahead, though writes go in
+        // larger ones (fs::WRITE_REQUEST_BYTES).
+        fuser::MountOption::CUSTOM(format!("max_read={}", fs::REQUEST_BYTES)),
     ];
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(2);
