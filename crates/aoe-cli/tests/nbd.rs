@@ -259,9 +259,12 @@ struct Client {
     structured: bool,
     /// Requests sent and not yet answered: cookie -> offset, length, flags.
     sent: std::collections::HashMap<u64, (u64, u32, u16)>,
-    /// Structured replies begun: cookie -> data chunks (offset, bytes), error.
-    partial: std::collections::HashMap<u64, (Vec<(u64, Vec<u8>)>, u32)>,
+    /// Structured replies begun, by cookie.
+    partial: std::collections::HashMap<u64, Partial>,
 }
+
+/// A structured reply's chunks so far: data chunks (offset, bytes), and an error.
+type Partial = (Vec<(u64, Vec<u8>)>, u32);
 
 /// A reply: cookie, error, data.
 type Reply = (u64, u32, Vec<u8>);
