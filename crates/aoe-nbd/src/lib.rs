@@ -13,7 +13,10 @@
 //! completions make a reply header on the network thread and hand it, with a read's data
 //! as the engine assembled it, to the writer, which sends what has queued up with one
 //! `writev(2)` (the data is never copied into a reply buffer). Replies go out in completion
-//! order, not request order (NBD allows that: the cookie matches them up).
+//! order, not request order (NBD allows that: the cookie matches them up). With
+//! [`NbdOptions::stream_reads`] a structured read of whole sectors skips the buffer and the
+//! writer: its data chunks go from the receive ring into the socket as the answers arrive
+//! ([`ChunkSink`]).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
