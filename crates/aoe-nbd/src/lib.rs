@@ -16,7 +16,7 @@
 //! order, not request order (NBD allows that: the cookie matches them up). With
 //! [`NbdOptions::stream_reads`] a structured read of whole sectors skips the buffer and the
 //! writer: its data chunks go from the receive ring into the socket as the answers arrive
-//! ([`ChunkSink`]).
+//! (`ChunkSink`).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -63,7 +63,7 @@ pub struct NbdOptions {
     pub unix: Option<PathBuf>,
     /// A TCP address (the CLI refuses non-loopback addresses unless told otherwise).
     pub tcp: Option<SocketAddr>,
-    /// Stream structured reads of whole sectors ([`ChunkSink`]) instead of gathering each
+    /// Stream structured reads of whole sectors (`ChunkSink`) instead of gathering each
     /// read in a buffer and replying with one chunk.
     pub stream_reads: bool,
 }
