@@ -27,6 +27,8 @@
 #             the other), every row names its binary, and the target and raw generator stay $AOE
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
+#   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
+#             every dev and nbd transfer, read and written, into dir/<cell>.data
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
@@ -51,6 +53,7 @@ DD_OFLAG=${DD_OFLAG-direct}
 INIT_ARGS=${INIT_ARGS:-}
 PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
+PERFALL=${PERFALL:-}
 SHELF=1 SLOT=1
 
 die() { echo "bench-initiator: $*" >&2; exit 1; }
@@ -110,10 +113,15 @@ per_gb() {
     awk -v t="$1" -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
         'BEGIN { printf "%.2f\n", (t / hz) / (b / 1e9) }'
 }
+child_ticks() { awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$1/stat"; } # pid
 # MB/s of moving SIZE_MB MiB in the seconds a command took.
-timed() { # cmd... -> MB/s on stdout
-    local t0 t1
+timed() { # cmd... -> MB/s on stdout; the command's CPU ticks (children waited for) to $WORK/cl
+    local t0 t1 k0 me=$BASHPID
+    # This shell's cutime + cstime before and after: the client (dd, or nsenter and its
+    # nbdcopy) it reaped in between.
+    k0=$(child_ticks "$me")
     t0=$(date +%s.%N); "$@" >/dev/null 2>&1 || { echo 0; return; }; t1=$(date +%s.%N)
+    echo $(( $(child_ticks "$me") - k0 )) >>"$WORK/cl"
     awk -v b=$((SIZE_MB << 20)) -v a="$t0" -v z="$t1" 'BEGIN { printf "%.0f\n", b / (z - a) / 1e6 }'
 }
 
@@ -129,9 +137,20 @@ start_initiator() {
     done
     sed 's/^/    /' "$WORK/init.log" >&2; die "the initiator found no device"
 }
+# The client's CPU ticks that `timed` noted since the last call (and forgets them).
+client_ticks() {
+    awk '{ s += $1 } END { print s + 0 }' "$WORK/cl" 2>/dev/null || echo 0
+    : >"$WORK/cl"
+}
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ "$PERFSTAT" = 1 ]; then
+    if [ -n "$PERFALL" ]; then
+        mkdir -p "$PERFALL"
+        perf record -q -a -g -o "$PERFALL/$name.data" >/dev/null 2>&1 &
+        local pp=$!; sleep 0.3
+        "$@"
+        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+    elif [ "$PERFSTAT" = 1 ]; then
         perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock -p "$INIT_PID" \
             -o "$WORK/stat" >/dev/null 2>&1 &
         local pp=$!; sleep 0.3
@@ -179,28 +198,33 @@ for mtu in $MTUS; do
         raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
         # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
-        declare -A V=() TK=() TT=()
+        declare -A V=() TK=() TT=() TC=()
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do
                 INIT_AOE=${INIT_BINS[$k]}
                 start_initiator
+                : >"$WORK/cl"
                 c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
                 V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
                     dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
                     count=$((SIZE_MB << 20))) "
                 c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
                 TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
+                TC[dev,$k]=$(( ${TC[dev,$k]:-0} + $(client_ticks) ))
                 V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
                 c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
                 TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
+                TC[nbd,$k]=$(( ${TC[nbd,$k]:-0} + $(client_ticks) ))
                 if [ "$WRITES" = 1 ]; then
-                    V[devw,$k]+="$(timed dd if="$SRC" of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" \
-                        ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
-                    c3=$(cpu_ticks "$INIT_PID")
-                    TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 ))
-                    V[nbdw,$k]+="$(timed in_i nbdcopy "$SRC" "$URI") "
-                    c4=$(cpu_ticks "$INIT_PID")
-                    TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 ))
+                    V[devw,$k]+="$(perf_during "devw-$t-$mtu-$k-$run" timed dd if="$SRC" \
+                        of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
+                    c3=$(cpu_ticks "$INIT_PID") d3=$(cpu_ticks "$TARGET_PID")
+                    TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 )) TT[devw,$k]=$(( ${TT[devw,$k]:-0} + d3 - d2 ))
+                    TC[devw,$k]=$(( ${TC[devw,$k]:-0} + $(client_ticks) ))
+                    V[nbdw,$k]+="$(perf_during "nbdw-$t-$mtu-$k-$run" timed in_i nbdcopy "$SRC" "$URI") "
+                    c4=$(cpu_ticks "$INIT_PID") d4=$(cpu_ticks "$TARGET_PID")
+                    TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 )) TT[nbdw,$k]=$(( ${TT[nbdw,$k]:-0} + d4 - d3 ))
+                    TC[nbdw,$k]=$(( ${TC[nbdw,$k]:-0} + $(client_ticks) ))
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
             done
@@ -211,29 +235,43 @@ for mtu in $MTUS; do
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
             label=$t
             [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
-            wcpu=-
-            [ "$WRITES" = 1 ] && wcpu="$(per_gb "${TK[devw,$k]}") / $(per_gb "${TK[nbdw,$k]}")"
-            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(per_gb "${TK[dev,$k]}") / $(per_gb "${TK[nbd,$k]}") | $wcpu | $(per_gb "${TT[dev,$k]}") / $(per_gb "${TT[nbd,$k]}") | $(load) |"
+            # CPU-s/GB of one party (array name) over the cells present: dev / nbd [/ devw / nbdw]
+            cpus() {
+                local -n a=$1
+                local out c
+                for c in dev nbd devw nbdw; do
+                    [ -n "${a[$c,$k]:-}" ] && out+="${out:+ / }$(per_gb "${a[$c,$k]}")"
+                done
+                echo "${out:--}"
+            }
+            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(cpus TK) | $(cpus TT) | $(cpus TC) | $(load) |"
         done
-        unset V TK TT
+        unset V TK TT TC
     done
     if [ "$NBDKIT" = 1 ]; then
         nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i 10.91.0.1 -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
         KIT_PID=$!
         for _ in $(seq 1 50); do in_i nbdinfo --size nbd://10.91.0.1:10809 >/dev/null 2>&1 && break; sleep 0.1; done
+        : >"$WORK/cl"
+        s0=$(cpu_ticks "$KIT_PID")
         kr=$(cell kit in_i nbdcopy nbd://10.91.0.1:10809 null:)
-        kw=-
-        [ "$WRITES" = 1 ] && kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
+        s1=$(cpu_ticks "$KIT_PID") kcr=$(client_ticks)
+        kw=- kcpu="$(per_gb $((s1 - s0)))" kccpu="$(per_gb "$kcr")"
+        if [ "$WRITES" = 1 ]; then
+            kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
+            s2=$(cpu_ticks "$KIT_PID") kcw=$(client_ticks)
+            kcpu+=" / $(per_gb $((s2 - s1)))" kccpu+=" / $(per_gb "$kcw")"
+        fi
         stop_pid "$KIT_PID"; KIT_PID=""
-        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | | | $(load) |"
+        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | $kcpu | $kccpu | $(load) |"
     fi
 done
 
 echo
 echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
-echo "initiator CPU = the aoe initiator's user+system CPU-seconds per GB read (dev / nbd): the figure a loaded machine disturbs least;"
-echo "initiator write CPU = the same per GB written (dev / nbd);"
-echo "target CPU = the same of the target, which on a veth also pays for delivering its replies into the initiator's socket"
-echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | initiator write CPU-s/GB | target CPU-s/GB | load |"
+echo "CPU-s/GB = user+system CPU-seconds per GB moved, per cell: dev read / nbd read / dev write / nbd write (nbdkit: read / write),"
+echo "the figures a loaded machine disturbs least; initiator = aoe initiator; target = aoe serve, vblade or nbdkit, which on"
+echo "a veth also pays for delivering its replies into the initiator's socket; client = dd or nbdcopy (with nsenter)"
+echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | target CPU-s/GB | client CPU-s/GB | load |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
