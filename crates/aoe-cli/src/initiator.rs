@@ -69,12 +69,6 @@ pub struct InitiatorArgs {
     /// can reach the port can read and write every AoE disk).
     #[arg(long, requires = "nbd_tcp")]
     nbd_tcp_any: bool,
-    /// Answer NBD reads of whole sectors from clients with structured replies in data
-    /// chunks sent as the AoE answers arrive, straight from the receive ring (one copy
-    /// fewer in the initiator, more chunks for the client to read). Off by default: it
-    /// measured no better on a shared 2-CPU machine (docs/PERFORMANCE.md).
-    #[arg(long)]
-    nbd_stream_reads: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
 }
@@ -146,7 +140,6 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,
         tcp: nbd_tcp,
-        stream_reads: a.nbd_stream_reads,
     };
     serve(&opts, &nbd, &stop, &force, a.metrics.metrics)
 }

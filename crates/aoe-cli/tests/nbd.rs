@@ -86,8 +86,7 @@ struct Rig {
 }
 
 impl Rig {
-    /// With `stream`, the initiator streams structured reads (`--nbd-stream-reads`).
-    fn start(kind: Target, stream: bool) -> Rig {
+    fn start(kind: Target) -> Rig {
         require_tools();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut files = Vec::new();
@@ -137,7 +136,6 @@ impl Rig {
             .arg(&rig.sock)
             // 127.0.0.1 of the initiator's own namespace: no clash between tests.
             .args(["--nbd-tcp", "127.0.0.1:10809"])
-            .args(stream.then_some("--nbd-stream-reads"))
             .env("AOE_LOG", "debug");
         let mut init = NsChild::spawn_command(cmd).expect("start aoe initiator");
         let sock = rig.sock.clone();
@@ -257,14 +255,7 @@ impl Drop for Rig {
 struct Client {
     s: UnixStream,
     structured: bool,
-    /// Requests sent and not yet answered: cookie -> offset, length, flags.
-    sent: std::collections::HashMap<u64, (u64, u32, u16)>,
-    /// Structured replies begun, by cookie.
-    partial: std::collections::HashMap<u64, Partial>,
 }
-
-/// A structured reply's chunks so far: data chunks (offset, bytes), and an error.
-type Partial = (Vec<(u64, Vec<u8>)>, u32);
 
 /// A reply: cookie, error, data.
 type Reply = (u64, u32, Vec<u8>);
@@ -298,12 +289,7 @@ impl Client {
                 break;
             }
         }
-        Client {
-            s,
-            structured,
-            sent: Default::default(),
-            partial: Default::default(),
-        }
+        Client { s, structured }
     }
 
     fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
@@ -316,7 +302,6 @@ impl Client {
         b.extend_from_slice(&len.to_be_bytes());
         b.extend_from_slice(data);
         self.s.write_all(&b).unwrap();
-        self.sent.insert(cookie, (offset, len, flags));
     }
 
     /// Reads one reply; `read_len` says how much data a simple read reply carries.
@@ -338,51 +323,22 @@ impl Client {
                 let mut h = [0u8; 16];
                 self.s.read_exact(&mut h).unwrap();
                 let flags = u16::from_be_bytes([h[0], h[1]]);
+                assert_eq!(flags & 1, 1, "one chunk per reply, flagged done");
                 let kind = u16::from_be_bytes([h[2], h[3]]);
                 let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
                 let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
                 let mut p = vec![0u8; len];
                 self.s.read_exact(&mut p).unwrap();
-                let (req_off, req_len, req_flags) = self.sent[&cookie];
-                let part = self.partial.entry(cookie).or_default();
                 match kind {
-                    0 => assert!(flags & 1 == 1, "NBD_REPLY_TYPE_NONE not flagged done"),
-                    // Data chunks, in any order, each inside the request and none
-                    // overlapping another ("Structured reply chunk message").
-                    1 => {
-                        let at = u64::from_be_bytes(p[..8].try_into().unwrap());
-                        assert!(p.len() > 8, "an empty data chunk");
-                        assert!(
-                            at >= req_off
-                                && at + (p.len() - 8) as u64 <= req_off + u64::from(req_len),
-                            "chunk at {at}+{} outside request {req_off}+{req_len}",
-                            p.len() - 8
-                        );
-                        part.0.push((at, p[8..].to_vec()));
-                    }
-                    0x8001 => part.1 = u32::from_be_bytes(p[0..4].try_into().unwrap()),
+                    0 => (cookie, 0, Vec::new()),
+                    1 => (cookie, 0, p[8..].to_vec()),
+                    0x8001 => (
+                        cookie,
+                        u32::from_be_bytes(p[0..4].try_into().unwrap()),
+                        vec![],
+                    ),
                     k => panic!("unexpected chunk type {k:#x}"),
                 }
-                if flags & 1 == 0 {
-                    return self.reply(read_len);
-                }
-                let (mut chunks, err) = self.partial.remove(&cookie).unwrap();
-                if req_flags & 4 != 0 {
-                    assert!(chunks.len() <= 1, "DF: the data in one chunk");
-                }
-                if err != 0 {
-                    return (cookie, err, vec![]);
-                }
-                chunks.sort();
-                let mut data = Vec::new();
-                let mut next = req_off;
-                for (at, d) in chunks {
-                    assert_eq!(at, next, "chunks overlap or leave a gap");
-                    next += d.len() as u64;
-                    data.extend_from_slice(&d);
-                }
-                assert_eq!(data.len(), read_len(cookie), "the chunks cover the read");
-                (cookie, 0, data)
             }
             m => panic!("bad reply magic {m:#x}"),
         }
@@ -445,8 +401,8 @@ const EIO: u32 = 5;
 // ------------------------------------------------------------------------------------------
 // The scenarios
 
-fn real_clients(kind: Target, stream: bool) {
-    let rig = Rig::start(kind, stream);
+fn real_clients(kind: Target) {
+    let rig = Rig::start(kind);
     let size = SECTORS * 512;
 
     // nbdinfo --list: every device and partition, with its size.
@@ -598,8 +554,8 @@ fn real_clients(kind: Target, stream: bool) {
     assert!(img[start..start + 8192].iter().all(|b| *b == 0x77));
 }
 
-fn raw_clients(kind: Target, stream: bool) {
-    let mut rig = Rig::start(kind, stream);
+fn raw_clients(kind: Target) {
+    let mut rig = Rig::start(kind);
     let size = SECTORS * 512;
 
     for structured in [false, true] {
@@ -632,17 +588,6 @@ fn raw_clients(kind: Target, stream: bool) {
                 "type {kind} flags {flags:#x}"
             );
         }
-        // DF (structured): a read's data in one chunk; without it a read may come in
-        // several, which `reply` puts together and checks (none outside the read, no
-        // overlap, no gap).
-        let img = rig.backing(1);
-        if structured {
-            c.send(0, 4, 5, 8192, 65536, &[]);
-            let (cookie, e, d) = c.reply(|_| 65536);
-            assert_eq!((cookie, e), (5, 0));
-            assert!(d == img[8192..8192 + 65536], "DF read");
-        }
-        assert!(c.read(8192, 65536).unwrap() == img[8192..8192 + 65536]);
         // Many requests in flight, replies matched by cookie.
         for i in 0..64u64 {
             c.send(0, 0, 100 + i, i * 4096, 4096, &[]);
@@ -742,36 +687,20 @@ fn raw_clients(kind: Target, stream: bool) {
 
 #[test]
 fn nbd_real_clients_vblade() {
-    real_clients(Target::Vblade, false);
+    real_clients(Target::Vblade);
 }
 
 #[test]
 fn nbd_real_clients_aoe_serve() {
-    real_clients(Target::AoeServe, false);
+    real_clients(Target::AoeServe);
 }
 
 #[test]
 fn nbd_bad_clients_vblade() {
-    raw_clients(Target::Vblade, false);
+    raw_clients(Target::Vblade);
 }
 
 #[test]
 fn nbd_bad_clients_aoe_serve() {
-    raw_clients(Target::AoeServe, false);
-}
-
-/// The real clients with `--nbd-stream-reads`: structured reads answered in data chunks
-/// as the AoE answers arrive (qemu-io, nbdcopy and nbdinfo check what they read).
-#[test]
-fn nbd_real_clients_streamed_reads() {
-    real_clients(Target::AoeServe, true);
-}
-
-/// The raw client with `--nbd-stream-reads`, against vblade, whose window of 16 leaves the
-/// 64 reads in flight answered a few frames at a time: chunks in pieces, some queued behind
-/// the writer thread (with the machine loaded: the case where the writer once released a
-/// request's place for each queued chunk, so the reader waited for ever).
-#[test]
-fn nbd_bad_clients_streamed_reads() {
-    raw_clients(Target::Vblade, true);
+    raw_clients(Target::AoeServe);
 }

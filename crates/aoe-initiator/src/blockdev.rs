@@ -18,7 +18,7 @@ pub mod rangelock;
 use aoe_proto::initiator::BlockOp;
 use aoe_wire::TargetAddr;
 
-use crate::net::{Handle, ReadSink};
+use crate::net::Handle;
 use rangelock::Mode;
 
 /// Sector size of every AoE device.
@@ -59,40 +59,6 @@ impl BlockDevice {
     /// Reads `len` bytes at byte `offset` of the extent, holding the covering sectors shared.
     pub fn read(&self, offset: u64, len: usize, done: Cb<Vec<u8>>) {
         read(&self.net, self.dev, self.base, offset, len, done)
-    }
-
-    /// Reads `len` bytes at byte `offset` of the extent, both multiples of [`SECTOR`]
-    /// (else `EINVAL`), holding the sectors shared: the data goes to `sink` as the answers
-    /// arrive, from the received frames themselves (the parts' offsets count from
-    /// `offset`), and `done` runs once the read is complete or failed.
-    pub fn read_streamed(&self, offset: u64, len: usize, sink: Box<dyn ReadSink>, done: Cb<()>) {
-        if len == 0 || offset % SECTOR != 0 || len as u64 % SECTOR != 0 {
-            return done(Err(libc::EINVAL));
-        }
-        let (first, count, _) = covering(offset, len as u64);
-        let Ok(sectors) = u32::try_from(count) else {
-            return done(Err(libc::EINVAL));
-        };
-        let (dev, lba) = (self.dev, self.base + first);
-        let net = self.net.clone();
-        self.net.locks().acquire(
-            dev,
-            lba,
-            count,
-            Mode::Shared,
-            Box::new(move |held| {
-                net.read_streamed(
-                    dev,
-                    lba,
-                    sectors,
-                    sink,
-                    Box::new(move |r| {
-                        drop(held);
-                        done(r.map(|_| ()))
-                    }),
-                )
-            }),
-        );
     }
 
     /// Writes `data` at byte `offset` of the extent. An aligned write goes out as it is

@@ -40,19 +40,6 @@ impl IoBytes {
         })
     }
 
-    /// `done` of a streamed read of `len` bytes on `dev` (its data is not in the result),
-    /// counting them when it succeeds.
-    pub fn counting_streamed(self: &Arc<Self>, dev: TargetAddr, len: u64, done: Done) -> Done {
-        let me = self.clone();
-        Box::new(move |r| {
-            if r.is_ok() {
-                let mut m = me.by_dev.lock().unwrap_or_else(|e| e.into_inner());
-                m.entry(dev).or_default().0 += len;
-            }
-            done(r)
-        })
-    }
-
     /// `(read, written)` bytes of `dev` so far.
     pub fn of(&self, dev: TargetAddr) -> (u64, u64) {
         self.by_dev

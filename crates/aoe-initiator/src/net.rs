@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aoe_proto::initiator::{
-    BlockOp, Delivery, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
+    BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
@@ -22,17 +22,6 @@ use crate::partition::{self, Partition};
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
 
-/// Where a streamed read's data goes as its answers arrive ([`Handle::read_streamed`]).
-/// Runs on the network thread, so it must not block: a sink that cannot pass the data on
-/// at once copies it.
-pub trait ReadSink: Send {
-    /// Data of the read that a batch of received frames brought: (byte offset in the read,
-    /// bytes) in the order they came, lent from the receive ring for this call only. With
-    /// `last` the read is complete: every byte of it has been given exactly once, and
-    /// the read's `done` follows. A read that fails may have given part of its data.
-    fn data(&mut self, parts: &[(u64, &[u8])], last: bool);
-}
-
 /// Work for the network thread.
 pub enum Cmd {
     /// Block I/O on a device.
@@ -42,20 +31,6 @@ pub enum Cmd {
         /// What to do.
         op: BlockOp,
         /// Called on completion.
-        done: Done,
-    },
-    /// A read of `sectors` at `lba` whose data goes to `sink` straight from the frames
-    /// that answer it ([`Engine::submit_streamed_read`]); `done` gets no data.
-    StreamedRead {
-        /// The device.
-        dev: TargetAddr,
-        /// First sector.
-        lba: u64,
-        /// Sectors.
-        sectors: u32,
-        /// Where the data goes.
-        sink: Box<dyn ReadSink>,
-        /// Called on completion, after the sink's last data.
         done: Done,
     },
     /// Broadcast a Query Config on every allowed interface (and pick up new interfaces).
@@ -261,28 +236,6 @@ impl Handle {
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
         let done = self.bytes.counting(dev, &op, done);
         self.send(Cmd::Io { dev, op, done });
-    }
-
-    /// Submits a streamed read: its data goes to `sink` answer by answer, from the
-    /// received frames themselves, with no copy into a buffer ([`ReadSink`]).
-    pub fn read_streamed(
-        &self,
-        dev: TargetAddr,
-        lba: u64,
-        sectors: u32,
-        sink: Box<dyn ReadSink>,
-        done: Done,
-    ) {
-        let done = self
-            .bytes
-            .counting_streamed(dev, u64::from(sectors) * 512, done);
-        self.send(Cmd::StreamedRead {
-            dev,
-            lba,
-            sectors,
-            sink,
-            done,
-        });
     }
 
     /// Hands a read's buffer back once the front-end is done with it (the reply sent), so
@@ -505,10 +458,6 @@ pub struct Net {
     handle: Handle,
     ifaces: Vec<Option<Iface>>,
     pending: HashMap<IoId, Done>,
-    /// Streamed reads' sinks, until they complete.
-    sinks: HashMap<IoId, Box<dyn ReadSink>>,
-    /// Data of streamed reads in the receive batch being handled: (frame index, delivery).
-    delivered: Vec<(usize, Delivery)>,
     /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
     opens: HashMap<TargetAddr, u32>,
     /// Frames received with one `recvmmsg(2)`.
@@ -537,33 +486,6 @@ pub struct Net {
 /// (the `iflist` is a name filter; a listed name may appear at any time). A list of the
 /// namespace's interfaces every few seconds, not a busy poll.
 pub const RESCAN: Duration = Duration::from_secs(5);
-
-/// Hands the streamed reads' data of a receive batch (`delivered`: frame index and
-/// delivery, in the order they came) to their sinks, one call per run of one read's data,
-/// from the frames (`frame(k)`) themselves; empties `delivered`.
-fn deliver<'a>(
-    delivered: &mut Vec<(usize, Delivery)>,
-    sinks: &mut HashMap<IoId, Box<dyn ReadSink>>,
-    frame: impl Fn(usize) -> &'a [u8],
-) {
-    let mut rest = &delivered[..];
-    let mut parts: Vec<(u64, &[u8])> = Vec::new();
-    while let Some(&(_, first)) = rest.first() {
-        let n = rest.iter().take_while(|(_, d)| d.id == first.id).count();
-        let (run, after) = rest.split_at(n);
-        rest = after;
-        let Some(sink) = sinks.get_mut(&first.id) else {
-            continue;
-        };
-        parts.clear();
-        parts.extend(
-            run.iter()
-                .filter_map(|&(k, d)| frame(k).get(d.offset..d.offset + d.len).map(|b| (d.at, b))),
-        );
-        sink.data(&parts, run.iter().any(|(_, d)| d.last));
-    }
-    delivered.clear();
-}
 
 /// Maps an I/O failure to the errno the file system returns.
 pub fn errno_of(e: &IoError) -> i32 {
@@ -606,8 +528,6 @@ impl Net {
             handle,
             ifaces: Vec::new(),
             pending: HashMap::new(),
-            sinks: HashMap::new(),
-            delivered: Vec::new(),
             opens: HashMap::new(),
             rxb: RecvBatch::new(RX_BATCH, FRAME_BUF),
             tx: Vec::new(),
@@ -837,28 +757,17 @@ impl Net {
                             for k in 0..n {
                                 if !r.ring.meta(k).truncated {
                                     self.engine.handle_frame(now, idx, r.ring.frame(k));
-                                    self.delivered
-                                        .extend(self.engine.deliveries().map(|d| (k, d)));
                                 }
                             }
-                            // Streamed reads' data goes on from the slots before they are
-                            // handed back (the next recv_batch).
-                            deliver(&mut self.delivered, &mut self.sinks, |k| r.ring.frame(k));
                             n
                         }
                         None => {
                             let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
-                            for (k, (frame, meta)) in self.rxb.iter().enumerate() {
+                            for (frame, meta) in self.rxb.iter() {
                                 if !meta.truncated {
                                     self.engine.handle_frame(now, idx, frame);
-                                    self.delivered
-                                        .extend(self.engine.deliveries().map(|d| (k, d)));
                                 }
                             }
-                            let rxb = &self.rxb;
-                            deliver(&mut self.delivered, &mut self.sinks, |k| {
-                                rxb.iter().nth(k).map_or(&[][..], |(f, _)| f)
-                            });
                             n
                         }
                     };
@@ -928,19 +837,6 @@ impl Net {
                 }
                 Err(e) => done(Err(errno_of_submit(&e))),
             },
-            Cmd::StreamedRead {
-                dev,
-                lba,
-                sectors,
-                sink,
-                done,
-            } => match self.engine.submit_streamed_read(now, dev, lba, sectors) {
-                Ok(id) => {
-                    self.pending.insert(id, done);
-                    self.sinks.insert(id, sink);
-                }
-                Err(e) => done(Err(errno_of_submit(&e))),
-            },
             Cmd::Discover => {
                 let _ = self.sync_interfaces();
                 self.engine.discover(now);
@@ -990,7 +886,6 @@ impl Net {
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Completed { id, result } => {
-                    self.sinks.remove(&id);
                     if let Some(done) = self.pending.remove(&id) {
                         done(result.map_err(|e| errno_of(&e)));
                     }

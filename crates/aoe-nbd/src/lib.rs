@@ -13,10 +13,7 @@
 //! completions make a reply header on the network thread and hand it, with a read's data
 //! as the engine assembled it, to the writer, which sends what has queued up with one
 //! `writev(2)` (the data is never copied into a reply buffer). Replies go out in completion
-//! order, not request order (NBD allows that: the cookie matches them up). With
-//! [`NbdOptions::stream_reads`] a structured read of whole sectors skips the buffer and the
-//! writer: its data chunks go from the receive ring into the socket as the answers arrive
-//! (`ChunkSink`).
+//! order, not request order (NBD allows that: the cookie matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -34,19 +31,17 @@ pub mod proto;
 
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, TryLockError};
+use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{Context, Result};
 use aoe_proto::initiator::DeviceState;
 use aoe_wire::TargetAddr;
 
 use aoe_initiator::blockdev::BlockDevice;
-use aoe_initiator::net::{lock, Handle, ReadSink, Shared};
+use aoe_initiator::net::{lock, Handle, Shared};
 use proto::{
     BlockSizes, Command, Export, Exports, Handshake, OptionHeader, Request, Session, Step,
 };
@@ -63,9 +58,6 @@ pub struct NbdOptions {
     pub unix: Option<PathBuf>,
     /// A TCP address (the CLI refuses non-loopback addresses unless told otherwise).
     pub tcp: Option<SocketAddr>,
-    /// Stream structured reads of whole sectors (`ChunkSink`) instead of gathering each
-    /// read in a buffer and replying with one chunk.
-    pub stream_reads: bool,
 }
 
 /// The running listeners; [`Server::stop`] removes the Unix socket.
@@ -164,15 +156,6 @@ impl Conn {
     }
 }
 
-impl AsRawFd for Conn {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
-            Conn::Unix(s) => s.as_raw_fd(),
-            Conn::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-}
-
 impl Read for Conn {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -206,7 +189,6 @@ impl Write for Conn {
 /// Starts the listeners named in `opts`, serving the devices in `shared` through `net`.
 pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Server> {
     let devices = Devices(shared);
-    let stream = opts.stream_reads;
     if let Some(path) = &opts.unix {
         remove_stale_socket(path)?;
         let l = UnixListener::bind(path)
@@ -217,9 +199,7 @@ pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Resu
             .spawn(move || {
                 for c in l.incoming() {
                     match c {
-                        Ok(s) => {
-                            spawn_conn(Conn::Unix(s), "unix".into(), d.clone(), n.clone(), stream)
-                        }
+                        Ok(s) => spawn_conn(Conn::Unix(s), "unix".into(), d.clone(), n.clone()),
                         Err(e) => tracing::warn!(error = %e, "nbd: accept failed"),
                     }
                 }
@@ -242,7 +222,7 @@ pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Resu
                                 .peer_addr()
                                 .map(|a| a.to_string())
                                 .unwrap_or_else(|_| "tcp".into());
-                            spawn_conn(Conn::Tcp(s), peer, d.clone(), n.clone(), stream)
+                            spawn_conn(Conn::Tcp(s), peer, d.clone(), n.clone())
                         }
                         Err(e) => tracing::warn!(error = %e, "nbd: accept failed"),
                     }
@@ -278,12 +258,12 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
-fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle, stream: bool) {
+fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
     let r = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
             let shut = c.try_clone();
-            match serve(c, &peer, &devices, &net, stream) {
+            match serve(c, &peer, &devices, &net) {
                 Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
                 Err(e) => tracing::info!(%peer, error = %e, "nbd: connection dropped"),
             }
@@ -297,7 +277,7 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle, stream: bool
 }
 
 /// Serves one connection: handshake, then transmission.
-fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle, stream: bool) -> io::Result<()> {
+fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()> {
     let mut w = c.try_clone()?;
     let mut r = BufReader::with_capacity(READ_BUF, c);
     let Some(session) = handshake(&mut r, &mut w, devices)? else {
@@ -308,7 +288,7 @@ fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle, stream: bool) -> 
     };
     tracing::info!(%peer, export = %session.name, structured = session.structured, "nbd: client connected");
     let _client = Client::count(&devices.0, &session.name);
-    transmission(r, w, Arc::new(session), dev, base, net, stream)
+    transmission(r, w, Arc::new(session), dev, base, net)
 }
 
 /// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
@@ -427,8 +407,6 @@ struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
     held: u64,
-    /// Queued by a [`ChunkSink`] (counted in [`Out::queued`]).
-    chunks: bool,
 }
 
 /// Bytes of the connection's read buffer: request headers (28 bytes) and the handshake go
@@ -492,130 +470,6 @@ fn write_replies(w: &mut impl Write, replies: &[Reply]) -> io::Result<()> {
     Ok(())
 }
 
-/// The connection's socket as its writer thread and the network thread share it: a
-/// structured read's data goes from the received frames straight into the socket
-/// ([`ChunkSink`]) when nobody else is writing, else it is copied and queued.
-struct Out {
-    /// A second handle on the socket, written without blocking by the sinks.
-    conn: Conn,
-    /// Held by whoever writes to the socket. The bytes of chunks a non-blocking write took
-    /// only part of (so the stream is in the middle of a chunk): written before anything
-    /// else, by the writer thread.
-    pending: Mutex<Vec<u8>>,
-    /// Chunks queued to the writer thread and not yet written: while there are any, later
-    /// chunks queue behind them, so a read's last chunk (flagged done) is never written
-    /// before one of its earlier chunks.
-    queued: AtomicUsize,
-}
-
-/// Where the network thread hands a structured read's data ([`ReadSink`]): each run of
-/// parts that continue each other becomes an "NBD_REPLY_TYPE_OFFSET_DATA" chunk, the
-/// read's last one flagged done, written with
-/// one non-blocking `sendmsg(2)` of chunk heads and the data where the frames left it in
-/// the receive ring: no copy into a read buffer and none into a reply, and no hand-over to
-/// the writer thread. When the socket is full or the writer is writing, the chunks are
-/// copied and queued to the writer instead (the rest of a chunk partly written goes first).
-struct ChunkSink {
-    out: Arc<Out>,
-    tx: crossbeam_channel::Sender<Reply>,
-    cookie: u64,
-    /// The read's offset in the export.
-    offset: u64,
-}
-
-impl ChunkSink {
-    /// Queues `bytes` (whole chunks) to the writer thread.
-    fn queue(&self, bytes: Vec<u8>) {
-        self.out.queued.fetch_add(1, Ordering::SeqCst);
-        let _ = self.tx.send(Reply {
-            head: bytes,
-            data: Vec::new(),
-            held: 0,
-            chunks: true,
-        });
-    }
-}
-
-impl ReadSink for ChunkSink {
-    fn data(&mut self, parts: &[(u64, &[u8])], last: bool) {
-        // One chunk per run of parts that continue each other (answers mostly come in the
-        // order their frames went out): a client reads every chunk's head with system calls
-        // of its own, so a chunk per frame cost nbdcopy twice the CPU of one per read.
-        let mut runs: Vec<(usize, usize, u64, usize)> = Vec::new(); // parts i..j, at, len
-        for (i, (at, b)) in parts.iter().enumerate() {
-            match runs.last_mut() {
-                Some((_, j, start, len)) if *start + *len as u64 == *at => {
-                    *j = i + 1;
-                    *len += b.len();
-                }
-                _ => runs.push((i, i + 1, *at, b.len())),
-            }
-        }
-        let heads: Vec<[u8; 28]> = runs
-            .iter()
-            .enumerate()
-            .map(|(r, &(_, _, at, len))| {
-                let done = last && r + 1 == runs.len();
-                proto::data_chunk_head(self.cookie, self.offset + at, len, done)
-            })
-            .collect();
-        let iov: Vec<IoSlice<'_>> = heads
-            .iter()
-            .zip(&runs)
-            .flat_map(|(h, &(i, j, _, _))| {
-                std::iter::once(IoSlice::new(h))
-                    .chain(parts[i..j].iter().map(|(_, b)| IoSlice::new(b)))
-            })
-            .collect();
-        let copy_from = |mut skip: usize| {
-            let mut v = Vec::new();
-            for s in &iov {
-                if skip >= s.len() {
-                    skip -= s.len();
-                    continue;
-                }
-                v.extend_from_slice(&s[skip..]);
-                skip = 0;
-            }
-            v
-        };
-        if self.out.queued.load(Ordering::SeqCst) > 0 {
-            return self.queue(copy_from(0));
-        }
-        let mut pending = match self.out.pending.try_lock() {
-            Ok(p) => p,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            // The writer is writing: queue behind it.
-            Err(TryLockError::WouldBlock) => return self.queue(copy_from(0)),
-        };
-        if !pending.is_empty() {
-            pending.extend_from_slice(&copy_from(0));
-            drop(pending);
-            return self.queue(Vec::new());
-        }
-        let flags =
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        let total: usize = iov.iter().map(|s| s.len()).sum();
-        let sent = loop {
-            match nix::sys::socket::sendmsg::<()>(self.out.conn.as_raw_fd(), &iov, &[], flags, None)
-            {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) => break 0,
-                // A broken connection: the writer finds out too and closes it.
-                Err(_) => return,
-            }
-        };
-        if sent < total {
-            // The stream stops inside these chunks: the writer writes the rest before
-            // anything else.
-            pending.extend_from_slice(&copy_from(sent));
-            drop(pending);
-            self.queue(Vec::new());
-        }
-    }
-}
-
 /// The transmission phase ("Transmission"): read requests, submit them, let completions
 /// queue replies for the writer thread. Ends on `NBD_CMD_DISC`, end of stream, a bad
 /// magic or a write error; requests still in flight are finished first (`NBD_CMD_DISC`:
@@ -627,7 +481,6 @@ fn transmission(
     dev: TargetAddr,
     base: u64,
     net: &Handle,
-    stream: bool,
 ) -> io::Result<()> {
     if let Conn::Unix(s) = &w {
         let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SNDBUF);
@@ -638,13 +491,7 @@ fn transmission(
     let recycle = net.clone();
     let inflight = Arc::new(Inflight::default());
     let shut = w.try_clone()?;
-    let out = Arc::new(Out {
-        conn: w.try_clone()?,
-        pending: Mutex::new(Vec::new()),
-        queued: AtomicUsize::new(0),
-    });
     let inf = inflight.clone();
-    let wout = out.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-writer".into())
         .spawn(move || {
@@ -659,23 +506,9 @@ fn transmission(
                         Err(_) => break,
                     }
                 }
-                {
-                    // The socket is ours while this is held: first the rest of chunks a
-                    // sink wrote only part of, then the replies in the order they came.
-                    let mut pending = wout.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    if ok && !pending.is_empty() {
-                        ok = w.write_all(&pending).is_ok();
-                    }
-                    pending.clear();
-                    ok = ok && write_replies(&mut w, &batch).is_ok();
-                    let chunks = batch.iter().filter(|m| m.chunks).count();
-                    wout.queued.fetch_sub(chunks, Ordering::SeqCst);
-                }
+                ok = ok && write_replies(&mut w, &batch).is_ok();
                 for m in batch.drain(..) {
-                    // A sink's chunks hold no request's place: its read's completion does.
-                    if !m.chunks {
-                        inf.release(m.held);
-                    }
+                    inf.release(m.held);
                     // A read's buffer goes back to the engine for a later read to fill.
                     recycle.recycle(m.data);
                 }
@@ -686,8 +519,7 @@ fn transmission(
             }
         })?;
     let bd = BlockDevice::new(net.clone(), dev, base);
-    let out = stream.then_some(out);
-    let result = requests(&mut r, &tx, &session, &bd, &inflight, out.as_ref());
+    let result = requests(&mut r, &tx, &session, &bd, &inflight);
     inflight.wait_idle();
     drop(tx);
     let _ = writer.join();
@@ -700,7 +532,6 @@ fn requests(
     session: &Arc<Session>,
     bd: &BlockDevice,
     inflight: &Arc<Inflight>,
-    out: Option<&Arc<Out>>,
 ) -> io::Result<()> {
     loop {
         let mut h = [0u8; Request::LEN];
@@ -721,7 +552,6 @@ fn requests(
                     head: session.error_reply(req.cookie, e, "request refused"),
                     data: Vec::new(),
                     held: 0,
-                    chunks: false,
                 });
                 continue;
             }
@@ -739,7 +569,6 @@ fn requests(
                     head,
                     data,
                     held: bytes,
-                    chunks: false,
                 });
             }
         };
@@ -752,35 +581,8 @@ fn requests(
         };
         match cmd {
             Command::Disconnect => return Ok(()),
-            Command::Read { offset, len, df } => {
+            Command::Read { offset, len } => {
                 inflight.acquire(bytes);
-                let s = session.clone();
-                let failed = move |e| s.error_reply(cookie, proto::nbd_error(e), "AoE read failed");
-                // With --nbd-stream-reads, a structured read of whole sectors streams: its
-                // chunks go out as the answers arrive, from the frames themselves
-                // ([`ChunkSink`]). Not with DF, which asks for one chunk.
-                let stream = out.filter(|_| {
-                    session.structured && !df && len > 0 && (offset | u64::from(len)) % 512 == 0
-                });
-                if let Some(out) = stream {
-                    let sink = ChunkSink {
-                        out: out.clone(),
-                        tx: tx.clone(),
-                        cookie,
-                        offset,
-                    };
-                    bd.read_streamed(
-                        offset,
-                        len as usize,
-                        Box::new(sink),
-                        Box::new(move |res| match res {
-                            // The last chunk, flagged done, went with the data.
-                            Ok(()) => reply(Vec::new(), Vec::new()),
-                            Err(e) => reply(failed(e), Vec::new()),
-                        }),
-                    );
-                    continue;
-                }
                 let s = session.clone();
                 bd.read(
                     offset,
@@ -790,7 +592,10 @@ fn requests(
                             let head = s.read_reply_head(cookie, offset, d.len());
                             reply(head, d)
                         }
-                        Err(e) => reply(failed(e), Vec::new()),
+                        Err(e) => reply(
+                            s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"),
+                            Vec::new(),
+                        ),
                     }),
                 );
             }
@@ -891,7 +696,6 @@ mod tests {
     fn short_writev_keeps_the_stream_whole() {
         let replies: Vec<Reply> = (0..5u8)
             .map(|i| Reply {
-                chunks: false,
                 head: vec![i; 16],
                 data: if i % 2 == 0 {
                     (0..1000).map(|j| (j % 251) as u8 ^ i).collect()

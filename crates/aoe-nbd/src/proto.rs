@@ -379,17 +379,7 @@ mod tests {
             s.check(&req(cmd::READ, 0, 0, 4096)),
             Ok(Command::Read {
                 offset: 0,
-                len: 4096,
-                df: false
-            })
-        );
-        // DF (structured only) asks for the read's data in one chunk.
-        assert_eq!(
-            session(true).check(&req(cmd::READ, cflags::DF, 512, 1024)),
-            Ok(Command::Read {
-                offset: 512,
-                len: 1024,
-                df: true
+                len: 4096
             })
         );
         // Unaligned requests are served (read-modify-write underneath).

@@ -135,11 +135,6 @@ pub struct Engine {
     /// Read buffers handed back ([`Engine::recycle_read_buffer`]), at most
     /// [`SPARE_READ_BYTES`] of capacity in all.
     read_spare: ReadSpare,
-    /// Data of streamed reads answered by the frame being handled ([`Engine::deliveries`]).
-    delivered: Vec<Delivery>,
-    /// Address and length of the frame being handled, to place a streamed read's data in
-    /// it ([`Delivery::offset`]).
-    rx_frame: (usize, usize),
     events: VecDeque<Event>,
     stats: Stats,
     /// Log lines a peer can provoke, one per kind per [`Config::peer_log_interval`].
@@ -178,8 +173,6 @@ impl Engine {
             transmit: VecDeque::new(),
             spare: Vec::new(),
             read_spare: ReadSpare::default(),
-            delivered: Vec::new(),
-            rx_frame: (0, 0),
             events: VecDeque::new(),
             stats: Stats::default(),
             peer_logs,
@@ -282,7 +275,6 @@ impl Engine {
     /// addressed to us is ignored; no byte sequence makes this panic.
     pub fn handle_frame(&mut self, now: Instant, iface: usize, frame: &[u8]) {
         self.touch(now);
-        self.rx_frame = (frame.as_ptr() as usize, frame.len());
         let Some(local) = self.interfaces.get(&iface) else {
             return;
         };
@@ -520,32 +512,6 @@ impl Engine {
         let id = self.new_op(dev, kind, lba, sectors, false);
         self.pump(now, dev);
         Ok(IoId(id))
-    }
-
-    /// Submits a read whose data is not gathered into a buffer but handed out answer by
-    /// answer as [`Delivery`]s ([`Engine::deliveries`], after each
-    /// [`handle_frame`](Engine::handle_frame)), for a caller that can pass it on from the
-    /// received frame itself (an NBD server's structured replies). Its
-    /// [`Event::Completed`] carries no data. Errors as [`submit`](Engine::submit).
-    pub fn submit_streamed_read(
-        &mut self,
-        now: Instant,
-        dev: TargetAddr,
-        lba: u64,
-        sectors: u32,
-    ) -> Result<IoId, SubmitError> {
-        let id = self.submit(now, dev, BlockOp::Read { lba, sectors })?;
-        if let Some(op) = self.ops.get_mut(&id.0) {
-            op.streamed = true;
-        }
-        Ok(id)
-    }
-
-    /// The streamed reads' data the last [`handle_frame`](Engine::handle_frame) brought, in
-    /// the order it came; taken off the list. Take them after every call, while the frame is
-    /// still at hand.
-    pub fn deliveries(&mut self) -> std::vec::Drain<'_, Delivery> {
-        self.delivered.drain(..)
     }
 
     /// Like writing "eX.Y" to `/dev/etherd/revalidate` (`revalidate` in aoechr.c):

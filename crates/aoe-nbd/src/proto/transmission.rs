@@ -76,9 +76,6 @@ pub enum Command {
         offset: u64,
         /// Bytes.
         len: u32,
-        /// `NBD_CMD_FLAG_DF` (structured replies only): the reply's data must come in one
-        /// chunk.
-        df: bool,
     },
     /// Write the payload at `offset`; with `fua`, flush before replying.
     Write {
@@ -171,7 +168,6 @@ impl Session {
             cmd::READ => Ok(Command::Read {
                 offset: r.offset,
                 len: r.len,
-                df: r.flags & cflags::DF != 0,
             }),
             cmd::WRITE => Ok(Command::Write {
                 offset: r.offset,
@@ -240,22 +236,6 @@ impl Session {
         head.extend_from_slice(&(msg.len() as u16).to_be_bytes());
         structured_chunk(chunk::FLAG_DONE, chunk::ERROR, cookie, &head, msg)
     }
-}
-
-/// The head of one "NBD_REPLY_TYPE_OFFSET_DATA" chunk of `len` bytes at `offset` of a
-/// structured read's reply, flagged done if it is the reply's last chunk: a read answered
-/// in pieces as they arrive, in any order, each byte once (the spec lets a server split a
-/// read's reply into chunks, which the client places by their offsets).
-pub fn data_chunk_head(cookie: u64, offset: u64, len: usize, done: bool) -> [u8; 28] {
-    let mut h = [0u8; 28];
-    h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    let flags = if done { chunk::FLAG_DONE } else { 0 };
-    h[4..6].copy_from_slice(&flags.to_be_bytes());
-    h[6..8].copy_from_slice(&chunk::OFFSET_DATA.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..20].copy_from_slice(&((8 + len) as u32).to_be_bytes());
-    h[20..28].copy_from_slice(&offset.to_be_bytes());
-    h
 }
 
 /// A simple reply header ("Simple reply message": magic, error, cookie).

@@ -163,9 +163,6 @@ pub(super) struct Op {
     /// Held back at least once by a fence (`Engine::pick_queued`), counted in
     /// [`Stats::writes_fenced`].
     pub(super) fenced: bool,
-    /// A read submitted with [`Engine::submit_streamed_read`]: each answer's data is handed
-    /// out as a [`Delivery`], not copied into a buffer.
-    pub(super) streamed: bool,
 }
 
 impl Op {

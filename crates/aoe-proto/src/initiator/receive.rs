@@ -377,25 +377,6 @@ impl Engine {
             return;
         }
         match &mut op.kind {
-            OpKind::Read(_) if op.streamed => {
-                let n = f.count as usize * SECTOR_SIZE;
-                // Where the data lies in the frame being handled (it is a part of it).
-                let (base, len) = self.rx_frame;
-                let offset = (data.as_ptr() as usize).wrapping_sub(base);
-                if data.len() < n || offset.checked_add(n).is_none_or(|e| e > len) {
-                    // Never for an answer that passed `ata_response`'s length check; a
-                    // read must not complete with bytes it did not deliver.
-                    self.finish_op(f.op, Err(IoError::ShortAnswer));
-                    return;
-                }
-                self.delivered.push(Delivery {
-                    id: IoId(f.op),
-                    at: f.offset * SECTOR_SIZE as u64,
-                    offset,
-                    len: n,
-                    last: op.frames_out == 0 && !op.unsent(),
-                });
-            }
             OpKind::Read(buf) => {
                 let s = f.offset as usize * SECTOR_SIZE;
                 let n = f.count as usize * SECTOR_SIZE;
@@ -438,8 +419,6 @@ impl Engine {
             return;
         }
         let result = result.map(|()| match op.kind {
-            // Its data went out as deliveries.
-            OpKind::Read(_) if op.streamed => Some(Vec::new()),
             OpKind::Read(mut buf) => {
                 // Every frame of the op was answered, so `place` has filled it to the end;
                 // this only restates the length the caller asked for.

@@ -912,7 +912,6 @@ impl Engine {
                     reissue: Vec::new(),
                     frames_out: 1,
                     fenced: false,
-                    streamed: false,
                 },
             );
             self.send_new(now, addr, id, ti, 0, 1);

@@ -37,7 +37,6 @@ impl Engine {
                 reissue: Vec::new(),
                 frames_out: 0,
                 fenced: false,
-                streamed: false,
             },
         );
         if let Some(d) = self.devices.get_mut(&dev) {

@@ -542,62 +542,6 @@ fn recycled_read_buffers_are_reused_and_hold_only_new_data() {
     assert!(fourth == bytes(3, 2));
 }
 
-/// A streamed read hands out each answer's data where it lies in the frame, once: answers
-/// in any order, a duplicate answer delivering nothing, the delivery that completes the read
-/// flagged `last`, and the completion carrying no data of its own.
-#[test]
-fn streamed_read_delivers_each_answer_once_from_the_frame() {
-    let (mut e, t0) = up_engine(100_000, true);
-    let bytes = |lba: u64, sectors: u64| -> Vec<u8> {
-        (0..sectors * 512)
-            .map(|i| ((lba * 512 + i) % 251) as u8)
-            .collect()
-    };
-    // 6 sectors in 1 KiB frames (2 sectors each): three frames.
-    let id = e.submit_streamed_read(t0, DEV, 10, 6).unwrap();
-    let tx = drain(&mut e, t0);
-    assert_eq!(tx.len(), 3);
-    let mut got = vec![None; 6 * 512];
-    let mut lasts = Vec::new();
-    for (n, (_, req)) in [&tx[2], &tx[0], &tx[0], &tx[1]].into_iter().enumerate() {
-        let m = Message::parse(req).unwrap();
-        let Body::Ata(a) = m.body else {
-            panic!("not ATA")
-        };
-        let rsp = ata_rsp(
-            req,
-            TMAC,
-            status::DRDY,
-            0,
-            &bytes(a.lba, u64::from(a.sector_count)),
-        );
-        e.handle_frame(t0, 0, &rsp);
-        let ds: Vec<Delivery> = e.deliveries().collect();
-        if n == 2 {
-            assert!(ds.is_empty(), "a duplicate answer delivers nothing: {ds:?}");
-            continue;
-        }
-        assert_eq!(ds.len(), 1, "answer {n}");
-        let d = ds[0];
-        assert_eq!(d.id, id);
-        assert_eq!(d.at, (a.lba - 10) * 512);
-        for (i, b) in rsp[d.offset..d.offset + d.len].iter().enumerate() {
-            let at = d.at as usize + i;
-            assert!(got[at].is_none(), "byte {at} delivered twice");
-            got[at] = Some(*b);
-        }
-        lasts.push(d.last);
-    }
-    assert_eq!(
-        lasts,
-        [false, false, true],
-        "only the completing answer is last"
-    );
-    let got: Vec<u8> = got.into_iter().map(|b| b.expect("every byte")).collect();
-    assert!(got == bytes(10, 6));
-    assert_eq!(completions(&mut e), vec![Ok(Some(Vec::new()))]);
-}
-
 /// The send-order list that finds the frames sent before an answered one keeps only what
 /// may still be outstanding: after a long read answered in order it is empty, and while
 /// answers come back in reverse order within each window (every answer has earlier

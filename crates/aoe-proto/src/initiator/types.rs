@@ -124,28 +124,6 @@ pub enum BlockOp {
     Flush,
 }
 
-/// Data of a streamed read ([`Engine::submit_streamed_read`]) that an answer brought: `len`
-/// bytes at byte `at` of the read, lying at byte `offset` of the frame last given to
-/// [`Engine::handle_frame`]. The engine keeps no copy: the caller passes the bytes on (to a
-/// socket, say) while the frame is still its own, before it receives the next one. Every
-/// byte of a read that completes is delivered exactly once (a duplicate or late answer to a
-/// frame already answered delivers nothing), and the delivery with `last` set is the one
-/// that completes it; the read's [`Event::Completed`] follows. A read that fails may have
-/// delivered part of its data, which its caller must then disown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    /// The read.
-    pub id: IoId,
-    /// Byte offset of the data in the read.
-    pub at: u64,
-    /// Byte offset of the data in the frame.
-    pub offset: usize,
-    /// Bytes.
-    pub len: usize,
-    /// This answer completed the read: no more data of it follows.
-    pub last: bool,
-}
-
 /// Why an operation failed. Whose fault it is is named per variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -168,10 +146,6 @@ pub enum IoError {
     /// The device was flushed ([`Engine::flush_devices`]) with the operation outstanding.
     #[error("device removed")]
     Removed,
-    /// A streamed read's answer did not carry the data its frame asked for (our fault or
-    /// the target's; never seen: `ata_response` checks the length first).
-    #[error("read answer shorter than its frame")]
-    ShortAnswer,
 }
 
 /// Why [`Engine::submit`] refused an operation (the caller's mistake or a down device).
