@@ -617,6 +617,53 @@ fn rsp_for_devices_that_do_not_exist() {
         })
         .collect();
     r.send_all(&frames);
+    // Then with live tags: each ATA read the initiator sends during a full read of the
+    // device is answered at once from the target's side, racing the real target, by a
+    // response with the request's own tag but another shelf.slot and junk data. A random
+    // tag above almost never names an outstanding frame; these do. `aoecmd_ata_rsp` looks a
+    // tag up among the frames of the device the header names: for e7.3's frame these are
+    // unexpected responses, never its answer.
+    let other = TargetAddr::new(SHELF + 1, SLOT);
+    let junk = pattern(7, 9000);
+    let dev = r.rig.dev();
+    let mut forged = 0usize;
+    std::thread::scope(|s| {
+        use std::os::fd::AsRawFd;
+        let reader = s.spawn(|| sha256(&dev));
+        let mut buf = vec![0u8; 9100];
+        while !reader.is_finished() {
+            while let Some(meta) = r.sock.recv(&mut buf).expect("recv") {
+                let f = &buf[..meta.len.min(buf.len())];
+                let Ok(m) = Message::parse(f) else { continue };
+                let Body::Ata(a) = m.body else { continue };
+                if m.header.response || a.aflags.contains(AtaFlags::WRITE) {
+                    continue;
+                }
+                let n = (a.sector_count as usize * 512).min(junk.len());
+                let body = Body::Ata(AtaRepr {
+                    cmd_status: 0x40,
+                    data: &junk[..n],
+                    ..a
+                });
+                let frame = r.response(r.target_mac, other, m.header.tag.0, body);
+                if r.sock.send(&frame).is_ok() {
+                    forged += 1;
+                }
+            }
+            let mut fds = [aoe_sys::PollFd::new(r.sock.as_raw_fd())];
+            aoe_sys::poll(&mut fds, Some(Duration::from_millis(10))).expect("poll");
+        }
+        assert_eq!(
+            reader.join().unwrap(),
+            r.sha,
+            "data read while responses for {other} carried its frames' tags"
+        );
+    });
+    assert!(
+        forged > 100,
+        "only {forged} of the initiator's reads answered with their tag for {other}"
+    );
+    eprintln!("{forged} reads answered with their live tag for {other}");
     r.check("responses for devices that do not exist");
 }
 
