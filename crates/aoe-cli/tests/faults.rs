@@ -340,8 +340,8 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
         tlp1 - tlp0,
     );
     assert!(
-        c1.lost > c0.lost && c1.duplicated > c0.duplicated,
-        "no faults injected: {c1}"
+        c1.lost > c0.lost && c1.duplicated > c0.duplicated && c1.reordered > c0.reordered,
+        "not every fault injected (loss, duplication, reordering): {c1}"
     );
     r.finish();
     format!(
