@@ -346,8 +346,8 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
         k2.phase(&k3),
     );
     assert!(
-        c1.lost > c0.lost && c1.duplicated > c0.duplicated,
-        "no faults injected: {c1}"
+        c1.lost > c0.lost && c1.duplicated > c0.duplicated && c1.reordered > c0.reordered,
+        "not every fault injected (loss, duplication, reordering): {c1}"
     );
     r.finish();
     format!(
@@ -583,20 +583,32 @@ fn vanished_target_fails_pending_and_new_io_within_deadsecs() {
     let want = pattern(1, (SECTORS * 512) as usize);
     ctl.set_link(false);
     let t0 = Instant::now();
-    // Four readers (different offsets, so none is served from another's page) pending.
-    let results: Vec<(std::io::Result<Vec<u8>>, Duration)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4u64)
-            .map(|i| {
-                let dev = dev.clone();
-                s.spawn(move || {
-                    let t = Instant::now();
-                    let r = read_at(&dev, (i + 1) << 20, 64 * 1024);
-                    (r, t.elapsed())
-                })
+    // Four readers (different offsets, so none is served from another's page) pending, on
+    // threads of their own: a read the initiator never fails must fail the test, not hang
+    // it (a panic drops the rig, which stops the initiator and so ends the read).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..4u64 {
+        let (dev, tx) = (dev.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = read_at(&dev, (i + 1) << 20, 64 * 1024);
+            let _ = tx.send((r, t.elapsed()));
+        });
+    }
+    drop(tx);
+    let limit = Duration::from_secs(DEADSECS + 5);
+    let results: Vec<(std::io::Result<Vec<u8>>, Duration)> = (0..4)
+        .map(|i| {
+            let left = limit.saturating_sub(t0.elapsed());
+            rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "pending read {i} still hanging {:?} after the cut (deadsecs {DEADSECS}){}",
+                    t0.elapsed(),
+                    r.rig.logs()
+                )
             })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("reader")).collect()
-    });
+        })
+        .collect();
     for (i, (res, took)) in results.iter().enumerate() {
         assert!(
             matches!(res, Err(e) if is_eio(e)),
