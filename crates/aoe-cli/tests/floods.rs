@@ -76,7 +76,7 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flood {
     /// Broadcast Query Config (shelf 0xffff slot 0xff) from the flooder's MAC: the target
-    /// answers every one.
+    /// answers at most `QUERY_ANSWERS_PER_SOURCE` of them a second (counted at the flooder).
     Queries,
     /// ATA READ requests to the target's MAC for random shelf.slot that it does not export.
     UnknownAta,
@@ -302,6 +302,8 @@ impl FloodLan {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = AtomicU64::new(0);
         let dropped = AtomicU64::new(0);
+        // Query Config answers from the target that reach the flooder.
+        let answers = AtomicU64::new(0);
         let reads = Arc::new(Mutex::new(Vec::<Instant>::new()));
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
         let sock = raw_socket(&self.flood_ns, &self.flood_if);
@@ -341,6 +343,24 @@ impl FloodLan {
                     }
                 }
             });
+            s.spawn(|| {
+                // What the target sends the flooder back (never blocking: the socket is
+                // non-blocking, and an idle millisecond between polls loses nothing that
+                // matters, since only the Query flood's answers are bounded below).
+                let mut buf = vec![0u8; 9100];
+                while !stop.load(Ordering::Relaxed) {
+                    match sock.recv(&mut buf) {
+                        Ok(Some(meta)) => {
+                            let f = &buf[..meta.len.min(buf.len())];
+                            if is_query_answer_from(f, &self.target_mac) {
+                                answers.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                        Err(_) => break,
+                    }
+                }
+            });
             while t0.elapsed() < FLOOD {
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -353,6 +373,20 @@ impl FloodLan {
         let reads = reads.lock().unwrap().clone();
         let errors = errors.lock().unwrap().clone();
         let sent = sent.into_inner();
+        let answers = answers.into_inner();
+        if kind == Flood::Queries {
+            // The per-source limit holds at the daemon, not only in the engine's tests: with
+            // it off, the target answers the flood at the rate it drains its socket.
+            let most =
+                u64::from(aoe_proto::target::QUERY_ANSWERS_PER_SOURCE) * (FLOOD.as_secs() + 3);
+            eprintln!("{kind:?}: {answers} answers reached the flooder (at most {most})");
+            assert!(
+                (1..=most).contains(&answers),
+                "{kind:?}: {answers} Query Config answers to the flooding MAC in {FLOOD:?}, \
+                 the limit allows {most} and at least one must come{}",
+                self.logs()
+            );
+        }
         eprintln!(
             "{kind:?}: {sent} frames in {:.1} s ({:.0}/s; {} refused by the socket); {} reads of {} KiB completed",
             FLOOD.as_secs_f64(),
@@ -439,6 +473,13 @@ fn read_checked(dev: &std::path::Path, expected: &[u8], rng: &mut Rng) -> Result
         ));
     }
     Ok(())
+}
+
+/// Whether `frame` is a Query Config response (R flag, command 1) sent by `from`.
+fn is_query_answer_from(frame: &[u8], from: &[u8; 6]) -> bool {
+    Message::parse(frame).is_ok_and(|m| {
+        m.header.response && m.header.command == C::QueryConfig && m.header.src == MacAddr(*from)
+    })
 }
 
 /// The executable name of process `pid` (to be sure the pid watched is the daemon, not a
