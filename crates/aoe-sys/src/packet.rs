@@ -480,37 +480,7 @@ impl PacketSocket {
     /// If not even the first frame could be sent, returns the error as [`send`](Self::send)
     /// would (`WouldBlock` for a full queue).
     pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<usize> {
-        const CHUNK: usize = 64;
-        let mut sent = 0;
-        for chunk in frames.chunks(CHUNK) {
-            // SAFETY: iovec is a pointer and a length; all-zero (NULL, 0) is valid.
-            let mut iovs: [libc::iovec; CHUNK] = unsafe { mem::zeroed() };
-            // SAFETY: mmsghdr is integers and NULL-able pointers; all-zero is valid.
-            let mut hdrs: [libc::mmsghdr; CHUNK] = unsafe { mem::zeroed() };
-            for (iov, frame) in iovs.iter_mut().zip(chunk) {
-                *iov = libc::iovec {
-                    iov_base: frame.as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len(),
-                };
-            }
-            let iov_base = iovs.as_mut_ptr();
-            for (i, hdr) in hdrs.iter_mut().take(chunk.len()).enumerate() {
-                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(i);
-                hdr.msg_hdr.msg_iovlen = 1;
-            }
-            // SAFETY: the first `chunk.len()` headers each point at one iovec in `iovs`,
-            // which points at a frame borrowed from `frames`; all outlive the call.
-            let n = match unsafe { self.sendmmsg_chunk(&mut hdrs[..chunk.len()]) } {
-                Ok(n) => n,
-                Err(e) if sent == 0 => return Err(e),
-                Err(_) => return Ok(sent),
-            };
-            sent += n.min(chunk.len());
-            if n < chunk.len() {
-                break;
-            }
-        }
-        Ok(sent)
+        self.send_batch_with(frames, |f| [*f])
     }
 
     /// Sends several frames, each given as two parts put on the wire back to back (headers
@@ -520,15 +490,28 @@ impl PacketSocket {
     /// order, as [`send_batch`](Self::send_batch) does, and fails as it does when not even
     /// the first frame could be sent.
     pub fn send_batch_parts(&self, frames: &[[&[u8]; 2]]) -> io::Result<usize> {
+        self.send_batch_with(frames, |f| *f)
+    }
+
+    /// The loop behind [`send_batch`](Self::send_batch) and
+    /// [`send_batch_parts`](Self::send_batch_parts): each frame is the `P` parts (one or
+    /// two iovecs) `parts` gives for it, sent in chunks of up to 64 frames per `sendmmsg(2)`;
+    /// stops at the first chunk the kernel takes only part of.
+    fn send_batch_with<T, const P: usize>(
+        &self,
+        frames: &[T],
+        parts: impl Fn(&T) -> [&[u8]; P],
+    ) -> io::Result<usize> {
         const CHUNK: usize = 64;
+        const { assert!(P == 1 || P == 2) };
         let mut sent = 0;
         for chunk in frames.chunks(CHUNK) {
             // SAFETY: iovec is a pointer and a length; all-zero (NULL, 0) is valid.
             let mut iovs: [libc::iovec; 2 * CHUNK] = unsafe { mem::zeroed() };
             // SAFETY: mmsghdr is integers and NULL-able pointers; all-zero is valid.
             let mut hdrs: [libc::mmsghdr; CHUNK] = unsafe { mem::zeroed() };
-            for (pair, frame) in iovs.chunks_exact_mut(2).zip(chunk) {
-                for (iov, part) in pair.iter_mut().zip(frame) {
+            for (frame_iovs, frame) in iovs.chunks_exact_mut(P).zip(chunk) {
+                for (iov, part) in frame_iovs.iter_mut().zip(parts(frame)) {
                     *iov = libc::iovec {
                         iov_base: part.as_ptr() as *mut libc::c_void,
                         iov_len: part.len(),
@@ -537,12 +520,12 @@ impl PacketSocket {
             }
             let iov_base = iovs.as_mut_ptr();
             for (i, hdr) in hdrs.iter_mut().take(chunk.len()).enumerate() {
-                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(2 * i);
-                hdr.msg_hdr.msg_iovlen = 2;
+                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(P * i);
+                hdr.msg_hdr.msg_iovlen = P;
             }
-            // SAFETY: the first `chunk.len()` headers each point at two iovecs in `iovs`,
-            // which point at parts borrowed from `frames` (an empty part is a valid
-            // zero-length iovec); all outlive the call.
+            // SAFETY: the first `chunk.len()` headers each point at their `P` iovecs in
+            // `iovs` (P * 64 <= 128), which point at parts borrowed from `frames` (an empty
+            // part is a valid zero-length iovec); all outlive the call.
             let n = match unsafe { self.sendmmsg_chunk(&mut hdrs[..chunk.len()]) } {
                 Ok(n) => n,
                 Err(e) if sent == 0 => return Err(e),
