@@ -398,18 +398,17 @@ impl Engine {
     /// retransmission.
     #[must_use = "the frame written to buf must be sent, or it is lost"]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
-        self.touch(now);
-        while let Some((iface, frame, data)) = self.transmit.pop_front() {
-            let data = data.as_ref().map_or(&[][..], TxData::as_slice);
-            let len = frame.len() + data.len();
+        while let Some(f) = self.poll_transmit_parts(now) {
+            let len = f.len();
             if len > buf.len() {
                 self.stats.tx_buffer_too_small += 1;
-                self.recycle_frame(frame);
+                self.recycle_frame(f.head);
                 continue;
             }
-            buf[..frame.len()].copy_from_slice(&frame);
-            buf[frame.len()..len].copy_from_slice(data);
-            self.recycle_frame(frame);
+            buf[..f.head.len()].copy_from_slice(&f.head);
+            buf[f.head.len()..len].copy_from_slice(f.data());
+            let iface = f.iface;
+            self.recycle_frame(f.head);
             return Some(Transmit { iface, len });
         }
         None
@@ -420,12 +419,11 @@ impl Engine {
     /// A write frame's data is copied behind its headers here; [`Engine::poll_transmit_parts`]
     /// hands it over without that copy. Hand the buffer back with [`Engine::recycle_frame`].
     pub fn poll_transmit_frame(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
-        self.touch(now);
-        let (iface, mut frame, data) = self.transmit.pop_front()?;
-        if let Some(d) = data {
-            frame.extend_from_slice(d.as_slice());
+        let mut f = self.poll_transmit_parts(now)?;
+        if let Some(d) = f.data {
+            f.head.extend_from_slice(d.as_slice());
         }
-        Some((iface, frame))
+        Some((f.iface, f.head))
     }
 
     /// The next frame to send, in the two parts a vectored send (`sendmmsg` with two

@@ -235,8 +235,7 @@ impl Dedup {
 
     /// The entry of `seq`, if still remembered.
     fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
-        let i = seq.checked_sub(self.first)?;
-        self.order.get_mut(usize::try_from(i).ok()?)
+        self.order.get_mut(index(self.first, seq)?)
     }
 
     /// Looks a write up (and expires old entries first) without remembering it.
@@ -246,10 +245,7 @@ impl Dedup {
             return Seen::New;
         }
         self.expire(now);
-        let i = self
-            .map
-            .get(key)
-            .map(|&s| s.wrapping_sub(self.first) as usize);
+        let i = self.map.get(key).and_then(|&seq| index(self.first, seq));
         match i.and_then(|i| self.order.get(i)) {
             Some(e) if e.digest == digest => seen(e),
             _ => Seen::New,
@@ -282,8 +278,11 @@ impl Dedup {
         match self.map.entry(key) {
             MapEntry::Occupied(mut m) => {
                 // The map holds only seqs still in `order` (`expire` removes the others).
-                let i = m.get().wrapping_sub(self.first) as usize;
-                if let Some(e) = self.order.get(i).filter(|e| e.digest == digest) {
+                let i = index(self.first, *m.get());
+                if let Some(e) = i
+                    .and_then(|i| self.order.get(i))
+                    .filter(|e| e.digest == digest)
+                {
                     return Err(seen(e));
                 }
                 m.insert(seq);
@@ -317,6 +316,12 @@ impl Dedup {
             }
         }
     }
+}
+
+/// Where the entry of `seq` stands in [`Dedup::order`], whose front is seq `first`; `None`
+/// for a seq forgotten before it.
+fn index(first: u64, seq: u64) -> Option<usize> {
+    usize::try_from(seq.checked_sub(first)?).ok()
 }
 
 #[cfg(test)]
