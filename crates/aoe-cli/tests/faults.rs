@@ -95,11 +95,7 @@ impl Gaps {
         if self.stalls.is_empty() {
             return;
         }
-        let log = rig
-            .initiator
-            .as_ref()
-            .map(aoe_testkit::NsChild::output_so_far)
-            .unwrap_or_default();
+        let log = rig.initiator_log();
         let text = format!("{what}: stalls {:?}\n{log}", self.stalls);
         match std::env::var_os("AOE_STALL_DIR") {
             Some(d) => {
@@ -158,22 +154,14 @@ fn fast_retransmits(rig: &Rig) -> usize {
 /// counted in the initiator's DEBUG lines, which no rate limit thins out (the INFO line of
 /// a burst carries one note for all the lines it stands for).
 fn tail_probes(rig: &Rig) -> usize {
-    let log = rig
-        .initiator
-        .as_ref()
-        .map(aoe_testkit::NsChild::output_so_far)
-        .unwrap_or_default();
+    let log = rig.initiator_log();
     log.lines()
         .filter(|l| l.contains("DEBUG") && l.contains("retransmit ") && l.contains("(tail probe)"))
         .count()
 }
 
 fn retransmit_lines(rig: &Rig, with: &str) -> usize {
-    let log = rig
-        .initiator
-        .as_ref()
-        .map(aoe_testkit::NsChild::output_so_far)
-        .unwrap_or_default();
+    let log = rig.initiator_log();
     log.lines()
         .filter(|l| l.contains("INFO") && l.contains("retransmit ") && l.contains(with))
         .map(|l| usize::from(l.contains("oldtag=")) + suppressed(l))
@@ -311,12 +299,7 @@ fn loss_at(kind: Target, mtu: u32, seed: u64) -> String {
     };
     if let Some(d) = std::env::var_os("AOE_LOSS_LOG_DIR") {
         // The initiator's log (every retransmission, with its time) for a closer look.
-        let log = r
-            .rig
-            .initiator
-            .as_ref()
-            .map(aoe_testkit::NsChild::output_so_far)
-            .unwrap_or_default();
+        let log = r.rig.initiator_log();
         let p = Path::new(&d).join(format!("loss-{kind:?}-{mtu}-{}.log", std::process::id()));
         fs::write(&p, log).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         eprintln!("LOG {}", p.display());
@@ -427,13 +410,7 @@ fn run_queue_wait(pid: u32) -> u64 {
 /// Requests `aoe serve` dropped in all, over its buffer count and for a full worker queue
 /// (`aoe target --json stats` on its control socket `sock`), over its one export.
 fn target_drops(sock: &Path) -> (u64, u64, u64) {
-    let out = run_ok(
-        std::process::Command::new("timeout")
-            .args(["-k", "5", "60", AOE, "target", "--socket"])
-            .arg(sock)
-            .args(["--json", "stats"]),
-    );
-    let j: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    let j = target_json(sock, "stats");
     let c = &j["exports"][0]["counters"];
     let n = |k: &str| {
         c[k].as_u64()
@@ -693,12 +670,7 @@ fn multipath_one_path_cut_mid_transfer() {
     // The file itself keeps only the last 100 (the driver's ring), which spurious
     // retransmissions on the surviving path (a loaded machine, an RTO near the RTT) and
     // their late answers can fill after the cut path was ejected.
-    let log = r
-        .rig
-        .initiator
-        .as_ref()
-        .map(aoe_testkit::NsChild::output_so_far)
-        .unwrap_or_default();
+    let log = r.rig.initiator_log();
     let err_stream: Vec<&str> = log.lines().filter(|l| l.contains("INFO")).collect();
     let from_cut = err_stream
         .iter()

@@ -60,12 +60,6 @@ fn a_dead_target_makes_a_retransmit_line_a_second_with_counts_not_one_per_frame(
             Ok::<(), std::io::Error>(())
         })
     };
-    let init_log = |rig: &Rig| {
-        rig.initiator
-            .as_ref()
-            .map(aoe_testkit::NsChild::output_so_far)
-            .unwrap_or_default()
-    };
     // The reads are going: the next one has frames outstanding when the target dies.
     assert!(
         wait_until(Duration::from_secs(30), || done
@@ -89,7 +83,7 @@ fn a_dead_target_makes_a_retransmit_line_a_second_with_counts_not_one_per_frame(
     // The last burst's count comes out in a line of its own once its second has passed.
     let mut seen = (0, 0, 0, 0);
     let accounted = wait_until(Duration::from_secs(10), || {
-        let log = init_log(&rig);
+        let log = rig.initiator_log();
         let (lines, logged, suppressed) = info_retransmits(&log);
         seen = (lines, logged, suppressed, all_retransmits(&log));
         logged + suppressed == seen.3

@@ -434,13 +434,17 @@ impl Rig {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Initiator and target output, for failure messages.
-    pub fn logs(&self) -> String {
-        let init = self
-            .initiator
+    /// The initiator's output so far (its log), empty when none runs.
+    pub fn initiator_log(&self) -> String {
+        self.initiator
             .as_ref()
             .map(NsChild::output_so_far)
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Initiator and target output, for failure messages.
+    pub fn logs(&self) -> String {
+        let init = self.initiator_log();
         let target = self
             .target
             .as_ref()
