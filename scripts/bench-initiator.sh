@@ -18,7 +18,8 @@
 # Usage: sudo scripts/bench-initiator.sh
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
 #   as in bench-compare.sh)   SIZE_MB=1024
-#   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   WINDOW=64 (raw generator window)
+#   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   READS=1 (0: writes only, no raw
+#             generator, dev or nbd reads)   WINDOW=64 (raw generator window)
 #   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
 #             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
 #   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
@@ -45,6 +46,7 @@ SIZE_MB=${SIZE_MB:-1024}
 TIME=${TIME:-5}
 RUNS=${RUNS:-3}
 WRITES=${WRITES:-1}
+READS=${READS:-1}
 WINDOW=${WINDOW:-64}
 NBDKIT=${NBDKIT:-1}
 DD_BS=${DD_BS:-1M}
@@ -195,7 +197,8 @@ for mtu in $MTUS; do
     bench_link "$mtu"
     for t in $TARGETS; do
         start_target "$t" || die "$t did not answer"
-        raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
+        raw=-
+        [ "$READS" = 1 ] && raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
         # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
         # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
         declare -A V=() TK=() TT=() TC=()
@@ -205,16 +208,19 @@ for mtu in $MTUS; do
                 start_initiator
                 : >"$WORK/cl"
                 c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
-                V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
-                    dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
-                    count=$((SIZE_MB << 20))) "
-                c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
-                TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
-                TC[dev,$k]=$(( ${TC[dev,$k]:-0} + $(client_ticks) ))
-                V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
+                if [ "$READS" = 1 ]; then
+                    V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
+                        dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
+                        count=$((SIZE_MB << 20))) "
+                    c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
+                    TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
+                    TC[dev,$k]=$(( ${TC[dev,$k]:-0} + $(client_ticks) ))
+                    V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
+                    c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
+                    TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
+                    TC[nbd,$k]=$(( ${TC[nbd,$k]:-0} + $(client_ticks) ))
+                fi
                 c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
-                TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
-                TC[nbd,$k]=$(( ${TC[nbd,$k]:-0} + $(client_ticks) ))
                 if [ "$WRITES" = 1 ]; then
                     V[devw,$k]+="$(perf_during "devw-$t-$mtu-$k-$run" timed dd if="$SRC" \
                         of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "

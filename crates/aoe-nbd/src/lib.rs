@@ -31,6 +31,7 @@ pub mod proto;
 
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::{Context, Result};
 use aoe_proto::initiator::DeviceState;
 use aoe_wire::TargetAddr;
+use nix::sys::socket::MsgFlags;
 
 use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Handle, Shared};
@@ -147,6 +149,12 @@ impl Conn {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
         })
+    }
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        }
     }
     fn shutdown(&self) {
         let _ = match self {
@@ -374,30 +382,132 @@ fn discard(r: &mut impl Read, n: u64) -> io::Result<()> {
 /// Requests in flight on one connection, with a cap.
 #[derive(Default)]
 struct Inflight {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<InflightState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct InflightState {
+    requests: usize,
+    bytes: u64,
+    /// The connection's reader waits on `cv` (a release must wake it): a condition
+    /// variable's notify is a system call even with nobody waiting, one per reply.
+    waiting: bool,
 }
 
 impl Inflight {
     fn acquire(&self, bytes: u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while s.0 > 0 && (s.0 >= MAX_INFLIGHT || s.1 + bytes > MAX_INFLIGHT_BYTES) {
+        while s.requests > 0 && (s.requests >= MAX_INFLIGHT || s.bytes + bytes > MAX_INFLIGHT_BYTES)
+        {
+            s.waiting = true;
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        s.0 += 1;
-        s.1 += bytes;
+        s.requests += 1;
+        s.bytes += bytes;
     }
     fn release(&self, bytes: u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 -= 1;
-        s.1 -= bytes;
-        self.cv.notify_all();
+        s.requests -= 1;
+        s.bytes -= bytes;
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_all();
+        }
     }
     fn wait_idle(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while s.0 > 0 {
+        while s.requests > 0 {
+            s.waiting = true;
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// Replies on their way to a connection's client. A reply without data (a write's, a
+/// flush's, an error) is sent at once by the thread that completes it (the network
+/// thread), with one non-blocking `send(2)`, when nothing is queued before it and the
+/// writer thread is not writing; everything else (reads' data, what the socket did not
+/// take) is queued for the writer thread. Handing a 16-byte write reply to the writer cost
+/// a wake-up of that thread per request (futex calls and context switches: 2-3% of the
+/// initiator's samples under nbdcopy writes); its copy into the socket is no more than the
+/// queueing. A read's reply stays with the writer: copying 256 KiB into the socket on the
+/// network thread delays every frame behind it (docs/PERFORMANCE.md).
+///
+/// A mutex-guarded queue and a condition variable rather than a channel: the writer takes
+/// everything queued in one lock, and a completion wakes it only when it waits.
+struct Replies {
+    state: Mutex<RepliesState>,
+    cv: Condvar,
+    /// The connection's socket, for the replies sent at once.
+    sock: Conn,
+    inflight: Arc<Inflight>,
+}
+
+#[derive(Default)]
+struct RepliesState {
+    queue: Vec<Reply>,
+    /// The writer is parked on `cv` (a push must wake it).
+    waiting: bool,
+    /// The writer is writing a batch it took: the socket is its until it is done.
+    busy: bool,
+    /// No more replies will come: the writer ends once the queue is empty.
+    closed: bool,
+}
+
+impl Replies {
+    fn new(sock: Conn, inflight: Arc<Inflight>) -> Replies {
+        Replies {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            sock,
+            inflight,
+        }
+    }
+
+    fn push(&self, mut r: Reply) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if r.data.is_empty() && s.queue.is_empty() && !s.busy {
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            // A failure other than a full buffer is the writer's to meet and report.
+            if let Ok(n) = nix::sys::socket::send(self.sock.as_raw_fd(), &r.head, flags) {
+                if n == r.head.len() {
+                    drop(s);
+                    self.inflight.release(r.held);
+                    return;
+                }
+                // The rest goes first, by the writer: nothing else is queued.
+                r.head.drain(..n);
+            }
+        }
+        s.queue.push(r);
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.closed = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits for replies and moves them all into `batch` (empty), the socket the writer's
+    /// until [`Replies::written`]; false once closed and drained.
+    fn take(&self, batch: &mut Vec<Reply>) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.busy = false;
+        while s.queue.is_empty() {
+            if s.closed {
+                return false;
+            }
+            s.waiting = true;
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        std::mem::swap(&mut s.queue, batch);
+        s.busy = true;
+        true
     }
 }
 
@@ -487,9 +597,10 @@ fn transmission(
     }
     // Each message carries the in-flight bytes it holds; the writer releases them once
     // the reply is written, so a client that stops reading replies stops being read.
-    let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
-    let recycle = net.clone();
     let inflight = Arc::new(Inflight::default());
+    let tx = Arc::new(Replies::new(w.try_clone()?, inflight.clone()));
+    let rx = tx.clone();
+    let recycle = net.clone();
     let shut = w.try_clone()?;
     let inf = inflight.clone();
     let writer = std::thread::Builder::new()
@@ -497,16 +608,11 @@ fn transmission(
         .spawn(move || {
             let mut w = w;
             let mut ok = true;
-            let mut batch = Vec::with_capacity(WRITE_BATCH);
-            while let Ok(first) = rx.recv() {
-                batch.push(first);
-                while batch.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
+            let mut batch = Vec::new();
+            while rx.take(&mut batch) {
+                for chunk in batch.chunks(WRITE_BATCH) {
+                    ok = ok && write_replies(&mut w, chunk).is_ok();
                 }
-                ok = ok && write_replies(&mut w, &batch).is_ok();
                 for m in batch.drain(..) {
                     inf.release(m.held);
                     // A read's buffer goes back to the engine for a later read to fill.
@@ -521,14 +627,14 @@ fn transmission(
     let bd = BlockDevice::new(net.clone(), dev, base);
     let result = requests(&mut r, &tx, &session, &bd, &inflight);
     inflight.wait_idle();
-    drop(tx);
+    tx.close();
     let _ = writer.join();
     result
 }
 
 fn requests(
     r: &mut BufReader<Conn>,
-    tx: &crossbeam_channel::Sender<Reply>,
+    tx: &Arc<Replies>,
     session: &Arc<Session>,
     bd: &BlockDevice,
     inflight: &Arc<Inflight>,
@@ -548,7 +654,7 @@ fn requests(
                 tracing::debug!(request = %req, error = e, "nbd: request refused");
                 discard(r, u64::from(req.payload_len()))?;
                 inflight.acquire(0);
-                let _ = tx.send(Reply {
+                tx.push(Reply {
                     head: session.error_reply(req.cookie, e, "request refused"),
                     data: Vec::new(),
                     held: 0,
@@ -565,7 +671,7 @@ fn requests(
         let reply = {
             let tx = tx.clone();
             move |head: Vec<u8>, data: Vec<u8>| {
-                let _ = tx.send(Reply {
+                tx.push(Reply {
                     head,
                     data,
                     held: bytes,
@@ -717,5 +823,77 @@ mod tests {
             write_replies(&mut w, &replies).unwrap();
             assert!(w.out == want, "max {max}");
         }
+    }
+
+    fn reply(byte: u8, data: Vec<u8>) -> Reply {
+        Reply {
+            head: vec![byte; 16],
+            data,
+            held: 0,
+        }
+    }
+
+    fn requests_in_flight(i: &Inflight) -> usize {
+        i.state.lock().unwrap().requests
+    }
+
+    /// A reply without data goes out at once, from the thread that completes it, and
+    /// releases its request; one with data waits for the writer.
+    #[test]
+    fn data_less_replies_are_sent_at_once() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let inflight = Arc::new(Inflight::default());
+        let q = Replies::new(Conn::Unix(a), inflight.clone());
+        inflight.acquire(0);
+        inflight.acquire(0);
+        q.push(reply(1, Vec::new()));
+        assert_eq!(requests_in_flight(&inflight), 1);
+        let mut got = [0u8; 16];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, [1; 16]);
+        q.push(reply(2, vec![9; 100]));
+        assert_eq!(requests_in_flight(&inflight), 1);
+        let mut batch = Vec::new();
+        assert!(q.take(&mut batch));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].data, vec![9; 100]);
+    }
+
+    /// With the socket full, or the writer writing, a reply without data is queued whole
+    /// behind what is there, never written into the middle of another reply or dropped.
+    #[test]
+    fn data_less_replies_queue_behind_a_full_socket_or_a_busy_writer() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let flags = MsgFlags::MSG_DONTWAIT;
+        let mut filled = 0;
+        while let Ok(n) = nix::sys::socket::send(a.as_raw_fd(), &[7u8; 4096], flags) {
+            filled += n;
+        }
+        let inflight = Arc::new(Inflight::default());
+        let q = Replies::new(Conn::Unix(a), inflight.clone());
+        inflight.acquire(0);
+        q.push(reply(3, Vec::new()));
+        assert_eq!(requests_in_flight(&inflight), 1, "queued, not released");
+        let mut batch = Vec::new();
+        assert!(q.take(&mut batch));
+        // The client reads what filled the socket, so there is room now; but the writer
+        // holds the socket (it took reply 3): this one queues too, though nothing is
+        // queued before it.
+        let mut filler = vec![0u8; filled];
+        b.read_exact(&mut filler).unwrap();
+        assert!(filler.iter().all(|&x| x == 7));
+        inflight.acquire(0);
+        q.push(reply(4, Vec::new()));
+        assert_eq!(requests_in_flight(&inflight), 2, "queued behind the writer");
+        let mut w = q.sock.try_clone().unwrap();
+        write_replies(&mut w, &batch).unwrap();
+        let mut rest = Vec::new();
+        assert!(q.take(&mut rest));
+        assert_eq!(rest.len(), 1);
+        write_replies(&mut w, &rest).unwrap();
+        let mut all = [0u8; 32];
+        b.read_exact(&mut all).unwrap();
+        assert_eq!(&all[..16], &[3; 16]);
+        assert_eq!(&all[16..], &[4; 16]);
     }
 }
