@@ -13,7 +13,9 @@
 //! The one ring implementation of the crate: the target uses both rings with whole frames,
 //! `aoe bench` (the load generator, `--rx ring`) a receive ring alone, of header-sized slots
 //! (the kernel stores the first bytes of a frame and reports its wire length):
-//! [`PacketRing::with_slots`] sizes each ring's slots, or leaves one ring out.
+//! [`PacketRing::with_slots`] sizes each ring's slots, or leaves one ring out. The
+//! initiator sends through a transmit ring alone on a socket that receives nothing
+//! ([`PacketRing::sender`]), beside the socket it receives on.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
