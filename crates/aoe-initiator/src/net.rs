@@ -291,6 +291,10 @@ struct Iface {
     /// The socket's receive ring ([`RxRing`]), or `None` where it could not be made: the
     /// socket then receives with `recvmmsg(2)` into [`Net`]'s batch.
     ring: Option<RxRing>,
+    /// The interface's transmit ring on a send-only socket of its own ([`TxRing`]), or
+    /// `None` where it could not be made: every frame then goes out with `sendmmsg(2)` on
+    /// `sock`, as do the frames the ring does not take ([`TxRing::takes`]).
+    txr: Option<TxRing>,
     /// Frames the socket refused with EAGAIN (send buffer full), sent in order once poll
     /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped. The engine's own
     /// buffers ([`Engine::poll_transmit_parts`]): queueing copies nothing.
@@ -342,6 +346,82 @@ fn rx_ring(sock: &PacketSocket, name: &str, mtu: u32) -> Option<RxRing> {
     }
 }
 
+/// Slots of a transmit ring: more than the frames one pass of the loop emits for a
+/// window of reads at MTU 1500 (four 256 KiB requests, 256 frames each, go out as their
+/// window opens); kicked early when it fills.
+const TX_RING_SLOTS: usize = 512;
+
+/// A `PACKET_TX_RING` on a send-only socket of the interface ([`PacketSocket::open_sender`],
+/// [`PacketRing::sender`]): the network thread copies each frame, headers and write data,
+/// into a slot and sends a whole batch with one `send()` kick, where `sendmmsg(2)` paid per
+/// frame for the message header's copy and checks, the iovec import and `packet_snd`'s skb
+/// set-up. The ring's `virtio_net_hdr` makes the kernel copy the frame into the skb's
+/// linear part, as the target's ring does (without it veth copies the ring's fragments into
+/// new pages). Measured against `sendmmsg` and against a ring of request frames alone with
+/// write data left to `sendmmsg` (docs/PERFORMANCE.md, "The initiator's transmit ring"):
+/// the copy of a write's data into the slot costs less than `sendmmsg`'s per-frame work.
+struct TxRing {
+    /// The send-only socket, open as long as its ring (which holds a duplicate of it).
+    _sock: PacketSocket,
+    ring: PacketRing,
+    /// Frames this interface's earlier rings took (made again after an MTU change), so
+    /// the count logged at the end is the interface's.
+    marked_before: u64,
+}
+
+impl TxRing {
+    fn new(name: &str, mtu: u32) -> std::io::Result<TxRing> {
+        let sock = PacketSocket::open_sender(name)?;
+        let ring = PacketRing::sender(&sock, aoe_sys::frame_capacity(mtu), TX_RING_SLOTS)?;
+        Ok(TxRing {
+            _sock: sock,
+            ring,
+            marked_before: 0,
+        })
+    }
+
+    /// Frames this interface's transmit rings have taken so far.
+    fn sent(&self) -> u64 {
+        self.marked_before + self.ring.stats().tx_marked
+    }
+
+    /// Whether `f` fits a slot; a longer one (the MTU grew and no ring of the new size
+    /// could be made) goes out with `sendmmsg`.
+    fn takes(&self, f: &TxFrame) -> bool {
+        f.len() <= self.ring.tx_frame_cap()
+    }
+
+    /// Copies `f` into a slot, kicking the ring once first if it is full; false if it is
+    /// still full (the kernel holds every slot).
+    fn push(&mut self, f: &TxFrame) -> bool {
+        let parts = [f.head.as_slice(), f.data()];
+        match self.ring.push_parts(&parts) {
+            Ok(true) => true,
+            Ok(false) => {
+                let _ = self.ring.kick();
+                self.ring.push_parts(&parts).unwrap_or(false)
+            }
+            // Longer than a slot: `takes` said otherwise, so never.
+            Err(_) => false,
+        }
+    }
+}
+
+/// A transmit ring for an interface, or `None` (logged) where the kernel refuses one: its
+/// frames then go out with `sendmmsg(2)`.
+fn tx_ring(name: &str, mtu: u32) -> Option<TxRing> {
+    match TxRing::new(name, mtu) {
+        Ok(r) => {
+            tracing::debug!(interface = %name, slots = r.ring.tx_frames(), cap = r.ring.tx_frame_cap(), "sending through a transmit ring");
+            Some(r)
+        }
+        Err(e) => {
+            tracing::info!(interface = %name, error = %e, "no transmit ring: sending with sendmmsg");
+            None
+        }
+    }
+}
+
 /// What became of a frame the socket refused ([`Iface::refused`]).
 enum Sent {
     /// The send buffer is full: keep it and wait for `POLLOUT`.
@@ -363,25 +443,22 @@ impl Iface {
         Sent::Lost
     }
 
-    /// Sends backlogged frames, in batches, until the socket is full again; the header
-    /// buffers of those done with go to `spent`.
+    /// Sends backlogged frames (and kicks frames left marked in the transmit ring) until
+    /// the socket or the ring is full again; the header buffers of those done with go to
+    /// `spent`.
     fn flush(&mut self, logs: &mut RateLimiter, spent: &mut Vec<Vec<u8>>) {
-        while !self.backlog.is_empty() {
-            let (n, full) = {
-                let (a, b) = self.backlog.as_slices();
-                let frames: Vec<[&[u8]; 2]> = a
-                    .iter()
-                    .chain(b)
-                    .take(RX_BATCH)
-                    .map(|f| [f.head.as_slice(), f.data()])
-                    .collect();
-                self.send_some(&frames, logs)
-            };
-            spent.extend(self.backlog.drain(..n).map(|f| f.head));
-            if full {
-                return;
+        if let Some(t) = &mut self.txr {
+            if t.ring.needs_kick() {
+                kick(t, &self.name, logs);
             }
         }
+        if self.backlog.is_empty() {
+            return;
+        }
+        let mut frames: Vec<TxFrame> = self.backlog.drain(..).collect();
+        self.send_now(&mut frames, logs, spent);
+        // Came from the backlog: never more than BACKLOG.
+        self.backlog.extend(frames);
     }
 
     /// Sends the first frames of `frames` (each its headers and its write data, sent from
@@ -403,18 +480,45 @@ impl Iface {
         }
     }
 
-    /// Sends `frames` now, in batches, if nothing is waiting before them; what the socket
-    /// refuses (full send buffer) is queued behind the backlog, or dropped with the
-    /// backlog full. The header buffers of frames done with (sent, lost or dropped) go to
-    /// `spent`, and `frames` is left empty. Returns the number dropped.
-    fn send_or_queue(
+    /// Sends what it can of `frames` now: into the transmit ring's slots, one kick for all
+    /// ([`TxRing`]), and what the ring does not take (no ring, a frame longer than its
+    /// slots, the ring full) in `sendmmsg(2)` batches. What is left in `frames` was
+    /// refused by a full send buffer and must be queued; the header buffers of the frames
+    /// done with (sent or lost) go to `spent`.
+    fn send_now(
         &mut self,
         frames: &mut Vec<TxFrame>,
         logs: &mut RateLimiter,
         spent: &mut Vec<Vec<u8>>,
-    ) -> u32 {
+    ) {
+        if let Some(t) = &mut self.txr {
+            let mut full = false;
+            let before = frames.len();
+            frames.retain_mut(|f| {
+                if full || !t.takes(f) {
+                    return true;
+                }
+                if t.push(f) {
+                    spent.push(std::mem::take(&mut f.head));
+                    return false;
+                }
+                full = true;
+                true
+            });
+            if frames.len() < before {
+                kick(t, &self.name, logs);
+            }
+            if full {
+                if let Some(a) = logs.check(Instant::now(), "transmit ring full") {
+                    tracing::debug!(
+                        interface = %self.name,
+                        "transmit ring full: the rest with sendmmsg{a}"
+                    );
+                }
+            }
+        }
         let mut done = 0;
-        if self.backlog.is_empty() {
+        {
             let parts: Vec<[&[u8]; 2]> = frames
                 .iter()
                 .map(|f| [f.head.as_slice(), f.data()])
@@ -434,10 +538,24 @@ impl Iface {
                 }
             }
         }
+        spent.extend(frames.drain(..done).map(|f| f.head));
+    }
+
+    /// Sends `frames` now if nothing is waiting before them ([`send_now`](Self::send_now));
+    /// what is refused is queued behind the backlog, or dropped with the backlog full. The
+    /// header buffers of frames done with (sent, lost or dropped) go to `spent`, and
+    /// `frames` is left empty. Returns the number dropped.
+    fn send_or_queue(
+        &mut self,
+        frames: &mut Vec<TxFrame>,
+        logs: &mut RateLimiter,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> u32 {
+        if self.backlog.is_empty() {
+            self.send_now(frames, logs, spent);
+        }
         let mut dropped = 0;
-        let mut frames = frames.drain(..);
-        spent.extend(frames.by_ref().take(done).map(|f| f.head));
-        for f in frames {
+        for f in frames.drain(..) {
             if self.backlog.len() >= BACKLOG {
                 dropped += 1;
                 spent.push(f.head);
@@ -446,6 +564,49 @@ impl Iface {
             }
         }
         dropped
+    }
+
+    /// Frames wait for the network layer: in the backlog, or marked in the transmit ring
+    /// and not yet taken by the kernel (what [`DevEntry::kickme`] reports).
+    fn backlogged(&self) -> bool {
+        !self.backlog.is_empty() || self.txr.as_ref().is_some_and(|t| t.ring.needs_kick())
+    }
+
+    /// What the loop waits for on this interface besides frames: `POLLOUT` on its socket
+    /// while frames wait in the backlog (refused by `sendmmsg`), and a short timer
+    /// ([`KICK_RETRY`]) while frames stay marked in the transmit ring (the kernel signals
+    /// no `POLLOUT` for a kick the send buffer cut short).
+    fn waits(&self) -> (bool, bool) {
+        (
+            !self.backlog.is_empty(),
+            self.txr.as_ref().is_some_and(|t| t.ring.needs_kick()),
+        )
+    }
+}
+
+/// How soon the loop kicks a transmit ring again while frames wait for it ([`Iface::waits`]).
+const KICK_RETRY: Duration = Duration::from_millis(1);
+
+/// Kicks `t`'s marked slots out. A full send buffer or device queue leaves them marked for
+/// the next kick ([`Iface::waits`]); other errors (the interface went down) are logged, and
+/// the slots likewise stay marked: the engine's retransmit timer covers their frames as
+/// for any lost on the wire, and a later kick sends what is still marked.
+fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
+    match t.ring.kick() {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            if let Some(a) = logs.check(Instant::now(), "send buffer full") {
+                tracing::debug!(
+                    interface = %name,
+                    "send buffer full: frames wait in the transmit ring{a}"
+                );
+            }
+        }
+        Err(e) => {
+            if let Some(a) = logs.check(Instant::now(), "kick failed") {
+                tracing::debug!(interface = %name, error = %e, "transmit ring kick failed{a}");
+            }
+        }
     }
 }
 
@@ -619,6 +780,20 @@ impl Net {
                             i.ring = None;
                             i.ring = rx_ring(&i.sock, &i.name, w.mtu);
                         }
+                        // The transmit ring likewise: a new socket and ring (frames still
+                        // marked in the old one are lost with it, and retransmitted);
+                        // without one, frames longer than the old slots go out with
+                        // sendmmsg.
+                        if i.txr
+                            .as_ref()
+                            .is_some_and(|t| t.ring.tx_frame_cap() < aoe_sys::frame_capacity(w.mtu))
+                        {
+                            let before = i.txr.take().map_or(0, |t| t.sent());
+                            i.txr = tx_ring(&i.name, w.mtu);
+                            if let Some(t) = i.txr.as_mut() {
+                                t.marked_before = before;
+                            }
+                        }
                     }
                 }
                 // Responses only: the kernel's filter drops requests (a flood of broadcast
@@ -638,11 +813,13 @@ impl Net {
                         self.engine
                             .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                         let ring = rx_ring(&sock, &w.name, w.mtu);
+                        let txr = tx_ring(&w.name, w.mtu);
                         self.ifaces[idx] = Some(Iface {
                             name: w.name.clone(),
                             index: w.index,
                             sock,
                             ring,
+                            txr,
                             backlog: VecDeque::new(),
                         });
                         opened += 1;
@@ -671,6 +848,16 @@ impl Net {
             let mut changed = false;
             while let Ok(cmd) = self.rx.try_recv() {
                 if matches!(cmd, Cmd::Stop) {
+                    for i in self.ifaces.iter().flatten() {
+                        if let Some(t) = &i.txr {
+                            tracing::info!(
+                                interface = %i.name,
+                                frames = t.sent(),
+                                rejected = t.ring.stats().tx_rejected,
+                                "frames sent through the transmit ring"
+                            );
+                        }
+                    }
                     self.fail_all();
                     return;
                 }
@@ -688,7 +875,7 @@ impl Net {
             // published at most every IO_PUBLISH_INTERVAL (the loop wakes every second).
             self.unpublished |= io;
             // `kickme` follows the send backlogs: publish when one fills or drains.
-            let backlogged = self.ifaces.iter().flatten().any(|i| !i.backlog.is_empty());
+            let backlogged = self.ifaces.iter().flatten().any(Iface::backlogged);
             if changed
                 || backlogged != self.backlogged
                 || (self.unpublished && self.published.elapsed() >= IO_PUBLISH_INTERVAL)
@@ -711,24 +898,29 @@ impl Net {
                 }
                 self.publish();
             }
-            let timeout = self
+            let waits: Vec<(bool, bool)> = self
+                .ifaces
+                .iter()
+                .map(|i| i.as_ref().map_or((false, false), Iface::waits))
+                .collect();
+            let mut timeout = self
                 .engine
                 .poll_timeout()
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
+            if waits.iter().any(|w| w.1) {
+                timeout = timeout.min(KICK_RETRY);
+            }
 
             // Never sleep on a full send buffer: wait for room (POLLOUT) together with
             // frames and commands.
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| {
-                    PollFd::with_events(
-                        i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()),
-                        true,
-                        i.as_ref().is_some_and(|i| !i.backlog.is_empty()),
-                    )
+                .zip(&waits)
+                .map(|(i, w)| {
+                    PollFd::with_events(i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()), true, w.0)
                 })
                 .collect();
             fds.push(PollFd::new(self.wake.as_raw_fd()));
@@ -934,7 +1126,7 @@ impl Net {
             .ifaces
             .iter()
             .flatten()
-            .filter(|i| !i.backlog.is_empty())
+            .filter(|i| i.backlogged())
             .map(|i| i.name.as_str())
             .collect();
         let mut s = lock(&self.shared);

@@ -227,6 +227,25 @@ impl PacketSocket {
         Ok(sock)
     }
 
+    /// Opens a send-only raw socket on `ifname`: bound to the interface with protocol 0,
+    /// so the kernel delivers nothing to it (packet(7): a packet socket receives only once a
+    /// protocol is set), and with no filter to run. For a
+    /// [`PacketRing::sender`](crate::PacketRing::sender) transmit ring beside a receiving
+    /// socket on the same interface: while a socket has a transmit ring every send on it
+    /// goes through the ring, so the receiving socket keeps `sendmmsg` for the frames the
+    /// ring does not take. Its frames pass the interface's `ETH_P_ALL` taps (`aoe trace`,
+    /// tcpdump) like any other; a socket bound to one ethertype does not see them.
+    /// [`ethertype`](Self::ethertype) reports 0.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub fn open_sender(ifname: &str) -> io::Result<PacketSocket> {
+        let sock = Self::open_unbound(ifname, 0)?;
+        sock.bind()?;
+        Ok(sock)
+    }
+
     /// Opens a capture tap for `aoe trace`: an `ETH_P_ALL` socket on `ifname` with the same
     /// ethertype filter as [`open`](Self::open), without `PACKET_IGNORE_OUTGOING`, so it sees
     /// the AoE frames the host sends as well as those it receives (packet(7): outgoing frames

@@ -13,7 +13,9 @@
 //! The one ring implementation of the crate: the target uses both rings with whole frames,
 //! `aoe bench` (the load generator, `--rx ring`) a receive ring alone, of header-sized slots
 //! (the kernel stores the first bytes of a frame and reports its wire length):
-//! [`PacketRing::with_slots`] sizes each ring's slots, or leaves one ring out.
+//! [`PacketRing::with_slots`] sizes each ring's slots, or leaves one ring out. The
+//! initiator sends through a transmit ring alone on a socket that receives nothing
+//! ([`PacketRing::sender`]), beside the socket it receives on.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -125,6 +127,8 @@ pub struct RingStats {
     /// Frames the kernel refused to send (`TP_STATUS_WRONG_FORMAT`: too long for the
     /// interface's MTU, or malformed).
     pub tx_rejected: u64,
+    /// Frames marked for sending ([`PacketRing::push`], [`PacketRing::commit`]).
+    pub tx_marked: u64,
 }
 
 /// A `TPACKET_V2` receive ring and transmit ring on one [`PacketSocket`], mapped into this
@@ -221,6 +225,48 @@ impl PacketRing {
         tx_cap: usize,
         tx_frames: usize,
     ) -> io::Result<PacketRing> {
+        // With both rings every send and receive of the socket goes through them, so the
+        // virtio_net_hdr before each frame is the rings' business alone.
+        Self::make(
+            sock,
+            rx_cap,
+            rx_frames,
+            tx_cap,
+            tx_frames,
+            rx_frames > 0 && tx_frames > 0,
+        )
+    }
+
+    /// A transmit ring alone, of at least `tx_frames` slots of `tx_cap` bytes, on a socket
+    /// that receives nothing ([`PacketSocket::open_sender`]), with the `virtio_net_hdr` that
+    /// makes the kernel copy each frame into the skb's linear part (as the target's rings
+    /// do; see the source of `with_slots`): on a veth, frames sent from the ring's pages as
+    /// zero-copy fragments would be copied into new pages again (`skb_copy_ubufs`). A
+    /// socket that receives would get the header before every frame it reads, which is why
+    /// [`with_slots`](Self::with_slots) sets it only with both rings.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for a socket bound to an ethertype (it receives) or
+    /// no slots; else as [`new`](Self::new).
+    pub fn sender(sock: &PacketSocket, tx_cap: usize, tx_frames: usize) -> io::Result<PacketRing> {
+        if sock.ethertype() != 0 || tx_frames == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a sender ring needs slots and a socket that receives nothing",
+            ));
+        }
+        Self::make(sock, 0, 0, tx_cap, tx_frames, true)
+    }
+
+    fn make(
+        sock: &PacketSocket,
+        rx_cap: usize,
+        rx_frames: usize,
+        tx_cap: usize,
+        tx_frames: usize,
+        want_vnet: bool,
+    ) -> io::Result<PacketRing> {
         if rx_frames == 0 && tx_frames == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -234,13 +280,13 @@ impl PacketRing {
             .unwrap_or(4096);
         let owned = sock.as_fd().try_clone_to_owned()?;
         let fd = owned.as_raw_fd();
-        // With both rings (every send and receive of the socket goes through them), a
+        // With a transmit ring and nothing received outside the rings, a
         // virtio_net_hdr before each frame lets a transmitted frame say how much of it the
         // kernel copies into the skb (`hdr_len`): all of it. Without it
         // tpacket_snd attaches the ring's pages as zero-copy fragments, and veth, which may
         // not pass those on, copies them into newly allocated pages (`skb_copy_ubufs`):
         // 17% of the target's samples at MTU 1500. Best effort: without it, as before.
-        let vnet = if rx_frames > 0 && tx_frames > 0 && set_int(fd, PACKET_VNET_HDR, 1).is_ok() {
+        let vnet = if want_vnet && set_int(fd, PACKET_VNET_HDR, 1).is_ok() {
             VNET_HDR_LEN
         } else {
             0
@@ -322,6 +368,13 @@ impl PacketRing {
     /// The largest frame a transmit slot holds.
     pub fn tx_frame_cap(&self) -> usize {
         self.tx.frame_size - self.tx_off()
+    }
+
+    /// True if each transmit slot carries a `virtio_net_hdr` (`PACKET_VNET_HDR`), so the
+    /// kernel copies the frame into the skb's linear part rather than lending the slot's
+    /// pages (see [`sender`](Self::sender)).
+    pub fn has_vnet_hdr(&self) -> bool {
+        self.vnet > 0
     }
 
     /// Where a transmitted frame starts in its slot: after the `virtio_net_hdr`, if any.
@@ -463,20 +516,32 @@ impl PacketRing {
     /// [`io::ErrorKind::InvalidInput`] if `frame` is longer than
     /// [`tx_frame_cap`](Self::tx_frame_cap).
     pub fn push(&mut self, frame: &[u8]) -> io::Result<bool> {
-        self.check_len(frame.len())?;
+        self.push_parts(&[frame])
+    }
+
+    /// Like [`push`](Self::push) for a frame in parts (headers, then data), copied into the
+    /// slot back to back.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push), for the parts' total length.
+    pub fn push_parts(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        self.check_len(len)?;
         let Some(off) = self.free_tx_slot() else {
             return Ok(false);
         };
-        // SAFETY: the slot is free (the kernel does not touch it until we mark it), and the
-        // frame fits after the header (checked above).
-        unsafe {
-            ptr::copy_nonoverlapping(
-                frame.as_ptr(),
-                self.map.as_ptr().add(off + self.tx_off()),
-                frame.len(),
-            );
+        let mut at = off + self.tx_off();
+        for p in parts {
+            // SAFETY: the slot is free (the kernel does not touch it until we mark it), and
+            // the parts together fit after its header (checked above), so each lands
+            // inside it; `p` is a separate borrow, not in the mapping's free slot.
+            unsafe {
+                ptr::copy_nonoverlapping(p.as_ptr(), self.map.as_ptr().add(at), p.len());
+            }
+            at += p.len();
         }
-        self.mark(off, frame.len());
+        self.mark(off, len);
         Ok(true)
     }
 
@@ -663,6 +728,7 @@ impl PacketRing {
             .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
         self.tx_head = (self.tx_head + 1) % self.tx.frame_nr();
         self.tx_unkicked += 1;
+        self.stats.tx_marked += 1;
     }
 
     /// True if frames were pushed that no [`kick`](Self::kick) has sent yet.

@@ -536,3 +536,81 @@ fn a_kick_cut_short_by_the_send_buffer_leaves_the_rest_to_kick() {
     drop((tx, rx));
     drop(veth);
 }
+
+/// The initiator's transmit path: a transmit ring on a send-only socket
+/// (`PacketSocket::open_sender`, `PacketRing::sender`) beside the socket that receives.
+/// Frames pushed in two parts (headers, data) arrive whole and unchanged at every size up
+/// to the MTU, a batch per kick, through the `virtio_net_hdr` (a wrong data offset in the
+/// slot would shift every byte); an `ETH_P_ALL` tap (`aoe trace`) sees them leave; the
+/// sender receives nothing sent to it; the receiving AoE socket on the same interface keeps
+/// its own `send`; and a socket bound to an ethertype is refused a sender ring (it would
+/// read the header before each frame it receives).
+#[test]
+fn a_sender_ring_sends_frames_in_parts_that_taps_see_and_receives_nothing() {
+    require_root();
+    let Link {
+        tx: aoe_a,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoesend", 9000);
+    rx.set_recv_buffer(8 << 20).expect("receive buffer");
+    let name = aoe_a.info().name.clone();
+    let (sender, tap) = run_in_netns(&_ns.0.path(), || {
+        (
+            PacketSocket::open_sender(&name),
+            PacketSocket::open_tap(&name, ETH_P_AOE),
+        )
+    })
+    .expect("enter namespace");
+    let sender = sender.expect("send-only socket");
+    let tap = tap.expect("tap");
+    tap.set_recv_buffer(8 << 20).expect("tap buffer");
+    assert_eq!(sender.ethertype(), 0);
+    let err = PacketRing::sender(&aoe_a, 128, 16).expect_err("a receiving socket");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+
+    let mut ring = PacketRing::sender(&sender, 9014, 64).expect("sender ring");
+    assert!(ring.has_vnet_hdr(), "PACKET_VNET_HDR on the sender ring");
+    assert!(ring.tx_frame_cap() >= 9014);
+    let sizes = [60usize, 61, 1514, 2047, 2049, 4000, 8750, 9014];
+    let frames: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| frame(dst, src, len, k as u8))
+        .collect();
+    for f in &frames {
+        // Headers and data apart, as the initiator's engine hands a write frame over.
+        let (head, data) = f.split_at(36.min(f.len()));
+        assert!(ring.push_parts(&[head, data]).expect("push"), "a free slot");
+    }
+    assert_eq!(ring.stats().tx_marked, sizes.len() as u64);
+    ring.kick().expect("kick");
+    assert!(!ring.needs_kick());
+    for (f, &len) in frames.iter().zip(&sizes) {
+        assert_eq!(&recv_one(&rx), f, "frame of {len} bytes at the peer");
+    }
+    for (f, &len) in frames.iter().zip(&sizes) {
+        assert_eq!(&recv_one(&tap), f, "frame of {len} bytes at the tap");
+    }
+    // Parts longer than a slot together are refused before anything is copied.
+    let big = vec![0u8; 9000];
+    let err = ring.push_parts(&[&big, &big]).expect_err("too large");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+
+    // A frame sent to the interface reaches the AoE socket and not the sender.
+    let back = frame(src, dst, 200, 9);
+    rx.send(&back).expect("send back");
+    assert_eq!(recv_one(&aoe_a), back);
+    let mut buf = vec![0u8; 9014];
+    assert!(
+        sender.recv(&mut buf).expect("recv on the sender").is_none(),
+        "the send-only socket received a frame"
+    );
+    // The receiving socket has no transmit ring: its own sends go out as before.
+    let f = frame(dst, src, 300, 10);
+    aoe_a.send(&f).expect("send beside a sender ring");
+    assert_eq!(recv_one(&rx), f);
+}
