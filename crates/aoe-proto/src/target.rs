@@ -415,7 +415,7 @@ struct Pending {
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
     /// A write's entry in the table of executed writes, finished with its reply.
-    dedup: Option<(dedup::Key, u64)>,
+    dedup: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1123,11 +1123,11 @@ impl Engine {
                             .get_mut(io.token.0 as usize)
                             .and_then(Option::as_mut)
                         {
-                            p.dedup = Some((key, seq));
+                            p.dedup = Some(seq);
                         }
                     }
                     // Not executed (over the buffer count): a copy must run.
-                    _ => self.dedup.forget(&key, seq),
+                    _ => self.dedup.forget(seq),
                 }
             }
             out
@@ -1231,8 +1231,8 @@ impl Engine {
         self.in_flight -= 1;
         self.iface_in_flight[p.iface] -= 1;
         self.stats.dropped += 1;
-        if let Some((key, seq)) = &p.dedup {
-            self.dedup.forget(key, *seq);
+        if let Some(seq) = p.dedup {
+            self.dedup.forget(seq);
         }
         true
     }
@@ -1257,8 +1257,8 @@ impl Engine {
             Err(IoFailure::Medium) => (status::DRDY | status::ERR, error_bits::UNC),
             Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
         };
-        if let Some((_, seq)) = &p.dedup {
-            self.dedup.finish(*seq, st, err);
+        if let Some(seq) = p.dedup {
+            self.dedup.finish(seq, st, err);
         }
         let data_len = match (p.kind, result) {
             (PendingKind::Read { len, sectors }, Ok(())) => {
