@@ -69,7 +69,7 @@ for cell in "$@"; do
             out=$(bench --target "$SHELF.$SLOT" --mode "$mode" --bs "$bs" --window "$win" \
                 --size "$size" "${confirm[@]}" --json)
             kill -INT "$perf_pid"; wait "$perf_pid" || true
-            read -r ut st < <(awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d %d", $12 * 1000 / hz, $13 * 1000 / hz }' "/proc/$TARGET_PID/stat")
+            read -r ut st < <(awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d %d\n", $12 * 1000 / hz, $13 * 1000 / hz }' "/proc/$TARGET_PID/stat")
             if [ -n "$rec_pid" ]; then kill -INT "$rec_pid"; wait "$rec_pid" || true; fi
             stop_pid "$TARGET_PID"; TARGET_PID=""
             ms=$(awk -F, '$3 == "task-clock" { printf "%.0f", $1 }' "$WORK/perf.txt")

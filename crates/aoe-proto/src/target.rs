@@ -447,6 +447,8 @@ pub struct Engine {
     /// The time the driver last gave ([`Engine::set_now`]); `None` until then, when entries
     /// of `dedup` are forgotten by number only.
     now: Option<Instant>,
+    /// The driver's cache hint ([`Engine::set_prefetch`]).
+    prefetch: Option<fn(*const u8)>,
 }
 
 impl Engine {
@@ -469,6 +471,7 @@ impl Engine {
             queries: QueryLimit::default(),
             dedup: dedup::Dedup::new(DedupConfig::default()),
             now: None,
+            prefetch: None,
         }
     }
 
@@ -476,6 +479,15 @@ impl Engine {
     /// calls it whenever it takes a batch of frames; the engine reads no clock.
     pub fn set_now(&mut self, now: Instant) {
         self.now = Some(now);
+    }
+
+    /// Gives the engine a cache hint to call with the address of memory it is about to
+    /// read, e.g. `aoe_sys::prefetch`: for a write, the line of the duplicate-write table's
+    /// index the write will look up, hinted before the digest of its data is computed, so
+    /// that the line (most often not in the cache: the index is read at random) comes in
+    /// meanwhile. The engine reads nothing through the hint; without one, nothing changes.
+    pub fn set_prefetch(&mut self, hint: fn(*const u8)) {
+        self.prefetch = Some(hint);
     }
 
     /// How long and how many executed writes are remembered to answer their copies.
@@ -1084,8 +1096,12 @@ impl Engine {
             };
             // The frame carries `len` bytes (parse checked it); no digest when the table is off.
             let admitted = if self.dedup.active() {
+                let hash = self.dedup.hash(&key);
+                if let (Some(hint), Some(line)) = (self.prefetch, self.dedup.line(hash)) {
+                    hint(line);
+                }
                 let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
-                self.dedup.admit(self.now, key, digest)
+                self.dedup.admit_hashed(self.now, key, hash, digest)
             } else {
                 Ok(None)
             };
