@@ -186,9 +186,12 @@ enum Found {
 /// hash and one or two adjacent cache lines of the index (read, and its bucket written),
 /// plus the entry at the back of the queue; forgetting the oldest write costs nothing in the
 /// index (its bucket is free once its seq has left the queue) and finishing one nothing
-/// either (the seq finds its entry). The std `HashMap` (SipHash-1-3, an entry lookup to
-/// admit and another to remove the write pushed out) it replaced was a quarter of the
-/// target's CPU under writes (docs/PERFORMANCE.md, "The duplicate-write table's cost").
+/// either (the seq finds its entry). The std `HashMap` it replaced took two SipHash-1-3
+/// hashes and two entry lookups a write (its admission, the removal of the write pushed
+/// out), 5-7% of the target's samples under writes. What is left is the cache miss on the
+/// home group, read at random: the engine hints it ([`Dedup::line`]) before computing the
+/// write's digest, which takes long enough for the line to arrive (docs/PERFORMANCE.md,
+/// "The duplicate-write table's cost").
 ///
 /// Flooding: the hash is keyed by a secret drawn per table from the process's random
 /// source (std's `RandomState`), so a sender cannot aim keys at one group; and whatever the

@@ -15,7 +15,7 @@ use dispatch::Staged;
 /// the initiator's kernel writes and the target reads in the caches; they cost more CPU per
 /// GB written, not less, in two interleaved runs of `bench-initiator.sh` in both orders
 /// (initiator 0.71-0.78 / 0.81-0.84 CPU-s/GB for dd / nbdcopy writes against 0.59-0.68 /
-/// 0.70-0.81, target 0.45-0.50 against 0.37-0.43; docs/PERFORMANCE.md, "The target's CPU
+/// 0.70-0.81, target 0.45-0.50 against 0.37-0.45; docs/PERFORMANCE.md, "The target's CPU
 /// per GB written"): a slot reused four times as often is more often still in the other
 /// CPU's cache when the kernel or the target touches it again. A larger floor also leaves
 /// room for several initiators' windows at once.
