@@ -14,7 +14,11 @@
 # the backing file (SIZE_MB MiB of random data, read once into the page cache) lives: /dev/shm (tmpfs)
 # by default as in bench-compare.sh; a disk file system (e.g. /var/tmp) is where the target
 # reads with RWF_NOWAIT (preadv2 or io_uring), which tmpfs does not support. One line per
-# run: mtu mode bs window build round task-clock-ms syscalls syscalls-per-request MB/s.
+# run: mtu mode bs window build round task-clock-ms syscalls syscalls-per-request MB/s, then
+# the target's user and system CPU ms over its whole life (/proc/PID/stat, in clock ticks:
+# the user part is what the target's own code costs, the kernel's share apart).
+# PERF_DIR=dir also records `perf record -g` of the target for every run into
+# dir/MTU-MODE-BS-WINDOW-BUILD-ROUND.data (`perf report -i ... --no-children`).
 # Needs linux-perf and jq.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +45,7 @@ head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 cat "$FILE" >/dev/null
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), load $(cut -d' ' -f1-3 /proc/loadavg), file in $FILE_DIR ($(stat -f -c %T "$FILE_DIR"))"
-echo "# mtu mode bs window build round task_ms syscalls syscalls_per_req MB/s"
+echo "# mtu mode bs window build round task_ms syscalls syscalls_per_req MB/s user_ms sys_ms"
 for cell in "$@"; do
     read -r mtu mode bs win size <<<"$cell"
     # Writes overwrite the scratch file: `aoe bench` wants that confirmed.
@@ -54,17 +58,26 @@ for cell in "$@"; do
             perf stat -x, -e task-clock,raw_syscalls:sys_enter -p "$TARGET_PID" \
                 -o "$WORK/perf.txt" &
             perf_pid=$!
+            rec_pid=""
+            if [ -n "${PERF_DIR:-}" ]; then
+                mkdir -p "$PERF_DIR"
+                perf record -q -g -p "$TARGET_PID" \
+                    -o "$PERF_DIR/$mtu-$mode-$bs-$win-$build-$round.data" 2>/dev/null &
+                rec_pid=$!
+            fi
             sleep 0.3
             out=$(bench --target "$SHELF.$SLOT" --mode "$mode" --bs "$bs" --window "$win" \
                 --size "$size" "${confirm[@]}" --json)
             kill -INT "$perf_pid"; wait "$perf_pid" || true
+            read -r ut st < <(awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d %d\n", $12 * 1000 / hz, $13 * 1000 / hz }' "/proc/$TARGET_PID/stat")
+            if [ -n "$rec_pid" ]; then kill -INT "$rec_pid"; wait "$rec_pid" || true; fi
             stop_pid "$TARGET_PID"; TARGET_PID=""
             ms=$(awk -F, '$3 == "task-clock" { printf "%.0f", $1 }' "$WORK/perf.txt")
             sc=$(awk -F, '$3 ~ /sys_enter/ { print $1 }' "$WORK/perf.txt")
             reqs=$(echo "$out" | jq .requests)
             mbs=$(echo "$out" | jq '.mb_per_s | round')
             per=$(awk -v s="$sc" -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.2f", s / r; else print "-" }')
-            echo "$mtu $mode $bs $win $build $round $ms $sc $per ${mbs:-?}"
+            echo "$mtu $mode $bs $win $build $round $ms $sc $per ${mbs:-?} $ut $st"
         done
     done
 done

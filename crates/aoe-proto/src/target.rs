@@ -415,7 +415,7 @@ struct Pending {
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
     /// A write's entry in the table of executed writes, finished with its reply.
-    dedup: Option<(dedup::Key, u64)>,
+    dedup: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -447,6 +447,8 @@ pub struct Engine {
     /// The time the driver last gave ([`Engine::set_now`]); `None` until then, when entries
     /// of `dedup` are forgotten by number only.
     now: Option<Instant>,
+    /// The driver's cache hint ([`Engine::set_prefetch`]).
+    prefetch: Option<fn(*const u8)>,
 }
 
 impl Engine {
@@ -469,6 +471,7 @@ impl Engine {
             queries: QueryLimit::default(),
             dedup: dedup::Dedup::new(DedupConfig::default()),
             now: None,
+            prefetch: None,
         }
     }
 
@@ -476,6 +479,15 @@ impl Engine {
     /// calls it whenever it takes a batch of frames; the engine reads no clock.
     pub fn set_now(&mut self, now: Instant) {
         self.now = Some(now);
+    }
+
+    /// Gives the engine a cache hint to call with the address of memory it is about to
+    /// read, e.g. `aoe_sys::prefetch`: for a write, the line of the duplicate-write table's
+    /// index the write will look up, hinted before the digest of its data is computed, so
+    /// that the line (most often not in the cache: the index is read at random) comes in
+    /// meanwhile. The engine reads nothing through the hint; without one, nothing changes.
+    pub fn set_prefetch(&mut self, hint: fn(*const u8)) {
+        self.prefetch = Some(hint);
     }
 
     /// How long and how many executed writes are remembered to answer their copies.
@@ -1084,8 +1096,12 @@ impl Engine {
             };
             // The frame carries `len` bytes (parse checked it); no digest when the table is off.
             let admitted = if self.dedup.active() {
+                let hash = self.dedup.hash(&key);
+                if let (Some(hint), Some(line)) = (self.prefetch, self.dedup.line(hash)) {
+                    hint(line);
+                }
                 let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
-                self.dedup.admit(self.now, key, digest)
+                self.dedup.admit_hashed(self.now, key, hash, digest)
             } else {
                 Ok(None)
             };
@@ -1123,11 +1139,11 @@ impl Engine {
                             .get_mut(io.token.0 as usize)
                             .and_then(Option::as_mut)
                         {
-                            p.dedup = Some((key, seq));
+                            p.dedup = Some(seq);
                         }
                     }
                     // Not executed (over the buffer count): a copy must run.
-                    _ => self.dedup.forget(&key, seq),
+                    _ => self.dedup.forget(seq),
                 }
             }
             out
@@ -1231,8 +1247,8 @@ impl Engine {
         self.in_flight -= 1;
         self.iface_in_flight[p.iface] -= 1;
         self.stats.dropped += 1;
-        if let Some((key, seq)) = &p.dedup {
-            self.dedup.forget(key, *seq);
+        if let Some(seq) = p.dedup {
+            self.dedup.forget(seq);
         }
         true
     }
@@ -1257,8 +1273,8 @@ impl Engine {
             Err(IoFailure::Medium) => (status::DRDY | status::ERR, error_bits::UNC),
             Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
         };
-        if let Some((_, seq)) = &p.dedup {
-            self.dedup.finish(*seq, st, err);
+        if let Some(seq) = p.dedup {
+            self.dedup.finish(seq, st, err);
         }
         let data_len = match (p.kind, result) {
             (PendingKind::Read { len, sectors }, Ok(())) => {

@@ -23,9 +23,9 @@
 //! within the window, after another write to those sectors, would have its second write
 //! taken for a copy: none of the known initiators can, since none repeats a tag that soon.
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
+use std::ptr;
 use std::time::{Duration, Instant};
 
 use aoe_wire::MacAddr;
@@ -35,9 +35,9 @@ use aoe_wire::MacAddr;
 /// copy of a write to be presumed gone (a second, or its retransmission timeout).
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(3);
 
-/// Default of [`DedupConfig::entries`]: about 2 MiB per export when full (64 bytes an entry
-/// in the age queue, 33 a bucket of the map at twice as many buckets). At a sustained
-/// 120 000 writes a second (1 GB/s of 8 KiB frames) it covers the last 130 ms.
+/// Default of [`DedupConfig::entries`]: about 1.5 MiB per export when full (64 bytes an
+/// entry in the age queue, 32 in the index). At a sustained 120 000 writes a second (1 GB/s
+/// of 8 KiB frames) it covers the last 130 ms.
 pub const DEFAULT_DEDUP_ENTRIES: usize = 16384;
 
 /// How long and how many executed writes an export remembers.
@@ -76,18 +76,6 @@ pub(super) struct Key {
     pub(super) lba: u64,
 }
 
-impl Hash for Key {
-    /// Three words into the (keyed, flood-proof) hasher instead of five fields with length
-    /// prefixes: this runs for every write.
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let m = self.src.0;
-        let mac = u64::from_be_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0]);
-        state.write_u64(mac | u64::from(self.cmd) << 8 | u64::from(self.count));
-        state.write_u64(self.lba);
-        state.write_u32(self.tag);
-    }
-}
-
 /// The data's digest: XXH3-128 (twox-hash, which picks its AVX2 code at run time where the
 /// CPU has it; xxhash-rust, used before, takes SSE2 in a build for baseline x86-64 whatever
 /// the CPU: 326 against 203 ns per 8704-byte payload here, the same digests). It replaced
@@ -113,7 +101,7 @@ pub(super) enum State {
     Done { status: u8, error: u8 },
 }
 
-/// A remembered write, in [`Dedup::order`] at its seq.
+/// A write admitted, in [`Dedup::order`] at its seq.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     /// When it was admitted (`None` in engines fed no time: never too old).
@@ -121,6 +109,10 @@ struct Entry {
     key: Key,
     digest: Digest,
     state: State,
+    /// The index leads to it: it is its key's remembered write. False once a write under
+    /// the same key replaced it, it was forgotten, or the index had no room for it; it then
+    /// only counts against the bound until it leaves the queue.
+    indexed: bool,
 }
 
 fn seen(e: &Entry) -> Seen {
@@ -143,33 +135,123 @@ pub(super) enum Seen {
     Done { status: u8, error: u8 },
 }
 
+/// Buckets in a [`Group`]: with its `spill` word, one 64-byte cache line.
+const BUCKETS: usize = 7;
+/// Groups a key's bucket may be placed in, from its home group on: a lookup reads at most
+/// this many (adjacent) cache lines, whatever the keys.
+const MAX_PROBE: usize = 4;
+/// The bits of a bucket that hold its seq; the 16 above them are the key's fingerprint.
+const SEQ_BITS: u32 = 48;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
+/// A cache line of the index. A bucket is `fingerprint << 48 | seq` (the seq's low 48
+/// bits); it stands for a write only while that seq is still in the age queue (and
+/// the entry there has its key), so buckets are never removed: a write that leaves the queue
+/// frees its bucket by leaving it.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Group {
+    buckets: [u64; BUCKETS],
+    /// The newest seq whose bucket went to a later group because this one was full: a
+    /// lookup goes on to the next group only while that seq is still in the queue.
+    spill: u64,
+}
+
+/// Where a key's bucket is, or could go.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    /// Groups after the home group.
+    step: usize,
+    bucket: usize,
+}
+
+/// What [`Dedup::find`] found.
+#[derive(Debug, Clone, Copy)]
+enum Found {
+    /// The key's bucket, and its entry's position in `order`.
+    At(Place, usize),
+    /// Not there; the first free bucket on its way.
+    Free(Place),
+    /// Not there, and every bucket of the first this many groups taken.
+    Full(usize),
+}
+
 /// The table of recently executed writes of one export.
 ///
 /// Each write admitted gets the next seq and an [`Entry`] at the back of `order`, which is
-/// indexed by seq (`order[seq - first]`); `map` says which seq each key stands for now. A
-/// write costs two lookups in `map` (its admission, and the removal of the one it pushes out
-/// of the window or the bound); finishing it none (the seq finds its entry).
-#[derive(Debug, Default)]
+/// indexed by seq (`order[seq - first]`) and forgets from the front (the window, the
+/// bound). The index finds a key's entry: an open-addressed table of 64-byte groups of
+/// seven buckets, a keyed hash of the key choosing the home group and a 16-bit fingerprint;
+/// a full group spills into the next (at most [`MAX_PROBE`] groups). A write costs one keyed
+/// hash and one or two adjacent cache lines of the index (read, and its bucket written),
+/// plus the entry at the back of the queue; forgetting the oldest write costs nothing in the
+/// index (its bucket is free once its seq has left the queue) and finishing one nothing
+/// either (the seq finds its entry). The std `HashMap` it replaced took two SipHash-1-3
+/// hashes and two entry lookups a write (its admission, the removal of the write pushed
+/// out), 5-7% of the target's samples under writes. What is left is the cache miss on the
+/// home group, read at random: the engine hints it ([`Dedup::line`]) before computing the
+/// write's digest, which takes long enough for the line to arrive (docs/PERFORMANCE.md,
+/// "The duplicate-write table's cost").
+///
+/// Flooding: the hash is keyed by a secret drawn per table from the process's random
+/// source (std's `RandomState`), so a sender cannot aim keys at one group; and whatever the
+/// keys, a lookup reads at most [`MAX_PROBE`] groups, and memory is fixed by the bound. A
+/// key whose groups are all full takes the bucket of the oldest write in its home group
+/// (counted in `evicted`, like a write pushed out by the bound): the same loss a flood of
+/// new writes causes anyway.
+#[derive(Debug)]
 pub(super) struct Dedup {
     cfg: DedupConfig,
-    map: HashMap<Key, u64>,
-    /// Entries by age, oldest first, of seqs `first..next_seq`. One whose seq `map` no
-    /// longer holds for its key was replaced since, and only counts against the bound.
+    /// Entries by age, oldest first, of seqs `first..next_seq`.
     order: VecDeque<Entry>,
     /// The seq of `order`'s front.
     first: u64,
     next_seq: u64,
+    /// The index (empty until the first write, and while the table is off): a power of two
+    /// groups, at most 2 entries of the bound per 7 buckets: at 4 per 7 runs of four full
+    /// groups were common enough that a full table at the default bound lost a few writes
+    /// in 80 000 to them (`a_full_table_forgets_only_the_oldest`, 1 run in 2).
+    groups: Vec<Group>,
+    /// The hash's secret.
+    seed: [u64; 4],
+    /// Entries with `indexed` set.
+    live: usize,
+    /// Tests: every key's home group is this one (to fill groups and make them spill).
+    #[cfg(test)]
+    force_home: Option<usize>,
     /// Writes forgotten inside the window because the table was full (`entries`): a copy of
     /// one of them arriving late would be executed again. Steadily rising, the bound is too
     /// small for the write rate.
     evicted: u64,
 }
 
+/// Groups of the index for a bound of `entries` writes: five buckets in seven or more
+/// free when the table is full.
+fn groups_for(entries: usize) -> usize {
+    entries.div_ceil(2).max(1).next_power_of_two()
+}
+
+/// The 128-bit product's halves folded together (foldhash's and wyhash's mixing step).
+fn fold(x: u64, y: u64) -> u64 {
+    let p = u128::from(x) * u128::from(y);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
 impl Dedup {
     pub(super) fn new(cfg: DedupConfig) -> Dedup {
+        let rs = RandomState::new();
         Dedup {
             cfg,
-            ..Dedup::default()
+            order: VecDeque::new(),
+            // Seqs start at 1, so that a bucket never written (0) never stands for a write.
+            first: 1,
+            next_seq: 1,
+            groups: Vec::new(),
+            seed: [1u8, 2, 3, 4].map(|i| rs.hash_one(i)),
+            live: 0,
+            evicted: 0,
+            #[cfg(test)]
+            force_home: None,
         }
     }
 
@@ -186,16 +268,21 @@ impl Dedup {
     pub(super) fn set_config(&mut self, cfg: DedupConfig, now: Option<Instant>) {
         self.cfg = cfg;
         if !cfg.enabled() {
-            self.map = HashMap::new();
+            self.groups = Vec::new();
             self.order = VecDeque::new();
             self.first = self.next_seq;
+            self.live = 0;
+            return;
         }
         self.expire(now);
+        if !self.groups.is_empty() && self.groups.len() != groups_for(cfg.entries) {
+            self.reindex();
+        }
     }
 
     /// Entries remembered (for tests and metrics).
     pub(super) fn len(&self) -> usize {
-        self.map.len()
+        self.live
     }
 
     /// Entries forgotten for the bound while still inside the window, since the start.
@@ -208,7 +295,8 @@ impl Dedup {
         self.expire_to(now, self.cfg.entries);
     }
 
-    /// Forgets entries past the window at `now`, and the oldest beyond `most`.
+    /// Forgets entries past the window at `now`, and the oldest beyond `most`. The index is
+    /// not touched: a bucket whose seq left the queue is free.
     fn expire_to(&mut self, now: Option<Instant>, most: usize) {
         while let Some(e) = self.order.front() {
             let old = match (now, e.at) {
@@ -218,18 +306,131 @@ impl Dedup {
             if !old && self.order.len() <= most {
                 break;
             }
-            let key = e.key;
-            let seq = self.first;
+            if e.indexed {
+                self.live -= 1;
+                if !old {
+                    self.evicted += 1;
+                }
+            }
             self.order.pop_front();
             self.first += 1;
-            if let MapEntry::Occupied(m) = self.map.entry(key) {
-                if *m.get() == seq {
-                    m.remove();
-                    if !old {
-                        self.evicted += 1;
+        }
+    }
+
+    /// The keyed hash of a key: its home group in the low bits, its fingerprint in the top 16.
+    pub(super) fn hash(&self, k: &Key) -> u64 {
+        let m = k.src.0;
+        let a = u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], k.cmd, k.count]);
+        let h = fold(a ^ self.seed[0], k.lba ^ self.seed[1]);
+        fold(h ^ u64::from(k.tag) ^ self.seed[2], self.seed[3])
+    }
+
+    /// The position in `order` of the write a bucket stands for, if its seq is still there.
+    fn slot_index(&self, bucket: u64) -> Option<usize> {
+        // Seqs differ by less than 2^48 within the queue: the low bits are enough.
+        let back = self.next_seq.wrapping_sub(bucket) & SEQ_MASK;
+        let len = self.order.len() as u64;
+        (back != 0 && back <= len).then(|| (len - back) as usize)
+    }
+
+    /// Where the home group of a key of hash `h` is in memory (for a prefetch), if the index
+    /// is there yet.
+    pub(super) fn line(&self, h: u64) -> Option<*const u8> {
+        (!self.groups.is_empty()).then(|| ptr::from_ref(&self.groups[self.home(h)]).cast())
+    }
+
+    /// The home group of a key of hash `h`.
+    fn home(&self, h: u64) -> usize {
+        #[cfg(test)]
+        if let Some(g) = self.force_home {
+            return g;
+        }
+        h as usize & (self.groups.len() - 1)
+    }
+
+    fn group_at(&self, home: usize, step: usize) -> usize {
+        (home + step) & (self.groups.len() - 1)
+    }
+
+    /// Looks a key up: where its bucket is and its entry's position in `order`, or else
+    /// the first free bucket on its way if there was one, or else how many groups it read.
+    fn find(&self, key: &Key, home: usize, fp: u64) -> Found {
+        let mut free = None;
+        for step in 0..MAX_PROBE {
+            let g = &self.groups[self.group_at(home, step)];
+            for (bucket, &b) in g.buckets.iter().enumerate() {
+                match self.slot_index(b) {
+                    Some(i) if b >> SEQ_BITS == fp => {
+                        let e = &self.order[i];
+                        if e.indexed && e.key == *key {
+                            return Found::At(Place { step, bucket }, i);
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        if free.is_none() {
+                            free = Some(Place { step, bucket });
+                        }
                     }
                 }
             }
+            // Nothing still remembered went past this group: the key is not further on.
+            if g.spill < self.first {
+                return free.map_or(Found::Full(step + 1), Found::Free);
+            }
+        }
+        free.map_or(Found::Full(MAX_PROBE), Found::Free)
+    }
+
+    /// A free bucket for a key not in the index, in its groups not yet looked at (`from`
+    /// on); else the oldest write's bucket in its home group, that write no longer indexed.
+    fn make_room(&mut self, home: usize, from: usize) -> Place {
+        for step in from..MAX_PROBE {
+            let g = &self.groups[self.group_at(home, step)];
+            if let Some(bucket) = g.buckets.iter().position(|&b| self.slot_index(b).is_none()) {
+                return Place { step, bucket };
+            }
+        }
+        let g = &self.groups[home];
+        let (bucket, i) = g
+            .buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(k, &b)| Some((k, self.slot_index(b)?)))
+            .min_by_key(|&(_, i)| i)
+            .expect("a group with no free bucket has seven in the queue");
+        let e = &mut self.order[i];
+        if e.indexed {
+            e.indexed = false;
+            self.live -= 1;
+            self.evicted += 1;
+        }
+        Place { step: 0, bucket }
+    }
+
+    /// Points the bucket at `place` to `seq` under fingerprint `fp`, and tells the groups
+    /// before it that a seq this new went past them.
+    fn place(&mut self, home: usize, place: Place, fp: u64, seq: u64) {
+        for step in 0..place.step {
+            let g = self.group_at(home, step);
+            self.groups[g].spill = seq;
+        }
+        let g = self.group_at(home, place.step);
+        self.groups[g].buckets[place.bucket] = fp << SEQ_BITS | (seq & SEQ_MASK);
+    }
+
+    /// Builds the index anew for the current bound, from the entries in the queue.
+    fn reindex(&mut self) {
+        self.groups = vec![Group::default(); groups_for(self.cfg.entries)];
+        for i in 0..self.order.len() {
+            let e = self.order[i];
+            if !e.indexed {
+                continue;
+            }
+            let h = self.hash(&e.key);
+            let home = self.home(h);
+            let p = self.make_room(home, 0);
+            self.place(home, p, h >> SEQ_BITS, self.first + i as u64);
         }
     }
 
@@ -245,9 +446,13 @@ impl Dedup {
             return Seen::New;
         }
         self.expire(now);
-        let i = self.map.get(key).and_then(|&seq| index(self.first, seq));
-        match i.and_then(|i| self.order.get(i)) {
-            Some(e) if e.digest == digest => seen(e),
+        if self.groups.is_empty() {
+            return Seen::New;
+        }
+        let h = self.hash(key);
+        let home = self.home(h);
+        match self.find(key, home, h >> SEQ_BITS) {
+            Found::At(_, i) if self.order[i].digest == digest => seen(&self.order[i]),
             _ => Seen::New,
         }
     }
@@ -259,14 +464,26 @@ impl Dedup {
         self.admit(now, key, digest).unwrap_or_default()
     }
 
-    /// One lookup for the hot path: a copy of a remembered write is `Err` with what the table
-    /// says of it; anything else is remembered as in flight (replacing an entry under the
-    /// same key with other data) and `Ok` with the seq to finish or forget it with (`None`
-    /// when the table is off).
+    /// [`admit_hashed`](Self::admit_hashed), the hash computed here.
+    #[cfg(test)]
     pub(super) fn admit(
         &mut self,
         now: Option<Instant>,
         key: Key,
+        digest: Digest,
+    ) -> Result<Option<u64>, Seen> {
+        self.admit_hashed(now, key, self.hash(&key), digest)
+    }
+
+    /// One lookup for the hot path, of a key whose [`hash`](Self::hash) is `h`: a copy of a
+    /// remembered write is `Err` with what the table says of it; anything else is
+    /// remembered as in flight (replacing an entry under the same key with other data) and
+    /// `Ok` with the seq to finish or forget it with (`None` when the table is off).
+    pub(super) fn admit_hashed(
+        &mut self,
+        now: Option<Instant>,
+        key: Key,
+        h: u64,
         digest: Digest,
     ) -> Result<Option<u64>, Seen> {
         if !self.cfg.enabled() {
@@ -274,29 +491,35 @@ impl Dedup {
         }
         // Room for one more within the bound (so `order` never grows past it).
         self.expire_to(now, self.cfg.entries - 1);
+        if self.groups.is_empty() {
+            self.groups = vec![Group::default(); groups_for(self.cfg.entries)];
+        }
+        let home = self.home(h);
+        let fp = h >> SEQ_BITS;
         let seq = self.next_seq;
-        match self.map.entry(key) {
-            MapEntry::Occupied(mut m) => {
-                // The map holds only seqs still in `order` (`expire` removes the others).
-                let i = index(self.first, *m.get());
-                if let Some(e) = i
-                    .and_then(|i| self.order.get(i))
-                    .filter(|e| e.digest == digest)
-                {
+        let place = match self.find(&key, home, fp) {
+            Found::At(place, i) => {
+                let e = &mut self.order[i];
+                if e.digest == digest {
                     return Err(seen(e));
                 }
-                m.insert(seq);
+                // Other data under the same key: the new write takes the key's bucket.
+                e.indexed = false;
+                self.live -= 1;
+                place
             }
-            MapEntry::Vacant(v) => {
-                v.insert(seq);
-            }
-        }
+            Found::Free(free) => free,
+            Found::Full(read) => self.make_room(home, read),
+        };
+        self.place(home, place, fp, seq);
         self.next_seq += 1;
+        self.live += 1;
         self.order.push_back(Entry {
             at: now,
             key,
             digest,
             state: State::InFlight,
+            indexed: true,
         });
         Ok(Some(seq))
     }
@@ -309,15 +532,15 @@ impl Dedup {
     }
 
     /// The write never ran (the driver could not queue it): a copy must run.
-    pub(super) fn forget(&mut self, key: &Key, seq: u64) {
-        if let MapEntry::Occupied(m) = self.map.entry(*key) {
-            if *m.get() == seq {
-                m.remove();
+    pub(super) fn forget(&mut self, seq: u64) {
+        if let Some(e) = self.entry_mut(seq) {
+            if e.indexed {
+                e.indexed = false;
+                self.live -= 1;
             }
         }
     }
 }
-
 /// Where the entry of `seq` stands in [`Dedup::order`], whose front is seq `first`; `None`
 /// for a seq forgotten before it.
 fn index(first: u64, seq: u64) -> Option<usize> {
@@ -422,7 +645,7 @@ mod tests {
         let mut d = Dedup::new(DedupConfig::default());
         let dg = Digest::of(&[3u8; 512]);
         let s = d.insert(None, key(1), dg).unwrap();
-        d.forget(&key(1), s);
+        d.forget(s);
         assert_eq!(d.check(None, &key(1), dg), Seen::New);
         d.set_config(
             DedupConfig {
@@ -475,6 +698,111 @@ mod tests {
         let s = d.insert(None, key(1), a).unwrap();
         d.finish(s, 0x40, 0);
         assert_eq!(d.check(None, &key(1), a), done);
+    }
+
+    fn key_n(n: u32) -> Key {
+        Key {
+            lba: u64::from(n) * 17,
+            ..key(n)
+        }
+    }
+
+    /// Writes as an initiator sends them, many times the bound: the index never lacks room
+    /// (every write forgotten is forgotten for the bound, oldest first, none for a full
+    /// group), every write of the last `entries` is found, and the index keeps its size.
+    #[test]
+    fn a_full_table_forgets_only_the_oldest() {
+        let mut d = Dedup::new(DedupConfig::default());
+        let dg = Digest::of(&[7u8; 512]);
+        let n = 5 * DEFAULT_DEDUP_ENTRIES as u32;
+        for t in 0..n {
+            let seq = d.insert(None, key_n(t), dg).unwrap();
+            d.finish(seq, 0x40, 0);
+        }
+        assert_eq!(d.len(), DEFAULT_DEDUP_ENTRIES);
+        assert_eq!(d.evicted(), u64::from(n) - DEFAULT_DEDUP_ENTRIES as u64);
+        let done = Seen::Done {
+            status: 0x40,
+            error: 0,
+        };
+        for t in n - DEFAULT_DEDUP_ENTRIES as u32..n {
+            assert_eq!(d.check(None, &key_n(t), dg), done, "write {t}");
+        }
+        assert_eq!(
+            d.check(None, &key_n(n - 1 - DEFAULT_DEDUP_ENTRIES as u32), dg),
+            Seen::New
+        );
+        assert_eq!(d.groups.len(), groups_for(DEFAULT_DEDUP_ENTRIES));
+        // The index: 64 bytes a group, 32 an entry of the bound.
+        assert_eq!(std::mem::size_of::<Group>(), 64);
+        assert_eq!(d.groups.len() * 64, DEFAULT_DEDUP_ENTRIES * 32);
+    }
+
+    /// Keys that all hash to one group fill it and the next three (7 buckets each), then take
+    /// the oldest write's bucket in the first (counted as evicted); a key placed past full
+    /// groups is still found after the writes that filled them are forgotten, also when it
+    /// was replaced by a newer write under the same key.
+    #[test]
+    fn a_full_group_spills_into_the_next_and_no_further_than_four() {
+        let t0 = Instant::now();
+        let cfg = DedupConfig {
+            window: Duration::from_secs(1),
+            entries: 64,
+        };
+        let mut d = Dedup::new(cfg);
+        d.force_home = Some(3);
+        let (a, b) = (Digest::of(&[0xaa; 512]), Digest::of(&[0xbb; 512]));
+        let span = (BUCKETS * MAX_PROBE) as u32;
+        for t in 0..span {
+            d.insert(Some(t0), key(t), a);
+        }
+        for t in 0..span {
+            assert_eq!(d.check(Some(t0), &key(t), a), Seen::InFlight, "key {t}");
+        }
+        assert_eq!(d.evicted(), 0);
+        // Four groups full: the next key takes the bucket of key 0, the oldest in group 3.
+        d.insert(Some(t0), key(span), a);
+        assert_eq!(d.evicted(), 1);
+        assert_eq!(d.len(), span as usize);
+        assert_eq!(d.check(Some(t0), &key(0), a), Seen::New);
+        assert_eq!(d.check(Some(t0), &key(span), a), Seen::InFlight);
+        // Key 15 sits in the third group; half a second later it is written again with
+        // other data, which takes its bucket there.
+        let t1 = t0 + Duration::from_millis(500);
+        d.insert(Some(t1), key(15), b);
+        // Past the window of the first writes: only key 15's second write is remembered,
+        // found past the two groups whose own writes are all forgotten.
+        let t2 = t0 + Duration::from_millis(1200);
+        assert_eq!(d.check(Some(t2), &key(15), b), Seen::InFlight);
+        assert_eq!(d.check(Some(t2), &key(16), a), Seen::New);
+        assert_eq!(d.len(), 1);
+        // The freed buckets are taken again.
+        for t in 100..100 + span {
+            d.insert(Some(t2), key(t), a);
+        }
+        assert_eq!(d.check(Some(t2), &key(15), b), Seen::InFlight);
+        assert_eq!(d.check(Some(t2), &key(100 + span - 1), a), Seen::InFlight);
+    }
+
+    /// A smaller bound forgets the oldest and builds the index anew; what is kept is found.
+    #[test]
+    fn a_new_bound_keeps_the_newest() {
+        let mut d = Dedup::new(DedupConfig::default());
+        let dg = Digest::of(&[1u8; 512]);
+        for t in 0..1000 {
+            d.insert(None, key_n(t), dg);
+        }
+        let cfg = DedupConfig {
+            entries: 100,
+            ..DedupConfig::default()
+        };
+        d.set_config(cfg, None);
+        assert_eq!(d.len(), 100);
+        assert_eq!(d.groups.len(), groups_for(100));
+        assert_eq!(d.check(None, &key_n(899), dg), Seen::New);
+        for t in 900..1000 {
+            assert_eq!(d.check(None, &key_n(t), dg), Seen::InFlight, "write {t}");
+        }
     }
 
     #[test]

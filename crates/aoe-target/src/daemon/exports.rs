@@ -279,6 +279,7 @@ impl Daemon {
             state,
         );
         engine.set_dedup(config.dedup);
+        engine.set_prefetch(aoe_sys::prefetch);
         Ok(ExportRt {
             spec: spec.clone(),
             engine,

@@ -9,6 +9,16 @@ use dispatch::Staged;
 /// Receive slots of an interface's ring at least ([`IoMode::Rings`]); grown to twice the sum
 /// of the buffer counts served there (`Daemon::size_socket_buffers`), so every request an
 /// initiator may have in flight, and a retransmitted copy of each, has a slot.
+///
+/// Why 1024 and not the 256 that twice the default 128 buffers would need: the rings at
+/// MTU 9000 take about 9 MiB each way with 1024, and 256 slots were tried to keep the slots
+/// the initiator's kernel writes and the target reads in the caches; they cost more CPU per
+/// GB written, not less, in two interleaved runs of `bench-initiator.sh` in both orders
+/// (initiator 0.71-0.78 / 0.81-0.84 CPU-s/GB for dd / nbdcopy writes against 0.59-0.68 /
+/// 0.70-0.81, target 0.45-0.50 against 0.37-0.45; docs/PERFORMANCE.md, "The target's CPU
+/// per GB written"): a slot reused four times as often is more often still in the other
+/// CPU's cache when the kernel or the target touches it again. A larger floor also leaves
+/// room for several initiators' windows at once.
 pub(super) const RING_FRAMES: usize = 1024;
 
 /// Where an interface's received frames are, and how its replies leave.
