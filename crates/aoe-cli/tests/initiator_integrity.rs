@@ -1032,18 +1032,7 @@ fn long_direct_io_lands_in_place() {
     let data = pattern(77, 8 << 20);
     fs::write(&src, &data).unwrap();
     let orig = fs::read(&rig.file).unwrap();
-    let dd = |args: &[String]| {
-        let out = Command::new("dd")
-            .args(args)
-            .output()
-            .expect("dd (coreutils)");
-        assert!(
-            out.status.success(),
-            "dd {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            rig.logs()
-        );
-    };
+    let dd = |args: &[String]| run_dd(&rig, args);
     let dev = rig.dev().display().to_string();
     // 8 MiB at 4 MiB + 4 KiB: direct I/O needs only 512-byte alignment here.
     dd(&[
@@ -1081,6 +1070,20 @@ fn long_direct_io_lands_in_place() {
     rig.finish();
 }
 
+/// Runs dd with `args`; a failure fails the test with dd's error and the rig's logs.
+fn run_dd(rig: &Rig, args: &[String]) {
+    let out = Command::new("dd")
+        .args(args)
+        .output()
+        .expect("dd (coreutils)");
+    assert!(
+        out.status.success(),
+        "dd {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        rig.logs()
+    );
+}
+
 /// The initiator's frames leave through its transmit ring (a `PACKET_TX_RING` on a
 /// send-only socket per interface, one kick per batch; aoe-initiator `net.rs` `TxRing`),
 /// read requests and write data frames alike: after 8 MiB written and read back with
@@ -1108,17 +1111,9 @@ fn frames_leave_through_the_transmit_ring() {
             "iflag=direct".into(),
         ],
     ] {
-        let out = Command::new("dd")
-            .args(&args)
-            .args(["bs=1M", "count=8", "conv=notrunc"])
-            .output()
-            .expect("dd (coreutils)");
-        assert!(
-            out.status.success(),
-            "dd {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            rig.logs()
-        );
+        let mut args = args.to_vec();
+        args.extend(["bs=1M", "count=8", "conv=notrunc"].map(String::from));
+        run_dd(&rig, &args);
     }
     assert!(fs::read(&back).unwrap() == data, "read back differs");
     rig.signal_initiator("TERM");
