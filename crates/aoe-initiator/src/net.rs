@@ -569,7 +569,8 @@ impl Iface {
     /// Frames wait for the network layer: in the backlog, or marked in the transmit ring
     /// and not yet taken by the kernel (what [`DevEntry::kickme`] reports).
     fn backlogged(&self) -> bool {
-        !self.backlog.is_empty() || self.txr.as_ref().is_some_and(|t| t.ring.needs_kick())
+        let (pollout, marked) = self.waits();
+        pollout || marked
     }
 
     /// What the loop waits for on this interface besides frames: `POLLOUT` on its socket
@@ -898,10 +899,22 @@ impl Net {
                 }
                 self.publish();
             }
-            let waits: Vec<(bool, bool)> = self
+            // Never sleep on a full send buffer: wait for room (POLLOUT) together with
+            // frames and commands, and kick a transmit ring again within KICK_RETRY while
+            // frames stay marked in it.
+            let mut rekick = false;
+            let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| i.as_ref().map_or((false, false), Iface::waits))
+                .map(|i| {
+                    let (pollout, marked) = i.as_ref().map_or((false, false), Iface::waits);
+                    rekick |= marked;
+                    PollFd::with_events(
+                        i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()),
+                        true,
+                        pollout,
+                    )
+                })
                 .collect();
             let mut timeout = self
                 .engine
@@ -909,20 +922,9 @@ impl Net {
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
-            if waits.iter().any(|w| w.1) {
+            if rekick {
                 timeout = timeout.min(KICK_RETRY);
             }
-
-            // Never sleep on a full send buffer: wait for room (POLLOUT) together with
-            // frames and commands.
-            let mut fds: Vec<PollFd> = self
-                .ifaces
-                .iter()
-                .zip(&waits)
-                .map(|(i, w)| {
-                    PollFd::with_events(i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()), true, w.0)
-                })
-                .collect();
             fds.push(PollFd::new(self.wake.as_raw_fd()));
             if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
                 continue;
