@@ -83,15 +83,19 @@ pub struct BenchArgs {
     /// How replies come in: `mmsg`, `recvmmsg` into header-sized buffers, or `ring`, a
     /// PACKET_MMAP RX ring (TPACKET_V2) that keeps only their headers: fewer system calls
     /// here, but the kernel fills the ring in the target's transmit path, which costs a
-    /// target that is the bottleneck more than the `recvmmsg` path does. Verify's read-back
-    /// checks data, so it always receives whole frames with `recvmmsg`.
+    /// target that is the bottleneck more than the `recvmmsg` path does (with `--tx ring`:
+    /// the generator's CPU per GB 0.97-1.01x, the target's 0.99-1.06x, so `mmsg` stays the
+    /// default). Verify's read-back checks data, so it always receives whole frames with
+    /// `recvmmsg`.
     #[arg(long, value_enum, default_value_t = Io::Mmsg)]
     rx: Io,
-    /// How requests go out: `ring`, a PACKET_TX_RING (TPACKET_V2) on a send-only socket,
-    /// each batch copied into its slots and sent with one `send()` kick, or `mmsg`,
-    /// `sendmmsg` batches of 64, which pay per frame for the message's set-up. If the ring
-    /// cannot be made, `ring` says so on stderr and sends with `sendmmsg`; the JSON output
-    /// counts the frames each way sent (`tx_frames_ring`, `tx_frames_mmsg`).
+    /// How requests go out: `ring` (the default), a PACKET_TX_RING (TPACKET_V2) on a
+    /// send-only socket, each batch copied into its slots (write data built there) and sent
+    /// with one `send()` kick, or `mmsg`, `sendmmsg` batches of 64, which pay per frame for
+    /// the message's set-up: measured against it, the ring costs the generator 0.73-0.99x
+    /// the CPU per GB moved (docs/PERFORMANCE.md). If the ring cannot be made, `ring` says so
+    /// on stderr and sends with `sendmmsg`; the JSON output counts the frames each way sent
+    /// (`tx_frames_ring`, `tx_frames_mmsg`).
     #[arg(long, value_enum, default_value_t = Io::Ring)]
     tx: Io,
     /// Seed of the random offsets (randread, randwrite).
