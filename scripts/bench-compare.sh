@@ -220,7 +220,8 @@ gen_cells() { # mtu
                         echo "$out $(( c1 - c0 ))" | awk -v OFS='\t' -v mtu="$mtu" -v mode="$mode" \
                             -v w="$w" -v t="$t" -v g="$g" -v r="$r" -v hz="$HZ" '{
                             tcpu = ($5 > 0) ? ($9 / hz) / ($5 / 1e9) : 0
-                            print mtu, mode, w, t, g, r, $1, $8, $3, $4, tcpu, 100 * $6 / $7
+                            gcpu = ($5 > 0) ? $6 / ($5 / 1e9) : 0
+                            print mtu, mode, w, t, g, r, $1, $8, $3, $4, tcpu, 100 * $6 / $7, gcpu
                         }' >>"$RUNROWS"
                     done
                 done
@@ -230,7 +231,8 @@ gen_cells() { # mtu
                         -v mtu="$mtu" -v mode="$mode" -v bs="$bs" -v w="$w" -v t="$t" -v g="$g" \
                         -v bufs="$bufs" -v hz="$HZ" '{
                             tcpu = ($5 > 0) ? ($9 / hz) / ($5 / 1e9) : 0
-                            print mtu, mode, bs, w, t, bufs, g, $1, $2, $3, $4, tcpu, 100 * $6 / $7
+                            gcpu = ($5 > 0) ? $6 / ($5 / 1e9) : 0
+                            print mtu, mode, bs, w, t, bufs, g, $1, $2, $3, $4, tcpu, 100 * $6 / $7, gcpu
                         }' | tee -a "$GENROWS" >&2
                 done
                 stop_target
@@ -309,9 +311,11 @@ done
     echo "Targets under load generators (generator \`aoe\` = \`aoe bench\`, \`c\` = scripts/bench/aoegen.c$(
         for g in $EXTRA_GENS; do v="GEN_AOE_$g"; printf ', `%s` = `%s bench ...`' "$g" "${!v}"; done)):"
     echo
-    echo "| MTU | mode | bs | window | target (buffers) | generator | MB/s | IOPS | p99 us | retransmits | target CPU-s/GB | generator CPU |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s (%s) | %s | %.0f | %.0f | %.0f | %d | %.2f | %.0f%% |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 }' "$GENROWS"
+    # generator CPU: its user+system CPU time over the run's time (100% = one CPU busy all
+    # along: then it, not the target, may be what limits the MB/s), and per GB moved.
+    echo "| MTU | mode | bs | window | target (buffers) | generator | MB/s | IOPS | p99 us | retransmits | target CPU-s/GB | generator CPU | generator CPU-s/GB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s (%s) | %s | %.0f | %.0f | %.0f | %d | %.2f | %.0f%% | %.2f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 }' "$GENROWS"
     echo
     echo "Ratios in the same run: \`aoe bench\` against the C generator (same target, cell), and \`aoe serve\` against vblade (\`aoe bench\` rows):"
     echo
@@ -357,6 +361,6 @@ done
 cat "$WORK/table.md"
 [ -z "$OUT" ] || {
     cp "$WORK/table.md" "$OUT"
-    { printf 'mtu\tmode\twindow\ttarget\tgenerator\tround\tMB/s\tp50_us\tp99_us\tretransmits\ttarget_cpu_s_per_GB\tgenerator_cpu_pct\n'
+    { printf 'mtu\tmode\twindow\ttarget\tgenerator\tround\tMB/s\tp50_us\tp99_us\tretransmits\ttarget_cpu_s_per_GB\tgenerator_cpu_pct\tgenerator_cpu_s_per_GB\n'
       cat "$RUNROWS"; } >"$OUT.runs.tsv"
 }

@@ -2,6 +2,8 @@
 //! namespaces the test creates (root, netns). No timing is asserted: only that verify passes,
 //! that `--json` parses and carries the fields the comparison harness reads, and that a
 //! writing mode without `--write` (or aimed at broadcast) is refused before anything is sent.
+//! Requests go out through the transmit ring by default (`--tx ring`); the JSON output's
+//! counters of frames sent each way show which path a run took.
 
 mod common;
 use common::*;
@@ -11,39 +13,58 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+use aoe_testkit::relay::{Faults, RelayLink};
 use aoe_testkit::{wait_until, Netns, NsChild, VethPair};
 use serde_json::Value;
 
 /// Backing file: 8 MiB of a seeded pattern (so a verify pass really changes it).
 const FILE_BYTES: usize = 8 << 20;
 
-/// A target in one namespace, `aoe bench` run from the other.
+/// A target in one namespace, `aoe bench` run from the other, over one veth pair or through
+/// the fault-injecting relay (a middle namespace).
 struct BenchRig {
     _target: NsChild,
     file: PathBuf,
     init: Netns,
-    veth: VethPair,
+    link: Link,
     _target_ns: Netns,
     _dir: tempfile::TempDir,
 }
 
+enum Link {
+    Veth(VethPair),
+    Relay(RelayLink),
+}
+
 impl BenchRig {
     fn start(kind: Target, mtu: u32) -> BenchRig {
+        Self::start_on(kind, mtu, false)
+    }
+
+    fn start_on(kind: Target, mtu: u32, relay: bool) -> BenchRig {
         require_tools();
         let target_ns = Netns::new("aoebenchT").expect("target namespace");
         let init = Netns::new("aoebenchI").expect("initiator namespace");
-        let veth = VethPair::new(&target_ns, &init, mtu).expect("veth pair");
+        let link = if relay {
+            Link::Relay(RelayLink::new(&target_ns, &init, mtu, 0x5eed).expect("relayed link"))
+        } else {
+            Link::Veth(VethPair::new(&target_ns, &init, mtu).expect("veth pair"))
+        };
+        let target_if = match &link {
+            Link::Veth(v) => v.a_name().to_string(),
+            Link::Relay(r) => r.target_if().to_string(),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("disk.img");
         fs::write(&file, pattern(11, FILE_BYTES)).expect("backing file");
         let target = target_ns
-            .spawn(kind.command(veth.a_name(), &file, &[]))
+            .spawn(kind.command(&target_if, &file, &[]))
             .expect("start target");
         let rig = BenchRig {
             _target: target,
             file,
             init,
-            veth,
+            link,
             _target_ns: target_ns,
             _dir: dir,
         };
@@ -58,11 +79,18 @@ impl BenchRig {
         rig
     }
 
+    fn iface(&self) -> &str {
+        match &self.link {
+            Link::Veth(v) => v.b_name(),
+            Link::Relay(r) => r.initiator_if(),
+        }
+    }
+
     fn bench(&self, args: &[&str]) -> Output {
         run(self
             .init
             .command("timeout")
-            .args(["-k", "5", "120", AOE, "bench", self.veth.b_name()])
+            .args(["-k", "5", "120", AOE, "bench", self.iface()])
             .args(args))
     }
 
@@ -102,11 +130,24 @@ fn stamped_lba(file: &std::path::Path, lba: u64) -> u64 {
     u64::from_le_bytes(b.try_into().expect("8 bytes"))
 }
 
+/// Every request (and retransmit) of the run went out through the transmit ring, none with
+/// `sendmmsg`.
+fn assert_sent_by_ring(v: &Value) {
+    assert_eq!(v["tx"], "ring", "{v:#}");
+    assert_eq!(num(v, "tx_frames_mmsg"), 0.0, "{v:#}");
+    assert_eq!(
+        num(v, "tx_frames_ring"),
+        num(v, "requests") + num(v, "retransmits"),
+        "one ring frame per request and retransmit: {v:#}"
+    );
+}
+
 fn verify_passes(kind: Target, mtu: u32) {
     let rig = BenchRig::start(kind, mtu);
     let v = rig.bench_json(&[
         "--target", "7.3", "--mode", "verify", "--write", "--size", "4M", "--window", "32",
     ]);
+    assert_sent_by_ring(&v);
     assert_eq!(num(&v, "verified_sectors"), 8192.0, "{v:#}");
     assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
     assert_eq!(
@@ -129,8 +170,54 @@ fn verify_passes(kind: Target, mtu: u32) {
     let v = rig.bench_json(&[
         "--target", "7.3", "--mode", "verify", "--write", "--size", size, "--bs", bs,
     ]);
+    assert_sent_by_ring(&v);
     assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
     assert_eq!(num(&v, "verified_sectors"), sectors, "{v:#}");
+    // And with sendmmsg, asked for: nothing through the ring.
+    let v = rig.bench_json(&[
+        "--target", "7.3", "--mode", "verify", "--write", "--size", "2M", "--tx", "mmsg",
+    ]);
+    assert_eq!(v["tx"], "mmsg", "{v:#}");
+    assert_eq!(num(&v, "tx_frames_ring"), 0.0, "{v:#}");
+    assert!(num(&v, "tx_frames_mmsg") >= num(&v, "requests"), "{v:#}");
+    assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
+    assert_eq!(num(&v, "verified_sectors"), 4096.0, "{v:#}");
+}
+
+/// Lost, duplicated and reordered frames on the way (the relay): the requests sent again go
+/// through the ring too, writes with their data rebuilt in the slot, and every sector still
+/// reads back as written.
+#[test]
+fn lossy_verify_retransmits_through_the_ring() {
+    let rig = BenchRig::start_on(Target::AoeServe, 1500, true);
+    let Link::Relay(relay) = &rig.link else {
+        unreachable!("started with a relay")
+    };
+    relay.control().set_faults(Faults::lossy(0.03, 0.01, 0.02));
+    let v = rig.bench_json(&[
+        "--target",
+        "7.3",
+        "--mode",
+        "verify",
+        "--write",
+        "--size",
+        "2M",
+        "--window",
+        "16",
+        "--min-rto-us",
+        "2000",
+    ]);
+    relay.control().set_faults(Faults::default());
+    assert!(
+        num(&v, "retransmits") > 0.0,
+        "3% loss, no retransmit: {v:#}"
+    );
+    assert_sent_by_ring(&v);
+    assert_eq!(num(&v, "verified_sectors"), 4096.0, "{v:#}");
+    assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
+    for lba in [0, 1, 2047, 4095] {
+        assert_eq!(stamped_lba(&rig.file, lba), lba, "LBA {lba}");
+    }
 }
 
 #[test]
@@ -261,10 +348,21 @@ fn ring_and_recvmmsg_receive_paths_complete_the_same_sized_read() {
     ]);
     assert_eq!(num(&v, "verified_sectors"), 6144.0, "{v:#}");
     assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
-    let out = rig.bench(&["--target", "7.3", "--rx", "rings"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "an unknown --rx value is a usage error"
-    );
+    // Both rings at once, and sendmmsg with the RX ring.
+    for (tx, rx) in [("ring", "ring"), ("mmsg", "ring")] {
+        let v = rig.bench_json(&[
+            "--target", "7.3", "--size", "2M", "--window", "16", "--tx", tx, "--rx", rx,
+        ]);
+        assert_eq!(num(&v, "bytes"), 2097152.0, "{tx}/{rx}: {v:#}");
+        assert_eq!(v["tx"], tx, "{v:#}");
+        assert_eq!(v["rx"], rx, "{v:#}");
+    }
+    for flag in ["--rx", "--tx"] {
+        let out = rig.bench(&["--target", "7.3", flag, "rings"]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "an unknown {flag} value is a usage error"
+        );
+    }
 }

@@ -1,11 +1,15 @@
-//! The load generator's loop: a slab of pre-built request frames, sent in batches
-//! (`sendmmsg` through [`aoe_sys`]), replies read by `recvmmsg` into header-sized buffers (or,
+//! The load generator's loop: a slab of pre-built request frames, sent in batches through a
+//! `PACKET_TX_RING` on a send-only socket ([`TxRing`], one `send()` kick per batch) or with
+//! `sendmmsg` (`--tx mmsg`), replies read by `recvmmsg` into header-sized buffers (or,
 //! with `--rx ring`, from a PACKET_MMAP RX ring of header-sized slots, a [`PacketRing`]; whole
 //! frames when the data is checked), tags that are slab indices, a short busy-poll before
 //! sleeping in poll(2), and an RTT-adaptive retransmit timer.
 //!
 //! Nothing is allocated per frame: a request's frame lives in its slot of one arena for its
-//! whole life and is patched in place (tag, LBA, count, write data).
+//! whole life and is patched in place (tag, LBA, count, write data). Through a transmit ring
+//! the arena keeps only the request headers: each send copies the header into a ring slot and
+//! writes a write's data (the LBA-stamped pattern) straight after it, so the data is written
+//! once per send, not into the arena and then copied.
 
 use std::collections::VecDeque;
 use std::io;
@@ -80,6 +84,41 @@ pub struct Tuning {
     pub rx_ring: bool,
 }
 
+/// A `PACKET_TX_RING` on a send-only socket of the target's interface
+/// ([`PacketSocket::open_sender`], [`PacketRing::sender`]): a whole batch of requests goes
+/// out with one `send()` kick, where `sendmmsg(2)` pays per message for the header's copy,
+/// the iovec import and `packet_snd`'s skb set-up. Its `virtio_net_hdr` makes the kernel copy
+/// each frame into the skb's linear part (a veth would copy the ring's pages again).
+pub struct TxRing {
+    /// The send-only socket, open as long as its ring (which holds a duplicate of it).
+    _sock: PacketSocket,
+    ring: PacketRing,
+}
+
+/// Most slots of a transmit ring: 9 MiB of them at MTU 9000. A larger window goes on when
+/// the kernel hands slots back (a kick frees them as it sends, on a veth at once).
+const TX_RING_MAX_SLOTS: usize = 1024;
+
+impl TxRing {
+    /// A transmit ring on interface `ifname` with slots for frames of an `mtu`-byte payload,
+    /// twice `window` of them (at least 256, at most [`TX_RING_MAX_SLOTS`]): a window's
+    /// requests and as many retransmits of them fit without waiting for the kernel.
+    ///
+    /// # Errors
+    ///
+    /// Any error of the socket, `PACKET_TX_RING` or `mmap`.
+    pub fn new(ifname: &str, mtu: u32, window: usize) -> io::Result<TxRing> {
+        let sock = PacketSocket::open_sender(ifname)?;
+        // Best effort, as on the receiving socket: room for a whole ring's frames in the
+        // send buffer, and no qdisc between the ring and the device.
+        let _ = sock.set_send_buffer(32 << 20);
+        let _ = sock.set_qdisc_bypass(true);
+        let slots = (2 * window).clamp(256, TX_RING_MAX_SLOTS);
+        let ring = PacketRing::sender(&sock, aoe_sys::frame_capacity(mtu), slots)?;
+        Ok(TxRing { _sock: sock, ring })
+    }
+}
+
 /// Where the target is.
 pub struct Peer<'a> {
     /// The socket on the interface the target answered on.
@@ -112,6 +151,10 @@ pub struct PhaseStats {
     pub bad_sectors: u64,
     /// First differing byte: (LBA, offset in the sector).
     pub first_bad: Option<(u64, usize)>,
+    /// Frames the transmit ring took (requests and retransmits).
+    pub frames_ring: u64,
+    /// Frames sent with `sendmmsg`.
+    pub frames_mmsg: u64,
     /// Stopped early by Ctrl-C.
     pub interrupted: bool,
 }
@@ -198,20 +241,32 @@ fn next_rand(s: &mut u64) -> u64 {
     s.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
-/// Runs one phase. `progress` is called about once a second; `stop` ends the phase early.
+/// Runs one phase, sending through `tx` if given (else with `sendmmsg`). `progress` is
+/// called about once a second; `stop` ends the phase early.
 pub fn run(
     peer: &Peer<'_>,
     plan: &Plan,
     t: &Tuning,
+    mut tx: Option<&mut TxRing>,
     stop: &AtomicBool,
     mut progress: impl FnMut(&Progress),
 ) -> Result<PhaseStats> {
     let per = u64::from(plan.per);
     let write = plan.op == Op::Write;
     let data_max = usize::from(plan.per) * SECTOR;
-    let stride = (ATA_HEADER_LEN + if write { data_max } else { 0 }).max(MIN_FRAME);
+    // A ring slot must hold the longest request; else (an MTU the ring was not made for)
+    // this phase sends with sendmmsg.
+    if tx
+        .as_ref()
+        .is_some_and(|r| ATA_HEADER_LEN + data_max > r.ring.tx_frame_cap())
+    {
+        tx = None;
+    }
+    // Through a ring the arena holds the headers only; write data goes into the slot.
+    let arena_data = if write && tx.is_none() { data_max } else { 0 };
+    let stride = (ATA_HEADER_LEN + arena_data).max(MIN_FRAME);
     // One template, emitted by aoe-wire, copied into every slot.
-    let zeros = vec![0u8; if write { data_max } else { 0 }];
+    let zeros = vec![0u8; arena_data];
     let template = Message {
         header: HeaderRepr::request(peer.mac, peer.me, peer.addr, AoeCommand::Ata, Tag(0)),
         body: Body::Ata(AtaRepr {
@@ -293,6 +348,8 @@ pub fn run(
         checked_sectors: 0,
         bad_sectors: 0,
         first_bad: None,
+        frames_ring: 0,
+        frames_mmsg: 0,
         interrupted: false,
     };
     let mut last_reply = start;
@@ -337,7 +394,7 @@ pub fn run(
             let mut ata = AtaPacket::new_checked(f.payload_mut())?;
             ata.set_sector_count(s.count);
             ata.set_lba(lba);
-            if write {
+            if write && tx.is_none() {
                 pattern::fill(&mut ata.data_mut()[..data_len], lba, plan.stamp);
             }
             pending.push_back(i as u16);
@@ -346,8 +403,47 @@ pub fn run(
         if busy == 0 {
             break now;
         }
-        // Send what is pending, in batches.
-        while !pending.is_empty() {
+        // Send what is pending: into the ring's free slots and one kick for them all, or
+        // with sendmmsg in batches.
+        if let Some(r) = tx.as_deref_mut() {
+            let mut n = 0;
+            for &i in pending.iter() {
+                let i = usize::from(i);
+                let Some(slot) = r.ring.slot_ahead(0) else {
+                    break;
+                };
+                let s = &slots[i];
+                let head = s.len.min(stride);
+                slot[..head].copy_from_slice(&arena[i * stride..i * stride + head]);
+                if write {
+                    let data = usize::from(s.count) * SECTOR;
+                    pattern::fill(
+                        &mut slot[ATA_HEADER_LEN..ATA_HEADER_LEN + data],
+                        s.lba,
+                        plan.stamp,
+                    );
+                }
+                r.ring.commit(s.len)?;
+                n += 1;
+            }
+            // Frames a kick could not send (the device queue or the send buffer is full)
+            // stay marked: the loop kicks again on its next pass and does not sleep before.
+            match r.ring.kick() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+            let sent_at = Instant::now();
+            for i in pending.drain(..n) {
+                let s = &mut slots[usize::from(i)];
+                if s.tries == 0 {
+                    s.first = sent_at;
+                }
+                s.sent = sent_at;
+            }
+            st.frames_ring += n as u64;
+        }
+        while tx.is_none() && !pending.is_empty() {
             let k = pending.len().min(BATCH);
             let mut refs: [&[u8]; BATCH] = [&[]; BATCH];
             for (r, &i) in refs.iter_mut().zip(pending.iter()) {
@@ -367,6 +463,7 @@ pub fn run(
                 }
                 s.sent = sent_at;
             }
+            st.frames_mmsg += n as u64;
             if n < k {
                 break;
             }
@@ -501,7 +598,8 @@ pub fn run(
             });
             next_progress += Duration::from_secs(1);
         }
-        if n > 0 || !pending.is_empty() || now - last_activity < t.spin {
+        let unkicked = tx.as_ref().is_some_and(|r| r.ring.needs_kick());
+        if n > 0 || !pending.is_empty() || unkicked || now - last_activity < t.spin {
             continue;
         }
         // Idle: sleep until a reply arrives or the next retransmit scan is due.

@@ -83,21 +83,33 @@ pub struct BenchArgs {
     /// How replies come in: `mmsg`, `recvmmsg` into header-sized buffers, or `ring`, a
     /// PACKET_MMAP RX ring (TPACKET_V2) that keeps only their headers: fewer system calls
     /// here, but the kernel fills the ring in the target's transmit path, which costs a
-    /// target that is the bottleneck more than the `recvmmsg` path does. Verify's read-back
-    /// checks data, so it always receives whole frames with `recvmmsg`.
+    /// target that is the bottleneck more than the `recvmmsg` path does (with `--tx ring`:
+    /// the generator's CPU per GB 0.97-1.01x, the target's 0.99-1.06x, so `mmsg` stays the
+    /// default). Verify's read-back checks data, so it always receives whole frames with
+    /// `recvmmsg`.
     #[arg(long, value_enum, default_value_t = Io::Mmsg)]
     rx: Io,
+    /// How requests go out: `ring` (the default), a PACKET_TX_RING (TPACKET_V2) on a
+    /// send-only socket, each batch copied into its slots (write data built there) and sent
+    /// with one `send()` kick, or `mmsg`, `sendmmsg` batches of 64, which pay per frame for
+    /// the message's set-up: measured against it, the ring costs the generator 0.73-0.99x
+    /// the CPU per GB moved (docs/PERFORMANCE.md). If the ring cannot be made, `ring` says so
+    /// on stderr and sends with `sendmmsg`; the JSON output counts the frames each way sent
+    /// (`tx_frames_ring`, `tx_frames_mmsg`).
+    #[arg(long, value_enum, default_value_t = Io::Ring)]
+    tx: Io,
     /// Seed of the random offsets (randread, randwrite).
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
 
-/// How replies reach the generator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// How replies reach the generator, or requests leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Io {
-    /// A PACKET_MMAP RX ring (TPACKET_V2) shared with the kernel.
+    /// A PACKET_MMAP ring (TPACKET_V2) shared with the kernel.
     Ring,
-    /// `recvmmsg` batches.
+    /// `recvmmsg` / `sendmmsg` batches.
     Mmsg,
 }
 
@@ -306,6 +318,14 @@ struct Report {
     mismatched_sectors: u64,
     /// The generator's own user + system CPU seconds, to show it is not the limit.
     generator_cpu_s: f64,
+    /// How requests went out (`--tx`, `mmsg` if the ring could not be made).
+    tx: Io,
+    /// How replies came in (`--rx`; verify's read-back always uses `recvmmsg`).
+    rx: Io,
+    /// Frames sent through the transmit ring, requests and retransmits.
+    tx_frames_ring: u64,
+    /// Frames sent with `sendmmsg`.
+    tx_frames_mmsg: u64,
     interrupted: bool,
 }
 
@@ -574,6 +594,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     let live = std::io::stderr().is_terminal();
+    let mut txr = match a.tx {
+        Io::Mmsg => None,
+        Io::Ring => match gen::TxRing::new(&a.iface, mtu, a.window) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!(
+                    "aoe bench: note: no transmit ring on {} ({e}); sending with sendmmsg",
+                    a.iface
+                );
+                None
+            }
+        },
+    };
+    let tx = if txr.is_some() { Io::Ring } else { Io::Mmsg };
     let peer = gen::Peer {
         sock: &sock,
         me,
@@ -584,7 +618,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut phases: Vec<PhaseStats> = Vec::new();
     for plan in &plans {
         let name = op_name(plan.op);
-        let st = gen::run(&peer, plan, &tuning, &stop, |p| {
+        let st = gen::run(&peer, plan, &tuning, txr.as_mut(), &stop, |p| {
             if live {
                 let s = p.elapsed.as_secs_f64();
                 eprint!(
@@ -605,7 +639,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if live {
         eprint!("\r{:78}\r", "");
     }
-    let report = build_report(&a, mtu, info, per, &phases, own_cpu_seconds() - cpu0);
+    let report = build_report(&a, mtu, info, per, &phases, own_cpu_seconds() - cpu0, tx);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -639,6 +673,7 @@ fn build_report(
     per: u8,
     phases: &[PhaseStats],
     cpu: f64,
+    tx: Io,
 ) -> Report {
     let mut all = hist::Histogram::new();
     let mut reports = Vec::new();
@@ -675,6 +710,10 @@ fn build_report(
         verified_sectors: sum(|p| p.checked_sectors),
         mismatched_sectors: sum(|p| p.bad_sectors),
         generator_cpu_s: cpu,
+        tx,
+        rx: a.rx,
+        tx_frames_ring: sum(|p| p.frames_ring),
+        tx_frames_mmsg: sum(|p| p.frames_mmsg),
         interrupted: phases.iter().any(|p| p.interrupted),
     }
 }
