@@ -27,7 +27,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
-use aoe_initiator::blockdev::{self, BlockDevice};
+use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
 const ROOT: u64 = 1;
@@ -778,15 +778,9 @@ impl AoeFs {
     /// written back under an exclusive hold of the covering sectors, shared with the NBD
     /// server, so concurrent writers to one sector through any file or export all land).
     fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
-        let ((start, len), payload) = {
-            let s = lock(&self.shared);
-            let Some(e) = s.devices.get(&a) else {
-                return reply.error(Errno::ENODEV);
-            };
-            match extent(e, p) {
-                Some(x) => (x, e.info.payload),
-                None => return reply.error(Errno::ENODEV),
-            }
+        let (start, len) = match self.dev_extent(a, p) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
         };
         let end = len * 512;
         if offset >= end {
@@ -795,10 +789,9 @@ impl AoeFs {
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
         let written = n as u32;
-        BlockDevice::new(self.net.clone(), a, start).write_from(
+        BlockDevice::new(self.net.clone(), a, start).write(
             offset,
-            &data[..n],
-            blockdev::write_piece(payload),
+            data[..n].to_vec(),
             Box::new(move |r| match r {
                 Ok(()) => reply.written(written),
                 Err(e) => reply.error(Errno::from_i32(e)),

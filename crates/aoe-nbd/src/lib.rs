@@ -296,13 +296,7 @@ fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()>
     };
     tracing::info!(%peer, export = %session.name, structured = session.structured, "nbd: client connected");
     let _client = Client::count(&devices.0, &session.name);
-    // Writes go to the network thread in pieces of whole frames as their payload arrives.
-    let payload = lock(&devices.0)
-        .devices
-        .get(&dev)
-        .map_or(0, |e| e.info.payload);
-    let piece = aoe_initiator::blockdev::write_piece(payload);
-    transmission(r, w, Arc::new(session), dev, base, piece, net)
+    transmission(r, w, Arc::new(session), dev, base, net)
 }
 
 /// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
@@ -596,7 +590,6 @@ fn transmission(
     session: Arc<Session>,
     dev: TargetAddr,
     base: u64,
-    piece: usize,
     net: &Handle,
 ) -> io::Result<()> {
     if let Conn::Unix(s) = &w {
@@ -632,7 +625,7 @@ fn transmission(
             }
         })?;
     let bd = BlockDevice::new(net.clone(), dev, base);
-    let result = requests(&mut r, &tx, &session, &bd, piece, &inflight);
+    let result = requests(&mut r, &tx, &session, &bd, &inflight);
     inflight.wait_idle();
     tx.close();
     let _ = writer.join();
@@ -644,7 +637,6 @@ fn requests(
     tx: &Arc<Replies>,
     session: &Arc<Session>,
     bd: &BlockDevice,
-    piece: usize,
     inflight: &Arc<Inflight>,
 ) -> io::Result<()> {
     loop {
@@ -714,18 +706,10 @@ fn requests(
                 );
             }
             Command::Write { offset, len, fua } => {
-                // Held before the payload is read: its pieces go to the network thread as
-                // they arrive (a client's send buffer holds less than one 256 KiB write, so
-                // it arrives in several reads), and the reply waits for them all.
+                let data = read_payload(r, len as usize)?;
                 inflight.acquire(bytes);
                 let done = bd.then_flush(fua, Box::new(move |res| reply(status(res), Vec::new())));
-                bd.write_pieces(
-                    offset,
-                    len as usize,
-                    piece,
-                    &mut |n| read_payload(r, n),
-                    done,
-                )?;
+                bd.write(offset, data, done);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(bytes);
