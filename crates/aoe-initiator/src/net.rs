@@ -255,22 +255,6 @@ impl Handle {
     }
 }
 
-#[cfg(test)]
-impl Handle {
-    /// A handle with no network thread behind it, and the channel its commands arrive on:
-    /// tests of the front-ends' helpers see what they submit and answer it themselves.
-    pub(crate) fn for_test() -> std::io::Result<(Handle, Receiver<Cmd>)> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let h = Handle {
-            tx,
-            wake: Arc::new(EventFd::new()?),
-            locks: RangeLocks::new(),
-            bytes: Arc::default(),
-        };
-        Ok((h, rx))
-    }
-}
-
 /// Frames per interface waiting for room in its socket's send buffer.
 pub const BACKLOG: usize = 256;
 
