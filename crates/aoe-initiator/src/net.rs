@@ -367,6 +367,9 @@ struct TxRing {
     /// Frames this interface's earlier rings took (made again after an MTU change), so
     /// the count logged at the end is the interface's.
     marked_before: u64,
+    /// Kicks of this ring, and those cut short by a full send buffer or device queue.
+    kicks: u64,
+    short_kicks: u64,
 }
 
 impl TxRing {
@@ -377,6 +380,8 @@ impl TxRing {
             _sock: sock,
             ring,
             marked_before: 0,
+            kicks: 0,
+            short_kicks: 0,
         })
     }
 
@@ -593,9 +598,11 @@ const KICK_RETRY: Duration = Duration::from_millis(1);
 /// the slots likewise stay marked: the engine's retransmit timer covers their frames as
 /// for any lost on the wire, and a later kick sends what is still marked.
 fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
+    t.kicks += 1;
     match t.ring.kick() {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            t.short_kicks += 1;
             if let Some(a) = logs.check(Instant::now(), "send buffer full") {
                 tracing::debug!(
                     interface = %name,
@@ -609,6 +616,28 @@ fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
             }
         }
     }
+}
+
+/// How the network thread's loop went, logged when it stops: the batch sizes behind the
+/// whole path's figures (frames per kick, answers per wake-up), and how often it waited on
+/// the kernel (kicks cut short by a full send buffer, re-kicks on the [`KICK_RETRY`]
+/// timer), for docs/PERFORMANCE.md's accounts of where the path waits.
+#[derive(Debug, Default, Clone, Copy)]
+struct LoopCounts {
+    /// Passes of the loop that went to sleep in `poll(2)`.
+    polls: u64,
+    /// Of those, woken by the timeout with nothing ready (the engine's timer, or a re-kick).
+    timeouts: u64,
+    /// Of those, while frames waited in a transmit ring for a re-kick.
+    rekick_waits: u64,
+    /// Transmit ring kicks, and those the kernel cut short (send buffer or queue full).
+    kicks: u64,
+    short_kicks: u64,
+    /// Frames received and answered to the engine, and the interface passes that took any.
+    frames_in: u64,
+    rx_passes: u64,
+    /// Commands (front-end I/O among them) taken from the channel.
+    commands: u64,
 }
 
 /// The network thread's state.
@@ -642,6 +671,8 @@ pub struct Net {
     unpublished: bool,
     /// Log lines about frames, one per kind per [`LOG_INTERVAL`].
     logs: RateLimiter,
+    /// The loop's counters ([`LoopCounts`]).
+    counts: LoopCounts,
 }
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
@@ -702,6 +733,7 @@ impl Net {
             send_dropped: 0,
             unpublished: false,
             logs: RateLimiter::new(LOG_INTERVAL),
+            counts: LoopCounts::default(),
         })
     }
 
@@ -849,20 +881,35 @@ impl Net {
             let mut changed = false;
             while let Ok(cmd) = self.rx.try_recv() {
                 if matches!(cmd, Cmd::Stop) {
+                    let mut c = self.counts;
                     for i in self.ifaces.iter().flatten() {
                         if let Some(t) = &i.txr {
+                            c.kicks += t.kicks;
+                            c.short_kicks += t.short_kicks;
                             tracing::info!(
                                 interface = %i.name,
                                 frames = t.sent(),
                                 rejected = t.ring.stats().tx_rejected,
+                                kicks = t.kicks,
+                                short_kicks = t.short_kicks,
                                 "frames sent through the transmit ring"
                             );
                         }
                     }
+                    tracing::info!(
+                        polls = c.polls,
+                        timeouts = c.timeouts,
+                        rekick_waits = c.rekick_waits,
+                        commands = c.commands,
+                        frames_in = c.frames_in,
+                        rx_passes = c.rx_passes,
+                        "network thread loop"
+                    );
                     self.fail_all();
                     return;
                 }
                 self.command(cmd);
+                self.counts.commands += 1;
                 changed = true;
             }
             let now = Instant::now();
@@ -926,8 +973,13 @@ impl Net {
                 timeout = timeout.min(KICK_RETRY);
             }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
+            self.counts.polls += 1;
+            self.counts.rekick_waits += u64::from(rekick);
             if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
                 continue;
+            }
+            if !fds.iter().any(|f| f.ready || f.writable) {
+                self.counts.timeouts += 1;
             }
             if fds.last().is_some_and(|f| f.ready) {
                 let _ = self.wake.drain();
@@ -969,6 +1021,10 @@ impl Net {
                     if n < RX_BATCH {
                         break;
                     }
+                }
+                if taken > 0 {
+                    self.counts.frames_in += taken as u64;
+                    self.counts.rx_passes += 1;
                 }
                 // The engine copied what it keeps: the slots go back to the kernel now, not
                 // at the next wake-up.
