@@ -211,6 +211,11 @@ pub struct Daemon {
     /// work later: microseconds against a window of seconds) rather than reading the clock
     /// again. `None` outside the spin: `receive` reads the clock when it finds frames.
     spin_now: Option<Instant>,
+    /// Receive batches that held frames, and the frames they held, over the daemon's life:
+    /// logged at the stop (frames per batch, what a benchmark wants to know of how the loop
+    /// met its load).
+    rx_batches: u64,
+    rx_frames: u64,
     /// With rings: the io_uring the reads of a receive batch go through, one
     /// `io_uring_enter` for all of them ([`Daemon::finish_staged`]); `None` where io_uring
     /// is unavailable (logged once), and each read is one `preadv2` as before.
@@ -271,6 +276,8 @@ impl Daemon {
             dedup: config.dedup,
             batch_file_frames: false,
             spin_now: None,
+            rx_batches: 0,
+            rx_frames: 0,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
             gathering: Vec::new(),
@@ -372,6 +379,13 @@ impl Daemon {
             tracing::error!("state files still being written after 30 s; exiting anyway");
         }
         self.log_drops();
+        tracing::info!(
+            frames = self.rx_frames,
+            batches = self.rx_batches,
+            "received {} frames in {} receive batches",
+            self.rx_frames,
+            self.rx_batches
+        );
         if left.is_empty() && state_saved {
             tracing::info!("stopped");
             return Ok(());
@@ -613,6 +627,8 @@ impl Daemon {
                 }
             }
             total += got;
+            self.rx_batches += 1;
+            self.rx_frames += got as u64;
             // One pass over the batch's headers first: each write's line of its export's
             // duplicate-write table is asked for now and comes in while the frames before it
             // are handled ([`Engine::prefetch_frame`](aoe_proto::target::Engine::prefetch_frame)).
