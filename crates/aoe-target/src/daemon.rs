@@ -672,7 +672,8 @@ impl Daemon {
     fn prefetch_batch(&self, idx: usize, got: usize) {
         let iface = &self.ifaces[idx];
         for f in 1..got {
-            if iface.meta(f).truncated {
+            // Reads (most frames of a read load) cost a look at two header bytes.
+            if iface.meta(f).truncated || !dispatch::may_write(iface.frame(f)) {
                 continue;
             }
             for &id in &iface.exports {
