@@ -16,7 +16,11 @@
 # reads with RWF_NOWAIT (preadv2 or io_uring), which tmpfs does not support. One line per
 # run: mtu mode bs window build round task-clock-ms syscalls syscalls-per-request MB/s, then
 # the target's user and system CPU ms over its whole life (/proc/PID/stat, in clock ticks:
-# the user part is what the target's own code costs, the kernel's share apart).
+# the user part is what the target's own code costs, the kernel's share apart), and the
+# target's context switches over the transfer and per request (each is a sleep in poll()
+# and the wake-up after it: how often the loop waited rather than spun), and the frames per
+# receive batch over the target's life (from the line `aoe serve` logs at its stop; "-" for
+# a build or target that does not log it).
 # PERF_DIR=dir also records `perf record -g` of the target for every run into
 # dir/MTU-MODE-BS-WINDOW-BUILD-ROUND.data (`perf report -i ... --no-children`).
 # Needs linux-perf and jq.
@@ -45,7 +49,7 @@ head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 cat "$FILE" >/dev/null
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), load $(cut -d' ' -f1-3 /proc/loadavg), file in $FILE_DIR ($(stat -f -c %T "$FILE_DIR"))"
-echo "# mtu mode bs window build round task_ms syscalls syscalls_per_req MB/s user_ms sys_ms"
+echo "# mtu mode bs window build round task_ms syscalls syscalls_per_req MB/s user_ms sys_ms cs cs_per_req frames_per_batch"
 for cell in "$@"; do
     read -r mtu mode bs win size <<<"$cell"
     # Writes overwrite the scratch file: `aoe bench` wants that confirmed.
@@ -55,7 +59,7 @@ for cell in "$@"; do
     for round in $(seq 1 "$ROUNDS"); do
         for build in old new; do
             start_target "$build"
-            perf stat -x, -e task-clock,raw_syscalls:sys_enter -p "$TARGET_PID" \
+            perf stat -x, -e task-clock,raw_syscalls:sys_enter,context-switches -p "$TARGET_PID" \
                 -o "$WORK/perf.txt" &
             perf_pid=$!
             rec_pid=""
@@ -72,12 +76,16 @@ for cell in "$@"; do
             read -r ut st < <(awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d %d\n", $12 * 1000 / hz, $13 * 1000 / hz }' "/proc/$TARGET_PID/stat")
             if [ -n "$rec_pid" ]; then kill -INT "$rec_pid"; wait "$rec_pid" || true; fi
             stop_pid "$TARGET_PID"; TARGET_PID=""
+            fpb=$(sed -n 's/.*received \([0-9]*\) frames in \([0-9]*\) receive batches.*/\1 \2/p' \
+                "$WORK/target.log" | awk '$2 > 0 { printf "%.2f", $1 / $2; ok = 1 } END { if (!ok) print "-" }')
             ms=$(awk -F, '$3 == "task-clock" { printf "%.0f", $1 }' "$WORK/perf.txt")
             sc=$(awk -F, '$3 ~ /sys_enter/ { print $1 }' "$WORK/perf.txt")
             reqs=$(echo "$out" | jq .requests)
             mbs=$(echo "$out" | jq '.mb_per_s | round')
+            cs=$(awk -F, '$3 == "context-switches" { print $1 }' "$WORK/perf.txt")
             per=$(awk -v s="$sc" -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.2f", s / r; else print "-" }')
-            echo "$mtu $mode $bs $win $build $round $ms $sc $per ${mbs:-?} $ut $st"
+            csper=$(awk -v s="$cs" -v r="${reqs:-0}" 'BEGIN { if (r > 0) printf "%.3f", s / r; else print "-" }')
+            echo "$mtu $mode $bs $win $build $round $ms $sc $per ${mbs:-?} $ut $st $cs $csper $fpb"
         done
     done
 done

@@ -122,7 +122,7 @@ fn burst(mtu: u32, sectors_per_frame: u8) {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "d.img", 8192);
     let ifname = n.target_if();
-    let _t = n.serve(&["-b", "128", "1", "1", &ifname, &img]);
+    let mut t = n.serve(&["-b", "128", "1", "1", &ifname, &img]);
     let addr = TargetAddr::new(1, 1);
     let mac = n.wait_up(addr);
     let r = n.query(mac, addr).unwrap();
@@ -154,6 +154,30 @@ fn burst(mtu: u32, sectors_per_frame: u8) {
         assert_eq!(a.cmd_status, status::DRDY);
         assert_eq!(a.data.len(), sectors_per_frame as usize * 512);
     }
+    // At the stop the target logs how many frames it took in how many receive batches
+    // (scripts/bench/target-cpu.sh reads frames per batch from it): at least the burst and
+    // the query, in at least one batch and at most one per frame.
+    let st = t.stop().unwrap();
+    assert!(st.success(), "{st:?}");
+    let log = t.output_so_far();
+    let counts = log.lines().find_map(|l| {
+        let rest = l.split("received ").nth(1)?;
+        let mut w = rest.split_whitespace();
+        let frames: u64 = w.next()?.parse().ok()?;
+        let batches: u64 = w.nth(2)?.parse().ok()?;
+        Some((frames, batches))
+    });
+    let Some((frames, batches)) = counts else {
+        panic!("no frames and batches at the stop in the log:\n{log}")
+    };
+    assert!(
+        frames > 128,
+        "{frames} frames logged, 129 or more sent:\n{log}"
+    );
+    assert!(
+        (1..=frames).contains(&batches),
+        "{batches} batches for {frames} frames:\n{log}"
+    );
 }
 
 #[test]

@@ -206,6 +206,16 @@ pub struct Daemon {
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
+    /// While the loop spins: the clock as the spin's last turn read it, which
+    /// [`Daemon::receive`] gives the engines as the time of the frames it takes (a turn's
+    /// work later: microseconds against a window of seconds) rather than reading the clock
+    /// again. `None` outside the spin: `receive` reads the clock when it finds frames.
+    spin_now: Option<Instant>,
+    /// Receive batches that held frames, and the frames they held, over the daemon's life:
+    /// logged at the stop (frames per batch, what a benchmark wants to know of how the loop
+    /// met its load).
+    rx_batches: u64,
+    rx_frames: u64,
     /// With rings: the io_uring the reads of a receive batch go through, one
     /// `io_uring_enter` for all of them ([`Daemon::finish_staged`]); `None` where io_uring
     /// is unavailable (logged once), and each read is one `preadv2` as before.
@@ -265,6 +275,9 @@ impl Daemon {
             slept_after: None,
             dedup: config.dedup,
             batch_file_frames: false,
+            spin_now: None,
+            rx_batches: 0,
+            rx_frames: 0,
             uring: None,
             uring_out: Vec::with_capacity(BATCH),
             gathering: Vec::new(),
@@ -341,10 +354,12 @@ impl Daemon {
                 }
             }
             self.persist_state();
-            if self.observer.wanted() || last_refresh.elapsed() >= REFRESH {
+            // One clock read a turn of the loop for both.
+            let refresh = last_refresh.elapsed() >= REFRESH;
+            if refresh || self.observer.wanted() {
                 self.observer.publish(self.snapshot());
             }
-            if last_refresh.elapsed() >= REFRESH {
+            if refresh {
                 last_refresh = Instant::now();
                 self.refresh_interfaces();
                 self.poll_shared_stores();
@@ -364,6 +379,13 @@ impl Daemon {
             tracing::error!("state files still being written after 30 s; exiting anyway");
         }
         self.log_drops();
+        tracing::info!(
+            frames = self.rx_frames,
+            batches = self.rx_batches,
+            "received {} frames in {} receive batches",
+            self.rx_frames,
+            self.rx_batches
+        );
         if left.is_empty() && state_saved {
             tracing::info!("stopped");
             return Ok(());
@@ -527,6 +549,19 @@ impl Daemon {
         if window.is_zero() {
             return Some(start);
         }
+        self.spin_now = Some(start);
+        let ended = self.spin_turns(control, window, start);
+        self.spin_now = None;
+        ended
+    }
+
+    /// The turns of [`Daemon::spin`], which returns what they return.
+    fn spin_turns(
+        &mut self,
+        control: &Control,
+        window: Duration,
+        start: Instant,
+    ) -> Option<Instant> {
         let mut last = start;
         loop {
             if control.stop.load(Ordering::Relaxed)
@@ -542,8 +577,9 @@ impl Daemon {
             // Worker completions are answered here too, not only after the spin.
             self.complete_io();
             self.flush_sends();
-            // One clock read a turn.
+            // One clock read a turn, which the next turn's `receive` reuses.
             let now = Instant::now();
+            self.spin_now = Some(now);
             if frames > 0 {
                 last = now;
             } else if now - last >= window {
@@ -562,15 +598,6 @@ impl Daemon {
     /// ([`Daemon::routes_to`]); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let mut total = 0;
-        // The window of the engines' duplicate-write tables counts from here: a clock read
-        // per call, not per frame.
-        let now = Instant::now();
-        for k in 0..self.ifaces[idx].exports.len() {
-            let id = self.ifaces[idx].exports[k];
-            if let Some(e) = self.exports.get_mut(&id) {
-                e.engine.set_now(now);
-            }
-        }
         for _ in 0..RX_BATCHES {
             let got = {
                 let i = &mut self.ifaces[idx];
@@ -587,7 +614,27 @@ impl Daemon {
             if got == 0 {
                 return total;
             }
+            if total == 0 {
+                // The window of the engines' duplicate-write tables counts from here: a
+                // clock read per call that found frames, not per frame, and none for the
+                // spin's empty turns.
+                let now = self.spin_now.unwrap_or_else(Instant::now);
+                for k in 0..self.ifaces[idx].exports.len() {
+                    let id = self.ifaces[idx].exports[k];
+                    if let Some(e) = self.exports.get_mut(&id) {
+                        e.engine.set_now(now);
+                    }
+                }
+            }
             total += got;
+            self.rx_batches += 1;
+            self.rx_frames += got as u64;
+            // One pass over the batch's headers first: each write's line of its export's
+            // duplicate-write table is asked for now and comes in while the frames before it
+            // are handled ([`Engine::prefetch_frame`](aoe_proto::target::Engine::prefetch_frame)).
+            if got > 1 {
+                self.prefetch_batch(idx, got);
+            }
             for f in 0..got {
                 if self.ifaces[idx].meta(f).truncated {
                     if let Some(a) = self.logs.check(Instant::now(), "oversized frame") {
@@ -617,6 +664,26 @@ impl Daemon {
             }
         }
         total
+    }
+
+    /// Hints the duplicate-write table's lines the writes among the first `got` frames of
+    /// interface `idx` will look up, for the exports each is addressed to. The first frame's
+    /// line is left to the engine's own hint: nothing would come before it to hide it.
+    fn prefetch_batch(&self, idx: usize, got: usize) {
+        let iface = &self.ifaces[idx];
+        for f in 1..got {
+            // Reads (most frames of a read load) cost a look at two header bytes.
+            if iface.meta(f).truncated || !dispatch::may_write(iface.frame(f)) {
+                continue;
+            }
+            for &id in &iface.exports {
+                if self.routes_to(idx, f, id) {
+                    if let Some(e) = self.exports.get(&id) {
+                        e.engine.prefetch_frame(iface.frame(f));
+                    }
+                }
+            }
+        }
     }
 
     /// True if frame `f` of interface `idx` may concern export `id`: its AoE header's

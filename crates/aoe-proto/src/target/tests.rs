@@ -1433,3 +1433,67 @@ fn writes_to_a_wildcard_address_are_aborted_reads_answered() {
     assert_eq!(a.cmd_status & status::ERR, 0);
     assert_eq!(&disk[..1024], &data[..]);
 }
+
+thread_local! {
+    /// The addresses the engine hinted through [`record_hint`], in order.
+    static HINTS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn record_hint(p: *const u8) {
+    HINTS.with(|h| h.borrow_mut().push(p as usize));
+}
+
+fn take_hints() -> Vec<usize> {
+    HINTS.with(|h| std::mem::take(&mut *h.borrow_mut()))
+}
+
+/// The batch's prefetch pass (`Engine::prefetch_frame`) hints the very line the write's own
+/// lookup then hints, and nothing for what is no write; it changes nothing the engine does.
+#[test]
+fn prefetch_frame_hints_the_line_the_write_looks_up_and_only_for_writes() {
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let mut disk = vec![0u8; 1000 * 512];
+    // Without a hint set, nothing to call.
+    e.prefetch_frame(&write_frame(HOST, 1, 0, &[1u8; 512]));
+    e.set_prefetch(record_hint);
+    io_round(&mut e, &mut disk, &write_frame(HOST, 1, 0, &[1u8; 512]));
+    take_hints();
+    for (tag, lba) in [(2, 5), (3, 900), (0xdead_beef, 77)] {
+        let w = write_frame(HOST, tag, lba, &[tag as u8; 1024]);
+        e.prefetch_frame(&w);
+        let ahead = take_hints();
+        assert_eq!(ahead.len(), 1, "one hint for a write");
+        io_round(&mut e, &mut disk, &w);
+        assert_eq!(take_hints(), ahead, "the line the write then looked up");
+    }
+    // A copy of an answered write: same line, and still answered, not executed.
+    let w = write_frame(HOST, 2, 5, &[2u8; 1024]);
+    e.prefetch_frame(&w);
+    let ahead = take_hints();
+    assert!(reply_of(&mut e, &w).is_some());
+    assert_eq!(take_hints(), ahead);
+    assert_eq!(e.stats().dedup.answered, 1);
+    // No hint for a read, a response, a frame too short to parse, or another command.
+    let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 2, 0, &[]));
+    let mut response = write_frame(HOST, 9, 0, &[0u8; 512]);
+    response[14] |= 0x08;
+    let query = request(HOST, ADDR, cfg(ConfigCommand::Read, &[]));
+    for f in [
+        &read[..],
+        &response[..],
+        &response[..30],
+        &query[..],
+        &[][..],
+    ] {
+        e.prefetch_frame(f);
+    }
+    assert_eq!(take_hints(), Vec::<usize>::new());
+    // With the table off, no line to hint.
+    e.set_dedup(DedupConfig {
+        window: Duration::ZERO,
+        entries: 0,
+    });
+    e.prefetch_frame(&write_frame(HOST, 4, 8, &[4u8; 512]));
+    assert_eq!(take_hints(), Vec::<usize>::new());
+}

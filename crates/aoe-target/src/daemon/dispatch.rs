@@ -847,7 +847,7 @@ fn set_write_done(s: &mut Staged, d: WriteDone) {
 /// True if `frame` may be an ATA write: AoE command 0 (ATA, byte 19) with the AFlags W bit
 /// (byte 24, 0x01; AoEr11 section 3.1). Only the fixed headers are looked at; the engine
 /// parses the frame properly afterwards.
-fn may_write(frame: &[u8]) -> bool {
+pub(super) fn may_write(frame: &[u8]) -> bool {
     frame.get(19) == Some(&0) && frame.get(24).is_some_and(|a| a & 0x01 != 0)
 }
 
