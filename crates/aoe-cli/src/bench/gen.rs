@@ -241,6 +241,19 @@ fn next_rand(s: &mut u64) -> u64 {
     s.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
+/// Stamps the first `n` pending requests as sent now (the first send's time too, for a
+/// request's first try) and takes them off the pending queue.
+fn mark_sent(pending: &mut VecDeque<u16>, slots: &mut [Slot], n: usize) {
+    let sent_at = Instant::now();
+    for i in pending.drain(..n) {
+        let s = &mut slots[usize::from(i)];
+        if s.tries == 0 {
+            s.first = sent_at;
+        }
+        s.sent = sent_at;
+    }
+}
+
 /// Runs one phase, sending through `tx` if given (else with `sendmmsg`). `progress` is
 /// called about once a second; `stop` ends the phase early.
 pub fn run(
@@ -433,14 +446,7 @@ pub fn run(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
-            let sent_at = Instant::now();
-            for i in pending.drain(..n) {
-                let s = &mut slots[usize::from(i)];
-                if s.tries == 0 {
-                    s.first = sent_at;
-                }
-                s.sent = sent_at;
-            }
+            mark_sent(&mut pending, &mut slots, n);
             st.frames_ring += n as u64;
         }
         while tx.is_none() && !pending.is_empty() {
@@ -455,14 +461,7 @@ pub fn run(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err(e.into()),
             };
-            let sent_at = Instant::now();
-            for i in pending.drain(..n) {
-                let s = &mut slots[usize::from(i)];
-                if s.tries == 0 {
-                    s.first = sent_at;
-                }
-                s.sent = sent_at;
-            }
+            mark_sent(&mut pending, &mut slots, n);
             st.frames_mmsg += n as u64;
             if n < k {
                 break;
