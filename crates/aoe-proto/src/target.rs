@@ -519,14 +519,13 @@ impl Engine {
         if !req.aflags.contains(AtaFlags::WRITE) {
             return;
         }
-        let key = dedup::Key {
-            src: header.src,
-            tag: header.tag.0,
-            cmd: req.cmd_status,
-            count: req.sector_count,
-            lba: req.effective_lba(),
-        };
-        if let Some(line) = self.dedup.line(self.dedup.hash(&key)) {
+        let key = dedup::Key::of_write(header.src, header.tag.0, &req);
+        self.hint_line(hint, self.dedup.hash(&key));
+    }
+
+    /// Hands `hint` the duplicate-write index line that `hash` selects, if the table has one.
+    fn hint_line(&self, hint: fn(*const u8), hash: u64) {
+        if let Some(line) = self.dedup.line(hash) {
             hint(line);
         }
     }
@@ -1128,18 +1127,12 @@ impl Engine {
             // A copy of a write executed moments ago (a network duplicate) gets that write's
             // reply and never reaches the disk: run again after a newer write to these
             // sectors, it would put the old data back over acknowledged new data.
-            let key = dedup::Key {
-                src: rsp.dst,
-                tag: rsp.tag.0,
-                cmd: req.cmd_status,
-                count: req.sector_count,
-                lba,
-            };
+            let key = dedup::Key::of_write(rsp.dst, rsp.tag.0, req);
             // The frame carries `len` bytes (parse checked it); no digest when the table is off.
             let admitted = if self.dedup.active() {
                 let hash = self.dedup.hash(&key);
-                if let (Some(hint), Some(line)) = (self.prefetch, self.dedup.line(hash)) {
-                    hint(line);
+                if let Some(hint) = self.prefetch {
+                    self.hint_line(hint, hash);
                 }
                 let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
                 self.dedup.admit_hashed(self.now, key, hash, digest)

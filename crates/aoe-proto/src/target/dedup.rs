@@ -28,7 +28,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use aoe_wire::MacAddr;
+use aoe_wire::{AtaRepr, MacAddr};
 
 /// Default of [`DedupConfig::window`]: longer than any queueing delay on a LAN (a frame held
 /// in a switch or a software bridge for milliseconds), and than `aoe initiator` waits for a
@@ -74,6 +74,22 @@ pub(super) struct Key {
     pub(super) cmd: u8,
     pub(super) count: u8,
     pub(super) lba: u64,
+}
+
+impl Key {
+    /// The key of write request `req` from `src` under `tag`: what the lookup before the
+    /// write (`Engine::read_write`) and the batch's prefetch pass
+    /// ([`Engine::prefetch_frame`](super::Engine::prefetch_frame)) both hash, so the line
+    /// the pass hints is the line the lookup reads.
+    pub(super) fn of_write(src: MacAddr, tag: u32, req: &AtaRepr<'_>) -> Key {
+        Key {
+            src,
+            tag,
+            cmd: req.cmd_status,
+            count: req.sector_count,
+            lba: req.effective_lba(),
+        }
+    }
 }
 
 /// The data's digest: XXH3-128 (twox-hash, which picks its AVX2 code at run time where the
