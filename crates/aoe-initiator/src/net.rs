@@ -618,10 +618,10 @@ fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
     }
 }
 
-/// How the network thread's loop went, logged when it stops: the batch sizes behind the
-/// whole path's figures (frames per kick, answers per wake-up), and how often it waited on
-/// the kernel (kicks cut short by a full send buffer, re-kicks on the [`KICK_RETRY`]
-/// timer), for docs/PERFORMANCE.md's accounts of where the path waits.
+/// How the network thread's loop went, logged when it stops: answers per wake-up and how
+/// often it waited on a re-kick ([`KICK_RETRY`]), beside each transmit ring's own kicks and
+/// kicks cut short (logged per interface), for docs/PERFORMANCE.md's accounts of where the
+/// path waits.
 #[derive(Debug, Default, Clone, Copy)]
 struct LoopCounts {
     /// Passes of the loop that went to sleep in `poll(2)`.
@@ -630,9 +630,6 @@ struct LoopCounts {
     timeouts: u64,
     /// Of those, while frames waited in a transmit ring for a re-kick.
     rekick_waits: u64,
-    /// Transmit ring kicks, and those the kernel cut short (send buffer or queue full).
-    kicks: u64,
-    short_kicks: u64,
     /// Frames received and answered to the engine, and the interface passes that took any.
     frames_in: u64,
     rx_passes: u64,
@@ -881,11 +878,8 @@ impl Net {
             let mut changed = false;
             while let Ok(cmd) = self.rx.try_recv() {
                 if matches!(cmd, Cmd::Stop) {
-                    let mut c = self.counts;
                     for i in self.ifaces.iter().flatten() {
                         if let Some(t) = &i.txr {
-                            c.kicks += t.kicks;
-                            c.short_kicks += t.short_kicks;
                             tracing::info!(
                                 interface = %i.name,
                                 frames = t.sent(),
@@ -896,6 +890,7 @@ impl Net {
                             );
                         }
                     }
+                    let c = self.counts;
                     tracing::info!(
                         polls = c.polls,
                         timeouts = c.timeouts,
