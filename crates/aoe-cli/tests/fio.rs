@@ -222,18 +222,18 @@ fn fio_device_file_engines_verify() {
     let rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
     let dev = rig.dev();
     let dir = rig.dir.path().to_owned();
-    let mut n = 0;
-    for (engine, depth) in [
+    for (n, (engine, depth)) in [
         ("psync", 1),
         ("libaio", 1),
         ("libaio", 32),
         ("io_uring", 1),
         ("io_uring", 32),
-    ] {
-        // Each run on its own 8 MiB of the 32 MiB device, so a write that lands in the
-        // wrong place shows as a bad header in another run's range, not as our own.
-        let base = (n % 4) * (8 << 20);
-        n += 1;
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Each run on its own 8 MiB of the 32 MiB device (the fifth over the first's).
+        let base = (n as u64 % 4) * (8 << 20);
         let job = verify_global(&dev.to_string_lossy(), engine, depth, "crc32c")
             + &mixed_jobs(base, 2 << 20);
         let name = format!("{engine}-{depth}");
@@ -246,8 +246,7 @@ fn fio_device_file_engines_verify() {
             r.describe()
         );
     }
-    // The device file as the target sees it: a fresh fio reading what the last run left
-    // (md5 this time) is not needed; the backing file must equal what the device reads.
+    // What the device file reads is what the target's file holds.
     let got = fs::read(&rig.file).unwrap();
     let through = read_at(&dev, 0, got.len() / 512 * 512).unwrap();
     assert!(
