@@ -22,6 +22,8 @@
 #              write1m-qd16:write:1m:16 randread4k-qd32:randread:4k:32
 #              randwrite4k-qd32:randwrite:4k:32"
 #   JSON_DIR=dir  keep every fio JSON report there
+#   CELLS=file    keep every run's figures (one line per cell and run: MTU|target|path|workload,
+#                 MB/s, IOPS, p50, p99, CPU-s/GB target, initiator, fio), for per-run ratios
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, fio (Debian: fio), vblade, nbdkit,
 # libnbd-bin (nbdinfo).
 set -euo pipefail
@@ -39,6 +41,7 @@ RUNS=${RUNS:-2}
 PATHS=${PATHS:-dev nbd}
 WORKLOADS=${WORKLOADS:-read1m-qd1:read:1m:1 read1m-qd16:read:1m:16 write1m-qd1:write:1m:1 write1m-qd16:write:1m:16 randread4k-qd32:randread:4k:32 randwrite4k-qd32:randwrite:4k:32}
 JSON_DIR=${JSON_DIR:-}
+CELLS=${CELLS:-}
 SHELF=1 SLOT=1
 
 die() { echo "bench/fio.sh: $*" >&2; exit 1; }
@@ -177,6 +180,7 @@ for MTU in $MTUS; do
     done
 done
 
+[ -n "$CELLS" ] && cp "$WORK/cells" "$CELLS"
 # Medians per cell (each column on its own), then the table with ratios.
 med() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 declare -A M=()
