@@ -409,6 +409,7 @@ fn fio_read_only_export_refuses_writes() {
             r.describe(),
             rig.logs()
         );
+        eprintln!("{name}: fio's job error {}", r.error());
     }
     let job = format!(
         "[r]\nfilename={dev}\nioengine=libaio\niodepth=16\ndirect=1\nbs=64k\nsize=8m\nrw=randread\n"
@@ -478,6 +479,11 @@ fn fio_full_disk_fails_writes() {
             "{name}: writes past a full file system must fail: {}{}",
             r.describe(),
             rig.logs()
+        );
+        eprintln!(
+            "{name}: fio's job error {} after {} bytes",
+            r.error(),
+            r.bytes("write")
         );
     }
     rig.finish();
