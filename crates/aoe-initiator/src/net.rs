@@ -215,6 +215,17 @@ pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The shared state if no one else holds it now (poisoned or not), else `None`: for the
+/// network thread's housekeeping, which must never wait for a front-end
+/// ([`Net::housekeeping`]).
+pub fn try_lock(s: &Mutex<Shared>) -> Option<MutexGuard<'_, Shared>> {
+    match s.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// The file system's handle on the network thread.
 #[derive(Clone)]
 pub struct Handle {
@@ -278,6 +289,13 @@ const FRAME_BUF: usize = 9216 + 14;
 /// I/O completed (device events publish at once): copying every device's information after
 /// every completion would cost `--max-devices` copies per I/O.
 const IO_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Shortest time between two rounds of the network thread's housekeeping on the shared
+/// state ([`Net::housekeeping`]): a reader of `err` interrupted by a signal is answered
+/// within this (or the loop's one-second wake-up when idle), and the loop, which turns
+/// thousands of times a second under I/O, does not read `/proc` for every blocked reader
+/// of `err` or take the lock the front-ends' attribute reads take on every turn.
+const HOUSEKEEPING: Duration = Duration::from_millis(20);
 
 /// Log lines about frames (send failures, full buffers): one per kind per second.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -670,6 +688,8 @@ pub struct Net {
     logs: RateLimiter,
     /// The loop's counters ([`LoopCounts`]).
     counts: LoopCounts,
+    /// When [`Net::housekeeping`] last ran.
+    housekept: Instant,
 }
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
@@ -731,6 +751,7 @@ impl Net {
             unpublished: false,
             logs: RateLimiter::new(LOG_INTERVAL),
             counts: LoopCounts::default(),
+            housekept: Instant::now(),
         })
     }
 
@@ -926,11 +947,7 @@ impl Net {
                 self.backlogged = backlogged;
                 self.publish();
             }
-            {
-                let mut s = lock(&self.shared);
-                s.interrupt_err_waiters();
-                s.flush_err_log(Instant::now());
-            }
+            self.housekeeping();
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
@@ -1028,6 +1045,25 @@ impl Net {
                 }
             }
         }
+    }
+
+    /// Answers EINTR to readers of `err` whose process has a signal pending and logs the
+    /// suppressed-line counts of kinds gone quiet, at most every [`HOUSEKEEPING`], and only
+    /// if no front-end holds the shared state at this moment (else on a later turn): the
+    /// network thread must never wait on an observer (an attribute read, a metrics scrape,
+    /// `aoe-stat`) with frames to answer. Says whether it ran.
+    fn housekeeping(&mut self) -> bool {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.housekept) < HOUSEKEEPING {
+            return false;
+        }
+        let Some(mut s) = try_lock(&self.shared) else {
+            return false;
+        };
+        self.housekept = now;
+        s.interrupt_err_waiters();
+        s.flush_err_log(now);
+        true
     }
 
     /// Sends what the engine has to send. A socket whose send buffer is full (EAGAIN) gets
@@ -1474,5 +1510,42 @@ mod iflist_tests {
         let e = check_iflist(&["eth0 x".into()]).unwrap_err();
         assert!(e.starts_with("\"eth0 x\" cannot be"), "{e}");
         assert!(check_iflist(&["eth0".into(), "veth1".into()]).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod housekeeping_tests {
+    use super::*;
+    use aoe_proto::initiator::Config;
+
+    fn net() -> (Net, Arc<Mutex<Shared>>) {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let engine = Engine::new(Config::default(), Instant::now());
+        let net = Net::new(engine, shared.clone(), false, "/nonexistent".into()).unwrap();
+        (net, shared)
+    }
+
+    /// The network thread's housekeeping on the shared state must not wait while a front-end
+    /// holds it (a FUSE thread answering an attribute read, a metrics scrape): it skips the
+    /// turn and runs on a later one. Its old form (`lock`, every turn of the loop) waited:
+    /// with `lock` in place of `try_lock` this test fails at the deadline below.
+    #[test]
+    fn housekeeping_never_waits_for_a_front_end() {
+        let (mut net, shared) = net();
+        net.housekept = Instant::now() - HOUSEKEEPING;
+        let held = lock(&shared);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let t = std::thread::spawn(move || {
+            let ran = net.housekeeping();
+            let _ = tx.send(ran);
+            net
+        });
+        let ran = rx.recv_timeout(Duration::from_secs(5));
+        drop(held);
+        let mut net = t.join().unwrap();
+        assert_eq!(ran, Ok(false), "housekeeping waited for the lock (or ran under it)");
+        // With the lock free it runs, then not again before HOUSEKEEPING has passed.
+        assert!(net.housekeeping());
+        assert!(!net.housekeeping());
     }
 }
