@@ -879,6 +879,7 @@ mod tests {
             fast_retransmits: 0,
             tail_probes: 0,
             window_cuts: 0,
+            spurious: 0,
         };
         DevEntry {
             info: DeviceInfo {

@@ -108,6 +108,10 @@ pub struct Drops {
     pub engine: aoe_proto::initiator::Stats,
     /// Frames dropped with the send buffer full and the backlog at [`BACKLOG`].
     pub send_buffer_full: u64,
+    /// Frames the kernel refused from a transmit ring (`TP_STATUS_WRONG_FORMAT`: longer
+    /// than the interface's MTU, or malformed), summed over the interfaces' rings, those
+    /// closed since included: not sent, and no socket error says so.
+    pub tx_rejected: u64,
     /// `err` lines dropped because [`ERR_LINES`] were waiting unread.
     pub err_ring_full: u64,
 }
@@ -690,6 +694,9 @@ pub struct Net {
     counts: LoopCounts,
     /// When [`Net::housekeeping`] last ran.
     housekept: Instant,
+    /// Frames refused by the transmit rings of interfaces closed since (see
+    /// [`Drops::tx_rejected`]).
+    tx_rejected_closed: u64,
 }
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
@@ -752,6 +759,7 @@ impl Net {
             logs: RateLimiter::new(LOG_INTERVAL),
             counts: LoopCounts::default(),
             housekept: Instant::now(),
+            tx_rejected_closed: 0,
         })
     }
 
@@ -802,6 +810,7 @@ impl Net {
                     .any(|w| w.name == i.name && w.index == i.index);
                 if !same {
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
+                    self.tx_rejected_closed += i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
                     self.engine.remove_interface(idx);
                     *slot = None;
                 }
@@ -839,7 +848,10 @@ impl Net {
                             .as_ref()
                             .is_some_and(|t| t.ring.tx_frame_cap() < aoe_sys::frame_capacity(w.mtu))
                         {
-                            let before = i.txr.take().map_or(0, |t| t.sent());
+                            let old = i.txr.take();
+                            let before = old.as_ref().map_or(0, TxRing::sent);
+                            self.tx_rejected_closed +=
+                                old.map_or(0, |t| t.ring.stats().tx_rejected);
                             i.txr = tx_ring(&i.name, w.mtu);
                             if let Some(t) = i.txr.as_mut() {
                                 t.marked_before = before;
@@ -1221,6 +1233,14 @@ impl Net {
         let mut s = lock(&self.shared);
         s.drops.engine = self.engine.stats();
         s.drops.send_buffer_full = self.send_dropped;
+        s.drops.tx_rejected = self.tx_rejected_closed
+            + self
+                .ifaces
+                .iter()
+                .flatten()
+                .filter_map(|i| i.txr.as_ref())
+                .map(|t| t.ring.stats().tx_rejected)
+                .sum::<u64>();
         let mut next = BTreeMap::new();
         for info in devices {
             let old = s.devices.remove(&info.addr);
