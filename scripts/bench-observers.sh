@@ -118,6 +118,7 @@ for round in $(seq 1 "$ROUNDS"); do
             r2=$(imetric aoe_initiator_retransmits) w2=$(imetric aoe_initiator_window_cuts)
             p2=$(imetric aoe_initiator_losses) s2=$(imetric aoe_initiator_spurious_losses)
             stop_pid "$OPID"; OPID=
+            [ -n "${DUMP:-}" ] && in_i curl -s "http://127.0.0.1:$IPORT/metrics" | grep -E '^aoe_initiator_(losses|window_cuts|spurious|retransmits|rtt)' >&2
             awk -v b="$(basename "$bin")" -v o="$obs" -v mb="$SIZE_MB" \
                 -v dt="$(awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }')" \
                 -v r=$((r2 - r1)) -v w=$((w2 - w1)) -v p=$((p2 - p1)) -v sp=$((s2 - s1)) -v ci=$((c2 - c1)) -v ct=$((d2 - d1)) -v hz="$HZ" \
@@ -127,6 +128,7 @@ for round in $(seq 1 "$ROUNDS"); do
                                 b, o, mb * 1.048576 / dt, r / gb, p / gb, sp, w / gb, ci / hz / gb, ct / hz / gb, l }'
         done
         stop_pid "$IPID"; IPID=
+        [ -n "${KEEPLOG:-}" ] && cp "$WORK/init.log" "$KEEPLOG.$round.$(basename "$bin")"
         umount -l "$ROOT" 2>/dev/null || true
     done
 done

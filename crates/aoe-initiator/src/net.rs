@@ -657,6 +657,9 @@ struct LoopCounts {
     rx_passes: u64,
     /// Commands (front-end I/O among them) taken from the channel.
     commands: u64,
+    /// Frames found waiting, and taken, when a timer was due ([`Net::run`]): answers that
+    /// would otherwise have been timed out.
+    frames_before_timers: u64,
 }
 
 /// The network thread's state.
@@ -931,6 +934,7 @@ impl Net {
                         commands = c.commands,
                         frames_in = c.frames_in,
                         rx_passes = c.rx_passes,
+                        frames_before_timers = c.frames_before_timers,
                         "network thread loop"
                     );
                     self.fail_all();
@@ -940,9 +944,23 @@ impl Net {
                 self.counts.commands += 1;
                 changed = true;
             }
-            let now = Instant::now();
+            let mut now = Instant::now();
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-                self.engine.handle_timeout(now);
+                // Answers that arrived while this thread was away from its sockets (since
+                // poll returned, or descheduled on a busy machine) are taken before any
+                // timer runs: a frame whose answer waits in the receive ring is late to be
+                // looked at, not lost, and a copy of it would cost the target a second
+                // write and the window a cut. Without this, a 2 ms delay of this thread
+                // at a 1 ms smoothed RTT (a full window of writes) timed frames out.
+                let mut early = 0;
+                for idx in 0..self.ifaces.len() {
+                    early += self.receive(idx, now);
+                }
+                self.counts.frames_before_timers += early as u64;
+                now = Instant::now();
+                if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                    self.engine.handle_timeout(now);
+                }
             }
             self.transmit(now);
             let (state, io) = self.events();
@@ -1019,44 +1037,54 @@ impl Net {
                 if fd.writable {
                     i.flush(&mut self.logs, &mut self.spent);
                 }
-                let mut taken = 0;
-                while taken < RX_BUDGET {
-                    let n = match &mut i.ring {
-                        Some(r) => {
-                            let n = r.ring.recv_batch(RX_BATCH);
-                            for k in 0..n {
-                                if !r.ring.meta(k).truncated {
-                                    self.engine.handle_frame(now, idx, r.ring.frame(k));
-                                }
-                            }
-                            n
-                        }
-                        None => {
-                            let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
-                            for (frame, meta) in self.rxb.iter() {
-                                if !meta.truncated {
-                                    self.engine.handle_frame(now, idx, frame);
-                                }
-                            }
-                            n
-                        }
-                    };
-                    taken += n;
-                    if n < RX_BATCH {
-                        break;
-                    }
-                }
-                if taken > 0 {
-                    self.counts.frames_in += taken as u64;
-                    self.counts.rx_passes += 1;
-                }
-                // The engine copied what it keeps: the slots go back to the kernel now, not
-                // at the next wake-up.
-                if let Some(r) = &mut i.ring {
-                    r.ring.recv_batch(0);
-                }
+                self.receive(idx, now);
             }
         }
+    }
+
+    /// Hands the engine what interface `idx` received, up to [`RX_BUDGET`] frames, with
+    /// the time `now`. Returns how many it took.
+    fn receive(&mut self, idx: usize, now: Instant) -> usize {
+        let Some(Some(i)) = self.ifaces.get_mut(idx) else {
+            return 0;
+        };
+        let mut taken = 0;
+        while taken < RX_BUDGET {
+            let n = match &mut i.ring {
+                Some(r) => {
+                    let n = r.ring.recv_batch(RX_BATCH);
+                    for k in 0..n {
+                        if !r.ring.meta(k).truncated {
+                            self.engine.handle_frame(now, idx, r.ring.frame(k));
+                        }
+                    }
+                    n
+                }
+                None => {
+                    let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
+                    for (frame, meta) in self.rxb.iter() {
+                        if !meta.truncated {
+                            self.engine.handle_frame(now, idx, frame);
+                        }
+                    }
+                    n
+                }
+            };
+            taken += n;
+            if n < RX_BATCH {
+                break;
+            }
+        }
+        if taken > 0 {
+            self.counts.frames_in += taken as u64;
+            self.counts.rx_passes += 1;
+        }
+        // The engine copied what it keeps: the slots go back to the kernel now, not at the
+        // next wake-up.
+        if let Some(r) = &mut i.ring {
+            r.ring.recv_batch(0);
+        }
+        taken
     }
 
     /// Answers EINTR to readers of `err` whose process has a signal pending and logs the
