@@ -813,7 +813,8 @@ impl Net {
                     .any(|w| w.name == i.name && w.index == i.index);
                 if !same {
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
-                    self.tx_rejected_closed += i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
+                    self.tx_rejected_closed +=
+                        i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
                     self.engine.remove_interface(idx);
                     *slot = None;
                 }
@@ -1591,7 +1592,11 @@ mod housekeeping_tests {
         let ran = rx.recv_timeout(Duration::from_secs(5));
         drop(held);
         let mut net = t.join().unwrap();
-        assert_eq!(ran, Ok(false), "housekeeping waited for the lock (or ran under it)");
+        assert_eq!(
+            ran,
+            Ok(false),
+            "housekeeping waited for the lock (or ran under it)"
+        );
         // With the lock free it runs, then not again before HOUSEKEEPING has passed.
         assert!(net.housekeeping());
         assert!(!net.housekeeping());

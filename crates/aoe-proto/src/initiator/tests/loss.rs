@@ -157,11 +157,21 @@ fn a_delayed_pass_answers_before_its_timers_run() {
     let (mut e, t0) = up_engine(100_000, true);
     let now = reads_answered_after(&mut e, t0, Duration::from_micros(150));
     let before = e.device(DEV).unwrap().clone();
-    e.submit(now, DEV, BlockOp::Read { lba: 0, sectors: 64 })
-        .unwrap();
+    e.submit(
+        now,
+        DEV,
+        BlockOp::Read {
+            lba: 0,
+            sectors: 64,
+        },
+    )
+    .unwrap();
     let tx = drain(&mut e, now);
     assert!(tx.len() > 1);
-    assert!(e.poll_timeout().unwrap() < now + ms(5), "the timer is not shorter than the delay");
+    assert!(
+        e.poll_timeout().unwrap() < now + ms(5),
+        "the timer is not shorter than the delay"
+    );
     let late = now + ms(5);
     let mut tx = tx;
     let mut lbas = Vec::new();
