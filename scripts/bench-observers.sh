@@ -25,7 +25,10 @@
 # Usage: sudo scripts/bench-observers.sh
 #   AOE=target/release/aoe  INITS="$AOE" (initiator binaries, interleaved per round)
 #   MTU=9000 SIZE_MB=512 ROUNDS=2 RATE=20 DIR=w (w: nbdcopy writes; r: reads to null:)
-#   OBSERVERS="none debug attrs stat imetrics tmetrics tstats shell"
+#   OBSERVERS="none debug attrs stat imetrics tmetrics tstats err shell"
+#   DUMP=1 (print the initiator's loss and RTT metrics after each cell, on stderr)
+#   KEEPLOG=PREFIX (keep each initiator's log as PREFIX.ROUND.BINARY: its network-thread
+#             loop counters are logged when it stops)
 # Needs root, iproute2, util-linux (nsenter), nbdcopy (libnbd-bin), curl, fuse3.
 set -euo pipefail
 
