@@ -218,10 +218,12 @@ pub fn target_text(obs: &Observer) -> String {
         let l = |r: &str| labels(&[("interface", &i.name), ("reason", r)]);
         rdrops.push((l("send_failed"), i.send_failed));
         rdrops.push((l("backlog_full"), i.backlog_full));
+        rdrops.push((l("tx_rejected"), i.tx_rejected));
     }
     s.counter(
         "aoe_target_dropped_replies",
-        "Replies dropped by interface: the socket refused them, or the send backlog was full",
+        "Replies dropped by interface: the socket refused them, the send backlog was full, \
+         or the kernel refused them from the transmit ring (tx_rejected)",
         rdrops,
     );
     s.text()
@@ -299,7 +301,8 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
     s.counter(
         "aoe_initiator_dropped",
         "Frames the initiator dropped, by reason (engine-wide: frames that belong to no \
-         device, caps reached, send buffers full), and err lines lost to a full ring",
+         device, caps reached, send buffers full, refused by the kernel from a transmit \
+         ring), and err lines lost to a full ring",
         [
             ("malformed", e.malformed),
             ("user_tag", e.user_tags),
@@ -310,6 +313,7 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
             ("device_cap", e.devices_refused),
             ("target_cap", e.targets_refused),
             ("send_buffer_full", drops.send_buffer_full),
+            ("tx_rejected", drops.tx_rejected),
             ("err_ring_full", drops.err_ring_full),
         ]
         .into_iter()
@@ -345,9 +349,25 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
     let mut dev = Vec::new();
     let mut win = Vec::new();
     let mut nout = Vec::new();
+    let mut losses = Vec::new();
+    let mut cuts = Vec::new();
+    let mut spurious = Vec::new();
     for d in &devs {
         for t in &d.targets {
             let l = labels(&[("device", &d.addr.to_string()), ("mac", &t.mac.to_string())]);
+            let found = |how: &str| {
+                let mut l = l.clone();
+                l.push(("found_by".into(), how.into()));
+                l
+            };
+            let timer = t
+                .retransmits
+                .saturating_sub(t.fast_retransmits + t.tail_probes);
+            losses.push((found("timeout"), timer));
+            losses.push((found("later_answers"), t.fast_retransmits));
+            losses.push((found("tail_probe"), t.tail_probes));
+            cuts.push((l.clone(), t.window_cuts));
+            spurious.push((l.clone(), t.spurious));
             rtt.push((l.clone(), t.rtt_avg.as_secs_f64()));
             dev.push((l.clone(), t.rtt_dev.as_secs_f64()));
             win.push((l.clone(), i64::from(t.maxout)));
@@ -368,6 +388,24 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         "aoe_initiator_window",
         "Congestion window (frames allowed outstanding) per target MAC",
         win,
+    );
+    s.counter(
+        "aoe_initiator_losses",
+        "Frames presumed lost per target MAC, by how: their timer ran out (timeout), frames \
+         sent after them were answered first (later_answers), or a tail loss probe went out \
+         for them (tail_probe); each is copied unless its answer comes first",
+        losses,
+    );
+    s.counter(
+        "aoe_initiator_window_cuts",
+        "Times the congestion window of a target MAC was cut for a loss (once per loss episode)",
+        cuts,
+    );
+    s.counter(
+        "aoe_initiator_spurious_losses",
+        "Frames presumed lost that the target MAC answered after all (late, not lost); each \
+         undoes its episode's window cut",
+        spurious,
     );
     s.gauge(
         "aoe_initiator_frames_outstanding",

@@ -223,6 +223,17 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         .is_some(),
         "no AoE errors by code:\n{t}"
     );
+    assert!(
+        value(
+            &t,
+            &format!(
+                "aoe_target_dropped_replies_total{{interface=\"{}\",reason=\"tx_rejected\"}}",
+                rig.target_if
+            )
+        )
+        .is_some(),
+        "no replies refused by the transmit ring:\n{t}"
+    );
     for series in [
         format!("aoe_initiator_frames_sent_total{dev}"),
         format!("aoe_initiator_retransmits_total{dev}"),
@@ -230,6 +241,7 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         "aoe_initiator_dropped_total{reason=\"unknown_device\"}".to_string(),
         "aoe_initiator_dropped_total{reason=\"send_buffer_full\"}".to_string(),
         "aoe_initiator_dropped_total{reason=\"err_ring_full\"}".to_string(),
+        "aoe_initiator_dropped_total{reason=\"tx_rejected\"}".to_string(),
         "aoe_initiator_writes_fenced_total".to_string(),
     ] {
         assert!(value(&i, &series).is_some(), "no {series}:\n{i}");
@@ -238,6 +250,9 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         "aoe_initiator_rtt_average_seconds",
         "aoe_initiator_rtt_deviation_seconds",
         "aoe_initiator_frames_outstanding",
+        "aoe_initiator_losses_total",
+        "aoe_initiator_window_cuts_total",
+        "aoe_initiator_spurious_losses_total",
     ] {
         assert!(
             i.lines()

@@ -155,6 +155,13 @@ impl AoeFs {
         }
     }
 
+    /// The bytes of attribute file `i` of device `a` (None: no such device or file), copied
+    /// out under the shared lock, which is released before the caller replies.
+    fn attr_bytes(&self, a: TargetAddr, i: usize) -> Option<Vec<u8>> {
+        let s = lock(&self.shared);
+        s.devices.get(&a).and_then(|e| attr_value(e, i))
+    }
+
     /// Attributes of a node, or None if it does not exist (now).
     fn getattr_node(&self, n: Node) -> Option<FileAttr> {
         let s = lock(&self.shared);
@@ -599,33 +606,43 @@ impl Filesystem for AoeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Each answer is built under the shared lock and sent after it is released: the
+        // reply is a write(2) to /dev/fuse that wakes the reader, who may take this CPU at
+        // once, and the network thread must not wait for the lock meanwhile (an observer
+        // reading attributes 20 times a second must not stall the I/O it observes).
         match node(ino.0) {
             Some(Node::Fixed(ERR)) => {
                 let mut s = lock(&self.shared);
-                match s.err.pop_front() {
-                    Some(line) => reply.data(line.as_bytes()),
+                let line = s.err.pop_front();
+                match line {
+                    Some(line) => {
+                        drop(s);
+                        reply.data(line.as_bytes())
+                    }
                     // aoechr.c `aoechr_read`: O_NDELAY and nothing queued is EAGAIN.
-                    None if flags.0 & libc::O_NONBLOCK != 0 => reply.error(Errno::EAGAIN),
+                    None if flags.0 & libc::O_NONBLOCK != 0 => {
+                        drop(s);
+                        reply.error(Errno::EAGAIN)
+                    }
                     // Blocks until a line arrives, like `cat /dev/etherd/err`.
                     None => s.err_waiters.push((req.pid(), Box::new(ErrReply(reply)))),
                 }
             }
             Some(Node::Fixed(INTERFACES)) => {
-                let s = lock(&self.shared);
-                let text = if s.iflist.is_empty() {
-                    String::new()
-                } else {
-                    s.iflist.join(" ") + "\n"
+                let text = {
+                    let s = lock(&self.shared);
+                    if s.iflist.is_empty() {
+                        String::new()
+                    } else {
+                        s.iflist.join(" ") + "\n"
+                    }
                 };
                 reply.data(slice_at(text.as_bytes(), offset, size));
             }
-            Some(Node::Attr(a, i)) => {
-                let s = lock(&self.shared);
-                match s.devices.get(&a).and_then(|e| attr_value(e, i)) {
-                    Some(v) => reply.data(slice_at(&v, offset, size)),
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
+            Some(Node::Attr(a, i)) => match self.attr_bytes(a, i) {
+                Some(v) => reply.data(slice_at(&v, offset, size)),
+                None => reply.error(Errno::ENOENT),
+            },
             Some(Node::Dev(a, p)) => self.read_dev(a, p, offset, size, reply),
             Some(Node::Fixed(_)) => reply.data(&[]),
             _ => reply.error(Errno::EISDIR),
@@ -862,6 +879,7 @@ mod tests {
             fast_retransmits: 0,
             tail_probes: 0,
             window_cuts: 0,
+            spurious: 0,
         };
         DevEntry {
             info: DeviceInfo {

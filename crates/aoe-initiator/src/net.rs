@@ -108,6 +108,10 @@ pub struct Drops {
     pub engine: aoe_proto::initiator::Stats,
     /// Frames dropped with the send buffer full and the backlog at [`BACKLOG`].
     pub send_buffer_full: u64,
+    /// Frames the kernel refused from a transmit ring (`TP_STATUS_WRONG_FORMAT`: longer
+    /// than the interface's MTU, or malformed), summed over the interfaces' rings, those
+    /// closed since included: not sent, and no socket error says so.
+    pub tx_rejected: u64,
     /// `err` lines dropped because [`ERR_LINES`] were waiting unread.
     pub err_ring_full: u64,
 }
@@ -215,6 +219,17 @@ pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The shared state if no one else holds it now (poisoned or not), else `None`: for the
+/// network thread's housekeeping, which must never wait for a front-end
+/// ([`Net::housekeeping`]).
+pub fn try_lock(s: &Mutex<Shared>) -> Option<MutexGuard<'_, Shared>> {
+    match s.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// The file system's handle on the network thread.
 #[derive(Clone)]
 pub struct Handle {
@@ -278,6 +293,13 @@ const FRAME_BUF: usize = 9216 + 14;
 /// I/O completed (device events publish at once): copying every device's information after
 /// every completion would cost `--max-devices` copies per I/O.
 const IO_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Shortest time between two rounds of the network thread's housekeeping on the shared
+/// state ([`Net::housekeeping`]): a reader of `err` interrupted by a signal is answered
+/// within this (or the loop's one-second wake-up when idle), and the loop, which turns
+/// thousands of times a second under I/O, does not read `/proc` for every blocked reader
+/// of `err` or take the lock the front-ends' attribute reads take on every turn.
+const HOUSEKEEPING: Duration = Duration::from_millis(20);
 
 /// Log lines about frames (send failures, full buffers): one per kind per second.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -635,6 +657,9 @@ struct LoopCounts {
     rx_passes: u64,
     /// Commands (front-end I/O among them) taken from the channel.
     commands: u64,
+    /// Frames found waiting, and taken, when a timer was due ([`Net::run`]): answers that
+    /// would otherwise have been timed out.
+    frames_before_timers: u64,
 }
 
 /// The network thread's state.
@@ -670,6 +695,11 @@ pub struct Net {
     logs: RateLimiter,
     /// The loop's counters ([`LoopCounts`]).
     counts: LoopCounts,
+    /// When [`Net::housekeeping`] last ran.
+    housekept: Instant,
+    /// Frames refused by the transmit rings of interfaces closed since (see
+    /// [`Drops::tx_rejected`]).
+    tx_rejected_closed: u64,
 }
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
@@ -731,6 +761,8 @@ impl Net {
             unpublished: false,
             logs: RateLimiter::new(LOG_INTERVAL),
             counts: LoopCounts::default(),
+            housekept: Instant::now(),
+            tx_rejected_closed: 0,
         })
     }
 
@@ -781,6 +813,8 @@ impl Net {
                     .any(|w| w.name == i.name && w.index == i.index);
                 if !same {
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
+                    self.tx_rejected_closed +=
+                        i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
                     self.engine.remove_interface(idx);
                     *slot = None;
                 }
@@ -818,7 +852,10 @@ impl Net {
                             .as_ref()
                             .is_some_and(|t| t.ring.tx_frame_cap() < aoe_sys::frame_capacity(w.mtu))
                         {
-                            let before = i.txr.take().map_or(0, |t| t.sent());
+                            let old = i.txr.take();
+                            let before = old.as_ref().map_or(0, TxRing::sent);
+                            self.tx_rejected_closed +=
+                                old.map_or(0, |t| t.ring.stats().tx_rejected);
                             i.txr = tx_ring(&i.name, w.mtu);
                             if let Some(t) = i.txr.as_mut() {
                                 t.marked_before = before;
@@ -898,6 +935,7 @@ impl Net {
                         commands = c.commands,
                         frames_in = c.frames_in,
                         rx_passes = c.rx_passes,
+                        frames_before_timers = c.frames_before_timers,
                         "network thread loop"
                     );
                     self.fail_all();
@@ -907,9 +945,23 @@ impl Net {
                 self.counts.commands += 1;
                 changed = true;
             }
-            let now = Instant::now();
+            let mut now = Instant::now();
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
-                self.engine.handle_timeout(now);
+                // Answers that arrived while this thread was away from its sockets (since
+                // poll returned, or descheduled on a busy machine) are taken before any
+                // timer runs: a frame whose answer waits in the receive ring is late to be
+                // looked at, not lost, and a copy of it would cost the target a second
+                // write and the window a cut. Without this, a 2 ms delay of this thread
+                // at a 1 ms smoothed RTT (a full window of writes) timed frames out.
+                let mut early = 0;
+                for idx in 0..self.ifaces.len() {
+                    early += self.receive(idx, now);
+                }
+                self.counts.frames_before_timers += early as u64;
+                now = Instant::now();
+                if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                    self.engine.handle_timeout(now);
+                }
             }
             self.transmit(now);
             let (state, io) = self.events();
@@ -926,11 +978,7 @@ impl Net {
                 self.backlogged = backlogged;
                 self.publish();
             }
-            {
-                let mut s = lock(&self.shared);
-                s.interrupt_err_waiters();
-                s.flush_err_log(Instant::now());
-            }
+            self.housekeeping();
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
@@ -990,44 +1038,73 @@ impl Net {
                 if fd.writable {
                     i.flush(&mut self.logs, &mut self.spent);
                 }
-                let mut taken = 0;
-                while taken < RX_BUDGET {
-                    let n = match &mut i.ring {
-                        Some(r) => {
-                            let n = r.ring.recv_batch(RX_BATCH);
-                            for k in 0..n {
-                                if !r.ring.meta(k).truncated {
-                                    self.engine.handle_frame(now, idx, r.ring.frame(k));
-                                }
-                            }
-                            n
-                        }
-                        None => {
-                            let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
-                            for (frame, meta) in self.rxb.iter() {
-                                if !meta.truncated {
-                                    self.engine.handle_frame(now, idx, frame);
-                                }
-                            }
-                            n
-                        }
-                    };
-                    taken += n;
-                    if n < RX_BATCH {
-                        break;
-                    }
-                }
-                if taken > 0 {
-                    self.counts.frames_in += taken as u64;
-                    self.counts.rx_passes += 1;
-                }
-                // The engine copied what it keeps: the slots go back to the kernel now, not
-                // at the next wake-up.
-                if let Some(r) = &mut i.ring {
-                    r.ring.recv_batch(0);
-                }
+                self.receive(idx, now);
             }
         }
+    }
+
+    /// Hands the engine what interface `idx` received, up to [`RX_BUDGET`] frames, with
+    /// the time `now`. Returns how many it took.
+    fn receive(&mut self, idx: usize, now: Instant) -> usize {
+        let Some(Some(i)) = self.ifaces.get_mut(idx) else {
+            return 0;
+        };
+        let mut taken = 0;
+        while taken < RX_BUDGET {
+            let n = match &mut i.ring {
+                Some(r) => {
+                    let n = r.ring.recv_batch(RX_BATCH);
+                    for k in 0..n {
+                        if !r.ring.meta(k).truncated {
+                            self.engine.handle_frame(now, idx, r.ring.frame(k));
+                        }
+                    }
+                    n
+                }
+                None => {
+                    let n = i.sock.recv_batch(&mut self.rxb).unwrap_or(0);
+                    for (frame, meta) in self.rxb.iter() {
+                        if !meta.truncated {
+                            self.engine.handle_frame(now, idx, frame);
+                        }
+                    }
+                    n
+                }
+            };
+            taken += n;
+            if n < RX_BATCH {
+                break;
+            }
+        }
+        if taken > 0 {
+            self.counts.frames_in += taken as u64;
+            self.counts.rx_passes += 1;
+        }
+        // The engine copied what it keeps: the slots go back to the kernel now, not at the
+        // next wake-up.
+        if let Some(r) = &mut i.ring {
+            r.ring.recv_batch(0);
+        }
+        taken
+    }
+
+    /// Answers EINTR to readers of `err` whose process has a signal pending and logs the
+    /// suppressed-line counts of kinds gone quiet, at most every [`HOUSEKEEPING`], and only
+    /// if no front-end holds the shared state at this moment (else on a later turn): the
+    /// network thread must never wait on an observer (an attribute read, a metrics scrape,
+    /// `aoe-stat`) with frames to answer. Says whether it ran.
+    fn housekeeping(&mut self) -> bool {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.housekept) < HOUSEKEEPING {
+            return false;
+        }
+        let Some(mut s) = try_lock(&self.shared) else {
+            return false;
+        };
+        self.housekept = now;
+        s.interrupt_err_waiters();
+        s.flush_err_log(now);
+        true
     }
 
     /// Sends what the engine has to send. A socket whose send buffer is full (EAGAIN) gets
@@ -1185,6 +1262,14 @@ impl Net {
         let mut s = lock(&self.shared);
         s.drops.engine = self.engine.stats();
         s.drops.send_buffer_full = self.send_dropped;
+        s.drops.tx_rejected = self.tx_rejected_closed
+            + self
+                .ifaces
+                .iter()
+                .flatten()
+                .filter_map(|i| i.txr.as_ref())
+                .map(|t| t.ring.stats().tx_rejected)
+                .sum::<u64>();
         let mut next = BTreeMap::new();
         for info in devices {
             let old = s.devices.remove(&info.addr);
@@ -1474,5 +1559,46 @@ mod iflist_tests {
         let e = check_iflist(&["eth0 x".into()]).unwrap_err();
         assert!(e.starts_with("\"eth0 x\" cannot be"), "{e}");
         assert!(check_iflist(&["eth0".into(), "veth1".into()]).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod housekeeping_tests {
+    use super::*;
+    use aoe_proto::initiator::Config;
+
+    fn net() -> (Net, Arc<Mutex<Shared>>) {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let engine = Engine::new(Config::default(), Instant::now());
+        let net = Net::new(engine, shared.clone(), false, "/nonexistent".into()).unwrap();
+        (net, shared)
+    }
+
+    /// The network thread's housekeeping on the shared state must not wait while a front-end
+    /// holds it (a FUSE thread answering an attribute read, a metrics scrape): it skips the
+    /// turn and runs on a later one. Its old form (`lock`, every turn of the loop) waited:
+    /// with `lock` in place of `try_lock` this test fails at the deadline below.
+    #[test]
+    fn housekeeping_never_waits_for_a_front_end() {
+        let (mut net, shared) = net();
+        net.housekept = Instant::now() - HOUSEKEEPING;
+        let held = lock(&shared);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let t = std::thread::spawn(move || {
+            let ran = net.housekeeping();
+            let _ = tx.send(ran);
+            net
+        });
+        let ran = rx.recv_timeout(Duration::from_secs(5));
+        drop(held);
+        let mut net = t.join().unwrap();
+        assert_eq!(
+            ran,
+            Ok(false),
+            "housekeeping waited for the lock (or ran under it)"
+        );
+        // With the lock free it runs, then not again before HOUSEKEEPING has passed.
+        assert!(net.housekeeping());
+        assert!(!net.housekeeping());
     }
 }

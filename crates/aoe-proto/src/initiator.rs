@@ -734,6 +734,7 @@ impl Engine {
                     fast_retransmits: t.fast_retransmits,
                     tail_probes: t.tail_probes,
                     window_cuts: t.reductions,
+                    spurious: t.spurious,
                     answers: t.answers,
                 }
             })

@@ -214,6 +214,10 @@ pub struct IfaceStatus {
     pub send_failed: u64,
     /// Replies dropped because the send backlog was full.
     pub backlog_full: u64,
+    /// Replies the kernel refused from the transmit ring (`TP_STATUS_WRONG_FORMAT`: too
+    /// long for the interface's MTU, or malformed), which no socket error reports.
+    #[serde(default)]
+    pub tx_rejected: u64,
 }
 
 /// Everything a reader sees of the target at one moment.

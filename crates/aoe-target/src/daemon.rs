@@ -478,6 +478,7 @@ impl Daemon {
                     mtu: i.iface.mtu,
                     send_failed: i.send_failures,
                     backlog_full: i.backlog_drops,
+                    tx_rejected: i.ring().map_or(0, |r| r.stats().tx_rejected),
                 })
                 .collect(),
         }

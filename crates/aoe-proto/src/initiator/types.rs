@@ -376,6 +376,10 @@ pub struct TargetInfo {
     pub tail_probes: u64,
     /// Times the window was cut for a loss (at most once per loss episode).
     pub window_cuts: u64,
+    /// Frames found lost (or their copies sent) that the target answered after all: the
+    /// loss was presumed, the frame was late (Eifel detection; each undoes its episode's
+    /// window cut). On a lossless link every loss counted is one of these.
+    pub spurious: u64,
     /// ATA responses received from this target.
     pub answers: u64,
 }

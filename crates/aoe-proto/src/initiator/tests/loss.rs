@@ -147,6 +147,57 @@ fn reads_answered_after(e: &mut Engine, mut now: Instant, rtt: Duration) -> Inst
     now
 }
 
+/// A pass of the caller's loop delayed far beyond the RTO (its thread descheduled for 5 ms
+/// on a busy host, at a 150 µs RTT): the answers that arrived meanwhile, handed over before
+/// the timers run (as `aoe-initiator`'s loop takes a ring's waiting answers before a due
+/// timer), leave nothing to retransmit and the window uncut. The contract the loop keeps;
+/// the engine needs no clock of its own for it.
+#[test]
+fn a_delayed_pass_answers_before_its_timers_run() {
+    let (mut e, t0) = up_engine(100_000, true);
+    let now = reads_answered_after(&mut e, t0, Duration::from_micros(150));
+    let before = e.device(DEV).unwrap().clone();
+    e.submit(
+        now,
+        DEV,
+        BlockOp::Read {
+            lba: 0,
+            sectors: 64,
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, now);
+    assert!(tx.len() > 1);
+    assert!(
+        e.poll_timeout().unwrap() < now + ms(5),
+        "the timer is not shorter than the delay"
+    );
+    let late = now + ms(5);
+    let mut tx = tx;
+    let mut lbas = Vec::new();
+    while !tx.is_empty() {
+        for (_, f) in &tx {
+            let Body::Ata(a) = Message::parse(f).unwrap().body else {
+                panic!("not ATA")
+            };
+            lbas.push(a.lba);
+            let data = vec![0u8; usize::from(a.sector_count) * 512];
+            e.handle_frame(late, 0, &ata_rsp(f, TMAC, status::DRDY, 0, &data));
+        }
+        e.handle_timeout(late);
+        tx = drain(&mut e, late);
+    }
+    let n = lbas.len();
+    lbas.sort_unstable();
+    lbas.dedup();
+    assert_eq!(lbas.len(), n, "a frame went out twice");
+    let after = e.device(DEV).unwrap();
+    assert_eq!(after.stats.retransmits, before.stats.retransmits);
+    assert_eq!(after.targets[0].window_cuts, before.targets[0].window_cuts);
+    assert_eq!(after.targets[0].retransmits, before.targets[0].retransmits);
+    assert!(completions(&mut e).iter().all(|r| r.is_ok()));
+}
+
 /// A link that keeps frames in order, as a veth or a switch does (the simulated link draws
 /// each frame's delay at random, so any jitter reorders frames sent together).
 fn link(loss_pct: f64, dup_pct: f64) -> LinkCfg {
