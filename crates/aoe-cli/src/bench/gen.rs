@@ -25,7 +25,7 @@ use aoe_wire::{
 };
 
 use super::hist::Histogram;
-use super::pace::{self, Pacer, Rate};
+use super::pace::{Pacer, Rate};
 use super::pattern::{self, SECTOR};
 
 /// ATA status bits that mean the command failed: ERR (bit 0) and DF (bit 5), as the Linux
@@ -85,6 +85,9 @@ pub struct Tuning {
     pub rx_ring: bool,
     /// The most the phase may ask (`--rate`, `--rate-iops`); unlimited by default.
     pub rate: Rate,
+    /// How far behind its schedule a paced phase may fall and still catch up
+    /// (`--rate-burst-ms`, the token bucket's depth).
+    pub rate_depth: Duration,
 }
 
 /// A `PACKET_TX_RING` on a send-only socket of the target's interface
@@ -385,7 +388,7 @@ pub fn run(
     let mut pacer = t
         .rate
         .is_limited()
-        .then(|| Pacer::new(start, t.rate, pace::DEPTH));
+        .then(|| Pacer::new(start, t.rate, t.rate_depth));
     let mut last_reply = start;
     let mut last_activity = start;
     let mut next_scan = start;

@@ -100,7 +100,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Io::Ring)]
     tx: Io,
     /// Ask at most this many bytes per second (suffix k, M, G = KiB, MiB, GiB per second, as
-    /// fio's `rate=`): requests are paced by a token bucket (2 ms deep) so that the target is
+    /// fio's `rate=`): requests are paced by a token bucket (`--rate-burst-ms` deep) so that the target is
     /// offered this load, not as much as it can take. The report gives the asked and the
     /// achieved rate and says when the target did not keep up (below 95%), and latency from
     /// each request's place in the schedule as well as from its send.
@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// waits for both.
     #[arg(long, allow_hyphen_values = true)]
     rate_iops: Option<String>,
+    /// The depth of --rate's token bucket, in milliseconds (0 to 10000): how far behind its
+    /// schedule the generator may fall (a stalled target, a full window) and still catch up
+    /// by sending at once what is due; beyond it the load is lost and the achieved rate shows
+    /// it. 0 sends no burst at all.
+    #[arg(long, default_value_t = DEFAULT_BURST_MS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    rate_burst_ms: u64,
     /// Seed of the random offsets (randread, randwrite).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -165,6 +171,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("'{s}' is not a size (e.g. 8704, 4k, 64M, 1G)"))
 }
+
+/// `--rate-burst-ms`'s default.
+const DEFAULT_BURST_MS: u64 = pace::DEFAULT_DEPTH_MS;
 
 /// A positive rate: digits with an optional k, M or G (binary multiples, as fio).
 fn parse_rate(flag: &str, s: &str) -> Result<u64> {
@@ -695,6 +704,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dead: Duration::from_secs(5),
         rx_ring: a.rx == Io::Ring,
         rate: rate_of(&a)?,
+        rate_depth: Duration::from_millis(a.rate_burst_ms),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
