@@ -646,7 +646,14 @@ pub fn run(
         let mut fds = [PollFd::new(peer.sock.as_raw_fd())];
         let mut wake = deadline.map_or(next_scan, |d| d.min(next_scan));
         if let Some(p) = pacer.as_ref().filter(|_| more && !free.is_empty()) {
-            wake = wake.min(p.next_due());
+            // With nothing in flight there is nothing to rescan: sleep until the next
+            // request is due (a slow rate wakes once per request, not every millisecond).
+            let due = p.next_due();
+            wake = if busy == 0 {
+                deadline.map_or(due, |d| d.min(due))
+            } else {
+                wake.min(due)
+            };
         }
         if pacer.is_some() {
             // To the nanosecond: the next request is due at a given time, and a poll rounded
