@@ -11,6 +11,13 @@
 #    independent generator in C compiled here with gcc, the cross-check that `aoe bench` is not
 #    the limit. The target's user+system CPU time comes from /proc/PID/stat before and after.
 #    Targets and generators are interleaved per cell, so a busy machine slows them alike.
+#    With RATE or RATE_MB, each cell then runs again at equal load: every target offered the
+#    same MB/s by `aoe bench --rate`, so that CPU per GB compares the work a byte costs each
+#    target rather than how fast it saturates (on a veth the sender pays for the receiver's
+#    delivery, so a saturated target runs at ~100% of its core whatever its MB/s). A second
+#    table gives the achieved MB/s, the target's CPU-s per GB, the system and softirq time of
+#    the target's CPU (/proc/stat, PIN=1 or fifo only: then the target has CPU 0 to itself
+#    while it runs), p50/p99 latency from the send and p99 from the rate's schedule.
 # 2. Whole paths (PATHS=1): `aoe serve` (and the other INIT_TARGETS) with `aoe initiator` in the
 #    other namespace, reading and writing the whole file through the device file (dd bs=1M
 #    iflag=direct / oflag=direct) and through the initiator's NBD socket (nbdcopy); and the
@@ -32,6 +39,13 @@
 #   RUNS=1            rounds per cell, each running every generator once (interleaved); the
 #                     median MB/s is reported (the lower middle
 #                     for an even count)
+#   RATE="0.25 0.5"   equal-load rows at these fractions of RATE_BASE's saturated `aoe bench`
+#                     MB/s in the same cell, measured just before in the same run (needs
+#                     "aoe" in GENS); RATE_BASE=vblade (default: the slowest target of the cell)
+#   RATE_MB="200"     equal-load rows at these absolute MB/s instead (10^6 bytes per second)
+#                     Each load runs RUNS rounds, targets interleaved, their order reversed
+#                     every other round; medians per column. A target that reaches less than
+#                     95% of the asked rate is marked: its row is a saturated one.
 #   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset);
 #                     fifo: the same, both also SCHED_FIFO 10 (chrt), for a machine loaded
 #                     by other work (not the default: it starves that work meanwhile)
@@ -67,6 +81,9 @@ INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
 PERF_DIR=${PERF_DIR:-}
 FILE_DIR=${FILE_DIR:-/dev/shm}
 OUT=${OUT:-}
+RATE=${RATE:-}
+RATE_MB=${RATE_MB:-}
+RATE_BASE=${RATE_BASE:-}
 SHELF=1 SLOT=1
 
 die() { echo "bench-compare: $*" >&2; exit 1; }
@@ -82,6 +99,12 @@ fi
 [ "$PIN" != fifo ] || command -v chrt >/dev/null || die "missing chrt (Debian: util-linux)"
 [ -z "$PERF_DIR" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
+[ -z "$RATE" ] || [ -z "$RATE_MB" ] || die "RATE and RATE_MB: one or the other"
+for f in $RATE $RATE_MB; do
+    awk -v f="$f" 'BEGIN { exit !(f ~ /^[0-9]*\.?[0-9]+$/ && f > 0) }' ||
+        die "RATE/RATE_MB: '$f' is not a positive number"
+done
+[ -z "$RATE" ] || case " $GENS " in *" aoe "*) ;; *) die "RATE needs GENS with aoe (its saturated MB/s)" ;; esac
 AOE=$(readlink -f "$AOE")
 [ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); }
 
@@ -187,7 +210,8 @@ cat "$FILE" >/dev/null
 [ "$PATHS" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
 
 GENROWS=$WORK/gen.tsv PATHROWS=$WORK/path.tsv RUNROWS=$WORK/runs.tsv
-: >"$GENROWS"; : >"$PATHROWS"; : >"$RUNROWS"
+EQROWS=$WORK/eq.tsv EQRUNS=$WORK/eqruns.tsv
+: >"$GENROWS"; : >"$PATHROWS"; : >"$RUNROWS"; : >"$EQROWS"; : >"$EQRUNS"
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 gen_cells() { # mtu
@@ -237,6 +261,83 @@ gen_cells() { # mtu
                 done
                 stop_target
             done
+            [ -z "$RATE$RATE_MB" ] || eq_cells "$mtu" "$mode" "$bs" "$w"
+        done
+    done
+}
+
+# Ticks of one CPU's line in /proc/stat: "system softirq busy" (busy: all but idle and iowait).
+# They count whatever ran on that CPU: with PIN the target has it to itself while it runs,
+# but while it sleeps other work (other benchmarks on a shared machine) may run there too.
+cpu_stat() { # cpu
+    awk -v c="cpu$1" '$1 == c { print $4, $8, $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+
+# One paced `aoe bench` run against the running target; appends a row to EQRUNS.
+eq_run() { # mtu mode bs w load asked_mb target round
+    local mtu=$1 mode=$2 bs=$3 w=$4 load=$5 mb=$6 t=$7 r=$8 c0 c1 s0 s1 w0 w1 wflag=() bytes
+    case $mode in *write) wflag=(--write) ;; esac
+    bytes=$(awk -v m="$mb" 'BEGIN { printf "%d", m * 1e6 }')
+    c0=$(cpu_ticks "$TARGET_PID") s0=$(cpu_stat 0) w0=$(date +%s.%N)
+    in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" "${wflag[@]}" --bs "$bs" \
+        --window "$w" --time "$TIME" --rate "$bytes" --json >"$WORK/eq.json" 2>"$WORK/gen.err" || {
+        sed 's/^/    /' "$WORK/gen.err" >&2; return 0; }
+    c1=$(cpu_ticks "$TARGET_PID") s1=$(cpu_stat 0) w1=$(date +%s.%N)
+    # Fields: mtu mode bs window load asked target round | MB/s fraction p50 p99 p99-sched
+    # retransmits bytes seconds | target ticks | cpu0 system softirq busy ticks.
+    jq -r '[.mb_per_s, .rate.achieved_fraction, .latency_us.p50, .latency_us.p99,
+            .rate.latency_from_schedule_us.p99, .retransmits, .bytes, .seconds] | @tsv' \
+        "$WORK/eq.json" | awk -v OFS='\t' -v mtu="$mtu" -v mode="$mode" -v bs="$bs" -v w="$w" \
+        -v load="$load" -v mb="$mb" -v t="$t" -v r="$r" -v tc=$(( c1 - c0 )) -v hz="$HZ" \
+        -v s0="$s0" -v s1="$s1" -v wall="$(awk -v a="$w0" -v b="$w1" 'BEGIN { print b - a }')" \
+        -v pin="$PIN" '{
+            split(s0, a, " "); split(s1, b, " "); gb = $7 / 1e9
+            sys = (b[1] - a[1]) / hz; sirq = (b[2] - a[2]) / hz; busy = (b[3] - a[3]) / hz
+            if (pin == "0") { sys = -1; sirq = -1; busy = -1 }
+            print mtu, mode, bs, w, load, mb, t, r, $1, $2, (gb > 0) ? (tc / hz) / gb : 0,
+                (gb > 0 && sys >= 0) ? sys / gb : -1, (gb > 0 && sirq >= 0) ? sirq / gb : -1,
+                (busy >= 0 && wall > 0) ? 100 * busy / wall : -1, $3, $4, $5, $6
+        }' | tee -a "$EQRUNS" >&2
+}
+
+# Equal load for one cell: every target at the same offered MB/s, RUNS rounds interleaved.
+eq_cells() { # mtu mode bs w
+    local mtu=$1 mode=$2 bs=$3 w=$4 base="" f mb t r order loads=()
+    if [ -n "$RATE_MB" ]; then
+        for f in $RATE_MB; do loads+=("${f}MB $f"); done
+    else
+        base=$(awk -F'\t' -v mtu="$mtu" -v mode="$mode" -v w="$w" -v b="$RATE_BASE" '
+            $1 == mtu && $2 == mode && $4 == w && $7 == "aoe" && (b == "" || $5 == b) && $8 > 0 {
+                if (m == "" || $8 < m) m = $8 } END { print m }' "$GENROWS")
+        if [ -z "$base" ]; then
+            echo "bench-compare: no saturated MB/s of ${RATE_BASE:-any target} in $mtu $mode w$w; no equal-load rows" >&2
+            return 0
+        fi
+        for f in $RATE; do loads+=("$f $(awk -v f="$f" -v b="$base" 'BEGIN { printf "%.1f", f * b }')"); done
+    fi
+    for l in "${loads[@]}"; do
+        read -r f mb <<<"$l"
+        for r in $(seq 1 "$RUNS"); do
+            order=$TARGETS
+            [ $(( r % 2 )) = 1 ] || order=$(printf '%s\n' $TARGETS | tac | tr '\n' ' ')
+            for t in $order; do
+                target_cmd "$t" >/dev/null || continue
+                sync "$FILE"
+                start_target "$t" || continue
+                eq_run "$mtu" "$mode" "$bs" "$w" "$f" "$mb" "$t" "$r"
+                stop_target
+            done
+        done
+        # Medians per column over the rounds, per target.
+        for t in $TARGETS; do
+            awk -F'\t' -v mtu="$mtu" -v mode="$mode" -v w="$w" -v f="$f" -v t="$t" \
+                '$1 == mtu && $2 == mode && $4 == w && $5 == f && $7 == t' "$EQRUNS" >"$WORK/eq.cell"
+            [ -s "$WORK/eq.cell" ] || continue
+            local row="$mtu	$mode	$bs	$w	$f	$mb	$t" c
+            for c in $(seq 9 18); do
+                row="$row	$(cut -f"$c" "$WORK/eq.cell" | median)"
+            done
+            printf '%s\t%s\n' "$row" "$(wc -l <"$WORK/eq.cell")" >>"$EQROWS"
         done
     done
 }
@@ -342,6 +443,35 @@ done
                 }
             }
         }' "$GENROWS"
+    if [ -s "$EQROWS" ]; then
+        echo
+        echo "Equal load: every target offered the same MB/s by \`aoe bench --rate\` ($(
+            if [ -n "$RATE_MB" ]; then echo "RATE_MB=\"$RATE_MB\" MB/s"
+            else echo "load = the fraction of ${RATE_BASE:-the slowest target}'s saturated MB/s in the same cell above"; fi
+            )), medians of the rounds per column; CPU 0 = the target's own CPU while it runs (PIN=$PIN; - when not pinned); latency from the send, p99 sched from the rate's schedule; * = below 95% of the asked rate:"
+        echo
+        echo "| MTU | mode | bs | window | load | asked MB/s | target | MB/s | target CPU-s/GB | CPU 0 sys s/GB | CPU 0 softirq s/GB | CPU 0 busy | p50 us | p99 us | p99 sched us | retransmits | rounds |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' 'function o(x, fmt) { return (x < 0) ? "-" : sprintf(fmt, x) }
+            { printf "| %s | %s | %s | %s | %s | %.1f | %s | %.1f%s | %.3f | %s | %s | %s | %.0f | %.0f | %.0f | %d | %d |\n",
+                $1, $2, $3, $4, $5, $6, $7, $8, ($9 < 0.95) ? " *" : "", $10, o($11, "%.3f"),
+                o($12, "%.3f"), o($13, "%.0f%%"), $14, $15, $16, $17, $18 }' "$EQROWS"
+        echo
+        eqbase=${RATE_BASE:-$(set -- $TARGETS; echo "$1")}
+        echo "Equal load, each target against $eqbase in the same cell and load (below 1 = less CPU per GB, lower latency):"
+        echo
+        echo "| MTU | mode | window | load | target | CPU-s/GB | CPU 0 sys+softirq per GB | p50 | p99 | p99 sched |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' -v b="$eqbase" '
+            { k = $1 SUBSEP $2 SUBSEP $4 SUBSEP $5; rows[++n] = $0
+              if ($7 == b) { cpu[k] = $10; ks[k] = ($11 < 0) ? -1 : $11 + $12; p50[k] = $14; p99[k] = $15; ps[k] = $16 } }
+            function r(a, x) { return (x > 0 && a >= 0) ? sprintf("%.2fx", a / x) : "-" }
+            END { for (i = 1; i <= n; i++) { split(rows[i], f, "\t"); k = f[1] SUBSEP f[2] SUBSEP f[4] SUBSEP f[5]
+                if (f[7] == b || !(k in cpu)) continue
+                printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[4], f[5], f[7],
+                    r(f[10], cpu[k]), r((f[11] < 0) ? -1 : f[11] + f[12], ks[k]), r(f[14], p50[k]),
+                    r(f[15], p99[k]), r(f[16], ps[k]) } }' "$EQROWS"
+    fi
     if [ -s "$PATHROWS" ]; then
         echo
         echo "Whole paths, the $SIZE_MB MiB file per transfer (client CPU: \`aoe initiator\` plus dd or nbdcopy; raw = the best \`aoe bench\` seq read or write MB/s against the same target at that MTU):"
@@ -363,4 +493,8 @@ cat "$WORK/table.md"
     cp "$WORK/table.md" "$OUT"
     { printf 'mtu\tmode\twindow\ttarget\tgenerator\tround\tMB/s\tp50_us\tp99_us\tretransmits\ttarget_cpu_s_per_GB\tgenerator_cpu_pct\tgenerator_cpu_s_per_GB\n'
       cat "$RUNROWS"; } >"$OUT.runs.tsv"
+    if [ -s "$EQRUNS" ]; then
+        { printf 'mtu\tmode\tbs\twindow\tload\tasked_MB/s\ttarget\tround\tMB/s\tachieved_fraction\ttarget_cpu_s_per_GB\tcpu0_sys_s_per_GB\tcpu0_softirq_s_per_GB\tcpu0_busy_pct\tp50_us\tp99_us\tp99_sched_us\tretransmits\n'
+          cat "$EQRUNS"; } >"$OUT.eq.tsv"
+    fi
 }

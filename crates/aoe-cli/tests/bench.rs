@@ -3,7 +3,9 @@
 //! that `--json` parses and carries the fields the comparison harness reads, and that a
 //! writing mode without `--write` (or aimed at broadcast) is refused before anything is sent.
 //! Requests go out through the transmit ring by default (`--tx ring`); the JSON output's
-//! counters of frames sent each way show which path a run took.
+//! counters of frames sent each way show which path a run took. Paced runs (`--rate`) are
+//! checked by bounds that hold on any machine: not before the last request was due, not
+//! more than the rate allows.
 
 mod common;
 use common::*;
@@ -116,9 +118,12 @@ impl BenchRig {
 fn num(v: &Value, path: &str) -> f64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = cur
-            .get(k)
-            .unwrap_or_else(|| panic!("--json output has no field {path}:\n{v:#}"));
+        // A number is an index into an array (`phases.0.bytes`).
+        let next = match k.parse::<usize>() {
+            Ok(i) if cur.is_array() => cur.get(i),
+            _ => cur.get(k),
+        };
+        cur = next.unwrap_or_else(|| panic!("--json output has no field {path}:\n{v:#}"));
     }
     cur.as_f64()
         .unwrap_or_else(|| panic!("--json field {path} is not a number: {cur}"))
@@ -321,6 +326,128 @@ fn unusable_arguments_fail_with_one_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    }
+}
+
+/// `--rate` and `--rate-iops` pace the requests: a run of `--size` bytes at a rate cannot end
+/// before its last request was due (the first goes at once, each later one when the bytes, or
+/// requests, before it are paid for), and a `--time` run cannot move more than the rate
+/// allows plus one request. Both are lower or upper bounds that hold however busy the machine
+/// is; nothing about speed is asserted. The JSON carries the asked and achieved rate, and
+/// each phase says how it sent and received.
+#[test]
+fn paced_runs_never_exceed_their_rate() {
+    let rig = BenchRig::start(Target::AoeServe, 1500);
+    let bs = 1024.0;
+    // 2 MiB at 4 MiB/s: 2048 requests, the last due at 2047 KiB / 4 MiB/s = 0.4998 s.
+    for mode in ["read", "randread"] {
+        let v = rig.bench_json(&[
+            "--target", "7.3", "--mode", mode, "--size", "2M", "--bs", "1k", "--window", "16",
+            "--rate", "4M",
+        ]);
+        assert_eq!(num(&v, "bytes"), 2097152.0, "{mode}: {v:#}");
+        let floor = (2097152.0 - bs) / 4194304.0;
+        assert!(
+            num(&v, "seconds") >= floor,
+            "{mode}: 2 MiB at 4 MiB/s took {} s, less than the {floor} s the rate allows: {v:#}",
+            num(&v, "seconds")
+        );
+        assert_eq!(num(&v, "rate.asked_bytes_per_s"), 4194304.0, "{v:#}");
+        assert!(v["rate"]["asked_iops"].is_null(), "{v:#}");
+        assert!(v["rate"]["kept_up"].is_boolean(), "{v:#}");
+        for f in [
+            "rate.achieved_bytes_per_s",
+            "rate.achieved_iops",
+            "rate.achieved_fraction",
+            "rate.latency_from_schedule_us.p50",
+            "rate.latency_from_schedule_us.p99",
+            "rate.latency_from_schedule_us.p999",
+        ] {
+            num(&v, f);
+        }
+        // The first request goes at once: at most one request above the rate.
+        assert!(
+            num(&v, "rate.achieved_fraction") <= 2097152.0 / (2097152.0 - bs),
+            "{v:#}"
+        );
+        assert_eq!(
+            num(&v, "phases.0.rate.asked_bytes_per_s"),
+            4194304.0,
+            "{v:#}"
+        );
+    }
+    // Requests per second: 300 requests at 1000/s, the last due at 0.299 s.
+    let v = rig.bench_json(&[
+        "--target",
+        "7.3",
+        "--size",
+        "300k",
+        "--bs",
+        "1k",
+        "--rate-iops",
+        "1000",
+    ]);
+    assert_eq!(num(&v, "requests"), 300.0, "{v:#}");
+    assert!(num(&v, "seconds") >= 0.299, "{v:#}");
+    assert_eq!(num(&v, "rate.asked_iops"), 1000.0, "{v:#}");
+    assert!(v["rate"]["asked_bytes_per_s"].is_null(), "{v:#}");
+    // A timed run: what it moved is at most the rate times the time, plus one request.
+    let v = rig.bench_json(&[
+        "--target", "7.3", "--mode", "randread", "--time", "0.5", "--bs", "1k", "--rate", "1M",
+    ]);
+    assert!(
+        num(&v, "bytes") <= 0.5 * 1048576.0 + bs,
+        "0.5 s at 1 MiB/s moved {} bytes: {v:#}",
+        num(&v, "bytes")
+    );
+    assert!(num(&v, "requests") > 0.0, "{v:#}");
+    // Verify, paced, both phases: each reports its own rate and its own way in and out.
+    let v = rig.bench_json(&[
+        "--target", "7.3", "--mode", "verify", "--write", "--size", "1M", "--rate", "8M", "--rx",
+        "ring",
+    ]);
+    assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
+    assert_eq!(num(&v, "verified_sectors"), 2048.0, "{v:#}");
+    let phases = v["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 2, "{v:#}");
+    for (i, p) in phases.iter().enumerate() {
+        assert!(
+            num(p, "seconds") >= (1048576.0 - 1024.0) / 8388608.0,
+            "phase {i}: {v:#}"
+        );
+        assert_eq!(num(p, "rate.asked_bytes_per_s"), 8388608.0, "{v:#}");
+        assert_eq!(p["tx"], "ring", "{v:#}");
+        assert_eq!(
+            num(p, "tx_frames_ring"),
+            num(p, "requests") + num(p, "retransmits"),
+            "phase {i}: {v:#}"
+        );
+    }
+    assert_eq!(phases[0]["rx"], "ring", "the write phase: {v:#}");
+    assert_eq!(phases[1]["rx"], "mmsg", "the read-back checks data: {v:#}");
+    // Unpaced: no rate object.
+    let v = rig.bench_json(&["--target", "7.3", "--size", "64k"]);
+    assert!(v["rate"].is_null(), "{v:#}");
+}
+
+#[test]
+fn bad_rates_fail_with_one_line_and_exit_2() {
+    let rig = BenchRig::start(Target::AoeServe, 1500);
+    for (flag, value, needle) in [
+        ("--rate", "0", "must be positive"),
+        ("--rate", "5X", "not a rate"),
+        ("--rate", "-5", "not a rate"),
+        ("--rate", "1.5M", "not a rate"),
+        ("--rate", "99999999999999G", "not a rate"),
+        ("--rate-iops", "0", "must be positive"),
+        ("--rate-iops", "99999999999999999999", "not a rate"),
+    ] {
+        let out = rig.bench(&["--target", "7.3", "--size", "64k", flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(needle), "{flag} {value}: {err}");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     }
 }

@@ -132,6 +132,17 @@ impl PollFd {
 /// spinning) and capped at `i32::MAX` ms. A signal interrupting the wait (`EINTR`) returns
 /// `Ok(0)` with no entry ready, like a timeout: callers loop anyway.
 pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    wait(fds, timeout, false)
+}
+
+/// [`poll`] with the timeout kept to the nanosecond (`ppoll(2)`), for a loop that must wake at
+/// a given time (a paced load generator's next request), not up to a millisecond later. A zero
+/// timeout returns at once: the caller must not loop on it while idle.
+pub fn poll_precise(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    wait(fds, timeout, true)
+}
+
+fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Result<usize> {
     let mut raw: Vec<libc::pollfd> = fds
         .iter()
         .map(|p| libc::pollfd {
@@ -141,17 +152,31 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
             revents: 0,
         })
         .collect();
-    let timeout_ms = match timeout {
-        None => -1,
-        Some(d) => {
-            let ms = d.as_nanos().div_ceil(1_000_000);
-            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-        }
-    };
     let nfds = libc::nfds_t::try_from(raw.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds for poll"))?;
-    // SAFETY: `raw` holds exactly `nfds` writable pollfd entries and outlives the call.
-    let ret = unsafe { libc::poll(raw.as_mut_ptr(), nfds, timeout_ms) };
+    let ret = if precise {
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+            // Below 10^9: fits a c_long.
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `raw` holds exactly `nfds` writable pollfd entries and outlives the call;
+        // `tsp` is null or points to `ts`, alive until the call returns; no signal mask.
+        unsafe { libc::ppoll(raw.as_mut_ptr(), nfds, tsp, std::ptr::null()) }
+    } else {
+        let timeout_ms = match timeout {
+            None => -1,
+            Some(d) => {
+                let ms = d.as_nanos().div_ceil(1_000_000);
+                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+            }
+        };
+        // SAFETY: `raw` holds exactly `nfds` writable pollfd entries and outlives the call.
+        unsafe { libc::poll(raw.as_mut_ptr(), nfds, timeout_ms) }
+    };
     for p in fds.iter_mut() {
         p.ready = false;
         p.writable = false;

@@ -25,6 +25,7 @@ use aoe_wire::{
 };
 
 use super::hist::Histogram;
+use super::pace::{Pacer, Rate};
 use super::pattern::{self, SECTOR};
 
 /// ATA status bits that mean the command failed: ERR (bit 0) and DF (bit 5), as the Linux
@@ -82,6 +83,11 @@ pub struct Tuning {
     /// Receive unchecked replies through the RX ring of a [`PacketRing`] instead of
     /// `recvmmsg`.
     pub rx_ring: bool,
+    /// The most the phase may ask (`--rate`, `--rate-iops`); unlimited by default.
+    pub rate: Rate,
+    /// How far behind its schedule a paced phase may fall and still catch up
+    /// (`--rate-burst-ms`, the token bucket's depth).
+    pub rate_depth: Duration,
 }
 
 /// A `PACKET_TX_RING` on a send-only socket of the target's interface
@@ -143,6 +149,14 @@ pub struct PhaseStats {
     pub elapsed: Duration,
     /// Latency from a request's first send to its reply, retransmissions included.
     pub hist: Histogram,
+    /// With a rate: latency from the time the schedule meant the request to go (its place in
+    /// the rate, not its send), which counts the wait for a window slot or for a target that
+    /// fell behind (coordinated omission). Empty without a rate.
+    pub hist_sched: Histogram,
+    /// Requests went out through the transmit ring (else with `sendmmsg`).
+    pub tx_ring: bool,
+    /// Replies came in through the RX ring (else with `recvmmsg`).
+    pub rx_ring: bool,
     /// Requests sent again after a timeout.
     pub retransmits: u64,
     /// Sectors checked against the pattern.
@@ -182,6 +196,8 @@ struct Slot {
     len: usize,
     first: Instant,
     sent: Instant,
+    /// When the rate's schedule meant it to go (its first send without a rate).
+    intended: Instant,
     tries: u32,
 }
 
@@ -311,6 +327,7 @@ pub fn run(
             len: 0,
             first: start,
             sent: start,
+            intended: start,
             tries: 0,
         };
         t.window
@@ -357,6 +374,9 @@ pub fn run(
         bytes: 0,
         elapsed: Duration::ZERO,
         hist: Histogram::new(),
+        hist_sched: Histogram::new(),
+        tx_ring: tx.is_some(),
+        rx_ring,
         retransmits: 0,
         checked_sectors: 0,
         bad_sectors: 0,
@@ -365,6 +385,10 @@ pub fn run(
         frames_mmsg: 0,
         interrupted: false,
     };
+    let mut pacer = t
+        .rate
+        .is_limited()
+        .then(|| Pacer::new(start, t.rate, t.rate_depth));
     let mut last_reply = start;
     let mut last_activity = start;
     let mut next_scan = start;
@@ -378,8 +402,16 @@ pub fn run(
         if deadline.is_some_and(|d| now >= d) {
             break deadline.unwrap_or(now);
         }
-        // Issue new requests into free slots.
+        // Issue new requests into free slots, as far as the rate allows.
         while plan.limit.is_none_or(|l| issued < l) {
+            if pacer.as_ref().is_some_and(|p| !p.ready(now)) || free.is_empty() {
+                break;
+            }
+            if busy == 0 {
+                // An empty window (paced, between requests): the dead-target timer counts
+                // from now, not from the last reply.
+                last_reply = now;
+            }
             let Some(i) = free.pop() else { break };
             let (lba, count) = if plan.random {
                 let lba = (next_rand(&mut rng) % slots_in_span) * per;
@@ -394,6 +426,9 @@ pub fn run(
             issued += count;
             let i = usize::from(i);
             let s = &mut slots[i];
+            s.intended = pacer
+                .as_mut()
+                .map_or(now, |p| p.take(now, count * SECTOR as u64));
             s.busy = true;
             s.lba = lba;
             // count <= per <= 255.
@@ -413,7 +448,8 @@ pub fn run(
             pending.push_back(i as u16);
             busy += 1;
         }
-        if busy == 0 {
+        let more = plan.limit.is_none_or(|l| issued < l);
+        if busy == 0 && !more {
             break now;
         }
         // Send what is pending: into the ring's free slots and one kick for them all, or
@@ -550,6 +586,10 @@ pub fn run(
             }
             st.hist
                 .record(now.saturating_duration_since(s.first).as_nanos() as u64);
+            if pacer.is_some() {
+                st.hist_sched
+                    .record(now.saturating_duration_since(s.intended).as_nanos() as u64);
+            }
             st.requests += 1;
             st.bytes += bytes as u64;
             s.busy = false;
@@ -579,7 +619,7 @@ pub fn run(
                 }
             }
             next_scan = now + (rto.timeout(0) / 4).min(Duration::from_millis(1));
-            if now - last_reply > t.dead {
+            if busy > 0 && now - last_reply > t.dead {
                 bail!(
                     "{} stopped answering: no reply for {:.1} s with {} requests in flight",
                     peer.addr,
@@ -601,10 +641,27 @@ pub fn run(
         if n > 0 || !pending.is_empty() || unkicked || now - last_activity < t.spin {
             continue;
         }
-        // Idle: sleep until a reply arrives or the next retransmit scan is due.
+        // Idle: sleep until a reply arrives, the next retransmit scan is due, or (paced, with
+        // a free slot) the next request is.
         let mut fds = [PollFd::new(peer.sock.as_raw_fd())];
-        let wake = deadline.map_or(next_scan, |d| d.min(next_scan));
-        aoe_sys::poll(&mut fds, Some(wake.saturating_duration_since(now)))?;
+        let mut wake = deadline.map_or(next_scan, |d| d.min(next_scan));
+        if let Some(p) = pacer.as_ref().filter(|_| more && !free.is_empty()) {
+            // With nothing in flight there is nothing to rescan: sleep until the next
+            // request is due (a slow rate wakes once per request, not every millisecond).
+            let due = p.next_due();
+            wake = if busy == 0 {
+                deadline.map_or(due, |d| d.min(due))
+            } else {
+                wake.min(due)
+            };
+        }
+        if pacer.is_some() {
+            // To the nanosecond: the next request is due at a given time, and a poll rounded
+            // up to the millisecond would send the rate in bursts.
+            aoe_sys::poll_precise(&mut fds, Some(wake.saturating_duration_since(now)))?;
+        } else {
+            aoe_sys::poll(&mut fds, Some(wake.saturating_duration_since(now)))?;
+        }
         last_activity = Instant::now();
     };
     st.elapsed = end.saturating_duration_since(start);

@@ -14,6 +14,7 @@
 
 mod gen;
 mod hist;
+mod pace;
 mod pattern;
 
 use std::io::{IsTerminal, Write as _};
@@ -98,6 +99,23 @@ pub struct BenchArgs {
     /// (`tx_frames_ring`, `tx_frames_mmsg`).
     #[arg(long, value_enum, default_value_t = Io::Ring)]
     tx: Io,
+    /// Ask at most this many bytes per second (suffix k, M, G = KiB, MiB, GiB per second, as
+    /// fio's `rate=`): requests are paced by a token bucket (`--rate-burst-ms` deep) so that the target is
+    /// offered this load, not as much as it can take. The report gives the asked and the
+    /// achieved rate and says when the target did not keep up (below 95%), and latency from
+    /// each request's place in the schedule as well as from its send.
+    #[arg(long, allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Ask at most this many requests per second (fio's `rate_iops`); with --rate, a request
+    /// waits for both.
+    #[arg(long, allow_hyphen_values = true)]
+    rate_iops: Option<String>,
+    /// The depth of --rate's token bucket, in milliseconds (0 to 10000): how far behind its
+    /// schedule the generator may fall (a stalled target, a full window) and still catch up
+    /// by sending at once what is due; beyond it the load is lost and the achieved rate shows
+    /// it. 0 sends no burst at all.
+    #[arg(long, default_value_t = DEFAULT_BURST_MS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    rate_burst_ms: u64,
     /// Seed of the random offsets (randread, randwrite).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -152,6 +170,42 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("'{s}' is not a size (e.g. 8704, 4k, 64M, 1G)"))
+}
+
+/// `--rate-burst-ms`'s default.
+const DEFAULT_BURST_MS: u64 = pace::DEFAULT_DEPTH_MS;
+
+/// A positive rate: digits with an optional k, M or G (binary multiples, as fio).
+fn parse_rate(flag: &str, s: &str) -> Result<u64> {
+    let bad = || {
+        usage(format!(
+            "{flag} '{s}' is not a rate: a positive whole number with an optional k, M or G (e.g. 300M)"
+        ))
+    };
+    if !s.trim().starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match parse_size(s) {
+        Ok(0) => Err(usage(format!("{flag} 0: a rate must be positive"))),
+        Ok(n) => Ok(n),
+        Err(_) => Err(bad()),
+    }
+}
+
+/// `--rate` and `--rate-iops`, checked.
+fn rate_of(a: &BenchArgs) -> Result<pace::Rate> {
+    Ok(pace::Rate {
+        bytes_per_s: a
+            .rate
+            .as_deref()
+            .map(|s| parse_rate("--rate", s))
+            .transpose()?,
+        iops: a
+            .rate_iops
+            .as_deref()
+            .map(|s| parse_rate("--rate-iops", s))
+            .transpose()?,
+    })
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -230,6 +284,7 @@ fn check_args(a: &BenchArgs) -> Result<Want> {
     if a.sectors == Some(0) {
         bail!(usage("--sectors must be at least 1".into()));
     }
+    rate_of(a)?;
     Ok(want)
 }
 
@@ -277,20 +332,72 @@ struct Figures {
     seconds: f64,
     mb_per_s: f64,
     iops: f64,
+    /// From each request's first send to its reply.
     latency_us: Latency,
     retransmits: u64,
+    /// With `--rate` / `--rate-iops`: what was asked and what came of it; null without.
+    rate: Option<Pacing>,
 }
 
+/// A paced run's asked and achieved rate.
+#[derive(Debug, Serialize)]
+struct Pacing {
+    /// `--rate` in bytes per second (null: no byte limit).
+    asked_bytes_per_s: Option<u64>,
+    /// `--rate-iops` (null: no request limit).
+    asked_iops: Option<u64>,
+    achieved_bytes_per_s: f64,
+    achieved_iops: f64,
+    /// Achieved over asked (the lower of the two when both are limited).
+    achieved_fraction: f64,
+    /// Achieved at least 95% of what was asked: else the target (or the window) could not
+    /// keep up, and the figures are a saturated run's, not an equal-load one's.
+    kept_up: bool,
+    /// From the time the rate's schedule meant each request to go (not its send) to its
+    /// reply: includes the wait for a free window slot or for a target that fell behind.
+    latency_from_schedule_us: Latency,
+}
+
+/// Below this fraction of the asked rate a paced run says the target did not keep up.
+const KEPT_UP: f64 = 0.95;
+
 impl Figures {
-    fn new(requests: u64, bytes: u64, seconds: f64, h: &hist::Histogram, retransmits: u64) -> Self {
+    fn new(
+        requests: u64,
+        bytes: u64,
+        seconds: f64,
+        h: &hist::Histogram,
+        retransmits: u64,
+        paced: Option<(pace::Rate, &hist::Histogram)>,
+    ) -> Self {
+        let achieved_bytes_per_s = rate(bytes as f64, seconds);
+        let achieved_iops = rate(requests as f64, seconds);
         Figures {
             requests,
             bytes,
             seconds,
-            mb_per_s: rate(bytes as f64, seconds) / 1e6,
-            iops: rate(requests as f64, seconds),
+            mb_per_s: achieved_bytes_per_s / 1e6,
+            iops: achieved_iops,
             latency_us: latency(h),
             retransmits,
+            rate: paced.map(|(r, sched)| {
+                let fraction = [
+                    r.bytes_per_s.map(|b| achieved_bytes_per_s / b as f64),
+                    r.iops.map(|i| achieved_iops / i as f64),
+                ]
+                .into_iter()
+                .flatten()
+                .fold(f64::INFINITY, f64::min);
+                Pacing {
+                    asked_bytes_per_s: r.bytes_per_s,
+                    asked_iops: r.iops,
+                    achieved_bytes_per_s,
+                    achieved_iops,
+                    achieved_fraction: fraction,
+                    kept_up: fraction >= KEPT_UP,
+                    latency_from_schedule_us: latency(sched),
+                }
+            }),
         }
     }
 }
@@ -300,6 +407,12 @@ struct PhaseReport {
     op: &'static str,
     #[serde(flatten)]
     figures: Figures,
+    /// How this phase's requests went out (`mmsg` if the ring could not take its frames).
+    tx: Io,
+    /// How this phase's replies came in (verify's read-back: always `mmsg`).
+    rx: Io,
+    tx_frames_ring: u64,
+    tx_frames_mmsg: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -318,9 +431,11 @@ struct Report {
     mismatched_sectors: u64,
     /// The generator's own user + system CPU seconds, to show it is not the limit.
     generator_cpu_s: f64,
-    /// How requests went out (`--tx`, `mmsg` if the ring could not be made).
+    /// How requests went out (`--tx`, `mmsg` if the ring could not be made); each phase
+    /// says what it used.
     tx: Io,
-    /// How replies came in (`--rx`; verify's read-back always uses `recvmmsg`).
+    /// How replies came in (`--rx`); each phase says what it used (verify's read-back always
+    /// `recvmmsg`).
     rx: Io,
     /// Frames sent through the transmit ring, requests and retransmits.
     tx_frames_ring: u64,
@@ -588,6 +703,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         min_rto: Duration::from_micros(a.min_rto_us),
         dead: Duration::from_secs(5),
         rx_ring: a.rx == Io::Ring,
+        rate: rate_of(&a)?,
+        rate_depth: Duration::from_millis(a.rate_burst_ms),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -675,10 +792,15 @@ fn build_report(
     cpu: f64,
     tx: Io,
 ) -> Report {
+    // Checked by check_args before anything was sent.
+    let paced = rate_of(a).unwrap_or_default();
     let mut all = hist::Histogram::new();
+    let mut all_sched = hist::Histogram::new();
     let mut reports = Vec::new();
+    let io = |ring: bool| if ring { Io::Ring } else { Io::Mmsg };
     for p in phases {
         all.merge(&p.hist);
+        all_sched.merge(&p.hist_sched);
         reports.push(PhaseReport {
             op: op_name(p.op),
             figures: Figures::new(
@@ -687,7 +809,12 @@ fn build_report(
                 p.elapsed.as_secs_f64(),
                 &p.hist,
                 p.retransmits,
+                paced.is_limited().then_some((paced, &p.hist_sched)),
             ),
+            tx: io(p.tx_ring),
+            rx: io(p.rx_ring),
+            tx_frames_ring: p.frames_ring,
+            tx_frames_mmsg: p.frames_mmsg,
         });
     }
     let sum = |f: fn(&PhaseStats) -> u64| phases.iter().map(f).sum::<u64>();
@@ -705,6 +832,7 @@ fn build_report(
             secs,
             &all,
             sum(|p| p.retransmits),
+            paced.is_limited().then_some((paced, &all_sched)),
         ),
         phases: reports,
         verified_sectors: sum(|p| p.checked_sectors),
@@ -739,6 +867,9 @@ fn print_human(r: &Report) {
             "{:<5} bs {} window {}: {:.1} MB/s, {:.0} IOPS, {} bytes in {:.2} s; latency us avg {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1}; retransmits {}",
             ph.op, r.bs, r.window, p.mb_per_s, p.iops, p.bytes, p.seconds, l.avg, l.p50, l.p99, l.p999, p.retransmits
         );
+        if let Some(pc) = &p.rate {
+            print_pacing(ph.op, pc);
+        }
     }
     if r.mode == Mode::Verify {
         println!(
@@ -754,9 +885,59 @@ fn print_human(r: &Report) {
     );
 }
 
+fn print_pacing(op: &str, pc: &Pacing) {
+    let mut asked = Vec::new();
+    if let Some(b) = pc.asked_bytes_per_s {
+        asked.push(format!("{:.1} MB/s", b as f64 / 1e6));
+    }
+    if let Some(i) = pc.asked_iops {
+        asked.push(format!("{i} IOPS"));
+    }
+    let l = &pc.latency_from_schedule_us;
+    println!(
+        "{op:<5} rate: asked {}, achieved {:.1} MB/s {:.0} IOPS ({:.1}%); latency from the schedule us avg {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1} (above: from the send)",
+        asked.join(" and "),
+        pc.achieved_bytes_per_s / 1e6,
+        pc.achieved_iops,
+        100.0 * pc.achieved_fraction,
+        l.avg,
+        l.p50,
+        l.p99,
+        l.p999
+    );
+    if !pc.kept_up {
+        println!(
+            "{op:<5} rate NOT KEPT UP: achieved {:.1}% of the asked rate (below {:.0}%); the target or the window is the limit, not the rate",
+            100.0 * pc.achieved_fraction,
+            100.0 * KEPT_UP
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse_or_fail_with_one_line() {
+        assert_eq!(parse_rate("--rate", "300M").ok(), Some(300 << 20));
+        assert_eq!(parse_rate("--rate", "123456789").ok(), Some(123_456_789));
+        assert_eq!(parse_rate("--rate-iops", "10k").ok(), Some(10_240));
+        for bad in [
+            "0",
+            "5X",
+            "-5",
+            "",
+            "k",
+            "1.5M",
+            "99999999999G",
+            "99999999999999999999",
+        ] {
+            let e = parse_rate("--rate", bad).expect_err(bad);
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{bad}: {e}");
+            assert_eq!(e.to_string().lines().count(), 1, "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_binary_suffixes() {
