@@ -83,22 +83,6 @@ WORK=$(mktemp -d /tmp/aoe-bench-initiator.XXXXXX)
 ROOT=$WORK/root SOCK=$WORK/nbd.sock
 TARGET_PID="" INIT_PID="" KIT_PID=""
 
-stop_pid() { # pid
-    local p=$1
-    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -QUIT "$p" 2>/dev/null || true
-    sleep 0.2
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
-stop_all() {
-    stop_pid "$INIT_PID"; INIT_PID=""
-    fusermount3 -u -z "$ROOT" 2>/dev/null || true
-    stop_pid "$TARGET_PID"; TARGET_PID=""
-    stop_pid "$KIT_PID"; KIT_PID=""
-}
 cleanup() {
     set +e
     stop_all
@@ -109,7 +93,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-load() { cut -d' ' -f1 /proc/loadavg; }
 # CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB (cpu_ticks, HZ: lib.sh).
 per_gb() {
     awk -v t="$1" -v hz="$HZ" -v b=$(( RUNS * (SIZE_MB << 20) )) \
@@ -127,18 +110,6 @@ timed() { # cmd... -> MB/s on stdout; the command's CPU ticks (children waited f
     awk -v b=$((SIZE_MB << 20)) -v a="$t0" -v z="$t1" 'BEGIN { printf "%.0f\n", b / (z - a) / 1e6 }'
 }
 
-start_initiator() {
-    mkdir -p "$ROOT"
-    # shellcheck disable=SC2086
-    nsenter --net="/run/netns/$NS_I" -- "$INIT_AOE" initiator --root "$ROOT" --iflist "$IF_I" --nbd "$SOCK" $INIT_ARGS \
-        >"$WORK/init.log" 2>&1 &
-    INIT_PID=$!
-    for _ in $(seq 1 100); do
-        [ -e "$ROOT/e$SHELF.$SLOT" ] && [ -S "$SOCK" ] && return 0
-        sleep 0.1
-    done
-    sed 's/^/    /' "$WORK/init.log" >&2; die "the initiator found no device"
-}
 # The client's CPU ticks that `timed` noted since the last call (and forgets them).
 client_ticks() {
     awk '{ s += $1 } END { print s + 0 }' "$WORK/cl" 2>/dev/null || echo 0
@@ -186,7 +157,6 @@ raw_read() {
     in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode read --window "$WINDOW" \
         --time "$TIME" --json | jq -r '.mb_per_s | floor'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 
 echo "backing file: $SIZE_MB MiB on tmpfs; $(nproc) CPUs; load $(load)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"

@@ -61,22 +61,6 @@ WORK=$(mktemp -d /tmp/aoe-bench-fio.XXXXXX)
 ROOT=$WORK/root SOCK=$WORK/nbd.sock
 TARGET_PID="" INIT_PID="" KIT_PID=""
 
-stop_pid() { # pid
-    local p=$1
-    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -QUIT "$p" 2>/dev/null || true
-    sleep 0.2
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
-stop_all() {
-    stop_pid "$INIT_PID"; INIT_PID=""
-    fusermount3 -u -z "$ROOT" 2>/dev/null || true
-    stop_pid "$TARGET_PID"; TARGET_PID=""
-    stop_pid "$KIT_PID"; KIT_PID=""
-}
 cleanup() {
     set +e
     stop_all
@@ -87,20 +71,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-load() { cut -d' ' -f1 /proc/loadavg; }
 ticks_of() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; } # pid or ""
 
-start_initiator() {
-    mkdir -p "$ROOT"
-    nsenter --net="/run/netns/$NS_I" -- "$AOE" initiator --root "$ROOT" --iflist "$IF_I" --nbd "$SOCK" \
-        >"$WORK/init.log" 2>&1 &
-    INIT_PID=$!
-    for _ in $(seq 1 100); do
-        [ -e "$ROOT/e$SHELF.$SLOT" ] && [ -S "$SOCK" ] && return 0
-        sleep 0.1
-    done
-    sed 's/^/    /' "$WORK/init.log" >&2; die "the initiator found no device"
-}
 start_nbdkit() {
     nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i "$IP_T" -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
     KIT_PID=$!
@@ -182,16 +154,14 @@ done
 
 [ -n "$CELLS" ] && cp "$WORK/cells" "$CELLS"
 # Medians per cell (each column on its own), then the table with ratios.
-med() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 declare -A M=()
 while read -r key; do
     line=$key
     for col in 2 3 4 5 6 7 8; do
-        line+=" $(awk -v k="$key" -v c=$col '$1 == k { print $c }' "$WORK/cells" | med)"
+        line+=" $(awk -v k="$key" -v c=$col '$1 == k { print $c }' "$WORK/cells" | median)"
     done
     M[$key]=$line
 done < <(awk '{ print $1 }' "$WORK/cells" | awk '!seen[$0]++')
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 field() { [ -n "${M[$1]:-}" ] && echo "${M[$1]}" | cut -d' ' -f"$2" || echo 0; } # key column
 
 echo

@@ -7,8 +7,12 @@
 #     <PREFIX>T$$ / <PREFIX>I$$) and sets IP_T, IP_I (the addresses nbdkit's TCP runs over);
 #   - sets AOE (an absolute path), WORK (a private directory), SHELF, SLOT and FILE (the
 #     backing file), and may set TGT_PIN / GEN_PIN (command prefixes, e.g. taskset -c 0);
-#   - defines stop_pid PID (signal, wait, kill) and removes the namespaces on exit with
-#     bench_unlink.
+#   - removes the namespaces on exit with bench_unlink. stop_pid PID (below: TERM, up to 5 s,
+#     QUIT, KILL) may be redefined after sourcing this file.
+# The whole-path scripts (bench-initiator.sh, bench/fio.sh) also use start_initiator and
+# stop_all below, with ROOT and SOCK (the initiator's mount point and NBD socket), INIT_PID,
+# TARGET_PID and KIT_PID (nbdkit's), and INIT_AOE / INIT_ARGS (the initiator's binary, default
+# AOE, and extra arguments).
 
 GEN_PIN=() TGT_PIN=()
 
@@ -83,4 +87,39 @@ start_target() { # name
     echo "$(basename "$0"): $1 did not answer; its log:" >&2; sed 's/^/    /' "$WORK/target.log" >&2
     stop_pid "$TARGET_PID"; TARGET_PID=""
     return 1
+}
+
+stop_pid() { # pid
+    local p=$1
+    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -QUIT "$p" 2>/dev/null || true
+    sleep 0.2
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+stop_all() {
+    stop_pid "$INIT_PID"; INIT_PID=""
+    fusermount3 -u -z "$ROOT" 2>/dev/null || true
+    stop_pid "$TARGET_PID"; TARGET_PID=""
+    stop_pid "$KIT_PID"; KIT_PID=""
+}
+
+load() { cut -d' ' -f1 /proc/loadavg; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+
+# Starts `aoe initiator` (INIT_AOE, default AOE) with FUSE at ROOT and NBD at SOCK in the
+# initiator's namespace and waits for the target's device file and the socket; sets INIT_PID.
+start_initiator() {
+    mkdir -p "$ROOT"
+    # shellcheck disable=SC2086
+    nsenter --net="/run/netns/$NS_I" -- "${INIT_AOE:-$AOE}" initiator --root "$ROOT" --iflist "$IF_I" \
+        --nbd "$SOCK" ${INIT_ARGS:-} >"$WORK/init.log" 2>&1 &
+    INIT_PID=$!
+    for _ in $(seq 1 100); do
+        [ -e "$ROOT/e$SHELF.$SLOT" ] && [ -S "$SOCK" ] && return 0
+        sleep 0.1
+    done
+    sed 's/^/    /' "$WORK/init.log" >&2; die "the initiator found no device"
 }
