@@ -707,32 +707,52 @@ fn fio_target_killed_on_a_lossy_link_acknowledged_writes_survive() {
     r.finish();
 }
 
-/// fio's crash job on `rig`'s device, `aoe serve` SIGKILLed once 2 MiB are written and
-/// kept down until fio has failed and the device is down, restarted, then checked.
-fn target_killed(rig: &mut Rig, what: &str) {
+/// fio's crash job started on `rig`'s device (state saved for the verify pass), once 2 MiB
+/// are written: its directory, the device's path and the running fio.
+fn start_crash_fio(rig: &Rig) -> (std::path::PathBuf, String, NsChild) {
     let dir = rig.dir.path().to_owned();
     let dev = rig.dev().to_string_lossy().into_owned();
     let mut f =
         NsChild::spawn_command(fio_command(&dir, "crash", &crash_job(&dev, true), &[], 300))
             .expect("start fio");
     wait_written(rig, &mut f, 2 << 20);
-    let mut t = rig.target.take().unwrap();
-    run_ok(Command::new("kill").args(["-KILL", &t.pid().to_string()]));
-    assert!(t.wait_timeout(Duration::from_secs(5)).unwrap().is_some());
+    (dir, dev, f)
+}
+
+/// Waits up to `timeout` for the crash job `f` to end and returns its result, which must be
+/// a failure (an I/O error fio reports), `what` naming the crash in the message.
+fn crashed_fio(dir: &Path, f: &mut NsChild, timeout: Duration, what: &str, rig: &Rig) -> FioRun {
     let t0 = Instant::now();
-    let status = f.wait_timeout(Duration::from_secs(120)).unwrap();
+    let status = f.wait_timeout(timeout).unwrap();
     let r = fio_result(
-        &dir,
+        dir,
         "crash",
         status.and_then(|s| s.code()),
         f.output_so_far(),
     );
     assert!(
         status.is_some() && !r.ok && r.error() != 0,
-        "fio with the target dead for {:?}: {}{}",
+        "fio with {what} for {:?}: {}{}",
         t0.elapsed(),
         r.describe(),
         rig.logs()
+    );
+    r
+}
+
+/// fio's crash job on `rig`'s device, `aoe serve` SIGKILLed once 2 MiB are written and
+/// kept down until fio has failed and the device is down, restarted, then checked.
+fn target_killed(rig: &mut Rig, what: &str) {
+    let (dir, dev, mut f) = start_crash_fio(rig);
+    let mut t = rig.target.take().unwrap();
+    run_ok(Command::new("kill").args(["-KILL", &t.pid().to_string()]));
+    assert!(t.wait_timeout(Duration::from_secs(5)).unwrap().is_some());
+    let r = crashed_fio(
+        &dir,
+        &mut f,
+        Duration::from_secs(120),
+        "the target dead",
+        rig,
     );
     rig.wait_state("down", Duration::from_secs(DEADSECS + 10), "after the kill");
     rig.start_target();
@@ -756,25 +776,14 @@ fn target_killed(rig: &mut Rig, what: &str) {
 fn fio_initiator_killed_acknowledged_writes_survive() {
     require_fio();
     let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
-    let dir = rig.dir.path().to_owned();
-    let dev = rig.dev().to_string_lossy().into_owned();
-    let mut f =
-        NsChild::spawn_command(fio_command(&dir, "crash", &crash_job(&dev, true), &[], 300))
-            .expect("start fio");
-    wait_written(&rig, &mut f, 2 << 20);
+    let (dir, dev, mut f) = start_crash_fio(&rig);
     rig.sigkill_initiator();
-    let status = f.wait_timeout(Duration::from_secs(60)).unwrap();
-    let r = fio_result(
+    let r = crashed_fio(
         &dir,
-        "crash",
-        status.and_then(|s| s.code()),
-        f.output_so_far(),
-    );
-    assert!(
-        status.is_some() && !r.ok && r.error() != 0,
-        "fio with the initiator killed: {}{}",
-        r.describe(),
-        rig.logs()
+        &mut f,
+        Duration::from_secs(60),
+        "the initiator killed",
+        &rig,
     );
     run_ok(
         Command::new("fusermount3")
