@@ -40,15 +40,7 @@ const REGION_LEN: usize = 64 * 512;
 /// partition 1 is at [PART_START, PART_START + PART_SECTORS).
 fn backing_with_partition(dir: &Path) -> (PathBuf, Vec<u8>) {
     let mut b = pattern(1, (SECTORS * 512) as usize);
-    b[..512].fill(0);
-    let e = &mut b[446..462];
-    e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
-    e[4] = 0x83;
-    e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
-    e[8..12].copy_from_slice(&(PART_START as u32).to_le_bytes());
-    e[12..16].copy_from_slice(&(PART_SECTORS as u32).to_le_bytes());
-    b[510] = 0x55;
-    b[511] = 0xaa;
+    write_mbr_partition1(&mut b, PART_START as u32, PART_SECTORS as u32);
     let f = dir.join("parted.img");
     fs::write(&f, &b).unwrap();
     (f, b)

@@ -79,6 +79,21 @@ pub fn sha256(path: &Path) -> String {
     out.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
+/// Makes sector 0 of `disk` an MBR with one primary Linux partition (type 0x83) at `start`
+/// for `sectors` sectors (CHS fields "beyond 1024 cylinders", as sfdisk writes them) and
+/// nothing else in it.
+pub fn write_mbr_partition1(disk: &mut [u8], start: u32, sectors: u32) {
+    disk[..512].fill(0);
+    let e = &mut disk[446..462];
+    e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    e[4] = 0x83;
+    e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    e[8..12].copy_from_slice(&start.to_le_bytes());
+    e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+}
+
 /// Deterministic, position-dependent bytes (xorshift), different for each `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
