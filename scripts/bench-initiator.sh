@@ -225,16 +225,14 @@ for mtu in $MTUS; do
         unset V TK TT TC
     done
     if [ "$NBDKIT" = 1 ]; then
-        nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i 10.91.0.1 -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
-        KIT_PID=$!
-        for _ in $(seq 1 50); do in_i nbdinfo --size nbd://10.91.0.1:10809 >/dev/null 2>&1 && break; sleep 0.1; done
+        start_nbdkit
         : >"$WORK/cl"
         s0=$(cpu_ticks "$KIT_PID")
-        kr=$(cell kit in_i nbdcopy nbd://10.91.0.1:10809 null:)
+        kr=$(cell kit in_i nbdcopy "nbd://$IP_T:10809" null:)
         s1=$(cpu_ticks "$KIT_PID") kcr=$(client_ticks)
         kw=- kcpu="$(per_gb $((s1 - s0)))" kccpu="$(per_gb "$kcr")"
         if [ "$WRITES" = 1 ]; then
-            kw=$(cell kitw in_i nbdcopy "$SRC" nbd://10.91.0.1:10809)
+            kw=$(cell kitw in_i nbdcopy "$SRC" "nbd://$IP_T:10809")
             s2=$(cpu_ticks "$KIT_PID") kcw=$(client_ticks)
             kcpu+=" / $(per_gb $((s2 - s1)))" kccpu+=" / $(per_gb "$kcw")"
         fi

@@ -73,13 +73,6 @@ trap 'exit 130' INT TERM HUP
 
 ticks_of() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; } # pid or ""
 
-start_nbdkit() {
-    nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i "$IP_T" -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
-    KIT_PID=$!
-    for _ in $(seq 1 50); do in_i nbdinfo --size "nbd://$IP_T:10809" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    sed 's/^/    /' "$WORK/nbdkit.log" >&2; die "nbdkit did not answer"
-}
-
 # One fio run: path (dev, nbd, tcp), workload spec; appends
 # "key mbps iops p50us p99us tgt_cpu_s_per_gb init_cpu_s_per_gb fio_cpu_s_per_gb" to $WORK/cells.
 fio_cell() { # key path rw bs depth

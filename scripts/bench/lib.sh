@@ -9,7 +9,7 @@
 #     backing file), and may set TGT_PIN / GEN_PIN (command prefixes, e.g. taskset -c 0);
 #   - removes the namespaces on exit with bench_unlink. stop_pid PID (below: TERM, up to 5 s,
 #     QUIT, KILL) may be redefined after sourcing this file.
-# The whole-path scripts (bench-initiator.sh, bench/fio.sh) also use start_initiator and
+# The whole-path scripts (bench-initiator.sh, bench/fio.sh) also use start_initiator, start_nbdkit and
 # stop_all below, with ROOT and SOCK (the initiator's mount point and NBD socket), INIT_PID,
 # TARGET_PID and KIT_PID (nbdkit's), and INIT_AOE / INIT_ARGS (the initiator's binary, default
 # AOE, and extra arguments).
@@ -122,4 +122,13 @@ start_initiator() {
         sleep 0.1
     done
     sed 's/^/    /' "$WORK/init.log" >&2; die "the initiator found no device"
+}
+
+# Starts nbdkit's file plugin on FILE in the target's namespace, listening on IP_T:10809 (log
+# in $WORK/nbdkit.log), and waits until it answers; sets KIT_PID.
+start_nbdkit() {
+    nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i "$IP_T" -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
+    KIT_PID=$!
+    for _ in $(seq 1 50); do in_i nbdinfo --size "nbd://$IP_T:10809" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    sed 's/^/    /' "$WORK/nbdkit.log" >&2; die "nbdkit did not answer"
 }
