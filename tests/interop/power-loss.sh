@@ -106,7 +106,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || fail "must run as root (network namespaces, tap and loop devices)"
 for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe depmod apt-get dpkg \
-         flock mkfs.ext4 e2fsck losetup mount umount perl shuf ldd strip dd sync; do
+         flock mkfs.ext4 e2fsck losetup mount umount mountpoint perl shuf ldd strip dd sync; do
     command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
 done
 BUSYBOX=$(command -v busybox || true)
