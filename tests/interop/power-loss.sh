@@ -49,11 +49,14 @@
 # are not held to these rules, e.g. vblade, whose FLUSH does not sync: docs/PROTOCOL.md).
 #
 # Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4] [-M buffered|sync|direct]
-#                      [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-r] [-k]
+#                      [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-r] [-k]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
 #   -e        the export: raw (default) or ext4
 #   -M        buffered (default), sync (-s), direct (-d)
+#   -L BYTES  the data disk's logical (and physical) sector size: 512 (default) or 4096.
+#             With 4096 an AoE frame's 8704 bytes (MTU 9000) end mid-block, so -d takes
+#             the target's read-patch-write path for partial blocks; ext4 gets 4 KiB blocks
 #   -m MTU    of every link (default 9000: fewer frames for the emulated guest)
 #   -I BIN    the `aoe` binary for the host's initiator (default: -b's, or `aoe` on PATH)
 #   -c DIR    cache for the kernel package (default ${AOE_CACHE:-/var/tmp/aoe-test-cache})
@@ -69,13 +72,13 @@
 # later runs use the cache). Exit status: 0 PASS, 1 FAIL (the last line says why), 2 usage.
 set -uo pipefail
 
-BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN=""
+BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=480 REPORT=0 KEEP=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:m:I:c:T:rkh" o; do
+while getopts "b:t:e:M:L:m:I:c:T:rkh" o; do
     case $o in
-        b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;;
+        b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
         r) REPORT=1 ;; k) KEEP=1 ;;
         *) usage ;;
@@ -88,6 +91,7 @@ case $TKIND in aoe|vblade) ;; *) bad "-t wants aoe or vblade, not $TKIND" ;; esa
 case $EXPORT in raw|ext4) ;; *) bad "-e wants raw or ext4, not $EXPORT" ;; esac
 case $MODE in buffered) MFLAG="" ;; sync) MFLAG=-s ;; direct) MFLAG=-d ;;
     *) bad "-M wants buffered, sync or direct, not $MODE" ;; esac
+case $LBS in 512|4096) ;; *) bad "-L wants 512 or 4096, not $LBS" ;; esac
 for n in "$MTU" "$TOTAL"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
 if [ -z "$INIT_BIN" ]; then
     if [ "$TKIND" = aoe ]; then INIT_BIN=$BIN; else INIT_BIN=$(command -v aoe || true); fi
@@ -191,7 +195,7 @@ if [ "$EXPORT" = raw ]; then
     GFILE=/dev/vda
 else
     mkdir -p "$RUN/fs" && cp "$OLD" "$RUN/fs/data.bin" || fail "cannot write the ext4 seed"
-    mkfs.ext4 -q -F -L pldata -d "$RUN/fs" "$IMG" 32M >"$RUN/mkfs.log" 2>&1 ||
+    mkfs.ext4 -q -F -L pldata $([ "$LBS" = 4096 ] && echo -b 4096) -d "$RUN/fs" "$IMG" 32M >"$RUN/mkfs.log" 2>&1 ||
         { cat "$RUN/mkfs.log"; fail "mkfs.ext4 of the data disk failed"; }
     rm -rf "$RUN/fs"
     GFILE=/mnt/data.bin
@@ -254,6 +258,7 @@ if [ "$EXPORT" = ext4 ]; then mount -t ext4 /dev/vda /mnt || die "mount the data
 ip link set eth0 mtu "$MTU" || die "MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
 out "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache)"
+out "SECTOR $(cat /sys/block/vda/queue/logical_block_size)"
 out "TARGET $TCMD"
 $TCMD 2>&1 | sed 's/^/PL:TGT /' &
 out SERVING
@@ -282,12 +287,12 @@ ip -n "$NS" link set pltap master plbr && ip -n "$NS" link set plport master plb
 for l in plbr pltap plport plini; do ip -n "$NS" link set "$l" up || fail "$l up"; done
 
 # ---------------------------------------------------------------- guest
-say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT, mode $MODE"
+say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT, mode $MODE, $LBS-byte sectors"
 nsx setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
     -drive if=none,id=d0,file="$IMG",format=raw \
-    -device virtio-blk-pci,drive=d0,write-cache=off,romfile= \
+    -device virtio-blk-pci,drive=d0,write-cache=off,logical_block_size=$LBS,physical_block_size=$LBS,romfile= \
     -drive if=none,id=d1,file="$RUN/tools.img",format=raw,readonly=on \
     -device virtio-blk-pci,drive=d1,romfile= \
     -netdev tap,id=n0,ifname=pltap,script=no,downscript=no \
@@ -311,7 +316,7 @@ wait_for() {
 # Boot: 3-8 s here unloaded, 23 s at worst seen with four guests on two cores.
 wait_for 180 "the guest's init" grep -q 'PL:BOOTED' "$CONSOLE"
 wait_for 120 "the guest's target" grep -q 'PL:SERVING' "$CONSOLE"
-say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write cache: $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:WRITE_CACHE //p')"
+say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write cache: $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:WRITE_CACHE //p'), logical sector $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:SECTOR //p') bytes"
 
 # ---------------------------------------------------------------- initiator
 mkdir -p "$ROOT"
@@ -438,6 +443,6 @@ echo "### total $(( $(date +%s) - T0 ))s"
 if [ "$REPORT" = 1 ]; then
     echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export), findings above"
 else
-    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export) at MTU $MTU"
+    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors) at MTU $MTU"
 fi
 exit 0
