@@ -439,9 +439,9 @@ perl -e '
 '  "$OLD" "$NEW" "$AFTER" "$LEDGER" "$CLOG" "$RUN/clog.before-kill" "$CH" "$MODE" "$REPORT"
 CHECK=$?
 echo "### total $(( $(date +%s) - T0 ))s"
-[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export): see VIOLATION above"
+[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors): see VIOLATION above"
 if [ "$REPORT" = 1 ]; then
-    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export), findings above"
+    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors), findings above"
 else
     echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors) at MTU $MTU"
 fi
