@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # install-deps.sh - install (idempotently) everything the demo and the test suite need on a
 # fresh Debian machine: the real AoE peers we test against (vblade, aoetools, tshark, the
-# Linux kernel's aoe driver run in a qemu/TCG guest), FUSE and the loop/filesystem tools.
+# Linux kernel's aoe driver run in a qemu/TCG guest, the power-loss guest), FUSE and the
+# loop/filesystem tools.
 # Safe to run again: it installs only what is missing. Needs root.
 set -euo pipefail
 
@@ -38,6 +39,8 @@ have_cmd groff    || need+=(groff-base)
 have_cmd systemd-analyze || need+=(systemd)  # ops.rs: systemd-analyze verify on the units
 have_cmd debugfs  || need+=(e2fsprogs)  # aoe demo reads the image on the target's side
 have_cmd cc       || need+=(gcc)       # builds the send-refusing LD_PRELOAD shim of target_backlog.rs
+have_cmd strip    || need+=(binutils)  # power-loss.sh: the target binary for the guest, without debug info
+have_cmd e2fsck   || need+=(e2fsprogs) # power-loss.sh: the data disk's ext4 after the power loss
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 # Ceph RBD exports (the `rbd` feature): librbd/librados headers and libraries to build it, and

@@ -210,43 +210,11 @@ trap cleanup EXIT
 trap 'echo "FAIL: interrupted by a signal ($(( $(date +%s) - T0 ))s)"; diagnose; exit 1' INT TERM HUP
 
 # ---------------------------------------------------------------- kernel (cached)
-# The cache holds, per package, the kernel image and just the modules the guest loads
-# (virtio-net, aoe and their dependencies, in load order); the 400 MB package tree is dropped.
-mkdir -p "$CACHE" || fail "cannot create cache directory $CACHE"
-exec 9>"$CACHE/.lock"
-flock -w 300 9 || fail "cache $CACHE is locked by another run for more than 300 s"
-KDIR=$(ls -d "$CACHE"/linux-image-6.1.0-*-amd64 2>/dev/null | sort -V | while read -r d; do
-    [ -e "$d/.done" ] && echo "$d"; done | tail -1)
-if [ -z "$KDIR" ]; then
-    KPKG=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -1)
-    [ -n "$KPKG" ] || fail "no linux-image-6.1.0-*-amd64 package known to apt (apt-get update?)"
-    say "downloading $KPKG into $CACHE (once)"
-    KDIR=$CACHE/$KPKG
-    rm -rf "$KDIR" && mkdir -p "$KDIR/dl" || fail "cannot write $KDIR"
-    (cd "$KDIR/dl" && apt-get download "$KPKG" >/dev/null 2>&1) || fail "apt-get download $KPKG failed"
-    dpkg -x "$KDIR"/dl/*.deb "$KDIR/root" || fail "dpkg -x $KPKG failed"
-    KVER=$(ls "$KDIR/root/lib/modules" | head -1)
-    depmod -b "$KDIR/root" "$KVER" || fail "depmod failed"
-    cp "$KDIR/root/boot/vmlinuz-$KVER" "$KDIR/vmlinuz" || fail "no vmlinuz in $KPKG"
-    mkdir -p "$KDIR/modules"
-    : >"$KDIR/modules/order"
-    for m in virtio_pci virtio_net aoe; do
-        modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
-        while read -r path; do
-            b=$(basename "$path")
-            grep -qx "$b" "$KDIR/modules/order" && continue
-            cp "$path" "$KDIR/modules/$b" && echo "$b" >>"$KDIR/modules/order"
-        done
-    done
-    grep -qx aoe.ko "$KDIR/modules/order" || fail "aoe.ko not found in $KPKG"
-    echo "$KVER" >"$KDIR/version"
-    rm -rf "$KDIR/root" "$KDIR/dl"
-    touch "$KDIR/.done"
-fi
-flock -u 9
-exec 9>&-
-KVER=$(cat "$KDIR/version")
-say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$KDIR/modules/order")"
+# guest-kernel.sh: the kernel image and the modules the guest loads (virtio-net, aoe and
+# their dependencies, in load order), downloaded once into the cache.
+# shellcheck source=guest-kernel.sh
+. "$(dirname "$0")/guest-kernel.sh"
+guest_kernel "$CACHE"
 
 # ---------------------------------------------------------------- data and expectations
 FILE=$RUN/backing.img
@@ -273,7 +241,8 @@ IR=$RUN/initramfs
 mkdir -p "$IR"/{bin,dev,proc,sys,tmp,etc,lib/modules}
 cp "$BUSYBOX" "$IR/bin/busybox"
 for a in $("$IR/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"; done
-cp "$KDIR"/modules/*.ko "$KDIR/modules/order" "$IR/lib/modules/"
+guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
+say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
 cat >"$IR/etc/ki.conf" <<EOF
 SHELF=$SHELF

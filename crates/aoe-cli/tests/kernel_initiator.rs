@@ -10,12 +10,11 @@
 //! Needs root, qemu-system-x86, busybox-static (scripts/install-deps.sh), and the first run
 //! downloads the kernel package into `${AOE_CACHE:-/var/tmp/aoe-test-cache}`.
 
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use aoe_testkit::require_root;
+use aoe_testkit::{require_root, run_script};
 
 /// The script's own hard timeout (`-T`); it cleans up and fails when it is hit.
 const SCRIPT_TIMEOUT_S: u64 = 600;
@@ -33,55 +32,18 @@ fn run_kernel_initiator(template: &str, mtu: u32) {
 fn run_kernel_initiator_with(template: &str, mtu: u32, extra: &[&str]) {
     require_root();
     let script = script();
+    let mut args = vec!["-t", template, "-m"];
+    let mtu = mtu.to_string();
+    let timeout = SCRIPT_TIMEOUT_S.to_string();
+    args.extend([mtu.as_str(), "-T", timeout.as_str()]);
+    args.extend_from_slice(extra);
+    let run = run_script(&script, &args, Duration::from_secs(SCRIPT_TIMEOUT_S));
+    let took = run.took.as_secs_f32();
     assert!(
-        script.is_file(),
-        "missing {} (the kernel-initiator interop script)",
-        script.display()
-    );
-    let log = tempfile::NamedTempFile::new().expect("temp file");
-    let out = File::options()
-        .append(true)
-        .open(log.path())
-        .expect("open log");
-    let err = out.try_clone().expect("clone log");
-    let started = Instant::now();
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .args(["-t", template, "-m", &mtu.to_string()])
-        .args(["-T", &SCRIPT_TIMEOUT_S.to_string()])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("run bash");
-    // The script enforces its own timeout and cleans up after itself; this is a backstop
-    // that gives it SIGTERM (so its trap still runs) and only then SIGKILL.
-    let deadline = started + Duration::from_secs(SCRIPT_TIMEOUT_S + 60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for script") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            std::thread::sleep(Duration::from_secs(40));
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let output = std::fs::read_to_string(log.path()).unwrap_or_default();
-    let took = started.elapsed().as_secs_f32();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "kernel initiator vs `{template}` at MTU {mtu}: {} after {took:.0}s\n{output}",
-        match status {
-            Some(s) => format!("script exited with {s}"),
-            None => "script hung past its own timeout".into(),
-        },
+        run.passed(),
+        "kernel initiator vs `{template}` at MTU {mtu}: {} after {took:.0}s\n{}",
+        run.verdict(),
+        run.output
     );
     eprintln!("kernel initiator vs `{template}` at MTU {mtu}: PASS in {took:.1}s");
 }

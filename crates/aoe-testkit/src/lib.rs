@@ -13,6 +13,8 @@
 //! * [`NsChild`]: a process (daemon, `vblade`, `tshark`, ...) running inside a namespace, with
 //!   its output captured to a temporary file; stopped with SIGTERM, then SIGKILL, on drop.
 //! * [`require_root`] and [`wait_until`]: the two helpers every such test needs.
+//! * [`run_script`]: runs an interop script under `tests/interop/` (which has its own hard
+//!   timeout and cleanup) with its output captured, and a backstop kill if it hangs.
 //! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
 //!   for tests that must know exactly which request was acknowledged.
 //!
@@ -117,6 +119,76 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+    }
+}
+
+/// What [`run_script`] saw: the script's exit status (`None`: it hung past its own timeout
+/// and was killed), its whole output (stdout and stderr interleaved) and its run time.
+#[derive(Debug)]
+pub struct ScriptRun {
+    /// The exit status; `None` if the script outlived `timeout` plus a minute.
+    pub status: Option<ExitStatus>,
+    /// stdout and stderr, in the order written.
+    pub output: String,
+    /// From the start to the exit (or the kill).
+    pub took: Duration,
+}
+
+impl ScriptRun {
+    /// Whether the script exited 0.
+    pub fn passed(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// "exited with ..." or "hung past its own timeout", for a failure message.
+    pub fn verdict(&self) -> String {
+        match self.status {
+            Some(s) => format!("script exited with {s}"),
+            None => "script hung past its own timeout".into(),
+        }
+    }
+}
+
+/// Runs `bash script args...` (an interop script under `tests/interop/` that enforces its
+/// own hard `timeout` and cleans up after itself) with its output captured. A backstop: a
+/// minute after `timeout` it gets SIGTERM (so its trap still runs), 40 s later SIGKILL.
+pub fn run_script(script: &Path, args: &[&str], timeout: Duration) -> ScriptRun {
+    assert!(script.is_file(), "missing script {}", script.display());
+    let log = tempfile::NamedTempFile::new().expect("temp file");
+    let out = File::options()
+        .append(true)
+        .open(log.path())
+        .expect("open log");
+    let err = out.try_clone().expect("clone log");
+    let started = Instant::now();
+    let mut child = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("run bash");
+    let deadline = started + timeout + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for script") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(40));
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ScriptRun {
+        status,
+        output: fs::read_to_string(log.path()).unwrap_or_default(),
+        took: started.elapsed(),
     }
 }
 

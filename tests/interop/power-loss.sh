@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# power-loss.sh - does an AoE target keep its durability promises when the machine under it
+# stops? The target runs in a qemu/TCG guest (Debian's linux-image-6.1, busybox initramfs)
+# whose kernel page cache is lost for real: the host SIGKILLs qemu in the middle of a write
+# stream, then checks the disk image.
+#
+# Topology, all inside one network namespace this script creates and deletes (AoE frames
+# never touch the host's interfaces):
+#
+#     guest: target on eth0 (virtio-net) == tap "pltap" --+
+#                                                          +-- bridge "plbr"
+#     host:  aoe initiator on "plini" <== veth ==> "plport" -+
+#
+# The guest's disks (virtio-blk): vda, the data disk, backed by a host file; vdb, read-only,
+# an ext4 image with the target binary and the shared libraries `ldd` lists for it (copied
+# from the host as they are: librbd, librados and the rest when the binary was built with
+# the rbd feature; about 40 MB, read on demand by the guest, not unpacked into its RAM).
+# vda has no volatile cache (qemu `write-cache=off`: the guest sees a write-through disk,
+# and qemu writes each request to the host file before completing it), so what a killed
+# qemu leaves in the host file is what the guest's kernel had handed to the disk. The guest
+# keeps dirty pages until told otherwise: vm.dirty_writeback_centisecs=0 (no periodic
+# writeback), dirty_expire_centisecs=360000, dirty ratios of 50/90 % (the writes here are a
+# few MiB in 256 MiB).
+#
+# The export (-e): raw, the whole of vda (8 MiB of random bytes); ext4, the file data.bin
+# (8 MiB of random bytes) on an ext4 file system made on vda by the host (mkfs.ext4 -d)
+# and mounted by the guest with default options.
+#
+# The writes, from the host through `aoe initiator`'s device file ROOT/e1.1, in 64 KiB
+# chunks at shuffled chunk positions, each chunk a separate `dd oflag=direct` (its own
+# random bytes, from new.bin), so that a chunk counts as acknowledged when its dd exited 0:
+#   A  16 chunks, then `sync -d` on the device file: FLUSH CACHE EXT; it succeeded.
+#   B  16 chunks, acknowledged, never flushed.
+#   C  a writer in the background, one chunk after another; once 4 of its chunks are
+#      acknowledged the host SIGKILLs qemu. Chunks acknowledged before the kill join B's
+#      rule; the one it was writing is in flight; the rest were never started.
+# Then the host reads the image (raw: the file itself; ext4: loop-mounted, which replays
+# the journal, then `e2fsck -fn`) and classifies every 512-byte sector of the 8 MiB as the
+# old bytes, the new bytes of its chunk, or foreign. The rules, per target mode (-M):
+#   every mode:   no foreign sector anywhere; sectors never written are old; A is new
+#                 (it was acknowledged before a FLUSH that succeeded)
+#   sync, direct: B and C's acknowledged chunks are new (O_SYNC: on stable storage when
+#                 acknowledged; O_DIRECT: handed to a disk without a volatile cache)
+#   buffered:     B and C's acknowledged chunks may be old or new, and at least one of
+#                 their sectors must be old: the guest's dirty pages were really lost (else
+#                 the test could not tell a FLUSH that syncs from one that does not)
+#   in flight:    old or new, per sector
+# -r (report): print the same classification and exit 0 whatever it found (for peers that
+# are not held to these rules, e.g. vblade, whose FLUSH does not sync: docs/PROTOCOL.md).
+#
+# Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4] [-M buffered|sync|direct]
+#                      [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-r] [-k]
+#   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
+#   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
+#   -e        the export: raw (default) or ext4
+#   -M        buffered (default), sync (-s), direct (-d)
+#   -L BYTES  the data disk's logical (and physical) sector size: 512 (default) or 4096.
+#             With 4096 an AoE frame's 8704 bytes (MTU 9000) end mid-block, so -d takes
+#             the target's read-patch-write path for partial blocks; ext4 gets 4 KiB blocks
+#   -m MTU    of every link (default 9000: fewer frames for the emulated guest)
+#   -I BIN    the `aoe` binary for the host's initiator (default: -b's, or `aoe` on PATH)
+#   -c DIR    cache for the kernel package (default ${AOE_CACHE:-/var/tmp/aoe-test-cache})
+#   -T SEC    hard overall timeout (default 480); every wait has its own deadline too
+#   -r        report only (see above)
+#   -k        keep the run directory (images, console, logs)
+#
+# Run time: 8-20 s on an idle two-core machine (the guest boots in 6-8 s; the writes take
+# about a second), about 30 s with two runs at a time at load average 8.
+#
+# Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, e2fsprogs,
+# util-linux (losetup, mount), perl, apt-get (the first run downloads the kernel package;
+# later runs use the cache). Exit status: 0 PASS, 1 FAIL (the last line says why), 2 usage.
+set -uo pipefail
+
+BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512
+CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
+TOTAL=480 REPORT=0 KEEP=0
+usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while getopts "b:t:e:M:L:m:I:c:T:rkh" o; do
+    case $o in
+        b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
+        m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
+        r) REPORT=1 ;; k) KEEP=1 ;;
+        *) usage ;;
+    esac
+done
+bad() { echo "power-loss.sh: $*" >&2; exit 2; }
+[ -n "$BIN" ] || bad "-b TARGET_BIN is required"
+[ -x "$BIN" ] || bad "-b $BIN is not an executable"
+case $TKIND in aoe|vblade) ;; *) bad "-t wants aoe or vblade, not $TKIND" ;; esac
+case $EXPORT in raw|ext4) ;; *) bad "-e wants raw or ext4, not $EXPORT" ;; esac
+case $MODE in buffered) MFLAG="" ;; sync) MFLAG=-s ;; direct) MFLAG=-d ;;
+    *) bad "-M wants buffered, sync or direct, not $MODE" ;; esac
+case $LBS in 512|4096) ;; *) bad "-L wants 512 or 4096, not $LBS" ;; esac
+for n in "$MTU" "$TOTAL"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
+if [ -z "$INIT_BIN" ]; then
+    if [ "$TKIND" = aoe ]; then INIT_BIN=$BIN; else INIT_BIN=$(command -v aoe || true); fi
+fi
+[ -n "$INIT_BIN" ] && [ -x "$INIT_BIN" ] || bad "no aoe binary for the initiator: give -I BIN"
+
+# Hard overall timeout: the body runs under timeout(1), whose SIGTERM runs the body's trap
+# (qemu, initiator, loop device, namespace); SIGKILL 30 s later if that hangs.
+if [ -z "${_PL_BODY:-}" ]; then
+    _PL_BODY=1 timeout -k 30 "$TOTAL" bash "$0" "$@"
+    rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "FAIL: overall timeout of ${TOTAL}s hit"; exit 1; fi
+    exit $rc
+fi
+
+T0=$(date +%s)
+say() { echo "### [$(( $(date +%s) - T0 ))s] $*"; }
+fail() { echo "FAIL: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || fail "must run as root (network namespaces, tap and loop devices)"
+for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe depmod apt-get dpkg \
+         flock mkfs.ext4 e2fsck losetup mount umount mountpoint perl shuf ldd strip dd sync; do
+    command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
+done
+BUSYBOX=$(command -v busybox || true)
+[ -n "$BUSYBOX" ] && file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' \
+    || fail "need a statically linked busybox (Debian package busybox-static)"
+[ -e /dev/net/tun ] || fail "no /dev/net/tun (tap devices)"
+
+NS=aoepl-$$
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-power-loss.XXXXXX") || fail "mktemp"
+CONSOLE=$RUN/console.log ROOT=$RUN/root
+QEMU_PID="" INIT_PID="" WRITER_PID="" LOOP="" MNT=""
+SHELF=1 SLOT=1
+DEV=$ROOT/e$SHELF.$SLOT
+
+# Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
+for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^aoepl-[0-9]*$'); do
+    [ -d "/proc/${old#aoepl-}" ] || ip netns del "$old" 2>/dev/null
+done
+
+# stop PID: SIGTERM, up to 5 s, then SIGKILL; PID may be -PGID. Only ids we started.
+stop() {
+    kill -TERM -- "$1" 2>/dev/null || return 0
+    local i
+    for i in $(seq 50); do kill -0 -- "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL -- "$1" 2>/dev/null
+    return 0
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    [ -n "$WRITER_PID" ] && kill -KILL -- "-$WRITER_PID" 2>/dev/null
+    [ -n "$QEMU_PID" ] && kill -KILL -- "$QEMU_PID" 2>/dev/null
+    [ -n "$INIT_PID" ] && stop "$INIT_PID"
+    mountpoint -q "$ROOT" 2>/dev/null && umount -l "$ROOT"
+    [ -n "$MNT" ] && mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+    [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+    if [ -e "/run/netns/$NS" ]; then
+        # Anything left in our own namespace was started by this script.
+        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$NS" 2>/dev/null
+    fi
+    if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
+    exit $rc
+}
+diagnose() {
+    echo "### diagnostics at $(( $(date +%s) - T0 ))s"
+    if [ -s "$CONSOLE" ]; then
+        echo "### guest console (tail):"; tr -d '\r' <"$CONSOLE" | tail -n 25 | sed 's/^/    /'
+    else
+        echo "### guest console: empty or not started"
+    fi
+    if [ -f "$RUN/initiator.log" ]; then
+        echo "### initiator log (tail):"; tail -n 15 "$RUN/initiator.log" | sed 's/^/    /'
+    fi
+    [ -f "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" ] &&
+        echo "### device state: $(timeout 5 cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state")"
+    return 0
+}
+trap cleanup EXIT
+trap 'echo "FAIL: interrupted by a signal ($(( $(date +%s) - T0 ))s)"; diagnose; exit 1' INT TERM HUP
+# die MESSAGE: fail with the diagnostics.
+die() { diagnose; fail "$*"; }
+
+# ---------------------------------------------------------------- kernel (cached)
+# shellcheck source=guest-kernel.sh
+. "$(dirname "$0")/guest-kernel.sh"
+guest_kernel "$CACHE"
+
+# ---------------------------------------------------------------- data
+CH=65536                   # bytes per chunk, one dd each
+NCH=128                    # chunks in the region: 8 MiB
+NA=16 NB=16 NC_ACK=4       # phase A and B chunks; C's acknowledged chunks before the kill
+REGION=$((CH * NCH))
+OLD=$RUN/old.bin NEW=$RUN/new.bin IMG=$RUN/data.img
+head -c $REGION /dev/urandom >"$OLD" && head -c $REGION /dev/urandom >"$NEW" ||
+    fail "cannot write the patterns"
+if [ "$EXPORT" = raw ]; then
+    cp "$OLD" "$IMG" || fail "cannot write $IMG"
+    GFILE=/dev/vda
+else
+    mkdir -p "$RUN/fs" && cp "$OLD" "$RUN/fs/data.bin" || fail "cannot write the ext4 seed"
+    mkfs.ext4 -q -F -L pldata $([ "$LBS" = 4096 ] && echo -b 4096) -d "$RUN/fs" "$IMG" 32M >"$RUN/mkfs.log" 2>&1 ||
+        { cat "$RUN/mkfs.log"; fail "mkfs.ext4 of the data disk failed"; }
+    rm -rf "$RUN/fs"
+    GFILE=/mnt/data.bin
+fi
+# The order the chunks are written in: A, then B, then C's.
+shuf -i 0-$((NCH - 1)) >"$RUN/order" || fail "shuf"
+
+# ---------------------------------------------------------------- the guest's tools disk
+# The target binary (debug info stripped) and its shared libraries, as ldd lists them.
+TD=$RUN/tools
+mkdir -p "$TD/lib" || fail "mkdir $TD"
+strip -o "$TD/target" "$BIN" 2>/dev/null || cp "$BIN" "$TD/target" || fail "cannot copy $BIN"
+LIBS=$(ldd "$BIN" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+[ -n "$LIBS" ] || fail "ldd $BIN lists no libraries (a static binary needs no tools disk: not supported)"
+for l in $LIBS; do cp -L "$l" "$TD/lib/" || fail "cannot copy $l"; done
+mkfs.ext4 -q -F -L pltools -d "$TD" "$RUN/tools.img" $(( $(du -sm "$TD" | cut -f1) + 16 ))M \
+    >"$RUN/mkfs-tools.log" 2>&1 || { cat "$RUN/mkfs-tools.log"; fail "mkfs.ext4 of the tools disk failed"; }
+say "tools disk: $(basename "$BIN") and $(echo "$LIBS" | wc -w) libraries, $(du -sm "$TD" | cut -f1) MiB"
+rm -rf "$TD"
+
+# ---------------------------------------------------------------- initramfs
+IR=$RUN/initramfs
+mkdir -p "$IR"/{bin,dev,proc,sys,tmp,etc,mnt,tools,lib64,lib/modules} || fail "mkdir $IR"
+cp "$BUSYBOX" "$IR/bin/busybox"
+for a in $("$IR/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"; done
+guest_modules "$IR/lib/modules" virtio_pci virtio_net virtio_blk ext4
+say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
+if [ "$TKIND" = aoe ]; then
+    TCMD="/tools/target serve $MFLAG $SHELF $SLOT eth0 $GFILE"
+else
+    TCMD="/tools/target $MFLAG $SHELF $SLOT eth0 $GFILE"
+fi
+cat >"$IR/etc/pl.conf" <<EOF
+MTU=$MTU
+EXPORT=$EXPORT
+TCMD="$TCMD"
+EOF
+cat >"$IR/init" <<'EOF'
+#!/bin/busybox sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+. /etc/pl.conf
+out() { echo "PL:$*"; }
+hang() { while :; do sleep 3600; done; }
+die() { out "GUEST_FAIL $*"; hang; }
+out "BOOTED"
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || die "insmod $m"; done
+# Dirty pages stay in memory until a sync asks for them (see the script's header).
+echo 0 >/proc/sys/vm/dirty_writeback_centisecs
+echo 360000 >/proc/sys/vm/dirty_expire_centisecs
+echo 50 >/proc/sys/vm/dirty_background_ratio
+echo 90 >/proc/sys/vm/dirty_ratio
+i=0; while [ ! -b /dev/vdb ] || [ ! -b /dev/vda ] || [ ! -e /sys/class/net/eth0 ]; do
+    i=$((i+1)); [ $i -gt 300 ] && die "no vda, vdb or eth0"; sleep 0.1
+done
+mount -t ext4 -o ro /dev/vdb /tools || die "mount the tools disk"
+ln -s /tools/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
+export LD_LIBRARY_PATH=/tools/lib
+if [ "$EXPORT" = ext4 ]; then mount -t ext4 /dev/vda /mnt || die "mount the data disk"; fi
+ip link set eth0 mtu "$MTU" || die "MTU $MTU on eth0"
+ip link set eth0 up || die "eth0 up"
+out "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache)"
+out "SECTOR $(cat /sys/block/vda/queue/logical_block_size)"
+out "TARGET $TCMD"
+$TCMD 2>&1 | sed 's/^/PL:TGT /' &
+out SERVING
+# The guest's dirty page count, when it changes: the host logs the last one before the kill.
+last=""
+while :; do
+    d=$(sed -n 's/^Dirty: *\([0-9]*\).*/\1/p' /proc/meminfo)
+    [ "$d" != "$last" ] && out "DIRTY_KB $d" && last=$d
+    sleep 0.2
+done
+EOF
+chmod +x "$IR/init"
+INITRD=$RUN/initramfs.cpio.gz
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+
+# ---------------------------------------------------------------- network
+ip netns add "$NS" || fail "ip netns add $NS"
+nsx() { nsenter --net="/run/netns/$NS" -- "$@"; }
+nsx sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6'
+ip -n "$NS" link set lo up
+ip -n "$NS" link add plbr type bridge stp_state 0 forward_delay 0 || fail "bridge"
+ip -n "$NS" tuntap add dev pltap mode tap || fail "tap"
+ip -n "$NS" link add plport type veth peer name plini || fail "veth"
+for l in pltap plport plini plbr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
+ip -n "$NS" link set pltap master plbr && ip -n "$NS" link set plport master plbr || fail "bridge ports"
+for l in plbr pltap plport plini; do ip -n "$NS" link set "$l" up || fail "$l up"; done
+
+# ---------------------------------------------------------------- guest
+say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT, mode $MODE, $LBS-byte sectors"
+nsx setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
+    -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
+    -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
+    -drive if=none,id=d0,file="$IMG",format=raw \
+    -device virtio-blk-pci,drive=d0,write-cache=off,logical_block_size=$LBS,physical_block_size=$LBS,romfile= \
+    -drive if=none,id=d1,file="$RUN/tools.img",format=raw,readonly=on \
+    -device virtio-blk-pci,drive=d1,romfile= \
+    -netdev tap,id=n0,ifname=pltap,script=no,downscript=no \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:02,romfile= \
+    </dev/null >"$CONSOLE" 2>&1 &
+QEMU_PID=$!
+QEMU_T0=$(date +%s)
+# wait_for SECONDS WHAT COMMAND...: until COMMAND succeeds; fails naming WHAT after SECONDS
+# or as soon as qemu or the guest's init has failed.
+wait_for() {
+    local budget=$1 what=$2 t
+    shift 2
+    t=$(( $(date +%s) + budget ))
+    until "$@"; do
+        grep -q 'PL:GUEST_FAIL' "$CONSOLE" && die "guest: $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:GUEST_FAIL //p' | head -1)"
+        kill -0 "$QEMU_PID" 2>/dev/null || die "qemu exited while waiting for $what"
+        [ "$(date +%s)" -lt "$t" ] || die "$what: not within ${budget}s"
+        sleep 0.2
+    done
+}
+# Boot: 3-8 s here unloaded, 23 s at worst seen with four guests on two cores.
+wait_for 180 "the guest's init" grep -q 'PL:BOOTED' "$CONSOLE"
+wait_for 120 "the guest's target" grep -q 'PL:SERVING' "$CONSOLE"
+say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write cache: $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:WRITE_CACHE //p'), logical sector $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:SECTOR //p') bytes"
+
+# ---------------------------------------------------------------- initiator
+mkdir -p "$ROOT"
+# --deadsecs 5: once the guest is gone, the writer's last request fails within seconds.
+nsx env AOE_LOG=info "$INIT_BIN" initiator --root "$ROOT" --iflist plini --deadsecs 5 \
+    >"$RUN/initiator.log" 2>&1 </dev/null &
+INIT_PID=$!
+up() { [ -e "$DEV" ] && [ "$(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>/dev/null)" = up ]; }
+wait_for 60 "the initiator's device $DEV up" up
+[ "$(stat -c %s "$DEV")" = "$REGION" ] || die "$DEV has $(stat -c %s "$DEV") bytes, not $REGION"
+say "device $DEV up (payload $(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/payload") bytes per frame)"
+
+# ---------------------------------------------------------------- writes
+# wchunk N: chunk N of new.bin to the device, O_DIRECT; acknowledged when it returns 0.
+wchunk() {
+    timeout 60 dd if="$NEW" of="$DEV" bs=$CH skip="$1" seek="$1" count=1 oflag=direct conv=notrunc status=none
+}
+LEDGER=$RUN/ledger
+: >"$LEDGER"
+TW=$(date +%s)
+for c in $(sed -n "1,${NA}p" "$RUN/order"); do
+    wchunk "$c" || die "phase A: write of chunk $c failed"
+    echo "A $c" >>"$LEDGER"
+done
+timeout 60 sync -d "$DEV" || die "FLUSH (sync -d $DEV) failed"
+say "phase A: $NA chunks acknowledged, then a FLUSH that succeeded ($(( $(date +%s) - TW ))s)"
+for c in $(sed -n "$((NA + 1)),$((NA + NB))p" "$RUN/order"); do
+    wchunk "$c" || die "phase B: write of chunk $c failed"
+    echo "B $c" >>"$LEDGER"
+done
+say "phase B: $NB chunks acknowledged, not flushed"
+# Phase C: a writer of its own (own process group), logging each chunk's start and end.
+CLOG=$RUN/clog
+: >"$CLOG"
+export -f wchunk
+export NEW DEV CH
+setsid bash -c 'for c in "$@"; do echo "S $c" >>'"$CLOG"'; wchunk "$c" || exit 1; echo "D $c" >>'"$CLOG"'; done' \
+    writer $(sed -n "$((NA + NB + 1)),\$p" "$RUN/order") </dev/null >"$RUN/writer.log" 2>&1 &
+WRITER_PID=$!
+wait_for 120 "phase C: $NC_ACK chunks acknowledged" sh -c "[ \$(grep -c '^D' '$CLOG') -ge $NC_ACK ]"
+# What was acknowledged before the kill is what the log said before it.
+cp "$CLOG" "$RUN/clog.before-kill"
+DIRTY=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:DIRTY_KB //p' | tail -1)
+# (Braces: bash's "Killed" notice for its own job goes to the same /dev/null.)
+{ kill -KILL "$QEMU_PID"; wait "$QEMU_PID"; } 2>/dev/null
+QEMU_PID=""
+say "qemu SIGKILLed with $(grep -c '^D' "$RUN/clog.before-kill") of phase C's chunks acknowledged, writing the next; the guest's last dirty count ${DIRTY:-?} kB"
+{ kill -KILL -- "-$WRITER_PID"; wait "$WRITER_PID"; } 2>/dev/null
+WRITER_PID=""
+stop "$INIT_PID"
+wait "$INIT_PID" 2>/dev/null
+INIT_PID=""
+mountpoint -q "$ROOT" && umount -l "$ROOT"
+
+# ---------------------------------------------------------------- what the disk holds
+AFTER=$RUN/after.bin
+if [ "$EXPORT" = raw ]; then
+    cp "$IMG" "$AFTER" || fail "cannot read $IMG"
+else
+    LOOP=$(losetup -f --show "$IMG") || fail "losetup $IMG"
+    MNT=$RUN/mnt
+    mkdir -p "$MNT"
+    # A read-write mount replays the journal, as the guest's next boot would.
+    mount -t ext4 "$LOOP" "$MNT" || fail "the data disk's ext4 does not mount after the power loss"
+    cp "$MNT/data.bin" "$AFTER" || fail "cannot read data.bin"
+    umount "$MNT" && MNT=""
+    losetup -d "$LOOP" && LOOP=""
+    e2fsck -fn "$IMG" >"$RUN/e2fsck.log" 2>&1
+    FSCK=$?
+    say "ext4 after journal replay: e2fsck -fn exit status $FSCK"
+    [ $FSCK = 0 ] || { cat "$RUN/e2fsck.log"; fail "e2fsck -fn finds the data disk's file system damaged"; }
+fi
+[ "$(stat -c %s "$AFTER")" = "$REGION" ] || fail "the region has $(stat -c %s "$AFTER") bytes, not $REGION"
+
+# The rules (header): per chunk, a class; per sector, old, new or foreign.
+#   A: flushed; B: acknowledged; CA: C acknowledged before the kill; CF: C started, not
+#   acknowledged (in flight); U: never written.
+perl -e '
+    my ($old, $new, $after, $ledger, $clog, $clog0, $ch, $mode, $report) = @ARGV;
+    sub slurp { local $/; open(my $f, "<", $_[0]) or die "$_[0]: $!"; binmode $f; my $d = <$f>; $d }
+    my ($o, $n, $a) = (slurp($old), slurp($new), slurp($after));
+    my %class;
+    for (split /\n/, slurp($ledger)) { my ($p, $c) = split; $class{$c} = $p; }
+    # Started at any time: in flight; acknowledged in the log as it was before the kill: CA.
+    for (split /\n/, slurp($clog)) { my ($s, $c) = split; $class{$c} = "CF" if $s eq "S"; }
+    for (split /\n/, slurp($clog0)) { my ($s, $c) = split; $class{$c} = "CA" if $s eq "D"; }
+    my (%cnt, @foreign);
+    for my $c (0 .. length($o) / $ch - 1) {
+        my $k = $class{$c} // "U";
+        for (my $off = $c * $ch; $off < ($c + 1) * $ch; $off += 512) {
+            my $g = substr($a, $off, 512);
+            my $v = $g eq substr($n, $off, 512) ? "new" : $g eq substr($o, $off, 512) ? "old" : "foreign";
+            $cnt{$k}{$v}++;
+            push @foreign, $off / 512 if $v eq "foreign";
+        }
+    }
+    my @fails;
+    my %name = (A => "A (flushed)", B => "B (acknowledged, unflushed)", CA => "C acknowledged before the kill",
+                CF => "C in flight", U => "never written");
+    for my $k (qw(A B CA CF U)) {
+        my $h = $cnt{$k} or next;
+        printf "### %-32s sectors: %5d new, %5d old, %d foreign\n", $name{$k}, $h->{new} // 0, $h->{old} // 0, $h->{foreign} // 0;
+    }
+    push @fails, scalar(@foreign) . " foreign sectors (neither the old nor the new bytes), the first at sector $foreign[0]" if @foreign;
+    push @fails, "$cnt{A}{old} sectors of phase A are old although a FLUSH after them succeeded" if $cnt{A}{old};
+    push @fails, "$cnt{U}{new} sectors never written hold new bytes" if $cnt{U}{new};
+    my $acked_old = ($cnt{B}{old} // 0) + ($cnt{CA}{old} // 0);
+    if ($mode ne "buffered") {
+        my $flag = $mode eq "sync" ? "-s (O_SYNC)" : "-d (O_DIRECT)";
+        push @fails, "$acked_old acknowledged sectors (B, C) are old: $flag writes must survive once acknowledged" if $acked_old;
+    } elsif (!$acked_old) {
+        push @fails, "no acknowledged, unflushed sector was lost: the guest'"'"'s page cache survived the kill, so this run cannot tell a FLUSH that syncs from one that does not";
+    }
+    printf "### acknowledged but unflushed sectors lost: %d of %d\n", $acked_old, ($cnt{B}{new} // 0) + ($cnt{CA}{new} // 0) + $acked_old;
+    if (@fails) {
+        print "### VIOLATION: $_\n" for @fails;
+        exit($report ? 0 : 1);
+    }
+    exit 0;
+'  "$OLD" "$NEW" "$AFTER" "$LEDGER" "$CLOG" "$RUN/clog.before-kill" "$CH" "$MODE" "$REPORT"
+CHECK=$?
+echo "### total $(( $(date +%s) - T0 ))s"
+[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors): see VIOLATION above"
+if [ "$REPORT" = 1 ]; then
+    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors), findings above"
+else
+    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors) at MTU $MTU"
+fi
+exit 0
