@@ -125,7 +125,11 @@ stop_pid() { # pid [signal]: signal, wait up to 3 s, then SIGKILL
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
-stop_target() { stop_pid "$TARGET_PID"; TARGET_PID=""; }
+stop_target() {
+    stop_pid "$TARGET_PID"; TARGET_PID=""
+    # With OUT, each target's log (its stop line: frames per batch, the spin's wake-up cost).
+    [ -z "$OUT" ] || [ ! -f "$WORK/target.log" ] || cat "$WORK/target.log" >>"$OUT.targets.log"
+}
 stop_initiator() {
     # SIGQUIT: stop at once even if a client still has a device open (README, initiator).
     stop_pid "$INIT_PID" QUIT; INIT_PID=""
