@@ -83,6 +83,13 @@ pub struct ServeArgs {
     /// costs less CPU per GB. Fixed at start.
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
+    /// How long at most, in microseconds, the target lets frames gather before it takes
+    /// them, 0 to 1000 [default: 0, off]. Used only while the spin does not pay (a partial
+    /// load: frames further apart than a wake-up costs): after a batch the target sleeps this
+    /// long on a timer instead of waking for each frame, and takes what came in one go. Fewer
+    /// wake-ups, less CPU per GB; each reply waits up to this long more. Fixed at start.
+    #[arg(long, value_name = "US")]
+    coalesce_us: Option<u64>,
     /// How long, in seconds, a stop (SIGTERM, SIGINT) waits for the I/O in flight to finish
     /// and be answered, 0 to 3600 [default: 30]. What is still in flight then is logged, by
     /// export, and the target exits with status 1 (the stop lost work). Fixed at start.
@@ -191,6 +198,9 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         if let Some(us) = a.spin_us {
             cfg.spin = std::time::Duration::from_micros(us);
         }
+        if let Some(us) = a.coalesce_us {
+            cfg.coalesce = std::time::Duration::from_micros(us);
+        }
         if let Some(s) = a.drain_secs {
             cfg.drain = std::time::Duration::from_secs(s);
         }
@@ -244,6 +254,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             aoe_target::config::DEFAULT_SPIN,
             std::time::Duration::from_micros,
         ),
+        coalesce: std::time::Duration::from_micros(a.coalesce_us.unwrap_or(0)),
         drain: a.drain_secs.map_or(
             aoe_target::config::DEFAULT_DRAIN,
             std::time::Duration::from_secs,
