@@ -77,10 +77,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
     /// How long at most, in microseconds, the target keeps polling its sockets after the
-    /// last frame before it sleeps, 0 to 10000 [default: 25]. Within it the spin adapts: it
-    /// shortens while the next frames come later than this, and lengthens while they come
-    /// sooner. Longer answers an initiator that keeps requests in flight sooner; shorter
-    /// costs less CPU per GB. Fixed at start.
+    /// last frame before it sleeps, 0 to 10000 [default: 25]. Within it the spin runs only
+    /// while it costs less CPU than the sleep and wake-up it saves (the target measures what
+    /// its own wake-ups cost): it spins under a saturating load, where the next frames come
+    /// within a microsecond or two, and sleeps at a partial load. 0 never spins. Fixed at
+    /// start.
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
     /// How long at most, in microseconds, the target lets frames gather before it takes

@@ -213,10 +213,10 @@ pub struct ServeConfig {
     pub io: IoMode,
     /// How long at most the event loop keeps polling its sockets without sleeping after the
     /// last frame (`aoe serve --spin-us`, at most [`MAX_SPIN`]; zero: sleep in poll() at
-    /// once); within it the daemon adapts the spin to the gaps between batches. Spinning
-    /// trades CPU time for latency: while an initiator keeps requests in flight the next
-    /// ones are microseconds away, and sleeping costs a wake-up for every batch. Fixed at
-    /// start, like `io`.
+    /// once); within it the daemon spins only while that costs less CPU than the sleep and
+    /// wake-up it saves (`daemon/spin.rs`): while an initiator keeps its window full the next
+    /// frames are a microsecond or two away and it spins; at a partial load they are further
+    /// apart than a wake-up costs and it sleeps. Fixed at start, like `io`.
     pub spin: Duration,
     /// How long at most the event loop lets frames gather before it takes them, when the
     /// spin does not pay (`aoe serve --coalesce-us`, at most [`MAX_COALESCE`]; zero, the

@@ -201,9 +201,9 @@ pub struct Daemon {
     coalesce_next: bool,
     /// How long a stop waits for the I/O in flight ([`ServeConfig::drain`]).
     drain: Duration,
-    /// How long the loop spins now, at most `spin`: shortened while the next frames come
-    /// long after the spin would have ended, lengthened while they come soon after
-    /// ([`spin::SpinWindow`]).
+    /// How long the loop spins now, at most `spin`: the window that would have cost the
+    /// least CPU over the last idle stretches, a wake-up priced at what the loop's sleeps
+    /// cost ([`spin::SpinWindow`]).
     spin_window: spin::SpinWindow,
     /// Sleeps that waited for the next frame, to sample one in [`WAKE_SAMPLE`].
     sleeps: u32,
@@ -377,7 +377,7 @@ impl Daemon {
             if let (Some((cpu, wall)), Some(woke)) = (cpu, woke) {
                 let used = aoe_sys::thread_cpu_time().saturating_sub(cpu);
                 // Only a wait that slept (off the CPU most of its time) measures a wake-up.
-                if woke - wall >= used * 2 {
+                if !used.is_zero() && woke - wall >= used * 2 {
                     self.spin_window.set_wake_cost(used);
                 }
             }
