@@ -51,6 +51,9 @@
 #                     by other work (not the default: it starves that work meanwhile)
 #   PATHS=1           0: skip the initiator and nbdkit rows
 #   INIT_TARGETS="aoe vblade"  targets the initiator is measured against
+#   PERF_STAT=1       with RATE/RATE_MB: `perf stat` of the target over each equal-load run,
+#                     per request (task-clock us, context switches, system calls) in
+#                     OUT.perfstat.tsv
 #   PERF_DIR=path     record `perf record -g` of the target and of the generator per cell
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each)
 #   OUT=path          also write the markdown tables there, and every round of every
@@ -79,6 +82,7 @@ PIN=${PIN:-0}
 PATHS=${PATHS:-1}
 INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
 PERF_DIR=${PERF_DIR:-}
+PERF_STAT=${PERF_STAT:-}
 FILE_DIR=${FILE_DIR:-/dev/shm}
 OUT=${OUT:-}
 RATE=${RATE:-}
@@ -98,6 +102,7 @@ if [ "$PATHS" = 1 ]; then
 fi
 [ "$PIN" != fifo ] || command -v chrt >/dev/null || die "missing chrt (Debian: util-linux)"
 [ -z "$PERF_DIR" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
+[ -z "$PERF_STAT" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 [ -z "$RATE" ] || [ -z "$RATE_MB" ] || die "RATE and RATE_MB: one or the other"
 for f in $RATE $RATE_MB; do
@@ -125,7 +130,11 @@ stop_pid() { # pid [signal]: signal, wait up to 3 s, then SIGKILL
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
-stop_target() { stop_pid "$TARGET_PID"; TARGET_PID=""; }
+stop_target() {
+    stop_pid "$TARGET_PID"; TARGET_PID=""
+    # With OUT, each target's log (its stop line: frames per batch, the spin's wake-up cost).
+    [ -z "$OUT" ] || [ ! -f "$WORK/target.log" ] || cat "$WORK/target.log" >>"$OUT.targets.log"
+}
 stop_initiator() {
     # SIGQUIT: stop at once even if a client still has a device open (README, initiator).
     stop_pid "$INIT_PID" QUIT; INIT_PID=""
@@ -279,10 +288,28 @@ eq_run() { # mtu mode bs w load asked_mb target round
     case $mode in *write) wflag=(--write) ;; esac
     bytes=$(awk -v m="$mb" 'BEGIN { printf "%d", m * 1e6 }')
     c0=$(cpu_ticks "$TARGET_PID") s0=$(cpu_stat 0) w0=$(date +%s.%N)
+    local pstat=""
+    if [ -n "$PERF_STAT" ]; then
+        perf stat -x, -e task-clock,context-switches,raw_syscalls:sys_enter -p "$TARGET_PID" \
+            -o "$WORK/pstat" 2>/dev/null &
+        pstat=$!
+    fi
     in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" "${wflag[@]}" --bs "$bs" \
         --window "$w" --time "$TIME" --rate "$bytes" --json >"$WORK/eq.json" 2>"$WORK/gen.err" || {
-        sed 's/^/    /' "$WORK/gen.err" >&2; return 0; }
+        sed 's/^/    /' "$WORK/gen.err" >&2
+        [ -z "$pstat" ] || { kill -INT "$pstat" 2>/dev/null; wait "$pstat" 2>/dev/null; }
+        return 0; }
     c1=$(cpu_ticks "$TARGET_PID") s1=$(cpu_stat 0) w1=$(date +%s.%N)
+    if [ -n "$pstat" ]; then
+        kill -INT "$pstat" 2>/dev/null; wait "$pstat" 2>/dev/null || true
+        # Per request: task-clock us, context switches, system calls of the target.
+        awk -F, -v OFS='\t' -v cell="$mtu $mode w$w @$load $t r$r" \
+            -v req="$(jq -r ".bytes / $bs" "$WORK/eq.json")" '
+            $3 == "task-clock" { tc = $1 } $3 == "context-switches" { cs = $1 }
+            $3 ~ /sys_enter/ { sc = $1 }
+            END { if (req > 0) print cell, req, tc * 1000 / req, cs / req, sc / req }' \
+            "$WORK/pstat" >>"${OUT:-$WORK/out}.perfstat.tsv"
+    fi
     # Fields: mtu mode bs window load asked target round | MB/s fraction p50 p99 p99-sched
     # retransmits bytes seconds | target ticks | cpu0 system softirq busy ticks.
     jq -r '[.mb_per_s, .rate.achieved_fraction, .latency_us.p50, .latency_us.p99,

@@ -77,12 +77,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Io::Rings)]
     io: Io,
     /// How long at most, in microseconds, the target keeps polling its sockets after the
-    /// last frame before it sleeps, 0 to 10000 [default: 25]. Within it the spin adapts: it
-    /// shortens while the next frames come later than this, and lengthens while they come
-    /// sooner. Longer answers an initiator that keeps requests in flight sooner; shorter
-    /// costs less CPU per GB. Fixed at start.
+    /// last frame before it sleeps, 0 to 10000 [default: 25]. Within it the spin runs only
+    /// while it costs less CPU than the sleep and wake-up it saves (the target measures what
+    /// its own wake-ups cost): it spins under a saturating load, where the next frames come
+    /// within a microsecond or two, and sleeps at a partial load. 0 never spins. Fixed at
+    /// start.
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
+    /// How long at most, in microseconds, the target lets frames gather before it takes
+    /// them, 0 to 1000 [default: 0, off]. Used only while the spin does not pay (a partial
+    /// load: frames further apart than a wake-up costs): after a batch the target sleeps this
+    /// long on a timer instead of waking for each frame, and takes what came in one go. Fewer
+    /// wake-ups, less CPU per GB; each reply waits up to this long more. Fixed at start.
+    #[arg(long, value_name = "US")]
+    coalesce_us: Option<u64>,
     /// How long, in seconds, a stop (SIGTERM, SIGINT) waits for the I/O in flight to finish
     /// and be answered, 0 to 3600 [default: 30]. What is still in flight then is logged, by
     /// export, and the target exits with status 1 (the stop lost work). Fixed at start.
@@ -191,6 +199,9 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
         if let Some(us) = a.spin_us {
             cfg.spin = std::time::Duration::from_micros(us);
         }
+        if let Some(us) = a.coalesce_us {
+            cfg.coalesce = std::time::Duration::from_micros(us);
+        }
         if let Some(s) = a.drain_secs {
             cfg.drain = std::time::Duration::from_secs(s);
         }
@@ -244,6 +255,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             aoe_target::config::DEFAULT_SPIN,
             std::time::Duration::from_micros,
         ),
+        coalesce: std::time::Duration::from_micros(a.coalesce_us.unwrap_or(0)),
         drain: a.drain_secs.map_or(
             aoe_target::config::DEFAULT_DRAIN,
             std::time::Duration::from_secs,

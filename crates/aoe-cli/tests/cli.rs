@@ -183,6 +183,32 @@ fn serve_refuses_a_spin_over_10_ms() {
     }
 }
 
+/// Issue 15: `aoe serve --coalesce-us` takes 0 to 1000 (1 ms); more is refused by `--check`
+/// naming the limit, exit 1; a word is refused by the parser (exit 2).
+#[test]
+fn serve_refuses_a_coalescing_wait_over_1_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let check = |us: &str| {
+        Command::new(AOE)
+            .args(["serve", "--check", "--coalesce-us", us, "1", "1", "lo"])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let out = check("1001");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("at most 1000 us (1 ms), not 1001 us"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(check("soon").status.code(), Some(2));
+    for ok in ["0", "20", "1000"] {
+        let out = check(ok);
+        assert!(out.status.success(), "--coalesce-us {ok}: {out:?}");
+    }
+}
+
 /// Audit (s8): `aoe serve -b 65535` was accepted and advertised 65535 in its Query Config
 /// replies, but the worker queue holds 8192 requests (over all exports), so a burst of
 /// O_DIRECT requests past that was dropped however honestly the initiator kept to the

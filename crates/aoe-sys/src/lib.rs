@@ -58,7 +58,7 @@ mod ring;
 mod uring;
 mod xdp;
 
-pub use event::{poll, poll_precise, EventFd, PollFd};
+pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd};
 pub use file::{
     dio_alignment, is_local_disk_fs, is_memory_fs, logical_block_size, pread_nowait, pwrite_nowait,
     pwritev_all, pwritev_nowait, resident_pages, DioAlign, DioAlignSource, NoWait, MAX_WRITEV,

@@ -37,6 +37,10 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(25);
 /// long at most anyway.
 pub const MAX_SPIN: Duration = Duration::from_millis(10);
 
+/// Longest coalescing wait accepted (`aoe serve --coalesce-us`): each frame it holds back
+/// waits up to that long for its reply.
+pub const MAX_COALESCE: Duration = Duration::from_millis(1);
+
 /// How long a stop (SIGTERM, SIGINT) waits for the I/O in flight when none is given
 /// (`aoe serve --drain-secs`): see [`ServeConfig::drain`].
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -209,11 +213,18 @@ pub struct ServeConfig {
     pub io: IoMode,
     /// How long at most the event loop keeps polling its sockets without sleeping after the
     /// last frame (`aoe serve --spin-us`, at most [`MAX_SPIN`]; zero: sleep in poll() at
-    /// once); within it the daemon adapts the spin to the gaps between batches. Spinning
-    /// trades CPU time for latency: while an initiator keeps requests in flight the next
-    /// ones are microseconds away, and sleeping costs a wake-up for every batch. Fixed at
-    /// start, like `io`.
+    /// once); within it the daemon spins only while that costs less CPU than the sleep and
+    /// wake-up it saves (`daemon/spin.rs`): while an initiator keeps its window full the next
+    /// frames are a microsecond or two away and it spins; at a partial load they are further
+    /// apart than a wake-up costs and it sleeps. Fixed at start, like `io`.
     pub spin: Duration,
+    /// How long at most the event loop lets frames gather before it takes them, when the
+    /// spin does not pay (`aoe serve --coalesce-us`, at most [`MAX_COALESCE`]; zero, the
+    /// default: a frame wakes the loop at once). After a batch the loop sleeps this long on a
+    /// timer, not on its sockets, so one wake-up takes every frame that came meanwhile (a
+    /// NIC's interrupt moderation); a wait that finds nothing goes back to sleeping on the
+    /// sockets. Fixed at start, like `io`.
+    pub coalesce: Duration,
     /// How long a stop waits for the I/O in flight to finish and be answered (`aoe serve
     /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the
     /// log and the daemon fails (exit status 1). Fixed at start, like `io`.
@@ -293,6 +304,9 @@ pub enum ConfigError {
     /// A spin longer than [`MAX_SPIN`].
     #[error("the spin must be at most 10000 us (10 ms), not {0} us")]
     Spin(u128),
+    /// A coalescing wait longer than [`MAX_COALESCE`].
+    #[error("the coalescing wait must be at most 1000 us (1 ms), not {0} us")]
+    Coalesce(u128),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -531,6 +545,7 @@ impl ServeConfig {
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            coalesce: Duration::ZERO,
             drain: DEFAULT_DRAIN,
             dedup: aoe_proto::target::DedupConfig::default(),
         };
@@ -617,6 +632,7 @@ impl ServeConfig {
             control: None,
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
+            coalesce: Duration::ZERO,
             drain: DEFAULT_DRAIN,
             dedup: aoe_proto::target::DedupConfig::default(),
         }
@@ -641,6 +657,9 @@ impl ServeConfig {
         }
         if self.spin > MAX_SPIN {
             return Err(ConfigError::Spin(self.spin.as_micros()));
+        }
+        if self.coalesce > MAX_COALESCE {
+            return Err(ConfigError::Coalesce(self.coalesce.as_micros()));
         }
         let mut seen = HashSet::new();
         for e in &self.exports {
@@ -998,6 +1017,14 @@ mod tests {
         let e = c.check_static().unwrap_err().to_string();
         assert!(e.contains("at most 10000 us (10 ms), not 10001 us"), "{e}");
         c.spin = DEFAULT_SPIN;
+        // `--coalesce-us` (issue 15): off by default, at most 1 ms.
+        assert_eq!(c.coalesce, Duration::ZERO);
+        c.coalesce = MAX_COALESCE;
+        c.check_static().unwrap();
+        c.coalesce = MAX_COALESCE + Duration::from_micros(1);
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("at most 1000 us (1 ms), not 1001 us"), "{e}");
+        c.coalesce = Duration::ZERO;
         // `--drain-secs` (audit s8): at most an hour.
         assert_eq!(c.drain, DEFAULT_DRAIN);
         c.drain = MAX_DRAIN;

@@ -63,6 +63,8 @@ const RX_BATCHES: usize = 16;
 /// The longest stretch spent spinning before the loop's other duties (signals, reloads,
 /// state files, MTU refresh) get their turn.
 const SPIN_MAX: Duration = Duration::from_millis(10);
+/// One sleep in this many is measured for [`spin::SpinWindow::set_wake_cost`].
+const WAKE_SAMPLE: u32 = 16;
 /// How soon the loop kicks a transmit ring again that the kernel refused or took only part
 /// of (a full device queue, or a send buffer held by frames still queued below): the kernel
 /// signals no POLLOUT for frames still marked in the ring.
@@ -191,12 +193,20 @@ pub struct Daemon {
     /// sleeping in poll() costs a wake-up on another core for every batch), from the
     /// configuration at start (a reload keeps it).
     spin: Duration,
+    /// How long frames gather at most after a batch the spin does not follow
+    /// ([`ServeConfig::coalesce`]; zero: never).
+    coalesce: Duration,
+    /// The next wait is a coalescing one ([`Daemon::coalesce`]): set after a batch, cleared
+    /// by the wait.
+    coalesce_next: bool,
     /// How long a stop waits for the I/O in flight ([`ServeConfig::drain`]).
     drain: Duration,
-    /// How long the loop spins now, at most `spin`: shortened while the next frames come
-    /// long after the spin would have ended, lengthened while they come soon after
-    /// ([`spin::SpinWindow`]).
+    /// How long the loop spins now, at most `spin`: the window that would have cost the
+    /// least CPU over the last idle stretches, a wake-up priced at what the loop's sleeps
+    /// cost ([`spin::SpinWindow`]).
     spin_window: spin::SpinWindow,
+    /// Sleeps that waited for the next frame, to sample one in [`WAKE_SAMPLE`].
+    sleeps: u32,
     /// When the last frame came before the loop went to sleep in poll() (the spin found
     /// nothing within its window, or the window was zero): the next frame's gap adapts
     /// `spin_window`.
@@ -271,8 +281,11 @@ impl Daemon {
             io: config.io,
             spin: config.spin,
             drain: config.drain,
+            coalesce: config.coalesce,
+            coalesce_next: false,
             spin_window: spin::SpinWindow::new(config.spin),
             slept_after: None,
+            sleeps: 0,
             dedup: config.dedup,
             batch_file_frames: false,
             spin_now: None,
@@ -299,6 +312,13 @@ impl Daemon {
     /// Runs until `control` says stop; then waits for in-flight I/O and returns.
     pub fn run(&mut self, control: &Control) -> Result<()> {
         let mut last_refresh = Instant::now();
+        if !self.coalesce.is_zero() {
+            // The coalescing wait is tens of microseconds: the default slack (50 us) would
+            // double it.
+            if let Err(e) = aoe_sys::set_timer_slack(Duration::from_micros(1)) {
+                tracing::warn!(error = %e, "cannot shorten the timer slack; coalescing waits may run 50 us long");
+            }
+        }
         self.observer.publish(self.snapshot());
         let wake = control.wake.clone();
         self.observer.set_waker(Box::new(move || {
@@ -311,11 +331,15 @@ impl Daemon {
             if control.reload.swap(false, Ordering::SeqCst) {
                 self.reload();
             }
+            // After a batch the spin did not follow, with `--coalesce-us`: a wait on a timer,
+            // not on the sockets, so that the frames of the next `coalesce` come in one
+            // wake-up (the worker completions and the control still wake it at once).
+            let coalescing = std::mem::take(&mut self.coalesce_next);
             // POLLOUT only where replies wait: a socket with room is always writable.
             let mut fds: Vec<PollFd> = self
                 .ifaces
                 .iter()
-                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, i.wants_out()))
+                .map(|i| PollFd::with_events(i.sock.as_raw_fd(), !coalescing, i.wants_out()))
                 .collect();
             fds.push(PollFd::new(self.event.as_raw_fd()));
             fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
@@ -327,7 +351,36 @@ impl Daemon {
             } else {
                 REFRESH
             };
-            aoe_sys::poll(&mut fds, Some(wait)).context("poll")?;
+            let wait = if coalescing {
+                wait.min(self.coalesce)
+            } else {
+                wait
+            };
+            // A sample of the sleeps that wait for the next frame: what they cost the loop's
+            // own CPU (the system call, the switch out and back) is what a spin must save to
+            // pay ([`spin::SpinWindow`]). The clock is a system call, so one sleep in
+            // [`WAKE_SAMPLE`], not all.
+            // A coalescing wait is not the sleep a spin saves (it ends on a timer, which
+            // costs more: 7-15 us against 4-5 on the loaded machine, 2026-12-04), so it is
+            // not sampled.
+            let sample = self.slept_after.is_some() && !coalescing && {
+                self.sleeps = self.sleeps.wrapping_add(1);
+                self.sleeps % WAKE_SAMPLE == 0
+            };
+            let cpu = sample.then(|| (aoe_sys::thread_cpu_time(), Instant::now()));
+            if coalescing {
+                aoe_sys::poll_precise(&mut fds, Some(wait)).context("poll")?;
+            } else {
+                aoe_sys::poll(&mut fds, Some(wait)).context("poll")?;
+            }
+            let woke = self.slept_after.map(|_| Instant::now());
+            if let (Some((cpu, wall)), Some(woke)) = (cpu, woke) {
+                let used = aoe_sys::thread_cpu_time().saturating_sub(cpu);
+                // Only a wait that slept (off the CPU most of its time) measures a wake-up.
+                if !used.is_zero() && woke - wall >= used * 2 {
+                    self.spin_window.set_wake_cost(used);
+                }
+            }
             let n = self.ifaces.len();
             if fds[n + 1].ready {
                 control.drain();
@@ -339,17 +392,27 @@ impl Daemon {
             let mut frames = 0;
             self.batch_file_frames = false;
             for (idx, fd) in fds.iter().enumerate().take(n) {
-                if fd.ready || self.ifaces[idx].old.is_some() {
+                if fd.ready || coalescing || self.ifaces[idx].old.is_some() {
                     frames += self.receive(idx);
                 }
             }
             self.complete_io();
             self.flush_sends();
             if frames > 0 {
-                if let Some(t) = self.slept_after.take() {
-                    self.spin_window.after_sleep(t.elapsed());
+                if let (Some(t), Some(woke)) = (self.slept_after.take(), woke) {
+                    // A coalescing wait's end is the timer's, not the first frame's: the
+                    // frames' spacing is what a spin would have waited for each.
+                    self.spin_window.after_sleep(if coalescing {
+                        self.coalesce / u32::try_from(frames).unwrap_or(u32::MAX)
+                    } else {
+                        woke - t
+                    });
                 }
-                if !self.spin.is_zero() && self.spin_pays() {
+                let spins = !self.spin.is_zero() && self.spin_pays();
+                // Coalesce where the spin does not run: frames further apart than a wake-up.
+                self.coalesce_next =
+                    !self.coalesce.is_zero() && (!spins || self.spin_window.get().is_zero());
+                if spins {
                     self.slept_after = self.spin(control);
                 }
             }
@@ -379,12 +442,18 @@ impl Daemon {
             tracing::error!("state files still being written after 30 s; exiting anyway");
         }
         self.log_drops();
+        let (epochs, spinning) = self.spin_window.epochs();
         tracing::info!(
             frames = self.rx_frames,
             batches = self.rx_batches,
-            "received {} frames in {} receive batches",
+            wake_cost_ns = self.spin_window.wake_cost().as_nanos() as u64,
+            spin_epochs = spinning,
+            epochs,
+            "received {} frames in {} receive batches; a wake-up cost {} ns, the spin ran in \
+             {spinning} of {epochs} epochs",
             self.rx_frames,
-            self.rx_batches
+            self.rx_batches,
+            self.spin_window.wake_cost().as_nanos()
         );
         if left.is_empty() && state_saved {
             tracing::info!("stopped");
@@ -530,6 +599,7 @@ impl Daemon {
         // The I/O mode is fixed at start (`--io`): a reload keeps the running one.
         cfg.io = self.io;
         cfg.spin = self.spin;
+        cfg.coalesce = self.coalesce;
         cfg.drain = self.drain;
         cfg.dedup = self.dedup;
         match self.apply(cfg) {
@@ -582,6 +652,7 @@ impl Daemon {
             let now = Instant::now();
             self.spin_now = Some(now);
             if frames > 0 {
+                self.spin_window.caught(now - last);
                 last = now;
             } else if now - last >= window {
                 return Some(last);
