@@ -119,22 +119,23 @@ impl ErrWaiter for ErrReply {
 /// (`FOPEN_DIRECT_IO`, see [`AoeFs::open`]); every other open has handle 0.
 const DIRECT_FH: u64 = 1;
 
-/// A write through a direct-I/O open of a device file that is also open in cached mode,
-/// answered by the invalidator thread once the kernel dropped its cached pages of the
-/// range ([`invalidator`]).
+/// The range of a write through a direct-I/O open of a device file that is also open in
+/// cached mode, to be dropped from the page cache once the write has been answered
+/// ([`invalidator`]).
 struct Invalidate {
     ino: u64,
     offset: u64,
     len: u64,
-    reply: ReplyWrite,
-    written: u32,
 }
 
-/// Answers the writes [`Invalidate`] stands for, each after telling the kernel to drop its
-/// cached pages of the written range (`FUSE_NOTIFY_INVAL_INODE`). A thread of its own, not
-/// the network thread where the write completed: the kernel waits for each cached page's
-/// lock, and a page being read holds it until the daemon answers that read, which the
-/// network thread may have to do first.
+/// Tells the kernel to drop its cached pages of each range [`Invalidate`] names
+/// (`FUSE_NOTIFY_INVAL_INODE`), after the write that covered it was answered. Neither
+/// before the answer nor on the network thread: the kernel waits for the lock of every
+/// cached page in the range, and a page being read ahead holds it until its read is
+/// answered, which may wait for a slot among the connection's background requests
+/// (`max_background`), which the direct writes fill until they are answered: holding a
+/// write's answer here deadlocked fio's direct writers and a buffered reader (fio.rs
+/// `fio_parallel_direct_writes_verify`, under load).
 fn invalidator(rx: crossbeam_channel::Receiver<Invalidate>, notifier: Arc<OnceLock<Notifier>>) {
     for w in rx {
         if let Some(n) = notifier.get() {
@@ -145,7 +146,6 @@ fn invalidator(rx: crossbeam_channel::Receiver<Invalidate>, notifier: Arc<OnceLo
                 i64::try_from(w.len).unwrap_or(i64::MAX),
             );
         }
-        w.reply.written(w.written);
     }
 }
 
@@ -627,9 +627,10 @@ impl Filesystem for AoeFs {
     /// itself while any open of the inode is in the cached mode (`FUSE_I_CACHE_IO_MODE`,
     /// fs/fuse/iomode.c), and a cached open waits for the parallel writes in flight. It
     /// drops the cached pages of a direct write's range before sending it; pages a cached
-    /// opener reads back while the write is in flight are dropped by us after it
-    /// ([`invalidator`]), as `generic_file_direct_write` does for a cached-mode direct
-    /// write. Opens without `O_DIRECT`, and read-only ones, stay cached: buffered I/O and
+    /// opener reads back while the write is in flight are dropped by us just after it is
+    /// answered ([`invalidator`]), as `generic_file_direct_write` does for a cached-mode
+    /// synchronous direct write (before its return there; after the answer here, which
+    /// must not wait on the page cache). Opens without `O_DIRECT`, and read-only ones, stay cached: buffered I/O and
     /// read-ahead work, and a synchronous direct read of more than one request keeps
     /// `FUSE_ASYNC_DIO`'s requests in flight together (the direct mode sends a
     /// synchronous read's requests one after the other, `fuse_direct_read_iter`).
@@ -774,7 +775,7 @@ impl Filesystem for AoeFs {
             }
             Some(Node::Dev(a, p)) => {
                 // A direct-I/O write while the inode is also open cached: its range is
-                // invalidated after it lands, before it is answered.
+                // invalidated once it has landed and been answered ([`invalidator`]).
                 let inval = (fh.0 == DIRECT_FH && self.cached_opens().contains_key(&ino.0))
                     .then_some(ino.0);
                 self.write_dev(a, p, offset, data, inval, reply)
@@ -904,7 +905,7 @@ impl AoeFs {
     /// written back under an exclusive hold of the covering sectors, shared with the NBD
     /// server, so concurrent writers to one sector through any file or export all land).
     ///
-    /// `inval`: the inode whose cached pages of the range are dropped before the answer
+    /// `inval`: the inode whose cached pages of the range are dropped after the answer
     /// ([`invalidator`]).
     fn write_dev(
         &self,
@@ -933,17 +934,13 @@ impl AoeFs {
             Box::new(move |r| match (r, inval) {
                 (Ok(()), None) => reply.written(written),
                 (Ok(()), Some(ino)) => {
-                    let w = Invalidate {
+                    reply.written(written);
+                    // Only once the file system is gone is the thread gone too.
+                    let _ = invalidate.send(Invalidate {
                         ino,
                         offset,
                         len: n as u64,
-                        reply,
-                        written,
-                    };
-                    // The thread is gone only once the file system is: answer here.
-                    if let Err(e) = invalidate.send(w) {
-                        e.into_inner().reply.written(written);
-                    }
+                    });
                 }
                 (Err(e), _) => reply.error(Errno::from_i32(e)),
             }),
