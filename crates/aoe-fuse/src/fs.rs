@@ -15,15 +15,16 @@
 //! with `sysfs_dir=ROOT/sysfs`. `identify` is ours: the raw 512-byte IDENTIFY page the
 //! driver returns for the `HDIO_GET_IDENTITY` ioctl, which a FUSE file cannot answer.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aoe_proto::initiator::{BlockOp, DeviceState, FlushWhich};
 use aoe_wire::TargetAddr;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    KernelConfig, LockOwner, Notifier, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 
@@ -114,6 +115,40 @@ impl ErrWaiter for ErrReply {
     }
 }
 
+/// The file handle of a device file opened in the kernel's direct I/O mode
+/// (`FOPEN_DIRECT_IO`, see [`AoeFs::open`]); every other open has handle 0.
+const DIRECT_FH: u64 = 1;
+
+/// The range of a write through a direct-I/O open of a device file that is also open in
+/// cached mode, to be dropped from the page cache once the write has been answered
+/// ([`invalidator`]).
+struct Invalidate {
+    ino: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// Tells the kernel to drop its cached pages of each range [`Invalidate`] names
+/// (`FUSE_NOTIFY_INVAL_INODE`), after the write that covered it was answered. Neither
+/// before the answer nor on the network thread: the kernel waits for the lock of every
+/// cached page in the range, and a page being read ahead holds it until its read is
+/// answered, which may wait for a slot among the connection's background requests
+/// (`max_background`), which the direct writes fill until they are answered: holding a
+/// write's answer here deadlocked fio's direct writers and a buffered reader (fio.rs
+/// `fio_parallel_direct_writes_verify`, under load).
+fn invalidator(rx: crossbeam_channel::Receiver<Invalidate>, notifier: Arc<OnceLock<Notifier>>) {
+    for w in rx {
+        if let Some(n) = notifier.get() {
+            // ENOENT: the kernel has no such inode cached (nothing to drop).
+            let _ = n.inval_inode(
+                INodeNo(w.ino),
+                i64::try_from(w.offset).unwrap_or(i64::MAX),
+                i64::try_from(w.len).unwrap_or(i64::MAX),
+            );
+        }
+    }
+}
+
 /// The file system.
 pub struct AoeFs {
     shared: Arc<Mutex<Shared>>,
@@ -121,18 +156,43 @@ pub struct AoeFs {
     uid: u32,
     gid: u32,
     start: SystemTime,
+    /// Per device-file inode, how many opens of it are in the kernel's cached mode (opened
+    /// without `O_DIRECT` or read-only): while there are any, a direct-I/O write's range is
+    /// invalidated in the page cache after it completes ([`invalidator`]).
+    cached_opens: Mutex<HashMap<u64, u32>>,
+    invalidate: crossbeam_channel::Sender<Invalidate>,
 }
 
 impl AoeFs {
-    /// A file system over the shared state, sending work to `net`.
-    pub fn new(shared: Arc<Mutex<Shared>>, net: Handle) -> AoeFs {
+    /// A file system over the shared state, sending work to `net`; `notifier` is set once
+    /// the session is mounted.
+    pub fn new(
+        shared: Arc<Mutex<Shared>>,
+        net: Handle,
+        notifier: Arc<OnceLock<Notifier>>,
+    ) -> AoeFs {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let n = notifier.clone();
+        std::thread::Builder::new()
+            .name("fuse-inval".into())
+            .spawn(move || invalidator(rx, n))
+            .expect("spawn the FUSE invalidator thread");
         AoeFs {
             shared,
             net,
             uid: 0,
             gid: 0,
             start: SystemTime::now(),
+            cached_opens: Mutex::new(HashMap::new()),
+            invalidate: tx,
         }
+    }
+
+    /// The counts of cached opens (a poisoned lock is taken over: the map stays valid).
+    fn cached_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.cached_opens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn attr(&self, n: Node, size: u64, kind: FileType, perm: u16) -> FileAttr {
@@ -355,6 +415,12 @@ fn device_node(parent: u64, name: &str) -> Option<Node> {
     }
 }
 
+/// Whether a device file opened with these `open(2)` flags is opened in the kernel's
+/// direct I/O mode ([`AoeFs::open`]): `O_DIRECT` and write access.
+fn direct_write_open(flags: i32) -> bool {
+    flags & libc::O_DIRECT != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
 /// Start and length (sectors) of device `a`'s partition `p` (0: the whole device).
 fn extent(e: &DevEntry, p: u32) -> Option<(u64, u64)> {
     if p == 0 {
@@ -486,6 +552,11 @@ impl Filesystem for AoeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Without it (a kernel before 3.13) long direct I/O goes one request at a time.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // A shared mapping of a file opened in the direct I/O mode ([`AoeFs::open`]) is
+        // refused (ENODEV) without it, where it worked when every open was cached; with it
+        // the mapping puts the inode in the cached mode, so direct writes go one at a time
+        // again while it lasts (fs/fuse/file.c `fuse_file_mmap`).
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         // Each refuses only a value beyond what the kernel offered (read-ahead) or fuser's
         // buffer holds (write); the kernel's own smaller value then stands.
         let _ = config.set_max_write(WRITE_REQUEST_BYTES);
@@ -547,7 +618,23 @@ impl Filesystem for AoeFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    /// A device file opened with `O_DIRECT` for writing is opened in the kernel's direct
+    /// I/O mode (`FOPEN_DIRECT_IO`) with `FOPEN_PARALLEL_DIRECT_WRITES`: its writes then take
+    /// the inode lock shared, so fio's 32 writes in flight reach us together
+    /// (fs/fuse/file.c `fuse_direct_write_iter`, `fuse_dio_lock`), where an `O_DIRECT`
+    /// write to a file in the cached mode takes it exclusively and goes to us one at a
+    /// time (`fuse_cache_write_iter`). The kernel falls back to the exclusive lock by
+    /// itself while any open of the inode is in the cached mode (`FUSE_I_CACHE_IO_MODE`,
+    /// fs/fuse/iomode.c), and a cached open waits for the parallel writes in flight. It
+    /// drops the cached pages of a direct write's range before sending it; pages a cached
+    /// opener reads back while the write is in flight are dropped by us just after it is
+    /// answered ([`invalidator`]), as `generic_file_direct_write` does for a cached-mode
+    /// synchronous direct write (before its return there; after the answer here, which
+    /// must not wait on the page cache). Opens without `O_DIRECT`, and read-only ones, stay cached: buffered I/O and
+    /// read-ahead work, and a synchronous direct read of more than one request keeps
+    /// `FUSE_ASYNC_DIO`'s requests in flight together (the direct mode sends a
+    /// synchronous read's requests one after the other, `fuse_direct_read_iter`).
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match node(ino.0) {
             Some(Node::Dev(a, p)) => {
                 {
@@ -558,7 +645,15 @@ impl Filesystem for AoeFs {
                     *s.open_files.entry((a, p)).or_insert(0) += 1;
                 }
                 self.net.send(Cmd::SetOpen(a, true));
-                reply.opened(FileHandle(0), FopenFlags::empty());
+                if direct_write_open(flags.0) {
+                    reply.opened(
+                        FileHandle(DIRECT_FH),
+                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+                    );
+                } else {
+                    *self.cached_opens().entry(ino.0).or_insert(0) += 1;
+                    reply.opened(FileHandle(0), FopenFlags::empty());
+                }
             }
             // Control and attribute files have no fixed size: bypass the page cache.
             Some(_) => reply.opened(
@@ -573,13 +668,22 @@ impl Filesystem for AoeFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         if let Some(Node::Dev(a, p)) = node(ino.0) {
+            if fh.0 != DIRECT_FH {
+                let mut c = self.cached_opens();
+                if let Some(n) = c.get_mut(&ino.0) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        c.remove(&ino.0);
+                    }
+                }
+            }
             {
                 let mut s = lock(&self.shared);
                 if let Some(n) = s.open_files.get_mut(&(a, p)) {
@@ -654,7 +758,7 @@ impl Filesystem for AoeFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -669,7 +773,13 @@ impl Filesystem for AoeFs {
                     Err(e) => reply.error(e),
                 }
             }
-            Some(Node::Dev(a, p)) => self.write_dev(a, p, offset, data, reply),
+            Some(Node::Dev(a, p)) => {
+                // A direct-I/O write while the inode is also open cached: its range is
+                // invalidated once it has landed and been answered ([`invalidator`]).
+                let inval = (fh.0 == DIRECT_FH && self.cached_opens().contains_key(&ino.0))
+                    .then_some(ino.0);
+                self.write_dev(a, p, offset, data, inval, reply)
+            }
             _ => reply.error(Errno::EACCES),
         }
     }
@@ -794,7 +904,18 @@ impl AoeFs {
     /// ([`BlockDevice::write`]: the partial sectors of an unaligned write are read, patched and
     /// written back under an exclusive hold of the covering sectors, shared with the NBD
     /// server, so concurrent writers to one sector through any file or export all land).
-    fn write_dev(&self, a: TargetAddr, p: u32, offset: u64, data: &[u8], reply: ReplyWrite) {
+    ///
+    /// `inval`: the inode whose cached pages of the range are dropped after the answer
+    /// ([`invalidator`]).
+    fn write_dev(
+        &self,
+        a: TargetAddr,
+        p: u32,
+        offset: u64,
+        data: &[u8],
+        inval: Option<u64>,
+        reply: ReplyWrite,
+    ) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -806,12 +927,22 @@ impl AoeFs {
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
         let written = n as u32;
+        let invalidate = self.invalidate.clone();
         BlockDevice::new(self.net.clone(), a, start).write(
             offset,
             data[..n].to_vec(),
-            Box::new(move |r| match r {
-                Ok(()) => reply.written(written),
-                Err(e) => reply.error(Errno::from_i32(e)),
+            Box::new(move |r| match (r, inval) {
+                (Ok(()), None) => reply.written(written),
+                (Ok(()), Some(ino)) => {
+                    reply.written(written);
+                    // Only once the file system is gone is the thread gone too.
+                    let _ = invalidate.send(Invalidate {
+                        ino,
+                        offset,
+                        len: n as u64,
+                    });
+                }
+                (Err(e), _) => reply.error(Errno::from_i32(e)),
             }),
         );
     }
@@ -844,6 +975,17 @@ mod tests {
         }
         assert_eq!(device_node(SYSFS_BLOCK, "e7.3"), None);
         assert_eq!(device_node(SYSFS, "block"), None);
+    }
+
+    /// Only `O_DIRECT` opens with write access go to the kernel's direct I/O mode.
+    #[test]
+    fn direct_mode_for_direct_writable_opens() {
+        use libc::{O_DIRECT, O_RDONLY, O_RDWR, O_WRONLY};
+        assert!(direct_write_open(O_DIRECT | O_RDWR));
+        assert!(direct_write_open(O_DIRECT | O_WRONLY | libc::O_SYNC));
+        assert!(!direct_write_open(O_DIRECT | O_RDONLY));
+        assert!(!direct_write_open(O_RDWR));
+        assert!(!direct_write_open(O_WRONLY));
     }
 
     #[test]

@@ -45,8 +45,10 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Mou
     ];
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(2);
-    let session = fuser::spawn_mount(fs::AoeFs::new(shared, net), root, &fcfg)
+    let notifier = Arc::new(std::sync::OnceLock::new());
+    let session = fuser::spawn_mount(fs::AoeFs::new(shared, net, notifier.clone()), root, &fcfg)
         .with_context(|| format!("cannot mount the control file system on {}", root.display()))?;
+    let _ = notifier.set(session.notifier());
     Ok(Mount {
         session,
         root: root.to_path_buf(),
