@@ -128,19 +128,11 @@ QEMU_PID="" INIT_PID="" WRITER_PID="" LOOP="" MNT=""
 SHELF=1 SLOT=1
 DEV=$ROOT/e$SHELF.$SLOT
 
+# lib.sh: stop PID (TERM, then KILL) and sweep_netns PREFIX.
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
-for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^aoepl-[0-9]*$'); do
-    [ -d "/proc/${old#aoepl-}" ] || ip netns del "$old" 2>/dev/null
-done
-
-# stop PID: SIGTERM, up to 5 s, then SIGKILL; PID may be -PGID. Only ids we started.
-stop() {
-    kill -TERM -- "$1" 2>/dev/null || return 0
-    local i
-    for i in $(seq 50); do kill -0 -- "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL -- "$1" 2>/dev/null
-    return 0
-}
+sweep_netns aoepl
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP

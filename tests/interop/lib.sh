@@ -1,0 +1,23 @@
+# lib.sh - sourced by the qemu/TCG guest scripts (kernel-initiator.sh, power-loss.sh): what
+# both need to clean up after themselves.
+#
+#   stop PID               SIGTERM, up to 5 s, then SIGKILL; PID may be -PGID. Only for ids
+#                          the caller started.
+#   sweep_netns PREFIX     deletes the namespaces PREFIX-PID of earlier runs whose PID is
+#                          gone (runs SIGKILLed before their cleanup ran); running ones stay.
+
+stop() {
+    kill -TERM -- "$1" 2>/dev/null || return 0
+    local i
+    for i in $(seq 50); do kill -0 -- "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL -- "$1" 2>/dev/null
+    return 0
+}
+
+sweep_netns() {
+    local old
+    for old in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$1-[0-9]*\$"); do
+        [ -d "/proc/${old#"$1"-}" ] || ip netns del "$old" 2>/dev/null
+    done
+    return 0
+}
