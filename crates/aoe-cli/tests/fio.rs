@@ -195,6 +195,16 @@ fn mixed_jobs(base: u64, span: u64) -> String {
 
 /// A backing file of SECTORS holding `pattern(1, ..)` with an MBR whose partition 1 is
 /// [`PART`].
+/// What the device file `dev` reads is what the target's file holds, sector for sector.
+fn assert_device_file_is_backing_file(rig: &Rig, dev: &Path) {
+    let got = fs::read(&rig.file).unwrap();
+    let through = read_at(dev, 0, got.len() / 512 * 512).unwrap();
+    assert!(
+        wrong_sectors(&through, &got[..through.len()]).is_empty(),
+        "device file and backing file differ"
+    );
+}
+
 fn backing_with_partition(dir: &Path) -> PathBuf {
     let mut b = pattern(1, (SECTORS * 512) as usize);
     write_mbr_partition1(&mut b, PART.0 as u32, PART.1 as u32);
@@ -239,12 +249,7 @@ fn fio_device_file_engines_verify() {
         );
     }
     // What the device file reads is what the target's file holds.
-    let got = fs::read(&rig.file).unwrap();
-    let through = read_at(&dev, 0, got.len() / 512 * 512).unwrap();
-    assert!(
-        wrong_sectors(&through, &got[..through.len()]).is_empty(),
-        "device file and backing file differ"
-    );
+    assert_device_file_is_backing_file(&rig, &dev);
     rig.finish();
 }
 
@@ -312,12 +317,7 @@ fn fio_parallel_direct_writes_verify() {
             );
         }
     }
-    let got = fs::read(&rig.file).unwrap();
-    let through = read_at(&dev, 0, got.len() / 512 * 512).unwrap();
-    assert!(
-        wrong_sectors(&through, &got[..through.len()]).is_empty(),
-        "device file and backing file differ"
-    );
+    assert_device_file_is_backing_file(&rig, &dev);
     rig.finish();
 }
 
