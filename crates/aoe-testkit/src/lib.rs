@@ -178,7 +178,11 @@ pub fn run_script(script: &Path, args: &[&str], timeout: Duration) -> ScriptRun 
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
-            std::thread::sleep(Duration::from_secs(40));
+            // Its trap cleans up; SIGKILL only if it has not exited within 40 s.
+            let grace = Instant::now() + Duration::from_secs(40);
+            while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
             let _ = child.kill();
             let _ = child.wait();
             break None;
