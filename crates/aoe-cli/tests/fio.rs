@@ -193,8 +193,6 @@ fn mixed_jobs(base: u64, span: u64) -> String {
     )
 }
 
-/// A backing file of SECTORS holding `pattern(1, ..)` with an MBR whose partition 1 is
-/// [`PART`].
 /// What the device file `dev` reads is what the target's file holds, sector for sector.
 fn assert_device_file_is_backing_file(rig: &Rig, dev: &Path) {
     let got = fs::read(&rig.file).unwrap();
@@ -205,6 +203,8 @@ fn assert_device_file_is_backing_file(rig: &Rig, dev: &Path) {
     );
 }
 
+/// A backing file of SECTORS holding `pattern(1, ..)` with an MBR whose partition 1 is
+/// [`PART`].
 fn backing_with_partition(dir: &Path) -> PathBuf {
     let mut b = pattern(1, (SECTORS * 512) as usize);
     write_mbr_partition1(&mut b, PART.0 as u32, PART.1 as u32);
