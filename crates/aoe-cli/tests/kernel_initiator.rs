@@ -11,10 +11,9 @@
 //! downloads the kernel package into `${AOE_CACHE:-/var/tmp/aoe-test-cache}`.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use aoe_testkit::{require_root, run_script};
+use aoe_testkit::{require_root, require_tools, run_script};
 
 /// The script's own hard timeout (`-T`); it cleans up and fails when it is hit.
 const SCRIPT_TIMEOUT_S: u64 = 600;
@@ -67,14 +66,7 @@ fn kernel_initiator_aoe_serve_mtu_9000() {
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {
-    let found = Command::new("sh")
-        .args(["-c", "command -v vblade"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "vblade not found on PATH: install Debian package vblade (scripts/install-deps.sh)"
-    );
+    require_tools(&[("vblade", "vblade")]);
     run_kernel_initiator("vblade {SHELF} {SLOT} {IFACE} {FILE}", 1500);
 }
 

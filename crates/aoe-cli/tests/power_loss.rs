@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aoe_testkit::{require_root, require_tools, run_script, ScriptRun};
+use aoe_testkit::{require_root, require_tools, run_script, tool_path, ScriptRun};
 
 /// The script's own hard timeout (`-T`); it cleans up and fails when it is hit.
 const SCRIPT_TIMEOUT_S: u64 = 480;
@@ -128,7 +128,8 @@ fn power_loss_ext4_direct_4k() {
 #[test]
 fn power_loss_vblade_report() {
     require_tools(&[("vblade", "vblade")]);
-    let vblade = which("vblade");
+    // Its absolute path: the guest gets a copy of the binary.
+    let vblade = tool_path("vblade").expect("vblade on PATH");
     let run = power_loss("vblade", &vblade, "raw", "buffered", &["-r"]);
     assert!(
         run.passed() && run.output.contains("REPORT:"),
@@ -145,13 +146,4 @@ fn power_loss_vblade_report() {
         "power loss of vblade (buffered, raw export), report only:\n{}",
         findings.join("\n")
     );
-}
-
-/// The absolute path of `tool` on PATH (the guest gets a copy of the binary).
-fn which(tool: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .expect("run sh");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -90,16 +90,22 @@ pub fn require_root() {
     );
 }
 
+/// Where `tool` is on PATH (`command -v`), if it is.
+pub fn tool_path(tool: &str) -> Option<String> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !path.is_empty()).then_some(path)
+}
+
 /// Fails (never skips) unless every `(tool, Debian package)` is on PATH, naming the package
 /// to install (`scripts/install-deps.sh` installs everything the tests use).
 pub fn require_tools(tools: &[(&str, &str)]) {
     for (tool, package) in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
         assert!(
-            found,
+            tool_path(tool).is_some(),
             "`{tool}` not found on PATH: install Debian package {package} \
              (scripts/install-deps.sh installs everything these tests use)"
         );
