@@ -927,13 +927,14 @@ impl AoeFs {
         // A write reaching past the end is cut at the end and reported short.
         let n = (data.len() as u64).min(end - offset) as usize;
         let written = n as u32;
-        let invalidate = self.invalidate.clone();
+        // The invalidator's sender only for the writes that need it, not every write.
+        let inval = inval.map(|ino| (ino, self.invalidate.clone()));
         BlockDevice::new(self.net.clone(), a, start).write(
             offset,
             data[..n].to_vec(),
             Box::new(move |r| match (r, inval) {
                 (Ok(()), None) => reply.written(written),
-                (Ok(()), Some(ino)) => {
+                (Ok(()), Some((ino, invalidate))) => {
                     reply.written(written);
                     // Only once the file system is gone is the thread gone too.
                     let _ = invalidate.send(Invalidate {
