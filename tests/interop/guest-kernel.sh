@@ -10,6 +10,12 @@
 #   guest_modules DEST MODULE...
 #                          copies MODULE... and what each depends on into DEST, with
 #                          DEST/order listing them in load order (dependencies first)
+#   guest_initramfs DIR [SUBDIR...]
+#                          the initramfs tree's skeleton in DIR (bin, dev, proc, sys, tmp, etc,
+#                          lib/modules and SUBDIR...), with the static busybox BUSYBOX (set by
+#                          the caller's preflight check) and a link for each of its applets
+#   guest_initramfs_pack DIR OUT
+#                          DIR as a gzipped newc cpio archive at OUT, for qemu's -initrd
 #
 # The cache keeps, per package, the kernel image and, per module of GUEST_MODULES, its
 # modules.dep chain; the 400 MB package tree is dropped. (The first layout, without
@@ -68,4 +74,17 @@ guest_modules() {
             cp "$KDIR/modules/$b" "$dest/$b" && echo "$b" >>"$dest/order" || fail "cannot copy $b"
         done <"$KDIR/modules/deps/$m"
     done
+}
+
+guest_initramfs() {
+    local dir=$1 a
+    shift
+    mkdir -p "$dir"/{bin,dev,proc,sys,tmp,etc,lib/modules} || fail "mkdir $dir"
+    for a in "$@"; do mkdir -p "$dir/$a" || fail "mkdir $dir/$a"; done
+    cp "$BUSYBOX" "$dir/bin/busybox" || fail "cannot copy $BUSYBOX"
+    for a in $("$dir/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$dir/bin/$a"; done
+}
+
+guest_initramfs_pack() {
+    (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) >"$2" || fail "cannot build initramfs"
 }

@@ -230,9 +230,7 @@ say "backing file ${SIZE_MB} MiB md5 $H_BEFORE; pattern md5 $PAT_MD5 at byte $OF
 
 # ---------------------------------------------------------------- initramfs
 IR=$RUN/initramfs
-mkdir -p "$IR"/{bin,dev,proc,sys,tmp,etc,lib/modules}
-cp "$BUSYBOX" "$IR/bin/busybox"
-for a in $("$IR/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"; done
+guest_initramfs "$IR"
 guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
@@ -414,7 +412,7 @@ WATCHDOG=$(( DEADLINE - $(date +%s) ))
 [ "$WATCHDOG" -ge 60 ] || fail "-T $TOTAL leaves the guest ${WATCHDOG}s after the setup; give more"
 printf 'DEADLINE=%s\nGUEST_MARGIN=%s\n' "$DEADLINE" "$GUEST_MARGIN" >>"$IR/etc/ki.conf"
 INITRD=$RUN/initramfs.cpio.gz
-(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+guest_initramfs_pack "$IR" "$INITRD"
 say "booting the guest (qemu TCG, MTU $MTU, guest watchdog ${WATCHDOG}s)"
 # setsid, as for the target: timeout(1) signals its whole process group, and the guest is
 # stopped by cleanup, after the diagnostics (so they see it running).

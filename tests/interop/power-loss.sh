@@ -210,9 +210,7 @@ rm -rf "$TD"
 
 # ---------------------------------------------------------------- initramfs
 IR=$RUN/initramfs
-mkdir -p "$IR"/{bin,dev,proc,sys,tmp,etc,mnt,tools,lib64,lib/modules} || fail "mkdir $IR"
-cp "$BUSYBOX" "$IR/bin/busybox"
-for a in $("$IR/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"; done
+guest_initramfs "$IR" mnt tools lib64
 guest_modules "$IR/lib/modules" virtio_pci virtio_net virtio_blk ext4
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 if [ "$TKIND" = aoe ]; then
@@ -264,7 +262,7 @@ done
 EOF
 chmod +x "$IR/init"
 INITRD=$RUN/initramfs.cpio.gz
-(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD" || fail "cannot build initramfs"
+guest_initramfs_pack "$IR" "$INITRD"
 
 # ---------------------------------------------------------------- network
 ip netns add "$NS" || fail "ip netns add $NS"
