@@ -127,7 +127,7 @@ TARGET_PID="" QEMU_PID=""
 # stop the target and print its side.
 GUEST_MARGIN=60
 
-# lib.sh: stop PID (TERM, then KILL) and sweep_netns PREFIX.
+# lib.sh: stop PID (TERM, then KILL), sweep_netns PREFIX and drop_netns NS.
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
@@ -139,11 +139,7 @@ cleanup() {
     [ -n "$TARGET_PID" ] && stop "-$TARGET_PID"
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
-    if [ -e "/run/netns/$NS" ]; then
-        # Anything left in our own namespace was started by this script.
-        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-        ip netns del "$NS" 2>/dev/null
-    fi
+    drop_netns "$NS"
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }

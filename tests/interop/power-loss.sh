@@ -128,7 +128,7 @@ QEMU_PID="" INIT_PID="" WRITER_PID="" LOOP="" MNT=""
 SHELF=1 SLOT=1
 DEV=$ROOT/e$SHELF.$SLOT
 
-# lib.sh: stop PID (TERM, then KILL) and sweep_netns PREFIX.
+# lib.sh: stop PID (TERM, then KILL), sweep_netns PREFIX and drop_netns NS.
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
@@ -142,11 +142,7 @@ cleanup() {
     mountpoint -q "$ROOT" 2>/dev/null && umount -l "$ROOT"
     [ -n "$MNT" ] && mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
     [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
-    if [ -e "/run/netns/$NS" ]; then
-        # Anything left in our own namespace was started by this script.
-        for p in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-        ip netns del "$NS" 2>/dev/null
-    fi
+    drop_netns "$NS"
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
