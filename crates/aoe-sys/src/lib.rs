@@ -55,7 +55,6 @@ mod iface;
 mod ns;
 mod packet;
 mod ring;
-mod stream;
 mod uring;
 mod xdp;
 
@@ -68,7 +67,6 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
-pub use stream::recv_exact_append;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 
