@@ -32,6 +32,8 @@
 #             every dev and nbd transfer, read and written, into dir/<cell>.data
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
+#   (always, with reads: the raw generator's own CPU-seconds per GB and the target's during it,
+#             on stderr: what the path's floor costs)
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
 # nbdkit (Debian: nbdkit), and perf for PERF (Debian: linux-perf).
 set -euo pipefail
@@ -153,9 +155,24 @@ cell() { # label cmd... : median MB/s of RUNS runs
     v=$(for _ in $(seq 1 "$RUNS"); do timed "$@"; done | median)
     echo "$v"
 }
+# One raw generator run: its MB/s on stdout; the bytes it moved, its own CPU ticks and the
+# target's appended to $WORK/raw (what the path's floor costs per GB: `raw_cpu`).
 raw_read() {
-    in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode read --window "$WINDOW" \
-        --time "$TIME" --json | jq -r '.mb_per_s | floor'
+    local me=$BASHPID k0 t0 json
+    k0=$(child_ticks "$me") t0=$(cpu_ticks "$TARGET_PID")
+    json=$(in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode read --window "$WINDOW" \
+        --time "$TIME" --json)
+    echo "$(jq -r '.bytes' <<<"$json") $(( $(child_ticks "$me") - k0 )) $(( $(cpu_ticks "$TARGET_PID") - t0 ))" >>"$WORK/raw"
+    jq -r '.mb_per_s | floor' <<<"$json"
+}
+# The raw generator's and the target's CPU-seconds per GB over the runs noted in $WORK/raw
+# (then forgotten), on stderr beside the perf stat lines.
+raw_cpu() { # mtu target
+    [ -s "$WORK/raw" ] || return 0
+    awk -v hz="$HZ" -v m="$1" -v t="$2" '{ b += $1; g += $2; s += $3 }
+        END { if (b > 0) printf "raw %s %s: CPU-s/GB generator %.2f, target %.2f (%d runs)\n", m, t, g / hz / (b / 1e9), s / hz / (b / 1e9), NR }' \
+        "$WORK/raw" >&2
+    : >"$WORK/raw"
 }
 
 echo "backing file: $SIZE_MB MiB on tmpfs; $(nproc) CPUs; load $(load)" >&2
@@ -168,7 +185,7 @@ for mtu in $MTUS; do
     for t in $TARGETS; do
         start_target "$t" || die "$t did not answer"
         raw=-
-        [ "$READS" = 1 ] && raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median)
+        [ "$READS" = 1 ] && raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median) && raw_cpu "$mtu" "$t"
         # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
         # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
         declare -A V=() TK=() TT=() TC=()
