@@ -114,6 +114,10 @@ pub(super) struct IfaceRt {
     /// slot order from the ring's next free one; [`Daemon::finish_staged`] reads their data
     /// (one `io_uring_enter`) and marks them at the end of the batch.
     pub(super) staged: Vec<Staged>,
+    /// How the loop's epoll set has this interface: socket fd, token (the interface's
+    /// index) and whether POLLOUT is asked; `None` until registered
+    /// ([`Daemon::watch_interfaces`]).
+    pub(super) watched: Option<(std::os::fd::RawFd, u64, bool)>,
 }
 
 impl IfaceRt {
@@ -136,6 +140,7 @@ impl IfaceRt {
             old: None,
             reading_old: false,
             staged: Vec::with_capacity(BATCH),
+            watched: None,
         }
     }
 
@@ -204,6 +209,24 @@ impl IfaceRt {
     /// ([`Daemon::finish_staged`] marks it, behind the batch's earlier replies).
     pub(super) fn commit(&mut self, n: usize) {
         self.staged.push(Staged::Ready(n));
+    }
+
+    /// Gives the receive ring's frames back to the kernel ([`PacketRing::release_lent`]),
+    /// which would otherwise report the socket readable until the next receive.
+    pub(super) fn release_rx(&mut self) {
+        if let Batch::Ring(r) = &mut self.batch {
+            r.release_lent();
+        }
+        if let Some((_, Batch::Ring(r))) = &mut self.old {
+            r.release_lent();
+        }
+    }
+
+    /// True if frames wait in the interface's receive ring, read without a system call
+    /// ([`PacketRing::rx_ready`]); false without a ring (`recvmmsg`), or while a replaced
+    /// socket is read (the loop does not wait then anyway).
+    pub(super) fn rx_ready(&self) -> bool {
+        matches!(&self.batch, Batch::Ring(r) if r.rx_ready())
     }
 
     /// True if the loop must wait for the socket to become writable: replies wait in the
