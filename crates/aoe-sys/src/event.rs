@@ -263,7 +263,14 @@ impl Epoll {
         })
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, readable: bool, writable: bool) -> io::Result<()> {
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: RawFd,
+        token: u64,
+        readable: bool,
+        writable: bool,
+    ) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: (if readable { libc::EPOLLIN } else { 0 }
                 | if writable { libc::EPOLLOUT } else { 0 }) as u32,
@@ -301,13 +308,19 @@ impl Epoll {
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
         let timeout_ms = match timeout {
             None => -1,
-            Some(d) => libc::c_int::try_from(d.as_nanos().div_ceil(1_000_000))
-                .unwrap_or(libc::c_int::MAX),
+            Some(d) => {
+                libc::c_int::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
+            }
         };
         let max = libc::c_int::try_from(self.events.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: `events` holds `max` writable epoll_event entries and outlives the call.
         let ret = unsafe {
-            libc::epoll_wait(self.fd.as_raw_fd(), self.events.as_mut_ptr(), max, timeout_ms)
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                max,
+                timeout_ms,
+            )
         };
         match cvt(ret) {
             Ok(n) => Ok(n as usize),
@@ -347,7 +360,10 @@ impl TimerFd {
     pub fn periodic(period: Duration) -> io::Result<TimerFd> {
         // SAFETY: timerfd_create takes only integers; the result is checked by cvt.
         let raw = cvt(unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
         })?;
         // SAFETY: `raw` was just returned by timerfd_create, is open and owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };

@@ -487,7 +487,11 @@ fn rx_ready_tells_a_waiting_frame_without_taking_it() {
         let f = frame(src, dst, 60, k);
         rx.send(&f).expect("send to the ring");
         let mut fds = [PollFd::new(tx.as_raw_fd())];
-        assert_eq!(poll(&mut fds, Some(WAIT)).expect("poll"), 1, "frame {k} came");
+        assert_eq!(
+            poll(&mut fds, Some(WAIT)).expect("poll"),
+            1,
+            "frame {k} came"
+        );
         assert!(ring.rx_ready(), "frame {k} waits");
         assert!(ring.rx_ready(), "asking takes nothing");
         assert_eq!(ring.recv_batch(8), 1);
@@ -496,9 +500,17 @@ fn rx_ready_tells_a_waiting_frame_without_taking_it() {
         // The kernel's poll still calls the socket readable while the frame is lent (the
         // slot before its next one is not TP_STATUS_KERNEL), and not once it is given back.
         let mut fds = [PollFd::new(tx.as_raw_fd())];
-        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).expect("poll"), 1, "lent");
+        assert_eq!(
+            poll(&mut fds, Some(Duration::ZERO)).expect("poll"),
+            1,
+            "lent"
+        );
         ring.release_lent();
-        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).expect("poll"), 0, "given back");
+        assert_eq!(
+            poll(&mut fds, Some(Duration::ZERO)).expect("poll"),
+            0,
+            "given back"
+        );
     }
 }
 
