@@ -26,6 +26,7 @@ use crate::config::{ExportSpec, IoMode, ServeConfig};
 use crate::probe::{Duplicate, Probe};
 use crate::state::{StateFile, StateWriter};
 
+mod coalesce;
 mod dispatch;
 mod exports;
 mod order;
@@ -209,9 +210,12 @@ pub struct Daemon {
     /// How long frames gather at most after a batch the spin does not follow
     /// ([`ServeConfig::coalesce`]; zero: never).
     coalesce: Duration,
-    /// The next wait is a coalescing one ([`Daemon::coalesce`]): set after a batch, cleared
-    /// by the wait.
-    coalesce_next: bool,
+    /// How long the next coalescing wait is, at most `coalesce`, from the rate frames
+    /// arrive at ([`coalesce::Coalesce`]).
+    coalescer: coalesce::Coalesce,
+    /// The next wait is a coalescing one of this long ([`Daemon::coalesce`]): set after a
+    /// batch, cleared by the wait.
+    coalesce_next: Duration,
     /// How long a stop waits for the I/O in flight ([`ServeConfig::drain`]).
     drain: Duration,
     /// How long the loop spins now, at most `spin`: the window that would have cost the
@@ -299,7 +303,8 @@ impl Daemon {
             spin: config.spin,
             drain: config.drain,
             coalesce: config.coalesce,
-            coalesce_next: false,
+            coalesce_next: Duration::ZERO,
+            coalescer: coalesce::Coalesce::new(config.coalesce),
             spin_window: spin::SpinWindow::new(config.spin),
             slept_after: None,
             sleeps: 0,
@@ -358,10 +363,12 @@ impl Daemon {
             if control.reload.swap(false, Ordering::SeqCst) {
                 self.reload();
             }
-            // After a batch the spin did not follow, with `--coalesce-us`: a wait on a timer,
-            // not on the sockets, so that the frames of the next `coalesce` come in one
-            // wake-up (the worker completions and the control still wake it at once).
-            let coalescing = std::mem::take(&mut self.coalesce_next);
+            // After a batch the spin did not follow, with `--coalesce-us` and frames close
+            // enough together ([`coalesce::Coalesce`]): a wait on a timer, not on the
+            // sockets, so that the frames of the next few microseconds come in one wake-up
+            // (the worker completions and the control still wake it at once).
+            let coalesce_wait = std::mem::take(&mut self.coalesce_next);
+            let coalescing = !coalesce_wait.is_zero();
             let wait = if self.ifaces.iter().any(|i| i.old.is_some()) {
                 // A replaced socket still holds frames the wait does not watch.
                 Some(Duration::ZERO)
@@ -411,7 +418,7 @@ impl Daemon {
                 fds.push(PollFd::new(self.event.as_raw_fd()));
                 fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
                 fds.push(PollFd::new(self.refresh_timer.as_raw_fd()));
-                let wait = wait.unwrap_or(REFRESH).min(self.coalesce);
+                let wait = wait.unwrap_or(REFRESH).min(coalesce_wait);
                 aoe_sys::poll_precise(&mut fds, Some(wait)).context("poll")?;
                 (completions, woken, refresh) = (fds[n].ready, fds[n + 1].ready, fds[n + 2].ready);
             } else {
@@ -424,7 +431,8 @@ impl Daemon {
                         TOKEN_CONTROL => woken = true,
                         TOKEN_REFRESH => refresh = true,
                         t => {
-                            if let Some(x) = usize::try_from(t).ok().and_then(|t| ready.get_mut(t)) {
+                            if let Some(x) = usize::try_from(t).ok().and_then(|t| ready.get_mut(t))
+                            {
                                 *x = r.readable;
                             }
                         }
@@ -468,15 +476,20 @@ impl Daemon {
                     // A coalescing wait's end is the timer's, not the first frame's: the
                     // frames' spacing is what a spin would have waited for each.
                     self.spin_window.after_sleep(if coalescing {
-                        self.coalesce / u32::try_from(frames).unwrap_or(u32::MAX)
+                        coalesce_wait / u32::try_from(frames).unwrap_or(u32::MAX)
                     } else {
                         woke - t
                     });
                 }
                 let spins = !self.spin.is_zero() && self.spin_pays();
                 // Coalesce where the spin does not run: frames further apart than a wake-up.
-                self.coalesce_next =
-                    !self.coalesce.is_zero() && (!spins || self.spin_window.get().is_zero());
+                if !self.coalesce.is_zero() {
+                    self.coalescer
+                        .batch(woke.unwrap_or_else(Instant::now), frames);
+                    if !spins || self.spin_window.get().is_zero() {
+                        self.coalesce_next = self.coalescer.wait();
+                    }
+                }
                 if spins {
                     self.slept_after = self.spin(control);
                 }
