@@ -172,15 +172,30 @@ pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
 }
 
 fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Result<usize> {
-    let mut raw: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|p| libc::pollfd {
-            fd: p.fd,
-            events: if p.readable { libc::POLLIN } else { 0 }
-                | if p.want_writable { libc::POLLOUT } else { 0 },
-            revents: 0,
-        })
-        .collect();
+    let to_raw = |p: &PollFd| libc::pollfd {
+        fd: p.fd,
+        events: if p.readable { libc::POLLIN } else { 0 }
+            | if p.want_writable { libc::POLLOUT } else { 0 },
+        revents: 0,
+    };
+    // A loop that waits between frames calls this once a wake-up: no allocation for the
+    // usual few descriptors.
+    let empty = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut small = [empty; 8];
+    let mut large = Vec::new();
+    let raw: &mut [libc::pollfd] = if fds.len() <= small.len() {
+        for (r, p) in small.iter_mut().zip(fds.iter()) {
+            *r = to_raw(p);
+        }
+        &mut small[..fds.len()]
+    } else {
+        large.extend(fds.iter().map(to_raw));
+        &mut large
+    };
     let nfds = libc::nfds_t::try_from(raw.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds for poll"))?;
     let ret = if precise {
@@ -216,7 +231,7 @@ fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Res
         Err(e) => return Err(e),
     }
     let mut n = 0;
-    for (p, r) in fds.iter_mut().zip(&raw) {
+    for (p, r) in fds.iter_mut().zip(raw.iter()) {
         p.ready = r.revents & !libc::POLLOUT != 0;
         p.writable = r.revents & libc::POLLOUT != 0;
         n += usize::from(p.ready || p.writable);
@@ -224,132 +239,10 @@ fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Res
     Ok(n)
 }
 
-/// What [`Epoll::wait`] reports of one registered fd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EpollReady {
-    /// The token the fd was registered with.
-    pub token: u64,
-    /// Readable, or an error or hang-up pending (a read will report it).
-    pub readable: bool,
-    /// Writable (`EPOLLOUT`), for an fd registered for it.
-    pub writable: bool,
-}
-
-/// An `epoll(7)` instance: fds registered once, level-triggered, and a wait that costs the
-/// kernel nothing per fd.
-///
-/// Why not [`poll`] for a loop that sleeps between frames: each poll(2) looks up every fd
-/// (`fdget`/`fput`), asks its `poll` method and hangs an entry on its wait queue, and on
-/// the way out takes every entry off again (`poll_freewait`), on every call; with a timeout
-/// it also arms and cancels an hrtimer. `epoll_wait(2)` only takes what its ready list holds
-/// (`fs/eventpoll.c`: the fds' wait-queue entries stay from `epoll_ctl` on, and a wake-up
-/// puts the fd on the list), and with no timeout it arms no timer.
-#[derive(Debug)]
-pub struct Epoll {
-    fd: OwnedFd,
-    events: Vec<libc::epoll_event>,
-}
-
-impl Epoll {
-    /// A new instance (`EPOLL_CLOEXEC`) reporting up to `max_events` fds per wait.
-    pub fn new(max_events: usize) -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 takes only a flag; the result is checked by cvt.
-        let raw = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        // SAFETY: `raw` was just returned by epoll_create1, is open and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Epoll {
-            fd,
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; max_events.max(1)],
-        })
-    }
-
-    fn ctl(
-        &self,
-        op: libc::c_int,
-        fd: RawFd,
-        token: u64,
-        readable: bool,
-        writable: bool,
-    ) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (if readable { libc::EPOLLIN } else { 0 }
-                | if writable { libc::EPOLLOUT } else { 0 }) as u32,
-            u64: token,
-        };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call; the kernel copies it.
-        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
-    }
-
-    /// Registers `fd` under `token` for readability and/or writability, or changes what an
-    /// fd already registered waits for. Errors and hang-ups are always reported (as
-    /// readable). A closed fd leaves the set by itself once no other fd refers to its file
-    /// (`epoll(7)`, Q6).
-    pub fn set(&self, fd: RawFd, token: u64, readable: bool, writable: bool) -> io::Result<()> {
-        match self.ctl(libc::EPOLL_CTL_MOD, fd, token, readable, writable) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                self.ctl(libc::EPOLL_CTL_ADD, fd, token, readable, writable)
-            }
-            r => r,
-        }
-    }
-
-    /// Takes `fd` out of the set (`ENOENT`, not in it, is no error).
-    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
-        match self.ctl(libc::EPOLL_CTL_DEL, fd, 0, false, false) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            r => r,
-        }
-    }
-
-    /// Waits until a registered fd is ready or `timeout` passes (`None`: forever, and then
-    /// no timer is armed), and returns how many are ready; [`ready`](Self::ready) reads
-    /// them. The timeout is rounded up to whole milliseconds. A signal (`EINTR`) returns 0,
-    /// like a timeout.
-    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
-        let timeout_ms = match timeout {
-            None => -1,
-            Some(d) => {
-                libc::c_int::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
-            }
-        };
-        let max = libc::c_int::try_from(self.events.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `events` holds `max` writable epoll_event entries and outlives the call.
-        let ret = unsafe {
-            libc::epoll_wait(
-                self.fd.as_raw_fd(),
-                self.events.as_mut_ptr(),
-                max,
-                timeout_ms,
-            )
-        };
-        match cvt(ret) {
-            Ok(n) => Ok(n as usize),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Entry `i` of the last [`wait`](Self::wait) (below what it returned).
-    pub fn ready(&self, i: usize) -> EpollReady {
-        let ev = self.events[i];
-        let bits = ev.events;
-        EpollReady {
-            token: ev.u64,
-            readable: bits & !(libc::EPOLLOUT as u32) != 0,
-            writable: bits & libc::EPOLLOUT as u32 != 0,
-        }
-    }
-}
-
-impl AsRawFd for Epoll {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
 /// A periodic `timerfd(2)` on `CLOCK_MONOTONIC`, non-blocking: readable once per period
-/// (missed periods add up), for a loop that sleeps in [`Epoll::wait`] without a timeout and
-/// still wants a turn every so often.
+/// (missed periods add up), for a loop that sleeps in [`poll`] without a timeout and still
+/// wants a turn every so often. A poll(2) with a timeout arms an hrtimer and cancels it on
+/// every call; the timerfd's timer is armed once.
 #[derive(Debug)]
 pub struct TimerFd {
     fd: OwnedFd,
@@ -531,64 +424,29 @@ mod tests {
     }
 
     #[test]
-    fn epoll_reports_registered_fds_by_token() {
-        let ev = EventFd::new().unwrap();
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut ep = Epoll::new(4).unwrap();
-        ep.set(ev.as_raw_fd(), 7, true, false).unwrap();
-        ep.set(a.as_raw_fd(), 9, true, false).unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 0);
-        ev.notify().unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 1);
-        let r = ep.ready(0);
-        assert_eq!((r.token, r.readable, r.writable), (7, true, false));
-        // Level-triggered: still ready until drained.
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 1);
-        ev.drain().unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 0);
-        std::io::Write::write_all(&mut b, b"x").unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 1);
-        assert_eq!(ep.ready(0).token, 9);
-        // Asked for POLLOUT too (a set on a registered fd changes it): writable as well.
-        ep.set(a.as_raw_fd(), 9, true, true).unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 1);
-        let r = ep.ready(0);
-        assert_eq!((r.token, r.readable, r.writable), (9, true, true));
-        ep.remove(a.as_raw_fd()).unwrap();
-        // Removing what is not in the set is no error.
-        ep.remove(a.as_raw_fd()).unwrap();
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 0);
-    }
-
-    #[test]
-    fn epoll_wait_without_timeout_sleeps_until_woken() {
-        let ev = Arc::new(EventFd::new().unwrap());
-        let mut ep = Epoll::new(4).unwrap();
-        ep.set(ev.as_raw_fd(), 1, true, false).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            let n = ep.wait(None).unwrap();
-            tx.send(n).unwrap();
-        });
-        // Not woken yet: nothing arrives (a condition, not a timing: it cannot have returned).
-        assert!(rx.try_recv().is_err());
-        ev.notify().unwrap();
-        assert_eq!(rx.recv().unwrap(), 1);
-        waiter.join().unwrap();
-    }
-
-    #[test]
     fn timerfd_fires_each_period_and_drains() {
         let t = TimerFd::periodic(Duration::from_millis(5)).unwrap();
         assert_eq!(t.drain().unwrap(), 0);
-        let mut ep = Epoll::new(1).unwrap();
-        ep.set(t.as_raw_fd(), 3, true, false).unwrap();
-        assert_eq!(ep.wait(None).unwrap(), 1);
-        assert_eq!(ep.ready(0).token, 3);
+        let mut fds = [PollFd::new(t.as_raw_fd())];
+        assert_eq!(poll(&mut fds, None).unwrap(), 1);
         assert!(t.drain().unwrap() >= 1);
         // Drained: not ready until the next period.
-        assert_eq!(ep.wait(Some(Duration::ZERO)).unwrap(), 0);
-        assert_eq!(ep.wait(None).unwrap(), 1);
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(poll(&mut fds, None).unwrap(), 1);
+    }
+
+    #[test]
+    fn poll_of_more_fds_than_fit_on_the_stack_reports_the_right_one() {
+        let evs: Vec<EventFd> = (0..11).map(|_| EventFd::new().unwrap()).collect();
+        let mut fds: Vec<PollFd> = evs.iter().map(|e| PollFd::new(e.as_raw_fd())).collect();
+        for k in [0, 7, 8, 10] {
+            evs[k].notify().unwrap();
+            assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 1, "fd {k}");
+            for (j, f) in fds.iter().enumerate() {
+                assert_eq!(f.ready, j == k, "fd {j} after notifying {k}");
+            }
+            evs[k].drain().unwrap();
+        }
     }
 
     #[test]

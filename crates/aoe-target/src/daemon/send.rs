@@ -114,10 +114,6 @@ pub(super) struct IfaceRt {
     /// slot order from the ring's next free one; [`Daemon::finish_staged`] reads their data
     /// (one `io_uring_enter`) and marks them at the end of the batch.
     pub(super) staged: Vec<Staged>,
-    /// How the loop's epoll set has this interface: socket fd, token (the interface's
-    /// index) and whether POLLOUT is asked; `None` until registered
-    /// ([`Daemon::watch_interfaces`]).
-    pub(super) watched: Option<(std::os::fd::RawFd, u64, bool)>,
 }
 
 impl IfaceRt {
@@ -140,7 +136,6 @@ impl IfaceRt {
             old: None,
             reading_old: false,
             staged: Vec::with_capacity(BATCH),
-            watched: None,
         }
     }
 
