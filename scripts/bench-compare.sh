@@ -55,7 +55,9 @@
 #                     per request (task-clock us, context switches, system calls) in
 #                     OUT.perfstat.tsv
 #   PERF_DIR=path     record `perf record -g` of the target and of the generator per cell
-#                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each)
+#                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each);
+#                     with RATE/RATE_MB also of the target over each equal-load run
+#                     (eq-MTU-MODE-wW-LOAD-TARGET-rROUND.target.data, a top-40 .txt)
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
 #   FILE_DIR=/dev/shm where the backing file lives; a disk file system (e.g. /var/tmp, the
@@ -293,13 +295,28 @@ eq_run() { # mtu mode bs w load asked_mb target round
         perf stat -x, -e task-clock,context-switches,raw_syscalls:sys_enter -p "$TARGET_PID" \
             -o "$WORK/pstat" 2>/dev/null &
         pstat=$!
+        # perf stat takes a while to attach on a loaded machine: started together with the
+        # generator it missed up to half of a 3 s run (2026-12-04: half the reads a request
+        # counted). The target idles meanwhile, which costs it nothing.
+        sleep 1
+    fi
+    local precord="" pdata="$PERF_DIR/eq-$mtu-$mode-w$w-$load-$t-r$r.target"
+    if [ -n "$PERF_DIR" ]; then
+        perf record -q -g -p "$TARGET_PID" -o "$pdata.data" 2>/dev/null &
+        precord=$!
     fi
     in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" "${wflag[@]}" --bs "$bs" \
         --window "$w" --time "$TIME" --rate "$bytes" --json >"$WORK/eq.json" 2>"$WORK/gen.err" || {
         sed 's/^/    /' "$WORK/gen.err" >&2
         [ -z "$pstat" ] || { kill -INT "$pstat" 2>/dev/null; wait "$pstat" 2>/dev/null; }
+        [ -z "$precord" ] || stop_pid "$precord" INT
         return 0; }
     c1=$(cpu_ticks "$TARGET_PID") s1=$(cpu_stat 0) w1=$(date +%s.%N)
+    if [ -n "$precord" ]; then
+        stop_pid "$precord" INT
+        perf report -i "$pdata.data" --no-children --stdio -g none --percent-limit 0.5 \
+            2>/dev/null | grep -v '^#' | grep . | head -40 >"$pdata.txt" || true
+    fi
     if [ -n "$pstat" ]; then
         kill -INT "$pstat" 2>/dev/null; wait "$pstat" 2>/dev/null || true
         # Per request: task-clock us, context switches, system calls of the target.

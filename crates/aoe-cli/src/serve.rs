@@ -86,9 +86,10 @@ pub struct ServeArgs {
     spin_us: Option<u64>,
     /// How long at most, in microseconds, the target lets frames gather before it takes
     /// them, 0 to 1000 [default: 0, off]. Used only while the spin does not pay (a partial
-    /// load: frames further apart than a wake-up costs): after a batch the target sleeps this
-    /// long on a timer instead of waking for each frame, and takes what came in one go. Fewer
-    /// wake-ups, less CPU per GB; each reply waits up to this long more. Fixed at start.
+    /// load: frames further apart than a wake-up costs), and only where the frames come at
+    /// most half this far apart: after a batch the target sleeps as long as four frames take
+    /// (at most this) on a timer instead of waking for each, and takes what came in one go.
+    /// Fewer wake-ups, less CPU per GB; each reply waits up to this long more. Fixed at start.
     #[arg(long, value_name = "US")]
     coalesce_us: Option<u64>,
     /// How long, in seconds, a stop (SIGTERM, SIGINT) waits for the I/O in flight to finish

@@ -5,18 +5,23 @@
 //! that the two compare per frame with no page cache, engine or worker in the way. Replies
 //! are built in the transmit slot while the request is read; nothing is allocated per frame.
 //!
-//! Not a target: no writes, no IDENTIFY, no Query Config string, no checks beyond what a
+//! Not a target: no writes, no Query Config string, no checks beyond what a
 //! benchmark needs (an out-of-range read gets an ATA ABRT error reply). Headers are laid out
 //! by hand from AoEr11 here, on purpose, so the measurement depends on no other crate.
 //!
 //! ```text
-//! ceiling_responder IFACE SHELF SLOT ring|xdp [native|generic|auto] [MIB]
+//! ceiling_responder IFACE SHELF SLOT ring|xdp [native|generic|auto] [MIB|file:PATH]
 //! ```
+//!
+//! With `file:PATH` each read is one `pread(2)` from that file into the transmit slot (the
+//! least a file-backed target does per request), and IDENTIFY DEVICE (0xEC) is answered with
+//! the capacity, so that `aoe bench` (which asks for it) can load it as well.
 //!
 //! Runs until killed; prints the I/O mode it got, and on SIGINT/SIGTERM the frames answered.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -89,10 +94,32 @@ struct Responder {
     slot: u8,
     mac: [u8; 6],
     mtu: usize,
+    /// What reads are answered from: `data`, or `file` (then `data` is empty).
     data: Vec<u8>,
+    file: Option<std::fs::File>,
+    /// Bytes served.
+    len: usize,
 }
 
 impl Responder {
+    /// The IDENTIFY DEVICE page (ATA8-ACS 7.16), only what an initiator reads of it: LBA and
+    /// LBA48 supported (words 49, 83, 86) and the capacity (words 60-61, 100-103), words
+    /// little-endian.
+    fn identify(&self, page: &mut [u8]) {
+        page.fill(0);
+        let sectors = (self.len / 512) as u64;
+        let mut word = |w: usize, v: u16| page[2 * w..2 * w + 2].copy_from_slice(&v.to_le_bytes());
+        word(49, 1 << 9);
+        let lba28 = sectors.min(0x0fff_ffff);
+        word(60, lba28 as u16);
+        word(61, (lba28 >> 16) as u16);
+        word(83, 0x4000 | 1 << 10);
+        word(86, 1 << 10);
+        for i in 0..4 {
+            word(100 + i, (sectors >> (16 * i)) as u16);
+        }
+    }
+
     /// The reply to `req` in `out`: its length, or None to ignore the frame (not ours, not a
     /// request, or a command this responder does not serve).
     fn answer(&self, req: &[u8], out: &mut [u8]) -> Option<usize> {
@@ -130,8 +157,14 @@ impl Responder {
                 out[24..ATA_HDR].copy_from_slice(&req[24..ATA_HDR]);
                 let end = lba.checked_add(count).map(|e| e * 512);
                 let len = ATA_HDR + count * 512;
+                if cmd == 0xec && len <= out.len() {
+                    out[25] = 0;
+                    out[27] = 0x40; // DRDY
+                    self.identify(&mut out[ATA_HDR..ATA_HDR + 512]);
+                    return Some(ATA_HDR + 512);
+                }
                 if !matches!(cmd, 0x20 | 0x24)
-                    || end.is_none_or(|e| e > self.data.len())
+                    || end.is_none_or(|e| e > self.len)
                     || len > out.len()
                 {
                     out[25] = 0x04; // ABRT
@@ -140,7 +173,18 @@ impl Responder {
                 }
                 out[25] = 0;
                 out[27] = 0x40; // DRDY
-                out[ATA_HDR..len].copy_from_slice(&self.data[lba * 512..lba * 512 + count * 512]);
+                let data = &mut out[ATA_HDR..len];
+                match &self.file {
+                    // One pread(2) straight into the slot, as `aoe serve` reads a file export.
+                    Some(f) => {
+                        if f.read_exact_at(data, (lba * 512) as u64).is_err() {
+                            out[25] = 0x40; // UNC
+                            out[27] = 0x41; // DRDY | ERR
+                            return Some(60);
+                        }
+                    }
+                    None => data.copy_from_slice(&self.data[lba * 512..lba * 512 + count * 512]),
+                }
                 Some(len.max(60))
             }
             _ => None,
@@ -189,7 +233,8 @@ impl Responder {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: ceiling_responder IFACE SHELF SLOT ring|xdp [native|generic|auto] [MIB]";
+    let usage =
+        "usage: ceiling_responder IFACE SHELF SLOT ring|xdp [native|generic|auto] [MIB|file:PATH]";
     if args.len() < 5 || args.len() > 7 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -216,7 +261,22 @@ fn main() {
             std::process::exit(2)
         }
     };
-    let mib = args.get(6).map_or(1024, |s| parse(s, "size in MiB")) as usize;
+    // MIB of memory, or file:PATH to read with pread(2) instead.
+    let (mib, file) = match args.get(6).map(|s| (s, s.strip_prefix("file:"))) {
+        Some((_, Some(path))) => {
+            let f = std::fs::File::open(path).unwrap_or_else(|e| {
+                eprintln!("ceiling_responder: {path}: {e}");
+                std::process::exit(1)
+            });
+            (0, Some(f))
+        }
+        Some((s, None)) => (parse(s, "size in MiB") as usize, None),
+        None => (1024, None),
+    };
+    let len = match &file {
+        Some(f) => f.metadata().map_or(0, |m| m.len() as usize),
+        None => mib << 20,
+    };
     let info = aoe_sys::interface_info(ifname).unwrap_or_else(|e| {
         eprintln!("ceiling_responder: {ifname}: {e}");
         std::process::exit(1)
@@ -232,6 +292,8 @@ fn main() {
         mac: info.mac,
         mtu: info.mtu as usize,
         data,
+        file,
+        len,
     };
     let cap = aoe_sys::frame_capacity(info.mtu);
     let mut io: Box<dyn Io> = match args[4].as_str() {

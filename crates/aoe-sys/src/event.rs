@@ -172,15 +172,30 @@ pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
 }
 
 fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Result<usize> {
-    let mut raw: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|p| libc::pollfd {
-            fd: p.fd,
-            events: if p.readable { libc::POLLIN } else { 0 }
-                | if p.want_writable { libc::POLLOUT } else { 0 },
-            revents: 0,
-        })
-        .collect();
+    let to_raw = |p: &PollFd| libc::pollfd {
+        fd: p.fd,
+        events: if p.readable { libc::POLLIN } else { 0 }
+            | if p.want_writable { libc::POLLOUT } else { 0 },
+        revents: 0,
+    };
+    // A loop that waits between frames calls this once a wake-up: no allocation for the
+    // usual few descriptors.
+    let empty = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut small = [empty; 8];
+    let mut large = Vec::new();
+    let raw: &mut [libc::pollfd] = if fds.len() <= small.len() {
+        for (r, p) in small.iter_mut().zip(fds.iter()) {
+            *r = to_raw(p);
+        }
+        &mut small[..fds.len()]
+    } else {
+        large.extend(fds.iter().map(to_raw));
+        &mut large
+    };
     let nfds = libc::nfds_t::try_from(raw.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds for poll"))?;
     let ret = if precise {
@@ -216,12 +231,77 @@ fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Res
         Err(e) => return Err(e),
     }
     let mut n = 0;
-    for (p, r) in fds.iter_mut().zip(&raw) {
+    for (p, r) in fds.iter_mut().zip(raw.iter()) {
         p.ready = r.revents & !libc::POLLOUT != 0;
         p.writable = r.revents & libc::POLLOUT != 0;
         n += usize::from(p.ready || p.writable);
     }
     Ok(n)
+}
+
+/// A periodic `timerfd(2)` on `CLOCK_MONOTONIC`, non-blocking: readable once per period
+/// (missed periods add up), for a loop that sleeps in [`poll`] without a timeout and still
+/// wants a turn every so often. A poll(2) with a timeout arms an hrtimer and cancels it on
+/// every call; the timerfd's timer is armed once.
+#[derive(Debug)]
+pub struct TimerFd {
+    fd: OwnedFd,
+}
+
+impl TimerFd {
+    /// A timer that fires every `period` from now on.
+    pub fn periodic(period: Duration) -> io::Result<TimerFd> {
+        // SAFETY: timerfd_create takes only integers; the result is checked by cvt.
+        let raw = cvt(unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `raw` was just returned by timerfd_create, is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(period.as_secs()).unwrap_or(libc::time_t::MAX),
+            // Below 10^9: fits a c_long.
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call; no old value is asked for.
+        cvt(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })?;
+        Ok(TimerFd { fd })
+    }
+
+    /// Reads and resets the expirations since the last call (0 if none, without blocking).
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut value: u64 = 0;
+        loop {
+            // SAFETY: `value` is 8 writable bytes, the size timerfd(2) requires for a read.
+            let ret = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut value as *mut u64).cast(),
+                    mem::size_of::<u64>(),
+                )
+            };
+            match cvt_size(ret) {
+                Ok(_) => return Ok(value),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(0),
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+impl AsRawFd for TimerFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +421,32 @@ mod tests {
         }
         assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
         assert!(fds[0].writable);
+    }
+
+    #[test]
+    fn timerfd_fires_each_period_and_drains() {
+        let t = TimerFd::periodic(Duration::from_millis(5)).unwrap();
+        assert_eq!(t.drain().unwrap(), 0);
+        let mut fds = [PollFd::new(t.as_raw_fd())];
+        assert_eq!(poll(&mut fds, None).unwrap(), 1);
+        assert!(t.drain().unwrap() >= 1);
+        // Drained: not ready until the next period.
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(poll(&mut fds, None).unwrap(), 1);
+    }
+
+    #[test]
+    fn poll_of_more_fds_than_fit_on_the_stack_reports_the_right_one() {
+        let evs: Vec<EventFd> = (0..11).map(|_| EventFd::new().unwrap()).collect();
+        let mut fds: Vec<PollFd> = evs.iter().map(|e| PollFd::new(e.as_raw_fd())).collect();
+        for k in [0, 7, 8, 10] {
+            evs[k].notify().unwrap();
+            assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 1, "fd {k}");
+            for (j, f) in fds.iter().enumerate() {
+                assert_eq!(f.ready, j == k, "fd {j} after notifying {k}");
+            }
+            evs[k].drain().unwrap();
+        }
     }
 
     #[test]

@@ -20,8 +20,9 @@
 //!   it on veth.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
-//! * [`EventFd`] and [`poll`]: the wake-up primitive and the readiness wait a single-threaded
-//!   poll loop needs so that worker threads can hand it completions.
+//! * [`EventFd`], [`poll`] and [`TimerFd`]: the wake-up primitive, the readiness wait and the
+//!   periodic timer a single-threaded poll loop needs so that worker threads can hand it
+//!   completions.
 //! * [`SlotReads`]: io_uring reads with `RWF_NOWAIT` straight into a [`PacketRing`]'s
 //!   transmit slots, one `io_uring_enter` for a batch of them.
 //! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
@@ -58,7 +59,7 @@ mod ring;
 mod uring;
 mod xdp;
 
-pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd};
+pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd, TimerFd};
 pub use file::{
     dio_alignment, is_local_disk_fs, is_memory_fs, logical_block_size, pread_nowait, pwrite_nowait,
     pwritev_all, pwritev_nowait, resident_pages, DioAlign, DioAlignSource, NoWait, MAX_WRITEV,

@@ -407,6 +407,17 @@ impl PacketRing {
         unsafe { ptr::read_volatile(self.map.as_ptr().add(off).cast::<u16>()) }
     }
 
+    /// True if a frame waits in the receive ring that [`recv_batch`](Self::recv_batch) would
+    /// lend first: one load of the next slot's status word, no system call. A loop that asks
+    /// this before it sleeps in poll(2) or epoll_wait(2) saves the call whenever frames came
+    /// while it worked (`packet_poll` answers from the same word: `tpacket_rcv` sets
+    /// `TP_STATUS_USER` before it wakes the socket's waiters).
+    pub fn rx_ready(&self) -> bool {
+        let off = self.rx.slot(self.rx_head);
+        // Acquire: as in recv_batch, the frame is visible once its status is.
+        self.status(off).load(Ordering::Acquire) & TP_STATUS_USER != 0
+    }
+
     /// Gives the frames lent by the last call back to the kernel, then lends up to `max`
     /// frames that have arrived since, in arrival order; returns how many (0: none waiting).
     /// No system call.
@@ -452,6 +463,17 @@ impl PacketRing {
             self.rx_lent += 1;
         }
         self.lent.len()
+    }
+
+    /// Gives the frames lent by the last [`recv_batch`](Self::recv_batch) back to the kernel
+    /// now rather than at the next call; [`frame`](Self::frame) lends nothing after it.
+    ///
+    /// A loop must do this before it sleeps in poll(2) or epoll_wait(2): `packet_poll`
+    /// reports the socket readable while the slot before the kernel's next one is not
+    /// `TP_STATUS_KERNEL` (net/packet/af_packet.c), so a frame still lent, however long
+    /// ago it was read, ends the wait at once, one system call for nothing.
+    pub fn release_lent(&mut self) {
+        self.release();
     }
 
     fn release(&mut self) {

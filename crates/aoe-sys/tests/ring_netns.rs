@@ -465,6 +465,55 @@ fn both_rings_send_and_receive_frames_unchanged() {
     }
 }
 
+/// `rx_ready` says whether `recv_batch` would lend a frame, without taking it: false on an
+/// empty ring, true once a frame came (waited for with poll, which answers from the same
+/// status word), still true until the frame is lent, false again after, and true for the
+/// next frame; poll(2) calls the socket readable while a frame is lent, and not after
+/// `release_lent` (the target's loop woke at once after each batch for this).
+#[test]
+fn rx_ready_tells_a_waiting_frame_without_taking_it() {
+    require_root();
+    let Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoevrdy", 1500);
+    let mut ring = PacketRing::new(&tx, 1514, 64, 64).expect("both rings");
+    assert!(!ring.rx_ready(), "an empty ring");
+    for k in 0..2u8 {
+        let f = frame(src, dst, 60, k);
+        rx.send(&f).expect("send to the ring");
+        let mut fds = [PollFd::new(tx.as_raw_fd())];
+        assert_eq!(
+            poll(&mut fds, Some(WAIT)).expect("poll"),
+            1,
+            "frame {k} came"
+        );
+        assert!(ring.rx_ready(), "frame {k} waits");
+        assert!(ring.rx_ready(), "asking takes nothing");
+        assert_eq!(ring.recv_batch(8), 1);
+        assert_eq!(ring.frame(0), &f[..]);
+        assert!(!ring.rx_ready(), "frame {k} lent, nothing else waits");
+        // The kernel's poll still calls the socket readable while the frame is lent (the
+        // slot before its next one is not TP_STATUS_KERNEL), and not once it is given back.
+        let mut fds = [PollFd::new(tx.as_raw_fd())];
+        assert_eq!(
+            poll(&mut fds, Some(Duration::ZERO)).expect("poll"),
+            1,
+            "lent"
+        );
+        ring.release_lent();
+        assert_eq!(
+            poll(&mut fds, Some(Duration::ZERO)).expect("poll"),
+            0,
+            "given back"
+        );
+    }
+}
+
 /// Issue 14 (fixes round): a kick that the socket's send buffer cuts short (the kernel's
 /// tpacket_snd stops at the first frame it cannot charge to the buffer and returns the
 /// bytes sent so far, a success) leaves `needs_kick` true, so the caller kicks again until

@@ -220,10 +220,11 @@ pub struct ServeConfig {
     pub spin: Duration,
     /// How long at most the event loop lets frames gather before it takes them, when the
     /// spin does not pay (`aoe serve --coalesce-us`, at most [`MAX_COALESCE`]; zero, the
-    /// default: a frame wakes the loop at once). After a batch the loop sleeps this long on a
-    /// timer, not on its sockets, so one wake-up takes every frame that came meanwhile (a
-    /// NIC's interrupt moderation); a wait that finds nothing goes back to sleeping on the
-    /// sockets. Fixed at start, like `io`.
+    /// default: a frame wakes the loop at once). Where the frames of the last batches came
+    /// at most half this far apart, the loop sleeps after a batch as long as four of them
+    /// take (at most this) on a timer, not on its sockets, so one wake-up takes every frame
+    /// that came meanwhile (a NIC's adaptive interrupt moderation, `daemon/coalesce.rs`);
+    /// further apart, a frame wakes it at once. Fixed at start, like `io`.
     pub coalesce: Duration,
     /// How long a stop waits for the I/O in flight to finish and be answered (`aoe serve
     /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the

@@ -206,6 +206,24 @@ impl IfaceRt {
         self.staged.push(Staged::Ready(n));
     }
 
+    /// Gives the receive ring's frames back to the kernel ([`PacketRing::release_lent`]),
+    /// which would otherwise report the socket readable until the next receive.
+    pub(super) fn release_rx(&mut self) {
+        if let Batch::Ring(r) = &mut self.batch {
+            r.release_lent();
+        }
+        if let Some((_, Batch::Ring(r))) = &mut self.old {
+            r.release_lent();
+        }
+    }
+
+    /// True if frames wait in the interface's receive ring, read without a system call
+    /// ([`PacketRing::rx_ready`]); false without a ring (`recvmmsg`), or while a replaced
+    /// socket is read (the loop does not wait then anyway).
+    pub(super) fn rx_ready(&self) -> bool {
+        matches!(&self.batch, Batch::Ring(r) if r.rx_ready())
+    }
+
     /// True if the loop must wait for the socket to become writable: replies wait in the
     /// backlog.
     pub(super) fn wants_out(&self) -> bool {
