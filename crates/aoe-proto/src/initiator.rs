@@ -487,16 +487,8 @@ impl Engine {
                 // filled as the frames are (`receive::place`), never zeroed first.
                 (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
-            BlockOp::Write { lba, data } => {
-                if data.is_empty() {
-                    return Err(SubmitError::Empty);
-                }
-                if data.len() % SECTOR_SIZE != 0 {
-                    return Err(SubmitError::Unaligned { len: data.len() });
-                }
-                let n = (data.len() / SECTOR_SIZE) as u64;
-                (OpKind::Write(Arc::new(data)), lba, n)
-            }
+            BlockOp::Write { lba, data } => write_kind(lba, Lent::owned(data))?,
+            BlockOp::WriteLent { lba, data } => write_kind(lba, data)?,
             BlockOp::Flush => (OpKind::Flush, 0, 1),
         };
         if !matches!(kind, OpKind::Flush) && lba.checked_add(sectors).is_none_or(|e| e > d.sectors)
@@ -762,3 +754,15 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// The operation kind, first sector and sector count of a write of `data` at `lba`.
+fn write_kind(lba: u64, data: Lent) -> Result<(OpKind, u64, u64), SubmitError> {
+    if data.is_empty() {
+        return Err(SubmitError::Empty);
+    }
+    if data.len() % SECTOR_SIZE != 0 {
+        return Err(SubmitError::Unaligned { len: data.len() });
+    }
+    let n = (data.len() / SECTOR_SIZE) as u64;
+    Ok((OpKind::Write(Arc::new(data)), lba, n))
+}

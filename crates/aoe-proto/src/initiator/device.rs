@@ -132,7 +132,7 @@ impl Device {
 pub(super) enum OpKind {
     Read(Vec<u8>),
     /// Shared with the frames carrying it ([`TxData`]) until they are sent.
-    Write(Arc<Vec<u8>>),
+    Write(Arc<Lent>),
     Flush,
     /// Internal: IDENTIFY DEVICE at discovery or revalidation.
     Identify,
