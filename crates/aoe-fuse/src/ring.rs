@@ -353,6 +353,10 @@ impl RingThread {
                     }
                 };
                 let _ = ok_tx.send(Ok(()));
+                tracing::info!(
+                    "FUSE requests through io_uring: {} entries on {queues} queues",
+                    ring.len()
+                );
                 run(fs, ring);
             })
             .context("cannot start the FUSE io_uring thread")?;
