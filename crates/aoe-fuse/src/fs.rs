@@ -804,6 +804,7 @@ impl Filesystem for AoeFs {
                     p,
                     offset,
                     size,
+                    None,
                     Box::new(move |r| match r {
                         Ok(d) => {
                             reply.data(&d);
@@ -944,13 +945,15 @@ impl AoeFs {
     /// A read of a device or partition file: the covering sectors, sliced
     /// ([`BlockDevice::read`], which holds them shared against a read-modify-write).
     ///
-    /// `done` gets the bytes (to be handed back to [`Handle::recycle`] once answered).
+    /// `done` gets the bytes (to be handed back to [`Handle::recycle`] once answered): in
+    /// `into` where given ([`BlockDevice::read_into`]; dropped unused, it goes home).
     pub(crate) fn read_dev(
         &self,
         a: TargetAddr,
         p: u32,
         offset: u64,
         size: u32,
+        into: Option<Lent>,
         done: DevDone<Vec<u8>>,
     ) {
         let (start, len) = match self.dev_extent(a, p) {
@@ -962,11 +965,13 @@ impl AoeFs {
             return done(Ok(Vec::new()));
         }
         let want = (size as u64).min(end - offset) as usize;
-        BlockDevice::new(self.net.clone(), a, start).read(
-            offset,
-            want,
-            Box::new(move |r| done(r.map_err(Errno::from_i32))),
-        );
+        let bd = BlockDevice::new(self.net.clone(), a, start);
+        let done: aoe_initiator::blockdev::Cb<Vec<u8>> =
+            Box::new(move |r| done(r.map_err(Errno::from_i32)));
+        match into {
+            Some(buf) => bd.read_into(offset, want, buf, done),
+            None => bd.read(offset, want, done),
+        }
     }
 
     /// FLUSH CACHE EXT on device `a` (fsync of a device file).

@@ -277,7 +277,8 @@ pub(crate) fn encode_dirents(
 
 /// An answer that another thread completes, sent back to the ring's thread.
 enum Answer {
-    /// Bytes to put in the payload (a device read: the engine's buffer, recycled after).
+    /// Bytes to put in the payload: a line of `err` (`false`), or a device read (`true`):
+    /// the entry's own payload block, or else the engine's buffer, recycled after.
     Data(usize, Result<Vec<u8>, Errno>, bool),
     /// A write's count.
     Written(usize, Result<u32, Errno>),
@@ -390,7 +391,7 @@ fn run(fs: AoeFs, mut ring: FuseUring) {
     let mut live = ring.len();
     let mut state = State {
         lent: vec![false; ring.len()],
-        written: vec![None; ring.len()],
+        waiting: (0..ring.len()).map(|_| None).collect(),
     };
     let mut ready = Vec::new();
     while live > 0 {
@@ -427,14 +428,30 @@ fn commit(ring: &mut FuseUring, i: usize, r: Result<usize, Errno>) {
     }
 }
 
-/// Per entry: whether its payload is lent out, and a write's answer waiting for it.
+/// Per entry: whether its payload is lent out, and an answer waiting for it.
 struct State {
     lent: Vec<bool>,
-    written: Vec<Option<Result<u32, Errno>>>,
+    waiting: Vec<Option<Answer>>,
 }
 
 fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
     match a {
+        // A device read into the entry's own block: the block is home again, the bytes in
+        // place.
+        Answer::Data(i, Ok(d), true) if state.lent[i] => {
+            let n = d.len();
+            match ring.put_payload(i, d) {
+                Ok(()) => {
+                    state.lent[i] = false;
+                    commit(ring, i, Ok(n))
+                }
+                // Another buffer (an empty read): answered once the block is home.
+                Err(d) => state.waiting[i] = Some(Answer::Data(i, Ok(d), true)),
+            }
+        }
+        a @ (Answer::Data(i, ..) | Answer::Written(i, _)) if state.lent[i] => {
+            state.waiting[i] = Some(a)
+        }
         Answer::Data(i, r, recycle) => {
             let r = match r {
                 Ok(d) => {
@@ -450,7 +467,6 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
             };
             commit(ring, i, r)
         }
-        Answer::Written(i, r) if state.lent[i] => state.written[i] = Some(r),
         Answer::Written(i, r) => {
             let r = r.map(|n| encode_size_out(n, ring.payload_mut(i).unwrap_or_default()));
             commit(ring, i, r)
@@ -462,9 +478,8 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
                 return;
             }
             state.lent[i] = false;
-            if let Some(r) = state.written[i].take() {
-                let r = r.map(|n| encode_size_out(n, ring.payload_mut(i).unwrap_or_default()));
-                commit(ring, i, r)
+            if let Some(a) = state.waiting[i].take() {
+                finish(fs, ring, state, a)
             }
         }
         Answer::Empty(i, r) => commit(ring, i, r.map(|()| 0)),
@@ -473,6 +488,8 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
 
 /// Answers the request in entry `i`, now or (device I/O, `err`) through `answers` later.
 fn serve(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, answers: &Answers, i: usize) {
+    // (Entries are served only when their payload is home: a request arrives in an entry
+    // only after its commit, which needs the block.)
     let hdr = *ring.header(i);
     let Some(h) = InHeader::parse(&hdr) else {
         return commit(ring, i, Err(Errno::EIO));
@@ -548,7 +565,7 @@ fn serve(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, answers: &Answers,
         },
         op::READ => {
             let rd = ReadIn::parse(op_in);
-            match read(fs, answers, i, ino, &h, rd) {
+            match read(fs, ring, state, answers, i, ino, &h, rd) {
                 Some(r) => r.map(|d| {
                     let out = ring.payload_mut(i).unwrap_or_default();
                     let n = d.len().min(out.len());
@@ -607,8 +624,11 @@ fn serve(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, answers: &Answers,
 }
 
 /// A READ: the bytes now (Some), or None when the answer comes later through `answers`.
+#[allow(clippy::too_many_arguments)]
 fn read(
     fs: &AoeFs,
+    ring: &mut FuseUring,
+    state: &mut State,
     answers: &Answers,
     i: usize,
     ino: u64,
@@ -645,12 +665,20 @@ fn read(
             None => Err(Errno::ENOENT),
         }),
         Some(Node::Dev(a, p)) => {
+            // Read into the entry's payload: the engine fills it where it is, and the block
+            // comes back with the bytes (or, failed, goes home), then the entry is answered.
+            let into = ring.take_payload(i).map(|buf| {
+                let home = answers.clone();
+                Lent::new(buf, Box::new(move |b| home.send(Answer::Home(i, b))))
+            });
+            state.lent[i] = into.is_some();
             let ans = answers.clone();
             fs.read_dev(
                 a,
                 p,
                 rd.offset,
                 rd.size,
+                into,
                 Box::new(move |r| ans.send(Answer::Data(i, r, true))),
             );
             None

@@ -58,7 +58,15 @@ impl BlockDevice {
 
     /// Reads `len` bytes at byte `offset` of the extent, holding the covering sectors shared.
     pub fn read(&self, offset: u64, len: usize, done: Cb<Vec<u8>>) {
-        read(&self.net, self.dev, self.base, offset, len, done)
+        read(&self.net, self.dev, self.base, offset, len, None, done)
+    }
+
+    /// Like [`read`](Self::read), into `buf` ([`BlockOp::ReadInto`]): `done` gets that very
+    /// buffer (its block unmoved: the bytes read, moved to its start when `offset` is not
+    /// sector-aligned), and on failure `buf` goes home. A `buf` whose capacity does not hold
+    /// the covering sectors fails the read (`EINVAL`).
+    pub fn read_into(&self, offset: u64, len: usize, buf: Lent, done: Cb<Vec<u8>>) {
+        read(&self.net, self.dev, self.base, offset, len, Some(buf), done)
     }
 
     /// Writes `data` at byte `offset` of the extent. An aligned write goes out as it is
@@ -111,7 +119,15 @@ pub fn covering(offset: u64, len: u64) -> (u64, u64, usize) {
 }
 
 /// Reads `len` bytes at byte `offset` of the extent starting at sector `base` of `dev`.
-fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done: Cb<Vec<u8>>) {
+fn read(
+    net: &Handle,
+    dev: TargetAddr,
+    base: u64,
+    offset: u64,
+    len: usize,
+    into: Option<Lent>,
+    done: Cb<Vec<u8>>,
+) {
     if len == 0 {
         return done(Ok(Vec::new()));
     }
@@ -127,9 +143,13 @@ fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done:
         count,
         Mode::Shared,
         Box::new(move |held| {
+            let op = match into {
+                Some(buf) => BlockOp::ReadInto { lba, sectors, buf },
+                None => BlockOp::Read { lba, sectors },
+            };
             n2.io(
                 dev,
-                BlockOp::Read { lba, sectors },
+                op,
                 Box::new(move |r| {
                     drop(held);
                     match r {

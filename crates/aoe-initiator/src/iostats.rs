@@ -25,7 +25,7 @@ impl IoBytes {
         let written = match op {
             BlockOp::Write { data, .. } => data.len() as u64,
             BlockOp::WriteLent { data, .. } => data.len() as u64,
-            BlockOp::Read { .. } => 0,
+            BlockOp::Read { .. } | BlockOp::ReadInto { .. } => 0,
             BlockOp::Flush => return done,
         };
         let me = self.clone();

@@ -478,13 +478,30 @@ impl Engine {
         if d.life != Life::Up {
             return Err(SubmitError::DeviceDown);
         }
-        let (kind, lba, sectors) = match op {
+        // A read into the caller's buffer: kept whole (dropped, it goes home) until every
+        // check has passed.
+        let mut into = None;
+        let (mut kind, lba, sectors) = match op {
             BlockOp::Read { lba, sectors } => {
                 if sectors == 0 {
                     return Err(SubmitError::Empty);
                 }
                 // A buffer is taken when the first frame is answered (`frame_done`), and
                 // filled as the frames are (`receive::place`), never zeroed first.
+                (OpKind::Read(Vec::new()), lba, sectors as u64)
+            }
+            BlockOp::ReadInto { lba, sectors, buf } => {
+                if sectors == 0 {
+                    return Err(SubmitError::Empty);
+                }
+                let need = sectors as usize * SECTOR_SIZE;
+                if buf.capacity() < need {
+                    return Err(SubmitError::BufferTooSmall {
+                        capacity: buf.capacity(),
+                        need,
+                    });
+                }
+                into = Some(buf);
                 (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
             BlockOp::Write { lba, data } => write_kind(lba, Lent::owned(data))?,
@@ -499,7 +516,18 @@ impl Engine {
                 capacity: d.sectors,
             });
         }
+        let mut home = None;
+        if let Some(buf) = into {
+            let (mut v, h) = buf.into_parts();
+            // Filled from the start (`receive::place`), within its capacity: it stays put.
+            v.clear();
+            kind = OpKind::Read(v);
+            home = h;
+        }
         let id = self.new_op(dev, kind, lba, sectors, false);
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.home = ReadHome(home);
+        }
         self.pump(now, dev);
         Ok(IoId(id))
     }

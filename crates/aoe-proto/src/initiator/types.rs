@@ -118,6 +118,18 @@ pub enum BlockOp {
         /// The data.
         data: Vec<u8>,
     },
+    /// Like [`BlockOp::Read`], into the caller's buffer (its capacity at least `sectors` x
+    /// 512 bytes), filled where it is: it completes with that buffer (its block unmoved),
+    /// and on failure the buffer goes home ([`Lent`]). For an owner that must get that
+    /// very buffer back (a FUSE-over-io_uring entry's payload, registered with the kernel).
+    ReadInto {
+        /// First sector.
+        lba: u64,
+        /// Sectors to read (at least 1).
+        sectors: u32,
+        /// Where the bytes go.
+        buf: Lent,
+    },
     /// Like [`BlockOp::Write`], with data lent by its owner ([`Lent`]): the engine gives the
     /// buffer back once it and every frame carrying it are done with it, so an owner that
     /// must get that very buffer back (a FUSE-over-io_uring entry's payload, registered
@@ -177,6 +189,14 @@ pub enum SubmitError {
     Unaligned {
         /// Bytes given.
         len: usize,
+    },
+    /// A [`BlockOp::ReadInto`] buffer too small for the read.
+    #[error("read buffer of {capacity} bytes for {need}")]
+    BufferTooSmall {
+        /// The buffer's capacity.
+        capacity: usize,
+        /// Bytes of the read.
+        need: usize,
     },
     /// The range ends beyond the device.
     #[error("sectors {lba}+{sectors} beyond the device's {capacity}")]
@@ -279,6 +299,16 @@ impl Lent {
     /// Cuts the bytes to `n` (the buffer itself stays: it goes home whole).
     pub fn truncate(&mut self, n: usize) {
         self.data.truncate(n);
+    }
+
+    /// Bytes the buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    /// The buffer and its home, taken apart (the home is not called).
+    pub fn into_parts(mut self) -> (Vec<u8>, Option<LentHome>) {
+        (std::mem::take(&mut self.data), self.home.take())
     }
 }
 
