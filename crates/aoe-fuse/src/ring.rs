@@ -11,6 +11,7 @@
 //! a READ's answer is gathered into the entry's payload, which the kernel copies into the
 //! reader's pages at the commit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -293,12 +294,15 @@ enum Answer {
 struct Answers {
     tx: crossbeam_channel::Sender<Answer>,
     wake: Arc<aoe_sys::EventFd>,
+    /// A wake-up is on its way and the channel not yet drained: no other needed (a write
+    /// sends two answers, its buffer home and its count, often back to back).
+    woken: Arc<AtomicBool>,
 }
 
 impl Answers {
     fn send(&self, a: Answer) {
         // Only once the ring's thread is gone is the receiver gone too: nobody to answer.
-        if self.tx.send(a).is_ok() {
+        if self.tx.send(a).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
             let _ = self.wake.notify();
         }
     }
@@ -387,6 +391,7 @@ fn run(fs: AoeFs, mut ring: FuseUring) {
     let answers = Answers {
         tx,
         wake: ring.waker(),
+        woken: Arc::new(AtomicBool::new(false)),
     };
     let mut live = ring.len();
     let mut state = State {
@@ -411,6 +416,8 @@ fn run(fs: AoeFs, mut ring: FuseUring) {
                 }
             }
         }
+        // Cleared before the channel is drained: an answer sent after this wakes again.
+        answers.woken.store(false, Ordering::Release);
         while let Ok(a) = rx.try_recv() {
             finish(&fs, &mut ring, &mut state, a);
         }
