@@ -22,6 +22,11 @@
 #              write1m-qd16:write:1m:16 randread4k-qd32:randread:4k:32
 #              randwrite4k-qd32:randwrite:4k:32"
 #   JSON_DIR=dir  keep every fio JSON report there
+#   INITS="a b"   alternate initiators within each run (same target start): INIT_AOE_<name>
+#                 (binary, default AOE) and INIT_ARGS_<name> (extra arguments) per name; the
+#                 table's target column reads <target>/<name>
+#   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on
+#                 exit), for an initiator given --fuse-uring
 #   CELLS=file    keep every run's figures (one line per cell and run: MTU|target|path|workload,
 #                 MB/s, IOPS, p50, p99, CPU-s/GB target, initiator, fio), for per-run ratios
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, fio (Debian: fio), vblade, nbdkit,
@@ -42,6 +47,9 @@ PATHS=${PATHS:-dev nbd}
 WORKLOADS=${WORKLOADS:-read1m-qd1:read:1m:1 read1m-qd16:read:1m:16 write1m-qd1:write:1m:1 write1m-qd16:write:1m:16 randread4k-qd32:randread:4k:32 randwrite4k-qd32:randwrite:4k:32}
 JSON_DIR=${JSON_DIR:-}
 CELLS=${CELLS:-}
+INITS=${INITS:-}
+ENABLE_URING=${ENABLE_URING:-}
+URING_PARAM=/sys/module/fuse/parameters/enable_uring URING_OLD=
 SHELF=1 SLOT=1
 
 die() { echo "bench/fio.sh: $*" >&2; exit 1; }
@@ -64,6 +72,7 @@ TARGET_PID="" INIT_PID="" KIT_PID=""
 cleanup() {
     set +e
     stop_all
+    [ -n "$URING_OLD" ] && echo "$URING_OLD" >"$URING_PARAM"
     bench_unlink
     rm -f "$FILE"
     rm -rf "$WORK"
@@ -121,6 +130,10 @@ workloads() { # target path: every workload on it
 }
 
 [ -n "$JSON_DIR" ] && mkdir -p "$JSON_DIR"
+if [ -n "$ENABLE_URING" ]; then
+    [ -w "$URING_PARAM" ] || die "no $URING_PARAM (a kernel without FUSE over io_uring?)"
+    URING_OLD=$(cat "$URING_PARAM"); echo "$ENABLE_URING" >"$URING_PARAM"
+fi
 echo "backing file: $SIZE_MB MiB on tmpfs; $(nproc) CPUs; load $(load); fio $(fio --version)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 : >"$WORK/cells"
@@ -130,9 +143,17 @@ for MTU in $MTUS; do
     for run in $(seq 1 "$RUNS"); do
         for t in $TARGETS; do
             start_target "$t" || die "$t did not answer"
-            start_initiator
-            for p in $PATHS; do workloads "$t" "$p"; done
-            stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+            for v in ${INITS:--}; do
+                label=$t
+                if [ "$v" != - ]; then
+                    label=$t/$v
+                    a="INIT_AOE_$v" g="INIT_ARGS_$v"
+                    INIT_AOE=${!a:-$AOE} INIT_ARGS=${!g:-}
+                fi
+                start_initiator
+                for p in $PATHS; do workloads "$label" "$p"; done
+                stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+            done
             stop_pid "$TARGET_PID"; TARGET_PID=""
         done
         if [ "$NBDKIT" = 1 ]; then
@@ -166,9 +187,10 @@ echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for key in $(awk '{ print $1 }' "$WORK/cells" | awk '!seen[$0]++'); do
     IFS='|' read -r mtu tgt path name <<<"$key"
     mb=$(field "$key" 2) iops=$(field "$key" 3)
-    kit=$(field "$mtu|nbdkit|tcp|$name" 2) vb=$(field "$mtu|vblade|$path|$name" 2)
+    variant=""; case $tgt in */*) variant=/${tgt#*/} ;; esac
+    kit=$(field "$mtu|nbdkit|tcp|$name" 2) vb=$(field "$mtu|vblade$variant|$path|$name" 2)
     vk=-; vv=-
     [ "$tgt" != nbdkit ] && vk=$(ratio "$mb" "$kit")
-    [ "$tgt" = aoe ] && [ "$vb" != 0 ] && vv=$(ratio "$mb" "$vb")
+    [ "${tgt%%/*}" = aoe ] && [ "$vb" != 0 ] && vv=$(ratio "$mb" "$vb")
     echo "| $mtu | $tgt | $path | $name | $mb | $iops | $(field "$key" 4) | $(field "$key" 5) | $(field "$key" 6) / $(field "$key" 7) / $(field "$key" 8) | $vk | $vv |"
 done

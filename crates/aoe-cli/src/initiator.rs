@@ -69,6 +69,11 @@ pub struct InitiatorArgs {
     /// can reach the port can read and write every AoE disk).
     #[arg(long, requires = "nbd_tcp")]
     nbd_tcp_any: bool,
+    /// Serve the files' requests through FUSE over io_uring (Linux 6.14+, with
+    /// /sys/module/fuse/parameters/enable_uring set to Y by root) instead of read(2) and
+    /// writev(2) on /dev/fuse. Refused with the reason where the kernel does not allow it.
+    #[arg(long)]
+    fuse_uring: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
 }
@@ -141,7 +146,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         unix: a.nbd,
         tcp: nbd_tcp,
     };
-    serve(&opts, &nbd, &stop, &force, a.metrics.metrics)
+    serve(&opts, &nbd, &stop, &force, a.metrics.metrics, a.fuse_uring)
 }
 
 /// Runs the initiator with its front-ends until stopped (see [`aoe_initiator::Initiator::wait`]):
@@ -153,12 +158,19 @@ fn serve(
     stop: &AtomicBool,
     force: &AtomicBool,
     metrics: Option<std::net::SocketAddr>,
+    fuse_uring: bool,
 ) -> Result<()> {
     opts.check()?;
     aoe_fuse::prepare_root(&opts.root)?;
     let _claim = claim_network_namespace()?;
     let init = aoe_initiator::Initiator::start(opts)?;
-    let mount = aoe_fuse::mount(&opts.root, init.shared(), init.handle())?;
+    let mount = match aoe_fuse::mount(&opts.root, init.shared(), init.handle(), fuse_uring) {
+        Ok(m) => m,
+        Err(e) => {
+            init.shutdown();
+            return Err(e);
+        }
+    };
     if let Some(addr) = metrics {
         let shared = init.shared();
         crate::metrics::serve(addr, move || crate::metrics::initiator_text(&shared))?;

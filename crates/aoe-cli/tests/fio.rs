@@ -220,8 +220,41 @@ fn backing_with_partition(dir: &Path) -> PathBuf {
 /// random and sequential, four jobs at once on disjoint ranges, every block verified.
 #[test]
 fn fio_device_file_engines_verify() {
+    engines_verify(InitOpts::default());
+}
+
+/// [`fio_device_file_engines_verify`] with `--fuse-uring`: every request through FUSE over
+/// io_uring (enable_uring set to Y for the test).
+#[test]
+fn fio_device_file_engines_verify_fuse_uring() {
+    let _u = uring_on();
+    engines_verify(InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    });
+}
+
+/// `enable_uring` set to Y until dropped; fails the test with the reason where it cannot.
+fn uring_on() -> aoe_testkit::fuseuring::FuseUring {
+    aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"))
+}
+
+/// The rig's initiator said it serves the files through the ring.
+fn assert_on_the_ring(rig: &Rig) {
+    let log = rig.initiator_log();
+    assert!(
+        log.contains("FUSE requests through io_uring"),
+        "the initiator does not use FUSE over io_uring: {log}"
+    );
+}
+
+fn engines_verify(opts: InitOpts) {
     require_fio();
-    let rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 9000, opts);
+    if opts.fuse_uring {
+        assert_on_the_ring(&rig);
+    }
     let dev = rig.dev();
     let dir = rig.dir.path().to_owned();
     for (n, (engine, depth)) in [
@@ -262,8 +295,26 @@ fn fio_device_file_engines_verify() {
 /// target's file holds.
 #[test]
 fn fio_parallel_direct_writes_verify() {
+    parallel_direct_writes_verify(InitOpts::default());
+}
+
+/// [`fio_parallel_direct_writes_verify`] with `--fuse-uring`: the writes' payloads go to
+/// the engine lent, the buffered reader's cached open beside them.
+#[test]
+fn fio_parallel_direct_writes_verify_fuse_uring() {
+    let _u = uring_on();
+    parallel_direct_writes_verify(InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    });
+}
+
+fn parallel_direct_writes_verify(opts: InitOpts) {
     require_fio();
-    let rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 9000, opts);
+    if opts.fuse_uring {
+        assert_on_the_ring(&rig);
+    }
     let dev = rig.dev();
     let d = dev.to_string_lossy();
     let dir = rig.dir.path().to_owned();

@@ -144,11 +144,64 @@ fn nbd_pipelined_writes(s: UnixStream, writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64,
 /// other's bytes with stale ones.
 #[test]
 fn concurrent_unaligned_writes_all_land() {
+    unaligned_writes_all_land(InitOpts::default());
+}
+
+/// [`concurrent_unaligned_writes_all_land`] with `--fuse-uring`: the device and partition
+/// files' writes come through FUSE over io_uring (enable_uring set to Y for the test).
+#[test]
+fn concurrent_unaligned_writes_all_land_fuse_uring() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    unaligned_writes_all_land(InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    });
+}
+
+/// `aoe initiator --fuse-uring` while enable_uring is N: it exits 1 saying which parameter
+/// to set, and leaves ROOT unmounted (no silent fallback to /dev/fuse).
+#[test]
+fn fuse_uring_refused_while_enable_uring_is_off() {
+    let _off = aoe_testkit::fuseuring::FuseUring::disabled()
+        .unwrap_or_else(|e| panic!("cannot set enable_uring: {e}"));
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let mut old = rig.initiator.take().expect("initiator running");
+    assert!(old.stop().expect("stop the initiator").success());
+    assert!(
+        wait_until(Duration::from_secs(5), || !rig.root_mounted()),
+        "ROOT still mounted after the initiator stopped"
+    );
+    let mut init = rig.spawn_initiator(&["--fuse-uring"]);
+    let status = init.wait_timeout(Duration::from_secs(20)).unwrap();
+    let out = init.output_so_far();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "initiator: {out}");
+    assert!(
+        out.contains("/sys/module/fuse/parameters/enable_uring is N"),
+        "initiator said:\n{out}"
+    );
+    assert!(!rig.root_mounted(), "ROOT left mounted: {out}");
+    // Nothing to finish: no initiator runs (the rig's drop removes the rest).
+}
+
+fn unaligned_writes_all_land(opts: InitOpts) {
     let dir = tempfile::tempdir().unwrap();
     let (file, orig) = backing_with_partition(dir.path());
-    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
+    let mut rig = Rig::start_with(Target::AoeServe, 1500, opts, Some(file), &[]);
     let sock = rig.dir.path().join("nbd.sock");
-    rig.restart_initiator(&["--nbd", sock.to_str().unwrap()]);
+    // The restart takes only the arguments given: the options' again, and --nbd.
+    let mut args = opts.args();
+    args.extend(["--nbd".to_string(), sock.to_string_lossy().into_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    rig.restart_initiator(&args);
+    if opts.fuse_uring {
+        assert!(
+            rig.initiator_log()
+                .contains("FUSE requests through io_uring"),
+            "not through the ring: {}",
+            rig.logs()
+        );
+    }
     let part = rig.root.join(format!("{DEV}p1"));
     assert!(
         wait_until(Duration::from_secs(10), || part.exists() && sock.exists()),

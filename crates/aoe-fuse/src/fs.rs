@@ -20,7 +20,7 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use aoe_proto::initiator::{BlockOp, DeviceState, FlushWhich};
+use aoe_proto::initiator::{BlockOp, DeviceState, FlushWhich, Lent};
 use aoe_wire::TargetAddr;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -31,10 +31,10 @@ use fuser::{
 use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
-const ROOT: u64 = 1;
+pub(crate) const ROOT: u64 = 1;
 const DISCOVER: u64 = 2;
-const INTERFACES: u64 = 3;
-const ERR: u64 = 4;
+pub(crate) const INTERFACES: u64 = 3;
+pub(crate) const ERR: u64 = 4;
 const REVALIDATE: u64 = 5;
 const FLUSH: u64 = 6;
 const SYSFS: u64 = 7;
@@ -59,7 +59,7 @@ const ATTRS: [&str; 7] = [
     "size",
     "identify",
 ];
-const TTL: Duration = Duration::from_millis(200);
+pub(crate) const TTL: Duration = Duration::from_millis(200);
 
 fn key(a: TargetAddr) -> u64 {
     (u64::from(a.shelf) << 8) | u64::from(a.slot)
@@ -71,14 +71,14 @@ fn addr_of(k: u64) -> TargetAddr {
 
 /// What an inode number names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Node {
+pub(crate) enum Node {
     Fixed(u64),
     Dev(TargetAddr, u32),
     DevDir(TargetAddr),
     Attr(TargetAddr, usize),
 }
 
-fn node(ino: u64) -> Option<Node> {
+pub(crate) fn node(ino: u64) -> Option<Node> {
     match ino {
         1..=11 => Some(Node::Fixed(ino)),
         i if i >= ATTR_BASE => Some(Node::Attr(
@@ -94,7 +94,7 @@ fn node(ino: u64) -> Option<Node> {
     }
 }
 
-fn ino(n: Node) -> u64 {
+pub(crate) fn ino(n: Node) -> u64 {
     match n {
         Node::Fixed(i) => i,
         Node::Dev(a, p) => DEV_BASE + (key(a) << 16) + u64::from(p),
@@ -117,7 +117,7 @@ impl ErrWaiter for ErrReply {
 
 /// The file handle of a device file opened in the kernel's direct I/O mode
 /// (`FOPEN_DIRECT_IO`, see [`AoeFs::open`]); every other open has handle 0.
-const DIRECT_FH: u64 = 1;
+pub(crate) const DIRECT_FH: u64 = 1;
 
 /// The range of a write through a direct-I/O open of a device file that is also open in
 /// cached mode, to be dropped from the page cache once the write has been answered
@@ -149,7 +149,8 @@ fn invalidator(rx: crossbeam_channel::Receiver<Invalidate>, notifier: Arc<OnceLo
     }
 }
 
-/// The file system.
+/// The file system. A clone shares everything (the FUSE-over-io_uring thread holds one).
+#[derive(Clone)]
 pub struct AoeFs {
     shared: Arc<Mutex<Shared>>,
     net: Handle,
@@ -159,8 +160,10 @@ pub struct AoeFs {
     /// Per device-file inode, how many opens of it are in the kernel's cached mode (opened
     /// without `O_DIRECT` or read-only): while there are any, a direct-I/O write's range is
     /// invalidated in the page cache after it completes ([`invalidator`]).
-    cached_opens: Mutex<HashMap<u64, u32>>,
+    cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
     invalidate: crossbeam_channel::Sender<Invalidate>,
+    /// Asks for `FUSE_OVER_IO_URING` at `FUSE_INIT` ([`crate::ring`]).
+    uring: bool,
 }
 
 impl AoeFs {
@@ -183,13 +186,20 @@ impl AoeFs {
             uid: 0,
             gid: 0,
             start: SystemTime::now(),
-            cached_opens: Mutex::new(HashMap::new()),
+            cached_opens: Arc::new(Mutex::new(HashMap::new())),
             invalidate: tx,
+            uring: false,
         }
     }
 
+    /// Asks the kernel for FUSE over io_uring at `FUSE_INIT`.
+    pub(crate) fn with_uring(mut self) -> AoeFs {
+        self.uring = true;
+        self
+    }
+
     /// The counts of cached opens (a poisoned lock is taken over: the map stays valid).
-    fn cached_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+    pub(crate) fn cached_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
         self.cached_opens
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -217,13 +227,13 @@ impl AoeFs {
 
     /// The bytes of attribute file `i` of device `a` (None: no such device or file), copied
     /// out under the shared lock, which is released before the caller replies.
-    fn attr_bytes(&self, a: TargetAddr, i: usize) -> Option<Vec<u8>> {
+    pub(crate) fn attr_bytes(&self, a: TargetAddr, i: usize) -> Option<Vec<u8>> {
         let s = lock(&self.shared);
         s.devices.get(&a).and_then(|e| attr_value(e, i))
     }
 
     /// Attributes of a node, or None if it does not exist (now).
-    fn getattr_node(&self, n: Node) -> Option<FileAttr> {
+    pub(crate) fn getattr_node(&self, n: Node) -> Option<FileAttr> {
         let s = lock(&self.shared);
         Some(match n {
             Node::Fixed(
@@ -336,7 +346,7 @@ impl AoeFs {
         rx.recv_timeout(Duration::from_secs(10)).ok()
     }
 
-    fn control_write(&self, which: u64, data: &[u8]) -> Result<(), Errno> {
+    pub(crate) fn control_write(&self, which: u64, data: &[u8]) -> Result<(), Errno> {
         let text = String::from_utf8_lossy(data);
         let words: Vec<&str> = text
             .split(|c: char| c.is_whitespace() || c == ',')
@@ -539,6 +549,93 @@ pub(crate) const WRITE_REQUEST_BYTES: u32 = 1 << 20;
 /// direct I/O of 16 MiB in [`REQUEST_BYTES`] pieces (the kernel's default is 12, fuser's 16).
 const MAX_BACKGROUND: u16 = 64;
 
+impl AoeFs {
+    /// The attributes of `name` in directory `parent`, if it exists.
+    pub(crate) fn lookup_attr(&self, parent: u64, name: &str) -> Option<FileAttr> {
+        // Device and attribute-directory names are parsed, not searched for: a lookup
+        // costs the same with one device or `--max-devices` of them.
+        match device_node(parent, name) {
+            Some(n) => self.getattr_node(n),
+            None => self
+                .children(parent)
+                .and_then(|c| c.into_iter().find(|(_, _, n)| n == name))
+                .and_then(|(n, _, _)| self.getattr_node(n)),
+        }
+    }
+
+    /// Opens inode `ino` with `open(2)` flags `flags`: the file handle and open flags to
+    /// answer ([`Filesystem::open`] of [`AoeFs`] says which).
+    pub(crate) fn open_node(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), Errno> {
+        match node(ino) {
+            Some(Node::Dev(a, p)) => {
+                {
+                    let mut s = lock(&self.shared);
+                    if !s.devices.contains_key(&a) {
+                        return Err(Errno::ENOENT);
+                    }
+                    *s.open_files.entry((a, p)).or_insert(0) += 1;
+                }
+                self.net.send(Cmd::SetOpen(a, true));
+                if direct_write_open(flags) {
+                    Ok((
+                        DIRECT_FH,
+                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+                    ))
+                } else {
+                    *self.cached_opens().entry(ino).or_insert(0) += 1;
+                    Ok((0, FopenFlags::empty()))
+                }
+            }
+            // Control and attribute files have no fixed size: bypass the page cache.
+            Some(_) => Ok((
+                0,
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
+            )),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// The release of an open of inode `ino` with file handle `fh`.
+    pub(crate) fn release_node(&self, ino: u64, fh: u64) {
+        if let Some(Node::Dev(a, p)) = node(ino) {
+            if fh != DIRECT_FH {
+                let mut c = self.cached_opens();
+                if let Some(n) = c.get_mut(&ino) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        c.remove(&ino);
+                    }
+                }
+            }
+            {
+                let mut s = lock(&self.shared);
+                if let Some(n) = s.open_files.get_mut(&(a, p)) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.open_files.remove(&(a, p));
+                    }
+                }
+            }
+            self.net.send(Cmd::SetOpen(a, false));
+        }
+    }
+
+    /// The entries of directory `ino` (`.` and `..` first), or None if it is none.
+    pub(crate) fn dir_entries(&self, ino: u64) -> Option<Vec<(u64, FileType, String)>> {
+        let children = self.children(ino)?;
+        let mut all = vec![
+            (ino, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
+        all.extend(
+            children
+                .into_iter()
+                .map(|(n, k, name)| (self::ino(n), k, name)),
+        );
+        Some(all)
+    }
+}
+
 impl Filesystem for AoeFs {
     /// Asks for `FUSE_ASYNC_DIO` where the kernel has it: a direct read or write longer
     /// than one request goes out as that many requests at once, all in flight together,
@@ -562,6 +659,11 @@ impl Filesystem for AoeFs {
         let _ = config.set_max_write(WRITE_REQUEST_BYTES);
         let _ = config.set_max_readahead(REQUEST_BYTES);
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // Offered only while /sys/module/fuse/parameters/enable_uring is Y; refused, the
+        // ring's registration says why (crate::ring::RingThread::start).
+        if self.uring {
+            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+        }
         Ok(())
     }
 
@@ -569,16 +671,7 @@ impl Filesystem for AoeFs {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
-        // Device and attribute-directory names are parsed, not searched for: a lookup
-        // costs the same with one device or `--max-devices` of them.
-        let found = match device_node(parent.0, name) {
-            Some(n) => self.getattr_node(n),
-            None => self
-                .children(parent.0)
-                .and_then(|c| c.into_iter().find(|(_, _, n)| n == name))
-                .and_then(|(n, _, _)| self.getattr_node(n)),
-        };
-        match found {
+        match self.lookup_attr(parent.0, name) {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
@@ -635,32 +728,9 @@ impl Filesystem for AoeFs {
     /// `FUSE_ASYNC_DIO`'s requests in flight together (the direct mode sends a
     /// synchronous read's requests one after the other, `fuse_direct_read_iter`).
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match node(ino.0) {
-            Some(Node::Dev(a, p)) => {
-                {
-                    let mut s = lock(&self.shared);
-                    if !s.devices.contains_key(&a) {
-                        return reply.error(Errno::ENOENT);
-                    }
-                    *s.open_files.entry((a, p)).or_insert(0) += 1;
-                }
-                self.net.send(Cmd::SetOpen(a, true));
-                if direct_write_open(flags.0) {
-                    reply.opened(
-                        FileHandle(DIRECT_FH),
-                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-                    );
-                } else {
-                    *self.cached_opens().entry(ino.0).or_insert(0) += 1;
-                    reply.opened(FileHandle(0), FopenFlags::empty());
-                }
-            }
-            // Control and attribute files have no fixed size: bypass the page cache.
-            Some(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE,
-            ),
-            None => reply.error(Errno::ENOENT),
+        match self.open_node(ino.0, flags.0) {
+            Ok((fh, f)) => reply.opened(FileHandle(fh), f),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -674,27 +744,7 @@ impl Filesystem for AoeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Dev(a, p)) = node(ino.0) {
-            if fh.0 != DIRECT_FH {
-                let mut c = self.cached_opens();
-                if let Some(n) = c.get_mut(&ino.0) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        c.remove(&ino.0);
-                    }
-                }
-            }
-            {
-                let mut s = lock(&self.shared);
-                if let Some(n) = s.open_files.get_mut(&(a, p)) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        s.open_files.remove(&(a, p));
-                    }
-                }
-            }
-            self.net.send(Cmd::SetOpen(a, false));
-        }
+        self.release_node(ino.0, fh.0);
         reply.ok();
     }
 
@@ -747,7 +797,23 @@ impl Filesystem for AoeFs {
                 Some(v) => reply.data(slice_at(&v, offset, size)),
                 None => reply.error(Errno::ENOENT),
             },
-            Some(Node::Dev(a, p)) => self.read_dev(a, p, offset, size, reply),
+            Some(Node::Dev(a, p)) => {
+                let net = self.net.clone();
+                self.read_dev(
+                    a,
+                    p,
+                    offset,
+                    size,
+                    None,
+                    Box::new(move |r| match r {
+                        Ok(d) => {
+                            reply.data(&d);
+                            net.recycle(d);
+                        }
+                        Err(e) => reply.error(e),
+                    }),
+                )
+            }
             Some(Node::Fixed(_)) => reply.data(&[]),
             _ => reply.error(Errno::EISDIR),
         }
@@ -778,7 +844,18 @@ impl Filesystem for AoeFs {
                 // invalidated once it has landed and been answered ([`invalidator`]).
                 let inval = (fh.0 == DIRECT_FH && self.cached_opens().contains_key(&ino.0))
                     .then_some(ino.0);
-                self.write_dev(a, p, offset, data, inval, reply)
+                self.write_dev(
+                    a,
+                    p,
+                    offset,
+                    data.len(),
+                    |n| Lent::owned(data[..n].to_vec()),
+                    inval,
+                    Box::new(move |r| match r {
+                        Ok(n) => reply.written(n),
+                        Err(e) => reply.error(e),
+                    }),
+                )
             }
             _ => reply.error(Errno::EACCES),
         }
@@ -839,18 +916,9 @@ impl Filesystem for AoeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(children) = self.children(ino.0) else {
+        let Some(all) = self.dir_entries(ino.0) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let mut all = vec![
-            (ino.0, FileType::Directory, ".".to_string()),
-            (ROOT, FileType::Directory, "..".to_string()),
-        ];
-        all.extend(
-            children
-                .into_iter()
-                .map(|(n, k, name)| (self::ino(n), k, name)),
-        );
         for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
                 break;
@@ -860,7 +928,7 @@ impl Filesystem for AoeFs {
     }
 }
 
-fn slice_at(b: &[u8], offset: u64, size: u32) -> &[u8] {
+pub(crate) fn slice_at(b: &[u8], offset: u64, size: u32) -> &[u8] {
     let start = (offset as usize).min(b.len());
     let end = start.saturating_add(size as usize).min(b.len());
     &b[start..end]
@@ -876,28 +944,53 @@ impl AoeFs {
 
     /// A read of a device or partition file: the covering sectors, sliced
     /// ([`BlockDevice::read`], which holds them shared against a read-modify-write).
-    fn read_dev(&self, a: TargetAddr, p: u32, offset: u64, size: u32, reply: ReplyData) {
+    ///
+    /// `done` gets the bytes (to be handed back to [`Handle::recycle`] once answered): in
+    /// `into` where given ([`BlockDevice::read_into`]; dropped unused, it goes home).
+    pub(crate) fn read_dev(
+        &self,
+        a: TargetAddr,
+        p: u32,
+        offset: u64,
+        size: u32,
+        into: Option<Lent>,
+        done: DevDone<Vec<u8>>,
+    ) {
         let (start, len) = match self.dev_extent(a, p) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => return done(Err(e)),
         };
         let end = len * 512;
         if offset >= end || size == 0 {
-            return reply.data(&[]);
+            return done(Ok(Vec::new()));
         }
         let want = (size as u64).min(end - offset) as usize;
-        let net = self.net.clone();
-        BlockDevice::new(self.net.clone(), a, start).read(
-            offset,
-            want,
-            Box::new(move |r| match r {
-                Ok(d) => {
-                    reply.data(&d);
-                    net.recycle(d);
-                }
-                Err(e) => reply.error(Errno::from_i32(e)),
-            }),
-        );
+        let bd = BlockDevice::new(self.net.clone(), a, start);
+        let done: aoe_initiator::blockdev::Cb<Vec<u8>> =
+            Box::new(move |r| done(r.map_err(Errno::from_i32)));
+        match into {
+            Some(buf) => bd.read_into(offset, want, buf, done),
+            None => bd.read(offset, want, done),
+        }
+    }
+
+    /// FLUSH CACHE EXT on device `a` (fsync of a device file).
+    pub(crate) fn flush_dev(&self, a: TargetAddr, done: DevDone<()>) {
+        self.net.io(
+            a,
+            BlockOp::Flush,
+            Box::new(move |r| done(r.map(|_| ()).map_err(Errno::from_i32))),
+        )
+    }
+
+    /// The state shared with the network thread.
+    pub(crate) fn shared(&self) -> &Arc<Mutex<Shared>> {
+        &self.shared
+    }
+
+    /// Hands a read's buffer back to the engine ([`Handle::recycle`]).
+    pub(crate) fn recycle(&self, buf: Vec<u8>) {
+        self.net.recycle(buf);
     }
 
     /// A write to a device or partition file at any offset and length
@@ -907,35 +1000,41 @@ impl AoeFs {
     ///
     /// `inval`: the inode whose cached pages of the range are dropped after the answer
     /// ([`invalidator`]).
-    fn write_dev(
+    ///
+    /// `data(n)` gives the first `n` of the `len` bytes written (cut at the device's end),
+    /// called at most once: a copy, or a lent buffer ([`Lent`], handed to the engine as it
+    /// is: FUSE over io_uring, [`crate::ring`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_dev(
         &self,
         a: TargetAddr,
         p: u32,
         offset: u64,
-        data: &[u8],
+        len: usize,
+        data: impl FnOnce(usize) -> Lent,
         inval: Option<u64>,
-        reply: ReplyWrite,
+        reply: DevDone<u32>,
     ) {
-        let (start, len) = match self.dev_extent(a, p) {
+        let (start, dlen) = match self.dev_extent(a, p) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply(Err(e)),
         };
-        let end = len * 512;
+        let end = dlen * 512;
         if offset >= end {
-            return reply.error(Errno::ENOSPC);
+            return reply(Err(Errno::ENOSPC));
         }
         // A write reaching past the end is cut at the end and reported short.
-        let n = (data.len() as u64).min(end - offset) as usize;
+        let n = (len as u64).min(end - offset) as usize;
         let written = n as u32;
         // The invalidator's sender only for the writes that need it, not every write.
         let inval = inval.map(|ino| (ino, self.invalidate.clone()));
-        BlockDevice::new(self.net.clone(), a, start).write(
+        BlockDevice::new(self.net.clone(), a, start).write_lent(
             offset,
-            data[..n].to_vec(),
+            data(n),
             Box::new(move |r| match (r, inval) {
-                (Ok(()), None) => reply.written(written),
+                (Ok(()), None) => reply(Ok(written)),
                 (Ok(()), Some((ino, invalidate))) => {
-                    reply.written(written);
+                    reply(Ok(written));
                     // Only once the file system is gone is the thread gone too.
                     let _ = invalidate.send(Invalidate {
                         ino,
@@ -943,11 +1042,14 @@ impl AoeFs {
                         len: n as u64,
                     });
                 }
-                (Err(e), _) => reply.error(Errno::from_i32(e)),
+                (Err(e), _) => reply(Err(Errno::from_i32(e))),
             }),
         );
     }
 }
+
+/// The completion of a device-file read or write: the answer, or the errno.
+pub(crate) type DevDone<T> = Box<dyn FnOnce(Result<T, Errno>) + Send>;
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod fs;
+mod ring;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,10 +31,14 @@ pub fn prepare_root(root: &Path) -> Result<()> {
 pub struct Mount {
     session: fuser::BackgroundSession,
     root: PathBuf,
+    ring: Option<ring::RingThread>,
 }
 
-/// Mounts the file system over `shared` at `root`, sending work to `net`.
-pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Mount> {
+/// Mounts the file system over `shared` at `root`, sending work to `net`. With `uring`, its
+/// requests come through FUSE over io_uring ([`ring`]); where the kernel refuses it
+/// (`/sys/module/fuse/parameters/enable_uring` N, a kernel before 6.14), the mount is taken
+/// down again and the error says why.
+pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) -> Result<Mount> {
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         fuser::MountOption::FSName("aoe".into()),
@@ -46,13 +51,43 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Mou
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(2);
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let session = fuser::spawn_mount(fs::AoeFs::new(shared, net, notifier.clone()), root, &fcfg)
+    let mut afs = fs::AoeFs::new(shared, net, notifier.clone());
+    if uring {
+        afs = afs.with_uring();
+    }
+    let ring_fs = afs.clone();
+    let session = fuser::Session::new(afs, root, &fcfg)
         .with_context(|| format!("cannot mount the control file system on {}", root.display()))?;
+    let fuse_fd = if uring {
+        use std::os::fd::AsFd;
+        Some(
+            session
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot duplicate the /dev/fuse fd")?,
+        )
+    } else {
+        None
+    };
+    let session = session
+        .spawn()
+        .with_context(|| format!("cannot serve the control file system on {}", root.display()))?;
     let _ = notifier.set(session.notifier());
-    Ok(Mount {
+    let mut m = Mount {
         session,
         root: root.to_path_buf(),
-    })
+        ring: None,
+    };
+    if let Some(fd) = fuse_fd {
+        match ring::RingThread::start(ring_fs, fd, fs::WRITE_REQUEST_BYTES as usize) {
+            Ok(r) => m.ring = Some(r),
+            Err(e) => {
+                m.unmount();
+                return Err(e);
+            }
+        }
+    }
+    Ok(m)
 }
 
 impl Mount {
@@ -60,6 +95,10 @@ impl Mount {
     /// readers of `err` first.
     pub fn unmount(self) {
         drop(self.session);
+        if let Some(r) = self.ring {
+            // Unmounted, the kernel ends every entry's command (ENOTCONN) and the thread.
+            r.join();
+        }
         // The BackgroundSession unmounts on drop; make sure nothing is left mounted even if
         // a reader still held a file open (lazy unmount).
         let _ = std::process::Command::new("fusermount3")

@@ -15,7 +15,7 @@
 
 pub mod rangelock;
 
-use aoe_proto::initiator::BlockOp;
+use aoe_proto::initiator::{BlockOp, Lent};
 use aoe_wire::TargetAddr;
 
 use crate::net::Handle;
@@ -58,7 +58,15 @@ impl BlockDevice {
 
     /// Reads `len` bytes at byte `offset` of the extent, holding the covering sectors shared.
     pub fn read(&self, offset: u64, len: usize, done: Cb<Vec<u8>>) {
-        read(&self.net, self.dev, self.base, offset, len, done)
+        read(&self.net, self.dev, self.base, offset, len, None, done)
+    }
+
+    /// Like [`read`](Self::read), into `buf` ([`BlockOp::ReadInto`]): `done` gets that very
+    /// buffer (its block unmoved: the bytes read, moved to its start when `offset` is not
+    /// sector-aligned), and on failure `buf` goes home. A `buf` whose capacity does not hold
+    /// the covering sectors fails the read (`EINVAL`).
+    pub fn read_into(&self, offset: u64, len: usize, buf: Lent, done: Cb<Vec<u8>>) {
+        read(&self.net, self.dev, self.base, offset, len, Some(buf), done)
     }
 
     /// Writes `data` at byte `offset` of the extent. An aligned write goes out as it is
@@ -66,6 +74,20 @@ impl BlockDevice {
     /// first and the whole covering range is written back, all under an exclusive hold of
     /// the covering sectors.
     pub fn write(&self, offset: u64, data: Vec<u8>, done: Cb<()>) {
+        write(
+            &self.net,
+            self.dev,
+            self.base,
+            offset,
+            Lent::owned(data),
+            done,
+        )
+    }
+
+    /// Like [`write`](Self::write), with a lent buffer: an aligned write hands it to the
+    /// engine as it is ([`BlockOp::WriteLent`]), which gives it back once done with it; an
+    /// unaligned one copies it into the read-modify-write buffer and gives it back then.
+    pub fn write_lent(&self, offset: u64, data: Lent, done: Cb<()>) {
         write(&self.net, self.dev, self.base, offset, data, done)
     }
 
@@ -97,7 +119,15 @@ pub fn covering(offset: u64, len: u64) -> (u64, u64, usize) {
 }
 
 /// Reads `len` bytes at byte `offset` of the extent starting at sector `base` of `dev`.
-fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done: Cb<Vec<u8>>) {
+fn read(
+    net: &Handle,
+    dev: TargetAddr,
+    base: u64,
+    offset: u64,
+    len: usize,
+    into: Option<Lent>,
+    done: Cb<Vec<u8>>,
+) {
     if len == 0 {
         return done(Ok(Vec::new()));
     }
@@ -113,9 +143,13 @@ fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done:
         count,
         Mode::Shared,
         Box::new(move |held| {
+            let op = match into {
+                Some(buf) => BlockOp::ReadInto { lba, sectors, buf },
+                None => BlockOp::Read { lba, sectors },
+            };
             n2.io(
                 dev,
-                BlockOp::Read { lba, sectors },
+                op,
                 Box::new(move |r| {
                     drop(held);
                     match r {
@@ -137,7 +171,7 @@ fn read(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: usize, done:
 /// aligned write goes out as it is (holding its sectors shared); otherwise the partial
 /// first and last sectors are read first and the whole covering range is written back,
 /// all under an exclusive hold of the covering sectors.
-fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, done: Cb<()>) {
+fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Lent, done: Cb<()>) {
     if data.is_empty() {
         return done(Ok(()));
     }
@@ -164,7 +198,7 @@ fn write(net: &Handle, dev: TargetAddr, base: u64, offset: u64, data: Vec<u8>, d
             if aligned {
                 n2.io(
                     dev,
-                    BlockOp::Write {
+                    BlockOp::WriteLent {
                         lba: base + first,
                         data,
                     },
@@ -183,7 +217,7 @@ fn read_modify_write(
     dev: TargetAddr,
     base: u64,
     offset: u64,
-    data: Vec<u8>,
+    data: Lent,
     done: Cb<()>,
 ) {
     let len = data.len() as u64;
@@ -268,7 +302,7 @@ fn write_zeroes(net: &Handle, dev: TargetAddr, base: u64, offset: u64, len: u64,
         dev,
         base,
         offset,
-        vec![0u8; n as usize],
+        Lent::owned(vec![0u8; n as usize]),
         Box::new(move |r| match r {
             Ok(()) => write_zeroes(&net2, dev, base, offset + n, len - n, done),
             Err(e) => done(Err(e)),

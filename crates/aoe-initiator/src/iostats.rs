@@ -24,7 +24,8 @@ impl IoBytes {
     pub fn counting(self: &Arc<Self>, dev: TargetAddr, op: &BlockOp, done: Done) -> Done {
         let written = match op {
             BlockOp::Write { data, .. } => data.len() as u64,
-            BlockOp::Read { .. } => 0,
+            BlockOp::WriteLent { data, .. } => data.len() as u64,
+            BlockOp::Read { .. } | BlockOp::ReadInto { .. } => 0,
             BlockOp::Flush => return done,
         };
         let me = self.clone();

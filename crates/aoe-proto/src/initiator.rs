@@ -478,7 +478,10 @@ impl Engine {
         if d.life != Life::Up {
             return Err(SubmitError::DeviceDown);
         }
-        let (kind, lba, sectors) = match op {
+        // A read into the caller's buffer: kept whole (dropped, it goes home) until every
+        // check has passed.
+        let mut into = None;
+        let (mut kind, lba, sectors) = match op {
             BlockOp::Read { lba, sectors } => {
                 if sectors == 0 {
                     return Err(SubmitError::Empty);
@@ -487,16 +490,22 @@ impl Engine {
                 // filled as the frames are (`receive::place`), never zeroed first.
                 (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
-            BlockOp::Write { lba, data } => {
-                if data.is_empty() {
+            BlockOp::ReadInto { lba, sectors, buf } => {
+                if sectors == 0 {
                     return Err(SubmitError::Empty);
                 }
-                if data.len() % SECTOR_SIZE != 0 {
-                    return Err(SubmitError::Unaligned { len: data.len() });
+                let need = sectors as usize * SECTOR_SIZE;
+                if buf.capacity() < need {
+                    return Err(SubmitError::BufferTooSmall {
+                        capacity: buf.capacity(),
+                        need,
+                    });
                 }
-                let n = (data.len() / SECTOR_SIZE) as u64;
-                (OpKind::Write(Arc::new(data)), lba, n)
+                into = Some(buf);
+                (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
+            BlockOp::Write { lba, data } => write_kind(lba, Lent::owned(data))?,
+            BlockOp::WriteLent { lba, data } => write_kind(lba, data)?,
             BlockOp::Flush => (OpKind::Flush, 0, 1),
         };
         if !matches!(kind, OpKind::Flush) && lba.checked_add(sectors).is_none_or(|e| e > d.sectors)
@@ -507,7 +516,18 @@ impl Engine {
                 capacity: d.sectors,
             });
         }
+        let mut home = None;
+        if let Some(buf) = into {
+            let (mut v, h) = buf.into_parts();
+            // Filled from the start (`receive::place`), within its capacity: it stays put.
+            v.clear();
+            kind = OpKind::Read(v);
+            home = h;
+        }
         let id = self.new_op(dev, kind, lba, sectors, false);
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.home = ReadHome(home);
+        }
         self.pump(now, dev);
         Ok(IoId(id))
     }
@@ -762,3 +782,15 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// The operation kind, first sector and sector count of a write of `data` at `lba`.
+fn write_kind(lba: u64, data: Lent) -> Result<(OpKind, u64, u64), SubmitError> {
+    if data.is_empty() {
+        return Err(SubmitError::Empty);
+    }
+    if data.len() % SECTOR_SIZE != 0 {
+        return Err(SubmitError::Unaligned { len: data.len() });
+    }
+    let n = (data.len() / SECTOR_SIZE) as u64;
+    Ok((OpKind::Write(Arc::new(data)), lba, n))
+}

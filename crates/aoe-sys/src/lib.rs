@@ -25,6 +25,9 @@
 //!   completions.
 //! * [`SlotReads`]: io_uring reads with `RWF_NOWAIT` straight into a [`PacketRing`]'s
 //!   transmit slots, one `io_uring_enter` for a batch of them.
+//! * [`fuse_uring::FuseUring`]: the daemon's side of FUSE over io_uring (Linux 6.14+): ring
+//!   entries registered on a `/dev/fuse` connection, requests in, answers committed, payload
+//!   blocks lent out without a copy.
 //! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
 //!   event loop serves page-cached data inline and hands only what would block to workers.
 //! * [`dio_alignment`]: the alignment O_DIRECT needs on a file (`statx` `STATX_DIOALIGN`, or a
@@ -52,6 +55,7 @@ use std::io;
 
 mod event;
 mod file;
+pub mod fuse_uring;
 mod iface;
 mod ns;
 mod packet;

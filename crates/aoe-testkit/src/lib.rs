@@ -15,6 +15,7 @@
 //! * [`require_root`] and [`wait_until`]: the two helpers every such test needs.
 //! * [`run_script`]: runs an interop script under `tests/interop/` (which has its own hard
 //!   timeout and cleanup) with its output captured, and a backstop kill if it hangs.
+//! * [`fuseuring::FuseUring`]: `enable_uring` of the fuse module set for a test and restored.
 //! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
 //!   for tests that must know exactly which request was acknowledged.
 //!
@@ -38,6 +39,7 @@
 
 pub mod aoeclient;
 pub mod faultfs;
+pub mod fuseuring;
 pub mod relay;
 
 use std::borrow::Borrow;

@@ -207,6 +207,9 @@ pub struct InitOpts {
     /// `--unsafe-no-write-fence`: writes go out at once even while a copy of an earlier
     /// write to their sectors may still land (only to show what the fence prevents).
     pub no_write_fence: bool,
+    /// `--fuse-uring`: the files' requests through FUSE over io_uring (hold an
+    /// [`aoe_testkit::fuseuring::FuseUring::enabled`] guard meanwhile).
+    pub fuse_uring: bool,
 }
 
 impl InitOpts {
@@ -221,6 +224,9 @@ impl InitOpts {
         }
         if self.no_write_fence {
             v.push("--unsafe-no-write-fence".into());
+        }
+        if self.fuse_uring {
+            v.push("--fuse-uring".into());
         }
         v
     }

@@ -132,7 +132,7 @@ impl Device {
 pub(super) enum OpKind {
     Read(Vec<u8>),
     /// Shared with the frames carrying it ([`TxData`]) until they are sent.
-    Write(Arc<Vec<u8>>),
+    Write(Arc<Lent>),
     Flush,
     /// Internal: IDENTIFY DEVICE at discovery or revalidation.
     Identify,
@@ -163,6 +163,22 @@ pub(super) struct Op {
     /// Held back at least once by a fence (`Engine::pick_queued`), counted in
     /// [`Stats::writes_fenced`].
     pub(super) fenced: bool,
+    /// Where a [`BlockOp::ReadInto`] buffer goes if the read fails.
+    pub(super) home: ReadHome,
+}
+
+/// Where a [`BlockOp::ReadInto`] buffer goes if the read fails (none for other ops).
+#[derive(Default)]
+pub(super) struct ReadHome(pub(super) Option<LentHome>);
+
+impl fmt::Debug for ReadHome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ReadHome(lent)"
+        } else {
+            "ReadHome(none)"
+        })
+    }
 }
 
 impl Op {

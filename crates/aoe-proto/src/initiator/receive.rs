@@ -418,15 +418,23 @@ impl Engine {
         if op.kind.internal() {
             return;
         }
-        let result = result.map(|()| match op.kind {
-            OpKind::Read(mut buf) => {
+        let result = match (result, op.kind) {
+            (Ok(()), OpKind::Read(mut buf)) => {
                 // Every frame of the op was answered, so `place` has filled it to the end;
                 // this only restates the length the caller asked for.
                 buf.resize(op.sectors as usize * SECTOR_SIZE, 0);
-                Some(buf)
+                Ok(Some(buf))
             }
-            _ => None,
-        });
+            (Ok(()), _) => Ok(None),
+            (Err(e), OpKind::Read(buf)) => {
+                // A lent buffer goes home (BlockOp::ReadInto).
+                if let Some(home) = op.home.0 {
+                    home(buf);
+                }
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        };
         self.events.push_back(Event::Completed {
             id: IoId(id),
             result,

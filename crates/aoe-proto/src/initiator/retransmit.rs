@@ -912,6 +912,7 @@ impl Engine {
                     reissue: Vec::new(),
                     frames_out: 1,
                     fenced: false,
+                    home: ReadHome::default(),
                 },
             );
             self.send_new(now, addr, id, ti, 0, 1);

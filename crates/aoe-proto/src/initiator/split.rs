@@ -37,6 +37,7 @@ impl Engine {
                 reissue: Vec::new(),
                 frames_out: 0,
                 fenced: false,
+                home: ReadHome::default(),
             },
         );
         if let Some(d) = self.devices.get_mut(&dev) {

@@ -1966,3 +1966,129 @@ fn config_response_keeps_an_open_devices_config_string() {
     assert_eq!(d.firmware_version, 0x1234);
     assert_eq!(d.config, b"new");
 }
+
+/// A home for lent buffers that records what comes back.
+fn home_of(back: &std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) -> LentHome {
+    let back = back.clone();
+    Box::new(move |b| back.lock().unwrap().push(b))
+}
+
+/// `ReadInto`: the read completes with the caller's very buffer (its block unmoved, filled
+/// with the target's bytes); failed, the buffer goes home instead; too small, it is refused
+/// and goes home at once.
+#[test]
+fn read_into_fills_the_lent_buffer_or_sends_it_home() {
+    let (mut e, t0) = up_engine(1000, true);
+    let back = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let buf = vec![0xeeu8; 8192];
+    let ptr = buf.as_ptr();
+    let buf = Lent::new(buf, home_of(&back));
+    e.submit(
+        t0,
+        DEV,
+        BlockOp::ReadInto {
+            lba: 4,
+            sectors: 4,
+            buf,
+        },
+    )
+    .unwrap();
+    let want: Vec<u8> = (0..2048).map(|i| (i % 251) as u8).collect();
+    for (_, req) in drain(&mut e, t0) {
+        let m = Message::parse(&req).unwrap();
+        let Body::Ata(a) = m.body else { continue };
+        let at = (a.lba as usize - 4) * 512;
+        let n = usize::from(a.sector_count) * 512;
+        e.handle_frame(
+            t0,
+            0,
+            &ata_rsp(&req, TMAC, status::DRDY, 0, &want[at..at + n]),
+        );
+    }
+    match completions(&mut e).pop() {
+        Some(Ok(Some(d))) => {
+            assert_eq!(d.as_ptr(), ptr, "filled where it is");
+            assert!(d == want);
+        }
+        other => panic!("read: {other:?}"),
+    }
+    assert!(back.lock().unwrap().is_empty(), "completed: not sent home");
+
+    // An ATA error: the buffer goes home.
+    let buf = vec![0u8; 4096];
+    let ptr = buf.as_ptr();
+    e.submit(
+        t0,
+        DEV,
+        BlockOp::ReadInto {
+            lba: 0,
+            sectors: 4,
+            buf: Lent::new(buf, home_of(&back)),
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, t0);
+    let rsp = ata_rsp(
+        &tx[0].1,
+        TMAC,
+        status::DRDY | status::ERR,
+        error_bits::UNC,
+        &[],
+    );
+    e.handle_frame(t0, 0, &rsp);
+    assert!(matches!(
+        completions(&mut e).pop(),
+        Some(Err(IoError::Ata { .. }))
+    ));
+    let got = back
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the failed read's buffer came home");
+    assert_eq!(got.as_ptr(), ptr);
+
+    // Too small for 4 sectors: refused, home at once.
+    let r = e.submit(
+        t0,
+        DEV,
+        BlockOp::ReadInto {
+            lba: 0,
+            sectors: 4,
+            buf: Lent::new(vec![0; 1024], home_of(&back)),
+        },
+    );
+    assert_eq!(
+        r,
+        Err(SubmitError::BufferTooSmall {
+            capacity: 1024,
+            need: 2048
+        })
+    );
+    assert_eq!(back.lock().unwrap().len(), 1);
+}
+
+/// `WriteLent`: the buffer goes home once the write is done with it, not before.
+#[test]
+fn write_lent_goes_home_after_the_write() {
+    let (mut e, t0) = up_engine(1000, true);
+    let back = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let data: Vec<u8> = (0..4096).map(|i| (i % 199) as u8).collect();
+    let ptr = data.as_ptr();
+    e.submit(
+        t0,
+        DEV,
+        BlockOp::WriteLent {
+            lba: 8,
+            data: Lent::new(data, home_of(&back)),
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, t0);
+    assert!(back.lock().unwrap().is_empty(), "still in flight");
+    for (_, req) in &tx {
+        e.handle_frame(t0, 0, &ata_rsp(req, TMAC, status::DRDY, 0, &[]));
+    }
+    assert_eq!(completions(&mut e).pop(), Some(Ok(None)));
+    let got = back.lock().unwrap().pop().expect("home after the write");
+    assert_eq!(got.as_ptr(), ptr);
+}

@@ -118,6 +118,28 @@ pub enum BlockOp {
         /// The data.
         data: Vec<u8>,
     },
+    /// Like [`BlockOp::Read`], into the caller's buffer (its capacity at least `sectors` x
+    /// 512 bytes), filled where it is: it completes with that buffer (its block unmoved),
+    /// and on failure the buffer goes home ([`Lent`]). For an owner that must get that
+    /// very buffer back (a FUSE-over-io_uring entry's payload, registered with the kernel).
+    ReadInto {
+        /// First sector.
+        lba: u64,
+        /// Sectors to read (at least 1).
+        sectors: u32,
+        /// Where the bytes go.
+        buf: Lent,
+    },
+    /// Like [`BlockOp::Write`], with data lent by its owner ([`Lent`]): the engine gives the
+    /// buffer back once it and every frame carrying it are done with it, so an owner that
+    /// must get that very buffer back (a FUSE-over-io_uring entry's payload, registered
+    /// with the kernel) hands it over without a copy.
+    WriteLent {
+        /// First sector.
+        lba: u64,
+        /// The data.
+        data: Lent,
+    },
     /// ATA FLUSH CACHE EXT (0xEA) if IDENTIFY advertises it (word 83 bit 13), else FLUSH CACHE
     /// (0xE7), as libata chooses. The Linux AoE driver never sends one; we do, so a write
     /// cache on the target is safe.
@@ -167,6 +189,14 @@ pub enum SubmitError {
     Unaligned {
         /// Bytes given.
         len: usize,
+    },
+    /// A [`BlockOp::ReadInto`] buffer too small for the read.
+    #[error("read buffer of {capacity} bytes for {need}")]
+    BufferTooSmall {
+        /// The buffer's capacity.
+        capacity: usize,
+        /// Bytes of the read.
+        need: usize,
     },
     /// The range ends beyond the device.
     #[error("sectors {lba}+{sectors} beyond the device's {capacity}")]
@@ -240,11 +270,91 @@ impl TxFrame {
     }
 }
 
+/// Write data lent by its owner ([`BlockOp::WriteLent`]): dropped, it hands its buffer to
+/// its `home` instead of freeing it (whoever drops the last reference, whenever: after the
+/// write completed or failed, when the last frame carrying it was sent). A clone is an
+/// ordinary copy of the bytes with no home; equality compares the bytes.
+pub struct Lent {
+    data: Vec<u8>,
+    home: Option<LentHome>,
+}
+
+/// Where a [`Lent`] buffer goes when dropped.
+pub type LentHome = Box<dyn FnOnce(Vec<u8>) + Send + Sync>;
+
+impl Lent {
+    /// `data`, to go to `home` when dropped.
+    pub fn new(data: Vec<u8>, home: LentHome) -> Lent {
+        Lent {
+            data,
+            home: Some(home),
+        }
+    }
+
+    /// `data` with no home: freed when dropped, like an ordinary write's buffer.
+    pub fn owned(data: Vec<u8>) -> Lent {
+        Lent { data, home: None }
+    }
+
+    /// Cuts the bytes to `n` (the buffer itself stays: it goes home whole).
+    pub fn truncate(&mut self, n: usize) {
+        self.data.truncate(n);
+    }
+
+    /// Bytes the buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    /// The buffer and its home, taken apart (the home is not called).
+    pub fn into_parts(mut self) -> (Vec<u8>, Option<LentHome>) {
+        (std::mem::take(&mut self.data), self.home.take())
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            home(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+impl Clone for Lent {
+    fn clone(&self) -> Lent {
+        Lent::owned(self.data.clone())
+    }
+}
+
+impl PartialEq for Lent {
+    fn eq(&self, other: &Lent) -> bool {
+        self.data == other.data
+    }
+}
+
+impl Eq for Lent {}
+
+impl fmt::Debug for Lent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lent")
+            .field("len", &self.data.len())
+            .field("lent", &self.home.is_some())
+            .finish()
+    }
+}
+
 /// Sectors of a write one frame carries: a range of the write's buffer, shared with the
 /// operation (which keeps it for retransmissions) until the frame is sent.
 #[derive(Debug, Clone)]
 pub struct TxData {
-    pub(super) buf: Arc<Vec<u8>>,
+    pub(super) buf: Arc<Lent>,
     pub(super) start: usize,
     pub(super) end: usize,
 }

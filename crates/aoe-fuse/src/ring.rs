@@ -1,0 +1,866 @@
+//! FUSE over io_uring for the file system ([`crate::fs`]): the requests the kernel puts in
+//! ring entries ([`aoe_sys::fuse_uring`]) instead of `/dev/fuse`, parsed and answered here.
+//!
+//! fuser keeps the mount, `FUSE_INIT` (where `FUSE_OVER_IO_URING` is asked for) and its
+//! `/dev/fuse` loop, which still gets `FORGET`, `BATCH_FORGET` and `INTERRUPT`
+//! (fs/fuse/dev_uring.c sends only through the ring what goes through `fiq->ops->send_req`).
+//! Every other request arrives in a ring entry, once entries are registered on every queue:
+//! each is answered here, `ENOSYS` for an opcode the file system does not serve.
+//!
+//! A device-file WRITE's payload is the data the kernel copied out of the writer's pages;
+//! a READ's answer is gathered into the entry's payload, which the kernel copies into the
+//! reader's pages at the commit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use aoe_initiator::net::{lock, ErrWaiter};
+use aoe_proto::initiator::Lent;
+use aoe_sys::fuse_uring::{possible_cpus, FuseUring, Ready, OP_IN_AT};
+use fuser::{Errno, FileAttr, FileType};
+
+use crate::fs::{node, slice_at, AoeFs, Node, DIRECT_FH, ERR, INTERFACES, TTL};
+
+/// `enum fuse_opcode` (include/uapi/linux/fuse.h), the ones answered here.
+pub(crate) mod op {
+    pub const LOOKUP: u32 = 1;
+    pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const STATFS: u32 = 17;
+    pub const RELEASE: u32 = 18;
+    pub const FSYNC: u32 = 20;
+    pub const GETXATTR: u32 = 22;
+    pub const LISTXATTR: u32 = 23;
+    pub const FLUSH: u32 = 25;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASEDIR: u32 = 29;
+    pub const FSYNCDIR: u32 = 30;
+    pub const DESTROY: u32 = 38;
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
+}
+
+/// `struct fuse_in_header` (40 bytes): len, opcode, unique, nodeid, uid, gid, pid,
+/// total_extlen, padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InHeader {
+    pub opcode: u32,
+    pub unique: u64,
+    pub nodeid: u64,
+    pub pid: u32,
+}
+
+impl InHeader {
+    pub const LEN: usize = 40;
+    pub fn parse(b: &[u8]) -> Option<InHeader> {
+        if b.len() < Self::LEN {
+            return None;
+        }
+        Some(InHeader {
+            opcode: u32_at(b, 4),
+            unique: u64_at(b, 8),
+            nodeid: u64_at(b, 16),
+            pid: u32_at(b, 32),
+        })
+    }
+}
+
+/// `struct fuse_read_in` (40 bytes), also READDIR's: fh, offset, size, read_flags,
+/// lock_owner, flags, padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub size: u32,
+    pub flags: u32,
+}
+
+impl ReadIn {
+    pub fn parse(b: &[u8]) -> ReadIn {
+        ReadIn {
+            fh: u64_at(b, 0),
+            offset: u64_at(b, 8),
+            size: u32_at(b, 16),
+            flags: u32_at(b, 32),
+        }
+    }
+}
+
+/// `struct fuse_write_in` (40 bytes): fh, offset, size, write_flags, lock_owner, flags,
+/// padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WriteIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub size: u32,
+}
+
+impl WriteIn {
+    pub fn parse(b: &[u8]) -> WriteIn {
+        WriteIn {
+            fh: u64_at(b, 0),
+            offset: u64_at(b, 8),
+            size: u32_at(b, 16),
+        }
+    }
+}
+
+/// `struct fuse_open_in` (flags, open_flags), `fuse_release_in` (fh, flags, ...),
+/// `fuse_getxattr_in` (size, padding): the fields read of them.
+pub(crate) fn open_in_flags(b: &[u8]) -> u32 {
+    u32_at(b, 0)
+}
+pub(crate) fn release_in_fh(b: &[u8]) -> u64 {
+    u64_at(b, 0)
+}
+pub(crate) fn getxattr_in_size(b: &[u8]) -> u32 {
+    u32_at(b, 0)
+}
+
+fn put_u32(out: &mut [u8], at: usize, v: u32) {
+    out[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut [u8], at: usize, v: u64) {
+    out[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// `struct fuse_attr` (88 bytes).
+pub(crate) const ATTR_LEN: usize = 88;
+
+fn since_epoch(t: SystemTime) -> (u64, u32) {
+    t.duration_since(UNIX_EPOCH)
+        .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()))
+}
+
+fn mode_of(a: &FileAttr) -> u32 {
+    let kind = match a.kind {
+        FileType::Directory => libc::S_IFDIR,
+        FileType::RegularFile => libc::S_IFREG,
+        FileType::Symlink => libc::S_IFLNK,
+        FileType::NamedPipe => libc::S_IFIFO,
+        FileType::CharDevice => libc::S_IFCHR,
+        FileType::BlockDevice => libc::S_IFBLK,
+        FileType::Socket => libc::S_IFSOCK,
+    };
+    kind | u32::from(a.perm)
+}
+
+/// Encodes `struct fuse_attr`: ino, size, blocks, atime, mtime, ctime, their nsecs, mode,
+/// nlink, uid, gid, rdev, blksize, flags.
+pub(crate) fn encode_attr(a: &FileAttr, out: &mut [u8]) {
+    let (at, atn) = since_epoch(a.atime);
+    let (mt, mtn) = since_epoch(a.mtime);
+    let (ct, ctn) = since_epoch(a.ctime);
+    put_u64(out, 0, a.ino.0);
+    put_u64(out, 8, a.size);
+    put_u64(out, 16, a.blocks);
+    put_u64(out, 24, at);
+    put_u64(out, 32, mt);
+    put_u64(out, 40, ct);
+    put_u32(out, 48, atn);
+    put_u32(out, 52, mtn);
+    put_u32(out, 56, ctn);
+    put_u32(out, 60, mode_of(a));
+    put_u32(out, 64, a.nlink);
+    put_u32(out, 68, a.uid);
+    put_u32(out, 72, a.gid);
+    put_u32(out, 76, a.rdev);
+    put_u32(out, 80, a.blksize);
+    put_u32(out, 84, a.flags);
+}
+
+/// `struct fuse_attr_out` (104 bytes): attr_valid, attr_valid_nsec, dummy, attr.
+pub(crate) fn encode_attr_out(a: &FileAttr, out: &mut [u8]) -> usize {
+    put_u64(out, 0, TTL.as_secs());
+    put_u32(out, 8, TTL.subsec_nanos());
+    put_u32(out, 12, 0);
+    encode_attr(a, &mut out[16..16 + ATTR_LEN]);
+    16 + ATTR_LEN
+}
+
+/// `struct fuse_entry_out` (128 bytes): nodeid, generation, entry_valid, attr_valid, their
+/// nsecs, attr.
+pub(crate) fn encode_entry_out(a: &FileAttr, out: &mut [u8]) -> usize {
+    put_u64(out, 0, a.ino.0);
+    put_u64(out, 8, 0);
+    put_u64(out, 16, TTL.as_secs());
+    put_u64(out, 24, TTL.as_secs());
+    put_u32(out, 32, TTL.subsec_nanos());
+    put_u32(out, 36, TTL.subsec_nanos());
+    encode_attr(a, &mut out[40..40 + ATTR_LEN]);
+    40 + ATTR_LEN
+}
+
+/// `struct fuse_open_out` (16 bytes): fh, open_flags, backing_id.
+pub(crate) fn encode_open_out(fh: u64, flags: u32, out: &mut [u8]) -> usize {
+    put_u64(out, 0, fh);
+    put_u32(out, 8, flags);
+    put_u32(out, 12, 0);
+    16
+}
+
+/// `struct fuse_write_out` (8 bytes): size, padding; also `fuse_getxattr_out`.
+pub(crate) fn encode_size_out(size: u32, out: &mut [u8]) -> usize {
+    put_u32(out, 0, size);
+    put_u32(out, 4, 0);
+    8
+}
+
+/// `struct fuse_kstatfs` in `fuse_statfs_out` (80 bytes), what fuser answers by default:
+/// no blocks, no files, bsize 512, namelen 255.
+pub(crate) fn encode_statfs_out(out: &mut [u8]) -> usize {
+    out[..80].fill(0);
+    put_u32(out, 40, 512);
+    put_u32(out, 44, 255);
+    put_u32(out, 48, 0);
+    80
+}
+
+/// `struct fuse_dirent` entries (ino, off, namelen, type, name padded to 8 bytes) of
+/// `entries` from index `offset` on, as many as fit in `size` bytes of `out`.
+pub(crate) fn encode_dirents(
+    entries: &[(u64, FileType, String)],
+    offset: u64,
+    size: usize,
+    out: &mut [u8],
+) -> usize {
+    let room = size.min(out.len());
+    let mut at = 0;
+    for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        let n = name.len();
+        let len = (24 + n).div_ceil(8) * 8;
+        if at + len > room {
+            break;
+        }
+        let t = mode_of(&FileAttr {
+            ino: fuser::INodeNo(*ino),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: *kind,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 0,
+            flags: 0,
+        }) >> 12;
+        let e = &mut out[at..at + len];
+        put_u64(e, 0, *ino);
+        put_u64(e, 8, (i + 1) as u64);
+        put_u32(e, 16, n as u32);
+        put_u32(e, 20, t);
+        e[24..24 + n].copy_from_slice(name.as_bytes());
+        e[24 + n..].fill(0);
+        at += len;
+    }
+    at
+}
+
+/// An answer that another thread completes, sent back to the ring's thread.
+enum Answer {
+    /// Bytes to put in the payload: a line of `err` (`false`), or a device read (`true`):
+    /// the entry's own payload block, or else the engine's buffer, recycled after.
+    Data(usize, Result<Vec<u8>, Errno>, bool),
+    /// A write's count.
+    Written(usize, Result<u32, Errno>),
+    /// A lent payload back ([`Lent`]).
+    Home(usize, Vec<u8>),
+    /// An empty answer (fsync).
+    Empty(usize, Result<(), Errno>),
+}
+
+/// The sender of answers to the ring's thread.
+#[derive(Clone)]
+struct Answers {
+    tx: crossbeam_channel::Sender<Answer>,
+    wake: Arc<aoe_sys::EventFd>,
+    /// A wake-up is on its way and the channel not yet drained: no other needed (a write
+    /// sends two answers, its buffer home and its count, often back to back).
+    woken: Arc<AtomicBool>,
+}
+
+impl Answers {
+    fn send(&self, a: Answer) {
+        // Only once the ring's thread is gone is the receiver gone too: nobody to answer.
+        if self.tx.send(a).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
+            let _ = self.wake.notify();
+        }
+    }
+}
+
+/// A read of `err` waiting for a line, answered through the ring.
+struct RingErrReply(Answers, usize);
+
+impl ErrWaiter for RingErrReply {
+    fn line(self: Box<Self>, line: &[u8]) {
+        self.0.send(Answer::Data(self.1, Ok(line.to_vec()), false));
+    }
+    fn interrupted(self: Box<Self>) {
+        self.0.send(Answer::Data(self.1, Err(Errno::EINTR), false));
+    }
+}
+
+/// Entries per queue: the writes and reads in flight at once per CPU.
+pub(crate) const PER_QUEUE: u16 = 32;
+
+/// The ring's thread, started once the kernel has answered `FUSE_INIT`.
+pub(crate) struct RingThread {
+    join: std::thread::JoinHandle<()>,
+}
+
+impl RingThread {
+    /// Registers the ring on the connection `fuse` (a dup of the session's `/dev/fuse` fd)
+    /// and starts its thread; fails (with the cause, naming the module parameter where it
+    /// is the cause) if the kernel refuses.
+    pub(crate) fn start(fs: AoeFs, fuse: std::os::fd::OwnedFd, payload: usize) -> Result<Self> {
+        let queues = possible_cpus().context("cannot count the possible CPUs")?;
+        let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
+        let join = std::thread::Builder::new()
+            .name("fuse-uring".into())
+            .spawn(move || {
+                let ring = loop {
+                    match FuseUring::new(
+                        fuse.try_clone().expect("dup /dev/fuse"),
+                        queues,
+                        PER_QUEUE,
+                        payload,
+                    ) {
+                        // FUSE_INIT's answer written but not yet processed by the kernel.
+                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = ok_tx.send(Err(e));
+                            return;
+                        }
+                        Ok(r) => break r,
+                    }
+                };
+                let _ = ok_tx.send(Ok(()));
+                tracing::info!(
+                    "FUSE requests through io_uring: {} entries on {queues} queues",
+                    ring.len()
+                );
+                run(fs, ring);
+            })
+            .context("cannot start the FUSE io_uring thread")?;
+        match ok_rx.recv() {
+            Ok(Ok(())) => Ok(RingThread { join }),
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => bail!(
+                "FUSE over io_uring is disabled in this kernel: \
+                 /sys/module/fuse/parameters/enable_uring is N (root may set it to Y): {e}"
+            ),
+            Ok(Err(e)) => bail!(
+                "the kernel refused FUSE over io_uring (a kernel before 6.14, or without \
+                 io_uring or CONFIG_FUSE_IO_URING?): {e}"
+            ),
+            Err(_) => bail!("the FUSE io_uring thread ended before registering"),
+        }
+    }
+
+    /// Waits for the thread, which ends when the file system is unmounted.
+    pub(crate) fn join(self) {
+        let _ = self.join.join();
+    }
+}
+
+/// Serves requests until every entry has failed (unmounted).
+fn run(fs: AoeFs, mut ring: FuseUring) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let answers = Answers {
+        tx,
+        wake: ring.waker(),
+        woken: Arc::new(AtomicBool::new(false)),
+    };
+    let mut live = ring.len();
+    let mut state = State {
+        lent: vec![false; ring.len()],
+        waiting: (0..ring.len()).map(|_| None).collect(),
+    };
+    let mut ready = Vec::new();
+    while live > 0 {
+        if let Err(e) = ring.wait(&mut ready) {
+            tracing::error!("FUSE io_uring: {e}");
+            return;
+        }
+        for r in ready.drain(..) {
+            match r {
+                Ready::Request(i) => serve(&fs, &mut ring, &mut state, &answers, i),
+                Ready::Woken => {}
+                Ready::Failed(_, e) => {
+                    live -= 1;
+                    if e != libc::ENOTCONN && e != libc::ECANCELED {
+                        tracing::warn!("FUSE io_uring entry failed: errno {e}");
+                    }
+                }
+            }
+        }
+        // Cleared before the channel is drained: an answer sent after this wakes again.
+        answers.woken.store(false, Ordering::Release);
+        while let Ok(a) = rx.try_recv() {
+            finish(&fs, &mut ring, &mut state, a);
+        }
+    }
+}
+
+/// Commits entry `i`'s answer; a failure means the connection is gone.
+fn commit(ring: &mut FuseUring, i: usize, r: Result<usize, Errno>) {
+    let res = match r {
+        Ok(n) => ring.commit(i, 0, n),
+        Err(e) => ring.commit(i, -e.code(), 0),
+    };
+    if let Err(e) = res {
+        tracing::warn!("FUSE io_uring commit of entry {i}: {e}");
+    }
+}
+
+/// Per entry: whether its payload is lent out, and an answer waiting for it.
+struct State {
+    lent: Vec<bool>,
+    waiting: Vec<Option<Answer>>,
+}
+
+fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
+    match a {
+        // A device read into the entry's own block: the block is home again, the bytes in
+        // place.
+        Answer::Data(i, Ok(d), true) if state.lent[i] => {
+            let n = d.len();
+            match ring.put_payload(i, d) {
+                Ok(()) => {
+                    state.lent[i] = false;
+                    commit(ring, i, Ok(n))
+                }
+                // Another buffer (an empty read): answered once the block is home.
+                Err(d) => state.waiting[i] = Some(Answer::Data(i, Ok(d), true)),
+            }
+        }
+        a @ (Answer::Data(i, ..) | Answer::Written(i, _)) if state.lent[i] => {
+            state.waiting[i] = Some(a)
+        }
+        Answer::Data(i, r, recycle) => {
+            let r = match r {
+                Ok(d) => {
+                    let out = ring.payload_mut(i).unwrap_or_default();
+                    let n = d.len().min(out.len());
+                    out[..n].copy_from_slice(&d[..n]);
+                    if recycle {
+                        fs.recycle(d);
+                    }
+                    Ok(n)
+                }
+                Err(e) => Err(e),
+            };
+            commit(ring, i, r)
+        }
+        Answer::Written(i, r) => {
+            let r = r.map(|n| encode_size_out(n, ring.payload_mut(i).unwrap_or_default()));
+            commit(ring, i, r)
+        }
+        Answer::Home(i, b) => {
+            if ring.put_payload(i, b).is_err() {
+                // Not this entry's block: cannot happen (each Lent goes to its own entry).
+                tracing::error!("FUSE io_uring: entry {i} got a foreign buffer back");
+                return;
+            }
+            state.lent[i] = false;
+            if let Some(a) = state.waiting[i].take() {
+                finish(fs, ring, state, a)
+            }
+        }
+        Answer::Empty(i, r) => commit(ring, i, r.map(|()| 0)),
+    }
+}
+
+/// Answers the request in entry `i`, now or (device I/O, `err`) through `answers` later.
+fn serve(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, answers: &Answers, i: usize) {
+    // (Entries are served only when their payload is home: a request arrives in an entry
+    // only after its commit, which needs the block.)
+    let hdr = *ring.header(i);
+    let Some(h) = InHeader::parse(&hdr) else {
+        return commit(ring, i, Err(Errno::EIO));
+    };
+    let op_in = &hdr[OP_IN_AT..OP_IN_AT + 128];
+    let ino = h.nodeid;
+    let r: Result<usize, Errno> = match h.opcode {
+        op::LOOKUP => {
+            let name = ring.payload(i).unwrap_or_default();
+            let name = name.split(|b| *b == 0).next().unwrap_or_default();
+            match std::str::from_utf8(name)
+                .ok()
+                .and_then(|n| fs.lookup_attr(ino, n))
+            {
+                Some(a) => Ok(encode_entry_out(
+                    &a,
+                    ring.payload_mut(i).unwrap_or_default(),
+                )),
+                None => Err(Errno::ENOENT),
+            }
+        }
+        // Like a block device: truncation changes nothing (see the fuser `setattr`).
+        op::GETATTR | op::SETATTR => match node(ino).and_then(|n| fs.getattr_node(n)) {
+            Some(a) => Ok(encode_attr_out(&a, ring.payload_mut(i).unwrap_or_default())),
+            None => Err(Errno::ENOENT),
+        },
+        op::OPEN => match fs.open_node(ino, open_in_flags(op_in) as i32) {
+            Ok((fh, f)) => Ok(encode_open_out(
+                fh,
+                f.bits(),
+                ring.payload_mut(i).unwrap_or_default(),
+            )),
+            Err(e) => Err(e),
+        },
+        op::OPENDIR => Ok(encode_open_out(
+            0,
+            0,
+            ring.payload_mut(i).unwrap_or_default(),
+        )),
+        op::RELEASE => {
+            fs.release_node(ino, release_in_fh(op_in));
+            Ok(0)
+        }
+        op::RELEASEDIR | op::FLUSH | op::FSYNCDIR | op::DESTROY => Ok(0),
+        op::STATFS => Ok(encode_statfs_out(ring.payload_mut(i).unwrap_or_default())),
+        op::GETXATTR => Err(Errno::ENODATA),
+        op::LISTXATTR => {
+            if getxattr_in_size(op_in) == 0 {
+                Ok(encode_size_out(0, ring.payload_mut(i).unwrap_or_default()))
+            } else {
+                Ok(0)
+            }
+        }
+        op::READDIR => {
+            let rd = ReadIn::parse(op_in);
+            match fs.dir_entries(ino) {
+                Some(all) => Ok(encode_dirents(
+                    &all,
+                    rd.offset,
+                    rd.size as usize,
+                    ring.payload_mut(i).unwrap_or_default(),
+                )),
+                None => Err(Errno::ENOTDIR),
+            }
+        }
+        op::FSYNC => match node(ino) {
+            Some(Node::Dev(a, _)) => {
+                let ans = answers.clone();
+                fs.flush_dev(a, Box::new(move |r| ans.send(Answer::Empty(i, r))));
+                return;
+            }
+            _ => Ok(0),
+        },
+        op::READ => {
+            let rd = ReadIn::parse(op_in);
+            match read(fs, ring, state, answers, i, ino, &h, rd) {
+                Some(r) => r.map(|d| {
+                    let out = ring.payload_mut(i).unwrap_or_default();
+                    let n = d.len().min(out.len());
+                    out[..n].copy_from_slice(&d[..n]);
+                    n
+                }),
+                None => return,
+            }
+        }
+        op::WRITE => {
+            let w = WriteIn::parse(op_in);
+            let data = ring.payload(i).unwrap_or_default();
+            let len = (w.size as usize).min(data.len());
+            match node(ino) {
+                Some(Node::Fixed(which)) => match fs.control_write(which, &data[..len]) {
+                    Ok(()) => Ok(encode_size_out(
+                        len as u32,
+                        ring.payload_mut(i).unwrap_or_default(),
+                    )),
+                    Err(e) => Err(e),
+                },
+                Some(Node::Dev(a, p)) => {
+                    let inval =
+                        (w.fh == DIRECT_FH && fs.cached_opens().contains_key(&ino)).then_some(ino);
+                    // The payload goes to the engine as it is, and comes back (Answer::Home)
+                    // when the engine is done with it, whatever happens to the write: only
+                    // then is the entry answered, the kernel writing the next request there.
+                    let Some(buf) = ring.take_payload(i) else {
+                        return commit(ring, i, Err(Errno::EIO));
+                    };
+                    let home = answers.clone();
+                    let mut lent = Lent::new(buf, Box::new(move |b| home.send(Answer::Home(i, b))));
+                    lent.truncate(len);
+                    state.lent[i] = true;
+                    let ans = answers.clone();
+                    fs.write_dev(
+                        a,
+                        p,
+                        w.offset,
+                        len,
+                        move |n| {
+                            lent.truncate(n);
+                            lent
+                        },
+                        inval,
+                        Box::new(move |r| ans.send(Answer::Written(i, r))),
+                    );
+                    return;
+                }
+                _ => Err(Errno::EACCES),
+            }
+        }
+        _ => Err(Errno::ENOSYS),
+    };
+    commit(ring, i, r)
+}
+
+/// A READ: the bytes now (Some), or None when the answer comes later through `answers`.
+#[allow(clippy::too_many_arguments)]
+fn read(
+    fs: &AoeFs,
+    ring: &mut FuseUring,
+    state: &mut State,
+    answers: &Answers,
+    i: usize,
+    ino: u64,
+    h: &InHeader,
+    rd: ReadIn,
+) -> Option<Result<Vec<u8>, Errno>> {
+    match node(ino) {
+        Some(Node::Fixed(ERR)) => {
+            let mut s = lock(fs.shared());
+            match s.err.pop_front() {
+                Some(line) => Some(Ok(line.into_bytes())),
+                // aoechr.c `aoechr_read`: O_NDELAY and nothing queued is EAGAIN.
+                None if rd.flags as i32 & libc::O_NONBLOCK != 0 => Some(Err(Errno::EAGAIN)),
+                None => {
+                    s.err_waiters
+                        .push((h.pid, Box::new(RingErrReply(answers.clone(), i))));
+                    None
+                }
+            }
+        }
+        Some(Node::Fixed(INTERFACES)) => {
+            let text = {
+                let s = lock(fs.shared());
+                if s.iflist.is_empty() {
+                    String::new()
+                } else {
+                    s.iflist.join(" ") + "\n"
+                }
+            };
+            Some(Ok(slice_at(text.as_bytes(), rd.offset, rd.size).to_vec()))
+        }
+        Some(Node::Attr(a, k)) => Some(match fs.attr_bytes(a, k) {
+            Some(v) => Ok(slice_at(&v, rd.offset, rd.size).to_vec()),
+            None => Err(Errno::ENOENT),
+        }),
+        Some(Node::Dev(a, p)) => {
+            // Read into the entry's payload: the engine fills it where it is, and the block
+            // comes back with the bytes (or, failed, goes home), then the entry is answered.
+            let into = ring.take_payload(i).map(|buf| {
+                let home = answers.clone();
+                Lent::new(buf, Box::new(move |b| home.send(Answer::Home(i, b))))
+            });
+            state.lent[i] = into.is_some();
+            let ans = answers.clone();
+            fs.read_dev(
+                a,
+                p,
+                rd.offset,
+                rd.size,
+                into,
+                Box::new(move |r| ans.send(Answer::Data(i, r, true))),
+            );
+            None
+        }
+        Some(Node::Fixed(_)) => Some(Ok(Vec::new())),
+        _ => Some(Err(Errno::EISDIR)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_header_fields() {
+        let mut b = vec![0u8; 40];
+        b[0..4].copy_from_slice(&40u32.to_le_bytes());
+        b[4..8].copy_from_slice(&16u32.to_le_bytes());
+        b[8..16].copy_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+        b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        b[32..36].copy_from_slice(&4242u32.to_le_bytes());
+        assert_eq!(
+            InHeader::parse(&b),
+            Some(InHeader {
+                opcode: op::WRITE,
+                unique: 0x0102_0304_0506_0708,
+                nodeid: 1 << 40,
+                pid: 4242,
+            })
+        );
+        assert_eq!(InHeader::parse(&b[..39]), None);
+    }
+
+    /// fuse_read_in and fuse_write_in as the kernel lays them out (fs/fuse/file.c
+    /// `fuse_read_args_fill`, `fuse_write_args_fill`).
+    #[test]
+    fn read_and_write_in() {
+        let b: Vec<u8> = [
+            &7u64.to_le_bytes()[..],         // fh
+            &(1u64 << 30).to_le_bytes()[..], // offset
+            &(1u32 << 20).to_le_bytes()[..], // size
+            &0u32.to_le_bytes()[..],         // read_flags / write_flags
+            &0u64.to_le_bytes()[..],         // lock_owner
+            &0o4000u32.to_le_bytes()[..],    // flags (O_NONBLOCK)
+            &0u32.to_le_bytes()[..],         // padding
+        ]
+        .concat();
+        assert_eq!(b.len(), 40);
+        assert_eq!(
+            ReadIn::parse(&b),
+            ReadIn {
+                fh: 7,
+                offset: 1 << 30,
+                size: 1 << 20,
+                flags: 0o4000
+            }
+        );
+        assert_eq!(
+            WriteIn::parse(&b),
+            WriteIn {
+                fh: 7,
+                offset: 1 << 30,
+                size: 1 << 20
+            }
+        );
+    }
+
+    fn attr() -> FileAttr {
+        let t = UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
+        FileAttr {
+            ino: fuser::INodeNo(0x1_0000_0301),
+            size: 1 << 30,
+            blocks: 1 << 21,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::RegularFile,
+            perm: 0o660,
+            nlink: 1,
+            uid: 0,
+            gid: 6,
+            rdev: 0,
+            blksize: 512,
+            flags: 0,
+        }
+    }
+
+    /// fuse_attr_out: the 16-byte validity head, then fuse_attr's fields in order.
+    #[test]
+    fn attr_out_bytes() {
+        let mut out = vec![0xffu8; 104];
+        assert_eq!(encode_attr_out(&attr(), &mut out), 104);
+        let want: Vec<u8> = [
+            &0u64.to_le_bytes()[..],                    // attr_valid (200 ms: 0 s)
+            &200_000_000u32.to_le_bytes()[..],          // attr_valid_nsec
+            &0u32.to_le_bytes()[..],                    // dummy
+            &0x1_0000_0301u64.to_le_bytes()[..],        // ino
+            &(1u64 << 30).to_le_bytes()[..],            // size
+            &(1u64 << 21).to_le_bytes()[..],            // blocks
+            &1_700_000_000u64.to_le_bytes()[..],        // atime
+            &1_700_000_000u64.to_le_bytes()[..],        // mtime
+            &1_700_000_000u64.to_le_bytes()[..],        // ctime
+            &5u32.to_le_bytes()[..],                    // atimensec
+            &5u32.to_le_bytes()[..],                    // mtimensec
+            &5u32.to_le_bytes()[..],                    // ctimensec
+            &(libc::S_IFREG | 0o660).to_le_bytes()[..], // mode
+            &1u32.to_le_bytes()[..],                    // nlink
+            &0u32.to_le_bytes()[..],                    // uid
+            &6u32.to_le_bytes()[..],                    // gid
+            &0u32.to_le_bytes()[..],                    // rdev
+            &512u32.to_le_bytes()[..],                  // blksize
+            &0u32.to_le_bytes()[..],                    // flags
+        ]
+        .concat();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn entry_out_bytes() {
+        let mut out = vec![0u8; 128];
+        assert_eq!(encode_entry_out(&attr(), &mut out), 128);
+        assert_eq!(&out[0..8], &0x1_0000_0301u64.to_le_bytes());
+        assert_eq!(&out[8..16], &0u64.to_le_bytes());
+        assert_eq!(&out[32..36], &200_000_000u32.to_le_bytes());
+        assert_eq!(&out[40..48], &0x1_0000_0301u64.to_le_bytes());
+        assert_eq!(&out[100..104], &(libc::S_IFREG | 0o660).to_le_bytes());
+    }
+
+    #[test]
+    fn open_and_write_out_bytes() {
+        let mut out = [0xffu8; 16];
+        assert_eq!(encode_open_out(1, 0x41, &mut out), 16);
+        assert_eq!(out, [1, 0, 0, 0, 0, 0, 0, 0, 0x41, 0, 0, 0, 0, 0, 0, 0]);
+        let mut out = [0xffu8; 8];
+        assert_eq!(encode_size_out(1 << 20, &mut out), 8);
+        assert_eq!(out, [0, 0, 0x10, 0, 0, 0, 0, 0]);
+    }
+
+    /// fuse_dirent: 24-byte head, the name, zero padding to 8 bytes; `off` is the index of
+    /// the next entry; an entry that does not fit ends the answer.
+    #[test]
+    fn dirents() {
+        let all = vec![
+            (1, FileType::Directory, ".".to_string()),
+            (1, FileType::Directory, "..".to_string()),
+            (2, FileType::RegularFile, "discover".to_string()),
+        ];
+        let mut out = vec![0xffu8; 4096];
+        let n = encode_dirents(&all, 1, 4096, &mut out);
+        assert_eq!(n, 32 + 32);
+        let want: Vec<u8> = [
+            &1u64.to_le_bytes()[..],
+            &2u64.to_le_bytes()[..],
+            &2u32.to_le_bytes()[..],
+            &4u32.to_le_bytes()[..], // DT_DIR
+            b"..\0\0\0\0\0\0",
+            &2u64.to_le_bytes()[..],
+            &3u64.to_le_bytes()[..],
+            &8u32.to_le_bytes()[..],
+            &8u32.to_le_bytes()[..], // DT_REG
+            b"discover",
+        ]
+        .concat();
+        assert_eq!(&out[..n], &want[..]);
+        assert_eq!(encode_dirents(&all, 0, 40, &mut out), 32);
+        assert_eq!(encode_dirents(&all, 3, 4096, &mut out), 0);
+    }
+
+    #[test]
+    fn statfs_out_bytes() {
+        let mut out = [0xffu8; 80];
+        assert_eq!(encode_statfs_out(&mut out), 80);
+        assert!(out[..40].iter().all(|b| *b == 0));
+        assert_eq!(&out[40..48], &[0, 2, 0, 0, 255, 0, 0, 0]);
+        assert!(out[48..].iter().all(|b| *b == 0));
+    }
+}
