@@ -53,25 +53,7 @@ impl EventFd {
     /// Reads and resets the counter, returning how many notifications arrived since the last
     /// drain (0 if none, without blocking).
     pub fn drain(&self) -> io::Result<u64> {
-        let mut value: u64 = 0;
-        loop {
-            // SAFETY: `value` is 8 writable bytes, the size eventfd(2) requires for a read.
-            let ret = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    (&mut value as *mut u64).cast(),
-                    mem::size_of::<u64>(),
-                )
-            };
-            match cvt_size(ret) {
-                Ok(_) => return Ok(value),
-                Err(e) => match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return Ok(0),
-                    _ => return Err(e),
-                },
-            }
-        }
+        drain_counter(&self.fd)
     }
 }
 
@@ -169,6 +151,31 @@ pub fn set_timer_slack(slack: Duration) -> io::Result<()> {
     let ns = libc::c_ulong::try_from(slack.as_nanos()).unwrap_or(libc::c_ulong::MAX);
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
     cvt(unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) }).map(|_| ())
+}
+
+/// Reads and resets the 8-byte counter of a non-blocking eventfd(2) or timerfd(2): the
+/// notifications or expirations since the last read, 0 if none (`EAGAIN`).
+fn drain_counter(fd: &OwnedFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    loop {
+        // SAFETY: `value` is 8 writable bytes, the size eventfd(2) and timerfd(2) require
+        // for a read.
+        let ret = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                (&mut value as *mut u64).cast(),
+                mem::size_of::<u64>(),
+            )
+        };
+        match cvt_size(ret) {
+            Ok(_) => return Ok(value),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            },
+        }
+    }
 }
 
 fn wait(fds: &mut [PollFd], timeout: Option<Duration>, precise: bool) -> io::Result<usize> {
@@ -276,25 +283,7 @@ impl TimerFd {
 
     /// Reads and resets the expirations since the last call (0 if none, without blocking).
     pub fn drain(&self) -> io::Result<u64> {
-        let mut value: u64 = 0;
-        loop {
-            // SAFETY: `value` is 8 writable bytes, the size timerfd(2) requires for a read.
-            let ret = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    (&mut value as *mut u64).cast(),
-                    mem::size_of::<u64>(),
-                )
-            };
-            match cvt_size(ret) {
-                Ok(_) => return Ok(value),
-                Err(e) => match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return Ok(0),
-                    _ => return Err(e),
-                },
-            }
-        }
+        drain_counter(&self.fd)
     }
 }
 
