@@ -328,6 +328,10 @@ pub(crate) struct RingThread {
     join: std::thread::JoinHandle<()>,
 }
 
+/// How long the ring's registration waits for `FUSE_INIT` to be answered (`EAGAIN` until
+/// then) before it gives up with that error.
+const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl RingThread {
     /// Registers the ring on the connection `fuse` (a dup of the session's `/dev/fuse` fd)
     /// and starts its thread; fails (with the cause, naming the module parameter where it
@@ -338,15 +342,23 @@ impl RingThread {
         let join = std::thread::Builder::new()
             .name("fuse-uring".into())
             .spawn(move || {
+                // FUSE_INIT is answered by fuser's thread at once; a connection that is not
+                // initialized by then never will be (unmounted, aborted).
+                let deadline = std::time::Instant::now() + INIT_WAIT;
                 let ring = loop {
-                    match FuseUring::new(
-                        fuse.try_clone().expect("dup /dev/fuse"),
-                        queues,
-                        PER_QUEUE,
-                        payload,
-                    ) {
+                    let dup = match fuse.try_clone() {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let _ = ok_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    match FuseUring::new(dup, queues, PER_QUEUE, payload) {
                         // FUSE_INIT's answer written but not yet processed by the kernel.
-                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        Err(e)
+                            if e.raw_os_error() == Some(libc::EAGAIN)
+                                && std::time::Instant::now() < deadline =>
+                        {
                             std::thread::yield_now();
                             continue;
                         }
