@@ -395,35 +395,29 @@ impl Daemon {
             let (mut completions, mut woken, mut refresh) = (false, false, false);
             if skip {
                 // The frames are read below; nothing else is looked at this turn.
-            } else if coalescing {
-                let mut fds: Vec<PollFd> = self
-                    .ifaces
-                    .iter()
-                    .map(|i| PollFd::with_events(i.sock.as_raw_fd(), false, i.wants_out()))
-                    .collect();
-                fds.push(PollFd::new(self.event.as_raw_fd()));
-                fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
-                fds.push(PollFd::new(self.refresh_timer.as_raw_fd()));
-                let wait = wait.unwrap_or(REFRESH).min(coalesce_wait);
-                aoe_sys::poll_precise(&mut fds, Some(wait)).context("poll")?;
-                (completions, woken, refresh) = (fds[n].ready, fds[n + 1].ready, fds[n + 2].ready);
             } else {
                 // poll(2), not epoll: an epoll registration stays on the socket's wait queue,
                 // so every frame delivered runs ep_poll_callback in the sender's softirq,
                 // charged to the initiator's CPU, even while the loop spins (saturated
                 // MB/s 3-13% lower, run e2). The refresh timer's fd instead of a timeout:
-                // no hrtimer armed and cancelled for each sleep.
+                // no hrtimer armed and cancelled for each sleep. A coalescing wait does not
+                // watch the sockets: it ends on its timer.
                 let fds = &mut self.poll_fds;
                 fds.clear();
                 fds.extend(
-                    self.ifaces
-                        .iter()
-                        .map(|i| PollFd::with_events(i.sock.as_raw_fd(), true, i.wants_out())),
+                    self.ifaces.iter().map(|i| {
+                        PollFd::with_events(i.sock.as_raw_fd(), !coalescing, i.wants_out())
+                    }),
                 );
                 fds.push(PollFd::new(self.event.as_raw_fd()));
                 fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
                 fds.push(PollFd::new(self.refresh_timer.as_raw_fd()));
-                aoe_sys::poll(fds, wait).context("poll")?;
+                if coalescing {
+                    let wait = wait.unwrap_or(REFRESH).min(coalesce_wait);
+                    aoe_sys::poll_precise(fds, Some(wait)).context("poll")?;
+                } else {
+                    aoe_sys::poll(fds, wait).context("poll")?;
+                }
                 (completions, woken, refresh) = (fds[n].ready, fds[n + 1].ready, fds[n + 2].ready);
                 for (r, fd) in ready.iter_mut().zip(fds.iter()) {
                     *r = fd.ready;
