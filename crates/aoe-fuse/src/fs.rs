@@ -31,6 +31,8 @@ use fuser::{
 use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
+use crate::inval;
+
 pub(crate) const ROOT: u64 = 1;
 const DISCOVER: u64 = 2;
 pub(crate) const INTERFACES: u64 = 3;
@@ -119,32 +121,32 @@ impl ErrWaiter for ErrReply {
 /// (`FOPEN_DIRECT_IO`, see [`AoeFs::open`]); every other open has handle 0.
 pub(crate) const DIRECT_FH: u64 = 1;
 
-/// The range of a write through a direct-I/O open of a device file that is also open in
-/// cached mode, to be dropped from the page cache once the write has been answered
-/// ([`invalidator`]).
-struct Invalidate {
-    ino: u64,
-    offset: u64,
-    len: u64,
-}
-
-/// Tells the kernel to drop its cached pages of each range [`Invalidate`] names
-/// (`FUSE_NOTIFY_INVAL_INODE`), after the write that covered it was answered. Neither
-/// before the answer nor on the network thread: the kernel waits for the lock of every
-/// cached page in the range, and a page being read ahead holds it until its read is
-/// answered, which may wait for a slot among the connection's background requests
-/// (`max_background`), which the direct writes fill until they are answered: holding a
-/// write's answer here deadlocked fio's direct writers and a buffered reader (fio.rs
-/// `fio_parallel_direct_writes_verify`, under load).
-fn invalidator(rx: crossbeam_channel::Receiver<Invalidate>, notifier: Arc<OnceLock<Notifier>>) {
-    for w in rx {
-        if let Some(n) = notifier.get() {
-            // ENOENT: the kernel has no such inode cached (nothing to drop).
-            let _ = n.inval_inode(
-                INodeNo(w.ino),
-                i64::try_from(w.offset).unwrap_or(i64::MAX),
-                i64::try_from(w.len).unwrap_or(i64::MAX),
-            );
+/// Tells the kernel to drop its cached pages of each range queued ([`inval::Queue`]),
+/// after the write that covered it was answered. Neither before the answer nor on the
+/// network thread: the kernel waits for the lock of every cached page in the range, and a
+/// page being read ahead holds it until its read is answered, which may wait for a slot among
+/// the connection's background requests (`max_background`), which the direct writes fill
+/// until they are answered: holding a write's answer here deadlocked fio's direct writers and
+/// a buffered reader (fio.rs `fio_parallel_direct_writes_verify`, under load). While this
+/// thread waits there, the writes answered meanwhile merge in the queue, which stays bounded.
+fn invalidator(q: Arc<inval::Queue>, notifier: Arc<OnceLock<Notifier>>) {
+    while let Some(batch) = q.wait() {
+        let Some(n) = notifier.get() else { continue };
+        for (ino, span) in batch {
+            // ENOENT: the kernel has no such inode cached (nothing to drop). Offset 0 and
+            // length 0 drop the whole file (`fuse_reverse_inval_inode`: a length <= 0 runs
+            // to the end).
+            let ranges = match span {
+                inval::Span::Whole => vec![(0, 0)],
+                inval::Span::Ranges(r) => r,
+            };
+            for (offset, len) in ranges {
+                let _ = n.inval_inode(
+                    INodeNo(ino),
+                    i64::try_from(offset).unwrap_or(i64::MAX),
+                    i64::try_from(len).unwrap_or(i64::MAX),
+                );
+            }
         }
     }
 }
@@ -161,7 +163,7 @@ pub struct AoeFs {
     /// without `O_DIRECT` or read-only): while there are any, a direct-I/O write's range is
     /// invalidated in the page cache after it completes ([`invalidator`]).
     cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
-    invalidate: crossbeam_channel::Sender<Invalidate>,
+    invalidate: Arc<inval::Sender>,
     /// Asks for `FUSE_OVER_IO_URING` at `FUSE_INIT` ([`crate::ring`]).
     uring: bool,
 }
@@ -174,8 +176,8 @@ impl AoeFs {
         net: Handle,
         notifier: Arc<OnceLock<Notifier>>,
     ) -> AoeFs {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let n = notifier.clone();
+        let q = Arc::new(inval::Queue::default());
+        let (rx, n) = (q.clone(), notifier.clone());
         std::thread::Builder::new()
             .name("fuse-inval".into())
             .spawn(move || invalidator(rx, n))
@@ -187,7 +189,7 @@ impl AoeFs {
             gid: 0,
             start: SystemTime::now(),
             cached_opens: Arc::new(Mutex::new(HashMap::new())),
-            invalidate: tx,
+            invalidate: Arc::new(inval::Sender(q)),
             uring: false,
         }
     }
@@ -1035,12 +1037,7 @@ impl AoeFs {
                 (Ok(()), None) => reply(Ok(written)),
                 (Ok(()), Some((ino, invalidate))) => {
                     reply(Ok(written));
-                    // Only once the file system is gone is the thread gone too.
-                    let _ = invalidate.send(Invalidate {
-                        ino,
-                        offset,
-                        len: n as u64,
-                    });
+                    invalidate.0.push(ino, offset, n as u64);
                 }
                 (Err(e), _) => reply(Err(Errno::from_i32(e))),
             }),

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod fs;
+mod inval;
 mod ring;
 
 use std::path::{Path, PathBuf};
