@@ -55,6 +55,9 @@
 #                     per request (task-clock us, context switches, system calls) in
 #                     OUT.perfstat.tsv
 #   PERF_DIR=path     record `perf record -g` of the target and of the generator per cell
+#                     (perf is given 60 s to write its file: on a loaded machine the build ids
+#                     of a 55 MB binary with debug info took more than the 3 s other
+#                     processes get, and the kill left files without samples)
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each);
 #                     with RATE/RATE_MB also of the target over each equal-load run
 #                     (eq-MTU-MODE-wW-LOAD-TARGET-rROUND.target.data, a top-40 .txt)
@@ -124,11 +127,11 @@ WORK=$(mktemp -d /tmp/aoe-bench-compare.XXXXXX)
 ROOT=$WORK/root
 TARGET_PID="" INIT_PID=""
 
-stop_pid() { # pid [signal]: signal, wait up to 3 s, then SIGKILL
-    local pid=$1 sig=${2:-TERM}
+stop_pid() { # pid [signal [seconds]]: signal, wait up to 3 s (or seconds), then SIGKILL
+    local pid=$1 sig=${2:-TERM} secs=${3:-3}
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
     kill -"$sig" "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 $((secs * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
@@ -199,11 +202,11 @@ run_gen() { # gen mode bs window cell
     esac >"$WORK/out.json" 2>"$WORK/gen.err" || {
         sed 's/^/    /' "$WORK/gen.err" >&2
         echo "0 0 0 0 0 0 1 0"
-        [ -z "$tperf" ] || stop_pid "$tperf" INT
+        [ -z "$tperf" ] || stop_pid "$tperf" INT 60
         return
     }
     if [ -n "$tperf" ]; then
-        stop_pid "$tperf" INT
+        stop_pid "$tperf" INT 60
         for d in target gen; do
             perf report -i "$PERF_DIR/$cell.$d.data" --no-children --stdio -g none \
                 --percent-limit 1 2>/dev/null | grep -v '^#' | grep . | head -20 >"$PERF_DIR/$cell.$d.txt" || true
@@ -309,11 +312,11 @@ eq_run() { # mtu mode bs w load asked_mb target round
         --window "$w" --time "$TIME" --rate "$bytes" --json >"$WORK/eq.json" 2>"$WORK/gen.err" || {
         sed 's/^/    /' "$WORK/gen.err" >&2
         [ -z "$pstat" ] || { kill -INT "$pstat" 2>/dev/null; wait "$pstat" 2>/dev/null; }
-        [ -z "$precord" ] || stop_pid "$precord" INT
+        [ -z "$precord" ] || stop_pid "$precord" INT 60
         return 0; }
     c1=$(cpu_ticks "$TARGET_PID") s1=$(cpu_stat 0) w1=$(date +%s.%N)
     if [ -n "$precord" ]; then
-        stop_pid "$precord" INT
+        stop_pid "$precord" INT 60
         perf report -i "$pdata.data" --no-children --stdio -g none --percent-limit 0.5 \
             2>/dev/null | grep -v '^#' | grep . | head -40 >"$pdata.txt" || true
     fi

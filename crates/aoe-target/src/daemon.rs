@@ -67,8 +67,11 @@ const SPIN_MAX: Duration = Duration::from_millis(10);
 /// Waits the loop skips at most in a row because frames were already in a receive ring
 /// ([`IfaceRt::rx_ready`]).
 const MAX_WAITS_SKIPPED: u32 = 64;
-/// One sleep in this many is measured for [`spin::SpinWindow::set_wake_cost`].
-const WAKE_SAMPLE: u32 = 16;
+/// One sleep in this many is measured for [`spin::SpinWindow::set_wake_cost`]: two
+/// `CLOCK_THREAD_CPUTIME_ID` reads, each a system call (not in the vDSO). One in 16 cost
+/// 0.1 us a request at a partial load (2026-12-04 profile); the estimate moves by 1/128 of
+/// itself a sample, so hundreds of samples a second still follow the machine's load.
+const WAKE_SAMPLE: u32 = 64;
 /// How soon the loop kicks a transmit ring again that the kernel refused or took only part
 /// of (a full device queue, or a send buffer held by frames still queued below): the kernel
 /// signals no POLLOUT for frames still marked in the ring.
@@ -250,6 +253,10 @@ pub struct Daemon {
     gathering: Vec<u32>,
     /// The staged writes of one run (`run_staged_writes`; kept for its capacity).
     write_run: Vec<usize>,
+    /// The staged reads of one run and their slots (`run_staged_reads`; kept for their
+    /// capacity, [`aoe_sys::MAX_SLOT_PARTS`]).
+    read_members: Vec<usize>,
+    read_parts: Vec<aoe_sys::SlotPart>,
 }
 
 /// Interval of [`Daemon`]'s rate-limited log lines.
@@ -313,6 +320,8 @@ impl Daemon {
             uring_out: Vec::with_capacity(BATCH),
             gathering: Vec::new(),
             write_run: Vec::with_capacity(BATCH),
+            read_members: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
+            read_parts: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
@@ -440,7 +449,12 @@ impl Daemon {
             if refresh {
                 let _ = self.refresh_timer.drain();
             }
-            self.complete_io();
+            // Completions are answered after the receive below in any case; before it only
+            // if the eventfd said some came (an empty look at the queue is cache lines a
+            // request touches for nothing, 2026-12-04 profile).
+            if completions {
+                self.complete_io();
+            }
             let mut frames = 0;
             self.batch_file_frames = false;
             // The frames' time for the engines: the wake-up's clock read, not one more.
@@ -726,7 +740,7 @@ impl Daemon {
     }
 
     /// Takes every frame waiting on interface `idx` to the exports it is addressed to
-    /// ([`Daemon::routes_to`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
+    /// ([`send::Route::reaches`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
     /// slot still lent would end the loop's next wait at once); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let n = self.receive_batches(idx);
@@ -761,7 +775,7 @@ impl Daemon {
                 // spin's empty turns.
                 let now = self.spin_now.unwrap_or_else(Instant::now);
                 for k in 0..self.ifaces[idx].exports.len() {
-                    let id = self.ifaces[idx].exports[k];
+                    let id = self.ifaces[idx].exports[k].id;
                     if let Some(e) = self.exports.get_mut(&id) {
                         e.engine.set_now(now);
                     }
@@ -787,12 +801,10 @@ impl Daemon {
                     continue;
                 }
                 for k in 0..self.ifaces[idx].exports.len() {
-                    let id = self.ifaces[idx].exports[k];
-                    if self.routes_to(idx, f, id) {
-                        if self.exports.get(&id).is_some_and(|e| e.shared.is_none()) {
-                            self.batch_file_frames = true;
-                        }
-                        self.dispatch(idx, f, id);
+                    let route = self.ifaces[idx].exports[k];
+                    if route.reaches(self.ifaces[idx].frame(f)) {
+                        self.batch_file_frames |= route.file;
+                        self.dispatch(idx, f, route.id);
                     }
                 }
             }
@@ -817,33 +829,14 @@ impl Daemon {
             if iface.meta(f).truncated || !dispatch::may_write(iface.frame(f)) {
                 continue;
             }
-            for &id in &iface.exports {
-                if self.routes_to(idx, f, id) {
-                    if let Some(e) = self.exports.get(&id) {
+            for route in &iface.exports {
+                if route.reaches(iface.frame(f)) {
+                    if let Some(e) = self.exports.get(&route.id) {
                         e.engine.prefetch_frame(iface.frame(f));
                     }
                 }
             }
         }
-    }
-
-    /// True if frame `f` of interface `idx` may concern export `id`: its AoE header's
-    /// shelf.slot (bytes 16-18 of the frame) is the export's or a wildcard (AoEr11 section
-    /// 2: major 0xffff and minor 0xff address every shelf and every slot), as the engine
-    /// itself tests with [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). So a frame
-    /// reaches only its own export, not every export on the interface (the engine of each
-    /// other export used to parse it and count it dropped, "addressed elsewhere"). A frame
-    /// too short to carry the address goes to every export, whose engine drops and counts it
-    /// as malformed, as before.
-    fn routes_to(&self, idx: usize, f: usize, id: u32) -> bool {
-        let Some(rt) = self.exports.get(&id) else {
-            return false;
-        };
-        let frame = self.ifaces[idx].frame(f);
-        let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
-            return true;
-        };
-        aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor).reaches(rt.spec.addr())
     }
 
     /// Queues changed state for the writer thread: the loop never waits on fsync.
@@ -909,8 +902,8 @@ impl Daemon {
                 };
                 i.rebuild(self.io, frames);
                 rebuilt = true;
-                for id in &i.exports {
-                    if let Some(rt) = self.exports.get_mut(id) {
+                for r in &i.exports {
+                    if let Some(rt) = self.exports.get_mut(&r.id) {
                         rt.engine.set_interface(idx, i.iface);
                     }
                 }

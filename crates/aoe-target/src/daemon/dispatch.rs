@@ -256,9 +256,15 @@ impl Daemon {
         let Batch::Ring(ring) = batch else {
             return;
         };
-        let mut members = [0usize; aoe_sys::MAX_SLOT_PARTS];
+        // Kept in the daemon for their capacity: arrays of the most parts, zeroed per call,
+        // were 2 KiB of memset for the one or two reads a batch holds at window 16.
+        let members = &mut self.read_members;
         let (mut runs, mut j) = (0, 0);
-        while let Some((_, next)) = read_run(staged, j, &mut members) {
+        // Counted only as far as the choice below needs.
+        while runs < URING_MIN_READS {
+            let Some((_, next)) = read_run(staged, j, members) else {
+                break;
+            };
             runs += 1;
             j = next;
         }
@@ -266,23 +272,20 @@ impl Daemon {
             return;
         }
         if runs < URING_MIN_READS || self.uring.is_none() {
-            let mut parts = [aoe_sys::SlotPart {
-                ahead: 0,
-                at: 0,
-                len: 0,
-            }; aoe_sys::MAX_SLOT_PARTS];
+            let parts = &mut self.read_parts;
             let mut j = 0;
-            while let Some((m, next)) = read_run(staged, j, &mut members) {
+            while let Some((m, next)) = read_run(staged, j, members) {
                 j = next;
                 let mut total = 0;
-                for (p, &k) in parts.iter_mut().zip(&members[..m]) {
+                parts.clear();
+                for &k in &members[..m] {
                     let len = staged[k].read_len();
                     total += len;
-                    *p = aoe_sys::SlotPart {
+                    parts.push(aoe_sys::SlotPart {
                         ahead: k,
                         at: ATA_HEADER_LEN,
                         len,
-                    };
+                    });
                 }
                 let Staged::Read { id, offset, .. } = &staged[members[0]] else {
                     continue;
@@ -294,7 +297,7 @@ impl Daemon {
                 else {
                     continue;
                 };
-                let r = ring.preadv_into_slots(src.fd, src.pos, &parts[..m], src.nowait);
+                let r = ring.preadv_into_slots(src.fd, src.pos, parts, src.nowait);
                 let mut end = 0;
                 for &k in &members[..m] {
                     let Staged::Read { len, done, .. } = &mut staged[k] else {
@@ -745,12 +748,8 @@ const URING_MIN_READS: usize = 8;
 /// The run of unread reads starting at the first unread one at or after `staged[from]`:
 /// reads of one export, each starting where the one before ends (entries in between that
 /// are not unread reads are passed over), at most [`aoe_sys::MAX_SLOT_PARTS`]. Their indices
-/// go into `members`; returns how many, and where to look for the next run.
-fn read_run(
-    staged: &[Staged],
-    from: usize,
-    members: &mut [usize; aoe_sys::MAX_SLOT_PARTS],
-) -> Option<(usize, usize)> {
+/// replace what `members` held; returns how many, and where to look for the next run.
+fn read_run(staged: &[Staged], from: usize, members: &mut Vec<usize>) -> Option<(usize, usize)> {
     let first = from + staged.get(from..)?.iter().position(Staged::unread)?;
     let Staged::Read {
         id, offset, len, ..
@@ -759,10 +758,10 @@ fn read_run(
         return None;
     };
     let (id, mut end) = (*id, offset + *len as u64);
-    members[0] = first;
-    let mut m = 1;
+    members.clear();
+    members.push(first);
     let mut k = first + 1;
-    while k < staged.len() && m < members.len() {
+    while k < staged.len() && members.len() < aoe_sys::MAX_SLOT_PARTS {
         match &staged[k] {
             Staged::Read {
                 id: i,
@@ -771,8 +770,7 @@ fn read_run(
                 done: None,
                 ..
             } if *i == id && *o == end => {
-                members[m] = k;
-                m += 1;
+                members.push(k);
                 end += *l as u64;
             }
             Staged::Read { done: None, .. } => break,
@@ -780,7 +778,7 @@ fn read_run(
         }
         k += 1;
     }
-    Some((m, k))
+    Some((members.len(), k))
 }
 
 /// A reply of the current receive batch, in a transmit slot not yet marked
@@ -929,7 +927,7 @@ mod tests {
 
     /// All runs of `staged` as lists of indices.
     fn runs(staged: &[Staged]) -> Vec<Vec<usize>> {
-        let mut members = [0usize; aoe_sys::MAX_SLOT_PARTS];
+        let mut members = Vec::new();
         let (mut out, mut j) = (Vec::new(), 0);
         while let Some((m, next)) = read_run(staged, j, &mut members) {
             out.push(members[..m].to_vec());

@@ -151,7 +151,7 @@ impl Daemon {
             }
         }
         for i in &mut self.ifaces {
-            i.exports.retain(|id| keep.contains(id));
+            i.exports.retain(|r| keep.contains(&r.id));
         }
         for mut rt in new_rts {
             let id = self.next_export_id;
@@ -159,7 +159,11 @@ impl Daemon {
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
-                self.ifaces[idx].exports.push(id);
+                self.ifaces[idx].exports.push(super::send::Route {
+                    id,
+                    addr: rt.spec.addr(),
+                    file: rt.shared.is_none(),
+                });
                 let info = self.ifaces[idx].iface;
                 tracing::info!(
                     path = %rt.spec.path.display(),

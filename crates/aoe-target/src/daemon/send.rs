@@ -85,14 +85,42 @@ pub(super) fn frame_cap(mtu: u32) -> usize {
     aoe_sys::frame_capacity(mtu).max(aoe_wire::MIN_FRAME_LEN)
 }
 
+/// An export an interface serves: its id in [`Daemon::exports`] and the two things the
+/// receive loop asks of it for every frame, copied here so that routing a frame reads the
+/// interface's list and not the export map (three look-ups a frame before, 2026-12-04
+/// profile). Neither changes for an id: a changed export is a new one with a new id.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Route {
+    pub(super) id: u32,
+    /// The export's shelf.slot.
+    pub(super) addr: aoe_wire::TargetAddr,
+    /// A file export (not a shared store): frames for it make the spin pay
+    /// ([`Daemon::spin_pays`]).
+    pub(super) file: bool,
+}
+
+impl Route {
+    /// True if `frame` may concern this export: its AoE header's shelf.slot (bytes 16-18)
+    /// is the export's or a wildcard (AoEr11 section 2: major 0xffff and minor 0xff address
+    /// every shelf and every slot), as the engine itself tests with
+    /// [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). A frame too short to carry
+    /// the address goes to every export, whose engine drops and counts it as malformed.
+    pub(super) fn reaches(&self, frame: &[u8]) -> bool {
+        let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
+            return true;
+        };
+        aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor).reaches(self.addr)
+    }
+}
+
 pub(super) struct IfaceRt {
     pub(super) name: String,
     pub(super) sock: PacketSocket,
     pub(super) batch: Batch,
     pub(super) frame_cap: usize,
     pub(super) iface: Interface,
-    /// Exports served here (ids).
-    pub(super) exports: Vec<u32>,
+    /// Exports served here, with what routing a frame asks of each ([`Route`]).
+    pub(super) exports: Vec<Route>,
     /// Replies waiting to be sent, oldest first: buffer and length. At most
     /// [`SEND_BACKLOG`].
     pub(super) out: VecDeque<(Vec<u8>, usize)>,
@@ -305,7 +333,7 @@ impl Daemon {
             let frames: usize = i
                 .exports
                 .iter()
-                .filter_map(|id| self.exports.get(id))
+                .filter_map(|r| self.exports.get(&r.id))
                 .map(|e| e.spec.buffer_count as usize)
                 .sum();
             let per_frame = i.frame_cap + 1024;
@@ -409,5 +437,41 @@ impl Daemon {
             let _ = aoe_sys::poll(&mut fds, Some(wait));
             self.flush_sends();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of 60 bytes addressed to `shelf.slot` (AoE header: major at 16-17, minor at
+    /// 18).
+    fn frame_to(shelf: u16, slot: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[16..18].copy_from_slice(&shelf.to_be_bytes());
+        f[18] = slot;
+        f
+    }
+
+    /// Issue 15: a frame is routed from the interface's copy of each export's address (no
+    /// look-up in the export map); it reaches its own export, wildcards reach every one
+    /// (AoEr11 section 2), another address none, and a frame too short to carry the
+    /// address goes to every export for its engine to drop as malformed.
+    #[test]
+    fn routes_take_a_frame_to_its_address_wildcards_and_short_frames_to_all() {
+        let r = Route {
+            id: 7,
+            addr: aoe_wire::TargetAddr::new(3, 4),
+            file: true,
+        };
+        assert!(r.reaches(&frame_to(3, 4)));
+        assert!(r.reaches(&frame_to(0xffff, 4)));
+        assert!(r.reaches(&frame_to(3, 0xff)));
+        assert!(r.reaches(&frame_to(0xffff, 0xff)));
+        assert!(!r.reaches(&frame_to(3, 5)));
+        assert!(!r.reaches(&frame_to(2, 4)));
+        assert!(!r.reaches(&frame_to(0xffff, 5)));
+        assert!(r.reaches(&[0u8; 18]));
+        assert!(r.reaches(&[]));
     }
 }

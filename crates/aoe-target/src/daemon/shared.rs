@@ -98,7 +98,7 @@ impl Daemon {
         }
         for id in announce {
             for idx in 0..self.ifaces.len() {
-                if !self.ifaces[idx].exports.contains(&id) {
+                if !self.ifaces[idx].exports.iter().any(|r| r.id == id) {
                     continue;
                 }
                 let Some(rt) = self.exports.get(&id) else {
