@@ -121,6 +121,22 @@ impl FileBackend {
                 ),
             ));
         }
+        // A read-only block device (`losetup -r`, a write-protected disk) opens O_RDWR and
+        // fails every write with EPERM: refused here, rather than served as writable to an
+        // initiator that would mount it and see each write fail.
+        if ft.is_block_device()
+            && !opts.read_only
+            && aoe_sys::block_device_read_only(&file).unwrap_or(false)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a read-only block device; export it read-only (-r, or read_only \
+                     = true in a config file)",
+                    path.display()
+                ),
+            ));
+        }
         // Block devices report size 0 in metadata; seeking to the end works for both.
         let size = file
             .seek(SeekFrom::End(0))
