@@ -787,3 +787,32 @@ fn without_cap_net_raw_the_error_says_what_is_needed() {
         assert!(!err.contains("packet rings"), "{args:?}: {err}");
     }
 }
+
+/// Audit (2026-12-04): `aoe serve -r -s` (and `read_only` with `sync` in a config file) took
+/// `-s` and did nothing with it, as vblade does: a read-only export takes no writes to make
+/// durable. It still starts (vblade's arguments), and says so in one line; `-r` alone and
+/// `-s` alone say nothing. `--check` opens no socket, so `lo` is enough.
+#[test]
+fn sync_on_a_read_only_export_is_said_to_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    for (flags, warned) in [
+        (&["-r", "-s"][..], true),
+        (&["-r"], false),
+        (&["-s"], false),
+    ] {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{flags:?}: {err}");
+        assert_eq!(
+            err.contains("has no effect on a read-only export"),
+            warned,
+            "{flags:?}: {err}"
+        );
+    }
+}
