@@ -257,15 +257,42 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
 /// it.
 #[test]
 fn sighup_after_the_image_grew_serves_the_new_size() {
+    grown_then_sighup(false, "aoehg");
+}
+
+/// The same for a block device (a loop device over the image, its size refreshed with
+/// `losetup -c`, as a grown logical volume would be), whose size is not in its metadata.
+#[test]
+fn sighup_after_the_block_device_grew_serves_the_new_size() {
+    grown_then_sighup(true, "aoehb");
+}
+
+fn grown_then_sighup(block: bool, ns: &str) {
     require_tools();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("disk.img");
     fs::write(&file, pattern(3, 1 << 20)).expect("image");
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let lo = block.then(|| {
+        let o = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file));
+        assert!(o.status.success(), "losetup: {o:?}");
+        Detach(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    });
+    let exported = lo
+        .as_ref()
+        .map_or(file.clone(), |l| std::path::PathBuf::from(&l.0));
     let conf = dir.path().join("serve.toml");
-    let target_ns = Netns::new("aoehg").expect("target namespace");
-    let peer = Netns::new("aoehq").expect("reader namespace");
+    let target_ns = Netns::new(&format!("{ns}t")).expect("target namespace");
+    let peer = Netns::new(&format!("{ns}p")).expect("reader namespace");
     let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
-    write_conf(&conf, veth.a_name(), &file, None);
+    write_conf(&conf, veth.a_name(), &exported, None);
     let mut cmd = Command::new(AOE);
     cmd.args(["serve", "--probe-ms", "0", "--config"])
         .arg(&conf);
@@ -292,6 +319,9 @@ fn sighup_after_the_image_grew_serves_the_new_size() {
         .and_then(|mut f| std::io::Write::write_all(&mut f, &pattern(5, 2 << 20)[1 << 20..]))
         .expect("grow the image");
     assert_eq!(inode(&file), before, "the image was replaced, not grown");
+    if let Some(l) = &lo {
+        run_ok(Command::new("losetup").args(["-c", &l.0]));
+    }
     let pid = target.pid().to_string();
     run_ok(Command::new("kill").args(["-HUP", &pid]));
     assert!(
@@ -307,7 +337,8 @@ fn sighup_after_the_image_grew_serves_the_new_size() {
     let got = read("after the reload", &target);
     assert!(
         got == want,
-        "after the reload: {} bytes read, not the grown image's {}\n{}",
+        "{} after the reload: {} bytes read, not the grown image's {}\n{}",
+        exported.display(),
         got.len(),
         want.len(),
         target.output_so_far()
