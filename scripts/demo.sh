@@ -8,5 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo.sh: must run as root (network namespaces, mounts)" >&2; exit 1; }
+echo "demo.sh: building aoe (cargo build --release -p aoe-cli; minutes the first time)" >&2
 cargo build --release -q -p aoe-cli
 exec ./target/release/aoe demo "$@"

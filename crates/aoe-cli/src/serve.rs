@@ -292,6 +292,14 @@ impl std::error::Error for UsageError {}
 /// Runs `aoe serve`.
 pub fn run(a: ServeArgs) -> Result<()> {
     let (cfg, path) = config_from_args(&a)?;
+    // O_SYNC makes writes durable before they are acknowledged; a read-only export takes
+    // none, so the option would be taken and do nothing: said, not silently ignored.
+    for e in cfg.exports.iter().filter(|e| e.read_only && e.sync) {
+        tracing::warn!(
+            "{}: -s (sync) has no effect on a read-only export: it takes no writes",
+            e.addr()
+        );
+    }
     if a.check {
         aoe_target::validate(&cfg)?;
         println!("configuration ok: {} export(s)", cfg.exports.len());

@@ -728,3 +728,91 @@ fn bench_rbd_refuses_a_binary_without_the_rbd_feature() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// Audit (2026-12-04): run without root, `aoe serve` said only `cannot open AoE socket on
+/// interface IF: Operation not permitted (os error 1)`, after a warning that it fell back
+/// from packet rings (which failed the same way), and `aoe ping` the same: now one line
+/// saying that raw packet sockets need root or CAP_NET_RAW, and no fallback warning. Run as
+/// `nobody` (when the test runs as root, in a network namespace of its own first, so that
+/// nothing could reach the host's `lo` if the drop of privilege failed).
+#[test]
+fn without_cap_net_raw_the_error_says_what_is_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    for args in [
+        &[
+            "serve",
+            "--probe-ms",
+            "0",
+            "1",
+            "1",
+            "lo",
+            img.to_str().unwrap(),
+        ][..],
+        &["ping", "-t", "1", "1", "1", "lo"],
+    ] {
+        let mut cmd = if root {
+            let mut c = Command::new("unshare");
+            c.args([
+                "--net",
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                AOE,
+            ]);
+            c
+        } else {
+            Command::new(AOE)
+        };
+        let o = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("root or a process with CAP_NET_RAW"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("packet rings"), "{args:?}: {err}");
+    }
+}
+
+/// Audit (2026-12-04): `aoe serve -r -s` (and `read_only` with `sync` in a config file) took
+/// `-s` and did nothing with it, as vblade does: a read-only export takes no writes to make
+/// durable. It still starts (vblade's arguments), and says so in one line; `-r` alone and
+/// `-s` alone say nothing. `--check` opens no socket, so `lo` is enough.
+#[test]
+fn sync_on_a_read_only_export_is_said_to_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    for (flags, warned) in [
+        (&["-r", "-s"][..], true),
+        (&["-r"], false),
+        (&["-s"], false),
+    ] {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{flags:?}: {err}");
+        assert_eq!(
+            err.contains("has no effect on a read-only export"),
+            warned,
+            "{flags:?}: {err}"
+        );
+    }
+}

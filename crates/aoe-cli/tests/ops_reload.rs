@@ -250,6 +250,102 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
     target.stop().expect("stop aoe serve");
 }
 
+/// Audit (2026-12-04): an image grown in place (same inode) and a SIGHUP with the
+/// configuration unchanged (the export has no `length`: to the end of the file). The reload
+/// kept the export at the size it had at start, so the grown part was out of reach until a
+/// restart; now it is reopened at the new size, and a read after the reload returns all of
+/// it.
+#[test]
+fn sighup_after_the_image_grew_serves_the_new_size() {
+    grown_then_sighup(false, "aoehg");
+}
+
+/// The same for a block device (a loop device over the image, its size refreshed with
+/// `losetup -c`, as a grown logical volume would be), whose size is not in its metadata.
+#[test]
+fn sighup_after_the_block_device_grew_serves_the_new_size() {
+    grown_then_sighup(true, "aoehb");
+}
+
+fn grown_then_sighup(block: bool, ns: &str) {
+    require_tools();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    fs::write(&file, pattern(3, 1 << 20)).expect("image");
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let lo = block.then(|| {
+        let o = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file));
+        assert!(o.status.success(), "losetup: {o:?}");
+        Detach(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    });
+    let exported = lo
+        .as_ref()
+        .map_or(file.clone(), |l| std::path::PathBuf::from(&l.0));
+    let conf = dir.path().join("serve.toml");
+    let target_ns = Netns::new(&format!("{ns}t")).expect("target namespace");
+    let peer = Netns::new(&format!("{ns}p")).expect("reader namespace");
+    let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
+    write_conf(&conf, veth.a_name(), &exported, None);
+    let mut cmd = Command::new(AOE);
+    cmd.args(["serve", "--probe-ms", "0", "--config"])
+        .arg(&conf);
+    let mut target = target_ns.spawn(cmd).expect("start aoe serve");
+    let out = dir.path().join("read.bin");
+    let read = |when: &str, target: &NsChild| {
+        let mut c = peer.command(AOE);
+        c.args(["read", &SHELF.to_string(), &SLOT.to_string(), veth.b_name()])
+            .arg(&out);
+        let o = run(&mut c);
+        assert!(
+            o.status.success(),
+            "aoe read {when}: {o:?}\n{}",
+            target.output_so_far()
+        );
+        fs::read(&out).expect("read output")
+    };
+    assert!(read("at start", &target) == pattern(3, 1 << 20));
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let before = inode(&file);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &pattern(5, 2 << 20)[1 << 20..]))
+        .expect("grow the image");
+    assert_eq!(inode(&file), before, "the image was replaced, not grown");
+    if let Some(l) = &lo {
+        run_ok(Command::new("losetup").args(["-c", &l.0]));
+    }
+    let pid = target.pid().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]));
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &target.output_so_far(),
+            "configuration reloaded"
+        ) == 1),
+        "reload not done\n{}",
+        target.output_so_far()
+    );
+    let mut want = pattern(3, 1 << 20);
+    want.extend_from_slice(&pattern(5, 2 << 20)[1 << 20..]);
+    let got = read("after the reload", &target);
+    assert!(
+        got == want,
+        "{} after the reload: {} bytes read, not the grown image's {}\n{}",
+        exported.display(),
+        got.len(),
+        want.len(),
+        target.output_so_far()
+    );
+    target.stop().expect("stop aoe serve");
+}
+
 /// Audit (s7): `aoe serve --config FILE` with `--probe-ms`, `--state-dir`, `--workers` or
 /// `--allow-duplicate` took them at start, and a SIGHUP reloaded the file alone, so they
 /// were silently dropped: here the reload that adds an export probed for the default 1000

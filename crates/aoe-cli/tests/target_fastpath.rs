@@ -525,3 +525,62 @@ fn contiguous_reads_from_tmpfs_come_back_right() {
         t.stop().unwrap();
     }
 }
+
+/// A backing file shrunk under the export (README: "answers reads past its new end with an
+/// ATA error, never zeros"): the whole old size read back as contiguous runs with a full
+/// window, on tmpfs (reads inline) and on the disk, with the new end in the middle of a
+/// frame. Every frame before the end carries its bytes; every frame that reaches past it is
+/// an ATA error (ERR with UNC) without the frame's data, not zeros acknowledged as data, and the daemon
+/// keeps serving.
+#[test]
+fn a_file_shrunk_under_the_export_answers_reads_past_its_end_with_an_error() {
+    let n = Net::new("fpshrink", 1500);
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    const OLD: usize = 2048;
+    // In sectors: the new end cuts the frame [1000, 1002) in two.
+    const NEW: usize = 1001;
+    for dir in [shm.path(), disk.path()] {
+        let path = dir.join("shrink.img");
+        let data: Vec<u8> = (0..OLD).flat_map(|l| pattern(l, 5)).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut t = n.serve(&["1", "1", n.veth.a_name(), path.to_str().unwrap()]);
+        let mut c = n.client(TargetAddr::new(1, 1));
+        c.set_window(64);
+        let reads: Vec<Request> = (0..OLD / 2)
+            .map(|k| Request::Read {
+                lba: (k * 2) as u64,
+                count: 2,
+            })
+            .collect();
+        check_reads(&mut c, &reads, &data, "before the shrink");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len((NEW * 512) as u64))
+            .unwrap();
+        for round in 0..2 {
+            let replies = c.run(&reads, Duration::from_secs(60)).unwrap();
+            for (k, r) in replies.iter().enumerate() {
+                let lba = k * 2;
+                if lba + 2 <= NEW {
+                    assert_eq!(
+                        data_of(r),
+                        &data[lba * 512..(lba + 2) * 512],
+                        "{}, round {round}: read at sector {lba}",
+                        dir.display()
+                    );
+                } else {
+                    assert!(
+                        matches!(&r.body, ReplyBody::Ata { status, error, data }
+                            if status & 0x01 != 0 && error & 0x40 != 0 && data.len() < 1024),
+                        "{}, round {round}: read at sector {lba}, past the new end {NEW}: \
+                         {r:?}",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        t.stop().unwrap();
+    }
+}

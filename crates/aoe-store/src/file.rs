@@ -121,20 +121,46 @@ impl FileBackend {
                 ),
             ));
         }
-        // Block devices report size 0 in metadata; seeking to the end works for both.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| named(e, "cannot size"))?;
-        if size % SECTOR != 0 {
+        // A read-only block device (`losetup -r`, a write-protected disk) opens O_RDWR and
+        // fails every write with EPERM: refused here, rather than served as writable to an
+        // initiator that would mount it and see each write fail.
+        if ft.is_block_device()
+            && !opts.read_only
+            && aoe_sys::block_device_read_only(&file).unwrap_or(false)
+        {
             return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
+                io::ErrorKind::PermissionDenied,
                 format!(
-                    "size {size} of {} is not a multiple of 512 bytes",
+                    "{} is a read-only block device; export it read-only (-r, or read_only \
+                     = true in a config file)",
                     path.display()
                 ),
             ));
         }
+        // Block devices report size 0 in metadata; seeking to the end works for both.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| named(e, "cannot size"))?;
+        // Only whole sectors can be exported. A file with a partial last sector is refused
+        // unless the export's length is given and ends within the whole sectors: vblade
+        // serves such a file cut to its whole sectors without a word (the tail is neither
+        // read nor written), and an explicit `-l` says that cut is meant.
         let total = size / SECTOR;
+        if size % SECTOR != 0 && opts.length_sectors.is_none() {
+            let tail = size % SECTOR;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "size {size} of {p} is not a multiple of 512 bytes: its last {tail} bytes \
+                     would not be served; pad it to {padded} bytes (truncate -s {padded} {p}) \
+                     or give the length in whole sectors (-l {avail}, or length in a config \
+                     file)",
+                    p = path.display(),
+                    padded = (total + 1) * SECTOR,
+                    avail = total.saturating_sub(opts.offset_sectors),
+                ),
+            ));
+        }
         if opts.offset_sectors > total {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -624,11 +650,58 @@ mod tests {
         assert_eq!(all[24 * 512], ((24 * 512) % 253) as u8);
     }
 
+    /// A file with a partial last sector (vblade serves its whole sectors and says nothing)
+    /// is refused without a length, with the two ways out in the message; with `-l` in
+    /// whole sectors it is served, and the partial tail is never read or written.
+    #[test]
+    fn a_partial_last_sector_is_served_only_with_an_explicit_length() {
+        let odd = file_of(3 * 512 + 100);
+        let e = FileBackend::open(odd.path(), &OpenOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("last 100 bytes") && msg.contains("-l 3") && msg.contains("2048"),
+            "{msg}"
+        );
+        let e = FileBackend::open(
+            odd.path(),
+            &OpenOptions {
+                length_sectors: Some(4),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        let b = FileBackend::open(
+            odd.path(),
+            &OpenOptions {
+                offset_sectors: 1,
+                length_sectors: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(b.len(), 2 * 512);
+        b.write_at(&[0xee; 512], 512).unwrap();
+        assert!(b.write_at(&[0xee; 512], 2 * 512).is_err());
+        b.flush().unwrap();
+        let all = std::fs::read(odd.path()).unwrap();
+        assert_eq!(all.len(), 3 * 512 + 100, "the file's size changed");
+        assert!(all[2 * 512..3 * 512].iter().all(|x| *x == 0xee));
+        assert!(
+            all[3 * 512..]
+                .iter()
+                .enumerate()
+                .all(|(i, x)| *x == ((3 * 512 + i) % 253) as u8),
+            "the partial tail was written"
+        );
+    }
+
     #[test]
     fn refuses_bad_files() {
         let odd = file_of(1000);
         let e = FileBackend::open(odd.path(), &OpenOptions::default()).unwrap_err();
         assert!(e.to_string().contains("not a multiple of 512"), "{e}");
+        assert!(e.to_string().contains("-l 1"), "{e}");
         let e = FileBackend::open(Path::new("/nonexistent/x.img"), &OpenOptions::default())
             .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.img"), "{e}");

@@ -369,3 +369,40 @@ fn a_block_device_is_no_memory_file_system() {
     b.read_at(&mut buf, 0).unwrap();
     assert!(buf[512..1536].iter().all(|x| *x == 9) && buf[..512].iter().all(|x| *x == 7));
 }
+
+/// Audit (2026-12-04): a read-only block device (`losetup -r`) opens O_RDWR without
+/// complaint, so `aoe serve` exported it as writable and every write an initiator sent then
+/// failed with EPERM (an ATA error each, on a disk the initiator had mounted read-write). It
+/// is now refused at open, naming `-r`; exported read-only it serves its data.
+#[test]
+fn a_read_only_block_device_is_refused_unless_exported_read_only() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = dir.path().join("ro.img");
+    fs::write(&image, vec![0x5au8; 1 << 20]).unwrap();
+    let dev = sh(Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&image));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let e = FileBackend::open(Path::new(&dev), &OpenOptions::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("read-only block device") && e.to_string().contains("-r"),
+        "{e}"
+    );
+    let b = FileBackend::open(
+        Path::new(&dev),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    b.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(buf, [0x5a; 512]);
+}

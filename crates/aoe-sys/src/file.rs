@@ -291,6 +291,23 @@ pub fn logical_block_size(file: &File) -> io::Result<u32> {
         .ok_or_else(|| io::Error::other(format!("BLKSSZGET returned {ss}")))
 }
 
+/// `BLKROGET` (`_IO(0x12, 94)`, include/uapi/linux/fs.h); the libc crate does not name it.
+const BLKROGET: u32 = 0x125e;
+
+/// Whether a block device is read-only (`ioctl(BLKROGET)`, what `blockdev --getro` prints):
+/// a loop device set up with `losetup -r`, a write-protected disk. Such a device opens
+/// O_RDWR without complaint and fails each write with EPERM.
+pub fn block_device_read_only(file: &File) -> io::Result<bool> {
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one `int` through the pointer, which is valid for that; the
+    // fd is open. On a file that is not a block device it fails with ENOTTY and writes nothing.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro as *mut libc::c_int) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ro != 0)
+}
+
 /// Which pages of `file` in `offset..offset + len` (rounded out to whole pages) are in the
 /// page cache, one `bool` per page, from `mincore(2)` on a read-only mapping that is never
 /// touched (so the check itself reads nothing in, unlike a read with `RWF_NOWAIT`, whose

@@ -270,7 +270,8 @@ impl PacketSocket {
                 libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 0,
             )
-        })?;
+        })
+        .map_err(raw_socket_refused)?;
         // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // Query through the packet socket itself so the answer is about its own namespace.
@@ -887,6 +888,24 @@ impl std::fmt::Debug for RecvBatch {
             .field("frame_size", &self.frame_size)
             .field("received", &self.received)
             .finish_non_exhaustive()
+    }
+}
+
+/// socket(AF_PACKET, SOCK_RAW) refused for want of privilege (packet(7): only processes
+/// with CAP_NET_RAW may open packet sockets; EPERM): the same error with what to do, so a
+/// user who ran the command without root is told why rather than only "Operation not
+/// permitted". Other errors pass unchanged.
+fn raw_socket_refused(e: io::Error) -> io::Error {
+    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: AoE frames need a raw packet socket, which only root or a process with \
+                 CAP_NET_RAW may open"
+            ),
+        )
+    } else {
+        e
     }
 }
 

@@ -26,8 +26,9 @@ pub(super) struct ExportRt {
     pub(super) shared: Option<Arc<dyn crate::backing::SharedStore>>,
     /// A reserve list being stored in `shared`, whose Reserve/Release reply waits for it.
     pub(super) reserve_pending: Option<super::shared::PendingReserve>,
-    /// The device and inode the path named when it was opened ([`file_identity`]).
-    pub(super) file: Option<(u64, u64)>,
+    /// The device, inode and (for an export to the end of a file) size the path named when
+    /// it was opened ([`file_identity`]).
+    pub(super) file: Option<(u64, u64, u64)>,
     /// Reads of the current receive batch held back for a store that
     /// [merges](aoe_store::AsyncBackend::merges_reads) contiguous ones: handed over together
     /// at the batch's end ([`Daemon::submit_gathered_reads`]), so always empty between
@@ -38,15 +39,34 @@ pub(super) struct ExportRt {
 /// The device and inode `spec.path` names now; `None` for an `rbd:` image or a path that
 /// does not resolve. A reload compares it with the open export's: a file replaced under
 /// the same path (a restored image, `mv new.img disk.img`) is a changed export, reopened,
-/// not one that keeps serving the deleted file behind a "configuration reloaded".
-fn file_identity(spec: &ExportSpec) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
+/// not one that keeps serving the deleted file behind a "configuration reloaded". So is a
+/// file grown or shrunk under an export without a `length` (to the end of the file): it is
+/// reopened at its new size, and its start's announcement lets initiators re-IDENTIFY it,
+/// where the export used to keep the size it had at start until a restart. A block
+/// device's size is not in its metadata but in its sysfs `size` (sectors), so a grown
+/// logical volume or loop device (`losetup -c`) counts too. (An `rbd:` image's size is
+/// re-read on IDENTIFY.)
+fn file_identity(spec: &ExportSpec) -> Option<(u64, u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if spec.rbd_image().is_some() {
         return None;
     }
-    std::fs::metadata(&spec.path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    let m = std::fs::metadata(&spec.path).ok()?;
+    let size = if spec.length.is_some() {
+        0
+    } else if m.file_type().is_block_device() {
+        // The device number as glibc's gnu_dev_major/minor split it.
+        let dev = m.rdev();
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    } else {
+        m.size()
+    };
+    Some((m.dev(), m.ino(), size))
 }
 
 impl Daemon {

@@ -66,6 +66,8 @@ pub(super) fn open_socket(
                 let _ = sock.set_qdisc_bypass(true);
                 return Ok((sock, Batch::Ring(ring)));
             }
+            // Without the privilege for any packet socket there is nothing to fall back to.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
             Err(e) => tracing::warn!(
                 interface = %name,
                 error = %e,
