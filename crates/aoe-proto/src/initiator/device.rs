@@ -165,6 +165,8 @@ pub(super) struct Op {
     pub(super) fenced: bool,
     /// Where a [`BlockOp::ReadInto`] buffer goes if the read fails.
     pub(super) home: ReadHome,
+    /// A [`BlockOp::ReadHeld`]'s parts left in the driver's frames (None: any other op).
+    pub(super) held: Option<Vec<HeldPart>>,
 }
 
 /// Where a [`BlockOp::ReadInto`] buffer goes if the read fails (none for other ops).
