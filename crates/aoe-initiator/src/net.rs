@@ -400,7 +400,12 @@ struct RxRing {
 impl RxRing {
     /// Gives up held slot `slot`: the engine copies the part it keeps there out
     /// ([`Engine::unhold`]), the slot goes back to the kernel.
-    fn copy_out(&mut self, engine: &mut Engine, holds: &mut HashMap<u64, (usize, usize)>, slot: usize) {
+    fn copy_out(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+        slot: usize,
+    ) {
         let token = self.tokens[slot];
         if let Some(frame) = self.ring.held_frame(slot) {
             engine.unhold(token, frame);
@@ -411,7 +416,11 @@ impl RxRing {
 
     /// Gives up every held slot half a lap or more behind the head ([`must_copy_out`]);
     /// returns how many.
-    fn copy_out_old(&mut self, engine: &mut Engine, holds: &mut HashMap<u64, (usize, usize)>) -> usize {
+    fn copy_out_old(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+    ) -> usize {
         let n = self.ring.rx_slots();
         let head = self.ring.rx_slot_ahead(0);
         let mut given = 0;
@@ -443,15 +452,22 @@ impl RxRing {
     /// not the kernel's: with no frame waiting (the kernel's head is ours) and that slot
     /// held, a wait would end at once, and again, until the read holding it finished. Gives
     /// that slot up; the others stay held.
-    fn before_wait(&mut self, engine: &mut Engine, holds: &mut HashMap<u64, (usize, usize)>) {
+    /// Says whether it gave one up.
+    fn before_wait(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+    ) -> bool {
         if self.ring.held_count() == 0 || self.ring.rx_ready() {
-            return;
+            return false;
         }
         let n = self.ring.rx_slots();
         let prev = self.ring.rx_slot_ahead(n - 1);
-        if self.ring.is_held(prev) {
-            self.copy_out(engine, holds, prev);
+        if !self.ring.is_held(prev) {
+            return false;
         }
+        self.copy_out(engine, holds, prev);
+        true
     }
 }
 
@@ -778,6 +794,14 @@ struct LoopCounts {
     /// Frames found waiting, and taken, when a timer was due ([`Net::run`]): answers that
     /// would otherwise have been timed out.
     frames_before_timers: u64,
+    /// Frames held in the receive ring for a read's reply ([`Handle::read_held`]), the
+    /// most held at once, and those given up and copied: at the bound ([`may_hold`]), half
+    /// a lap behind the head ([`must_copy_out`]), or before a wait ([`RxRing::before_wait`]).
+    held: u64,
+    held_max: u64,
+    held_bound: u64,
+    copied_old: u64,
+    copied_wait: u64,
 }
 
 /// The network thread's state.
@@ -1072,6 +1096,11 @@ impl Net {
                         frames_in = c.frames_in,
                         rx_passes = c.rx_passes,
                         frames_before_timers = c.frames_before_timers,
+                        held = c.held,
+                        held_max = c.held_max,
+                        held_bound = c.held_bound,
+                        copied_old = c.copied_old,
+                        copied_wait = c.copied_wait,
                         "network thread loop"
                     );
                     self.fail_all();
@@ -1151,8 +1180,14 @@ impl Net {
             if rekick {
                 timeout = timeout.min(KICK_RETRY);
             }
-            for r in self.ifaces.iter_mut().flatten().filter_map(|i| i.ring.as_mut()) {
-                r.before_wait(&mut self.engine, &mut self.holds);
+            for r in self
+                .ifaces
+                .iter_mut()
+                .flatten()
+                .filter_map(|i| i.ring.as_mut())
+            {
+                self.counts.copied_wait +=
+                    u64::from(r.before_wait(&mut self.engine, &mut self.holds));
             }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
             self.counts.polls += 1;
@@ -1192,7 +1227,8 @@ impl Net {
         while taken < RX_BUDGET {
             let n = match &mut i.ring {
                 Some(r) => {
-                    r.copy_out_old(&mut self.engine, &mut self.holds);
+                    self.counts.copied_old +=
+                        r.copy_out_old(&mut self.engine, &mut self.holds) as u64;
                     let n = r.ring.recv_batch(RX_BATCH);
                     let slots = r.ring.rx_slots();
                     for k in 0..n {
@@ -1200,6 +1236,7 @@ impl Net {
                             continue;
                         }
                         if !may_hold(r.ring.held_count(), slots) {
+                            self.counts.held_bound += 1;
                             self.engine.handle_frame(now, idx, r.ring.frame(k));
                             continue;
                         }
@@ -1213,6 +1250,9 @@ impl Net {
                             r.tokens[slot] = token;
                             r.order.push_back((token, slot));
                             self.holds.insert(token, (idx, slot));
+                            self.counts.held += 1;
+                            self.counts.held_max =
+                                self.counts.held_max.max(r.ring.held_count() as u64);
                         }
                     }
                     n
@@ -1314,7 +1354,10 @@ impl Net {
                 lba,
                 sectors,
                 done,
-            } => match self.engine.submit(now, dev, BlockOp::ReadHeld { lba, sectors }) {
+            } => match self
+                .engine
+                .submit(now, dev, BlockOp::ReadHeld { lba, sectors })
+            {
                 Ok(id) => {
                     self.pending_held.insert(id, done);
                 }

@@ -10,10 +10,13 @@
 //! ```
 //! One reader and one writer thread per connection: the reader submits each request as
 //! it arrives (up to [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] bytes in flight),
-//! completions make a reply header on the network thread and hand it, with a read's data
-//! as the engine assembled it, to the writer, which sends what has queued up with one
-//! `writev(2)` (the data is never copied into a reply buffer). Replies go out in completion
-//! order, not request order (NBD allows that: the cookie matches them up).
+//! completions make a reply header on the network thread. A read's reply goes out from
+//! there, its data straight from the slots of the receive ring the answers arrived in
+//! (`sendmsg(2)` with one iovec per frame's payload, [`BlockDevice::read_held`]), when the
+//! socket takes it; what it does not take, and every reply while the writer is busy, is
+//! queued for the writer, which sends what has queued up with one `writev(2)`. Replies go
+//! out in completion order, not request order (NBD allows that: the cookie matches them
+//! up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -431,8 +434,10 @@ impl Inflight {
 /// take) is queued for the writer thread. Handing a 16-byte write reply to the writer cost
 /// a wake-up of that thread per request (futex calls and context switches: 2-3% of the
 /// initiator's samples under nbdcopy writes); its copy into the socket is no more than the
-/// queueing. A read's reply stays with the writer: copying 256 KiB into the socket on the
-/// network thread delays every frame behind it (docs/PERFORMANCE.md).
+/// queueing. A read's reply is sent the same way from the receive ring's slots
+/// ([`Replies::push_pieces`]): the kernel's copy into the socket replaces the engine's copy
+/// into a read buffer on the same thread (docs/PERFORMANCE.md, "NBD replies from the
+/// receive ring").
 ///
 /// A mutex-guarded queue and a condition variable rather than a channel: the writer takes
 /// everything queued in one lock, and a completion wakes it only when it waits.
@@ -907,7 +912,12 @@ mod tests {
         // socket took and the copied rest the writer sends make the reply whole.
         let head = vec![0xa5u8; 16];
         let data: Vec<u8> = (0..3000).map(|j| (j % 249) as u8).collect();
-        let pieces: Vec<&[u8]> = vec![&data[..1024], &data[1024..1024], &data[1024..2048], &data[2048..]];
+        let pieces: Vec<&[u8]> = vec![
+            &data[..1024],
+            &data[1024..1024],
+            &data[1024..2048],
+            &data[2048..],
+        ];
         let mut whole = head.clone();
         whole.extend_from_slice(&data);
         for sent in 0..=whole.len() {
@@ -967,7 +977,11 @@ mod tests {
         assert!(q.take(&mut batch));
         inflight.acquire(0);
         q.push_pieces(vec![3; 16], &[&[9u8; 100][..]], 0);
-        assert_eq!(requests_in_flight(&inflight), 2, "queued behind the busy writer");
+        assert_eq!(
+            requests_in_flight(&inflight),
+            2,
+            "queued behind the busy writer"
+        );
         let reader = std::thread::spawn(move || {
             let mut all = vec![0u8; filled + 16 + (256 << 10) + 16 + 100];
             b.read_exact(&mut all).unwrap();

@@ -291,7 +291,13 @@ impl Engine {
     /// unchanged until the token comes back (the read's [`Event::CompletedHeld`], or
     /// [`take_released`](Self::take_released)), or give it up first with
     /// [`unhold`](Self::unhold). False: nothing of the frame is kept.
-    pub fn handle_held_frame(&mut self, now: Instant, iface: usize, frame: &[u8], token: u64) -> bool {
+    pub fn handle_held_frame(
+        &mut self,
+        now: Instant,
+        iface: usize,
+        frame: &[u8],
+        token: u64,
+    ) -> bool {
         self.rx_frame = Some((token, frame.as_ptr() as usize, frame.len()));
         self.rx_kept = false;
         self.handle_frame(now, iface, frame);
@@ -300,12 +306,13 @@ impl Engine {
     }
 
     /// Gives up the frame kept under `token` ([`handle_held_frame`](Self::handle_held_frame)):
-    /// its part is copied out of `frame` (the same bytes) into the read's buffer, and the
-    /// driver may reuse the frame's memory at once. False if no read keeps that token (it
-    /// finished: the token came back with it).
+    /// its part is copied out of `frame` (the same bytes) into the read's buffer (or into
+    /// its [`Event::CompletedHeld`] if that is not polled yet), and the driver may reuse
+    /// the frame's memory at once. False if no read keeps that token (it failed, or its
+    /// event was polled: the token came back with it).
     pub fn unhold(&mut self, token: u64, frame: &[u8]) -> bool {
         let Some(id) = self.slot_ops.remove(&token) else {
-            return false;
+            return self.unhold_completed(token, frame);
         };
         let Some(op) = self.ops.get_mut(&id) else {
             return false;
@@ -328,6 +335,28 @@ impl Engine {
             None => self.finish_op(id, Err(IoError::DeviceDown)),
         }
         true
+    }
+
+    /// [`unhold`](Self::unhold) for a read already completed whose
+    /// [`Event::CompletedHeld`] still waits to be polled: its part is copied into the
+    /// event's buffer, so the event holds every byte without that frame.
+    fn unhold_completed(&mut self, token: u64, frame: &[u8]) -> bool {
+        for ev in self.events.iter_mut() {
+            let Event::CompletedHeld { result: Ok(h), .. } = ev else {
+                continue;
+            };
+            let Some(i) = h.parts.iter().position(|p| p.token == token) else {
+                continue;
+            };
+            let p = h.parts.remove(i);
+            let Some(src) = frame.get(p.off..p.off + p.len) else {
+                return false;
+            };
+            h.buf.resize(h.len, 0);
+            h.buf[p.at..p.at + p.len].copy_from_slice(src);
+            return true;
+        }
+        false
     }
 
     /// Moves the tokens of failed [`BlockOp::ReadHeld`]s into `out`: the driver releases

@@ -708,7 +708,11 @@ fn a_held_slot_is_not_reused_until_released() {
     }
     assert_eq!(ring.recv_batch(n), 0, "stops at the held slot");
     assert!(!ring.rx_ready(), "the held slot is not a new frame");
-    assert_eq!(ring.held_frame(slot).expect("held"), &first[..], "unchanged");
+    assert_eq!(
+        ring.held_frame(slot).expect("held"),
+        &first[..],
+        "unchanged"
+    );
     ring.release_held(slot);
     assert!(!ring.is_held(slot));
     assert_eq!(ring.held_count(), 0);
@@ -719,7 +723,10 @@ fn a_held_slot_is_not_reused_until_released() {
     let deadline = Instant::now() + WAIT;
     let mut seen_last = false;
     while !seen_last {
-        assert!(Instant::now() < deadline, "nothing delivered after the release");
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered after the release"
+        );
         for (g, _) in drain_within(&tx, &mut ring, 1) {
             assert_ne!(g, first, "the held frame lent again");
             assert!(g == last || later[n - 1..].contains(&g), "a frame sent");

@@ -556,7 +556,14 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
             .collect()
     };
     let id = e
-        .submit(t0, DEV, BlockOp::ReadHeld { lba: 40, sectors: 8 })
+        .submit(
+            t0,
+            DEV,
+            BlockOp::ReadHeld {
+                lba: 40,
+                sectors: 8,
+            },
+        )
         .unwrap();
     // Four 1 KiB frames, answered last to first: the second (token-less) is copied, the
     // third is held and then given up before the first is answered.
@@ -603,7 +610,10 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
     let pieces = h
         .pieces(|t| held.iter().find(|f| f.0 == t).map(|f| f.1.as_slice()))
         .unwrap();
-    assert!(pieces.concat() == bytes(40, 8), "the pieces are the data, in order");
+    assert!(
+        pieces.concat() == bytes(40, 8),
+        "the pieces are the data, in order"
+    );
     // A read all of whose frames are held has no buffer at all.
     let id2 = e
         .submit(t0, DEV, BlockOp::ReadHeld { lba: 0, sectors: 2 })
@@ -620,7 +630,32 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
         .unwrap()
         .unwrap();
     assert!(h.buf.is_empty());
-    assert!(h.pieces(|t| (t == 7).then_some(rsp.as_slice())).unwrap().concat() == bytes(0, 2));
+    assert!(
+        h.pieces(|t| (t == 7).then_some(rsp.as_slice()))
+            .unwrap()
+            .concat()
+            == bytes(0, 2)
+    );
+    // A frame given up after its read completed, before the completion is polled: the
+    // completion carries the bytes itself.
+    let id4 = e
+        .submit(t0, DEV, BlockOp::ReadHeld { lba: 2, sectors: 2 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let rsp4 = ata_rsp(&tx.last().unwrap().1, TMAC, status::DRDY, 0, &bytes(2, 2));
+    assert!(e.handle_held_frame(t0, 0, &rsp4, 11));
+    assert!(e.unhold(11, &rsp4), "copied into the waiting completion");
+    let h = events(&mut e)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::CompletedHeld { id: i, result } if i == id4 => Some(result),
+            _ => None,
+        })
+        .unwrap()
+        .unwrap();
+    assert!(h.parts.is_empty());
+    assert!(h.pieces(|_| None).unwrap().concat() == bytes(2, 2));
+    assert!(!e.unhold(11, &rsp4), "its completion was polled");
     // A plain read never keeps a frame, token or not.
     e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
         .unwrap();
@@ -635,7 +670,13 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
     let tx = &tx[tx.len() - 2..];
     let ok = ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &bytes(0, 2));
     assert!(e.handle_held_frame(t0, 0, &ok, 9));
-    let bad = ata_rsp(&tx[1].1, TMAC, status::DRDY | status::ERR, error_bits::UNC, &[]);
+    let bad = ata_rsp(
+        &tx[1].1,
+        TMAC,
+        status::DRDY | status::ERR,
+        error_bits::UNC,
+        &[],
+    );
     assert!(!e.handle_held_frame(t0, 0, &bad, 10));
     assert!(events(&mut e).iter().any(|ev| matches!(ev,
         Event::CompletedHeld { id: i, result: Err(_) } if *i == id3)));
