@@ -317,20 +317,17 @@ impl Engine {
         let Some(op) = self.ops.get_mut(&id) else {
             return false;
         };
-        let (Some(parts), OpKind::Read(buf)) = (&mut op.held, &mut op.kind) else {
+        let Some(h) = &mut op.held else {
             return false;
         };
-        let Some(i) = parts.iter().position(|p| p.token == token) else {
+        let Some(i) = h.parts.iter().position(|p| p.token == token) else {
             return false;
         };
-        let p = parts.remove(i);
+        let p = h.parts.remove(i);
         match frame.get(p.off..p.off + p.len) {
-            Some(src) => {
-                if buf.capacity() == 0 {
-                    *buf = self.read_spare.take(op.sectors as usize * SECTOR_SIZE);
-                }
-                receive::place(buf, p.at, src);
-            }
+            // A copy of its own: placed into a read-sized buffer it would cost zeroing the
+            // buffer up to it and past it.
+            Some(src) => h.copies.push((p.at, src.to_vec())),
             // Not the frame it was: those bytes are lost, so is the read.
             None => self.finish_op(id, Err(IoError::DeviceDown)),
         }
@@ -352,8 +349,7 @@ impl Engine {
             let Some(src) = frame.get(p.off..p.off + p.len) else {
                 return false;
             };
-            h.buf.resize(h.len, 0);
-            h.buf[p.at..p.at + p.len].copy_from_slice(src);
+            h.copies.push((p.at, src.to_vec()));
             return true;
         }
         false
@@ -589,7 +585,10 @@ impl Engine {
                 if sectors == 0 {
                     return Err(SubmitError::Empty);
                 }
-                held = Some(Vec::new());
+                held = Some(HeldRead {
+                    len: sectors as usize * SECTOR_SIZE,
+                    ..HeldRead::default()
+                });
                 (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
             BlockOp::ReadInto { lba, sectors, buf } => {

@@ -384,19 +384,19 @@ impl Engine {
                     // A held read's payload stays in the driver's frame when the driver
                     // offered to hold it and the payload lies inside that frame.
                     let mut kept = false;
-                    if let (Some(parts), Some((token, base, len)), false) =
+                    if let (Some(h), Some((token, base, len)), false) =
                         (&mut op.held, self.rx_frame, self.rx_kept)
                     {
                         let p = src.as_ptr() as usize;
                         if p >= base && p + n <= base + len {
-                            let at = parts.partition_point(|q| q.at < s);
+                            let at = h.parts.partition_point(|q| q.at < s);
                             let part = HeldPart {
                                 at: s,
                                 token,
                                 off: p - base,
                                 len: n,
                             };
-                            parts.insert(at, part);
+                            h.parts.insert(at, part);
                             self.rx_kept = true;
                             self.slot_ops.insert(token, f.op);
                             kept = true;
@@ -441,22 +441,22 @@ impl Engine {
         if op.kind.internal() {
             return;
         }
-        if let Some(parts) = op.held {
-            for p in &parts {
+        if let Some(mut h) = op.held {
+            for p in &h.parts {
                 self.slot_ops.remove(&p.token);
             }
-            let len = op.sectors as usize * SECTOR_SIZE;
             let result = match (result, op.kind) {
                 (Ok(()), OpKind::Read(mut buf)) => {
-                    // The copied parts are at their offsets; the held ones leave gaps.
+                    // The copied frames are at their offsets; the others leave gaps.
                     if !buf.is_empty() {
-                        buf.resize(len, 0);
+                        buf.resize(h.len, 0);
                     }
-                    Ok(HeldRead { len, parts, buf })
+                    h.buf = buf;
+                    Ok(h)
                 }
                 (Ok(()), _) => Ok(HeldRead::default()),
                 (Err(e), kind) => {
-                    self.released.extend(parts.iter().map(|p| p.token));
+                    self.released.extend(h.parts.iter().map(|p| p.token));
                     if let OpKind::Read(buf) = kind {
                         self.read_spare.put(buf);
                     }

@@ -605,7 +605,13 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
     assert_eq!(h.len, 8 * 512);
     let tokens: Vec<u64> = h.parts.iter().map(|p| p.token).collect();
     assert_eq!(tokens, vec![100, 103], "held parts, in order of the read");
-    assert_eq!(h.buf.len(), 8 * 512, "the copied frames are in the buffer");
+    assert_eq!(
+        h.buf.len(),
+        8 * 512,
+        "the token-less frame is in the buffer"
+    );
+    assert_eq!(h.copies.len(), 1, "the frame given up is a copy of its own");
+    assert_eq!(h.copies[0].0, 2 * 1024);
     let held: Vec<(u64, Vec<u8>)> = frames.clone();
     let pieces = h
         .pieces(|t| held.iter().find(|f| f.0 == t).map(|f| f.1.as_slice()))
@@ -653,7 +659,7 @@ fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
         })
         .unwrap()
         .unwrap();
-    assert!(h.parts.is_empty());
+    assert!(h.parts.is_empty() && h.buf.is_empty());
     assert!(h.pieces(|_| None).unwrap().concat() == bytes(2, 2));
     assert!(!e.unhold(11, &rsp4), "its completion was polled");
     // A plain read never keeps a frame, token or not.

@@ -584,35 +584,49 @@ pub struct HeldPart {
     pub len: usize,
 }
 
-/// A completed [`BlockOp::ReadHeld`]: `len` bytes, the [`HeldPart`]s in frames the driver
-/// holds (in order of `at`) and the rest in `buf` at their own offsets (`buf` is empty when
-/// every part is held).
+/// A [`BlockOp::ReadHeld`]'s bytes: `len` of them, the [`HeldPart`]s in frames the driver
+/// holds (in order of `at`), the parts given up ([`Engine::unhold`]) copied on their own,
+/// and the rest (frames handed in without a token) in `buf` at their own offsets (`buf`
+/// is empty when there are none).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeldRead {
     /// Bytes of the read.
     pub len: usize,
     /// The parts in held frames, sorted by `at`.
     pub parts: Vec<HeldPart>,
-    /// The copied bytes, at their offsets in the read (`len` long, or empty).
+    /// Parts given up by the driver: (offset in the read, bytes).
+    pub copies: Vec<(usize, Vec<u8>)>,
+    /// The bytes of frames handed in without a token, at their offsets in the read (`len`
+    /// long, or empty).
     pub buf: Vec<u8>,
 }
 
 impl HeldRead {
-    /// The read's bytes in order, as slices of `buf` and of the held frames, which
-    /// `frame(token)` gives (the whole frame handed in with that token); None if a token
-    /// has no frame, a part lies outside its frame, or a byte is in neither.
+    /// The read's bytes in order, as slices of the held frames, which `frame(token)` gives
+    /// (the whole frame handed in with that token), of the copies and of `buf`; None if a
+    /// token has no frame, a part lies outside its frame, or a byte is in none of them.
     pub fn pieces<'a>(&'a self, frame: impl Fn(u64) -> Option<&'a [u8]>) -> Option<Vec<&'a [u8]>> {
-        let mut out = Vec::with_capacity(self.parts.len() * 2 + 1);
-        let mut p = 0;
+        let mut items: Vec<(usize, &'a [u8])> =
+            Vec::with_capacity(self.parts.len() + self.copies.len());
         for part in &self.parts {
-            if part.at < p {
+            let f = frame(part.token)?;
+            items.push((part.at, f.get(part.off..part.off + part.len)?));
+        }
+        if !self.copies.is_empty() {
+            items.extend(self.copies.iter().map(|(at, c)| (*at, c.as_slice())));
+            items.sort_by_key(|i| i.0);
+        }
+        let mut out = Vec::with_capacity(items.len() * 2 + 1);
+        let mut p = 0;
+        for (at, bytes) in items {
+            if at < p {
                 return None;
             }
-            if part.at > p {
-                out.push(self.buf.get(p..part.at)?);
+            if at > p {
+                out.push(self.buf.get(p..at)?);
             }
-            out.push(frame(part.token)?.get(part.off..part.off + part.len)?);
-            p = part.at + part.len;
+            out.push(bytes);
+            p = at + bytes.len();
         }
         if p < self.len {
             out.push(self.buf.get(p..self.len)?);
