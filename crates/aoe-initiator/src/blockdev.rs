@@ -18,7 +18,7 @@ pub mod rangelock;
 use aoe_proto::initiator::{BlockOp, Lent};
 use aoe_wire::TargetAddr;
 
-use crate::net::Handle;
+use crate::net::{DoneHeld, Handle};
 use rangelock::Mode;
 
 /// Sector size of every AoE device.
@@ -69,6 +69,42 @@ impl BlockDevice {
         read(&self.net, self.dev, self.base, offset, len, Some(buf), done)
     }
 
+    /// Like [`read`](Self::read), the bytes left in the network thread's receive ring
+    /// ([`Handle::read_held`]): `done` runs on the network thread with the bytes as slices
+    /// valid only during the call (a front-end writes them out or copies them there).
+    pub fn read_held(&self, offset: u64, len: usize, done: DoneHeld) {
+        if len == 0 {
+            return done(Ok(&[]));
+        }
+        let (first, count, skip) = covering(offset, len as u64);
+        let Ok(sectors) = u32::try_from(count) else {
+            return done(Err(libc::EINVAL));
+        };
+        let (dev, lba) = (self.dev, self.base + first);
+        let n2 = self.net.clone();
+        self.net.locks().acquire(
+            dev,
+            lba,
+            count,
+            Mode::Shared,
+            Box::new(move |held| {
+                n2.read_held(
+                    dev,
+                    lba,
+                    sectors,
+                    Box::new(move |r| {
+                        drop(held);
+                        match r.map(|p| trim(p, skip, len)) {
+                            Ok(Some(t)) => done(Ok(&t)),
+                            Ok(None) => done(Err(libc::EIO)),
+                            Err(e) => done(Err(e)),
+                        }
+                    }),
+                )
+            }),
+        );
+    }
+
     /// Writes `data` at byte `offset` of the extent. An aligned write goes out as it is
     /// (holding its sectors shared); otherwise the partial first and last sectors are read
     /// first and the whole covering range is written back, all under an exclusive hold of
@@ -116,6 +152,28 @@ pub fn covering(offset: u64, len: u64) -> (u64, u64, usize) {
     let first = offset / SECTOR;
     let last = (offset + len).div_ceil(SECTOR);
     (first, last - first, (offset % SECTOR) as usize)
+}
+
+/// `pieces` without their first `skip` bytes, cut to `len` bytes; None if they hold fewer
+/// than `skip + len`.
+pub fn trim<'a>(pieces: &[&'a [u8]], mut skip: usize, len: usize) -> Option<Vec<&'a [u8]>> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut want = len;
+    for p in pieces {
+        if want == 0 {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let p = &p[skip..];
+        skip = 0;
+        let k = p.len().min(want);
+        out.push(&p[..k]);
+        want -= k;
+    }
+    (want == 0).then_some(out)
 }
 
 /// Reads `len` bytes at byte `offset` of the extent starting at sector `base` of `dev`.
@@ -340,6 +398,23 @@ mod tests {
         assert_eq!(covering(1024, 1536), (2, 3, 0));
         assert_eq!(covering(1000, 100), (1, 2, 488));
         assert_eq!(covering(1030, 100), (2, 1, 6));
+    }
+
+    /// Trimming a held read's pieces to the bytes asked for (an unaligned offset, a length
+    /// short of the last sector) keeps exactly those bytes, across piece boundaries.
+    #[test]
+    fn trim_keeps_the_bytes_asked_for() {
+        let all: Vec<u8> = (0..100u8).collect();
+        let pieces: Vec<&[u8]> = vec![&all[..10], &all[10..10], &all[10..55], &all[55..]];
+        for skip in 0..100 {
+            for len in 0..=100 - skip {
+                let t = trim(&pieces, skip, len).unwrap();
+                let got: Vec<u8> = t.concat();
+                assert_eq!(got, &all[skip..skip + len], "skip {skip} len {len}");
+                assert!(t.iter().all(|p| !p.is_empty()));
+            }
+        }
+        assert!(trim(&pieces, 50, 51).is_none());
     }
 
     #[test]

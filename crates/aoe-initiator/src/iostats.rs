@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use aoe_proto::initiator::BlockOp;
 use aoe_wire::TargetAddr;
 
-use crate::net::Done;
+use crate::net::{Done, DoneHeld};
 
 /// Bytes moved per device: `(read, written)`.
 #[derive(Debug, Default)]
@@ -25,7 +25,7 @@ impl IoBytes {
         let written = match op {
             BlockOp::Write { data, .. } => data.len() as u64,
             BlockOp::WriteLent { data, .. } => data.len() as u64,
-            BlockOp::Read { .. } | BlockOp::ReadInto { .. } => 0,
+            BlockOp::Read { .. } | BlockOp::ReadInto { .. } | BlockOp::ReadHeld { .. } => 0,
             BlockOp::Flush => return done,
         };
         let me = self.clone();
@@ -36,6 +36,19 @@ impl IoBytes {
                 let e = m.entry(dev).or_default();
                 e.0 += read;
                 e.1 += written;
+            }
+            done(r)
+        })
+    }
+
+    /// Like [`counting`](Self::counting), for a held read ([`crate::net::Handle::read_held`]).
+    pub fn counting_held(self: &Arc<Self>, dev: TargetAddr, done: DoneHeld) -> DoneHeld {
+        let me = self.clone();
+        Box::new(move |r| {
+            if let Ok(pieces) = &r {
+                let read: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+                let mut m = me.by_dev.lock().unwrap_or_else(|e| e.into_inner());
+                m.entry(dev).or_default().0 += read;
             }
             done(r)
         })

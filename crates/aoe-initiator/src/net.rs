@@ -22,6 +22,11 @@ use crate::partition::{self, Partition};
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
 
+/// Called once with the outcome of a read whose bytes stay in the receive ring
+/// ([`Handle::read_held`]): the read's bytes in order, as slices valid only during the call
+/// (their slots go back to the kernel when it returns), or an errno.
+pub type DoneHeld = Box<dyn FnOnce(Result<&[&[u8]], i32>) + Send>;
+
 /// Work for the network thread.
 pub enum Cmd {
     /// Block I/O on a device.
@@ -32,6 +37,18 @@ pub enum Cmd {
         op: BlockOp,
         /// Called on completion.
         done: Done,
+    },
+    /// A read whose answers' payloads stay in the receive ring's slots until `done` has
+    /// seen them ([`Handle::read_held`]).
+    IoHeld {
+        /// The device.
+        dev: TargetAddr,
+        /// First sector.
+        lba: u64,
+        /// Sectors (at least 1).
+        sectors: u32,
+        /// Called on completion, on the network thread.
+        done: DoneHeld,
     },
     /// Broadcast a Query Config on every allowed interface (and pick up new interfaces).
     Discover,
@@ -253,6 +270,21 @@ impl Handle {
         self.send(Cmd::Io { dev, op, done });
     }
 
+    /// Reads `sectors` sectors at `lba`, the answers' payloads left in the receive ring where
+    /// the kernel put them ([`BlockOp::ReadHeld`]): `done` gets them as slices, on the
+    /// network thread, and must be done with them when it returns (a front-end writes them
+    /// to its client there, or copies them). Where a slot is needed back first, or the
+    /// interface has no ring, those bytes are copied as for any read.
+    pub fn read_held(&self, dev: TargetAddr, lba: u64, sectors: u32, done: DoneHeld) {
+        let done = self.bytes.counting_held(dev, done);
+        self.send(Cmd::IoHeld {
+            dev,
+            lba,
+            sectors,
+            done,
+        });
+    }
+
     /// Hands a read's buffer back once the front-end is done with it (the reply sent), so
     /// the engine fills a later read into pages already in memory instead of fresh ones
     /// ([`Engine::recycle_read_buffer`]). Does not wake the thread: the buffer is taken in
@@ -323,10 +355,27 @@ struct Iface {
     backlog: VecDeque<TxFrame>,
 }
 
-/// Bytes of receive ring per interface: about the 8 MiB receive buffer's worth of frames
-/// the `recvmmsg` path asks for, in slots of the interface's frame size (460 slots at MTU
-/// 9000, 2,600 at 1500), more than a window of outstanding frames needs.
-const RX_RING_BYTES: usize = 4 << 20;
+/// Bytes of receive ring per interface: the 8 MiB receive buffer's worth of frames the
+/// `recvmmsg` path asks for, in slots of the interface's frame size (920 slots at MTU 9000,
+/// 5,200 at 1500). Held reads ([`Handle::read_held`]) keep up to half of them out of the
+/// kernel's hands ([`may_hold`], [`must_copy_out`]), so the kernel always has at least the
+/// 4 MiB that was the whole ring before reads were held.
+const RX_RING_BYTES: usize = 8 << 20;
+
+/// Whether a receive ring with `held` of its `slots` slots held may hold one more for a
+/// read ([`Handle::read_held`]); if not, the frame's payload is copied as for any read.
+/// Half the ring: the kernel keeps the other half to deliver into.
+fn may_hold(held: usize, slots: usize) -> bool {
+    held < slots / 2
+}
+
+/// Whether a slot held `behind` slots behind the receive ring's head (round the ring; 0: a
+/// whole lap) must be given up now: its payload copied out, the slot given back. The
+/// kernel stops delivering when its head meets a held slot (and drops what arrives), so no
+/// slot stays held once the head is half a lap past it, however slow its reader.
+fn must_copy_out(behind: usize, slots: usize) -> bool {
+    behind == 0 || behind >= slots / 2
+}
 
 /// Fewest slots of a receive ring, whatever the MTU.
 const RX_RING_MIN_SLOTS: usize = 256;
@@ -341,6 +390,85 @@ struct RxRing {
     ring: PacketRing,
     /// The largest frame a slot holds: the interface's frame size when the ring was made.
     cap: usize,
+    /// Per slot, the token of the frame held there ([`Engine::handle_held_frame`]).
+    tokens: Vec<u64>,
+    /// The held slots' (token, slot), oldest first (holds come in ring order); entries
+    /// already released are skipped when met.
+    order: VecDeque<(u64, usize)>,
+}
+
+impl RxRing {
+    /// Gives up held slot `slot`: the engine copies the part it keeps there out
+    /// ([`Engine::unhold`]), the slot goes back to the kernel.
+    fn copy_out(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+        slot: usize,
+    ) {
+        let token = self.tokens[slot];
+        if let Some(frame) = self.ring.held_frame(slot) {
+            engine.unhold(token, frame);
+        }
+        holds.remove(&token);
+        self.ring.release_held(slot);
+    }
+
+    /// Gives up every held slot half a lap or more behind the head ([`must_copy_out`]);
+    /// returns how many.
+    fn copy_out_old(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+    ) -> usize {
+        let n = self.ring.rx_slots();
+        let head = self.ring.rx_slot_ahead(0);
+        let mut given = 0;
+        while let Some(&(token, slot)) = self.order.front() {
+            if !self.ring.is_held(slot) || self.tokens[slot] != token {
+                self.order.pop_front();
+                continue;
+            }
+            if !must_copy_out((head + n - slot) % n, n) {
+                break;
+            }
+            self.order.pop_front();
+            self.copy_out(engine, holds, slot);
+            given += 1;
+        }
+        given
+    }
+
+    /// Gives up every held slot (the ring is about to go).
+    fn copy_out_all(&mut self, engine: &mut Engine, holds: &mut HashMap<u64, (usize, usize)>) {
+        while let Some((token, slot)) = self.order.pop_front() {
+            if self.ring.is_held(slot) && self.tokens[slot] == token {
+                self.copy_out(engine, holds, slot);
+            }
+        }
+    }
+
+    /// `packet_poll` calls the socket readable while the slot before the kernel's head is
+    /// not the kernel's: with no frame waiting (the kernel's head is ours) and that slot
+    /// held, a wait would end at once, and again, until the read holding it finished. Gives
+    /// that slot up; the others stay held.
+    /// Says whether it gave one up.
+    fn before_wait(
+        &mut self,
+        engine: &mut Engine,
+        holds: &mut HashMap<u64, (usize, usize)>,
+    ) -> bool {
+        if self.ring.held_count() == 0 || self.ring.rx_ready() {
+            return false;
+        }
+        let n = self.ring.rx_slots();
+        let prev = self.ring.rx_slot_ahead(n - 1);
+        if !self.ring.is_held(prev) {
+            return false;
+        }
+        self.copy_out(engine, holds, prev);
+        true
+    }
 }
 
 impl RxRing {
@@ -352,7 +480,13 @@ impl RxRing {
         let cap = aoe_sys::frame_capacity(mtu);
         let slots = (RX_RING_BYTES / cap.max(1)).max(RX_RING_MIN_SLOTS);
         let ring = PacketRing::with_slots(sock, cap, slots, 0, 0)?;
-        Ok(RxRing { ring, cap })
+        let tokens = vec![0; ring.rx_slots()];
+        Ok(RxRing {
+            ring,
+            cap,
+            tokens,
+            order: VecDeque::new(),
+        })
     }
 }
 
@@ -660,6 +794,14 @@ struct LoopCounts {
     /// Frames found waiting, and taken, when a timer was due ([`Net::run`]): answers that
     /// would otherwise have been timed out.
     frames_before_timers: u64,
+    /// Frames held in the receive ring for a read's reply ([`Handle::read_held`]), the
+    /// most held at once, and those given up and copied: at the bound ([`may_hold`]), half
+    /// a lap behind the head ([`must_copy_out`]), or before a wait ([`RxRing::before_wait`]).
+    held: u64,
+    held_max: u64,
+    held_bound: u64,
+    copied_old: u64,
+    copied_wait: u64,
 }
 
 /// The network thread's state.
@@ -671,6 +813,14 @@ pub struct Net {
     handle: Handle,
     ifaces: Vec<Option<Iface>>,
     pending: HashMap<IoId, Done>,
+    /// Held reads in flight ([`Cmd::IoHeld`]).
+    pending_held: HashMap<IoId, DoneHeld>,
+    /// Frames held for reads, by token: (interface index, receive slot).
+    holds: HashMap<u64, (usize, usize)>,
+    /// The next frame's token.
+    next_token: u64,
+    /// Tokens the engine gave back ([`Engine::take_released`]).
+    released: Vec<u64>,
     /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
     opens: HashMap<TargetAddr, u32>,
     /// Frames received with one `recvmmsg(2)`.
@@ -748,6 +898,10 @@ impl Net {
             handle,
             ifaces: Vec::new(),
             pending: HashMap::new(),
+            pending_held: HashMap::new(),
+            holds: HashMap::new(),
+            next_token: 1,
+            released: Vec::new(),
             opens: HashMap::new(),
             rxb: RecvBatch::new(RX_BATCH, FRAME_BUF),
             tx: Vec::new(),
@@ -815,6 +969,9 @@ impl Net {
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
                     self.tx_rejected_closed +=
                         i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
+                    if let Some(r) = i.ring.as_mut() {
+                        r.copy_out_all(&mut self.engine, &mut self.holds);
+                    }
                     self.engine.remove_interface(idx);
                     *slot = None;
                 }
@@ -841,6 +998,9 @@ impl Net {
                             .as_ref()
                             .is_some_and(|r| r.cap < aoe_sys::frame_capacity(w.mtu))
                         {
+                            if let Some(r) = i.ring.as_mut() {
+                                r.copy_out_all(&mut self.engine, &mut self.holds);
+                            }
                             i.ring = None;
                             i.ring = rx_ring(&i.sock, &i.name, w.mtu);
                         }
@@ -936,6 +1096,11 @@ impl Net {
                         frames_in = c.frames_in,
                         rx_passes = c.rx_passes,
                         frames_before_timers = c.frames_before_timers,
+                        held = c.held,
+                        held_max = c.held_max,
+                        held_bound = c.held_bound,
+                        copied_old = c.copied_old,
+                        copied_wait = c.copied_wait,
                         "network thread loop"
                     );
                     self.fail_all();
@@ -1015,6 +1180,15 @@ impl Net {
             if rekick {
                 timeout = timeout.min(KICK_RETRY);
             }
+            for r in self
+                .ifaces
+                .iter_mut()
+                .flatten()
+                .filter_map(|i| i.ring.as_mut())
+            {
+                self.counts.copied_wait +=
+                    u64::from(r.before_wait(&mut self.engine, &mut self.holds));
+            }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
             self.counts.polls += 1;
             self.counts.rekick_waits += u64::from(rekick);
@@ -1053,10 +1227,32 @@ impl Net {
         while taken < RX_BUDGET {
             let n = match &mut i.ring {
                 Some(r) => {
+                    self.counts.copied_old +=
+                        r.copy_out_old(&mut self.engine, &mut self.holds) as u64;
                     let n = r.ring.recv_batch(RX_BATCH);
+                    let slots = r.ring.rx_slots();
                     for k in 0..n {
-                        if !r.ring.meta(k).truncated {
+                        if r.ring.meta(k).truncated {
+                            continue;
+                        }
+                        if !may_hold(r.ring.held_count(), slots) {
+                            self.counts.held_bound += 1;
                             self.engine.handle_frame(now, idx, r.ring.frame(k));
+                            continue;
+                        }
+                        let token = self.next_token;
+                        if self
+                            .engine
+                            .handle_held_frame(now, idx, r.ring.frame(k), token)
+                        {
+                            self.next_token += 1;
+                            let slot = r.ring.hold(k);
+                            r.tokens[slot] = token;
+                            r.order.push_back((token, slot));
+                            self.holds.insert(token, (idx, slot));
+                            self.counts.held += 1;
+                            self.counts.held_max =
+                                self.counts.held_max.max(r.ring.held_count() as u64);
                         }
                     }
                     n
@@ -1153,6 +1349,30 @@ impl Net {
     fn command(&mut self, cmd: Cmd) {
         let now = Instant::now();
         match cmd {
+            Cmd::IoHeld {
+                dev,
+                lba,
+                sectors,
+                done,
+            } => match self
+                .engine
+                .submit(now, dev, BlockOp::ReadHeld { lba, sectors })
+            {
+                Ok(id) => {
+                    self.pending_held.insert(id, done);
+                }
+                Err(e) => done(Err(errno_of_submit(&e))),
+            },
+            // A held read completes only through Cmd::IoHeld's callback.
+            Cmd::Io {
+                dev,
+                op: BlockOp::ReadHeld { lba, sectors },
+                done,
+            } => self.command(Cmd::Io {
+                dev,
+                op: BlockOp::Read { lba, sectors },
+                done,
+            }),
             Cmd::Io { dev, op, done } => match self.engine.submit(now, dev, op) {
                 Ok(id) => {
                     self.pending.insert(id, done);
@@ -1213,6 +1433,37 @@ impl Net {
                     }
                     io = true;
                 }
+                Event::CompletedHeld { id, result } => {
+                    let done = self.pending_held.remove(&id);
+                    match result {
+                        Ok(h) => {
+                            let (ifaces, holds) = (&self.ifaces, &self.holds);
+                            let pieces = h.pieces(|t| {
+                                let (idx, slot) = *holds.get(&t)?;
+                                let r = ifaces.get(idx)?.as_ref()?.ring.as_ref()?;
+                                (r.tokens[slot] == t).then_some(())?;
+                                r.ring.held_frame(slot)
+                            });
+                            if let Some(done) = done {
+                                match &pieces {
+                                    Some(p) => done(Ok(p)),
+                                    None => done(Err(libc::EIO)),
+                                }
+                            }
+                            drop(pieces);
+                            for p in &h.parts {
+                                self.release_token(p.token);
+                            }
+                            self.engine.recycle_read_buffer(h.buf);
+                        }
+                        Err(e) => {
+                            if let Some(done) = done {
+                                done(Err(errno_of(&e)));
+                            }
+                        }
+                    }
+                    io = true;
+                }
                 Event::Log(line) => lock(&self.shared).push_err(line),
                 Event::DeviceUp(dev) => {
                     // (The engine logs the state change itself.)
@@ -1243,7 +1494,31 @@ impl Net {
                 }
             }
         }
+        self.engine.take_released(&mut self.released);
+        let mut released = std::mem::take(&mut self.released);
+        for t in released.drain(..) {
+            self.release_token(t);
+        }
+        self.released = released;
         (changed, io)
+    }
+
+    /// Gives the slot held under `token` back to the kernel (a token no longer held:
+    /// nothing; its slot may hold another frame by now).
+    fn release_token(&mut self, token: u64) {
+        let Some((idx, slot)) = self.holds.remove(&token) else {
+            return;
+        };
+        if let Some(r) = self
+            .ifaces
+            .get_mut(idx)
+            .and_then(|i| i.as_mut())
+            .and_then(|i| i.ring.as_mut())
+        {
+            if r.tokens[slot] == token {
+                r.ring.release_held(slot);
+            }
+        }
     }
 
     /// Copies the engine's device list into the shared state, keeping partitions and loop
@@ -1363,6 +1638,9 @@ impl Net {
         for (_, done) in self.pending.drain() {
             done(Err(libc::EIO));
         }
+        for (_, done) in self.pending_held.drain() {
+            done(Err(libc::EIO));
+        }
         let loops: Vec<String> = lock(&self.shared)
             .devices
             .values_mut()
@@ -1457,6 +1735,27 @@ mod err_ring_tests {
     /// aoechr.c `aoechr_error`: a full ring drops the new line, not the oldest, so the
     /// lines before a burst (an `up`, say) stay readable; each dropped line is counted.
     /// The old ring dropped the oldest.
+    /// The bound on held receive slots: a ring lends at most half its slots to reads (the
+    /// frame after that is copied), and a held slot is given up (copied out) once the
+    /// head is half a lap past it, or a whole lap (the head met it), so the kernel always
+    /// has half the ring to deliver into, however slow a reader.
+    #[test]
+    fn held_slots_are_bounded() {
+        for slots in [256, 460, 920, 5200] {
+            let mut held = 0;
+            while may_hold(held, slots) {
+                held += 1;
+            }
+            assert_eq!(held, slots / 2, "{slots} slots: half lent, then copies");
+            assert!(!may_hold(slots, slots));
+            assert!(must_copy_out(0, slots), "the head met it");
+            assert!(!must_copy_out(1, slots));
+            assert!(!must_copy_out(slots / 2 - 1, slots));
+            assert!(must_copy_out(slots / 2, slots));
+            assert!(must_copy_out(slots - 1, slots));
+        }
+    }
+
     #[test]
     fn a_full_err_ring_drops_the_new_line() {
         let mut s = Shared::default();

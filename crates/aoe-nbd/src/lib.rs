@@ -10,10 +10,13 @@
 //! ```
 //! One reader and one writer thread per connection: the reader submits each request as
 //! it arrives (up to [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] bytes in flight),
-//! completions make a reply header on the network thread and hand it, with a read's data
-//! as the engine assembled it, to the writer, which sends what has queued up with one
-//! `writev(2)` (the data is never copied into a reply buffer). Replies go out in completion
-//! order, not request order (NBD allows that: the cookie matches them up).
+//! completions make a reply header on the network thread. A read's reply goes out from
+//! there, its data straight from the slots of the receive ring the answers arrived in
+//! (`sendmsg(2)` with one iovec per frame's payload, [`BlockDevice::read_held`]), when the
+//! socket takes it; what it does not take, and every reply while the writer is busy, is
+//! queued for the writer, which sends what has queued up with one `writev(2)`. Replies go
+//! out in completion order, not request order (NBD allows that: the cookie matches them
+//! up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -431,8 +434,10 @@ impl Inflight {
 /// take) is queued for the writer thread. Handing a 16-byte write reply to the writer cost
 /// a wake-up of that thread per request (futex calls and context switches: 2-3% of the
 /// initiator's samples under nbdcopy writes); its copy into the socket is no more than the
-/// queueing. A read's reply stays with the writer: copying 256 KiB into the socket on the
-/// network thread delays every frame behind it (docs/PERFORMANCE.md).
+/// queueing. A read's reply is sent the same way from the receive ring's slots
+/// ([`Replies::push_pieces`]): the kernel's copy into the socket replaces the engine's copy
+/// into a read buffer on the same thread (docs/PERFORMANCE.md, "NBD replies from the
+/// receive ring").
 ///
 /// A mutex-guarded queue and a condition variable rather than a channel: the writer takes
 /// everything queued in one lock, and a completion wakes it only when it waits.
@@ -481,6 +486,36 @@ impl Replies {
             }
         }
         s.queue.push(r);
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_one();
+        }
+    }
+
+    /// A read's reply, its data given as slices of the initiator's receive ring that are
+    /// valid only during this call ([`BlockDevice::read_held`]). Sent at once from these
+    /// slices with non-blocking `sendmsg(2)` calls when nothing is queued before it and the
+    /// writer is not writing, so the bytes go from the ring into the socket with the
+    /// kernel's one copy; whatever the socket does not take (full, or the writer busy) is
+    /// copied and queued for the writer, since the slots go back to the kernel when this
+    /// returns.
+    fn push_pieces(&self, head: Vec<u8>, pieces: &[&[u8]], held: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
+        let mut sent = 0;
+        if s.queue.is_empty() && !s.busy {
+            sent = send_now(self.sock.as_raw_fd(), &head, pieces);
+            if sent == total {
+                drop(s);
+                self.inflight.release(held);
+                return;
+            }
+        }
+        s.queue.push(Reply {
+            head: Vec::new(),
+            data: rest_after(&head, pieces, sent),
+            held,
+        });
         if s.waiting {
             s.waiting = false;
             self.cv.notify_one();
@@ -545,6 +580,51 @@ fn read_payload(r: &mut BufReader<Conn>, len: usize) -> io::Result<Vec<u8>> {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(data)
+}
+
+/// Most iovecs per `sendmsg(2)` (`UIO_MAXIOV`): a 256 KiB read at MTU 1500 is 256 slots.
+const IOV_MAX: usize = 1024;
+
+/// Sends `head` and `pieces` on the socket `fd` without blocking, as far as its buffer
+/// takes them; returns the bytes sent (a failure other than a full buffer is left to the
+/// writer thread to meet and report, as for replies without data).
+fn send_now(fd: RawFd, head: &[u8], pieces: &[&[u8]]) -> usize {
+    let mut iov: Vec<IoSlice<'_>> = std::iter::once(head)
+        .chain(pieces.iter().copied())
+        .filter(|p| !p.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    let mut rest = &mut iov[..];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let mut sent = 0;
+    while !rest.is_empty() {
+        let k = rest.len().min(IOV_MAX);
+        match nix::sys::socket::sendmsg::<()>(fd, &rest[..k], &[], flags, None) {
+            Ok(0) => break,
+            Ok(n) => {
+                sent += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+/// The bytes of `head` then `pieces` after the first `sent`, copied.
+fn rest_after(head: &[u8], pieces: &[&[u8]], mut sent: usize) -> Vec<u8> {
+    let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(total.saturating_sub(sent));
+    for p in std::iter::once(head).chain(pieces.iter().copied()) {
+        if sent >= p.len() {
+            sent -= p.len();
+            continue;
+        }
+        out.extend_from_slice(&p[sent..]);
+        sent = 0;
+    }
+    out
 }
 
 /// Replies the writer takes per `writev(2)`.
@@ -690,13 +770,17 @@ fn requests(
             Command::Read { offset, len } => {
                 inflight.acquire(bytes);
                 let s = session.clone();
-                bd.read(
+                let tx = tx.clone();
+                // The data goes from the receive ring's slots into the socket on the
+                // network thread (or is copied for the writer, see Replies::push_pieces).
+                bd.read_held(
                     offset,
                     len as usize,
                     Box::new(move |res| match res {
-                        Ok(d) => {
-                            let head = s.read_reply_head(cookie, offset, d.len());
-                            reply(head, d)
+                        Ok(pieces) => {
+                            let n = pieces.iter().map(|p| p.len()).sum();
+                            let head = s.read_reply_head(cookie, offset, n);
+                            tx.push_pieces(head, pieces, bytes)
                         }
                         Err(e) => reply(
                             s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"),
@@ -823,6 +907,99 @@ mod tests {
             write_replies(&mut w, &replies).unwrap();
             assert!(w.out == want, "max {max}");
         }
+        // A read's reply sent from the ring's slots and cut short anywhere (inside the
+        // head, inside a slot's piece, on a boundary, before an empty piece): what the
+        // socket took and the copied rest the writer sends make the reply whole.
+        let head = vec![0xa5u8; 16];
+        let data: Vec<u8> = (0..3000).map(|j| (j % 249) as u8).collect();
+        let pieces: Vec<&[u8]> = vec![
+            &data[..1024],
+            &data[1024..1024],
+            &data[1024..2048],
+            &data[2048..],
+        ];
+        let mut whole = head.clone();
+        whole.extend_from_slice(&data);
+        for sent in 0..=whole.len() {
+            let rest = rest_after(&head, &pieces, sent);
+            for max in [1, 999, 4096] {
+                let mut w = Dribble {
+                    out: whole[..sent].to_vec(),
+                    max,
+                };
+                let queued = [Reply {
+                    head: Vec::new(),
+                    data: rest.clone(),
+                    held: 0,
+                }];
+                write_replies(&mut w, &queued).unwrap();
+                assert!(w.out == whole, "sent {sent} max {max}");
+            }
+        }
+    }
+
+    /// A read's reply from the ring's slots goes out at once when the socket has room and
+    /// releases its request; into a full socket, the part it takes goes out and the rest is
+    /// copied and queued for the writer, so the stream stays whole; with the writer busy
+    /// it is all queued; more slots than one `sendmsg` takes (`IOV_MAX`) go out whole.
+    #[test]
+    fn read_replies_from_slots_go_out_whole() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let inflight = Arc::new(Inflight::default());
+        let q = Replies::new(Conn::Unix(a), inflight.clone());
+        // 1500 pieces of 7 bytes: two sendmsg calls.
+        let data: Vec<u8> = (0..1500 * 7).map(|j| (j % 241) as u8).collect();
+        let pieces: Vec<&[u8]> = data.chunks(7).collect();
+        inflight.acquire(0);
+        q.push_pieces(vec![1; 16], &pieces, 0);
+        assert_eq!(requests_in_flight(&inflight), 0, "sent at once");
+        let mut got = vec![0u8; 16 + data.len()];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..16], &[1; 16]);
+        assert!(got[16..] == data[..]);
+
+        // A socket with room for part of the reply only.
+        let flags = MsgFlags::MSG_DONTWAIT;
+        let mut filled = 0;
+        while let Ok(n) = nix::sys::socket::send(q.sock.as_raw_fd(), &[7u8; 4096], flags) {
+            filled += n;
+        }
+        let mut filler = vec![0u8; 64 << 10];
+        b.read_exact(&mut filler).unwrap();
+        filled -= filler.len();
+        let big: Vec<u8> = (0..256 << 10).map(|j| (j % 239) as u8).collect();
+        let pieces: Vec<&[u8]> = big.chunks(8704).collect();
+        inflight.acquire(0);
+        q.push_pieces(vec![2; 16], &pieces, 0);
+        assert_eq!(requests_in_flight(&inflight), 1, "the rest is queued");
+        // The writer's turn: a reply pushed now queues behind it.
+        let mut batch = Vec::new();
+        assert!(q.take(&mut batch));
+        inflight.acquire(0);
+        q.push_pieces(vec![3; 16], &[&[9u8; 100][..]], 0);
+        assert_eq!(
+            requests_in_flight(&inflight),
+            2,
+            "queued behind the busy writer"
+        );
+        let reader = std::thread::spawn(move || {
+            let mut all = vec![0u8; filled + 16 + (256 << 10) + 16 + 100];
+            b.read_exact(&mut all).unwrap();
+            all
+        });
+        let mut w = q.sock.try_clone().unwrap();
+        write_replies(&mut w, &batch).unwrap();
+        let mut rest = Vec::new();
+        assert!(q.take(&mut rest));
+        write_replies(&mut w, &rest).unwrap();
+        let all = reader.join().unwrap();
+        assert!(all[..filled].iter().all(|&x| x == 7));
+        let all = &all[filled..];
+        assert_eq!(&all[..16], &[2; 16]);
+        assert!(all[16..16 + big.len()] == big[..]);
+        let all = &all[16 + big.len()..];
+        assert_eq!(&all[..16], &[3; 16]);
+        assert_eq!(&all[16..], &[9; 100]);
     }
 
     fn reply(byte: u8, data: Vec<u8>) -> Reply {

@@ -41,7 +41,7 @@
 //!   so a delayed original whose retransmitted copy completed it never lands after a newer
 //!   write (`docs/PROTOCOL.md` 4, "Late copies of writes"). The driver sends it at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,6 +136,16 @@ pub struct Engine {
     /// [`SPARE_READ_BYTES`] of capacity in all.
     read_spare: ReadSpare,
     events: VecDeque<Event>,
+    /// The frame being handled by [`Engine::handle_held_frame`]: its token and where it
+    /// lies (address and length, to tell whether an answer's payload is inside it).
+    rx_frame: Option<(u64, usize, usize)>,
+    /// That frame's payload was kept as a [`HeldPart`].
+    rx_kept: bool,
+    /// The op each kept frame's token belongs to.
+    slot_ops: HashMap<u64, u64>,
+    /// Tokens of failed [`BlockOp::ReadHeld`]s, for the driver to release
+    /// ([`Engine::take_released`]).
+    released: Vec<u64>,
     stats: Stats,
     /// Log lines a peer can provoke, one per kind per [`Config::peer_log_interval`].
     peer_logs: RateLimiter,
@@ -174,6 +184,10 @@ impl Engine {
             spare: Vec::new(),
             read_spare: ReadSpare::default(),
             events: VecDeque::new(),
+            rx_frame: None,
+            rx_kept: false,
+            slot_ops: HashMap::new(),
+            released: Vec::new(),
             stats: Stats::default(),
             peer_logs,
         }
@@ -269,6 +283,82 @@ impl Engine {
         if !self.cfg.discover_interval.is_zero() {
             self.next_discover = Some(now + self.cfg.discover_interval);
         }
+    }
+
+    /// Like [`handle_frame`](Self::handle_frame) for a frame the driver can leave where it
+    /// is: an answer to a [`BlockOp::ReadHeld`] is not copied but kept as a [`HeldPart`]
+    /// naming `token`, and then this returns true: the driver must keep the frame's bytes
+    /// unchanged until the token comes back (the read's [`Event::CompletedHeld`], or
+    /// [`take_released`](Self::take_released)), or give it up first with
+    /// [`unhold`](Self::unhold). False: nothing of the frame is kept.
+    pub fn handle_held_frame(
+        &mut self,
+        now: Instant,
+        iface: usize,
+        frame: &[u8],
+        token: u64,
+    ) -> bool {
+        self.rx_frame = Some((token, frame.as_ptr() as usize, frame.len()));
+        self.rx_kept = false;
+        self.handle_frame(now, iface, frame);
+        self.rx_frame = None;
+        std::mem::take(&mut self.rx_kept)
+    }
+
+    /// Gives up the frame kept under `token` ([`handle_held_frame`](Self::handle_held_frame)):
+    /// its part is copied out of `frame` (the same bytes) into the read's buffer (or into
+    /// its [`Event::CompletedHeld`] if that is not polled yet), and the driver may reuse
+    /// the frame's memory at once. False if no read keeps that token (it failed, or its
+    /// event was polled: the token came back with it).
+    pub fn unhold(&mut self, token: u64, frame: &[u8]) -> bool {
+        let Some(id) = self.slot_ops.remove(&token) else {
+            return self.unhold_completed(token, frame);
+        };
+        let Some(op) = self.ops.get_mut(&id) else {
+            return false;
+        };
+        let Some(h) = &mut op.held else {
+            return false;
+        };
+        let Some(i) = h.parts.iter().position(|p| p.token == token) else {
+            return false;
+        };
+        let p = h.parts.remove(i);
+        match frame.get(p.off..p.off + p.len) {
+            // A copy of its own: placed into a read-sized buffer it would cost zeroing the
+            // buffer up to it and past it.
+            Some(src) => h.copies.push((p.at, src.to_vec())),
+            // Not the frame it was: those bytes are lost, so is the read.
+            None => self.finish_op(id, Err(IoError::DeviceDown)),
+        }
+        true
+    }
+
+    /// [`unhold`](Self::unhold) for a read already completed whose
+    /// [`Event::CompletedHeld`] still waits to be polled: its part is copied into the
+    /// event's buffer, so the event holds every byte without that frame.
+    fn unhold_completed(&mut self, token: u64, frame: &[u8]) -> bool {
+        for ev in self.events.iter_mut() {
+            let Event::CompletedHeld { result: Ok(h), .. } = ev else {
+                continue;
+            };
+            let Some(i) = h.parts.iter().position(|p| p.token == token) else {
+                continue;
+            };
+            let p = h.parts.remove(i);
+            let Some(src) = frame.get(p.off..p.off + p.len) else {
+                return false;
+            };
+            h.copies.push((p.at, src.to_vec()));
+            return true;
+        }
+        false
+    }
+
+    /// Moves the tokens of failed [`BlockOp::ReadHeld`]s into `out`: the driver releases
+    /// their frames.
+    pub fn take_released(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.released);
     }
 
     /// Handles one frame received on interface `iface`. Anything that is not an AoE response
@@ -481,6 +571,7 @@ impl Engine {
         // A read into the caller's buffer: kept whole (dropped, it goes home) until every
         // check has passed.
         let mut into = None;
+        let mut held = None;
         let (mut kind, lba, sectors) = match op {
             BlockOp::Read { lba, sectors } => {
                 if sectors == 0 {
@@ -488,6 +579,16 @@ impl Engine {
                 }
                 // A buffer is taken when the first frame is answered (`frame_done`), and
                 // filled as the frames are (`receive::place`), never zeroed first.
+                (OpKind::Read(Vec::new()), lba, sectors as u64)
+            }
+            BlockOp::ReadHeld { lba, sectors } => {
+                if sectors == 0 {
+                    return Err(SubmitError::Empty);
+                }
+                held = Some(HeldRead {
+                    len: sectors as usize * SECTOR_SIZE,
+                    ..HeldRead::default()
+                });
                 (OpKind::Read(Vec::new()), lba, sectors as u64)
             }
             BlockOp::ReadInto { lba, sectors, buf } => {
@@ -526,6 +627,7 @@ impl Engine {
         }
         let id = self.new_op(dev, kind, lba, sectors, false);
         if let Some(op) = self.ops.get_mut(&id) {
+            op.held = held;
             op.home = ReadHome(home);
         }
         self.pump(now, dev);

@@ -170,6 +170,12 @@ pub struct PacketRing {
     rx_lent_from: usize,
     /// (offset of the frame data in the ring, meta, wire length) of the lent frames.
     lent: Vec<(usize, RecvMeta, usize)>,
+    /// Per receive slot: `Some((offset of the frame data, length))` while the slot is held
+    /// past its batch ([`hold`](Self::hold)), out of the kernel's hands until
+    /// [`release_held`](Self::release_held).
+    held: Vec<Option<(usize, usize)>>,
+    /// Slots held now.
+    held_n: usize,
     /// Next transmit slot to fill.
     tx_head: usize,
     /// Slots marked since the last kick that took them all.
@@ -347,6 +353,8 @@ impl PacketRing {
             rx_lent: 0,
             rx_lent_from: 0,
             lent: Vec::with_capacity(rx.frame_nr()),
+            held: vec![None; rx.frame_nr()],
+            held_n: 0,
             tx_head: 0,
             tx_unkicked: 0,
             fd: owned,
@@ -413,6 +421,9 @@ impl PacketRing {
     /// while it worked (`packet_poll` answers from the same word: `tpacket_rcv` sets
     /// `TP_STATUS_USER` before it wakes the socket's waiters).
     pub fn rx_ready(&self) -> bool {
+        if self.held.get(self.rx_head).is_some_and(Option::is_some) {
+            return false;
+        }
         let off = self.rx.slot(self.rx_head);
         // Acquire: as in recv_batch, the frame is visible once its status is.
         self.status(off).load(Ordering::Acquire) & TP_STATUS_USER != 0
@@ -426,6 +437,11 @@ impl PacketRing {
         let n = self.rx.frame_nr();
         self.rx_lent_from = self.rx_head;
         while n > 0 && self.lent.len() < max {
+            if self.held[self.rx_head].is_some() {
+                // Still held from an earlier lap: the kernel stops here too (it writes only
+                // into TP_STATUS_KERNEL slots), so nothing newer lies beyond it.
+                break;
+            }
             let off = self.rx.slot(self.rx_head);
             // Acquire: the frame's bytes and header fields are visible once the status is.
             let st = self.status(off).load(Ordering::Acquire);
@@ -479,12 +495,81 @@ impl PacketRing {
     fn release(&mut self) {
         let n = self.rx.frame_nr();
         for k in 0..self.rx_lent {
-            let off = self.rx.slot((self.rx_lent_from + k) % n);
+            let i = (self.rx_lent_from + k) % n;
+            if self.held[i].is_some() {
+                continue;
+            }
+            let off = self.rx.slot(i);
             // Release: our reads of the frame are done before the kernel may overwrite it.
             self.status(off).store(TP_STATUS_KERNEL, Ordering::Release);
         }
         self.rx_lent = 0;
         self.lent.clear();
+    }
+
+    /// Keeps frame `i` of the last [`recv_batch`](Self::recv_batch) out of the kernel's
+    /// hands past the next call, until [`release_held`](Self::release_held); returns its
+    /// slot. While a slot is held the kernel delivers into the slots before it only: when
+    /// its head comes round to a held slot it drops what arrives (`tpacket_rcv` takes only
+    /// a `TP_STATUS_KERNEL` slot, net/packet/af_packet.c), so a caller bounds how long and
+    /// how far behind the head it holds one. `packet_poll` also calls the socket readable
+    /// while the slot before the kernel's head is held.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= len()`.
+    pub fn hold(&mut self, i: usize) -> usize {
+        let n = self.rx.frame_nr();
+        let slot = (self.rx_lent_from + i) % n;
+        let (off, meta, _) = self.lent[i];
+        if self.held[slot].is_none() {
+            self.held_n += 1;
+        }
+        self.held[slot] = Some((off, meta.len));
+        slot
+    }
+
+    /// The frame held in receive slot `slot` ([`hold`](Self::hold)), or None if that slot is
+    /// not held.
+    pub fn held_frame(&self, slot: usize) -> Option<&[u8]> {
+        let (off, len) = (*self.held.get(slot)?)?;
+        // SAFETY: a held slot stays user-owned (release skips it, recv_batch stops at it)
+        // until release_held, which takes &mut self; recv_batch checked off + len is inside.
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), len) })
+    }
+
+    /// Gives a held slot back to the kernel (a slot not held: nothing).
+    pub fn release_held(&mut self, slot: usize) {
+        if let Some(h) = self.held.get_mut(slot) {
+            if h.take().is_some() {
+                self.held_n -= 1;
+                let off = self.rx.slot(slot);
+                // Release: our reads of the frame are done before the kernel may overwrite it.
+                self.status(off).store(TP_STATUS_KERNEL, Ordering::Release);
+            }
+        }
+    }
+
+    /// Slots held now.
+    pub fn held_count(&self) -> usize {
+        self.held_n
+    }
+
+    /// True if receive slot `slot` is held.
+    pub fn is_held(&self, slot: usize) -> bool {
+        self.held.get(slot).is_some_and(Option::is_some)
+    }
+
+    /// Receive slots in the ring.
+    pub fn rx_slots(&self) -> usize {
+        self.rx.frame_nr()
+    }
+
+    /// The receive slot `ahead` slots past the next one [`recv_batch`](Self::recv_batch)
+    /// looks at (0: that one), round the ring.
+    pub fn rx_slot_ahead(&self, ahead: usize) -> usize {
+        let n = self.rx.frame_nr().max(1);
+        (self.rx_head + ahead) % n
     }
 
     /// Frames lent by the last [`recv_batch`](Self::recv_batch).

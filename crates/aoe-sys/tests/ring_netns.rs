@@ -663,3 +663,74 @@ fn a_sender_ring_sends_frames_in_parts_that_taps_see_and_receives_nothing() {
     aoe_a.send(&f).expect("send beside a sender ring");
     assert_eq!(recv_one(&rx), f);
 }
+
+/// A held receive slot (`hold`, what the initiator does for a read whose reply is still to
+/// be sent) is never reused while held: the frames after it cycle through the other slots,
+/// `recv_batch` stops at it instead of lending its old frame again, the kernel drops what
+/// arrives when its head meets it (so the held bytes stay as they were), and once it is
+/// released (`release_held`) the ring delivers into it again.
+#[test]
+fn a_held_slot_is_not_reused_until_released() {
+    require_root();
+    let Link {
+        tx,
+        rx,
+        src,
+        dst,
+        _veth,
+        _ns,
+    } = link("aoehold", 1500);
+    let mut ring = PacketRing::new(&tx, 1514, 8, 0).expect("receive ring");
+    let n = ring.rx_slots();
+    let first = frame(src, dst, 200, 0);
+    rx.send(&first).expect("send");
+    let deadline = Instant::now() + WAIT;
+    while ring.recv_batch(1) == 0 {
+        assert!(Instant::now() < deadline, "the first frame never came");
+        let mut fds = [PollFd::new(tx.as_raw_fd())];
+        poll(&mut fds, Some(Duration::from_millis(50))).expect("poll");
+    }
+    assert_eq!(ring.frame(0), &first[..]);
+    let slot = ring.hold(0);
+    assert!(ring.is_held(slot));
+    assert_eq!(ring.held_count(), 1);
+    // A lap and a half of frames: the n - 1 other slots take the first ones.
+    let later: Vec<Vec<u8>> = (1..=n + n / 2)
+        .map(|k| frame(src, dst, 200, (k % 250) as u8 + 1))
+        .collect();
+    for f in &later {
+        rx.send(f).expect("send");
+    }
+    let got = drain_within(&tx, &mut ring, n - 1);
+    assert_eq!(got.len(), n - 1, "the other slots");
+    for (k, (g, _)) in got.iter().enumerate() {
+        assert_eq!(g, &later[k], "frame {} in order", k + 1);
+    }
+    assert_eq!(ring.recv_batch(n), 0, "stops at the held slot");
+    assert!(!ring.rx_ready(), "the held slot is not a new frame");
+    assert_eq!(
+        ring.held_frame(slot).expect("held"),
+        &first[..],
+        "unchanged"
+    );
+    ring.release_held(slot);
+    assert!(!ring.is_held(slot));
+    assert_eq!(ring.held_count(), 0);
+    // The ring delivers again (frames the kernel had not yet met the held slot with may
+    // come first); the held frame never comes back as a new one.
+    let last = frame(src, dst, 200, 0xff);
+    rx.send(&last).expect("send");
+    let deadline = Instant::now() + WAIT;
+    let mut seen_last = false;
+    while !seen_last {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered after the release"
+        );
+        for (g, _) in drain_within(&tx, &mut ring, 1) {
+            assert_ne!(g, first, "the held frame lent again");
+            assert!(g == last || later[n - 1..].contains(&g), "a frame sent");
+            seen_last |= g == last;
+        }
+    }
+}

@@ -165,6 +165,10 @@ pub(super) struct Op {
     pub(super) fenced: bool,
     /// Where a [`BlockOp::ReadInto`] buffer goes if the read fails.
     pub(super) home: ReadHome,
+    /// A [`BlockOp::ReadHeld`]'s parts left in the driver's frames and those given up
+    /// (None: any other op; its `buf` unused until completion, the op's own buffer holds
+    /// the frames handed in without a token).
+    pub(super) held: Option<HeldRead>,
 }
 
 /// Where a [`BlockOp::ReadInto`] buffer goes if the read fails (none for other ops).

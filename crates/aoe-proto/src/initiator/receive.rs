@@ -381,10 +381,33 @@ impl Engine {
                 let s = f.offset as usize * SECTOR_SIZE;
                 let n = f.count as usize * SECTOR_SIZE;
                 if let Some(src) = data.get(..n) {
-                    if buf.capacity() == 0 {
-                        *buf = self.read_spare.take(op.sectors as usize * SECTOR_SIZE);
+                    // A held read's payload stays in the driver's frame when the driver
+                    // offered to hold it and the payload lies inside that frame.
+                    let mut kept = false;
+                    if let (Some(h), Some((token, base, len)), false) =
+                        (&mut op.held, self.rx_frame, self.rx_kept)
+                    {
+                        let p = src.as_ptr() as usize;
+                        if p >= base && p + n <= base + len {
+                            let at = h.parts.partition_point(|q| q.at < s);
+                            let part = HeldPart {
+                                at: s,
+                                token,
+                                off: p - base,
+                                len: n,
+                            };
+                            h.parts.insert(at, part);
+                            self.rx_kept = true;
+                            self.slot_ops.insert(token, f.op);
+                            kept = true;
+                        }
                     }
-                    place(buf, s, src);
+                    if !kept {
+                        if buf.capacity() == 0 {
+                            *buf = self.read_spare.take(op.sectors as usize * SECTOR_SIZE);
+                        }
+                        place(buf, s, src);
+                    }
                 }
             }
             OpKind::Identify => {
@@ -416,6 +439,34 @@ impl Engine {
             }
         }
         if op.kind.internal() {
+            return;
+        }
+        if let Some(mut h) = op.held {
+            for p in &h.parts {
+                self.slot_ops.remove(&p.token);
+            }
+            let result = match (result, op.kind) {
+                (Ok(()), OpKind::Read(mut buf)) => {
+                    // The copied frames are at their offsets; the others leave gaps.
+                    if !buf.is_empty() {
+                        buf.resize(h.len, 0);
+                    }
+                    h.buf = buf;
+                    Ok(h)
+                }
+                (Ok(()), _) => Ok(HeldRead::default()),
+                (Err(e), kind) => {
+                    self.released.extend(h.parts.iter().map(|p| p.token));
+                    if let OpKind::Read(buf) = kind {
+                        self.read_spare.put(buf);
+                    }
+                    Err(e)
+                }
+            };
+            self.events.push_back(Event::CompletedHeld {
+                id: IoId(id),
+                result,
+            });
             return;
         }
         let result = match (result, op.kind) {

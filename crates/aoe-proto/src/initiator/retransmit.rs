@@ -913,6 +913,7 @@ impl Engine {
                     frames_out: 1,
                     fenced: false,
                     home: ReadHome::default(),
+                    held: None,
                 },
             );
             self.send_new(now, addr, id, ti, 0, 1);

@@ -38,6 +38,7 @@ impl Engine {
                 frames_out: 0,
                 fenced: false,
                 home: ReadHome::default(),
+                held: None,
             },
         );
         if let Some(d) = self.devices.get_mut(&dev) {

@@ -542,6 +542,156 @@ fn recycled_read_buffers_are_reused_and_hold_only_new_data() {
     assert!(fourth == bytes(3, 2));
 }
 
+/// A held read ([`BlockOp::ReadHeld`]) keeps the payload of every answer handed in with
+/// a token in that frame (no copy): it completes with parts naming the frames, in order,
+/// which rebuild the data exactly; an answer handed in without a token (the driver's
+/// bound), or given up with `unhold`, is copied into the buffer at its place; the tokens
+/// of a read that fails come back through `take_released`.
+#[test]
+fn held_reads_keep_payloads_in_the_frames_and_copy_what_is_given_up() {
+    let (mut e, t0) = up_engine(100_000, true);
+    let bytes = |lba: u64, sectors: u64| -> Vec<u8> {
+        (0..sectors * 512)
+            .map(|i| ((lba * 512 + i) % 251) as u8)
+            .collect()
+    };
+    let id = e
+        .submit(
+            t0,
+            DEV,
+            BlockOp::ReadHeld {
+                lba: 40,
+                sectors: 8,
+            },
+        )
+        .unwrap();
+    // Four 1 KiB frames, answered last to first: the second (token-less) is copied, the
+    // third is held and then given up before the first is answered.
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx.len(), 4);
+    let mut frames: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (k, (_, req)) in tx.iter().enumerate().rev() {
+        let m = Message::parse(req).unwrap();
+        let Body::Ata(a) = m.body else {
+            panic!("not ATA")
+        };
+        let rsp = ata_rsp(req, TMAC, status::DRDY, 0, &bytes(a.lba, 2));
+        let token = 100 + k as u64;
+        if k == 0 {
+            assert!(e.unhold(102, &frames[1].1), "frame 2 given up");
+            assert!(!e.unhold(102, &frames[1].1), "only once");
+            assert!(
+                !events(&mut e)
+                    .iter()
+                    .any(|ev| matches!(ev, Event::CompletedHeld { .. })),
+                "not complete yet"
+            );
+        }
+        if k == 1 {
+            e.handle_frame(t0, 0, &rsp);
+        } else {
+            assert!(e.handle_held_frame(t0, 0, &rsp, token), "frame {k} kept");
+        }
+        frames.push((token, rsp));
+    }
+    let done = events(&mut e)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::CompletedHeld { id: i, result } if i == id => Some(result),
+            _ => None,
+        })
+        .expect("completed");
+    let h = done.unwrap();
+    assert_eq!(h.len, 8 * 512);
+    let tokens: Vec<u64> = h.parts.iter().map(|p| p.token).collect();
+    assert_eq!(tokens, vec![100, 103], "held parts, in order of the read");
+    assert_eq!(
+        h.buf.len(),
+        8 * 512,
+        "the token-less frame is in the buffer"
+    );
+    assert_eq!(h.copies.len(), 1, "the frame given up is a copy of its own");
+    assert_eq!(h.copies[0].0, 2 * 1024);
+    let held: Vec<(u64, Vec<u8>)> = frames.clone();
+    let pieces = h
+        .pieces(|t| held.iter().find(|f| f.0 == t).map(|f| f.1.as_slice()))
+        .unwrap();
+    assert!(
+        pieces.concat() == bytes(40, 8),
+        "the pieces are the data, in order"
+    );
+    // A read all of whose frames are held has no buffer at all.
+    let id2 = e
+        .submit(t0, DEV, BlockOp::ReadHeld { lba: 0, sectors: 2 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let rsp = ata_rsp(&tx.last().unwrap().1, TMAC, status::DRDY, 0, &bytes(0, 2));
+    assert!(e.handle_held_frame(t0, 0, &rsp, 7));
+    let h = events(&mut e)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::CompletedHeld { id: i, result } if i == id2 => Some(result),
+            _ => None,
+        })
+        .unwrap()
+        .unwrap();
+    assert!(h.buf.is_empty());
+    assert!(
+        h.pieces(|t| (t == 7).then_some(rsp.as_slice()))
+            .unwrap()
+            .concat()
+            == bytes(0, 2)
+    );
+    // A frame given up after its read completed, before the completion is polled: the
+    // completion carries the bytes itself.
+    let id4 = e
+        .submit(t0, DEV, BlockOp::ReadHeld { lba: 2, sectors: 2 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let rsp4 = ata_rsp(&tx.last().unwrap().1, TMAC, status::DRDY, 0, &bytes(2, 2));
+    assert!(e.handle_held_frame(t0, 0, &rsp4, 11));
+    assert!(e.unhold(11, &rsp4), "copied into the waiting completion");
+    let h = events(&mut e)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::CompletedHeld { id: i, result } if i == id4 => Some(result),
+            _ => None,
+        })
+        .unwrap()
+        .unwrap();
+    assert!(h.parts.is_empty() && h.buf.is_empty());
+    assert!(h.pieces(|_| None).unwrap().concat() == bytes(2, 2));
+    assert!(!e.unhold(11, &rsp4), "its completion was polled");
+    // A plain read never keeps a frame, token or not.
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let rsp = ata_rsp(&tx.last().unwrap().1, TMAC, status::DRDY, 0, &bytes(0, 2));
+    assert!(!e.handle_held_frame(t0, 0, &rsp, 8));
+    // A held read that fails gives its kept tokens back.
+    let id3 = e
+        .submit(t0, DEV, BlockOp::ReadHeld { lba: 0, sectors: 4 })
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    let tx = &tx[tx.len() - 2..];
+    let ok = ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &bytes(0, 2));
+    assert!(e.handle_held_frame(t0, 0, &ok, 9));
+    let bad = ata_rsp(
+        &tx[1].1,
+        TMAC,
+        status::DRDY | status::ERR,
+        error_bits::UNC,
+        &[],
+    );
+    assert!(!e.handle_held_frame(t0, 0, &bad, 10));
+    assert!(events(&mut e).iter().any(|ev| matches!(ev,
+        Event::CompletedHeld { id: i, result: Err(_) } if *i == id3)));
+    let mut rel = Vec::new();
+    e.take_released(&mut rel);
+    assert_eq!(rel, vec![9]);
+    assert!(!e.unhold(9, &ok), "a released token is no read's");
+}
+
 /// The send-order list that finds the frames sent before an answered one keeps only what
 /// may still be outstanding: after a long read answered in order it is empty, and while
 /// answers come back in reverse order within each window (every answer has earlier

@@ -140,6 +140,17 @@ pub enum BlockOp {
         /// The data.
         data: Lent,
     },
+    /// Like [`BlockOp::Read`], leaving each answer's payload where the driver received it
+    /// when the driver offers that ([`Engine::handle_held_frame`]): it completes with
+    /// [`Event::CompletedHeld`], whose parts name the driver's receive slots, instead of a
+    /// copy of every byte into one buffer. Frames handed in with
+    /// [`Engine::handle_frame`] (or given up, [`Engine::unhold`]) are copied as for a read.
+    ReadHeld {
+        /// First sector.
+        lba: u64,
+        /// Sectors to read (at least 1).
+        sectors: u32,
+    },
     /// ATA FLUSH CACHE EXT (0xEA) if IDENTIFY advertises it (word 83 bit 13), else FLUSH CACHE
     /// (0xE7), as libata chooses. The Linux AoE driver never sends one; we do, so a write
     /// cache on the target is safe.
@@ -395,6 +406,15 @@ pub enum Event {
         /// The outcome.
         result: Result<Option<Vec<u8>>, IoError>,
     },
+    /// A [`BlockOp::ReadHeld`] finished: on success its bytes, part in the driver's
+    /// receive slots and part copied; every token of it is the driver's to release after
+    /// this (and, on failure, in [`Engine::take_released`]).
+    CompletedHeld {
+        /// What [`Engine::submit`] returned.
+        id: IoId,
+        /// The outcome.
+        result: Result<HeldRead, IoError>,
+    },
     /// One diagnostic line, like the driver's `/dev/etherd/err` ("retransmit e7.3 oldtag=...").
     Log(String),
 }
@@ -548,4 +568,69 @@ pub struct Stats {
     /// Writes held back because a copy of an earlier write to some of their sectors could
     /// still reach the target (each counted once).
     pub writes_fenced: u64,
+}
+
+/// A part of a [`BlockOp::ReadHeld`] left in a frame the driver holds: bytes
+/// `off..off + len` of the frame it handed in with `token` are the read's bytes at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldPart {
+    /// Byte offset in the read.
+    pub at: usize,
+    /// The driver's token for the frame ([`Engine::handle_held_frame`]).
+    pub token: u64,
+    /// Offset of the payload in the frame.
+    pub off: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// A [`BlockOp::ReadHeld`]'s bytes: `len` of them, the [`HeldPart`]s in frames the driver
+/// holds (in order of `at`), the parts given up ([`Engine::unhold`]) copied on their own,
+/// and the rest (frames handed in without a token) in `buf` at their own offsets (`buf`
+/// is empty when there are none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldRead {
+    /// Bytes of the read.
+    pub len: usize,
+    /// The parts in held frames, sorted by `at`.
+    pub parts: Vec<HeldPart>,
+    /// Parts given up by the driver: (offset in the read, bytes).
+    pub copies: Vec<(usize, Vec<u8>)>,
+    /// The bytes of frames handed in without a token, at their offsets in the read (`len`
+    /// long, or empty).
+    pub buf: Vec<u8>,
+}
+
+impl HeldRead {
+    /// The read's bytes in order, as slices of the held frames, which `frame(token)` gives
+    /// (the whole frame handed in with that token), of the copies and of `buf`; None if a
+    /// token has no frame, a part lies outside its frame, or a byte is in none of them.
+    pub fn pieces<'a>(&'a self, frame: impl Fn(u64) -> Option<&'a [u8]>) -> Option<Vec<&'a [u8]>> {
+        let mut items: Vec<(usize, &'a [u8])> =
+            Vec::with_capacity(self.parts.len() + self.copies.len());
+        for part in &self.parts {
+            let f = frame(part.token)?;
+            items.push((part.at, f.get(part.off..part.off + part.len)?));
+        }
+        if !self.copies.is_empty() {
+            items.extend(self.copies.iter().map(|(at, c)| (*at, c.as_slice())));
+            items.sort_by_key(|i| i.0);
+        }
+        let mut out = Vec::with_capacity(items.len() * 2 + 1);
+        let mut p = 0;
+        for (at, bytes) in items {
+            if at < p {
+                return None;
+            }
+            if at > p {
+                out.push(self.buf.get(p..at)?);
+            }
+            out.push(bytes);
+            p = at + bytes.len();
+        }
+        if p < self.len {
+            out.push(self.buf.get(p..self.len)?);
+        }
+        Some(out)
+    }
 }
