@@ -38,6 +38,20 @@ fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
 
+/// Sends SIGHUP to `target` and waits until its log has said "configuration reloaded" once
+/// (each test here reloads it once).
+fn reload_once(target: &NsChild, what: &str) {
+    run_ok(Command::new("kill").args(["-HUP", &target.pid().to_string()]));
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &target.output_so_far(),
+            "configuration reloaded"
+        ) == 1),
+        "{what}: reload not done\n{}",
+        target.output_so_far()
+    );
+}
+
 #[test]
 fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     require_tools();
@@ -230,16 +244,7 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
     let new = dir.path().join("new.img");
     fs::write(&new, pattern(4, 1 << 20)).expect("new image");
     fs::rename(&new, &file).expect("replace the image");
-    let pid = target.pid().to_string();
-    run_ok(Command::new("kill").args(["-HUP", &pid]));
-    assert!(
-        wait_until(Duration::from_secs(20), || count(
-            &target.output_so_far(),
-            "configuration reloaded"
-        ) == 1),
-        "reload not done\n{}",
-        target.output_so_far()
-    );
+    reload_once(&target, "the image replaced");
     read(&pattern(4, 1 << 20), "after the reload", &target);
     assert_eq!(
         count(&target.output_so_far(), "retiring"),
@@ -322,16 +327,7 @@ fn grown_then_sighup(block: bool, ns: &str) {
     if let Some(l) = &lo {
         run_ok(Command::new("losetup").args(["-c", &l.0]));
     }
-    let pid = target.pid().to_string();
-    run_ok(Command::new("kill").args(["-HUP", &pid]));
-    assert!(
-        wait_until(Duration::from_secs(20), || count(
-            &target.output_so_far(),
-            "configuration reloaded"
-        ) == 1),
-        "reload not done\n{}",
-        target.output_so_far()
-    );
+    reload_once(&target, "the image grown");
     let mut want = pattern(3, 1 << 20);
     want.extend_from_slice(&pattern(5, 2 << 20)[1 << 20..]);
     let got = read("after the reload", &target);
@@ -377,15 +373,7 @@ fn sighup_keeps_the_command_lines_overrides() {
     let other = dir.path().join("other.img");
     fs::write(&other, vec![0u8; 1 << 20]).expect("second image");
     write_conf(&conf, &ifname, &img, Some((&other, false)));
-    run_ok(Command::new("kill").args(["-HUP", &t.pid().to_string()]));
-    assert!(
-        wait_until(Duration::from_secs(20), || count(
-            &t.output_so_far(),
-            "configuration reloaded"
-        ) == 1),
-        "no reload: {}",
-        t.output_so_far()
-    );
+    reload_once(&t, "an export added");
     let log = t.output_so_far();
     t.stop().ok();
     assert_eq!(

@@ -54,6 +54,29 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A loop device over `image` (`read_only`: `losetup --read-only`), detached on drop, also
+/// when the test panics.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(image: &Path, read_only: bool) -> LoopDev {
+        require_root();
+        require_tool("losetup", "util-linux");
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        LoopDev(sh(cmd.arg(image)))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
 /// An ext4 file system (4 KiB blocks) on a loop device with `sector`-byte logical blocks,
 /// mounted on a temporary directory. Drop unmounts and detaches the loop device, also when
 /// the test panics.
@@ -343,16 +366,8 @@ fn a_block_device_is_no_memory_file_system() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let image = dir.path().join("bdev.img");
     fs::write(&image, vec![7u8; 4 << 20]).unwrap();
-    let dev = sh(Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&image));
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
+    let loopdev = LoopDev::attach(&image, false);
+    let dev = loopdev.0.clone();
     let b = FileBackend::open(Path::new(&dev), &OpenOptions::default()).unwrap();
     // Drop the device's cached pages (BLKFLSBUF: written back, then invalidated).
     require_tool("blockdev", "util-linux");
@@ -379,16 +394,8 @@ fn a_read_only_block_device_is_refused_unless_exported_read_only() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let image = dir.path().join("ro.img");
     fs::write(&image, vec![0x5au8; 1 << 20]).unwrap();
-    let dev = sh(Command::new("losetup")
-        .args(["--find", "--show", "--read-only"])
-        .arg(&image));
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
+    let loopdev = LoopDev::attach(&image, true);
+    let dev = loopdev.0.clone();
     let e = FileBackend::open(Path::new(&dev), &OpenOptions::default()).unwrap_err();
     assert!(
         e.to_string().contains("read-only block device") && e.to_string().contains("-r"),
