@@ -38,6 +38,21 @@ fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
 
+/// The whole export, read with `aoe read` from `peer` over `veth` into `out` (`when` and
+/// the target's log name a failure).
+fn read_export(peer: &Netns, veth: &VethPair, out: &Path, when: &str, target: &NsChild) -> Vec<u8> {
+    let mut c = peer.command(AOE);
+    c.args(["read", &SHELF.to_string(), &SLOT.to_string(), veth.b_name()])
+        .arg(out);
+    let o = run(&mut c);
+    assert!(
+        o.status.success(),
+        "aoe read {when}: {o:?}\n{}",
+        target.output_so_far()
+    );
+    fs::read(out).expect("read output")
+}
+
 /// Sends SIGHUP to `target` and waits until its log has said "configuration reloaded" once
 /// (each test here reloads it once).
 fn reload_once(target: &NsChild, what: &str) {
@@ -223,19 +238,10 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
     cmd.args(["serve", "--probe-ms", "0", "--config"])
         .arg(&conf);
     let mut target = target_ns.spawn(cmd).expect("start aoe serve");
+    let out = dir.path().join("read.bin");
     let read = |want: &[u8], when: &str, target: &NsChild| {
-        let out = dir.path().join("read.bin");
-        let mut c = peer.command(AOE);
-        c.args(["read", &SHELF.to_string(), &SLOT.to_string(), veth.b_name()])
-            .arg(&out);
-        let o = run(&mut c);
         assert!(
-            o.status.success(),
-            "aoe read {when}: {o:?}\n{}",
-            target.output_so_far()
-        );
-        assert!(
-            fs::read(&out).expect("read output") == want,
+            read_export(&peer, &veth, &out, when, target) == want,
             "{when}: the bytes read are not the image's\n{}",
             target.output_so_far()
         );
@@ -303,18 +309,7 @@ fn grown_then_sighup(block: bool, ns: &str) {
         .arg(&conf);
     let mut target = target_ns.spawn(cmd).expect("start aoe serve");
     let out = dir.path().join("read.bin");
-    let read = |when: &str, target: &NsChild| {
-        let mut c = peer.command(AOE);
-        c.args(["read", &SHELF.to_string(), &SLOT.to_string(), veth.b_name()])
-            .arg(&out);
-        let o = run(&mut c);
-        assert!(
-            o.status.success(),
-            "aoe read {when}: {o:?}\n{}",
-            target.output_so_far()
-        );
-        fs::read(&out).expect("read output")
-    };
+    let read = |when: &str, target: &NsChild| read_export(&peer, &veth, &out, when, target);
     assert!(read("at start", &target) == pattern(3, 1 << 20));
     let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
     let before = inode(&file);
