@@ -320,18 +320,15 @@ impl Engine {
         let Some(h) = &mut op.held else {
             return false;
         };
-        let Some(i) = h.parts.iter().position(|p| p.token == token) else {
-            return false;
-        };
-        let p = h.parts.remove(i);
-        match frame.get(p.off..p.off + p.len) {
-            // A copy of its own: placed into a read-sized buffer it would cost zeroing the
-            // buffer up to it and past it.
-            Some(src) => h.copies.push((p.at, src.to_vec())),
+        match h.copy_out(token, frame) {
+            None => false,
+            Some(true) => true,
             // Not the frame it was: those bytes are lost, so is the read.
-            None => self.finish_op(id, Err(IoError::DeviceDown)),
+            Some(false) => {
+                self.finish_op(id, Err(IoError::DeviceDown));
+                true
+            }
         }
-        true
     }
 
     /// [`unhold`](Self::unhold) for a read already completed whose
@@ -342,15 +339,9 @@ impl Engine {
             let Event::CompletedHeld { result: Ok(h), .. } = ev else {
                 continue;
             };
-            let Some(i) = h.parts.iter().position(|p| p.token == token) else {
-                continue;
-            };
-            let p = h.parts.remove(i);
-            let Some(src) = frame.get(p.off..p.off + p.len) else {
-                return false;
-            };
-            h.copies.push((p.at, src.to_vec()));
-            return true;
+            if let Some(copied) = h.copy_out(token, frame) {
+                return copied;
+            }
         }
         false
     }

@@ -602,6 +602,21 @@ pub struct HeldRead {
 }
 
 impl HeldRead {
+    /// Takes the part kept in the frame handed in with `token` out of the held parts and
+    /// copies its bytes from `frame` (that frame's bytes) into `copies`: a copy of its own,
+    /// since placed into a read-sized buffer it would cost zeroing the buffer up to it and
+    /// past it. None if no part has that token; Some(false) if the part does not lie inside
+    /// `frame` (it is taken out all the same: its bytes are lost).
+    pub(crate) fn copy_out(&mut self, token: u64, frame: &[u8]) -> Option<bool> {
+        let i = self.parts.iter().position(|p| p.token == token)?;
+        let p = self.parts.remove(i);
+        let src = frame.get(p.off..p.off + p.len);
+        if let Some(src) = src {
+            self.copies.push((p.at, src.to_vec()));
+        }
+        Some(src.is_some())
+    }
+
     /// The read's bytes in order, as slices of the held frames, which `frame(token)` gives
     /// (the whole frame handed in with that token), of the copies and of `buf`; None if a
     /// token has no frame, a part lies outside its frame, or a byte is in none of them.
