@@ -308,6 +308,17 @@ pub fn block_device_read_only(file: &File) -> io::Result<bool> {
     Ok(ro != 0)
 }
 
+/// The size in 512-byte sectors of the block device whose device number is `rdev` (a
+/// `st_rdev`), from its sysfs `size` (`/sys/dev/block/MAJOR:MINOR/size`, always in 512-byte
+/// units): a block device's size is not in its metadata, and this needs no open of it.
+pub fn block_device_sectors(rdev: u64) -> io::Result<u64> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size: {e}")))
+}
+
 /// Which pages of `file` in `offset..offset + len` (rounded out to whole pages) are in the
 /// page cache, one `bool` per page, from `mincore(2)` on a read-only mapping that is never
 /// touched (so the check itself reads nothing in, unlike a read with `RWF_NOWAIT`, whose

@@ -65,9 +65,9 @@ mod xdp;
 
 pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd, TimerFd};
 pub use file::{
-    block_device_read_only, dio_alignment, is_local_disk_fs, is_memory_fs, logical_block_size,
-    pread_nowait, pwrite_nowait, pwritev_all, pwritev_nowait, resident_pages, DioAlign,
-    DioAlignSource, NoWait, MAX_WRITEV,
+    block_device_read_only, block_device_sectors, dio_alignment, is_local_disk_fs, is_memory_fs,
+    logical_block_size, pread_nowait, pwrite_nowait, pwritev_all, pwritev_nowait, resident_pages,
+    DioAlign, DioAlignSource, NoWait, MAX_WRITEV,
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};

@@ -55,14 +55,7 @@ fn file_identity(spec: &ExportSpec) -> Option<(u64, u64, u64)> {
     let size = if spec.length.is_some() {
         0
     } else if m.file_type().is_block_device() {
-        // The device number as glibc's gnu_dev_major/minor split it.
-        let dev = m.rdev();
-        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        aoe_sys::block_device_sectors(m.rdev()).unwrap_or(0)
     } else {
         m.size()
     };
