@@ -507,8 +507,10 @@ impl Daemon {
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }
         }
+        let stopping = Instant::now();
         let left = self.drain_io(self.drain);
         self.drain_sends(Duration::from_secs(1));
+        let unsynced = self.sync_exports(self.drain.saturating_sub(stopping.elapsed()));
         self.persist_state();
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
@@ -528,7 +530,7 @@ impl Daemon {
             self.rx_batches,
             self.spin_window.wake_cost().as_nanos()
         );
-        if left.is_empty() && state_saved {
+        if left.is_empty() && unsynced.is_empty() && state_saved {
             tracing::info!("stopped");
             return Ok(());
         }
@@ -541,6 +543,7 @@ impl Daemon {
             .iter()
             .map(|(addr, what)| format!("{addr}: {what}"))
             .collect();
+        lost.extend(unsynced);
         if !state_saved {
             lost.push("state files not saved".into());
         }
