@@ -638,7 +638,12 @@ impl Daemon {
 
     fn reload(&mut self) {
         let Some(path) = self.config_path.clone() else {
-            tracing::warn!("SIGHUP ignored: not started with --config");
+            // Exports from the command line: nothing to read again, but their files are
+            // looked at as a reload does, so that one grown, shrunk or replaced under its
+            // path is reopened and announced (a SIGHUP used to be ignored here, and a grown
+            // image needed a restart to be served at its new size).
+            let cfg = self.config.clone();
+            self.apply_reloaded(cfg, std::path::Path::new("(command line)"));
             return;
         };
         let loaded = ServeConfig::load(&path).map(|mut c| {
