@@ -538,6 +538,14 @@ impl Daemon {
         // stuck in a store's I/O or a state file's write is left to the process exit:
         // dropping the pool or the writer would join it and wait as long as it is stuck.
         std::mem::forget(self.pool.clone());
+        // Likewise the stores: an RBD image closed with requests still in librbd waits in
+        // rbd_close until the cluster answers them (an OSD stopped: for ever, after "stopped
+        // with work lost" was said), and the buffers librbd writes into must not be freed
+        // under it. The process exit closes the cluster connections; the image's lock is
+        // then broken by the next gateway as a killed one's is.
+        for (_, rt) in self.exports.drain() {
+            std::mem::forget(rt);
+        }
         self.state_writer.detach();
         let mut lost: Vec<String> = left
             .iter()
