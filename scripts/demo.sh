@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo.sh: must run as root (network namespaces, mounts)" >&2; exit 1; }
-echo "demo.sh: building aoe (cargo build --release -p aoe-cli; minutes the first time)" >&2
-cargo build --release -q -p aoe-cli
-exec ./target/release/aoe demo "$@"
+# Its own target directory: a plain build into target/release would replace a binary built there
+# with other features (`--features aoe-cli/rbd` for the RBD tests and benchmarks) by one
+# without them, and a later run of those would find no RBD support.
+echo "demo.sh: building aoe (cargo build --release -p aoe-cli --target-dir target/demo; minutes the first time)" >&2
+cargo build --release -q -p aoe-cli --target-dir target/demo
+exec ./target/demo/release/aoe demo "$@"

@@ -11,7 +11,7 @@
 #     target on "kitgt" <== veth ==> "kiport" -+
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
-#                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE]
+#                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}. E.g.
 #                  -t 'target/release/aoe serve {SHELF} {SLOT} {IFACE} {FILE}'
@@ -31,6 +31,13 @@
 #                (16 MiB more) and the guest must see the new size, from the target's
 #                announcement (the driver re-IDENTIFYs an idle device on a config response)
 #                within 30 s, else after writing e{SHELF}.{SLOT} to /dev/etherd/revalidate
+#   -g           grow (file mode): the same resize step, the host growing the backing file by
+#                16 MiB with truncate(1) and sending the target SIGHUP (aoe serve reopens a
+#                grown export and announces it; vblade ignores SIGHUP)
+#   -K           kill: the guest asks for it before its pattern write; the host SIGKILLs the
+#                target, the guest starts the write a second later (frames go unanswered, the
+#                driver retransmits), and the host starts the target again 3 s after the kill;
+#                the write must complete and every check below hold
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -69,12 +76,14 @@ CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=600
 KEEP=0
 RBD=""
+GROW=0
+KILL=0
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:kh" o; do
+while getopts "t:m:s:l:z:c:T:r:kgKh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;;
         *) usage ;;
     esac
 done
@@ -236,7 +245,8 @@ SLOT=$SLOT
 MTU=$MTU
 BS=$BS
 SEEK=$SEEK
-RESIZE_TO=${RBD:+$(( (SIZE_MB + 16) << 20 ))}
+RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
+KILL=$KILL
 READ_BUDGET=$READ_BUDGET
 EOF
 cat >"$IR/init" <<'EOF'
@@ -317,6 +327,11 @@ out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/nu
 step md5_before "$READ_BUDGET"
 out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
 step pattern_write 60
+if [ "$KILL" = 1 ]; then
+    # The host SIGKILLs the target when it reads this line and starts it again 3 s later.
+    out "KILL_ME"
+    sleep 1
+fi
 dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
     { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
 step sync 60
@@ -329,7 +344,7 @@ step md5_after "$READ_BUDGET"
 out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
 if [ -n "$RESIZE_TO" ]; then
     step resize 180
-    # RBD mode: the host resizes the image when it reads this line.
+    # RBD mode (-r) or -g: the host resizes the image or file when it reads this line.
     out "RESIZE_ME"
     how=announced i=0
     while [ "$(blockdev --getsize64 $DEV)" != "$RESIZE_TO" ]; do
@@ -424,7 +439,7 @@ QEMU_T0=$(date +%s)
 # BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
-booted=0 resized=0
+booted=0 resized=0 killed=0
 while kill -0 "$QEMU_PID" 2>/dev/null; do
     if [ $booted = 0 ]; then
         if grep -q 'KI:T boot' "$CONSOLE"; then
@@ -443,6 +458,22 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
             { cat "$RUN/rbd.log"; fail "rbd resize of $RBD failed"; }
         say "rbd resize of $RBD to $((SIZE_MB + 16)) MiB"
         resized=1
+    fi
+    if [ "$GROW" = 1 ] && [ $resized = 0 ] && grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+        truncate -s +16M "$FILE" || fail "truncate -s +16M $FILE failed"
+        kill -HUP "$TARGET_PID" 2>/dev/null || fail "SIGHUP to the target failed"
+        say "backing file grown to $(( SIZE_MB + 16 )) MiB; SIGHUP sent to the target"
+        resized=1
+    fi
+    if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        kill -KILL -- "-$TARGET_PID" 2>/dev/null
+        wait "$TARGET_PID" 2>/dev/null
+        say "target SIGKILLed; starting it again in 3 s"
+        sleep 3
+        nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >>"$RUN/target.log" 2>&1 </dev/null &
+        TARGET_PID=$!
+        say "target started again (pid $TARGET_PID)"
+        killed=1
     fi
     sleep 0.5
 done
@@ -471,6 +502,10 @@ if [ -n "$RBD" ]; then
     [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB + 16) << 20 )) ] ||
         fail "rbd export of $RBD has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was resized to"
     # The checks below are on the original extent.
+    truncate -s $((SIZE_MB << 20)) "$FILE"
+elif [ "$GROW" = 1 ]; then
+    [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB + 16) << 20 )) ] ||
+        fail "the backing file has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was grown to"
     truncate -s $((SIZE_MB << 20)) "$FILE"
 fi
 
@@ -504,10 +539,15 @@ grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fai
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
 [ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
 [ "$H_AFTER" = "$EXP_AFTER" ] || fail "host backing file md5 after the write $H_AFTER != expected $EXP_AFTER"
-if [ -n "$RBD" ]; then
+if [ -n "$RBD" ] || [ "$GROW" = 1 ]; then
     resized=$(g RESIZED)
     [ "${resized%% *}" = $(( (SIZE_MB + 16) << 20 )) ] ||
-        fail "guest size after rbd resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
+        fail "guest size after the resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
+    say "guest saw the new size: $resized"
+fi
+if [ "$KILL" = 1 ]; then
+    [ $killed = 1 ] || fail "-K: the guest never asked for the kill"
+    say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"
 fi
 echo "PASS: kernel AoE initiator ($KVER) against '$TCMD' at MTU $MTU"
 exit 0

@@ -12,7 +12,7 @@ use clap::Args;
 /// SHELF SLOT NETIF FILE`, or `--config FILE` for any number of exports.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)\n  aoe serve --ceph-conf /etc/ceph/ceph.conf --client-id aoe 1 2 eth1 rbd:pool/img"
+    after_help = "Examples:\n  aoe serve 1 1 eth1 /srv/disk.img   (SIGHUP: reopened at its new size if it grew or shrank)\n  aoe serve -r -m 52:54:00:12:34:56 2 0 eth1 /dev/sdb\n  aoe serve --config /etc/aoe/serve.toml   (SIGHUP reloads it)\n  aoe serve --ceph-conf /etc/ceph/ceph.conf --client-id aoe 1 2 eth1 rbd:pool/img"
 )]
 pub struct ServeArgs {
     /// Advertised buffer count: requests the initiator may keep in flight, 1 to 8192

@@ -1536,3 +1536,80 @@ fn parallel_direct_writes_and_a_buffered_reader() {
     );
     rig.finish();
 }
+
+/// Audit (s17): the same SIGKILL with `--fuse-uring` (FUSE requests through io_uring, the
+/// kernel's `fuse_uring` queues instead of /dev/fuse reads): a dd reading and one writing
+/// through the device file when the initiator dies must each get an error within 10 s, not
+/// hang on a ring entry no one will commit; the restart on the same ROOT, with the ring
+/// again, removes the stale mount and serves the device; what it reads is what was
+/// written through it.
+#[test]
+fn sigkill_with_fuse_uring_fails_readers_and_writers_then_restart_serves() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    let opts = InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    };
+    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let log = rig.initiator_log();
+    assert!(
+        log.contains("FUSE requests through io_uring"),
+        "the initiator does not use FUSE over io_uring: {log}"
+    );
+    let dev = rig.dev().display().to_string();
+    let loop_dd = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while dd {args} bs=64k status=none; do :; done; exit 1"
+            ))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut reader = loop_dd(&format!("if={dev} of=/dev/null iflag=direct"));
+    let mut writer = loop_dd(&format!("if=/dev/zero of={dev} oflag=direct"));
+    // The writer's zeros reached the backing file (it held a pattern): I/O goes through the
+    // ring, and both loops still run, before the kill.
+    let file = rig.file.clone();
+    let wrote = wait_until(Duration::from_secs(20), || {
+        read_at(&file, 0, 65536).is_ok_and(|b| b.iter().all(|&x| x == 0))
+    });
+    assert!(
+        wrote,
+        "the dd writer's data never reached the target{}",
+        rig.logs()
+    );
+    assert!(
+        reader.try_wait().unwrap().is_none() && writer.try_wait().unwrap().is_none(),
+        "a dd loop stopped before the kill{}",
+        rig.logs()
+    );
+    rig.sigkill_initiator();
+    for (what, dd) in [("reader", &mut reader), ("writer", &mut writer)] {
+        let done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
+        if !done {
+            let _ = dd.kill();
+        }
+        assert!(
+            done,
+            "the dd {what} hangs 10 s after SIGKILL with --fuse-uring"
+        );
+        assert!(
+            !dd.wait().unwrap().success(),
+            "the dd {what} succeeded across SIGKILL"
+        );
+    }
+    rig.launch_initiator(&["--fuse-uring".to_string()]);
+    rig.wait_state("up", Duration::from_secs(10), "after the restart");
+    let out = rig.initiator.as_ref().unwrap().output_so_far();
+    assert!(
+        out.contains("removing the stale mount of an aoe initiator that is gone")
+            && out.contains("FUSE requests through io_uring"),
+        "{out}"
+    );
+    write_sync(&rig.dev(), 8192, &pattern(9, 4096)).expect("write through the device file");
+    assert!(read_at(&rig.dev(), 8192, 4096).unwrap() == pattern(9, 4096));
+    rig.finish();
+}

@@ -268,17 +268,29 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
 /// it.
 #[test]
 fn sighup_after_the_image_grew_serves_the_new_size() {
-    grown_then_sighup(false, "aoehg");
+    grown_then_sighup(false, false, "aoehg");
+}
+
+/// Audit (s17): the same for an export given on the command line (`aoe serve 1 1 IF FILE`,
+/// no `--config`), as the Linux driver's test in a guest has it: the SIGHUP was ignored
+/// ("SIGHUP ignored: not started with --config"), so the grown image kept its old size
+/// (the guest's `aoe-revalidate` saw 32 MiB after the file grew to 48 MiB) until a restart.
+/// Now the command line's exports are checked as a reload checks a file's.
+/// Seen failing before the fix: no "configuration reloaded" within 20 s of the SIGHUP.
+#[test]
+fn sighup_after_a_command_line_image_grew_serves_the_new_size() {
+    grown_then_sighup(false, true, "aoehc");
 }
 
 /// The same for a block device (a loop device over the image, its size refreshed with
 /// `losetup -c`, as a grown logical volume would be), whose size is not in its metadata.
 #[test]
 fn sighup_after_the_block_device_grew_serves_the_new_size() {
-    grown_then_sighup(true, "aoehb");
+    grown_then_sighup(true, false, "aoehb");
 }
 
-fn grown_then_sighup(block: bool, ns: &str) {
+/// `cmdline`: the export is given on the command line, not in a config file.
+fn grown_then_sighup(block: bool, cmdline: bool, ns: &str) {
     require_tools();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("disk.img");
@@ -303,10 +315,22 @@ fn grown_then_sighup(block: bool, ns: &str) {
     let target_ns = Netns::new(&format!("{ns}t")).expect("target namespace");
     let peer = Netns::new(&format!("{ns}p")).expect("reader namespace");
     let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
-    write_conf(&conf, veth.a_name(), &exported, None);
     let mut cmd = Command::new(AOE);
-    cmd.args(["serve", "--probe-ms", "0", "--config"])
-        .arg(&conf);
+    if cmdline {
+        cmd.args([
+            "serve",
+            "--probe-ms",
+            "0",
+            &SHELF.to_string(),
+            &SLOT.to_string(),
+        ])
+        .arg(veth.a_name())
+        .arg(&exported);
+    } else {
+        write_conf(&conf, veth.a_name(), &exported, None);
+        cmd.args(["serve", "--probe-ms", "0", "--config"])
+            .arg(&conf);
+    }
     let mut target = target_ns.spawn(cmd).expect("start aoe serve");
     let out = dir.path().join("read.bin");
     let read = |when: &str, target: &NsChild| read_export(&peer, &veth, &out, when, target);

@@ -112,6 +112,33 @@ fn rbd_export_reads_and_writes_through_aoe() {
     let e = serve(&rig.target_ns, &rig.target_if, &args, "rbd:rbd/img");
     assert!(e.contains("permission denied for client.nobody"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
+    // Audit (s17): a keyring file that is not there was "cannot connect to the cluster: No
+    // such file or directory", naming no file; a config without the monitors' address the
+    // same. Each now says what to check.
+    let missing = r.ceph.dir.join("missing.keyring");
+    let args = [
+        "--ceph-conf".to_string(),
+        r.ceph.conf().display().to_string(),
+        "--keyring".into(),
+        missing.display().to_string(),
+    ];
+    let e = serve(&rig.target_ns, &rig.target_if, &args, "rbd:rbd/img");
+    assert!(
+        e.contains(&format!("cannot read the keyring {}", missing.display())),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let empty = r.ceph.dir.join("empty.conf");
+    fs::write(&empty, "").expect("write an empty ceph.conf");
+    let args = ["--ceph-conf".to_string(), empty.display().to_string()];
+    let e = serve(&rig.target_ns, &rig.target_if, &args, "rbd:rbd/img");
+    // (librados itself prints a line before ours here: its DNS SRV look-up for monitors.)
+    assert!(
+        e.lines()
+            .last()
+            .is_some_and(|l| l.contains("no monitor address (`mon_host`")),
+        "{e}"
+    );
     let t0 = std::time::Instant::now();
     let e = serve(&rig.init_ns, &rig.init_if, &rig.target_args, "rbd:rbd/img");
     assert!(
@@ -812,7 +839,64 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         "gateway B did not exit cleanly: {status:?}\n{}",
         b.output_so_far()
     );
+
+    // Audit (s17): the OSD does not come back within the drain limit. The gateway said
+    // "stopped with work lost" after it, then hung in rbd_close (dropping the image with
+    // requests still in librbd) until the cluster answered: for ever if it never did. Now
+    // it exits 1 at the limit, leaving the image (and its buffers) to the process exit.
+    // Seen failing before the fix: still running 30 s after SIGTERM with --drain-secs 1.
+    let mut c = start_gateway(
+        &r,
+        (SHELF, SLOT + 1),
+        &["--no-announce", "-r", "--drain-secs", "1"],
+    );
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway C");
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    for i in 0..READS {
+        client
+            .send(&Request::Read {
+                lba: i * 8192 + 16,
+                count: 2,
+            })
+            .expect("send a read");
+    }
+    let asok = admin_socket(&r, &c);
+    let waiting = wait_until(Duration::from_secs(30), || ops(&objecter_at(&r, &asok)) > 0);
+    run_ok(Command::new("kill").args(["-TERM", &c.pid().to_string()]));
+    let status = c
+        .wait_timeout(Duration::from_secs(30))
+        .expect("wait for gateway C");
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(waiting, "no read reached librbd with the OSD stopped");
+    let out = c.output_so_far();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "gateway C, stopped with reads waiting on a stopped OSD past --drain-secs 1: \
+         {status:?} (want exit 1 within 30 s)\n{out}"
+    );
+    assert!(
+        out.contains("work lost"),
+        "nothing said work was lost: {out}"
+    );
     r.rig.finish();
+}
+
+/// The OSD ops a gateway's objecter (admin socket `asok`) has in flight, as JSON.
+fn objecter_at(r: &RbdRig, asok: &std::path::Path) -> String {
+    let out = r
+        .rig
+        .target_ns
+        .command("ceph")
+        .args([
+            "--admin-daemon",
+            &asok.display().to_string(),
+            "objecter_requests",
+        ])
+        .output()
+        .expect("ceph --admin-daemon");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Gateway `b`'s librados admin socket, once it exists (within 30 s).

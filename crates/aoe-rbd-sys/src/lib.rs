@@ -255,7 +255,13 @@ impl Cluster {
                     path.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
                 )
             },
-            "cannot read the ceph config",
+            &match conf {
+                Some(p) => format!("cannot read the ceph config {}", p.display()),
+                // librados's search (common/config.cc, CEPH_CONF_FILE_DEFAULT).
+                None => "cannot read the ceph config (none given: looked for $CEPH_CONF, \
+                         /etc/ceph/ceph.conf, ~/.ceph/ceph.conf, ./ceph.conf)"
+                    .to_string(),
+            },
         )?;
         for (k, v) in options {
             let (ck, cv) = (cstr(k)?, cstr(v)?);

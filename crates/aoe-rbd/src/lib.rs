@@ -308,8 +308,23 @@ impl RbdBackend {
             ("rbd_blocklist_on_break_lock", "true"),
         ];
         if let Some(k) = &keyring {
+            // librados says only "No such file or directory" at connect for a keyring it
+            // cannot read: name the file here.
+            if let Err(error) = std::fs::File::open(k) {
+                return Err(OpenError::Other {
+                    name,
+                    error: io::Error::new(
+                        error.kind(),
+                        format!("cannot read the keyring {k}: {error}"),
+                    ),
+                });
+            }
             options.push(("keyring", k.as_str()));
         }
+        let conf_name = o
+            .ceph_conf
+            .as_ref()
+            .map_or("the default ceph.conf".into(), |c| c.display().to_string());
         let classify = |error: io::Error, what: &str| match errno(&error) {
             Some(libc::EACCES) | Some(libc::EPERM) => OpenError::PermissionDenied {
                 name: name.clone(),
@@ -318,13 +333,26 @@ impl RbdBackend {
             },
             Some(libc::ETIMEDOUT) => OpenError::Unreachable {
                 name: name.clone(),
-                conf: o
-                    .ceph_conf
-                    .as_ref()
-                    .map_or("the default ceph.conf".into(), |c| c.display().to_string()),
+                conf: conf_name.clone(),
                 timeout: o.connect_timeout,
                 error,
             },
+            // rados_connect's ENOENT: no keyring found (none given and none where ceph.conf
+            // points) or no monitor address in the config (MonClient::build_initial_monmap).
+            Some(libc::ENOENT)
+                if what == "connect" && error.to_string().starts_with("cannot connect") =>
+            {
+                OpenError::Other {
+                    name: name.clone(),
+                    error: io::Error::new(
+                        error.kind(),
+                        format!(
+                            "{error}: no keyring for client.{client} (--keyring, or `keyring` in \
+                         {conf_name}) or no monitor address (`mon_host` in {conf_name})"
+                        ),
+                    ),
+                }
+            }
             Some(libc::ENOENT) if what == "pool" => OpenError::NoPool {
                 name: name.clone(),
                 pool: o.pool.clone(),

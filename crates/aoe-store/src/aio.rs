@@ -145,6 +145,14 @@ pub trait AsyncBackend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Makes every write completed so far durable, blocking the caller (a stop: `aoe serve`
+    /// exits with nothing acknowledged left only in the page cache, as a clean shutdown of
+    /// qemu flushes its drives). The default does nothing: a store that flushes when it is
+    /// closed (librbd's `rbd_close` writes back its cache) or writes through.
+    fn sync_at_stop(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Starts `req`; its [`Done`] arrives on the store's [`Completions`]. Gives the request
     /// back, untouched, if the store cannot take it now (a full queue): the caller drops it
     /// and the AoE initiator retransmits. A request it takes is always completed, also with
@@ -297,6 +305,11 @@ impl AsyncBackend for PoolBackend {
         len: usize,
     ) -> io::Result<Option<crate::ReadSource<'_>>> {
         self.backend.inline_read_source(offset, len)
+    }
+
+    fn sync_at_stop(&self) -> io::Result<()> {
+        // fdatasync(2) for a writable file; nothing for a read-only one.
+        self.backend.flush()
     }
 
     fn submit(&self, req: Request) -> Result<(), Request> {

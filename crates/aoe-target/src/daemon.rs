@@ -507,8 +507,10 @@ impl Daemon {
                     .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
             }
         }
+        let stopping = Instant::now();
         let left = self.drain_io(self.drain);
         self.drain_sends(Duration::from_secs(1));
+        let unsynced = self.sync_exports(self.drain.saturating_sub(stopping.elapsed()));
         self.persist_state();
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
@@ -528,7 +530,7 @@ impl Daemon {
             self.rx_batches,
             self.spin_window.wake_cost().as_nanos()
         );
-        if left.is_empty() && state_saved {
+        if left.is_empty() && unsynced.is_empty() && state_saved {
             tracing::info!("stopped");
             return Ok(());
         }
@@ -536,11 +538,20 @@ impl Daemon {
         // stuck in a store's I/O or a state file's write is left to the process exit:
         // dropping the pool or the writer would join it and wait as long as it is stuck.
         std::mem::forget(self.pool.clone());
+        // Likewise the stores: an RBD image closed with requests still in librbd waits in
+        // rbd_close until the cluster answers them (an OSD stopped: for ever, after "stopped
+        // with work lost" was said), and the buffers librbd writes into must not be freed
+        // under it. The process exit closes the cluster connections; the image's lock is
+        // then broken by the next gateway as a killed one's is.
+        for (_, rt) in self.exports.drain() {
+            std::mem::forget(rt);
+        }
         self.state_writer.detach();
         let mut lost: Vec<String> = left
             .iter()
             .map(|(addr, what)| format!("{addr}: {what}"))
             .collect();
+        lost.extend(unsynced);
         if !state_saved {
             lost.push("state files not saved".into());
         }
@@ -635,7 +646,12 @@ impl Daemon {
 
     fn reload(&mut self) {
         let Some(path) = self.config_path.clone() else {
-            tracing::warn!("SIGHUP ignored: not started with --config");
+            // Exports from the command line: nothing to read again, but their files are
+            // looked at as a reload does, so that one grown, shrunk or replaced under its
+            // path is reopened and announced (a SIGHUP used to be ignored here, and a grown
+            // image needed a restart to be served at its new size).
+            let cfg = self.config.clone();
+            self.apply_reloaded(cfg, std::path::Path::new("(command line)"));
             return;
         };
         let loaded = ServeConfig::load(&path).map(|mut c| {

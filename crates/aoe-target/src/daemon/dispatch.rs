@@ -738,6 +738,65 @@ impl Daemon {
         }
         Vec::new()
     }
+
+    /// At a stop, after [`Daemon::drain_io`]: makes every writable export's acknowledged
+    /// writes durable ([`AsyncBackend::sync_at_stop`], fdatasync for a file), so that a clean
+    /// stop leaves none of them only in the page cache (the initiator may never have sent
+    /// its FLUSH). Waits at most `limit` (at least 1 s) for the stores, on a thread of its
+    /// own so that a hung store cannot hold the stop. Returns what failed or did not finish,
+    /// one line each (each also logged).
+    pub(super) fn sync_exports(&mut self, limit: Duration) -> Vec<String> {
+        let stores: Vec<_> = self
+            .exports
+            .values()
+            .filter(|e| !e.backend.read_only())
+            .map(|e| (e.spec.addr(), e.backend.clone()))
+            .collect();
+        if stores.is_empty() {
+            return Vec::new();
+        }
+        let addrs: Vec<_> = stores.iter().map(|(a, _)| *a).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("aoe-stop-sync".into())
+            .spawn(move || {
+                for (addr, store) in stores {
+                    let _ = tx.send((addr, store.sync_at_stop()));
+                }
+            });
+        if let Err(e) = spawned {
+            let line = format!("no thread to sync the stores at the stop: {e}");
+            tracing::error!("{line}");
+            return vec![line];
+        }
+        let deadline = Instant::now() + limit.max(Duration::from_secs(1));
+        let mut lost = Vec::new();
+        let mut synced = Vec::new();
+        while synced.len() < addrs.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((addr, Ok(()))) => synced.push(addr),
+                Ok((addr, Err(e))) => {
+                    synced.push(addr);
+                    let line = format!("{addr}: syncing the store at the stop failed: {e}");
+                    tracing::error!("{line}");
+                    lost.push(line);
+                }
+                Err(_) => {
+                    for addr in addrs.iter().filter(|a| !synced.contains(a)) {
+                        let line = format!(
+                            "{addr}: store not synced {} s after the stop",
+                            limit.max(Duration::from_secs(1)).as_secs()
+                        );
+                        tracing::error!("{line}");
+                        lost.push(line);
+                    }
+                    break;
+                }
+            }
+        }
+        lost
+    }
 }
 
 /// Reads of one batch at least for io_uring; fewer are one `preadv2` each. Measured (docs/PERFORMANCE.md,
