@@ -123,16 +123,20 @@ fn parser(called: Option<(&str, &str)>) -> clap::Command {
 /// Logs to stderr, filtered by `AOE_LOG` (tracing's env-filter syntax; default `info`).
 /// fuser logs a multi-line `WARN [Not Implemented] access(...)` for every access(2) on the
 /// FUSE files (its default for an operation we leave to the kernel's permission checks), so
-/// its target is held at `error` unless `AOE_LOG` names `fuser` itself.
+/// its target is held at `error` unless `AOE_LOG` names `fuser` itself. Its `fuser::reply`
+/// target is off: it logs an error for each device-file read, whose reply we write ourselves
+/// and whose fuser reply object the kernel then refuses as intended (aoe-fuse `fs.rs`
+/// `answer_held`).
 fn init_logging() {
     let spec = std::env::var("AOE_LOG").unwrap_or_else(|_| "info".to_owned());
     let spec = if spec.contains("fuser") {
         spec
     } else {
-        format!("{spec},fuser=error")
+        format!("{spec},fuser=error,fuser::reply=off")
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,fuser=error,fuser::reply=off")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1613,3 +1613,231 @@ fn sigkill_with_fuse_uring_fails_readers_and_writers_then_restart_serves() {
     assert!(read_at(&rig.dev(), 8192, 4096).unwrap() == pattern(9, 4096));
     rig.finish();
 }
+
+// ------------------------------------------------------------------------------------------
+// Device-file reads answered from the receive ring
+
+/// SIGTERMs the initiator (nothing open), waits for it to exit 0, and returns its last
+/// "network thread loop" line (the network thread's counters as it stopped). Its log must
+/// not hold fuser's error for the reply object retired after each read's own reply (the
+/// kernel's refusal of it is expected: aoe-fuse `fs.rs` `answer_held`).
+fn network_loop_line(rig: &mut Rig) -> String {
+    rig.signal_initiator("TERM");
+    let mut init = rig.initiator.take().unwrap();
+    let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = init.output_so_far();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM: {status:?}\n{log}"
+    );
+    assert!(
+        !log.contains("FUSE reply"),
+        "fuser's reply errors in the log:\n{log}"
+    );
+    log.lines()
+        .rfind(|l| l.contains("network thread loop"))
+        .unwrap_or_else(|| panic!("no network thread loop line:\n{log}"))
+        .to_owned()
+}
+
+/// The number after `name=` in a log line.
+fn log_field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in: {line}"));
+    line[at + name.len() + 2..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} in: {line}"))
+}
+
+/// Opens `path` read-only, with `O_DIRECT` if `direct`.
+fn open_read(path: &Path, direct: bool) -> fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(if direct { O_DIRECT } else { 0 })
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Reads up to `len` bytes at `offset` with one `pread(2)` after another until `len` or the
+/// end of the file.
+fn pread_all(f: &fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], offset + got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Reads through the device file and a partition file at offsets and lengths that are not
+/// sector-aligned, with `O_DIRECT` (the FUSE READ requests carry those very offsets and
+/// lengths) and through the page cache, match the backing file byte for byte; a read
+/// crossing the device's or the partition's end returns the bytes up to it, and one at
+/// the end none. The reads are answered from the initiator's receive ring (aoe-fuse
+/// `fs.rs` `answer_held`): its network thread counts held frames, none left held when it
+/// stops (the copying path before held none: fails there).
+#[test]
+fn unaligned_reads_from_the_receive_ring_match_the_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, orig) = backing_with_partition(dir.path());
+    let mut rig = Rig::start_with(Target::AoeServe, 9000, InitOpts::default(), Some(file), &[]);
+    let part = rig.root.join(format!("{DEV}p1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || part.exists()),
+        "no {}{}",
+        part.display(),
+        rig.logs()
+    );
+    let dev_len = SECTORS * 512;
+    let part_len = PART_SECTORS * 512;
+    // (offset, length) in the file read; lengths past the end are cut there.
+    let reads = |len: u64| -> Vec<(u64, usize)> {
+        vec![
+            (0, 1),
+            (1, 511),
+            (511, 2),
+            (1000, 3000),
+            (4095, 8193),
+            (12345, 100_000),
+            (513, (1 << 20) + 17),
+            (len / 2 - 7, 300_001),
+            (len - 700, 4096),
+            (len - 1, 1),
+            (len - (1 << 20) - 3, (1 << 20) + 1000),
+            (len, 512),
+            (len + 4096, 10),
+        ]
+    };
+    for (path, base, len) in [
+        (rig.dev(), 0u64, dev_len),
+        (part.clone(), PART_START * 512, part_len),
+    ] {
+        for direct in [true, false] {
+            for (off, n) in reads(len) {
+                let f = open_read(&path, direct);
+                let got = pread_all(&f, off, n).unwrap_or_else(|e| {
+                    panic!(
+                        "{} direct {direct}: read {n} at {off}: {e}{}",
+                        path.display(),
+                        rig.logs()
+                    )
+                });
+                let end = (off + n as u64).min(len).max(off.min(len));
+                let want = &orig[(base + off.min(len)) as usize..(base + end) as usize];
+                assert!(
+                    got == want,
+                    "{} direct {direct}: read {n} at {off}: got {} bytes, want {}; first \
+                     difference at {:?}{}",
+                    path.display(),
+                    got.len(),
+                    want.len(),
+                    got.iter().zip(want).position(|(a, b)| a != b),
+                    rig.logs()
+                );
+            }
+        }
+    }
+    let line = network_loop_line(&mut rig);
+    // 1 MiB read at MTU 9000 is ~120 frames; well over that many were held.
+    assert!(
+        log_field(&line, "held") >= 1000,
+        "reads not from the ring: {line}"
+    );
+    assert_eq!(log_field(&line, "held_now"), 0, "{line}");
+    assert_eq!(log_field(&line, "held_pending"), 0, "{line}");
+}
+
+/// Readers killed (SIGKILL) or interrupted (SIGINT) while their direct reads of the device
+/// file are in flight: the initiator answers what is left of them (the kernel refuses the
+/// answers of requests it gave up), keeps serving, a full read afterwards matches the
+/// backing file, and when it stops no receive slot is still held and no held read is
+/// waiting.
+#[test]
+fn readers_killed_mid_read_leave_nothing_held() {
+    let mut rig = Rig::start(Target::AoeServe, 9000, InitOpts::default());
+    let orig = fs::read(&rig.file).unwrap();
+    let dev = rig.dev().display().to_string();
+    let rchar = |pid: u32| -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("rchar: ").map(|v| v.trim().parse().ok()))
+                    .flatten()
+            })
+            .unwrap_or(0)
+    };
+    for round in 0..8u32 {
+        // Two readers at once, each through its own open, reading the whole device over
+        // and over (dd's reads are 1 MiB: 4 FUSE requests in flight each).
+        let mut readers: Vec<std::process::Child> = (0..2)
+            .map(|i| {
+                Command::new("dd")
+                    .args([
+                        format!("if={dev}"),
+                        "of=/dev/null".into(),
+                        "bs=1M".into(),
+                        "iflag=direct".into(),
+                        format!("skip={}", (round + i) % 8),
+                    ])
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("dd (coreutils)")
+            })
+            .collect();
+        for r in &readers {
+            let pid = r.id();
+            assert!(
+                wait_until(Duration::from_secs(20), || rchar(pid) >= 4 << 20
+                    || !Path::new(&format!("/proc/{pid}/io")).exists()),
+                "round {round}: dd read nothing{}",
+                rig.logs()
+            );
+        }
+        let sig = if round % 2 == 0 { "KILL" } else { "INT" };
+        for r in &readers {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), r.id().to_string()])
+                .status();
+        }
+        for r in &mut readers {
+            r.wait().unwrap();
+        }
+    }
+    let back = rig.dir.path().join("back");
+    run_dd(
+        &rig,
+        &[
+            format!("if={dev}"),
+            format!("of={}", back.display()),
+            "bs=1M".into(),
+            "iflag=direct".into(),
+        ],
+    );
+    let got = fs::read(&back).unwrap();
+    assert!(
+        got == orig,
+        "the device read back differs from its backing file{}",
+        rig.logs()
+    );
+    let line = network_loop_line(&mut rig);
+    assert!(
+        log_field(&line, "held") > 0,
+        "reads not from the ring: {line}"
+    );
+    assert_eq!(log_field(&line, "held_now"), 0, "slots left held: {line}");
+    assert_eq!(
+        log_field(&line, "held_pending"),
+        0,
+        "held reads left waiting: {line}"
+    );
+}

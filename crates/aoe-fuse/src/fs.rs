@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -31,7 +32,7 @@ use fuser::{
 use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
-use crate::inval;
+use crate::{heldreply, inval};
 
 pub(crate) const ROOT: u64 = 1;
 const DISCOVER: u64 = 2;
@@ -166,6 +167,10 @@ pub struct AoeFs {
     invalidate: Arc<inval::Sender>,
     /// Asks for `FUSE_OVER_IO_URING` at `FUSE_INIT` ([`crate::ring`]).
     uring: bool,
+    /// A dup of the session's /dev/fuse fd, set once mounted ([`crate::mount`]): device-file
+    /// reads are answered on it from the receive ring ([`heldreply`]); unset, through fuser
+    /// from a copy.
+    reply_fd: Arc<OnceLock<OwnedFd>>,
 }
 
 impl AoeFs {
@@ -191,7 +196,15 @@ impl AoeFs {
             cached_opens: Arc::new(Mutex::new(HashMap::new())),
             invalidate: Arc::new(inval::Sender(q)),
             uring: false,
+            reply_fd: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Answers device-file reads on `fd` (a dup of the session's /dev/fuse fd, the one its
+    /// requests are read from) straight from the receive ring ([`heldreply`]). Set before
+    /// the session serves requests; a second call changes nothing.
+    pub(crate) fn set_reply_fd(&self, fd: OwnedFd) {
+        let _ = self.reply_fd.set(fd);
     }
 
     /// Asks the kernel for FUSE over io_uring at `FUSE_INIT`.
@@ -799,6 +812,9 @@ impl Filesystem for AoeFs {
                 Some(v) => reply.data(slice_at(&v, offset, size)),
                 None => reply.error(Errno::ENOENT),
             },
+            Some(Node::Dev(a, p)) if self.reply_fd.get().is_some() => {
+                self.read_dev_held(a, p, offset, size, req.unique().0, reply)
+            }
             Some(Node::Dev(a, p)) => {
                 let net = self.net.clone();
                 self.read_dev(
@@ -976,6 +992,42 @@ impl AoeFs {
         }
     }
 
+    /// A read of a device or partition file answered from the receive ring: the covering
+    /// sectors are read with [`BlockDevice::read_held`] (held shared against a
+    /// read-modify-write, as [`read_dev`](Self::read_dev)), and on the network thread, while
+    /// their payloads are still in the ring's slots, the reply to request `unique` is
+    /// written from them on the /dev/fuse fd ([`heldreply::write_reply`]); the slots go
+    /// back to the kernel when that returns. Errors go through `reply` as before.
+    fn read_dev_held(
+        &self,
+        a: TargetAddr,
+        p: u32,
+        offset: u64,
+        size: u32,
+        unique: u64,
+        reply: ReplyData,
+    ) {
+        let (start, len) = match self.dev_extent(a, p) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let end = len * 512;
+        if offset >= end || size == 0 {
+            return reply.data(&[]);
+        }
+        // A read crossing the end is answered short (a READ's reply may be).
+        let want = (size as u64).min(end - offset) as usize;
+        let fd = self.reply_fd.clone();
+        BlockDevice::new(self.net.clone(), a, start).read_held(
+            offset,
+            want,
+            Box::new(move |r| match r {
+                Ok(pieces) => answer_held(&fd, unique, pieces, reply),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+        );
+    }
+
     /// FLUSH CACHE EXT on device `a` (fsync of a device file).
     pub(crate) fn flush_dev(&self, a: TargetAddr, done: DevDone<()>) {
         self.net.io(
@@ -1042,6 +1094,33 @@ impl AoeFs {
                 (Err(e), _) => reply(Err(Errno::from_i32(e))),
             }),
         );
+    }
+}
+
+/// Answers READ request `unique` with `pieces` (slices of the receive ring, valid during
+/// this call) written on the /dev/fuse fd in `fd`, then retires fuser's `reply` for it.
+///
+/// Retiring: fuser's [`ReplyData`] must be consumed (dropped unanswered it answers EIO from
+/// its `Drop`, and forgetting it would keep a reference to the session's fd for good), and it
+/// offers no way to give up without writing. So it answers `EIO` after ours: the kernel has
+/// already taken our reply, which ended the request and took it off the processing list, so
+/// it refuses this one with `ENOENT` and nothing else happens (fs/fuse/dev.c
+/// `fuse_dev_do_write`; request ids are never reused, so it cannot land on a later request).
+/// fuser logs that refusal at its `fuser::reply` target, which `aoe`'s logging keeps quiet
+/// (aoe-cli `init_logging`). Where our write failed (the request already gone: `ENOENT` for
+/// both), the same `EIO` is the answer. One 16-byte write per request (256 KiB), against the
+/// copy of the whole read it replaces.
+fn answer_held(fd: &OnceLock<OwnedFd>, unique: u64, pieces: &[&[u8]], reply: ReplyData) {
+    let Some(fd) = fd.get() else {
+        return reply.data(&pieces.concat());
+    };
+    match heldreply::write_reply(fd.as_fd(), unique, pieces) {
+        Ok(()) => reply.error(Errno::EIO),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => reply.data(&pieces.concat()),
+        Err(e) => {
+            tracing::debug!("device read reply {unique}: {e}");
+            reply.error(Errno::EIO)
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod fs;
+mod heldreply;
 mod inval;
 mod ring;
 
@@ -51,25 +52,29 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
     ];
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(2);
+    // One fd for both threads: a request is answered on the fd it was read from (its
+    // processing list), and device-file reads are answered on a dup of this one.
+    fcfg.clone_fd = false;
     let notifier = Arc::new(std::sync::OnceLock::new());
     let mut afs = fs::AoeFs::new(shared, net, notifier.clone());
     if uring {
         afs = afs.with_uring();
     }
     let ring_fs = afs.clone();
+    let reply_fs = afs.clone();
     let session = fuser::Session::new(afs, root, &fcfg)
         .with_context(|| format!("cannot mount the control file system on {}", root.display()))?;
-    let fuse_fd = if uring {
-        use std::os::fd::AsFd;
-        Some(
-            session
-                .as_fd()
-                .try_clone_to_owned()
-                .context("cannot duplicate the /dev/fuse fd")?,
-        )
-    } else {
-        None
+    use std::os::fd::AsFd;
+    let dup = || {
+        session
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate the /dev/fuse fd")
     };
+    // Device-file reads are answered on a dup of the fd fuser reads requests from, set
+    // before it serves any (fs::AoeFs::set_reply_fd).
+    reply_fs.set_reply_fd(dup()?);
+    let fuse_fd = if uring { Some(dup()?) } else { None };
     let session = session
         .spawn()
         .with_context(|| format!("cannot serve the control file system on {}", root.display()))?;

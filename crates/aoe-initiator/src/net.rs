@@ -1088,6 +1088,15 @@ impl Net {
                         }
                     }
                     let c = self.counts;
+                    // Slots still held and held reads unanswered as the thread stops: 0
+                    // once every reader is answered (tests check that none leak).
+                    let held_now: usize = self
+                        .ifaces
+                        .iter()
+                        .flatten()
+                        .filter_map(|i| i.ring.as_ref())
+                        .map(|r| r.ring.held_count())
+                        .sum();
                     tracing::info!(
                         polls = c.polls,
                         timeouts = c.timeouts,
@@ -1099,6 +1108,8 @@ impl Net {
                         held = c.held,
                         held_max = c.held_max,
                         held_bound = c.held_bound,
+                        held_now,
+                        held_pending = self.pending_held.len(),
                         copied_old = c.copied_old,
                         copied_wait = c.copied_wait,
                         "network thread loop"
