@@ -353,7 +353,23 @@ struct Iface {
     /// reports `POLLOUT`; at most [`BACKLOG`], the rest are dropped. The engine's own
     /// buffers ([`Engine::poll_transmit_parts`]): queueing copies nothing.
     backlog: VecDeque<TxFrame>,
+    /// A send-only socket with `PACKET_VNET_HDR` ([`PacketSocket::open_linear_sender`]) for
+    /// frames carrying [`LINEAR_MIN_DATA`] bytes of write data or more, and for what the
+    /// transmit ring does not take; `None` where the kernel refuses one (`sock` sends
+    /// those instead, and the ring takes the write frames).
+    linear: Option<PacketSocket>,
+    /// Frames sent through `linear`.
+    linear_sent: u64,
 }
+
+/// Write data from which a frame goes out with `sendmmsg(2)` from the write's own buffer
+/// through [`Iface::linear`] instead of being copied into a transmit ring slot: at MTU 9000
+/// (8.5 KiB a frame) the copy into the slot that this saves costs more than the
+/// per-message work of `sendmmsg` it brings back (the kernel copies the frame into its skb
+/// either way); at MTU 1500 (1 KiB a frame) the ring's batch is cheaper
+/// (docs/PERFORMANCE.md, "Written bytes onto the wire without our copy", and "The
+/// initiator's transmit ring").
+const LINEAR_MIN_DATA: usize = 4096;
 
 /// Bytes of receive ring per interface: the 8 MiB receive buffer's worth of frames the
 /// `recvmmsg` path asks for, in slots of the interface's frame size (920 slots at MTU 9000,
@@ -583,6 +599,18 @@ fn tx_ring(name: &str, mtu: u32) -> Option<TxRing> {
     }
 }
 
+/// A send-only socket with `PACKET_VNET_HDR` for an interface ([`Iface::linear`]), or
+/// `None` (logged) where the kernel refuses one.
+fn linear_sender(name: &str) -> Option<PacketSocket> {
+    match PacketSocket::open_linear_sender(name) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::info!(interface = %name, error = %e, "no linear sender: write frames through the transmit ring");
+            None
+        }
+    }
+}
+
 /// What became of a frame the socket refused ([`Iface::refused`]).
 enum Sent {
     /// The send buffer is full: keep it and wait for `POLLOUT`.
@@ -623,15 +651,25 @@ impl Iface {
     }
 
     /// Sends the first frames of `frames` (each its headers and its write data, sent from
-    /// where they lie: [`PacketSocket::send_batch_parts`]) with one `sendmmsg(2)`: how
+    /// where they lie: [`PacketSocket::send_batch_linear`] through the linear sender, or
+    /// [`PacketSocket::send_batch_parts`] on `sock` without one) with one `sendmmsg(2)`: how
     /// many are done with (sent, or lost to an error other than a full buffer), and
     /// whether the socket is full.
-    fn send_some(&self, frames: &[[&[u8]; 2]], logs: &mut RateLimiter) -> (usize, bool) {
+    fn send_some(&mut self, frames: &[[&[u8]; 2]], logs: &mut RateLimiter) -> (usize, bool) {
         if frames.is_empty() {
             return (0, false);
         }
-        match self.sock.send_batch_parts(frames) {
-            Ok(n) if n > 0 => (n, false),
+        let r = match &self.linear {
+            Some(l) => l.send_batch_linear(frames),
+            None => self.sock.send_batch_parts(frames),
+        };
+        match r {
+            Ok(n) if n > 0 => {
+                if self.linear.is_some() {
+                    self.linear_sent += n as u64;
+                }
+                (n, false)
+            }
             // The kernel took none without an error: try again once poll says so.
             Ok(_) => (0, true),
             Err(e) => match self.refused(&e, logs) {
@@ -643,7 +681,9 @@ impl Iface {
 
     /// Sends what it can of `frames` now: into the transmit ring's slots, one kick for all
     /// ([`TxRing`]), and what the ring does not take (no ring, a frame longer than its
-    /// slots, the ring full) in `sendmmsg(2)` batches. What is left in `frames` was
+    /// slots, the ring full, a frame with [`LINEAR_MIN_DATA`] bytes of write data or more
+    /// where the linear sender exists) in `sendmmsg(2)` batches, through the linear sender
+    /// ([`Iface::linear`]) if there is one. What is left in `frames` was
     /// refused by a full send buffer and must be queued; the header buffers of the frames
     /// done with (sent or lost) go to `spent`.
     fn send_now(
@@ -652,11 +692,12 @@ impl Iface {
         logs: &mut RateLimiter,
         spent: &mut Vec<Vec<u8>>,
     ) {
+        let linear = self.linear.is_some();
         if let Some(t) = &mut self.txr {
             let mut full = false;
             let before = frames.len();
             frames.retain_mut(|f| {
-                if full || !t.takes(f) {
+                if full || !t.takes(f) || (linear && f.data().len() >= LINEAR_MIN_DATA) {
                     return true;
                 }
                 if t.push(f) {
@@ -1048,6 +1089,8 @@ impl Net {
                             ring,
                             txr,
                             backlog: VecDeque::new(),
+                            linear: linear_sender(&w.name),
+                            linear_sent: 0,
                         });
                         opened += 1;
                     }
@@ -1083,6 +1126,7 @@ impl Net {
                                 rejected = t.ring.stats().tx_rejected,
                                 kicks = t.kicks,
                                 short_kicks = t.short_kicks,
+                                linear = i.linear_sent,
                                 "frames sent through the transmit ring"
                             );
                         }
@@ -1178,10 +1222,24 @@ impl Net {
                     PollFd::with_events(
                         i.as_ref().map_or(-1, |i| i.sock.as_raw_fd()),
                         true,
-                        pollout,
+                        pollout && i.as_ref().is_some_and(|i| i.linear.is_none()),
                     )
                 })
                 .collect();
+            // The backlog goes out through the linear sender where there is one: room in
+            // its send buffer is what the backlog waits for (interface index, after the
+            // interfaces' own entries).
+            let mut linear_waits = Vec::new();
+            for (idx, i) in self.ifaces.iter().enumerate() {
+                if let Some(l) = i
+                    .as_ref()
+                    .filter(|i| i.waits().0)
+                    .and_then(|i| i.linear.as_ref())
+                {
+                    fds.push(PollFd::with_events(l.as_raw_fd(), false, true));
+                    linear_waits.push(idx);
+                }
+            }
             let mut timeout = self
                 .engine
                 .poll_timeout()
@@ -1224,6 +1282,14 @@ impl Net {
                     i.flush(&mut self.logs, &mut self.spent);
                 }
                 self.receive(idx, now);
+            }
+            let n = self.ifaces.len();
+            for (k, &idx) in linear_waits.iter().enumerate() {
+                if fds.get(n + k).is_some_and(|f| f.writable) {
+                    if let Some(i) = &mut self.ifaces[idx] {
+                        i.flush(&mut self.logs, &mut self.spent);
+                    }
+                }
             }
         }
     }

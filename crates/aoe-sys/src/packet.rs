@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use crate::iface::{info_by_index, info_by_name, InterfaceInfo};
+use crate::ring::VNET_HDR_LEN;
 use crate::{cvt, cvt_size, ETH_P_AOE};
 
 /// What the kernel told us about one received frame.
@@ -243,6 +244,24 @@ impl PacketSocket {
     pub fn open_sender(ifname: &str) -> io::Result<PacketSocket> {
         let sock = Self::open_unbound(ifname, 0)?;
         sock.bind()?;
+        Ok(sock)
+    }
+
+    /// Opens a send-only socket like [`open_sender`](Self::open_sender) with
+    /// `PACKET_VNET_HDR` set, for [`send_batch_linear`](Self::send_batch_linear): each frame
+    /// goes behind a `virtio_net_hdr` whose `hdr_len` is the whole frame, and `packet_snd`
+    /// (net/packet/af_packet.c) makes that many bytes the skb's linear part, so the frame
+    /// is copied once from where it lies into one allocation. Without the header it copies
+    /// all but the link-layer header into page fragments it allocates per frame
+    /// (`alloc_skb_with_frags`), which a veth then delivers from.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open); the `setsockopt(2)` error where the kernel has no
+    /// `PACKET_VNET_HDR`.
+    pub fn open_linear_sender(ifname: &str) -> io::Result<PacketSocket> {
+        let sock = Self::open_sender(ifname)?;
+        crate::ring::set_int(sock.fd.as_raw_fd(), crate::ring::PACKET_VNET_HDR, 1)?;
         Ok(sock)
     }
 
@@ -500,7 +519,7 @@ impl PacketSocket {
     /// If not even the first frame could be sent, returns the error as [`send`](Self::send)
     /// would (`WouldBlock` for a full queue).
     pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<usize> {
-        self.send_batch_with(frames, |f| [*f])
+        self.send_batch_with(frames, false, |f| [*f])
     }
 
     /// Sends several frames, each given as two parts put on the wire back to back (headers
@@ -510,28 +529,56 @@ impl PacketSocket {
     /// order, as [`send_batch`](Self::send_batch) does, and fails as it does when not even
     /// the first frame could be sent.
     pub fn send_batch_parts(&self, frames: &[[&[u8]; 2]]) -> io::Result<usize> {
-        self.send_batch_with(frames, |f| *f)
+        self.send_batch_with(frames, false, |f| *f)
     }
 
-    /// The loop behind [`send_batch`](Self::send_batch) and
-    /// [`send_batch_parts`](Self::send_batch_parts): each frame is the `P` parts (one or
-    /// two iovecs) `parts` gives for it, sent in chunks of up to 64 frames per `sendmmsg(2)`;
-    /// stops at the first chunk the kernel takes only part of.
+    /// Like [`send_batch_parts`](Self::send_batch_parts) on a socket opened with
+    /// [`open_linear_sender`](Self::open_linear_sender): each frame goes behind a
+    /// `virtio_net_hdr` (no checksum offload, no GSO, `hdr_len` the frame's length), so the
+    /// kernel copies it from its parts straight into a linear skb. On any other socket the
+    /// header would go on the wire.
+    pub fn send_batch_linear(&self, frames: &[[&[u8]; 2]]) -> io::Result<usize> {
+        self.send_batch_with(frames, true, |f| *f)
+    }
+
+    /// The loop behind [`send_batch`](Self::send_batch),
+    /// [`send_batch_parts`](Self::send_batch_parts) and
+    /// [`send_batch_linear`](Self::send_batch_linear): each frame is the `P` parts (one or
+    /// two iovecs) `parts` gives for it, behind a `virtio_net_hdr` of its own if `vnet`,
+    /// sent in chunks of up to 64 frames per `sendmmsg(2)`; stops at the first chunk the
+    /// kernel takes only part of.
     fn send_batch_with<T, const P: usize>(
         &self,
         frames: &[T],
+        vnet: bool,
         parts: impl Fn(&T) -> [&[u8]; P],
     ) -> io::Result<usize> {
         const CHUNK: usize = 64;
         const { assert!(P == 1 || P == 2) };
+        let per = P + usize::from(vnet);
         let mut sent = 0;
         for chunk in frames.chunks(CHUNK) {
+            // virtio_net_hdr per frame: flags and gso_type 0, hdr_len (bytes 2..4, host
+            // order as packet sockets read it) the frame's length, the rest 0.
+            let mut vh = [[0u8; VNET_HDR_LEN]; CHUNK];
             // SAFETY: iovec is a pointer and a length; all-zero (NULL, 0) is valid.
-            let mut iovs: [libc::iovec; 2 * CHUNK] = unsafe { mem::zeroed() };
+            let mut iovs: [libc::iovec; 3 * CHUNK] = unsafe { mem::zeroed() };
             // SAFETY: mmsghdr is integers and NULL-able pointers; all-zero is valid.
             let mut hdrs: [libc::mmsghdr; CHUNK] = unsafe { mem::zeroed() };
-            for (frame_iovs, frame) in iovs.chunks_exact_mut(P).zip(chunk) {
-                for (iov, part) in frame_iovs.iter_mut().zip(parts(frame)) {
+            for ((frame_iovs, frame), h) in iovs.chunks_exact_mut(per).zip(chunk).zip(&mut vh) {
+                let ps = parts(frame);
+                let (first, rest) = frame_iovs.split_at_mut(usize::from(vnet));
+                if let Some(iov) = first.first_mut() {
+                    let len: usize = ps.iter().map(|p| p.len()).sum();
+                    // (Past 65535 bytes, which no MTU gives, the rest would be fragments.)
+                    let len = u16::try_from(len).unwrap_or(u16::MAX);
+                    h[2..4].copy_from_slice(&len.to_ne_bytes());
+                    *iov = libc::iovec {
+                        iov_base: h.as_mut_ptr().cast(),
+                        iov_len: VNET_HDR_LEN,
+                    };
+                }
+                for (iov, part) in rest.iter_mut().zip(ps) {
                     *iov = libc::iovec {
                         iov_base: part.as_ptr() as *mut libc::c_void,
                         iov_len: part.len(),
@@ -540,12 +587,13 @@ impl PacketSocket {
             }
             let iov_base = iovs.as_mut_ptr();
             for (i, hdr) in hdrs.iter_mut().take(chunk.len()).enumerate() {
-                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(P * i);
-                hdr.msg_hdr.msg_iovlen = P;
+                hdr.msg_hdr.msg_iov = iov_base.wrapping_add(per * i);
+                hdr.msg_hdr.msg_iovlen = per;
             }
-            // SAFETY: the first `chunk.len()` headers each point at their `P` iovecs in
-            // `iovs` (P * 64 <= 128), which point at parts borrowed from `frames` (an empty
-            // part is a valid zero-length iovec); all outlive the call.
+            // SAFETY: the first `chunk.len()` headers each point at their `per` iovecs in
+            // `iovs` (per * 64 <= 192), which point at headers in `vh` and at parts
+            // borrowed from `frames` (an empty part is a valid zero-length iovec); all
+            // outlive the call.
             let n = match unsafe { self.sendmmsg_chunk(&mut hdrs[..chunk.len()]) } {
                 Ok(n) => n,
                 Err(e) if sent == 0 => return Err(e),

@@ -30,11 +30,11 @@ const PACKET_RX_RING: libc::c_int = 5;
 const PACKET_VERSION: libc::c_int = 10;
 const PACKET_TX_RING: libc::c_int = 13;
 const PACKET_LOSS: libc::c_int = 14;
-const PACKET_VNET_HDR: libc::c_int = 15;
+pub(crate) const PACKET_VNET_HDR: libc::c_int = 15;
 /// `sizeof(struct virtio_net_hdr)`: flags, gso_type (u8), hdr_len, gso_size, csum_start,
 /// csum_offset (u16, in the host's byte order: packet sockets read it with `vio_le()`, the
 /// legacy virtio rule).
-const VNET_HDR_LEN: usize = 10;
+pub(crate) const VNET_HDR_LEN: usize = 10;
 const TPACKET_V2: libc::c_int = 1;
 const TP_STATUS_KERNEL: u32 = 0;
 const TP_STATUS_USER: u32 = 1;
@@ -1015,7 +1015,7 @@ impl std::fmt::Debug for PacketRing {
     }
 }
 
-fn set_int(fd: libc::c_int, name: libc::c_int, val: libc::c_int) -> io::Result<()> {
+pub(crate) fn set_int(fd: libc::c_int, name: libc::c_int, val: libc::c_int) -> io::Result<()> {
     // SAFETY: `val` is a readable c_int whose size is passed; it outlives the call.
     cvt(unsafe {
         libc::setsockopt(
