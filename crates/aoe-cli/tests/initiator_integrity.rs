@@ -1178,17 +1178,7 @@ fn frames_leave_through_the_transmit_ring() {
         .lines()
         .find(|l| l.contains("frames sent through the transmit ring"))
         .unwrap_or_else(|| panic!("no transmit ring line:\n{log}"));
-    let field = |name: &str| -> u64 {
-        let at = line
-            .find(&format!("{name}="))
-            .unwrap_or_else(|| panic!("no {name} in: {line}"));
-        line[at + name.len() + 1..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} in: {line}"))
-    };
+    let field = |name: &str| log_field(line, name);
     assert!(field("frames") >= 964, "{line}");
     assert!(field("linear") >= 964, "{line}");
     assert_eq!(field("rejected"), 0, "{line}");

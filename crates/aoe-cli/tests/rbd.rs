@@ -759,20 +759,7 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     }
     // The OSD ops the gateway's objecter has sent and not had answered (its admin socket
     // also lists the header watch's pings, which pile up while the OSD is stopped).
-    let objecter = || {
-        let out = r
-            .rig
-            .target_ns
-            .command("ceph")
-            .args([
-                "--admin-daemon",
-                &asok.display().to_string(),
-                "objecter_requests",
-            ])
-            .output()
-            .expect("ceph --admin-daemon");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let objecter = || objecter_at(&r, &asok);
     let ops = |json: &str| {
         serde_json::from_str::<serde_json::Value>(json)
             .ok()
