@@ -55,6 +55,17 @@ use proto::{
 pub const MAX_INFLIGHT: usize = 128;
 /// Payload bytes in flight per connection before the reader waits.
 pub const MAX_INFLIGHT_BYTES: u64 = 128 << 20;
+/// Payload bytes in flight over all connections before a connection's reader waits
+/// ([`Budget`]): four connections' worth (nbdcopy opens four by default). A connection with
+/// nothing in flight may always take one request, so none starves; with at most
+/// [`MAX_CONNECTIONS`] connections the initiator's NBD memory is bounded (session 17's
+/// audit: four clients that never read their replies held 553 MB, N clients N times that).
+pub const MAX_TOTAL_INFLIGHT_BYTES: u64 = 4 * MAX_INFLIGHT_BYTES;
+/// Open NBD connections over both listeners; one more is closed at once, with a warning.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Connections open now ([`MAX_CONNECTIONS`]).
+static CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Where to listen.
 #[derive(Debug, Clone, Default)]
@@ -270,9 +281,25 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
+    use std::sync::atomic::Ordering;
+    if CONNECTIONS.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(%peer, "nbd: {MAX_CONNECTIONS} connections open already; this one is closed");
+        c.shutdown();
+        return;
+    }
+    /// Counts the connection out when its thread ends (or is never started).
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let counted = Counted;
     let r = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
+            let _counted = counted;
             let shut = c.try_clone();
             match serve(c, &peer, &devices, &net) {
                 Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
@@ -382,11 +409,66 @@ fn discard(r: &mut impl Read, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Requests in flight on one connection, with a cap.
-#[derive(Default)]
+/// Payload bytes in flight over all connections, with a cap ([`MAX_TOTAL_INFLIGHT_BYTES`]).
+struct Budget {
+    limit: u64,
+    state: Mutex<BudgetState>,
+    cv: Condvar,
+}
+
+struct BudgetState {
+    bytes: u64,
+    /// Some reader waits on `cv` (as [`InflightState::waiting`]).
+    waiting: bool,
+}
+
+/// The process's one [`Budget`].
+static BUDGET: Budget = Budget::new(MAX_TOTAL_INFLIGHT_BYTES);
+
+impl Budget {
+    const fn new(limit: u64) -> Budget {
+        Budget {
+            limit,
+            state: Mutex::new(BudgetState {
+                bytes: 0,
+                waiting: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+    /// Takes `bytes`, waiting while they would pass the limit, unless `alone()` (asked at
+    /// each wake-up: the connection has nothing else in flight, so it may always make
+    /// progress, even while other connections' stuck replies hold the budget).
+    fn take(&self, bytes: u64, alone: impl Fn() -> bool) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.bytes + bytes > self.limit && !alone() {
+            s.waiting = true;
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.bytes += bytes;
+    }
+    fn give(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.bytes -= bytes;
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// Requests in flight on one connection, with a cap, and their bytes in the process's
+/// [`Budget`].
 struct Inflight {
     state: Mutex<InflightState>,
     cv: Condvar,
+    budget: &'static Budget,
+}
+
+impl Default for Inflight {
+    fn default() -> Inflight {
+        Inflight::with_budget(&BUDGET)
+    }
 }
 
 #[derive(Default)]
@@ -399,6 +481,15 @@ struct InflightState {
 }
 
 impl Inflight {
+    fn with_budget(budget: &'static Budget) -> Inflight {
+        Inflight {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            budget,
+        }
+    }
+    /// Waits for room on this connection, then in the process's budget (the connection's
+    /// lock is not held while it waits there: its completions keep releasing).
     fn acquire(&self, bytes: u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s.requests > 0 && (s.requests >= MAX_INFLIGHT || s.bytes + bytes > MAX_INFLIGHT_BYTES)
@@ -408,15 +499,29 @@ impl Inflight {
         }
         s.requests += 1;
         s.bytes += bytes;
+        drop(s);
+        // Lock order: the budget's, then the connection's (release never holds both).
+        self.budget.take(bytes, || {
+            self.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .requests
+                == 1
+        });
     }
+    /// Counts the request out of the connection first, then out of the budget, whose
+    /// wake-up then finds the connection as it is now.
     fn release(&self, bytes: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.requests -= 1;
-        s.bytes -= bytes;
-        if s.waiting {
-            s.waiting = false;
-            self.cv.notify_all();
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.requests -= 1;
+            s.bytes -= bytes;
+            if s.waiting {
+                s.waiting = false;
+                self.cv.notify_all();
+            }
         }
+        self.budget.give(bytes);
     }
     fn wait_idle(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -811,6 +916,7 @@ fn requests(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A socket that takes at most `max` bytes per call, like a full send buffer does.
     struct Dribble {
@@ -1008,6 +1114,42 @@ mod tests {
             data,
             held: 0,
         }
+    }
+
+    /// The process-wide budget: a connection with requests in flight waits while the
+    /// total would pass the limit, until another connection releases; a connection with
+    /// nothing in flight always gets its one request, and one whose other requests end
+    /// while it waits goes on alone, however full the budget (stuck clients cannot starve
+    /// it).
+    #[test]
+    fn the_budget_over_all_connections_holds_and_never_starves() {
+        let budget: &'static Budget = Box::leak(Box::new(Budget::new(100)));
+        let stuck = Arc::new(Inflight::with_budget(budget));
+        let other = Arc::new(Inflight::with_budget(budget));
+        stuck.acquire(95);
+        stuck.acquire(5); // 100: full
+        other.acquire(50); // alone on its connection: allowed past the limit
+        assert_eq!(budget.state.lock().unwrap().bytes, 150);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let o = other.clone();
+        let t = std::thread::spawn(move || {
+            o.acquire(10);
+            tx.send(()).unwrap();
+        });
+        // It waits: the budget is past its limit and the connection has a request in
+        // flight (a wait of 300 ms that must see nothing; the release below must end it).
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        // One of the stuck connection's requests ends: 145 + 10 > 100, still waiting.
+        stuck.release(5);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        // Its own first request ends: now alone, it goes on though the stuck connection
+        // still holds 95 and the total passes the limit (95 + 10).
+        other.release(50);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a connection alone was starved");
+        t.join().unwrap();
+        assert_eq!(budget.state.lock().unwrap().bytes, 105);
+        assert_eq!(requests_in_flight(&other), 1);
     }
 
     fn requests_in_flight(i: &Inflight) -> usize {
