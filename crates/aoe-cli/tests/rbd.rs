@@ -759,7 +759,7 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     }
     // The OSD ops the gateway's objecter has sent and not had answered (its admin socket
     // also lists the header watch's pings, which pile up while the OSD is stopped).
-    let objecter = || objecter_at(&r, &asok);
+    let objecter = || objecter_at(&r.rig.target_ns, &asok);
     let ops = |json: &str| {
         serde_json::from_str::<serde_json::Value>(json)
             .ok()
@@ -850,7 +850,9 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
             .expect("send a read");
     }
     let asok = admin_socket(&r, &c);
-    let waiting = wait_until(Duration::from_secs(30), || ops(&objecter_at(&r, &asok)) > 0);
+    let waiting = wait_until(Duration::from_secs(30), || {
+        ops(&objecter_at(&r.rig.target_ns, &asok)) > 0
+    });
     run_ok(Command::new("kill").args(["-TERM", &c.pid().to_string()]));
     let status = c
         .wait_timeout(Duration::from_secs(30))
@@ -871,10 +873,8 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
 }
 
 /// The OSD ops a gateway's objecter (admin socket `asok`) has in flight, as JSON.
-fn objecter_at(r: &RbdRig, asok: &std::path::Path) -> String {
-    let out = r
-        .rig
-        .target_ns
+fn objecter_at(ns: &aoe_testkit::Netns, asok: &std::path::Path) -> String {
+    let out = ns
         .command("ceph")
         .args([
             "--admin-daemon",
@@ -907,16 +907,7 @@ fn admin_socket(r: &RbdRig, b: &NsChild) -> std::path::PathBuf {
 /// from `objecter_requests` (`"sparse-read 8192~122880"`); other ops (the header watch's
 /// pings) are left out.
 fn objecter_reads(ns: &aoe_testkit::Netns, asok: &std::path::Path) -> Vec<(u64, u64, u64)> {
-    let out = ns
-        .command("ceph")
-        .args([
-            "--admin-daemon",
-            &asok.display().to_string(),
-            "objecter_requests",
-        ])
-        .output()
-        .expect("ceph --admin-daemon");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&objecter_at(ns, asok)).unwrap_or_default();
     let mut reads = Vec::new();
     for op in v["ops"].as_array().into_iter().flatten() {
         let Some(obj) = op["object_id"].as_str() else {
