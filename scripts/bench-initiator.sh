@@ -30,6 +30,9 @@
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
 #             every dev and nbd transfer, read and written, into dir/<cell>.data
+#   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
+#             (its --metrics counters, scraped over the namespace's loopback): zero loss
+#             means 0 retransmits
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
 #   (always, with reads: the raw generator's own CPU-seconds per GB and the target's during it,
@@ -58,6 +61,9 @@ INIT_ARGS=${INIT_ARGS:-}
 PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
 PERFALL=${PERFALL:-}
+RETX=${RETX:-0}
+METRICS_ADDR=127.0.0.1:9477
+[ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
 SHELF=1 SLOT=1
 
 die() { echo "bench-initiator: $*" >&2; exit 1; }
@@ -147,6 +153,31 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
     fi
 }
 
+# The initiator's counters summed over its devices (--metrics): frames sent, retransmitted,
+# presumed lost by timeout, later answers and tail probe, and losses answered after all
+# (spurious), and answers that overtook an earlier frame (-1 where the binary does not count
+# them); all 0 without RETX=1.
+retx_counts() {
+    [ "$RETX" = 1 ] || { echo "0 0 0 0 0 0 0"; return; }
+    in_i curl -s "http://$METRICS_ADDR/metrics" | awk '
+        /^aoe_initiator_frames_sent(_total)?[{ ]/ { s += $NF }
+        /^aoe_initiator_retransmits(_total)?[{ ]/ { r += $NF }
+        /^aoe_initiator_losses(_total)?[{ ].*found_by="timeout"/ { t += $NF }
+        /^aoe_initiator_losses(_total)?[{ ].*found_by="later_answers"/ { l += $NF }
+        /^aoe_initiator_losses(_total)?[{ ].*found_by="tail_probe"/ { p += $NF }
+        /^aoe_initiator_spurious_losses(_total)?[{ ]/ { u += $NF }
+        /^aoe_initiator_overtaking_answers(_total)?[{ ]/ { o += $NF; seen = 1 }
+        END { printf "%d %d %d %d %d %d %d\n", s, r, t, l, p, u, seen ? o : -1 }'
+}
+# Prints on stderr what the counts moved since "$2" (retx_counts).
+retx_report() { # cell counts-before
+    [ "$RETX" = 1 ] || return 0
+    local now; now=$(retx_counts)
+    awk -v c="$1" -v a="$2" -v b="$now" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        printf "retransmits %s: %d of %d frames (timeout %d, later answers %d, tail probe %d; answered after all %d); answers overtaking %s\n",
+            c, y[2] - x[2], y[1] - x[1], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6], y[7] < 0 ? "-" : y[7] - x[7] }' >&2
+}
+
 ROWS=()
 row() { ROWS+=("$1"); echo "$1" >&2; }
 cell() { # label cmd... : median MB/s of RUNS runs
@@ -209,15 +240,18 @@ for mtu in $MTUS; do
                 fi
                 c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
                 if [ "$WRITES" = 1 ]; then
+                    rc=$(retx_counts)
                     V[devw,$k]+="$(perf_during "devw-$t-$mtu-$k-$run" timed dd if="$SRC" \
                         of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
                     c3=$(cpu_ticks "$INIT_PID") d3=$(cpu_ticks "$TARGET_PID")
                     TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 )) TT[devw,$k]=$(( ${TT[devw,$k]:-0} + d3 - d2 ))
                     TC[devw,$k]=$(( ${TC[devw,$k]:-0} + $(client_ticks) ))
+                    retx_report "devw-$t-$mtu-$k-$run" "$rc"; rc=$(retx_counts)
                     V[nbdw,$k]+="$(perf_during "nbdw-$t-$mtu-$k-$run" timed in_i nbdcopy "$SRC" "$URI") "
                     c4=$(cpu_ticks "$INIT_PID") d4=$(cpu_ticks "$TARGET_PID")
                     TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 )) TT[nbdw,$k]=$(( ${TT[nbdw,$k]:-0} + d4 - d3 ))
                     TC[nbdw,$k]=$(( ${TC[nbdw,$k]:-0} + $(client_ticks) ))
+                    retx_report "nbdw-$t-$mtu-$k-$run" "$rc"
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
             done

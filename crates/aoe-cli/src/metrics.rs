@@ -352,6 +352,7 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
     let mut losses = Vec::new();
     let mut cuts = Vec::new();
     let mut spurious = Vec::new();
+    let mut overtaking = Vec::new();
     for d in &devs {
         for t in &d.targets {
             let l = labels(&[("device", &d.addr.to_string()), ("mac", &t.mac.to_string())]);
@@ -368,6 +369,7 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
             losses.push((found("tail_probe"), t.tail_probes));
             cuts.push((l.clone(), t.window_cuts));
             spurious.push((l.clone(), t.spurious));
+            overtaking.push((l.clone(), t.overtaking_answers));
             rtt.push((l.clone(), t.rtt_avg.as_secs_f64()));
             dev.push((l.clone(), t.rtt_dev.as_secs_f64()));
             win.push((l.clone(), i64::from(t.maxout)));
@@ -406,6 +408,12 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         "Frames presumed lost that the target MAC answered after all (late, not lost); each \
          undoes its episode's window cut",
         spurious,
+    );
+    s.counter(
+        "aoe_initiator_overtaking_answers",
+        "Answers per target MAC that came while a frame sent to it before them was still \
+         unanswered: frames sent, delivered or answered out of order, or lost",
+        overtaking,
     );
     s.gauge(
         "aoe_initiator_frames_outstanding",

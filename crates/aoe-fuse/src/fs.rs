@@ -1198,6 +1198,7 @@ mod tests {
             retransmits: 0,
             answers: 7,
             fast_retransmits: 0,
+            overtaking_answers: 0,
             tail_probes: 0,
             window_cuts: 0,
             spurious: 0,

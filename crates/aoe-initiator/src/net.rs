@@ -679,13 +679,22 @@ impl Iface {
         }
     }
 
-    /// Sends what it can of `frames` now: into the transmit ring's slots, one kick for all
-    /// ([`TxRing`]), and what the ring does not take (no ring, a frame longer than its
-    /// slots, the ring full, a frame with [`LINEAR_MIN_DATA`] bytes of write data or more
-    /// where the linear sender exists) in `sendmmsg(2)` batches, through the linear sender
-    /// ([`Iface::linear`]) if there is one. What is left in `frames` was
-    /// refused by a full send buffer and must be queued; the header buffers of the frames
-    /// done with (sent or lost) go to `spent`.
+    /// Sends what it can of `frames` now, in their order: the frames before the first one
+    /// the transmit ring does not take (no ring, a frame longer than its slots, the ring
+    /// full, a frame with [`LINEAR_MIN_DATA`] bytes of write data or more where the linear
+    /// sender exists) into the ring's slots, one kick for all ([`TxRing`]), then that frame
+    /// and every one after it in `sendmmsg(2)` batches, through the linear sender
+    /// ([`Iface::linear`]) if there is one. What is left in `frames` was refused by a full
+    /// send buffer and must be queued; the header buffers of the frames done with (sent or
+    /// lost) go to `spent`.
+    ///
+    /// The order matters to loss detection: the engine presumes a frame lost once frames
+    /// sent after it are answered (`Config::fast_retransmit`, RACK).
+    /// When the ring took every small frame of a batch and was kicked before the full
+    /// frames went out with `sendmmsg`, the 1 KiB tail frame of each 256 KiB NBD write
+    /// overtook the 30 full frames sent before it: each of their answers came after a
+    /// later one's, the engine walked them all for every such answer, and some were
+    /// copied for nothing (docs/PERFORMANCE.md, "Writes at MTU 9000: frames in order").
     fn send_now(
         &mut self,
         frames: &mut Vec<TxFrame>,
@@ -695,19 +704,20 @@ impl Iface {
         let linear = self.linear.is_some();
         if let Some(t) = &mut self.txr {
             let mut full = false;
-            let before = frames.len();
-            frames.retain_mut(|f| {
-                if full || !t.takes(f) || (linear && f.data().len() >= LINEAR_MIN_DATA) {
-                    return true;
+            let mut taken = 0;
+            for f in frames.iter_mut() {
+                if !t.takes(f) || (linear && f.data().len() >= LINEAR_MIN_DATA) {
+                    break;
                 }
-                if t.push(f) {
-                    spent.push(std::mem::take(&mut f.head));
-                    return false;
+                if !t.push(f) {
+                    full = true;
+                    break;
                 }
-                full = true;
-                true
-            });
-            if frames.len() < before {
+                spent.push(std::mem::take(&mut f.head));
+                taken += 1;
+            }
+            if taken > 0 {
+                frames.drain(..taken);
                 kick(t, &self.name, logs);
             }
             if full {

@@ -845,6 +845,7 @@ impl Engine {
                     rto: t.rto(&self.cfg),
                     retransmits: t.retransmits,
                     fast_retransmits: t.fast_retransmits,
+                    overtaking_answers: t.overtaking_answers,
                     tail_probes: t.tail_probes,
                     window_cuts: t.reductions,
                     spurious: t.spurious,

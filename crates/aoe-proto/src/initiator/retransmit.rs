@@ -662,6 +662,12 @@ impl Engine {
         if t.sent_order.len() > t.sent_order_compact_at() {
             t.sent_order.retain(|e| live(outstanding, *e));
         }
+        if t.sent_order
+            .front()
+            .is_some_and(|&(seq, _)| seq < answered.seq)
+        {
+            t.overtaking_answers += 1;
+        }
         let mut lost = Vec::new();
         for &(seq, tag) in &t.sent_order {
             if seq >= answered.seq {

@@ -57,6 +57,8 @@ pub(super) struct Target {
     pub(super) reductions: u64,
     /// Retransmissions triggered by later frames' answers, not by the timer.
     pub(super) fast_retransmits: u64,
+    /// Answers that came while a frame sent to it before them was still unanswered.
+    pub(super) overtaking_answers: u64,
     pub(super) retransmits: u64,
     pub(super) answers: u64,
     /// Timeouts since the last answer.
@@ -169,6 +171,7 @@ impl Target {
             episode_cut: false,
             reductions: 0,
             fast_retransmits: 0,
+            overtaking_answers: 0,
             retransmits: 0,
             answers: 0,
             silent: 0,

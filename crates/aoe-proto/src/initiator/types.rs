@@ -501,6 +501,11 @@ pub struct TargetInfo {
     pub retransmits: u64,
     /// Of those, sent because later frames were answered first ([`Config::fast_retransmit`]).
     pub fast_retransmits: u64,
+    /// Answers that came while a frame sent to this target before them was still
+    /// unanswered: frames that left or were answered out of order, or were lost (not
+    /// counted for the answer to a copy sent after a silent timeout). On a veth to a target
+    /// that answers in order, 0 unless a frame was lost or copied.
+    pub overtaking_answers: u64,
     /// Of those, sent as tail loss probes: the target answered nothing for two smoothed
     /// RTTs while nothing more was to go to it (RACK-TLP, RFC 8985 7).
     pub tail_probes: u64,
