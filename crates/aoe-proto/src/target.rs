@@ -425,8 +425,8 @@ impl AoeErrorCounts {
 struct Pending {
     /// The interface the request came in on.
     iface: usize,
-    /// The request's source MAC: its slot of the interface's buffer count.
-    src: MacAddr,
+    /// The request's source: whose slot of the interface's buffer count it holds.
+    src: share::SourceId,
     header: HeaderRepr,
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
@@ -1259,16 +1259,15 @@ impl Engine {
         pending: PendingKind,
     ) -> Outcome {
         let iface = self.cur_iface;
-        // The reply goes back to the request's source.
-        let src = rsp.dst;
-        match self
+        // The reply goes back to the request's source (`rsp.dst`).
+        let src = match self
             .shares
-            .admit(iface, src, u32::from(self.cfg.buffer_count))
+            .admit(iface, rsp.dst, u32::from(self.cfg.buffer_count))
         {
-            Ok(()) => {}
+            Ok(id) => id,
             Err(share::Refusal::Full) => return Outcome::Drop(DropReason::OverBufferCount),
             Err(share::Refusal::OverShare) => return Outcome::Drop(DropReason::OverFairShare),
-        }
+        };
         let p = Pending {
             iface,
             src,
