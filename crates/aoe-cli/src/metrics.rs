@@ -181,9 +181,10 @@ pub fn target_text(obs: &Observer) -> String {
         let c = &e.counters;
         drops.push((with("reason", "buffer_count"), c.dropped_over_buffer_count));
         drops.push((with("reason", "queue_full"), c.dropped_queue_full));
-        let other = c
-            .dropped
-            .saturating_sub(c.dropped_over_buffer_count + c.dropped_queue_full);
+        drops.push((with("reason", "fair_share"), c.dropped_over_fair_share));
+        let other = c.dropped.saturating_sub(
+            c.dropped_over_buffer_count + c.dropped_queue_full + c.dropped_over_fair_share,
+        );
         drops.push((with("reason", "other"), other));
     }
     s.counter(
@@ -193,7 +194,7 @@ pub fn target_text(obs: &Observer) -> String {
     );
     s.counter(
         "aoe_target_dropped_requests",
-        "Requests dropped: buffer count reached, worker queue full, other (bad or not for us)",
+        "Requests dropped: buffer count reached, worker queue full, source over its fair share of the buffer count, other (bad or not for us)",
         drops,
     );
     s.gauge(

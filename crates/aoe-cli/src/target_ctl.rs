@@ -287,7 +287,7 @@ fn stats(out: &mut String, s: &Snapshot) {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
-        "{:<10} {:>10} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "{:<10} {:>10} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "TARGET",
         "REPLIES",
         "READ-BYTES",
@@ -296,13 +296,14 @@ fn stats(out: &mut String, s: &Snapshot) {
         "ERR-AOE",
         "ERR-ATA",
         "DROP-BUF",
-        "DROP-QUEUE"
+        "DROP-QUEUE",
+        "DROP-SHARE"
     );
     for e in &s.exports {
         let c = &e.counters;
         let _ = writeln!(
             out,
-            "{:<10} {:>10} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>10}",
+            "{:<10} {:>10} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
             e.target,
             c.replies,
             c.bytes_read,
@@ -311,7 +312,8 @@ fn stats(out: &mut String, s: &Snapshot) {
             c.aoe_errors,
             c.ata_errors,
             c.dropped_over_buffer_count,
-            c.dropped_queue_full
+            c.dropped_queue_full,
+            c.dropped_over_fair_share
         );
     }
     // The duplicate-write table (copies answered from it, copies dropped while the write

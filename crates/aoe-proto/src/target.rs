@@ -39,6 +39,8 @@ use std::time::Instant;
 
 mod dedup;
 pub use dedup::{DedupConfig, DEFAULT_DEDUP_ENTRIES, DEFAULT_DEDUP_WINDOW};
+mod share;
+pub use share::MAX_IDLE_SOURCES;
 
 use aoe_wire::ata::{error_bits, smart, status, AtaPacket, ARG_LEN as ATA_ARG_LEN};
 use aoe_wire::macmask::DirectiveCommand;
@@ -158,7 +160,15 @@ pub enum DropReason {
     /// initiator using two ports of a multipath export keeps twice as many in flight.
     /// vblade likewise bounds per target (its `-b` sizes the socket buffer), so several
     /// initiators share one window: memory stays bounded whatever number of MACs send.
+    /// Within the window each source gets a fair share when it is contended: see
+    /// [`DropReason::OverFairShare`].
     OverBufferCount,
+    /// Disk I/O from a source that already holds its fair share of the buffer count (the
+    /// count divided among the sources active on the interface) while another source was
+    /// turned away for a full pool: the slots freed are kept for that one. Dropped silently
+    /// like [`DropReason::OverBufferCount`]; the rule and why are in the `share` module's
+    /// documentation (docs/ARCHITECTURE.md, "The buffer count").
+    OverFairShare,
     /// A Query Config beyond what one source gets answered per period
     /// ([`QUERY_ANSWERS_PER_SOURCE`]). A deliberate departure from vblade, which answers
     /// every query: a flood of broadcast queries otherwise keeps the target busy sending
@@ -248,6 +258,10 @@ pub struct Stats {
     pub max_in_flight: u32,
     /// Requests dropped because the buffer count was reached (also counted in `dropped`).
     pub over_buffer_count: u64,
+    /// Requests dropped because their source held its fair share of the buffer count while
+    /// another source waited ([`DropReason::OverFairShare`]; also counted in `dropped`, not
+    /// in `over_buffer_count`).
+    pub over_fair_share: u64,
     /// Requests for this export that parsed, by command.
     pub requests: RequestCounts,
     /// Replies with the AoE error flag (`aoe_errors`), by error code.
@@ -411,6 +425,8 @@ impl AoeErrorCounts {
 struct Pending {
     /// The interface the request came in on.
     iface: usize,
+    /// The request's source: whose slot of the interface's buffer count it holds.
+    src: share::SourceId,
     header: HeaderRepr,
     ata: [u8; ATA_ARG_LEN],
     kind: PendingKind,
@@ -435,8 +451,9 @@ pub struct Engine {
     pending: Vec<Option<Pending>>,
     free: Vec<u32>,
     in_flight: u32,
-    /// I/Os in flight per interface index: each at most the buffer count.
-    iface_in_flight: Vec<u32>,
+    /// The buffer count's slots per interface index (each at most the buffer count) and
+    /// their fair share among sources.
+    shares: share::Shares,
     /// The interface of the frame being handled.
     cur_iface: usize,
     identify: [u8; 512],
@@ -464,7 +481,7 @@ impl Engine {
             pending: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
-            iface_in_flight: Vec::new(),
+            shares: share::Shares::default(),
             cur_iface: 0,
             identify,
             stats: Stats::default(),
@@ -546,9 +563,12 @@ impl Engine {
     }
 
     /// Starts a new period for the per-source limit of Query Config answers
-    /// ([`QUERY_ANSWERS_PER_SOURCE`]); the daemon calls it every second.
+    /// ([`QUERY_ANSWERS_PER_SOURCE`]) and for the fair share of the buffer count (a source
+    /// that asked for no I/O during the period that ends is no longer active:
+    /// [`DropReason::OverFairShare`]); the daemon calls it every second.
     pub fn next_query_period(&mut self) {
         self.queries = QueryLimit::default();
+        self.shares.next_period();
     }
 
     /// The export's configuration.
@@ -698,6 +718,10 @@ impl Engine {
             Outcome::Drop(DropReason::OverBufferCount) => {
                 self.stats.dropped += 1;
                 self.stats.over_buffer_count += 1;
+            }
+            Outcome::Drop(DropReason::OverFairShare) => {
+                self.stats.dropped += 1;
+                self.stats.over_fair_share += 1;
             }
             Outcome::Drop(DropReason::QueryRateLimited) => {
                 self.stats.dropped += 1;
@@ -1225,7 +1249,8 @@ impl Engine {
     }
 
     /// Hands out a token for disk work, or drops the request if the interface it came in
-    /// on already has the buffer count in flight.
+    /// on already has the buffer count in flight, or its source its fair share of it while
+    /// another waits (the `share` module).
     fn start_io(
         &mut self,
         rsp: &HeaderRepr,
@@ -1234,15 +1259,18 @@ impl Engine {
         pending: PendingKind,
     ) -> Outcome {
         let iface = self.cur_iface;
-        if self.iface_in_flight.len() <= iface {
-            self.iface_in_flight.resize(iface + 1, 0);
-        }
-        if self.iface_in_flight[iface] >= u32::from(self.cfg.buffer_count) {
-            return Outcome::Drop(DropReason::OverBufferCount);
-        }
-        self.iface_in_flight[iface] += 1;
+        // The reply goes back to the request's source (`rsp.dst`).
+        let src = match self
+            .shares
+            .admit(iface, rsp.dst, u32::from(self.cfg.buffer_count))
+        {
+            Ok(id) => id,
+            Err(share::Refusal::Full) => return Outcome::Drop(DropReason::OverBufferCount),
+            Err(share::Refusal::OverShare) => return Outcome::Drop(DropReason::OverFairShare),
+        };
         let p = Pending {
             iface,
+            src,
             header: *rsp,
             ata: *arg,
             kind: pending,
@@ -1279,7 +1307,7 @@ impl Engine {
         };
         self.free.push(token.0);
         self.in_flight -= 1;
-        self.iface_in_flight[p.iface] -= 1;
+        self.shares.release(p.iface, p.src);
         self.stats.dropped += 1;
         if let Some(seq) = p.dedup {
             self.dedup.forget(seq);
@@ -1300,7 +1328,7 @@ impl Engine {
         let p = self.pending.get_mut(token.0 as usize)?.take()?;
         self.free.push(token.0);
         self.in_flight -= 1;
-        self.iface_in_flight[p.iface] -= 1;
+        self.shares.release(p.iface, p.src);
         self.stats.replies += 1;
         let (st, err) = match result {
             Ok(()) => (status::DRDY, 0),
@@ -1480,6 +1508,7 @@ impl fmt::Display for DropReason {
             DropReason::ConfigMismatch => "config test did not match",
             DropReason::UnknownInterface => "unknown interface",
             DropReason::OverBufferCount => "buffer count reached",
+            DropReason::OverFairShare => "source holds its share of the buffer count",
             DropReason::QueryRateLimited => "query answers for this source used up",
             DropReason::DuplicateInFlight => "copy of a write in flight",
         })

@@ -37,6 +37,10 @@ pub struct ExportCounters {
     pub dropped_over_buffer_count: u64,
     /// Requests dropped because the I/O worker queue was full.
     pub dropped_queue_full: u64,
+    /// Requests dropped because their source held its fair share of the buffer count while
+    /// another source waited (`aoe_proto::target::DropReason::OverFairShare`).
+    #[serde(default)]
+    pub dropped_over_fair_share: u64,
     /// Requests by command ([`aoe_proto::target::RequestCounts`]).
     #[serde(default)]
     pub requests: RequestCounters,
@@ -150,6 +154,9 @@ impl ExportCounters {
                 .dropped_over_buffer_count
                 .saturating_sub(b.dropped_over_buffer_count),
             dropped_queue_full: self.dropped_queue_full.saturating_sub(b.dropped_queue_full),
+            dropped_over_fair_share: self
+                .dropped_over_fair_share
+                .saturating_sub(b.dropped_over_fair_share),
             requests: self.requests.minus(b.requests),
             aoe_error_codes: self.aoe_error_codes.minus(b.aoe_error_codes),
             duplicate_writes: self.duplicate_writes.minus(b.duplicate_writes),

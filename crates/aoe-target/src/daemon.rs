@@ -607,6 +607,7 @@ impl Daemon {
                         dropped: st.dropped,
                         dropped_over_buffer_count: st.over_buffer_count,
                         dropped_queue_full: e.pool_full_drops,
+                        dropped_over_fair_share: st.over_fair_share,
                         requests: st.requests.into(),
                         aoe_error_codes: st.aoe_error_codes.into(),
                         duplicate_writes: st.dedup.into(),
@@ -872,13 +873,16 @@ impl Daemon {
     /// loop calls it once a second): a flood is visible without a log line per frame.
     fn log_drops(&mut self) {
         for rt in self.exports.values_mut() {
-            let now = (rt.engine.stats().over_buffer_count, rt.pool_full_drops);
+            let st = rt.engine.stats();
+            let now = (st.over_buffer_count, rt.pool_full_drops, st.over_fair_share);
             if now != rt.drops_logged {
                 tracing::warn!(
                     buffer_count = rt.spec.buffer_count,
                     over_buffer_count = now.0 - rt.drops_logged.0,
+                    over_fair_share = now.2 - rt.drops_logged.2,
                     queue_full = now.1 - rt.drops_logged.1,
                     total_over_buffer_count = now.0,
+                    total_over_fair_share = now.2,
                     total_queue_full = now.1,
                     "{}: requests dropped (the initiator retransmits)",
                     rt.spec.addr()

@@ -13,7 +13,8 @@
 //! * `fail_writes(Some(errno))`: every write fails with `errno` (EIO, ENOSPC, ...) and writes
 //!   nothing.
 //! * `delay_writes(prefix, d)`: a write whose data begins with `prefix` waits `d` before it is
-//!   carried out (and answered), as a slow disk does; other writes go on meanwhile. With
+//!   carried out (and answered), as a slow disk does (`delay_every_write(d)`: every write,
+//!   whatever its data); other writes go on meanwhile. With
 //!   `parallel_writes(true)` set before the file is opened, opens answer `FOPEN_DIRECT_IO |
 //!   FOPEN_PARALLEL_DIRECT_WRITES`, so the kernel sends writes to different ranges of one open
 //!   file at once instead of one at a time under the inode lock (Linux 6.2+): only then can a
@@ -63,7 +64,8 @@ pub struct Faults {
     fail_fsync: AtomicBool,
     /// 0: writes succeed; otherwise the errno they fail with.
     fail_writes: AtomicI32,
-    /// Writes whose data begin with these bytes wait this long (none: no delay).
+    /// Writes whose data begin with these bytes (empty: every write) wait this long (none: no
+    /// delay).
     delay: Mutex<Option<(Vec<u8>, Duration)>>,
     /// Opens answer FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES.
     parallel_writes: AtomicBool,
@@ -87,6 +89,13 @@ impl Faults {
         *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = what
             .filter(|(p, _)| !p.is_empty())
             .map(|(p, d)| (p.to_vec(), d));
+    }
+
+    /// Makes every later write wait `delay` before it is carried out, whatever its data (a
+    /// uniformly slow disk: with writes one at a time, the default, at most `1 / delay`
+    /// writes per second), or no write wait (`None`).
+    pub fn delay_every_write(&self, delay: Option<Duration>) {
+        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = delay.map(|d| (Vec::new(), d));
     }
 
     /// Makes later opens of the file ask the kernel for parallel direct writes (`true`), or

@@ -16,8 +16,9 @@ pub(super) struct ExportRt {
     pub(super) retiring: bool,
     /// Requests dropped because the worker queue was full.
     pub(super) pool_full_drops: u64,
-    /// Drop counts last logged: (over the buffer count, worker queue full).
-    pub(super) drops_logged: (u64, u64),
+    /// Drop counts last logged: (over the buffer count, worker queue full, over the
+    /// source's fair share of the buffer count).
+    pub(super) drops_logged: (u64, u64, u64),
     /// Writes submitted to the store, and writes waiting for an overlapping one (see
     /// [`super::order`]).
     pub(super) writes: WriteOrder<Request>,
@@ -305,7 +306,7 @@ impl Daemon {
             token_iface: Vec::new(),
             retiring: false,
             pool_full_drops: 0,
-            drops_logged: (0, 0),
+            drops_logged: (0, 0, 0),
             writes: WriteOrder::default(),
             shared,
             reserve_pending: None,
