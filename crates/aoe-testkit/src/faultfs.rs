@@ -13,7 +13,8 @@
 //! * `fail_writes(Some(errno))`: every write fails with `errno` (EIO, ENOSPC, ...) and writes
 //!   nothing.
 //! * `delay_writes(prefix, d)`: a write whose data begins with `prefix` waits `d` before it is
-//!   carried out (and answered), as a slow disk does; other writes go on meanwhile. With
+//!   carried out (and answered), as a slow disk does; other requests go on meanwhile (the
+//!   delayed write waits on a thread of its own, not on one of the server's). With
 //!   `parallel_writes(true)` set before the file is opened, opens answer `FOPEN_DIRECT_IO |
 //!   FOPEN_PARALLEL_DIRECT_WRITES`, so the kernel sends writes to different ranges of one open
 //!   file at once instead of one at a time under the inode lock (Linux 6.2+): only then can a
@@ -254,7 +255,22 @@ impl Filesystem for PassThrough {
             _ => None,
         };
         if let Some(d) = delay {
-            std::thread::sleep(d);
+            // Answered from a thread of its own, as a disk holds one command while it takes
+            // others: the FUSE server's threads stay free for the file's other requests (an
+            // open, a getattr, other writes), which would otherwise wait behind the delay.
+            let backing = match self.backing.try_clone() {
+                Ok(f) => f,
+                Err(e) => return reply.error(errno_of(&e)),
+            };
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                match backing.write_all_at(&data, offset) {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(e) => reply.error(errno_of(&e)),
+                }
+            });
+            return;
         }
         match self.backing.write_all_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
