@@ -872,6 +872,132 @@ fn an_overlapping_write_waits_for_the_one_in_flight() {
     drop(ffs);
 }
 
+/// Session 17's audit ("2 SIGHUP with writes"): a write still in flight on an export that a
+/// reload retires runs before a newer write to the same sectors through the reopened export.
+/// A write of A to sectors 0-1 is slowed down in the store (3 s); the export's config is
+/// changed (buffer count 16 -> 17) and SIGHUP reopens it while A is in flight; then B is
+/// written to the same sectors through the new export. Seen failing before the fence carried
+/// over: B landed (and was answered) first, A last, so the store held A: acknowledged data
+/// overwritten by older data.
+#[test]
+fn a_reopened_export_waits_for_the_retiring_ones_overlapping_write() {
+    use aoe_testkit::aoeclient::Request;
+    use aoe_testkit::faultfs::FaultFs;
+    const SLOW: Duration = Duration::from_secs(3);
+    let mut n = Net::new("aoerw", 1500);
+    let store = tempfile::tempdir().unwrap();
+    let backing = store.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    // Without it the kernel sends the FUSE writes of one file one at a time.
+    faults.parallel_writes(true);
+    let ifname = n.target_if();
+    let conf = store.path().join("serve.toml");
+    let write_conf = |buffers: u32| {
+        std::fs::write(
+            &conf,
+            format!(
+                "workers = 4\nprobe_ms = 0\n[[export]]\npath = \"{}\"\nshelf = 3\nslot = 2\n\
+                 interfaces = [\"{ifname}\"]\nbuffer_count = {buffers}\n",
+                ffs.file().display()
+            ),
+        )
+        .unwrap();
+    };
+    write_conf(16);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let addr = TargetAddr::new(3, 2);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    // No retransmits of our own: the order is the target's doing alone.
+    c.set_retransmit_timeout(Duration::from_secs(60));
+    let a = vec![0xa1u8; 1024];
+    let b = vec![0xb2u8; 1024];
+    faults.delay_writes(Some((&a[..16], SLOW)));
+    let sent_a = std::time::Instant::now();
+    let ta = c.send(&Request::Write { lba: 0, data: a }).unwrap();
+    let mut order = Vec::new();
+    let mut read_back = None;
+    let mut tr = None;
+    let mut note = |c: &mut AoeClient, order: &mut Vec<&str>, tr: Option<aoe_wire::Tag>| {
+        for r in c.poll(Duration::from_millis(10)).unwrap() {
+            assert!(
+                r.is_ok(),
+                "request failed: {:?}{}",
+                r.body,
+                t.output_so_far()
+            );
+            order.push(if r.tag == ta {
+                "A"
+            } else if Some(r.tag) == tr {
+                read_back = Some(r.data().to_vec());
+                "R"
+            } else {
+                "B"
+            });
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || faults.writes() > 0),
+        "A never reached the store{}",
+        t.output_so_far()
+    );
+    write_conf(17);
+    signal(t.pid(), "-HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !t.output_so_far().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not done{}",
+            t.output_so_far()
+        );
+        note(&mut c, &mut order, tr);
+    }
+    // The window this test is about: A must still be in flight on the retiring export.
+    assert!(
+        order.is_empty() && sent_a.elapsed() < SLOW,
+        "A was answered ({order:?}) or took {:?} before the reopened export served: \
+         the reload waited for it{}",
+        sent_a.elapsed(),
+        t.output_so_far()
+    );
+    c.send(&Request::Write {
+        lba: 0,
+        data: b.clone(),
+    })
+    .unwrap();
+    // And a read of those sectors sent after B: it returns B, not what A overwrites.
+    tr = Some(c.send(&Request::Read { lba: 0, count: 2 }).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while order.len() < 3 && std::time::Instant::now() < deadline {
+        note(&mut c, &mut order, tr);
+    }
+    assert_eq!(order.len(), 3, "answers missing{}", t.output_so_far());
+    faults.delay_writes(None);
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert!(
+        on_disk[..1024] == b[..],
+        "sectors 0-1 hold {:#04x}, want B ({:#04x}); answers came {order:?}{}",
+        on_disk[0],
+        b[0],
+        t.output_so_far()
+    );
+    assert_eq!(
+        order,
+        ["A", "B", "R"],
+        "answered before what they waited for"
+    );
+    assert!(
+        read_back.as_deref() == Some(&b[..]),
+        "the read sent after B returned {:#04x?}",
+        read_back.map(|d| d[0])
+    );
+    drop(t);
+    drop(ffs);
+}
+
 /// Issue 15: the writes of one receive batch run at its end, those that follow each other
 /// on the store as one `pwritev`. Overlapping, unaligned-to-the-page and contiguous writes
 /// sent back to back (so that they arrive in as few batches as the target makes) to a

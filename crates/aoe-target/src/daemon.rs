@@ -503,8 +503,18 @@ impl Daemon {
                 for e in self.exports.values_mut() {
                     e.engine.next_query_period();
                 }
-                self.exports
-                    .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
+                let gone: Vec<u32> = self
+                    .exports
+                    .iter()
+                    .filter(|(_, e)| e.retiring && e.engine.in_flight() == 0)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    self.exports.remove(&id);
+                    // Nothing of it is in flight, so nothing is inherited from it any more;
+                    // should anything be, it is not waited for past the export's end.
+                    self.forget_export(id);
+                }
             }
         }
         let stopping = Instant::now();

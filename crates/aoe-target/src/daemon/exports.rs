@@ -14,6 +14,9 @@ pub(super) struct ExportRt {
     pub(super) token_iface: Vec<usize>,
     /// No longer configured: takes no new frames, goes away once its I/O has drained.
     pub(super) retiring: bool,
+    /// While retiring: the exports of the same store opened in its place that inherited
+    /// its writes in flight ([`WriteOrder::inherit`]), told as each of them ends.
+    pub(super) heirs: Vec<u32>,
     /// Requests dropped because the worker queue was full.
     pub(super) pool_full_drops: u64,
     /// Drop counts last logged: (over the buffer count, worker queue full).
@@ -169,6 +172,7 @@ impl Daemon {
         for mut rt in new_rts {
             let id = self.next_export_id;
             self.next_export_id += 1;
+            self.inherit_writes(id, &mut rt);
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
@@ -205,6 +209,40 @@ impl Daemon {
         self.config = config;
         self.flush_sends();
         Ok(())
+    }
+
+    /// Gives `rt`, about to be served as export `id`, the writes still in flight or waiting
+    /// on every retiring export of the same store ([`same_store`]): its overlapping writes
+    /// and reads wait for them ([`super::order`] says why), and each retiring one reports
+    /// to it as they end ([`ExportRt::heirs`]).
+    fn inherit_writes(&mut self, id: u32, rt: &mut ExportRt) {
+        let base = rt.spec.offset * 512;
+        for (&old_id, old) in self.exports.iter_mut() {
+            if !old.retiring || !same_store(old, rt) {
+                continue;
+            }
+            // Ranges are export offsets: the store's byte is the same, the export's
+            // window may have moved.
+            let old_base = old.spec.offset * 512;
+            let before = rt.writes.inherited();
+            rt.writes.inherit(
+                old_id,
+                old.writes.pending().map(|(t, r)| {
+                    let (s, e) = (r.start + old_base, r.end + old_base);
+                    (t, s.saturating_sub(base)..e.saturating_sub(base))
+                }),
+            );
+            let n = rt.writes.inherited() - before;
+            if n > 0 {
+                old.heirs.push(id);
+                tracing::info!(
+                    writes = n,
+                    "{}: writes still in flight on the retiring export of the same store; \
+                     requests to their sectors wait for them",
+                    rt.spec.addr()
+                );
+            }
+        }
     }
 
     /// Runs the duplicate probe for `new`; running exports keep being served while it waits
@@ -304,6 +342,7 @@ impl Daemon {
             state_file,
             token_iface: Vec::new(),
             retiring: false,
+            heirs: Vec::new(),
             pool_full_drops: 0,
             drops_logged: (0, 0),
             writes: WriteOrder::default(),
@@ -312,6 +351,18 @@ impl Daemon {
             file,
             gathered: Vec::new(),
         })
+    }
+}
+
+/// True if `a` and `b` export the same store: the same file or block device (device and
+/// inode of what the path named when each was opened), or the same `rbd:` image name. A
+/// path replaced by another file between the two opens is another store (nothing to order
+/// between them).
+fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
+    match (a.file, b.file) {
+        (Some(x), Some(y)) => (x.0, x.1) == (y.0, y.1),
+        (None, None) => a.spec.path == b.spec.path,
+        _ => false,
     }
 }
 
