@@ -697,7 +697,7 @@ impl Daemon {
             }
             ata_failure(&e)
         });
-        let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
+        let idx = rt.token_iface.get(token.0 as usize).map_or(0, |&(i, _)| i);
         match rt.engine.complete(token, result, &mut buf) {
             Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
@@ -953,13 +953,14 @@ pub(super) fn may_write(frame: &[u8]) -> bool {
     frame.get(19) == Some(&0) && frame.get(24).is_some_and(|a| a & 0x01 != 0)
 }
 
-/// Notes that `token`'s reply goes out on interface `idx`.
+/// Notes that `token`'s reply goes out on interface `idx`, and that it waits on the store
+/// from this tick on ([`ExportRt::tick`], for [`Daemon::log_stuck`]).
 fn note_iface(rt: &mut ExportRt, token: Token, idx: usize) {
     let t = token.0 as usize;
     if rt.token_iface.len() <= t {
-        rt.token_iface.resize(t + 1, 0);
+        rt.token_iface.resize(t + 1, (0, 0));
     }
-    rt.token_iface[t] = idx;
+    rt.token_iface[t] = (idx, rt.tick);
 }
 
 /// Hands a staged read that could not be done without blocking to the store's workers, in a

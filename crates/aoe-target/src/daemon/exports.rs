@@ -10,8 +10,18 @@ pub(super) struct ExportRt {
     /// natively asynchronous store).
     pub(super) backend: Arc<dyn AsyncBackend>,
     pub(super) state_file: Option<StateFile>,
-    /// The interface each in-flight token answers on.
-    pub(super) token_iface: Vec<usize>,
+    /// The interface each in-flight token answers on, and the [`tick`](Self::tick) it was
+    /// handed to the store at.
+    pub(super) token_iface: Vec<(usize, u32)>,
+    /// The daemon's once-a-second tick ([`Daemon::log_stuck`]), copied here so that noting
+    /// a request handed to the store costs no clock read.
+    pub(super) tick: u32,
+    /// Requests have waited on the store longer than [`super::STUCK_AFTER`]: (the tick it
+    /// was first seen, the tick of the last warning, the longest wait seen, in ticks).
+    pub(super) stuck: Option<(u32, u32, u32)>,
+    /// How long the oldest request in flight has waited on the store, in ticks (seconds),
+    /// as of the last tick: the `oldest_request_secs` of the status and metrics.
+    pub(super) oldest: u32,
     /// No longer configured: takes no new frames, goes away once its I/O has drained.
     pub(super) retiring: bool,
     /// While retiring: the exports of the same store opened in its place that inherited
@@ -341,6 +351,9 @@ impl Daemon {
             backend,
             state_file,
             token_iface: Vec::new(),
+            tick: self.ticks,
+            stuck: None,
+            oldest: 0,
             retiring: false,
             heirs: Vec::new(),
             pool_full_drops: 0,
