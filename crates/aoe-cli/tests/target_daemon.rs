@@ -998,6 +998,110 @@ fn a_reopened_export_waits_for_the_retiring_ones_overlapping_write() {
     drop(ffs);
 }
 
+/// Session 17's audit ("Left"): a reload opened the stores on the event loop, so one slow
+/// `open(2)` (a busy FUSE server, a hung NFS mount) stopped every export for as long. Two
+/// exports, e6.1 on a plain file and e6.2 on a [`FaultFs`] file whose opens are held; a
+/// SIGHUP that changes e6.2 (buffer count) must leave both answering (e6.2 through its old
+/// export) while the new open waits, and swap e6.2 in once it is let through.
+/// Seen failing before the reopen moved off the loop: no answer from e6.1 within 10 s while
+/// the open was held.
+#[test]
+fn a_reload_whose_open_blocks_keeps_every_export_answering() {
+    use aoe_testkit::faultfs::FaultFs;
+    let mut n = Net::new("aoeob", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let backing = dir.path().join("b.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let ifname = n.target_if();
+    let conf = dir.path().join("serve.toml");
+    let write_conf = |buffers: u32| {
+        std::fs::write(
+            &conf,
+            format!(
+                "probe_ms = 0\n[[export]]\npath = \"{a}\"\nshelf = 6\nslot = 1\n\
+                 interfaces = [\"{ifname}\"]\n\n[[export]]\npath = \"{}\"\nshelf = 6\n\
+                 slot = 2\ninterfaces = [\"{ifname}\"]\nbuffer_count = {buffers}\n",
+                ffs.file().display()
+            ),
+        )
+        .unwrap();
+    };
+    write_conf(16);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let (e1, e2) = (TargetAddr::new(6, 1), TargetAddr::new(6, 2));
+    let mac = n.wait_up(e1);
+    n.wait_up(e2);
+    /// Lets held opens through when the test ends, passed or not: a target stopped with its
+    /// open still held would wait on it for ever.
+    struct Release(std::sync::Arc<aoe_testkit::faultfs::Faults>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_opens(false);
+        }
+    }
+    faults.hold_opens(true);
+    let _release = Release(faults.clone());
+    write_conf(17);
+    signal(t.pid(), "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || faults.opens_held() > 0),
+        "the reload never opened e6.2's file{}",
+        t.output_so_far()
+    );
+    // While the open waits: both exports answer, a read of e6.1 included.
+    let within = Duration::from_secs(10);
+    for (addr, body) in [
+        (e1, read(0, 1)),
+        (
+            e1,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        ),
+        (
+            e2,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        ),
+    ] {
+        let r = n.client.raw_call(mac, addr, body, within).unwrap();
+        assert!(
+            r.is_some(),
+            "{addr} did not answer within {within:?} while the reload's open was held{}",
+            t.output_so_far()
+        );
+    }
+    assert!(faults.opens_held() > 0, "the open was let through too soon");
+    assert!(
+        !t.output_so_far().contains("configuration reloaded"),
+        "reloaded before its store was open{}",
+        t.output_so_far()
+    );
+    faults.hold_opens(false);
+    assert!(
+        wait_until(Duration::from_secs(20), || t
+            .output_so_far()
+            .contains("configuration reloaded")),
+        "reload not done once the open went through{}",
+        t.output_so_far()
+    );
+    let out = t.output_so_far();
+    assert!(
+        out.contains("e6.2: export removed or changed; retiring"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("e6.1: export removed"),
+        "e6.1 was reopened: {out}"
+    );
+    assert!(
+        n.query(mac, e2).is_some(),
+        "e6.2 not served after the reload"
+    );
+    drop(t);
+    drop(ffs);
+}
+
 /// Issue 15: the writes of one receive batch run at its end, those that follow each other
 /// on the store as one `pwritev`. Overlapping, unaligned-to-the-page and contiguous writes
 /// sent back to back (so that they arrive in as few batches as the target makes) to a

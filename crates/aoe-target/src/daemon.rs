@@ -190,6 +190,11 @@ pub struct Daemon {
     /// [`POOL_QUEUE`] as the pool's own queue does.
     waiting_writes: usize,
     hostname: String,
+    /// A reload whose stores a thread is opening ([`Daemon::start_apply`]): its result, and
+    /// the config file's path for the log.
+    reloading: Option<(std::sync::mpsc::Receiver<Result<ReloadOpened>>, PathBuf)>,
+    /// A SIGHUP came while a reload was under way: reload again once it is done.
+    reload_again: bool,
     /// Seconds counted by the refresh timer's expirations: the clock of
     /// [`Daemon::log_stuck`].
     ticks: u32,
@@ -262,6 +267,10 @@ pub struct Daemon {
     read_parts: Vec<aoe_sys::SlotPart>,
 }
 
+/// What a reload's thread opened: the configuration, the running exports that stay, the new
+/// ones.
+type ReloadOpened = (ServeConfig, Vec<u32>, Vec<ExportRt>);
+
 /// Interval of [`Daemon`]'s rate-limited log lines.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// A request waiting on its store this many ticks (seconds, [`REFRESH`]) counts as stuck
@@ -308,6 +317,8 @@ impl Daemon {
             spare: Vec::new(),
             waiting_writes: 0,
             ticks: 0,
+            reloading: None,
+            reload_again: false,
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),
@@ -368,7 +379,17 @@ impl Daemon {
                 break;
             }
             if control.reload.swap(false, Ordering::SeqCst) {
-                self.reload();
+                if self.reloading.is_some() {
+                    self.reload_again = true;
+                } else {
+                    self.reload();
+                }
+            }
+            if self.reloading.is_some() {
+                self.poll_reload();
+                if self.reloading.is_none() && std::mem::take(&mut self.reload_again) {
+                    self.reload();
+                }
             }
             // After a batch the spin did not follow, with `--coalesce-us` and frames close
             // enough together ([`coalesce::Coalesce`]): a wait on a timer, not on the
@@ -716,10 +737,7 @@ impl Daemon {
         cfg.coalesce = self.coalesce;
         cfg.drain = self.drain;
         cfg.dedup = self.dedup;
-        match self.apply(cfg) {
-            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
-        }
+        self.start_apply(cfg, path.to_path_buf());
     }
 
     /// Serves frames as they come, without sleeping, until none came for the spin window
