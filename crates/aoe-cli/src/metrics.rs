@@ -206,6 +206,16 @@ pub fn target_text(obs: &Observer) -> String {
             .collect(),
     );
     s.gauge(
+        "aoe_target_oldest_request_seconds",
+        "How long the oldest request in flight has waited on the store, whole seconds; 5 or \
+         more is logged as requests waiting on the backend (a hung disk, an RBD cluster whose \
+         OSDs stopped answering)",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), i64::from(e.oldest_request_secs)))
+            .collect(),
+    );
+    s.gauge(
         "aoe_target_store_failed",
         "1 while the store refuses writes: a latched write-back failure, or an rbd: export \
          whose exclusive lock another gateway took over",

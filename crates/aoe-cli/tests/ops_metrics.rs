@@ -184,11 +184,18 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     for series in [
         format!("aoe_target_replies_total{ex}"),
         format!("aoe_target_in_flight{ex}"),
+        format!("aoe_target_oldest_request_seconds{ex}"),
         format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"buffer_count\"}}", rig.target_if),
     ] {
         assert!(value(&t, &series).is_some(), "no {series}:\n{t}");
     }
     assert!(value(&t, &format!("aoe_target_replies_total{ex}")).unwrap() > 0.0);
+    // A healthy store: nothing waits near the 5 s that count as stuck (whole seconds, one
+    // over at most).
+    assert!(
+        value(&t, &format!("aoe_target_oldest_request_seconds{ex}")).unwrap() < 5.0,
+        "{t}"
+    );
     // Discovery IDENTIFYs the device and queries its config; every kind and error code is
     // exported, zero or not.
     assert!(

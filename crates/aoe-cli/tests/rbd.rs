@@ -790,6 +790,20 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         ops(&seen)
     );
 
+    // Session 17's audit: a stopped OSD said nothing until a stop. Now the gateway warns
+    // once its requests have waited 5 s (seen failing before: no such line).
+    let warned = wait_until(Duration::from_secs(20), || {
+        b.output_so_far()
+            .contains("requests waiting on the backend, the oldest for")
+    });
+    if !warned {
+        run_ok(Command::new("kill").args(["-CONT", &osd]));
+    }
+    assert!(
+        warned,
+        "no warning of reads waiting on the stopped OSD:\n{}",
+        b.output_so_far()
+    );
     // Stop the gateway while the reads wait on the stopped OSD: it must not exit (their
     // buffers are librbd's until the callbacks) ...
     run_ok(Command::new("kill").args(["-TERM", &b.pid().to_string()]));

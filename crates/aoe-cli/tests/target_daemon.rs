@@ -872,6 +872,236 @@ fn an_overlapping_write_waits_for_the_one_in_flight() {
     drop(ffs);
 }
 
+/// Session 17's audit ("2 SIGHUP with writes"): a write still in flight on an export that a
+/// reload retires runs before a newer write to the same sectors through the reopened export.
+/// A write of A to sectors 0-1 is slowed down in the store (3 s); the export's config is
+/// changed (buffer count 16 -> 17) and SIGHUP reopens it while A is in flight; then B is
+/// written to the same sectors through the new export. Seen failing before the fence carried
+/// over: B landed (and was answered) first, A last, so the store held A: acknowledged data
+/// overwritten by older data.
+#[test]
+fn a_reopened_export_waits_for_the_retiring_ones_overlapping_write() {
+    use aoe_testkit::aoeclient::Request;
+    use aoe_testkit::faultfs::FaultFs;
+    const SLOW: Duration = Duration::from_secs(3);
+    let mut n = Net::new("aoerw", 1500);
+    let store = tempfile::tempdir().unwrap();
+    let backing = store.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    // Without it the kernel sends the FUSE writes of one file one at a time.
+    faults.parallel_writes(true);
+    let ifname = n.target_if();
+    let conf = store.path().join("serve.toml");
+    let write_conf = |buffers: u32| {
+        std::fs::write(
+            &conf,
+            format!(
+                "workers = 4\nprobe_ms = 0\n[[export]]\npath = \"{}\"\nshelf = 3\nslot = 2\n\
+                 interfaces = [\"{ifname}\"]\nbuffer_count = {buffers}\n",
+                ffs.file().display()
+            ),
+        )
+        .unwrap();
+    };
+    write_conf(16);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let addr = TargetAddr::new(3, 2);
+    n.wait_up(addr);
+    let mut c = AoeClient::open(&n._i, n.veth.b_name(), addr).unwrap();
+    c.discover(Duration::from_secs(10)).unwrap();
+    // No retransmits of our own: the order is the target's doing alone.
+    c.set_retransmit_timeout(Duration::from_secs(60));
+    let a = vec![0xa1u8; 1024];
+    let b = vec![0xb2u8; 1024];
+    faults.delay_writes(Some((&a[..16], SLOW)));
+    let sent_a = std::time::Instant::now();
+    let ta = c.send(&Request::Write { lba: 0, data: a }).unwrap();
+    let mut order = Vec::new();
+    let mut read_back = None;
+    let mut tr = None;
+    let mut note = |c: &mut AoeClient, order: &mut Vec<&str>, tr: Option<aoe_wire::Tag>| {
+        for r in c.poll(Duration::from_millis(10)).unwrap() {
+            assert!(
+                r.is_ok(),
+                "request failed: {:?}{}",
+                r.body,
+                t.output_so_far()
+            );
+            order.push(if r.tag == ta {
+                "A"
+            } else if Some(r.tag) == tr {
+                read_back = Some(r.data().to_vec());
+                "R"
+            } else {
+                "B"
+            });
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || faults.writes() > 0),
+        "A never reached the store{}",
+        t.output_so_far()
+    );
+    write_conf(17);
+    signal(t.pid(), "-HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !t.output_so_far().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not done{}",
+            t.output_so_far()
+        );
+        note(&mut c, &mut order, tr);
+    }
+    // The window this test is about: A must still be in flight on the retiring export.
+    assert!(
+        order.is_empty() && sent_a.elapsed() < SLOW,
+        "A was answered ({order:?}) or took {:?} before the reopened export served: \
+         the reload waited for it{}",
+        sent_a.elapsed(),
+        t.output_so_far()
+    );
+    c.send(&Request::Write {
+        lba: 0,
+        data: b.clone(),
+    })
+    .unwrap();
+    // And a read of those sectors sent after B: it returns B, not what A overwrites.
+    tr = Some(c.send(&Request::Read { lba: 0, count: 2 }).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while order.len() < 3 && std::time::Instant::now() < deadline {
+        note(&mut c, &mut order, tr);
+    }
+    assert_eq!(order.len(), 3, "answers missing{}", t.output_so_far());
+    faults.delay_writes(None);
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert!(
+        on_disk[..1024] == b[..],
+        "sectors 0-1 hold {:#04x}, want B ({:#04x}); answers came {order:?}{}",
+        on_disk[0],
+        b[0],
+        t.output_so_far()
+    );
+    assert_eq!(
+        order,
+        ["A", "B", "R"],
+        "answered before what they waited for"
+    );
+    assert!(
+        read_back.as_deref() == Some(&b[..]),
+        "the read sent after B returned {:#04x?}",
+        read_back.map(|d| d[0])
+    );
+    drop(t);
+    drop(ffs);
+}
+
+/// Session 17's audit ("Left"): a reload opened the stores on the event loop, so one slow
+/// `open(2)` (a busy FUSE server, a hung NFS mount) stopped every export for as long. Two
+/// exports, e6.1 on a plain file and e6.2 on a [`FaultFs`] file whose opens are held; a
+/// SIGHUP that changes e6.2 (buffer count) must leave both answering (e6.2 through its old
+/// export) while the new open waits, and swap e6.2 in once it is let through.
+/// Seen failing before the reopen moved off the loop: no answer from e6.1 within 10 s while
+/// the open was held.
+#[test]
+fn a_reload_whose_open_blocks_keeps_every_export_answering() {
+    use aoe_testkit::faultfs::FaultFs;
+    let mut n = Net::new("aoeob", 1500);
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let backing = dir.path().join("b.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let ifname = n.target_if();
+    let conf = dir.path().join("serve.toml");
+    let write_conf = |buffers: u32| {
+        std::fs::write(
+            &conf,
+            format!(
+                "probe_ms = 0\n[[export]]\npath = \"{a}\"\nshelf = 6\nslot = 1\n\
+                 interfaces = [\"{ifname}\"]\n\n[[export]]\npath = \"{}\"\nshelf = 6\n\
+                 slot = 2\ninterfaces = [\"{ifname}\"]\nbuffer_count = {buffers}\n",
+                ffs.file().display()
+            ),
+        )
+        .unwrap();
+    };
+    write_conf(16);
+    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let (e1, e2) = (TargetAddr::new(6, 1), TargetAddr::new(6, 2));
+    let mac = n.wait_up(e1);
+    n.wait_up(e2);
+    /// Lets held opens through when the test ends, passed or not: a target stopped with its
+    /// open still held would wait on it for ever.
+    struct Release(std::sync::Arc<aoe_testkit::faultfs::Faults>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_opens(false);
+        }
+    }
+    faults.hold_opens(true);
+    let _release = Release(faults.clone());
+    write_conf(17);
+    signal(t.pid(), "-HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || faults.opens_held() > 0),
+        "the reload never opened e6.2's file{}",
+        t.output_so_far()
+    );
+    // While the open waits: both exports answer, a read of e6.1 included.
+    let within = Duration::from_secs(10);
+    for (addr, body) in [
+        (e1, read(0, 1)),
+        (
+            e1,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        ),
+        (
+            e2,
+            Body::Config(ConfigRepr::request(ConfigCommand::Read, b"")),
+        ),
+    ] {
+        let r = n.client.raw_call(mac, addr, body, within).unwrap();
+        assert!(
+            r.is_some(),
+            "{addr} did not answer within {within:?} while the reload's open was held{}",
+            t.output_so_far()
+        );
+    }
+    assert!(faults.opens_held() > 0, "the open was let through too soon");
+    assert!(
+        !t.output_so_far().contains("configuration reloaded"),
+        "reloaded before its store was open{}",
+        t.output_so_far()
+    );
+    faults.hold_opens(false);
+    assert!(
+        wait_until(Duration::from_secs(20), || t
+            .output_so_far()
+            .contains("configuration reloaded")),
+        "reload not done once the open went through{}",
+        t.output_so_far()
+    );
+    let out = t.output_so_far();
+    assert!(
+        out.contains("e6.2: export removed or changed; retiring"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("e6.1: export removed"),
+        "e6.1 was reopened: {out}"
+    );
+    assert!(
+        n.query(mac, e2).is_some(),
+        "e6.2 not served after the reload"
+    );
+    drop(t);
+    drop(ffs);
+}
+
 /// Issue 15: the writes of one receive batch run at its end, those that follow each other
 /// on the store as one `pwritev`. Overlapping, unaligned-to-the-page and contiguous writes
 /// sent back to back (so that they arrive in as few batches as the target makes) to a

@@ -441,6 +441,100 @@ fn sigterm_with_io_stuck_past_the_drain_limit_exits_1() {
     drop(target);
 }
 
+/// Session 17's audit ("Left"): a store that stops answering (an RBD cluster whose OSDs
+/// hang, a disk or NFS mount under a file) said nothing until a stop; the initiator only saw
+/// timeouts. A write held 8 s in the store ([`FaultFs`]) must bring one warning naming the
+/// export, how many requests wait and how long the oldest has (past 5 s), and, once it is
+/// answered, one line saying so. (The metrics' gauge of the same age,
+/// `aoe_target_oldest_request_seconds`, is looked for by `ops_metrics.rs`.)
+/// Seen failing before the warning existed: no such line within 12 s.
+#[test]
+fn a_write_stuck_in_the_store_is_warned_about_then_cleared() {
+    const STUCK: Duration = Duration::from_secs(8);
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new("sgsw");
+    let backing = dir.path().join("stuck.img");
+    zeroed(&backing);
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let target = net.serve(&[], &ffs.file());
+    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
+    client.set_retransmit_timeout(Duration::from_secs(60));
+    assert!(
+        client.discover(Duration::from_secs(10)).is_ok(),
+        "aoe serve never answered Query Config: {}",
+        target.output_so_far()
+    );
+    faults.delay_writes(Some((MAGIC, STUCK)));
+    let tag = client
+        .send(&Request::Write {
+            lba: 5,
+            data: stamp(MAGIC, 5, 1),
+        })
+        .unwrap();
+    let sent = Instant::now();
+    let warned = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("requests waiting on the backend"))
+            .map(str::to_owned)
+    };
+    let line = loop {
+        if let Some(l) = warned(&target.output_so_far()) {
+            break l;
+        }
+        assert!(
+            sent.elapsed() < STUCK + Duration::from_secs(4),
+            "no warning of the stuck write: {}",
+            target.output_so_far()
+        );
+        let _ = client.poll(Duration::from_millis(50)).unwrap();
+    };
+    assert!(
+        line.contains("e1.1: 1 requests waiting on the backend, the oldest for"),
+        "the warning names no export or count: {line}"
+    );
+    let secs: u32 = line
+        .split("the oldest for ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no age in: {line}"));
+    // Counted in the loop's one-second ticks: at most one over the true age.
+    assert!((5..=9).contains(&secs), "oldest for {secs} s: {line}");
+    // Answered once the store lets it through; then the all-clear, once.
+    let deadline = Instant::now() + STUCK + Duration::from_secs(20);
+    while !client
+        .poll(Duration::from_millis(50))
+        .unwrap()
+        .iter()
+        .any(|r| r.tag == tag)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck write was never answered"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !target
+        .output_so_far()
+        .contains("no request waits on the backend longer than 5 s any more")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no line when it cleared: {}",
+            target.output_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = target.output_so_far();
+    assert_eq!(
+        out.matches("requests waiting on the backend").count(),
+        1,
+        "one warning for an 8 s stall (one per 10 s): {out}"
+    );
+    drop(target);
+}
+
 /// Audit (s17): a clean stop of a buffered export left the writes it had acknowledged in the
 /// page cache only: no fdatasync between the last write and the exit, so an initiator that
 /// had not sent its FLUSH yet (the Linux driver flushes only when asked) lost them to a power

@@ -599,6 +599,15 @@ impl Engine {
         self.in_flight
     }
 
+    /// The tokens of the I/Os in flight (handed out, and neither completed nor aborted).
+    pub fn in_flight_tokens(&self) -> impl Iterator<Item = Token> + '_ {
+        self.pending
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_some())
+            .map(|(i, _)| Token(i as u32))
+    }
+
     /// The I/Os in flight by kind: what a stop that cannot wait for them leaves unanswered.
     pub fn in_flight_kinds(&self) -> InFlight {
         let mut f = InFlight::default();

@@ -137,10 +137,17 @@ impl FileBackend {
                 ),
             ));
         }
-        // Block devices report size 0 in metadata; seeking to the end works for both.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| named(e, "cannot size"))?;
+        // A regular file's size is in its metadata; a block device reports 0 there, and
+        // is sized by seeking to its end. Not a seek for a file: on FUSE `llseek(SEEK_END)`
+        // takes the inode lock (`fuse_file_llseek`), which every parallel direct write in
+        // flight holds shared, so a reload reopening the file of a busy export waited for
+        // its slowest write (session 17's audit, "2 SIGHUP with writes").
+        let size = if ft.is_file() {
+            meta.len()
+        } else {
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| named(e, "cannot size"))?
+        };
         // Only whole sectors can be exported. A file with a partial last sector is refused
         // unless the export's length is given and ends within the whole sectors: vblade
         // serves such a file cut to its whole sectors without a word (the tail is neither

@@ -206,6 +206,11 @@ pub struct ExportStatus {
     /// whose exclusive lock another gateway took over (issue 13).
     #[serde(default)]
     pub failed: bool,
+    /// How long the oldest request in flight has waited on the store, whole seconds (0:
+    /// none, or for less than a second); 5 or more is a stuck store, also logged
+    /// (`requests waiting on the backend`).
+    #[serde(default)]
+    pub oldest_request_secs: u32,
     /// Counters.
     pub counters: ExportCounters,
 }

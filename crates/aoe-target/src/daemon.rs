@@ -190,6 +190,14 @@ pub struct Daemon {
     /// [`POOL_QUEUE`] as the pool's own queue does.
     waiting_writes: usize,
     hostname: String,
+    /// A reload whose stores a thread is opening ([`Daemon::start_apply`]): its result, and
+    /// the config file's path for the log.
+    reloading: Option<(std::sync::mpsc::Receiver<Result<ReloadOpened>>, PathBuf)>,
+    /// A SIGHUP came while a reload was under way: reload again once it is done.
+    reload_again: bool,
+    /// Seconds counted by the refresh timer's expirations: the clock of
+    /// [`Daemon::log_stuck`].
+    ticks: u32,
     /// Saves state files off the event loop.
     state_writer: StateWriter,
     /// Where the loop publishes snapshots for metrics and the control socket.
@@ -259,8 +267,20 @@ pub struct Daemon {
     read_parts: Vec<aoe_sys::SlotPart>,
 }
 
+/// What a reload's thread opened: the configuration, the running exports that stay, the new
+/// ones.
+type ReloadOpened = (ServeConfig, Vec<u32>, Vec<ExportRt>);
+
 /// Interval of [`Daemon`]'s rate-limited log lines.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// A request waiting on its store this many ticks (seconds, [`REFRESH`]) counts as stuck
+/// ([`Daemon::log_stuck`]): longer than a disk's or a healthy Ceph cluster's slowest answer
+/// under load, and far shorter than the Linux aoe driver's `aoe_deadsecs` (180 s, after
+/// which it fails the device; docs/PROTOCOL.md), so that the warning comes while an
+/// initiator still retransmits.
+const STUCK_AFTER: u32 = 5;
+/// While requests stay stuck, one warning per export this many ticks apart.
+const STUCK_REPEAT: u32 = 10;
 
 impl Daemon {
     /// Opens every export and interface of `config`; refuses, naming the problem, an export
@@ -296,6 +316,9 @@ impl Daemon {
             poll_fds: Vec::new(),
             spare: Vec::new(),
             waiting_writes: 0,
+            ticks: 0,
+            reloading: None,
+            reload_again: false,
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),
@@ -356,7 +379,17 @@ impl Daemon {
                 break;
             }
             if control.reload.swap(false, Ordering::SeqCst) {
-                self.reload();
+                if self.reloading.is_some() {
+                    self.reload_again = true;
+                } else {
+                    self.reload();
+                }
+            }
+            if self.reloading.is_some() {
+                self.poll_reload();
+                if self.reloading.is_none() && std::mem::take(&mut self.reload_again) {
+                    self.reload();
+                }
             }
             // After a batch the spin did not follow, with `--coalesce-us` and frames close
             // enough together ([`coalesce::Coalesce`]): a wait on a timer, not on the
@@ -447,7 +480,8 @@ impl Daemon {
                 let _ = self.event.drain();
             }
             if refresh {
-                let _ = self.refresh_timer.drain();
+                let n = self.refresh_timer.drain().unwrap_or(1);
+                self.ticks = self.ticks.wrapping_add(n.clamp(1, 3600) as u32);
             }
             // Completions are answered after the receive below in any case; before it only
             // if the eventfd said some came (an empty look at the queue is cache lines a
@@ -500,11 +534,22 @@ impl Daemon {
                 self.refresh_interfaces();
                 self.poll_shared_stores();
                 self.log_drops();
+                self.log_stuck();
                 for e in self.exports.values_mut() {
                     e.engine.next_query_period();
                 }
-                self.exports
-                    .retain(|_, e| !(e.retiring && e.engine.in_flight() == 0));
+                let gone: Vec<u32> = self
+                    .exports
+                    .iter()
+                    .filter(|(_, e)| e.retiring && e.engine.in_flight() == 0)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    self.exports.remove(&id);
+                    // Nothing of it is in flight, so nothing is inherited from it any more;
+                    // should anything be, it is not waited for past the export's end.
+                    self.forget_export(id);
+                }
             }
         }
         let stopping = Instant::now();
@@ -597,6 +642,7 @@ impl Daemon {
                     mask: ps.mask.iter().map(ToString::to_string).collect(),
                     reserve: ps.reserve.iter().map(ToString::to_string).collect(),
                     failed: e.backend.failed(),
+                    oldest_request_secs: e.oldest,
                     counters: ExportCounters {
                         replies: st.replies,
                         aoe_errors: st.aoe_errors,
@@ -692,10 +738,7 @@ impl Daemon {
         cfg.coalesce = self.coalesce;
         cfg.drain = self.drain;
         cfg.dedup = self.dedup;
-        match self.apply(cfg) {
-            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
-        }
+        self.start_apply(cfg, path.to_path_buf());
     }
 
     /// Serves frames as they come, without sleeping, until none came for the spin window
@@ -906,6 +949,58 @@ impl Daemon {
         }
     }
 
+    /// Warns of requests waiting on their store longer than [`STUCK_AFTER`] (an RBD
+    /// cluster whose OSDs stopped answering, a hung disk or NFS mount under a file): one
+    /// line per export every [`STUCK_REPEAT`] seconds while it lasts, and one when none is
+    /// left waiting that long. Before it, a stuck store said nothing until a stop; the
+    /// initiator only saw its requests time out. Called once a tick; the ages count in
+    /// ticks, so are whole seconds, at most one over the true age.
+    fn log_stuck(&mut self) {
+        let now = self.ticks;
+        for rt in self.exports.values_mut() {
+            rt.tick = now;
+            let (mut n, mut oldest) = (0u32, 0u32);
+            if rt.engine.in_flight() > 0 {
+                for t in rt.engine.in_flight_tokens() {
+                    let Some(&(_, since)) = rt.token_iface.get(t.0 as usize) else {
+                        continue;
+                    };
+                    let age = now.wrapping_sub(since);
+                    oldest = oldest.max(age);
+                    n += u32::from(age >= STUCK_AFTER);
+                }
+            }
+            rt.oldest = oldest;
+            match rt.stuck {
+                Some((first, _, longest)) if n == 0 => {
+                    tracing::warn!(
+                        longest_secs = longest,
+                        "{}: no request waits on the backend longer than {STUCK_AFTER} s any \
+                         more (it was stuck for {} s, requests waited up to {longest} s)",
+                        rt.spec.addr(),
+                        now.wrapping_sub(first)
+                    );
+                    rt.stuck = None;
+                }
+                _ if n == 0 => {}
+                Some((first, last, longest)) => {
+                    let longest = longest.max(oldest);
+                    let last = if now.wrapping_sub(last) >= STUCK_REPEAT {
+                        stuck_line(rt, n, oldest);
+                        now
+                    } else {
+                        last
+                    };
+                    rt.stuck = Some((first, last, longest));
+                }
+                None => {
+                    stuck_line(rt, n, oldest);
+                    rt.stuck = Some((now, now, oldest));
+                }
+            }
+        }
+    }
+
     fn refresh_interfaces(&mut self) {
         let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
@@ -934,4 +1029,17 @@ impl Daemon {
             self.size_socket_buffers();
         }
     }
+}
+
+/// The warning of [`Daemon::log_stuck`]: `n` requests of `rt` waiting on the store longer
+/// than [`STUCK_AFTER`], the oldest for `oldest` seconds.
+fn stuck_line(rt: &ExportRt, n: u32, oldest: u32) {
+    tracing::warn!(
+        waiting = n,
+        oldest_secs = oldest,
+        in_flight = rt.engine.in_flight(),
+        path = %rt.spec.path.display(),
+        "{}: {n} requests waiting on the backend, the oldest for {oldest} s",
+        rt.spec.addr()
+    );
 }

@@ -14,11 +14,15 @@
 //!   nothing.
 //! * `delay_writes(prefix, d)`: a write whose data begins with `prefix` waits `d` before it is
 //!   carried out (and answered), as a slow disk does (`delay_every_write(d)`: every write,
-//!   whatever its data); other writes go on meanwhile. With
+//!   whatever its data); other requests go on meanwhile (the delayed write waits on a thread
+//!   of its own, not on one of the server's). With
 //!   `parallel_writes(true)` set before the file is opened, opens answer `FOPEN_DIRECT_IO |
 //!   FOPEN_PARALLEL_DIRECT_WRITES`, so the kernel sends writes to different ranges of one open
 //!   file at once instead of one at a time under the inode lock (Linux 6.2+): only then can a
 //!   later write overtake a delayed one.
+//! * `hold_opens(true)`: every later open of the file waits (on a thread of its own, the
+//!   server's stay free) until `hold_opens(false)`, as an open on a hung NFS mount or a busy
+//!   FUSE server does; `opens_held` says how many wait now.
 //! * `fsyncs` and `writes`: counters of the FUSE_FSYNC and FUSE_WRITE requests seen (failed or
 //!   not), e.g. to check that a FLUSH reached fdatasync before it was answered.
 //!
@@ -38,7 +42,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -69,6 +73,11 @@ pub struct Faults {
     delay: Mutex<Option<(Vec<u8>, Duration)>>,
     /// Opens answer FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES.
     parallel_writes: AtomicBool,
+    /// Opens wait while this is true ([`Faults::hold_opens`]).
+    hold_opens: Mutex<bool>,
+    opens_released: Condvar,
+    /// Opens waiting now.
+    opens_held: AtomicU64,
 }
 
 impl Faults {
@@ -102,6 +111,20 @@ impl Faults {
     /// for ordinary page-cache I/O again (`false`, the default).
     pub fn parallel_writes(&self, on: bool) {
         self.parallel_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes every later open of the file wait until `hold_opens(false)` (`true`), or
+    /// releases the waiting ones and lets opens through again (`false`).
+    pub fn hold_opens(&self, on: bool) {
+        *self.hold_opens.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        if !on {
+            self.opens_released.notify_all();
+        }
+    }
+
+    /// Opens of the file waiting now ([`Faults::hold_opens`]).
+    pub fn opens_held(&self) -> u64 {
+        self.opens_held.load(Ordering::SeqCst)
     }
 
     /// Number of fsyncs seen so far.
@@ -146,6 +169,19 @@ impl PassThrough {
             blksize: 4096,
             flags: 0,
         })
+    }
+}
+
+/// Answers an open of the file: with parallel direct writes if `parallel`
+/// ([`Faults::parallel_writes`]).
+fn reply_open(parallel: bool, reply: ReplyOpen) {
+    if parallel {
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
+    } else {
+        reply.opened(FileHandle(0), FopenFlags::empty());
     }
 }
 
@@ -201,12 +237,32 @@ impl Filesystem for PassThrough {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == FILE_INO
+            && *self
+                .faults
+                .hold_opens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        {
+            self.faults.opens_held.fetch_add(1, Ordering::SeqCst);
+            let faults = self.faults.clone();
+            let parallel = faults.parallel_writes.load(Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut held = faults.hold_opens.lock().unwrap_or_else(|p| p.into_inner());
+                while *held {
+                    held = faults
+                        .opens_released
+                        .wait(held)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                drop(held);
+                faults.opens_held.fetch_sub(1, Ordering::SeqCst);
+                reply_open(parallel, reply);
+            });
+            return;
+        }
         match ino.0 {
-            FILE_INO if self.faults.parallel_writes.load(Ordering::SeqCst) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-            ),
-            FILE_INO => reply.opened(FileHandle(0), FopenFlags::empty()),
+            FILE_INO => reply_open(self.faults.parallel_writes.load(Ordering::SeqCst), reply),
             _ => reply.error(Errno::EISDIR),
         }
     }
@@ -263,7 +319,22 @@ impl Filesystem for PassThrough {
             _ => None,
         };
         if let Some(d) = delay {
-            std::thread::sleep(d);
+            // Answered from a thread of its own, as a disk holds one command while it takes
+            // others: the FUSE server's threads stay free for the file's other requests (an
+            // open, a getattr, other writes), which would otherwise wait behind the delay.
+            let backing = match self.backing.try_clone() {
+                Ok(f) => f,
+                Err(e) => return reply.error(errno_of(&e)),
+            };
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                match backing.write_all_at(&data, offset) {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(e) => reply.error(errno_of(&e)),
+                }
+            });
+            return;
         }
         match self.backing.write_all_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),

@@ -117,12 +117,22 @@ impl Daemon {
                     IoKind::Write { offset, data } => Some(*offset..*offset + data.len() as u64),
                     _ => None,
                 };
-                let ordered = write_range.as_ref().is_some_and(|r| rt.writes.must_wait(r));
+                // The range a request that waits holds in the queue of waiting ones: a write
+                // that overlaps an earlier one, or a read that overlaps a write inherited
+                // from a retiring export ([`super::order`]).
+                let wait_range = match &req.kind {
+                    IoKind::Write { .. } => write_range.clone().filter(|r| rt.writes.must_wait(r)),
+                    IoKind::Read { offset, len } => {
+                        Some(*offset..*offset + *len as u64).filter(|r| rt.writes.fenced(r))
+                    }
+                    IoKind::Flush => None,
+                };
+                let ordered = wait_range.is_some();
                 // With a transmit slot, a read of a file that can be read without blocking
                 // is staged: at the end of the batch its contiguous reads are read into their
                 // slots with one preadv2 each run, or all of them with one io_uring_enter
                 // (run_staged_reads).
-                if let (IoKind::Read { offset, len }, true) = (&req.kind, in_slot) {
+                if let (IoKind::Read { offset, len }, true, false) = (&req.kind, in_slot, ordered) {
                     if let Ok(Some(_)) = rt.backend.inline_read_source(*offset, *len) {
                         iface.staged.push(Staged::Read {
                             id,
@@ -149,7 +159,7 @@ impl Daemon {
                     return;
                 }
                 let inline = match &req.kind {
-                    IoKind::Write { .. } if ordered => Ok(false),
+                    _ if ordered => Ok(false),
                     IoKind::Read { offset, len } => rt
                         .backend
                         .try_read_at(&mut reply[ATA_HEADER_LEN..ATA_HEADER_LEN + len], *offset),
@@ -207,7 +217,7 @@ impl Daemon {
                             rt.pool_full_drops += 1;
                             return;
                         }
-                        let range = write_range.unwrap_or_else(|| unreachable!());
+                        let range = wait_range.unwrap_or_else(|| unreachable!());
                         rt.writes.wait(req.token.0, range, job);
                         self.waiting_writes += 1;
                         return;
@@ -687,24 +697,59 @@ impl Daemon {
             }
             ata_failure(&e)
         });
-        let idx = rt.token_iface.get(token.0 as usize).copied().unwrap_or(0);
+        let idx = rt.token_iface.get(token.0 as usize).map_or(0, |&(i, _)| i);
         match rt.engine.complete(token, result, &mut buf) {
             Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
         }
-        // Writes that waited for this one go now, in arrival order. One the store refuses is
-        // dropped (the initiator retransmits) and releases in turn what waited for it.
-        let mut done = vec![token.0];
-        while let Some(t) = done.pop() {
-            for (t, job) in rt.writes.completed(t) {
+        self.ended(id, token.0);
+    }
+
+    /// Export `id`'s request `token` ended (answered or given up): the requests that waited
+    /// for it go now, in arrival order, in this export and in those that inherited it
+    /// ([`ExportRt::heirs`]). One the store refuses is dropped (the initiator retransmits)
+    /// and ends in turn.
+    pub(super) fn ended(&mut self, id: u32, token: u32) {
+        // (export whose queue changes, export the ended request belongs to, its token)
+        let mut work = vec![(id, id, token)];
+        while let Some((at, of, t)) = work.pop() {
+            let Some(rt) = self.exports.get_mut(&at) else {
+                continue;
+            };
+            let released = if at == of {
+                work.extend(rt.heirs.iter().map(|&h| (h, of, t)));
+                rt.writes.completed(t)
+            } else {
+                rt.writes.inherited_done(of, t)
+            };
+            for (t, job) in released {
                 self.waiting_writes -= 1;
                 if let Err(job) = rt.backend.submit(job) {
                     rt.engine.abort(Token(t));
                     self.spare.push(job.buf);
                     rt.pool_full_drops += 1;
-                    done.push(t);
+                    work.push((at, at, t));
                 }
             }
+        }
+    }
+
+    /// Export `id` is gone: the exports that inherited its writes stop waiting for them.
+    pub(super) fn forget_export(&mut self, id: u32) {
+        let mut refused = Vec::new();
+        for (&at, rt) in self.exports.iter_mut() {
+            for (t, job) in rt.writes.forget_inherited(id) {
+                self.waiting_writes -= 1;
+                if let Err(job) = rt.backend.submit(job) {
+                    rt.engine.abort(Token(t));
+                    self.spare.push(job.buf);
+                    rt.pool_full_drops += 1;
+                    refused.push((at, t));
+                }
+            }
+        }
+        for (at, t) in refused {
+            self.ended(at, t);
         }
     }
 
@@ -908,13 +953,14 @@ pub(super) fn may_write(frame: &[u8]) -> bool {
     frame.get(19) == Some(&0) && frame.get(24).is_some_and(|a| a & 0x01 != 0)
 }
 
-/// Notes that `token`'s reply goes out on interface `idx`.
+/// Notes that `token`'s reply goes out on interface `idx`, and that it waits on the store
+/// from this tick on ([`ExportRt::tick`], for [`Daemon::log_stuck`]).
 fn note_iface(rt: &mut ExportRt, token: Token, idx: usize) {
     let t = token.0 as usize;
     if rt.token_iface.len() <= t {
-        rt.token_iface.resize(t + 1, 0);
+        rt.token_iface.resize(t + 1, (0, 0));
     }
-    rt.token_iface[t] = idx;
+    rt.token_iface[t] = (idx, rt.tick);
 }
 
 /// Hands a staged read that could not be done without blocking to the store's workers, in a

@@ -10,10 +10,23 @@ pub(super) struct ExportRt {
     /// natively asynchronous store).
     pub(super) backend: Arc<dyn AsyncBackend>,
     pub(super) state_file: Option<StateFile>,
-    /// The interface each in-flight token answers on.
-    pub(super) token_iface: Vec<usize>,
+    /// The interface each in-flight token answers on, and the [`tick`](Self::tick) it was
+    /// handed to the store at.
+    pub(super) token_iface: Vec<(usize, u32)>,
+    /// The daemon's once-a-second tick ([`Daemon::log_stuck`]), copied here so that noting
+    /// a request handed to the store costs no clock read.
+    pub(super) tick: u32,
+    /// Requests have waited on the store longer than [`super::STUCK_AFTER`]: (the tick it
+    /// was first seen, the tick of the last warning, the longest wait seen, in ticks).
+    pub(super) stuck: Option<(u32, u32, u32)>,
+    /// How long the oldest request in flight has waited on the store, in ticks (seconds),
+    /// as of the last tick: the `oldest_request_secs` of the status and metrics.
+    pub(super) oldest: u32,
     /// No longer configured: takes no new frames, goes away once its I/O has drained.
     pub(super) retiring: bool,
+    /// While retiring: the exports of the same store opened in its place that inherited
+    /// its writes in flight ([`WriteOrder::inherit`]), told as each of them ends.
+    pub(super) heirs: Vec<u32>,
     /// Requests dropped because the worker queue was full.
     pub(super) pool_full_drops: u64,
     /// Drop counts last logged: (over the buffer count, worker queue full, over the
@@ -103,33 +116,98 @@ impl Daemon {
     /// Brings the running set of exports in line with `config`: unchanged exports keep
     /// running untouched, changed and removed ones retire (after their in-flight I/O), new
     /// ones start. Everything new is opened before anything changes, so a bad config leaves
-    /// the running one as it was.
+    /// the running one as it was. The stores are opened here, on the calling thread: what
+    /// the start does; a reload opens them on a thread of its own
+    /// ([`Daemon::start_apply`]).
     pub(super) fn apply(&mut self, config: ServeConfig) -> Result<()> {
-        config.check_static()?;
-        config.check_overlaps()?;
-        for e in &config.exports {
-            for i in &e.interfaces {
-                aoe_sys::interface_info(i)
-                    .with_context(|| format!("e{}.{}: no such interface {i}", e.shelf, e.slot))?;
-            }
+        check_config(&config)?;
+        let running = self.running();
+        let (keep, new_rts) = self.opener().open_config(&config, &running)?;
+        self.commit(config, keep, new_rts)
+    }
+
+    /// Starts a reload to `config`: checked here, its stores opened (and the running ones'
+    /// files looked at, [`file_identity`]) on a thread of its own, so that a slow `open(2)`
+    /// (a busy FUSE server, a hung NFS mount, an RBD cluster that is slow to answer) does
+    /// not stop the loop, which keeps serving every export meanwhile. The loop takes the
+    /// result when it comes ([`Daemon::poll_reload`]) and commits it between two batches.
+    /// An error (here or on the thread) keeps the running configuration and is logged.
+    pub(super) fn start_apply(&mut self, config: ServeConfig, path: PathBuf) {
+        if let Err(e) = check_config(&config) {
+            tracing::error!("reload refused, keeping the running configuration: {e:#}");
+            return;
         }
-        let keep: Vec<u32> = self
-            .exports
+        let running = self.running();
+        let opener = self.opener();
+        let event = self.event.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("aoe-reload".into())
+            .spawn(move || {
+                let opened = opener.open_config(&config, &running);
+                let _ = tx.send(opened.map(|(keep, new_rts)| (config, keep, new_rts)));
+                // The loop polls the completions' eventfd: it wakes and takes the result.
+                let _ = event.notify();
+            });
+        match spawned {
+            Ok(_) => self.reloading = Some((rx, path)),
+            Err(e) => tracing::error!(
+                "reload refused, keeping the running configuration: no thread to open the \
+                 stores: {e}"
+            ),
+        }
+    }
+
+    /// Commits a reload whose stores are open, if its thread is done
+    /// ([`Daemon::start_apply`]); a thread that ended without a result (it panicked) is
+    /// logged as a refused reload.
+    pub(super) fn poll_reload(&mut self) {
+        let Some((rx, _)) = &self.reloading else {
+            return;
+        };
+        let got = match rx.try_recv() {
+            Ok(got) => got,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!(
+                "the thread opening the stores ended without a result"
+            )),
+        };
+        let Some((_, path)) = self.reloading.take() else {
+            return;
+        };
+        let done = got.and_then(|(config, keep, new_rts)| self.commit(config, keep, new_rts));
+        match done {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        }
+    }
+
+    /// The running exports as a reload compares them: (id, spec, file identity when
+    /// opened).
+    fn running(&self) -> Vec<Running> {
+        self.exports
             .iter()
-            .filter(|(_, rt)| {
-                !rt.retiring
-                    && config.exports.contains(&rt.spec)
-                    && rt.file == file_identity(&rt.spec)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let mut new_rts = Vec::new();
-        for spec in &config.exports {
-            if keep.iter().any(|id| self.exports[id].spec == *spec) {
-                continue;
-            }
-            new_rts.push(self.open_export(spec, &config)?);
+            .filter(|(_, rt)| !rt.retiring)
+            .map(|(id, rt)| (*id, rt.spec.clone(), rt.file))
+            .collect()
+    }
+
+    fn opener(&self) -> Opener {
+        Opener {
+            completions: self.completions.clone(),
+            pool: self.pool.clone(),
+            hostname: self.hostname.clone(),
         }
+    }
+
+    /// The second half of [`Daemon::apply`], on the loop: the exports in `keep` stay,
+    /// `new_rts` (opened already) start after the duplicate probe, the others retire.
+    fn commit(
+        &mut self,
+        config: ServeConfig,
+        keep: Vec<u32>,
+        new_rts: Vec<ExportRt>,
+    ) -> Result<()> {
         // The serving sockets open first, so requests that arrive during the probe wait in
         // them and are answered once it is over, instead of being lost.
         let names: Vec<String> = new_rts
@@ -170,6 +248,8 @@ impl Daemon {
         for mut rt in new_rts {
             let id = self.next_export_id;
             self.next_export_id += 1;
+            rt.tick = self.ticks;
+            self.inherit_writes(id, &mut rt);
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
@@ -206,6 +286,40 @@ impl Daemon {
         self.config = config;
         self.flush_sends();
         Ok(())
+    }
+
+    /// Gives `rt`, about to be served as export `id`, the writes still in flight or waiting
+    /// on every retiring export of the same store ([`same_store`]): its overlapping writes
+    /// and reads wait for them ([`super::order`] says why), and each retiring one reports
+    /// to it as they end ([`ExportRt::heirs`]).
+    fn inherit_writes(&mut self, id: u32, rt: &mut ExportRt) {
+        let base = rt.spec.offset * 512;
+        for (&old_id, old) in self.exports.iter_mut() {
+            if !old.retiring || !same_store(old, rt) {
+                continue;
+            }
+            // Ranges are export offsets: the store's byte is the same, the export's
+            // window may have moved.
+            let old_base = old.spec.offset * 512;
+            let before = rt.writes.inherited();
+            rt.writes.inherit(
+                old_id,
+                old.writes.pending().map(|(t, r)| {
+                    let (s, e) = (r.start + old_base, r.end + old_base);
+                    (t, s.saturating_sub(base)..e.saturating_sub(base))
+                }),
+            );
+            let n = rt.writes.inherited() - before;
+            if n > 0 {
+                old.heirs.push(id);
+                tracing::info!(
+                    writes = n,
+                    "{}: writes still in flight on the retiring export of the same store; \
+                     requests to their sectors wait for them",
+                    rt.spec.addr()
+                );
+            }
+        }
     }
 
     /// Runs the duplicate probe for `new`; running exports keep being served while it waits
@@ -247,6 +361,60 @@ impl Daemon {
             self.complete_io();
             self.flush_sends();
         }
+    }
+}
+
+/// A running export as a reload compares it: id, spec, and its [`file_identity`] when it
+/// was opened.
+type Running = (u32, ExportSpec, Option<(u64, u64, u64)>);
+
+/// Checks of a configuration that touch no store: static settings, overlapping writable
+/// exports, interfaces that exist.
+fn check_config(config: &ServeConfig) -> Result<()> {
+    config.check_static()?;
+    config.check_overlaps()?;
+    for e in &config.exports {
+        for i in &e.interfaces {
+            aoe_sys::interface_info(i)
+                .with_context(|| format!("e{}.{}: no such interface {i}", e.shelf, e.slot))?;
+        }
+    }
+    Ok(())
+}
+
+/// What opening exports needs, apart from the loop: a reload's thread takes one.
+#[derive(Clone)]
+pub(super) struct Opener {
+    completions: Arc<Completions>,
+    pool: Arc<Pool>,
+    hostname: String,
+}
+
+impl Opener {
+    /// Which of the `running` exports stay (unchanged spec, and the path still names the
+    /// file they opened, at the size they opened), and the others of `config` opened. May
+    /// block on the stores (a `stat`, an `open(2)`, an RBD connection).
+    fn open_config(
+        &self,
+        config: &ServeConfig,
+        running: &[Running],
+    ) -> Result<(Vec<u32>, Vec<ExportRt>)> {
+        let keep: Vec<u32> = running
+            .iter()
+            .filter(|(_, spec, file)| config.exports.contains(spec) && *file == file_identity(spec))
+            .map(|(id, _, _)| *id)
+            .collect();
+        let mut new_rts = Vec::new();
+        for spec in &config.exports {
+            if running
+                .iter()
+                .any(|(id, s, _)| keep.contains(id) && s == spec)
+            {
+                continue;
+            }
+            new_rts.push(self.open_export(spec, config)?);
+        }
+        Ok((keep, new_rts))
     }
 
     pub(super) fn open_export(&self, spec: &ExportSpec, config: &ServeConfig) -> Result<ExportRt> {
@@ -304,7 +472,11 @@ impl Daemon {
             backend,
             state_file,
             token_iface: Vec::new(),
+            tick: 0,
+            stuck: None,
+            oldest: 0,
             retiring: false,
+            heirs: Vec::new(),
             pool_full_drops: 0,
             drops_logged: (0, 0, 0),
             writes: WriteOrder::default(),
@@ -313,6 +485,18 @@ impl Daemon {
             file,
             gathered: Vec::new(),
         })
+    }
+}
+
+/// True if `a` and `b` export the same store: the same file or block device (device and
+/// inode of what the path named when each was opened), or the same `rbd:` image name. A
+/// path replaced by another file between the two opens is another store (nothing to order
+/// between them).
+fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
+    match (a.file, b.file) {
+        (Some(x), Some(y)) => (x.0, x.1) == (y.0, y.1),
+        (None, None) => a.spec.path == b.spec.path,
+        _ => false,
     }
 }
 

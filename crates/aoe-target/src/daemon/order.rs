@@ -15,6 +15,20 @@
 //! flight nor an earlier waiting one are released, in arrival order. Reads, flushes and
 //! writes to other sectors are not held back. The lists are short (the export's buffer count
 //! bounds them), so a linear scan is the search.
+//!
+//! Across a reload: a changed export is reopened as a new export while the old one retires
+//! with its writes still in flight (`daemon::exports`). The new export inherits those writes
+//! (running and waiting, [`WriteOrder::inherit`]) as entries that hold back its own
+//! overlapping writes like its own running ones, until the retiring export reports each one
+//! ended ([`WriteOrder::inherited_done`]). Without that, a newer write through the new export
+//! (the application's next write after the retransmitted copy of an old one was answered, or
+//! simply a write the initiator sent after the reload) could land before the old write still
+//! on a worker, and the old data last. Reads of the new export that overlap an inherited
+//! write wait too ([`WriteOrder::fenced`]), so a read arriving after the reload returns the
+//! retiring export's write, not the sectors it is still overwriting. (By reading, the write
+//! fence alone already keeps every acknowledged write visible, since the retiring write is
+//! not answered before it lands; the read fence costs only reads of those sectors during
+//! the reload's window, and within one export reads are still never held back.)
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -30,6 +44,10 @@ pub(super) struct WriteOrder<T> {
     running: Vec<(u32, Range<u64>)>,
     /// (token, byte range, job) of writes not yet submitted, in arrival order.
     waiting: VecDeque<(u32, Range<u64>, T)>,
+    /// (export, token, byte range in this export's offsets) of writes in flight or waiting
+    /// on a retiring export of the same store: they hold back overlapping writes and reads
+    /// until that export reports them ended.
+    inherited: Vec<(u32, u32, Range<u64>)>,
 }
 
 impl<T> Default for WriteOrder<T> {
@@ -37,6 +55,7 @@ impl<T> Default for WriteOrder<T> {
         WriteOrder {
             running: Vec::new(),
             waiting: VecDeque::new(),
+            inherited: Vec::new(),
         }
     }
 }
@@ -46,11 +65,69 @@ impl<T> WriteOrder<T> {
     pub(super) fn must_wait(&self, range: &Range<u64>) -> bool {
         self.running.iter().any(|(_, r)| overlaps(r, range))
             || self.waiting.iter().any(|(_, r, _)| overlaps(r, range))
+            || self.fenced(range)
+    }
+
+    /// True if a read of `range` arriving now must wait: it overlaps a write inherited
+    /// from a retiring export (see the module's header). False at once when nothing is
+    /// inherited, as between reloads.
+    pub(super) fn fenced(&self, range: &Range<u64>) -> bool {
+        self.inherited.iter().any(|(_, _, r)| overlaps(r, range))
     }
 
     /// True if no write is in flight or waiting.
     pub(super) fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
+        self.running.is_empty() && self.waiting.is_empty() && self.inherited.is_empty()
+    }
+
+    /// The writes of this export in flight or waiting, (token, byte range), for a new
+    /// export of the same store to [`inherit`](Self::inherit).
+    pub(super) fn pending(&self) -> impl Iterator<Item = (u32, Range<u64>)> + '_ {
+        self.running
+            .iter()
+            .cloned()
+            .chain(self.waiting.iter().map(|(t, r, _)| (*t, r.clone())))
+    }
+
+    /// Takes over `writes` of retiring export `from` (ranges already in this export's
+    /// offsets): this export's overlapping writes and reads wait until `from` reports each
+    /// one ended. Empty ranges (a write outside this export's window) are left out.
+    pub(super) fn inherit(&mut self, from: u32, writes: impl Iterator<Item = (u32, Range<u64>)>) {
+        self.inherited.extend(
+            writes
+                .filter(|(_, r)| r.start < r.end)
+                .map(|(t, r)| (from, t, r)),
+        );
+    }
+
+    /// Inherited writes left.
+    pub(super) fn inherited(&self) -> usize {
+        self.inherited.len()
+    }
+
+    /// Forgets inherited write `token` of export `from` (it completed or was given up
+    /// there); returns what it released, as [`completed`](Self::completed) does.
+    pub(super) fn inherited_done(&mut self, from: u32, token: u32) -> Vec<(u32, T)> {
+        let Some(i) = self
+            .inherited
+            .iter()
+            .position(|(f, t, _)| *f == from && *t == token)
+        else {
+            return Vec::new();
+        };
+        self.inherited.swap_remove(i);
+        self.release()
+    }
+
+    /// Forgets every write inherited from export `from` (it is gone); returns what that
+    /// released.
+    pub(super) fn forget_inherited(&mut self, from: u32) -> Vec<(u32, T)> {
+        let before = self.inherited.len();
+        self.inherited.retain(|(f, _, _)| *f != from);
+        if self.inherited.len() == before {
+            return Vec::new();
+        }
+        self.release()
     }
 
     /// Records a write submitted to the pool.
@@ -77,11 +154,18 @@ impl<T> WriteOrder<T> {
             return Vec::new();
         };
         self.running.swap_remove(i);
+        self.release()
+    }
+
+    /// Moves the waiting entries that overlap nothing running, inherited or waiting ahead of
+    /// them to the running list, in arrival order, and returns them.
+    fn release(&mut self) -> Vec<(u32, T)> {
         let mut released = Vec::new();
         let mut i = 0;
         while i < self.waiting.len() {
             let r = &self.waiting[i].1;
             let blocked = self.running.iter().any(|(_, h)| overlaps(h, r))
+                || self.inherited.iter().any(|(_, _, h)| overlaps(h, r))
                 || self.waiting.iter().take(i).any(|(_, w, _)| overlaps(w, r));
             if blocked {
                 i += 1;
@@ -159,5 +243,50 @@ mod tests {
         assert_eq!(o.completed(2), vec![(4, "a2")]);
         // A token that is not running (a read, an inline write) changes nothing.
         assert_eq!(o.completed(99), vec![]);
+    }
+
+    /// Session 17's audit ("2 SIGHUP with writes"): a reopened export's writes and reads
+    /// that overlap a write still in flight (or waiting) on the retiring export of the same
+    /// store wait until the retiring export reports it ended; the others go at once.
+    #[test]
+    fn inherited_writes_hold_back_overlapping_writes_and_reads() {
+        // The retiring export: W1 running, W2 waiting behind it.
+        let mut old = WriteOrder::default();
+        assert!(admit(&mut old, 1, 0..4096, "W1"));
+        assert!(!admit(&mut old, 2, 0..512, "W2"));
+        let mut new = WriteOrder::default();
+        new.inherit(7, old.pending());
+        assert_eq!(new.inherited(), 2);
+        assert!(!new.is_idle());
+        assert!(new.fenced(&(4000..4100)), "a read over W1");
+        assert!(!new.fenced(&(4096..8192)), "a read next to it");
+        assert!(!admit(&mut new, 1, 1024..1536, "N1"), "a write over W1");
+        assert!(admit(&mut new, 2, 8192..9000, "N2"), "elsewhere: at once");
+        // A fenced read waits in the same queue: behind N1, which came first.
+        assert!(!admit(&mut new, 3, 1024..2048, "R"));
+        // W1 ends on the retiring export: W2 runs there, and is still inherited here.
+        assert_eq!(old.completed(1), vec![(2, "W2")]);
+        assert_eq!(new.inherited_done(7, 1), vec![(1, "N1")]);
+        assert!(new.fenced(&(0..1)), "W2 still in flight");
+        assert_eq!(new.inherited_done(7, 99), vec![], "not inherited");
+        assert_eq!(new.inherited_done(8, 2), vec![], "another export's token");
+        assert_eq!(old.completed(2), vec![]);
+        assert_eq!(new.inherited_done(7, 2), vec![], "R still waits for N1");
+        assert_eq!(new.completed(1), vec![(3, "R")]);
+        assert_eq!(new.inherited(), 0);
+    }
+
+    /// A retiring export that went away gives back whatever is still inherited from it; a
+    /// write outside the new export's window (an empty range) is not inherited at all.
+    #[test]
+    fn forgetting_an_export_releases_what_it_held_back() {
+        let mut new = WriteOrder::default();
+        new.inherit(3, [(1, 0..512), (2, 600..600)].into_iter());
+        assert_eq!(new.inherited(), 1);
+        assert!(!admit(&mut new, 1, 0..512, "N1"));
+        assert_eq!(new.forget_inherited(4), vec![]);
+        assert_eq!(new.forget_inherited(3), vec![(1, "N1")]);
+        assert_eq!(new.completed(1), vec![]);
+        assert!(new.is_idle());
     }
 }
