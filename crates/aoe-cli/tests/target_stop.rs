@@ -397,13 +397,8 @@ fn sigterm_with_io_stuck_past_the_drain_limit_exits_1() {
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -TERM failed");
     // What was left is named while the write is still stuck: the drain limit holds.
-    let named = |out: &str| {
-        out.lines()
-            .find(|l| l.contains("still in flight"))
-            .map(str::to_owned)
-    };
     let line = loop {
-        if let Some(l) = named(&target.output_so_far()) {
+        if let Some(l) = line_with(&target.output_so_far(), "still in flight") {
             break l;
         }
         assert!(
@@ -473,13 +468,8 @@ fn a_write_stuck_in_the_store_is_warned_about_then_cleared() {
         })
         .unwrap();
     let sent = Instant::now();
-    let warned = |out: &str| {
-        out.lines()
-            .find(|l| l.contains("requests waiting on the backend"))
-            .map(str::to_owned)
-    };
     let line = loop {
-        if let Some(l) = warned(&target.output_so_far()) {
+        if let Some(l) = line_with(&target.output_so_far(), "requests waiting on the backend") {
             break l;
         }
         assert!(
@@ -593,4 +583,9 @@ fn sigterm_syncs_acknowledged_buffered_writes() {
         writes.len()
     );
     drop(target);
+}
+
+/// The first line of `out` that contains `needle`.
+fn line_with(out: &str, needle: &str) -> Option<String> {
+    out.lines().find(|l| l.contains(needle)).map(str::to_owned)
 }
