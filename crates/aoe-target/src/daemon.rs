@@ -195,6 +195,9 @@ pub struct Daemon {
     reloading: Option<(std::sync::mpsc::Receiver<Result<ReloadOpened>>, PathBuf)>,
     /// A SIGHUP came while a reload was under way: reload again once it is done.
     reload_again: bool,
+    /// The tick [`Daemon::reloading`] began at, and the tick of the last warning that it is
+    /// still opening its stores ([`Daemon::log_slow_reload`]).
+    reload_since: (u32, Option<u32>),
     /// Seconds counted by the refresh timer's expirations: the clock of
     /// [`Daemon::log_stuck`].
     ticks: u32,
@@ -319,6 +322,7 @@ impl Daemon {
             ticks: 0,
             reloading: None,
             reload_again: false,
+            reload_since: (0, None),
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),
@@ -535,6 +539,7 @@ impl Daemon {
                 self.poll_shared_stores();
                 self.log_drops();
                 self.log_stuck();
+                self.log_slow_reload();
                 for e in self.exports.values_mut() {
                     e.engine.next_query_period();
                 }
@@ -955,6 +960,29 @@ impl Daemon {
     /// left waiting that long. Before it, a stuck store said nothing until a stop; the
     /// initiator only saw its requests time out. Called once a tick; the ages count in
     /// ticks, so are whole seconds, at most one over the true age.
+    /// Warns while a reload's stores have been opening for [`STUCK_AFTER`] ticks or more,
+    /// every [`STUCK_REPEAT`]: an `open(2)` that does not return (a hung NFS mount, a FUSE
+    /// server that stopped answering) would otherwise leave the reload pending in silence,
+    /// with every later SIGHUP queued behind it ([`Daemon::reload_again`]). The running
+    /// exports keep serving meanwhile.
+    fn log_slow_reload(&mut self) {
+        let Some((_, path)) = &self.reloading else {
+            return;
+        };
+        let (since, warned) = self.reload_since;
+        let age = self.ticks.wrapping_sub(since);
+        if age < STUCK_AFTER || warned.is_some_and(|w| self.ticks.wrapping_sub(w) < STUCK_REPEAT) {
+            return;
+        }
+        tracing::warn!(
+            config = %path.display(),
+            "the reload is still opening its stores after {age} s (an open(2) or an RBD \
+             connection that does not return); the running exports keep serving, and a \
+             SIGHUP meanwhile waits for it"
+        );
+        self.reload_since.1 = Some(self.ticks);
+    }
+
     fn log_stuck(&mut self) {
         let now = self.ticks;
         for rt in self.exports.values_mut() {

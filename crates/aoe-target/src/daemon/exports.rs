@@ -150,7 +150,10 @@ impl Daemon {
                 let _ = event.notify();
             });
         match spawned {
-            Ok(_) => self.reloading = Some((rx, path)),
+            Ok(_) => {
+                self.reloading = Some((rx, path));
+                self.reload_since = (self.ticks, None);
+            }
             Err(e) => tracing::error!(
                 "reload refused, keeping the running configuration: no thread to open the \
                  stores: {e}"
