@@ -722,15 +722,8 @@ impl Daemon {
             } else {
                 rt.writes.inherited_done(of, t)
             };
-            for (t, job) in released {
-                self.waiting_writes -= 1;
-                if let Err(job) = rt.backend.submit(job) {
-                    rt.engine.abort(Token(t));
-                    self.spare.push(job.buf);
-                    rt.pool_full_drops += 1;
-                    work.push((at, at, t));
-                }
-            }
+            let refused = submit_released(rt, released, &mut self.waiting_writes, &mut self.spare);
+            work.extend(refused.into_iter().map(|t| (at, at, t)));
         }
     }
 
@@ -738,15 +731,9 @@ impl Daemon {
     pub(super) fn forget_export(&mut self, id: u32) {
         let mut refused = Vec::new();
         for (&at, rt) in self.exports.iter_mut() {
-            for (t, job) in rt.writes.forget_inherited(id) {
-                self.waiting_writes -= 1;
-                if let Err(job) = rt.backend.submit(job) {
-                    rt.engine.abort(Token(t));
-                    self.spare.push(job.buf);
-                    rt.pool_full_drops += 1;
-                    refused.push((at, t));
-                }
-            }
+            let released = rt.writes.forget_inherited(id);
+            let gone = submit_released(rt, released, &mut self.waiting_writes, &mut self.spare);
+            refused.extend(gone.into_iter().map(|t| (at, t)));
         }
         for (at, t) in refused {
             self.ended(at, t);
@@ -951,6 +938,29 @@ fn set_write_done(s: &mut Staged, d: WriteDone) {
 /// parses the frame properly afterwards.
 pub(super) fn may_write(frame: &[u8]) -> bool {
     frame.get(19) == Some(&0) && frame.get(24).is_some_and(|a| a & 0x01 != 0)
+}
+
+/// Submits the requests a fence `released` (they leave the waiting queue: `waiting_writes`
+/// counts them). One the store refuses (its queue full) is aborted, dropped (the initiator
+/// retransmits) and returned, its buffer given back to `spare`: it has ended in turn, and
+/// what waited for it must be released as well ([`Daemon::ended`]).
+fn submit_released(
+    rt: &mut ExportRt,
+    released: Vec<(u32, Request)>,
+    waiting_writes: &mut usize,
+    spare: &mut Vec<Vec<u8>>,
+) -> Vec<u32> {
+    let mut refused = Vec::new();
+    for (t, job) in released {
+        *waiting_writes -= 1;
+        if let Err(job) = rt.backend.submit(job) {
+            rt.engine.abort(Token(t));
+            spare.push(job.buf);
+            rt.pool_full_drops += 1;
+            refused.push(t);
+        }
+    }
+    refused
 }
 
 /// Notes that `token`'s reply goes out on interface `idx`, and that it waits on the store
