@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use aoe_testkit::aoeclient::{AoeClient, Request};
 use aoe_testkit::faultfs::{FaultFs, Faults};
+use aoe_testkit::NsChild;
 use aoe_wire::{TargetAddr, SECTOR_SIZE};
 
 /// Export size: small, so that sectors are written several times over.
@@ -249,6 +250,22 @@ fn zeroed(file: &Path) {
         .unwrap();
 }
 
+/// `aoe serve FLAGS` on a [`FaultFs`] file of a fresh zeroed image in `dir`, and a client
+/// that has found it: the mount (its switches through `faults()`), the target, the client.
+fn fault_target(net: &Net, dir: &Path, flags: &[&str]) -> (FaultFs, NsChild, AoeClient) {
+    let backing = dir.join("faulty.img");
+    zeroed(&backing);
+    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let target = net.serve(flags, &ffs.file());
+    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
+    assert!(
+        client.discover(Duration::from_secs(10)).is_ok(),
+        "aoe serve never answered Query Config: {}",
+        target.output_so_far()
+    );
+    (ffs, target, client)
+}
+
 /// Books the replies: every one must be a success (the export is healthy), and frees its
 /// sectors for the next write.
 fn record(
@@ -365,18 +382,9 @@ fn sigterm_with_io_stuck_past_the_drain_limit_exits_1() {
     const STUCK: Duration = Duration::from_secs(6);
     let dir = tempfile::tempdir().unwrap();
     let net = Net::new("sgtk");
-    let backing = dir.path().join("stuck.img");
-    zeroed(&backing);
-    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let (ffs, mut target, mut client) = fault_target(&net, dir.path(), &["--drain-secs", "1"]);
     let faults = ffs.faults();
-    let mut target = net.serve(&["--drain-secs", "1"], &ffs.file());
-    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
     client.set_retransmit_timeout(Duration::from_secs(60));
-    assert!(
-        client.discover(Duration::from_secs(10)).is_ok(),
-        "aoe serve never answered Query Config: {}",
-        target.output_so_far()
-    );
     faults.delay_writes(Some((MAGIC, STUCK)));
     client
         .send(&Request::Write {
@@ -448,18 +456,9 @@ fn a_write_stuck_in_the_store_is_warned_about_then_cleared() {
     const STUCK: Duration = Duration::from_secs(8);
     let dir = tempfile::tempdir().unwrap();
     let net = Net::new("sgsw");
-    let backing = dir.path().join("stuck.img");
-    zeroed(&backing);
-    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let (ffs, target, mut client) = fault_target(&net, dir.path(), &[]);
     let faults = ffs.faults();
-    let target = net.serve(&[], &ffs.file());
-    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
     client.set_retransmit_timeout(Duration::from_secs(60));
-    assert!(
-        client.discover(Duration::from_secs(10)).is_ok(),
-        "aoe serve never answered Query Config: {}",
-        target.output_so_far()
-    );
     faults.delay_writes(Some((MAGIC, STUCK)));
     let tag = client
         .send(&Request::Write {
@@ -537,17 +536,8 @@ fn a_write_stuck_in_the_store_is_warned_about_then_cleared() {
 fn sigterm_syncs_acknowledged_buffered_writes() {
     let dir = tempfile::tempdir().unwrap();
     let net = Net::new("sgty");
-    let backing = dir.path().join("sync.img");
-    zeroed(&backing);
-    let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
+    let (ffs, mut target, mut client) = fault_target(&net, dir.path(), &[]);
     let faults = ffs.faults();
-    let mut target = net.serve(&[], &ffs.file());
-    let mut client = AoeClient::open(&net.i, net.veth.b_name(), ADDR).unwrap();
-    assert!(
-        client.discover(Duration::from_secs(10)).is_ok(),
-        "aoe serve never answered Query Config: {}",
-        target.output_so_far()
-    );
     let writes: Vec<Request> = (0..32u64)
         .map(|lba| Request::Write {
             lba,
