@@ -190,14 +190,10 @@ pub struct Daemon {
     /// [`POOL_QUEUE`] as the pool's own queue does.
     waiting_writes: usize,
     hostname: String,
-    /// A reload whose stores a thread is opening ([`Daemon::start_apply`]): its result, and
-    /// the config file's path for the log.
-    reloading: Option<(std::sync::mpsc::Receiver<Result<ReloadOpened>>, PathBuf)>,
+    /// A reload whose stores a thread is opening ([`Daemon::start_apply`]).
+    reloading: Option<Reloading>,
     /// A SIGHUP came while a reload was under way: reload again once it is done.
     reload_again: bool,
-    /// The tick [`Daemon::reloading`] began at, and the tick of the last warning that it is
-    /// still opening its stores ([`Daemon::log_slow_reload`]).
-    reload_since: (u32, Option<u32>),
     /// Seconds counted by the refresh timer's expirations: the clock of
     /// [`Daemon::log_stuck`].
     ticks: u32,
@@ -274,6 +270,18 @@ pub struct Daemon {
 /// ones.
 type ReloadOpened = (ServeConfig, Vec<u32>, Vec<ExportRt>);
 
+/// A reload under way ([`Daemon::start_apply`]).
+struct Reloading {
+    /// Where its thread sends the opened stores.
+    rx: std::sync::mpsc::Receiver<Result<ReloadOpened>>,
+    /// The config file, for the log.
+    path: PathBuf,
+    /// The tick it began at, and that of the last warning that it is still opening its
+    /// stores ([`Daemon::log_slow_reload`]).
+    since: u32,
+    warned: Option<u32>,
+}
+
 /// Interval of [`Daemon`]'s rate-limited log lines.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// A request waiting on its store this many ticks (seconds, [`REFRESH`]) counts as stuck
@@ -322,7 +330,6 @@ impl Daemon {
             ticks: 0,
             reloading: None,
             reload_again: false,
-            reload_since: (0, None),
             hostname,
             state_writer: StateWriter::new().context("cannot start the state writer")?,
             observer: crate::control::Observer::new(),
@@ -966,21 +973,21 @@ impl Daemon {
     /// with every later SIGHUP queued behind it ([`Daemon::reload_again`]). The running
     /// exports keep serving meanwhile.
     fn log_slow_reload(&mut self) {
-        let Some((_, path)) = &self.reloading else {
+        let now = self.ticks;
+        let Some(r) = &mut self.reloading else {
             return;
         };
-        let (since, warned) = self.reload_since;
-        let age = self.ticks.wrapping_sub(since);
-        if age < STUCK_AFTER || warned.is_some_and(|w| self.ticks.wrapping_sub(w) < STUCK_REPEAT) {
+        let age = now.wrapping_sub(r.since);
+        if age < STUCK_AFTER || r.warned.is_some_and(|w| now.wrapping_sub(w) < STUCK_REPEAT) {
             return;
         }
         tracing::warn!(
-            config = %path.display(),
+            config = %r.path.display(),
             "the reload is still opening its stores after {age} s (an open(2) or an RBD \
              connection that does not return); the running exports keep serving, and a \
              SIGHUP meanwhile waits for it"
         );
-        self.reload_since.1 = Some(self.ticks);
+        r.warned = Some(now);
     }
 
     fn log_stuck(&mut self) {

@@ -151,8 +151,12 @@ impl Daemon {
             });
         match spawned {
             Ok(_) => {
-                self.reloading = Some((rx, path));
-                self.reload_since = (self.ticks, None);
+                self.reloading = Some(Reloading {
+                    rx,
+                    path,
+                    since: self.ticks,
+                    warned: None,
+                })
             }
             Err(e) => tracing::error!(
                 "reload refused, keeping the running configuration: no thread to open the \
@@ -165,7 +169,7 @@ impl Daemon {
     /// ([`Daemon::start_apply`]); a thread that ended without a result (it panicked) is
     /// logged as a refused reload.
     pub(super) fn poll_reload(&mut self) {
-        let Some((rx, _)) = &self.reloading else {
+        let Some(Reloading { rx, .. }) = &self.reloading else {
             return;
         };
         let got = match rx.try_recv() {
@@ -175,7 +179,7 @@ impl Daemon {
                 "the thread opening the stores ended without a result"
             )),
         };
-        let Some((_, path)) = self.reloading.take() else {
+        let Some(Reloading { path, .. }) = self.reloading.take() else {
             return;
         };
         let done = got.and_then(|(config, keep, new_rts)| self.commit(config, keep, new_rts));
