@@ -88,6 +88,7 @@ fn io_round(e: &mut Engine, disk: &mut [u8], frame: &[u8]) -> Vec<u8> {
         IoKind::Write { offset, data } => {
             let o = offset as usize;
             disk[o..o + data.len()].copy_from_slice(&frame[data]);
+            e.written(io.token, frame);
         }
         IoKind::Flush => {}
     }
@@ -1298,6 +1299,7 @@ fn copy_of_a_write_in_flight_is_dropped_and_a_failed_write_answers_its_copy_alik
     );
     assert_eq!(e.stats().dedup.dropped_in_flight, 1);
     assert_eq!(e.stats().dedup.answered, 0);
+    e.written(io.token, &w);
     let n = e
         .complete(io.token, Err(IoFailure::Medium), &mut buf)
         .unwrap();
@@ -1758,6 +1760,244 @@ proptest::proptest! {
             proptest::prop_assert!(held.len() <= 64);
             proptest::prop_assert_eq!(e.in_flight() as usize, held.len());
             proptest::prop_assert_eq!(e.shares.in_flight(0) as usize, held.len());
+        }
+    }
+}
+
+/// The write's digest is taken after the store has its data (`Engine::written`), not on
+/// admission. A copy that arrives before that (the write admitted, its data not yet handed
+/// back) is dropped as a copy in flight always was, and never reaches the disk; once the
+/// write is written and answered, a copy gets its reply.
+#[test]
+fn a_copy_before_the_write_is_digested_is_dropped_and_answered_after() {
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let w = write_frame(HOST, 0x0001_0001, 40, &[7u8; 1024]);
+    let mut buf = vec![0u8; 1514];
+    let Outcome::Io(io) = e.handle_frame(0, &w, &mut buf) else {
+        panic!("the write runs")
+    };
+    let mut other = vec![0u8; 1514];
+    assert_eq!(
+        e.handle_frame(0, &w, &mut other),
+        Outcome::Drop(DropReason::DuplicateInFlight),
+        "a copy before the digest is dropped, not executed"
+    );
+    e.written(io.token, &w);
+    assert_eq!(
+        e.handle_frame(0, &w, &mut other),
+        Outcome::Drop(DropReason::DuplicateInFlight),
+        "and after the digest, while the write is still unanswered"
+    );
+    let n = e.complete(io.token, Ok(()), &mut buf).unwrap();
+    assert_eq!(reply_of(&mut e, &w).unwrap(), buf[..n]);
+    assert_eq!(e.stats().dedup.dropped_in_flight, 2);
+    assert_eq!(e.stats().dedup.answered, 1);
+    assert_eq!(e.stats().sectors_written, 2, "written once");
+}
+
+/// An initiator that reuses a tag with other data (same MAC, tag, command, LBA, count).
+/// Before the first write is digested its data cannot be compared: the second is dropped
+/// like a copy in flight, and its retransmission (the initiator was not answered) runs
+/// once the first write is digested, in flight or answered. After the digest it runs at
+/// once. Either way it replaces the entry: a copy of it is answered, and the first data
+/// again under the key is a new write (the "A, B, A" of an initiator that reuses tags).
+#[test]
+fn a_tag_reuse_with_other_data_runs_before_or_after_the_first_completes() {
+    let (a, b) = ([0xaau8; 512], [0xbbu8; 512]);
+    // Arriving before the digest: dropped; sent again after the write was written (but not
+    // yet answered), and after it was answered: executed.
+    for answered_first in [false, true] {
+        let mut e = engine(1000);
+        e.set_now(Instant::now());
+        let mut disk = vec![0u8; 1000 * 512];
+        let wa = write_frame(HOST, 9, 50, &a);
+        let wb = write_frame(HOST, 9, 50, &b);
+        let mut buf = vec![0u8; 1514];
+        let Outcome::Io(io) = e.handle_frame(0, &wa, &mut buf) else {
+            panic!()
+        };
+        disk[50 * 512..51 * 512].copy_from_slice(&a);
+        assert_eq!(
+            reply_of(&mut e, &wb),
+            None,
+            "other data before the digest: dropped, to be sent again"
+        );
+        assert_eq!(e.stats().dedup.dropped_in_flight, 1);
+        e.written(io.token, &wa);
+        if answered_first {
+            e.complete(io.token, Ok(()), &mut buf).unwrap();
+        }
+        let rb = io_round(&mut e, &mut disk, &wb);
+        assert_eq!(&disk[50 * 512..51 * 512], &b[..], "the retransmission ran");
+        if !answered_first {
+            e.complete(io.token, Ok(()), &mut buf).unwrap();
+        }
+        assert_eq!(reply_of(&mut e, &wb).unwrap(), rb, "B's copy: B's reply");
+        io_round(&mut e, &mut disk, &wa);
+        assert_eq!(disk[50 * 512], 0xaa, "A after B under one key runs");
+        assert_eq!(e.stats().sectors_written, 3);
+    }
+    // Arriving after the first write was digested, in flight: executed at once.
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let wa = write_frame(HOST, 9, 50, &a);
+    let wb = write_frame(HOST, 9, 50, &b);
+    let mut buf = vec![0u8; 1514];
+    let Outcome::Io(ia) = e.handle_frame(0, &wa, &mut buf) else {
+        panic!()
+    };
+    e.written(ia.token, &wa);
+    let mut buf2 = vec![0u8; 1514];
+    let Outcome::Io(ib) = e.handle_frame(0, &wb, &mut buf2) else {
+        panic!("other data after the digest runs")
+    };
+    // B was digested on admission (to compare): a copy of it is known at once, in flight.
+    assert_eq!(
+        e.handle_frame(0, &wb, &mut vec![0u8; 1514]),
+        Outcome::Drop(DropReason::DuplicateInFlight)
+    );
+    e.complete(ia.token, Ok(()), &mut buf).unwrap();
+    // A's reply must not answer for B (B replaced A's entry).
+    assert_eq!(
+        e.handle_frame(0, &wb, &mut vec![0u8; 1514]),
+        Outcome::Drop(DropReason::DuplicateInFlight)
+    );
+    e.written(ib.token, &wb);
+    let n = e
+        .complete(ib.token, Err(IoFailure::Medium), &mut buf2)
+        .unwrap();
+    assert_eq!(reply_of(&mut e, &wb).unwrap(), buf2[..n]);
+}
+
+/// A write whose data never went to `Engine::written` is forgotten when it completes: its
+/// copy cannot be told from other data under the key, so it runs (the table's absence, as
+/// in vblade), rather than being answered for data nobody compared.
+#[test]
+fn a_write_completed_without_its_digest_is_forgotten() {
+    let mut e = engine(1000);
+    e.set_now(Instant::now());
+    let w = write_frame(HOST, 3, 60, &[3u8; 512]);
+    let mut buf = vec![0u8; 1514];
+    let Outcome::Io(io) = e.handle_frame(0, &w, &mut buf) else {
+        panic!()
+    };
+    assert_eq!(e.dedup_entries(), 1);
+    // A frame too short to hold the payload gives no digest.
+    e.written(io.token, &w[..w.len() - 1]);
+    e.complete(io.token, Ok(()), &mut buf).unwrap();
+    assert_eq!(e.dedup_entries(), 0);
+    assert!(matches!(e.handle_frame(0, &w, &mut buf), Outcome::Io(_)));
+    // `written` of a token not in flight, or of a read, changes nothing.
+    e.written(Token(999), &w);
+    let r = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 0, &[]));
+    let Outcome::Io(read) = e.handle_frame(0, &r, &mut vec![0u8; 1514]) else {
+        panic!()
+    };
+    e.written(read.token, &w);
+    assert_eq!(e.dedup_entries(), 1);
+}
+
+/// What the duplicate-write table promises, as a model: per key (MAC, tag, command, LBA,
+/// count), the write it remembers, undigested (admitted, data not yet handed back), in
+/// flight or answered. A write under a key with no entry runs; under an undigested one is
+/// dropped; equal in data to a digested one is dropped in flight or answered as it was;
+/// other data runs and takes the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remembered {
+    Undigested,
+    InFlight,
+    Done(u8, u8),
+}
+
+proptest::proptest! {
+    /// Any interleaving of writes (six keys, three payloads: copies and tag reuses), their
+    /// data handed back, completions (some failing) and aborts: the engine does what the
+    /// model says, so no copy is ever executed while its write is remembered, and every
+    /// write with other data under a digested key runs.
+    #[test]
+    fn the_table_answers_as_the_model_says(ops in proptest::collection::vec((0u8..5, 0u8..18), 1..400)) {
+        let mut e = engine(1000);
+        e.set_now(Instant::now());
+        let mut buf = vec![0u8; 1514];
+        // Per key: (payload, token while in flight, state).
+        let mut model: [Option<(u8, Option<Token>, Remembered)>; 6] = [None; 6];
+        // Writes handed out: (token, key, frame).
+        let mut held: Vec<(Token, usize, Vec<u8>)> = Vec::new();
+        for (op, arg) in ops {
+            match op {
+                0 | 1 => {
+                    if held.len() >= 32 {
+                        continue;
+                    }
+                    let (key, data) = (usize::from(arg % 6), arg / 6);
+                    let w = write_frame(HOST, 1 + key as u32 / 2, 8 * (key as u64 % 2), &[data + 1; 512]);
+                    let out = e.handle_frame(0, &w, &mut buf);
+                    match (model[key], out) {
+                        (None, Outcome::Io(io)) => {
+                            model[key] = Some((data, Some(io.token), Remembered::Undigested));
+                            held.push((io.token, key, w));
+                        }
+                        (Some((_, _, Remembered::Undigested)), Outcome::Drop(DropReason::DuplicateInFlight)) => {}
+                        (Some((d, _, Remembered::InFlight)), Outcome::Drop(DropReason::DuplicateInFlight)) if d == data => {}
+                        (Some((d, _, Remembered::Done(st, err))), Outcome::Reply(n)) if d == data => {
+                            let Body::Ata(a) = Message::parse(&buf[..n]).unwrap().body else {
+                                panic!()
+                            };
+                            proptest::prop_assert_eq!((a.cmd_status, a.err_feature), (st, err));
+                        }
+                        (Some((d, _, Remembered::InFlight | Remembered::Done(..))), Outcome::Io(io)) if d != data => {
+                            // Digested on admission, to compare.
+                            model[key] = Some((data, Some(io.token), Remembered::InFlight));
+                            held.push((io.token, key, w));
+                        }
+                        (m, o) => proptest::prop_assert!(false, "key {} data {}: {:?} got {:?}", key, data, m, o),
+                    }
+                }
+                2 => {
+                    if held.is_empty() {
+                        continue;
+                    }
+                    let (t, key, w) = &held[usize::from(arg) % held.len()];
+                    e.written(*t, w);
+                    if let Some((_, Some(mt), r @ Remembered::Undigested)) = &mut model[*key] {
+                        if mt == t {
+                            *r = Remembered::InFlight;
+                        }
+                    }
+                }
+                3 => {
+                    if held.is_empty() {
+                        continue;
+                    }
+                    let (t, key, _) = held.remove(usize::from(arg) % held.len());
+                    let (r, st, err) = if arg % 2 == 0 {
+                        (Ok(()), status::DRDY, 0)
+                    } else {
+                        (Err(IoFailure::Medium), status::DRDY | status::ERR, error_bits::UNC)
+                    };
+                    proptest::prop_assert!(e.complete(t, r, &mut buf).is_some());
+                    if let Some((_, Some(mt), state)) = model[key] {
+                        if mt == t {
+                            model[key] = match state {
+                                Remembered::Undigested => None,
+                                _ => model[key].map(|(d, _, _)| (d, None, Remembered::Done(st, err))),
+                            };
+                        }
+                    }
+                }
+                _ => {
+                    let Some((t, key, _)) = held.pop() else {
+                        continue;
+                    };
+                    proptest::prop_assert!(e.abort(t));
+                    if matches!(model[key], Some((_, Some(mt), _)) if mt == t) {
+                        model[key] = None;
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(e.in_flight() as usize, held.len());
+            proptest::prop_assert_eq!(e.dedup_entries(), model.iter().flatten().count());
         }
     }
 }
