@@ -415,8 +415,6 @@ impl Sim {
                         IoKind::Flush => {}
                     }
                 }
-                // The data is on the disk: the duplicate-write table takes its digest.
-                self.targets[t].eng.written(io.token, frame);
                 let st = &mut self.targets[t];
                 let at = if st.service.is_zero() {
                     // Not before the end of a stall (`busy_until`, which only a stall

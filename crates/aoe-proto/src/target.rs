@@ -500,9 +500,9 @@ impl Engine {
 
     /// Gives the engine a cache hint to call with the address of memory it is about to
     /// read, e.g. `aoe_sys::prefetch`: for a write, the line of the duplicate-write table's
-    /// index the write will look up, hinted as early as the driver can
-    /// ([`prefetch_frame`](Self::prefetch_frame)), so that the line (most often not in the
-    /// cache: the index is read at random) comes in meanwhile. The engine reads nothing through the hint; without one, nothing changes.
+    /// index the write will look up, hinted before the digest of its data is computed, so
+    /// that the line (most often not in the cache: the index is read at random) comes in
+    /// meanwhile. The engine reads nothing through the hint; without one, nothing changes.
     pub fn set_prefetch(&mut self, hint: fn(*const u8)) {
         self.prefetch = Some(hint);
     }
@@ -1161,15 +1161,14 @@ impl Engine {
             // reply and never reaches the disk: run again after a newer write to these
             // sectors, it would put the old data back over acknowledged new data.
             let key = dedup::Key::of_write(rsp.dst, rsp.tag.0, req);
-            // The frame carries `len` bytes (parse checked it). The data is digested here only
-            // if the key is in the table; otherwise once the store has it (`written`).
+            // The frame carries `len` bytes (parse checked it); no digest when the table is off.
             let admitted = if self.dedup.active() {
                 let hash = self.dedup.hash(&key);
                 if let Some(hint) = self.prefetch {
                     self.hint_line(hint, hash);
                 }
-                let data = &req.data[..len.min(req.data.len())];
-                self.dedup.admit_hashed(self.now, key, hash, data)
+                let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
+                self.dedup.admit_hashed(self.now, key, hash, digest)
             } else {
                 Ok(None)
             };
@@ -1325,35 +1324,9 @@ impl Engine {
         true
     }
 
-    /// The store has taken (or failed) write `token`'s data: `frame` is the request frame,
-    /// or a copy of it, its payload where [`IoKind::Write`]'s `data` says. The driver calls
-    /// it after the write ran and before [`complete`](Self::complete) (whose reply may be
-    /// built in that very buffer), on the thread that ran it, where the payload was just
-    /// read and is still in the cache: the duplicate-write table takes the write's digest
-    /// here, not cold on admission (the `dedup` module). A write never handed here is
-    /// forgotten by the table when it completes, and a copy of it would run again. Does
-    /// nothing for a token that is no write in flight, a write that needs no digest (the
-    /// table is off, or it had its digest on admission), or a `frame` too short.
-    pub fn written(&mut self, token: Token, frame: &[u8]) {
-        let Some(Some(p)) = self.pending.get(token.0 as usize) else {
-            return;
-        };
-        let (PendingKind::Write { sectors }, Some(seq)) = (p.kind, p.dedup) else {
-            return;
-        };
-        if !self.dedup.needs_digest(seq) {
-            return;
-        }
-        let len = sectors as usize * SECTOR_SIZE;
-        if let Some(data) = frame.get(ATA_HEADER_LEN..ATA_HEADER_LEN + len) {
-            self.dedup.set_digest(seq, dedup::Digest::of(data));
-        }
-    }
-
     /// Completes disk work: writes the reply header (and, on failure, an ATA error) into
     /// `reply`, whose data area a read has filled, and returns the length to send. `None`
-    /// for a token that is not in flight. A write's data goes to
-    /// [`written`](Self::written) first.
+    /// for a token that is not in flight.
     #[must_use = "the reply written to the buffer must be sent"]
     pub fn complete(
         &mut self,

@@ -16,21 +16,6 @@
 //! same key and other data (an initiator that reuses tags) is executed and replaces the
 //! entry.
 //!
-//! When the digest is taken: a copy can only match a key already in the table, so a write
-//! is admitted by its key alone, and its payload digested on admission only when the key is
-//! there (to compare). Every other write's digest is taken after the store has taken its
-//! data ([`Engine::written`](super::Engine::written)): `pwritev` has just read the payload,
-//! so the digest reads it from the cache, where on admission it read it cold (just
-//! delivered by the other CPU: docs/PERFORMANCE.md, "The duplicate-write table's share of
-//! the target, measured"). Between the two the entry has no digest, and a write under its
-//! key cannot be told from a copy by its data: it is dropped as a copy in flight is. If it
-//! carried other data (an initiator that reuses a tag it still has outstanding, which none
-//! of the known ones does: a tag names one outstanding request), nothing is lost: unanswered,
-//! it is sent again, and once the first write's digest is there the retransmission is told
-//! apart by its data and executed. A write that completes without a digest (its data never
-//! handed to [`Engine::written`](super::Engine::written)) is forgotten, not remembered as
-//! answered: nothing to compare a copy with, so a copy runs again, as without the table.
-//!
 //! Tags: the Linux driver and `aoe initiator` make a tag of `(counter & 0x7fff) << 16 |
 //! (milliseconds & 0xffff)`, so one MAC repeats a tag at the earliest after 65 s, far
 //! outside the window. aoetools set bit 31 and count (and only read); iPXE's aoe.c a 16-bit
@@ -138,10 +123,7 @@ struct Entry {
     /// When it was admitted (`None` in engines fed no time: never too old).
     at: Option<Instant>,
     key: Key,
-    /// The data's digest: taken on admission when the key was already in the table, else
-    /// once the store has the data ([`Dedup::set_digest`]); `None` until then (the write is
-    /// in flight).
-    digest: Option<Digest>,
+    digest: Digest,
     state: State,
     /// The index leads to it: it is its key's remembered write. False once a write under
     /// the same key replaced it, it was forgotten, or the index had no room for it; it then
@@ -223,9 +205,9 @@ enum Found {
 /// either (the seq finds its entry). The std `HashMap` it replaced took two SipHash-1-3
 /// hashes and two entry lookups a write (its admission, the removal of the write pushed
 /// out), 5-7% of the target's samples under writes. What is left is the cache miss on the
-/// home group, read at random: the driver hints it ([`Dedup::line`]) for every write of a
-/// receive batch before the engine handles the first (docs/PERFORMANCE.md, "The
-/// duplicate-write table's cost").
+/// home group, read at random: the engine hints it ([`Dedup::line`]) before computing the
+/// write's digest, which takes long enough for the line to arrive (docs/PERFORMANCE.md,
+/// "The duplicate-write table's cost").
 ///
 /// Flooding: the hash is keyed by a secret drawn per table from the process's random
 /// source (std's `RandomState`), so a sender cannot aim keys at one group; and whatever the
@@ -473,8 +455,7 @@ impl Dedup {
         self.order.get_mut(index(self.first, seq)?)
     }
 
-    /// Looks a write of data digest `digest` up (and expires old entries first) without
-    /// remembering it: what admitting it would say.
+    /// Looks a write up (and expires old entries first) without remembering it.
     #[cfg(test)]
     pub(super) fn check(&mut self, now: Option<Instant>, key: &Key, digest: Digest) -> Seen {
         if !self.cfg.enabled() {
@@ -487,28 +468,19 @@ impl Dedup {
         let h = self.hash(key);
         let home = self.home(h);
         match self.find(key, home, h >> SEQ_BITS) {
-            Found::At(_, i) => match self.order[i].digest {
-                // Not digested yet: taken for a copy in flight.
-                None => Seen::InFlight,
-                Some(d) if d == digest => seen(&self.order[i]),
-                Some(_) => Seen::New,
-            },
+            Found::At(_, i) if self.order[i].digest == digest => seen(&self.order[i]),
             _ => Seen::New,
         }
     }
 
-    /// Remembers a write of data digest `digest` about to be handed to the driver, its
-    /// digest taken at once (as though the store already had its data); returns the seq to
-    /// finish it with.
+    /// Remembers a write about to be handed to the driver; returns the seq to finish it
+    /// with.
     #[cfg(test)]
     pub(super) fn insert(&mut self, now: Option<Instant>, key: Key, digest: Digest) -> Option<u64> {
-        let seq = self.admit(now, key, digest).unwrap_or_default()?;
-        self.set_digest(seq, digest);
-        Some(seq)
+        self.admit(now, key, digest).unwrap_or_default()
     }
 
-    /// [`admit_hashed`](Self::admit_hashed) of a write of data digest `digest`, the hash
-    /// computed here; the entry of a new key is left without its digest.
+    /// [`admit_hashed`](Self::admit_hashed), the hash computed here.
     #[cfg(test)]
     pub(super) fn admit(
         &mut self,
@@ -516,34 +488,19 @@ impl Dedup {
         key: Key,
         digest: Digest,
     ) -> Result<Option<u64>, Seen> {
-        self.admit_with(now, key, self.hash(&key), || digest)
+        self.admit_hashed(now, key, self.hash(&key), digest)
     }
 
-    /// One lookup for the hot path, of a write of payload `data` whose key's
-    /// [`hash`](Self::hash) is `h`: a copy of a remembered write is `Err` with what the
-    /// table says of it; anything else is remembered as in flight (replacing an entry under
-    /// the same key with other data) and `Ok` with the seq to finish or forget it with
-    /// (`None` when the table is off). `data` is digested only if its key is in the table.
+    /// One lookup for the hot path, of a key whose [`hash`](Self::hash) is `h`: a copy of a
+    /// remembered write is `Err` with what the table says of it; anything else is
+    /// remembered as in flight (replacing an entry under the same key with other data) and
+    /// `Ok` with the seq to finish or forget it with (`None` when the table is off).
     pub(super) fn admit_hashed(
         &mut self,
         now: Option<Instant>,
         key: Key,
         h: u64,
-        data: &[u8],
-    ) -> Result<Option<u64>, Seen> {
-        self.admit_with(now, key, h, || Digest::of(data))
-    }
-
-    /// [`admit_hashed`](Self::admit_hashed), the write's digest computed by `digest` when
-    /// it is needed: only to compare with the remembered write under its key. A new key's
-    /// entry has none until [`set_digest`](Self::set_digest); a write under a key whose
-    /// write has none yet is taken for a copy in flight (the module's doc says why).
-    fn admit_with(
-        &mut self,
-        now: Option<Instant>,
-        key: Key,
-        h: u64,
-        digest: impl FnOnce() -> Digest,
+        digest: Digest,
     ) -> Result<Option<u64>, Seen> {
         if !self.cfg.enabled() {
             return Ok(None);
@@ -556,25 +513,19 @@ impl Dedup {
         let home = self.home(h);
         let fp = h >> SEQ_BITS;
         let seq = self.next_seq;
-        let (place, digest) = match self.find(&key, home, fp) {
+        let place = match self.find(&key, home, fp) {
             Found::At(place, i) => {
                 let e = &mut self.order[i];
-                // Undigested, the remembered write is in flight (`finish` forgets one that
-                // completes so): no data to compare with yet.
-                let Some(theirs) = e.digest else {
-                    return Err(Seen::InFlight);
-                };
-                let mine = digest();
-                if theirs == mine {
+                if e.digest == digest {
                     return Err(seen(e));
                 }
                 // Other data under the same key: the new write takes the key's bucket.
                 e.indexed = false;
                 self.live -= 1;
-                (place, Some(mine))
+                place
             }
-            Found::Free(free) => (free, None),
-            Found::Full(read) => (self.make_room(home, read), None),
+            Found::Free(free) => free,
+            Found::Full(read) => self.make_room(home, read),
         };
         self.place(home, place, fp, seq);
         self.next_seq += 1;
@@ -589,32 +540,10 @@ impl Dedup {
         Ok(Some(seq))
     }
 
-    /// True if the write of `seq` is remembered and has no digest yet: what
-    /// [`set_digest`](Self::set_digest) is for.
-    pub(super) fn needs_digest(&self, seq: u64) -> bool {
-        index(self.first, seq)
-            .and_then(|i| self.order.get(i))
-            .is_some_and(|e| e.indexed && e.digest.is_none())
-    }
-
-    /// The write of `seq` carried data of digest `digest` (taken once the store had it).
-    pub(super) fn set_digest(&mut self, seq: u64, digest: Digest) {
-        if let Some(e) = self.entry_mut(seq) {
-            e.digest = Some(digest);
-        }
-    }
-
-    /// The write's reply went out with these registers. One that never got its digest is
-    /// forgotten: a copy could not be told from other data under its key.
+    /// The write's reply went out with these registers.
     pub(super) fn finish(&mut self, seq: u64, status: u8, error: u8) {
-        let Some(e) = self.entry_mut(seq) else {
-            return;
-        };
-        if e.digest.is_some() {
+        if let Some(e) = self.entry_mut(seq) {
             e.state = State::Done { status, error };
-        } else if e.indexed {
-            e.indexed = false;
-            self.live -= 1;
         }
     }
 
@@ -684,39 +613,6 @@ mod tests {
         let later = t0 + DEFAULT_DEDUP_WINDOW;
         assert_eq!(d.check(Some(later), &key(7), dg), Seen::New);
         assert_eq!(d.len(), 0);
-    }
-
-    /// A write admitted by its key alone has no digest until the store took its data: any
-    /// write under its key is then taken for a copy in flight, whatever its data; with the
-    /// digest, data tells them apart; finished without one, it is forgotten.
-    #[test]
-    fn an_undigested_write_holds_its_key_until_digested() {
-        let mut d = Dedup::new(DedupConfig::default());
-        let (a, b) = (Digest::of(&[0xaa; 512]), Digest::of(&[0xbb; 512]));
-        let s = d.admit(None, key(1), a).unwrap().unwrap();
-        assert!(d.needs_digest(s));
-        assert_eq!(d.admit(None, key(1), b), Err(Seen::InFlight));
-        assert_eq!(d.admit(None, key(1), a), Err(Seen::InFlight));
-        d.set_digest(s, a);
-        assert!(!d.needs_digest(s));
-        assert_eq!(d.check(None, &key(1), a), Seen::InFlight);
-        assert_eq!(d.check(None, &key(1), b), Seen::New);
-        // Other data under a digested key: digested on admission, no digest needed later.
-        let s2 = d.admit(None, key(1), b).unwrap().unwrap();
-        assert!(!d.needs_digest(s2));
-        d.finish(s2, 0x40, 0);
-        assert_eq!(
-            d.check(None, &key(1), b),
-            Seen::Done {
-                status: 0x40,
-                error: 0
-            }
-        );
-        // Never digested: forgotten when finished.
-        let s3 = d.admit(None, key(2), a).unwrap().unwrap();
-        d.finish(s3, 0x40, 0);
-        assert_eq!(d.len(), 1);
-        assert_eq!(d.check(None, &key(2), a), Seen::New);
     }
 
     #[test]

@@ -180,10 +180,6 @@ impl Daemon {
                     }
                 };
                 if let Some(result) = result {
-                    if matches!(req.kind, IoKind::Write { .. }) {
-                        // Just read by pwrite: the duplicate-write table's digest, warm.
-                        rt.engine.written(req.token, frame);
-                    }
                     match rt.engine.complete(req.token, result, reply) {
                         Some(n) => n,
                         None => {
@@ -448,7 +444,7 @@ impl Daemon {
         let Staged::Write { id, offset, .. } = staged[first] else {
             return;
         };
-        let Some(rt) = self.exports.get_mut(&id) else {
+        let Some(rt) = self.exports.get(&id) else {
             // The export went away (a reload) with its engine: nothing to answer.
             for &j in run {
                 set_write_done(&mut staged[j], WriteDone::Handed);
@@ -466,11 +462,6 @@ impl Daemon {
         match all {
             Ok(true) => {
                 for &j in run {
-                    // The run's payloads were just read by pwritev: the duplicate-write
-                    // table digests them now, from the cache (`Engine::written`).
-                    if let Staged::Write { token, frame, .. } = staged[j] {
-                        rt.engine.written(token, iface.frame(frame));
-                    }
                     set_write_done(&mut staged[j], WriteDone::Inline(Ok(())));
                 }
             }
@@ -482,7 +473,6 @@ impl Daemon {
             Err(_) => {
                 for &j in run {
                     let Staged::Write {
-                        token,
                         offset,
                         frame,
                         ref data,
@@ -491,15 +481,11 @@ impl Daemon {
                     else {
                         continue;
                     };
-                    let Some(rt) = self.exports.get_mut(&id) else {
+                    let Some(rt) = self.exports.get(&id) else {
                         continue;
                     };
-                    let whole = self.ifaces[idx].frame(frame);
-                    let r = rt.backend.try_write_at(&whole[data.clone()], offset);
-                    if !matches!(r, Ok(false)) {
-                        rt.engine.written(token, whole);
-                    }
-                    match r {
+                    let buf = &self.ifaces[idx].frame(frame)[data.clone()];
+                    match rt.backend.try_write_at(buf, offset) {
                         Ok(true) => set_write_done(&mut staged[j], WriteDone::Inline(Ok(()))),
                         Ok(false) => self.write_to_worker(idx, &mut staged[j], false),
                         Err(e) => {
@@ -712,9 +698,6 @@ impl Daemon {
             ata_failure(&e)
         });
         let idx = rt.token_iface.get(token.0 as usize).map_or(0, |&(i, _)| i);
-        // A write's buffer is a copy of its request frame (`Op::Write`): its digest for the
-        // duplicate-write table, before the reply header goes over the frame's.
-        rt.engine.written(token, &buf);
         match rt.engine.complete(token, result, &mut buf) {
             Some(n) if idx < self.ifaces.len() => self.ifaces[idx].queue(buf, n, &mut self.spare),
             _ => self.spare.push(buf),
