@@ -20,7 +20,9 @@
 //!   together no order).
 //! - Memory: at most `cap` jobs, so at most `cap` sources; the entry and source tables grow
 //!   to their high-water mark and are reused, so a steady load allocates nothing per job.
-//!   The last source pushed is cached: a single source (the common case) never hashes.
+//!   The last source pushed is cached, and kept (parked, in no turn) when its last job
+//!   leaves: a single source (the common case, its queue often running empty between
+//!   jobs) never hashes.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -48,15 +50,17 @@ pub struct FairQueue<T> {
     len: usize,
     entries: Vec<Entry<T>>,
     free_entry: u32,
-    /// Source slots; those with jobs are in `ring`, the others in `free_sources`.
+    /// Source slots; those with jobs are in `ring`, the last source pushed may be parked
+    /// (no jobs, `head` NIL, still in `index`), the others are in `free_sources`.
     sources: Vec<Source>,
     free_sources: Vec<u32>,
     /// Sources with jobs queued, in the order they are served: the front gives one job and
     /// goes to the back.
     ring: VecDeque<u32>,
-    /// Source key to its slot, for sources with jobs queued (not consulted for the last).
+    /// Source key to its slot, for sources with jobs queued and the parked one (not
+    /// consulted for the last).
     index: HashMap<u64, u32>,
-    /// The last source pushed, if it still has jobs queued: (key, slot).
+    /// The last source pushed: (key, slot), its slot queued or parked.
     last: Option<(u64, u32)>,
 }
 
@@ -115,12 +119,21 @@ impl<T> FairQueue<T> {
         self.len += 1;
         let slot = match self.last {
             Some((key, slot)) if key == source => Some(slot),
-            _ => self.index.get(&source).copied(),
+            _ => {
+                self.unpark_last();
+                self.index.get(&source).copied()
+            }
         };
         let slot = match slot {
             Some(s) => {
                 let src = &mut self.sources[s as usize];
-                self.entries[src.tail as usize].next = e;
+                if src.head == NIL {
+                    // Parked: its turn starts behind every source waiting.
+                    src.head = e;
+                    self.ring.push_back(s);
+                } else {
+                    self.entries[src.tail as usize].next = e;
+                }
                 src.tail = e;
                 s
             }
@@ -150,6 +163,16 @@ impl<T> FairQueue<T> {
         Ok(())
     }
 
+    /// Frees the last source's slot if it is parked (another source is being pushed).
+    fn unpark_last(&mut self) {
+        if let Some((key, s)) = self.last.take() {
+            if self.sources[s as usize].head == NIL {
+                self.index.remove(&key);
+                self.free_sources.push(s);
+            }
+        }
+    }
+
     /// The next job: the oldest of the source whose turn it is, which then goes behind the
     /// others. None when empty.
     pub fn pop(&mut self) -> Option<T> {
@@ -163,11 +186,11 @@ impl<T> FairQueue<T> {
         self.free_entry = e;
         self.len -= 1;
         if src.head == NIL {
-            let key = src.key;
-            self.index.remove(&key);
-            self.free_sources.push(s);
-            if self.last.is_some_and(|(_, slot)| slot == s) {
-                self.last = None;
+            // The last source pushed stays parked for its next job; any other is freed.
+            if self.last.is_none_or(|(_, slot)| slot != s) {
+                let key = src.key;
+                self.index.remove(&key);
+                self.free_sources.push(s);
             }
         } else {
             self.ring.push_back(s);
@@ -233,7 +256,26 @@ mod tests {
             assert_eq!(drain(&mut q), vec![(2, round), (2, round + 1000)]);
         }
         assert!(q.entries.len() <= 4, "{} entries", q.entries.len());
-        assert!(q.sources.len() <= 2, "{} sources", q.sources.len());
+        assert!(q.sources.len() <= 3, "{} sources", q.sources.len());
+        assert!(q.index.len() <= 2, "{} indexed", q.index.len());
+    }
+
+    #[test]
+    fn a_lone_source_whose_queue_runs_empty_keeps_its_slot_without_hashing() {
+        let mut q = FairQueue::new(4);
+        for i in 0..10u32 {
+            q.push(9, (9, i)).unwrap();
+            assert_eq!(q.pop(), Some((9, i)));
+            assert_eq!(q.sources(), 0);
+            // Parked: still indexed, same slot, nothing freed.
+            assert_eq!((q.index.len(), q.sources.len()), (1, 1));
+            assert!(q.free_sources.is_empty());
+        }
+        // Another source frees the parked slot and takes it.
+        q.push(5, (5, 0)).unwrap();
+        assert_eq!((q.index.len(), q.sources.len()), (1, 1));
+        q.push(9, (9, 10)).unwrap();
+        assert_eq!(drain(&mut q), vec![(5, 0), (9, 10)]);
     }
 
     proptest! {
@@ -274,6 +316,8 @@ mod tests {
                 }
                 prop_assert_eq!(q.len(), model.iter().map(|(_, j)| j.len()).sum::<usize>());
                 prop_assert_eq!(q.sources(), model.len());
+                prop_assert!(q.index.len() <= model.len() + 1);
+                prop_assert!(q.sources.len() <= cap + 1);
             }
         }
     }
