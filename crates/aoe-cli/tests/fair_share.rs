@@ -12,6 +12,12 @@
 //! retransmits stay within [`MAX_RETRANSMITS_PER_READ`] per read, and the target counted
 //! refusals of the flooder's share.
 //!
+//! Once admitted, a read waits for the store behind the jobs queued on the worker pool.
+//! Taken first in, first out, each read waited behind the flooder's share queued there
+//! (about five 20 ms writes: p50 103 ms); taken round-robin by source
+//! (`aoe_store::FairQueue`), behind at most one. Counted, not timed: the store writes
+//! completed while the reader ran stay within [`MAX_WRITES_PER_READ`] per read.
+//!
 //! The store: a [`FaultFs`] file whose every write waits [`WRITE_DELAY`] (writes one at a
 //! time: about 50 writes per second, the audit's throttled loop device). Needs root; every
 //! frame stays on veth pairs and a bridge inside namespaces the test creates.
@@ -36,6 +42,15 @@ const READS: u64 = 40;
 /// share of slow writes (8 of 16) and its retransmit timer starts at 20 ms, so a few per
 /// read are expected; before the share every read was retransmitted until the run's end.
 const MAX_RETRANSMITS_PER_READ: u64 = 10;
+/// Most store writes completed per read while the reader runs, plus [`WRITES_SLACK`]. A
+/// read taken round-robin waits for a worker to free (one write, the store taking one at a
+/// time) and at most one queued write of the flooder's taken first: two (measured: 75
+/// writes over the 40 reads). First in, first out it waited behind every write queued
+/// before it: about five (209 over the 40 reads, and the test fails there).
+const MAX_WRITES_PER_READ: u64 = 3;
+/// Writes allowed beyond [`MAX_WRITES_PER_READ`] per read: the first read, admitted when
+/// the flooder held the whole buffer count, may wait behind all of it.
+const WRITES_SLACK: u64 = 16;
 /// Export size: 8 MiB.
 const FILE_BYTES: usize = 8 << 20;
 
@@ -109,6 +124,7 @@ fn a_window_one_reader_is_served_while_another_initiator_floods() {
     assert!(flooder.is_running(), "{}", flooder.output_so_far());
 
     let size = format!("{}", READS * 1024);
+    let (writes_before, started) = (faults.writes(), std::time::Instant::now());
     let out = run(&mut bench(
         &read_ns,
         rveth.b_name(),
@@ -117,6 +133,10 @@ fn a_window_one_reader_is_served_while_another_initiator_floods() {
             "--json",
         ],
     ));
+    let (writes_during, secs) = (
+        faults.writes() - writes_before,
+        started.elapsed().as_secs_f64(),
+    );
     let still_flooding = flooder.is_running();
     let _ = flooder.stop();
     faults.delay_every_write(None);
@@ -132,15 +152,22 @@ fn a_window_one_reader_is_served_while_another_initiator_floods() {
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
     let (reads, retransmits) = (n("requests"), n("retransmits"));
     println!(
-        "reader: {reads} reads, {retransmits} retransmits, latency {} us; store writes {}",
+        "reader: {reads} reads, {retransmits} retransmits, latency {} us; store writes {} \
+         ({writes_during} while the reader ran, {secs:.2} s: the flooder's {:.1} writes/s)",
         v["latency_us"],
-        faults.writes()
+        faults.writes(),
+        writes_during as f64 / secs
     );
     assert!(still_flooding, "the flood ended before the reader");
     assert_eq!(reads, READS, "the reader's reads did not all complete: {v}");
     assert!(
         retransmits <= READS * MAX_RETRANSMITS_PER_READ,
         "{retransmits} retransmits for {reads} reads"
+    );
+    assert!(
+        writes_during <= READS * MAX_WRITES_PER_READ + WRITES_SLACK,
+        "{writes_during} store writes completed while the reader's {READS} reads waited: \
+         its reads waited behind the flooder's queue"
     );
     // The flooder was refused for its share, and that shows in the once-a-second log.
     let share_drops: u64 = log

@@ -779,7 +779,7 @@ impl AsyncBackend for RbdBackend {
         if sh.image.aio_in_flight() >= MAX_IN_FLIGHT {
             return Err(req);
         }
-        let Request { op, token, buf } = req;
+        let Request { op, token, buf, .. } = req;
         let writes = !matches!(op, Op::Read { .. });
         // Refused before librbd sees it: completed at once, with the error.
         let refuse = |buf: Vec<u8>, e: io::Error| {

@@ -32,6 +32,9 @@ pub struct Request {
     pub op: Op,
     /// The caller's handle, returned as [`Done::user`].
     pub token: u64,
+    /// Who asked: a store that queues requests takes them round-robin by source (the
+    /// worker pool, [`crate::FairQueue`]); 0 where there is one.
+    pub source: u64,
     /// The buffer reads fill and writes take their data from; returned in [`Done`].
     pub buf: Vec<u8>,
 }
@@ -318,11 +321,13 @@ impl AsyncBackend for PoolBackend {
                 backend: self.backend.clone(),
                 op: req.op,
                 user: req.token,
+                source: req.source,
                 buf: req.buf,
             })
             .map_err(|j| Request {
                 op: j.op,
                 token: j.user,
+                source: j.source,
                 buf: j.buf,
             })
     }
@@ -356,6 +361,7 @@ mod tests {
                     from: 0..512,
                 },
                 token: 7,
+                source: 0,
                 buf,
             })
             .unwrap();
@@ -370,6 +376,7 @@ mod tests {
                     len: 256,
                 },
                 token: 8,
+                source: 0,
                 buf: Vec::new(),
             })
             .unwrap();
@@ -392,6 +399,7 @@ mod tests {
                 at: 36..36 + len,
             },
             token,
+            source: 0,
             buf: vec![0xee; 36 + len + 8],
         }
     }
@@ -455,6 +463,7 @@ mod tests {
         let flush = Request {
             op: Op::Flush,
             token: 50,
+            source: 0,
             buf: Vec::new(),
         };
         let runs = read_runs(vec![read(0, 0, 1024), flush, read(1, k, 1024)], 1 << 20, 64);

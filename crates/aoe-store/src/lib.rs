@@ -16,11 +16,13 @@
 #![warn(missing_docs)]
 
 mod aio;
+mod fair;
 mod file;
 mod pool;
 mod range_lock;
 
 pub use aio::{read_runs, AsyncBackend, Completions, PoolBackend, ReadRun, Request};
+pub use fair::FairQueue;
 pub use file::{FileBackend, OpenOptions};
 pub use pool::{Done, Job, Op, Pool};
 

@@ -1,15 +1,15 @@
 //! A pool of I/O worker threads with a bounded queue: a flood of requests or a slow disk
 //! cannot grow it without limit; a full queue refuses the job and the caller drops the
-//! request (an AoE initiator retransmits).
+//! request (an AoE initiator retransmits). Workers take queued jobs round-robin by
+//! [`Job::source`] ([`FairQueue`] says why and what order it keeps).
 
 use std::io;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender};
-
-use crate::{Backend, Completions};
+use crate::{Backend, Completions, FairQueue};
 
 /// One operation and where its data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,9 @@ pub struct Job {
     pub op: Op,
     /// The caller's handle, returned in [`Done`].
     pub user: u64,
+    /// Who asked (the target: the initiator's MAC and the export): queued jobs are taken
+    /// round-robin by source, in order within one.
+    pub source: u64,
     /// The buffer reads fill and writes take their data from; returned in [`Done`].
     pub buf: Vec<u8>,
 }
@@ -63,9 +66,53 @@ pub struct Done {
     pub result: io::Result<()>,
 }
 
+/// The queue the workers share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a job is queued while a worker waits, and at the pool's end.
+    work: Condvar,
+    /// `State::queue.len()`, readable without the lock ([`Pool::queued`]).
+    queued: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct State {
+    queue: FairQueue<Job>,
+    /// Workers waiting on `work`: a submit signals only if one does.
+    idle: usize,
+    /// The pool is being dropped: workers finish what is queued and stop.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker never panics holding the lock (it runs jobs outside it), so a poisoned
+        // lock still guards a consistent queue.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next job, waiting for one; None once the pool is closed and drained.
+    fn take(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.queue.pop() {
+                self.queued.store(st.queue.len(), Ordering::Relaxed);
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle += 1;
+            st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
+        }
+    }
+}
+
 /// Worker threads that run [`Job`]s and report [`Done`]s.
 pub struct Pool {
-    tx: Option<Sender<Job>>,
+    shared: Arc<Shared>,
     done: Arc<Completions>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -99,15 +146,28 @@ impl Pool {
         queue: usize,
         done: Arc<Completions>,
     ) -> io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue.max(1));
-        let mut workers = Vec::new();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: FairQueue::new(queue.max(1)),
+                idle: 0,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            queued: AtomicUsize::new(0),
+        });
+        let mut pool = Pool {
+            shared,
+            done,
+            workers: Vec::new(),
+        };
         for i in 0..threads.max(1) {
-            let rx: Receiver<Job> = rx.clone();
-            let done = done.clone();
+            let shared = pool.shared.clone();
+            let done = pool.done.clone();
+            // On an error `pool` is dropped: the workers started so far are stopped.
             let h = std::thread::Builder::new()
                 .name(format!("aoe-io-{i}"))
                 .spawn(move || {
-                    for mut job in rx.iter() {
+                    while let Some(mut job) = shared.take() {
                         let result = run(&mut job);
                         done.push(Done {
                             user: job.user,
@@ -116,27 +176,30 @@ impl Pool {
                         });
                     }
                 })?;
-            workers.push(h);
+            pool.workers.push(h);
         }
-        Ok(Pool {
-            tx: Some(tx),
-            done,
-            workers,
-        })
+        Ok(pool)
     }
 
     /// Queues a job without waiting; gives it back if the queue is full.
     pub fn try_submit(&self, job: Job) -> Result<(), Job> {
-        match &self.tx {
-            // Workers only stop when `tx` is dropped, so the channel is open here.
-            Some(tx) => tx.try_send(job).map_err(|e| e.into_inner()),
-            None => Err(job),
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Err(job);
         }
+        st.queue.push(job.source, job)?;
+        self.shared.queued.store(st.queue.len(), Ordering::Relaxed);
+        let wake = st.idle > 0;
+        drop(st);
+        if wake {
+            self.shared.work.notify_one();
+        }
+        Ok(())
     }
 
     /// Jobs queued and not yet taken by a worker.
     pub fn queued(&self) -> usize {
-        self.tx.as_ref().map_or(0, Sender::len)
+        self.shared.queued.load(Ordering::Relaxed)
     }
 
     /// A finished job, if any, without waiting.
@@ -152,7 +215,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.tx = None;
+        self.shared.lock().closed = true;
+        self.shared.work.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -206,6 +270,7 @@ mod tests {
                 from: 100..612,
             },
             user: 1,
+            source: 0,
             buf,
         })
         .unwrap();
@@ -219,6 +284,7 @@ mod tests {
                 at: 36..548,
             },
             user: 2,
+            source: 0,
             buf: vec![0u8; 600],
         })
         .unwrap();
@@ -232,6 +298,7 @@ mod tests {
                 from: 0..512,
             },
             user: 3,
+            source: 0,
             buf: vec![1u8; 512],
         })
         .unwrap();
@@ -242,6 +309,7 @@ mod tests {
             backend: mem,
             op: Op::Flush,
             user: 4,
+            source: 0,
             buf: Vec::new(),
         })
         .unwrap();
@@ -289,6 +357,7 @@ mod tests {
                 at: 0..0,
             },
             user,
+            source: 0,
             buf: Vec::new(),
         };
         // One job blocks the worker, two wait in the queue, the fourth is refused.
@@ -301,7 +370,7 @@ mod tests {
             }
             if u == 0 {
                 // Let the worker take the first job off the queue.
-                while !pool.tx.as_ref().unwrap().is_empty() {
+                while pool.queued() != 0 {
                     std::thread::yield_now();
                 }
             }

@@ -1761,3 +1761,91 @@ proptest::proptest! {
         }
     }
 }
+
+/// What the duplicate-write table promises, as a model: per key (MAC, tag, command, LBA,
+/// count), the write it remembers, with its data, in flight or answered. A write under a
+/// key with no entry runs; one equal in data to the remembered write is dropped while that
+/// is in flight and answered as it was once it is; one with other data runs and takes the
+/// key; an aborted write is forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remembered {
+    InFlight,
+    Done(u8, u8),
+}
+
+proptest::proptest! {
+    /// Any interleaving of writes (six keys, three payloads: copies and tag reuses),
+    /// completions in any order (some failing) and aborts: the engine does what the model
+    /// says, so no copy runs while its write is remembered, every copy of an answered write
+    /// gets that write's status, and every write with other data under a key runs.
+    #[test]
+    fn the_table_answers_as_the_model_says(ops in proptest::collection::vec((0u8..4, 0u8..18), 1..400)) {
+        let mut e = engine(1000);
+        e.set_now(Instant::now());
+        let mut buf = vec![0u8; 1514];
+        // Per key: (payload, token while in flight, state).
+        let mut model: [Option<(u8, Option<Token>, Remembered)>; 6] = [None; 6];
+        // Writes handed out: (token, key).
+        let mut held: Vec<(Token, usize)> = Vec::new();
+        for (op, arg) in ops {
+            match op {
+                0 | 1 => {
+                    if held.len() >= 32 {
+                        continue;
+                    }
+                    let (key, data) = (usize::from(arg % 6), arg / 6);
+                    let w = write_frame(HOST, 1 + key as u32 / 2, 8 * (key as u64 % 2), &[data + 1; 512]);
+                    let out = e.handle_frame(0, &w, &mut buf);
+                    match (model[key], out) {
+                        (None, Outcome::Io(io)) => {
+                            model[key] = Some((data, Some(io.token), Remembered::InFlight));
+                            held.push((io.token, key));
+                        }
+                        (Some((d, _, Remembered::InFlight)), Outcome::Drop(DropReason::DuplicateInFlight)) if d == data => {}
+                        (Some((d, _, Remembered::Done(st, err))), Outcome::Reply(n)) if d == data => {
+                            let Body::Ata(a) = Message::parse(&buf[..n]).unwrap().body else {
+                                panic!()
+                            };
+                            proptest::prop_assert_eq!((a.cmd_status, a.err_feature), (st, err));
+                        }
+                        (Some((d, _, _)), Outcome::Io(io)) if d != data => {
+                            model[key] = Some((data, Some(io.token), Remembered::InFlight));
+                            held.push((io.token, key));
+                        }
+                        (m, o) => proptest::prop_assert!(false, "key {} data {}: {:?} got {:?}", key, data, m, o),
+                    }
+                }
+                2 => {
+                    if held.is_empty() {
+                        continue;
+                    }
+                    let (t, key) = held.remove(usize::from(arg) % held.len());
+                    let (r, st, err) = if arg % 2 == 0 {
+                        (Ok(()), status::DRDY, 0)
+                    } else {
+                        (Err(IoFailure::Medium), status::DRDY | status::ERR, error_bits::UNC)
+                    };
+                    proptest::prop_assert!(e.complete(t, r, &mut buf).is_some());
+                    // Only the write the key remembers changes state (one replaced since
+                    // does not: its reply must not answer for the newer data).
+                    if let Some((d, Some(mt), _)) = model[key] {
+                        if mt == t {
+                            model[key] = Some((d, None, Remembered::Done(st, err)));
+                        }
+                    }
+                }
+                _ => {
+                    let Some((t, key)) = held.pop() else {
+                        continue;
+                    };
+                    proptest::prop_assert!(e.abort(t));
+                    if matches!(model[key], Some((_, Some(mt), _)) if mt == t) {
+                        model[key] = None;
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(e.in_flight() as usize, held.len());
+            proptest::prop_assert_eq!(e.dedup_entries(), model.iter().flatten().count());
+        }
+    }
+}

@@ -49,6 +49,7 @@ impl Daemon {
         // With a transmit ring, the reply is built in its next free slot (a read's data is
         // read straight into it) and committed there: no reply buffer, no copy. Otherwise
         // (no ring, a full ring, replies queued ahead) in a buffer that goes to the backlog.
+        let source = source_key(iface.frame(f), id);
         let (frame, slot) = iface.frame_and_slot(f, cap);
         let in_slot = slot.is_some();
         let mut owned = None;
@@ -137,6 +138,7 @@ impl Daemon {
                         iface.staged.push(Staged::Read {
                             id,
                             token: req.token,
+                            source,
                             offset: *offset,
                             len: *len,
                             done: None,
@@ -208,6 +210,7 @@ impl Daemon {
                     let job = Request {
                         op,
                         token: (u64::from(id) << 32) | u64::from(req.token.0),
+                        source,
                         buf,
                     };
                     if ordered {
@@ -531,6 +534,7 @@ impl Daemon {
         let job = Request {
             op: Op::Write { offset, from: data },
             token: (u64::from(id) << 32) | u64::from(token.0),
+            source: source_key(frame, id),
             buf,
         };
         if waits {
@@ -593,6 +597,7 @@ impl Daemon {
                 Staged::Read {
                     id,
                     token,
+                    source,
                     offset,
                     len,
                     done,
@@ -631,7 +636,16 @@ impl Daemon {
                             rt.engine.complete(token, r, slot)
                         }
                         None => {
-                            read_to_worker(rt, &mut self.spare, idx, id, token, offset, len, cap);
+                            read_to_worker(
+                                rt,
+                                &mut self.spare,
+                                idx,
+                                id,
+                                (token, source),
+                                offset,
+                                len,
+                                cap,
+                            );
                             None
                         }
                     }
@@ -882,6 +896,8 @@ pub(super) enum Staged {
     Read {
         id: u32,
         token: Token,
+        /// [`source_key`] of the request.
+        source: u64,
         offset: u64,
         len: usize,
         done: Option<io::Result<aoe_sys::NoWait>>,
@@ -982,7 +998,7 @@ fn read_to_worker(
     spare: &mut Vec<Vec<u8>>,
     idx: usize,
     id: u32,
-    token: Token,
+    (token, source): (Token, u64),
     offset: u64,
     len: usize,
     cap: usize,
@@ -994,6 +1010,7 @@ fn read_to_worker(
             at: ATA_HEADER_LEN..ATA_HEADER_LEN + len,
         },
         token: (u64::from(id) << 32) | u64::from(token.0),
+        source,
         buf: take_buffer(spare, cap),
     };
     if let Err(job) = rt.backend.submit(job) {
@@ -1001,6 +1018,18 @@ fn read_to_worker(
         spare.push(job.buf);
         rt.pool_full_drops += 1;
     }
+}
+
+/// The key the worker pool takes queued requests round-robin by ([`aoe_store::FairQueue`]):
+/// the request's source MAC (`frame[6..12]`, the Ethernet header's, which the engine
+/// answers) and its export `id` (folded into the top bits: two keys that collide only
+/// share one turn, nothing else).
+pub(super) fn source_key(frame: &[u8], id: u32) -> u64 {
+    let mut mac = [0u8; 8];
+    if let Some(src) = frame.get(6..12) {
+        mac[2..].copy_from_slice(src);
+    }
+    u64::from_be_bytes(mac) ^ u64::from(id).rotate_left(48)
 }
 
 /// A reply buffer of at least `cap` bytes: a spare one, or a new one.
@@ -1034,6 +1063,7 @@ mod tests {
         Staged::Read {
             id,
             token: Token(0),
+            source: 0,
             offset,
             len,
             done: None,
