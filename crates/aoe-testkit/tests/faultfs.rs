@@ -47,3 +47,115 @@ fn passes_through_and_fails_on_demand() {
     drop(fs);
     assert!(!mp.exists(), "mount point left behind");
 }
+
+/// Set in the environment of the copy of this test binary that
+/// [`a_killed_test_process_leaves_no_mount`] starts and kills.
+const HOLDER_ENV: &str = "AOE_FAULTFS_TEST_HOLDER";
+
+/// Session 18 found two FaultFs mounts left on the machine after its test runs, no process
+/// serving them (every access ENOTCONN). Each test that uses FaultFs leaves none when it
+/// ends, passed or failed (its drop unmounts); a test process killed by a signal (a run
+/// stopped by hand or by a timeout) never drops it, and the mount stayed, as did the
+/// `aoe serve` that held its file open. Here a copy of this test binary mounts a FaultFs,
+/// has a child of its own hold the file open (the orphaned daemon), prints both, and is
+/// SIGKILLed: the mount must go away without anyone unmounting it.
+/// On the code before (no `auto_unmount`): still mounted 10 s after the kill.
+#[test]
+fn a_killed_test_process_leaves_no_mount() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    aoe_testkit::require_root();
+    if std::env::var_os(HOLDER_ENV).is_some() {
+        // The holder: mount, open the file in a child that outlives us, say where, wait to
+        // be killed.
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("b.img");
+        std::fs::write(&backing, vec![0u8; 64 * 1024]).unwrap();
+        let fs = FaultFs::mount(&backing).unwrap();
+        let child = Command::new("sh")
+            .args(["-c", "exec 3<\"$0\" && exec sleep 600"])
+            .arg(fs.file())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(aoe_testkit::wait_until(Duration::from_secs(10), || {
+            std::fs::read_link(format!("/proc/{}/fd/3", child.id())).is_ok()
+        }));
+        println!("HOLDER {} {}", fs.mountpoint().display(), child.id());
+        std::thread::sleep(Duration::from_secs(600));
+        unreachable!("the holder was not killed");
+    }
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_test_process_leaves_no_mount",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whatever happens below: the holder and its child go (SIGKILL), and a mount left by the
+    // code before is removed, so that a failure here leaks nothing either.
+    struct Cleanup {
+        pids: Vec<u32>,
+        mountpoint: Option<std::path::PathBuf>,
+    }
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for p in &self.pids {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &p.to_string()])
+                    .status();
+            }
+            if let Some(m) = &self.mountpoint {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(m)
+                    .status();
+                let _ = std::fs::remove_dir(m);
+            }
+        }
+    }
+    let mut cleanup = Cleanup {
+        pids: vec![holder.id()],
+        mountpoint: None,
+    };
+    // The line follows libtest's "test NAME ... " on the same line.
+    let mut line = String::new();
+    for l in std::io::BufReader::new(holder.stdout.take().unwrap()).lines() {
+        let l = l.unwrap();
+        if let Some(at) = l.find("HOLDER ") {
+            line = l[at..].to_owned();
+            break;
+        }
+    }
+    let mut words = line.split(' ').skip(1);
+    let (mountpoint, orphan) = match (words.next(), words.next()) {
+        (Some(m), Some(p)) => (std::path::PathBuf::from(m), p.parse::<u32>().unwrap()),
+        _ => panic!("the holder said no HOLDER line: {line:?}"),
+    };
+    cleanup.pids.push(orphan);
+    cleanup.mountpoint = Some(mountpoint.clone());
+    assert!(
+        aoe_testkit::faultfs::is_mount_point(&mountpoint).unwrap(),
+        "{} not mounted while the holder runs",
+        mountpoint.display()
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        aoe_testkit::wait_until(Duration::from_secs(10), || {
+            !aoe_testkit::faultfs::is_mount_point(&mountpoint).unwrap()
+        }),
+        "{} still mounted 10 s after its test process was killed (its file held open by \
+         pid {orphan})",
+        mountpoint.display()
+    );
+}
