@@ -49,7 +49,8 @@ fn passes_through_and_fails_on_demand() {
 }
 
 /// Set in the environment of the copy of this test binary that
-/// [`a_killed_test_process_leaves_no_mount`] starts and kills.
+/// [`a_killed_test_process_leaves_no_mount`] starts and kills: the backing file it mounts
+/// (made, and removed, by the test that starts it).
 const HOLDER_ENV: &str = "AOE_FAULTFS_TEST_HOLDER";
 
 /// Session 18 found two FaultFs mounts left on the machine after its test runs, no process
@@ -67,13 +68,10 @@ fn a_killed_test_process_leaves_no_mount() {
     use std::time::Duration;
 
     aoe_testkit::require_root();
-    if std::env::var_os(HOLDER_ENV).is_some() {
+    if let Some(backing) = std::env::var_os(HOLDER_ENV) {
         // The holder: mount, open the file in a child that outlives us, say where, wait to
         // be killed.
-        let dir = tempfile::tempdir().unwrap();
-        let backing = dir.path().join("b.img");
-        std::fs::write(&backing, vec![0u8; 64 * 1024]).unwrap();
-        let fs = FaultFs::mount(&backing).unwrap();
+        let fs = FaultFs::mount(std::path::Path::new(&backing)).unwrap();
         let child = Command::new("sh")
             .args(["-c", "exec 3<\"$0\" && exec sleep 600"])
             .arg(fs.file())
@@ -88,6 +86,9 @@ fn a_killed_test_process_leaves_no_mount() {
         std::thread::sleep(Duration::from_secs(600));
         unreachable!("the holder was not killed");
     }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b.img");
+    std::fs::write(&backing, vec![0u8; 64 * 1024]).unwrap();
     let mut holder = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -95,7 +96,7 @@ fn a_killed_test_process_leaves_no_mount() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(HOLDER_ENV, "1")
+        .env(HOLDER_ENV, &backing)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
