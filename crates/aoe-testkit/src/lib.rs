@@ -31,8 +31,9 @@
 //! netns B`).
 //!
 //! Names are `PREFIX-PID-N`, so namespaces left behind by a test process that was killed
-//! (and so could not run its destructors) are recognised and removed by the next
-//! [`Netns::new`] with the same prefix, see [`remove_stale_namespaces`].
+//! (and so could not run its destructors) are recognised by the next [`Netns::new`] with the
+//! same prefix, which ends the processes still running in them (the orphaned `aoe serve`)
+//! and removes them, see [`remove_stale_namespaces`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
