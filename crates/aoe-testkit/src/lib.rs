@@ -41,6 +41,7 @@
 pub mod aoeclient;
 pub mod faultfs;
 pub mod fuseuring;
+pub mod killed;
 pub mod relay;
 
 use std::borrow::Borrow;

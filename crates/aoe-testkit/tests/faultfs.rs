@@ -63,9 +63,11 @@ const HOLDER_ENV: &str = "AOE_FAULTFS_TEST_HOLDER";
 /// On the code before (no `auto_unmount`): still mounted 10 s after the kill.
 #[test]
 fn a_killed_test_process_leaves_no_mount() {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     use std::time::Duration;
+
+    use aoe_testkit::faultfs::is_mount_point;
+    use aoe_testkit::killed::{hold, KilledCopy};
 
     aoe_testkit::require_root();
     if let Some(backing) = std::env::var_os(HOLDER_ENV) {
@@ -85,78 +87,45 @@ fn a_killed_test_process_leaves_no_mount() {
         assert!(aoe_testkit::wait_until(Duration::from_secs(10), || {
             std::fs::read_link(format!("/proc/{}/fd/3", child.id())).is_ok()
         }));
-        println!("HOLDER {} {}", fs.mountpoint().display(), child.id());
-        std::thread::sleep(Duration::from_secs(600));
-        unreachable!("the holder was not killed");
+        hold(&[
+            fs.mountpoint().display().to_string(),
+            child.id().to_string(),
+        ]);
     }
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("b.img");
     std::fs::write(&backing, vec![0u8; 64 * 1024]).unwrap();
-    let mut holder = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_killed_test_process_leaves_no_mount",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HOLDER_ENV, &backing)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Whatever happens below: the holder and its child go (SIGKILL), and a mount left by the
-    // code before is removed, so that a failure here leaks nothing either.
-    struct Cleanup {
-        pids: Vec<u32>,
-        mountpoint: Option<std::path::PathBuf>,
-    }
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for p in &self.pids {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &p.to_string()])
-                    .status();
-            }
-            if let Some(m) = &self.mountpoint {
-                let _ = Command::new("fusermount3")
-                    .arg("-u")
-                    .arg("-z")
-                    .arg(m)
-                    .status();
-                let _ = std::fs::remove_dir(m);
-            }
-        }
-    }
-    let mut cleanup = Cleanup {
-        pids: vec![holder.id()],
-        mountpoint: None,
+    // Dropping `holder` SIGKILLs it and its child, and removes a mount left by the code
+    // before, so that a failure here leaks nothing either.
+    let (mut holder, words) = KilledCopy::spawn(
+        "a_killed_test_process_leaves_no_mount",
+        HOLDER_ENV,
+        &backing,
+    )
+    .unwrap();
+    let (mountpoint, orphan) = match words.as_slice() {
+        [m, p] => (std::path::PathBuf::from(m), p.parse::<u32>().unwrap()),
+        _ => panic!("the holder said {words:?}, not its mount point and child"),
     };
-    // The line follows libtest's "test NAME ... " on the same line.
-    let mut line = String::new();
-    for l in std::io::BufReader::new(holder.stdout.take().unwrap()).lines() {
-        let l = l.unwrap();
-        if let Some(at) = l.find("HOLDER ") {
-            line = l[at..].to_owned();
-            break;
-        }
-    }
-    let mut words = line.split(' ').skip(1);
-    let (mountpoint, orphan) = match (words.next(), words.next()) {
-        (Some(m), Some(p)) => (std::path::PathBuf::from(m), p.parse::<u32>().unwrap()),
-        _ => panic!("the holder said no HOLDER line: {line:?}"),
-    };
-    cleanup.pids.push(orphan);
-    cleanup.mountpoint = Some(mountpoint.clone());
+    holder.also_kill(orphan);
+    let m = mountpoint.clone();
+    holder.on_drop(move || {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&m)
+            .status();
+        let _ = std::fs::remove_dir(&m);
+    });
     assert!(
-        aoe_testkit::faultfs::is_mount_point(&mountpoint).unwrap(),
+        is_mount_point(&mountpoint).unwrap(),
         "{} not mounted while the holder runs",
         mountpoint.display()
     );
     holder.kill().unwrap();
-    holder.wait().unwrap();
     assert!(
         aoe_testkit::wait_until(Duration::from_secs(10), || {
-            !aoe_testkit::faultfs::is_mount_point(&mountpoint).unwrap()
+            !is_mount_point(&mountpoint).unwrap()
         }),
         "{} still mounted 10 s after its test process was killed (its file held open by \
          pid {orphan})",

@@ -230,8 +230,9 @@ const HOLDER_ENV: &str = "AOE_NETNS_TEST_HOLDER";
 /// run. On the code before (only `ip netns del`): both still running.
 #[test]
 fn a_killed_test_process_leaves_no_process() {
-    use std::io::BufRead;
     use std::process::Stdio;
+
+    use aoe_testkit::killed::{hold, KilledCopy};
 
     const PREFIX: &str = "aoetkkill";
     require_root();
@@ -261,67 +262,31 @@ fn a_killed_test_process_leaves_no_process() {
                         .is_ok_and(|c| c.trim() == "sleep")
             })
         }));
-        println!("HOLDER {} {} {}", ns.name(), pids[0], pids[1]);
-        std::thread::sleep(Duration::from_secs(600));
-        unreachable!("the holder was not killed");
+        let mut words = vec![ns.name().to_owned()];
+        words.extend(pids.iter().map(u32::to_string));
+        hold(&words);
     }
-    let mut holder = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_killed_test_process_leaves_no_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HOLDER_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Whatever happens below: the holder and its processes go (SIGKILL) and the namespace is
-    // deleted, so that a failure here leaks nothing either.
-    struct Cleanup {
-        pids: Vec<u32>,
-        ns: Option<String>,
-    }
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for p in &self.pids {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &p.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-            if let Some(ns) = &self.ns {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", ns])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-    let mut cleanup = Cleanup {
-        pids: vec![holder.id()],
-        ns: None,
-    };
-    // The line follows libtest's "test NAME ... " on the same line.
-    let mut line = String::new();
-    for l in std::io::BufReader::new(holder.stdout.take().unwrap()).lines() {
-        let l = l.unwrap();
-        if let Some(at) = l.find("HOLDER ") {
-            line = l[at..].to_owned();
-            break;
-        }
-    }
-    let words: Vec<&str> = line.split(' ').skip(1).collect();
+    // Dropping `holder` SIGKILLs it and its processes and deletes the namespace, so that a
+    // failure here leaks nothing either.
+    let (mut holder, words) =
+        KilledCopy::spawn("a_killed_test_process_leaves_no_process", HOLDER_ENV, "1").unwrap();
     let [name, pids @ ..] = words.as_slice() else {
-        panic!("the holder said no HOLDER line: {line:?}");
+        panic!("the holder said nothing");
     };
+    let name = name.clone();
     let pids: Vec<u32> = pids.iter().map(|p| p.parse().unwrap()).collect();
-    assert_eq!(pids.len(), 2, "{line:?}");
-    cleanup.ns = Some((*name).to_owned());
-    cleanup.pids.extend(&pids);
+    assert_eq!(pids.len(), 2, "{words:?}");
+    for &p in &pids {
+        holder.also_kill(p);
+    }
+    let ns = name.clone();
+    holder.on_drop(move || {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+    });
     holder.kill().unwrap();
-    holder.wait().unwrap();
     // The orphans outlive their test process, as an orphaned aoe serve does.
     assert!(
         pids.iter().all(|&p| process_alive(p)),
@@ -329,11 +294,8 @@ fn a_killed_test_process_leaves_no_process() {
     );
 
     let removed = remove_stale_namespaces(PREFIX).unwrap();
-    assert!(
-        removed.iter().any(|n| n == name),
-        "{name} not removed: {removed:?}"
-    );
-    assert!(!list_namespaces().unwrap().iter().any(|n| n == name));
+    assert!(removed.contains(&name), "{name} not removed: {removed:?}");
+    assert!(!list_namespaces().unwrap().contains(&name));
     let running: Vec<u32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
     assert!(
         running.is_empty(),
