@@ -386,18 +386,17 @@ fn a_block_device_is_no_memory_file_system() {
     let mut buf = vec![0u8; 4096];
 
     // An uncached read would block.
-    let mut tries = Vec::new();
-    while tries.len() < PAGE_CACHE_TRIES && tries.last() != Some(&"would block") {
+    let tries = try_page_cache_claim("would block", || {
         // Drop the device's cached pages (BLKFLSBUF: written back, then invalidated).
         sh(Command::new("blockdev").args(["--flushbufs", &dev]));
-        tries.push(if cached() {
+        if cached() {
             "cached again before the read"
         } else if b.try_read_at(&mut buf, at).unwrap() {
             "ran inline"
         } else {
             "would block"
-        });
-    }
+        }
+    });
     assert_eq!(
         tries.last(),
         Some(&"would block"),
@@ -408,17 +407,16 @@ fn a_block_device_is_no_memory_file_system() {
     assert!(buf.iter().all(|x| *x == 7));
 
     // A cached read runs inline.
-    let mut tries = Vec::new();
-    while tries.len() < PAGE_CACHE_TRIES && tries.last() != Some(&"inline") {
+    let tries = try_page_cache_claim("inline", || {
         b.read_at(&mut buf, at).unwrap();
-        tries.push(if !cached() {
+        if !cached() {
             "evicted before the read"
         } else if b.try_read_at(&mut buf, at).unwrap() {
             "inline"
         } else {
             "would block"
-        });
-    }
+        }
+    });
     assert_eq!(
         tries.last(),
         Some(&"inline"),
@@ -434,6 +432,19 @@ fn a_block_device_is_no_memory_file_system() {
 /// How many times [`a_block_device_is_no_memory_file_system`] tries each claim about the
 /// page cache before it fails.
 const PAGE_CACHE_TRIES: usize = 20;
+
+/// Runs `attempt` until it returns `want`, at most [`PAGE_CACHE_TRIES`] times, and returns
+/// every outcome (the last is `want` if the claim held).
+fn try_page_cache_claim(
+    want: &'static str,
+    mut attempt: impl FnMut() -> &'static str,
+) -> Vec<&'static str> {
+    let mut tries = Vec::new();
+    while tries.len() < PAGE_CACHE_TRIES && tries.last() != Some(&want) {
+        tries.push(attempt());
+    }
+    tries
+}
 
 /// Audit (2026-12-04): a read-only block device (`losetup -r`) opens O_RDWR without
 /// complaint, so `aoe serve` exported it as writable and every write an initiator sent then
