@@ -12,8 +12,10 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
+#                            [-R SECONDS]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
-#                {SHELF} {SLOT} {IFACE} {FILE}. E.g.
+#                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
+#                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
 #                  -t 'target/release/aoe serve {SHELF} {SLOT} {IFACE} {FILE}'
 #                  -t 'vblade {SHELF} {SLOT} {IFACE} {FILE}'
 #   -m MTU       MTU of every link, the guest's too (default 1500)
@@ -38,6 +40,17 @@
 #                target, the guest starts the write a second later (frames go unanswered, the
 #                driver retransmits), and the host starts the target again 3 s after the kill;
 #                the write must complete and every check below hold
+#   -R SECONDS   reload: the template must use {CONFIG}. The pattern region is 4 MiB, and
+#                the guest writes it over and over with dd oflag=direct, in passes of
+#                sector-stamped data (every 8 bytes of a sector say its LBA and pass), for at
+#                least SECONDS of the host's clock, then once more with the final pass (the
+#                pattern); meanwhile the host rewrites {CONFIG} and sends SIGHUP, waiting for
+#                each reload to be done before the next: the written export's buffer_count
+#                alternates 16/17 (the export is reopened: "retiring"), and every second
+#                reload adds or removes a second export (slot+1, its own file). At least 3
+#                reloads must be done while the guest writes; every sector of the region must
+#                then hold the final pass, read back in the guest and in the host file (on a
+#                mismatch the host says which pass each wrong sector holds).
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -78,20 +91,24 @@ KEEP=0
 RBD=""
 GROW=0
 KILL=0
+RELOAD=0
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:kgKh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:kgKh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;;
         *) usage ;;
     esac
 done
 [ -n "$TEMPLATE" ] || { echo "kernel-initiator.sh: -t TEMPLATE is required" >&2; usage; }
-for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL"; do
+for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL" "$RELOAD"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "kernel-initiator.sh: not a number: $n" >&2; exit 2; }
 done
 [ "$SIZE_MB" -ge 8 ] || { echo "kernel-initiator.sh: -z must be at least 8 (MiB)" >&2; exit 2; }
+[ "$RELOAD" = 0 ] || [[ $TEMPLATE == *'{CONFIG}'* ]] ||
+    { echo "kernel-initiator.sh: -R needs a template with {CONFIG} (aoe serve --config {CONFIG})" >&2; exit 2; }
+[ "$RELOAD" = 0 ] || [ -z "$RBD" ] || { echo "kernel-initiator.sh: -R and -r do not go together" >&2; exit 2; }
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
@@ -217,13 +234,34 @@ guest_kernel "$CACHE"
 FILE=$RUN/backing.img
 PAT=$RUN/pattern.bin
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
-head -c $((1 << 20)) /dev/urandom >"$PAT" || fail "cannot write pattern"
+# The pattern region: 1 MiB of random bytes; with -R 4 MiB, and the passes before it
+# (pass1.bin ...) and it (the last pass) sector-stamped: every 8 bytes of sector i of the
+# region hold the little-endian (device LBA | pass << 48), so a wrong sector says which pass
+# it holds.
+PAT_BYTES=$((1 << 20))
+RELOAD_PASSES=3
 BS=65536
 SEEK=$(( (SIZE_MB << 20) / BS / 2 + 3 ))        # mid-device, not MiB-aligned
 OFF=$((SEEK * BS))
+# stamp PASS: the region's sectors stamped with PASS, on stdout.
+stamp() {
+    python3 -c 'import struct, sys
+lba0, n, p = (int(a) for a in sys.argv[1:])
+out = sys.stdout.buffer
+for i in range(n):
+    out.write(struct.pack("<Q", (lba0 + i) | (p << 48)) * 64)' "$((OFF / 512))" "$((PAT_BYTES / 512))" "$1"
+}
+if [ "$RELOAD" != 0 ]; then
+    command -v python3 >/dev/null || fail "-R: missing tool python3 (to stamp the sectors)"
+    PAT_BYTES=$((4 << 20))
+    for p in $(seq 1 "$RELOAD_PASSES"); do stamp "$p" >"$RUN/pass$p.bin" || fail "cannot stamp pass $p"; done
+    stamp $((RELOAD_PASSES + 1)) >"$PAT" || fail "cannot write pattern"
+else
+    head -c "$PAT_BYTES" /dev/urandom >"$PAT" || fail "cannot write pattern"
+fi
 PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
 H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
-EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + (1 << 20) + 1)) "$FILE"; } |
+EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } |
             md5sum | cut -d' ' -f1)
 # The guest's budget for reading the whole device (a step that takes longer fails, naming
 # it): a minute plus 4 s per MiB, i.e. slower than 256 KiB/s is a failure. Unloaded, a
@@ -239,6 +277,7 @@ guest_initramfs "$IR"
 guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
+[ "$RELOAD" = 0 ] || cp "$RUN"/pass*.bin "$IR/"
 cat >"$IR/etc/ki.conf" <<EOF
 SHELF=$SHELF
 SLOT=$SLOT
@@ -247,6 +286,9 @@ BS=$BS
 SEEK=$SEEK
 RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
 KILL=$KILL
+RELOAD=$RELOAD
+RELOAD_PASSES=$RELOAD_PASSES
+PAT_COUNT=$((PAT_BYTES / BS))
 READ_BUDGET=$READ_BUDGET
 EOF
 cat >"$IR/init" <<'EOF'
@@ -326,6 +368,18 @@ out "STATE $(cat "$SYS/state" 2>/dev/null)"
 out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/null) aoe_maxout=$(cat /sys/module/aoe/parameters/aoe_maxout 2>/dev/null)"
 step md5_before "$READ_BUDGET"
 out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
+if [ "$RELOAD" != 0 ]; then
+    # The host reloads the target's configuration from this line until RELOAD_STOP.
+    step reload_writes $((RELOAD + 180))
+    out "RELOAD_ME"
+    t0=$(hnow) n=0
+    while [ $(( $(hnow) - t0 )) -lt "$RELOAD" ] || [ $n -lt "$RELOAD_PASSES" ]; do
+        p=$(( n % RELOAD_PASSES + 1 )); n=$((n + 1))
+        dd if=/pass$p.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "pass $n (pass$p.bin, oflag=direct) failed"; }
+    done
+    out "RELOAD_PASSES_WRITTEN $n in $(( $(hnow) - t0 )) s"
+fi
 step pattern_write 60
 if [ "$KILL" = 1 ]; then
     # The host SIGKILLs the target when it reads this line and starts it again 3 s later.
@@ -334,10 +388,11 @@ if [ "$KILL" = 1 ]; then
 fi
 dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
     { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+[ "$RELOAD" = 0 ] || out "RELOAD_STOP"
 step sync 60
 sync
 step readback 60
-out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$((1048576 / BS)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$PAT_COUNT iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
 step drop_caches 60
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
 step md5_after "$READ_BUDGET"
@@ -407,6 +462,28 @@ TCMD=${TCMD//\{IFACE\}/kitgt}
 TCMD=${TCMD//\{FILE\}/$TFILE}
 TCMD=${TCMD//\{CEPH_CONF\}/$CEPH_CONF}
 TCMD=${TCMD//\{CEPH_KEYRING\}/$CEPH_KEYRING}
+# {CONFIG}: the export as a configuration file. write_config K writes variant K (-R): the
+# export's buffer_count 16 + K % 2 (each reload reopens it), a second export (slot+1, a file
+# of its own) in variants 2, 3, 6, 7, ...
+CONF=$RUN/serve.toml
+write_config() {
+    local k=$1
+    {
+        printf 'probe_ms = 0\n\n[[export]]\npath = "%s"\nshelf = %s\nslot = %s\ninterfaces = ["kitgt"]\nbuffer_count = %s\n' \
+            "$TFILE" "$SHELF" "$SLOT" $((16 + k % 2))
+        if [ $(( k / 2 % 2 )) = 1 ]; then
+            printf '\n[[export]]\npath = "%s"\nshelf = %s\nslot = %s\ninterfaces = ["kitgt"]\n' \
+                "$RUN/extra.img" "$SHELF" $((SLOT + 1))
+        fi
+    } >"$CONF.new" && mv "$CONF.new" "$CONF"
+}
+if [[ $TEMPLATE == *'{CONFIG}'* ]]; then
+    truncate -s 8M "$RUN/extra.img" || fail "cannot make $RUN/extra.img"
+    write_config 0 || fail "cannot write $CONF"
+fi
+TCMD=${TCMD//\{CONFIG\}/$CONF}
+# reloads_done: "configuration reloaded" lines in the target's log.
+reloads_done() { grep -c 'configuration reloaded' "$RUN/target.log"; }
 say "target: $TCMD"
 # setsid: the target leads its own process group, so stop() reaches any children too.
 # nsenter and setsid exec without forking (setsid: we are not a group leader), so $! is the
@@ -440,6 +517,8 @@ QEMU_T0=$(date +%s)
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
 booted=0 resized=0 killed=0
+# -R: reloads sent, when the last was sent, and how many were done when the guest stopped.
+reloads_sent=0 reload_t=0 reloads_during=""
 while kill -0 "$QEMU_PID" 2>/dev/null; do
     if [ $booted = 0 ]; then
         if grep -q 'KI:T boot' "$CONSOLE"; then
@@ -464,6 +543,19 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         kill -HUP "$TARGET_PID" 2>/dev/null || fail "SIGHUP to the target failed"
         say "backing file grown to $(( SIZE_MB + 16 )) MiB; SIGHUP sent to the target"
         resized=1
+    fi
+    if [ "$RELOAD" != 0 ] && [ -z "$reloads_during" ] && grep -q 'KI:RELOAD_ME' "$CONSOLE"; then
+        if grep -q 'KI:RELOAD_STOP' "$CONSOLE"; then
+            reloads_during=$(reloads_done)
+            say "the guest's writes are done: $reloads_during reloads done, $reloads_sent sent while it wrote"
+        elif [ "$(reloads_done)" -ge "$reloads_sent" ]; then
+            reloads_sent=$((reloads_sent + 1)) reload_t=$(date +%s)
+            write_config "$reloads_sent" || fail "cannot write $CONF"
+            kill -HUP "$TARGET_PID" 2>/dev/null || fail "SIGHUP to the target failed"
+        elif [ $(( $(date +%s) - reload_t )) -gt 20 ]; then
+            diagnose
+            fail "reload $reloads_sent not done 20 s after its SIGHUP"
+        fi
     fi
     if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
@@ -511,7 +603,7 @@ fi
 
 # ---------------------------------------------------------------- verdict
 g() { tr -d '\r' <"$CONSOLE" | sed -n "s/^.*KI:$1 //p" | tail -1; }
-H_REGION=$(dd if="$FILE" bs=$BS skip="$SEEK" count=$(( (1 << 20) / BS )) 2>/dev/null | md5sum | cut -d' ' -f1)
+H_REGION=$(dd if="$FILE" bs=$BS skip="$SEEK" count=$((PAT_BYTES / BS)) 2>/dev/null | md5sum | cut -d' ' -f1)
 H_AFTER=$(md5sum <"$FILE" | cut -d' ' -f1)
 echo "### guest:"
 tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
@@ -535,6 +627,29 @@ grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fai
 [ "$(g BYTES)" = $((SIZE_MB << 20)) ] || fail "guest device size $(g BYTES) != backing file size $((SIZE_MB << 20))"
 [ "$(g PAYLOAD)" = "$EXP_PAYLOAD" ] || fail "guest payload $(g PAYLOAD) bytes per frame != $EXP_PAYLOAD (what MTU $MTU allows)"
 [ "$(g MD5_BEFORE)" = "$H_BEFORE" ] || fail "whole-device md5 in the guest $(g MD5_BEFORE) != backing file $H_BEFORE"
+if [ "$RELOAD" != 0 ]; then
+    echo "### reloads: $(grep -c 'configuration reloaded' "$RUN/target.log") done in all, ${reloads_during:-?} while the guest wrote; $(grep -c 'retiring' "$RUN/target.log") retiring lines; $(g RELOAD_PASSES_WRITTEN)"
+    if [ "$H_REGION" != "$PAT_MD5" ]; then
+        # Which pass each wrong sector of the region holds (a stamp is LBA | pass << 48).
+        python3 -c 'import struct, sys, collections
+f, off, n, final = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+seen = collections.Counter(); first = []
+with open(f, "rb") as h:
+    h.seek(off)
+    for i in range(n // 512):
+        sec = h.read(512); lba = off // 512 + i
+        w = struct.unpack("<Q", sec[:8])[0]
+        ok_stamp = sec == sec[:8] * 64 and w & ((1 << 48) - 1) == lba
+        what = "pass %d" % (w >> 48) if ok_stamp else "no stamp"
+        if what != "pass %d" % final:
+            seen[what] += 1
+            if len(first) < 8: first.append("LBA %d: %s" % (lba, what))
+print("### wrong sectors in the host file:", dict(seen), "; first:", ", ".join(first))' \
+            "$FILE" "$OFF" "$PAT_BYTES" $((RELOAD_PASSES + 1))
+    fi
+    [ -n "$reloads_during" ] || fail "the guest never said RELOAD_STOP"
+    [ "$reloads_during" -ge 3 ] || fail "only $reloads_during reloads done while the guest wrote (want 3 or more)"
+fi
 [ "$(g READBACK_MD5)" = "$PAT_MD5" ] || fail "pattern read back (iflag=direct) md5 $(g READBACK_MD5) != written $PAT_MD5"
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
 [ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
@@ -544,6 +659,9 @@ if [ -n "$RBD" ] || [ "$GROW" = 1 ]; then
     [ "${resized%% *}" = $(( (SIZE_MB + 16) << 20 )) ] ||
         fail "guest size after the resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
     say "guest saw the new size: $resized"
+fi
+if [ "$RELOAD" != 0 ]; then
+    say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"
 fi
 if [ "$KILL" = 1 ]; then
     [ $killed = 1 ] || fail "-K: the guest never asked for the kill"

@@ -764,6 +764,35 @@ fn sigquit_mid_nbd_writes_fails_the_rest() {
 // ------------------------------------------------------------------------------------------
 // One initiator per ROOT
 
+/// Waits up to 10 s for the refused `second` initiator: it must exit 1 saying `want`.
+/// Returns what it said.
+fn assert_refused(second: &mut aoe_testkit::NsChild, want: &str) -> String {
+    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
+    let out = second.output_so_far();
+    if status.is_none() {
+        second.stop().ok();
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "second initiator: {out}"
+    );
+    assert!(
+        out.contains(want),
+        "second initiator said:\n{out}\nwant: {want}"
+    );
+    out
+}
+
+/// The first initiator still reads the rig's pattern (its device file, 4 KiB at 1 MiB).
+fn assert_first_initiator_reads(rig: &Rig) {
+    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
+    assert!(
+        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
+        "wrong bytes"
+    );
+}
+
 /// A second `aoe initiator` on a ROOT the first has mounted exits 1 with a clear message
 /// naming the first one's pid, without mounting anything; the first keeps working.
 #[test]
@@ -771,32 +800,18 @@ fn second_initiator_on_a_mounted_root_is_refused() {
     let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
     let first = rig.initiator.as_ref().unwrap().pid();
     let mut second = rig.spawn_initiator(&[]);
-    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
-    let out = second.output_so_far();
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "second initiator: {out}"
-    );
     let want = format!(
         "{} is already mounted (by another aoe initiator, pid {first}); stop it first",
         rig.root.display()
     );
-    assert!(
-        out.contains(&want),
-        "second initiator said:\n{out}\nwant: {want}"
-    );
+    assert_refused(&mut second, &want);
     let mounts = fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
         .filter(|l| l.split(' ').nth(4) == Some(&*rig.root.to_string_lossy()))
         .count();
     assert_eq!(mounts, 1, "mounts on ROOT");
-    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
-    assert!(
-        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
-        "wrong bytes"
-    );
+    assert_first_initiator_reads(&rig);
     rig.finish();
 }
 
@@ -819,20 +834,9 @@ fn second_initiator_in_one_network_namespace_is_refused() {
     c.args(["initiator", "--root", root2.to_str().unwrap()])
         .args(["--iflist", "aoe-disjoint0"]);
     let mut second = rig.init_ns.spawn(c).unwrap();
-    let status = second.wait_timeout(Duration::from_secs(10)).unwrap();
-    let out = second.output_so_far();
-    if status.is_none() {
-        second.stop().ok();
-    }
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "second initiator: {out}"
-    );
-    let want = format!("another aoe initiator runs in this network namespace, pid {first}");
-    assert!(
-        out.contains(&want),
-        "second initiator said:\n{out}\nwant: {want}"
+    let out = assert_refused(
+        &mut second,
+        &format!("another aoe initiator runs in this network namespace, pid {first}"),
     );
     let root1 = rig.root.display();
     for want in [
@@ -850,11 +854,7 @@ fn second_initiator_in_one_network_namespace_is_refused() {
         !root2.join("discover").exists(),
         "the second initiator mounted its ROOT"
     );
-    let got = read_at(&rig.dev(), 1 << 20, 4096).expect("read through the first initiator");
-    assert!(
-        got == pattern(1, (1 << 20) + 4096)[1 << 20..],
-        "wrong bytes"
-    );
+    assert_first_initiator_reads(&rig);
     rig.finish();
 }
 
@@ -1097,14 +1097,7 @@ fn long_direct_io_lands_in_place() {
     if let Some(i) = (0..all.len()).find(|&i| all[i] != want[i]) {
         panic!("backing file differs first at byte {i}{}", rig.logs());
     }
-    let back = rig.dir.path().join("back");
-    dd(&[
-        format!("if={dev}"),
-        format!("of={}", back.display()),
-        "bs=4M".into(),
-        "iflag=direct".into(),
-    ]);
-    let got = fs::read(&back).unwrap();
+    let got = dd_read_back(&rig, &["bs=4M"]);
     assert!(
         got.len() == want.len(),
         "read {} of {} bytes",
@@ -1115,6 +1108,20 @@ fn long_direct_io_lands_in_place() {
         panic!("direct read differs first at byte {i}{}", rig.logs());
     }
     rig.finish();
+}
+
+/// Reads the rig's device with `dd iflag=direct` and `args` (`bs=`, `count=`, ...) into a
+/// file and returns its bytes; a failure fails the test with dd's error and the rig's logs.
+fn dd_read_back(rig: &Rig, args: &[&str]) -> Vec<u8> {
+    let back = rig.dir.path().join("back");
+    let mut all = vec![
+        format!("if={}", rig.dev().display()),
+        format!("of={}", back.display()),
+        "iflag=direct".into(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    run_dd(rig, &all);
+    fs::read(&back).unwrap()
 }
 
 /// Runs dd with `args`; a failure fails the test with dd's error and the rig's logs.
@@ -1147,25 +1154,21 @@ fn frames_leave_through_the_transmit_ring() {
     let src = rig.dir.path().join("src");
     let data = pattern(31, 8 << 20);
     fs::write(&src, &data).unwrap();
-    let dev = rig.dev().display().to_string();
-    let back = rig.dir.path().join("back");
-    for args in [
-        [
+    run_dd(
+        &rig,
+        &[
             format!("if={}", src.display()),
-            format!("of={dev}"),
+            format!("of={}", rig.dev().display()),
             "oflag=direct".into(),
+            "bs=1M".into(),
+            "count=8".into(),
+            "conv=notrunc".into(),
         ],
-        [
-            format!("if={dev}"),
-            format!("of={}", back.display()),
-            "iflag=direct".into(),
-        ],
-    ] {
-        let mut args = args.to_vec();
-        args.extend(["bs=1M", "count=8", "conv=notrunc"].map(String::from));
-        run_dd(&rig, &args);
-    }
-    assert!(fs::read(&back).unwrap() == data, "read back differs");
+    );
+    assert!(
+        dd_read_back(&rig, &["bs=1M", "count=8"]) == data,
+        "read back differs"
+    );
     rig.signal_initiator("TERM");
     let mut init = rig.initiator.take().unwrap();
     let status = init.wait_timeout(Duration::from_secs(10)).unwrap();
@@ -1888,17 +1891,7 @@ fn readers_killed_mid_read_leave_nothing_held() {
             r.wait().unwrap();
         }
     }
-    let back = rig.dir.path().join("back");
-    run_dd(
-        &rig,
-        &[
-            format!("if={dev}"),
-            format!("of={}", back.display()),
-            "bs=1M".into(),
-            "iflag=direct".into(),
-        ],
-    );
-    let got = fs::read(&back).unwrap();
+    let got = dd_read_back(&rig, &["bs=1M"]);
     assert!(
         got == orig,
         "the device read back differs from its backing file{}",

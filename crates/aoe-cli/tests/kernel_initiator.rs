@@ -63,6 +63,28 @@ fn kernel_initiator_aoe_serve_mtu_9000() {
     run_kernel_initiator(&aoe_serve_template(), 9000);
 }
 
+/// Session 18 made a reload (SIGHUP, `aoe serve --config`) keep write order across a reopen
+/// of an export; this is the Linux driver writing through reloads. The script's `-R` mode:
+/// the guest rewrites a 4 MiB region with `dd oflag=direct` in sector-stamped passes for at
+/// least [`RELOAD_WRITE_S`] s, then once more with the final pass, while the host rewrites
+/// the configuration and sends SIGHUP, one reload after another (each reopens the written
+/// export, its buffer count changed; every second one adds or removes a second export). At
+/// least 3 reloads must be done during the writes, and every sector of the region must hold
+/// the final pass, read back in the guest (O_DIRECT) and in the host file after the target
+/// stopped; the whole device's md5 too, in the guest and on the host.
+#[test]
+fn kernel_initiator_writes_through_reloads_mtu_1500() {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    let template = format!("'{aoe}' serve --config {{CONFIG}}");
+    let secs = RELOAD_WRITE_S.to_string();
+    run_kernel_initiator_with(&template, 1500, &["-R", secs.as_str()]);
+}
+
+/// How long the guest of [`kernel_initiator_writes_through_reloads_mtu_1500`] keeps writing
+/// while the host reloads.
+const RELOAD_WRITE_S: u64 = 20;
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {

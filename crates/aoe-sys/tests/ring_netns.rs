@@ -94,6 +94,53 @@ fn recv_one(sock: &PacketSocket) -> Vec<u8> {
     }
 }
 
+/// The send-only socket `open` makes (`PacketSocket::open_sender` or `open_linear_sender`)
+/// and an AoE tap (`open_tap`, as `aoe trace` uses) on the link's end a, in its namespace;
+/// `rx` and the tap get 8 MiB receive buffers, so a batch up to the MTU fits.
+fn sender_and_tap(
+    link: &Link,
+    open: fn(&str) -> std::io::Result<PacketSocket>,
+) -> (PacketSocket, PacketSocket) {
+    link.rx.set_recv_buffer(8 << 20).expect("receive buffer");
+    let name = link.tx.info().name.clone();
+    let (sender, tap) = run_in_netns(&link._ns.0.path(), || {
+        (open(&name), PacketSocket::open_tap(&name, ETH_P_AOE))
+    })
+    .expect("enter namespace");
+    let sender = sender.expect("send-only socket");
+    let tap = tap.expect("tap");
+    tap.set_recv_buffer(8 << 20).expect("tap buffer");
+    (sender, tap)
+}
+
+/// Each of `frames` (sent from end a) arrives unchanged and in order at the peer, and the
+/// same bytes at the tap.
+fn assert_peer_and_tap_get(link: &Link, tap: &PacketSocket, frames: &[Vec<u8>]) {
+    for f in frames {
+        assert_eq!(
+            &recv_one(&link.rx),
+            f,
+            "frame of {} bytes at the peer",
+            f.len()
+        );
+    }
+    for f in frames {
+        assert_eq!(&recv_one(tap), f, "frame of {} bytes at the tap", f.len());
+    }
+}
+
+/// A frame sent to end a reaches its AoE socket and not `sender` (`what`, in the message).
+fn assert_sender_receives_nothing(link: &Link, sender: &PacketSocket, what: &str) {
+    let back = frame(link.src, link.dst, 200, 9);
+    link.rx.send(&back).expect("send back");
+    assert_eq!(recv_one(&link.tx), back);
+    let mut buf = vec![0u8; 9014];
+    assert!(
+        sender.recv(&mut buf).expect("recv on the sender").is_none(),
+        "{what} received a frame"
+    );
+}
+
 #[test]
 fn header_slots_keep_the_headers_and_the_wire_length_then_give_the_socket_back() {
     require_root();
@@ -597,28 +644,11 @@ fn a_kick_cut_short_by_the_send_buffer_leaves_the_rest_to_kick() {
 #[test]
 fn a_sender_ring_sends_frames_in_parts_that_taps_see_and_receives_nothing() {
     require_root();
-    let Link {
-        tx: aoe_a,
-        rx,
-        src,
-        dst,
-        _veth,
-        _ns,
-    } = link("aoesend", 9000);
-    rx.set_recv_buffer(8 << 20).expect("receive buffer");
-    let name = aoe_a.info().name.clone();
-    let (sender, tap) = run_in_netns(&_ns.0.path(), || {
-        (
-            PacketSocket::open_sender(&name),
-            PacketSocket::open_tap(&name, ETH_P_AOE),
-        )
-    })
-    .expect("enter namespace");
-    let sender = sender.expect("send-only socket");
-    let tap = tap.expect("tap");
-    tap.set_recv_buffer(8 << 20).expect("tap buffer");
+    let link = link("aoesend", 9000);
+    let (sender, tap) = sender_and_tap(&link, PacketSocket::open_sender);
+    let (src, dst) = (link.src, link.dst);
     assert_eq!(sender.ethertype(), 0);
-    let err = PacketRing::sender(&aoe_a, 128, 16).expect_err("a receiving socket");
+    let err = PacketRing::sender(&link.tx, 128, 16).expect_err("a receiving socket");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 
     let mut ring = PacketRing::sender(&sender, 9014, 64).expect("sender ring");
@@ -638,30 +668,18 @@ fn a_sender_ring_sends_frames_in_parts_that_taps_see_and_receives_nothing() {
     assert_eq!(ring.stats().tx_marked, sizes.len() as u64);
     ring.kick().expect("kick");
     assert!(!ring.needs_kick());
-    for (f, &len) in frames.iter().zip(&sizes) {
-        assert_eq!(&recv_one(&rx), f, "frame of {len} bytes at the peer");
-    }
-    for (f, &len) in frames.iter().zip(&sizes) {
-        assert_eq!(&recv_one(&tap), f, "frame of {len} bytes at the tap");
-    }
+    assert_peer_and_tap_get(&link, &tap, &frames);
     // Parts longer than a slot together are refused before anything is copied.
     let big = vec![0u8; 9000];
     let err = ring.push_parts(&[&big, &big]).expect_err("too large");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 
     // A frame sent to the interface reaches the AoE socket and not the sender.
-    let back = frame(src, dst, 200, 9);
-    rx.send(&back).expect("send back");
-    assert_eq!(recv_one(&aoe_a), back);
-    let mut buf = vec![0u8; 9014];
-    assert!(
-        sender.recv(&mut buf).expect("recv on the sender").is_none(),
-        "the send-only socket received a frame"
-    );
+    assert_sender_receives_nothing(&link, &sender, "the send-only socket");
     // The receiving socket has no transmit ring: its own sends go out as before.
     let f = frame(dst, src, 300, 10);
-    aoe_a.send(&f).expect("send beside a sender ring");
-    assert_eq!(recv_one(&rx), f);
+    link.tx.send(&f).expect("send beside a sender ring");
+    assert_eq!(recv_one(&link.rx), f);
 }
 
 /// The linear sender (`open_linear_sender`, `send_batch_linear`: what the initiator sends
@@ -674,26 +692,9 @@ fn a_sender_ring_sends_frames_in_parts_that_taps_see_and_receives_nothing() {
 #[test]
 fn a_linear_sender_sends_frames_from_their_parts_unchanged() {
     require_root();
-    let Link {
-        tx: aoe_a,
-        rx,
-        src,
-        dst,
-        _veth,
-        _ns,
-    } = link("aoelin", 9000);
-    rx.set_recv_buffer(8 << 20).expect("receive buffer");
-    let name = aoe_a.info().name.clone();
-    let (sender, tap) = run_in_netns(&_ns.0.path(), || {
-        (
-            PacketSocket::open_linear_sender(&name),
-            PacketSocket::open_tap(&name, ETH_P_AOE),
-        )
-    })
-    .expect("enter namespace");
-    let sender = sender.expect("linear sender");
-    let tap = tap.expect("tap");
-    tap.set_recv_buffer(8 << 20).expect("tap buffer");
+    let link = link("aoelin", 9000);
+    let (sender, tap) = sender_and_tap(&link, PacketSocket::open_linear_sender);
+    let (src, dst) = (link.src, link.dst);
     let sizes = [60usize, 61, 1514, 4132, 8740, 9014];
     let frames: Vec<Vec<u8>> = sizes
         .iter()
@@ -715,12 +716,7 @@ fn a_linear_sender_sends_frames_from_their_parts_unchanged() {
         sender.send_batch_linear(&parts).expect("send"),
         frames.len()
     );
-    for (f, &len) in frames.iter().zip(&sizes) {
-        assert_eq!(&recv_one(&rx), f, "frame of {len} bytes at the peer");
-    }
-    for (f, &len) in frames.iter().zip(&sizes) {
-        assert_eq!(&recv_one(&tap), f, "frame of {len} bytes at the tap");
-    }
+    assert_peer_and_tap_get(&link, &tap, &frames);
     // A frame longer than the MTU's is refused, as by any packet socket.
     let big = frame(dst, src, 9100, 1);
     let (head, data) = big.split_at(36);
@@ -729,14 +725,7 @@ fn a_linear_sender_sends_frames_from_their_parts_unchanged() {
         "9100 bytes on MTU 9000"
     );
     // Nothing is delivered to it.
-    let back = frame(src, dst, 200, 9);
-    rx.send(&back).expect("send back");
-    assert_eq!(recv_one(&aoe_a), back);
-    let mut buf = vec![0u8; 9014];
-    assert!(
-        sender.recv(&mut buf).expect("recv on the sender").is_none(),
-        "the linear sender received a frame"
-    );
+    assert_sender_receives_nothing(&link, &sender, "the linear sender");
 }
 
 /// A held receive slot (`hold`, what the initiator does for a read whose reply is still to

@@ -33,7 +33,13 @@
 //!
 //! It needs `/dev/fuse` and `fusermount3` (Debian package fuse3) and, for other users than the
 //! mounting one to open the file, root. Dropping [`FaultFs`] unmounts (lazily, so a daemon
-//! still holding the file open does not keep it mounted) and removes the directory.
+//! still holding the file open does not keep it mounted), panics if the mount point is still
+//! mounted after that (a test that passed must not leave a mount behind), and removes the
+//! directory. A test process that never drops it (killed by a signal, or aborted) leaves no
+//! mount either: the file system is mounted with `auto_unmount`, so `fusermount3` stays
+//! beside the process and unmounts once the process's `/dev/fuse` descriptor is closed,
+//! however the process ended (libfuse's `fusermount3 -o auto_unmount`). Without it such a
+//! mount stayed, answering every access with ENOTCONN, until someone unmounted it by hand.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -439,6 +445,10 @@ impl FaultFs {
         cfg.mount_options = vec![
             fuser::MountOption::FSName("aoe-faultfs".into()),
             fuser::MountOption::Subtype("faultfs".into()),
+            // A test process killed before its drop (a run stopped by hand or by a timeout)
+            // must not leave the mount behind: fusermount3 unmounts when our /dev/fuse
+            // descriptor closes (fuser mounts through fusermount3 for this, even as root).
+            fuser::MountOption::AutoUnmount,
         ];
         // Root mounts; the daemon under test may run as another user.
         cfg.acl = fuser::SessionACL::All;
@@ -504,5 +514,35 @@ impl Drop for FaultFs {
         if let Some(s) = self.session.take() {
             drop(s);
         }
+        // The lazy unmount detaches at once: a mount point still listed now is a mount this
+        // test leaves behind.
+        match is_mount_point(self.dir.path()) {
+            Ok(false) => {}
+            Ok(true) if std::thread::panicking() => eprintln!(
+                "FaultFs: {} is still mounted after `fusermount3 -u -z`",
+                self.dir.path().display()
+            ),
+            Ok(true) => panic!(
+                "FaultFs: {} is still mounted after `fusermount3 -u -z`",
+                self.dir.path().display()
+            ),
+            Err(e) => eprintln!("FaultFs: cannot read /proc/self/mountinfo: {e}"),
+        }
     }
+}
+
+/// True if `path` is a mount point in this process's mount namespace: the fifth field of a
+/// line of `/proc/self/mountinfo` (proc(5); spaces, tabs, newlines and backslashes in it are
+/// written as octal escapes, which a path holding none of them never needs).
+///
+/// # Errors
+///
+/// `/proc/self/mountinfo` cannot be read.
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let want = path.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_ref())))
 }

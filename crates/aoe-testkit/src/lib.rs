@@ -31,8 +31,9 @@
 //! netns B`).
 //!
 //! Names are `PREFIX-PID-N`, so namespaces left behind by a test process that was killed
-//! (and so could not run its destructors) are recognised and removed by the next
-//! [`Netns::new`] with the same prefix, see [`remove_stale_namespaces`].
+//! (and so could not run its destructors) are recognised by the next [`Netns::new`] with the
+//! same prefix, which ends the processes still running in them (the orphaned `aoe serve`)
+//! and removes them, see [`remove_stale_namespaces`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,6 +41,7 @@
 pub mod aoeclient;
 pub mod faultfs;
 pub mod fuseuring;
+pub mod killed;
 pub mod relay;
 
 use std::borrow::Borrow;
@@ -381,9 +383,57 @@ fn stale_candidate_pid(name: &str, prefix: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// How long [`remove_stale_namespaces`] gives the processes left in a stale namespace to exit
+/// after SIGTERM before it sends SIGKILL (an `aoe serve` exits within milliseconds of SIGTERM).
+const STALE_TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// True while `pid` runs: `/proc/PID` exists and its state is not `Z` (a zombie has exited;
+/// an orphan's zombie is its new parent's to reap, not ours).
+pub fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "PID (COMM) STATE ...": COMM may hold spaces or ')', so read after the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Ends every process in the namespace `name` (`ip netns pids NAME`) but this one: SIGTERM,
+/// up to [`STALE_TERM_GRACE`] for them to exit, then SIGKILL for the rest and up to 5 s more.
+/// Returns the pids still running after that (e.g. stuck in uninterruptible sleep).
+fn end_processes_in(name: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) else {
+        return Vec::new();
+    };
+    let pids: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|&p| p != me)
+        .collect();
+    for (sig, grace) in [("TERM", STALE_TERM_GRACE), ("KILL", Duration::from_secs(5))] {
+        let alive: Vec<u32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
+        if alive.is_empty() {
+            break;
+        }
+        for &pid in &alive {
+            signal(pid, sig);
+        }
+        wait_until(grace, || !alive.iter().any(|&p| process_alive(p)));
+    }
+    pids.into_iter().filter(|&p| process_alive(p)).collect()
+}
+
 /// Deletes namespaces named `PREFIX-PID-N` whose creating process `PID` no longer exists, and
 /// returns their names. Such leftovers come from test processes killed before their
 /// destructors ran (SIGKILL, a CI time-out). Namespaces of live processes are left alone.
+///
+/// The processes still inside a stale namespace (the `aoe serve` or initiator a killed test
+/// had started, orphaned and still holding its files and the namespace) are ended first:
+/// SIGTERM, then SIGKILL for those still running after a grace period, waiting on their exit.
+/// `ip netns del` alone only removes the name; the namespace and its processes would live on.
 pub fn remove_stale_namespaces(prefix: &str) -> io::Result<Vec<String>> {
     check_prefix(prefix)?;
     let listing = run(Command::new("ip").args(["netns", "list"]))?;
@@ -395,6 +445,12 @@ pub fn remove_stale_namespaces(prefix: &str) -> io::Result<Vec<String>> {
         };
         if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
+        }
+        let stuck = end_processes_in(name);
+        if !stuck.is_empty() {
+            eprintln!(
+                "aoe-testkit: processes {stuck:?} in stale namespace {name} survived SIGKILL"
+            );
         }
         if run(Command::new("ip").args(["netns", "del", name])).is_ok() {
             removed.push(name.to_owned());

@@ -47,3 +47,88 @@ fn passes_through_and_fails_on_demand() {
     drop(fs);
     assert!(!mp.exists(), "mount point left behind");
 }
+
+/// Set in the environment of the copy of this test binary that
+/// [`a_killed_test_process_leaves_no_mount`] starts and kills: the backing file it mounts
+/// (made, and removed, by the test that starts it).
+const HOLDER_ENV: &str = "AOE_FAULTFS_TEST_HOLDER";
+
+/// Session 18 found two FaultFs mounts left on the machine after its test runs, no process
+/// serving them (every access ENOTCONN). Each test that uses FaultFs leaves none when it
+/// ends, passed or failed (its drop unmounts); a test process killed by a signal (a run
+/// stopped by hand or by a timeout) never drops it, and the mount stayed, as did the
+/// `aoe serve` that held its file open. Here a copy of this test binary mounts a FaultFs,
+/// has a child of its own hold the file open (the orphaned daemon), prints both, and is
+/// SIGKILLed: the mount must go away without anyone unmounting it.
+/// On the code before (no `auto_unmount`): still mounted 10 s after the kill.
+#[test]
+fn a_killed_test_process_leaves_no_mount() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use aoe_testkit::faultfs::is_mount_point;
+    use aoe_testkit::killed::{hold, KilledCopy};
+
+    aoe_testkit::require_root();
+    if let Some(backing) = std::env::var_os(HOLDER_ENV) {
+        // The holder: mount, open the file in a child that outlives us, say where, wait to
+        // be killed.
+        let fs = FaultFs::mount(std::path::Path::new(&backing)).unwrap();
+        // Never waited for: it stands for the orphaned daemon, outliving this holder (which
+        // is killed); the test that starts the holder kills it by its pid.
+        #[allow(clippy::zombie_processes)]
+        let child = Command::new("sh")
+            .args(["-c", "exec 3<\"$0\" && exec sleep 600"])
+            .arg(fs.file())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(aoe_testkit::wait_until(Duration::from_secs(10), || {
+            std::fs::read_link(format!("/proc/{}/fd/3", child.id())).is_ok()
+        }));
+        hold(&[
+            fs.mountpoint().display().to_string(),
+            child.id().to_string(),
+        ]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b.img");
+    std::fs::write(&backing, vec![0u8; 64 * 1024]).unwrap();
+    // Dropping `holder` SIGKILLs it and its child, and removes a mount left by the code
+    // before, so that a failure here leaks nothing either.
+    let (mut holder, words) = KilledCopy::spawn(
+        "a_killed_test_process_leaves_no_mount",
+        HOLDER_ENV,
+        &backing,
+    )
+    .unwrap();
+    let (mountpoint, orphan) = match words.as_slice() {
+        [m, p] => (std::path::PathBuf::from(m), p.parse::<u32>().unwrap()),
+        _ => panic!("the holder said {words:?}, not its mount point and child"),
+    };
+    holder.also_kill(orphan);
+    let m = mountpoint.clone();
+    holder.on_drop(move || {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&m)
+            .status();
+        let _ = std::fs::remove_dir(&m);
+    });
+    assert!(
+        is_mount_point(&mountpoint).unwrap(),
+        "{} not mounted while the holder runs",
+        mountpoint.display()
+    );
+    holder.kill().unwrap();
+    assert!(
+        aoe_testkit::wait_until(Duration::from_secs(10), || {
+            !is_mount_point(&mountpoint).unwrap()
+        }),
+        "{} still mounted 10 s after its test process was killed (its file held open by \
+         pid {orphan})",
+        mountpoint.display()
+    );
+}

@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aoe_testkit::{
-    list_namespaces, parse_mac, remove_stale_namespaces, require_root, wait_until, Bridge, End,
-    Netns, VethPair,
+    list_namespaces, parse_mac, process_alive, remove_stale_namespaces, require_root, wait_until,
+    Bridge, End, Netns, VethPair,
 };
 
 #[test]
@@ -215,4 +215,90 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     assert_eq!(removed, vec![stale.to_owned()]);
     assert!(!names.iter().any(|n| n == stale));
     assert!(names.contains(&live));
+}
+
+/// Set in the environment of the copy of this test binary that
+/// [`a_killed_test_process_leaves_no_process`] starts and kills.
+const HOLDER_ENV: &str = "AOE_NETNS_TEST_HOLDER";
+
+/// A test process killed by a signal (a run stopped by hand or by a time-out) never drops its
+/// [`Netns`], so the `aoe serve` it started inside stays running, orphaned, holding its files
+/// and the namespace (session 19 found them after killed runs). The next
+/// [`remove_stale_namespaces`] of the same prefix (every [`Netns::new`] calls it) must end
+/// them, not only delete the name. Here a copy of this test binary makes a namespace, starts
+/// two processes in it (one ignores SIGTERM) and is SIGKILLed; after the cleanup neither may
+/// run. On the code before (only `ip netns del`): both still running.
+#[test]
+fn a_killed_test_process_leaves_no_process() {
+    use std::process::Stdio;
+
+    use aoe_testkit::killed::{hold, KilledCopy};
+
+    const PREFIX: &str = "aoetkkill";
+    require_root();
+    if std::env::var_os(HOLDER_ENV).is_some() {
+        // The holder: a namespace with two processes in it, say which, wait to be killed.
+        let ns = Netns::new(PREFIX).unwrap();
+        let mut pids = Vec::new();
+        for script in ["exec sleep 600", "trap '' TERM; exec sleep 600"] {
+            // Never waited for: they stand for the orphaned daemons, outliving this holder;
+            // the test that starts the holder checks that the cleanup ends them.
+            #[allow(clippy::zombie_processes)]
+            let child = ns
+                .command("sh")
+                .args(["-c", script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            pids.push(child.id());
+        }
+        // Both have run their script (trap set) once they are sleep, inside the namespace.
+        assert!(wait_until(Duration::from_secs(10), || {
+            let inside = ns.pids().unwrap();
+            pids.iter().all(|p| {
+                inside.contains(p)
+                    && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+            })
+        }));
+        let mut words = vec![ns.name().to_owned()];
+        words.extend(pids.iter().map(u32::to_string));
+        hold(&words);
+    }
+    // Dropping `holder` SIGKILLs it and its processes and deletes the namespace, so that a
+    // failure here leaks nothing either.
+    let (mut holder, words) =
+        KilledCopy::spawn("a_killed_test_process_leaves_no_process", HOLDER_ENV, "1").unwrap();
+    let [name, pids @ ..] = words.as_slice() else {
+        panic!("the holder said nothing");
+    };
+    let name = name.clone();
+    let pids: Vec<u32> = pids.iter().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 2, "{words:?}");
+    for &p in &pids {
+        holder.also_kill(p);
+    }
+    let ns = name.clone();
+    holder.on_drop(move || {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+    });
+    holder.kill().unwrap();
+    // The orphans outlive their test process, as an orphaned aoe serve does.
+    assert!(
+        pids.iter().all(|&p| process_alive(p)),
+        "{pids:?} exited with the holder"
+    );
+
+    let removed = remove_stale_namespaces(PREFIX).unwrap();
+    assert!(removed.contains(&name), "{name} not removed: {removed:?}");
+    assert!(!list_namespaces().unwrap().contains(&name));
+    let running: Vec<u32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
+    assert!(
+        running.is_empty(),
+        "processes {running:?} of the killed test process still run after the cleanup of {name}"
+    );
 }
