@@ -84,6 +84,7 @@ const RTT_DEV_INIT_US: u64 = 62_500;
 
 mod device;
 mod encode;
+mod frames;
 mod receive;
 mod retransmit;
 mod rtt;
@@ -91,6 +92,7 @@ mod split;
 mod types;
 
 use device::*;
+use frames::Frames;
 use receive::ReadSpare;
 use rtt::*;
 pub use types::*;
@@ -104,7 +106,8 @@ pub struct Engine {
     interfaces: BTreeMap<usize, Iface>,
     devices: BTreeMap<TargetAddr, Device>,
     ops: BTreeMap<u64, Op>,
-    outstanding: BTreeMap<u32, Outstanding>,
+    /// The frames outstanding, by tag, and their deadlines ([`Frames`]).
+    outstanding: Frames,
     /// Copies that still hold a window slot without standing for a frame, by tag.
     held: BTreeMap<u32, Held>,
     /// RACK's reordering timer (RFC 8985 6.3), by tag: when an outstanding frame that a
@@ -170,7 +173,7 @@ impl Engine {
             interfaces: BTreeMap::new(),
             devices: BTreeMap::new(),
             ops: BTreeMap::new(),
-            outstanding: BTreeMap::new(),
+            outstanding: Frames::default(),
             held: BTreeMap::new(),
             rack: BTreeMap::new(),
             ghosts: BTreeMap::new(),
@@ -422,16 +425,17 @@ impl Engine {
         self.expire_fences(now);
         self.rack_timers(now);
         self.tail_probes(now);
-        let expired: Vec<u32> = self
-            .outstanding
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(tag, _)| *tag)
-            .collect();
-        for tag in expired {
+        let expired = self.outstanding.take_expired(now);
+        for &tag in &expired {
             // An earlier expiry in this loop may have taken the device down.
-            if self.outstanding.contains_key(&tag) {
+            if self.outstanding.contains_key(tag) {
                 self.frame_timed_out(now, tag);
+            }
+        }
+        for tag in expired {
+            // A frame whose deadline did not move is looked at again on the next run.
+            if self.outstanding.get(tag).is_some_and(|f| f.deadline <= now) {
+                self.outstanding.requeue(tag);
             }
         }
         self.probe_tainted(now);
@@ -449,7 +453,7 @@ impl Engine {
     /// fence while ops are queued, or the discovery beacon. `None` if nothing is pending.
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let frames = self.outstanding.values().map(|f| f.deadline).min();
+        let frames = self.outstanding.next_deadline();
         let held = self.held.values().map(|h| h.check_at).min();
         let rack = self.rack.values().min().copied();
         let tail = self.next_tail_probe();
@@ -758,7 +762,7 @@ impl Engine {
         loop {
             self.lasttag = self.lasttag.wrapping_add(1);
             let tag = ((self.lasttag & 0x7fff) << 16) | (ticks & 0xffff);
-            if !self.outstanding.contains_key(&tag)
+            if !self.outstanding.contains_key(tag)
                 && !self.held.contains_key(&tag)
                 && !self.ghosts.contains_key(&tag)
             {
@@ -790,7 +794,7 @@ impl Engine {
         self.outstanding.retain(|_, f| f.dev != addr);
         self.held.retain(|_, h| h.dev != addr);
         let outstanding = &self.outstanding;
-        self.rack.retain(|tag, _| outstanding.contains_key(tag));
+        self.rack.retain(|tag, _| outstanding.contains_key(*tag));
         self.ghosts.retain(|_, g| g.dev != addr);
         // The fences stay: a copy sent before the device went down may still reach the
         // target, and a write after the device comes back (or is found again) must wait

@@ -212,7 +212,7 @@ impl Engine {
             });
             return;
         };
-        let Some(f) = self.outstanding.get(&key).cloned() else {
+        let Some(f) = self.outstanding.get(key).cloned() else {
             return;
         };
         let is_read = self
@@ -256,7 +256,7 @@ impl Engine {
         if h.src != f.target {
             self.other_mac_response(now, &f, h.src);
         }
-        self.outstanding.remove(&key);
+        self.outstanding.remove(key);
         self.rack.remove(&key);
         let addr = f.dev;
         let mut ended_silence = false;
