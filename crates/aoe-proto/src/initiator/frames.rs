@@ -1,5 +1,5 @@
 //! The frames outstanding, by tag ([`Frames`]): a flat table indexed from the tag
-//! ([`TagMap`]) and a min-queue of their deadlines, so that an answer finds its frame in
+//! ([`TagMap`]) and a sorted queue of their deadlines, so that an answer finds its frame in
 //! O(1) without a tree walk and [`Engine::poll_timeout`] reads the earliest deadline without
 //! looking at every frame.
 //!
@@ -10,8 +10,7 @@
 //! take slots one after another, and a window of frames never shares a slot while it is
 //! smaller than the table.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::device::Outstanding;
@@ -20,11 +19,13 @@ use super::device::Outstanding;
 /// at half load; the table grows past it only for more frames out at once.
 const MIN_SLOTS: usize = 256;
 
-/// A map from tag to `V` in one flat array of slots (open addressing, linear probing),
-/// the slot of a tag being its counter bits (`tag.rotate_left(16)`, masked). At most half
-/// full: it doubles before that. A removal shifts the entries behind it back (no
-/// tombstones), so a lookup never walks past the run its tag hashes into. No allocation per
-/// entry; iteration is in slot order.
+/// A map from tag to `V` in one flat array of slots (open addressing, linear probing with
+/// Robin Hood insertion), the slot of a tag being its counter bits (`tag.rotate_left(16)`,
+/// masked). At most half full: it doubles before that. Robin Hood keeps every run of
+/// slots ordered by home slot, so a lookup stops at the first entry nearer its home than
+/// the tag would be, and a removal shifts back only the entries behind it that are away
+/// from their home (no tombstones): the frames of a window, at home one after another,
+/// cost one slot each. No allocation per entry; iteration is in slot order.
 #[derive(Debug, Clone)]
 pub(super) struct TagMap<V> {
     slots: Vec<Option<(u32, V)>>,
@@ -59,6 +60,11 @@ impl<V> TagMap<V> {
         tag.rotate_left(16) as usize & self.mask()
     }
 
+    /// How far slot `i` lies past the home of `tag`.
+    fn dist(&self, tag: u32, i: usize) -> usize {
+        i.wrapping_sub(self.home(tag)) & self.mask()
+    }
+
     /// The slot holding `tag`, if any.
     fn find(&self, tag: u32) -> Option<usize> {
         if self.len == 0 {
@@ -66,11 +72,17 @@ impl<V> TagMap<V> {
         }
         let mask = self.mask();
         let mut i = self.home(tag);
+        let mut d = 0;
         loop {
             match &self.slots[i] {
                 None => return None,
                 Some((t, _)) if *t == tag => return Some(i),
-                Some(_) => i = (i + 1) & mask,
+                // Runs are ordered by home: `tag` would have taken this slot.
+                Some((t, _)) if self.dist(*t, i) < d => return None,
+                Some(_) => {
+                    i = (i + 1) & mask;
+                    d += 1;
+                }
             }
         }
     }
@@ -98,13 +110,32 @@ impl<V> TagMap<V> {
             self.grow();
         }
         let mask = self.mask();
+        let mut cur = (tag, v);
         let mut i = self.home(tag);
-        while self.slots[i].is_some() {
+        let mut d = 0;
+        loop {
+            let here = match &self.slots[i] {
+                None => None,
+                Some((t, _)) => Some(self.dist(*t, i)),
+            };
+            match here {
+                None => {
+                    self.slots[i] = Some(cur);
+                    self.len += 1;
+                    return None;
+                }
+                // Robin Hood: the entry nearer its home gives its slot up and moves on.
+                Some(e) if e < d => {
+                    if let Some(slot) = self.slots[i].as_mut() {
+                        std::mem::swap(slot, &mut cur);
+                    }
+                    d = e;
+                }
+                Some(_) => {}
+            }
             i = (i + 1) & mask;
+            d += 1;
         }
-        self.slots[i] = Some((tag, v));
-        self.len += 1;
-        None
     }
 
     fn grow(&mut self) {
@@ -117,40 +148,39 @@ impl<V> TagMap<V> {
     }
 
     pub(super) fn remove(&mut self, tag: u32) -> Option<V> {
-        let i = self.find(tag)?;
-        let v = self.take_at(i);
+        let mut hole = self.find(tag)?;
+        let (_, v) = self.slots[hole].take()?;
+        self.len -= 1;
+        // Backward shift: the entries behind it that are away from their home move one
+        // slot nearer, up to an empty slot or an entry at home.
+        let mask = self.mask();
+        loop {
+            let j = (hole + 1) & mask;
+            match &self.slots[j] {
+                Some((t, _)) if self.dist(*t, j) > 0 => {
+                    self.slots[hole] = self.slots[j].take();
+                    hole = j;
+                }
+                _ => break,
+            }
+        }
         Some(v)
     }
 
-    /// Takes the entry in slot `hole` out and shifts back the entries of its run that
-    /// hash at or before it (Knuth's algorithm R for linear probing), so every entry stays
-    /// reachable from its home slot without a gap.
-    fn take_at(&mut self, mut hole: usize) -> V {
+    /// Robin Hood's invariant, which lookups and removals rely on: an entry away from its
+    /// home has the slot before it taken by one no nearer its own home, less one.
+    #[cfg(test)]
+    fn check_runs(&self) -> bool {
         let mask = self.mask();
-        let taken = self.slots[hole].take();
-        self.len -= 1;
-        let mut j = hole;
-        loop {
-            j = (j + 1) & mask;
-            let Some((tag, _)) = &self.slots[j] else {
-                break;
-            };
-            let k = self.home(*tag);
-            // Entry j may fill the hole unless its home lies cyclically in (hole, j].
-            let stays = if hole <= j {
-                hole < k && k <= j
-            } else {
-                hole < k || k <= j
-            };
-            if !stays {
-                self.slots[hole] = self.slots[j].take();
-                hole = j;
+        (0..self.slots.len()).all(|i| match &self.slots[i] {
+            Some((t, _)) if self.dist(*t, i) > 0 => {
+                let p = i.wrapping_sub(1) & mask;
+                self.slots[p]
+                    .as_ref()
+                    .is_some_and(|(u, _)| self.dist(*u, p) + 1 >= self.dist(*t, i))
             }
-        }
-        match taken {
-            Some((_, v)) => v,
-            None => unreachable!("take_at on an empty slot"),
-        }
+            _ => true,
+        })
     }
 
     /// Keeps the entries for which `keep` is true.
@@ -180,21 +210,24 @@ impl<V> TagMap<V> {
     }
 }
 
-/// The frames outstanding ([`Outstanding`]) by tag, with their deadlines in a min-queue.
+/// The frames outstanding ([`Outstanding`]) by tag, with their deadlines in a sorted queue.
 ///
-/// The queue holds `(deadline, tag)` for every frame, and stale entries besides (of frames
-/// answered or whose deadline moved since), which are dropped when they come to the top:
-/// every change that can make the top stale ([`Frames::remove`], [`Frames::set_deadline`],
-/// [`Frames::retain`]) drops them, so the top is always a live frame's deadline and the
-/// earliest ([`Frames::next_deadline`]). A frame's deadline changes only through
-/// [`Frames::set_deadline`]; [`Frames::get_mut`] is for its other fields. Frames are
-/// answered about in the order sent, so the top is what most answers remove: each entry
-/// is pushed and popped once, O(log n), with no scan. Stale entries behind a live top are
-/// bounded by a rebuild once they outnumber the frames.
+/// The queue holds `(deadline, tag)` for every frame, in order, and stale entries besides
+/// (of frames answered or whose deadline moved since), which are dropped when they come to
+/// the front: every change that can make the front stale ([`Frames::remove`],
+/// [`Frames::set_deadline`], [`Frames::retain`]) drops them, so the front is always a live
+/// frame's deadline and the earliest ([`Frames::next_deadline`]). A frame's deadline
+/// changes only through [`Frames::set_deadline`]; [`Frames::get_mut`] is for its other
+/// fields. The frames of a target are sent in order with one RTO, so a new deadline is
+/// nearly always the latest and goes to the back, and frames are answered about in the
+/// order sent, so the front is what most answers remove: O(1) each, with no scan. A
+/// deadline out of order (an RTO that shrank, a timer moved) is put in its place by a
+/// binary search. Stale entries behind a live front are bounded by a rebuild once they
+/// outnumber the frames.
 #[derive(Debug, Default)]
 pub(super) struct Frames {
     map: TagMap<Outstanding>,
-    deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
+    deadlines: VecDeque<(Instant, u32)>,
 }
 
 impl Frames {
@@ -217,7 +250,7 @@ impl Frames {
     }
 
     pub(super) fn insert(&mut self, tag: u32, f: Outstanding) {
-        self.deadlines.push(Reverse((f.deadline, tag)));
+        self.queue(f.deadline, tag);
         if self.map.insert(tag, f).is_some() {
             self.trim();
         }
@@ -237,7 +270,7 @@ impl Frames {
             return;
         }
         f.deadline = deadline;
-        self.deadlines.push(Reverse((deadline, tag)));
+        self.queue(deadline, tag);
         self.trim();
     }
 
@@ -262,7 +295,7 @@ impl Frames {
 
     /// The earliest deadline of a frame outstanding.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        let top = self.deadlines.peek().map(|Reverse((d, _))| *d);
+        let top = self.deadlines.front().map(|(d, _)| *d);
         #[cfg(test)]
         assert_eq!(
             top,
@@ -278,11 +311,11 @@ impl Frames {
     /// ([`Frames::set_deadline`]), removes it, or puts it back ([`Frames::requeue`]).
     pub(super) fn take_expired(&mut self, now: Instant) -> Vec<u32> {
         let mut due = Vec::new();
-        while let Some(&Reverse((d, tag))) = self.deadlines.peek() {
+        while let Some(&(d, tag)) = self.deadlines.front() {
             if d > now {
                 break;
             }
-            self.deadlines.pop();
+            self.deadlines.pop_front();
             if self.map.get(tag).is_some_and(|f| f.deadline == d) {
                 due.push(tag);
             }
@@ -296,19 +329,31 @@ impl Frames {
     /// Puts frame `tag`'s deadline back in the queue (after [`Frames::take_expired`], for
     /// a frame whose deadline did not move).
     pub(super) fn requeue(&mut self, tag: u32) {
-        if let Some(f) = self.map.get(tag) {
-            self.deadlines.push(Reverse((f.deadline, tag)));
+        if let Some(d) = self.map.get(tag).map(|f| f.deadline) {
+            self.queue(d, tag);
         }
     }
 
-    /// Drops stale entries from the top; rebuilds the queue once stale entries outnumber
+    /// Puts `(deadline, tag)` in its place in the queue: at the back unless it is earlier
+    /// than the last.
+    fn queue(&mut self, deadline: Instant, tag: u32) {
+        let e = (deadline, tag);
+        if self.deadlines.back().is_none_or(|b| *b <= e) {
+            self.deadlines.push_back(e);
+        } else {
+            let at = self.deadlines.partition_point(|x| *x <= e);
+            self.deadlines.insert(at, e);
+        }
+    }
+
+    /// Drops stale entries from the front; rebuilds the queue once stale entries outnumber
     /// the frames.
     fn trim(&mut self) {
-        while let Some(&Reverse((d, tag))) = self.deadlines.peek() {
+        while let Some(&(d, tag)) = self.deadlines.front() {
             if self.map.get(tag).is_some_and(|f| f.deadline == d) {
                 break;
             }
-            self.deadlines.pop();
+            self.deadlines.pop_front();
         }
         if self.deadlines.len() > 2 * self.map.len() + 64 {
             self.rebuild();
@@ -316,10 +361,11 @@ impl Frames {
     }
 
     fn rebuild(&mut self) {
-        let mut v = std::mem::take(&mut self.deadlines).into_vec();
+        let mut v = Vec::from(std::mem::take(&mut self.deadlines));
         v.clear();
-        v.extend(self.map.iter().map(|(t, f)| Reverse((f.deadline, t))));
-        self.deadlines = BinaryHeap::from(v);
+        v.extend(self.map.iter().map(|(t, f)| (f.deadline, t)));
+        v.sort_unstable();
+        self.deadlines = VecDeque::from(v);
     }
 }
 
@@ -392,6 +438,7 @@ mod tests {
         for i in (0..n).step_by(2) {
             assert_eq!(m.remove(tag(i, i >> 15)), Some(i));
         }
+        assert!(m.check_runs());
         for i in 0..n {
             let want = (i % 2 == 1).then_some(i);
             assert_eq!(m.get(tag(i, i >> 15)).copied(), want, "entry {i}");
@@ -541,6 +588,8 @@ mod tests {
                     prop_assert!(f.contains_key(*t));
                 }
                 prop_assert!(f.deadlines.len() <= 2 * f.len() + 64 + 1);
+                prop_assert!(f.map.check_runs(), "Robin Hood's order broken");
+                prop_assert!(f.deadlines.iter().zip(f.deadlines.iter().skip(1)).all(|(a, b)| a <= b));
             }
         }
     }
