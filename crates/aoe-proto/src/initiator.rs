@@ -105,7 +105,8 @@ pub struct Engine {
     last_now: Instant,
     interfaces: BTreeMap<usize, Iface>,
     devices: BTreeMap<TargetAddr, Device>,
-    ops: BTreeMap<u64, Op>,
+    /// The operations submitted and not yet completed, by id (counted up: [`CountedMap`]).
+    ops: CountedMap<u64, Op>,
     /// The frames outstanding, by tag, and their deadlines ([`Frames`]).
     outstanding: Frames,
     /// Copies that still hold a window slot without standing for a frame, by tag.
@@ -145,7 +146,7 @@ pub struct Engine {
     /// That frame's payload was kept as a [`HeldPart`].
     rx_kept: bool,
     /// The op each kept frame's token belongs to.
-    slot_ops: HashMap<u64, u64>,
+    slot_ops: CountedMap<u64, u64>,
     /// Tokens of failed [`BlockOp::ReadHeld`]s, for the driver to release
     /// ([`Engine::take_released`]).
     released: Vec<u64>,
@@ -172,7 +173,7 @@ impl Engine {
             last_now: now,
             interfaces: BTreeMap::new(),
             devices: BTreeMap::new(),
-            ops: BTreeMap::new(),
+            ops: CountedMap::default(),
             outstanding: Frames::default(),
             held: BTreeMap::new(),
             rack: BTreeMap::new(),
@@ -189,7 +190,7 @@ impl Engine {
             events: VecDeque::new(),
             rx_frame: None,
             rx_kept: false,
-            slot_ops: HashMap::new(),
+            slot_ops: CountedMap::default(),
             released: Vec::new(),
             stats: Stats::default(),
             peer_logs,
@@ -806,12 +807,14 @@ impl Engine {
                 t.nout = 0;
             }
         }
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .ops
             .iter()
             .filter(|(_, o)| o.dev == addr)
             .map(|(id, _)| *id)
             .collect();
+        // In the order submitted.
+        ids.sort_unstable();
         for id in ids {
             self.finish_op(id, Err(err.clone()));
         }

@@ -114,10 +114,7 @@ impl<V> TagMap<V> {
         let mut i = self.home(tag);
         let mut d = 0;
         loop {
-            let here = match &self.slots[i] {
-                None => None,
-                Some((t, _)) => Some(self.dist(*t, i)),
-            };
+            let here = self.slots[i].as_ref().map(|(t, _)| self.dist(*t, i));
             match here {
                 None => {
                     self.slots[i] = Some(cur);

@@ -2293,3 +2293,24 @@ fn write_lent_goes_home_after_the_write() {
     let got = back.lock().unwrap().pop().expect("home after the write");
     assert_eq!(got.as_ptr(), ptr);
 }
+
+/// [`CountedHasher`] spreads numbers counted up one by one over every low-bit bucket (a
+/// hash table of 2^k buckets gets one of 2^k consecutive keys in each), wherever the count
+/// starts, and gives different keys different hashes.
+#[test]
+fn counted_hasher_spreads_consecutive_keys_over_the_low_bits() {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let b = BuildHasherDefault::<CountedHasher>::default();
+    for start in [0u64, 1 << 20, u64::MAX - 5000] {
+        for bits in [4u32, 8, 12] {
+            let n = 1u64 << bits;
+            let mut seen: Vec<u64> = (0..n)
+                .map(|i| b.hash_one(start.wrapping_add(i)) & (n - 1))
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len() as u64, n, "start {start}, {bits} bits");
+        }
+    }
+    assert_ne!(b.hash_one(IoId(1)), b.hash_one(IoId(2)));
+}
