@@ -92,7 +92,7 @@ mod split;
 mod types;
 
 use device::*;
-use frames::Frames;
+use frames::{Frames, TimeQueue};
 use receive::ReadSpare;
 use rtt::*;
 pub use types::*;
@@ -125,6 +125,10 @@ pub struct Engine {
     /// to sectors one covers waits (`Engine::pick_queued`), so that a late copy of an
     /// earlier write never lands after a newer one.
     fences: BTreeMap<u32, Fence>,
+    /// When each fence ends (`Fence::gone_at`), earliest first, with stale entries of
+    /// fences already lifted behind a live front (`Engine::trim_fences`): what
+    /// `poll_timeout` reads instead of scanning every fence while ops are queued.
+    fence_ends: TimeQueue,
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
@@ -180,6 +184,7 @@ impl Engine {
             ghosts: BTreeMap::new(),
             ghost_order: VecDeque::new(),
             fences: BTreeMap::new(),
+            fence_ends: TimeQueue::default(),
             next_op: 0,
             lasttag: 0,
             next_discover,
@@ -460,10 +465,13 @@ impl Engine {
         let tail = self.next_tail_probe();
         // Only while an op is queued (a write may wait for one): otherwise a fence's end
         // changes nothing.
-        let fence = self
-            .fenced_ops()
-            .then(|| self.fences.values().map(|f| f.gone_at).min())
-            .flatten();
+        let fence = self.fenced_ops().then(|| self.fence_ends.front()).flatten();
+        #[cfg(test)]
+        assert_eq!(
+            self.fence_ends.front(),
+            self.fences.values().map(|f| f.gone_at).min(),
+            "the fence queue's front is not the earliest fence's end"
+        );
         [
             frames,
             held,

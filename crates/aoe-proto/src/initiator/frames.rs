@@ -224,7 +224,7 @@ impl<V> TagMap<V> {
 #[derive(Debug, Default)]
 pub(super) struct Frames {
     map: TagMap<Outstanding>,
-    deadlines: VecDeque<(Instant, u32)>,
+    deadlines: TimeQueue,
 }
 
 impl Frames {
@@ -292,7 +292,7 @@ impl Frames {
 
     /// The earliest deadline of a frame outstanding.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        let top = self.deadlines.front().map(|(d, _)| *d);
+        let top = self.deadlines.front();
         #[cfg(test)]
         assert_eq!(
             top,
@@ -308,7 +308,7 @@ impl Frames {
     /// ([`Frames::set_deadline`]), removes it, or puts it back ([`Frames::requeue`]).
     pub(super) fn take_expired(&mut self, now: Instant) -> Vec<u32> {
         let mut due = Vec::new();
-        while let Some(&(d, tag)) = self.deadlines.front() {
+        while let Some((d, tag)) = self.deadlines.front_entry() {
             if d > now {
                 break;
             }
@@ -331,44 +331,96 @@ impl Frames {
         }
     }
 
-    /// Puts `(deadline, tag)` in its place in the queue: at the back unless it is earlier
-    /// than the last. The RTO moves with every sample, so a new frame's deadline is often a
-    /// little earlier than the one before: its place is found from the back, a few entries
-    /// at most (a binary search over the whole queue, which such a deadline cost before,
-    /// was 0.7% of the network thread on NBD reads), by a binary search past that.
     fn queue(&mut self, deadline: Instant, tag: u32) {
-        let e = (deadline, tag);
-        let n = self.deadlines.len();
-        let mut at = n;
-        while at > 0 && n - at < 8 && self.deadlines[at - 1] > e {
-            at -= 1;
-        }
-        if at > 0 && n - at == 8 && self.deadlines[at - 1] > e {
-            at = self.deadlines.partition_point(|x| *x <= e);
-        }
-        self.deadlines.insert(at, e);
+        self.deadlines.push(deadline, tag);
     }
 
     /// Drops stale entries from the front; rebuilds the queue once stale entries outnumber
     /// the frames.
     fn trim(&mut self) {
-        while let Some(&(d, tag)) = self.deadlines.front() {
-            if self.map.get(tag).is_some_and(|f| f.deadline == d) {
-                break;
-            }
-            self.deadlines.pop_front();
-        }
+        let map = &self.map;
+        self.deadlines
+            .trim(|d, tag| map.get(tag).is_some_and(|f| f.deadline == d));
         if self.deadlines.len() > 2 * self.map.len() + 64 {
             self.rebuild();
         }
     }
 
     fn rebuild(&mut self) {
-        let mut v = Vec::from(std::mem::take(&mut self.deadlines));
+        self.deadlines
+            .rebuild(self.map.iter().map(|(t, f)| (f.deadline, t)));
+    }
+}
+
+/// Instants with the tag each belongs to, in order (then by tag), for a min-queue whose
+/// owner drops entries that went stale (`TimeQueue::trim`) instead of finding them to
+/// remove. Made for times that come in about in order: a frame's deadline, a write copy's
+/// fence end (`Engine::fences`).
+#[derive(Debug, Default)]
+pub(super) struct TimeQueue(VecDeque<(Instant, u32)>);
+
+impl TimeQueue {
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The earliest instant.
+    pub(super) fn front(&self) -> Option<Instant> {
+        self.0.front().map(|(at, _)| *at)
+    }
+
+    fn front_entry(&self) -> Option<(Instant, u32)> {
+        self.0.front().copied()
+    }
+
+    fn pop_front(&mut self) {
+        self.0.pop_front();
+    }
+
+    /// Puts `(at, tag)` in its place: at the back unless it is earlier than the last. The
+    /// RTO moves with every sample, so a new frame's deadline is often a little earlier
+    /// than the one before: its place is found from the back, a few entries at most (a
+    /// binary search over the whole queue, which such a deadline cost before, was 0.7% of
+    /// the network thread on NBD reads), by a binary search past that.
+    pub(super) fn push(&mut self, at: Instant, tag: u32) {
+        let q = &mut self.0;
+        let e = (at, tag);
+        let n = q.len();
+        let mut i = n;
+        while i > 0 && n - i < 8 && q[i - 1] > e {
+            i -= 1;
+        }
+        if i > 0 && n - i == 8 && q[i - 1] > e {
+            i = q.partition_point(|x| *x <= e);
+        }
+        q.insert(i, e);
+    }
+
+    /// Drops entries from the front while `live` says they are stale.
+    pub(super) fn trim(&mut self, live: impl Fn(Instant, u32) -> bool) {
+        while let Some(&(at, tag)) = self.0.front() {
+            if live(at, tag) {
+                break;
+            }
+            self.0.pop_front();
+        }
+    }
+
+    /// The queue made again from `entries` alone.
+    pub(super) fn rebuild(&mut self, entries: impl Iterator<Item = (Instant, u32)>) {
+        let mut v = Vec::from(std::mem::take(&mut self.0));
         v.clear();
-        v.extend(self.map.iter().map(|(t, f)| (f.deadline, t)));
+        v.extend(entries);
         v.sort_unstable();
-        self.deadlines = VecDeque::from(v);
+        self.0 = VecDeque::from(v);
+    }
+
+    #[cfg(test)]
+    fn sorted(&self) -> bool {
+        self.0
+            .iter()
+            .zip(self.0.iter().skip(1))
+            .all(|(a, b)| a <= b)
     }
 }
 
@@ -592,7 +644,7 @@ mod tests {
                 }
                 prop_assert!(f.deadlines.len() <= 2 * f.len() + 64 + 1);
                 prop_assert!(f.map.check_runs(), "Robin Hood's order broken");
-                prop_assert!(f.deadlines.iter().zip(f.deadlines.iter().skip(1)).all(|(a, b)| a <= b));
+                prop_assert!(f.deadlines.sorted());
             }
         }
     }

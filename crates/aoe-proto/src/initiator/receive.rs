@@ -156,6 +156,9 @@ impl Engine {
         // Whichever copy this answers, that copy can no longer land: its fence is gone.
         let unfenced = self.fences.get(&h.tag.0).is_some_and(|f| f.dev == h.target)
             && self.fences.remove(&h.tag.0).is_some();
+        if unfenced {
+            self.trim_fences();
+        }
         self.ata_answer(now, iface, h, ata, sampled);
         if unfenced
             && self
@@ -659,6 +662,14 @@ fn driver_lba48(page: &[u8]) -> bool {
     (word(83) | word(86)) & (1 << 10) != 0
 }
 
+/// The fields of an answered frame that `Engine::ata_answer` checks the answer against
+/// before it takes the frame out (a copy of these, not of the whole frame).
+struct Checked {
+    dev: TargetAddr,
+    op: u64,
+    count: u8,
+}
+
 #[cfg(test)]
 mod place_tests {
     use super::place;
@@ -691,12 +702,4 @@ mod place_tests {
         place(&mut buf, 2, &[5, 6, 7]);
         assert_eq!(buf, [1, 1, 5, 6, 7]);
     }
-}
-
-/// The fields of an answered frame that `Engine::ata_answer` checks the answer against
-/// before it takes the frame out (a copy of these, not of the whole frame).
-struct Checked {
-    dev: TargetAddr,
-    op: u64,
-    count: u8,
 }

@@ -287,8 +287,22 @@ impl Engine {
 
     /// Lifts the fences (`Engine::fences`) of write copies presumed gone by `now`.
     pub(super) fn expire_fences(&mut self, now: Instant) {
-        if self.fences.values().any(|f| f.gone_at <= now) {
+        if self.fence_ends.front().is_some_and(|at| at <= now) {
             self.fences.retain(|_, f| f.gone_at > now);
+            self.trim_fences();
+        }
+    }
+
+    /// Drops the ends of fences already lifted from the front of `fence_ends`, so its
+    /// front is the earliest end of a fence standing; rebuilds it once such entries
+    /// outnumber the fences. Run after every removal from `fences`.
+    pub(super) fn trim_fences(&mut self) {
+        let fences = &self.fences;
+        self.fence_ends
+            .trim(|at, tag| fences.get(&tag).is_some_and(|f| f.gone_at == at));
+        if self.fence_ends.len() > 2 * self.fences.len() + 64 {
+            self.fence_ends
+                .rebuild(self.fences.iter().map(|(t, f)| (f.gone_at, *t)));
         }
     }
 
