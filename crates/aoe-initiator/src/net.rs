@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aoe_proto::initiator::{
-    BlockOp, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
+    BlockOp, CountedMap, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
@@ -419,7 +419,7 @@ impl RxRing {
     fn copy_out(
         &mut self,
         engine: &mut Engine,
-        holds: &mut HashMap<u64, (usize, usize)>,
+        holds: &mut CountedMap<u64, (usize, usize)>,
         slot: usize,
     ) {
         let token = self.tokens[slot];
@@ -435,7 +435,7 @@ impl RxRing {
     fn copy_out_old(
         &mut self,
         engine: &mut Engine,
-        holds: &mut HashMap<u64, (usize, usize)>,
+        holds: &mut CountedMap<u64, (usize, usize)>,
     ) -> usize {
         let n = self.ring.rx_slots();
         let head = self.ring.rx_slot_ahead(0);
@@ -456,7 +456,7 @@ impl RxRing {
     }
 
     /// Gives up every held slot (the ring is about to go).
-    fn copy_out_all(&mut self, engine: &mut Engine, holds: &mut HashMap<u64, (usize, usize)>) {
+    fn copy_out_all(&mut self, engine: &mut Engine, holds: &mut CountedMap<u64, (usize, usize)>) {
         while let Some((token, slot)) = self.order.pop_front() {
             if self.ring.is_held(slot) && self.tokens[slot] == token {
                 self.copy_out(engine, holds, slot);
@@ -472,7 +472,7 @@ impl RxRing {
     fn before_wait(
         &mut self,
         engine: &mut Engine,
-        holds: &mut HashMap<u64, (usize, usize)>,
+        holds: &mut CountedMap<u64, (usize, usize)>,
     ) -> bool {
         if self.ring.held_count() == 0 || self.ring.rx_ready() {
             return false;
@@ -863,11 +863,11 @@ pub struct Net {
     wake: Arc<EventFd>,
     handle: Handle,
     ifaces: Vec<Option<Iface>>,
-    pending: HashMap<IoId, Done>,
+    pending: CountedMap<IoId, Done>,
     /// Held reads in flight ([`Cmd::IoHeld`]).
-    pending_held: HashMap<IoId, DoneHeld>,
+    pending_held: CountedMap<IoId, DoneHeld>,
     /// Frames held for reads, by token: (interface index, receive slot).
-    holds: HashMap<u64, (usize, usize)>,
+    holds: CountedMap<u64, (usize, usize)>,
     /// The next frame's token.
     next_token: u64,
     /// Tokens the engine gave back ([`Engine::take_released`]).
@@ -948,9 +948,9 @@ impl Net {
             wake,
             handle,
             ifaces: Vec::new(),
-            pending: HashMap::new(),
-            pending_held: HashMap::new(),
-            holds: HashMap::new(),
+            pending: CountedMap::default(),
+            pending_held: CountedMap::default(),
+            holds: CountedMap::default(),
             next_token: 1,
             released: Vec::new(),
             opens: HashMap::new(),

@@ -84,6 +84,7 @@ const RTT_DEV_INIT_US: u64 = 62_500;
 
 mod device;
 mod encode;
+mod frames;
 mod receive;
 mod retransmit;
 mod rtt;
@@ -91,6 +92,7 @@ mod split;
 mod types;
 
 use device::*;
+use frames::{Frames, TimeQueue};
 use receive::ReadSpare;
 use rtt::*;
 pub use types::*;
@@ -103,8 +105,10 @@ pub struct Engine {
     last_now: Instant,
     interfaces: BTreeMap<usize, Iface>,
     devices: BTreeMap<TargetAddr, Device>,
-    ops: BTreeMap<u64, Op>,
-    outstanding: BTreeMap<u32, Outstanding>,
+    /// The operations submitted and not yet completed, by id (counted up: [`CountedMap`]).
+    ops: CountedMap<u64, Op>,
+    /// The frames outstanding, by tag, and their deadlines ([`Frames`]).
+    outstanding: Frames,
     /// Copies that still hold a window slot without standing for a frame, by tag.
     held: BTreeMap<u32, Held>,
     /// RACK's reordering timer (RFC 8985 6.3), by tag: when an outstanding frame that a
@@ -121,6 +125,10 @@ pub struct Engine {
     /// to sectors one covers waits (`Engine::pick_queued`), so that a late copy of an
     /// earlier write never lands after a newer one.
     fences: BTreeMap<u32, Fence>,
+    /// When each fence ends (`Fence::gone_at`), earliest first, with stale entries of
+    /// fences already lifted behind a live front (`Engine::trim_fences`): what
+    /// `poll_timeout` reads instead of scanning every fence while ops are queued.
+    fence_ends: TimeQueue,
     next_op: u64,
     lasttag: u32,
     next_discover: Option<Instant>,
@@ -142,7 +150,7 @@ pub struct Engine {
     /// That frame's payload was kept as a [`HeldPart`].
     rx_kept: bool,
     /// The op each kept frame's token belongs to.
-    slot_ops: HashMap<u64, u64>,
+    slot_ops: CountedMap<u64, u64>,
     /// Tokens of failed [`BlockOp::ReadHeld`]s, for the driver to release
     /// ([`Engine::take_released`]).
     released: Vec<u64>,
@@ -169,13 +177,14 @@ impl Engine {
             last_now: now,
             interfaces: BTreeMap::new(),
             devices: BTreeMap::new(),
-            ops: BTreeMap::new(),
-            outstanding: BTreeMap::new(),
+            ops: CountedMap::default(),
+            outstanding: Frames::default(),
             held: BTreeMap::new(),
             rack: BTreeMap::new(),
             ghosts: BTreeMap::new(),
             ghost_order: VecDeque::new(),
             fences: BTreeMap::new(),
+            fence_ends: TimeQueue::default(),
             next_op: 0,
             lasttag: 0,
             next_discover,
@@ -186,7 +195,7 @@ impl Engine {
             events: VecDeque::new(),
             rx_frame: None,
             rx_kept: false,
-            slot_ops: HashMap::new(),
+            slot_ops: CountedMap::default(),
             released: Vec::new(),
             stats: Stats::default(),
             peer_logs,
@@ -422,16 +431,17 @@ impl Engine {
         self.expire_fences(now);
         self.rack_timers(now);
         self.tail_probes(now);
-        let expired: Vec<u32> = self
-            .outstanding
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(tag, _)| *tag)
-            .collect();
-        for tag in expired {
+        let expired = self.outstanding.take_expired(now);
+        for &tag in &expired {
             // An earlier expiry in this loop may have taken the device down.
-            if self.outstanding.contains_key(&tag) {
+            if self.outstanding.contains_key(tag) {
                 self.frame_timed_out(now, tag);
+            }
+        }
+        for tag in expired {
+            // A frame whose deadline did not move is looked at again on the next run.
+            if self.outstanding.get(tag).is_some_and(|f| f.deadline <= now) {
+                self.outstanding.requeue(tag);
             }
         }
         self.probe_tainted(now);
@@ -449,16 +459,19 @@ impl Engine {
     /// fence while ops are queued, or the discovery beacon. `None` if nothing is pending.
     #[must_use = "the engine needs handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let frames = self.outstanding.values().map(|f| f.deadline).min();
+        let frames = self.outstanding.next_deadline();
         let held = self.held.values().map(|h| h.check_at).min();
         let rack = self.rack.values().min().copied();
         let tail = self.next_tail_probe();
         // Only while an op is queued (a write may wait for one): otherwise a fence's end
         // changes nothing.
-        let fence = self
-            .fenced_ops()
-            .then(|| self.fences.values().map(|f| f.gone_at).min())
-            .flatten();
+        let fence = self.fenced_ops().then(|| self.fence_ends.front()).flatten();
+        #[cfg(test)]
+        assert_eq!(
+            self.fence_ends.front(),
+            self.fences.values().map(|f| f.gone_at).min(),
+            "the fence queue's front is not the earliest fence's end"
+        );
         [
             frames,
             held,
@@ -758,7 +771,7 @@ impl Engine {
         loop {
             self.lasttag = self.lasttag.wrapping_add(1);
             let tag = ((self.lasttag & 0x7fff) << 16) | (ticks & 0xffff);
-            if !self.outstanding.contains_key(&tag)
+            if !self.outstanding.contains_key(tag)
                 && !self.held.contains_key(&tag)
                 && !self.ghosts.contains_key(&tag)
             {
@@ -790,7 +803,7 @@ impl Engine {
         self.outstanding.retain(|_, f| f.dev != addr);
         self.held.retain(|_, h| h.dev != addr);
         let outstanding = &self.outstanding;
-        self.rack.retain(|tag, _| outstanding.contains_key(tag));
+        self.rack.retain(|tag, _| outstanding.contains_key(*tag));
         self.ghosts.retain(|_, g| g.dev != addr);
         // The fences stay: a copy sent before the device went down may still reach the
         // target, and a write after the device comes back (or is found again) must wait
@@ -802,12 +815,14 @@ impl Engine {
                 t.nout = 0;
             }
         }
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .ops
             .iter()
             .filter(|(_, o)| o.dev == addr)
             .map(|(id, _)| *id)
             .collect();
+        // In the order submitted.
+        ids.sort_unstable();
         for id in ids {
             self.finish_op(id, Err(err.clone()));
         }

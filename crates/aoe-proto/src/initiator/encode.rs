@@ -128,7 +128,10 @@ impl Engine {
                 d.stats.frames_sent += 1;
                 self.transmit.push_back((f.iface, buf, tail));
                 if let Some(fence) = fence {
-                    self.fences.insert(tag, fence);
+                    self.fence_ends.push(fence.gone_at, tag);
+                    if self.fences.insert(tag, fence).is_some() {
+                        self.trim_fences();
+                    }
                 }
             }
             Err(_) => self.recycle_frame(buf),

@@ -156,6 +156,9 @@ impl Engine {
         // Whichever copy this answers, that copy can no longer land: its fence is gone.
         let unfenced = self.fences.get(&h.tag.0).is_some_and(|f| f.dev == h.target)
             && self.fences.remove(&h.tag.0).is_some();
+        if unfenced {
+            self.trim_fences();
+        }
         self.ata_answer(now, iface, h, ata, sampled);
         if unfenced
             && self
@@ -212,7 +215,12 @@ impl Engine {
             });
             return;
         };
-        let Some(f) = self.outstanding.get(&key).cloned() else {
+        // What the checks below need; the frame itself is taken out once they pass.
+        let Some(f) = self.outstanding.get(key).map(|f| Checked {
+            dev: f.dev,
+            op: f.op,
+            count: f.count,
+        }) else {
             return;
         };
         let is_read = self
@@ -253,10 +261,12 @@ impl Engine {
             });
             return;
         }
+        let Some(f) = self.outstanding.remove(key) else {
+            return;
+        };
         if h.src != f.target {
             self.other_mac_response(now, &f, h.src);
         }
-        self.outstanding.remove(&key);
         self.rack.remove(&key);
         let addr = f.dev;
         let mut ended_silence = false;
@@ -650,6 +660,14 @@ fn driver_lba48(page: &[u8]) -> bool {
             .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
     };
     (word(83) | word(86)) & (1 << 10) != 0
+}
+
+/// The fields of an answered frame that `Engine::ata_answer` checks the answer against
+/// before it takes the frame out (a copy of these, not of the whole frame).
+struct Checked {
+    dev: TargetAddr,
+    op: u64,
+    count: u8,
 }
 
 #[cfg(test)]

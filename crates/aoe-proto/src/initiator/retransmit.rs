@@ -40,7 +40,7 @@ impl Engine {
     /// own answer comes. The driver frees the slot at once (`t->nout--`) and paces the copy
     /// to the window in `rexmit_deferred`.
     pub(super) fn frame_timed_out(&mut self, now: Instant, tag: u32) {
-        let Some(f) = self.outstanding.get(&tag).cloned() else {
+        let Some(f) = self.outstanding.get(tag).cloned() else {
             return;
         };
         let addr = f.dev;
@@ -52,7 +52,7 @@ impl Engine {
         if probe || !self.ops.contains_key(&f.op) || !self.devices.contains_key(&addr) {
             // An orphan of a failed op, or an unanswered probe (the next timer run sends
             // another): never retransmitted; its copy keeps its slot until presumed lost.
-            self.outstanding.remove(&tag);
+            self.outstanding.remove(tag);
             if probe {
                 self.ops.remove(&f.op);
             }
@@ -68,7 +68,7 @@ impl Engine {
                 .get(&addr)
                 .is_some_and(|d| d.life == Life::Identifying);
             if identifying {
-                self.outstanding.remove(&tag);
+                self.outstanding.remove(tag);
                 if f.waiting.is_none() {
                     self.hold_copy(now, tag, &f, now + timeout, false);
                 }
@@ -86,9 +86,7 @@ impl Engine {
             // Its next copy still waits for a slot or for a sign that it is due
             // (`Target::copy_due_after_timeout`).
             let wake = self.waiting_wake(now, &f, why);
-            if let Some(w) = self.outstanding.get_mut(&tag) {
-                w.deadline = wake;
-            }
+            self.outstanding.set_deadline(tag, wake);
             return;
         }
         // The timer restarts with every answer from the frame's target (RFC 6298 5.3), so
@@ -104,9 +102,7 @@ impl Engine {
             .filter(|at| *at > now);
         if let Some(at) = restart {
             let deadline = self.deadline(now, f.first_sent, at - now);
-            if let Some(o) = self.outstanding.get_mut(&tag) {
-                o.deadline = deadline;
-            }
+            self.outstanding.set_deadline(tag, deadline);
             return;
         }
         // The target has been silent for a whole timeout. As TCP's timer does (RFC 6298
@@ -136,9 +132,7 @@ impl Engine {
                 .map(|t| t.silent_backoff(now, cfg));
             if let Some(rto) = backed_off {
                 let deadline = self.deadline(now, f.first_sent, rto);
-                if let Some(o) = self.outstanding.get_mut(&tag) {
-                    o.deadline = deadline;
-                }
+                self.outstanding.set_deadline(tag, deadline);
                 return;
             }
         }
@@ -196,7 +190,7 @@ impl Engine {
     fn earliest_at_target(&self, tag: u32, f: &Outstanding) -> bool {
         let key = |g: &Outstanding| (g.first_sent, g.op, g.offset);
         !self.outstanding.iter().any(|(k, g)| {
-            *k != tag
+            k != tag
                 && g.dev == f.dev
                 && g.target == f.target
                 && self.ops.contains_key(&g.op)
@@ -293,8 +287,22 @@ impl Engine {
 
     /// Lifts the fences (`Engine::fences`) of write copies presumed gone by `now`.
     pub(super) fn expire_fences(&mut self, now: Instant) {
-        if self.fences.values().any(|f| f.gone_at <= now) {
+        if self.fence_ends.front().is_some_and(|at| at <= now) {
             self.fences.retain(|_, f| f.gone_at > now);
+            self.trim_fences();
+        }
+    }
+
+    /// Drops the ends of fences already lifted from the front of `fence_ends`, so its
+    /// front is the earliest end of a fence standing; rebuilds it once such entries
+    /// outnumber the fences. Run after every removal from `fences`.
+    pub(super) fn trim_fences(&mut self) {
+        let fences = &self.fences;
+        self.fence_ends
+            .trim(|at, tag| fences.get(&tag).is_some_and(|f| f.gone_at == at));
+        if self.fence_ends.len() > 2 * self.fences.len() + 64 {
+            self.fence_ends
+                .rebuild(self.fences.iter().map(|(t, f)| (f.gone_at, *t)));
         }
     }
 
@@ -395,12 +403,10 @@ impl Engine {
             .outstanding
             .iter()
             .filter(|(_, f)| f.dev == dev && f.target == mac && f.waiting.is_none())
-            .map(|(tag, f)| (*tag, f.deadline.min(self.deadline(now, f.first_sent, rto))))
+            .map(|(tag, f)| (tag, f.deadline.min(self.deadline(now, f.first_sent, rto))))
             .collect();
         for (tag, deadline) in restarted {
-            if let Some(f) = self.outstanding.get_mut(&tag) {
-                f.deadline = deadline;
-            }
+            self.outstanding.set_deadline(tag, deadline);
         }
     }
 
@@ -447,15 +453,15 @@ impl Engine {
     /// Frame `tag`'s last copy is held; its next copy goes out when a window has room
     /// (`Engine::send_waiting_copies`, run by `pump`).
     fn copy_due(&mut self, now: Instant, tag: u32, why: CopyWhy) {
-        let Some(f) = self.outstanding.get(&tag) else {
+        let Some(f) = self.outstanding.get(tag) else {
             return;
         };
         let dev = f.dev;
         let park = self.waiting_wake(now, f, why);
-        if let Some(f) = self.outstanding.get_mut(&tag) {
+        if let Some(f) = self.outstanding.get_mut(tag) {
             f.waiting = Some(why);
-            f.deadline = park;
         }
+        self.outstanding.set_deadline(tag, park);
         if let Some(d) = self.devices.get_mut(&dev) {
             d.rexmitq.push_back(tag);
         }
@@ -475,7 +481,7 @@ impl Engine {
             let Some(&key) = d.rexmitq.get(i) else {
                 return d.rexmitq.is_empty();
             };
-            let Some(f) = self.outstanding.get(&key).filter(|f| f.waiting.is_some()) else {
+            let Some(f) = self.outstanding.get(key).filter(|f| f.waiting.is_some()) else {
                 d.rexmitq.remove(i);
                 continue;
             };
@@ -483,7 +489,7 @@ impl Engine {
             if !self.ops.contains_key(&f.op) {
                 // Its op failed: nothing to resend (the last copy stays held).
                 d.rexmitq.remove(i);
-                self.outstanding.remove(&key);
+                self.outstanding.remove(key);
                 continue;
             }
             if d.life == Life::Down {
@@ -503,8 +509,9 @@ impl Engine {
                 // again): it must run when the copy turns due by time alone, or with no
                 // other frame out nothing would send it before the next beacon.
                 let wake = self.waiting_wake(now, &f, why);
-                if let Some(o) = self.outstanding.get_mut(&key) {
-                    o.deadline = o.deadline.min(wake);
+                if let Some(o) = self.outstanding.get(key) {
+                    let d = o.deadline.min(wake);
+                    self.outstanding.set_deadline(key, d);
                 }
                 i += 1;
                 continue;
@@ -547,7 +554,7 @@ impl Engine {
         let seq = t.take_seq();
         t.last_sent = Some(now);
         let mac = t.mac;
-        self.outstanding.remove(&tag);
+        self.outstanding.remove(tag);
         let newtag = self.new_tag(now);
         if let Some(d) = self.devices.get_mut(&addr) {
             d.targets[ti].sent_order.push_back((seq, newtag));
@@ -651,8 +658,8 @@ impl Engine {
         // send-order list: with answers in order there are none, and this costs nothing,
         // where a scan of every outstanding frame cost a window's worth per answer.
         let outstanding = &mut self.outstanding;
-        let live = |o: &BTreeMap<u32, Outstanding>, (seq, tag): (u64, u32)| {
-            o.get(&tag).is_some_and(|f| {
+        let live = |o: &Frames, (seq, tag): (u64, u32)| {
+            o.get(tag).is_some_and(|f| {
                 f.seq == seq && f.dev == answered.dev && f.target == answered.target
             })
         };
@@ -673,7 +680,7 @@ impl Engine {
             if seq >= answered.seq {
                 break;
             }
-            let Some(f) = outstanding.get_mut(&tag) else {
+            let Some(f) = outstanding.get_mut(tag) else {
                 continue;
             };
             if f.seq == seq
@@ -760,7 +767,7 @@ impl Engine {
                     f.dev == addr && f.target == mac && f.waiting.is_none() && self.carries_data(f)
                 })
                 .max_by_key(|(_, f)| f.seq)
-                .map(|(tag, f)| (*tag, self.past_deadsecs(f, now)));
+                .map(|(tag, f)| (tag, self.past_deadsecs(f, now)));
             let Some(t) = self
                 .devices
                 .get_mut(&addr)
@@ -778,7 +785,7 @@ impl Engine {
             }
             t.retransmits += 1;
             t.tail_probes += 1;
-            let Some(f) = self.outstanding.get(&tag).cloned() else {
+            let Some(f) = self.outstanding.get(tag).cloned() else {
                 continue;
             };
             self.hold_copy(now, tag, &f, f.deadline, true);
@@ -826,7 +833,7 @@ impl Engine {
     }
 
     fn fast_retransmit(&mut self, now: Instant, tag: u32) {
-        let Some(f) = self.outstanding.get(&tag).cloned() else {
+        let Some(f) = self.outstanding.get(tag).cloned() else {
             return;
         };
         if f.waiting.is_some() || !self.carries_data(&f) || self.past_deadsecs(&f, now) {
@@ -874,14 +881,14 @@ impl Engine {
     /// at the target, and a target that serves requests in parallel (`aoe serve`) could
     /// then apply the stale copy last.
     pub(super) fn answered_frame(&self, tag: u32) -> Option<(u32, Option<Instant>)> {
-        if self.outstanding.contains_key(&tag) {
+        if self.outstanding.contains_key(tag) {
             return Some((tag, None));
         }
         let (cur, sent) = self
             .outstanding
             .iter()
-            .find_map(|(cur, f)| f.earlier.iter().find(|e| e.0 == tag).map(|e| (*cur, e.1)))?;
-        let f = self.outstanding.get(&cur)?;
+            .find_map(|(cur, f)| f.earlier.iter().find(|e| e.0 == tag).map(|e| (cur, e.1)))?;
+        let f = self.outstanding.get(cur)?;
         let write = self
             .ops
             .get(&f.op)

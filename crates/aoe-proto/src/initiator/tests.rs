@@ -869,6 +869,57 @@ fn duplicate_and_foreign_responses_ignored() {
     assert_eq!(e.stats().user_tags, 1);
 }
 
+/// Tags wrap: the driver's 15-bit counter (`newtag`) passes 0x7fff with frames of a read
+/// outstanding on both sides of the wrap, which the outstanding-frame table finds by the
+/// counter bits (`frames::TagMap`). Answered, every frame completes the read with its own
+/// sectors, and a second answer to a tag already completed (stale) is counted as
+/// unexpected and changes nothing. (In order: answers out of order would have RACK copy the
+/// frames they overtook.)
+#[test]
+fn tags_wrap_with_frames_outstanding_on_both_sides() {
+    let (mut e, t0) = up_engine(100_000, true);
+    e.lasttag = 0x7fff - 3;
+    // bufcnt 16, window 8: eight frames of two sectors each out at once.
+    let id = e
+        .submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 0,
+                sectors: 16,
+            },
+        )
+        .unwrap();
+    let tx = drain(&mut e, t0);
+    assert_eq!(tx.len(), 8);
+    let counters: Vec<u32> = tx
+        .iter()
+        .map(|(_, f)| u32::from_be_bytes([f[20], f[21], f[22], f[23]]) >> 16)
+        .collect();
+    assert_eq!(counters, [0x7ffd, 0x7ffe, 0x7fff, 0, 1, 2, 3, 4]);
+    let sector = |lba: u64| vec![lba as u8 + 1; 512];
+    let answer = |f: &[u8]| {
+        let lba = req_lba(f);
+        let data = [sector(lba), sector(lba + 1)].concat();
+        ata_rsp(f, TMAC, status::DRDY, 0, &data)
+    };
+    for (_, f) in &tx {
+        e.handle_frame(t0, 0, &answer(f));
+    }
+    // Answering opened the window for nothing more: the read had eight frames.
+    assert!(drain(&mut e, t0).is_empty());
+    e.handle_frame(t0, 0, &answer(&tx[3].1));
+    let want: Vec<u8> = (0..16).flat_map(sector).collect();
+    assert_eq!(
+        completions(&mut e),
+        vec![Ok(Some(want))],
+        "read {id} completes once"
+    );
+    let s = e.device(DEV).unwrap().stats;
+    assert_eq!(s.unexpected_responses, 1, "the stale answer");
+    assert_eq!(s.retransmits, 0);
+}
+
 /// Issue 11 item 3: a response is matched by device (shelf.slot) and tag, not by source
 /// MAC (`aoecmd_ata_rsp` -> `getframe(d, tag)` never compares the source): a multi-port
 /// target may answer from a port the frame was not sent to. It completes the frame, the
@@ -2241,4 +2292,25 @@ fn write_lent_goes_home_after_the_write() {
     assert_eq!(completions(&mut e).pop(), Some(Ok(None)));
     let got = back.lock().unwrap().pop().expect("home after the write");
     assert_eq!(got.as_ptr(), ptr);
+}
+
+/// [`CountedHasher`] spreads numbers counted up one by one over every low-bit bucket (a
+/// hash table of 2^k buckets gets one of 2^k consecutive keys in each), wherever the count
+/// starts, and gives different keys different hashes.
+#[test]
+fn counted_hasher_spreads_consecutive_keys_over_the_low_bits() {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let b = BuildHasherDefault::<CountedHasher>::default();
+    for start in [0u64, 1 << 20, u64::MAX - 5000] {
+        for bits in [4u32, 8, 12] {
+            let n = 1u64 << bits;
+            let mut seen: Vec<u64> = (0..n)
+                .map(|i| b.hash_one(start.wrapping_add(i)) & (n - 1))
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len() as u64, n, "start {start}, {bits} bits");
+        }
+    }
+    assert_ne!(b.hash_one(IoId(1)), b.hash_one(IoId(2)));
 }
