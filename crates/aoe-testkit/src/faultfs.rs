@@ -440,7 +440,10 @@ impl FaultFs {
             })?;
         let size = file.metadata()?.len();
         let faults = Arc::new(Faults::default());
-        let dir = tempfile::Builder::new().prefix("aoe-faultfs-").tempdir()?;
+        remove_stale_mount_dirs();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{MOUNT_DIR_PREFIX}{}-", std::process::id()))
+            .tempdir()?;
         let mut cfg = fuser::Config::default();
         cfg.mount_options = vec![
             fuser::MountOption::FSName("aoe-faultfs".into()),
@@ -529,6 +532,46 @@ impl Drop for FaultFs {
             Err(e) => eprintln!("FaultFs: cannot read /proc/self/mountinfo: {e}"),
         }
     }
+}
+
+/// What the name of every FaultFs mount point begins with; the mounting process's pid and
+/// a `-` follow it.
+pub const MOUNT_DIR_PREFIX: &str = "aoe-faultfs-";
+
+/// Removes the empty mount points (`/tmp/aoe-faultfs-PID-*`) of test processes that are
+/// gone: a process killed by a signal never runs the drop that removes its directory
+/// (`auto_unmount` takes the mount away, not the directory). A directory still mounted, not
+/// empty, or of a process still running is left alone. Called by [`FaultFs::mount`];
+/// returns the directories removed.
+pub fn remove_stale_mount_dirs() -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(MOUNT_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        if pid == std::process::id()
+            || Path::new(&format!("/proc/{pid}")).exists()
+            || is_mount_point(&path).unwrap_or(true)
+        {
+            continue;
+        }
+        // remove_dir refuses a directory that is not empty: nothing but an empty mount
+        // point goes.
+        if std::fs::remove_dir(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 /// True if `path` is a mount point in this process's mount namespace: the fifth field of a
