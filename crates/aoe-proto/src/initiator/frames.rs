@@ -339,11 +339,11 @@ impl Frames {
     /// the frames.
     fn trim(&mut self) {
         let map = &self.map;
-        self.deadlines
-            .trim(|d, tag| map.get(tag).is_some_and(|f| f.deadline == d));
-        if self.deadlines.len() > 2 * self.map.len() + 64 {
-            self.rebuild();
-        }
+        self.deadlines.tidy(
+            map.len(),
+            |d, tag| map.get(tag).is_some_and(|f| f.deadline == d),
+            || map.iter().map(|(t, f)| (f.deadline, t)),
+        );
     }
 
     fn rebuild(&mut self) {
@@ -360,7 +360,8 @@ impl Frames {
 pub(super) struct TimeQueue(VecDeque<(Instant, u32)>);
 
 impl TimeQueue {
-    pub(super) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.0.len()
     }
 
@@ -396,13 +397,24 @@ impl TimeQueue {
         q.insert(i, e);
     }
 
-    /// Drops entries from the front while `live` says they are stale.
-    pub(super) fn trim(&mut self, live: impl Fn(Instant, u32) -> bool) {
+    /// Drops entries from the front while `live` says they are stale, so the front is the
+    /// earliest live entry; once the queue holds more than twice `live_count` entries (and
+    /// 64 more), stale ones behind a live front among them, rebuilds it from `all`, every
+    /// live entry. Its owner runs this after every change that can leave an entry stale.
+    pub(super) fn tidy<I: Iterator<Item = (Instant, u32)>>(
+        &mut self,
+        live_count: usize,
+        live: impl Fn(Instant, u32) -> bool,
+        all: impl FnOnce() -> I,
+    ) {
         while let Some(&(at, tag)) = self.0.front() {
             if live(at, tag) {
                 break;
             }
             self.0.pop_front();
+        }
+        if self.0.len() > 2 * live_count + 64 {
+            self.rebuild(all());
         }
     }
 

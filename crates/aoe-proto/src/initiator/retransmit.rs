@@ -298,12 +298,11 @@ impl Engine {
     /// outnumber the fences. Run after every removal from `fences`.
     pub(super) fn trim_fences(&mut self) {
         let fences = &self.fences;
-        self.fence_ends
-            .trim(|at, tag| fences.get(&tag).is_some_and(|f| f.gone_at == at));
-        if self.fence_ends.len() > 2 * self.fences.len() + 64 {
-            self.fence_ends
-                .rebuild(self.fences.iter().map(|(t, f)| (f.gone_at, *t)));
-        }
+        self.fence_ends.tidy(
+            fences.len(),
+            |at, tag| fences.get(&tag).is_some_and(|f| f.gone_at == at),
+            || fences.iter().map(|(t, f)| (f.gone_at, *t)),
+        );
     }
 
     /// True while a fence stands and some device has ops queued, one of which may wait for
