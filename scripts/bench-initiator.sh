@@ -29,12 +29,15 @@
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
-#             every dev and nbd transfer, read and written, into dir/<cell>.data
+#             every dev and nbd transfer, read and written, and nbdkit's, into dir/<cell>.data
 #   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), figures a loaded machine does not disturb
+#   PERFSTATALL=1  instead, per transfer (nbdkit's included), from /proc/stat: each CPU's busy
+#             share, and the whole machine's busy CPU and softirq time per MiB moved (which CPU
+#             is full; what the parties in the table do not account for is someone else's)
 #   (always, with reads: the raw generator's own CPU-seconds per GB and the target's during it,
 #             on stderr: what the path's floor costs)
 # Needs root, iproute2, util-linux (nsenter), jq, fuse3, libnbd-bin (nbdcopy), vblade,
@@ -60,6 +63,7 @@ DD_OFLAG=${DD_OFLAG-direct}
 INIT_ARGS=${INIT_ARGS:-}
 PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
+PERFSTATALL=${PERFSTATALL:-0}
 PERFALL=${PERFALL:-}
 RETX=${RETX:-0}
 METRICS_ADDR=127.0.0.1:9477
@@ -123,9 +127,29 @@ client_ticks() {
     awk '{ s += $1 } END { print s + 0 }' "$WORK/cl" 2>/dev/null || echo 0
     : >"$WORK/cl"
 }
+# The command, with each CPU's busy share, the whole machine's busy CPU and the softirq time
+# per MiB moved noted from /proc/stat (PERFSTATALL): one line per transfer on stderr, beside
+# the table's per-party CPU-s/GB (whatever else runs on the machine is in the busy figure).
+sys_during() { # name cmd...
+    local name=$1; shift
+    grep '^cpu[0-9]' /proc/stat >"$WORK/cpu0"
+    "$@"
+    grep '^cpu[0-9]' /proc/stat >"$WORK/cpu1"
+    # /proc/stat: user nice system idle iowait irq softirq steal, in ticks.
+    paste -d' ' "$WORK/cpu0" "$WORK/cpu1" | awk -v hz="$HZ" -v mib="$SIZE_MB" -v n="$name" '{
+        k = (NF - 2) / 2; t0 = 0; t1 = 0
+        for (i = 2; i <= 9; i++) { t0 += $i; t1 += $(i + k + 1) }
+        idle = ($(5 + k + 1) + $(6 + k + 1)) - ($5 + $6)
+        out = out sprintf("%s busy %.0f%%, ", $1, (t1 - t0) > 0 ? 100 * (1 - idle / (t1 - t0)) : 0)
+        busy += (t1 - t0) - idle; si += $(8 + k + 1) - $8; st += $(9 + k + 1) - $9 }
+        END { printf "proc stat %s: %sbusy %.2f CPU-ms/MiB, of it softirq %.3f, steal %.3f\n",
+              n, out, busy / hz * 1000 / mib, si / hz * 1000 / mib, st / hz * 1000 / mib }' >&2
+}
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ -n "$PERFALL" ]; then
+    if [ "$PERFSTATALL" = 1 ]; then
+        sys_during "$name" "$@"
+    elif [ -n "$PERFALL" ]; then
         mkdir -p "$PERFALL"
         perf record -q -a -g -o "$PERFALL/$name.data" >/dev/null 2>&1 &
         local pp=$!; sleep 0.3
@@ -185,6 +209,13 @@ cell() { # label cmd... : median MB/s of RUNS runs
     local v
     v=$(for _ in $(seq 1 "$RUNS"); do timed "$@"; done | median)
     echo "$v"
+}
+# nbdkit's cell: as `cell`, each run under `perf_during` with PERFSTATALL or PERFALL (the
+# whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our cells.
+kit_cell() { # label cmd...
+    local label=$1; shift
+    [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || { cell "$label" "$@"; return; }
+    for r in $(seq 1 "$RUNS"); do perf_during "$label-$mtu-$r" timed "$@"; done | median
 }
 # One raw generator run: its MB/s on stdout; the bytes it moved, its own CPU ticks and the
 # target's appended to $WORK/raw (what the path's floor costs per GB: `raw_cpu`).
@@ -279,11 +310,11 @@ for mtu in $MTUS; do
         start_nbdkit
         : >"$WORK/cl"
         s0=$(cpu_ticks "$KIT_PID")
-        kr=$(cell kit in_i nbdcopy "nbd://$IP_T:10809" null:)
+        kr=$(kit_cell kit in_i nbdcopy "nbd://$IP_T:10809" null:)
         s1=$(cpu_ticks "$KIT_PID") kcr=$(client_ticks)
         kw=- kcpu="$(per_gb $((s1 - s0)))" kccpu="$(per_gb "$kcr")"
         if [ "$WRITES" = 1 ]; then
-            kw=$(cell kitw in_i nbdcopy "$SRC" "nbd://$IP_T:10809")
+            kw=$(kit_cell kitw in_i nbdcopy "$SRC" "nbd://$IP_T:10809")
             s2=$(cpu_ticks "$KIT_PID") kcw=$(client_ticks)
             kcpu+=" / $(per_gb $((s2 - s1)))" kccpu+=" / $(per_gb "$kcw")"
         fi

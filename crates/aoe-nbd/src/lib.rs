@@ -34,7 +34,7 @@ pub mod proto;
 
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -168,6 +168,12 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.as_raw_fd(),
             Conn::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Unix(s) => s.as_fd(),
+            Conn::Tcp(s) => s.as_fd(),
         }
     }
     fn shutdown(&self) {
@@ -666,24 +672,19 @@ struct Reply {
 const READ_BUF: usize = 16 << 10;
 
 /// Reads a write's `len` bytes of payload: what the read buffer holds of it, then the
-/// rest from the socket directly into the vector's spare capacity (the standard streams
-/// fill it without zeroing it first, and without a bounce through the read buffer).
+/// rest from the socket directly into the vector's spare capacity, without zeroing it
+/// first and without a bounce through the read buffer, in one `recv(2)` with
+/// `MSG_WAITALL` ([`aoe_sys::recv_exact_append`]). `read_to_end` on a `Take` of the
+/// socket, used before, starts at 8 KiB a read and doubles: six or seven `recvfrom(2)`
+/// calls per 256 KiB payload, 28 per MiB written.
 fn read_payload(r: &mut BufReader<Conn>, len: usize) -> io::Result<Vec<u8>> {
     let mut data = Vec::with_capacity(len);
     let ahead = r.buffer();
     let n = ahead.len().min(len);
     data.extend_from_slice(&ahead[..n]);
     r.consume(n);
-    let rest = (len - n) as u64;
-    if rest > 0 {
-        match r.get_mut() {
-            Conn::Unix(s) => s.take(rest).read_to_end(&mut data)?,
-            Conn::Tcp(s) => s.take(rest).read_to_end(&mut data)?,
-        };
-    }
-    if data.len() < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
+    let fd = r.get_ref().as_fd();
+    aoe_sys::recv_exact_append(fd, &mut data, len - n)?;
     Ok(data)
 }
 
