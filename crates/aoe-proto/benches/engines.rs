@@ -126,6 +126,34 @@ fn target(c: &mut Criterion) {
             })
         },
     );
+    // The duplicate-write table's rare path at its worst: a copy of an answered write behind
+    // 1024 later writes (MAX_SCAN), the last of them overlapping it, so each copy walks them
+    // all and is dropped (the table unchanged: every iteration walks as far).
+    g.bench_function("write copy -> walk of 1024 later writes -> dropped", |b| {
+        let mut e = target_engine();
+        let now = Instant::now();
+        e.set_now(now);
+        let mut reply = vec![0u8; 9014];
+        let mut run = |e: &mut target::Engine, req: &[u8]| {
+            let Outcome::Io(io) = e.handle_frame(0, req, &mut reply) else {
+                panic!("a write must ask for disk work");
+            };
+            e.complete(io.token, Ok(()), &mut reply).unwrap();
+        };
+        let copy = write_request(0, 0x2000_0000, 1);
+        run(&mut e, &copy);
+        for k in 1..1024u32 {
+            run(
+                &mut e,
+                &write_request(u64::from(k) * 17, 0x2000_0000 + k, 2),
+            );
+        }
+        run(&mut e, &write_request(0, 0x2000_0400, 3));
+        b.iter(|| {
+            let out = e.handle_frame(0, black_box(&copy), &mut reply);
+            assert!(matches!(out, Outcome::Drop(_)), "{out:?}");
+        })
+    });
     g.bench_function("query config -> reply", |b| {
         let mut e = target_engine();
         let q = Message {

@@ -120,8 +120,9 @@ impl Key {
 
 /// Most writes admitted after a remembered one that a request under its key walks to see
 /// whether one of them overlapped it; behind more, the request is dropped as superseded
-/// without the walk. 48 bytes an entry: the walk reads at most 48 KiB, in order (a few
-/// microseconds at worst, on the rare path of copies only). A copy this late is a network
+/// without the walk. 48 bytes an entry: the walk reads at most 48 KiB, in order (1.1 us
+/// for a copy of a write behind 1024 later ones, the engines bench "write copy -> walk of
+/// 1024 later writes", against 0.2 us for a whole write; on the rare path of copies only). A copy this late is a network
 /// copy (at 120 000 writes a second, 1024 writes are 8.5 ms), and dropping one never writes.
 pub(super) const MAX_SCAN: usize = 1024;
 
