@@ -1349,6 +1349,64 @@ fn a_copy_with_no_overlap_since_runs_again_and_is_answered() {
     assert_eq!(e.stats().sectors_written, 8);
 }
 
+/// Regression (found in session 20): a write given up before it ran (over the buffer
+/// count, or `abort`: the driver could not queue it) was forgotten by the table, so the
+/// network's late copy of its frame ran as a new write, also after the initiator had sent it
+/// again under a new tag, been answered, and written those sectors anew: the old data came
+/// back over the newer write. Now the given-up write stays its key's write and the copy is
+/// dropped as superseded. (On the code before, both cases got `Outcome::Io`.)
+#[test]
+fn a_copy_of_a_write_given_up_does_not_run_after_a_newer_write() {
+    for abort in [false, true] {
+        let mut e = engine(1000);
+        e.set_now(Instant::now());
+        let mut disk = vec![0u8; 1000 * 512];
+        let mut buf = vec![0u8; 1514];
+        let w = write_frame(HOST, 0x0001_0001, 10, &[0xaa; 1024]);
+        let mut reads = Vec::new();
+        if abort {
+            let Outcome::Io(io) = e.handle_frame(0, &w, &mut buf) else {
+                panic!("W not executed")
+            };
+            assert!(e.abort(io.token));
+        } else {
+            // 64 reads fill the buffer count; W is turned away.
+            for t in 0..64 {
+                let Outcome::Io(io) = e.handle_frame(0, &read_from(HOST, 100 + t, 0), &mut buf)
+                else {
+                    panic!("read {t} not executed")
+                };
+                reads.push(io.token);
+            }
+            assert_eq!(
+                e.handle_frame(0, &w, &mut buf),
+                Outcome::Drop(DropReason::OverBufferCount)
+            );
+            for t in reads {
+                e.complete(t, Ok(()), &mut buf).unwrap();
+            }
+        }
+        // The initiator sends W again under a new tag (answered), then B to the same sectors.
+        io_round(
+            &mut e,
+            &mut disk,
+            &write_frame(HOST, 0x0002_0002, 10, &[0xaa; 1024]),
+        );
+        io_round(
+            &mut e,
+            &mut disk,
+            &write_frame(HOST, 0x0003_0003, 10, &[0xbb; 1024]),
+        );
+        // The network's copy of W's first frame.
+        assert_eq!(
+            e.handle_frame(0, &w, &mut buf),
+            Outcome::Drop(DropReason::DuplicateSuperseded),
+            "abort {abort}"
+        );
+        assert_eq!(&disk[10 * 512..12 * 512], &[0xbb; 1024][..]);
+    }
+}
+
 #[test]
 fn copy_of_a_write_in_flight_is_dropped_and_a_failed_write_runs_its_copy() {
     let mut e = engine(1000);
