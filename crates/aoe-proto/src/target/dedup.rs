@@ -1,4 +1,4 @@
-//! Writes executed recently, so that a late copy of one never undoes a newer write.
+//! Writes admitted recently, so that a late copy of one never undoes a newer write.
 //!
 //! Ethernet may deliver a frame twice (a switch flooding while it learns, a bridge loop
 //! settling, a relay with duplication). AoE writes are not idempotent once another write to
@@ -14,15 +14,16 @@
 //! from the writes it admitted since. A write request whose key matches a remembered write
 //! E is:
 //! - dropped unanswered while E is in flight (E's own reply answers the initiator);
-//! - dropped unanswered, once E is answered, if any write admitted after E overlaps E's
-//!   sectors (E is *superseded*): executed, it could put E's data back over the newer
-//!   write's, and the table cannot tell a copy from new data under a reused tag, so it
-//!   neither executes nor answers it. A network copy is meant to be dropped; a reused tag
-//!   with new data is sent again by its initiator and runs once E has left the window;
-//! - executed again, once E is answered, if no write admitted since overlaps E's sectors.
-//!   They hold E's data (nothing wrote them since), so a copy writes the same data again and
-//!   a reused tag writes what its initiator asked for; either way the disk ends as the
-//!   initiator expects, and the request gets its own reply. It then replaces E.
+//! - dropped unanswered, once E is answered (or was given up), if any write admitted after
+//!   E overlaps E's sectors (E is *superseded*): executed, it could put E's data back over
+//!   the newer write's, and the table cannot tell a copy from new data under a reused tag,
+//!   so it neither executes nor answers it. A network copy is meant to be dropped; a reused
+//!   tag with new data is sent again by its initiator and runs once E has left the window;
+//! - executed again, once E is answered (or was given up), if no write admitted since
+//!   overlaps E's sectors. They hold E's data (nothing wrote them since), so a copy writes
+//!   the same data again and a reused tag writes what its initiator asked for; either way
+//!   the disk ends as the initiator expects, and the request gets its own reply. It then
+//!   replaces E.
 //!
 //! A write under a key not remembered is executed and remembered. Why executing the
 //! unsuperseded copy is safe with the daemon's write fence (`aoe-target`
@@ -32,8 +33,10 @@
 //! pool, io_uring, RBD, the memory store), so "no write admitted after E overlaps E" means
 //! no write reached E's sectors after E, and the copy, admitted now, lands after E and
 //! before any overlapping write admitted later. A write the driver never ran (over the
-//! buffer count, or aborted) still counts as a later write when a copy is checked: that
-//! errs toward dropping, which never writes.
+//! buffer count, or aborted) stays its key's write (forgotten, a late copy of its frame
+//! would run as new even after the initiator had sent it again under a new tag and then
+//! overwritten those sectors), and still counts as a later write when an older write's copy
+//! is checked: that errs toward dropping, which never writes.
 //!
 //! The check costs nothing on the common path: every write is a new key, looked up and
 //! remembered as before. Only a request whose key is remembered and answered walks the
@@ -66,10 +69,10 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(3);
 /// of 8 KiB frames) it covers the last 130 ms.
 pub const DEFAULT_DEDUP_ENTRIES: usize = 16384;
 
-/// How long and how many executed writes an export remembers.
+/// How long and how many admitted writes an export remembers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupConfig {
-    /// A write is forgotten this long after it was executed. Zero turns suppression off.
+    /// A write is forgotten this long after it was admitted. Zero turns suppression off.
     pub window: Duration,
     /// At most this many writes are remembered, the oldest forgotten first, whatever the
     /// window: a flood of writes from random MACs and tags cannot grow the table. Zero turns
@@ -122,8 +125,9 @@ impl Key {
 /// whether one of them overlapped it; behind more, the request is dropped as superseded
 /// without the walk. 48 bytes an entry: the walk reads at most 48 KiB, in order (1.1 us
 /// for a copy of a write behind 1024 later ones, the engines bench "write copy -> walk of
-/// 1024 later writes", against 0.2 us for a whole write; on the rare path of copies only). A copy this late is a network
-/// copy (at 120 000 writes a second, 1024 writes are 8.5 ms), and dropping one never writes.
+/// 1024 later writes", against 0.2 us for a whole write; on the rare path of copies only).
+/// A copy this late is a network copy (at 120 000 writes a second, 1024 writes are
+/// 8.5 ms), and dropping one never writes.
 pub(super) const MAX_SCAN: usize = 1024;
 
 /// How a remembered write stands.
@@ -146,8 +150,9 @@ struct Entry {
     key: Key,
     state: State,
     /// The index leads to it: it is its key's remembered write. False once a write under
-    /// the same key replaced it, it was forgotten, or the index had no room for it; it then
-    /// only counts against the bound until it leaves the queue.
+    /// the same key replaced it or the index had no room for it; it then counts against
+    /// the bound, and as a later write when an older one's copy is checked, until it leaves
+    /// the queue.
     indexed: bool,
 }
 
@@ -167,14 +172,13 @@ pub(super) enum Seen {
     #[cfg(test)]
     New,
     /// Its key's write was answered (or never ran) and nothing overlapped it since: execute
-    /// it.
-    /// (Only `check` says so; `admit` returns [`Admitted`] with `again` set.)
+    /// it. (Only `check` says so; `admit` returns [`Admitted`] instead.)
     #[cfg(test)]
     Again,
     /// Its key's write is still in flight: drop it.
     InFlight,
-    /// Its key's write was answered and a write admitted since overlaps it (or more than
-    /// [`MAX_SCAN`] writes were admitted since): drop it unanswered.
+    /// Its key's write was answered (or never ran) and a write admitted since overlaps it
+    /// (or more than [`MAX_SCAN`] writes were admitted since): drop it unanswered.
     Superseded,
 }
 
@@ -230,7 +234,7 @@ enum Found {
     Full(usize),
 }
 
-/// The table of recently executed writes of one export.
+/// The table of recently admitted writes of one export.
 ///
 /// Each write admitted gets the next seq and an [`Entry`] at the back of `order`, which is
 /// indexed by seq (`order[seq - first]`) and forgets from the front (the window, the
