@@ -154,9 +154,11 @@ pub fn target_text(obs: &Observer) -> String {
     }
     s.counter(
         "aoe_target_duplicate_writes",
-        "The duplicate-write table: copies of an answered write answered from it (answered), \
-         copies of a write in flight dropped (dropped_in_flight), writes forgotten inside the \
-         window because the table was full (evicted)",
+        "The duplicate-write table: requests under an answered write's key run again, nothing \
+         written over it since (executed_again), copies of a write in flight dropped \
+         (dropped_in_flight), requests under the key of a write a newer one overlapped dropped \
+         unanswered (dropped_superseded), writes forgotten inside the window because the \
+         table was full (evicted)",
         dups,
     );
     s.counter(

@@ -97,13 +97,13 @@ pub struct ServeArgs {
     /// export, and the target exits with status 1 (the stop lost work). Fixed at start.
     #[arg(long, value_name = "SECS")]
     drain_secs: Option<u64>,
-    /// How long, in milliseconds, each export remembers a write it executed, to answer a
-    /// network duplicate of it without writing again (a late copy would put old data back
-    /// over a newer write) [default: 3000]. 0 turns this off. Fixed at start.
+    /// How long, in milliseconds, each export remembers a write it admitted, to drop a
+    /// network duplicate of it once a newer write overlapped it (a late copy would put old
+    /// data back over the newer write) [default: 3000]. 0 turns this off. Fixed at start.
     #[arg(long, value_name = "MS")]
     dedup_window_ms: Option<u64>,
     /// Most writes each export remembers for that, the oldest forgotten first [default:
-    /// 16384, about 2 MiB]. 0 turns it off. Fixed at start.
+    /// 16384, about 1.25 MiB]. 0 turns it off. Fixed at start.
     #[arg(long, value_name = "N")]
     dedup_entries: Option<usize>,
     /// Check the configuration (files, sizes, interfaces) and exit.

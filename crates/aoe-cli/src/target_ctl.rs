@@ -316,21 +316,23 @@ fn stats(out: &mut String, s: &Snapshot) {
             c.dropped_over_fair_share
         );
     }
-    // The duplicate-write table (copies answered from it, copies dropped while the write
-    // was in flight, writes forgotten early for its bound) and wildcard writes refused.
+    // The duplicate-write table (copies run again, nothing written over them since; copies
+    // dropped while the write was in flight; copies dropped because a newer write overlapped
+    // it; writes forgotten early for its bound) and wildcard writes refused.
     let _ = writeln!(
         out,
-        "{:<10} {:>12} {:>12} {:>12} {:>15}",
-        "TARGET", "DUP-ANSWERED", "DUP-DROPPED", "DUP-EVICTED", "WILDCARD-WRITES"
+        "{:<10} {:>12} {:>12} {:>15} {:>12} {:>15}",
+        "TARGET", "DUP-AGAIN", "DUP-DROPPED", "DUP-SUPERSEDED", "DUP-EVICTED", "WILDCARD-WRITES"
     );
     for e in &s.exports {
         let d = &e.counters.duplicate_writes;
         let _ = writeln!(
             out,
-            "{:<10} {:>12} {:>12} {:>12} {:>15}",
+            "{:<10} {:>12} {:>12} {:>15} {:>12} {:>15}",
             e.target,
-            d.answered,
+            d.executed_again,
             d.dropped_in_flight,
+            d.dropped_superseded,
             d.evicted,
             e.counters.wildcard_writes_refused
         );

@@ -1392,13 +1392,14 @@ fn scrape(ns: &Netns, port: u16) -> String {
     common::get_metrics(ns, port).1
 }
 
-/// Issue 14 (fixes round): the duplicate-write table's counters (copies answered from it,
-/// copies dropped while in flight, entries evicted for the bound) and the wildcard writes
-/// refused are in `aoe target status --json` and in the Prometheus metrics. A write, then
-/// the same frame again after its reply (answered from the table); a pair of copies sent back
-/// to back (one answered or dropped, whichever the timing gives); with a table of 4 entries,
-/// 10 more writes evict at least 6; one write to 0xffff.0xff. On main none of these was
-/// shown anywhere.
+/// Issue 14 (fixes round): the duplicate-write table's counters (copies run again, copies
+/// dropped while in flight, copies dropped after a newer overlapping write, entries evicted
+/// for the bound) and the wildcard writes refused are in `aoe target status --json` and in
+/// the Prometheus metrics. A write, then the same frame again after its reply (run again:
+/// nothing overwrote it); a pair of copies sent back to back (the second run again or
+/// dropped, whichever the timing gives); W3, W4 to the same sector, then W3's frame again
+/// (dropped unanswered); with a table of 4 entries, 10 more writes evict; one write to
+/// 0xffff.0xff. On main (before issue 14) none of these was shown anywhere.
 #[test]
 fn duplicate_write_counters_are_in_status_and_metrics() {
     const PORT: u16 = 9611;
@@ -1445,8 +1446,8 @@ fn duplicate_write_counters_are_in_status_and_metrics() {
     let w = n.frame(mac, addr, write(1));
     ok(&n.exchange(std::slice::from_ref(&w), Duration::from_secs(5))[0]);
     ok(&n.exchange(std::slice::from_ref(&w), Duration::from_secs(5))[0]);
-    // Two copies in one burst: the second is dropped if the first is still in flight,
-    // answered from the table if not. At least one reply comes.
+    // Two copies in one burst: the second is dropped if the first is still in flight, run
+    // again if not. At least one reply comes.
     let w2 = n.frame(mac, addr, write(2));
     n.client.send_raw(&[w2.clone(), w2.clone()]).unwrap();
     let got = n
@@ -1454,6 +1455,16 @@ fn duplicate_write_counters_are_in_status_and_metrics() {
         .collect_tag(w2.0, 2, Duration::from_millis(1500))
         .unwrap();
     assert!(!got.is_empty());
+    // W3 and W4 to one sector, then W3's frame again: W4 overwrote it, so it is dropped,
+    // unanswered (counted below).
+    let w3 = n.frame(mac, addr, write(30));
+    ok(&n.exchange(std::slice::from_ref(&w3), Duration::from_secs(5))[0]);
+    let w4 = n.frame(mac, addr, write(30));
+    ok(&n.exchange(std::slice::from_ref(&w4), Duration::from_secs(5))[0]);
+    n.client.send_raw(std::slice::from_ref(&w3)).unwrap();
+    wait_for_counters(&sock, |c| {
+        c["duplicate_writes"]["dropped_superseded"].as_u64() == Some(1)
+    });
     // 10 distinct writes through a table of 4.
     let frames: Vec<_> = (10..20).map(|l| n.frame(mac, addr, write(l))).collect();
     for f in &frames {
@@ -1463,7 +1474,9 @@ fn duplicate_write_counters_are_in_status_and_metrics() {
     assert_eq!(n.exchange(&[b], Duration::from_secs(5)).len(), 1);
 
     let snap = wait_for_counters(&sock, |c| {
-        c["duplicate_writes"]["answered"].as_u64().unwrap_or(0)
+        c["duplicate_writes"]["executed_again"]
+            .as_u64()
+            .unwrap_or(0)
             + c["duplicate_writes"]["dropped_in_flight"]
                 .as_u64()
                 .unwrap_or(0)
@@ -1472,15 +1485,18 @@ fn duplicate_write_counters_are_in_status_and_metrics() {
     });
     let c = &snap["exports"][0]["counters"];
     let d = &c["duplicate_writes"];
-    let (answered, dropped, evicted) = (
-        d["answered"].as_u64().unwrap(),
+    let (again, dropped, superseded, evicted) = (
+        d["executed_again"].as_u64().unwrap(),
         d["dropped_in_flight"].as_u64().unwrap(),
+        d["dropped_superseded"].as_u64().unwrap(),
         d["evicted"].as_u64().unwrap(),
     );
-    assert!(answered >= 1, "{snap}");
-    assert_eq!(answered + dropped, 2, "{snap}");
-    // 12 writes entered a table of 4 (the burst's pair once), all inside the window.
-    assert_eq!(evicted, 8, "{snap}");
+    assert!(again >= 1, "{snap}");
+    assert_eq!(again + dropped, 2, "{snap}");
+    assert_eq!(superseded, 1, "{snap}");
+    // 14 keys entered a table of 4 (w, the burst's pair, W3, W4 and the 10 once each: a
+    // copy run again takes its key's place), all inside the window.
+    assert_eq!(evicted, 10, "{snap}");
     assert_eq!(c["wildcard_writes_refused"].as_u64(), Some(1), "{snap}");
 
     let body = scrape(&n.t, PORT);
@@ -1490,8 +1506,9 @@ fn duplicate_write_counters_are_in_status_and_metrics() {
         )
     };
     for (what, v) in [
-        ("answered", answered),
+        ("executed_again", again),
         ("dropped_in_flight", dropped),
+        ("dropped_superseded", superseded),
         ("evicted", evicted),
     ] {
         assert!(

@@ -29,10 +29,11 @@
 //!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
 //!   else is aborted (status DRDY|ERR, error ABRT). Out-of-range LBAs get IDNF and never
 //!   reach the disk.
-//! - Departure from vblade: a copy of a write executed within the last few seconds (same
-//!   source MAC, tag, command, LBA, count and data: a network duplicate) is answered as the
-//!   write was and not executed again, so a late copy never overwrites a newer write
-//!   ([`DedupConfig`], the `dedup` module).
+//! - Departure from vblade: a request under the key (source MAC, tag, command, LBA, count)
+//!   of a write admitted within the last few seconds (a network duplicate) is dropped while
+//!   that write is in flight or once a later write overlapped its sectors, and executed
+//!   again only when nothing overwrote them since (the same data lands again), so a late
+//!   copy never overwrites a newer write ([`DedupConfig`], the `dedup` module).
 
 use std::fmt;
 use std::time::Instant;
@@ -177,6 +178,11 @@ pub enum DropReason {
     /// A copy of a write whose disk I/O is still in flight (a network duplicate): the
     /// write's own reply answers it when the I/O completes ([`DedupConfig`]).
     DuplicateInFlight,
+    /// A request under the key of an answered write whose sectors a later write overlapped
+    /// (a late network duplicate): executed, it could put the old data back over the newer
+    /// write's; answered, it would claim a write that did not run. Dropped unanswered
+    /// ([`DedupConfig`]).
+    DuplicateSuperseded,
 }
 
 /// Query Config requests one source MAC gets answered per period of
@@ -278,11 +284,14 @@ pub struct Stats {
 /// What the duplicate-write table did ([`DedupConfig`]), since the export started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DedupCounts {
-    /// Copies of a write already answered, answered again from the table (the write's
-    /// status, not executed again).
-    pub answered: u64,
+    /// Requests under the key of an answered write whose sectors nothing overwrote since
+    /// (a copy, or a reused tag), executed again: the same data lands again.
+    pub executed_again: u64,
     /// Copies of a write still on its way to the disk, dropped (its reply answers both).
     pub dropped_in_flight: u64,
+    /// Requests under the key of an answered write that a later write overlapped, dropped
+    /// unanswered: run, a copy would undo the newer write.
+    pub dropped_superseded: u64,
     /// Writes forgotten inside the window because the table was full: a late copy of one
     /// would be executed. Rising steadily, `--dedup-entries` is too small for the write rate.
     pub evicted: u64,
@@ -500,9 +509,10 @@ impl Engine {
 
     /// Gives the engine a cache hint to call with the address of memory it is about to
     /// read, e.g. `aoe_sys::prefetch`: for a write, the line of the duplicate-write table's
-    /// index the write will look up, hinted before the digest of its data is computed, so
-    /// that the line (most often not in the cache: the index is read at random) comes in
-    /// meanwhile. The engine reads nothing through the hint; without one, nothing changes.
+    /// index the write will look up, hinted by [`prefetch_frame`](Self::prefetch_frame)
+    /// for every frame of a batch before the first is handled, so that the line (most often
+    /// not in the cache: the index is read at random) comes in behind the frames before it.
+    /// The engine reads nothing through the hint; without one, nothing changes.
     pub fn set_prefetch(&mut self, hint: fn(*const u8)) {
         self.prefetch = Some(hint);
     }
@@ -511,8 +521,7 @@ impl Engine {
     /// `frame`, if it is an ATA write, will look up when [`handle_frame`](Self::handle_frame)
     /// takes it. The driver calls it for every frame of a receive batch before it handles
     /// the first, so that each write's line comes in behind the work on the frames before
-    /// it, not only behind its own digest (at MTU 1500 a 1 KiB digest is too short to hide
-    /// the miss). Only reads: a frame that is no write, or one `handle_frame` would refuse,
+    /// it (the lookup follows the write's header checks at once). Only reads: a frame that is no write, or one `handle_frame` would refuse,
     /// costs a header parse and changes nothing.
     pub fn prefetch_frame(&self, frame: &[u8]) {
         let Some(hint) = self.prefetch else {
@@ -1157,32 +1166,22 @@ impl Engine {
                 return self.ata_status(rsp, arg, abort, error_bits::ABRT, reply);
             }
             let len = req.transfer_len();
-            // A copy of a write executed moments ago (a network duplicate) gets that write's
-            // reply and never reaches the disk: run again after a newer write to these
-            // sectors, it would put the old data back over acknowledged new data.
+            // A copy of a write admitted moments ago (a network duplicate) is dropped while
+            // that write is in flight or once a newer write overlapped it: run then, it would
+            // put the old data back over acknowledged new data. No digest of the data: the
+            // daemon's batch pass already hinted the index line (`prefetch_frame`).
             let key = dedup::Key::of_write(rsp.dst, rsp.tag.0, req);
-            // The frame carries `len` bytes (parse checked it); no digest when the table is off.
             let admitted = if self.dedup.active() {
                 let hash = self.dedup.hash(&key);
-                if let Some(hint) = self.prefetch {
-                    self.hint_line(hint, hash);
-                }
-                let digest = dedup::Digest::of(&req.data[..len.min(req.data.len())]);
-                self.dedup.admit_hashed(self.now, key, hash, digest)
+                self.dedup.admit_hashed(self.now, key, hash)
             } else {
                 Ok(None)
             };
-            let seq = match admitted {
-                Ok(seq) => seq,
-                Err(dedup::Seen::Done { status, error }) => {
-                    self.stats.dedup.answered += 1;
-                    if status & status::ERR != 0 {
-                        self.stats.ata_errors += 1;
-                    }
-                    if reply.len() < MIN_FRAME_LEN {
-                        return Outcome::Drop(DropReason::Malformed);
-                    }
-                    return Outcome::Reply(write_ata_reply(rsp, arg, status, error, 0, reply));
+            let admitted = match admitted {
+                Ok(a) => a,
+                Err(dedup::Seen::Superseded) => {
+                    self.stats.dedup.dropped_superseded += 1;
+                    return Outcome::Drop(DropReason::DuplicateSuperseded);
                 }
                 Err(_) => {
                     self.stats.dedup.dropped_in_flight += 1;
@@ -1198,19 +1197,22 @@ impl Engine {
                 },
                 PendingKind::Write { sectors: count },
             );
-            if let Some(seq) = seq {
+            if let Some(a) = admitted {
                 match &out {
                     Outcome::Io(io) => {
+                        if a.again {
+                            self.stats.dedup.executed_again += 1;
+                        }
                         if let Some(p) = self
                             .pending
                             .get_mut(io.token.0 as usize)
                             .and_then(Option::as_mut)
                         {
-                            p.dedup = Some(seq);
+                            p.dedup = Some(a.seq);
                         }
                     }
                     // Not executed (over the buffer count): a copy must run.
-                    _ => self.dedup.forget(seq),
+                    _ => self.dedup.forget(a.seq),
                 }
             }
             out
@@ -1345,7 +1347,7 @@ impl Engine {
             Err(IoFailure::Aborted) => (status::DRDY | status::ERR, error_bits::ABRT),
         };
         if let Some(seq) = p.dedup {
-            self.dedup.finish(seq, st, err);
+            self.dedup.finish(seq);
         }
         let data_len = match (p.kind, result) {
             (PendingKind::Read { len, sectors }, Ok(())) => {
@@ -1520,6 +1522,7 @@ impl fmt::Display for DropReason {
             DropReason::OverFairShare => "source holds its share of the buffer count",
             DropReason::QueryRateLimited => "query answers for this source used up",
             DropReason::DuplicateInFlight => "copy of a write in flight",
+            DropReason::DuplicateSuperseded => "copy of a write overwritten since",
         })
     }
 }

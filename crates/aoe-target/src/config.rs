@@ -230,8 +230,8 @@ pub struct ServeConfig {
     /// --drain-secs`, at most [`MAX_DRAIN`]); what is still in flight then is named in the
     /// log and the daemon fails (exit status 1). Fixed at start, like `io`.
     pub drain: Duration,
-    /// How long and how many executed writes each export remembers, to answer a network
-    /// duplicate of one instead of executing it again (`aoe serve --dedup-window-ms`,
+    /// How long and how many admitted writes each export remembers, to drop a network
+    /// duplicate of one that a newer write overlapped (`aoe serve --dedup-window-ms`,
     /// `--dedup-entries`; [`aoe_proto::target::DedupConfig`]). Fixed at start, like `io`.
     pub dedup: aoe_proto::target::DedupConfig,
 }

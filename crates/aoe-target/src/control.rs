@@ -131,10 +131,12 @@ counters! {
 counters! {
     /// What the duplicate-write table did ([`aoe_proto::target::DedupCounts`]).
     DedupCounters from aoe_proto::target::DedupCounts {
-        /// Copies of an answered write, answered from the table without executing them.
-        answered,
+        /// Requests under an answered write's key, nothing overwritten since: run again.
+        executed_again,
         /// Copies of a write in flight, dropped.
         dropped_in_flight,
+        /// Requests under the key of a write overwritten since, dropped unanswered.
+        dropped_superseded,
         /// Writes forgotten inside the window because the table was full.
         evicted,
     }
