@@ -521,8 +521,9 @@ impl Engine {
     /// `frame`, if it is an ATA write, will look up when [`handle_frame`](Self::handle_frame)
     /// takes it. The driver calls it for every frame of a receive batch before it handles
     /// the first, so that each write's line comes in behind the work on the frames before
-    /// it (the lookup follows the write's header checks at once). Only reads: a frame that is no write, or one `handle_frame` would refuse,
-    /// costs a header parse and changes nothing.
+    /// it (the lookup follows the write's header checks at once). Only reads: a frame that
+    /// is no write, or one `handle_frame` would refuse, costs a header parse and changes
+    /// nothing.
     pub fn prefetch_frame(&self, frame: &[u8]) {
         let Some(hint) = self.prefetch else {
             return;
@@ -1211,7 +1212,8 @@ impl Engine {
                             p.dedup = Some(a.seq);
                         }
                     }
-                    // Not executed (over the buffer count): a copy must run.
+                    // Not executed (over the buffer count): it stays its key's write, not
+                    // run, so that a copy runs unless a later write overlapped it.
                     _ => self.dedup.forget(a.seq),
                 }
             }
