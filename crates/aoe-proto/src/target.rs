@@ -1172,13 +1172,7 @@ impl Engine {
             // put the old data back over acknowledged new data. No digest of the data: the
             // daemon's batch pass already hinted the index line (`prefetch_frame`).
             let key = dedup::Key::of_write(rsp.dst, rsp.tag.0, req);
-            let admitted = if self.dedup.active() {
-                let hash = self.dedup.hash(&key);
-                self.dedup.admit_hashed(self.now, key, hash)
-            } else {
-                Ok(None)
-            };
-            let admitted = match admitted {
+            let admitted = match self.dedup.admit(self.now, key) {
                 Ok(a) => a,
                 Err(dedup::Seen::Superseded) => {
                     self.stats.dedup.dropped_superseded += 1;

@@ -512,11 +512,7 @@ impl Dedup {
         let h = self.hash(key);
         let home = self.home(h);
         match self.find(key, home, h >> SEQ_BITS) {
-            Found::At(_, i) => match self.order[i].state {
-                State::InFlight => Seen::InFlight,
-                _ if self.overwritten_since(i) => Seen::Superseded,
-                _ => Seen::Again,
-            },
+            Found::At(_, i) => self.verdict(i).err().unwrap_or(Seen::Again),
             _ => Seen::New,
         }
     }
@@ -526,16 +522,6 @@ impl Dedup {
     #[cfg(test)]
     pub(super) fn insert(&mut self, now: Option<Instant>, key: Key) -> Option<u64> {
         self.admit(now, key).ok().flatten().map(|a| a.seq)
-    }
-
-    /// [`admit_hashed`](Self::admit_hashed), the hash computed here.
-    #[cfg(test)]
-    pub(super) fn admit(
-        &mut self,
-        now: Option<Instant>,
-        key: Key,
-    ) -> Result<Option<Admitted>, Seen> {
-        self.admit_hashed(now, key, self.hash(&key))
     }
 
     /// True if a write admitted after the one at `i` in `order` overlaps its sectors, or
@@ -551,20 +537,33 @@ impl Dedup {
         self.order.range(i + 1..).any(|w| w.overlaps(&key))
     }
 
-    /// One lookup for the hot path, of a key whose [`hash`](Self::hash) is `h`: a request
-    /// to drop is `Err` with what the table says of it (its key's write in flight, or
-    /// superseded); anything else is remembered as in flight (replacing the answered write
-    /// under the same key, if there is one) and `Ok` with the seq to finish or forget it
-    /// with (`None` when the table is off).
-    pub(super) fn admit_hashed(
+    /// What a request under the key of the remembered write at `i` in `order` is to do:
+    /// `Err` to drop it (that write in flight, or overwritten since), `Ok` to run it (the
+    /// write answered or never run, and nothing overlapped it since).
+    fn verdict(&self, i: usize) -> Result<(), Seen> {
+        if self.order[i].state == State::InFlight {
+            return Err(Seen::InFlight);
+        }
+        if self.overwritten_since(i) {
+            return Err(Seen::Superseded);
+        }
+        Ok(())
+    }
+
+    /// One lookup for the hot path: a request to drop is `Err` with what the table says of
+    /// it (its key's write in flight, or superseded); anything else is remembered as in
+    /// flight (replacing the answered write under the same key, if there is one) and `Ok`
+    /// with the seq to finish or forget it with (`None` when the table is off: nothing is
+    /// hashed then).
+    pub(super) fn admit(
         &mut self,
         now: Option<Instant>,
         key: Key,
-        h: u64,
     ) -> Result<Option<Admitted>, Seen> {
         if !self.cfg.enabled() {
             return Ok(None);
         }
+        let h = self.hash(&key);
         // Room for one more within the bound (so `order` never grows past it).
         self.expire_to(now, self.cfg.entries - 1);
         if self.groups.is_empty() {
@@ -576,12 +575,7 @@ impl Dedup {
         let mut again = false;
         let place = match self.find(&key, home, fp) {
             Found::At(place, i) => {
-                if self.order[i].state == State::InFlight {
-                    return Err(Seen::InFlight);
-                }
-                if self.overwritten_since(i) {
-                    return Err(Seen::Superseded);
-                }
+                self.verdict(i)?;
                 // Answered (or never run), and nothing overlapped it since: the request runs
                 // and takes the key's bucket.
                 again = self.order[i].state == State::Done;
