@@ -547,12 +547,7 @@ impl Engine {
             return;
         }
         let key = dedup::Key::of_write(header.src, header.tag.0, &req);
-        self.hint_line(hint, self.dedup.hash(&key));
-    }
-
-    /// Hands `hint` the duplicate-write index line that `hash` selects, if the table has one.
-    fn hint_line(&self, hint: fn(*const u8), hash: u64) {
-        if let Some(line) = self.dedup.line(hash) {
+        if let Some(line) = self.dedup.line(self.dedup.hash(&key)) {
             hint(line);
         }
     }
