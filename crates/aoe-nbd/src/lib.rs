@@ -165,10 +165,7 @@ impl Conn {
         })
     }
     fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Conn::Unix(s) => s.as_raw_fd(),
-            Conn::Tcp(s) => s.as_raw_fd(),
-        }
+        self.as_fd().as_raw_fd()
     }
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
