@@ -86,6 +86,17 @@ pub struct DevEntry {
     pub kickme: bool,
 }
 
+/// What became of a partition scan ([`Shared::finish_scan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Its table is the device's now.
+    Stored,
+    /// A later scan was started, or the device is gone: dropped.
+    Stale,
+    /// It would change a partition that is open: the old table stays.
+    Busy,
+}
+
 /// State shared between the network thread and the file system.
 #[derive(Default)]
 pub struct Shared {
@@ -178,19 +189,53 @@ impl Shared {
     /// Stores the partitions scan `n` of `dev` found, unless a later scan of `dev` was
     /// started since (or the device is gone): scans run on threads of their own, so the
     /// one an `up` started can finish after the one a resize or revalidate started next,
-    /// and its table, read at the old size, must not replace the newer one. Says whether
-    /// it stored them.
-    fn finish_scan(&mut self, dev: TargetAddr, n: u64, parts: Vec<Partition>) -> bool {
+    /// and its table, read at the old size, must not replace the newer one.
+    ///
+    /// Nor while a partition that is open (a FUSE open of its `eX.YpN`, or an NBD client
+    /// on that export) would move, shrink, grow or vanish: its open file and its NBD
+    /// session would go on at the new place, or at the old one, while the other file shows
+    /// the new table, and a file system on it would write over whatever is there now. The
+    /// kernel refuses any re-read while a partition is open (`bdev_disk_changed`,
+    /// `disk_scan_partitions`: `open_partitions` means `-EBUSY`, what `BLKRRPART` answers);
+    /// here only a change to an open partition keeps the old table (whole), and a line in
+    /// `err` says which is open. A new table that leaves every open partition where it was
+    /// is taken (a partition added beside one in use).
+    fn finish_scan(&mut self, dev: TargetAddr, n: u64, parts: Vec<Partition>) -> Scan {
         if self.latest_scan.get(&dev) != Some(&n) {
-            return false;
+            return Scan::Stale;
         }
-        match self.devices.get_mut(&dev) {
-            Some(e) => {
-                e.partitions = parts;
-                true
-            }
-            None => false,
+        let Some(e) = self.devices.get(&dev) else {
+            return Scan::Stale;
+        };
+        let moved: Vec<String> = e
+            .partitions
+            .iter()
+            .filter(|old| !parts.contains(old))
+            .map(|old| format!("{dev}p{}", old.number))
+            .filter(|name| self.partition_open(dev, name))
+            .collect();
+        if !moved.is_empty() {
+            self.push_err(format!(
+                "{dev}: partition table changed, not re-read while {} open (close it, then \
+                 write {dev} to revalidate)",
+                moved.join(", ")
+            ));
+            return Scan::Busy;
         }
+        if let Some(e) = self.devices.get_mut(&dev) {
+            e.partitions = parts;
+        }
+        Scan::Stored
+    }
+
+    /// Whether partition file or export `name` (`eX.YpN`) of `dev` is open: through FUSE
+    /// or by an NBD client.
+    fn partition_open(&self, dev: TargetAddr, name: &str) -> bool {
+        let files = self
+            .open_files
+            .iter()
+            .any(|(&(a, p), &n)| a == dev && p != 0 && n > 0 && format!("{a}p{p}") == name);
+        files || self.nbd_clients.get(name).is_some_and(|&n| n > 0)
     }
 
     /// Answers EINTR to readers of `err` whose process has a signal pending or is gone. A
@@ -1693,8 +1738,9 @@ impl Net {
             };
             let found = parts.len();
             let mut s = lock(&shared);
-            if s.finish_scan(dev, n, parts) {
-                if found > 0 {
+            let scan = s.finish_scan(dev, n, parts);
+            if scan != Scan::Stale {
+                if found > 0 && scan == Scan::Stored {
                     tracing::info!(partitions = found, "{dev}: partition table found");
                 }
                 if loop_devices && s.devices.get(&dev).is_some_and(|e| e.loop_device.is_none()) {
@@ -1910,13 +1956,67 @@ mod scan_order_tests {
         known(&mut s, 4096);
         let up = s.start_scan(DEV);
         let resized = s.start_scan(DEV);
-        assert!(s.finish_scan(DEV, resized, part(8192)));
-        assert!(!s.finish_scan(DEV, up, part(2048)), "older scan dropped");
+        assert_eq!(s.finish_scan(DEV, resized, part(8192)), Scan::Stored);
+        assert_eq!(
+            s.finish_scan(DEV, up, part(2048)),
+            Scan::Stale,
+            "older scan dropped"
+        );
         assert_eq!(s.devices[&DEV].partitions, part(8192));
         // A scan of a device that is gone stores nothing.
         let gone = s.start_scan(DEV);
         s.devices.clear();
-        assert!(!s.finish_scan(DEV, gone, part(1)));
+        assert_eq!(s.finish_scan(DEV, gone, part(1)), Scan::Stale);
+    }
+
+    /// A re-read table that moves, resizes or drops a partition that is open (its file
+    /// through FUSE, or its NBD export) is not taken: the open file would go on at the new
+    /// place, the NBD session at the old one, and a file system on it would write over
+    /// whatever is there now. The kernel refuses any re-read while a partition is open
+    /// (`bdev_disk_changed`: EBUSY). On the code before, every scan replaced the table.
+    #[test]
+    fn a_scan_does_not_move_an_open_partition() {
+        let p = |number, start, sectors| Partition {
+            number,
+            start,
+            sectors,
+        };
+        let mut s = Shared::default();
+        known(&mut s, 65536);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Stored);
+        s.open_files.insert((DEV, 1), 1);
+        // Moved, resized, gone (a scan that could not read the table finds none).
+        for new in [
+            vec![p(1, 8192, 4096)],
+            vec![p(1, 2048, 2048)],
+            vec![p(2, 2048, 4096)],
+            Vec::new(),
+        ] {
+            let n = s.start_scan(DEV);
+            assert_eq!(s.finish_scan(DEV, n, new.clone()), Scan::Busy, "{new:?}");
+            assert_eq!(s.devices[&DEV].partitions, vec![p(1, 2048, 4096)]);
+        }
+        let line = s.err.back().expect("a line in err");
+        assert!(line.contains(&format!("{DEV}p1 open")), "{line}");
+        // A partition added beside the open one is taken; so is anything once closed.
+        let both = vec![p(1, 2048, 4096), p(2, 8192, 4096)];
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, both.clone()), Scan::Stored);
+        assert_eq!(s.devices[&DEV].partitions, both);
+        // The whole device open does not hold the table.
+        s.open_files.clear();
+        s.open_files.insert((DEV, 0), 3);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 8192, 4096)]), Scan::Stored);
+        // An NBD client on a partition export holds it as an open file does.
+        s.nbd_clients.insert(format!("{DEV}p1"), 1);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Busy);
+        assert_eq!(s.devices[&DEV].partitions, vec![p(1, 8192, 4096)]);
+        s.nbd_clients.clear();
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Stored);
     }
 }
 
