@@ -228,6 +228,21 @@ impl Shared {
         Scan::Stored
     }
 
+    /// The devices an NBD client is connected to (on the device's export or one of its
+    /// partitions'), with the busy reason `flush` logs for them: a flush must not remove a
+    /// device under its NBD clients, as it does not under an open file (`aoedev_flush`
+    /// skips a device with `nopen`).
+    pub(crate) fn nbd_held(&self) -> BTreeMap<TargetAddr, String> {
+        let mut held = BTreeMap::new();
+        for (export, &n) in &self.nbd_clients {
+            let dev = export.split_once('p').map_or(export.as_str(), |(d, _)| d);
+            if let (Ok(a), true) = (dev.parse::<TargetAddr>(), n > 0) {
+                held.insert(a, format!("NBD client on {export}"));
+            }
+        }
+        held
+    }
+
     /// Whether partition file or export `name` (`eX.YpN`) of `dev` is open: through FUSE
     /// or by an NBD client.
     fn partition_open(&self, dev: TargetAddr, name: &str) -> bool {
@@ -1523,7 +1538,8 @@ impl Net {
                 let _ = tx.send(r);
             }
             Cmd::Flush(which, tx) => {
-                let removed = self.engine.flush_devices(which);
+                let held = lock(&self.shared).nbd_held();
+                let removed = self.engine.flush_devices_except(which, &held);
                 let _ = tx.send(removed);
             }
             Cmd::SetInterfaces(list, tx) => {
@@ -1967,6 +1983,22 @@ mod scan_order_tests {
         let gone = s.start_scan(DEV);
         s.devices.clear();
         assert_eq!(s.finish_scan(DEV, gone, part(1)), Scan::Stale);
+    }
+
+    /// `flush` skips a device an NBD client is connected to, on the device or on one of
+    /// its partitions, as it skips one with an open file: on the code before, `echo all >
+    /// ROOT/flush` removed it and the client's reads failed with EIO until a discover.
+    #[test]
+    fn an_nbd_client_holds_its_device_against_flush() {
+        let mut s = Shared::default();
+        assert!(s.nbd_held().is_empty());
+        s.nbd_clients.insert(format!("{DEV}p2"), 1);
+        s.nbd_clients.insert("e9.9".into(), 2);
+        s.nbd_clients.insert("e7.7".into(), 0);
+        let held = s.nbd_held();
+        let e99 = TargetAddr { shelf: 9, slot: 9 };
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), vec![DEV, e99]);
+        assert_eq!(held[&DEV], format!("NBD client on {DEV}p2"));
     }
 
     /// A re-read table that moves, resizes or drops a partition that is open (its file
