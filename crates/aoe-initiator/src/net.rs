@@ -961,7 +961,22 @@ pub struct Net {
     /// Frames refused by the transmit rings of interfaces closed since (see
     /// [`Drops::tx_rejected`]).
     tx_rejected_closed: u64,
+    /// Interfaces taken out of the list that some device that is up still reaches its
+    /// targets through alone, by index, with the time they were taken out: kept in use
+    /// until each such device has a path through another interface, or [`RETIRE_GRACE`]
+    /// has passed ([`Net::sync_interfaces`]).
+    retiring: BTreeMap<usize, Instant>,
 }
+
+/// How long an interface taken out of the list, in the same change that listed a new one,
+/// stays in use while a device that is up has no path through any other
+/// ([`Net::sync_interfaces`]): time for the Query Config sent on the new interface to be
+/// answered, so that an administrator moving AoE to another interface does not fail the
+/// I/O in flight. The driver's `aoe_iflist`
+/// never takes a target's interfaces away: it filters what is received and where config
+/// queries go (`aoenet_rcv`, `aoecmd_cfg_pkts`: `is_aoe_netif`), so the I/O goes on through
+/// a target's new interface once its config answer adds it, or fails after `deadsecs`.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
 /// (the `iflist` is a name filter; a listed name may appear at any time). A list of the
@@ -1028,6 +1043,7 @@ impl Net {
             counts: LoopCounts::default(),
             housekept: Instant::now(),
             tx_rejected_closed: 0,
+            retiring: BTreeMap::new(),
         })
     }
 
@@ -1062,7 +1078,8 @@ impl Net {
         }
         self.missing = missing;
         let wanted: Vec<_> = all
-            .into_iter()
+            .iter()
+            .cloned()
             .filter(|i| {
                 if iflist.is_empty() {
                     !i.loopback
@@ -1071,12 +1088,58 @@ impl Net {
                 }
             })
             .collect();
+        // Devices that are up, by the names of the interfaces their paths use.
+        let up: Vec<Vec<String>> = self
+            .engine
+            .devices()
+            .into_iter()
+            .filter(|d| d.state == aoe_proto::initiator::DeviceState::Up)
+            .map(|d| d.interfaces)
+            .collect();
+        // A listed interface not open yet: it is sent a Query Config below, and may offer
+        // the devices new paths within milliseconds.
+        let fresh = wanted.iter().any(|w| {
+            !self
+                .ifaces
+                .iter()
+                .flatten()
+                .any(|i| i.name == w.name && i.index == w.index)
+        });
+        let now = Instant::now();
         for (idx, slot) in self.ifaces.iter_mut().enumerate() {
             if let Some(i) = slot {
                 let same = wanted
                     .iter()
                     .any(|w| w.name == i.name && w.index == i.index);
+                let exists = all.iter().any(|w| w.name == i.name && w.index == i.index);
+                // Taken out of the list (it still exists) while a device that is up
+                // reaches its targets through it alone, and an interface new to the list
+                // may give it another path: kept for now ([`RETIRE_GRACE`]). With no new
+                // interface listed, none is coming: the device goes down at once, as
+                // before, and its I/O fails without waiting for `deadsecs`.
+                let relied_on = up.iter().any(|names| {
+                    names.contains(&i.name)
+                        && names.iter().all(|n| !wanted.iter().any(|w| &w.name == n))
+                });
+                let retiring = self.retiring.contains_key(&idx);
+                if !same && exists && relied_on && (fresh || retiring) {
+                    let since = *self.retiring.entry(idx).or_insert_with(|| {
+                        tracing::info!(
+                            interface = %i.name,
+                            "interface no longer listed; still used until the devices on \
+                             it have a path through another"
+                        );
+                        now
+                    });
+                    if now.saturating_duration_since(since) < RETIRE_GRACE {
+                        continue;
+                    }
+                }
+                if same {
+                    self.retiring.remove(&idx);
+                }
                 if !same {
+                    self.retiring.remove(&idx);
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
                     self.tx_rejected_closed +=
                         i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
@@ -1268,7 +1331,11 @@ impl Net {
                 self.backlogged = backlogged;
                 self.publish();
             }
-            self.housekeeping();
+            if self.housekeeping() && !self.retiring.is_empty() {
+                // A retiring interface goes once no device relies on it alone, or at the
+                // end of its grace (`sync_interfaces` decides).
+                let _ = self.sync_interfaces();
+            }
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
