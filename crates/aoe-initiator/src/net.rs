@@ -1079,7 +1079,6 @@ impl Net {
         self.missing = missing;
         let wanted: Vec<_> = all
             .iter()
-            .cloned()
             .filter(|i| {
                 if iflist.is_empty() {
                     !i.loopback
@@ -1087,6 +1086,7 @@ impl Net {
                     iflist.contains(&i.name)
                 }
             })
+            .cloned()
             .collect();
         // Devices that are up, by the names of the interfaces their paths use.
         let up: Vec<Vec<String>> = self
