@@ -13,6 +13,9 @@
 //! * `revalidate_partition_*` (item 7): a second partition added to the table in the
 //!   target's backing file (not through the initiator); `echo eX.Y > revalidate` re-reads
 //!   the table and `eX.Yp2` appears with its size and bytes, without flush and discover.
+//! * `revalidate_leaves_an_open_partition_where_it_is`: a table that moves a partition
+//!   whose file is open is not taken while it is (the kernel answers `BLKRRPART` with
+//!   EBUSY while a partition is open): writes through the open file stay where they were.
 //!
 //! Needs root, fuse3, vblade, aoetools (`scripts/install-deps.sh`).
 
@@ -200,4 +203,91 @@ fn revalidate_partition_aoe_serve() {
 #[test]
 fn revalidate_partition_vblade() {
     revalidate_partition(Target::Vblade);
+}
+
+// ------------------------------------------------------------------------------------------
+// revalidate_leaves_an_open_partition_where_it_is: no table change under an open partition
+
+/// Audit 4 (session 21): `eX.Yp1` held open (as a loop device or a VM holds it), the table
+/// rewritten behind the initiator's back to move p1, and `revalidate` written. On the code
+/// before, the open file followed the new table at once: its next write landed at the new
+/// place (sector 8192 of the backing file, not 2048), over what was there. The kernel never
+/// moves an open partition (`bdev_disk_changed`: EBUSY while any is open); here the old
+/// table stays, `err` says why, and the new one is taken at the first revalidate after the
+/// close.
+#[test]
+fn revalidate_leaves_an_open_partition_where_it_is() {
+    let (old, new) = ((2048u32, 4096u32), (8192u32, 4096u32));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parted.img");
+    let mut img = pattern(3, (SECTORS * 512) as usize);
+    img[..512].copy_from_slice(&mbr(&[old]));
+    fs::write(&file, &img).unwrap();
+    let rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        Some(file.clone()),
+        &[],
+    );
+    let p1 = rig.root.join(format!("{DEV}p1"));
+    assert!(
+        wait_until(Duration::from_secs(5), || fs::metadata(&p1).is_ok()),
+        "{DEV}p1 not found at discovery{}",
+        rig.logs()
+    );
+    let held = OpenOptions::new().read(true).write(true).open(&p1).unwrap();
+    {
+        let f = OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&mbr(&[new]), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    rig.echo_ok("revalidate", DEV);
+    let line = format!("{DEV}: partition table changed, not re-read while {DEV}p1 open");
+    assert!(
+        wait_until(Duration::from_secs(10), || rig
+            .initiator_log()
+            .contains(&line)),
+        "no {line:?} after revalidate{}",
+        rig.logs()
+    );
+    let data = pattern(4, 4096);
+    held.write_all_at(&data, 0).unwrap();
+    held.sync_all().unwrap();
+    let at = |sector: u32| {
+        let mut b = vec![0u8; 4096];
+        File::open(&file)
+            .unwrap()
+            .read_exact_at(&mut b, u64::from(sector) * 512)
+            .unwrap();
+        b
+    };
+    let new_start = (new.0 as usize) * 512;
+    assert!(
+        at(new.0) == img[new_start..new_start + 4096],
+        "the write through the open {DEV}p1 landed at the new table's p1 (sector {})",
+        new.0
+    );
+    assert_eq!(
+        at(old.0),
+        data,
+        "the write missing at p1's sector {}",
+        old.0
+    );
+    // Closed, a revalidate takes the new table. The kernel sends FUSE's RELEASE after
+    // close(2) has returned, so a revalidate written at once can still find p1 open: it is
+    // written again until the table is taken.
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            rig.echo_ok("revalidate", DEV);
+            wait_until(Duration::from_secs(1), || {
+                read_at(&p1, 0, 4096).is_ok_and(|b| b == img[new_start..new_start + 4096])
+            })
+        }),
+        "{DEV}p1 not at sector {} after the close and a revalidate{}",
+        new.0,
+        rig.logs()
+    );
+    rig.finish();
 }

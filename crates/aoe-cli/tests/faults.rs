@@ -15,6 +15,9 @@
 //!   `dead_*`, which kills the target with no I/O pending except one read).
 //! * `multipath_*`: two relayed paths to one target, one cut mid-transfer: the transfer
 //!   finishes, the cut path's retransmits show in `err` (the driver's `retransmit ... s=MAC`).
+//! * `interface_list_swapped_*`: the interface list changed mid-write from the first path's
+//!   interface to the second's: the write finishes (the old interface stays in use until
+//!   the device has a path through the new one), then only the new one is used.
 //! * `reserved_*`, `mask_*`, `read_only_*`: raw clients (two MACs on one LAN) against the
 //!   target's Reserve/Release (error 6, AoEr11 3.4), MAC mask list (no answer outside it,
 //!   AoEr11 3.3) and `-r` (writes fail with ATA ABRT, vblade `ata.c`), the backing file
@@ -690,6 +693,51 @@ fn multipath_one_path_cut_mid_transfer() {
         err_stream.iter().any(|l| l.contains("ejecting")),
         c0.counters(),
         c1.counters()
+    );
+    r.finish();
+}
+
+/// Audit 4 (session 21): the interface list changed mid-write from the first path's
+/// interface to the second's, both reaching the target (an administrator moving AoE to
+/// another NIC). On the code before, the device lost its only path at once ("e7.3 down: no
+/// path left") and the writer got EIO, though the second interface found the target
+/// milliseconds later. The driver's `aoe_iflist` never takes a target's interfaces away
+/// (it filters what is received and where config queries go), so the I/O goes on. Now the
+/// interface taken out stays in use until the device has a path through the new one
+/// (`RETIRE_GRACE` at most), then goes.
+#[test]
+fn interface_list_swapped_mid_transfer_aoe_serve() {
+    let r = RelayRig::start(Target::AoeServe, 1500, InitOpts::default(), None, &[], 2, 6);
+    let (p0, p1) = (r.paths[0].0.clone(), r.paths[1].0.clone());
+    r.rig.echo_ok("interfaces", &p0);
+    let only0 = wait_until(Duration::from_secs(10), || {
+        r.rig.attr("netif").as_deref() == Some(p0.as_str())
+    });
+    assert!(only0, "netif {:?}, want {p0} alone", r.rig.attr("netif"));
+    let c0 = r.control(0);
+    let data = pattern(401, 16 * MIB);
+    let dev = r.rig.dev();
+    let w = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_in_pieces(&dev, 2 * MIB as u64, &data));
+        let started = wait_until(Duration::from_secs(60), || c0.counters().to_target > 1000);
+        assert!(started, "the write did not start: {}", c0.counters());
+        r.rig.echo_ok("interfaces", &p1);
+        writer.join().expect("writer")
+    });
+    w.unwrap_or_else(|e| panic!("write across the interface swap: {e}{}", r.rig.logs()));
+    let got = read_at(&dev, 2 * MIB as u64, data.len()).expect("read back");
+    assert_same(&got, &data, "read back after the interface swap");
+    let back = fs::read(&r.rig.file).expect("backing file");
+    assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
+    // The interface taken out goes once the device has a path through the new one.
+    let only1 = wait_until(Duration::from_secs(15), || {
+        r.rig.attr("netif").as_deref() == Some(p1.as_str())
+    });
+    assert!(
+        only1,
+        "netif {:?}, want {p1} alone{}",
+        r.rig.attr("netif"),
+        r.rig.logs()
     );
     r.finish();
 }

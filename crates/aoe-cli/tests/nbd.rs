@@ -704,3 +704,54 @@ fn nbd_bad_clients_vblade() {
 fn nbd_bad_clients_aoe_serve() {
     raw_clients(Target::AoeServe);
 }
+
+/// Audit 4 (session 21): `flush` skips a device an NBD client is connected to (on the
+/// device's export or on one of its partitions'), as it skips one whose file is open (the
+/// driver's `aoedev_flush` skips a device with `nopen`). On the code before, `echo all >
+/// ROOT/flush` removed both devices under their clients, whose reads then failed with EIO
+/// (errno 5 in the reply) until a discover found the devices again.
+#[test]
+fn nbd_client_holds_its_device_against_flush() {
+    let rig = Rig::start(Target::AoeServe);
+    let mut part = rig.connect("e1.1p1", false);
+    let mut whole = rig.connect("e1.2", true);
+    fs::write(rig.root.join("flush"), "all\n").expect("echo all > flush");
+    for dev in ["e1.1", "e1.2"] {
+        let line = format!("{dev}: busy (NBD client on ");
+        assert!(
+            wait_until(Duration::from_secs(5), || rig.logs().contains(&line)),
+            "no {line:?} after the flush{}",
+            rig.logs()
+        );
+        assert!(
+            rig.root.join(dev).exists(),
+            "{dev} flushed under its client"
+        );
+    }
+    let b1 = rig.backing(0);
+    let start = (PART.0 * 512) as usize;
+    assert_eq!(
+        part.read(0, 4096),
+        Ok(b1[start..start + 4096].to_vec()),
+        "e1.1p1 after the flush{}",
+        rig.logs()
+    );
+    assert_eq!(
+        whole.read(512, 4096),
+        Ok(rig.backing(1)[512..512 + 4096].to_vec()),
+        "e1.2 after the flush{}",
+        rig.logs()
+    );
+    // Disconnected, the devices go with the next flush (the server counts a client out
+    // when its connection has closed, after the client's close returned).
+    drop(part);
+    drop(whole);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let _ = fs::write(rig.root.join("flush"), "all\n");
+            !rig.root.join("e1.1").exists() && !rig.root.join("e1.2").exists()
+        }),
+        "devices not flushed once their clients left{}",
+        rig.logs()
+    );
+}

@@ -86,6 +86,17 @@ pub struct DevEntry {
     pub kickme: bool,
 }
 
+/// What became of a partition scan ([`Shared::finish_scan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Its table is the device's now.
+    Stored,
+    /// A later scan was started, or the device is gone: dropped.
+    Stale,
+    /// It would change a partition that is open: the old table stays.
+    Busy,
+}
+
 /// State shared between the network thread and the file system.
 #[derive(Default)]
 pub struct Shared {
@@ -178,19 +189,68 @@ impl Shared {
     /// Stores the partitions scan `n` of `dev` found, unless a later scan of `dev` was
     /// started since (or the device is gone): scans run on threads of their own, so the
     /// one an `up` started can finish after the one a resize or revalidate started next,
-    /// and its table, read at the old size, must not replace the newer one. Says whether
-    /// it stored them.
-    fn finish_scan(&mut self, dev: TargetAddr, n: u64, parts: Vec<Partition>) -> bool {
+    /// and its table, read at the old size, must not replace the newer one.
+    ///
+    /// Nor while a partition that is open (a FUSE open of its `eX.YpN`, or an NBD client
+    /// on that export) would move, shrink, grow or vanish: its open file and its NBD
+    /// session would go on at the new place, or at the old one, while the other file shows
+    /// the new table, and a file system on it would write over whatever is there now. The
+    /// kernel refuses any re-read while a partition is open (`bdev_disk_changed`,
+    /// `disk_scan_partitions`: `open_partitions` means `-EBUSY`, what `BLKRRPART` answers);
+    /// here only a change to an open partition keeps the old table (whole), and a line in
+    /// `err` says which is open. A new table that leaves every open partition where it was
+    /// is taken (a partition added beside one in use).
+    fn finish_scan(&mut self, dev: TargetAddr, n: u64, parts: Vec<Partition>) -> Scan {
         if self.latest_scan.get(&dev) != Some(&n) {
-            return false;
+            return Scan::Stale;
         }
-        match self.devices.get_mut(&dev) {
-            Some(e) => {
-                e.partitions = parts;
-                true
+        let Some(e) = self.devices.get(&dev) else {
+            return Scan::Stale;
+        };
+        let moved: Vec<String> = e
+            .partitions
+            .iter()
+            .filter(|old| !parts.contains(old))
+            .map(|old| format!("{dev}p{}", old.number))
+            .filter(|name| self.partition_open(dev, name))
+            .collect();
+        if !moved.is_empty() {
+            self.push_err(format!(
+                "{dev}: partition table changed, not re-read while {} open (close it, then \
+                 write {dev} to revalidate)",
+                moved.join(", ")
+            ));
+            return Scan::Busy;
+        }
+        if let Some(e) = self.devices.get_mut(&dev) {
+            e.partitions = parts;
+        }
+        Scan::Stored
+    }
+
+    /// The devices an NBD client is connected to (on the device's export or one of its
+    /// partitions'), with the busy reason `flush` logs for them: a flush must not remove a
+    /// device under its NBD clients, as it does not under an open file (`aoedev_flush`
+    /// skips a device with `nopen`).
+    pub(crate) fn nbd_held(&self) -> BTreeMap<TargetAddr, String> {
+        let mut held = BTreeMap::new();
+        for (export, &n) in &self.nbd_clients {
+            let dev = export.split_once('p').map_or(export.as_str(), |(d, _)| d);
+            if let (Ok(a), true) = (dev.parse::<TargetAddr>(), n > 0) {
+                held.insert(a, format!("NBD client on {export}"));
             }
-            None => false,
         }
+        held
+    }
+
+    /// Whether partition file or export `name` (`eX.YpN`) of `dev` is open: through FUSE
+    /// or by an NBD client.
+    fn partition_open(&self, dev: TargetAddr, name: &str) -> bool {
+        let files = self
+            .open_files
+            .iter()
+            .any(|(&(a, p), &n)| a == dev && p != 0 && n > 0 && format!("{a}p{p}") == name);
+        files || self.nbd_clients.get(name).is_some_and(|&n| n > 0)
     }
 
     /// Answers EINTR to readers of `err` whose process has a signal pending or is gone. A
@@ -901,7 +961,22 @@ pub struct Net {
     /// Frames refused by the transmit rings of interfaces closed since (see
     /// [`Drops::tx_rejected`]).
     tx_rejected_closed: u64,
+    /// Interfaces taken out of the list that some device that is up still reaches its
+    /// targets through alone, by index, with the time they were taken out: kept in use
+    /// until each such device has a path through another interface, or [`RETIRE_GRACE`]
+    /// has passed ([`Net::sync_interfaces`]).
+    retiring: BTreeMap<usize, Instant>,
 }
+
+/// How long an interface taken out of the list, in the same change that listed a new one,
+/// stays in use while a device that is up has no path through any other
+/// ([`Net::sync_interfaces`]): time for the Query Config sent on the new interface to be
+/// answered, so that an administrator moving AoE to another interface does not fail the
+/// I/O in flight. The driver's `aoe_iflist`
+/// never takes a target's interfaces away: it filters what is received and where config
+/// queries go (`aoenet_rcv`, `aoecmd_cfg_pkts`: `is_aoe_netif`), so the I/O goes on through
+/// a target's new interface once its config answer adds it, or fails after `deadsecs`.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the network thread looks for interfaces that appeared, vanished or changed
 /// (the `iflist` is a name filter; a listed name may appear at any time). A list of the
@@ -968,6 +1043,7 @@ impl Net {
             counts: LoopCounts::default(),
             housekept: Instant::now(),
             tx_rejected_closed: 0,
+            retiring: BTreeMap::new(),
         })
     }
 
@@ -1002,7 +1078,7 @@ impl Net {
         }
         self.missing = missing;
         let wanted: Vec<_> = all
-            .into_iter()
+            .iter()
             .filter(|i| {
                 if iflist.is_empty() {
                     !i.loopback
@@ -1010,13 +1086,60 @@ impl Net {
                     iflist.contains(&i.name)
                 }
             })
+            .cloned()
             .collect();
+        // Devices that are up, by the names of the interfaces their paths use.
+        let up: Vec<Vec<String>> = self
+            .engine
+            .devices()
+            .into_iter()
+            .filter(|d| d.state == aoe_proto::initiator::DeviceState::Up)
+            .map(|d| d.interfaces)
+            .collect();
+        // A listed interface not open yet: it is sent a Query Config below, and may offer
+        // the devices new paths within milliseconds.
+        let fresh = wanted.iter().any(|w| {
+            !self
+                .ifaces
+                .iter()
+                .flatten()
+                .any(|i| i.name == w.name && i.index == w.index)
+        });
+        let now = Instant::now();
         for (idx, slot) in self.ifaces.iter_mut().enumerate() {
             if let Some(i) = slot {
                 let same = wanted
                     .iter()
                     .any(|w| w.name == i.name && w.index == i.index);
+                let exists = all.iter().any(|w| w.name == i.name && w.index == i.index);
+                // Taken out of the list (it still exists) while a device that is up
+                // reaches its targets through it alone, and an interface new to the list
+                // may give it another path: kept for now ([`RETIRE_GRACE`]). With no new
+                // interface listed, none is coming: the device goes down at once, as
+                // before, and its I/O fails without waiting for `deadsecs`.
+                let relied_on = up.iter().any(|names| {
+                    names.contains(&i.name)
+                        && names.iter().all(|n| !wanted.iter().any(|w| &w.name == n))
+                });
+                let retiring = self.retiring.contains_key(&idx);
+                if !same && exists && relied_on && (fresh || retiring) {
+                    let since = *self.retiring.entry(idx).or_insert_with(|| {
+                        tracing::info!(
+                            interface = %i.name,
+                            "interface no longer listed; still used until the devices on \
+                             it have a path through another"
+                        );
+                        now
+                    });
+                    if now.saturating_duration_since(since) < RETIRE_GRACE {
+                        continue;
+                    }
+                }
+                if same {
+                    self.retiring.remove(&idx);
+                }
                 if !same {
+                    self.retiring.remove(&idx);
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
                     self.tx_rejected_closed +=
                         i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
@@ -1208,7 +1331,11 @@ impl Net {
                 self.backlogged = backlogged;
                 self.publish();
             }
-            self.housekeeping();
+            if self.housekeeping() && !self.retiring.is_empty() {
+                // A retiring interface goes once no device relies on it alone, or at the
+                // end of its grace (`sync_interfaces` decides).
+                let _ = self.sync_interfaces();
+            }
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
@@ -1478,7 +1605,8 @@ impl Net {
                 let _ = tx.send(r);
             }
             Cmd::Flush(which, tx) => {
-                let removed = self.engine.flush_devices(which);
+                let held = lock(&self.shared).nbd_held();
+                let removed = self.engine.flush_devices_except(which, &held);
                 let _ = tx.send(removed);
             }
             Cmd::SetInterfaces(list, tx) => {
@@ -1693,8 +1821,9 @@ impl Net {
             };
             let found = parts.len();
             let mut s = lock(&shared);
-            if s.finish_scan(dev, n, parts) {
-                if found > 0 {
+            let scan = s.finish_scan(dev, n, parts);
+            if scan != Scan::Stale {
+                if found > 0 && scan == Scan::Stored {
                     tracing::info!(partitions = found, "{dev}: partition table found");
                 }
                 if loop_devices && s.devices.get(&dev).is_some_and(|e| e.loop_device.is_none()) {
@@ -1910,13 +2039,83 @@ mod scan_order_tests {
         known(&mut s, 4096);
         let up = s.start_scan(DEV);
         let resized = s.start_scan(DEV);
-        assert!(s.finish_scan(DEV, resized, part(8192)));
-        assert!(!s.finish_scan(DEV, up, part(2048)), "older scan dropped");
+        assert_eq!(s.finish_scan(DEV, resized, part(8192)), Scan::Stored);
+        assert_eq!(
+            s.finish_scan(DEV, up, part(2048)),
+            Scan::Stale,
+            "older scan dropped"
+        );
         assert_eq!(s.devices[&DEV].partitions, part(8192));
         // A scan of a device that is gone stores nothing.
         let gone = s.start_scan(DEV);
         s.devices.clear();
-        assert!(!s.finish_scan(DEV, gone, part(1)));
+        assert_eq!(s.finish_scan(DEV, gone, part(1)), Scan::Stale);
+    }
+
+    /// `flush` skips a device an NBD client is connected to, on the device or on one of
+    /// its partitions, as it skips one with an open file: on the code before, `echo all >
+    /// ROOT/flush` removed it and the client's reads failed with EIO until a discover.
+    #[test]
+    fn an_nbd_client_holds_its_device_against_flush() {
+        let mut s = Shared::default();
+        assert!(s.nbd_held().is_empty());
+        s.nbd_clients.insert(format!("{DEV}p2"), 1);
+        s.nbd_clients.insert("e9.9".into(), 2);
+        s.nbd_clients.insert("e7.7".into(), 0);
+        let held = s.nbd_held();
+        let e99 = TargetAddr { shelf: 9, slot: 9 };
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), vec![DEV, e99]);
+        assert_eq!(held[&DEV], format!("NBD client on {DEV}p2"));
+    }
+
+    /// A re-read table that moves, resizes or drops a partition that is open (its file
+    /// through FUSE, or its NBD export) is not taken: the open file would go on at the new
+    /// place, the NBD session at the old one, and a file system on it would write over
+    /// whatever is there now. The kernel refuses any re-read while a partition is open
+    /// (`bdev_disk_changed`: EBUSY). On the code before, every scan replaced the table.
+    #[test]
+    fn a_scan_does_not_move_an_open_partition() {
+        let p = |number, start, sectors| Partition {
+            number,
+            start,
+            sectors,
+        };
+        let mut s = Shared::default();
+        known(&mut s, 65536);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Stored);
+        s.open_files.insert((DEV, 1), 1);
+        // Moved, resized, gone (a scan that could not read the table finds none).
+        for new in [
+            vec![p(1, 8192, 4096)],
+            vec![p(1, 2048, 2048)],
+            vec![p(2, 2048, 4096)],
+            Vec::new(),
+        ] {
+            let n = s.start_scan(DEV);
+            assert_eq!(s.finish_scan(DEV, n, new.clone()), Scan::Busy, "{new:?}");
+            assert_eq!(s.devices[&DEV].partitions, vec![p(1, 2048, 4096)]);
+        }
+        let line = s.err.back().expect("a line in err");
+        assert!(line.contains(&format!("{DEV}p1 open")), "{line}");
+        // A partition added beside the open one is taken; so is anything once closed.
+        let both = vec![p(1, 2048, 4096), p(2, 8192, 4096)];
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, both.clone()), Scan::Stored);
+        assert_eq!(s.devices[&DEV].partitions, both);
+        // The whole device open does not hold the table.
+        s.open_files.clear();
+        s.open_files.insert((DEV, 0), 3);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 8192, 4096)]), Scan::Stored);
+        // An NBD client on a partition export holds it as an open file does.
+        s.nbd_clients.insert(format!("{DEV}p1"), 1);
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Busy);
+        assert_eq!(s.devices[&DEV].partitions, vec![p(1, 8192, 4096)]);
+        s.nbd_clients.clear();
+        let n = s.start_scan(DEV);
+        assert_eq!(s.finish_scan(DEV, n, vec![p(1, 2048, 4096)]), Scan::Stored);
     }
 }
 

@@ -679,6 +679,19 @@ impl Engine {
     /// [`IoError::Removed`]. Returns the devices removed.
     #[must_use = "the removed devices' front-end files must go too"]
     pub fn flush_devices(&mut self, which: FlushWhich) -> Vec<TargetAddr> {
+        self.flush_devices_except(which, &BTreeMap::new())
+    }
+
+    /// [`flush_devices`](Self::flush_devices), skipping also the devices in `held` as busy,
+    /// each logged with its reason: users the engine is not told of as opens (an NBD
+    /// client, which must not hold a device that went down in closewait as an open file
+    /// does, but is a user the driver would count in `nopen` all the same).
+    #[must_use = "the removed devices' front-end files must go too"]
+    pub fn flush_devices_except(
+        &mut self,
+        which: FlushWhich,
+        held: &BTreeMap<TargetAddr, String>,
+    ) -> Vec<TargetAddr> {
         let chosen: Vec<TargetAddr> = self
             .devices
             .values()
@@ -693,6 +706,10 @@ impl Engine {
         for addr in chosen {
             if self.devices.get(&addr).is_some_and(|d| d.open) {
                 self.log(format!("{addr}: busy (open), not flushed"));
+                continue;
+            }
+            if let Some(why) = held.get(&addr) {
+                self.log(format!("{addr}: busy ({why}), not flushed"));
                 continue;
             }
             self.fail_device_io(addr, IoError::Removed);

@@ -1305,6 +1305,22 @@ fn flush_devices_skips_open_and_fails_io() {
     );
 }
 
+/// A device held by a user the engine knows only through `flush_devices_except` (an NBD
+/// client) is skipped by every kind of flush and logged as busy with the reason given.
+#[test]
+fn flush_devices_skips_held_devices() {
+    let (mut e, _t0) = up_engine(1000, true);
+    let held: BTreeMap<TargetAddr, String> = [(DEV, "NBD client on e7.3".to_string())].into();
+    for which in [FlushWhich::All, FlushWhich::Named(vec![DEV])] {
+        assert!(e.flush_devices_except(which, &held).is_empty());
+    }
+    assert!(e.device(DEV).is_some());
+    assert!(events(&mut e).contains(&Event::Log(
+        "e7.3: busy (NBD client on e7.3), not flushed".into()
+    )));
+    assert_eq!(e.flush_devices(FlushWhich::All), vec![DEV]);
+}
+
 #[test]
 fn random_bytes_never_panic() {
     let (mut e, t0) = up_engine(1000, true);
