@@ -61,6 +61,14 @@
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each);
 #                     with RATE/RATE_MB also of the target over each equal-load run
 #                     (eq-MTU-MODE-wW-LOAD-TARGET-rROUND.target.data, a top-40 .txt)
+#   GEN_STAT=dir      `perf stat` of the generator and of the target over each generator run
+#                     (dir/CELL-ROUND.gen.csv, .target.csv) and one row per run in
+#                     dir/stat.tsv: per request, each side's task-clock (us), context
+#                     switches, system calls, and the calls that shape the reply pattern
+#                     (the generator's recvmmsg calls that returned replies and its ppoll
+#                     sleeps; the target's poll/ppoll waits, recvmmsg, and sendmmsg/sendto,
+#                     a transmit ring's kick being a sendto); on a veth each side's
+#                     task-clock includes the delivery of its frames into the other's socket
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
 #   FILE_DIR=/dev/shm where the backing file lives; a disk file system (e.g. /var/tmp, the
@@ -88,6 +96,7 @@ PATHS=${PATHS:-1}
 INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
 PERF_DIR=${PERF_DIR:-}
 PERF_STAT=${PERF_STAT:-}
+GEN_STAT=${GEN_STAT:-}
 FILE_DIR=${FILE_DIR:-/dev/shm}
 OUT=${OUT:-}
 RATE=${RATE:-}
@@ -117,6 +126,17 @@ done
 [ -z "$RATE" ] || case " $GENS " in *" aoe "*) ;; *) die "RATE needs GENS with aoe (its saturated MB/s)" ;; esac
 AOE=$(readlink -f "$AOE")
 [ -z "$PERF_DIR" ] || { mkdir -p "$PERF_DIR"; PERF_DIR=$(readlink -f "$PERF_DIR"); }
+[ -z "$GEN_STAT" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
+[ -z "$GEN_STAT" ] || [ -z "$PERF_DIR" ] || die "GEN_STAT and PERF_DIR: one or the other"
+[ -z "$GEN_STAT" ] || { mkdir -p "$GEN_STAT"; GEN_STAT=$(readlink -f "$GEN_STAT"); }
+# The events of GEN_STAT: for both sides, then the generator's and the target's own calls.
+# A recvmmsg that returned replies is an exit with ret > 0 (perf stat's --filter).
+STAT_EV=(-e task-clock,context-switches,raw_syscalls:sys_enter)
+GEN_EV=("${STAT_EV[@]}" -e syscalls:sys_exit_recvmmsg --filter 'ret > 0'
+    -e syscalls:sys_enter_recvmmsg,syscalls:sys_enter_ppoll,syscalls:sys_enter_sendmmsg)
+TGT_EV=("${STAT_EV[@]}" -e syscalls:sys_exit_recvmmsg --filter 'ret > 0'
+    -e syscalls:sys_enter_poll,syscalls:sys_enter_ppoll,syscalls:sys_enter_sendmmsg
+    -e syscalls:sys_enter_sendto)
 
 TAG=$$
 bench_names cmp
@@ -177,10 +197,47 @@ case $PIN in
 esac
 EXTRA_GENS=$(for g in $GENS; do case $g in aoe | c) ;; *) printf '%s ' "$g" ;; esac; done)
 
+# GEN_STAT's row for one run: the counts of both sides' perf stat per request (requests:
+# the generator's bytes / bs, from out.json).
+gen_stat_row() { # cell bs
+    local cell=$1 bs=$2 req
+    req=$(jq -r --argjson bs "$bs" '.bytes / $bs' "$WORK/out.json")
+    [ -s "$GEN_STAT/stat.tsv" ] || printf '%s\n' "cell requests gen_task_us gen_cs gen_syscalls \
+gen_recvmmsg gen_recvmmsg_nonempty replies_per_nonempty gen_ppoll gen_sendmmsg \
+tgt_task_us tgt_cs tgt_syscalls tgt_poll tgt_recvmmsg_nonempty tgt_sendmmsg tgt_sendto" |
+        tr ' ' '\t' >"$GEN_STAT/stat.tsv"
+    # perf stat -x, : value,unit,event,...; a tracepoint with a filter may carry it in the name.
+    awk -F, -v cell="$cell" -v req="$req" -v OFS='\t' '
+        FNR == 1 { side = (FILENAME ~ /gen\.csv$/) ? "g" : "t" }
+        NF >= 3 && $1 ~ /^[0-9.]+$/ {
+            ev = $3; sub(/:u$|:k$/, "", ev)
+            if (ev == "syscalls:sys_exit_recvmmsg") ev = "rx_nonempty"
+            v[side, ev] = $1
+        }
+        END {
+            r = (req > 0) ? req : 1
+            nz = v["g", "rx_nonempty"]
+            printf "%s\t%d\t%.3f\t%.4f\t%.3f\t%.3f\t%.4f\t%.2f\t%.4f\t%.4f\t%.3f\t%.4f\t%.3f\t%.4f\t%.4f\t%.4f\t%.4f\n",
+                cell, req, v["g", "task-clock"] * 1000 / r, v["g", "context-switches"] / r,
+                v["g", "raw_syscalls:sys_enter"] / r, v["g", "syscalls:sys_enter_recvmmsg"] / r,
+                nz / r, (nz > 0) ? req / nz : 0, v["g", "syscalls:sys_enter_ppoll"] / r,
+                v["g", "syscalls:sys_enter_sendmmsg"] / r,
+                v["t", "task-clock"] * 1000 / r, v["t", "context-switches"] / r,
+                v["t", "raw_syscalls:sys_enter"] / r,
+                (v["t", "syscalls:sys_enter_poll"] + v["t", "syscalls:sys_enter_ppoll"]) / r,
+                v["t", "rx_nonempty"] / r, v["t", "syscalls:sys_enter_sendmmsg"] / r,
+                v["t", "syscalls:sys_enter_sendto"] / r
+        }' "$GEN_STAT/$cell.gen.csv" "$GEN_STAT/$cell.target.csv" >>"$GEN_STAT/stat.tsv"
+}
+
 # One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds p50".
 run_gen() { # gen mode bs window cell
     local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf=""
-    if [ -n "$PERF_DIR" ]; then
+    if [ -n "$GEN_STAT" ]; then
+        perf=(perf stat -x, -o "$GEN_STAT/$cell.gen.csv" "${GEN_EV[@]}" --)
+        perf stat -x, -o "$GEN_STAT/$cell.target.csv" "${TGT_EV[@]}" -p "$TARGET_PID" &
+        tperf=$!
+    elif [ -n "$PERF_DIR" ]; then
         perf=(perf record -q -g -o "$PERF_DIR/$cell.gen.data" --)
         perf record -q -g -p "$TARGET_PID" -o "$PERF_DIR/$cell.target.data" 2>/dev/null &
         tperf=$!
@@ -205,7 +262,10 @@ run_gen() { # gen mode bs window cell
         [ -z "$tperf" ] || stop_pid "$tperf" INT 60
         return
     }
-    if [ -n "$tperf" ]; then
+    if [ -n "$GEN_STAT" ]; then
+        stop_pid "$tperf" INT 60
+        gen_stat_row "$cell" "$bs"
+    elif [ -n "$tperf" ]; then
         stop_pid "$tperf" INT 60
         for d in target gen; do
             perf report -i "$PERF_DIR/$cell.$d.data" --no-children --stdio -g none \
