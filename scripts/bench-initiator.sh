@@ -34,7 +34,8 @@
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
-#             (perf stat), figures a loaded machine does not disturb
+#             (perf stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
+#             per thread name of the initiator (aoe-net, nbd-conn, ...), summed over its threads
 #   PERFSTATALL=1  instead, per transfer (nbdkit's included), from /proc/stat: each CPU's busy
 #             share, and the whole machine's busy CPU and softirq time per MiB moved (which CPU
 #             is full; what the parties in the table do not account for is someone else's)
@@ -155,6 +156,21 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
         local pp=$!; sleep 0.3
         "$@"
         kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+    elif [ "$PERFSTAT" = thread ]; then
+        perf stat -x, --per-thread -e raw_syscalls:sys_enter,context-switches,task-clock -p "$INIT_PID" \
+            -o "$WORK/stat" >/dev/null 2>&1 &
+        local pp=$!; sleep 0.3
+        "$@"
+        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        # --per-thread lines: comm-tid,value,unit,event,...; summed by thread name.
+        awk -F, -v mib="$SIZE_MB" -v n="$name" '
+            NF >= 4 && $1 !~ /^#/ { c = $1; sub(/-[0-9]+$/, "", c); names[c] = 1
+                if ($4 == "raw_syscalls:sys_enter") sc[c] += $2
+                if ($4 == "context-switches") cs[c] += $2
+                if ($4 == "task-clock") tc[c] += $2 }
+            END { for (c in names) if (tc[c] > 0)
+                printf "perf stat %s thread %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
+                    n, c, sc[c] / mib, cs[c] / mib, tc[c] / mib }' "$WORK/stat" >&2
     elif [ "$PERFSTAT" = 1 ]; then
         perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock -p "$INIT_PID" \
             -o "$WORK/stat" >/dev/null 2>&1 &

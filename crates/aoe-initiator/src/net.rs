@@ -1,8 +1,9 @@
 //! The network thread: owns the sans-I/O initiator engine and the AF_PACKET sockets, runs
 //! commands from the file system, and publishes device state for it to read.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,8 +65,70 @@ pub enum Cmd {
     /// A read's buffer the front-end is done with, for the engine to fill a later read into
     /// ([`Engine::recycle_read_buffer`]).
     Recycle(Vec<u8>),
+    /// A front-end's source of requests, served on the network thread from now on
+    /// ([`Source`]).
+    AddSource(Box<dyn Source>),
     /// Stop the thread.
     Stop,
+}
+
+/// What a [`Source`] waits for before the network thread runs it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// Its fd becoming readable (or an error or hang-up on it).
+    Read,
+    /// Nothing: run it on this pass of the loop (it has work it can do without reading).
+    Now,
+    /// Another thread's [`Handle::wake`] (it waits for room its own completions or
+    /// another thread free); asked again on every pass of the loop.
+    Wake,
+}
+
+/// A front-end's connection served on the network thread itself: a pollable fd and a
+/// handler the loop calls when it is ready, so that a request goes from the client's
+/// socket to [`Engine::submit`] on one thread, without a reader thread's wake-up and a
+/// command channel's eventfd in between (the NBD server's transmission phase, `aoe-nbd`).
+///
+/// On the network thread every [`Handle`] submits directly: [`Handle::io`],
+/// [`Handle::read_held`] and everything built on them ([`crate::blockdev::BlockDevice`],
+/// the range locks' continuations) queue the command on a list the loop runs before it
+/// sleeps, with no channel and no eventfd.
+///
+/// A source must never block: it reads what its fd has with non-blocking calls, keeps a
+/// partial request for the next readiness, and parks work that would wait (a cap on its
+/// memory, a range lock: those continue from callbacks). It is dropped when
+/// [`run`](Source::run) returns false, or when the thread stops.
+pub trait Source: Send {
+    /// The fd polled while [`interest`](Source::interest) is [`Interest::Read`].
+    fn fd(&self) -> RawFd;
+    /// What the source waits for now; asked before every `poll(2)` of the loop.
+    fn interest(&mut self) -> Interest;
+    /// Called on the network thread when the fd is ready or the source asked to run now.
+    /// Reads, parses and submits what it can without blocking, and returns; false when the
+    /// source is finished (the loop drops it).
+    fn run(&mut self) -> bool;
+}
+
+thread_local! {
+    /// This thread is the network thread (set by [`Net::run`]).
+    static ON_NET: Cell<bool> = const { Cell::new(false) };
+    /// Commands the network thread gave itself (through a [`Handle`], from a [`Source`] or
+    /// a completion), run before it sleeps again.
+    static LOCAL: RefCell<Vec<Cmd>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the calling thread is the network thread.
+fn on_net() -> bool {
+    ON_NET.with(Cell::get)
+}
+
+/// The commands the network thread queued for itself, taken.
+fn take_local() -> Vec<Cmd> {
+    LOCAL.with(|q| std::mem::take(&mut *q.borrow_mut()))
+}
+
+fn local_pending() -> bool {
+    LOCAL.with(|q| !q.borrow().is_empty())
 }
 
 /// A device as the file system shows it.
@@ -317,9 +380,21 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Sends a command and wakes the thread.
+    /// Sends a command and wakes the thread; on the network thread itself (a [`Source`],
+    /// a completion), queues it for the loop to run before it sleeps, without the channel
+    /// and the eventfd.
     pub fn send(&self, cmd: Cmd) {
-        if self.tx.send(cmd).is_ok() {
+        if on_net() {
+            LOCAL.with(|q| q.borrow_mut().push(cmd));
+        } else if self.tx.send(cmd).is_ok() {
+            let _ = self.wake.notify();
+        }
+    }
+
+    /// Wakes the network thread so it asks its [`Source`]s again what they wait for
+    /// (nothing to do on the network thread itself: it asks before it sleeps).
+    pub fn wake(&self) {
+        if !on_net() {
             let _ = self.wake.notify();
         }
     }
@@ -350,7 +425,10 @@ impl Handle {
     /// ([`Engine::recycle_read_buffer`]). Does not wake the thread: the buffer is taken in
     /// with the next command or frame.
     pub fn recycle(&self, buf: Vec<u8>) {
-        if buf.capacity() > 0 {
+        if buf.capacity() == 0 {
+        } else if on_net() {
+            LOCAL.with(|q| q.borrow_mut().push(Cmd::Recycle(buf)));
+        } else {
             let _ = self.tx.send(Cmd::Recycle(buf));
         }
     }
@@ -932,6 +1010,8 @@ pub struct Net {
     next_token: u64,
     /// Tokens the engine gave back ([`Engine::take_released`]).
     released: Vec<u64>,
+    /// Front-ends' connections served on this thread ([`Source`]).
+    sources: Vec<Box<dyn Source>>,
     /// Open files per device (the driver's `nopen`); the engine only hears open/closed.
     opens: HashMap<TargetAddr, u32>,
     /// Frames received with one `recvmmsg(2)`.
@@ -1028,6 +1108,7 @@ impl Net {
             holds: CountedMap::default(),
             next_token: 1,
             released: Vec::new(),
+            sources: Vec::new(),
             opens: HashMap::new(),
             rxb: RecvBatch::new(RX_BATCH, FRAME_BUF),
             tx: Vec::new(),
@@ -1244,6 +1325,7 @@ impl Net {
 
     /// Runs until [`Cmd::Stop`].
     pub fn run(mut self) {
+        ON_NET.with(|f| f.set(true));
         let _ = self.sync_interfaces();
         self.engine.discover(Instant::now());
         let mut last_scan = Instant::now();
@@ -1291,12 +1373,26 @@ impl Net {
                         copied_wait = c.copied_wait,
                         "network thread loop"
                     );
+                    self.sources.clear();
                     self.fail_all();
                     return;
                 }
                 self.command(cmd);
                 self.counts.commands += 1;
                 changed = true;
+            }
+            // What this thread gave itself: its sources' requests, and the next step of a
+            // completion (a flush after a FUA write, the write of a read-modify-write, a
+            // range lock's waiter), each of which may queue more.
+            loop {
+                let local = take_local();
+                if local.is_empty() {
+                    break;
+                }
+                for cmd in local {
+                    self.command(cmd);
+                    self.counts.commands += 1;
+                }
             }
             let mut now = Instant::now();
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
@@ -1395,6 +1491,25 @@ impl Net {
                 self.counts.copied_wait +=
                     u64::from(r.before_wait(&mut self.engine, &mut self.holds));
             }
+            // The sources: polled for reading, run on this pass, or left to a wake-up.
+            let mut run_now = false;
+            let mut src_fds: Vec<Option<usize>> = Vec::with_capacity(self.sources.len());
+            for s in &mut self.sources {
+                match s.interest() {
+                    Interest::Read => {
+                        src_fds.push(Some(fds.len()));
+                        fds.push(PollFd::new(s.fd()));
+                    }
+                    Interest::Now => {
+                        run_now = true;
+                        src_fds.push(None);
+                    }
+                    Interest::Wake => src_fds.push(None),
+                }
+            }
+            if run_now || local_pending() {
+                timeout = Duration::ZERO;
+            }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
             self.counts.polls += 1;
             self.counts.rekick_waits += u64::from(rekick);
@@ -1428,7 +1543,28 @@ impl Net {
                     }
                 }
             }
+            self.run_sources(&fds, &src_fds);
         }
+    }
+
+    /// Runs the sources whose fd is ready (`src_fds`: each source's entry in `fds`, None
+    /// for one not polled) and those that asked to run now or were woken; drops those that
+    /// finished. A source that waits for a wake-up ([`Interest::Wake`]) is asked again
+    /// first: its wake-up is what brought the loop here, or it stays parked.
+    fn run_sources(&mut self, fds: &[PollFd], src_fds: &[Option<usize>]) {
+        if self.sources.is_empty() {
+            return;
+        }
+        let mut k = 0;
+        self.sources.retain_mut(|s| {
+            let polled = src_fds.get(k).copied().flatten();
+            k += 1;
+            let go = match polled {
+                Some(p) => fds.get(p).is_some_and(|f| f.ready),
+                None => s.interest() == Interest::Now,
+            };
+            !go || s.run()
+        });
     }
 
     /// Hands the engine what interface `idx` received, up to [`RX_BUDGET`] frames, with
@@ -1631,6 +1767,7 @@ impl Net {
                 self.engine.set_open(dev, busy);
             }
             Cmd::Recycle(buf) => self.engine.recycle_read_buffer(buf),
+            Cmd::AddSource(s) => self.sources.push(s),
             Cmd::Stop => {}
         }
     }
@@ -1856,6 +1993,21 @@ impl Net {
         }
         for (_, done) in self.pending_held.drain() {
             done(Err(libc::EIO));
+        }
+        // What those completions queued next (a flush after a FUA write, a waiter's I/O)
+        // fails too, so that no front-end waits for an answer that cannot come.
+        loop {
+            let local = take_local();
+            if local.is_empty() {
+                break;
+            }
+            for cmd in local {
+                match cmd {
+                    Cmd::Io { done, .. } => done(Err(libc::EIO)),
+                    Cmd::IoHeld { done, .. } => done(Err(libc::EIO)),
+                    _ => {}
+                }
+            }
         }
         let loops: Vec<String> = lock(&self.shared)
             .devices
@@ -2157,6 +2309,32 @@ mod housekeeping_tests {
         let engine = Engine::new(Config::default(), Instant::now());
         let net = Net::new(engine, shared.clone(), false, "/nonexistent".into()).unwrap();
         (net, shared)
+    }
+
+    /// On the network thread a handle queues its commands on the thread's own list, with
+    /// neither the channel nor a wake-up of itself (an eventfd write and a `poll` that
+    /// returns at once, per NBD request before); from another thread it uses both, and
+    /// its `wake` notifies only from another thread.
+    #[test]
+    fn on_the_network_thread_commands_go_on_its_own_list() {
+        let (net, _shared) = net();
+        let h = net.handle();
+        let t = std::thread::spawn(move || {
+            ON_NET.with(|f| f.set(true));
+            h.send(Cmd::Discover);
+            h.recycle(vec![0u8; 16]);
+            h.wake();
+            take_local().len()
+        });
+        assert_eq!(t.join().unwrap(), 2);
+        assert!(net.rx.is_empty());
+        assert_eq!(net.wake.drain().unwrap(), 0, "no wake-up of itself");
+        let h = net.handle();
+        h.send(Cmd::Discover);
+        h.wake();
+        assert_eq!(net.rx.len(), 1);
+        assert_eq!(net.wake.drain().unwrap(), 2);
+        assert!(!local_pending());
     }
 
     /// The network thread's housekeeping on the shared state must not wait while a front-end

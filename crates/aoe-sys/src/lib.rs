@@ -30,8 +30,8 @@
 //!   blocks lent out without a copy.
 //! * [`pread_nowait`] and [`pwrite_nowait`]: positional file I/O with `RWF_NOWAIT`, so an
 //!   event loop serves page-cached data inline and hands only what would block to workers.
-//! * [`recv_exact_append`]: a stream socket's next `len` bytes appended to a vector with one
-//!   `recv(2)` (`MSG_WAITALL`), for the NBD export's write payloads.
+//! * [`recv_append_nowait`]: what a stream socket holds now appended to a vector without
+//!   waiting, for the NBD export's write payloads read on the initiator's network thread.
 //! * [`dio_alignment`]: the alignment O_DIRECT needs on a file (`statx` `STATX_DIOALIGN`, or a
 //!   block device's logical block size from `BLKSSZGET`).
 //! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
@@ -76,7 +76,7 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
-pub use stream::recv_exact_append;
+pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
 

@@ -1,58 +1,54 @@
-//! Whole messages from a stream socket in one system call: `recv(2)` with `MSG_WAITALL`
-//! straight into a vector's spare capacity.
+//! Stream-socket reads straight into a vector's spare capacity, without zeroing it first.
 //!
 //! The NBD export reads each write's payload (a copy tool's 256 KiB) from its client's
-//! socket. `Read::read_to_end` on a `Take` of the socket, which it used before, has no size
-//! hint: its first read asks for 8 KiB and each full read doubles the next (8, 16, 32, 64
-//! and 128 KiB, library/std/src/io/mod.rs `default_read_to_end`), so a 256 KiB payload took
-//! six or seven `recvfrom(2)` calls even with all of it queued. With `MSG_WAITALL` the
-//! kernel copies as the sender's data arrives and returns once `len` bytes are in
-//! (net/unix/af_unix.c `unix_stream_read_generic`: `target = sock_rcvlowat(sk, flags &
-//! MSG_WAITALL, size)`; net/ipv4/tcp.c `tcp_recvmsg_locked` likewise): one call, whatever
-//! the sender's send buffer holds at a time. It returns early only on a signal, an error,
-//! the peer's shutdown or a receive timeout, which the loop below meets.
+//! socket on the initiator's network thread, which serves many sockets and must never
+//! sleep in one: [`recv_append_nowait`] takes what the socket holds now (`MSG_DONTWAIT`),
+//! and the next readiness brings the rest. (Until session 21 a reader thread per
+//! connection took a payload with one blocking `recv(2)` and `MSG_WAITALL`,
+//! `recv_exact_append`; `Read::read_to_end` on a `Take` of the socket before that took six
+//! or seven calls per 256 KiB, since it starts at 8 KiB a read and doubles.)
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// Appends exactly `len` bytes received from the connected stream socket `fd` to `buf`,
-/// written into its spare capacity without zeroing it first, with as few `recv(2)` calls as
-/// the kernel allows (one, unless a signal or the socket's receive timeout cuts it short).
+/// Appends to `buf` what the connected stream socket `fd` holds now, at most `max` bytes,
+/// without waiting (`MSG_DONTWAIT`, so a blocking socket shared with a thread that writes
+/// to it stays blocking for that thread), written into the spare capacity without zeroing
+/// it first: for a loop that serves many sockets and must never sleep in one of them (the
+/// NBD export's write payloads read on the initiator's network thread).
 ///
-/// Errors: the socket's error (`buf` then holds what was received before it), or
-/// `UnexpectedEof` if the peer closed its end before `len` bytes came (`buf` holds those
-/// that did). `EINTR` is retried.
-pub fn recv_exact_append(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
-    buf.reserve(len);
-    let end = buf.len() + len;
-    while buf.len() < end {
-        let want = end - buf.len();
+/// Returns the bytes appended: 0 when the peer closed its end (or `max` is 0). Errors:
+/// `WouldBlock` when nothing is queued, or the socket's error. `EINTR` is retried.
+pub fn recv_append_nowait(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    if max == 0 {
+        return Ok(0);
+    }
+    buf.reserve(max);
+    loop {
         let spare = buf.spare_capacity_mut();
-        // SAFETY: `spare` is the vector's unused capacity, at least `want` bytes long
-        // (reserved above, and the length only grows towards `end`); the kernel writes at
-        // most `want` bytes there and reads nothing through the pointer. The fd is borrowed,
-        // so open for the whole call.
+        // SAFETY: `spare` is the vector's unused capacity, at least `max` bytes long
+        // (reserved above); the kernel writes at most `max` bytes there and reads nothing
+        // through the pointer. The fd is borrowed, so open for the whole call.
         let r = unsafe {
             libc::recv(
                 fd.as_raw_fd(),
                 spare.as_mut_ptr().cast(),
-                want,
-                libc::MSG_WAITALL,
+                max,
+                libc::MSG_DONTWAIT,
             )
         };
         match crate::cvt_size(r) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
-                let n = n.min(want);
+                let n = n.min(max);
                 // SAFETY: the kernel initialised the first `n` bytes of the spare capacity
-                // (`recv` returned `n`, and never more than `want` were asked for).
+                // (`recv` returned `n`, and never more than `max` were asked for).
                 unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -63,41 +59,17 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     #[test]
-    fn a_payload_sent_in_pieces_arrives_whole_after_what_was_there() {
+    fn without_waiting_takes_what_is_there_and_says_would_block_or_eof() {
         let (mut a, b) = UnixStream::pair().unwrap();
-        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let sent = payload.clone();
-        // The writer sends in pieces smaller and larger than a socket buffer, so the
-        // receiver has to wait for the rest inside its one call.
-        let t = std::thread::spawn(move || {
-            for c in sent.chunks(70_001) {
-                a.write_all(c).unwrap();
-            }
-            a
-        });
-        let mut buf = b"head".to_vec();
-        recv_exact_append(b.as_fd(), &mut buf, payload.len()).unwrap();
-        assert_eq!(&buf[..4], b"head");
-        assert_eq!(&buf[4..], &payload[..]);
-        drop(t.join().unwrap());
-    }
-
-    #[test]
-    fn a_peer_closing_early_is_an_unexpected_eof_with_what_came() {
-        let (mut a, b) = UnixStream::pair().unwrap();
-        a.write_all(&[7u8; 1000]).unwrap();
+        let mut buf = b"h".to_vec();
+        let e = recv_append_nowait(b.as_fd(), &mut buf, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        a.write_all(&[5u8; 100]).unwrap();
+        assert_eq!(recv_append_nowait(b.as_fd(), &mut buf, 60).unwrap(), 60);
+        assert_eq!(recv_append_nowait(b.as_fd(), &mut buf, 60).unwrap(), 40);
+        assert_eq!(buf.len(), 101);
+        assert!(buf[1..].iter().all(|&x| x == 5));
         drop(a);
-        let mut buf = Vec::new();
-        let e = recv_exact_append(b.as_fd(), &mut buf, 4096).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(buf, vec![7u8; 1000]);
-    }
-
-    #[test]
-    fn nothing_asked_reads_nothing() {
-        let (_a, b) = UnixStream::pair().unwrap();
-        let mut buf = vec![1, 2];
-        recv_exact_append(b.as_fd(), &mut buf, 0).unwrap();
-        assert_eq!(buf, vec![1, 2]);
+        assert_eq!(recv_append_nowait(b.as_fd(), &mut buf, 60).unwrap(), 0);
     }
 }
