@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine partition nbd_handshake nbd_transmission)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(parse_frame target_engine initiator_engine partition nbd_handshake nbd_transmission nbd_incoming)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
@@ -62,8 +62,10 @@ for name, flags, img in (("dos", 0, dos), ("gpt", 1, gpt)):
 PY
     fi
     # Seed the NBD corpora: a handshake (flags, LIST, INFO, GO on e7.3) and a session
-    # (structured, 64 MiB: a read, a write with its payload, a flush, a disconnect).
-    if { [ "$t" = nbd_handshake ] || [ "$t" = nbd_transmission ]; } && [ -z "$(ls -A "$corpus")" ]; then
+    # (structured, 64 MiB: a read, a write with its payload, a flush, a disconnect); the
+    # stream cutter's: pieces of 7 bytes, payloads up to 1 KiB kept, a kept and a skipped write.
+    if { [ "$t" = nbd_handshake ] || [ "$t" = nbd_transmission ] || [ "$t" = nbd_incoming ]; } \
+        && [ -z "$(ls -A "$corpus")" ]; then
         python3 - "$corpus" "$t" <<'PY'
 import sys, os, struct
 out, target = sys.argv[1], sys.argv[2]
@@ -73,6 +75,9 @@ def info(name): return struct.pack(">I", len(name)) + name + struct.pack(">HH", 
 def req(kind, off, n, flags=0, cookie=7): return struct.pack(">IHHQQI", REQ, flags, kind, cookie, off, n)
 if target == "nbd_handshake":
     data = struct.pack(">I", 3) + opt(3) + opt(8) + opt(6, info(b"e7.3")) + opt(7, info(b"e7.3"))
+elif target == "nbd_incoming":
+    data = bytes([6, 2]) + req(0, 4096, 1024) + req(1, 0, 512, 1) + b"\xab" * 512 \
+        + req(1, 0, 2048) + b"\xcd" * 2048 + req(3, 0, 0) + req(2, 0, 0)
 else:
     data = bytes([0x05]) + struct.pack(">Q", 64 << 20) + req(0, 4096, 1024) \
         + req(1, 0, 512, 1) + b"\xab" * 512 + req(3, 0, 0) + req(2, 0, 0)

@@ -39,7 +39,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod incoming;
+pub mod incoming;
 pub mod proto;
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
