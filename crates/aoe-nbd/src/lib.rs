@@ -454,22 +454,24 @@ impl Budget {
     /// waits and says no.
     fn try_take(&self, bytes: u64, alone: bool) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.bytes + bytes > self.limit && !alone {
-            s.waiting = true;
-            return false;
+        let fits = self.room(&mut s, bytes, alone);
+        if fits {
+            s.bytes += bytes;
         }
-        s.bytes += bytes;
-        true
+        fits
     }
     /// Whether `bytes` would be taken now ([`try_take`](Self::try_take)); a no notes the
     /// wait as it does.
     fn fits(&self, bytes: u64, alone: bool) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.bytes + bytes > self.limit && !alone {
-            s.waiting = true;
-            return false;
-        }
-        true
+        self.room(&mut s, bytes, alone)
+    }
+    /// The rule of both: `bytes` fit under the limit, or the connection is `alone`; a no
+    /// notes that a connection waits.
+    fn room(&self, s: &mut BudgetState, bytes: u64, alone: bool) -> bool {
+        let fits = alone || s.bytes + bytes <= self.limit;
+        s.waiting |= !fits;
+        fits
     }
     /// Gives `bytes` back; true if a connection was parked for room (the caller wakes the
     /// network thread, which asks it again).
@@ -528,30 +530,27 @@ impl Inflight {
     /// nothing in flight always gets its one request, so none starves.
     fn try_acquire(&self, bytes: u64) -> bool {
         let mut s = self.lock();
-        if s.requests > 0 && (s.requests >= MAX_INFLIGHT || s.bytes + bytes > MAX_INFLIGHT_BYTES) {
-            s.waiting = true;
-            return false;
-        }
         // Lock order: the connection's, then the budget's (release never holds both).
-        if !self.budget.try_take(bytes, s.requests == 0) {
-            s.waiting = true;
-            return false;
+        let fits = Self::room(&s, bytes) && self.budget.try_take(bytes, s.requests == 0);
+        s.waiting |= !fits;
+        if fits {
+            s.requests += 1;
+            s.bytes += bytes;
         }
-        s.requests += 1;
-        s.bytes += bytes;
-        true
+        fits
     }
     /// Whether a request of `bytes` would be counted in now ([`try_acquire`](Self::try_acquire));
     /// a no notes the wait as it does.
     fn fits(&self, bytes: u64) -> bool {
         let mut s = self.lock();
-        let fits = (s.requests == 0
-            || (s.requests < MAX_INFLIGHT && s.bytes + bytes <= MAX_INFLIGHT_BYTES))
-            && self.budget.fits(bytes, s.requests == 0);
-        if !fits {
-            s.waiting = true;
-        }
+        let fits = Self::room(&s, bytes) && self.budget.fits(bytes, s.requests == 0);
+        s.waiting |= !fits;
         fits
+    }
+    /// Room for a request of `bytes` on this connection (not yet the budget's): below
+    /// both caps, or nothing in flight.
+    fn room(s: &InflightState, bytes: u64) -> bool {
+        s.requests == 0 || (s.requests < MAX_INFLIGHT && s.bytes + bytes <= MAX_INFLIGHT_BYTES)
     }
     /// Counts the request out of the connection first, then out of the budget; wakes the
     /// network thread if a connection is parked for room.
@@ -1064,19 +1063,6 @@ impl ConnSource {
             }
             Err(e) => return self.refuse(cookie, e),
         };
-        let tx = self.tx.clone();
-        let reply = move |head: Vec<u8>| {
-            tx.push(Reply {
-                head,
-                data: Vec::new(),
-                held: bytes,
-            });
-        };
-        let s = self.session.clone();
-        let status = move |r: Result<(), i32>| match r {
-            Ok(()) => s.done_reply(cookie),
-            Err(e) => s.error_reply(cookie, proto::nbd_error(e), "AoE I/O failed"),
-        };
         let bd = &self.bd;
         match cmd {
             Command::Disconnect => {}
@@ -1094,9 +1080,11 @@ impl ConnSource {
                             let head = s.read_reply_head(cookie, offset, n);
                             tx.push_pieces(head, pieces, bytes)
                         }
-                        Err(e) => {
-                            reply(s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"))
-                        }
+                        Err(e) => tx.push(Reply {
+                            head: s.error_reply(cookie, proto::nbd_error(e), "AoE read failed"),
+                            data: Vec::new(),
+                            held: bytes,
+                        }),
                     }),
                 );
             }
@@ -1109,34 +1097,36 @@ impl ConnSource {
                 }
             }
             Command::WriteZeroes { offset, len, fua } => {
-                let done = bd.then_flush(fua, Box::new(move |res| reply(status(res))));
+                let done = bd.then_flush(fua, self.status_reply(cookie, bytes));
                 bd.write_zeroes(offset, u64::from(len), done);
             }
-            Command::Flush => {
-                bd.flush(Box::new(move |res| reply(status(res))));
-            }
+            Command::Flush => bd.flush(self.status_reply(cookie, bytes)),
         }
     }
 
     /// Submits a write whose payload is in.
     fn write(&self, cookie: u64, offset: u64, fua: bool, held: u64, data: Vec<u8>) {
+        let done = self.bd.then_flush(fua, self.status_reply(cookie, held));
+        self.bd.write(offset, data, done);
+    }
+
+    /// The completion of a request answered with a status only (write, write zeroes,
+    /// flush): its reply, done or the errno as an NBD error, releasing the `held` bytes
+    /// once sent.
+    fn status_reply(&self, cookie: u64, held: u64) -> Box<dyn FnOnce(Result<(), i32>) + Send> {
         let tx = self.tx.clone();
         let s = self.session.clone();
-        let done = self.bd.then_flush(
-            fua,
-            Box::new(move |r: Result<(), i32>| {
-                let head = match r {
-                    Ok(()) => s.done_reply(cookie),
-                    Err(e) => s.error_reply(cookie, proto::nbd_error(e), "AoE I/O failed"),
-                };
-                tx.push(Reply {
-                    head,
-                    data: Vec::new(),
-                    held,
-                });
-            }),
-        );
-        self.bd.write(offset, data, done);
+        Box::new(move |r| {
+            let head = match r {
+                Ok(()) => s.done_reply(cookie),
+                Err(e) => s.error_reply(cookie, proto::nbd_error(e), "AoE I/O failed"),
+            };
+            tx.push(Reply {
+                head,
+                data: Vec::new(),
+                held,
+            });
+        })
     }
 
     /// The connection reads no more: a write whose payload was coming gives its bytes back
