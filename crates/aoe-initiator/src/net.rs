@@ -122,9 +122,16 @@ fn on_net() -> bool {
     ON_NET.with(Cell::get)
 }
 
-/// The commands the network thread queued for itself, taken.
-fn take_local() -> Vec<Cmd> {
-    LOCAL.with(|q| std::mem::take(&mut *q.borrow_mut()))
+/// Hands `each` the commands the network thread queued for itself, and those they queue
+/// in turn, until none is left.
+fn drain_local(mut each: impl FnMut(Cmd)) {
+    loop {
+        let local = LOCAL.with(|q| std::mem::take(&mut *q.borrow_mut()));
+        if local.is_empty() {
+            return;
+        }
+        local.into_iter().for_each(&mut each);
+    }
 }
 
 fn local_pending() -> bool {
@@ -273,9 +280,8 @@ impl Shared {
         let moved: Vec<String> = e
             .partitions
             .iter()
-            .filter(|old| !parts.contains(old))
+            .filter(|old| !parts.contains(old) && self.partition_open(dev, old.number))
             .map(|old| format!("{dev}p{}", old.number))
-            .filter(|name| self.partition_open(dev, name))
             .collect();
         if !moved.is_empty() {
             self.push_err(format!(
@@ -306,14 +312,12 @@ impl Shared {
         held
     }
 
-    /// Whether partition file or export `name` (`eX.YpN`) of `dev` is open: through FUSE
-    /// or by an NBD client.
-    fn partition_open(&self, dev: TargetAddr, name: &str) -> bool {
-        let files = self
-            .open_files
-            .iter()
-            .any(|(&(a, p), &n)| a == dev && p != 0 && n > 0 && format!("{a}p{p}") == name);
-        files || self.nbd_clients.get(name).is_some_and(|&n| n > 0)
+    /// Whether partition `number` of `dev` is open: its file through FUSE, or its export
+    /// (`eX.YpN`) by an NBD client.
+    fn partition_open(&self, dev: TargetAddr, number: u32) -> bool {
+        let open = |n: Option<&u32>| n.is_some_and(|&n| n > 0);
+        open(self.open_files.get(&(dev, number)))
+            || open(self.nbd_clients.get(&format!("{dev}p{number}")))
     }
 
     /// Answers EINTR to readers of `err` whose process has a signal pending or is gone. A
@@ -1384,16 +1388,10 @@ impl Net {
             // What this thread gave itself: its sources' requests, and the next step of a
             // completion (a flush after a FUA write, the write of a read-modify-write, a
             // range lock's waiter), each of which may queue more.
-            loop {
-                let local = take_local();
-                if local.is_empty() {
-                    break;
-                }
-                for cmd in local {
-                    self.command(cmd);
-                    self.counts.commands += 1;
-                }
-            }
+            drain_local(|cmd| {
+                self.command(cmd);
+                self.counts.commands += 1;
+            });
             let mut now = Instant::now();
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 // Answers that arrived while this thread was away from its sockets (since
@@ -1996,19 +1994,11 @@ impl Net {
         }
         // What those completions queued next (a flush after a FUA write, a waiter's I/O)
         // fails too, so that no front-end waits for an answer that cannot come.
-        loop {
-            let local = take_local();
-            if local.is_empty() {
-                break;
-            }
-            for cmd in local {
-                match cmd {
-                    Cmd::Io { done, .. } => done(Err(libc::EIO)),
-                    Cmd::IoHeld { done, .. } => done(Err(libc::EIO)),
-                    _ => {}
-                }
-            }
-        }
+        drain_local(|cmd| match cmd {
+            Cmd::Io { done, .. } => done(Err(libc::EIO)),
+            Cmd::IoHeld { done, .. } => done(Err(libc::EIO)),
+            _ => {}
+        });
         let loops: Vec<String> = lock(&self.shared)
             .devices
             .values_mut()
@@ -2324,7 +2314,9 @@ mod housekeeping_tests {
             h.send(Cmd::Discover);
             h.recycle(vec![0u8; 16]);
             h.wake();
-            take_local().len()
+            let mut n = 0;
+            drain_local(|_| n += 1);
+            n
         });
         assert_eq!(t.join().unwrap(), 2);
         assert!(net.rx.is_empty());
