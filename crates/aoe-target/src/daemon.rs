@@ -571,7 +571,9 @@ impl Daemon {
         self.persist_state();
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
-            tracing::error!("state files still being written after 30 s; exiting anyway");
+            tracing::error!(
+                "state files not saved (a save failed, or still running after 30 s); exiting anyway"
+            );
         }
         self.log_drops();
         let (epochs, spinning) = self.spin_window.epochs();
