@@ -477,6 +477,16 @@ pub struct Engine {
     prefetch: Option<fn(*const u8)>,
 }
 
+/// Longest config string a Query Config answer carries on an interface of `mtu` (10-byte
+/// AoE header, 8-byte config header), at most 1024 bytes (AoEr11 section 3.2).
+pub fn config_capacity_at(mtu: u32) -> usize {
+    (mtu as usize)
+        .saturating_sub(
+            aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + aoe_wire::config::ARG_LEN,
+        )
+        .min(MAX_CONFIG_LEN)
+}
+
 impl Engine {
     /// An engine for `cfg`, starting from `state` (the persisted config string, mask and
     /// reserve lists, or the default).
@@ -884,6 +894,11 @@ impl Engine {
         payload: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
+        if matches!(req.ccmd, ConfigCommand::Set | ConfigCommand::ForceSet)
+            && req.config.len() > self.config_capacity()
+        {
+            return self.aoe_error(rsp, ErrorCode::BadArgument, payload, reply);
+        }
         let current = &self.state.config;
         match req.ccmd {
             ConfigCommand::Read => {}
@@ -958,6 +973,23 @@ impl Engine {
             .min()
             .unwrap_or(0)
             .min(MAX_MASK_ENTRIES)
+    }
+
+    /// Longest config string a Query Config set may store: what one reply carries at the
+    /// smallest MTU of the export's interfaces (10-byte AoE header, 8-byte config header),
+    /// and at most 1024 bytes (AoEr11 section 3.2). Past it a set fails with AoE error 2
+    /// (bad argument), as a string over 1024 bytes does, so a read reply always fits the
+    /// frame it is sent in: without the cap a string set through a jumbo-frame interface
+    /// made every Query Config answer on an interface under MTU 1042 too long to send, and
+    /// the export vanished from discovery there (vblade the same: its answer is refused by
+    /// the socket). With no interface yet, 1024.
+    pub fn config_capacity(&self) -> usize {
+        self.interfaces
+            .iter()
+            .flatten()
+            .map(|i| config_capacity_at(i.mtu))
+            .min()
+            .unwrap_or(MAX_CONFIG_LEN)
     }
 
     /// Mac Mask List read and edit, as vblade `aoemask` answers them:

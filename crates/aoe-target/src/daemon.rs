@@ -1057,6 +1057,7 @@ impl Daemon {
                 for r in &i.exports {
                     if let Some(rt) = self.exports.get_mut(&r.id) {
                         rt.engine.set_interface(idx, i.iface);
+                        warn_if_config_string_too_long(rt, &i.name, i.iface.mtu);
                     }
                 }
             }
@@ -1065,6 +1066,27 @@ impl Daemon {
             // A new socket starts with the kernel's default buffer sizes.
             self.size_socket_buffers();
         }
+    }
+}
+
+/// Warns if the export's stored config string (a state file, a set before an MTU fell) is
+/// longer than a Query Config answer on interface `name` of `mtu` carries
+/// ([`config_capacity_at`](aoe_proto::target::config_capacity_at)): those answers
+/// cannot be sent there, so the export is not discovered on it until a shorter string is
+/// set.
+fn warn_if_config_string_too_long(rt: &ExportRt, name: &str, mtu: u32) {
+    let len = rt.engine.state().config.len();
+    let cap = aoe_proto::target::config_capacity_at(mtu);
+    if len > cap {
+        tracing::warn!(
+            interface = %name,
+            mtu,
+            config_string_bytes = len,
+            "{}: its config string of {len} bytes is longer than a Query Config answer on \
+             {name} carries ({cap} bytes at MTU {mtu}): the export is not discovered there \
+             until a shorter string is set",
+            rt.spec.addr()
+        );
     }
 }
 

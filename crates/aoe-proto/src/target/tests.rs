@@ -193,6 +193,71 @@ fn config_string_of_1024_bytes() {
     assert_eq!(e.state().config.len(), 1024);
 }
 
+/// Audit (s22): a config string set through a jumbo-frame interface was stored whatever
+/// the export's other interfaces carry; on one under MTU 1042 every Query Config answer
+/// (reads, the announcement) was then too long to send, and the export vanished from
+/// discovery there (by hand: 1000 bytes set through MTU 9000, `aoe cfg -c read` through MTU
+/// 1000 got no answer). A set must fit the smallest interface, as the mask list does.
+#[test]
+fn a_config_string_set_fits_every_interface_of_the_export() {
+    let mut e = engine(1000);
+    e.set_interface(
+        0,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 9000,
+        },
+    );
+    e.set_interface(
+        1,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 1000,
+        },
+    );
+    // 1000 - 10 AoE header - 8 config header.
+    assert_eq!(e.config_capacity(), 982);
+    let mut big = vec![0u8; 9014];
+    let mut small = vec![0u8; 1014];
+    for (ccmd, len, stored) in [
+        (ConfigCommand::ForceSet, 1000, false),
+        (ConfigCommand::Set, 983, false),
+        (ConfigCommand::Set, 982, true),
+    ] {
+        let s = vec![b'x'; len];
+        let Outcome::Reply(n) = e.handle_frame(0, &request(HOST, ADDR, cfg(ccmd, &s)), &mut big)
+        else {
+            panic!("a set must be answered")
+        };
+        let m = Message::parse(&big[..n]).unwrap();
+        if stored {
+            assert_eq!(m.header.error, None, "{len} bytes fit MTU 1000");
+        } else {
+            assert_eq!(
+                m.header.error,
+                Some(ErrorCode::BadArgument),
+                "a {len}-byte string was stored though MTU 1000 cannot carry it"
+            );
+        }
+        assert_eq!(e.state().config.len(), if stored { len } else { 0 });
+        // A read through the small interface is answered with the whole string.
+        let Outcome::Reply(n) = e.handle_frame(
+            1,
+            &request(HOST, ADDR, cfg(ConfigCommand::Read, b"")),
+            &mut small,
+        ) else {
+            panic!("a read through MTU 1000 went unanswered")
+        };
+        let Body::Config(c) = Message::parse(&small[..n]).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(c.config.len(), e.state().config.len());
+    }
+    // One interface of MTU 1500 or more: the full 1024 bytes.
+    let e = engine(1000);
+    assert_eq!(e.config_capacity(), 1024);
+}
+
 #[test]
 fn addressing_and_versions() {
     let mut e = engine(1000);
