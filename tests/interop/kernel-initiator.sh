@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS]
+#                            [-R SECONDS] [-F]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -51,6 +51,15 @@
 #                reloads must be done while the guest writes; every sector of the region must
 #                then hold the final pass, read back in the guest and in the host file (on a
 #                mismatch the host says which pass each wrong sector holds).
+#   -F           full disk (file mode): the backing file lives on a tmpfs of its own, the
+#                pattern region is a hole (punched with fallocate) and the tmpfs is filled
+#                with a filler file to FULL_FREE_KIB (256 KiB) of free space. The guest
+#                writes the pattern one 64 KiB dd oflag=direct at a time: the first writes
+#                must succeed and one before the last must fail (the target's ENOSPC must
+#                reach the driver as an error, never as an acknowledgement), what was
+#                acknowledged must read back (iflag=direct) as written; then the host
+#                removes the filler, the guest writes the whole pattern again (retrying until
+#                it succeeds, within its step's budget) and every check below holds.
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -92,12 +101,14 @@ RBD=""
 GROW=0
 KILL=0
 RELOAD=0
+FULL=0
+FULL_FREE_KIB=256
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:kgKh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:kgKFh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;;
         *) usage ;;
     esac
 done
@@ -109,6 +120,8 @@ done
 [ "$RELOAD" = 0 ] || [[ $TEMPLATE == *'{CONFIG}'* ]] ||
     { echo "kernel-initiator.sh: -R needs a template with {CONFIG} (aoe serve --config {CONFIG})" >&2; exit 2; }
 [ "$RELOAD" = 0 ] || [ -z "$RBD" ] || { echo "kernel-initiator.sh: -R and -r do not go together" >&2; exit 2; }
+[ "$FULL" = 0 ] || { [ -z "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW" = 0 ]; } ||
+    { echo "kernel-initiator.sh: -F goes with none of -r, -R, -g" >&2; exit 2; }
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
@@ -166,6 +179,8 @@ cleanup() {
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     drop_netns "$NS"
+    # -F: the backing file's tmpfs (the target that held it open is stopped above).
+    mountpoint -q "$RUN/full" 2>/dev/null && umount "$RUN/full"
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
@@ -233,6 +248,12 @@ guest_kernel "$CACHE"
 # ---------------------------------------------------------------- data and expectations
 FILE=$RUN/backing.img
 PAT=$RUN/pattern.bin
+if [ "$FULL" = 1 ]; then
+    # A tmpfs of its own, the backing file's size and 2 MiB more (filled below).
+    mkdir "$RUN/full" && mount -t tmpfs -o size=$((SIZE_MB + 2))m aoeki-full "$RUN/full" ||
+        fail "-F: cannot mount a tmpfs on $RUN/full"
+    FILE=$RUN/full/backing.img
+fi
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
 # The pattern region: 1 MiB of random bytes; with -R 4 MiB, and the passes before it
 # (pass1.bin ...) and it (the last pass) sector-stamped: every 8 bytes of sector i of the
@@ -260,6 +281,17 @@ else
     head -c "$PAT_BYTES" /dev/urandom >"$PAT" || fail "cannot write pattern"
 fi
 PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
+if [ "$FULL" = 1 ]; then
+    # The pattern region becomes a hole (it reads as zeros, and writing it needs new
+    # pages), and the file system is filled to FULL_FREE_KIB free: the first pattern
+    # writes fit, a later one finds no space.
+    fallocate -p -o "$OFF" -l "$PAT_BYTES" "$FILE" || fail "-F: cannot punch a hole in $FILE"
+    dd if=/dev/zero of="$RUN/full/filler" bs=64k 2>/dev/null
+    free_kib=$(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ')
+    [ "$free_kib" = 0 ] || fail "-F: $free_kib KiB still free on the filled tmpfs"
+    truncate -s -${FULL_FREE_KIB}K "$RUN/full/filler" || fail "-F: cannot shrink the filler"
+    say "-F: pattern region punched; $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free on the backing file's tmpfs"
+fi
 H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
 EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } |
             md5sum | cut -d' ' -f1)
@@ -286,6 +318,7 @@ BS=$BS
 SEEK=$SEEK
 RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
 KILL=$KILL
+FULL=$FULL
 RELOAD=$RELOAD
 RELOAD_PASSES=$RELOAD_PASSES
 PAT_COUNT=$((PAT_BYTES / BS))
@@ -386,8 +419,34 @@ if [ "$KILL" = 1 ]; then
     out "KILL_ME"
     sleep 1
 fi
-dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
-    { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+if [ "$FULL" = 1 ]; then
+    # One 64 KiB write at a time, up to the first that fails: it must fail (the backing
+    # file system is full), and not first or last.
+    n=0
+    while [ $n -lt "$PAT_COUNT" ] && dd if=/pattern.bin of=$DEV bs=$BS skip=$n seek=$((SEEK + n)) \
+            count=1 conv=notrunc oflag=direct 2>/tmp/dd.err; do
+        n=$((n + 1))
+    done
+    [ $n -lt "$PAT_COUNT" ] || die "-F: all $PAT_COUNT pattern writes acknowledged on a full disk"
+    [ $n -gt 0 ] || die "-F: the first pattern write failed (want some space left)"
+    out "FULL_FAILED_AT $n $(tr '\n' ' ' </tmp/dd.err)"
+    # What was acknowledged reads back as written.
+    got=$(dd if=$DEV bs=$BS skip=$SEEK count=$n iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    want=$(dd if=/pattern.bin bs=$BS count=$n 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$got" = "$want" ] || die "-F: the $n acknowledged writes read back as $got, not $want"
+    out "FULL_ACKED_READBACK $n ok"
+    # The host removes the filler when it reads this line; the write is tried until then.
+    out "FREE_ME"
+    i=0
+    until dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err; do
+        i=$((i + 1)); [ $i -gt 40 ] && { cat /tmp/dd.err; die "-F: the pattern write still fails after the space was freed"; }
+        sleep 1
+    done
+    out "FULL_REWRITTEN after $i failed tries"
+else
+    dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
+        { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+fi
 [ "$RELOAD" = 0 ] || out "RELOAD_STOP"
 step sync 60
 sync
@@ -516,7 +575,7 @@ QEMU_T0=$(date +%s)
 # BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
-booted=0 resized=0 killed=0
+booted=0 resized=0 killed=0 freed=0
 # -R: reloads sent, when the last was sent, and how many were done when the guest stopped.
 reloads_sent=0 reload_t=0 reloads_during=""
 while kill -0 "$QEMU_PID" 2>/dev/null; do
@@ -556,6 +615,11 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
             diagnose
             fail "reload $reloads_sent not done 20 s after its SIGHUP"
         fi
+    fi
+    if [ "$FULL" = 1 ] && [ $freed = 0 ] && grep -q 'KI:FREE_ME' "$CONSOLE"; then
+        rm -f "$RUN/full/filler" || fail "-F: cannot remove the filler"
+        say "-F: filler removed, $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free"
+        freed=1
     fi
     if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
@@ -662,6 +726,10 @@ if [ -n "$RBD" ] || [ "$GROW" = 1 ]; then
 fi
 if [ "$RELOAD" != 0 ]; then
     say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"
+fi
+if [ "$FULL" = 1 ]; then
+    [ $freed = 1 ] || fail "-F: the guest never asked for the space to be freed"
+    say "-F: the write that found the disk full failed in the guest ($(g FULL_FAILED_AT)); the acknowledged ones read back; $(g FULL_REWRITTEN); $(grep -c -i 'no space' "$RUN/target.log") no-space lines in the target's log"
 fi
 if [ "$KILL" = 1 ]; then
     [ $killed = 1 ] || fail "-K: the guest never asked for the kill"

@@ -85,6 +85,19 @@ fn kernel_initiator_writes_through_reloads_mtu_1500() {
 /// while the host reloads.
 const RELOAD_WRITE_S: u64 = 20;
 
+/// Audit (s22): the Linux driver writing to an export whose file system fills. The script's
+/// `-F` mode: the backing file on a tmpfs of its own, the pattern region a hole and 256 KiB
+/// left free; the guest writes the pattern 64 KiB at a time with `dd oflag=direct`: the
+/// writes that fit are acknowledged and read back as written, the one that finds no space
+/// fails in the guest (the target's ENOSPC is an ATA error, never an acknowledgement); then
+/// the host frees the space and the whole pattern is written again, and every check of the
+/// script holds (whole-device md5s in the guest and in the file). Passed at once with
+/// `aoe serve`, `-d`, `-s` and `--config` (TCG, ~20 s each on a quiet machine).
+#[test]
+fn kernel_initiator_full_disk_fails_the_write_then_recovers_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-F"]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {
