@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS] [-F]
+#                            [-R SECONDS] [-F] [-S]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -60,6 +60,12 @@
 #                acknowledged must read back (iflag=direct) as written; then the host
 #                removes the filler, the guest writes the whole pattern again (retrying until
 #                it succeeds, within its step's budget) and every check below holds.
+#   -S           shrink (file mode): after the checks below, the guest asks for it; the host
+#                stops the target (SIGTERM), keeps a copy of the file for the checks,
+#                truncates the file by 8 MiB and starts the target again on it; the idle
+#                device's size must follow (from the target's announcement, else after
+#                /dev/etherd/revalidate), its last sector must read, and the md5 of the whole
+#                shrunk device in the guest must equal the shrunk file's
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -103,12 +109,13 @@ KILL=0
 RELOAD=0
 FULL=0
 FULL_FREE_KIB=256
+SHRINK=0
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:kgKFh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:kgKFSh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;;
         *) usage ;;
     esac
 done
@@ -122,6 +129,8 @@ done
 [ "$RELOAD" = 0 ] || [ -z "$RBD" ] || { echo "kernel-initiator.sh: -R and -r do not go together" >&2; exit 2; }
 [ "$FULL" = 0 ] || { [ -z "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW" = 0 ]; } ||
     { echo "kernel-initiator.sh: -F goes with none of -r, -R, -g" >&2; exit 2; }
+[ "$SHRINK" = 0 ] || { [ -z "$RBD" ] && [ "$GROW" = 0 ] && [ "$SIZE_MB" -ge 24 ]; } ||
+    { echo "kernel-initiator.sh: -S goes with neither -r nor -g, and wants -z 24 or more" >&2; exit 2; }
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
@@ -310,13 +319,17 @@ guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
 [ "$RELOAD" = 0 ] || cp "$RUN"/pass*.bin "$IR/"
+# The size the guest must see after a resize (-r, -g: 16 MiB more; -S: 8 MiB less), or none.
+RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
+[ "$SHRINK" = 0 ] || RESIZE_TO=$(( (SIZE_MB - 8) << 20 ))
 cat >"$IR/etc/ki.conf" <<EOF
 SHELF=$SHELF
 SLOT=$SLOT
 MTU=$MTU
 BS=$BS
 SEEK=$SEEK
-RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
+RESIZE_TO=$RESIZE_TO
+SHRINK=$SHRINK
 KILL=$KILL
 FULL=$FULL
 RELOAD=$RELOAD
@@ -471,6 +484,11 @@ if [ -n "$RESIZE_TO" ]; then
         sleep 0.5
     done
     out "RESIZED $(blockdev --getsize64 $DEV) $how"
+    if [ "$SHRINK" = 1 ]; then
+        dd if=$DEV of=/dev/null bs=512 skip=$((RESIZE_TO / 512 - 1)) count=1 iflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "the shrunk device's last sector does not read"; }
+        out "MD5_SHRUNK $(md5sum < $DEV | cut -d' ' -f1)"
+    fi
 fi
 step done 60
 out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
@@ -621,6 +639,17 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-F: filler removed, $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free"
         freed=1
     fi
+    if [ "$SHRINK" = 1 ] && [ $resized = 0 ] && grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+        stop "-$TARGET_PID"
+        wait "$TARGET_PID" 2>/dev/null
+        # What the guest wrote, for the checks below; the target then serves the rest.
+        cp "$FILE" "$RUN/before-shrink.img" || fail "-S: cannot copy $FILE"
+        truncate -s $(( (SIZE_MB - 8) << 20 )) "$FILE" || fail "-S: truncate of $FILE failed"
+        nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >>"$RUN/target.log" 2>&1 </dev/null &
+        TARGET_PID=$!
+        say "-S: target stopped, backing file cut to $(( SIZE_MB - 8 )) MiB, target started again (pid $TARGET_PID)"
+        resized=1
+    fi
     if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
@@ -659,6 +688,14 @@ if [ -n "$RBD" ]; then
         fail "rbd export of $RBD has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was resized to"
     # The checks below are on the original extent.
     truncate -s $((SIZE_MB << 20)) "$FILE"
+elif [ "$SHRINK" = 1 ]; then
+    [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB - 8) << 20 )) ] ||
+        fail "-S: the backing file has $(stat -c %s "$FILE") bytes, not $((SIZE_MB - 8)) MiB"
+    H_SHRUNK=$(md5sum <"$FILE" | cut -d' ' -f1)
+    cmp -s "$FILE" <(head -c $(( (SIZE_MB - 8) << 20 )) "$RUN/before-shrink.img") ||
+        fail "-S: the shrunk file is not the start of the file before the shrink"
+    # The checks below are on the file as the guest left it before the shrink.
+    FILE=$RUN/before-shrink.img
 elif [ "$GROW" = 1 ]; then
     [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB + 16) << 20 )) ] ||
         fail "the backing file has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was grown to"
@@ -718,11 +755,16 @@ fi
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
 [ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
 [ "$H_AFTER" = "$EXP_AFTER" ] || fail "host backing file md5 after the write $H_AFTER != expected $EXP_AFTER"
-if [ -n "$RBD" ] || [ "$GROW" = 1 ]; then
+if [ -n "$RESIZE_TO" ]; then
     resized=$(g RESIZED)
-    [ "${resized%% *}" = $(( (SIZE_MB + 16) << 20 )) ] ||
-        fail "guest size after the resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
+    [ "${resized%% *}" = "$RESIZE_TO" ] ||
+        fail "guest size after the resize: ${resized:-none} (want $RESIZE_TO)"
     say "guest saw the new size: $resized"
+fi
+if [ "$SHRINK" = 1 ]; then
+    [ "$(g MD5_SHRUNK)" = "$H_SHRUNK" ] ||
+        fail "-S: whole shrunk device md5 in the guest $(g MD5_SHRUNK) != shrunk file $H_SHRUNK"
+    say "-S: the guest reads the shrunk device whole, as the file holds it"
 fi
 if [ "$RELOAD" != 0 ]; then
     say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"

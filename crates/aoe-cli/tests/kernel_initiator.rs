@@ -98,6 +98,17 @@ fn kernel_initiator_full_disk_fails_the_write_then_recovers_mtu_1500() {
     run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-F"]);
 }
 
+/// Audit (s22), the fourth audit's Left item: the Linux driver against a target restarted
+/// smaller. The script's `-S` mode: after its checks the host stops `aoe serve`, cuts the
+/// file by 8 MiB and starts it again; the guest's idle device must take the new size (from
+/// the target's announcement: the driver re-IDENTIFYs a device that is not open on a
+/// config answer, `aoecmd_cfg_rsp`), read its new last sector, and read whole as the file
+/// holds it.
+#[test]
+fn kernel_initiator_target_restarted_smaller_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-S"]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {
