@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS] [-F] [-S]
+#                            [-R SECONDS] [-F] [-S] [-P]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -66,6 +66,12 @@
 #                device's size must follow (from the target's announcement, else after
 #                /dev/etherd/revalidate), its last sector must read, and the md5 of the whole
 #                shrunk device in the guest must equal the shrunk file's
+#   -P           pause: the driver is loaded with aoe_deadsecs=PAUSE_DEADSECS (10); before its
+#                pattern write the guest asks the host to SIGSTOP the target, then writes the
+#                region with zeros: that write must fail (the device goes down after
+#                aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
+#                the device is up again and writes the pattern, and every check below holds
+#                (the zeros the stopped target had queued must not land over the pattern)
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -106,16 +112,18 @@ KEEP=0
 RBD=""
 GROW=0
 KILL=0
+PAUSE=0
+PAUSE_DEADSECS=10
 RELOAD=0
 FULL=0
 FULL_FREE_KIB=256
 SHRINK=0
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:kgKFSh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:kgKFSPh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         *) usage ;;
     esac
 done
@@ -331,6 +339,8 @@ SEEK=$SEEK
 RESIZE_TO=$RESIZE_TO
 SHRINK=$SHRINK
 KILL=$KILL
+PAUSE=$PAUSE
+AOE_PARAMS="$( [ "$PAUSE" = 1 ] && echo "aoe_deadsecs=$PAUSE_DEADSECS" )"
 FULL=$FULL
 RELOAD=$RELOAD
 RELOAD_PASSES=$RELOAD_PASSES
@@ -397,7 +407,7 @@ ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
 # diag prints dmesg from here on (the boot's lines are of no interest).
 echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
-insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
+insmod /lib/modules/aoe.ko aoe_iflist=eth0 $AOE_PARAMS || die "insmod aoe.ko"
 # The driver's messages (retransmits, "down"): only this device reports them.
 cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
 step discover 90
@@ -431,6 +441,25 @@ if [ "$KILL" = 1 ]; then
     # The host SIGKILLs the target when it reads this line and starts it again 3 s later.
     out "KILL_ME"
     sleep 1
+fi
+if [ "$PAUSE" = 1 ]; then
+    # The host SIGSTOPs the target when it reads this line (it looks twice a second).
+    out "PAUSE_ME"
+    sleep 3
+    step paused_write 60
+    if dd if=/dev/zero of=$DEV bs=$BS seek=$SEEK count=$PAT_COUNT conv=notrunc oflag=direct 2>/tmp/dd.err; then
+        die "-P: a write to a target stopped past aoe_deadsecs was acknowledged"
+    fi
+    out "PAUSED_WRITE_FAILED $(tr '\n' ' ' </tmp/dd.err) state $(cat "$SYS/state")"
+    out "CONT_ME"
+    step up_again 60
+    i=0
+    until [ "$(cut -d, -f1 "$SYS/state")" = up ]; do
+        [ $((i % 20)) = 0 ] && echo > /dev/etherd/discover
+        i=$((i + 1)); sleep 0.1
+    done
+    out "UP_AGAIN after $i polls"
+    step pattern_write 60
 fi
 if [ "$FULL" = 1 ]; then
     # One 64 KiB write at a time, up to the first that fails: it must fail (the backing
@@ -593,7 +622,7 @@ QEMU_T0=$(date +%s)
 # BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
-booted=0 resized=0 killed=0 freed=0
+booted=0 resized=0 killed=0 freed=0 paused=0 conted=0
 # -R: reloads sent, when the last was sent, and how many were done when the guest stopped.
 reloads_sent=0 reload_t=0 reloads_during=""
 while kill -0 "$QEMU_PID" 2>/dev/null; do
@@ -649,6 +678,16 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         TARGET_PID=$!
         say "-S: target stopped, backing file cut to $(( SIZE_MB - 8 )) MiB, target started again (pid $TARGET_PID)"
         resized=1
+    fi
+    if [ "$PAUSE" = 1 ] && [ $paused = 0 ] && grep -q 'KI:PAUSE_ME' "$CONSOLE"; then
+        kill -STOP -- "-$TARGET_PID" || fail "-P: SIGSTOP to the target failed"
+        say "-P: target stopped (SIGSTOP)"
+        paused=1
+    fi
+    if [ "$PAUSE" = 1 ] && [ $conted = 0 ] && grep -q 'KI:CONT_ME' "$CONSOLE"; then
+        kill -CONT -- "-$TARGET_PID" || fail "-P: SIGCONT to the target failed"
+        say "-P: target continued (SIGCONT)"
+        conted=1
     fi
     if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
@@ -768,6 +807,10 @@ if [ "$SHRINK" = 1 ]; then
 fi
 if [ "$RELOAD" != 0 ]; then
     say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"
+fi
+if [ "$PAUSE" = 1 ]; then
+    [ $conted = 1 ] || fail "-P: the guest never asked for the target to continue"
+    say "-P: $(g PAUSED_WRITE_FAILED); $(g UP_AGAIN); the pattern written after it is what every check found"
 fi
 if [ "$FULL" = 1 ]; then
     [ $freed = 1 ] || fail "-F: the guest never asked for the space to be freed"

@@ -109,6 +109,17 @@ fn kernel_initiator_target_restarted_smaller_mtu_1500() {
     run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-S"]);
 }
 
+/// Audit (s22): `aoe serve` stopped (SIGSTOP) for longer than the driver's `aoe_deadsecs`
+/// under a write, then continued. The script's `-P` mode: the driver loaded with
+/// `aoe_deadsecs=10`; the guest's write of zeros over the region fails with EIO and the
+/// device goes down; after SIGCONT the target runs what it had queued, the guest
+/// rediscovers the device and writes the pattern, and every check holds: none of the stale
+/// zeros landed over it.
+#[test]
+fn kernel_initiator_target_stopped_past_deadsecs_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-P"]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {
