@@ -664,6 +664,18 @@ impl Engine {
         true
     }
 
+    /// Replaces the whole persistent state (config string, Mac Mask List, reserve list) with
+    /// `state`; true if it changed, and then [`Engine::take_state_changed`] says so too. The
+    /// daemon hands a reopened export the state of the instance it replaces with it.
+    pub fn replace_state(&mut self, state: PersistentState) -> bool {
+        if self.state == state {
+            return false;
+        }
+        self.state = state;
+        self.state_changed = true;
+        true
+    }
+
     /// Replaces the reserve list (AoEr11 Reserve/Release) with `macs`, as a store shared by
     /// several targets holds it (an `rbd:` export keeps it in the image: issue 13); true if
     /// it changed, and then [`Engine::take_state_changed`] says so too. The daemon also
