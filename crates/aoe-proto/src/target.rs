@@ -697,7 +697,8 @@ impl Engine {
 
     /// The unsolicited Query Config responses to send when the export starts on interface
     /// `idx` (vblade `aoead`): one broadcast, or one unicast to each MAC of a non-empty mask
-    /// list. Each is a complete, padded frame.
+    /// list. Each is a complete, padded frame; none if it would be longer than the
+    /// interface carries.
     #[must_use = "the announcements must be broadcast"]
     pub fn announcements(&self, idx: usize) -> Vec<Vec<u8>> {
         let Some(iface) = self.interface(idx) else {
@@ -724,7 +725,11 @@ impl Engine {
                     header,
                     body: Body::Config(self.config_reply(&iface, ConfigCommand::Read)),
                 };
-                m.to_vec().ok()
+                // One too long for the interface (a stored string longer than it carries,
+                // which the daemon warns about) would only be refused by the kernel.
+                m.to_vec()
+                    .ok()
+                    .filter(|f| f.len() <= iface.mtu as usize + aoe_wire::ETHERNET_HEADER_LEN)
             })
             .collect()
     }
@@ -1004,6 +1009,28 @@ impl Engine {
             .unwrap_or(MAX_CONFIG_LEN)
     }
 
+    /// Most MACs a Reserve/Release set may store: what one reply carries at the smallest MTU
+    /// of the export's interfaces (10-byte AoE header, 2-byte argument, 6 bytes a MAC), and
+    /// at most 255 (the one-byte count). A longer list gets AoE error 2 (bad argument), so a
+    /// read reply always fits the frame it is sent in: a list set through a jumbo-frame
+    /// interface was otherwise stored, and every Reserve/Release answer on an interface of a
+    /// smaller MTU was too long to send (s22 audit, the counterpart of
+    /// [`config_capacity`](Self::config_capacity)). With no interface yet, 255.
+    pub fn reserve_capacity(&self) -> usize {
+        self.interfaces
+            .iter()
+            .flatten()
+            .map(|i| {
+                (i.mtu as usize).saturating_sub(
+                    aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN
+                        + aoe_wire::reserve::ARG_LEN,
+                ) / 6
+            })
+            .min()
+            .unwrap_or(255)
+            .min(255)
+    }
+
     /// Mac Mask List read and edit, as vblade `aoemask` answers them:
     /// - an edit applies its directives in order; the first that fails (a bad DCmd: MError 2;
     ///   an add to a full list: MError 3; an add of a group (multicast or broadcast) MAC,
@@ -1097,7 +1124,9 @@ impl Engine {
                 // No frame comes from a group source (IEEE 802 I/G bit): a reservation
                 // naming one could never be held, only shut others out. Bad argument, as
                 // a Mac Mask List add of one is refused.
-                if req.macs.iter().any(MacAddr::is_multicast) {
+                if req.macs.iter().any(MacAddr::is_multicast)
+                    || req.macs.len() > self.reserve_capacity()
+                {
                     let arg = [u8::from(req.rcmd), 0];
                     return self.aoe_error(rsp, ErrorCode::BadArgument, &arg, reply);
                 }

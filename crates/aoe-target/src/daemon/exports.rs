@@ -261,7 +261,7 @@ impl Daemon {
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
-                super::warn_if_config_string_too_long(&rt, &name, self.ifaces[idx].iface.mtu);
+                super::warn_if_state_too_long(&rt, &name, self.ifaces[idx].iface.mtu);
                 self.ifaces[idx].exports.push(super::send::Route {
                     id,
                     addr: rt.spec.addr(),
