@@ -13,7 +13,9 @@
 //!   succeeds); the sector count follows the receiving interface's MTU. Deliberate
 //!   departure: at most [`QUERY_ANSWERS_PER_SOURCE`] queries per source MAC are answered
 //!   per period ([`Engine::next_query_period`]; vblade answers all), so a query flood
-//!   cannot keep the target from serving ATA requests.
+//!   cannot keep the target from serving ATA requests. Another: a set longer than a reply
+//!   on the export's smallest-MTU interface carries gets error 2
+//!   ([`Engine::config_capacity`]; vblade stores it and then cannot answer there).
 //! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
 //!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
 //!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources. Departure:
@@ -23,7 +25,9 @@
 //!   vblade and ggaoed do. Deliberate extension: it also gets error 6 for Query Config set and
 //!   force set and for Mac Mask List edits, which vblade and ggaoed let anyone do; a
 //!   reservation here keeps other hosts from rewriting the string or from masking the
-//!   reserving host out. Reads (config, mask list, reserve list) stay open to all.
+//!   reserving host out. Reads (config, mask list, reserve list) stay open to all. A set
+//!   longer than one reply frame of every interface carries gets error 2
+//!   ([`Engine::reserve_capacity`]).
 //! - Version other than 1: error 5. Unknown command (vendor included): error 1.
 //! - ATA READ/WRITE SECTORS (EXT), IDENTIFY, CHECK POWER MODE, FLUSH CACHE (EXT) (a real
 //!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
