@@ -68,8 +68,8 @@
 #                shrunk device in the guest must equal the shrunk file's
 #   -P           pause: the driver is loaded with aoe_deadsecs=PAUSE_DEADSECS (10); before its
 #                pattern write the guest asks the host to SIGSTOP the target, then writes the
-#                region with zeros: that write must fail (the device goes down after
-#                aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
+#                region with zeros 64 KiB at a time until a write fails (the device goes down
+#                after aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
 #                the device is up again and writes the pattern, and every check below holds
 #                (the zeros the stopped target had queued must not land over the pattern)
 #
@@ -443,14 +443,18 @@ if [ "$KILL" = 1 ]; then
     sleep 1
 fi
 if [ "$PAUSE" = 1 ]; then
-    # The host SIGSTOPs the target when it reads this line (it looks twice a second).
+    # The host SIGSTOPs the target when it reads this line (it looks twice a second, later
+    # on a loaded host): zeros are written over the region 64 KiB at a time, round and
+    # round, until one fails; those before the stop are acknowledged, which is fine.
     out "PAUSE_ME"
-    sleep 3
-    step paused_write 60
-    if dd if=/dev/zero of=$DEV bs=$BS seek=$SEEK count=$PAT_COUNT conv=notrunc oflag=direct 2>/tmp/dd.err; then
-        die "-P: a write to a target stopped past aoe_deadsecs was acknowledged"
-    fi
-    out "PAUSED_WRITE_FAILED $(tr '\n' ' ' </tmp/dd.err) state $(cat "$SYS/state")"
+    step paused_write 120
+    n=0
+    while dd if=/dev/zero of=$DEV bs=$BS seek=$((SEEK + n % PAT_COUNT)) count=1 conv=notrunc \
+            oflag=direct 2>/tmp/dd.err; do
+        n=$((n + 1))
+        [ $n -gt 1000 ] && die "-P: 1000 writes acknowledged after the target was to be stopped"
+    done
+    out "PAUSED_WRITE_FAILED after $n acknowledged: $(tr '\n' ' ' </tmp/dd.err) state $(cat "$SYS/state")"
     out "CONT_ME"
     step up_again 60
     i=0
