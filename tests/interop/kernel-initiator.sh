@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS]
+#                            [-R SECONDS] [-F] [-S] [-P]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -51,6 +51,27 @@
 #                reloads must be done while the guest writes; every sector of the region must
 #                then hold the final pass, read back in the guest and in the host file (on a
 #                mismatch the host says which pass each wrong sector holds).
+#   -F           full disk (file mode): the backing file lives on a tmpfs of its own, the
+#                pattern region is a hole (punched with fallocate) and the tmpfs is filled
+#                with a filler file to FULL_FREE_KIB (256 KiB) of free space. The guest
+#                writes the pattern one 64 KiB dd oflag=direct at a time: the first writes
+#                must succeed and one before the last must fail (the target's ENOSPC must
+#                reach the driver as an error, never as an acknowledgement), what was
+#                acknowledged must read back (iflag=direct) as written; then the host
+#                removes the filler, the guest writes the whole pattern again (retrying until
+#                it succeeds, within its step's budget) and every check below holds.
+#   -S           shrink (file mode): after the checks below, the guest asks for it; the host
+#                stops the target (SIGTERM), keeps a copy of the file for the checks,
+#                truncates the file by 8 MiB and starts the target again on it; the idle
+#                device's size must follow (from the target's announcement, else after
+#                /dev/etherd/revalidate), its last sector must read, and the md5 of the whole
+#                shrunk device in the guest must equal the shrunk file's
+#   -P           pause: the driver is loaded with aoe_deadsecs=PAUSE_DEADSECS (10); before its
+#                pattern write the guest asks the host to SIGSTOP the target, then writes the
+#                region with zeros 64 KiB at a time until a write fails (the device goes down
+#                after aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
+#                the device is up again and writes the pattern, and every check below holds
+#                (the zeros the stopped target had queued must not land over the pattern)
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -91,13 +112,18 @@ KEEP=0
 RBD=""
 GROW=0
 KILL=0
+PAUSE=0
+PAUSE_DEADSECS=10
 RELOAD=0
+FULL=0
+FULL_FREE_KIB=256
+SHRINK=0
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:kgKh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:kgKFSPh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         *) usage ;;
     esac
 done
@@ -109,6 +135,10 @@ done
 [ "$RELOAD" = 0 ] || [[ $TEMPLATE == *'{CONFIG}'* ]] ||
     { echo "kernel-initiator.sh: -R needs a template with {CONFIG} (aoe serve --config {CONFIG})" >&2; exit 2; }
 [ "$RELOAD" = 0 ] || [ -z "$RBD" ] || { echo "kernel-initiator.sh: -R and -r do not go together" >&2; exit 2; }
+[ "$FULL" = 0 ] || { [ -z "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW" = 0 ]; } ||
+    { echo "kernel-initiator.sh: -F goes with none of -r, -R, -g" >&2; exit 2; }
+[ "$SHRINK" = 0 ] || { [ -z "$RBD" ] && [ "$GROW" = 0 ] && [ "$SIZE_MB" -ge 24 ]; } ||
+    { echo "kernel-initiator.sh: -S goes with neither -r nor -g, and wants -z 24 or more" >&2; exit 2; }
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
@@ -166,6 +196,8 @@ cleanup() {
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     drop_netns "$NS"
+    # -F: the backing file's tmpfs (the target that held it open is stopped above).
+    mountpoint -q "$RUN/full" 2>/dev/null && umount "$RUN/full"
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
@@ -233,6 +265,12 @@ guest_kernel "$CACHE"
 # ---------------------------------------------------------------- data and expectations
 FILE=$RUN/backing.img
 PAT=$RUN/pattern.bin
+if [ "$FULL" = 1 ]; then
+    # A tmpfs of its own, the backing file's size and 2 MiB more (filled below).
+    mkdir "$RUN/full" && mount -t tmpfs -o size=$((SIZE_MB + 2))m aoeki-full "$RUN/full" ||
+        fail "-F: cannot mount a tmpfs on $RUN/full"
+    FILE=$RUN/full/backing.img
+fi
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
 # The pattern region: 1 MiB of random bytes; with -R 4 MiB, and the passes before it
 # (pass1.bin ...) and it (the last pass) sector-stamped: every 8 bytes of sector i of the
@@ -260,6 +298,17 @@ else
     head -c "$PAT_BYTES" /dev/urandom >"$PAT" || fail "cannot write pattern"
 fi
 PAT_MD5=$(md5sum <"$PAT" | cut -d' ' -f1)
+if [ "$FULL" = 1 ]; then
+    # The pattern region becomes a hole (it reads as zeros, and writing it needs new
+    # pages), and the file system is filled to FULL_FREE_KIB free: the first pattern
+    # writes fit, a later one finds no space.
+    fallocate -p -o "$OFF" -l "$PAT_BYTES" "$FILE" || fail "-F: cannot punch a hole in $FILE"
+    dd if=/dev/zero of="$RUN/full/filler" bs=64k 2>/dev/null
+    free_kib=$(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ')
+    [ "$free_kib" = 0 ] || fail "-F: $free_kib KiB still free on the filled tmpfs"
+    truncate -s -${FULL_FREE_KIB}K "$RUN/full/filler" || fail "-F: cannot shrink the filler"
+    say "-F: pattern region punched; $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free on the backing file's tmpfs"
+fi
 H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
 EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } |
             md5sum | cut -d' ' -f1)
@@ -278,14 +327,21 @@ guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
 [ "$RELOAD" = 0 ] || cp "$RUN"/pass*.bin "$IR/"
+# The size the guest must see after a resize (-r, -g: 16 MiB more; -S: 8 MiB less), or none.
+RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
+[ "$SHRINK" = 0 ] || RESIZE_TO=$(( (SIZE_MB - 8) << 20 ))
 cat >"$IR/etc/ki.conf" <<EOF
 SHELF=$SHELF
 SLOT=$SLOT
 MTU=$MTU
 BS=$BS
 SEEK=$SEEK
-RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
+RESIZE_TO=$RESIZE_TO
+SHRINK=$SHRINK
 KILL=$KILL
+PAUSE=$PAUSE
+AOE_PARAMS="$( [ "$PAUSE" = 1 ] && echo "aoe_deadsecs=$PAUSE_DEADSECS" )"
+FULL=$FULL
 RELOAD=$RELOAD
 RELOAD_PASSES=$RELOAD_PASSES
 PAT_COUNT=$((PAT_BYTES / BS))
@@ -351,7 +407,7 @@ ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
 # diag prints dmesg from here on (the boot's lines are of no interest).
 echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
-insmod /lib/modules/aoe.ko aoe_iflist=eth0 || die "insmod aoe.ko"
+insmod /lib/modules/aoe.ko aoe_iflist=eth0 $AOE_PARAMS || die "insmod aoe.ko"
 # The driver's messages (retransmits, "down"): only this device reports them.
 cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
 step discover 90
@@ -386,8 +442,57 @@ if [ "$KILL" = 1 ]; then
     out "KILL_ME"
     sleep 1
 fi
-dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
-    { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+if [ "$PAUSE" = 1 ]; then
+    # The host SIGSTOPs the target when it reads this line (it looks twice a second, later
+    # on a loaded host): zeros are written over the region 64 KiB at a time, round and
+    # round, until one fails; those before the stop are acknowledged, which is fine.
+    out "PAUSE_ME"
+    step paused_write 120
+    n=0
+    while dd if=/dev/zero of=$DEV bs=$BS seek=$((SEEK + n % PAT_COUNT)) count=1 conv=notrunc \
+            oflag=direct 2>/tmp/dd.err; do
+        n=$((n + 1))
+        [ $n -gt 1000 ] && die "-P: 1000 writes acknowledged after the target was to be stopped"
+    done
+    out "PAUSED_WRITE_FAILED after $n acknowledged: $(tr '\n' ' ' </tmp/dd.err) state $(cat "$SYS/state")"
+    out "CONT_ME"
+    step up_again 60
+    i=0
+    until [ "$(cut -d, -f1 "$SYS/state")" = up ]; do
+        [ $((i % 20)) = 0 ] && echo > /dev/etherd/discover
+        i=$((i + 1)); sleep 0.1
+    done
+    out "UP_AGAIN after $i polls"
+    step pattern_write 60
+fi
+if [ "$FULL" = 1 ]; then
+    # One 64 KiB write at a time, up to the first that fails: it must fail (the backing
+    # file system is full), and not first or last.
+    n=0
+    while [ $n -lt "$PAT_COUNT" ] && dd if=/pattern.bin of=$DEV bs=$BS skip=$n seek=$((SEEK + n)) \
+            count=1 conv=notrunc oflag=direct 2>/tmp/dd.err; do
+        n=$((n + 1))
+    done
+    [ $n -lt "$PAT_COUNT" ] || die "-F: all $PAT_COUNT pattern writes acknowledged on a full disk"
+    [ $n -gt 0 ] || die "-F: the first pattern write failed (want some space left)"
+    out "FULL_FAILED_AT $n $(tr '\n' ' ' </tmp/dd.err)"
+    # What was acknowledged reads back as written.
+    got=$(dd if=$DEV bs=$BS skip=$SEEK count=$n iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    want=$(dd if=/pattern.bin bs=$BS count=$n 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$got" = "$want" ] || die "-F: the $n acknowledged writes read back as $got, not $want"
+    out "FULL_ACKED_READBACK $n ok"
+    # The host removes the filler when it reads this line; the write is tried until then.
+    out "FREE_ME"
+    i=0
+    until dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err; do
+        i=$((i + 1)); [ $i -gt 40 ] && { cat /tmp/dd.err; die "-F: the pattern write still fails after the space was freed"; }
+        sleep 1
+    done
+    out "FULL_REWRITTEN after $i failed tries"
+else
+    dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
+        { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
+fi
 [ "$RELOAD" = 0 ] || out "RELOAD_STOP"
 step sync 60
 sync
@@ -412,6 +517,11 @@ if [ -n "$RESIZE_TO" ]; then
         sleep 0.5
     done
     out "RESIZED $(blockdev --getsize64 $DEV) $how"
+    if [ "$SHRINK" = 1 ]; then
+        dd if=$DEV of=/dev/null bs=512 skip=$((RESIZE_TO / 512 - 1)) count=1 iflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "the shrunk device's last sector does not read"; }
+        out "MD5_SHRUNK $(md5sum < $DEV | cut -d' ' -f1)"
+    fi
 fi
 step done 60
 out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
@@ -516,7 +626,7 @@ QEMU_T0=$(date +%s)
 # BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
-booted=0 resized=0 killed=0
+booted=0 resized=0 killed=0 freed=0 paused=0 conted=0
 # -R: reloads sent, when the last was sent, and how many were done when the guest stopped.
 reloads_sent=0 reload_t=0 reloads_during=""
 while kill -0 "$QEMU_PID" 2>/dev/null; do
@@ -557,6 +667,32 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
             fail "reload $reloads_sent not done 20 s after its SIGHUP"
         fi
     fi
+    if [ "$FULL" = 1 ] && [ $freed = 0 ] && grep -q 'KI:FREE_ME' "$CONSOLE"; then
+        rm -f "$RUN/full/filler" || fail "-F: cannot remove the filler"
+        say "-F: filler removed, $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free"
+        freed=1
+    fi
+    if [ "$SHRINK" = 1 ] && [ $resized = 0 ] && grep -q 'KI:RESIZE_ME' "$CONSOLE"; then
+        stop "-$TARGET_PID"
+        wait "$TARGET_PID" 2>/dev/null
+        # What the guest wrote, for the checks below; the target then serves the rest.
+        cp "$FILE" "$RUN/before-shrink.img" || fail "-S: cannot copy $FILE"
+        truncate -s $(( (SIZE_MB - 8) << 20 )) "$FILE" || fail "-S: truncate of $FILE failed"
+        nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >>"$RUN/target.log" 2>&1 </dev/null &
+        TARGET_PID=$!
+        say "-S: target stopped, backing file cut to $(( SIZE_MB - 8 )) MiB, target started again (pid $TARGET_PID)"
+        resized=1
+    fi
+    if [ "$PAUSE" = 1 ] && [ $paused = 0 ] && grep -q 'KI:PAUSE_ME' "$CONSOLE"; then
+        kill -STOP -- "-$TARGET_PID" || fail "-P: SIGSTOP to the target failed"
+        say "-P: target stopped (SIGSTOP)"
+        paused=1
+    fi
+    if [ "$PAUSE" = 1 ] && [ $conted = 0 ] && grep -q 'KI:CONT_ME' "$CONSOLE"; then
+        kill -CONT -- "-$TARGET_PID" || fail "-P: SIGCONT to the target failed"
+        say "-P: target continued (SIGCONT)"
+        conted=1
+    fi
     if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
@@ -595,6 +731,14 @@ if [ -n "$RBD" ]; then
         fail "rbd export of $RBD has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was resized to"
     # The checks below are on the original extent.
     truncate -s $((SIZE_MB << 20)) "$FILE"
+elif [ "$SHRINK" = 1 ]; then
+    [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB - 8) << 20 )) ] ||
+        fail "-S: the backing file has $(stat -c %s "$FILE") bytes, not $((SIZE_MB - 8)) MiB"
+    H_SHRUNK=$(md5sum <"$FILE" | cut -d' ' -f1)
+    cmp -s "$FILE" <(head -c $(( (SIZE_MB - 8) << 20 )) "$RUN/before-shrink.img") ||
+        fail "-S: the shrunk file is not the start of the file before the shrink"
+    # The checks below are on the file as the guest left it before the shrink.
+    FILE=$RUN/before-shrink.img
 elif [ "$GROW" = 1 ]; then
     [ "$(stat -c %s "$FILE")" = $(( (SIZE_MB + 16) << 20 )) ] ||
         fail "the backing file has $(stat -c %s "$FILE") bytes, not the $((SIZE_MB + 16)) MiB it was grown to"
@@ -654,14 +798,27 @@ fi
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"
 [ "$(g MD5_AFTER)" = "$EXP_AFTER" ] || fail "whole-device md5 in the guest after the write $(g MD5_AFTER) != expected $EXP_AFTER"
 [ "$H_AFTER" = "$EXP_AFTER" ] || fail "host backing file md5 after the write $H_AFTER != expected $EXP_AFTER"
-if [ -n "$RBD" ] || [ "$GROW" = 1 ]; then
+if [ -n "$RESIZE_TO" ]; then
     resized=$(g RESIZED)
-    [ "${resized%% *}" = $(( (SIZE_MB + 16) << 20 )) ] ||
-        fail "guest size after the resize: ${resized:-none} (want $(( (SIZE_MB + 16) << 20 )))"
+    [ "${resized%% *}" = "$RESIZE_TO" ] ||
+        fail "guest size after the resize: ${resized:-none} (want $RESIZE_TO)"
     say "guest saw the new size: $resized"
+fi
+if [ "$SHRINK" = 1 ]; then
+    [ "$(g MD5_SHRUNK)" = "$H_SHRUNK" ] ||
+        fail "-S: whole shrunk device md5 in the guest $(g MD5_SHRUNK) != shrunk file $H_SHRUNK"
+    say "-S: the guest reads the shrunk device whole, as the file holds it"
 fi
 if [ "$RELOAD" != 0 ]; then
     say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"
+fi
+if [ "$PAUSE" = 1 ]; then
+    [ $conted = 1 ] || fail "-P: the guest never asked for the target to continue"
+    say "-P: $(g PAUSED_WRITE_FAILED); $(g UP_AGAIN); the pattern written after it is what every check found"
+fi
+if [ "$FULL" = 1 ]; then
+    [ $freed = 1 ] || fail "-F: the guest never asked for the space to be freed"
+    say "-F: the write that found the disk full failed in the guest ($(g FULL_FAILED_AT)); the acknowledged ones read back; $(g FULL_REWRITTEN); $(grep -c -i 'no space' "$RUN/target.log") no-space lines in the target's log"
 fi
 if [ "$KILL" = 1 ]; then
     [ $killed = 1 ] || fail "-K: the guest never asked for the kill"

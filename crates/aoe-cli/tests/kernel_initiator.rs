@@ -85,6 +85,41 @@ fn kernel_initiator_writes_through_reloads_mtu_1500() {
 /// while the host reloads.
 const RELOAD_WRITE_S: u64 = 20;
 
+/// Audit (s22): the Linux driver writing to an export whose file system fills. The script's
+/// `-F` mode: the backing file on a tmpfs of its own, the pattern region a hole and 256 KiB
+/// left free; the guest writes the pattern 64 KiB at a time with `dd oflag=direct`: the
+/// writes that fit are acknowledged and read back as written, the one that finds no space
+/// fails in the guest (the target's ENOSPC is an ATA error, never an acknowledgement); then
+/// the host frees the space and the whole pattern is written again, and every check of the
+/// script holds (whole-device md5s in the guest and in the file). Passed at once with
+/// `aoe serve`, `-d`, `-s` and `--config` (TCG, ~20 s each on a quiet machine).
+#[test]
+fn kernel_initiator_full_disk_fails_the_write_then_recovers_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-F"]);
+}
+
+/// Audit (s22), the fourth audit's Left item: the Linux driver against a target restarted
+/// smaller. The script's `-S` mode: after its checks the host stops `aoe serve`, cuts the
+/// file by 8 MiB and starts it again; the guest's idle device must take the new size (from
+/// the target's announcement: the driver re-IDENTIFYs a device that is not open on a
+/// config answer, `aoecmd_cfg_rsp`), read its new last sector, and read whole as the file
+/// holds it.
+#[test]
+fn kernel_initiator_target_restarted_smaller_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-S"]);
+}
+
+/// Audit (s22): `aoe serve` stopped (SIGSTOP) for longer than the driver's `aoe_deadsecs`
+/// under a write, then continued. The script's `-P` mode: the driver loaded with
+/// `aoe_deadsecs=10`; the guest's write of zeros over the region fails with EIO and the
+/// device goes down; after SIGCONT the target runs what it had queued, the guest
+/// rediscovers the device and writes the pattern, and every check holds: none of the stale
+/// zeros landed over it.
+#[test]
+fn kernel_initiator_target_stopped_past_deadsecs_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-P"]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {

@@ -401,3 +401,69 @@ fn sighup_keeps_the_command_lines_overrides() {
         "--probe-ms 0 was dropped by the reload:\n{log}"
     );
 }
+
+/// Audit (s22): a reload that reopens an export (here its image grew) made a new engine
+/// whose config string, Mac Mask List and reserve list came from the state file alone:
+/// without `--state-dir` a config string set since start was gone after the reload (an
+/// `aoe cfg -c read` answered an empty string), the mask list went back to the configured
+/// one and a reservation was released; with a state directory whose save was still queued
+/// or failing, the file's older state came back. The reopened export now keeps the state
+/// of the instance it replaces. On the code before: the read after the reload answered
+/// "" instead of "kept across the reload".
+#[test]
+fn a_reopened_export_keeps_its_config_string() {
+    require_tools();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    fs::write(&file, pattern(3, 1 << 20)).expect("image");
+    let conf = dir.path().join("serve.toml");
+    let target_ns = Netns::new("aoeks").expect("target namespace");
+    let peer = Netns::new("aoekq").expect("peer namespace");
+    let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
+    write_conf(&conf, veth.a_name(), &file, None);
+    let mut cmd = Command::new(AOE);
+    cmd.args(["serve", "--probe-ms", "0", "--config"])
+        .arg(&conf);
+    let mut target = target_ns.spawn(cmd).expect("start aoe serve");
+    assert!(
+        wait_until(Duration::from_secs(10), || target
+            .output_so_far()
+            .contains("control socket listening")),
+        "aoe serve did not start: {}",
+        target.output_so_far()
+    );
+    let cfg = |args: &[&str]| {
+        let mut c = peer.command(AOE);
+        c.arg("cfg").args(args).args([
+            "-t",
+            "2",
+            &SHELF.to_string(),
+            &SLOT.to_string(),
+            veth.b_name(),
+        ]);
+        let o = run(&mut c);
+        assert!(o.status.success(), "aoe cfg {args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
+    };
+    let s = "kept across the reload";
+    assert_eq!(cfg(&["-c", "fset", "-s", s]), s);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &pattern(5, 1 << 20)))
+        .expect("grow the image");
+    reload_once(&target, "the image grown");
+    assert!(
+        count(&target.output_so_far(), "retiring") >= 1,
+        "the export was not reopened:\n{}",
+        target.output_so_far()
+    );
+    let got = cfg(&["-c", "read"]);
+    assert_eq!(
+        got,
+        s,
+        "config string after the reload that reopened the export\n{}",
+        target.output_so_far()
+    );
+    target.stop().expect("stop aoe serve");
+}

@@ -13,7 +13,9 @@
 //!   succeeds); the sector count follows the receiving interface's MTU. Deliberate
 //!   departure: at most [`QUERY_ANSWERS_PER_SOURCE`] queries per source MAC are answered
 //!   per period ([`Engine::next_query_period`]; vblade answers all), so a query flood
-//!   cannot keep the target from serving ATA requests.
+//!   cannot keep the target from serving ATA requests. Another: a set longer than a reply
+//!   on the export's smallest-MTU interface carries gets error 2
+//!   ([`Engine::config_capacity`]; vblade stores it and then cannot answer there).
 //! - Mac Mask List read/edit as vblade `aoemask`: MError with the failing directive's index,
 //!   DCmd 0 in listed entries, error 2 for an unknown MCmd, the list capped at one reply frame
 //!   ([`Engine::mask_capacity`]); a non-empty list silently drops other sources. Departure:
@@ -23,7 +25,9 @@
 //!   vblade and ggaoed do. Deliberate extension: it also gets error 6 for Query Config set and
 //!   force set and for Mac Mask List edits, which vblade and ggaoed let anyone do; a
 //!   reservation here keeps other hosts from rewriting the string or from masking the
-//!   reserving host out. Reads (config, mask list, reserve list) stay open to all.
+//!   reserving host out. Reads (config, mask list, reserve list) stay open to all. A set
+//!   longer than one reply frame of every interface carries gets error 2
+//!   ([`Engine::reserve_capacity`]).
 //! - Version other than 1: error 5. Unknown command (vendor included): error 1.
 //! - ATA READ/WRITE SECTORS (EXT), IDENTIFY, CHECK POWER MODE, FLUSH CACHE (EXT) (a real
 //!   flush: [`IoKind::Flush`]), SMART RETURN STATUS / READ DATA / ENABLE / DISABLE; anything
@@ -477,6 +481,16 @@ pub struct Engine {
     prefetch: Option<fn(*const u8)>,
 }
 
+/// Longest config string a Query Config answer carries on an interface of `mtu` (10-byte
+/// AoE header, 8-byte config header), at most 1024 bytes (AoEr11 section 3.2).
+pub fn config_capacity_at(mtu: u32) -> usize {
+    (mtu as usize)
+        .saturating_sub(
+            aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + aoe_wire::config::ARG_LEN,
+        )
+        .min(MAX_CONFIG_LEN)
+}
+
 impl Engine {
     /// An engine for `cfg`, starting from `state` (the persisted config string, mask and
     /// reserve lists, or the default).
@@ -654,6 +668,18 @@ impl Engine {
         true
     }
 
+    /// Replaces the whole persistent state (config string, Mac Mask List, reserve list) with
+    /// `state`; true if it changed, and then [`Engine::take_state_changed`] says so too. The
+    /// daemon hands a reopened export the state of the instance it replaces with it.
+    pub fn replace_state(&mut self, state: PersistentState) -> bool {
+        if self.state == state {
+            return false;
+        }
+        self.state = state;
+        self.state_changed = true;
+        true
+    }
+
     /// Replaces the reserve list (AoEr11 Reserve/Release) with `macs`, as a store shared by
     /// several targets holds it (an `rbd:` export keeps it in the image: issue 13); true if
     /// it changed, and then [`Engine::take_state_changed`] says so too. The daemon also
@@ -675,7 +701,8 @@ impl Engine {
 
     /// The unsolicited Query Config responses to send when the export starts on interface
     /// `idx` (vblade `aoead`): one broadcast, or one unicast to each MAC of a non-empty mask
-    /// list. Each is a complete, padded frame.
+    /// list. Each is a complete, padded frame; none if it would be longer than the
+    /// interface carries.
     #[must_use = "the announcements must be broadcast"]
     pub fn announcements(&self, idx: usize) -> Vec<Vec<u8>> {
         let Some(iface) = self.interface(idx) else {
@@ -702,7 +729,11 @@ impl Engine {
                     header,
                     body: Body::Config(self.config_reply(&iface, ConfigCommand::Read)),
                 };
-                m.to_vec().ok()
+                // One too long for the interface (a stored string longer than it carries,
+                // which the daemon warns about) would only be refused by the kernel.
+                m.to_vec()
+                    .ok()
+                    .filter(|f| f.len() <= iface.mtu as usize + aoe_wire::ETHERNET_HEADER_LEN)
             })
             .collect()
     }
@@ -884,6 +915,11 @@ impl Engine {
         payload: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
+        if matches!(req.ccmd, ConfigCommand::Set | ConfigCommand::ForceSet)
+            && req.config.len() > self.config_capacity()
+        {
+            return self.aoe_error(rsp, ErrorCode::BadArgument, payload, reply);
+        }
         let current = &self.state.config;
         match req.ccmd {
             ConfigCommand::Read => {}
@@ -958,6 +994,45 @@ impl Engine {
             .min()
             .unwrap_or(0)
             .min(MAX_MASK_ENTRIES)
+    }
+
+    /// Longest config string a Query Config set may store: what one reply carries at the
+    /// smallest MTU of the export's interfaces (10-byte AoE header, 8-byte config header),
+    /// and at most 1024 bytes (AoEr11 section 3.2). Past it a set fails with AoE error 2
+    /// (bad argument), as a string over 1024 bytes does, so a read reply always fits the
+    /// frame it is sent in: without the cap a string set through a jumbo-frame interface
+    /// made every Query Config answer on an interface under MTU 1042 too long to send, and
+    /// the export vanished from discovery there (vblade the same: its answer is refused by
+    /// the socket). With no interface yet, 1024.
+    pub fn config_capacity(&self) -> usize {
+        self.interfaces
+            .iter()
+            .flatten()
+            .map(|i| config_capacity_at(i.mtu))
+            .min()
+            .unwrap_or(MAX_CONFIG_LEN)
+    }
+
+    /// Most MACs a Reserve/Release set may store: what one reply carries at the smallest MTU
+    /// of the export's interfaces (10-byte AoE header, 2-byte argument, 6 bytes a MAC), and
+    /// at most 255 (the one-byte count). A longer list gets AoE error 2 (bad argument), so a
+    /// read reply always fits the frame it is sent in: a list set through a jumbo-frame
+    /// interface was otherwise stored, and every Reserve/Release answer on an interface of a
+    /// smaller MTU was too long to send (s22 audit, the counterpart of
+    /// [`config_capacity`](Self::config_capacity)). With no interface yet, 255.
+    pub fn reserve_capacity(&self) -> usize {
+        self.interfaces
+            .iter()
+            .flatten()
+            .map(|i| {
+                (i.mtu as usize).saturating_sub(
+                    aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN
+                        + aoe_wire::reserve::ARG_LEN,
+                ) / 6
+            })
+            .min()
+            .unwrap_or(255)
+            .min(255)
     }
 
     /// Mac Mask List read and edit, as vblade `aoemask` answers them:
@@ -1053,7 +1128,9 @@ impl Engine {
                 // No frame comes from a group source (IEEE 802 I/G bit): a reservation
                 // naming one could never be held, only shut others out. Bad argument, as
                 // a Mac Mask List add of one is refused.
-                if req.macs.iter().any(MacAddr::is_multicast) {
+                if req.macs.iter().any(MacAddr::is_multicast)
+                    || req.macs.len() > self.reserve_capacity()
+                {
                     let arg = [u8::from(req.rcmd), 0];
                     return self.aoe_error(rsp, ErrorCode::BadArgument, &arg, reply);
                 }

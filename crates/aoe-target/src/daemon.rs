@@ -571,7 +571,9 @@ impl Daemon {
         self.persist_state();
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
-            tracing::error!("state files still being written after 30 s; exiting anyway");
+            tracing::error!(
+                "state files not saved (a save failed, or still running after 30 s); exiting anyway"
+            );
         }
         self.log_drops();
         let (epochs, spinning) = self.spin_window.epochs();
@@ -1055,6 +1057,7 @@ impl Daemon {
                 for r in &i.exports {
                     if let Some(rt) = self.exports.get_mut(&r.id) {
                         rt.engine.set_interface(idx, i.iface);
+                        warn_if_state_too_long(rt, &i.name, i.iface.mtu);
                     }
                 }
             }
@@ -1062,6 +1065,55 @@ impl Daemon {
         if rebuilt {
             // A new socket starts with the kernel's default buffer sizes.
             self.size_socket_buffers();
+        }
+    }
+}
+
+/// Warns if the export's stored config string, Mac Mask List or reserve list (a state file,
+/// a set before an MTU fell or before a smaller interface was added) makes its answer
+/// longer than interface `name` of `mtu` carries: those answers cannot be sent there (for
+/// the config string: the export is not discovered on it) until the list or string is
+/// shortened. The engine refuses sets that would not fit (`Engine::config_capacity`,
+/// `mask_capacity`, `reserve_capacity`).
+fn warn_if_state_too_long(rt: &ExportRt, name: &str, mtu: u32) {
+    // AoE header 10 bytes; Query Config argument 8, Mac Mask 4 and 8 a directive,
+    // Reserve/Release 2 and 6 a MAC.
+    let st = rt.engine.state();
+    let room = (mtu as usize).saturating_sub(10);
+    let too_long = [
+        (
+            "config string",
+            st.config.len(),
+            aoe_proto::target::config_capacity_at(mtu),
+            "bytes",
+        ),
+        (
+            "Mac Mask List",
+            st.mask.len(),
+            room.saturating_sub(4) / 8,
+            "entries",
+        ),
+        (
+            "reserve list",
+            st.reserve.len(),
+            room.saturating_sub(2) / 6,
+            "entries",
+        ),
+    ];
+    for (what, len, cap, unit) in too_long {
+        if len > cap {
+            tracing::warn!(
+                interface = %name,
+                mtu,
+                "{}: its {what} of {len} {unit} is longer than an answer on {name} carries \
+                 ({cap} {unit} at MTU {mtu}): those answers are not sent there{}",
+                rt.spec.addr(),
+                if what == "config string" {
+                    " (the export is not discovered on it) until a shorter string is set"
+                } else {
+                    " until the list is shortened"
+                }
+            );
         }
     }
 }

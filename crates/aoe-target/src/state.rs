@@ -191,10 +191,16 @@ impl StateFile {
             std::fs::create_dir_all(d)?;
         }
         let tmp = self.path.with_extension("toml.tmp");
-        {
+        let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
-            f.sync_all()?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            // A full file system leaves the temporary file empty or cut short: take it
+            // away (the state file itself is untouched).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         std::fs::rename(&tmp, &self.path)?;
         let dir = match self.path.parent() {
@@ -207,20 +213,66 @@ impl StateFile {
 
 type Queued = (StateFile, PersistentState, Vec<MacAddr>);
 
+/// The first wait before a failed save is tried again; each further failure doubles it, up
+/// to [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest wait between two tries of a failing save.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+/// A save that keeps failing is logged again at most this often.
+const RETRY_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One file's newest state not yet written.
+struct Pending {
+    queued: Queued,
+    /// Set after a failed save: not tried again before then ([`StateWriter::wait_idle`]
+    /// and the writer's stop make it due at once, for one last try).
+    retry_at: Option<std::time::Instant>,
+}
+
+/// The failures of one file's saves since its last successful save.
+struct Failing {
+    tries: u32,
+    logged: std::time::Instant,
+}
+
 #[derive(Default)]
 struct WriterQueue {
     /// The newest state of each file not yet written; an older one it replaced is never
-    /// written, so this holds at most one entry per export.
-    pending: HashMap<PathBuf, Queued>,
+    /// written, so this holds at most one entry per export. A state whose save failed
+    /// stays here (unless a newer one replaced it) and is tried again.
+    pending: HashMap<PathBuf, Pending>,
+    /// Files whose last save failed.
+    failing: HashMap<PathBuf, Failing>,
     /// Files being written now.
     busy: usize,
     stop: bool,
 }
 
+impl WriterQueue {
+    /// A pending file due for a save now (never waiting for a retry when stopping), or the
+    /// earliest time one is.
+    fn next_due(&self, now: std::time::Instant) -> Result<PathBuf, Option<std::time::Instant>> {
+        let mut earliest = None;
+        for (k, p) in &self.pending {
+            match p.retry_at {
+                Some(t) if t > now && !self.stop => {
+                    earliest = Some(earliest.map_or(t, |e: std::time::Instant| e.min(t)));
+                }
+                _ => return Ok(k.clone()),
+            }
+        }
+        Err(earliest)
+    }
+}
+
 /// Saves state files on a thread of its own: [`save`](Self::save) only queues, so the
 /// event loop never waits on fsync. The newest state of a file wins; a state queued while
-/// an older one is being written is written after it. Dropping the writer writes what is
-/// queued, then stops the thread.
+/// an older one is being written is written after it. A save that fails (a full file
+/// system, a read-only or missing state directory) is logged and tried again, after 1 s
+/// and then at most every 10 s, until it or a newer state of the file is written: the
+/// change was acknowledged to the initiator, and the file must not keep an older list
+/// across a restart because the disk was full for a moment. Dropping the writer writes
+/// what is queued (a failing save gets one last try), then stops the thread.
 pub struct StateWriter {
     shared: Arc<(Mutex<WriterQueue>, Condvar)>,
     thread: Option<JoinHandle<()>>,
@@ -252,7 +304,10 @@ impl StateWriter {
         let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
         q.pending.insert(
             file.path.clone(),
-            (file.clone(), state.clone(), configured_mask.to_vec()),
+            Pending {
+                queued: (file.clone(), state.clone(), configured_mask.to_vec()),
+                retry_at: None,
+            },
         );
         cv.notify_all();
     }
@@ -263,12 +318,23 @@ impl StateWriter {
         self.thread = None;
     }
 
-    /// Waits until everything queued so far is written (or `limit` passes); true if it is.
+    /// Waits until everything queued so far has been tried (a save waiting to be tried
+    /// again after a failure is tried once more at once), or `limit` passes; true if
+    /// everything is written, false if a save failed or is still running.
     pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
         let (m, cv) = &*self.shared;
         let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = std::time::Instant::now() + limit;
-        while !q.pending.is_empty() || q.busy > 0 {
+        // One more try for each failing save, now.
+        for p in q.pending.values_mut() {
+            p.retry_at = None;
+        }
+        cv.notify_all();
+        loop {
+            let due = q.pending.values().any(|p| p.retry_at.is_none());
+            if !due && q.busy == 0 {
+                return q.pending.is_empty();
+            }
             let now = std::time::Instant::now();
             if now >= deadline {
                 return false;
@@ -278,7 +344,6 @@ impl StateWriter {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        true
     }
 }
 
@@ -286,23 +351,76 @@ fn writer_loop(shared: &(Mutex<WriterQueue>, Condvar)) {
     let (m, cv) = shared;
     let mut q = m.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let Some(key) = q.pending.keys().next().cloned() else {
-            if q.stop {
-                return;
+        let key = match q.next_due(std::time::Instant::now()) {
+            Ok(key) => key,
+            Err(None) if q.stop => return,
+            Err(None) => {
+                q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                continue;
             }
-            q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
-            continue;
+            Err(Some(at)) => {
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                q = cv
+                    .wait_timeout(q, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
         };
-        let Some((file, state, configured)) = q.pending.remove(&key) else {
+        let Some(p) = q.pending.remove(&key) else {
             continue;
         };
         q.busy += 1;
         drop(q);
-        if let Err(e) = file.save(&state, &configured) {
-            tracing::error!(error = %e, "cannot save state to {}", file.path().display());
-        }
+        let (file, state, configured) = &p.queued;
+        let result = file.save(state, configured);
         q = m.lock().unwrap_or_else(|e| e.into_inner());
         q.busy -= 1;
+        let now = std::time::Instant::now();
+        match result {
+            Ok(()) => {
+                if let Some(f) = q.failing.remove(&key) {
+                    tracing::info!(
+                        "state saved to {} after {} failed tries",
+                        key.display(),
+                        f.tries
+                    );
+                }
+            }
+            Err(e) => {
+                let f = q.failing.entry(key.clone()).or_insert(Failing {
+                    tries: 0,
+                    logged: now,
+                });
+                f.tries += 1;
+                let tries = f.tries;
+                let log = tries == 1 || now.duration_since(f.logged) >= RETRY_LOG_EVERY;
+                if log {
+                    f.logged = now;
+                }
+                let stopping = q.stop;
+                if log || stopping {
+                    tracing::error!(
+                        error = %e,
+                        tries,
+                        "cannot save state to {}: the file keeps the state before the last \
+                         change{}",
+                        key.display(),
+                        if stopping { "; stopping" } else { "; trying again" }
+                    );
+                }
+                // Tried again later unless a newer state was queued meanwhile (it is
+                // tried as any other) or the writer is stopping.
+                if !stopping && !q.pending.contains_key(&key) {
+                    let wait = RETRY_FIRST
+                        .saturating_mul(1 << (tries - 1).min(4))
+                        .min(RETRY_MAX);
+                    let mut p = p;
+                    p.retry_at = Some(now + wait);
+                    q.pending.insert(key, p);
+                }
+            }
+        }
         cv.notify_all();
     }
 }
@@ -466,5 +584,61 @@ mod tests {
         w.save(&f, &s, &[]);
         drop(w);
         assert_eq!(f.load(&[]).unwrap().config, b"last".to_vec());
+    }
+
+    /// Audit (s22): a save that failed (the state directory's file system full) was logged
+    /// once and dropped: the change had been acknowledged to the initiator, the file kept
+    /// the state before it, and a restart brought that back (a config string set with
+    /// `aoecfg` on a full tmpfs, then the space freed and the target restarted: the string
+    /// was gone). A failed save is now tried again until it, or a newer state, is written;
+    /// `wait_idle` says false while it fails; the writer's stop gives it a last try and
+    /// does not hang on it.
+    #[test]
+    fn a_failed_save_is_tried_again_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // The state directory cannot be made while a regular file holds its name.
+        let blocker = dir.path().join("state");
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let f = StateFile::new(&blocker, TargetAddr::new(1, 1));
+        let w = StateWriter::new().unwrap();
+        let s = |c: &[u8]| PersistentState {
+            config: c.to_vec(),
+            ..Default::default()
+        };
+        w.save(&f, &s(b"first"), &[]);
+        assert!(
+            !w.wait_idle(std::time::Duration::from_secs(10)),
+            "a save that cannot be written was reported done"
+        );
+        // A newer state queued while the older one fails replaces it.
+        w.save(&f, &s(b"newer"), &[]);
+        assert!(!w.wait_idle(std::time::Duration::from_secs(10)));
+        // The space comes back: the writer gets there without another change.
+        std::fs::remove_file(&blocker).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !f.path().exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failed save was never tried again: {} still missing",
+                f.path().display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(w.wait_idle(std::time::Duration::from_secs(10)));
+        assert_eq!(f.load(&[]).unwrap().config, b"newer".to_vec());
+        let names: Vec<_> = std::fs::read_dir(&blocker)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["e1.1.toml".to_string()],
+            "temporary file left behind"
+        );
+        // Failing at the stop: one last try, and the writer's thread ends.
+        let g = StateFile::new(&dir.path().join("state2"), TargetAddr::new(1, 2));
+        std::fs::write(dir.path().join("state2"), b"x").unwrap();
+        w.save(&g, &s(b"lost"), &[]);
+        drop(w);
     }
 }

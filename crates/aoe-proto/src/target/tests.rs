@@ -193,6 +193,71 @@ fn config_string_of_1024_bytes() {
     assert_eq!(e.state().config.len(), 1024);
 }
 
+/// Audit (s22): a config string set through a jumbo-frame interface was stored whatever
+/// the export's other interfaces carry; on one under MTU 1042 every Query Config answer
+/// (reads, the announcement) was then too long to send, and the export vanished from
+/// discovery there (by hand: 1000 bytes set through MTU 9000, `aoe cfg -c read` through MTU
+/// 1000 got no answer). A set must fit the smallest interface, as the mask list does.
+#[test]
+fn a_config_string_set_fits_every_interface_of_the_export() {
+    let mut e = engine(1000);
+    e.set_interface(
+        0,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 9000,
+        },
+    );
+    e.set_interface(
+        1,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 1000,
+        },
+    );
+    // 1000 - 10 AoE header - 8 config header.
+    assert_eq!(e.config_capacity(), 982);
+    let mut big = vec![0u8; 9014];
+    let mut small = vec![0u8; 1014];
+    for (ccmd, len, stored) in [
+        (ConfigCommand::ForceSet, 1000, false),
+        (ConfigCommand::Set, 983, false),
+        (ConfigCommand::Set, 982, true),
+    ] {
+        let s = vec![b'x'; len];
+        let Outcome::Reply(n) = e.handle_frame(0, &request(HOST, ADDR, cfg(ccmd, &s)), &mut big)
+        else {
+            panic!("a set must be answered")
+        };
+        let m = Message::parse(&big[..n]).unwrap();
+        if stored {
+            assert_eq!(m.header.error, None, "{len} bytes fit MTU 1000");
+        } else {
+            assert_eq!(
+                m.header.error,
+                Some(ErrorCode::BadArgument),
+                "a {len}-byte string was stored though MTU 1000 cannot carry it"
+            );
+        }
+        assert_eq!(e.state().config.len(), if stored { len } else { 0 });
+        // A read through the small interface is answered with the whole string.
+        let Outcome::Reply(n) = e.handle_frame(
+            1,
+            &request(HOST, ADDR, cfg(ConfigCommand::Read, b"")),
+            &mut small,
+        ) else {
+            panic!("a read through MTU 1000 went unanswered")
+        };
+        let Body::Config(c) = Message::parse(&small[..n]).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(c.config.len(), e.state().config.len());
+    }
+    // One interface of MTU 1500 or more: the full 1024 bytes.
+    let e = engine(1000);
+    assert_eq!(e.config_capacity(), 1024);
+}
+
 #[test]
 fn addressing_and_versions() {
     let mut e = engine(1000);
@@ -971,6 +1036,61 @@ fn mask_list_is_capped_at_one_reply_frame() {
 }
 
 // ------------------------------------------------------------ item 13: reservations
+
+/// Audit (s22): the reserve list's counterpart of
+/// `a_config_string_set_fits_every_interface_of_the_export`: a list set through a
+/// jumbo-frame interface was stored whatever the export's other interfaces carry, and its
+/// answers there were too long to send. A set must fit the smallest interface.
+#[test]
+fn a_reserve_list_set_fits_every_interface_of_the_export() {
+    let mut e = engine(64);
+    e.set_interface(
+        0,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 9000,
+        },
+    );
+    e.set_interface(
+        1,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 1000,
+        },
+    );
+    // (1000 - 10 AoE header - 2 argument) / 6.
+    assert_eq!(e.reserve_capacity(), 164);
+    let set = |n: usize| {
+        let mut arg = vec![0x02, n as u8]; // force set
+        arg.extend_from_slice(&HOST.0);
+        for i in 1..n {
+            arg.extend_from_slice(&[0x02, 0x11, 0, 0, (i >> 8) as u8, i as u8]);
+        }
+        raw(HOST, 3, &arg)
+    };
+    let mut big = vec![0u8; 9014];
+    let mut small = vec![0u8; 1014];
+    let Outcome::Reply(n) = e.handle_frame(0, &set(200), &mut big) else {
+        panic!("a set must be answered")
+    };
+    assert_eq!(
+        (big[14] & 0x04 != 0, big[15]),
+        (true, 2),
+        "a 200-MAC list was stored though MTU 1000 cannot carry it ({n} bytes)"
+    );
+    assert!(e.state().reserve.is_empty());
+    let Outcome::Reply(_) = e.handle_frame(0, &set(164), &mut big) else {
+        panic!("a set must be answered")
+    };
+    assert_eq!(big[14] & 0x04, 0, "164 MACs fit MTU 1000");
+    assert_eq!(e.state().reserve.len(), 164);
+    // A read through the small interface is answered with the whole list.
+    let Outcome::Reply(n) = e.handle_frame(1, &raw(HOST, 3, &[0x00, 0x00]), &mut small) else {
+        panic!("a read through MTU 1000 went unanswered")
+    };
+    assert_eq!(n, 24 + 2 + 164 * 6);
+    assert_eq!(engine(64).reserve_capacity(), 248);
+}
 
 #[test]
 fn reservation_checks_follow_vblade_plus_documented_extension() {

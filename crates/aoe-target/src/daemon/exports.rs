@@ -257,9 +257,11 @@ impl Daemon {
             self.next_export_id += 1;
             rt.tick = self.ticks;
             self.inherit_writes(id, &mut rt);
+            self.inherit_state(&mut rt);
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
+                super::warn_if_state_too_long(&rt, &name, self.ifaces[idx].iface.mtu);
                 self.ifaces[idx].exports.push(super::send::Route {
                     id,
                     addr: rt.spec.addr(),
@@ -299,6 +301,43 @@ impl Daemon {
     /// on every retiring export of the same store ([`same_store`]): its overlapping writes
     /// and reads wait for them ([`super::order`] says why), and each retiring one reports
     /// to it as they end ([`ExportRt::heirs`]).
+    /// A reopened export (the same shelf.slot: the state belongs to the address, as its
+    /// state file does) takes the config string, Mac Mask List and reserve list of the
+    /// newest retiring instance of that address, as they are in memory: what initiators
+    /// last set, acknowledged, whether or not it has reached a state file (there may be
+    /// none, the save may still be queued or failing). Loaded from the file alone, a reload
+    /// that reopened an export (a grown file, a changed buffer count) dropped a config
+    /// string set since start without `--state-dir`, set the mask list back to the
+    /// configured one and released a reservation. Two things still come from the new
+    /// configuration: the mask list when `allowed_macs` changed (it re-seeds the list, as at
+    /// a start), and the reservation of a shared store (the image holds it).
+    fn inherit_state(&mut self, rt: &mut ExportRt) {
+        let addr = rt.spec.addr();
+        let Some(old) = self
+            .exports
+            .iter()
+            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, old)| old)
+        else {
+            return;
+        };
+        let new = rt.engine.state();
+        let mut state = old.engine.state().clone();
+        if old.spec.allowed_macs != rt.spec.allowed_macs {
+            state.mask = new.mask.clone();
+        }
+        if rt.shared.is_some() {
+            state.reserve = new.reserve.clone();
+        }
+        if rt.engine.replace_state(state) {
+            tracing::info!(
+                "{addr}: the reopened export keeps the config string, mask and reserve lists \
+                 of the one it replaces"
+            );
+        }
+    }
+
     fn inherit_writes(&mut self, id: u32, rt: &mut ExportRt) {
         let base = rt.spec.offset * 512;
         for (&old_id, old) in self.exports.iter_mut() {
