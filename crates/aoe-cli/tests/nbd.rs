@@ -755,3 +755,76 @@ fn nbd_client_holds_its_device_against_flush() {
         rig.logs()
     );
 }
+
+/// Threads of process `pid` named `name` (/proc/PID/task/*/comm).
+fn threads_named(pid: u32, name: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A connection's handshake thread ends once the transmission phase is handed to the
+/// network thread: N connected clients leave no `nbd-conn` thread (one `nbd-writer` each,
+/// for the replies the socket does not take at once), and their end (the log line, the
+/// writer's end, the count the flush test relies on) happens on the network thread. A
+/// client that connects and never speaks is dropped after the handshake limit (10 s). On
+/// the code before: one `nbd-conn` thread per client for as long as it stayed connected,
+/// and the silent client held its thread until it went away.
+#[test]
+fn nbd_connections_leave_no_handshake_thread() {
+    let rig = Rig::start(Target::AoeServe);
+    let pid = rig.initiator.as_ref().unwrap().pid();
+    let exports = ["e1.1", "e1.2", "e1.1p1"];
+    let mut clients: Vec<Client> = (0..9)
+        .map(|i| rig.connect(exports[i % 3], i % 2 == 0))
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.read(0, 4096).is_ok(), "client {i}{}", rig.logs());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || threads_named(pid, "nbd-conn")
+            == 0),
+        "{} nbd-conn threads with 9 clients connected{}",
+        threads_named(pid, "nbd-conn"),
+        rig.logs()
+    );
+    assert_eq!(threads_named(pid, "nbd-writer"), 9, "{}", rig.logs());
+    // A client that never speaks after the greeting: closed by the server (EOF) within the
+    // limit, not by this side's 30 s read timeout.
+    let mut silent = Client::raw(&rig.sock);
+    let mut g = [0u8; 18];
+    silent.read_exact(&mut g).unwrap();
+    let mut b = [0u8; 1];
+    match silent.read(&mut b) {
+        Ok(0) => {}
+        other => panic!(
+            "a silent client after the greeting: {other:?}{}",
+            rig.logs()
+        ),
+    }
+    let ends = || {
+        let log = rig.initiator.as_ref().unwrap().output_so_far();
+        log.matches("nbd: connection closed").count()
+            + log.matches("nbd: connection dropped").count()
+    };
+    let ended_before = ends();
+    drop(clients);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            threads_named(pid, "nbd-writer") == 0 && ends() >= ended_before + 9
+        }),
+        "after the clients left: {} writer threads, {} ends logged{}",
+        threads_named(pid, "nbd-writer"),
+        ends() - ended_before,
+        rig.initiator.as_ref().unwrap().output_so_far()
+    );
+    // Still served.
+    let mut again = rig.connect("e1.2", false);
+    assert_eq!(again.read(0, 512), Ok(rig.backing(1)[..512].to_vec()));
+}
