@@ -228,6 +228,13 @@ impl Rig {
     fn connect(&self, export: &str, structured: bool) -> Client {
         Client::connect(&self.sock, export, structured)
     }
+
+    /// The device's `state` attribute (`up`, `down`, `down,closewait`), None if absent.
+    fn state(&self, dev: &str) -> Option<String> {
+        fs::read_to_string(self.root.join(format!("sysfs/block/etherd!{dev}/state")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
 }
 
 impl Drop for Rig {
@@ -653,7 +660,11 @@ fn raw_clients(kind: Target) {
     assert!(rig.list().contains("export=\"e1.2\""));
 
     // A device that goes down: in-flight and new requests fail with EIO, it leaves the
-    // list; it comes back with its target.
+    // list; held by its client as an open file holds it (the driver counts every opener),
+    // it shows `down,closewait` and stays down while the client is connected, its target
+    // back or not, and comes back once the client has gone (the last close's Query
+    // Config). On the code before (NBD clients not counted as opens): `down`, and the
+    // same connection read again once the target was back.
     let mut c2 = rig.connect("e1.2", true);
     if let Some(mut t) = rig.targets[1].take() {
         let _ = t.stop();
@@ -665,21 +676,36 @@ fn raw_clients(kind: Target) {
     assert!(gone, "e1.2 still listed while down:\n{}", rig.list());
     assert_eq!(c2.read(0, 4096), Err(EIO), "read on a down device");
     assert!(c.read(0, 512).is_ok(), "e1.1 is still up");
+    let closewait = wait_until(Duration::from_secs(10), || {
+        rig.state("e1.2").as_deref() == Some("down,closewait")
+    });
+    assert!(
+        closewait,
+        "e1.2 state {:?} while down with a client connected, want down,closewait{}",
+        rig.state("e1.2"),
+        rig.logs()
+    );
     rig.start_target(1);
+    fs::write(rig.root.join("discover"), "\n").expect("echo > discover");
+    assert_eq!(c2.read(0, 4096), Err(EIO), "held down while connected");
+    assert_eq!(rig.state("e1.2").as_deref(), Some("down,closewait"));
+    drop(c2);
     let back = wait_until(Duration::from_secs(20), || {
         rig.list().contains("export=\"e1.2\"")
     });
     assert!(
         back,
-        "e1.2 did not come back:\n{}{}",
+        "e1.2 did not come back once its client left:\n{}{}",
         rig.list(),
         rig.logs()
     );
+    assert_eq!(rig.state("e1.2").as_deref(), Some("up"));
     let img = rig.backing(1);
+    let mut c2 = rig.connect("e1.2", true);
     assert_eq!(
         c2.read(0, 4096).unwrap(),
         &img[..4096],
-        "same connection, device back"
+        "a new connection, device back"
     );
     let running = rig.initiator.as_mut().is_some_and(NsChild::is_running);
     assert!(running, "initiator died:{}", rig.logs());

@@ -36,8 +36,11 @@
 //!
 //! A device that goes down fails the requests in flight on it with EIO (after the
 //! engine's `deadsecs`), new requests fail at once, and it disappears from `NBD_OPT_LIST`
-//! and `NBD_OPT_GO`; when it comes back, existing connections work again and it is listed
-//! again. A misbehaving client only ever loses its own connection.
+//! and `NBD_OPT_GO`. A connected client holds its device open as a file does (the driver
+//! counts every opener of the block device): a device that goes down while a client is
+//! connected stays `down,closewait`, failing that client's requests, until the last
+//! client and file on it are gone; then it comes back with its target and is listed again.
+//! A misbehaving client only ever loses its own connection.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -382,7 +385,7 @@ fn serve(
         return Ok(false);
     };
     tracing::info!(%peer, export = %session.name, structured = session.structured, "nbd: client connected");
-    let client = Client::count(&devices.0, &session.name);
+    let client = Client::count(&devices.0, &session.name).opening(net, dev);
     let ahead = r.buffer().to_vec();
     let c = r.into_inner().c;
     let end = ConnEnd {
@@ -397,8 +400,9 @@ fn serve(
 
 /// How long a client has from its connection to the end of the handshake (`NBD_OPT_GO` or
 /// `NBD_OPT_EXPORT_NAME`) before it is dropped, as qemu-nbd's `--handshake-limit` (10 s by
-/// default): a client that connects and never speaks, or speaks a byte at a time, would
-/// otherwise hold a thread and one of the [`MAX_CONNECTIONS`] places for ever.
+/// default since qemu's CVE-2024-7409 fix): a client that connects and never speaks, or
+/// speaks a byte at a time, would otherwise hold a thread and one of the
+/// [`MAX_CONNECTIONS`] places for ever.
 pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The handshake's reads, each given what is left of one deadline for the whole handshake
@@ -432,10 +436,14 @@ impl Read for Limited {
 }
 
 /// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
-/// lives (so the daemon does not stop under it on SIGTERM, see [`aoe_initiator::in_use`]).
+/// lives (so the daemon does not stop under it on SIGTERM, see [`aoe_initiator::in_use`],
+/// and `flush` does not remove its device), and as an opener of its device in the engine
+/// ([`Client::opening`]).
 struct Client {
     shared: Arc<Mutex<Shared>>,
     export: String,
+    /// The device this client holds open, and the handle that told the engine so.
+    open: Option<(Handle, TargetAddr)>,
 }
 
 impl Client {
@@ -447,7 +455,20 @@ impl Client {
         Client {
             shared: shared.clone(),
             export: export.to_string(),
+            open: None,
         }
+    }
+
+    /// Also counts the client as an opener of `dev` ([`Cmd::SetOpen`]), as a file open on
+    /// the device or one of its partitions is, and as the driver counts every opener of the
+    /// block device (`d->nopen`, qemu's or nbd-client's open included): while it lasts, a
+    /// device that goes down shows `down,closewait` and stays down, a config answer does
+    /// not re-IDENTIFY it (`aoecmd_cfg_rsp`), and its last close broadcasts the Query
+    /// Config that brings it back (`aoeblk_release` -> `aoecmd_cfg`).
+    fn opening(mut self, net: &Handle, dev: TargetAddr) -> Client {
+        net.send(Cmd::SetOpen(dev, true));
+        self.open = Some((net.clone(), dev));
+        self
     }
 }
 
@@ -459,6 +480,10 @@ impl Drop for Client {
             if *n == 0 {
                 s.nbd_clients.remove(&self.export);
             }
+        }
+        drop(s);
+        if let Some((net, dev)) = self.open.take() {
+            net.send(Cmd::SetOpen(dev, false));
         }
     }
 }
