@@ -448,9 +448,8 @@ fn sigterm_with_a_control_file_open_exits_fuse_uring() {
 fn sigterm_waits_for_an_open_partition_file() {
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = backing_with_partition(dir.path());
-    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(wait_until(Duration::from_secs(10), || part.exists()));
+    let mut rig = Rig::on_file(1500, file);
+    let part = rig.partition(1);
     let f = fs::File::open(&part).unwrap();
     rig.signal_initiator("TERM");
     wait_refusal(&rig);
@@ -1797,14 +1796,8 @@ fn pread_all(f: &fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 fn unaligned_reads_from_the_receive_ring_match_the_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let (file, orig) = backing_with_partition(dir.path());
-    let mut rig = Rig::start_with(Target::AoeServe, 9000, InitOpts::default(), Some(file), &[]);
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(
-        wait_until(Duration::from_secs(10), || part.exists()),
-        "no {}{}",
-        part.display(),
-        rig.logs()
-    );
+    let mut rig = Rig::on_file(9000, file);
+    let part = rig.partition(1);
     let dev_len = SECTORS * 512;
     let part_len = PART_SECTORS * 512;
     // (offset, length) in the file read; lengths past the end are cut there.
