@@ -796,12 +796,13 @@ fn threads_named(pid: u32, name: &str) -> usize {
 }
 
 /// A connection's handshake thread ends once the transmission phase is handed to the
-/// network thread: N connected clients leave no `nbd-conn` thread (one `nbd-writer` each,
-/// for the replies the socket does not take at once), and their end (the log line, the
-/// writer's end, the count the flush test relies on) happens on the network thread. A
-/// client that connects and never speaks is dropped after the handshake limit (10 s). On
-/// the code before: one `nbd-conn` thread per client for as long as it stayed connected,
-/// and the silent client held its thread until it went away.
+/// network thread, and its writer thread starts only when a reply has to wait for room in
+/// the socket: N connected clients whose replies went out at once leave no thread at all;
+/// a client that lets a large read's reply wait gets its writer, and the whole reply. Their
+/// end (the log line, the writer's end, the count the flush test relies on) happens on the
+/// network thread. A client that connects and never speaks is dropped after the handshake
+/// limit (10 s). On the code before: an `nbd-conn` and an `nbd-writer` thread per client for
+/// as long as it stayed connected, and the silent client held its thread until it went away.
 #[test]
 fn nbd_connections_leave_no_handshake_thread() {
     let rig = Rig::start(Target::AoeServe);
@@ -820,7 +821,20 @@ fn nbd_connections_leave_no_handshake_thread() {
         threads_named(pid, "nbd-conn"),
         rig.logs()
     );
-    assert_eq!(threads_named(pid, "nbd-writer"), 9, "{}", rig.logs());
+    assert_eq!(threads_named(pid, "nbd-writer"), 0, "{}", rig.logs());
+    // 8 MiB asked for and not read yet: more than the socket holds, so the rest waits for
+    // the writer.
+    let big = 8 << 20;
+    clients[0].send(0, 0, 7, 0, big, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || threads_named(pid, "nbd-writer")
+            == 1),
+        "no writer thread for a reply larger than the socket{}",
+        rig.logs()
+    );
+    let (cookie, err, data) = clients[0].reply(|_| big as usize);
+    assert_eq!((cookie, err), (7, 0));
+    assert!(data == rig.backing(0)[..big as usize], "the 8 MiB read");
     // A client that never speaks after the greeting: closed by the server (EOF) within the
     // limit, not by this side's 30 s read timeout.
     let mut silent = Client::raw(&rig.sock);

@@ -26,8 +26,8 @@
 //! network thread, its data straight from the slots of the receive ring the answers
 //! arrived in (`sendmsg(2)` with one iovec per frame's payload, [`BlockDevice::read_held`]),
 //! when the socket takes it; what it does not take, and every reply while the writer is
-//! busy, is queued for the connection's writer thread, which sends what has queued up with
-//! one `writev(2)`. Replies go out in completion order, not request order (NBD allows
+//! busy, is queued for the connection's writer thread (started the first time a reply is
+//! queued), which sends what has queued up with one `writev(2)`. Replies go out in completion order, not request order (NBD allows
 //! that: the cookie matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
@@ -761,13 +761,22 @@ impl ConnEnd {
 ///
 /// A mutex-guarded queue and a condition variable rather than a channel: the writer takes
 /// everything queued in one lock, and a completion wakes it only when it waits.
+///
+/// The writer thread is started when the first reply is queued ([`Replies::set_writer`]):
+/// a connection whose replies have all gone out at once (an idle client, or one whose
+/// socket always had room) has no thread at all.
 struct Replies {
     state: Mutex<RepliesState>,
     cv: Condvar,
     /// The connection's socket, for the replies sent at once.
     sock: Conn,
     inflight: Arc<Inflight>,
+    /// Starts the writer thread; taken by the first queued reply, or dropped at the close.
+    writer: Mutex<Option<StartWriter>>,
 }
+
+/// Starts a connection's writer thread.
+type StartWriter = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 #[derive(Default)]
 struct RepliesState {
@@ -778,6 +787,11 @@ struct RepliesState {
     busy: bool,
     /// No more replies will come: the writer ends once the queue is empty.
     closed: bool,
+    /// A reply was queued: the writer is started (or being started).
+    started: bool,
+    /// The writer could not be started: replies are dropped (released), the connection
+    /// shut down.
+    broken: bool,
 }
 
 impl Replies {
@@ -787,11 +801,51 @@ impl Replies {
             cv: Condvar::new(),
             sock,
             inflight,
+            writer: Mutex::new(None),
         }
     }
 
+    /// How to start the writer thread when it is first needed.
+    fn set_writer(&self, start: StartWriter) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(start);
+    }
+
+    /// Queues `r` for the writer (holding the lock `s`), waking it, or starting it with
+    /// the first reply queued.
+    fn enqueue(&self, mut s: std::sync::MutexGuard<'_, RepliesState>, r: Reply) {
+        if s.broken {
+            drop(s);
+            self.inflight.release(r.held);
+            return;
+        }
+        s.queue.push(r);
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_one();
+            return;
+        }
+        if std::mem::replace(&mut s.started, true) {
+            return;
+        }
+        drop(s);
+        let start = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(Err(e)) = start.map(|f| f()) else {
+            return;
+        };
+        tracing::warn!(error = %e, "nbd: cannot start a connection's writer thread; closing it");
+        let queued = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.broken = true;
+            std::mem::take(&mut s.queue)
+        };
+        for r in queued {
+            self.inflight.release(r.held);
+        }
+        self.sock.shutdown();
+    }
+
     fn push(&self, mut r: Reply) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if r.data.is_empty() && s.queue.is_empty() && !s.busy {
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             // A failure other than a full buffer is the writer's to meet and report.
@@ -805,11 +859,7 @@ impl Replies {
                 r.head.drain(..n);
             }
         }
-        s.queue.push(r);
-        if s.waiting {
-            s.waiting = false;
-            self.cv.notify_one();
-        }
+        self.enqueue(s, r);
     }
 
     /// A read's reply, its data given as slices of the initiator's receive ring that are
@@ -820,7 +870,7 @@ impl Replies {
     /// copied and queued for the writer, since the slots go back to the kernel when this
     /// returns.
     fn push_pieces(&self, head: Vec<u8>, pieces: &[&[u8]], held: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
         let mut sent = 0;
         if s.queue.is_empty() && !s.busy {
@@ -831,18 +881,18 @@ impl Replies {
                 return;
             }
         }
-        s.queue.push(Reply {
+        let r = Reply {
             head: Vec::new(),
             data: rest_after(&head, pieces, sent),
             held,
-        });
-        if s.waiting {
-            s.waiting = false;
-            self.cv.notify_one();
-        }
+        };
+        self.enqueue(s, r);
     }
 
+    /// No more replies: the writer, if started, ends once its queue is empty; one never
+    /// started never will be (its starter holds these replies: the cycle is broken here).
     fn close(&self) {
+        drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.closed = true;
         self.cv.notify_one();
@@ -988,28 +1038,31 @@ fn transmission(
     let recycle = net.clone();
     let shut = w.try_clone()?;
     let inf = inflight.clone();
-    std::thread::Builder::new()
-        .name("nbd-writer".into())
-        .spawn(move || {
-            let mut w = w;
-            let mut ok = true;
-            let mut batch = Vec::new();
-            while rx.take(&mut batch) {
-                for chunk in batch.chunks(WRITE_BATCH) {
-                    ok = ok && write_replies(&mut w, chunk).is_ok();
+    tx.set_writer(Box::new(move || {
+        std::thread::Builder::new()
+            .name("nbd-writer".into())
+            .spawn(move || {
+                let mut w = w;
+                let mut ok = true;
+                let mut batch = Vec::new();
+                while rx.take(&mut batch) {
+                    for chunk in batch.chunks(WRITE_BATCH) {
+                        ok = ok && write_replies(&mut w, chunk).is_ok();
+                    }
+                    for m in batch.drain(..) {
+                        inf.release(m.held);
+                        // A read's buffer goes back to the engine for a later read to fill.
+                        recycle.recycle(m.data);
+                    }
+                    if !ok {
+                        // Ends the connection (its source sees the end of stream); replies
+                        // still due are dropped (but released).
+                        shut.shutdown();
+                    }
                 }
-                for m in batch.drain(..) {
-                    inf.release(m.held);
-                    // A read's buffer goes back to the engine for a later read to fill.
-                    recycle.recycle(m.data);
-                }
-                if !ok {
-                    // Ends the connection (its source sees the end of stream); replies
-                    // still due are dropped (but released).
-                    shut.shutdown();
-                }
-            }
-        })?;
+            })
+            .map(drop)
+    }));
     end.replies = Some(tx.clone());
     inflight.on_end(end);
     let bd = BlockDevice::new(net.clone(), dev, base);
