@@ -15,10 +15,10 @@
 //! and submitted on the initiator's network thread itself (`ConnSource`, an
 //! [`aoe_initiator::net::Source`]), and its end (counted out of the clients that hold
 //! their device, logged, closed) runs where it is seen, once the last reply is out
-//! (`ConnEnd`): the socket is in the
-//! network thread's `poll(2)` set, a partial header or payload waits for the next
-//! readiness, and a request goes to the engine without a reader thread's wake-up and a
-//! command channel's eventfd (docs/PERFORMANCE.md, "NBD requests on the network thread").
+//! (`ConnEnd`). The socket is in the network thread's `poll(2)` set, a partial header or
+//! payload waits for the next readiness, and a request goes to the engine without a reader
+//! thread's wake-up and a command channel's eventfd (docs/PERFORMANCE.md, "NBD requests on
+//! the network thread").
 //! Up to [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] bytes are in flight per
 //! connection, [`MAX_TOTAL_INFLIGHT_BYTES`] over all: a request over a cap is parked and
 //! the socket not read until a reply makes room, so nothing ever blocks the network thread
@@ -27,8 +27,8 @@
 //! arrived in (`sendmsg(2)` with one iovec per frame's payload, [`BlockDevice::read_held`]),
 //! when the socket takes it; what it does not take, and every reply while the writer is
 //! busy, is queued for the connection's writer thread (started the first time a reply is
-//! queued), which sends what has queued up with one `writev(2)`. Replies go out in completion order, not request order (NBD allows
-//! that: the cookie matches them up).
+//! queued), which sends what has queued up with one `writev(2)`. Replies go out in
+//! completion order, not request order (NBD allows that: the cookie matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
