@@ -87,24 +87,10 @@ for b in $INITS; do
 done
 INIT_AOE=${INIT_BINS[0]}
 
-TAG=$$
-bench_names bi
+bench_workspace bi bench-initiator
 IP_T=10.91.0.1 IP_I=10.91.0.2
-FILE=/dev/shm/aoe-bench-initiator-$TAG.img
 SRC=/dev/shm/aoe-bench-initiator-$TAG.src
-WORK=$(mktemp -d /tmp/aoe-bench-initiator.XXXXXX)
-ROOT=$WORK/root SOCK=$WORK/nbd.sock
-TARGET_PID="" INIT_PID="" KIT_PID=""
-
-cleanup() {
-    set +e
-    stop_all
-    bench_unlink
-    rm -f "$FILE" "$SRC"
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+cleanup_more() { rm -f "$SRC"; }
 
 # CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB (cpu_ticks, HZ: lib.sh).
 per_gb() {
@@ -152,16 +138,10 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
         sys_during "$name" "$@"
     elif [ -n "$PERFALL" ]; then
         mkdir -p "$PERFALL"
-        perf record -q -a -g -o "$PERFALL/$name.data" >/dev/null 2>&1 &
-        local pp=$!; sleep 0.3
-        "$@"
-        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        beside_perf record -q -a -g -o "$PERFALL/$name.data" -- "$@"
     elif [ "$PERFSTAT" = thread ]; then
-        perf stat -x, --per-thread -e raw_syscalls:sys_enter,context-switches,task-clock -p "$INIT_PID" \
-            -o "$WORK/stat" >/dev/null 2>&1 &
-        local pp=$!; sleep 0.3
-        "$@"
-        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        beside_perf stat -x, --per-thread -e raw_syscalls:sys_enter,context-switches,task-clock \
+            -p "$INIT_PID" -o "$WORK/stat" -- "$@"
         # --per-thread lines: comm-tid,value,unit,event,...; summed by thread name.
         awk -F, -v mib="$SIZE_MB" -v n="$name" '
             NF >= 4 && $1 !~ /^#/ { c = $1; sub(/-[0-9]+$/, "", c); names[c] = 1
@@ -172,11 +152,8 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
                 printf "perf stat %s thread %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
                     n, c, sc[c] / mib, cs[c] / mib, tc[c] / mib }' "$WORK/stat" >&2
     elif [ "$PERFSTAT" = 1 ]; then
-        perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock -p "$INIT_PID" \
-            -o "$WORK/stat" >/dev/null 2>&1 &
-        local pp=$!; sleep 0.3
-        "$@"
-        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        beside_perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock \
+            -p "$INIT_PID" -o "$WORK/stat" -- "$@"
         awk -F, -v mib="$SIZE_MB" -v n="$name" '
             $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
             $3 == "page-faults" { pf = $1 } $3 == "task-clock" { tc = $1 }
@@ -184,10 +161,7 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
                   n, sc / mib, cs / mib, pf / mib, tc / mib }' "$WORK/stat" >&2
     elif [ -n "$PERF" ]; then
         mkdir -p "$PERF"
-        perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" >/dev/null 2>&1 &
-        local pp=$!; sleep 0.3
-        "$@"
-        kill -INT "$pp"; wait "$pp" 2>/dev/null || true
+        beside_perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" -- "$@"
     else
         "$@"
     fi

@@ -61,24 +61,9 @@ done
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 AOE=$(readlink -f "$AOE")
 
-TAG=$$
-bench_names bf
+bench_workspace bf bench-fio
 IP_T=10.92.0.1 IP_I=10.92.0.2
-FILE=/dev/shm/aoe-bench-fio-$TAG.img
-WORK=$(mktemp -d /tmp/aoe-bench-fio.XXXXXX)
-ROOT=$WORK/root SOCK=$WORK/nbd.sock
-TARGET_PID="" INIT_PID="" KIT_PID=""
-
-cleanup() {
-    set +e
-    stop_all
-    [ -n "$URING_OLD" ] && echo "$URING_OLD" >"$URING_PARAM"
-    bench_unlink
-    rm -f "$FILE"
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+cleanup_more() { [ -z "$URING_OLD" ] || echo "$URING_OLD" >"$URING_PARAM"; }
 
 ticks_of() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; } # pid or ""
 

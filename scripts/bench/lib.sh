@@ -9,8 +9,8 @@
 #     backing file), and may set TGT_PIN / GEN_PIN (command prefixes, e.g. taskset -c 0);
 #   - removes the namespaces on exit with bench_unlink. stop_pid PID (below: TERM, up to 5 s,
 #     QUIT, KILL) may be redefined after sourcing this file.
-# The whole-path scripts (bench-initiator.sh, bench/fio.sh) also use start_initiator, start_nbdkit and
-# stop_all below, with ROOT and SOCK (the initiator's mount point and NBD socket), INIT_PID,
+# The whole-path scripts (bench-initiator.sh, bench/fio.sh, bench/read-timeline.sh) also use
+# bench_workspace, start_initiator, start_nbdkit and stop_all below, with ROOT and SOCK (the initiator's mount point and NBD socket), INIT_PID,
 # TARGET_PID and KIT_PID (nbdkit's), and INIT_AOE / INIT_ARGS (the initiator's binary, default
 # AOE, and extra arguments).
 
@@ -104,6 +104,44 @@ stop_all() {
     fusermount3 -u -z "$ROOT" 2>/dev/null || true
     stop_pid "$TARGET_PID"; TARGET_PID=""
     stop_pid "$KIT_PID"; KIT_PID=""
+}
+
+# The whole-path scripts' set-up (bench-initiator.sh, bench/fio.sh, bench/read-timeline.sh):
+# bench_names PREFIX, the backing file FILE (/dev/shm/aoe-NAME-PID.img), a private WORK
+# directory with ROOT and SOCK in it, no process started yet, and a trap that on exit (Ctrl-C
+# included) stops everything started, runs the script's own `cleanup_more` if it defines
+# one, removes the namespaces, FILE and WORK.
+bench_workspace() { # prefix name
+    TAG=$$
+    bench_names "$1"
+    FILE=/dev/shm/aoe-$2-$TAG.img
+    WORK=$(mktemp -d "/tmp/aoe-$2.XXXXXX")
+    ROOT=$WORK/root SOCK=$WORK/nbd.sock
+    TARGET_PID="" INIT_PID="" KIT_PID=""
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM HUP
+}
+bench_cleanup() {
+    set +e
+    stop_all
+    [ "$(type -t cleanup_more)" = function ] && cleanup_more
+    bench_unlink
+    rm -f "$FILE"
+    rm -rf "$WORK"
+}
+
+# Runs a command while `perf ARGS` runs beside it (started first, given 0.3 s to attach,
+# stopped with SIGINT once the command is done, and waited for); its output is discarded.
+beside_perf() { # perf-args... -- cmd...
+    local -a args=()
+    while [ "$1" != -- ]; do args+=("$1"); shift; done
+    shift
+    perf "${args[@]}" >/dev/null 2>&1 &
+    local pp=$!
+    sleep 0.3
+    "$@"
+    kill -INT "$pp"
+    wait "$pp" 2>/dev/null || true
 }
 
 load() { cut -d' ' -f1 /proc/loadavg; }

@@ -40,22 +40,8 @@ AOE=$(readlink -f "$AOE") INIT_AOE=$(readlink -f "$INIT_AOE")
 case $COUNT in '' | *[!0-9]*) die "COUNT must be a whole number, not '$COUNT'" ;; esac
 [ "$COUNT" -ge 20 ] || die "COUNT must be at least 20 (the first 5 reads are left out)"
 
-TAG=$$
-bench_names rt
+bench_workspace rt read-timeline
 IP_T=10.93.0.1 IP_I=10.93.0.2
-FILE=/dev/shm/aoe-read-timeline-$TAG.img
-WORK=$(mktemp -d /tmp/aoe-read-timeline.XXXXXX)
-ROOT=$WORK/root SOCK=$WORK/nbd.sock
-TARGET_PID="" INIT_PID="" KIT_PID=""
-cleanup() {
-    set +e
-    stop_all
-    bench_unlink
-    rm -f "$FILE"
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
 
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 bench_link "$MTU"

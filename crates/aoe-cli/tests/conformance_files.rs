@@ -212,7 +212,7 @@ fn mbr_logical_partitions_appear_as_p5_p6() {
     );
     let disk = fs::read(&file).unwrap();
 
-    let rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
+    let rig = Rig::on_file(1500, file);
     let path = |n: u32| rig.root.join(format!("{DEV}p{n}"));
     assert!(
         wait_until(Duration::from_secs(20), || path(6).exists()),

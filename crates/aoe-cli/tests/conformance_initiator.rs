@@ -223,19 +223,8 @@ fn revalidate_leaves_an_open_partition_where_it_is() {
     let mut img = pattern(3, (SECTORS * 512) as usize);
     img[..512].copy_from_slice(&mbr(&[old]));
     fs::write(&file, &img).unwrap();
-    let rig = Rig::start_with(
-        Target::AoeServe,
-        1500,
-        InitOpts::default(),
-        Some(file.clone()),
-        &[],
-    );
-    let p1 = rig.root.join(format!("{DEV}p1"));
-    assert!(
-        wait_until(Duration::from_secs(5), || fs::metadata(&p1).is_ok()),
-        "{DEV}p1 not found at discovery{}",
-        rig.logs()
-    );
+    let rig = Rig::on_file(1500, file.clone());
+    let p1 = rig.partition(1);
     let held = OpenOptions::new().read(true).write(true).open(&p1).unwrap();
     {
         let f = OpenOptions::new().write(true).open(&file).unwrap();

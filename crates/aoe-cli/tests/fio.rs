@@ -379,20 +379,8 @@ fn fio_partition_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let file = backing_with_partition(tmp.path());
     let before = fs::read(&file).unwrap();
-    let rig = Rig::start_with(
-        Target::AoeServe,
-        1500,
-        InitOpts::default(),
-        Some(file.clone()),
-        &[],
-    );
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(
-        wait_until(Duration::from_secs(10), || part.exists()),
-        "{} did not appear{}",
-        part.display(),
-        rig.logs()
-    );
+    let rig = Rig::on_file(1500, file.clone());
+    let part = rig.partition(1);
     let job = verify_global(&part.to_string_lossy(), "libaio", 32, "md5")
         + &mixed_jobs(0, PART.1 * 512 / 4);
     let r = fio(rig.dir.path(), "part", &job, &[], 300);

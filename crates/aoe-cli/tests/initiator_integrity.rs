@@ -412,15 +412,44 @@ fn sigquit_stops_even_while_mounted() {
     // Drop unmounts the ext4 (it now gets I/O errors) and detaches the loop device.
 }
 
+/// SIGTERM with a control file open (which does not hold the daemon off, as a device file
+/// does) while the files are served through FUSE over io_uring: the daemon exits 0 and
+/// ROOT is unmounted (lazily: the open file gets ENOTCONN). Before, its `umount(2)` failed
+/// with EBUSY and it then waited for the ring thread, which lives as long as the FUSE
+/// connection: for as long as the file stayed open (on the code before: still running
+/// 10 s after SIGTERM, its main thread in the join). The kernel drops a closed file's
+/// mount reference a moment after it sends RELEASE, so a device file closed just before
+/// SIGTERM could hit the same window (`fio.rs`'s one unexplained stop under load).
+#[test]
+fn sigterm_with_a_control_file_open_exits_fuse_uring() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        9000,
+        InitOpts {
+            fuse_uring: true,
+            ..InitOpts::default()
+        },
+    );
+    let held = fs::File::open(rig.root.join("interfaces")).unwrap();
+    rig.signal_initiator("TERM");
+    initiator_exits_0(&mut rig, "SIGTERM with ROOT/interfaces open");
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after the initiator exited"
+    );
+    drop(held);
+}
+
 /// A device file held open by a process also keeps it from stopping, and closing it lets it
 /// stop; with nothing open SIGTERM stops at once (`Rig::finish` checks that elsewhere).
 #[test]
 fn sigterm_waits_for_an_open_partition_file() {
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = backing_with_partition(dir.path());
-    let mut rig = Rig::start_with(Target::AoeServe, 1500, InitOpts::default(), Some(file), &[]);
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(wait_until(Duration::from_secs(10), || part.exists()));
+    let mut rig = Rig::on_file(1500, file);
+    let part = rig.partition(1);
     let f = fs::File::open(&part).unwrap();
     rig.signal_initiator("TERM");
     wait_refusal(&rig);
@@ -1767,14 +1796,8 @@ fn pread_all(f: &fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 fn unaligned_reads_from_the_receive_ring_match_the_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let (file, orig) = backing_with_partition(dir.path());
-    let mut rig = Rig::start_with(Target::AoeServe, 9000, InitOpts::default(), Some(file), &[]);
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(
-        wait_until(Duration::from_secs(10), || part.exists()),
-        "no {}{}",
-        part.display(),
-        rig.logs()
-    );
+    let mut rig = Rig::on_file(9000, file);
+    let part = rig.partition(1);
     let dev_len = SECTORS * 512;
     let part_len = PART_SECTORS * 512;
     // (offset, length) in the file read; lengths past the end are cut there.

@@ -228,6 +228,13 @@ impl Rig {
     fn connect(&self, export: &str, structured: bool) -> Client {
         Client::connect(&self.sock, export, structured)
     }
+
+    /// The device's `state` attribute (`up`, `down`, `down,closewait`), None if absent.
+    fn state(&self, dev: &str) -> Option<String> {
+        fs::read_to_string(self.root.join(format!("sysfs/block/etherd!{dev}/state")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
 }
 
 impl Drop for Rig {
@@ -653,7 +660,11 @@ fn raw_clients(kind: Target) {
     assert!(rig.list().contains("export=\"e1.2\""));
 
     // A device that goes down: in-flight and new requests fail with EIO, it leaves the
-    // list; it comes back with its target.
+    // list; held by its client as an open file holds it (the driver counts every opener),
+    // it shows `down,closewait` and stays down while the client is connected, its target
+    // back or not, and comes back once the client has gone (the last close's Query
+    // Config). On the code before (NBD clients not counted as opens): `down`, and the
+    // same connection read again once the target was back.
     let mut c2 = rig.connect("e1.2", true);
     if let Some(mut t) = rig.targets[1].take() {
         let _ = t.stop();
@@ -665,21 +676,36 @@ fn raw_clients(kind: Target) {
     assert!(gone, "e1.2 still listed while down:\n{}", rig.list());
     assert_eq!(c2.read(0, 4096), Err(EIO), "read on a down device");
     assert!(c.read(0, 512).is_ok(), "e1.1 is still up");
+    let closewait = wait_until(Duration::from_secs(10), || {
+        rig.state("e1.2").as_deref() == Some("down,closewait")
+    });
+    assert!(
+        closewait,
+        "e1.2 state {:?} while down with a client connected, want down,closewait{}",
+        rig.state("e1.2"),
+        rig.logs()
+    );
     rig.start_target(1);
+    fs::write(rig.root.join("discover"), "\n").expect("echo > discover");
+    assert_eq!(c2.read(0, 4096), Err(EIO), "held down while connected");
+    assert_eq!(rig.state("e1.2").as_deref(), Some("down,closewait"));
+    drop(c2);
     let back = wait_until(Duration::from_secs(20), || {
         rig.list().contains("export=\"e1.2\"")
     });
     assert!(
         back,
-        "e1.2 did not come back:\n{}{}",
+        "e1.2 did not come back once its client left:\n{}{}",
         rig.list(),
         rig.logs()
     );
+    assert_eq!(rig.state("e1.2").as_deref(), Some("up"));
     let img = rig.backing(1);
+    let mut c2 = rig.connect("e1.2", true);
     assert_eq!(
         c2.read(0, 4096).unwrap(),
         &img[..4096],
-        "same connection, device back"
+        "a new connection, device back"
     );
     let running = rig.initiator.as_mut().is_some_and(NsChild::is_running);
     assert!(running, "initiator died:{}", rig.logs());
@@ -754,4 +780,91 @@ fn nbd_client_holds_its_device_against_flush() {
         "devices not flushed once their clients left{}",
         rig.logs()
     );
+}
+
+/// Threads of process `pid` named `name` (/proc/PID/task/*/comm).
+fn threads_named(pid: u32, name: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A connection's handshake thread ends once the transmission phase is handed to the
+/// network thread, and its writer thread starts only when a reply has to wait for room in
+/// the socket: N connected clients whose replies went out at once leave no thread at all;
+/// a client that lets a large read's reply wait gets its writer, and the whole reply. Their
+/// end (the log line, the writer's end, the count the flush test relies on) happens on the
+/// network thread. A client that connects and never speaks is dropped after the handshake
+/// limit (10 s). On the code before: an `nbd-conn` and an `nbd-writer` thread per client for
+/// as long as it stayed connected, and the silent client held its thread until it went away.
+#[test]
+fn nbd_connections_leave_no_handshake_thread() {
+    let rig = Rig::start(Target::AoeServe);
+    let pid = rig.initiator.as_ref().unwrap().pid();
+    let exports = ["e1.1", "e1.2", "e1.1p1"];
+    let mut clients: Vec<Client> = (0..9)
+        .map(|i| rig.connect(exports[i % 3], i % 2 == 0))
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.read(0, 4096).is_ok(), "client {i}{}", rig.logs());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || threads_named(pid, "nbd-conn")
+            == 0),
+        "{} nbd-conn threads with 9 clients connected{}",
+        threads_named(pid, "nbd-conn"),
+        rig.logs()
+    );
+    assert_eq!(threads_named(pid, "nbd-writer"), 0, "{}", rig.logs());
+    // 8 MiB asked for and not read yet: more than the socket holds, so the rest waits for
+    // the writer.
+    let big = 8 << 20;
+    clients[0].send(0, 0, 7, 0, big, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || threads_named(pid, "nbd-writer")
+            == 1),
+        "no writer thread for a reply larger than the socket{}",
+        rig.logs()
+    );
+    let (cookie, err, data) = clients[0].reply(|_| big as usize);
+    assert_eq!((cookie, err), (7, 0));
+    assert!(data == rig.backing(0)[..big as usize], "the 8 MiB read");
+    // A client that never speaks after the greeting: closed by the server (EOF) within the
+    // limit, not by this side's 30 s read timeout.
+    let mut silent = Client::raw(&rig.sock);
+    let mut g = [0u8; 18];
+    silent.read_exact(&mut g).unwrap();
+    let mut b = [0u8; 1];
+    match silent.read(&mut b) {
+        Ok(0) => {}
+        other => panic!(
+            "a silent client after the greeting: {other:?}{}",
+            rig.logs()
+        ),
+    }
+    let ends = || {
+        let log = rig.initiator.as_ref().unwrap().output_so_far();
+        log.matches("nbd: connection closed").count()
+            + log.matches("nbd: connection dropped").count()
+    };
+    let ended_before = ends();
+    drop(clients);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            threads_named(pid, "nbd-writer") == 0 && ends() >= ended_before + 9
+        }),
+        "after the clients left: {} writer threads, {} ends logged{}",
+        threads_named(pid, "nbd-writer"),
+        ends() - ended_before,
+        rig.initiator.as_ref().unwrap().output_so_far()
+    );
+    // Still served.
+    let mut again = rig.connect("e1.2", false);
+    assert_eq!(again.read(0, 512), Ok(rig.backing(1)[..512].to_vec()));
 }

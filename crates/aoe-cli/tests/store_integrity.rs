@@ -144,13 +144,7 @@ fn a_failed_flush_is_latched() {
     fs::write(&backing, &initial).expect("backing file");
     let ffs = FaultFs::mount(&backing).expect("mount the fault file system");
     let faults = ffs.faults();
-    let rig = Rig::start_with(
-        Target::AoeServe,
-        1500,
-        InitOpts::default(),
-        Some(ffs.file()),
-        &[],
-    );
+    let rig = Rig::on_file(1500, ffs.file());
     // Without O_DIRECT: the initiator's FUSE file has no write-back cache, so every write
     // goes to the target at once and its error comes back to the write.
     let dev = OpenOptions::new()

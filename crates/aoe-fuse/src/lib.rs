@@ -33,6 +33,8 @@ pub fn prepare_root(root: &Path) -> Result<()> {
 pub struct Mount {
     session: fuser::BackgroundSession,
     root: PathBuf,
+    /// `root` made absolute as mountinfo shows it ([`absolute`]).
+    abs: Option<PathBuf>,
     ring: Option<ring::RingThread>,
 }
 
@@ -82,6 +84,7 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
     let mut m = Mount {
         session,
         root: root.to_path_buf(),
+        abs: absolute(root),
         ring: None,
     };
     if let Some(fd) = fuse_fd {
@@ -99,19 +102,38 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
 impl Mount {
     /// Unmounts. Call after [`aoe_initiator::Initiator::shutdown`], which wakes blocked
     /// readers of `err` first.
+    ///
+    /// The BackgroundSession unmounts on drop with `umount(2)`, which fails (EBUSY) while
+    /// anything on ROOT is still open or in use: a control or attribute file (which do not
+    /// hold off SIGTERM, see [`aoe_initiator::in_use`]), a process's working directory, or
+    /// a device file whose last reference the kernel drops a moment after its RELEASE
+    /// reached us (`__fput` sends RELEASE before it lets go of the mount). Then ROOT is
+    /// unmounted lazily, and the connection lives on until that last user lets go: the
+    /// FUSE io_uring thread, which ends only when the kernel ends its entries, is not waited
+    /// for (it ends with the process, as the fuser threads do). Waiting for it there hung
+    /// the daemon after SIGTERM for as long as the file stayed open.
     pub fn unmount(self) {
         drop(self.session);
-        if let Some(r) = self.ring {
-            // Unmounted, the kernel ends every entry's command (ENOTCONN) and the thread.
-            r.join();
+        let busy = self.abs.as_deref().is_some_and(still_mounted);
+        if busy {
+            tracing::warn!(
+                "{}: still in use (a file open on it, or a working directory); unmounted \
+                 lazily, its users get ENOTCONN once the daemon is gone",
+                self.root.display()
+            );
         }
-        // The BackgroundSession unmounts on drop; make sure nothing is left mounted even if
-        // a reader still held a file open (lazy unmount).
+        // Make sure nothing is left mounted (lazy unmount), as before when the umount did.
         let _ = std::process::Command::new("fusermount3")
             .args(["-u", "-z"])
             .arg(&self.root)
             .stderr(std::process::Stdio::null())
             .status();
+        if let Some(r) = self.ring {
+            if !busy {
+                // Unmounted, the kernel ends every entry's command (ENOTCONN) and the thread.
+                r.join();
+            }
+        }
     }
 }
 
@@ -119,21 +141,8 @@ impl Mount {
 /// second FUSE mount stacked on an `aoe initiator`'s ROOT would take requests meant for
 /// the first and answer them from an empty device list.
 fn refuse_mounted_root(root: &Path) -> Result<()> {
-    // Not `canonicalize(root)`: a stale FUSE mount (its daemon gone) fails stat with
-    // ENOTCONN. Resolve the parent and keep the last component.
-    let abs = match (root.parent(), root.file_name()) {
-        (Some(p), Some(n)) => {
-            let p = if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            };
-            match p.canonicalize() {
-                Ok(p) => p.join(n),
-                Err(_) => return Ok(()),
-            }
-        }
-        _ => root.to_path_buf(),
+    let Some(abs) = absolute(root) else {
+        return Ok(());
     };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Ok(());
@@ -164,6 +173,31 @@ fn refuse_mounted_root(root: &Path) -> Result<()> {
     anyhow::bail!(
         "{r} is already mounted ({fstype} from {source}); unmount it or choose another --root"
     )
+}
+
+/// `root` as mountinfo names it: the parent resolved, the last component kept. Not
+/// `canonicalize(root)`: a stale FUSE mount (its daemon gone) fails stat with ENOTCONN, and
+/// a live one would be asked. None if the parent cannot be resolved.
+fn absolute(root: &Path) -> Option<PathBuf> {
+    match (root.parent(), root.file_name()) {
+        (Some(p), Some(n)) => {
+            let p = if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            };
+            p.canonicalize().ok().map(|p| p.join(n))
+        }
+        _ => Some(root.to_path_buf()),
+    }
+}
+
+/// True while our file system (source `aoe`) is mounted on `abs` (/proc/self/mountinfo).
+fn still_mounted(abs: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| mount_at(&info, abs))
+        .is_some_and(|(_, source)| source == "aoe")
 }
 
 /// Lazily unmounts the mount on `root` whose FUSE daemon is gone (the file system answers

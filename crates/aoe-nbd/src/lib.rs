@@ -3,19 +3,22 @@
 //! nbd-client and the libnbd tools (nbdinfo, nbdcopy) can use AoE disks.
 //!
 //! ```text
-//!  client ──► nbd-conn thread: handshake ([`proto::Handshake`]), then waits for the end
+//!  client ──► nbd-conn thread: handshake ([`proto::Handshake`]), hands over, ends
 //!         ──► network thread (a net::Source): non-blocking reads, cut into requests
 //!             (`incoming::Incoming`), checked ([`proto::Session::check`]) ──► BlockDevice
 //!             ──► the engine, on the same thread (no channel, no eventfd) ──► AoE window
 //!                                                                                   │
 //!  client ◄── sendmsg on the network thread, or the writer thread ◄── completion ◄──┘
 //! ```
-//! One thread per connection does the handshake and then only waits for the connection's
-//! end; its requests are read, parsed and submitted on the initiator's network thread
-//! itself (`ConnSource`, an [`aoe_initiator::net::Source`]): the socket is in the
-//! network thread's `poll(2)` set, a partial header or payload waits for the next
-//! readiness, and a request goes to the engine without a reader thread's wake-up and a
-//! command channel's eventfd (docs/PERFORMANCE.md, "NBD requests on the network thread").
+//! One thread per connection does the handshake (within [`HANDSHAKE_LIMIT`]), hands the
+//! connection to the network thread and ends; the connection's requests are read, parsed
+//! and submitted on the initiator's network thread itself (`ConnSource`, an
+//! [`aoe_initiator::net::Source`]), and its end (counted out of the clients that hold
+//! their device, logged, closed) runs where it is seen, once the last reply is out
+//! (`ConnEnd`). The socket is in the network thread's `poll(2)` set, a partial header or
+//! payload waits for the next readiness, and a request goes to the engine without a reader
+//! thread's wake-up and a command channel's eventfd (docs/PERFORMANCE.md, "NBD requests on
+//! the network thread").
 //! Up to [`MAX_INFLIGHT`] requests / [`MAX_INFLIGHT_BYTES`] bytes are in flight per
 //! connection, [`MAX_TOTAL_INFLIGHT_BYTES`] over all: a request over a cap is parked and
 //! the socket not read until a reply makes room, so nothing ever blocks the network thread
@@ -23,9 +26,9 @@
 //! network thread, its data straight from the slots of the receive ring the answers
 //! arrived in (`sendmsg(2)` with one iovec per frame's payload, [`BlockDevice::read_held`]),
 //! when the socket takes it; what it does not take, and every reply while the writer is
-//! busy, is queued for the connection's writer thread, which sends what has queued up with
-//! one `writev(2)`. Replies go out in completion order, not request order (NBD allows
-//! that: the cookie matches them up).
+//! busy, is queued for the connection's writer thread (started the first time a reply is
+//! queued), which sends what has queued up with one `writev(2)`. Replies go out in
+//! completion order, not request order (NBD allows that: the cookie matches them up).
 //!
 //! The protocol itself (handshake, options, requests, replies) is sans-I/O in [`proto`];
 //! byte-granular reads and writes over 512-byte sectors go through the initiator's
@@ -33,8 +36,11 @@
 //!
 //! A device that goes down fails the requests in flight on it with EIO (after the
 //! engine's `deadsecs`), new requests fail at once, and it disappears from `NBD_OPT_LIST`
-//! and `NBD_OPT_GO`; when it comes back, existing connections work again and it is listed
-//! again. A misbehaving client only ever loses its own connection.
+//! and `NBD_OPT_GO`. A connected client holds its device open as a file does (the driver
+//! counts every opener of the block device): a device that goes down while a client is
+//! connected stays `down,closewait`, failing that client's requests, until the last
+//! client and file on it are gone; then it comes back with its target and is listed again.
+//! A misbehaving client only ever loses its own connection.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -184,6 +190,19 @@ impl Conn {
             Conn::Tcp(s) => s.as_fd(),
         }
     }
+    /// Sets both `SO_RCVTIMEO` and `SO_SNDTIMEO` (None: block for ever).
+    fn set_timeouts(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Conn::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
     fn shutdown(&self) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(Shutdown::Both),
@@ -302,25 +321,19 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
         c.shutdown();
         return;
     }
-    /// Counts the connection out when its thread ends (or is never started).
-    struct Counted;
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
     let counted = Counted;
     let r = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let _counted = counted;
             let shut = c.try_clone();
-            match serve(c, &peer, &devices, &net) {
-                Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
-                Err(e) => tracing::info!(%peer, error = %e, "nbd: connection dropped"),
-            }
-            if let Ok(s) = shut {
-                s.shutdown();
+            // Handed over, the connection is the network thread's, and so is its end
+            // (`ConnEnd`): this thread ends here.
+            let r = serve(c, &peer, &devices, &net, counted);
+            if !matches!(r, Ok(true)) {
+                log_end(&peer, r.map(|_| ()));
+                if let Ok(s) = shut {
+                    s.shutdown();
+                }
             }
         });
     if let Err(e) = r {
@@ -328,26 +341,109 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
     }
 }
 
-/// Serves one connection: handshake, then transmission.
-fn serve(c: Conn, peer: &str, devices: &Devices, net: &Handle) -> io::Result<()> {
+/// Counts a connection out of [`MAX_CONNECTIONS`] when dropped: when its handshake ends
+/// without a transmission phase, or with the connection's end ([`ConnEnd`]).
+struct Counted;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Logs how a connection ended.
+fn log_end(peer: &str, r: io::Result<()>) {
+    match r {
+        Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
+        Err(e) => tracing::info!(%peer, error = %e, "nbd: connection dropped"),
+    }
+}
+
+/// Serves one connection: the handshake, within [`HANDSHAKE_LIMIT`], then hands the
+/// transmission phase to the network thread. Ok(true) once handed over (the network
+/// thread ends the connection, `counted` with it); Ok(false) when the client left during
+/// the handshake or chose no export.
+fn serve(
+    c: Conn,
+    peer: &str,
+    devices: &Devices,
+    net: &Handle,
+    counted: Counted,
+) -> io::Result<bool> {
     let mut w = c.try_clone()?;
-    let mut r = BufReader::with_capacity(READ_BUF, c);
-    let Some(session) = handshake(&mut r, &mut w, devices)? else {
-        return Ok(());
+    let deadline = std::time::Instant::now() + HANDSHAKE_LIMIT;
+    c.set_timeouts(Some(HANDSHAKE_LIMIT))?;
+    let mut r = BufReader::with_capacity(READ_BUF, Limited { c, deadline });
+    let session = handshake(&mut r, &mut w, devices);
+    // Transmission has no time limit: back to plain blocking sockets (the writer thread's
+    // writes may wait for a slow client as long as it takes).
+    w.set_timeouts(None)?;
+    let Some(session) = session? else {
+        return Ok(false);
     };
     let Some((dev, base)) = devices.resolve(&session.name) else {
-        return Ok(());
+        return Ok(false);
     };
     tracing::info!(%peer, export = %session.name, structured = session.structured, "nbd: client connected");
-    let _client = Client::count(&devices.0, &session.name);
-    transmission(r, w, Arc::new(session), dev, base, net)
+    let client = Client::count(&devices.0, &session.name).opening(net, dev);
+    let ahead = r.buffer().to_vec();
+    let c = r.into_inner().c;
+    let end = ConnEnd {
+        peer: peer.to_string(),
+        _client: client,
+        _counted: counted,
+        replies: None,
+    };
+    transmission(c, &ahead, w, Arc::new(session), dev, base, net, end)?;
+    Ok(true)
+}
+
+/// How long a client has from its connection to the end of the handshake (`NBD_OPT_GO` or
+/// `NBD_OPT_EXPORT_NAME`) before it is dropped, as qemu-nbd's `--handshake-limit` (10 s by
+/// default since qemu's CVE-2024-7409 fix): a client that connects and never speaks, or
+/// speaks a byte at a time, would otherwise hold a thread and one of the
+/// [`MAX_CONNECTIONS`] places for ever.
+pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The handshake's reads, each given what is left of one deadline for the whole handshake
+/// (`SO_RCVTIMEO`, and `SO_SNDTIMEO` for the replies: options of the socket, so every
+/// clone of it has them), so that neither silence nor a trickle outlasts it.
+struct Limited {
+    c: Conn,
+    deadline: std::time::Instant,
+}
+
+impl Read for Limited {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took longer than its limit",
+            ));
+        }
+        self.c.set_timeouts(Some(left))?;
+        match self.c.read(b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took longer than its limit",
+            )),
+            r => r,
+        }
+    }
 }
 
 /// One client in transmission on an export, counted in [`Shared::nbd_clients`] while it
-/// lives (so the daemon does not stop under it on SIGTERM, see [`aoe_initiator::in_use`]).
+/// lives (so the daemon does not stop under it on SIGTERM, see [`aoe_initiator::in_use`],
+/// and `flush` does not remove its device), and as an opener of its device in the engine
+/// ([`Client::opening`]).
 struct Client {
     shared: Arc<Mutex<Shared>>,
     export: String,
+    /// The device this client holds open, and the handle that told the engine so.
+    open: Option<(Handle, TargetAddr)>,
 }
 
 impl Client {
@@ -359,7 +455,20 @@ impl Client {
         Client {
             shared: shared.clone(),
             export: export.to_string(),
+            open: None,
         }
+    }
+
+    /// Also counts the client as an opener of `dev` ([`Cmd::SetOpen`]), as a file open on
+    /// the device or one of its partitions is, and as the driver counts every opener of the
+    /// block device (`d->nopen`, qemu's or nbd-client's open included): while it lasts, a
+    /// device that goes down shows `down,closewait` and stays down, a config answer does
+    /// not re-IDENTIFY it (`aoecmd_cfg_rsp`), and its last close broadcasts the Query
+    /// Config that brings it back (`aoeblk_release` -> `aoecmd_cfg`).
+    fn opening(mut self, net: &Handle, dev: TargetAddr) -> Client {
+        net.send(Cmd::SetOpen(dev, true));
+        self.open = Some((net.clone(), dev));
+        self
     }
 }
 
@@ -371,6 +480,10 @@ impl Drop for Client {
             if *n == 0 {
                 s.nbd_clients.remove(&self.export);
             }
+        }
+        drop(s);
+        if let Some((net, dev)) = self.open.take() {
+            net.send(Cmd::SetOpen(dev, false));
         }
     }
 }
@@ -483,7 +596,8 @@ impl Budget {
 }
 
 /// Requests in flight on one connection, with a cap, and their bytes in the process's
-/// [`Budget`]; and the connection's end, which its thread waits for.
+/// [`Budget`]; and the connection's end ([`ConnEnd`]), run once it reads no more requests
+/// and every request it took is answered.
 ///
 /// Nothing here blocks the network thread: a request that does not fit is parked by the
 /// connection's source ([`ConnSource`]), which stops reading its socket, and the release
@@ -491,8 +605,6 @@ impl Budget {
 /// network thread to ask it again ([`Handle::wake`]).
 struct Inflight {
     state: Mutex<InflightState>,
-    /// The connection's thread waits here for the end ([`Inflight::wait_ended`]).
-    cv: Condvar,
     budget: &'static Budget,
     /// Wakes the network thread.
     wake: Box<dyn Fn() + Send + Sync>,
@@ -507,6 +619,8 @@ struct InflightState {
     waiting: bool,
     /// The connection stopped reading requests, with this outcome (the first one told).
     ended: Option<io::Result<()>>,
+    /// What the end does ([`Inflight::on_end`]), taken when it runs.
+    on_end: Option<ConnEnd>,
 }
 
 impl Inflight {
@@ -516,7 +630,6 @@ impl Inflight {
     fn with_budget(budget: &'static Budget, wake: Box<dyn Fn() + Send + Sync>) -> Inflight {
         Inflight {
             state: Mutex::default(),
-            cv: Condvar::new(),
             budget,
             wake,
         }
@@ -555,35 +668,82 @@ impl Inflight {
     /// Counts the request out of the connection first, then out of the budget; wakes the
     /// network thread if a connection is parked for room.
     fn release(&self, bytes: u64) {
-        let parked = {
+        let (parked, done) = {
             let mut s = self.lock();
             s.requests -= 1;
             s.bytes -= bytes;
-            if s.requests == 0 && s.ended.is_some() {
-                self.cv.notify_all();
-            }
-            std::mem::take(&mut s.waiting)
+            (std::mem::take(&mut s.waiting), Self::done(&mut s))
         };
         if self.budget.give(bytes) || parked {
             (self.wake)();
         }
+        if let Some((end, r)) = done {
+            end.run(r);
+        }
     }
     /// The connection reads no more requests: `r` is how it ended.
     fn end(&self, r: io::Result<()>) {
-        let mut s = self.lock();
-        if s.ended.is_none() {
-            s.ended = Some(r);
+        let done = {
+            let mut s = self.lock();
+            if s.ended.is_none() {
+                s.ended = Some(r);
+            }
+            Self::done(&mut s)
+        };
+        if let Some((end, r)) = done {
+            end.run(r);
         }
-        self.cv.notify_all();
     }
-    /// Waits until the connection ended and every request it took is answered; how it
-    /// ended.
-    fn wait_ended(&self) -> io::Result<()> {
-        let mut s = self.lock();
-        while s.ended.is_none() || s.requests > 0 {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+    /// Gives the connection its end, run (by whichever thread gets there: the network
+    /// thread, or the writer thread releasing the last reply) once it has ended and every
+    /// request it took is answered (`NBD_CMD_DISC`: the server MUST complete outstanding
+    /// requests first).
+    fn on_end(&self, end: ConnEnd) {
+        let done = {
+            let mut s = self.lock();
+            s.on_end = Some(end);
+            Self::done(&mut s)
+        };
+        if let Some((end, r)) = done {
+            end.run(r);
         }
-        s.ended.take().unwrap_or(Ok(()))
+    }
+    /// The end and how the connection ended, taken if it is due: ended, nothing in flight.
+    /// Run by the caller once the lock is let go (the end takes other locks).
+    fn done(s: &mut InflightState) -> Option<(ConnEnd, io::Result<()>)> {
+        if s.requests > 0 || s.ended.is_none() {
+            return None;
+        }
+        let end = s.on_end.take()?;
+        Some((end, s.ended.take().unwrap_or(Ok(()))))
+    }
+}
+
+/// What a connection's end does, on the thread that sees it due ([`Inflight::on_end`]):
+/// the writer thread is told to end once its queue is empty (it is: nothing is in flight),
+/// the socket is shut down (the client sees the end even while a clone of it lives on in
+/// a reply's closure), how it ended is logged, and the connection is counted out of
+/// [`Shared::nbd_clients`] (its device is no longer held against `flush` and SIGTERM) and
+/// of [`MAX_CONNECTIONS`]. Before, the connection's thread did this after waiting for the
+/// end: a thread per connection that did nothing else.
+///
+/// It holds the connection's [`Replies`], which hold its [`Inflight`], which holds it
+/// until it runs: a cycle the run breaks.
+struct ConnEnd {
+    peer: String,
+    _client: Client,
+    _counted: Counted,
+    /// Set at the hand-over ([`transmission`]).
+    replies: Option<Arc<Replies>>,
+}
+
+impl ConnEnd {
+    fn run(self, r: io::Result<()>) {
+        if let Some(tx) = &self.replies {
+            tx.close();
+            tx.sock.shutdown();
+        }
+        log_end(&self.peer, r);
     }
 }
 
@@ -601,13 +761,22 @@ impl Inflight {
 ///
 /// A mutex-guarded queue and a condition variable rather than a channel: the writer takes
 /// everything queued in one lock, and a completion wakes it only when it waits.
+///
+/// The writer thread is started when the first reply is queued ([`Replies::set_writer`]):
+/// a connection whose replies have all gone out at once (an idle client, or one whose
+/// socket always had room) has no thread at all.
 struct Replies {
     state: Mutex<RepliesState>,
     cv: Condvar,
     /// The connection's socket, for the replies sent at once.
     sock: Conn,
     inflight: Arc<Inflight>,
+    /// Starts the writer thread; taken by the first queued reply, or dropped at the close.
+    writer: Mutex<Option<StartWriter>>,
 }
+
+/// Starts a connection's writer thread.
+type StartWriter = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 #[derive(Default)]
 struct RepliesState {
@@ -618,6 +787,11 @@ struct RepliesState {
     busy: bool,
     /// No more replies will come: the writer ends once the queue is empty.
     closed: bool,
+    /// A reply was queued: the writer is started (or being started).
+    started: bool,
+    /// The writer could not be started: replies are dropped (released), the connection
+    /// shut down.
+    broken: bool,
 }
 
 impl Replies {
@@ -627,11 +801,51 @@ impl Replies {
             cv: Condvar::new(),
             sock,
             inflight,
+            writer: Mutex::new(None),
         }
     }
 
+    /// How to start the writer thread when it is first needed.
+    fn set_writer(&self, start: StartWriter) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(start);
+    }
+
+    /// Queues `r` for the writer (holding the lock `s`), waking it, or starting it with
+    /// the first reply queued.
+    fn enqueue(&self, mut s: std::sync::MutexGuard<'_, RepliesState>, r: Reply) {
+        if s.broken {
+            drop(s);
+            self.inflight.release(r.held);
+            return;
+        }
+        s.queue.push(r);
+        if s.waiting {
+            s.waiting = false;
+            self.cv.notify_one();
+            return;
+        }
+        if std::mem::replace(&mut s.started, true) {
+            return;
+        }
+        drop(s);
+        let start = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(Err(e)) = start.map(|f| f()) else {
+            return;
+        };
+        tracing::warn!(error = %e, "nbd: cannot start a connection's writer thread; closing it");
+        let queued = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.broken = true;
+            std::mem::take(&mut s.queue)
+        };
+        for r in queued {
+            self.inflight.release(r.held);
+        }
+        self.sock.shutdown();
+    }
+
     fn push(&self, mut r: Reply) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if r.data.is_empty() && s.queue.is_empty() && !s.busy {
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             // A failure other than a full buffer is the writer's to meet and report.
@@ -645,11 +859,7 @@ impl Replies {
                 r.head.drain(..n);
             }
         }
-        s.queue.push(r);
-        if s.waiting {
-            s.waiting = false;
-            self.cv.notify_one();
-        }
+        self.enqueue(s, r);
     }
 
     /// A read's reply, its data given as slices of the initiator's receive ring that are
@@ -660,7 +870,7 @@ impl Replies {
     /// copied and queued for the writer, since the slots go back to the kernel when this
     /// returns.
     fn push_pieces(&self, head: Vec<u8>, pieces: &[&[u8]], held: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
         let mut sent = 0;
         if s.queue.is_empty() && !s.busy {
@@ -671,18 +881,18 @@ impl Replies {
                 return;
             }
         }
-        s.queue.push(Reply {
+        let r = Reply {
             head: Vec::new(),
             data: rest_after(&head, pieces, sent),
             held,
-        });
-        if s.waiting {
-            s.waiting = false;
-            self.cv.notify_one();
-        }
+        };
+        self.enqueue(s, r);
     }
 
+    /// No more replies: the writer, if started, ends once its queue is empty; one never
+    /// started never will be (its starter holds these replies: the cycle is broken here).
     fn close(&self) {
+        drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.closed = true;
         self.cv.notify_one();
@@ -801,17 +1011,20 @@ fn write_replies(w: &mut impl Write, replies: &[Reply]) -> io::Result<()> {
 
 /// The transmission phase ("Transmission"): the requests are read, parsed and submitted
 /// on the initiator's network thread ([`ConnSource`], a [`Source`]), replies go out as the
-/// completions make them, what the socket does not take through the writer thread. This
-/// thread, which did the handshake, waits for the end: `NBD_CMD_DISC`, end of stream, a bad
-/// magic or a write error; requests still in flight are finished first (`NBD_CMD_DISC`:
-/// the server MUST complete outstanding requests).
+/// completions make them, what the socket does not take through the writer thread. The
+/// connection ends on `NBD_CMD_DISC`, end of stream, a bad magic or a write error; requests
+/// still in flight are finished first, then `end` runs ([`Inflight::on_end`]). The calling
+/// thread, which did the handshake, returns once the connection is handed over.
+#[allow(clippy::too_many_arguments)]
 fn transmission(
-    r: BufReader<Conn>,
+    r: Conn,
+    ahead: &[u8],
     w: Conn,
     session: Arc<Session>,
     dev: TargetAddr,
     base: u64,
     net: &Handle,
+    mut end: ConnEnd,
 ) -> io::Result<()> {
     if let Conn::Unix(s) = &w {
         let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SNDBUF);
@@ -825,43 +1038,37 @@ fn transmission(
     let recycle = net.clone();
     let shut = w.try_clone()?;
     let inf = inflight.clone();
-    let writer = std::thread::Builder::new()
-        .name("nbd-writer".into())
-        .spawn(move || {
-            let mut w = w;
-            let mut ok = true;
-            let mut batch = Vec::new();
-            while rx.take(&mut batch) {
-                for chunk in batch.chunks(WRITE_BATCH) {
-                    ok = ok && write_replies(&mut w, chunk).is_ok();
+    tx.set_writer(Box::new(move || {
+        std::thread::Builder::new()
+            .name("nbd-writer".into())
+            .spawn(move || {
+                let mut w = w;
+                let mut ok = true;
+                let mut batch = Vec::new();
+                while rx.take(&mut batch) {
+                    for chunk in batch.chunks(WRITE_BATCH) {
+                        ok = ok && write_replies(&mut w, chunk).is_ok();
+                    }
+                    for m in batch.drain(..) {
+                        inf.release(m.held);
+                        // A read's buffer goes back to the engine for a later read to fill.
+                        recycle.recycle(m.data);
+                    }
+                    if !ok {
+                        // Ends the connection (its source sees the end of stream); replies
+                        // still due are dropped (but released).
+                        shut.shutdown();
+                    }
                 }
-                for m in batch.drain(..) {
-                    inf.release(m.held);
-                    // A read's buffer goes back to the engine for a later read to fill.
-                    recycle.recycle(m.data);
-                }
-                if !ok {
-                    // Ends the connection (its source sees the end of stream); replies
-                    // still due are dropped (but released).
-                    shut.shutdown();
-                }
-            }
-        })?;
+            })
+            .map(drop)
+    }));
+    end.replies = Some(tx.clone());
+    inflight.on_end(end);
     let bd = BlockDevice::new(net.clone(), dev, base);
-    let ahead = r.buffer().to_vec();
-    let src = ConnSource::new(
-        r.into_inner(),
-        &ahead,
-        session,
-        bd,
-        tx.clone(),
-        inflight.clone(),
-    );
+    let src = ConnSource::new(r, ahead, session, bd, tx, inflight);
     net.send(Cmd::AddSource(Box::new(src)));
-    let result = inflight.wait_ended();
-    tx.close();
-    let _ = writer.join();
-    result
+    Ok(())
 }
 
 /// Requests read per [`ConnSource::run`] before the network thread goes back to its
@@ -1395,6 +1602,41 @@ mod tests {
 
     fn requests_in_flight(i: &Inflight) -> usize {
         i.state.lock().unwrap().requests
+    }
+
+    /// A connection's end runs once, when it has ended and its last request is released
+    /// (or at once when it ends with none in flight): the client sees the socket shut, the
+    /// export is counted out of `nbd_clients` (what `flush` and SIGTERM look at), the
+    /// writer is told to end. Before, the handshake thread waited for this.
+    #[test]
+    fn the_end_runs_once_the_last_request_is_answered() {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        for in_flight in [0usize, 2] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let inflight = Arc::new(Inflight::new(Box::new(|| {})));
+            let q = Arc::new(Replies::new(Conn::Unix(a), inflight.clone()));
+            CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            inflight.on_end(ConnEnd {
+                peer: "test".into(),
+                _client: Client::count(&shared, "e1.1"),
+                _counted: Counted,
+                replies: Some(q.clone()),
+            });
+            for _ in 0..in_flight {
+                assert!(inflight.try_acquire(512));
+            }
+            inflight.end(Ok(()));
+            for _ in 0..in_flight {
+                assert_eq!(lock(&shared).nbd_clients.get("e1.1"), Some(&1));
+                assert!(!q.state.lock().unwrap().closed);
+                inflight.release(512);
+            }
+            assert!(lock(&shared).nbd_clients.is_empty(), "counted out");
+            assert!(q.state.lock().unwrap().closed, "the writer told to end");
+            assert!(inflight.lock().on_end.is_none(), "run once");
+            let mut buf = [0u8; 1];
+            assert_eq!(b.read(&mut buf).unwrap(), 0, "the socket shut");
+        }
     }
 
     /// A reply without data goes out at once, from the thread that completes it, and

@@ -683,9 +683,8 @@ impl Engine {
     }
 
     /// [`flush_devices`](Self::flush_devices), skipping also the devices in `held` as busy,
-    /// each logged with its reason: users the engine is not told of as opens (an NBD
-    /// client, which must not hold a device that went down in closewait as an open file
-    /// does, but is a user the driver would count in `nopen` all the same).
+    /// each logged with its reason (an NBD client on the device or a partition: also an
+    /// opener, [`set_open`](Self::set_open), named here for the log).
     #[must_use = "the removed devices' front-end files must go too"]
     pub fn flush_devices_except(
         &mut self,
@@ -704,12 +703,13 @@ impl Engine {
             .collect();
         let mut removed = Vec::new();
         for addr in chosen {
-            if self.devices.get(&addr).is_some_and(|d| d.open) {
-                self.log(format!("{addr}: busy (open), not flushed"));
-                continue;
-            }
+            // The named reason first: such a user is also an opener (an NBD client).
             if let Some(why) = held.get(&addr) {
                 self.log(format!("{addr}: busy ({why}), not flushed"));
+                continue;
+            }
+            if self.devices.get(&addr).is_some_and(|d| d.open) {
+                self.log(format!("{addr}: busy (open), not flushed"));
                 continue;
             }
             self.fail_device_io(addr, IoError::Removed);

@@ -335,6 +335,26 @@ impl Rig {
         rig
     }
 
+    /// `aoe serve` on `file` as it is (an image a test made, with its partition table) at
+    /// MTU `mtu`, the initiator with its default options: [`Rig::start_with`] as most tests
+    /// that bring their own image call it.
+    pub fn on_file(mtu: u32, file: PathBuf) -> Rig {
+        Rig::start_with(Target::AoeServe, mtu, InitOpts::default(), Some(file), &[])
+    }
+
+    /// The file of partition `n` (`eX.YpN`) once it has appeared (the scan follows the
+    /// device coming up); panics with the logs after 10 s.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        let p = self.root.join(format!("{DEV}p{n}"));
+        assert!(
+            wait_until(Duration::from_secs(10), || p.exists()),
+            "{} did not appear{}",
+            p.display(),
+            self.logs()
+        );
+        p
+    }
+
     pub fn start_target(&mut self) {
         assert!(self.target.is_none(), "target already running");
         let mut t = self

@@ -1305,19 +1305,26 @@ fn flush_devices_skips_open_and_fails_io() {
     );
 }
 
-/// A device held by a user the engine knows only through `flush_devices_except` (an NBD
-/// client) is skipped by every kind of flush and logged as busy with the reason given.
+/// A device held by a user named in `flush_devices_except` (an NBD client) is skipped by
+/// every kind of flush and logged as busy with the reason given, also when that user has
+/// it open too (an NBD client is an opener: the named reason is the one logged).
 #[test]
 fn flush_devices_skips_held_devices() {
     let (mut e, _t0) = up_engine(1000, true);
     let held: BTreeMap<TargetAddr, String> = [(DEV, "NBD client on e7.3".to_string())].into();
-    for which in [FlushWhich::All, FlushWhich::Named(vec![DEV])] {
-        assert!(e.flush_devices_except(which, &held).is_empty());
+    for open in [false, true] {
+        e.set_open(DEV, open);
+        for which in [FlushWhich::All, FlushWhich::Named(vec![DEV])] {
+            assert!(e.flush_devices_except(which, &held).is_empty());
+        }
+        assert!(e.device(DEV).is_some());
+        let ev = events(&mut e);
+        assert!(ev.contains(&Event::Log(
+            "e7.3: busy (NBD client on e7.3), not flushed".into()
+        )));
+        assert!(!ev.contains(&Event::Log("e7.3: busy (open), not flushed".into())));
     }
-    assert!(e.device(DEV).is_some());
-    assert!(events(&mut e).contains(&Event::Log(
-        "e7.3: busy (NBD client on e7.3), not flushed".into()
-    )));
+    e.set_open(DEV, false);
     assert_eq!(e.flush_devices(FlushWhich::All), vec![DEV]);
 }
 
