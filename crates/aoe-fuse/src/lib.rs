@@ -102,7 +102,9 @@ impl Mount {
     pub fn unmount(self) {
         drop(self.session);
         if let Some(r) = self.ring {
-            // Unmounted, the kernel ends every entry's command (ENOTCONN) and the thread.
+            // The ring's source is gone by now (the network thread stopped, or every
+            // entry's command ended with ENOTCONN at the unmount), and with it the side
+            // thread's work: it ends.
             r.join();
         }
         // The BackgroundSession unmounts on drop; make sure nothing is left mounted even if
