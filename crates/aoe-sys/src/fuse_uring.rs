@@ -76,6 +76,9 @@ struct Ent {
     iov: Box<[libc::iovec; 2]>,
     /// A command of this entry is with the kernel (it may write the buffers).
     queued: bool,
+    /// The kernel took a command of this entry at some point: it may know the buffers'
+    /// addresses until the ring is gone (see Drop).
+    given: bool,
     /// The commit_id of the request the entry holds.
     commit_id: u64,
 }
@@ -164,6 +167,7 @@ impl FuseUring {
                     block,
                     iov,
                     queued: false,
+                    given: false,
                     commit_id: 0,
                 });
             }
@@ -202,7 +206,9 @@ impl FuseUring {
                 .collect();
             for (ud, res) in done {
                 if ud == i as u64 && res < 0 {
+                    // Refused at issue: the kernel kept nothing of it.
                     u.ents[i].queued = false;
+                    u.ents[i].given = false;
                     return Err(io::Error::from_raw_os_error(-res));
                 }
                 u.early.push((ud, res));
@@ -230,7 +236,9 @@ impl FuseUring {
     fn push(&mut self, sqe: squeue::Entry128) -> io::Result<()> {
         loop {
             // SAFETY: every SQE pushed here points only into memory this ring keeps for its
-            // whole life and, once the ring is dropped, never frees (see Drop): the
+            // whole life and, once the ring is dropped, never frees (see Drop; an entry is
+            // marked `given` before its SQE is pushed, and only entries never given, or
+            // refused at issue, are freed): the
             // eventfd's 8-byte read buffer (`wake_buf`, boxed), and an entry's iovecs,
             // header and payload block (boxed or a Vec whose block is never freed or moved
             // while a command of the entry is queued: take_payload refuses then, and
@@ -259,6 +267,7 @@ impl FuseUring {
             .user_data(i as u64);
         let sqe = with_len(sqe, 2);
         e.queued = true;
+        e.given = true;
         self.push(sqe)
     }
 
@@ -468,11 +477,15 @@ impl Drop for FuseUring {
     fn drop(&mut self) {
         // Closing the ring cancels the queued commands, but the kernel may finish that after
         // close(2) returns (io_uring's exit work): the buffers it was given are leaked
-        // rather than freed under it. One ring per mount, so this is bounded.
+        // rather than freed under it. One ring per mount, so this is bounded. An entry the
+        // kernel never took a command of (a registration refused with EAGAIN before
+        // FUSE_INIT was answered, retried: the rest of that attempt's entries) is freed.
         for e in self.ents.drain(..) {
-            std::mem::forget(e.header);
-            std::mem::forget(e.payload);
-            std::mem::forget(e.iov);
+            if e.given {
+                std::mem::forget(e.header);
+                std::mem::forget(e.payload);
+                std::mem::forget(e.iov);
+            }
         }
         std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
     }
