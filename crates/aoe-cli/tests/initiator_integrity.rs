@@ -1714,7 +1714,11 @@ fn err_reader(root: &Path) -> std::sync::mpsc::Receiver<io::Result<String>> {
 /// the backing file); a refused `interfaces` write (served on the side thread) then gives
 /// it its line. Then SIGQUIT with a dd reader, a dd writer and another waiting `err` read
 /// in flight: the daemon exits 0 within 10 s, each of them gets an answer (the dd's an
-/// error, the `err` read EINTR or an error), and ROOT is unmounted.
+/// error, the `err` read EINTR or a line), and ROOT is unmounted. With the ring on a
+/// thread of its own (before session 22) the daemon did not exit within the 10 s (three
+/// runs of three): as the code reads, that thread went on taking the dd's new requests
+/// after the network thread had stopped, and a command sent to a stopped network thread
+/// is dropped unanswered, so the device file stayed open and the unmount waited.
 #[test]
 fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() {
     let _u = aoe_testkit::fuseuring::FuseUring::enabled()
