@@ -25,7 +25,11 @@
 #   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
 #             with more than one, each run measures them in turn (interleaved, not one after
-#             the other), every row names its binary, and the target and raw generator stay $AOE
+#             the other), every row names its binary, and the target and raw generator stay $AOE;
+#             an entry that is not a file is a name: INIT_AOE_<name> (binary, default AOE) and
+#             INIT_ARGS_<name> (its own extra arguments, after INIT_ARGS), as in bench/fio.sh, e.g.
+#             INITS="fuser ring" INIT_ARGS_ring=--fuse-uring ENABLE_URING=Y
+#   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on exit)
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
@@ -80,17 +84,29 @@ done
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
 AOE=$(readlink -f "$AOE")
 INITS=${INITS:-$AOE}
-INIT_BINS=()
+INIT_BINS=() INIT_EXTRA=() INIT_NAMES=()
 for b in $INITS; do
-    [ -x "$b" ] || die "no initiator binary at $b"
-    INIT_BINS+=("$(readlink -f "$b")")
+    if [ -f "$b" ]; then
+        INIT_BINS+=("$(readlink -f "$b")") INIT_EXTRA+=("") INIT_NAMES+=("$(readlink -f "$b")")
+    else
+        # A name: its binary and arguments from INIT_AOE_<name> and INIT_ARGS_<name>.
+        a="INIT_AOE_$b" g="INIT_ARGS_$b"
+        [ -x "${!a:-$AOE}" ] || die "no initiator binary for $b (INIT_AOE_$b=${!a:-})"
+        INIT_BINS+=("$(readlink -f "${!a:-$AOE}")") INIT_EXTRA+=("${!g:-}") INIT_NAMES+=("$b")
+    fi
 done
 INIT_AOE=${INIT_BINS[0]}
+INIT_ARGS0=$INIT_ARGS
+ENABLE_URING=${ENABLE_URING:-}
+URING_PARAM=/sys/module/fuse/parameters/enable_uring URING_OLD=
 
 bench_workspace bi bench-initiator
 IP_T=10.91.0.1 IP_I=10.91.0.2
 SRC=/dev/shm/aoe-bench-initiator-$TAG.src
-cleanup_more() { rm -f "$SRC"; }
+cleanup_more() {
+    [ -n "$URING_OLD" ] && echo "$URING_OLD" >"$URING_PARAM"
+    rm -f "$SRC"
+}
 
 # CPU-seconds per GB of $1 ticks spent moving RUNS times SIZE_MB MiB (cpu_ticks, HZ: lib.sh).
 per_gb() {
@@ -227,6 +243,10 @@ raw_cpu() { # mtu target
     : >"$WORK/raw"
 }
 
+if [ -n "$ENABLE_URING" ]; then
+    [ -w "$URING_PARAM" ] || die "no $URING_PARAM (a kernel without FUSE over io_uring?)"
+    URING_OLD=$(cat "$URING_PARAM"); echo "$ENABLE_URING" >"$URING_PARAM"
+fi
 echo "backing file: $SIZE_MB MiB on tmpfs; $(nproc) CPUs; load $(load)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 [ "$WRITES" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
@@ -243,7 +263,7 @@ for mtu in $MTUS; do
         declare -A V=() TK=() TT=() TC=()
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do
-                INIT_AOE=${INIT_BINS[$k]}
+                INIT_AOE=${INIT_BINS[$k]} INIT_ARGS="$INIT_ARGS0 ${INIT_EXTRA[$k]}"
                 start_initiator
                 : >"$WORK/cl"
                 c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
@@ -282,7 +302,7 @@ for mtu in $MTUS; do
             med() { [ -n "${V[$1,$k]:-}" ] && printf '%s\n' ${V[$1,$k]} | median || echo -; }
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
             label=$t
-            [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_BINS[$k]}"
+            [ "${#INIT_BINS[@]}" -gt 1 ] && label="$t, initiator ${INIT_NAMES[$k]}"
             # CPU-s/GB of one party (array name) over the cells present: dev / nbd [/ devw / nbdw]
             cpus() {
                 local -n a=$1

@@ -1721,6 +1721,135 @@ fn sigkill_with_fuse_uring_fails_readers_and_writers_then_restart_serves() {
     rig.finish();
 }
 
+/// Reads one line of ROOT/err in a thread of its own (blocking until there is one); the
+/// line or the error comes through the receiver.
+fn err_reader(root: &Path) -> std::sync::mpsc::Receiver<io::Result<String>> {
+    let err = root.join("err");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fs::File::open(&err).and_then(|mut f| {
+            let mut buf = [0u8; 4096];
+            let n = f.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+/// With `--fuse-uring` the ring is served on the network thread, and every request but
+/// device-file I/O on a side thread that may wait: a read of `err` waiting for a line
+/// holds its ring entry while the whole device is read through the ring (every byte as in
+/// the backing file); a refused `interfaces` write (served on the side thread) then gives
+/// it its line. Then SIGQUIT with a dd reader, a dd writer and another waiting `err` read
+/// in flight: the daemon exits 0 within 10 s, each of them gets an answer (the dd's an
+/// error, the `err` read EINTR or a line), and ROOT is unmounted. With the ring on a
+/// thread of its own (before session 22) the daemon did not exit within the 10 s (three
+/// runs of three): as the code reads, that thread went on taking the dd's new requests
+/// after the network thread had stopped, and a command sent to a stopped network thread
+/// is dropped unanswered, so the device file stayed open and the unmount waited.
+#[test]
+fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    let opts = InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    };
+    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let log = rig.initiator_log();
+    assert!(
+        log.contains("FUSE requests through io_uring on the network thread"),
+        "the ring is not served on the network thread: {log}"
+    );
+    // The lines queued since the start, taken without waiting.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000) // O_NONBLOCK
+            .open(rig.root.join("err"))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        for _ in 0..1000 {
+            match f.read(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("O_NONBLOCK read of err: {e}"),
+            }
+        }
+    }
+    let waiting = err_reader(&rig.root);
+    let want = fs::read(&rig.file).unwrap();
+    for round in 0..3 {
+        let got = read_at(&rig.dev(), 0, want.len()).expect("read the device file");
+        assert!(got == want, "round {round}: the device file's bytes differ");
+    }
+    // Still waiting, unless the daemon had something to say meanwhile (then the next read
+    // waits for the refusal's line).
+    let mut waiting = waiting;
+    if let Ok(r) = waiting.try_recv() {
+        eprintln!("err answered during the reads: {r:?}");
+        waiting = err_reader(&rig.root);
+    }
+    let refused = fs::write(rig.root.join("interfaces"), "not/an/interface\n");
+    assert!(refused.is_err(), "a bad interface name was taken");
+    let line = waiting
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting err read was not answered")
+        .expect("the waiting err read failed");
+    assert!(!line.is_empty(), "an empty err line");
+
+    let dev = rig.dev().display().to_string();
+    let loop_dd = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while dd {args} bs=64k status=none; do :; done; exit 1"
+            ))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut reader = loop_dd(&format!("if={dev} of=/dev/null iflag=direct"));
+    let mut writer = loop_dd(&format!("if=/dev/zero of={dev} oflag=direct"));
+    let waiting = err_reader(&rig.root);
+    let file = rig.file.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            read_at(&file, 0, 65536).is_ok_and(|b| b.iter().all(|&x| x == 0))
+        }),
+        "the dd writer's data never reached the target{}",
+        rig.logs()
+    );
+    rig.signal_initiator("TERM");
+    wait_refusal(&rig);
+    rig.signal_initiator("QUIT");
+    initiator_exits_0(
+        &mut rig,
+        "after SIGQUIT with I/O in flight through the ring",
+    );
+    for (what, dd) in [("reader", &mut reader), ("writer", &mut writer)] {
+        let done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
+        if !done {
+            let _ = dd.kill();
+        }
+        assert!(done, "the dd {what} hangs 10 s after SIGQUIT");
+        assert!(
+            !dd.wait().unwrap().success(),
+            "the dd {what} succeeded across SIGQUIT"
+        );
+    }
+    // EINTR as the daemon stops (or a line it had to say before): answered either way.
+    if let Err(e) = waiting.recv_timeout(Duration::from_secs(10)) {
+        panic!("the waiting err read hangs after SIGQUIT: {e}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        "ROOT still mounted after SIGQUIT"
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // Device-file reads answered from the receive ring
 

@@ -152,7 +152,8 @@ fn invalidator(q: Arc<inval::Queue>, notifier: Arc<OnceLock<Notifier>>) {
     }
 }
 
-/// The file system. A clone shares everything (the FUSE-over-io_uring thread holds one).
+/// The file system. A clone shares everything (the FUSE-over-io_uring source and its side
+/// thread hold one).
 #[derive(Clone)]
 pub struct AoeFs {
     shared: Arc<Mutex<Shared>>,
@@ -1035,6 +1036,11 @@ impl AoeFs {
             BlockOp::Flush,
             Box::new(move |r| done(r.map(|_| ()).map_err(Errno::from_i32))),
         )
+    }
+
+    /// The handle on the network thread.
+    pub(crate) fn net(&self) -> &Handle {
+        &self.net
     }
 
     /// The state shared with the network thread.

@@ -109,8 +109,8 @@ impl Mount {
     /// a device file whose last reference the kernel drops a moment after its RELEASE
     /// reached us (`__fput` sends RELEASE before it lets go of the mount). Then ROOT is
     /// unmounted lazily, and the connection lives on until that last user lets go: the
-    /// FUSE io_uring thread, which ends only when the kernel ends its entries, is not waited
-    /// for (it ends with the process, as the fuser threads do). Waiting for it there hung
+    /// FUSE io_uring side thread, which may be serving that user, is not waited for (it
+    /// ends with the process, as the fuser threads do). Waiting for it there hung
     /// the daemon after SIGTERM for as long as the file stayed open.
     pub fn unmount(self) {
         drop(self.session);
@@ -130,7 +130,9 @@ impl Mount {
             .status();
         if let Some(r) = self.ring {
             if !busy {
-                // Unmounted, the kernel ends every entry's command (ENOTCONN) and the thread.
+                // The ring's source is gone by now (the network thread stopped, or every
+                // entry's command ended with ENOTCONN at the unmount), and with it the side
+                // thread's work: it ends.
                 r.join();
             }
         }

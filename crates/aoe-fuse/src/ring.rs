@@ -10,15 +10,27 @@
 //! A device-file WRITE's payload is the data the kernel copied out of the writer's pages;
 //! a READ's answer is gathered into the entry's payload, which the kernel copies into the
 //! reader's pages at the commit.
+//!
+//! The ring is served on the initiator's network thread ([`RingSource`], an
+//! [`aoe_initiator::net::Source`]): it registers the entries (so the kernel runs the
+//! requests' task work there), polls the ring's fd with its sockets, hands device-file I/O
+//! to the engine without a thread hop or an eventfd, and commits the answers. Nothing there
+//! may block, so every other request (LOOKUP, OPEN, a read of `err` that waits for a line,
+//! a write to `discover`, ...) goes to a side thread with its entry's payload block, and
+//! comes back with the answer in it for the network thread to commit: one thread pushes
+//! and submits every command of the ring.
 
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use aoe_initiator::net::{lock, ErrWaiter};
+use aoe_initiator::net::{lock, Cmd, ErrWaiter, Handle, Interest, Source};
 use aoe_proto::initiator::Lent;
-use aoe_sys::fuse_uring::{possible_cpus, FuseUring, Ready, OP_IN_AT};
+use aoe_sys::fuse_uring::{
+    possible_cpus, request_payload_len, FuseUring, Ready, HEADER_LEN, OP_IN_AT,
+};
 use fuser::{Errno, FileAttr, FileType};
 
 use crate::fs::{node, slice_at, AoeFs, Node, DIRECT_FH, ERR, INTERFACES, TTL};
@@ -276,24 +288,29 @@ pub(crate) fn encode_dirents(
     at
 }
 
-/// An answer that another thread completes, sent back to the ring's thread.
+/// An answer completed elsewhere (the engine, the side thread, a waiter of `err`), for the
+/// network thread to commit in the ring source's next run.
 enum Answer {
-    /// Bytes to put in the payload: a line of `err` (`false`), or a device read (`true`):
-    /// the entry's own payload block, or else the engine's buffer, recycled after.
-    Data(usize, Result<Vec<u8>, Errno>, bool),
+    /// Bytes to put in the payload of a device read: the entry's own payload block, or
+    /// else the engine's buffer, recycled after.
+    Data(usize, Result<Vec<u8>, Errno>),
     /// A write's count.
     Written(usize, Result<u32, Errno>),
     /// A lent payload back ([`Lent`]).
     Home(usize, Vec<u8>),
     /// An empty answer (fsync).
     Empty(usize, Result<(), Errno>),
+    /// The side thread's answer: the entry's payload block back, the answer's bytes at its
+    /// start, or the error.
+    Side(usize, Vec<u8>, Result<usize, Errno>),
 }
 
-/// The sender of answers to the ring's thread.
+/// The sender of answers to the ring source.
 #[derive(Clone)]
 struct Answers {
     tx: crossbeam_channel::Sender<Answer>,
-    wake: Arc<aoe_sys::EventFd>,
+    /// Wakes the network thread (a no-op on it: it asks its sources before it sleeps).
+    net: Handle,
     /// A wake-up is on its way and the channel not yet drained: no other needed (a write
     /// sends two answers, its buffer home and its count, often back to back).
     woken: Arc<AtomicBool>,
@@ -301,84 +318,88 @@ struct Answers {
 
 impl Answers {
     fn send(&self, a: Answer) {
-        // Only once the ring's thread is gone is the receiver gone too: nobody to answer.
+        // Only once the source is gone is the receiver gone too: nobody to answer.
         if self.tx.send(a).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
-            let _ = self.wake.notify();
+            self.net.wake();
         }
     }
 }
 
-/// A read of `err` waiting for a line, answered through the ring.
-struct RingErrReply(Answers, usize);
+/// A read of `err` waiting for a line, answered into the entry's payload block.
+struct RingErrReply(Answers, usize, Vec<u8>);
 
 impl ErrWaiter for RingErrReply {
     fn line(self: Box<Self>, line: &[u8]) {
-        self.0.send(Answer::Data(self.1, Ok(line.to_vec()), false));
+        let RingErrReply(answers, i, mut payload) = *self;
+        let n = line.len().min(payload.len());
+        payload[..n].copy_from_slice(&line[..n]);
+        answers.send(Answer::Side(i, payload, Ok(n)));
     }
     fn interrupted(self: Box<Self>) {
-        self.0.send(Answer::Data(self.1, Err(Errno::EINTR), false));
+        let RingErrReply(answers, i, payload) = *self;
+        answers.send(Answer::Side(i, payload, Err(Errno::EINTR)));
     }
 }
 
 /// Entries per queue: the writes and reads in flight at once per CPU.
 pub(crate) const PER_QUEUE: u16 = 32;
 
-/// The ring's thread, started once the kernel has answered `FUSE_INIT`.
+/// How long the ring's registration waits for `FUSE_INIT` to be answered (`EAGAIN` until
+/// then) before it gives up with that error.
+const INIT_WAIT: Duration = Duration::from_secs(10);
+
+/// A request the network thread hands to the side thread: the entry, a copy of its header,
+/// its payload block (lent) and the payload's length.
+struct Job {
+    i: usize,
+    hdr: Box<[u8; HEADER_LEN]>,
+    payload: Vec<u8>,
+    len: usize,
+}
+
+/// The ring's side thread: serves every request but device-file I/O, which may block
+/// (a control write waits for the network thread's answer), started once the ring is
+/// registered on the network thread.
 pub(crate) struct RingThread {
     join: std::thread::JoinHandle<()>,
 }
 
-/// How long the ring's registration waits for `FUSE_INIT` to be answered (`EAGAIN` until
-/// then) before it gives up with that error.
-const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl RingThread {
     /// Registers the ring on the connection `fuse` (a dup of the session's `/dev/fuse` fd)
-    /// and starts its thread; fails (with the cause, naming the module parameter where it
-    /// is the cause) if the kernel refuses.
-    pub(crate) fn start(fs: AoeFs, fuse: std::os::fd::OwnedFd, payload: usize) -> Result<Self> {
+    /// on the network thread, which serves it from then on ([`RingSource`]), and starts the
+    /// side thread; fails (with the cause, naming the module parameter where it is the
+    /// cause) if the kernel refuses.
+    pub(crate) fn start(fs: AoeFs, fuse: OwnedFd, payload: usize) -> Result<Self> {
         let queues = possible_cpus().context("cannot count the possible CPUs")?;
         let (ok_tx, ok_rx) = crossbeam_channel::bounded(1);
-        let join = std::thread::Builder::new()
-            .name("fuse-uring".into())
-            .spawn(move || {
-                // FUSE_INIT is answered by fuser's thread at once; a connection that is not
-                // initialized by then never will be (unmounted, aborted).
-                let deadline = std::time::Instant::now() + INIT_WAIT;
-                let ring = loop {
-                    let dup = match fuse.try_clone() {
-                        Ok(f) => f,
-                        Err(e) => {
-                            let _ = ok_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    match FuseUring::new(dup, queues, PER_QUEUE, payload) {
-                        // FUSE_INIT's answer written but not yet processed by the kernel.
-                        Err(e)
-                            if e.raw_os_error() == Some(libc::EAGAIN)
-                                && std::time::Instant::now() < deadline =>
-                        {
-                            std::thread::yield_now();
-                            continue;
-                        }
-                        Err(e) => {
-                            let _ = ok_tx.send(Err(e));
-                            return;
-                        }
-                        Ok(r) => break r,
-                    }
-                };
-                let _ = ok_tx.send(Ok(()));
-                tracing::info!(
-                    "FUSE requests through io_uring: {} entries on {queues} queues",
-                    ring.len()
-                );
-                run(fs, ring);
-            })
-            .context("cannot start the FUSE io_uring thread")?;
-        match ok_rx.recv() {
-            Ok(Ok(())) => Ok(RingThread { join }),
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let answers = Answers {
+            tx,
+            net: fs.net().clone(),
+            woken: Arc::new(AtomicBool::new(false)),
+        };
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        let src = RingSource {
+            fs: fs.clone(),
+            fuse: Some(fuse),
+            queues,
+            payload,
+            deadline: Instant::now() + INIT_WAIT,
+            registered: Some(ok_tx),
+            ring: None,
+            live: 0,
+            state: State {
+                lent: Vec::new(),
+                waiting: Vec::new(),
+            },
+            answers: answers.clone(),
+            rx,
+            side: job_tx,
+            ready: Vec::new(),
+        };
+        fs.net().send(Cmd::AddSource(Box::new(src)));
+        match ok_rx.recv_timeout(INIT_WAIT + Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
             Ok(Err(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => bail!(
                 "FUSE over io_uring is disabled in this kernel: \
                  /sys/module/fuse/parameters/enable_uring is N (root may set it to Y): {e}"
@@ -387,52 +408,160 @@ impl RingThread {
                 "the kernel refused FUSE over io_uring (a kernel before 6.14, or without \
                  io_uring or CONFIG_FUSE_IO_URING?): {e}"
             ),
-            Err(_) => bail!("the FUSE io_uring thread ended before registering"),
+            Err(_) => bail!("the network thread did not register the FUSE io_uring"),
         }
+        let join = std::thread::Builder::new()
+            .name("fuse-uring".into())
+            .spawn(move || side(fs, job_rx, answers))
+            .context("cannot start the FUSE io_uring side thread")?;
+        Ok(RingThread { join })
     }
 
-    /// Waits for the thread, which ends when the file system is unmounted.
+    /// Waits for the side thread, which ends once the ring source is gone (unmounted, or
+    /// the network thread stopped).
     pub(crate) fn join(self) {
         let _ = self.join.join();
     }
 }
 
-/// Serves requests until every entry has failed (unmounted).
-fn run(fs: AoeFs, mut ring: FuseUring) {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let answers = Answers {
-        tx,
-        wake: ring.waker(),
-        woken: Arc::new(AtomicBool::new(false)),
-    };
-    let mut live = ring.len();
-    let mut state = State {
-        lent: vec![false; ring.len()],
-        waiting: (0..ring.len()).map(|_| None).collect(),
-    };
-    let mut ready = Vec::new();
-    while live > 0 {
-        if let Err(e) = ring.wait(&mut ready) {
-            tracing::error!("FUSE io_uring: {e}");
-            return;
+/// The FUSE ring served on the initiator's network thread: the ring's fd is polled with the
+/// interfaces' sockets, a device-file READ, WRITE or FSYNC goes from its entry straight to
+/// the engine ([`AoeFs::read_dev`], [`AoeFs::write_dev`]), and its completion, on the same
+/// thread, is committed with the next run, without a thread of its own in between. Every
+/// other request goes to the side thread with its payload block, and comes back with it.
+///
+/// Only this thread pushes and submits the ring's commands (it created the ring, a
+/// single-issuer one); answers completed elsewhere come through `answers` (waking the
+/// thread where they come from another thread).
+struct RingSource {
+    fs: AoeFs,
+    /// The connection, until the ring is registered on it.
+    fuse: Option<OwnedFd>,
+    queues: u16,
+    payload: usize,
+    /// Registration gives up on `EAGAIN` (`FUSE_INIT` not yet answered) after this.
+    deadline: Instant,
+    /// Where the registration's outcome goes ([`RingThread::start`] waits for it).
+    registered: Option<crossbeam_channel::Sender<std::io::Result<()>>>,
+    ring: Option<FuseUring>,
+    /// Entries whose command has not failed (the file system is mounted while any is).
+    live: usize,
+    state: State,
+    answers: Answers,
+    rx: crossbeam_channel::Receiver<Answer>,
+    side: crossbeam_channel::Sender<Job>,
+    ready: Vec<Ready>,
+}
+
+impl RingSource {
+    /// Registers the ring; false when that failed for good (reported to the mount).
+    fn register(&mut self) -> bool {
+        let Some(fuse) = &self.fuse else {
+            return false;
+        };
+        let r = fuse
+            .try_clone()
+            .and_then(|dup| FuseUring::new(dup, self.queues, PER_QUEUE, self.payload));
+        match r {
+            // FUSE_INIT's answer written but not yet processed by the kernel: the next
+            // pass of the loop tries again.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < self.deadline => {
+                true
+            }
+            Err(e) => {
+                if let Some(tx) = self.registered.take() {
+                    let _ = tx.send(Err(e));
+                }
+                false
+            }
+            Ok(ring) => {
+                tracing::info!(
+                    "FUSE requests through io_uring on the network thread: {} entries on {} \
+                     queues",
+                    ring.len(),
+                    self.queues
+                );
+                self.live = ring.len();
+                self.state = State {
+                    lent: vec![false; ring.len()],
+                    waiting: (0..ring.len()).map(|_| None).collect(),
+                };
+                self.ring = Some(ring);
+                self.fuse = None;
+                if let Some(tx) = self.registered.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                true
+            }
         }
-        for r in ready.drain(..) {
+    }
+
+    /// Commits the answers that came in, and hands the commits to the kernel.
+    fn answer(&mut self) {
+        let Some(ring) = &mut self.ring else {
+            return;
+        };
+        // Cleared before the channel is drained: an answer sent after this wakes again.
+        self.answers.woken.store(false, Ordering::Release);
+        while let Ok(a) = self.rx.try_recv() {
+            finish(&self.fs, ring, &mut self.state, a);
+        }
+        if let Err(e) = ring.submit() {
+            tracing::warn!("FUSE io_uring submit: {e}");
+        }
+    }
+}
+
+impl Source for RingSource {
+    fn fd(&self) -> RawFd {
+        self.ring.as_ref().map_or(-1, FuseUring::ring_fd)
+    }
+
+    fn interest(&mut self) -> Interest {
+        match &self.ring {
+            None => Interest::Now,
+            Some(r) if r.has_unsubmitted() || !self.rx.is_empty() => Interest::Now,
+            Some(_) => Interest::Read,
+        }
+    }
+
+    fn run(&mut self) -> bool {
+        if self.ring.is_none() && (!self.register() || self.ring.is_none()) {
+            return self.fuse.is_some();
+        }
+        let Some(ring) = &mut self.ring else {
+            return false;
+        };
+        if let Err(e) = ring.reap(&mut self.ready) {
+            tracing::error!("FUSE io_uring: {e}");
+            return false;
+        }
+        for r in std::mem::take(&mut self.ready) {
             match r {
-                Ready::Request(i) => serve(&fs, &mut ring, &mut state, &answers, i),
+                Ready::Request(i) => serve(
+                    &self.fs,
+                    ring,
+                    &mut self.state,
+                    &self.answers,
+                    &self.side,
+                    i,
+                ),
                 Ready::Woken => {}
                 Ready::Failed(_, e) => {
-                    live -= 1;
+                    self.live -= 1;
                     if e != libc::ENOTCONN && e != libc::ECANCELED {
                         tracing::warn!("FUSE io_uring entry failed: errno {e}");
                     }
                 }
             }
         }
-        // Cleared before the channel is drained: an answer sent after this wakes again.
-        answers.woken.store(false, Ordering::Release);
-        while let Ok(a) = rx.try_recv() {
-            finish(&fs, &mut ring, &mut state, a);
-        }
+        self.answer();
+        self.live > 0
+    }
+
+    /// The network thread stops: the I/O it failed is answered (EIO) before the ring goes.
+    fn stopping(&mut self) {
+        self.answer();
     }
 }
 
@@ -447,7 +576,7 @@ fn commit(ring: &mut FuseUring, i: usize, r: Result<usize, Errno>) {
     }
 }
 
-/// Per entry: whether its payload is lent out, and an answer waiting for it.
+/// Per entry: whether its payload is lent to the engine, and an answer waiting for it.
 struct State {
     lent: Vec<bool>,
     waiting: Vec<Option<Answer>>,
@@ -457,7 +586,7 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
     match a {
         // A device read into the entry's own block: the block is home again, the bytes in
         // place.
-        Answer::Data(i, Ok(d), true) if state.lent[i] => {
+        Answer::Data(i, Ok(d)) if state.lent[i] => {
             let n = d.len();
             match ring.put_payload(i, d) {
                 Ok(()) => {
@@ -465,21 +594,19 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
                     commit(ring, i, Ok(n))
                 }
                 // Another buffer (an empty read): answered once the block is home.
-                Err(d) => state.waiting[i] = Some(Answer::Data(i, Ok(d), true)),
+                Err(d) => state.waiting[i] = Some(Answer::Data(i, Ok(d))),
             }
         }
-        a @ (Answer::Data(i, ..) | Answer::Written(i, _)) if state.lent[i] => {
+        a @ (Answer::Data(i, _) | Answer::Written(i, _)) if state.lent[i] => {
             state.waiting[i] = Some(a)
         }
-        Answer::Data(i, r, recycle) => {
+        Answer::Data(i, r) => {
             let r = match r {
                 Ok(d) => {
                     let out = ring.payload_mut(i).unwrap_or_default();
                     let n = d.len().min(out.len());
                     out[..n].copy_from_slice(&d[..n]);
-                    if recycle {
-                        fs.recycle(d);
-                    }
+                    fs.recycle(d);
                     Ok(n)
                 }
                 Err(e) => Err(e),
@@ -502,188 +629,37 @@ fn finish(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, a: Answer) {
             }
         }
         Answer::Empty(i, r) => commit(ring, i, r.map(|()| 0)),
+        Answer::Side(i, b, r) => {
+            if ring.put_payload(i, b).is_err() {
+                tracing::error!("FUSE io_uring: entry {i} got a foreign buffer back");
+                return;
+            }
+            commit(ring, i, r)
+        }
     }
 }
 
-/// Answers the request in entry `i`, now or (device I/O, `err`) through `answers` later.
-fn serve(fs: &AoeFs, ring: &mut FuseUring, state: &mut State, answers: &Answers, i: usize) {
-    // (Entries are served only when their payload is home: a request arrives in an entry
-    // only after its commit, which needs the block.)
-    let hdr = *ring.header(i);
-    let Some(h) = InHeader::parse(&hdr) else {
-        return commit(ring, i, Err(Errno::EIO));
-    };
-    let op_in = &hdr[OP_IN_AT..OP_IN_AT + 128];
-    let ino = h.nodeid;
-    let r: Result<usize, Errno> = match h.opcode {
-        op::LOOKUP => {
-            let name = ring.payload(i).unwrap_or_default();
-            let name = name.split(|b| *b == 0).next().unwrap_or_default();
-            match std::str::from_utf8(name)
-                .ok()
-                .and_then(|n| fs.lookup_attr(ino, n))
-            {
-                Some(a) => Ok(encode_entry_out(
-                    &a,
-                    ring.payload_mut(i).unwrap_or_default(),
-                )),
-                None => Err(Errno::ENOENT),
-            }
-        }
-        // Like a block device: truncation changes nothing (see the fuser `setattr`).
-        op::GETATTR | op::SETATTR => match node(ino).and_then(|n| fs.getattr_node(n)) {
-            Some(a) => Ok(encode_attr_out(&a, ring.payload_mut(i).unwrap_or_default())),
-            None => Err(Errno::ENOENT),
-        },
-        op::OPEN => match fs.open_node(ino, open_in_flags(op_in) as i32) {
-            Ok((fh, f)) => Ok(encode_open_out(
-                fh,
-                f.bits(),
-                ring.payload_mut(i).unwrap_or_default(),
-            )),
-            Err(e) => Err(e),
-        },
-        op::OPENDIR => Ok(encode_open_out(
-            0,
-            0,
-            ring.payload_mut(i).unwrap_or_default(),
-        )),
-        op::RELEASE => {
-            fs.release_node(ino, release_in_fh(op_in));
-            Ok(0)
-        }
-        op::RELEASEDIR | op::FLUSH | op::FSYNCDIR | op::DESTROY => Ok(0),
-        op::STATFS => Ok(encode_statfs_out(ring.payload_mut(i).unwrap_or_default())),
-        op::GETXATTR => Err(Errno::ENODATA),
-        op::LISTXATTR => {
-            if getxattr_in_size(op_in) == 0 {
-                Ok(encode_size_out(0, ring.payload_mut(i).unwrap_or_default()))
-            } else {
-                Ok(0)
-            }
-        }
-        op::READDIR => {
-            let rd = ReadIn::parse(op_in);
-            match fs.dir_entries(ino) {
-                Some(all) => Ok(encode_dirents(
-                    &all,
-                    rd.offset,
-                    rd.size as usize,
-                    ring.payload_mut(i).unwrap_or_default(),
-                )),
-                None => Err(Errno::ENOTDIR),
-            }
-        }
-        op::FSYNC => match node(ino) {
-            Some(Node::Dev(a, _)) => {
-                let ans = answers.clone();
-                fs.flush_dev(a, Box::new(move |r| ans.send(Answer::Empty(i, r))));
-                return;
-            }
-            _ => Ok(0),
-        },
-        op::READ => {
-            let rd = ReadIn::parse(op_in);
-            match read(fs, ring, state, answers, i, ino, &h, rd) {
-                Some(r) => r.map(|d| {
-                    let out = ring.payload_mut(i).unwrap_or_default();
-                    let n = d.len().min(out.len());
-                    out[..n].copy_from_slice(&d[..n]);
-                    n
-                }),
-                None => return,
-            }
-        }
-        op::WRITE => {
-            let w = WriteIn::parse(op_in);
-            let data = ring.payload(i).unwrap_or_default();
-            let len = (w.size as usize).min(data.len());
-            match node(ino) {
-                Some(Node::Fixed(which)) => match fs.control_write(which, &data[..len]) {
-                    Ok(()) => Ok(encode_size_out(
-                        len as u32,
-                        ring.payload_mut(i).unwrap_or_default(),
-                    )),
-                    Err(e) => Err(e),
-                },
-                Some(Node::Dev(a, p)) => {
-                    let inval =
-                        (w.fh == DIRECT_FH && fs.cached_opens().contains_key(&ino)).then_some(ino);
-                    // The payload goes to the engine as it is, and comes back (Answer::Home)
-                    // when the engine is done with it, whatever happens to the write: only
-                    // then is the entry answered, the kernel writing the next request there.
-                    let Some(buf) = ring.take_payload(i) else {
-                        return commit(ring, i, Err(Errno::EIO));
-                    };
-                    let home = answers.clone();
-                    let mut lent = Lent::new(buf, Box::new(move |b| home.send(Answer::Home(i, b))));
-                    lent.truncate(len);
-                    state.lent[i] = true;
-                    let ans = answers.clone();
-                    fs.write_dev(
-                        a,
-                        p,
-                        w.offset,
-                        len,
-                        move |n| {
-                            lent.truncate(n);
-                            lent
-                        },
-                        inval,
-                        Box::new(move |r| ans.send(Answer::Written(i, r))),
-                    );
-                    return;
-                }
-                _ => Err(Errno::EACCES),
-            }
-        }
-        _ => Err(Errno::ENOSYS),
-    };
-    commit(ring, i, r)
-}
-
-/// A READ: the bytes now (Some), or None when the answer comes later through `answers`.
-#[allow(clippy::too_many_arguments)]
-fn read(
+/// Serves the request in entry `i` on the network thread: device-file I/O goes to the
+/// engine (answered through `answers`), FLUSH is answered at once, anything else goes to
+/// the side thread with the entry's payload block.
+fn serve(
     fs: &AoeFs,
     ring: &mut FuseUring,
     state: &mut State,
     answers: &Answers,
+    side: &crossbeam_channel::Sender<Job>,
     i: usize,
-    ino: u64,
-    h: &InHeader,
-    rd: ReadIn,
-) -> Option<Result<Vec<u8>, Errno>> {
-    match node(ino) {
-        Some(Node::Fixed(ERR)) => {
-            let mut s = lock(fs.shared());
-            match s.err.pop_front() {
-                Some(line) => Some(Ok(line.into_bytes())),
-                // aoechr.c `aoechr_read`: O_NDELAY and nothing queued is EAGAIN.
-                None if rd.flags as i32 & libc::O_NONBLOCK != 0 => Some(Err(Errno::EAGAIN)),
-                None => {
-                    s.err_waiters
-                        .push((h.pid, Box::new(RingErrReply(answers.clone(), i))));
-                    None
-                }
-            }
-        }
-        Some(Node::Fixed(INTERFACES)) => {
-            let text = {
-                let s = lock(fs.shared());
-                if s.iflist.is_empty() {
-                    String::new()
-                } else {
-                    s.iflist.join(" ") + "\n"
-                }
-            };
-            Some(Ok(slice_at(text.as_bytes(), rd.offset, rd.size).to_vec()))
-        }
-        Some(Node::Attr(a, k)) => Some(match fs.attr_bytes(a, k) {
-            Some(v) => Ok(slice_at(&v, rd.offset, rd.size).to_vec()),
-            None => Err(Errno::ENOENT),
-        }),
-        Some(Node::Dev(a, p)) => {
+) {
+    // (Entries are served only when their payload is home: a request arrives in an entry
+    // only after its commit, which needs the block.)
+    let hdr = ring.header(i);
+    let Some(h) = InHeader::parse(hdr) else {
+        return commit(ring, i, Err(Errno::EIO));
+    };
+    let op_in = &hdr[OP_IN_AT..OP_IN_AT + 128];
+    match (h.opcode, node(h.nodeid)) {
+        (op::READ, Some(Node::Dev(a, p))) => {
+            let rd = ReadIn::parse(op_in);
             // Read into the entry's payload: the engine fills it where it is, and the block
             // comes back with the bytes (or, failed, goes home), then the entry is answered.
             let into = ring.take_payload(i).map(|buf| {
@@ -698,12 +674,199 @@ fn read(
                 rd.offset,
                 rd.size,
                 into,
-                Box::new(move |r| ans.send(Answer::Data(i, r, true))),
+                Box::new(move |r| ans.send(Answer::Data(i, r))),
             );
-            None
         }
-        Some(Node::Fixed(_)) => Some(Ok(Vec::new())),
-        _ => Some(Err(Errno::EISDIR)),
+        (op::WRITE, Some(Node::Dev(a, p))) => {
+            let w = WriteIn::parse(op_in);
+            let ino = h.nodeid;
+            let len = (w.size as usize).min(ring.payload(i).map_or(0, <[u8]>::len));
+            let inval = (w.fh == DIRECT_FH && fs.cached_opens().contains_key(&ino)).then_some(ino);
+            // The payload goes to the engine as it is, and comes back (Answer::Home) when
+            // the engine is done with it, whatever happens to the write: only then is the
+            // entry answered, the kernel writing the next request there.
+            let Some(buf) = ring.take_payload(i) else {
+                return commit(ring, i, Err(Errno::EIO));
+            };
+            let home = answers.clone();
+            let mut lent = Lent::new(buf, Box::new(move |b| home.send(Answer::Home(i, b))));
+            lent.truncate(len);
+            state.lent[i] = true;
+            let ans = answers.clone();
+            fs.write_dev(
+                a,
+                p,
+                w.offset,
+                len,
+                move |n| {
+                    lent.truncate(n);
+                    lent
+                },
+                inval,
+                Box::new(move |r| ans.send(Answer::Written(i, r))),
+            );
+        }
+        (op::FSYNC, Some(Node::Dev(a, _))) => {
+            let ans = answers.clone();
+            fs.flush_dev(a, Box::new(move |r| ans.send(Answer::Empty(i, r))));
+        }
+        (op::FLUSH, _) => commit(ring, i, Ok(0)),
+        _ => {
+            let hdr = Box::new(*hdr);
+            let len = request_payload_len(&hdr);
+            let Some(payload) = ring.take_payload(i) else {
+                return commit(ring, i, Err(Errno::EIO));
+            };
+            let job = Job {
+                i,
+                hdr,
+                payload,
+                len,
+            };
+            if let Err(crossbeam_channel::SendError(job)) = side.send(job) {
+                // The side thread is gone (it never fails while the source lives).
+                if ring.put_payload(i, job.payload).is_ok() {
+                    commit(ring, i, Err(Errno::EIO));
+                }
+            }
+        }
+    }
+}
+
+/// The side thread: serves what the network thread hands it until the ring source goes.
+fn side(fs: AoeFs, jobs: crossbeam_channel::Receiver<Job>, answers: Answers) {
+    while let Ok(job) = jobs.recv() {
+        serve_side(&fs, &answers, job);
+    }
+}
+
+/// Answers a request other than device-file I/O, into its payload block, which goes back
+/// to the network thread with the answer (or, a read of `err` waiting for a line, with the
+/// line later).
+fn serve_side(fs: &AoeFs, answers: &Answers, job: Job) {
+    let Job {
+        i,
+        hdr,
+        mut payload,
+        len,
+    } = job;
+    let len = len.min(payload.len());
+    let Some(h) = InHeader::parse(&hdr[..]) else {
+        return answers.send(Answer::Side(i, payload, Err(Errno::EIO)));
+    };
+    let op_in = &hdr[OP_IN_AT..OP_IN_AT + 128];
+    let ino = h.nodeid;
+    let out = &mut payload[..];
+    let r: Result<usize, Errno> = match h.opcode {
+        op::LOOKUP => {
+            let name = out[..len].split(|b| *b == 0).next().unwrap_or_default();
+            match std::str::from_utf8(name)
+                .ok()
+                .and_then(|n| fs.lookup_attr(ino, n))
+            {
+                Some(a) => Ok(encode_entry_out(&a, out)),
+                None => Err(Errno::ENOENT),
+            }
+        }
+        // Like a block device: truncation changes nothing (see the fuser `setattr`).
+        op::GETATTR | op::SETATTR => match node(ino).and_then(|n| fs.getattr_node(n)) {
+            Some(a) => Ok(encode_attr_out(&a, out)),
+            None => Err(Errno::ENOENT),
+        },
+        op::OPEN => match fs.open_node(ino, open_in_flags(op_in) as i32) {
+            Ok((fh, f)) => Ok(encode_open_out(fh, f.bits(), out)),
+            Err(e) => Err(e),
+        },
+        op::OPENDIR => Ok(encode_open_out(0, 0, out)),
+        op::RELEASE => {
+            fs.release_node(ino, release_in_fh(op_in));
+            Ok(0)
+        }
+        op::RELEASEDIR | op::FLUSH | op::FSYNC | op::FSYNCDIR | op::DESTROY => Ok(0),
+        op::STATFS => Ok(encode_statfs_out(out)),
+        op::GETXATTR => Err(Errno::ENODATA),
+        op::LISTXATTR => {
+            if getxattr_in_size(op_in) == 0 {
+                Ok(encode_size_out(0, out))
+            } else {
+                Ok(0)
+            }
+        }
+        op::READDIR => {
+            let rd = ReadIn::parse(op_in);
+            match fs.dir_entries(ino) {
+                Some(all) => Ok(encode_dirents(&all, rd.offset, rd.size as usize, out)),
+                None => Err(Errno::ENOTDIR),
+            }
+        }
+        op::READ if matches!(node(ino), Some(Node::Fixed(ERR))) => {
+            let rd = ReadIn::parse(op_in);
+            let mut s = lock(fs.shared());
+            match s.err.pop_front() {
+                Some(line) => {
+                    drop(s);
+                    let n = line.len().min(out.len());
+                    out[..n].copy_from_slice(&line.as_bytes()[..n]);
+                    Ok(n)
+                }
+                // aoechr.c `aoechr_read`: O_NDELAY and nothing queued is EAGAIN.
+                None if rd.flags as i32 & libc::O_NONBLOCK != 0 => Err(Errno::EAGAIN),
+                None => {
+                    // Its waiter answers it, with the payload block, when a line comes.
+                    s.err_waiters
+                        .push((h.pid, Box::new(RingErrReply(answers.clone(), i, payload))));
+                    return;
+                }
+            }
+        }
+        op::READ => match read_side(fs, ino, ReadIn::parse(op_in)) {
+            Ok(d) => {
+                let n = d.len().min(out.len());
+                out[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            Err(e) => Err(e),
+        },
+        op::WRITE => {
+            let w = WriteIn::parse(op_in);
+            let len = (w.size as usize).min(len);
+            match node(ino) {
+                Some(Node::Fixed(which)) => match fs.control_write(which, &out[..len]) {
+                    Ok(()) => Ok(encode_size_out(len as u32, out)),
+                    Err(e) => Err(e),
+                },
+                // Device files are written on the network thread (serve).
+                Some(Node::Dev(..)) => Err(Errno::EIO),
+                _ => Err(Errno::EACCES),
+            }
+        }
+        _ => Err(Errno::ENOSYS),
+    };
+    answers.send(Answer::Side(i, payload, r))
+}
+
+/// A READ of anything but a device file or `err`: the bytes.
+fn read_side(fs: &AoeFs, ino: u64, rd: ReadIn) -> Result<Vec<u8>, Errno> {
+    match node(ino) {
+        Some(Node::Fixed(INTERFACES)) => {
+            let text = {
+                let s = lock(fs.shared());
+                if s.iflist.is_empty() {
+                    String::new()
+                } else {
+                    s.iflist.join(" ") + "\n"
+                }
+            };
+            Ok(slice_at(text.as_bytes(), rd.offset, rd.size).to_vec())
+        }
+        Some(Node::Attr(a, k)) => match fs.attr_bytes(a, k) {
+            Some(v) => Ok(slice_at(&v, rd.offset, rd.size).to_vec()),
+            None => Err(Errno::ENOENT),
+        },
+        // Device files are read on the network thread (serve).
+        Some(Node::Dev(..)) => Err(Errno::EIO),
+        Some(Node::Fixed(_)) => Ok(Vec::new()),
+        _ => Err(Errno::EISDIR),
     }
 }
 

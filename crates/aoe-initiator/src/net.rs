@@ -87,7 +87,8 @@ pub enum Interest {
 /// A front-end's connection served on the network thread itself: a pollable fd and a
 /// handler the loop calls when it is ready, so that a request goes from the client's
 /// socket to [`Engine::submit`] on one thread, without a reader thread's wake-up and a
-/// command channel's eventfd in between (the NBD server's transmission phase, `aoe-nbd`).
+/// command channel's eventfd in between (the NBD server's transmission phase, `aoe-nbd`;
+/// the FUSE ring under `--fuse-uring`, `aoe-fuse`).
 ///
 /// On the network thread every [`Handle`] submits directly: [`Handle::io`],
 /// [`Handle::read_held`] and everything built on them ([`crate::blockdev::BlockDevice`],
@@ -107,6 +108,10 @@ pub trait Source: Send {
     /// Reads, parses and submits what it can without blocking, and returns; false when the
     /// source is finished (the loop drops it).
     fn run(&mut self) -> bool;
+    /// Called once as the thread stops, after the I/O still in flight has failed
+    /// (`EIO`) and before the source is dropped: a source that answers its clients from
+    /// the thread itself sends those answers here (the FUSE ring, `aoe-fuse`).
+    fn stopping(&mut self) {}
 }
 
 thread_local! {
@@ -1377,8 +1382,13 @@ impl Net {
                         copied_wait = c.copied_wait,
                         "network thread loop"
                     );
-                    self.sources.clear();
+                    // The I/O in flight fails first, so that a source answering on this
+                    // thread can still send those answers before it is dropped.
                     self.fail_all();
+                    for s in &mut self.sources {
+                        s.stopping();
+                    }
+                    self.sources.clear();
                     return;
                 }
                 self.command(cmd);

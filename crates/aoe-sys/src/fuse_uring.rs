@@ -25,7 +25,7 @@
 //! - `FORGET`, `BATCH_FORGET` and `INTERRUPT` still go through `read(2)` of `/dev/fuse`.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -76,6 +76,9 @@ struct Ent {
     iov: Box<[libc::iovec; 2]>,
     /// A command of this entry is with the kernel (it may write the buffers).
     queued: bool,
+    /// The kernel took a command of this entry at some point: it may know the buffers'
+    /// addresses until the ring is gone (see Drop).
+    given: bool,
     /// The commit_id of the request the entry holds.
     commit_id: u64,
 }
@@ -93,6 +96,15 @@ pub struct FuseUring {
     /// Completions reaped during registration, for the first [`FuseUring::wait`].
     early: Vec<(u64, i32)>,
 }
+
+// SAFETY: what keeps FuseUring from being Send automatically is the raw pointers of the
+// iovecs kept for the kernel (`Ent::iov`); they point into the entries' own heap blocks
+// (header box, payload Vec), which do not move when the FuseUring moves to another thread.
+// Every method takes `&mut self` or `&self` without interior mutability, so moving it is
+// the only cross-thread use. A ring set up with IORING_SETUP_SINGLE_ISSUER refuses a
+// submission from another thread than the one that created it with EEXIST (an error, not
+// undefined behaviour); the network thread creates and uses it (aoe-fuse `ring`).
+unsafe impl Send for FuseUring {}
 
 impl std::fmt::Debug for FuseUring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -155,6 +167,7 @@ impl FuseUring {
                     block,
                     iov,
                     queued: false,
+                    given: false,
                     commit_id: 0,
                 });
             }
@@ -193,7 +206,9 @@ impl FuseUring {
                 .collect();
             for (ud, res) in done {
                 if ud == i as u64 && res < 0 {
+                    // Refused at issue: the kernel kept nothing of it.
                     u.ents[i].queued = false;
+                    u.ents[i].given = false;
                     return Err(io::Error::from_raw_os_error(-res));
                 }
                 u.early.push((ud, res));
@@ -221,7 +236,9 @@ impl FuseUring {
     fn push(&mut self, sqe: squeue::Entry128) -> io::Result<()> {
         loop {
             // SAFETY: every SQE pushed here points only into memory this ring keeps for its
-            // whole life and, once the ring is dropped, never frees (see Drop): the
+            // whole life and, once the ring is dropped, never frees (see Drop; an entry is
+            // marked `given` before its SQE is pushed, and only entries never given, or
+            // refused at issue, are freed): the
             // eventfd's 8-byte read buffer (`wake_buf`, boxed), and an entry's iovecs,
             // header and payload block (boxed or a Vec whose block is never freed or moved
             // while a command of the entry is queued: take_payload refuses then, and
@@ -250,6 +267,7 @@ impl FuseUring {
             .user_data(i as u64);
         let sqe = with_len(sqe, 2);
         e.queued = true;
+        e.given = true;
         self.push(sqe)
     }
 
@@ -262,7 +280,7 @@ impl FuseUring {
     pub fn wait(&mut self, out: &mut Vec<Ready>) -> io::Result<()> {
         if !self.early.is_empty() {
             let early = std::mem::take(&mut self.early);
-            return self.reap(early, out);
+            return self.reap_done(early, out);
         }
         loop {
             match self.ring.submit_and_wait(1) {
@@ -281,11 +299,66 @@ impl FuseUring {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        self.reap(cqes, out)
+        self.reap_done(cqes, out)
+    }
+
+    /// The ring's fd, readable (`poll(2)`) when completions are waiting: the way a caller
+    /// that polls other fds too waits for requests instead of [`wait`](Self::wait).
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// What has completed, without waiting: pushes it onto `out` as [`wait`](Self::wait)
+    /// does. Commands pushed since are not handed to the kernel: that is
+    /// [`submit`](Self::submit). (Requests reach entries through the task work of the
+    /// thread that queued the command, run on its return from any system call, `poll(2)`
+    /// included: that call is woken for it.)
+    ///
+    /// # Errors
+    ///
+    /// Re-arming the wake-up read failed (a full submission queue that cannot be submitted).
+    pub fn reap(&mut self, out: &mut Vec<Ready>) -> io::Result<()> {
+        let mut cqes = std::mem::take(&mut self.early);
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.reap_done(cqes, out)
+    }
+
+    /// Hands the commands pushed since the last call (commits) to the kernel, without
+    /// waiting for any to complete. An interrupted or busy `io_uring_enter(2)` leaves them
+    /// for the next call ([`has_unsubmitted`](Self::has_unsubmitted)).
+    ///
+    /// # Errors
+    ///
+    /// `io_uring_enter(2)`'s other errors.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if !self.to_submit {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => {
+                self.to_submit = false;
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commands are pushed but not yet submitted, or completions were reaped during
+    /// registration and not yet reported: the caller has work without polling.
+    pub fn has_unsubmitted(&self) -> bool {
+        self.to_submit || !self.early.is_empty()
     }
 
     /// Turns completions into what [`wait`](Self::wait) reports.
-    fn reap(&mut self, cqes: Vec<(u64, i32)>, out: &mut Vec<Ready>) -> io::Result<()> {
+    fn reap_done(&mut self, cqes: Vec<(u64, i32)>, out: &mut Vec<Ready>) -> io::Result<()> {
         for (ud, res) in cqes {
             if ud == WAKE {
                 self.arm_wake()?;
@@ -318,8 +391,7 @@ impl FuseUring {
     /// the payload is lent out.
     pub fn payload(&self, i: usize) -> Option<&[u8]> {
         let e = &self.ents[i];
-        let at = ENT_IN_OUT_AT + 16;
-        let n = u32::from_ne_bytes(e.header[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let n = request_payload_len(&e.header);
         e.payload.as_deref().map(|p| &p[..n.min(p.len())])
     }
 
@@ -405,14 +477,25 @@ impl Drop for FuseUring {
     fn drop(&mut self) {
         // Closing the ring cancels the queued commands, but the kernel may finish that after
         // close(2) returns (io_uring's exit work): the buffers it was given are leaked
-        // rather than freed under it. One ring per mount, so this is bounded.
+        // rather than freed under it. One ring per mount, so this is bounded. An entry the
+        // kernel never took a command of (a registration refused with EAGAIN before
+        // FUSE_INIT was answered, retried: the rest of that attempt's entries) is freed.
         for e in self.ents.drain(..) {
-            std::mem::forget(e.header);
-            std::mem::forget(e.payload);
-            std::mem::forget(e.iov);
+            if e.given {
+                std::mem::forget(e.header);
+                std::mem::forget(e.payload);
+                std::mem::forget(e.iov);
+            }
         }
         std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
     }
+}
+
+/// The payload bytes the request in a header came with (`fuse_uring_ent_in_out.payload_sz`):
+/// what [`FuseUring::payload`] slices, for a payload block lent out with its request.
+pub fn request_payload_len(header: &[u8; HEADER_LEN]) -> usize {
+    let at = ENT_IN_OUT_AT + 16;
+    u32::from_ne_bytes(header[at..at + 4].try_into().unwrap_or_default()) as usize
 }
 
 /// Sets `sqe->len` (bytes 24..28 of the SQE), which `UringCmd80` has no setter for: FUSE's
