@@ -664,7 +664,71 @@ fn rsp_for_devices_that_do_not_exist() {
         "only {forged} of the initiator's reads answered with their tag for {other}"
     );
     eprintln!("{forged} reads answered with their live tag for {other}");
+    // Each of those is an unexpected response; a peer chooses how many it sends, so the
+    // log gets about one line a second for them (`log_peer`), not one a frame. Each
+    // logged line shows twice in the debug log (the engine's and the err file's).
+    let logs = r.rig.logs();
+    let lines = logs.matches("(tag of ").count();
+    assert!(
+        (1..=60).contains(&lines),
+        "{lines} log lines for {forged} responses carrying another device's live tag \
+         (a line a second wanted)"
+    );
     r.check("responses for devices that do not exist");
+}
+
+/// Config responses from a second MAC for the real device whose sector count alternates
+/// between 1 and 2, as fast as the socket takes them: each one moves the device's data
+/// frame size, and each such change may be logged about once a second, not once a frame
+/// (`setting N byte data frames`). The device still reads right afterwards.
+#[test]
+fn rsp_config_flapping_sector_count() {
+    let r = RspRig::start();
+    let me = TargetAddr::new(SHELF, SLOT);
+    let other = MacAddr([2, 0xdd, 0, 0, 0, 1]);
+    let before = r.rig.logs().matches("byte data frames").count();
+    let frames: Vec<Vec<u8>> = (0..4000)
+        .map(|i| {
+            let body = Body::Config(ConfigRepr {
+                sector_count: 1 + (i % 2) as u8,
+                ..match config_rsp(b"") {
+                    Body::Config(c) => c,
+                    _ => unreachable!(),
+                }
+            });
+            r.response(other, me, 0, body)
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    r.send_all(&frames);
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = t0.elapsed().as_secs() as usize;
+    let lines = r.rig.logs().matches("byte data frames").count() - before;
+    eprintln!("{lines} frame-size lines for 4000 flapping config responses in {secs} s");
+    assert!(
+        lines <= 4 * (secs + 3),
+        "{lines} frame-size log lines for 4000 config responses in {secs} s \
+         (about one a second wanted)"
+    );
+    // A change after the interval is logged, with the count of those that were not.
+    std::thread::sleep(Duration::from_millis(1100));
+    let last = Body::Config(ConfigRepr {
+        sector_count: 1,
+        ..match config_rsp(b"") {
+            Body::Config(c) => c,
+            _ => unreachable!(),
+        }
+    });
+    r.send_all(&[r.response(other, me, 0, last)]);
+    let counted = aoe_testkit::wait_until(Duration::from_secs(5), || {
+        r.rig.logs().contains("more changes since the last report)")
+    });
+    assert!(
+        counted,
+        "no frame-size line counts the changes not logged{}",
+        r.rig.logs()
+    );
+    r.check("config responses flapping the sector count");
 }
 
 #[test]
