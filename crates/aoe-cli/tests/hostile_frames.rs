@@ -453,6 +453,72 @@ fn req_mask_directive_overflow() {
     r.check("mask directive overflow");
 }
 
+/// A mask list that fitted a reply when it was set, then the interface's MTU fell below
+/// it (`ip link set mtu`): every Read of it is a reply the target cannot build. A peer
+/// chooses how many it sends; each may not be a log line (about one a second is), and the
+/// target keeps serving.
+#[test]
+fn req_mask_read_after_the_mtu_fell() {
+    let mut r = ReqRig::start();
+    let me = r.lan.macs[0];
+    let directives = std::iter::once(me)
+        .chain((0..149u16).map(|i| MacAddr([2, 9, 0, 0, (i >> 8) as u8, i as u8])))
+        .map(|mac| Directive {
+            command: aoe_wire::macmask::DirectiveCommand::Add,
+            mac,
+        })
+        .collect();
+    let add = Body::MacMask(MacMaskRepr {
+        mcmd: MaskCommand::Edit,
+        merror: MaskError::None,
+        directives,
+    });
+    let ok = r
+        .lan
+        .request(0, add, Duration::from_secs(3))
+        .expect("mask edit answered");
+    assert_eq!(rsp_status(&ok).0, None, "adding 150 MACs to the mask");
+    // 150 entries need 1214 bytes; MTU 1100 carries 135 (and still a 2-sector read).
+    let port = r.lan.veths[0].a_name().to_owned();
+    let bridge = r.lan.bridge.name().to_owned();
+    for dev in [&port, &bridge] {
+        r.lan
+            .target_ns
+            .ip(&["link", "set", "dev", dev, "mtu", "1100"])
+            .expect("lower the MTU");
+    }
+    let seen = aoe_testkit::wait_until(Duration::from_secs(10), || {
+        r.lan.logs().contains("MTU changed")
+    });
+    assert!(seen, "the target never saw the MTU fall{}", r.lan.logs());
+    let before = r.lan.logs().matches("does not fit").count();
+    let read = || {
+        Body::MacMask(MacMaskRepr {
+            mcmd: MaskCommand::Read,
+            merror: MaskError::None,
+            directives: vec![],
+        })
+    };
+    let frames: Vec<Vec<u8>> = (0..3000).map(|_| r.frame(read())).collect();
+    let t0 = std::time::Instant::now();
+    r.send_all(&frames);
+    let secs = t0.elapsed().as_secs() as usize;
+    // The once-a-second report of drops counts them.
+    let reported = aoe_testkit::wait_until(Duration::from_secs(5), || {
+        r.lan.logs().contains("replies not sent")
+    });
+    let logs = r.lan.logs();
+    assert!(reported, "the replies not sent were never reported{logs}");
+    let lines = logs.matches("does not fit").count() - before;
+    eprintln!("{lines} lines for 3000 mask Reads too long for the MTU in {secs} s");
+    assert!(
+        lines <= 2 * (secs + 3),
+        "{lines} log lines for 3000 mask Reads whose reply does not fit (about one a second \
+         wanted)"
+    );
+    r.check("mask list Read after the MTU fell");
+}
+
 #[test]
 fn req_tag_churn() {
     let mut r = ReqRig::start();
