@@ -230,6 +230,18 @@ pub fn target_text(obs: &Observer) -> String {
             .map(|e| (ex(e), i64::from(e.failed)))
             .collect(),
     );
+    s.gauge(
+        "aoe_target_state_files_failing",
+        "State files (--state-dir) whose last save failed: the newest config string, mask or \
+         reserve list of that many exports is only in memory, the save tried again every 10 s \
+         at most",
+        vec![(labels(&[]), snap.state_files_failing as i64)],
+    );
+    s.counter(
+        "aoe_target_state_save_failures",
+        "State file saves that failed since the start, each try counted",
+        vec![(labels(&[]), snap.state_save_failures)],
+    );
     let mut rdrops = Vec::new();
     for i in &snap.interfaces {
         let l = |r: &str| labels(&[("interface", &i.name), ("reason", r)]);

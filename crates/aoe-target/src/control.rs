@@ -258,6 +258,13 @@ pub struct Snapshot {
     pub exports: Vec<ExportStatus>,
     /// Interfaces.
     pub interfaces: Vec<IfaceStatus>,
+    /// State files (`--state-dir`) whose last save failed: their newest state (config
+    /// string, mask or reserve list) is only in memory while the save is tried again.
+    #[serde(default)]
+    pub state_files_failing: usize,
+    /// Failed state file saves since the start, each try counted.
+    #[serde(default)]
+    pub state_save_failures: u64,
 }
 
 /// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface

@@ -678,6 +678,7 @@ impl Daemon {
             })
             .collect();
         exports.sort_by_key(|e| (e.shelf, e.slot));
+        let saves = self.state_writer.health();
         Snapshot {
             taken: crate::control::now_epoch(),
             pid: std::process::id(),
@@ -696,6 +697,8 @@ impl Daemon {
                     tx_rejected: i.ring().map_or(0, |r| r.stats().tx_rejected),
                 })
                 .collect(),
+            state_files_failing: saves.failing,
+            state_save_failures: saves.failures,
         }
     }
 
