@@ -1042,6 +1042,70 @@ fn flush_reaches_fdatasync_before_the_reply() {
     drop(ffs);
 }
 
+/// A store whose sectors 1024..1032 cannot be read (FaultFs, EIO for that page): a READ
+/// of them is answered once with an ATA error (UNC), the sectors around it read right, the
+/// target keeps serving, and its log names the LBA the initiator asked for.
+#[test]
+fn a_read_error_in_a_range_is_answered_as_an_ata_error_and_logged_with_its_lba() {
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = backing(store.path(), 4096);
+    let original = fs::read(&file).unwrap();
+    let ffs = FaultFs::mount(&file).expect("mount the fault file system");
+    let faults = ffs.faults();
+    faults.fail_reads(Some(1024 * 512..1032 * 512));
+    let mut lan = RawLan::start(Target::AoeServe, &ffs.file(), &[], 1);
+    for (lba, bad) in [
+        (1016u64, false),
+        (1024, true),
+        (1030, true),
+        (1032, false),
+        (1024, true),
+    ] {
+        let r = lan
+            .request(
+                0,
+                RawLan::ata(READ_EXT, false, lba, 2, &[]),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no answer to a read of LBA {lba}{}", lan.logs()));
+        let m = aoe_wire::Message::parse(&r).unwrap();
+        let aoe_wire::Body::Ata(a) = m.body else {
+            panic!("not an ATA reply")
+        };
+        if bad {
+            assert!(
+                a.cmd_status & aoe_wire::ata::status::ERR != 0,
+                "LBA {lba} read without an error (status {:#x})",
+                a.cmd_status
+            );
+        } else {
+            assert_eq!(a.cmd_status & aoe_wire::ata::status::ERR, 0, "LBA {lba}");
+            let at = lba as usize * 512;
+            assert!(
+                a.data[..1024] == original[at..at + 1024],
+                "LBA {lba}: wrong data"
+            );
+        }
+    }
+    assert!(
+        faults
+            .reads_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    assert!(lan.target_alive(), "target exited{}", lan.logs());
+    let logged = wait_until(Duration::from_secs(5), || {
+        lan.logs().contains("I/O failed at LBA 1024 (2 sectors)")
+    });
+    assert!(
+        logged,
+        "the failed read's LBA is not in the log{}",
+        lan.logs()
+    );
+    drop(lan);
+    drop(ffs);
+}
+
 // ------------------------------------------------------------------------------------------
 // Integrity: a late original of a retransmitted write
 

@@ -636,6 +636,14 @@ impl Engine {
             .map(|(i, _)| Token(i as u32))
     }
 
+    /// The LBA (as the initiator addressed it, relative to the export) and sector count of
+    /// the ATA request in flight under `token`, for a log line that names what failed.
+    pub fn in_flight_lba(&self, token: Token) -> Option<(u64, u8)> {
+        let p = self.pending.get(token.0 as usize)?.as_ref()?;
+        let a = aoe_wire::AtaRepr::parse(&p.ata).ok()?;
+        Some((a.effective_lba(), a.sector_count))
+    }
+
     /// The I/Os in flight by kind: what a stop that cannot wait for them leaves unanswered.
     pub fn in_flight_kinds(&self) -> InFlight {
         let mut f = InFlight::default();

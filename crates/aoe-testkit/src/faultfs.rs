@@ -84,6 +84,10 @@ pub struct Faults {
     opens_released: Condvar,
     /// Opens waiting now.
     opens_held: AtomicU64,
+    /// Reads overlapping this byte range of the file fail with EIO ([`Faults::fail_reads`]).
+    fail_reads: Mutex<Option<std::ops::Range<u64>>>,
+    /// FUSE_READ requests failed by `fail_reads`.
+    pub reads_failed: AtomicU64,
 }
 
 impl Faults {
@@ -131,6 +135,14 @@ impl Faults {
     /// Opens of the file waiting now ([`Faults::hold_opens`]).
     pub fn opens_held(&self) -> u64 {
         self.opens_held.load(Ordering::SeqCst)
+    }
+
+    /// Makes every later read that overlaps the byte range `range` of the file fail with
+    /// EIO, as a disk with unreadable sectors there does (reads elsewhere succeed), or no
+    /// read fail (`None`). The kernel reads a FUSE file a page or more at a time: a range
+    /// aligned to 4 KiB fails exactly its own pages.
+    pub fn fail_reads(&self, range: Option<std::ops::Range<u64>>) {
+        *self.fail_reads.lock().unwrap_or_else(|p| p.into_inner()) = range;
     }
 
     /// Number of fsyncs seen so far.
@@ -289,6 +301,17 @@ impl Filesystem for PassThrough {
             return reply.error(Errno::EISDIR);
         }
         let end = offset.saturating_add(u64::from(size)).min(self.size);
+        let bad = self
+            .faults
+            .fail_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .is_some_and(|r| offset < r.end && r.start < end);
+        if bad {
+            self.faults.reads_failed.fetch_add(1, Ordering::SeqCst);
+            return reply.error(Errno::EIO);
+        }
         let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
         match self.backing.read_exact_at(&mut buf, offset) {
             Ok(()) => reply.data(&buf),
