@@ -1106,6 +1106,68 @@ fn a_read_error_in_a_range_is_answered_as_an_ata_error_and_logged_with_its_lba()
     drop(ffs);
 }
 
+/// The same bad range read through `aoe initiator` (`ROOT/e7.3`, O_DIRECT, 4 KiB at a
+/// time): the bad page is EIO for the reader, the pages on either side read the file's
+/// bytes, the device stays up, and the error is not retried (an answered ATA error is final;
+/// a frame answered after later ones may be sent again once, a fast retransmit).
+#[test]
+fn a_read_error_in_a_range_reaches_the_reader_as_eio_and_the_device_stays_up() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = backing(store.path(), SECTORS as usize);
+    let original = fs::read(&file).unwrap();
+    let ffs = FaultFs::mount(&file).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        Some(ffs.file()),
+        &[],
+    );
+    faults.fail_reads(Some(1024 * 512..1032 * 512));
+    // O_DIRECT (0o40000 on Linux x86-64 and arm64): each read goes to the target.
+    let dev = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o40000)
+        .open(rig.dev())
+        .expect("open the device");
+    let mut buf = vec![0u8; 4096];
+    for (lba, bad) in [(1016u64, false), (1024, true), (1032, false), (1024, true)] {
+        match dev.read_exact_at(&mut buf, lba * 512) {
+            Ok(()) if !bad => {
+                let at = lba as usize * 512;
+                assert!(buf == original[at..at + 4096], "LBA {lba}: wrong data");
+            }
+            Err(e) if bad => assert_eq!(e.raw_os_error(), Some(5), "LBA {lba}: {e}"),
+            r => panic!("LBA {lba}: {r:?}{}", rig.logs()),
+        }
+    }
+    drop(dev);
+    assert_eq!(rig.state().as_deref(), Some("up"), "{}", rig.logs());
+    let logs = rig.logs();
+    // A frame answered after later ones may be sent again once (a fast retransmit, as the
+    // workers read out of order); an error must not be retried over and over.
+    let resent = logs
+        .lines()
+        .filter(|l| l.contains(" INFO retransmit e"))
+        .count();
+    assert!(
+        resent <= 8,
+        "{resent} retransmissions around a read error{logs}"
+    );
+    // The read went out as 2-sector frames; the line (one a second) names the first that
+    // failed.
+    assert!(
+        [1024, 1026, 1028, 1030]
+            .iter()
+            .any(|l| logs.contains(&format!("I/O failed at LBA {l} (2 sectors)"))),
+        "the failed LBA is not in the log{logs}"
+    );
+    rig.finish();
+    drop(ffs);
+}
+
 // ------------------------------------------------------------------------------------------
 // Integrity: a late original of a retransmitted write
 
