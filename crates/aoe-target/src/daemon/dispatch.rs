@@ -1056,6 +1056,16 @@ pub(super) fn ata_failure(e: &StoreError) -> IoFailure {
     }
 }
 
+/// ` at LBA N (M sectors)` for the request in flight under `token`, for the log line of a
+/// store error: which sectors of the export the initiator asked for (its LBA, not the file
+/// offset), so a bad range on the disk under it can be found.
+fn failed_at(engine: &aoe_proto::target::Engine, token: Token) -> String {
+    match engine.in_flight_lba(token) {
+        Some((lba, n)) => format!(" at LBA {lba} ({n} sectors)"),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1142,15 +1152,5 @@ mod tests {
             StoreError::from(io::Error::from_raw_os_error(libc::EIO)),
             StoreError::Medium(_)
         ));
-    }
-}
-
-/// ` at LBA N (M sectors)` for the request in flight under `token`, for the log line of a
-/// store error: which sectors of the export the initiator asked for (its LBA, not the file
-/// offset), so a bad range on the disk under it can be found.
-fn failed_at(engine: &aoe_proto::target::Engine, token: Token) -> String {
-    match engine.in_flight_lba(token) {
-        Some((lba, n)) => format!(" at LBA {lba} ({n} sectors)"),
-        None => String::new(),
     }
 }
