@@ -1,5 +1,5 @@
-//! A FUSE file system that passes one backing file through and fails `fsync` and writes on
-//! demand, for tests of what a daemon does when its storage fails (device-mapper's `error` and
+//! A FUSE file system that passes one backing file through and fails `fsync`, writes and
+//! reads of a chosen range on demand, for tests of what a daemon does when its storage fails (device-mapper's `error` and
 //! `flakey` targets are not available in every test kernel; FUSE is).
 //!
 //! [`FaultFs::mount`] mounts, on a fresh temporary directory and from a thread of the test
@@ -23,6 +23,8 @@
 //! * `hold_opens(true)`: every later open of the file waits (on a thread of its own, the
 //!   server's stay free) until `hold_opens(false)`, as an open on a hung NFS mount or a busy
 //!   FUSE server does; `opens_held` says how many wait now.
+//! * `fail_reads(Some(range))`: every read overlapping that byte range of the file fails
+//!   with EIO, as a disk with unreadable sectors there does; `reads_failed` counts them.
 //! * `fsyncs` and `writes`: counters of the FUSE_FSYNC and FUSE_WRITE requests seen (failed or
 //!   not), e.g. to check that a FLUSH reached fdatasync before it was answered.
 //!
