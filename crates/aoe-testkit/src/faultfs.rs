@@ -1,6 +1,7 @@
 //! A FUSE file system that passes one backing file through and fails `fsync`, writes and
-//! reads of a chosen range on demand, for tests of what a daemon does when its storage fails (device-mapper's `error` and
-//! `flakey` targets are not available in every test kernel; FUSE is).
+//! reads of a chosen range on demand, for tests of what a daemon does when its storage
+//! fails (device-mapper's `error` and `flakey` targets are not available in every test
+//! kernel; FUSE is).
 //!
 //! [`FaultFs::mount`] mounts, on a fresh temporary directory and from a thread of the test
 //! process itself, a file system holding one file, [`FaultFs::file`], whose reads, writes and
