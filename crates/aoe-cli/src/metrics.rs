@@ -184,8 +184,12 @@ pub fn target_text(obs: &Observer) -> String {
         drops.push((with("reason", "buffer_count"), c.dropped_over_buffer_count));
         drops.push((with("reason", "queue_full"), c.dropped_queue_full));
         drops.push((with("reason", "fair_share"), c.dropped_over_fair_share));
+        drops.push((with("reason", "reply_too_long"), c.dropped_reply_too_long));
         let other = c.dropped.saturating_sub(
-            c.dropped_over_buffer_count + c.dropped_queue_full + c.dropped_over_fair_share,
+            c.dropped_over_buffer_count
+                + c.dropped_queue_full
+                + c.dropped_over_fair_share
+                + c.dropped_reply_too_long,
         );
         drops.push((with("reason", "other"), other));
     }
@@ -196,7 +200,7 @@ pub fn target_text(obs: &Observer) -> String {
     );
     s.counter(
         "aoe_target_dropped_requests",
-        "Requests dropped: buffer count reached, worker queue full, source over its fair share of the buffer count, other (bad or not for us)",
+        "Requests dropped: buffer count reached, worker queue full, source over its fair share of the buffer count, reply too long for the interface's frame, other (bad or not for us)",
         drops,
     );
     s.gauge(
@@ -225,6 +229,18 @@ pub fn target_text(obs: &Observer) -> String {
             .iter()
             .map(|e| (ex(e), i64::from(e.failed)))
             .collect(),
+    );
+    s.gauge(
+        "aoe_target_state_files_failing",
+        "State files (--state-dir) whose last save failed: the newest config string, mask or \
+         reserve list of that many exports is only in memory, the save tried again every 10 s \
+         at most",
+        vec![(labels(&[]), snap.state_files_failing as i64)],
+    );
+    s.counter(
+        "aoe_target_state_save_failures",
+        "State file saves that failed since the start, each try counted",
+        vec![(labels(&[]), snap.state_save_failures)],
     );
     let mut rdrops = Vec::new();
     for i in &snap.interfaces {

@@ -1042,6 +1042,132 @@ fn flush_reaches_fdatasync_before_the_reply() {
     drop(ffs);
 }
 
+/// A store whose sectors 1024..1032 cannot be read (FaultFs, EIO for that page): a READ
+/// of them is answered once with an ATA error (UNC), the sectors around it read right, the
+/// target keeps serving, and its log names the LBA the initiator asked for.
+#[test]
+fn a_read_error_in_a_range_is_answered_as_an_ata_error_and_logged_with_its_lba() {
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = backing(store.path(), 4096);
+    let original = fs::read(&file).unwrap();
+    let ffs = FaultFs::mount(&file).expect("mount the fault file system");
+    let faults = ffs.faults();
+    faults.fail_reads(Some(1024 * 512..1032 * 512));
+    let mut lan = RawLan::start(Target::AoeServe, &ffs.file(), &[], 1);
+    for (lba, bad) in [
+        (1016u64, false),
+        (1024, true),
+        (1030, true),
+        (1032, false),
+        (1024, true),
+    ] {
+        let r = lan
+            .request(
+                0,
+                RawLan::ata(READ_EXT, false, lba, 2, &[]),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no answer to a read of LBA {lba}{}", lan.logs()));
+        let m = aoe_wire::Message::parse(&r).unwrap();
+        let aoe_wire::Body::Ata(a) = m.body else {
+            panic!("not an ATA reply")
+        };
+        if bad {
+            assert!(
+                a.cmd_status & aoe_wire::ata::status::ERR != 0,
+                "LBA {lba} read without an error (status {:#x})",
+                a.cmd_status
+            );
+        } else {
+            assert_eq!(a.cmd_status & aoe_wire::ata::status::ERR, 0, "LBA {lba}");
+            let at = lba as usize * 512;
+            assert!(
+                a.data[..1024] == original[at..at + 1024],
+                "LBA {lba}: wrong data"
+            );
+        }
+    }
+    assert!(
+        faults
+            .reads_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    assert!(lan.target_alive(), "target exited{}", lan.logs());
+    let logged = wait_until(Duration::from_secs(5), || {
+        lan.logs().contains("I/O failed at LBA 1024 (2 sectors)")
+    });
+    assert!(
+        logged,
+        "the failed read's LBA is not in the log{}",
+        lan.logs()
+    );
+    drop(lan);
+    drop(ffs);
+}
+
+/// The same bad range read through `aoe initiator` (`ROOT/e7.3`, O_DIRECT, 4 KiB at a
+/// time): the bad page is EIO for the reader, the pages on either side read the file's
+/// bytes, the device stays up, and the error is not retried (an answered ATA error is final;
+/// a frame answered after later ones may be sent again once, a fast retransmit).
+#[test]
+fn a_read_error_in_a_range_reaches_the_reader_as_eio_and_the_device_stays_up() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let store = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = backing(store.path(), SECTORS as usize);
+    let original = fs::read(&file).unwrap();
+    let ffs = FaultFs::mount(&file).expect("mount the fault file system");
+    let faults = ffs.faults();
+    let rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        Some(ffs.file()),
+        &[],
+    );
+    faults.fail_reads(Some(1024 * 512..1032 * 512));
+    // O_DIRECT (0o40000 on Linux x86-64 and arm64): each read goes to the target.
+    let dev = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o40000)
+        .open(rig.dev())
+        .expect("open the device");
+    let mut buf = vec![0u8; 4096];
+    for (lba, bad) in [(1016u64, false), (1024, true), (1032, false), (1024, true)] {
+        match dev.read_exact_at(&mut buf, lba * 512) {
+            Ok(()) if !bad => {
+                let at = lba as usize * 512;
+                assert!(buf == original[at..at + 4096], "LBA {lba}: wrong data");
+            }
+            Err(e) if bad => assert_eq!(e.raw_os_error(), Some(5), "LBA {lba}: {e}"),
+            r => panic!("LBA {lba}: {r:?}{}", rig.logs()),
+        }
+    }
+    drop(dev);
+    assert_eq!(rig.state().as_deref(), Some("up"), "{}", rig.logs());
+    let logs = rig.logs();
+    // A frame answered after later ones may be sent again once (a fast retransmit, as the
+    // workers read out of order); an error must not be retried over and over.
+    let resent = logs
+        .lines()
+        .filter(|l| l.contains(" INFO retransmit e"))
+        .count();
+    assert!(
+        resent <= 8,
+        "{resent} retransmissions around a read error{logs}"
+    );
+    // The read went out as 2-sector frames; the line (one a second) names the first that
+    // failed.
+    assert!(
+        [1024, 1026, 1028, 1030]
+            .iter()
+            .any(|l| logs.contains(&format!("I/O failed at LBA {l} (2 sectors)"))),
+        "the failed LBA is not in the log{logs}"
+    );
+    rig.finish();
+    drop(ffs);
+}
+
 // ------------------------------------------------------------------------------------------
 // Integrity: a late original of a retransmitted write
 

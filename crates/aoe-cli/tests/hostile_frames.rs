@@ -453,6 +453,72 @@ fn req_mask_directive_overflow() {
     r.check("mask directive overflow");
 }
 
+/// A mask list that fitted a reply when it was set, then the interface's MTU fell below
+/// it (`ip link set mtu`): every Read of it is a reply the target cannot build. A peer
+/// chooses how many it sends; each may not be a log line (about one a second is), and the
+/// target keeps serving.
+#[test]
+fn req_mask_read_after_the_mtu_fell() {
+    let mut r = ReqRig::start();
+    let me = r.lan.macs[0];
+    let directives = std::iter::once(me)
+        .chain((0..149u16).map(|i| MacAddr([2, 9, 0, 0, (i >> 8) as u8, i as u8])))
+        .map(|mac| Directive {
+            command: aoe_wire::macmask::DirectiveCommand::Add,
+            mac,
+        })
+        .collect();
+    let add = Body::MacMask(MacMaskRepr {
+        mcmd: MaskCommand::Edit,
+        merror: MaskError::None,
+        directives,
+    });
+    let ok = r
+        .lan
+        .request(0, add, Duration::from_secs(3))
+        .expect("mask edit answered");
+    assert_eq!(rsp_status(&ok).0, None, "adding 150 MACs to the mask");
+    // 150 entries need 1214 bytes; MTU 1100 carries 135 (and still a 2-sector read).
+    let port = r.lan.veths[0].a_name().to_owned();
+    let bridge = r.lan.bridge.name().to_owned();
+    for dev in [&port, &bridge] {
+        r.lan
+            .target_ns
+            .ip(&["link", "set", "dev", dev, "mtu", "1100"])
+            .expect("lower the MTU");
+    }
+    let seen = aoe_testkit::wait_until(Duration::from_secs(10), || {
+        r.lan.logs().contains("MTU changed")
+    });
+    assert!(seen, "the target never saw the MTU fall{}", r.lan.logs());
+    let before = r.lan.logs().matches("does not fit").count();
+    let read = || {
+        Body::MacMask(MacMaskRepr {
+            mcmd: MaskCommand::Read,
+            merror: MaskError::None,
+            directives: vec![],
+        })
+    };
+    let frames: Vec<Vec<u8>> = (0..3000).map(|_| r.frame(read())).collect();
+    let t0 = std::time::Instant::now();
+    r.send_all(&frames);
+    let secs = t0.elapsed().as_secs() as usize;
+    // The once-a-second report of drops counts them.
+    let reported = aoe_testkit::wait_until(Duration::from_secs(5), || {
+        r.lan.logs().contains("replies not sent")
+    });
+    let logs = r.lan.logs();
+    assert!(reported, "the replies not sent were never reported{logs}");
+    let lines = logs.matches("does not fit").count() - before;
+    eprintln!("{lines} lines for 3000 mask Reads too long for the MTU in {secs} s");
+    assert!(
+        lines <= 2 * (secs + 3),
+        "{lines} log lines for 3000 mask Reads whose reply does not fit (about one a second \
+         wanted)"
+    );
+    r.check("mask list Read after the MTU fell");
+}
+
 #[test]
 fn req_tag_churn() {
     let mut r = ReqRig::start();
@@ -664,7 +730,71 @@ fn rsp_for_devices_that_do_not_exist() {
         "only {forged} of the initiator's reads answered with their tag for {other}"
     );
     eprintln!("{forged} reads answered with their live tag for {other}");
+    // Each of those is an unexpected response; a peer chooses how many it sends, so the
+    // log gets about one line a second for them (`log_peer`), not one a frame. Each
+    // logged line shows twice in the debug log (the engine's and the err file's).
+    let logs = r.rig.logs();
+    let lines = logs.matches("(tag of ").count();
+    assert!(
+        (1..=60).contains(&lines),
+        "{lines} log lines for {forged} responses carrying another device's live tag \
+         (a line a second wanted)"
+    );
     r.check("responses for devices that do not exist");
+}
+
+/// Config responses from a second MAC for the real device whose sector count alternates
+/// between 1 and 2, as fast as the socket takes them: each one moves the device's data
+/// frame size, and each such change may be logged about once a second, not once a frame
+/// (`setting N byte data frames`). The device still reads right afterwards.
+#[test]
+fn rsp_config_flapping_sector_count() {
+    let r = RspRig::start();
+    let me = TargetAddr::new(SHELF, SLOT);
+    let other = MacAddr([2, 0xdd, 0, 0, 0, 1]);
+    let before = r.rig.logs().matches("byte data frames").count();
+    let frames: Vec<Vec<u8>> = (0..4000)
+        .map(|i| {
+            let body = Body::Config(ConfigRepr {
+                sector_count: 1 + (i % 2) as u8,
+                ..match config_rsp(b"") {
+                    Body::Config(c) => c,
+                    _ => unreachable!(),
+                }
+            });
+            r.response(other, me, 0, body)
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    r.send_all(&frames);
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = t0.elapsed().as_secs() as usize;
+    let lines = r.rig.logs().matches("byte data frames").count() - before;
+    eprintln!("{lines} frame-size lines for 4000 flapping config responses in {secs} s");
+    assert!(
+        lines <= 4 * (secs + 3),
+        "{lines} frame-size log lines for 4000 config responses in {secs} s \
+         (about one a second wanted)"
+    );
+    // A change after the interval is logged, with the count of those that were not.
+    std::thread::sleep(Duration::from_millis(1100));
+    let last = Body::Config(ConfigRepr {
+        sector_count: 1,
+        ..match config_rsp(b"") {
+            Body::Config(c) => c,
+            _ => unreachable!(),
+        }
+    });
+    r.send_all(&[r.response(other, me, 0, last)]);
+    let counted = aoe_testkit::wait_until(Duration::from_secs(5), || {
+        r.rig.logs().contains("more changes since the last report)")
+    });
+    assert!(
+        counted,
+        "no frame-size line counts the changes not logged{}",
+        r.rig.logs()
+    );
+    r.check("config responses flapping the sector count");
 }
 
 #[test]

@@ -186,6 +186,9 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         format!("aoe_target_in_flight{ex}"),
         format!("aoe_target_oldest_request_seconds{ex}"),
         format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"buffer_count\"}}", rig.target_if),
+        format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"reply_too_long\"}}", rig.target_if),
+        "aoe_target_state_files_failing".to_string(),
+        "aoe_target_state_save_failures_total".to_string(),
     ] {
         assert!(value(&t, &series).is_some(), "no {series}:\n{t}");
     }

@@ -187,6 +187,12 @@ pub enum DropReason {
     /// write's; answered, it would claim a write that did not run. Dropped unanswered
     /// ([`DedupConfig`]).
     DuplicateSuperseded,
+    /// A reply longer than the reply buffer (the interface's frame): a config string, mask
+    /// or reserve list stored while the interface carried it, before its MTU fell or a
+    /// reload added a smaller interface. Not sent; counted
+    /// ([`Stats::replies_too_long`]), not logged per frame, since a peer chooses how many
+    /// such requests it sends: the daemon reports the count once a second.
+    ReplyTooLong,
 }
 
 /// Query Config requests one source MAC gets answered per period of
@@ -283,6 +289,9 @@ pub struct Stats {
     /// WRITE SECTORS (EXT) addressed to a wildcard shelf or slot, aborted unexecuted
     /// (also in `ata_errors`).
     pub wildcard_writes_refused: u64,
+    /// Replies not sent because they were longer than the reply buffer
+    /// ([`DropReason::ReplyTooLong`]; also counted in `dropped`).
+    pub replies_too_long: u64,
 }
 
 /// What the duplicate-write table did ([`DedupConfig`]), since the export started.
@@ -627,6 +636,14 @@ impl Engine {
             .map(|(i, _)| Token(i as u32))
     }
 
+    /// The LBA (as the initiator addressed it, relative to the export) and sector count of
+    /// the ATA request in flight under `token`, for a log line that names what failed.
+    pub fn in_flight_lba(&self, token: Token) -> Option<(u64, u8)> {
+        let p = self.pending.get(token.0 as usize)?.as_ref()?;
+        let a = aoe_wire::AtaRepr::parse(&p.ata).ok()?;
+        Some((a.effective_lba(), a.sector_count))
+    }
+
     /// The I/Os in flight by kind: what a stop that cannot wait for them leaves unanswered.
     pub fn in_flight_kinds(&self) -> InFlight {
         let mut f = InFlight::default();
@@ -772,6 +789,10 @@ impl Engine {
                 self.stats.dropped += 1;
                 self.stats.queries_limited += 1;
             }
+            Outcome::Drop(DropReason::ReplyTooLong) => {
+                self.stats.dropped += 1;
+                self.stats.replies_too_long += 1;
+            }
             Outcome::Drop(_) => self.stats.dropped += 1,
             Outcome::Reply(_) => self.stats.replies += 1,
             Outcome::Io(_) => {}
@@ -898,10 +919,7 @@ impl Engine {
     fn emit(&mut self, header: HeaderRepr, body: Body<'_>, reply: &mut [u8]) -> Outcome {
         match (Message { header, body }).emit(reply) {
             Ok(n) => Outcome::Reply(n),
-            Err(e) => {
-                tracing::warn!(error = %e, "reply does not fit the reply buffer");
-                Outcome::Drop(DropReason::Malformed)
-            }
+            Err(_) => Outcome::Drop(DropReason::ReplyTooLong),
         }
     }
 
@@ -958,7 +976,7 @@ impl Engine {
         // `self` is borrowed by `body`; emit through a free function.
         match (Message { header: *rsp, body }).emit(reply) {
             Ok(n) => Outcome::Reply(n),
-            Err(_) => Outcome::Drop(DropReason::Malformed),
+            Err(_) => Outcome::Drop(DropReason::ReplyTooLong),
         }
     }
 
@@ -1591,6 +1609,7 @@ impl fmt::Display for DropReason {
             DropReason::QueryRateLimited => "query answers for this source used up",
             DropReason::DuplicateInFlight => "copy of a write in flight",
             DropReason::DuplicateSuperseded => "copy of a write overwritten since",
+            DropReason::ReplyTooLong => "reply does not fit the reply buffer",
         })
     }
 }

@@ -41,6 +41,10 @@ pub struct ExportCounters {
     /// another source waited (`aoe_proto::target::DropReason::OverFairShare`).
     #[serde(default)]
     pub dropped_over_fair_share: u64,
+    /// Requests whose reply was not sent: longer than the interface's frame
+    /// (`aoe_proto::target::DropReason::ReplyTooLong`).
+    #[serde(default)]
+    pub dropped_reply_too_long: u64,
     /// Requests by command ([`aoe_proto::target::RequestCounts`]).
     #[serde(default)]
     pub requests: RequestCounters,
@@ -159,6 +163,9 @@ impl ExportCounters {
             dropped_over_fair_share: self
                 .dropped_over_fair_share
                 .saturating_sub(b.dropped_over_fair_share),
+            dropped_reply_too_long: self
+                .dropped_reply_too_long
+                .saturating_sub(b.dropped_reply_too_long),
             requests: self.requests.minus(b.requests),
             aoe_error_codes: self.aoe_error_codes.minus(b.aoe_error_codes),
             duplicate_writes: self.duplicate_writes.minus(b.duplicate_writes),
@@ -251,6 +258,13 @@ pub struct Snapshot {
     pub exports: Vec<ExportStatus>,
     /// Interfaces.
     pub interfaces: Vec<IfaceStatus>,
+    /// State files (`--state-dir`) whose last save failed: their newest state (config
+    /// string, mask or reserve list) is only in memory while the save is tried again.
+    #[serde(default)]
+    pub state_files_failing: usize,
+    /// Failed state file saves since the start, each try counted.
+    #[serde(default)]
+    pub state_save_failures: u64,
 }
 
 /// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface

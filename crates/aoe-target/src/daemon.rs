@@ -668,6 +668,7 @@ impl Daemon {
                         dropped_over_buffer_count: st.over_buffer_count,
                         dropped_queue_full: e.pool_full_drops,
                         dropped_over_fair_share: st.over_fair_share,
+                        dropped_reply_too_long: st.replies_too_long,
                         requests: st.requests.into(),
                         aoe_error_codes: st.aoe_error_codes.into(),
                         duplicate_writes: st.dedup.into(),
@@ -677,6 +678,7 @@ impl Daemon {
             })
             .collect();
         exports.sort_by_key(|e| (e.shelf, e.slot));
+        let saves = self.state_writer.health();
         Snapshot {
             taken: crate::control::now_epoch(),
             pid: std::process::id(),
@@ -695,6 +697,8 @@ impl Daemon {
                     tx_rejected: i.ring().map_or(0, |r| r.stats().tx_rejected),
                 })
                 .collect(),
+            state_files_failing: saves.failing,
+            state_save_failures: saves.failures,
         }
     }
 
@@ -945,6 +949,18 @@ impl Daemon {
                     rt.spec.addr()
                 );
                 rt.drops_logged = now;
+            }
+            // Replies the engine could not build: longer than the interface's frame. Each
+            // is a request a peer chose to send, so a count a second, not a line a frame.
+            if st.replies_too_long != rt.too_long_logged {
+                tracing::warn!(
+                    not_sent = st.replies_too_long - rt.too_long_logged,
+                    total_not_sent = st.replies_too_long,
+                    "{}: replies not sent: the reply does not fit the interface's frame (a \
+                     config string, mask or reserve list longer than its MTU now carries)",
+                    rt.spec.addr()
+                );
+                rt.too_long_logged = st.replies_too_long;
             }
         }
         for i in &mut self.ifaces {

@@ -246,6 +246,8 @@ struct WriterQueue {
     /// Files being written now.
     busy: usize,
     stop: bool,
+    /// Saves that failed, since the start (each try counts).
+    failures: u64,
 }
 
 impl WriterQueue {
@@ -312,6 +314,18 @@ impl StateWriter {
         cv.notify_all();
     }
 
+    /// How saving goes: files whose newest state is not on disk because their last save
+    /// failed (it is being tried again), and failed saves since the start (each try
+    /// counts). For the status snapshot and its metrics.
+    pub fn health(&self) -> SaveHealth {
+        let (m, _) = &*self.shared;
+        let q = m.lock().unwrap_or_else(|e| e.into_inner());
+        SaveHealth {
+            failing: q.failing.len(),
+            failures: q.failures,
+        }
+    }
+
     /// Lets the writer thread go: dropping the writer then neither waits for it nor stops
     /// it, for an exit that must not wait on a write that is stuck.
     pub fn detach(&mut self) {
@@ -345,6 +359,15 @@ impl StateWriter {
                 .0;
         }
     }
+}
+
+/// [`StateWriter::health`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveHealth {
+    /// State files whose last save failed (their newest state is only in memory).
+    pub failing: usize,
+    /// Failed saves since the start, each try counted.
+    pub failures: u64,
 }
 
 fn writer_loop(shared: &(Mutex<WriterQueue>, Condvar)) {
@@ -388,6 +411,7 @@ fn writer_loop(shared: &(Mutex<WriterQueue>, Condvar)) {
                 }
             }
             Err(e) => {
+                q.failures += 1;
                 let f = q.failing.entry(key.clone()).or_insert(Failing {
                     tries: 0,
                     logged: now,
@@ -605,11 +629,15 @@ mod tests {
             config: c.to_vec(),
             ..Default::default()
         };
+        assert_eq!(w.health(), SaveHealth::default());
         w.save(&f, &s(b"first"), &[]);
         assert!(
             !w.wait_idle(std::time::Duration::from_secs(10)),
             "a save that cannot be written was reported done"
         );
+        let h = w.health();
+        assert_eq!(h.failing, 1, "the failing file is not reported: {h:?}");
+        assert!(h.failures >= 1, "{h:?}");
         // A newer state queued while the older one fails replaces it.
         w.save(&f, &s(b"newer"), &[]);
         assert!(!w.wait_idle(std::time::Duration::from_secs(10)));
@@ -626,6 +654,12 @@ mod tests {
         }
         assert!(w.wait_idle(std::time::Duration::from_secs(10)));
         assert_eq!(f.load(&[]).unwrap().config, b"newer".to_vec());
+        let after = w.health();
+        assert_eq!(
+            after.failing, 0,
+            "written, still reported failing: {after:?}"
+        );
+        assert!(after.failures >= 2, "{after:?}");
         let names: Vec<_> = std::fs::read_dir(&blocker)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

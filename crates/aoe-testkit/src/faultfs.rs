@@ -1,6 +1,7 @@
-//! A FUSE file system that passes one backing file through and fails `fsync` and writes on
-//! demand, for tests of what a daemon does when its storage fails (device-mapper's `error` and
-//! `flakey` targets are not available in every test kernel; FUSE is).
+//! A FUSE file system that passes one backing file through and fails `fsync`, writes and
+//! reads of a chosen range on demand, for tests of what a daemon does when its storage
+//! fails (device-mapper's `error` and `flakey` targets are not available in every test
+//! kernel; FUSE is).
 //!
 //! [`FaultFs::mount`] mounts, on a fresh temporary directory and from a thread of the test
 //! process itself, a file system holding one file, [`FaultFs::file`], whose reads, writes and
@@ -23,6 +24,8 @@
 //! * `hold_opens(true)`: every later open of the file waits (on a thread of its own, the
 //!   server's stay free) until `hold_opens(false)`, as an open on a hung NFS mount or a busy
 //!   FUSE server does; `opens_held` says how many wait now.
+//! * `fail_reads(Some(range))`: every read overlapping that byte range of the file fails
+//!   with EIO, as a disk with unreadable sectors there does; `reads_failed` counts them.
 //! * `fsyncs` and `writes`: counters of the FUSE_FSYNC and FUSE_WRITE requests seen (failed or
 //!   not), e.g. to check that a FLUSH reached fdatasync before it was answered.
 //!
@@ -84,6 +87,10 @@ pub struct Faults {
     opens_released: Condvar,
     /// Opens waiting now.
     opens_held: AtomicU64,
+    /// Reads overlapping this byte range of the file fail with EIO ([`Faults::fail_reads`]).
+    fail_reads: Mutex<Option<std::ops::Range<u64>>>,
+    /// FUSE_READ requests failed by `fail_reads`.
+    pub reads_failed: AtomicU64,
 }
 
 impl Faults {
@@ -131,6 +138,14 @@ impl Faults {
     /// Opens of the file waiting now ([`Faults::hold_opens`]).
     pub fn opens_held(&self) -> u64 {
         self.opens_held.load(Ordering::SeqCst)
+    }
+
+    /// Makes every later read that overlaps the byte range `range` of the file fail with
+    /// EIO, as a disk with unreadable sectors there does (reads elsewhere succeed), or no
+    /// read fail (`None`). The kernel reads a FUSE file a page or more at a time: a range
+    /// aligned to 4 KiB fails exactly its own pages.
+    pub fn fail_reads(&self, range: Option<std::ops::Range<u64>>) {
+        *self.fail_reads.lock().unwrap_or_else(|p| p.into_inner()) = range;
     }
 
     /// Number of fsyncs seen so far.
@@ -289,6 +304,17 @@ impl Filesystem for PassThrough {
             return reply.error(Errno::EISDIR);
         }
         let end = offset.saturating_add(u64::from(size)).min(self.size);
+        let bad = self
+            .faults
+            .fail_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .is_some_and(|r| offset < r.end && r.start < end);
+        if bad {
+            self.faults.reads_failed.fetch_add(1, Ordering::SeqCst);
+            return reply.error(Errno::EIO);
+        }
         let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
         match self.backing.read_exact_at(&mut buf, offset) {
             Ok(()) => reply.data(&buf),

@@ -38,6 +38,11 @@ pub(super) struct Device {
     /// were not logged since (the log is rate-limited like `pr_err_ratelimited`).
     pub(super) other_mac_logged: Option<Instant>,
     pub(super) other_mac_unlogged: u64,
+    /// When a change of the data frame size that a config response caused was last logged,
+    /// and how many were not logged since: a peer alternating its sector count in config
+    /// responses changes it with every frame it sends ([`Config::peer_log_interval`]).
+    pub(super) payload_logged: Option<Instant>,
+    pub(super) payload_unlogged: u64,
 }
 
 impl Device {
@@ -61,6 +66,8 @@ impl Device {
             revalidating: false,
             other_mac_logged: None,
             other_mac_unlogged: 0,
+            payload_logged: None,
+            payload_unlogged: 0,
         }
     }
 

@@ -93,7 +93,23 @@ impl Engine {
             }),
             None => {}
         }
-        let log = d.recompute_payload();
+        // The frame size follows the config responses, so a peer can move it with every
+        // response it sends: its change is logged at most once per device per
+        // `peer_log_interval`, with the count of changes not logged.
+        let log = d.recompute_payload().and_then(|l| {
+            let every = self.cfg.peer_log_interval;
+            if d.payload_logged
+                .is_some_and(|t| now.saturating_duration_since(t) < every)
+            {
+                d.payload_unlogged += 1;
+                return None;
+            }
+            d.payload_logged = Some(now);
+            Some(match std::mem::take(&mut d.payload_unlogged) {
+                0 => l,
+                n => format!("{l} ({n} more changes since the last report)"),
+            })
+        });
         let identify = !d.open && d.payload > 0;
         if identify && d.life == Life::Down {
             d.life = Life::Identifying;
@@ -239,10 +255,13 @@ impl Engine {
                 Some(d) => d.stats.unexpected_responses += 1,
                 None => self.stats.unknown_device += 1,
             }
-            self.log(format!(
-                "unexpected rsp {} tag={:08x} from {} on if {iface} (tag of {})",
-                h.target, h.tag.0, h.src, f.dev
-            ));
+            // A peer that sees the requests can send as many of these per tag as it likes.
+            self.log_peer(now, "unexpected rsp, tag of another device", || {
+                format!(
+                    "unexpected rsp {} tag={:08x} from {} on if {iface} (tag of {})",
+                    h.target, h.tag.0, h.src, f.dev
+                )
+            });
             return;
         }
         let failed = h.error.is_some() || ata.cmd_status & status::FAILURE_MASK != 0;

@@ -258,6 +258,44 @@ fn a_config_string_set_fits_every_interface_of_the_export() {
     assert_eq!(e.config_capacity(), 1024);
 }
 
+/// A string stored while the interface carried it, then the MTU fell: a read's reply does
+/// not fit the reply buffer. It is dropped as [`DropReason::ReplyTooLong`] and counted, for
+/// the daemon to report once a second (the engine logged a warning per such frame before).
+#[test]
+fn a_reply_too_long_for_the_buffer_is_counted_not_sent() {
+    let mut e = engine(1000);
+    let mut big = vec![0u8; 1514];
+    let s = vec![b'x'; 1000];
+    let Outcome::Reply(_) = e.handle_frame(
+        0,
+        &request(HOST, ADDR, cfg(ConfigCommand::Set, &s)),
+        &mut big,
+    ) else {
+        panic!("a set must be answered")
+    };
+    assert_eq!(e.state().config.len(), 1000);
+    e.set_interface(
+        0,
+        Interface {
+            mac: TARGET_MAC,
+            mtu: 900,
+        },
+    );
+    let mut small = vec![0u8; 914];
+    for _ in 0..3 {
+        assert_eq!(
+            e.handle_frame(
+                0,
+                &request(HOST, ADDR, cfg(ConfigCommand::Read, b"")),
+                &mut small,
+            ),
+            Outcome::Drop(DropReason::ReplyTooLong)
+        );
+    }
+    assert_eq!(e.stats().replies_too_long, 3);
+    assert_eq!(e.stats().dropped, 3);
+}
+
 #[test]
 fn addressing_and_versions() {
     let mut e = engine(1000);

@@ -176,7 +176,7 @@ impl Daemon {
                     Err(e) => {
                         let e = StoreError::from(e);
                         if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
-                            tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
+                            tracing::warn!(error = %e, "{}: I/O failed{}{a}", rt.spec.addr(), failed_at(&rt.engine, req.token));
                         }
                         Some(Err(ata_failure(&e)))
                     }
@@ -479,6 +479,7 @@ impl Daemon {
                         offset,
                         frame,
                         ref data,
+                        token,
                         ..
                     } = staged[j]
                     else {
@@ -494,7 +495,7 @@ impl Daemon {
                         Err(e) => {
                             let e = StoreError::from(e);
                             if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
-                                tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
+                                tracing::warn!(error = %e, "{}: I/O failed{}{a}", rt.spec.addr(), failed_at(&rt.engine, token));
                             }
                             set_write_done(&mut staged[j], WriteDone::Inline(Err(ata_failure(&e))));
                         }
@@ -629,7 +630,7 @@ impl Daemon {
                             let r = r.map_err(|e| {
                                 let e = StoreError::from(e);
                                 if let Some(a) = self.logs.check(Instant::now(), "I/O failed") {
-                                    tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
+                                    tracing::warn!(error = %e, "{}: I/O failed{}{a}", rt.spec.addr(), failed_at(&rt.engine, token));
                                 }
                                 ata_failure(&e)
                             });
@@ -707,7 +708,7 @@ impl Daemon {
         let result = done.result.map_err(|e| {
             let e = StoreError::from(e);
             if let Some(a) = logs.check(Instant::now(), "I/O failed") {
-                tracing::warn!(error = %e, "{}: I/O failed{a}", rt.spec.addr());
+                tracing::warn!(error = %e, "{}: I/O failed{}{a}", rt.spec.addr(), failed_at(&rt.engine, token));
             }
             ata_failure(&e)
         });
@@ -1052,6 +1053,16 @@ pub(super) fn ata_failure(e: &StoreError) -> IoFailure {
     match e {
         StoreError::Medium(_) | StoreError::ShortRead(_) => IoFailure::Medium,
         _ => IoFailure::Aborted,
+    }
+}
+
+/// ` at LBA N (M sectors)` for the request in flight under `token`, for the log line of a
+/// store error: which sectors of the export the initiator asked for (its LBA, not the file
+/// offset), so a bad range on the disk under it can be found.
+fn failed_at(engine: &aoe_proto::target::Engine, token: Token) -> String {
+    match engine.in_flight_lba(token) {
+        Some((lba, n)) => format!(" at LBA {lba} ({n} sectors)"),
+        None => String::new(),
     }
 }
 

@@ -32,6 +32,9 @@ pub(super) struct ExportRt {
     /// Drop counts last logged: (over the buffer count, worker queue full, over the
     /// source's fair share of the buffer count).
     pub(super) drops_logged: (u64, u64, u64),
+    /// Replies too long for their interface's frame last logged
+    /// ([`aoe_proto::target::Stats::replies_too_long`]).
+    pub(super) too_long_logged: u64,
     /// Writes submitted to the store, and writes waiting for an overlapping one (see
     /// [`super::order`]).
     pub(super) writes: WriteOrder<Request>,
@@ -525,6 +528,7 @@ impl Opener {
             heirs: Vec::new(),
             pool_full_drops: 0,
             drops_logged: (0, 0, 0),
+            too_long_logged: 0,
             writes: WriteOrder::default(),
             shared,
             reserve_pending: None,
