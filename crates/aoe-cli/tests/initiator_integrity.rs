@@ -159,6 +159,18 @@ fn concurrent_unaligned_writes_all_land_fuse_uring() {
     });
 }
 
+/// `aoe serve` and an `aoe initiator --fuse-uring` over a veth of `mtu`, with
+/// enable_uring held at Y while the guard lives (bind it first: the rig goes before it).
+fn fuse_uring_rig(mtu: u32) -> (aoe_testkit::fuseuring::FuseUring, Rig) {
+    let u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    let opts = InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    };
+    (u, Rig::start(Target::AoeServe, mtu, opts))
+}
+
 /// `aoe initiator --fuse-uring` while enable_uring is N: it exits 1 saying which parameter
 /// to set, and leaves ROOT unmounted (no silent fallback to /dev/fuse).
 #[test]
@@ -422,16 +434,7 @@ fn sigquit_stops_even_while_mounted() {
 /// SIGTERM could hit the same window (`fio.rs`'s one unexplained stop under load).
 #[test]
 fn sigterm_with_a_control_file_open_exits_fuse_uring() {
-    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    let mut rig = Rig::start(
-        Target::AoeServe,
-        9000,
-        InitOpts {
-            fuse_uring: true,
-            ..InitOpts::default()
-        },
-    );
+    let (_u, mut rig) = fuse_uring_rig(9000);
     let held = fs::File::open(rig.root.join("interfaces")).unwrap();
     rig.signal_initiator("TERM");
     initiator_exits_0(&mut rig, "SIGTERM with ROOT/interfaces open");
@@ -1652,13 +1655,7 @@ fn parallel_direct_writes_and_a_buffered_reader() {
 /// written through it.
 #[test]
 fn sigkill_with_fuse_uring_fails_readers_and_writers_then_restart_serves() {
-    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    let opts = InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    };
-    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let (_u, mut rig) = fuse_uring_rig(1500);
     let log = rig.initiator_log();
     assert!(
         log.contains("FUSE requests through io_uring"),
@@ -1750,13 +1747,7 @@ fn err_reader(root: &Path) -> std::sync::mpsc::Receiver<io::Result<String>> {
 /// is dropped unanswered, so the device file stayed open and the unmount waited.
 #[test]
 fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() {
-    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    let opts = InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    };
-    let mut rig = Rig::start(Target::AoeServe, 1500, opts);
+    let (_u, mut rig) = fuse_uring_rig(1500);
     let log = rig.initiator_log();
     assert!(
         log.contains("FUSE requests through io_uring on the network thread"),

@@ -193,6 +193,20 @@ fn config_string_of_1024_bytes() {
     assert_eq!(e.state().config.len(), 1024);
 }
 
+/// Gives `e` two interfaces, MTU 9000 (0) and 1000 (1): a set through the first must still
+/// fit the answers on the second.
+fn jumbo_and_small_interfaces(e: &mut Engine) {
+    for (i, mtu) in [(0, 9000), (1, 1000)] {
+        e.set_interface(
+            i,
+            Interface {
+                mac: TARGET_MAC,
+                mtu,
+            },
+        );
+    }
+}
+
 /// Audit (s22): a config string set through a jumbo-frame interface was stored whatever
 /// the export's other interfaces carry; on one under MTU 1042 every Query Config answer
 /// (reads, the announcement) was then too long to send, and the export vanished from
@@ -201,20 +215,7 @@ fn config_string_of_1024_bytes() {
 #[test]
 fn a_config_string_set_fits_every_interface_of_the_export() {
     let mut e = engine(1000);
-    e.set_interface(
-        0,
-        Interface {
-            mac: TARGET_MAC,
-            mtu: 9000,
-        },
-    );
-    e.set_interface(
-        1,
-        Interface {
-            mac: TARGET_MAC,
-            mtu: 1000,
-        },
-    );
+    jumbo_and_small_interfaces(&mut e);
     // 1000 - 10 AoE header - 8 config header.
     assert_eq!(e.config_capacity(), 982);
     let mut big = vec![0u8; 9014];
@@ -1082,20 +1083,7 @@ fn mask_list_is_capped_at_one_reply_frame() {
 #[test]
 fn a_reserve_list_set_fits_every_interface_of_the_export() {
     let mut e = engine(64);
-    e.set_interface(
-        0,
-        Interface {
-            mac: TARGET_MAC,
-            mtu: 9000,
-        },
-    );
-    e.set_interface(
-        1,
-        Interface {
-            mac: TARGET_MAC,
-            mtu: 1000,
-        },
-    );
+    jumbo_and_small_interfaces(&mut e);
     // (1000 - 10 AoE header - 2 argument) / 6.
     assert_eq!(e.reserve_capacity(), 164);
     let set = |n: usize| {
