@@ -300,10 +300,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// Gives `rt`, about to be served as export `id`, the writes still in flight or waiting
-    /// on every retiring export of the same store ([`same_store`]): its overlapping writes
-    /// and reads wait for them ([`super::order`] says why), and each retiring one reports
-    /// to it as they end ([`ExportRt::heirs`]).
     /// A reopened export (the same shelf.slot: the state belongs to the address, as its
     /// state file does) takes the config string, Mac Mask List and reserve list of the
     /// newest retiring instance of that address, as they are in memory: what initiators
@@ -341,6 +337,10 @@ impl Daemon {
         }
     }
 
+    /// Gives `rt`, about to be served as export `id`, the writes still in flight or waiting
+    /// on every retiring export of the same store ([`same_store`]): its overlapping writes
+    /// and reads wait for them ([`super::order`] says why), and each retiring one reports
+    /// to it as they end ([`ExportRt::heirs`]).
     fn inherit_writes(&mut self, id: u32, rt: &mut ExportRt) {
         let base = rt.spec.offset * 512;
         for (&old_id, old) in self.exports.iter_mut() {
