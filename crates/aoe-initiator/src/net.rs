@@ -127,6 +127,17 @@ fn on_net() -> bool {
     ON_NET.with(Cell::get)
 }
 
+/// Fails a command that will never run (the network thread stopping or gone): its I/O
+/// completes with EIO. Any other command is dropped, and with it any reply channel it
+/// carries, so that whoever waits on one sees it closed.
+fn fail_cmd(cmd: Cmd) {
+    match cmd {
+        Cmd::Io { done, .. } => done(Err(libc::EIO)),
+        Cmd::IoHeld { done, .. } => done(Err(libc::EIO)),
+        _ => {}
+    }
+}
+
 /// Hands `each` the commands the network thread queued for itself, and those they queue
 /// in turn, until none is left.
 fn drain_local(mut each: impl FnMut(Cmd)) {
@@ -395,8 +406,15 @@ impl Handle {
     pub fn send(&self, cmd: Cmd) {
         if on_net() {
             LOCAL.with(|q| q.borrow_mut().push(cmd));
-        } else if self.tx.send(cmd).is_ok() {
-            let _ = self.wake.notify();
+        } else {
+            match self.tx.send(cmd) {
+                Ok(()) => {
+                    let _ = self.wake.notify();
+                }
+                // The network thread is gone (stopped): nothing will run the command, so
+                // its I/O fails here rather than leave its caller waiting for ever.
+                Err(crossbeam_channel::SendError(cmd)) => fail_cmd(cmd),
+            }
         }
     }
 
@@ -1382,13 +1400,7 @@ impl Net {
                         copied_wait = c.copied_wait,
                         "network thread loop"
                     );
-                    // The I/O in flight fails first, so that a source answering on this
-                    // thread can still send those answers before it is dropped.
-                    self.fail_all();
-                    for s in &mut self.sources {
-                        s.stopping();
-                    }
-                    self.sources.clear();
+                    self.shut_down();
                     return;
                 }
                 self.command(cmd);
@@ -1995,6 +2007,22 @@ impl Net {
         }
     }
 
+    /// The end of the thread ([`Cmd::Stop`]): the commands queued behind the stop fail (no
+    /// turn of the loop will run them), then the I/O in flight, so that a source answering
+    /// on this thread (the FUSE ring) can still send those answers before it is dropped.
+    /// Before, commands behind the stop were dropped with their callbacks uncalled, and a
+    /// caller waiting on one waited for ever.
+    fn shut_down(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            fail_cmd(cmd);
+        }
+        self.fail_all();
+        for s in &mut self.sources {
+            s.stopping();
+        }
+        self.sources.clear();
+    }
+
     fn fail_all(&mut self) {
         for (_, done) in self.pending.drain() {
             done(Err(libc::EIO));
@@ -2004,11 +2032,7 @@ impl Net {
         }
         // What those completions queued next (a flush after a FUA write, a waiter's I/O)
         // fails too, so that no front-end waits for an answer that cannot come.
-        drain_local(|cmd| match cmd {
-            Cmd::Io { done, .. } => done(Err(libc::EIO)),
-            Cmd::IoHeld { done, .. } => done(Err(libc::EIO)),
-            _ => {}
-        });
+        drain_local(fail_cmd);
         let loops: Vec<String> = lock(&self.shared)
             .devices
             .values_mut()
@@ -2302,13 +2326,50 @@ mod iflist_tests {
 #[cfg(test)]
 mod housekeeping_tests {
     use super::*;
-    use aoe_proto::initiator::Config;
+    use aoe_proto::initiator::{BlockOp, Config};
 
     fn net() -> (Net, Arc<Mutex<Shared>>) {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let engine = Engine::new(Config::default(), Instant::now());
         let net = Net::new(engine, shared.clone(), false, "/nonexistent".into()).unwrap();
         (net, shared)
+    }
+
+    /// A read whose result `io` records, and the record.
+    fn recorded_read(h: &Handle) -> Arc<Mutex<Option<Result<(), i32>>>> {
+        let got = Arc::new(Mutex::new(None));
+        let g = got.clone();
+        h.io(
+            TargetAddr { shelf: 1, slot: 2 },
+            BlockOp::Read { lba: 0, sectors: 1 },
+            Box::new(move |r| *g.lock().unwrap() = Some(r.map(drop))),
+        );
+        got
+    }
+
+    /// Commands the network thread will never run fail their I/O with EIO: those queued
+    /// behind its stop, and those sent once it is gone. Before, both were dropped with
+    /// their callbacks uncalled (a front-end waiting on one waited for ever; with the
+    /// FUSE ring's old thread, a stop that did not end): each assertion below saw None.
+    #[test]
+    fn io_the_stopped_network_thread_cannot_run_fails() {
+        let (mut net, _shared) = net();
+        let h = net.handle();
+        let queued = recorded_read(&h);
+        assert_eq!(*queued.lock().unwrap(), None, "queued, not yet run");
+        net.shut_down();
+        assert_eq!(
+            *queued.lock().unwrap(),
+            Some(Err(libc::EIO)),
+            "queued behind the stop"
+        );
+        drop(net);
+        let late = recorded_read(&h);
+        assert_eq!(
+            *late.lock().unwrap(),
+            Some(Err(libc::EIO)),
+            "sent after the thread is gone"
+        );
     }
 
     /// On the network thread a handle queues its commands on the thread's own list, with
