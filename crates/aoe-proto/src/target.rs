@@ -490,14 +490,29 @@ pub struct Engine {
     prefetch: Option<fn(*const u8)>,
 }
 
+/// Bytes an answer on an interface of `mtu` carries after the AoE header (10 bytes) and an
+/// argument header of `arg` bytes.
+fn room_at(mtu: u32, arg: usize) -> usize {
+    (mtu as usize).saturating_sub(aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + arg)
+}
+
 /// Longest config string a Query Config answer carries on an interface of `mtu` (10-byte
 /// AoE header, 8-byte config header), at most 1024 bytes (AoEr11 section 3.2).
 pub fn config_capacity_at(mtu: u32) -> usize {
-    (mtu as usize)
-        .saturating_sub(
-            aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + aoe_wire::config::ARG_LEN,
-        )
-        .min(MAX_CONFIG_LEN)
+    room_at(mtu, aoe_wire::config::ARG_LEN).min(MAX_CONFIG_LEN)
+}
+
+/// Most Mac Mask List entries a read reply carries on an interface of `mtu` (10-byte AoE
+/// header, 4-byte argument, 8 bytes a directive), at most 255 (the one-byte Dir Count).
+pub fn mask_capacity_at(mtu: u32) -> usize {
+    (room_at(mtu, aoe_wire::macmask::ARG_LEN) / aoe_wire::macmask::DIRECTIVE_LEN)
+        .min(MAX_MASK_ENTRIES)
+}
+
+/// Most MACs a Reserve/Release reply carries on an interface of `mtu` (10-byte AoE header,
+/// 2-byte argument, 6 bytes a MAC), at most 255 (the one-byte count).
+pub fn reserve_capacity_at(mtu: u32) -> usize {
+    (room_at(mtu, aoe_wire::reserve::ARG_LEN) / 6).min(255)
 }
 
 impl Engine {
@@ -1000,18 +1015,12 @@ impl Engine {
     /// and at most 255 (the one-byte Dir Count). An add past it fails with MError 3 (list
     /// full), so a read reply always fits the frame it is sent in.
     pub fn mask_capacity(&self) -> usize {
-        let per_frame = |mtu: u32| {
-            (mtu as usize).saturating_sub(
-                aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN + aoe_wire::macmask::ARG_LEN,
-            ) / aoe_wire::macmask::DIRECTIVE_LEN
-        };
-        self.interfaces
-            .iter()
-            .flatten()
-            .map(|i| per_frame(i.mtu))
-            .min()
-            .unwrap_or(0)
-            .min(MAX_MASK_ENTRIES)
+        self.smallest(mask_capacity_at).unwrap_or(0)
+    }
+
+    /// `at` of the smallest MTU of the export's interfaces; None with no interface yet.
+    fn smallest(&self, at: fn(u32) -> usize) -> Option<usize> {
+        self.interfaces.iter().flatten().map(|i| at(i.mtu)).min()
     }
 
     /// Longest config string a Query Config set may store: what one reply carries at the
@@ -1023,12 +1032,7 @@ impl Engine {
     /// the export vanished from discovery there (vblade the same: its answer is refused by
     /// the socket). With no interface yet, 1024.
     pub fn config_capacity(&self) -> usize {
-        self.interfaces
-            .iter()
-            .flatten()
-            .map(|i| config_capacity_at(i.mtu))
-            .min()
-            .unwrap_or(MAX_CONFIG_LEN)
+        self.smallest(config_capacity_at).unwrap_or(MAX_CONFIG_LEN)
     }
 
     /// Most MACs a Reserve/Release set may store: what one reply carries at the smallest MTU
@@ -1039,18 +1043,7 @@ impl Engine {
     /// smaller MTU was too long to send (s22 audit, the counterpart of
     /// [`config_capacity`](Self::config_capacity)). With no interface yet, 255.
     pub fn reserve_capacity(&self) -> usize {
-        self.interfaces
-            .iter()
-            .flatten()
-            .map(|i| {
-                (i.mtu as usize).saturating_sub(
-                    aoe_wire::HEADER_LEN - aoe_wire::ETHERNET_HEADER_LEN
-                        + aoe_wire::reserve::ARG_LEN,
-                ) / 6
-            })
-            .min()
-            .unwrap_or(255)
-            .min(255)
+        self.smallest(reserve_capacity_at).unwrap_or(255)
     }
 
     /// Mac Mask List read and edit, as vblade `aoemask` answers them:

@@ -1090,29 +1090,27 @@ impl Daemon {
 /// longer than interface `name` of `mtu` carries: those answers cannot be sent there (for
 /// the config string: the export is not discovered on it) until the list or string is
 /// shortened. The engine refuses sets that would not fit (`Engine::config_capacity`,
-/// `mask_capacity`, `reserve_capacity`).
+/// `mask_capacity`, `reserve_capacity`, from the same per-MTU capacities used here).
 fn warn_if_state_too_long(rt: &ExportRt, name: &str, mtu: u32) {
-    // AoE header 10 bytes; Query Config argument 8, Mac Mask 4 and 8 a directive,
-    // Reserve/Release 2 and 6 a MAC.
+    use aoe_proto::target::{config_capacity_at, mask_capacity_at, reserve_capacity_at};
     let st = rt.engine.state();
-    let room = (mtu as usize).saturating_sub(10);
     let too_long = [
         (
             "config string",
             st.config.len(),
-            aoe_proto::target::config_capacity_at(mtu),
+            config_capacity_at(mtu),
             "bytes",
         ),
         (
             "Mac Mask List",
             st.mask.len(),
-            room.saturating_sub(4) / 8,
+            mask_capacity_at(mtu),
             "entries",
         ),
         (
             "reserve list",
             st.reserve.len(),
-            room.saturating_sub(2) / 6,
+            reserve_capacity_at(mtu),
             "entries",
         ),
     ];
