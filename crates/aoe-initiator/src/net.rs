@@ -1243,11 +1243,9 @@ impl Net {
                         continue;
                     }
                 }
-                if same {
-                    self.retiring.remove(&idx);
-                }
+                // Listed again, or going now: no longer retiring.
+                self.retiring.remove(&idx);
                 if !same {
-                    self.retiring.remove(&idx);
                     tracing::info!(interface = %i.name, "interface gone or no longer used");
                     self.tx_rejected_closed +=
                         i.txr.as_ref().map_or(0, |t| t.ring.stats().tx_rejected);
