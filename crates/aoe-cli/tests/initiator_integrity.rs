@@ -171,6 +171,50 @@ fn fuse_uring_rig(mtu: u32) -> (aoe_testkit::fuseuring::FuseUring, Rig) {
     (u, Rig::start(Target::AoeServe, mtu, opts))
 }
 
+/// A shell loop running `dd {args} bs=64k` again until one fails, then exiting 1.
+fn dd_loop(args: &str) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while dd {args} bs=64k status=none; do :; done; exit 1"
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A dd loop reading the rig's device file and one writing zeros to it (both O_DIRECT),
+/// returned once the zeros have reached the backing file (it held a pattern).
+fn dd_reader_and_writer(rig: &Rig) -> (std::process::Child, std::process::Child) {
+    let dev = rig.dev().display().to_string();
+    let reader = dd_loop(&format!("if={dev} of=/dev/null iflag=direct"));
+    let writer = dd_loop(&format!("if=/dev/zero of={dev} oflag=direct"));
+    let file = rig.file.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            read_at(&file, 0, 65536).is_ok_and(|b| b.iter().all(|&x| x == 0))
+        }),
+        "the dd writer's data never reached the target{}",
+        rig.logs()
+    );
+    (reader, writer)
+}
+
+/// Each of the two dd loops ends within 10 s of `event` (killed if not), with a failure.
+fn dd_loops_fail(reader: &mut std::process::Child, writer: &mut std::process::Child, event: &str) {
+    for (what, dd) in [("reader", reader), ("writer", writer)] {
+        let done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
+        if !done {
+            let _ = dd.kill();
+        }
+        assert!(done, "the dd {what} hangs 10 s after {event}");
+        assert!(
+            !dd.wait().unwrap().success(),
+            "the dd {what} succeeded across {event}"
+        );
+    }
+}
+
 /// `aoe initiator --fuse-uring` while enable_uring is N: it exits 1 saying which parameter
 /// to set, and leaves ROOT unmounted (no silent fallback to /dev/fuse).
 #[test]
@@ -932,15 +976,10 @@ fn sigkill_mid_write_then_restart_takes_over_root_and_nbd_socket() {
     assert!(nbd_pipelined_writes(client, vec![(0, pattern(7, 4096))]).is_empty());
 
     // Writers on both front-ends, then SIGKILL.
-    let mut dd = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while dd if=/dev/zero of={} bs=64k oflag=direct status=none; do :; done; exit 1",
-            rig.dev().display()
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut dd = dd_loop(&format!(
+        "if=/dev/zero of={} oflag=direct",
+        rig.dev().display()
+    ));
     let mut client = nbd_connect(&sock, DEV);
     let replies = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = replies.clone();
@@ -1661,50 +1700,15 @@ fn sigkill_with_fuse_uring_fails_readers_and_writers_then_restart_serves() {
         log.contains("FUSE requests through io_uring"),
         "the initiator does not use FUSE over io_uring: {log}"
     );
-    let dev = rig.dev().display().to_string();
-    let loop_dd = |args: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while dd {args} bs=64k status=none; do :; done; exit 1"
-            ))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut reader = loop_dd(&format!("if={dev} of=/dev/null iflag=direct"));
-    let mut writer = loop_dd(&format!("if=/dev/zero of={dev} oflag=direct"));
-    // The writer's zeros reached the backing file (it held a pattern): I/O goes through the
-    // ring, and both loops still run, before the kill.
-    let file = rig.file.clone();
-    let wrote = wait_until(Duration::from_secs(20), || {
-        read_at(&file, 0, 65536).is_ok_and(|b| b.iter().all(|&x| x == 0))
-    });
-    assert!(
-        wrote,
-        "the dd writer's data never reached the target{}",
-        rig.logs()
-    );
+    // I/O goes through the ring, and both loops still run, before the kill.
+    let (mut reader, mut writer) = dd_reader_and_writer(&rig);
     assert!(
         reader.try_wait().unwrap().is_none() && writer.try_wait().unwrap().is_none(),
         "a dd loop stopped before the kill{}",
         rig.logs()
     );
     rig.sigkill_initiator();
-    for (what, dd) in [("reader", &mut reader), ("writer", &mut writer)] {
-        let done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
-        if !done {
-            let _ = dd.kill();
-        }
-        assert!(
-            done,
-            "the dd {what} hangs 10 s after SIGKILL with --fuse-uring"
-        );
-        assert!(
-            !dd.wait().unwrap().success(),
-            "the dd {what} succeeded across SIGKILL"
-        );
-    }
+    dd_loops_fail(&mut reader, &mut writer, "SIGKILL with --fuse-uring");
     rig.launch_initiator(&["--fuse-uring".to_string()]);
     rig.wait_state("up", Duration::from_secs(10), "after the restart");
     let out = rig.initiator.as_ref().unwrap().output_so_far();
@@ -1791,28 +1795,8 @@ fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() 
         .expect("the waiting err read failed");
     assert!(!line.is_empty(), "an empty err line");
 
-    let dev = rig.dev().display().to_string();
-    let loop_dd = |args: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while dd {args} bs=64k status=none; do :; done; exit 1"
-            ))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut reader = loop_dd(&format!("if={dev} of=/dev/null iflag=direct"));
-    let mut writer = loop_dd(&format!("if=/dev/zero of={dev} oflag=direct"));
+    let (mut reader, mut writer) = dd_reader_and_writer(&rig);
     let waiting = err_reader(&rig.root);
-    let file = rig.file.clone();
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            read_at(&file, 0, 65536).is_ok_and(|b| b.iter().all(|&x| x == 0))
-        }),
-        "the dd writer's data never reached the target{}",
-        rig.logs()
-    );
     rig.signal_initiator("TERM");
     wait_refusal(&rig);
     rig.signal_initiator("QUIT");
@@ -1820,17 +1804,7 @@ fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() 
         &mut rig,
         "after SIGQUIT with I/O in flight through the ring",
     );
-    for (what, dd) in [("reader", &mut reader), ("writer", &mut writer)] {
-        let done = wait_until(Duration::from_secs(10), || dd.try_wait().unwrap().is_some());
-        if !done {
-            let _ = dd.kill();
-        }
-        assert!(done, "the dd {what} hangs 10 s after SIGQUIT");
-        assert!(
-            !dd.wait().unwrap().success(),
-            "the dd {what} succeeded across SIGQUIT"
-        );
-    }
+    dd_loops_fail(&mut reader, &mut writer, "SIGQUIT");
     // EINTR as the daemon stops (or a line it had to say before): answered either way.
     if let Err(e) = waiting.recv_timeout(Duration::from_secs(10)) {
         panic!("the waiting err read hangs after SIGQUIT: {e}");

@@ -219,6 +219,43 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
     rig.finish();
 }
 
+/// `aoe serve --config` ([`write_conf`]) exporting a 1 MiB image (pattern 3) over a veth
+/// between two new namespaces, `target_ns` and `peer_ns`, spawned.
+struct Served {
+    // Dropped in this order: the target first, the namespaces and files after it.
+    target: NsChild,
+    veth: VethPair,
+    peer: Netns,
+    _target_ns: Netns,
+    file: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    fn start(target_ns: &str, peer_ns: &str) -> Served {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("disk.img");
+        fs::write(&file, pattern(3, 1 << 20)).expect("image");
+        let conf = dir.path().join("serve.toml");
+        let target_ns = Netns::new(target_ns).expect("target namespace");
+        let peer = Netns::new(peer_ns).expect("peer namespace");
+        let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
+        write_conf(&conf, veth.a_name(), &file, None);
+        let mut cmd = Command::new(AOE);
+        cmd.args(["serve", "--probe-ms", "0", "--config"])
+            .arg(&conf);
+        let target = target_ns.spawn(cmd).expect("start aoe serve");
+        Served {
+            target,
+            veth,
+            peer,
+            _target_ns: target_ns,
+            file,
+            dir,
+        }
+    }
+}
+
 /// Audit (issue 14): an image replaced under its path (`mv new.img disk.img`) and a SIGHUP
 /// with the configuration unchanged. The reload said "configuration reloaded" and went on
 /// serving the deleted file; now the export counts as changed: retired and reopened, and a
@@ -226,39 +263,28 @@ fn sighup_reloads_while_the_initiator_reads_an_unchanged_export() {
 #[test]
 fn sighup_after_the_image_is_replaced_serves_the_new_image() {
     require_tools();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("disk.img");
-    fs::write(&file, pattern(3, 1 << 20)).expect("image");
-    let conf = dir.path().join("serve.toml");
-    let target_ns = Netns::new("aoehr").expect("target namespace");
-    let peer = Netns::new("aoehp").expect("reader namespace");
-    let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
-    write_conf(&conf, veth.a_name(), &file, None);
-    let mut cmd = Command::new(AOE);
-    cmd.args(["serve", "--probe-ms", "0", "--config"])
-        .arg(&conf);
-    let mut target = target_ns.spawn(cmd).expect("start aoe serve");
-    let out = dir.path().join("read.bin");
+    let mut t = Served::start("aoehr", "aoehp");
+    let out = t.dir.path().join("read.bin");
     let read = |want: &[u8], when: &str, target: &NsChild| {
         assert!(
-            read_export(&peer, &veth, &out, when, target) == want,
+            read_export(&t.peer, &t.veth, &out, when, target) == want,
             "{when}: the bytes read are not the image's\n{}",
             target.output_so_far()
         );
     };
-    read(&pattern(3, 1 << 20), "at start", &target);
-    let new = dir.path().join("new.img");
+    read(&pattern(3, 1 << 20), "at start", &t.target);
+    let new = t.dir.path().join("new.img");
     fs::write(&new, pattern(4, 1 << 20)).expect("new image");
-    fs::rename(&new, &file).expect("replace the image");
-    reload_once(&target, "the image replaced");
-    read(&pattern(4, 1 << 20), "after the reload", &target);
+    fs::rename(&new, &t.file).expect("replace the image");
+    reload_once(&t.target, "the image replaced");
+    read(&pattern(4, 1 << 20), "after the reload", &t.target);
     assert_eq!(
-        count(&target.output_so_far(), "retiring"),
+        count(&t.target.output_so_far(), "retiring"),
         1,
         "{}",
-        target.output_so_far()
+        t.target.output_so_far()
     );
-    target.stop().expect("stop aoe serve");
+    t.target.stop().expect("stop aoe serve");
 }
 
 /// Audit (2026-12-04): an image grown in place (same inode) and a SIGHUP with the
@@ -413,33 +439,23 @@ fn sighup_keeps_the_command_lines_overrides() {
 #[test]
 fn a_reopened_export_keeps_its_config_string() {
     require_tools();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("disk.img");
-    fs::write(&file, pattern(3, 1 << 20)).expect("image");
-    let conf = dir.path().join("serve.toml");
-    let target_ns = Netns::new("aoeks").expect("target namespace");
-    let peer = Netns::new("aoekq").expect("peer namespace");
-    let veth = VethPair::new(&target_ns, &peer, 1500).expect("veth pair");
-    write_conf(&conf, veth.a_name(), &file, None);
-    let mut cmd = Command::new(AOE);
-    cmd.args(["serve", "--probe-ms", "0", "--config"])
-        .arg(&conf);
-    let mut target = target_ns.spawn(cmd).expect("start aoe serve");
+    let mut t = Served::start("aoeks", "aoekq");
     assert!(
-        wait_until(Duration::from_secs(10), || target
+        wait_until(Duration::from_secs(10), || t
+            .target
             .output_so_far()
             .contains("control socket listening")),
         "aoe serve did not start: {}",
-        target.output_so_far()
+        t.target.output_so_far()
     );
     let cfg = |args: &[&str]| {
-        let mut c = peer.command(AOE);
+        let mut c = t.peer.command(AOE);
         c.arg("cfg").args(args).args([
             "-t",
             "2",
             &SHELF.to_string(),
             &SLOT.to_string(),
-            veth.b_name(),
+            t.veth.b_name(),
         ]);
         let o = run(&mut c);
         assert!(o.status.success(), "aoe cfg {args:?}: {o:?}");
@@ -449,21 +465,21 @@ fn a_reopened_export_keeps_its_config_string() {
     assert_eq!(cfg(&["-c", "fset", "-s", s]), s);
     fs::OpenOptions::new()
         .append(true)
-        .open(&file)
+        .open(&t.file)
         .and_then(|mut f| std::io::Write::write_all(&mut f, &pattern(5, 1 << 20)))
         .expect("grow the image");
-    reload_once(&target, "the image grown");
+    reload_once(&t.target, "the image grown");
     assert!(
-        count(&target.output_so_far(), "retiring") >= 1,
+        count(&t.target.output_so_far(), "retiring") >= 1,
         "the export was not reopened:\n{}",
-        target.output_so_far()
+        t.target.output_so_far()
     );
     let got = cfg(&["-c", "read"]);
     assert_eq!(
         got,
         s,
         "config string after the reload that reopened the export\n{}",
-        target.output_so_far()
+        t.target.output_so_far()
     );
-    target.stop().expect("stop aoe serve");
+    t.target.stop().expect("stop aoe serve");
 }

@@ -591,12 +591,8 @@ mod tests {
         assert!(w.wait_idle(std::time::Duration::from_secs(10)));
         // The newest state wins.
         assert_eq!(f.load(&[a]).unwrap().config, vec![49]);
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
         assert_eq!(
-            names,
+            file_names(dir.path()),
             vec!["e2.3.toml".to_string()],
             "temporary file left behind"
         );
@@ -608,6 +604,14 @@ mod tests {
         w.save(&f, &s, &[]);
         drop(w);
         assert_eq!(f.load(&[]).unwrap().config, b"last".to_vec());
+    }
+
+    /// The names of the files in `dir` (a temporary file left behind shows here).
+    fn file_names(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
     }
 
     /// Audit (s22): a save that failed (the state directory's file system full) was logged
@@ -660,12 +664,8 @@ mod tests {
             "written, still reported failing: {after:?}"
         );
         assert!(after.failures >= 2, "{after:?}");
-        let names: Vec<_> = std::fs::read_dir(&blocker)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
         assert_eq!(
-            names,
+            file_names(&blocker),
             vec!["e1.1.toml".to_string()],
             "temporary file left behind"
         );
