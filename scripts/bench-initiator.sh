@@ -156,7 +156,7 @@ sys_during() { # name cmd...
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
     if [ -n "$WAKES" ]; then
-        wakes_during "$WAKES" "$name" "$SIZE_MB" "$@"
+        WAKES_PIDS="$INIT_PID $TARGET_PID" wakes_during "$WAKES" "$name" "$SIZE_MB" "$@"
     elif [ "$PERFSTATALL" = 1 ]; then
         sys_during "$name" "$@"
     elif [ -n "$PERFALL" ]; then
