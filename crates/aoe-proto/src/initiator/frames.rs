@@ -228,7 +228,6 @@ pub(super) struct Frames {
 }
 
 impl Frames {
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.map.len()
     }
