@@ -1018,29 +1018,7 @@ struct LoopCounts {
     held_bound: u64,
     copied_old: u64,
     copied_wait: u64,
-    /// Waits that spun for a burst's next answer first ([`SPIN`]), and of those, the ones
-    /// an answer ended (no sleep, so no wake-up).
-    spins: u64,
-    spin_hits: u64,
 }
-
-/// How long the loop watches its receive rings for the next answer before it sleeps in
-/// `poll(2)`, while frames are outstanding and an answer came within [`SPIN_AFTER`]: within
-/// a burst the target's answers come 5-11 us apart (docs/PERFORMANCE.md, "The initiator's
-/// reads at MTU 9000"), and each sleep between two of them costs a wake-up of this thread's
-/// CPU from the target's softirq, an IPI to a halted vCPU on a VM whose cpuidle does not
-/// poll (docs/PERFORMANCE.md, "Wake-ups per MiB").
-const SPIN: Duration = Duration::from_micros(20);
-/// The spin's condition: an answer taken this recently (a burst is arriving).
-const SPIN_AFTER: Duration = Duration::from_micros(50);
-
-/// [`SPIN`], or `AOE_NET_SPIN_US` from the environment (measurement builds only).
-static SPIN_NOW: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
-    std::env::var("AOE_NET_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(SPIN, Duration::from_micros)
-});
 
 /// The network thread's state.
 pub struct Net {
@@ -1085,8 +1063,6 @@ pub struct Net {
     logs: RateLimiter,
     /// The loop's counters ([`LoopCounts`]).
     counts: LoopCounts,
-    /// When the last answer was taken ([`Net::spin_for_answers`]).
-    last_answer: Instant,
     /// When [`Net::housekeeping`] last ran.
     housekept: Instant,
     /// Frames refused by the transmit rings of interfaces closed since (see
@@ -1173,7 +1149,6 @@ impl Net {
             unpublished: false,
             logs: RateLimiter::new(LOG_INTERVAL),
             counts: LoopCounts::default(),
-            last_answer: Instant::now(),
             housekept: Instant::now(),
             tx_rejected_closed: 0,
             retiring: BTreeMap::new(),
@@ -1418,8 +1393,6 @@ impl Net {
                         held_max = c.held_max,
                         held_bound = c.held_bound,
                         held_now,
-                        spins = c.spins,
-                        spin_hits = c.spin_hits,
                         held_pending = self.pending_held.len(),
                         copied_old = c.copied_old,
                         copied_wait = c.copied_wait,
@@ -1552,8 +1525,7 @@ impl Net {
                     Interest::Wake => src_fds.push(None),
                 }
             }
-            // Nothing to wait for, or (before a sleep) an answer that came while spinning.
-            if run_now || local_pending() || (!timeout.is_zero() && self.spin_for_answers()) {
+            if run_now || local_pending() {
                 timeout = Duration::ZERO;
             }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
@@ -1613,37 +1585,6 @@ impl Net {
         });
     }
 
-    /// Watches the receive rings for up to [`SPIN`] while a burst of answers is arriving
-    /// (frames outstanding, one taken within [`SPIN_AFTER`]); true once one waits. No
-    /// system call: one load of each ring's next status word per turn.
-    fn spin_for_answers(&mut self) -> bool {
-        let spin = *SPIN_NOW;
-        if spin.is_zero()
-            || self.engine.frames_outstanding() == 0
-            || self.last_answer.elapsed() > SPIN_AFTER
-        {
-            return false;
-        }
-        self.counts.spins += 1;
-        let start = Instant::now();
-        loop {
-            let ready = self
-                .ifaces
-                .iter()
-                .flatten()
-                .filter_map(|i| i.ring.as_ref())
-                .any(|r| r.ring.rx_ready());
-            if ready {
-                self.counts.spin_hits += 1;
-                return true;
-            }
-            if start.elapsed() >= spin {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     /// Hands the engine what interface `idx` received, up to [`RX_BUDGET`] frames, with
     /// the time `now`. Returns how many it took.
     fn receive(&mut self, idx: usize, now: Instant) -> usize {
@@ -1700,7 +1641,6 @@ impl Net {
             }
         }
         if taken > 0 {
-            self.last_answer = now;
             self.counts.frames_in += taken as u64;
             self.counts.rx_passes += 1;
         }

@@ -207,12 +207,6 @@ impl Engine {
         &self.cfg
     }
 
-    /// Frames sent and not yet answered (nor given up): the network thread waits for
-    /// answers only while some are.
-    pub fn frames_outstanding(&self) -> usize {
-        self.outstanding.len()
-    }
-
     /// Engine-wide counters.
     pub fn stats(&self) -> Stats {
         self.stats

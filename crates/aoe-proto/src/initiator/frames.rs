@@ -228,6 +228,7 @@ pub(super) struct Frames {
 }
 
 impl Frames {
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.map.len()
     }

@@ -348,29 +348,6 @@ fn read_is_split_into_payload_frames_lba48() {
     assert!(data[2048..].iter().all(|b| *b == 3));
 }
 
-/// `frames_outstanding` (what the network thread's spin for a burst's next answer asks)
-/// counts the frames sent and not yet answered: none before the read goes out, all three
-/// once drained, one fewer per answer, none once the read is complete.
-#[test]
-fn frames_outstanding_counts_the_frames_awaiting_answers() {
-    let (mut e, t0) = up_engine(1 << 20, true);
-    assert_eq!(e.frames_outstanding(), 0);
-    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 5 })
-        .unwrap();
-    let tx = drain(&mut e, t0);
-    assert_eq!((tx.len(), e.frames_outstanding()), (3, 3));
-    for (k, (_, f)) in tx.iter().enumerate() {
-        let n = f[26] as usize * 512;
-        e.handle_frame(
-            t0 + ms(1),
-            0,
-            &ata_rsp(f, TMAC, status::DRDY, 0, &vec![1; n]),
-        );
-        assert_eq!(e.frames_outstanding(), 2 - k);
-    }
-    assert_eq!(completions(&mut e).len(), 1);
-}
-
 #[test]
 fn lba28_write_and_flush_encoding() {
     let (mut e, t0) = up_engine(100_000, false);
