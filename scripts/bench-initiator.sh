@@ -34,6 +34,10 @@
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
 #             every dev and nbd transfer, read and written, and nbdkit's, into dir/<cell>.data
+#   WAKES=dir  record the whole machine's wake-ups (sched_waking, waker and wakee), its IPIs
+#             and softirq context during every dev and nbd transfer and nbdkit's, into
+#             dir/<cell>.data, and print per transfer the wake-ups per MiB by waker -> wakee
+#             pair, the cross-CPU ones and the IPIs per MiB (wakes_during in bench/lib.sh)
 #   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
@@ -70,6 +74,7 @@ PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
 PERFSTATALL=${PERFSTATALL:-0}
 PERFALL=${PERFALL:-}
+WAKES=${WAKES:-}
 RETX=${RETX:-0}
 METRICS_ADDR=127.0.0.1:9477
 [ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
@@ -150,7 +155,9 @@ sys_during() { # name cmd...
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ "$PERFSTATALL" = 1 ]; then
+    if [ -n "$WAKES" ]; then
+        WAKES_PIDS="$INIT_PID $TARGET_PID" wakes_during "$WAKES" "$name" "$SIZE_MB" "$@"
+    elif [ "$PERFSTATALL" = 1 ]; then
         sys_during "$name" "$@"
     elif [ -n "$PERFALL" ]; then
         mkdir -p "$PERFALL"
@@ -216,11 +223,11 @@ cell() { # label cmd... : median MB/s of RUNS runs
     v=$(for _ in $(seq 1 "$RUNS"); do timed "$@"; done | median)
     echo "$v"
 }
-# nbdkit's cell: as `cell`, each run under `perf_during` with PERFSTATALL or PERFALL (the
+# nbdkit's cell: as `cell`, each run under `perf_during` with PERFSTATALL, PERFALL or WAKES (the
 # whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our cells.
 kit_cell() { # label cmd...
     local label=$1; shift
-    [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || { cell "$label" "$@"; return; }
+    [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || [ -n "$WAKES" ] || { cell "$label" "$@"; return; }
     for r in $(seq 1 "$RUNS"); do perf_during "$label-$mtu-$r" timed "$@"; done | median
 }
 # One raw generator run: its MB/s on stdout; the bytes it moved, its own CPU ticks and the

@@ -170,3 +170,78 @@ start_nbdkit() {
     for _ in $(seq 1 50); do in_i nbdinfo --size "nbd://$IP_T:10809" >/dev/null 2>&1 && return 0; sleep 0.1; done
     sed 's/^/    /' "$WORK/nbdkit.log" >&2; die "nbdkit did not answer"
 }
+
+# Wake-ups of the whole machine during a command (WAKES=dir in bench-initiator.sh): records
+# sched:sched_waking (waker = the task on the CPU, wakee and its CPU from the event), the
+# rescheduling and function-call IPIs each CPU takes, and softirq entry/exit (to tell a wake-up
+# made in softirq context from one made by the task it interrupted), `perf record -a` with no
+# call graphs into dir/name.data, then prints `wakes_report`. What it costs: one trace record
+# (~100 bytes) per event, some 2-6 a frame at MTU 9000; written by perf on either CPU.
+# WAKES_PIDS: the processes of this rig whose threads count as the path's (the initiator's,
+# the target's); threads of other processes named aoe* (another rig on the machine) are
+# counted as "other".
+wakes_during() { # dir name mib cmd...
+    local dir=$1 name=$2 mib=$3; shift 3
+    mkdir -p "$dir"
+    wakes_tids >"$dir/$name.tids"
+    beside_perf record -q -a -m 1024 -e sched:sched_waking -e irq_vectors:reschedule_entry \
+        -e irq_vectors:call_function_single_entry -e irq_vectors:call_function_entry \
+        -e irq:softirq_entry -e irq:softirq_exit -o "$dir/$name.data" -- "$@"
+    wakes_tids >>"$dir/$name.tids"
+    wakes_report "$dir/$name.data" "$name" "$mib" "$dir/$name.tids" >&2
+}
+wakes_tids() { # the threads of WAKES_PIDS, one a line
+    local p
+    for p in ${WAKES_PIDS:-}; do ls "/proc/$p/task" 2>/dev/null || true; done
+}
+# Per MiB moved: the path's wake-ups, those of a task on another CPU than the waker's
+# (cross-CPU), the IPIs taken (whole machine), and the waker -> wakee pairs (thread names, digits of kernel threads' names
+# dropped; "[softirq]" after a waker that was in softirq context at the time, "x" for a
+# cross-CPU pair), largest first, down to 0.05 a MiB. Pairs in which neither side is a party
+# of the path (aoe, dd, nbdcopy, nbdkit, fuse, the kernel's own threads and idle) are summed
+# as "other" (builds beside the benchmark), as are threads named aoe* not in the tids file
+# (another rig's initiator or target).
+wakes_report() { # perf.data name mib [tids-file]
+    perf script -i "$1" -F comm,tid,cpu,event,trace 2>/dev/null | awk -v n="$2" -v mib="$3" -v tids="${4:-}" '
+        BEGIN { if (tids != "") while ((getline t < tids) > 0) ours[t] = 1 }
+        function norm(c, tid) { sub(/\/[0-9:u]+$/, "", c); sub(/-[0-9]+$/, "", c)
+            if (tids != "" && c ~ /^aoe/ && !(tid in ours)) c = "other-" c
+            return c }
+        function party(c) { return c ~ /^(aoe|nbd|dd$|fuse|kworker|ksoftirqd|swapper|migration|rcu|kthreadd|perf$|ip$|nsenter$)/ }
+        {
+            # "comm tid [cpu] event: trace"; comm may hold spaces.
+            for (i = 1; i <= NF; i++) if ($i ~ /^\[[0-9]+\]$/) break
+            if (i > NF) next
+            cpu = substr($i, 2, length($i) - 2) + 0; ev = $(i + 1)
+            comm = $1; for (j = 2; j < i - 1; j++) comm = comm " " $j
+            if (ev == "irq:softirq_entry:") { soft[cpu]++; next }
+            if (ev == "irq:softirq_exit:") { if (soft[cpu] > 0) soft[cpu]--; next }
+            if (ev == "irq_vectors:reschedule_entry:") { resched[cpu]++; ipi++; next }
+            if (ev ~ /call_function/) { cfs[cpu]++; ipi++; next }
+            if (ev != "sched:sched_waking:") next
+            wc = ""; tc = -1; wt = ""
+            for (j = i + 2; j <= NF; j++) {
+                if ($j ~ /^comm=/) { wc = substr($j, 6); k = j + 1
+                    while (k <= NF && $k !~ /^pid=/) { wc = wc " " $k; k++ } }
+                if ($j ~ /^pid=/) wt = substr($j, 5)
+                if ($j ~ /^target_cpu=/) tc = substr($j, 12) + 0
+            }
+            wn = norm(comm, $(i - 1)); e = norm(wc, wt)
+            w = wn (soft[cpu] > 0 ? "[softirq]" : "")
+            x = (tc != cpu) ? " x" : ""
+            if (!party(wn) && !party(e)) { other++; next }
+            total++; if (x != "") cross++
+            pair[w " -> " e x]++
+        }
+        END {
+            printf "wakes %s: %.1f wake-ups/MiB (%.1f cross-CPU), %.1f IPIs/MiB", n, total / mib, cross / mib, ipi / mib
+            for (c in resched) printf ", cpu%d resched %.1f", c, resched[c] / mib
+            for (c in cfs) printf ", cpu%d call-function %.1f", c, cfs[c] / mib
+            printf "; other tasks %.1f/MiB\n", other / mib
+            m = 0; for (p in pair) { keys[++m] = p }
+            for (a = 1; a <= m; a++) for (b = a + 1; b <= m; b++)
+                if (pair[keys[b]] > pair[keys[a]]) { t = keys[a]; keys[a] = keys[b]; keys[b] = t }
+            for (a = 1; a <= m; a++) if (pair[keys[a]] / mib >= 0.05)
+                printf "wakes %s:   %6.2f/MiB  %s\n", n, pair[keys[a]] / mib, keys[a]
+        }'
+}
