@@ -54,6 +54,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{Context, Result};
@@ -773,6 +774,11 @@ struct Replies {
     inflight: Arc<Inflight>,
     /// Starts the writer thread; taken by the first queued reply, or dropped at the close.
     writer: Mutex<Option<StartWriter>>,
+    /// A reply could not be written (the client gone: `EPIPE`, `ECONNRESET`): no later
+    /// reply can reach it, so the connection's source reads no more requests
+    /// ([`ConnSource::serve`]). Before, a client that closed with requests still in its
+    /// socket had every one of them run (a 1 MiB read each, for nobody) before its end.
+    failed: AtomicBool,
 }
 
 /// Starts a connection's writer thread.
@@ -802,7 +808,13 @@ impl Replies {
             sock,
             inflight,
             writer: Mutex::new(None),
+            failed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a reply could not be written ([`Replies::failed`]).
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// How to start the writer thread when it is first needed.
@@ -838,6 +850,7 @@ impl Replies {
             s.broken = true;
             std::mem::take(&mut s.queue)
         };
+        self.failed.store(true, Ordering::Release);
         for r in queued {
             self.inflight.release(r.held);
         }
@@ -1049,6 +1062,11 @@ fn transmission(
                     for chunk in batch.chunks(WRITE_BATCH) {
                         ok = ok && write_replies(&mut w, chunk).is_ok();
                     }
+                    if !ok {
+                        // Before the releases below wake the network thread: the source
+                        // it runs then reads no more requests.
+                        rx.failed.store(true, Ordering::Release);
+                    }
                     for m in batch.drain(..) {
                         inf.release(m.held);
                         // A read's buffer goes back to the engine for a later read to fill.
@@ -1151,6 +1169,15 @@ impl ConnSource {
         // Run because the socket is readable (or to go on where a run stopped): read it.
         self.drained = false;
         loop {
+            if self.tx.failed() {
+                // The client is gone: what it left in the socket is not run (a parked
+                // request included; its bytes were never counted in).
+                self.parked = None;
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "a reply could not be written (the client is gone); requests left unread",
+                ));
+            }
             if let Some((req, cmd)) = self.parked.take() {
                 if !self.inflight.try_acquire(held_bytes(&cmd)) {
                     self.parked = Some((req, cmd));
@@ -1359,6 +1386,9 @@ impl Source for ConnSource {
     }
 
     fn interest(&mut self) -> Interest {
+        if self.tx.failed() {
+            return Interest::Now;
+        }
         if let Some((_, cmd)) = &self.parked {
             // Asked again on every pass while parked; a no here notes the wait, so the
             // release that makes room wakes the thread.
