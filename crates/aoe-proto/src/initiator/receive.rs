@@ -562,7 +562,29 @@ impl Engine {
                 }
             }
             Life::Up if old != new => {
-                self.log(format!("{addr}: size changed from {old} to {new} sectors"));
+                // Logged at most once per device per `peer_log_interval`, with the count
+                // of changes not logged: a peer that sees the IDENTIFYs can answer each
+                // with another size (the event still goes out for every change).
+                let every = self.cfg.peer_log_interval;
+                let line = if d
+                    .size_logged
+                    .is_some_and(|t| now.saturating_duration_since(t) < every)
+                {
+                    d.size_unlogged += 1;
+                    None
+                } else {
+                    d.size_logged = Some(now);
+                    Some(match std::mem::take(&mut d.size_unlogged) {
+                        0 => format!("{addr}: size changed from {old} to {new} sectors"),
+                        n => format!(
+                            "{addr}: size changed from {old} to {new} sectors \
+                             ({n} more changes since the last report)"
+                        ),
+                    })
+                };
+                if let Some(l) = line {
+                    self.log(l);
+                }
                 self.events.push_back(Event::DeviceResized {
                     dev: addr,
                     old_sectors: old,

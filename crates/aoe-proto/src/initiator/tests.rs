@@ -2337,3 +2337,60 @@ fn counted_hasher_spreads_consecutive_keys_over_the_low_bits() {
     }
     assert_ne!(b.hash_one(IoId(1)), b.hash_one(IoId(2)));
 }
+
+/// Sixth audit (session 23): a second MAC announces the unopened device again and answers
+/// each IDENTIFY that follows with another size. Every change still goes out as an event,
+/// but the `size changed` line is logged about once per `peer_log_interval`, with the
+/// count of the changes not logged: on the code before, 1000 lines for 1000 answers.
+#[test]
+fn identify_answers_flapping_the_size_are_logged_once_an_interval() {
+    let (mut e, t0) = up_engine(1000, true);
+    events(&mut e);
+    let mut lines = Vec::new();
+    let mut resized = 0;
+    for i in 0..1000u64 {
+        let now = t0 + ms(i / 4);
+        e.handle_frame(now, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+        let tx = drain(&mut e, now);
+        let req = tx
+            .iter()
+            .map(|(_, f)| f)
+            .find(|f| {
+                let m = Message::parse(f).unwrap();
+                matches!(m.body, Body::Ata(a) if a.cmd_status == 0xec)
+            })
+            .unwrap_or_else(|| panic!("no IDENTIFY after config response {i}"));
+        let size = if i % 2 == 0 { 2000 } else { 1000 };
+        let rsp = ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(size));
+        e.handle_frame(now, 0, &rsp);
+        for ev in events(&mut e) {
+            match ev {
+                Event::Log(l) if l.contains("size changed") => lines.push(l),
+                Event::DeviceResized { .. } => resized += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(resized, 1000, "every change is an event");
+    assert!(
+        lines.len() <= 2,
+        "{} size-change lines for 1000 IDENTIFY answers in 0.25 s: {:?}",
+        lines.len(),
+        &lines[..lines.len().min(3)]
+    );
+    // After the interval the next change is logged, with the count of those that were not.
+    let later = t0 + Duration::from_secs(2);
+    e.handle_frame(later, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let tx = drain(&mut e, later);
+    let req = &tx.last().expect("an IDENTIFY").1;
+    e.handle_frame(
+        later,
+        0,
+        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
+    );
+    let l = log_lines(&mut e, |l| l.contains("size changed"));
+    assert!(
+        l.len() == 1 && l[0].contains("999 more changes since the last report"),
+        "{l:?}"
+    );
+}
