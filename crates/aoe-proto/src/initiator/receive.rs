@@ -535,11 +535,31 @@ impl Engine {
             }
         };
         info.lba48 = driver_lba48(page);
+        // A capacity beyond what the device's commands address is cut to it: an LBA28
+        // command carries 28 bits of LBA (`put_lba`), words 60-61 hold 32, and a sector
+        // past 2^28 would go out as one near the start of the disk (an LBA48 command
+        // carries 48 bits, words 100-103 hold 64). ATA caps words 60-61 at 0x0fff_ffff
+        // and the 48-bit maximum likewise; the driver takes either as it is.
+        let claimed = info.sectors();
+        let reach = if info.lba48 {
+            1 << 48
+        } else {
+            aoe_wire::identify::LBA28_MAX
+        };
+        let new = claimed.min(reach);
+        if new < claimed {
+            self.log_peer(now, "capacity beyond the commands' reach", || {
+                format!(
+                    "{addr}: IDENTIFY claims {claimed} sectors; {} commands reach {new}: \
+                     using {new}",
+                    if info.lba48 { "LBA48" } else { "LBA28" }
+                )
+            });
+        }
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
         };
         let old = d.sectors;
-        let new = info.sectors();
         d.sectors = new;
         d.lba48 = info.lba48;
         d.identify = Some(info);
