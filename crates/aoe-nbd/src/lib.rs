@@ -1195,18 +1195,19 @@ impl ConnSource {
     fn serve(&mut self) -> io::Result<bool> {
         let mut requests = 0;
         let mut bytes = 0;
+        if self.tx.failed() {
+            // The client is gone: what it left in the socket is not run (a parked request
+            // included; its bytes were never counted in). Looked at once a run: the
+            // writer's failure wakes the thread, and a run takes at most RUN_REQUESTS.
+            self.parked = None;
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "a reply could not be written (the client is gone); requests left unread",
+            ));
+        }
         // Run because the socket is readable (or to go on where a run stopped): read it.
         self.drained = false;
         loop {
-            if self.tx.failed() {
-                // The client is gone: what it left in the socket is not run (a parked
-                // request included; its bytes were never counted in).
-                self.parked = None;
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "a reply could not be written (the client is gone); requests left unread",
-                ));
-            }
             if let Some((req, cmd)) = self.parked.take() {
                 if !self.inflight.try_acquire(held_bytes(&cmd)) {
                     self.parked = Some((req, cmd));
