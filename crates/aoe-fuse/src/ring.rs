@@ -386,6 +386,7 @@ impl RingThread {
             payload,
             deadline: Instant::now() + INIT_WAIT,
             registered: Some(ok_tx),
+            again: 0,
             ring: None,
             live: 0,
             state: State {
@@ -443,6 +444,8 @@ struct RingSource {
     deadline: Instant,
     /// Where the registration's outcome goes ([`RingThread::start`] waits for it).
     registered: Option<crossbeam_channel::Sender<std::io::Result<()>>>,
+    /// Registrations refused with `EAGAIN` (`FUSE_INIT` not yet answered) before it took.
+    again: u64,
     ring: Option<FuseUring>,
     /// Entries whose command has not failed (the file system is mounted while any is).
     live: usize,
@@ -466,6 +469,7 @@ impl RingSource {
             // FUSE_INIT's answer written but not yet processed by the kernel: the next
             // pass of the loop tries again.
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < self.deadline => {
+                self.again += 1;
                 true
             }
             Err(e) => {
@@ -477,9 +481,10 @@ impl RingSource {
             Ok(ring) => {
                 tracing::info!(
                     "FUSE requests through io_uring on the network thread: {} entries on {} \
-                     queues",
+                     queues (registered after {} refusals with EAGAIN)",
                     ring.len(),
-                    self.queues
+                    self.queues,
+                    self.again
                 );
                 self.live = ring.len();
                 self.state = State {

@@ -138,6 +138,28 @@ fn fail_cmd(cmd: Cmd) {
     }
 }
 
+/// A command in the network thread's channel. Dropped without being received, its I/O
+/// fails with EIO ([`fail_cmd`]): crossbeam drops what is still queued when the last
+/// receiver goes, so a command sent in the instant between the stop's last look at the
+/// channel and the receiver's end ([`Net::shut_down`]) is failed there instead of being
+/// dropped with its callback uncalled (a FUSE ring entry or an NBD reply waiting for ever).
+struct Queued(Option<Cmd>);
+
+impl Queued {
+    /// The command, which the network thread runs from now on.
+    fn into_cmd(mut self) -> Cmd {
+        self.0.take().expect("a queued command is taken once")
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(cmd) = self.0.take() {
+            fail_cmd(cmd);
+        }
+    }
+}
+
 /// Hands `each` the commands the network thread queued for itself, and those they queue
 /// in turn, until none is left.
 fn drain_local(mut each: impl FnMut(Cmd)) {
@@ -393,7 +415,7 @@ pub fn try_lock(s: &Mutex<Shared>) -> Option<MutexGuard<'_, Shared>> {
 /// The file system's handle on the network thread.
 #[derive(Clone)]
 pub struct Handle {
-    tx: Sender<Cmd>,
+    tx: Sender<Queued>,
     wake: Arc<EventFd>,
     locks: RangeLocks,
     bytes: Arc<IoBytes>,
@@ -407,13 +429,11 @@ impl Handle {
         if on_net() {
             LOCAL.with(|q| q.borrow_mut().push(cmd));
         } else {
-            match self.tx.send(cmd) {
-                Ok(()) => {
-                    let _ = self.wake.notify();
-                }
-                // The network thread is gone (stopped): nothing will run the command, so
-                // its I/O fails here rather than leave its caller waiting for ever.
-                Err(crossbeam_channel::SendError(cmd)) => fail_cmd(cmd),
+            // The network thread gone (stopped), the command comes back and is dropped
+            // here: nothing will run it, so its I/O fails ([`Queued`]) rather than leave
+            // its caller waiting for ever.
+            if self.tx.send(Queued(Some(cmd))).is_ok() {
+                let _ = self.wake.notify();
             }
         }
     }
@@ -456,7 +476,7 @@ impl Handle {
         } else if on_net() {
             LOCAL.with(|q| q.borrow_mut().push(Cmd::Recycle(buf)));
         } else {
-            let _ = self.tx.send(Cmd::Recycle(buf));
+            let _ = self.tx.send(Queued(Some(Cmd::Recycle(buf))));
         }
     }
 
@@ -1024,7 +1044,7 @@ struct LoopCounts {
 pub struct Net {
     engine: Engine,
     shared: Arc<Mutex<Shared>>,
-    rx: Receiver<Cmd>,
+    rx: Receiver<Queued>,
     wake: Arc<EventFd>,
     handle: Handle,
     ifaces: Vec<Option<Iface>>,
@@ -1357,6 +1377,7 @@ impl Net {
         loop {
             let mut changed = false;
             while let Ok(cmd) = self.rx.try_recv() {
+                let cmd = cmd.into_cmd();
                 if matches!(cmd, Cmd::Stop) {
                     for i in self.ifaces.iter().flatten() {
                         if let Some(t) = &i.txr {
@@ -2010,10 +2031,14 @@ impl Net {
     /// on this thread (the FUSE ring) can still send those answers before it is dropped.
     /// Before, commands behind the stop were dropped with their callbacks uncalled, and a
     /// caller waiting on one waited for ever.
+    ///
+    /// The channel's receiver ends here, not with the thread: a command sent after this
+    /// fails at once in [`Handle::send`], and one sent in the instant between the last
+    /// look at the channel and the receiver's end fails as the receiver drops it
+    /// ([`Queued`]); what those failures queue on this thread fails with the I/O in
+    /// flight ([`Net::fail_all`]).
     fn shut_down(&mut self) {
-        while let Ok(cmd) = self.rx.try_recv() {
-            fail_cmd(cmd);
-        }
+        drop(std::mem::replace(&mut self.rx, crossbeam_channel::never()));
         self.fail_all();
         for s in &mut self.sources {
             s.stopping();
@@ -2367,6 +2392,40 @@ mod housekeeping_tests {
             *late.lock().unwrap(),
             Some(Err(libc::EIO)),
             "sent after the thread is gone"
+        );
+    }
+
+    /// A command sent after the stop's last look at the channel but before the thread's
+    /// end (its state dropped) fails too: on the code before it was taken into the channel
+    /// and dropped with it, its callback never called ("sent between the stop and the
+    /// end": None).
+    #[test]
+    fn io_sent_between_the_stop_and_the_end_fails() {
+        let (mut net, _shared) = net();
+        let h = net.handle();
+        net.shut_down();
+        let between = recorded_read(&h);
+        drop(net);
+        assert_eq!(
+            *between.lock().unwrap(),
+            Some(Err(libc::EIO)),
+            "sent between the stop and the end"
+        );
+        // Through the channel, the same: a command dropped unreceived fails its I/O.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let got = Arc::new(Mutex::new(None));
+        let g = got.clone();
+        tx.send(Queued(Some(Cmd::Io {
+            dev: TargetAddr { shelf: 1, slot: 2 },
+            op: BlockOp::Flush,
+            done: Box::new(move |r| *g.lock().unwrap() = Some(r.map(drop))),
+        })))
+        .unwrap();
+        drop(rx);
+        assert_eq!(
+            *got.lock().unwrap(),
+            Some(Err(libc::EIO)),
+            "dropped unreceived"
         );
     }
 

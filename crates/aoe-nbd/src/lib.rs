@@ -54,6 +54,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{Context, Result};
@@ -317,7 +318,7 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
     use std::sync::atomic::Ordering;
     if CONNECTIONS.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
         CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(%peer, "nbd: {MAX_CONNECTIONS} connections open already; this one is closed");
+        warn_refused(&peer);
         c.shutdown();
         return;
     }
@@ -338,6 +339,35 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
         });
     if let Err(e) = r {
         tracing::warn!(error = %e, "nbd: cannot start a connection thread");
+    }
+}
+
+/// Warns that a connection over [`MAX_CONNECTIONS`] was closed, at most once a second,
+/// the next line counting those not logged: a client that connects in a loop while the
+/// places are taken (by itself, or by clients in their handshake) wrote a line per
+/// attempt (the sixth audit: 500 attempts, 500 lines).
+fn warn_refused(peer: &str) {
+    static LAST: Mutex<(Option<std::time::Instant>, u64)> = Mutex::new((None, 0));
+    let now = std::time::Instant::now();
+    let more = {
+        let mut l = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        if l.0
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            l.1 += 1;
+            return;
+        }
+        l.0 = Some(now);
+        std::mem::take(&mut l.1)
+    };
+    if more == 0 {
+        tracing::warn!(%peer, "nbd: {MAX_CONNECTIONS} connections open already; this one is closed");
+    } else {
+        tracing::warn!(
+            %peer,
+            "nbd: {MAX_CONNECTIONS} connections open already; this one is closed \
+             ({more} more closed since the last report)"
+        );
     }
 }
 
@@ -773,6 +803,11 @@ struct Replies {
     inflight: Arc<Inflight>,
     /// Starts the writer thread; taken by the first queued reply, or dropped at the close.
     writer: Mutex<Option<StartWriter>>,
+    /// A reply could not be written (the client gone: `EPIPE`, `ECONNRESET`): no later
+    /// reply can reach it, so the connection's source reads no more requests
+    /// ([`ConnSource::serve`]). Before, a client that closed with requests still in its
+    /// socket had every one of them run (a 1 MiB read each, for nobody) before its end.
+    failed: AtomicBool,
 }
 
 /// Starts a connection's writer thread.
@@ -802,7 +837,13 @@ impl Replies {
             sock,
             inflight,
             writer: Mutex::new(None),
+            failed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a reply could not be written ([`Replies::failed`]).
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// How to start the writer thread when it is first needed.
@@ -838,6 +879,7 @@ impl Replies {
             s.broken = true;
             std::mem::take(&mut s.queue)
         };
+        self.failed.store(true, Ordering::Release);
         for r in queued {
             self.inflight.release(r.held);
         }
@@ -1049,6 +1091,11 @@ fn transmission(
                     for chunk in batch.chunks(WRITE_BATCH) {
                         ok = ok && write_replies(&mut w, chunk).is_ok();
                     }
+                    if !ok {
+                        // Before the releases below wake the network thread: the source
+                        // it runs then reads no more requests.
+                        rx.failed.store(true, Ordering::Release);
+                    }
                     for m in batch.drain(..) {
                         inf.release(m.held);
                         // A read's buffer goes back to the engine for a later read to fill.
@@ -1148,6 +1195,16 @@ impl ConnSource {
     fn serve(&mut self) -> io::Result<bool> {
         let mut requests = 0;
         let mut bytes = 0;
+        if self.tx.failed() {
+            // The client is gone: what it left in the socket is not run (a parked request
+            // included; its bytes were never counted in). Looked at once a run: the
+            // writer's failure wakes the thread, and a run takes at most RUN_REQUESTS.
+            self.parked = None;
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "a reply could not be written (the client is gone); requests left unread",
+            ));
+        }
         // Run because the socket is readable (or to go on where a run stopped): read it.
         self.drained = false;
         loop {
@@ -1359,6 +1416,9 @@ impl Source for ConnSource {
     }
 
     fn interest(&mut self) -> Interest {
+        if self.tx.failed() {
+            return Interest::Now;
+        }
         if let Some((_, cmd)) = &self.parked {
             // Asked again on every pass while parked; a no here notes the wait, so the
             // release that makes room wakes the thread.

@@ -43,6 +43,11 @@ pub(super) struct Device {
     /// responses changes it with every frame it sends ([`Config::peer_log_interval`]).
     pub(super) payload_logged: Option<Instant>,
     pub(super) payload_unlogged: u64,
+    /// When a size change was last logged, and the changes since that were not: a peer
+    /// answering the IDENTIFYs an unopened device gets after each config response can
+    /// change its size with every answer (`identify_done`).
+    pub(super) size_logged: Option<Instant>,
+    pub(super) size_unlogged: u64,
 }
 
 impl Device {
@@ -68,6 +73,8 @@ impl Device {
             other_mac_unlogged: 0,
             payload_logged: None,
             payload_unlogged: 0,
+            size_logged: None,
+            size_unlogged: 0,
         }
     }
 

@@ -535,11 +535,31 @@ impl Engine {
             }
         };
         info.lba48 = driver_lba48(page);
+        // A capacity beyond what the device's commands address is cut to it: an LBA28
+        // command carries 28 bits of LBA (`put_lba`), words 60-61 hold 32, and a sector
+        // past 2^28 would go out as one near the start of the disk (an LBA48 command
+        // carries 48 bits, words 100-103 hold 64). ATA caps words 60-61 at 0x0fff_ffff
+        // and the 48-bit maximum likewise; the driver takes either as it is.
+        let claimed = info.sectors();
+        let reach = if info.lba48 {
+            1 << 48
+        } else {
+            aoe_wire::identify::LBA28_MAX
+        };
+        let new = claimed.min(reach);
+        if new < claimed {
+            self.log_peer(now, "capacity beyond the commands' reach", || {
+                format!(
+                    "{addr}: IDENTIFY claims {claimed} sectors; {} commands reach {new}: \
+                     using {new}",
+                    if info.lba48 { "LBA48" } else { "LBA28" }
+                )
+            });
+        }
         let Some(d) = self.devices.get_mut(&addr) else {
             return;
         };
         let old = d.sectors;
-        let new = info.sectors();
         d.sectors = new;
         d.lba48 = info.lba48;
         d.identify = Some(info);
@@ -562,7 +582,29 @@ impl Engine {
                 }
             }
             Life::Up if old != new => {
-                self.log(format!("{addr}: size changed from {old} to {new} sectors"));
+                // Logged at most once per device per `peer_log_interval`, with the count
+                // of changes not logged: a peer that sees the IDENTIFYs can answer each
+                // with another size (the event still goes out for every change).
+                let every = self.cfg.peer_log_interval;
+                let line = if d
+                    .size_logged
+                    .is_some_and(|t| now.saturating_duration_since(t) < every)
+                {
+                    d.size_unlogged += 1;
+                    None
+                } else {
+                    d.size_logged = Some(now);
+                    Some(match std::mem::take(&mut d.size_unlogged) {
+                        0 => format!("{addr}: size changed from {old} to {new} sectors"),
+                        n => format!(
+                            "{addr}: size changed from {old} to {new} sectors \
+                             ({n} more changes since the last report)"
+                        ),
+                    })
+                };
+                if let Some(l) = line {
+                    self.log(l);
+                }
                 self.events.push_back(Event::DeviceResized {
                     dev: addr,
                     old_sectors: old,

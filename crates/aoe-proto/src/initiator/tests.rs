@@ -2337,3 +2337,130 @@ fn counted_hasher_spreads_consecutive_keys_over_the_low_bits() {
     }
     assert_ne!(b.hash_one(IoId(1)), b.hash_one(IoId(2)));
 }
+
+/// Sixth audit (session 23): a second MAC announces the unopened device again and answers
+/// each IDENTIFY that follows with another size. Every change still goes out as an event,
+/// but the `size changed` line is logged about once per `peer_log_interval`, with the
+/// count of the changes not logged: on the code before, 1000 lines for 1000 answers.
+#[test]
+fn identify_answers_flapping_the_size_are_logged_once_an_interval() {
+    let (mut e, t0) = up_engine(1000, true);
+    events(&mut e);
+    let mut lines = Vec::new();
+    let mut resized = 0;
+    for i in 0..1000u64 {
+        let now = t0 + ms(i / 4);
+        e.handle_frame(now, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+        let tx = drain(&mut e, now);
+        let req = tx
+            .iter()
+            .map(|(_, f)| f)
+            .find(|f| {
+                let m = Message::parse(f).unwrap();
+                matches!(m.body, Body::Ata(a) if a.cmd_status == 0xec)
+            })
+            .unwrap_or_else(|| panic!("no IDENTIFY after config response {i}"));
+        let size = if i % 2 == 0 { 2000 } else { 1000 };
+        let rsp = ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(size));
+        e.handle_frame(now, 0, &rsp);
+        for ev in events(&mut e) {
+            match ev {
+                Event::Log(l) if l.contains("size changed") => lines.push(l),
+                Event::DeviceResized { .. } => resized += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(resized, 1000, "every change is an event");
+    assert!(
+        lines.len() <= 2,
+        "{} size-change lines for 1000 IDENTIFY answers in 0.25 s: {:?}",
+        lines.len(),
+        &lines[..lines.len().min(3)]
+    );
+    // After the interval the next change is logged, with the count of those that were not.
+    let later = t0 + Duration::from_secs(2);
+    e.handle_frame(later, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let tx = drain(&mut e, later);
+    let req = &tx.last().expect("an IDENTIFY").1;
+    e.handle_frame(
+        later,
+        0,
+        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
+    );
+    let l = log_lines(&mut e, |l| l.contains("size changed"));
+    assert!(
+        l.len() == 1 && l[0].contains("999 more changes since the last report"),
+        "{l:?}"
+    );
+}
+
+/// Sixth audit (session 23): an IDENTIFY page claiming more sectors than its commands can
+/// address. Without the LBA48 bit the capacity is words 60-61, 32 bits, while an LBA28
+/// command carries 28: a target claiming 0xffff_ffff sectors had a write at sector
+/// 2^28 + 5 sent as a write to sector 5 (the LBA cut to 28 bits, as `put_lba` cuts it),
+/// overwriting the start of the disk. With LBA48 the capacity is 64 bits and the command
+/// carries 48. Each capacity is capped at what its commands reach (ATA: words 60-61 hold
+/// at most 0x0fff_ffff, words 100-103 the 48-bit maximum), so such I/O is refused as past
+/// the end, and a byte size (sectors * 512) cannot overflow. On the code before: "a write
+/// past sector 2^28 went out as a write to sector 5".
+#[test]
+fn identify_capacity_beyond_the_commands_reach_is_capped() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let tx = drain(&mut e, t0);
+    let mut page = identify_page_lba28(1000);
+    set_word(&mut page, 60, 0xffff);
+    set_word(&mut page, 61, 0xffff);
+    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    assert_eq!(
+        e.device(DEV).unwrap().sectors,
+        0x0fff_ffff,
+        "LBA28 capacity"
+    );
+    let w = e.submit(
+        t0,
+        DEV,
+        BlockOp::Write {
+            lba: (1 << 28) + 5,
+            data: vec![7u8; 512],
+        },
+    );
+    let sent: Vec<u32> = drain(&mut e, t0)
+        .iter()
+        .filter(|(_, f)| f[27] == 0x30)
+        .map(|(_, f)| u32::from_le_bytes(f[28..32].try_into().unwrap()) & 0x0fff_ffff)
+        .collect();
+    assert!(
+        w.is_err() && sent.is_empty(),
+        "a write past sector 2^28 went out as a write to sector {sent:?} ({w:?})"
+    );
+
+    // LBA48: words 100-103 claim 2^64 - 1 sectors.
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let tx = drain(&mut e, t0);
+    let mut page = identify_page(1000);
+    for w in 100..104 {
+        set_word(&mut page, w, 0xffff);
+    }
+    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    assert_eq!(e.device(DEV).unwrap().sectors, 1 << 48, "LBA48 capacity");
+    assert!(e
+        .submit(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 1 << 48,
+                sectors: 1
+            }
+        )
+        .is_err());
+}
