@@ -172,7 +172,15 @@ impl Conn {
     }
 
     fn send(&mut self, req: serde_json::Value) -> Result<()> {
-        writeln!(self.w, "{req}").with_context(|| format!("write to {}", self.path.display()))
+        match writeln!(self.w, "{req}") {
+            Ok(()) => Ok(()),
+            // The daemon may have refused the connection with a line saying why (too many
+            // open) and closed it before the request came: that line is the error to show.
+            Err(e) => match self.answer() {
+                Err(said) if said.to_string().starts_with("target: ") => Err(said),
+                _ => Err(e).with_context(|| format!("write to {}", self.path.display())),
+            },
+        }
     }
 
     /// The next answer line: the raw line and its `data`, or the daemon's error.
