@@ -371,3 +371,29 @@ fn hostile_control_clients_are_bounded() {
     read_ok(24);
     drop(unread);
 }
+
+/// Sixth audit, row 2: `aoe target` against a stopped daemon (SIGSTOP) ends with an error
+/// that says what is wrong. Before: after 30 s, `read from SOCKET: Resource temporarily
+/// unavailable (os error 11)`. Now after 10 s, naming a stopped or hung daemon; once the
+/// daemon runs again it answers.
+#[test]
+fn aoe_target_against_a_stopped_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
+    let pid = lan.target.as_ref().unwrap().pid().to_string();
+    target_ok(&sock, &["status"]);
+    run(Command::new("kill").args(["-STOP", &pid]));
+    let out = target(&sock, &["status"]);
+    run(Command::new("kill").args(["-CONT", &pid]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no answer in 10 s") && err.contains("stopped"),
+        "aoe target status against a stopped daemon: {}\n{err}",
+        out.status
+    );
+    target_ok(&sock, &["status"]);
+}
