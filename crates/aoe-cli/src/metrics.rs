@@ -452,19 +452,50 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
     s.text()
 }
 
+/// Scrapes answered at once; a connection beyond them is closed unanswered. Prometheus
+/// scrapes one target every few seconds, so a few are plenty; the bound keeps clients that
+/// connect and send nothing from holding a thread each.
+const MAX_CONNECTIONS: usize = 8;
+/// The most a connection may take, from its accept to the last byte of the answer: a
+/// client that sends its request a byte at a time, or reads the answer so, is cut off
+/// then (a timeout per read or write alone let one such client hold the responder for
+/// ever: docs/TEST-AUDIT.md, sixth audit, row 2).
+const CONNECTION_LIMIT: Duration = Duration::from_secs(5);
+/// The most request bytes read (request line and headers); a longer request is answered
+/// 431. Before the bound a request line without an end grew the daemon's memory for as
+/// long as the client sent.
+const MAX_REQUEST_BYTES: u64 = 16 * 1024;
+
 /// Starts the HTTP responder on `addr`, answering `GET /metrics` with `render()`. The
-/// thread lives as long as the process.
-pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + 'static) -> Result<()> {
+/// accepting thread lives as long as the process; each connection is answered on a thread
+/// of its own, at most [`MAX_CONNECTIONS`] at once, each within [`CONNECTION_LIMIT`].
+pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> Result<()> {
     let listener =
         TcpListener::bind(addr).with_context(|| format!("--metrics {addr}: cannot listen"))?;
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    let render = std::sync::Arc::new(render);
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("aoe-metrics".into())
         .spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
             for conn in listener.incoming().flatten() {
-                // One scrape at a time: Prometheus scrapes every few seconds.
-                if let Err(e) = answer(conn, &render) {
-                    tracing::debug!(error = %e, "metrics request failed");
+                if busy.fetch_add(1, SeqCst) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, SeqCst);
+                    tracing::debug!("metrics connection closed: {MAX_CONNECTIONS} being answered");
+                    continue;
+                }
+                let (render, done) = (render.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("aoe-metrics-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(conn, &*render) {
+                            tracing::debug!(error = %e, "metrics request failed");
+                        }
+                        done.fetch_sub(1, SeqCst);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, SeqCst);
                 }
             }
         })
@@ -472,24 +503,79 @@ pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + 'static) -> 
     Ok(())
 }
 
+/// A connection whose reads and writes share one deadline.
+struct Deadlined {
+    conn: TcpStream,
+    deadline: std::time::Instant,
+}
+
+impl Deadlined {
+    /// Sets the socket's timeout to what is left, or fails if nothing is.
+    fn arm(&self, read: bool) -> std::io::Result<()> {
+        let left = self
+            .deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+        if read {
+            self.conn.set_read_timeout(Some(left))
+        } else {
+            self.conn.set_write_timeout(Some(left))
+        }
+    }
+}
+
+impl std::io::Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
 /// Reads one HTTP/1.x request and answers it, closing the connection.
 fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut r = BufReader::new(conn.try_clone()?);
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + CONNECTION_LIMIT;
+    let mut w = Deadlined {
+        conn: conn.try_clone()?,
+        deadline,
+    };
+    let mut r = BufReader::new(Deadlined { conn, deadline }.take(MAX_REQUEST_BYTES));
     let mut first = String::new();
     r.read_line(&mut first)?;
     // Headers end at the first empty line; a client that sends more than 100 is cut off.
+    let mut ended = first.ends_with('\n');
     for _ in 0..100 {
+        if !ended {
+            break;
+        }
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
             break;
         }
+        ended = h.ends_with('\n');
     }
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path == "/") {
+    let (status, ctype, body) = if !ended && r.get_ref().limit() == 0 {
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain; charset=utf-8",
+            format!("the request is longer than {MAX_REQUEST_BYTES} bytes\n"),
+        )
+    } else if method == "GET" && (path == "/metrics" || path == "/") {
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -502,11 +588,11 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
             "only GET /metrics is served here\n".to_string(),
         )
     };
-    let mut w = conn;
-    write!(
-        w,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    );
+    w.write_all(head.as_bytes())?;
+    w.write_all(body.as_bytes())?;
     w.flush()
 }

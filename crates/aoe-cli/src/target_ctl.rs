@@ -5,7 +5,7 @@
 //! The protocol is a JSON object per line each way (see `aoe_target::control::Request`);
 //! `--json` prints the daemon's answer as it came, for scripts.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -152,6 +152,11 @@ fn socket_path(given: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// How long `aoe target` waits for an answer. The daemon answers within 1.5 s even when
+/// its loop is busy (it then shows the last snapshot taken); no answer at all means the
+/// process is stopped or hung.
+const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
 struct Conn {
     w: UnixStream,
     r: BufReader<UnixStream>,
@@ -162,7 +167,7 @@ impl Conn {
     fn open(path: &Path) -> Result<Conn> {
         let w = UnixStream::connect(path)
             .with_context(|| format!("cannot connect to {}", path.display()))?;
-        w.set_read_timeout(Some(Duration::from_secs(30)))?;
+        w.set_read_timeout(Some(ANSWER_LIMIT))?;
         let r = BufReader::new(w.try_clone()?);
         Ok(Conn {
             w,
@@ -172,16 +177,34 @@ impl Conn {
     }
 
     fn send(&mut self, req: serde_json::Value) -> Result<()> {
-        writeln!(self.w, "{req}").with_context(|| format!("write to {}", self.path.display()))
+        match writeln!(self.w, "{req}") {
+            Ok(()) => Ok(()),
+            // The daemon may have refused the connection with a line saying why (too many
+            // open) and closed it before the request came: that line is the error to show.
+            Err(e) => match self.answer() {
+                Err(said) if said.to_string().starts_with("target: ") => Err(said),
+                _ => Err(e).with_context(|| format!("write to {}", self.path.display())),
+            },
+        }
     }
 
     /// The next answer line: the raw line and its `data`, or the daemon's error.
     fn answer(&mut self) -> Result<(String, serde_json::Value)> {
         let mut line = String::new();
-        let n = self
-            .r
-            .read_line(&mut line)
-            .with_context(|| format!("read from {}", self.path.display()))?;
+        let n = match self.r.read_line(&mut line) {
+            Ok(n) => n,
+            // The read timeout: name the likely cause rather than EAGAIN.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let waited = self.w.read_timeout().ok().flatten().unwrap_or(ANSWER_LIMIT);
+                bail!(
+                    "{}: no answer in {} s; is that aoe serve stopped (SIGSTOP, a debugger) \
+                     or hung?",
+                    self.path.display(),
+                    waited.as_secs()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("read from {}", self.path.display())),
+        };
         if n == 0 {
             bail!("{} closed the connection", self.path.display());
         }
@@ -393,11 +416,9 @@ const MAX_INTERVAL_S: f64 = 3600.0;
 
 /// ggaoectl `monitor`: rates over each interval, a line per export.
 fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
-    // The daemon answers once per interval: the connection's fixed 30 s read timeout
-    // would give up between two samples of a longer one.
-    c.w.set_read_timeout(Some(
-        Duration::from_secs_f64(m.interval) + Duration::from_secs(30),
-    ))?;
+    // The daemon answers once per interval: the connection's fixed read timeout would
+    // give up between two samples of a longer one.
+    c.w.set_read_timeout(Some(Duration::from_secs_f64(m.interval) + ANSWER_LIMIT))?;
     let ms = (m.interval * 1000.0) as u64;
     // One sample more than lines: rates need a previous sample.
     let count = m.count.map(|n| n + 1);

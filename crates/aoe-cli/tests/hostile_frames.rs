@@ -6,7 +6,8 @@
 //! answers a legitimate read with the right bytes, and the file outside the window is
 //! unchanged. Rows: truncated at every offset, wrong version, reserved flag bits, response
 //! flag on a request, sector count beyond the MTU or 255, LBA past the end, LBA28 at the 2^28
-//! boundary, config string over 1024, MAC mask directive count overflow, tag churn.
+//! boundary, config string over 1024, MAC mask directive count overflow, tag churn, reads
+//! from thousands of spoofed source MACs.
 //!
 //! Response rows go to `aoe initiator` (common::Rig, `aoe serve` behind it), injected from a
 //! raw socket on the target's side of the link; after each row the initiator still runs, the
@@ -537,6 +538,73 @@ fn req_tag_churn() {
     }
     r.send_all(&frames);
     r.check("tag churn");
+}
+
+/// Sixth audit, row 1 (docs/TEST-AUDIT.md): reads from thousands of spoofed source MACs,
+/// one each, and a client whose first read comes in the middle of them. The target's
+/// table of sources per interface (the buffer count's fair share) holds the buffer count
+/// plus `aoe_proto::target::MAX_IDLE_SOURCES` and keeps a source for up to two seconds:
+/// before the fix a source that found it full was refused as over the buffer count with
+/// nothing in flight, so this client's reads got no answer for as long as the spoofing
+/// went on. Now such sources share one entry. The target's memory must stay flat too.
+#[test]
+fn req_spoofed_source_macs() {
+    let mut r = ReqRig::start();
+    let pid = r.lan.target.as_ref().unwrap().pid();
+    let rss = || {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let mut rng = Rng(0x5b00f);
+    let mut spoofed = |r: &mut ReqRig, n: usize| {
+        let frames: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                let mut f = r.frame(RawLan::ata(0x24, false, rng.next() % LEN as u64, 1, &[]));
+                let m = rng.next().to_be_bytes();
+                f[6..12].copy_from_slice(&[0x02, m[1], m[2], m[3], m[4], m[5]]);
+                f
+            })
+            .collect();
+        r.send_all(&frames);
+    };
+    spoofed(&mut r, 200);
+    let before = rss();
+    // Well over the table's 16 + 1024 sources, then reads of the client between further
+    // bursts, each sent once: the client's first read is a new source for a full table.
+    spoofed(&mut r, 4000);
+    for round in 0..10 {
+        spoofed(&mut r, 500);
+        let lba = round * 8;
+        let ok = r
+            .lan
+            .request(
+                0,
+                RawLan::ata(0x24, false, lba, 2, &[]),
+                Duration::from_secs(3),
+            )
+            .and_then(|f| {
+                let m = Message::parse(&f).ok()?;
+                let Body::Ata(a) = m.body else { return None };
+                let at = (OFF + lba as usize) * 512;
+                Some(a.data[..1024] == r.original[at..at + 1024] && a.cmd_status & 1 == 0)
+            });
+        assert_eq!(
+            ok,
+            Some(true),
+            "round {round}: the client's read among spoofed sources{}",
+            r.lan.logs()
+        );
+    }
+    let after = rss();
+    assert!(
+        after < before + 16 * 1024,
+        "target RSS grew from {before} KiB to {after} KiB"
+    );
+    r.check("spoofed source MACs");
 }
 
 // ------------------------------------------------------------------------------------------

@@ -250,3 +250,150 @@ fn control_socket_path_from_the_config_file_and_the_flag_over_it() {
         assert!(!want.exists(), "socket left behind at {}", want.display());
     }
 }
+
+/// Sixth audit, row 2 (docs/TEST-AUDIT.md): hostile local clients of the control socket.
+/// Two hundred connections that send nothing; a request line of 64 MiB with no end; a
+/// `monitor` at 100 ms whose client never reads. The export answers reads meanwhile;
+/// `aoe target status` gets a clear error while the connections are held and answers
+/// once they close; the daemon's threads and memory stay bounded, and the monitor that
+/// is never read is closed. Before: a thread per connection with no bound (200 more
+/// threads), the long line kept whole in memory, and the unread monitor's thread blocked
+/// in its write for ever.
+#[test]
+fn hostile_control_clients_are_bounded() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    let data = pattern(43, 4 << 20);
+    std::fs::write(&file, &data).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let mut lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
+    let pid = lan.target.as_ref().unwrap().pid();
+    let status = |key: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let mut read_ok = |lba: u64| {
+        let f = lan
+            .request(
+                0,
+                RawLan::ata(0x24, false, lba, 2, &[]),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no answer to a read of LBA {lba}"));
+        let Body::Ata(a) = Message::parse(&f).unwrap().body else {
+            panic!("not an ATA reply")
+        };
+        assert_eq!(
+            a.data[..1024],
+            data[lba as usize * 512..][..1024],
+            "LBA {lba}"
+        );
+    };
+    target_ok(&sock, &["status"]);
+    read_ok(0);
+    let threads0 = status("Threads:");
+    let peak0 = status("VmHWM:");
+
+    // The long line.
+    let mut long = UnixStream::connect(&sock).unwrap();
+    long.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let chunk = vec![b'{'; 1 << 20];
+    let mut sent = 0;
+    for _ in 0..64 {
+        if long.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    read_ok(8);
+    let peak1 = status("VmHWM:");
+    drop(long);
+
+    // The monitor nobody reads, and the idle connections.
+    let mut unread = UnixStream::connect(&sock).unwrap();
+    writeln!(unread, r#"{{"cmd":"monitor","interval_ms":100}}"#).unwrap();
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    read_ok(16);
+    let threads1 = status("Threads:");
+    let out = target(&sock, &["status"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    drop(idle);
+    assert!(
+        threads1 <= threads0 + 64,
+        "{threads0} threads before, {threads1} with 200 idle control connections"
+    );
+    assert!(
+        peak1 < peak0 + 16 * 1024,
+        "a {sent} MiB request line took the daemon's peak RSS from {peak0} to {peak1} KiB"
+    );
+    assert!(
+        !out.status.success() && err.contains("control connections are open"),
+        "aoe target status with 200 connections held: {}\n{err}",
+        out.status
+    );
+    // Once they close, status answers; the unread monitor is closed in the end.
+    assert!(
+        wait_until(Duration::from_secs(10), || target(&sock, &["status"])
+            .status
+            .success()),
+        "status not answered after the idle connections closed"
+    );
+    let hung_up = || {
+        use std::os::fd::AsRawFd;
+        // Neither readable nor writable asked: ready only on a hang-up (or an error).
+        let mut fds = [aoe_sys::PollFd::with_events(
+            unread.as_raw_fd(),
+            false,
+            false,
+        )];
+        aoe_sys::poll(&mut fds, Some(Duration::ZERO)).unwrap();
+        fds[0].ready
+    };
+    assert!(
+        !hung_up(),
+        "the monitor was closed before its client stopped reading"
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), hung_up),
+        "the monitor nobody reads is still open after 60 s"
+    );
+    read_ok(24);
+    drop(unread);
+}
+
+/// Sixth audit, row 2: `aoe target` against a stopped daemon (SIGSTOP) ends with an error
+/// that says what is wrong. Before: after 30 s, `read from SOCKET: Resource temporarily
+/// unavailable (os error 11)`. Now after 10 s, naming a stopped or hung daemon; once the
+/// daemon runs again it answers.
+#[test]
+fn aoe_target_against_a_stopped_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
+    let pid = lan.target.as_ref().unwrap().pid().to_string();
+    target_ok(&sock, &["status"]);
+    run(Command::new("kill").args(["-STOP", &pid]));
+    let out = target(&sock, &["status"]);
+    run(Command::new("kill").args(["-CONT", &pid]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no answer in 10 s") && err.contains("stopped"),
+        "aoe target status against a stopped daemon: {}\n{err}",
+        out.status
+    );
+    target_ok(&sock, &["status"]);
+}

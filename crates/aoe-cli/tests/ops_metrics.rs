@@ -338,3 +338,128 @@ fn buffered_writes_go_in_mib_requests_reads_in_quarters() {
     );
     rig.finish();
 }
+
+/// Sixth audit, row 2 (docs/TEST-AUDIT.md): hostile local clients of `aoe serve
+/// --metrics`. One streams a request line of 64 MiB with no end; twenty connect and send
+/// nothing; one sends its request a byte every half second for the whole test. Meanwhile
+/// the export keeps answering reads, and a scrape is answered within 15 s (retried, each
+/// try waiting 3 s for its answer). Before: the responder answered one connection at a
+/// time with a timeout per read, so the idle ones took 5 s each and the slow one held it
+/// for ever (no scrape answered in 16 s), and the long line grew the daemon by its size
+/// (peak RSS 28.9 -> 91.6 MiB). Now each connection has 5 s in all, a request is cut at
+/// 16 KiB (431) and at most 8 are answered at once, the rest closed.
+#[test]
+fn hostile_metrics_clients_do_not_stop_scrapes_or_grow_memory() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    const HOSTILE_PORT: u16 = 9612;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    let data = pattern(41, 4 << 20);
+    std::fs::write(&file, &data).unwrap();
+    let addr = format!("127.0.0.1:{HOSTILE_PORT}");
+    let mut lan = RawLan::start(Target::AoeServe, &file, &["--metrics", &addr], 1);
+    let pid = lan.target.as_ref().unwrap().pid();
+    let status = |key: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let ns = lan.target_ns.path();
+    let connect = || {
+        aoe_sys::run_in_netns(&ns, || TcpStream::connect(("127.0.0.1", HOSTILE_PORT)))
+            .expect("enter netns")
+    };
+    let read_ok = |lan: &mut RawLan, lba: u64| {
+        let f = lan
+            .request(
+                0,
+                RawLan::ata(0x24, false, lba, 2, &[]),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no answer to a read of LBA {lba}{}", lan.logs()));
+        let m = aoe_wire::Message::parse(&f).unwrap();
+        let aoe_wire::Body::Ata(a) = m.body else {
+            panic!("not an ATA reply")
+        };
+        assert_eq!(
+            a.data[..1024],
+            data[lba as usize * 512..][..1024],
+            "LBA {lba}"
+        );
+    };
+    read_ok(&mut lan, 0);
+    let peak0 = status("VmHWM:");
+
+    // The long request line, sent whole before anything else connects.
+    let mut long = connect().expect("connect");
+    long.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let chunk = vec![b'A'; 1 << 20];
+    let mut sent = 0;
+    for _ in 0..64 {
+        match long.write_all(&chunk) {
+            Ok(()) => sent += 1,
+            Err(_) => break,
+        }
+    }
+    read_ok(&mut lan, 8);
+    let peak1 = status("VmHWM:");
+
+    // Idle connections and one that trickles its request.
+    let idle: Vec<TcpStream> = (0..20).filter_map(|_| connect().ok()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let mut c = connect().expect("connect");
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let req = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let b = req.get(n).copied().unwrap_or(b'x');
+                if c.write_all(&[b]).is_err() {
+                    break;
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let scrape_once = || -> Option<String> {
+        let mut c = connect().ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).ok()?;
+        resp.starts_with("HTTP/1.1 200 OK").then_some(resp)
+    };
+    let start = std::time::Instant::now();
+    let mut scraped = None;
+    while scraped.is_none() && start.elapsed() < Duration::from_secs(15) {
+        read_ok(&mut lan, 16);
+        scraped = scrape_once();
+        if scraped.is_none() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let waited = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    drop(idle);
+    slow.join().unwrap();
+    let body = scraped.unwrap_or_else(|| {
+        panic!(
+            "no scrape answered in {waited:?} with hostile clients connected{}",
+            lan.logs()
+        )
+    });
+    assert!(body.contains("aoe_target_read_bytes_total"), "{body}");
+    assert!(
+        peak1 < peak0 + 16 * 1024,
+        "a {sent} MiB request line took the daemon's peak RSS from {peak0} to {peak1} KiB"
+    );
+    assert!(lan.target_alive(), "target exited{}", lan.logs());
+}

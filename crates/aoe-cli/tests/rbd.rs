@@ -1447,3 +1447,60 @@ fn group_macs_in_the_images_reservation_are_dropped_never_widening_access() {
     let _ = b.stop();
     r.rig.cleanup();
 }
+
+/// Sixth audit, row 4 (docs/TEST-AUDIT.md): a peer flips an `rbd:` export's reserve list
+/// with a force set, 300 times, each waiting for its answer. Every change is stored in the
+/// image (one at a time per export), and the `reservation stored in the shared store` line
+/// is rate-limited: before, one INFO line per change (300).
+#[test]
+fn rbd_reserve_list_flipped_every_frame_logs_a_bounded_number_of_lines() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let image = TargetAddr::new(SHELF, SLOT);
+    let mut x = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, image).expect("client X");
+    x.discover(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("X finds the export: {e}{}", r.rig.logs()));
+    let other = aoe_wire::MacAddr([0x02, 0, 0, 0, 0x23, 0x01]);
+    let t0 = std::time::Instant::now();
+    const FLIPS: usize = 300;
+    for i in 0..FLIPS {
+        let macs = if i % 2 == 0 {
+            vec![x.mac(), other]
+        } else {
+            vec![x.mac()]
+        };
+        let body = aoe_wire::Body::Reserve(ReserveRepr {
+            rcmd: ReserveCommand::ForceSet,
+            macs: macs.clone(),
+        });
+        // One change at a time: a request sent while one waits for the cluster is dropped,
+        // so each is sent again until answered.
+        let answered = (0..20).find_map(|_| {
+            x.raw_call(x.target_mac(), image, body.clone(), Duration::from_secs(2))
+                .expect("send Reserve")
+        });
+        let rsp = answered.unwrap_or_else(|| panic!("flip {i} unanswered{}", r.rig.logs()));
+        assert_eq!(reserve_reply(&rsp), (None, macs), "flip {i}");
+    }
+    let secs = t0.elapsed().as_secs() + 1;
+    let meta = r
+        .ceph
+        .ok("rbd", &["image-meta", "get", "rbd/img", "aoe.reserve"]);
+    assert_eq!(
+        meta.trim(),
+        x.mac().to_string(),
+        "the last list in the image"
+    );
+    let log = r.rig.target.as_ref().unwrap().output_so_far();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("reservation stored in the shared store"))
+        .count();
+    assert!(
+        lines as u64 <= 2 + secs,
+        "{lines} log lines for {FLIPS} reserve list changes in {secs} s"
+    );
+    drop(x);
+    r.rig.cleanup();
+}

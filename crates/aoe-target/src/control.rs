@@ -462,9 +462,23 @@ impl Drop for ControlSocket {
     }
 }
 
+/// Connections answered at once, a thread each; one beyond them gets an error line and is
+/// closed. Before the bound every connection held a thread for as long as it stayed open
+/// (docs/TEST-AUDIT.md, sixth audit, row 2).
+pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// The longest request line read; a longer one gets an error and the connection is
+/// closed (before, a line without an end grew the daemon's memory for as long as it came).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// A connection that sends no request for this long is closed.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// A client that reads none of an answer (or of `monitor`'s samples) for this long is
+/// closed; before, its thread waited in the write for ever.
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Listens on the Unix socket `path` (mode 0600, its directory created 0700 if missing) and
-/// answers requests from a thread per connection. A stale socket file (nothing listening)
-/// is replaced; a live one is refused, naming it.
+/// answers requests from a thread per connection, at most [`MAX_CONTROL_CONNECTIONS`] at
+/// once. A stale socket file (nothing listening) is replaced; a live one is refused,
+/// naming it.
 pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<ControlSocket> {
     use anyhow::Context as _;
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -496,13 +510,31 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
     std::thread::Builder::new()
         .name("aoe-control".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let obs = obs.clone();
-                let _ = std::thread::Builder::new()
+            use std::sync::atomic::AtomicUsize;
+            let busy = Arc::new(AtomicUsize::new(0));
+            for mut conn in listener.incoming().flatten() {
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONTROL_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = reply_err(
+                        &mut conn,
+                        &format!(
+                            "{MAX_CONTROL_CONNECTIONS} control connections are open; \
+                             try again when one has closed"
+                        ),
+                    );
+                    continue;
+                }
+                let (obs, done) = (obs.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
                     .name("aoe-control-conn".into())
                     .spawn(move || {
                         let _ = handle(conn, &obs);
+                        done.fetch_sub(1, Ordering::SeqCst);
                     });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })
         .context("cannot start the control thread")?;
@@ -514,13 +546,30 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
 /// Waits this long for the loop to publish a fresh snapshot (it wakes once a second).
 const FRESH: Duration = Duration::from_millis(1500);
 
-/// Answers the requests of one connection, a line each, until it closes.
+/// Answers the requests of one connection, a line each, until it closes (or sends none
+/// for [`IDLE_LIMIT`], a line over [`MAX_REQUEST_LINE`], or reads nothing for
+/// [`WRITE_LIMIT`]).
 fn handle(conn: std::os::unix::net::UnixStream, obs: &Observer) -> std::io::Result<()> {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
+    conn.set_read_timeout(Some(IDLE_LIMIT))?;
+    conn.set_write_timeout(Some(WRITE_LIMIT))?;
     let mut out = conn.try_clone()?;
-    let reader = BufReader::new(conn);
-    for line in reader.lines() {
-        let line = line?;
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut raw = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if raw.len() > MAX_REQUEST_LINE {
+            return reply_err(
+                &mut out,
+                &format!("request longer than {MAX_REQUEST_LINE} bytes"),
+            );
+        }
+        let line = String::from_utf8_lossy(&raw);
         if line.trim().is_empty() {
             continue;
         }
@@ -574,7 +623,6 @@ fn handle(conn: std::os::unix::net::UnixStream, obs: &Observer) -> std::io::Resu
         writeln!(out, "{}", serde_json::json!({ "ok": true, "data": data }))?;
         out.flush()?;
     }
-    Ok(())
 }
 
 fn reply_err(out: &mut impl std::io::Write, msg: &str) -> std::io::Result<()> {

@@ -42,21 +42,26 @@
 //!
 //! A host spoofing many source MACs still defeats the share (each MAC is a source); the
 //! table of sources is bounded ([`MAX_IDLE_SOURCES`] beyond the buffer count) so such a
-//! flood cannot grow memory either.
+//! flood cannot grow memory either. Sources that find the table full share one entry of
+//! their own (the *overflow*), as Query Config's per-source limit lets further sources
+//! share one allowance: before, such a source was refused outright, with nothing in
+//! flight, so a peer sending one read from each of a thousand fresh MACs a second kept
+//! every initiator that started (or sat idle for two periods) from getting any I/O
+//! (docs/TEST-AUDIT.md, sixth audit, row 1).
 
 use std::collections::HashMap;
 
 use aoe_wire::MacAddr;
 
 /// Sources tracked per interface beyond those holding slots (at most the buffer count hold
-/// any): room for this many recently active but idle sources. A request from a source
-/// that finds the table full is refused as over the buffer count.
+/// any): room for this many recently active but idle sources. Sources that find the table
+/// full share one further entry, the overflow.
 pub const MAX_IDLE_SOURCES: usize = 1024;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refusal {
-    /// The interface has the buffer count in flight (or the source table is full).
+    /// The interface has the buffer count in flight.
     Full,
     /// The source holds its fair share or more while another source waits for slots.
     OverShare,
@@ -71,6 +76,9 @@ struct Source {
     seen: u64,
     /// Refused for a full pool while under its fair share, and still asking.
     contending: bool,
+    /// The overflow entry, shared by every source that found the table full (`mac` is
+    /// the first of them; the entry is not in `index`).
+    overflow: bool,
 }
 
 /// A slot's holder: the index of its source in the pool's table, kept by the engine with
@@ -88,46 +96,68 @@ struct Pool {
     /// hashing its MAC (a `HashMap` lookup per request cost the read path about 150 ns in
     /// `cargo bench -p aoe-proto`).
     last: Option<(MacAddr, SourceId)>,
+    /// The entry shared by the sources that found the table full, while it exists.
+    overflow: Option<SourceId>,
     in_flight: u32,
     contenders: u32,
 }
 
 impl Pool {
-    /// The entry of `src`, added if new and there is room.
-    fn find_or_add(&mut self, src: MacAddr, cap: u32, period: u64) -> Option<SourceId> {
+    /// The entry of `src`: its own, added if new and there is room, else the overflow
+    /// entry (added if missing).
+    fn find_or_add(&mut self, src: MacAddr, cap: u32, period: u64) -> SourceId {
         if let Some((mac, id)) = self.last {
             if mac == src {
-                return Some(id);
+                return id;
             }
         }
         let id = match self.index.get(&src) {
             Some(&id) => id,
-            None => {
-                if self.index.len() >= cap as usize + MAX_IDLE_SOURCES {
-                    return None;
-                }
-                let s = Source {
-                    mac: src,
-                    in_flight: 0,
-                    seen: period,
-                    contending: false,
-                };
-                let id = match self.free.pop() {
-                    Some(id) => {
-                        self.table[id as usize] = Some(s);
+            None if self.index.len() >= cap as usize + MAX_IDLE_SOURCES => {
+                // Not cached in `last`: a source's entry there must be its own.
+                return match self.overflow {
+                    Some(id) => id,
+                    None => {
+                        let id = self.add(src, period, true);
+                        self.overflow = Some(id);
                         id
                     }
-                    None => {
-                        self.table.push(Some(s));
-                        (self.table.len() - 1) as SourceId
-                    }
                 };
+            }
+            None => {
+                let id = self.add(src, period, false);
                 self.index.insert(src, id);
                 id
             }
         };
         self.last = Some((src, id));
-        Some(id)
+        id
+    }
+
+    /// A new entry in `table`.
+    fn add(&mut self, mac: MacAddr, seen: u64, overflow: bool) -> SourceId {
+        let s = Source {
+            mac,
+            in_flight: 0,
+            seen,
+            contending: false,
+            overflow,
+        };
+        match self.free.pop() {
+            Some(id) => {
+                self.table[id as usize] = Some(s);
+                id
+            }
+            None => {
+                self.table.push(Some(s));
+                (self.table.len() - 1) as SourceId
+            }
+        }
+    }
+
+    /// Sources counted for the fair share: those in the table, the overflow as one.
+    fn active(&self) -> u32 {
+        (self.index.len() + usize::from(self.overflow.is_some())) as u32
     }
 }
 
@@ -153,8 +183,8 @@ impl Shares {
         }
         let period = self.period;
         let pool = &mut self.pools[iface];
-        let id = pool.find_or_add(src, cap, period).ok_or(Refusal::Full)?;
-        let active = pool.index.len() as u32;
+        let id = pool.find_or_add(src, cap, period);
+        let active = pool.active();
         let share = cap.div_ceil(active.max(1)).max(1);
         let Some(s) = pool.table[id as usize].as_mut() else {
             return Err(Refusal::Full);
@@ -201,9 +231,13 @@ impl Shares {
                 if s.seen < ended {
                     s.contending = false;
                     if s.in_flight == 0 {
-                        pool.index.remove(&s.mac);
-                        if pool.last.is_some_and(|(m, _)| m == s.mac) {
-                            pool.last = None;
+                        if s.overflow {
+                            pool.overflow = None;
+                        } else {
+                            pool.index.remove(&s.mac);
+                            if pool.last.is_some_and(|(m, _)| m == s.mac) {
+                                pool.last = None;
+                            }
                         }
                         pool.free.push(id as SourceId);
                         *slot = None;
@@ -222,9 +256,9 @@ impl Shares {
         self.pools.get(iface).map_or(0, |p| p.in_flight)
     }
 
-    /// Sources tracked on `iface`.
+    /// Sources tracked on `iface` (the overflow entry counted as one).
     #[cfg(test)]
     pub(super) fn sources(&self, iface: usize) -> usize {
-        self.pools.get(iface).map_or(0, |p| p.index.len())
+        self.pools.get(iface).map_or(0, |p| p.active() as usize)
     }
 }

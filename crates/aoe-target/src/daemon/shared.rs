@@ -197,11 +197,16 @@ impl Daemon {
         match result {
             Ok(()) => {
                 let _ = rt.engine.set_reserve(p.list);
-                tracing::info!(
-                    export = %rt.spec.addr(),
-                    reserve = %list,
-                    "reservation stored in the shared store"
-                );
+                // Rate-limited: any peer may force-set the list, and one that flips it
+                // every frame got a line per cluster round trip (docs/TEST-AUDIT.md,
+                // sixth audit, row 4). `aoe target show-reserve` shows the list held now.
+                if let Some(a) = self.logs.check(Instant::now(), "reservation stored") {
+                    tracing::info!(
+                        export = %rt.spec.addr(),
+                        reserve = %list,
+                        "reservation stored in the shared store{a}"
+                    );
+                }
             }
             Err(e) => {
                 if let Some(a) = self.logs.check(Instant::now(), "reservation not stored") {
