@@ -816,3 +816,45 @@ fn sync_on_a_read_only_export_is_said_to_do_nothing() {
         );
     }
 }
+
+/// Sixth audit (s23): `aoe bench ... | head -1` panicked when `head` had gone (the report
+/// written with `println!`, Rust's `SIGPIPE` ignored), and so did `aoe generate completions`
+/// (clap_complete's write), `aoe version` and `aoe-version`. A closed standard output now ends
+/// each as it ends `cat`: by `SIGPIPE`, without a message; `aoe serve --check` (a daemon's
+/// subcommand, `SIGPIPE` kept ignored) the same through its own writes.
+#[test]
+fn a_closed_standard_output_ends_the_tools_quietly() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let dir = std::env::temp_dir().join(format!("aoe-cli-epipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap().to_owned();
+    let runs: &[(&str, &[&str])] = &[
+        ("aoe", &["generate", "completions", "bash"]),
+        ("aoe", &["version"]),
+        ("aoe-version", &[]),
+        ("aoe", &["serve", "1", "1", "lo", &img, "--check"]),
+    ];
+    for (name, args) in runs {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let o = Command::new(AOE)
+            .arg0(name)
+            .args(*args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{name} {args:?}: {err}");
+        assert_eq!(
+            o.status.signal(),
+            Some(13),
+            "{name} {args:?}: not ended by SIGPIPE: {:?} {err}",
+            o.status
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
