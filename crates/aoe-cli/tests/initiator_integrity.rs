@@ -1181,6 +1181,98 @@ fn long_direct_io_lands_in_place() {
     rig.finish();
 }
 
+// ------------------------------------------------------------------------------------------
+// Sizes: a block device's
+
+/// Sixth audit (s23): `truncate` and `ftruncate` of a device file to another size reported
+/// success and changed nothing. Now they fail with `EINVAL`, as on a block device, while an
+/// `open(O_TRUNC)` is still taken and ignored as on /dev/sdX (`dd of=ROOT/e1.1` without
+/// `conv=notrunc`, which the kernel sends as the same size-0 `SETATTR` as `truncate(path, 0)`,
+/// so that one is taken too); the device's own size is taken; no byte changes but those
+/// written, and the size stays.
+#[test]
+fn a_device_file_refuses_a_size_change_and_takes_o_trunc() {
+    size_changes_refused(InitOpts::default());
+}
+
+/// [`a_device_file_refuses_a_size_change_and_takes_o_trunc`] with `--fuse-uring`: the
+/// `SETATTR`s come through the ring's side thread.
+#[test]
+fn a_device_file_refuses_a_size_change_and_takes_o_trunc_fuse_uring() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    size_changes_refused(InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    });
+}
+
+fn size_changes_refused(opts: InitOpts) {
+    let rig = Rig::start(Target::AoeServe, 1500, opts);
+    let dev = rig.dev();
+    let orig = fs::read(&rig.file).unwrap();
+    let len = orig.len() as u64;
+    let mut want = orig.clone();
+    // dd without conv=notrunc: open(O_WRONLY|O_CREAT|O_TRUNC), then the write.
+    let src = rig.dir.path().join("src");
+    let data = pattern(23, 8192);
+    fs::write(&src, &data).unwrap();
+    run_dd(
+        &rig,
+        &[
+            format!("if={}", src.display()),
+            format!("of={}", dev.display()),
+            "bs=4k".into(),
+            "seek=3".into(),
+        ],
+    );
+    want[3 * 4096..][..data.len()].copy_from_slice(&data);
+    // open(O_TRUNC) from std too, then a write through it.
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&dev)
+            .unwrap_or_else(|e| panic!("open(O_TRUNC): {e}{}", rig.logs()));
+        f.write_all(&data[..512]).unwrap();
+        f.sync_all().unwrap();
+        want[..512].copy_from_slice(&data[..512]);
+        assert_eq!(fs::metadata(&dev).unwrap().len(), len, "size after O_TRUNC");
+        // ftruncate: any other size refused, the device's own taken.
+        for to in [0, len / 2, len - 512, len + 4096, 1 << 40] {
+            match f.set_len(to) {
+                Err(e) if e.raw_os_error() == Some(22) => {} // EINVAL
+                r => panic!("ftruncate of a {len}-byte device file to {to}: {r:?}"),
+            }
+        }
+        f.set_len(len)
+            .unwrap_or_else(|e| panic!("ftruncate to the device's own size: {e}"));
+    }
+    // truncate(1), which opens and calls ftruncate: refused with the kernel's message.
+    let out = Command::new("truncate")
+        .args(["-s", "1M"])
+        .arg(&dev)
+        .output()
+        .expect("truncate (coreutils)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Invalid argument"),
+        "truncate -s 1M of the device file: {:?} {err}",
+        out.status
+    );
+    assert_eq!(
+        fs::metadata(&dev).unwrap().len(),
+        len,
+        "size after truncates"
+    );
+    let all = fs::read(&rig.file).unwrap();
+    assert!(all.len() == want.len(), "the backing file changed size");
+    if let Some(i) = (0..all.len()).find(|&i| all[i] != want[i]) {
+        panic!("backing file differs first at byte {i}{}", rig.logs());
+    }
+    rig.finish();
+}
+
 /// Reads the rig's device with `dd iflag=direct` and `args` (`bs=`, `count=`, ...) into a
 /// file and returns its bytes; a failure fails the test with dd's error and the rig's logs.
 fn dd_read_back(rig: &Rig, args: &[&str]) -> Vec<u8> {
