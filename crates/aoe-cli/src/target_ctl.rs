@@ -270,6 +270,9 @@ fn mode(e: &ExportStatus) -> String {
     if e.failed {
         m.push_str(",failed");
     }
+    if e.path_replaced {
+        m.push_str(",path-replaced");
+    }
     m
 }
 
