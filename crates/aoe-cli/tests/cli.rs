@@ -837,8 +837,7 @@ fn a_closed_standard_output_ends_the_tools_quietly() {
         ("aoe", &["serve", "1", "1", "lo", &img, "--check"]),
     ];
     for (name, args) in runs {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
+        let writer = closed_pipe(&dir);
         let o = Command::new(AOE)
             .arg0(name)
             .args(*args)
@@ -857,4 +856,26 @@ fn a_closed_standard_output_ends_the_tools_quietly() {
         );
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The write end of a pipe whose reader is gone: a FIFO in `dir` opened for reading without
+/// waiting, then for writing, then its reader closed (std's `io::pipe` is newer than the
+/// workspace's minimum Rust).
+fn closed_pipe(dir: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success(), "mkfifo");
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o4000) // O_NONBLOCK: no writer yet
+        .open(&fifo)
+        .expect("open the FIFO for reading");
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO for writing");
+    drop(reader);
+    writer
 }

@@ -38,7 +38,7 @@ impl Daemon {
                 Err(mpsc::TryRecvError::Disconnected) => self.path_check = None,
             }
         }
-        if !self.ticks.is_multiple_of(CHECK_EVERY) {
+        if self.ticks % CHECK_EVERY != 0 {
             return;
         }
         let looks: Vec<(u32, ExportSpec, (u64, u64))> = self
