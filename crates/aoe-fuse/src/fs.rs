@@ -589,7 +589,9 @@ impl AoeFs {
     /// `FUSE_ATOMIC_O_TRUNC` (fuser does not ask for it) the kernel sends it as a size-0
     /// `SETATTR` without a file handle (fs/fuse/dir.c `fuse_do_setattr`, `ATTR_OPEN`), the
     /// same as `truncate(path, 0)`, so that one is taken and ignored; `ftruncate` carries
-    /// its handle (`FATTR_FH`) and is refused at any other size. A size equal to the
+    /// its handle (`FATTR_FH`) and is refused at any other size (GNU dd's cut at its `seek=`
+    /// without `conv=notrunc` too: dd 9 says so and writes; /dev/sdX's refusal it ignores only
+    /// because that is no regular file). A size equal to the
     /// device's changes nothing and is taken. Control files take any size, so that
     /// `echo > file` works.
     pub(crate) fn setattr_node(
