@@ -95,7 +95,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     demo.cleanup();
     match result {
         Ok(()) => {
-            println!("DEMO OK: ext4 on AoE device {DEV} written, checked and read back");
+            say(&format!(
+                "DEMO OK: ext4 on AoE device {DEV} written, checked and read back"
+            ));
             Ok(())
         }
         Err(_) if demo.interrupted() => {
@@ -184,9 +186,11 @@ fn ensure_tools(install: bool) -> Result<()> {
     Ok(())
 }
 
+/// A progress line; a closed standard output is ignored (the demo goes on and removes what
+/// it made, rather than panicking or dying with its namespaces and mounts left behind).
 fn say(s: &str) {
-    println!("{s}");
-    let _ = std::io::stdout().flush();
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{s}").and_then(|()| o.flush());
 }
 
 /// A child in its own process group (so a terminal's Ctrl-C reaches only the demo), with

@@ -5,6 +5,9 @@
 //! (multi-call, decided by `argv[0]`).
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod out;
+
 mod bench;
 mod demo;
 mod generate;
@@ -169,6 +172,17 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    if matches!(
+        cli.command,
+        Command::Bench(_) | Command::Read(_) | Command::Generate(_) | Command::Tool(_)
+    ) {
+        // Tools whose only pipe is their standard output: a closed one ends them as it ends
+        // `cat` (`aoe bench ... | head -1`), also where a library prints for them
+        // (clap_complete panics on a failed write). The daemons, `aoe target` (its control
+        // socket's EPIPE names the daemon's refusal), `aoe trace` (it finishes its pcap file)
+        // and `aoe demo` (it removes what it made) keep it ignored.
+        aoe_sys::sigpipe_default();
+    }
     let result = match cli.command {
         Command::Serve(a) => serve::run(*a),
         Command::Read(a) => read::run(a),

@@ -231,6 +231,16 @@ pub fn target_text(obs: &Observer) -> String {
             .collect(),
     );
     s.gauge(
+        "aoe_target_path_replaced",
+        "1 while the export's path no longer names the file it serves (renamed over or \
+         removed, looked at every 5 s): reads and writes go to the file opened until a reload \
+         (SIGHUP) reopens the path",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), i64::from(e.path_replaced)))
+            .collect(),
+    );
+    s.gauge(
         "aoe_target_state_files_failing",
         "State files (--state-dir) whose last save failed: the newest config string, mask or \
          reserve list of that many exports is only in memory, the save tried again every 10 s \

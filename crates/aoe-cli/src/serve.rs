@@ -302,7 +302,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     if a.check {
         aoe_target::validate(&cfg)?;
-        println!("configuration ok: {} export(s)", cfg.exports.len());
+        outln!("configuration ok: {} export(s)", cfg.exports.len());
         return Ok(());
     }
     let cfg_control = cfg.control.clone();

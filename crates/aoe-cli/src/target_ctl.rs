@@ -239,11 +239,11 @@ pub fn run(a: TargetArgs) -> Result<()> {
     c.send(serde_json::json!({ "cmd": cmd, "target": which }))?;
     let (line, data) = c.answer()?;
     if a.json {
-        println!("{}", serde_json::to_string(&data).unwrap_or(line));
+        outln!("{}", serde_json::to_string(&data).unwrap_or(line));
         return Ok(());
     }
     if cmd == "clear-stats" {
-        println!("statistics cleared for {} export(s)", data["cleared"]);
+        outln!("statistics cleared for {} export(s)", data["cleared"]);
         return Ok(());
     }
     let snap: Snapshot = serde_json::from_value(data).context("unexpected answer")?;
@@ -255,7 +255,7 @@ pub fn run(a: TargetArgs) -> Result<()> {
         "show-macmask" => lists(&mut out, &snap, |e| &e.mask, "every initiator"),
         _ => lists(&mut out, &snap, |e| &e.reserve, "not reserved"),
     }
-    print!("{out}");
+    out!("{out}");
     Ok(())
 }
 
@@ -269,6 +269,9 @@ fn mode(e: &ExportStatus) -> String {
     }
     if e.failed {
         m.push_str(",failed");
+    }
+    if e.path_replaced {
+        m.push_str(",path-replaced");
     }
     m
 }
@@ -427,9 +430,15 @@ fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
     }))?;
     let mut prev: Option<Snapshot> = None;
     if !json {
-        println!(
+        outln!(
             "{:<10} {:>10} {:>12} {:>12} {:>8} {:>8} {:>9}",
-            "TARGET", "REPLIES/s", "READ-B/s", "WRITE-B/s", "ERR/s", "DROP/s", "IN-FLIGHT"
+            "TARGET",
+            "REPLIES/s",
+            "READ-B/s",
+            "WRITE-B/s",
+            "ERR/s",
+            "DROP/s",
+            "IN-FLIGHT"
         );
     }
     let mut lines = 0u64;
@@ -442,7 +451,7 @@ fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
         if let Some(p) = &prev {
             let dt = (snap.taken - p.taken).max(1e-3);
             if json {
-                println!("{data}");
+                outln!("{data}");
             }
             for e in &snap.exports {
                 let Some(pe) = p.exports.iter().find(|x| x.target == e.target) else {
@@ -451,7 +460,7 @@ fn monitor(c: &mut Conn, m: &MonitorArgs, json: bool) -> Result<()> {
                 let (a, b) = (&e.counters, &pe.counters);
                 let r = |x: u64, y: u64| x.saturating_sub(y) as f64 / dt;
                 if !json {
-                    println!(
+                    outln!(
                         "{:<10} {:>10.0} {:>12.0} {:>12.0} {:>8.0} {:>8.0} {:>9}",
                         e.target,
                         r(a.replies, b.replies),

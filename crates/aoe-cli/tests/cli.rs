@@ -816,3 +816,66 @@ fn sync_on_a_read_only_export_is_said_to_do_nothing() {
         );
     }
 }
+
+/// Sixth audit (s23): `aoe bench ... | head -1` panicked when `head` had gone (the report
+/// written with `println!`, Rust's `SIGPIPE` ignored), and so did `aoe generate completions`
+/// (clap_complete's write), `aoe version` and `aoe-version`. A closed standard output now ends
+/// each as it ends `cat`: by `SIGPIPE`, without a message; `aoe serve --check` (a daemon's
+/// subcommand, `SIGPIPE` kept ignored) the same through its own writes.
+#[test]
+fn a_closed_standard_output_ends_the_tools_quietly() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let dir = std::env::temp_dir().join(format!("aoe-cli-epipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap().to_owned();
+    let runs: &[(&str, &[&str])] = &[
+        ("aoe", &["generate", "completions", "bash"]),
+        ("aoe", &["version"]),
+        ("aoe-version", &[]),
+        ("aoe", &["serve", "1", "1", "lo", &img, "--check"]),
+    ];
+    for (name, args) in runs {
+        let writer = closed_pipe(&dir);
+        let o = Command::new(AOE)
+            .arg0(name)
+            .args(*args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{name} {args:?}: {err}");
+        assert_eq!(
+            o.status.signal(),
+            Some(13),
+            "{name} {args:?}: not ended by SIGPIPE: {:?} {err}",
+            o.status
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The write end of a pipe whose reader is gone: a FIFO in `dir` opened for reading without
+/// waiting, then for writing, then its reader closed (std's `io::pipe` is newer than the
+/// workspace's minimum Rust).
+fn closed_pipe(dir: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success(), "mkfifo");
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o4000) // O_NONBLOCK: no writer yet
+        .open(&fifo)
+        .expect("open the FIFO for reading");
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO for writing");
+    drop(reader);
+    writer
+}

@@ -1181,6 +1181,118 @@ fn long_direct_io_lands_in_place() {
     rig.finish();
 }
 
+// ------------------------------------------------------------------------------------------
+// Sizes: a block device's
+
+/// Sixth audit (s23): `truncate` and `ftruncate` of a device file to another size reported
+/// success and changed nothing. Now they fail with `EINVAL`, as on a block device, while an
+/// `open(O_TRUNC)` is still taken and ignored as on /dev/sdX (`dd of=ROOT/e1.1` without
+/// `conv=notrunc`, which the kernel sends as the same size-0 `SETATTR` as `truncate(path, 0)`,
+/// so that one is taken too); the device's own size is taken; no byte changes but those
+/// written, and the size stays. The same for a partition file.
+#[test]
+fn a_device_file_refuses_a_size_change_and_takes_o_trunc() {
+    size_changes_refused(InitOpts::default());
+}
+
+/// [`a_device_file_refuses_a_size_change_and_takes_o_trunc`] with `--fuse-uring`: the
+/// `SETATTR`s come through the ring's side thread.
+#[test]
+fn a_device_file_refuses_a_size_change_and_takes_o_trunc_fuse_uring() {
+    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+    size_changes_refused(InitOpts {
+        fuse_uring: true,
+        ..InitOpts::default()
+    });
+}
+
+fn size_changes_refused(opts: InitOpts) {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = backing_with_partition(dir.path());
+    let rig = Rig::start_with(Target::AoeServe, 1500, opts, Some(file), &[]);
+    let dev = rig.dev();
+    let part = rig.root.join(format!("{DEV}p1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || part.exists()),
+        "no {}{}",
+        part.display(),
+        rig.logs()
+    );
+    let mut want = fs::read(&rig.file).unwrap();
+    let src = rig.dir.path().join("src");
+    let data = pattern(23, 8192);
+    fs::write(&src, &data).unwrap();
+    for (path, base, len) in [
+        (&dev, 0u64, want.len() as u64),
+        (&part, PART_START * 512, PART_SECTORS * 512),
+    ] {
+        let at = |off: u64| (base + off) as usize;
+        // dd without conv=notrunc: open(O_WRONLY|O_CREAT|O_TRUNC), then the write. (With a
+        // seek, GNU dd also calls ftruncate(seek * bs), refused here: coreutils 9 says
+        // "failed to truncate" and writes, exit 0; 8.x stopped there, exit 1. On /dev/sdX it
+        // says nothing, the file not being a regular one; see docs/TEST-AUDIT.md.)
+        run_dd(
+            &rig,
+            &[
+                format!("if={}", src.display()),
+                format!("of={}", path.display()),
+                "bs=4k".into(),
+                "seek=3".into(),
+            ],
+        );
+        want[at(3 * 4096)..][..data.len()].copy_from_slice(&data);
+        // open(O_TRUNC) from std too, then a write through it.
+        let f = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open(O_TRUNC) {}: {e}{}", path.display(), rig.logs()));
+        // Not at 0: the device's sector 0 holds the partition table.
+        f.write_all_at(&data[..512], 5 * 512).unwrap();
+        f.sync_all().unwrap();
+        want[at(5 * 512)..][..512].copy_from_slice(&data[..512]);
+        assert_eq!(fs::metadata(path).unwrap().len(), len, "size after O_TRUNC");
+        // ftruncate: any other size refused, the file's own taken.
+        for to in [0, len / 2, len - 512, len + 4096, 1 << 40] {
+            match f.set_len(to) {
+                Err(e) if e.raw_os_error() == Some(22) => {} // EINVAL
+                r => panic!(
+                    "ftruncate of {} ({len} bytes) to {to}: {r:?}",
+                    path.display()
+                ),
+            }
+        }
+        f.set_len(len)
+            .unwrap_or_else(|e| panic!("ftruncate to its own size: {e}"));
+        drop(f);
+        // truncate(1), which opens and calls ftruncate: refused with the kernel's message.
+        let out = Command::new("truncate")
+            .args(["-s", "1M"])
+            .arg(path)
+            .output()
+            .expect("truncate (coreutils)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Invalid argument"),
+            "truncate -s 1M of {}: {:?} {err}",
+            path.display(),
+            out.status
+        );
+        assert_eq!(
+            fs::metadata(path).unwrap().len(),
+            len,
+            "size after truncates"
+        );
+    }
+    let all = fs::read(&rig.file).unwrap();
+    assert!(all.len() == want.len(), "the backing file changed size");
+    if let Some(i) = (0..all.len()).find(|&i| all[i] != want[i]) {
+        panic!("backing file differs first at byte {i}{}", rig.logs());
+    }
+    rig.finish();
+}
+
 /// Reads the rig's device with `dd iflag=direct` and `args` (`bs=`, `count=`, ...) into a
 /// file and returns its bytes; a failure fails the test with dd's error and the rig's logs.
 fn dd_read_back(rig: &Rig, args: &[&str]) -> Vec<u8> {

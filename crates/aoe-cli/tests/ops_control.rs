@@ -397,3 +397,88 @@ fn aoe_target_against_a_stopped_daemon_says_so() {
     );
     target_ok(&sock, &["status"]);
 }
+
+/// Sixth audit (s23): the exported file renamed over (`mv new.img disk.img`) while served.
+/// Writes went on to the old, unlinked inode until a reload, as vblade's do, and nothing
+/// said so. Now, within a look or two (every 5 s, off the event loop), one warning names the
+/// path, the status shows `path_replaced` (and `path-replaced` in its mode column), and
+/// `aoe_target_path_replaced` would say 1; the export still serves the file it opened (a
+/// write through the device lands in the old inode, the new file untouched) until the
+/// reload, which clears it. Before: no warning within 20 s.
+#[test]
+fn a_file_renamed_over_while_served_is_warned_about_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let rig = Rig::start_with(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        None,
+        &["--control", &sock_s],
+    );
+    let target_log = || {
+        rig.target
+            .as_ref()
+            .map(aoe_testkit::NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let warned = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("names another file now"))
+            .count()
+    };
+    assert_eq!(
+        json(&sock, &["status"])["exports"][0]["path_replaced"],
+        false
+    );
+    // Hold the old inode open here, to read what the target writes into it.
+    let old = std::fs::File::open(&rig.file).expect("open the image");
+    let new = dir.path().join("new.img");
+    let len = old.metadata().unwrap().len() as usize;
+    std::fs::write(&new, vec![0xb5u8; len]).expect("new image");
+    std::fs::rename(&new, &rig.file).expect("rename over the image");
+    assert!(
+        wait_until(Duration::from_secs(20), || warned(&target_log()) == 1),
+        "no warning about the replaced image in 20 s{}",
+        rig.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || json(&sock, &["status"])
+            ["exports"][0]["path_replaced"]
+            == true),
+        "status without path_replaced{}",
+        rig.logs()
+    );
+    assert!(target_ok(&sock, &["status"]).contains("path-replaced"));
+    // The export still serves the file it opened.
+    let data = pattern(41, 4096);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(rig.dev())
+            .expect("open the device file");
+        f.write_all_at(&data, 8192).expect("write");
+        f.sync_all().expect("fsync");
+        let mut got = vec![0u8; 4096];
+        old.read_exact_at(&mut got, 8192)
+            .expect("read the old inode");
+        assert!(got == data, "the write did not reach the file opened");
+    }
+    let now = std::fs::read(&rig.file).unwrap();
+    assert!(now.iter().all(|&b| b == 0xb5), "the new file was written");
+    // A further look finds it still replaced: no second warning.
+    let before = json(&sock, &["status"])["uptime"].as_f64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || json(&sock, &["status"])
+            ["uptime"]
+            .as_f64()
+            .unwrap()
+            > before + 11.0),
+        "the target's uptime stopped"
+    );
+    assert_eq!(warned(&target_log()), 1, "{}", rig.logs());
+    drop(old);
+    rig.finish();
+}

@@ -579,6 +579,38 @@ impl AoeFs {
         }
     }
 
+    /// A `SETATTR` of inode `ino` (the fuser callback and the ring's side thread): its
+    /// attributes as they are, for nothing here changes a mode, an owner or a time. A size
+    /// is a block device's: `truncate(2)` and `ftruncate(2)` of a device or partition file
+    /// to another size fail with `EINVAL`, as on a block device (fs/open.c
+    /// `vfs_truncate`/`do_ftruncate` refuse anything but a regular file), where they used to
+    /// succeed and change nothing. `open(O_TRUNC)` must go on working as on /dev/sdX (where
+    /// it is ignored: `dd of=ROOT/eX.Y` without `conv=notrunc`); without
+    /// `FUSE_ATOMIC_O_TRUNC` (fuser does not ask for it) the kernel sends it as a size-0
+    /// `SETATTR` without a file handle (fs/fuse/dir.c `fuse_do_setattr`, `ATTR_OPEN`), the
+    /// same as `truncate(path, 0)`, so that one is taken and ignored; `ftruncate` carries
+    /// its handle (`FATTR_FH`) and is refused at any other size (GNU dd's cut at its `seek=`
+    /// without `conv=notrunc` too: dd 9 says so and writes; /dev/sdX's refusal it ignores only
+    /// because that is no regular file). A size equal to the
+    /// device's changes nothing and is taken. Control files take any size, so that
+    /// `echo > file` works.
+    pub(crate) fn setattr_node(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        has_fh: bool,
+    ) -> Result<FileAttr, Errno> {
+        let n = node(ino).ok_or(Errno::ENOENT)?;
+        let a = self.getattr_node(n).ok_or(Errno::ENOENT)?;
+        if let (Node::Dev(..), Some(size)) = (n, size) {
+            let open_trunc = size == 0 && !has_fh;
+            if size != a.size && !open_trunc {
+                return Err(Errno::EINVAL);
+            }
+        }
+        Ok(a)
+    }
+
     /// Opens inode `ino` with `open(2)` flags `flags`: the file handle and open flags to
     /// answer ([`Filesystem::open`] of [`AoeFs`] says which).
     pub(crate) fn open_node(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), Errno> {
@@ -708,22 +740,20 @@ impl Filesystem for AoeFs {
         _mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
-        _size: Option<u64>,
+        size: Option<u64>,
         _atime: Option<fuser::TimeOrNow>,
         _mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Like a block device: truncation (O_TRUNC) changes nothing; control files accept it
-        // so `echo > file` works.
-        match node(ino.0).and_then(|n| self.getattr_node(n)) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
+        match self.setattr_node(ino.0, size, fh.is_some()) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -139,6 +139,15 @@ pub(crate) fn open_in_flags(b: &[u8]) -> u32 {
 pub(crate) fn release_in_fh(b: &[u8]) -> u64 {
     u64_at(b, 0)
 }
+/// `fuse_setattr_in`: the size if `FATTR_SIZE` is set, and whether a file handle came
+/// (`FATTR_FH`: an `ftruncate`, not an `open(O_TRUNC)` or `truncate(2)`).
+pub(crate) fn setattr_in_size(b: &[u8]) -> (Option<u64>, bool) {
+    const FATTR_SIZE: u32 = 1 << 3;
+    const FATTR_FH: u32 = 1 << 6;
+    let valid = u32_at(b, 0);
+    let size = (valid & FATTR_SIZE != 0).then(|| u64_at(b, 16));
+    (size, valid & FATTR_FH != 0)
+}
 pub(crate) fn getxattr_in_size(b: &[u8]) -> u32 {
     u32_at(b, 0)
 }
@@ -773,11 +782,16 @@ fn serve_side(fs: &AoeFs, answers: &Answers, job: Job) {
                 None => Err(Errno::ENOENT),
             }
         }
-        // Like a block device: truncation changes nothing (see the fuser `setattr`).
-        op::GETATTR | op::SETATTR => match node(ino).and_then(|n| fs.getattr_node(n)) {
+        op::GETATTR => match node(ino).and_then(|n| fs.getattr_node(n)) {
             Some(a) => Ok(encode_attr_out(&a, out)),
             None => Err(Errno::ENOENT),
         },
+        // A block device's sizes (the fuser `setattr`, `AoeFs::setattr_node`).
+        op::SETATTR => {
+            let (size, has_fh) = setattr_in_size(op_in);
+            fs.setattr_node(ino, size, has_fh)
+                .map(|a| encode_attr_out(&a, out))
+        }
         op::OPEN => match fs.open_node(ino, open_in_flags(op_in) as i32) {
             Ok((fh, f)) => Ok(encode_open_out(fh, f.bits(), out)),
             Err(e) => Err(e),
@@ -878,6 +892,19 @@ fn read_side(fs: &AoeFs, ino: u64, rd: ReadIn) -> Result<Vec<u8>, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `fuse_setattr_in`: valid (FATTR_SIZE 1 << 3, FATTR_FH 1 << 6), padding, fh, size.
+    #[test]
+    fn setattr_in_fields() {
+        let mut b = vec![0u8; 128];
+        b[8..16].copy_from_slice(&7u64.to_le_bytes());
+        b[16..24].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert_eq!(setattr_in_size(&b), (None, false));
+        b[0..4].copy_from_slice(&(1u32 << 3).to_le_bytes());
+        assert_eq!(setattr_in_size(&b), (Some(1 << 20), false));
+        b[0..4].copy_from_slice(&((1u32 << 3) | (1 << 6)).to_le_bytes());
+        assert_eq!(setattr_in_size(&b), (Some(1 << 20), true));
+    }
 
     #[test]
     fn in_header_fields() {

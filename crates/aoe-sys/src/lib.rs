@@ -34,6 +34,8 @@
 //!   waiting, for the NBD export's write payloads read on the initiator's network thread.
 //! * [`dio_alignment`]: the alignment O_DIRECT needs on a file (`statx` `STATX_DIOALIGN`, or a
 //!   block device's logical block size from `BLKSSZGET`).
+//! * [`sigpipe_default`] and [`die_of_sigpipe`]: a closed standard output ends a tool quietly,
+//!   by `SIGPIPE`, as it ends a C tool (Rust starts with `SIGPIPE` ignored).
 //! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
 //!   the integration tests and by daemons started with `--netns`.
 //!
@@ -62,6 +64,7 @@ mod iface;
 mod ns;
 mod packet;
 mod ring;
+mod sigpipe;
 mod stream;
 mod uring;
 mod xdp;
@@ -76,6 +79,7 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
+pub use sigpipe::{die_of_sigpipe, sigpipe_default};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};

@@ -220,6 +220,10 @@ pub struct ExportStatus {
     /// (`requests waiting on the backend`).
     #[serde(default)]
     pub oldest_request_secs: u32,
+    /// The export's path no longer names the file it serves (renamed over or removed, seen
+    /// within 5 s): reads and writes go to the file opened until a reload reopens the path.
+    #[serde(default)]
+    pub path_replaced: bool,
     /// Counters.
     pub counters: ExportCounters,
 }

@@ -30,6 +30,7 @@ mod coalesce;
 mod dispatch;
 mod exports;
 mod order;
+mod paths;
 mod send;
 mod shared;
 mod spin;
@@ -197,6 +198,9 @@ pub struct Daemon {
     /// Seconds counted by the refresh timer's expirations: the clock of
     /// [`Daemon::log_stuck`].
     ticks: u32,
+    /// A look at whether the exports' paths still name their files, under way on a thread
+    /// ([`paths`]).
+    path_check: Option<paths::PathCheck>,
     /// Saves state files off the event loop.
     state_writer: StateWriter,
     /// Where the loop publishes snapshots for metrics and the control socket.
@@ -328,6 +332,7 @@ impl Daemon {
             spare: Vec::new(),
             waiting_writes: 0,
             ticks: 0,
+            path_check: None,
             reloading: None,
             reload_again: false,
             hostname,
@@ -547,6 +552,7 @@ impl Daemon {
                 self.log_drops();
                 self.log_stuck();
                 self.log_slow_reload();
+                self.check_paths();
                 for e in self.exports.values_mut() {
                     e.engine.next_query_period();
                 }
@@ -657,6 +663,7 @@ impl Daemon {
                     reserve: ps.reserve.iter().map(ToString::to_string).collect(),
                     failed: e.backend.failed(),
                     oldest_request_secs: e.oldest,
+                    path_replaced: e.path_replaced,
                     counters: ExportCounters {
                         replies: st.replies,
                         aoe_errors: st.aoe_errors,

@@ -46,6 +46,9 @@ pub(super) struct ExportRt {
     /// The device, inode and (for an export to the end of a file) size the path named when
     /// it was opened ([`file_identity`]).
     pub(super) file: Option<(u64, u64, u64)>,
+    /// The path no longer named the file opened at the last look ([`super::paths`]): the
+    /// status's `path_replaced`, warned about once.
+    pub(super) path_replaced: bool,
     /// Reads of the current receive batch held back for a store that
     /// [merges](aoe_store::AsyncBackend::merges_reads) contiguous ones: handed over together
     /// at the batch's end ([`Daemon::submit_gathered_reads`]), so always empty between
@@ -63,7 +66,7 @@ pub(super) struct ExportRt {
 /// device's size is not in its metadata but in its sysfs `size` (sectors), so a grown
 /// logical volume or loop device (`losetup -c`) counts too. (An `rbd:` image's size is
 /// re-read on IDENTIFY.)
-fn file_identity(spec: &ExportSpec) -> Option<(u64, u64, u64)> {
+pub(super) fn file_identity(spec: &ExportSpec) -> Option<(u64, u64, u64)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if spec.rbd_image().is_some() {
         return None;
@@ -533,6 +536,7 @@ impl Opener {
             shared,
             reserve_pending: None,
             file,
+            path_replaced: false,
             gathered: Vec::new(),
         })
     }

@@ -1,0 +1,33 @@
+//! `SIGPIPE` for the command-line tools: a closed standard output ends them as it ends `cat`.
+//!
+//! Rust programs start with `SIGPIPE` ignored, so a write to a pipe whose reader has gone
+//! fails with `EPIPE`, and `println!` turns that failure into a panic (`aoe bench ... | head -1`
+//! printed a backtrace). The daemons want it ignored (a gone NBD client or control-socket
+//! client is an error on that connection, not the end of the process); a tool that prints a
+//! report wants what every C tool has: the default action, the process ended by the signal,
+//! quietly, its shell status 141.
+
+/// Restores `SIGPIPE`'s default action for the whole process, so a write to a pipe or stream
+/// socket whose reader has gone ends the process (for tools whose only such writes are their
+/// standard output; never for a daemon).
+pub fn sigpipe_default() {
+    // SAFETY: signal(2) with SIG_DFL changes only the process's disposition of SIGPIPE; it
+    // installs no handler, so no code of ours runs in signal context.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Ends the process as a tool with the default `SIGPIPE` action ends when it writes to a
+/// closed pipe: by the signal (shell status 141), without a message. For a process that keeps
+/// `SIGPIPE` ignored and has just seen its standard output fail with `EPIPE`.
+pub fn die_of_sigpipe() -> ! {
+    sigpipe_default();
+    // SAFETY: raise(3) sends SIGPIPE to the calling thread; its action is now the default
+    // (end the process), so it does not return unless the signal is blocked in this thread.
+    unsafe {
+        libc::raise(libc::SIGPIPE);
+    }
+    // Blocked: the status a shell would have shown.
+    std::process::exit(128 + libc::SIGPIPE)
+}
