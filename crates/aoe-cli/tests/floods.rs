@@ -94,12 +94,13 @@ struct Watched {
 impl Watched {
     /// VmRSS in KiB.
     fn rss_kib(&self) -> u64 {
-        let s = fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_else(|e| panic!("{} (pid {}) gone: {e}", self.name, self.pid));
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        assert!(
+            fs::metadata(format!("/proc/{}", self.pid)).is_ok(),
+            "{} (pid {}) gone",
+            self.name,
+            self.pid
+        );
+        proc_status(self.pid, "VmRSS:")
     }
 
     /// utime + stime in clock ticks (fields 14 and 15 of /proc/PID/stat, counted after the

@@ -551,14 +551,7 @@ fn req_tag_churn() {
 fn req_spoofed_source_macs() {
     let mut r = ReqRig::start();
     let pid = r.lan.target.as_ref().unwrap().pid();
-    let rss = || {
-        fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap()
-    };
+    let rss = || common::proc_status(pid, "VmRSS:");
     let mut rng = Rng(0x5b00f);
     let mut spoofed = |r: &mut ReqRig, n: usize| {
         let frames: Vec<Vec<u8>> = (0..n)

@@ -271,14 +271,7 @@ fn hostile_control_clients_are_bounded() {
     let sock_s = sock.to_string_lossy().into_owned();
     let mut lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
     let pid = lan.target.as_ref().unwrap().pid();
-    let status = |key: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
+    let status = |key: &str| common::proc_status(pid, key);
     let mut read_ok = |lba: u64| {
         let f = lan
             .request(

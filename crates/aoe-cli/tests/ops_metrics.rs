@@ -365,14 +365,7 @@ fn hostile_metrics_clients_do_not_stop_scrapes_or_grow_memory() {
     let addr = format!("127.0.0.1:{HOSTILE_PORT}");
     let mut lan = RawLan::start(Target::AoeServe, &file, &["--metrics", &addr], 1);
     let pid = lan.target.as_ref().unwrap().pid();
-    let status = |key: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
+    let status = |key: &str| common::proc_status(pid, key);
     let ns = lan.target_ns.path();
     let connect = || {
         aoe_sys::run_in_netns(&ns, || TcpStream::connect(("127.0.0.1", HOSTILE_PORT)))

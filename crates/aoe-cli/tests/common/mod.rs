@@ -124,6 +124,18 @@ pub fn packet_sockets(ns: &Netns) -> usize {
         .unwrap_or(0)
 }
 
+/// A numeric field of `/proc/PID/status` (`VmRSS:` and `VmHWM:` in KiB, `Threads:`), for
+/// the tests that check a daemon's memory or threads stay bounded. Panics, naming the
+/// process, if it is gone or the field is missing.
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("pid {pid} gone: {e}"))
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
 /// The payload per frame the MTU allows for both targets: whole sectors after the 36 bytes
 /// of Ethernet, AoE and ATA headers (the driver's `aoecmd_cfg_rsp`, vblade's `confcmd`).
 pub fn payload_for(mtu: u32) -> u64 {

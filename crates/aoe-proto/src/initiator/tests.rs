@@ -138,6 +138,16 @@ fn up_engine(sectors: u64, lba48: bool) -> (Engine, Instant) {
 }
 
 fn up_engine_with(cfg: Config, sectors: u64, lba48: bool) -> (Engine, Instant) {
+    let page = if lba48 {
+        identify_page(sectors)
+    } else {
+        identify_page_lba28(sectors)
+    };
+    up_engine_with_page(cfg, &page)
+}
+
+/// An engine with DEV up, its IDENTIFY answered with `page`.
+fn up_engine_with_page(cfg: Config, page: &[u8; 512]) -> (Engine, Instant) {
     let t0 = Instant::now();
     let mut e = Engine::new(cfg, t0);
     e.add_interface(0, "eth0", HOST, 1500);
@@ -145,12 +155,7 @@ fn up_engine_with(cfg: Config, sectors: u64, lba48: bool) -> (Engine, Instant) {
     e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
     let tx = drain(&mut e, t0);
     assert_eq!(tx.len(), 1);
-    let page = if lba48 {
-        identify_page(sectors)
-    } else {
-        identify_page_lba28(sectors)
-    };
-    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
+    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, page));
     assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
     (e, t0)
 }
@@ -2406,17 +2411,10 @@ fn identify_answers_flapping_the_size_are_logged_once_an_interval() {
 /// past sector 2^28 went out as a write to sector 5".
 #[test]
 fn identify_capacity_beyond_the_commands_reach_is_capped() {
-    let t0 = Instant::now();
-    let mut e = Engine::new(Config::default(), t0);
-    e.add_interface(0, "eth0", HOST, 1500);
-    drain(&mut e, t0);
-    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
-    let tx = drain(&mut e, t0);
     let mut page = identify_page_lba28(1000);
     set_word(&mut page, 60, 0xffff);
     set_word(&mut page, 61, 0xffff);
-    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
-    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    let (mut e, t0) = up_engine_with_page(Config::default(), &page);
     assert_eq!(
         e.device(DEV).unwrap().sectors,
         0x0fff_ffff,
@@ -2441,17 +2439,11 @@ fn identify_capacity_beyond_the_commands_reach_is_capped() {
     );
 
     // LBA48: words 100-103 claim 2^64 - 1 sectors.
-    let mut e = Engine::new(Config::default(), t0);
-    e.add_interface(0, "eth0", HOST, 1500);
-    drain(&mut e, t0);
-    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
-    let tx = drain(&mut e, t0);
     let mut page = identify_page(1000);
     for w in 100..104 {
         set_word(&mut page, w, 0xffff);
     }
-    e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &page));
-    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    let (mut e, t0) = up_engine_with_page(Config::default(), &page);
     assert_eq!(e.device(DEV).unwrap().sectors, 1 << 48, "LBA48 capacity");
     assert!(e
         .submit(
