@@ -227,17 +227,8 @@ fn fio_device_file_engines_verify() {
 /// io_uring (enable_uring set to Y for the test).
 #[test]
 fn fio_device_file_engines_verify_fuse_uring() {
-    let _u = uring_on();
-    engines_verify(InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    });
-}
-
-/// `enable_uring` set to Y until dropped; fails the test with the reason where it cannot.
-fn uring_on() -> aoe_testkit::fuseuring::FuseUring {
-    aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"))
+    let (_u, opts) = InitOpts::fuse_uring();
+    engines_verify(opts);
 }
 
 /// The rig's initiator said it serves the files through the ring.
@@ -302,11 +293,8 @@ fn fio_parallel_direct_writes_verify() {
 /// the engine lent, the buffered reader's cached open beside them.
 #[test]
 fn fio_parallel_direct_writes_verify_fuse_uring() {
-    let _u = uring_on();
-    parallel_direct_writes_verify(InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    });
+    let (_u, opts) = InitOpts::fuse_uring();
+    parallel_direct_writes_verify(opts);
 }
 
 fn parallel_direct_writes_verify(opts: InitOpts) {

@@ -151,23 +151,14 @@ fn concurrent_unaligned_writes_all_land() {
 /// files' writes come through FUSE over io_uring (enable_uring set to Y for the test).
 #[test]
 fn concurrent_unaligned_writes_all_land_fuse_uring() {
-    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    unaligned_writes_all_land(InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    });
+    let (_u, opts) = InitOpts::fuse_uring();
+    unaligned_writes_all_land(opts);
 }
 
 /// `aoe serve` and an `aoe initiator --fuse-uring` over a veth of `mtu`, with
 /// enable_uring held at Y while the guard lives (bind it first: the rig goes before it).
 fn fuse_uring_rig(mtu: u32) -> (aoe_testkit::fuseuring::FuseUring, Rig) {
-    let u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    let opts = InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    };
+    let (u, opts) = InitOpts::fuse_uring();
     (u, Rig::start(Target::AoeServe, mtu, opts))
 }
 
@@ -1199,12 +1190,8 @@ fn a_device_file_refuses_a_size_change_and_takes_o_trunc() {
 /// `SETATTR`s come through the ring's side thread.
 #[test]
 fn a_device_file_refuses_a_size_change_and_takes_o_trunc_fuse_uring() {
-    let _u = aoe_testkit::fuseuring::FuseUring::enabled()
-        .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
-    size_changes_refused(InitOpts {
-        fuse_uring: true,
-        ..InitOpts::default()
-    });
+    let (_u, opts) = InitOpts::fuse_uring();
+    size_changes_refused(opts);
 }
 
 fn size_changes_refused(opts: InitOpts) {
@@ -1212,13 +1199,7 @@ fn size_changes_refused(opts: InitOpts) {
     let (file, _) = backing_with_partition(dir.path());
     let rig = Rig::start_with(Target::AoeServe, 1500, opts, Some(file), &[]);
     let dev = rig.dev();
-    let part = rig.root.join(format!("{DEV}p1"));
-    assert!(
-        wait_until(Duration::from_secs(10), || part.exists()),
-        "no {}{}",
-        part.display(),
-        rig.logs()
-    );
+    let part = rig.partition(1);
     let mut want = fs::read(&rig.file).unwrap();
     let src = rig.dir.path().join("src");
     let data = pattern(23, 8192);

@@ -225,6 +225,19 @@ pub struct InitOpts {
 }
 
 impl InitOpts {
+    /// `--fuse-uring` options, with `enable_uring` set to Y until the guard is dropped (bind
+    /// it first, so that the rig goes before it); fails the test with the reason where the
+    /// ring cannot be enabled.
+    pub fn fuse_uring() -> (aoe_testkit::fuseuring::FuseUring, InitOpts) {
+        let u = aoe_testkit::fuseuring::FuseUring::enabled()
+            .unwrap_or_else(|e| panic!("FUSE over io_uring cannot be enabled: {e}"));
+        let opts = InitOpts {
+            fuse_uring: true,
+            ..InitOpts::default()
+        };
+        (u, opts)
+    }
+
     /// The initiator arguments these options stand for.
     pub fn args(&self) -> Vec<String> {
         let mut v = Vec::new();
