@@ -67,7 +67,10 @@
 #                     switches, system calls, and the calls that shape the reply pattern
 #                     (the generator's recvmmsg calls that returned replies and its ppoll
 #                     sleeps; the target's poll/ppoll waits, recvmmsg, and sendmmsg/sendto,
-#                     a transmit ring's kick being a sendto); on a veth each side's
+#                     a transmit ring's kick being a sendto, and its pread/preadv2
+#                     calls), and each CPU's idle share (%, /proc/stat) from 1 s into the
+#                     run to 0.5 s before its end (with PIN: CPU 0 the target's, CPU 1 the
+#                     generator's; a side that spins counts as busy); on a veth each side's
 #                     task-clock includes the delivery of its frames into the other's socket
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
@@ -136,7 +139,7 @@ GEN_EV=("${STAT_EV[@]}" -e syscalls:sys_exit_recvmmsg --filter 'ret > 0'
     -e syscalls:sys_enter_recvmmsg,syscalls:sys_enter_ppoll,syscalls:sys_enter_sendmmsg)
 TGT_EV=("${STAT_EV[@]}" -e syscalls:sys_exit_recvmmsg --filter 'ret > 0'
     -e syscalls:sys_enter_poll,syscalls:sys_enter_ppoll,syscalls:sys_enter_sendmmsg
-    -e syscalls:sys_enter_sendto)
+    -e syscalls:sys_enter_sendto,syscalls:sys_enter_pread64,syscalls:sys_enter_preadv2)
 
 TAG=$$
 bench_names cmp
@@ -204,7 +207,8 @@ gen_stat_row() { # cell bs
     req=$(jq -r --argjson bs "$bs" '.bytes / $bs' "$WORK/out.json")
     [ -s "$GEN_STAT/stat.tsv" ] || printf '%s\n' "cell requests gen_task_us gen_cs gen_syscalls \
 gen_recvmmsg gen_recvmmsg_nonempty replies_per_nonempty gen_ppoll gen_sendmmsg \
-tgt_task_us tgt_cs tgt_syscalls tgt_poll tgt_recvmmsg_nonempty tgt_sendmmsg tgt_sendto" |
+tgt_task_us tgt_cs tgt_syscalls tgt_poll tgt_recvmmsg_nonempty tgt_sendmmsg tgt_sendto \
+tgt_pread tgt_preadv cpu0_idle_pct cpu1_idle_pct" |
         tr ' ' '\t' >"$GEN_STAT/stat.tsv"
     # perf stat -x, : value,unit,event,...; a tracepoint with a filter may carry it in the name.
     awk -F, -v cell="$cell" -v req="$req" -v OFS='\t' '
@@ -217,7 +221,7 @@ tgt_task_us tgt_cs tgt_syscalls tgt_poll tgt_recvmmsg_nonempty tgt_sendmmsg tgt_
         END {
             r = (req > 0) ? req : 1
             nz = v["g", "rx_nonempty"]
-            printf "%s\t%d\t%.3f\t%.4f\t%.3f\t%.3f\t%.4f\t%.2f\t%.4f\t%.4f\t%.3f\t%.4f\t%.3f\t%.4f\t%.4f\t%.4f\t%.4f\n",
+            printf "%s\t%d\t%.3f\t%.4f\t%.3f\t%.3f\t%.4f\t%.2f\t%.4f\t%.4f\t%.3f\t%.4f\t%.3f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\n",
                 cell, req, v["g", "task-clock"] * 1000 / r, v["g", "context-switches"] / r,
                 v["g", "raw_syscalls:sys_enter"] / r, v["g", "syscalls:sys_enter_recvmmsg"] / r,
                 nz / r, (nz > 0) ? req / nz : 0, v["g", "syscalls:sys_enter_ppoll"] / r,
@@ -226,17 +230,41 @@ tgt_task_us tgt_cs tgt_syscalls tgt_poll tgt_recvmmsg_nonempty tgt_sendmmsg tgt_
                 v["t", "raw_syscalls:sys_enter"] / r,
                 (v["t", "syscalls:sys_enter_poll"] + v["t", "syscalls:sys_enter_ppoll"]) / r,
                 v["t", "rx_nonempty"] / r, v["t", "syscalls:sys_enter_sendmmsg"] / r,
-                v["t", "syscalls:sys_enter_sendto"] / r
-        }' "$GEN_STAT/$cell.gen.csv" "$GEN_STAT/$cell.target.csv" >>"$GEN_STAT/stat.tsv"
+                v["t", "syscalls:sys_enter_sendto"] / r, v["t", "syscalls:sys_enter_pread64"] / r,
+                v["t", "syscalls:sys_enter_preadv2"] / r
+        }' "$GEN_STAT/$cell.gen.csv" "$GEN_STAT/$cell.target.csv" | tr -d '\n' >>"$GEN_STAT/stat.tsv"
+    printf '\t%s\n' "$(tr ' ' '\t' <"$GEN_STAT/$cell.idle" 2>/dev/null || echo "-	-")" >>"$GEN_STAT/stat.tsv"
+}
+
+# Each CPU's idle share (idle + iowait ticks of /proc/stat, in %) over the middle of a
+# generator run: from 1 s after its start to 0.5 s before its end, so that neither perf's
+# attach nor the generator's start and drain count. Written to dir/CELL.idle as "cpu0 cpu1".
+idle_sampler() { # cell
+    local a b
+    sleep 1
+    a=$(awk '$1 ~ /^cpu[01]$/ { printf "%s %s ", $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    sleep "$(awk -v t="$TIME" 'BEGIN { d = t - 1.5; print (d > 0.2) ? d : 0.2 }')"
+    b=$(awk '$1 ~ /^cpu[01]$/ { printf "%s %s ", $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        for (i = 0; i < 2; i++) {
+            t = y[2 * i + 2] - x[2 * i + 2]
+            printf "%s%.1f", (i ? " " : ""), (t > 0) ? 100 * (y[2 * i + 1] - x[2 * i + 1]) / t : -1
+        }
+        print ""
+    }' >"$GEN_STAT/$1.idle"
 }
 
 # One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds p50".
 run_gen() { # gen mode bs window cell
-    local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf=""
+    local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf="" isamp=""
     if [ -n "$GEN_STAT" ]; then
         perf=(perf stat -x, -o "$GEN_STAT/$cell.gen.csv" "${GEN_EV[@]}" --)
         perf stat -x, -o "$GEN_STAT/$cell.target.csv" "${TGT_EV[@]}" -p "$TARGET_PID" &
         tperf=$!
+        rm -f "$GEN_STAT/$cell.idle"
+        idle_sampler "$cell" &
+        isamp=$!
     elif [ -n "$PERF_DIR" ]; then
         perf=(perf record -q -g -o "$PERF_DIR/$cell.gen.data" --)
         perf record -q -g -p "$TARGET_PID" -o "$PERF_DIR/$cell.target.data" 2>/dev/null &
@@ -260,10 +288,12 @@ run_gen() { # gen mode bs window cell
         sed 's/^/    /' "$WORK/gen.err" >&2
         echo "0 0 0 0 0 0 1 0"
         [ -z "$tperf" ] || stop_pid "$tperf" INT 60
+        [ -z "$isamp" ] || wait "$isamp" 2>/dev/null || true
         return
     }
     if [ -n "$GEN_STAT" ]; then
         stop_pid "$tperf" INT 60
+        wait "$isamp" 2>/dev/null || true
         gen_stat_row "$cell" "$bs"
     elif [ -n "$tperf" ]; then
         stop_pid "$tperf" INT 60
