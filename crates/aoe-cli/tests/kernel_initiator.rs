@@ -158,7 +158,11 @@ fn kernel_initiator_aoe_serve_rbd_mtu_1500() {
 /// `STATX_DIOALIGN`). 8 MiB at MTU 9000, as each request to the eval plugin is a shell.
 #[test]
 fn kernel_initiator_bad_range_fails_exactly_its_sectors_mtu_9000() {
-    require_tools(&[("nbdkit", "nbdkit"), ("nbdfuse", "libnbd-bin"), ("gcc", "gcc")]);
+    require_tools(&[
+        ("nbdkit", "nbdkit"),
+        ("nbdfuse", "libnbd-bin"),
+        ("gcc", "gcc"),
+    ]);
     let aoe = env!("CARGO_BIN_EXE_aoe");
     assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
     let template = format!("'{aoe}' serve -d {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}");
