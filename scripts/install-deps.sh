@@ -28,6 +28,7 @@ have_cmd file     || need+=(file)
 have_cmd losetup  || need+=(mount)
 have_cmd nbdinfo  || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the initiator's --nbd
 have_cmd nbdkit   || need+=(nbdkit)       # bench-compare.sh, bench-initiator.sh: the NBD-over-TCP baseline
+have_cmd nbdfuse  || need+=(libnbd-bin)   # kernel-initiator.sh -B: a file with unreadable sectors (with nbdkit's eval plugin)
 have_cmd fio      || need+=(fio)          # tests/fio.rs, scripts/bench/fio.sh: an independent generator and verifier
 have_cmd gcc      || need+=(gcc)          # scripts/bench-compare.sh compiles scripts/bench/aoegen.c
 have_cmd perf     || need+=(linux-perf)   # scripts/bench-compare.sh PERF_DIR=: profiles per cell
@@ -79,7 +80,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $APT install "${need[@]}" "${qemu_extra[@]}"
 fi
 
-for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy nbdkit fio \
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy nbdkit nbdfuse fio \
          ceph-mon ceph-mgr ceph-osd rbd uuidgen; do
     have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done

@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS] [-F] [-S] [-P]
+#                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -72,6 +72,15 @@
 #                after aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
 #                the device is up again and writes the pattern, and every check below holds
 #                (the zeros the stopped target had queued must not land over the pattern)
+#   -B LBA:COUNT bad range (file mode, alone): the target is given {FILE} through nbdfuse and
+#                nbdkit's eval plugin, whose reads overlapping sectors LBA..LBA+COUNT-1 fail
+#                with EIO (a disk with unreadable sectors there; writes go through). The
+#                guest reads each sector from LBA-3 to LBA+COUNT+2 alone (O_DIRECT, rd512.c):
+#                exactly the bad ones must fail, the others read as the file holds them.
+#                The whole-device md5s (guest and host) leave out the 4 KiB pages holding
+#                bad sectors (a buffered read fails whole pages). Needs nbdkit, nbdfuse, gcc;
+#                the template should open {FILE} with O_DIRECT (aoe serve -d): a buffered
+#                target reads the host's pages whole too.
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -118,12 +127,14 @@ RELOAD=0
 FULL=0
 FULL_FREE_KIB=256
 SHRINK=0
+BAD=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:kgKFSPh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:kgKFSPh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
+        B) BAD=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -139,6 +150,16 @@ done
     { echo "kernel-initiator.sh: -F goes with none of -r, -R, -g" >&2; exit 2; }
 [ "$SHRINK" = 0 ] || { [ -z "$RBD" ] && [ "$GROW" = 0 ] && [ "$SIZE_MB" -ge 24 ]; } ||
     { echo "kernel-initiator.sh: -S goes with neither -r nor -g, and wants -z 24 or more" >&2; exit 2; }
+BAD_LBA=0 BAD_COUNT=0
+if [ -n "$BAD" ]; then
+    [[ $BAD =~ ^([0-9]+):([1-9][0-9]*)$ ]] ||
+        { echo "kernel-initiator.sh: -B wants LBA:COUNT, not $BAD" >&2; exit 2; }
+    BAD_LBA=${BASH_REMATCH[1]} BAD_COUNT=${BASH_REMATCH[2]}
+    [ -z "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW$KILL$FULL$SHRINK$PAUSE" = 00000 ] ||
+        { echo "kernel-initiator.sh: -B goes with none of -r, -R, -g, -K, -F, -S, -P" >&2; exit 2; }
+    [ "$BAD_LBA" -ge 8 ] && [ $(( (BAD_LBA + BAD_COUNT + 8) * 512 )) -le $(( (SIZE_MB << 20) / 2 )) ] ||
+        { echo "kernel-initiator.sh: -B: the range must start at sector 8 or later and end in the first half of the device (the pattern is mid-device)" >&2; exit 2; }
+fi
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
 
@@ -162,6 +183,11 @@ fail() { echo "FAIL: $*"; exit 1; }
 for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe depmod md5sum apt-get dpkg flock; do
     command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
 done
+if [ -n "$BAD" ]; then
+    for t in nbdkit:nbdkit nbdfuse:libnbd-bin gcc:gcc; do
+        command -v "${t%%:*}" >/dev/null || fail "-B: missing tool ${t%%:*} (Debian package ${t#*:})"
+    done
+fi
 BUSYBOX=$(command -v busybox || true)
 [ -n "$BUSYBOX" ] && file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' \
     || fail "need a statically linked busybox (Debian package busybox-static)"
@@ -198,6 +224,8 @@ cleanup() {
     drop_netns "$NS"
     # -F: the backing file's tmpfs (the target that held it open is stopped above).
     mountpoint -q "$RUN/full" 2>/dev/null && umount "$RUN/full"
+    # -B: the nbdfuse mount (its nbdfuse and nbdkit end with it).
+    mountpoint -q "$RUN/bad" 2>/dev/null && { fusermount3 -u "$RUN/bad" 2>/dev/null || umount -l "$RUN/bad"; }
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
 }
@@ -309,9 +337,22 @@ if [ "$FULL" = 1 ]; then
     truncate -s -${FULL_FREE_KIB}K "$RUN/full/filler" || fail "-F: cannot shrink the filler"
     say "-F: pattern region punched; $(df -k --output=avail "$RUN/full" | tail -1 | tr -d ' ') KiB free on the backing file's tmpfs"
 fi
-H_BEFORE=$(md5sum <"$FILE" | cut -d' ' -f1)
-EXP_AFTER=$({ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } |
-            md5sum | cut -d' ' -f1)
+# -B: the whole-device md5s leave out the 4 KiB pages [CUT_LO, CUT_HI) (in sectors) that
+# hold a bad sector; without -B nothing is left out.
+CUT_LO=$(( BAD_LBA / 8 * 8 )) CUT_HI=$(( (BAD_LBA + BAD_COUNT + 7) / 8 * 8 ))
+# md5_of FILE: the md5 of FILE, with -B less the cut pages.
+md5_of() {
+    if [ -n "$BAD" ]; then
+        { head -c $((CUT_LO * 512)) "$1"; tail -c +$((CUT_HI * 512 + 1)) "$1"; } | md5sum | cut -d' ' -f1
+    else
+        md5sum <"$1" | cut -d' ' -f1
+    fi
+}
+H_BEFORE=$(md5_of "$FILE")
+{ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } >"$RUN/expected.img" ||
+    fail "cannot write $RUN/expected.img"
+EXP_AFTER=$(md5_of "$RUN/expected.img")
+rm -f "$RUN/expected.img"
 # The guest's budget for reading the whole device (a step that takes longer fails, naming
 # it): a minute plus 4 s per MiB, i.e. slower than 256 KiB/s is a failure. Unloaded, a
 # 32 MiB read takes 3-6 s; with four TCG guests and two busy loops on two cores, 6-14 s.
@@ -326,6 +367,10 @@ guest_initramfs "$IR"
 guest_modules "$IR/lib/modules" virtio_pci virtio_net aoe
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 cp "$PAT" "$IR/pattern.bin"
+if [ -n "$BAD" ]; then
+    # -B: the guest's one-sector O_DIRECT reader (rd512.c says why busybox dd will not do).
+    gcc -static -O2 -o "$IR/rd512" "$(dirname "$0")/rd512.c" || fail "-B: cannot build rd512 (gcc -static; libc6-dev)"
+fi
 [ "$RELOAD" = 0 ] || cp "$RUN"/pass*.bin "$IR/"
 # The size the guest must see after a resize (-r, -g: 16 MiB more; -S: 8 MiB less), or none.
 RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
@@ -346,6 +391,10 @@ RELOAD=$RELOAD
 RELOAD_PASSES=$RELOAD_PASSES
 PAT_COUNT=$((PAT_BYTES / BS))
 READ_BUDGET=$READ_BUDGET
+BAD_LBA=$BAD_LBA
+BAD_COUNT=$BAD_COUNT
+CUT_LO=$CUT_LO
+CUT_HI=$CUT_HI
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -377,6 +426,15 @@ diag() {
     dmesg | tail -n +"$(cat /tmp/dmesg0 2>/dev/null || echo 1)" | tail -n 80 | sed 's/^/KI:DIAG dmesg: /'
 }
 die() { out "GUEST_FAIL $* (step $(where))"; diag; poweroff -f; sleep 60; }
+# The whole device's md5; with -B less the 4 KiB pages [CUT_LO, CUT_HI) (in sectors).
+devmd5() {
+    if [ "$BAD_COUNT" = 0 ]; then
+        md5sum < $DEV | cut -d' ' -f1
+    else
+        { dd if=$DEV bs=4096 count=$((CUT_LO / 8)) 2>/dev/null
+          dd if=$DEV bs=4096 skip=$((CUT_HI / 8)) 2>/dev/null; } | md5sum | cut -d' ' -f1
+    fi
+}
 # The watchdog: each step within its budget, the whole run before DEADLINE, a time of the
 # host's clock GUEST_MARGIN seconds before its timeout (read from the RTC, so the seconds a
 # loaded host takes to get the guest's kernel started count too). A step over its budget
@@ -423,7 +481,20 @@ out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
 out "STATE $(cat "$SYS/state" 2>/dev/null)"
 out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/null) aoe_maxout=$(cat /sys/module/aoe/parameters/aoe_maxout 2>/dev/null)"
 step md5_before "$READ_BUDGET"
-out "MD5_BEFORE $(md5sum < $DEV | cut -d' ' -f1)"
+out "MD5_BEFORE $(devmd5)"
+if [ "$BAD_COUNT" != 0 ]; then
+    # -B: each sector around and in the bad range read alone, past the page cache.
+    step bad_scan 120
+    s=$((BAD_LBA - 3))
+    while [ $s -lt $((BAD_LBA + BAD_COUNT + 3)) ]; do
+        if /rd512 $DEV $s >/tmp/sec 2>/tmp/dd.err; then
+            out "SECTOR $s $(md5sum </tmp/sec | cut -d' ' -f1)"
+        else
+            out "SECTOR $s failed: $(tr '\n' ' ' </tmp/dd.err)"
+        fi
+        s=$((s + 1))
+    done
+fi
 if [ "$RELOAD" != 0 ]; then
     # The host reloads the target's configuration from this line until RELOAD_STOP.
     step reload_writes $((RELOAD + 180))
@@ -501,7 +572,7 @@ out "READBACK_MD5 $(dd if=$DEV bs=$BS skip=$SEEK count=$PAT_COUNT iflag=direct 2
 step drop_caches 60
 blockdev --flushbufs $DEV; echo 3 > /proc/sys/vm/drop_caches
 step md5_after "$READ_BUDGET"
-out "MD5_AFTER $(md5sum < $DEV | cut -d' ' -f1)"
+out "MD5_AFTER $(devmd5)"
 if [ -n "$RESIZE_TO" ]; then
     step resize 180
     # RBD mode (-r) or -g: the host resizes the image or file when it reads this line.
@@ -563,6 +634,29 @@ if [ -n "$RBD" ]; then
     # From here the host side of every check is `rbd export`, never this file.
     mv "$FILE" "$RUN/seed.img"
     TFILE=rbd:$RBD
+fi
+
+# ---------------------------------------------------------------- bad range (-B only)
+if [ -n "$BAD" ]; then
+    # The file through nbdkit's eval plugin (one shell per request: reads overlapping the
+    # range fail with EIO, the rest and every write go to the file) and nbdfuse, whose
+    # mount shows it as $RUN/bad/nbd. Unmounted by cleanup.
+    mkdir "$RUN/bad" || fail "-B: mkdir $RUN/bad"
+    b0=$((BAD_LBA * 512)) b1=$(( (BAD_LBA + BAD_COUNT) * 512 ))
+    nbdfuse "$RUN/bad" --command nbdkit -s eval \
+        get_size="echo $(stat -c %s "$FILE")" can_write='exit 0' can_flush='exit 0' \
+        flush="sync $FILE" \
+        pread="if [ \$4 -lt $b1 ] && [ \$((\$4 + \$3)) -gt $b0 ]; then echo \"EIO bad range: \$3 bytes at \$4\" >&2; exit 1; fi
+exec dd if=$FILE skip=\$4 count=\$3 iflag=skip_bytes,count_bytes status=none" \
+        pwrite="exec dd of=$FILE seek=\$4 oflag=seek_bytes conv=notrunc status=none" \
+        >"$RUN/nbdfuse.log" 2>&1 &
+    i=0
+    until [ -e "$RUN/bad/nbd" ]; do
+        i=$((i + 1)); [ $i -gt 100 ] && { cat "$RUN/nbdfuse.log"; fail "-B: nbdfuse did not mount $RUN/bad"; }
+        sleep 0.1
+    done
+    TFILE=$RUN/bad/nbd
+    say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) fail reads in $TFILE (nbdkit eval, nbdfuse)"
 fi
 
 # ---------------------------------------------------------------- target
@@ -748,7 +842,7 @@ fi
 # ---------------------------------------------------------------- verdict
 g() { tr -d '\r' <"$CONSOLE" | sed -n "s/^.*KI:$1 //p" | tail -1; }
 H_REGION=$(dd if="$FILE" bs=$BS skip="$SEEK" count=$((PAT_BYTES / BS)) 2>/dev/null | md5sum | cut -d' ' -f1)
-H_AFTER=$(md5sum <"$FILE" | cut -d' ' -f1)
+H_AFTER=$(md5_of "$FILE")
 echo "### guest:"
 tr -d '\r' <"$CONSOLE" | grep 'KI:' | sed 's/^.*KI:/    /'
 [ -n "$RBD" ] && echo "### host side: \`rbd export $RBD\`"
@@ -819,6 +913,22 @@ fi
 if [ "$FULL" = 1 ]; then
     [ $freed = 1 ] || fail "-F: the guest never asked for the space to be freed"
     say "-F: the write that found the disk full failed in the guest ($(g FULL_FAILED_AT)); the acknowledged ones read back; $(g FULL_REWRITTEN); $(grep -c -i 'no space' "$RUN/target.log") no-space lines in the target's log"
+fi
+if [ -n "$BAD" ]; then
+    # Exactly the bad sectors failed; every other sector read as the file holds it.
+    s=$((BAD_LBA - 3)) wrong=""
+    while [ $s -lt $((BAD_LBA + BAD_COUNT + 3)) ]; do
+        got=$(tr -d '\r' <"$CONSOLE" | sed -n "s/^.*KI:SECTOR $s //p" | tail -1)
+        if [ "$s" -ge "$BAD_LBA" ] && [ "$s" -lt $((BAD_LBA + BAD_COUNT)) ]; then
+            [[ $got == failed* ]] || wrong="$wrong $s (bad, read as '${got:-nothing}')"
+        else
+            want=$(dd if="$FILE" bs=512 skip="$s" count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+            [ "$got" = "$want" ] || wrong="$wrong $s (good, '${got:-nothing}', file $want)"
+        fi
+        s=$((s + 1))
+    done
+    [ -z "$wrong" ] || fail "-B: sectors read wrong in the guest:$wrong"
+    say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) failed in the guest and no other; $(grep -c 'I/O failed' "$RUN/target.log") I/O-failure lines in the target's log"
 fi
 if [ "$KILL" = 1 ]; then
     [ $killed = 1 ] || fail "-K: the guest never asked for the kill"

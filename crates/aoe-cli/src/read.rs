@@ -148,7 +148,7 @@ pub fn run(a: ReadArgs) -> Result<()> {
         .exchange(&|tag| ata(tag, 0xec, AtaFlags::empty(), 1, 0))
         .with_context(|| format!("{addr}: IDENTIFY"))?;
     let id = Identify::parse(&c.buf[aoe_wire::ATA_HEADER_LEN..n])?;
-    let sectors = id.sectors();
+    let sectors = crate::tools::lba48_capacity(addr, id.sectors(), false);
     if a.lba > sectors {
         bail!(
             "{addr}: lba {} is beyond the device ({sectors} sectors)",
@@ -156,7 +156,9 @@ pub fn run(a: ReadArgs) -> Result<()> {
         );
     }
     let count = a.count.unwrap_or(sectors - a.lba);
-    if a.lba + count > sectors {
+    // Checked: `--count` near 2^64 wrapped the sum below the end, and nothing was read
+    // though the summary said it all was.
+    if a.lba.checked_add(count).is_none_or(|end| end > sectors) {
         bail!(
             "{addr}: {count} sectors at {} exceed the device ({sectors} sectors)",
             a.lba

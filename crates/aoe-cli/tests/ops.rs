@@ -480,6 +480,165 @@ fn read_removes_its_partial_output_when_the_target_goes_away() {
     );
 }
 
+/// A target we do not have: it answers Query Config, IDENTIFY with a page whose words
+/// 100-103 claim `claimed` sectors, and each read with sectors stamped with the LBA the
+/// request carried (its 48 bits), until `stop`. Every carried read LBA goes to `seen`.
+fn fake_target(
+    sock: aoe_sys::PacketSocket,
+    claimed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: mpsc::Sender<u64>,
+) {
+    use aoe_wire::{AtaRepr, Body, ConfigCommand, ConfigRepr, Identify, Message};
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 9100];
+    let page = Identify {
+        model: "fake".into(),
+        serial: "fake".into(),
+        firmware: "1".into(),
+        sectors: claimed,
+        write_cache: false,
+        smart: false,
+    }
+    .build();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut fds = [aoe_sys::PollFd::new(sock.as_raw_fd())];
+        if aoe_sys::poll(&mut fds, Some(Duration::from_millis(50))).is_err() {
+            return;
+        }
+        // An error (the link gone as a failed test unwinds) ends the loop too.
+        while let Ok(Some(meta)) = sock.recv(&mut buf) {
+            let Ok(m) = Message::parse(&buf[..meta.len]) else {
+                continue;
+            };
+            if m.header.response {
+                continue;
+            }
+            let mut h = m.header;
+            h.response = true;
+            h.dst = m.header.src;
+            h.src = aoe_wire::MacAddr(sock.info().mac);
+            let data: Vec<u8>;
+            let body = match m.body {
+                Body::Config(_) => Body::Config(ConfigRepr {
+                    buffer_count: 16,
+                    firmware_version: 0x4019,
+                    sector_count: 2,
+                    aoe_version: 1,
+                    ccmd: ConfigCommand::Read,
+                    config: b"",
+                }),
+                Body::Ata(a) if a.cmd_status == 0xec => {
+                    data = page.to_vec();
+                    Body::Ata(AtaRepr {
+                        cmd_status: 0x40,
+                        data: &data,
+                        ..a
+                    })
+                }
+                Body::Ata(a) if a.cmd_status == 0x24 => {
+                    let _ = seen.send(a.lba);
+                    data = (0..u64::from(a.sector_count))
+                        .flat_map(|i| (a.lba + i).to_le_bytes().repeat(64))
+                        .collect();
+                    Body::Ata(AtaRepr {
+                        cmd_status: 0x40,
+                        data: &data,
+                        ..a
+                    })
+                }
+                _ => continue,
+            };
+            let f = Message { header: h, body }.to_vec().expect("emit");
+            let _ = sock.send(&f);
+        }
+    }
+}
+
+/// Audit (s24): `aoe read` and `aoe bench` took an IDENTIFY page's capacity as it came
+/// (words 100-103, up to 2^64 - 1), while the LBA field of the commands they send holds 48
+/// bits: against a target claiming more, `aoe read --lba 2^48+5` sent a read of sector 5 and
+/// wrote its data out as sector 2^48+5 (exit 0), and `aoe bench` spread its requests over
+/// the claim, each past 2^48 going out as a sector 2^48 lower. And `aoe read --lba 8
+/// --count 2^64-1` wrapped the end below the start: nothing read, exit 0, "read
+/// 18446744073709551615 sectors". The capacity is now cut to 2^48 (said on stderr) and the
+/// range's end checked.
+#[test]
+fn read_and_bench_cut_a_capacity_beyond_lba48() {
+    require_root();
+    let t_ns = aoe_testkit::Netns::new("aoeopsf").unwrap();
+    let i_ns = aoe_testkit::Netns::new("aoeopsg").unwrap();
+    let veth = aoe_testkit::VethPair::new(&t_ns, &i_ns, 1500).unwrap();
+    let name = veth.a_name().to_owned();
+    let sock = aoe_sys::run_in_netns(&t_ns.path(), move || aoe_sys::PacketSocket::open(&name))
+        .expect("enter netns")
+        .expect("AoE socket");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, seen) = mpsc::channel();
+    let fake = {
+        let stop = stop.clone();
+        std::thread::spawn(move || fake_target(sock, u64::MAX, stop, tx))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.img");
+    let read = |lba: u64, count: u64| {
+        let mut c = i_ns.command(AOE);
+        c.args(["read", "5", "5", veth.b_name()])
+            .arg(&out_file)
+            .args(["--timeout", "5", "--lba", &lba.to_string()])
+            .args(["--count", &count.to_string()]);
+        c.output().unwrap()
+    };
+    let reach = 1u64 << 48;
+    // Past what a 48-bit LBA reaches: refused, nothing read, no file.
+    let o = read(reach + 5, 1);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let carried: Vec<u64> = seen.try_iter().collect();
+    assert!(
+        !o.status.success() && !out_file.exists() && carried.is_empty(),
+        "aoe read --lba 2^48+5 on a target claiming 2^64-1 sectors: {:?}, reads sent at {carried:?}, \
+         output {:?}: {err}",
+        o.status,
+        fs::read(&out_file).ok().map(|b| b[..8].to_vec())
+    );
+    assert!(err.contains("LBA48 commands reach"), "{err}");
+    assert!(err.contains("beyond the device"), "{err}");
+    // The last sector reached reads as itself.
+    let o = read(reach - 1, 1);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        fs::read(&out_file).unwrap(),
+        (reach - 1).to_le_bytes().repeat(64)
+    );
+    // A count that wraps the end is refused, not taken for an empty range.
+    let o = read(8, u64::MAX);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("exceed the device"),
+        "aoe read --lba 8 --count 2^64-1: {o:?}"
+    );
+    // aoe bench spreads its reads over what is reached, and says what it took.
+    let _ = seen.try_iter().count();
+    let o = i_ns
+        .command(AOE)
+        .args([
+            "bench",
+            veth.b_name(),
+            "--target",
+            "5.5",
+            "--mode",
+            "randread",
+        ])
+        .args(["--time", "0.5", "--window", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    assert_eq!(report["target"]["sectors"], reach, "{report}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    fake.join().unwrap();
+}
+
 // ------------------------------------------------------------------------------------------
 // --help shows defaults
 

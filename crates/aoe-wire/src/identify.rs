@@ -47,6 +47,9 @@ pub const SMART_BIT: u16 = 1 << 0;
 pub const LBA_BIT: u16 = 1 << 9;
 /// The largest capacity words 60-61 can report; bigger devices report it and use 100-103.
 pub const LBA28_MAX: u64 = 0x0fff_ffff;
+/// Sectors an LBA48 command reaches: its LBA field holds 48 bits (the AoE header's six LBA
+/// bytes), while words 100-103 can claim up to 2^64 - 1.
+pub const LBA48_REACH: u64 = 1 << 48;
 
 /// What an IDENTIFY page says, for building one or reading one.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -604,7 +604,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("bad MAC {}", info.mac))?;
     let id = identify(&sock, me, mac, addr)?;
-    info.sectors = id.sectors();
+    info.sectors = crate::tools::lba48_capacity(addr, id.sectors(), a.json);
     info.model = id.model.clone();
 
     let mtu_max = max_sectors_for_mtu(mtu);

@@ -193,6 +193,21 @@ impl Root {
 }
 
 /// A usage error (exit status 2), with the message shown.
+/// The capacity a tool that sends only LBA48 commands (`aoe read`, `aoe bench`) may use:
+/// the page's claim cut to what a 48-bit LBA reaches, as the initiator's engine cuts it
+/// (aoe-proto `identify_done`). A sector past 2^48 would go out as the one 2^48 below it
+/// (`AtaPacket::set_lba` keeps the low 48 bits): its data taken for another sector's, or
+/// a write put over it. A cut claim is said on standard error unless `quiet`.
+pub fn lba48_capacity(addr: aoe_wire::TargetAddr, claimed: u64, quiet: bool) -> u64 {
+    let reach = aoe_wire::identify::LBA48_REACH;
+    if claimed > reach && !quiet {
+        eprintln!(
+            "{addr}: IDENTIFY claims {claimed} sectors; LBA48 commands reach {reach}: using {reach}"
+        );
+    }
+    claimed.min(reach)
+}
+
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     crate::serve::UsageError(msg.into()).into()
 }
