@@ -932,6 +932,105 @@ fn nbd_client_gone_with_requests_queued_ends_its_connection() {
     assert_eq!(again.read(0, 512), Ok(rig.backing(1)[..512].to_vec()));
 }
 
+/// Bytes the target namespace's veth has sent (its `tx_bytes`: the read replies' data),
+/// read through one `ip netns exec` shell kept running, so a reading costs a pipe's round
+/// trip and not a process's start.
+struct TxBytes {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl TxBytes {
+    fn new(ns: &Netns, iface: &str) -> TxBytes {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "sh", "-c"])
+            .arg(format!(
+                "while read _; do cat /sys/class/net/{iface}/statistics/tx_bytes; done"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip netns exec");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        TxBytes { child, out }
+    }
+
+    fn get(&mut self) -> u64 {
+        use std::io::BufRead;
+        self.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim().parse().expect("tx_bytes")
+    }
+}
+
+impl Drop for TxBytes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Session 24 (docs/TEST-AUDIT.md "Sixth audit, the initiator's side", item 1, and
+/// "Session 24: fairness between clients"): four clients with reads queued must not hold
+/// up a fifth's small read for their whole backlog. Four connections send 8 reads of
+/// 8 MiB each (256 MiB) and read no reply; once the target is serving them, a fifth
+/// reads 4 KiB. Counted, not timed: the bytes the target sent between the small read's
+/// request and its reply. With one first-in-first-out queue per device (before) the read
+/// waited for nearly the whole backlog ("served 249 MiB"); served in turn among the
+/// connections, a frame each, it waits for a few frames of each.
+#[test]
+fn nbd_small_read_is_not_queued_behind_other_clients_backlog() {
+    let rig = Rig::start(Target::AoeServe);
+    let len: u32 = 8 << 20;
+    let mut small = rig.connect("e1.2", false);
+    let hogs: Vec<Client> = (0..4).map(|_| rig.connect("e1.2", false)).collect();
+    let mut tx = TxBytes::new(&rig.target_ns, &rig.target_if);
+    let start = tx.get();
+    for (h, c) in hogs.iter().enumerate() {
+        let mut b = Vec::new();
+        for cookie in 0..8u64 {
+            b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&(cookie + 100 * h as u64).to_be_bytes());
+            b.extend_from_slice(&0u64.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+        }
+        // 224 bytes: the socket takes them at once.
+        (&c.s).write_all(&b).unwrap();
+    }
+    let backlog = 4 * 8 * u64::from(len);
+    // The hogs' reads are queued and being served.
+    assert!(
+        wait_until(Duration::from_secs(20), || tx.get() - start > 4 << 20),
+        "the four clients' reads not served{}",
+        rig.logs()
+    );
+    let before = tx.get();
+    let offset = 3 << 20;
+    let got = small.read(offset, 4096).expect("the small read");
+    let served = tx.get() - before;
+    assert_eq!(
+        got,
+        rig.backing(1)[offset as usize..offset as usize + 4096].to_vec()
+    );
+    let total = tx.get() - start;
+    eprintln!(
+        "served {served} bytes between the small read's request and its reply, {total} in all"
+    );
+    assert!(
+        served < 32 << 20 && total < backlog,
+        "the target served {} MiB of the others' {} MiB backlog between the small read's \
+         request and its reply ({} MiB in all so far){}",
+        served >> 20,
+        backlog >> 20,
+        total >> 20,
+        rig.logs()
+    );
+    drop(hogs);
+}
+
 /// Sixth audit (session 23): a client that connects again and again while the
 /// [`MAX_CONNECTIONS`](aoe_nbd::MAX_CONNECTIONS) places are taken (here by 64 of its own
 /// connections waiting in their handshake) has each attempt closed, and the warning is

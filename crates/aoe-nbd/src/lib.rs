@@ -1112,7 +1112,9 @@ fn transmission(
     }));
     end.replies = Some(tx.clone());
     inflight.on_end(end);
-    let bd = BlockDevice::new(net.clone(), dev, base);
+    // The connection's requests are a source of their own: the device's queue serves its
+    // sources in turn, so that another client's backlog does not hold this one's up.
+    let bd = BlockDevice::new(net.new_source(), dev, base);
     let src = ConnSource::new(r, ahead, session, bd, tx, inflight);
     net.send(Cmd::AddSource(Box::new(src)));
     Ok(())

@@ -17,6 +17,9 @@ mod loss;
 /// Late copies of writes: an overlapping write waits for every copy of an earlier one.
 mod fence;
 
+/// Fairness between sources: one source's backlog does not hold up another's request.
+mod fair;
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
