@@ -1031,9 +1031,61 @@ fn nbd_small_read_is_not_queued_behind_other_clients_backlog() {
     drop(hogs);
 }
 
+/// Session 24 (docs/TEST-AUDIT.md "Sixth audit, the initiator's side", "NBD connection
+/// flood", and "Session 24: fairness between clients"): one local user opening connections
+/// and sending nothing held all [`MAX_CONNECTIONS`](aoe_nbd::MAX_CONNECTIONS) places for
+/// the handshake limit, and again after it, keeping every other user out. Now a peer (a
+/// Unix socket's by uid, a TCP one's by address) has at most
+/// [`HANDSHAKES_PER_PEER`](aoe_nbd::HANDSHAKES_PER_PEER) connections in their handshake:
+/// root's 64 silent connections get 8 greetings, and `nbdinfo` run as another user
+/// (nobody) is served meanwhile. Counted, not timed. On the code before: 64 greetings
+/// ("64 of root's silent connections greeted").
+#[test]
+fn nbd_one_peer_in_handshakes_cannot_keep_others_out() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let rig = Rig::start(Target::AoeServe);
+    // Another user reaches the socket: its directory searchable, the socket writable.
+    let dir = rig.sock.parent().unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(&rig.sock, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut greeted = 0;
+    let held: Vec<UnixStream> = (0..64)
+        .map(|_| {
+            let mut s = Client::raw(&rig.sock);
+            let mut g = [0u8; 18];
+            if s.read_exact(&mut g).is_ok() {
+                greeted += 1;
+            }
+            s
+        })
+        .collect();
+    assert!(
+        greeted <= 8,
+        "{greeted} of root's silent connections greeted{}",
+        rig.logs()
+    );
+    let o = Command::new("timeout")
+        .args(["20", "nbdinfo", "--list", &rig.uri("")])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("e1.2"),
+        "nbdinfo as nobody while root holds its handshakes: {}{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        rig.logs()
+    );
+    drop(held);
+}
+
 /// Sixth audit (session 23): a client that connects again and again while the
 /// [`MAX_CONNECTIONS`](aoe_nbd::MAX_CONNECTIONS) places are taken (here by 64 of its own
-/// connections waiting in their handshake) has each attempt closed, and the warning is
+/// connections, clients of an export: since session 24 a peer has at most
+/// [`HANDSHAKES_PER_PEER`](aoe_nbd::HANDSHAKES_PER_PEER) in their handshake, see
+/// `nbd_one_peer_in_handshakes_cannot_keep_others_out`) has each attempt closed, and the warning is
 /// written about once a second with the count of the attempts not logged. On the code
 /// before: one line per attempt ("500 warnings for 500 refused connections").
 #[test]
@@ -1048,15 +1100,8 @@ fn nbd_connection_flood_is_logged_once_a_second() {
             .count()
     };
     let before = warnings();
-    // The 64 places, each held by a connection that has had its greeting.
-    let held: Vec<UnixStream> = (0..64)
-        .map(|_| {
-            let mut s = Client::raw(&rig.sock);
-            let mut g = [0u8; 18];
-            s.read_exact(&mut g).expect("greeting");
-            s
-        })
-        .collect();
+    // The 64 places, each held by a client of e1.2.
+    let held: Vec<Client> = (0..64).map(|_| rig.connect("e1.2", false)).collect();
     let t0 = std::time::Instant::now();
     let mut refused = 0;
     for _ in 0..500 {
