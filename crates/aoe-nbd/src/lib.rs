@@ -337,10 +337,10 @@ enum Peer {
     Addr(Option<std::net::IpAddr>),
 }
 
-/// Most connections of one [`Peer`] in their handshake at once. A client that opened
-/// [`MAX_CONNECTIONS`] connections and sent nothing held every place for
-/// [`HANDSHAKE_LIMIT`], and again after it (docs/TEST-AUDIT.md, sixth audit, "NBD
-/// connection flood"): one local user kept every other out. Past its share a peer's new
+/// Most connections of one peer (a uid on the Unix socket, an address over TCP) in their
+/// handshake at once. A client that opened [`MAX_CONNECTIONS`] connections and sent nothing
+/// held every place for [`HANDSHAKE_LIMIT`], and again after it (docs/TEST-AUDIT.md, sixth
+/// audit, "NBD connection flood"): one local user kept every other out. Past its share a peer's new
 /// connection is closed at once; connections that finished their handshake (clients of an
 /// export) count only against [`MAX_CONNECTIONS`]. A client opens one connection per
 /// device, or a few (`nbd-client -C`, `nbdcopy`'s four): 8 in their handshake at once is
