@@ -58,7 +58,9 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
     // processing list), and device-file reads are answered on a dup of this one.
     fcfg.clone_fd = false;
     let notifier = Arc::new(std::sync::OnceLock::new());
-    let mut afs = fs::AoeFs::new(shared, net, notifier.clone());
+    // The FUSE files' I/O is one source in the devices' queues, served in turn with each
+    // NBD connection ([`Handle::new_source`]).
+    let mut afs = fs::AoeFs::new(shared, net.new_source(), notifier.clone());
     if uring {
         afs = afs.with_uring();
     }

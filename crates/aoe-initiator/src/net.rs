@@ -4,11 +4,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aoe_proto::initiator::{
-    BlockOp, CountedMap, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SubmitError, TxFrame,
+    BlockOp, CountedMap, DeviceInfo, Engine, Event, FlushWhich, IoError, IoId, SourceId,
+    SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
 use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
@@ -36,6 +38,9 @@ pub enum Cmd {
         dev: TargetAddr,
         /// What to do.
         op: BlockOp,
+        /// Who submits it ([`Handle::new_source`]): the device's queue serves its sources
+        /// in turn.
+        source: SourceId,
         /// Called on completion.
         done: Done,
     },
@@ -48,6 +53,8 @@ pub enum Cmd {
         lba: u64,
         /// Sectors (at least 1).
         sectors: u32,
+        /// Who submits it.
+        source: SourceId,
         /// Called on completion, on the network thread.
         done: DoneHeld,
     },
@@ -419,6 +426,11 @@ pub struct Handle {
     wake: Arc<EventFd>,
     locks: RangeLocks,
     bytes: Arc<IoBytes>,
+    /// Whom the I/O submitted through this handle (and its clones) comes from: the
+    /// device's queue serves its sources in turn ([`Engine::submit_from`]).
+    source: SourceId,
+    /// The last source id given out ([`Handle::new_source`]).
+    sources: Arc<AtomicU32>,
 }
 
 impl Handle {
@@ -446,10 +458,36 @@ impl Handle {
         }
     }
 
+    /// A handle whose I/O (and that of its clones) comes from a source of its own: an NBD
+    /// connection, the FUSE files. A device's queued commands are served in turn among
+    /// their sources, a frame each, so that one source's backlog does not hold up
+    /// another's next request; each source's own keep their order. The handle from
+    /// [`Net::handle`] and its clones are [`SourceId::DEFAULT`] (the control paths).
+    pub fn new_source(&self) -> Handle {
+        // 1 up to ENGINE's id less one, then round again: DEFAULT and ENGINE never. Two
+        // sources sharing an id after 4 billion others share a lane, nothing worse.
+        let id = self.sources.fetch_add(1, Ordering::Relaxed) % (SourceId::ENGINE.0 - 1) + 1;
+        Handle {
+            source: SourceId(id),
+            ..self.clone()
+        }
+    }
+
+    /// The source this handle's I/O comes from.
+    pub fn source(&self) -> SourceId {
+        self.source
+    }
+
     /// Submits I/O.
     pub fn io(&self, dev: TargetAddr, op: BlockOp, done: Done) {
         let done = self.bytes.counting(dev, &op, done);
-        self.send(Cmd::Io { dev, op, done });
+        let source = self.source;
+        self.send(Cmd::Io {
+            dev,
+            op,
+            source,
+            done,
+        });
     }
 
     /// Reads `sectors` sectors at `lba`, the answers' payloads left in the receive ring where
@@ -463,6 +501,7 @@ impl Handle {
             dev,
             lba,
             sectors,
+            source: self.source,
             done,
         });
     }
@@ -1142,6 +1181,8 @@ impl Net {
             wake: wake.clone(),
             locks: RangeLocks::new(),
             bytes: lock(&shared).io_bytes.clone(),
+            source: SourceId::DEFAULT,
+            sources: Arc::new(AtomicU32::new(0)),
         };
         Ok(Net {
             engine,
@@ -1742,10 +1783,11 @@ impl Net {
                 dev,
                 lba,
                 sectors,
+                source,
                 done,
             } => match self
                 .engine
-                .submit(now, dev, BlockOp::ReadHeld { lba, sectors })
+                .submit_from(now, dev, BlockOp::ReadHeld { lba, sectors }, source)
             {
                 Ok(id) => {
                     self.pending_held.insert(id, done);
@@ -1756,13 +1798,20 @@ impl Net {
             Cmd::Io {
                 dev,
                 op: BlockOp::ReadHeld { lba, sectors },
+                source,
                 done,
             } => self.command(Cmd::Io {
                 dev,
                 op: BlockOp::Read { lba, sectors },
+                source,
                 done,
             }),
-            Cmd::Io { dev, op, done } => match self.engine.submit(now, dev, op) {
+            Cmd::Io {
+                dev,
+                op,
+                source,
+                done,
+            } => match self.engine.submit_from(now, dev, op, source) {
                 Ok(id) => {
                     self.pending.insert(id, done);
                 }
@@ -2418,6 +2467,7 @@ mod housekeeping_tests {
         tx.send(Queued(Some(Cmd::Io {
             dev: TargetAddr { shelf: 1, slot: 2 },
             op: BlockOp::Flush,
+            source: SourceId::DEFAULT,
             done: Box::new(move |r| *g.lock().unwrap() = Some(r.map(drop))),
         })))
         .unwrap();

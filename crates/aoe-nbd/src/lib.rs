@@ -48,6 +48,7 @@
 pub mod incoming;
 pub mod proto;
 
+use std::collections::HashMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -255,7 +256,22 @@ pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Resu
             .spawn(move || {
                 for c in l.incoming() {
                     match c {
-                        Ok(s) => spawn_conn(Conn::Unix(s), "unix".into(), d.clone(), n.clone()),
+                        Ok(s) => {
+                            // The peer's uid (SO_PEERCRED): its share of the handshakes.
+                            let uid = nix::sys::socket::getsockopt(
+                                &s,
+                                nix::sys::socket::sockopt::PeerCredentials,
+                            )
+                            .map(|c| c.uid())
+                            .unwrap_or(u32::MAX);
+                            spawn_conn(
+                                Conn::Unix(s),
+                                format!("unix uid {uid}"),
+                                Peer::Uid(uid),
+                                d.clone(),
+                                n.clone(),
+                            )
+                        }
                         Err(e) => tracing::warn!(error = %e, "nbd: accept failed"),
                     }
                 }
@@ -274,11 +290,10 @@ pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Resu
                     match c {
                         Ok(s) => {
                             let _ = s.set_nodelay(true);
-                            let peer = s
-                                .peer_addr()
-                                .map(|a| a.to_string())
-                                .unwrap_or_else(|_| "tcp".into());
-                            spawn_conn(Conn::Tcp(s), peer, d.clone(), n.clone())
+                            let addr = s.peer_addr().ok();
+                            let peer = addr.map(|a| a.to_string()).unwrap_or_else(|| "tcp".into());
+                            let key = Peer::Addr(addr.map(|a| a.ip()));
+                            spawn_conn(Conn::Tcp(s), peer, key, d.clone(), n.clone())
                         }
                         Err(e) => tracing::warn!(error = %e, "nbd: accept failed"),
                     }
@@ -314,11 +329,73 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
-fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
+/// Who a connection comes from, for its share of the handshakes ([`HANDSHAKES_PER_PEER`]):
+/// a Unix socket's peer by uid (`SO_PEERCRED`), a TCP one by address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Peer {
+    Uid(u32),
+    Addr(Option<std::net::IpAddr>),
+}
+
+/// Most connections of one peer (a uid on the Unix socket, an address over TCP) in their
+/// handshake at once. A client that opened [`MAX_CONNECTIONS`] connections and sent nothing
+/// held every place for [`HANDSHAKE_LIMIT`], and again after it (docs/TEST-AUDIT.md, sixth
+/// audit, "NBD connection flood"): one local user kept every other out. Past its share a peer's new
+/// connection is closed at once; connections that finished their handshake (clients of an
+/// export) count only against [`MAX_CONNECTIONS`]. A client opens one connection per
+/// device, or a few (`nbd-client -C`, `nbdcopy`'s four): 8 in their handshake at once is
+/// more than any of them needs.
+pub const HANDSHAKES_PER_PEER: usize = 8;
+
+/// Connections in their handshake, per peer.
+static HANDSHAKES: Mutex<Option<HashMap<Peer, usize>>> = Mutex::new(None);
+
+/// A connection counted in its peer's handshakes until dropped (its handshake over).
+struct InHandshake(Peer);
+
+impl InHandshake {
+    /// Counts a connection of `peer` in, or None if `peer` has its share in handshakes.
+    fn enter(peer: Peer) -> Option<InHandshake> {
+        let mut h = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+        let n = h.get_or_insert_with(HashMap::new).entry(peer).or_insert(0);
+        if *n >= HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(InHandshake(peer))
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        let mut h = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = h.as_mut() {
+            if let Some(n) = m.get_mut(&self.0) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.0);
+                }
+            }
+        }
+    }
+}
+
+fn spawn_conn(c: Conn, peer: String, key: Peer, devices: Devices, net: Handle) {
     use std::sync::atomic::Ordering;
+    let Some(shaking) = InHandshake::enter(key) else {
+        warn_refused(
+            &peer,
+            &format!("{HANDSHAKES_PER_PEER} connections of this client in their handshake already"),
+        );
+        c.shutdown();
+        return;
+    };
     if CONNECTIONS.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
         CONNECTIONS.fetch_sub(1, Ordering::AcqRel);
-        warn_refused(&peer);
+        warn_refused(
+            &peer,
+            &format!("{MAX_CONNECTIONS} connections open already"),
+        );
         c.shutdown();
         return;
     }
@@ -329,7 +406,7 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
             let shut = c.try_clone();
             // Handed over, the connection is the network thread's, and so is its end
             // (`ConnEnd`): this thread ends here.
-            let r = serve(c, &peer, &devices, &net, counted);
+            let r = serve(c, &peer, &devices, &net, counted, shaking);
             if !matches!(r, Ok(true)) {
                 log_end(&peer, r.map(|_| ()));
                 if let Ok(s) = shut {
@@ -342,11 +419,12 @@ fn spawn_conn(c: Conn, peer: String, devices: Devices, net: Handle) {
     }
 }
 
-/// Warns that a connection over [`MAX_CONNECTIONS`] was closed, at most once a second,
+/// Warns that a connection over [`MAX_CONNECTIONS`] or over its peer's share of the
+/// handshakes ([`HANDSHAKES_PER_PEER`]) was closed (`why`), at most once a second,
 /// the next line counting those not logged: a client that connects in a loop while the
 /// places are taken (by itself, or by clients in their handshake) wrote a line per
 /// attempt (the sixth audit: 500 attempts, 500 lines).
-fn warn_refused(peer: &str) {
+fn warn_refused(peer: &str, why: &str) {
     static LAST: Mutex<(Option<std::time::Instant>, u64)> = Mutex::new((None, 0));
     let now = std::time::Instant::now();
     let more = {
@@ -361,12 +439,11 @@ fn warn_refused(peer: &str) {
         std::mem::take(&mut l.1)
     };
     if more == 0 {
-        tracing::warn!(%peer, "nbd: {MAX_CONNECTIONS} connections open already; this one is closed");
+        tracing::warn!(%peer, "nbd: {why}; this one is closed");
     } else {
         tracing::warn!(
             %peer,
-            "nbd: {MAX_CONNECTIONS} connections open already; this one is closed \
-             ({more} more closed since the last report)"
+            "nbd: {why}; this one is closed ({more} more closed since the last report)"
         );
     }
 }
@@ -399,12 +476,15 @@ fn serve(
     devices: &Devices,
     net: &Handle,
     counted: Counted,
+    shaking: InHandshake,
 ) -> io::Result<bool> {
     let mut w = c.try_clone()?;
     let deadline = std::time::Instant::now() + HANDSHAKE_LIMIT;
     c.set_timeouts(Some(HANDSHAKE_LIMIT))?;
     let mut r = BufReader::with_capacity(READ_BUF, Limited { c, deadline });
     let session = handshake(&mut r, &mut w, devices);
+    // Out of its peer's handshakes, whatever came of it.
+    drop(shaking);
     // Transmission has no time limit: back to plain blocking sockets (the writer thread's
     // writes may wait for a slow client as long as it takes).
     w.set_timeouts(None)?;
@@ -1112,7 +1192,9 @@ fn transmission(
     }));
     end.replies = Some(tx.clone());
     inflight.on_end(end);
-    let bd = BlockDevice::new(net.clone(), dev, base);
+    // The connection's requests are a source of their own: the device's queue serves its
+    // sources in turn, so that another client's backlog does not hold this one's up.
+    let bd = BlockDevice::new(net.new_source(), dev, base);
     let src = ConnSource::new(r, ahead, session, bd, tx, inflight);
     net.send(Cmd::AddSource(Box::new(src)));
     Ok(())

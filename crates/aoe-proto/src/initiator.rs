@@ -85,6 +85,7 @@ const RTT_DEV_INIT_US: u64 = 62_500;
 mod device;
 mod encode;
 mod frames;
+mod queue;
 mod receive;
 mod retransmit;
 mod rtt;
@@ -93,6 +94,7 @@ mod types;
 
 use device::*;
 use frames::{Frames, TimeQueue};
+use queue::Queues;
 use receive::ReadSpare;
 use rtt::*;
 pub use types::*;
@@ -560,12 +562,26 @@ impl Engine {
 
     /// Queues a block operation. Never blocks: frames go out as the window allows, and the
     /// result arrives as [`Event::Completed`]. Fails at once for unknown or down devices
-    /// and for malformed requests.
+    /// and for malformed requests. Submitted from [`SourceId::DEFAULT`].
     pub fn submit(
         &mut self,
         now: Instant,
         dev: TargetAddr,
         op: BlockOp,
+    ) -> Result<IoId, SubmitError> {
+        self.submit_from(now, dev, op, SourceId::DEFAULT)
+    }
+
+    /// Like [`Engine::submit`], from `source`: the device's queued ops are served in turn
+    /// among their sources, one frame each, and each source's own in the order submitted
+    /// (the write fence holds across sources, the overlap rule within one:
+    /// `Engine::pick_queued`).
+    pub fn submit_from(
+        &mut self,
+        now: Instant,
+        dev: TargetAddr,
+        op: BlockOp,
+        source: SourceId,
     ) -> Result<IoId, SubmitError> {
         self.touch(now);
         let d = self.devices.get(&dev).ok_or(SubmitError::UnknownDevice)?;
@@ -629,7 +645,7 @@ impl Engine {
             kind = OpKind::Read(v);
             home = h;
         }
-        let id = self.new_op(dev, kind, lba, sectors, false);
+        let id = self.new_op(dev, source, kind, lba, sectors, false);
         if let Some(op) = self.ops.get_mut(&id) {
             op.held = held;
             op.home = ReadHome(home);

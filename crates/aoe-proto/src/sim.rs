@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::initiator::{
-    BlockOp, Config, DeviceInfo, DeviceState, Engine, Event, IoError, IoId, SubmitError,
+    BlockOp, Config, DeviceInfo, DeviceState, Engine, Event, IoError, IoId, SourceId, SubmitError,
 };
 use crate::target::{self, ExportConfig, Interface as TargetIface, IoKind, Outcome};
 use aoe_wire::{AtaFlags, Body, Command, MacAddr, Message, TargetAddr, ATA_HEADER_LEN};
@@ -632,7 +632,17 @@ impl Sim {
 
     /// Submits `op` to device `dev` and sends what the initiator then has to send.
     pub fn submit(&mut self, dev: TargetAddr, op: BlockOp) -> Result<IoId, SubmitError> {
-        let r = self.init.submit(self.now, dev, op);
+        self.submit_from(dev, op, SourceId::DEFAULT)
+    }
+
+    /// Submits an operation from `source` ([`Engine::submit_from`]).
+    pub fn submit_from(
+        &mut self,
+        dev: TargetAddr,
+        op: BlockOp,
+        source: SourceId,
+    ) -> Result<IoId, SubmitError> {
+        let r = self.init.submit_from(self.now, dev, op, source);
         self.flush();
         r
     }
@@ -695,6 +705,10 @@ pub struct Workload {
     pub max_len: u64,
     /// Operations in flight at once.
     pub concurrency: usize,
+    /// Sources the operations come from, each picked at random ([`Engine::submit_from`]);
+    /// 1 (the default) submits everything from [`SourceId::DEFAULT`] and draws nothing more
+    /// from the seed's random numbers.
+    pub sources: u32,
     inflight: BTreeMap<IoId, (u64, u64, Option<Vec<u8>>)>,
     /// Operations completed.
     pub done: u64,
@@ -711,6 +725,7 @@ impl Workload {
             shadow: vec![0u8; sectors as usize * 512],
             max_len,
             concurrency,
+            sources: 1,
             inflight: BTreeMap::new(),
             done: 0,
             reads_checked: 0,
@@ -753,7 +768,14 @@ impl Workload {
             } else {
                 (BlockOp::Flush, (0, 0, None))
             };
-            let id = sim.submit(self.dev, op).expect("submit on an up device");
+            let source = if self.sources > 1 {
+                SourceId(1 + sim.rng.below(u64::from(self.sources)) as u32)
+            } else {
+                SourceId::DEFAULT
+            };
+            let id = sim
+                .submit_from(self.dev, op, source)
+                .expect("submit on an up device");
             self.inflight.insert(id, entry);
             *budget -= 1;
         }

@@ -26,8 +26,9 @@ pub(super) struct Device {
     pub(super) config: Vec<u8>,
     /// Sectors per frame: min over all paths (`maxbcnt`).
     pub(super) payload: u8,
-    /// Operations with frames not yet sent, in submission order.
-    pub(super) queue: VecDeque<u64>,
+    /// Operations with frames not yet sent: per source, each in submission order
+    /// ([`Queues`]).
+    pub(super) queue: Queues,
     /// Frames (keys of `Engine::outstanding`) whose next copy waits for a free window slot
     /// (the driver's `rexmitq`); sent before any new frame.
     pub(super) rexmitq: VecDeque<u32>,
@@ -65,7 +66,7 @@ impl Device {
             firmware_version: 0,
             config: Vec::new(),
             payload: 0,
-            queue: VecDeque::new(),
+            queue: Queues::default(),
             rexmitq: VecDeque::new(),
             stats: DeviceStats::default(),
             revalidating: false,
@@ -163,6 +164,8 @@ impl OpKind {
 #[derive(Debug)]
 pub(super) struct Op {
     pub(super) dev: TargetAddr,
+    /// Whose op it is: its lane in the device's queue.
+    pub(super) source: SourceId,
     pub(super) kind: OpKind,
     pub(super) lba: u64,
     /// Sectors in all (1 for non-data commands, so one frame is sent).

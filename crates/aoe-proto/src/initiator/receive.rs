@@ -461,7 +461,7 @@ impl Engine {
             return;
         };
         if let Some(d) = self.devices.get_mut(&op.dev) {
-            d.queue.retain(|q| *q != id);
+            d.queue.remove_op(op.source, id);
             match result {
                 Ok(()) => d.stats.ops_ok += 1,
                 Err(_) => d.stats.ops_failed += 1,

@@ -917,6 +917,7 @@ impl Engine {
                 id,
                 Op {
                     dev: addr,
+                    source: SourceId::ENGINE,
                     kind: OpKind::Probe,
                     lba: 0,
                     sectors: 1,

@@ -11,7 +11,7 @@ impl Engine {
             .values()
             .any(|o| o.dev == dev && matches!(o.kind, OpKind::Identify));
         if !pending {
-            self.new_op(dev, OpKind::Identify, 0, 1, true);
+            self.new_op(dev, SourceId::ENGINE, OpKind::Identify, 0, 1, true);
         }
         self.pump(now, dev);
     }
@@ -19,6 +19,7 @@ impl Engine {
     pub(super) fn new_op(
         &mut self,
         dev: TargetAddr,
+        source: SourceId,
         kind: OpKind,
         lba: u64,
         sectors: u64,
@@ -30,6 +31,7 @@ impl Engine {
             id,
             Op {
                 dev,
+                source,
                 kind,
                 lba,
                 sectors,
@@ -43,9 +45,9 @@ impl Engine {
         );
         if let Some(d) = self.devices.get_mut(&dev) {
             if front {
-                d.queue.push_front(id);
+                d.queue.push_front(source, id, true);
             } else {
-                d.queue.push_back(id);
+                d.queue.push_back(source, id);
             }
         }
         id
@@ -53,7 +55,8 @@ impl Engine {
 
     /// Sends queued frames while some target's window has room: first the copies waiting
     /// for a slot (`Device::rexmitq`, as the driver's `rexmit_deferred` runs before
-    /// `aoecmd_work` sends new frames), then new frames.
+    /// `aoecmd_work` sends new frames), then new frames, one from each source's lane in
+    /// turn ([`Queues`]).
     pub(super) fn pump(&mut self, now: Instant, addr: TargetAddr) {
         if !self.send_waiting_copies(now, addr) {
             return;
@@ -66,12 +69,14 @@ impl Engine {
             if d.life == Life::Down || d.payload == 0 {
                 return;
             }
-            let Some(i) = pick else {
+            let Some(at) = pick else {
                 return;
             };
-            let op_id = d.queue[i];
+            let Some(op_id) = d.queue.get(at) else {
+                return;
+            };
             let Some(op) = self.ops.get_mut(&op_id) else {
-                d.queue.remove(i);
+                d.queue.remove(at, false);
                 continue;
             };
             if d.life == Life::Identifying && !matches!(op.kind, OpKind::Identify) {
@@ -108,58 +113,66 @@ impl Engine {
                 }
             };
             op.frames_out += 1;
-            if !op.unsent() {
-                d.queue.remove(i);
+            if op.unsent() {
+                d.queue.passed(at);
+            } else {
+                d.queue.remove(at, true);
             }
             self.send_new(now, addr, op_id, ti, offset, count);
         }
     }
 
-    /// The position in `addr`'s queue of the op to send a frame of next: the first that is
-    /// neither a write with sectors under a fence (`Engine::fences`: a copy of an earlier
-    /// write to them may still reach the target, and would land after this one) nor an op
-    /// overlapping one held back before it (overlapping ops keep their order). Ops already
-    /// started go on; reads, flushes and IDENTIFY never wait for a fence: a late copy of a
-    /// completed write writes what the read would see anyway, and a flush covers writes
-    /// completed before it. Non-overlapping I/O passes a waiting write. What wakes a waiting
-    /// write: an answer that lifts a fence pumps its device (`Engine::ata_response`), and
+    /// The position in `addr`'s queue (lane, index) of the op to send a frame of next: in
+    /// the lane whose turn it is, else the next lane in turn that has one, the first op
+    /// that is neither a write with sectors under a fence (`Engine::fences`: a copy of an
+    /// earlier write to them, from any source, may still reach the target, and would land
+    /// after this one) nor an op overlapping one held back before it in its lane
+    /// (overlapping ops of a source keep their order; those of different sources are
+    /// concurrent, neither completed when the other was submitted, so either order is
+    /// one the submitters may see). Ops already started go on; reads, flushes and
+    /// IDENTIFY never wait for a fence: a late copy of a completed write writes what the
+    /// read would see anyway, and a flush covers writes completed before it.
+    /// Non-overlapping I/O passes a waiting write. What wakes a waiting write: an answer
+    /// that lifts a fence pumps its device (`Engine::ata_response`), and
     /// [`Engine::poll_timeout`] reports the first fence's end while any op is queued.
-    pub(super) fn pick_queued(&mut self, addr: TargetAddr) -> Option<usize> {
+    pub(super) fn pick_queued(&mut self, addr: TargetAddr) -> Option<(usize, usize)> {
         let d = self.devices.get(&addr)?;
         if self.fences.is_empty() {
-            return (!d.queue.is_empty()).then_some(0);
+            return d.queue.first().map(|l| (l, 0));
         }
         let overlaps = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1;
         let mut held_back: Vec<(u64, u64)> = Vec::new();
         let mut newly_fenced = Vec::new();
         let mut pick = None;
-        for (i, id) in d.queue.iter().enumerate() {
-            let Some(op) = self.ops.get(id) else {
-                pick = Some(i);
-                break;
-            };
-            let data = matches!(op.kind, OpKind::Read(_) | OpKind::Write(_));
-            if !data || op.issued > 0 || !op.reissue.is_empty() {
-                pick = Some(i);
-                break;
-            }
-            let range = (op.lba, op.lba + op.sectors);
-            let fenced = || {
-                matches!(op.kind, OpKind::Write(_))
-                    && self
-                        .fences
-                        .values()
-                        .any(|f| f.dev == addr && f.op != *id && overlaps(range, (f.lba, f.end)))
-            };
-            if held_back.iter().any(|h| overlaps(*h, range)) || fenced() {
-                held_back.push(range);
-                if matches!(op.kind, OpKind::Write(_)) && !op.fenced {
-                    newly_fenced.push(*id);
+        'lanes: for (l, lane) in d.queue.in_turn() {
+            held_back.clear();
+            for (i, id) in lane.ops.iter().enumerate() {
+                let Some(op) = self.ops.get(id) else {
+                    pick = Some((l, i));
+                    break 'lanes;
+                };
+                let data = matches!(op.kind, OpKind::Read(_) | OpKind::Write(_));
+                if !data || op.issued > 0 || !op.reissue.is_empty() {
+                    pick = Some((l, i));
+                    break 'lanes;
                 }
-                continue;
+                let range = (op.lba, op.lba + op.sectors);
+                let fenced = || {
+                    matches!(op.kind, OpKind::Write(_))
+                        && self.fences.values().any(|f| {
+                            f.dev == addr && f.op != *id && overlaps(range, (f.lba, f.end))
+                        })
+                };
+                if held_back.iter().any(|h| overlaps(*h, range)) || fenced() {
+                    held_back.push(range);
+                    if matches!(op.kind, OpKind::Write(_)) && !op.fenced {
+                        newly_fenced.push(*id);
+                    }
+                    continue;
+                }
+                pick = Some((l, i));
+                break 'lanes;
             }
-            pick = Some(i);
-            break;
         }
         for id in newly_fenced {
             if let Some(op) = self.ops.get_mut(&id) {
@@ -215,14 +228,16 @@ impl Engine {
     }
 
     /// Hands sectors `offset..offset + sectors` of op `id` back to be sent again in frames
-    /// of the device's current payload, ahead of the ops queued behind it.
+    /// of the device's current payload, ahead of the ops its source queued behind it.
     pub(super) fn reissue(&mut self, addr: TargetAddr, id: u64, offset: u64, sectors: u64) {
-        if let Some(op) = self.ops.get_mut(&id) {
-            op.reissue.push((offset, sectors));
-        }
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        op.reissue.push((offset, sectors));
+        let source = op.source;
         if let Some(d) = self.devices.get_mut(&addr) {
-            if !d.queue.contains(&id) {
-                d.queue.push_front(id);
+            if !d.queue.contains(source, id) {
+                d.queue.push_front(source, id, false);
             }
         }
     }

@@ -17,6 +17,9 @@ mod loss;
 /// Late copies of writes: an overlapping write waits for every copy of an earlier one.
 mod fence;
 
+/// Fairness between sources: one source's backlog does not hold up another's request.
+mod fair;
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -1450,10 +1453,10 @@ fn sim_lossy_link_random_io() {
 /// engine's tests pin each one too).
 ///
 /// Runs the late-copies workload for seeds 1..=12 with the initiator's write fence and the
-/// target's duplicate-write table each on or off; returns the seeds whose disk differs from
+/// target's duplicate-write table each on or off, its ops from `sources` sources; returns the seeds whose disk differs from
 /// the shadow after the copies still in the network landed, with the retransmissions and
 /// late answers seen.
-fn late_copies(fence: bool, dedup: bool) -> (Vec<(u64, String)>, u64, u64) {
+fn late_copies(fence: bool, dedup: bool, sources: u32) -> (Vec<(u64, String)>, u64, u64) {
     let mut retransmits = 0;
     let mut unexpected = 0;
     let mut undone = Vec::new();
@@ -1480,6 +1483,7 @@ fn late_copies(fence: bool, dedup: bool) -> (Vec<(u64, String)>, u64, u64) {
             }
             bring_up(&mut sim, DEV);
             let mut w = Workload::new(DEV, 32, 4, 4);
+            w.sources = sources;
             w.run(&mut sim, 1000, Duration::from_secs(600));
             assert_eq!(w.done, 1000);
             // Copies still in the network land now, then the disk is compared.
@@ -1519,7 +1523,7 @@ fn late_copies(fence: bool, dedup: bool) -> (Vec<(u64, String)>, u64, u64) {
 #[test]
 fn sim_late_copies_never_undo_newer_writes() {
     for dedup in [true, false] {
-        let (undone, retransmits, unexpected) = late_copies(true, dedup);
+        let (undone, retransmits, unexpected) = late_copies(true, dedup, 1);
         assert!(
             undone.is_empty(),
             "dedup table {dedup}: seeds {undone:?}: a late copy undid a newer write"
@@ -1536,7 +1540,7 @@ fn sim_late_copies_never_undo_newer_writes() {
 /// the test above proves nothing about the fence.
 #[test]
 fn sim_late_copies_undo_newer_writes_without_fence_or_dedup() {
-    let (undone, _, _) = late_copies(false, false);
+    let (undone, _, _) = late_copies(false, false, 1);
     assert!(
         undone
             .iter()

@@ -100,6 +100,20 @@ impl fmt::Display for IoId {
     }
 }
 
+/// Who submitted a [`BlockOp`]: an NBD connection, the FUSE files, a control path. A
+/// device's queued ops are served in turn among their sources, a frame at a time, each
+/// source's own in the order submitted ([`Engine::submit_from`]); one source's backlog
+/// does not hold up another's next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceId(pub u32);
+
+impl SourceId {
+    /// What [`Engine::submit`] submits from.
+    pub const DEFAULT: SourceId = SourceId(0);
+    /// The engine's own commands (IDENTIFY).
+    pub const ENGINE: SourceId = SourceId(u32::MAX);
+}
+
 /// A block operation on a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockOp {

@@ -1,0 +1,221 @@
+//! Fairness between the sources of a device's ops (`Queues`): four sources with long
+//! queues of large reads, a fifth's small read sent within a few frames of its submission
+//! rather than after the others' backlog; each source's own ops in order; the write fence
+//! across sources.
+
+use super::*;
+
+fn is_write(frame: &[u8]) -> bool {
+    frame[27] == 0x34 || frame[27] == 0x30
+}
+
+/// Answers `tx` one frame at a time (each answer frees a window slot for one new frame)
+/// until a frame `stop` accepts is sent; returns how many frames were sent before it, or
+/// None if the engine ran out of frames first.
+fn frames_until(
+    e: &mut Engine,
+    now: Instant,
+    mut tx: VecDeque<Vec<u8>>,
+    stop: impl Fn(&[u8]) -> bool,
+) -> Option<usize> {
+    let mut sent = 0;
+    while let Some(f) = tx.pop_front() {
+        if stop(&f) {
+            return Some(sent);
+        }
+        sent += 1;
+        let data = vec![0u8; f[26] as usize * 512];
+        e.handle_frame(now, 0, &ata_rsp(&f, TMAC, status::DRDY, 0, &data));
+        tx.extend(drain(e, now).into_iter().map(|(_, f)| f));
+        let _ = events(e);
+    }
+    None
+}
+
+/// Regression (docs/TEST-AUDIT.md "Sixth audit, the initiator's side", item 1): four NBD
+/// clients with 512 MiB of reads queued made a fifth's 4 KiB read wait up to 9.5 s, behind
+/// every frame queued before it. Four sources queue 32 reads of 64 sectors each (4096
+/// frames of 2 sectors in all); a fifth's one-frame read, submitted after them, goes out
+/// within one round of the sources' turns. With one queue for all (before) it went out
+/// after the 4096 frames.
+#[test]
+fn a_small_read_is_not_queued_behind_other_sources_backlog() {
+    let (mut e, t0) = up_engine(1 << 20, true);
+    for src in 1..=4u32 {
+        for k in 0..32u64 {
+            let lba = (u64::from(src) << 16) + k * 64;
+            e.submit_from(t0, DEV, BlockOp::Read { lba, sectors: 64 }, SourceId(src))
+                .unwrap();
+        }
+    }
+    let tx: VecDeque<Vec<u8>> = drain(&mut e, t0).into_iter().map(|(_, f)| f).collect();
+    assert_eq!(tx.len(), 8, "the window's first frames");
+    let small = 5 << 16;
+    e.submit_from(
+        t0,
+        DEV,
+        BlockOp::Read {
+            lba: small,
+            sectors: 2,
+        },
+        SourceId(5),
+    )
+    .unwrap();
+    let after = frames_until(&mut e, t0, tx, |f| req_lba(f) == small)
+        .expect("the small read was never sent");
+    // The 8 frames already out, then at most one frame of each of the other four sources
+    // before the fifth's turn.
+    assert!(
+        after <= 8 + 4,
+        "the small read went out after {after} frames of the others' 4096"
+    );
+}
+
+/// Sources take turns frame by frame (deficit round-robin with a one-frame quantum): a
+/// source of large reads and one of one-frame reads get the same number of frames while
+/// both have some queued, and each source's frames go out in its own order.
+#[test]
+fn sources_share_frames_and_keep_their_own_order() {
+    let (mut e, t0) = up_engine(1 << 20, true);
+    // Source 1: 4 reads of 32 frames; source 2: 64 reads of one frame.
+    for k in 0..4u64 {
+        e.submit_from(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: k * 64,
+                sectors: 64,
+            },
+            SourceId(1),
+        )
+        .unwrap();
+    }
+    for k in 0..64u64 {
+        e.submit_from(
+            t0,
+            DEV,
+            BlockOp::Read {
+                lba: 100_000 + k * 2,
+                sectors: 2,
+            },
+            SourceId(2),
+        )
+        .unwrap();
+    }
+    let mut order = Vec::new();
+    let mut tx: VecDeque<Vec<u8>> = drain(&mut e, t0).into_iter().map(|(_, f)| f).collect();
+    while let Some(f) = tx.pop_front() {
+        order.push(req_lba(&f));
+        let data = vec![0u8; f[26] as usize * 512];
+        e.handle_frame(t0, 0, &ata_rsp(&f, TMAC, status::DRDY, 0, &data));
+        tx.extend(drain(&mut e, t0).into_iter().map(|(_, f)| f));
+    }
+    assert_eq!(completions(&mut e).len(), 68);
+    let ones: Vec<u64> = order.iter().copied().filter(|l| *l < 100_000).collect();
+    let twos: Vec<u64> = order.iter().copied().filter(|l| *l >= 100_000).collect();
+    assert!(ones.windows(2).all(|w| w[0] < w[1]), "source 1 in order");
+    assert!(twos.windows(2).all(|w| w[0] < w[1]), "source 2 in order");
+    // Source 1's first 8 frames filled the window before source 2 queued anything; from
+    // source 2's first frame on, the two alternate until source 2 has nothing left.
+    let pos: Vec<usize> = (0..order.len()).filter(|i| order[*i] >= 100_000).collect();
+    assert!(
+        pos.windows(2).all(|w| w[1] - w[0] == 2),
+        "not one frame each in turn: {order:?}"
+    );
+    assert!(
+        pos[0] <= 9,
+        "source 2's first frame after {} frames",
+        pos[0]
+    );
+}
+
+/// The fence holds across sources: a write from another source to sectors a late copy of
+/// a completed write may still reach waits for it as one from the same source does; a
+/// read from a third source passes.
+#[test]
+fn the_write_fence_holds_across_sources() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.submit_from(
+        t0,
+        DEV,
+        BlockOp::Write {
+            lba: 0,
+            data: vec![0xaa; 512],
+        },
+        SourceId(1),
+    )
+    .unwrap();
+    let tx = drain(&mut e, t0);
+    let original = tx[0].1.clone();
+    let deadline = e.poll_timeout().unwrap();
+    e.handle_timeout(deadline);
+    let copy = drain(&mut e, deadline)
+        .into_iter()
+        .find(|(_, f)| is_write(f) && req_lba(f) == 0)
+        .expect("W1 retransmitted")
+        .1;
+    let now = deadline + ms(1);
+    e.handle_frame(now, 0, &ata_rsp(&copy, TMAC, status::DRDY, 0, &[]));
+    assert_eq!(completions(&mut e), vec![Ok(None)], "W1 completed");
+    e.submit_from(
+        now,
+        DEV,
+        BlockOp::Write {
+            lba: 0,
+            data: vec![0xbb; 512],
+        },
+        SourceId(2),
+    )
+    .unwrap();
+    e.submit_from(now, DEV, BlockOp::Read { lba: 0, sectors: 1 }, SourceId(3))
+        .unwrap();
+    let tx = drain(&mut e, now);
+    assert!(
+        !tx.iter().any(|(_, f)| is_write(f)),
+        "source 2's write sent while source 1's original may still arrive"
+    );
+    assert!(tx.iter().any(|(_, f)| !is_write(f) && req_lba(f) == 0));
+    e.handle_frame(now, 0, &ata_rsp(&original, TMAC, status::DRDY, 0, &[]));
+    assert!(drain(&mut e, now)
+        .iter()
+        .any(|(_, f)| is_write(f) && req_lba(f) == 0));
+}
+
+/// The late-copies workload (`sim_late_copies_never_undo_newer_writes`: delays past the
+/// RTO, duplication, loss, a 32-sector disk written over and over) with its ops from four
+/// sources, the write fence (which holds across sources) and the target's duplicate-write
+/// table on, as `aoe serve` runs: no acknowledged write is undone. (With the table off the
+/// fence alone does not hold on every seed: session 24 found 6 of seeds 1..=80 failing
+/// with one source, and with four sources' random draws 10 of 80 whether the engine kept
+/// them in four lanes or in one, the old queue; docs/TEST-AUDIT.md "Session 24: fairness
+/// between clients", Left.)
+#[test]
+fn sim_late_copies_from_four_sources_never_undo_newer_writes() {
+    let (undone, retransmits, _) = late_copies(true, true, 4);
+    assert!(
+        undone.is_empty(),
+        "seeds {undone:?}: a late copy undid a newer write"
+    );
+    assert!(retransmits > 0);
+}
+
+/// Random I/O from four sources over a lossy, duplicating, reordering link (as
+/// `sim_lossy_link_random_io`): every read returns the last data written, the disk ends as
+/// the shadow.
+#[test]
+fn sim_lossy_link_random_io_from_four_sources() {
+    for seed in 1..=8u64 {
+        let mut sim = Sim::new(seed, LinkCfg::lossy(7.5, 3.0), Config::default(), &[1500]);
+        let t = sim.add_target(spec(DEV, 4096, 16, vec![(TMAC, 1500, 0)]));
+        bring_up(&mut sim, DEV);
+        let mut w = Workload::new(DEV, 4096, 24, 8);
+        w.sources = 4;
+        w.run(&mut sim, 300, Duration::from_secs(600));
+        assert_eq!(w.done, 300);
+        assert!(
+            *sim.targets[t].disk.borrow() == w.shadow,
+            "seed {seed}: disk diverged"
+        );
+        assert_eq!(sim.device(DEV).stats.ops_failed, 0);
+    }
+}
