@@ -182,21 +182,23 @@ fn the_write_fence_holds_across_sources() {
 }
 
 /// The late-copies workload (`sim_late_copies_never_undo_newer_writes`: delays past the
-/// RTO, duplication, loss, a 32-sector disk written over and over) with its ops from four
-/// sources, the write fence (which holds across sources) and the target's duplicate-write
-/// table on, as `aoe serve` runs: no acknowledged write is undone. (With the table off the
-/// fence alone does not hold on every seed: session 24 found 6 of seeds 1..=80 failing
-/// with one source, and with four sources' random draws 10 of 80 whether the engine kept
-/// them in four lanes or in one, the old queue; docs/TEST-AUDIT.md "Session 24: fairness
-/// between clients", Left.)
+/// RTO, loss, a 32-sector disk written over and over) with its ops from four sources: the
+/// target's duplicate-write table against the network's duplicates, and the write fence
+/// alone (which holds across sources) against the initiator's own retransmissions. No
+/// acknowledged write is undone.
 #[test]
 fn sim_late_copies_from_four_sources_never_undo_newer_writes() {
-    let (undone, retransmits, _) = late_copies(true, true, 4);
-    assert!(
-        undone.is_empty(),
-        "seeds {undone:?}: a late copy undid a newer write"
-    );
-    assert!(retransmits > 0);
+    for (dedup, copies) in [
+        (true, LateCopies::ByTheNetwork),
+        (false, LateCopies::ByTheInitiator),
+    ] {
+        let (undone, retransmits, _) = late_copies(true, dedup, 4, copies, LATE_SEEDS);
+        assert!(
+            undone.is_empty(),
+            "dedup table {dedup}, copies {copies:?}: seeds {undone:?}: a late copy undid a newer write"
+        );
+        assert!(retransmits > 0);
+    }
 }
 
 /// Random I/O from four sources over a lossy, duplicating, reordering link (as
