@@ -102,6 +102,26 @@ impl Probe {
         all: &[ExportSpec],
         timeout: Duration,
     ) -> Result<Option<Probe>> {
+        Self::start_with(new, all, timeout, PacketSocket::open)
+    }
+
+    /// The periodic re-check of a running daemon ([`crate::daemon`]'s conflict watch):
+    /// probes every export of `all`, on sockets whose kernel filter takes AoE responses only
+    /// ([`PacketSocket::open_responses`]), so the initiators' requests that arrive while it
+    /// waits are not copied to it. It finds other targets answering, not two of our own
+    /// exports meeting (that needs our probe, a request, heard on another interface: the
+    /// start and reload probe's job).
+    pub fn start_watch(all: &[ExportSpec], timeout: Duration) -> Result<Option<Probe>> {
+        let new: Vec<&ExportSpec> = all.iter().collect();
+        Self::start_with(&new, all, timeout, PacketSocket::open_responses)
+    }
+
+    fn start_with(
+        new: &[&ExportSpec],
+        all: &[ExportSpec],
+        timeout: Duration,
+        open: fn(&str) -> std::io::Result<PacketSocket>,
+    ) -> Result<Option<Probe>> {
         if new.is_empty() || timeout.is_zero() {
             return Ok(None);
         }
@@ -116,7 +136,7 @@ impl Probe {
         let mut socks = Vec::new();
         let mut own = HashMap::new();
         for name in &names {
-            let s = PacketSocket::open(name)
+            let s = open(name)
                 .with_context(|| format!("cannot open a probe socket on interface {name}"))?;
             own.insert(MacAddr(s.info().mac), name.to_string());
             socks.push((name.to_string(), s));
