@@ -15,6 +15,10 @@
 //! Targets answer a Query Config at once (vblade and the Linux driver's peers answer from
 //! their receive path), so the wait is short: [`DEFAULT_PROBE`] covers a loaded host or a
 //! switch that learns slowly, and is what a start or a reload with new exports costs.
+//!
+//! A target that comes up after us is not seen by that probe, so the running daemon repeats
+//! it every `conflict_check_s` ([`Probe::start_watch`], the daemon's conflict watch): there
+//! a duplicate is warned about and shown, not refused.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
