@@ -109,7 +109,7 @@ impl Probe {
         Self::start_with(new, all, timeout, PacketSocket::open)
     }
 
-    /// The periodic re-check of a running daemon ([`crate::daemon`]'s conflict watch):
+    /// The periodic re-check of a running daemon (its conflict watch, `daemon/conflict.rs`):
     /// probes every export of `all`, on sockets whose kernel filter takes AoE responses only
     /// ([`PacketSocket::open_responses`]), so the initiators' requests that arrive while it
     /// waits are not copied to it. It finds other targets answering, not two of our own
