@@ -241,6 +241,16 @@ pub fn target_text(obs: &Observer) -> String {
             .collect(),
     );
     s.gauge(
+        "aoe_target_address_conflict",
+        "Other targets (MACs) seen answering for the export's shelf.slot within the last \
+         few conflict probes (conflict_check_s, a minute by default): nonzero means an \
+         initiator takes them and us as paths of one disk and mixes their data",
+        snap.exports
+            .iter()
+            .map(|e| (ex(e), e.conflicts.len() as i64))
+            .collect(),
+    );
+    s.gauge(
         "aoe_target_state_files_failing",
         "State files (--state-dir) whose last save failed: the newest config string, mask or \
          reserve list of that many exports is only in memory, the save tried again every 10 s \

@@ -250,6 +250,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             aoe_target::probe::DEFAULT_PROBE,
             std::time::Duration::from_millis,
         ),
+        conflict_check: aoe_target::config::DEFAULT_CONFLICT_CHECK,
         control: None,
         io: a.io.into(),
         spin: a.spin_us.map_or(

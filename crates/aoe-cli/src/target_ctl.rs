@@ -273,6 +273,9 @@ fn mode(e: &ExportStatus) -> String {
     if e.path_replaced {
         m.push_str(",path-replaced");
     }
+    if !e.conflicts.is_empty() {
+        m.push_str(",conflict");
+    }
     m
 }
 
@@ -306,6 +309,17 @@ fn status(out: &mut String, s: &Snapshot) {
             e.in_flight,
             e.path
         );
+    }
+    // Another target at one of our addresses: an initiator mixes the two disks' data.
+    for e in &s.exports {
+        for c in &e.conflicts {
+            let _ = writeln!(
+                out,
+                "conflict: e{} is also answered by {} on {} (last {} s ago): initiators will \
+                 mix the two disks' data",
+                e.target, c.mac, c.interface, c.last_seen_secs
+            );
+        }
     }
 }
 

@@ -186,6 +186,7 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         format!("aoe_target_in_flight{ex}"),
         format!("aoe_target_oldest_request_seconds{ex}"),
         format!("aoe_target_path_replaced{ex}"),
+        format!("aoe_target_address_conflict{ex}"),
         format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"buffer_count\"}}", rig.target_if),
         format!("aoe_target_dropped_requests_total{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\",reason=\"reply_too_long\"}}", rig.target_if),
         "aoe_target_state_files_failing".to_string(),
@@ -196,6 +197,11 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
     assert!(value(&t, &format!("aoe_target_replies_total{ex}")).unwrap() > 0.0);
     assert_eq!(
         value(&t, &format!("aoe_target_path_replaced{ex}")),
+        Some(0.0)
+    );
+    // Alone on its link: no other target at its address.
+    assert_eq!(
+        value(&t, &format!("aoe_target_address_conflict{ex}")),
         Some(0.0)
     );
     // A healthy store: nothing waits near the 5 s that count as stuck (whole seconds, one

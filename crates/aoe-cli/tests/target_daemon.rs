@@ -774,6 +774,189 @@ fn a_shelf_slot_already_served_on_the_segment_refuses_the_start() {
     assert!(t.is_running());
 }
 
+/// Waits until `sock`'s target has finished `n` more conflict probes than at the call.
+fn wait_probes(sock: &Path, n: u64) -> serde_json::Value {
+    let first = status_json(sock)["conflict_probes"].as_u64().unwrap_or(0);
+    let mut last = serde_json::Value::Null;
+    let done = wait_until(Duration::from_secs(30), || {
+        last = status_json(sock);
+        last["conflict_probes"].as_u64().unwrap_or(0) >= first + n
+    });
+    assert!(done, "fewer than {n} conflict probes in 30 s: {last}");
+    last
+}
+
+/// A conflict watch config: export `shelf.slot` of `path` on `iface`, probing every second.
+fn watch_config(path: &str, shelf: u16, slot: u8, iface: &str) -> String {
+    format!(
+        "conflict_check_s = 1\n[[export]]\npath = \"{path}\"\nshelf = {shelf}\nslot = {slot}\n\
+         interfaces = [\"{iface}\"]\n"
+    )
+}
+
+/// Session 24's audit (docs/TEST-AUDIT.md, seventh audit, item 4): vblade started at our
+/// shelf.slot *after* `aoe serve` (which the start probe cannot see) on the same segment,
+/// with its own MAC. The periodic probe finds it: one warning naming the address, vblade's
+/// MAC and our interface; the export's status and `aoe_target_address_conflict` show it;
+/// serving goes on; once vblade stops answering the conflict is cleared. Before vblade the
+/// target sees no conflict of its own (it never answers its own probe).
+#[test]
+fn another_target_coming_up_at_our_address_is_warned_about_and_shown() {
+    let lan = Lan::new("aoecf");
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "v.img", 64);
+    let mine = image(dir.path(), "m.img", 64);
+    let us_if = lan.links[1].a_name().to_string();
+    let us_mac = MacAddr(lan.links[1].a_mac());
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(&conf, watch_config(&mine, 1, 1, &us_if)).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let mut c = lan.us.command(AOE);
+    c.args(["serve", "--config", conf.to_str().unwrap(), "--control"])
+        .arg(&sock)
+        .args(["--metrics", "127.0.0.1:9611"]);
+    let t = NsChild::spawn(&lan.us, c).unwrap();
+    let addr = TargetAddr::new(1, 1);
+    assert!(
+        lan.answered_by(addr, us_mac),
+        "not serving; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "no control socket; log:\n{}",
+        t.output_so_far()
+    );
+    // Alone on the segment: probes run, nothing found.
+    let st = wait_probes(&sock, 2);
+    assert_eq!(
+        st["exports"][0]["conflicts"],
+        serde_json::json!([]),
+        "a conflict with nobody; log:\n{}",
+        t.output_so_far()
+    );
+
+    assert!(
+        Command::new("vblade").arg("-h").output().is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let mut c = lan.other.command("vblade");
+    c.args(["1", "1", lan.links[0].a_name(), &img]);
+    let mut vb = NsChild::spawn(&lan.other, c).unwrap();
+    let vb_mac = MacAddr(lan.links[0].a_mac());
+    assert!(
+        lan.answered_by(addr, vb_mac),
+        "vblade never answered; its output:\n{}",
+        vb.output_so_far()
+    );
+    let warning = format!("another target ({vb_mac}) answers for this address on {us_if}");
+    assert!(
+        wait_until(Duration::from_secs(30), || t
+            .output_so_far()
+            .contains(&warning)),
+        "no warning naming {vb_mac}; log:\n{}",
+        t.output_so_far()
+    );
+    let log = t.output_so_far();
+    assert!(
+        log.contains("WARN") && log.contains("mix their data"),
+        "{log}"
+    );
+    let st = status_json(&sock);
+    let conflicts = st["exports"][0]["conflicts"].as_array().unwrap().clone();
+    assert_eq!(conflicts.len(), 1, "status: {st}");
+    assert_eq!(conflicts[0]["mac"], vb_mac.to_string());
+    assert_eq!(conflicts[0]["interface"], us_if.as_str());
+    let text = Command::new(AOE)
+        .args(["target", "--socket"])
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("conflict") && text.contains(&vb_mac.to_string()),
+        "text status: {text}"
+    );
+    let (_, metrics) = common::get_metrics(&lan.us, 9611);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("aoe_target_address_conflict{") && l.ends_with(" 1")),
+        "metrics:\n{metrics}"
+    );
+    // Still serving; warned once however many probes it answers.
+    wait_probes(&sock, 2);
+    assert!(lan.answered_by(addr, us_mac));
+    assert_eq!(t.output_so_far().matches(&warning).count(), 1);
+
+    // vblade gone: cleared after a few unanswered probes.
+    vb.stop().unwrap();
+    let mut st = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            st = status_json(&sock);
+            st["exports"][0]["conflicts"] == serde_json::json!([])
+        }),
+        "the conflict was not cleared: {st}"
+    );
+    assert!(t.output_so_far().contains("conflict cleared"));
+    let (_, metrics) = common::get_metrics(&lan.us, 9611);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("aoe_target_address_conflict{") && l.ends_with(" 0")),
+        "metrics:\n{metrics}"
+    );
+}
+
+/// Two `aoe serve` at different addresses on one segment, each probing every second: they
+/// hear each other's probes and answers and see no conflict; a raw initiator on the segment
+/// still finds both.
+#[test]
+fn two_targets_at_different_addresses_see_no_conflict() {
+    let lan = Lan::new("aoenc");
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64);
+    let b = image(dir.path(), "b.img", 64);
+    let mut kids = Vec::new();
+    let mut socks = Vec::new();
+    for (k, (ns, link, path, slot)) in [
+        (&lan.us, &lan.links[1], &a, 1u8),
+        (&lan.other, &lan.links[0], &b, 2u8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let conf = dir.path().join(format!("serve{k}.toml"));
+        std::fs::write(&conf, watch_config(path, 1, slot, link.a_name())).unwrap();
+        let sock = dir.path().join(format!("ctl{k}.sock"));
+        let mut c = ns.command(AOE);
+        c.args(["serve", "--config", conf.to_str().unwrap(), "--control"])
+            .arg(&sock);
+        kids.push(NsChild::spawn(ns, c).unwrap());
+        assert!(
+            lan.answered_by(TargetAddr::new(1, slot), MacAddr(link.a_mac())),
+            "e1.{slot} not serving; log:\n{}",
+            kids[k].output_so_far()
+        );
+        assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+        socks.push(sock);
+    }
+    for (k, sock) in socks.iter().enumerate() {
+        let st = wait_probes(sock, 3);
+        assert_eq!(
+            st["exports"][0]["conflicts"],
+            serde_json::json!([]),
+            "target {k}; log:\n{}",
+            kids[k].output_so_far()
+        );
+        assert!(!kids[k].output_so_far().contains("another target"));
+    }
+    assert!(lan.answered_by(TargetAddr::new(1, 1), MacAddr(lan.links[1].a_mac())));
+    assert!(lan.answered_by(TargetAddr::new(1, 2), MacAddr(lan.links[0].a_mac())));
+}
+
 /// Within one configuration: the same export on two interfaces of one switch (multipath)
 /// starts; two different exports with one shelf.slot on those interfaces are refused,
 /// since the probe from one interface is heard on the other.
@@ -792,14 +975,31 @@ fn one_address_on_two_interfaces_of_one_segment_only_as_multipath() {
         format!("[[export]]\npath = \"{a}\"\nshelf = 3\nslot = 1\ninterfaces = [\"{if1}\", \"{if2}\"]\n"),
     )
     .unwrap();
+    let sock = dir.path().join("ctl.sock");
     let mut c = lan.us.command(AOE);
-    c.args(["serve", "--config", conf.to_str().unwrap()]);
+    c.args(["serve", "--config", conf.to_str().unwrap(), "--control"])
+        .arg(&sock);
     let t = NsChild::spawn(&lan.us, c).unwrap();
     assert!(
         lan.answered_by(TargetAddr::new(3, 1), MacAddr(second.a_mac())),
         "multipath export refused; log:\n{}",
         t.output_so_far()
     );
+    // The conflict watch, probing every second: each interface hears the other's answer
+    // to its probe (our own MACs), which is not a conflict.
+    let watched = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("conflict_check_s = 1\n{watched}")).unwrap();
+    signal(t.pid(), "-HUP");
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    wait_probes(&sock, 1);
+    let st = wait_probes(&sock, 2);
+    assert_eq!(
+        st["exports"][0]["conflicts"],
+        serde_json::json!([]),
+        "multipath taken as a conflict; log:\n{}",
+        t.output_so_far()
+    );
+    assert!(!t.output_so_far().contains("another target"));
     drop(t);
     std::fs::write(
         &conf,

@@ -22,6 +22,15 @@ pub const MAX_BUFFER_COUNT: u16 = 8192;
 /// I/O worker threads when none is given.
 pub const DEFAULT_WORKERS: usize = 4;
 
+/// How often a running daemon probes again for another target at one of its addresses when
+/// the file sets no `conflict_check_s` (and for `aoe serve` without a file): a minute, as
+/// RFC 5227 hosts re-check their IP address on their own schedule. One probe costs a
+/// broadcast frame per export and interface and a socket open for `probe_ms`.
+pub const DEFAULT_CONFLICT_CHECK: Duration = Duration::from_secs(60);
+
+/// The longest `conflict_check_s`: a day.
+pub const MAX_CONFLICT_CHECK: Duration = Duration::from_secs(86_400);
+
 /// Most I/O worker threads: far more than a disk queue keeps busy, far fewer than the
 /// thread start-up memory that failed (a panic in std) at about 18 000 on a 24 GiB VM.
 pub const MAX_WORKERS: usize = 1024;
@@ -203,6 +212,10 @@ pub struct ServeConfig {
     pub allow_duplicate: bool,
     /// How long the duplicate probe waits for answers ([`crate::probe`]); zero: no probe.
     pub probe: Duration,
+    /// How often a running daemon probes again for another target answering for one of
+    /// its addresses (`conflict_check_s`; the conflict watch, `daemon/conflict.rs`); zero:
+    /// never. Default [`DEFAULT_CONFLICT_CHECK`].
+    pub conflict_check: Duration,
     /// The control socket (`control` in the file, `--control` on the command line, which
     /// wins); `None`: the default, `/run/aoe/serve-PID.sock`
     /// ([`crate::control::default_socket_path`]). Read at start: a reload that changes it
@@ -299,6 +312,10 @@ pub enum ConfigError {
         max = crate::probe::MAX_PROBE.as_millis()
     )]
     Probe(u128),
+    /// `conflict_check_s` past [`MAX_CONFLICT_CHECK`] (a value near `u64::MAX` would
+    /// overflow the clock).
+    #[error("conflict_check_s must be from 0 to 86400 s (0: never), not {0} s")]
+    ConflictCheck(u64),
     /// A drain limit longer than [`MAX_DRAIN`].
     #[error("the drain limit must be at most 3600 s, not {0} s")]
     Drain(u64),
@@ -438,6 +455,7 @@ struct FileConfig {
     #[serde(default)]
     allow_duplicate: bool,
     probe_ms: Option<u64>,
+    conflict_check_s: Option<u64>,
     control: Option<PathBuf>,
     #[serde(default, rename = "export")]
     exports: Vec<FileExport>,
@@ -543,6 +561,9 @@ impl ServeConfig {
             probe: f
                 .probe_ms
                 .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
+            conflict_check: f
+                .conflict_check_s
+                .map_or(DEFAULT_CONFLICT_CHECK, Duration::from_secs),
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
@@ -630,6 +651,7 @@ impl ServeConfig {
             workers: DEFAULT_WORKERS,
             allow_duplicate: false,
             probe: crate::probe::DEFAULT_PROBE,
+            conflict_check: DEFAULT_CONFLICT_CHECK,
             control: None,
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
@@ -652,6 +674,9 @@ impl ServeConfig {
         }
         if self.probe > crate::probe::MAX_PROBE {
             return Err(ConfigError::Probe(self.probe.as_millis()));
+        }
+        if self.conflict_check > MAX_CONFLICT_CHECK {
+            return Err(ConfigError::ConflictCheck(self.conflict_check.as_secs()));
         }
         if self.drain > MAX_DRAIN {
             return Err(ConfigError::Drain(self.drain.as_secs()));
@@ -942,6 +967,7 @@ mod tests {
             workers = 2
             allow_duplicate = true
             probe_ms = 250
+            conflict_check_s = 5
             control = "ctl/serve.sock"
             [[export]]
             path = "disk.img"
@@ -965,6 +991,10 @@ mod tests {
         assert_eq!(c.workers, 2);
         assert!(c.allow_duplicate);
         assert_eq!(c.probe, Duration::from_millis(250));
+        assert_eq!(c.conflict_check, Duration::from_secs(5));
+        let over = t.replace("conflict_check_s = 5", "conflict_check_s = 86401");
+        let err = ServeConfig::from_toml(&over, Path::new("/etc/aoe/serve.toml")).unwrap_err();
+        assert!(format!("{err:#}").contains("conflict_check_s"), "{err:#}");
         assert_eq!(c.control, Some(PathBuf::from("/etc/aoe/ctl/serve.sock")));
         let e = &c.exports[0];
         assert_eq!(e.path, PathBuf::from("/etc/aoe/disk.img"));

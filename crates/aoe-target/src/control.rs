@@ -224,8 +224,24 @@ pub struct ExportStatus {
     /// within 5 s): reads and writes go to the file opened until a reload reopens the path.
     #[serde(default)]
     pub path_replaced: bool,
+    /// Other targets seen answering for this shelf.slot (the conflict watch's probes, or
+    /// the start probe with `allow_duplicate`): an initiator takes them and us as paths of
+    /// one disk and mixes their data. Empty: none seen.
+    #[serde(default)]
+    pub conflicts: Vec<AddressConflict>,
     /// Counters.
     pub counters: ExportCounters,
+}
+
+/// Another target answering for one of our addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressConflict {
+    /// Its MAC address.
+    pub mac: String,
+    /// Our interface that heard it.
+    pub interface: String,
+    /// Seconds since it last answered a probe.
+    pub last_seen_secs: u64,
 }
 
 /// One interface's reply-side counters.
@@ -269,6 +285,10 @@ pub struct Snapshot {
     /// Failed state file saves since the start, each try counted.
     #[serde(default)]
     pub state_save_failures: u64,
+    /// Address conflict probes finished since the start (the conflict watch, every
+    /// `conflict_check_s`): what each export's `conflicts` is as of.
+    #[serde(default)]
+    pub conflict_probes: u64,
 }
 
 /// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface

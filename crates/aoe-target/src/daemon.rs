@@ -27,6 +27,7 @@ use crate::probe::{Duplicate, Probe};
 use crate::state::{StateFile, StateWriter};
 
 mod coalesce;
+mod conflict;
 mod dispatch;
 mod exports;
 mod order;
@@ -268,6 +269,9 @@ pub struct Daemon {
     /// capacity, [`aoe_sys::MAX_SLOT_PARTS`]).
     read_members: Vec<usize>,
     read_parts: Vec<aoe_sys::SlotPart>,
+    /// The address conflict watch: probes every [`ServeConfig::conflict_check`] for another
+    /// target answering for one of our addresses ([`conflict`]).
+    watch: conflict::Watch,
 }
 
 /// What a reload's thread opened: the configuration, the running exports that stay, the new
@@ -361,6 +365,7 @@ impl Daemon {
             write_run: Vec::with_capacity(BATCH),
             read_members: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
             read_parts: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
+            watch: conflict::Watch::default(),
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
@@ -547,6 +552,7 @@ impl Daemon {
                 self.observer.publish(self.snapshot());
             }
             if refresh {
+                self.watch.tick(&self.config, Instant::now());
                 self.refresh_interfaces();
                 self.poll_shared_stores();
                 self.log_drops();
@@ -636,6 +642,7 @@ impl Daemon {
     /// The state as it is now, from the counters the engine and the loop already keep.
     fn snapshot(&self) -> crate::control::Snapshot {
         use crate::control::{ExportCounters, ExportStatus, IfaceStatus, Snapshot};
+        let now = Instant::now();
         let mut exports: Vec<ExportStatus> = self
             .exports
             .values()
@@ -664,6 +671,7 @@ impl Daemon {
                     failed: e.backend.failed(),
                     oldest_request_secs: e.oldest,
                     path_replaced: e.path_replaced,
+                    conflicts: self.watch.conflicts.of(a, now),
                     counters: ExportCounters {
                         replies: st.replies,
                         aoe_errors: st.aoe_errors,
@@ -706,6 +714,7 @@ impl Daemon {
                 .collect(),
             state_files_failing: saves.failing,
             state_save_failures: saves.failures,
+            conflict_probes: self.watch.probes,
         }
     }
 

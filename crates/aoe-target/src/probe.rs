@@ -15,6 +15,10 @@
 //! Targets answer a Query Config at once (vblade and the Linux driver's peers answer from
 //! their receive path), so the wait is short: [`DEFAULT_PROBE`] covers a loaded host or a
 //! switch that learns slowly, and is what a start or a reload with new exports costs.
+//!
+//! A target that comes up after us is not seen by that probe, so the running daemon repeats
+//! it every `conflict_check_s` ([`Probe::start_watch`], the daemon's conflict watch): there
+//! a duplicate is warned about and shown, not refused.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
@@ -102,6 +106,26 @@ impl Probe {
         all: &[ExportSpec],
         timeout: Duration,
     ) -> Result<Option<Probe>> {
+        Self::start_with(new, all, timeout, PacketSocket::open)
+    }
+
+    /// The periodic re-check of a running daemon (its conflict watch, `daemon/conflict.rs`):
+    /// probes every export of `all`, on sockets whose kernel filter takes AoE responses only
+    /// ([`PacketSocket::open_responses`]), so the initiators' requests that arrive while it
+    /// waits are not copied to it. It finds other targets answering, not two of our own
+    /// exports meeting (that needs our probe, a request, heard on another interface: the
+    /// start and reload probe's job).
+    pub fn start_watch(all: &[ExportSpec], timeout: Duration) -> Result<Option<Probe>> {
+        let new: Vec<&ExportSpec> = all.iter().collect();
+        Self::start_with(&new, all, timeout, PacketSocket::open_responses)
+    }
+
+    fn start_with(
+        new: &[&ExportSpec],
+        all: &[ExportSpec],
+        timeout: Duration,
+        open: fn(&str) -> std::io::Result<PacketSocket>,
+    ) -> Result<Option<Probe>> {
         if new.is_empty() || timeout.is_zero() {
             return Ok(None);
         }
@@ -116,7 +140,7 @@ impl Probe {
         let mut socks = Vec::new();
         let mut own = HashMap::new();
         for name in &names {
-            let s = PacketSocket::open(name)
+            let s = open(name)
                 .with_context(|| format!("cannot open a probe socket on interface {name}"))?;
             own.insert(MacAddr(s.info().mac), name.to_string());
             socks.push((name.to_string(), s));

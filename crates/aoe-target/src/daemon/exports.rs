@@ -246,7 +246,11 @@ impl Daemon {
                      --allow-duplicate serves it anyway)"
                 );
             }
-            tracing::warn!("{what}: serving it anyway (allow_duplicate)");
+            tracing::warn!(
+                "{what}: serving it anyway (allow_duplicate); an initiator will take both as \
+                 paths of one disk and mix their data"
+            );
+            self.watch.found_at_start(&dups, Instant::now());
         }
         // Commit.
         for (id, rt) in self.exports.iter_mut() {
