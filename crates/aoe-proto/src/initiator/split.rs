@@ -76,7 +76,7 @@ impl Engine {
                 return;
             };
             let Some(op) = self.ops.get_mut(&op_id) else {
-                d.queue.remove(at, false);
+                d.queue.remove(at, 0);
                 continue;
             };
             if d.life == Life::Identifying && !matches!(op.kind, OpKind::Identify) {
@@ -113,10 +113,11 @@ impl Engine {
                 }
             };
             op.frames_out += 1;
+            let sent = u64::from(count) * SECTOR_SIZE as u64;
             if op.unsent() {
-                d.queue.passed(at);
+                d.queue.passed(at, sent);
             } else {
-                d.queue.remove(at, true);
+                d.queue.remove(at, sent);
             }
             self.send_new(now, addr, op_id, ti, offset, count);
         }

@@ -1,5 +1,5 @@
 //! Fairness between the sources of a device's ops (`Queues`): four sources with long
-//! queues of large reads, a fifth's small read sent within a few frames of its submission
+//! queues of large reads, a fifth's small read sent within a quantum of each of them
 //! rather than after the others' backlog; each source's own ops in order; the write fence
 //! across sources.
 
@@ -36,8 +36,8 @@ fn frames_until(
 /// clients with 512 MiB of reads queued made a fifth's 4 KiB read wait up to 9.5 s, behind
 /// every frame queued before it. Four sources queue 32 reads of 64 sectors each (4096
 /// frames of 2 sectors in all); a fifth's one-frame read, submitted after them, goes out
-/// within one round of the sources' turns. With one queue for all (before) it went out
-/// after the 4096 frames.
+/// within one round of the sources' turns (a quantum, 256 frames of 1 KiB, each). With one
+/// queue for all (before) it went out after the 4096 frames.
 #[test]
 fn a_small_read_is_not_queued_behind_other_sources_backlog() {
     let (mut e, t0) = up_engine(1 << 20, true);
@@ -63,34 +63,36 @@ fn a_small_read_is_not_queued_behind_other_sources_backlog() {
     .unwrap();
     let after = frames_until(&mut e, t0, tx, |f| req_lba(f) == small)
         .expect("the small read was never sent");
-    // The 8 frames already out, then at most one frame of each of the other four sources
+    // The 8 frames already out, then at most a quantum of each of the other four sources
     // before the fifth's turn.
+    let quantum = (crate::initiator::queue::QUANTUM_BYTES / 1024) as usize;
     assert!(
-        after <= 8 + 4,
+        after <= 8 + 4 * quantum,
         "the small read went out after {after} frames of the others' 4096"
     );
 }
 
-/// Sources take turns frame by frame (deficit round-robin with a one-frame quantum): a
-/// source of large reads and one of one-frame reads get the same number of frames while
-/// both have some queued, and each source's frames go out in its own order.
+/// Sources take turns by bytes (deficit round-robin with a quantum of 256 KiB, 256 frames
+/// of 1 KiB here): a source of large reads and one of one-frame reads send a quantum each
+/// in turn while both have some queued, and each source's frames go out in its own order.
 #[test]
 fn sources_share_frames_and_keep_their_own_order() {
     let (mut e, t0) = up_engine(1 << 20, true);
-    // Source 1: 4 reads of 32 frames; source 2: 64 reads of one frame.
+    let quantum = (crate::initiator::queue::QUANTUM_BYTES / 1024) as usize;
+    // Source 1: 4 reads of 256 frames; source 2: 512 reads of one frame.
     for k in 0..4u64 {
         e.submit_from(
             t0,
             DEV,
             BlockOp::Read {
-                lba: k * 64,
-                sectors: 64,
+                lba: k * 512,
+                sectors: 512,
             },
             SourceId(1),
         )
         .unwrap();
     }
-    for k in 0..64u64 {
+    for k in 0..512u64 {
         e.submit_from(
             t0,
             DEV,
@@ -110,22 +112,32 @@ fn sources_share_frames_and_keep_their_own_order() {
         e.handle_frame(t0, 0, &ata_rsp(&f, TMAC, status::DRDY, 0, &data));
         tx.extend(drain(&mut e, t0).into_iter().map(|(_, f)| f));
     }
-    assert_eq!(completions(&mut e).len(), 68);
+    assert_eq!(completions(&mut e).len(), 516);
     let ones: Vec<u64> = order.iter().copied().filter(|l| *l < 100_000).collect();
     let twos: Vec<u64> = order.iter().copied().filter(|l| *l >= 100_000).collect();
     assert!(ones.windows(2).all(|w| w[0] < w[1]), "source 1 in order");
     assert!(twos.windows(2).all(|w| w[0] < w[1]), "source 2 in order");
-    // Source 1's first 8 frames filled the window before source 2 queued anything; from
-    // source 2's first frame on, the two alternate until source 2 has nothing left.
-    let pos: Vec<usize> = (0..order.len()).filter(|i| order[*i] >= 100_000).collect();
-    assert!(
-        pos.windows(2).all(|w| w[1] - w[0] == 2),
-        "not one frame each in turn: {order:?}"
-    );
-    assert!(
-        pos[0] <= 9,
-        "source 2's first frame after {} frames",
-        pos[0]
+    // Runs of one source's frames: a quantum each while both have frames queued (source
+    // 1's first run includes the window's first 8, sent before source 2 queued
+    // anything), then source 1's rest.
+    let mut runs: Vec<(bool, usize)> = Vec::new();
+    for l in &order {
+        let two = *l >= 100_000;
+        match runs.last_mut() {
+            Some((s, n)) if *s == two => *n += 1,
+            _ => runs.push((two, 1)),
+        }
+    }
+    assert_eq!(
+        runs,
+        vec![
+            (false, quantum),
+            (true, quantum),
+            (false, quantum),
+            (true, quantum),
+            (false, 2 * quantum),
+        ],
+        "not a quantum each in turn"
     );
 }
 
