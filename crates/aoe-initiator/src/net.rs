@@ -953,6 +953,12 @@ impl Iface {
                 }
             }
         }
+        // Frames still marked in the ring (a kick the send buffer cut short, now or before)
+        // would be overtaken by whatever `sendmmsg` sends now: the rest waits in the
+        // backlog until a kick has sent them ([`Iface::flush`], on the `KICK_RETRY` timer).
+        if self.txr.as_ref().is_some_and(|t| t.ring.needs_kick()) {
+            return;
+        }
         let mut done = 0;
         {
             let parts: Vec<[&[u8]; 2]> = frames
@@ -1014,10 +1020,10 @@ impl Iface {
     /// ([`KICK_RETRY`]) while frames stay marked in the transmit ring (the kernel signals
     /// no `POLLOUT` for a kick the send buffer cut short).
     fn waits(&self) -> (bool, bool) {
-        (
-            !self.backlog.is_empty(),
-            self.txr.as_ref().is_some_and(|t| t.ring.needs_kick()),
-        )
+        let marked = self.txr.as_ref().is_some_and(|t| t.ring.needs_kick());
+        // While frames stay marked the backlog waits for them, not for room in the socket
+        // (`send_now`): the timer, not `POLLOUT`, which would wake the loop at once.
+        (!self.backlog.is_empty() && !marked, marked)
     }
 }
 
