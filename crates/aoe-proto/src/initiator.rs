@@ -573,7 +573,7 @@ impl Engine {
     }
 
     /// Like [`Engine::submit`], from `source`: the device's queued ops are served in turn
-    /// among their sources, one frame each, and each source's own in the order submitted
+    /// among their sources, 256 KiB each, and each source's own in the order submitted
     /// (the write fence holds across sources, the overlap rule within one:
     /// `Engine::pick_queued`).
     pub fn submit_from(

@@ -192,7 +192,6 @@ impl Root {
     }
 }
 
-/// A usage error (exit status 2), with the message shown.
 /// The capacity a tool that sends only LBA48 commands (`aoe read`, `aoe bench`) may use:
 /// the page's claim cut to what a 48-bit LBA reaches, as the initiator's engine cuts it
 /// (aoe-proto `identify_done`). A sector past 2^48 would go out as the one 2^48 below it
@@ -208,6 +207,7 @@ pub fn lba48_capacity(addr: aoe_wire::TargetAddr, claimed: u64, quiet: bool) -> 
     claimed.min(reach)
 }
 
+/// A usage error (exit status 2), with the message shown.
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     crate::serve::UsageError(msg.into()).into()
 }

@@ -542,7 +542,7 @@ impl Engine {
         // and the 48-bit maximum likewise; the driver takes either as it is.
         let claimed = info.sectors();
         let reach = if info.lba48 {
-            1 << 48
+            aoe_wire::identify::LBA48_REACH
         } else {
             aoe_wire::identify::LBA28_MAX
         };

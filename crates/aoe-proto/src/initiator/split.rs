@@ -55,8 +55,8 @@ impl Engine {
 
     /// Sends queued frames while some target's window has room: first the copies waiting
     /// for a slot (`Device::rexmitq`, as the driver's `rexmit_deferred` runs before
-    /// `aoecmd_work` sends new frames), then new frames, one from each source's lane in
-    /// turn ([`Queues`]).
+    /// `aoecmd_work` sends new frames), then new frames, from each source's lane in turn,
+    /// 256 KiB a turn ([`Queues`]).
     pub(super) fn pump(&mut self, now: Instant, addr: TargetAddr) {
         if !self.send_waiting_copies(now, addr) {
             return;
