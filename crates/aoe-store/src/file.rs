@@ -360,9 +360,12 @@ impl FileBackend {
                 return Err(e);
             }
             let mut exact = AlignedBuf::new(buf.len(), self.mem_align);
-            self.exact_sectors(e, pos, buf.len(), |b| {
+            match self.exact_sectors(&e, pos, buf.len(), |b| {
                 self.file.read_exact_at(exact.as_mut(), b)
-            })?;
+            }) {
+                Some(r) => r?,
+                None => return Err(e),
+            }
             buf.copy_from_slice(exact.as_mut());
             return Ok(());
         }
@@ -377,25 +380,25 @@ impl FileBackend {
     /// bad sector may be one the request does not cover: `io` is tried on the request's own
     /// sectors alone, which such a file system takes, so that only requests that include a
     /// bad sector fail, as on the disk (the Linux driver sees an ATA error for exactly those;
-    /// docs/TEST-AUDIT.md, seventh audit). A file system that does need the alignment
-    /// refuses with EINVAL, and `e` stands.
+    /// docs/TEST-AUDIT.md, seventh audit). `io`'s result, or None where it is not tried or
+    /// a file system that does need the alignment refuses it with EINVAL: then `e` stands.
     fn exact_sectors(
         &self,
-        e: io::Error,
+        e: &io::Error,
         pos: u64,
         len: usize,
-        mut io: impl FnMut(u64) -> io::Result<()>,
-    ) -> io::Result<()> {
+        io: impl FnOnce(u64) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
         if e.raw_os_error() != Some(libc::EIO)
             || self.align == SECTOR as usize
             || pos % SECTOR != 0
             || len as u64 % SECTOR != 0
         {
-            return Err(e);
+            return None;
         }
         match io(pos) {
-            Err(e2) if e2.raw_os_error() == Some(libc::EINVAL) => Err(e),
-            r => r,
+            Err(e2) if e2.raw_os_error() == Some(libc::EINVAL) => None,
+            r => Some(r),
         }
     }
 
@@ -444,22 +447,13 @@ impl FileBackend {
             if let Err(e) = self.file.read_exact_at(bounce.as_mut(), start) {
                 let mut exact = AlignedBuf::new(buf.len(), self.mem_align);
                 exact.as_mut().copy_from_slice(buf);
-                // Whether the error returned is the write's own (then latched where EIO).
-                let mut write_failed = false;
-                return self
-                    .exact_sectors(e, pos, buf.len(), |b| {
-                        let r = self.file.write_all_at(exact.as_mut(), b);
-                        write_failed =
-                            matches!(&r, Err(e) if e.raw_os_error() != Some(libc::EINVAL));
-                        r
-                    })
-                    .map_err(|e| {
-                        if write_failed {
-                            DirectWriteError::Write(e)
-                        } else {
-                            DirectWriteError::Unwritten(e)
-                        }
-                    });
+                // The write's own error is latched where EIO; the read's never.
+                return match self.exact_sectors(&e, pos, buf.len(), |b| {
+                    self.file.write_all_at(exact.as_mut(), b)
+                }) {
+                    Some(r) => r.map_err(DirectWriteError::Write),
+                    None => Err(DirectWriteError::Unwritten(e)),
+                };
             }
         }
         let skip = (pos - start) as usize;
