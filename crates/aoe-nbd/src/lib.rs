@@ -48,7 +48,7 @@
 pub mod incoming;
 pub mod proto;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -331,7 +331,7 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
 
 /// Who a connection comes from, for its share of the handshakes ([`HANDSHAKES_PER_PEER`]):
 /// a Unix socket's peer by uid (`SO_PEERCRED`), a TCP one by address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Peer {
     Uid(u32),
     Addr(Option<std::net::IpAddr>),
@@ -348,7 +348,7 @@ enum Peer {
 pub const HANDSHAKES_PER_PEER: usize = 8;
 
 /// Connections in their handshake, per peer.
-static HANDSHAKES: Mutex<Option<HashMap<Peer, usize>>> = Mutex::new(None);
+static HANDSHAKES: Mutex<BTreeMap<Peer, usize>> = Mutex::new(BTreeMap::new());
 
 /// A connection counted in its peer's handshakes until dropped (its handshake over).
 struct InHandshake(Peer);
@@ -357,7 +357,7 @@ impl InHandshake {
     /// Counts a connection of `peer` in, or None if `peer` has its share in handshakes.
     fn enter(peer: Peer) -> Option<InHandshake> {
         let mut h = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        let n = h.get_or_insert_with(HashMap::new).entry(peer).or_insert(0);
+        let n = h.entry(peer).or_insert(0);
         if *n >= HANDSHAKES_PER_PEER {
             return None;
         }
@@ -369,12 +369,10 @@ impl InHandshake {
 impl Drop for InHandshake {
     fn drop(&mut self) {
         let mut h = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = h.as_mut() {
-            if let Some(n) = m.get_mut(&self.0) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.0);
-                }
+        if let Some(n) = h.get_mut(&self.0) {
+            *n -= 1;
+            if *n == 0 {
+                h.remove(&self.0);
             }
         }
     }
