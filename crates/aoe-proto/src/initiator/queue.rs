@@ -123,10 +123,12 @@ impl Queues {
             .is_some_and(|l| l.ops.contains(&id))
     }
 
-    /// Takes the op at `at` off its lane; `sent` is the data of the frame of it just sent
-    /// (counted against the lane's quantum, [`Queues::passed`]), 0 if none was (the turn
-    /// stays with the lane whose turn it was).
-    pub(super) fn remove(&mut self, at: (usize, usize), sent: u64) {
+    /// Takes the op at `at` off its lane. `sent` is the data of the frame of it just sent
+    /// (counted against the lane's quantum, [`Queues::passed`]; a frame without data, a
+    /// FLUSH CACHE, counts as one byte like any other), `None` if no frame was (the op
+    /// went without one: the turn stays where it was, and a lane that takes the turn by
+    /// moving into the emptied lane's place starts a fresh quantum).
+    pub(super) fn remove(&mut self, at: (usize, usize), sent: Option<u64>) {
         let Some(l) = self.lanes.get_mut(at.0) else {
             return;
         };
@@ -136,7 +138,7 @@ impl Queues {
         if l.ops.is_empty() {
             self.drop_lane(at.0);
             // The lanes after it moved down by one: the next one is now at its place.
-            if sent > 0 {
+            if sent.is_some() || self.turn == at.0 {
                 self.turn = at.0;
                 self.spent = 0;
             } else if self.turn > at.0 {
@@ -145,7 +147,7 @@ impl Queues {
             if self.turn >= self.lanes.len() {
                 self.turn = 0;
             }
-        } else if sent > 0 {
+        } else if let Some(sent) = sent {
             self.passed(at, sent);
         }
     }
@@ -175,7 +177,7 @@ impl Queues {
             return;
         };
         if let Some(k) = self.lanes[i].ops.iter().position(|q| *q == id) {
-            self.remove((i, k), 0);
+            self.remove((i, k), None);
         }
     }
 
@@ -207,7 +209,7 @@ mod tests {
     fn take(q: &mut Queues) -> Option<u64> {
         let (i, _) = q.in_turn().next()?;
         let id = q.get((i, 0))?;
-        q.remove((i, 0), QUANTUM_BYTES);
+        q.remove((i, 0), Some(QUANTUM_BYTES));
         Some(id)
     }
 
@@ -250,7 +252,7 @@ mod tests {
             if id == 0 {
                 q.passed((i, 0), QUANTUM_BYTES);
             } else {
-                q.remove((i, 0), QUANTUM_BYTES);
+                q.remove((i, 0), Some(QUANTUM_BYTES));
             }
         }
         assert_eq!(sent, vec![0, 1]);
@@ -294,12 +296,55 @@ mod tests {
             Some(1),
             "lane 2's turn after a quantum of lane 1's"
         );
-        q.remove((i, 0), frame);
+        q.remove((i, 0), Some(frame));
         // Lane 2 emptied: lane 1's turn again, from a fresh quantum.
         let (i, _) = q.in_turn().next().unwrap();
         assert_eq!(q.get((i, 0)), Some(0));
         q.passed((i, 0), frame);
         let (i, _) = q.in_turn().next().unwrap();
         assert_eq!(q.get((i, 0)), Some(0));
+    }
+
+    /// A frame without data (FLUSH CACHE) that ends its op counts against the lane's
+    /// quantum as one byte, as it does when the op has more to send: a lane at the end of
+    /// its quantum passes the turn with it. (Counted as "not sent" it kept the turn.)
+    #[test]
+    fn a_frame_without_data_counts_against_the_quantum() {
+        let mut q = Queues::default();
+        q.push_back(SourceId(1), 0);
+        q.push_back(SourceId(1), 1);
+        q.push_back(SourceId(2), 2);
+        q.passed((0, 0), QUANTUM_BYTES - 1);
+        assert_eq!(q.first(), Some(0));
+        q.remove((0, 0), Some(0));
+        let (i, _) = q.in_turn().next().unwrap();
+        assert_eq!(
+            q.get((i, 0)),
+            Some(2),
+            "the flush's frame spent lane 1's last byte: lane 2's turn"
+        );
+    }
+
+    /// A lane emptied without a frame (its last op answered or dropped while queued) hands
+    /// the turn to the lane moving into its place with a fresh quantum, not with the bytes
+    /// the emptied lane had spent.
+    #[test]
+    fn a_lane_emptied_without_a_frame_hands_on_no_spent_bytes() {
+        let mut q = Queues::default();
+        q.push_back(SourceId(1), 0);
+        q.push_back(SourceId(2), 1);
+        q.push_back(SourceId(3), 2);
+        q.passed((0, 0), QUANTUM_BYTES - 10);
+        q.remove_op(SourceId(1), 0);
+        // Lane 2 is now first and has the turn: 20 bytes are far from its quantum.
+        let (i, _) = q.in_turn().next().unwrap();
+        assert_eq!(q.get((i, 0)), Some(1));
+        q.passed((i, 0), 20);
+        let (i, _) = q.in_turn().next().unwrap();
+        assert_eq!(
+            q.get((i, 0)),
+            Some(1),
+            "lane 2 keeps the turn after 20 bytes (it inherited lane 1's spent bytes)"
+        );
     }
 }

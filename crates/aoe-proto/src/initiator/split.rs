@@ -76,7 +76,7 @@ impl Engine {
                 return;
             };
             let Some(op) = self.ops.get_mut(&op_id) else {
-                d.queue.remove(at, 0);
+                d.queue.remove(at, None);
                 continue;
             };
             if d.life == Life::Identifying && !matches!(op.kind, OpKind::Identify) {
@@ -117,7 +117,7 @@ impl Engine {
             if op.unsent() {
                 d.queue.passed(at, sent);
             } else {
-                d.queue.remove(at, sent);
+                d.queue.remove(at, Some(sent));
             }
             self.send_new(now, addr, op_id, ti, offset, count);
         }
