@@ -4,7 +4,7 @@
 # aoetools, tshark, the Linux kernel's aoe driver in a qemu guest) over them.
 #
 #   1. installs the Debian packages the peers come from (idempotent, scripts/install-deps.sh)
-#   2. rustfmt and clippy -D warnings
+#   2. rustfmt, clippy -D warnings and rustdoc -D warnings (no broken or private links)
 #   3. every crate's tests, unit to interop (cargo test --workspace --release, with the
 #      root-tests features that build the test binaries needing root)
 #   4. the fuzz targets, FUZZ_SECONDS each (default 30)
@@ -30,6 +30,9 @@ cargo fmt --all --check
 
 step "clippy"
 cargo clippy --workspace --all-targets --release --features "$root_tests" -- -D warnings
+
+step "rustdoc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --release --features "$root_tests"
 
 step "tests"
 log=$(mktemp)

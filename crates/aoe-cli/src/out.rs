@@ -19,14 +19,14 @@ pub fn write(args: std::fmt::Arguments<'_>) {
     }
 }
 
-/// `println!` that ends the process quietly on a closed standard output ([`write`]).
+/// `println!` that ends the process quietly on a closed standard output ([`fn@write`]).
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::out::write(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
-/// `print!` that ends the process quietly on a closed standard output ([`write`]).
+/// `print!` that ends the process quietly on a closed standard output ([`fn@write`]).
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::out::write(format_args!($($arg)*))

@@ -688,12 +688,12 @@ impl Filesystem for AoeFs {
     /// Asks for `FUSE_ASYNC_DIO` where the kernel has it: a direct read or write longer
     /// than one request goes out as that many requests at once, all in flight together,
     /// instead of one after the other (fs/fuse/file.c `fuse_direct_io`,
-    /// `fuse_async_req_send`). And makes one request [`REQUEST_BYTES`] (the kernel's
+    /// `fuse_async_req_send`). And makes one request `REQUEST_BYTES` (the kernel's
     /// `max_pages` follows the larger of `max_write` and `max_readahead`), so that `dd bs=1M
     /// iflag=direct`, one system call at a time, still has 4 requests in flight: the first
     /// quarter is answered (copied into the reader's pages) while the rest is on the wire,
     /// instead of the whole MiB waiting for its last frame and the link idling while it is
-    /// copied. [`MAX_BACKGROUND`] lets a larger direct I/O keep all its requests in flight.
+    /// copied. `MAX_BACKGROUND` lets a larger direct I/O keep all its requests in flight.
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Without it (a kernel before 3.13) long direct I/O goes one request at a time.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
@@ -767,7 +767,7 @@ impl Filesystem for AoeFs {
     /// fs/fuse/iomode.c), and a cached open waits for the parallel writes in flight. It
     /// drops the cached pages of a direct write's range before sending it; pages a cached
     /// opener reads back while the write is in flight are dropped by us just after it is
-    /// answered ([`invalidator`]), as `generic_file_direct_write` does for a cached-mode
+    /// answered (`invalidator`), as `generic_file_direct_write` does for a cached-mode
     /// synchronous direct write (before its return there; after the answer here, which
     /// must not wait on the page cache). Opens without `O_DIRECT`, and read-only ones, stay cached: buffered I/O and
     /// read-ahead work, and a synchronous direct read of more than one request keeps

@@ -39,7 +39,7 @@ pub struct Mount {
 }
 
 /// Mounts the file system over `shared` at `root`, sending work to `net`. With `uring`, its
-/// requests come through FUSE over io_uring ([`ring`]); where the kernel refuses it
+/// requests come through FUSE over io_uring (`ring`); where the kernel refuses it
 /// (`/sys/module/fuse/parameters/enable_uring` N, a kernel before 6.14), the mount is taken
 /// down again and the error says why.
 pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) -> Result<Mount> {

@@ -410,7 +410,7 @@ pub fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 
 /// The shared state if no one else holds it now (poisoned or not), else `None`: for the
 /// network thread's housekeeping, which must never wait for a front-end
-/// ([`Net::housekeeping`]).
+/// (`Net::housekeeping`).
 pub fn try_lock(s: &Mutex<Shared>) -> Option<MutexGuard<'_, Shared>> {
     match s.try_lock() {
         Ok(g) => Some(g),

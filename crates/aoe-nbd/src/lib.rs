@@ -75,7 +75,7 @@ pub const MAX_INFLIGHT: usize = 128;
 /// Payload bytes in flight per connection before it is not read until a reply makes room.
 pub const MAX_INFLIGHT_BYTES: u64 = 128 << 20;
 /// Payload bytes in flight over all connections before a connection with requests in
-/// flight is not read ([`Budget`]): four connections' worth (nbdcopy opens four by default). A connection with
+/// flight is not read (`Budget`): four connections' worth (nbdcopy opens four by default). A connection with
 /// nothing in flight may always take one request, so none starves; with at most
 /// [`MAX_CONNECTIONS`] connections the initiator's NBD memory is bounded (session 17's
 /// audit: four clients that never read their replies held 553 MB, N clients N times that).

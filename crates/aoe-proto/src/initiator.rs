@@ -537,7 +537,7 @@ impl Engine {
     /// Takes back a frame buffer from [`Engine::poll_transmit_frame`] once it is sent (or
     /// dropped), to encode a later frame into: the next frames then cost no allocation and
     /// no zeroing of a buffer the frame overwrites anyway. Optional; at most
-    /// [`SPARE_FRAMES`] are kept, the rest are freed.
+    /// `SPARE_FRAMES` are kept, the rest are freed.
     pub fn recycle_frame(&mut self, frame: Vec<u8>) {
         if self.spare.len() < SPARE_FRAMES {
             self.spare.push(frame);
@@ -547,7 +547,7 @@ impl Engine {
     /// Takes back the buffer of a completed read ([`Event::Completed`]) once the caller is
     /// done with it, to fill a later read into: its pages are already in memory, so the
     /// next read costs no page faults and no zeroing by the kernel. Optional; at most
-    /// [`SPARE_READ_BYTES`] of buffers are kept, the rest are freed. A read takes a buffer
+    /// `SPARE_READ_BYTES` of buffers are kept, the rest are freed. A read takes a buffer
     /// when its first frame is answered, not when it is submitted, so the buffers kept
     /// serve the reads being filled, however many are queued.
     pub fn recycle_read_buffer(&mut self, buf: Vec<u8>) {

@@ -563,8 +563,8 @@ impl Backend for FileBackend {
     /// write is one plain `pwrite` here, as vblade does every write: it copies into the page
     /// cache, and handing it to a worker instead cost 8x vblade's CPU per GB (a wake-up and
     /// a context switch each way, issue 15). What could make it wait (dirty-page
-    /// throttling, a full journal) shows as a write slower than [`INLINE_SLOW`], after which
-    /// writes go to the workers for [`INLINE_PAUSE`], so the caller's loop stalls at most
+    /// throttling, a full journal) shows as a write slower than `INLINE_SLOW`, after which
+    /// writes go to the workers for `INLINE_PAUSE`, so the caller's loop stalls at most
     /// once per pause.
     fn try_write_at(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
         // O_SYNC writes wait for the disk by definition; O_DIRECT needs the bounce buffer.

@@ -609,7 +609,9 @@ impl ServeConfig {
 
     /// Every `*.conf` file of a vblade-persistence directory (Debian's vblade-persistence
     /// package, `/etc/vblade.conf.d/`), one export each, in file-name order, with the
-    /// daemon-wide settings at their defaults. See [`vblade_export`] for the format.
+    /// daemon-wide settings at their defaults. Each file holds vblade-persistence's
+    /// `key=value` lines (`shelf`, `slot`, `netif`, `filename`, `options`, `ionice`), parsed
+    /// by the private `vblade_export`, whose comment gives an example.
     pub fn from_vblade_dir(dir: &Path) -> Result<ServeConfig, ConfigError> {
         let rd = |error| ConfigError::Read {
             path: dir.to_path_buf(),

@@ -53,6 +53,8 @@ pub struct CfgArgs {
     #[arg(long)]
     json: bool,
     /// [SHELF SLOT] [NETIF] (NETIF defaults to eth0).
+    // The brackets are usage text for --help, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(value_name = "ARGS", num_args = 0..)]
     args: Vec<String>,
 }

@@ -45,6 +45,8 @@ pub struct PingArgs {
     #[arg(short = 's', value_name = "SECS", allow_hyphen_values = true)]
     timeout: Option<String>,
     /// Perform a SMART command: CMD[:LBA_LOW].
+    // The brackets are usage text for --help, not a link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(short = 'S', value_name = "CMD[:ARG]")]
     smart: Option<String>,
     /// Starting AoE tag (the high bit is always set, as for every user-space AoE tool).
