@@ -38,11 +38,16 @@
 #             and softirq context during every dev and nbd transfer and nbdkit's, into
 #             dir/<cell>.data, and print per transfer the wake-ups per MiB by waker -> wakee
 #             pair, the cross-CPU ones and the IPIs per MiB (wakes_during in bench/lib.sh)
+#   FAULTS=dir  per dev and nbd transfer, the initiator's and the target's page faults (minor,
+#             major), mmap/munmap/madvise/brk/mremap calls and CPU-ms per MiB (perf stat), the
+#             machine's steal time per MiB (/proc/stat), and from `perf record -g -d` of the
+#             initiator (dir/<cell>.data, its maps at the end in dir/<cell>.maps) its page
+#             allocations by order and its faults by mapping (faults_during in bench/lib.sh)
 #   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
-#             (perf stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
+#             (perf stat), and the machine's steal time per MiB (/proc/stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
 #             per thread name of the initiator (aoe-net, nbd-conn, ...), summed over its threads
 #   PERFSTATALL=1  instead, per transfer (nbdkit's included), from /proc/stat: each CPU's busy
 #             share, and the whole machine's busy CPU and softirq time per MiB moved (which CPU
@@ -75,6 +80,7 @@ PERFSTAT=${PERFSTAT:-0}
 PERFSTATALL=${PERFSTATALL:-0}
 PERFALL=${PERFALL:-}
 WAKES=${WAKES:-}
+FAULTS=${FAULTS:-}
 RETX=${RETX:-0}
 METRICS_ADDR=127.0.0.1:9477
 [ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
@@ -155,7 +161,9 @@ sys_during() { # name cmd...
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ -n "$WAKES" ]; then
+    if [ -n "$FAULTS" ]; then
+        FAULTS_PIDS="$INIT_PID $TARGET_PID" faults_during "$FAULTS" "$name" "$SIZE_MB" "$@"
+    elif [ -n "$WAKES" ]; then
         WAKES_PIDS="$INIT_PID $TARGET_PID" wakes_during "$WAKES" "$name" "$SIZE_MB" "$@"
     elif [ "$PERFSTATALL" = 1 ]; then
         sys_during "$name" "$@"
@@ -175,13 +183,16 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
                 printf "perf stat %s thread %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
                     n, c, sc[c] / mib, cs[c] / mib, tc[c] / mib }' "$WORK/stat" >&2
     elif [ "$PERFSTAT" = 1 ]; then
+        local st0
+        st0=$(awk '/^cpu / { print $9 }' /proc/stat)
         beside_perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock \
             -p "$INIT_PID" -o "$WORK/stat" -- "$@"
-        awk -F, -v mib="$SIZE_MB" -v n="$name" '
+        # Steal: the ticks the host ran something else while a vCPU of this guest was runnable.
+        awk -F, -v mib="$SIZE_MB" -v n="$name" -v st="$(( $(awk '/^cpu / { print $9 }' /proc/stat) - st0 ))" -v hz="$HZ" '
             $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
             $3 == "page-faults" { pf = $1 } $3 == "task-clock" { tc = $1 }
-            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.1f page faults/MiB, %.2f CPU-ms/MiB\n",
-                  n, sc / mib, cs / mib, pf / mib, tc / mib }' "$WORK/stat" >&2
+            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.1f page faults/MiB, %.2f CPU-ms/MiB; machine steal %.3f CPU-ms/MiB\n",
+                  n, sc / mib, cs / mib, pf / mib, tc / mib, st / hz * 1000 / mib }' "$WORK/stat" >&2
     elif [ -n "$PERF" ]; then
         mkdir -p "$PERF"
         beside_perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" -- "$@"
