@@ -45,7 +45,7 @@
 #             machine's steal time per MiB (/proc/stat), and from `perf record -g -d` of the
 #             initiator (dir/<cell>.data, its maps at the end in dir/<cell>.maps) its page
 #             allocations by order and its faults by mapping (faults_during in bench/lib.sh)
-#   XCOPY=1  before and after each dev and nbd transfer, what copying 256 KiB blocks that the
+#   XCOPY=1  before, 0.25 s into and after each dev and nbd transfer, what copying 256 KiB blocks that the
 #             other CPU has just written costs, both ways, against the same CPU (ms per MiB,
 #             scripts/bench/xcopy.c, compiled with gcc): the initiator's copy of ring data the
 #             sender's softirq wrote on its own CPU costs that on top; on this VM it moves 10x
@@ -173,10 +173,14 @@ sys_during() { # name cmd...
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    [ "$XCOPY" = 1 ] && xcopy_line "$name before"
+    [ "$XCOPY" = 1 ] || { perf_during_inner "$name" "$@"; return; }
+    xcopy_line "$name before"
+    # One probe during the transfer too (0.25 s in, taking some 10-50 ms of a CPU from it).
+    (sleep 0.25; xcopy_line "$name during") &
+    local probe=$!
     perf_during_inner "$name" "$@"
-    [ "$XCOPY" = 1 ] && xcopy_line "$name after"
-    return 0
+    wait "$probe" 2>/dev/null || true
+    xcopy_line "$name after"
 }
 # What copying 256 KiB just written by the other CPU costs now, both ways, against the same
 # CPU (scripts/bench/xcopy.c; XCOPY=1): one line on stderr.
