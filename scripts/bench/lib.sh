@@ -256,7 +256,8 @@ wakes_report() { # perf.data name mib [tids-file]
 # allocations (kmem:mm_page_alloc, made in its context: socket buffers it sends, pages it
 # faults in) into dir/name.data, and its address map at the end into dir/name.maps. Prints
 # per MiB moved one line per process, the steal, and the initiator's page allocations by
-# order and its faults by mapping (`faults_report`). Costs little: faults and these system
+# order (and how many distinct blocks: memory the socket's buffers spread over) and its
+# faults by mapping (`faults_report`). Costs little: faults and these system
 # calls are a few per MiB; page allocations a few hundred (one record each, with its stack).
 faults_during() { # dir name mib cmd...
     local dir=$1 name=$2 mib=$3; shift 3
@@ -331,11 +332,12 @@ faults_report() { # dir name mib
             return v }
         BEGIN { while ((getline l < maps) > 0) { split(l, f, " "); split(f[1], r, "-"); m++
                 lo[m] = hex(r[1]); hi[m] = hex(r[2]); nm[m] = f[6] != "" ? f[6] : sprintf("anon %d KiB", (hi[m] - lo[m]) / 1024) } }
-        /mm_page_alloc/ { for (i = 1; i <= NF; i++) if ($i ~ /^order=/) order[substr($i, 7)]++; next }
+        /mm_page_alloc/ { o = ""; for (i = 1; i <= NF; i++) { if ($i ~ /^order=/) o = substr($i, 7); if ($i ~ /^pfn=/) pfn = $i }
+            order[o]++; if (!((o, pfn) in seen)) { seen[o, pfn] = 1; distinct[o]++ }; next }
         /page-faults/ { a = -1; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9a-f]+$/ && length($i) >= 4) { a = hex($i); break }
             w = "unmapped at the end"; for (k = 1; k <= m; k++) if (a >= lo[k] && a < hi[k]) { w = nm[k]; break }
             where[w]++; next }
         END { printf "faults %s initiator page allocations/MiB by order:", n
-              for (o in order) printf " %s: %.2f", o, order[o] / mib; printf "\n"
+              for (o in order) printf " %s: %.2f (%d distinct blocks, %.1f MiB)", o, order[o] / mib, distinct[o], distinct[o] * 4 * 2 ^ o / 1024; printf "\n"
               for (w in where) printf "faults %s initiator faults/MiB in %s: %.2f\n", n, w, where[w] / mib }'
 }
