@@ -28,7 +28,9 @@
 #             the other), every row names its binary, and the target and raw generator stay $AOE;
 #             an entry that is not a file is a name: INIT_AOE_<name> (binary, default AOE) and
 #             INIT_ARGS_<name> (its own extra arguments, after INIT_ARGS), as in bench/fio.sh, e.g.
-#             INITS="fuser ring" INIT_ARGS_ring=--fuse-uring ENABLE_URING=Y
+#             INITS="fuser ring" INIT_ARGS_ring=--fuse-uring ENABLE_URING=Y; NBD_TCP_<name>=1: that
+#             name's NBD cells go over TCP (--nbd-tcp on its namespace's loopback) instead of the
+#             Unix socket, e.g. INITS="unix tcp" NBD_TCP_tcp=1
 #   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on exit)
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
@@ -38,11 +40,21 @@
 #             and softirq context during every dev and nbd transfer and nbdkit's, into
 #             dir/<cell>.data, and print per transfer the wake-ups per MiB by waker -> wakee
 #             pair, the cross-CPU ones and the IPIs per MiB (wakes_during in bench/lib.sh)
+#   FAULTS=dir  per dev and nbd transfer, the initiator's and the target's page faults (minor,
+#             major), mmap/munmap/madvise/brk/mremap calls and CPU-ms per MiB (perf stat), the
+#             machine's steal time per MiB (/proc/stat), and from `perf record -g -d` of the
+#             initiator (dir/<cell>.data, its maps at the end in dir/<cell>.maps) its page
+#             allocations by order and its faults by mapping (faults_during in bench/lib.sh)
+#   XCOPY=1  before, 0.25 s into and after each dev and nbd transfer, what copying 256 KiB blocks that the
+#             other CPU has just written costs, both ways, against the same CPU (ms per MiB,
+#             scripts/bench/xcopy.c, compiled with gcc): the initiator's copy of ring data the
+#             sender's softirq wrote on its own CPU costs that on top; on this VM it moves 10x
+#             with the host's placement of the vCPUs
 #   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
-#             (perf stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
+#             (perf stat), and the machine's steal time per MiB (/proc/stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
 #             per thread name of the initiator (aoe-net, nbd-conn, ...), summed over its threads
 #   PERFSTATALL=1  instead, per transfer (nbdkit's included), from /proc/stat: each CPU's busy
 #             share, and the whole machine's busy CPU and softirq time per MiB moved (which CPU
@@ -75,6 +87,8 @@ PERFSTAT=${PERFSTAT:-0}
 PERFSTATALL=${PERFSTATALL:-0}
 PERFALL=${PERFALL:-}
 WAKES=${WAKES:-}
+FAULTS=${FAULTS:-}
+XCOPY=${XCOPY:-0}
 RETX=${RETX:-0}
 METRICS_ADDR=127.0.0.1:9477
 [ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
@@ -87,6 +101,7 @@ for t in ip nsenter jq awk dd nbdcopy fusermount3; do
 done
 [ "$NBDKIT" = 1 ] && { command -v nbdkit >/dev/null || die "missing nbdkit (Debian: nbdkit)"; }
 [ -x "$AOE" ] || die "no aoe binary at $AOE (cargo build --release, or set AOE=)"
+[ "$XCOPY" = 1 ] && { command -v gcc >/dev/null || die "missing gcc for XCOPY=1 (Debian: gcc)"; }
 AOE=$(readlink -f "$AOE")
 INITS=${INITS:-$AOE}
 INIT_BINS=() INIT_EXTRA=() INIT_NAMES=()
@@ -98,6 +113,8 @@ for b in $INITS; do
         a="INIT_AOE_$b" g="INIT_ARGS_$b"
         [ -x "${!a:-$AOE}" ] || die "no initiator binary for $b (INIT_AOE_$b=${!a:-})"
         INIT_BINS+=("$(readlink -f "${!a:-$AOE}")") INIT_EXTRA+=("${!g:-}") INIT_NAMES+=("$b")
+        # NBD_TCP_<name>=1: this initiator's NBD cells over TCP on its namespace's loopback.
+        t="NBD_TCP_$b"; [ "${!t:-0}" = 1 ] && INIT_EXTRA[-1]+=" --nbd-tcp 127.0.0.1:10810"
     fi
 done
 INIT_AOE=${INIT_BINS[0]}
@@ -106,6 +123,7 @@ ENABLE_URING=${ENABLE_URING:-}
 URING_PARAM=/sys/module/fuse/parameters/enable_uring URING_OLD=
 
 bench_workspace bi bench-initiator
+[ "$XCOPY" = 1 ] && gcc -O2 -Wall -pthread -o "$WORK/xcopy" "$HERE/bench/xcopy.c"
 IP_T=10.91.0.1 IP_I=10.91.0.2
 SRC=/dev/shm/aoe-bench-initiator-$TAG.src
 cleanup_more() {
@@ -155,7 +173,27 @@ sys_during() { # name cmd...
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
     local name=$1; shift
-    if [ -n "$WAKES" ]; then
+    [ "$XCOPY" = 1 ] || { perf_during_inner "$name" "$@"; return; }
+    xcopy_line "$name before"
+    # One probe during the transfer too (0.25 s in, taking some 10-50 ms of a CPU from it).
+    (sleep 0.25; xcopy_line "$name during") &
+    local probe=$!
+    perf_during_inner "$name" "$@"
+    wait "$probe" 2>/dev/null || true
+    xcopy_line "$name after"
+}
+# What copying 256 KiB just written by the other CPU costs now, both ways, against the same
+# CPU (scripts/bench/xcopy.c; XCOPY=1): one line on stderr.
+xcopy_line() { # label
+    local a b
+    a=$("$WORK/xcopy" 1 0) b=$("$WORK/xcopy" 0 1)
+    echo "xcopy $1: written on cpu1 copied on cpu0 ${a#* cross }, cpu0 -> cpu1 ${b#* cross } ms/MiB (same CPU ${a#same }" | sed 's/ cross [0-9.]*$/)/' >&2
+}
+perf_during_inner() { # name cmd...
+    local name=$1; shift
+    if [ -n "$FAULTS" ]; then
+        FAULTS_PIDS="$INIT_PID $TARGET_PID" faults_during "$FAULTS" "$name" "$SIZE_MB" "$@"
+    elif [ -n "$WAKES" ]; then
         WAKES_PIDS="$INIT_PID $TARGET_PID" wakes_during "$WAKES" "$name" "$SIZE_MB" "$@"
     elif [ "$PERFSTATALL" = 1 ]; then
         sys_during "$name" "$@"
@@ -175,13 +213,16 @@ perf_during() { # name cmd... : the command, with perf recording the initiator i
                 printf "perf stat %s thread %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.2f CPU-ms/MiB\n",
                     n, c, sc[c] / mib, cs[c] / mib, tc[c] / mib }' "$WORK/stat" >&2
     elif [ "$PERFSTAT" = 1 ]; then
+        local st0
+        st0=$(awk '/^cpu / { print $9 }' /proc/stat)
         beside_perf stat -x, -e raw_syscalls:sys_enter,context-switches,page-faults,task-clock \
             -p "$INIT_PID" -o "$WORK/stat" -- "$@"
-        awk -F, -v mib="$SIZE_MB" -v n="$name" '
+        # Steal: the ticks the host ran something else while a vCPU of this guest was runnable.
+        awk -F, -v mib="$SIZE_MB" -v n="$name" -v st="$(( $(awk '/^cpu / { print $9 }' /proc/stat) - st0 ))" -v hz="$HZ" '
             $3 == "raw_syscalls:sys_enter" { sc = $1 } $3 == "context-switches" { cs = $1 }
             $3 == "page-faults" { pf = $1 } $3 == "task-clock" { tc = $1 }
-            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.1f page faults/MiB, %.2f CPU-ms/MiB\n",
-                  n, sc / mib, cs / mib, pf / mib, tc / mib }' "$WORK/stat" >&2
+            END { printf "perf stat %s: %.1f syscalls/MiB, %.1f context switches/MiB, %.1f page faults/MiB, %.2f CPU-ms/MiB; machine steal %.3f CPU-ms/MiB\n",
+                  n, sc / mib, cs / mib, pf / mib, tc / mib, st / hz * 1000 / mib }' "$WORK/stat" >&2
     elif [ -n "$PERF" ]; then
         mkdir -p "$PERF"
         beside_perf record -q -g -p "$INIT_PID" -o "$PERF/$name.data" -- "$@"
@@ -257,7 +298,7 @@ fi
 echo "backing file: $SIZE_MB MiB on tmpfs; $(nproc) CPUs; load $(load)" >&2
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 [ "$WRITES" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
-URI="nbd+unix:///e$SHELF.$SLOT?socket=$SOCK"
+URI0="nbd+unix:///e$SHELF.$SLOT?socket=$SOCK" URI=$URI0
 
 for mtu in $MTUS; do
     bench_link "$mtu"
@@ -271,6 +312,8 @@ for mtu in $MTUS; do
         for run in $(seq 1 "$RUNS"); do
             for k in "${!INIT_BINS[@]}"; do
                 INIT_AOE=${INIT_BINS[$k]} INIT_ARGS="$INIT_ARGS0 ${INIT_EXTRA[$k]}"
+                URI=$URI0
+                case "$INIT_ARGS" in *--nbd-tcp\ 127.0.0.1:10810*) URI="nbd://127.0.0.1:10810/e$SHELF.$SLOT" ;; esac
                 start_initiator
                 : >"$WORK/cl"
                 c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")

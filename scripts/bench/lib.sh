@@ -245,3 +245,99 @@ wakes_report() { # perf.data name mib [tids-file]
                 printf "wakes %s:   %6.2f/MiB  %s\n", n, pair[keys[a]] / mib, keys[a]
         }'
 }
+
+# Memory churn during a command (FAULTS=dir in bench-initiator.sh): for the initiator and the
+# target (FAULTS_PIDS="init target"), `perf stat` of page faults (minor, major), the memory
+# system calls that map, unmap, advise or move the heap (mmap, munmap, madvise, brk, mremap)
+# and CPU time, the whole machine's page allocations (all, from the buddy lists, per-CPU
+# list drains: `perf stat -a`), and the machine's steal time from /proc/stat (a vCPU runnable while the host
+# runs something else). Beside it, `perf record -g` of the first process's (the initiator's)
+# page faults (every one, with its data address: -d), the same system calls, and its page
+# allocations (kmem:mm_page_alloc, made in its context: socket buffers it sends, pages it
+# faults in) into dir/name.data, and its address map at the end into dir/name.maps. Prints
+# per MiB moved one line per process, the steal, and the initiator's page allocations by
+# order (and how many distinct blocks: memory the socket's buffers spread over) and its
+# faults by mapping (`faults_report`). Costs little: faults and these system
+# calls are a few per MiB; page allocations a few hundred (one record each, with its stack).
+faults_during() { # dir name mib cmd...
+    local dir=$1 name=$2 mib=$3; shift 3
+    local -a p=(${FAULTS_PIDS:-})
+    local ev=page-faults,minor-faults,major-faults,task-clock
+    ev+=,syscalls:sys_enter_mmap,syscalls:sys_enter_munmap,syscalls:sys_enter_madvise
+    ev+=,syscalls:sys_enter_brk,syscalls:sys_enter_mremap
+    mkdir -p "$dir"
+    grep '^cpu ' /proc/stat >"$dir/$name.stat0"
+    faults_reporting >"$dir/$name.pr0"
+    # The recording first: attaching to every thread with call graphs takes longest.
+    beside_perf record -q -g -d -c 1 -e page-faults -e syscalls:sys_enter_mmap \
+        -e syscalls:sys_enter_munmap -e syscalls:sys_enter_madvise -e syscalls:sys_enter_brk \
+        -e kmem:mm_page_alloc -e syscalls:sys_enter_sendmsg -e syscalls:sys_enter_writev \
+        -p "${p[0]}" -o "$dir/$name.data" -- \
+        beside_perf stat -x, -a -e kmem:mm_page_alloc,kmem:mm_page_alloc_zone_locked,kmem:mm_page_pcpu_drain \
+        -o "$dir/$name.a.stat" -- \
+        beside_perf stat -x, -e "$ev" -p "${p[1]}" -o "$dir/$name.t.stat" -- \
+        beside_perf stat -x, -e "$ev" -p "${p[0]}" -o "$dir/$name.i.stat" -- \
+        faults_then_maps "${p[0]}" "$dir/$name.maps" "$@"
+    faults_reporting >"$dir/$name.pr1"
+    grep '^cpu ' /proc/stat >"$dir/$name.stat1"
+    faults_report "$dir" "$name" "$mib" >&2
+}
+# The guest's free page reporting (a VM's balloon hands free blocks of 2^order pages to the
+# host, which takes them back; touching one again faults in the host, unseen by the guest):
+# "KiB reported, passes" from the reporting module's counters where this kernel has them.
+faults_reporting() {
+    local d=/sys/module/page_reporting/parameters
+    [ -r "$d/reported_kib" ] && echo "$(cat "$d/reported_kib") $(cat "$d/passes" 2>/dev/null || echo 0)" || echo "0 0"
+}
+# The command, then the process's address map while it still runs.
+faults_then_maps() { # pid file cmd...
+    local pid=$1 out=$2; shift 2
+    "$@"
+    cat "/proc/$pid/maps" >"$out" 2>/dev/null || true
+}
+faults_report() { # dir name mib
+    local dir=$1 name=$2 mib=$3 who f
+    for who in i t; do
+        f="$dir/$name.$who.stat"
+        [ -s "$f" ] || continue
+        awk -F, -v mib="$mib" -v n="$name" -v w="$([ $who = i ] && echo initiator || echo target)" '
+            $1 ~ /^[0-9.]+$/ { v[$3] = $1 }
+            END { printf "faults %s %s: %.2f faults/MiB (%.2f minor, %.2f major); per MiB mmap %.3f munmap %.3f madvise %.3f brk %.3f mremap %.3f; %.2f CPU-ms/MiB\n",
+                  n, w, v["page-faults"] / mib, v["minor-faults"] / mib, v["major-faults"] / mib,
+                  v["syscalls:sys_enter_mmap"] / mib, v["syscalls:sys_enter_munmap"] / mib,
+                  v["syscalls:sys_enter_madvise"] / mib, v["syscalls:sys_enter_brk"] / mib,
+                  v["syscalls:sys_enter_mremap"] / mib, v["task-clock"] / mib }' "$f"
+    done
+    # The whole machine's page allocations, those that took the zone lock (the per-CPU
+    # lists empty: pages from the buddy lists, where freed blocks merge and get reported to
+    # the host) and the pages drained from the per-CPU lists back to them.
+    [ -s "$dir/$name.a.stat" ] && awk -F, -v mib="$mib" -v n="$name" '$1 ~ /^[0-9.]+$/ { v[$3] = $1 }
+        END { printf "faults %s machine: page allocations %.1f/MiB, from the buddy lists %.1f/MiB, per-CPU drains %.1f/MiB\n",
+              n, v["kmem:mm_page_alloc"] / mib, v["kmem:mm_page_alloc_zone_locked"] / mib, v["kmem:mm_page_pcpu_drain"] / mib }' "$dir/$name.a.stat"
+    # /proc/stat's cpu line: user nice system idle iowait irq softirq steal.
+    paste -d' ' "$dir/$name.stat0" "$dir/$name.stat1" | awk -v hz="$HZ" -v mib="$mib" -v n="$name" '
+        { printf "faults %s: steal %.3f CPU-ms/MiB (whole machine)", n, ($20 - $9) / hz * 1000 / mib }'
+    paste -d' ' "$dir/$name.pr0" "$dir/$name.pr1" | awk '{ printf "; free page reporting: %d KiB in %d passes\n", $3 - $1, $4 - $2 }'
+    [ -s "$dir/$name.data" ] || return 0
+    # Page allocations in the initiator's context by order, and its faults by the mapping
+    # their address falls in (heap, stack, a file, or an anonymous mapping by its size).
+    perf script -i "$dir/$name.data" -F comm,event 2>/dev/null | awk -v mib="$mib" -v n="$name" '
+        $NF ~ /sys_enter_(sendmsg|writev):$/ { c = $1; for (i = 2; i < NF; i++) c = c " " $i
+            e = $NF; sub(/^syscalls:sys_enter_/, "", e); sub(/:$/, "", e); k[c " " e]++ }
+        END { printf "faults %s initiator send calls/MiB by thread:", n
+              for (x in k) printf " %s %.2f;", x, k[x] / mib; printf "\n" }'
+    perf script -i "$dir/$name.data" -F event,addr,trace 2>/dev/null | awk -v mib="$mib" -v n="$name" -v maps="$dir/$name.maps" '
+        function hex(s,   i, c, v) { v = 0; s = tolower(s); sub(/^0x/, "", s)
+            for (i = 1; i <= length(s); i++) { c = index("0123456789abcdef", substr(s, i, 1)) - 1; v = v * 16 + c }
+            return v }
+        BEGIN { while ((getline l < maps) > 0) { split(l, f, " "); split(f[1], r, "-"); m++
+                lo[m] = hex(r[1]); hi[m] = hex(r[2]); nm[m] = f[6] != "" ? f[6] : sprintf("anon %d KiB", (hi[m] - lo[m]) / 1024) } }
+        /mm_page_alloc/ { o = ""; for (i = 1; i <= NF; i++) { if ($i ~ /^order=/) o = substr($i, 7); if ($i ~ /^pfn=/) pfn = $i }
+            order[o]++; if (!((o, pfn) in seen)) { seen[o, pfn] = 1; distinct[o]++ }; next }
+        /page-faults/ { a = -1; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9a-f]+$/ && length($i) >= 4) { a = hex($i); break }
+            w = "unmapped at the end"; for (k = 1; k <= m; k++) if (a >= lo[k] && a < hi[k]) { w = nm[k]; break }
+            where[w]++; next }
+        END { printf "faults %s initiator page allocations/MiB by order:", n
+              for (o in order) printf " %s: %.2f (%d distinct blocks, %.1f MiB)", o, order[o] / mib, distinct[o], distinct[o] * 4 * 2 ^ o / 1024; printf "\n"
+              for (w in where) printf "faults %s initiator faults/MiB in %s: %.2f\n", n, w, where[w] / mib }'
+}

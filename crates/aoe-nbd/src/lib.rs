@@ -905,6 +905,57 @@ struct RepliesState {
     /// The writer could not be started: replies are dropped (released), the connection
     /// shut down.
     broken: bool,
+    /// Buffers of copied reply tails the writer has sent, for the next tails.
+    spare: TailBufs,
+}
+
+/// Most bytes of written reply-tail buffers a connection keeps for its next tails: two
+/// socket buffers' worth of 256 KiB replies ([`UNIX_SNDBUF`]), what a client that stalls
+/// for a moment leaves queued, without holding a stalled connection's whole backlog.
+const SPARE_TAIL_BYTES: usize = 8 << 20;
+
+/// The buffers a connection copies unsent read-reply tails into ([`Replies::push_pieces`]),
+/// handed back by the writer once it has sent them ([`Replies::written`]). Each tail used
+/// to be a new allocation of up to a request's size, handed back to the engine's pool of
+/// read buffers that NBD reads never draw from (their data goes from the receive ring):
+/// every queued tail then touched fresh heap, 2-9 page faults per MiB read in the runs
+/// that queued (docs/PERFORMANCE.md, "Memory churn on the NBD paths").
+#[derive(Default)]
+struct TailBufs {
+    bufs: Vec<Vec<u8>>,
+    /// Capacity of `bufs` in all, at most [`SPARE_TAIL_BYTES`].
+    bytes: usize,
+    /// Buffers allocated anew because none kept was large enough (tests count them).
+    fresh: u64,
+}
+
+impl TailBufs {
+    /// An empty buffer with room for `len` bytes: a kept one if one is large enough (the
+    /// most recently kept first), else a new one.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        match self.bufs.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let b = self.bufs.swap_remove(i);
+                self.bytes -= b.capacity();
+                b
+            }
+            None => {
+                self.fresh += 1;
+                Vec::with_capacity(len)
+            }
+        }
+    }
+
+    /// Keeps `buf` (emptied) while the kept bytes stay within [`SPARE_TAIL_BYTES`].
+    fn put(&mut self, mut buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if cap == 0 || self.bytes + cap > SPARE_TAIL_BYTES {
+            return;
+        }
+        buf.clear();
+        self.bytes += cap;
+        self.bufs.push(buf);
+    }
 }
 
 impl Replies {
@@ -990,7 +1041,7 @@ impl Replies {
     /// copied and queued for the writer, since the slots go back to the kernel when this
     /// returns.
     fn push_pieces(&self, head: Vec<u8>, pieces: &[&[u8]], held: u64) {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
         let mut sent = 0;
         if s.queue.is_empty() && !s.busy {
@@ -1001,9 +1052,10 @@ impl Replies {
                 return;
             }
         }
+        let buf = s.spare.take(total - sent);
         let r = Reply {
             head: Vec::new(),
-            data: rest_after(&head, pieces, sent),
+            data: rest_after(buf, &head, pieces, sent),
             held,
         };
         self.enqueue(s, r);
@@ -1033,6 +1085,21 @@ impl Replies {
         std::mem::swap(&mut s.queue, batch);
         s.busy = true;
         true
+    }
+
+    /// The writer is done with `batch` (sent, or dropped after a write error): its tail
+    /// buffers are kept for the next tails, then its in-flight bytes released (which may
+    /// wake the network thread to read more requests).
+    fn written(&self, batch: &mut Vec<Reply>) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for r in batch.iter_mut() {
+                s.spare.put(std::mem::take(&mut r.data));
+            }
+        }
+        for r in batch.drain(..) {
+            self.inflight.release(r.held);
+        }
     }
 }
 
@@ -1081,10 +1148,12 @@ fn send_now(fd: RawFd, head: &[u8], pieces: &[&[u8]]) -> usize {
     sent
 }
 
-/// The bytes of `head` then `pieces` after the first `sent`, copied.
-fn rest_after(head: &[u8], pieces: &[&[u8]], mut sent: usize) -> Vec<u8> {
+/// The bytes of `head` then `pieces` after the first `sent`, copied into `out` (emptied
+/// first; grown if it has not the room).
+fn rest_after(mut out: Vec<u8>, head: &[u8], pieces: &[&[u8]], mut sent: usize) -> Vec<u8> {
     let total = head.len() + pieces.iter().map(|p| p.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(total.saturating_sub(sent));
+    out.clear();
+    out.reserve(total.saturating_sub(sent));
     for p in std::iter::once(head).chain(pieces.iter().copied()) {
         if sent >= p.len() {
             sent -= p.len();
@@ -1155,9 +1224,7 @@ fn transmission(
     let inflight = Arc::new(Inflight::new(Box::new(move || waker.wake())));
     let tx = Arc::new(Replies::new(w.try_clone()?, inflight.clone()));
     let rx = tx.clone();
-    let recycle = net.clone();
     let shut = w.try_clone()?;
-    let inf = inflight.clone();
     tx.set_writer(Box::new(move || {
         std::thread::Builder::new()
             .name("nbd-writer".into())
@@ -1174,11 +1241,7 @@ fn transmission(
                         // it runs then reads no more requests.
                         rx.failed.store(true, Ordering::Release);
                     }
-                    for m in batch.drain(..) {
-                        inf.release(m.held);
-                        // A read's buffer goes back to the engine for a later read to fill.
-                        recycle.recycle(m.data);
-                    }
+                    rx.written(&mut batch);
                     if !ok {
                         // Ends the connection (its source sees the end of stream); replies
                         // still due are dropped (but released).
@@ -1610,7 +1673,7 @@ mod tests {
         let mut whole = head.clone();
         whole.extend_from_slice(&data);
         for sent in 0..=whole.len() {
-            let rest = rest_after(&head, &pieces, sent);
+            let rest = rest_after(vec![0xee; 7], &head, &pieces, sent);
             for max in [1, 999, 4096] {
                 let mut w = Dribble {
                     out: whole[..sent].to_vec(),
@@ -1689,6 +1752,54 @@ mod tests {
         let all = &all[16 + big.len()..];
         assert_eq!(&all[..16], &[3; 16]);
         assert_eq!(&all[16..], &[9; 100]);
+    }
+
+    /// Reply tails queued behind a full socket are copied into the buffers the writer
+    /// handed back, not into a new allocation of a request's size each: ten 256 KiB
+    /// replies into a full socket, each written and handed back before the next, cost one
+    /// allocation (ten when the writer gave its buffers elsewhere, as it did: the engine's
+    /// pool of read buffers, which NBD reads never draw from). The stream stays whole.
+    #[test]
+    fn queued_reply_tails_reuse_the_written_buffers() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let inflight = Arc::new(Inflight::new(Box::new(|| {})));
+        let q = Replies::new(Conn::Unix(a), inflight.clone());
+        let big: Vec<u8> = (0..256 << 10).map(|j| (j % 239) as u8).collect();
+        let pieces: Vec<&[u8]> = big.chunks(8704).collect();
+        for round in 0..10u8 {
+            // Full: the reply's every byte is copied and queued.
+            let mut filled = 0;
+            while let Ok(n) =
+                nix::sys::socket::send(q.sock.as_raw_fd(), &[7u8; 4096], MsgFlags::MSG_DONTWAIT)
+            {
+                filled += n;
+            }
+            assert!(inflight.try_acquire(0));
+            q.push_pieces(vec![round; 16], &pieces, 0);
+            assert_eq!(requests_in_flight(&inflight), 1, "round {round}: queued");
+            let mut batch = Vec::new();
+            assert!(q.take(&mut batch));
+            let mut r = b.try_clone().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut all = vec![0u8; filled + 16 + (256 << 10)];
+                r.read_exact(&mut all).unwrap();
+                all
+            });
+            write_replies(&mut q.sock.try_clone().unwrap(), &batch).unwrap();
+            q.written(&mut batch);
+            assert!(batch.is_empty());
+            assert_eq!(requests_in_flight(&inflight), 0, "round {round}: released");
+            let all = reader.join().unwrap();
+            assert!(all[..filled].iter().all(|&x| x == 7));
+            assert_eq!(&all[filled..filled + 16], &[round; 16]);
+            assert!(all[filled + 16..] == big[..], "round {round}");
+        }
+        let s = q.state.lock().unwrap();
+        assert_eq!(s.spare.fresh, 1, "one tail buffer, reused");
+        assert!(s.spare.bytes <= SPARE_TAIL_BYTES);
+        drop(s);
+        b.set_nonblocking(true).unwrap();
+        assert!(b.read(&mut [0u8; 1]).is_err(), "nothing more was sent");
     }
 
     fn reply(byte: u8, data: Vec<u8>) -> Reply {
