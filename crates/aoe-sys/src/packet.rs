@@ -437,10 +437,13 @@ impl PacketSocket {
             return Ok(0);
         }
         let vlen = libc::c_uint::try_from(batch.hdrs.len()).unwrap_or(libc::c_uint::MAX);
+        // Until the call returns, any header may be written; narrowed to `n + 1` below.
+        batch.dirty = batch.hdrs.len();
         let ret = loop {
-            // SAFETY: `prepare` pointed every header at its own iovec, sockaddr_ll and slice of
-            // `batch.buf`, all owned by `batch`, which is exclusively borrowed for the call, and
-            // `vlen` is at most the number of headers. A NULL timeout is allowed.
+            // SAFETY: `new` pointed every header at its own iovec, sockaddr_ll and slice of
+            // `batch.buf`, all owned by `batch` and never moved or resized since, and `prepare`
+            // reset the fields the last call wrote; `batch` is exclusively borrowed for the
+            // call, and `vlen` is at most the number of headers. A NULL timeout is allowed.
             let ret = unsafe {
                 libc::recvmmsg(
                     self.fd.as_raw_fd(),
@@ -454,12 +457,17 @@ impl PacketSocket {
                 Ok(n) => break n,
                 Err(e) => match e.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return Ok(0),
+                    io::ErrorKind::WouldBlock => {
+                        // Nothing received: the first header failed, the rest were not reached.
+                        batch.dirty = 1;
+                        return Ok(0);
+                    }
                     _ => return Err(e),
                 },
             }
         };
         let n = usize::try_from(ret).unwrap_or(0).min(batch.hdrs.len());
+        batch.dirty = (n + 1).min(batch.hdrs.len());
         for i in 0..n {
             let hdr = &batch.hdrs[i];
             let truncated = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
@@ -790,11 +798,16 @@ pub struct RecvBatch {
     hdrs: Vec<libc::mmsghdr>,
     metas: Vec<RecvMeta>,
     received: usize,
+    /// How many leading headers the kernel may have written since [`prepare`](Self::prepare)
+    /// last reset them: `recvmmsg` fills headers in order and stops at the first that fails,
+    /// so after a call that returned `n` it is at most `n + 1`.
+    dirty: usize,
 }
 
 // SAFETY: the raw pointers inside `iovs` and `hdrs` only ever point into `buf`, `iovs` and
-// `addrs`, which the batch owns; they are rewritten by `prepare` right before each use under
-// `&mut self`, and never dereferenced by shared-reference methods. So moving the batch to
+// `addrs`, which the batch owns; they are set once by `new` (into heap buffers that are never
+// resized, so moving the batch moves no target), used only under `&mut self` by
+// `recv_batch`, and never dereferenced by shared-reference methods. So moving the batch to
 // another thread, or reading it from several, is as safe as for the owned Vecs themselves.
 unsafe impl Send for RecvBatch {}
 // SAFETY: as above: `&RecvBatch` methods only read `buf` and `metas`; no interior mutability.
@@ -811,7 +824,7 @@ impl RecvBatch {
         let total = count
             .checked_mul(frame_size)
             .expect("RecvBatch::new: count * frame_size overflows usize");
-        RecvBatch {
+        let mut batch = RecvBatch {
             frame_size,
             buf: vec![0; total],
             // SAFETY: iovec is a pointer and a length; all-zero (NULL, 0) is valid.
@@ -821,7 +834,10 @@ impl RecvBatch {
             hdrs: (0..count).map(|_| unsafe { mem::zeroed() }).collect(),
             metas: vec![RecvMeta::default(); count],
             received: 0,
-        }
+            dirty: 0,
+        };
+        batch.point_all();
+        batch
     }
 
     /// Number of slots.
@@ -897,13 +913,13 @@ impl RecvBatch {
         (0..self.received).map(move |i| (self.frame(i), self.metas[i]))
     }
 
-    /// Points every header at its slot, sockaddr and iovec, and forgets the last receive.
+    /// Points every header at its slot, sockaddr and iovec: once, in [`new`](Self::new).
     ///
-    /// The raw pointers are taken from `as_mut_ptr` after all writes through the Vecs, so no
-    /// later `&mut` access invalidates them before the system call.
-    fn prepare(&mut self) {
-        self.received = 0;
-        self.metas.fill(RecvMeta::default());
+    /// The pointers come from `Vec::as_mut_ptr`, which does not materialize a reference to
+    /// the buffer, so they stay valid across the later reads of `buf` and `addrs` and the
+    /// `&mut` borrows of `buf` (`frame_mut`) and `hdrs` (`prepare`); `iovs` is never written
+    /// again, and no Vec is ever resized, so no buffer moves.
+    fn point_all(&mut self) {
         let frame_size = self.frame_size;
         let base = self.buf.as_mut_ptr();
         for (i, iov) in self.iovs.iter_mut().enumerate() {
@@ -926,6 +942,26 @@ impl RecvBatch {
             hdr.msg_hdr.msg_controllen = 0;
             hdr.msg_hdr.msg_flags = 0;
         }
+        self.dirty = 0;
+    }
+
+    /// Forgets the last receive and resets what the kernel may have written in the headers
+    /// (`msg_len`, `msg_namelen`, `msg_flags`, `msg_controllen`; recvmmsg(2) writes nothing
+    /// else of a header, and nothing of a header past the first one that failed). Only the
+    /// headers the last call reached are touched: resetting all 64 of a generator's batch on
+    /// every call, most of them unused, was 5% of `aoe bench`'s CPU at MTU 1500 random
+    /// writes (docs/PERFORMANCE.md, session 25).
+    fn prepare(&mut self) {
+        self.metas[..self.received].fill(RecvMeta::default());
+        self.received = 0;
+        let namelen = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        for hdr in &mut self.hdrs[..self.dirty] {
+            hdr.msg_len = 0;
+            hdr.msg_hdr.msg_namelen = namelen;
+            hdr.msg_hdr.msg_controllen = 0;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        self.dirty = 0;
     }
 }
 
@@ -1011,6 +1047,46 @@ mod tests {
         );
         assert!(!meta_from(60, 60, false, &addr).truncated);
         assert!(meta_from(60, 60, true, &addr).truncated);
+    }
+
+    #[test]
+    fn prepare_resets_what_the_kernel_wrote_and_keeps_the_pointers() {
+        let mut b = RecvBatch::new(4, 64);
+        let full = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        let before: Vec<_> = b
+            .hdrs
+            .iter()
+            .map(|h| (h.msg_hdr.msg_name, h.msg_hdr.msg_iov))
+            .collect();
+        let bufs: Vec<_> = b.iovs.iter().map(|v| (v.iov_base, v.iov_len)).collect();
+        // What a recvmmsg that returned 2 leaves behind (the third header reached, failed).
+        for h in &mut b.hdrs[..3] {
+            h.msg_len = 60;
+            h.msg_hdr.msg_namelen = 18;
+            h.msg_hdr.msg_flags = libc::MSG_TRUNC;
+        }
+        b.metas[0] = meta_from(60, 64, false, &zeroed_sockaddr_ll());
+        b.metas[1] = b.metas[0];
+        b.received = 2;
+        b.dirty = 3;
+        // Moving the batch moves no buffer the headers point into.
+        let mut b = Box::new(b);
+        b.prepare();
+        assert_eq!(b.len(), 0);
+        for (i, h) in b.hdrs.iter().enumerate() {
+            assert_eq!(h.msg_len, 0, "header {i}");
+            assert_eq!(h.msg_hdr.msg_namelen, full, "header {i}");
+            assert_eq!(h.msg_hdr.msg_flags, 0, "header {i}");
+            assert_eq!(h.msg_hdr.msg_controllen, 0, "header {i}");
+            assert_eq!((h.msg_hdr.msg_name, h.msg_hdr.msg_iov), before[i]);
+            assert_eq!(b.meta(i), RecvMeta::default());
+            assert_eq!(b.wire_len(i), 0);
+        }
+        let base = b.buf.as_ptr();
+        for (i, v) in b.iovs.iter().enumerate() {
+            assert_eq!((v.iov_base, v.iov_len), bufs[i]);
+            assert_eq!(v.iov_base.cast_const(), base.wrapping_add(i * 64).cast());
+        }
     }
 
     #[test]

@@ -64,6 +64,13 @@ pub struct Plan {
     pub time: Option<Duration>,
     /// Check read data against the pattern.
     pub check: bool,
+    /// The written data will be read back and checked (verify's write phase): each
+    /// request carries the LBA-stamped pattern of its own sectors, retransmits included.
+    /// Otherwise nothing looks at the data again (the stamp is the run's own), so each
+    /// transmit slot (or, with `sendmmsg`, each request slot) gets the pattern once, that of
+    /// the first request it carries, and keeps it for every later one: a write then costs
+    /// the generator no store of its data, as the C generator's constant payload does not.
+    pub stamp_data: bool,
     /// The pattern's run stamp.
     pub stamp: u64,
     /// Seed of the random offsets.
@@ -199,6 +206,8 @@ struct Slot {
     /// When the rate's schedule meant it to go (its first send without a rate).
     intended: Instant,
     tries: u32,
+    /// Its arena frame holds write data already (`sendmmsg` only; see [`Plan::stamp_data`]).
+    filled: bool,
 }
 
 /// Tag layout: bit 31 set (a user-space tool's tag), bits 16-30 the slot's generation,
@@ -329,6 +338,7 @@ pub fn run(
             sent: start,
             intended: start,
             tries: 0,
+            filled: false,
         };
         t.window
     ];
@@ -389,6 +399,8 @@ pub fn run(
         .rate
         .is_limited()
         .then(|| Pacer::new(start, t.rate, t.rate_depth));
+    // Transmit slots not yet given write data in this phase (set at the first send).
+    let mut unseeded: Option<usize> = None;
     let mut last_reply = start;
     let mut last_activity = start;
     let mut next_scan = start;
@@ -442,8 +454,9 @@ pub fn run(
             let mut ata = AtaPacket::new_checked(f.payload_mut())?;
             ata.set_sector_count(s.count);
             ata.set_lba(lba);
-            if write && tx.is_none() {
+            if write && tx.is_none() && (plan.stamp_data || !s.filled) {
                 pattern::fill(&mut ata.data_mut()[..data_len], lba, plan.stamp);
+                s.filled = true;
             }
             pending.push_back(i as u16);
             busy += 1;
@@ -455,6 +468,9 @@ pub fn run(
         // Send what is pending: into the ring's free slots and one kick for them all, or
         // with sendmmsg in batches.
         if let Some(r) = tx.as_deref_mut() {
+            if unseeded.is_none() {
+                unseeded = Some(r.ring.tx_frames());
+            }
             let mut n = 0;
             for &i in pending.iter() {
                 let i = usize::from(i);
@@ -464,13 +480,19 @@ pub fn run(
                 let s = &slots[i];
                 let head = s.len.min(stride);
                 slot[..head].copy_from_slice(&arena[i * stride..i * stride + head]);
-                if write {
+                // Slots are taken in ring order, so the first `tx_frames` sends of the phase
+                // reach each slot once.
+                let seeding = unseeded.is_some_and(|u| u > 0);
+                if write && (plan.stamp_data || seeding) {
                     let data = usize::from(s.count) * SECTOR;
                     pattern::fill(
                         &mut slot[ATA_HEADER_LEN..ATA_HEADER_LEN + data],
                         s.lba,
                         plan.stamp,
                     );
+                }
+                if seeding {
+                    unseeded = unseeded.map(|u| u - 1);
                 }
                 r.ring.commit(s.len)?;
                 n += 1;

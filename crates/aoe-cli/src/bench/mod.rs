@@ -137,7 +137,8 @@ enum Io {
 enum Mode {
     /// Sequential reads.
     Read,
-    /// Sequential writes of the LBA-stamped pattern.
+    /// Sequential writes. Their data is the LBA-stamped pattern laid into each transmit
+    /// slot once and not checked (that is `verify`).
     Write,
     /// Reads at random request-aligned offsets.
     Randread,
@@ -669,6 +670,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         limit,
         time,
         check: false,
+        stamp_data: false,
         stamp,
         seed: a.seed,
     };
@@ -685,6 +687,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     op: Op::Write,
                     span,
                     limit: Some(span),
+                    stamp_data: true,
                     ..base
                 },
                 gen::Plan {

@@ -455,13 +455,23 @@ impl Daemon {
             return;
         };
         let iface = &self.ifaces[idx];
-        let mut bufs: [&[u8]; aoe_sys::MAX_WRITEV] = [&[]; aoe_sys::MAX_WRITEV];
-        for (b, &j) in bufs.iter_mut().zip(run) {
-            if let Staged::Write { frame, data, .. } = &staged[j] {
-                *b = &iface.frame(*frame)[data.clone()];
+        let slice = |j: usize| match &staged[j] {
+            Staged::Write { frame, data, .. } => &iface.frame(*frame)[data.clone()],
+            _ => &[][..],
+        };
+        // A run of one (every random write) is the store's one-slice write, without the
+        // 64-slice array the vectored call takes: the stores answer both alike
+        // (`Backend::try_write_vectored_at`), and zeroing that array was a third of this
+        // function at MTU 1500 random writes (docs/PERFORMANCE.md, session 25).
+        let all = if let [only] = run {
+            rt.backend.try_write_at(slice(*only), offset)
+        } else {
+            let mut bufs: [&[u8]; aoe_sys::MAX_WRITEV] = [&[]; aoe_sys::MAX_WRITEV];
+            for (b, &j) in bufs.iter_mut().zip(run) {
+                *b = slice(j);
             }
-        }
-        let all = rt.backend.try_write_vectored_at(&bufs[..run.len()], offset);
+            rt.backend.try_write_vectored_at(&bufs[..run.len()], offset)
+        };
         match all {
             Ok(true) => {
                 for &j in run {
