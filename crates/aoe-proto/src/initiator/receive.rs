@@ -651,6 +651,7 @@ impl Engine {
 
     /// Sends IDENTIFY to each target of `addr` waiting to be asked ([`Vet::Pending`]) once
     /// the device is up with a capacity to compare with.
+    #[cold]
     pub(super) fn vet_targets(&mut self, now: Instant, addr: TargetAddr) {
         let Some(d) = self.devices.get(&addr) else {
             return;
@@ -668,6 +669,7 @@ impl Engine {
 
     /// Sends try `tries` of IDENTIFY to target `ti` of `addr` alone (not a path yet, so
     /// it never gets the device's frames): an op of its own, as a probe.
+    #[cold]
     pub(super) fn send_verify(&mut self, now: Instant, addr: TargetAddr, ti: usize, tries: u8) {
         let Some(t) = self
             .devices
@@ -688,6 +690,7 @@ impl Engine {
     /// The answer to a target's [`OpKind::Verify`] (or its error): a path if the capacity
     /// it reports is the device's, as `identify_done` would take it, else refused with one
     /// rate-limited line and [`Stats::targets_other_disk`].
+    #[cold]
     pub(super) fn verify_done(
         &mut self,
         now: Instant,

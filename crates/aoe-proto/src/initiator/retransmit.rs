@@ -177,6 +177,7 @@ impl Engine {
 
     /// A new target's IDENTIFY timed out: asked again up to [`VET_TRIES`] times, then left
     /// [`Vet::Pending`] until its next Query Config response.
+    #[cold]
     fn verify_unanswered(&mut self, now: Instant, f: &Outstanding) {
         let Some(d) = self.devices.get_mut(&f.dev) else {
             return;
