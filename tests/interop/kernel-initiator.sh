@@ -12,7 +12,7 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT]
+#                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -40,6 +40,11 @@
 #                target, the guest starts the write a second later (frames go unanswered, the
 #                driver retransmits), and the host starts the target again 3 s after the kill;
 #                the write must complete and every check below hold
+#   -W           kill mid-stream: like -K, but the guest writes the pattern region one 64 KiB
+#                dd oflag=direct after the other, without pause, and asks for the kill after
+#                the second: the host SIGKILLs the target while the guest's writes stream
+#                (one is in flight, or goes out to the dead target), restarts it 3 s later,
+#                and every write the guest saw complete, and the rest, must be in the file
 #   -R SECONDS   reload: the template must use {CONFIG}. The pattern region is 4 MiB, and
 #                the guest writes it over and over with dd oflag=direct, in passes of
 #                sector-stamped data (every 8 bytes of a sector say its LBA and pass), for at
@@ -129,11 +134,11 @@ FULL_FREE_KIB=256
 SHRINK=0
 BAD=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:kgKFSPh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:kgKWFSPh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         B) BAD=$OPTARG ;;
         *) usage ;;
     esac
@@ -560,6 +565,18 @@ if [ "$FULL" = 1 ]; then
         sleep 1
     done
     out "FULL_REWRITTEN after $i failed tries"
+elif [ "$KILL" = 2 ]; then
+    # -W: one 64 KiB direct write after the other; the host kills the target when it
+    # reads KILL_ME, while the following writes stream.
+    n=0
+    while [ $n -lt "$PAT_COUNT" ]; do
+        [ $n = 2 ] && out "KILL_ME"
+        dd if=/pattern.bin of=$DEV bs=$BS skip=$n seek=$((SEEK + n)) count=1 conv=notrunc \
+                oflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "-W: pattern write $n (oflag=direct) failed"; }
+        n=$((n + 1))
+    done
+    out "STREAM_WRITTEN $n"
 else
     dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
         { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
@@ -787,7 +804,7 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-P: target continued (SIGCONT)"
         conted=1
     fi
-    if [ "$KILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -930,8 +947,8 @@ if [ -n "$BAD" ]; then
     [ -z "$wrong" ] || fail "-B: sectors read wrong in the guest:$wrong"
     say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) failed in the guest and no other; $(grep -c 'I/O failed' "$RUN/target.log") I/O-failure lines in the target's log"
 fi
-if [ "$KILL" = 1 ]; then
-    [ $killed = 1 ] || fail "-K: the guest never asked for the kill"
+if [ "$KILL" != 0 ]; then
+    [ $killed = 1 ] || fail "-K/-W: the guest never asked for the kill"
     say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"
 fi
 echo "PASS: kernel AoE initiator ($KVER) against '$TCMD' at MTU $MTU"

@@ -370,6 +370,13 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         .collect(),
     );
     s.counter(
+        "aoe_initiator_targets_other_disk",
+        "New target MACs of a device up not taken as paths: their IDENTIFY reported another \
+         capacity than the device's (another disk answering for the same shelf.slot), or \
+         failed; each refusal counted (a MAC is asked again at its next Query Config response)",
+        vec![(Labels::new(), e.targets_other_disk)],
+    );
+    s.counter(
         "aoe_initiator_writes_fenced",
         "Writes held back because a copy of an earlier write to some of their sectors could \
          still reach the target (the write fence; each write counted once)",
@@ -402,6 +409,7 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
     let mut cuts = Vec::new();
     let mut spurious = Vec::new();
     let mut overtaking = Vec::new();
+    let mut other_disk = Vec::new();
     for d in &devs {
         for t in &d.targets {
             let l = labels(&[("device", &d.addr.to_string()), ("mac", &t.mac.to_string())]);
@@ -419,6 +427,8 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
             cuts.push((l.clone(), t.window_cuts));
             spurious.push((l.clone(), t.spurious));
             overtaking.push((l.clone(), t.overtaking_answers));
+            let other = matches!(t.vetting, aoe_proto::initiator::Vetting::OtherDisk(_));
+            other_disk.push((l.clone(), i64::from(other)));
             rtt.push((l.clone(), t.rtt_avg.as_secs_f64()));
             dev.push((l.clone(), t.rtt_dev.as_secs_f64()));
             win.push((l.clone(), i64::from(t.maxout)));
@@ -434,6 +444,12 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         "aoe_initiator_rtt_deviation_seconds",
         "Round-trip time mean deviation per target MAC",
         dev,
+    );
+    s.gauge(
+        "aoe_initiator_target_other_disk",
+        "1 for a target MAC not used as a path of the device: its IDENTIFY reported another \
+         capacity (another disk at the same shelf.slot) or failed",
+        other_disk,
     );
     s.gauge(
         "aoe_initiator_window",

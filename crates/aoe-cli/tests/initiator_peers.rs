@@ -618,6 +618,121 @@ fn control_files(kind: Target) {
 }
 
 // ------------------------------------------------------------------------------------------
+// A second target at the device's shelf.slot
+
+/// Eighth audit (session 25), the seventh audit's item 4: vblade started by mistake at
+/// e7.3 on the same segment as `aoe serve`, with its own MAC and a file of another size,
+/// while the device is up and open. The initiator (as the Linux driver, `aoecmd_cfg_rsp`)
+/// took vblade's MAC as a second path and spread the device's frames over both disks:
+/// the seventh audit read 2311 of 16384 blocks from vblade's file. Now a new MAC of a
+/// device up is asked IDENTIFY first and refused, with one line in `err`, if its capacity
+/// differs; every byte read is `aoe serve`'s. Then vblade again with a file of the same
+/// size (other bytes): taken as a path, as two NICs or two gateways of one disk must be;
+/// two disks of one size cannot be told apart at this layer (a pin of that limit).
+/// On the code before: the device's sha256 that of neither file (vblade's bytes mixed in).
+#[test]
+fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
+    require_tools();
+    assert!(
+        Command::new("vblade").arg("-h").output().is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let backing = backing_and_root('c', None);
+    let target_ns = aoe_testkit::Netns::new("aud25t").expect("target namespace");
+    let init_ns = aoe_testkit::Netns::new("aud25i").expect("initiator namespace");
+    let vb_ns = aoe_testkit::Netns::new("aud25v").expect("vblade namespace");
+    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
+    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 1500).expect("vblade veth");
+    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+    br.add_port(veth.a_name()).expect("bridge port");
+    br.add_port(vb_veth.b_name()).expect("bridge port");
+    let target_if = br.name().to_owned();
+    let vb_if = vb_veth.a_name().to_owned();
+    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
+    let mut rig = Rig::assemble(
+        Target::AoeServe,
+        Vec::new(),
+        backing,
+        (veth, target_ns, init_ns),
+        target_if,
+    );
+    rig.start_target();
+    rig.launch_initiator(&[]);
+    rig.wait_state("up", Duration::from_secs(10), "at start");
+    let dev = rig.dev();
+    let held = File::open(&dev).expect("open the device");
+
+    // Another disk: 1 MiB larger, every byte 'V'.
+    let other = rig.dir.path().join("vblade-other.img");
+    fs::write(&other, vec![b'V'; ((SECTORS + 2048) * 512) as usize]).unwrap();
+    let mut vb = vb_ns
+        .spawn(Target::Vblade.command(&vb_if, &other, &[]))
+        .expect("start vblade");
+    // Known to the initiator (the debug file lists each target MAC, path or not).
+    let vb_hex: String = vb_veth.a_mac().iter().map(|b| format!("{b:02x}")).collect();
+    let debug = rig.root.join(format!("sysfs/kernel/debug/aoe/{DEV}"));
+    let known = wait_until(Duration::from_secs(20), || {
+        let _ = rig.echo("discover", "");
+        std::thread::sleep(Duration::from_millis(200));
+        fs::read_to_string(&debug).is_ok_and(|d| d.contains(&vb_hex))
+    });
+    assert!(
+        known,
+        "vblade's MAC {vb_mac} never seen by the initiator; vblade:\n{}{}",
+        vb.output_so_far(),
+        rig.logs()
+    );
+    assert_eq!(
+        sha256(&dev),
+        sha256(&rig.file),
+        "the device's bytes are not all aoe serve's file's{}",
+        rig.logs()
+    );
+    let refused = wait_until(Duration::from_secs(10), || {
+        rig.initiator_log()
+            .contains(&format!("target {vb_mac} not taken as a path"))
+    });
+    assert!(
+        refused,
+        "no line refusing vblade's MAC {vb_mac}; vblade:\n{}{}",
+        vb.output_so_far(),
+        rig.logs()
+    );
+    assert!(
+        rig.initiator_log()
+            .contains(&format!("has {} sectors", SECTORS + 2048)),
+        "the line does not give the other capacity{}",
+        rig.logs()
+    );
+    assert_eq!(rig.attr("size").as_deref(), Some(&*SECTORS.to_string()));
+    let _ = vb.stop();
+
+    // Same size, other bytes: undetectable by capacity, taken as a path (pinned).
+    let same = rig.dir.path().join("vblade-same.img");
+    fs::write(&same, vec![b'V'; (SECTORS * 512) as usize]).unwrap();
+    let mut vb = vb_ns
+        .spawn(Target::Vblade.command(&vb_if, &same, &[]))
+        .expect("restart vblade");
+    let taken = wait_until(Duration::from_secs(20), || {
+        let _ = rig.echo("discover", "");
+        rig.initiator_log().contains(&format!(
+            "target {vb_mac} has the device's {SECTORS} sectors"
+        ))
+    });
+    assert!(
+        taken,
+        "vblade's disk of the same size not taken as a path (it cannot be told apart); \
+         vblade:\n{}{}",
+        vb.output_so_far(),
+        rig.logs()
+    );
+    let _ = vb.stop();
+    drop(held);
+    rig.finish();
+    drop(br);
+}
+
+// ------------------------------------------------------------------------------------------
 // SIGTERM with I/O in flight
 
 /// SIGTERM while a read waits on a dead target (deadsecs 60): the reader holds the device

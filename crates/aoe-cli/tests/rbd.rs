@@ -1538,3 +1538,123 @@ fn rbd_reserve_list_flipped_every_frame_logs_a_bounded_number_of_lines() {
     let _ = b.stop();
     r.rig.cleanup();
 }
+
+/// Eighth audit (session 25): the pool's quota reached under writes through the gateway
+/// (`ceph osd pool set-quota rbd max_bytes 4 MiB`). The cluster enforces it late (the
+/// monitor flags the pool full from the OSD's statistics, here after some 9 MiB), then
+/// librados holds every write to the pool. No write may be acknowledged and lost: each is
+/// answered only once librbd has it, and the gateway says requests are waiting on the
+/// backend; reads go on; once the quota is lifted the writes complete. A pin (it passed
+/// on the session's base): raw AoE writes of 256 KiB at a time, each answered before the
+/// next, until one is not answered within 20 s.
+#[test]
+fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
+    let r = RbdRig::start("rbd/quota", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/quota", "--size", "256M"]);
+    });
+    r.ceph.ok(
+        "ceph",
+        &["osd", "pool", "set-quota", "rbd", "max_bytes", "4194304"],
+    );
+    let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
+        .expect("raw AoE client");
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds the gateway");
+    const CHUNK: usize = 256 * 1024;
+    let writes = |lba0: u64, data: &[u8]| -> Vec<Request> {
+        data.chunks(1024)
+            .enumerate()
+            .map(|(i, c)| Request::Write {
+                lba: lba0 + 2 * i as u64,
+                data: c.to_vec(),
+            })
+            .collect()
+    };
+    let mut acked = Vec::new();
+    let mut held = false;
+    // At most 2.5 MiB/s (a pause after each chunk) for at most 90 s, in a 256 MiB image:
+    // the monitor flagged the pool full after 9-40 MiB (15 s) in the tries.
+    let t0 = std::time::Instant::now();
+    for step in 0..1000u64 {
+        if t0.elapsed() > Duration::from_secs(90) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let data = pattern(100 + step, CHUNK);
+        let lba0 = step * (CHUNK as u64 / 512);
+        match client.run(&writes(lba0, &data), Duration::from_secs(20)) {
+            Ok(rs) => {
+                let bad: Vec<_> = rs.iter().filter(|x| !x.is_ok()).collect();
+                assert!(
+                    bad.is_empty(),
+                    "a write failed at the quota instead of waiting: {:?}{}",
+                    bad[0],
+                    r.rig.logs()
+                );
+                acked.push((lba0, data));
+            }
+            Err(e) => {
+                eprintln!("chunk {step} held: {e}");
+                client.abandon();
+                held = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        held,
+        "{} chunks of 256 KiB written past a 4 MiB quota in {:?}{}",
+        acked.len(),
+        t0.elapsed(),
+        r.rig.logs()
+    );
+    let health = r.ceph.ok("ceph", &["health", "detail"]);
+    assert!(health.contains("running out of quota"), "{health}");
+    assert!(
+        wait_until(Duration::from_secs(20), || r
+            .rig
+            .logs()
+            .contains("requests waiting on the backend")),
+        "the gateway does not say writes wait{}",
+        r.rig.logs()
+    );
+    let rd = client
+        .call(&Request::Read { lba: 0, count: 2 }, Duration::from_secs(10))
+        .expect("a read while the pool is full");
+    assert!(rd.is_ok() && rd.data() == &acked[0].1[..1024], "{rd:?}");
+    r.ceph.ok(
+        "ceph",
+        &["osd", "pool", "set-quota", "rbd", "max_bytes", "0"],
+    );
+    let data = pattern(999, 4096);
+    let resumed = wait_until(Duration::from_secs(60), || {
+        match client.run(&writes(100_000, &data), Duration::from_secs(5)) {
+            Ok(rs) => rs.iter().all(|x| x.is_ok()),
+            Err(_) => {
+                client.abandon();
+                false
+            }
+        }
+    });
+    assert!(
+        resumed,
+        "writes did not resume after the quota was lifted{}",
+        r.rig.logs()
+    );
+    let exported = r.ceph.export("rbd/quota");
+    for (lba, d) in &acked {
+        let at = *lba as usize * 512;
+        assert!(
+            exported[at..at + d.len()] == d[..],
+            "an acknowledged chunk at sector {lba} is not in the image: {} sectors differ",
+            wrong_sectors(&exported[at..at + d.len()], d).len()
+        );
+    }
+    assert!(exported[100_000 * 512..][..data.len()] == data[..]);
+    eprintln!(
+        "{} chunks acknowledged before the quota held writes",
+        acked.len()
+    );
+    r.rig.finish();
+}

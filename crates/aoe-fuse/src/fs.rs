@@ -1238,6 +1238,7 @@ mod tests {
             tail_probes: 0,
             window_cuts: 0,
             spurious: 0,
+            vetting: aoe_proto::initiator::Vetting::Path,
         };
         DevEntry {
             info: DeviceInfo {

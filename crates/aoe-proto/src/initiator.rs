@@ -898,6 +898,11 @@ impl Engine {
                     window_cuts: t.reductions,
                     spurious: t.spurious,
                     answers: t.answers,
+                    vetting: match t.vet {
+                        Vet::Path => Vetting::Path,
+                        Vet::Pending | Vet::Out { .. } => Vetting::Checking,
+                        Vet::Refused { sectors } => Vetting::OtherDisk(sectors),
+                    },
                 }
             })
             .collect();

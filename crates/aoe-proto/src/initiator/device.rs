@@ -153,11 +153,14 @@ pub(super) enum OpKind {
     Identify,
     /// Internal: a one-sector read to see whether a tainted target answers again.
     Probe,
+    /// Internal: IDENTIFY DEVICE sent to one new target MAC of a device already up, whose
+    /// answer decides whether it becomes a path ([`Vet`], `Engine::vet_targets`).
+    Verify,
 }
 
 impl OpKind {
     pub(super) fn internal(&self) -> bool {
-        matches!(self, OpKind::Identify | OpKind::Probe)
+        matches!(self, OpKind::Identify | OpKind::Probe | OpKind::Verify)
     }
 }
 

@@ -76,13 +76,13 @@ impl Engine {
                 },
                 AtaFlags::empty(),
             ),
-            OpKind::Identify => (AtaCommand::IdentifyDevice, AtaFlags::empty()),
+            OpKind::Identify | OpKind::Verify => (AtaCommand::IdentifyDevice, AtaFlags::empty()),
         };
         let data_cmd = matches!(op.kind, OpKind::Read(_) | OpKind::Write(_) | OpKind::Probe);
         let lba = if data_cmd { lba } else { 0 };
         let (aflags, lba_field) = match op.kind {
             // `ata_id`: lba3 = 0xa0 (device register, LBA bit clear).
-            OpKind::Identify => (aflags, 0xa0u64 << 24),
+            OpKind::Identify | OpKind::Verify => (aflags, 0xa0u64 << 24),
             _ if d.lba48 => (aflags | AtaFlags::EXTENDED, lba),
             // `put_lba` for LBA28: lba3 = (lba3 & 0x0f) | 0xe0.
             _ => (aflags, (lba & 0x0fff_ffff) | (0xe0 << 24)),

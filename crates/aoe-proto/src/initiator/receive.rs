@@ -62,11 +62,21 @@ impl Engine {
         let ti = match d.target_idx(h.src) {
             Some(i) => i,
             None => {
-                d.targets.push(Target::new(h.src));
+                let mut t = Target::new(h.src);
+                // A new MAC of a device up (or identifying through another MAC) is asked
+                // IDENTIFY before it becomes a path (`Engine::vet_targets`).
+                if d.life != Life::Down && !d.targets.is_empty() {
+                    t.vet = Vet::Pending;
+                }
+                d.targets.push(t);
                 d.targets.len() - 1
             }
         };
         let t = &mut d.targets[ti];
+        if matches!(t.vet, Vet::Refused { .. }) {
+            // Asked again: its disk may have become the device's (grown, or revalidated).
+            t.vet = Vet::Pending;
+        }
         let nframes = cfg.buffer_count.clamp(1, maxout);
         let fresh = t.buffer_count == 0 && t.paths.is_empty();
         t.buffer_count = cfg.buffer_count;
@@ -113,6 +123,15 @@ impl Engine {
         let identify = !d.open && d.payload > 0;
         if identify && d.life == Life::Down {
             d.life = Life::Identifying;
+            // The device is identified through this MAC (the only path while it
+            // identifies); its other targets are asked IDENTIFY once it is up.
+            for t in &mut d.targets {
+                t.vet = if t.mac == h.src {
+                    Vet::Path
+                } else {
+                    Vet::Pending
+                };
+            }
         }
         if let Some(l) = log {
             self.log(l);
@@ -120,6 +139,7 @@ impl Engine {
         if identify {
             self.queue_identify(now, h.target);
         }
+        self.vet_targets(now, h.target);
     }
 
     /// Whether a config response from `h.src` for `h.target` may add what it would add: a
@@ -244,7 +264,7 @@ impl Engine {
             .get(&f.op)
             .map(|o| match o.kind {
                 OpKind::Read(_) | OpKind::Probe => f.count as usize * SECTOR_SIZE,
-                OpKind::Identify => aoe_wire::identify::IDENTIFY_LEN,
+                OpKind::Identify | OpKind::Verify => aoe_wire::identify::IDENTIFY_LEN,
                 _ => 0,
             })
             .unwrap_or(0);
@@ -398,6 +418,10 @@ impl Engine {
                 OpKind::Probe => {
                     self.ops.remove(&f.op);
                 }
+                OpKind::Verify => {
+                    self.ops.remove(&f.op);
+                    self.verify_done(now, f, Err(format!("IDENTIFY failed: {e}")));
+                }
                 _ => {
                     self.log(format!("{}: I/O error: {e}", f.dev));
                     self.finish_op(f.op, Err(e));
@@ -446,6 +470,11 @@ impl Engine {
             }
             OpKind::Probe => {
                 self.ops.remove(&f.op);
+                return;
+            }
+            OpKind::Verify => {
+                self.ops.remove(&f.op);
+                self.verify_done(now, f, Ok(data));
                 return;
             }
             OpKind::Write(_) | OpKind::Flush => {}
@@ -616,7 +645,112 @@ impl Engine {
         if revalidated {
             self.events.push_back(Event::Revalidated(addr));
         }
+        self.vet_targets(now, addr);
         self.pump(now, addr);
+    }
+
+    /// Sends IDENTIFY to each target of `addr` waiting to be asked ([`Vet::Pending`]) once
+    /// the device is up with a capacity to compare with.
+    #[cold]
+    pub(super) fn vet_targets(&mut self, now: Instant, addr: TargetAddr) {
+        let Some(d) = self.devices.get(&addr) else {
+            return;
+        };
+        if d.life != Life::Up || d.sectors == 0 {
+            return;
+        }
+        let due: Vec<usize> = (0..d.targets.len())
+            .filter(|&i| d.targets[i].vet == Vet::Pending && !d.targets[i].paths.is_empty())
+            .collect();
+        for ti in due {
+            self.send_verify(now, addr, ti, 1);
+        }
+    }
+
+    /// Sends try `tries` of IDENTIFY to target `ti` of `addr` alone (not a path yet, so
+    /// it never gets the device's frames): an op of its own, as a probe.
+    #[cold]
+    pub(super) fn send_verify(&mut self, now: Instant, addr: TargetAddr, ti: usize, tries: u8) {
+        let Some(t) = self
+            .devices
+            .get_mut(&addr)
+            .and_then(|d| d.targets.get_mut(ti))
+        else {
+            return;
+        };
+        if t.paths.is_empty() {
+            t.vet = Vet::Pending;
+            return;
+        }
+        t.vet = Vet::Out { tries };
+        let id = self.new_internal_op(addr, OpKind::Verify);
+        self.send_new(now, addr, id, ti, 0, 1);
+    }
+
+    /// The answer to a target's [`OpKind::Verify`] (or its error): a path if the capacity
+    /// it reports is the device's, as `identify_done` would take it, else refused with one
+    /// rate-limited line and [`Stats::targets_other_disk`].
+    #[cold]
+    pub(super) fn verify_done(
+        &mut self,
+        now: Instant,
+        f: &Outstanding,
+        answer: Result<&[u8], String>,
+    ) {
+        let theirs = answer.and_then(|page| {
+            let info = Identify::parse(page).map_err(|e| format!("bad IDENTIFY page: {e}"))?;
+            let reach = if driver_lba48(page) {
+                aoe_wire::identify::LBA48_REACH
+            } else {
+                aoe_wire::identify::LBA28_MAX
+            };
+            Ok(info.sectors().min(reach))
+        });
+        let Some(d) = self.devices.get_mut(&f.dev) else {
+            return;
+        };
+        let Some(ti) = d.target_idx(f.target) else {
+            return;
+        };
+        let (addr, mine) = (d.addr, d.sectors);
+        let t = &mut d.targets[ti];
+        if !matches!(t.vet, Vet::Out { .. }) {
+            return;
+        }
+        if d.life != Life::Up {
+            t.vet = Vet::Pending;
+            return;
+        }
+        match theirs {
+            Ok(n) if n == mine => {
+                t.vet = Vet::Path;
+                self.log(format!(
+                    "{addr}: target {} has the device's {mine} sectors: taken as a path",
+                    f.target
+                ));
+                self.pump(now, addr);
+            }
+            theirs => {
+                t.vet = Vet::Refused {
+                    sectors: theirs.as_ref().ok().copied(),
+                };
+                self.stats.targets_other_disk += 1;
+                let n = self.stats.targets_other_disk;
+                let what = match theirs {
+                    Ok(s) => format!(
+                        "has {s} sectors, the device {mine}: another disk answers for {addr}"
+                    ),
+                    Err(e) => e,
+                };
+                self.log_peer(now, "target of another disk", || {
+                    format!(
+                        "{addr}: target {} not taken as a path: {what}; its answers are \
+                         ignored ({n} refused in all)",
+                        f.target
+                    )
+                });
+            }
+        }
     }
 
     /// A response matched a frame of this device by tag but came from another MAC than the

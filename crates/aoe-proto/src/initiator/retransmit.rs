@@ -47,17 +47,22 @@ impl Engine {
         let probe = self
             .ops
             .get(&f.op)
-            .is_some_and(|o| matches!(o.kind, OpKind::Probe));
+            .is_some_and(|o| matches!(o.kind, OpKind::Probe | OpKind::Verify));
         let timeout = f.deadline.saturating_duration_since(f.sent);
         if probe || !self.ops.contains_key(&f.op) || !self.devices.contains_key(&addr) {
             // An orphan of a failed op, or an unanswered probe (the next timer run sends
-            // another): never retransmitted; its copy keeps its slot until presumed lost.
+            // another) or new target's IDENTIFY (sent again below, a few times): never
+            // retransmitted; its copy keeps its slot until presumed lost.
             self.outstanding.remove(tag);
-            if probe {
-                self.ops.remove(&f.op);
-            }
+            let verify = self
+                .ops
+                .remove(&f.op)
+                .is_some_and(|o| matches!(o.kind, OpKind::Verify));
             if f.waiting.is_none() {
                 self.hold_copy(now, tag, &f, now + timeout, false);
+            }
+            if verify {
+                self.verify_unanswered(now, &f);
             }
             return;
         }
@@ -168,6 +173,27 @@ impl Engine {
         }
         self.hold_copy(now, tag, &f, now + timeout, true);
         self.copy_due(now, tag, CopyWhy::Timeout);
+    }
+
+    /// A new target's IDENTIFY timed out: asked again up to [`VET_TRIES`] times, then left
+    /// [`Vet::Pending`] until its next Query Config response.
+    #[cold]
+    fn verify_unanswered(&mut self, now: Instant, f: &Outstanding) {
+        let Some(d) = self.devices.get_mut(&f.dev) else {
+            return;
+        };
+        let up = d.life == Life::Up;
+        let Some(ti) = d.target_idx(f.target) else {
+            return;
+        };
+        let t = &mut d.targets[ti];
+        match t.vet {
+            Vet::Out { tries } if up && tries < VET_TRIES => {
+                self.send_verify(now, f.dev, ti, tries + 1);
+            }
+            Vet::Out { .. } => t.vet = Vet::Pending,
+            _ => {}
+        }
     }
 
     /// Whether frame `f`'s copy after a timeout may go to another target of its device
@@ -911,26 +937,33 @@ impl Engine {
             }
         }
         for (addr, ti) in probes {
-            let id = self.next_op;
-            self.next_op += 1;
-            self.ops.insert(
-                id,
-                Op {
-                    dev: addr,
-                    source: SourceId::ENGINE,
-                    kind: OpKind::Probe,
-                    lba: 0,
-                    sectors: 1,
-                    issued: 1,
-                    reissue: Vec::new(),
-                    frames_out: 1,
-                    fenced: false,
-                    home: ReadHome::default(),
-                    held: None,
-                },
-            );
+            let id = self.new_internal_op(addr, OpKind::Probe);
             self.send_new(now, addr, id, ti, 0, 1);
         }
+    }
+
+    /// An op of one frame of one sector (a probe's read, a new target's IDENTIFY) sent
+    /// to one target directly, never queued.
+    pub(super) fn new_internal_op(&mut self, addr: TargetAddr, kind: OpKind) -> u64 {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(
+            id,
+            Op {
+                dev: addr,
+                source: SourceId::ENGINE,
+                kind,
+                lba: 0,
+                sectors: 1,
+                issued: 1,
+                reissue: Vec::new(),
+                frames_out: 1,
+                fenced: false,
+                home: ReadHome::default(),
+                held: None,
+            },
+        );
+        id
     }
 }
 

@@ -27,6 +27,10 @@ pub(super) struct Path {
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     pub(super) mac: MacAddr,
+    /// Whether it is a path of its device yet: a MAC that answers for a device already up
+    /// is first asked IDENTIFY, and taken only if its capacity is the device's
+    /// ([`Vet`], `Engine::vet_targets`).
+    pub(super) vet: Vet,
     pub(super) paths: Vec<Path>,
     pub(super) next_path: usize,
     pub(super) buffer_count: u16,
@@ -150,6 +154,7 @@ impl Target {
     pub(super) fn new(mac: MacAddr) -> Target {
         Target {
             mac,
+            vet: Vet::Path,
             paths: Vec::new(),
             next_path: 0,
             buffer_count: 0,
@@ -457,10 +462,37 @@ impl Target {
         None
     }
 
+    /// A path of its device with an interface to reach it through: frames may go to it.
     pub(super) fn usable(&self) -> bool {
-        !self.paths.is_empty()
+        !self.paths.is_empty() && self.vet == Vet::Path
     }
 }
+
+/// Whether a target MAC is a path of its device. The driver takes every MAC that answers
+/// Query Config for a shelf.slot as a path (`aoecmd_cfg_rsp` adds a target per MAC, with no
+/// look at what it serves), so a second target at the same address (another disk, started
+/// by mistake) has its answers mixed with the first's. Here a MAC that appears while its
+/// device is up (or identifying through another MAC) is asked IDENTIFY first, and becomes
+/// a path only if the capacity it reports is the device's. Two disks of the same capacity
+/// cannot be told apart this way; the serial cannot be compared, as two `aoe serve`
+/// gateways of one `rbd:` image are legitimate paths of one disk with serials of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Vet {
+    /// A path: frames go to it.
+    Path,
+    /// Waiting to be asked: its IDENTIFY goes out once the device is up.
+    Pending,
+    /// Its IDENTIFY is out (`tries` sent so far).
+    Out { tries: u8 },
+    /// It answered with another capacity (`sectors`), or an error: not a path. Its next
+    /// Query Config response asks again (an image grown on one gateway and not yet seen
+    /// through the other, an open device that has not been revalidated).
+    Refused { sectors: Option<u64> },
+}
+
+/// IDENTIFYs sent to a new MAC before it is left pending until its next Query Config
+/// response (each unanswered for its timeout).
+pub(super) const VET_TRIES: u8 = 4;
 
 /// Sectors per frame on a path: `aoecmd_cfg_rsp` takes the MTU bound, capped by the target's
 /// sector count, with 1024 bytes when the target says 0.

@@ -103,7 +103,7 @@ impl Engine {
                     (op.issued - n, n as u8)
                 }
                 // IDENTIFY returns one sector; FLUSH CACHE moves none.
-                (None, OpKind::Identify | OpKind::Probe) => {
+                (None, OpKind::Identify | OpKind::Probe | OpKind::Verify) => {
                     op.issued = op.sectors;
                     (0, 1)
                 }

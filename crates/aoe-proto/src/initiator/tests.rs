@@ -2161,8 +2161,9 @@ fn config_response_flood_stops_at_the_device_and_target_caps() {
     );
     assert!(small.devices().iter().all(|d| d.targets.len() <= 3));
     assert!(
-        sent <= 7 + 2,
-        "{sent} frames sent for the flood: one IDENTIFY per device admitted"
+        sent <= 7 + 2 + 2,
+        "{sent} frames sent for the flood: one IDENTIFY per device admitted, one per new \
+         MAC of the device up (asked before it becomes a path)"
     );
     let st = small.stats();
     assert!(st.devices_refused > 19_000, "{st:?}");
@@ -2513,4 +2514,182 @@ fn identify_capacity_beyond_the_commands_reach_is_capped() {
             }
         )
         .is_err());
+}
+
+/// The IDENTIFY requests among `tx`, with the MAC each goes to.
+fn identifies(tx: &[(usize, Vec<u8>)]) -> Vec<(MacAddr, Vec<u8>)> {
+    tx.iter()
+        .filter_map(|(_, f)| {
+            let m = Message::parse(f).unwrap();
+            matches!(m.body, Body::Ata(a) if a.cmd_status == 0xec)
+                .then(|| (MacAddr(f[0..6].try_into().unwrap()), f.clone()))
+        })
+        .collect()
+}
+
+/// Eighth audit (session 25): a second target at the device's shelf.slot (vblade started
+/// by mistake with another file) answers Query Config from its own MAC. The driver, and
+/// this engine before, took it as a second path and spread the device's frames over both
+/// disks. Now the new MAC is asked IDENTIFY first; another capacity refuses it with one
+/// line and a count, and no frame of the device goes to it. On the code before: "a read
+/// went to the other disk's MAC".
+#[test]
+fn a_new_mac_with_another_capacity_is_not_taken_as_a_path() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.set_open(DEV, true);
+    events(&mut e);
+    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let tx = drain(&mut e, t0);
+    let asks = identifies(&tx);
+    let (_, req) = asks
+        .iter()
+        .find(|(m, _)| *m == TMAC2)
+        .expect("an IDENTIFY to the new MAC");
+    // Until it answers, the device's frames go to the MAC it was identified through.
+    for lba in 0..4 {
+        e.submit(t0, DEV, BlockOp::Read { lba, sectors: 2 })
+            .unwrap();
+    }
+    for (_, f) in drain(&mut e, t0) {
+        assert_eq!(&f[0..6], &TMAC.0, "a read went to the MAC being checked");
+    }
+    e.handle_frame(
+        t0,
+        0,
+        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
+    );
+    let lines = log_lines(&mut e, |l| l.contains(&TMAC2.to_string()));
+    assert!(
+        lines.len() == 1 && lines[0].contains("not taken as a path") && lines[0].contains("2000"),
+        "{lines:?}"
+    );
+    assert_eq!(e.stats().targets_other_disk, 1);
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.sectors, 1000, "the device keeps its own capacity");
+    let t2 = d.targets.iter().find(|t| t.mac == TMAC2).unwrap();
+    assert_eq!(t2.vetting, Vetting::OtherDisk(Some(2000)));
+    // Reads from now on go to TMAC alone.
+    for lba in 10..30 {
+        e.submit(t0, DEV, BlockOp::Read { lba, sectors: 2 })
+            .unwrap();
+    }
+    let tx = drain(&mut e, t0);
+    assert!(!tx.is_empty());
+    for (_, f) in tx {
+        assert_eq!(&f[0..6], &TMAC.0, "a read went to the other disk's MAC");
+    }
+    // Its next Query Config response asks again, and a refusal within the log interval
+    // is counted without another line.
+    let now = t0 + ms(10);
+    e.handle_frame(now, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, now));
+    let (_, req) = asks.iter().find(|(m, _)| *m == TMAC2).expect("asked again");
+    e.handle_frame(
+        now,
+        0,
+        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
+    );
+    assert!(log_lines(&mut e, |l| l.contains("not taken")).is_empty());
+    assert_eq!(e.stats().targets_other_disk, 2);
+}
+
+/// The other side: a second MAC of the same disk (a second NIC of the target, or a second
+/// `aoe serve` gateway of one `rbd:` image) reports the device's capacity and becomes a
+/// path; frames then go to both.
+#[test]
+fn a_new_mac_with_the_same_capacity_becomes_a_path() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.set_open(DEV, true);
+    events(&mut e);
+    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    assert_eq!(
+        asks.len(),
+        1,
+        "an open device is not re-identified; the new MAC is asked"
+    );
+    assert_eq!(asks[0].0, TMAC2);
+    assert_eq!(e.device(DEV).unwrap().targets[1].vetting, Vetting::Checking);
+    e.handle_frame(
+        t0,
+        0,
+        &ata_rsp(&asks[0].1, TMAC2, status::DRDY, 0, &identify_page(1000)),
+    );
+    assert!(!log_lines(&mut e, |l| l.contains("taken as a path")).is_empty());
+    assert_eq!(e.device(DEV).unwrap().targets[1].vetting, Vetting::Path);
+    for lba in 0..8 {
+        e.submit(t0, DEV, BlockOp::Read { lba, sectors: 2 })
+            .unwrap();
+    }
+    let tx = drain(&mut e, t0);
+    assert!(tx.iter().any(|(_, f)| f[0..6] == TMAC.0));
+    assert!(
+        tx.iter().any(|(_, f)| f[0..6] == TMAC2.0),
+        "no frame to the second path"
+    );
+    assert_eq!(e.stats().targets_other_disk, 0);
+}
+
+/// A new MAC that never answers its IDENTIFY is asked [`VET_TRIES`] times, one timeout
+/// apart, then left until its next Query Config response; it never gets the device's
+/// frames, and the device stays up.
+#[test]
+fn a_new_mac_that_never_answers_is_asked_a_few_times_and_never_used() {
+    let (mut e, t0) = up_engine(1000, true);
+    e.set_open(DEV, true);
+    events(&mut e);
+    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let mut asked = identifies(&drain(&mut e, t0)).len();
+    let mut now = t0;
+    for _ in 0..200 {
+        let Some(at) = e.poll_timeout() else { break };
+        now = at.max(now + ms(1));
+        if now > t0 + Duration::from_secs(30) {
+            break;
+        }
+        e.handle_timeout(now);
+        asked += identifies(&drain(&mut e, now))
+            .iter()
+            .filter(|(m, _)| *m == TMAC2)
+            .count();
+    }
+    assert_eq!(asked, usize::from(VET_TRIES));
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.state, DeviceState::Up);
+    assert_eq!(d.targets[1].vetting, Vetting::Checking);
+    e.submit(now, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    for (_, f) in drain(&mut e, now) {
+        assert_eq!(&f[0..6], &TMAC.0);
+    }
+    // The next Query Config response asks again.
+    e.handle_frame(now, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    assert_eq!(identifies(&drain(&mut e, now)).len(), 1);
+}
+
+/// At discovery the device is identified through the first MAC that answers; a second
+/// MAC answering meanwhile is asked once the device is up, and one of another disk is
+/// refused then.
+#[test]
+fn a_second_mac_during_the_first_identify_is_checked_once_up() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 1500);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    assert_eq!(asks.len(), 1);
+    assert_eq!(asks[0].0, TMAC, "identified through the first MAC");
+    e.handle_frame(t0, 0, &identify_rsp(&asks[0].1, 1000));
+    let asks = identifies(&drain(&mut e, t0));
+    assert_eq!(asks.len(), 1);
+    assert_eq!(asks[0].0, TMAC2, "the second MAC asked once up");
+    e.handle_frame(
+        t0,
+        0,
+        &ata_rsp(&asks[0].1, TMAC2, status::DRDY, 0, &identify_page(4000)),
+    );
+    assert_eq!(e.stats().targets_other_disk, 1);
+    assert_eq!(e.device(DEV).unwrap().sectors, 1000);
 }

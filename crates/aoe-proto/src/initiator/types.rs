@@ -531,6 +531,22 @@ pub struct TargetInfo {
     pub spurious: u64,
     /// ATA responses received from this target.
     pub answers: u64,
+    /// Whether frames go to it: a MAC that appears for a device already up is asked
+    /// IDENTIFY first.
+    pub vetting: Vetting,
+}
+
+/// Whether a target MAC is a path of its device ([`TargetInfo::vetting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vetting {
+    /// A path: the device's frames go to it.
+    Path,
+    /// A new MAC of a device up whose IDENTIFY is pending or out.
+    Checking,
+    /// Its IDENTIFY reported another capacity (`Some`) than the device's, or failed
+    /// (`None`): another disk at the same shelf.slot, not used. Asked again at its next
+    /// Query Config response.
+    OtherDisk(Option<u64>),
 }
 
 /// What `/sys/block/etherd!eX.Y` and debugfs show of a device.
@@ -584,6 +600,9 @@ pub struct Stats {
     /// Config responses from a new target MAC refused with [`Config::max_targets`] known
     /// for that device.
     pub targets_refused: u64,
+    /// New target MACs of a device up not taken as paths: their IDENTIFY reported another
+    /// capacity than the device's (another disk at the same shelf.slot), or failed.
+    pub targets_other_disk: u64,
     /// Writes held back because a copy of an earlier write to some of their sectors could
     /// still reach the target (each counted once).
     pub writes_fenced: u64,
