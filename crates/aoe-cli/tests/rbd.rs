@@ -288,6 +288,18 @@ fn take_over(r: &mut RbdRig, between: impl FnOnce(&RbdRig)) {
     r.rig.target = Some(b);
 }
 
+/// `data` as raw write requests of 1 KiB (2 sectors) each, one after the other from
+/// `lba0`.
+fn frame_writes(lba0: u64, data: &[u8]) -> Vec<Request> {
+    data.chunks(1024)
+        .enumerate()
+        .map(|(i, c)| Request::Write {
+            lba: lba0 + 2 * i as u64,
+            data: c.to_vec(),
+        })
+        .collect()
+}
+
 /// The failover of the README: gateway A holds the image's exclusive lock; it is killed
 /// with SIGKILL; gateway B, started on the same image, breaks A's lock (the cluster
 /// blocklists A) and serves; the initiator carries on after `discover`, and every write A
@@ -319,14 +331,7 @@ fn a_second_gateway_takes_over_a_killed_ones_image() {
     assert!(flush.is_ok(), "FLUSH failed: {flush:?}");
     const RAW_LBA: u64 = 40_000;
     let raw = pattern(8, 64 * 1024);
-    let writes: Vec<Request> = raw
-        .chunks(1024)
-        .enumerate()
-        .map(|(i, c)| Request::Write {
-            lba: RAW_LBA + 2 * i as u64,
-            data: c.to_vec(),
-        })
-        .collect();
+    let writes = frame_writes(RAW_LBA, &raw);
     let replies = client
         .run(&writes, Duration::from_secs(60))
         .expect("raw writes");
@@ -1562,15 +1567,6 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
         .discover(Duration::from_secs(10))
         .expect("raw client finds the gateway");
     const CHUNK: usize = 256 * 1024;
-    let writes = |lba0: u64, data: &[u8]| -> Vec<Request> {
-        data.chunks(1024)
-            .enumerate()
-            .map(|(i, c)| Request::Write {
-                lba: lba0 + 2 * i as u64,
-                data: c.to_vec(),
-            })
-            .collect()
-    };
     let mut acked = Vec::new();
     let mut held = false;
     // At most 2.5 MiB/s (a pause after each chunk) for at most 90 s, in a 256 MiB image:
@@ -1583,7 +1579,7 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
         std::thread::sleep(Duration::from_millis(100));
         let data = pattern(100 + step, CHUNK);
         let lba0 = step * (CHUNK as u64 / 512);
-        match client.run(&writes(lba0, &data), Duration::from_secs(20)) {
+        match client.run(&frame_writes(lba0, &data), Duration::from_secs(20)) {
             Ok(rs) => {
                 let bad: Vec<_> = rs.iter().filter(|x| !x.is_ok()).collect();
                 assert!(
@@ -1629,7 +1625,7 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
     );
     let data = pattern(999, 4096);
     let resumed = wait_until(Duration::from_secs(60), || {
-        match client.run(&writes(100_000, &data), Duration::from_secs(5)) {
+        match client.run(&frame_writes(100_000, &data), Duration::from_secs(5)) {
             Ok(rs) => rs.iter().all(|x| x.is_ok()),
             Err(_) => {
                 client.abandon();

@@ -113,7 +113,12 @@ fn identify_page(sectors: u64) -> [u8; 512] {
 
 /// TMAC's good answer (DRDY) to IDENTIFY request `req`, for a disk of `sectors`.
 fn identify_rsp(req: &[u8], sectors: u64) -> Vec<u8> {
-    ata_rsp(req, TMAC, status::DRDY, 0, &identify_page(sectors))
+    identify_rsp_from(req, TMAC, sectors)
+}
+
+/// `src`'s good answer (DRDY) to IDENTIFY request `req`, for a disk of `sectors`.
+fn identify_rsp_from(req: &[u8], src: MacAddr, sectors: u64) -> Vec<u8> {
+    ata_rsp(req, src, status::DRDY, 0, &identify_page(sectors))
 }
 
 /// Sets IDENTIFY word `w` and fixes the integrity checksum (word 255).
@@ -2447,11 +2452,7 @@ fn identify_answers_flapping_the_size_are_logged_once_an_interval() {
     e.handle_frame(later, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
     let tx = drain(&mut e, later);
     let req = &tx.last().expect("an IDENTIFY").1;
-    e.handle_frame(
-        later,
-        0,
-        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
-    );
+    e.handle_frame(later, 0, &identify_rsp_from(req, TMAC2, 2000));
     let l = log_lines(&mut e, |l| l.contains("size changed"));
     assert!(
         l.len() == 1 && l[0].contains("999 more changes since the last report"),
@@ -2516,6 +2517,17 @@ fn identify_capacity_beyond_the_commands_reach_is_capped() {
         .is_err());
 }
 
+/// An engine with DEV up (1000 sectors) and open, after TMAC2 answered Query Config for
+/// it: the IDENTIFY requests that answer sent, with the MAC each goes to.
+fn open_device_and_new_mac() -> (Engine, Instant, Vec<(MacAddr, Vec<u8>)>) {
+    let (mut e, t0) = up_engine(1000, true);
+    e.set_open(DEV, true);
+    events(&mut e);
+    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    (e, t0, asks)
+}
+
 /// The IDENTIFY requests among `tx`, with the MAC each goes to.
 fn identifies(tx: &[(usize, Vec<u8>)]) -> Vec<(MacAddr, Vec<u8>)> {
     tx.iter()
@@ -2535,12 +2547,7 @@ fn identifies(tx: &[(usize, Vec<u8>)]) -> Vec<(MacAddr, Vec<u8>)> {
 /// went to the other disk's MAC".
 #[test]
 fn a_new_mac_with_another_capacity_is_not_taken_as_a_path() {
-    let (mut e, t0) = up_engine(1000, true);
-    e.set_open(DEV, true);
-    events(&mut e);
-    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
-    let tx = drain(&mut e, t0);
-    let asks = identifies(&tx);
+    let (mut e, t0, asks) = open_device_and_new_mac();
     let (_, req) = asks
         .iter()
         .find(|(m, _)| *m == TMAC2)
@@ -2553,11 +2560,7 @@ fn a_new_mac_with_another_capacity_is_not_taken_as_a_path() {
     for (_, f) in drain(&mut e, t0) {
         assert_eq!(&f[0..6], &TMAC.0, "a read went to the MAC being checked");
     }
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp_from(req, TMAC2, 2000));
     let lines = log_lines(&mut e, |l| l.contains(&TMAC2.to_string()));
     assert!(
         lines.len() == 1 && lines[0].contains("not taken as a path") && lines[0].contains("2000"),
@@ -2584,11 +2587,7 @@ fn a_new_mac_with_another_capacity_is_not_taken_as_a_path() {
     e.handle_frame(now, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
     let asks = identifies(&drain(&mut e, now));
     let (_, req) = asks.iter().find(|(m, _)| *m == TMAC2).expect("asked again");
-    e.handle_frame(
-        now,
-        0,
-        &ata_rsp(req, TMAC2, status::DRDY, 0, &identify_page(2000)),
-    );
+    e.handle_frame(now, 0, &identify_rsp_from(req, TMAC2, 2000));
     assert!(log_lines(&mut e, |l| l.contains("not taken")).is_empty());
     assert_eq!(e.stats().targets_other_disk, 2);
 }
@@ -2598,11 +2597,7 @@ fn a_new_mac_with_another_capacity_is_not_taken_as_a_path() {
 /// path; frames then go to both.
 #[test]
 fn a_new_mac_with_the_same_capacity_becomes_a_path() {
-    let (mut e, t0) = up_engine(1000, true);
-    e.set_open(DEV, true);
-    events(&mut e);
-    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
-    let asks = identifies(&drain(&mut e, t0));
+    let (mut e, t0, asks) = open_device_and_new_mac();
     assert_eq!(
         asks.len(),
         1,
@@ -2610,11 +2605,7 @@ fn a_new_mac_with_the_same_capacity_becomes_a_path() {
     );
     assert_eq!(asks[0].0, TMAC2);
     assert_eq!(e.device(DEV).unwrap().targets[1].vetting, Vetting::Checking);
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&asks[0].1, TMAC2, status::DRDY, 0, &identify_page(1000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp_from(&asks[0].1, TMAC2, 1000));
     assert!(!log_lines(&mut e, |l| l.contains("taken as a path")).is_empty());
     assert_eq!(e.device(DEV).unwrap().targets[1].vetting, Vetting::Path);
     for lba in 0..8 {
@@ -2635,11 +2626,8 @@ fn a_new_mac_with_the_same_capacity_becomes_a_path() {
 /// frames, and the device stays up.
 #[test]
 fn a_new_mac_that_never_answers_is_asked_a_few_times_and_never_used() {
-    let (mut e, t0) = up_engine(1000, true);
-    e.set_open(DEV, true);
-    events(&mut e);
-    e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 2, 0));
-    let mut asked = identifies(&drain(&mut e, t0)).len();
+    let (mut e, t0, asks) = open_device_and_new_mac();
+    let mut asked = asks.len();
     let mut now = t0;
     for _ in 0..200 {
         let Some(at) = e.poll_timeout() else { break };
@@ -2685,11 +2673,7 @@ fn a_second_mac_during_the_first_identify_is_checked_once_up() {
     let asks = identifies(&drain(&mut e, t0));
     assert_eq!(asks.len(), 1);
     assert_eq!(asks[0].0, TMAC2, "the second MAC asked once up");
-    e.handle_frame(
-        t0,
-        0,
-        &ata_rsp(&asks[0].1, TMAC2, status::DRDY, 0, &identify_page(4000)),
-    );
+    e.handle_frame(t0, 0, &identify_rsp_from(&asks[0].1, TMAC2, 4000));
     assert_eq!(e.stats().targets_other_disk, 1);
     assert_eq!(e.device(DEV).unwrap().sectors, 1000);
 }
