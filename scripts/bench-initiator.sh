@@ -56,6 +56,9 @@
 #   PERFSTAT=1  also print the initiator's system calls, context switches and page faults per MiB read
 #             (perf stat), and the machine's steal time per MiB (/proc/stat), figures a loaded machine does not disturb; PERFSTAT=thread: the same
 #             per thread name of the initiator (aoe-net, nbd-conn, ...), summed over its threads
+#   INIT_LOG=1  after each run of an initiator, print on stderr the counters its network thread
+#             logs as it stops (frames through the transmit ring and the linear sender, the
+#             linear sender's full send buffers, kicks, polls, timeouts)
 #   PERFSTATALL=1  instead, per transfer (nbdkit's included), from /proc/stat: each CPU's busy
 #             share, and the whole machine's busy CPU and softirq time per MiB moved (which CPU
 #             is full; what the parties in the table do not account for is someone else's)
@@ -90,6 +93,7 @@ WAKES=${WAKES:-}
 FAULTS=${FAULTS:-}
 XCOPY=${XCOPY:-0}
 RETX=${RETX:-0}
+INIT_LOG=${INIT_LOG:-0}
 METRICS_ADDR=127.0.0.1:9477
 [ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
 SHELF=1 SLOT=1
@@ -345,6 +349,8 @@ for mtu in $MTUS; do
                     retx_report "nbdw-$t-$mtu-$k-$run" "$rc"
                 fi
                 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+                [ "$INIT_LOG" = 1 ] && grep -E 'transmit ring"?|network thread loop' "$WORK/init.log" |
+                    sed "s/^/initiator log $t-$mtu-$k-$run: /" >&2 || true
             done
         done
         stop_pid "$TARGET_PID"; TARGET_PID=""

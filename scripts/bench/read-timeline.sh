@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# read-timeline.sh - where the time of one `dd iflag=direct` read through `aoe initiator` goes.
+# read-timeline.sh - where the time of one `dd iflag=direct` read (or, MODE=write, one `dd
+# oflag=direct` write) through `aoe initiator` goes.
 #
 # Two private network namespaces joined by a veth pair (removed on exit, Ctrl-C included), a
 # backing file on tmpfs served by `aoe serve`, `aoe initiator` with its FUSE device file; then
-# `perf record -a` of four tracepoints during COUNT reads of BS each (sched_switch, the read
+# `perf record -a` of a few tracepoints during COUNT reads of BS each (sched_switch, the read
 # system calls, netif_receive_skb on both ends of the veth) and, per read, the time from dd's
 # read() to: the target receiving the first and the last request frame, the initiator
 # receiving the first and the last answer, and read() returning. Prints the medians and the
@@ -11,9 +12,19 @@
 # (swapper = idle). The tracepoints cost some time of their own (a read takes 10-20% longer
 # traced): compare the milestones of one run, not the totals with untraced runs.
 #
+# MODE=write: COUNT writes of BS from a tmpfs file of random data to the device file, and per
+# write the time from dd's write() to: the initiator's FUSE thread taking the request off
+# /dev/fuse (its read() returning BS bytes or more), the target receiving the first and the
+# last write frame, the initiator receiving the first and the last answer, the FUSE reply
+# (the initiator's writev() to /dev/fuse), and write() returning; and dd's own time between
+# two writes (its read of the source). Under --fuse-uring (INIT_ARGS, with ENABLE_URING=Y) the
+# ring hands requests over without read() and writev(): those two read 0 and write()'s return.
+#
 # Usage: sudo scripts/bench/read-timeline.sh
 #   AOE=target/release/aoe (target)   INIT_AOE=$AOE (initiator)   MTU=9000   BS=1M
 #   COUNT=200 (reads traced)   SIZE_MB=512 (backing file)   KEEP=dir (keep perf.data there)
+#   MODE=read (or write)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on exit)
 # Needs root, iproute2, util-linux (nsenter), fuse3, python3, perf (Debian: linux-perf).
 set -euo pipefail
 
@@ -27,6 +38,7 @@ BS=${BS:-1M}
 COUNT=${COUNT:-200}
 SIZE_MB=${SIZE_MB:-512}
 KEEP=${KEEP:-}
+MODE=${MODE:-read}
 SHELF=1 SLOT=1
 
 die() { echo "read-timeline: $*" >&2; exit 1; }
@@ -39,8 +51,16 @@ done
 AOE=$(readlink -f "$AOE") INIT_AOE=$(readlink -f "$INIT_AOE")
 case $COUNT in '' | *[!0-9]*) die "COUNT must be a whole number, not '$COUNT'" ;; esac
 [ "$COUNT" -ge 20 ] || die "COUNT must be at least 20 (the first 5 reads are left out)"
+case $MODE in read | write) ;; *) die "MODE must be read or write, not '$MODE'" ;; esac
 
 bench_workspace rt read-timeline
+ENABLE_URING=${ENABLE_URING:-}
+URING_PARAM=/sys/module/fuse/parameters/enable_uring URING_OLD=
+cleanup_more() { [ -n "$URING_OLD" ] && echo "$URING_OLD" >"$URING_PARAM"; }
+if [ -n "$ENABLE_URING" ]; then
+    [ -w "$URING_PARAM" ] || die "no $URING_PARAM (a kernel without FUSE over io_uring?)"
+    URING_OLD=$(cat "$URING_PARAM"); echo "$ENABLE_URING" >"$URING_PARAM"
+fi
 IP_T=10.93.0.1 IP_I=10.93.0.2
 
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
@@ -48,18 +68,30 @@ bench_link "$MTU"
 start_target aoe || die "the target did not answer"
 start_initiator
 DEV=$ROOT/e$SHELF.$SLOT
-# One untimed pass first: the window opens, the page cache holds the file.
-dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>/dev/null
-echo "load $(load); $COUNT reads of $BS at MTU $MTU; target $AOE, initiator $INIT_AOE" >&2
-perf record -q -a -o "$WORK/perf.data" \
-    -e sched:sched_switch,net:netif_receive_skb,syscalls:sys_enter_read,syscalls:sys_exit_read \
-    -- dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>&1 | tail -1 >&2
+BYTES=$(numfmt --from=iec "$BS")
+if [ "$MODE" = read ]; then
+    # One untimed pass first: the window opens, the page cache holds the file.
+    dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>/dev/null
+    echo "load $(load); $COUNT reads of $BS at MTU $MTU; target $AOE, initiator $INIT_AOE" >&2
+    perf record -q -a -o "$WORK/perf.data" \
+        -e sched:sched_switch,net:netif_receive_skb,syscalls:sys_enter_read,syscalls:sys_exit_read \
+        -- dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>&1 | tail -1 >&2
+else
+    SRC=$WORK/src
+    head -c $((COUNT * BYTES)) /dev/urandom >"$SRC"
+    # One untimed pass first, as for reads.
+    dd if="$SRC" of="$DEV" bs="$BS" count="$COUNT" oflag=direct conv=notrunc 2>/dev/null
+    echo "load $(load); $COUNT writes of $BS at MTU $MTU; target $AOE, initiator $INIT_AOE" >&2
+    perf record -q -a -o "$WORK/perf.data" \
+        -e sched:sched_switch,net:netif_receive_skb,syscalls:sys_enter_read,syscalls:sys_exit_read \
+        -e syscalls:sys_enter_write,syscalls:sys_exit_write,syscalls:sys_enter_writev \
+        -- dd if="$SRC" of="$DEV" bs="$BS" count="$COUNT" oflag=direct conv=notrunc 2>&1 | tail -1 >&2
+fi
 [ -n "$KEEP" ] && { mkdir -p "$KEEP"; cp "$WORK/perf.data" "$KEEP/"; }
 perf script -i "$WORK/perf.data" -F comm,tid,cpu,time,event,trace 2>/dev/null >"$WORK/trace.txt"
-BYTES=$(numfmt --from=iec "$BS")
-python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" <<'EOF'
+python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" <<'EOF'
 import bisect, re, sys
-path, dev_t, dev_i, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+path, dev_t, dev_i, size, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 line = re.compile(r'\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)')
 ev = []
 for l in open(path):
@@ -68,6 +100,73 @@ for l in open(path):
         comm, _, cpu, t, e, tr = m.groups()
         ev.append((float(t), comm, int(cpu), e, tr))
 want = 'count: 0x%08x' % size
+def length(tr):
+    m = re.search(r'len=(\d+)', tr)
+    return int(m.group(1)) if m else 0
+def pct(rows, names, what):
+    print('%d %s; microseconds from dd entering %s(), median (p10-p90):' % (len(rows), what, what[:-1]))
+    for k, name in enumerate(names):
+        v = sorted(r[k] for r in rows)
+        n = len(v)
+        print('  %-36s %7.0f  (%.0f-%.0f)' % (name, v[n // 2], v[n // 10], v[9 * n // 10]))
+def shares(t0, t1):
+    occ, last = {}, {}
+    for t, comm, cpu, e, tr in ev:
+        if e != 'sched:sched_switch' or t < t0 or t > t1:
+            continue
+        nxt = re.search(r'next_comm=(.+?) next_pid', tr).group(1)
+        if cpu in last:
+            s0, c = last[cpu]
+            c = 'idle' if c.startswith('swapper') else c
+            occ[c] = occ.get(c, 0) + (t - s0)
+        last[cpu] = (t, nxt)
+    total = sum(occ.values()) or 1
+    print('share of both CPUs during the %ss: ' % mode +
+          ', '.join('%s %.1f%%' % (c, 100 * v / total)
+                    for c, v in sorted(occ.items(), key=lambda x: -x[1])[:8]))
+if mode == 'write':
+    writes, start, fuse_reads, replies = [], None, [], []
+    for t, comm, cpu, e, tr in ev:
+        if comm == 'dd' and e == 'syscalls:sys_enter_write' and want in tr:
+            start = t
+        elif comm == 'dd' and e == 'syscalls:sys_exit_write' and start is not None:
+            writes.append((start, t))
+            start = None
+        elif comm != 'dd' and e == 'syscalls:sys_exit_read':
+            m = re.search(r'0x([0-9a-f]+)', tr)
+            if m and int(m.group(1), 16) >= size:
+                fuse_reads.append(t)
+        elif comm != 'dd' and e == 'syscalls:sys_enter_writev':
+            replies.append(t)
+    frames = [t for t, c, cpu, e, tr in ev
+              if e == 'net:netif_receive_skb' and 'dev=%s ' % dev_t in tr and length(tr) > 500]
+    answers = [t for t, c, cpu, e, tr in ev
+               if e == 'net:netif_receive_skb' and 'dev=%s ' % dev_i in tr]
+    def first(xs, a, b):
+        r = xs[bisect.bisect_left(xs, a):bisect.bisect_right(xs, b)]
+        return r
+    rows = []
+    for i, (a, b) in enumerate(writes[5:], 5):
+        fr = first(fuse_reads, a, b)
+        f = first(frames, a, b)
+        s = first(answers, a, b)
+        if not (f and s):
+            continue
+        rp = first(replies, s[-1], b)
+        gap = a - writes[i - 1][1]
+        # No read() of /dev/fuse and no writev() under --fuse-uring (the ring takes the
+        # request and its answer): those two milestones then read 0 and write()'s return.
+        rows.append([(x - a) * 1e6 for x in (fr[0] if fr else a, f[0], f[-1], s[0], s[-1],
+                                             rp[0] if rp else b, b)] + [gap * 1e6, len(f), len(s)])
+    if not rows:
+        sys.exit('read-timeline: no write with frames found in the trace')
+    pct(rows, ['request off /dev/fuse', 'first write frame at the target',
+               'last write frame at the target', 'first answer at the initiator',
+               'last answer at the initiator', 'FUSE reply (writev)', 'write() returns',
+               'dd between writes (before)', 'write frames per write', 'answers per write'],
+        'writes')
+    shares(writes[5][0], writes[-1][1])
+    sys.exit(0)
 reads, start = [], None
 for t, comm, cpu, e, tr in ev:
     if comm == 'dd' and e == 'syscalls:sys_enter_read' and want in tr:
@@ -75,9 +174,6 @@ for t, comm, cpu, e, tr in ev:
     elif comm == 'dd' and e == 'syscalls:sys_exit_read' and start is not None:
         reads.append((start, t))
         start = None
-def length(tr):
-    m = re.search(r'len=(\d+)', tr)
-    return int(m.group(1)) if m else 0
 reqs = [t for t, c, cpu, e, tr in ev if e == 'net:netif_receive_skb' and 'dev=%s ' % dev_t in tr]
 answers = [t for t, c, cpu, e, tr in ev
            if e == 'net:netif_receive_skb' and 'dev=%s ' % dev_i in tr and length(tr) > 500]
@@ -92,24 +188,6 @@ if not rows:
 names = ['first request at the target', 'last request at the target',
          'first answer at the initiator', 'last answer at the initiator',
          'read() returns', 'request frames per read', 'answer frames per read']
-print('%d reads; microseconds from dd entering read(), median (p10-p90):' % len(rows))
-for k, name in enumerate(names):
-    v = sorted(r[k] for r in rows)
-    n = len(v)
-    print('  %-32s %7.0f  (%.0f-%.0f)' % (name, v[n // 2], v[n // 10], v[9 * n // 10]))
-t0, t1 = reads[5][0], reads[-1][1]
-occ, last = {}, {}
-for t, comm, cpu, e, tr in ev:
-    if e != 'sched:sched_switch' or t < t0 or t > t1:
-        continue
-    nxt = re.search(r'next_comm=(.+?) next_pid', tr).group(1)
-    if cpu in last:
-        s0, c = last[cpu]
-        c = 'idle' if c.startswith('swapper') else c
-        occ[c] = occ.get(c, 0) + (t - s0)
-    last[cpu] = (t, nxt)
-total = sum(occ.values()) or 1
-print('share of both CPUs during the reads: ' +
-      ', '.join('%s %.1f%%' % (c, 100 * v / total)
-                for c, v in sorted(occ.items(), key=lambda x: -x[1])[:8]))
+pct(rows, names, 'reads')
+shares(reads[5][0], reads[-1][1])
 EOF

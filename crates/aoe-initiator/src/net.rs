@@ -584,6 +584,9 @@ struct Iface {
     linear: Option<PacketSocket>,
     /// Frames sent through `linear`.
     linear_sent: u64,
+    /// Batches the linear sender refused for a full send buffer (the rest then waits in
+    /// `backlog` for `POLLOUT`).
+    linear_full: u64,
 }
 
 /// Write data from which a frame goes out with `sendmmsg(2)` from the write's own buffer
@@ -895,9 +898,15 @@ impl Iface {
                 (n, false)
             }
             // The kernel took none without an error: try again once poll says so.
-            Ok(_) => (0, true),
+            Ok(_) => {
+                self.linear_full += u64::from(self.linear.is_some());
+                (0, true)
+            }
             Err(e) => match self.refused(&e, logs) {
-                Sent::Full => (0, true),
+                Sent::Full => {
+                    self.linear_full += u64::from(self.linear.is_some());
+                    (0, true)
+                }
                 Sent::Lost => (1, false),
             },
         }
@@ -1397,6 +1406,7 @@ impl Net {
                             backlog: VecDeque::new(),
                             linear: linear_sender(&w.name),
                             linear_sent: 0,
+                            linear_full: 0,
                         });
                         opened += 1;
                     }
@@ -1435,6 +1445,7 @@ impl Net {
                                 kicks = t.kicks,
                                 short_kicks = t.short_kicks,
                                 linear = i.linear_sent,
+                                linear_full = i.linear_full,
                                 "frames sent through the transmit ring"
                             );
                         }
