@@ -13,6 +13,7 @@
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
+#                            [-O]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -45,6 +46,10 @@
 #                the second: the host SIGKILLs the target while the guest's writes stream
 #                (one is in flight, or goes out to the dead target), restarts it 3 s later,
 #                and every write the guest saw complete, and the rest, must be in the file
+#   -O           OSD killed mid-stream (with -r): the guest streams its writes as with -W,
+#                and the host SIGKILLs the cluster's one OSD instead of the target, starting
+#                it again OSD_DOWN_S (8) seconds later; the writes wait (librados holds them)
+#                and every check below holds on \`rbd export\`
 #   -R SECONDS   reload: the template must use {CONFIG}. The pattern region is 4 MiB, and
 #                the guest writes it over and over with dd oflag=direct, in passes of
 #                sector-stamped data (every 8 bytes of a sector say its LBA and pass), for at
@@ -143,12 +148,14 @@ FULL_FREE_KIB=256
 SHRINK=0
 BAD=""
 LARGE=0
+OSDKILL=0
+OSD_DOWN_S=8
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:kgKWFSPh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:kgKWFSPOh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;;
         *) usage ;;
     esac
@@ -175,6 +182,8 @@ if [ -n "$BAD" ]; then
     [ "$BAD_LBA" -ge 8 ] && [ $(( (BAD_LBA + BAD_COUNT + 8) * 512 )) -le $(( (SIZE_MB << 20) / 2 )) ] ||
         { echo "kernel-initiator.sh: -B: the range must start at sector 8 or later and end in the first half of the device (the pattern is mid-device)" >&2; exit 2; }
 fi
+[ "$OSDKILL" = 0 ] || [ -n "$RBD" ] ||
+    { echo "kernel-initiator.sh: -O needs -r (it kills the cluster's OSD)" >&2; exit 2; }
 if [ "$LARGE" != 0 ]; then
     [ -z "$RBD$BAD" ] && [ "$RELOAD" = 0 ] && [ "$GROW$KILL$FULL$SHRINK$PAUSE" = 00000 ] ||
         { echo "kernel-initiator.sh: -L goes with none of -r, -R, -g, -K, -W, -F, -S, -P, -B" >&2; exit 2; }
@@ -858,7 +867,17 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-P: target continued (SIGCONT)"
         conted=1
     fi
-    if [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ "$OSDKILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        osd=$(cat "$RUN/ceph/osd.pid")
+        kill -KILL "$osd" 2>/dev/null || fail "-O: cannot kill the OSD (pid $osd)"
+        say "-O: OSD (pid $osd) SIGKILLed; starting it again in ${OSD_DOWN_S} s"
+        sleep "$OSD_DOWN_S"
+        nsx ceph-osd -c "$CEPH_CONF" -i 0 -f >>"$RUN/ceph/log/osd.out" 2>&1 &
+        echo $! >"$RUN/ceph/osd.pid"
+        say "-O: OSD started again (pid $(cat "$RUN/ceph/osd.pid"))"
+        killed=1
+    fi
+    if [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -1032,7 +1051,10 @@ if [ -n "$BAD" ]; then
     [ -z "$wrong" ] || fail "-B: sectors read wrong in the guest:$wrong"
     say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) failed in the guest and no other; $(grep -c 'I/O failed' "$RUN/target.log") I/O-failure lines in the target's log"
 fi
-if [ "$KILL" != 0 ]; then
+if [ "$OSDKILL" = 1 ]; then
+    [ $killed = 1 ] || fail "-O: the guest never asked for the kill"
+    say "OSD killed and restarted during the pattern write; $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting on the backend' "$RUN/target.log") backend-wait lines in the target's log"
+elif [ "$KILL" != 0 ]; then
     [ $killed = 1 ] || fail "-K/-W: the guest never asked for the kill"
     say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"
 fi
