@@ -165,6 +165,13 @@ impl Engine {
             _ => None,
         };
         if let Some(old) = forgot {
+            // Copies of its IDENTIFYs held or presumed lost go with it, as a removed
+            // device's do: their slots were in its window, not in a new MAC's (the same
+            // MAC admitted again starts a window of its own).
+            let dev = h.target;
+            self.held.retain(|_, c| !(c.dev == dev && c.target == old));
+            self.ghosts
+                .retain(|_, g| !(g.dev == dev && g.target == old));
             self.stats.targets_forgotten += 1;
             let n = self.stats.targets_forgotten;
             self.log_peer(now, "target forgotten", || {
