@@ -12,7 +12,8 @@
 #
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
-#                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W]
+#                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
+#                            [-O]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -45,6 +46,10 @@
 #                the second: the host SIGKILLs the target while the guest's writes stream
 #                (one is in flight, or goes out to the dead target), restarts it 3 s later,
 #                and every write the guest saw complete, and the rest, must be in the file
+#   -O           OSD killed mid-stream (with -r): the guest streams its writes as with -W,
+#                and the host SIGKILLs the cluster's one OSD instead of the target, starting
+#                it again OSD_DOWN_S (8) seconds later; the writes wait (librados holds them)
+#                and every check below holds on \`rbd export\`
 #   -R SECONDS   reload: the template must use {CONFIG}. The pattern region is 4 MiB, and
 #                the guest writes it over and over with dd oflag=direct, in passes of
 #                sector-stamped data (every 8 bytes of a sector say its LBA and pass), for at
@@ -86,6 +91,15 @@
 #                bad sectors (a buffered read fails whole pages). Needs nbdkit, nbdfuse, gcc;
 #                the template should open {FILE} with O_DIRECT (aoe serve -d): a buffered
 #                target reads the host's pages whole too.
+#   -L SECTORS   large disk (file mode, alone): the backing file is the -z MiB of random
+#                data followed by a hole up to SECTORS sectors (a sparse file; 2^32 + 16387
+#                is past 2 TiB). The whole-device md5s and their checks cover the first -z
+#                MiB only. After the pattern the guest writes 16 sectors from the pattern
+#                across sector 2^28 (the end of LBA28's reach), across 2^32 when the device
+#                is that large, and ending at the last sector, each with dd oflag=direct,
+#                and reads each back (iflag=direct); a write at sector SECTORS (past the
+#                end) must fail. The host finds each piece in the file at its offset and no
+#                data anywhere else past the first -z MiB (SEEK_DATA).
 #
 # Checks: the guest discovers e{SHELF}.{SLOT} with the backing file's size and the payload
 # the MTU allows; the md5 of the whole device read in the guest equals the host file's; a
@@ -133,18 +147,21 @@ FULL=0
 FULL_FREE_KIB=256
 SHRINK=0
 BAD=""
+LARGE=0
+OSDKILL=0
+OSD_DOWN_S=8
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:kgKWFSPh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:kgKWFSPOh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
-        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
-        B) BAD=$OPTARG ;;
+        r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
+        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;;
         *) usage ;;
     esac
 done
 [ -n "$TEMPLATE" ] || { echo "kernel-initiator.sh: -t TEMPLATE is required" >&2; usage; }
-for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL" "$RELOAD"; do
+for n in "$MTU" "$SHELF" "$SLOT" "$SIZE_MB" "$TOTAL" "$RELOAD" "$LARGE"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "kernel-initiator.sh: not a number: $n" >&2; exit 2; }
 done
 [ "$SIZE_MB" -ge 8 ] || { echo "kernel-initiator.sh: -z must be at least 8 (MiB)" >&2; exit 2; }
@@ -164,6 +181,14 @@ if [ -n "$BAD" ]; then
         { echo "kernel-initiator.sh: -B goes with none of -r, -R, -g, -K, -F, -S, -P" >&2; exit 2; }
     [ "$BAD_LBA" -ge 8 ] && [ $(( (BAD_LBA + BAD_COUNT + 8) * 512 )) -le $(( (SIZE_MB << 20) / 2 )) ] ||
         { echo "kernel-initiator.sh: -B: the range must start at sector 8 or later and end in the first half of the device (the pattern is mid-device)" >&2; exit 2; }
+fi
+[ "$OSDKILL" = 0 ] || [ -n "$RBD" ] ||
+    { echo "kernel-initiator.sh: -O needs -r (it kills the cluster's OSD)" >&2; exit 2; }
+if [ "$LARGE" != 0 ]; then
+    [ -z "$RBD$BAD" ] && [ "$RELOAD" = 0 ] && [ "$GROW$KILL$FULL$SHRINK$PAUSE" = 00000 ] ||
+        { echo "kernel-initiator.sh: -L goes with none of -r, -R, -g, -K, -W, -F, -S, -P, -B" >&2; exit 2; }
+    [ "$LARGE" -gt $(( (1 << 28) + 16 )) ] && [ "$LARGE" -lt $(( 1 << 48 )) ] ||
+        { echo "kernel-initiator.sh: -L wants more than 2^28 + 16 sectors (and fewer than 2^48)" >&2; exit 2; }
 fi
 [ -z "$RBD" ] || [[ $RBD =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){1,2}$ ]] ||
     { echo "kernel-initiator.sh: -r wants POOL/IMAGE or POOL/NAMESPACE/IMAGE, not $RBD" >&2; exit 2; }
@@ -305,6 +330,19 @@ if [ "$FULL" = 1 ]; then
     FILE=$RUN/full/backing.img
 fi
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
+if [ "$LARGE" != 0 ]; then
+    # -L: a hole from the random data up to LARGE sectors.
+    truncate -s $((LARGE * 512)) "$FILE" || fail "-L: cannot make $FILE $LARGE sectors long"
+    # The pieces the guest writes (first sector each, 16 sectors): across 2^28, across 2^32
+    # if the device is that large, and ending at the last sector.
+    LARGE_LBAS="$(( (1 << 28) - 8 ))"
+    [ "$LARGE" -le $(( (1 << 32) + 8 )) ] || LARGE_LBAS="$LARGE_LBAS $(( (1 << 32) - 8 ))"
+    LARGE_LBAS="$LARGE_LBAS $((LARGE - 16))"
+fi
+# head_of FILE: the part of FILE the md5s cover (with -L the first -z MiB; else all of it).
+head_of() {
+    if [ "$LARGE" != 0 ]; then head -c $((SIZE_MB << 20)) "$1"; else cat "$1"; fi
+}
 # The pattern region: 1 MiB of random bytes; with -R 4 MiB, and the passes before it
 # (pass1.bin ...) and it (the last pass) sector-stamped: every 8 bytes of sector i of the
 # region hold the little-endian (device LBA | pass << 48), so a wrong sector says which pass
@@ -350,11 +388,11 @@ md5_of() {
     if [ -n "$BAD" ]; then
         { head -c $((CUT_LO * 512)) "$1"; tail -c +$((CUT_HI * 512 + 1)) "$1"; } | md5sum | cut -d' ' -f1
     else
-        md5sum <"$1" | cut -d' ' -f1
+        head_of "$1" | md5sum | cut -d' ' -f1
     fi
 }
 H_BEFORE=$(md5_of "$FILE")
-{ head -c "$OFF" "$FILE"; cat "$PAT"; tail -c +$((OFF + PAT_BYTES + 1)) "$FILE"; } >"$RUN/expected.img" ||
+{ head -c "$OFF" "$FILE"; cat "$PAT"; head_of "$FILE" | tail -c +$((OFF + PAT_BYTES + 1)); } >"$RUN/expected.img" ||
     fail "cannot write $RUN/expected.img"
 EXP_AFTER=$(md5_of "$RUN/expected.img")
 rm -f "$RUN/expected.img"
@@ -400,6 +438,9 @@ BAD_LBA=$BAD_LBA
 BAD_COUNT=$BAD_COUNT
 CUT_LO=$CUT_LO
 CUT_HI=$CUT_HI
+SIZE_MB=$SIZE_MB
+LARGE=$LARGE
+LARGE_LBAS="${LARGE_LBAS:-}"
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -433,7 +474,9 @@ diag() {
 die() { out "GUEST_FAIL $* (step $(where))"; diag; poweroff -f; sleep 60; }
 # The whole device's md5; with -B less the 4 KiB pages [CUT_LO, CUT_HI) (in sectors).
 devmd5() {
-    if [ "$BAD_COUNT" = 0 ]; then
+    if [ "$LARGE" != 0 ]; then
+        dd if=$DEV bs=1048576 count="$SIZE_MB" 2>/dev/null | md5sum | cut -d' ' -f1
+    elif [ "$BAD_COUNT" = 0 ]; then
         md5sum < $DEV | cut -d' ' -f1
     else
         { dd if=$DEV bs=4096 count=$((CUT_LO / 8)) 2>/dev/null
@@ -582,6 +625,26 @@ else
         { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
 fi
 [ "$RELOAD" = 0 ] || out "RELOAD_STOP"
+if [ "$LARGE" != 0 ]; then
+    # -L: 16 sectors of the pattern (the i-th 8 KiB of it) at each LBA, read back past the
+    # page cache; then a write past the end.
+    step large 120
+    i=0
+    for l in $LARGE_LBAS; do
+        dd if=/pattern.bin of=$DEV bs=512 skip=$((i * 16)) seek="$l" count=16 conv=notrunc \
+                oflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "-L: the write of 16 sectors at $l failed"; }
+        got=$(dd if=$DEV bs=512 skip="$l" count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+        want=$(dd if=/pattern.bin bs=512 skip=$((i * 16)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || die "-L: 16 sectors at $l read back as $got, written $want"
+        out "LARGE_PIECE $l ok"
+        i=$((i + 1))
+    done
+    if dd if=/pattern.bin of=$DEV bs=512 seek="$LARGE" count=1 conv=notrunc oflag=direct 2>/tmp/dd.err; then
+        die "-L: a write at sector $LARGE (past the end) succeeded"
+    fi
+    out "LARGE_PAST_END refused: $(tr '\n' ' ' </tmp/dd.err)"
+fi
 step sync 60
 sync
 step readback 60
@@ -804,7 +867,17 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-P: target continued (SIGCONT)"
         conted=1
     fi
-    if [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ "$OSDKILL" = 1 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        osd=$(cat "$RUN/ceph/osd.pid")
+        kill -KILL "$osd" 2>/dev/null || fail "-O: cannot kill the OSD (pid $osd)"
+        say "-O: OSD (pid $osd) SIGKILLed; starting it again in ${OSD_DOWN_S} s"
+        sleep "$OSD_DOWN_S"
+        nsx ceph-osd -c "$CEPH_CONF" -i 0 -f >>"$RUN/ceph/log/osd.out" 2>&1 &
+        echo $! >"$RUN/ceph/osd.pid"
+        say "-O: OSD started again (pid $(cat "$RUN/ceph/osd.pid"))"
+        killed=1
+    fi
+    if [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -879,7 +952,9 @@ if grep -q 'KI:GUEST_FAIL' "$CONSOLE"; then
     fail "guest: $(g GUEST_FAIL)"
 fi
 grep -q 'KI:GUEST_DONE' "$CONSOLE" || { tr -d '\r' <"$CONSOLE" | tail -n 30; fail "guest did not finish (qemu exit status $QRC)"; }
-[ "$(g BYTES)" = $((SIZE_MB << 20)) ] || fail "guest device size $(g BYTES) != backing file size $((SIZE_MB << 20))"
+WANT_BYTES=$((SIZE_MB << 20))
+[ "$LARGE" = 0 ] || WANT_BYTES=$((LARGE * 512))
+[ "$(g BYTES)" = "$WANT_BYTES" ] || fail "guest device size $(g BYTES) != backing file size $WANT_BYTES"
 [ "$(g PAYLOAD)" = "$EXP_PAYLOAD" ] || fail "guest payload $(g PAYLOAD) bytes per frame != $EXP_PAYLOAD (what MTU $MTU allows)"
 [ "$(g MD5_BEFORE)" = "$H_BEFORE" ] || fail "whole-device md5 in the guest $(g MD5_BEFORE) != backing file $H_BEFORE"
 if [ "$RELOAD" != 0 ]; then
@@ -915,6 +990,35 @@ if [ -n "$RESIZE_TO" ]; then
         fail "guest size after the resize: ${resized:-none} (want $RESIZE_TO)"
     say "guest saw the new size: $resized"
 fi
+if [ "$LARGE" != 0 ]; then
+    # Each piece where the guest wrote it, and no data past the random part elsewhere (the
+    # file system's extents: a 4 KiB block around each piece).
+    i=0 pieces=""
+    for l in $LARGE_LBAS; do
+        [ -n "$(g "LARGE_PIECE $l")" ] || fail "-L: the guest did not write the piece at $l"
+        got=$(dd if="$FILE" bs=512 skip="$l" count=16 2>/dev/null | md5sum | cut -d' ' -f1)
+        want=$(dd if="$PAT" bs=512 skip=$((i * 16)) count=16 2>/dev/null | md5sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || fail "-L: the host file at sector $l holds $got, the guest wrote $want"
+        pieces="$pieces $l"
+        i=$((i + 1))
+    done
+    stray=$(python3 -c 'import os, sys
+f, start, pieces = sys.argv[1], int(sys.argv[2]), [int(p) * 512 for p in sys.argv[3].split()]
+fd = os.open(f, os.O_RDONLY); size = os.fstat(fd).st_size; off = start; stray = []
+while off < size:
+    try:
+        d = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError:
+        break
+    h = os.lseek(fd, d, os.SEEK_HOLE)
+    # Data within a 4 KiB block of a piece is the piece (the blocks are whole).
+    if not any(p - 4096 < h and d < p + 8192 + 4096 for p in pieces):
+        stray.append("%d+%d" % (d, h - d))
+    off = h
+print(" ".join(stray))' "$FILE" $((SIZE_MB << 20)) "$pieces") || fail "-L: cannot list the data extents of $FILE"
+    [ -z "$stray" ] || fail "-L: data in the host file where nothing was written (byte+length): $stray"
+    say "-L: pieces across sectors$pieces written and read back in the guest and found in the file, nothing elsewhere; $(g LARGE_PAST_END)"
+fi
 if [ "$SHRINK" = 1 ]; then
     [ "$(g MD5_SHRUNK)" = "$H_SHRUNK" ] ||
         fail "-S: whole shrunk device md5 in the guest $(g MD5_SHRUNK) != shrunk file $H_SHRUNK"
@@ -947,7 +1051,10 @@ if [ -n "$BAD" ]; then
     [ -z "$wrong" ] || fail "-B: sectors read wrong in the guest:$wrong"
     say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) failed in the guest and no other; $(grep -c 'I/O failed' "$RUN/target.log") I/O-failure lines in the target's log"
 fi
-if [ "$KILL" != 0 ]; then
+if [ "$OSDKILL" = 1 ]; then
+    [ $killed = 1 ] || fail "-O: the guest never asked for the kill"
+    say "OSD killed and restarted during the pattern write; $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting on the backend' "$RUN/target.log") backend-wait lines in the target's log"
+elif [ "$KILL" != 0 ]; then
     [ $killed = 1 ] || fail "-K/-W: the guest never asked for the kill"
     say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"
 fi

@@ -377,6 +377,12 @@ pub fn initiator_text(shared: &Mutex<aoe_initiator::net::Shared>) -> String {
         vec![(Labels::new(), e.targets_other_disk)],
     );
     s.counter(
+        "aoe_initiator_targets_forgotten",
+        "Target MACs that were not paths (refused as another disk, or silent to every \
+         IDENTIFY) forgotten at --max-targets to admit a new MAC of their device",
+        vec![(Labels::new(), e.targets_forgotten)],
+    );
+    s.counter(
         "aoe_initiator_writes_fenced",
         "Writes held back because a copy of an earlier write to some of their sectors could \
          still reach the target (the write fence; each write counted once)",

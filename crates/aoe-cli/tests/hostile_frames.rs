@@ -804,28 +804,47 @@ fn rsp_for_devices_that_do_not_exist() {
     r.check("responses for devices that do not exist");
 }
 
-/// Config responses from a second MAC for the real device whose sector count alternates
-/// between 1 and 2, as fast as the socket takes them: each one moves the device's data
-/// frame size, and each such change may be logged about once a second, not once a frame
-/// (`setting N byte data frames`). The device still reads right afterwards.
+/// Config responses for the real device whose sector count alternates between 1 and 2, as
+/// fast as the socket takes them. From a second MAC (not a path: being asked IDENTIFY,
+/// which it never answers) they move nothing since the ninth audit: no frame-size line,
+/// the payload as it was (before, each one moved it). From the path's own MAC (spoofed)
+/// each one moves the device's data frame size, and each such change may be logged about
+/// once a second, not once a frame (`setting N byte data frames`). The device still reads
+/// right afterwards.
 #[test]
 fn rsp_config_flapping_sector_count() {
     let r = RspRig::start();
     let me = TargetAddr::new(SHELF, SLOT);
     let other = MacAddr([2, 0xdd, 0, 0, 0, 1]);
+    let flapping = |src: MacAddr| -> Vec<Vec<u8>> {
+        (0..4000)
+            .map(|i| {
+                let body = Body::Config(ConfigRepr {
+                    sector_count: 1 + (i % 2) as u8,
+                    ..match config_rsp(b"") {
+                        Body::Config(c) => c,
+                        _ => unreachable!(),
+                    }
+                });
+                r.response(src, me, 0, body)
+            })
+            .collect()
+    };
+    let payload = r.rig.attr("payload");
     let before = r.rig.logs().matches("byte data frames").count();
-    let frames: Vec<Vec<u8>> = (0..4000)
-        .map(|i| {
-            let body = Body::Config(ConfigRepr {
-                sector_count: 1 + (i % 2) as u8,
-                ..match config_rsp(b"") {
-                    Body::Config(c) => c,
-                    _ => unreachable!(),
-                }
-            });
-            r.response(other, me, 0, body)
-        })
-        .collect();
+    r.send_all(&flapping(other));
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = r.rig.logs().matches("byte data frames").count() - before;
+    assert_eq!(
+        lines,
+        0,
+        "a MAC that is not a path moved the frame size{}",
+        r.rig.logs()
+    );
+    assert_eq!(r.rig.attr("payload"), payload);
+
+    let before = r.rig.logs().matches("byte data frames").count();
+    let frames = flapping(r.target_mac);
     let t0 = std::time::Instant::now();
     r.send_all(&frames);
     std::thread::sleep(Duration::from_millis(300));
@@ -846,7 +865,7 @@ fn rsp_config_flapping_sector_count() {
             _ => unreachable!(),
         }
     });
-    r.send_all(&[r.response(other, me, 0, last)]);
+    r.send_all(&[r.response(r.target_mac, me, 0, last)]);
     let counted = aoe_testkit::wait_until(Duration::from_secs(5), || {
         r.rig.logs().contains("more changes since the last report)")
     });

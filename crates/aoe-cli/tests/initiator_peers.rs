@@ -732,6 +732,128 @@ fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
     drop(br);
 }
 
+/// Ninth audit (session 26): the eighth's refused MAC still weighed on the device. On a
+/// 9000-byte segment, vblade over another disk on a 1500-byte port answers Query Config
+/// for our shelf.slot saying 2 sectors a frame: refused as a path, its answers still set
+/// the device's frame size (the minimum over every MAC, paths or not), cutting it from
+/// 8704 to 1024 bytes. And with `--max-targets 2` it kept its place for ever, so a second
+/// `aoe serve` of the same file (a second path, or a replacement target with a new MAC)
+/// was refused. Now the frame size follows the paths alone, and a MAC refused as another
+/// disk is forgotten for a new one. On the code before: "payload 1024 after vblade's
+/// answers, want 8704".
+#[test]
+fn a_refused_target_neither_shrinks_our_frames_nor_keeps_a_new_path_out() {
+    require_tools();
+    assert!(
+        Command::new("vblade").arg("-h").output().is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let backing = backing_and_root('c', None);
+    let target_ns = aoe_testkit::Netns::new("aud26t").expect("target namespace");
+    let init_ns = aoe_testkit::Netns::new("aud26i").expect("initiator namespace");
+    let vb_ns = aoe_testkit::Netns::new("aud26v").expect("vblade namespace");
+    let second_ns = aoe_testkit::Netns::new("aud26s").expect("second target namespace");
+    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 9000).expect("veth pair");
+    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 9000).expect("vblade veth");
+    // vblade's own end at 1500: it says (1500 - 36) / 512 = 2 sectors a frame.
+    vb_veth
+        .set_end_mtu(aoe_testkit::End::A, 1500)
+        .expect("vblade's MTU");
+    let s_veth =
+        aoe_testkit::VethPair::new(&second_ns, &target_ns, 9000).expect("second target veth");
+    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+    for port in [veth.a_name(), vb_veth.b_name(), s_veth.b_name()] {
+        br.add_port(port).expect("bridge port");
+    }
+    let target_if = br.name().to_owned();
+    let vb_if = vb_veth.a_name().to_owned();
+    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
+    let s_mac = aoe_wire::MacAddr(s_veth.a_mac()).to_string();
+    let mut rig = Rig::assemble(
+        Target::AoeServe,
+        Vec::new(),
+        backing,
+        (veth, target_ns, init_ns),
+        target_if,
+    );
+    rig.start_target();
+    rig.launch_initiator(&["--max-targets".into(), "2".into()]);
+    rig.wait_state("up", Duration::from_secs(10), "at start");
+    rig.wait_attr("payload", "8704", Duration::from_secs(5), "at start");
+    let dev = rig.dev();
+    let held = File::open(&dev).expect("open the device");
+
+    // Another disk, 1 MiB larger, behind the 1500-byte port.
+    let other = rig.dir.path().join("vblade-other.img");
+    fs::write(&other, vec![b'V'; ((SECTORS + 2048) * 512) as usize]).unwrap();
+    let mut vb = vb_ns
+        .spawn(Target::Vblade.command(&vb_if, &other, &[]))
+        .expect("start vblade");
+    let refused = wait_until(Duration::from_secs(20), || {
+        let _ = rig.echo("discover", "");
+        std::thread::sleep(Duration::from_millis(200));
+        rig.initiator_log()
+            .contains(&format!("target {vb_mac} not taken as a path"))
+    });
+    assert!(
+        refused,
+        "no line refusing vblade's MAC {vb_mac}; vblade:\n{}{}",
+        vb.output_so_far(),
+        rig.logs()
+    );
+    // vblade answers each discover; none of its answers moves the frame size.
+    for _ in 0..5 {
+        rig.echo_ok("discover", "");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            rig.attr("payload").as_deref(),
+            Some("8704"),
+            "payload {:?} after vblade's answers, want 8704{}",
+            rig.attr("payload"),
+            rig.logs()
+        );
+    }
+    assert_eq!(
+        sha256(&dev),
+        sha256(&rig.file),
+        "the device's bytes are not all aoe serve's file's{}",
+        rig.logs()
+    );
+
+    // A second `aoe serve` of the same file, its own MAC: the third MAC of a device capped
+    // at two; vblade's refused MAC gives way to it, and it becomes a path.
+    let mut second = second_ns
+        .spawn(Target::AoeServe.command(s_veth.a_name(), &rig.file, &["--allow-duplicate".into()]))
+        .expect("start the second aoe serve");
+    let taken = wait_until(Duration::from_secs(20), || {
+        let _ = rig.echo("discover", "");
+        std::thread::sleep(Duration::from_millis(200));
+        rig.initiator_log().contains(&format!(
+            "target {s_mac} has the device's {SECTORS} sectors"
+        ))
+    });
+    assert!(
+        taken,
+        "the second aoe serve {s_mac} was not taken as a path; it:\n{}{}",
+        second.output_so_far(),
+        rig.logs()
+    );
+    assert!(
+        rig.initiator_log().contains(&format!(
+            "target {vb_mac} (not a path) forgotten for new target {s_mac}"
+        )),
+        "no line forgetting vblade's MAC{}",
+        rig.logs()
+    );
+    assert_eq!(rig.attr("payload").as_deref(), Some("8704"));
+    assert_eq!(sha256(&dev), sha256(&rig.file));
+    let _ = vb.stop();
+    let _ = second.stop();
+    drop(held);
+    rig.finish();
+    drop(br);
+}
+
 // ------------------------------------------------------------------------------------------
 // SIGTERM with I/O in flight
 

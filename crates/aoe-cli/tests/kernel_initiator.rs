@@ -120,6 +120,19 @@ fn kernel_initiator_target_stopped_past_deadsecs_mtu_1500() {
     run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-P"]);
 }
 
+/// Ninth audit (s26): the Linux driver at the ends of LBA28 and 32-bit sector numbers on a
+/// disk past 2 TiB. The script's `-L` mode: a sparse backing file of 2^32 + 16387 sectors
+/// (8 MiB of random data, then a hole); the guest sees its size, writes 16 sectors of the
+/// pattern with `dd oflag=direct` across sector 2^28, across 2^32 and ending at the last
+/// sector, reads each back past the page cache, and a write past the end fails; the host
+/// finds each piece at its offset in the file and no data anywhere else past the first
+/// 8 MiB. Passed at once with `aoe serve` (23 s) and vblade (`-L 2^28 + 1000`, MTU 1500).
+#[test]
+fn kernel_initiator_large_sparse_disk_ends_mtu_9000() {
+    let sectors = ((1u64 << 32) + 16387).to_string();
+    run_kernel_initiator_with(&aoe_serve_template(), 9000, &["-z", "8", "-L", &sectors]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {

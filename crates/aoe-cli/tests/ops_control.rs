@@ -391,6 +391,64 @@ fn aoe_target_against_a_stopped_daemon_says_so() {
     target_ok(&sock, &["status"]);
 }
 
+/// Ninth audit (s26): the exported file truncated shorter under the export (as `truncate`
+/// does, or a `cp` over it, which truncates the same inode before it writes), then grown
+/// past its first size. The export keeps the size it opened with until a reload: reads
+/// past the new end fail, and a grown file's new sectors are not seen. Nothing said so
+/// (the path still names the same inode, so the renamed-over look was silent). Now one
+/// warning for the shorter file and one for the longer, naming both sizes and the reload;
+/// further looks at the same state add none. Before: "no warning about the shortened
+/// image in 20 s".
+#[test]
+fn a_file_truncated_or_grown_under_the_export_is_warned_about() {
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let target_log = || {
+        rig.target
+            .as_ref()
+            .map(aoe_testkit::NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let count = |what: &str| {
+        target_log()
+            .lines()
+            .filter(|l| l.contains("when the export opened it") && l.contains(what))
+            .count()
+    };
+    let len = std::fs::metadata(&rig.file).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rig.file)
+        .expect("open the image");
+    f.set_len(len / 2).expect("truncate");
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            "reads past its new end fail"
+        ) == 1),
+        "no warning about the shortened image in 20 s{}",
+        rig.logs()
+    );
+    let line = target_log();
+    assert!(
+        line.contains(&format!("is {} bytes now, {len} when", len / 2)),
+        "the warning does not give both sizes{}",
+        rig.logs()
+    );
+    f.set_len(len + (1 << 20)).expect("grow");
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            "initiators see the old size"
+        ) == 1),
+        "no warning about the grown image in 20 s{}",
+        rig.logs()
+    );
+    // Two more looks (5 s apart) at the same state: no further warning.
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(count("reads past its new end fail"), 1, "{}", rig.logs());
+    assert_eq!(count("initiators see the old size"), 1, "{}", rig.logs());
+    drop(f);
+    rig.finish();
+}
+
 /// Sixth audit (s23): the exported file renamed over (`mv new.img disk.img`) while served.
 /// Writes went on to the old, unlinked inode until a reload, as vblade's do, and nothing
 /// said so. Now, within a look or two (every 5 s, off the event loop), one warning names the

@@ -83,11 +83,16 @@ impl Device {
         self.targets.iter().position(|t| t.mac == mac)
     }
 
-    /// `setdbcnt`: the payload is the minimum over every path.
+    /// `setdbcnt`: the payload is the minimum over every path. The driver takes it over
+    /// every target MAC; here only over the MACs that are paths ([`Vet::Path`]): one being
+    /// asked IDENTIFY, or refused as another disk, never gets the device's frames, so its
+    /// sector count (a hostile peer's 1, or a second target on a 1500-byte port of a 9000
+    /// segment) must not shrink the frames that go to the real paths.
     pub(super) fn recompute_payload(&mut self) -> Option<String> {
         let min = self
             .targets
             .iter()
+            .filter(|t| t.vet == Vet::Path)
             .flat_map(|t| t.paths.iter().map(|p| p.sectors))
             .min()
             .unwrap_or(0);
@@ -100,6 +105,29 @@ impl Device {
             ));
         }
         None
+    }
+
+    /// Takes out a target MAC that is not a path and is not being asked IDENTIFY, to make
+    /// room for a new one at [`Config::max_targets`]: one refused as another disk first,
+    /// else one left pending while the device is up (every IDENTIFY it was sent went
+    /// unanswered). Paths, and MACs whose IDENTIFY is out or that wait for the device to
+    /// come up, stay. Nothing refers to a target by index across calls but `next_target`,
+    /// which keeps pointing at the same target. The driver has no cap (`addtgt` grows
+    /// its array), so it never needs this. Returns the MAC taken out.
+    pub(super) fn forget_idle_target(&mut self) -> Option<MacAddr> {
+        let refused = self
+            .targets
+            .iter()
+            .position(|t| matches!(t.vet, Vet::Refused { .. }));
+        let i = refused.or_else(|| {
+            (self.life == Life::Up)
+                .then(|| self.targets.iter().position(|t| t.vet == Vet::Pending))
+                .flatten()
+        })?;
+        if self.next_target > i {
+            self.next_target -= 1;
+        }
+        Some(self.targets.remove(i).mac)
     }
 
     /// `aoecmd_cleanslate` (revalidate): every target's RTT estimate and window start over,

@@ -51,14 +51,6 @@ impl Engine {
             .devices
             .entry(h.target)
             .or_insert_with(|| Device::new(h.target));
-        // "Don't change users' perspective": the driver takes `fw_ver` only while nobody
-        // has the device open. It keeps no config string; ours ([`DeviceInfo::config`])
-        // follows the same rule, so a response (after another host's `aoecfg -c set`, or
-        // a spoofed one) cannot rewrite it under an open device's users.
-        if !d.open {
-            d.firmware_version = cfg.firmware_version;
-            d.config = cfg.config.to_vec();
-        }
         let ti = match d.target_idx(h.src) {
             Some(i) => i,
             None => {
@@ -103,9 +95,33 @@ impl Engine {
             }),
             None => {}
         }
-        // The frame size follows the config responses, so a peer can move it with every
-        // response it sends: its change is logged at most once per device per
-        // `peer_log_interval`, with the count of changes not logged.
+        // A down device unopened is identified through the MAC that answered (the only
+        // path while it identifies); its other targets are asked IDENTIFY once it is up.
+        let identity = !d.open && d.life == Life::Down && !d.targets[ti].paths.is_empty();
+        if identity {
+            d.life = Life::Identifying;
+            for t in &mut d.targets {
+                t.vet = if t.mac == h.src {
+                    Vet::Path
+                } else {
+                    Vet::Pending
+                };
+            }
+        }
+        // "Don't change users' perspective": the driver takes `fw_ver` only while nobody
+        // has the device open. It keeps no config string; ours ([`DeviceInfo::config`])
+        // follows the same rule, so a response (after another host's `aoecfg -c set`, or
+        // a spoofed one) cannot rewrite it under an open device's users. Nor can a MAC
+        // that is not a path (being asked, or another disk's): its string is not the
+        // device's.
+        if !d.open && d.targets[ti].vet == Vet::Path {
+            d.firmware_version = cfg.firmware_version;
+            d.config = cfg.config.to_vec();
+        }
+        // The frame size follows the config responses of the device's paths, so a peer
+        // can move it with every response it sends: its change is logged at most once per
+        // device per `peer_log_interval`, with the count of changes not logged. A MAC
+        // that is not a path does not move it (`Device::recompute_payload`).
         let log = d.recompute_payload().and_then(|l| {
             let every = self.cfg.peer_log_interval;
             if d.payload_logged
@@ -120,19 +136,7 @@ impl Engine {
                 n => format!("{l} ({n} more changes since the last report)"),
             })
         });
-        let identify = !d.open && d.payload > 0;
-        if identify && d.life == Life::Down {
-            d.life = Life::Identifying;
-            // The device is identified through this MAC (the only path while it
-            // identifies); its other targets are asked IDENTIFY once it is up.
-            for t in &mut d.targets {
-                t.vet = if t.mac == h.src {
-                    Vet::Path
-                } else {
-                    Vet::Pending
-                };
-            }
-        }
+        let identify = !d.open && d.payload > 0 && d.life != Life::Down;
         if let Some(l) = log {
             self.log(l);
         }
@@ -146,9 +150,38 @@ impl Engine {
     /// new device only below [`Config::max_devices`], a new target MAC only below
     /// [`Config::max_targets`] (the cap a flood of config responses for random shelf.slot
     /// from random MACs meets). Known devices and MACs always pass; a refusal is counted and
-    /// logged once per [`Config::peer_log_interval`].
+    /// logged once per [`Config::peer_log_interval`]. At the target cap, a MAC that is not
+    /// a path and is not being asked (refused as another disk, or silent to every
+    /// IDENTIFY it was sent) gives its place to the new one
+    /// ([`Device::forget_idle_target`]): a few boxes of another disk at the device's
+    /// shelf.slot, or MACs a peer made up, cannot keep a second path or a replacement
+    /// target out for ever.
     fn admit(&mut self, now: Instant, h: &HeaderRepr) -> bool {
         let (max_d, max_t) = (self.cfg.max_devices, self.cfg.max_targets);
+        let forgot = match self.devices.get_mut(&h.target) {
+            Some(d) if d.target_idx(h.src).is_none() && d.targets.len() >= max_t => {
+                d.forget_idle_target()
+            }
+            _ => None,
+        };
+        if let Some(old) = forgot {
+            // Copies of its IDENTIFYs held or presumed lost go with it, as a removed
+            // device's do: their slots were in its window, not in a new MAC's (the same
+            // MAC admitted again starts a window of its own).
+            let dev = h.target;
+            self.held.retain(|_, c| !(c.dev == dev && c.target == old));
+            self.ghosts
+                .retain(|_, g| !(g.dev == dev && g.target == old));
+            self.stats.targets_forgotten += 1;
+            let n = self.stats.targets_forgotten;
+            self.log_peer(now, "target forgotten", || {
+                format!(
+                    "{}: target {old} (not a path) forgotten for new target {}: {max_t} targets known (max-targets); {n} forgotten in all",
+                    h.target, h.src
+                )
+            });
+            return true;
+        }
         match self.devices.get(&h.target) {
             Some(d) if d.target_idx(h.src).is_some() || d.targets.len() < max_t => true,
             None if self.devices.len() < max_d => true,
@@ -724,10 +757,16 @@ impl Engine {
         match theirs {
             Ok(n) if n == mine => {
                 t.vet = Vet::Path;
+                // Its sector count now counts (a path through a smaller MTU shrinks the
+                // frames before any goes to it).
+                let payload = d.recompute_payload();
                 self.log(format!(
                     "{addr}: target {} has the device's {mine} sectors: taken as a path",
                     f.target
                 ));
+                if let Some(l) = payload {
+                    self.log(l);
+                }
                 self.pump(now, addr);
             }
             theirs => {

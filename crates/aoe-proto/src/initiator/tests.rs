@@ -62,6 +62,18 @@ fn completions(e: &mut Engine) -> Vec<Result<Option<Vec<u8>>, IoError>> {
 
 /// A Query Config response as a target sends it.
 fn config_rsp(src: MacAddr, addr: TargetAddr, bufcnt: u16, scnt: u8, tag: u32) -> Vec<u8> {
+    config_rsp_with(src, addr, bufcnt, scnt, tag, b"cfg")
+}
+
+/// [`config_rsp`] carrying config string `config`.
+fn config_rsp_with(
+    src: MacAddr,
+    addr: TargetAddr,
+    bufcnt: u16,
+    scnt: u8,
+    tag: u32,
+    config: &[u8],
+) -> Vec<u8> {
     let mut h = HeaderRepr::request(HOST, src, addr, Command::QueryConfig, Tag(tag));
     h.response = true;
     Message {
@@ -72,7 +84,7 @@ fn config_rsp(src: MacAddr, addr: TargetAddr, bufcnt: u16, scnt: u8, tag: u32) -
             sector_count: scnt,
             aoe_version: 1,
             ccmd: ConfigCommand::Read,
-            config: b"cfg",
+            config,
         }),
     }
     .to_vec()
@@ -1158,8 +1170,15 @@ fn mtu_9000_gives_17_sector_payload() {
     drain(&mut e, t0);
     e.handle_frame(t0, 0, &config_rsp(TMAC, DEV, 16, 17, 0));
     assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
-    // A target that allows fewer sectors caps the path.
+    let tx = identifies(&drain(&mut e, t0));
+    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
+    // A target that allows fewer sectors caps the path, once it is a path (its IDENTIFY
+    // answered with the device's capacity).
     e.handle_frame(t0, 0, &config_rsp(TMAC2, DEV, 16, 8, 0));
+    assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
+    let tx = identifies(&drain(&mut e, t0));
+    let (_, req) = tx.iter().find(|(m, _)| *m == TMAC2).expect("TMAC2 asked");
+    e.handle_frame(t0, 0, &identify_rsp_from(req, TMAC2, 1000));
     assert_eq!(e.device(DEV).unwrap().payload, 8 * 512);
     // An MTU change recomputes it.
     e.add_interface(0, "eth0", HOST, 1500);
@@ -2676,4 +2695,188 @@ fn a_second_mac_during_the_first_identify_is_checked_once_up() {
     e.handle_frame(t0, 0, &identify_rsp_from(&asks[0].1, TMAC2, 4000));
     assert_eq!(e.stats().targets_other_disk, 1);
     assert_eq!(e.device(DEV).unwrap().sectors, 1000);
+}
+
+// ------------------------------------------------------------------------------------------
+// Ninth audit: a MAC that is not a path weighs on nothing
+
+/// An engine at MTU 9000 with DEV up (1000 sectors, unopened) through TMAC, which says 17
+/// sectors per frame: the device's frames carry 8704 bytes.
+fn up_engine_9000() -> (Engine, Instant) {
+    let t0 = Instant::now();
+    let mut e = Engine::new(Config::default(), t0);
+    e.add_interface(0, "eth0", HOST, 9000);
+    drain(&mut e, t0);
+    e.handle_frame(t0, 0, &config_rsp_with(TMAC, DEV, 16, 17, 0, b"ours"));
+    let tx = identifies(&drain(&mut e, t0));
+    assert_eq!(tx.len(), 1);
+    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1000));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
+    (e, t0)
+}
+
+/// Ninth audit (session 26): a MAC being asked IDENTIFY, or refused as another disk, never
+/// gets the device's frames, yet its Query Config answers set the device's frame size as a
+/// path's do (the driver's `setdbcnt`, a minimum over every target): a hostile peer saying
+/// 1 sector, or a second target on a 1500-byte port of a 9000 segment, cut the frames from
+/// 8704 bytes to 512 or 1024, for as long as it kept answering; it also rewrote the
+/// device's config string. Now only paths count; a second MAC of the same disk, once taken
+/// as a path, counts as before (its smaller frames then apply to every path). On the code
+/// before: "the frame size moved to 512 on a MAC being asked".
+#[test]
+fn a_mac_that_is_not_a_path_does_not_move_the_frame_size_or_config() {
+    let (mut e, t0) = up_engine_9000();
+    e.handle_frame(t0, 0, &config_rsp_with(TMAC2, DEV, 1, 1, 0, b"theirs"));
+    let d = e.device(DEV).unwrap();
+    assert_eq!(
+        d.payload,
+        17 * 512,
+        "the frame size moved to {} on a MAC being asked",
+        d.payload
+    );
+    assert_eq!(
+        d.config, b"ours",
+        "the config string is a MAC's being asked"
+    );
+    let asks = identifies(&drain(&mut e, t0));
+    let (_, req) = asks.iter().find(|(m, _)| *m == TMAC2).expect("TMAC2 asked");
+    e.handle_frame(t0, 0, &identify_rsp_from(req, TMAC2, 2000));
+    assert_eq!(e.stats().targets_other_disk, 1);
+    // Refused, and answering again and again (each answer asks it again).
+    for i in 1..50u64 {
+        let now = t0 + ms(i);
+        e.handle_frame(now, 0, &config_rsp_with(TMAC2, DEV, 1, 1, 0, b"theirs"));
+        let d = e.device(DEV).unwrap();
+        assert_eq!(
+            d.payload,
+            17 * 512,
+            "the frame size moved on another disk's MAC"
+        );
+        assert_eq!(d.config, b"ours");
+        drain(&mut e, now);
+    }
+    // Reads go out in 17-sector frames, to TMAC.
+    e.submit(
+        t0,
+        DEV,
+        BlockOp::Read {
+            lba: 0,
+            sectors: 34,
+        },
+    )
+    .unwrap();
+    let tx = drain(&mut e, t0 + ms(50));
+    let reads: Vec<_> = tx.iter().filter(|(_, f)| f[27] == 0x24).collect();
+    assert_eq!(reads.len(), 2, "two 17-sector frames for 34 sectors");
+    assert!(reads.iter().all(|(_, f)| f[0..6] == TMAC.0));
+
+    // A second MAC of the same disk saying 2 sectors: its sector count counts once it is
+    // a path, and the device's frames shrink for both.
+    const TMAC3: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 3]);
+    let now = t0 + ms(60);
+    e.handle_frame(now, 0, &config_rsp(TMAC3, DEV, 16, 2, 0));
+    assert_eq!(e.device(DEV).unwrap().payload, 17 * 512);
+    let asks = identifies(&drain(&mut e, now));
+    let (_, req) = asks.iter().find(|(m, _)| *m == TMAC3).expect("TMAC3 asked");
+    e.handle_frame(now, 0, &identify_rsp_from(req, TMAC3, 1000));
+    assert_eq!(
+        e.device(DEV).unwrap().payload,
+        2 * 512,
+        "a new path's smaller frames not taken"
+    );
+}
+
+/// Ninth audit (session 26): at `max_targets`, MACs that are not paths kept their places
+/// for ever, so a few boxes of another disk at the device's shelf.slot (or MACs a peer made
+/// up, answering IDENTIFY with another size or not at all) kept a legitimate second path,
+/// or a replacement target with a new MAC, out. Now a MAC refused as another disk, or
+/// silent to every IDENTIFY, gives way to a new MAC; paths and a MAC whose IDENTIFY is
+/// out do not. On the code before: "the second path of the same disk was refused".
+#[test]
+fn macs_that_are_not_paths_give_way_to_a_new_one_at_the_target_cap() {
+    let cfg = Config {
+        max_targets: 3,
+        ..Config::default()
+    };
+    let (mut e, t0) = up_engine_with(cfg, 1000, true);
+    const OTHER: MacAddr = MacAddr([0x02, 0xcc, 0, 0, 0, 1]);
+    const SILENT: MacAddr = MacAddr([0x02, 0xcc, 0, 0, 0, 2]);
+    const SAME: MacAddr = MacAddr([0x02, 0xbb, 0, 0, 0, 3]);
+    const LATE: MacAddr = MacAddr([0x02, 0xcc, 0, 0, 0, 4]);
+    // OTHER: another disk, refused.
+    e.handle_frame(t0, 0, &config_rsp(OTHER, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    let (_, req) = asks.iter().find(|(m, _)| *m == OTHER).unwrap();
+    e.handle_frame(t0, 0, &identify_rsp_from(req, OTHER, 2000));
+    assert_eq!(e.stats().targets_other_disk, 1);
+    // SILENT: its IDENTIFY out, not answered yet.
+    e.handle_frame(t0, 0, &config_rsp(SILENT, DEV, 16, 2, 0));
+    drain(&mut e, t0);
+    assert_eq!(e.device(DEV).unwrap().targets.len(), 3);
+    // SAME (a second MAC of the disk): OTHER gives way.
+    e.handle_frame(t0, 0, &config_rsp(SAME, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    let same = asks.iter().find(|(m, _)| *m == SAME);
+    assert!(
+        same.is_some(),
+        "the second path of the same disk was refused: {:?}; {:?}",
+        e.stats(),
+        log_lines(&mut e, |l| l.contains("refused"))
+    );
+    e.handle_frame(t0, 0, &identify_rsp_from(&same.unwrap().1, SAME, 1000));
+    let d = e.device(DEV).unwrap();
+    let macs: Vec<MacAddr> = d.targets.iter().map(|t| t.mac).collect();
+    assert_eq!(macs, [TMAC, SILENT, SAME]);
+    assert_eq!(d.targets[2].vetting, Vetting::Path);
+    assert_eq!(e.stats().targets_forgotten, 1);
+    let lines = log_lines(&mut e, |l| l.contains("forgotten"));
+    assert!(
+        lines.len() == 1 && lines[0].contains(&OTHER.to_string()),
+        "{lines:?}"
+    );
+    // LATE now finds paths and a MAC being asked: refused, nothing sent to it.
+    e.handle_frame(t0, 0, &config_rsp(LATE, DEV, 16, 2, 0));
+    assert!(identifies(&drain(&mut e, t0)).is_empty());
+    assert_eq!(e.stats().targets_refused, 1);
+    // SILENT never answers: once its IDENTIFYs are given up, it gives way to LATE.
+    let mut now = t0;
+    while e.device(DEV).unwrap().targets[1].vetting == Vetting::Checking
+        && now < t0 + Duration::from_secs(60)
+    {
+        let Some(at) = e.poll_timeout() else { break };
+        now = at.max(now + ms(1));
+        e.handle_timeout(now);
+        drain(&mut e, now);
+        if e.stats().targets_refused == 1 {
+            // Still asking: LATE still refused.
+            e.handle_frame(now, 0, &config_rsp(LATE, DEV, 16, 2, 0));
+            drain(&mut e, now);
+            if e.device(DEV).unwrap().targets.iter().any(|t| t.mac == LATE) {
+                break;
+            }
+        }
+    }
+    e.handle_frame(now, 0, &config_rsp(LATE, DEV, 16, 2, 0));
+    let d = e.device(DEV).unwrap();
+    let macs: Vec<MacAddr> = d.targets.iter().map(|t| t.mac).collect();
+    assert_eq!(macs, [TMAC, SAME, LATE], "the silent MAC did not give way");
+    assert_eq!(e.stats().targets_forgotten, 2);
+    // Frames keep going to the two paths only.
+    for lba in 0..16 {
+        e.submit(
+            now,
+            DEV,
+            BlockOp::Read {
+                lba: lba * 2,
+                sectors: 2,
+            },
+        )
+        .unwrap();
+    }
+    let tx = drain(&mut e, now);
+    assert!(tx
+        .iter()
+        .filter(|(_, f)| f[27] == 0x24)
+        .all(|(_, f)| f[0..6] == TMAC.0 || f[0..6] == SAME.0));
 }

@@ -603,6 +603,9 @@ pub struct Stats {
     /// New target MACs of a device up not taken as paths: their IDENTIFY reported another
     /// capacity than the device's (another disk at the same shelf.slot), or failed.
     pub targets_other_disk: u64,
+    /// Target MACs that were not paths (refused as another disk, or silent to their
+    /// IDENTIFYs) taken out at [`Config::max_targets`] to admit a new MAC.
+    pub targets_forgotten: u64,
     /// Writes held back because a copy of an earlier write to some of their sectors could
     /// still reach the target (each counted once).
     pub writes_fenced: u64,

@@ -49,6 +49,10 @@ pub(super) struct ExportRt {
     /// The path no longer named the file opened at the last look ([`super::paths`]): the
     /// status's `path_replaced`, warned about once.
     pub(super) path_replaced: bool,
+    /// Whether the file was warned about as shorter (true) or longer (false) than when the
+    /// export opened it ([`super::paths`]); None while it has that size. Warned again only
+    /// when that changes (writes past a shortened end grow it back look by look).
+    pub(super) size_warned: Option<bool>,
     /// Reads of the current receive batch held back for a store that
     /// [merges](aoe_store::AsyncBackend::merges_reads) contiguous ones: handed over together
     /// at the batch's end ([`Daemon::submit_gathered_reads`]), so always empty between
@@ -541,6 +545,7 @@ impl Opener {
             reserve_pending: None,
             file,
             path_replaced: false,
+            size_warned: None,
             gathered: Vec::new(),
         })
     }
