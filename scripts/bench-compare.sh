@@ -85,7 +85,11 @@
 #                     /proc/net/softnet_stat's drops and both veth ends' drop counters; one
 #                     row per run in dir/drops.tsv with the generator's retransmits and, from
 #                     `aoe bench`, its late replies (answers to a send it had already sent
-#                     again: the retransmit was spurious) and its own socket's drops
+#                     again: the retransmit was spurious) and its own socket's drops,
+#                     and, for `aoe serve` (its control socket /run/aoe/serve-PID.sock),
+#                     the target's rx_dropped (its receive ring full) and duplicate writes
+#                     over the run. A full packet ring is not a kfree_skb on every kernel
+#                     (6.18: not), so the tracepoint speaks for the veth and the backlog
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
 #   FILE_DIR=/dev/shm where the backing file lives; a disk file system (e.g. /var/tmp, the
@@ -275,18 +279,23 @@ idle_sampler() { # cell
 # DROPS: the counters read before and after a run: softnet_stat's drops (second column,
 # hex, summed over CPUs), then rx_dropped and tx_dropped of the target's and the
 # generator's veth ends.
+# Then, from an `aoe serve` target's control socket (else "- -"), its interface's rx_dropped
+# (frames the kernel dropped at its receive ring) and its duplicate writes (a retransmitted
+# write whose first copy it had already done: the retransmit was spurious).
 drop_counters() {
-    local sn
+    local sn tc="- -" ctl="/run/aoe/serve-$TARGET_PID.sock"
     sn=$(awk '{ s += strtonum("0x" $2) } END { print s }' /proc/net/softnet_stat)
+    [ ! -S "$ctl" ] || tc=$("$AOE" target --socket "$ctl" --json status 2>/dev/null |
+        jq -r '"\(.interfaces[0].rx_dropped // "-") \(.exports[0].counters.duplicate_writes | (.executed_again + .dropped_in_flight + .dropped_superseded))"' 2>/dev/null) || tc="- -"
     echo "$sn $(ip -n "$NS_T" -s -j link show "$IF_T" | jq -r '.[0].stats64 | "\(.rx.dropped) \(.tx.dropped)"') \
-$(ip -n "$NS_I" -s -j link show "$IF_I" | jq -r '.[0].stats64 | "\(.rx.dropped) \(.tx.dropped)"')"
+$(ip -n "$NS_I" -s -j link show "$IF_I" | jq -r '.[0].stats64 | "\(.rx.dropped) \(.tx.dropped)"') $tc"
 }
 # DROPS's row for one run: cell, the generator's retransmits, late replies and socket drops
 # (aoe bench only), the kernel's drops of AoE frames by location and reason, the counters'
 # deltas.
 drops_row() { # cell before after
     local cell=$1 by
-    [ -s "$DROPS/drops.tsv" ] || printf 'cell\tretransmits\tlate_replies\tgen_rx_drops\tkfree_skb\tby_location\tsoftnet_drops\tveth_t_rx_tx\tveth_i_rx_tx\n' >"$DROPS/drops.tsv"
+    [ -s "$DROPS/drops.tsv" ] || printf 'cell\tretransmits\tlate_replies\tgen_rx_drops\tkfree_skb\tby_location\tsoftnet_drops\tveth_t_rx_tx\tveth_i_rx_tx\ttarget_rx_dropped\ttarget_dup_writes\n' >"$DROPS/drops.tsv"
     by=$(perf script -i "$DROPS/$cell.data" -F trace 2>/dev/null |
         sed -n 's/.*location=\([^ ]*\) reason: \(.*\)/\1:\2/p' | sed 's/+0x[0-9a-f]*//' |
         sort | uniq -c | sort -rn | awk '{ printf "%s%s=%s", (NR > 1 ? "," : ""), $2, $1 }')
@@ -294,7 +303,8 @@ drops_row() { # cell before after
         -v j="$(jq -r '[.retransmits, (.late_replies // "-"), (.rx_drops // "-")] | @tsv' "$WORK/out.json" 2>/dev/null || printf '-\t-\t-')" 'BEGIN {
         split(b, x, " "); split(a, y, " "); n = 0
         if (by != "-") { m = split(by, p, ","); for (i = 1; i <= m; i++) { split(p[i], q, "="); n += q[2] } }
-        print cell, j, n, by, y[1] - x[1], (y[2] - x[2]) "/" (y[3] - x[3]), (y[4] - x[4]) "/" (y[5] - x[5])
+        print cell, j, n, by, y[1] - x[1], (y[2] - x[2]) "/" (y[3] - x[3]), (y[4] - x[4]) "/" (y[5] - x[5]),
+            (x[6] == "-" || y[6] == "-") ? "-" : y[6] - x[6], (x[7] == "-" || y[7] == "-") ? "-" : y[7] - x[7]
     }' >>"$DROPS/drops.tsv"
 }
 
