@@ -48,7 +48,12 @@
 #                     95% of the asked rate is marked: its row is a saturated one.
 #   PIN=0             1: target on CPU 0, generator/initiator/client on CPU 1 (taskset);
 #                     fifo: the same, both also SCHED_FIFO 10 (chrt), for a machine loaded
-#                     by other work (not the default: it starves that work meanwhile)
+#                     by other work (not the default: it starves that work meanwhile). A side
+#                     that saturates its CPU is throttled by the kernel's realtime bandwidth
+#                     (sched_rt_runtime_us 950000 of 1000000): off its CPU for up to 50 ms
+#                     once a second, which both generators' 20 ms timers see as a whole
+#                     window of (spurious) retransmits (docs/PERFORMANCE.md, "Retransmits
+#                     against aoe serve below its buffer count"; DROPS tells them apart)
 #   PATHS=1           0: skip the initiator and nbdkit rows
 #   INIT_TARGETS="aoe vblade"  targets the initiator is measured against
 #   PERF_STAT=1       with RATE/RATE_MB: `perf stat` of the target over each equal-load run,
@@ -72,6 +77,19 @@
 #                     run to 0.5 s before its end (with PIN: CPU 0 the target's, CPU 1 the
 #                     generator's; a side that spins counts as busy); on a veth each side's
 #                     task-clock includes the delivery of its frames into the other's socket
+#   DROPS=dir         where each generator run's retransmits come from: `perf record` of the
+#                     kernel's skb:kfree_skb tracepoint for AoE frames (ethertype 0x88a2),
+#                     system-wide, over the run (a frame dropped in the target's or the
+#                     generator's receive ring is FULL_RING/SOCKET_RCVBUFF in tpacket_rcv /
+#                     packet_rcv, a full backlog CPU_BACKLOG, a veth drop its own location),
+#                     /proc/net/softnet_stat's drops and both veth ends' drop counters; one
+#                     row per run in dir/drops.tsv with the generator's retransmits and, from
+#                     `aoe bench`, its late replies (answers to a send it had already sent
+#                     again: the retransmit was spurious) and its own socket's drops,
+#                     and, for `aoe serve` (its control socket /run/aoe/serve-PID.sock),
+#                     the target's rx_dropped (its receive ring full) and duplicate writes
+#                     over the run. A full packet ring is not a kfree_skb on every kernel
+#                     (6.18: not), so the tracepoint speaks for the veth and the backlog
 #   OUT=path          also write the markdown tables there, and every round of every
 #                     generator row (with p50) to path.runs.tsv
 #   FILE_DIR=/dev/shm where the backing file lives; a disk file system (e.g. /var/tmp, the
@@ -100,6 +118,7 @@ INIT_TARGETS=${INIT_TARGETS:-aoe vblade}
 PERF_DIR=${PERF_DIR:-}
 PERF_STAT=${PERF_STAT:-}
 GEN_STAT=${GEN_STAT:-}
+DROPS=${DROPS:-}
 FILE_DIR=${FILE_DIR:-/dev/shm}
 OUT=${OUT:-}
 RATE=${RATE:-}
@@ -132,6 +151,8 @@ AOE=$(readlink -f "$AOE")
 [ -z "$GEN_STAT" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
 [ -z "$GEN_STAT" ] || [ -z "$PERF_DIR" ] || die "GEN_STAT and PERF_DIR: one or the other"
 [ -z "$GEN_STAT" ] || { mkdir -p "$GEN_STAT"; GEN_STAT=$(readlink -f "$GEN_STAT"); }
+[ -z "$DROPS" ] || { command -v perf >/dev/null || die "missing perf (Debian: linux-perf)"; }
+[ -z "$DROPS" ] || { mkdir -p "$DROPS"; DROPS=$(readlink -f "$DROPS"); }
 # The events of GEN_STAT: for both sides, then the generator's and the target's own calls.
 # A recvmmsg that returned replies is an exit with ret > 0 (perf stat's --filter).
 STAT_EV=(-e task-clock,context-switches,raw_syscalls:sys_enter)
@@ -255,9 +276,49 @@ idle_sampler() { # cell
     }' >"$GEN_STAT/$1.idle"
 }
 
+# DROPS: the counters read before and after a run: softnet_stat's drops (second column,
+# hex, summed over CPUs), then rx_dropped and tx_dropped of the target's and the
+# generator's veth ends.
+# Then, from an `aoe serve` target's control socket (else "- -"), its interface's rx_dropped
+# (frames the kernel dropped at its receive ring) and its duplicate writes (a retransmitted
+# write whose first copy it had already done: the retransmit was spurious).
+drop_counters() {
+    local sn tc="- -" ctl="/run/aoe/serve-$TARGET_PID.sock"
+    sn=$(awk '{ s += strtonum("0x" $2) } END { print s }' /proc/net/softnet_stat)
+    [ ! -S "$ctl" ] || tc=$("$AOE" target --socket "$ctl" --json status 2>/dev/null |
+        jq -r '"\(.interfaces[0].rx_dropped // "-") \(.exports[0].counters.duplicate_writes | (.executed_again + .dropped_in_flight + .dropped_superseded))"' 2>/dev/null) || tc="- -"
+    echo "$sn $(ip -n "$NS_T" -s -j link show "$IF_T" | jq -r '.[0].stats64 | "\(.rx.dropped) \(.tx.dropped)"') \
+$(ip -n "$NS_I" -s -j link show "$IF_I" | jq -r '.[0].stats64 | "\(.rx.dropped) \(.tx.dropped)"') $tc"
+}
+# DROPS's row for one run: cell, the generator's retransmits, late replies and socket drops
+# (aoe bench only), the kernel's drops of AoE frames by location and reason, the counters'
+# deltas.
+drops_row() { # cell before after
+    local cell=$1 by
+    [ -s "$DROPS/drops.tsv" ] || printf 'cell\tretransmits\tlate_replies\tgen_rx_drops\tkfree_skb\tby_location\tsoftnet_drops\tveth_t_rx_tx\tveth_i_rx_tx\ttarget_rx_dropped\ttarget_dup_writes\n' >"$DROPS/drops.tsv"
+    by=$(perf script -i "$DROPS/$cell.data" -F trace 2>/dev/null |
+        sed -n 's/.*location=\([^ ]*\) reason: \(.*\)/\1:\2/p' | sed 's/+0x[0-9a-f]*//' |
+        sort | uniq -c | sort -rn | awk '{ printf "%s%s=%s", (NR > 1 ? "," : ""), $2, $1 }')
+    awk -v OFS='\t' -v cell="$cell" -v b="$2" -v a="$3" -v by="${by:--}" \
+        -v j="$(jq -r '[.retransmits, (.late_replies // "-"), (.rx_drops // "-")] | @tsv' "$WORK/out.json" 2>/dev/null || printf '-\t-\t-')" 'BEGIN {
+        split(b, x, " "); split(a, y, " "); n = 0
+        if (by != "-") { m = split(by, p, ","); for (i = 1; i <= m; i++) { split(p[i], q, "="); n += q[2] } }
+        print cell, j, n, by, y[1] - x[1], (y[2] - x[2]) "/" (y[3] - x[3]), (y[4] - x[4]) "/" (y[5] - x[5]),
+            (x[6] == "-" || y[6] == "-") ? "-" : y[6] - x[6], (x[7] == "-" || y[7] == "-") ? "-" : y[7] - x[7]
+    }' >>"$DROPS/drops.tsv"
+}
+
 # One generator run; prints "MB/s IOPS p99 retransmits bytes generator-CPU-s seconds p50".
 run_gen() { # gen mode bs window cell
-    local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf="" isamp=""
+    local g=$1 mode=$2 bs=$3 w=$4 cell=$5 perf=() tperf="" isamp="" dperf="" d0=""
+    if [ -n "$DROPS" ]; then
+        d0=$(drop_counters)
+        perf record -q -a -e skb:kfree_skb --filter 'protocol == 0x88a2' \
+            -o "$DROPS/$cell.data" 2>/dev/null &
+        dperf=$!
+        # perf takes a while to attach on a loaded machine (see PERF_STAT).
+        sleep 1
+    fi
     if [ -n "$GEN_STAT" ]; then
         perf=(perf stat -x, -o "$GEN_STAT/$cell.gen.csv" "${GEN_EV[@]}" --)
         perf stat -x, -o "$GEN_STAT/$cell.target.csv" "${TGT_EV[@]}" -p "$TARGET_PID" &
@@ -288,9 +349,14 @@ run_gen() { # gen mode bs window cell
         sed 's/^/    /' "$WORK/gen.err" >&2
         echo "0 0 0 0 0 0 1 0"
         [ -z "$tperf" ] || stop_pid "$tperf" INT 60
+        [ -z "$dperf" ] || stop_pid "$dperf" INT 60
         [ -z "$isamp" ] || wait "$isamp" 2>/dev/null || true
         return
     }
+    if [ -n "$dperf" ]; then
+        stop_pid "$dperf" INT 60
+        drops_row "$cell" "$d0" "$(drop_counters)"
+    fi
     if [ -n "$GEN_STAT" ]; then
         stop_pid "$tperf" INT 60
         wait "$isamp" 2>/dev/null || true

@@ -262,6 +262,15 @@ pub fn target_text(obs: &Observer) -> String {
         "State file saves that failed since the start, each try counted",
         vec![(labels(&[]), snap.state_save_failures)],
     );
+    s.counter(
+        "aoe_target_rx_dropped_frames",
+        "Frames the kernel dropped before the target read them, by interface: the socket's \
+         receive ring or queue was full (PACKET_STATISTICS tp_drops)",
+        snap.interfaces
+            .iter()
+            .map(|i| (labels(&[("interface", &i.name)]), i.rx_dropped))
+            .collect(),
+    );
     let mut rdrops = Vec::new();
     for i in &snap.interfaces {
         let l = |r: &str| labels(&[("interface", &i.name), ("reason", r)]);

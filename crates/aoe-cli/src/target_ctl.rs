@@ -379,14 +379,14 @@ fn stats(out: &mut String, s: &Snapshot) {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:>6} {:>12} {:>12}",
-        "INTERFACE", "MTU", "SEND-FAILED", "BACKLOG-FULL"
+        "{:<16} {:>6} {:>12} {:>12} {:>12}",
+        "INTERFACE", "MTU", "SEND-FAILED", "BACKLOG-FULL", "RX-DROPPED"
     );
     for i in &s.interfaces {
         let _ = writeln!(
             out,
-            "{:<16} {:>6} {:>12} {:>12}",
-            i.name, i.mtu, i.send_failed, i.backlog_full
+            "{:<16} {:>6} {:>12} {:>12} {:>12}",
+            i.name, i.mtu, i.send_failed, i.backlog_full, i.rx_dropped
         );
     }
 }

@@ -217,6 +217,11 @@ fn lossy_verify_retransmits_through_the_ring() {
         num(&v, "retransmits") > 0.0,
         "3% loss, no retransmit: {v:#}"
     );
+    // A late answer completes one request, which was retransmitted at least once.
+    assert!(
+        num(&v, "late_replies") <= num(&v, "retransmits"),
+        "more late answers than retransmits: {v:#}"
+    );
     assert_sent_by_ring(&v);
     assert_eq!(num(&v, "verified_sectors"), 4096.0, "{v:#}");
     assert_eq!(num(&v, "mismatched_sectors"), 0.0, "{v:#}");
@@ -248,6 +253,8 @@ fn json_has_the_fields_the_harness_reads() {
                 "bytes",
                 "requests",
                 "retransmits",
+                "late_replies",
+                "rx_drops",
                 "latency_us.avg",
                 "latency_us.p50",
                 "latency_us.p99",

@@ -533,3 +533,42 @@ fn a_file_renamed_over_while_served_is_warned_about_once() {
     drop(old);
     rig.finish();
 }
+
+/// Session 26: requests the kernel drops at the target's socket, its receive ring full, are
+/// counted in `aoe target status` (`rx_dropped` of the interface, from `PACKET_STATISTICS`)
+/// and in the text table. With the daemon stopped (SIGSTOP), 3000 one-sector reads overfill
+/// its ring (1024 slots at least: `ring_frames`). Before, nothing the target reported said
+/// a request was lost there: the field did not exist, and this test timed out waiting for it.
+#[test]
+fn requests_dropped_at_the_targets_ring_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let mut lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
+    let pid = lan.target.as_ref().unwrap().pid().to_string();
+    let dropped = |j: &serde_json::Value| j["interfaces"][0]["rx_dropped"].as_u64();
+    assert_eq!(dropped(&json(&sock, &["status"])), Some(0));
+    // READ SECTORS EXT of LBA 0; the same frame each time (the ring does not care).
+    let (_, f) = lan.frame(0, RawLan::ata(0x24, false, 0, 1, &[]));
+    run(Command::new("kill").args(["-STOP", &pid]));
+    let mut sent = 0;
+    for _ in 0..3000 {
+        if lan.socks[0].send(&f).is_ok() {
+            sent += 1;
+        }
+    }
+    run(Command::new("kill").args(["-CONT", &pid]));
+    assert!(sent > 2048, "only {sent} of 3000 frames went out");
+    let mut last = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            last = json(&sock, &["status"]);
+            dropped(&last).is_some_and(|n| n > 0)
+        }),
+        "no frame counted as dropped at the target's ring: {last}"
+    );
+    let text = target_ok(&sock, &["stats"]);
+    assert!(text.contains("RX-DROPPED"), "{text}");
+}

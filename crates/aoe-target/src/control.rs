@@ -259,6 +259,10 @@ pub struct IfaceStatus {
     /// long for the interface's MTU, or malformed), which no socket error reports.
     #[serde(default)]
     pub tx_rejected: u64,
+    /// Requests the kernel dropped before the target read them, its socket's receive ring
+    /// or queue full (`PACKET_STATISTICS` `tp_drops`). Read once per published snapshot.
+    #[serde(default)]
+    pub rx_dropped: u64,
 }
 
 /// Everything a reader sees of the target at one moment.
@@ -295,7 +299,7 @@ pub struct Snapshot {
 /// (send failures, backlog drops).
 type Baseline = (
     BTreeMap<String, ExportCounters>,
-    BTreeMap<String, (u64, u64)>,
+    BTreeMap<String, (u64, u64, u64)>,
 );
 
 /// Wakes the daemon's loop.
@@ -380,9 +384,10 @@ impl Observer {
             }
         }
         for i in &mut s.interfaces {
-            if let Some(&(f, b)) = base.1.get(&i.name) {
+            if let Some(&(f, b, r)) = base.1.get(&i.name) {
                 i.send_failed = i.send_failed.saturating_sub(f);
                 i.backlog_full = i.backlog_full.saturating_sub(b);
+                i.rx_dropped = i.rx_dropped.saturating_sub(r);
             }
         }
         s
@@ -402,8 +407,10 @@ impl Observer {
         }
         if only.is_none() {
             for i in &snap.interfaces {
-                base.1
-                    .insert(i.name.clone(), (i.send_failed, i.backlog_full));
+                base.1.insert(
+                    i.name.clone(),
+                    (i.send_failed, i.backlog_full, i.rx_dropped),
+                );
             }
         }
         n

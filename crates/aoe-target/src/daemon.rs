@@ -389,6 +389,7 @@ impl Daemon {
                 tracing::warn!(error = %e, "cannot shorten the timer slack; coalescing waits may run 50 us long");
             }
         }
+        self.read_rx_drops();
         self.observer.publish(self.snapshot());
         let wake = control.wake.clone();
         self.observer.set_waker(Box::new(move || {
@@ -549,6 +550,7 @@ impl Daemon {
             }
             self.persist_state();
             if refresh || self.observer.wanted() {
+                self.read_rx_drops();
                 self.observer.publish(self.snapshot());
             }
             if refresh {
@@ -639,6 +641,14 @@ impl Daemon {
         self.observer.clone()
     }
 
+    /// Brings each interface's count of frames the kernel dropped at its socket up to date
+    /// (a system call per interface: once per published snapshot, not per frame).
+    fn read_rx_drops(&mut self) {
+        for i in &mut self.ifaces {
+            i.read_rx_drops();
+        }
+    }
+
     /// The state as it is now, from the counters the engine and the loop already keep.
     fn snapshot(&self) -> crate::control::Snapshot {
         use crate::control::{ExportCounters, ExportStatus, IfaceStatus, Snapshot};
@@ -709,6 +719,7 @@ impl Daemon {
                     mtu: i.iface.mtu,
                     send_failed: i.send_failures,
                     backlog_full: i.backlog_drops,
+                    rx_dropped: i.rx_drops,
                     tx_rejected: i.ring().map_or(0, |r| r.stats().tx_rejected),
                 })
                 .collect(),

@@ -166,6 +166,14 @@ pub struct PhaseStats {
     pub rx_ring: bool,
     /// Requests sent again after a timeout.
     pub retransmits: u64,
+    /// Requests completed by the answer to a send older than their latest: that send was
+    /// not lost, so the retransmit after it was spurious (the answer came after the timer,
+    /// not never).
+    pub late_replies: u64,
+    /// Frames the kernel dropped at this socket over the phase, its receive queue or ring
+    /// full (`PACKET_STATISTICS` `tp_drops`): answers lost here, not on the wire or at the
+    /// target.
+    pub rx_drops: u64,
     /// Sectors checked against the pattern.
     pub checked_sectors: u64,
     /// Sectors that differed.
@@ -326,6 +334,8 @@ pub fn run(
     for f in arena.chunks_exact_mut(stride) {
         f[..template.len()].copy_from_slice(&template);
     }
+    // Reading PACKET_STATISTICS resets it: what an earlier phase left is not this one's.
+    let _ = peer.sock.stats();
     let start = Instant::now();
     let mut slots = vec![
         Slot {
@@ -388,6 +398,8 @@ pub fn run(
         tx_ring: tx.is_some(),
         rx_ring,
         retransmits: 0,
+        late_replies: 0,
+        rx_drops: 0,
         checked_sectors: 0,
         bad_sectors: 0,
         first_bad: None,
@@ -603,7 +615,10 @@ pub fn run(
             }
             if age == 0 {
                 rto.sample(now.saturating_duration_since(s.sent));
-            } else if age == s.tries {
+            } else {
+                st.late_replies += 1;
+            }
+            if age != 0 && age == s.tries {
                 rto.sample(now.saturating_duration_since(s.first));
             }
             st.hist
@@ -687,6 +702,7 @@ pub fn run(
         last_activity = Instant::now();
     };
     st.elapsed = end.saturating_duration_since(start);
+    st.rx_drops = peer.sock.stats().map_or(0, |p| u64::from(p.drops));
     Ok(st)
 }
 

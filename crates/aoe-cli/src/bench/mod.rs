@@ -336,6 +336,11 @@ struct Figures {
     /// From each request's first send to its reply.
     latency_us: Latency,
     retransmits: u64,
+    /// Requests completed by the answer to a send they had been sent again after: the
+    /// retransmit was spurious, the answer late rather than lost.
+    late_replies: u64,
+    /// Answers the kernel dropped at the generator's own socket (`PACKET_STATISTICS`).
+    rx_drops: u64,
     /// With `--rate` / `--rate-iops`: what was asked and what came of it; null without.
     rate: Option<Pacing>,
 }
@@ -359,6 +364,15 @@ struct Pacing {
     latency_from_schedule_us: Latency,
 }
 
+/// A phase's retransmits and what tells their cause: [`gen::PhaseStats`]'s fields of the
+/// same names.
+#[derive(Clone, Copy)]
+struct Resent {
+    retransmits: u64,
+    late_replies: u64,
+    rx_drops: u64,
+}
+
 /// Below this fraction of the asked rate a paced run says the target did not keep up.
 const KEPT_UP: f64 = 0.95;
 
@@ -368,7 +382,7 @@ impl Figures {
         bytes: u64,
         seconds: f64,
         h: &hist::Histogram,
-        retransmits: u64,
+        resent: Resent,
         paced: Option<(pace::Rate, &hist::Histogram)>,
     ) -> Self {
         let achieved_bytes_per_s = rate(bytes as f64, seconds);
@@ -380,7 +394,9 @@ impl Figures {
             mb_per_s: achieved_bytes_per_s / 1e6,
             iops: achieved_iops,
             latency_us: latency(h),
-            retransmits,
+            retransmits: resent.retransmits,
+            late_replies: resent.late_replies,
+            rx_drops: resent.rx_drops,
             rate: paced.map(|(r, sched)| {
                 let fraction = [
                     r.bytes_per_s.map(|b| achieved_bytes_per_s / b as f64),
@@ -811,7 +827,11 @@ fn build_report(
                 p.bytes,
                 p.elapsed.as_secs_f64(),
                 &p.hist,
-                p.retransmits,
+                Resent {
+                    retransmits: p.retransmits,
+                    late_replies: p.late_replies,
+                    rx_drops: p.rx_drops,
+                },
                 paced.is_limited().then_some((paced, &p.hist_sched)),
             ),
             tx: io(p.tx_ring),
@@ -834,7 +854,11 @@ fn build_report(
             sum(|p| p.bytes),
             secs,
             &all,
-            sum(|p| p.retransmits),
+            Resent {
+                retransmits: sum(|p| p.retransmits),
+                late_replies: sum(|p| p.late_replies),
+                rx_drops: sum(|p| p.rx_drops),
+            },
             paced.is_limited().then_some((paced, &all_sched)),
         ),
         phases: reports,

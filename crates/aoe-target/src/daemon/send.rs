@@ -130,6 +130,13 @@ pub(super) struct IfaceRt {
     pub(super) send_failures: u64,
     /// Replies dropped because the backlog was full.
     pub(super) backlog_drops: u64,
+    /// Frames the kernel dropped before the loop saw them, the socket's receive ring or
+    /// queue full (`PACKET_STATISTICS` `tp_drops`, packet(7)), summed over the reads of
+    /// [`read_rx_drops`](Self::read_rx_drops): requests an initiator sent within the
+    /// buffer count that Query Config advertises are lost here only if the ring holds
+    /// fewer frames than that count (AoEr11 section 3.2: the buffer count is how many
+    /// requests the target can take at once).
+    pub(super) rx_drops: u64,
     /// (send_failures, backlog_drops) last logged.
     pub(super) drops_logged: (u64, u64),
     /// The socket and batch replaced by [`rebuild`](Self::rebuild): it takes no new frames
@@ -162,6 +169,7 @@ impl IfaceRt {
             out: VecDeque::new(),
             send_failures: 0,
             backlog_drops: 0,
+            rx_drops: 0,
             drops_logged: (0, 0),
             old: None,
             reading_old: false,
@@ -265,6 +273,15 @@ impl IfaceRt {
     /// timeout and kicks again.
     pub(super) fn kick_pending(&self) -> bool {
         self.ring().is_some_and(PacketRing::needs_kick)
+    }
+
+    /// Adds what the kernel dropped at the socket since the last read to `rx_drops` (the
+    /// read resets the kernel's counter). A replaced socket's drops since the last read
+    /// are not counted.
+    pub(super) fn read_rx_drops(&mut self) {
+        if let Ok(s) = self.sock.stats() {
+            self.rx_drops += u64::from(s.drops);
+        }
     }
 
     /// The socket's ring, if it has one.
