@@ -177,7 +177,7 @@ pub struct AoeFs {
 
 impl AoeFs {
     /// A file system over the shared state, sending work to `net` (the mount's source; each
-    /// open device file gets one of its own, [`crate::openers`]); `notifier` is set once the
+    /// open device file gets one of its own, up to a cap); `notifier` is set once the
     /// session is mounted.
     pub fn new(
         shared: Arc<Mutex<Shared>>,
