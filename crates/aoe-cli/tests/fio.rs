@@ -18,12 +18,12 @@
 mod common;
 
 use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aoe_testkit::{wait_until, NsChild};
+use aoe_testkit::{wait_until, NsChild, TxBytes};
 use common::*;
 
 /// The partition on the device (MBR entry 1): start and length in sectors.
@@ -357,6 +357,114 @@ fn parallel_direct_writes_verify(opts: InitOpts) {
         }
     }
     assert_device_file_is_backing_file(&rig, &dev);
+    rig.finish();
+}
+
+/// Most bytes the target may send between a small read's request and its reply while
+/// another open of the device file keeps its backlog queued: half that backlog, the mount's
+/// 64 background requests of 256 KiB (16 MiB), which a small read waited for with one queue
+/// lane for every open (15-17 MiB at MTU 1500). Served in turn it waits for a quantum of
+/// the other's (256 KiB) and its frames in flight (0.1-1.1 MiB measured); the rest of the
+/// margin is for the time the read takes through FUSE on a loaded machine while the target
+/// streams the backup's data (one run: 3 MiB).
+const SMALL_READ_WAIT_MAX: u64 = 8 << 20;
+
+/// Small reads [`small_read_beside_a_backlog`] makes.
+const SMALL_READS: u64 = 16;
+
+/// Session 26 (docs/TEST-AUDIT.md "Session 26: fairness between the openers of a device
+/// file"): a backup reading the device file with fio (libaio, `O_DIRECT`, 1 MiB blocks at
+/// depth 64: the kernel keeps the mount's `max_background`, 64 requests of 256 KiB, with the
+/// initiator) must not hold up another process's 4 KiB reads (a database's: an
+/// `O_RDWR | O_DIRECT` open, where a read is one synchronous request) for its whole
+/// backlog. Counted, not timed: the bytes the target's veth sent between each small read's
+/// request and its reply, each read made once the backup has been served another MiB. With
+/// every open of the mount one source, one lane of the device's queue (before), most waited
+/// for the backup's whole backlog ("served 16994 KiB"); each open a source of its own,
+/// served in turn, a read waits for at most a quantum of the backup's.
+#[test]
+fn fio_small_read_is_not_queued_behind_another_openers_backlog() {
+    small_read_beside_a_backlog(InitOpts::default());
+}
+
+/// [`fio_small_read_is_not_queued_behind_another_openers_backlog`] with `--fuse-uring`
+/// (before the ring had more entries a CPU than the kernel's background requests, a small
+/// read submitted on the backup's CPU also waited in the kernel behind those of the
+/// backup's that had no entry: 8 MiB).
+#[test]
+fn fio_small_read_is_not_queued_behind_another_openers_backlog_fuse_uring() {
+    let (_u, opts) = InitOpts::fuse_uring();
+    small_read_beside_a_backlog(opts);
+}
+
+fn small_read_beside_a_backlog(opts: InitOpts) {
+    require_fio();
+    let rig = Rig::start(Target::AoeServe, 1500, opts);
+    if opts.fuse_uring {
+        assert_on_the_ring(&rig);
+    }
+    let dev = rig.dev();
+    let dir = rig.dir.path().to_owned();
+    let job = format!(
+        "[backup]\n\
+         filename={}\n\
+         rw=read\n\
+         bs=1M\n\
+         ioengine=libaio\n\
+         iodepth=64\n\
+         direct=1\n\
+         time_based=1\n\
+         runtime=120\n",
+        dev.display()
+    );
+    let mut backup =
+        NsChild::spawn_command(fio_command(&dir, "backup", &job, &["--readonly"], 150))
+            .expect("start fio");
+    let mut tx = TxBytes::new(&rig.target_ns, &rig.target_if);
+    // O_DIRECT (0o40000 on Linux x86-64 and arm64) with write access: the device file in the
+    // kernel's direct I/O mode, where a read is one synchronous request.
+    let db = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(0o40000)
+        .open(&dev)
+        .expect("open the device file");
+    let backing = fs::read(&rig.file).expect("read the backing file");
+    let mut buf = vec![0u8; 4096];
+    let mut waits = Vec::new();
+    let mut last = tx.get();
+    for k in 0..SMALL_READS {
+        // The backup streaming: another MiB of its reads served since the last small read.
+        let streaming = wait_until(Duration::from_secs(30), || {
+            tx.get() - last > 1 << 20 || !backup.is_running()
+        });
+        assert!(
+            streaming && backup.is_running(),
+            "the backup's reads not served: {}{}",
+            backup.output_so_far(),
+            rig.logs()
+        );
+        let offset = (3 + k) << 20;
+        let before = tx.get();
+        db.read_exact_at(&mut buf, offset).expect("the small read");
+        last = tx.get();
+        waits.push(last - before);
+        assert!(
+            buf[..] == backing[offset as usize..offset as usize + 4096],
+            "the small read at {offset} returned wrong data"
+        );
+    }
+    let _ = backup.stop();
+    drop(db);
+    eprintln!("bytes the target sent while each small read waited: {waits:?}");
+    let worst = waits.iter().copied().max().unwrap_or(0);
+    assert!(
+        worst < SMALL_READ_WAIT_MAX,
+        "the target served {} KiB of the backup's backlog between a small read's request and \
+         its reply (each: {waits:?} bytes){}",
+        worst >> 10,
+        rig.logs()
+    );
     rig.finish();
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use aoe_testkit::{require_root, wait_until, Netns, NsChild, VethPair};
+use aoe_testkit::{require_root, wait_until, Netns, NsChild, TxBytes, VethPair};
 
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 /// Sectors per backing file: not a power of two, so an off-by-some size shows.
@@ -930,45 +930,6 @@ fn nbd_client_gone_with_requests_queued_ends_its_connection() {
     );
     let mut again = rig.connect("e1.2", false);
     assert_eq!(again.read(0, 512), Ok(rig.backing(1)[..512].to_vec()));
-}
-
-/// Bytes the target namespace's veth has sent (its `tx_bytes`: the read replies' data),
-/// read through one `ip netns exec` shell kept running, so a reading costs a pipe's round
-/// trip and not a process's start.
-struct TxBytes {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl TxBytes {
-    fn new(ns: &Netns, iface: &str) -> TxBytes {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "sh", "-c"])
-            .arg(format!(
-                "while read _; do cat /sys/class/net/{iface}/statistics/tx_bytes; done"
-            ))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("ip netns exec");
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        TxBytes { child, out }
-    }
-
-    fn get(&mut self) -> u64 {
-        use std::io::BufRead;
-        self.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
-        let mut l = String::new();
-        self.out.read_line(&mut l).unwrap();
-        l.trim().parse().expect("tx_bytes")
-    }
-}
-
-impl Drop for TxBytes {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Session 24 (docs/TEST-AUDIT.md "Sixth audit, the initiator's side", item 1, and

@@ -32,6 +32,7 @@ use fuser::{
 use aoe_initiator::blockdev::BlockDevice;
 use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
+use crate::openers::{file_handle, is_direct, Openers};
 use crate::{heldreply, inval};
 
 pub(crate) const ROOT: u64 = 1;
@@ -118,10 +119,6 @@ impl ErrWaiter for ErrReply {
     }
 }
 
-/// The file handle of a device file opened in the kernel's direct I/O mode
-/// (`FOPEN_DIRECT_IO`, see [`AoeFs::open`]); every other open has handle 0.
-pub(crate) const DIRECT_FH: u64 = 1;
-
 /// Tells the kernel to drop its cached pages of each range queued ([`inval::Queue`]),
 /// after the write that covered it was answered. Neither before the answer nor on the
 /// network thread: the kernel waits for the lock of every cached page in the range, and a
@@ -157,7 +154,11 @@ fn invalidator(q: Arc<inval::Queue>, notifier: Arc<OnceLock<Notifier>>) {
 #[derive(Clone)]
 pub struct AoeFs {
     shared: Arc<Mutex<Shared>>,
+    /// The mount's own source: control commands, and the device-file I/O of opens beyond
+    /// [`crate::openers::FILE_SOURCES`].
     net: Handle,
+    /// Each open device file's source, named by its file handle ([`crate::openers`]).
+    openers: Arc<Openers>,
     uid: u32,
     gid: u32,
     start: SystemTime,
@@ -175,8 +176,9 @@ pub struct AoeFs {
 }
 
 impl AoeFs {
-    /// A file system over the shared state, sending work to `net`; `notifier` is set once
-    /// the session is mounted.
+    /// A file system over the shared state, sending work to `net` (the mount's source; each
+    /// open device file gets one of its own, up to a cap); `notifier` is set once the
+    /// session is mounted.
     pub fn new(
         shared: Arc<Mutex<Shared>>,
         net: Handle,
@@ -190,6 +192,7 @@ impl AoeFs {
             .expect("spawn the FUSE invalidator thread");
         AoeFs {
             shared,
+            openers: Arc::new(Openers::new(net.clone())),
             net,
             uid: 0,
             gid: 0,
@@ -563,7 +566,7 @@ pub(crate) const WRITE_REQUEST_BYTES: u32 = 1 << 20;
 
 /// Background (asynchronous) requests the kernel keeps in flight before it waits: a
 /// direct I/O of 16 MiB in [`REQUEST_BYTES`] pieces (the kernel's default is 12, fuser's 16).
-const MAX_BACKGROUND: u16 = 64;
+pub(crate) const MAX_BACKGROUND: u16 = 64;
 
 impl AoeFs {
     /// The attributes of `name` in directory `parent`, if it exists.
@@ -624,14 +627,16 @@ impl AoeFs {
                     *s.open_files.entry((a, p)).or_insert(0) += 1;
                 }
                 self.net.send(Cmd::SetOpen(a, true));
+                // Its I/O comes from a source of its own, given back at its release.
+                let slot = self.openers.open();
                 if direct_write_open(flags) {
                     Ok((
-                        DIRECT_FH,
+                        file_handle(slot, true),
                         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
                     ))
                 } else {
                     *self.cached_opens().entry(ino).or_insert(0) += 1;
-                    Ok((0, FopenFlags::empty()))
+                    Ok((file_handle(slot, false), FopenFlags::empty()))
                 }
             }
             // Control and attribute files have no fixed size: bypass the page cache.
@@ -646,7 +651,8 @@ impl AoeFs {
     /// The release of an open of inode `ino` with file handle `fh`.
     pub(crate) fn release_node(&self, ino: u64, fh: u64) {
         if let Some(Node::Dev(a, p)) = node(ino) {
-            if fh != DIRECT_FH {
+            self.openers.release(fh);
+            if !is_direct(fh) {
                 let mut c = self.cached_opens();
                 if let Some(n) = c.get_mut(&ino) {
                     *n = n.saturating_sub(1);
@@ -799,7 +805,7 @@ impl Filesystem for AoeFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         flags: OpenFlags,
@@ -844,13 +850,14 @@ impl Filesystem for AoeFs {
                 None => reply.error(Errno::ENOENT),
             },
             Some(Node::Dev(a, p)) if self.reply_fd.get().is_some() => {
-                self.read_dev_held(a, p, offset, size, req.unique().0, reply)
+                self.read_dev_held(a, p, fh.0, offset, size, req.unique().0, reply)
             }
             Some(Node::Dev(a, p)) => {
                 let net = self.net.clone();
                 self.read_dev(
                     a,
                     p,
+                    fh.0,
                     offset,
                     size,
                     None,
@@ -891,11 +898,12 @@ impl Filesystem for AoeFs {
             Some(Node::Dev(a, p)) => {
                 // A direct-I/O write while the inode is also open cached: its range is
                 // invalidated once it has landed and been answered ([`invalidator`]).
-                let inval = (fh.0 == DIRECT_FH && self.cached_opens().contains_key(&ino.0))
-                    .then_some(ino.0);
+                let inval =
+                    (is_direct(fh.0) && self.cached_opens().contains_key(&ino.0)).then_some(ino.0);
                 self.write_dev(
                     a,
                     p,
+                    fh.0,
                     offset,
                     data.len(),
                     |n| Lent::owned(data[..n].to_vec()),
@@ -914,17 +922,17 @@ impl Filesystem for AoeFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         match node(ino.0) {
-            Some(Node::Dev(a, _)) => self.net.io(
+            Some(Node::Dev(a, _)) => self.flush_dev(
                 a,
-                BlockOp::Flush,
+                fh.0,
                 Box::new(move |r| match r {
-                    Ok(_) => reply.ok(),
-                    Err(e) => reply.error(Errno::from_i32(e)),
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
                 }),
             ),
             _ => reply.ok(),
@@ -995,11 +1003,14 @@ impl AoeFs {
     /// ([`BlockDevice::read`], which holds them shared against a read-modify-write).
     ///
     /// `done` gets the bytes (to be handed back to [`Handle::recycle`] once answered): in
-    /// `into` where given ([`BlockDevice::read_into`]; dropped unused, it goes home).
+    /// `into` where given ([`BlockDevice::read_into`]; dropped unused, it goes home). `fh`
+    /// is the open's file handle: its source ([`crate::openers`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn read_dev(
         &self,
         a: TargetAddr,
         p: u32,
+        fh: u64,
         offset: u64,
         size: u32,
         into: Option<Lent>,
@@ -1014,7 +1025,7 @@ impl AoeFs {
             return done(Ok(Vec::new()));
         }
         let want = (size as u64).min(end - offset) as usize;
-        let bd = BlockDevice::new(self.net.clone(), a, start);
+        let bd = BlockDevice::new(self.openers.handle(fh).clone(), a, start);
         let done: aoe_initiator::blockdev::Cb<Vec<u8>> =
             Box::new(move |r| done(r.map_err(Errno::from_i32)));
         match into {
@@ -1029,10 +1040,12 @@ impl AoeFs {
     /// their payloads are still in the ring's slots, the reply to request `unique` is
     /// written from them on the /dev/fuse fd ([`heldreply::write_reply`]); the slots go
     /// back to the kernel when that returns. Errors go through `reply` as before.
+    #[allow(clippy::too_many_arguments)]
     fn read_dev_held(
         &self,
         a: TargetAddr,
         p: u32,
+        fh: u64,
         offset: u64,
         size: u32,
         unique: u64,
@@ -1049,7 +1062,7 @@ impl AoeFs {
         // A read crossing the end is answered short (a READ's reply may be).
         let want = (size as u64).min(end - offset) as usize;
         let fd = self.reply_fd.clone();
-        BlockDevice::new(self.net.clone(), a, start).read_held(
+        BlockDevice::new(self.openers.handle(fh).clone(), a, start).read_held(
             offset,
             want,
             Box::new(move |r| match r {
@@ -1059,9 +1072,9 @@ impl AoeFs {
         );
     }
 
-    /// FLUSH CACHE EXT on device `a` (fsync of a device file).
-    pub(crate) fn flush_dev(&self, a: TargetAddr, done: DevDone<()>) {
-        self.net.io(
+    /// FLUSH CACHE EXT on device `a` (fsync of a device file opened with handle `fh`).
+    pub(crate) fn flush_dev(&self, a: TargetAddr, fh: u64, done: DevDone<()>) {
+        self.openers.handle(fh).io(
             a,
             BlockOp::Flush,
             Box::new(move |r| done(r.map(|_| ()).map_err(Errno::from_i32))),
@@ -1099,6 +1112,7 @@ impl AoeFs {
         &self,
         a: TargetAddr,
         p: u32,
+        fh: u64,
         offset: u64,
         len: usize,
         data: impl FnOnce(usize) -> Lent,
@@ -1118,7 +1132,7 @@ impl AoeFs {
         let written = n as u32;
         // The invalidator's sender only for the writes that need it, not every write.
         let inval = inval.map(|ino| (ino, self.invalidate.clone()));
-        BlockDevice::new(self.net.clone(), a, start).write_lent(
+        BlockDevice::new(self.openers.handle(fh).clone(), a, start).write_lent(
             offset,
             data(n),
             Box::new(move |r| match (r, inval) {

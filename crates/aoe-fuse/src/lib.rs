@@ -14,6 +14,7 @@
 pub mod fs;
 mod heldreply;
 mod inval;
+mod openers;
 mod ring;
 
 use std::path::{Path, PathBuf};
@@ -58,8 +59,9 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
     // processing list), and device-file reads are answered on a dup of this one.
     fcfg.clone_fd = false;
     let notifier = Arc::new(std::sync::OnceLock::new());
-    // The FUSE files' I/O is one source in the devices' queues, served in turn with each
-    // NBD connection ([`Handle::new_source`]).
+    // The mount's source in the devices' queues, served in turn with each NBD connection
+    // ([`Handle::new_source`]); each open device file gets one of its own (`openers`), up
+    // to a cap beyond which opens share this one.
     let mut afs = fs::AoeFs::new(shared, net.new_source(), notifier.clone());
     if uring {
         afs = afs.with_uring();

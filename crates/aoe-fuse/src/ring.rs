@@ -33,7 +33,8 @@ use aoe_sys::fuse_uring::{
 };
 use fuser::{Errno, FileAttr, FileType};
 
-use crate::fs::{node, slice_at, AoeFs, Node, DIRECT_FH, ERR, INTERFACES, TTL};
+use crate::fs::{node, slice_at, AoeFs, Node, ERR, INTERFACES, MAX_BACKGROUND, TTL};
+use crate::openers::is_direct;
 
 /// `enum fuse_opcode` (include/uapi/linux/fuse.h), the ones answered here.
 pub(crate) mod op {
@@ -131,8 +132,8 @@ impl WriteIn {
     }
 }
 
-/// `struct fuse_open_in` (flags, open_flags), `fuse_release_in` (fh, flags, ...),
-/// `fuse_getxattr_in` (size, padding): the fields read of them.
+/// `struct fuse_open_in` (flags, open_flags), `fuse_release_in` and `fuse_fsync_in` (fh,
+/// flags, ...), `fuse_getxattr_in` (size, padding): the fields read of them.
 pub(crate) fn open_in_flags(b: &[u8]) -> u32 {
     u32_at(b, 0)
 }
@@ -350,8 +351,17 @@ impl ErrWaiter for RingErrReply {
     }
 }
 
-/// Entries per queue: the writes and reads in flight at once per CPU.
-pub(crate) const PER_QUEUE: u16 = 32;
+/// Entries per queue: the writes and reads in flight at once per CPU. Every background
+/// request the kernel lets out at once (`max_background`, [`MAX_BACKGROUND`]: one process's
+/// direct I/O or read-ahead, all submitted from one CPU) and a few synchronous ones beside
+/// them: a queue's requests beyond its entries wait in the kernel, first in first out
+/// (fs/fuse/dev_uring.c, `fuse_req_queue`), where no source of the engine's serves them in
+/// turn. With 32, a database's 4 KiB read submitted on the CPU of a backup's 64 requests
+/// waited behind the 32 of them that had no entry (8 MiB; fio.rs
+/// `fio_small_read_is_not_queued_behind_another_openers_backlog_fuse_uring`). An entry's
+/// payload block ([`crate::fs`]'s `WRITE_REQUEST_BYTES`) is address space until a request
+/// is written into it: at most 72 MiB a CPU, against 32 MiB with 32 entries.
+pub(crate) const PER_QUEUE: u16 = MAX_BACKGROUND + 8;
 
 /// How long the ring's registration waits for `FUSE_INIT` to be answered (`EAGAIN` until
 /// then) before it gives up with that error.
@@ -685,6 +695,7 @@ fn serve(
             fs.read_dev(
                 a,
                 p,
+                rd.fh,
                 rd.offset,
                 rd.size,
                 into,
@@ -695,7 +706,7 @@ fn serve(
             let w = WriteIn::parse(op_in);
             let ino = h.nodeid;
             let len = (w.size as usize).min(ring.payload(i).map_or(0, <[u8]>::len));
-            let inval = (w.fh == DIRECT_FH && fs.cached_opens().contains_key(&ino)).then_some(ino);
+            let inval = (is_direct(w.fh) && fs.cached_opens().contains_key(&ino)).then_some(ino);
             // The payload goes to the engine as it is, and comes back (Answer::Home) when
             // the engine is done with it, whatever happens to the write: only then is the
             // entry answered, the kernel writing the next request there.
@@ -710,6 +721,7 @@ fn serve(
             fs.write_dev(
                 a,
                 p,
+                w.fh,
                 w.offset,
                 len,
                 move |n| {
@@ -722,7 +734,11 @@ fn serve(
         }
         (op::FSYNC, Some(Node::Dev(a, _))) => {
             let ans = answers.clone();
-            fs.flush_dev(a, Box::new(move |r| ans.send(Answer::Empty(i, r))));
+            fs.flush_dev(
+                a,
+                release_in_fh(op_in),
+                Box::new(move |r| ans.send(Answer::Empty(i, r))),
+            );
         }
         (op::FLUSH, _) => commit(ring, i, Ok(0)),
         _ => {

@@ -459,7 +459,7 @@ impl Handle {
     }
 
     /// A handle whose I/O (and that of its clones) comes from a source of its own: an NBD
-    /// connection, the FUSE files. A device's queued commands are served in turn among
+    /// connection, an open device file. A device's queued commands are served in turn among
     /// their sources, 256 KiB each, so that one source's backlog does not hold up
     /// another's next request; each source's own keep their order. The handle from
     /// [`Net::handle`] and its clones are [`SourceId::DEFAULT`] (the control paths).

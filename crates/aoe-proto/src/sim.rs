@@ -841,6 +841,331 @@ impl Workload {
     }
 }
 
+/// Bytes of a write's stamp, repeated over each sector it writes ([`Overlapping`]).
+const STAMP: usize = 16;
+
+/// One sector of write `id` at `lba`: the id and the sector's address, repeated, so a read
+/// tells which write a sector came from and that it is whole.
+fn stamp_sector(id: u64, lba: u64, out: &mut [u8]) {
+    for c in out.chunks_mut(STAMP) {
+        c[..8].copy_from_slice(&id.to_le_bytes());
+        c[8..].copy_from_slice(&lba.to_le_bytes());
+    }
+}
+
+/// The write a sector read back at `lba` came from: `Some(0)` for the disk's first zeros,
+/// `None` for anything else (a torn sector, another sector's data).
+fn stamp_of(lba: u64, sector: &[u8]) -> Option<u64> {
+    if sector.iter().all(|b| *b == 0) {
+        return Some(0);
+    }
+    let id = u64::from_le_bytes(sector[..8].try_into().ok()?);
+    let mut want = [0u8; 512];
+    stamp_sector(id, lba, &mut want[..sector.len()]);
+    (id > 0 && sector == &want[..sector.len()]).then_some(id)
+}
+
+/// An op of [`Overlapping`] in flight: a write's id (0 for a read or a flush), its range and
+/// when it was submitted.
+#[derive(Debug, Clone, Copy)]
+struct Issued {
+    write: u64,
+    lba: u64,
+    n: u64,
+    submitted: u64,
+    source: usize,
+}
+
+/// Reads, writes and flushes from several sources over ranges that overlap freely, in
+/// flight at once across sources and within one: what the processes sharing one device
+/// file may do. Nothing is assumed about the order of ops in flight together; what is
+/// checked is that nothing acknowledged is undone, sector by sector (a regular register):
+/// a read returns the data of a write that began before the read ended and that no other
+/// write overwrote entirely between (one begun after it completed and completed before the
+/// read began); the disk ends with, in each sector, a write no later write followed; every
+/// sector read is whole, one write's. Time is a counter of the workload's own steps:
+/// completions are taken before the next submissions, so "completed before submitted" is
+/// exact.
+pub struct Overlapping {
+    /// The device under load.
+    pub dev: TargetAddr,
+    /// Its size in sectors.
+    pub sectors: u64,
+    /// Longest operation, in sectors.
+    pub max_len: u64,
+    /// Sources the ops come from ([`Engine::submit_from`]), `SourceId(1)` and up.
+    pub sources: u32,
+    /// Ops each source has in flight at most.
+    pub per_source: usize,
+    /// Writes per 20 ops (9: 45 %); of the rest one is a flush, the others reads.
+    pub writes_in_20: u64,
+    /// The target's disk, if the test gives it: checked after every step of [`run`](Self::run)
+    /// ([`check_disk`](Self::check_disk)), so that a late copy undoing an acknowledged
+    /// write is caught whether or not a read comes before the next write covers it.
+    pub disk: Option<Disk>,
+    clock: u64,
+    next_write: u64,
+    /// The ranges of the writes completed last, newest last: half the ops go there (a
+    /// process rewriting the block it just wrote, another reading it), where a late copy
+    /// of the write just acknowledged would undo the next.
+    recent: Vec<(u64, u64)>,
+    /// The disk as last checked ([`disk`](Self::disk)).
+    seen: Vec<u8>,
+    inflight: BTreeMap<IoId, Issued>,
+    /// Per sector, each write to it: (id, submitted, completed or `u64::MAX`).
+    writes: Vec<Vec<(u64, u64, u64)>>,
+    /// Operations completed.
+    pub done: u64,
+    /// Sectors read and checked.
+    pub sectors_checked: u64,
+    /// Reads that returned a write other than the last one completed before them (the
+    /// concurrent writes' order showing).
+    pub concurrent_seen: u64,
+}
+
+impl Overlapping {
+    /// A workload on `dev` (`sectors` long, starting zeroed).
+    pub fn new(
+        dev: TargetAddr,
+        sectors: u64,
+        max_len: u64,
+        sources: u32,
+        per_source: usize,
+    ) -> Self {
+        Overlapping {
+            dev,
+            sectors,
+            max_len,
+            sources: sources.max(1),
+            per_source: per_source.max(1),
+            writes_in_20: 9,
+            disk: None,
+            clock: 0,
+            next_write: 1,
+            recent: Vec::new(),
+            seen: vec![0u8; sectors as usize * 512],
+            inflight: BTreeMap::new(),
+            writes: vec![Vec::new(); sectors as usize],
+            done: 0,
+            sectors_checked: 0,
+            concurrent_seen: 0,
+        }
+    }
+
+    /// Submits new operations, from sources with room, up to `budget` in all.
+    pub fn fill(&mut self, sim: &mut Sim, budget: &mut u64) {
+        let cap = self.sources as usize * self.per_source;
+        while self.inflight.len() < cap && *budget > 0 {
+            let source = sim.rng.below(u64::from(self.sources)) as usize;
+            if self
+                .inflight
+                .values()
+                .filter(|o| o.source == source)
+                .count()
+                >= self.per_source
+            {
+                // That one is busy: the draw is spent, the others fill on the next step.
+                return;
+            }
+            self.clock += 1;
+            let (lba, n) = match self.recent.len() as u64 {
+                k if k > 0 && sim.rng.below(2) == 0 => self.recent[sim.rng.below(k) as usize],
+                _ => {
+                    let n = 1 + sim.rng.below(self.max_len);
+                    (sim.rng.below(self.sectors - n + 1), n)
+                }
+            };
+            let kind = sim.rng.below(20);
+            let (op, write) = if kind < self.writes_in_20.min(19) {
+                let id = self.next_write;
+                self.next_write += 1;
+                let mut data = vec![0u8; n as usize * 512];
+                for (k, sector) in data.chunks_mut(512).enumerate() {
+                    stamp_sector(id, lba + k as u64, sector);
+                }
+                for x in lba..lba + n {
+                    self.writes[x as usize].push((id, self.clock, u64::MAX));
+                }
+                (BlockOp::Write { lba, data }, id)
+            } else if kind < 19 {
+                let sectors = n as u32;
+                (BlockOp::Read { lba, sectors }, 0)
+            } else {
+                (BlockOp::Flush, 0)
+            };
+            let (lba, n) = match op {
+                BlockOp::Flush => (0, 0),
+                _ => (lba, n),
+            };
+            let id = sim
+                .submit_from(self.dev, op, SourceId(1 + source as u32))
+                .expect("submit on an up device");
+            let issued = Issued {
+                write,
+                lba,
+                n,
+                submitted: self.clock,
+                source,
+            };
+            self.inflight.insert(id, issued);
+            *budget -= 1;
+        }
+    }
+
+    /// Checks read sector `x`'s data, from a read submitted at `submitted`: panics if it is
+    /// not whole or was overwritten before the read began.
+    fn check_read(&mut self, io: IoId, x: u64, sector: &[u8], submitted: u64) {
+        let Some(v) = stamp_of(x, sector) else {
+            panic!("{io}: sector {x} read back torn or from elsewhere");
+        };
+        let writes = &self.writes[x as usize];
+        // Completed before the read began: the one the read must see, or a later one.
+        let before = |c: u64| c < submitted;
+        let got = if v == 0 {
+            (0, 0, 0)
+        } else {
+            *writes
+                .iter()
+                .find(|w| w.0 == v)
+                .unwrap_or_else(|| panic!("{io}: sector {x} holds write #{v}, never sent there"))
+        };
+        if let Some(newer) = writes
+            .iter()
+            .find(|w| w.0 != v && (v == 0 || got.2 < w.1) && before(w.2))
+        {
+            panic!(
+                "{io}: sector {x} read back write #{v}, which write #{} (begun after it \
+                 completed, completed before the read began) had overwritten: stale data",
+                newer.0
+            );
+        }
+        let last = writes
+            .iter()
+            .filter(|w| before(w.2))
+            .max_by_key(|w| w.2)
+            .map_or(0, |w| w.0);
+        if v != last {
+            self.concurrent_seen += 1;
+        }
+        self.sectors_checked += 1;
+    }
+
+    /// Checks completed operations; panics on any failure or data a read must not see.
+    pub fn reap(&mut self, sim: &mut Sim) {
+        let ids: Vec<IoId> = self
+            .inflight
+            .keys()
+            .filter(|id| sim.completions.contains_key(id))
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.clock += 1;
+        for id in ids {
+            let op = self.inflight.remove(&id).expect("in flight");
+            let (_, result) = sim.completions.remove(&id).expect("completed");
+            let result = result.unwrap_or_else(|e| panic!("{id} failed: {e}"));
+            if op.write > 0 {
+                if self.recent.len() == 4 {
+                    self.recent.remove(0);
+                }
+                self.recent.push((op.lba, op.n));
+                for x in op.lba..op.lba + op.n {
+                    if let Some(w) = self.writes[x as usize].iter_mut().find(|w| w.0 == op.write) {
+                        w.2 = self.clock;
+                    }
+                }
+            } else if let Some(data) = result {
+                assert_eq!(data.len() as u64, op.n * 512, "{id}: read length");
+                for (k, sector) in data.chunks(512).enumerate() {
+                    self.check_read(id, op.lba + k as u64, sector, op.submitted);
+                }
+            }
+            self.done += 1;
+        }
+    }
+
+    /// Whether nothing is in flight.
+    pub fn idle(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// Runs `ops` operations to completion within `within` of virtual time.
+    pub fn run(&mut self, sim: &mut Sim, ops: u64, within: Duration) {
+        let limit = sim.now + within;
+        let mut budget = ops;
+        loop {
+            self.reap(sim);
+            self.fill(sim, &mut budget);
+            if budget == 0 && self.idle() {
+                return;
+            }
+            assert!(
+                sim.step(limit),
+                "stuck: {} ops in flight at {:?}",
+                self.inflight.len(),
+                sim.now - sim.base
+            );
+            if let Some(disk) = self.disk.clone() {
+                // Every sector after a completion (which may make what it holds stale), else
+                // only those the step changed.
+                let done = self.done;
+                self.reap(sim);
+                let disk = disk.borrow();
+                for x in 0..self.writes.len() {
+                    let now = &disk[x * 512..(x + 1) * 512];
+                    let was = &mut self.seen[x * 512..(x + 1) * 512];
+                    if self.done == done && now == &*was {
+                        continue;
+                    }
+                    was.copy_from_slice(now);
+                    if let Some(why) = self.check_sector(x, now) {
+                        panic!("at {:?}: {why}", sim.now - sim.base);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the disk as it is now: each sector holds a write that no write acknowledged
+    /// since followed (one begun after it completed, and completed), whole. Returns the
+    /// sectors that do not, as messages. Once everything completed (and the copies still in
+    /// the network landed), each sector holds a write no later write followed.
+    pub fn check_disk(&self, disk: &[u8]) -> Vec<String> {
+        (0..self.writes.len())
+            .filter_map(|x| self.check_sector(x, &disk[x * 512..(x + 1) * 512]))
+            .collect()
+    }
+
+    /// [`check_disk`](Self::check_disk) for sector `x` holding `sector`: why it may not.
+    fn check_sector(&self, x: usize, sector: &[u8]) -> Option<String> {
+        let writes = &self.writes[x];
+        match stamp_of(x as u64, sector) {
+            None => Some(format!("sector {x} torn or from elsewhere")),
+            Some(0) => writes.iter().find(|w| w.2 != u64::MAX).map(|w| {
+                format!(
+                    "sector {x} holds its first zeros, undone: write #{} completed",
+                    w.0
+                )
+            }),
+            Some(v) => match writes.iter().find(|w| w.0 == v) {
+                None => Some(format!("sector {x} holds write #{v}, never sent there")),
+                Some(got) => writes
+                    .iter()
+                    .find(|w| got.2 < w.1 && w.2 != u64::MAX)
+                    .map(|newer| {
+                        format!(
+                            "sector {x} holds write #{v}, undone: write #{} began after it \
+                             completed, and completed",
+                            newer.0
+                        )
+                    }),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -685,6 +685,50 @@ impl Drop for Bridge {
     }
 }
 
+/// Bytes an interface in a namespace has sent (its `tx_bytes`), read through one `ip netns
+/// exec` shell kept running, with its builtins only, so a reading costs a pipe's round trip
+/// and not a process's start: what a target's veth sent (its read replies' data) between
+/// two points of a test, counted instead of timed.
+pub struct TxBytes {
+    child: Child,
+    out: io::BufReader<std::process::ChildStdout>,
+}
+
+impl TxBytes {
+    /// Counts what `iface` in `ns` sends.
+    pub fn new(ns: &Netns, iface: &str) -> TxBytes {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "sh", "-c"])
+            .arg(format!(
+                "while read _; do read v < /sys/class/net/{iface}/statistics/tx_bytes; \
+                 echo $v; done"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ip netns exec");
+        let out = io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        TxBytes { child, out }
+    }
+
+    /// The interface's `tx_bytes` now.
+    pub fn get(&mut self) -> u64 {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        stdin.write_all(b"\n").expect("ask tx_bytes");
+        let mut l = String::new();
+        self.out.read_line(&mut l).expect("read tx_bytes");
+        l.trim().parse().expect("tx_bytes")
+    }
+}
+
+impl Drop for TxBytes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn check_ifname(name: &str) -> io::Result<()> {
     // Linux dev_valid_name: 1..IFNAMSIZ-1 bytes, not "." or "..", no '/', ':' or whitespace.
     if name.is_empty()

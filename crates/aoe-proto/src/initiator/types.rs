@@ -100,7 +100,7 @@ impl fmt::Display for IoId {
     }
 }
 
-/// Who submitted a [`BlockOp`]: an NBD connection, the FUSE files, a control path. A
+/// Who submitted a [`BlockOp`]: an NBD connection, an open device file, a control path. A
 /// device's queued ops are served in turn among their sources, 256 KiB at a time, each
 /// source's own in the order submitted ([`Engine::submit_from`]); one source's backlog
 /// does not hold up another's next request.
