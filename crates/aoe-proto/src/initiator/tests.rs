@@ -1484,6 +1484,52 @@ pub(super) enum LateCopies {
     ByTheInitiator,
 }
 
+/// The late-copies set-up for `seed`: a 32-sector disk behind a link of 0.2-30 ms one-way
+/// delays and 3 % loss, duplicating 10 % of frames ([`LateCopies::ByTheNetwork`]) or
+/// retransmitting early (`rto_max` 5 ms, [`LateCopies::ByTheInitiator`]); the initiator's
+/// write fence and the target's duplicate-write table on or off. The device is up; returns
+/// the simulation and the target's index.
+pub(super) fn late_copies_sim(
+    seed: u64,
+    copies: LateCopies,
+    fence: bool,
+    dedup: bool,
+) -> (Sim, usize) {
+    let (dup_pct, rto_max) = match copies {
+        LateCopies::ByTheNetwork => (10.0, Config::default().rto_max),
+        LateCopies::ByTheInitiator => (0.0, Duration::from_millis(5)),
+    };
+    let link = LinkCfg {
+        loss_pct: 3.0,
+        dup_pct,
+        delay_min: Duration::from_micros(200),
+        delay_max: Duration::from_millis(30),
+    };
+    let cfg = Config {
+        fence_writes: fence,
+        rto_max,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed, link, cfg, &[1500]);
+    let t = sim.add_target(spec(DEV, 32, 16, vec![(TMAC, 1500, 0)]));
+    if !dedup {
+        sim.targets[t].eng.set_dedup(crate::target::DedupConfig {
+            window: Duration::ZERO,
+            entries: 0,
+        });
+    }
+    bring_up(&mut sim, DEV);
+    (sim, t)
+}
+
+/// The text of a caught panic (a `String` or `&str` payload), or "".
+pub(super) fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}
+
 /// Late copies (issue 14, integrity): one-way delays from 0.2 to 30 ms and 3 % loss on a
 /// small disk written over and over (1-4 sectors at random on 32, 1000 ops a seed), with
 /// the copies of [`LateCopies`]. The disk must end as the last completed writes left it,
@@ -1507,30 +1553,7 @@ pub(super) fn late_copies(
     for seed in 1..=seeds {
         // A stale read panics in `Workload::reap`; that seed counts as undone too.
         let run = std::panic::catch_unwind(|| {
-            let (dup_pct, rto_max) = match copies {
-                LateCopies::ByTheNetwork => (10.0, Config::default().rto_max),
-                LateCopies::ByTheInitiator => (0.0, Duration::from_millis(5)),
-            };
-            let link = LinkCfg {
-                loss_pct: 3.0,
-                dup_pct,
-                delay_min: Duration::from_micros(200),
-                delay_max: Duration::from_millis(30),
-            };
-            let cfg = Config {
-                fence_writes: fence,
-                rto_max,
-                ..Config::default()
-            };
-            let mut sim = Sim::new(seed, link, cfg, &[1500]);
-            let t = sim.add_target(spec(DEV, 32, 16, vec![(TMAC, 1500, 0)]));
-            if !dedup {
-                sim.targets[t].eng.set_dedup(crate::target::DedupConfig {
-                    window: Duration::ZERO,
-                    entries: 0,
-                });
-            }
-            bring_up(&mut sim, DEV);
+            let (mut sim, t) = late_copies_sim(seed, copies, fence, dedup);
             let mut w = Workload::new(DEV, 32, 4, 4);
             w.sources = sources;
             w.run(&mut sim, 1000, Duration::from_secs(600));
@@ -1551,11 +1574,7 @@ pub(super) fn late_copies(
                 }
             }
             Err(e) => {
-                let why = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_default();
+                let why = panic_text(&*e);
                 undone.push((seed, why));
             }
         }

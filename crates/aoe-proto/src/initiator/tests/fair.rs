@@ -253,30 +253,7 @@ fn overlapping_sources(
     let mut concurrent = 0;
     for seed in 1..=seeds {
         let run = std::panic::catch_unwind(|| {
-            let (dup_pct, rto_max) = match copies {
-                LateCopies::ByTheNetwork => (10.0, Config::default().rto_max),
-                LateCopies::ByTheInitiator => (0.0, Duration::from_millis(5)),
-            };
-            let link = LinkCfg {
-                loss_pct: 3.0,
-                dup_pct,
-                delay_min: Duration::from_micros(200),
-                delay_max: Duration::from_millis(30),
-            };
-            let cfg = Config {
-                fence_writes: fence,
-                rto_max,
-                ..Config::default()
-            };
-            let mut sim = Sim::new(seed, link, cfg, &[1500]);
-            let t = sim.add_target(spec(DEV, 32, 16, vec![(TMAC, 1500, 0)]));
-            if !dedup {
-                sim.targets[t].eng.set_dedup(crate::target::DedupConfig {
-                    window: Duration::ZERO,
-                    entries: 0,
-                });
-            }
-            bring_up(&mut sim, DEV);
+            let (mut sim, t) = late_copies_sim(seed, copies, fence, dedup);
             let mut w = crate::sim::Overlapping::new(DEV, 32, 4, 4, 1);
             w.disk = Some(sim.targets[t].disk.clone());
             w.run(&mut sim, 1000, Duration::from_secs(600));
@@ -296,11 +273,7 @@ fn overlapping_sources(
                 }
             }
             Err(e) => {
-                let why = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_default();
+                let why = panic_text(&*e);
                 undone.push((seed, why));
             }
         }
