@@ -620,6 +620,21 @@ fn control_files(kind: Target) {
 // ------------------------------------------------------------------------------------------
 // A second target at the device's shelf.slot
 
+/// vblade over `name` in the rig's directory, a disk of `sectors` sectors every byte 'V',
+/// started in `ns` on `ifname` at the rig's shelf.slot.
+fn vblade_disk(
+    rig: &Rig,
+    ns: &aoe_testkit::Netns,
+    ifname: &str,
+    name: &str,
+    sectors: u64,
+) -> aoe_testkit::NsChild {
+    let file = rig.dir.path().join(name);
+    fs::write(&file, vec![b'V'; (sectors * 512) as usize]).unwrap();
+    ns.spawn(Target::Vblade.command(ifname, &file, &[]))
+        .expect("start vblade")
+}
+
 /// Eighth audit (session 25), the seventh audit's item 4: vblade started by mistake at
 /// e7.3 on the same segment as `aoe serve`, with its own MAC and a file of another size,
 /// while the device is up and open. The initiator (as the Linux driver, `aoecmd_cfg_rsp`)
@@ -663,17 +678,11 @@ fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
     let held = File::open(&dev).expect("open the device");
 
     // Another disk: 1 MiB larger, every byte 'V'.
-    let other = rig.dir.path().join("vblade-other.img");
-    fs::write(&other, vec![b'V'; ((SECTORS + 2048) * 512) as usize]).unwrap();
-    let mut vb = vb_ns
-        .spawn(Target::Vblade.command(&vb_if, &other, &[]))
-        .expect("start vblade");
+    let mut vb = vblade_disk(&rig, &vb_ns, &vb_if, "vblade-other.img", SECTORS + 2048);
     // Known to the initiator (the debug file lists each target MAC, path or not).
     let vb_hex: String = vb_veth.a_mac().iter().map(|b| format!("{b:02x}")).collect();
     let debug = rig.root.join(format!("sysfs/kernel/debug/aoe/{DEV}"));
-    let known = wait_until(Duration::from_secs(20), || {
-        let _ = rig.echo("discover", "");
-        std::thread::sleep(Duration::from_millis(200));
+    let known = rig.discover_until(Duration::from_secs(20), || {
         fs::read_to_string(&debug).is_ok_and(|d| d.contains(&vb_hex))
     });
     assert!(
@@ -708,13 +717,8 @@ fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
     let _ = vb.stop();
 
     // Same size, other bytes: undetectable by capacity, taken as a path (pinned).
-    let same = rig.dir.path().join("vblade-same.img");
-    fs::write(&same, vec![b'V'; (SECTORS * 512) as usize]).unwrap();
-    let mut vb = vb_ns
-        .spawn(Target::Vblade.command(&vb_if, &same, &[]))
-        .expect("restart vblade");
-    let taken = wait_until(Duration::from_secs(20), || {
-        let _ = rig.echo("discover", "");
+    let mut vb = vblade_disk(&rig, &vb_ns, &vb_if, "vblade-same.img", SECTORS);
+    let taken = rig.discover_until(Duration::from_secs(20), || {
         rig.initiator_log().contains(&format!(
             "target {vb_mac} has the device's {SECTORS} sectors"
         ))
@@ -784,14 +788,8 @@ fn a_refused_target_neither_shrinks_our_frames_nor_keeps_a_new_path_out() {
     let held = File::open(&dev).expect("open the device");
 
     // Another disk, 1 MiB larger, behind the 1500-byte port.
-    let other = rig.dir.path().join("vblade-other.img");
-    fs::write(&other, vec![b'V'; ((SECTORS + 2048) * 512) as usize]).unwrap();
-    let mut vb = vb_ns
-        .spawn(Target::Vblade.command(&vb_if, &other, &[]))
-        .expect("start vblade");
-    let refused = wait_until(Duration::from_secs(20), || {
-        let _ = rig.echo("discover", "");
-        std::thread::sleep(Duration::from_millis(200));
+    let mut vb = vblade_disk(&rig, &vb_ns, &vb_if, "vblade-other.img", SECTORS + 2048);
+    let refused = rig.discover_until(Duration::from_secs(20), || {
         rig.initiator_log()
             .contains(&format!("target {vb_mac} not taken as a path"))
     });
@@ -825,9 +823,7 @@ fn a_refused_target_neither_shrinks_our_frames_nor_keeps_a_new_path_out() {
     let mut second = second_ns
         .spawn(Target::AoeServe.command(s_veth.a_name(), &rig.file, &["--allow-duplicate".into()]))
         .expect("start the second aoe serve");
-    let taken = wait_until(Duration::from_secs(20), || {
-        let _ = rig.echo("discover", "");
-        std::thread::sleep(Duration::from_millis(200));
+    let taken = rig.discover_until(Duration::from_secs(20), || {
         rig.initiator_log().contains(&format!(
             "target {s_mac} has the device's {SECTORS} sectors"
         ))

@@ -464,6 +464,16 @@ impl Rig {
         );
     }
 
+    /// Writes `discover` and gives the answers 200 ms, until `done` holds or `within` has
+    /// passed; whether it held.
+    pub fn discover_until(&self, within: Duration, mut done: impl FnMut() -> bool) -> bool {
+        wait_until(within, || {
+            let _ = self.echo("discover", "");
+            std::thread::sleep(Duration::from_millis(200));
+            done()
+        })
+    }
+
     /// Writes `text` to a control file the way a shell's `echo TEXT > ROOT/NAME` does.
     pub fn echo(&self, name: &str, text: &str) -> Output {
         run(Command::new("timeout")
