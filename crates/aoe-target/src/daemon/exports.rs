@@ -71,19 +71,26 @@ pub(super) struct ExportRt {
 /// logical volume or loop device (`losetup -c`) counts too. (An `rbd:` image's size is
 /// re-read on IDENTIFY.)
 pub(super) fn file_identity(spec: &ExportSpec) -> Option<(u64, u64, u64)> {
+    file_look(spec).map(|(identity, _)| identity)
+}
+
+/// [`file_identity`], and whether the path names a block device (whose size it gives in
+/// sectors), from one `stat(2)`.
+pub(super) fn file_look(spec: &ExportSpec) -> Option<((u64, u64, u64), bool)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if spec.rbd_image().is_some() {
         return None;
     }
     let m = std::fs::metadata(&spec.path).ok()?;
+    let block = m.file_type().is_block_device();
     let size = if spec.length.is_some() {
         0
-    } else if m.file_type().is_block_device() {
+    } else if block {
         aoe_sys::block_device_sectors(m.rdev()).unwrap_or(0)
     } else {
         m.size()
     };
-    Some((m.dev(), m.ino(), size))
+    Some(((m.dev(), m.ino(), size), block))
 }
 
 impl Daemon {

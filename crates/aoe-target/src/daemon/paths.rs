@@ -75,19 +75,18 @@ impl Daemon {
                 let answers = looks
                     .into_iter()
                     .map(|(id, spec, (dev, ino, opened_size))| {
-                        let now = exports::file_identity(&spec);
+                        let now = exports::file_look(&spec);
                         let replaced = match now {
-                            Some((d, i, _)) if (d, i) == (dev, ino) => None,
+                            Some(((d, i, _), _)) if (d, i) == (dev, ino) => None,
                             Some(_) => Some("names another file now (renamed over or replaced)"),
                             None => Some("no longer names a file (removed or renamed)"),
                         };
                         // A size of 0: an export with a length of its own (not sized by
                         // its file), or a block device whose size could not be read.
                         let size = match now {
-                            Some((_, _, size)) if replaced.is_none() && opened_size != 0 => {
-                                use std::os::unix::fs::FileTypeExt;
-                                let block = std::fs::metadata(&spec.path)
-                                    .is_ok_and(|m| m.file_type().is_block_device());
+                            Some(((_, _, size), block))
+                                if replaced.is_none() && opened_size != 0 =>
+                            {
                                 Some((size, block))
                             }
                             _ => None,
