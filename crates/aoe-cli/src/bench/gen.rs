@@ -617,9 +617,9 @@ pub fn run(
                 rto.sample(now.saturating_duration_since(s.sent));
             } else {
                 st.late_replies += 1;
-            }
-            if age != 0 && age == s.tries {
-                rto.sample(now.saturating_duration_since(s.first));
+                if age == s.tries {
+                    rto.sample(now.saturating_duration_since(s.first));
+                }
             }
             st.hist
                 .record(now.saturating_duration_since(s.first).as_nanos() as u64);
