@@ -598,6 +598,25 @@ impl Dedup {
         Ok(Some(Admitted { seq, again }))
     }
 
+    /// Takes the writes `old` remembers, in their order and with their times and states,
+    /// into this table, which must be empty (a reopened export's, before its first frame):
+    /// a copy of a write the export it replaces admitted is then checked as it would have
+    /// been there. A write still in flight there stays in flight here, for good: a copy of
+    /// it is dropped (its reply comes from the old export) until the window forgets it.
+    /// Entries beyond this table's bound, or past its window at `now`, are forgotten.
+    pub(super) fn inherit(&mut self, old: &Dedup, now: Option<Instant>) -> usize {
+        if !self.cfg.enabled() || !self.order.is_empty() {
+            return 0;
+        }
+        self.order = old.order.iter().copied().collect();
+        self.first = self.next_seq;
+        self.next_seq = self.first + self.order.len() as u64;
+        self.live = self.order.iter().filter(|e| e.indexed).count();
+        self.expire(now);
+        self.reindex();
+        self.live
+    }
+
     /// The write's reply went out (whatever its status).
     pub(super) fn finish(&mut self, seq: u64) {
         if let Some(e) = self.entry_mut(seq) {
@@ -677,6 +696,42 @@ mod tests {
         let later = t0 + DEFAULT_DEDUP_WINDOW;
         assert_eq!(d.check(Some(later), &key(7)), Seen::New);
         assert_eq!(d.len(), 0);
+    }
+
+    /// A reopened export's table takes the old one's writes: a copy of an answered write
+    /// overlapped since is still dropped, one of a write still in flight on the old export
+    /// too (its reply comes from there), one of an answered write nothing overlapped runs
+    /// again; the window still counts from each write's admission, and only an empty table
+    /// inherits. Before `inherit`, the new table said `New` to all three.
+    #[test]
+    fn a_reopened_table_keeps_the_old_ones_verdicts() {
+        let t0 = Instant::now();
+        let mut old = Dedup::new(DedupConfig::default());
+        let w1 = old.insert(Some(t0), key_at(1, 100, 2)).unwrap();
+        old.finish(w1);
+        let w2 = old.insert(Some(t0), key_at(2, 100, 2)).unwrap();
+        old.finish(w2);
+        old.insert(Some(t0), key_at(3, 500, 2)).unwrap();
+        let w4 = old.insert(Some(t0), key_at(4, 900, 2)).unwrap();
+        old.finish(w4);
+        let mut new = Dedup::new(DedupConfig::default());
+        assert_eq!(new.check(Some(t0), &key_at(1, 100, 2)), Seen::New);
+        assert_eq!(new.inherit(&old, Some(t0)), 4);
+        assert_eq!(new.len(), 4);
+        assert_eq!(new.check(Some(t0), &key_at(1, 100, 2)), Seen::Superseded);
+        assert_eq!(new.check(Some(t0), &key_at(3, 500, 2)), Seen::InFlight);
+        assert_eq!(new.check(Some(t0), &key_at(4, 900, 2)), Seen::Again);
+        // Later writes in the new table are checked against the inherited ones.
+        let w5 = new.insert(Some(t0), key_at(5, 901, 1)).unwrap();
+        new.finish(w5);
+        assert_eq!(new.check(Some(t0), &key_at(4, 900, 2)), Seen::Superseded);
+        // Not twice, nor into a table in use.
+        assert_eq!(new.inherit(&old, Some(t0)), 0);
+        // The window runs from the old admissions.
+        let later = t0 + DEFAULT_DEDUP_WINDOW;
+        assert_eq!(new.check(Some(later), &key_at(1, 100, 2)), Seen::New);
+        let mut fresh = Dedup::new(DedupConfig::default());
+        assert_eq!(fresh.inherit(&old, Some(later)), 0);
     }
 
     /// The integrity property: A answered, then B overlapping A admitted (from any source,

@@ -279,6 +279,7 @@ impl Daemon {
             rt.tick = self.ticks;
             self.inherit_writes(id, &mut rt);
             self.inherit_state(&mut rt);
+            self.inherit_dedup(&mut rt);
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
@@ -351,6 +352,36 @@ impl Daemon {
             tracing::info!(
                 "{addr}: the reopened export keeps the config string, mask and reserve lists \
                  of the one it replaces"
+            );
+        }
+    }
+
+    /// A reopened export takes the duplicate-write table of the newest retiring instance of
+    /// its address, if that one served the same store from the same offset (a request's LBA
+    /// then names the same bytes in both). Started empty, a late network copy of a write the
+    /// old instance had answered, arriving after the reload, ran as a new write, and if a
+    /// newer write had overlapped it before the reload, put the older data back over an
+    /// acknowledged write (tenth audit, `target_peers.rs`
+    /// `late_duplicate_of_a_write_across_a_reload_does_not_overwrite_a_newer_write`).
+    fn inherit_dedup(&mut self, rt: &mut ExportRt) {
+        let addr = rt.spec.addr();
+        let Some(old) = self
+            .exports
+            .iter()
+            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, old)| old)
+        else {
+            return;
+        };
+        if !same_store(old, rt) || old.spec.offset != rt.spec.offset {
+            return;
+        }
+        let n = rt.engine.inherit_dedup(&old.engine);
+        if n > 0 {
+            tracing::debug!(
+                writes = n,
+                "{addr}: the reopened export remembers the writes the one it replaces admitted"
             );
         }
     }
