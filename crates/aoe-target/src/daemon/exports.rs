@@ -377,7 +377,21 @@ impl Daemon {
         else {
             return;
         };
-        if !same_store(old, rt) || old.spec.offset != rt.spec.offset {
+        if !same_store(old, rt) {
+            // Tenth audit: the open device of an initiator switches disks here, and nothing
+            // in AoE can tell it (an announcement carries the size, which neither the
+            // driver nor `aoe initiator` takes for an open device). Said, at least.
+            tracing::warn!(
+                "{addr}: now serves another disk than before the reload ({}, was {}): an \
+                 initiator that has it open is not told and reads and writes the new one from \
+                 now on; stop its users (unmount, close) before pointing an export at another \
+                 file, or give the new disk another shelf.slot",
+                rt.spec.path.display(),
+                old.spec.path.display()
+            );
+            return;
+        }
+        if old.spec.offset != rt.spec.offset {
             return;
         }
         let n = rt.engine.take_dedup(&mut old.engine);
