@@ -736,6 +736,96 @@ fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
     drop(br);
 }
 
+/// Tenth audit (the ninth's Left list): a device down and not open came back through the
+/// first MAC to answer the next discover, even one refused before as another disk. Here
+/// vblade over a larger file at e7.3 is refused while the device is up; `aoe serve` is
+/// then stopped (SIGSTOP) until a write fails and the device is down; a discover is
+/// answered by vblade alone; `aoe serve` continues. On the code before, vblade's answer
+/// identified the device: "the device came up as vblade's disk (size 67587) while aoe
+/// serve was stopped". Now the IDENTIFY goes to the device's path (as the driver's
+/// `aoecmd_ata_id` does), which answers once continued: the device is `aoe serve`'s file.
+#[test]
+fn a_down_device_comes_back_through_its_path_not_a_mac_refused_before() {
+    require_tools();
+    assert!(
+        Command::new("vblade").arg("-h").output().is_ok(),
+        "vblade is not installed (Debian package vblade)"
+    );
+    let backing = backing_and_root('c', None);
+    let target_ns = aoe_testkit::Netns::new("aud27-t").expect("target namespace");
+    let init_ns = aoe_testkit::Netns::new("aud27-i").expect("initiator namespace");
+    let vb_ns = aoe_testkit::Netns::new("aud27-v").expect("vblade namespace");
+    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
+    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 1500).expect("vblade veth");
+    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+    br.add_port(veth.a_name()).expect("bridge port");
+    br.add_port(vb_veth.b_name()).expect("bridge port");
+    let target_if = br.name().to_owned();
+    let vb_if = vb_veth.a_name().to_owned();
+    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
+    let mut rig = Rig::assemble(
+        Target::AoeServe,
+        Vec::new(),
+        backing,
+        (veth, target_ns, init_ns),
+        target_if,
+    );
+    rig.start_target();
+    rig.launch_initiator(&["--deadsecs".to_string(), "3".to_string()]);
+    rig.wait_state("up", Duration::from_secs(10), "at start");
+    let dev = rig.dev();
+    let other = SECTORS + 2048;
+    let mut vb = vblade_disk(&rig, &vb_ns, &vb_if, "vblade-other.img", other);
+    let refused = rig.discover_until(Duration::from_secs(20), || {
+        rig.initiator_log()
+            .contains(&format!("target {vb_mac} not taken as a path"))
+    });
+    assert!(
+        refused,
+        "vblade's MAC {vb_mac} not refused; vblade:\n{}{}",
+        vb.output_so_far(),
+        rig.logs()
+    );
+    // The device's target stops answering; a write fails after deadsecs: down.
+    let pid = rig.target.as_ref().expect("target").pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
+    let cont = Cont(pid);
+    let w = write_sync(&dev, 4096, &[0x5a; 4096]);
+    assert!(w.is_err(), "a write with the target stopped succeeded");
+    rig.wait_state("down", Duration::from_secs(20), "after the write failed");
+    // A discover that vblade alone answers (well within deadsecs of the IDENTIFY).
+    let _ = rig.echo("discover", "");
+    let wrong = wait_until(Duration::from_secs(1), || {
+        rig.attr("size").as_deref() == Some(&*other.to_string())
+    });
+    assert!(
+        !wrong,
+        "the device came up as vblade's disk (size {other}) while aoe serve was stopped{}",
+        rig.logs()
+    );
+    drop(cont);
+    let up = rig.discover_until(Duration::from_secs(20), || {
+        rig.state().as_deref() == Some("up")
+    });
+    assert!(up, "the device did not come back{}", rig.logs());
+    assert_eq!(rig.attr("size").as_deref(), Some(&*SECTORS.to_string()));
+    assert_eq!(
+        sha256(&dev),
+        sha256(&rig.file),
+        "the device's bytes are not aoe serve's file's{}",
+        rig.logs()
+    );
+    let _ = vb.stop();
+    rig.finish();
+    drop(br);
+}
+
 /// Ninth audit (session 26): the eighth's refused MAC still weighed on the device. On a
 /// 9000-byte segment, vblade over another disk on a 1500-byte port answers Query Config
 /// for our shelf.slot saying 2 sectors a frame: refused as a path, its answers still set

@@ -284,6 +284,17 @@ fn sighup_after_the_image_is_replaced_serves_the_new_image() {
         "{}",
         t.target.output_so_far()
     );
+    // Tenth audit: the switch is said (an open device's initiator is not told); before,
+    // nothing but the INFO line "export removed or changed; retiring".
+    assert_eq!(
+        count(
+            &t.target.output_so_far(),
+            "now serves another disk than before the reload"
+        ),
+        1,
+        "no warning that the export switched disks\n{}",
+        t.target.output_so_far()
+    );
     t.target.stop().expect("stop aoe serve");
 }
 

@@ -1277,9 +1277,11 @@ struct DupOutcome {
     in_file: Vec<u8>,
 }
 
-/// W1 (tag T, LBA X, data A) answered; W2 (tag T2, LBA X, data B) answered; then the exact
-/// frame of W1 again, as a duplicating segment delivers it late; then a read of X.
-fn late_copy_after_newer_write(kind: Target) -> DupOutcome {
+/// W1 (tag T, LBA X, data A) answered; W2 (tag T2, LBA X, data B) answered; then, with
+/// `reload`, the backing file grown by a MiB and a SIGHUP, which reopens the export at the
+/// new size (`aoe serve` only); then the exact frame of W1 again, as a duplicating segment
+/// delivers it late; then a read of X.
+fn late_copy_after_newer_write(kind: Target, reload: bool) -> DupOutcome {
     use aoe_testkit::aoeclient::AoeClient;
     use aoe_wire::{AtaFlags, AtaRepr, Body, TargetAddr};
     const LBA: u64 = 100;
@@ -1334,6 +1336,26 @@ fn late_copy_after_newer_write(kind: Target) -> DupOutcome {
         "{}: W2 not answered OK",
         kind.name()
     );
+    if reload {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len((SECTORS + 2048) * 512))
+            .expect("grow the backing file");
+        let hup = Command::new("kill")
+            .args(["-HUP", &target.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(hup.success(), "kill -HUP failed");
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let log = target.output_so_far();
+                log.contains("configuration reloaded") && log.contains("retiring")
+            }),
+            "the grown file was not reopened by the reload\n{}",
+            target.output_so_far()
+        );
+    }
     // The network's late copy of W1: the very same bytes, tag T.
     let copy = c.exchange_raw(std::slice::from_ref(&w1), Duration::from_secs(2));
     let copy_answered = copy.is_ok_and(|r| r.len() == 1);
@@ -1371,7 +1393,7 @@ fn late_copy_after_newer_write(kind: Target) -> DupOutcome {
 #[test]
 fn late_duplicate_of_a_write_does_not_overwrite_a_newer_write() {
     require_root();
-    let ours = late_copy_after_newer_write(Target::AoeServe);
+    let ours = late_copy_after_newer_write(Target::AoeServe, false);
     assert!(
         !ours.copy_answered,
         "the copy of a write overwritten since is dropped, not answered"
@@ -1384,13 +1406,37 @@ fn late_duplicate_of_a_write_does_not_overwrite_a_newer_write() {
     );
 }
 
+/// Tenth audit: the same late copy, with a reload between W2 and the copy that reopens the
+/// export (its file grew; a changed buffer count, `sync` or `direct` reopen it too). The
+/// reopened export's engine started with an empty duplicate-write table, so the copy of W1
+/// ran as a new write and put W1's data back over W2's, acknowledged before the reload.
+/// Seen failing before the fix: "after a reload, W2's data (0xbb) was overwritten by the
+/// late copy of W1: read aa, file aa". The reopened export now takes the table of the one
+/// it replaces (same address, same store, same offset).
+#[test]
+fn late_duplicate_of_a_write_across_a_reload_does_not_overwrite_a_newer_write() {
+    require_root();
+    let ours = late_copy_after_newer_write(Target::AoeServe, true);
+    assert!(
+        ours.read_back.iter().all(|&b| b == 0xbb) && ours.in_file.iter().all(|&b| b == 0xbb),
+        "aoe serve: after a reload, W2's data (0xbb) was overwritten by the late copy of W1: \
+         read {:02x}, file {:02x}",
+        ours.read_back[0],
+        ours.in_file[0]
+    );
+    assert!(
+        !ours.copy_answered,
+        "the copy of a write overwritten since is dropped, not answered, across a reload too"
+    );
+}
+
 /// The control: vblade executes every copy. Printed, not asserted (the reference target
 /// loses W2 here; a future vblade that does not is no failure of ours).
 #[test]
 fn late_duplicate_of_a_write_against_vblade_is_observed() {
     require_root();
     require_tools(&[("vblade", "vblade")]);
-    let v = late_copy_after_newer_write(Target::Vblade);
+    let v = late_copy_after_newer_write(Target::Vblade, false);
     let held = |d: &[u8]| match d.first() {
         Some(0xbb) if d.iter().all(|&b| b == 0xbb) => "W2's data (kept)",
         Some(0xaa) if d.iter().all(|&b| b == 0xaa) => "W1's data (W2 lost)",

@@ -595,6 +595,17 @@ impl Engine {
         self.dedup.set_config(cfg, self.now);
     }
 
+    /// Moves the writes `old` remembers to answer their copies (its duplicate-write table)
+    /// into this engine's empty one, leaving `old`'s empty; returns how many. The daemon
+    /// calls it for an export reopened in place of `old` (same address, store and offset),
+    /// before its first frame: with an empty table, a late copy of a write `old` had
+    /// answered and a newer write had overlapped since would run as new and put the older
+    /// data back. `old` must admit no more writes (a retiring export).
+    pub fn take_dedup(&mut self, old: &mut Engine) -> usize {
+        let now = self.now.or(old.now);
+        self.dedup.take(&mut old.dedup, now)
+    }
+
     /// The current [`DedupConfig`].
     pub fn dedup_config(&self) -> DedupConfig {
         self.dedup.config()

@@ -65,7 +65,8 @@ impl Engine {
             }
         };
         let t = &mut d.targets[ti];
-        if matches!(t.vet, Vet::Refused { .. }) {
+        let was_refused = matches!(t.vet, Vet::Refused { .. });
+        if was_refused {
             // Asked again: its disk may have become the device's (grown, or revalidated).
             t.vet = Vet::Pending;
         }
@@ -97,11 +98,28 @@ impl Engine {
         }
         // A down device unopened is identified through the MAC that answered (the only
         // path while it identifies); its other targets are asked IDENTIFY once it is up.
+        // But not through a MAC refused as another disk while a path of the device is still
+        // known: the driver sends its IDENTIFY to the device's current target
+        // (`aoecmd_ata_id`, `*d->tgt`) whichever MAC answered, and so identifies a device
+        // that went down through the disk it was. Taken through whichever answered first, a
+        // second box at the address (vblade over another file) made the device its disk at
+        // the next discover, and the real target was then refused. If that path stays
+        // silent, its IDENTIFY fails after `deadsecs`, the device is down again, and the
+        // next answer of the other MAC (no longer refused) identifies it; `aoe-flush`
+        // forgets both at once.
         let identity = !d.open && d.life == Life::Down && !d.targets[ti].paths.is_empty();
         if identity {
+            let former = d
+                .targets
+                .iter()
+                .position(|t| t.mac != h.src && t.vet == Vet::Path && !t.paths.is_empty());
+            let via = match former {
+                Some(fi) if was_refused => d.targets[fi].mac,
+                _ => h.src,
+            };
             d.life = Life::Identifying;
             for t in &mut d.targets {
-                t.vet = if t.mac == h.src {
+                t.vet = if t.mac == via {
                     Vet::Path
                 } else {
                     Vet::Pending

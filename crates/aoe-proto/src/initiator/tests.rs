@@ -2899,3 +2899,104 @@ fn macs_that_are_not_paths_give_way_to_a_new_one_at_the_target_cap() {
         .filter(|(_, f)| f[27] == 0x24)
         .all(|(_, f)| f[0..6] == TMAC.0 || f[0..6] == SAME.0));
 }
+
+/// Takes DEV down the way a dead target does: a read whose frames nobody answers, the
+/// timer run until `deadsecs` has passed. Returns the time it went down.
+fn down_by_deadsecs(e: &mut Engine, t0: Instant) -> Instant {
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    drain(e, t0);
+    let mut now = t0;
+    while e.device(DEV).unwrap().state != DeviceState::Down {
+        let at = e.poll_timeout().expect("a timer while the read waits");
+        now = at.max(now + ms(1));
+        assert!(
+            now < t0 + Duration::from_secs(60),
+            "the device never went down"
+        );
+        e.handle_timeout(now);
+        drain(e, now);
+    }
+    events(e);
+    now
+}
+
+/// Tenth audit (the ninth's Left list): a device down and not open was identified through
+/// whichever MAC answered the next Query Config first, even one refused before as another
+/// disk (vblade over another file at the same shelf.slot): the device became that disk,
+/// and its real target was refused at its own answer a moment later. Now, as the driver
+/// sends IDENTIFY to the device's current target (`aoecmd_ata_id`), a refused MAC's answer
+/// identifies the device through the path it had; only if that path stays silent for
+/// `deadsecs` does the other MAC's next answer identify it. On the code before: "the
+/// IDENTIFY went to the MAC refused as another disk".
+#[test]
+fn a_down_device_is_identified_through_its_path_not_a_mac_refused_before() {
+    const OTHER: MacAddr = MacAddr([0x02, 0xcc, 0, 0, 0, 1]);
+    let cfg = Config {
+        deadsecs: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let (mut e, t0) = up_engine_with(cfg, 1000, true);
+    e.handle_frame(t0, 0, &config_rsp(OTHER, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, t0));
+    let (_, req) = asks.iter().find(|(m, _)| *m == OTHER).unwrap();
+    e.handle_frame(t0, 0, &identify_rsp_from(req, OTHER, 2000));
+    assert_eq!(e.stats().targets_other_disk, 1);
+    let down = down_by_deadsecs(&mut e, t0);
+
+    // The next discover: the other disk answers first, then the device's target.
+    e.handle_frame(down, 0, &config_rsp(OTHER, DEV, 16, 2, 0));
+    e.handle_frame(down, 0, &config_rsp(TMAC, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, down));
+    assert!(
+        asks.iter().all(|(m, _)| *m == TMAC) && !asks.is_empty(),
+        "the IDENTIFY went to the MAC refused as another disk: {:?}",
+        asks.iter().map(|(m, _)| m.to_string()).collect::<Vec<_>>()
+    );
+    e.handle_frame(down, 0, &identify_rsp_from(&asks[0].1, TMAC, 1000));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    let d = e.device(DEV).unwrap();
+    assert_eq!(d.sectors, 1000, "the device is its own disk again");
+    // The other MAC is vetted again, and refused again.
+    let asks = identifies(&drain(&mut e, down));
+    let (_, req) = asks.iter().find(|(m, _)| *m == OTHER).expect("OTHER asked");
+    e.handle_frame(down, 0, &identify_rsp_from(req, OTHER, 2000));
+    assert_eq!(e.stats().targets_other_disk, 2);
+    let d = e.device(DEV).unwrap();
+    let paths: Vec<MacAddr> = d
+        .targets
+        .iter()
+        .filter(|t| t.vetting == Vetting::Path)
+        .map(|t| t.mac)
+        .collect();
+    assert_eq!(paths, [TMAC]);
+
+    // Down again, and this time the device's target stays silent: its IDENTIFY fails
+    // after deadsecs, and the other MAC's next answer identifies the device.
+    let down = down_by_deadsecs(&mut e, down);
+    e.handle_frame(down, 0, &config_rsp(OTHER, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, down));
+    assert!(asks.iter().all(|(m, _)| *m == TMAC) && !asks.is_empty());
+    let mut now = down;
+    let mut given_up = false;
+    while !given_up {
+        let at = e.poll_timeout().expect("a timer while IDENTIFY waits");
+        now = at.max(now + ms(1));
+        assert!(
+            now < down + Duration::from_secs(60),
+            "IDENTIFY never given up"
+        );
+        e.handle_timeout(now);
+        drain(&mut e, now);
+        given_up = !log_lines(&mut e, |l| l.contains("IDENTIFY unanswered")).is_empty();
+    }
+    e.handle_frame(now, 0, &config_rsp(OTHER, DEV, 16, 2, 0));
+    let asks = identifies(&drain(&mut e, now));
+    let (_, req) = asks
+        .iter()
+        .find(|(m, _)| *m == OTHER)
+        .expect("the other MAC identifies the device once its path stayed silent");
+    e.handle_frame(now, 0, &identify_rsp_from(req, OTHER, 2000));
+    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
+    assert_eq!(e.device(DEV).unwrap().sectors, 2000);
+}

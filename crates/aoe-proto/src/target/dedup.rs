@@ -598,6 +598,30 @@ impl Dedup {
         Ok(Some(Admitted { seq, again }))
     }
 
+    /// Moves the writes `old` remembers, in their order and with their times and states,
+    /// into this table, which must be empty (a reopened export's, before its first frame),
+    /// and leaves `old` empty (a retiring export's, which admits no more writes: a reply it
+    /// still sends finishes nothing). A copy of a write the export it replaces admitted is
+    /// then checked as it would have been there. A write still in flight there stays in
+    /// flight here, for good: a copy of it is dropped (its reply comes from the old export)
+    /// until the window forgets it. This table's configuration applies from now on (its
+    /// bound, its window at `now`). Moved, not copied: a reload storm that reopens the
+    /// export every few milliseconds holds one table, not one per retiring instance.
+    /// Returns the writes remembered.
+    pub(super) fn take(&mut self, old: &mut Dedup, now: Option<Instant>) -> usize {
+        if !self.cfg.enabled() || !self.order.is_empty() {
+            return 0;
+        }
+        let cfg = self.cfg;
+        let mut emptied = Dedup::new(old.cfg);
+        // The retiring export's count stays its own.
+        emptied.evicted = old.evicted;
+        *self = std::mem::replace(old, emptied);
+        self.evicted = 0;
+        self.set_config(cfg, now);
+        self.live
+    }
+
     /// The write's reply went out (whatever its status).
     pub(super) fn finish(&mut self, seq: u64) {
         if let Some(e) = self.entry_mut(seq) {
@@ -677,6 +701,50 @@ mod tests {
         let later = t0 + DEFAULT_DEDUP_WINDOW;
         assert_eq!(d.check(Some(later), &key(7)), Seen::New);
         assert_eq!(d.len(), 0);
+    }
+
+    /// A reopened export's table takes the old one's writes: a copy of an answered write
+    /// overlapped since is still dropped, one of a write still in flight on the old export
+    /// too (its reply comes from there), one of an answered write nothing overlapped runs
+    /// again; the window still counts from each write's admission, and only an empty table
+    /// takes them. Before `take`, the new table said `New` to all three.
+    #[test]
+    fn a_reopened_table_keeps_the_old_ones_verdicts() {
+        let t0 = Instant::now();
+        let mut old = Dedup::new(DedupConfig::default());
+        let w1 = old.insert(Some(t0), key_at(1, 100, 2)).unwrap();
+        old.finish(w1);
+        let w2 = old.insert(Some(t0), key_at(2, 100, 2)).unwrap();
+        old.finish(w2);
+        old.insert(Some(t0), key_at(3, 500, 2)).unwrap();
+        let w4 = old.insert(Some(t0), key_at(4, 900, 2)).unwrap();
+        old.finish(w4);
+        let mut new = Dedup::new(DedupConfig::default());
+        assert_eq!(new.check(Some(t0), &key_at(1, 100, 2)), Seen::New);
+        let w3 = 3;
+        assert_eq!(new.take(&mut old, Some(t0)), 4);
+        assert_eq!(new.len(), 4);
+        // The old table is empty, and a reply it still sends finishes nothing here.
+        assert_eq!(old.len(), 0);
+        old.finish(w3);
+        assert_eq!(old.check(Some(t0), &key_at(1, 100, 2)), Seen::New);
+        assert_eq!(new.check(Some(t0), &key_at(1, 100, 2)), Seen::Superseded);
+        assert_eq!(new.check(Some(t0), &key_at(3, 500, 2)), Seen::InFlight);
+        assert_eq!(new.check(Some(t0), &key_at(4, 900, 2)), Seen::Again);
+        // Later writes in the new table are checked against the inherited ones.
+        let w5 = new.insert(Some(t0), key_at(5, 901, 1)).unwrap();
+        new.finish(w5);
+        assert_eq!(new.check(Some(t0), &key_at(4, 900, 2)), Seen::Superseded);
+        // Not into a table in use.
+        let mut other = Dedup::new(DedupConfig::default());
+        other.insert(Some(t0), key_at(9, 0, 1)).unwrap();
+        assert_eq!(new.take(&mut other, Some(t0)), 0);
+        assert_eq!(other.len(), 1);
+        // The window runs from the old admissions.
+        let later = t0 + DEFAULT_DEDUP_WINDOW;
+        let mut newer = Dedup::new(DedupConfig::default());
+        assert_eq!(newer.take(&mut new, Some(later)), 0);
+        assert_eq!(newer.check(Some(later), &key_at(1, 100, 2)), Seen::New);
     }
 
     /// The integrity property: A answered, then B overlapping A admitted (from any source,

@@ -279,6 +279,7 @@ impl Daemon {
             rt.tick = self.ticks;
             self.inherit_writes(id, &mut rt);
             self.inherit_state(&mut rt);
+            self.inherit_dedup(&mut rt);
             for name in rt.spec.interfaces.clone() {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
@@ -351,6 +352,53 @@ impl Daemon {
             tracing::info!(
                 "{addr}: the reopened export keeps the config string, mask and reserve lists \
                  of the one it replaces"
+            );
+        }
+    }
+
+    /// A reopened export takes (moves) the duplicate-write table of the newest retiring
+    /// instance of its address, if that one served the same store from the same offset (a
+    /// request's LBA then names the same bytes in both). Started empty, a late network copy
+    /// of a write the old instance had answered, arriving after the reload, ran as a new
+    /// write, and if a newer write had overlapped it before the reload, put the older data
+    /// back over an acknowledged write (tenth audit, `target_peers.rs`
+    /// `late_duplicate_of_a_write_across_a_reload_does_not_overwrite_a_newer_write`).
+    /// Moved, not copied: a copy per reopen held a full table per retiring instance, and
+    /// a SIGHUP storm under writes (`probe_ms = 0`, 850 reopens in 15 s) took the daemon
+    /// from 30 to 145 MB.
+    fn inherit_dedup(&mut self, rt: &mut ExportRt) {
+        let addr = rt.spec.addr();
+        let Some(old) = self
+            .exports
+            .iter_mut()
+            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, old)| old)
+        else {
+            return;
+        };
+        if !same_store(old, rt) {
+            // Tenth audit: the open device of an initiator switches disks here, and nothing
+            // in AoE can tell it (an announcement carries the size, which neither the
+            // driver nor `aoe initiator` takes for an open device). Said, at least.
+            tracing::warn!(
+                "{addr}: now serves another disk than before the reload ({}, was {}): an \
+                 initiator that has it open is not told and reads and writes the new one from \
+                 now on; stop its users (unmount, close) before pointing an export at another \
+                 file, or give the new disk another shelf.slot",
+                rt.spec.path.display(),
+                old.spec.path.display()
+            );
+            return;
+        }
+        if old.spec.offset != rt.spec.offset {
+            return;
+        }
+        let n = rt.engine.take_dedup(&mut old.engine);
+        if n > 0 {
+            tracing::debug!(
+                writes = n,
+                "{addr}: the reopened export remembers the writes the one it replaces admitted"
             );
         }
     }
