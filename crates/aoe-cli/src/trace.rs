@@ -28,7 +28,9 @@ use clap::Args;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use pcap_file::DataLink;
 
-/// Largest frame captured whole: above any MTU an AoE peer uses (9000 plus headers).
+/// Largest frame captured whole: pcap's customary snap length, above the longest AoE frame
+/// at any MTU (127 sectors at a veth's largest MTU, 65535: 65,060 bytes; the one-byte sector
+/// count allows no more than 255 below 131 KB, which no link gives).
 const SNAPLEN: usize = 65_535;
 
 /// Arguments of `aoe trace`.

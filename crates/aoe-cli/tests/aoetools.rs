@@ -215,9 +215,20 @@ fn aoeping_and_aoecfg_print_what_aoetools_print_against_vblade() {
 
 #[test]
 fn aoeping_and_aoecfg_print_what_aoetools_print_against_aoe_serve() {
+    ping_and_cfg_against_aoe_serve(9000);
+}
+
+/// At MTU 65535, a veth's largest (issue 15): the Query Config answer's buffer count and
+/// sector count (127) and IDENTIFY's 512 bytes in a link whose frames may be 65 KB.
+#[test]
+fn aoeping_and_aoecfg_print_what_aoetools_print_at_mtu_65535() {
+    ping_and_cfg_against_aoe_serve(65535);
+}
+
+fn ping_and_cfg_against_aoe_serve(mtu: u32) {
     require_tools();
     let l = links();
-    let mut rig = Rig::new(9000);
+    let mut rig = Rig::new(mtu);
     rig.target(false, 3, 4, 4096);
     same_as_aoetools(
         &rig,
@@ -525,13 +536,26 @@ fn control_tools_name_what_is_wrong() {
 /// so the path carries 2 sectors. Both sanchecks must say so, in the same words.
 #[test]
 fn sancheck_reports_a_path_that_cannot_carry_the_payload() {
+    sancheck_narrow_path(9000, 1500);
+}
+
+/// Issue 15: the same above MTU 9000, a 65535 link (65,024-byte payloads) through a bridge
+/// port of 9000 (8,704).
+#[test]
+fn sancheck_reports_a_narrow_path_at_mtu_65535() {
+    sancheck_narrow_path(65535, 9000);
+}
+
+/// aoe-sancheck and ours over a bridge whose port to the target has the MTU `narrow` and
+/// every other link `mtu`: the path is named with the payload it carries.
+fn sancheck_narrow_path(mtu: u32, narrow: u32) {
     require_tools();
     let ins = Netns::new("aoetl-i").expect("netns");
     let sw = Netns::new("aoetl-s").expect("netns");
     let tns = Netns::new("aoetl-t").expect("netns");
-    let a = VethPair::new_named(&ins, "eth0", &sw, "sw-i", 9000).expect("veth");
-    let b = VethPair::new_named(&sw, "sw-t", &tns, "tgt0", 9000).expect("veth");
-    sw.ip(&["link", "set", "dev", "sw-t", "mtu", "1500"])
+    let a = VethPair::new_named(&ins, "eth0", &sw, "sw-i", mtu).expect("veth");
+    let b = VethPair::new_named(&sw, "sw-t", &tns, "tgt0", mtu).expect("veth");
+    sw.ip(&["link", "set", "dev", "sw-t", "mtu", &narrow.to_string()])
         .expect("mtu");
     let br = Bridge::new(&sw).expect("bridge");
     br.add_port("sw-i").expect("port");
@@ -550,16 +574,22 @@ fn sancheck_reports_a_path_that_cannot_carry_the_payload() {
     let t = String::from_utf8_lossy(&theirs.stdout).into_owned();
     let o = String::from_utf8_lossy(&ours.stdout).into_owned();
     let mac: String = b.b_mac().iter().map(|x| format!("{x:02x}")).collect();
-    let want = format!("   The path eth0->{mac} is only capable of 1024 byte payloads\n");
+    // Whole sectors after the 36 bytes of headers (aoe-sancheck's probe sizes).
+    let (max, payload) = ((narrow - 36) / 512 * 512, (mtu - 36) / 512 * 512);
+    let want = format!("   The path eth0->{mac} is only capable of {max} byte payloads\n");
     assert!(o.contains(&want), "ours:\n{o}\n{}", target.output_so_far());
-    assert!(o.contains("e4.2\t   1\t8704\teth0\n"), "ours:\n{o}");
+    assert!(
+        o.contains(&format!("e4.2\t   1\t{payload}\teth0\n")),
+        "ours:\n{o}"
+    );
     assert_eq!(t, o, "aoetools' aoe-sancheck vs ours");
 
     let mut c = ins.command(AOE);
     c.args(["sancheck", "--json", "--wait", "2"]);
     let j = String::from_utf8_lossy(&run(c).stdout).into_owned();
     assert!(
-        j.contains("\"max_payload\":1024") && j.contains("\"payload\":8704"),
+        j.contains(&format!("\"max_payload\":{max}"))
+            && j.contains(&format!("\"payload\":{payload}")),
         "{j}"
     );
     drop((a, br));

@@ -240,6 +240,14 @@ fn verify_passes_against_vblade() {
     verify_passes(Target::Vblade, 1500);
 }
 
+/// MTU 65535, a veth's largest (issue 15): 127-sector requests, 65,024 bytes a frame, from
+/// both targets.
+#[test]
+fn verify_passes_at_mtu_65535() {
+    verify_passes(Target::AoeServe, 65535);
+    verify_passes(Target::Vblade, 65535);
+}
+
 #[test]
 fn json_has_the_fields_the_harness_reads() {
     for kind in [Target::AoeServe, Target::Vblade] {

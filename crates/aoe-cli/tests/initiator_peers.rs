@@ -1,5 +1,6 @@
 //! Integration: `aoe initiator` against real targets, vblade (the Debian package, the
-//! reference) and our own `aoe serve`, at MTU 1500 and 9000.
+//! reference) and our own `aoe serve`, at MTU 1500 and 9000 (and `data_*` at 65535, the
+//! largest MTU of a veth: 127 sectors, 65,024 bytes, a frame).
 //!
 //! Each test builds its own pair of network namespaces joined by a veth link: the target in
 //! one, the initiator in the other, started with `--iflist` naming its end of the link, so
@@ -1137,6 +1138,8 @@ matrix! {
     data_aoe_serve_mtu_9000: data_path(Target::AoeServe, 9000);
     data_vblade_mtu_1500: data_path(Target::Vblade, 1500);
     data_vblade_mtu_9000: data_path(Target::Vblade, 9000);
+    data_aoe_serve_mtu_65535: data_path(Target::AoeServe, 65535);
+    data_vblade_mtu_65535: data_path(Target::Vblade, 65535);
     ext4_aoe_serve_mtu_1500: ext4_over_loop(Target::AoeServe, 1500);
     ext4_aoe_serve_mtu_9000: ext4_over_loop(Target::AoeServe, 9000);
     ext4_vblade_mtu_1500: ext4_over_loop(Target::Vblade, 1500);

@@ -540,10 +540,22 @@ pub const RX_BUDGET: usize = 256;
 /// of one per frame, the engine's answers sent after each batch so the window refills.
 pub const RX_BATCH: usize = 64;
 
-/// Bytes of the largest frame received: a 9000-byte MTU plus the Ethernet header, with room
-/// for the few interfaces with a larger MTU than AoE uses (longer frames are cut, counted
-/// as truncated and ignored).
+/// Bytes of each slot of the `recvmmsg` batch ([`Net::rxb`]) at first: a 9000-byte MTU plus
+/// the Ethernet header, with room to spare. An interface of a larger MTU that receives
+/// without a ring grows the slots to its frames ([`fit_recv_batch`]); a frame longer than a
+/// slot is cut, counted as truncated and ignored, so without that a read at MTU 65535
+/// (127 sectors, 65,060-byte answers) would never complete there.
 const FRAME_BUF: usize = 9216 + 14;
+
+/// Makes `rxb`'s slots hold a whole frame of an `mtu`-byte interface, replacing the batch
+/// with one of larger slots if they are shorter (the frames it held were handled already:
+/// it is only read between `recv_batch` and the end of the same pass). Never shrinks it.
+fn fit_recv_batch(rxb: &mut RecvBatch, mtu: u32) {
+    let cap = aoe_sys::frame_capacity(mtu);
+    if rxb.frame_size() < cap {
+        *rxb = RecvBatch::new(rxb.capacity(), cap);
+    }
+}
 
 /// Shortest time between two copies of the device list into [`Shared`] made only because
 /// I/O completed (device events publish at once): copying every device's information after
@@ -1360,6 +1372,10 @@ impl Net {
                             i.ring = None;
                             i.ring = rx_ring(&i.sock, &i.name, w.mtu);
                         }
+                        // Without a ring (none could be made, now or before), the batch.
+                        if i.ring.is_none() {
+                            fit_recv_batch(&mut self.rxb, w.mtu);
+                        }
                         // The transmit ring likewise: a new socket and ring (frames still
                         // marked in the old one are lost with it, and retransmitted);
                         // without one, frames longer than the old slots go out with
@@ -1396,6 +1412,9 @@ impl Net {
                         self.engine
                             .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                         let ring = rx_ring(&sock, &w.name, w.mtu);
+                        if ring.is_none() {
+                            fit_recv_batch(&mut self.rxb, w.mtu);
+                        }
                         let txr = tx_ring(&w.name, w.mtu);
                         self.ifaces[idx] = Some(Iface {
                             name: w.name.clone(),
@@ -2235,6 +2254,35 @@ mod err_ring_tests {
             assert!(must_copy_out(slots / 2, slots));
             assert!(must_copy_out(slots - 1, slots));
         }
+    }
+
+    /// Issue 15 (frames above MTU 9000): an interface that receives with `recvmmsg` (no
+    /// ring) gets slots that hold its whole frames. The batch had fixed 9,230-byte slots,
+    /// so at MTU 65535 every 127-sector answer (65,060 bytes) was cut and ignored and a
+    /// read never completed; before `fit_recv_batch` the first assertion below failed
+    /// (9230 < 65549). Slots are never shrunk, and not replaced when they already fit.
+    #[test]
+    fn the_recv_batch_holds_a_whole_frame_of_any_mtu() {
+        let mut rxb = RecvBatch::new(RX_BATCH, FRAME_BUF);
+        for mtu in [12000, 16384, 65535] {
+            fit_recv_batch(&mut rxb, mtu);
+            assert!(
+                rxb.frame_size() >= aoe_sys::frame_capacity(mtu),
+                "MTU {mtu}"
+            );
+            let answer = aoe_wire::ATA_HEADER_LEN
+                + usize::from(aoe_wire::max_sectors_for_mtu(mtu)) * aoe_wire::SECTOR_SIZE;
+            assert!(
+                rxb.frame_size() >= answer,
+                "MTU {mtu}: {answer}-byte answers"
+            );
+            assert_eq!(rxb.capacity(), RX_BATCH);
+        }
+        fit_recv_batch(&mut rxb, 1500);
+        assert_eq!(rxb.frame_size(), aoe_sys::frame_capacity(65535));
+        let mut small = RecvBatch::new(RX_BATCH, FRAME_BUF);
+        fit_recv_batch(&mut small, 9000);
+        assert_eq!(small.frame_size(), FRAME_BUF);
     }
 
     #[test]

@@ -58,6 +58,26 @@ const fn align(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
+/// Largest block [`block_size`] picks: 2 MiB, order 9 on 4 KiB pages. The kernel tries a
+/// physically contiguous block of each size without reclaiming (`__GFP_NORETRY`) and falls
+/// back to `vzalloc`, so a fragmented machine still gets the ring.
+const MAX_BLOCK: usize = 2 << 20;
+
+/// The block size for slots of `frame_size` bytes: 128 KiB (at least one slot, a multiple of
+/// `page`), doubled while the tail no slot fits in is more than a sixteenth of the block,
+/// up to [`MAX_BLOCK`]. The kernel gives each block `PAGE_SIZE << get_order(tp_block_size)`
+/// bytes (`alloc_pg_vec`), so a block that is a power of two of pages wastes only its tail.
+/// At MTU 1500 and 9000 the 128 KiB block wastes 1-3% and stays; at 65535 (65,632-byte
+/// receive slots) one slot fitted a 128 KiB block, half of the ring's memory was tail
+/// (a 1024-slot ring took 128 MiB), and 1 MiB blocks of 15 slots waste 6%.
+fn block_size(frame_size: usize, page: usize) -> usize {
+    let mut block = align(frame_size.max(128 << 10), page);
+    while block < MAX_BLOCK && (block % frame_size) * 16 > block {
+        block *= 2;
+    }
+    block
+}
+
 /// `struct tpacket_req` from `<linux/if_packet.h>`.
 #[repr(C)]
 struct TpacketReq {
@@ -78,12 +98,14 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// At least `frames` slots that each hold `data` bytes after `offset`: blocks of about
-    /// 128 KiB (a multiple of the page size), as many as needed. No frames: no blocks, which
-    /// the kernel takes as "no ring" (`packet_set_ring` with `tp_block_nr` 0).
+    /// At least `frames` slots that each hold `data` bytes after `offset`: blocks of 128 KiB
+    /// (a multiple of the page size), as many as needed, or of the smallest power of two
+    /// times that which wastes at most a sixteenth of each block ([`block_size`]). No
+    /// frames: no blocks, which the kernel takes as "no ring" (`packet_set_ring` with
+    /// `tp_block_nr` 0).
     fn new(frames: usize, data: usize, offset: usize, page: usize) -> Geometry {
         let frame_size = align(offset + data, TPACKET_ALIGNMENT);
-        let block_size = align(frame_size.max(128 << 10), page);
+        let block_size = block_size(frame_size, page);
         let per_block = block_size / frame_size;
         let block_nr = frames.div_ceil(per_block);
         Geometry {
@@ -1073,6 +1095,35 @@ mod tests {
         // No frames: no blocks, the kernel's "no ring".
         let g = Geometry::new(0, 64, RX_DATA_OFFSET, 4096);
         assert_eq!((g.block_nr, g.frame_nr(), g.bytes()), (0, 0, 0));
+        // Issue 15, MTU 65535: 65,549-byte frames in 65,632-byte slots. With 128 KiB blocks
+        // one slot fitted each and 1024 slots took 128 MiB (before `block_size`:
+        // (65632, 131072, 1)); 1 MiB blocks of 15 take 69 MiB.
+        let g = Geometry::new(1024, 65_549, RX_DATA_OFFSET, 4096);
+        assert_eq!(
+            (g.frame_size, g.block_size, g.per_block),
+            (65632, 1 << 20, 15)
+        );
+        assert_eq!(g.bytes(), 69 << 20);
+        // 1500 and 9000 keep their 128 KiB blocks, receiving and sending.
+        for (data, off) in [
+            (1514, RX_DATA_OFFSET),
+            (9014, RX_DATA_OFFSET),
+            (9014, TX_DATA_OFFSET + VNET_HDR_LEN),
+        ] {
+            assert_eq!(Geometry::new(1024, data, off, 4096).block_size, 128 << 10);
+        }
+        // Every MTU up to veth's largest wastes at most a sixteenth of a block, or the
+        // largest block is used.
+        for mtu in (1500..=65535).step_by(97) {
+            let g = Geometry::new(64, mtu + 14, RX_DATA_OFFSET, 4096);
+            assert!(g.per_block >= 1);
+            assert!(
+                (g.block_size - g.per_block * g.frame_size) * 16 <= g.block_size
+                    || g.block_size == MAX_BLOCK,
+                "MTU {mtu}: {g:?}"
+            );
+            assert!(g.block_size.is_power_of_two(), "MTU {mtu}: {g:?}");
+        }
         // A frame larger than 128 KiB still gets a block of its own.
         let g = Geometry::new(2, 200_000, TX_DATA_OFFSET, 4096);
         assert_eq!(g.per_block, 1);

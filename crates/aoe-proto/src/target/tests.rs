@@ -2218,3 +2218,113 @@ proptest::proptest! {
         }
     }
 }
+
+/// Issue 15, frames above MTU 9000 (veth and TAP links take up to 65535): the arithmetic
+/// that derives from the MTU, at 12000, 65535 and beyond any link. Query Config advertises
+/// `(MTU - 22) / 512` sectors (23, 127) and never wraps past the one-byte count's 255; a
+/// 127-sector read at 65535 is answered with one 65,060-byte frame of the disk's bytes, a
+/// 127-sector write stores its 65,024 bytes, a 128-sector request is aborted; the config
+/// string, mask and reserve lists keep their own limits (1024, 255, 255), not the MTU's.
+#[test]
+fn frames_above_mtu_9000_carry_up_to_127_sectors() {
+    let set_mtu = |e: &mut Engine, mtu| {
+        e.set_interface(
+            0,
+            Interface {
+                mac: TARGET_MAC,
+                mtu,
+            },
+        )
+    };
+    let sectors_advertised = |e: &mut Engine| {
+        let r = reply_of(e, &request(HOST, ADDR, cfg(ConfigCommand::Read, b""))).unwrap();
+        let Body::Config(c) = Message::parse(&r).unwrap().body else {
+            panic!()
+        };
+        c.sector_count
+    };
+    let mut e = engine(4096);
+    for (mtu, want) in [
+        (12000, 23),
+        (16384, 31),
+        (32768, 63),
+        (65535, 127),
+        (131_094, 255),
+    ] {
+        set_mtu(&mut e, mtu);
+        assert_eq!(sectors_advertised(&mut e), want, "MTU {mtu}");
+        assert_eq!(
+            e.sectors_per_frame(&Interface {
+                mac: TARGET_MAC,
+                mtu
+            }),
+            want
+        );
+    }
+    // Past 255 sectors' worth the count saturates: no MTU makes it wrap to 0 or 1.
+    for mtu in [131_095, 200_000, u32::MAX] {
+        set_mtu(&mut e, mtu);
+        assert_eq!(sectors_advertised(&mut e), 255, "MTU {mtu}");
+    }
+    assert_eq!(config_capacity_at(65535), MAX_CONFIG_LEN);
+    assert_eq!(mask_capacity_at(65535), MAX_MASK_ENTRIES);
+    assert_eq!(reserve_capacity_at(65535), 255);
+
+    set_mtu(&mut e, 65535);
+    let mut disk: Vec<u8> = (0..4096 * 512).map(|i| (i * 7 + i / 512) as u8).collect();
+    let big = aoe_wire::ATA_HEADER_LEN + 127 * 512;
+    assert_eq!(big, 65060);
+    let round = |e: &mut Engine, disk: &mut [u8], frame: &[u8]| {
+        let mut buf = vec![0xeeu8; 65549];
+        let out = e.handle_frame(0, frame, &mut buf);
+        let Outcome::Io(io) = out else {
+            panic!("expected I/O, got {out:?}")
+        };
+        match io.kind {
+            IoKind::Read { offset, len } => {
+                assert_eq!((offset, len), (100 * 512, 127 * 512));
+                let o = offset as usize;
+                buf[ATA_HEADER_LEN..ATA_HEADER_LEN + len].copy_from_slice(&disk[o..o + len]);
+            }
+            IoKind::Write { offset, data } => {
+                assert_eq!((offset, data.len()), (1000 * 512, 127 * 512));
+                let o = offset as usize;
+                disk[o..o + data.len()].copy_from_slice(&frame[data]);
+            }
+            IoKind::Flush => panic!("no flush asked"),
+        }
+        let n = e.complete(io.token, Ok(()), &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 127, 100, &[]));
+    let r = round(&mut e, &mut disk, &read);
+    assert_eq!(r.len(), big);
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(m.header.error, None);
+    let Body::Ata(a) = m.body else { panic!() };
+    assert_eq!(a.sector_count, 127);
+    assert_eq!(a.data, &disk[100 * 512..227 * 512]);
+
+    let data: Vec<u8> = (0..127 * 512).map(|i| (i % 251) as u8).collect();
+    let flags = AtaFlags::EXTENDED | AtaFlags::WRITE;
+    let write = request(HOST, ADDR, ata(0x34, flags, 127, 1000, &data));
+    assert_eq!(write.len(), big);
+    let r = round(&mut e, &mut disk, &write);
+    let Body::Ata(a) = Message::parse(&r).unwrap().body else {
+        panic!()
+    };
+    assert_eq!(a.cmd_status & status::ERR, 0);
+    assert_eq!(&disk[1000 * 512..1127 * 512], &data[..]);
+
+    // One sector more than the frame carries: aborted, nothing read.
+    let too_many = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 128, 0, &[]));
+    let mut buf = vec![0u8; 65549];
+    let Outcome::Reply(n) = e.handle_frame(0, &too_many, &mut buf) else {
+        panic!("128 sectors at MTU 65535 must be refused without I/O")
+    };
+    let Body::Ata(a) = Message::parse(&buf[..n]).unwrap().body else {
+        panic!()
+    };
+    assert_ne!(a.cmd_status & status::ERR, 0);
+}
