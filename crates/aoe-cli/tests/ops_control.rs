@@ -704,3 +704,48 @@ fn an_interface_without_an_ethernet_address_is_refused() {
     assert!(o.status.success(), "{o:?}");
     assert!(err.contains("lo is a loopback interface"), "{err}");
 }
+
+/// Operator's audit (session 27): `aoe serve ... 2>&1 | head` and any log reader that goes
+/// away. A log line written to the closed pipe failed, tracing-subscriber reported that
+/// with `eprintln!` on the same stderr, and that panicked: the target died (exit 101) at
+/// its first log line after the reader left. Now the line is dropped and the target
+/// serves on; SIGTERM ends it with status 0.
+#[test]
+fn a_target_whose_log_reader_went_serves_on() {
+    use aoe_testkit::{Netns, VethPair};
+    use std::process::Stdio;
+    require_tools();
+    let t_ns = Netns::new("op27l").expect("target namespace");
+    let c_ns = Netns::new("op27m").expect("client namespace");
+    let veth = VethPair::new(&t_ns, &c_ns, 1500).expect("veth");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let mut child = t_ns
+        .command(AOE)
+        .args(["serve", "--probe-ms", "0", "--control"])
+        .arg(&sock)
+        .args(["1", "1", veth.a_name()])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start target");
+    // The reader goes before the first line is written.
+    drop(child.stderr.take());
+    let answered = wait_until(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(None)) && target(&sock, &["status"]).status.success()
+    });
+    let early = child.try_wait().ok().flatten();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(
+        answered && early.is_none(),
+        "the target did not serve with its log reader gone: exited {early:?}"
+    );
+    assert_eq!(status.code(), Some(0), "{status}");
+}
