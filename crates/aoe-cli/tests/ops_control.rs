@@ -749,3 +749,32 @@ fn a_target_whose_log_reader_went_serves_on() {
     );
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// Operator's audit (session 27), the initiator's side of
+/// `an_interface_down_at_start_or_flapped_costs_no_cpu`: `aoe initiator` (receive and
+/// transmit rings) held a core while its interface was down (2.96 s of CPU in 3 s on a
+/// down `--iflist` interface) and after it came back up (a full core until the process
+/// ended: nothing read the socket's ENETDOWN), and re-kicked every millisecond while the
+/// down link refused its frames. Now idle, and the device reads again after the flap.
+#[test]
+fn the_initiator_on_a_link_that_went_down_and_up_costs_no_cpu() {
+    use aoe_testkit::End;
+    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let pid = rig.initiator.as_ref().expect("initiator").pid();
+    read_at(&rig.dev(), 0, 4096).expect("read before the flap");
+    rig.veth.set_link(End::B, false).expect("link down");
+    let down = cpu_over(pid, Duration::from_secs(2));
+    rig.veth.set_link(End::B, true).expect("link up");
+    let flapped = cpu_over(pid, Duration::from_secs(2));
+    let reads = wait_until(Duration::from_secs(30), || {
+        read_at(&rig.dev(), 0, 4096).is_ok()
+    });
+    let log = rig.initiator_log();
+    rig.finish();
+    assert!(reads, "the device does not read after the flap:\n{log}");
+    assert!(
+        down < 0.2 && flapped < 0.2,
+        "CPU of an idle initiator: {down:.2} of a core with its link down, {flapped:.2} \
+         after it came up\n{log}"
+    );
+}
