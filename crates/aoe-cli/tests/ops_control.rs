@@ -759,7 +759,7 @@ fn a_target_whose_log_reader_went_serves_on() {
 #[test]
 fn the_initiator_on_a_link_that_went_down_and_up_costs_no_cpu() {
     use aoe_testkit::End;
-    let mut rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
+    let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
     let pid = rig.initiator.as_ref().expect("initiator").pid();
     read_at(&rig.dev(), 0, 4096).expect("read before the flap");
     rig.veth.set_link(End::B, false).expect("link down");
