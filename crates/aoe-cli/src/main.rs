@@ -145,6 +145,11 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr a pipe whose reader went) is dropped.
+        // With this on, tracing-subscriber reports the failure with `eprintln!` on the same
+        // closed stderr, which panics: `aoe serve ... 2>&1 | head` killed the target (exit
+        // 101) at its next log line (session 27, operator's audit).
+        .log_internal_errors(false)
         .init();
 }
 

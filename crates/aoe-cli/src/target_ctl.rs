@@ -165,8 +165,22 @@ struct Conn {
 
 impl Conn {
     fn open(path: &Path) -> Result<Conn> {
-        let w = UnixStream::connect(path)
-            .with_context(|| format!("cannot connect to {}", path.display()))?;
+        let w = UnixStream::connect(path).map_err(|e| {
+            // Connection refused on a socket file: nothing listens there any more (a target
+            // killed with SIGKILL leaves its socket behind); on any other file: it is not a
+            // control socket at all. Said in words, not only as the errno.
+            use std::os::unix::fs::FileTypeExt;
+            let hint = match std::fs::symlink_metadata(path) {
+                Ok(m) if !m.file_type().is_socket() => {
+                    ": not a socket (give --socket the control socket of aoe serve)"
+                }
+                _ if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    ": no aoe serve listens on it (a socket left by a target that was killed?)"
+                }
+                _ => "",
+            };
+            anyhow::Error::new(e).context(format!("cannot connect to {}{hint}", path.display()))
+        })?;
         w.set_read_timeout(Some(ANSWER_LIMIT))?;
         let r = BufReader::new(w.try_clone()?);
         Ok(Conn {

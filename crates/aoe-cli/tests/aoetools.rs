@@ -517,7 +517,10 @@ fn control_tools_name_what_is_wrong() {
     for tool in ["aoe-mkdevs", "aoe-mkshelf"] {
         let o = run(Command::new(l.path().join(tool)));
         assert_eq!(o.status.code(), Some(1));
-        assert!(String::from_utf8_lossy(&o.stderr).contains("not needed"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("not needed"), "{tool}: {err}");
+        // Operator's audit (session 27): the name once, not "aoe-mkdevs: aoe-mkdevs: ...".
+        assert!(err.starts_with(&format!("{tool}: static")), "{tool}: {err}");
     }
     let o = run(Command::new(l.path().join("aoeping")));
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));

@@ -879,3 +879,29 @@ fn closed_pipe(dir: &std::path::Path) -> std::fs::File {
     drop(reader);
     writer
 }
+
+/// Operator's audit (session 27): `aoe target --socket PATH` where PATH is a socket nothing
+/// listens on (left by a target killed with SIGKILL), or not a socket at all, says which in
+/// words; before, only `Connection refused (os error 111)` for both.
+#[test]
+fn aoe_target_on_a_stale_socket_or_a_file_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, b"").unwrap();
+    for (path, said) in [
+        (&stale, "no aoe serve listens on it"),
+        (&file, "not a socket"),
+    ] {
+        let o = run_bounded(&["target", "--socket", path.to_str().unwrap(), "status"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{path:?}: {o:?}");
+        assert!(err.contains(said), "{path:?}: {said:?} not said: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{path:?}: not one line: {err}"
+        );
+    }
+}

@@ -371,6 +371,56 @@ fn every_shell_parses_every_completion_file() {
     );
 }
 
+/// Operator's audit (session 27): README's `sh scripts/install-links.sh /usr/local/sbin`,
+/// run as written on a machine where `aoe` is built but not on PATH, makes the links to the
+/// checkout's release build. Before: "no aoe binary", exit 1.
+#[test]
+fn install_links_as_the_readme_writes_it_finds_the_release_build() {
+    let built = repo().join("target/release/aoe");
+    if !built.exists() {
+        eprintln!("skipped: no release build at {}", built.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .arg(repo().join("scripts/install-links.sh"))
+        .arg(dir.path())
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install-links.sh: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in multicall_names() {
+        let link = dir.path().join(&name);
+        let to = fs::canonicalize(&link).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(to, fs::canonicalize(&built).unwrap(), "{name}");
+    }
+}
+
+/// Operator's audit (session 27): `aoe-serve@.service` lets through the address families
+/// the target's own features use: AF_INET/AF_INET6 for an `rbd:` export (librados talks
+/// TCP to the monitors and OSDs) and for `--metrics` in a drop-in. Before: AF_PACKET,
+/// AF_UNIX and AF_NETLINK only, so either failed under the unit (EAFNOSUPPORT) though
+/// it worked from a shell.
+#[test]
+fn the_serve_unit_allows_the_address_families_rbd_and_metrics_need() {
+    let text = fs::read_to_string(repo().join("dist/systemd/aoe-serve@.service")).unwrap();
+    let families = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .expect("RestrictAddressFamilies=");
+    for f in ["AF_PACKET", "AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"] {
+        assert!(
+            families.split_whitespace().any(|w| w == f),
+            "{f} missing: {families}"
+        );
+    }
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     require_tools(&[("systemd-analyze", "systemd"), ("man", "man-db")]);

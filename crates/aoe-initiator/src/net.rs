@@ -781,6 +781,13 @@ struct TxRing {
     /// Kicks of this ring, and those cut short by a full send buffer or device queue.
     kicks: u64,
     short_kicks: u64,
+    /// The last kick failed with an error other than a full queue (`ENETDOWN`: the
+    /// interface is down). The frames stay marked, but the loop does not re-kick them
+    /// every [`KICK_RETRY`] ([`Iface::waits`]): the next frame sent (a retransmit, a
+    /// discover) kicks again, and the first kick that goes through clears this. Before
+    /// (session 27, operator's audit), a down interface kept the loop waking every
+    /// millisecond.
+    down: bool,
 }
 
 impl TxRing {
@@ -793,6 +800,7 @@ impl TxRing {
             marked_before: 0,
             kicks: 0,
             short_kicks: 0,
+            down: false,
         })
     }
 
@@ -1041,7 +1049,10 @@ impl Iface {
     /// ([`KICK_RETRY`]) while frames stay marked in the transmit ring (the kernel signals
     /// no `POLLOUT` for a kick the send buffer cut short).
     fn waits(&self) -> (bool, bool) {
-        let marked = self.txr.as_ref().is_some_and(|t| t.ring.needs_kick());
+        let marked = self
+            .txr
+            .as_ref()
+            .is_some_and(|t| !t.down && t.ring.needs_kick());
         // While frames stay marked the backlog waits for them, not for room in the socket
         // (`send_now`): the timer, not `POLLOUT`, which would wake the loop at once.
         (!self.backlog.is_empty() && !marked, marked)
@@ -1058,8 +1069,9 @@ const KICK_RETRY: Duration = Duration::from_millis(1);
 fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
     t.kicks += 1;
     match t.ring.kick() {
-        Ok(()) => {}
+        Ok(()) => t.down = false,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            t.down = false;
             t.short_kicks += 1;
             if let Some(a) = logs.check(Instant::now(), "send buffer full") {
                 tracing::debug!(
@@ -1069,6 +1081,7 @@ fn kick(t: &mut TxRing, name: &str, logs: &mut RateLimiter) {
             }
         }
         Err(e) => {
+            t.down = true;
             if let Some(a) = logs.check(Instant::now(), "kick failed") {
                 tracing::debug!(interface = %name, error = %e, "transmit ring kick failed{a}");
             }
@@ -1649,7 +1662,9 @@ impl Net {
                 if fd.writable {
                     i.flush(&mut self.logs, &mut self.spent);
                 }
-                self.receive(idx, now);
+                if self.receive(idx, now) == 0 && fd.ready {
+                    self.take_socket_error(idx);
+                }
             }
             let n = self.ifaces.len();
             for (k, &idx) in linear_waits.iter().enumerate() {
@@ -1681,6 +1696,27 @@ impl Net {
             };
             !go || s.run()
         });
+    }
+
+    /// Reads and clears the error pending on interface `idx`'s receive socket (a wake-up
+    /// with no frame to read), logging it at most once a second. With a receive ring
+    /// nothing else reads it: the `ENETDOWN` the kernel leaves on a packet socket whose
+    /// interface is or goes down (`packet_do_bind`, `packet_notifier`) is reported by
+    /// poll(2) as POLLERR until read, so after a link flap, or on an interface down at
+    /// start, every poll returned at once and the loop held a core for good (session 27,
+    /// operator's audit). `recvmmsg` clears it itself.
+    fn take_socket_error(&mut self, idx: usize) {
+        let Some(Some(i)) = self.ifaces.get(idx) else {
+            return;
+        };
+        if i.ring.is_none() {
+            return;
+        }
+        if let Ok(Some(e)) = i.sock.take_error() {
+            if let Some(a) = self.logs.check(Instant::now(), "socket error") {
+                tracing::warn!(interface = %i.name, error = %e, "interface socket error{a}");
+            }
+        }
     }
 
     /// Hands the engine what interface `idx` received, up to [`RX_BUDGET`] frames, with

@@ -373,6 +373,31 @@ impl PacketSocket {
         self.setsockopt_int(libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0)
     }
 
+    /// Reads and clears the socket's pending error (`SO_ERROR`, socket(7)); `Ok(None)` if
+    /// there was none.
+    ///
+    /// The kernel sets `ENETDOWN` on a packet socket bound to an interface that is down, or
+    /// goes down (`packet_do_bind`, `packet_notifier` in net/packet/af_packet.c), and poll(2)
+    /// reports `POLLERR` until a receive call or this option reads it. A socket read only
+    /// through its PACKET_MMAP ring never makes that call, so its owner must: otherwise
+    /// every poll returns at once, for good, after one link flap.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        let mut err: libc::c_int = 0;
+        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `err` is a writable c_int of `len` bytes and `len` a valid socklen_t the
+        // kernel may update; both outlive the call.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+    }
+
     /// Reads and resets the kernel's `PACKET_STATISTICS` counters for this socket.
     pub fn stats(&self) -> io::Result<PacketStats> {
         let mut st = TpacketStats::default();

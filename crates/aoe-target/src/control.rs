@@ -469,6 +469,13 @@ pub fn remove_dead_sockets(dir: &std::path::Path) -> usize {
             continue;
         };
         let path = e.path();
+        // Only sockets: a file of another kind under that name is not ours to remove.
+        if !e.file_type().is_ok_and(|t| {
+            use std::os::unix::fs::FileTypeExt;
+            t.is_socket()
+        }) {
+            continue;
+        }
         if std::path::Path::new(&format!("/proc/{pid}")).exists()
             || std::os::unix::net::UnixStream::connect(&path).is_ok()
         {
@@ -481,15 +488,27 @@ pub fn remove_dead_sockets(dir: &std::path::Path) -> usize {
     removed
 }
 
-/// A listening control socket; the socket file is removed when it is dropped.
+/// A listening control socket; the socket file is removed when it is dropped, if the path
+/// still names the socket this one bound (device and inode), not a file put there since.
 #[derive(Debug)]
 pub struct ControlSocket {
     path: std::path::PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+/// Device and inode of what `path` names (not following a symbolic link).
+fn path_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.id.is_some() && path_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -506,10 +525,30 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// closed; before, its thread waited in the write for ever.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
 
+/// What a file type is, in words, for an error that names it.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else {
+        "not a socket"
+    }
+}
+
 /// Listens on the Unix socket `path` (mode 0600, its directory created 0700 if missing) and
 /// answers requests from a thread per connection, at most [`MAX_CONTROL_CONNECTIONS`] at
 /// once. A stale socket file (nothing listening) is replaced; a live one is refused,
-/// naming it.
+/// naming it, and so is anything at `path` that is not a socket (it is left alone).
 pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<ControlSocket> {
     use anyhow::Context as _;
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -523,7 +562,19 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
     }
-    if path.exists() {
+    // Only a socket is ever removed: a path that names anything else (a typo naming the
+    // exported image or the config file, a directory) is refused, untouched. Until session
+    // 27 any file there that nothing listened on was deleted as a "stale socket".
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            anyhow::bail!(
+                "control socket {} exists and is not a socket ({}); not removed: give \
+                 --control PATH (or control = \"PATH\" in the config file) a path of its own",
+                path.display(),
+                file_kind(&m.file_type())
+            );
+        }
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "control socket {} is in use by another aoe serve; give this one another \
@@ -535,6 +586,7 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot create control socket {}", path.display()))?;
+    let id = path_id(path);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
     tracing::info!(socket = %path.display(), "control socket listening");
@@ -571,6 +623,7 @@ pub fn listen(path: &std::path::Path, obs: Arc<Observer>) -> anyhow::Result<Cont
         .context("cannot start the control thread")?;
     Ok(ControlSocket {
         path: path.to_path_buf(),
+        id,
     })
 }
 
@@ -702,5 +755,48 @@ mod dead_socket_tests {
         assert_eq!(remove_dead_sockets(dir.path()), 1);
         assert!(!dead.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    /// Operator's audit (session 27): `--control` naming something that is not a socket
+    /// (the exported image, the config file, by a slip of the hand; a directory) is refused
+    /// with an error naming what is there, and left as it was. Before: a regular file was
+    /// deleted as a "stale socket" and the daemon started; a directory gave "Address
+    /// already in use".
+    #[test]
+    fn a_control_path_that_is_not_a_socket_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk.img");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = listen(&file, Observer::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("is not a socket") && err.contains("a regular file"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let err = listen(&sub, Observer::new()).unwrap_err().to_string();
+        assert!(err.contains("a directory"), "{err}");
+        assert!(sub.is_dir());
+        // A stale socket (nothing listening) is still taken over, and removed at the end.
+        let stale = dir.path().join("ctl.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let ctl = listen(&stale, Observer::new()).expect("stale socket replaced");
+        assert!(std::os::unix::net::UnixStream::connect(&stale).is_ok());
+        drop(ctl);
+        assert!(!stale.exists());
+    }
+
+    /// The socket file is removed at the end only if the path still names the socket bound:
+    /// a file put there since (another daemon's socket, after ours was unlinked) stays.
+    #[test]
+    fn the_end_removes_only_the_socket_it_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let ctl = listen(&path, Observer::new()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(ctl);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
     }
 }

@@ -519,7 +519,13 @@ impl Daemon {
                 if idx < self.ifaces.len()
                     && (fd_ready || coalescing || self.ifaces[idx].old.is_some())
                 {
-                    frames += self.receive(idx);
+                    let got = self.receive(idx);
+                    if got == 0 && fd_ready {
+                        // Woken with nothing to read: an error pending on the socket
+                        // (POLLERR), which a ring's reads never clear.
+                        self.take_socket_error(idx);
+                    }
+                    frames += got;
                 }
             }
             self.spin_now = None;
@@ -847,6 +853,25 @@ impl Daemon {
     /// Takes every frame waiting on interface `idx` to the exports it is addressed to
     /// ([`send::Route::reaches`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
     /// slot still lent would end the loop's next wait at once); returns how many.
+    /// Reads and clears the error pending on interface `idx`'s socket, logging it (at most
+    /// once a second). With a PACKET_MMAP ring nothing else reads it: the `ENETDOWN` the
+    /// kernel leaves on the socket when its interface is or goes down (a link flap, a
+    /// target started before the network) made every poll return at once, the loop one
+    /// busy core for as long as the process lived (session 27, operator's audit:
+    /// `ip link set IF down; ip link set IF up` under `aoe serve`). `recvmmsg` reads and
+    /// clears it itself, so `--io mmsg` had no such loop.
+    fn take_socket_error(&mut self, idx: usize) {
+        let i = &self.ifaces[idx];
+        if !matches!(i.batch, Batch::Ring(_)) {
+            return;
+        }
+        if let Ok(Some(e)) = i.sock.take_error() {
+            if let Some(a) = self.logs.check(Instant::now(), "socket error") {
+                tracing::warn!(interface = %i.name, error = %e, "interface socket error{a}");
+            }
+        }
+    }
+
     fn receive(&mut self, idx: usize) -> usize {
         let n = self.receive_batches(idx);
         if n > 0 {

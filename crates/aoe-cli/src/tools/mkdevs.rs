@@ -13,10 +13,12 @@ pub struct MkArgs {
     args: Vec<String>,
 }
 
-/// Runs `aoe-mkdevs` / `aoe-mkshelf`: always an error.
-pub fn run(name: &str, _a: MkArgs) -> Result<()> {
+/// Runs `aoe-mkdevs` / `aoe-mkshelf`: always an error. The message does not start with
+/// `name`: the error line's prefix is already the program's name (`aoe-mkdevs: ...`);
+/// until session 27 it said it twice.
+pub fn run(_name: &str, _a: MkArgs) -> Result<()> {
     bail!(
-        "{name}: static device nodes are not needed: `aoe initiator` creates a file for each \
+        "static device nodes are not needed: `aoe initiator` creates a file for each \
          device and partition under its root (ROOT/eX.Y, ROOT/eX.YpN) as devices appear, and \
          the kernel driver's nodes come from udev (aoe_dyndevs=1); nodes made with mknod could \
          address neither"

@@ -490,9 +490,46 @@ fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for e in &config.exports {
         for i in &e.interfaces {
-            aoe_sys::interface_info(i)
-                .with_context(|| format!("e{}.{}: no such interface {i}", e.shelf, e.slot))?;
+            check_interface(e, i)?;
         }
+    }
+    Ok(())
+}
+
+/// Checks interface `name` of export `e` as `aoe serve` (start, reload, `--check`) does:
+/// it must exist and have an Ethernet address. An interface without one (a tun device, an
+/// IP tunnel: `SIOCGIFHWADDR` gives no 6-byte address) carries no Ethernet frames, so an
+/// AoE target there would answer nothing; it is refused. A loopback interface and one
+/// that is down are served, with a warning each: loopback reaches only initiators on this
+/// host (tests use it), and an interface brought up later (a target started before the
+/// network at boot) is served from then on. Until session 27 all three were taken without
+/// a word, and a down one cost a core (see `IfaceRt::send_down`).
+fn check_interface(e: &ExportSpec, name: &str) -> Result<()> {
+    let info = aoe_sys::interface_info(name)
+        .with_context(|| format!("e{}.{}: no such interface {name:?}", e.shelf, e.slot))?;
+    if info.loopback {
+        tracing::warn!(
+            "e{}.{}: {name} is a loopback interface: only initiators on this host, on {name}, \
+             reach the export",
+            e.shelf,
+            e.slot
+        );
+    } else if info.mac == [0; 6] {
+        bail!(
+            "e{}.{}: interface {name} has no Ethernet address (a tun device or IP tunnel?): \
+             AoE is carried in Ethernet frames; name an Ethernet, veth, bridge, bond or VLAN \
+             interface",
+            e.shelf,
+            e.slot
+        );
+    }
+    if !info.up {
+        tracing::warn!(
+            "e{}.{}: interface {name} is down: nothing is announced or answered there until \
+             it is up (ip link set {name} up)",
+            e.shelf,
+            e.slot
+        );
     }
     Ok(())
 }
@@ -626,9 +663,7 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for e in &config.exports {
         for i in &e.interfaces {
-            if aoe_sys::interface_info(i).is_err() {
-                bail!("e{}.{}: no such interface {i}", e.shelf, e.slot);
-            }
+            check_interface(e, i)?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))?;
