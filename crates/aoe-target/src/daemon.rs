@@ -850,9 +850,6 @@ impl Daemon {
         }
     }
 
-    /// Takes every frame waiting on interface `idx` to the exports it is addressed to
-    /// ([`send::Route::reaches`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
-    /// slot still lent would end the loop's next wait at once); returns how many.
     /// Reads and clears the error pending on interface `idx`'s socket, logging it (at most
     /// once a second). With a PACKET_MMAP ring nothing else reads it: the `ENETDOWN` the
     /// kernel leaves on the socket when its interface is or goes down (a link flap, a
@@ -872,6 +869,9 @@ impl Daemon {
         }
     }
 
+    /// Takes every frame waiting on interface `idx` to the exports it is addressed to
+    /// ([`send::Route::reaches`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
+    /// slot still lent would end the loop's next wait at once); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let n = self.receive_batches(idx);
         if n > 0 {
