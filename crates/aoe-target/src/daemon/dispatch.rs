@@ -19,6 +19,15 @@ use aoe_proto::target::InFlight;
 
 impl Daemon {
     pub(super) fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
+        // Another gateway took the shared store over (broke our lock): not answered at
+        // all, not even a Query Config, so that initiators re-send to that gateway (the
+        // Linux driver moves a frame that timed out to another target of the device,
+        // aoecmd.c `rexmit_timer`/`reassign_frame`; `aoe initiator` likewise) instead of
+        // failing the application's I/O with an ATA error while it serves; with no such
+        // gateway, their `deadsecs` still fails the I/O (docs/TEST-AUDIT.md, session 27).
+        if self.exports.get(&id).is_some_and(ExportRt::handed_over) {
+            return;
+        }
         let cap = self.ifaces[idx].frame_cap;
         // A write must not overtake the reads staged before it in this batch: a read that
         // came first reads what was there before, as when each read was done on arrival.
@@ -714,6 +723,16 @@ impl Daemon {
             self.spare.push(buf);
             return;
         };
+        // A request that failed once another gateway took the store over (a write the
+        // cluster refused because we are blocklisted, or one refused since) is not
+        // answered: the initiator re-sends it to that gateway, where it lands. (One that
+        // succeeded is answered: it is on the OSDs.)
+        if done.result.is_err() && rt.handed_over() {
+            rt.engine.abort(token);
+            self.spare.push(buf);
+            self.ended(id, token.0);
+            return;
+        }
         let logs = &mut self.logs;
         let result = done.result.map_err(|e| {
             let e = StoreError::from(e);
