@@ -723,8 +723,11 @@ impl Shared {
     }
 
     /// Takes the exclusive lock; if another client holds it, breaks that client's lock
-    /// (the cluster blocklists it first) and takes it then. librbd itself breaks the lock of
-    /// a holder that is gone (no longer watching the image); a live holder's is broken here.
+    /// (the cluster blocklists it first) and takes it then. A holder found at open is
+    /// broken before asking for the lock: `rbd_lock_acquire` first asks the holder to
+    /// release it (a dead gateway's watch stays registered until the OSD's watch timeout,
+    /// so that request waited about 30 s for nobody: `kernel-initiator.sh -H replace`, B
+    /// logged `breaking it` 28 s before it served; a live `aoe serve` never hands it over).
     /// True if another client held it (we took the image over from another gateway).
     fn take_lock(&self) -> io::Result<bool> {
         let holders = self.image.lock_owners()?;
@@ -735,22 +738,30 @@ impl Shared {
                 "the image's exclusive lock is held by another client; breaking it \
                  (the holder is blocklisted and can no longer write)"
             );
+            self.break_lock(owner)?;
         }
         let first = match self.image.lock_acquire() {
             Ok(()) => return Ok(!holders.is_empty()),
             Err(e) => e,
         };
+        // Someone took it in between: broken too.
         let owners = self.image.lock_owners()?;
         if owners.is_empty() {
             return Err(first);
         }
         for owner in &owners {
-            if !holders.contains(owner) {
-                tracing::warn!(image = %self.name, %owner, "breaking the exclusive lock of a new holder");
-            }
-            self.image.lock_break(owner)?;
+            tracing::warn!(image = %self.name, %owner, "breaking the exclusive lock of a new holder");
+            self.break_lock(owner)?;
         }
         self.image.lock_acquire().map(|()| true)
+    }
+
+    /// Breaks `owner`'s lock; one already gone (released, or broken by another) is fine.
+    fn break_lock(&self, owner: &str) -> io::Result<()> {
+        match self.image.lock_break(owner) {
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => Ok(()),
+            r => r,
+        }
     }
 
     /// The size now (librbd refreshes it after a resize), or as last read if the cluster

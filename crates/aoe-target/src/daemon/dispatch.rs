@@ -19,15 +19,6 @@ use aoe_proto::target::InFlight;
 
 impl Daemon {
     pub(super) fn dispatch(&mut self, idx: usize, f: usize, id: u32) {
-        // Another gateway took the shared store over (broke our lock): not answered at
-        // all, not even a Query Config, so that initiators re-send to that gateway (the
-        // Linux driver moves a frame that timed out to another target of the device,
-        // aoecmd.c `rexmit_timer`/`reassign_frame`; `aoe initiator` likewise) instead of
-        // failing the application's I/O with an ATA error while it serves; with no such
-        // gateway, their `deadsecs` still fails the I/O (docs/TEST-AUDIT.md, session 27).
-        if self.exports.get(&id).is_some_and(ExportRt::handed_over) {
-            return;
-        }
         let cap = self.ifaces[idx].frame_cap;
         // A write must not overtake the reads staged before it in this batch: a read that
         // came first reads what was there before, as when each read was done on arrival.
@@ -54,6 +45,16 @@ impl Daemon {
         let Some(rt) = self.exports.get_mut(&id) else {
             return;
         };
+        // Another gateway took the shared store over (broke our lock): not answered at
+        // all, not even a Query Config, so that initiators re-send to that gateway (the
+        // Linux driver moves a frame that timed out to another target of the device,
+        // aoecmd.c `rexmit_timer`/`reassign_frame`; `aoe initiator` likewise) instead of
+        // failing the application's I/O with an ATA error while it serves; with no such
+        // gateway, their `deadsecs` still fails the I/O (docs/TEST-AUDIT.md, session 27).
+        // A file export pays one test of `shared` (None) per frame.
+        if rt.handed_over() {
+            return;
+        }
         let iface = &mut self.ifaces[idx];
         // With a transmit ring, the reply is built in its next free slot (a read's data is
         // read straight into it) and committed there: no reply buffer, no copy. Otherwise
