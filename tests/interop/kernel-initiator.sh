@@ -13,7 +13,7 @@
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
-#                            [-O] [-H replace|move|alone]
+#                            [-O] [-H replace|move|idle|alone]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -63,6 +63,13 @@
 #                         fences itself and stops answering, B's duplicate probe waits for
 #                         A to fall silent, then announces; no write may fail; at the end
 #                         A must still run and say it lost the lock
+#                idle     the same move while A is idle, before the guest boots: A has no
+#                         write to be refused and notices through its watch (0.9 s after
+#                         the break, 2026-12-06); B serves once its probe hears nobody else
+#                         (were A still answering, B would probe again for up to 30 s: the
+#                         count of "waiting for it to stop" lines in B's log is printed);
+#                         the guest then finds e{SHELF}.{SLOT} through B alone and every
+#                         check holds
 #                alone    a fenced gateway with nobody to take over: the flow of -P (the
 #                         driver loaded with aoe_deadsecs=PAUSE_DEADSECS), but at PAUSE_ME
 #                         the host starts B on shelf.slot+1 (another address, so nothing
@@ -73,7 +80,7 @@
 #                         holds
 #                The guest prints the driver's view of the device's targets at the end
 #                (debugfs: each target's MAC, taint, in flight): what it made of A.
-#                replace and move also check a reservation across the hand-over: before
+#                replace, move and idle also check a reservation across the hand-over: before
 #                the guest boots, the host (a third port, "kihost", with python3 raw
 #                frames) reserves e{SHELF}.{SLOT} through A for the guest's MAC (Reserve/
 #                Release set); the guest, the holder, writes through A and then B; after
@@ -213,12 +220,13 @@ if [ -n "$BAD" ]; then
         { echo "kernel-initiator.sh: -B: the range must start at sector 8 or later and end in the first half of the device (the pattern is mid-device)" >&2; exit 2; }
 fi
 if [ -n "$HANDOVER" ]; then
-    [[ $HANDOVER =~ ^(replace|move|alone)$ ]] ||
-        { echo "kernel-initiator.sh: -H wants replace, move or alone, not $HANDOVER" >&2; exit 2; }
+    [[ $HANDOVER =~ ^(replace|move|idle|alone)$ ]] ||
+        { echo "kernel-initiator.sh: -H wants replace, move, idle or alone, not $HANDOVER" >&2; exit 2; }
     [ -n "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW$KILL$FULL$SHRINK$PAUSE$LARGE" = 000000 ] && [ -z "$BAD" ] ||
         { echo "kernel-initiator.sh: -H needs -r and goes with none of -R, -g, -K, -W, -O, -F, -S, -P, -B, -L" >&2; exit 2; }
-    # replace and move: the streaming write of -W; alone: the flow of -P.
-    if [ "$HANDOVER" = alone ]; then PAUSE=1; else KILL=2; fi
+    # replace and move: the streaming write of -W; alone: the flow of -P; idle: the plain
+    # pattern write (B is serving before the guest boots).
+    case $HANDOVER in alone) PAUSE=1 ;; idle) ;; *) KILL=2 ;; esac
 fi
 [ "$OSDKILL" = 0 ] || [ -n "$RBD" ] ||
     { echo "kernel-initiator.sh: -O needs -r (it kills the cluster's OSD)" >&2; exit 2; }
@@ -885,6 +893,17 @@ if [ -n "$HANDOVER" ] && [ "$HANDOVER" != alone ]; then
     [ "$(echo "$rsv" | cut -d' ' -f2)" = 0 ] || fail "-H: gateway A refused the Reserve: $rsv"
     say "-H: e$SHELF.$SLOT reserved for the guest ($GUEST_MAC) through gateway A ($(echo "$rsv" | cut -d' ' -f1)); image metadata aoe.reserve: $(rbdx image-meta get "$RBD" aoe.reserve 2>&1)"
 fi
+if [ "$HANDOVER" = idle ]; then
+    start_b
+    say "-H idle: gateway B (pid $B_PID) started on kitgt2 while A serves, idle"
+    i=0
+    until grep -q 'e[0-9.]*: exporting' "$RUN/target-b.log"; do
+        kill -0 "$B_PID" 2>/dev/null || { cat "$RUN/target-b.log"; B_PID=""; fail "-H idle: gateway B exited at start"; }
+        i=$((i + 1)); [ $i -gt 240 ] && { diagnose_host; cat "$RUN/target-b.log"; fail "-H idle: gateway B not serving 120 s after its start"; }
+        sleep 0.5
+    done
+    say "-H idle: gateway B serves, $((i / 2)) s after its start; $(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait line(s) in its log"
+fi
 
 # ---------------------------------------------------------------- guest
 # The guest's watchdog: the host's timeout less its margin, in the host's clock.
@@ -1217,6 +1236,8 @@ if [ -n "$HANDOVER" ]; then
     fi
     if [ "$HANDOVER" = alone ]; then
         say "-H alone: A fenced with nobody serving e$SHELF.$SLOT: $(g PAUSED_WRITE_FAILED); $(g UP_AGAIN) after A restarted; the pattern written then is what every check found"
+    elif [ "$HANDOVER" = idle ]; then
+        say "-H idle: B took over from the idle A before the guest started ($(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait lines in B's log); the guest found the device through B and every check held"
     else
         [ $killed = 1 ] || fail "-H $HANDOVER: the guest never asked for the hand-over"
         say "-H $HANDOVER: gateway B took over during the pattern write, no write failed ($(g STREAM_WRITTEN) writes); driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait lines in B's log"

@@ -515,6 +515,65 @@ fn a_gateway_started_beside_a_serving_one_takes_over_with_no_error_to_the_writer
     r.rig.cleanup();
 }
 
+/// Session 27: a gateway that took its image over (broke a live holder's lock) and whose
+/// duplicate-address probe still hears another target answering for its shelf.slot probes
+/// again instead of refusing at once: the gateway whose lock it broke answers until it
+/// noticed (seconds at most; 0.9 s after the break in `kernel-initiator.sh -H idle`, so
+/// before the probe in every run there). Here a vblade with a MAC of its own (a macvlan on
+/// the initiator's side) stands in for a gateway that has not noticed yet: gateway B on
+/// the same image and address logs that it waits, and serves once vblade is gone. (A, on
+/// B's own link, does not hear B's probe: the serving socket ignores frames its host sends.)
+#[test]
+fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving() {
+    require_tools_vblade();
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    add_macvlan(&r.rig.init_ns, &r.rig.init_if, "ha27v");
+    let disk = tempfile::NamedTempFile::new().expect("vblade's disk");
+    disk.as_file().set_len(1 << 20).expect("size vblade's disk");
+    let mut v = r
+        .rig
+        .init_ns
+        .spawn({
+            let mut c = Command::new("vblade");
+            c.args([&SHELF.to_string(), &SLOT.to_string(), "ha27v"])
+                .arg(disk.path());
+            c
+        })
+        .expect("start vblade");
+    let mut b = start_gateway(&r, (SHELF, SLOT), &[]);
+    let waits = wait_until(Duration::from_secs(60), || {
+        b.output_so_far().contains("waiting for it to stop") || !b.is_running()
+    });
+    assert!(
+        waits && b.is_running(),
+        "gateway B did not wait for the address to fall silent:\n{}",
+        b.output_so_far()
+    );
+    let _ = v.stop();
+    let serves = wait_until(Duration::from_secs(60), || {
+        b.output_so_far().contains("stopped answering; serving") || !b.is_running()
+    });
+    let out = b.output_so_far();
+    assert!(
+        serves && b.is_running() && out.contains("exporting"),
+        "gateway B did not serve once vblade was gone:\n{out}"
+    );
+    assert!(
+        out.contains("breaking it"),
+        "B did not break A's lock:\n{out}"
+    );
+    let _ = b.stop();
+    let mut r = r;
+    r.rig.cleanup();
+}
+
+/// vblade on PATH, or the test fails saying which package has it.
+fn require_tools_vblade() {
+    aoe_testkit::require_tools(&[("vblade", "vblade")]);
+}
+
 /// `GET /metrics` of the `aoe serve` started with `--metrics 127.0.0.1:{METRICS_PORT}` in
 /// `ns`: the whole response.
 fn scrape(ns: &aoe_testkit::Netns) -> String {

@@ -268,7 +268,8 @@ impl Daemon {
             let wait = crate::backing::TAKEOVER_WAIT;
             tracing::info!(
                 wait_s = wait.as_secs(),
-                "{}: the gateway whose lock was broken still answers; waiting for it to stop",
+                "{}: another target still answers (the gateway whose lock was broken, until it \
+                 notices); waiting for it to stop",
                 dups.iter()
                     .map(|d| d.to_string())
                     .collect::<Vec<_>>()
@@ -279,7 +280,7 @@ impl Daemon {
                 dups = self.probe(&new_specs, &config)?;
             }
             if dups.is_empty() {
-                tracing::info!("the previous gateway stopped answering; serving");
+                tracing::info!("the other target stopped answering; serving");
             }
         }
         if !dups.is_empty() {
