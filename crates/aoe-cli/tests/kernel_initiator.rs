@@ -202,6 +202,19 @@ fn kernel_initiator_rbd_gateway_moved_while_serving_mtu_1500() {
     );
 }
 
+/// `-H idle`: B is started beside an idle A before the guest boots (A has no write to be
+/// refused and notices through its watch); the guest finds the device through B alone, its
+/// writes and every check hold, and the reservation made through A holds on B.
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_rbd_gateway_moved_while_idle_mtu_1500() {
+    run_kernel_initiator_with(
+        &aoe_serve_rbd_template(),
+        1500,
+        &["-r", "rbd/ki", "-H", "idle"],
+    );
+}
+
 /// `-H alone`: B breaks A's lock but serves another address, so nobody serves the guest's
 /// once A is fenced: a write fails (EIO once `aoe_deadsecs`, 10 s here, ran out: an error,
 /// not a hang); A restarted takes the lock back, the guest rediscovers the device and its
