@@ -2,7 +2,8 @@
 //! each test starts with scripts/ceph-up.sh on the loopback of the target's namespace and
 //! stops at its end. `aoe initiator` reads and writes through AoE; `rbd import` and
 //! `rbd export` put data in and check it beside the target; a gateway killed with SIGKILL is
-//! replaced by a second one that breaks its lock.
+//! replaced by a second one that breaks its lock, and one started beside a serving gateway
+//! takes over from it with no error to the writer (the fenced gateway falls silent).
 //!
 //! Built only with the `rbd` feature (`cargo test --features aoe-cli/rbd`, which
 //! scripts/test.sh passes): it needs librbd-dev to build and the Ceph daemons to run.

@@ -128,9 +128,6 @@ impl SharedStore for aoe_rbd::RbdBackend {
         aoe_rbd::RbdBackend::store_reservation(self, &raw, done)
     }
 
-    /// A list of group MACs only (set with `rbd image-meta set` or by an earlier version)
-    /// is logged and not taken, as aoe-rbd does with a value that is not a MAC list: the
-    /// gateway keeps enforcing what it had.
     fn handed_over(&self) -> bool {
         self.lock_lost()
     }
@@ -139,6 +136,9 @@ impl SharedStore for aoe_rbd::RbdBackend {
         aoe_rbd::RbdBackend::took_over(self)
     }
 
+    /// A list of group MACs only (set with `rbd image-meta set` or by an earlier version)
+    /// is logged and not taken, as aoe-rbd does with a value that is not a MAC list: the
+    /// gateway keeps enforcing what it had.
     fn reservation_update(&self) -> Option<Vec<aoe_wire::MacAddr>> {
         let raw = aoe_rbd::RbdBackend::reservation_update(self)?;
         match image_reservation(self.name(), aoe_rbd::RESERVE_KEY, raw) {
