@@ -13,7 +13,7 @@
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
-#                            [-O]
+#                            [-O] [-H replace|move|idle|alone]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -50,6 +50,42 @@
 #                and the host SIGKILLs the cluster's one OSD instead of the target, starting
 #                it again OSD_DOWN_S (8) seconds later; the writes wait (librados holds them)
 #                and every check below holds on \`rbd export\`
+#   -H MODE      hand-over between two gateways of the image (with -r; session 27). A second
+#                veth, "kitgt2" (its own MAC), joins the bridge; gateway B is the template
+#                with {IFACE} kitgt2. MODE:
+#                replace  the guest streams its writes as with -W; at KILL_ME the host
+#                         SIGKILLs gateway A and starts B at once (same image and shelf.slot):
+#                         B breaks the dead A's lock and announces itself, the driver adds
+#                         it as a second target of the device and moves the frames A does
+#                         not answer to it; no write may fail
+#                move     the same, but A is left running (a planned move, or an operator's
+#                         mistake): B breaks A's live lock (the cluster blocklists A), A
+#                         fences itself and stops answering, B's duplicate probe waits for
+#                         A to fall silent, then announces; no write may fail; at the end
+#                         A must still run and say it lost the lock
+#                idle     the same move while A is idle, before the guest boots: A has no
+#                         write to be refused and notices through its watch (0.9 s after
+#                         the break, 2026-12-06); B serves once its probe hears nobody else
+#                         (were A still answering, B would probe again for up to 30 s: the
+#                         count of "waiting for it to stop" lines in B's log is printed);
+#                         the guest then finds e{SHELF}.{SLOT} through B alone and every
+#                         check holds
+#                alone    a fenced gateway with nobody to take over: the flow of -P (the
+#                         driver loaded with aoe_deadsecs=PAUSE_DEADSECS), but at PAUSE_ME
+#                         the host starts B on shelf.slot+1 (another address, so nothing
+#                         serves the guest's): A fences itself and falls silent, and a write
+#                         must fail (EIO after aoe_deadsecs: an error, not a hang); at
+#                         CONT_ME the host stops B and A and starts A again (it takes the
+#                         lock back), the guest rediscovers the device and every check below
+#                         holds
+#                The guest prints the driver's view of the device's targets at the end
+#                (debugfs: each target's MAC, taint, in flight): what it made of A.
+#                replace, move and idle also check a reservation across the hand-over: before
+#                the guest boots, the host (a third port, "kihost", with python3 raw
+#                frames) reserves e{SHELF}.{SLOT} through A for the guest's MAC (Reserve/
+#                Release set); the guest, the holder, writes through A and then B; after
+#                it finished, an ATA write from kihost's MAC must get AoE error 6 (target
+#                reserved) from B, and not land (the md5 checks of the image)
 #   -R SECONDS   reload: the template must use {CONFIG}. The pattern region is 4 MiB, and
 #                the guest writes it over and over with dd oflag=direct, in passes of
 #                sector-stamped data (every 8 bytes of a sector say its LBA and pass), for at
@@ -150,13 +186,14 @@ BAD=""
 LARGE=0
 OSDKILL=0
 OSD_DOWN_S=8
+HANDOVER=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:kgKWFSPOh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:H:kgKWFSPOh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
-        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;;
+        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -181,6 +218,15 @@ if [ -n "$BAD" ]; then
         { echo "kernel-initiator.sh: -B goes with none of -r, -R, -g, -K, -F, -S, -P" >&2; exit 2; }
     [ "$BAD_LBA" -ge 8 ] && [ $(( (BAD_LBA + BAD_COUNT + 8) * 512 )) -le $(( (SIZE_MB << 20) / 2 )) ] ||
         { echo "kernel-initiator.sh: -B: the range must start at sector 8 or later and end in the first half of the device (the pattern is mid-device)" >&2; exit 2; }
+fi
+if [ -n "$HANDOVER" ]; then
+    [[ $HANDOVER =~ ^(replace|move|idle|alone)$ ]] ||
+        { echo "kernel-initiator.sh: -H wants replace, move, idle or alone, not $HANDOVER" >&2; exit 2; }
+    [ -n "$RBD" ] && [ "$RELOAD" = 0 ] && [ "$GROW$KILL$FULL$SHRINK$PAUSE$LARGE" = 000000 ] && [ -z "$BAD" ] ||
+        { echo "kernel-initiator.sh: -H needs -r and goes with none of -R, -g, -K, -W, -O, -F, -S, -P, -B, -L" >&2; exit 2; }
+    # replace and move: the streaming write of -W; alone: the flow of -P; idle: the plain
+    # pattern write (B is serving before the guest boots).
+    case $HANDOVER in alone) PAUSE=1 ;; idle) ;; *) KILL=2 ;; esac
 fi
 [ "$OSDKILL" = 0 ] || [ -n "$RBD" ] ||
     { echo "kernel-initiator.sh: -O needs -r (it kills the cluster's OSD)" >&2; exit 2; }
@@ -234,7 +280,7 @@ fi
 NS=aoeki-$$
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
 CONSOLE=$RUN/console.log
-TARGET_PID="" QEMU_PID=""
+TARGET_PID="" QEMU_PID="" B_PID=""
 # The guest's watchdog fires this long before the host's timeout, leaving the host time to
 # stop the target and print its side.
 GUEST_MARGIN=60
@@ -249,6 +295,7 @@ cleanup() {
     trap - EXIT INT TERM HUP
     [ -n "$QEMU_PID" ] && stop "$QEMU_PID"
     [ -n "$TARGET_PID" ] && stop "-$TARGET_PID"
+    [ -n "$B_PID" ] && stop "-$B_PID"
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     drop_netns "$NS"
@@ -441,6 +488,7 @@ CUT_HI=$CUT_HI
 SIZE_MB=$SIZE_MB
 LARGE=$LARGE
 LARGE_LBAS="${LARGE_LBAS:-}"
+HANDOVER=$HANDOVER
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -555,7 +603,8 @@ if [ "$RELOAD" != 0 ]; then
     done
     out "RELOAD_PASSES_WRITTEN $n in $(( $(hnow) - t0 )) s"
 fi
-step pattern_write 60
+# A hand-over (-H) waits for gateway B to start and for the driver to give up on A.
+step pattern_write "$( [ -n "$HANDOVER" ] && echo 180 || echo 60 )"
 if [ "$KILL" = 1 ]; then
     # The host SIGKILLs the target when it reads this line and starts it again 3 s later.
     out "KILL_ME"
@@ -582,7 +631,7 @@ if [ "$PAUSE" = 1 ]; then
         i=$((i + 1)); sleep 0.1
     done
     out "UP_AGAIN after $i polls"
-    step pattern_write 60
+    step pattern_write "$( [ -n "$HANDOVER" ] && echo 180 || echo 60 )"
 fi
 if [ "$FULL" = 1 ]; then
     # One 64 KiB write at a time, up to the first that fails: it must fail (the backing
@@ -675,6 +724,10 @@ if [ -n "$RESIZE_TO" ]; then
     fi
 fi
 step done 60
+if [ -n "$HANDOVER" ]; then
+    # The driver's view of the device's targets (MAC, taint, ...) after the hand-over.
+    cat "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null | sed 's/^/KI:TARGETS /'
+fi
 out "RETRANSMITS $(grep -c retransmit /tmp/err.log)"
 # The driver's messages themselves (a retransmit answered late shows as "unexpected rsp").
 head -n 20 /tmp/err.log | sed 's/^ */KI:ERR /'
@@ -693,9 +746,23 @@ ip -n "$NS" link set lo up
 ip -n "$NS" link add kibr type bridge stp_state 0 forward_delay 0 || fail "bridge"
 ip -n "$NS" tuntap add dev kitap mode tap || fail "tap"
 ip -n "$NS" link add kiport type veth peer name kitgt || fail "veth"
-for l in kitap kiport kitgt kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
-ip -n "$NS" link set kitap master kibr && ip -n "$NS" link set kiport master kibr || fail "bridge ports"
-for l in kibr kitap kiport kitgt; do ip -n "$NS" link set "$l" up || fail "$l up"; done
+LINKS="kitap kiport kitgt"
+if [ -n "$HANDOVER" ]; then
+    # -H: gateway B's own port on the bridge, so its own MAC on the segment.
+    ip -n "$NS" link add kiport2 type veth peer name kitgt2 || fail "veth kitgt2"
+    LINKS="$LINKS kiport2 kitgt2"
+    if [ "$HANDOVER" != alone ]; then
+        # The host's own port, for the reservation's raw frames.
+        ip -n "$NS" link add kiport3 type veth peer name kihost || fail "veth kihost"
+        LINKS="$LINKS kiport3 kihost"
+    fi
+fi
+for l in $LINKS kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
+for l in $LINKS; do
+    [[ $l == kiport* || $l == kitap ]] || continue
+    ip -n "$NS" link set "$l" master kibr || fail "bridge port $l"
+done
+for l in kibr $LINKS; do ip -n "$NS" link set "$l" up || fail "$l up"; done
 
 # ---------------------------------------------------------------- Ceph (-r only)
 CEPH_CONF="" CEPH_KEYRING="" TFILE=$FILE
@@ -766,6 +833,19 @@ if [[ $TEMPLATE == *'{CONFIG}'* ]]; then
     write_config 0 || fail "cannot write $CONF"
 fi
 TCMD=${TCMD//\{CONFIG\}/$CONF}
+# -H: gateway B, the same template on kitgt2 (its own MAC); for "alone" at slot+1, so that
+# nobody serves the guest's address once A is fenced.
+TCMD_B=${TEMPLATE//\{SHELF\}/$SHELF}
+TCMD_B=${TCMD_B//\{SLOT\}/$( [ "$HANDOVER" = alone ] && echo $((SLOT + 1)) || echo "$SLOT" )}
+TCMD_B=${TCMD_B//\{IFACE\}/kitgt2}
+TCMD_B=${TCMD_B//\{FILE\}/$TFILE}
+TCMD_B=${TCMD_B//\{CEPH_CONF\}/$CEPH_CONF}
+TCMD_B=${TCMD_B//\{CEPH_KEYRING\}/$CEPH_KEYRING}
+# start_b: gateway B in the background, its log in target-b.log.
+start_b() {
+    nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD_B" >>"$RUN/target-b.log" 2>&1 </dev/null &
+    B_PID=$!
+}
 # reloads_done: "configuration reloaded" lines in the target's log.
 reloads_done() { grep -c 'configuration reloaded' "$RUN/target.log"; }
 say "target: $TCMD"
@@ -776,6 +856,54 @@ nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >"$RUN/target.log"
 TARGET_PID=$!
 sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
+
+# raw_aoe IFACE reserve MAC | write LBA: one AoE request from IFACE (broadcast, to
+# e$SHELF.$SLOT), retried once a second for 10 s until answered; prints the answer as
+# "MAC ERROR_FLAG AOE_ERROR" (-H: the reservation across the hand-over). reserve sets the
+# reserve list to MAC (RCmd 1); write is one sector of 0xee at LBA (WRITE SECTORS EXT).
+raw_aoe() {
+    nsx python3 -c 'import os, socket, struct, sys, time
+ifn, what, arg, shelf, slot = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88a2))
+s.bind((ifn, 0x88a2)); s.settimeout(1.0)
+src = s.getsockname()[4]
+tag = 0x80000000 | (os.getpid() & 0xffffff)
+if what == "reserve":
+    cmd, body = 3, struct.pack("!BB", 1, 1) + bytes.fromhex(arg.replace(":", ""))
+else:
+    lba = int(arg)
+    cmd, body = 0, struct.pack("<BBBB6sH", 0x41, 0, 1, 0x34, lba.to_bytes(6, "little"), 0) + b"\xee" * 512
+frame = b"\xff" * 6 + src + struct.pack("!HBBHBBI", 0x88a2, 0x10, 0, shelf, slot, cmd, tag) + body
+frame += b"\0" * max(0, 60 - len(frame))
+for _ in range(10):
+    s.send(frame)
+    end = time.time() + 1.0
+    while time.time() < end:
+        try:
+            r = s.recv(9000)
+        except socket.timeout:
+            break
+        if len(r) >= 24 and r[12:14] == b"\x88\xa2" and r[14] & 0x08 and struct.unpack("!I", r[20:24])[0] == tag:
+            print(r[6:12].hex(), int(bool(r[14] & 0x04)), r[15]); sys.exit(0)
+sys.exit(1)' "$@" "$SHELF" "$SLOT"
+}
+GUEST_MAC=52:54:00:ae:0e:01
+if [ -n "$HANDOVER" ] && [ "$HANDOVER" != alone ]; then
+    rsv=$(raw_aoe kihost reserve "$GUEST_MAC") || { diagnose_host; fail "-H: no answer from gateway A to the Reserve"; }
+    [ "$(echo "$rsv" | cut -d' ' -f2)" = 0 ] || fail "-H: gateway A refused the Reserve: $rsv"
+    say "-H: e$SHELF.$SLOT reserved for the guest ($GUEST_MAC) through gateway A ($(echo "$rsv" | cut -d' ' -f1)); image metadata aoe.reserve: $(rbdx image-meta get "$RBD" aoe.reserve 2>&1)"
+fi
+if [ "$HANDOVER" = idle ]; then
+    start_b
+    say "-H idle: gateway B (pid $B_PID) started on kitgt2 while A serves, idle"
+    i=0
+    until grep -q 'e[0-9.]*: exporting' "$RUN/target-b.log"; do
+        kill -0 "$B_PID" 2>/dev/null || { cat "$RUN/target-b.log"; B_PID=""; fail "-H idle: gateway B exited at start"; }
+        i=$((i + 1)); [ $i -gt 240 ] && { diagnose_host; cat "$RUN/target-b.log"; fail "-H idle: gateway B not serving 120 s after its start"; }
+        sleep 0.5
+    done
+    say "-H idle: gateway B serves, $((i / 2)) s after its start; $(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait line(s) in its log"
+fi
 
 # ---------------------------------------------------------------- guest
 # The guest's watchdog: the host's timeout less its margin, in the host's clock.
@@ -792,7 +920,7 @@ nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboo
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
     -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
-    -device virtio-net-pci,netdev=n0,mac=52:54:00:ae:0e:01,romfile= \
+    -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
     </dev/null >"$CONSOLE" 2>&1 &
 QEMU_PID=$!
 QEMU_T0=$(date +%s)
@@ -857,12 +985,27 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-S: target stopped, backing file cut to $(( SIZE_MB - 8 )) MiB, target started again (pid $TARGET_PID)"
         resized=1
     fi
-    if [ "$PAUSE" = 1 ] && [ $paused = 0 ] && grep -q 'KI:PAUSE_ME' "$CONSOLE"; then
+    if [ "$HANDOVER" = alone ] && [ $paused = 0 ] && grep -q 'KI:PAUSE_ME' "$CONSOLE"; then
+        start_b
+        say "-H alone: gateway B (pid $B_PID) started at e$SHELF.$((SLOT + 1)) on kitgt2: it breaks A's lock; nobody serves e$SHELF.$SLOT once A is fenced"
+        paused=1
+    fi
+    if [ "$HANDOVER" = alone ] && [ $conted = 0 ] && grep -q 'KI:CONT_ME' "$CONSOLE"; then
+        grep -q "lost the image's exclusive lock" "$RUN/target.log" ||
+            { diagnose; fail "-H alone: the guest's write failed but gateway A never said it lost the lock"; }
+        stop "-$B_PID"; wait "$B_PID" 2>/dev/null; B_PID=""
+        stop "-$TARGET_PID"; wait "$TARGET_PID" 2>/dev/null
+        nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >>"$RUN/target.log" 2>&1 </dev/null &
+        TARGET_PID=$!
+        say "-H alone: B and the fenced A stopped, A started again (pid $TARGET_PID): it takes the lock back"
+        conted=1
+    fi
+    if [ -z "$HANDOVER" ] && [ "$PAUSE" = 1 ] && [ $paused = 0 ] && grep -q 'KI:PAUSE_ME' "$CONSOLE"; then
         kill -STOP -- "-$TARGET_PID" || fail "-P: SIGSTOP to the target failed"
         say "-P: target stopped (SIGSTOP)"
         paused=1
     fi
-    if [ "$PAUSE" = 1 ] && [ $conted = 0 ] && grep -q 'KI:CONT_ME' "$CONSOLE"; then
+    if [ -z "$HANDOVER" ] && [ "$PAUSE" = 1 ] && [ $conted = 0 ] && grep -q 'KI:CONT_ME' "$CONSOLE"; then
         kill -CONT -- "-$TARGET_PID" || fail "-P: SIGCONT to the target failed"
         say "-P: target continued (SIGCONT)"
         conted=1
@@ -877,7 +1020,20 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         say "-O: OSD started again (pid $(cat "$RUN/ceph/osd.pid"))"
         killed=1
     fi
-    if [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ -n "$HANDOVER" ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        if [ "$HANDOVER" = replace ]; then
+            kill -KILL -- "-$TARGET_PID" 2>/dev/null
+            wait "$TARGET_PID" 2>/dev/null
+            start_b
+            say "-H replace: gateway A SIGKILLed, gateway B (pid $B_PID) started on kitgt2"
+            TARGET_PID=$B_PID B_PID=""
+        else
+            start_b
+            say "-H move: gateway B (pid $B_PID) started on kitgt2 while A serves"
+        fi
+        killed=1
+    fi
+    if [ -z "$HANDOVER" ] && [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -902,6 +1058,19 @@ elif [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
 fi
 
 kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
+RESERVED_WRITE=""
+if [ -n "$HANDOVER" ] && [ "$HANDOVER" != alone ] && grep -q 'KI:GUEST_DONE' "$CONSOLE"; then
+    # Another host's write through the gateway that took over: refused by the reservation
+    # made through A (at LBA 8, inside the md5 checks: it must not land).
+    RESERVED_WRITE=$(raw_aoe kihost write 8) || RESERVED_WRITE="no answer"
+    say "-H: a write from kihost's MAC after the hand-over: answered by $RESERVED_WRITE (MAC, error flag, AoE error)"
+fi
+if [ -n "$B_PID" ]; then
+    kill -0 "$B_PID" 2>/dev/null || { echo "### gateway B's log:"; cat "$RUN/target-b.log"; fail "gateway B died during the run"; }
+    stop "-$B_PID"
+    wait "$B_PID" 2>/dev/null
+    B_PID=""
+fi
 stop "-$TARGET_PID"
 wait "$TARGET_PID" 2>/dev/null
 TARGET_PID=""
@@ -1027,7 +1196,7 @@ fi
 if [ "$RELOAD" != 0 ]; then
     say "$reloads_during reloads of the target's configuration during the guest's writes; every sector of the region holds the last pass"
 fi
-if [ "$PAUSE" = 1 ]; then
+if [ "$PAUSE" = 1 ] && [ -z "$HANDOVER" ]; then
     [ $conted = 1 ] || fail "-P: the guest never asked for the target to continue"
     say "-P: $(g PAUSED_WRITE_FAILED); $(g UP_AGAIN); the pattern written after it is what every check found"
 fi
@@ -1051,7 +1220,29 @@ if [ -n "$BAD" ]; then
     [ -z "$wrong" ] || fail "-B: sectors read wrong in the guest:$wrong"
     say "-B: sectors $BAD_LBA..$((BAD_LBA + BAD_COUNT - 1)) failed in the guest and no other; $(grep -c 'I/O failed' "$RUN/target.log") I/O-failure lines in the target's log"
 fi
-if [ "$OSDKILL" = 1 ]; then
+if [ -n "$HANDOVER" ]; then
+    echo "### gateway B's log (tail):"
+    tail -n 8 "$RUN/target-b.log" 2>/dev/null | sed 's/^/    /'
+    grep -q 'breaking it' "$RUN/target-b.log" || fail "-H $HANDOVER: gateway B did not say it broke A's lock"
+    if [ "$HANDOVER" != replace ]; then
+        grep -q "lost the image's exclusive lock" "$RUN/target.log" ||
+            fail "-H $HANDOVER: gateway A did not say it lost the lock"
+    fi
+    if [ "$HANDOVER" != alone ]; then
+        b_mac=$(ip -n "$NS" link show kitgt2 2>/dev/null | awk '/link\/ether/ {print $2}')
+        [ "$RESERVED_WRITE" = "$(echo "${b_mac:-?}" | tr -d :) 1 6" ] ||
+            fail "-H $HANDOVER: another host's write after the hand-over was answered '$RESERVED_WRITE', want gateway B (${b_mac:-?}) with AoE error 6 (target reserved)"
+        say "-H $HANDOVER: the reservation made through A held on B: another host's write got error 6 from B, the guest (the holder) wrote through B"
+    fi
+    if [ "$HANDOVER" = alone ]; then
+        say "-H alone: A fenced with nobody serving e$SHELF.$SLOT: $(g PAUSED_WRITE_FAILED); $(g UP_AGAIN) after A restarted; the pattern written then is what every check found"
+    elif [ "$HANDOVER" = idle ]; then
+        say "-H idle: B took over from the idle A before the guest started ($(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait lines in B's log); the guest found the device through B and every check held"
+    else
+        [ $killed = 1 ] || fail "-H $HANDOVER: the guest never asked for the hand-over"
+        say "-H $HANDOVER: gateway B took over during the pattern write, no write failed ($(g STREAM_WRITTEN) writes); driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting for it to stop' "$RUN/target-b.log") probe-wait lines in B's log"
+    fi
+elif [ "$OSDKILL" = 1 ]; then
     [ $killed = 1 ] || fail "-O: the guest never asked for the kill"
     say "OSD killed and restarted during the pattern write; $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting on the backend' "$RUN/target.log") backend-wait lines in the target's log"
 elif [ "$KILL" != 0 ]; then

@@ -171,6 +171,75 @@ fn kernel_initiator_aoe_serve_rbd_mtu_1500() {
     run_kernel_initiator_with(&template, 1500, &["-r", "rbd/ki"]);
 }
 
+/// `aoe serve` on an RBD image with the Ceph options of the script's `-r` mode.
+#[cfg(feature = "rbd")]
+fn aoe_serve_rbd_template() -> String {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    format!(
+        "'{aoe}' serve --ceph-conf {{CEPH_CONF}} --client-id admin \
+         --keyring {{CEPH_KEYRING}} {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}"
+    )
+}
+
+/// Session 27, gateways of one RBD image handing over under the Linux driver (the script's
+/// `-H`, see its header). `replace`: gateway A is SIGKILLed while the guest streams 64 KiB
+/// O_DIRECT writes and gateway B (same image and shelf.slot, its own MAC on the bridge) is
+/// started at once; B breaks the dead A's lock and announces itself, the driver adds it as
+/// a second target of e1.1 and moves the frames A leaves unanswered to it: no write fails,
+/// and `rbd export` holds every one.
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_rbd_gateway_replaced_mid_stream_mtu_1500() {
+    run_kernel_initiator_with(
+        &aoe_serve_rbd_template(),
+        1500,
+        &["-r", "rbd/ki", "-H", "replace"],
+    );
+}
+
+/// `-H move`: B is started while A serves the guest's stream. B breaks A's lock (A is
+/// blocklisted), A fences itself and stops answering for the export, B's duplicate probe
+/// waits until A is silent and announces; the driver moves to B with no error to the
+/// guest's writer (before session 27 A answered with ATA errors: the guest's dd failed with
+/// EIO while B served), and `rbd export` holds every write.
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_rbd_gateway_moved_while_serving_mtu_1500() {
+    run_kernel_initiator_with(
+        &aoe_serve_rbd_template(),
+        1500,
+        &["-r", "rbd/ki", "-H", "move"],
+    );
+}
+
+/// `-H idle`: B is started beside an idle A before the guest boots (A has no write to be
+/// refused and notices through its watch); the guest finds the device through B alone, its
+/// writes and every check hold, and the reservation made through A holds on B.
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_rbd_gateway_moved_while_idle_mtu_1500() {
+    run_kernel_initiator_with(
+        &aoe_serve_rbd_template(),
+        1500,
+        &["-r", "rbd/ki", "-H", "idle"],
+    );
+}
+
+/// `-H alone`: B breaks A's lock but serves another address, so nobody serves the guest's
+/// once A is fenced: a write fails (EIO once `aoe_deadsecs`, 10 s here, ran out: an error,
+/// not a hang); A restarted takes the lock back, the guest rediscovers the device and its
+/// pattern write and every check holds.
+#[cfg(feature = "rbd")]
+#[test]
+fn kernel_initiator_rbd_fenced_gateway_alone_fails_the_write_mtu_1500() {
+    run_kernel_initiator_with(
+        &aoe_serve_rbd_template(),
+        1500,
+        &["-r", "rbd/ki", "-H", "alone"],
+    );
+}
+
 /// Seventh audit (docs/TEST-AUDIT.md), the bad range the fifth and sixth audits left: the
 /// Linux driver against `aoe serve -d` on a file whose sectors 4099-4103 cannot be read. The
 /// script's `-B` mode serves the file through nbdfuse and nbdkit's eval plugin (reads

@@ -14,10 +14,12 @@
 //! librbd re-registers it), and every [`LOCK_RECHECK`] while the export writes (a lock
 //! taken without blocklisting sends no header update), and an owner that is not this
 //! client, or `EBLOCKLISTED`, fences it; a write that fails with
-//! `EBLOCKLISTED` or `EROFS` first does the same. A fenced gateway logs once that it lost the
-//! lock, answers every later write with an ATA error and reports itself failed
-//! ([`RbdBackend::lock_lost`], `AsyncBackend::failed`). So the newest gateway wins and the old
-//! one never writes behind its back. The same monitor re-reads the image's size
+//! `EBLOCKLISTED` or `EROFS` first does the same (a read failing with `EBLOCKLISTED` too). A
+//! fenced gateway logs once that it lost the lock, refuses every later write and reports
+//! itself failed ([`RbdBackend::lock_lost`], `AsyncBackend::failed`); the daemon then stops
+//! answering for the export (`aoe-target`'s dispatch), so initiators re-send to the gateway
+//! that took over instead of failing the application's I/O. So the newest gateway wins and
+//! the old one never writes behind its back. The same monitor re-reads the image's size
 //! ([`RbdBackend::size_seen`]), which the daemon announces; AoE reservations are kept in the
 //! image's metadata ([`RESERVE_KEY`]) so that they survive a failover: the monitor thread
 //! stores them ([`RbdBackend::store_reservation`], off the daemon's event loop) and re-reads
@@ -174,6 +176,9 @@ struct Shared {
     fence: Arc<Fence>,
     /// True if we took the exclusive lock at open: the monitor then checks we still hold it.
     locked: bool,
+    /// True if another client held the lock when we opened the image and we broke it
+    /// ([`RbdBackend::took_over`]).
+    took_over: AtomicBool,
     /// Set by every write, write-zeroes and flush sent to librbd, cleared by the monitor's
     /// next lock check ([`LOCK_RECHECK`]).
     wrote: AtomicBool,
@@ -234,10 +239,20 @@ impl Fence {
                 image = %self.name,
                 error = %cause,
                 "lost the image's exclusive lock (another gateway took it over); \
-                 refusing every write from now on"
+                 no longer answering for the export, so initiators move to that gateway"
             );
         }
         io::Error::from_raw_os_error(libc::EROFS)
+    }
+
+    /// A read's librbd error: `EBLOCKLISTED` for a gateway that held the lock means another
+    /// one broke it (the cluster blocklisted us first), so it fences too, and the read is
+    /// not answered (the initiator re-sends it to the gateway that took over).
+    fn read_error(&self, e: io::Error, locked: bool) -> io::Error {
+        match e.raw_os_error() {
+            Some(EBLOCKLISTED) if locked => self.fence(&e),
+            _ => e,
+        }
     }
 
     /// A write's, write-zeroes' or flush's librbd error, with a lost lock turned into the
@@ -387,6 +402,7 @@ impl RbdBackend {
                 fenced: AtomicBool::new(false),
             }),
             locked,
+            took_over: AtomicBool::new(false),
             wrote: AtomicBool::new(false),
             addrs,
             wake: Arc::new(Wake::default()),
@@ -397,7 +413,8 @@ impl RbdBackend {
             reserve_changed: AtomicBool::new(false),
         });
         if locked {
-            shared.take_lock().map_err(|e| classify(e, "lock"))?;
+            let broke = shared.take_lock().map_err(|e| classify(e, "lock"))?;
+            shared.took_over.store(broke, Ordering::SeqCst);
         }
         // librbd calls back on every header change (resize, metadata, lock traffic, and after
         // it re-registered its watch, as it does once this client is blocklisted): the monitor
@@ -442,6 +459,14 @@ impl RbdBackend {
     /// [`LOCK_RECHECK`] while the export writes, or by the first write refused.
     pub fn lock_lost(&self) -> bool {
         self.shared.fence.is_fenced()
+    }
+
+    /// True if another client held the image's exclusive lock when this gateway opened it,
+    /// and this gateway broke it (the holder, blocklisted, fences itself within seconds and
+    /// then stops answering for the export: see the crate documentation). The daemon's
+    /// duplicate-address probe waits for that gateway to fall silent instead of refusing.
+    pub fn took_over(&self) -> bool {
+        self.shared.took_over.load(Ordering::SeqCst)
     }
 
     /// The reservation kept in the image ([`RESERVE_KEY`]): empty if not reserved. Asks the
@@ -698,9 +723,13 @@ impl Shared {
     }
 
     /// Takes the exclusive lock; if another client holds it, breaks that client's lock
-    /// (the cluster blocklists it first) and takes it then. librbd itself breaks the lock of
-    /// a holder that is gone (no longer watching the image); a live holder's is broken here.
-    fn take_lock(&self) -> io::Result<()> {
+    /// (the cluster blocklists it first) and takes it then. A holder found at open is
+    /// broken before asking for the lock: `rbd_lock_acquire` first asks the holder to
+    /// release it (a dead gateway's watch stays registered until the OSD's watch timeout,
+    /// so that request waited about 30 s for nobody: `kernel-initiator.sh -H replace`, B
+    /// logged `breaking it` 28 s before it served; a live `aoe serve` never hands it over).
+    /// True if another client held it (we took the image over from another gateway).
+    fn take_lock(&self) -> io::Result<bool> {
         let holders = self.image.lock_owners()?;
         for owner in &holders {
             tracing::warn!(
@@ -709,22 +738,30 @@ impl Shared {
                 "the image's exclusive lock is held by another client; breaking it \
                  (the holder is blocklisted and can no longer write)"
             );
+            self.break_lock(owner)?;
         }
         let first = match self.image.lock_acquire() {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(!holders.is_empty()),
             Err(e) => e,
         };
+        // Someone took it in between: broken too.
         let owners = self.image.lock_owners()?;
         if owners.is_empty() {
             return Err(first);
         }
         for owner in &owners {
-            if !holders.contains(owner) {
-                tracing::warn!(image = %self.name, %owner, "breaking the exclusive lock of a new holder");
-            }
-            self.image.lock_break(owner)?;
+            tracing::warn!(image = %self.name, %owner, "breaking the exclusive lock of a new holder");
+            self.break_lock(owner)?;
         }
-        self.image.lock_acquire()
+        self.image.lock_acquire().map(|()| true)
+    }
+
+    /// Breaks `owner`'s lock; one already gone (released, or broken by another) is fine.
+    fn break_lock(&self, owner: &str) -> io::Result<()> {
+        match self.image.lock_break(owner) {
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => Ok(()),
+            r => r,
+        }
     }
 
     /// The size now (librbd refreshes it after a resize), or as last read if the cluster
@@ -830,13 +867,18 @@ impl AsyncBackend for RbdBackend {
         // The callback holds the queue and the fence, never the image (see [`Fence`]).
         let completions = sh.completions.clone();
         let fence = sh.fence.clone();
+        let locked = sh.locked;
         sh.image.aio_submit(
             aio,
             buf,
             Box::new(move |buf, r| {
                 let result = if r < 0 {
                     let e = io::Error::from_raw_os_error((-r) as i32);
-                    Err(if writes { fence.write_error(e) } else { e })
+                    Err(if writes {
+                        fence.write_error(e)
+                    } else {
+                        fence.read_error(e, locked)
+                    })
                 } else {
                     match read_len {
                         Some(n) if r as usize != n => Err(io::Error::new(
@@ -907,6 +949,8 @@ impl AsyncBackend for RbdBackend {
                 })
                 .collect();
             let completions = sh.completions.clone();
+            let fence = sh.fence.clone();
+            let locked = sh.locked;
             let want = run.len;
             sh.image.aio_readv(
                 run.offset,
@@ -914,7 +958,7 @@ impl AsyncBackend for RbdBackend {
                 Box::new(move |bufs, r| {
                     let result = || {
                         if r < 0 {
-                            Err(io::Error::from_raw_os_error((-r) as i32))
+                            Err(fence.read_error(io::Error::from_raw_os_error((-r) as i32), locked))
                         } else if r as u64 != want {
                             Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,

@@ -33,7 +33,21 @@ pub(crate) trait SharedStore: Send + Sync {
     /// The reserve list as the store holds it, if it changed since the last call (another
     /// gateway changed it): no call to the cluster, cheap enough to ask for every frame.
     fn reservation_update(&self) -> Option<Vec<aoe_wire::MacAddr>>;
+    /// True once another gateway took the store over (an RBD image: it broke our exclusive
+    /// lock). The daemon then stops answering for the export ([`crate::daemon`]'s
+    /// dispatch), so initiators re-send to the gateway that took over. No cluster call.
+    fn handed_over(&self) -> bool;
+    /// True if this gateway took the store over from another one when it opened it (an RBD
+    /// image: it broke another client's lock). That gateway falls silent within seconds,
+    /// so the duplicate-address probe waits for it ([`TAKEOVER_WAIT`]) instead of refusing.
+    fn took_over(&self) -> bool;
 }
+
+/// How long a gateway that took its store over from another one keeps probing for that
+/// gateway's answers before it gives up as on any duplicate address: the other gateway
+/// notices that its lock was broken at its next watch ping (librbd's, every few seconds)
+/// or at its first write, and stops answering then.
+pub(crate) const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Told the outcome of [`SharedStore::store_reservation`].
 pub(crate) type ReserveDone = Box<dyn FnOnce(io::Result<()>) + Send>;
@@ -112,6 +126,14 @@ impl SharedStore for aoe_rbd::RbdBackend {
     fn store_reservation(&self, macs: &[aoe_wire::MacAddr], done: ReserveDone) {
         let raw: Vec<[u8; 6]> = macs.iter().map(|m| m.0).collect();
         aoe_rbd::RbdBackend::store_reservation(self, &raw, done)
+    }
+
+    fn handed_over(&self) -> bool {
+        self.lock_lost()
+    }
+
+    fn took_over(&self) -> bool {
+        aoe_rbd::RbdBackend::took_over(self)
     }
 
     /// A list of group MACs only (set with `rbd image-meta set` or by an earlier version)

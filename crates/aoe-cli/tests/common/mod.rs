@@ -1321,6 +1321,12 @@ pub struct RbdRig {
 
 impl RbdRig {
     pub fn start(image: &str, prepare: impl FnOnce(&Ceph)) -> RbdRig {
+        RbdRig::start_with(image, InitOpts::default(), prepare)
+    }
+
+    /// [`RbdRig::start`] with the initiator started with `opts` (e.g. a short `--deadsecs`
+    /// for a test whose gateway falls silent with no other to take over).
+    pub fn start_with(image: &str, opts: InitOpts, prepare: impl FnOnce(&Ceph)) -> RbdRig {
         require_tools();
         let target_ns = Netns::new("aoeit").expect("target namespace");
         let init_ns = Netns::new("aoeii").expect("initiator namespace");
@@ -1337,7 +1343,7 @@ impl RbdRig {
             target_if,
         );
         rig.start_target();
-        rig.launch_initiator(&InitOpts::default().args());
+        rig.launch_initiator(&opts.args());
         let up = wait_until(Duration::from_secs(20), || {
             rig.state().as_deref() == Some("up")
         });

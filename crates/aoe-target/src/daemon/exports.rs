@@ -60,6 +60,15 @@ pub(super) struct ExportRt {
     pub(super) gathered: Vec<Request>,
 }
 
+impl ExportRt {
+    /// True once another gateway took this export's shared store over (an `rbd:` image
+    /// whose lock it broke): the export is not answered any more, so that initiators
+    /// re-send to that gateway (see [`super::shared`]).
+    pub(super) fn handed_over(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.handed_over())
+    }
+}
+
 /// The device and inode `spec.path` names now; `None` for an `rbd:` image or a path that
 /// does not resolve. A reload compares it with the open export's: a file replaced under
 /// the same path (a restored image, `mv new.img disk.img`) is a changed export, reopened,
@@ -244,7 +253,36 @@ impl Daemon {
         // Ask the segments before announcing anything new: a second target with one of our
         // addresses makes initiators mix two disks.
         let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
-        let dups = self.probe(&new_specs, &config)?;
+        let mut dups = self.probe(&new_specs, &config)?;
+        // A gateway that took its store over from another one (broke its lock) hears that
+        // one still answering until it noticed (seconds) and fell silent: it probes again,
+        // for up to TAKEOVER_WAIT, before treating it as a duplicate.
+        let took_over: Vec<aoe_wire::TargetAddr> = new_rts
+            .iter()
+            .filter(|rt| rt.shared.as_ref().is_some_and(|s| s.took_over()))
+            .map(|rt| rt.spec.addr())
+            .collect();
+        let previous_gateway =
+            |dups: &[Duplicate]| dups.iter().all(|d| !d.ours && took_over.contains(&d.addr));
+        if !dups.is_empty() && previous_gateway(&dups) {
+            let wait = crate::backing::TAKEOVER_WAIT;
+            tracing::info!(
+                wait_s = wait.as_secs(),
+                "{}: another target still answers (the gateway whose lock was broken, until it \
+                 notices); waiting for it to stop",
+                dups.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            let until = Instant::now() + wait;
+            while !dups.is_empty() && previous_gateway(&dups) && Instant::now() < until {
+                dups = self.probe(&new_specs, &config)?;
+            }
+            if dups.is_empty() {
+                tracing::info!("the other target stopped answering; serving");
+            }
+        }
         if !dups.is_empty() {
             let what = dups
                 .iter()

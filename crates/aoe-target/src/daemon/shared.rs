@@ -72,7 +72,7 @@ impl Daemon {
     pub(super) fn poll_shared_stores(&mut self) {
         let mut announce = Vec::new();
         for (id, rt) in self.exports.iter_mut() {
-            if rt.shared.is_none() || rt.retiring {
+            if rt.shared.is_none() || rt.retiring || rt.handed_over() {
                 continue;
             }
             // Also taken before each frame; here for an export no frame reached, so that
@@ -194,6 +194,12 @@ impl Daemon {
             return;
         };
         let list = mask_list(&p.list);
+        // Refused because another gateway took the store over: not answered, as nothing
+        // else of this export is; the initiator re-sends it to that gateway.
+        if result.is_err() && rt.handed_over() {
+            self.spare.push(buf);
+            return;
+        }
         match result {
             Ok(()) => {
                 let _ = rt.engine.set_reserve(p.list);
