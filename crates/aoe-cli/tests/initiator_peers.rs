@@ -636,6 +636,53 @@ fn vblade_disk(
         .expect("start vblade")
 }
 
+/// `aoe serve` (a 'c' disk) on a bridge in the target namespace, with the initiator's veth
+/// and a port to a namespace of its own for a second box at the device's address (vblade),
+/// all at MTU 1500; the initiator started with `init_args` and the device up. Namespaces
+/// are named `{prefix}t`, `{prefix}i` and `{prefix}v`.
+struct SecondBox {
+    rig: Rig,
+    vb_ns: aoe_testkit::Netns,
+    vb_veth: aoe_testkit::VethPair,
+    /// The second box's end of its veth, and its MAC.
+    vb_if: String,
+    vb_mac: String,
+    br: aoe_testkit::Bridge,
+}
+
+fn second_box(prefix: &str, init_args: &[String]) -> SecondBox {
+    let backing = backing_and_root('c', None);
+    let target_ns = aoe_testkit::Netns::new(&format!("{prefix}t")).expect("target namespace");
+    let init_ns = aoe_testkit::Netns::new(&format!("{prefix}i")).expect("initiator namespace");
+    let vb_ns = aoe_testkit::Netns::new(&format!("{prefix}v")).expect("vblade namespace");
+    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
+    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 1500).expect("vblade veth");
+    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
+    br.add_port(veth.a_name()).expect("bridge port");
+    br.add_port(vb_veth.b_name()).expect("bridge port");
+    let target_if = br.name().to_owned();
+    let vb_if = vb_veth.a_name().to_owned();
+    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
+    let mut rig = Rig::assemble(
+        Target::AoeServe,
+        Vec::new(),
+        backing,
+        (veth, target_ns, init_ns),
+        target_if,
+    );
+    rig.start_target();
+    rig.launch_initiator(init_args);
+    rig.wait_state("up", Duration::from_secs(10), "at start");
+    SecondBox {
+        rig,
+        vb_ns,
+        vb_veth,
+        vb_if,
+        vb_mac,
+        br,
+    }
+}
+
 /// Eighth audit (session 25), the seventh audit's item 4: vblade started by mistake at
 /// e7.3 on the same segment as `aoe serve`, with its own MAC and a file of another size,
 /// while the device is up and open. The initiator (as the Linux driver, `aoecmd_cfg_rsp`)
@@ -653,28 +700,14 @@ fn a_second_target_of_another_size_at_our_address_is_not_a_path() {
         Command::new("vblade").arg("-h").output().is_ok(),
         "vblade is not installed (Debian package vblade)"
     );
-    let backing = backing_and_root('c', None);
-    let target_ns = aoe_testkit::Netns::new("aud25t").expect("target namespace");
-    let init_ns = aoe_testkit::Netns::new("aud25i").expect("initiator namespace");
-    let vb_ns = aoe_testkit::Netns::new("aud25v").expect("vblade namespace");
-    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
-    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 1500).expect("vblade veth");
-    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
-    br.add_port(veth.a_name()).expect("bridge port");
-    br.add_port(vb_veth.b_name()).expect("bridge port");
-    let target_if = br.name().to_owned();
-    let vb_if = vb_veth.a_name().to_owned();
-    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
-    let mut rig = Rig::assemble(
-        Target::AoeServe,
-        Vec::new(),
-        backing,
-        (veth, target_ns, init_ns),
-        target_if,
-    );
-    rig.start_target();
-    rig.launch_initiator(&[]);
-    rig.wait_state("up", Duration::from_secs(10), "at start");
+    let SecondBox {
+        rig,
+        vb_ns,
+        vb_veth,
+        vb_if,
+        vb_mac,
+        br,
+    } = second_box("aud25", &[]);
     let dev = rig.dev();
     let held = File::open(&dev).expect("open the device");
 
@@ -752,28 +785,15 @@ fn a_down_device_comes_back_through_its_path_not_a_mac_refused_before() {
         Command::new("vblade").arg("-h").output().is_ok(),
         "vblade is not installed (Debian package vblade)"
     );
-    let backing = backing_and_root('c', None);
-    let target_ns = aoe_testkit::Netns::new("aud27-t").expect("target namespace");
-    let init_ns = aoe_testkit::Netns::new("aud27-i").expect("initiator namespace");
-    let vb_ns = aoe_testkit::Netns::new("aud27-v").expect("vblade namespace");
-    let veth = aoe_testkit::VethPair::new(&target_ns, &init_ns, 1500).expect("veth pair");
-    let vb_veth = aoe_testkit::VethPair::new(&vb_ns, &target_ns, 1500).expect("vblade veth");
-    let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
-    br.add_port(veth.a_name()).expect("bridge port");
-    br.add_port(vb_veth.b_name()).expect("bridge port");
-    let target_if = br.name().to_owned();
-    let vb_if = vb_veth.a_name().to_owned();
-    let vb_mac = aoe_wire::MacAddr(vb_veth.a_mac()).to_string();
-    let mut rig = Rig::assemble(
-        Target::AoeServe,
-        Vec::new(),
-        backing,
-        (veth, target_ns, init_ns),
-        target_if,
-    );
-    rig.start_target();
-    rig.launch_initiator(&["--deadsecs".to_string(), "3".to_string()]);
-    rig.wait_state("up", Duration::from_secs(10), "at start");
+    let SecondBox {
+        rig,
+        vb_ns,
+        vb_if,
+        vb_mac,
+        br,
+        // Bound, so that the veth lives as long as the test.
+        vb_veth: _vb_veth,
+    } = second_box("aud27-", &["--deadsecs".to_string(), "3".to_string()]);
     let dev = rig.dev();
     let other = SECTORS + 2048;
     let mut vb = vblade_disk(&rig, &vb_ns, &vb_if, "vblade-other.img", other);
