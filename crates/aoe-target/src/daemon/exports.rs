@@ -357,6 +357,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// The newest retiring instance of the export at `addr` (the one a reopened export
+    /// replaces), if any: its state and duplicate-write table pass to the new one.
+    fn newest_retiring(&mut self, addr: aoe_wire::TargetAddr) -> Option<&mut ExportRt> {
+        self.exports
+            .iter_mut()
+            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, old)| old)
+    }
+
     /// A reopened export (the same shelf.slot: the state belongs to the address, as its
     /// state file does) takes the config string, Mac Mask List and reserve list of the
     /// newest retiring instance of that address, as they are in memory: what initiators
@@ -369,13 +379,7 @@ impl Daemon {
     /// a start), and the reservation of a shared store (the image holds it).
     fn inherit_state(&mut self, rt: &mut ExportRt) {
         let addr = rt.spec.addr();
-        let Some(old) = self
-            .exports
-            .iter()
-            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
-            .max_by_key(|(id, _)| **id)
-            .map(|(_, old)| old)
-        else {
+        let Some(old) = self.newest_retiring(addr) else {
             return;
         };
         let new = rt.engine.state();
@@ -406,13 +410,7 @@ impl Daemon {
     /// from 30 to 145 MB.
     fn inherit_dedup(&mut self, rt: &mut ExportRt) {
         let addr = rt.spec.addr();
-        let Some(old) = self
-            .exports
-            .iter_mut()
-            .filter(|(_, old)| old.retiring && old.spec.addr() == addr)
-            .max_by_key(|(id, _)| **id)
-            .map(|(_, old)| old)
-        else {
+        let Some(old) = self.newest_retiring(addr) else {
             return;
         };
         if !same_store(old, rt) {
