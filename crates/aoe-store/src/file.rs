@@ -9,6 +9,9 @@
 //!   only part of an aligned block it is read-modify-written, and every direct write holds its
 //!   aligned block range in a [`RangeLock`] meanwhile, so concurrent workers writing
 //!   neighbouring frames never write back each other's stale bytes.
+//!   A file whose size is not a multiple of the alignment ends in a partial aligned block,
+//!   which O_DIRECT can neither read whole nor write without growing the file: the
+//!   sectors in it go through a second, buffered `O_DSYNC` descriptor of the same file.
 //! * A failed fdatasync is latched: see [`FileBackend::failed`].
 
 use std::fs::File;
@@ -90,6 +93,14 @@ pub struct FileBackend {
     writing: RangeLock,
     /// The latched write-back failure, if any: see [`FileBackend::failed`].
     failure: Mutex<Option<String>>,
+    /// Size of a regular file at open, in bytes (0 for a block device, whose size is a
+    /// multiple of its logical block size): where it is not a multiple of `align`, the
+    /// sectors of its partial last block go through `tail_file`.
+    file_size: u64,
+    /// The same file opened again without O_DIRECT (and with O_DSYNC, so that a write
+    /// acknowledged there is on the device as a direct one is), for the partial last
+    /// aligned block of a direct export's file; `None` when there is none.
+    tail_file: Option<File>,
 }
 
 impl FileBackend {
@@ -199,6 +210,27 @@ impl FileBackend {
                 format!("export of {} would be empty", path.display()),
             ));
         }
+        // O_DIRECT cannot serve the partial aligned block at the end of a file whose size is
+        // not a multiple of the alignment: a read of the whole block ends short at the end
+        // of the file, a write of it grows the file. Where that can happen (the alignment
+        // may be raised later, up to MAX_DIRECT_ALIGN), a buffered descriptor of the same
+        // inode, opened through /proc so that a rename since the open does not matter,
+        // serves those sectors.
+        let tail_file = if opts.direct && ft.is_file() && size % MAX_DIRECT_ALIGN as u64 != 0 {
+            let mut t = std::fs::OpenOptions::new();
+            t.read(true)
+                .write(!opts.read_only)
+                .custom_flags(libc::O_DSYNC | if opts.sync { libc_o_sync() } else { 0 });
+            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+            Some(t.open(&proc).map_err(|e| {
+                named(
+                    e,
+                    "cannot open (without O_DIRECT, for its partial last block, through /proc)",
+                )
+            })?)
+        } else {
+            None
+        };
         let (align, mem_align) = if opts.direct {
             match aoe_sys::dio_alignment(&file) {
                 Some(a) => (
@@ -227,6 +259,8 @@ impl FileBackend {
             local_disk: ft.is_block_device() || aoe_sys::is_local_disk_fs(&file),
             inline_paused_until: AtomicU64::new(0),
             opened: Instant::now(),
+            file_size: if ft.is_file() { size } else { 0 },
+            tail_file,
             file,
         })
     }
@@ -351,6 +385,14 @@ impl FileBackend {
     /// O_DIRECT needs aligned memory, offset and length: go through an aligned bounce buffer
     /// covering the aligned superset of the range.
     fn direct_read(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        if let Some((tail, at)) = self.tail_part(pos, buf.len()) {
+            let (head, rest) = buf.split_at_mut(at);
+            tail.read_exact_at(rest, pos + at as u64)?;
+            if head.is_empty() {
+                return Ok(());
+            }
+            return self.direct_read(head, pos);
+        }
         let a = self.align as u64;
         let start = pos / a * a;
         let end = (pos + buf.len() as u64).div_ceil(a) * a;
@@ -372,6 +414,19 @@ impl FileBackend {
         let skip = (pos - start) as usize;
         buf.copy_from_slice(&bounce.as_mut()[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    /// Where `len` bytes at `pos` reach into the partial aligned block at the end of the
+    /// file (its size not a multiple of the alignment): the buffered descriptor that serves
+    /// that block and how many of the bytes come before it (those go the direct way).
+    fn tail_part(&self, pos: u64, len: usize) -> Option<(&File, usize)> {
+        let tail = self.tail_file.as_ref()?;
+        let a = self.align as u64;
+        if self.file_size % a == 0 {
+            return None;
+        }
+        let start = self.file_size / a * a;
+        (pos + len as u64 > start).then(|| (tail, start.saturating_sub(pos) as usize))
     }
 
     /// A direct read of the aligned blocks around `len` bytes at `pos` failed with `e`.
@@ -437,6 +492,15 @@ impl FileBackend {
     /// either way it is no write-back failure (nothing was written, nothing acknowledged is
     /// lost), so it is never latched.
     fn direct_write(&self, buf: &[u8], pos: u64) -> Result<(), DirectWriteError> {
+        if let Some((tail, at)) = self.tail_part(pos, buf.len()) {
+            let (head, rest) = buf.split_at(at);
+            if !head.is_empty() {
+                self.direct_write(head, pos)?;
+            }
+            return tail
+                .write_all_at(rest, pos + at as u64)
+                .map_err(DirectWriteError::Write);
+        }
         let a = self.align as u64;
         let start = pos / a * a;
         let end = (pos + buf.len() as u64).div_ceil(a) * a;
@@ -987,6 +1051,48 @@ mod tests {
                 wrong, 0,
                 "round {round}: {wrong} of {SECTORS} sectors wrong"
             );
+        }
+    }
+
+    /// A file whose size is not a multiple of the O_DIRECT alignment (a 4 KiB-sector disk,
+    /// or the 4096 assumed on FUSE and NFS) ends in a partial aligned block: the sectors
+    /// in it must read and write like the others, under `-d` as without, and a write there
+    /// must not grow the file. Both with a whole last sector and with a partial one cut by
+    /// an explicit length (`-l`).
+    #[test]
+    fn direct_io_at_the_end_of_a_file_not_a_multiple_of_the_alignment() {
+        let dir = scratch_dir();
+        for (size, length) in [(9 * 512u64, None), (13 * 512 + 100, Some(13u64))] {
+            let p = dir.path().join(format!("tail-{size}.img"));
+            std::fs::write(&p, vec![0x11u8; size as usize]).unwrap();
+            let mut b = FileBackend::open(
+                &p,
+                &OpenOptions {
+                    direct: true,
+                    length_sectors: length,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.raise_direct_alignment(4096).unwrap();
+            let sectors = b.len() / 512;
+            let last = (sectors - 1) * 512;
+            let data: Vec<u8> = (0..512).map(|i| (i % 251) as u8).collect();
+            b.write_at(&data, last)
+                .unwrap_or_else(|e| panic!("{size}-byte file: write of its last sector: {e}"));
+            let mut back = vec![0u8; 512];
+            b.read_at(&mut back, last)
+                .unwrap_or_else(|e| panic!("{size}-byte file: read of its last sector: {e}"));
+            assert_eq!(back, data, "{size}-byte file: last sector read back");
+            let mut two = vec![0u8; 1024];
+            b.read_at(&mut two, last - 512).unwrap();
+            assert_eq!(&two[512..], &data[..]);
+            assert!(two[..512].iter().all(|x| *x == 0x11));
+            let all = std::fs::read(&p).unwrap();
+            assert_eq!(all.len() as u64, size, "the file's size changed");
+            assert_eq!(&all[last as usize..][..512], &data[..]);
+            assert!(all[..last as usize].iter().all(|x| *x == 0x11));
+            assert!(all[last as usize + 512..].iter().all(|x| *x == 0x11));
         }
     }
 

@@ -241,6 +241,37 @@ fn concurrent_frames_on_ext4_on_a_4096_byte_sector_device() {
     concurrent_frames_on_ext4(4096);
 }
 
+/// Eleventh audit (docs/TEST-AUDIT.md): a file whose size is not a multiple of the O_DIRECT
+/// alignment (1001 sectors on ext4 on a 4Kn device, where `STATX_DIOALIGN` says 4096) ends
+/// in a partial 4 KiB block that O_DIRECT can neither read whole nor write without growing
+/// the file. Its sectors are written by the concurrent frames like every other, each sector
+/// checked, the file's size unchanged; then the last sector alone, read back through the
+/// backend. On the code before, `aoe serve -d` answered every request touching sector 1000
+/// with an ATA error ("short read: failed to fill whole buffer").
+#[test]
+fn direct_frames_reach_the_end_of_a_file_not_a_multiple_of_4096_on_a_4096_byte_sector_device() {
+    let fsys = Ext4Loop::new(4096, 16);
+    let file = fsys.mnt().join("odd.img");
+    let sectors = 1001;
+    fs::write(&file, vec![0u8; (sectors * SECTOR) as usize]).unwrap();
+    let direct = OpenOptions {
+        direct: true,
+        ..Default::default()
+    };
+    for max in [2, 17] {
+        assert_eq!(hammer(&file, &direct, sectors, max), 4096);
+        assert_eq!(fs::metadata(&file).unwrap().len(), sectors * SECTOR);
+    }
+    let b = FileBackend::open(&file, &direct).unwrap();
+    let last = stamp(sectors - 1, 9);
+    b.write_at(&last, (sectors - 1) * SECTOR).unwrap();
+    let mut back = [0u8; 1024];
+    b.read_at(&mut back, (sectors - 2) * SECTOR).unwrap();
+    assert_eq!(back[..512], stamp(sectors - 2, 3));
+    assert_eq!(back[512..], last);
+    assert_eq!(fs::metadata(&file).unwrap().len(), sectors * SECTOR);
+}
+
 /// Issue 9, item 2: a real failed fdatasync (FUSE fsync fails with EIO) is latched: later
 /// FLUSHes and writes fail although the store works again; reads go on.
 #[test]
