@@ -11,7 +11,10 @@
 //!   neighbouring frames never write back each other's stale bytes. The lock is one per
 //!   file (device and inode, or block device) in the process, shared by every export of it:
 //!   two exports whose `-o`/`-l` windows meet inside an aligned block, or a reloaded export
-//!   beside its retiring instance, read-modify-write the same blocks.
+//!   beside its retiring instance, read-modify-write the same blocks. While a direct
+//!   backend of a file is open, the buffered writes of its other backends take the lock
+//!   too: a buffered write landing in the page cache between a direct read-modify-write's
+//!   read and its write would be flushed first and then overwritten by the stale block.
 //!   A file whose size is not a multiple of the alignment ends in a partial aligned block,
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
 //!   sectors in it go through a second, buffered `O_DSYNC` descriptor of the same file.
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use aoe_sys::NoWait;
 
-use crate::range_lock::RangeLock;
+use crate::range_lock::{RangeGuard, RangeLock};
 use crate::{check_range, Backend, ReadSource};
 
 const SECTOR: u64 = 512;
@@ -93,8 +96,8 @@ pub struct FileBackend {
     /// O_DIRECT alignment of memory addresses, in bytes (a power of two).
     mem_align: usize,
     /// Aligned byte ranges of the file that direct writes are writing: the lock of every
-    /// backend of this file in the process ([`shared_range_lock`]).
-    writing: Arc<RangeLock>,
+    /// backend of this file in the process ([`shared_file_lock`]).
+    writing: Arc<FileLock>,
     /// The latched write-back failure, if any: see [`FileBackend::failed`].
     failure: Mutex<Option<String>>,
     /// Size of a regular file at open, in bytes (0 for a block device, whose size is a
@@ -249,7 +252,7 @@ impl FileBackend {
         Ok(FileBackend {
             align,
             mem_align,
-            writing: shared_range_lock(&meta),
+            writing: shared_file_lock(&meta, opts.direct),
             failure: Mutex::new(None),
             path: path.to_path_buf(),
             base: opts.offset_sectors * SECTOR,
@@ -420,6 +423,22 @@ impl FileBackend {
         Ok(())
     }
 
+    /// For a buffered write of `len` bytes at `pos`: while a direct backend of the same file
+    /// is open (another export of it with `-d`, or a reload's instance), the range held in
+    /// the file's lock, so that the write cannot land between that backend's
+    /// read-modify-write read and write (eleventh audit); else nothing, at the cost of one
+    /// atomic load.
+    fn buffered_write_guard(&self, pos: u64, len: usize) -> Option<RangeGuard<'_>> {
+        self.shares_with_direct()
+            .then(|| self.writing.ranges.lock(pos..pos + len as u64))
+    }
+
+    /// A direct backend of this file is open: the caller's inline buffered write could
+    /// wait for its lock, so it goes to a worker ([`Backend::write_at`]), which may wait.
+    fn shares_with_direct(&self) -> bool {
+        self.writing.direct.load(Ordering::Relaxed) > 0
+    }
+
     /// Where `len` bytes at `pos` reach into the partial aligned block at the end of the
     /// file (its size not a multiple of the alignment): the buffered descriptor that serves
     /// that block and how many of the bytes come before it (those go the direct way).
@@ -509,7 +528,7 @@ impl FileBackend {
         let start = pos / a * a;
         let end = (pos + buf.len() as u64).div_ceil(a) * a;
         let mut bounce = AlignedBuf::new((end - start) as usize, self.mem_align);
-        let _held = self.writing.lock(start..end);
+        let _held = self.writing.ranges.lock(start..end);
         if start != pos || end != pos + buf.len() as u64 {
             // Read-modify-write of the partial blocks at the edges.
             if let Err(e) = self.file.read_exact_at(bounce.as_mut(), start) {
@@ -564,6 +583,7 @@ impl Backend for FileBackend {
                 Ok(()) => Ok(()),
             }
         } else {
+            let _held = self.buffered_write_guard(pos, buf.len());
             self.file.write_all_at(buf, pos)
         };
         r.map_err(|e| self.latch(e, Failing::Write))
@@ -642,6 +662,9 @@ impl Backend for FileBackend {
         check_range(offset, buf.len(), self.len)?;
         self.refuse_if_failed()?;
         let pos = self.base + offset;
+        if self.shares_with_direct() {
+            return Ok(false);
+        }
         if self.memory {
             self.file
                 .write_all_at(buf, pos)
@@ -676,6 +699,9 @@ impl Backend for FileBackend {
         check_range(offset, total, self.len)?;
         self.refuse_if_failed()?;
         let pos = self.base + offset;
+        if self.shares_with_direct() {
+            return Ok(false);
+        }
         if self.memory {
             aoe_sys::pwritev_all(&self.file, bufs, pos)
                 .map_err(|e| self.latch(e, Failing::Write))?;
@@ -757,9 +783,9 @@ impl AlignedBuf {
 /// then never read-modify-write that block at once (eleventh audit, docs/TEST-AUDIT.md:
 /// with a lock each, acknowledged writes at the meeting point were undone). The table keeps
 /// weak references and drops the dead ones at each open.
-fn shared_range_lock(meta: &std::fs::Metadata) -> Arc<RangeLock> {
+fn shared_file_lock(meta: &std::fs::Metadata, direct: bool) -> Arc<FileLock> {
     use std::os::unix::fs::MetadataExt;
-    type Table = Vec<((u64, u64), Weak<RangeLock>)>;
+    type Table = Vec<((u64, u64), Weak<FileLock>)>;
     static LOCKS: Mutex<Table> = Mutex::new(Vec::new());
     let key = if meta.file_type().is_block_device() {
         (u64::MAX, meta.rdev())
@@ -768,16 +794,41 @@ fn shared_range_lock(meta: &std::fs::Metadata) -> Arc<RangeLock> {
     };
     let mut locks = LOCKS.lock().unwrap_or_else(|p| p.into_inner());
     locks.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(lock) = locks
+    let lock = match locks
         .iter()
         .find(|(k, _)| *k == key)
         .and_then(|(_, w)| w.upgrade())
     {
-        return lock;
+        Some(lock) => lock,
+        None => {
+            let lock = Arc::new(FileLock::default());
+            locks.push((key, Arc::downgrade(&lock)));
+            lock
+        }
+    };
+    if direct {
+        lock.direct.fetch_add(1, Ordering::Relaxed);
     }
-    let lock = Arc::new(RangeLock::default());
-    locks.push((key, Arc::downgrade(&lock)));
     lock
+}
+
+/// The write lock of one file shared by its backends in the process.
+#[derive(Debug, Default)]
+struct FileLock {
+    /// Byte ranges being written by direct writes (and, while `direct` is not 0, by
+    /// buffered ones).
+    ranges: RangeLock,
+    /// Direct backends of the file open: while there is one, buffered writes of the others
+    /// hold their range too ([`FileBackend::buffered_write_guard`]).
+    direct: std::sync::atomic::AtomicUsize,
+}
+
+impl Drop for FileBackend {
+    fn drop(&mut self) {
+        if self.opts.direct {
+            self.writing.direct.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 fn libc_o_direct() -> i32 {
