@@ -13,7 +13,7 @@
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
-#                            [-O] [-H replace|move|idle|alone]
+#                            [-O] [-H replace|move|idle|alone] [-X]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -118,6 +118,11 @@
 #                after aoe_deadsecs); the host then sends SIGCONT, the guest writes discover until
 #                the device is up again and writes the pattern, and every check below holds
 #                (the zeros the stopped target had queued must not land over the pattern)
+#   -X           4Kn (file mode, not with -F or -B): the backing file lives on ext4 on a loop
+#                device with 4096-byte logical sectors (losetup -b 4096, mkfs.ext4 -b 4096), so
+#                an O_DIRECT target (aoe serve -d) must read-modify-write the guest's 512-byte
+#                sectors; with -L SECTORS not a multiple of 8 the file ends in a partial 4 KiB
+#                block, which the guest's last piece writes and reads (eleventh audit)
 #   -B LBA:COUNT bad range (file mode, alone): the target is given {FILE} through nbdfuse and
 #                nbdkit's eval plugin, whose reads overlapping sectors LBA..LBA+COUNT-1 fail
 #                with EIO (a disk with unreadable sectors there; writes go through). The
@@ -187,13 +192,15 @@ LARGE=0
 OSDKILL=0
 OSD_DOWN_S=8
 HANDOVER=""
+X4K=0
+X4K_LOOP=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:H:kgKWFSPOh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:H:kgKWFSPOXh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
-        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;;
+        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;; X) X4K=1 ;;
         *) usage ;;
     esac
 done
@@ -228,6 +235,8 @@ if [ -n "$HANDOVER" ]; then
     # pattern write (B is serving before the guest boots).
     case $HANDOVER in alone) PAUSE=1 ;; idle) ;; *) KILL=2 ;; esac
 fi
+[ "$X4K" = 0 ] || { [ -z "$RBD$BAD" ] && [ "$FULL" = 0 ]; } ||
+    { echo "kernel-initiator.sh: -X goes with none of -r, -F, -B" >&2; exit 2; }
 [ "$OSDKILL" = 0 ] || [ -n "$RBD" ] ||
     { echo "kernel-initiator.sh: -O needs -r (it kills the cluster's OSD)" >&2; exit 2; }
 if [ "$LARGE" != 0 ]; then
@@ -301,6 +310,9 @@ cleanup() {
     drop_netns "$NS"
     # -F: the backing file's tmpfs (the target that held it open is stopped above).
     mountpoint -q "$RUN/full" 2>/dev/null && umount "$RUN/full"
+    # -X: the 4Kn ext4 and its loop device.
+    mountpoint -q "$RUN/x4k" 2>/dev/null && umount "$RUN/x4k"
+    [ -n "$X4K_LOOP" ] && losetup -d "$X4K_LOOP"
     # -B: the nbdfuse mount (its nbdfuse and nbdkit end with it).
     mountpoint -q "$RUN/bad" 2>/dev/null && { fusermount3 -u "$RUN/bad" 2>/dev/null || umount -l "$RUN/bad"; }
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
@@ -375,6 +387,16 @@ if [ "$FULL" = 1 ]; then
     mkdir "$RUN/full" && mount -t tmpfs -o size=$((SIZE_MB + 2))m aoeki-full "$RUN/full" ||
         fail "-F: cannot mount a tmpfs on $RUN/full"
     FILE=$RUN/full/backing.img
+fi
+if [ "$X4K" = 1 ]; then
+    # A sparse image for the file system: room for the data, the pattern and the journal.
+    truncate -s $(( 2 * SIZE_MB + 64 ))M "$RUN/x4k.img" || fail "-X: cannot make the ext4 image"
+    X4K_LOOP=$(losetup --find --show --sector-size 4096 "$RUN/x4k.img") ||
+        fail "-X: losetup --sector-size 4096"
+    mkfs.ext4 -q -F -b 4096 "$X4K_LOOP" >/dev/null 2>&1 || fail "-X: mkfs.ext4 on $X4K_LOOP"
+    mkdir "$RUN/x4k" && mount "$X4K_LOOP" "$RUN/x4k" || fail "-X: mount $X4K_LOOP"
+    FILE=$RUN/x4k/backing.img
+    say "-X: backing file on ext4 on $X4K_LOOP ($(cat /sys/block/"${X4K_LOOP#/dev/}"/queue/logical_block_size)-byte logical sectors)"
 fi
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE" || fail "cannot write backing file"
 if [ "$LARGE" != 0 ]; then

@@ -1285,3 +1285,200 @@ fn late_original_undoes_a_newer_write_without_the_fence_aoe_serve() {
 fn late_original_undoes_a_newer_write_without_the_fence_vblade() {
     late_original_undoes_a_newer_write_without_the_fence(Target::Vblade);
 }
+
+/// Eleventh audit (docs/TEST-AUDIT.md, the tenth's Left list: no rig had a second initiator
+/// behind a relay): two `aoe initiator`s, each in its own namespace behind its own lossy
+/// relay (5% loss, 5% duplication, 5% reordering), on one `aoe serve` export through a
+/// bridge in the target's namespace. Each writes O_DIRECT chunks of 4-64 KiB, stamped with
+/// its name and a counter, at random places of its own half for a few seconds, both at
+/// once; each acknowledged write is remembered. Then each initiator reads the *other's*
+/// half (O_DIRECT, through its own device file): every sector must hold the other's last
+/// acknowledged write, and so must the backing file. The duplicate-write table and the
+/// fair share key by source MAC: two real initiators are two sources, under frames the
+/// network copies and reorders.
+#[test]
+fn two_initiators_behind_lossy_relays_read_what_the_other_wrote_aoe_serve() {
+    use rand_like::Xorshift;
+    use std::os::unix::fs::OpenOptionsExt;
+    let half = 8 * MIB;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = dir.path().join("two.img");
+    fs::File::create(&file)
+        .and_then(|f| f.set_len((2 * half) as u64))
+        .expect("backing file");
+    // Two relayed paths into one initiator namespace, through a bridge on the target's
+    // side; the second path's initiator end is then moved into a namespace of its own, for
+    // a second initiator with its own MAC.
+    let r = RelayRig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts::default(),
+        Some(file.clone()),
+        &["-b", "16"],
+        2,
+        21,
+    );
+    let (c_if, _) = r.paths[1].clone();
+    let c_ns = aoe_testkit::Netns::new("aoe2c").expect("second initiator namespace");
+    r.rig
+        .init_ns
+        .ip(&["link", "set", "dev", &c_if, "netns", c_ns.name()])
+        .expect("move the second path's end");
+    c_ns.ip(&["link", "set", "dev", &c_if, "up"]).expect("up");
+    let c_root = Path::new(ROOTS).join(format!("two-c-{}", std::process::id()));
+    fs::create_dir_all(&c_root).unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = run(std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.0));
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(c_root.clone());
+    let mut c_init = c_ns
+        .spawn({
+            let mut cmd = std::process::Command::new(AOE);
+            cmd.arg("initiator")
+                .arg("--root")
+                .arg(&c_root)
+                .arg("--iflist")
+                .arg(&c_if)
+                .env("AOE_LOG", "debug");
+            cmd
+        })
+        .expect("start the second initiator");
+    let c_dev = c_root.join(DEV);
+    let c_state = c_root.join(format!("sysfs/block/etherd!{DEV}/state"));
+    let up = wait_until(Duration::from_secs(20), || {
+        if fs::read_to_string(&c_state).is_ok_and(|s| s.starts_with("up")) {
+            return true;
+        }
+        let _ = fs::write(c_root.join("discover"), "");
+        std::thread::sleep(Duration::from_millis(300));
+        false
+    });
+    assert!(
+        up,
+        "the second initiator's {DEV} did not come up:\n{}",
+        c_init.output_so_far()
+    );
+    for p in 0..2 {
+        r.control(p).set_faults(Faults::lossy(0.05, 0.05, 0.05));
+    }
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(0o40000) // O_DIRECT
+            .open(p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+    };
+    let run_for = Duration::from_secs(6);
+    let writers: Vec<_> = [(r.rig.dev(), 1u64, 0usize), (c_dev.clone(), 2, half)]
+        .into_iter()
+        .map(|(dev, who, base)| {
+            let f = open(&dev);
+            std::thread::spawn(move || {
+                let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15 ^ who);
+                let mut last: Vec<(u64, u64)> = vec![(0, 0); half / 512];
+                let t0 = Instant::now();
+                let mut n = 0u64;
+                while t0.elapsed() < run_for {
+                    n += 1;
+                    let sectors = [8u64, 16, 32, 128][(rng.next() % 4) as usize];
+                    let at = rng.next() % (half as u64 / 512 - sectors);
+                    let mut data = Vec::with_capacity(sectors as usize * 512);
+                    for s in at..at + sectors {
+                        data.extend_from_slice(&two_stamp(who, n, s).repeat(32));
+                    }
+                    f.write_all_at(&data, base as u64 + at * 512)
+                        .unwrap_or_else(|e| panic!("initiator {who}: write {n}: {e}"));
+                    for s in at..at + sectors {
+                        last[s as usize] = (who, n);
+                    }
+                }
+                (n, last)
+            })
+        })
+        .collect();
+    let results: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    // Each reads the other's half through its own device, still under the faults.
+    for (reader, other, base) in [(&c_dev, 0usize, 0usize), (&r.rig.dev(), 1, half)] {
+        let (n, last) = &results[other];
+        assert!(*n > 10, "initiator {} wrote only {n} times", other + 1);
+        let f = open(reader);
+        let mut got = vec![0u8; half];
+        f.read_exact_at(&mut got, base as u64)
+            .unwrap_or_else(|e| panic!("read of initiator {}'s half: {e}", other + 1));
+        let back = fs::read(&file).unwrap()[base..base + half].to_vec();
+        let mut wrong = Vec::new();
+        for (s, &(who, k)) in last.iter().enumerate() {
+            let want = if k == 0 {
+                vec![0u8; 512]
+            } else {
+                two_stamp(who, k, s as u64).repeat(32)
+            };
+            let at = s * 512;
+            if got[at..at + 512] != want[..] || back[at..at + 512] != want[..] {
+                wrong.push(s);
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "initiator {}'s half ({n} acknowledged writes): {} sectors not its last \
+             acknowledged write, read by the other initiator or in the file, first {:?}; relays \
+             {:?} / {:?}",
+            other + 1,
+            wrong.len(),
+            &wrong[..wrong.len().min(8)],
+            r.control(0).counters(),
+            r.control(1).counters()
+        );
+    }
+    eprintln!(
+        "FIGURES two initiators: {} and {} acknowledged writes; relays {:?} / {:?}",
+        results[0].0,
+        results[1].0,
+        r.control(0).counters(),
+        r.control(1).counters()
+    );
+    for p in 0..2 {
+        let c = r.control(p).counters();
+        assert!(
+            c.lost > 0 && c.duplicated > 0 && c.reordered > 0,
+            "relay {p} did not lose, duplicate and reorder: {c:?}"
+        );
+    }
+    for p in 0..2 {
+        r.control(p).set_faults(Faults::default());
+    }
+    let status = c_init
+        .stop_within(Duration::from_secs(30))
+        .expect("stop the second initiator");
+    assert!(status.success(), "second initiator: {status}");
+    r.finish();
+}
+
+/// Sector `s` written by initiator `who` in its write `n`: 16 bytes, repeated.
+fn two_stamp(who: u64, n: u64, s: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&s.to_le_bytes());
+    b[8..].copy_from_slice(&((who << 48) | n).to_le_bytes());
+    b
+}
+
+mod rand_like {
+    /// A small xorshift generator (no dependency for a test's offsets).
+    pub struct Xorshift(pub u64);
+    impl Xorshift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+}

@@ -144,6 +144,22 @@ fn kernel_initiator_large_sparse_disk_ends_mtu_9000() {
     run_kernel_initiator_with(&aoe_serve_template(), 9000, &["-z", "8", "-L", &sectors]);
 }
 
+/// Eleventh audit (s28): `aoe serve -d` over a file on ext4 on a loop device with 4096-byte
+/// logical sectors (the script's `-X`), the file 2^28 + 1003 sectors long (`-L`), so its
+/// last three sectors lie in a partial 4 KiB block. The guest writes 16 sectors of the
+/// pattern across 2^28 and ending at the last sector and reads each back past the page
+/// cache. On the code before, every request touching the partial block got an ATA error
+/// (the guest: `aoe: ata error cmd=34h stat=41h`, `I/O error, dev etherd/e1.1, sector
+/// 268436456`; FAIL "-L: 16 sectors at 268436443 read back as ..."); 17-20 s.
+#[test]
+fn kernel_initiator_direct_export_on_4kn_ending_in_a_partial_block_mtu_9000() {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    let template = format!("'{aoe}' serve -d {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}");
+    let sectors = ((1u64 << 28) + 1003).to_string();
+    run_kernel_initiator_with(&template, 9000, &["-z", "8", "-L", &sectors, "-X"]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {

@@ -241,6 +241,115 @@ fn concurrent_frames_on_ext4_on_a_4096_byte_sector_device() {
     concurrent_frames_on_ext4(4096);
 }
 
+/// Eleventh audit (docs/TEST-AUDIT.md): a file whose size is not a multiple of the O_DIRECT
+/// alignment (1001 sectors on ext4 on a 4Kn device, where `STATX_DIOALIGN` says 4096) ends
+/// in a partial 4 KiB block that O_DIRECT can neither read whole nor write without growing
+/// the file. Its sectors are written by the concurrent frames like every other, each sector
+/// checked, the file's size unchanged; then the last sector alone, read back through the
+/// backend. On the code before, `aoe serve -d` answered every request touching sector 1000
+/// with an ATA error ("short read: failed to fill whole buffer").
+#[test]
+fn direct_frames_reach_the_end_of_a_file_not_a_multiple_of_4096_on_a_4096_byte_sector_device() {
+    let fsys = Ext4Loop::new(4096, 16);
+    let file = fsys.mnt().join("odd.img");
+    let sectors = 1001;
+    fs::write(&file, vec![0u8; (sectors * SECTOR) as usize]).unwrap();
+    let direct = OpenOptions {
+        direct: true,
+        ..Default::default()
+    };
+    for max in [2, 17] {
+        assert_eq!(hammer(&file, &direct, sectors, max), 4096);
+        assert_eq!(fs::metadata(&file).unwrap().len(), sectors * SECTOR);
+    }
+    let b = FileBackend::open(&file, &direct).unwrap();
+    let last = stamp(sectors - 1, 9);
+    b.write_at(&last, (sectors - 1) * SECTOR).unwrap();
+    let mut back = [0u8; 1024];
+    b.read_at(&mut back, (sectors - 2) * SECTOR).unwrap();
+    assert_eq!(back[..512], stamp(sectors - 2, 3));
+    assert_eq!(back[512..], last);
+    assert_eq!(fs::metadata(&file).unwrap().len(), sectors * SECTOR);
+}
+
+/// Eleventh audit (docs/TEST-AUDIT.md): two exports of one file or disk whose windows meet
+/// inside an aligned block (`-o`/`-l` in sectors, not multiples of 8 on a 4Kn device:
+/// sectors 0-1000 and 1001-2047 share the 4 KiB block of sectors 1000-1007), both `-d`, as
+/// one `aoe serve` opens them (two backends; a reload's new instance beside its retiring
+/// one is the same). Each read-modify-writes that block for its own sectors; they must not
+/// write back each other's stale bytes. 8 threads write the boundary sectors of each
+/// window (999-1000 through the first, 1001-1002 through the second) with the round's
+/// stamp, many rounds; every sector must then hold it. On the code before, each backend
+/// locked the block in its own range lock: stamps were lost within a few rounds.
+#[test]
+fn two_direct_exports_meeting_inside_a_4096_byte_block_lose_no_write() {
+    exports_meeting_inside_a_4096_byte_block(true);
+}
+
+/// The same with the second export buffered (no `-d`): its write landing in the page cache
+/// between the direct export's read-modify-write read and write was flushed by the direct
+/// write and then overwritten with the stale block. Its writes are tried inline first, as
+/// the daemon does (`try_write_at`), then on a worker (`write_at`).
+#[test]
+fn a_direct_and_a_buffered_export_meeting_inside_a_4096_byte_block_lose_no_write() {
+    exports_meeting_inside_a_4096_byte_block(false);
+}
+
+fn exports_meeting_inside_a_4096_byte_block(second_direct: bool) {
+    let fsys = Ext4Loop::new(4096, 16);
+    let file = fsys.mnt().join("split.img");
+    let sectors = 2048u64;
+    fs::write(&file, vec![0u8; (sectors * SECTOR) as usize]).unwrap();
+    let window = |offset_sectors, length| OpenOptions {
+        direct: offset_sectors == 0 || second_direct,
+        offset_sectors,
+        length_sectors: Some(length),
+        ..Default::default()
+    };
+    let first = Arc::new(FileBackend::open(&file, &window(0, 1001)).unwrap());
+    let second = Arc::new(FileBackend::open(&file, &window(1001, sectors - 1001)).unwrap());
+    assert_eq!(first.direct_alignment(), 4096);
+    // (backend, sector in the file, sector in the export)
+    let targets: Vec<(Arc<FileBackend>, u64, u64)> = vec![
+        (first.clone(), 999, 999),
+        (first.clone(), 1000, 1000),
+        (second.clone(), 1001, 0),
+        (second.clone(), 1002, 1),
+    ];
+    let mut lost = Vec::new();
+    for round in 1..=200u64 {
+        let threads: Vec<_> = (0..8usize)
+            .map(|t| {
+                let (b, lba, at) = targets[t % 4].clone();
+                std::thread::spawn(move || {
+                    // Two threads per sector: the second writes the same stamp again, so
+                    // each block sees more than one read-modify-write at once.
+                    let data = stamp(lba, round);
+                    if !b.try_write_at(&data, at * SECTOR).unwrap() {
+                        b.write_at(&data, at * SECTOR).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let all = fs::read(&file).unwrap();
+        for &(_, lba, _) in &targets {
+            if all[(lba * SECTOR) as usize..][..SECTOR as usize] != stamp(lba, round) {
+                lost.push((round, lba));
+            }
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "second export direct: {second_direct}: {} acknowledged writes undone by the other \
+         export's read-modify-write, first (round, sector): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(8)]
+    );
+}
+
 /// Issue 9, item 2: a real failed fdatasync (FUSE fsync fails with EIO) is latched: later
 /// FLUSHes and writes fail although the store works again; reads go on.
 #[test]
