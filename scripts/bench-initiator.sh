@@ -35,7 +35,9 @@
 #   PERF=dir  record `perf record -g` of the initiator during dev and nbd reads into dir
 #   (write rows: the initiator's CPU-seconds per GB written, dev / nbd, beside MB/s)
 #   PERFALL=dir  record `perf record -a -g` (both CPUs: initiator, target, client, kernel) during
-#             every dev and nbd transfer, read and written, and nbdkit's, into dir/<cell>.data
+#             every dev and nbd transfer, read and written, and nbdkit's, into dir/<cell>.data,
+#             and print per transfer each process's CPU-ms per MiB, user and kernel, and by
+#             what it went to (copies, the veth's delivery, wake-ups, ...: bench/perf-split.sh)
 #   WAKES=dir  record the whole machine's wake-ups (sched_waking, waker and wakee), its IPIs
 #             and softirq context during every dev and nbd transfer and nbdkit's, into
 #             dir/<cell>.data, and print per transfer the wake-ups per MiB by waker -> wakee
@@ -204,6 +206,10 @@ perf_during_inner() { # name cmd...
     elif [ -n "$PERFALL" ]; then
         mkdir -p "$PERFALL"
         beside_perf record -q -a -g -o "$PERFALL/$name.data" -- "$@"
+        # Per process, CPU-ms per MiB by what it went to (bench/perf-split.sh), on stderr.
+        "$HERE/bench/perf-split.sh" "$PERFALL/$name.data" "$SIZE_MB" \
+            ${INIT_PID:+initiator=$INIT_PID} ${TARGET_PID:+target=$TARGET_PID} 2>/dev/null |
+            sed "s/^/perf split $name: /" >&2 || true
     elif [ "$PERFSTAT" = thread ]; then
         beside_perf stat -x, --per-thread -e raw_syscalls:sys_enter,context-switches,task-clock \
             -p "$INIT_PID" -o "$WORK/stat" -- "$@"
