@@ -684,12 +684,22 @@ type Running = (u32, ExportSpec, Option<(u64, u64, u64)>);
 fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_static()?;
     config.check_overlaps()?;
-    for e in &config.exports {
+    for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i)?;
+            check_interface(e, i).map_err(|err| placed(config, n, err))?;
         }
     }
     Ok(())
+}
+
+/// `err`, found for export `n` of `config`, led by the export's `FILE:LINE:COLUMN` when it
+/// came from a file (the TOML parser's errors and [`ServeConfig::check_static`]'s name it
+/// so; a missing file or interface named only the export until session 28).
+fn placed(config: &ServeConfig, n: usize, err: anyhow::Error) -> anyhow::Error {
+    match config.sources.export_place(n) {
+        Some(at) => anyhow::anyhow!("{at}: {err:#}"),
+        None => err,
+    }
 }
 
 /// Checks interface `name` of export `e` as `aoe serve` (start, reload, `--check`) does:
@@ -753,14 +763,17 @@ impl Opener {
             .map(|(id, _, _)| *id)
             .collect();
         let mut new_rts = Vec::new();
-        for spec in &config.exports {
+        for (n, spec) in config.exports.iter().enumerate() {
             if running
                 .iter()
                 .any(|(id, s, _)| keep.contains(id) && s == spec)
             {
                 continue;
             }
-            new_rts.push(self.open_export(spec, config)?);
+            new_rts.push(
+                self.open_export(spec, config)
+                    .map_err(|err| placed(config, n, err))?,
+            );
         }
         Ok((keep, new_rts))
     }
@@ -857,12 +870,13 @@ fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
 pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_static()?;
     config.check_overlaps()?;
-    for e in &config.exports {
+    for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i)?;
+            check_interface(e, i).map_err(|err| placed(config, n, err))?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
-        crate::backing::open(e, &Completions::new(Arc::new(|| {})))?;
+        crate::backing::open(e, &Completions::new(Arc::new(|| {})))
+            .map_err(|err| placed(config, n, err))?;
     }
     Ok(())
 }
