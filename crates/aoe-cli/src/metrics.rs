@@ -638,32 +638,6 @@ pub(crate) fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod text_tests {
-    use super::*;
-
-    /// Session 28: the 0.0.4 text of a counter names its samples in HELP and TYPE; gauges
-    /// and samples pass unchanged; no `# EOF`. Negotiated by `Accept`.
-    #[test]
-    fn openmetrics_counters_become_total_families_in_the_text_format() {
-        let om = "# HELP aoe_x_bytes Bytes.\n# TYPE aoe_x_bytes counter\n\
-                  aoe_x_bytes_total{export=\"1.1\"} 3\n\
-                  # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n# EOF\n";
-        assert_eq!(
-            prometheus_text(om),
-            "# HELP aoe_x_bytes_total Bytes.\n# TYPE aoe_x_bytes_total counter\n\
-             aoe_x_bytes_total{export=\"1.1\"} 3\n\
-             # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n"
-        );
-        assert!(wants_openmetrics(None));
-        assert!(wants_openmetrics(Some(
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-        )));
-        assert!(!wants_openmetrics(Some("*/*")));
-        assert!(!wants_openmetrics(Some("text/plain")));
-    }
-}
-
 /// Reads one HTTP/1.x request and answers it, closing the connection.
 fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     use std::io::Read as _;
@@ -729,4 +703,30 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     w.write_all(head.as_bytes())?;
     w.write_all(body.as_bytes())?;
     w.flush()
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::*;
+
+    /// Session 28: the 0.0.4 text of a counter names its samples in HELP and TYPE; gauges
+    /// and samples pass unchanged; no `# EOF`. Negotiated by `Accept`.
+    #[test]
+    fn openmetrics_counters_become_total_families_in_the_text_format() {
+        let om = "# HELP aoe_x_bytes Bytes.\n# TYPE aoe_x_bytes counter\n\
+                  aoe_x_bytes_total{export=\"1.1\"} 3\n\
+                  # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP aoe_x_bytes_total Bytes.\n# TYPE aoe_x_bytes_total counter\n\
+             aoe_x_bytes_total{export=\"1.1\"} 3\n\
+             # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n"
+        );
+        assert!(wants_openmetrics(None));
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain")));
+    }
 }

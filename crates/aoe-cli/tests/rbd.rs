@@ -581,6 +581,19 @@ fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving(
 /// `rbd:` export is served.
 #[test]
 fn a_reload_that_takes_an_image_over_keeps_the_other_exports_served_while_it_waits() {
+    reload_taking_an_image_over(true);
+}
+
+/// The same reload whose old gateway (vblade) never falls silent: after `TAKEOVER_WAIT`
+/// (30 s) the reload is refused as a duplicate, as before session 28, and the running file
+/// export serves on; no "configuration reloaded".
+#[test]
+fn a_reload_whose_old_gateway_never_falls_silent_is_refused_and_the_rest_serves_on() {
+    reload_taking_an_image_over(false);
+}
+
+/// The rig of the two tests above; `silenced`: vblade is stopped during the wait.
+fn reload_taking_an_image_over(silenced: bool) {
     require_tools_vblade();
     let mut r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
@@ -691,6 +704,31 @@ fn a_reload_that_takes_an_image_over_keeps_the_other_exports_served_while_it_wai
          waits (bytes_read {read:?}): the daemon's loop is held\n{stats}\n{}",
         b.output_so_far()
     );
+    if !silenced {
+        let refused = wait_until(Duration::from_secs(90), || {
+            b.output_so_far().contains("reload refused") || !b.is_running()
+        });
+        let out = b.output_so_far();
+        assert!(
+            refused && b.is_running() && out.contains("refusing to serve it"),
+            "the reload was not refused after the wait:\n{out}"
+        );
+        assert!(
+            !out.contains("configuration reloaded")
+                && !out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+            "the refused reload said it was done, or served the image:\n{out}"
+        );
+        let rd = f.call(&Request::Read { lba: 0, count: 2 }, Duration::from_secs(5));
+        assert!(
+            matches!(&rd, Ok(rd) if rd.is_ok() && rd.data() == &seeded[..1024]),
+            "the file export after the refused reload: {rd:?}\n{out}"
+        );
+        let _ = v.stop();
+        drop(f);
+        let _ = b.stop();
+        r.rig.cleanup();
+        return;
+    }
     let _ = v.stop();
     let serves = wait_until(Duration::from_secs(60), || {
         b.output_so_far().contains("stopped answering; serving") || !b.is_running()

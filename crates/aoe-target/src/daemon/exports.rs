@@ -206,8 +206,8 @@ impl Daemon {
             }
             t.tick = self.ticks;
             let t = r.taking_over.take().expect("a take-over under way");
-            match self.take_over_step(t) {
-                Ok(None) => {}
+            let ok = match self.take_over_step(t) {
+                Ok(None) => true,
                 Ok(Some(t)) => {
                     if let Some(r) = &mut self.reloading {
                         r.taking_over = Some(t);
@@ -215,11 +215,14 @@ impl Daemon {
                     return;
                 }
                 Err(e) => {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                    false
                 }
-            }
+            };
             if let Some(Reloading { path, .. }) = self.reloading.take() {
-                tracing::info!(config = %path.display(), "configuration reloaded");
+                if ok {
+                    tracing::info!(config = %path.display(), "configuration reloaded");
+                }
             }
             return;
         }
