@@ -94,11 +94,12 @@ uninstall() {
 		rm -f "$manifest"
 	fi
 	# Directories install made, deepest first, each only if empty; one that is not holds
-	# something install did not put there (a config in /etc/aoe, a kept file).
+	# something install did not put there (a config in /etc/aoe, a kept file), which is
+	# said for /etc/aoe alone (a staged install lists /usr and the like too).
 	awk '{ print length($0) "\t" $0 }' "$dirs" | sort -rn | cut -f2- |
 		while read -r kind what path; do
 			p=$DESTDIR$path
-			if [ -d "$p" ] && ! rmdir "$p" 2>/dev/null && [ ! -s "$kept" ]; then
+			if [ -d "$p" ] && ! rmdir "$p" 2>/dev/null && [ "$p" = "$confdir" ]; then
 				echo "$0: $p is not empty; kept" >&2
 			fi
 		done
