@@ -54,6 +54,10 @@ have_cmd rbd      || need+=(ceph-common)
 # tests/rbd.rs: a librbd client that takes a gateway's lock without blocklisting it.
 have_pkg python3-rbd || need+=(python3-rbd)
 have_cmd uuidgen  || need+=(uuid-runtime)
+# ops_metrics.rs: `promtool check metrics` on both /metrics endpoints. The package is the
+# Prometheus server too: on a host booted with systemd its unit starts (port 9090); stop and
+# disable it there if it is not wanted (`systemctl disable --now prometheus`).
+have_cmd promtool || need+=(prometheus)
 
 # qemu-system-x86 (for the kernel aoe initiator guest). Some images ship a newer qemu-utils
 # from backports that Breaks Debian's qemu-system-common; install both from the same

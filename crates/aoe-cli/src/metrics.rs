@@ -594,6 +594,50 @@ impl Write for Deadlined {
     }
 }
 
+/// Whether a scrape with this `Accept` header gets OpenMetrics text (what Prometheus asks
+/// for first, and what a request without the header gets, as before session 28) rather
+/// than the Prometheus text format 0.0.4 (`curl`'s `*/*`, `text/plain`, tools that read
+/// only the older format, `promtool check metrics`).
+fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_none_or(|a| a.contains("application/openmetrics-text"))
+}
+
+/// OpenMetrics text as prometheus-client encodes it, in the Prometheus text format 0.0.4
+/// (the "text-based exposition format" of the Prometheus documentation, which
+/// `promtool check metrics` lints): there a family's HELP and TYPE name its samples, so a
+/// counter's are `NAME_total` (OpenMetrics names the family `NAME` and its samples
+/// `NAME_total`: read as 0.0.4 every counter's samples had no HELP or TYPE, untyped, and
+/// promtool said `no help text` for each, session 28); it has no `# UNIT` and no `# EOF`.
+/// Gauges and sample lines are the same in both.
+pub(crate) fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let named = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| Some((*p, line.strip_prefix(p)?)));
+        match named {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str(&format!("{p}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Reads one HTTP/1.x request and answers it, closing the connection.
 fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     use std::io::Read as _;
@@ -607,6 +651,7 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     r.read_line(&mut first)?;
     // Headers end at the first empty line; a client that sends more than 100 is cut off.
     let mut ended = first.ends_with('\n');
+    let mut accept: Option<String> = None;
     for _ in 0..100 {
         if !ended {
             break;
@@ -616,8 +661,14 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
             break;
         }
         ended = h.ends_with('\n');
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("accept") {
+                accept = Some(v.trim().to_owned());
+            }
+        }
     }
     let mut parts = first.split_whitespace();
+    let openmetrics = wants_openmetrics(accept.as_deref());
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, ctype, body) = if !ended && r.get_ref().limit() == 0 {
@@ -626,11 +677,17 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
             "text/plain; charset=utf-8",
             format!("the request is longer than {MAX_REQUEST_BYTES} bytes\n"),
         )
-    } else if method == "GET" && (path == "/metrics" || path == "/") {
+    } else if method == "GET" && (path == "/metrics" || path == "/") && openmetrics {
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             render(),
+        )
+    } else if method == "GET" && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text(&render()),
         )
     } else {
         (
@@ -646,4 +703,30 @@ fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     w.write_all(head.as_bytes())?;
     w.write_all(body.as_bytes())?;
     w.flush()
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::*;
+
+    /// Session 28: the 0.0.4 text of a counter names its samples in HELP and TYPE; gauges
+    /// and samples pass unchanged; no `# EOF`. Negotiated by `Accept`.
+    #[test]
+    fn openmetrics_counters_become_total_families_in_the_text_format() {
+        let om = "# HELP aoe_x_bytes Bytes.\n# TYPE aoe_x_bytes counter\n\
+                  aoe_x_bytes_total{export=\"1.1\"} 3\n\
+                  # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP aoe_x_bytes_total Bytes.\n# TYPE aoe_x_bytes_total counter\n\
+             aoe_x_bytes_total{export=\"1.1\"} 3\n\
+             # HELP aoe_y Now.\n# TYPE aoe_y gauge\naoe_y 2\n"
+        );
+        assert!(wants_openmetrics(None));
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain")));
+    }
 }

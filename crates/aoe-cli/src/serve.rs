@@ -263,6 +263,7 @@ fn config_from_args(a: &ServeArgs) -> Result<(ServeConfig, Option<PathBuf>)> {
             std::time::Duration::from_secs,
         ),
         dedup: dedup(a),
+        sources: Default::default(),
     };
     Ok((cfg, None))
 }

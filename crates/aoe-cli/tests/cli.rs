@@ -460,6 +460,60 @@ fn serve_config_syntax_errors_are_one_line() {
     }
 }
 
+/// Session 28 (operator's audit, session 27): an error found after the TOML parsed (a value
+/// out of range, an export twice on an interface, a file that is not there, an interface
+/// that is not there) names `FILE:LINE:COLUMN` as well as the export, as the parser's own
+/// errors do; before, `FILE: e1.2: ...` or the export alone (`e1.2: no such interface`).
+/// One line each, exit 1, the old wording after the place.
+#[test]
+fn serve_config_check_errors_name_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let other = dir.path().join("b.img");
+    std::fs::write(&other, vec![0u8; 64 * 512]).unwrap();
+    let conf = dir.path().join("serve.toml");
+    let export = |path: &str, slot: u8, iface: &str, extra: &str| {
+        format!(
+            "[[export]]\npath = \"{path}\"\nshelf = 1\nslot = {slot}\n\
+             interfaces = [\"{iface}\"]\n{extra}\n"
+        )
+    };
+    let good = export(img.to_str().unwrap(), 1, "lo", "");
+    let at = |l: u32| format!("{}:{l}:1: ", conf.display());
+    for (second, want) in [
+        (export("missing.img", 2, "lo", ""), format!("{}e1.2", at(7))),
+        (
+            export(other.to_str().unwrap(), 2, "nosuch0", ""),
+            format!("{}e1.2: no such interface \"nosuch0\"", at(7)),
+        ),
+        (
+            export(img.to_str().unwrap(), 2, "lo", "buffer_count = 9000"),
+            format!("{}e1.2: buffer count 9000 is more than", at(7)),
+        ),
+        (
+            export(img.to_str().unwrap(), 1, "lo", ""),
+            format!("{}e1.1 is exported twice on interface lo", at(7)),
+        ),
+    ] {
+        std::fs::write(&conf, format!("{good}{second}")).unwrap();
+        let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{want}: {o:?}");
+        // (Before it, `lo`'s warning that it is a loopback interface.)
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("aoe: ")).collect();
+        assert_eq!(errors.len(), 1, "not one error line: {err}");
+        assert!(errors[0].contains(&want), "want {want:?} in: {err}");
+    }
+    std::fs::write(&conf, format!("\nworkers = 0\n{good}")).unwrap();
+    let o = run_bounded(&["serve", "--config", conf.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{}:2:11: workers must be from 1", conf.display())),
+        "{err}"
+    );
+}
+
 /// Audit (s7): `aoe bench --min-rto-us 5000000` was taken and silently capped: every
 /// timeout is at most 2 s (the generator's cap), so a floor above it did nothing; and
 /// `--spin-us` took any value. Both are now refused by the parser (exit 2) with the range,

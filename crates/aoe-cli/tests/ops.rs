@@ -401,6 +401,184 @@ fn install_links_as_the_readme_writes_it_finds_the_release_build() {
     }
 }
 
+/// Every path under `dir`, relative to it, sorted (what `find` lists, less `dir` itself).
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    fn walk(root: &std::path::Path, d: &std::path::Path, out: &mut Vec<String>) {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// scripts/install.sh into `prefix` (SYSCONFDIR inside it), with `args` and the
+/// environment `env`: (exit status, stderr).
+fn install_sh(prefix: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut c = Command::new("sh");
+    c.arg(repo().join("scripts/install.sh"))
+        .args(args)
+        .env("PREFIX", prefix)
+        .env("SYSCONFDIR", prefix.join("etc"))
+        .env("AOE", AOE);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Session 28 (operator's audit, session 27: no uninstall): `install.sh --uninstall` removes
+/// what install put there (its manifest) and nothing else: a file of the operator's in the
+/// same directories stays, and so does a directory install did not make; run again, it
+/// has nothing to do. A file changed since install (an edited man page) and a link
+/// pointed elsewhere are kept and named, exit 1. Before: `--uninstall` was ignored and
+/// installed again.
+#[test]
+fn install_sh_uninstall_removes_exactly_what_it_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("p");
+    // The operator's own: a program in bin and a config in etc/aoe.
+    fs::create_dir_all(prefix.join("bin")).unwrap();
+    fs::write(prefix.join("bin/mine"), "#!/bin/sh\n").unwrap();
+    let (rc, err) = install_sh(&prefix, &[], &[]);
+    assert_eq!(rc, 0, "install: {err}");
+    fs::write(prefix.join("etc/aoe/site.toml"), "# mine\n").unwrap();
+    assert!(prefix.join("share/aoe/install-manifest").is_file());
+    let (rc, err) = install_sh(&prefix, &["--uninstall"], &[]);
+    assert_eq!(rc, 0, "uninstall: {err}");
+    assert_eq!(
+        tree(&prefix),
+        ["bin", "bin/mine", "etc", "etc/aoe", "etc/aoe/site.toml"],
+        "left after --uninstall"
+    );
+    assert!(err.contains("etc/aoe is not empty; kept"), "{err}");
+    // Idempotent.
+    let (rc, err) = install_sh(&prefix, &["--uninstall"], &[]);
+    assert_eq!(rc, 0, "second uninstall: {err}");
+    assert_eq!(tree(&prefix).len(), 5);
+
+    // Changed since install: kept, named, exit 1; the rest removed.
+    let (rc, err) = install_sh(&prefix, &[], &[]);
+    assert_eq!(rc, 0, "install: {err}");
+    let page = prefix.join("share/man/man1/vblade.1");
+    let mut text = fs::read_to_string(&page).unwrap();
+    text.push_str(".\\\" local note\n");
+    fs::write(&page, text).unwrap();
+    let link = prefix.join("bin/aoeping");
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("/bin/true", &link).unwrap();
+    let (rc, err) = install_sh(&prefix, &["--uninstall"], &[]);
+    assert_eq!(rc, 1, "uninstall with changed files: {err}");
+    assert!(
+        err.contains(&format!(
+            "{} changed since it was installed; kept",
+            page.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{} now points to /bin/true", link.display())),
+        "{err}"
+    );
+    assert!(page.is_file() && link.is_symlink());
+    assert!(!prefix.join("bin/aoe").exists() && !prefix.join("bin/vblade").exists());
+    // The operator looks at them, removes them; the next run finishes.
+    fs::remove_file(&page).unwrap();
+    fs::remove_file(&link).unwrap();
+    let (rc, err) = install_sh(&prefix, &["--uninstall"], &[]);
+    assert_eq!(rc, 0, "uninstall after: {err}");
+    assert_eq!(
+        tree(&prefix),
+        ["bin", "bin/mine", "etc", "etc/aoe", "etc/aoe/site.toml"]
+    );
+}
+
+/// Session 28 (operator's audit, session 27): a link named like a program found elsewhere
+/// on PATH (Debian's /usr/sbin/vblade and aoetools' programs) is said to shadow it when the
+/// links' directory comes first on PATH, naming both; `--no-shadow` (install-links.sh) and
+/// `NO_SHADOW=1` (install.sh) make no link for a name already on PATH. Before: silent.
+#[test]
+fn install_links_says_which_names_shadow_which_and_can_skip_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("sbin");
+    fs::create_dir_all(&fake).unwrap();
+    for name in ["vblade", "aoe-stat"] {
+        let p = fake.join(name);
+        fs::write(&p, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let links = dir.path().join("links");
+    let path = format!("{}:{}:/usr/bin:/bin", links.display(), fake.display());
+    let run = |args: &[&str]| {
+        let out = Command::new("sh")
+            .arg(repo().join("scripts/install-links.sh"))
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "install-links.sh {args:?}: {out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let l = links.to_str().unwrap();
+    let (out, err) = run(&[l, AOE]);
+    for name in ["vblade", "aoe-stat"] {
+        assert!(
+            out.contains(&format!(
+                "{l}/{name} -> {AOE} (shadows {}/{name} on PATH)",
+                fake.display()
+            )),
+            "{name}: {out}"
+        );
+    }
+    assert!(err.contains("--no-shadow"), "{err}");
+    assert!(out.contains(&format!("{l}/aoeping -> {AOE}\n")), "{out}");
+    fs::remove_dir_all(&links).unwrap();
+    let (out, err) = run(&["--no-shadow", l, AOE]);
+    assert!(!links.join("vblade").exists() && !links.join("aoe-stat").exists());
+    assert!(links.join("aoeping").is_symlink(), "{out}");
+    assert!(
+        err.contains(&format!(
+            "vblade is on PATH already ({}/vblade); no link made",
+            fake.display()
+        )),
+        "{err}"
+    );
+
+    // install.sh: PREFIX/bin first on PATH.
+    let prefix = dir.path().join("p");
+    let path = format!("{}/bin:{}:/usr/bin:/bin", prefix.display(), fake.display());
+    let (rc, err) = install_sh(&prefix, &[], &[("PATH", &path)]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}/bin/vblade shadows {}/vblade on PATH",
+            prefix.display(),
+            fake.display()
+        )),
+        "{err}"
+    );
+    let (rc, err) = install_sh(&prefix, &["--uninstall"], &[]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, err) = install_sh(&prefix, &[], &[("PATH", &path), ("NO_SHADOW", "1")]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(!prefix.join("bin/vblade").exists() && !prefix.join("bin/aoe-stat").exists());
+    assert!(prefix.join("bin/aoeping").is_symlink());
+    assert!(!err.contains("shadows"), "{err}");
+}
+
 /// Operator's audit (session 27): `aoe-serve@.service` lets through the address families
 /// the target's own features use: AF_INET/AF_INET6 for an `rbd:` export (librados talks
 /// TCP to the monitors and OSDs) and for `--metrics` in a drop-in. Before: AF_PACKET,

@@ -570,6 +570,183 @@ fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving(
     r.rig.cleanup();
 }
 
+/// Session 28: the take-over probe's wait (above) when a reload adds the `rbd:` export to a
+/// daemon that already serves a file. The wait ran inside the reload's commit, on the event
+/// loop, for as long as the old gateway answered (up to `TAKEOVER_WAIT`, 30 s): the file's
+/// requests were still read by the probe's own loop, but nothing else of the daemon's loop
+/// ran (its status and metrics, state files, signals, further reloads). Now the wait re-probes
+/// from the loop's once-a-second tick: while vblade (standing in for the old gateway) still
+/// answers, the file export answers reads and the control socket's counters show them
+/// (before: the snapshot taken before the reload, `bytes_read` 0); once vblade is gone the
+/// `rbd:` export is served.
+#[test]
+fn a_reload_that_takes_an_image_over_keeps_the_other_exports_served_while_it_waits() {
+    reload_taking_an_image_over(true);
+}
+
+/// The same reload whose old gateway (vblade) never falls silent: after `TAKEOVER_WAIT`
+/// (30 s) the reload is refused as a duplicate, as before session 28, and the running file
+/// export serves on; no "configuration reloaded".
+#[test]
+fn a_reload_whose_old_gateway_never_falls_silent_is_refused_and_the_rest_serves_on() {
+    reload_taking_an_image_over(false);
+}
+
+/// The rig of the two tests above; `silenced`: vblade is stopped during the wait.
+fn reload_taking_an_image_over(silenced: bool) {
+    require_tools_vblade();
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    add_macvlan(&r.rig.init_ns, &r.rig.init_if, "op28v");
+    let disk = tempfile::NamedTempFile::new().expect("vblade's disk");
+    disk.as_file().set_len(1 << 20).expect("size vblade's disk");
+    let mut v = r
+        .rig
+        .init_ns
+        .spawn({
+            let mut c = Command::new("vblade");
+            c.args([&SHELF.to_string(), &SLOT.to_string(), "op28v"])
+                .arg(disk.path());
+            c
+        })
+        .expect("start vblade");
+    // Gateway B serves a file at slot+1, then a reload adds the image at the rig's address.
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(28, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    let file_export = format!(
+        "control = \"{sock}\"\n\
+         [[export]]\npath = \"{file}\"\nshelf = {SHELF}\nslot = {slot2}\n\
+         interfaces = [\"{netif}\"]\n",
+        sock = sock.display(),
+        file = file.display(),
+        slot2 = SLOT + 1,
+        netif = r.rig.target_if,
+    );
+    fs::write(&config, &file_export).expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    let up = wait_until(Duration::from_secs(60), || {
+        b.output_so_far().contains("exporting") || !b.is_running()
+    });
+    assert!(
+        up && b.is_running(),
+        "gateway B did not start:\n{}",
+        b.output_so_far()
+    );
+    fs::write(
+        &config,
+        format!(
+            "{file_export}\
+             [[export]]\npath = \"rbd:rbd/img\"\nshelf = {SHELF}\nslot = {SLOT}\n\
+             interfaces = [\"{netif}\"]\nceph_conf = \"{conf}\"\nclient_id = \"admin\"\n\
+             keyring = \"{keyring}\"\n",
+            netif = r.rig.target_if,
+            conf = r.ceph.conf().display(),
+            keyring = r.ceph.keyring().display(),
+        ),
+    )
+    .expect("rewrite config");
+    run_ok(Command::new("kill").args(["-HUP", &b.pid().to_string()]));
+    let waits = wait_until(Duration::from_secs(90), || {
+        b.output_so_far().contains("waiting for it to stop") || !b.is_running()
+    });
+    assert!(
+        waits && b.is_running(),
+        "gateway B did not wait for the address to fall silent:\n{}",
+        b.output_so_far()
+    );
+    // While the probe waits (vblade still answers): reads of the file export, each
+    // checked, then its counters as the control socket shows them.
+    let other = TargetAddr::new(SHELF, SLOT + 1);
+    let mut f = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, other).expect("client F");
+    f.discover(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("F finds the file's export: {e}\n{}", b.output_so_far()));
+    let mut answered = 0u64;
+    for i in 0..8u64 {
+        let rd = f.call(
+            &Request::Read {
+                lba: 2 * i,
+                count: 2,
+            },
+            Duration::from_secs(5),
+        );
+        let at = 1024 * i as usize;
+        match rd {
+            Ok(rd) if rd.is_ok() && rd.data() == &seeded[at..at + 1024] => answered += 1,
+            other => panic!(
+                "the file export's read {i} while the probe waits: {other:?}\n{}",
+                b.output_so_far()
+            ),
+        }
+    }
+    let stats = target_json(&sock, "stats");
+    let still_waiting = !b.output_so_far().contains("stopped answering; serving");
+    let read = stats["exports"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|e| e["target"] == format!("{SHELF}.{}", SLOT + 1))
+        })
+        .and_then(|e| e["counters"]["bytes_read"].as_u64());
+    assert!(
+        still_waiting,
+        "the probe stopped waiting with vblade still up:\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        read.is_some_and(|n| n >= answered * 1024),
+        "the control socket does not show the {answered} reads answered while the probe \
+         waits (bytes_read {read:?}): the daemon's loop is held\n{stats}\n{}",
+        b.output_so_far()
+    );
+    if !silenced {
+        let refused = wait_until(Duration::from_secs(90), || {
+            b.output_so_far().contains("reload refused") || !b.is_running()
+        });
+        let out = b.output_so_far();
+        assert!(
+            refused && b.is_running() && out.contains("refusing to serve it"),
+            "the reload was not refused after the wait:\n{out}"
+        );
+        assert!(
+            !out.contains("configuration reloaded")
+                && !out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+            "the refused reload said it was done, or served the image:\n{out}"
+        );
+        let rd = f.call(&Request::Read { lba: 0, count: 2 }, Duration::from_secs(5));
+        assert!(
+            matches!(&rd, Ok(rd) if rd.is_ok() && rd.data() == &seeded[..1024]),
+            "the file export after the refused reload: {rd:?}\n{out}"
+        );
+        let _ = v.stop();
+        drop(f);
+        let _ = b.stop();
+        r.rig.cleanup();
+        return;
+    }
+    let _ = v.stop();
+    let serves = wait_until(Duration::from_secs(60), || {
+        b.output_so_far().contains("stopped answering; serving") || !b.is_running()
+    });
+    let out = b.output_so_far();
+    assert!(
+        serves && b.is_running() && out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+        "gateway B did not serve the image once vblade was gone:\n{out}"
+    );
+    assert!(
+        out.contains("configuration reloaded"),
+        "the reload did not complete:\n{out}"
+    );
+    drop(f);
+    let _ = b.stop();
+    r.rig.cleanup();
+}
+
 /// vblade on PATH, or the test fails saying which package has it.
 fn require_tools_vblade() {
     aoe_testkit::require_tools(&[("vblade", "vblade")]);

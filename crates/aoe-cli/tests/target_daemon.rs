@@ -432,12 +432,16 @@ fn sighup_refuses_overlapping_writable_exports() {
     };
     write_conf(&[(1, true), (2, false)]);
     hup();
+    // Session 28: the refusal names the second export's place in the file (line 8: each
+    // export above is 7 lines), not the exports alone.
+    let place = format!("{}:8:1: ", conf.display());
     assert!(
         wait_until(Duration::from_secs(10), || {
             let log = t.output_so_far();
-            log.contains("reload refused") && log.contains("e4.1 and e4.2 both export")
+            log.contains("reload refused")
+                && log.contains(&format!("{place}e4.1 and e4.2 both export"))
         }),
-        "overlapping writable export not refused on reload; log:\n{}",
+        "overlapping writable export not refused on reload at {place}; log:\n{}",
         t.output_so_far()
     );
     assert!(n.query(mac, e1).is_some(), "running export lost");

@@ -188,12 +188,14 @@ impl Overrides {
         }
         if let Some(w) = self.workers {
             cfg.workers = w;
+            cfg.sources.forget("workers");
         }
         if self.allow_duplicate {
             cfg.allow_duplicate = true;
         }
         if let Some(p) = self.probe {
             cfg.probe = p;
+            cfg.sources.forget("probe_ms");
         }
     }
 }
@@ -247,6 +249,74 @@ pub struct ServeConfig {
     /// duplicate of one that a newer write overlapped (`aoe serve --dedup-window-ms`,
     /// `--dedup-entries`; [`aoe_proto::target::DedupConfig`]). Fixed at start, like `io`.
     pub dedup: aoe_proto::target::DedupConfig,
+    /// Where the settings and exports were written, for errors: empty for a configuration
+    /// from the command line.
+    pub sources: Sources,
+}
+
+/// Where a TOML configuration file wrote its exports and its daemon-wide numbers, so that
+/// an error found after parsing (an out-of-range value, an export twice on an interface,
+/// two writable exports overlapping, a missing file, an interface that is not there) names
+/// `FILE:LINE:COLUMN` as the TOML parser's own errors do, next to the export (operator's
+/// audit, session 27: they named the export alone). Not part of what a reload compares:
+/// any two are equal, so an export moved within the file is not reopened for it.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The file.
+    pub file: Option<PathBuf>,
+    /// The 1-based line and column of each export's `[[export]]` header, in the order of
+    /// [`ServeConfig::exports`].
+    pub exports: Vec<(usize, usize)>,
+    /// The line and column of each daemon-wide key the file set that a check may refuse
+    /// (`workers`, `probe_ms`, `conflict_check_s`).
+    pub keys: Vec<(&'static str, (usize, usize))>,
+}
+
+impl PartialEq for Sources {
+    fn eq(&self, _: &Sources) -> bool {
+        true
+    }
+}
+
+impl Eq for Sources {}
+
+impl Sources {
+    /// `error` at the place of export `i`, when the file said where it is.
+    pub fn export(&self, i: usize, error: ConfigError) -> ConfigError {
+        match (&self.file, self.exports.get(i)) {
+            (Some(f), Some(&at)) => ConfigError::At {
+                origin: f.clone(),
+                at,
+                error: Box::new(error),
+            },
+            _ => error,
+        }
+    }
+
+    /// `error` at the place of daemon-wide key `key`, when the file set it.
+    pub fn key(&self, key: &str, error: ConfigError) -> ConfigError {
+        let at = self.keys.iter().find(|(k, _)| *k == key).map(|(_, at)| *at);
+        match (&self.file, at) {
+            (Some(f), Some(at)) => ConfigError::At {
+                origin: f.clone(),
+                at,
+                error: Box::new(error),
+            },
+            _ => error,
+        }
+    }
+
+    /// `FILE:LINE:COLUMN` of export `i`, when the file said where it is.
+    pub fn export_place(&self, i: usize) -> Option<String> {
+        let f = self.file.as_ref()?;
+        let (l, c) = self.exports.get(i)?;
+        Some(format!("{}:{l}:{c}", f.display()))
+    }
+
+    /// Forgets where daemon-wide key `key` was: a command-line option replaced its value.
+    fn forget(&mut self, key: &str) {
+        self.keys.retain(|(k, _)| *k != key);
+    }
 }
 
 /// How the target moves frames between its sockets and itself (`aoe serve --io`).
@@ -451,14 +521,14 @@ fn line_column(text: &str, pos: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     state_dir: Option<PathBuf>,
-    workers: Option<usize>,
+    workers: Option<toml::Spanned<usize>>,
     #[serde(default)]
     allow_duplicate: bool,
-    probe_ms: Option<u64>,
-    conflict_check_s: Option<u64>,
+    probe_ms: Option<toml::Spanned<u64>>,
+    conflict_check_s: Option<toml::Spanned<u64>>,
     control: Option<PathBuf>,
     #[serde(default, rename = "export")]
-    exports: Vec<FileExport>,
+    exports: Vec<toml::Spanned<FileExport>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -503,8 +573,27 @@ impl ServeConfig {
             message: e.message().trim_end().replace('\n', "; "),
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
+        let place = |span: std::ops::Range<usize>| line_column(text, span.start);
+        let mut sources = Sources {
+            file: Some(origin.to_path_buf()),
+            exports: f.exports.iter().map(|e| place(e.span())).collect(),
+            keys: Vec::new(),
+        };
+        for (key, span) in [
+            ("workers", f.workers.as_ref().map(toml::Spanned::span)),
+            ("probe_ms", f.probe_ms.as_ref().map(toml::Spanned::span)),
+            (
+                "conflict_check_s",
+                f.conflict_check_s.as_ref().map(toml::Spanned::span),
+            ),
+        ] {
+            if let Some(span) = span {
+                sources.keys.push((key, place(span)));
+            }
+        }
         let mut exports = Vec::new();
         for (i, e) in f.exports.into_iter().enumerate() {
+            let e = e.into_inner();
             let addr = TargetAddr::new(e.shelf, e.slot);
             let allowed_macs =
                 e.allowed_macs
@@ -556,24 +645,29 @@ impl ServeConfig {
         let cfg = ServeConfig {
             exports,
             state_dir: f.state_dir.map(|d| base.join(d)),
-            workers: f.workers.unwrap_or(DEFAULT_WORKERS),
+            workers: f.workers.map_or(DEFAULT_WORKERS, toml::Spanned::into_inner),
             allow_duplicate: f.allow_duplicate,
-            probe: f
-                .probe_ms
-                .map_or(crate::probe::DEFAULT_PROBE, Duration::from_millis),
-            conflict_check: f
-                .conflict_check_s
-                .map_or(DEFAULT_CONFLICT_CHECK, Duration::from_secs),
+            probe: f.probe_ms.map_or(crate::probe::DEFAULT_PROBE, |p| {
+                Duration::from_millis(p.into_inner())
+            }),
+            conflict_check: f.conflict_check_s.map_or(DEFAULT_CONFLICT_CHECK, |c| {
+                Duration::from_secs(c.into_inner())
+            }),
             control: f.control.map(|c| base.join(c)),
             io: IoMode::default(),
             spin: DEFAULT_SPIN,
             coalesce: Duration::ZERO,
             drain: DEFAULT_DRAIN,
             dedup: aoe_proto::target::DedupConfig::default(),
+            sources,
         };
-        cfg.check_static().map_err(|e| ConfigError::In {
-            origin: origin.to_path_buf(),
-            error: Box::new(e),
+        cfg.check_static().map_err(|e| match e {
+            // Placed already: FILE:LINE:COLUMN.
+            e @ ConfigError::At { .. } => e,
+            e => ConfigError::In {
+                origin: origin.to_path_buf(),
+                error: Box::new(e),
+            },
         })?;
         Ok(cfg)
     }
@@ -660,6 +754,7 @@ impl ServeConfig {
             coalesce: Duration::ZERO,
             drain: DEFAULT_DRAIN,
             dedup: aoe_proto::target::DedupConfig::default(),
+            sources: Sources::default(),
         }
     }
 
@@ -671,14 +766,18 @@ impl ServeConfig {
         if self.exports.is_empty() {
             return Err(ConfigError::NoExports);
         }
+        let src = &self.sources;
         if !(1..=MAX_WORKERS).contains(&self.workers) {
-            return Err(ConfigError::Workers(self.workers));
+            return Err(src.key("workers", ConfigError::Workers(self.workers)));
         }
         if self.probe > crate::probe::MAX_PROBE {
-            return Err(ConfigError::Probe(self.probe.as_millis()));
+            return Err(src.key("probe_ms", ConfigError::Probe(self.probe.as_millis())));
         }
         if self.conflict_check > MAX_CONFLICT_CHECK {
-            return Err(ConfigError::ConflictCheck(self.conflict_check.as_secs()));
+            return Err(src.key(
+                "conflict_check_s",
+                ConfigError::ConflictCheck(self.conflict_check.as_secs()),
+            ));
         }
         if self.drain > MAX_DRAIN {
             return Err(ConfigError::Drain(self.drain.as_secs()));
@@ -690,56 +789,66 @@ impl ServeConfig {
             return Err(ConfigError::Coalesce(self.coalesce.as_micros()));
         }
         let mut seen = HashSet::new();
-        for e in &self.exports {
-            let a = e.addr();
-            if e.shelf == TargetAddr::BROADCAST_SHELF {
-                return Err(ConfigError::BroadcastShelf(e.shelf));
-            }
-            if e.slot == TargetAddr::BROADCAST_SLOT {
-                return Err(ConfigError::BroadcastSlot(e.slot));
-            }
-            if e.interfaces.is_empty() {
-                return Err(ConfigError::NoInterfaces(a));
-            }
-            if e.buffer_count == 0 {
-                return Err(ConfigError::NoBuffers(a));
-            }
-            if e.buffer_count > MAX_BUFFER_COUNT {
-                return Err(ConfigError::TooManyBuffers(a, e.buffer_count));
-            }
-            if let Some(&mac) = e.allowed_macs.iter().find(|m| m.is_multicast()) {
-                return Err(ConfigError::GroupMac { addr: a, mac });
-            }
-            match e.rbd_image() {
-                Some(r) => {
-                    r?;
-                    let file_only = [
-                        ("direct_io (-d)", e.direct_io),
-                        ("sync (-s)", e.sync),
-                        ("offset (-o)", e.offset != 0),
-                        ("length (-l)", e.length.is_some()),
-                    ];
-                    if let Some((name, _)) = file_only.iter().find(|(_, on)| *on) {
-                        return Err(ConfigError::FileOptionOnRbd {
-                            addr: a,
-                            option: name,
-                        });
-                    }
-                }
-                None if !e.ceph.is_empty() => return Err(ConfigError::CephOptionsWithoutRbd(a)),
-                None => {}
-            }
-            for i in &e.interfaces {
-                if !seen.insert((a, i.clone())) {
-                    return Err(ConfigError::ExportedTwice {
-                        addr: a,
-                        interface: i.clone(),
-                    });
-                }
-            }
+        for (i, e) in self.exports.iter().enumerate() {
+            check_export(e, &mut seen).map_err(|err| src.export(i, err))?;
         }
         Ok(())
     }
+}
+
+/// The checks of [`ServeConfig::check_static`] for one export; `seen` holds the (address,
+/// interface) pairs of the exports before it.
+fn check_export(
+    e: &ExportSpec,
+    seen: &mut HashSet<(TargetAddr, String)>,
+) -> Result<(), ConfigError> {
+    let a = e.addr();
+    if e.shelf == TargetAddr::BROADCAST_SHELF {
+        return Err(ConfigError::BroadcastShelf(e.shelf));
+    }
+    if e.slot == TargetAddr::BROADCAST_SLOT {
+        return Err(ConfigError::BroadcastSlot(e.slot));
+    }
+    if e.interfaces.is_empty() {
+        return Err(ConfigError::NoInterfaces(a));
+    }
+    if e.buffer_count == 0 {
+        return Err(ConfigError::NoBuffers(a));
+    }
+    if e.buffer_count > MAX_BUFFER_COUNT {
+        return Err(ConfigError::TooManyBuffers(a, e.buffer_count));
+    }
+    if let Some(&mac) = e.allowed_macs.iter().find(|m| m.is_multicast()) {
+        return Err(ConfigError::GroupMac { addr: a, mac });
+    }
+    match e.rbd_image() {
+        Some(r) => {
+            r?;
+            let file_only = [
+                ("direct_io (-d)", e.direct_io),
+                ("sync (-s)", e.sync),
+                ("offset (-o)", e.offset != 0),
+                ("length (-l)", e.length.is_some()),
+            ];
+            if let Some((name, _)) = file_only.iter().find(|(_, on)| *on) {
+                return Err(ConfigError::FileOptionOnRbd {
+                    addr: a,
+                    option: name,
+                });
+            }
+        }
+        None if !e.ceph.is_empty() => return Err(ConfigError::CephOptionsWithoutRbd(a)),
+        None => {}
+    }
+    for i in &e.interfaces {
+        if !seen.insert((a, i.clone())) {
+            return Err(ConfigError::ExportedTwice {
+                addr: a,
+                interface: i.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl ServeConfig {
@@ -768,7 +877,7 @@ impl ServeConfig {
             }
         };
         let mut seen: Vec<(Store, u64, u64, &ExportSpec)> = Vec::new();
-        for e in &self.exports {
+        for (i, e) in self.exports.iter().enumerate() {
             let store = match e.rbd_image() {
                 Some(r) => Store::Rbd(r?),
                 None => match std::fs::metadata(&e.path) {
@@ -803,12 +912,15 @@ impl ServeConfig {
                         )
                     }
                 };
-                return Err(ConfigError::Overlap {
-                    first: o.addr(),
-                    second: e.addr(),
-                    what,
-                    both_writable: !o.read_only && !e.read_only,
-                });
+                return Err(self.sources.export(
+                    i,
+                    ConfigError::Overlap {
+                        first: o.addr(),
+                        second: e.addr(),
+                        what,
+                        both_writable: !o.read_only && !e.read_only,
+                    },
+                ));
             }
             seen.push((store, start, end, e));
         }
@@ -1234,13 +1346,15 @@ mod tests {
             Path::new("/c.toml"),
         )
         .unwrap_err();
+        // Session 28: a check after parsing names the export's place too (it named the
+        // file alone: "/c.toml: e1.1: ...").
         assert!(
-            matches!(&e, ConfigError::In { error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
+            matches!(&e, ConfigError::At { at: (1, 1), error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
             "{e:?}"
         );
         assert_eq!(
             e.to_string(),
-            "/c.toml: e1.1: buffer count must be at least 1"
+            "/c.toml:1:1: e1.1: buffer count must be at least 1"
         );
         assert_eq!(line_column("a\nbé\nc", 5), (2, 3));
     }
@@ -1289,6 +1403,8 @@ mod tests {
 
         // What `aoe serve -m` builds: check_static refuses it.
         let mut c = ServeConfig::from_toml(&unicast, Path::new("/c.toml")).unwrap();
+        // (From the command line: no file to name.)
+        c.sources = Sources::default();
         c.exports[0].allowed_macs.push(MacAddr::BROADCAST);
         assert!(matches!(
             c.check_static(),
@@ -1321,18 +1437,21 @@ mod tests {
                 .check_overlaps()
         };
         let e = check(export("img1", 1, "x", ""), export("img1", 2, "x", "")).unwrap_err();
+        // At the second export's `[[export]]` (line 7), session 28.
         assert!(
             matches!(
-                e,
-                ConfigError::Overlap {
+                &e,
+                ConfigError::At { at: (7, 1), error, .. } if matches!(**error, ConfigError::Overlap {
                     both_writable: true,
                     ..
-                }
+                })
             ),
             "{e:?}"
         );
+        let at = format!("{}:7:1: ", origin.display());
         assert!(
-            e.to_string().starts_with("e1.1 and e1.2 both export ")
+            e.to_string()
+                .starts_with(&format!("{at}e1.1 and e1.2 both export "))
                 && e.to_string().contains("img1 (sectors 0-end and 0-end)"),
             "{e}"
         );
@@ -1375,7 +1494,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("e1.1 and e1.2 both export rbd:p/i, and both"),
+            e.starts_with(&format!("{at}e1.1 and e1.2 both export rbd:p/i, and both")),
             "{e}"
         );
         check(
@@ -1383,5 +1502,68 @@ mod tests {
             export("rbd:p/ns/i", 2, "y", ""),
         )
         .unwrap();
+    }
+    /// Session 28 (operator's audit, session 27): an out-of-range daemon-wide number and an
+    /// export twice on one interface name `FILE:LINE:COLUMN` (the value's place, the second
+    /// export's `[[export]]`) as well as the export, as the TOML parser's errors do; a
+    /// command-line override that is out of range names no line of the file.
+    #[test]
+    fn checks_after_parsing_name_the_file_line_and_column() {
+        let export = |slot: u8, extra: &str| {
+            format!(
+                "[[export]]\npath = \"a\"\nshelf = 1\nslot = {slot}\ninterfaces = [\"x\"]\n{extra}"
+            )
+        };
+        let err = |text: &str| {
+            ServeConfig::from_toml(text, Path::new("/c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&format!("\nworkers = 0\n{}", export(1, "")));
+        assert_eq!(e, "/c.toml:2:11: workers must be from 1 to 1024, not 0");
+        let e = err(&format!("probe_ms = 999999\n{}", export(1, "")));
+        assert!(
+            e.starts_with("/c.toml:1:12: --probe-ms / probe_ms 999999 "),
+            "{e}"
+        );
+        let e = err(&format!("conflict_check_s = 86401\n{}", export(1, "")));
+        assert!(e.starts_with("/c.toml:1:20: conflict_check_s "), "{e}");
+        let e = err(&format!(
+            "{}{}",
+            export(1, ""),
+            export(2, "buffer_count = 9000\n")
+        ));
+        assert!(
+            e.starts_with("/c.toml:6:1: e1.2: buffer count 9000 is more than"),
+            "{e}"
+        );
+        let e = err(&format!("{}\n{}", export(1, ""), export(1, "")));
+        assert_eq!(e, "/c.toml:7:1: e1.1 is exported twice on interface x");
+        let e = err(&export(255, ""));
+        assert!(
+            e.starts_with("/c.toml:1:1: slot 255 is the broadcast slot"),
+            "{e}"
+        );
+        // --workers 0 over a file's good value: not the file's line.
+        let mut c = ServeConfig::from_toml(
+            &format!("workers = 2\n{}", export(1, "")),
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        }
+        .apply(&mut c);
+        assert_eq!(
+            c.check_static().unwrap_err().to_string(),
+            "workers must be from 1 to 1024, not 0"
+        );
+        // Where an export is written is not part of it: a reload that moves it in the file
+        // does not reopen it.
+        let a = ServeConfig::from_toml(&export(1, ""), Path::new("/c.toml")).unwrap();
+        let b = ServeConfig::from_toml(&format!("\n\n{}", export(1, "")), Path::new("/c.toml"))
+            .unwrap();
+        assert_eq!(a, b);
     }
 }

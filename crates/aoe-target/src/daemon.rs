@@ -282,6 +282,9 @@ type ReloadOpened = (ServeConfig, Vec<u32>, Vec<ExportRt>);
 struct Reloading {
     /// Where its thread sends the opened stores.
     rx: std::sync::mpsc::Receiver<Result<ReloadOpened>>,
+    /// Its stores are open and its commit waits for a gateway whose lock it broke to fall
+    /// silent ([`exports::TakingOver`]); `rx` is done with.
+    taking_over: Option<Box<exports::TakingOver>>,
     /// The config file, for the log.
     path: PathBuf,
     /// The tick it began at, and that of the last warning that it is still opening its
@@ -1047,6 +1050,10 @@ impl Daemon {
         let Some(r) = &mut self.reloading else {
             return;
         };
+        if r.taking_over.is_some() {
+            // Its stores are open; the take-over wait logs on its own and is bounded.
+            return;
+        }
         let age = now.wrapping_sub(r.since);
         if age < STUCK_AFTER || r.warned.is_some_and(|w| now.wrapping_sub(w) < STUCK_REPEAT) {
             return;

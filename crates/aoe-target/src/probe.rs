@@ -109,6 +109,18 @@ impl Probe {
         Self::start_with(new, all, timeout, PacketSocket::open)
     }
 
+    /// [`start`](Self::start) on sockets that take AoE responses only
+    /// ([`PacketSocket::open_responses`]): finds other targets answering for `new`'s
+    /// addresses, not two of our own exports meeting. A reload's take-over wait probes so
+    /// (`daemon/exports.rs`, `TakingOver`), from the loop, for up to 30 s.
+    pub fn start_responses(
+        new: &[&ExportSpec],
+        all: &[ExportSpec],
+        timeout: Duration,
+    ) -> Result<Option<Probe>> {
+        Self::start_with(new, all, timeout, PacketSocket::open_responses)
+    }
+
     /// The periodic re-check of a running daemon (its conflict watch, `daemon/conflict.rs`):
     /// probes every export of `all`, on sockets whose kernel filter takes AoE responses only
     /// ([`PacketSocket::open_responses`]), so the initiators' requests that arrive while it

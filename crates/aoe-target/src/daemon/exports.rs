@@ -179,6 +179,7 @@ impl Daemon {
             Ok(_) => {
                 self.reloading = Some(Reloading {
                     rx,
+                    taking_over: None,
                     path,
                     since: self.ticks,
                     warned: None,
@@ -193,25 +194,81 @@ impl Daemon {
 
     /// Commits a reload whose stores are open, if its thread is done
     /// ([`Daemon::start_apply`]); a thread that ended without a result (it panicked) is
-    /// logged as a refused reload.
+    /// logged as a refused reload. A commit that waits for the gateway it took an image
+    /// over from to fall silent ([`TakingOver`]) is carried on here, on the loop's tick.
     pub(super) fn poll_reload(&mut self) {
-        let Some(Reloading { rx, .. }) = &self.reloading else {
+        let Some(r) = &mut self.reloading else {
             return;
         };
-        let got = match rx.try_recv() {
+        if let Some(t) = &mut r.taking_over {
+            if t.tick == self.ticks {
+                return;
+            }
+            t.tick = self.ticks;
+            let t = r.taking_over.take().expect("a take-over under way");
+            let ok = match self.take_over_step(t) {
+                Ok(None) => true,
+                Ok(Some(t)) => {
+                    if let Some(r) = &mut self.reloading {
+                        r.taking_over = Some(t);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                    false
+                }
+            };
+            if let Some(Reloading { path, .. }) = self.reloading.take() {
+                if ok {
+                    tracing::info!(config = %path.display(), "configuration reloaded");
+                }
+            }
+            return;
+        }
+        let got = match r.rx.try_recv() {
             Ok(got) => got,
             Err(std::sync::mpsc::TryRecvError::Empty) => return,
             Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!(
                 "the thread opening the stores ended without a result"
             )),
         };
-        let Some(Reloading { path, .. }) = self.reloading.take() else {
-            return;
+        let done = got.and_then(|(config, keep, new_rts)| {
+            let (dups, took_over) = self.probe_new(&config, &new_rts)?;
+            if !dups.is_empty() && previous_gateway(&dups, &took_over) {
+                // Not here, on the loop: the loop's tick probes again
+                // ([`Daemon::take_over_step`]) while every running export keeps being
+                // served, and its status, signals and state files keep being looked at.
+                log_takeover_wait(&dups);
+                return Ok(Some(Box::new(TakingOver {
+                    config,
+                    keep,
+                    new_rts,
+                    took_over,
+                    until: Instant::now() + crate::backing::TAKEOVER_WAIT,
+                    probe: None,
+                    tick: self.ticks,
+                })));
+            }
+            self.install(config, keep, new_rts, dups).map(|()| None)
+        });
+        let ok = match done {
+            Ok(Some(t)) => {
+                if let Some(r) = &mut self.reloading {
+                    r.taking_over = Some(t);
+                }
+                return;
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                false
+            }
         };
-        let done = got.and_then(|(config, keep, new_rts)| self.commit(config, keep, new_rts));
-        match done {
-            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+        if let Some(Reloading { path, .. }) = self.reloading.take() {
+            if ok {
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            }
         }
     }
 
@@ -233,14 +290,43 @@ impl Daemon {
         }
     }
 
-    /// The second half of [`Daemon::apply`], on the loop: the exports in `keep` stay,
-    /// `new_rts` (opened already) start after the duplicate probe, the others retire.
+    /// The second half of [`Daemon::apply`] at start: the duplicate probe, then
+    /// [`Daemon::install`]. A gateway that took its store over from another one (broke its
+    /// lock) hears that one still answering until it noticed (seconds) and fell silent: it
+    /// probes again, for up to TAKEOVER_WAIT, before treating it as a duplicate. At start
+    /// nothing else is served yet, so the wait is a loop here; a reload waits from the
+    /// loop's tick instead ([`Daemon::poll_reload`]).
     fn commit(
         &mut self,
         config: ServeConfig,
         keep: Vec<u32>,
         new_rts: Vec<ExportRt>,
     ) -> Result<()> {
+        let (mut dups, took_over) = self.probe_new(&config, &new_rts)?;
+        if !dups.is_empty() && previous_gateway(&dups, &took_over) {
+            log_takeover_wait(&dups);
+            let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
+            let until = Instant::now() + crate::backing::TAKEOVER_WAIT;
+            while !dups.is_empty() && previous_gateway(&dups, &took_over) && Instant::now() < until
+            {
+                dups = self.probe(&new_specs, &config)?;
+            }
+            if dups.is_empty() {
+                tracing::info!("the other target stopped answering; serving");
+            }
+        }
+        self.install(config, keep, new_rts, dups)
+    }
+
+    /// The start of a commit: the serving sockets of the new exports' interfaces opened,
+    /// and the duplicate probe for the new exports (the running ones served meanwhile).
+    /// Returns what it found, and the addresses of the new exports that took their store
+    /// over from another gateway.
+    fn probe_new(
+        &mut self,
+        config: &ServeConfig,
+        new_rts: &[ExportRt],
+    ) -> Result<(Vec<Duplicate>, Vec<aoe_wire::TargetAddr>)> {
         // The serving sockets open first, so requests that arrive during the probe wait in
         // them and are answered once it is over, instead of being lost.
         let names: Vec<String> = new_rts
@@ -248,41 +334,74 @@ impl Daemon {
             .flat_map(|rt| rt.spec.interfaces.clone())
             .collect();
         for name in names {
-            self.iface_index(&name, &config)?;
+            self.iface_index(&name, config)?;
         }
         // Ask the segments before announcing anything new: a second target with one of our
         // addresses makes initiators mix two disks.
         let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
-        let mut dups = self.probe(&new_specs, &config)?;
-        // A gateway that took its store over from another one (broke its lock) hears that
-        // one still answering until it noticed (seconds) and fell silent: it probes again,
-        // for up to TAKEOVER_WAIT, before treating it as a duplicate.
-        let took_over: Vec<aoe_wire::TargetAddr> = new_rts
+        let dups = self.probe(&new_specs, config)?;
+        let took_over = new_rts
             .iter()
             .filter(|rt| rt.shared.as_ref().is_some_and(|s| s.took_over()))
             .map(|rt| rt.spec.addr())
             .collect();
-        let previous_gateway =
-            |dups: &[Duplicate]| dups.iter().all(|d| !d.ours && took_over.contains(&d.addr));
-        if !dups.is_empty() && previous_gateway(&dups) {
-            let wait = crate::backing::TAKEOVER_WAIT;
-            tracing::info!(
-                wait_s = wait.as_secs(),
-                "{}: another target still answers (the gateway whose lock was broken, until it \
-                 notices); waiting for it to stop",
-                dups.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-            let until = Instant::now() + wait;
-            while !dups.is_empty() && previous_gateway(&dups) && Instant::now() < until {
-                dups = self.probe(&new_specs, &config)?;
+        Ok((dups, took_over))
+    }
+
+    /// One tick of a reload's take-over wait: finishes the probe under way if its wait is
+    /// over (collecting what came meanwhile, without waiting) and either installs the
+    /// reload (nobody else answers any more, or the wait ran out: then as a duplicate,
+    /// refused unless `allow_duplicate`) or starts the next probe. Returns the wait to
+    /// carry on with, or None once the reload is installed.
+    fn take_over_step(&mut self, mut t: Box<TakingOver>) -> Result<Option<Box<TakingOver>>> {
+        let now = Instant::now();
+        if let Some(p) = &mut t.probe {
+            p.collect()?;
+            if now < p.deadline() {
+                return Ok(Some(t));
             }
+            let dups = t.probe.take().expect("a probe under way").finish();
             if dups.is_empty() {
                 tracing::info!("the other target stopped answering; serving");
             }
+            if dups.is_empty() || !previous_gateway(&dups, &t.took_over) || now >= t.until {
+                let TakingOver {
+                    config,
+                    keep,
+                    new_rts,
+                    ..
+                } = *t;
+                return self.install(config, keep, new_rts, dups).map(|()| None);
+            }
         }
+        let new_specs: Vec<&ExportSpec> = t.new_rts.iter().map(|rt| &rt.spec).collect();
+        // Answers only: the initiators' requests on the segment are not copied to it.
+        t.probe = Probe::start_responses(&new_specs, &t.config.exports, t.config.probe)?;
+        if t.probe.is_none() {
+            // No probe configured any more (cannot happen: the first one ran): serve.
+            let TakingOver {
+                config,
+                keep,
+                new_rts,
+                ..
+            } = *t;
+            return self
+                .install(config, keep, new_rts, Vec::new())
+                .map(|()| None);
+        }
+        Ok(Some(t))
+    }
+
+    /// The end of a commit, on the loop: `dups` (what the probe found) refuses it unless
+    /// `allow_duplicate`; then the exports in `keep` stay, `new_rts` (opened already)
+    /// start, the others retire.
+    fn install(
+        &mut self,
+        config: ServeConfig,
+        keep: Vec<u32>,
+        new_rts: Vec<ExportRt>,
+        dups: Vec<Duplicate>,
+    ) -> Result<()> {
         if !dups.is_empty() {
             let what = dups
                 .iter()
@@ -515,6 +634,50 @@ impl Daemon {
     }
 }
 
+/// A reload whose stores are open and whose duplicate probe heard, for an `rbd:` export that
+/// took its image over (broke another gateway's lock), only other targets at that
+/// export's address: the gateway whose lock was broken, until it notices (seconds) and
+/// falls silent. Its commit waits for that, for up to [`crate::backing::TAKEOVER_WAIT`],
+/// probing again from the loop's once-a-second tick ([`Daemon::take_over_step`]); until
+/// then nothing of the reload is served (its exports are not in the daemon's table, so
+/// nothing is answered or announced for them) and the running configuration serves on.
+/// Session 28: the wait was a loop inside the commit; the probe's loop read the serving
+/// sockets, but nothing else the event loop does ran for up to 30 s (the status and
+/// metrics, state files, signals, further reloads).
+pub(super) struct TakingOver {
+    config: ServeConfig,
+    keep: Vec<u32>,
+    new_rts: Vec<ExportRt>,
+    /// The new exports' addresses that took their store over.
+    took_over: Vec<aoe_wire::TargetAddr>,
+    /// When the wait gives up (the reload is then refused as a duplicate, unless
+    /// `allow_duplicate`).
+    until: Instant,
+    /// The probe under way, if any.
+    probe: Option<Probe>,
+    /// The daemon tick this wait last looked at: one step a tick.
+    pub(super) tick: u32,
+}
+
+/// True if every duplicate in `dups` is another target at an address in `took_over`:
+/// presumably the gateway whose lock was broken, still answering until it notices.
+fn previous_gateway(dups: &[Duplicate], took_over: &[aoe_wire::TargetAddr]) -> bool {
+    dups.iter().all(|d| !d.ours && took_over.contains(&d.addr))
+}
+
+/// The line a take-over wait starts with.
+fn log_takeover_wait(dups: &[Duplicate]) {
+    tracing::info!(
+        wait_s = crate::backing::TAKEOVER_WAIT.as_secs(),
+        "{}: another target still answers (the gateway whose lock was broken, until it \
+         notices); waiting for it to stop",
+        dups.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+}
+
 /// A running export as a reload compares it: id, spec, and its [`file_identity`] when it
 /// was opened.
 type Running = (u32, ExportSpec, Option<(u64, u64, u64)>);
@@ -524,12 +687,22 @@ type Running = (u32, ExportSpec, Option<(u64, u64, u64)>);
 fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_static()?;
     config.check_overlaps()?;
-    for e in &config.exports {
+    for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i)?;
+            check_interface(e, i).map_err(|err| placed(config, n, err))?;
         }
     }
     Ok(())
+}
+
+/// `err`, found for export `n` of `config`, led by the export's `FILE:LINE:COLUMN` when it
+/// came from a file (the TOML parser's errors and [`ServeConfig::check_static`]'s name it
+/// so; a missing file or interface named only the export until session 28).
+fn placed(config: &ServeConfig, n: usize, err: anyhow::Error) -> anyhow::Error {
+    match config.sources.export_place(n) {
+        Some(at) => anyhow::anyhow!("{at}: {err:#}"),
+        None => err,
+    }
 }
 
 /// Checks interface `name` of export `e` as `aoe serve` (start, reload, `--check`) does:
@@ -593,14 +766,17 @@ impl Opener {
             .map(|(id, _, _)| *id)
             .collect();
         let mut new_rts = Vec::new();
-        for spec in &config.exports {
+        for (n, spec) in config.exports.iter().enumerate() {
             if running
                 .iter()
                 .any(|(id, s, _)| keep.contains(id) && s == spec)
             {
                 continue;
             }
-            new_rts.push(self.open_export(spec, config)?);
+            new_rts.push(
+                self.open_export(spec, config)
+                    .map_err(|err| placed(config, n, err))?,
+            );
         }
         Ok((keep, new_rts))
     }
@@ -697,12 +873,13 @@ fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
 pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_static()?;
     config.check_overlaps()?;
-    for e in &config.exports {
+    for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i)?;
+            check_interface(e, i).map_err(|err| placed(config, n, err))?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
-        crate::backing::open(e, &Completions::new(Arc::new(|| {})))?;
+        crate::backing::open(e, &Completions::new(Arc::new(|| {})))
+            .map_err(|err| placed(config, n, err))?;
     }
     Ok(())
 }
