@@ -568,7 +568,19 @@ fn sancheck_narrow_path(mtu: u32, narrow: u32) {
     let mut c = Command::new(AOE);
     c.args(["serve", "4", "2", "tgt0"]).arg(&img);
     let target = tns.spawn(c).expect("aoe serve");
-    std::thread::sleep(Duration::from_millis(500));
+    // Serving only after its 1 s duplicate-address probe: wait until it answers (a fixed
+    // 500 ms stood in for that, leaving the rest to the sanchecks' own waits).
+    let up = wait_until(Duration::from_secs(20), || {
+        ins.command("aoeping")
+            .args(["-s", "1", "4", "2", "eth0"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(
+        up,
+        "aoe serve e4.2 never answered:\n{}",
+        target.output_so_far()
+    );
 
     let theirs = run(ins.command("aoe-sancheck"));
     let mut c = ins.command(AOE);
