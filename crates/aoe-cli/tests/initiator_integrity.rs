@@ -434,7 +434,7 @@ fn sigterm_while_mounted_waits_for_the_unmount() {
     initiator_exits_0(&mut rig, "after the unmount");
     assert!(!rig.root_mounted(), "ROOT still mounted");
     assert!(
-        wait_until(Duration::from_secs(3), || rig.loops().is_empty()),
+        wait_until(Duration::from_secs(10), || rig.loops().is_empty()),
         "loop devices left: {:?}",
         rig.loops()
     );
@@ -461,7 +461,7 @@ fn sigquit_stops_even_while_mounted() {
     initiator_exits_0(&mut rig, "after SIGQUIT");
     eprintln!("SIGQUIT to exit: {:?}", t0.elapsed());
     assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        wait_until(Duration::from_secs(10), || !rig.root_mounted()),
         "ROOT still mounted after SIGQUIT"
     );
     // Drop unmounts the ext4 (it now gets I/O errors) and detaches the loop device.
@@ -482,7 +482,7 @@ fn sigterm_with_a_control_file_open_exits_fuse_uring() {
     rig.signal_initiator("TERM");
     initiator_exits_0(&mut rig, "SIGTERM with ROOT/interfaces open");
     assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        wait_until(Duration::from_secs(10), || !rig.root_mounted()),
         "ROOT still mounted after the initiator exited"
     );
     drop(held);
@@ -682,7 +682,7 @@ fn quit_mid_writes(
     rig.signal_initiator("QUIT");
     initiator_exits_0(rig, "after SIGQUIT");
     assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        wait_until(Duration::from_secs(10), || !rig.root_mounted()),
         "ROOT still mounted after SIGQUIT"
     );
     let log = rx
@@ -1924,7 +1924,7 @@ fn fuse_uring_on_the_network_thread_serves_reads_while_err_waits_then_sigquit() 
         panic!("the waiting err read hangs after SIGQUIT: {e}");
     }
     assert!(
-        wait_until(Duration::from_secs(3), || !rig.root_mounted()),
+        wait_until(Duration::from_secs(10), || !rig.root_mounted()),
         "ROOT still mounted after SIGQUIT"
     );
 }

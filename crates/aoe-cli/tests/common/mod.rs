@@ -579,7 +579,7 @@ impl Rig {
             "ROOT still mounted after the initiator stopped"
         );
         assert!(
-            wait_until(Duration::from_secs(3), || self.loops().is_empty()),
+            wait_until(Duration::from_secs(10), || self.loops().is_empty()),
             "loop devices left over ROOT: {:?}",
             self.loops()
         );
