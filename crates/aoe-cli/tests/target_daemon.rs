@@ -1092,7 +1092,9 @@ fn an_overlapping_write_waits_for_the_one_in_flight() {
 
 /// Session 17's audit ("2 SIGHUP with writes"): a write still in flight on an export that a
 /// reload retires runs before a newer write to the same sectors through the reopened export.
-/// A write of A to sectors 0-1 is slowed down in the store (3 s); the export's config is
+/// A write of A to sectors 0-1 is slowed down in the store (10 s: the reload must be done
+/// while A is in flight, and a loaded machine can take seconds over the SIGHUP, the config
+/// and the store's open; 3 s left too little); the export's config is
 /// changed (buffer count 16 -> 17) and SIGHUP reopens it while A is in flight; then B is
 /// written to the same sectors through the new export. Seen failing before the fence carried
 /// over: B landed (and was answered) first, A last, so the store held A: acknowledged data
@@ -1100,7 +1102,7 @@ fn an_overlapping_write_waits_for_the_one_in_flight() {
 #[test]
 fn a_reopened_export_waits_for_the_retiring_ones_overlapping_write() {
     use aoe_testkit::aoeclient::Request;
-    const SLOW: Duration = Duration::from_secs(3);
+    const SLOW: Duration = Duration::from_secs(10);
     let mut n = Net::new("aoerw", 1500);
     let store = tempfile::tempdir().unwrap();
     let (backing, ffs) = fault_store(store.path(), "backing.img");
