@@ -66,6 +66,9 @@ qemu_extra=()
 if ! have_cmd qemu-system-x86_64; then
     need+=(qemu-system-x86)
 fi
+# qemu-io, qemu-img (tests/nbd.rs: NBD clients of the initiator) are in qemu-utils, only a
+# Recommends of qemu-system-x86: --no-install-recommends leaves them out on a fresh machine.
+have_cmd qemu-io || need+=(qemu-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: apt-get install ${need[*]}"
@@ -84,7 +87,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $APT install "${need[@]}" "${qemu_extra[@]}"
 fi
 
-for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 fusermount3 mkfs.ext4 ip nbdinfo nbdcopy nbdkit nbdfuse fio \
+for t in vblade aoeping aoecfg aoe-stat tshark qemu-system-x86_64 qemu-io qemu-img fusermount3 mkfs.ext4 ip nbdinfo nbdcopy nbdkit nbdfuse fio \
          ceph-mon ceph-mgr ceph-osd rbd uuidgen; do
     have_cmd "$t" || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done

@@ -759,12 +759,25 @@ fn version_names_the_features_built_in() {
 fn bench_rbd_refuses_a_binary_without_the_rbd_feature() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("aoe");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'aoe 0.1.0'\necho 'features: (none)'\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Written by a child process, not by this one: a file this process opens for writing
+    // is open, for a moment, in every child another test's thread forks meanwhile (until
+    // that child's exec closes it), and executing it then fails with ETXTBSY ("Text file
+    // busy"; rust-lang/rust#114554).
+    let st = Command::new("sh")
+        .args([
+            "-c",
+            "printf '#!/bin/sh\\necho \\047aoe 0.1.0\\047\\necho \\047features: (none)\\047\\n' \
+             > \"$1\" && chmod 755 \"$1\"",
+            "sh",
+        ])
+        .arg(&fake)
+        .status()
+        .expect("write the fake aoe");
+    assert!(st.success());
+    assert_eq!(
+        std::fs::read_to_string(&fake).unwrap(),
+        "#!/bin/sh\necho 'aoe 0.1.0'\necho 'features: (none)'\n"
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench-rbd.sh");
     let o = Command::new("bash")
         .arg(script)

@@ -124,7 +124,7 @@ fn growth(kind: Target) {
         "after the target grew and a discover (no revalidate)",
     );
     assert_eq!(rig.state().as_deref(), Some("up"));
-    assert!(wait_until(Duration::from_secs(2), || fs::metadata(&dev)
+    assert!(wait_until(Duration::from_secs(10), || fs::metadata(&dev)
         .is_ok_and(|m| m.len() == grown * 512)));
     assert_eq!(read_at(&dev, (grown - 8) * 512, 4096).unwrap(), tail);
     let err = rig.err_lines(2);

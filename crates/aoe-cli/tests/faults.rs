@@ -602,7 +602,7 @@ fn vanished_target_fails_pending_and_new_io_within_deadsecs() {
     }
     eprintln!("pending reads failed {:?} after the cut", t0.elapsed());
     r.rig
-        .wait_state("down", Duration::from_secs(2), "after the target vanished");
+        .wait_state("down", Duration::from_secs(10), "after the target vanished");
     r.rig.assert_prompt_eio(4096, "new read on a down device");
     let w = OpenOptions::new()
         .write(true)

@@ -528,7 +528,7 @@ fn initiator_serves_through_a_config_response_flood() {
     lan.flood(Flood::ConfigResponses, 3, &watched);
     // The device list is copied for the file system at least every 5 s.
     let mut n = 0;
-    wait_until(Duration::from_secs(7), || {
+    wait_until(Duration::from_secs(20), || {
         n = lan.device_count();
         n > 1
     });

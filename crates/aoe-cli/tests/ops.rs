@@ -24,6 +24,19 @@ fn demo_tools() {
     ]);
 }
 
+/// Held by each test that runs `aoe demo`, so that this binary runs one demo at a time.
+/// Every `aoe demo` first removes what demos that are no longer running left (`reap`): a
+/// demo started by another test thread just after `demo_after_a_sigkilled_...` killed its
+/// demo took that demo's leftovers before the test had looked at them (or while its second
+/// demo removed them too).
+static ONE_DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_demo_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Everything a demo with process id `pid` could leave behind, named; empty when clean.
 fn leftovers(pid: u32) -> Vec<String> {
     let tag = format!("aoedemo-{pid}");
@@ -70,6 +83,7 @@ fn leftovers(pid: u32) -> Vec<String> {
 
 #[test]
 fn demo_runs_end_to_end_and_leaves_nothing_behind() {
+    let _one = one_demo_at_a_time();
     demo_tools();
     let child = Command::new("timeout")
         .args(["300", AOE, "demo", "--no-install"])
@@ -152,6 +166,7 @@ fn demo_writing(stderr: Stdio) -> (std::process::Child, u32) {
 
 #[test]
 fn demo_interrupted_mid_way_removes_everything() {
+    let _one = one_demo_at_a_time();
     let (mut child, pid) = demo_writing(Stdio::piped());
     assert!(
         !leftovers(pid).is_empty(),
@@ -193,6 +208,7 @@ fn demo_interrupted_mid_way_removes_everything() {
 /// Seen failing before the fix: the second demo passed and every leftover was still there.
 #[test]
 fn demo_after_a_sigkilled_demo_removes_what_it_left() {
+    let _one = one_demo_at_a_time();
     let (mut child, pid) = demo_writing(Stdio::null());
     child.kill().unwrap();
     child.wait().unwrap();

@@ -553,12 +553,15 @@ fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving(
         b.output_so_far()
     );
     let _ = v.stop();
+    // "exporting" is logged after "stopped answering; serving" (the export is committed
+    // after the probe): wait for both, or a look between the two lines fails.
     let serves = wait_until(Duration::from_secs(60), || {
-        b.output_so_far().contains("stopped answering; serving") || !b.is_running()
+        let out = b.output_so_far();
+        (out.contains("stopped answering; serving") && out.contains("exporting")) || !b.is_running()
     });
     let out = b.output_so_far();
     assert!(
-        serves && b.is_running() && out.contains("exporting"),
+        serves && b.is_running() && out.contains("stopped answering; serving"),
         "gateway B did not serve once vblade was gone:\n{out}"
     );
     assert!(

@@ -2,7 +2,7 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aoe_testkit::{
     list_namespaces, parse_mac, process_alive, remove_stale_namespaces, require_root, wait_until,
@@ -130,9 +130,10 @@ fn ns_child_stops_with_sigterm() {
         "sleep is not inside {}",
         ns.name()
     );
-    let start = Instant::now();
+    // Ended by the SIGTERM (signal 15), not by the SIGKILL that follows stop()'s 5 s
+    // grace: that is what a time bound here stood for, and a stalled machine could break
+    // the bound without the SIGTERM failing.
     let status = child.stop().unwrap();
-    assert!(start.elapsed() < Duration::from_secs(4));
     assert_eq!(status.signal(), Some(15), "{status:?}");
     assert!(!child.is_running());
     // Stopping again just reports the status.

@@ -501,13 +501,36 @@ impl Rig {
         );
     }
 
-    /// Lines `err` has queued: `cat ROOT/err` blocks when the queue is empty, so it is
-    /// stopped after `secs` (the daemon answers an interrupted reader with EINTR).
+    /// The lines `err` has queued and those queued within `secs`, read here without
+    /// blocking (O_NONBLOCK: EAGAIN when the queue is empty, as `aoechr_read`). Each read
+    /// takes a line off the queue. This was `timeout SECS cat ROOT/err`: on a stalled
+    /// machine cat could start late and be stopped before it had read (or written out) a
+    /// line already queued, which was then lost to the assertion.
     pub fn err_lines(&self, secs: u32) -> String {
-        let out = run(Command::new("timeout")
-            .args(["-k", "5", &secs.to_string(), "cat"])
-            .arg(self.root.join("err")));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000) // O_NONBLOCK (asm-generic/fcntl.h: x86, arm)
+            .open(self.root.join("err"))
+            .expect("open ROOT/err");
+        let deadline = Instant::now() + Duration::from_secs(secs.into());
+        let mut text = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        // Lines queued before the deadline are all read, however long that takes.
+        loop {
+            match f.read(&mut buf) {
+                Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(_) | Err(_) if Instant::now() >= deadline => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("read ROOT/err: {e}"),
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
     }
 
     /// The initiator's output so far (its log), empty when none runs.
@@ -579,7 +602,7 @@ impl Rig {
             "ROOT still mounted after the initiator stopped"
         );
         assert!(
-            wait_until(Duration::from_secs(3), || self.loops().is_empty()),
+            wait_until(Duration::from_secs(10), || self.loops().is_empty()),
             "loop devices left over ROOT: {:?}",
             self.loops()
         );
