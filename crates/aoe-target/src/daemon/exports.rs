@@ -200,60 +200,44 @@ impl Daemon {
         let Some(r) = &mut self.reloading else {
             return;
         };
-        if let Some(t) = &mut r.taking_over {
+        let done = if let Some(t) = &mut r.taking_over {
             if t.tick == self.ticks {
                 return;
             }
             t.tick = self.ticks;
             let t = r.taking_over.take().expect("a take-over under way");
-            let ok = match self.take_over_step(t) {
-                Ok(None) => true,
-                Ok(Some(t)) => {
-                    if let Some(r) = &mut self.reloading {
-                        r.taking_over = Some(t);
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
-                    false
-                }
+            self.take_over_step(t)
+        } else {
+            let got = match r.rx.try_recv() {
+                Ok(got) => got,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!(
+                    "the thread opening the stores ended without a result"
+                )),
             };
-            if let Some(Reloading { path, .. }) = self.reloading.take() {
-                if ok {
-                    tracing::info!(config = %path.display(), "configuration reloaded");
+            got.and_then(|(config, keep, new_rts)| {
+                let (dups, took_over) = self.probe_new(&config, &new_rts)?;
+                if !dups.is_empty() && previous_gateway(&dups, &took_over) {
+                    // Not here, on the loop: the loop's tick probes again
+                    // ([`Daemon::take_over_step`]) while every running export keeps being
+                    // served, and its status, signals and state files keep being looked at.
+                    log_takeover_wait(&dups);
+                    return Ok(Some(Box::new(TakingOver {
+                        config,
+                        keep,
+                        new_rts,
+                        took_over,
+                        until: Instant::now() + crate::backing::TAKEOVER_WAIT,
+                        probe: None,
+                        tick: self.ticks,
+                    })));
                 }
-            }
-            return;
-        }
-        let got = match r.rx.try_recv() {
-            Ok(got) => got,
-            Err(std::sync::mpsc::TryRecvError::Empty) => return,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!(
-                "the thread opening the stores ended without a result"
-            )),
+                self.install(config, keep, new_rts, dups).map(|()| None)
+            })
         };
-        let done = got.and_then(|(config, keep, new_rts)| {
-            let (dups, took_over) = self.probe_new(&config, &new_rts)?;
-            if !dups.is_empty() && previous_gateway(&dups, &took_over) {
-                // Not here, on the loop: the loop's tick probes again
-                // ([`Daemon::take_over_step`]) while every running export keeps being
-                // served, and its status, signals and state files keep being looked at.
-                log_takeover_wait(&dups);
-                return Ok(Some(Box::new(TakingOver {
-                    config,
-                    keep,
-                    new_rts,
-                    took_over,
-                    until: Instant::now() + crate::backing::TAKEOVER_WAIT,
-                    probe: None,
-                    tick: self.ticks,
-                })));
-            }
-            self.install(config, keep, new_rts, dups).map(|()| None)
-        });
         let ok = match done {
             Ok(Some(t)) => {
+                // The take-over wait goes on at the next tick.
                 if let Some(r) = &mut self.reloading {
                     r.taking_over = Some(t);
                 }
