@@ -79,8 +79,9 @@ fn value(body: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[test]
-fn metrics_move_during_a_transfer_on_target_and_initiator() {
+/// `aoe serve` and `aoe initiator` at MTU 1500, each with `--metrics 127.0.0.1:{PORT}` in
+/// its namespace.
+fn metrics_rig() -> Rig {
     let addr = format!("127.0.0.1:{PORT}");
     let mut rig = Rig::start_with(
         Target::AoeServe,
@@ -90,6 +91,12 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
         &["--metrics", &addr],
     );
     rig.restart_initiator(&["--metrics", &addr]);
+    rig
+}
+
+#[test]
+fn metrics_move_during_a_transfer_on_target_and_initiator() {
+    let rig = metrics_rig();
 
     let before_t = scrape(&rig.target_ns);
     let before_i = scrape(&rig.init_ns);
@@ -306,35 +313,12 @@ fn metrics_move_during_a_transfer_on_target_and_initiator() {
 #[test]
 fn promtool_finds_nothing_to_say_about_either_endpoint() {
     aoe_testkit::require_tools(&[("promtool", "prometheus")]);
-    let addr = format!("127.0.0.1:{PORT}");
-    let mut rig = Rig::start_with(
-        Target::AoeServe,
-        1500,
-        InitOpts::default(),
-        None,
-        &["--metrics", &addr],
-    );
-    rig.restart_initiator(&["--metrics", &addr]);
+    let rig = metrics_rig();
     write_sync(&rig.dev(), 0, &pattern(12, 256 * 1024)).expect("write");
     read_at(&rig.dev(), 0, 256 * 1024).expect("read");
     for (who, ns) in [("target", &rig.target_ns), ("initiator", &rig.init_ns)] {
         // As curl asks: the Prometheus text format (0.0.4), which promtool reads.
-        let resp = {
-            use std::io::{Read, Write};
-            let mut conn = aoe_sys::run_in_netns(&ns.path(), || {
-                std::net::TcpStream::connect(("127.0.0.1", PORT))
-            })
-            .expect("enter netns")
-            .expect("connect to the metrics port");
-            conn.set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
-                .unwrap();
-            let mut resp = String::new();
-            conn.read_to_string(&mut resp).unwrap();
-            resp
-        };
-        let (head, body) = resp.split_once("\r\n\r\n").expect("a response head");
+        let (head, body) = get_metrics_accepting(ns, PORT, Some("*/*"));
         assert!(
             head.contains("Content-Type: text/plain; version=0.0.4"),
             "{head}"

@@ -1467,6 +1467,12 @@ pub fn target_json(sock: &Path, what: &str) -> serde_json::Value {
 /// `GET /metrics` on 127.0.0.1:`port` from inside `ns` (a daemon's `--metrics` listener):
 /// the response's head and body.
 pub fn get_metrics(ns: &Netns, port: u16) -> (String, String) {
+    get_metrics_accepting(ns, port, None)
+}
+
+/// [`get_metrics`] with an `Accept` header, when `accept` is given (the endpoints choose
+/// OpenMetrics or the Prometheus text format 0.0.4 by it).
+pub fn get_metrics_accepting(ns: &Netns, port: u16, accept: Option<&str>) -> (String, String) {
     use std::io::{Read, Write};
     let mut conn = aoe_sys::run_in_netns(&ns.path(), || {
         std::net::TcpStream::connect(("127.0.0.1", port))
@@ -1475,7 +1481,8 @@ pub fn get_metrics(ns: &Netns, port: u16) -> (String, String) {
     .expect("connect to the metrics port");
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    conn.write_all(format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{accept}\r\n").as_bytes())
         .unwrap();
     let mut resp = String::new();
     conn.read_to_string(&mut resp).expect("read the response");
