@@ -33,25 +33,7 @@ fi
 case $aoe in /*) ;; *) aoe=$(cd "$(dirname "$aoe")" && pwd)/$(basename "$aoe") ;; esac
 mkdir -p "$dir"
 absdir=$(cd "$dir" && pwd)
-# The first program NAME on PATH outside DIR, if any, and whether DIR comes before it:
-# prints "PATH shadowed", "PATH after" or nothing.
-elsewhere_on_path() {
-	before=no
-	IFS=:
-	for p in $PATH; do
-		[ -n "$p" ] || continue
-		if [ "$p" = "$dir" ] || [ "$p" = "$absdir" ]; then
-			before=yes
-			continue
-		fi
-		if [ -x "$p/$1" ] && [ ! -d "$p/$1" ]; then
-			unset IFS
-			if [ $before = yes ]; then echo "$p/$1 shadowed"; else echo "$p/$1 after"; fi
-			return 0
-		fi
-	done
-	unset IFS
-}
+. "$(dirname "$0")/lib/on-path.sh"
 shadowing=no
 for name in aoe-discover aoe-stat aoe-interfaces aoe-flush aoe-revalidate aoe-version \
 	aoe-sancheck aoeping aoecfg aoe-mkdevs aoe-mkshelf coraid-update sos-linux vblade; do
@@ -60,7 +42,7 @@ for name in aoe-discover aoe-stat aoe-interfaces aoe-flush aoe-revalidate aoe-ve
 		echo "$0: $target exists and is not a link; skipped (FORCE=1 replaces it)" >&2
 		continue
 	fi
-	other=$(elsewhere_on_path "$name")
+	other=$(elsewhere_on_path "$name" "$dir" "$absdir")
 	if [ -n "$other" ] && [ "$no_shadow" = 1 ]; then
 		echo "$0: $name is on PATH already (${other% *}); no link made (--no-shadow)" >&2
 		continue

@@ -154,24 +154,7 @@ put() { # MODE SRC DEST
 	install -m "$1" "$2" "$3"
 	record f "$(sha256sum <"$3" | cut -d' ' -f1)" "$3"
 }
-# The first program NAME on PATH outside DIR, if any, and whether DIR comes before it.
-elsewhere_on_path() { # NAME DIR -> prints "PATH shadowed" / "PATH after" / nothing
-	before=no
-	IFS=:
-	for p in $PATH; do
-		[ -n "$p" ] || continue
-		if [ "$p" = "$2" ]; then
-			before=yes
-			continue
-		fi
-		if [ -x "$p/$1" ] && [ ! -d "$p/$1" ]; then
-			unset IFS
-			if [ $before = yes ]; then echo "$p/$1 shadowed"; else echo "$p/$1 after"; fi
-			return 0
-		fi
-	done
-	unset IFS
-}
+. scripts/lib/on-path.sh
 
 # DESTDIR itself is the packager's: made if missing, not listed.
 [ -z "$DESTDIR" ] || install -d "$DESTDIR"
