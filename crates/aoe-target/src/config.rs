@@ -283,19 +283,17 @@ impl Eq for Sources {}
 impl Sources {
     /// `error` at the place of export `i`, when the file said where it is.
     pub fn export(&self, i: usize, error: ConfigError) -> ConfigError {
-        match (&self.file, self.exports.get(i)) {
-            (Some(f), Some(&at)) => ConfigError::At {
-                origin: f.clone(),
-                at,
-                error: Box::new(error),
-            },
-            _ => error,
-        }
+        self.placed(self.exports.get(i).copied(), error)
     }
 
     /// `error` at the place of daemon-wide key `key`, when the file set it.
     pub fn key(&self, key: &str, error: ConfigError) -> ConfigError {
         let at = self.keys.iter().find(|(k, _)| *k == key).map(|(_, at)| *at);
+        self.placed(at, error)
+    }
+
+    /// `error` at line and column `at` of the file, when both are known.
+    fn placed(&self, at: Option<(usize, usize)>, error: ConfigError) -> ConfigError {
         match (&self.file, at) {
             (Some(f), Some(at)) => ConfigError::At {
                 origin: f.clone(),
