@@ -526,32 +526,10 @@ fn a_gateway_started_beside_a_serving_one_takes_over_with_no_error_to_the_writer
 /// B's own link, does not hear B's probe: the serving socket ignores frames its host sends.)
 #[test]
 fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving() {
-    require_tools_vblade();
-    let r = RbdRig::start("rbd/img", |ceph| {
-        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
-    });
-    add_macvlan(&r.rig.init_ns, &r.rig.init_if, "ha27v");
-    let disk = tempfile::NamedTempFile::new().expect("vblade's disk");
-    disk.as_file().set_len(1 << 20).expect("size vblade's disk");
-    let mut v = r
-        .rig
-        .init_ns
-        .spawn({
-            let mut c = Command::new("vblade");
-            c.args([&SHELF.to_string(), &SLOT.to_string(), "ha27v"])
-                .arg(disk.path());
-            c
-        })
-        .expect("start vblade");
+    let r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "ha27v");
     let mut b = start_gateway(&r, (SHELF, SLOT), &[]);
-    let waits = wait_until(Duration::from_secs(60), || {
-        b.output_so_far().contains("waiting for it to stop") || !b.is_running()
-    });
-    assert!(
-        waits && b.is_running(),
-        "gateway B did not wait for the address to fall silent:\n{}",
-        b.output_so_far()
-    );
+    wait_for_takeover_wait(&mut b, Duration::from_secs(60));
     let _ = v.stop();
     // "exporting" is logged after "stopped answering; serving" (the export is committed
     // after the probe): wait for both, or a look between the two lines fails.
@@ -597,23 +575,8 @@ fn a_reload_whose_old_gateway_never_falls_silent_is_refused_and_the_rest_serves_
 
 /// The rig of the two tests above; `silenced`: vblade is stopped during the wait.
 fn reload_taking_an_image_over(silenced: bool) {
-    require_tools_vblade();
-    let mut r = RbdRig::start("rbd/img", |ceph| {
-        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
-    });
-    add_macvlan(&r.rig.init_ns, &r.rig.init_if, "op28v");
-    let disk = tempfile::NamedTempFile::new().expect("vblade's disk");
-    disk.as_file().set_len(1 << 20).expect("size vblade's disk");
-    let mut v = r
-        .rig
-        .init_ns
-        .spawn({
-            let mut c = Command::new("vblade");
-            c.args([&SHELF.to_string(), &SLOT.to_string(), "op28v"])
-                .arg(disk.path());
-            c
-        })
-        .expect("start vblade");
+    let mut r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "op28v");
     // Gateway B serves a file at slot+1, then a reload adds the image at the rig's address.
     let file = r.rig.dir.path().join("file.img");
     let seeded = pattern(28, 64 * 1024);
@@ -655,14 +618,7 @@ fn reload_taking_an_image_over(silenced: bool) {
     )
     .expect("rewrite config");
     run_ok(Command::new("kill").args(["-HUP", &b.pid().to_string()]));
-    let waits = wait_until(Duration::from_secs(90), || {
-        b.output_so_far().contains("waiting for it to stop") || !b.is_running()
-    });
-    assert!(
-        waits && b.is_running(),
-        "gateway B did not wait for the address to fall silent:\n{}",
-        b.output_so_far()
-    );
+    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
     // While the probe waits (vblade still answers): reads of the file export, each
     // checked, then its counters as the control socket shows them.
     let other = TargetAddr::new(SHELF, SLOT + 1);
@@ -753,6 +709,48 @@ fn reload_taking_an_image_over(silenced: bool) {
 /// vblade on PATH, or the test fails saying which package has it.
 fn require_tools_vblade() {
     aoe_testkit::require_tools(&[("vblade", "vblade")]);
+}
+
+/// The rig of the take-over probe tests: the cluster with a 32 MiB image `rbd/img`, vblade
+/// required.
+fn image_rig() -> RbdRig {
+    require_tools_vblade();
+    RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    })
+}
+
+/// vblade at the rig's shelf.slot on a macvlan `name` of the initiator's side (a MAC of its
+/// own), standing in for a gateway that has not noticed yet that its lock was broken; and
+/// its 1 MiB disk, which must outlive it.
+fn stand_in_gateway(r: &RbdRig, name: &str) -> (NsChild, tempfile::NamedTempFile) {
+    add_macvlan(&r.rig.init_ns, &r.rig.init_if, name);
+    let disk = tempfile::NamedTempFile::new().expect("vblade's disk");
+    disk.as_file().set_len(1 << 20).expect("size vblade's disk");
+    let v = r
+        .rig
+        .init_ns
+        .spawn({
+            let mut c = Command::new("vblade");
+            c.args([&SHELF.to_string(), &SLOT.to_string(), name])
+                .arg(disk.path());
+            c
+        })
+        .expect("start vblade");
+    (v, disk)
+}
+
+/// Waits (up to `limit`) until gateway `b` logs that it waits for the address to fall
+/// silent, and fails the test if it does not or exits.
+fn wait_for_takeover_wait(b: &mut NsChild, limit: Duration) {
+    let waits = wait_until(limit, || {
+        b.output_so_far().contains("waiting for it to stop") || !b.is_running()
+    });
+    assert!(
+        waits && b.is_running(),
+        "gateway B did not wait for the address to fall silent:\n{}",
+        b.output_so_far()
+    );
 }
 
 /// `GET /metrics` of the `aoe serve` started with `--metrics 127.0.0.1:{METRICS_PORT}` in
