@@ -972,3 +972,41 @@ fn aoe_target_on_a_stale_socket_or_a_file_says_which() {
         );
     }
 }
+
+/// Session 29's audit of the flags: `aoe bench --seed` with a mode that goes in order, and
+/// `--rate-burst-ms` without `--rate` or `--rate-iops`, were taken and did nothing (a run
+/// meant to follow a seed or be paced measured something else, without a word). Each is a
+/// usage error (exit 2) naming the flag, before any socket; where it means something the run
+/// goes on to the missing interface (exit 1). Base (1994e57): exit 1 for all of them.
+#[test]
+fn bench_flags_that_would_do_nothing_are_refused() {
+    let refused: &[&[&str]] = &[
+        &["--seed", "7"],
+        &["--seed", "7", "--mode", "write", "--write"],
+        &["--seed", "7", "--mode", "verify", "--write"],
+        &["--rate-burst-ms", "10"],
+        &["--rate-burst-ms", "0", "--mode", "randread"],
+    ];
+    for flags in refused {
+        let mut args = vec!["bench", "--target", "1.1", "aoe-no-such-if0"];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(flags[0]), "{flags:?}: {err}");
+    }
+    let taken: &[&[&str]] = &[
+        &["--seed", "7", "--mode", "randread"],
+        &["--seed", "7", "--mode", "randwrite", "--write"],
+        &["--rate-burst-ms", "10", "--rate", "1M"],
+        &["--rate-burst-ms", "10", "--rate-iops", "100"],
+    ];
+    for flags in taken {
+        let mut args = vec!["bench", "--target", "1.1", "aoe-no-such-if0"];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains("aoe-no-such-if0"), "{flags:?}: {err}");
+    }
+}
