@@ -1010,3 +1010,130 @@ fn bench_flags_that_would_do_nothing_are_refused() {
         assert!(err.contains("aoe-no-such-if0"), "{flags:?}: {err}");
     }
 }
+
+/// Session 29's audit: `--dedup-window-ms` and `--dedup-entries` had no upper bound (a
+/// table of 10^12 entries per export taken, growing with the writes), and one of them given
+/// beside the other at 0, or `--allow-duplicate` beside `--probe-ms 0`, did nothing without
+/// a word. Out of range: one line naming the flag and its range, exit 1; the others start
+/// (vblade's scripts may carry them) with one warning line each, and a setting that does
+/// something is not warned about. `--check` opens no socket. Base (1994e57): every one
+/// `configuration ok`, no warning.
+#[test]
+fn serve_dedup_and_probe_settings_that_do_nothing_are_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let check = |flags: &[&str]| {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.code(), err)
+    };
+    for (flag, v, range) in [
+        ("--dedup-window-ms", "3600001", "from 0 to 3600000 ms"),
+        (
+            "--dedup-window-ms",
+            "18446744073709551615",
+            "from 0 to 3600000 ms",
+        ),
+        ("--dedup-entries", "1048577", "from 0 to 1048576"),
+        ("--dedup-entries", "999999999999", "from 0 to 1048576"),
+    ] {
+        let (code, err) = check(&[flag, v]);
+        assert_eq!(code, Some(1), "{flag} {v}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {v}: {err}"
+        );
+    }
+    for (flags, warned) in [
+        (
+            &["--dedup-window-ms", "0", "--dedup-entries", "5"][..],
+            Some("--dedup-entries 5 has no effect"),
+        ),
+        (
+            &["--dedup-window-ms", "500", "--dedup-entries", "0"],
+            Some("--dedup-window-ms 500 has no effect"),
+        ),
+        (
+            &["--allow-duplicate", "--probe-ms", "0"],
+            Some("--allow-duplicate (allow_duplicate) has no effect"),
+        ),
+        (
+            &["--dedup-window-ms", "3600000", "--dedup-entries", "1048576"],
+            None,
+        ),
+        (&["--dedup-window-ms", "0", "--dedup-entries", "0"], None),
+        (&["--dedup-window-ms", "0"], None),
+        (&["--allow-duplicate"], None),
+        (&["--probe-ms", "0"], None),
+    ] {
+        let (code, err) = check(flags);
+        assert_eq!(code, Some(0), "{flags:?}: {err}");
+        match warned {
+            Some(w) => assert!(err.contains(w), "{flags:?}: no {w:?} in {err}"),
+            None => assert!(!err.contains("has no effect"), "{flags:?}: {err}"),
+        }
+    }
+}
+
+/// Session 29's audit: `allow_duplicate = true` with `probe_ms = 0` in a config file did
+/// nothing without a word, as on the command line. Base (1994e57): `configuration ok`
+/// alone.
+#[test]
+fn a_config_files_allow_duplicate_without_a_probe_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "allow_duplicate = true\nprobe_ms = 0\n[[export]]\npath = \"{}\"\nshelf = 1\n\
+             slot = 1\ninterfaces = [\"lo\"]\n",
+            img.display()
+        ),
+    )
+    .unwrap();
+    let o = run_bounded(&["serve", "--check", "--config", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("allow_duplicate) has no effect"), "{err}");
+}
+
+/// Session 29's audit: `aoe serve --check --metrics ADDR` (or `--control PATH`) said
+/// `configuration ok` and tried neither: a port already taken passed the check. `--check`
+/// still binds nothing (a running target may hold them), and says in one line that it did
+/// not try them. Base (1994e57): no such line.
+#[test]
+fn check_says_it_does_not_try_metrics_or_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock = sock.to_str().unwrap();
+    for (flags, said) in [
+        (&["--metrics", "127.0.0.1:1"][..], Some("--metrics")),
+        (&["--control", sock], Some("--control")),
+        (&[], None),
+    ] {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{flags:?}: {err}");
+        match said {
+            Some(f) => assert!(
+                err.contains(&format!("--check does not try {f}")),
+                "{flags:?}: {err}"
+            ),
+            None => assert!(!err.contains("--check does not try"), "{flags:?}: {err}"),
+        }
+        assert!(!std::path::Path::new(sock).exists(), "--check made {sock}");
+    }
+}
