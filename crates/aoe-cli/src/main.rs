@@ -21,6 +21,7 @@ mod tools;
 mod trace;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -137,9 +138,16 @@ fn init_logging() {
     } else {
         format!("{spec},fuser=error,fuser::reply=off")
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,fuser=error,fuser::reply=off")
-    });
+    // A value that does not parse falls back to `info`, said in a warning once the
+    // subscriber is up (session 29's audit: `AOE_LOG=aoe=verbose` logged at info without a
+    // word, and its user looked for debug lines that never came).
+    let (filter, bad) = match tracing_subscriber::EnvFilter::try_new(&spec) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info,fuser=error,fuser::reply=off"),
+            Some(e),
+        ),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -151,6 +159,13 @@ fn init_logging() {
         // 101) at its next log line (session 27, operator's audit).
         .log_internal_errors(false)
         .init();
+    if let Some(e) = bad {
+        let given = std::env::var("AOE_LOG").unwrap_or_default();
+        tracing::warn!(
+            "AOE_LOG={given:?} is not a log filter ({e}); logging at info (e.g. AOE_LOG=debug, \
+             AOE_LOG=aoe_target=debug)"
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -204,7 +219,10 @@ fn main() -> ExitCode {
             // Named as called: `aoe-stat: no AoE initiator ...`, as a tool's own name prefixes
             // its messages.
             let me = called.map_or("aoe", |(name, _)| name);
-            eprintln!("{me}: {e:#}");
+            // Not `eprintln!`: with standard error a pipe whose reader went (`aoe serve ...
+            // 2>&1 | head`) and SIGPIPE ignored (the daemons), it panicked and the exit
+            // status became 101 instead of the error's (session 29's audit).
+            let _ = writeln!(std::io::stderr().lock(), "{me}: {e:#}");
             if e.downcast_ref::<serve::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

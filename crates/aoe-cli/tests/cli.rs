@@ -1137,3 +1137,60 @@ fn check_says_it_does_not_try_metrics_or_control() {
         assert!(!std::path::Path::new(sock).exists(), "--check made {sock}");
     }
 }
+
+/// Session 29's audit: an `AOE_LOG` that does not parse (`aoe=verbose`) fell back to `info`
+/// without a word. It still does (a log setting should not stop a target), and says so in
+/// one warning naming the value. Base (1994e57): no line about AOE_LOG.
+#[test]
+fn a_log_filter_that_does_not_parse_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for (value, warned) in [
+        ("aoe=verbose", true),
+        ("debug", false),
+        ("aoe_target=debug", false),
+    ] {
+        let o = Command::new(AOE)
+            .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
+            .env("AOE_LOG", value)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{value}: {err}");
+        assert_eq!(
+            err.contains(&format!("AOE_LOG={value:?} is not a log filter")),
+            warned,
+            "{value}: {err}"
+        );
+    }
+}
+
+/// Session 29's audit: a daemon's last line (`aoe: ...` on a failure) written to a standard
+/// error whose reader had gone (`aoe serve ... 2>&1 | head -3` where `head` is done) panicked
+/// (`eprintln!` on EPIPE with SIGPIPE ignored), and the exit status was 101, not the error's
+/// 1. Now the line is dropped and the status kept. Base (1994e57): 101.
+#[test]
+fn a_failure_with_standard_error_closed_keeps_its_exit_status() {
+    let dir = std::env::temp_dir().join(format!("aoe-cli-stderr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let o = Command::new(AOE)
+        .args([
+            "serve",
+            "--check",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            img.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(closed_pipe(&dir))
+        .status()
+        .expect("run aoe");
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(o.code(), Some(1), "{o:?}");
+}
