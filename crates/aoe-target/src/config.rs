@@ -1045,7 +1045,14 @@ fn vblade_export(text: &str, origin: &Path) -> Result<ExportSpec, ConfigError> {
     if let Some((n, opts)) = vals.get("options") {
         let bad = |m: String| err(*n, m);
         let mut it = opts.split_whitespace();
+        // vblade's getopt keeps the last of `-b 4 -b 8` without a word, the first value lost
+        // (session 29's audit); our command line refuses a second one (clap), and so does
+        // this. `-m` adds to the list, as on the command line.
+        let mut valued = HashSet::new();
         while let Some(flag) = it.next() {
+            if matches!(flag, "-b" | "-o" | "-l") && !valued.insert(flag) {
+                return Err(bad(format!("options: {flag} given twice")));
+            }
             let mut arg = |f: &str| {
                 it.next()
                     .map(str::to_owned)
@@ -1357,6 +1364,15 @@ mod tests {
         assert!(err(&ok.replace("netif=x\n", "")).contains("no netif= line"));
         assert!(err(&ok.replace("slot=1", "slot=255")).contains("broadcast slot"));
         assert!(err(&format!("{ok}options='-r\n")).contains(":5: unclosed quote"));
+        // Session 29: a value option twice kept the last without a word (vblade's getopt).
+        for twice in ["-b 4 -b 8", "-o 8 -r -o 16", "-l 8 -l 9"] {
+            let e = err(&format!("{ok}options='{twice}'\n"));
+            let flag = &twice[..2];
+            assert!(
+                e.contains(&format!(":5: options: {flag} given twice")),
+                "{twice}: {e}"
+            );
+        }
     }
 
     /// Issue 10: a config error is data, one variant per cause, and a TOML error names its
