@@ -297,6 +297,20 @@ fn ignored_settings(cfg: &ServeConfig, a: &ServeArgs) -> Vec<String> {
                 .to_owned(),
         );
     }
+    // The conflict watch probes with the same wait, and is off at `probe_ms` 0
+    // (`daemon/conflict.rs`): a `conflict_check_s` the file sets does nothing then.
+    let watch_set = cfg
+        .sources
+        .keys
+        .iter()
+        .any(|(k, _)| *k == "conflict_check_s");
+    if watch_set && cfg.probe.is_zero() && !cfg.conflict_check.is_zero() {
+        out.push(format!(
+            "conflict_check_s = {} has no effect with probe_ms = 0 (--probe-ms 0): the \
+             conflict watch's probe waits probe_ms, so none runs",
+            cfg.conflict_check.as_secs()
+        ));
+    }
     // The duplicate-write table is off when either is 0 (`DedupConfig`): the other, if
     // given, does nothing.
     match (a.dedup_window_ms, a.dedup_entries) {

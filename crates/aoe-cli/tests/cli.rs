@@ -1194,3 +1194,38 @@ fn a_failure_with_standard_error_closed_keeps_its_exit_status() {
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(o.code(), Some(1), "{o:?}");
 }
+
+/// Session 29's audit: `conflict_check_s = 30` beside `probe_ms = 0` (in the file, or
+/// `--probe-ms 0` over it) turned the conflict watch off without a word: its probe waits
+/// `probe_ms`, and at 0 none runs. One warning line now; without the key (the default
+/// watch) or with it at 0, none. Base (1994e57): no such line.
+#[test]
+fn a_conflict_watch_without_a_probe_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let export = format!(
+        "[[export]]\npath = \"{}\"\nshelf = 1\nslot = 1\ninterfaces = [\"lo\"]\n",
+        img.display()
+    );
+    for (keys, flags, warned) in [
+        ("conflict_check_s = 30\nprobe_ms = 0\n", &[][..], true),
+        ("conflict_check_s = 30\n", &["--probe-ms", "0"][..], true),
+        ("conflict_check_s = 30\n", &[][..], false),
+        ("probe_ms = 0\n", &[][..], false),
+        ("conflict_check_s = 0\nprobe_ms = 0\n", &[][..], false),
+    ] {
+        let conf = dir.path().join("serve.toml");
+        std::fs::write(&conf, format!("{keys}{export}")).unwrap();
+        let mut args = vec!["serve", "--check", "--config", conf.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{keys:?} {flags:?}: {err}");
+        assert_eq!(
+            err.contains("conflict_check_s = 30 has no effect with probe_ms = 0"),
+            warned,
+            "{keys:?} {flags:?}: {err}"
+        );
+    }
+}
