@@ -311,6 +311,17 @@ fn ignored_settings(cfg: &ServeConfig, a: &ServeArgs) -> Vec<String> {
             cfg.conflict_check.as_secs()
         ));
     }
+    // The worker pool runs the I/O of files and block devices only; librbd runs an rbd:
+    // image's itself (`aoe_target::backing::Store`). A reload may add a file export, so
+    // this is said, not refused.
+    let workers_set = a.workers.is_some() || cfg.sources.keys.iter().any(|(k, _)| *k == "workers");
+    if workers_set && cfg.exports.iter().all(|e| e.rbd_image().is_some()) {
+        out.push(format!(
+            "--workers {} (workers) has no effect while every export is an rbd: image: \
+             librbd runs their I/O, the workers serve files and block devices",
+            cfg.workers
+        ));
+    }
     // The duplicate-write table is off when either is 0 (`DedupConfig`): the other, if
     // given, does nothing.
     match (a.dedup_window_ms, a.dedup_entries) {

@@ -1229,3 +1229,45 @@ fn a_conflict_watch_without_a_probe_is_said() {
         );
     }
 }
+
+/// Session 29's audit: `--workers N` (or `workers = N`) when every export is an `rbd:`
+/// image did nothing without a word: the worker pool runs files' and block devices' I/O,
+/// librbd an image's. One warning line now (before the store is opened, so it shows
+/// whether or not a cluster answers: here none, `--ceph-conf` names no file); a file export
+/// says nothing. Base (1994e57): no such line.
+#[test]
+fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let conf = dir.path().join("no-ceph.conf");
+    let conf = conf.to_str().unwrap();
+    let said = "--workers 8 (workers) has no effect while every export is an rbd: image";
+    let o = run_bounded(&[
+        "serve",
+        "--check",
+        "--workers",
+        "8",
+        "--ceph-conf",
+        conf,
+        "1",
+        "1",
+        "lo",
+        "rbd:pool/img",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(said), "{err}");
+    let o = run_bounded(&[
+        "serve",
+        "--check",
+        "--workers",
+        "8",
+        "1",
+        "1",
+        "lo",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("has no effect"), "{err}");
+}
