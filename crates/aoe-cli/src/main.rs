@@ -159,6 +159,19 @@ fn init_logging() {
         // 101) at its next log line (session 27, operator's audit).
         .log_internal_errors(false)
         .init();
+    // A bare word that is no level and no module of ours (`AOE_LOG=debugg`) parses as a
+    // module name and turns every other line off, this warning too: written past the
+    // subscriber (session 29's audit).
+    if let Ok(given) = std::env::var("AOE_LOG") {
+        for word in strange_targets(&given) {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "aoe: AOE_LOG names {word:?}, which is no level (trace, debug, info, warn, \
+                 error, off) and no module of aoe: taken as a module name, it turns every \
+                 other log line off"
+            );
+        }
+    }
     if let Some(e) = bad {
         let given = std::env::var("AOE_LOG").unwrap_or_default();
         tracing::warn!(
@@ -166,6 +179,20 @@ fn init_logging() {
              AOE_LOG=aoe_target=debug)"
         );
     }
+}
+
+/// The directives of an `AOE_LOG` value that are a bare word naming neither a level nor a
+/// module of ours (`aoe*`) or of fuser: most likely a level mistyped.
+fn strange_targets(spec: &str) -> Vec<&str> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[', '{']))
+        .filter(|d| {
+            d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        })
+        .filter(|d| !d.starts_with("aoe") && !d.starts_with("fuser"))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -235,6 +262,25 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Session 29: a mistyped level is told from a module filter.
+    #[test]
+    fn strange_log_targets_are_the_bare_words_that_are_no_level_and_not_ours() {
+        assert_eq!(strange_targets("debugg"), ["debugg"]);
+        assert_eq!(strange_targets("info, infoo ,aoe_target=debug"), ["infoo"]);
+        for fine in [
+            "debug",
+            "INFO",
+            "off",
+            "aoe_target",
+            "aoe_target=trace",
+            "fuser",
+            "warn,aoe=debug",
+            "",
+        ] {
+            assert!(strange_targets(fine).is_empty(), "{fine}");
+        }
+    }
 
     #[test]
     fn every_multicall_name_has_a_subcommand() {

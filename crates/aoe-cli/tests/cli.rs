@@ -1271,3 +1271,35 @@ fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("has no effect"), "{err}");
 }
+
+/// Session 29's audit: `AOE_LOG=debugg` (a level mistyped) parses as a filter for a module
+/// named `debugg` and turned every log line off, warnings included, without a word. One line
+/// now, written past the filter; a level, a module of ours, or a level beside a filter say
+/// nothing. Base (1994e57): stderr empty for `debugg`.
+#[test]
+fn a_mistyped_log_level_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for (value, warned) in [
+        ("debugg", true),
+        ("info,infoo", true),
+        ("debug", false),
+        ("aoe_target=debug", false),
+        ("warn,aoe=debug", false),
+    ] {
+        let o = Command::new(AOE)
+            .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
+            .env("AOE_LOG", value)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{value}: {err}");
+        assert_eq!(
+            err.contains("which is no level (trace, debug, info, warn, error, off)"),
+            warned,
+            "{value}: {err}"
+        );
+    }
+}
