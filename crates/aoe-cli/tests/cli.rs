@@ -1303,3 +1303,51 @@ fn a_mistyped_log_level_is_said() {
         );
     }
 }
+
+/// Session 29's audit: `aoe serve --check --state-dir DIR` did not load the state files a
+/// start loads, so it said `configuration ok` for a state file that does not parse (or a
+/// `--state-dir` naming a regular file) and the start then refused it (`cannot load
+/// state`). `--check` now loads them as the start does, read only; a directory without the
+/// file (the first start) is fine. Base (1994e57): exit 0 for both bad cases.
+#[test]
+fn check_loads_the_state_files_a_start_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let st = state.to_str().unwrap();
+    let check = |state_dir: &str| {
+        let o = run_bounded(&[
+            "serve",
+            "--check",
+            "--state-dir",
+            state_dir,
+            "1",
+            "1",
+            "lo",
+            img,
+        ]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(st);
+    assert_eq!(code, Some(0), "no state file yet: {err}");
+    std::fs::write(state.join("e1.1.toml"), "mask = 5\n").unwrap();
+    let (code, err) = check(st);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("e1.1: cannot load state") && err.contains("e1.1.toml"),
+        "{err}"
+    );
+    let (code, err) = check(img);
+    assert_eq!(code, Some(1), "a state dir that is the image: {err}");
+    assert!(err.contains("cannot load state"), "{err}");
+    assert!(
+        std::fs::metadata(img).unwrap().is_file(),
+        "the image was touched"
+    );
+}
