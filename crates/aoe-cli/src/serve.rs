@@ -109,8 +109,9 @@ pub struct ServeArgs {
     /// start.
     #[arg(long, value_name = "N")]
     dedup_entries: Option<usize>,
-    /// Check the configuration (files, sizes, interfaces) and exit. Binds no socket: the
-    /// --metrics address and the --control path are not tried (a warning says so).
+    /// Check the configuration (files, sizes, interfaces, state files) and exit. Binds no
+    /// socket: the --metrics address and the --control path are not tried (a warning says
+    /// so).
     #[arg(long)]
     check: bool,
     #[command(flatten)]
