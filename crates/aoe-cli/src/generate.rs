@@ -148,6 +148,7 @@ fn synopsis(cmd: &clap::Command, name: &str) -> String {
 /// then, if `also` is given, again as `also` calls it (a multi-call link's page: `aoe-stat
 /// ...` first, as aoetools' own page, then `aoe stat ...`).
 fn write_page(cmd: clap::Command, path: &Path, also: Option<&str>) -> Result<()> {
+    let env = environment(&cmd);
     let mut buf = Vec::new();
     // clap_mangen renders an overridden usage as given, the name in bold.
     let name = cmd
@@ -159,13 +160,68 @@ fn write_page(cmd: clap::Command, path: &Path, also: Option<&str>) -> Result<()>
         line = format!("{line}\n{}", synopsis(&cmd, also));
     }
     let cmd = cmd.override_usage(line);
+    // clap's own `help` subcommand would be listed as `aoe-help(1)`, a page nobody writes:
+    // hidden on the pages (it stays on the command line).
+    let cmd = if cmd.find_subcommand("help").is_some() {
+        cmd.mut_subcommand("help", |h| h.hide(true))
+    } else {
+        cmd
+    };
     clap_mangen::Man::new(cmd)
         .section("1")
         .source(format!("aoe {}", env!("CARGO_PKG_VERSION")))
         .manual("AoE tools")
         .render(&mut buf)
         .with_context(|| format!("cannot render {}", path.display()))?;
+    if !env.is_empty() {
+        buf.extend_from_slice(b".SH ENVIRONMENT\n");
+        for (var, what) in env {
+            let text = format!(".TP\n\\fB{var}\\fR\n{what}\n");
+            buf.extend_from_slice(text.replace('-', "\\-").as_bytes());
+        }
+    }
     fs::write(path, buf).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The environment variables the command `cmd` reads, with what each does: `AOE_LOG` for
+/// every command (main.rs `init_logging`), `AOE_ROOT` where `--root` defaults to it
+/// (tools/mod.rs), `sysfs_dir` for aoe-stat (tools/stat.rs, as aoetools' script), and
+/// `CEPH_CONF` where `--ceph-conf` defaults to it (librados's own search). Session 29's
+/// audit: none of them was on a man page, `AOE_LOG` only in README.
+fn environment(cmd: &clap::Command) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![(
+        "AOE_LOG",
+        "What is logged to standard error, in tracing's env-filter syntax (info, debug, \
+         trace, or per module: aoe_target=debug); default info. A value that does not parse \
+         is said in a warning and info is used.",
+    )];
+    let has = |long: &str| cmd.get_arguments().any(|a| a.get_long() == Some(long));
+    if has("root")
+        && cmd
+            .get_arguments()
+            .filter_map(|a| a.get_help())
+            .any(|h| h.to_string().contains("$AOE_ROOT"))
+    {
+        v.push((
+            "AOE_ROOT",
+            "The initiator's control directory when --root is not given (else /dev/etherd).",
+        ));
+    }
+    if cmd.get_name().ends_with("stat") && has("root") {
+        v.push((
+            "sysfs_dir",
+            "Where the device attributes are read (default ROOT/sysfs), as aoetools' \
+             aoe-stat: sysfs_dir=/sys reads the kernel driver's.",
+        ));
+    }
+    if has("ceph-conf") {
+        v.push((
+            "CEPH_CONF",
+            "For an rbd: export without --ceph-conf: the Ceph cluster's config file (librados's \
+             search, else /etc/ceph/ceph.conf).",
+        ));
+    }
+    v
 }
 
 /// Writes every page; returns how many.
@@ -197,6 +253,22 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
             .display_name(name.clone())
             .version(env!("CARGO_PKG_VERSION"));
         write_page(cmd, &dir.join(format!("{name}.1")), also.as_deref())?;
+        // `aoe target monitor`, `aoe generate completions`, ...: clap_mangen's page of the
+        // parent names each as `aoe-target-monitor(1)`; their options (`monitor -i -c`,
+        // `completions --dir`) were on no page until session 29's audit.
+        for nested in sc.get_subcommands().filter(|c| c.get_name() != "help") {
+            let leaf = nested.get_name();
+            let nested_name = format!("{name}-{leaf}");
+            let cmd = nested
+                .clone()
+                .name(nested_name.clone())
+                .bin_name(format!("aoe {sub} {leaf}"))
+                .display_name(nested_name.clone())
+                .version(env!("CARGO_PKG_VERSION"));
+            write_page(cmd, &dir.join(format!("{nested_name}.1")), None)?;
+            written.push(nested_name);
+            n += 1;
+        }
         written.push(name);
         n += 1;
     }
@@ -349,5 +421,118 @@ mod help_audit {
         let mut missing = Vec::new();
         walk(&c, "aoe", &mut missing);
         assert!(missing.is_empty(), "no help: {missing:#?}");
+    }
+}
+
+/// Session 29's audit of the man pages against the binary: `aoe-target.1` and
+/// `aoe-generate.1` named `aoe-target-monitor(1)`, `aoe-generate-completions(1)`, ... and no
+/// such page was written, so `monitor -i/-c` and `completions --dir` were on no page; and no
+/// page named an environment variable the binary reads (`AOE_LOG`, `AOE_ROOT`, `sysfs_dir`,
+/// `CEPH_CONF`).
+#[cfg(test)]
+mod completeness {
+    use std::collections::BTreeMap;
+
+    /// Every page `aoe generate man` writes, by file name, roff escapes of `-` undone.
+    fn pages() -> BTreeMap<String, String> {
+        let dir = tempfile::tempdir().unwrap();
+        super::man_pages(
+            &<crate::Cli as clap::CommandFactory>::command(),
+            &crate::multicall_table(),
+            dir.path(),
+        )
+        .unwrap();
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    text.replace("\\-", "-"),
+                )
+            })
+            .collect()
+    }
+
+    /// Each command's page, named as `man_pages` names it, holds every option of it.
+    fn walk(
+        c: &clap::Command,
+        page: &str,
+        pages: &BTreeMap<String, String>,
+        out: &mut Vec<String>,
+    ) {
+        let Some(text) = pages.get(&format!("{page}.1")) else {
+            out.push(format!("no page {page}.1"));
+            return;
+        };
+        for a in c.get_arguments().filter(|a| !a.is_hide_set()) {
+            let spelled = a
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .or_else(|| a.get_short().map(|s| format!("-{s}")));
+            if let Some(f) = spelled {
+                if !text.contains(&f) {
+                    out.push(format!("{page}.1 lacks {f}"));
+                }
+            }
+        }
+        for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(s, &format!("{page}-{}", s.get_name()), pages, out);
+        }
+    }
+
+    #[test]
+    fn every_option_of_every_command_is_on_its_page() {
+        let pages = pages();
+        let mut c = <crate::Cli as clap::CommandFactory>::command();
+        c.build();
+        let mut missing = Vec::new();
+        for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(s, &format!("aoe-{}", s.get_name()), &pages, &mut missing);
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn every_page_a_page_names_exists() {
+        let pages = pages();
+        let mut dangling = Vec::new();
+        for (name, text) in &pages {
+            // clap_mangen's references: `aoe-target-monitor(1)` in the SUBCOMMANDS section.
+            for word in text.split(|c: char| c.is_whitespace() || c == '\\') {
+                let word = word.trim_start_matches("fB").trim_start_matches("fR");
+                if let Some(page) = word.strip_suffix("(1)") {
+                    if page.starts_with("aoe") && !pages.contains_key(&format!("{page}.1")) {
+                        dangling.push(format!("{name} names {page}(1)"));
+                    }
+                }
+            }
+        }
+        assert!(dangling.is_empty(), "{dangling:#?}");
+    }
+
+    #[test]
+    fn the_environment_the_binary_reads_is_on_its_pages() {
+        let pages = pages();
+        let env = |page: &str| {
+            let t = &pages[page];
+            t.split(".SH ENVIRONMENT").nth(1).unwrap_or("").to_owned()
+        };
+        for (page, vars) in [
+            ("aoe.1", &["AOE_LOG"][..]),
+            ("aoe-serve.1", &["AOE_LOG", "CEPH_CONF"]),
+            ("vblade.1", &["AOE_LOG", "CEPH_CONF"]),
+            ("aoe-stat.1", &["AOE_LOG", "AOE_ROOT", "sysfs_dir"]),
+            ("aoe-flush.1", &["AOE_ROOT"]),
+            ("aoe-initiator.1", &["AOE_LOG"]),
+        ] {
+            let e = env(page);
+            for v in vars {
+                assert!(e.contains(v), "{page}: no {v} in ENVIRONMENT: {e:?}");
+            }
+        }
+        // The initiator's --root has its own default, not $AOE_ROOT.
+        assert!(!env("aoe-initiator.1").contains("AOE_ROOT"));
     }
 }

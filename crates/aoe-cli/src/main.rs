@@ -21,6 +21,7 @@ mod tools;
 mod trace;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -137,9 +138,16 @@ fn init_logging() {
     } else {
         format!("{spec},fuser=error,fuser::reply=off")
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,fuser=error,fuser::reply=off")
-    });
+    // A value that does not parse falls back to `info`, said in a warning once the
+    // subscriber is up (session 29's audit: `AOE_LOG=aoe=verbose` logged at info without a
+    // word, and its user looked for debug lines that never came).
+    let (filter, bad) = match tracing_subscriber::EnvFilter::try_new(&spec) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info,fuser=error,fuser::reply=off"),
+            Some(e),
+        ),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -151,6 +159,40 @@ fn init_logging() {
         // 101) at its next log line (session 27, operator's audit).
         .log_internal_errors(false)
         .init();
+    // A bare word that is no level and no module of ours (`AOE_LOG=debugg`) parses as a
+    // module name and turns every other line off, this warning too: written past the
+    // subscriber (session 29's audit).
+    if let Ok(given) = std::env::var("AOE_LOG") {
+        for word in strange_targets(&given) {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "aoe: AOE_LOG names {word:?}, which is no level (trace, debug, info, warn, \
+                 error, off) and no module of aoe: taken as a module name, it turns every \
+                 other log line off"
+            );
+        }
+    }
+    if let Some(e) = bad {
+        let given = std::env::var("AOE_LOG").unwrap_or_default();
+        tracing::warn!(
+            "AOE_LOG={given:?} is not a log filter ({e}); logging at info (e.g. AOE_LOG=debug, \
+             AOE_LOG=aoe_target=debug)"
+        );
+    }
+}
+
+/// The directives of an `AOE_LOG` value that are a bare word naming neither a level nor a
+/// module of ours (`aoe*`) or of fuser: most likely a level mistyped.
+fn strange_targets(spec: &str) -> Vec<&str> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[', '{']))
+        .filter(|d| {
+            d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        })
+        .filter(|d| !d.starts_with("aoe") && !d.starts_with("fuser"))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -204,7 +246,10 @@ fn main() -> ExitCode {
             // Named as called: `aoe-stat: no AoE initiator ...`, as a tool's own name prefixes
             // its messages.
             let me = called.map_or("aoe", |(name, _)| name);
-            eprintln!("{me}: {e:#}");
+            // Not `eprintln!`: with standard error a pipe whose reader went (`aoe serve ...
+            // 2>&1 | head`) and SIGPIPE ignored (the daemons), it panicked and the exit
+            // status became 101 instead of the error's (session 29's audit).
+            let _ = writeln!(std::io::stderr().lock(), "{me}: {e:#}");
             if e.downcast_ref::<serve::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -217,6 +262,25 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Session 29: a mistyped level is told from a module filter.
+    #[test]
+    fn strange_log_targets_are_the_bare_words_that_are_no_level_and_not_ours() {
+        assert_eq!(strange_targets("debugg"), ["debugg"]);
+        assert_eq!(strange_targets("info, infoo ,aoe_target=debug"), ["infoo"]);
+        for fine in [
+            "debug",
+            "INFO",
+            "off",
+            "aoe_target",
+            "aoe_target=trace",
+            "fuser",
+            "warn,aoe=debug",
+            "",
+        ] {
+            assert!(strange_targets(fine).is_empty(), "{fine}");
+        }
+    }
 
     #[test]
     fn every_multicall_name_has_a_subcommand() {

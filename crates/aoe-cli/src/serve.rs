@@ -54,6 +54,7 @@ pub struct ServeArgs {
     #[arg(long)]
     no_announce: bool,
     /// Start even if another target on the segment answers for our shelf.slot (only warn).
+    /// Nothing to allow with --probe-ms 0 (no probe runs): said at start.
     #[arg(long)]
     allow_duplicate: bool,
     /// How long to wait for answers to the duplicate probe before announcing; 0: no probe
@@ -99,14 +100,18 @@ pub struct ServeArgs {
     drain_secs: Option<u64>,
     /// How long, in milliseconds, each export remembers a write it admitted, to drop a
     /// network duplicate of it once a newer write overlapped it (a late copy would put old
-    /// data back over the newer write) [default: 3000]. 0 turns this off. Fixed at start.
+    /// data back over the newer write), 0 to 3600000 [default: 3000]. 0 turns this off (and
+    /// makes --dedup-entries do nothing, which is said at start). Fixed at start.
     #[arg(long, value_name = "MS")]
     dedup_window_ms: Option<u64>,
-    /// Most writes each export remembers for that, the oldest forgotten first [default:
-    /// 16384, about 1.25 MiB]. 0 turns it off. Fixed at start.
+    /// Most writes each export remembers for that, the oldest forgotten first, 0 to
+    /// 1048576 (about 80 MiB) [default: 16384, about 1.25 MiB]. 0 turns it off. Fixed at
+    /// start.
     #[arg(long, value_name = "N")]
     dedup_entries: Option<usize>,
-    /// Check the configuration (files, sizes, interfaces) and exit.
+    /// Check the configuration (files, sizes, interfaces, state files) and exit. Binds no
+    /// socket: the --metrics address and the --control path are not tried (a warning says
+    /// so).
     #[arg(long)]
     check: bool,
     #[command(flatten)]
@@ -279,6 +284,61 @@ fn dedup(a: &ServeArgs) -> aoe_proto::target::DedupConfig {
     }
 }
 
+/// Settings that were given and do nothing beside the others, one line each, said at start
+/// (and by `--check`) rather than taken without a word (session 29's audit of the flags).
+/// The run goes on: each is harmless, and vblade's scripts may carry them.
+fn ignored_settings(cfg: &ServeConfig, a: &ServeArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    // The start, reload and conflict-watch probes all wait `probe_ms`; at 0 none runs
+    // (`aoe_target::probe`), so there is no duplicate to allow.
+    if cfg.allow_duplicate && cfg.probe.is_zero() {
+        out.push(
+            "--allow-duplicate (allow_duplicate) has no effect with --probe-ms 0 (probe_ms = 0): \
+             no probe runs, so no duplicate is found to allow"
+                .to_owned(),
+        );
+    }
+    // The conflict watch probes with the same wait, and is off at `probe_ms` 0
+    // (`daemon/conflict.rs`): a `conflict_check_s` the file sets does nothing then.
+    let watch_set = cfg
+        .sources
+        .keys
+        .iter()
+        .any(|(k, _)| *k == "conflict_check_s");
+    if watch_set && cfg.probe.is_zero() && !cfg.conflict_check.is_zero() {
+        out.push(format!(
+            "conflict_check_s = {} has no effect with probe_ms = 0 (--probe-ms 0): the \
+             conflict watch's probe waits probe_ms, so none runs",
+            cfg.conflict_check.as_secs()
+        ));
+    }
+    // The worker pool runs the I/O of files and block devices only; librbd runs an rbd:
+    // image's itself (`aoe_target::backing::Store`). A reload may add a file export, so
+    // this is said, not refused.
+    let workers_set = a.workers.is_some() || cfg.sources.keys.iter().any(|(k, _)| *k == "workers");
+    if workers_set && cfg.exports.iter().all(|e| e.rbd_image().is_some()) {
+        out.push(format!(
+            "--workers {} (workers) has no effect while every export is an rbd: image: \
+             librbd runs their I/O, the workers serve files and block devices",
+            cfg.workers
+        ));
+    }
+    // The duplicate-write table is off when either is 0 (`DedupConfig`): the other, if
+    // given, does nothing.
+    match (a.dedup_window_ms, a.dedup_entries) {
+        (Some(0), Some(n)) if n != 0 => out.push(format!(
+            "--dedup-entries {n} has no effect with --dedup-window-ms 0: the duplicate-write \
+             table is off"
+        )),
+        (Some(ms), Some(0)) if ms != 0 => out.push(format!(
+            "--dedup-window-ms {ms} has no effect with --dedup-entries 0: the duplicate-write \
+             table is off"
+        )),
+        _ => {}
+    }
+    out
+}
+
 /// A command line that names too little to run: exit status 2, like clap's own errors.
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -302,7 +362,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
             e.addr()
         );
     }
+    for warning in ignored_settings(&cfg, &a) {
+        tracing::warn!("{warning}");
+    }
     if a.check {
+        // `--check` opens no socket: what a start would bind is not tried (session 29's
+        // audit: taken without a word, so `--check` said ok for a port already in use).
+        let unchecked: Vec<&str> = [
+            ("--metrics", a.metrics.metrics.is_some()),
+            ("--control", a.control.control.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, given)| given.then_some(f))
+        .collect();
+        if !unchecked.is_empty() {
+            tracing::warn!(
+                "--check does not try {}: nothing is bound until the target starts",
+                unchecked.join(" or ")
+            );
+        }
         aoe_target::validate(&cfg)?;
         outln!("configuration ok: {} export(s)", cfg.exports.len());
         return Ok(());

@@ -972,3 +972,382 @@ fn aoe_target_on_a_stale_socket_or_a_file_says_which() {
         );
     }
 }
+
+/// Session 29's audit of the flags: `aoe bench --seed` with a mode that goes in order, and
+/// `--rate-burst-ms` without `--rate` or `--rate-iops`, were taken and did nothing (a run
+/// meant to follow a seed or be paced measured something else, without a word). Each is a
+/// usage error (exit 2) naming the flag, before any socket; where it means something the run
+/// goes on to the missing interface (exit 1). Base (1994e57): exit 1 for all of them.
+#[test]
+fn bench_flags_that_would_do_nothing_are_refused() {
+    let refused: &[&[&str]] = &[
+        &["--seed", "7"],
+        &["--seed", "7", "--mode", "write", "--write"],
+        &["--seed", "7", "--mode", "verify", "--write"],
+        &["--rate-burst-ms", "10"],
+        &["--rate-burst-ms", "0", "--mode", "randread"],
+    ];
+    for flags in refused {
+        let mut args = vec!["bench", "--target", "1.1", "aoe-no-such-if0"];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(flags[0]), "{flags:?}: {err}");
+    }
+    let taken: &[&[&str]] = &[
+        &["--seed", "7", "--mode", "randread"],
+        &["--seed", "7", "--mode", "randwrite", "--write"],
+        &["--rate-burst-ms", "10", "--rate", "1M"],
+        &["--rate-burst-ms", "10", "--rate-iops", "100"],
+    ];
+    for flags in taken {
+        let mut args = vec!["bench", "--target", "1.1", "aoe-no-such-if0"];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains("aoe-no-such-if0"), "{flags:?}: {err}");
+    }
+}
+
+/// Session 29's audit: `--dedup-window-ms` and `--dedup-entries` had no upper bound (a
+/// table of 10^12 entries per export taken, growing with the writes), and one of them given
+/// beside the other at 0, or `--allow-duplicate` beside `--probe-ms 0`, did nothing without
+/// a word. Out of range: one line naming the flag and its range, exit 1; the others start
+/// (vblade's scripts may carry them) with one warning line each, and a setting that does
+/// something is not warned about. `--check` opens no socket. Base (1994e57): every one
+/// `configuration ok`, no warning.
+#[test]
+fn serve_dedup_and_probe_settings_that_do_nothing_are_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let check = |flags: &[&str]| {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.code(), err)
+    };
+    for (flag, v, range) in [
+        ("--dedup-window-ms", "3600001", "from 0 to 3600000 ms"),
+        (
+            "--dedup-window-ms",
+            "18446744073709551615",
+            "from 0 to 3600000 ms",
+        ),
+        ("--dedup-entries", "1048577", "from 0 to 1048576"),
+        ("--dedup-entries", "999999999999", "from 0 to 1048576"),
+    ] {
+        let (code, err) = check(&[flag, v]);
+        assert_eq!(code, Some(1), "{flag} {v}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {v}: {err}"
+        );
+    }
+    for (flags, warned) in [
+        (
+            &["--dedup-window-ms", "0", "--dedup-entries", "5"][..],
+            Some("--dedup-entries 5 has no effect"),
+        ),
+        (
+            &["--dedup-window-ms", "500", "--dedup-entries", "0"],
+            Some("--dedup-window-ms 500 has no effect"),
+        ),
+        (
+            &["--allow-duplicate", "--probe-ms", "0"],
+            Some("--allow-duplicate (allow_duplicate) has no effect"),
+        ),
+        (
+            &["--dedup-window-ms", "3600000", "--dedup-entries", "1048576"],
+            None,
+        ),
+        (&["--dedup-window-ms", "0", "--dedup-entries", "0"], None),
+        (&["--dedup-window-ms", "0"], None),
+        (&["--allow-duplicate"], None),
+        (&["--probe-ms", "0"], None),
+    ] {
+        let (code, err) = check(flags);
+        assert_eq!(code, Some(0), "{flags:?}: {err}");
+        match warned {
+            Some(w) => assert!(err.contains(w), "{flags:?}: no {w:?} in {err}"),
+            None => assert!(!err.contains("has no effect"), "{flags:?}: {err}"),
+        }
+    }
+}
+
+/// Session 29's audit: `allow_duplicate = true` with `probe_ms = 0` in a config file did
+/// nothing without a word, as on the command line. Base (1994e57): `configuration ok`
+/// alone.
+#[test]
+fn a_config_files_allow_duplicate_without_a_probe_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "allow_duplicate = true\nprobe_ms = 0\n[[export]]\npath = \"{}\"\nshelf = 1\n\
+             slot = 1\ninterfaces = [\"lo\"]\n",
+            img.display()
+        ),
+    )
+    .unwrap();
+    let o = run_bounded(&["serve", "--check", "--config", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("allow_duplicate) has no effect"), "{err}");
+}
+
+/// Session 29's audit: `aoe serve --check --metrics ADDR` (or `--control PATH`) said
+/// `configuration ok` and tried neither: a port already taken passed the check. `--check`
+/// still binds nothing (a running target may hold them), and says in one line that it did
+/// not try them. Base (1994e57): no such line.
+#[test]
+fn check_says_it_does_not_try_metrics_or_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let sock = sock.to_str().unwrap();
+    for (flags, said) in [
+        (&["--metrics", "127.0.0.1:1"][..], Some("--metrics")),
+        (&["--control", sock], Some("--control")),
+        (&[], None),
+    ] {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{flags:?}: {err}");
+        match said {
+            Some(f) => assert!(
+                err.contains(&format!("--check does not try {f}")),
+                "{flags:?}: {err}"
+            ),
+            None => assert!(!err.contains("--check does not try"), "{flags:?}: {err}"),
+        }
+        assert!(!std::path::Path::new(sock).exists(), "--check made {sock}");
+    }
+}
+
+/// Session 29's audit: an `AOE_LOG` that does not parse (`aoe=verbose`) fell back to `info`
+/// without a word. It still does (a log setting should not stop a target), and says so in
+/// one warning naming the value. Base (1994e57): no line about AOE_LOG.
+#[test]
+fn a_log_filter_that_does_not_parse_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for (value, warned) in [
+        ("aoe=verbose", true),
+        ("debug", false),
+        ("aoe_target=debug", false),
+    ] {
+        let o = Command::new(AOE)
+            .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
+            .env("AOE_LOG", value)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{value}: {err}");
+        assert_eq!(
+            err.contains(&format!("AOE_LOG={value:?} is not a log filter")),
+            warned,
+            "{value}: {err}"
+        );
+    }
+}
+
+/// Session 29's audit: a daemon's last line (`aoe: ...` on a failure) written to a standard
+/// error whose reader had gone (`aoe serve ... 2>&1 | head -3` where `head` is done) panicked
+/// (`eprintln!` on EPIPE with SIGPIPE ignored), and the exit status was 101, not the error's
+/// 1. Now the line is dropped and the status kept. Base (1994e57): 101.
+#[test]
+fn a_failure_with_standard_error_closed_keeps_its_exit_status() {
+    let dir = std::env::temp_dir().join(format!("aoe-cli-stderr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let o = Command::new(AOE)
+        .args([
+            "serve",
+            "--check",
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            img.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(closed_pipe(&dir))
+        .status()
+        .expect("run aoe");
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(o.code(), Some(1), "{o:?}");
+}
+
+/// Session 29's audit: `conflict_check_s = 30` beside `probe_ms = 0` (in the file, or
+/// `--probe-ms 0` over it) turned the conflict watch off without a word: its probe waits
+/// `probe_ms`, and at 0 none runs. One warning line now; without the key (the default
+/// watch) or with it at 0, none. Base (1994e57): no such line.
+#[test]
+fn a_conflict_watch_without_a_probe_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+    let export = format!(
+        "[[export]]\npath = \"{}\"\nshelf = 1\nslot = 1\ninterfaces = [\"lo\"]\n",
+        img.display()
+    );
+    for (keys, flags, warned) in [
+        ("conflict_check_s = 30\nprobe_ms = 0\n", &[][..], true),
+        ("conflict_check_s = 30\n", &["--probe-ms", "0"][..], true),
+        ("conflict_check_s = 30\n", &[][..], false),
+        ("probe_ms = 0\n", &[][..], false),
+        ("conflict_check_s = 0\nprobe_ms = 0\n", &[][..], false),
+    ] {
+        let conf = dir.path().join("serve.toml");
+        std::fs::write(&conf, format!("{keys}{export}")).unwrap();
+        let mut args = vec!["serve", "--check", "--config", conf.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{keys:?} {flags:?}: {err}");
+        assert_eq!(
+            err.contains("conflict_check_s = 30 has no effect with probe_ms = 0"),
+            warned,
+            "{keys:?} {flags:?}: {err}"
+        );
+    }
+}
+
+/// Session 29's audit: `--workers N` (or `workers = N`) when every export is an `rbd:`
+/// image did nothing without a word: the worker pool runs files' and block devices' I/O,
+/// librbd an image's. One warning line now (before the store is opened, so it shows
+/// whether or not a cluster answers: here none, `--ceph-conf` names no file); a file export
+/// says nothing. Base (1994e57): no such line.
+#[test]
+fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let conf = dir.path().join("no-ceph.conf");
+    let conf = conf.to_str().unwrap();
+    let said = "--workers 8 (workers) has no effect while every export is an rbd: image";
+    let o = run_bounded(&[
+        "serve",
+        "--check",
+        "--workers",
+        "8",
+        "--ceph-conf",
+        conf,
+        "1",
+        "1",
+        "lo",
+        "rbd:pool/img",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(said), "{err}");
+    let o = run_bounded(&[
+        "serve",
+        "--check",
+        "--workers",
+        "8",
+        "1",
+        "1",
+        "lo",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("has no effect"), "{err}");
+}
+
+/// Session 29's audit: `AOE_LOG=debugg` (a level mistyped) parses as a filter for a module
+/// named `debugg` and turned every log line off, warnings included, without a word. One line
+/// now, written past the filter; a level, a module of ours, or a level beside a filter say
+/// nothing. Base (1994e57): stderr empty for `debugg`.
+#[test]
+fn a_mistyped_log_level_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for (value, warned) in [
+        ("debugg", true),
+        ("info,infoo", true),
+        ("debug", false),
+        ("aoe_target=debug", false),
+        ("warn,aoe=debug", false),
+    ] {
+        let o = Command::new(AOE)
+            .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
+            .env("AOE_LOG", value)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aoe");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{value}: {err}");
+        assert_eq!(
+            err.contains("which is no level (trace, debug, info, warn, error, off)"),
+            warned,
+            "{value}: {err}"
+        );
+    }
+}
+
+/// Session 29's audit: `aoe serve --check --state-dir DIR` did not load the state files a
+/// start loads, so it said `configuration ok` for a state file that does not parse (or a
+/// `--state-dir` naming a regular file) and the start then refused it (`cannot load
+/// state`). `--check` now loads them as the start does, read only; a directory without the
+/// file (the first start) is fine. Base (1994e57): exit 0 for both bad cases.
+#[test]
+fn check_loads_the_state_files_a_start_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let st = state.to_str().unwrap();
+    let check = |state_dir: &str| {
+        let o = run_bounded(&[
+            "serve",
+            "--check",
+            "--state-dir",
+            state_dir,
+            "1",
+            "1",
+            "lo",
+            img,
+        ]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(st);
+    assert_eq!(code, Some(0), "no state file yet: {err}");
+    std::fs::write(state.join("e1.1.toml"), "mask = 5\n").unwrap();
+    let (code, err) = check(st);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("e1.1: cannot load state") && err.contains("e1.1.toml"),
+        "{err}"
+    );
+    let (code, err) = check(img);
+    assert_eq!(code, Some(1), "a state dir that is the image: {err}");
+    assert!(err.contains("cannot load state"), "{err}");
+    assert!(
+        std::fs::metadata(img).unwrap().is_file(),
+        "the image was touched"
+    );
+}

@@ -127,7 +127,23 @@ impl FileBackend {
             flags |= libc_o_sync();
         }
         o.custom_flags(flags);
-        let mut file = o.open(path).map_err(|e| named(e, "cannot open"))?;
+        let mut file = o.open(path).map_err(|e| {
+            // open(2) answers EINVAL for O_DIRECT on a file system that has no direct I/O
+            // (ramfs, some FUSE and network file systems): "Invalid argument" alone did not
+            // say which argument (session 29's audit).
+            if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot open {} with O_DIRECT (-d, direct_io): its file system does \
+                         not support direct I/O ({e}); leave -d out",
+                        path.display()
+                    ),
+                )
+            } else {
+                named(e, "cannot open")
+            }
+        })?;
         let meta = file.metadata().map_err(|e| named(e, "cannot stat"))?;
         let ft = meta.file_type();
         if !(ft.is_file() || ft.is_block_device()) {

@@ -57,6 +57,17 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longest drain accepted: systemd's default stop timeout is 90 s, past which it kills.
 pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
+/// Longest duplicate-write window accepted (`aoe serve --dedup-window-ms`): an hour. The
+/// table forgets by count as well ([`MAX_DEDUP_ENTRIES`]), so a longer window would keep no
+/// more; a window near `u64::MAX` ms is a slip, not a wish.
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Most writes an export's duplicate-write table may be told to remember
+/// (`aoe serve --dedup-entries`): 2^20, 64 times the default, about 80 MiB per export when
+/// full (80 bytes an entry: `aoe_proto::target::DEFAULT_DEDUP_ENTRIES`'s note). Unbounded, a
+/// typo of a few digits let each export grow towards terabytes under a steady write load.
+pub const MAX_DEDUP_ENTRIES: usize = 1 << 20;
+
 /// One export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -393,6 +404,14 @@ pub enum ConfigError {
     /// A coalescing wait longer than [`MAX_COALESCE`].
     #[error("the coalescing wait must be at most 1000 us (1 ms), not {0} us")]
     Coalesce(u128),
+    /// `--dedup-window-ms` past [`MAX_DEDUP_WINDOW`]. The user's mistake.
+    #[error("--dedup-window-ms must be from 0 to 3600000 ms (an hour; 0: off), not {0} ms")]
+    DedupWindow(u128),
+    /// `--dedup-entries` past [`MAX_DEDUP_ENTRIES`]. The user's mistake.
+    #[error(
+        "--dedup-entries must be from 0 to 1048576 (about 80 MiB per export; 0: off), not {0}"
+    )]
+    DedupEntries(usize),
     /// Shelf 0xffff is the broadcast shelf (AoEr11 section 2.1).
     #[error("shelf {0} is the broadcast shelf and cannot be exported (use 0-65534)")]
     BroadcastShelf(u16),
@@ -786,6 +805,12 @@ impl ServeConfig {
         if self.coalesce > MAX_COALESCE {
             return Err(ConfigError::Coalesce(self.coalesce.as_micros()));
         }
+        if self.dedup.window > MAX_DEDUP_WINDOW {
+            return Err(ConfigError::DedupWindow(self.dedup.window.as_millis()));
+        }
+        if self.dedup.entries > MAX_DEDUP_ENTRIES {
+            return Err(ConfigError::DedupEntries(self.dedup.entries));
+        }
         let mut seen = HashSet::new();
         for (i, e) in self.exports.iter().enumerate() {
             check_export(e, &mut seen).map_err(|err| src.export(i, err))?;
@@ -1020,7 +1045,14 @@ fn vblade_export(text: &str, origin: &Path) -> Result<ExportSpec, ConfigError> {
     if let Some((n, opts)) = vals.get("options") {
         let bad = |m: String| err(*n, m);
         let mut it = opts.split_whitespace();
+        // vblade's getopt keeps the last of `-b 4 -b 8` without a word, the first value lost
+        // (session 29's audit); our command line refuses a second one (clap), and so does
+        // this. `-m` adds to the list, as on the command line.
+        let mut valued = HashSet::new();
         while let Some(flag) = it.next() {
+            if matches!(flag, "-b" | "-o" | "-l") && !valued.insert(flag) {
+                return Err(bad(format!("options: {flag} given twice")));
+            }
             let mut arg = |f: &str| {
                 it.next()
                     .map(str::to_owned)
@@ -1168,6 +1200,19 @@ mod tests {
         let e = c.check_static().unwrap_err().to_string();
         assert!(e.contains("at most 1000 us (1 ms), not 1001 us"), "{e}");
         c.coalesce = Duration::ZERO;
+        // `--dedup-window-ms` and `--dedup-entries` (session 29): bounded, 0 allowed.
+        c.dedup.window = MAX_DEDUP_WINDOW;
+        c.dedup.entries = MAX_DEDUP_ENTRIES;
+        c.check_static().unwrap();
+        c.dedup.window = MAX_DEDUP_WINDOW + Duration::from_millis(1);
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("from 0 to 3600000 ms"), "{e}");
+        assert!(e.contains("not 3600001 ms"), "{e}");
+        c.dedup.window = Duration::ZERO;
+        c.dedup.entries = MAX_DEDUP_ENTRIES + 1;
+        let e = c.check_static().unwrap_err().to_string();
+        assert!(e.contains("from 0 to 1048576"), "{e}");
+        c.dedup = Default::default();
         // `--drain-secs` (audit s8): at most an hour.
         assert_eq!(c.drain, DEFAULT_DRAIN);
         c.drain = MAX_DRAIN;
@@ -1319,6 +1364,15 @@ mod tests {
         assert!(err(&ok.replace("netif=x\n", "")).contains("no netif= line"));
         assert!(err(&ok.replace("slot=1", "slot=255")).contains("broadcast slot"));
         assert!(err(&format!("{ok}options='-r\n")).contains(":5: unclosed quote"));
+        // Session 29: a value option twice kept the last without a word (vblade's getopt).
+        for twice in ["-b 4 -b 8", "-o 8 -r -o 16", "-l 8 -l 9"] {
+            let e = err(&format!("{ok}options='{twice}'\n"));
+            let flag = &twice[..2];
+            assert!(
+                e.contains(&format!(":5: options: {flag} given twice")),
+                "{twice}: {e}"
+            );
+        }
     }
 
     /// Issue 10: a config error is data, one variant per cause, and a TOML error names its

@@ -113,12 +113,14 @@ pub struct BenchArgs {
     /// The depth of --rate's token bucket, in milliseconds (0 to 10000): how far behind its
     /// schedule the generator may fall (a stalled target, a full window) and still catch up
     /// by sending at once what is due; beyond it the load is lost and the achieved rate shows
-    /// it. 0 sends no burst at all.
-    #[arg(long, default_value_t = DEFAULT_BURST_MS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
-    rate_burst_ms: u64,
-    /// Seed of the random offsets (randread, randwrite).
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// it. 0 sends no burst at all [default: 50]. Only with --rate or --rate-iops (without
+    /// them nothing is paced, and the depth is refused rather than taken and ignored).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    rate_burst_ms: Option<u64>,
+    /// Seed of the random offsets (randread, randwrite) [default: 1]. The other modes go
+    /// in order and refuse it rather than take it and ignore it.
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// How replies reach the generator, or requests leave it.
@@ -284,6 +286,21 @@ fn check_args(a: &BenchArgs) -> Result<Want> {
     }
     if a.sectors == Some(0) {
         bail!(usage("--sectors must be at least 1".into()));
+    }
+    // Session 29 audit: both were taken and did nothing without a word; a run meant to be
+    // paced or to follow a seed would have been measured as something else.
+    if a.seed.is_some() && !matches!(a.mode, Mode::Randread | Mode::Randwrite) {
+        bail!(usage(format!(
+            "--seed sets the random offsets of randread and randwrite; --mode {} goes in order",
+            mode_name(a.mode)
+        )));
+    }
+    if a.rate_burst_ms.is_some() && a.rate.is_none() && a.rate_iops.is_none() {
+        bail!(usage(
+            "--rate-burst-ms is the depth of --rate's (or --rate-iops') pacing; without \
+             either nothing is paced"
+                .into()
+        ));
     }
     rate_of(a)?;
     Ok(want)
@@ -688,7 +705,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         check: false,
         stamp_data: false,
         stamp,
-        seed: a.seed,
+        seed: a.seed.unwrap_or(1),
     };
     let plans = match a.mode {
         Mode::Read | Mode::Randread => vec![base],
@@ -723,7 +740,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dead: Duration::from_secs(5),
         rx_ring: a.rx == Io::Ring,
         rate: rate_of(&a)?,
-        rate_depth: Duration::from_millis(a.rate_burst_ms),
+        rate_depth: Duration::from_millis(a.rate_burst_ms.unwrap_or(DEFAULT_BURST_MS)),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

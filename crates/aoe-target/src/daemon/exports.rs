@@ -864,6 +864,14 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))
             .map_err(|err| placed(config, n, err))?;
+        // The state file as a start loads it (read only; a missing one is the initial
+        // state): until session 29's audit `--check --state-dir` said ok for a state file
+        // that does not parse, or a "directory" that is a file, and the start refused them.
+        if let Some(dir) = &config.state_dir {
+            StateFile::new(dir, e.addr())
+                .load(&e.allowed_macs)
+                .with_context(|| format!("{}: cannot load state", e.addr()))?;
+        }
     }
     Ok(())
 }
