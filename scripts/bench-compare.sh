@@ -66,6 +66,9 @@
 #                     there (PATH.target.data, PATH.gen.data, and a top-20 .txt of each);
 #                     with RATE/RATE_MB also of the target over each equal-load run
 #                     (eq-MTU-MODE-wW-LOAD-TARGET-rROUND.target.data, a top-40 .txt)
+#                     (a perf attached to the target, here and for GEN_STAT and PERF_STAT,
+#                     starts disabled and is enabled through its control fifo before the
+#                     generator starts; with PIN=fifo it runs at SCHED_FIFO 20)
 #   GEN_STAT=dir      `perf stat` of the generator and of the target over each generator run
 #                     (dir/CELL-ROUND.gen.csv, .target.csv) and one row per run in
 #                     dir/stat.tsv: per request, each side's task-clock (us), context
@@ -219,6 +222,33 @@ case $PIN in
     fifo) TGT_PIN=(chrt -f 10 taskset -c 0) GEN_PIN=(chrt -f 10 taskset -c 1) ;;
     *) die "PIN=$PIN: 0, 1 or fifo" ;;
 esac
+# A perf attached to the running target (-p) must count from the generator's first request.
+# It starts with its events disabled (-D -1) and the run waits until perf has answered the
+# `enable` sent through its control fifo (perf's --control ... ack: the events are on).
+# Under PIN=fifo perf runs at a real-time priority above both sides': otherwise the two
+# SCHED_FIFO processes leave it no CPU, and it attaches late or not at all (2026-12-06,
+# load 12-23: `PERF_DIR` recorded not one sample of either target in a 1500 randwrite
+# cell, and `GEN_STAT` counted 1.65-1.97 of vblade's 3 system calls a request in some
+# runs). It is asleep but for draining its buffers, so it takes little from the target.
+PERF_PRIO=()
+[ "$PIN" != fifo ] || PERF_PRIO=(chrt -f 20)
+perf_attach() { # name perf-subcommand args...: background perf; its pid in PERF_PID
+    local name=$1 sub=$2 ctl ack cfd afd a=""
+    shift 2
+    ctl="$WORK/$name.ctl" ack="$WORK/$name.ack"
+    rm -f "$ctl" "$ack"
+    mkfifo "$ctl" "$ack"
+    "${PERF_PRIO[@]}" perf "$sub" -D -1 --control "fifo:$ctl,$ack" "$@" 2>/dev/null &
+    PERF_PID=$!
+    # Read-write opens of a fifo do not wait for the other end (Linux), so a perf that
+    # failed to start makes the read time out instead of blocking the script.
+    exec {cfd}<>"$ctl" {afd}<>"$ack"
+    echo enable >&"$cfd"
+    read -r -t 60 a <&"$afd" || true
+    exec {cfd}>&- {afd}>&-
+    rm -f "$ctl" "$ack"
+    [ "$a" = ack ] || echo "bench-compare: perf $sub ($name) did not start counting within 60 s" >&2
+}
 EXTRA_GENS=$(for g in $GENS; do case $g in aoe | c) ;; *) printf '%s ' "$g" ;; esac; done)
 
 # GEN_STAT's row for one run: the counts of both sides' perf stat per request (requests:
@@ -321,15 +351,15 @@ run_gen() { # gen mode bs window cell
     fi
     if [ -n "$GEN_STAT" ]; then
         perf=(perf stat -x, -o "$GEN_STAT/$cell.gen.csv" "${GEN_EV[@]}" --)
-        perf stat -x, -o "$GEN_STAT/$cell.target.csv" "${TGT_EV[@]}" -p "$TARGET_PID" &
-        tperf=$!
+        perf_attach tstat stat -x, -o "$GEN_STAT/$cell.target.csv" "${TGT_EV[@]}" -p "$TARGET_PID"
+        tperf=$PERF_PID
         rm -f "$GEN_STAT/$cell.idle"
         idle_sampler "$cell" &
         isamp=$!
     elif [ -n "$PERF_DIR" ]; then
         perf=(perf record -q -g -o "$PERF_DIR/$cell.gen.data" --)
-        perf record -q -g -p "$TARGET_PID" -o "$PERF_DIR/$cell.target.data" 2>/dev/null &
-        tperf=$!
+        perf_attach trecord record -q -g -p "$TARGET_PID" -o "$PERF_DIR/$cell.target.data"
+        tperf=$PERF_PID
     fi
     case $g in
         aoe)
@@ -451,18 +481,17 @@ eq_run() { # mtu mode bs w load asked_mb target round
     c0=$(cpu_ticks "$TARGET_PID") s0=$(cpu_stat 0) w0=$(date +%s.%N)
     local pstat=""
     if [ -n "$PERF_STAT" ]; then
-        perf stat -x, -e task-clock,context-switches,raw_syscalls:sys_enter -p "$TARGET_PID" \
-            -o "$WORK/pstat" 2>/dev/null &
-        pstat=$!
-        # perf stat takes a while to attach on a loaded machine: started together with the
-        # generator it missed up to half of a 3 s run (2026-12-04: half the reads a request
-        # counted). The target idles meanwhile, which costs it nothing.
-        sleep 1
+        # Started together with the generator, a perf stat missed up to half of a 3 s run
+        # on a loaded machine (2026-12-04: half the reads a request counted): perf_attach
+        # waits until it counts.
+        perf_attach eqstat stat -x, -e task-clock,context-switches,raw_syscalls:sys_enter \
+            -p "$TARGET_PID" -o "$WORK/pstat"
+        pstat=$PERF_PID
     fi
     local precord="" pdata="$PERF_DIR/eq-$mtu-$mode-w$w-$load-$t-r$r.target"
     if [ -n "$PERF_DIR" ]; then
-        perf record -q -g -p "$TARGET_PID" -o "$pdata.data" 2>/dev/null &
-        precord=$!
+        perf_attach eqrecord record -q -g -p "$TARGET_PID" -o "$pdata.data"
+        precord=$PERF_PID
     fi
     in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode "$mode" "${wflag[@]}" --bs "$bs" \
         --window "$w" --time "$TIME" --rate "$bytes" --json >"$WORK/eq.json" 2>"$WORK/gen.err" || {
