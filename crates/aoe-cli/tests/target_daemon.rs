@@ -435,9 +435,10 @@ fn sighup_refuses_overlapping_writable_exports() {
     };
     write_conf(&[(1, true), (2, false)]);
     hup();
-    // Session 28: the refusal names the second export's place in the file (line 8: each
-    // export above is 7 lines), not the exports alone.
-    let place = format!("{}:8:1: ", conf.display());
+    // Session 28: the refusal names the second export's place in the file, not the exports
+    // alone; session 29: its `path` (line 9, column 8: each export above is 7 lines), not
+    // its `[[export]]` header (8:1).
+    let place = format!("{}:9:8: ", conf.display());
     assert!(
         wait_until(Duration::from_secs(10), || {
             let log = t.output_so_far();

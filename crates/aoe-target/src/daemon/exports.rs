@@ -819,17 +819,18 @@ fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, err))?;
+            check_interface(e, i).map_err(|err| placed(config, n, "interfaces", err))?;
         }
     }
     Ok(())
 }
 
-/// `err`, found for export `n` of `config`, led by the export's `FILE:LINE:COLUMN` when it
-/// came from a file (the TOML parser's errors and [`ServeConfig::check_static`]'s name it
-/// so; a missing file or interface named only the export until session 28).
-fn placed(config: &ServeConfig, n: usize, err: anyhow::Error) -> anyhow::Error {
-    match config.sources.export_place(n) {
+/// `err`, found for key `key` of export `n` of `config`, led by that key's
+/// `FILE:LINE:COLUMN` when it came from a file (the TOML parser's errors and
+/// [`ServeConfig::check_static`]'s name it so; a missing file or interface named only the
+/// export until session 28, its `[[export]]` header until session 29).
+fn placed(config: &ServeConfig, n: usize, key: &str, err: anyhow::Error) -> anyhow::Error {
+    match config.sources.export_place(n, key) {
         Some(at) => anyhow::anyhow!("{at}: {err:#}"),
         None => err,
     }
@@ -905,7 +906,7 @@ impl Opener {
             }
             new_rts.push(
                 self.open_export(spec, config)
-                    .map_err(|err| placed(config, n, err))?,
+                    .map_err(|err| placed(config, n, "path", err))?,
             );
         }
         Ok((keep, new_rts))
@@ -1005,11 +1006,11 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, err))?;
+            check_interface(e, i).map_err(|err| placed(config, n, "interfaces", err))?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))
-            .map_err(|err| placed(config, n, err))?;
+            .map_err(|err| placed(config, n, "path", err))?;
     }
     Ok(())
 }
