@@ -287,7 +287,7 @@ impl Eq for Sources {}
 
 impl Sources {
     /// `error` at the place of export `i`, when the file said where it is: at the first of
-    /// the export's keys the error is about ([`ConfigError::export_keys`]) that the file
+    /// the export's keys the error is about (`ConfigError::export_keys`) that the file
     /// set, else at its `[[export]]` header.
     pub fn export(&self, i: usize, error: ConfigError) -> ConfigError {
         let at = self.export_at(i, error.export_keys());
