@@ -904,6 +904,51 @@ fn a_gateway_whose_old_one_still_answers_at_start_serves_the_rest_and_stops_on_s
     r.rig.cleanup();
 }
 
+/// Session 29: the start's take-over wait runs out (vblade, the stand-in old gateway, never
+/// falls silent). The start still fails as it did when the wait was a loop before the event
+/// loop (exit status 1, the duplicate address named, the image never served), now after its
+/// other export served meanwhile and drained: the refusal comes through the reload's
+/// decision path (`Daemon::settle`) and stops the loop (`start_refused`).
+#[test]
+fn a_start_whose_old_gateway_never_falls_silent_fails_after_the_wait() {
+    let mut r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "op29w");
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(30, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    fs::write(
+        &config,
+        format!(
+            "{}{}",
+            file_export_config(&r, &sock, &file),
+            image_export_config(&r)
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
+    let (f, _) = read_file_export(&r, &b, &seeded);
+    let status = b
+        .wait_timeout(Duration::from_secs(90))
+        .expect("wait for gateway B");
+    let out = b.output_so_far();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)) && out.contains("refusing to serve it"),
+        "gateway B did not fail its start once the wait ran out ({status:?}):\n{out}"
+    );
+    assert!(
+        !out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+        "B served the image with vblade answering:\n{out}"
+    );
+    drop(f);
+    let _ = v.stop();
+    r.rig.cleanup();
+}
+
 /// vblade on PATH, or the test fails saying which package has it.
 fn require_tools_vblade() {
     aoe_testkit::require_tools(&[("vblade", "vblade")]);
