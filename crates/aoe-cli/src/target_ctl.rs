@@ -324,6 +324,20 @@ fn status(out: &mut String, s: &Snapshot) {
             e.path
         );
     }
+    // A reload (SIGHUP) under way: the running configuration serves on meanwhile.
+    if let Some(r) = &s.reload {
+        let _ = writeln!(
+            out,
+            "reload: {} under way for {} s ({}); the running configuration serves meanwhile",
+            r.config,
+            r.secs,
+            if r.phase == "opening" {
+                "opening its stores"
+            } else {
+                "waiting to take an image over, see pending"
+            }
+        );
+    }
     // An export opened but not served yet: it took its rbd: image over and waits for the
     // gateway whose lock it broke to fall silent (README, "Fencing and failover").
     for p in &s.pending {

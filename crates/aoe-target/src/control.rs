@@ -325,6 +325,24 @@ pub struct Snapshot {
     /// gateway ([`PendingExport`]). Empty: none.
     #[serde(default)]
     pub pending: Vec<PendingExport>,
+    /// A reload (SIGHUP) under way, if any ([`ReloadStatus`]).
+    #[serde(default)]
+    pub reload: Option<ReloadStatus>,
+}
+
+/// A reload under way: the running configuration serves on until it is committed or
+/// refused. Until session 29 only the log said so (`the reload is still opening its stores
+/// after N s`, from 5 s on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// The configuration file it reads (`(command line)` for exports given as arguments).
+    pub config: String,
+    /// `opening` (a thread of its own opens the new stores: an `open(2)`, an RBD
+    /// connection) or `taking_over` (its exports wait for an old gateway to fall silent:
+    /// [`Snapshot::pending`]).
+    pub phase: String,
+    /// Seconds since it began (the loop's once-a-second ticks).
+    pub secs: u64,
 }
 
 /// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface

@@ -749,6 +749,18 @@ impl Daemon {
                 .as_ref()
                 .and_then(|r| r.taking_over.as_ref())
                 .map_or_else(Vec::new, |t| t.status(now)),
+            reload: self.reloading.as_ref().and_then(|r| {
+                Some(crate::control::ReloadStatus {
+                    config: r.path.as_ref()?.display().to_string(),
+                    phase: if r.taking_over.is_some() {
+                        "taking_over"
+                    } else {
+                        "opening"
+                    }
+                    .into(),
+                    secs: u64::from(self.ticks.wrapping_sub(r.since)),
+                })
+            }),
         }
     }
 
