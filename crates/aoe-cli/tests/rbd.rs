@@ -687,6 +687,16 @@ fn assert_status_shows_pending(r: &RbdRig, b: &NsChild, sock: &std::path::Path, 
             .is_some_and(|a| a.iter().any(|e| e["target"] == target.as_str())),
         "e{target} is shown as served while it waits: {status}"
     );
+    // A reload's wait is also the reload under way; the start's is no reload.
+    let reload_shown = if during == "reload" {
+        status["reload"]["phase"] == "taking_over"
+    } else {
+        status["reload"].is_null()
+    };
+    assert!(
+        reload_shown,
+        "the reload under way as the status shows it: {status}"
+    );
     let out = Command::new("timeout")
         .args(["-k", "5", "60", AOE, "target", "--socket"])
         .arg(sock)
