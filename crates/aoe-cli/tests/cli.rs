@@ -490,7 +490,7 @@ fn serve_config_check_errors_name_the_file_line_and_column() {
         ),
         (
             export(other.to_str().unwrap(), 2, "nosuch0", ""),
-            format!("{}e1.2: no such interface \"nosuch0\"", at(11, 14)),
+            format!("{}e1.2: no such interface \"nosuch0\"", at(11, 15)),
         ),
         (
             export(img.to_str().unwrap(), 2, "lo", "buffer_count = 9000"),
@@ -498,7 +498,7 @@ fn serve_config_check_errors_name_the_file_line_and_column() {
         ),
         (
             export(img.to_str().unwrap(), 1, "lo", ""),
-            format!("{}e1.1 is exported twice on interface lo", at(11, 14)),
+            format!("{}e1.1 is exported twice on interface lo", at(11, 15)),
         ),
     ] {
         std::fs::write(&conf, format!("{good}{second}")).unwrap();

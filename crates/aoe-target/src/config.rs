@@ -290,7 +290,13 @@ impl Sources {
     /// the export's keys the error is about (`ConfigError::export_keys`) that the file
     /// set, else at its `[[export]]` header.
     pub fn export(&self, i: usize, error: ConfigError) -> ConfigError {
-        let at = self.export_at(i, error.export_keys());
+        let at = match &error {
+            // The list's entry that repeats the address, not the list.
+            ConfigError::ExportedTwice { interface, .. } => {
+                self.export_at(i, &[&interface_key(interface), "interfaces"])
+            }
+            _ => self.export_at(i, error.export_keys()),
+        };
         self.placed(at, error)
     }
 
@@ -324,8 +330,18 @@ impl Sources {
     /// `FILE:LINE:COLUMN` of export `i`'s key `key` (`path`, `interfaces`), or of its
     /// `[[export]]` header if the file did not set it, when the file said where it is.
     pub fn export_place(&self, i: usize, key: &str) -> Option<String> {
+        self.export_place_of(i, &[key])
+    }
+
+    /// `FILE:LINE:COLUMN` of the entry `name` of export `i`'s `interfaces` list, else of the
+    /// list, else of its `[[export]]` header.
+    pub fn interface_place(&self, i: usize, name: &str) -> Option<String> {
+        self.export_place_of(i, &[&interface_key(name), "interfaces"])
+    }
+
+    fn export_place_of(&self, i: usize, keys: &[&str]) -> Option<String> {
         let f = self.file.as_ref()?;
-        let (l, c) = self.export_at(i, &[key])?;
+        let (l, c) = self.export_at(i, keys)?;
         Some(format!("{}:{l}:{c}", f.display()))
     }
 
@@ -583,6 +599,25 @@ struct KeyPlaces {
     exports: Vec<std::collections::BTreeMap<String, toml::Spanned<toml::Value>>>,
 }
 
+/// Where each entry of each export's `interfaces` list is (a [`toml::Value`] array keeps no
+/// spans of its own): a third read, of that list alone.
+#[derive(Debug, Deserialize)]
+struct InterfacePlaces {
+    #[serde(default, rename = "export")]
+    exports: Vec<InterfaceList>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InterfaceList {
+    #[serde(default)]
+    interfaces: Vec<toml::Spanned<String>>,
+}
+
+/// The name [`Sources::export_keys`] files the `interfaces` entry `name` under.
+fn interface_key(name: &str) -> String {
+    format!("interfaces[{name:?}]")
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileExport {
@@ -626,7 +661,7 @@ impl ServeConfig {
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         let place = |span: std::ops::Range<usize>| line_column(text, span.start);
-        let export_keys = toml::from_str::<KeyPlaces>(text)
+        let mut export_keys: Vec<Vec<(String, (usize, usize))>> = toml::from_str::<KeyPlaces>(text)
             .map(|k| {
                 k.exports
                     .iter()
@@ -638,6 +673,15 @@ impl ServeConfig {
                     .collect()
             })
             .unwrap_or_default();
+        if let Ok(lists) = toml::from_str::<InterfacePlaces>(text) {
+            for (keys, list) in export_keys.iter_mut().zip(lists.exports) {
+                keys.extend(
+                    list.interfaces
+                        .iter()
+                        .map(|n| (interface_key(n.get_ref()), place(n.span()))),
+                );
+            }
+        }
         let mut sources = Sources {
             file: Some(origin.to_path_buf()),
             exports: f.exports.iter().map(|e| place(e.span())).collect(),
@@ -1607,7 +1651,14 @@ mod tests {
             "{e}"
         );
         let e = err(&format!("{}\n{}", export(1, ""), export(1, "")));
-        assert_eq!(e, "/c.toml:11:14: e1.1 is exported twice on interface x");
+        assert_eq!(e, "/c.toml:11:15: e1.1 is exported twice on interface x");
+        // The entry of a longer list that repeats the address.
+        let e = err(&format!(
+            "{}\n{}",
+            export(1, ""),
+            export(1, "").replace("[\"x\"]", "[\"y\", \"x\"]")
+        ));
+        assert_eq!(e, "/c.toml:11:20: e1.1 is exported twice on interface x");
         let e = err(&export(255, ""));
         assert!(
             e.starts_with("/c.toml:4:8: slot 255 is the broadcast slot"),

@@ -819,7 +819,8 @@ fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, "interfaces", err))?;
+            check_interface(e, i)
+                .map_err(|err| placed_at(config.sources.interface_place(n, i), err))?;
         }
     }
     Ok(())
@@ -830,7 +831,12 @@ fn check_config(config: &ServeConfig) -> Result<()> {
 /// [`ServeConfig::check_static`]'s name it so; a missing file or interface named only the
 /// export until session 28, its `[[export]]` header until session 29).
 fn placed(config: &ServeConfig, n: usize, key: &str, err: anyhow::Error) -> anyhow::Error {
-    match config.sources.export_place(n, key) {
+    placed_at(config.sources.export_place(n, key), err)
+}
+
+/// `err` led by `at` (`FILE:LINE:COLUMN`), if known.
+fn placed_at(at: Option<String>, err: anyhow::Error) -> anyhow::Error {
+    match at {
         Some(at) => anyhow::anyhow!("{at}: {err:#}"),
         None => err,
     }
@@ -1006,7 +1012,8 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, "interfaces", err))?;
+            check_interface(e, i)
+                .map_err(|err| placed_at(config.sources.interface_place(n, i), err))?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))
