@@ -251,6 +251,24 @@ pub fn target_text(obs: &Observer) -> String {
             .collect(),
     );
     s.gauge(
+        "aoe_target_pending_export_seconds",
+        "Seconds an export the start or a reload opened has waited, not served yet, for the \
+         gateway whose rbd: image lock it broke to stop answering at its shelf.slot (given up, \
+         refused, after 30 s); no series while none waits",
+        snap.pending
+            .iter()
+            .map(|p| {
+                (
+                    labels(&[
+                        ("export", &p.target),
+                        ("interfaces", &p.interfaces.join(",")),
+                    ]),
+                    i64::try_from(p.waiting_secs).unwrap_or(i64::MAX),
+                )
+            })
+            .collect(),
+    );
+    s.gauge(
         "aoe_target_state_files_failing",
         "State files (--state-dir) whose last save failed: the newest config string, mask or \
          reserve list of that many exports is only in memory, the save tried again every 10 s \

@@ -324,6 +324,43 @@ fn status(out: &mut String, s: &Snapshot) {
             e.path
         );
     }
+    // A reload (SIGHUP) under way: the running configuration serves on meanwhile.
+    if let Some(r) = &s.reload {
+        let _ = writeln!(
+            out,
+            "reload: {} under way for {} s ({}); the running configuration serves meanwhile",
+            r.config,
+            r.secs,
+            if r.phase == "opening" {
+                "opening its stores"
+            } else {
+                "waiting to take an image over, see pending"
+            }
+        );
+    }
+    // An export opened but not served yet: it took its rbd: image over and waits for the
+    // gateway whose lock it broke to fall silent (README, "Fencing and failover").
+    for p in &s.pending {
+        let heard = p
+            .waiting_for
+            .iter()
+            .map(|c| format!("{} on {}", c.mac, c.interface))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ =
+            writeln!(
+            out,
+            "pending: e{} {} on {} ({}): took the image over, waiting {} s for {} (the gateway \
+             whose lock was broken) to stop answering; gives up in {} s",
+            p.target,
+            p.path,
+            p.interfaces.join(","),
+            p.during,
+            p.waiting_secs,
+            if heard.is_empty() { "the old gateway".into() } else { heard },
+            p.gives_up_in_secs
+        );
+    }
     // Another target at one of our addresses: an initiator mixes the two disks' data.
     for e in &s.exports {
         for c in &e.conflicts {

@@ -480,20 +480,25 @@ fn serve_config_check_errors_name_the_file_line_and_column() {
         )
     };
     let good = export(img.to_str().unwrap(), 1, "lo", "");
-    let at = |l: u32| format!("{}:{l}:1: ", conf.display());
+    // Session 29: the offending key's line and its value's column (the second export's
+    // `[[export]]` header is line 7; every error named 7:1 before).
+    let at = |l: u32, c: u32| format!("{}:{l}:{c}: ", conf.display());
     for (second, want) in [
-        (export("missing.img", 2, "lo", ""), format!("{}e1.2", at(7))),
+        (
+            export("missing.img", 2, "lo", ""),
+            format!("{}e1.2", at(8, 8)),
+        ),
         (
             export(other.to_str().unwrap(), 2, "nosuch0", ""),
-            format!("{}e1.2: no such interface \"nosuch0\"", at(7)),
+            format!("{}e1.2: no such interface \"nosuch0\"", at(11, 15)),
         ),
         (
             export(img.to_str().unwrap(), 2, "lo", "buffer_count = 9000"),
-            format!("{}e1.2: buffer count 9000 is more than", at(7)),
+            format!("{}e1.2: buffer count 9000 is more than", at(12, 16)),
         ),
         (
             export(img.to_str().unwrap(), 1, "lo", ""),
-            format!("{}e1.1 is exported twice on interface lo", at(7)),
+            format!("{}e1.1 is exported twice on interface lo", at(11, 15)),
         ),
     ] {
         std::fs::write(&conf, format!("{good}{second}")).unwrap();

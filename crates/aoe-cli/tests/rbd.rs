@@ -559,10 +559,12 @@ fn a_gateway_that_took_over_waits_for_the_address_to_fall_silent_before_serving(
 /// from the loop's once-a-second tick: while vblade (standing in for the old gateway) still
 /// answers, the file export answers reads and the control socket's counters show them
 /// (before: the snapshot taken before the reload, `bytes_read` 0); once vblade is gone the
-/// `rbd:` export is served.
+/// `rbd:` export is served. Session 29: meanwhile `aoe target status` (and `--json`, and the
+/// metrics) show the export as pending, since when and whom it waits for (before: only the
+/// log said so).
 #[test]
 fn a_reload_that_takes_an_image_over_keeps_the_other_exports_served_while_it_waits() {
-    reload_taking_an_image_over(true);
+    reload_taking_an_image_over(OldGateway::FallsSilent);
 }
 
 /// The same reload whose old gateway (vblade) never falls silent: after `TAKEOVER_WAIT`
@@ -570,20 +572,36 @@ fn a_reload_that_takes_an_image_over_keeps_the_other_exports_served_while_it_wai
 /// export serves on; no "configuration reloaded".
 #[test]
 fn a_reload_whose_old_gateway_never_falls_silent_is_refused_and_the_rest_serves_on() {
-    reload_taking_an_image_over(false);
+    reload_taking_an_image_over(OldGateway::NeverSilent);
 }
 
-/// The rig of the two tests above; `silenced`: vblade is stopped during the wait.
-fn reload_taking_an_image_over(silenced: bool) {
-    let mut r = image_rig();
-    let (mut v, _disk) = stand_in_gateway(&r, "op28v");
-    // Gateway B serves a file at slot+1, then a reload adds the image at the rig's address.
-    let file = r.rig.dir.path().join("file.img");
-    let seeded = pattern(28, 64 * 1024);
-    fs::write(&file, &seeded).expect("the file export's file");
-    let sock = r.rig.dir.path().join("b.sock");
-    let config = r.rig.dir.path().join("b.toml");
-    let file_export = format!(
+/// Session 29: while the reload waits (vblade still answers), a third client breaks the
+/// lock the reload took (a python3-rbd peer, blocklisting B as a gateway taking over
+/// does). The pending export's store was not looked at until it was installed: the reload
+/// waited out its 30 s and was refused as a duplicate address, or, had vblade fallen silent,
+/// was installed fenced ("configuration reloaded" for an export that answers nothing). Now
+/// the wait notices within seconds and refuses the reload saying why; the file export
+/// serves on.
+#[test]
+fn a_lock_broken_while_a_reload_waits_to_take_over_refuses_the_reload() {
+    reload_taking_an_image_over(OldGateway::LockBrokenMeanwhile);
+}
+
+/// What the stand-in old gateway (vblade) and the cluster do during the reload's wait.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OldGateway {
+    /// vblade is stopped: the reload is installed.
+    FallsSilent,
+    /// vblade answers on: the reload is refused after the wait.
+    NeverSilent,
+    /// Another client breaks the reload's lock meanwhile: the reload is refused at once.
+    LockBrokenMeanwhile,
+}
+
+/// The config of the rigs below: a control socket `sock` and a file export at slot+1
+/// (`file`, of `seeded`).
+fn file_export_config(r: &RbdRig, sock: &std::path::Path, file: &std::path::Path) -> String {
+    format!(
         "control = \"{sock}\"\n\
          [[export]]\npath = \"{file}\"\nshelf = {SHELF}\nslot = {slot2}\n\
          interfaces = [\"{netif}\"]\n",
@@ -591,36 +609,24 @@ fn reload_taking_an_image_over(silenced: bool) {
         file = file.display(),
         slot2 = SLOT + 1,
         netif = r.rig.target_if,
-    );
-    fs::write(&config, &file_export).expect("write config");
-    let mut cmd = Command::new(AOE);
-    cmd.arg("serve").arg("--config").arg(&config);
-    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
-    let up = wait_until(Duration::from_secs(60), || {
-        b.output_so_far().contains("exporting") || !b.is_running()
-    });
-    assert!(
-        up && b.is_running(),
-        "gateway B did not start:\n{}",
-        b.output_so_far()
-    );
-    fs::write(
-        &config,
-        format!(
-            "{file_export}\
-             [[export]]\npath = \"rbd:rbd/img\"\nshelf = {SHELF}\nslot = {SLOT}\n\
-             interfaces = [\"{netif}\"]\nceph_conf = \"{conf}\"\nclient_id = \"admin\"\n\
-             keyring = \"{keyring}\"\n",
-            netif = r.rig.target_if,
-            conf = r.ceph.conf().display(),
-            keyring = r.ceph.keyring().display(),
-        ),
     )
-    .expect("rewrite config");
-    run_ok(Command::new("kill").args(["-HUP", &b.pid().to_string()]));
-    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
-    // While the probe waits (vblade still answers): reads of the file export, each
-    // checked, then its counters as the control socket shows them.
+}
+
+/// The `[[export]]` of the rig's image at the rig's address.
+fn image_export_config(r: &RbdRig) -> String {
+    format!(
+        "[[export]]\npath = \"rbd:rbd/img\"\nshelf = {SHELF}\nslot = {SLOT}\n\
+         interfaces = [\"{netif}\"]\nceph_conf = \"{conf}\"\nclient_id = \"admin\"\n\
+         keyring = \"{keyring}\"\n",
+        netif = r.rig.target_if,
+        conf = r.ceph.conf().display(),
+        keyring = r.ceph.keyring().display(),
+    )
+}
+
+/// Reads of the file export at slot+1 through a raw client, each checked against `seeded`,
+/// while `b` waits; returns the client and how many were answered.
+fn read_file_export(r: &RbdRig, b: &NsChild, seeded: &[u8]) -> (AoeClient, u64) {
     let other = TargetAddr::new(SHELF, SLOT + 1);
     let mut f = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, other).expect("client F");
     f.discover(Duration::from_secs(10))
@@ -643,6 +649,98 @@ fn reload_taking_an_image_over(silenced: bool) {
             ),
         }
     }
+    (f, answered)
+}
+
+/// Session 29: the control socket of `b`, waiting to take the image over (the test saw
+/// `waiting for it to stop`), shows e{SHELF}.{SLOT} as pending (`during` the start or a
+/// reload), whom it waits for (an answer heard on the target's interface) and when it gives
+/// up, in `--json status` and in the plain status; not among the served exports. Before:
+/// no `pending` in the status (the log alone said so), or, at start, no control socket yet.
+fn assert_status_shows_pending(r: &RbdRig, b: &NsChild, sock: &std::path::Path, during: &str) {
+    let status = target_json(sock, "status");
+    let target = format!("{SHELF}.{SLOT}");
+    let pending = status["pending"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["target"] == target.as_str()));
+    let Some(p) = pending else {
+        panic!(
+            "aoe target --json status shows no pending e{target} while B waits to take it over:\n\
+             {status}\n{}",
+            b.output_so_far()
+        );
+    };
+    let heard_on_ours = p["waiting_for"].as_array().is_some_and(|w| {
+        !w.is_empty() && w.iter().all(|c| c["interface"] == r.rig.target_if.as_str())
+    });
+    assert!(
+        p["during"] == during
+            && p["path"] == "rbd:rbd/img"
+            && heard_on_ours
+            && p["since"].as_f64().is_some_and(|t| t > 0.0)
+            && p["gives_up_in_secs"].as_u64().is_some_and(|s| s <= 30),
+        "the pending export as the status shows it: {p}"
+    );
+    assert!(
+        !status["exports"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["target"] == target.as_str())),
+        "e{target} is shown as served while it waits: {status}"
+    );
+    // A reload's wait is also the reload under way; the start's is no reload.
+    let reload_shown = if during == "reload" {
+        status["reload"]["phase"] == "taking_over"
+    } else {
+        status["reload"].is_null()
+    };
+    assert!(
+        reload_shown,
+        "the reload under way as the status shows it: {status}"
+    );
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", AOE, "target", "--socket"])
+        .arg(sock)
+        .arg("status")
+        .output()
+        .expect("aoe target status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&format!("pending: e{target} rbd:rbd/img")),
+        "aoe target status does not show the pending export:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The rig of the reload tests above.
+fn reload_taking_an_image_over(old: OldGateway) {
+    let mut r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "op28v");
+    // Gateway B serves a file at slot+1, then a reload adds the image at the rig's address.
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(28, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    let file_export = file_export_config(&r, &sock, &file);
+    fs::write(&config, &file_export).expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    let up = wait_until(Duration::from_secs(60), || {
+        b.output_so_far().contains("exporting") || !b.is_running()
+    });
+    assert!(
+        up && b.is_running(),
+        "gateway B did not start:\n{}",
+        b.output_so_far()
+    );
+    fs::write(&config, format!("{file_export}{}", image_export_config(&r)))
+        .expect("rewrite config");
+    run_ok(Command::new("kill").args(["-HUP", &b.pid().to_string()]));
+    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
+    // While the probe waits (vblade still answers): reads of the file export, each
+    // checked, then its counters as the control socket shows them.
+    let (mut f, answered) = read_file_export(&r, &b, &seeded);
     let stats = target_json(&sock, "stats");
     let still_waiting = !b.output_so_far().contains("stopped answering; serving");
     let read = stats["exports"]
@@ -663,14 +761,21 @@ fn reload_taking_an_image_over(silenced: bool) {
          waits (bytes_read {read:?}): the daemon's loop is held\n{stats}\n{}",
         b.output_so_far()
     );
-    if !silenced {
+    assert_status_shows_pending(&r, &b, &sock, "reload");
+    if old != OldGateway::FallsSilent {
+        let mut peer = (old == OldGateway::LockBrokenMeanwhile).then(|| break_lock_peer(&r));
         let refused = wait_until(Duration::from_secs(90), || {
             b.output_so_far().contains("reload refused") || !b.is_running()
         });
         let out = b.output_so_far();
+        let why = if old == OldGateway::NeverSilent {
+            "refusing to serve it"
+        } else {
+            "another gateway took rbd:rbd/img over"
+        };
         assert!(
-            refused && b.is_running() && out.contains("refusing to serve it"),
-            "the reload was not refused after the wait:\n{out}"
+            refused && b.is_running() && out.contains(why),
+            "the reload was not refused with {why:?}:\n{out}"
         );
         assert!(
             !out.contains("configuration reloaded")
@@ -682,6 +787,14 @@ fn reload_taking_an_image_over(silenced: bool) {
             matches!(&rd, Ok(rd) if rd.is_ok() && rd.data() == &seeded[..1024]),
             "the file export after the refused reload: {rd:?}\n{out}"
         );
+        let status = target_json(&sock, "status");
+        assert!(
+            status["pending"].as_array().is_some_and(|p| p.is_empty()),
+            "the refused reload is still shown as pending: {status}"
+        );
+        if let Some(p) = &mut peer {
+            let _ = p.stop();
+        }
         let _ = v.stop();
         drop(f);
         let _ = b.stop();
@@ -703,6 +816,146 @@ fn reload_taking_an_image_over(silenced: bool) {
     );
     drop(f);
     let _ = b.stop();
+    r.rig.cleanup();
+}
+
+/// A python3-rbd client that breaks the rig's image's lock (blocklisting its holder, as a
+/// gateway taking over does) and takes it, running until stopped; started once it holds it.
+fn break_lock_peer(r: &RbdRig) -> NsChild {
+    let peer_py = "import rados, rbd, sys, time\n\
+        c = rados.Rados(conffile=sys.argv[1])\n\
+        c.connect()\n\
+        im = rbd.Image(c.open_ioctx('rbd'), 'img')\n\
+        for o in im.lock_get_owners():\n    im.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, o['owner'])\n\
+        im.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)\n\
+        print('acquired', [o['owner'] for o in im.lock_get_owners()], flush=True)\n\
+        time.sleep(600)\n";
+    // Debian's python3-rbd is for the system's python3, not another one first in PATH.
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", peer_py]).arg(r.ceph.conf());
+    let mut peer = r
+        .rig
+        .target_ns
+        .spawn(cmd)
+        .expect("start the python3-rbd peer");
+    assert!(
+        wait_until(Duration::from_secs(60), || peer
+            .output_so_far()
+            .contains("acquired")
+            || !peer.is_running()),
+        "the python3-rbd peer did not take the lock"
+    );
+    assert!(
+        peer.is_running(),
+        "the python3-rbd peer failed (is python3-rbd installed?):\n{}",
+        peer.output_so_far()
+    );
+    peer
+}
+
+/// Session 29: the take-over wait at start. Gateway B starts with a file export at slot+1
+/// and the image at the rig's address while vblade (the old gateway that has not noticed
+/// yet) answers there. The wait was a loop before the event loop (session 28's Left): for up
+/// to 30 s the file export answered nothing, no control socket listened, and SIGTERM was
+/// read only after it (the start then failed as a duplicate). Now the wait runs on the loop
+/// as a reload's does: the file export answers, the status shows the image pending
+/// `during` the start, and SIGTERM stops B at once, cleanly ("stopped", exit 0) with vblade
+/// still answering.
+#[test]
+fn a_gateway_whose_old_one_still_answers_at_start_serves_the_rest_and_stops_on_sigterm() {
+    let mut r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "op29v");
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(29, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    fs::write(
+        &config,
+        format!(
+            "{}{}",
+            file_export_config(&r, &sock, &file),
+            image_export_config(&r)
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--metrics", &format!("127.0.0.1:{METRICS_PORT}")]);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
+    let (f, _) = read_file_export(&r, &b, &seeded);
+    assert_status_shows_pending(&r, &b, &sock, "start");
+    let metrics = scrape(&r.rig.target_ns);
+    let gauge = format!(
+        "aoe_target_pending_export_seconds{{export=\"{SHELF}.{SLOT}\",interfaces=\"{}\"}}",
+        r.rig.target_if
+    );
+    assert!(
+        metrics.contains(&gauge),
+        "no {gauge} while B waits:\n{metrics}"
+    );
+    let status = b
+        .stop_within(Duration::from_secs(20))
+        .expect("stop gateway B");
+    let out = b.output_so_far();
+    assert!(
+        status.success() && out.contains("stopped") && !out.contains("refusing to serve it"),
+        "gateway B did not stop at once and cleanly on SIGTERM during the wait ({status}):\n{out}"
+    );
+    assert!(
+        !out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+        "B served the image with vblade answering:\n{out}"
+    );
+    drop(f);
+    let _ = v.stop();
+    r.rig.cleanup();
+}
+
+/// Session 29: the start's take-over wait runs out (vblade, the stand-in old gateway, never
+/// falls silent). The start still fails as it did when the wait was a loop before the event
+/// loop (exit status 1, the duplicate address named, the image never served), now after its
+/// other export served meanwhile and drained: the refusal comes through the reload's
+/// decision path (`Daemon::settle`) and stops the loop (`start_refused`).
+#[test]
+fn a_start_whose_old_gateway_never_falls_silent_fails_after_the_wait() {
+    let mut r = image_rig();
+    let (mut v, _disk) = stand_in_gateway(&r, "op29w");
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(30, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    fs::write(
+        &config,
+        format!(
+            "{}{}",
+            file_export_config(&r, &sock, &file),
+            image_export_config(&r)
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    wait_for_takeover_wait(&mut b, Duration::from_secs(90));
+    let (f, _) = read_file_export(&r, &b, &seeded);
+    let status = b
+        .wait_timeout(Duration::from_secs(90))
+        .expect("wait for gateway B");
+    let out = b.output_so_far();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)) && out.contains("refusing to serve it"),
+        "gateway B did not fail its start once the wait ran out ({status:?}):\n{out}"
+    );
+    assert!(
+        !out.contains(&format!("e{SHELF}.{SLOT}: exporting")),
+        "B served the image with vblade answering:\n{out}"
+    );
+    drop(f);
+    let _ = v.stop();
     r.rig.cleanup();
 }
 

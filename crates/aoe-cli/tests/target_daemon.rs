@@ -435,9 +435,10 @@ fn sighup_refuses_overlapping_writable_exports() {
     };
     write_conf(&[(1, true), (2, false)]);
     hup();
-    // Session 28: the refusal names the second export's place in the file (line 8: each
-    // export above is 7 lines), not the exports alone.
-    let place = format!("{}:8:1: ", conf.display());
+    // Session 28: the refusal names the second export's place in the file, not the exports
+    // alone; session 29: its `path` (line 9, column 8: each export above is 7 lines), not
+    // its `[[export]]` header (8:1).
+    let place = format!("{}:9:8: ", conf.display());
     assert!(
         wait_until(Duration::from_secs(10), || {
             let log = t.output_so_far();
@@ -1224,6 +1225,8 @@ fn a_reopened_export_waits_for_the_retiring_ones_overlapping_write() {
 /// export) while the new open waits, and swap e6.2 in once it is let through.
 /// Seen failing before the reopen moved off the loop: no answer from e6.1 within 10 s while
 /// the open was held; and before the reload's own warning: no line naming the held open.
+/// Session 29: `aoe target status` shows the reload under way (`reload`, phase `opening`),
+/// and none once it is done; before, the status said nothing of it.
 #[test]
 fn a_reload_whose_open_blocks_keeps_every_export_answering() {
     let mut n = Net::new("aoeob", 1500);
@@ -1246,7 +1249,13 @@ fn a_reload_whose_open_blocks_keeps_every_export_answering() {
         .unwrap();
     };
     write_conf(16);
-    let t = n.serve(&["--config", conf.to_str().unwrap()]);
+    let sock = dir.path().join("ctl.sock");
+    let t = n.serve(&[
+        "--config",
+        conf.to_str().unwrap(),
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
     let (e1, e2) = (TargetAddr::new(6, 1), TargetAddr::new(6, 2));
     let mac = n.wait_up(e1);
     n.wait_up(e2);
@@ -1293,6 +1302,20 @@ fn a_reload_whose_open_blocks_keeps_every_export_answering() {
         "reloaded before its store was open{}",
         t.output_so_far()
     );
+    let status = common::target_json(&sock, "status");
+    assert!(
+        status["reload"]["phase"] == "opening"
+            && status["reload"]["config"] == conf.to_str().unwrap(),
+        "the status does not show the reload opening its stores: {status}"
+    );
+    let text = Command::new(AOE)
+        .args(["target", "--socket", sock.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("(opening its stores)"),
+        "aoe target status: {text:?}"
+    );
     // An open that does not return is named, not left silent (5 s on the loop's ticks).
     assert!(
         wait_until(Duration::from_secs(15), || t
@@ -1322,6 +1345,11 @@ fn a_reload_whose_open_blocks_keeps_every_export_answering() {
     assert!(
         n.query(mac, e2).is_some(),
         "e6.2 not served after the reload"
+    );
+    let status = common::target_json(&sock, "status");
+    assert!(
+        status["reload"].is_null(),
+        "a reload still shown once done: {status}"
     );
     drop(t);
     drop(ffs);

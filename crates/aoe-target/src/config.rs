@@ -281,6 +281,11 @@ pub struct Sources {
     /// The line and column of each daemon-wide key the file set that a check may refuse
     /// (`workers`, `probe_ms`, `conflict_check_s`).
     pub keys: Vec<(&'static str, (usize, usize))>,
+    /// The line and column of each key each export set (of its value, as for `keys`), in
+    /// the order of [`ServeConfig::exports`]: an error about one key of an export names that
+    /// key's line (`buffer_count = 9000`), not the `[[export]]` header's (session 29; the
+    /// header's until then).
+    pub export_keys: Vec<Vec<(String, (usize, usize))>>,
 }
 
 impl PartialEq for Sources {
@@ -292,9 +297,27 @@ impl PartialEq for Sources {
 impl Eq for Sources {}
 
 impl Sources {
-    /// `error` at the place of export `i`, when the file said where it is.
+    /// `error` at the place of export `i`, when the file said where it is: at the first of
+    /// the export's keys the error is about (`ConfigError::export_keys`) that the file
+    /// set, else at its `[[export]]` header.
     pub fn export(&self, i: usize, error: ConfigError) -> ConfigError {
-        self.placed(self.exports.get(i).copied(), error)
+        let at = match &error {
+            // The list's entry that repeats the address, not the list.
+            ConfigError::ExportedTwice { interface, .. } => {
+                self.export_at(i, &[&interface_key(interface), "interfaces"])
+            }
+            _ => self.export_at(i, error.export_keys()),
+        };
+        self.placed(at, error)
+    }
+
+    /// The line and column of the first of `keys` that export `i` set, else of its
+    /// `[[export]]` header.
+    fn export_at(&self, i: usize, keys: &[&str]) -> Option<(usize, usize)> {
+        let set = self.export_keys.get(i);
+        keys.iter()
+            .find_map(|k| set?.iter().find(|(name, _)| name == k).map(|(_, at)| *at))
+            .or_else(|| self.exports.get(i).copied())
     }
 
     /// `error` at the place of daemon-wide key `key`, when the file set it.
@@ -315,10 +338,21 @@ impl Sources {
         }
     }
 
-    /// `FILE:LINE:COLUMN` of export `i`, when the file said where it is.
-    pub fn export_place(&self, i: usize) -> Option<String> {
+    /// `FILE:LINE:COLUMN` of export `i`'s key `key` (`path`, `interfaces`), or of its
+    /// `[[export]]` header if the file did not set it, when the file said where it is.
+    pub fn export_place(&self, i: usize, key: &str) -> Option<String> {
+        self.export_place_of(i, &[key])
+    }
+
+    /// `FILE:LINE:COLUMN` of the entry `name` of export `i`'s `interfaces` list, else of the
+    /// list, else of its `[[export]]` header.
+    pub fn interface_place(&self, i: usize, name: &str) -> Option<String> {
+        self.export_place_of(i, &[&interface_key(name), "interfaces"])
+    }
+
+    fn export_place_of(&self, i: usize, keys: &[&str]) -> Option<String> {
         let f = self.file.as_ref()?;
-        let (l, c) = self.exports.get(i)?;
+        let (l, c) = self.export_at(i, keys)?;
         Some(format!("{}:{l}:{c}", f.display()))
     }
 
@@ -522,6 +556,33 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The keys of an `[[export]]` table an error of [`check_export`] or
+    /// [`ServeConfig::check_overlaps`] is about, the likeliest culprit first: where
+    /// [`Sources::export`] places it.
+    fn export_keys(&self) -> &'static [&'static str] {
+        match self {
+            ConfigError::BroadcastShelf(_) => &["shelf"],
+            ConfigError::BroadcastSlot(_) => &["slot"],
+            ConfigError::NoInterfaces(_) | ConfigError::ExportedTwice { .. } => &["interfaces"],
+            ConfigError::NoBuffers(_) | ConfigError::TooManyBuffers(..) => &["buffer_count"],
+            ConfigError::GroupMac { .. } => &["allowed_macs"],
+            ConfigError::BadRbd { .. } => &["path"],
+            ConfigError::CephOptionsWithoutRbd(_) => &["ceph_conf", "client_id", "keyring"],
+            ConfigError::FileOptionOnRbd { option, .. } => {
+                match option.split(' ').next().unwrap_or("") {
+                    "direct_io" => &["direct_io"],
+                    "sync" => &["sync"],
+                    "offset" => &["offset"],
+                    _ => &["length"],
+                }
+            }
+            ConfigError::Overlap { .. } => &["path"],
+            _ => &[],
+        }
+    }
+}
+
 /// The 1-based line and column of byte `pos` in `text`.
 fn line_column(text: &str, pos: usize) -> (usize, usize) {
     let mut end = pos.min(text.len());
@@ -546,6 +607,34 @@ struct FileConfig {
     control: Option<PathBuf>,
     #[serde(default, rename = "export")]
     exports: Vec<toml::Spanned<FileExport>>,
+}
+
+/// Where each `[[export]]` table's keys are ([`Sources::export_keys`]): the file read a
+/// second time, each value with its span (the [`FileConfig`] read checked the keys and
+/// types already).
+#[derive(Debug, Deserialize)]
+struct KeyPlaces {
+    #[serde(default, rename = "export")]
+    exports: Vec<std::collections::BTreeMap<String, toml::Spanned<toml::Value>>>,
+}
+
+/// Where each entry of each export's `interfaces` list is (a [`toml::Value`] array keeps no
+/// spans of its own): a third read, of that list alone.
+#[derive(Debug, Deserialize)]
+struct InterfacePlaces {
+    #[serde(default, rename = "export")]
+    exports: Vec<InterfaceList>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InterfaceList {
+    #[serde(default)]
+    interfaces: Vec<toml::Spanned<String>>,
+}
+
+/// The name [`Sources::export_keys`] files the `interfaces` entry `name` under.
+fn interface_key(name: &str) -> String {
+    format!("interfaces[{name:?}]")
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,10 +680,32 @@ impl ServeConfig {
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         let place = |span: std::ops::Range<usize>| line_column(text, span.start);
+        let mut export_keys: Vec<Vec<(String, (usize, usize))>> = toml::from_str::<KeyPlaces>(text)
+            .map(|k| {
+                k.exports
+                    .iter()
+                    .map(|t| {
+                        t.iter()
+                            .map(|(key, v)| (key.clone(), place(v.span())))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(lists) = toml::from_str::<InterfacePlaces>(text) {
+            for (keys, list) in export_keys.iter_mut().zip(lists.exports) {
+                keys.extend(
+                    list.interfaces
+                        .iter()
+                        .map(|n| (interface_key(n.get_ref()), place(n.span()))),
+                );
+            }
+        }
         let mut sources = Sources {
             file: Some(origin.to_path_buf()),
             exports: f.exports.iter().map(|e| place(e.span())).collect(),
             keys: Vec::new(),
+            export_keys,
         };
         for (key, span) in [
             ("workers", f.workers.as_ref().map(toml::Spanned::span)),
@@ -1399,14 +1510,15 @@ mod tests {
         )
         .unwrap_err();
         // Session 28: a check after parsing names the export's place too (it named the
-        // file alone: "/c.toml: e1.1: ...").
+        // file alone: "/c.toml: e1.1: ..."); session 29: the key's (line 6, the value's
+        // column), not the header's (1:1).
         assert!(
-            matches!(&e, ConfigError::At { at: (1, 1), error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
+            matches!(&e, ConfigError::At { at: (6, 16), error, .. } if matches!(**error, ConfigError::NoBuffers(_))),
             "{e:?}"
         );
         assert_eq!(
             e.to_string(),
-            "/c.toml:1:1: e1.1: buffer count must be at least 1"
+            "/c.toml:6:16: e1.1: buffer count must be at least 1"
         );
         assert_eq!(line_column("a\nbé\nc", 5), (2, 3));
     }
@@ -1489,18 +1601,19 @@ mod tests {
                 .check_overlaps()
         };
         let e = check(export("img1", 1, "x", ""), export("img1", 2, "x", "")).unwrap_err();
-        // At the second export's `[[export]]` (line 7), session 28.
+        // At the second export's `[[export]]` (line 7), session 28; at its `path` (line 8,
+        // the value's column), session 29.
         assert!(
             matches!(
                 &e,
-                ConfigError::At { at: (7, 1), error, .. } if matches!(**error, ConfigError::Overlap {
+                ConfigError::At { at: (8, 8), error, .. } if matches!(**error, ConfigError::Overlap {
                     both_writable: true,
                     ..
                 })
             ),
             "{e:?}"
         );
-        let at = format!("{}:7:1: ", origin.display());
+        let at = format!("{}:8:8: ", origin.display());
         assert!(
             e.to_string()
                 .starts_with(&format!("{at}e1.1 and e1.2 both export "))
@@ -1585,15 +1698,43 @@ mod tests {
             export(1, ""),
             export(2, "buffer_count = 9000\n")
         ));
+        // Session 29: at the offending key's line (its value's column, as `workers`), not
+        // at its `[[export]]` header's (6:1, 7:1 and 1:1 before).
         assert!(
-            e.starts_with("/c.toml:6:1: e1.2: buffer count 9000 is more than"),
+            e.starts_with("/c.toml:11:16: e1.2: buffer count 9000 is more than"),
             "{e}"
         );
         let e = err(&format!("{}\n{}", export(1, ""), export(1, "")));
-        assert_eq!(e, "/c.toml:7:1: e1.1 is exported twice on interface x");
+        assert_eq!(e, "/c.toml:11:15: e1.1 is exported twice on interface x");
+        // The entry of a longer list that repeats the address.
+        let e = err(&format!(
+            "{}\n{}",
+            export(1, ""),
+            export(1, "").replace("[\"x\"]", "[\"y\", \"x\"]")
+        ));
+        assert_eq!(e, "/c.toml:11:20: e1.1 is exported twice on interface x");
         let e = err(&export(255, ""));
         assert!(
-            e.starts_with("/c.toml:1:1: slot 255 is the broadcast slot"),
+            e.starts_with("/c.toml:4:8: slot 255 is the broadcast slot"),
+            "{e}"
+        );
+        let e = err(&export(1, "direct_io = true\n").replace("\"a\"", "\"rbd:p/i\""));
+        assert!(
+            e.starts_with("/c.toml:6:13: e1.1: direct_io (-d) applies to files"),
+            "{e}"
+        );
+        let e = err(&export(1, "keyring = \"k\"\n"));
+        assert!(
+            e.starts_with("/c.toml:6:11: e1.1: ceph_conf, client_id and keyring apply only"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{}{}",
+            export(1, ""),
+            export(2, "").replace("\"x\"", "")
+        ));
+        assert!(
+            e.starts_with("/c.toml:10:14: e1.2: no interfaces given"),
             "{e}"
         );
         // --workers 0 over a file's good value: not the file's line.

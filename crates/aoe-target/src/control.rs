@@ -244,6 +244,34 @@ pub struct AddressConflict {
     pub last_seen_secs: u64,
 }
 
+/// An export a start or a reload has opened but does not serve yet: it took its `rbd:`
+/// image over from another gateway (broke its lock) and waits for that gateway to notice
+/// and fall silent before it answers at the address (`daemon/exports.rs`, `TakingOver`;
+/// the gateway's wait of README "Fencing and failover"). Until session 29 only the log said
+/// so (`waiting for it to stop`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingExport {
+    /// `shelf.slot`.
+    pub target: String,
+    /// Interfaces it is to be served on.
+    pub interfaces: Vec<String>,
+    /// The store (`rbd:POOL/IMAGE`).
+    pub path: String,
+    /// `start` (the daemon's own start; its other exports serve meanwhile) or `reload` (the
+    /// running configuration serves on; nothing of the reload is installed yet).
+    pub during: String,
+    /// Seconds since the epoch when the wait began.
+    pub since: f64,
+    /// Seconds it has waited.
+    pub waiting_secs: u64,
+    /// Seconds left before it gives up and is refused as a duplicate address (unless
+    /// `allow_duplicate`).
+    pub gives_up_in_secs: u64,
+    /// What it waits for: the other targets its last probe heard answering at the address
+    /// (the gateway whose lock was broken, until it notices).
+    pub waiting_for: Vec<AddressConflict>,
+}
+
 /// One interface's reply-side counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IfaceStatus {
@@ -293,6 +321,28 @@ pub struct Snapshot {
     /// `conflict_check_s`): what each export's `conflicts` is as of.
     #[serde(default)]
     pub conflict_probes: u64,
+    /// Exports opened but not served yet, waiting to take their address over from another
+    /// gateway ([`PendingExport`]). Empty: none.
+    #[serde(default)]
+    pub pending: Vec<PendingExport>,
+    /// A reload (SIGHUP) under way, if any ([`ReloadStatus`]).
+    #[serde(default)]
+    pub reload: Option<ReloadStatus>,
+}
+
+/// A reload under way: the running configuration serves on until it is committed or
+/// refused. Until session 29 only the log said so (`the reload is still opening its stores
+/// after N s`, from 5 s on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// The configuration file it reads (`(command line)` for exports given as arguments).
+    pub config: String,
+    /// `opening` (a thread of its own opens the new stores: an `open(2)`, an RBD
+    /// connection) or `taking_over` (its exports wait for an old gateway to fall silent:
+    /// [`Snapshot::pending`]).
+    pub phase: String,
+    /// Seconds since it began (the loop's once-a-second ticks).
+    pub secs: u64,
 }
 
 /// Counters at the last `clear-stats`: per export (`shelf.slot`), and per interface
@@ -719,6 +769,7 @@ fn filtered(mut snap: Snapshot, target: Option<&str>) -> Snapshot {
     if let Some(t) = target {
         let t = t.strip_prefix('e').unwrap_or(t);
         snap.exports.retain(|e| e.target == t);
+        snap.pending.retain(|p| p.target == t);
     }
     snap
 }

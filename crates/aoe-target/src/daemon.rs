@@ -272,21 +272,26 @@ pub struct Daemon {
     /// The address conflict watch: probes every [`ServeConfig::conflict_check`] for another
     /// target answering for one of our addresses ([`conflict`]).
     watch: conflict::Watch,
+    /// The start's take-over wait was refused ([`Daemon::poll_reload`]): the loop stops and
+    /// [`Daemon::run`] fails with this, after the exports that served meanwhile drained.
+    start_refused: Option<anyhow::Error>,
 }
 
 /// What a reload's thread opened: the configuration, the running exports that stay, the new
 /// ones.
 type ReloadOpened = (ServeConfig, Vec<u32>, Vec<ExportRt>);
 
-/// A reload under way ([`Daemon::start_apply`]).
+/// A reload under way ([`Daemon::start_apply`]), or the start's commit waiting for a
+/// gateway whose lock it broke to fall silent ([`exports::TakingOver`]): one wait, one
+/// decision path, for both.
 struct Reloading {
-    /// Where its thread sends the opened stores.
-    rx: std::sync::mpsc::Receiver<Result<ReloadOpened>>,
+    /// Where its thread sends the opened stores; None for the start's (opened already).
+    rx: Option<std::sync::mpsc::Receiver<Result<ReloadOpened>>>,
     /// Its stores are open and its commit waits for a gateway whose lock it broke to fall
     /// silent ([`exports::TakingOver`]); `rx` is done with.
     taking_over: Option<Box<exports::TakingOver>>,
-    /// The config file, for the log.
-    path: PathBuf,
+    /// The config file, for the log; None for the start's commit.
+    path: Option<PathBuf>,
     /// The tick it began at, and that of the last warning that it is still opening its
     /// stores ([`Daemon::log_slow_reload`]).
     since: u32,
@@ -369,6 +374,7 @@ impl Daemon {
             read_members: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
             read_parts: Vec::with_capacity(aoe_sys::MAX_SLOT_PARTS),
             watch: conflict::Watch::default(),
+            start_refused: None,
         };
         if config.io == IoMode::Rings {
             match aoe_sys::SlotReads::new(BATCH as u32) {
@@ -400,7 +406,7 @@ impl Daemon {
         }));
         let mut ready: Vec<bool> = Vec::new();
         loop {
-            if control.stop.load(Ordering::SeqCst) {
+            if control.stop.load(Ordering::SeqCst) || self.start_refused.is_some() {
                 break;
             }
             if control.reload.swap(false, Ordering::SeqCst) {
@@ -614,7 +620,10 @@ impl Daemon {
         );
         if left.is_empty() && unsynced.is_empty() && state_saved {
             tracing::info!("stopped");
-            return Ok(());
+            return match self.start_refused.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
         }
         // The stop lost work, and a service manager must see it (exit status 1). A thread
         // stuck in a store's I/O or a state file's write is left to the process exit:
@@ -735,6 +744,23 @@ impl Daemon {
             state_files_failing: saves.failing,
             state_save_failures: saves.failures,
             conflict_probes: self.watch.probes,
+            pending: self
+                .reloading
+                .as_ref()
+                .and_then(|r| r.taking_over.as_ref())
+                .map_or_else(Vec::new, |t| t.status(now)),
+            reload: self.reloading.as_ref().and_then(|r| {
+                Some(crate::control::ReloadStatus {
+                    config: r.path.as_ref()?.display().to_string(),
+                    phase: if r.taking_over.is_some() {
+                        "taking_over"
+                    } else {
+                        "opening"
+                    }
+                    .into(),
+                    secs: u64::from(self.ticks.wrapping_sub(r.since)),
+                })
+            }),
         }
     }
 
@@ -1058,8 +1084,11 @@ impl Daemon {
         if age < STUCK_AFTER || r.warned.is_some_and(|w| now.wrapping_sub(w) < STUCK_REPEAT) {
             return;
         }
+        let Some(path) = &r.path else {
+            return;
+        };
         tracing::warn!(
-            config = %r.path.display(),
+            config = %path.display(),
             "the reload is still opening its stores after {age} s (an open(2) or an RBD \
              connection that does not return); the running exports keep serving, and a \
              SIGHUP meanwhile waits for it"

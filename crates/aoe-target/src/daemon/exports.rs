@@ -178,9 +178,9 @@ impl Daemon {
         match spawned {
             Ok(_) => {
                 self.reloading = Some(Reloading {
-                    rx,
+                    rx: Some(rx),
                     taking_over: None,
-                    path,
+                    path: Some(path),
                     since: self.ticks,
                     warned: None,
                 })
@@ -195,7 +195,10 @@ impl Daemon {
     /// Commits a reload whose stores are open, if its thread is done
     /// ([`Daemon::start_apply`]); a thread that ended without a result (it panicked) is
     /// logged as a refused reload. A commit that waits for the gateway it took an image
-    /// over from to fall silent ([`TakingOver`]) is carried on here, on the loop's tick.
+    /// over from to fall silent ([`TakingOver`]), a reload's or the start's, is carried on
+    /// here, on the loop's tick. The start's, refused, stops the daemon
+    /// ([`Daemon::start_refused`]): a start that cannot serve what it was given fails, as it
+    /// did when the wait was a loop before the event loop.
     pub(super) fn poll_reload(&mut self) {
         let Some(r) = &mut self.reloading else {
             return;
@@ -208,31 +211,19 @@ impl Daemon {
             let t = r.taking_over.take().expect("a take-over under way");
             self.take_over_step(t)
         } else {
-            let got = match r.rx.try_recv() {
-                Ok(got) => got,
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!(
-                    "the thread opening the stores ended without a result"
-                )),
+            let got = match r.rx.as_ref().map(|rx| rx.try_recv()) {
+                Some(Ok(got)) => got,
+                Some(Err(std::sync::mpsc::TryRecvError::Empty)) => return,
+                Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) | None => Err(
+                    anyhow::anyhow!("the thread opening the stores ended without a result"),
+                ),
             };
             got.and_then(|(config, keep, new_rts)| {
-                let (dups, took_over) = self.probe_new(&config, &new_rts)?;
-                if !dups.is_empty() && previous_gateway(&dups, &took_over) {
-                    // Not here, on the loop: the loop's tick probes again
-                    // ([`Daemon::take_over_step`]) while every running export keeps being
-                    // served, and its status, signals and state files keep being looked at.
-                    log_takeover_wait(&dups);
-                    return Ok(Some(Box::new(TakingOver {
-                        config,
-                        keep,
-                        new_rts,
-                        took_over,
-                        until: Instant::now() + crate::backing::TAKEOVER_WAIT,
-                        probe: None,
-                        tick: self.ticks,
-                    })));
-                }
-                self.install(config, keep, new_rts, dups).map(|()| None)
+                // Not here, on the loop, if the commit waits for a gateway to fall silent:
+                // the loop's tick probes again ([`Daemon::take_over_step`]) while every
+                // running export keeps being served, and its status, signals and state
+                // files keep being looked at.
+                self.first_probe(config, keep, new_rts, During::Reload)
             })
         };
         let ok = match done {
@@ -245,11 +236,19 @@ impl Daemon {
             }
             Ok(None) => true,
             Err(e) => {
-                tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                if self.reloading.as_ref().is_some_and(|r| r.path.is_none()) {
+                    tracing::error!("cannot start: {e:#}");
+                    self.start_refused = Some(e);
+                } else {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                }
                 false
             }
         };
-        if let Some(Reloading { path, .. }) = self.reloading.take() {
+        if let Some(Reloading {
+            path: Some(path), ..
+        }) = self.reloading.take()
+        {
             if ok {
                 tracing::info!(config = %path.display(), "configuration reloaded");
             }
@@ -275,31 +274,120 @@ impl Daemon {
     }
 
     /// The second half of [`Daemon::apply`] at start: the duplicate probe, then
-    /// [`Daemon::install`]. A gateway that took its store over from another one (broke its
-    /// lock) hears that one still answering until it noticed (seconds) and fell silent: it
-    /// probes again, for up to TAKEOVER_WAIT, before treating it as a duplicate. At start
-    /// nothing else is served yet, so the wait is a loop here; a reload waits from the
-    /// loop's tick instead ([`Daemon::poll_reload`]).
+    /// [`Daemon::install`], through the reload's decision ([`Daemon::first_probe`]). A
+    /// gateway that took its store over from another one (broke its lock) hears that one
+    /// still answering until it noticed (seconds) and fell silent: the export waits for
+    /// that ([`TakingOver`]) on the loop's tick, as a reload's does, while the start's
+    /// other exports serve. Until session 29 the start waited in a loop here, before the
+    /// event loop: up to 30 s in which nothing was served and SIGTERM was not read.
     fn commit(
         &mut self,
         config: ServeConfig,
         keep: Vec<u32>,
         new_rts: Vec<ExportRt>,
     ) -> Result<()> {
-        let (mut dups, took_over) = self.probe_new(&config, &new_rts)?;
-        if !dups.is_empty() && previous_gateway(&dups, &took_over) {
-            log_takeover_wait(&dups);
-            let new_specs: Vec<&ExportSpec> = new_rts.iter().map(|rt| &rt.spec).collect();
-            let until = Instant::now() + crate::backing::TAKEOVER_WAIT;
-            while !dups.is_empty() && previous_gateway(&dups, &took_over) && Instant::now() < until
-            {
-                dups = self.probe(&new_specs, &config)?;
-            }
-            if dups.is_empty() {
+        if let Some(t) = self.first_probe(config, keep, new_rts, During::Start)? {
+            self.reloading = Some(Reloading {
+                rx: None,
+                taking_over: Some(t),
+                path: None,
+                since: self.ticks,
+                warned: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// The duplicate probe of a commit's new exports ([`Daemon::probe_new`]) and what
+    /// follows from it ([`Daemon::settle`]): installed, refused, or a take-over wait to
+    /// carry on from the loop's tick.
+    fn first_probe(
+        &mut self,
+        config: ServeConfig,
+        keep: Vec<u32>,
+        new_rts: Vec<ExportRt>,
+        during: During,
+    ) -> Result<Option<Box<TakingOver>>> {
+        let (dups, took_over) = self.probe_new(&config, &new_rts)?;
+        let t = Box::new(TakingOver {
+            config,
+            keep,
+            new_rts,
+            took_over,
+            during,
+            since: None,
+            until: Instant::now() + crate::backing::TAKEOVER_WAIT,
+            heard: Vec::new(),
+            probe: None,
+            tick: self.ticks,
+        });
+        self.settle(t, dups)
+    }
+
+    /// The one decision after each duplicate probe of a commit, the first and every
+    /// re-probe of a take-over wait alike. Refused if another gateway took one of the new
+    /// exports' stores over meanwhile ([`TakingOver::handed_over`]); installed if nobody
+    /// else answers, if someone who is not the gateway whose lock was broken does (then as
+    /// a duplicate, refused unless `allow_duplicate`), or if the wait ran out (likewise);
+    /// otherwise the wait goes on. At start, the first time it goes on, the new exports
+    /// that wait for nobody are installed at once.
+    fn settle(
+        &mut self,
+        mut t: Box<TakingOver>,
+        dups: Vec<Duplicate>,
+    ) -> Result<Option<Box<TakingOver>>> {
+        t.refuse_if_handed_over()?;
+        let now = Instant::now();
+        if dups.is_empty() || !previous_gateway(&dups, &t.took_over) || now >= t.until {
+            if dups.is_empty() && t.since.is_some() {
                 tracing::info!("the other target stopped answering; serving");
             }
+            let TakingOver {
+                config,
+                keep,
+                new_rts,
+                ..
+            } = *t;
+            return self.install(config, keep, new_rts, dups).map(|()| None);
         }
-        self.install(config, keep, new_rts, dups)
+        if t.since.is_none() {
+            log_takeover_wait(&dups);
+            t.since = Some((now, crate::control::now_epoch()));
+            if t.during == During::Start {
+                self.install_unhindered(&mut t, &dups)?;
+            }
+        }
+        t.heard = dups.into_iter().map(|d| (d, now)).collect();
+        Ok(Some(t))
+    }
+
+    /// At start, while [`TakingOver`] waits: installs the new exports at addresses nobody
+    /// else answers for (the probe found nothing for them), so they serve during the wait,
+    /// and leaves `t` the rest. Requests for them that came during the probe waited in the
+    /// serving sockets (nothing read those yet, [`Daemon::probe_new`]) and are answered by
+    /// the loop; requests for a waiting export are read there and go unanswered (no route),
+    /// as for a reload's, and its initiators retransmit.
+    fn install_unhindered(&mut self, t: &mut TakingOver, dups: &[Duplicate]) -> Result<()> {
+        let waits = |a: aoe_wire::TargetAddr| dups.iter().any(|d| d.addr == a);
+        let (waiting, ready): (Vec<ExportRt>, Vec<ExportRt>) = std::mem::take(&mut t.new_rts)
+            .into_iter()
+            .partition(|rt| waits(rt.spec.addr()));
+        t.new_rts = waiting;
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut now = t.config.clone();
+        now.exports.retain(|e| !waits(e.addr()));
+        // Its places are those of the whole file; errors of the install name none.
+        now.sources = Default::default();
+        self.install(now, t.keep.clone(), ready, Vec::new())?;
+        t.keep = self
+            .exports
+            .iter()
+            .filter(|(_, rt)| !rt.retiring)
+            .map(|(id, _)| *id)
+            .collect();
+        Ok(())
     }
 
     /// The start of a commit: the serving sockets of the new exports' interfaces opened,
@@ -332,46 +420,32 @@ impl Daemon {
         Ok((dups, took_over))
     }
 
-    /// One tick of a reload's take-over wait: finishes the probe under way if its wait is
-    /// over (collecting what came meanwhile, without waiting) and either installs the
-    /// reload (nobody else answers any more, or the wait ran out: then as a duplicate,
-    /// refused unless `allow_duplicate`) or starts the next probe. Returns the wait to
-    /// carry on with, or None once the reload is installed.
+    /// One tick of a take-over wait (a reload's or the start's): refuses it if another
+    /// gateway took a waiting export's store over meanwhile (the pending exports' stores
+    /// are not in the daemon's table, so [`Daemon::poll_shared_stores`] does not look at
+    /// them: looked at here, once a tick); finishes the probe under way if its wait is
+    /// over (collecting what came meanwhile, without waiting) and decides
+    /// ([`Daemon::settle`]); starts the next probe. Returns the wait to carry on with, or
+    /// None once the commit is installed.
     fn take_over_step(&mut self, mut t: Box<TakingOver>) -> Result<Option<Box<TakingOver>>> {
-        let now = Instant::now();
+        t.refuse_if_handed_over()?;
         if let Some(p) = &mut t.probe {
             p.collect()?;
-            if now < p.deadline() {
+            if Instant::now() < p.deadline() {
                 return Ok(Some(t));
             }
             let dups = t.probe.take().expect("a probe under way").finish();
-            if dups.is_empty() {
-                tracing::info!("the other target stopped answering; serving");
-            }
-            if dups.is_empty() || !previous_gateway(&dups, &t.took_over) || now >= t.until {
-                let TakingOver {
-                    config,
-                    keep,
-                    new_rts,
-                    ..
-                } = *t;
-                return self.install(config, keep, new_rts, dups).map(|()| None);
-            }
+            t = match self.settle(t, dups)? {
+                Some(t) => t,
+                None => return Ok(None),
+            };
         }
         let new_specs: Vec<&ExportSpec> = t.new_rts.iter().map(|rt| &rt.spec).collect();
         // Answers only: the initiators' requests on the segment are not copied to it.
         t.probe = Probe::start_responses(&new_specs, &t.config.exports, t.config.probe)?;
         if t.probe.is_none() {
             // No probe configured any more (cannot happen: the first one ran): serve.
-            let TakingOver {
-                config,
-                keep,
-                new_rts,
-                ..
-            } = *t;
-            return self
-                .install(config, keep, new_rts, Vec::new())
-                .map(|()| None);
+            return self.settle(t, Vec::new());
         }
         Ok(Some(t))
     }
@@ -618,29 +692,101 @@ impl Daemon {
     }
 }
 
-/// A reload whose stores are open and whose duplicate probe heard, for an `rbd:` export that
-/// took its image over (broke another gateway's lock), only other targets at that
-/// export's address: the gateway whose lock was broken, until it notices (seconds) and
-/// falls silent. Its commit waits for that, for up to [`crate::backing::TAKEOVER_WAIT`],
-/// probing again from the loop's once-a-second tick ([`Daemon::take_over_step`]); until
-/// then nothing of the reload is served (its exports are not in the daemon's table, so
-/// nothing is answered or announced for them) and the running configuration serves on.
-/// Session 28: the wait was a loop inside the commit; the probe's loop read the serving
-/// sockets, but nothing else the event loop does ran for up to 30 s (the status and
-/// metrics, state files, signals, further reloads).
+/// A commit (a reload's, or the start's) whose stores are open and whose duplicate probe
+/// heard, for an `rbd:` export that took its image over (broke another gateway's lock),
+/// only other targets at that export's address: the gateway whose lock was broken, until
+/// it notices (seconds) and falls silent. Its commit waits for that, for up to
+/// [`crate::backing::TAKEOVER_WAIT`], probing again from the loop's once-a-second tick
+/// ([`Daemon::take_over_step`]); until then nothing of a reload is served (its exports are
+/// not in the daemon's table, so nothing is answered or announced for them) and the running
+/// configuration serves on; at start the exports that wait for nobody serve. `aoe target
+/// status` shows each waiting export ([`TakingOver::status`]).
+/// Session 28: a reload's wait was a loop inside the commit; the probe's loop read the
+/// serving sockets, but nothing else the event loop does ran for up to 30 s (the status
+/// and metrics, state files, signals, further reloads). Session 29: the start's too.
 pub(super) struct TakingOver {
     config: ServeConfig,
     keep: Vec<u32>,
     new_rts: Vec<ExportRt>,
     /// The new exports' addresses that took their store over.
     took_over: Vec<aoe_wire::TargetAddr>,
-    /// When the wait gives up (the reload is then refused as a duplicate, unless
+    during: During,
+    /// When the wait began (monotonic, and seconds since the epoch for the status); None
+    /// until a probe heard the other gateway.
+    since: Option<(Instant, f64)>,
+    /// When the wait gives up (the commit is then refused as a duplicate, unless
     /// `allow_duplicate`).
     until: Instant,
+    /// What the last finished probe heard, and when.
+    heard: Vec<(Duplicate, Instant)>,
     /// The probe under way, if any.
     probe: Option<Probe>,
     /// The daemon tick this wait last looked at: one step a tick.
     pub(super) tick: u32,
+}
+
+/// Whose commit a [`TakingOver`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum During {
+    /// The daemon's start.
+    Start,
+    /// A reload (SIGHUP).
+    Reload,
+}
+
+impl TakingOver {
+    /// Refuses the commit if another gateway took the store of one of its new exports over
+    /// (broke the lock this one took) while it waited: installed, that export would be
+    /// fenced at once and answer nothing (README, "Fencing and failover"). Until session 29
+    /// that was noticed only after the install.
+    fn refuse_if_handed_over(&self) -> Result<()> {
+        if let Some(rt) = self.new_rts.iter().find(|rt| rt.handed_over()) {
+            bail!(
+                "{}: another gateway took {} over (broke this gateway's lock) while it waited \
+                 for the old one to fall silent; not serving it",
+                rt.spec.addr(),
+                rt.spec.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The waiting exports as `aoe target status` shows them.
+    pub(super) fn status(&self, now: Instant) -> Vec<crate::control::PendingExport> {
+        let Some((since, epoch)) = self.since else {
+            return Vec::new();
+        };
+        self.new_rts
+            .iter()
+            .filter(|rt| self.took_over.contains(&rt.spec.addr()))
+            .map(|rt| {
+                let a = rt.spec.addr();
+                crate::control::PendingExport {
+                    target: format!("{}.{}", a.shelf, a.slot),
+                    interfaces: rt.spec.interfaces.clone(),
+                    path: rt.spec.path.display().to_string(),
+                    during: match self.during {
+                        During::Start => "start",
+                        During::Reload => "reload",
+                    }
+                    .into(),
+                    since: epoch,
+                    waiting_secs: now.saturating_duration_since(since).as_secs(),
+                    gives_up_in_secs: self.until.saturating_duration_since(now).as_secs(),
+                    waiting_for: self
+                        .heard
+                        .iter()
+                        .filter(|(d, _)| d.addr == a)
+                        .map(|(d, at)| crate::control::AddressConflict {
+                            mac: d.mac.to_string(),
+                            interface: d.interface.clone(),
+                            last_seen_secs: now.saturating_duration_since(*at).as_secs(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
 }
 
 /// True if every duplicate in `dups` is another target at an address in `took_over`:
@@ -673,17 +819,24 @@ fn check_config(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, err))?;
+            check_interface(e, i)
+                .map_err(|err| placed_at(config.sources.interface_place(n, i), err))?;
         }
     }
     Ok(())
 }
 
-/// `err`, found for export `n` of `config`, led by the export's `FILE:LINE:COLUMN` when it
-/// came from a file (the TOML parser's errors and [`ServeConfig::check_static`]'s name it
-/// so; a missing file or interface named only the export until session 28).
-fn placed(config: &ServeConfig, n: usize, err: anyhow::Error) -> anyhow::Error {
-    match config.sources.export_place(n) {
+/// `err`, found for key `key` of export `n` of `config`, led by that key's
+/// `FILE:LINE:COLUMN` when it came from a file (the TOML parser's errors and
+/// [`ServeConfig::check_static`]'s name it so; a missing file or interface named only the
+/// export until session 28, its `[[export]]` header until session 29).
+fn placed(config: &ServeConfig, n: usize, key: &str, err: anyhow::Error) -> anyhow::Error {
+    placed_at(config.sources.export_place(n, key), err)
+}
+
+/// `err` led by `at` (`FILE:LINE:COLUMN`), if known.
+fn placed_at(at: Option<String>, err: anyhow::Error) -> anyhow::Error {
+    match at {
         Some(at) => anyhow::anyhow!("{at}: {err:#}"),
         None => err,
     }
@@ -759,7 +912,7 @@ impl Opener {
             }
             new_rts.push(
                 self.open_export(spec, config)
-                    .map_err(|err| placed(config, n, err))?,
+                    .map_err(|err| placed(config, n, "path", err))?,
             );
         }
         Ok((keep, new_rts))
@@ -859,11 +1012,12 @@ pub fn validate(config: &ServeConfig) -> Result<()> {
     config.check_overlaps()?;
     for (n, e) in config.exports.iter().enumerate() {
         for i in &e.interfaces {
-            check_interface(e, i).map_err(|err| placed(config, n, err))?;
+            check_interface(e, i)
+                .map_err(|err| placed_at(config.sources.interface_place(n, i), err))?;
         }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))
-            .map_err(|err| placed(config, n, err))?;
+            .map_err(|err| placed(config, n, "path", err))?;
         // The state file as a start loads it (read only; a missing one is the initial
         // state): until session 29's audit `--check --state-dir` said ok for a state file
         // that does not parse, or a "directory" that is a file, and the start refused them.
