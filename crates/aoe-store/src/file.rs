@@ -125,6 +125,11 @@ pub struct FileBackend {
     /// file read-modify-write it (`STATX_DIOALIGN`, the logical block size, else 4096),
     /// which decides its edge blocks ([`FileBackend::shared_edge`]).
     buffered_edge_align: u64,
+    /// The window may share an aligned block with the rest of the file at some alignment up
+    /// to [`MAX_DIRECT_ALIGN`]: its start, or its end before the end of the store, is not a
+    /// multiple of 64 KiB. False for the usual whole-file export, whose writes then skip
+    /// [`FileBackend::shared_edge`] with one load.
+    edges_possible: bool,
     /// An open file description lock was refused once (a file system without them): said
     /// once, then writes go on without it, as before the twelfth audit.
     ofd_unsupported: AtomicBool,
@@ -290,6 +295,14 @@ impl FileBackend {
             file_size: if ft.is_file() { size } else { 0 },
             tail_file,
             store_size: size,
+            edges_possible: {
+                let (start, end) = (
+                    opts.offset_sectors * SECTOR,
+                    (opts.offset_sectors + len) * SECTOR,
+                );
+                let m = MAX_DIRECT_ALIGN as u64;
+                start % m != 0 || (end % m != 0 && end < size)
+            },
             buffered_edge_align,
             ofd_unsupported: AtomicBool::new(false),
             file,
@@ -468,9 +481,12 @@ impl FileBackend {
     /// block when the window starts inside it, the last when the window ends inside it
     /// before the end of the file. Those bytes may be another export's, served by another
     /// process; the alignment is the direct one in use, or for a buffered export the one
-    /// other processes' direct exports use. `None` for a window on the alignment (the
-    /// usual whole-file export): a few integer operations per write.
+    /// other processes' direct exports use. `None` for a window on the alignment; for one on
+    /// 64 KiB (the usual whole-file export) at the cost of one load.
     fn shared_edge(&self, pos: u64, len: usize) -> Option<std::ops::Range<u64>> {
+        if len == 0 || !self.edges_possible {
+            return None;
+        }
         let a = if self.opts.direct {
             self.align as u64
         } else {
@@ -1342,5 +1358,67 @@ mod tests {
             Failing::Fdatasync,
         );
         assert!(b.failed().unwrap().contains("write failed"));
+    }
+
+    /// Twelfth audit: which writes take the open file description lock. With a 4096-byte
+    /// alignment, a window of sectors 3-32 of a 64-sector file shares its first block (0-7)
+    /// and its last (32-39) with the rest of the file; a write inside it elsewhere, every
+    /// write of a whole-file export, and an empty write take none; a write at a shared
+    /// block holds the lock, which another open file description of the file then cannot
+    /// take until the write is done.
+    #[test]
+    fn only_writes_at_a_block_the_window_shares_take_the_cross_process_lock() {
+        let dir = scratch_dir();
+        let p = dir.path().join("edges.img");
+        std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+        let open = |offset_sectors, length_sectors| {
+            let mut b = FileBackend::open(
+                &p,
+                &OpenOptions {
+                    direct: true,
+                    offset_sectors,
+                    length_sectors,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.raise_direct_alignment(4096).unwrap();
+            b
+        };
+        let window = open(3, Some(30));
+        let sector = |s: u64| window.base + s * 512;
+        assert_eq!(window.shared_edge(sector(0), 512), Some(0..4096));
+        assert_eq!(window.shared_edge(sector(4), 512), Some(0..4096));
+        assert_eq!(
+            window.shared_edge(sector(5), 512),
+            None,
+            "block 8-15 is the window's own"
+        );
+        assert_eq!(window.shared_edge(sector(29), 512), Some(16384..20480));
+        assert_eq!(window.shared_edge(sector(4), 1024), Some(0..8192));
+        assert_eq!(window.shared_edge(sector(0), 0), None);
+        let whole = open(0, None);
+        for s in [0, 7, 63] {
+            assert_eq!(
+                whole.shared_edge(s * 512, 512),
+                None,
+                "sector {s} of the whole file"
+            );
+        }
+        // While a write holds block 0-7, another description of the file cannot lock it.
+        // (A write lock needs a descriptor open for writing: EBADF otherwise.)
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let held = window.ofd_lock(0..4096).expect("the lock");
+        assert!(aoe_sys::try_lock_range_ofd(&other, 512, 512)
+            .unwrap()
+            .is_none());
+        drop(held);
+        assert!(aoe_sys::try_lock_range_ofd(&other, 512, 512)
+            .unwrap()
+            .is_some());
     }
 }
