@@ -13,7 +13,7 @@
 # Usage: kernel-initiator.sh -t TEMPLATE [-m MTU] [-s SHELF] [-l SLOT] [-z MiB]
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
-#                            [-O] [-H replace|move|idle|alone] [-X]
+#                            [-O] [-H replace|move|idle|alone] [-X] [-I AOE]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -132,6 +132,19 @@
 #                bad sectors (a buffered read fails whole pages). Needs nbdkit, nbdfuse, gcc;
 #                the template should open {FILE} with O_DIRECT (aoe serve -d): a buffered
 #                target reads the host's pages whole too.
+#   -I AOE       ours beside the driver (file mode; twelfth audit): `AOE initiator` (the aoe
+#                binary given) on a fourth port of the bridge ("kiini"), its FUSE ROOT in the
+#                run directory, serves the same export to the host. When the guest starts its
+#                pattern write (TWO_ME) the host writes a second 1 MiB pattern through it,
+#                one 64 KiB after the guest's region, with dd oflag=direct conv=fsync, its
+#                first sector S last, while the guest writes its own pattern over and over
+#                (two initiators, one target, disjoint regions, at once) until S reads
+#                (iflag=direct) as the host wrote it. The guest then writes S again with its own sector G and syncs
+#                (TWO_OVER); the host must then read G at S through ours, and writes S a
+#                third time (H); the guest waits until it reads H. So each initiator's write
+#                acknowledged after the other's is the one that stays (the whole-device md5s
+#                expect the second pattern with H at S), and at the end ours must read the
+#                guest's pattern region as the guest wrote it.
 #   -L SECTORS   large disk (file mode, alone): the backing file is the -z MiB of random
 #                data followed by a hole up to SECTORS sectors (a sparse file; 2^32 + 16387
 #                is past 2 TiB). The whole-device md5s and their checks cover the first -z
@@ -194,13 +207,15 @@ OSD_DOWN_S=8
 HANDOVER=""
 X4K=0
 X4K_LOOP=""
+OURS=""
+OURS_PID=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:H:kgKWFSPOXh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:H:I:kgKWFSPOXh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
-        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;; X) X4K=1 ;;
+        B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;; X) X4K=1 ;; I) OURS=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -305,6 +320,9 @@ cleanup() {
     [ -n "$QEMU_PID" ] && stop "$QEMU_PID"
     [ -n "$TARGET_PID" ] && stop "-$TARGET_PID"
     [ -n "$B_PID" ] && stop "-$B_PID"
+    # -I: our initiator (it unmounts its ROOT when it stops); a lazy unmount if it could not.
+    [ -n "$OURS_PID" ] && stop "-$OURS_PID"
+    mountpoint -q "$RUN/ours" 2>/dev/null && { fusermount3 -u "$RUN/ours" 2>/dev/null || umount -l "$RUN/ours"; }
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     drop_netns "$NS"
@@ -463,6 +481,20 @@ md5_of() {
 H_BEFORE=$(md5_of "$FILE")
 { head -c "$OFF" "$FILE"; cat "$PAT"; head_of "$FILE" | tail -c +$((OFF + PAT_BYTES + 1)); } >"$RUN/expected.img" ||
     fail "cannot write $RUN/expected.img"
+if [ -n "$OURS" ]; then
+    # -I: the host's pattern (PAT2, one 64 KiB after the guest's), its first sector S, the
+    # guest's sector G and the host's last word H for S; the image expects PAT2 with H at S.
+    SEEK2=$((SEEK + PAT_BYTES / BS + 1)) OFF2=$(( (SEEK + PAT_BYTES / BS + 1) * BS ))
+    S_LBA=$((OFF2 / 512))
+    [ $((OFF2 + PAT_BYTES)) -le $((SIZE_MB << 20)) ] || fail "-I: -z $SIZE_MB leaves no room for the second pattern"
+    head -c "$PAT_BYTES" /dev/urandom >"$RUN/pat2.bin" && head -c 512 "$RUN/pat2.bin" >"$RUN/pat2s.bin" &&
+        head -c 512 /dev/urandom >"$RUN/g.bin" && head -c 512 /dev/urandom >"$RUN/h.bin" ||
+        fail "-I: cannot write the second pattern"
+    { cat "$RUN/h.bin"; tail -c +513 "$RUN/pat2.bin"; } >"$RUN/pat2-final.bin"
+    { head -c "$OFF2" "$RUN/expected.img"; cat "$RUN/pat2-final.bin"; tail -c +$((OFF2 + PAT_BYTES + 1)) "$RUN/expected.img"; } \
+        >"$RUN/expected2.img" && mv "$RUN/expected2.img" "$RUN/expected.img" || fail "-I: cannot write the expected image"
+    PAT2_FINAL_MD5=$(md5sum <"$RUN/pat2-final.bin" | cut -d' ' -f1)
+fi
 EXP_AFTER=$(md5_of "$RUN/expected.img")
 rm -f "$RUN/expected.img"
 # The guest's budget for reading the whole device (a step that takes longer fails, naming
@@ -484,6 +516,7 @@ if [ -n "$BAD" ]; then
     gcc -static -O2 -o "$IR/rd512" "$(dirname "$0")/rd512.c" || fail "-B: cannot build rd512 (gcc -static; libc6-dev)"
 fi
 [ "$RELOAD" = 0 ] || cp "$RUN"/pass*.bin "$IR/"
+[ -z "$OURS" ] || cp "$RUN/pat2s.bin" "$RUN/g.bin" "$RUN/h.bin" "$IR/"
 # The size the guest must see after a resize (-r, -g: 16 MiB more; -S: 8 MiB less), or none.
 RESIZE_TO=$( { [ -n "$RBD" ] || [ "$GROW" = 1 ]; } && echo $(( (SIZE_MB + 16) << 20 )) )
 [ "$SHRINK" = 0 ] || RESIZE_TO=$(( (SIZE_MB - 8) << 20 ))
@@ -511,6 +544,8 @@ SIZE_MB=$SIZE_MB
 LARGE=$LARGE
 LARGE_LBAS="${LARGE_LBAS:-}"
 HANDOVER=$HANDOVER
+TWO=$( [ -n "$OURS" ] && echo 1 || echo 0 )
+S_LBA=${S_LBA:-0}
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -627,6 +662,8 @@ if [ "$RELOAD" != 0 ]; then
 fi
 # A hand-over (-H) waits for gateway B to start and for the driver to give up on A.
 step pattern_write "$( [ -n "$HANDOVER" ] && echo 180 || echo 60 )"
+# -I: the host writes its pattern through our initiator from this line, beside ours.
+[ "$TWO" = 0 ] || out "TWO_ME"
 if [ "$KILL" = 1 ]; then
     # The host SIGKILLs the target when it reads this line and starts it again 3 s later.
     out "KILL_ME"
@@ -696,6 +733,29 @@ else
         { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
 fi
 [ "$RELOAD" = 0 ] || out "RELOAD_STOP"
+if [ "$TWO" = 1 ]; then
+    # -I: S as the host wrote it last, read past every cache (iflag=direct).
+    s_is() { [ "$(dd if=$DEV bs=512 skip=$S_LBA count=1 iflag=direct 2>/dev/null | md5sum)" = "$(md5sum <"$1")" ]; }
+    # The pattern again and again (the same bytes) until the host's is all there: the host
+    # starts after TWO_ME and writes S last, so all of its writes fall while the guest
+    # writes (during the first pattern write above, or in this loop).
+    step two_host_pattern 120
+    n=0
+    until s_is /pat2s.bin; do
+        dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
+            { cat /tmp/dd.err; die "-I: pattern write (oflag=direct) beside the host's failed"; }
+        n=$((n + 1))
+    done
+    out "TWO_HOST_SEEN after $n more pattern writes"
+    dd if=/g.bin of=$DEV bs=512 seek=$S_LBA count=1 conv=notrunc oflag=direct 2>/tmp/dd.err ||
+        { cat /tmp/dd.err; die "-I: the write of G over the host's S failed"; }
+    sync
+    s_is /g.bin || die "-I: S does not read back as G right after its write"
+    out "TWO_OVER"
+    step two_host_last 120
+    until s_is /h.bin; do sleep 0.2; done
+    out "TWO_H_SEEN"
+fi
 if [ "$LARGE" != 0 ]; then
     # -L: 16 sectors of the pattern (the i-th 8 KiB of it) at each LBA, read back past the
     # page cache; then a write past the end.
@@ -778,6 +838,11 @@ if [ -n "$HANDOVER" ]; then
         ip -n "$NS" link add kiport3 type veth peer name kihost || fail "veth kihost"
         LINKS="$LINKS kiport3 kihost"
     fi
+fi
+if [ -n "$OURS" ]; then
+    # -I: our initiator's own port on the bridge.
+    ip -n "$NS" link add kiport4 type veth peer name kiini || fail "veth kiini"
+    LINKS="$LINKS kiport4 kiini"
 fi
 for l in $LINKS kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
 for l in $LINKS; do
@@ -878,6 +943,22 @@ nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >"$RUN/target.log"
 TARGET_PID=$!
 sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
+if [ -n "$OURS" ]; then
+    mkdir -p "$RUN/ours"
+    OURS_DEV=$RUN/ours/e$SHELF.$SLOT
+    nsenter --net="/run/netns/$NS" -- setsid "$OURS" initiator --root "$RUN/ours" --iflist kiini \
+        >"$RUN/ours.log" 2>&1 </dev/null &
+    OURS_PID=$!
+    i=0
+    until [ "$(stat -c %s "$OURS_DEV" 2>/dev/null || echo 0)" = $((SIZE_MB << 20)) ]; do
+        kill -0 "$OURS_PID" 2>/dev/null || { cat "$RUN/ours.log"; OURS_PID=""; fail "-I: our initiator exited at start"; }
+        i=$((i + 1)); [ $i -gt 120 ] && { tail -20 "$RUN/ours.log"; fail "-I: $OURS_DEV not there with $((SIZE_MB << 20)) bytes 60 s after our initiator's start"; }
+        sleep 0.5
+    done
+    say "-I: our initiator (pid $OURS_PID) serves $OURS_DEV on kiini"
+fi
+# ours_dd ARGS: dd on our initiator's device file (-I), bounded in time.
+ours_dd() { timeout -k 5 120 dd "$@" 2>>"$RUN/ours-dd.err"; }
 
 # raw_aoe IFACE reserve MAC | write LBA: one AoE request from IFACE (broadcast, to
 # e$SHELF.$SLOT), retried once a second for 10 s until answered; prints the answer as
@@ -950,7 +1031,7 @@ QEMU_T0=$(date +%s)
 # BOOT_BUDGET seconds (it takes 3-8 s here, 23 s at worst with four guests and two busy loops
 # on two cores). In RBD mode the guest asks for the resize once its data checks are done.
 BOOT_BUDGET=180
-booted=0 resized=0 killed=0 freed=0 paused=0 conted=0
+booted=0 resized=0 killed=0 freed=0 paused=0 conted=0 two=0 over=0
 # -R: reloads sent, when the last was sent, and how many were done when the guest stopped.
 reloads_sent=0 reload_t=0 reloads_during=""
 while kill -0 "$QEMU_PID" 2>/dev/null; do
@@ -990,6 +1071,30 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
             diagnose
             fail "reload $reloads_sent not done 20 s after its SIGHUP"
         fi
+    fi
+    if [ -n "$OURS" ] && [ $two = 0 ] && grep -q 'KI:TWO_ME' "$CONSOLE"; then
+        # -I: PAT2 but its first sector S, then S: each 64 KiB piece acknowledged (O_DIRECT)
+        # and flushed (fsync, a FLUSH CACHE EXT) before the next; in the background, beside
+        # the guest's writes.
+        (
+            ours_dd if="$RUN/pat2.bin" of="$OURS_DEV" bs=512 skip=1 seek=$((S_LBA + 1)) count=127 conv=notrunc,fsync oflag=direct &&
+            for k in $(seq 1 $((PAT_BYTES / BS - 1))); do
+                ours_dd if="$RUN/pat2.bin" of="$OURS_DEV" bs=$BS skip=$k seek=$((SEEK2 + k)) count=1 conv=notrunc,fsync oflag=direct || exit 1
+            done &&
+            ours_dd if="$RUN/pat2s.bin" of="$OURS_DEV" bs=512 seek=$S_LBA count=1 conv=notrunc,fsync oflag=direct
+            echo $? >"$RUN/two.rc"
+        ) &
+        say "-I: the host writes its pattern through our initiator (byte $OFF2), beside the guest's"
+        two=1
+    fi
+    if [ -n "$OURS" ] && [ $over = 0 ] && grep -q 'KI:TWO_OVER' "$CONSOLE"; then
+        # -I: the guest's G, acknowledged after our S, is what ours reads; then our H over it.
+        ours_dd if="$OURS_DEV" of="$RUN/s-read.bin" bs=512 skip=$S_LBA count=1 iflag=direct
+        if cmp -s "$RUN/s-read.bin" "$RUN/g.bin"; then TWO_SAW_G=yes; else TWO_SAW_G=no; fi
+        ours_dd if="$RUN/h.bin" of="$OURS_DEV" bs=512 seek=$S_LBA count=1 conv=notrunc,fsync oflag=direct
+        TWO_H_RC=$?
+        say "-I: ours read S after the guest's write: G $TWO_SAW_G; wrote H over it (dd status $TWO_H_RC)"
+        over=1
     fi
     if [ "$FULL" = 1 ] && [ $freed = 0 ] && grep -q 'KI:FREE_ME' "$CONSOLE"; then
         rm -f "$RUN/full/filler" || fail "-F: cannot remove the filler"
@@ -1080,6 +1185,13 @@ elif [ -S "/run/aoe/serve-$TARGET_PID.sock" ]; then
 fi
 
 kill -0 "$TARGET_PID" 2>/dev/null || { echo "### target log:"; cat "$RUN/target.log"; fail "target died during the run"; }
+OURS_SAW_PAT=""
+if [ -n "$OURS" ]; then
+    # -I: the guest's pattern as ours reads it (the target still serves), then ours stops.
+    OURS_SAW_PAT=$(ours_dd if="$OURS_DEV" bs=$BS skip="$SEEK" count=$((PAT_BYTES / BS)) iflag=direct | md5sum | cut -d' ' -f1)
+    kill -0 "$OURS_PID" 2>/dev/null || { tail -30 "$RUN/ours.log"; OURS_PID=""; fail "-I: our initiator died during the run"; }
+    stop "-$OURS_PID"; wait "$OURS_PID" 2>/dev/null; OURS_PID=""
+fi
 RESERVED_WRITE=""
 if [ -n "$HANDOVER" ] && [ "$HANDOVER" != alone ] && grep -q 'KI:GUEST_DONE' "$CONSOLE"; then
     # Another host's write through the gateway that took over: refused by the reservation
@@ -1170,6 +1282,22 @@ print("### wrong sectors in the host file:", dict(seen), "; first:", ", ".join(f
     fi
     [ -n "$reloads_during" ] || fail "the guest never said RELOAD_STOP"
     [ "$reloads_during" -ge 3 ] || fail "only $reloads_during reloads done while the guest wrote (want 3 or more)"
+fi
+if [ -n "$OURS" ]; then
+    [ $two = 1 ] || fail "-I: the guest never said TWO_ME"
+    [ "$(cat "$RUN/two.rc" 2>/dev/null)" = 0 ] ||
+        { cat "$RUN/ours-dd.err"; tail -20 "$RUN/ours.log"; fail "-I: the host's pattern write through our initiator failed (status $(cat "$RUN/two.rc" 2>/dev/null))"; }
+    grep -q 'KI:TWO_OVER' "$CONSOLE" || fail "-I: the guest never read S as the host wrote it (its step two_host_pattern)"
+    [ "${TWO_SAW_G:-}" = yes ] ||
+        fail "-I: after the guest's write of G to S was acknowledged (and synced), our initiator read S as $(od -An -tx1 -N8 "$RUN/s-read.bin" 2>/dev/null), not G ($(od -An -tx1 -N8 "$RUN/g.bin"))"
+    [ "${TWO_H_RC:-1}" = 0 ] || { cat "$RUN/ours-dd.err"; fail "-I: our write of H over the guest's G failed"; }
+    grep -q 'KI:TWO_H_SEEN' "$CONSOLE" || fail "-I: the guest never read our H at S (its step two_host_last)"
+    H_REGION2=$(dd if="$FILE" bs=$BS skip="$SEEK2" count=$((PAT_BYTES / BS)) 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$H_REGION2" = "$PAT2_FINAL_MD5" ] ||
+        fail "-I: host backing file at byte $OFF2 md5 $H_REGION2 != the host's pattern with H at S $PAT2_FINAL_MD5"
+    [ "$OURS_SAW_PAT" = "$PAT_MD5" ] ||
+        fail "-I: our initiator read the guest's pattern region as md5 $OURS_SAW_PAT, not $PAT_MD5"
+    say "-I: two initiators on one export: each one's later write stayed; ours read the guest's pattern"
 fi
 [ "$(g READBACK_MD5)" = "$PAT_MD5" ] || fail "pattern read back (iflag=direct) md5 $(g READBACK_MD5) != written $PAT_MD5"
 [ "$H_REGION" = "$PAT_MD5" ] || fail "host backing file at byte $OFF md5 $H_REGION != pattern $PAT_MD5"

@@ -160,6 +160,23 @@ fn kernel_initiator_direct_export_on_4kn_ending_in_a_partial_block_mtu_9000() {
     run_kernel_initiator_with(&template, 9000, &["-z", "8", "-L", &sectors, "-X"]);
 }
 
+/// Twelfth audit (s29): the Linux driver and our initiator on one export (the script's
+/// `-I`): `aoe serve -d` over a file on ext4 on a 4096-byte-sector loop (`-X`, so the guest's
+/// and ours' 512-byte writes are read-modify-written), ours on its own bridge port. The
+/// host writes a second 1 MiB pattern through ours in 64 KiB O_DIRECT pieces, each
+/// fsynced, while the guest writes its own pattern over and over; then one sector written
+/// by ours, by the guest (synced) and by ours again: each must read, through the other
+/// initiator and in the file, as the one acknowledged last; and ours reads the guest's
+/// pattern. A pin, not a regression test: the base build (1994e57) passes it too (by hand,
+/// with `-d -X`; buffered, `-s`, MTU 9000 and vblade as the target pass as well); ~30 s.
+#[test]
+fn kernel_initiator_beside_our_initiator_direct_export_on_4kn_mtu_1500() {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    let template = format!("'{aoe}' serve -d {{SHELF}} {{SLOT}} {{IFACE}} {{FILE}}");
+    run_kernel_initiator_with(&template, 1500, &["-X", "-I", aoe]);
+}
+
 /// The control: if this fails too, suspect the rig (or the kernel), not `aoe serve`.
 #[test]
 fn kernel_initiator_vblade_mtu_1500_control() {

@@ -15,6 +15,16 @@
 //!   backend of a file is open, the buffered writes of its other backends take the lock
 //!   too: a buffered write landing in the page cache between a direct read-modify-write's
 //!   read and its write would be flushed first and then overwritten by the stale block.
+//!   Other processes cannot see that lock: where an export's window starts or ends inside
+//!   an aligned block (its `-o`/`-l` not multiples of the alignment, on a disk or file
+//!   system of 4 KiB sectors), the rest of that block may be another process's export (a
+//!   second `aoe serve`, one per config file), whose read-modify-write would undo this
+//!   one's acknowledged write there, and the reverse (twelfth audit). Every write that
+//!   touches such an edge block also holds its aligned range in an open file description
+//!   lock (`fcntl(F_OFD_SETLKW)`, [`aoe_sys::lock_range_ofd`]), which every process's
+//!   backend of the inode takes, after the in-process lock; buffered exports take it at
+//!   their edge blocks too, as the file's direct alignment (or 4096) counts them. vblade
+//!   takes no such lock, so vblade beside us at such a boundary is still exposed.
 //!   A file whose size is not a multiple of the alignment ends in a partial aligned block,
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
 //!   sectors in it go through a second, buffered `O_DSYNC` descriptor of the same file.
@@ -108,6 +118,21 @@ pub struct FileBackend {
     /// acknowledged there is on the device as a direct one is), for the partial last
     /// aligned block of a direct export's file; `None` when there is none.
     tail_file: Option<File>,
+    /// Size of the file or block device at open, in bytes: a window that ends before it
+    /// may share its last aligned block with another export.
+    store_size: u64,
+    /// For a buffered export: the alignment by which other processes' direct exports of the
+    /// file read-modify-write it (`STATX_DIOALIGN`, the logical block size, else 4096),
+    /// which decides its edge blocks ([`FileBackend::shared_edge`]).
+    buffered_edge_align: u64,
+    /// The window may share an aligned block with the rest of the file at some alignment up
+    /// to [`MAX_DIRECT_ALIGN`]: its start, or its end before the end of the store, is not a
+    /// multiple of 64 KiB. False for the usual whole-file export, whose writes then skip
+    /// [`FileBackend::shared_edge`] with one load.
+    edges_possible: bool,
+    /// An open file description lock was refused once (a file system without them): said
+    /// once, then writes go on without it, as before the twelfth audit.
+    ofd_unsupported: AtomicBool,
 }
 
 impl FileBackend {
@@ -254,17 +279,18 @@ impl FileBackend {
         } else {
             None
         };
+        let kernel_align = aoe_sys::dio_alignment(&file).map(|a| {
+            (
+                (a.offset as usize).clamp(SECTOR as usize, MAX_DIRECT_ALIGN),
+                (a.mem as usize).clamp(1, MAX_DIRECT_ALIGN),
+            )
+        });
         let (align, mem_align) = if opts.direct {
-            match aoe_sys::dio_alignment(&file) {
-                Some(a) => (
-                    (a.offset as usize).clamp(SECTOR as usize, MAX_DIRECT_ALIGN),
-                    (a.mem as usize).clamp(1, MAX_DIRECT_ALIGN),
-                ),
-                None => (DEFAULT_DIRECT_ALIGN, DEFAULT_DIRECT_ALIGN),
-            }
+            kernel_align.unwrap_or((DEFAULT_DIRECT_ALIGN, DEFAULT_DIRECT_ALIGN))
         } else {
             (SECTOR as usize, 1)
         };
+        let buffered_edge_align = kernel_align.map_or(DEFAULT_DIRECT_ALIGN, |(a, _)| a) as u64;
         Ok(FileBackend {
             align,
             mem_align,
@@ -284,6 +310,17 @@ impl FileBackend {
             opened: Instant::now(),
             file_size: if ft.is_file() { size } else { 0 },
             tail_file,
+            store_size: size,
+            edges_possible: {
+                let (start, end) = (
+                    opts.offset_sectors * SECTOR,
+                    (opts.offset_sectors + len) * SECTOR,
+                );
+                let m = MAX_DIRECT_ALIGN as u64;
+                start % m != 0 || (end % m != 0 && end < size)
+            },
+            buffered_edge_align,
+            ofd_unsupported: AtomicBool::new(false),
             file,
         })
     }
@@ -455,6 +492,55 @@ impl FileBackend {
         self.writing.direct.load(Ordering::Relaxed) > 0
     }
 
+    /// The aligned byte range around `len` bytes at `pos` (in the file) if it reaches past
+    /// the export's window into an aligned block the rest of the file shares: the first
+    /// block when the window starts inside it, the last when the window ends inside it
+    /// before the end of the file. Those bytes may be another export's, served by another
+    /// process; the alignment is the direct one in use, or for a buffered export the one
+    /// other processes' direct exports use. `None` for a window on the alignment; for one on
+    /// 64 KiB (the usual whole-file export) at the cost of one load.
+    fn shared_edge(&self, pos: u64, len: usize) -> Option<std::ops::Range<u64>> {
+        if len == 0 || !self.edges_possible {
+            return None;
+        }
+        let a = if self.opts.direct {
+            self.align as u64
+        } else {
+            self.buffered_edge_align
+        };
+        let start = pos / a * a;
+        let end = (pos + len as u64).div_ceil(a) * a;
+        let window_end = self.base + self.len;
+        (start < self.base || (end > window_end && window_end < self.store_size))
+            .then_some(start..end)
+    }
+
+    /// `range` (from [`Self::shared_edge`]) held in an open file description lock, which
+    /// other processes' backends of the file take too; the caller holds it across its
+    /// read-modify-write or write, and holds the same range in the in-process lock first
+    /// (the threads of one backend share its open file description). A file system that
+    /// refuses the lock (`ENOLCK`, `EINVAL`) is named once and written without it.
+    fn ofd_lock(&self, range: std::ops::Range<u64>) -> Option<aoe_sys::OfdRangeLock<'_>> {
+        if self.ofd_unsupported.load(Ordering::Relaxed) {
+            return None;
+        }
+        match aoe_sys::lock_range_ofd(&self.file, range.start, range.end - range.start) {
+            Ok(held) => Some(held),
+            Err(e) => {
+                if !self.ofd_unsupported.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        error = %e,
+                        "cannot lock the aligned block this export shares with the rest \
+                         of the file: a write of another process's export of that block \
+                         may be undone by ours, or ours by it; put -o/-l on the alignment"
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Where `len` bytes at `pos` reach into the partial aligned block at the end of the
     /// file (its size not a multiple of the alignment): the buffered descriptor that serves
     /// that block and how many of the bytes come before it (those go the direct way).
@@ -545,6 +631,13 @@ impl FileBackend {
         let end = (pos + buf.len() as u64).div_ceil(a) * a;
         let mut bounce = AlignedBuf::new((end - start) as usize, self.mem_align);
         let _held = self.writing.ranges.lock(start..end);
+        // After the in-process lock over the same range: the threads of this backend
+        // share its open file description, whose locks never conflict with each other, and
+        // one order everywhere (this process's lock, then the file's) keeps two processes
+        // from each waiting for the other.
+        let _edge = self
+            .shared_edge(pos, buf.len())
+            .and_then(|r| self.ofd_lock(r));
         if start != pos || end != pos + buf.len() as u64 {
             // Read-modify-write of the partial blocks at the edges.
             if let Err(e) = self.file.read_exact_at(bounce.as_mut(), start) {
@@ -599,7 +692,16 @@ impl Backend for FileBackend {
                 Ok(()) => Ok(()),
             }
         } else {
-            let _held = self.buffered_write_guard(pos, buf.len());
+            // At a shared edge block the in-process lock holds the aligned range the open
+            // file description lock does: two threads of this backend share its open file
+            // description, whose locks never conflict, and the first to unlock would free
+            // the block under the other.
+            let edge = self.shared_edge(pos, buf.len());
+            let _held = match &edge {
+                Some(r) => Some(self.writing.ranges.lock(r.clone())),
+                None => self.buffered_write_guard(pos, buf.len()),
+            };
+            let _edge = edge.and_then(|r| self.ofd_lock(r));
             self.file.write_all_at(buf, pos)
         };
         r.map_err(|e| self.latch(e, Failing::Write))
@@ -678,7 +780,7 @@ impl Backend for FileBackend {
         check_range(offset, buf.len(), self.len)?;
         self.refuse_if_failed()?;
         let pos = self.base + offset;
-        if self.shares_with_direct() {
+        if self.shares_with_direct() || self.shared_edge(pos, buf.len()).is_some() {
             return Ok(false);
         }
         if self.memory {
@@ -715,7 +817,7 @@ impl Backend for FileBackend {
         check_range(offset, total, self.len)?;
         self.refuse_if_failed()?;
         let pos = self.base + offset;
-        if self.shares_with_direct() {
+        if self.shares_with_direct() || self.shared_edge(pos, total).is_some() {
             return Ok(false);
         }
         if self.memory {
@@ -1272,5 +1374,67 @@ mod tests {
             Failing::Fdatasync,
         );
         assert!(b.failed().unwrap().contains("write failed"));
+    }
+
+    /// Twelfth audit: which writes take the open file description lock. With a 4096-byte
+    /// alignment, a window of sectors 3-32 of a 64-sector file shares its first block (0-7)
+    /// and its last (32-39) with the rest of the file; a write inside it elsewhere, every
+    /// write of a whole-file export, and an empty write take none; a write at a shared
+    /// block holds the lock, which another open file description of the file then cannot
+    /// take until the write is done.
+    #[test]
+    fn only_writes_at_a_block_the_window_shares_take_the_cross_process_lock() {
+        let dir = scratch_dir();
+        let p = dir.path().join("edges.img");
+        std::fs::write(&p, vec![0u8; 64 * 512]).unwrap();
+        let open = |offset_sectors, length_sectors| {
+            let mut b = FileBackend::open(
+                &p,
+                &OpenOptions {
+                    direct: true,
+                    offset_sectors,
+                    length_sectors,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.raise_direct_alignment(4096).unwrap();
+            b
+        };
+        let window = open(3, Some(30));
+        let sector = |s: u64| window.base + s * 512;
+        assert_eq!(window.shared_edge(sector(0), 512), Some(0..4096));
+        assert_eq!(window.shared_edge(sector(4), 512), Some(0..4096));
+        assert_eq!(
+            window.shared_edge(sector(5), 512),
+            None,
+            "block 8-15 is the window's own"
+        );
+        assert_eq!(window.shared_edge(sector(29), 512), Some(16384..20480));
+        assert_eq!(window.shared_edge(sector(4), 1024), Some(0..8192));
+        assert_eq!(window.shared_edge(sector(0), 0), None);
+        let whole = open(0, None);
+        for s in [0, 7, 63] {
+            assert_eq!(
+                whole.shared_edge(s * 512, 512),
+                None,
+                "sector {s} of the whole file"
+            );
+        }
+        // While a write holds block 0-7, another description of the file cannot lock it.
+        // (A write lock needs a descriptor open for writing: EBADF otherwise.)
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let held = window.ofd_lock(0..4096).expect("the lock");
+        assert!(aoe_sys::try_lock_range_ofd(&other, 512, 512)
+            .unwrap()
+            .is_none());
+        drop(held);
+        assert!(aoe_sys::try_lock_range_ofd(&other, 512, 512)
+            .unwrap()
+            .is_some());
     }
 }

@@ -144,6 +144,105 @@ pub fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// A write lock on a byte range of a file, shared with every process on the machine that
+/// locks the same inode (an open file description lock, `fcntl(F_OFD_SETLKW)`, Linux 3.15+;
+/// fcntl(2) "Open file description locks (non-POSIX)"); released when dropped, and by the
+/// kernel when the last descriptor of its open file description is closed (a killed
+/// process leaves none behind). Unlike a classic POSIX record lock it belongs to the open
+/// file description, not the process: two descriptors opened separately in one process
+/// conflict as two processes do, and closing another descriptor of the same file does not
+/// drop it. Locks of one open file description never conflict with each other: callers
+/// sharing one must keep their ranges apart themselves.
+#[derive(Debug)]
+pub struct OfdRangeLock<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+}
+
+impl OfdRangeLock<'_> {
+    /// The range held, in bytes.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.start..self.start + self.len
+    }
+}
+
+impl Drop for OfdRangeLock<'_> {
+    fn drop(&mut self) {
+        // An unlock can fail only with a bad descriptor or range, which the lock's own
+        // success rules out; nothing useful can be done about it in a drop.
+        let _ = ofd_fcntl(
+            self.file,
+            libc::F_OFD_SETLK,
+            libc::F_UNLCK,
+            self.start,
+            self.len,
+        );
+    }
+}
+
+/// Waits until no other open file description holds a lock overlapping `len` bytes at
+/// `start` of `file`, then holds that range for writing (see [`OfdRangeLock`]). Retried
+/// after a signal. `len` 0 is refused (`InvalidInput`): for fcntl it means "to the end of
+/// the file, however far it grows", which no caller here wants.
+pub fn lock_range_ofd(file: &File, start: u64, len: u64) -> io::Result<OfdRangeLock<'_>> {
+    if len == 0 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    ofd_fcntl(file, libc::F_OFD_SETLKW, libc::F_WRLCK, start, len)?;
+    Ok(OfdRangeLock { file, start, len })
+}
+
+/// [`lock_range_ofd`] without waiting: `None` while another open file description holds an
+/// overlapping lock.
+pub fn try_lock_range_ofd(
+    file: &File,
+    start: u64,
+    len: u64,
+) -> io::Result<Option<OfdRangeLock<'_>>> {
+    if len == 0 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    match ofd_fcntl(file, libc::F_OFD_SETLK, libc::F_WRLCK, start, len) {
+        Ok(()) => Ok(Some(OfdRangeLock { file, start, len })),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn ofd_fcntl(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    start: u64,
+    len: u64,
+) -> io::Result<()> {
+    let (Ok(l_start), Ok(l_len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len))
+    else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: `struct flock` is plain integers (and, on some targets, padding), for which
+    // all zeroes is a valid value; OFD locks require `l_pid` to be 0.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = l_start;
+    fl.l_len = l_len;
+    loop {
+        // SAFETY: `fl` is a valid, initialised `struct flock` that lives across the call,
+        // which is what F_OFD_SETLK/F_OFD_SETLKW take as their third argument; the fd is
+        // open for the duration of the borrow of `file`.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 pub(crate) fn nowait_result(r: isize) -> io::Result<NoWait> {
     if r >= 0 {
         return Ok(NoWait::Done(r as usize));
@@ -376,6 +475,40 @@ pub fn resident_pages(file: &File, offset: u64, len: usize) -> io::Result<Vec<bo
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Two open file descriptions of one file (what two processes, or two exports in one,
+    /// hold): a range held through one cannot be taken through the other until it is
+    /// dropped; ranges apart can.
+    #[test]
+    fn ofd_range_locks_exclude_other_open_file_descriptions_until_dropped() {
+        let a = tempfile_in_target();
+        let path = format!("/proc/self/fd/{}", a.as_raw_fd());
+        let b = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let held = lock_range_ofd(&a, 4096, 4096).unwrap();
+        assert_eq!(held.range(), 4096..8192);
+        assert!(
+            try_lock_range_ofd(&b, 8191, 1).unwrap().is_none(),
+            "an overlapping range was taken through another open file description"
+        );
+        let apart = try_lock_range_ofd(&b, 0, 4096).unwrap();
+        assert!(apart.is_some(), "a range apart was refused");
+        drop(held);
+        assert!(
+            try_lock_range_ofd(&b, 4096, 1024).unwrap().is_some(),
+            "the range was still held after the drop"
+        );
+        assert!(try_lock_range_ofd(&a, 0, 512).unwrap().is_none());
+        drop(apart);
+        assert!(try_lock_range_ofd(&a, 0, 512).unwrap().is_some());
+        assert!(
+            lock_range_ofd(&a, 0, 0).is_err(),
+            "length 0 means to the end: refused"
+        );
+    }
 
     #[test]
     fn pages_just_written_are_resident() {
