@@ -1438,3 +1438,47 @@ fn a_window_not_on_its_files_blocks_is_said() {
         "{err}"
     );
 }
+
+/// Session 29's audit of the flags, Left: `aoe trace -c 0` listened and stopped at once with
+/// `0 frames`, and `aoe read --count 0` reached the socket before anything was said of the
+/// count. Both counts are now at least 1: a usage error (exit 2) naming the flag and the
+/// range, before any socket (the interface named does not exist); a count of 1 gets past
+/// the parser to the interface. Base (1994e57): exit 1 at the missing interface.
+#[test]
+fn trace_and_read_counts_of_zero_are_usage_errors() {
+    let read = |count: &'static str| {
+        [
+            "read",
+            "--count",
+            count,
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ]
+    };
+    for (args, flag) in [
+        (
+            &["trace", "-c", "0", "aoe-no-such-if0"][..],
+            "--count <COUNT>",
+        ),
+        (&read("0")[..], "--count <COUNT>"),
+    ] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '0' for '{flag}'"))
+                && err.contains("0 is not in 1.."),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+    }
+    for args in [&["trace", "-c", "1", "aoe-no-such-if0"][..], &read("1")[..]] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+    }
+}
