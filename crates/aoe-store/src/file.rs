@@ -528,7 +528,7 @@ impl FileBackend {
     }
 
     /// Where the window starts or ends inside an aligned block that the rest of the file
-    /// shares, by the alignment [`Self::shared_edge`] counts (the direct one in use, or for a
+    /// shares, by the alignment `shared_edge` counts (the direct one in use, or for a
     /// buffered export the file's `STATX_DIOALIGN`, else 4096): what `aoe serve` says at start,
     /// at a reload that opens the export and under `--check` (twelfth audit, Left). Writes
     /// there take the edge lock, which other `aoe serve` processes take too; vblade and other
