@@ -32,8 +32,10 @@ pub struct ReadArgs {
     /// First sector to read.
     #[arg(long, default_value_t = 0)]
     lba: u64,
-    /// Sectors to read (default: to the end of the device).
-    #[arg(long)]
+    /// Sectors to read, at least 1 (default: to the end of the device).
+    // 0 reached the socket and the device before a word was said of it (session 29's audit
+    // of the flags), and would have written an empty file: a usage error naming the range.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Seconds to wait for each answer before giving up (retransmitting every 200 ms),
     /// 1 to 3600.

@@ -45,8 +45,11 @@ pub struct TraceArgs {
     /// Only frames from or to this MAC address.
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
-    /// Stop after COUNT frames (counting those the filters pass).
-    #[arg(short = 'c', long, value_name = "COUNT")]
+    /// Stop after COUNT frames (counting those the filters pass), at least 1 [default:
+    /// until interrupted].
+    // 0 listened and stopped at once with "0 frames" (session 29's audit of the flags):
+    // a usage error naming the range, as `aoe target monitor -c 0` is.
+    #[arg(short = 'c', long, value_name = "COUNT", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// Also write the frames shown to FILE as pcap (link type Ethernet), for tshark/Wireshark.
     #[arg(short = 'w', long = "write", value_name = "FILE")]

@@ -1356,3 +1356,129 @@ fn check_loads_the_state_files_a_start_loads() {
         "the image was touched"
     );
 }
+
+/// Twelfth audit, Left: an export whose `-o`/`-l` window starts or ends inside an aligned
+/// block of its file shares that block with whatever else writes the file; `aoe serve`
+/// processes lock it, vblade does not (the audit lost acknowledged writes so). Said once per
+/// export, naming the export, the edge and the block size, by a start, a reload that opens
+/// it and `--check`, for the command line and the config file's `offset`/`length` alike. The
+/// file is on tmpfs, which reports no `STATX_DIOALIGN`: 4096 is counted. A window on the
+/// blocks, the whole file and a window ending at the file's end say nothing. Base (1994e57):
+/// no line.
+#[test]
+fn a_window_not_on_its_files_blocks_is_said() {
+    let dir = tempfile::Builder::new()
+        .prefix("aoe-cli-edges")
+        .tempdir_in("/dev/shm")
+        .expect("a directory on /dev/shm (tmpfs) for a file without STATX_DIOALIGN");
+    let img = dir.path().join("disk.img");
+    // 62 sectors: the file ends inside its last block, which no one else shares.
+    std::fs::write(&img, vec![0u8; 62 * 512]).unwrap();
+    let img = img.to_str().unwrap();
+    let check = |flags: &[&str]| {
+        let mut args = vec!["serve", "--check"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["1", "1", "lo", img]);
+        let o = run_bounded(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{flags:?}: {err}");
+        err
+    };
+    let said = |err: &str| {
+        err.lines()
+            .filter(|l| l.contains("inside the 4096-byte block"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let err = check(&["-o", "3", "-l", "8"]);
+    let lines = said(&err);
+    assert_eq!(lines.len(), 1, "one line for the export: {err}");
+    for part in [
+        "e1.1: its start (-o, offset) at sector 3 is inside the 4096-byte block of sectors 0-7",
+        "end (-o + -l, offset + length) at sector 11 is inside the 4096-byte block of sectors 8-15",
+        "vblade",
+        "multiples of 8 sectors",
+    ] {
+        assert!(lines[0].contains(part), "{part:?} not in {err}");
+    }
+    let err = check(&["-o", "8", "-l", "20"]);
+    let lines = said(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        !lines[0].contains("start"),
+        "the start is on a block: {err}"
+    );
+    assert!(lines[0].contains("at sector 28"), "{err}");
+    for flags in [
+        &["-o", "8", "-l", "16"][..],
+        &[],
+        &["-o", "56"],
+        &["-r", "-o", "3"],
+    ] {
+        let err = check(flags);
+        assert!(said(&err).is_empty(), "{flags:?} said: {err}");
+    }
+    // The config file's keys, as the same words say.
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[export]]\npath = \"{img}\"\nshelf = 2\nslot = 5\ninterfaces = [\"lo\"]\n\
+             offset = 16\nlength = 9\n"
+        ),
+    )
+    .unwrap();
+    let o = run_bounded(&["serve", "--check", "--config", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let lines = said(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("e2.5: its end (-o + -l, offset + length) at sector 25"),
+        "{err}"
+    );
+}
+
+/// Session 29's audit of the flags, Left: `aoe trace -c 0` listened and stopped at once with
+/// `0 frames`, and `aoe read --count 0` reached the socket before anything was said of the
+/// count. Both counts are now at least 1: a usage error (exit 2) naming the flag and the
+/// range, before any socket (the interface named does not exist); a count of 1 gets past
+/// the parser to the interface. Base (1994e57): exit 1 at the missing interface.
+#[test]
+fn trace_and_read_counts_of_zero_are_usage_errors() {
+    let read = |count: &'static str| {
+        [
+            "read",
+            "--count",
+            count,
+            "1",
+            "1",
+            "aoe-no-such-if0",
+            "/dev/null",
+        ]
+    };
+    for (args, flag) in [
+        (
+            &["trace", "-c", "0", "aoe-no-such-if0"][..],
+            "--count <COUNT>",
+        ),
+        (&read("0")[..], "--count <COUNT>"),
+    ] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '0' for '{flag}'"))
+                && err.contains("0 is not in 1.."),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+    }
+    for args in [&["trace", "-c", "1", "aoe-no-such-if0"][..], &read("1")[..]] {
+        let o = run_bounded(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("aoe-no-such-if0"), "{args:?}: {err}");
+    }
+}

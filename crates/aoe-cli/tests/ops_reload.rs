@@ -494,3 +494,68 @@ fn a_reopened_export_keeps_its_config_string() {
     );
     t.target.stop().expect("stop aoe serve");
 }
+
+/// Session 29 (twelfth audit, Left): a reload that adds an export whose window starts inside
+/// an aligned block of its file (`offset = 1` on tmpfs, which reports no `STATX_DIOALIGN`:
+/// 4096 counted) says so once, naming the export and the block, as a start and `--check`
+/// do; a second reload that leaves it unchanged (not reopened) says nothing more. Base
+/// (1994e57): no line.
+#[test]
+fn a_reload_that_adds_a_window_off_its_files_blocks_says_so_once() {
+    require_tools();
+    let t = Served::start("aoeedw", "aoeedp");
+    // Serving (its signal handlers installed) before the SIGHUP.
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &t.target.output_so_far(),
+            "control socket listening"
+        ) == 1),
+        "aoe serve did not start\n{}",
+        t.target.output_so_far()
+    );
+    let shm = tempfile::Builder::new()
+        .prefix("aoe-reload-edges")
+        .tempdir_in("/dev/shm")
+        .expect("a directory on /dev/shm (tmpfs) for a file without STATX_DIOALIGN");
+    let other = shm.path().join("other.img");
+    fs::write(&other, vec![0u8; 64 * 512]).expect("other image");
+    let conf = t.dir.path().join("serve.toml");
+    write_conf(&conf, t.veth.a_name(), &t.file, Some((&other, false)));
+    fs::write(
+        &conf,
+        fs::read_to_string(&conf).expect("config") + "offset = 1\n",
+    )
+    .expect("config");
+    let said = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!(
+                    "e{SHELF}.{}: its start (-o, offset) at sector 1",
+                    SLOT + 1
+                )) && l.contains("inside the 4096-byte block of sectors 0-7")
+            })
+            .count()
+    };
+    reload_once(&t.target, "an export at offset 1 added");
+    assert_eq!(
+        said(&t.target.output_so_far()),
+        1,
+        "{}",
+        t.target.output_so_far()
+    );
+    run_ok(Command::new("kill").args(["-HUP", &t.target.pid().to_string()]));
+    assert!(
+        wait_until(Duration::from_secs(20), || count(
+            &t.target.output_so_far(),
+            "configuration reloaded"
+        ) == 2),
+        "the second reload not done\n{}",
+        t.target.output_so_far()
+    );
+    assert_eq!(
+        said(&t.target.output_so_far()),
+        1,
+        "{}",
+        t.target.output_so_far()
+    );
+}

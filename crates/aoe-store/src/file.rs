@@ -59,6 +59,18 @@ const INLINE_SLOW: Duration = Duration::from_millis(1);
 /// tried again.
 const INLINE_PAUSE: Duration = Duration::from_millis(100);
 
+/// A window's edges inside aligned blocks it shares with the rest of its file
+/// ([`FileBackend::unaligned_edges`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnalignedEdges {
+    /// The block size counted, in bytes.
+    pub block: u64,
+    /// The window's first byte in the file, if it is inside a block.
+    pub start: Option<u64>,
+    /// The byte after the window's last, if it is inside a block before the file's end.
+    pub end: Option<u64>,
+}
+
 /// How to open a backing file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenOptions {
@@ -513,6 +525,31 @@ impl FileBackend {
         let window_end = self.base + self.len;
         (start < self.base || (end > window_end && window_end < self.store_size))
             .then_some(start..end)
+    }
+
+    /// Where the window starts or ends inside an aligned block that the rest of the file
+    /// shares, by the alignment `shared_edge` counts (the direct one in use, or for a
+    /// buffered export the file's `STATX_DIOALIGN`, else 4096): what `aoe serve` says at start,
+    /// at a reload that opens the export and under `--check` (twelfth audit, Left). Writes
+    /// there take the edge lock, which other `aoe serve` processes take too; vblade and other
+    /// programs do not. `None` for a read-only export (it writes nothing there) and for a
+    /// window on the alignment.
+    pub fn unaligned_edges(&self) -> Option<UnalignedEdges> {
+        if self.opts.read_only || !self.edges_possible {
+            return None;
+        }
+        let block = if self.opts.direct {
+            self.align as u64
+        } else {
+            self.buffered_edge_align
+        };
+        let end = self.base + self.len;
+        let edges = UnalignedEdges {
+            block,
+            start: (self.base % block != 0).then_some(self.base),
+            end: (end % block != 0 && end < self.store_size).then_some(end),
+        };
+        (edges.start.is_some() || edges.end.is_some()).then_some(edges)
     }
 
     /// `range` (from [`Self::shared_edge`]) held in an open file description lock, which
@@ -1413,6 +1450,14 @@ mod tests {
         assert_eq!(window.shared_edge(sector(29), 512), Some(16384..20480));
         assert_eq!(window.shared_edge(sector(4), 1024), Some(0..8192));
         assert_eq!(window.shared_edge(sector(0), 0), None);
+        assert_eq!(
+            window.unaligned_edges(),
+            Some(UnalignedEdges {
+                block: 4096,
+                start: Some(3 * 512),
+                end: Some(33 * 512)
+            })
+        );
         let whole = open(0, None);
         for s in [0, 7, 63] {
             assert_eq!(
@@ -1421,6 +1466,24 @@ mod tests {
                 "sector {s} of the whole file"
             );
         }
+        assert_eq!(whole.unaligned_edges(), None);
+        assert_eq!(
+            open(8, Some(16)).unaligned_edges(),
+            None,
+            "sectors 8-23: on 4096"
+        );
+        assert_eq!(
+            open(8, Some(20))
+                .unaligned_edges()
+                .map(|e| (e.start, e.end)),
+            Some((None, Some(28 * 512))),
+            "ends inside block 24-31"
+        );
+        assert_eq!(
+            open(60, None).unaligned_edges().map(|e| (e.start, e.end)),
+            Some((Some(60 * 512), None)),
+            "the file's end is no shared edge"
+        );
         // While a write holds block 0-7, another description of the file cannot lock it.
         // (A write lock needs a descriptor open for writing: EBADF otherwise.)
         let other = std::fs::OpenOptions::new()

@@ -23,7 +23,7 @@ mod range_lock;
 
 pub use aio::{read_runs, AsyncBackend, Completions, PoolBackend, ReadRun, Request};
 pub use fair::FairQueue;
-pub use file::{FileBackend, OpenOptions};
+pub use file::{FileBackend, OpenOptions, UnalignedEdges};
 pub use pool::{Done, Job, Op, Pool};
 
 use std::io;

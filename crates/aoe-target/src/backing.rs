@@ -101,12 +101,53 @@ pub(crate) fn open(spec: &ExportSpec, completions: &Arc<Completions>) -> Result<
         },
     )
     .with_context(|| format!("{}", spec.addr()))?;
+    warn_unaligned_edges(spec, &backend);
     let sectors = backend.sectors();
     Ok(Opened {
         backend: Store::Sync(Arc::new(backend)),
         sectors,
         shared: None,
     })
+}
+
+/// Says, once per opening of the export (a start, a reload that opens it, `--check`), that
+/// its `-o`/`-l` window starts or ends inside an aligned block of the file (the file's
+/// `STATX_DIOALIGN` or logical block size, 4096 when the kernel does not say) that the rest
+/// of the file shares. A direct write there is read-modify-written, a whole block at a time;
+/// the edge lock (`aoe_store::FileBackend`, twelfth audit) orders that within `aoe serve` and
+/// between `aoe serve` processes, but vblade or any other program writing the file takes no
+/// such lock, and the twelfth audit lost acknowledged writes with vblade at such an edge.
+/// Said, not refused: vblade's users run such windows, and alone they are safe.
+fn warn_unaligned_edges(spec: &ExportSpec, backend: &FileBackend) {
+    let Some(edges) = backend.unaligned_edges() else {
+        return;
+    };
+    let block_sectors = edges.block / 512;
+    let at = |byte: u64, key: &str| {
+        let first = byte / edges.block * block_sectors;
+        format!(
+            "its {key} at sector {} is inside the {}-byte block of sectors {first}-{}",
+            byte / 512,
+            edges.block,
+            first + block_sectors - 1
+        )
+    };
+    let said: Vec<String> = [
+        edges.start.map(|b| at(b, "start (-o, offset)")),
+        edges.end.map(|b| at(b, "end (-o + -l, offset + length)")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    tracing::warn!(
+        "{}: {} of {}: aoe serve processes lock such a block while they write it, but vblade or \
+         any other program writing those sectors does not, and can undo this export's \
+         acknowledged writes there (or this export theirs); keep -o and -l (offset, length) \
+         multiples of {block_sectors} sectors",
+        spec.addr(),
+        said.join(", and "),
+        spec.path.display()
+    );
 }
 
 #[cfg(feature = "rbd")]

@@ -577,6 +577,7 @@ impl ConfigError {
                     _ => &["length"],
                 }
             }
+            // Placed by `check_overlaps` itself (`offset`, `length` or `path`).
             ConfigError::Overlap { .. } => &["path"],
             _ => &[],
         }
@@ -1046,8 +1047,18 @@ impl ServeConfig {
                         )
                     }
                 };
-                return Err(self.sources.export(
-                    i,
+                // At the key whose value makes this window reach into the other's (session
+                // 29, operator's leftovers; `path` until then): `offset` when this window
+                // starts inside the other, else `length` (it starts before the other and
+                // runs into it); `path` when the file did not set that key (the window's
+                // start or end is the file's own).
+                let keys: &[&str] = if start >= *o_start {
+                    &["offset", "path"]
+                } else {
+                    &["length", "path"]
+                };
+                return Err(self.sources.placed(
+                    self.sources.export_at(i, keys),
                     ConfigError::Overlap {
                         first: o.addr(),
                         second: e.addr(),
@@ -1639,6 +1650,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("(sectors 0-8 and 8-end)"), "{e}");
+        // Placed at the key that makes the windows meet (session 29; `path`, line 8, until
+        // then): the second's `offset` (line 12) when it starts inside the first ...
+        let at_line = |a: String, b: String| match check(a, b).unwrap_err() {
+            ConfigError::At { at, .. } => at,
+            e => panic!("not placed: {e:?}"),
+        };
+        assert_eq!(
+            at_line(
+                export("img1", 1, "x", "length = 9"),
+                export("img1", 2, "x", "offset = 8")
+            ),
+            (12, 10)
+        );
+        // ... its `length` when it starts before the first and runs into it ...
+        assert_eq!(
+            at_line(
+                export("img1", 1, "x", "offset = 16"),
+                export("img1", 2, "x", "offset = 4\nlength = 13")
+            ),
+            (13, 10)
+        );
+        // ... and its `path` when neither key of it does (both windows start at 0).
+        assert_eq!(
+            at_line(
+                export("img1", 1, "x", "length = 9"),
+                export("img1", 2, "x", "length = 4")
+            ),
+            (8, 8)
+        );
         check(
             export("img1", 1, "x", "length = 8"),
             export("img1", 2, "x", "offset = 8"),
