@@ -305,6 +305,15 @@ fn ping_refuses_an_address_that_names_no_one_target() {
     }
 }
 
+/// A scratch directory holding `disk.img`, 1 MiB of zeroes, for the tests that need an
+/// export to exist (kept while the directory lives).
+fn scratch_disk() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    (dir, img)
+}
+
 /// Runs `aoe ARGS` with stdin closed; fails the test if it is still running after 20 s.
 fn run_bounded(args: &[&str]) -> std::process::Output {
     let mut child = Command::new(AOE)
@@ -866,9 +875,7 @@ fn without_cap_net_raw_the_error_says_what_is_needed() {
 /// `-s` alone say nothing. `--check` opens no socket, so `lo` is enough.
 #[test]
 fn sync_on_a_read_only_export_is_said_to_do_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (_dir, img) = scratch_disk();
     let img = img.to_str().unwrap();
     for (flags, warned) in [
         (&["-r", "-s"][..], true),
@@ -1025,9 +1032,7 @@ fn bench_flags_that_would_do_nothing_are_refused() {
 /// `configuration ok`, no warning.
 #[test]
 fn serve_dedup_and_probe_settings_that_do_nothing_are_said() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (_dir, img) = scratch_disk();
     let img = img.to_str().unwrap();
     let check = |flags: &[&str]| {
         let mut args = vec!["serve", "--check"];
@@ -1115,9 +1120,7 @@ fn a_config_files_allow_duplicate_without_a_probe_is_said() {
 /// not try them. Base (1994e57): no such line.
 #[test]
 fn check_says_it_does_not_try_metrics_or_control() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (dir, img) = scratch_disk();
     let img = img.to_str().unwrap();
     let sock = dir.path().join("ctl.sock");
     let sock = sock.to_str().unwrap();
@@ -1148,9 +1151,7 @@ fn check_says_it_does_not_try_metrics_or_control() {
 /// one warning naming the value. Base (1994e57): no line about AOE_LOG.
 #[test]
 fn a_log_filter_that_does_not_parse_is_said() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (_dir, img) = scratch_disk();
     for (value, warned) in [
         ("aoe=verbose", true),
         ("debug", false),
@@ -1242,9 +1243,7 @@ fn a_conflict_watch_without_a_probe_is_said() {
 /// says nothing. Base (1994e57): no such line.
 #[test]
 fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (dir, img) = scratch_disk();
     let conf = dir.path().join("no-ceph.conf");
     let conf = conf.to_str().unwrap();
     let said = "--workers 8 (workers) has no effect while every export is an rbd: image";
@@ -1283,9 +1282,7 @@ fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
 /// nothing. Base (1994e57): stderr empty for `debugg`.
 #[test]
 fn a_mistyped_log_level_is_said() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (_dir, img) = scratch_disk();
     for (value, warned) in [
         ("debugg", true),
         ("info,infoo", true),
@@ -1316,9 +1313,7 @@ fn a_mistyped_log_level_is_said() {
 /// file (the first start) is fine. Base (1994e57): exit 0 for both bad cases.
 #[test]
 fn check_loads_the_state_files_a_start_loads() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (dir, img) = scratch_disk();
     let img = img.to_str().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();

@@ -763,7 +763,7 @@ fn reload_taking_an_image_over(old: OldGateway) {
     );
     assert_status_shows_pending(&r, &b, &sock, "reload");
     if old != OldGateway::FallsSilent {
-        let mut peer = (old == OldGateway::LockBrokenMeanwhile).then(|| break_lock_peer(&r));
+        let mut peer = (old == OldGateway::LockBrokenMeanwhile).then(|| break_lock_peer(&r, true));
         let refused = wait_until(Duration::from_secs(90), || {
             b.output_so_far().contains("reload refused") || !b.is_running()
         });
@@ -819,20 +819,29 @@ fn reload_taking_an_image_over(old: OldGateway) {
     r.rig.cleanup();
 }
 
-/// A python3-rbd client that breaks the rig's image's lock (blocklisting its holder, as a
-/// gateway taking over does) and takes it, running until stopped; started once it holds it.
-fn break_lock_peer(r: &RbdRig) -> NsChild {
-    let peer_py = "import rados, rbd, sys, time\n\
-        c = rados.Rados(conffile=sys.argv[1])\n\
+/// A python3-rbd client that breaks the rig's image's lock and takes it, running until
+/// stopped; started once it holds it. With `blocklist` it blocklists the holder, as a
+/// gateway taking over does; without, it breaks the lock with
+/// `rbd_blocklist_on_break_lock=false`, as a third-party tool configured so might.
+fn break_lock_peer(r: &RbdRig, blocklist: bool) -> NsChild {
+    let conf = if blocklist {
+        ""
+    } else {
+        ", conf={'rbd_blocklist_on_break_lock': 'false'}"
+    };
+    let peer_py = format!(
+        "import rados, rbd, sys, time\n\
+        c = rados.Rados(conffile=sys.argv[1]{conf})\n\
         c.connect()\n\
         im = rbd.Image(c.open_ioctx('rbd'), 'img')\n\
         for o in im.lock_get_owners():\n    im.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, o['owner'])\n\
         im.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)\n\
         print('acquired', [o['owner'] for o in im.lock_get_owners()], flush=True)\n\
-        time.sleep(600)\n";
+        time.sleep(600)\n"
+    );
     // Debian's python3-rbd is for the system's python3, not another one first in PATH.
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.args(["-c", peer_py]).arg(r.ceph.conf());
+    cmd.args(["-c", &peer_py]).arg(r.ceph.conf());
     let mut peer = r
         .rig
         .target_ns
@@ -1141,34 +1150,7 @@ fn a_lock_taken_without_blocklisting_stops_the_gateways_writes() {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
     write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write while holding the lock");
-    let peer_py = "import rados, rbd, sys, time\n\
-        c = rados.Rados(conffile=sys.argv[1], conf={'rbd_blocklist_on_break_lock': 'false'})\n\
-        c.connect()\n\
-        im = rbd.Image(c.open_ioctx('rbd'), 'img')\n\
-        for o in im.lock_get_owners():\n    im.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, o['owner'])\n\
-        im.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)\n\
-        print('acquired', [o['owner'] for o in im.lock_get_owners()], flush=True)\n\
-        time.sleep(600)\n";
-    // Debian's python3-rbd is for the system's python3, not another one first in PATH.
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.args(["-c", peer_py]).arg(r.ceph.conf());
-    let mut peer = r
-        .rig
-        .target_ns
-        .spawn(cmd)
-        .expect("start the python3-rbd peer");
-    assert!(
-        wait_until(Duration::from_secs(60), || peer
-            .output_so_far()
-            .contains("acquired")
-            || !peer.is_running()),
-        "the peer did not take the lock"
-    );
-    assert!(
-        peer.is_running(),
-        "the python3-rbd peer failed (is python3-rbd installed?):\n{}",
-        peer.output_so_far()
-    );
+    let mut peer = break_lock_peer(&r, false);
     let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
     assert!(
         !blocklist.contains("127.0.0.1"),
