@@ -1151,26 +1151,14 @@ fn check_says_it_does_not_try_metrics_or_control() {
 /// one warning naming the value. Base (1994e57): no line about AOE_LOG.
 #[test]
 fn a_log_filter_that_does_not_parse_is_said() {
-    let (_dir, img) = scratch_disk();
-    for (value, warned) in [
-        ("aoe=verbose", true),
-        ("debug", false),
-        ("aoe_target=debug", false),
-    ] {
-        let o = Command::new(AOE)
-            .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
-            .env("AOE_LOG", value)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run aoe");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{value}: {err}");
-        assert_eq!(
-            err.contains(&format!("AOE_LOG={value:?} is not a log filter")),
-            warned,
-            "{value}: {err}"
-        );
-    }
+    assert_aoe_log_warnings(
+        &[
+            ("aoe=verbose", true),
+            ("debug", false),
+            ("aoe_target=debug", false),
+        ],
+        |value| format!("AOE_LOG={value:?} is not a log filter"),
+    );
 }
 
 /// Session 29's audit: a daemon's last line (`aoe: ...` on a failure) written to a standard
@@ -1282,14 +1270,23 @@ fn workers_beside_only_rbd_exports_are_said_to_do_nothing() {
 /// nothing. Base (1994e57): stderr empty for `debugg`.
 #[test]
 fn a_mistyped_log_level_is_said() {
+    assert_aoe_log_warnings(
+        &[
+            ("debugg", true),
+            ("info,infoo", true),
+            ("debug", false),
+            ("aoe_target=debug", false),
+            ("warn,aoe=debug", false),
+        ],
+        |_| "which is no level (trace, debug, info, warn, error, off)".to_owned(),
+    );
+}
+
+/// `aoe serve --check` of a scratch export under each `AOE_LOG` value of `cases`: it
+/// succeeds, and its standard error holds `said(value)` exactly where `cases` says it warns.
+fn assert_aoe_log_warnings(cases: &[(&str, bool)], said: impl Fn(&str) -> String) {
     let (_dir, img) = scratch_disk();
-    for (value, warned) in [
-        ("debugg", true),
-        ("info,infoo", true),
-        ("debug", false),
-        ("aoe_target=debug", false),
-        ("warn,aoe=debug", false),
-    ] {
+    for &(value, warned) in cases {
         let o = Command::new(AOE)
             .args(["serve", "--check", "1", "1", "lo", img.to_str().unwrap()])
             .env("AOE_LOG", value)
@@ -1298,11 +1295,7 @@ fn a_mistyped_log_level_is_said() {
             .expect("run aoe");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{value}: {err}");
-        assert_eq!(
-            err.contains("which is no level (trace, debug, info, warn, error, off)"),
-            warned,
-            "{value}: {err}"
-        );
+        assert_eq!(err.contains(&said(value)), warned, "{value}: {err}");
     }
 }
 
