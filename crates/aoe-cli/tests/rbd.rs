@@ -874,25 +874,8 @@ fn break_lock_peer(r: &RbdRig, blocklist: bool) -> NsChild {
 fn a_gateway_whose_old_one_still_answers_at_start_serves_the_rest_and_stops_on_sigterm() {
     let mut r = image_rig();
     let (mut v, _disk) = stand_in_gateway(&r, "op29v");
-    let file = r.rig.dir.path().join("file.img");
-    let seeded = pattern(29, 64 * 1024);
-    fs::write(&file, &seeded).expect("the file export's file");
-    let sock = r.rig.dir.path().join("b.sock");
-    let config = r.rig.dir.path().join("b.toml");
-    fs::write(
-        &config,
-        format!(
-            "{}{}",
-            file_export_config(&r, &sock, &file),
-            image_export_config(&r)
-        ),
-    )
-    .expect("write config");
-    let mut cmd = Command::new(AOE);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--metrics", &format!("127.0.0.1:{METRICS_PORT}")]);
+    let (seeded, sock, mut cmd) = gateway_b_with_file_and_image(&r, 29);
+    cmd.args(["--metrics", &format!("127.0.0.1:{METRICS_PORT}")]);
     let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
     wait_for_takeover_wait(&mut b, Duration::from_secs(90));
     let (f, _) = read_file_export(&r, &b, &seeded);
@@ -932,22 +915,7 @@ fn a_gateway_whose_old_one_still_answers_at_start_serves_the_rest_and_stops_on_s
 fn a_start_whose_old_gateway_never_falls_silent_fails_after_the_wait() {
     let mut r = image_rig();
     let (mut v, _disk) = stand_in_gateway(&r, "op29w");
-    let file = r.rig.dir.path().join("file.img");
-    let seeded = pattern(30, 64 * 1024);
-    fs::write(&file, &seeded).expect("the file export's file");
-    let sock = r.rig.dir.path().join("b.sock");
-    let config = r.rig.dir.path().join("b.toml");
-    fs::write(
-        &config,
-        format!(
-            "{}{}",
-            file_export_config(&r, &sock, &file),
-            image_export_config(&r)
-        ),
-    )
-    .expect("write config");
-    let mut cmd = Command::new(AOE);
-    cmd.arg("serve").arg("--config").arg(&config);
+    let (seeded, _sock, cmd) = gateway_b_with_file_and_image(&r, 30);
     let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
     wait_for_takeover_wait(&mut b, Duration::from_secs(90));
     let (f, _) = read_file_export(&r, &b, &seeded);
@@ -966,6 +934,29 @@ fn a_start_whose_old_gateway_never_falls_silent_fails_after_the_wait() {
     drop(f);
     let _ = v.stop();
     r.rig.cleanup();
+}
+
+/// Gateway B's start for the take-over-at-start tests: a config with a file export at
+/// slot+1 (64 KiB of `pattern(seed)`, its control socket `b.sock`) and the rig's image, and
+/// `aoe serve --config` of it; returns the file's bytes, the socket and the command.
+fn gateway_b_with_file_and_image(r: &RbdRig, seed: u64) -> (Vec<u8>, std::path::PathBuf, Command) {
+    let file = r.rig.dir.path().join("file.img");
+    let seeded = pattern(seed, 64 * 1024);
+    fs::write(&file, &seeded).expect("the file export's file");
+    let sock = r.rig.dir.path().join("b.sock");
+    let config = r.rig.dir.path().join("b.toml");
+    fs::write(
+        &config,
+        format!(
+            "{}{}",
+            file_export_config(r, &sock, &file),
+            image_export_config(r)
+        ),
+    )
+    .expect("write config");
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve").arg("--config").arg(&config);
+    (seeded, sock, cmd)
 }
 
 /// vblade on PATH, or the test fails saying which package has it.
