@@ -930,15 +930,7 @@ impl Opener {
             .state_dir
             .as_ref()
             .map(|d| StateFile::new(d, spec.addr()));
-        let state = match &state_file {
-            Some(f) => f
-                .load(&spec.allowed_macs)
-                .with_context(|| format!("{}: cannot load state", spec.addr()))?,
-            None => PersistentState {
-                mask: spec.allowed_macs.clone(),
-                ..Default::default()
-            },
-        };
+        let state = load_state(state_file.as_ref(), spec)?;
         // A shared store's reservation is the one every gateway of it enforces: it replaces
         // what this gateway's state file remembers.
         let state = match &shared {
@@ -1008,26 +1000,37 @@ fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
 /// the right sizes, interfaces exist, and no writable export overlaps another
 /// ([`ServeConfig::check_overlaps`]).
 pub fn validate(config: &ServeConfig) -> Result<()> {
-    config.check_static()?;
-    config.check_overlaps()?;
+    check_config(config)?;
     for (n, e) in config.exports.iter().enumerate() {
-        for i in &e.interfaces {
-            check_interface(e, i)
-                .map_err(|err| placed_at(config.sources.interface_place(n, i), err))?;
-        }
         // Nothing is submitted: a queue nobody reads is enough to open the store.
         crate::backing::open(e, &Completions::new(Arc::new(|| {})))
             .map_err(|err| placed(config, n, "path", err))?;
         // The state file as a start loads it (read only; a missing one is the initial
         // state): until session 29's audit `--check --state-dir` said ok for a state file
         // that does not parse, or a "directory" that is a file, and the start refused them.
-        if let Some(dir) = &config.state_dir {
-            StateFile::new(dir, e.addr())
-                .load(&e.allowed_macs)
-                .with_context(|| format!("{}: cannot load state", e.addr()))?;
-        }
+        let state_file = config
+            .state_dir
+            .as_ref()
+            .map(|d| StateFile::new(d, e.addr()));
+        load_state(state_file.as_ref(), e)?;
     }
     Ok(())
+}
+
+/// The persistent state export `spec` starts with: its state file's ([`StateFile::load`],
+/// the initial state when the file is missing), or without `--state-dir` its configured
+/// MAC mask alone. The start ([`Opener::open_export`]) and `--check` ([`validate`]) load
+/// it alike.
+fn load_state(state_file: Option<&StateFile>, spec: &ExportSpec) -> Result<PersistentState> {
+    match state_file {
+        Some(f) => f
+            .load(&spec.allowed_macs)
+            .with_context(|| format!("{}: cannot load state", spec.addr())),
+        None => Ok(PersistentState {
+            mask: spec.allowed_macs.clone(),
+            ..Default::default()
+        }),
+    }
 }
 
 /// Ring slots for an interface serving `buffers` buffers in all: twice that (every request
