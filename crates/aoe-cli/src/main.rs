@@ -132,7 +132,8 @@ fn parser(called: Option<(&str, &str)>) -> clap::Command {
 /// and whose fuser reply object the kernel then refuses as intended (aoe-fuse `fs.rs`
 /// `answer_held`).
 fn init_logging() {
-    let spec = std::env::var("AOE_LOG").unwrap_or_else(|_| "info".to_owned());
+    let given = std::env::var("AOE_LOG").ok();
+    let spec = given.clone().unwrap_or_else(|| "info".to_owned());
     let spec = if spec.contains("fuser") {
         spec
     } else {
@@ -162,8 +163,8 @@ fn init_logging() {
     // A bare word that is no level and no module of ours (`AOE_LOG=debugg`) parses as a
     // module name and turns every other line off, this warning too: written past the
     // subscriber (session 29's audit).
-    if let Ok(given) = std::env::var("AOE_LOG") {
-        for word in strange_targets(&given) {
+    if let Some(given) = &given {
+        for word in strange_targets(given) {
             let _ = writeln!(
                 std::io::stderr().lock(),
                 "aoe: AOE_LOG names {word:?}, which is no level (trace, debug, info, warn, \
@@ -173,7 +174,7 @@ fn init_logging() {
         }
     }
     if let Some(e) = bad {
-        let given = std::env::var("AOE_LOG").unwrap_or_default();
+        let given = given.unwrap_or_default();
         tracing::warn!(
             "AOE_LOG={given:?} is not a log filter ({e}); logging at info (e.g. AOE_LOG=debug, \
              AOE_LOG=aoe_target=debug)"
