@@ -74,11 +74,16 @@ fn standalone(cli: &clap::Command, sub: &str, name: &str) -> Result<clap::Comman
         .find_subcommand(sub)
         .with_context(|| format!("no subcommand {sub}"))?
         .clone();
-    Ok(sc
-        .name(name.to_owned())
-        .bin_name(name.to_owned())
+    Ok(page_command(sc, name, name.to_owned()))
+}
+
+/// `cmd` as its page presents it: named `name` (the page's and its references' name),
+/// called as `bin`, with the package's version.
+fn page_command(cmd: clap::Command, name: &str, bin: String) -> clap::Command {
+    cmd.name(name.to_owned())
+        .bin_name(bin)
         .display_name(name.to_owned())
-        .version(env!("CARGO_PKG_VERSION")))
+        .version(env!("CARGO_PKG_VERSION"))
 }
 
 /// The page's SYNOPSIS line for `cmd` as `name` calls it: every option that is not hidden
@@ -230,7 +235,6 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
     let mut cli = cli.clone();
     cli.build();
     write_page(cli.clone(), &dir.join("aoe.1"), None)?;
-    let mut n = 1;
     let mut written = vec!["aoe".to_owned()];
     for sc in cli.get_subcommands() {
         let sub = sc.get_name();
@@ -246,12 +250,7 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
         } else {
             (format!("aoe {sub}"), None)
         };
-        let cmd = sc
-            .clone()
-            .name(name.clone())
-            .bin_name(bin)
-            .display_name(name.clone())
-            .version(env!("CARGO_PKG_VERSION"));
+        let cmd = page_command(sc.clone(), &name, bin);
         write_page(cmd, &dir.join(format!("{name}.1")), also.as_deref())?;
         // `aoe target monitor`, `aoe generate completions`, ...: clap_mangen's page of the
         // parent names each as `aoe-target-monitor(1)`; their options (`monitor -i -c`,
@@ -259,18 +258,11 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
         for nested in sc.get_subcommands().filter(|c| c.get_name() != "help") {
             let leaf = nested.get_name();
             let nested_name = format!("{name}-{leaf}");
-            let cmd = nested
-                .clone()
-                .name(nested_name.clone())
-                .bin_name(format!("aoe {sub} {leaf}"))
-                .display_name(nested_name.clone())
-                .version(env!("CARGO_PKG_VERSION"));
+            let cmd = page_command(nested.clone(), &nested_name, format!("aoe {sub} {leaf}"));
             write_page(cmd, &dir.join(format!("{nested_name}.1")), None)?;
             written.push(nested_name);
-            n += 1;
         }
         written.push(name);
-        n += 1;
     }
     for (name, sub) in multicall {
         if written.iter().any(|w| w == name) {
@@ -281,9 +273,9 @@ fn man_pages(cli: &clap::Command, multicall: &[(&str, &str)], dir: &Path) -> Res
             &dir.join(format!("{name}.1")),
             Some(&format!("aoe {sub}")),
         )?;
-        n += 1;
+        written.push((*name).to_owned());
     }
-    Ok(n)
+    Ok(written.len())
 }
 
 /// The file a shell's completion loader looks for, for command `name`.
