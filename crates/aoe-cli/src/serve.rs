@@ -300,11 +300,7 @@ fn ignored_settings(cfg: &ServeConfig, a: &ServeArgs) -> Vec<String> {
     }
     // The conflict watch probes with the same wait, and is off at `probe_ms` 0
     // (`daemon/conflict.rs`): a `conflict_check_s` the file sets does nothing then.
-    let watch_set = cfg
-        .sources
-        .keys
-        .iter()
-        .any(|(k, _)| *k == "conflict_check_s");
+    let watch_set = cfg.sources.key_at("conflict_check_s").is_some();
     if watch_set && cfg.probe.is_zero() && !cfg.conflict_check.is_zero() {
         out.push(format!(
             "conflict_check_s = {} has no effect with probe_ms = 0 (--probe-ms 0): the \
@@ -315,7 +311,7 @@ fn ignored_settings(cfg: &ServeConfig, a: &ServeArgs) -> Vec<String> {
     // The worker pool runs the I/O of files and block devices only; librbd runs an rbd:
     // image's itself (`aoe_target::backing::Store`). A reload may add a file export, so
     // this is said, not refused.
-    let workers_set = a.workers.is_some() || cfg.sources.keys.iter().any(|(k, _)| *k == "workers");
+    let workers_set = a.workers.is_some() || cfg.sources.key_at("workers").is_some();
     if workers_set && cfg.exports.iter().all(|e| e.rbd_image().is_some()) {
         out.push(format!(
             "--workers {} (workers) has no effect while every export is an rbd: image: \

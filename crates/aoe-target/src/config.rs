@@ -322,8 +322,13 @@ impl Sources {
 
     /// `error` at the place of daemon-wide key `key`, when the file set it.
     pub fn key(&self, key: &str, error: ConfigError) -> ConfigError {
-        let at = self.keys.iter().find(|(k, _)| *k == key).map(|(_, at)| *at);
-        self.placed(at, error)
+        self.placed(self.key_at(key), error)
+    }
+
+    /// The line and column of daemon-wide key `key` (one of [`Sources::keys`]' names), if
+    /// the file set it.
+    pub fn key_at(&self, key: &str) -> Option<(usize, usize)> {
+        self.keys.iter().find(|(k, _)| *k == key).map(|(_, at)| *at)
     }
 
     /// `error` at line and column `at` of the file, when both are known.
