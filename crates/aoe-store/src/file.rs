@@ -515,16 +515,23 @@ impl FileBackend {
         if len == 0 || !self.edges_possible {
             return None;
         }
-        let a = if self.opts.direct {
-            self.align as u64
-        } else {
-            self.buffered_edge_align
-        };
+        let a = self.edge_align();
         let start = pos / a * a;
         let end = (pos + len as u64).div_ceil(a) * a;
         let window_end = self.base + self.len;
         (start < self.base || (end > window_end && window_end < self.store_size))
             .then_some(start..end)
+    }
+
+    /// The block size by which the window's edges are shared with the rest of the file:
+    /// the direct alignment in use (raised later, perhaps: [`Self::raise_direct_alignment`]),
+    /// or for a buffered export the one other processes' direct exports of the file use.
+    fn edge_align(&self) -> u64 {
+        if self.opts.direct {
+            self.align as u64
+        } else {
+            self.buffered_edge_align
+        }
     }
 
     /// Where the window starts or ends inside an aligned block that the rest of the file
@@ -538,11 +545,7 @@ impl FileBackend {
         if self.opts.read_only || !self.edges_possible {
             return None;
         }
-        let block = if self.opts.direct {
-            self.align as u64
-        } else {
-            self.buffered_edge_align
-        };
+        let block = self.edge_align();
         let end = self.base + self.len;
         let edges = UnalignedEdges {
             block,
