@@ -15,6 +15,9 @@
 //!   inside an aligned block, both `-d` or one buffered; raw one-sector writes at the
 //!   boundary, every acknowledged one checked in the file. Each process locked that block
 //!   only in its own memory and undid the other's writes.
+//! * `ext4_loop_unmount_lets_go_of_the_file_system_beside_another_mount_namespace`
+//!   (thirteenth audit): the ext4 helper the tests above use unmounts for good even when
+//!   another process holds a copy of the mount in its own mount namespace.
 //!
 //! Root, namespaces and a veth pair (see `common`); nothing touches the host's interfaces.
 
@@ -368,4 +371,48 @@ fn two_direct_serve_processes_meeting_inside_a_4096_byte_block_lose_no_write() {
 #[test]
 fn a_direct_and_a_buffered_serve_process_meeting_inside_a_4096_byte_block_lose_no_write() {
     two_serve_processes_meeting_inside_a_4096_byte_block(false);
+}
+
+/// Thirteenth audit (docs/TEST-AUDIT.md): the integrator's ext4 check once compared the
+/// device with the image while the file system was still alive. A process started by `ip
+/// netns exec` (the Linux driver's qemu rig beside it) while the file system was mounted had
+/// a copy of the mount in its own mount namespace; the machine's `/` is a private mount, so
+/// our `umount` succeeded, `mountpoint` said "not mounted", and the superblock lived on until
+/// that process exited, then wrote itself behind the check. `Ext4Loop::unmount` is what
+/// this suite's ext4 tests assert ("the test's ext4 unmounts") and drop; it must let go of
+/// the file system itself, with such a process beside it. Seen failing with the session's
+/// first `unmount` (no mount point removed, no wait): "/sys/fs/ext4/loopN is there after
+/// unmount".
+#[test]
+fn ext4_loop_unmount_lets_go_of_the_file_system_beside_another_mount_namespace() {
+    let mut ext4 = Ext4Loop::new(4096, 16);
+    fs::write(ext4.mnt().join("file"), b"dirty until the last unmount").expect("a file");
+    // A process in a new mount namespace, made while the file system is mounted (what `ip
+    // netns exec` and `unshare -m` do), alive past our unmount.
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "sleep", "60"])
+        .spawn()
+        .expect("run unshare");
+    let mountinfo = format!("/proc/{}/mountinfo", holder.id());
+    let source = format!(" ext4 {} ", ext4.dev());
+    let copied = aoe_testkit::wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&mountinfo).is_ok_and(|m| m.contains(&source))
+    });
+    let sb = ext4.superblock();
+    let unmounted = ext4.unmount();
+    let alive = sb.exists();
+    let running = holder.try_wait().expect("holder's status").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        copied,
+        "the holder's namespace never had a copy of the mount"
+    );
+    assert!(running, "the holder exited before the unmount was checked");
+    assert!(
+        unmounted.is_ok() && !alive,
+        "unmount: {unmounted:?}; {} is there after unmount: the file system lives on in \
+         another mount namespace",
+        sb.display()
+    );
 }
