@@ -14,7 +14,9 @@
 //!   processes exporting windows of one file on a 4096-byte-sector loop device that meet
 //!   inside an aligned block, both `-d` or one buffered; raw one-sector writes at the
 //!   boundary, every acknowledged one checked in the file. Each process locked that block
-//!   only in its own memory and undid the other's writes.
+//!   only in its own memory and undid the other's writes. `*_on_two_nodes_of_one_disk_*`
+//!   (thirteenth audit): the same through two device nodes of one loop device, whose
+//!   inodes differ.
 //! * `ext4_loop_unmount_lets_go_of_the_file_system_beside_another_mount_namespace`
 //!   (thirteenth audit): the ext4 helper the tests above use unmounts for good even when
 //!   another process holds a copy of the mount in its own mount namespace.
@@ -257,12 +259,30 @@ fn frame_to(lan: &mut RawLan, slot: u8, body: aoe_wire::Body<'_>) -> (aoe_wire::
 /// each round, one-sector writes of sectors 999-1002 (each twice, under two tags) go out at
 /// once from a raw client; once all are answered each sector must hold the round's stamp.
 fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
-    const ROUNDS: u64 = 300;
-    const SECOND: u8 = SLOT + 1;
     let ext4 = Ext4Loop::new(4096, 16);
     let file = ext4.mnt().join("split.img");
     fs::write(&file, vec![0u8; 2048 * 512]).expect("backing file");
-    let mut lan = RawLan::start(Target::AoeServe, &file, &["-d", "-o", "0", "-l", "1001"], 1);
+    serve_processes_meeting_inside_a_4096_byte_block(&file, &file, second_direct, &file);
+    // Session 29: the file was still open here, so the file system stayed mounted (and
+    // its loop device attached) after every run.
+    let mut ext4 = ext4;
+    ext4.unmount().expect("the test's ext4 unmounts");
+}
+
+/// The rig of [`two_serve_processes_meeting_inside_a_4096_byte_block`]: the first process
+/// (`-d`) exports sectors 0-1000 of `first`, the second sectors 1001-2047 of `second` (the
+/// same file or disk, perhaps by another path); after each round the sectors are read
+/// from `image`, where both land.
+fn serve_processes_meeting_inside_a_4096_byte_block(
+    first: &Path,
+    second: &Path,
+    second_direct: bool,
+    image: &Path,
+) {
+    const ROUNDS: u64 = 300;
+    const SECOND: u8 = SLOT + 1;
+    let file = second;
+    let mut lan = RawLan::start(Target::AoeServe, first, &["-d", "-o", "0", "-l", "1001"], 1);
     let mut cmd = Command::new(AOE);
     cmd.arg("serve");
     if second_direct {
@@ -297,7 +317,7 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
         (SECOND, 0, 1001),
         (SECOND, 1, 1002),
     ];
-    let image = fs::File::open(&file).expect("open the backing file");
+    let image = fs::File::open(image).expect("open the backing file");
     let mut lost = Vec::new();
     for round in 1..=ROUNDS {
         let mut waiting = std::collections::HashSet::new();
@@ -355,10 +375,6 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
     drop(image);
     drop(second);
     drop(lan);
-    // Session 29: the file above was still open here, so the file system stayed mounted
-    // (and its loop device attached) after every run.
-    let mut ext4 = ext4;
-    ext4.unmount().expect("the test's ext4 unmounts");
 }
 
 #[test]
@@ -371,6 +387,36 @@ fn two_direct_serve_processes_meeting_inside_a_4096_byte_block_lose_no_write() {
 #[test]
 fn a_direct_and_a_buffered_serve_process_meeting_inside_a_4096_byte_block_lose_no_write() {
     two_serve_processes_meeting_inside_a_4096_byte_block(false);
+}
+
+/// Thirteenth audit (docs/TEST-AUDIT.md): the twelfth audit's edge lock is an open file
+/// description lock, kept on the inode of the path opened. Two processes exporting one disk
+/// through two device nodes (the udev node and a `mknod` copy of it, as a container's or a
+/// chroot's `/dev` has) lock two inodes and did not meet: both `-d` on a loop device of
+/// 4096-byte sectors, each read-modify-wrote the shared block and undid the other's
+/// acknowledged writes (on the base binary: "24 of 1200 acknowledged sector writes undone").
+#[test]
+fn two_serve_processes_on_two_nodes_of_one_disk_meeting_inside_a_4096_byte_block_lose_no_write() {
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = run(Command::new("losetup").args(["-d", &self.0]));
+        }
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let img = dir.path().join("disk.img");
+    fs::write(&img, vec![0u8; 2048 * 512]).expect("disk image");
+    let dev = run_ok(
+        Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "4096"])
+            .arg(&img),
+    );
+    let dev = Detach(dev.trim().to_owned());
+    let numbers = run_ok(Command::new("stat").args(["-c", "%Hr %Lr", &dev.0]));
+    let (major, minor) = numbers.trim().split_once(' ').expect("major and minor");
+    let copy = dir.path().join("copy-of-the-disk");
+    run_ok(Command::new("mknod").arg(&copy).args(["b", major, minor]));
+    serve_processes_meeting_inside_a_4096_byte_block(Path::new(&dev.0), &copy, true, &img);
 }
 
 /// Thirteenth audit (docs/TEST-AUDIT.md): the integrator's ext4 check once compared the
