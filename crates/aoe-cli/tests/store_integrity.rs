@@ -281,7 +281,6 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
 ) {
     const ROUNDS: u64 = 300;
     const SECOND: u8 = SLOT + 1;
-    let file = second;
     let mut lan = RawLan::start(Target::AoeServe, first, &["-d", "-o", "0", "-l", "1001"], 1);
     let mut cmd = Command::new(AOE);
     cmd.arg("serve");
@@ -292,7 +291,7 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
         .arg(SHELF.to_string())
         .arg(SECOND.to_string())
         .arg(lan.bridge.name())
-        .arg(&file);
+        .arg(second);
     let second = lan
         .target_ns
         .spawn(cmd)
