@@ -23,9 +23,9 @@
 //!   touches such an edge block also holds its aligned range in an open file description
 //!   lock (`fcntl(F_OFD_SETLKW)`, [`aoe_sys::lock_range_ofd`]), which every process's
 //!   backend of the inode takes (of a block device, the inode of its own node in `/dev`,
-//!   whichever node of it was opened: [`edge_lock_node`]), after the in-process lock;
-//!   buffered exports take it at
-//!   their edge blocks too, as the file's direct alignment (or 4096) counts them. vblade
+//!   whichever node of it was opened: `edge_lock_node`), after the in-process lock;
+//!   buffered exports take it at their edge blocks too, as the file's direct alignment
+//!   (or 4096) counts them. vblade
 //!   takes no such lock, so vblade beside us at such a boundary is still exposed.
 //!   A file whose size is not a multiple of the alignment ends in a partial aligned block,
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
