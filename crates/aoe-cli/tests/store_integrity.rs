@@ -393,8 +393,8 @@ fn a_direct_and_a_buffered_serve_process_meeting_inside_a_4096_byte_block_lose_n
 /// through two device nodes (the udev node and a `mknod` copy of it, as a container's or a
 /// chroot's `/dev` has) lock two inodes and did not meet: both `-d` on a loop device of
 /// 4096-byte sectors, each read-modify-wrote the shared block and undid the other's
-/// acknowledged writes (on the base binary: 68, 70, 60 and 72 of 1200 acknowledged sector
-/// writes undone; with the second process buffered, 262 and 153).
+/// acknowledged writes (on the base binary: 60-72 of 1200 acknowledged sector writes undone
+/// in five runs; with the second process buffered, 262 and 153).
 fn two_serve_processes_on_two_nodes_of_one_disk(second_direct: bool) {
     struct Detach(String);
     impl Drop for Detach {
