@@ -261,11 +261,7 @@ fn ext4_over_loop(kind: Target, mtu: u32) {
         fs::write(mnt.join("d").join(name), data).unwrap();
     }
     run_ok(Command::new("timeout").args(["-k", "5", "60", "sync"]));
-    run_ok(
-        Command::new("timeout")
-            .args(["-k", "5", "60", "umount"])
-            .arg(&mnt),
-    );
+    umount_ext4(&mnt, &lo);
     rig.mounts.clear();
 
     let fsck = run(Command::new("timeout").args(["-k", "5", "60", "fsck.ext4", "-n", "-f", &lo]));
@@ -294,11 +290,7 @@ fn ext4_over_loop(kind: Target, mtu: u32) {
         let got = fs::read(mnt.join("d").join(name)).unwrap();
         assert!(&got == data, "{name} differs after remount");
     }
-    run_ok(
-        Command::new("timeout")
-            .args(["-k", "5", "60", "umount"])
-            .arg(&mnt),
-    );
+    umount_ext4(&mnt, &lo);
     rig.mounts.clear();
     let err = rig.err_lines(2);
     assert!(

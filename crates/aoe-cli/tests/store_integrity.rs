@@ -14,7 +14,12 @@
 //!   processes exporting windows of one file on a 4096-byte-sector loop device that meet
 //!   inside an aligned block, both `-d` or one buffered; raw one-sector writes at the
 //!   boundary, every acknowledged one checked in the file. Each process locked that block
-//!   only in its own memory and undid the other's writes.
+//!   only in its own memory and undid the other's writes. `*_on_two_nodes_of_one_disk_*`
+//!   (thirteenth audit): the same through two device nodes of one loop device, whose
+//!   inodes differ, both `-d` or the second buffered.
+//! * `ext4_loop_unmount_lets_go_of_the_file_system_beside_another_mount_namespace`
+//!   (thirteenth audit): the ext4 helper the tests above use unmounts for good even when
+//!   another process holds a copy of the mount in its own mount namespace.
 //!
 //! Root, namespaces and a veth pair (see `common`); nothing touches the host's interfaces.
 
@@ -254,12 +259,29 @@ fn frame_to(lan: &mut RawLan, slot: u8, body: aoe_wire::Body<'_>) -> (aoe_wire::
 /// each round, one-sector writes of sectors 999-1002 (each twice, under two tags) go out at
 /// once from a raw client; once all are answered each sector must hold the round's stamp.
 fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
-    const ROUNDS: u64 = 300;
-    const SECOND: u8 = SLOT + 1;
     let ext4 = Ext4Loop::new(4096, 16);
     let file = ext4.mnt().join("split.img");
     fs::write(&file, vec![0u8; 2048 * 512]).expect("backing file");
-    let mut lan = RawLan::start(Target::AoeServe, &file, &["-d", "-o", "0", "-l", "1001"], 1);
+    serve_processes_meeting_inside_a_4096_byte_block(&file, &file, second_direct, &file);
+    // Session 29: the file was still open here, so the file system stayed mounted (and
+    // its loop device attached) after every run.
+    let mut ext4 = ext4;
+    ext4.unmount().expect("the test's ext4 unmounts");
+}
+
+/// The rig of [`two_serve_processes_meeting_inside_a_4096_byte_block`]: the first process
+/// (`-d`) exports sectors 0-1000 of `first`, the second sectors 1001-2047 of `second` (the
+/// same file or disk, perhaps by another path); after each round the sectors are read
+/// from `image`, where both land.
+fn serve_processes_meeting_inside_a_4096_byte_block(
+    first: &Path,
+    second: &Path,
+    second_direct: bool,
+    image: &Path,
+) {
+    const ROUNDS: u64 = 300;
+    const SECOND: u8 = SLOT + 1;
+    let mut lan = RawLan::start(Target::AoeServe, first, &["-d", "-o", "0", "-l", "1001"], 1);
     let mut cmd = Command::new(AOE);
     cmd.arg("serve");
     if second_direct {
@@ -269,7 +291,7 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
         .arg(SHELF.to_string())
         .arg(SECOND.to_string())
         .arg(lan.bridge.name())
-        .arg(&file);
+        .arg(second);
     let second = lan
         .target_ns
         .spawn(cmd)
@@ -294,7 +316,7 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
         (SECOND, 0, 1001),
         (SECOND, 1, 1002),
     ];
-    let image = fs::File::open(&file).expect("open the backing file");
+    let image = fs::File::open(image).expect("open the backing file");
     let mut lost = Vec::new();
     for round in 1..=ROUNDS {
         let mut waiting = std::collections::HashSet::new();
@@ -352,10 +374,6 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
     drop(image);
     drop(second);
     drop(lan);
-    // Session 29: the file above was still open here, so the file system stayed mounted
-    // (and its loop device attached) after every run.
-    let mut ext4 = ext4;
-    ext4.unmount().expect("the test's ext4 unmounts");
 }
 
 #[test]
@@ -368,4 +386,93 @@ fn two_direct_serve_processes_meeting_inside_a_4096_byte_block_lose_no_write() {
 #[test]
 fn a_direct_and_a_buffered_serve_process_meeting_inside_a_4096_byte_block_lose_no_write() {
     two_serve_processes_meeting_inside_a_4096_byte_block(false);
+}
+
+/// Thirteenth audit (docs/TEST-AUDIT.md): the twelfth audit's edge lock is an open file
+/// description lock, kept on the inode of the path opened. Two processes exporting one disk
+/// through two device nodes (the udev node and a `mknod` copy of it, as a container's or a
+/// chroot's `/dev` has) lock two inodes and did not meet: both `-d` on a loop device of
+/// 4096-byte sectors, each read-modify-wrote the shared block and undid the other's
+/// acknowledged writes (on the base binary: 60-72 of 1200 acknowledged sector writes undone
+/// in five runs; with the second process buffered, 262 and 153).
+fn two_serve_processes_on_two_nodes_of_one_disk(second_direct: bool) {
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = run(Command::new("losetup").args(["-d", &self.0]));
+        }
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let img = dir.path().join("disk.img");
+    fs::write(&img, vec![0u8; 2048 * 512]).expect("disk image");
+    let dev = run_ok(
+        Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "4096"])
+            .arg(&img),
+    );
+    let dev = Detach(dev.trim().to_owned());
+    let numbers = run_ok(Command::new("stat").args(["-c", "%Hr %Lr", &dev.0]));
+    let (major, minor) = numbers.trim().split_once(' ').expect("major and minor");
+    let copy = dir.path().join("copy-of-the-disk");
+    run_ok(Command::new("mknod").arg(&copy).args(["b", major, minor]));
+    // Read back through the disk (its page cache, which a buffered process's acknowledged
+    // writes may not have left yet), not through the image under the loop device.
+    let disk = Path::new(&dev.0);
+    serve_processes_meeting_inside_a_4096_byte_block(disk, &copy, second_direct, disk);
+}
+
+#[test]
+fn two_serve_processes_on_two_nodes_of_one_disk_meeting_inside_a_4096_byte_block_lose_no_write() {
+    two_serve_processes_on_two_nodes_of_one_disk(true);
+}
+
+/// The same with the second process (on the copy) buffered: its writes go through the
+/// disk's page cache, which both nodes share, and it takes the edge lock at the block too.
+#[test]
+fn a_direct_and_a_buffered_serve_process_on_two_nodes_of_one_disk_lose_no_write() {
+    two_serve_processes_on_two_nodes_of_one_disk(false);
+}
+
+/// Thirteenth audit (docs/TEST-AUDIT.md): the integrator's ext4 check once compared the
+/// device with the image while the file system was still alive. A process started by `ip
+/// netns exec` (the Linux driver's qemu rig beside it) while the file system was mounted had
+/// a copy of the mount in its own mount namespace; the machine's `/` is a private mount, so
+/// our `umount` succeeded, `mountpoint` said "not mounted", and the superblock lived on until
+/// that process exited, then wrote itself behind the check. `Ext4Loop::unmount` is what
+/// this suite's ext4 tests assert ("the test's ext4 unmounts") and drop; it must let go of
+/// the file system itself, with such a process beside it. Seen failing with the session's
+/// first `unmount` (no mount point removed, no wait): "/sys/fs/ext4/loopN is there after
+/// unmount".
+#[test]
+fn ext4_loop_unmount_lets_go_of_the_file_system_beside_another_mount_namespace() {
+    let mut ext4 = Ext4Loop::new(4096, 16);
+    fs::write(ext4.mnt().join("file"), b"dirty until the last unmount").expect("a file");
+    // A process in a new mount namespace, made while the file system is mounted (what `ip
+    // netns exec` and `unshare -m` do), alive past our unmount.
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "sleep", "60"])
+        .spawn()
+        .expect("run unshare");
+    let mountinfo = format!("/proc/{}/mountinfo", holder.id());
+    let source = format!(" ext4 {} ", ext4.dev());
+    let copied = aoe_testkit::wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&mountinfo).is_ok_and(|m| m.contains(&source))
+    });
+    let sb = ext4.superblock();
+    let unmounted = ext4.unmount();
+    let alive = sb.exists();
+    let running = holder.try_wait().expect("holder's status").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        copied,
+        "the holder's namespace never had a copy of the mount"
+    );
+    assert!(running, "the holder exited before the unmount was checked");
+    assert!(
+        unmounted.is_ok() && !alive,
+        "unmount: {unmounted:?}; {} is there after unmount: the file system lives on in \
+         another mount namespace",
+        sb.display()
+    );
 }

@@ -22,8 +22,10 @@
 //!   one's acknowledged write there, and the reverse (twelfth audit). Every write that
 //!   touches such an edge block also holds its aligned range in an open file description
 //!   lock (`fcntl(F_OFD_SETLKW)`, [`aoe_sys::lock_range_ofd`]), which every process's
-//!   backend of the inode takes, after the in-process lock; buffered exports take it at
-//!   their edge blocks too, as the file's direct alignment (or 4096) counts them. vblade
+//!   backend of the inode takes (of a block device, the inode of its own node in `/dev`,
+//!   whichever node of it was opened: `edge_lock_node`), after the in-process lock;
+//!   buffered exports take it at their edge blocks too, as the file's direct alignment
+//!   (or 4096) counts them. vblade
 //!   takes no such lock, so vblade beside us at such a boundary is still exposed.
 //!   A file whose size is not a multiple of the alignment ends in a partial aligned block,
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
@@ -145,6 +147,11 @@ pub struct FileBackend {
     /// An open file description lock was refused once (a file system without them): said
     /// once, then writes go on without it, as before the twelfth audit.
     ofd_unsupported: AtomicBool,
+    /// For a writable block device whose window may share a block: the device's own node
+    /// in `/dev` (`/sys/dev/block/MAJ:MIN/uevent`'s `DEVNAME`), on which the edge lock is
+    /// taken when it is another inode than the node opened ([`edge_lock_node`]); `None`
+    /// to lock on [`FileBackend::file`].
+    edge_lock_file: Option<File>,
 }
 
 impl FileBackend {
@@ -303,6 +310,19 @@ impl FileBackend {
             (SECTOR as usize, 1)
         };
         let buffered_edge_align = kernel_align.map_or(DEFAULT_DIRECT_ALIGN, |(a, _)| a) as u64;
+        let edges_possible = {
+            let (start, end) = (
+                opts.offset_sectors * SECTOR,
+                (opts.offset_sectors + len) * SECTOR,
+            );
+            let m = MAX_DIRECT_ALIGN as u64;
+            start % m != 0 || (end % m != 0 && end < size)
+        };
+        let edge_lock_file = if ft.is_block_device() && !opts.read_only && edges_possible {
+            edge_lock_node(path, &meta)
+        } else {
+            None
+        };
         Ok(FileBackend {
             align,
             mem_align,
@@ -323,16 +343,10 @@ impl FileBackend {
             file_size: if ft.is_file() { size } else { 0 },
             tail_file,
             store_size: size,
-            edges_possible: {
-                let (start, end) = (
-                    opts.offset_sectors * SECTOR,
-                    (opts.offset_sectors + len) * SECTOR,
-                );
-                let m = MAX_DIRECT_ALIGN as u64;
-                start % m != 0 || (end % m != 0 && end < size)
-            },
+            edges_possible,
             buffered_edge_align,
             ofd_unsupported: AtomicBool::new(false),
+            edge_lock_file,
             file,
         })
     }
@@ -564,7 +578,8 @@ impl FileBackend {
         if self.ofd_unsupported.load(Ordering::Relaxed) {
             return None;
         }
-        match aoe_sys::lock_range_ofd(&self.file, range.start, range.end - range.start) {
+        let on = self.edge_lock_file.as_ref().unwrap_or(&self.file);
+        match aoe_sys::lock_range_ofd(on, range.start, range.end - range.start) {
             Ok(held) => Some(held),
             Err(e) => {
                 if !self.ofd_unsupported.swap(true, Ordering::Relaxed) {
@@ -931,6 +946,67 @@ impl AlignedBuf {
 
     fn as_mut(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// The file on which a writable block device export opened at `path` takes its edge lock
+/// ([`FileBackend::ofd_lock`]), when that is not the node opened.
+///
+/// An open file description lock belongs to the inode of the path opened (`fcntl(2)`:
+/// locks are "associated with an inode"), and two device nodes of one disk are two inodes:
+/// a `mknod` copy of `/dev/loop0` (a container's or chroot's `/dev`, a node made by hand)
+/// and `/dev/loop0` itself locked apart, and two `aoe serve` processes exporting windows
+/// that meet inside a 4 KiB block undid each other's writes there (thirteenth audit). So
+/// every process takes the lock on the device's own node, the one the kernel names in
+/// `/sys/dev/block/MAJ:MIN/uevent` (`DEVNAME`, created by devtmpfs, whose mounts all share
+/// one set of inodes), opened for writing (a write lock needs it) and checked to be the
+/// same device. `None` when the node opened is that node (the lock is taken on it), and
+/// when it cannot be found or opened: said once, as the lock then meets only processes
+/// that opened the same node.
+fn edge_lock_node(path: &Path, meta: &std::fs::Metadata) -> Option<File> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let found = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
+        .ok()
+        .and_then(|u| {
+            u.lines().find_map(|l| {
+                l.strip_prefix("DEVNAME=")
+                    .map(|n| Path::new("/dev").join(n))
+            })
+        });
+    let opened = found.as_ref().map(|node| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(node)
+            .and_then(|f| f.metadata().map(|m| (f, m)))
+    });
+    match (found, opened) {
+        (Some(node), Some(Ok((f, m)))) if m.file_type().is_block_device() && m.rdev() == rdev => {
+            if (m.dev(), m.ino()) == (meta.dev(), meta.ino()) {
+                None
+            } else {
+                tracing::debug!(
+                    file = %path.display(),
+                    node = %node.display(),
+                    "edge blocks locked on the device's own node"
+                );
+                Some(f)
+            }
+        }
+        (node, opened) => {
+            tracing::warn!(
+                file = %path.display(),
+                device = %format!("{major}:{minor}"),
+                node = ?node,
+                error = ?opened.and_then(Result::err),
+                "cannot open the device's own node in /dev to lock the aligned blocks this \
+                 export shares with the rest of the disk: only processes that opened this \
+                 same node meet at that lock; put -o/-l on the alignment"
+            );
+            None
+        }
     }
 }
 

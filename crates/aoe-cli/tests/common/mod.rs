@@ -709,10 +709,21 @@ impl Ext4Loop {
 
 impl Ext4Loop {
     /// Unmounts the file system, trying again while it is busy (a process of the test
-    /// still closing a file on it) for up to 10 s, then detaches the loop device. The
-    /// error names what `umount` last said. Session 29: a test that dropped this while it
-    /// still held a file open left the mount and the loop device behind, one per run
-    /// (`umount` said "target is busy" and Drop went on).
+    /// still closing a file on it) for up to 10 s, removes the mount point and waits (up
+    /// to 20 s) until the kernel has let go of the file system, then detaches the loop
+    /// device. The error names what `umount` last said, or the processes whose mount
+    /// namespaces still hold the file system.
+    ///
+    /// Session 29: a test that dropped this while it still held a file open left the mount
+    /// and the loop device behind, one per run (`umount` said "target is busy" and Drop
+    /// went on). Session 30 (thirteenth audit): a successful `umount` only takes the mount
+    /// out of *this* mount namespace. A process started by `ip netns exec` (or `unshare
+    /// -m`) while the file system was mounted has a copy of the mount in its own namespace
+    /// (the machine's `/` is a private mount, so our `umount` does not propagate to it),
+    /// and the superblock lives on, dirty, until that process exits: the last unmount and
+    /// its superblock write come later, behind the test's back. Removing the mount point
+    /// detaches those copies (Linux 3.18, "vfs: Lazily remove mounts on unlinked files and
+    /// directories"); `/sys/fs/ext4/<device>` is there exactly while the superblock is.
     pub fn unmount(&mut self) -> Result<(), String> {
         if self.mounted {
             let mut said = String::new();
@@ -725,12 +736,86 @@ impl Ext4Loop {
                 return Err(format!("umount {}: {said}", self.mnt().display()));
             }
             self.mounted = false;
+            release_ext4(&self.mnt(), self.dev())?;
         }
         if let Some(d) = self.loopdev.take() {
             let _ = run(Command::new("losetup").args(["-d", &d]));
         }
         Ok(())
     }
+
+    /// `/sys/fs/ext4/loopN`: there while the kernel holds the file system's superblock.
+    pub fn superblock(&self) -> PathBuf {
+        ext4_superblock(self.dev())
+    }
+}
+
+/// `/sys/fs/ext4/<name of dev>`: there exactly while the kernel holds the superblock of an
+/// ext4 file system on `dev`.
+pub fn ext4_superblock(dev: &str) -> PathBuf {
+    let name = Path::new(dev).file_name().unwrap_or_default();
+    Path::new("/sys/fs/ext4").join(name)
+}
+
+/// The processes (`PID (comm)`) with a mount of the ext4 file system on `dev` in their
+/// mount namespaces, from `/proc/*/mountinfo` (whose source field is the device's path).
+pub fn ext4_holders(dev: &str) -> Vec<String> {
+    let source = format!(" ext4 {dev} ");
+    let mut out = vec![];
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        if fs::read_to_string(p.join("mountinfo")).is_ok_and(|m| m.contains(&source)) {
+            let comm = fs::read_to_string(p.join("comm")).unwrap_or_default();
+            out.push(format!(
+                "{} ({})",
+                e.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    out
+}
+
+/// After a successful `umount MNT` of the ext4 file system on `dev`: removes the mount
+/// point and waits (up to 20 s) until the kernel has let go of the file system; the error
+/// names the processes whose mount namespaces still hold it.
+///
+/// Thirteenth audit: `umount` only takes the mount out of *this* mount namespace. A process
+/// started by `ip netns exec` (or `unshare -m`) while the file system was mounted has a copy
+/// of the mount in its own namespace (the machine's `/` is a private mount, so our `umount`
+/// does not propagate to it), and the superblock lives on, dirty, until that process exits:
+/// the last unmount and its superblock write come later, behind the test's back (an
+/// `fsck` of the image, or an initiator waiting for its loop device to be let go, sees the
+/// file system still alive). Removing the mount point detaches those copies (Linux 3.18,
+/// "vfs: Lazily remove mounts on unlinked files and directories"); a copy that is busy in
+/// its namespace still holds the superblock until it is not.
+pub fn release_ext4(mnt: &Path, dev: &str) -> Result<(), String> {
+    fs::remove_dir(mnt).map_err(|e| format!("remove the mount point {}: {e}", mnt.display()))?;
+    let sb = ext4_superblock(dev);
+    if !wait_until(Duration::from_secs(20), || !sb.exists()) {
+        return Err(format!(
+            "{} was unmounted, but the file system on {dev} is still alive 20 s later ({} is \
+             there): mounted in the mount namespaces of {}",
+            mnt.display(),
+            sb.display(),
+            ext4_holders(dev).join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// `umount MNT` (under `timeout`) of the ext4 file system on `dev`, then [`release_ext4`];
+/// the mount point is made again, empty, for a later mount. Panics naming what is left.
+pub fn umount_ext4(mnt: &Path, dev: &str) {
+    run_ok(
+        Command::new("timeout")
+            .args(["-k", "5", "60", "umount"])
+            .arg(mnt),
+    );
+    if let Err(e) = release_ext4(mnt, dev) {
+        panic!("{e}");
+    }
+    fs::create_dir(mnt).expect("make the mount point again");
 }
 
 impl Drop for Ext4Loop {
