@@ -859,12 +859,13 @@ impl Engine {
         if header.version != AOE_VERSION {
             return self.aoe_error(&rsp, ErrorCode::UnsupportedVersion, view.payload(), reply);
         }
-        let msg = match Message::parse(frame) {
-            Ok(m) => m,
+        // The header parsed above is the message's: only the body is parsed now.
+        let body = match Message::parse_body(&header, view.payload()) {
+            Ok(b) => b,
             Err(e) => return self.malformed_body(&rsp, e, view.payload(), reply),
         };
-        self.stats.requests.count(&msg.body);
-        match msg.body {
+        self.stats.requests.count(&body);
+        match body {
             Body::Ata(ata) => self.ata(&iface, &rsp, &ata, header.target.is_wildcard(), reply),
             Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
             Body::MacMask(m) => self.mac_mask(&rsp, &m, reply),
