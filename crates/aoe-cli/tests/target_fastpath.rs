@@ -589,3 +589,81 @@ fn a_file_shrunk_under_the_export_answers_reads_past_its_end_with_an_error() {
         t.stop().unwrap();
     }
 }
+
+/// Issue 15, session 30: a read staged in a receive batch ahead of a write to the same
+/// sectors reads what was there before the write, as when each request ran on arrival. The
+/// loop runs a batch's staged writes before its staged reads at the batch's end, so a write
+/// runs the reads staged before it first; since session 30 it looks for such reads only
+/// when the batch has staged one (a count kept per batch), which spares a write load a walk
+/// over the batch for every write. Pairs of a read and a write of the same sector, sent
+/// back to back with a full window, round after round: every read must see the round
+/// before's data. (With the count never raised, each write skipped the look and the
+/// batch's reads ran after its writes: the reads saw the new data.) The target's own count
+/// of frames and receive batches at its stop shows frames came in batches of more than one.
+#[test]
+fn a_read_staged_before_a_write_reads_the_data_before_it() {
+    let n = Net::new("fprw", 1500);
+    let file = n.image("rw.img");
+    let mut t = n.serve(&["1", "1", n.veth.a_name(), &file]);
+    let mut c = n.client(TargetAddr::new(1, 1));
+    // No retransmission: a read sent again after its write ran would see the new data.
+    c.set_retransmit_timeout(Duration::from_secs(60));
+    const PAIRS: usize = 64;
+    let write = |seed: u8| -> Vec<Request> {
+        (0..PAIRS)
+            .map(|k| Request::Write {
+                lba: k as u64,
+                data: pattern(k, seed),
+            })
+            .collect()
+    };
+    for r in c.run(&write(0), Duration::from_secs(60)).unwrap() {
+        assert!(r.is_ok(), "first write failed: {r:?}");
+    }
+    for round in 0..40u8 {
+        let next = write(round + 1);
+        let reqs: Vec<Request> = next
+            .into_iter()
+            .enumerate()
+            .flat_map(|(k, w)| {
+                [
+                    Request::Read {
+                        lba: k as u64,
+                        count: 1,
+                    },
+                    w,
+                ]
+            })
+            .collect();
+        let replies = c.run(&reqs, Duration::from_secs(60)).unwrap();
+        for (k, pair) in replies.chunks(2).enumerate() {
+            assert!(
+                data_of(&pair[0]) == pattern(k, round).as_slice(),
+                "round {round}: the read of sector {k} sent before its write saw {}",
+                if data_of(&pair[0]) == pattern(k, round + 1).as_slice() {
+                    "the write's data"
+                } else {
+                    "other data"
+                }
+            );
+            assert!(pair[1].is_ok(), "round {round}: write {k}: {:?}", pair[1]);
+        }
+    }
+    let st = t.stop().unwrap();
+    assert!(st.success(), "{st:?}");
+    let log = t.output_so_far();
+    let counts = log.lines().find_map(|l| {
+        let rest = l.split("received ").nth(1)?;
+        let mut w = rest.split_whitespace();
+        let frames: u64 = w.next()?.parse().ok()?;
+        let batches: u64 = w.nth(2)?.parse().ok()?;
+        Some((frames, batches))
+    });
+    let Some((frames, batches)) = counts else {
+        panic!("no frames and batches at the stop in the log:\n{log}")
+    };
+    assert!(
+        frames > batches,
+        "{frames} frames in {batches} batches: never two in one, the order was not tried:\n{log}"
+    );
+}

@@ -96,6 +96,12 @@ fn target(c: &mut Criterion) {
             e.complete(io.token, Ok(()), &mut reply).unwrap()
         })
     });
+    // What `aoe serve` asks of every frame before the engine sees it: is it an IDENTIFY
+    // (the store's size is then read again)? A read request, the common answer no.
+    g.bench_function("read request: the daemon's IDENTIFY check", |b| {
+        let req = read_request(4096);
+        b.iter(|| target::is_identify_request(black_box(&req)))
+    });
     // The duplicate-write table on (the default): the table's lookup per write (no digest
     // of the data since session 20), a new tag each time as an initiator sends them, with
     // the cache hint `aoe serve` gives the engine for each frame of a batch first.

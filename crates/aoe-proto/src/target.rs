@@ -859,12 +859,13 @@ impl Engine {
         if header.version != AOE_VERSION {
             return self.aoe_error(&rsp, ErrorCode::UnsupportedVersion, view.payload(), reply);
         }
-        let msg = match Message::parse(frame) {
-            Ok(m) => m,
+        // The header parsed above is the message's: only the body is parsed now.
+        let body = match Message::parse_body(&header, view.payload()) {
+            Ok(b) => b,
             Err(e) => return self.malformed_body(&rsp, e, view.payload(), reply),
         };
-        self.stats.requests.count(&msg.body);
-        match msg.body {
+        self.stats.requests.count(&body);
+        match body {
             Body::Ata(ata) => self.ata(&iface, &rsp, &ata, header.target.is_wildcard(), reply),
             Body::Config(cfg) => self.query_config(&iface, &rsp, &cfg, view.payload(), reply),
             Body::MacMask(m) => self.mac_mask(&rsp, &m, reply),
@@ -1527,15 +1528,22 @@ fn write_ata_reply(
 
 /// True if `frame` is an AoE ATA request for IDENTIFY DEVICE (whoever it is addressed to):
 /// the daemon re-reads its store's size before handing such a frame to [`Engine::handle_frame`],
-/// so a resize shows on the initiator's next IDENTIFY. Any frame that does not parse is false.
+/// so a resize shows on the initiator's next IDENTIFY. A frame too short for the AoE and ATA
+/// headers, or not AoE, is false. The daemon asks it of every frame, so it reads only the
+/// fixed headers (the R flag, the command, the ATA command register 0xEC), as
+/// [`is_reserve_request`] does: a whole [`Message::parse`] here was a second parse of every
+/// request, the engine's being the first. A frame it takes for IDENTIFY that the engine
+/// then refuses (a W flag with a sector count the frame does not carry) costs only the
+/// store's size read again.
 pub fn is_identify_request(frame: &[u8]) -> bool {
-    match Message::parse(frame) {
-        Ok(m) => {
-            !m.header.response
-                && matches!(m.body, Body::Ata(a) if a.command() == AtaCommand::IdentifyDevice)
-        }
-        Err(_) => false,
+    let Ok(f) = Frame::new_checked(frame) else {
+        return false;
+    };
+    if f.is_response() || f.command() != Command::Ata {
+        return false;
     }
+    AtaPacket::new_checked(f.payload())
+        .is_ok_and(|a| AtaCommand::from(a.cmd_status()) == AtaCommand::IdentifyDevice)
 }
 
 /// True if `frame` is an AoE Reserve/Release request (command 3, whoever it is addressed

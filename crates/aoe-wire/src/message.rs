@@ -46,8 +46,18 @@ impl<'a> Message<'a> {
     pub fn parse(frame: &'a [u8]) -> Result<Message<'a>> {
         let f = Frame::new_checked(frame)?;
         let header = HeaderRepr::parse(&f)?;
-        let payload = &frame[HEADER_LEN..];
-        let body = match header.command {
+        let body = Self::parse_body(&header, &frame[HEADER_LEN..])?;
+        Ok(Message { header, body })
+    }
+
+    /// Parses the body of a frame whose header a caller has already parsed into `header`
+    /// from `payload`, the frame's bytes after the header ([`Frame::payload`]): what
+    /// [`Message::parse`] does after the header, with the same checks and the same errors
+    /// (truncation counted from the start of the Ethernet frame). A receiver that looks at
+    /// the header first (a target deciding whether the frame is for it at all) parses it
+    /// once this way instead of twice.
+    pub fn parse_body(header: &HeaderRepr, payload: &'a [u8]) -> Result<Body<'a>> {
+        match header.command {
             Command::Ata => AtaRepr::parse(payload).and_then(|mut a| {
                 if !header.response {
                     // A request carries exactly the data its sector count names when it
@@ -75,8 +85,7 @@ impl<'a> Message<'a> {
                 got: got + HEADER_LEN,
             },
             other => other,
-        })?;
-        Ok(Message { header, body })
+        })
     }
 
     /// Bytes of the frame before padding.

@@ -274,3 +274,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// `Message::parse_body` (the target's engine parses the header once and then only the
+    /// body) gives what `Message::parse` gives, body and error alike, for every prefix of a
+    /// valid message (the truncated ones included) and for arbitrary AoE bytes.
+    #[test]
+    fn parse_body_after_the_header_is_parse((h, mut body) in message(),
+                                            junk in proptest::collection::vec(any::<u8>(), 0..600)) {
+        normalise(&h, &mut body);
+        let m = Message { header: h, body: borrow(&body) };
+        let bytes = m.to_vec().unwrap();
+        let mut frames: Vec<&[u8]> = (0..=bytes.len()).map(|n| &bytes[..n]).collect();
+        let mut other = junk.clone();
+        if other.len() >= 14 {
+            other[12] = 0x88;
+            other[13] = 0xa2;
+        }
+        frames.push(&other);
+        for f in frames {
+            let Ok(view) = Frame::new_checked(f) else { continue };
+            let Ok(header) = HeaderRepr::parse(&view) else { continue };
+            let whole = Message::parse(f).map(|m| m.body);
+            prop_assert_eq!(Message::parse_body(&header, view.payload()), whole);
+        }
+    }
+}

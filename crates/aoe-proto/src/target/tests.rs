@@ -1185,6 +1185,19 @@ fn set_sectors_shows_in_the_next_identify_and_bounds() {
     let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 1, 64, &[]));
     assert!(!is_identify_request(&read));
     assert!(!is_identify_request(&id[..20]));
+    // Read from the fixed headers only: the AoE and ATA headers must be there (36 bytes),
+    // the frame must be AoE, a request, of command 0 (ATA).
+    assert!(is_identify_request(&id[..36]));
+    assert!(!is_identify_request(&id[..35]));
+    let mut rsp = id.clone();
+    rsp[14] |= 0x08;
+    assert!(!is_identify_request(&rsp));
+    let mut not_aoe = id.clone();
+    not_aoe[13] = 0xa3;
+    assert!(!is_identify_request(&not_aoe));
+    let mut not_ata = id.clone();
+    not_ata[19] = 1;
+    assert!(!is_identify_request(&not_ata));
     let sectors = |e: &mut Engine| {
         let r = reply_of(e, &id).unwrap();
         Identify::parse(&r[36..]).unwrap().sectors()

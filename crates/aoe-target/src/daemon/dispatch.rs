@@ -23,7 +23,9 @@ impl Daemon {
         // A write must not overtake the reads staged before it in this batch: a read that
         // came first reads what was there before, as when each read was done on arrival.
         if may_write(self.ifaces[idx].frame(f)) {
-            if self.ifaces[idx].staged.iter().any(Staged::unread) {
+            // (Only a batch that staged a read has one to look for.)
+            let iface = &self.ifaces[idx];
+            if iface.staged_reads > 0 && iface.staged.iter().any(Staged::unread) {
                 self.run_staged_reads(idx);
             }
             // Likewise the reads held back for merging: submitted before the write is.
@@ -145,6 +147,7 @@ impl Daemon {
                 // (run_staged_reads).
                 if let (IoKind::Read { offset, len }, true, false) = (&req.kind, in_slot, ordered) {
                     if let Ok(Some(_)) = rt.backend.inline_read_source(*offset, *len) {
+                        iface.staged_reads += 1;
                         iface.staged.push(Staged::Read {
                             id,
                             token: req.token,
@@ -682,6 +685,7 @@ impl Daemon {
             }
         }
         self.ifaces[idx].staged = staged;
+        self.ifaces[idx].staged_reads = 0;
     }
 
     /// Hands each export's reads held back in this receive batch ([`ExportRt::gathered`])

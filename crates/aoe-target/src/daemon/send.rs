@@ -161,6 +161,11 @@ pub(super) struct IfaceRt {
     /// slot order from the ring's next free one; [`Daemon::finish_staged`] reads their data
     /// (one `io_uring_enter`) and marks them at the end of the batch.
     pub(super) staged: Vec<Staged>,
+    /// How many of `staged` are reads ([`Staged::Read`], run or not): 0 lets a write skip
+    /// the look for reads staged before it that have not run ([`Daemon::dispatch`]), a
+    /// walk over the whole batch so far for every write of a write load. Counted when a
+    /// read is staged, zeroed when `finish_staged` empties `staged`.
+    pub(super) staged_reads: usize,
 }
 
 impl IfaceRt {
@@ -185,6 +190,7 @@ impl IfaceRt {
             old: None,
             reading_old: false,
             staged: Vec::with_capacity(BATCH),
+            staged_reads: 0,
         }
     }
 
