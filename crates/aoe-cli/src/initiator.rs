@@ -74,13 +74,6 @@ pub struct InitiatorArgs {
     /// writev(2) on /dev/fuse. Refused with the reason where the kernel does not allow it.
     #[arg(long)]
     fuse_uring: bool,
-    /// Microseconds the network thread spins (polls without sleeping), once every request
-    /// in flight is answered, for the next one before it sleeps: a client that reads one
-    /// request at a time (dd iflag=direct) then finds it awake. Off (0) by default; at most
-    /// 1000. It stops after two spins in a row that saw nothing, and is tried again 64
-    /// idle stretches later; an idle initiator never spins.
-    #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1000))]
-    spin_us: u64,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
 }
@@ -148,7 +141,6 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         max_devices: a.max_devices,
         max_targets: a.max_targets,
         fence_writes: !a.unsafe_no_write_fence,
-        spin: std::time::Duration::from_micros(a.spin_us),
     };
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,

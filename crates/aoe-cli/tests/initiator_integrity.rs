@@ -1282,64 +1282,6 @@ fn size_changes_refused(opts: InitOpts) {
     rig.finish();
 }
 
-// ------------------------------------------------------------------------------------------
-// The network thread's spin after a client's last I/O (`--spin-us`)
-
-/// CPU time (ns) the thread of process `pid` named `name` has run (`/proc/PID/task/TID/
-/// schedstat`, first field); fails the test when there is no such thread.
-fn thread_cpu_ns(pid: u32, name: &str) -> u64 {
-    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("the initiator's threads");
-    tasks
-        .flatten()
-        .find(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .and_then(|t| fs::read_to_string(t.path().join("schedstat")).ok())
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
-}
-
-/// `--spin-us`: after each `dd iflag=direct` read the network thread spins for the next
-/// request instead of sleeping. The reads still come from the target after each request
-/// (the backing file changed between two passes reads back changed: nothing answered from
-/// what an earlier read brought), the spins did see the next requests (the stop counters),
-/// and once no request comes the thread sleeps: its CPU time over a quiet second stays
-/// under 100 ms, where a spin that went on while idle takes most of the second (checked
-/// with a build that armed the spin on every pass and never ended it: 984 ms, failed).
-#[test]
-fn the_spin_after_reads_stops_when_no_request_comes() {
-    let opts = InitOpts {
-        spin_us: Some(1000),
-        ..InitOpts::default()
-    };
-    let mut rig = Rig::start(Target::AoeServe, 9000, opts);
-    let first = dd_read_back(&rig, &["bs=1M", "count=16"]);
-    let want = fs::read(&rig.file).unwrap();
-    assert!(first[..] == want[..16 << 20], "first pass: wrong bytes");
-    let new = pattern(91, 16 << 20);
-    fs::write(&rig.file, [&new[..], &want[16 << 20..]].concat()).unwrap();
-    let second = dd_read_back(&rig, &["bs=1M", "count=16"]);
-    assert!(
-        second == new,
-        "second pass: not the bytes the file holds now"
-    );
-
-    let pid = rig.initiator.as_ref().expect("initiator running").pid();
-    let before = thread_cpu_ns(pid, "aoe-net");
-    std::thread::sleep(Duration::from_secs(1));
-    let idle = thread_cpu_ns(pid, "aoe-net") - before;
-    assert!(
-        idle < 100_000_000,
-        "the network thread ran {} ms of a second without I/O{}",
-        idle / 1_000_000,
-        rig.logs()
-    );
-
-    let line = network_loop_line(&mut rig);
-    assert!(
-        log_field(&line, "spins_caught") > 0,
-        "32 reads one after the other, none found the thread spinning: {line}"
-    );
-}
-
 /// Reads the rig's device with `dd iflag=direct` and `args` (`bs=`, `count=`, ...) into a
 /// file and returns its bytes; a failure fails the test with dd's error and the rig's logs.
 fn dd_read_back(rig: &Rig, args: &[&str]) -> Vec<u8> {

@@ -66,9 +66,6 @@ pub struct Options {
     /// the target ([`Config::fence_writes`]). Always on but in tests that show what it
     /// prevents.
     pub fence_writes: bool,
-    /// How long the network thread spins, once its clients' I/O has all completed, for the
-    /// next request before it sleeps ([`net::Net::set_idle_spin`]); zero: never.
-    pub spin: Duration,
 }
 
 impl Options {
@@ -111,9 +108,8 @@ impl Initiator {
             iflist: opts.iflist.clone(),
             ..Default::default()
         }));
-        let mut net = net::Net::new(engine, shared.clone(), opts.loop_devices, opts.root.clone())
+        let net = net::Net::new(engine, shared.clone(), opts.loop_devices, opts.root.clone())
             .context("cannot create the network thread")?;
-        net.set_idle_spin(opts.spin);
         let handle = net.handle();
         let thread = std::thread::Builder::new()
             .name("aoe-net".into())

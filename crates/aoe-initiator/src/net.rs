@@ -22,8 +22,6 @@ use crate::errlog::ErrLog;
 use crate::iostats::IoBytes;
 use crate::partition::{self, Partition};
 
-mod idlespin;
-
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
 
@@ -1166,11 +1164,6 @@ pub struct Net {
     counts: LoopCounts,
     /// When [`Net::housekeeping`] last ran.
     housekept: Instant,
-    /// The spin after the clients' last I/O completed ([`Net::set_idle_spin`]).
-    spin: idlespin::IdleSpin,
-    /// A pass completed I/O and left none of the clients' in flight, and the loop has not
-    /// waited since: spin before the next sleep.
-    idle_now: bool,
     /// Frames refused by the transmit rings of interfaces closed since (see
     /// [`Drops::tx_rejected`]).
     tx_rejected_closed: u64,
@@ -1258,20 +1251,9 @@ impl Net {
             logs: RateLimiter::new(LOG_INTERVAL),
             counts: LoopCounts::default(),
             housekept: Instant::now(),
-            spin: idlespin::IdleSpin::default(),
-            idle_now: false,
             tx_rejected_closed: 0,
             retiring: BTreeMap::new(),
         })
-    }
-
-    /// Spins up to `max` (polling without sleeping) when a pass of the loop answered the
-    /// clients' last I/O in flight, before it sleeps in poll(2): a client that sends its
-    /// next request within it (one `dd iflag=direct` read after another) finds the thread
-    /// awake. Zero (the default): never. Adapts: two spins in a row that saw nothing turn
-    /// it off for a while (`net/idlespin.rs`); an idle thread never spins.
-    pub fn set_idle_spin(&mut self, max: Duration) {
-        self.spin = idlespin::IdleSpin::new(max);
     }
 
     /// A handle for the file system.
@@ -1525,9 +1507,6 @@ impl Net {
                         held_pending = self.pending_held.len(),
                         copied_old = c.copied_old,
                         copied_wait = c.copied_wait,
-                        spins_caught = self.spin.caught,
-                        spins_missed = self.spin.missed,
-                        spun_us = self.spin.spun.as_micros() as u64,
                         "network thread loop"
                     );
                     self.shut_down();
@@ -1565,10 +1544,6 @@ impl Net {
             self.transmit(now);
             let (state, io) = self.events();
             changed |= state;
-            // Armed by the completion that left nothing in flight, kept through passes that
-            // cannot sleep (a completion's own next step), spent by the next wait.
-            let in_flight = !self.pending.is_empty() || !self.pending_held.is_empty();
-            self.idle_now = !in_flight && (io || self.idle_now);
             // Completions change only counters the front-ends do not read: they are
             // published at most every IO_PUBLISH_INTERVAL (the loop wakes every second).
             self.unpublished |= io;
@@ -1665,19 +1640,13 @@ impl Net {
                 timeout = Duration::ZERO;
             }
             fds.push(PollFd::new(self.wake.as_raw_fd()));
-            // A command seen within the spin may come before its eventfd write: the
-            // eventfd is then drained on a later pass, which returns at once.
-            let spin = self.idle_now && !timeout.is_zero();
-            self.idle_now &= !spin;
-            if !(spin && self.spin_for_a_request(&mut fds)) {
-                self.counts.polls += 1;
-                self.counts.rekick_waits += u64::from(rekick);
-                if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
-                    continue;
-                }
-                if !fds.iter().any(|f| f.ready || f.writable) {
-                    self.counts.timeouts += 1;
-                }
+            self.counts.polls += 1;
+            self.counts.rekick_waits += u64::from(rekick);
+            if aoe_sys::poll(&mut fds, Some(timeout)).is_err() {
+                continue;
+            }
+            if !fds.iter().any(|f| f.ready || f.writable) {
+                self.counts.timeouts += 1;
             }
             if fds.last().is_some_and(|f| f.ready) {
                 let _ = self.wake.drain();
@@ -1706,30 +1675,6 @@ impl Net {
                 }
             }
             self.run_sources(&fds, &src_fds);
-        }
-    }
-
-    /// The spin of [`Net::set_idle_spin`]: polls `fds` without sleeping for up to the
-    /// window, and says whether one became ready (or a command came) within it.
-    fn spin_for_a_request(&mut self, fds: &mut [PollFd]) -> bool {
-        let window = self.spin.start();
-        if window.is_zero() {
-            return false;
-        }
-        let t0 = Instant::now();
-        loop {
-            let ready = aoe_sys::poll(fds, Some(Duration::ZERO))
-                .is_ok_and(|_| fds.iter().any(|f| f.ready || f.writable));
-            let spun = t0.elapsed();
-            if ready || !self.rx.is_empty() || local_pending() {
-                self.spin.end(true, spun);
-                return true;
-            }
-            if spun >= window {
-                self.spin.end(false, spun);
-                return false;
-            }
-            std::hint::spin_loop();
         }
     }
 

@@ -222,9 +222,6 @@ pub struct InitOpts {
     /// `--fuse-uring`: the files' requests through FUSE over io_uring (hold an
     /// [`aoe_testkit::fuseuring::FuseUring::enabled`] guard meanwhile).
     pub fuse_uring: bool,
-    /// `--spin-us N`: the network thread spins up to N us for the next request once the
-    /// clients' I/O has all completed.
-    pub spin_us: Option<u64>,
 }
 
 impl InitOpts {
@@ -255,9 +252,6 @@ impl InitOpts {
         }
         if self.fuse_uring {
             v.push("--fuse-uring".into());
-        }
-        if let Some(us) = self.spin_us {
-            v.extend(["--spin-us".to_string(), us.to_string()]);
         }
         v
     }
