@@ -12,6 +12,16 @@
 # (swapper = idle). The tracepoints cost some time of their own (a read takes 10-20% longer
 # traced): compare the milestones of one run, not the totals with untraced runs.
 #
+# For reads it also prints the gap between two reads on the wire: from one read's last
+# answer at the initiator to the next read's first request at the target and its first
+# answer, step by step (each step's time from that last answer, medians), with who had to
+# be woken in it (sched_waking and sched_switch): the FUSE reply, dd's read() returning and
+# entering the next, a fuser thread on its CPU and taking the request off /dev/fuse, the
+# network thread woken and on its CPU, the first request at the target, the target's
+# serving thread woken and on its CPU (where it slept: not where it spun or was busy), the
+# first answer. TARGET=vblade traces
+# the same against vblade (on PATH) instead of `aoe serve`.
+#
 # MODE=write: COUNT writes of BS from a tmpfs file of random data to the device file, and per
 # write the time from dd's write() to: the initiator's FUSE thread taking the request off
 # /dev/fuse (its read() returning BS bytes or more), the target receiving the first and the
@@ -25,6 +35,7 @@
 #   COUNT=200 (reads traced)   SIZE_MB=512 (backing file)   KEEP=dir (keep perf.data there)
 #   MODE=read (or write)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on exit)
+#   TARGET=aoe (or vblade)   TARGET_ARGS="" (extra `aoe serve` flags, e.g. --spin-us 200)
 # Needs root, iproute2, util-linux (nsenter), fuse3, python3, perf (Debian: linux-perf).
 set -euo pipefail
 
@@ -39,6 +50,8 @@ COUNT=${COUNT:-200}
 SIZE_MB=${SIZE_MB:-512}
 KEEP=${KEEP:-}
 MODE=${MODE:-read}
+TARGET=${TARGET:-aoe}
+TARGET_ARGS=${TARGET_ARGS:-}
 SHELF=1 SLOT=1
 
 die() { echo "read-timeline: $*" >&2; exit 1; }
@@ -52,6 +65,10 @@ AOE=$(readlink -f "$AOE") INIT_AOE=$(readlink -f "$INIT_AOE")
 case $COUNT in '' | *[!0-9]*) die "COUNT must be a whole number, not '$COUNT'" ;; esac
 [ "$COUNT" -ge 20 ] || die "COUNT must be at least 20 (the first 5 reads are left out)"
 case $MODE in read | write) ;; *) die "MODE must be read or write, not '$MODE'" ;; esac
+case $TARGET in aoe | vblade) ;; *) die "TARGET must be aoe or vblade, not '$TARGET'" ;; esac
+[ "$TARGET" = aoe ] || command -v vblade >/dev/null || die "missing vblade"
+# shellcheck disable=SC2034 # read by lib.sh's target_cmd
+[ -n "$TARGET_ARGS" ] && TARGET_CMD_aoeargs="$AOE serve $TARGET_ARGS {shelf} {slot} {netif} {file}"
 
 bench_workspace rt read-timeline
 ENABLE_URING=${ENABLE_URING:-}
@@ -65,16 +82,19 @@ IP_T=10.93.0.1 IP_I=10.93.0.2
 
 head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 bench_link "$MTU"
-start_target aoe || die "the target did not answer"
+TNAME=$TARGET
+[ "$TARGET" = aoe ] && [ -n "$TARGET_ARGS" ] && TNAME=aoeargs
+start_target "$TNAME" || die "the target did not answer"
 start_initiator
 DEV=$ROOT/e$SHELF.$SLOT
 BYTES=$(numfmt --from=iec "$BS")
 if [ "$MODE" = read ]; then
     # One untimed pass first: the window opens, the page cache holds the file.
     dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>/dev/null
-    echo "load $(load); $COUNT reads of $BS at MTU $MTU; target $AOE, initiator $INIT_AOE" >&2
+    echo "load $(load); $COUNT reads of $BS at MTU $MTU; target $TARGET $TARGET_ARGS ($AOE), initiator $INIT_AOE ${INIT_ARGS:-}" >&2
     perf record -q -a -o "$WORK/perf.data" \
-        -e sched:sched_switch,net:netif_receive_skb,syscalls:sys_enter_read,syscalls:sys_exit_read \
+        -e sched:sched_switch,sched:sched_waking,net:netif_receive_skb \
+        -e syscalls:sys_enter_read,syscalls:sys_exit_read,syscalls:sys_enter_writev \
         -- dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>&1 | tail -1 >&2
 else
     SRC=$WORK/src
@@ -88,10 +108,15 @@ else
         -- dd if="$SRC" of="$DEV" bs="$BS" count="$COUNT" oflag=direct conv=notrunc 2>&1 | tail -1 >&2
 fi
 [ -n "$KEEP" ] && { mkdir -p "$KEEP"; cp "$WORK/perf.data" "$KEEP/"; }
+# The network thread's counters as it stops (polls, commands, frames; its spins with --spin-us).
+stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+grep -E 'network thread loop' "$WORK/init.log" | sed 's/^.*network thread loop/initiator:/' >&2 || true
 perf script -i "$WORK/perf.data" -F comm,tid,cpu,time,event,trace 2>/dev/null >"$WORK/trace.txt"
-python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" <<'EOF'
+TTIDS=$(ls "/proc/$TARGET_PID/task" | tr '\n' ' ')
+python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" "$TTIDS" <<'EOF'
 import bisect, re, sys
 path, dev_t, dev_i, size, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+target_tids = set(sys.argv[6].split())
 line = re.compile(r'\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)')
 ev = []
 for l in open(path):
@@ -190,4 +215,86 @@ names = ['first request at the target', 'last request at the target',
          'read() returns', 'request frames per read', 'answer frames per read']
 pct(rows, names, 'reads')
 shares(reads[5][0], reads[-1][1])
+
+# The gap between two reads, step by step from the previous read's last answer (t0).
+def after(xs, a, b=None):
+    i = bisect.bisect_left(xs, a)
+    if i < len(xs) and (b is None or xs[i] <= b):
+        return xs[i]
+    return None
+def last_before(xs, a, b):
+    i = bisect.bisect_right(xs, b) - 1
+    return xs[i] if i >= 0 and xs[i] >= a else None
+on_cpu = {}  # who -> times it was switched in
+waking = {}  # who -> times a wake-up of it was made
+def who(comm, tid):
+    if tid in target_tids:
+        return 'target'
+    if comm.startswith('fuser'):
+        return 'fuser'
+    if comm in ('aoe-net', 'dd'):
+        return comm
+    return None
+fuse_out, replies = [], []
+for t, comm, cpu, e, tr in ev:
+    if e == 'sched:sched_switch':
+        m = re.search(r'next_comm=(.+?) next_pid=(\d+)', tr)
+        w = who(m.group(1), m.group(2)) if m else None
+        if w:
+            on_cpu.setdefault(w, []).append(t)
+    elif e == 'sched:sched_waking':
+        m = re.search(r'comm=(.+?) pid=(\d+)', tr)
+        w = who(m.group(1), m.group(2)) if m else None
+        if w:
+            waking.setdefault(w, []).append(t)
+    elif e == 'syscalls:sys_exit_read' and comm.startswith('fuser'):
+        fuse_out.append(t)
+    elif e == 'syscalls:sys_enter_writev' and comm != 'dd':
+        replies.append(t)
+reads_end = [b for a, b in reads]
+gaps = []
+woke = {'fuser': 0, 'aoe-net': 0, 'target': 0}
+for i in range(6, len(reads)):
+    pa, pb = reads[i - 1]
+    a, b = reads[i]
+    s_prev = answers[bisect.bisect_left(answers, pa):bisect.bisect_right(answers, pb)]
+    r = reqs[bisect.bisect_left(reqs, a):bisect.bisect_right(reqs, b)]
+    s = answers[bisect.bisect_left(answers, a):bisect.bisect_right(answers, b)]
+    if not (s_prev and r and s):
+        continue
+    t0 = s_prev[-1]
+    rep = last_before(replies, t0, pb)
+    # A wake-up is a sched_waking of the party in the step (a thread preempted and put back
+    # has none); its time on the CPU the first switch-in after it.
+    f_wk = after(waking.get('fuser', []), a, r[0])
+    f_on = after(on_cpu.get('fuser', []), f_wk, r[0]) if f_wk else None
+    f_out = after(fuse_out, a, r[0])
+    n_wk = after(waking.get('aoe-net', []), f_out or a, r[0])
+    n_on = after(on_cpu.get('aoe-net', []), n_wk, r[0]) if n_wk else None
+    t_wk = after(waking.get('target', []), r[0], s[0])
+    t_on = after(on_cpu.get('target', []), t_wk, s[0]) if t_wk else None
+    woke['fuser'] += f_wk is not None
+    woke['aoe-net'] += n_wk is not None
+    woke['target'] += t_wk is not None
+    row = [rep, pb, a, f_wk, f_on, f_out, n_wk, n_on, r[0], t_wk, t_on, s[0]]
+    gaps.append([None if x is None else (x - t0) * 1e6 for x in row])
+if gaps:
+    names = ['FUSE reply (writev) of the last request', 'read() returns', 'next read() entered',
+             'a fuser thread woken', 'it is on its CPU',
+             'fuser takes a request (read() of /dev/fuse)',
+             'aoe-net woken (after that)', 'it is on its CPU', 'first request at the target',
+             'the target woken (asleep, not spinning)', 'it is on its CPU',
+             'first answer at the initiator']
+    print('%d gaps between reads; microseconds from the last answer of the read before, '
+          'median (p10-p90) over the reads where the step was seen:' % len(gaps))
+    for k, name in enumerate(names):
+        v = sorted(g[k] for g in gaps if g[k] is not None)
+        if not v:
+            print('  %-44s  never' % name)
+            continue
+        n = len(v)
+        print('  %-44s %7.0f  (%.0f-%.0f)  in %d of %d' % (name, v[n // 2], v[n // 10],
+                                                          v[9 * n // 10], n, len(gaps)))
+    print('  woken within the gap: ' + ', '.join('%s %d of %d' % (k, v, len(gaps))
+                                                  for k, v in woke.items()))
 EOF
