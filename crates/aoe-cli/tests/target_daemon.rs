@@ -160,16 +160,7 @@ fn burst(mtu: u32, sectors_per_frame: u8) {
     let st = t.stop().unwrap();
     assert!(st.success(), "{st:?}");
     let log = t.output_so_far();
-    let counts = log.lines().find_map(|l| {
-        let rest = l.split("received ").nth(1)?;
-        let mut w = rest.split_whitespace();
-        let frames: u64 = w.next()?.parse().ok()?;
-        let batches: u64 = w.nth(2)?.parse().ok()?;
-        Some((frames, batches))
-    });
-    let Some((frames, batches)) = counts else {
-        panic!("no frames and batches at the stop in the log:\n{log}")
-    };
+    let (frames, batches) = common::frames_and_batches_at_stop(&log);
     assert!(
         frames > 128,
         "{frames} frames logged, 129 or more sent:\n{log}"

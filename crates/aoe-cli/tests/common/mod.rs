@@ -1307,6 +1307,23 @@ impl RawLan {
     }
 }
 
+/// The frames and receive batches `aoe serve` logs at its stop ("received F frames in B receive
+/// batches"; scripts/bench/target-cpu.sh reads frames per batch from it), from the
+/// target's `log`; panics, showing the log, when the line is not there.
+pub fn frames_and_batches_at_stop(log: &str) -> (u64, u64) {
+    let counts = log.lines().find_map(|l| {
+        let rest = l.split("received ").nth(1)?;
+        let mut w = rest.split_whitespace();
+        let frames: u64 = w.next()?.parse().ok()?;
+        let batches: u64 = w.nth(2)?.parse().ok()?;
+        Some((frames, batches))
+    });
+    let Some(counts) = counts else {
+        panic!("no frames and batches at the stop in the log:\n{log}")
+    };
+    counts
+}
+
 /// AoE error and ATA status of a response frame.
 pub fn rsp_status(frame: &[u8]) -> (Option<aoe_wire::ErrorCode>, Option<u8>) {
     let m = aoe_wire::Message::parse(frame).expect("parse response");
