@@ -1038,7 +1038,8 @@ impl AoeFs {
     /// sectors are read with [`BlockDevice::read_held`] (held shared against a
     /// read-modify-write, as [`read_dev`](Self::read_dev)), and on the network thread, while
     /// their payloads are still in the ring's slots, the reply to request `unique` is
-    /// written from them on the /dev/fuse fd ([`heldreply::write_reply`]); the slots go
+    /// written from them on the /dev/fuse fd ([`heldreply::write_reply_gathered`]: small
+    /// frames gathered into one buffer first); the slots go
     /// back to the kernel when that returns. Errors go through `reply` as before.
     #[allow(clippy::too_many_arguments)]
     fn read_dev_held(
@@ -1164,7 +1165,15 @@ fn answer_held(fd: &OnceLock<OwnedFd>, unique: u64, pieces: &[&[u8]], reply: Rep
     let Some(fd) = fd.get() else {
         return reply.data(&pieces.concat());
     };
-    match heldreply::write_reply(fd.as_fd(), unique, pieces) {
+    // Runs on the network thread, one reply at a time: one gather buffer for all of them.
+    thread_local! {
+        static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let written = GATHER.with(|b| match b.try_borrow_mut() {
+        Ok(mut b) => heldreply::write_reply_gathered(fd.as_fd(), unique, pieces, &mut b),
+        Err(_) => heldreply::write_reply(fd.as_fd(), unique, pieces),
+    });
+    match written {
         Ok(()) => reply.error(Errno::EIO),
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => reply.data(&pieces.concat()),
         Err(e) => {

@@ -70,6 +70,37 @@ pub(crate) fn write_reply(fd: BorrowedFd<'_>, unique: u64, pieces: &[&[u8]]) -> 
     }
 }
 
+/// Pieces shorter than this on average (frames of an MTU under about 4,500: at 1500 a
+/// 256 KiB read is 256 pieces of 1 KiB) are gathered into one buffer before the write
+/// ([`write_reply_gathered`]).
+pub(crate) const GATHER_BELOW: usize = 4096;
+
+/// [`write_reply`], but with pieces averaging under [`GATHER_BELOW`] bytes first copied, in
+/// order, into `buf` (cleared, kept for the next reply) and written as one iovec. For each
+/// iovec the kernel pins the user page it lies in and releases it again (fs/fuse/dev.c
+/// `fuse_copy_fill`, `iov_iter_get_pages2`; `gup_fast_fallback` in the profiles), once per
+/// piece however small: 1,024 pins a MiB at MTU 1500 against 256 for one buffer, the
+/// reply's largest per-frame cost there (docs/PERFORMANCE.md, "Session 30: the
+/// initiator's reads at MTU 1500"). Larger pieces (MTU 9000: 8.5 KiB, two or three pages
+/// each) go as they are: the copy would cost more than the pins it saves.
+pub(crate) fn write_reply_gathered(
+    fd: BorrowedFd<'_>,
+    unique: u64,
+    pieces: &[&[u8]],
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let data: usize = pieces.iter().map(|p| p.len()).sum();
+    if pieces.len() < 2 || data >= GATHER_BELOW * pieces.len() {
+        return write_reply(fd, unique, pieces);
+    }
+    buf.clear();
+    buf.reserve(data);
+    for p in pieces {
+        buf.extend_from_slice(p);
+    }
+    write_reply(fd, unique, &[&buf[..]])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +139,42 @@ mod tests {
         let mut rest = Vec::new();
         r.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "wrote {} bytes", rest.len());
+    }
+
+    /// Gathered or not, the reply's bytes are the same: the header, then every piece in
+    /// order. Small pieces (1 KiB, as at MTU 1500) come out of a buffer that already held a
+    /// longer reply (its stale tail must not follow), large ones (8.5 KiB) as they are. A
+    /// thread reads the socket to its end, so a reply too long fails the comparison
+    /// instead of filling the socket.
+    #[test]
+    fn gathered_reply_is_the_header_and_the_pieces_in_order() {
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            got
+        });
+        let all: Vec<u8> = (0..=250u8).cycle().take(256 * 1024).collect();
+        let mut buf = vec![0xee; 300 * 1024];
+        let mut want = Vec::new();
+        for size in [1024usize, 1000, 8704] {
+            let pieces: Vec<&[u8]> = all.chunks(size).take(20).collect();
+            let data: Vec<u8> = pieces.concat();
+            write_reply_gathered(w.as_fd(), size as u64, &pieces, &mut buf).unwrap();
+            want.extend_from_slice(&out_header(size as u64, data.len()).unwrap());
+            want.extend_from_slice(&data);
+            // Gathered only below GATHER_BELOW: the buffer holds the last small reply.
+            if size < GATHER_BELOW {
+                assert!(
+                    buf == data,
+                    "{size}-byte pieces: the buffer is not the reply"
+                );
+            }
+        }
+        assert_eq!(buf.len(), 20 * 1000, "8.5 KiB pieces were copied");
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the replies' bytes differ");
     }
 }
