@@ -23,9 +23,7 @@ impl Daemon {
         // A write must not overtake the reads staged before it in this batch: a read that
         // came first reads what was there before, as when each read was done on arrival.
         if may_write(self.ifaces[idx].frame(f)) {
-            // (Only a batch that staged a read has one to look for.)
-            let iface = &self.ifaces[idx];
-            if iface.staged_reads > 0 && iface.staged.iter().any(Staged::unread) {
+            if self.ifaces[idx].has_unread() {
                 self.run_staged_reads(idx);
             }
             // Likewise the reads held back for merging: submitted before the write is.
@@ -35,12 +33,12 @@ impl Daemon {
             // A write that may have to wait for one on a worker must not get ahead of the
             // batch's staged writes: one of them that then went to a worker would wait
             // behind it, the older data landing last.
-            if self.ifaces[idx].staged.iter().any(Staged::unwritten)
+            if self.ifaces[idx].has_unwritten()
                 && self.exports.get(&id).is_some_and(|rt| !rt.writes.is_idle())
             {
                 self.run_staged_writes(idx);
             }
-        } else if self.ifaces[idx].staged.iter().any(Staged::unwritten) {
+        } else if self.ifaces[idx].has_unwritten() {
             // And a read (or flush) must find the writes staged before it done.
             self.run_staged_writes(idx);
         }
@@ -147,8 +145,7 @@ impl Daemon {
                 // (run_staged_reads).
                 if let (IoKind::Read { offset, len }, true, false) = (&req.kind, in_slot, ordered) {
                     if let Ok(Some(_)) = rt.backend.inline_read_source(*offset, *len) {
-                        iface.staged_reads += 1;
-                        iface.staged.push(Staged::Read {
+                        iface.stage(Staged::Read {
                             id,
                             token: req.token,
                             source,
@@ -163,7 +160,7 @@ impl Daemon {
                 // run at its end (run_staged_writes), contiguous ones as one pwritev.
                 if let (IoKind::Write { offset, data }, true, false) = (&req.kind, in_slot, ordered)
                 {
-                    iface.staged.push(Staged::Write {
+                    iface.stage(Staged::Write {
                         id,
                         token: req.token,
                         offset: *offset,
@@ -401,7 +398,7 @@ impl Daemon {
     /// to the same sectors in one batch are never in one run, and the later one is written
     /// after the earlier: the later data is what stays.
     pub(super) fn run_staged_writes(&mut self, idx: usize) {
-        if !self.ifaces[idx].staged.iter().any(Staged::unwritten) {
+        if !self.ifaces[idx].has_unwritten() {
             return;
         }
         let mut staged = std::mem::take(&mut self.ifaces[idx].staged);
@@ -684,8 +681,7 @@ impl Daemon {
                 None => skipped += 1,
             }
         }
-        self.ifaces[idx].staged = staged;
-        self.ifaces[idx].staged_reads = 0;
+        self.ifaces[idx].reset_staged(staged);
     }
 
     /// Hands each export's reads held back in this receive batch ([`ExportRt::gathered`])

@@ -161,11 +161,14 @@ pub(super) struct IfaceRt {
     /// slot order from the ring's next free one; [`Daemon::finish_staged`] reads their data
     /// (one `io_uring_enter`) and marks them at the end of the batch.
     pub(super) staged: Vec<Staged>,
-    /// How many of `staged` are reads ([`Staged::Read`], run or not): 0 lets a write skip
-    /// the look for reads staged before it that have not run ([`Daemon::dispatch`]), a
-    /// walk over the whole batch so far for every write of a write load. Counted when a
-    /// read is staged, zeroed when `finish_staged` empties `staged`.
-    pub(super) staged_reads: usize,
+    /// How many of `staged` are reads and writes ([`Staged::Read`], [`Staged::Write`], run
+    /// or not), counted by [`stage`](Self::stage), zeroed when `finish_staged` empties
+    /// `staged`: a count of 0 spares [`has_unread`](Self::has_unread) and
+    /// [`has_unwritten`](Self::has_unwritten) their walk over the whole batch so far, which
+    /// [`Daemon::dispatch`] asks for every frame (a write load has no reads to look for,
+    /// a read load no writes).
+    staged_reads: usize,
+    staged_writes: usize,
 }
 
 impl IfaceRt {
@@ -191,6 +194,7 @@ impl IfaceRt {
             reading_old: false,
             staged: Vec::with_capacity(BATCH),
             staged_reads: 0,
+            staged_writes: 0,
         }
     }
 
@@ -258,7 +262,35 @@ impl IfaceRt {
     /// lent, at the next kick ([`Daemon::flush_sends`]) after the batch
     /// ([`Daemon::finish_staged`] marks it, behind the batch's earlier replies).
     pub(super) fn commit(&mut self, n: usize) {
-        self.staged.push(Staged::Ready(n));
+        self.stage(Staged::Ready(n));
+    }
+
+    /// Adds `s` to this batch's [`staged`](Self::staged), counting its reads and writes.
+    pub(super) fn stage(&mut self, s: Staged) {
+        match s {
+            Staged::Read { .. } => self.staged_reads += 1,
+            Staged::Write { .. } => self.staged_writes += 1,
+            _ => {}
+        }
+        self.staged.push(s);
+    }
+
+    /// True if a read staged in this batch has not run yet ([`Staged::unread`]).
+    pub(super) fn has_unread(&self) -> bool {
+        self.staged_reads > 0 && self.staged.iter().any(Staged::unread)
+    }
+
+    /// True if a write staged in this batch has not run yet ([`Staged::unwritten`]).
+    pub(super) fn has_unwritten(&self) -> bool {
+        self.staged_writes > 0 && self.staged.iter().any(Staged::unwritten)
+    }
+
+    /// Empties [`staged`](Self::staged) for the next batch, keeping `emptied`'s allocation.
+    pub(super) fn reset_staged(&mut self, emptied: Vec<Staged>) {
+        debug_assert!(emptied.is_empty());
+        self.staged = emptied;
+        self.staged_reads = 0;
+        self.staged_writes = 0;
     }
 
     /// Gives the receive ring's frames back to the kernel ([`PacketRing::release_lent`]),
