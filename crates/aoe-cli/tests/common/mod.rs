@@ -124,6 +124,50 @@ pub fn packet_sockets(ns: &Netns) -> usize {
         .unwrap_or(0)
 }
 
+/// Stops process `pid` with SIGSTOP and waits until every one of its threads is stopped
+/// (state `T` in `/proc/PID/task/*/stat`): the signal's delivery is asynchronous, and a test
+/// that wants frames to queue up unread must know the process no longer runs. Panics, naming
+/// the threads still running, if that takes longer than 10 s.
+pub fn stop_process(pid: u32) {
+    run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
+    let mut running = Vec::new();
+    let stopped = wait_until(Duration::from_secs(10), || {
+        running.clear();
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        for task in tasks.flatten() {
+            let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next());
+            if !matches!(state, Some("T") | Some("t")) {
+                running.push(format!("{}: {state:?}", task.file_name().to_string_lossy()));
+            }
+        }
+        running.is_empty()
+    });
+    assert!(
+        stopped,
+        "process {pid} not stopped 10 s after SIGSTOP: {running:?}"
+    );
+}
+
+/// Packets received on interface `iface` of `ns` (its `rx_packets`, from `/proc/net/dev`
+/// read inside the namespace). Panics if the interface is not there.
+pub fn rx_packets(ns: &Netns, iface: &str) -> u64 {
+    let dev = ns
+        .run("cat", &["/proc/net/dev"])
+        .expect("read /proc/net/dev");
+    dev.lines()
+        .find_map(|l| {
+            let (name, counters) = l.split_once(':')?;
+            (name.trim() == iface).then(|| counters.split_whitespace().nth(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {iface} in the namespace's /proc/net/dev:\n{dev}"))
+}
+
 /// A numeric field of `/proc/PID/status` (`VmRSS:` and `VmHWM:` in KiB, `Threads:`), for
 /// the tests that check a daemon's memory or threads stay bounded. Panics, naming the
 /// process, if it is gone or the field is missing.
