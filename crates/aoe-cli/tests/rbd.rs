@@ -1665,17 +1665,12 @@ fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
     // loaded initiator's frames do: with B running, a fast machine's gateway wakes on each
     // frame as it lands and reads them one or two at a time (CI, stop 42: 69 OSD reads).
     // So B is stopped until every frame sits in its receive ring.
-    stop_process(b.pid());
-    let rx = rx_packets(&r.rig.target_ns, &r.rig.target_if);
-    client.send_raw(&frames).expect("send the burst");
-    let landed = wait_until(Duration::from_secs(10), || {
-        rx_packets(&r.rig.target_ns, &r.rig.target_if) >= rx + frames.len() as u64
-    });
-    run_ok(Command::new("kill").args(["-CONT", &b.pid().to_string()]));
-    assert!(
-        landed,
-        "the burst's {} frames did not reach gateway B's interface",
-        frames.len()
+    while_stopped(
+        b.pid(),
+        &r.rig.target_ns,
+        &r.rig.target_if,
+        frames.len(),
+        || client.send_raw(&frames).expect("send the burst"),
     );
     // Every requested byte at the objecter (as image offsets).
     let covered = |reads: &[(u64, u64, u64)]| {
