@@ -581,9 +581,13 @@ fn requests_beyond_the_buffer_count_are_dropped_and_counted() {
     let frames: Vec<_> = (0..BUFCNT as u64 * 8)
         .map(|i| n.frame(mac, addr, read(i * 2, 2)))
         .collect();
-    signal(t.pid(), "-STOP");
-    n.client.send_raw(&frames).unwrap();
-    signal(t.pid(), "-CONT");
+    // Stopped for sure (every thread), and running again only once the whole burst is on
+    // its interface: continued right after the send, a target whose stop had not taken yet
+    // or whose frames landed late took part of the burst in, completed it and then took in
+    // more than its buffer count in all.
+    common::while_stopped(t.pid(), &n.t, &ifname, frames.len(), || {
+        n.client.send_raw(&frames).unwrap()
+    });
     let got = n
         .client
         .collect_raw(&frames, Duration::from_secs(3))
