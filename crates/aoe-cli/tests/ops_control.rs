@@ -379,7 +379,8 @@ fn aoe_target_against_a_stopped_daemon_says_so() {
     let lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
     let pid = lan.target.as_ref().unwrap().pid().to_string();
     target_ok(&sock, &["status"]);
-    run(Command::new("kill").args(["-STOP", &pid]));
+    // Stopped for sure (every thread) before the request: SIGSTOP is asynchronous.
+    stop_process(pid.parse().unwrap());
     let out = target(&sock, &["status"]);
     run(Command::new("kill").args(["-CONT", &pid]));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -552,7 +553,9 @@ fn requests_dropped_at_the_targets_ring_are_counted() {
     assert_eq!(dropped(&json(&sock, &["status"])), Some(0));
     // READ SECTORS EXT of LBA 0; the same frame each time (the ring does not care).
     let (_, f) = lan.frame(0, RawLan::ata(0x24, false, 0, 1, &[]));
-    run(Command::new("kill").args(["-STOP", &pid]));
+    // Stopped for sure (every thread) before the first frame: SIGSTOP is asynchronous, and
+    // a loop still running drains the ring as the frames come.
+    stop_process(pid.parse().unwrap());
     let mut sent = 0;
     for _ in 0..3000 {
         if lan.socks[0].send(&f).is_ok() {
