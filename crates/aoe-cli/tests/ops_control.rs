@@ -272,6 +272,20 @@ fn hostile_control_clients_are_bounded() {
     let mut lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
     let pid = lan.target.as_ref().unwrap().pid();
     let status = |key: &str| common::proc_status(pid, key);
+    // Connections to the control socket the daemon has not accepted yet: the Recv-Q of its
+    // listening socket (`ss`, in the daemon's namespace, where the socket lives).
+    let ns = lan.target_ns.name().to_owned();
+    let unaccepted = || -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-xlH", "src", &sock_s])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)?
+            .parse()
+            .ok()
+    };
     let mut read_ok = |lba: u64| {
         let f = lan
             .request(
@@ -316,10 +330,21 @@ fn hostile_control_clients_are_bounded() {
     let idle: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(&sock).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The daemon has taken all 200 in (connect() returns once the kernel queued them, before
+    // the daemon accepts them). A 500 ms sleep stood for it: a daemon slower to accept had
+    // fewer threads to count and could answer the status below.
+    let mut queued = None;
+    let accepted = wait_until(Duration::from_secs(20), || {
+        queued = unaccepted();
+        queued == Some(0)
+    });
+    assert!(
+        accepted,
+        "the daemon did not accept the idle connections in 20 s ({queued:?} queued)"
+    );
+    let out = target(&sock, &["status"]);
     read_ok(16);
     let threads1 = status("Threads:");
-    let out = target(&sock, &["status"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     drop(idle);
     assert!(
