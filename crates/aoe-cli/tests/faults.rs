@@ -964,16 +964,23 @@ fn imposter_on_a_non_allowed_interface_is_never_attached() {
         "imposter did not start: {}",
         imposter.output_so_far()
     );
-    // Discovery goes out again; the imposter also announced itself at start.
-    for _ in 0..3 {
-        rig.echo_ok("discover", "");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    // Discovery goes out again, until the imposter's announcement (a Query Config response,
+    // sent once its duplicate-address probe is over) has reached the initiator's namespace.
+    // (Three discovers 300 ms apart and a 200 ms look stood for it: on a slow machine the
+    // look could end before the announcement, or see only the probe, a request.)
     let imposter_mac = MacAddr(spare_veth.b_mac());
-    let seen = drain_frames(&watch, Duration::from_millis(200));
+    let announced = wait_until(Duration::from_secs(20), || {
+        rig.echo_ok("discover", "");
+        drain_frames(&watch, Duration::from_millis(300))
+            .iter()
+            .any(|f| {
+                f[6..12] == imposter_mac.0
+                    && aoe_wire::Message::parse(f).is_ok_and(|m| m.header.response)
+            })
+    });
     assert!(
-        seen.iter().any(|f| f[6..12] == imposter_mac.0),
-        "no frame of the imposter reached the initiator's namespace: the test proves nothing"
+        announced,
+        "no answer of the imposter reached the initiator's namespace: the test proves nothing"
     );
     let netif = rig.attr("netif").unwrap_or_default();
     assert!(

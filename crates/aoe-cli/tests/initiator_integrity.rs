@@ -1714,7 +1714,9 @@ fn parallel_direct_writes_and_a_buffered_reader() {
     let dev = rig.dev();
 
     let pid = rig.target.as_ref().unwrap().pid().to_string();
-    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    // Stopped for sure (every thread) before the first write: SIGSTOP is asynchronous, and
+    // a write the target answered is no longer in flight.
+    stop_process(pid.parse().unwrap());
     let writers = direct_writers(&dev, 1);
     let mut most = 0;
     let all_in = wait_until(Duration::from_secs(20), || {

@@ -1027,7 +1027,9 @@ fn mtu_lowered_under_reads_in_flight() {
     let rig = Rig::start(Target::AoeServe, 1500, InitOpts::default());
     let dev = rig.dev();
     let pid = rig.target.as_ref().unwrap().pid().to_string();
-    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    // The target's side of the link, to see the reads arrive.
+    let watch = raw_socket(&rig.target_ns, &rig.target_if);
+    stop_process(pid.parse().unwrap());
     let reader = {
         let dev = dev.clone();
         std::thread::spawn(move || {
@@ -1041,7 +1043,26 @@ fn mtu_lowered_under_reads_in_flight() {
             ]))
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // The reads are in flight: one of their frames reached the stopped target. (A 300 ms
+    // sleep stood for this: on a machine slow to start dd and send, the MTU changed first,
+    // the reads went out in 1-sector frames and nothing was resent.)
+    let mut at_target = false;
+    let arrived = wait_until(Duration::from_secs(20), || {
+        at_target = at_target
+            || drain_frames(&watch, Duration::from_millis(20))
+                .iter()
+                .any(|f| {
+                    aoe_wire::Message::parse(f).is_ok_and(|m| {
+                        !m.header.response && matches!(m.body, aoe_wire::Body::Ata(_))
+                    })
+                });
+        at_target
+    });
+    assert!(
+        arrived,
+        "no read frame reached the stopped target{}",
+        rig.logs()
+    );
     rig.veth.set_mtu(1000).unwrap();
     rig.echo_ok("discover", "");
     rig.wait_attr("payload", "512", Duration::from_secs(10), "at MTU 1000");

@@ -272,6 +272,20 @@ fn hostile_control_clients_are_bounded() {
     let mut lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
     let pid = lan.target.as_ref().unwrap().pid();
     let status = |key: &str| common::proc_status(pid, key);
+    // Connections to the control socket the daemon has not accepted yet: the Recv-Q of its
+    // listening socket (`ss`, in the daemon's namespace, where the socket lives).
+    let ns = lan.target_ns.name().to_owned();
+    let unaccepted = || -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-xlH", "src", &sock_s])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)?
+            .parse()
+            .ok()
+    };
     let mut read_ok = |lba: u64| {
         let f = lan
             .request(
@@ -316,10 +330,21 @@ fn hostile_control_clients_are_bounded() {
     let idle: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(&sock).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The daemon has taken all 200 in (connect() returns once the kernel queued them, before
+    // the daemon accepts them). A 500 ms sleep stood for it: a daemon slower to accept had
+    // fewer threads to count and could answer the status below.
+    let mut queued = None;
+    let accepted = wait_until(Duration::from_secs(20), || {
+        queued = unaccepted();
+        queued == Some(0)
+    });
+    assert!(
+        accepted,
+        "the daemon did not accept the idle connections in 20 s ({queued:?} queued)"
+    );
+    let out = target(&sock, &["status"]);
     read_ok(16);
     let threads1 = status("Threads:");
-    let out = target(&sock, &["status"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     drop(idle);
     assert!(
@@ -379,7 +404,8 @@ fn aoe_target_against_a_stopped_daemon_says_so() {
     let lan = RawLan::start(Target::AoeServe, &file, &["--control", &sock_s], 1);
     let pid = lan.target.as_ref().unwrap().pid().to_string();
     target_ok(&sock, &["status"]);
-    run(Command::new("kill").args(["-STOP", &pid]));
+    // Stopped for sure (every thread) before the request: SIGSTOP is asynchronous.
+    stop_process(pid.parse().unwrap());
     let out = target(&sock, &["status"]);
     run(Command::new("kill").args(["-CONT", &pid]));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -552,7 +578,9 @@ fn requests_dropped_at_the_targets_ring_are_counted() {
     assert_eq!(dropped(&json(&sock, &["status"])), Some(0));
     // READ SECTORS EXT of LBA 0; the same frame each time (the ring does not care).
     let (_, f) = lan.frame(0, RawLan::ata(0x24, false, 0, 1, &[]));
-    run(Command::new("kill").args(["-STOP", &pid]));
+    // Stopped for sure (every thread) before the first frame: SIGSTOP is asynchronous, and
+    // a loop still running drains the ring as the frames come.
+    stop_process(pid.parse().unwrap());
     let mut sent = 0;
     for _ in 0..3000 {
         if lan.socks[0].send(&f).is_ok() {

@@ -157,7 +157,9 @@ fn rbd_export_reads_and_writes_through_aoe() {
     // waits, then completes, without a restart of anything.
     let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
     let osd = osd.trim().to_owned();
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // Every thread of the OSD stopped, not just signalled (a thread still running may
+    // answer the first requests).
+    stop_process(osd.parse().expect("osd.pid"));
     let dev = rig.dev();
     let late = pattern(9, 64 * 1024);
     let late2 = late.clone();
@@ -1384,7 +1386,9 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
 
     let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
     let osd = osd.trim().to_owned();
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // Every thread of the OSD stopped, not just signalled (a thread still running may
+    // answer the first requests).
+    stop_process(osd.parse().expect("osd.pid"));
     // One 2-sector read in each of 8 objects (4 MiB each: 8192 sectors).
     const READS: u64 = 8;
     for i in 0..READS {
@@ -1492,7 +1496,9 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     client
         .discover(Duration::from_secs(10))
         .expect("raw client finds gateway C");
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // Every thread of the OSD stopped, not just signalled (a thread still running may
+    // answer the first requests).
+    stop_process(osd.parse().expect("osd.pid"));
     for i in 0..READS {
         client
             .send(&Request::Read {
@@ -1660,22 +1666,19 @@ fn contiguous_reads_are_one_rbd_read_scattered_into_their_replies() {
 
     let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
     let osd = osd.trim().to_owned();
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // Every thread of the OSD stopped, not just signalled (a thread still running may
+    // answer the first requests).
+    stop_process(osd.parse().expect("osd.pid"));
     // The burst must reach gateway B as one receive batch (64 frames) and the rest, as a
     // loaded initiator's frames do: with B running, a fast machine's gateway wakes on each
     // frame as it lands and reads them one or two at a time (CI, stop 42: 69 OSD reads).
     // So B is stopped until every frame sits in its receive ring.
-    stop_process(b.pid());
-    let rx = rx_packets(&r.rig.target_ns, &r.rig.target_if);
-    client.send_raw(&frames).expect("send the burst");
-    let landed = wait_until(Duration::from_secs(10), || {
-        rx_packets(&r.rig.target_ns, &r.rig.target_if) >= rx + frames.len() as u64
-    });
-    run_ok(Command::new("kill").args(["-CONT", &b.pid().to_string()]));
-    assert!(
-        landed,
-        "the burst's {} frames did not reach gateway B's interface",
-        frames.len()
+    while_stopped(
+        b.pid(),
+        &r.rig.target_ns,
+        &r.rig.target_if,
+        frames.len(),
+        || client.send_raw(&frames).expect("send the burst"),
     );
     // Every requested byte at the objecter (as image offsets).
     let covered = |reads: &[(u64, u64, u64)]| {
@@ -1815,7 +1818,9 @@ fn a_reserve_waiting_for_the_cluster_holds_up_no_other_export() {
 
     let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
     let osd = osd.trim().to_owned();
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    // Every thread of the OSD stopped, not just signalled (a thread still running may
+    // answer the first requests).
+    stop_process(osd.parse().expect("osd.pid"));
     let set = aoe_wire::Body::Reserve(ReserveRepr {
         rcmd: ReserveCommand::Set,
         macs: vec![x.mac()],

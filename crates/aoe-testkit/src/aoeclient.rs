@@ -456,6 +456,104 @@ impl AoeClient {
         Ok(tags.iter().filter_map(|t| replies.remove(&t.0)).collect())
     }
 
+    /// Sends every request at once, whatever the window, as one burst (`sendmmsg` batches,
+    /// as [`send_raw`](Self::send_raw)), and returns their tags in request order. They are
+    /// outstanding as if sent by [`send`](Self::send): [`poll`](Self::poll) matches their
+    /// replies and sends them again after the retransmit timeout. For tests that need
+    /// requests to reach the target together (say while it is stopped, so that it takes
+    /// them in as one receive batch): [`run`](Self::run) sends each as the window allows,
+    /// and a fast target may take each in as it lands.
+    pub fn send_burst(&mut self, reqs: &[Request]) -> io::Result<Vec<Tag>> {
+        let mut frames = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            req.check()?;
+            let max = aoe_wire::max_sectors_for_mtu(self.mtu());
+            if req.sectors() > usize::from(max) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} sectors do not fit one frame at MTU {} (at most {max})",
+                        req.sectors(),
+                        self.mtu()
+                    ),
+                ));
+            }
+            self.next_tag = self.next_tag.wrapping_add(1);
+            let tag = Tag(self.next_tag);
+            let dst = match req {
+                Request::QueryConfig => MacAddr::BROADCAST,
+                _ => self.dst,
+            };
+            frames.push((tag, req.frame(dst, self.me, self.target, tag)?));
+        }
+        self.send_raw(&frames)?;
+        let deadline = Instant::now() + self.rto;
+        for ((tag, frame), req) in frames.iter().zip(reqs) {
+            self.pending.insert(
+                tag.0,
+                Pending {
+                    frame: frame.clone(),
+                    sectors: req.sectors(),
+                    deadline,
+                    write: matches!(req, Request::Write { .. }),
+                },
+            );
+        }
+        Ok(frames.into_iter().map(|(tag, _)| tag).collect())
+    }
+
+    /// Waits for the replies to `tags` (requests sent already, say by
+    /// [`send_burst`](Self::send_burst)), retransmitting as [`poll`](Self::poll) does, and
+    /// returns them in the order of `tags`; replies to other requests that arrive meanwhile
+    /// are kept for the next [`poll`](Self::poll). `TimedOut` if they did not all arrive
+    /// within `timeout`.
+    pub fn replies_to(&mut self, tags: &[Tag], timeout: Duration) -> io::Result<Vec<Reply>> {
+        let deadline = Instant::now() + timeout;
+        let want: HashSet<u32> = tags.iter().map(|t| t.0).collect();
+        let mut replies: HashMap<u32, Reply> = HashMap::new();
+        let mut others = Vec::new();
+        let mut got: Vec<Reply> = self.ready.drain(..).collect();
+        let result = loop {
+            for r in got.drain(..) {
+                if want.contains(&r.tag.0) {
+                    replies.insert(r.tag.0, r);
+                } else {
+                    others.push(r);
+                }
+            }
+            if replies.len() == want.len() {
+                break Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} of {} replies within {timeout:?}",
+                        replies.len(),
+                        want.len()
+                    ),
+                ));
+            }
+            if let Some(t) = want
+                .iter()
+                .find(|t| !replies.contains_key(t) && !self.pending.contains_key(t))
+            {
+                break Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("tag {t:#x} is not outstanding: no reply will come"),
+                ));
+            }
+            match self.poll(left) {
+                Ok(g) => got = g,
+                Err(e) => break Err(e),
+            }
+        };
+        self.ready.extend(others);
+        result?;
+        Ok(tags.iter().filter_map(|t| replies.remove(&t.0)).collect())
+    }
+
     /// Forgets every outstanding request (say the target was killed) and returns their
     /// tags; their replies, should any still come, are ignored.
     pub fn abandon(&mut self) -> Vec<Tag> {

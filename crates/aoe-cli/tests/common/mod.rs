@@ -168,6 +168,45 @@ pub fn rx_packets(ns: &Netns, iface: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {iface} in the namespace's /proc/net/dev:\n{dev}"))
 }
 
+/// Runs `send`, which sends `frames` frames to process `pid` through interface `iface` of
+/// `ns`, while `pid` is stopped ([`stop_process`]), and lets the process run again once all of
+/// them are on the interface ([`rx_packets`]): they then sit in its receive ring together and
+/// it takes them in as few receive batches as it can (`aoe serve` takes up to 64 a batch),
+/// on any machine. A test whose assertion needs requests in one receive batch (merged reads,
+/// a read and a write staged together) must hold the receiver so: running, a fast machine's
+/// receiver wakes on each frame as it lands and takes them one or two at a time (CI, stop
+/// 42). The process is continued even if `send` panics; panics if the frames did not all
+/// reach the interface within 20 s.
+pub fn while_stopped<T>(
+    pid: u32,
+    ns: &Netns,
+    iface: &str,
+    frames: usize,
+    send: impl FnOnce() -> T,
+) -> T {
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    stop_process(pid);
+    let cont = Cont(pid);
+    let rx = rx_packets(ns, iface);
+    let out = send();
+    let landed = wait_until(Duration::from_secs(20), || {
+        rx_packets(ns, iface) >= rx + frames as u64
+    });
+    drop(cont);
+    assert!(
+        landed,
+        "{frames} frames sent to process {pid} did not all reach {iface} in 20 s"
+    );
+    out
+}
+
 /// A numeric field of `/proc/PID/status` (`VmRSS:` and `VmHWM:` in KiB, `Threads:`), for
 /// the tests that check a daemon's memory or threads stay bounded. Panics, naming the
 /// process, if it is gone or the field is missing.
