@@ -251,6 +251,11 @@ fn main() -> ExitCode {
             // 2>&1 | head`) and SIGPIPE ignored (the daemons), it panicked and the exit
             // status became 101 instead of the error's (session 29's audit).
             let _ = writeln!(std::io::stderr().lock(), "{me}: {e:#}");
+            if e.downcast_ref::<aoe_target::WorkLost>().is_some() {
+                // Stores left running under their own threads (librados'): no library
+                // destructor may run under them (`aoe_target::WorkLost`).
+                aoe_sys::exit_now(1);
+            }
             if e.downcast_ref::<serve::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -79,7 +79,7 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
-pub use sigpipe::{die_of_sigpipe, sigpipe_default};
+pub use sigpipe::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};

@@ -31,3 +31,17 @@ pub fn die_of_sigpipe() -> ! {
     // Blocked: the status a shell would have shown.
     std::process::exit(128 + libc::SIGPIPE)
 }
+
+/// Ends the process at once with status `code` (`_exit(2)`): no `atexit` handler and no C++
+/// static destructor runs. For a daemon that leaves a library's threads running on purpose,
+/// e.g. librados' with requests still in flight after a drain gave up: `exit(3)` destroys
+/// that library's globals under its running threads, and librados then aborts
+/// ("terminate called after throwing an instance of 'boost::wrapexcept<boost::bad_get>'",
+/// SIGABRT instead of the status the daemon chose; TEST-AUDIT, session 31). Standard output
+/// is flushed first; standard error is unbuffered.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().flush();
+    // SAFETY: _exit(2) ends the process; it touches no memory of ours and never returns.
+    unsafe { libc::_exit(code) }
+}

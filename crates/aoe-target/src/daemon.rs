@@ -168,6 +168,22 @@ impl Hasher for IdHasher {
     }
 }
 
+/// The error of a stop that lost work ([`Daemon::run`] after its drain): requests still in a
+/// store or a state file not saved. The stores, their threads and the buffers they write
+/// into are left running on purpose (an RBD image's requests wait in librbd), so the
+/// process must end without running library destructors under those threads: `aoe serve`
+/// ends with [`aoe_sys::exit_now`] on it, status 1 as for any error.
+#[derive(Debug)]
+pub struct WorkLost(String);
+
+impl std::fmt::Display for WorkLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WorkLost {}
+
 /// A running target.
 pub struct Daemon {
     config_path: Option<PathBuf>,
@@ -647,11 +663,12 @@ impl Daemon {
             lost.push("state files not saved".into());
         }
         tracing::error!("stopped with work lost");
-        anyhow::bail!(
+        Err(WorkLost(format!(
             "stopped after {} s with work lost: {}",
             self.drain.as_secs(),
             lost.join("; ")
-        )
+        ))
+        .into())
     }
 
     /// The observer this daemon publishes its state to (metrics, control socket).

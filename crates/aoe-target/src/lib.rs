@@ -25,4 +25,4 @@ pub mod state;
 
 pub use backing::CEPH_CONNECT_TIMEOUT;
 pub use config::{CephOptions, ExportSpec, IoMode, Overrides, ServeConfig};
-pub use daemon::{validate, Control, Daemon};
+pub use daemon::{validate, Control, Daemon, WorkLost};
