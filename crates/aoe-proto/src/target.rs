@@ -445,7 +445,7 @@ impl AoeErrorCounts {
 }
 
 /// A request handed to the driver, in the slab at its token until [`Engine::complete`].
-/// One cache line, aligned to one (64 bytes, pinned by a test): `complete` reads it after
+/// One cache line, aligned to one (64 bytes, pinned by a const assertion): `complete` reads it after
 /// the disk work, when the batch's frames and the file's data have most often pushed it
 /// out of the first-level cache, so it costs one line fetched rather than the two of the
 /// 96 bytes it took with the reply header as a [`HeaderRepr`] (session 30's profile:

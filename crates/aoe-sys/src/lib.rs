@@ -137,23 +137,6 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
-/// Like [`prefetch`], for a line about to be written (x86-64 `prefetchw`, `_MM_HINT_ET0`):
-/// the line comes in owned, so the store that follows needs no second request for
-/// ownership. For memory another CPU wrote last, e.g. a transmit ring slot whose status
-/// word the kernel set when it freed the sent frame (packet_mmap.rst, `TP_STATUS_AVAILABLE`).
-/// A hint only, as [`prefetch`]; on a CPU without `prefetchw` a no-op.
-#[inline]
-pub fn prefetch_write(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHW is a hint like PREFETCHT0: it neither faults, whatever the address,
-    // nor changes memory or registers; CPUs without it execute the encoding as a NOP.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -745,14 +745,16 @@ impl PacketRing {
         }
     }
 
-    /// Hints the CPU to fetch, for writing ([`crate::prefetch_write`]), the first two cache
-    /// lines of the transmit slot `ahead` places after the next free one: its status word
-    /// (which [`frame_and_slot_ahead`](Self::frame_and_slot_ahead) reads) and the reply
-    /// header a caller writes after it (with the vnet header, data from byte 42 to 78 at
-    /// least). The kernel wrote the status word last, on whichever CPU freed the sent frame,
-    /// so the slot's first touch is a cache miss; hinted a few replies ahead it comes in
-    /// while the replies before it are built. Nothing is read or written; a slot past the
-    /// ring's size is not hinted.
+    /// Hints the CPU ([`crate::prefetch`]) to fetch the first two cache lines of the
+    /// transmit slot `ahead` places after the next free one: its status word (which
+    /// [`frame_and_slot_ahead`](Self::frame_and_slot_ahead) reads) and the reply header a
+    /// caller writes after it (with the vnet header, data from byte 42 to 78 at least). The
+    /// kernel wrote the status word last, on whichever CPU freed the sent frame
+    /// (`TP_STATUS_AVAILABLE`, packet_mmap.rst), so the slot's first touch is a cache miss;
+    /// hinted a few replies ahead it comes in while the replies before it are built. A
+    /// `prefetchw` (the line owned, for the stores that follow) measured no better than
+    /// this `prefetcht0` (docs/PERFORMANCE.md, session 31). Nothing is read or written; a
+    /// slot past the ring's size is not hinted.
     #[inline]
     pub fn prefetch_tx_slot(&self, ahead: usize) {
         let n = self.tx.frame_nr();
@@ -761,8 +763,8 @@ impl PacketRing {
         }
         let off = self.tx_offs[wrap_add(self.tx_head, ahead, n)];
         let p = self.map.as_ptr().cast_const().wrapping_add(off);
-        crate::prefetch_write(p);
-        crate::prefetch_write(p.wrapping_add(64));
+        crate::prefetch(p);
+        crate::prefetch(p.wrapping_add(64));
     }
 
     /// The data area of the transmit slot `ahead` places after the next free one
