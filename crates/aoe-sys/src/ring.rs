@@ -78,6 +78,20 @@ fn block_size(frame_size: usize, page: usize) -> usize {
     block
 }
 
+/// `(a + b) % n` for `a < n` and `b <= n`, without the division: the ring's positions are
+/// moved on per frame, several times a request, and a 32- or 64-bit `div` takes tens of
+/// cycles (session 31's profile of `commit_from`).
+#[inline]
+fn wrap_add(a: usize, b: usize, n: usize) -> usize {
+    debug_assert!(a < n && b <= n);
+    let s = a + b;
+    if s >= n {
+        s - n
+    } else {
+        s
+    }
+}
+
 /// `struct tpacket_req` from `<linux/if_packet.h>`.
 #[repr(C)]
 struct TpacketReq {
@@ -127,6 +141,13 @@ impl Geometry {
     /// Offset of slot `i` from the start of the ring.
     fn slot(&self, i: usize) -> usize {
         (i / self.per_block) * self.block_size + (i % self.per_block) * self.frame_size
+    }
+
+    /// Every slot's offset from the start of the mapping, the ring starting at `base`
+    /// ([`Geometry::slot`] of each): looked up per frame instead of computed, since the
+    /// computation is a division (`per_block` is no power of two at MTU 1500 or 9000).
+    fn offsets(&self, base: usize) -> Box<[usize]> {
+        (0..self.frame_nr()).map(|i| base + self.slot(i)).collect()
     }
 
     fn req(&self) -> io::Result<TpacketReq> {
@@ -200,6 +221,10 @@ pub struct PacketRing {
     held_n: usize,
     /// Next transmit slot to fill.
     tx_head: usize,
+    /// Offsets in the mapping of the receive and transmit slots, by index
+    /// ([`Geometry::offsets`]).
+    rx_offs: Box<[usize]>,
+    tx_offs: Box<[usize]>,
     /// Slots marked since the last kick that took them all.
     tx_unkicked: usize,
     /// A duplicate of the socket's descriptor, so that kicks and the removal on drop reach
@@ -378,6 +403,8 @@ impl PacketRing {
             held: vec![None; rx.frame_nr()],
             held_n: 0,
             tx_head: 0,
+            rx_offs: rx.offsets(0),
+            tx_offs: tx.offsets(rx.bytes()),
             tx_unkicked: 0,
             fd: owned,
             stats: RingStats::default(),
@@ -446,7 +473,9 @@ impl PacketRing {
         if self.held.get(self.rx_head).is_some_and(Option::is_some) {
             return false;
         }
-        let off = self.rx.slot(self.rx_head);
+        let Some(&off) = self.rx_offs.get(self.rx_head) else {
+            return false;
+        };
         // Acquire: as in recv_batch, the frame is visible once its status is.
         self.status(off).load(Ordering::Acquire) & TP_STATUS_USER != 0
     }
@@ -464,7 +493,7 @@ impl PacketRing {
                 // into TP_STATUS_KERNEL slots), so nothing newer lies beyond it.
                 break;
             }
-            let off = self.rx.slot(self.rx_head);
+            let off = self.rx_offs[self.rx_head];
             // Acquire: the frame's bytes and header fields are visible once the status is.
             let st = self.status(off).load(Ordering::Acquire);
             if st & TP_STATUS_USER == 0 {
@@ -497,7 +526,7 @@ impl PacketRing {
                 src,
             };
             self.lent.push((off + mac, meta, wire));
-            self.rx_head = (self.rx_head + 1) % n;
+            self.rx_head = wrap_add(self.rx_head, 1, n);
             self.rx_lent += 1;
         }
         self.lent.len()
@@ -517,11 +546,11 @@ impl PacketRing {
     fn release(&mut self) {
         let n = self.rx.frame_nr();
         for k in 0..self.rx_lent {
-            let i = (self.rx_lent_from + k) % n;
+            let i = wrap_add(self.rx_lent_from, k, n);
             if self.held[i].is_some() {
                 continue;
             }
-            let off = self.rx.slot(i);
+            let off = self.rx_offs[i];
             // Release: our reads of the frame are done before the kernel may overwrite it.
             self.status(off).store(TP_STATUS_KERNEL, Ordering::Release);
         }
@@ -565,7 +594,7 @@ impl PacketRing {
         if let Some(h) = self.held.get_mut(slot) {
             if h.take().is_some() {
                 self.held_n -= 1;
-                let off = self.rx.slot(slot);
+                let off = self.rx_offs[slot];
                 // Release: our reads of the frame are done before the kernel may overwrite it.
                 self.status(off).store(TP_STATUS_KERNEL, Ordering::Release);
             }
@@ -716,6 +745,28 @@ impl PacketRing {
         }
     }
 
+    /// Hints the CPU ([`crate::prefetch`]) to fetch the first two cache lines of the
+    /// transmit slot `ahead` places after the next free one: its status word (which
+    /// [`frame_and_slot_ahead`](Self::frame_and_slot_ahead) reads) and the reply header a
+    /// caller writes after it (with the vnet header, data from byte 42 to 78 at least). The
+    /// kernel wrote the status word last, on whichever CPU freed the sent frame
+    /// (`TP_STATUS_AVAILABLE`, packet_mmap.rst), so the slot's first touch is a cache miss;
+    /// hinted a few replies ahead it comes in while the replies before it are built. A
+    /// `prefetchw` (the line owned, for the stores that follow) measured no better than
+    /// this `prefetcht0` (docs/PERFORMANCE.md, session 31). Nothing is read or written; a
+    /// slot past the ring's size is not hinted.
+    #[inline]
+    pub fn prefetch_tx_slot(&self, ahead: usize) {
+        let n = self.tx.frame_nr();
+        if ahead >= n {
+            return;
+        }
+        let off = self.tx_offs[wrap_add(self.tx_head, ahead, n)];
+        let p = self.map.as_ptr().cast_const().wrapping_add(off);
+        crate::prefetch(p);
+        crate::prefetch(p.wrapping_add(64));
+    }
+
     /// The data area of the transmit slot `ahead` places after the next free one
     /// ([`tx_frame_cap`](Self::tx_frame_cap) bytes), if that slot is free.
     pub fn slot_ahead(&mut self, ahead: usize) -> Option<&mut [u8]> {
@@ -816,7 +867,7 @@ impl PacketRing {
         if ahead >= n {
             return None;
         }
-        let off = self.rx.bytes() + self.tx.slot((self.tx_head + ahead) % n);
+        let off = self.tx_offs[wrap_add(self.tx_head, ahead, n)];
         let st = self.status(off).load(Ordering::Acquire);
         (st == TP_STATUS_AVAILABLE || st == TP_STATUS_WRONG_FORMAT).then_some(off)
     }
@@ -855,7 +906,7 @@ impl PacketRing {
         // Release: data and length are visible to the kernel before the request is.
         self.status(off)
             .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
-        self.tx_head = (self.tx_head + 1) % self.tx.frame_nr();
+        self.tx_head = wrap_add(self.tx_head, 1, self.tx.frame_nr());
         self.tx_unkicked += 1;
         self.stats.tx_marked += 1;
     }
@@ -1068,6 +1119,25 @@ fn set_req(fd: libc::c_int, name: libc::c_int, req: &TpacketReq) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The offset table the ring looks slots up in is the computed one, slot for slot,
+    /// and moving a position on without a division wraps as `%` does.
+    #[test]
+    fn slot_offsets_and_wrapping_match_the_division() {
+        let g = Geometry::new(1024, 1514, RX_DATA_OFFSET, 4096);
+        let offs = g.offsets(4096);
+        assert_eq!(offs.len(), g.frame_nr());
+        for (i, &o) in offs.iter().enumerate() {
+            assert_eq!(o, 4096 + g.slot(i));
+        }
+        for n in [1, 2, 81, 1053] {
+            for a in 0..n {
+                for b in [0, 1, n / 2, n - 1, n] {
+                    assert_eq!(wrap_add(a, b, n), (a + b) % n, "{a} + {b} mod {n}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn geometry_keeps_frames_inside_blocks() {

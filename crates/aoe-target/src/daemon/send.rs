@@ -115,6 +115,11 @@ impl Route {
     }
 }
 
+/// How many replies ahead of the one being built [`IfaceRt::frame_and_slot`] hints the
+/// transmit slot ([`PacketRing::prefetch_tx_slot`]): a frame's own code is 0.3-0.4 us
+/// (docs/PERFORMANCE.md, session 30), so four frames give a miss of a microsecond room.
+const TX_PREFETCH_AHEAD: usize = 4;
+
 pub(super) struct IfaceRt {
     pub(super) name: String,
     pub(super) sock: PacketSocket,
@@ -248,7 +253,18 @@ impl IfaceRt {
         }
         match &mut self.batch {
             Batch::Ring(r) => {
-                let (frame, slot) = r.frame_and_slot_ahead(f, self.staged.len());
+                // The slot a reply a few frames on will take, fetched now
+                // ([`PacketRing::prefetch_tx_slot`]); at a batch's first reply, the first
+                // few after it.
+                let k = self.staged.len();
+                if k == 0 {
+                    for a in 1..=TX_PREFETCH_AHEAD {
+                        r.prefetch_tx_slot(a);
+                    }
+                } else {
+                    r.prefetch_tx_slot(k + TX_PREFETCH_AHEAD);
+                }
+                let (frame, slot) = r.frame_and_slot_ahead(f, k);
                 (
                     frame,
                     slot.filter(|s| s.len() >= cap).map(|s| &mut s[..cap]),
