@@ -2302,3 +2302,185 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
     );
     r.rig.finish();
 }
+
+/// SIGKILLs the cluster's OSD (its pid in the cluster's osd.pid) and waits until it is gone
+/// (no process, or a zombie: it holds nothing any more).
+fn kill_osd(r: &RbdRig) {
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    let _ = run(Command::new("kill").args(["-CONT", &osd]));
+    run_ok(Command::new("kill").args(["-9", &osd]));
+    let stat = format!("/proc/{osd}/stat");
+    let gone = wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&stat).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .map(str::trim_start)
+                .unwrap_or("")
+                .starts_with('Z')
+        })
+    });
+    assert!(gone, "the OSD {osd} survived SIGKILL");
+}
+
+/// Starts the cluster's OSD again (as scripts/ceph-up.sh does, osd.pid updated so that
+/// ceph-down.sh stops it) in the target's namespace.
+fn restart_osd(r: &RbdRig) -> NsChild {
+    let mut cmd = Command::new("ceph-osd");
+    cmd.arg("-c").arg(r.ceph.conf()).args(["-i", "0", "-f"]);
+    let osd = r.rig.target_ns.spawn(cmd).expect("start ceph-osd again");
+    fs::write(r.ceph.dir.join("osd.pid"), osd.pid().to_string()).expect("osd.pid");
+    osd
+}
+
+/// Fourteenth audit (session 31): the pool's or image's librbd config (`rbd config image set
+/// rbd/img rbd_cache true`, or the pool's) overrides the gateway's own `rbd_cache=false`
+/// (librbd's `ImageCtx::apply_metadata`). Before, such an image was served with librbd's
+/// cache on and its default write-around policy: after the first FLUSH a write was
+/// acknowledged at once, before the OSDs had it, so a gateway killed (here with the OSD
+/// stopped, then killed too, so what the gateway sent is not on it) lost writes it had
+/// acknowledged. Now the gateway sets the policy to write-through (which such an image then
+/// gets: a write is acknowledged once the OSDs have it, so none is acknowledged while the
+/// OSD is stopped) and refuses a writable export whose pool or image asks for write-back.
+#[test]
+fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+        ceph.ok(
+            "rbd",
+            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
+        );
+    });
+    let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
+        .expect("raw AoE client");
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway A");
+    // The first FLUSH ends librbd's write-through-until-flush.
+    let flush = client
+        .call(&Request::Flush, Duration::from_secs(30))
+        .expect("FLUSH through gateway A");
+    assert!(flush.is_ok(), "FLUSH failed: {flush:?}");
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    run_ok(Command::new("kill").args(["-STOP", osd.trim()]));
+    const LBA: u64 = 40_000;
+    let data = pattern(31, 16 * 1024);
+    let writes = frame_writes(LBA, &data);
+    let mut tags = Vec::new();
+    for w in &writes {
+        tags.push(client.send(w).expect("send a write"));
+    }
+    // Whatever is acknowledged within 5 s (the OSD stopped all along) must survive.
+    let mut acked = std::collections::BTreeSet::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        for reply in client
+            .poll(Duration::from_secs(5).saturating_sub(t0.elapsed()))
+            .expect("poll")
+        {
+            assert!(reply.is_ok(), "a write failed: {reply:?}");
+            if let Some(i) = tags.iter().position(|t| *t == reply.tag) {
+                acked.insert(i);
+            }
+        }
+    }
+    client.abandon();
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    kill_osd(&r);
+    let _osd = restart_osd(&r);
+    let exported = r.ceph.export("rbd/img");
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let at = (LBA as usize + 2 * i) * 512;
+            exported[at..at + 1024] != data[i * 1024..(i + 1) * 1024]
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} writes gateway A acknowledged while the OSD was stopped are lost after A \
+         was killed (librbd's cache acknowledged them): writes {:?}",
+        lost.len(),
+        writes.len(),
+        &lost[..lost.len().min(8)]
+    );
+    assert!(
+        acked.is_empty(),
+        "writes {acked:?} were acknowledged while the OSD was stopped"
+    );
+
+    // An image that asks for write-back is refused, naming the override; read-only, it is
+    // served (a cache holds no write there).
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_cache_policy",
+            "writeback",
+        ],
+    );
+    // (`rbd config image set` itself broke dead A's lock, asking it in vain to do it.)
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let refusal = || {
+        let mut cmd = r.rig.target_ns.command("timeout");
+        cmd.args(["-k", "5", "30", AOE, "serve"])
+            .args(&r.rig.target_args)
+            .args(["--probe-ms", "0", "9", "9", &r.rig.target_if, "rbd:rbd/img"])
+            .env("AOE_LOG", "off");
+        let out = run(&mut cmd);
+        let e = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "aoe serve of a write-back image: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        e
+    };
+    let e = refusal();
+    assert!(
+        e.contains(
+            "librbd's write-back cache is on for this image (rbd_cache=true from the image, \
+             rbd_cache_policy=writeback from the image"
+        ) && e.contains("`rbd config image remove rbd/img rbd_cache_policy`"),
+        "{e}"
+    );
+    // The pool's write-around policy likewise (the image's removed).
+    r.ceph.ok(
+        "rbd",
+        &["config", "image", "remove", "rbd/img", "rbd_cache_policy"],
+    );
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "pool",
+            "set",
+            "rbd",
+            "rbd_cache_policy",
+            "writearound",
+        ],
+    );
+    let e = refusal();
+    assert!(
+        e.contains("rbd_cache_policy=writearound from the pool")
+            && e.contains("`rbd config pool remove rbd rbd_cache_policy`"),
+        "{e}"
+    );
+    // The refused gateway broke no lock: it blocklisted nobody.
+    let after = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    assert_eq!(
+        after.lines().count(),
+        blocklist.lines().count(),
+        "the refused gateway broke a lock: {after}"
+    );
+    let ro = start_gateway(&r, (9, 9), &["-r", "--no-announce"]);
+    drop(ro);
+    r.rig.finish();
+}
