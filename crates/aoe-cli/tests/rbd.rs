@@ -2484,3 +2484,70 @@ fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
     drop(ro);
     r.rig.finish();
 }
+
+/// Fourteenth audit (session 31): the gateway sets `rbd_blocklist_on_break_lock=true`, but
+/// the image's config (`rbd config image set rbd/img rbd_blocklist_on_break_lock false`,
+/// here made while gateway A serves, so A's librbd does it for the CLI) overrides it, and
+/// librbd's lock break reads the image's config. Before, gateway B, started after A was
+/// killed, broke A's lock without blocklisting A: a gateway only slow, not dead, would have
+/// gone on writing behind B's back. Now B refuses to serve the image, naming the override,
+/// before it breaks anything.
+#[test]
+fn a_gateway_refuses_an_image_whose_config_turns_off_blocklisting_on_lock_break() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write through gateway A");
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_blocklist_on_break_lock",
+            "false",
+        ],
+    );
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(
+        locks.contains("1 exclusive lock"),
+        "gateway A lost its lock to the config change: {locks}"
+    );
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    let mut cmd = r.rig.target_ns.command("timeout");
+    cmd.args(["-k", "5", "30", AOE, "serve"])
+        .args(&r.rig.target_args)
+        .args([
+            "--probe-ms",
+            "0",
+            &SHELF.to_string(),
+            &SLOT.to_string(),
+            &r.rig.target_if,
+            "rbd:rbd/img",
+        ])
+        .env("AOE_LOG", "off");
+    let out = run(&mut cmd);
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(
+        out.status.code() == Some(1) || blocklist.contains("127.0.0.1"),
+        "gateway B ({:?}) took the image over without blocklisting A; blocklist: {blocklist:?}, \
+         locks: {locks}{e}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "gateway B: {e}");
+    assert!(
+        e.contains("rbd_blocklist_on_break_lock=false from the image")
+            && e.contains("`rbd config image remove rbd/img rbd_blocklist_on_break_lock`"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        blocklist.lines().count() == 0 || !blocklist.contains("127.0.0.1"),
+        "the refused gateway blocklisted someone: {blocklist}"
+    );
+    r.rig.finish();
+}

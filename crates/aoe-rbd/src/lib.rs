@@ -44,7 +44,9 @@
 //! or write-through where the pool's or image's config turns it on, and a writable export
 //! whose pool or image asks for a write-back cache is refused at open
 //! ([`OpenError::WriteBackCache`]), so an acknowledged write is on the OSDs and survives the
-//! gateway, flushed or not. No OSD timeout is set:
+//! gateway, flushed or not. A writable export whose pool or image turns
+//! `rbd_blocklist_on_break_lock` off is refused likewise ([`OpenError::NoBlocklistOnBreak`]):
+//! its take-over would not fence the old gateway. No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
 //! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -168,6 +170,25 @@ pub enum OpenError {
         /// The option to remove there: `rbd_cache_policy` if the pool or image sets it,
         /// else `rbd_cache`.
         option: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// The pool's or the image's librbd config turns `rbd_blocklist_on_break_lock` off over
+    /// the gateway's own setting: a gateway taking the image over would break the old one's
+    /// lock without blocklisting it, and the old one's writes in flight would still land
+    /// after the new one's. The operator's to change (the command is in the message).
+    #[error(
+        "{name}: this image's config turns blocklisting off when a lock is broken \
+         (rbd_blocklist_on_break_lock=false from the {level}): a gateway taking it over could \
+         not fence the old one, whose late writes would land over the new one's; not serving \
+         it writable. Remove the override (`rbd config {level} remove {target} \
+         rbd_blocklist_on_break_lock`)"
+    )]
+    NoBlocklistOnBreak {
+        /// The export's name.
+        name: String,
+        /// `pool` or `image`: where the override is.
+        level: &'static str,
         /// The pool or the pool/image, as `rbd config` names it.
         target: String,
     },
@@ -351,7 +372,8 @@ impl RbdBackend {
             ("rbd_cache_policy", "writethrough"),
             // A gateway that breaks another's lock has the cluster blocklist it first (Ceph's
             // default, made sure of here): the fenced gateway's writes then fail at the OSDs,
-            // and librbd's update watch tells its monitor (see [`Shared::monitor`]).
+            // and librbd's update watch tells its monitor (see [`Shared::monitor`]). A pool's
+            // or image's override of it is refused ([`no_blocklist_on_break`]).
             ("rbd_blocklist_on_break_lock", "true"),
         ];
         if let Some(k) = &keyring {
@@ -422,19 +444,27 @@ impl RbdBackend {
             // Before the lock is taken (or a holder's broken): a refused gateway leaves the
             // one serving alone.
             let config = image.config().map_err(|e| classify(e, "config"))?;
+            let target = |level: &str| match level {
+                "pool" => o.pool.clone(),
+                _ => match &o.namespace {
+                    Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
+                    None => format!("{}/{}", o.pool, o.image),
+                },
+            };
+            if let Some(level) = no_blocklist_on_break(&config) {
+                return Err(OpenError::NoBlocklistOnBreak {
+                    name,
+                    level,
+                    target: target(level),
+                });
+            }
             if let Some(WriteBack {
                 settings,
                 level,
                 option,
             }) = write_back_cache(&config)
             {
-                let target = match level {
-                    "pool" => o.pool.clone(),
-                    _ => match &o.namespace {
-                        Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
-                        None => format!("{}/{}", o.pool, o.image),
-                    },
-                };
+                let target = target(level);
                 return Err(OpenError::WriteBackCache {
                     name,
                     settings,
@@ -626,6 +656,23 @@ fn write_back_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<WriteBack> {
             "image"
         },
         option,
+    })
+}
+
+/// Where the pool's or image's config turns `rbd_blocklist_on_break_lock` off over the
+/// gateway's own `true` (`pool` or `image`), if it does. librbd's lock break reads the
+/// image's config (`managed_lock::BreakRequest`), so this gateway, taking the image over from
+/// another, would break that one's lock and leave it free to write: what it had in flight,
+/// or accepted before it noticed, would land after this gateway's writes.
+fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
+    use aoe_rbd_sys::ConfigSource;
+    let o = config
+        .iter()
+        .find(|o| o.name == "rbd_blocklist_on_break_lock")?;
+    (o.value == "false").then_some(if o.source == ConfigSource::Pool {
+        "pool"
+    } else {
+        "image"
     })
 }
 
