@@ -2551,3 +2551,113 @@ fn a_gateway_refuses_an_image_whose_config_turns_off_blocklisting_on_lock_break(
     );
     r.rig.finish();
 }
+
+/// Fourteenth audit (session 31): a read-only gateway B (another address) of an image that
+/// gateway A writes, the image's config turning librbd's cache on (write-through in A, by
+/// the gateway's policy), then its `rbd_cache_policy` set to `writeback` while A serves.
+/// B holds no lock, and nothing but the OSDs tells it that A wrote sectors it has read.
+/// Before, B read a sector twice, A wrote it (acknowledged, flushed, in `rbd export`), and
+/// B's next read answered the old data from its cache. Now a read-only export of an image
+/// whose pool or image turns the cache on is refused, naming the override.
+#[test]
+fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote() {
+    let seeded = pattern(12, IMAGE_BYTES);
+    let r = RbdRig::start("rbd/img", |ceph| {
+        let f = ceph.dir.join("seed.img");
+        fs::write(&f, &seeded).expect("write seed file");
+        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
+        fs::remove_file(&f).expect("remove seed file");
+        ceph.ok(
+            "rbd",
+            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
+        );
+    });
+    // Set once A serves (a writable export of a write-back image is refused at open). Its
+    // read cache is what B would use; the gateway's own write-through policy gives B the
+    // same cache (the default write-around policy caches no reads).
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_cache_policy",
+            "writeback",
+        ],
+    );
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve")
+        .args(&r.rig.target_args)
+        .args(["-r", "--no-announce"])
+        .arg(SHELF.to_string())
+        .arg((SLOT + 1).to_string())
+        .arg(&r.rig.target_if)
+        .arg(&r.rig.file);
+    let before = packet_sockets(&r.rig.target_ns);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    let settled = wait_until(Duration::from_secs(90), || {
+        packet_sockets(&r.rig.target_ns) > before || !b.is_running()
+    });
+    assert!(
+        settled,
+        "gateway B neither served nor failed:\n{}",
+        b.output_so_far()
+    );
+    if b.is_running() {
+        let mut client = AoeClient::open(
+            &r.rig.init_ns,
+            &r.rig.init_if,
+            TargetAddr::new(SHELF, SLOT + 1),
+        )
+        .expect("raw AoE client");
+        client
+            .discover(Duration::from_secs(30))
+            .expect("raw client finds gateway B");
+        const LBA: u64 = 20_000;
+        let at = LBA as usize * 512;
+        let read = |client: &mut AoeClient| {
+            let reply = client
+                .call(
+                    &Request::Read { lba: LBA, count: 2 },
+                    Duration::from_secs(30),
+                )
+                .expect("read through gateway B");
+            assert!(reply.is_ok(), "read failed: {reply:?}");
+            reply.data().to_vec()
+        };
+        assert!(read(&mut client) == seeded[at..at + 1024], "B's first read");
+        assert!(
+            read(&mut client) == seeded[at..at + 1024],
+            "B's second read"
+        );
+        let newer = pattern(13, 1024);
+        write_sync(&r.rig.dev(), at as u64, &newer).expect("write through gateway A");
+        let exported = r.ceph.export("rbd/img");
+        assert!(
+            exported[at..at + 1024] == newer[..],
+            "A's write is not in the image"
+        );
+        let again = read(&mut client);
+        assert!(
+            again == newer,
+            "gateway B answered a read after A's acknowledged, flushed write with {} data",
+            if again == seeded[at..at + 1024] {
+                "the old (its cache's)"
+            } else {
+                "other"
+            }
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || !b.is_running()),
+        "gateway B serves the image read-only with librbd's cache on"
+    );
+    let out = b.output_so_far();
+    assert!(
+        out.contains("librbd's cache is on for this image (rbd_cache=true from the image)")
+            && out.contains("`rbd config image remove rbd/img rbd_cache`"),
+        "{out}"
+    );
+    r.rig.finish();
+}

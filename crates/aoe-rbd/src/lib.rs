@@ -46,7 +46,9 @@
 //! ([`OpenError::WriteBackCache`]), so an acknowledged write is on the OSDs and survives the
 //! gateway, flushed or not. A writable export whose pool or image turns
 //! `rbd_blocklist_on_break_lock` off is refused likewise ([`OpenError::NoBlocklistOnBreak`]):
-//! its take-over would not fence the old gateway. No OSD timeout is set:
+//! its take-over would not fence the old gateway. A read-only export of an image whose
+//! config turns the cache on is refused too ([`OpenError::ReadCache`]): its cache would
+//! answer reads with what another gateway has overwritten since. No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
 //! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -185,6 +187,23 @@ pub enum OpenError {
          rbd_blocklist_on_break_lock`)"
     )]
     NoBlocklistOnBreak {
+        /// The export's name.
+        name: String,
+        /// `pool` or `image`: where the override is.
+        level: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// A read-only export of an image whose pool or image config turns librbd's cache on:
+    /// the cache would answer reads with what it read before another gateway wrote the
+    /// sectors (this gateway holds no lock, so nothing tells it). The operator's to change.
+    #[error(
+        "{name}: librbd's cache is on for this image (rbd_cache=true from the {level}): a \
+         read-only gateway would answer reads from it after another gateway wrote those \
+         sectors; not serving it. Remove the override (`rbd config {level} remove {target} \
+         rbd_cache`)"
+    )]
+    ReadCache {
         /// The export's name.
         name: String,
         /// `pool` or `image`: where the override is.
@@ -440,17 +459,25 @@ impl RbdBackend {
                 .map_err(|e| classify(e, "pool"))?,
         );
         let image = io.open(&o.image).map_err(|e| classify(e, "image"))?;
-        if !o.read_only {
-            // Before the lock is taken (or a holder's broken): a refused gateway leaves the
-            // one serving alone.
-            let config = image.config().map_err(|e| classify(e, "config"))?;
-            let target = |level: &str| match level {
-                "pool" => o.pool.clone(),
-                _ => match &o.namespace {
-                    Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
-                    None => format!("{}/{}", o.pool, o.image),
-                },
-            };
+        // Before the lock is taken (or a holder's broken): a refused gateway leaves the one
+        // serving alone.
+        let config = image.config().map_err(|e| classify(e, "config"))?;
+        let target = |level: &str| match level {
+            "pool" => o.pool.clone(),
+            _ => match &o.namespace {
+                Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
+                None => format!("{}/{}", o.pool, o.image),
+            },
+        };
+        if o.read_only {
+            if let Some(level) = read_cache(&config) {
+                return Err(OpenError::ReadCache {
+                    name,
+                    level,
+                    target: target(level),
+                });
+            }
+        } else {
             if let Some(level) = no_blocklist_on_break(&config) {
                 return Err(OpenError::NoBlocklistOnBreak {
                     name,
@@ -670,6 +697,22 @@ fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'stati
         .iter()
         .find(|o| o.name == "rbd_blocklist_on_break_lock")?;
     (o.value == "false").then_some(if o.source == ConfigSource::Pool {
+        "pool"
+    } else {
+        "image"
+    })
+}
+
+/// Where the pool's or image's config turns librbd's cache on (`pool` or `image`), if it
+/// does, for a read-only export. librbd keeps what it read in its cache (`ObjectCacher`),
+/// and a gateway that holds no lock hears nothing of another gateway's writes: the
+/// fourteenth audit read the old data through a read-only gateway after the writable one's
+/// acknowledged, flushed write. `rbd:` exports are of the image's head, which another
+/// gateway may write, so a read-only one must read from the OSDs.
+fn read_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
+    use aoe_rbd_sys::ConfigSource;
+    let o = config.iter().find(|o| o.name == "rbd_cache")?;
+    (o.value == "true").then_some(if o.source == ConfigSource::Pool {
         "pool"
     } else {
         "image"
