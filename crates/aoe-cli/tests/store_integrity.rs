@@ -458,6 +458,7 @@ struct PartitionedLoop {
 
 impl PartitionedLoop {
     fn new() -> PartitionedLoop {
+        aoe_testkit::require_tools(&[("sfdisk", "fdisk"), ("partx", "util-linux")]);
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         let img = dir.path().join("disk.img");
         fs::write(&img, vec![0u8; 4 << 20]).expect("disk image");
