@@ -2307,3 +2307,360 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
     );
     r.rig.finish();
 }
+
+/// SIGKILLs the cluster's OSD (its pid in the cluster's osd.pid) and waits until it is gone
+/// (no process, or a zombie: it holds nothing any more).
+fn kill_osd(r: &RbdRig) {
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    let osd = osd.trim().to_owned();
+    let _ = run(Command::new("kill").args(["-CONT", &osd]));
+    run_ok(Command::new("kill").args(["-9", &osd]));
+    let stat = format!("/proc/{osd}/stat");
+    let gone = wait_until(Duration::from_secs(20), || {
+        fs::read_to_string(&stat).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .map(str::trim_start)
+                .unwrap_or("")
+                .starts_with('Z')
+        })
+    });
+    assert!(gone, "the OSD {osd} survived SIGKILL");
+}
+
+/// Starts the cluster's OSD again (as scripts/ceph-up.sh does, osd.pid updated so that
+/// ceph-down.sh stops it) in the target's namespace.
+fn restart_osd(r: &RbdRig) -> NsChild {
+    let mut cmd = Command::new("ceph-osd");
+    cmd.arg("-c").arg(r.ceph.conf()).args(["-i", "0", "-f"]);
+    let osd = r.rig.target_ns.spawn(cmd).expect("start ceph-osd again");
+    fs::write(r.ceph.dir.join("osd.pid"), osd.pid().to_string()).expect("osd.pid");
+    osd
+}
+
+/// Fourteenth audit (session 31): the pool's or image's librbd config (`rbd config image set
+/// rbd/img rbd_cache true`, or the pool's) overrides the gateway's own `rbd_cache=false`
+/// (librbd's `ImageCtx::apply_metadata`). Before, such an image was served with librbd's
+/// cache on and its default write-around policy: after the first FLUSH a write was
+/// acknowledged at once, before the OSDs had it, so a gateway killed (here with the OSD
+/// stopped, then killed too, so what the gateway sent is not on it) lost writes it had
+/// acknowledged. Now the gateway sets the policy to write-through (which such an image then
+/// gets: a write is acknowledged once the OSDs have it, so none is acknowledged while the
+/// OSD is stopped) and refuses a writable export whose pool or image asks for write-back.
+#[test]
+fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+        ceph.ok(
+            "rbd",
+            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
+        );
+    });
+    let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
+        .expect("raw AoE client");
+    client
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway A");
+    // The first FLUSH ends librbd's write-through-until-flush.
+    let flush = client
+        .call(&Request::Flush, Duration::from_secs(30))
+        .expect("FLUSH through gateway A");
+    assert!(flush.is_ok(), "FLUSH failed: {flush:?}");
+
+    let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
+    run_ok(Command::new("kill").args(["-STOP", osd.trim()]));
+    const LBA: u64 = 40_000;
+    let data = pattern(31, 16 * 1024);
+    let writes = frame_writes(LBA, &data);
+    let mut tags = Vec::new();
+    for w in &writes {
+        tags.push(client.send(w).expect("send a write"));
+    }
+    // Whatever is acknowledged within 5 s (the OSD stopped all along) must survive.
+    let mut acked = std::collections::BTreeSet::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        for reply in client
+            .poll(Duration::from_secs(5).saturating_sub(t0.elapsed()))
+            .expect("poll")
+        {
+            assert!(reply.is_ok(), "a write failed: {reply:?}");
+            if let Some(i) = tags.iter().position(|t| *t == reply.tag) {
+                acked.insert(i);
+            }
+        }
+    }
+    client.abandon();
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    kill_osd(&r);
+    let _osd = restart_osd(&r);
+    let exported = r.ceph.export("rbd/img");
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let at = (LBA as usize + 2 * i) * 512;
+            exported[at..at + 1024] != data[i * 1024..(i + 1) * 1024]
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} writes gateway A acknowledged while the OSD was stopped are lost after A \
+         was killed (librbd's cache acknowledged them): writes {:?}",
+        lost.len(),
+        writes.len(),
+        &lost[..lost.len().min(8)]
+    );
+    assert!(
+        acked.is_empty(),
+        "writes {acked:?} were acknowledged while the OSD was stopped"
+    );
+
+    // An image that asks for write-back is refused, naming the override (read-only too:
+    // `a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote`).
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_cache_policy",
+            "writeback",
+        ],
+    );
+    // (`rbd config image set` itself broke dead A's lock, asking it in vain to do it.)
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let refusal = || {
+        let mut cmd = r.rig.target_ns.command("timeout");
+        cmd.args(["-k", "5", "30", AOE, "serve"])
+            .args(&r.rig.target_args)
+            .args(["--probe-ms", "0", "9", "9", &r.rig.target_if, "rbd:rbd/img"])
+            .env("AOE_LOG", "off");
+        let out = run(&mut cmd);
+        let e = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "aoe serve of a write-back image: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        e
+    };
+    let e = refusal();
+    assert!(
+        e.contains(
+            "librbd's write-back cache is on for this image (rbd_cache=true from the image, \
+             rbd_cache_policy=writeback from the image"
+        ) && e.contains("`rbd config image remove rbd/img rbd_cache_policy`"),
+        "{e}"
+    );
+    // The pool's write-around policy likewise (the image's removed).
+    r.ceph.ok(
+        "rbd",
+        &["config", "image", "remove", "rbd/img", "rbd_cache_policy"],
+    );
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "pool",
+            "set",
+            "rbd",
+            "rbd_cache_policy",
+            "writearound",
+        ],
+    );
+    let e = refusal();
+    assert!(
+        e.contains("rbd_cache_policy=writearound from the pool")
+            && e.contains("`rbd config pool remove rbd rbd_cache_policy`"),
+        "{e}"
+    );
+    // The refused gateway broke no lock: it blocklisted nobody.
+    let after = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    assert_eq!(
+        after.lines().count(),
+        blocklist.lines().count(),
+        "the refused gateway broke a lock: {after}"
+    );
+    r.rig.finish();
+}
+
+/// Fourteenth audit (session 31): the gateway sets `rbd_blocklist_on_break_lock=true`, but
+/// the image's config (`rbd config image set rbd/img rbd_blocklist_on_break_lock false`,
+/// here made while gateway A serves, so A's librbd does it for the CLI) overrides it, and
+/// librbd's lock break reads the image's config. Before, gateway B, started after A was
+/// killed, broke A's lock without blocklisting A: a gateway only slow, not dead, would have
+/// gone on writing behind B's back. Now B refuses to serve the image, naming the override,
+/// before it breaks anything.
+#[test]
+fn a_gateway_refuses_an_image_whose_config_turns_off_blocklisting_on_lock_break() {
+    let mut r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write through gateway A");
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_blocklist_on_break_lock",
+            "false",
+        ],
+    );
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(
+        locks.contains("1 exclusive lock"),
+        "gateway A lost its lock to the config change: {locks}"
+    );
+    let mut a = r.rig.target.take().expect("gateway A");
+    kill_9(&mut a);
+    let mut cmd = r.rig.target_ns.command("timeout");
+    cmd.args(["-k", "5", "30", AOE, "serve"])
+        .args(&r.rig.target_args)
+        .args([
+            "--probe-ms",
+            "0",
+            &SHELF.to_string(),
+            &SLOT.to_string(),
+            &r.rig.target_if,
+            "rbd:rbd/img",
+        ])
+        .env("AOE_LOG", "off");
+    let out = run(&mut cmd);
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(
+        out.status.code() == Some(1) || blocklist.contains("127.0.0.1"),
+        "gateway B ({:?}) took the image over without blocklisting A; blocklist: {blocklist:?}, \
+         locks: {locks}{e}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "gateway B: {e}");
+    assert!(
+        e.contains("rbd_blocklist_on_break_lock=false from the image")
+            && e.contains("`rbd config image remove rbd/img rbd_blocklist_on_break_lock`"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        blocklist.lines().count() == 0 || !blocklist.contains("127.0.0.1"),
+        "the refused gateway blocklisted someone: {blocklist}"
+    );
+    r.rig.finish();
+}
+
+/// Fourteenth audit (session 31): a read-only gateway B (another address) of an image that
+/// gateway A writes, the image's config turning librbd's cache on (write-through in A, by
+/// the gateway's policy), then its `rbd_cache_policy` set to `writeback` while A serves.
+/// B holds no lock, and nothing but the OSDs tells it that A wrote sectors it has read.
+/// Before, B read a sector twice, A wrote it (acknowledged, flushed, in `rbd export`), and
+/// B's next read answered the old data from its cache. Now a read-only export of an image
+/// whose pool or image turns the cache on is refused, naming the override.
+#[test]
+fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote() {
+    let seeded = pattern(12, IMAGE_BYTES);
+    let r = RbdRig::start("rbd/img", |ceph| {
+        let f = ceph.dir.join("seed.img");
+        fs::write(&f, &seeded).expect("write seed file");
+        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
+        fs::remove_file(&f).expect("remove seed file");
+        ceph.ok(
+            "rbd",
+            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
+        );
+    });
+    // Set once A serves (a writable export of a write-back image is refused at open). Its
+    // read cache is what B would use; the gateway's own write-through policy gives B the
+    // same cache (the default write-around policy caches no reads).
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_cache_policy",
+            "writeback",
+        ],
+    );
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve")
+        .args(&r.rig.target_args)
+        .args(["-r", "--no-announce"])
+        .arg(SHELF.to_string())
+        .arg((SLOT + 1).to_string())
+        .arg(&r.rig.target_if)
+        .arg(&r.rig.file);
+    let before = packet_sockets(&r.rig.target_ns);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    let settled = wait_until(Duration::from_secs(90), || {
+        packet_sockets(&r.rig.target_ns) > before || !b.is_running()
+    });
+    assert!(
+        settled,
+        "gateway B neither served nor failed:\n{}",
+        b.output_so_far()
+    );
+    if b.is_running() {
+        let mut client = AoeClient::open(
+            &r.rig.init_ns,
+            &r.rig.init_if,
+            TargetAddr::new(SHELF, SLOT + 1),
+        )
+        .expect("raw AoE client");
+        client
+            .discover(Duration::from_secs(30))
+            .expect("raw client finds gateway B");
+        const LBA: u64 = 20_000;
+        let at = LBA as usize * 512;
+        let read = |client: &mut AoeClient| {
+            let reply = client
+                .call(
+                    &Request::Read { lba: LBA, count: 2 },
+                    Duration::from_secs(30),
+                )
+                .expect("read through gateway B");
+            assert!(reply.is_ok(), "read failed: {reply:?}");
+            reply.data().to_vec()
+        };
+        assert!(read(&mut client) == seeded[at..at + 1024], "B's first read");
+        assert!(
+            read(&mut client) == seeded[at..at + 1024],
+            "B's second read"
+        );
+        let newer = pattern(13, 1024);
+        write_sync(&r.rig.dev(), at as u64, &newer).expect("write through gateway A");
+        let exported = r.ceph.export("rbd/img");
+        assert!(
+            exported[at..at + 1024] == newer[..],
+            "A's write is not in the image"
+        );
+        let again = read(&mut client);
+        assert!(
+            again == newer,
+            "gateway B answered a read after A's acknowledged, flushed write with {} data",
+            if again == seeded[at..at + 1024] {
+                "the old (its cache's)"
+            } else {
+                "other"
+            }
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || !b.is_running()),
+        "gateway B serves the image read-only with librbd's cache on"
+    );
+    let out = b.output_so_far();
+    assert!(
+        out.contains("librbd's cache is on for this image (rbd_cache=true from the image)")
+            && out.contains("`rbd config image remove rbd/img rbd_cache`"),
+        "{out}"
+    );
+    r.rig.finish();
+}

@@ -262,7 +262,7 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
     let ext4 = Ext4Loop::new(4096, 16);
     let file = ext4.mnt().join("split.img");
     fs::write(&file, vec![0u8; 2048 * 512]).expect("backing file");
-    serve_processes_meeting_inside_a_4096_byte_block(&file, &file, second_direct, &file);
+    serve_processes_meeting_inside_a_4096_byte_block(&file, &file, second_direct, &file, 0, 1001);
     // Session 29: the file was still open here, so the file system stayed mounted (and
     // its loop device attached) after every run.
     let mut ext4 = ext4;
@@ -270,14 +270,17 @@ fn two_serve_processes_meeting_inside_a_4096_byte_block(second_direct: bool) {
 }
 
 /// The rig of [`two_serve_processes_meeting_inside_a_4096_byte_block`]: the first process
-/// (`-d`) exports sectors 0-1000 of `first`, the second sectors 1001-2047 of `second` (the
-/// same file or disk, perhaps by another path); after each round the sectors are read
-/// from `image`, where both land.
+/// (`-d`) exports sectors 0-1000 of `first`, which are sectors `first_at`.. of `image`, the
+/// second 1047 sectors from sector `second_at` of `second` (which is `image`, perhaps by
+/// another path: `second_at` is `first_at + 1001`, the sector after the first's window);
+/// after each round the sectors are read from `image`, where both land.
 fn serve_processes_meeting_inside_a_4096_byte_block(
     first: &Path,
     second: &Path,
     second_direct: bool,
     image: &Path,
+    first_at: u64,
+    second_at: u64,
 ) {
     const ROUNDS: u64 = 300;
     const SECOND: u8 = SLOT + 1;
@@ -287,7 +290,7 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
     if second_direct {
         cmd.arg("-d");
     }
-    cmd.args(["-o", "1001", "-l", "1047"])
+    cmd.args(["-o", &second_at.to_string(), "-l", "1047"])
         .arg(SHELF.to_string())
         .arg(SECOND.to_string())
         .arg(lan.bridge.name())
@@ -309,12 +312,12 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
     );
     drain_frames(&lan.socks[0], Duration::from_millis(50));
 
-    // (slot, LBA in the export, sector of the file)
+    // (slot, LBA in the export, sector of the image)
     let targets = [
-        (SLOT, 999u64, 999u64),
-        (SLOT, 1000, 1000),
-        (SECOND, 0, 1001),
-        (SECOND, 1, 1002),
+        (SLOT, 999u64, first_at + 999),
+        (SLOT, 1000, first_at + 1000),
+        (SECOND, 0, second_at),
+        (SECOND, 1, second_at + 1),
     ];
     let image = fs::File::open(image).expect("open the backing file");
     let mut lost = Vec::new();
@@ -418,7 +421,7 @@ fn two_serve_processes_on_two_nodes_of_one_disk(second_direct: bool) {
     // Read back through the disk (its page cache, which a buffered process's acknowledged
     // writes may not have left yet), not through the image under the loop device.
     let disk = Path::new(&dev.0);
-    serve_processes_meeting_inside_a_4096_byte_block(disk, &copy, second_direct, disk);
+    serve_processes_meeting_inside_a_4096_byte_block(disk, &copy, second_direct, disk, 0, 1001);
 }
 
 #[test]
@@ -431,6 +434,142 @@ fn two_serve_processes_on_two_nodes_of_one_disk_meeting_inside_a_4096_byte_block
 #[test]
 fn a_direct_and_a_buffered_serve_process_on_two_nodes_of_one_disk_lose_no_write() {
     two_serve_processes_on_two_nodes_of_one_disk(false);
+}
+
+/// Fourteenth audit (docs/TEST-AUDIT.md): a partition is a device with a node of its own.
+/// Two processes, one exporting sectors 0-1000 of the first partition of a loop device of
+/// 4096-byte sectors (a GPT, the partition at 1 MiB), the other the disk's sectors from the
+/// one after it (2048 + 1001) through the whole disk's node: their windows meet inside the
+/// disk's block of sectors 3048-3055. The edge lock was keyed by the node opened and its own
+/// offsets, so the two locked different inodes at different offsets and undid each other's
+/// acknowledged writes (on the base binary, both `-d`: see the commit); it is now taken on the
+/// disk's node at the partition's start.
+/// A loop device of 4096-byte sectors over a 4 MiB image with a GPT and one partition at
+/// 1 MiB (`p1`, 1 MiB long), detached on drop. `losetup -P` alone did not show the
+/// partition on this machine (session 30); `partx -a` after `sfdisk` does.
+struct PartitionedLoop {
+    _dir: tempfile::TempDir,
+    img: std::path::PathBuf,
+    dev: String,
+    part: String,
+    /// The partition's start in 512-byte sectors (sysfs `start`).
+    start: u64,
+}
+
+impl PartitionedLoop {
+    fn new() -> PartitionedLoop {
+        aoe_testkit::require_tools(&[("sfdisk", "fdisk"), ("partx", "util-linux")]);
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let img = dir.path().join("disk.img");
+        fs::write(&img, vec![0u8; 4 << 20]).expect("disk image");
+        let dev = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show", "--sector-size", "4096", "--partscan"])
+                .arg(&img),
+        );
+        let dev = dev.trim().to_owned();
+        // From here drop detaches it.
+        let mut l = PartitionedLoop {
+            _dir: dir,
+            img,
+            dev,
+            part: String::new(),
+            start: 0,
+        };
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk
+            .args(["-q", "--no-reread", &l.dev])
+            .stdin(std::process::Stdio::piped());
+        let mut child = sfdisk.spawn().expect("sfdisk");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("sfdisk stdin")
+            .write_all(b"label: gpt\nstart=1MiB, size=1MiB\n")
+            .expect("partition table to sfdisk");
+        assert!(child.wait().expect("sfdisk").success(), "sfdisk failed");
+        let _ = run(Command::new("partx").args(["-a", &l.dev]));
+        let name = Path::new(&l.dev)
+            .file_name()
+            .expect("loop name")
+            .to_string_lossy()
+            .into_owned();
+        l.part = format!("/dev/{name}p1");
+        let sys = format!("/sys/block/{name}/{name}p1");
+        assert!(
+            aoe_testkit::wait_until(Duration::from_secs(20), || Path::new(&l.part).exists()
+                && Path::new(&sys).exists()),
+            "{} did not appear",
+            l.part
+        );
+        l.start = fs::read_to_string(format!("{sys}/start"))
+            .expect("partition start")
+            .trim()
+            .parse()
+            .expect("start");
+        assert_eq!(l.start, 2048, "the partition's start (512-byte units)");
+        l
+    }
+}
+
+impl Drop for PartitionedLoop {
+    fn drop(&mut self) {
+        let _ = run(Command::new("losetup").args(["-d", &self.dev]));
+    }
+}
+
+#[test]
+fn a_partition_and_its_whole_disk_served_by_two_processes_meeting_inside_a_block_lose_no_write() {
+    let disk = PartitionedLoop::new();
+    // Both direct: every acknowledged write has reached the loop device, which writes it to
+    // the image (read there: the disk's page cache is not the partition's).
+    serve_processes_meeting_inside_a_4096_byte_block(
+        Path::new(&disk.part),
+        Path::new(&disk.dev),
+        true,
+        &disk.img,
+        disk.start,
+        disk.start + 1001,
+    );
+}
+
+/// Fourteenth audit: the edge lock cannot help a buffered export of a partition, or of a
+/// disk with partitions, beside another process's export of the same sectors through the
+/// other node: each node has its own page cache, which neither the lock nor a direct
+/// read-modify-write sees (by hand, the rig above with the disk's process buffered: 300 of
+/// 1200 acknowledged sector writes undone). So the start's warning about a window's shared
+/// edge says so for such an export and asks for `-d`; a direct one does not get the
+/// words. Base: the warning without them.
+#[test]
+fn a_buffered_window_of_a_partition_or_its_disk_is_said_to_need_direct_io() {
+    let disk = PartitionedLoop::new();
+    let check = |flags: &[&str], path: &str| {
+        let mut cmd = Command::new(AOE);
+        cmd.args(["serve", "--check"])
+            .args(flags)
+            .args(["1", "1", "lo", path]);
+        let o = run(&mut cmd);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{flags:?} {path}: {err}");
+        let lines: Vec<String> = err
+            .lines()
+            .filter(|l| l.contains("inside the 4096-byte block"))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 1, "{flags:?} {path}: one edge line: {err}");
+        lines[0].clone()
+    };
+    let caches = "page cache of its own";
+    let part = check(&["-o", "0", "-l", "1001"], &disk.part);
+    assert!(
+        part.contains(caches) && part.contains("serve both with -d"),
+        "the buffered partition: {part}"
+    );
+    let whole = check(&["-o", "3049", "-l", "1047"], &disk.dev);
+    assert!(whole.contains(caches), "the buffered disk: {whole}");
+    let direct = check(&["-d", "-o", "0", "-l", "1001"], &disk.part);
+    assert!(!direct.contains(caches), "the direct partition: {direct}");
 }
 
 /// Thirteenth audit (docs/TEST-AUDIT.md): the integrator's ext4 check once compared the

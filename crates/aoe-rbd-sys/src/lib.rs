@@ -6,7 +6,7 @@
 //! headers, and safe types over them: [`Cluster`] (a connected `rados_t`), [`IoCtx`] (a pool,
 //! optionally a namespace), [`Image`] (an open image: size, asynchronous read, vectored read
 //! (`rbd_aio_readv`, [`Image::aio_readv`]), write, flush and write-zeroes, the exclusive
-//! lock).
+//! lock, librbd's options as the image has them).
 //!
 //! The crates.io librbd bindings are stale, and bindgen would need libclang at build time
 //! for about twenty functions, so they are written by hand; each signature is the header's.
@@ -158,6 +158,22 @@ pub mod ffi {
             value: *const c_char,
         ) -> c_int;
         pub fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
+        pub fn rbd_config_image_list(
+            image: rbd_image_t,
+            options: *mut rbd_config_option_t,
+            max_options: *mut c_int,
+        ) -> c_int;
+        pub fn rbd_config_image_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
+    }
+
+    /// `rbd_config_option_t`: one librbd option as an open image has it.
+    #[repr(C)]
+    pub struct rbd_config_option_t {
+        pub name: *mut c_char,
+        pub value: *mut c_char,
+        /// `rbd_config_source_t` (an enum, an `int` in the C ABI): 0 the client's config,
+        /// 1 the pool's, 2 the image's.
+        pub source: c_int,
     }
 }
 
@@ -201,6 +217,28 @@ fn cstr(s: &str) -> io::Result<CString> {
             format!("{s:?} contains a NUL byte"),
         )
     })
+}
+
+/// Where an open image's librbd option got its value ([`Image::config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The client's config: defaults, the config file, `rados_conf_set`, the monitors'.
+    Client,
+    /// The pool's override (`rbd config pool set`).
+    Pool,
+    /// The image's override (`rbd config image set`).
+    Image,
+}
+
+/// One librbd option of an open image ([`Image::config`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigOption {
+    /// Its name, e.g. `rbd_cache`.
+    pub name: String,
+    /// Its value as text, e.g. `true`.
+    pub value: String,
+    /// Where the value came from.
+    pub source: ConfigSource,
 }
 
 /// A connected cluster handle (`rados_t`), shut down on drop.
@@ -665,6 +703,60 @@ impl Image {
             "rbd_metadata_set",
         )?;
         Ok(())
+    }
+
+    /// librbd's options as this open image has them (`rbd config image list`): the client's
+    /// config (its file and `rados_conf_set`) with the pool's and then the image's overrides
+    /// applied over it. Those overrides (`rbd config pool set`, `rbd config image set`, kept
+    /// as `conf_` metadata keys) win over whatever the client set (librbd's
+    /// `ImageCtx::apply_metadata`), so this is the only way to learn, say, whether librbd
+    /// caches this image's writes.
+    pub fn config(&self) -> io::Result<Vec<ConfigOption>> {
+        let mut cap: c_int = 256;
+        loop {
+            let mut opts: Vec<ffi::rbd_config_option_t> = (0..cap)
+                .map(|_| ffi::rbd_config_option_t {
+                    name: std::ptr::null_mut(),
+                    value: std::ptr::null_mut(),
+                    source: 0,
+                })
+                .collect();
+            let mut n = cap;
+            let r =
+                // SAFETY: live image; `opts` has `n` writable entries, and librbd fills at most
+                // `n` (else ERANGE with `n` set to the number needed, nothing filled).
+                unsafe { ffi::rbd_config_image_list(self.raw, opts.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE && n > cap && n <= 1 << 16 {
+                cap = n;
+                continue;
+            }
+            check(r, "rbd_config_image_list")?;
+            let n = n.clamp(0, cap);
+            let text = |p: *mut c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: librbd set it to a NUL-terminated string it allocated, freed
+                    // only by the cleanup below.
+                    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                }
+            };
+            let list = opts[..n as usize]
+                .iter()
+                .map(|o| ConfigOption {
+                    name: text(o.name),
+                    value: text(o.value),
+                    source: match o.source {
+                        1 => ConfigSource::Pool,
+                        2 => ConfigSource::Image,
+                        _ => ConfigSource::Client,
+                    },
+                })
+                .collect();
+            // SAFETY: the `n` entries librbd filled, freed once with its own function.
+            unsafe { ffi::rbd_config_image_list_cleanup(opts.as_mut_ptr(), n) };
+            return Ok(list);
+        }
     }
 
     /// Removes image metadata `key`; no error if it was not set.

@@ -41,7 +41,14 @@
 //! and the image is closed only after the last callback, so a daemon that stops with
 //! requests in flight frees nothing librbd still writes into. Errors keep their errno and
 //! reach the initiator as ATA errors through `aoe_store::StoreError`. librbd's cache is off,
-//! so an acknowledged write is on the OSDs and survives the gateway. No OSD timeout is set:
+//! or write-through where the pool's or image's config turns it on, and a writable export
+//! whose pool or image asks for a write-back cache is refused at open
+//! ([`OpenError::WriteBackCache`]), so an acknowledged write is on the OSDs and survives the
+//! gateway, flushed or not. A writable export whose pool or image turns
+//! `rbd_blocklist_on_break_lock` off is refused likewise ([`OpenError::NoBlocklistOnBreak`]):
+//! its take-over would not fence the old gateway. A read-only export of an image whose
+//! config turns the cache on is refused too ([`OpenError::ReadCache`]): its cache would
+//! answer reads with what another gateway has overwritten since. No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
 //! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -143,6 +150,66 @@ pub enum OpenError {
     NoImage {
         /// The export's name.
         name: String,
+    },
+    /// The pool's or the image's librbd config (`rbd config pool set`, `rbd config image
+    /// set`), which overrides the gateway's own, turns a write-back cache on: librbd would
+    /// acknowledge writes before the OSDs have them, and a gateway that dies would lose them.
+    /// The operator's to change (the command is in the message).
+    #[error(
+        "{name}: librbd's write-back cache is on for this image ({settings}): a write would be \
+         acknowledged before the OSDs have it and lost if this gateway died; not serving it \
+         writable. Remove the override (`rbd config {level} remove {target} {option}`) or make \
+         the cache write-through (`rbd config {level} set {target} rbd_cache_policy \
+         writethrough`)"
+    )]
+    WriteBackCache {
+        /// The export's name.
+        name: String,
+        /// The options that make it write-back, with where each came from.
+        settings: String,
+        /// `pool` or `image`: where the override to remove is.
+        level: &'static str,
+        /// The option to remove there: `rbd_cache_policy` if the pool or image sets it,
+        /// else `rbd_cache`.
+        option: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// The pool's or the image's librbd config turns `rbd_blocklist_on_break_lock` off over
+    /// the gateway's own setting: a gateway taking the image over would break the old one's
+    /// lock without blocklisting it, and the old one's writes in flight would still land
+    /// after the new one's. The operator's to change (the command is in the message).
+    #[error(
+        "{name}: this image's config turns blocklisting off when a lock is broken \
+         (rbd_blocklist_on_break_lock=false from the {level}): a gateway taking it over could \
+         not fence the old one, whose late writes would land over the new one's; not serving \
+         it writable. Remove the override (`rbd config {level} remove {target} \
+         rbd_blocklist_on_break_lock`)"
+    )]
+    NoBlocklistOnBreak {
+        /// The export's name.
+        name: String,
+        /// `pool` or `image`: where the override is.
+        level: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// A read-only export of an image whose pool or image config turns librbd's cache on:
+    /// the cache would answer reads with what it read before another gateway wrote the
+    /// sectors (this gateway holds no lock, so nothing tells it). The operator's to change.
+    #[error(
+        "{name}: librbd's cache is on for this image (rbd_cache=true from the {level}): a \
+         read-only gateway would answer reads from it after another gateway wrote those \
+         sectors; not serving it. Remove the override (`rbd config {level} remove {target} \
+         rbd_cache`)"
+    )]
+    ReadCache {
+        /// The export's name.
+        name: String,
+        /// `pool` or `image`: where the override is.
+        level: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
     },
     /// Anything else (a bad config file, a lock that could not be taken, ...).
     #[error("{name}: {error}")]
@@ -317,9 +384,15 @@ impl RbdBackend {
             // only once the OSDs have it, so a gateway killed with SIGKILL loses no
             // acknowledged write (librbd's cache turns write-back after the first flush).
             ("rbd_cache", "false"),
+            // The pool's or the image's config overrides the line above (librbd's
+            // `ImageCtx::apply_metadata`): if one turns the cache on, this makes it
+            // write-through (a write acknowledged once the OSDs have it) unless it also sets
+            // a write-back policy, which [`write_back_cache`] then refuses.
+            ("rbd_cache_policy", "writethrough"),
             // A gateway that breaks another's lock has the cluster blocklist it first (Ceph's
             // default, made sure of here): the fenced gateway's writes then fail at the OSDs,
-            // and librbd's update watch tells its monitor (see [`Shared::monitor`]).
+            // and librbd's update watch tells its monitor (see [`Shared::monitor`]). A pool's
+            // or image's override of it is refused ([`no_blocklist_on_break`]).
             ("rbd_blocklist_on_break_lock", "true"),
         ];
         if let Some(k) = &keyring {
@@ -386,6 +459,48 @@ impl RbdBackend {
                 .map_err(|e| classify(e, "pool"))?,
         );
         let image = io.open(&o.image).map_err(|e| classify(e, "image"))?;
+        // Before the lock is taken (or a holder's broken): a refused gateway leaves the one
+        // serving alone.
+        let config = image.config().map_err(|e| classify(e, "config"))?;
+        let target = |level: &str| match level {
+            "pool" => o.pool.clone(),
+            _ => match &o.namespace {
+                Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
+                None => format!("{}/{}", o.pool, o.image),
+            },
+        };
+        if o.read_only {
+            if let Some(level) = read_cache(&config) {
+                return Err(OpenError::ReadCache {
+                    name,
+                    level,
+                    target: target(level),
+                });
+            }
+        } else {
+            if let Some(level) = no_blocklist_on_break(&config) {
+                return Err(OpenError::NoBlocklistOnBreak {
+                    name,
+                    level,
+                    target: target(level),
+                });
+            }
+            if let Some(WriteBack {
+                settings,
+                level,
+                option,
+            }) = write_back_cache(&config)
+            {
+                let target = target(level);
+                return Err(OpenError::WriteBackCache {
+                    name,
+                    settings,
+                    level,
+                    option,
+                    target,
+                });
+            }
+        }
         let size = image.size().map_err(|e| classify(e, "size"))?;
         let locked = !o.read_only
             && image
@@ -512,6 +627,104 @@ impl RbdBackend {
         }
         self.shared.reserve_update.lock().ok()?.take()
     }
+}
+
+/// Whether librbd caches this image's writes behind the gateway's back: `rbd_cache` on (only
+/// a pool's or image's override can turn it on over the gateway's `rbd_cache=false`) with a
+/// policy that acknowledges a write before the OSDs have it: `writeback` (librbd's
+/// `ObjectCacher`, write-back after the first flush with `rbd_cache_writethrough_until_flush`)
+/// or `writearound` (`WriteAroundObjectDispatch`, which completes a write at once while less
+/// than `rbd_cache_max_dirty` is in flight, likewise after the first flush). A
+/// `rbd_cache_max_dirty` of 0 makes either write-through. Returns the settings that make it so,
+/// each with its source, and the override to remove. A FLUSH CACHE would still reach the
+/// OSDs (`rbd_aio_flush` flushes the cache), but the Linux aoe driver never sends one (it
+/// declares no write cache), and this project promises that a killed gateway loses no
+/// acknowledged write, flushed or not.
+fn write_back_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<WriteBack> {
+    use aoe_rbd_sys::ConfigSource;
+    let get = |name: &str| config.iter().find(|o| o.name == name);
+    let cache = get("rbd_cache")?;
+    if cache.value != "true" {
+        return None;
+    }
+    let policy = get("rbd_cache_policy");
+    if policy.is_some_and(|p| p.value == "writethrough") {
+        return None;
+    }
+    let max_dirty = get("rbd_cache_max_dirty");
+    if max_dirty.is_some_and(|m| m.value.trim() == "0") {
+        return None;
+    }
+    let from = |o: &aoe_rbd_sys::ConfigOption| {
+        let src = match o.source {
+            ConfigSource::Client => "the client's config",
+            ConfigSource::Pool => "the pool",
+            ConfigSource::Image => "the image",
+        };
+        format!("{}={} from {src}", o.name, o.value)
+    };
+    let settings = std::iter::once(cache)
+        .chain(policy)
+        .chain(max_dirty)
+        .map(from)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // The gateway sets `rbd_cache_policy=writethrough` itself, so another policy is the
+    // pool's or the image's: that is the override to remove; else the cache's own.
+    let (at, option) = match policy {
+        Some(p) if p.source != ConfigSource::Client => (p.source, "rbd_cache_policy"),
+        _ => (cache.source, "rbd_cache"),
+    };
+    Some(WriteBack {
+        settings,
+        level: if at == ConfigSource::Pool {
+            "pool"
+        } else {
+            "image"
+        },
+        option,
+    })
+}
+
+/// Where the pool's or image's config turns `rbd_blocklist_on_break_lock` off over the
+/// gateway's own `true` (`pool` or `image`), if it does. librbd's lock break reads the
+/// image's config (`managed_lock::BreakRequest`), so this gateway, taking the image over from
+/// another, would break that one's lock and leave it free to write: what it had in flight,
+/// or accepted before it noticed, would land after this gateway's writes.
+fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
+    use aoe_rbd_sys::ConfigSource;
+    let o = config
+        .iter()
+        .find(|o| o.name == "rbd_blocklist_on_break_lock")?;
+    (o.value == "false").then_some(if o.source == ConfigSource::Pool {
+        "pool"
+    } else {
+        "image"
+    })
+}
+
+/// Where the pool's or image's config turns librbd's cache on (`pool` or `image`), if it
+/// does, for a read-only export. librbd keeps what it read in its cache (`ObjectCacher`),
+/// and a gateway that holds no lock hears nothing of another gateway's writes: the
+/// fourteenth audit read the old data through a read-only gateway after the writable one's
+/// acknowledged, flushed write. `rbd:` exports are of the image's head, which another
+/// gateway may write, so a read-only one must read from the OSDs.
+fn read_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
+    use aoe_rbd_sys::ConfigSource;
+    let o = config.iter().find(|o| o.name == "rbd_cache")?;
+    (o.value == "true").then_some(if o.source == ConfigSource::Pool {
+        "pool"
+    } else {
+        "image"
+    })
+}
+
+/// What [`write_back_cache`] found.
+#[derive(Debug, PartialEq, Eq)]
+struct WriteBack {
+    settings: String,
+    level: &'static str,
+    option: &'static str,
 }
 
 /// `aa:bb:cc:dd:ee:ff,...`.

@@ -317,6 +317,14 @@ mod tests {
             .unwrap()
             .result
             .unwrap();
+        // `Completions::push` hands the job over and then calls the wake-up, so the last
+        // job can be taken before its wake-up has run: wait for the count, not for the job.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while woke.load(std::sync::atomic::Ordering::SeqCst) < 4
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(woke.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
 

@@ -139,11 +139,20 @@ fn warn_unaligned_edges(spec: &ExportSpec, backend: &FileBackend) {
     .into_iter()
     .flatten()
     .collect();
+    // Fourteenth audit: a partition and its disk are two nodes with two page caches.
+    let caches = if edges.other_page_cache {
+        "; and this buffered export's device is a partition or a disk with partitions, whose \
+         other node has a page cache of its own that no lock reaches: another process's \
+         export of those sectors through it can undo this one's writes (or this one its) \
+         even in aoe serve; serve both with -d (direct_io)"
+    } else {
+        ""
+    };
     tracing::warn!(
         "{}: {} of {}: aoe serve processes lock such a block while they write it, but vblade or \
          any other program writing those sectors does not, and can undo this export's \
          acknowledged writes there (or this export theirs); keep -o and -l (offset, length) \
-         multiples of {block_sectors} sectors",
+         multiples of {block_sectors} sectors{caches}",
         spec.addr(),
         said.join(", and "),
         spec.path.display()
