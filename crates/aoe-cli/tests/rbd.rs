@@ -29,10 +29,7 @@ const IMAGE_BYTES: usize = 32 << 20;
 fn rbd_export_reads_and_writes_through_aoe() {
     let seeded = pattern(1, IMAGE_BYTES);
     let r = RbdRig::start("rbd/img", |ceph| {
-        let f = ceph.dir.join("seed.img");
-        fs::write(&f, &seeded).expect("write seed file");
-        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
-        fs::remove_file(&f).expect("remove seed file");
+        import_image(ceph, &seeded);
     });
     let rig = &r.rig;
     assert_eq!(
@@ -1361,10 +1358,7 @@ fn a_resized_image_is_announced_and_seen_on_revalidate() {
 fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
     let seeded = pattern(11, IMAGE_BYTES);
     let r = RbdRig::start("rbd/img", |ceph| {
-        let f = ceph.dir.join("seed.img");
-        fs::write(&f, &seeded).expect("write seed file");
-        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
-        fs::remove_file(&f).expect("remove seed file");
+        import_image(ceph, &seeded);
     });
     // A second, read-only gateway (no lock to take) with a single worker thread.
     let mut b = start_gateway(
@@ -1528,6 +1522,15 @@ fn rbd_requests_are_in_flight_at_once_and_drained_at_stop() {
         "nothing said work was lost: {out}"
     );
     r.rig.finish();
+}
+
+/// Makes image `rbd/img` of `ceph` from `data` (`rbd import` of a file written for it, then
+/// removed), for the rigs whose image starts seeded.
+fn import_image(ceph: &Ceph, data: &[u8]) {
+    let f = ceph.dir.join("seed.img");
+    fs::write(&f, data).expect("write seed file");
+    ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
+    fs::remove_file(&f).expect("remove seed file");
 }
 
 /// The OSD ops a gateway's objecter (admin socket `asok`) has in flight, as JSON.
@@ -2566,10 +2569,7 @@ fn a_gateway_refuses_an_image_whose_config_turns_off_blocklisting_on_lock_break(
 fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote() {
     let seeded = pattern(12, IMAGE_BYTES);
     let r = RbdRig::start("rbd/img", |ceph| {
-        let f = ceph.dir.join("seed.img");
-        fs::write(&f, &seeded).expect("write seed file");
-        ceph.ok("rbd", &["import", &f.display().to_string(), "rbd/img"]);
-        fs::remove_file(&f).expect("remove seed file");
+        import_image(ceph, &seeded);
         ceph.ok(
             "rbd",
             &["config", "image", "set", "rbd/img", "rbd_cache", "true"],

@@ -77,24 +77,6 @@ fn run_held(n: &Net, t: &NsChild, c: &mut AoeClient, reqs: &[Request]) -> Vec<Re
     replies
 }
 
-/// Stops target `t` (whose requests came in held bursts, [`run_held`]) and checks from its own
-/// count of frames and receive batches at the stop that the bursts came in as batches, not
-/// a frame at a time (at least four frames a batch on average, queries and all; held bursts
-/// of 64 make 10 to 50): without them the test tried nothing of what it is for. `what`
-/// heads the failure message.
-fn stop_batched(t: &mut NsChild, what: &str) {
-    let st = t.stop().unwrap();
-    let log = t.output_so_far();
-    assert!(st.success(), "{what}: {st:?}\n{log}");
-    let (frames, batches) = common::frames_and_batches_at_stop(&log);
-    eprintln!("{what}: {frames} frames in {batches} receive batches");
-    assert!(
-        frames >= 4 * batches,
-        "{what}: {frames} frames in {batches} receive batches: the bursts were not taken in \
-         together, the batch was not tried:\n{log}"
-    );
-}
-
 /// Sends `reads` (all `Request::Read`) to target `t` of `n` in held bursts of the client's
 /// window ([`run_held`]) and checks that every reply carries the bytes of `data` its LBA and
 /// count name; `what` heads the failure message.
@@ -487,7 +469,7 @@ fn reads_of_one_batch_come_back_right_when_some_miss_the_page_cache() {
             "round {round}: a miss read ahead halfway to the next: {gaps:?}"
         );
     }
-    stop_batched(&mut t, "hits and misses");
+    common::stop_batched(&mut t, 4, "hits and misses");
     let log = t.output_so_far();
     assert!(!log.contains("io_uring"), "io_uring was not used:\n{log}");
 }
@@ -537,7 +519,7 @@ fn contiguous_reads_across_the_page_cache_edge_come_back_right() {
         }
         check_reads(&n, &t, &mut c, &reads, &data, &format!("round {round}"));
     }
-    stop_batched(&mut t, "across the edge");
+    common::stop_batched(&mut t, 4, "across the edge");
 }
 
 /// The same for a file on tmpfs, whose reads never wait (no `RWF_NOWAIT` there): a
@@ -572,7 +554,7 @@ fn contiguous_reads_from_tmpfs_come_back_right() {
             })
             .collect();
         check_reads(&n, &t, &mut c, &reads, &data, &format!("MTU {mtu}"));
-        stop_batched(&mut t, &format!("MTU {mtu}"));
+        common::stop_batched(&mut t, 4, &format!("MTU {mtu}"));
     }
 }
 
@@ -631,7 +613,7 @@ fn a_file_shrunk_under_the_export_answers_reads_past_its_end_with_an_error() {
                 }
             }
         }
-        stop_batched(&mut t, &dir.display().to_string());
+        common::stop_batched(&mut t, 4, &dir.display().to_string());
     }
 }
 

@@ -347,6 +347,16 @@ impl AoeClient {
                 format!("window of {} requests full", self.window),
             ));
         }
+        let (tag, frame) = self.tagged_frame(req)?;
+        self.transmit(&frame)?;
+        self.track(tag, frame, req, Instant::now() + self.rto);
+        Ok(tag)
+    }
+
+    /// `req` as a frame with a fresh tag ([`send`](Self::send), [`send_burst`](Self::send_burst));
+    /// `InvalidInput` for a request that does not fit one frame.
+    fn tagged_frame(&mut self, req: &Request) -> io::Result<(Tag, Vec<u8>)> {
+        req.check()?;
         let max = aoe_wire::max_sectors_for_mtu(self.mtu());
         if req.sectors() > usize::from(max) {
             return Err(io::Error::new(
@@ -364,18 +374,21 @@ impl AoeClient {
             Request::QueryConfig => MacAddr::BROADCAST,
             _ => self.dst,
         };
-        let frame = req.frame(dst, self.me, self.target, tag)?;
-        self.transmit(&frame)?;
+        Ok((tag, req.frame(dst, self.me, self.target, tag)?))
+    }
+
+    /// Counts `frame` (request `req`, sent) as outstanding until its reply, retransmitted
+    /// after `deadline`.
+    fn track(&mut self, tag: Tag, frame: Vec<u8>, req: &Request, deadline: Instant) {
         self.pending.insert(
             tag.0,
             Pending {
                 frame,
                 sectors: req.sectors(),
-                deadline: Instant::now() + self.rto,
+                deadline,
                 write: matches!(req, Request::Write { .. }),
             },
         );
-        Ok(tag)
     }
 
     /// Waits up to `wait` for replies to outstanding requests and returns those that arrived
@@ -466,40 +479,15 @@ impl AoeClient {
     pub fn send_burst(&mut self, reqs: &[Request]) -> io::Result<Vec<Tag>> {
         let mut frames = Vec::with_capacity(reqs.len());
         for req in reqs {
-            req.check()?;
-            let max = aoe_wire::max_sectors_for_mtu(self.mtu());
-            if req.sectors() > usize::from(max) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{} sectors do not fit one frame at MTU {} (at most {max})",
-                        req.sectors(),
-                        self.mtu()
-                    ),
-                ));
-            }
-            self.next_tag = self.next_tag.wrapping_add(1);
-            let tag = Tag(self.next_tag);
-            let dst = match req {
-                Request::QueryConfig => MacAddr::BROADCAST,
-                _ => self.dst,
-            };
-            frames.push((tag, req.frame(dst, self.me, self.target, tag)?));
+            frames.push(self.tagged_frame(req)?);
         }
         self.send_raw(&frames)?;
         let deadline = Instant::now() + self.rto;
-        for ((tag, frame), req) in frames.iter().zip(reqs) {
-            self.pending.insert(
-                tag.0,
-                Pending {
-                    frame: frame.clone(),
-                    sectors: req.sectors(),
-                    deadline,
-                    write: matches!(req, Request::Write { .. }),
-                },
-            );
+        let tags = frames.iter().map(|(tag, _)| *tag).collect();
+        for ((tag, frame), req) in frames.into_iter().zip(reqs) {
+            self.track(tag, frame, req, deadline);
         }
-        Ok(frames.into_iter().map(|(tag, _)| tag).collect())
+        Ok(tags)
     }
 
     /// Waits for the replies to `tags` (requests sent already, say by

@@ -1407,6 +1407,24 @@ pub fn frames_and_batches_at_stop(log: &str) -> (u64, u64) {
     counts
 }
 
+/// Stops target `t`, whose requests came in held bursts (`while_stopped`,
+/// `AoeClient::send_burst`), and checks from its own count of frames and receive batches at
+/// the stop ([`frames_and_batches_at_stop`]) that the bursts came in as batches, at least
+/// `per_batch` frames a batch on average, queries and all: without them a test of what a
+/// batch does tried nothing of it. `what` heads the failure message.
+pub fn stop_batched(t: &mut NsChild, per_batch: u64, what: &str) {
+    let st = t.stop().unwrap();
+    let log = t.output_so_far();
+    assert!(st.success(), "{what}: {st:?}\n{log}");
+    let (frames, batches) = frames_and_batches_at_stop(&log);
+    eprintln!("{what}: {frames} frames in {batches} receive batches");
+    assert!(
+        frames >= per_batch * batches,
+        "{what}: {frames} frames in {batches} receive batches: the bursts were not taken in \
+         together, the batch was not tried:\n{log}"
+    );
+}
+
 /// AoE error and ATA status of a response frame.
 pub fn rsp_status(frame: &[u8]) -> (Option<aoe_wire::ErrorCode>, Option<u8>) {
     let m = aoe_wire::Message::parse(frame).expect("parse response");
