@@ -677,13 +677,27 @@ fn write_back_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<WriteBack> {
     };
     Some(WriteBack {
         settings,
-        level: if at == ConfigSource::Pool {
-            "pool"
-        } else {
-            "image"
-        },
+        level: level(at),
         option,
     })
+}
+
+/// `rbd config`'s name for where an override lives: `pool` for the pool's, else `image`
+/// (the gateway sets every option these checks read itself, so a value it did not set is
+/// the pool's or the image's).
+fn level(source: aoe_rbd_sys::ConfigSource) -> &'static str {
+    if source == aoe_rbd_sys::ConfigSource::Pool {
+        "pool"
+    } else {
+        "image"
+    }
+}
+
+/// Where (`pool` or `image`, [`level`]) the image's config has option `name` at `value`,
+/// if it does.
+fn set_to(config: &[aoe_rbd_sys::ConfigOption], name: &str, value: &str) -> Option<&'static str> {
+    let o = config.iter().find(|o| o.name == name)?;
+    (o.value == value).then(|| level(o.source))
 }
 
 /// Where the pool's or image's config turns `rbd_blocklist_on_break_lock` off over the
@@ -692,15 +706,7 @@ fn write_back_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<WriteBack> {
 /// another, would break that one's lock and leave it free to write: what it had in flight,
 /// or accepted before it noticed, would land after this gateway's writes.
 fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
-    use aoe_rbd_sys::ConfigSource;
-    let o = config
-        .iter()
-        .find(|o| o.name == "rbd_blocklist_on_break_lock")?;
-    (o.value == "false").then_some(if o.source == ConfigSource::Pool {
-        "pool"
-    } else {
-        "image"
-    })
+    set_to(config, "rbd_blocklist_on_break_lock", "false")
 }
 
 /// Where the pool's or image's config turns librbd's cache on (`pool` or `image`), if it
@@ -710,13 +716,7 @@ fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'stati
 /// acknowledged, flushed write. `rbd:` exports are of the image's head, which another
 /// gateway may write, so a read-only one must read from the OSDs.
 fn read_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
-    use aoe_rbd_sys::ConfigSource;
-    let o = config.iter().find(|o| o.name == "rbd_cache")?;
-    (o.value == "true").then_some(if o.source == ConfigSource::Pool {
-        "pool"
-    } else {
-        "image"
-    })
+    set_to(config, "rbd_cache", "true")
 }
 
 /// What [`write_back_cache`] found.
