@@ -475,7 +475,7 @@ const _: () = assert!(std::mem::size_of::<Option<Pending>>() == 64);
 /// byte (AoEr11 section 3.1), so a request moves at most 255 sectors.
 #[derive(Debug, Clone, Copy)]
 enum PendingKind {
-    Read { len: u32, sectors: u32 },
+    Read { sectors: u32 },
     Write { sectors: u32 },
     Flush,
 }
@@ -692,7 +692,7 @@ impl Engine {
         let mut f = InFlight::default();
         for p in self.pending.iter().flatten() {
             match p.kind {
-                PendingKind::Read { sectors, .. } => {
+                PendingKind::Read { sectors } => {
                     f.reads += 1;
                     f.read_sectors += u64::from(sectors);
                 }
@@ -1333,7 +1333,6 @@ impl Engine {
                 arg,
                 IoKind::Read { offset, len },
                 PendingKind::Read {
-                    len: u32::from(req.sector_count) * SECTOR_SIZE as u32,
                     sectors: u32::from(req.sector_count),
                 },
             )
@@ -1463,9 +1462,9 @@ impl Engine {
             self.dedup.finish(seq.get());
         }
         let data_len = match (p.kind, result) {
-            (PendingKind::Read { len, sectors }, Ok(())) => {
+            (PendingKind::Read { sectors }, Ok(())) => {
                 self.stats.sectors_read += u64::from(sectors);
-                len as usize
+                sectors as usize * SECTOR_SIZE
             }
             (PendingKind::Write { sectors }, Ok(())) => {
                 self.stats.sectors_written += u64::from(sectors);
