@@ -960,6 +960,16 @@ impl AlignedBuf {
     }
 }
 
+/// The sysfs directory of block device `rdev` (`/sys/dev/block/MAJ:MIN`, a link into
+/// `/sys/block`: a partition's lies inside its disk's).
+fn sys_block_dir(rdev: u64) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(rdev),
+        libc::minor(rdev)
+    ))
+}
+
 /// True if `file` is a block device that is a partition (`/sys/dev/block/MAJ:MIN/partition`)
 /// or a disk with partitions (a subdirectory of it with a `partition` file): another node
 /// of the same sectors, with a page cache of its own.
@@ -971,12 +981,7 @@ fn partition_or_partitioned(file: &File) -> bool {
     if !meta.file_type().is_block_device() {
         return false;
     }
-    let rdev = meta.rdev();
-    let sys = PathBuf::from(format!(
-        "/sys/dev/block/{}:{}",
-        libc::major(rdev),
-        libc::minor(rdev)
-    ));
+    let sys = sys_block_dir(meta.rdev());
     sys.join("partition").exists()
         || std::fs::read_dir(&sys)
             .is_ok_and(|d| d.flatten().any(|e| e.path().join("partition").exists()))
@@ -1009,8 +1014,7 @@ fn partition_or_partitioned(file: &File) -> bool {
 fn edge_lock_node(path: &Path, meta: &std::fs::Metadata) -> Option<(File, u64)> {
     use std::os::unix::fs::MetadataExt;
     let rdev = meta.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let sys = sys_block_dir(rdev);
     // A partition: its disk's sysfs directory, device number and the partition's start.
     let disk = sys.join("partition").exists().then(|| {
         let disk = std::fs::canonicalize(&sys).ok()?.parent()?.to_path_buf();
@@ -1067,7 +1071,7 @@ fn edge_lock_node(path: &Path, meta: &std::fs::Metadata) -> Option<(File, u64)> 
         (node, opened) => {
             tracing::warn!(
                 file = %path.display(),
-                device = %format!("{major}:{minor}"),
+                device = %format!("{}:{}", libc::major(rdev), libc::minor(rdev)),
                 node = ?node,
                 error = ?opened.and_then(Result::err),
                 "cannot open the device's own node in /dev to lock the aligned blocks this \
