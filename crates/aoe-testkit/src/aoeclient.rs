@@ -453,14 +453,7 @@ impl AoeClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} of {} replies within {timeout:?}",
-                        replies.len(),
-                        reqs.len()
-                    ),
-                ));
+                return Err(too_few_replies(replies.len(), reqs.len(), timeout));
             }
             for r in self.poll(left)? {
                 replies.insert(r.tag.0, r);
@@ -514,14 +507,7 @@ impl AoeClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} of {} replies within {timeout:?}",
-                        replies.len(),
-                        want.len()
-                    ),
-                ));
+                break Err(too_few_replies(replies.len(), want.len(), timeout));
             }
             if let Some(t) = want
                 .iter()
@@ -793,6 +779,15 @@ fn timed_out(req: &Request, timeout: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
         format!("no reply to {} within {timeout:?}", req.describe()),
+    )
+}
+
+/// `TimedOut` for a wait that had `got` of the `want` replies it waited for after `timeout`
+/// ([`AoeClient::run`], [`AoeClient::replies_to`]).
+fn too_few_replies(got: usize, want: usize, timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{got} of {want} replies within {timeout:?}"),
     )
 }
 
