@@ -30,7 +30,7 @@ use fuser::{
 };
 
 use aoe_initiator::blockdev::BlockDevice;
-use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
+use aoe_initiator::net::{lock, try_lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
 use crate::openers::{file_handle, is_direct, Openers};
 use crate::{heldreply, inval};
@@ -127,25 +127,99 @@ impl ErrWaiter for ErrReply {
 /// until they are answered: holding a write's answer here deadlocked fio's direct writers and
 /// a buffered reader (fio.rs `fio_parallel_direct_writes_verify`, under load). While this
 /// thread waits there, the writes answered meanwhile merge in the queue, which stays bounded.
+///
+/// A write through the NBD front-end is answered only after its ranges are dropped here
+/// (the `then` queued with them, [`CachedPages`]): it holds no FUSE request, so nothing the
+/// kernel waits for here waits for it.
 fn invalidator(q: Arc<inval::Queue>, notifier: Arc<OnceLock<Notifier>>) {
-    while let Some(batch) = q.wait() {
-        let Some(n) = notifier.get() else { continue };
-        for (ino, span) in batch {
-            // ENOENT: the kernel has no such inode cached (nothing to drop). Offset 0 and
-            // length 0 drop the whole file (`fuse_reverse_inval_inode`: a length <= 0 runs
-            // to the end).
-            let ranges = match span {
-                inval::Span::Whole => vec![(0, 0)],
-                inval::Span::Ranges(r) => r,
-            };
-            for (offset, len) in ranges {
-                let _ = n.inval_inode(
-                    INodeNo(ino),
-                    i64::try_from(offset).unwrap_or(i64::MAX),
-                    i64::try_from(len).unwrap_or(i64::MAX),
-                );
-            }
+    while let Some((batch, then)) = q.wait() {
+        if let Some(n) = notifier.get() {
+            drop_ranges(n, batch);
         }
+        for f in then {
+            f();
+        }
+    }
+}
+
+/// Drops each range of `batch` from its inode's page cache.
+fn drop_ranges(n: &Notifier, batch: std::collections::BTreeMap<u64, inval::Span>) {
+    for (ino, span) in batch {
+        // ENOENT: the kernel has no such inode cached (nothing to drop). Offset 0 and
+        // length 0 drop the whole file (`fuse_reverse_inval_inode`: a length <= 0 runs to
+        // the end).
+        let ranges = match span {
+            inval::Span::Whole => vec![(0, 0)],
+            inval::Span::Ranges(r) => r,
+        };
+        for (offset, len) in ranges {
+            let _ = n.inval_inode(
+                INodeNo(ino),
+                i64::try_from(offset).unwrap_or(i64::MAX),
+                i64::try_from(len).unwrap_or(i64::MAX),
+            );
+        }
+    }
+}
+
+/// The device files' page cache as the other front-ends see it
+/// ([`aoe_initiator::net::CachedViews`]): a write through the NBD server drops the sectors
+/// it wrote from the cache of every device and partition file open in the kernel's cached
+/// mode that covers them, before it is answered. Without it, a file open cached kept what
+/// it had read before an NBD client's write, answered and flushed, for as long as the
+/// kernel kept the pages (a real block device has one page cache that every local writer
+/// goes through). Files without a cached open have nothing to drop: the kernel drops an
+/// inode's cache at each open (no `FOPEN_KEEP_CACHE`), so pages from an earlier open are
+/// gone before a new one reads.
+struct CachedPages {
+    shared: Arc<Mutex<Shared>>,
+    cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
+    queue: Arc<inval::Queue>,
+}
+
+impl aoe_initiator::net::CachedViews for CachedPages {
+    fn written(&self, dev: TargetAddr, lba: u64, sectors: u64, then: Box<dyn FnOnce() + Send>) {
+        let files: Vec<(u64, u32)> = {
+            let c = self.cached_opens.lock().unwrap_or_else(|p| p.into_inner());
+            if c.is_empty() {
+                return then();
+            }
+            c.keys()
+                .filter_map(|&ino| match node(ino) {
+                    Some(Node::Dev(a, p)) if a == dev => Some((ino, p)),
+                    _ => None,
+                })
+                .collect()
+        };
+        if files.is_empty() {
+            return then();
+        }
+        // Sector range to byte range of each file. A partition's start is in the shared
+        // state, which this (the network thread) must never wait for: held by a front-end
+        // now, the partition's whole cache is dropped instead (more is always safe).
+        let end = lba.saturating_add(sectors);
+        let clip = |ino: u64, (start, len): (u64, u64)| {
+            let (a, b) = (lba.max(start), end.min(start.saturating_add(len)));
+            (a < b).then(|| (ino, (a - start) * 512, (b - a) * 512))
+        };
+        let shared = if files.iter().any(|&(_, p)| p != 0) {
+            try_lock(&self.shared)
+        } else {
+            None
+        };
+        let ranges: Vec<(u64, u64, u64)> = files
+            .into_iter()
+            .filter_map(|(ino, p)| match (p, &shared) {
+                (0, _) => clip(ino, (0, u64::MAX)),
+                (_, Some(s)) => clip(ino, s.devices.get(&dev).and_then(|e| extent(e, p))?),
+                (_, None) => Some((ino, 0, u64::MAX)),
+            })
+            .collect();
+        drop(shared);
+        if ranges.is_empty() {
+            return then();
+        }
+        self.queue.push_then(&ranges, then);
     }
 }
 
@@ -190,6 +264,12 @@ impl AoeFs {
             .name("fuse-inval".into())
             .spawn(move || invalidator(rx, n))
             .expect("spawn the FUSE invalidator thread");
+        let cached_opens = Arc::new(Mutex::new(HashMap::new()));
+        net.set_cached_views(Box::new(CachedPages {
+            shared: shared.clone(),
+            cached_opens: cached_opens.clone(),
+            queue: q.clone(),
+        }));
         AoeFs {
             shared,
             openers: Arc::new(Openers::new(net.clone())),
@@ -197,7 +277,7 @@ impl AoeFs {
             uid: 0,
             gid: 0,
             start: SystemTime::now(),
-            cached_opens: Arc::new(Mutex::new(HashMap::new())),
+            cached_opens,
             invalidate: Arc::new(inval::Sender(q)),
             uring: false,
             reply_fd: Arc::new(OnceLock::new()),
