@@ -168,23 +168,37 @@ fn drop_ranges(n: &Notifier, batch: std::collections::BTreeMap<u64, inval::Span>
 /// mode that covers them, before it is answered. Without it, a file open cached kept what
 /// it had read before an NBD client's write, answered and flushed, for as long as the
 /// kernel kept the pages (a real block device has one page cache that every local writer
-/// goes through). Files without a cached open have nothing to drop: the kernel drops an
-/// inode's cache at each open (no `FOPEN_KEEP_CACHE`), so pages from an earlier open are
-/// gone before a new one reads.
+/// goes through). A write through one device or partition file drops the sectors from the
+/// other files' caches the same way, after its answer like a direct write's own range
+/// ([`AoeFs::write_dev`]): a partition file and its disk's file are one device here (on
+/// Linux a partition's block device has a page cache of its own, which a write through
+/// the whole disk's does not update). Files without a cached open have nothing to drop:
+/// the kernel drops an inode's cache at each open (no `FOPEN_KEEP_CACHE`), so pages from
+/// an earlier open are gone before a new one reads.
+#[derive(Clone)]
 struct CachedPages {
     shared: Arc<Mutex<Shared>>,
     cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
     queue: Arc<inval::Queue>,
 }
 
-impl aoe_initiator::net::CachedViews for CachedPages {
-    fn written(&self, dev: TargetAddr, lba: u64, sectors: u64, then: Box<dyn FnOnce() + Send>) {
+impl CachedPages {
+    /// The byte ranges (inode, offset, length) of sectors `[lba, lba + sectors)` of `dev`
+    /// in every device and partition file with a cached open but `except`.
+    fn ranges(
+        &self,
+        dev: TargetAddr,
+        lba: u64,
+        sectors: u64,
+        except: Option<u64>,
+    ) -> Vec<(u64, u64, u64)> {
         let files: Vec<(u64, u32)> = {
             let c = self.cached_opens.lock().unwrap_or_else(|p| p.into_inner());
             if c.is_empty() {
-                return then();
+                return Vec::new();
             }
             c.keys()
+                .filter(|&&ino| Some(ino) != except)
                 .filter_map(|&ino| match node(ino) {
                     Some(Node::Dev(a, p)) if a == dev => Some((ino, p)),
                     _ => None,
@@ -192,11 +206,12 @@ impl aoe_initiator::net::CachedViews for CachedPages {
                 .collect()
         };
         if files.is_empty() {
-            return then();
+            return Vec::new();
         }
         // Sector range to byte range of each file. A partition's start is in the shared
-        // state, which this (the network thread) must never wait for: held by a front-end
-        // now, the partition's whole cache is dropped instead (more is always safe).
+        // state, which the network thread (an NBD write's completion) must never wait for:
+        // held by a front-end now, the partition's whole cache is dropped instead (more is
+        // always safe).
         let end = lba.saturating_add(sectors);
         let clip = |ino: u64, (start, len): (u64, u64)| {
             let (a, b) = (lba.max(start), end.min(start.saturating_add(len)));
@@ -207,15 +222,20 @@ impl aoe_initiator::net::CachedViews for CachedPages {
         } else {
             None
         };
-        let ranges: Vec<(u64, u64, u64)> = files
+        files
             .into_iter()
             .filter_map(|(ino, p)| match (p, &shared) {
                 (0, _) => clip(ino, (0, u64::MAX)),
                 (_, Some(s)) => clip(ino, s.devices.get(&dev).and_then(|e| extent(e, p))?),
                 (_, None) => Some((ino, 0, u64::MAX)),
             })
-            .collect();
-        drop(shared);
+            .collect()
+    }
+}
+
+impl aoe_initiator::net::CachedViews for CachedPages {
+    fn written(&self, dev: TargetAddr, lba: u64, sectors: u64, then: Box<dyn FnOnce() + Send>) {
+        let ranges = self.ranges(dev, lba, sectors, None);
         if ranges.is_empty() {
             return then();
         }
@@ -240,6 +260,8 @@ pub struct AoeFs {
     /// without `O_DIRECT` or read-only): while there are any, a direct-I/O write's range is
     /// invalidated in the page cache after it completes ([`invalidator`]).
     cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
+    /// The other device and partition files' cached pages a write drops.
+    pages: CachedPages,
     invalidate: Arc<inval::Sender>,
     /// Asks for `FUSE_OVER_IO_URING` at `FUSE_INIT` ([`crate::ring`]).
     uring: bool,
@@ -265,11 +287,12 @@ impl AoeFs {
             .spawn(move || invalidator(rx, n))
             .expect("spawn the FUSE invalidator thread");
         let cached_opens = Arc::new(Mutex::new(HashMap::new()));
-        net.set_cached_views(Box::new(CachedPages {
+        let pages = CachedPages {
             shared: shared.clone(),
             cached_opens: cached_opens.clone(),
             queue: q.clone(),
-        }));
+        };
+        net.set_cached_views(Box::new(pages.clone()));
         AoeFs {
             shared,
             openers: Arc::new(Openers::new(net.clone())),
@@ -278,6 +301,7 @@ impl AoeFs {
             gid: 0,
             start: SystemTime::now(),
             cached_opens,
+            pages,
             invalidate: Arc::new(inval::Sender(q)),
             uring: false,
             reply_fd: Arc::new(OnceLock::new()),
@@ -1183,7 +1207,9 @@ impl AoeFs {
     /// server, so concurrent writers to one sector through any file or export all land).
     ///
     /// `inval`: the inode whose cached pages of the range are dropped after the answer
-    /// ([`invalidator`]).
+    /// ([`invalidator`]). The sectors written are dropped from the cache of every other
+    /// device or partition file of the device open cached too, after the answer
+    /// ([`CachedPages`]).
     ///
     /// `data(n)` gives the first `n` of the `len` bytes written (cut at the device's end),
     /// called at most once: a copy, or a lent buffer ([`Lent`], handed to the engine as it
@@ -1213,16 +1239,23 @@ impl AoeFs {
         let written = n as u32;
         // The invalidator's sender only for the writes that need it, not every write.
         let inval = inval.map(|ino| (ino, self.invalidate.clone()));
+        let (pages, own) = (self.pages.clone(), ino(Node::Dev(a, p)));
+        let (first, count, _) = aoe_initiator::blockdev::covering(offset, n as u64);
         BlockDevice::new(self.openers.handle(fh).clone(), a, start).write_lent(
             offset,
             data(n),
-            Box::new(move |r| match (r, inval) {
-                (Ok(()), None) => reply(Ok(written)),
-                (Ok(()), Some((ino, invalidate))) => {
-                    reply(Ok(written));
+            Box::new(move |r| {
+                match r {
+                    Ok(()) => reply(Ok(written)),
+                    Err(e) => reply(Err(Errno::from_i32(e))),
+                }
+                // A failed write may have landed in part: dropping more is always safe.
+                if let Some((ino, invalidate)) = inval {
                     invalidate.0.push(ino, offset, n as u64);
                 }
-                (Err(e), _) => reply(Err(Errno::from_i32(e))),
+                for (ino, off, len) in pages.ranges(a, start + first, count, Some(own)) {
+                    pages.queue.push(ino, off, len);
+                }
             }),
         );
     }
