@@ -4,6 +4,10 @@
 //! direct write's range is dropped from the page cache once the write has been answered
 //! ([`crate::fs`]: `FUSE_NOTIFY_INVAL_INODE`, the post-write invalidation the kernel's
 //! `generic_file_direct_write` does for a cached open and the FUSE direct-I/O mode does not).
+//! The same queue drops, after a device-file write's answer, its sectors from the other
+//! device and partition files of the device open cached, and, before an NBD write's answer
+//! (queued with the ranges, run once they are dropped: [`Queue::push_then`]), its sectors from
+//! every such file (`crate::fs::CachedPages`).
 //! The invalidations run on a thread of their own, and each may wait in the kernel for the
 //! lock of every cached page in its range, so writes can be answered faster than their ranges
 //! are dropped. An unbounded queue would then grow for as long as that lasts.
