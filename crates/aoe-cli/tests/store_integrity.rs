@@ -282,10 +282,33 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
     first_at: u64,
     second_at: u64,
 ) {
+    serve_processes_meeting_inside_a_block(
+        (first, true),
+        (second, second_direct),
+        image,
+        first_at,
+        second_at,
+    )
+}
+
+/// [`serve_processes_meeting_inside_a_4096_byte_block`] with the first process buffered
+/// too where `first.1` is false (its node fsynced after each round, as the second's).
+fn serve_processes_meeting_inside_a_block(
+    (first, first_direct): (&Path, bool),
+    (second, second_direct): (&Path, bool),
+    image: &Path,
+    first_at: u64,
+    second_at: u64,
+) {
     const ROUNDS: u64 = 300;
     const SECOND: u8 = SLOT + 1;
     let second_path = second;
-    let mut lan = RawLan::start(Target::AoeServe, first, &["-d", "-o", "0", "-l", "1001"], 1);
+    let first_flags: &[&str] = if first_direct {
+        &["-d", "-o", "0", "-l", "1001"]
+    } else {
+        &["-o", "0", "-l", "1001"]
+    };
+    let mut lan = RawLan::start(Target::AoeServe, first, first_flags, 1);
     let mut cmd = Command::new(AOE);
     cmd.arg("serve");
     if second_direct {
@@ -321,11 +344,14 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
         (SECOND, 1, second_at + 1),
     ];
     let image = fs::File::open(image).expect("open the backing file");
-    // A buffered second process's writes may sit in its node's page cache: each round
-    // writes that node's dirty pages back (fsync) before the image is read, so what is
-    // compared is what the device holds once both are written back.
-    let second_node =
-        (!second_direct).then(|| fs::File::open(second_path).expect("open the second node"));
+    // A buffered process's writes may sit in its node's page cache: each round writes
+    // that node's dirty pages back (fsync) before the image is read, so what is compared is
+    // what the device holds once both are written back.
+    let buffered_nodes: Vec<fs::File> = [(first, first_direct), (second_path, second_direct)]
+        .into_iter()
+        .filter(|&(_, direct)| !direct)
+        .map(|(p, _)| fs::File::open(p).expect("open a buffered process's node"))
+        .collect();
     let mut lost = Vec::new();
     for round in 1..=ROUNDS {
         let mut waiting = std::collections::HashSet::new();
@@ -362,8 +388,8 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
             lan.logs(),
             second.output_so_far()
         );
-        if let Some(n) = &second_node {
-            n.sync_all().expect("fsync the second process's node");
+        for n in &buffered_nodes {
+            n.sync_all().expect("fsync a buffered process's node");
         }
         for &(_, _, sector) in &targets {
             let mut got = vec![0u8; 512];
@@ -377,7 +403,7 @@ fn serve_processes_meeting_inside_a_4096_byte_block(
     }
     assert!(
         lost.is_empty(),
-        "second process direct: {second_direct}: {} of {} acknowledged sector writes undone \
+        "first process direct: {first_direct}, second: {second_direct}: {} of {} acknowledged sector writes undone \
          by the other process's read-modify-write, first (round, sector): {:?}",
         lost.len(),
         ROUNDS * targets.len() as u64,
@@ -558,6 +584,20 @@ fn a_buffered_disk_beside_its_direct_partition_served_by_two_processes_loses_no_
         Path::new(&disk.part),
         Path::new(&disk.dev),
         false,
+        &disk.img,
+        disk.start,
+        disk.start + 1001,
+    );
+}
+
+/// As above with both processes buffered, each on its node (the same write-through on
+/// both sides).
+#[test]
+fn a_buffered_partition_beside_its_buffered_disk_served_by_two_processes_loses_no_write() {
+    let disk = PartitionedLoop::new();
+    serve_processes_meeting_inside_a_block(
+        (Path::new(&disk.part), false),
+        (Path::new(&disk.dev), false),
         &disk.img,
         disk.start,
         disk.start + 1001,
