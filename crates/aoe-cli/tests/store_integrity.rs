@@ -591,17 +591,20 @@ fn a_buffered_disk_beside_its_direct_partition_served_by_two_processes_loses_no_
 }
 
 /// As above with both processes buffered, each on its node (the same write-through on
-/// both sides).
+/// both sides), and with the partition's buffered beside the disk's `-d`.
 #[test]
-fn a_buffered_partition_beside_its_buffered_disk_served_by_two_processes_loses_no_write() {
+fn a_buffered_partition_beside_its_buffered_or_direct_disk_served_by_two_processes_loses_no_write()
+{
     let disk = PartitionedLoop::new();
-    serve_processes_meeting_inside_a_block(
-        (Path::new(&disk.part), false),
-        (Path::new(&disk.dev), false),
-        &disk.img,
-        disk.start,
-        disk.start + 1001,
-    );
+    for disk_direct in [false, true] {
+        serve_processes_meeting_inside_a_block(
+            (Path::new(&disk.part), false),
+            (Path::new(&disk.dev), disk_direct),
+            &disk.img,
+            disk.start,
+            disk.start + 1001,
+        );
+    }
 }
 
 /// Fourteenth audit: the edge lock cannot help a buffered export of a partition, or of a
