@@ -45,11 +45,20 @@
 #                 their sectors must be old: the guest's dirty pages were really lost (else
 #                 the test could not tell a FLUSH that syncs from one that does not)
 #   in flight:    old or new, per sector
+# -N (NBD, multi-connection): the writes go through the initiator's NBD server (`--nbd`)
+# instead of its device file, each phase by libnbd's nbdcopy over 4 connections with up
+# to 16 requests each, from a sparse copy of new.bin holding only that phase's chunks
+# (`--destination-is-zero`: only the chunks are written; no `--flush`: nbdcopy sends no
+# FLUSH), and A's FLUSH by `qemu-io -c flush` on a connection of its own: the NBD
+# protocol's NBD_FLAG_CAN_MULTI_CONN, which the server advertises, promises that a FLUSH
+# on one connection makes every write completed on any connection durable. Phase C is not
+# run (nbdcopy says nothing of which of its writes were answered before a kill): B is the
+# acknowledged, unflushed set.
 # -r (report): print the same classification and exit 0 whatever it found (for peers that
 # are not held to these rules, e.g. vblade, whose FLUSH does not sync: docs/PROTOCOL.md).
 #
 # Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4] [-M buffered|sync|direct]
-#                      [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-r] [-k]
+#                      [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-N] [-r] [-k]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
 #   -e        the export: raw (default) or ext4
@@ -61,6 +70,7 @@
 #   -I BIN    the `aoe` binary for the host's initiator (default: -b's, or `aoe` on PATH)
 #   -c DIR    cache for the kernel package (default ${AOE_CACHE:-/var/tmp/aoe-test-cache})
 #   -T SEC    hard overall timeout (default 480); every wait has its own deadline too
+#   -N        write through the NBD server, several connections (see above)
 #   -r        report only (see above)
 #   -k        keep the run directory (images, console, logs)
 #
@@ -74,13 +84,13 @@ set -uo pipefail
 
 BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
-TOTAL=480 REPORT=0 KEEP=0
+TOTAL=480 REPORT=0 KEEP=0 NBD=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:L:m:I:c:T:rkh" o; do
+while getopts "b:t:e:M:L:m:I:c:T:Nrkh" o; do
     case $o in
         b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
-        r) REPORT=1 ;; k) KEEP=1 ;;
+        N) NBD=1 ;; r) REPORT=1 ;; k) KEEP=1 ;;
         *) usage ;;
     esac
 done
@@ -116,6 +126,11 @@ for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe de
          flock mkfs.ext4 e2fsck losetup mount umount mountpoint perl shuf ldd strip dd sync; do
     command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
 done
+if [ "$NBD" = 1 ]; then
+    for t in nbdcopy qemu-io truncate; do
+        command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
+    done
+fi
 BUSYBOX=$(command -v busybox || true)
 [ -n "$BUSYBOX" ] && file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' \
     || fail "need a statically linked busybox (Debian package busybox-static)"
@@ -307,8 +322,9 @@ say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write 
 # ---------------------------------------------------------------- initiator
 mkdir -p "$ROOT"
 # --deadsecs 5: once the guest is gone, the writer's last request fails within seconds.
+SOCK=$RUN/nbd.sock
 nsx env AOE_LOG=info "$INIT_BIN" initiator --root "$ROOT" --iflist plini --deadsecs 5 \
-    >"$RUN/initiator.log" 2>&1 </dev/null &
+    $([ "$NBD" = 1 ] && echo --nbd "$SOCK") >"$RUN/initiator.log" 2>&1 </dev/null &
 INIT_PID=$!
 up() { [ -e "$DEV" ] && [ "$(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>/dev/null)" = up ]; }
 wait_for 60 "the initiator's device $DEV up" up
@@ -323,6 +339,34 @@ wchunk() {
 LEDGER=$RUN/ledger
 : >"$LEDGER"
 TW=$(date +%s)
+CLOG=$RUN/clog
+: >"$CLOG"
+if [ "$NBD" = 1 ]; then
+    URI="nbd+unix:///e$SHELF.$SLOT?socket=$SOCK"
+    # nbdphase P FIRST LAST: chunks FIRST..LAST of the order, through nbdcopy (see -N).
+    nbdphase() {
+        local sparse=$RUN/phase-$1.bin c
+        truncate -s "$REGION" "$sparse" || die "truncate $sparse"
+        for c in $(sed -n "$2,$3p" "$RUN/order"); do
+            dd if="$NEW" of="$sparse" bs=$CH skip="$c" seek="$c" count=1 conv=notrunc status=none ||
+                die "dd into $sparse"
+        done
+        timeout 120 nbdcopy --destination-is-zero --connections=4 --requests=16 "$sparse" "$URI" ||
+            die "phase $1: nbdcopy to $URI failed"
+        sed -n "$2,$3p" "$RUN/order" | sed "s/^/$1 /" >>"$LEDGER"
+    }
+    nbdphase A 1 "$NA"
+    timeout 60 qemu-io -f raw -c flush "$URI" >"$RUN/flush.log" 2>&1 ||
+        { cat "$RUN/flush.log"; die "FLUSH (qemu-io -c flush on $URI) failed"; }
+    say "phase A: $NA chunks acknowledged on 4 NBD connections, then a FLUSH on a fifth that succeeded ($(( $(date +%s) - TW ))s)"
+    nbdphase B $((NA + 1)) $((NA + NB))
+    say "phase B: $NB chunks acknowledged, not flushed"
+    cp "$CLOG" "$RUN/clog.before-kill"
+    DIRTY=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:DIRTY_KB //p' | tail -1)
+    { kill -KILL "$QEMU_PID"; wait "$QEMU_PID"; } 2>/dev/null
+    QEMU_PID=""
+    say "qemu SIGKILLed after phase B (no phase C with -N); the guest's last dirty count ${DIRTY:-?} kB"
+else # through the device file, one dd a chunk
 for c in $(sed -n "1,${NA}p" "$RUN/order"); do
     wchunk "$c" || die "phase A: write of chunk $c failed"
     echo "A $c" >>"$LEDGER"
@@ -335,8 +379,6 @@ for c in $(sed -n "$((NA + 1)),$((NA + NB))p" "$RUN/order"); do
 done
 say "phase B: $NB chunks acknowledged, not flushed"
 # Phase C: a writer of its own (own process group), logging each chunk's start and end.
-CLOG=$RUN/clog
-: >"$CLOG"
 export -f wchunk
 export NEW DEV CH
 setsid bash -c 'for c in "$@"; do echo "S $c" >>'"$CLOG"'; wchunk "$c" || exit 1; echo "D $c" >>'"$CLOG"'; done' \
@@ -352,6 +394,7 @@ QEMU_PID=""
 say "qemu SIGKILLed with $(grep -c '^D' "$RUN/clog.before-kill") of phase C's chunks acknowledged, writing the next; the guest's last dirty count ${DIRTY:-?} kB"
 { kill -KILL -- "-$WRITER_PID"; wait "$WRITER_PID"; } 2>/dev/null
 WRITER_PID=""
+fi
 stop "$INIT_PID"
 wait "$INIT_PID" 2>/dev/null
 INIT_PID=""
@@ -433,11 +476,13 @@ perl -e '
     exit 0;
 '  "$OLD" "$NEW" "$AFTER" "$LEDGER" "$CLOG" "$RUN/clog.before-kill" "$CH" "$MODE" "$REPORT"
 CHECK=$?
+VIA=""
+[ "$NBD" = 1 ] && VIA=", through NBD on several connections"
 echo "### total $(( $(date +%s) - T0 ))s"
-[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors): see VIOLATION above"
+[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA): see VIOLATION above"
 if [ "$REPORT" = 1 ]; then
-    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors), findings above"
+    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA), findings above"
 else
-    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors) at MTU $MTU"
+    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA) at MTU $MTU"
 fi
 exit 0

@@ -147,3 +147,37 @@ fn power_loss_vblade_report() {
         findings.join("\n")
     );
 }
+
+/// The NBD front-end's multi-connection promise under a real power loss (fifteenth audit):
+/// the server advertises `NBD_FLAG_CAN_MULTI_CONN`, so a FLUSH on one connection must make
+/// every write completed on any connection durable. The script's `-N`: libnbd's nbdcopy
+/// writes phase A over 4 connections (no FLUSH of its own), `qemu-io -c flush` flushes on a
+/// fifth, nbdcopy writes phase B, and the guest is killed: A must be new, and in buffered
+/// mode B (never flushed) must have been lost, so the run can tell. With the FLUSH left out
+/// the script fails ("2023 sectors of phase A are old although a FLUSH after them
+/// succeeded"). A pin: the base build passes too (the FLUSH is the device's, not the
+/// connection's).
+fn aoe_serve_nbd(export: &str, mode: &str) {
+    let run = power_loss("aoe", env!("CARGO_BIN_EXE_aoe"), export, mode, &["-N"]);
+    let took = run.took.as_secs_f32();
+    let what = format!("`aoe serve` ({mode}, {export} export) written through NBD");
+    assert!(
+        run.passed(),
+        "power loss of {what}: {} after {took:.0}s\n{}",
+        run.verdict(),
+        run.output
+    );
+    eprintln!("power loss of {what}: PASS in {took:.1}s");
+}
+
+#[test]
+fn power_loss_raw_buffered_nbd_flush_on_another_connection() {
+    require_tools(&[("nbdcopy", "libnbd-bin"), ("qemu-io", "qemu-utils")]);
+    aoe_serve_nbd("raw", "buffered");
+}
+
+#[test]
+fn power_loss_ext4_buffered_nbd_flush_on_another_connection() {
+    require_tools(&[("nbdcopy", "libnbd-bin"), ("qemu-io", "qemu-utils")]);
+    aoe_serve_nbd("ext4", "buffered");
+}

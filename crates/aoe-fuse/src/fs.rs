@@ -30,7 +30,7 @@ use fuser::{
 };
 
 use aoe_initiator::blockdev::BlockDevice;
-use aoe_initiator::net::{lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
+use aoe_initiator::net::{lock, try_lock, Cmd, DevEntry, ErrWaiter, Handle, Shared};
 
 use crate::openers::{file_handle, is_direct, Openers};
 use crate::{heldreply, inval};
@@ -127,25 +127,119 @@ impl ErrWaiter for ErrReply {
 /// until they are answered: holding a write's answer here deadlocked fio's direct writers and
 /// a buffered reader (fio.rs `fio_parallel_direct_writes_verify`, under load). While this
 /// thread waits there, the writes answered meanwhile merge in the queue, which stays bounded.
+///
+/// A write through the NBD front-end is answered only after its ranges are dropped here
+/// (the `then` queued with them, [`CachedPages`]): it holds no FUSE request, so nothing the
+/// kernel waits for here waits for it.
 fn invalidator(q: Arc<inval::Queue>, notifier: Arc<OnceLock<Notifier>>) {
-    while let Some(batch) = q.wait() {
-        let Some(n) = notifier.get() else { continue };
-        for (ino, span) in batch {
-            // ENOENT: the kernel has no such inode cached (nothing to drop). Offset 0 and
-            // length 0 drop the whole file (`fuse_reverse_inval_inode`: a length <= 0 runs
-            // to the end).
-            let ranges = match span {
-                inval::Span::Whole => vec![(0, 0)],
-                inval::Span::Ranges(r) => r,
-            };
-            for (offset, len) in ranges {
-                let _ = n.inval_inode(
-                    INodeNo(ino),
-                    i64::try_from(offset).unwrap_or(i64::MAX),
-                    i64::try_from(len).unwrap_or(i64::MAX),
-                );
-            }
+    while let Some((batch, then)) = q.wait() {
+        if let Some(n) = notifier.get() {
+            drop_ranges(n, batch);
         }
+        for f in then {
+            f();
+        }
+    }
+}
+
+/// Drops each range of `batch` from its inode's page cache.
+fn drop_ranges(n: &Notifier, batch: std::collections::BTreeMap<u64, inval::Span>) {
+    for (ino, span) in batch {
+        // ENOENT: the kernel has no such inode cached (nothing to drop). Offset 0 and
+        // length 0 drop the whole file (`fuse_reverse_inval_inode`: a length <= 0 runs to
+        // the end).
+        let ranges = match span {
+            inval::Span::Whole => vec![(0, 0)],
+            inval::Span::Ranges(r) => r,
+        };
+        for (offset, len) in ranges {
+            let _ = n.inval_inode(
+                INodeNo(ino),
+                i64::try_from(offset).unwrap_or(i64::MAX),
+                i64::try_from(len).unwrap_or(i64::MAX),
+            );
+        }
+    }
+}
+
+/// The device files' page cache as the other front-ends see it
+/// ([`aoe_initiator::net::CachedViews`]): a write through the NBD server drops the sectors
+/// it wrote from the cache of every device and partition file open in the kernel's cached
+/// mode that covers them, before it is answered. Without it, a file open cached kept what
+/// it had read before an NBD client's write, answered and flushed, for as long as the
+/// kernel kept the pages (a real block device has one page cache that every local writer
+/// goes through). A write through one device or partition file drops the sectors from the
+/// other files' caches the same way, after its answer like a direct write's own range
+/// ([`AoeFs::write_dev`]): a partition file and its disk's file are one device here (on
+/// Linux a partition's block device has a page cache of its own, which a write through
+/// the whole disk's does not update). Files without a cached open have nothing to drop:
+/// the kernel drops an inode's cache at each open (no `FOPEN_KEEP_CACHE`), so pages from
+/// an earlier open are gone before a new one reads.
+#[derive(Clone)]
+struct CachedPages {
+    shared: Arc<Mutex<Shared>>,
+    cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
+    queue: Arc<inval::Queue>,
+}
+
+impl CachedPages {
+    /// The byte ranges (inode, offset, length) of sectors `[lba, lba + sectors)` of `dev`
+    /// in every device and partition file with a cached open but `except`.
+    fn ranges(
+        &self,
+        dev: TargetAddr,
+        lba: u64,
+        sectors: u64,
+        except: Option<u64>,
+    ) -> Vec<(u64, u64, u64)> {
+        let files: Vec<(u64, u32)> = {
+            let c = self.cached_opens.lock().unwrap_or_else(|p| p.into_inner());
+            if c.is_empty() {
+                return Vec::new();
+            }
+            c.keys()
+                .filter(|&&ino| Some(ino) != except)
+                .filter_map(|&ino| match node(ino) {
+                    Some(Node::Dev(a, p)) if a == dev => Some((ino, p)),
+                    _ => None,
+                })
+                .collect()
+        };
+        if files.is_empty() {
+            return Vec::new();
+        }
+        // Sector range to byte range of each file. A partition's start is in the shared
+        // state, which the network thread (an NBD write's completion) must never wait for:
+        // held by a front-end now, the partition's whole cache is dropped instead (more is
+        // always safe).
+        let end = lba.saturating_add(sectors);
+        let clip = |ino: u64, (start, len): (u64, u64)| {
+            let (a, b) = (lba.max(start), end.min(start.saturating_add(len)));
+            (a < b).then(|| (ino, (a - start) * 512, (b - a) * 512))
+        };
+        let shared = if files.iter().any(|&(_, p)| p != 0) {
+            try_lock(&self.shared)
+        } else {
+            None
+        };
+        files
+            .into_iter()
+            .filter_map(|(ino, p)| match (p, &shared) {
+                (0, _) => clip(ino, (0, u64::MAX)),
+                (_, Some(s)) => clip(ino, s.devices.get(&dev).and_then(|e| extent(e, p))?),
+                (_, None) => Some((ino, 0, u64::MAX)),
+            })
+            .collect()
+    }
+}
+
+impl aoe_initiator::net::CachedViews for CachedPages {
+    fn written(&self, dev: TargetAddr, lba: u64, sectors: u64, then: Box<dyn FnOnce() + Send>) {
+        let ranges = self.ranges(dev, lba, sectors, None);
+        if ranges.is_empty() {
+            return then();
+        }
+        self.queue.push_then(&ranges, then);
     }
 }
 
@@ -166,6 +260,8 @@ pub struct AoeFs {
     /// without `O_DIRECT` or read-only): while there are any, a direct-I/O write's range is
     /// invalidated in the page cache after it completes ([`invalidator`]).
     cached_opens: Arc<Mutex<HashMap<u64, u32>>>,
+    /// The other device and partition files' cached pages a write drops.
+    pages: CachedPages,
     invalidate: Arc<inval::Sender>,
     /// Asks for `FUSE_OVER_IO_URING` at `FUSE_INIT` ([`crate::ring`]).
     uring: bool,
@@ -190,6 +286,13 @@ impl AoeFs {
             .name("fuse-inval".into())
             .spawn(move || invalidator(rx, n))
             .expect("spawn the FUSE invalidator thread");
+        let cached_opens = Arc::new(Mutex::new(HashMap::new()));
+        let pages = CachedPages {
+            shared: shared.clone(),
+            cached_opens: cached_opens.clone(),
+            queue: q.clone(),
+        };
+        net.set_cached_views(Box::new(pages.clone()));
         AoeFs {
             shared,
             openers: Arc::new(Openers::new(net.clone())),
@@ -197,7 +300,8 @@ impl AoeFs {
             uid: 0,
             gid: 0,
             start: SystemTime::now(),
-            cached_opens: Arc::new(Mutex::new(HashMap::new())),
+            cached_opens,
+            pages,
             invalidate: Arc::new(inval::Sender(q)),
             uring: false,
             reply_fd: Arc::new(OnceLock::new()),
@@ -1103,7 +1207,9 @@ impl AoeFs {
     /// server, so concurrent writers to one sector through any file or export all land).
     ///
     /// `inval`: the inode whose cached pages of the range are dropped after the answer
-    /// ([`invalidator`]).
+    /// ([`invalidator`]). The sectors written are dropped from the cache of every other
+    /// device or partition file of the device open cached too, after the answer
+    /// ([`CachedPages`]).
     ///
     /// `data(n)` gives the first `n` of the `len` bytes written (cut at the device's end),
     /// called at most once: a copy, or a lent buffer ([`Lent`], handed to the engine as it
@@ -1133,16 +1239,23 @@ impl AoeFs {
         let written = n as u32;
         // The invalidator's sender only for the writes that need it, not every write.
         let inval = inval.map(|ino| (ino, self.invalidate.clone()));
+        let (pages, own) = (self.pages.clone(), ino(Node::Dev(a, p)));
+        let (first, count, _) = aoe_initiator::blockdev::covering(offset, n as u64);
         BlockDevice::new(self.openers.handle(fh).clone(), a, start).write_lent(
             offset,
             data(n),
-            Box::new(move |r| match (r, inval) {
-                (Ok(()), None) => reply(Ok(written)),
-                (Ok(()), Some((ino, invalidate))) => {
-                    reply(Ok(written));
+            Box::new(move |r| {
+                match r {
+                    Ok(()) => reply(Ok(written)),
+                    Err(e) => reply(Err(Errno::from_i32(e))),
+                }
+                // A failed write may have landed in part: dropping more is always safe.
+                if let Some((ino, invalidate)) = inval {
                     invalidate.0.push(ino, offset, n as u64);
                 }
-                (Err(e), _) => reply(Err(Errno::from_i32(e))),
+                for (ino, off, len) in pages.ranges(a, start + first, count, Some(own)) {
+                    pages.queue.push(ino, off, len);
+                }
             }),
         );
     }

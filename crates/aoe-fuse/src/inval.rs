@@ -4,6 +4,10 @@
 //! direct write's range is dropped from the page cache once the write has been answered
 //! ([`crate::fs`]: `FUSE_NOTIFY_INVAL_INODE`, the post-write invalidation the kernel's
 //! `generic_file_direct_write` does for a cached open and the FUSE direct-I/O mode does not).
+//! The same queue drops, after a device-file write's answer, its sectors from the other
+//! device and partition files of the device open cached, and, before an NBD write's answer
+//! (queued with the ranges, run once they are dropped: [`Queue::push_then`]), its sectors from
+//! every such file (`crate::fs::CachedPages`).
 //! The invalidations run on a thread of their own, and each may wait in the kernel for the
 //! lock of every cached page in its range, so writes can be answered faster than their ranges
 //! are dropped. An unbounded queue would then grow for as long as that lasts.
@@ -75,29 +79,58 @@ impl Pending {
     }
 }
 
+/// What runs once the ranges queued with it are dropped: the answer of a write that came
+/// through another front-end (`aoe_initiator::net::CachedViews`).
+pub(crate) type Then = Box<dyn FnOnce() + Send>;
+
 /// The queue shared by the writers' completions and the invalidating thread.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Queue {
-    state: Mutex<(Pending, bool)>,
+    state: Mutex<QueueState>,
     ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    pending: Pending,
+    /// What runs once the ranges queued so far are dropped, in the order queued.
+    then: Vec<Then>,
+    closed: bool,
 }
 
 impl Queue {
     /// Queues a range; never blocks for long (a lock held only to merge).
     pub(crate) fn push(&self, ino: u64, offset: u64, len: u64) {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.0.push(ino, offset, len);
+        s.pending.push(ino, offset, len);
         self.ready.notify_one();
     }
 
-    /// Waits for ranges and takes them all; `None` once closed and drained.
-    pub(crate) fn wait(&self) -> Option<BTreeMap<u64, Span>> {
+    /// Queues `ranges` (inode, offset, length) and `then`, which runs on the invalidating
+    /// thread once they are dropped; at once, here, if the queue is closed (the file system
+    /// unmounted: no page cache left to drop).
+    pub(crate) fn push_then(&self, ranges: &[(u64, u64, u64)], then: Then) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.closed {
+            drop(s);
+            return then();
+        }
+        for &(ino, offset, len) in ranges {
+            s.pending.push(ino, offset, len);
+        }
+        s.then.push(then);
+        self.ready.notify_one();
+    }
+
+    /// Waits for ranges and takes them all, with what is to run once they are dropped;
+    /// `None` once closed and drained.
+    pub(crate) fn wait(&self) -> Option<(BTreeMap<u64, Span>, Vec<Then>)> {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if !s.0.is_empty() {
-                return Some(s.0.take());
+            if !s.pending.is_empty() || !s.then.is_empty() {
+                return Some((s.pending.take(), std::mem::take(&mut s.then)));
             }
-            if s.1 {
+            if s.closed {
                 return None;
             }
             s = self.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
@@ -106,13 +139,15 @@ impl Queue {
 
     /// Ends [`Queue::wait`] once what is queued has been taken.
     pub(crate) fn close(&self) {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
         self.ready.notify_all();
     }
 }
 
 /// The writers' side: closes the queue when the last holder drops it, which ends the thread.
-#[derive(Debug)]
 pub(crate) struct Sender(pub(crate) Arc<Queue>);
 
 impl Drop for Sender {
@@ -194,7 +229,7 @@ mod tests {
         s.0.push(5, 0, 512);
         let t = std::thread::spawn(move || {
             let mut got = Vec::new();
-            while let Some(m) = q.wait() {
+            while let Some((m, _)) = q.wait() {
                 got.extend(m);
             }
             got
@@ -202,5 +237,42 @@ mod tests {
         drop(s);
         let got = t.join().unwrap();
         assert_eq!(got, vec![(5, Span::Ranges(vec![(0, 512)]))]);
+    }
+
+    /// What is queued with ranges runs once they are taken (by the invalidating thread,
+    /// after dropping them), in order; on a closed queue it runs at once.
+    #[test]
+    fn what_waits_for_its_ranges_runs_after_they_are_taken_or_at_once_when_closed() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let q = Queue::default();
+        let ran = Arc::new(AtomicU32::new(0));
+        let r = ran.clone();
+        q.push_then(
+            &[(7, 512, 512), (8, 0, 4096)],
+            Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "not before its ranges are dropped"
+        );
+        let (m, then) = q.wait().expect("queued");
+        assert_eq!(m.get(&7), Some(&Span::Ranges(vec![(512, 512)])));
+        assert_eq!(m.get(&8), Some(&Span::Ranges(vec![(0, 4096)])));
+        assert_eq!(then.len(), 1);
+        then.into_iter().for_each(|f| f());
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        q.close();
+        let r = ran.clone();
+        q.push_then(
+            &[(7, 0, 512)],
+            Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 2, "closed: at once");
+        assert!(q.wait().is_none());
     }
 }

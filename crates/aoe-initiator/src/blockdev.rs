@@ -138,6 +138,24 @@ impl BlockDevice {
         flush(&self.net, self.dev, done)
     }
 
+    /// A callback that, once the write of `len` bytes at byte `offset` it is given to
+    /// succeeded, drops every cached copy of the sectors it covered that another front-end
+    /// keeps ([`Handle::drop_cached`]: the FUSE device files' page cache), then runs `done`:
+    /// a read of the device file after the write was answered sees it, as after a direct
+    /// write to a block device (NBD: "a read ... after a write completed" on any
+    /// connection).
+    pub fn then_drop_cached(&self, offset: u64, len: u64, done: Cb<()>) -> Cb<()> {
+        if len == 0 {
+            return done;
+        }
+        let (net, dev) = (self.net.clone(), self.dev);
+        let (first, count, _) = covering(offset, len);
+        let lba = self.base + first;
+        // A failed write (a write of zeros cut short) may have landed in part: its range is
+        // dropped too (dropping more than was written is always safe).
+        Box::new(move |r| net.drop_cached(dev, lba, count, Box::new(move || done(r))))
+    }
+
     /// A callback that runs, once the operation it is given to succeeded and if
     /// `also_flush`, a flush, then `done`: a write with FUA is acknowledged only once it is
     /// on stable storage.

@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use aoe_proto::initiator::{
@@ -419,12 +419,27 @@ pub fn try_lock(s: &Mutex<Shared>) -> Option<MutexGuard<'_, Shared>> {
     }
 }
 
+/// Cached copies of a device's sectors kept outside the initiator that a write through
+/// another front-end must drop before it is answered: the FUSE device files' page cache
+/// (`aoe-fuse`), which an NBD client's write does not pass through. On a real block device
+/// every writer goes through the one page cache of the device, and a direct write drops
+/// its range from it before it returns (Linux `kiocb_invalidate_post_direct_write`); the
+/// NBD front-end's writes do the same through [`Handle::drop_cached`].
+pub trait CachedViews: Send + Sync {
+    /// Sectors `[lba, lba + sectors)` of `dev` were written (the target answered): drop
+    /// every cached copy of them, then run `then`, on any thread (at once where nothing
+    /// holds a copy). `then` must run even if the copies cannot be dropped.
+    fn written(&self, dev: TargetAddr, lba: u64, sectors: u64, then: Box<dyn FnOnce() + Send>);
+}
+
 /// The file system's handle on the network thread.
 #[derive(Clone)]
 pub struct Handle {
     tx: Sender<Queued>,
     wake: Arc<EventFd>,
     locks: RangeLocks,
+    /// Who keeps cached copies of sectors ([`Handle::set_cached_views`]), once set.
+    views: Arc<OnceLock<Box<dyn CachedViews>>>,
     bytes: Arc<IoBytes>,
     /// Whom the I/O submitted through this handle (and its clones) comes from: the
     /// device's queue serves its sources in turn ([`Engine::submit_from`]).
@@ -523,6 +538,27 @@ impl Handle {
     /// daemon, shared by the FUSE files and the NBD server).
     pub fn locks(&self) -> &RangeLocks {
         &self.locks
+    }
+
+    /// Sets who keeps cached copies of sectors (the FUSE mount, once); a second call
+    /// changes nothing.
+    pub fn set_cached_views(&self, views: Box<dyn CachedViews>) {
+        let _ = self.views.set(views);
+    }
+
+    /// Drops every cached copy of sectors `[lba, lba + sectors)` of `dev` that
+    /// [`CachedViews`] keep, then runs `then` (at once where none is set).
+    pub fn drop_cached(
+        &self,
+        dev: TargetAddr,
+        lba: u64,
+        sectors: u64,
+        then: Box<dyn FnOnce() + Send>,
+    ) {
+        match self.views.get() {
+            Some(v) => v.written(dev, lba, sectors, then),
+            None => then(),
+        }
     }
 }
 
@@ -1220,6 +1256,7 @@ impl Net {
             tx,
             wake: wake.clone(),
             locks: RangeLocks::new(),
+            views: Arc::new(OnceLock::new()),
             bytes: lock(&shared).io_bytes.clone(),
             source: SourceId::DEFAULT,
             sources: Arc::new(AtomicU32::new(0)),

@@ -1505,6 +1505,7 @@ impl ConnSource {
             }
             Command::WriteZeroes { offset, len, fua } => {
                 let done = bd.then_flush(fua, self.status_reply(cookie, bytes));
+                let done = bd.then_drop_cached(offset, u64::from(len), done);
                 bd.write_zeroes(offset, u64::from(len), done);
             }
             Command::Flush => bd.flush(self.status_reply(cookie, bytes)),
@@ -1514,6 +1515,7 @@ impl ConnSource {
     /// Submits a write whose payload is in.
     fn write(&self, cookie: u64, offset: u64, fua: bool, held: u64, data: Vec<u8>) {
         let done = self.bd.then_flush(fua, self.status_reply(cookie, held));
+        let done = self.bd.then_drop_cached(offset, data.len() as u64, done);
         self.bd.write(offset, data, done);
     }
 

@@ -73,9 +73,9 @@ pub struct UnalignedEdges {
     pub end: Option<u64>,
     /// A buffered export of a block device that is a partition, or a disk with partitions:
     /// the other device's node has a page cache of its own, which neither the edge lock
-    /// nor a direct read-modify-write sees, so another process's export of the same
-    /// sectors through it can undo this one's writes at the edge, or this one its (the
-    /// fourteenth audit lost 300 of 1200 with the disk buffered beside a `-d` partition).
+    /// nor a direct read-modify-write sees (the fourteenth audit lost 300 of 1200 with the
+    /// disk buffered beside a `-d` partition), so this export writes its edge blocks
+    /// through, under the lock (fifteenth audit: [`FileBackend`]'s edge write-through).
     pub other_page_cache: bool,
 }
 
@@ -159,6 +159,13 @@ pub struct FileBackend {
     /// ([`edge_lock_node`]), with the byte offset of the device on it (the partition's
     /// start; 0 for a whole disk); `None` to lock on [`FileBackend::file`].
     edge_lock_file: Option<(File, u64)>,
+    /// A buffered export of a partition, or of a disk with partitions, whose window shares
+    /// an edge block ([`UnalignedEdges::other_page_cache`]): the other node of the device
+    /// has a page cache of its own, so a write at an edge block drops this node's copy of
+    /// the block before it writes (the partial page is read from the device, as the other
+    /// node last wrote it) and writes it back and drops it again before the edge lock is
+    /// let go ([`FileBackend::write_through_edge`]).
+    edge_write_through: bool,
 }
 
 impl FileBackend {
@@ -354,6 +361,10 @@ impl FileBackend {
             buffered_edge_align,
             ofd_unsupported: AtomicBool::new(false),
             edge_lock_file,
+            edge_write_through: !opts.direct
+                && !opts.read_only
+                && edges_possible
+                && partition_or_partitioned(&file),
             file,
         })
     }
@@ -607,6 +618,30 @@ impl FileBackend {
         }
     }
 
+    /// A buffered write of `buf` at `pos` inside the edge block(s) `block`, with the edge
+    /// lock held, for an export whose device has another node with a page cache of its own
+    /// (a partition and its disk: fourteenth and fifteenth audits). This node's copy of the
+    /// block is dropped first, so the kernel reads the partial page from the device (what
+    /// the other node's export wrote there, under the same lock: a direct write, or this
+    /// same write-through); after the write the block is written back and dropped again,
+    /// so the other node's next read-modify-write of it, once it has the lock, reads this
+    /// write from the device. Before, the write sat in this node's page cache, and its
+    /// write-back later put a stale copy of the other export's sectors over them (300 of
+    /// 1200 acknowledged sector writes undone in the session-31 rig). Costs a write-back
+    /// per write at an edge block, which only an unaligned window has.
+    fn write_through_edge(
+        &self,
+        buf: &[u8],
+        pos: u64,
+        block: std::ops::Range<u64>,
+    ) -> io::Result<()> {
+        let len = block.end - block.start;
+        aoe_sys::drop_cached_range(&self.file, block.start, len)?;
+        self.file.write_all_at(buf, pos)?;
+        aoe_sys::write_back_range(&self.file, block.start, len)?;
+        aoe_sys::drop_cached_range(&self.file, block.start, len)
+    }
+
     /// Where `len` bytes at `pos` reach into the partial aligned block at the end of the
     /// file (its size not a multiple of the alignment): the buffered descriptor that serves
     /// that block and how many of the bytes come before it (those go the direct way).
@@ -767,8 +802,11 @@ impl Backend for FileBackend {
                 Some(r) => Some(self.writing.ranges.lock(r.clone())),
                 None => self.buffered_write_guard(pos, buf.len()),
             };
-            let _edge = edge.and_then(|r| self.ofd_lock(r));
-            self.file.write_all_at(buf, pos)
+            let _edge = edge.clone().and_then(|r| self.ofd_lock(r));
+            match edge {
+                Some(r) if self.edge_write_through => self.write_through_edge(buf, pos, r),
+                _ => self.file.write_all_at(buf, pos),
+            }
         };
         r.map_err(|e| self.latch(e, Failing::Write))
     }

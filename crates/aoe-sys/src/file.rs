@@ -34,6 +34,45 @@ pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<NoWa
     nowait_result(r)
 }
 
+/// Writes the dirty pages of `len` bytes at `offset` of `file` to its device and waits
+/// for them (`sync_file_range(2)` with `SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER`):
+/// they are on the device, as another node of that device reads it, though not flushed
+/// from its volatile cache (the man page: no data-integrity guarantee, which a FLUSH gives).
+pub fn write_back_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain integer arguments; the fd is open for the duration of the borrow.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Drops the clean, unmapped pages of `len` bytes at `offset` of `file` from the page cache
+/// (`posix_fadvise(2)` `POSIX_FADV_DONTNEED`), so the next buffered access reads the device.
+/// Dirty pages are left (write them back first: [`write_back_range`]).
+pub fn drop_cached_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: plain integer arguments; the fd is open for the duration of the borrow.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
 /// Writes `buf` at `offset` if that can be done without blocking; see [`pread_nowait`].
 /// A short write leaves the rest unwritten: the caller writes the whole range again.
 pub fn pwrite_nowait(file: &File, buf: &[u8], offset: u64) -> io::Result<NoWait> {

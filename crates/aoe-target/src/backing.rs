@@ -139,12 +139,14 @@ fn warn_unaligned_edges(spec: &ExportSpec, backend: &FileBackend) {
     .into_iter()
     .flatten()
     .collect();
-    // Fourteenth audit: a partition and its disk are two nodes with two page caches.
+    // Fourteenth audit: a partition and its disk are two nodes with two page caches;
+    // fifteenth: a buffered export writes its edge blocks through (FileBackend).
     let caches = if edges.other_page_cache {
         "; and this buffered export's device is a partition or a disk with partitions, whose \
-         other node has a page cache of its own that no lock reaches: another process's \
-         export of those sectors through it can undo this one's writes (or this one its) \
-         even in aoe serve; serve both with -d (direct_io)"
+         other node has a page cache of its own: its writes at such a block are written \
+         through (written back and dropped from this node's page cache under the lock, one \
+         write-back each), so another aoe serve process's export of those sectors through \
+         the other node does not undo them; -d (direct_io) saves the write-backs"
     } else {
         ""
     };
