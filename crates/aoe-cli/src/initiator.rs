@@ -74,11 +74,6 @@ pub struct InitiatorArgs {
     /// writev(2) on /dev/fuse. Refused with the reason where the kernel does not allow it.
     #[arg(long)]
     fuse_uring: bool,
-    /// Kick each interface's transmit ring from a thread of its own: the kick's `send()`,
-    /// and on a veth the target's receive that the kernel runs in the sender's context, go
-    /// to another CPU, at the price of a wake-up of that thread per batch of frames.
-    #[arg(long)]
-    kick_thread: bool,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArg,
 }
@@ -146,7 +141,6 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
         max_devices: a.max_devices,
         max_targets: a.max_targets,
         fence_writes: !a.unsafe_no_write_fence,
-        kick_thread: a.kick_thread,
     };
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,

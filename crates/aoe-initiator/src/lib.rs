@@ -66,8 +66,6 @@ pub struct Options {
     /// the target ([`Config::fence_writes`]). Always on but in tests that show what it
     /// prevents.
     pub fence_writes: bool,
-    /// Kick each interface's transmit ring from a thread of its own (`--kick-thread`).
-    pub kick_thread: bool,
 }
 
 impl Options {
@@ -110,9 +108,8 @@ impl Initiator {
             iflist: opts.iflist.clone(),
             ..Default::default()
         }));
-        let mut net = net::Net::new(engine, shared.clone(), opts.loop_devices, opts.root.clone())
+        let net = net::Net::new(engine, shared.clone(), opts.loop_devices, opts.root.clone())
             .context("cannot create the network thread")?;
-        net.set_kick_thread(opts.kick_thread);
         let handle = net.handle();
         let thread = std::thread::Builder::new()
             .name("aoe-net".into())

@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use aoe_proto::initiator::{
     SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
-use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch, TxKick};
+use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
@@ -772,10 +772,6 @@ const TX_RING_SLOTS: usize = 512;
 /// write data left to `sendmmsg` (docs/PERFORMANCE.md, "The initiator's transmit ring"):
 /// the copy of a write's data into the slot costs less than `sendmmsg`'s per-frame work.
 struct TxRing {
-    /// The thread that kicks this ring for the network thread (`--kick-thread`), or `None`:
-    /// the network thread kicks it itself. First, so that it stops before
-    /// the ring goes.
-    kicker: Option<Kicker>,
     /// The send-only socket, open as long as its ring (which holds a duplicate of it).
     _sock: PacketSocket,
     ring: PacketRing,
@@ -794,110 +790,11 @@ struct TxRing {
     down: bool,
 }
 
-/// What the network thread and its [`Kicker`] share.
-#[derive(Default)]
-struct KickShared {
-    /// Slots were handed off since the kicker last looked ([`PacketRing::hand_off`]).
-    pending: AtomicBool,
-    stop: AtomicBool,
-    /// The kicker's `send()` calls, those held back by a full send buffer, those that
-    /// failed otherwise (the interface down), and its wake-ups by the network thread.
-    sends: AtomicU64,
-    full: AtomicU64,
-    failed: AtomicU64,
-    wakes: AtomicU64,
-}
-
-/// A thread that kicks one transmit ring for the network thread (`aoe initiator
-/// --kick-thread`): the network thread marks the slots of a pass, hands them off and wakes
-/// it (nothing when it is still awake), and goes on to its receive ring while the kick,
-/// with the veth's delivery into the target's socket that the kernel runs in the kicker's
-/// context, runs on the other CPU (docs/PERFORMANCE.md, "Session 32: the initiator's reads
-/// against raw"). A full send buffer holds frames back: the kicker tries again every
-/// [`KICK_RETRY`]; another error (the interface down) leaves them marked, as for
-/// [`kick`], for the retransmit timer and the next hand-off.
-struct Kicker {
-    shared: Arc<KickShared>,
-    /// The same kick for the network thread ([`TxRing::kick_here`]).
-    here: TxKick,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Kicker {
-    fn start(name: &str, kick: TxKick, here: TxKick) -> std::io::Result<Kicker> {
-        let shared = Arc::new(KickShared::default());
-        let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("aoe-kick-{name}"))
-            .spawn(move || Kicker::run(&sh, &kick))?;
-        Ok(Kicker {
-            shared,
-            here,
-            thread: Some(thread),
-        })
-    }
-
-    fn run(sh: &KickShared, kick: &TxKick) {
-        while !sh.stop.load(Ordering::Acquire) {
-            if !sh.pending.swap(false, Ordering::AcqRel) {
-                std::thread::park();
-                sh.wakes.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            // Until a send finds nothing marked: one that sent frames may have stopped at a
-            // full send buffer with more marked behind (tpacket_snd returns what it sent).
-            loop {
-                sh.sends.fetch_add(1, Ordering::Relaxed);
-                match kick.kick() {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        sh.full.fetch_add(1, Ordering::Relaxed);
-                        std::thread::park_timeout(KICK_RETRY);
-                        if sh.stop.load(Ordering::Acquire) {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        sh.failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %e, "transmit ring kick failed (kick thread)");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Has the kicker send what was marked before this call.
-    fn request(&self) {
-        self.shared.pending.store(true, Ordering::Release);
-        if let Some(t) = &self.thread {
-            t.thread().unpark();
-        }
-    }
-}
-
-impl Drop for Kicker {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
 impl TxRing {
-    fn new(name: &str, mtu: u32, kick_thread: bool) -> std::io::Result<TxRing> {
+    fn new(name: &str, mtu: u32) -> std::io::Result<TxRing> {
         let sock = PacketSocket::open_sender(name)?;
         let ring = PacketRing::sender(&sock, aoe_sys::frame_capacity(mtu), TX_RING_SLOTS)?;
-        let kicker = if kick_thread {
-            Some(Kicker::start(name, ring.tx_kick()?, ring.tx_kick()?)?)
-        } else {
-            None
-        };
         Ok(TxRing {
-            kicker,
             _sock: sock,
             ring,
             marked_before: 0,
@@ -910,34 +807,6 @@ impl TxRing {
     /// Frames this interface's transmit rings have taken so far.
     fn sent(&self) -> u64 {
         self.marked_before + self.ring.stats().tx_marked
-    }
-
-    /// Kicks on this thread whatever is marked, handed off to the kicker or not (the
-    /// kernel serializes the two threads' kicks): before frames that must not overtake
-    /// them, or for room in a full ring.
-    fn kick_here(&mut self) {
-        match &self.kicker {
-            // Handed off: the ring's own kick knows of none of them.
-            Some(k) => {
-                self.kicks += 1;
-                while self.ring.tx_requested() {
-                    match k.here.kick() {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-                let _ = self.ring.kick();
-            }
-            None => {
-                let _ = self.ring.kick();
-            }
-        }
-    }
-
-    /// Marked slots wait for a kick that frames sent another way must not overtake: not
-    /// kicked yet, or (with a kicker) handed off and not yet taken by the kernel.
-    fn marked(&self) -> bool {
-        self.ring.needs_kick() || (self.kicker.is_some() && self.ring.tx_requested())
     }
 
     /// Whether `f` fits a slot; a longer one (the MTU grew and no ring of the new size
@@ -953,7 +822,7 @@ impl TxRing {
         match self.ring.push_parts(&parts) {
             Ok(true) => true,
             Ok(false) => {
-                self.kick_here();
+                let _ = self.ring.kick();
                 self.ring.push_parts(&parts).unwrap_or(false)
             }
             // Longer than a slot: `takes` said otherwise, so never.
@@ -964,8 +833,8 @@ impl TxRing {
 
 /// A transmit ring for an interface, or `None` (logged) where the kernel refuses one: its
 /// frames then go out with `sendmmsg(2)`.
-fn tx_ring(name: &str, mtu: u32, kick_thread: bool) -> Option<TxRing> {
-    match TxRing::new(name, mtu, kick_thread) {
+fn tx_ring(name: &str, mtu: u32) -> Option<TxRing> {
+    match TxRing::new(name, mtu) {
         Ok(r) => {
             tracing::debug!(interface = %name, slots = r.ring.tx_frames(), cap = r.ring.tx_frame_cap(), "sending through a transmit ring");
             Some(r)
@@ -1017,8 +886,6 @@ impl Iface {
         if let Some(t) = &mut self.txr {
             if t.ring.needs_kick() {
                 kick(t, &self.name, logs);
-            } else if t.kicker.is_some() && !self.backlog.is_empty() && t.ring.tx_requested() {
-                t.kick_here();
             }
         }
         if self.backlog.is_empty() {
@@ -1104,17 +971,7 @@ impl Iface {
             }
             if taken > 0 {
                 frames.drain(..taken);
-                match &t.kicker {
-                    // All of the batch in the ring: the kicker sends it.
-                    Some(k) if frames.is_empty() && !full => {
-                        t.ring.hand_off();
-                        k.request();
-                    }
-                    _ => kick(t, &self.name, logs),
-                }
-            } else if t.kicker.is_some() && !frames.is_empty() && t.ring.tx_requested() {
-                // Frames handed off before must go out before these.
-                t.kick_here();
+                kick(t, &self.name, logs);
             }
             if full {
                 if let Some(a) = logs.check(Instant::now(), "transmit ring full") {
@@ -1128,7 +985,7 @@ impl Iface {
         // Frames still marked in the ring (a kick the send buffer cut short, now or before)
         // would be overtaken by whatever `sendmmsg` sends now: the rest waits in the
         // backlog until a kick has sent them ([`Iface::flush`], on the `KICK_RETRY` timer).
-        if self.txr.as_ref().is_some_and(TxRing::marked) {
+        if self.txr.as_ref().is_some_and(|t| t.ring.needs_kick()) {
             return;
         }
         let mut done = 0;
@@ -1192,11 +1049,10 @@ impl Iface {
     /// ([`KICK_RETRY`]) while frames stay marked in the transmit ring (the kernel signals
     /// no `POLLOUT` for a kick the send buffer cut short).
     fn waits(&self) -> (bool, bool) {
-        let marked = self.txr.as_ref().is_some_and(|t| {
-            !t.down
-                && (t.ring.needs_kick()
-                    || (t.kicker.is_some() && !self.backlog.is_empty() && t.ring.tx_requested()))
-        });
+        let marked = self
+            .txr
+            .as_ref()
+            .is_some_and(|t| !t.down && t.ring.needs_kick());
         // While frames stay marked the backlog waits for them, not for room in the socket
         // (`send_now`): the timer, not `POLLOUT`, which would wake the loop at once.
         (!self.backlog.is_empty() && !marked, marked)
@@ -1316,8 +1172,6 @@ pub struct Net {
     /// until each such device has a path through another interface, or [`RETIRE_GRACE`]
     /// has passed ([`Net::sync_interfaces`]).
     retiring: BTreeMap<usize, Instant>,
-    /// Transmit rings made from now on get a [`Kicker`] (`--kick-thread`).
-    kick_thread: bool,
 }
 
 /// How long an interface taken out of the list, in the same change that listed a new one,
@@ -1399,14 +1253,7 @@ impl Net {
             housekept: Instant::now(),
             tx_rejected_closed: 0,
             retiring: BTreeMap::new(),
-            kick_thread: false,
         })
-    }
-
-    /// Kick each transmit ring from a thread of its own ([`Kicker`]) instead of this one;
-    /// for the rings made from now on.
-    pub fn set_kick_thread(&mut self, on: bool) {
-        self.kick_thread = on;
     }
 
     /// A handle for the file system.
@@ -1554,7 +1401,7 @@ impl Net {
                             let before = old.as_ref().map_or(0, TxRing::sent);
                             self.tx_rejected_closed +=
                                 old.map_or(0, |t| t.ring.stats().tx_rejected);
-                            i.txr = tx_ring(&i.name, w.mtu, self.kick_thread);
+                            i.txr = tx_ring(&i.name, w.mtu);
                             if let Some(t) = i.txr.as_mut() {
                                 t.marked_before = before;
                             }
@@ -1581,7 +1428,7 @@ impl Net {
                         if ring.is_none() {
                             fit_recv_batch(&mut self.rxb, w.mtu);
                         }
-                        let txr = tx_ring(&w.name, w.mtu, self.kick_thread);
+                        let txr = tx_ring(&w.name, w.mtu);
                         self.ifaces[idx] = Some(Iface {
                             name: w.name.clone(),
                             index: w.index,
@@ -1623,17 +1470,6 @@ impl Net {
                 if matches!(cmd, Cmd::Stop) {
                     for i in self.ifaces.iter().flatten() {
                         if let Some(t) = &i.txr {
-                            if let Some(k) = &t.kicker {
-                                let k = &k.shared;
-                                tracing::info!(
-                                    interface = %i.name,
-                                    sends = k.sends.load(Ordering::Relaxed),
-                                    full = k.full.load(Ordering::Relaxed),
-                                    failed = k.failed.load(Ordering::Relaxed),
-                                    wakes = k.wakes.load(Ordering::Relaxed),
-                                    "kick thread of the transmit ring"
-                                );
-                            }
                             tracing::info!(
                                 interface = %i.name,
                                 frames = t.sent(),

@@ -78,7 +78,7 @@ pub use file::{
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
-pub use ring::{PacketRing, RingStats, SlotPart, TxKick, MAX_SLOT_PARTS};
+pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
 pub use sigpipe::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};

@@ -962,39 +962,6 @@ impl PacketRing {
         Ok(())
     }
 
-    /// A [`TxKick`] for this ring's socket: kicks from another thread
-    /// ([`TxKick::kick`]), while this one keeps filling slots.
-    ///
-    /// # Errors
-    ///
-    /// Those of `dup(2)` (`EMFILE`).
-    pub fn tx_kick(&self) -> io::Result<TxKick> {
-        Ok(TxKick {
-            fd: self.fd.try_clone()?,
-        })
-    }
-
-    /// Hands the marked slots to a [`TxKick`] on another thread: from here on they count as
-    /// kicked for [`needs_kick`](Self::needs_kick); the kicker sends them, and retries
-    /// those a full send buffer holds back. Call after the slots' marks (which are released
-    /// to the kernel) and before waking the kicker.
-    pub fn hand_off(&mut self) {
-        self.tx_unkicked = 0;
-    }
-
-    /// True if any slot marked so far is still waiting for a kick (`TP_STATUS_SEND_REQUEST`),
-    /// whoever was to kick it: one look at the newest marked slot, since the kernel takes
-    /// marked slots in ring order. For a ring whose kicks were handed off
-    /// ([`hand_off`](Self::hand_off)): frames sent another way now would overtake these.
-    pub fn tx_requested(&self) -> bool {
-        if self.stats.tx_marked == 0 {
-            return false;
-        }
-        let n = self.tx.frame_nr();
-        let off = self.rx.bytes() + self.tx.slot((self.tx_head + n - 1) % n);
-        self.status(off).load(Ordering::Acquire) == TP_STATUS_SEND_REQUEST
-    }
-
     /// How many of the last `tx_unkicked` marked slots the kernel has not taken yet (still
     /// `TP_STATUS_SEND_REQUEST`). The kernel sends marked slots in ring order and stops at
     /// the first it cannot take, so these are the newest: the count says which.
@@ -1005,53 +972,6 @@ impl PacketRing {
             .map(|i| self.rx.bytes() + self.tx.slot(i))
             .filter(|&off| self.status(off).load(Ordering::Acquire) == TP_STATUS_SEND_REQUEST)
             .count()
-    }
-}
-
-/// The kick of a [`PacketRing`]'s transmit ring, for a thread other than the one filling
-/// its slots ([`PacketRing::tx_kick`]): a duplicate of the ring's socket, on which
-/// `send(fd, NULL, 0)` makes the kernel (`tpacket_snd`) send every slot marked
-/// `TP_STATUS_SEND_REQUEST`, from the first after the last it sent. The kernel serializes
-/// kicks of one ring (`pg_vec_lock`), so the filling thread may still kick it itself.
-///
-/// Why another thread: on a veth the kick runs the receiving side's delivery too (the peer
-/// socket's `tpacket_rcv`, its wake-up) in the sender's context, about half of a request
-/// frame's 2 us (docs/PERFORMANCE.md, "Session 30: the initiator's reads at MTU 1500").
-#[derive(Debug)]
-pub struct TxKick {
-    fd: OwnedFd,
-}
-
-impl TxKick {
-    /// One `send(fd, NULL, 0, MSG_DONTWAIT)`: the bytes of the frames the kernel sent, 0
-    /// when no slot was marked at its place in the ring.
-    ///
-    /// # Errors
-    ///
-    /// [`io::ErrorKind::WouldBlock`] when the send buffer or the device queue held back
-    /// the first marked frame (`EAGAIN`, `ENOBUFS`): it stays marked for a later kick;
-    /// `EINTR` is retried; others (`ENETDOWN`) as the kernel gives them.
-    pub fn kick(&self) -> io::Result<usize> {
-        loop {
-            // SAFETY: a NULL buffer of length 0 is what tpacket_snd expects from a kick; the
-            // kernel reads the frames from the ring's pages, which it holds while the ring
-            // is set on the socket, mapped here or not.
-            let ret =
-                unsafe { libc::send(self.fd.as_raw_fd(), ptr::null(), 0, libc::MSG_DONTWAIT) };
-            match cvt_size(ret) {
-                Ok(n) => return Ok(n),
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WouldBlock,
-                            "transmit queue full (ENOBUFS)",
-                        ))
-                    }
-                    _ => return Err(e),
-                },
-            }
-        }
     }
 }
 
