@@ -93,7 +93,7 @@ pub struct BenchArgs {
     /// Receive read answers whole, their data copied into this program's buffers (or ring
     /// slots with `--rx ring`), as a reader of the data must, instead of their headers
     /// only: the reference for a path that delivers the data, such as `aoe initiator`'s
-    /// (at MTU 9000 it costs generator and target 6-23% more CPU per GB,
+    /// (at MTU 9000 it cost generator and target 6-47% more CPU per GB on a loaded two-CPU rig,
     /// docs/PERFORMANCE.md "Session 32: the initiator's reads against raw").
     #[arg(long)]
     rx_whole: bool,
