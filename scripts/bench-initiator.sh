@@ -20,6 +20,8 @@
 #   as in bench-compare.sh)   SIZE_MB=1024
 #   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   READS=1 (0: writes only, no raw
 #             generator, dev or nbd reads)   WINDOW=64 (raw generator window)
+#   RAW_ARGS="" (extra `aoe bench` flags for the raw cells, e.g. --rx-whole: the generator
+#             receives each answer's data, as the initiator must, instead of its headers only)
 #   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
 #             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
 #   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
@@ -87,6 +89,7 @@ DD_BS=${DD_BS:-1M}
 DD_IFLAG=${DD_IFLAG-direct}
 DD_OFLAG=${DD_OFLAG-direct}
 INIT_ARGS=${INIT_ARGS:-}
+RAW_ARGS=${RAW_ARGS:-}
 PERF=${PERF:-}
 PERFSTAT=${PERFSTAT:-0}
 PERFSTATALL=${PERFSTATALL:-0}
@@ -286,8 +289,9 @@ kit_cell() { # label cmd...
 raw_read() {
     local me=$BASHPID k0 t0 json
     k0=$(child_ticks "$me") t0=$(cpu_ticks "$TARGET_PID")
+    # shellcheck disable=SC2086 # RAW_ARGS: flags, split on purpose
     json=$(in_i "$AOE" bench "$IF_I" --target "$SHELF.$SLOT" --mode read --window "$WINDOW" \
-        --time "$TIME" --json)
+        --time "$TIME" $RAW_ARGS --json)
     echo "$(jq -r '.bytes' <<<"$json") $(( $(child_ticks "$me") - k0 )) $(( $(cpu_ticks "$TARGET_PID") - t0 ))" >>"$WORK/raw"
     jq -r '.mb_per_s | floor' <<<"$json"
 }
@@ -396,7 +400,7 @@ for mtu in $MTUS; do
 done
 
 echo
-echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
+echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW${RAW_ARGS:+ $RAW_ARGS}; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
 echo "CPU-s/GB = user+system CPU-seconds per GB moved, per cell: dev read / nbd read / dev write / nbd write (nbdkit: read / write),"
 echo "the figures a loaded machine disturbs least; initiator = aoe initiator; target = aoe serve, vblade or nbdkit, which on"
 echo "a veth also pays for delivering its replies into the initiator's socket; client = dd or nbdcopy (with nsenter)"

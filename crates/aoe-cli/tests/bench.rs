@@ -508,3 +508,33 @@ fn ring_and_recvmmsg_receive_paths_complete_the_same_sized_read() {
         );
     }
 }
+
+/// `--rx-whole` gets each read answer's data into the generator's memory, through both
+/// receive paths, where the default receives its headers only (the reference a path that
+/// delivers the data is measured against: docs/PERFORMANCE.md, "Session 32: the initiator's
+/// reads against raw"); the JSON's `rx_data_bytes` says which.
+#[test]
+fn rx_whole_receives_the_data_of_every_answer() {
+    let rig = BenchRig::start(Target::AoeServe, 9000);
+    let size = 4.0 * 1024.0 * 1024.0;
+    for rx in ["mmsg", "ring"] {
+        let base = [
+            "--target", "7.3", "--size", "4M", "--window", "16", "--rx", rx,
+        ];
+        let mut args = base.to_vec();
+        args.push("--rx-whole");
+        let v = rig.bench_json(&args);
+        assert_eq!(num(&v, "bytes"), size, "{rx}: {v:#}");
+        assert_eq!(num(&v, "rx_data_bytes"), size, "{rx}: {v:#}");
+        assert_eq!(v["rx_whole"], true, "{v:#}");
+        assert_eq!(v["rx"], rx, "{v:#}");
+        let v = rig.bench_json(&base);
+        assert_eq!(num(&v, "bytes"), size, "{rx}: {v:#}");
+        assert!(
+            num(&v, "rx_data_bytes") < size / 100.0,
+            "{rx}: headers only, yet {} data bytes received: {v:#}",
+            num(&v, "rx_data_bytes")
+        );
+        assert_eq!(v["rx_whole"], false, "{v:#}");
+    }
+}

@@ -90,6 +90,9 @@ pub struct Tuning {
     /// Receive unchecked replies through the RX ring of a [`PacketRing`] instead of
     /// `recvmmsg`.
     pub rx_ring: bool,
+    /// Receive read answers whole, their data copied into the generator's buffers or ring
+    /// slots as a reader of the data needs it (`--rx-whole`), instead of their headers only.
+    pub rx_whole: bool,
     /// The most the phase may ask (`--rate`, `--rate-iops`); unlimited by default.
     pub rate: Rate,
     /// How far behind its schedule a paced phase may fall and still catch up
@@ -178,6 +181,10 @@ pub struct PhaseStats {
     pub checked_sectors: u64,
     /// Sectors that differed.
     pub bad_sectors: u64,
+    /// Bytes of read data that arrived in the generator's memory: all of them with
+    /// [`Tuning::rx_whole`] or when checking, a few per answer (what fits a header-sized
+    /// buffer after the headers) otherwise.
+    pub rx_data_bytes: u64,
     /// First differing byte: (LBA, offset in the sector).
     pub first_bad: Option<(u64, usize)>,
     /// Frames the transmit ring took (requests and retransmits).
@@ -360,18 +367,24 @@ pub fn run(
     // fills the ring in the target's transmit path instead). Checked data comes through
     // `recvmmsg` into full-size slots.
     let rx_ring = t.rx_ring && !plan.check;
+    // Whole frames: what reaches a reader of the data (the initiator's receive ring gets
+    // each answer's data copied in the target's transmit path); header-sized slots: what
+    // reaches a generator that only counts (docs/PERFORMANCE.md, "Session 32: the
+    // initiator's reads against raw").
+    let whole = aoe_sys::frame_capacity(peer.sock.info().mtu);
     let mut ring = if rx_ring {
         let frames = (4 * t.window).max(2048);
+        let cap = if t.rx_whole { whole } else { HEADERS_ONLY };
         Some(
-            PacketRing::with_slots(peer.sock, HEADERS_ONLY, frames, 0, 0)
+            PacketRing::with_slots(peer.sock, cap, frames, 0, 0)
                 .map_err(|e| anyhow::anyhow!("cannot attach an RX ring to the socket: {e}"))?,
         )
     } else {
         None
     };
     let mut batch = (!rx_ring).then(|| {
-        let slot_size = if plan.check {
-            aoe_sys::frame_capacity(peer.sock.info().mtu)
+        let slot_size = if plan.check || t.rx_whole {
+            whole
         } else {
             HEADERS_ONLY
         };
@@ -402,6 +415,7 @@ pub fn run(
         rx_drops: 0,
         checked_sectors: 0,
         bad_sectors: 0,
+        rx_data_bytes: 0,
         first_bad: None,
         frames_ring: 0,
         frames_mmsg: 0,
@@ -601,6 +615,7 @@ pub fn run(
                         wire - ATA_HEADER_LEN
                     );
                 }
+                st.rx_data_bytes += f.len().saturating_sub(ATA_HEADER_LEN).min(bytes) as u64;
                 if plan.check {
                     let Some(data) = f.get(ATA_HEADER_LEN..ATA_HEADER_LEN + bytes) else {
                         bail!("a {wire}-byte reply from {} did not fit the MTU", peer.addr);

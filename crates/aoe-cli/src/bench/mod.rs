@@ -90,6 +90,13 @@ pub struct BenchArgs {
     /// `recvmmsg`.
     #[arg(long, value_enum, default_value_t = Io::Mmsg)]
     rx: Io,
+    /// Receive read answers whole, their data copied into this program's buffers (or ring
+    /// slots with `--rx ring`), as a reader of the data must, instead of their headers
+    /// only: the reference for a path that delivers the data, such as `aoe initiator`'s
+    /// (at MTU 9000 it cost generator and target 6-47% more CPU per GB on a loaded two-CPU rig,
+    /// docs/PERFORMANCE.md "Session 32: the initiator's reads against raw").
+    #[arg(long)]
+    rx_whole: bool,
     /// How requests go out: `ring` (the default), a PACKET_TX_RING (TPACKET_V2) on a
     /// send-only socket, each batch copied into its slots (write data built there) and sent
     /// with one `send()` kick, or `mmsg`, `sendmmsg` batches of 64, which pay per frame for
@@ -445,6 +452,9 @@ struct PhaseReport {
     tx: Io,
     /// How this phase's replies came in (verify's read-back: always `mmsg`).
     rx: Io,
+    /// Bytes of read data that arrived in the generator's memory (all of them with
+    /// `--rx-whole` or in verify's read-back).
+    rx_data_bytes: u64,
     tx_frames_ring: u64,
     tx_frames_mmsg: u64,
 }
@@ -471,6 +481,10 @@ struct Report {
     /// How replies came in (`--rx`); each phase says what it used (verify's read-back always
     /// `recvmmsg`).
     rx: Io,
+    /// Read answers were received whole (`--rx-whole`).
+    rx_whole: bool,
+    /// Bytes of read data that arrived in the generator's memory, over all phases.
+    rx_data_bytes: u64,
     /// Frames sent through the transmit ring, requests and retransmits.
     tx_frames_ring: u64,
     /// Frames sent with `sendmmsg`.
@@ -739,6 +753,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         min_rto: Duration::from_micros(a.min_rto_us),
         dead: Duration::from_secs(5),
         rx_ring: a.rx == Io::Ring,
+        rx_whole: a.rx_whole,
         rate: rate_of(&a)?,
         rate_depth: Duration::from_millis(a.rate_burst_ms.unwrap_or(DEFAULT_BURST_MS)),
     };
@@ -853,6 +868,7 @@ fn build_report(
             ),
             tx: io(p.tx_ring),
             rx: io(p.rx_ring),
+            rx_data_bytes: p.rx_data_bytes,
             tx_frames_ring: p.frames_ring,
             tx_frames_mmsg: p.frames_mmsg,
         });
@@ -884,6 +900,8 @@ fn build_report(
         generator_cpu_s: cpu,
         tx,
         rx: a.rx,
+        rx_whole: a.rx_whole,
+        rx_data_bytes: sum(|p| p.rx_data_bytes),
         tx_frames_ring: sum(|p| p.frames_ring),
         tx_frames_mmsg: sum(|p| p.frames_mmsg),
         interrupted: phases.iter().any(|p| p.interrupted),
