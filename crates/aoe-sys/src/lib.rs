@@ -36,6 +36,8 @@
 //!   block device's logical block size from `BLKSSZGET`).
 //! * [`sigpipe_default`] and [`die_of_sigpipe`]: a closed standard output ends a tool quietly,
 //!   by `SIGPIPE`, as it ends a C tool (Rust starts with `SIGPIPE` ignored).
+//! * [`exit_now`]: `_exit(2)` for a daemon that leaves a library's threads running on purpose
+//!   (librados' after a stop that lost work), so no C++ static destructor runs under them.
 //! * [`enter_netns`] and [`run_in_netns`]: `setns(2)` into a named network namespace, used by
 //!   the integration tests and by daemons started with `--netns`.
 //!
@@ -58,13 +60,13 @@
 use std::io;
 
 mod event;
+mod exit;
 mod file;
 pub mod fuse_uring;
 mod iface;
 mod ns;
 mod packet;
 mod ring;
-mod sigpipe;
 mod stream;
 mod uring;
 mod xdp;
@@ -80,7 +82,7 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
-pub use sigpipe::{die_of_sigpipe, exit_now, sigpipe_default};
+pub use exit::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};

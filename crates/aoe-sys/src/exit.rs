@@ -1,4 +1,6 @@
-//! `SIGPIPE` for the command-line tools: a closed standard output ends them as it ends `cat`.
+//! How the process ends: by `SIGPIPE` for the command-line tools (a closed standard output
+//! ends them as it ends `cat`), or at once with `_exit(2)` for a daemon that leaves a
+//! library's threads running on purpose ([`exit_now`]).
 //!
 //! Rust programs start with `SIGPIPE` ignored, so a write to a pipe whose reader has gone
 //! fails with `EPIPE`, and `println!` turns that failure into a panic (`aoe bench ... | head -1`
