@@ -25,6 +25,8 @@
 #   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
 #             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
 #   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   NBDCOPY_ARGS="" (extra nbdcopy flags for every nbdcopy, ours and nbdkit's alike, e.g.
+#             "--connections=1" or "--requests=4": what the client's depth does to both paths)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
 #             with more than one, each run measures them in turn (interleaved, not one after
 #             the other), every row names its binary, and the target and raw generator stay $AOE;
@@ -80,6 +82,7 @@ MTUS=${MTUS:-1500 9000}
 TARGETS=${TARGETS:-aoe vblade}
 SIZE_MB=${SIZE_MB:-1024}
 TIME=${TIME:-5}
+NBDCOPY_ARGS=${NBDCOPY_ARGS:-}
 RUNS=${RUNS:-3}
 WRITES=${WRITES:-1}
 READS=${READS:-1}
@@ -338,7 +341,7 @@ for mtu in $MTUS; do
                     c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
                     TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
                     TC[dev,$k]=$(( ${TC[dev,$k]:-0} + $(client_ticks) ))
-                    V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy "$URI" null:) "
+                    V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy $NBDCOPY_ARGS "$URI" null:) "
                     c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
                     TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
                     TC[nbd,$k]=$(( ${TC[nbd,$k]:-0} + $(client_ticks) ))
@@ -352,7 +355,7 @@ for mtu in $MTUS; do
                     TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 )) TT[devw,$k]=$(( ${TT[devw,$k]:-0} + d3 - d2 ))
                     TC[devw,$k]=$(( ${TC[devw,$k]:-0} + $(client_ticks) ))
                     retx_report "devw-$t-$mtu-$k-$run" "$rc"; rc=$(retx_counts)
-                    V[nbdw,$k]+="$(perf_during "nbdw-$t-$mtu-$k-$run" timed in_i nbdcopy "$SRC" "$URI") "
+                    V[nbdw,$k]+="$(perf_during "nbdw-$t-$mtu-$k-$run" timed in_i nbdcopy $NBDCOPY_ARGS "$SRC" "$URI") "
                     c4=$(cpu_ticks "$INIT_PID") d4=$(cpu_ticks "$TARGET_PID")
                     TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 )) TT[nbdw,$k]=$(( ${TT[nbdw,$k]:-0} + d4 - d3 ))
                     TC[nbdw,$k]=$(( ${TC[nbdw,$k]:-0} + $(client_ticks) ))
@@ -386,11 +389,11 @@ for mtu in $MTUS; do
         start_nbdkit
         : >"$WORK/cl"
         s0=$(cpu_ticks "$KIT_PID")
-        kr=$(kit_cell kit in_i nbdcopy "nbd://$IP_T:10809" null:)
+        kr=$(kit_cell kit in_i nbdcopy $NBDCOPY_ARGS "nbd://$IP_T:10809" null:)
         s1=$(cpu_ticks "$KIT_PID") kcr=$(client_ticks)
         kw=- kcpu="$(per_gb $((s1 - s0)))" kccpu="$(per_gb "$kcr")"
         if [ "$WRITES" = 1 ]; then
-            kw=$(kit_cell kitw in_i nbdcopy "$SRC" "nbd://$IP_T:10809")
+            kw=$(kit_cell kitw in_i nbdcopy $NBDCOPY_ARGS "$SRC" "nbd://$IP_T:10809")
             s2=$(cpu_ticks "$KIT_PID") kcw=$(client_ticks)
             kcpu+=" / $(per_gb $((s2 - s1)))" kccpu+=" / $(per_gb "$kcw")"
         fi
