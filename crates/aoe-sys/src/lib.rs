@@ -72,6 +72,7 @@ mod uring;
 mod xdp;
 
 pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd, TimerFd};
+pub use exit::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use file::{
     block_device_read_only, block_device_sectors, dio_alignment, drop_cached_range,
     is_local_disk_fs, is_memory_fs, lock_range_ofd, logical_block_size, pread_nowait,
@@ -82,7 +83,6 @@ pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
-pub use exit::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};
 pub use xdp::{XdpConfig, XdpMode, XdpModeWanted, XdpSocket, XdpStats};
