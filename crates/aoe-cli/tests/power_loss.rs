@@ -58,15 +58,15 @@ fn aoe_serve(export: &str, mode: &str) {
 /// [`aoe_serve`] on a data disk with `sector`-byte logical sectors.
 fn aoe_serve_sectors(export: &str, mode: &str, sector: u32) {
     let sector_arg = sector.to_string();
-    let run = power_loss(
-        "aoe",
-        env!("CARGO_BIN_EXE_aoe"),
-        export,
-        mode,
-        &["-L", &sector_arg],
-    );
-    let took = run.took.as_secs_f32();
     let what = format!("`aoe serve` ({mode}, {export} export, {sector}-byte sectors)");
+    aoe_power_loss_passes(&what, export, mode, &["-L", &sector_arg]);
+}
+
+/// Runs the power-loss rig on `aoe serve` with the script's `extra` arguments and asserts
+/// that it passed; `what` names the run in the messages.
+fn aoe_power_loss_passes(what: &str, export: &str, mode: &str, extra: &[&str]) {
+    let run = power_loss("aoe", env!("CARGO_BIN_EXE_aoe"), export, mode, extra);
+    let took = run.took.as_secs_f32();
     assert!(
         run.passed(),
         "power loss of {what}: {} after {took:.0}s\n{}",
@@ -158,16 +158,8 @@ fn power_loss_vblade_report() {
 /// succeeded"). A pin: the base build passes too (the FLUSH is the device's, not the
 /// connection's).
 fn aoe_serve_nbd(export: &str, mode: &str) {
-    let run = power_loss("aoe", env!("CARGO_BIN_EXE_aoe"), export, mode, &["-N"]);
-    let took = run.took.as_secs_f32();
     let what = format!("`aoe serve` ({mode}, {export} export) written through NBD");
-    assert!(
-        run.passed(),
-        "power loss of {what}: {} after {took:.0}s\n{}",
-        run.verdict(),
-        run.output
-    );
-    eprintln!("power loss of {what}: PASS in {took:.1}s");
+    aoe_power_loss_passes(&what, export, mode, &["-N"]);
 }
 
 #[test]
