@@ -55,8 +55,7 @@
 //! ([`OpenError::PersistentCache`]: writes acknowledged from a log on this host), or sets
 //! how long a broken lock's holder stays blocklisted ([`OpenError::BlocklistExpiry`]:
 //! librbd 16's lock break then fails, and where it works a gateway stalled longer would
-//! come back unfenced), and any export whose pool or image makes librbd's aio blocking
-//! ([`OpenError::BlockingAio`]). Every other option a pool or image can
+//! come back unfenced). Every other option a pool or image can
 //! override was reviewed for these promises in docs/TEST-AUDIT.md ("Session 32: librbd's
 //! overrides, one by one"). No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
@@ -268,24 +267,6 @@ pub enum OpenError {
         level: &'static str,
         /// The option to remove there.
         option: &'static str,
-        /// The pool or the pool/image, as `rbd config` names it.
-        target: String,
-    },
-    /// The pool's or the image's librbd config turns `rbd_non_blocking_aio` off: librbd
-    /// would run each aio call's dispatch on the caller's thread, the daemon's event loop,
-    /// which would then wait whenever librbd or the objecter waits (its op budget, while the
-    /// cluster is slow), holding up every export of the daemon. The operator's to change.
-    #[error(
-        "{name}: this image's config turns librbd's non-blocking aio off \
-         (rbd_non_blocking_aio=false from the {level}): librbd would run its requests on the \
-         daemon's event loop, and a slow cluster would hold up every export; not serving it. \
-         Remove the override (`rbd config {level} remove {target} rbd_non_blocking_aio`)"
-    )]
-    BlockingAio {
-        /// The export's name.
-        name: String,
-        /// `pool` or `image`: where the override is.
-        level: &'static str,
         /// The pool or the pool/image, as `rbd config` names it.
         target: String,
     },
@@ -521,11 +502,6 @@ impl RbdBackend {
             // write once it is in a log on this host. A pool's or image's override is refused
             // ([`persistent_cache`]).
             ("rbd_persistent_cache_mode", "disabled"),
-            // librbd queues each aio call to its own thread, so the daemon's event loop,
-            // which makes them, never waits in librbd (for the objecter's op budget while the
-            // cluster is slow, say). A pool's or image's `false` is refused
-            // ([`blocking_aio`]).
-            ("rbd_non_blocking_aio", "true"),
         ];
         if let Some(k) = &keyring {
             // librados says only "No such file or directory" at connect for a keyring it
@@ -607,13 +583,6 @@ impl RbdBackend {
                 None => format!("{}/{}", o.pool, o.image),
             },
         };
-        if let Some(level) = blocking_aio(&config) {
-            return Err(OpenError::BlockingAio {
-                name,
-                level,
-                target: target(level),
-            });
-        }
         if o.read_only {
             if let Some(level) = read_cache(&config) {
                 return Err(OpenError::ReadCache {
@@ -1023,17 +992,6 @@ fn no_blocklist_on_break(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'stati
 /// gateway may write, so a read-only one must read from the OSDs.
 fn read_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
     set_to(config, "rbd_cache", "true")
-}
-
-/// Where the pool's or image's config turns `rbd_non_blocking_aio` off over the gateway's
-/// own `true`, if it does. With it off, librbd dispatches an aio call on the caller's
-/// thread (its image request queue hands a request to librbd's own thread only when the
-/// option is on; Ceph's test `LibRBD.BlockingAIO`), down to the objecter, whose
-/// `op_submit` waits for its op budget (`objecter_inflight_ops`, 1024 by default, below
-/// `-b`'s 8192) while the cluster does not answer: the daemon's event loop, every
-/// export's, would wait there.
-fn blocking_aio(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
-    set_to(config, "rbd_non_blocking_aio", "false")
 }
 
 /// An override a check found: the settings that make it so (each with its source), and
