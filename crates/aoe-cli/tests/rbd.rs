@@ -2347,9 +2347,11 @@ fn restart_osd(r: &RbdRig) -> NsChild {
 /// cache on and its default write-around policy: after the first FLUSH a write was
 /// acknowledged at once, before the OSDs had it, so a gateway killed (here with the OSD
 /// stopped, then killed too, so what the gateway sent is not on it) lost writes it had
-/// acknowledged. Now the gateway sets the policy to write-through (which such an image then
-/// gets: a write is acknowledged once the OSDs have it, so none is acknowledged while the
-/// OSD is stopped) and refuses a writable export whose pool or image asks for write-back.
+/// acknowledged. Now the gateway sets the policy itself (session 31: write-through;
+/// session 32: write-around with `rbd_cache_max_dirty=0`, a no-op that keeps no data
+/// either), so such an image acknowledges a write once the OSDs have it and none while the
+/// OSD is stopped, and refuses a writable export whose pool or image asks for a policy or
+/// a `rbd_cache_max_dirty` that acknowledges early or caches.
 #[test]
 fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
     let mut r = RbdRig::start("rbd/img", |ceph| {
@@ -2451,34 +2453,37 @@ fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
         assert_eq!(e.lines().count(), 1, "{e}");
         e
     };
+    // (Session 32: with the gateway's `rbd_cache_max_dirty=0` a write-back policy
+    // acknowledges nothing early, but it keeps librbd's `ObjectCacher`, whose reads a fenced
+    // gateway answered: refused for that.)
     let e = refusal();
     assert!(
         e.contains(
-            "librbd's write-back cache is on for this image (rbd_cache=true from the image, \
-             rbd_cache_policy=writeback from the image"
+            "librbd's cache would keep this image's data in memory (rbd_cache=true from the \
+             image, rbd_cache_policy=writeback from the image"
         ) && e.contains("`rbd config image remove rbd/img rbd_cache_policy`"),
         "{e}"
     );
-    // The pool's write-around policy likewise (the image's removed).
+    // The pool's write-around policy with room for writes in flight likewise (the image's
+    // removed). (Session 32: write-around with the gateway's `rbd_cache_max_dirty=0` is a
+    // no-op and served; the pool's `rbd_cache_max_dirty` is the override to remove.)
     r.ceph.ok(
         "rbd",
         &["config", "image", "remove", "rbd/img", "rbd_cache_policy"],
     );
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "pool",
-            "set",
-            "rbd",
-            "rbd_cache_policy",
-            "writearound",
-        ],
-    );
+    for (option, value) in [
+        ("rbd_cache_policy", "writearound"),
+        ("rbd_cache_max_dirty", "25165824"),
+    ] {
+        r.ceph
+            .ok("rbd", &["config", "pool", "set", "rbd", option, value]);
+    }
     let e = refusal();
     assert!(
-        e.contains("rbd_cache_policy=writearound from the pool")
-            && e.contains("`rbd config pool remove rbd rbd_cache_policy`"),
+        e.contains("librbd's write-back cache is on for this image")
+            && e.contains("rbd_cache_policy=writearound from the pool")
+            && e.contains("rbd_cache_max_dirty=25165824 from the pool")
+            && e.contains("`rbd config pool remove rbd rbd_cache_max_dirty`"),
         "{e}"
     );
     // The refused gateway broke no lock: it blocklisted nobody.
@@ -2662,5 +2667,317 @@ fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_w
             && out.contains("`rbd config image remove rbd/img rbd_cache`"),
         "{out}"
     );
+    r.rig.finish();
+}
+
+/// Starts gateway B of the rig's image at `slot` (`--no-announce`), and waits until it
+/// either serves (its AoE socket is open) or has exited (refused). True if it serves.
+fn start_gateway_b(r: &RbdRig, slot: u8) -> (NsChild, bool) {
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve")
+        .args(&r.rig.target_args)
+        .arg("--no-announce")
+        .arg(SHELF.to_string())
+        .arg(slot.to_string())
+        .arg(&r.rig.target_if)
+        .arg(&r.rig.file);
+    let before = packet_sockets(&r.rig.target_ns);
+    let mut child = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    let settled = wait_until(Duration::from_secs(90), || {
+        packet_sockets(&r.rig.target_ns) > before || !child.is_running()
+    });
+    assert!(
+        settled,
+        "gateway B neither served nor failed:\n{}",
+        child.output_so_far()
+    );
+    let serves = child.is_running();
+    (child, serves)
+}
+
+/// Session 32: librbd passes the image's `rbd_blocklist_expire_seconds` to the monitors
+/// when it breaks a lock (`managed_lock::BreakRequest`), and a pool's or image's value
+/// (`rbd config image set rbd/img rbd_blocklist_expire_seconds 5`) overrides the
+/// gateway's. With librbd 16.2.15 every lock break then fails (`EINVAL`, for 5 and 3600
+/// alike): before, gateway B, started beside A, said only `cannot break ...'s lock: Invalid
+/// argument` and no gateway could ever take the image over; where librbd's call works, a
+/// value shorter than a gateway's stall (a paused VM, SIGSTOP) lets it come back unfenced
+/// and write over B. Now a writable export of an image whose config sets it is refused,
+/// naming the override, before it touches the lock; once the override is removed, B takes
+/// the image over and A fences itself.
+#[test]
+fn a_gateway_refuses_an_image_whose_config_sets_how_long_a_broken_locks_holder_stays_blocklisted() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write through gateway A");
+    // Set while A serves (A's librbd does it for the CLI; A keeps its lock).
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "set",
+            "rbd/img",
+            "rbd_blocklist_expire_seconds",
+            "5",
+        ],
+    );
+    let blocklist0 = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let (b, served) = start_gateway_b(&r, SLOT + 1);
+    let out = b.output_so_far();
+    assert!(
+        !served,
+        "gateway B served an image whose config sets rbd_blocklist_expire_seconds:\n{out}"
+    );
+    assert!(
+        out.contains(
+            "sets how long a gateway whose lock is broken stays blocklisted \
+             (rbd_blocklist_expire_seconds=5 from the image)"
+        ) && out.contains("`rbd config image remove rbd/img rbd_blocklist_expire_seconds"),
+        "{out}"
+    );
+    // Refused before it touched the lock: A keeps it, nobody is blocklisted.
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(
+        locks.contains("1 exclusive lock"),
+        "the refused gateway B broke A's lock: {locks}"
+    );
+    assert_eq!(
+        r.ceph
+            .ok("ceph", &["osd", "blocklist", "ls"])
+            .lines()
+            .count(),
+        blocklist0.lines().count(),
+        "the refused gateway B blocklisted someone"
+    );
+    // The way out the message gives: B then takes the image over, and A fences itself.
+    r.ceph.ok(
+        "rbd",
+        &[
+            "config",
+            "image",
+            "remove",
+            "rbd/img",
+            "rbd_blocklist_expire_seconds",
+        ],
+    );
+    let (mut b, served) = start_gateway_b(&r, SLOT + 1);
+    assert!(
+        served,
+        "gateway B did not take the image over once the override was removed:\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || r
+            .rig
+            .logs()
+            .contains("lost the image's exclusive lock")),
+        "gateway A did not fence itself after B took the image over{}",
+        r.rig.logs()
+    );
+    let _ = b.stop();
+    r.rig.finish();
+}
+
+/// Runs `aoe serve` of `image` (at 9.9, with `extra` options) under `timeout` and returns
+/// its one line on stderr, asserting that it was refused at start (exit status 1) and
+/// broke no lock (the cluster's blocklist is as it was).
+fn refused_at_start(r: &RbdRig, image: &str, extra: &[&str]) -> String {
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    let export = format!("rbd:{image}");
+    let mut cmd = r.rig.target_ns.command("timeout");
+    cmd.args(["-k", "5", "30", AOE, "serve"])
+        .args(&r.rig.target_args)
+        .args(extra)
+        .args(["--probe-ms", "0", "9", "9", &r.rig.target_if, &export])
+        .env("AOE_LOG", "off");
+    let out = run(&mut cmd);
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "aoe serve {extra:?} {export} was not refused at start: {e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(
+        r.ceph
+            .ok("ceph", &["osd", "blocklist", "ls"])
+            .lines()
+            .count(),
+        blocklist.lines().count(),
+        "the refused gateway blocklisted someone"
+    );
+    e
+}
+
+/// Session 32: a writable gateway A of an image whose config turns librbd's cache on
+/// (`rbd config image set rbd/img rbd_cache true`) had a read cache too: the gateway's
+/// write-through policy kept librbd's `ObjectCacher`, which answers reads from memory. A
+/// reads a sector pair, stalls (SIGSTOP) with a read of it queued in its socket, gateway
+/// B (another address) takes the image over (A blocklisted) and writes the sectors
+/// (acknowledged, flushed); A resumes. With the cache off A's read goes to the OSDs, fails
+/// (blocklisted) and A fences itself unanswered. Before, with the cache on, A answered the
+/// queued read with the old data from its cache. Now the gateway's own policy for such an
+/// image is write-around with `rbd_cache_max_dirty=0`, which keeps no data (and a pool's or
+/// image's `writethrough` or `writeback` is refused for a writable export).
+#[test]
+fn a_fenced_gateway_of_an_image_with_librbds_cache_on_answers_no_read_with_old_data() {
+    let seeded = pattern(31, IMAGE_BYTES);
+    let r = RbdRig::start("rbd/img", |ceph| {
+        import_image(ceph, &seeded);
+        ceph.ok(
+            "rbd",
+            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
+        );
+    });
+    let mut client_a =
+        AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
+            .expect("raw AoE client of A");
+    client_a
+        .discover(Duration::from_secs(10))
+        .expect("raw client finds gateway A");
+    const LBA: u64 = 20_000;
+    let at = LBA as usize * 512;
+    let read = Request::Read { lba: LBA, count: 2 };
+    for _ in 0..2 {
+        let reply = client_a
+            .call(&read, Duration::from_secs(30))
+            .expect("read through gateway A");
+        assert!(reply.is_ok(), "read failed: {reply:?}");
+        assert!(reply.data() == &seeded[at..at + 1024], "A's read");
+    }
+    let a_pid = r.rig.target.as_ref().expect("gateway A").pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &a_pid]));
+    let tag = client_a.send(&read).expect("send a read to the stopped A");
+    let (mut b, served) = start_gateway_b(&r, SLOT + 1);
+    assert!(served, "gateway B did not serve:\n{}", b.output_so_far());
+    let mut client_b = AoeClient::open(
+        &r.rig.init_ns,
+        &r.rig.init_if,
+        TargetAddr::new(SHELF, SLOT + 1),
+    )
+    .expect("raw AoE client of B");
+    client_b
+        .discover(Duration::from_secs(30))
+        .expect("raw client finds gateway B");
+    let newer = pattern(32, 1024);
+    for req in [
+        Request::Write {
+            lba: LBA,
+            data: newer.clone(),
+        },
+        Request::Flush,
+    ] {
+        let reply = client_b
+            .call(&req, Duration::from_secs(30))
+            .expect("write and flush through gateway B");
+        assert!(reply.is_ok(), "B's write failed: {reply:?}");
+    }
+    run_ok(Command::new("kill").args(["-CONT", &a_pid]));
+    // A answers its queued read (or its retransmission) at once, or fences itself.
+    let mut answers = Vec::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(20)
+        && !r.rig.logs().contains("lost the image's exclusive lock")
+    {
+        for reply in client_a.poll(Duration::from_secs(1)).expect("poll A") {
+            if reply.tag == tag && reply.is_ok() {
+                answers.push(reply.data().to_vec());
+            }
+        }
+    }
+    for reply in client_a.poll(Duration::from_secs(1)).expect("poll A") {
+        if reply.tag == tag && reply.is_ok() {
+            answers.push(reply.data().to_vec());
+        }
+    }
+    let old = answers
+        .iter()
+        .filter(|d| d[..] == seeded[at..at + 1024])
+        .count();
+    assert_eq!(
+        old,
+        0,
+        "gateway A answered {old} read(s) after B's acknowledged, flushed write with the old \
+         data (its cache's){}",
+        r.rig.logs()
+    );
+    let _ = b.stop();
+    drop(client_a);
+    r.rig.finish();
+}
+
+/// Session 32: an image whose config names a librbd plugin (`rbd config image set rbd/pwl
+/// rbd_plugins pwl_cache`, with `rbd_persistent_cache_mode ssd`: librbd's persistent
+/// write-back cache) cannot be opened on a host that lacks the plugin (Debian's librbd 16
+/// ships none): librbd fails the open with `ENOSYS`, and so does `rbd config image remove`.
+/// Before, the gateway said only `image pwl: Function not implemented`. Now it names the
+/// plugin list, where it comes from and the way out: for the image's, `rados rmomapkey` of
+/// the header's `metadata_conf_rbd_plugins` (which this test follows), for the pool's, `rbd
+/// config pool remove`. (With the plugin installed the open succeeds and a writable export
+/// of such an image is refused by its config, `OpenError::PersistentCache`: not reachable
+/// here.)
+#[test]
+fn an_image_whose_config_names_a_librbd_plugin_not_installed_is_refused_with_the_way_out() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+        ceph.ok("rbd", &["create", "rbd/pwl", "--size", "32M"]);
+        for (option, value) in [
+            ("rbd_persistent_cache_mode", "ssd"),
+            ("rbd_plugins", "pwl_cache"),
+        ] {
+            ceph.ok("rbd", &["config", "image", "set", "rbd/pwl", option, value]);
+        }
+    });
+    for extra in [&[][..], &["-r"][..]] {
+        let e = refused_at_start(&r, "rbd/pwl", extra);
+        assert!(
+            e.contains(
+                "librbd cannot open this image: a librbd plugin that its config names is not \
+                 installed on this host (rbd_plugins from the image: the pool sets none"
+            ) && e.contains("rmomapkey rbd_header.ID metadata_conf_rbd_plugins")
+                && e.contains("get rbd_id.pwl /dev/stdout"),
+            "{extra:?}: {e}"
+        );
+    }
+    // The way out the message gives.
+    let id = r
+        .ceph
+        .ok("rados", &["-p", "rbd", "get", "rbd_id.pwl", "/dev/stdout"]);
+    let id: String = id
+        .chars()
+        .skip(4)
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    r.ceph.ok(
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "rmomapkey",
+            &format!("rbd_header.{id}"),
+            "metadata_conf_rbd_plugins",
+        ],
+    );
+    let list = r.ceph.ok("rbd", &["config", "image", "list", "rbd/pwl"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("rbd_persistent_cache_mode") && l.contains("ssd")),
+        "{list}"
+    );
+    // The pool's list likewise.
+    r.ceph.ok(
+        "rbd",
+        &["config", "pool", "set", "rbd", "rbd_plugins", "pwl_cache"],
+    );
+    let e = refused_at_start(&r, "rbd/pwl", &[]);
+    assert!(
+        e.contains("(rbd_plugins=pwl_cache from the pool; ")
+            && e.contains("`rbd config pool remove rbd rbd_plugins`"),
+        "{e}"
+    );
+    r.ceph
+        .ok("rbd", &["config", "pool", "remove", "rbd", "rbd_plugins"]);
     r.rig.finish();
 }

@@ -164,6 +164,12 @@ pub mod ffi {
             max_options: *mut c_int,
         ) -> c_int;
         pub fn rbd_config_image_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
+        pub fn rbd_config_pool_list(
+            io: rados_ioctx_t,
+            options: *mut rbd_config_option_t,
+            max_options: *mut c_int,
+        ) -> c_int;
+        pub fn rbd_config_pool_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
     }
 
     /// `rbd_config_option_t`: one librbd option as an open image has it.
@@ -207,6 +213,59 @@ pub fn errno(e: &io::Error) -> Option<i32> {
             .and_then(|i| i.downcast_ref::<Errno>())
             .and_then(|n| n.1.raw_os_error())
     })
+}
+
+/// Calls a librbd option-list function (`rbd_config_image_list`, `rbd_config_pool_list`:
+/// `list(options, &mut max)`) with room for more entries until they fit, copies them out
+/// and frees librbd's strings with the matching `cleanup`.
+fn config_list(
+    what: &str,
+    mut list: impl FnMut(*mut ffi::rbd_config_option_t, *mut c_int) -> c_int,
+    cleanup: unsafe extern "C" fn(*mut ffi::rbd_config_option_t, c_int),
+) -> io::Result<Vec<ConfigOption>> {
+    let mut cap: c_int = 256;
+    loop {
+        let mut opts: Vec<ffi::rbd_config_option_t> = (0..cap)
+            .map(|_| ffi::rbd_config_option_t {
+                name: std::ptr::null_mut(),
+                value: std::ptr::null_mut(),
+                source: 0,
+            })
+            .collect();
+        let mut n = cap;
+        let r = list(opts.as_mut_ptr(), &mut n);
+        if r == -libc::ERANGE && n > cap && n <= 1 << 16 {
+            cap = n;
+            continue;
+        }
+        check(r, what)?;
+        let n = n.clamp(0, cap);
+        let text = |p: *mut c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: librbd set it to a NUL-terminated string it allocated, freed only
+                // by the cleanup below.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        let options = opts[..n as usize]
+            .iter()
+            .map(|o| ConfigOption {
+                name: text(o.name),
+                value: text(o.value),
+                source: match o.source {
+                    1 => ConfigSource::Pool,
+                    2 => ConfigSource::Image,
+                    _ => ConfigSource::Client,
+                },
+            })
+            .collect();
+        // SAFETY: the `n` entries librbd filled, freed once with the cleanup function that
+        // goes with the list function that filled them.
+        unsafe { cleanup(opts.as_mut_ptr(), n) };
+        return Ok(options);
+    }
 }
 
 /// A string for C: one with a NUL inside cannot be named to Ceph.
@@ -360,6 +419,21 @@ unsafe impl Send for IoCtx {}
 unsafe impl Sync for IoCtx {}
 
 impl IoCtx {
+    /// librbd's options as the pool has them (`rbd config pool list`): the client's config
+    /// with the pool's overrides (`rbd config pool set`) over it. Needs no open image, so it
+    /// answers for an image that librbd cannot open.
+    pub fn config(&self) -> io::Result<Vec<ConfigOption>> {
+        config_list(
+            "rbd_config_pool_list",
+            |opts, n| {
+                // SAFETY: live ioctx; `opts` has `*n` writable entries, and librbd fills at
+                // most `*n` (else ERANGE with `*n` set to the number needed, nothing filled).
+                unsafe { ffi::rbd_config_pool_list(self.raw, opts, n) }
+            },
+            ffi::rbd_config_pool_list_cleanup,
+        )
+    }
+
     /// Opens image `name` (its head, not a snapshot).
     pub fn open(self: &Arc<Self>, name: &str) -> io::Result<Image> {
         let cname = cstr(name)?;
@@ -712,51 +786,15 @@ impl Image {
     /// `ImageCtx::apply_metadata`), so this is the only way to learn, say, whether librbd
     /// caches this image's writes.
     pub fn config(&self) -> io::Result<Vec<ConfigOption>> {
-        let mut cap: c_int = 256;
-        loop {
-            let mut opts: Vec<ffi::rbd_config_option_t> = (0..cap)
-                .map(|_| ffi::rbd_config_option_t {
-                    name: std::ptr::null_mut(),
-                    value: std::ptr::null_mut(),
-                    source: 0,
-                })
-                .collect();
-            let mut n = cap;
-            let r =
-                // SAFETY: live image; `opts` has `n` writable entries, and librbd fills at most
-                // `n` (else ERANGE with `n` set to the number needed, nothing filled).
-                unsafe { ffi::rbd_config_image_list(self.raw, opts.as_mut_ptr(), &mut n) };
-            if r == -libc::ERANGE && n > cap && n <= 1 << 16 {
-                cap = n;
-                continue;
-            }
-            check(r, "rbd_config_image_list")?;
-            let n = n.clamp(0, cap);
-            let text = |p: *mut c_char| {
-                if p.is_null() {
-                    String::new()
-                } else {
-                    // SAFETY: librbd set it to a NUL-terminated string it allocated, freed
-                    // only by the cleanup below.
-                    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-                }
-            };
-            let list = opts[..n as usize]
-                .iter()
-                .map(|o| ConfigOption {
-                    name: text(o.name),
-                    value: text(o.value),
-                    source: match o.source {
-                        1 => ConfigSource::Pool,
-                        2 => ConfigSource::Image,
-                        _ => ConfigSource::Client,
-                    },
-                })
-                .collect();
-            // SAFETY: the `n` entries librbd filled, freed once with its own function.
-            unsafe { ffi::rbd_config_image_list_cleanup(opts.as_mut_ptr(), n) };
-            return Ok(list);
-        }
+        config_list(
+            "rbd_config_image_list",
+            |opts, n| {
+                // SAFETY: live image; `opts` has `*n` writable entries, and librbd fills at
+                // most `*n` (else ERANGE with `*n` set to the number needed, nothing filled).
+                unsafe { ffi::rbd_config_image_list(self.raw, opts, n) }
+            },
+            ffi::rbd_config_image_list_cleanup,
+        )
     }
 
     /// Removes image metadata `key`; no error if it was not set.

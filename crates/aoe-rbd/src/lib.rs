@@ -41,14 +41,23 @@
 //! and the image is closed only after the last callback, so a daemon that stops with
 //! requests in flight frees nothing librbd still writes into. Errors keep their errno and
 //! reach the initiator as ATA errors through `aoe_store::StoreError`. librbd's cache is off,
-//! or write-through where the pool's or image's config turns it on, and a writable export
-//! whose pool or image asks for a write-back cache is refused at open
-//! ([`OpenError::WriteBackCache`]), so an acknowledged write is on the OSDs and survives the
-//! gateway, flushed or not. A writable export whose pool or image turns
+//! or a no-op where the pool's or image's config turns it on (write-around with nothing
+//! allowed in flight), and a writable export whose pool or image asks for a cache that
+//! acknowledges early is refused at open ([`OpenError::WriteBackCache`]), so an
+//! acknowledged write is on the OSDs and survives the gateway, flushed or not; one that
+//! keeps data in memory is refused too ([`OpenError::WriterCache`]): a gateway whose lock
+//! was broken would answer reads from it. A writable export whose pool or image turns
 //! `rbd_blocklist_on_break_lock` off is refused likewise ([`OpenError::NoBlocklistOnBreak`]):
 //! its take-over would not fence the old gateway. A read-only export of an image whose
 //! config turns the cache on is refused too ([`OpenError::ReadCache`]): its cache would
-//! answer reads with what another gateway has overwritten since. No OSD timeout is set:
+//! answer reads with what another gateway has overwritten since. So is a writable export
+//! whose pool or image turns librbd's persistent write-back cache on
+//! ([`OpenError::PersistentCache`]: writes acknowledged from a log on this host), or sets
+//! how long a broken lock's holder stays blocklisted ([`OpenError::BlocklistExpiry`]:
+//! librbd 16's lock break then fails, and where it works a gateway stalled longer would
+//! come back unfenced). Every other option a pool or image can
+//! override was reviewed for these promises in docs/TEST-AUDIT.md ("Session 32: librbd's
+//! overrides, one by one"). No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
 //! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -158,9 +167,7 @@ pub enum OpenError {
     #[error(
         "{name}: librbd's write-back cache is on for this image ({settings}): a write would be \
          acknowledged before the OSDs have it and lost if this gateway died; not serving it \
-         writable. Remove the override (`rbd config {level} remove {target} {option}`) or make \
-         the cache write-through (`rbd config {level} set {target} rbd_cache_policy \
-         writethrough`)"
+         writable. Remove the override (`rbd config {level} remove {target} {option}`)"
     )]
     WriteBackCache {
         /// The export's name.
@@ -172,6 +179,27 @@ pub enum OpenError {
         /// The option to remove there: `rbd_cache_policy` if the pool or image sets it,
         /// else `rbd_cache`.
         option: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// A writable export of an image whose pool or image config turns librbd's cache on with
+    /// a policy that keeps data in memory (`writethrough` or `writeback`: librbd's
+    /// `ObjectCacher`): after another gateway took the image over and wrote, this one would
+    /// answer reads from its cache with the old data until it noticed the loss of the lock
+    /// (session 32: one such read answered). The operator's to change.
+    #[error(
+        "{name}: librbd's cache would keep this image's data in memory ({settings}): after \
+         another gateway took the image over and wrote, this one would answer reads from it \
+         with the old data until it noticed; not serving it writable. Remove the override \
+         (`rbd config {level} remove {target} rbd_cache_policy`)"
+    )]
+    WriterCache {
+        /// The export's name.
+        name: String,
+        /// The options that make it so, with where each came from.
+        settings: String,
+        /// `pool` or `image`: where the policy is set.
+        level: &'static str,
         /// The pool or the pool/image, as `rbd config` names it.
         target: String,
     },
@@ -194,6 +222,54 @@ pub enum OpenError {
         /// The pool or the pool/image, as `rbd config` names it.
         target: String,
     },
+    /// The pool's or the image's librbd config sets `rbd_blocklist_expire_seconds`, which
+    /// librbd's lock break passes to the monitors: with librbd 16 the break then fails
+    /// (`EINVAL`), so no gateway could take the image over; where it works, a gateway
+    /// stalled longer than that comes back unfenced, and what it had queued lands over the
+    /// writes of the gateway that took over. The operator's to change.
+    #[error(
+        "{name}: this image's config sets how long a gateway whose lock is broken stays \
+         blocklisted (rbd_blocklist_expire_seconds={value} from the {level}): librbd 16 then \
+         fails to break a lock (EINVAL), so no gateway could take this image over, and where \
+         it works a gateway stalled longer than that would come back unfenced and write over \
+         the one that took over; not serving it writable. Remove the override (`rbd config \
+         {level} remove {target} rbd_blocklist_expire_seconds`: 0, the monitors' default of \
+         an hour, is what the gateway sets)"
+    )]
+    BlocklistExpiry {
+        /// The export's name.
+        name: String,
+        /// The value, as the config has it.
+        value: String,
+        /// `pool` or `image`: where the override is.
+        level: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
+    /// The pool's or the image's librbd config turns librbd's persistent write-back cache
+    /// on (`rbd_persistent_cache_mode` `rwl` or `ssd` with the `pwl_cache` plugin in
+    /// `rbd_plugins`): a write is acknowledged once it is in a log on this gateway's host
+    /// (after the first flush, once librbd no longer needs its buffer), so a gateway taking
+    /// the image over would not have it. The operator's to change (the command is in the
+    /// message).
+    #[error(
+        "{name}: librbd's persistent write-back cache is on for this image ({settings}): a \
+         write would be acknowledged once it is in a log on this gateway's host, not on the \
+         OSDs, and a gateway taking the image over would not have it; not serving it \
+         writable. Remove the override (`rbd config {level} remove {target} {option}`)"
+    )]
+    PersistentCache {
+        /// The export's name.
+        name: String,
+        /// The options that turn it on, with where each came from.
+        settings: String,
+        /// `pool` or `image`: where the override to remove is.
+        level: &'static str,
+        /// The option to remove there.
+        option: &'static str,
+        /// The pool or the pool/image, as `rbd config` names it.
+        target: String,
+    },
     /// A read-only export of an image whose pool or image config turns librbd's cache on:
     /// the cache would answer reads with what it read before another gateway wrote the
     /// sectors (this gateway holds no lock, so nothing tells it). The operator's to change.
@@ -210,6 +286,24 @@ pub enum OpenError {
         level: &'static str,
         /// The pool or the pool/image, as `rbd config` names it.
         target: String,
+    },
+    /// librbd cannot open the image: a plugin that the pool's or the image's config names
+    /// (`rbd_plugins`, e.g. `pwl_cache` for the persistent write-back cache) is not
+    /// installed on this host, and librbd fails the open with `ENOSYS`. The operator's to
+    /// change (the way is in the message).
+    #[error(
+        "{name}: librbd cannot open this image: a librbd plugin that its config names is not \
+         installed on this host ({plugins}; librbd: {error}); not serving it. {fix}"
+    )]
+    MissingPlugin {
+        /// The export's name.
+        name: String,
+        /// The plugin list and where it came from, as far as the pool's config tells.
+        plugins: String,
+        /// How to remove the override.
+        fix: String,
+        /// librbd's error.
+        error: io::Error,
     },
     /// Anything else (a bad config file, a lock that could not be taken, ...).
     #[error("{name}: {error}")]
@@ -385,15 +479,29 @@ impl RbdBackend {
             // acknowledged write (librbd's cache turns write-back after the first flush).
             ("rbd_cache", "false"),
             // The pool's or the image's config overrides the line above (librbd's
-            // `ImageCtx::apply_metadata`): if one turns the cache on, this makes it
-            // write-through (a write acknowledged once the OSDs have it) unless it also sets
-            // a write-back policy, which [`write_back_cache`] then refuses.
-            ("rbd_cache_policy", "writethrough"),
+            // `ImageCtx::apply_metadata`): if one turns the cache on, these two make it
+            // librbd's write-around layer with nothing in flight allowed, which is a no-op
+            // (`WriteAroundObjectDispatch`: "write-through mode is active -- no-op the
+            // cache"): no write acknowledged before the OSDs have it, and no data kept in
+            // memory, so no read answered from it (the `writethrough` policy, which session 31
+            // set here, keeps librbd's `ObjectCacher`, and a fenced gateway answered a read
+            // from it with old data, session 32). Other policies or a larger
+            // `rbd_cache_max_dirty` from the pool or image are refused ([`writable_cache`]).
+            ("rbd_cache_policy", "writearound"),
+            ("rbd_cache_max_dirty", "0"),
             // A gateway that breaks another's lock has the cluster blocklist it first (Ceph's
             // default, made sure of here): the fenced gateway's writes then fail at the OSDs,
             // and librbd's update watch tells its monitor (see [`Shared::monitor`]). A pool's
             // or image's override of it is refused ([`no_blocklist_on_break`]).
             ("rbd_blocklist_on_break_lock", "true"),
+            // For as long as Ceph's default blocklists it (0: the monitors'
+            // `mon_osd_blocklist_default_expire`, an hour). A pool's or image's value is
+            // refused ([`blocklist_expiry`]).
+            ("rbd_blocklist_expire_seconds", "0"),
+            // No persistent write-back cache (librbd's `pwl_cache` plugin): it acknowledges a
+            // write once it is in a log on this host. A pool's or image's override is refused
+            // ([`persistent_cache`]).
+            ("rbd_persistent_cache_mode", "disabled"),
         ];
         if let Some(k) = &keyring {
             // librados says only "No such file or directory" at connect for a keyring it
@@ -458,7 +566,13 @@ impl RbdBackend {
                 .ioctx(&o.pool, o.namespace.as_deref())
                 .map_err(|e| classify(e, "pool"))?,
         );
-        let image = io.open(&o.image).map_err(|e| classify(e, "image"))?;
+        let image = match io.open(&o.image) {
+            Ok(image) => image,
+            Err(e) if errno(&e) == Some(libc::ENOSYS) => {
+                return Err(missing_plugin(&io, o, name.clone(), e))
+            }
+            Err(e) => return Err(classify(e, "image")),
+        };
         // Before the lock is taken (or a holder's broken): a refused gateway leaves the one
         // serving alone.
         let config = image.config().map_err(|e| classify(e, "config"))?;
@@ -478,6 +592,28 @@ impl RbdBackend {
                 });
             }
         } else {
+            if let Some(Override {
+                settings,
+                level,
+                option,
+            }) = persistent_cache(&config)
+            {
+                return Err(OpenError::PersistentCache {
+                    name,
+                    settings,
+                    level,
+                    option,
+                    target: target(level),
+                });
+            }
+            if let Some((value, level)) = blocklist_expiry(&config) {
+                return Err(OpenError::BlocklistExpiry {
+                    name,
+                    value,
+                    level,
+                    target: target(level),
+                });
+            }
             if let Some(level) = no_blocklist_on_break(&config) {
                 return Err(OpenError::NoBlocklistOnBreak {
                     name,
@@ -485,20 +621,31 @@ impl RbdBackend {
                     target: target(level),
                 });
             }
-            if let Some(WriteBack {
-                settings,
-                level,
-                option,
-            }) = write_back_cache(&config)
-            {
-                let target = target(level);
-                return Err(OpenError::WriteBackCache {
-                    name,
+            match writable_cache(&config) {
+                Some(CacheRefusal::WriteBack(Override {
                     settings,
                     level,
                     option,
-                    target,
-                });
+                })) => {
+                    return Err(OpenError::WriteBackCache {
+                        name,
+                        settings,
+                        level,
+                        option,
+                        target: target(level),
+                    })
+                }
+                Some(CacheRefusal::Reads(Override {
+                    settings, level, ..
+                })) => {
+                    return Err(OpenError::WriterCache {
+                        name,
+                        settings,
+                        level,
+                        target: target(level),
+                    })
+                }
+                None => {}
             }
         }
         let size = image.size().map_err(|e| classify(e, "size"))?;
@@ -629,57 +776,185 @@ impl RbdBackend {
     }
 }
 
-/// Whether librbd caches this image's writes behind the gateway's back: `rbd_cache` on (only
-/// a pool's or image's override can turn it on over the gateway's `rbd_cache=false`) with a
-/// policy that acknowledges a write before the OSDs have it: `writeback` (librbd's
-/// `ObjectCacher`, write-back after the first flush with `rbd_cache_writethrough_until_flush`)
-/// or `writearound` (`WriteAroundObjectDispatch`, which completes a write at once while less
-/// than `rbd_cache_max_dirty` is in flight, likewise after the first flush). A
-/// `rbd_cache_max_dirty` of 0 makes either write-through. Returns the settings that make it so,
-/// each with its source, and the override to remove. A FLUSH CACHE would still reach the
-/// OSDs (`rbd_aio_flush` flushes the cache), but the Linux aoe driver never sends one (it
-/// declares no write cache), and this project promises that a killed gateway loses no
-/// acknowledged write, flushed or not.
-fn write_back_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<WriteBack> {
-    use aoe_rbd_sys::ConfigSource;
+/// Why a writable export's cache is refused ([`writable_cache`]).
+#[derive(Debug, PartialEq, Eq)]
+enum CacheRefusal {
+    /// It acknowledges writes before the OSDs have them ([`OpenError::WriteBackCache`]).
+    WriteBack(Override),
+    /// It keeps data in memory and answers reads from it ([`OpenError::WriterCache`]).
+    Reads(Override),
+}
+
+/// Whether librbd's cache, which only a pool's or image's `rbd_cache true` turns on over the
+/// gateway's `false`, would break a writable export's promises. The gateway's own policy,
+/// `writearound` with `rbd_cache_max_dirty` 0, is a no-op (librbd's
+/// `WriteAroundObjectDispatch` dispatches every write as if there were no cache and keeps
+/// no data). Refused: a `writethrough` or `writeback` policy from the pool or image
+/// (librbd's `ObjectCacher`, which answers reads from memory: a gateway whose lock was
+/// broken answered a read with what it had cached after the new gateway's acknowledged,
+/// flushed write, session 32; `writeback` also acknowledges writes early once
+/// `rbd_cache_max_dirty` is above 0), and `writearound` with a pool's or image's
+/// `rbd_cache_max_dirty` above 0 (it completes a write at once while less than that is in
+/// flight, after the first flush with `rbd_cache_writethrough_until_flush`, from the first
+/// write without). Returns the settings, each with its source, and the override to
+/// remove. A FLUSH CACHE would still reach the OSDs (`rbd_aio_flush` flushes the cache),
+/// but the Linux aoe driver never sends one (it declares no write cache), and this project
+/// promises that a killed gateway loses no acknowledged write, flushed or not.
+fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> {
     let get = |name: &str| config.iter().find(|o| o.name == name);
     let cache = get("rbd_cache")?;
-    if cache.value != "true" {
+    if cache.value.trim() != "true" {
         return None;
     }
     let policy = get("rbd_cache_policy");
-    if policy.is_some_and(|p| p.value == "writethrough") {
-        return None;
-    }
     let max_dirty = get("rbd_cache_max_dirty");
-    if max_dirty.is_some_and(|m| m.value.trim() == "0") {
+    let dirty = max_dirty.is_some_and(|m| m.value.trim() != "0");
+    let found = |option: &'static str, at: &aoe_rbd_sys::ConfigOption| Override {
+        settings: settings(std::iter::once(cache).chain(policy).chain(max_dirty)),
+        level: level(at.source),
+        option,
+    };
+    match policy.map(|p| p.value.trim()) {
+        Some("writeback") | Some("writethrough") => {
+            let p = policy?;
+            if p.value.trim() == "writeback" && dirty {
+                Some(CacheRefusal::WriteBack(found("rbd_cache_policy", p)))
+            } else {
+                Some(CacheRefusal::Reads(found("rbd_cache_policy", p)))
+            }
+        }
+        // The gateway's own policy (or a value librbd refused to set, which leaves the
+        // gateway's): a no-op while nothing may be in flight.
+        _ if dirty => {
+            let m = max_dirty?;
+            Some(CacheRefusal::WriteBack(found("rbd_cache_max_dirty", m)))
+        }
+        _ => None,
+    }
+}
+
+/// `NAME=VALUE from SOURCE, ...`: the options that make a check refuse, for its message.
+fn settings<'a>(options: impl Iterator<Item = &'a aoe_rbd_sys::ConfigOption>) -> String {
+    use aoe_rbd_sys::ConfigSource;
+    options
+        .map(|o| {
+            let src = match o.source {
+                ConfigSource::Client => "the client's config",
+                ConfigSource::Pool => "the pool",
+                ConfigSource::Image => "the image",
+            };
+            format!("{}={} from {src}", o.name, o.value)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where the pool's or image's config sets `rbd_blocklist_expire_seconds` (over the
+/// gateway's own 0, the monitors' `mon_osd_blocklist_default_expire`, an hour), with the
+/// value, if it does. librbd passes it to the monitors' `osd blocklist add` when it breaks
+/// a lock (`managed_lock::BreakRequest`, configured from the image's config as
+/// `rbd_blocklist_on_break_lock` is). With Debian's librbd 16.2.15 every such break fails,
+/// `EINVAL`, for any value but 0 (session 32: 5 and 3600 alike; `ceph osd blocklist add
+/// ADDR 5` itself works), so no gateway could take the image over; and with a librbd
+/// where it works, a value shorter than the gateway stays stalled (a paused VM, SIGSTOP, a
+/// partition) lets it come back unfenced: its librbd still believes it holds the lock, the
+/// OSDs take its writes again, and what it had queued lands over the new gateway's writes
+/// before its monitor notices. 0 is the only value accepted; the monitors' default is the
+/// cluster's lever.
+fn blocklist_expiry(config: &[aoe_rbd_sys::ConfigOption]) -> Option<(String, &'static str)> {
+    let o = config
+        .iter()
+        .find(|o| o.name == "rbd_blocklist_expire_seconds")?;
+    (o.value.trim() != "0").then(|| (o.value.clone(), level(o.source)))
+}
+
+/// Whether the pool's or image's config turns librbd's persistent write-back cache on: a
+/// `rbd_persistent_cache_mode` other than `disabled` (over the gateway's own `disabled`)
+/// with the `pwl_cache` plugin named in `rbd_plugins` (librbd loads the cache only
+/// through that plugin, `librbd::plugin::WriteLogImageCache`, once the exclusive lock is
+/// taken). Ceph's documentation of the cache: writes complete once they are in the log on
+/// the client's host (`rwl`, `ssd`), and after the first flush as soon as the caller's
+/// buffer is no longer needed, "but does not guarantee that writes will be readable after
+/// a crash"; nothing of it is on the OSDs until librbd writes it back. Returns the
+/// settings and the override to remove: the mode if the pool or image sets it, else the
+/// plugin list. A read-only export takes no lock, so its librbd never starts the cache.
+fn persistent_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<Override> {
+    use aoe_rbd_sys::ConfigSource;
+    let get = |name: &str| config.iter().find(|o| o.name == name);
+    let plugins = get("rbd_plugins")?;
+    let pwl = plugins
+        .value
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .any(|p| p == "pwl_cache");
+    let mode = get("rbd_persistent_cache_mode")?;
+    if !pwl || mode.value.trim() == "disabled" {
         return None;
     }
-    let from = |o: &aoe_rbd_sys::ConfigOption| {
-        let src = match o.source {
-            ConfigSource::Client => "the client's config",
-            ConfigSource::Pool => "the pool",
-            ConfigSource::Image => "the image",
-        };
-        format!("{}={} from {src}", o.name, o.value)
+    let (at, option) = if mode.source != ConfigSource::Client {
+        (mode.source, "rbd_persistent_cache_mode")
+    } else {
+        (plugins.source, "rbd_plugins")
     };
-    let settings = std::iter::once(cache)
-        .chain(policy)
-        .chain(max_dirty)
-        .map(from)
-        .collect::<Vec<_>>()
-        .join(", ");
-    // The gateway sets `rbd_cache_policy=writethrough` itself, so another policy is the
-    // pool's or the image's: that is the override to remove; else the cache's own.
-    let (at, option) = match policy {
-        Some(p) if p.source != ConfigSource::Client => (p.source, "rbd_cache_policy"),
-        _ => (cache.source, "rbd_cache"),
-    };
-    Some(WriteBack {
-        settings,
+    Some(Override {
+        settings: settings([plugins, mode].into_iter()),
         level: level(at),
         option,
     })
+}
+
+/// What [`RbdBackend::open`] says when `rbd_open` fails with `ENOSYS`: librbd's plugin
+/// registry could not load a plugin that `rbd_plugins` names (`librbd::image::OpenRequest`
+/// logs "failed to initialize plugin registry: (38) Function not implemented"; Debian's
+/// librbd 16 ships neither `pwl_cache` nor `parent_cache`, session 32). The pool's overrides
+/// are read without the image; an image's own cannot be removed with `rbd`, which cannot
+/// open the image either (`rbd config image remove` fails the same way), only from the
+/// image's header object with `rados` (its key is `metadata_conf_rbd_plugins`).
+fn missing_plugin(
+    io: &aoe_rbd_sys::IoCtx,
+    o: &RbdOptions,
+    name: String,
+    error: io::Error,
+) -> OpenError {
+    use aoe_rbd_sys::ConfigSource;
+    let listed = io.config().ok().and_then(|c| {
+        c.into_iter()
+            .find(|x| x.name == "rbd_plugins" && !x.value.trim().is_empty())
+    });
+    let ns = o
+        .namespace
+        .as_ref()
+        .map(|n| format!(" -N {n}"))
+        .unwrap_or_default();
+    let (plugins, fix) = match listed {
+        Some(p) if p.source == ConfigSource::Pool => (
+            format!("rbd_plugins={} from the pool", p.value),
+            format!(
+                "Remove the override (`rbd config pool remove {} rbd_plugins`)",
+                o.pool
+            ),
+        ),
+        Some(p) => (
+            format!("rbd_plugins={} from the client's config", p.value),
+            "Remove rbd_plugins from this host's Ceph config".to_string(),
+        ),
+        None => (
+            "rbd_plugins from the image: the pool sets none".to_string(),
+            format!(
+                "`rbd` cannot open the image to remove the image's override either: remove it \
+                 from the image's header object (`rados -p {pool}{ns} rmomapkey rbd_header.ID \
+                 metadata_conf_rbd_plugins`, with the ID that `rados -p {pool}{ns} get \
+                 rbd_id.{image} /dev/stdout` prints)",
+                pool = o.pool,
+                image = o.image
+            ),
+        ),
+    };
+    OpenError::MissingPlugin {
+        name,
+        plugins,
+        fix,
+        error,
+    }
 }
 
 /// `rbd config`'s name for where an override lives: `pool` for the pool's, else `image`
@@ -719,9 +994,10 @@ fn read_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<&'static str> {
     set_to(config, "rbd_cache", "true")
 }
 
-/// What [`write_back_cache`] found.
+/// An override a check found: the settings that make it so (each with its source), and
+/// the one to remove where it lives.
 #[derive(Debug, PartialEq, Eq)]
-struct WriteBack {
+struct Override {
     settings: String,
     level: &'static str,
     option: &'static str,
