@@ -2594,25 +2594,8 @@ fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_w
             "writeback",
         ],
     );
-    let mut cmd = Command::new(AOE);
-    cmd.arg("serve")
-        .args(&r.rig.target_args)
-        .args(["-r", "--no-announce"])
-        .arg(SHELF.to_string())
-        .arg((SLOT + 1).to_string())
-        .arg(&r.rig.target_if)
-        .arg(&r.rig.file);
-    let before = packet_sockets(&r.rig.target_ns);
-    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
-    let settled = wait_until(Duration::from_secs(90), || {
-        packet_sockets(&r.rig.target_ns) > before || !b.is_running()
-    });
-    assert!(
-        settled,
-        "gateway B neither served nor failed:\n{}",
-        b.output_so_far()
-    );
-    if b.is_running() {
+    let (mut b, served) = start_gateway_b(&r, SLOT + 1, &["-r"]);
+    if served {
         let mut client = AoeClient::open(
             &r.rig.init_ns,
             &r.rig.init_if,
@@ -2670,13 +2653,15 @@ fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_w
     r.rig.finish();
 }
 
-/// Starts gateway B of the rig's image at `slot` (`--no-announce`), and waits until it
-/// either serves (its AoE socket is open) or has exited (refused). True if it serves.
-fn start_gateway_b(r: &RbdRig, slot: u8) -> (NsChild, bool) {
+/// Starts gateway B of the rig's image at `slot` (`--no-announce`, then `extra`), and waits
+/// until it either serves (its AoE socket is open) or has exited (refused). True if it
+/// serves.
+fn start_gateway_b(r: &RbdRig, slot: u8, extra: &[&str]) -> (NsChild, bool) {
     let mut cmd = Command::new(AOE);
     cmd.arg("serve")
         .args(&r.rig.target_args)
         .arg("--no-announce")
+        .args(extra)
         .arg(SHELF.to_string())
         .arg(slot.to_string())
         .arg(&r.rig.target_if)
@@ -2724,7 +2709,7 @@ fn a_gateway_refuses_an_image_whose_config_sets_how_long_a_broken_locks_holder_s
         ],
     );
     let blocklist0 = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
-    let (b, served) = start_gateway_b(&r, SLOT + 1);
+    let (b, served) = start_gateway_b(&r, SLOT + 1, &[]);
     let out = b.output_so_far();
     assert!(
         !served,
@@ -2762,7 +2747,7 @@ fn a_gateway_refuses_an_image_whose_config_sets_how_long_a_broken_locks_holder_s
             "rbd_blocklist_expire_seconds",
         ],
     );
-    let (mut b, served) = start_gateway_b(&r, SLOT + 1);
+    let (mut b, served) = start_gateway_b(&r, SLOT + 1, &[]);
     assert!(
         served,
         "gateway B did not take the image over once the override was removed:\n{}",
@@ -2850,7 +2835,7 @@ fn a_fenced_gateway_of_an_image_with_librbds_cache_on_answers_no_read_with_old_d
     let a_pid = r.rig.target.as_ref().expect("gateway A").pid().to_string();
     run_ok(Command::new("kill").args(["-STOP", &a_pid]));
     let tag = client_a.send(&read).expect("send a read to the stopped A");
-    let (mut b, served) = start_gateway_b(&r, SLOT + 1);
+    let (mut b, served) = start_gateway_b(&r, SLOT + 1, &[]);
     assert!(served, "gateway B did not serve:\n{}", b.output_so_far());
     let mut client_b = AoeClient::open(
         &r.rig.init_ns,
