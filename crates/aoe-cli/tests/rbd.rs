@@ -2356,10 +2356,7 @@ fn restart_osd(r: &RbdRig) -> NsChild {
 fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
     let mut r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
-        ceph.ok(
-            "rbd",
-            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
-        );
+        ceph.rbd_config(&["image", "set", "rbd/img", "rbd_cache", "true"]);
     });
     let mut client = AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
         .expect("raw AoE client");
@@ -2424,17 +2421,8 @@ fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
 
     // An image that asks for write-back is refused, naming the override (read-only too:
     // `a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote`).
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "image",
-            "set",
-            "rbd/img",
-            "rbd_cache_policy",
-            "writeback",
-        ],
-    );
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", "rbd_cache_policy", "writeback"]);
     // (`rbd config image set` itself broke dead A's lock, asking it in vain to do it.)
     let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
     let refusal = || {
@@ -2467,16 +2455,13 @@ fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
     // The pool's write-around policy with room for writes in flight likewise (the image's
     // removed). (Session 32: write-around with the gateway's `rbd_cache_max_dirty=0` is a
     // no-op and served; the pool's `rbd_cache_max_dirty` is the override to remove.)
-    r.ceph.ok(
-        "rbd",
-        &["config", "image", "remove", "rbd/img", "rbd_cache_policy"],
-    );
+    r.ceph
+        .rbd_config(&["image", "remove", "rbd/img", "rbd_cache_policy"]);
     for (option, value) in [
         ("rbd_cache_policy", "writearound"),
         ("rbd_cache_max_dirty", "25165824"),
     ] {
-        r.ceph
-            .ok("rbd", &["config", "pool", "set", "rbd", option, value]);
+        r.ceph.rbd_config(&["pool", "set", "rbd", option, value]);
     }
     let e = refusal();
     assert!(
@@ -2509,17 +2494,13 @@ fn a_gateway_refuses_an_image_whose_config_turns_off_blocklisting_on_lock_break(
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
     write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write through gateway A");
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "image",
-            "set",
-            "rbd/img",
-            "rbd_blocklist_on_break_lock",
-            "false",
-        ],
-    );
+    r.ceph.rbd_config(&[
+        "image",
+        "set",
+        "rbd/img",
+        "rbd_blocklist_on_break_lock",
+        "false",
+    ]);
     let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
     assert!(
         locks.contains("1 exclusive lock"),
@@ -2575,25 +2556,13 @@ fn a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_w
     let seeded = pattern(12, IMAGE_BYTES);
     let r = RbdRig::start("rbd/img", |ceph| {
         import_image(ceph, &seeded);
-        ceph.ok(
-            "rbd",
-            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
-        );
+        ceph.rbd_config(&["image", "set", "rbd/img", "rbd_cache", "true"]);
     });
     // Set once A serves (a writable export of a write-back image is refused at open). Its
     // read cache is what B would use; the gateway's own write-through policy gives B the
     // same cache (the default write-around policy caches no reads).
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "image",
-            "set",
-            "rbd/img",
-            "rbd_cache_policy",
-            "writeback",
-        ],
-    );
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", "rbd_cache_policy", "writeback"]);
     let (mut b, served) = start_gateway_b(&r, SLOT + 1, &["-r"]);
     if served {
         let mut client = AoeClient::open(
@@ -2697,17 +2666,13 @@ fn a_gateway_refuses_an_image_whose_config_sets_how_long_a_broken_locks_holder_s
     });
     write_sync(&r.rig.dev(), 0, &pattern(6, 4096)).expect("write through gateway A");
     // Set while A serves (A's librbd does it for the CLI; A keeps its lock).
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "image",
-            "set",
-            "rbd/img",
-            "rbd_blocklist_expire_seconds",
-            "5",
-        ],
-    );
+    r.ceph.rbd_config(&[
+        "image",
+        "set",
+        "rbd/img",
+        "rbd_blocklist_expire_seconds",
+        "5",
+    ]);
     let blocklist0 = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
     let (b, served) = start_gateway_b(&r, SLOT + 1, &[]);
     let out = b.output_so_far();
@@ -2737,16 +2702,8 @@ fn a_gateway_refuses_an_image_whose_config_sets_how_long_a_broken_locks_holder_s
         "the refused gateway B blocklisted someone"
     );
     // The way out the message gives: B then takes the image over, and A fences itself.
-    r.ceph.ok(
-        "rbd",
-        &[
-            "config",
-            "image",
-            "remove",
-            "rbd/img",
-            "rbd_blocklist_expire_seconds",
-        ],
-    );
+    r.ceph
+        .rbd_config(&["image", "remove", "rbd/img", "rbd_blocklist_expire_seconds"]);
     let (mut b, served) = start_gateway_b(&r, SLOT + 1, &[]);
     assert!(
         served,
@@ -2811,10 +2768,7 @@ fn a_fenced_gateway_of_an_image_with_librbds_cache_on_answers_no_read_with_old_d
     let seeded = pattern(31, IMAGE_BYTES);
     let r = RbdRig::start("rbd/img", |ceph| {
         import_image(ceph, &seeded);
-        ceph.ok(
-            "rbd",
-            &["config", "image", "set", "rbd/img", "rbd_cache", "true"],
-        );
+        ceph.rbd_config(&["image", "set", "rbd/img", "rbd_cache", "true"]);
     });
     let mut client_a =
         AoeClient::open(&r.rig.init_ns, &r.rig.init_if, TargetAddr::new(SHELF, SLOT))
@@ -2912,7 +2866,7 @@ fn an_image_whose_config_names_a_librbd_plugin_not_installed_is_refused_with_the
             ("rbd_persistent_cache_mode", "ssd"),
             ("rbd_plugins", "pwl_cache"),
         ] {
-            ceph.ok("rbd", &["config", "image", "set", "rbd/pwl", option, value]);
+            ceph.rbd_config(&["image", "set", "rbd/pwl", option, value]);
         }
     });
     for extra in [&[][..], &["-r"][..]] {
@@ -2945,24 +2899,21 @@ fn an_image_whose_config_names_a_librbd_plugin_not_installed_is_refused_with_the
             "metadata_conf_rbd_plugins",
         ],
     );
-    let list = r.ceph.ok("rbd", &["config", "image", "list", "rbd/pwl"]);
+    let list = r.ceph.rbd_config(&["image", "list", "rbd/pwl"]);
     assert!(
         list.lines()
             .any(|l| l.starts_with("rbd_persistent_cache_mode") && l.contains("ssd")),
         "{list}"
     );
     // The pool's list likewise.
-    r.ceph.ok(
-        "rbd",
-        &["config", "pool", "set", "rbd", "rbd_plugins", "pwl_cache"],
-    );
+    r.ceph
+        .rbd_config(&["pool", "set", "rbd", "rbd_plugins", "pwl_cache"]);
     let e = refused_at_start(&r, "rbd/pwl", &[]);
     assert!(
         e.contains("(rbd_plugins=pwl_cache from the pool; ")
             && e.contains("`rbd config pool remove rbd rbd_plugins`"),
         "{e}"
     );
-    r.ceph
-        .ok("rbd", &["config", "pool", "remove", "rbd", "rbd_plugins"]);
+    r.ceph.rbd_config(&["pool", "remove", "rbd", "rbd_plugins"]);
     r.rig.finish();
 }

@@ -1528,6 +1528,12 @@ impl Ceph {
         run_ok(&mut self.tool(tool, args))
     }
 
+    /// `rbd config LEVEL OP TARGET [OPTION [VALUE]]` (a pool's or an image's librbd
+    /// overrides); panics with its output if it fails.
+    pub fn rbd_config(&self, args: &[&str]) -> String {
+        self.ok("rbd", &[&["config"], args].concat())
+    }
+
     /// The `aoe serve` options that reach this cluster as client.admin.
     pub fn serve_args(&self) -> Vec<String> {
         vec![
