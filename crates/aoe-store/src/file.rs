@@ -583,7 +583,9 @@ impl FileBackend {
             block,
             start: (self.base % block != 0).then_some(self.base),
             end: (end % block != 0 && end < self.store_size).then_some(end),
-            other_page_cache: !self.opts.direct && partition_or_partitioned(&self.file),
+            // What the backend does about it, decided at open (read-only and no edges
+            // returned above).
+            other_page_cache: self.edge_write_through,
         };
         (edges.start.is_some() || edges.end.is_some()).then_some(edges)
     }
