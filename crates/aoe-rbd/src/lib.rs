@@ -801,7 +801,7 @@ enum CacheRefusal {
 /// but the Linux aoe driver never sends one (it declares no write cache), and this project
 /// promises that a killed gateway loses no acknowledged write, flushed or not.
 fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> {
-    let get = |name: &str| config.iter().find(|o| o.name == name);
+    let get = |name| option(config, name);
     let cache = get("rbd_cache")?;
     if cache.value.trim() != "true" {
         return None;
@@ -814,21 +814,16 @@ fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> 
         level: level(at.source),
         option,
     };
-    match policy.map(|p| p.value.trim()) {
-        Some("writeback") | Some("writethrough") => {
-            let p = policy?;
-            if p.value.trim() == "writeback" && dirty {
-                Some(CacheRefusal::WriteBack(found("rbd_cache_policy", p)))
-            } else {
-                Some(CacheRefusal::Reads(found("rbd_cache_policy", p)))
-            }
+    match (policy, max_dirty) {
+        (Some(p), _) if p.value.trim() == "writeback" && dirty => {
+            Some(CacheRefusal::WriteBack(found("rbd_cache_policy", p)))
+        }
+        (Some(p), _) if matches!(p.value.trim(), "writeback" | "writethrough") => {
+            Some(CacheRefusal::Reads(found("rbd_cache_policy", p)))
         }
         // The gateway's own policy (or a value librbd refused to set, which leaves the
         // gateway's): a no-op while nothing may be in flight.
-        _ if dirty => {
-            let m = max_dirty?;
-            Some(CacheRefusal::WriteBack(found("rbd_cache_max_dirty", m)))
-        }
+        (_, Some(m)) if dirty => Some(CacheRefusal::WriteBack(found("rbd_cache_max_dirty", m))),
         _ => None,
     }
 }
@@ -862,9 +857,7 @@ fn settings<'a>(options: impl Iterator<Item = &'a aoe_rbd_sys::ConfigOption>) ->
 /// before its monitor notices. 0 is the only value accepted; the monitors' default is the
 /// cluster's lever.
 fn blocklist_expiry(config: &[aoe_rbd_sys::ConfigOption]) -> Option<(String, &'static str)> {
-    let o = config
-        .iter()
-        .find(|o| o.name == "rbd_blocklist_expire_seconds")?;
+    let o = option(config, "rbd_blocklist_expire_seconds")?;
     (o.value.trim() != "0").then(|| (o.value.clone(), level(o.source)))
 }
 
@@ -880,7 +873,7 @@ fn blocklist_expiry(config: &[aoe_rbd_sys::ConfigOption]) -> Option<(String, &'s
 /// plugin list. A read-only export takes no lock, so its librbd never starts the cache.
 fn persistent_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<Override> {
     use aoe_rbd_sys::ConfigSource;
-    let get = |name: &str| config.iter().find(|o| o.name == name);
+    let get = |name| option(config, name);
     let plugins = get("rbd_plugins")?;
     let pwl = plugins
         .value
@@ -968,10 +961,18 @@ fn level(source: aoe_rbd_sys::ConfigSource) -> &'static str {
     }
 }
 
+/// Option `name` of an image's or a pool's effective librbd config, if listed.
+fn option<'a>(
+    config: &'a [aoe_rbd_sys::ConfigOption],
+    name: &str,
+) -> Option<&'a aoe_rbd_sys::ConfigOption> {
+    config.iter().find(|o| o.name == name)
+}
+
 /// Where (`pool` or `image`, [`level`]) the image's config has option `name` at `value`,
 /// if it does.
 fn set_to(config: &[aoe_rbd_sys::ConfigOption], name: &str, value: &str) -> Option<&'static str> {
-    let o = config.iter().find(|o| o.name == name)?;
+    let o = option(config, name)?;
     (o.value == value).then(|| level(o.source))
 }
 
