@@ -2978,3 +2978,135 @@ fn an_image_whose_config_names_a_librbd_plugin_not_installed_is_refused_with_the
     r.ceph.rbd_config(&["pool", "remove", "rbd", "rbd_plugins"]);
     r.rig.finish();
 }
+
+/// Session 33: librbd applies a pool's or an image's overrides again at every refresh of
+/// a served image (`ImageCtx::apply_metadata`), but builds its cache layer, loads its
+/// plugins and fixes its lock's break settings at open, and the gateway breaks locks only
+/// at open: an override set while a gateway serves changes nothing in that gateway (tried
+/// by hand: `rbd_cache`, `rbd_cache_policy writeback` and `rbd_cache_max_dirty` set live
+/// acknowledged no write early and answered no read from memory; docs/TEST-AUDIT.md). It
+/// stops the next one, though: the gateway that takes the image over when this one dies
+/// refuses it at open. Before, the serving gateway said nothing, and the operator found
+/// out at the failover, with the image unserved. Now it reads the config again after each
+/// update notification and logs, once per change, what a starting gateway would refuse
+/// and the command that removes it, and once nothing is left; the image's overrides and the
+/// pool's alike. It keeps serving meanwhile, with its lock.
+#[test]
+fn an_override_set_on_a_served_image_is_logged_as_what_a_take_over_would_refuse() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let first = pattern(33, 4096);
+    write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
+    let gateway_log = || {
+        r.rig
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let warned = |what: &str| {
+        gateway_log()
+            .lines()
+            .filter(|l| l.contains("a gateway starting on it now") && l.contains(what))
+            .count()
+    };
+    let wait_warned = |what: &str, why: &str| {
+        assert!(
+            wait_until(Duration::from_secs(30), || warned(what) > 0),
+            "gateway A did not log that a starting gateway would refuse {why}:\n{}",
+            gateway_log()
+        );
+    };
+
+    // Set while A serves (A's librbd does it for the CLI and sends the update notification).
+    r.ceph.rbd_config(&[
+        "image",
+        "set",
+        "rbd/img",
+        "rbd_blocklist_expire_seconds",
+        "5",
+    ]);
+    let expiry = "(rbd_blocklist_expire_seconds=5 from the image)";
+    wait_warned(expiry, "the image's rbd_blocklist_expire_seconds");
+    assert!(
+        gateway_log().contains("`rbd config image remove rbd/img rbd_blocklist_expire_seconds`"),
+        "the warning names no way out:\n{}",
+        gateway_log()
+    );
+    // A cache that keeps data in memory, set in two more notifications while the expiry
+    // still stands (the first refusal stays the one logged, once), then the expiry removed.
+    for (option, value) in [("rbd_cache", "true"), ("rbd_cache_policy", "writeback")] {
+        r.ceph
+            .rbd_config(&["image", "set", "rbd/img", option, value]);
+    }
+    r.ceph
+        .rbd_config(&["image", "remove", "rbd/img", "rbd_blocklist_expire_seconds"]);
+    let cache = "(rbd_cache=true from the image, rbd_cache_policy=writeback from the image";
+    wait_warned(cache, "the image's write-back cache");
+    assert_eq!(
+        warned(expiry),
+        1,
+        "the expiry's warning was not logged once per change:\n{}",
+        gateway_log()
+    );
+    assert!(
+        gateway_log().contains("`rbd config image remove rbd/img rbd_cache_policy`"),
+        "{}",
+        gateway_log()
+    );
+    // Nothing left to refuse: said once.
+    for option in ["rbd_cache_policy", "rbd_cache"] {
+        r.ceph.rbd_config(&["image", "remove", "rbd/img", option]);
+    }
+    let cleared = |n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(30), || gateway_log()
+                .matches("no longer has an override that a starting gateway would refuse")
+                .count()
+                >= n),
+            "gateway A did not log that the overrides are gone:\n{}",
+            gateway_log()
+        );
+    };
+    cleared(1);
+    // The pool's overrides likewise: `rbd config pool set|remove` stamps the cluster's
+    // `rbd_config_pool_override_update_timestamp` with the time in whole seconds, and
+    // librbd refreshes its images when that value changes, so a removal in the same second
+    // as the set goes unseen until the image's next refresh: the removal waits for the
+    // next second.
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    r.ceph
+        .rbd_config(&["pool", "set", "rbd", "rbd_blocklist_on_break_lock", "false"]);
+    let set_at = secs();
+    wait_warned(
+        "(rbd_blocklist_on_break_lock=false from the pool)",
+        "the pool's rbd_blocklist_on_break_lock",
+    );
+    assert!(
+        gateway_log().contains("`rbd config pool remove rbd rbd_blocklist_on_break_lock`"),
+        "{}",
+        gateway_log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || secs() > set_at));
+    r.ceph
+        .rbd_config(&["pool", "remove", "rbd", "rbd_blocklist_on_break_lock"]);
+    cleared(2);
+    // A served on all along, with its lock: a write through it is in the image.
+    let second = pattern(34, 4096);
+    write_sync(&r.rig.dev(), 8192, &second).expect("write through gateway A afterwards");
+    let exported = r.ceph.export("rbd/img");
+    assert!(exported[..4096] == first[..] && exported[8192..8192 + 4096] == second[..]);
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(locks.contains("1 exclusive lock"), "{locks}");
+    assert!(
+        !gateway_log().contains("lost the image's exclusive lock"),
+        "{}",
+        gateway_log()
+    );
+    r.rig.finish();
+}
