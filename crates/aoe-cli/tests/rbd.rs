@@ -2311,34 +2311,94 @@ fn a_pool_quota_reached_under_writes_holds_them_until_it_is_lifted() {
     r.rig.finish();
 }
 
-/// SIGKILLs the cluster's OSD (its pid in the cluster's osd.pid) and waits until it is gone
-/// (no process, or a zombie: it holds nothing any more).
+/// SIGKILLs the cluster's OSD (its pid in the cluster's osd.pid) and waits until every one
+/// of its threads is gone, not only its main one (session 33): the main thread of a killed
+/// process shows `Z` as soon as it has exited itself, while the others may still be exiting
+/// (seen here: 2 of its 59 tasks left then, under load for longer, one stuck in a disk
+/// sync), and the process's files, among them the lock on the OSD's `fsid` that bluestore
+/// takes, are closed only by the last. A `ceph-osd` started in that window exits at once
+/// with `osd pre_init failed: (16) Device or resource busy`, and the rig's next `rbd`
+/// command then waited for an OSD until its `timeout` (the cache test's one failure in a
+/// loaded run, session 32).
 fn kill_osd(r: &RbdRig) {
     let osd = fs::read_to_string(r.ceph.dir.join("osd.pid")).expect("osd.pid");
     let osd = osd.trim().to_owned();
     let _ = run(Command::new("kill").args(["-CONT", &osd]));
     run_ok(Command::new("kill").args(["-9", &osd]));
-    let stat = format!("/proc/{osd}/stat");
-    let gone = wait_until(Duration::from_secs(20), || {
-        fs::read_to_string(&stat).map_or(true, |s| {
+    let tasks = format!("/proc/{osd}/task");
+    let zombie = |t: &str| {
+        fs::read_to_string(format!("{tasks}/{t}/stat")).map_or(true, |s| {
             s.rsplit(')')
                 .next()
                 .map(str::trim_start)
                 .unwrap_or("")
                 .starts_with('Z')
         })
+    };
+    let mut left = Vec::new();
+    let gone = wait_until(Duration::from_secs(60), || {
+        // Gone, or only its main thread left, a zombie (nobody here reaps it).
+        left = fs::read_dir(&tasks).map_or(Vec::new(), |d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        });
+        left.is_empty() || (left.len() == 1 && left[0] == osd && zombie(&osd))
     });
-    assert!(gone, "the OSD {osd} survived SIGKILL");
+    assert!(
+        gone,
+        "the OSD {osd} has tasks {left:?} left 60 s after SIGKILL"
+    );
 }
 
 /// Starts the cluster's OSD again (as scripts/ceph-up.sh does, osd.pid updated so that
-/// ceph-down.sh stops it) in the target's namespace.
+/// ceph-down.sh stops it) in the target's namespace, and waits until the monitors have it
+/// up at this process's address (its nonce is its pid), failing with its output if it
+/// exits instead (session 33: the rig's next command waited for it under a `timeout`).
 fn restart_osd(r: &RbdRig) -> NsChild {
     let mut cmd = Command::new("ceph-osd");
     cmd.arg("-c").arg(r.ceph.conf()).args(["-i", "0", "-f"]);
-    let osd = r.rig.target_ns.spawn(cmd).expect("start ceph-osd again");
+    let mut osd = r.rig.target_ns.spawn(cmd).expect("start ceph-osd again");
     fs::write(r.ceph.dir.join("osd.pid"), osd.pid().to_string()).expect("osd.pid");
+    let nonce = format!("/{},", osd.pid());
+    let mut dump = String::new();
+    let mut exited = None;
+    let up = wait_until(Duration::from_secs(120), || {
+        exited = osd.try_wait().ok().flatten();
+        if exited.is_some() {
+            return true;
+        }
+        dump = String::from_utf8_lossy(&run(&mut r.ceph.tool("ceph", &["osd", "dump"])).stdout)
+            .into_owned();
+        dump.lines()
+            .any(|l| l.starts_with("osd.0 up ") && l.contains(&nonce))
+    });
+    assert!(
+        exited.is_none(),
+        "the restarted OSD exited ({exited:?}):\n{}",
+        osd.output_so_far()
+    );
+    assert!(
+        up,
+        "the restarted OSD (pid {}) is not up after 120 s: {}\n{}",
+        osd.pid(),
+        dump.lines().find(|l| l.starts_with("osd.0 ")).unwrap_or(""),
+        osd.output_so_far()
+    );
     osd
+}
+
+/// Waits until no client watches `image`'s header any more (`rbd status`: `Watchers:
+/// none`): a killed gateway's watch stays registered until the OSD's watch timeout
+/// (`osd_client_watch_timeout`, 30 s), and a command that needs the exclusive lock (`rbd
+/// config image set`, `rbd image-meta set`) asks that dead holder for it and breaks its
+/// lock only then (session 33: waited for here, not inside the command's `timeout`).
+fn wait_for_no_watchers(r: &RbdRig, image: &str) {
+    let mut status = String::new();
+    let gone = wait_until(Duration::from_secs(120), || {
+        status = r.ceph.ok("rbd", &["status", image]);
+        status.contains("Watchers: none")
+    });
+    assert!(gone, "{image} is still watched after 120 s: {status}");
 }
 
 /// Fourteenth audit (session 31): the pool's or image's librbd config (`rbd config image set
@@ -2421,9 +2481,10 @@ fn an_image_whose_config_turns_librbds_cache_on_loses_no_acknowledged_write() {
 
     // An image that asks for write-back is refused, naming the override (read-only too:
     // `a_read_only_gateway_of_an_image_with_librbds_cache_on_reads_what_the_writer_wrote`).
+    // `rbd config image set` breaks dead A's lock (once A's watch has timed out).
+    wait_for_no_watchers(&r, "rbd/img");
     r.ceph
         .rbd_config(&["image", "set", "rbd/img", "rbd_cache_policy", "writeback"]);
-    // (`rbd config image set` itself broke dead A's lock, asking it in vain to do it.)
     let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
     let refusal = || {
         let mut cmd = r.rig.target_ns.command("timeout");
@@ -2915,5 +2976,137 @@ fn an_image_whose_config_names_a_librbd_plugin_not_installed_is_refused_with_the
         "{e}"
     );
     r.ceph.rbd_config(&["pool", "remove", "rbd", "rbd_plugins"]);
+    r.rig.finish();
+}
+
+/// Session 33: librbd applies a pool's or an image's overrides again at every refresh of
+/// a served image (`ImageCtx::apply_metadata`), but builds its cache layer, loads its
+/// plugins and fixes its lock's break settings at open, and the gateway breaks locks only
+/// at open: an override set while a gateway serves changes nothing in that gateway (tried
+/// by hand: `rbd_cache`, `rbd_cache_policy writeback` and `rbd_cache_max_dirty` set live
+/// acknowledged no write early and answered no read from memory; docs/TEST-AUDIT.md). It
+/// stops the next one, though: the gateway that takes the image over when this one dies
+/// refuses it at open. Before, the serving gateway said nothing, and the operator found
+/// out at the failover, with the image unserved. Now it reads the config again after each
+/// update notification and logs, once per change, what a starting gateway would refuse
+/// and the command that removes it, and once nothing is left; the image's overrides and the
+/// pool's alike. It keeps serving meanwhile, with its lock.
+#[test]
+fn an_override_set_on_a_served_image_is_logged_as_what_a_take_over_would_refuse() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let first = pattern(33, 4096);
+    write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
+    let gateway_log = || {
+        r.rig
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let warned = |what: &str| {
+        gateway_log()
+            .lines()
+            .filter(|l| l.contains("a gateway starting on it now") && l.contains(what))
+            .count()
+    };
+    let wait_warned = |what: &str, why: &str| {
+        assert!(
+            wait_until(Duration::from_secs(30), || warned(what) > 0),
+            "gateway A did not log that a starting gateway would refuse {why}:\n{}",
+            gateway_log()
+        );
+    };
+
+    // Set while A serves (A's librbd does it for the CLI and sends the update notification).
+    r.ceph.rbd_config(&[
+        "image",
+        "set",
+        "rbd/img",
+        "rbd_blocklist_expire_seconds",
+        "5",
+    ]);
+    let expiry = "(rbd_blocklist_expire_seconds=5 from the image)";
+    wait_warned(expiry, "the image's rbd_blocklist_expire_seconds");
+    assert!(
+        gateway_log().contains("`rbd config image remove rbd/img rbd_blocklist_expire_seconds`"),
+        "the warning names no way out:\n{}",
+        gateway_log()
+    );
+    // A cache that keeps data in memory, set in two more notifications while the expiry
+    // still stands (the first refusal stays the one logged, once), then the expiry removed.
+    for (option, value) in [("rbd_cache", "true"), ("rbd_cache_policy", "writeback")] {
+        r.ceph
+            .rbd_config(&["image", "set", "rbd/img", option, value]);
+    }
+    r.ceph
+        .rbd_config(&["image", "remove", "rbd/img", "rbd_blocklist_expire_seconds"]);
+    let cache = "(rbd_cache=true from the image, rbd_cache_policy=writeback from the image";
+    wait_warned(cache, "the image's write-back cache");
+    assert_eq!(
+        warned(expiry),
+        1,
+        "the expiry's warning was not logged once per change:\n{}",
+        gateway_log()
+    );
+    assert!(
+        gateway_log().contains("`rbd config image remove rbd/img rbd_cache_policy`"),
+        "{}",
+        gateway_log()
+    );
+    // Nothing left to refuse: said once.
+    for option in ["rbd_cache_policy", "rbd_cache"] {
+        r.ceph.rbd_config(&["image", "remove", "rbd/img", option]);
+    }
+    let cleared = |n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(30), || gateway_log()
+                .matches("no longer has an override that a starting gateway would refuse")
+                .count()
+                >= n),
+            "gateway A did not log that the overrides are gone:\n{}",
+            gateway_log()
+        );
+    };
+    cleared(1);
+    // The pool's overrides likewise: `rbd config pool set|remove` stamps the cluster's
+    // `rbd_config_pool_override_update_timestamp` with the time in whole seconds, and
+    // librbd refreshes its images when that value changes, so a removal in the same second
+    // as the set goes unseen until the image's next refresh: the removal waits for the
+    // next second.
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    r.ceph
+        .rbd_config(&["pool", "set", "rbd", "rbd_blocklist_on_break_lock", "false"]);
+    let set_at = secs();
+    wait_warned(
+        "(rbd_blocklist_on_break_lock=false from the pool)",
+        "the pool's rbd_blocklist_on_break_lock",
+    );
+    assert!(
+        gateway_log().contains("`rbd config pool remove rbd rbd_blocklist_on_break_lock`"),
+        "{}",
+        gateway_log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || secs() > set_at));
+    r.ceph
+        .rbd_config(&["pool", "remove", "rbd", "rbd_blocklist_on_break_lock"]);
+    cleared(2);
+    // A served on all along, with its lock: a write through it is in the image.
+    let second = pattern(34, 4096);
+    write_sync(&r.rig.dev(), 8192, &second).expect("write through gateway A afterwards");
+    let exported = r.ceph.export("rbd/img");
+    assert!(exported[..4096] == first[..] && exported[8192..8192 + 4096] == second[..]);
+    let locks = r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]);
+    assert!(locks.contains("1 exclusive lock"), "{locks}");
+    assert!(
+        !gateway_log().contains("lost the image's exclusive lock"),
+        "{}",
+        gateway_log()
+    );
     r.rig.finish();
 }

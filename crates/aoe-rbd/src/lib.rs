@@ -57,7 +57,12 @@
 //! librbd 16's lock break then fails, and where it works a gateway stalled longer would
 //! come back unfenced). Every other option a pool or image can
 //! override was reviewed for these promises in docs/TEST-AUDIT.md ("Session 32: librbd's
-//! overrides, one by one"). No OSD timeout is set:
+//! overrides, one by one"). These are open-time checks: librbd builds its cache layer,
+//! loads its plugins and fixes its lock's break settings at open, so an override set on a
+//! served image does not reach this gateway (session 33), but it would stop the gateway
+//! that takes the image over; the monitor reads the config again after each update
+//! notification and logs what a starting gateway would refuse (`Shared::recheck_config`).
+//! No OSD timeout is set:
 //! while the cluster is away I/O waits in librbd, and the initiator retransmits, so service
 //! resumes when the cluster comes back.
 #![forbid(unsafe_code)]
@@ -329,6 +334,12 @@ struct Shared {
     name: String,
     image: Image,
     read_only: bool,
+    /// How `rbd config` names the pool and the image, for the overrides' messages.
+    targets: Targets,
+    /// What a gateway starting on the image now would refuse, as the monitor last found
+    /// after an update notification ([`Shared::recheck_config`]); `None` at open (else the
+    /// open was refused).
+    refused: Mutex<Option<String>>,
     /// Size at open, or as last read (by the monitor, or `len` on IDENTIFY): what `len`
     /// answers if the cluster cannot be asked, and what requests are checked against.
     size: AtomicU64,
@@ -576,77 +587,9 @@ impl RbdBackend {
         // Before the lock is taken (or a holder's broken): a refused gateway leaves the one
         // serving alone.
         let config = image.config().map_err(|e| classify(e, "config"))?;
-        let target = |level: &str| match level {
-            "pool" => o.pool.clone(),
-            _ => match &o.namespace {
-                Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
-                None => format!("{}/{}", o.pool, o.image),
-            },
-        };
-        if o.read_only {
-            if let Some(level) = read_cache(&config) {
-                return Err(OpenError::ReadCache {
-                    name,
-                    level,
-                    target: target(level),
-                });
-            }
-        } else {
-            if let Some(Override {
-                settings,
-                level,
-                option,
-            }) = persistent_cache(&config)
-            {
-                return Err(OpenError::PersistentCache {
-                    name,
-                    settings,
-                    level,
-                    option,
-                    target: target(level),
-                });
-            }
-            if let Some((value, level)) = blocklist_expiry(&config) {
-                return Err(OpenError::BlocklistExpiry {
-                    name,
-                    value,
-                    level,
-                    target: target(level),
-                });
-            }
-            if let Some(level) = no_blocklist_on_break(&config) {
-                return Err(OpenError::NoBlocklistOnBreak {
-                    name,
-                    level,
-                    target: target(level),
-                });
-            }
-            match writable_cache(&config) {
-                Some(CacheRefusal::WriteBack(Override {
-                    settings,
-                    level,
-                    option,
-                })) => {
-                    return Err(OpenError::WriteBackCache {
-                        name,
-                        settings,
-                        level,
-                        option,
-                        target: target(level),
-                    })
-                }
-                Some(CacheRefusal::Reads(Override {
-                    settings, level, ..
-                })) => {
-                    return Err(OpenError::WriterCache {
-                        name,
-                        settings,
-                        level,
-                        target: target(level),
-                    })
-                }
-                None => {}
-            }
+        let targets = Targets::new(o);
+        if let Some(e) = refusal(&config, o.read_only, &name, &targets) {
+            return Err(e);
         }
         let size = image.size().map_err(|e| classify(e, "size"))?;
         let locked = !o.read_only
@@ -658,6 +601,8 @@ impl RbdBackend {
             name: name.clone(),
             image,
             read_only: o.read_only,
+            targets,
+            refused: Mutex::new(None),
             size: AtomicU64::new(size),
             fence: Arc::new(Fence {
                 name: name.clone(),
@@ -825,6 +770,103 @@ fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> 
         // gateway's): a no-op while nothing may be in flight.
         (_, Some(m)) if dirty => Some(CacheRefusal::WriteBack(found("rbd_cache_max_dirty", m))),
         _ => None,
+    }
+}
+
+/// How `rbd config` names an export's pool (`pool` level) and image (`image` level).
+#[derive(Debug)]
+struct Targets {
+    pool: String,
+    image: String,
+}
+
+impl Targets {
+    fn new(o: &RbdOptions) -> Targets {
+        Targets {
+            pool: o.pool.clone(),
+            image: match &o.namespace {
+                Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
+                None => format!("{}/{}", o.pool, o.image),
+            },
+        }
+    }
+
+    /// The target of `rbd config LEVEL ...` for `level` (`pool` or `image`).
+    fn at(&self, level: &str) -> String {
+        match level {
+            "pool" => self.pool.clone(),
+            _ => self.image.clone(),
+        }
+    }
+}
+
+/// Why an export of an image with this effective librbd `config` would be refused (read
+/// only or writable as `read_only` says), if it would: the checks of [`RbdBackend::open`],
+/// made before the lock is touched, and again by the monitor after each update
+/// notification ([`Shared::recheck_config`]).
+fn refusal(
+    config: &[aoe_rbd_sys::ConfigOption],
+    read_only: bool,
+    name: &str,
+    targets: &Targets,
+) -> Option<OpenError> {
+    let name = name.to_owned();
+    if read_only {
+        return read_cache(config).map(|level| OpenError::ReadCache {
+            name,
+            level,
+            target: targets.at(level),
+        });
+    }
+    if let Some(Override {
+        settings,
+        level,
+        option,
+    }) = persistent_cache(config)
+    {
+        return Some(OpenError::PersistentCache {
+            name,
+            settings,
+            level,
+            option,
+            target: targets.at(level),
+        });
+    }
+    if let Some((value, level)) = blocklist_expiry(config) {
+        return Some(OpenError::BlocklistExpiry {
+            name,
+            value,
+            level,
+            target: targets.at(level),
+        });
+    }
+    if let Some(level) = no_blocklist_on_break(config) {
+        return Some(OpenError::NoBlocklistOnBreak {
+            name,
+            level,
+            target: targets.at(level),
+        });
+    }
+    match writable_cache(config)? {
+        CacheRefusal::WriteBack(Override {
+            settings,
+            level,
+            option,
+        }) => Some(OpenError::WriteBackCache {
+            name,
+            settings,
+            level,
+            option,
+            target: targets.at(level),
+        }),
+        CacheRefusal::Reads(Override {
+            settings, level, ..
+        }) => Some(OpenError::WriterCache {
+            name,
+            settings,
+            level,
+            target: targets.at(level),
+        }),
     }
 }
 
@@ -1120,12 +1162,57 @@ impl Shared {
                     self.size.store(s, Ordering::Relaxed);
                 }
                 self.read_reservation();
+                self.recheck_config();
             }
             if (woken.updated || recheck) && self.locked && !self.fence.is_fenced() {
                 self.wrote.store(false, Ordering::SeqCst);
                 self.check_lock();
             }
         }
+    }
+
+    /// Reads the image's effective librbd config again after an update notification (an
+    /// `rbd config image set` or `rbd config pool set` on a served image is one: librbd
+    /// applies the overrides again at its next refresh, `ImageCtx::apply_metadata`) and
+    /// logs, once per change, what a gateway starting on the image now would refuse, or
+    /// that nothing is left to refuse. This gateway itself keeps what it opened the image
+    /// with: librbd builds its cache layer (`image::OpenRequest`), loads its plugins and
+    /// fixes the lock-break settings of its exclusive lock at open, and this gateway breaks
+    /// locks only at open (session 33: `rbd_cache`, `rbd_cache_policy`,
+    /// `rbd_cache_max_dirty`, `rbd_persistent_cache_mode` and `rbd_plugins` set on a served
+    /// image changed what librbd lists, not what it does). But the override would stop
+    /// the next gateway, the one taking the image over when this one dies: said now, while
+    /// there is time to remove it, rather than at the take-over.
+    fn recheck_config(&self) {
+        let config = match self.image.config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(image = %self.name, error = %e, "config not read");
+                return;
+            }
+        };
+        let now =
+            refusal(&config, self.read_only, &self.name, &self.targets).map(|e| e.to_string());
+        let Ok(mut last) = self.refused.lock() else {
+            return;
+        };
+        if *last == now {
+            return;
+        }
+        match &now {
+            Some(e) => tracing::warn!(
+                image = %self.name,
+                "the image's librbd config changed while it is served: this gateway keeps \
+                 what it opened the image with, but a gateway starting on it now (taking it \
+                 over, or this one restarted) would refuse it: {e}"
+            ),
+            None => tracing::info!(
+                image = %self.name,
+                "the image's librbd config no longer has an override that a starting gateway \
+                 would refuse"
+            ),
+        }
+        *last = now;
     }
 
     /// Stores the queued reservations, in order, and tells each one's caller.
