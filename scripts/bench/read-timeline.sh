@@ -115,14 +115,18 @@ else
 fi
 [ -n "$KEEP" ] && { mkdir -p "$KEEP"; cp "$WORK/perf.data" "$KEEP/"; }
 # The network thread's counters as it stops (polls, commands, frames; its spins with --spin-us).
+# The initiator's threads (fuser, network, ring side threads), to tell its wake-ups from those
+# of another initiator on the machine with the same thread names.
+ITIDS=$(ls "/proc/$INIT_PID/task" | tr '\n' ' ')
 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
 grep -E 'network thread loop' "$WORK/init.log" | sed 's/^.*network thread loop/initiator:/' >&2 || true
 perf script -i "$WORK/perf.data" -F comm,tid,cpu,time,event,trace 2>/dev/null >"$WORK/trace.txt"
 TTIDS=$(ls "/proc/$TARGET_PID/task" | tr '\n' ' ')
-python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" "$TTIDS" <<'EOF'
+python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" "$TTIDS" "$ITIDS" <<'EOF'
 import bisect, re, sys
 path, dev_t, dev_i, size, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 target_tids = set(sys.argv[6].split())
+init_tids = set(sys.argv[7].split())
 line = re.compile(r'\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)')
 ev = []
 for l in open(path):
@@ -142,9 +146,9 @@ def pct(rows, names, what):
         print('  %-36s %7.0f  (%.0f-%.0f)' % (name, v[n // 2], v[n // 10], v[9 * n // 10]))
 def party(comm, pid):
     """The chain's parties by thread: 'fuser' (a fuser-N thread), 'net' (aoe-net), 'target'."""
-    if comm.startswith('fuser'):
+    if pid in init_tids and comm.startswith('fuser'):
         return 'fuser'
-    if comm == 'aoe-net':
+    if pid in init_tids and comm == 'aoe-net':
         return 'net'
     if pid in target_tids:
         return 'target'
