@@ -27,7 +27,10 @@
 # /dev/fuse (its read() returning BS bytes or more), the target receiving the first and the
 # last write frame, the initiator receiving the first and the last answer, the FUSE reply
 # (the initiator's writev() to /dev/fuse), and write() returning; and dd's own time between
-# two writes (its read of the source). Under --fuse-uring (INIT_ARGS, with ENABLE_URING=Y) the
+# two writes (its read of the source); then when each party of the chain was woken in a write
+# and how long it took to be on its CPU (a fuser thread, the network thread, the target's
+# thread). perf's own events are not recorded (`--exclude-perf`: before session 33 perf traced
+# its own writes of the trace, 40% of both CPUs, and the chain ran on one CPU). Under --fuse-uring (INIT_ARGS, with ENABLE_URING=Y) the
 # ring hands requests over without read() and writev(): those two read 0 and write()'s return.
 #
 # Usage: sudo scripts/bench/read-timeline.sh
@@ -36,6 +39,7 @@
 #   MODE=read (or write)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   ENABLE_URING=Y  set /sys/module/fuse/parameters/enable_uring for the run (restored on exit)
 #   TARGET=aoe (or vblade)   TARGET_ARGS="" (extra `aoe serve` flags, e.g. --spin-us 200)
+#   MORE_EVENTS="" (more tracepoints for the KEEP file, e.g. syscalls:sys_enter_poll,syscalls:sys_exit_poll)
 # Needs root, iproute2, util-linux (nsenter), fuse3, python3, perf (Debian: linux-perf).
 set -euo pipefail
 
@@ -93,8 +97,8 @@ if [ "$MODE" = read ]; then
     dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>/dev/null
     echo "load $(load); $COUNT reads of $BS at MTU $MTU; target $TARGET $TARGET_ARGS ($AOE), initiator $INIT_AOE ${INIT_ARGS:-}" >&2
     perf record -q -a -o "$WORK/perf.data" \
-        -e sched:sched_switch,sched:sched_waking,net:netif_receive_skb \
-        -e syscalls:sys_enter_read,syscalls:sys_exit_read,syscalls:sys_enter_writev \
+        -e sched:sched_switch,sched:sched_waking,net:netif_receive_skb --exclude-perf \
+        -e syscalls:sys_enter_read,syscalls:sys_exit_read,syscalls:sys_enter_writev --exclude-perf \
         -- dd if="$DEV" of=/dev/null bs="$BS" count="$COUNT" iflag=direct 2>&1 | tail -1 >&2
 else
     SRC=$WORK/src
@@ -103,20 +107,26 @@ else
     dd if="$SRC" of="$DEV" bs="$BS" count="$COUNT" oflag=direct conv=notrunc 2>/dev/null
     echo "load $(load); $COUNT writes of $BS at MTU $MTU; target $AOE, initiator $INIT_AOE" >&2
     perf record -q -a -o "$WORK/perf.data" \
-        -e sched:sched_switch,net:netif_receive_skb,syscalls:sys_enter_read,syscalls:sys_exit_read \
-        -e syscalls:sys_enter_write,syscalls:sys_exit_write,syscalls:sys_enter_writev \
+        -e sched:sched_switch,sched:sched_waking,net:netif_receive_skb --exclude-perf \
+        -e syscalls:sys_enter_read,syscalls:sys_exit_read --exclude-perf \
+        -e syscalls:sys_enter_write,syscalls:sys_exit_write,syscalls:sys_enter_writev --exclude-perf \
+        ${MORE_EVENTS:+-e "$MORE_EVENTS" --exclude-perf} \
         -- dd if="$SRC" of="$DEV" bs="$BS" count="$COUNT" oflag=direct conv=notrunc 2>&1 | tail -1 >&2
 fi
 [ -n "$KEEP" ] && { mkdir -p "$KEEP"; cp "$WORK/perf.data" "$KEEP/"; }
 # The network thread's counters as it stops (polls, commands, frames; its spins with --spin-us).
+# The initiator's threads (fuser, network, ring side threads), to tell its wake-ups from those
+# of another initiator on the machine with the same thread names.
+ITIDS=$(ls "/proc/$INIT_PID/task" | tr '\n' ' ')
 stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
 grep -E 'network thread loop' "$WORK/init.log" | sed 's/^.*network thread loop/initiator:/' >&2 || true
 perf script -i "$WORK/perf.data" -F comm,tid,cpu,time,event,trace 2>/dev/null >"$WORK/trace.txt"
 TTIDS=$(ls "/proc/$TARGET_PID/task" | tr '\n' ' ')
-python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" "$TTIDS" <<'EOF'
+python3 - "$WORK/trace.txt" "$IF_T" "$IF_I" "$BYTES" "$MODE" "$TTIDS" "$ITIDS" <<'EOF'
 import bisect, re, sys
 path, dev_t, dev_i, size, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 target_tids = set(sys.argv[6].split())
+init_tids = set(sys.argv[7].split())
 line = re.compile(r'\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)')
 ev = []
 for l in open(path):
@@ -134,6 +144,15 @@ def pct(rows, names, what):
         v = sorted(r[k] for r in rows)
         n = len(v)
         print('  %-36s %7.0f  (%.0f-%.0f)' % (name, v[n // 2], v[n // 10], v[9 * n // 10]))
+def party(comm, pid):
+    """The chain's parties by thread: 'fuser' (a fuser-N thread), 'net' (aoe-net), 'target'."""
+    if pid in init_tids and comm.startswith('fuser'):
+        return 'fuser'
+    if pid in init_tids and comm == 'aoe-net':
+        return 'net'
+    if pid in target_tids:
+        return 'target'
+    return None
 def shares(t0, t1):
     occ, last = {}, {}
     for t, comm, cpu, e, tr in ev:
@@ -190,6 +209,41 @@ if mode == 'write':
                'last answer at the initiator', 'FUSE reply (writev)', 'write() returns',
                'dd between writes (before)', 'write frames per write', 'answers per write'],
         'writes')
+    # The wake-ups in each write's chain: when the party was woken (sched_waking) and when it
+    # was on its CPU (sched_switch to it); a party already on its CPU (busy or spinning) has
+    # no wake-up in that write and is left out of that line's median (the count says how
+    # many writes had one).
+    wakes, ons = {}, {}
+    for t, comm, cpu, e, tr in ev:
+        if e == 'sched:sched_waking':
+            m = re.search(r'comm=(.+?) pid=(\d+)', tr)
+            if m:
+                wakes.setdefault(party(m.group(1), m.group(2)), []).append(t)
+        elif e == 'sched:sched_switch':
+            m = re.search(r'next_comm=(.+?) next_pid=(\d+)', tr)
+            if m:
+                ons.setdefault(party(m.group(1), m.group(2)), []).append(t)
+    steps = [('fuser', 'a fuser thread'), ('net', 'the network thread'), ('target', "the target's thread")]
+    lines = {k: ([], []) for k, _ in steps}
+    for a, b in writes[5:]:
+        for k, _ in steps:
+            w = first(wakes.get(k, []), a, b)
+            if not w:
+                continue
+            o = first(ons.get(k, []), w[0], b)
+            lines[k][0].append((w[0] - a) * 1e6)
+            if o:
+                lines[k][1].append((o[0] - w[0]) * 1e6)
+    n = len(writes) - 5
+    print('wake-ups in a write (the first of each party), microseconds, median (p10-p90):')
+    for k, name in steps:
+        w, o = sorted(lines[k][0]), sorted(lines[k][1])
+        if not w:
+            print('  %-22s not woken in any write' % name)
+            continue
+        q = lambda v, f: v[int(f * len(v))] if v else 0
+        print('  %-22s woken at %5.0f (%.0f-%.0f), on its CPU %4.0f (%.0f-%.0f) later; in %d of %d writes'
+              % (name, q(w, .5), q(w, .1), q(w, .9), q(o, .5), q(o, .1), q(o, .9), len(w), n))
     shares(writes[5][0], writes[-1][1])
     sys.exit(0)
 reads, start = [], None
