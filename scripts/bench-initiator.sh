@@ -56,6 +56,17 @@
 #             scripts/bench/xcopy.c, compiled with gcc): the initiator's copy of ring data the
 #             sender's softirq wrote on its own CPU costs that on top; on this VM it moves 10x
 #             with the host's placement of the vCPUs
+#   WARM_MB=1024  before each dev and nbd transfer (and nbdkit's), touch this many MiB of fresh
+#             memory and free it (scripts/bench/freemem.c), printing what its first touch cost
+#             per MiB: this VM's balloon hands free pages back to the host (free page reporting),
+#             and the first write to such a page costs a host fault charged as the writer's own
+#             CPU; the NBD socket's buffers are fresh pages for every reply, so the first NBD read
+#             of an invocation after a quiet spell paid it (the "NBD read slow mode", 2-3x the
+#             initiator's CPU per MiB). Warming first gives every cell the same backed pages.
+#             0: off (every earlier session's runs).
+#   COLD_MB=0  hold this many MiB of touched memory during each dev and nbd transfer (and
+#             nbdkit's): the kernel then hands out pages from further down its free lists, those
+#             the host took back, so the slow mode comes on purpose (what it costs each path)
 #   RETX=1  also print, per write cell, the ATA frames the initiator sent and retransmitted
 #             (its --metrics counters, scraped over the namespace's loopback): zero loss
 #             means 0 retransmits
@@ -100,6 +111,8 @@ PERFALL=${PERFALL:-}
 WAKES=${WAKES:-}
 FAULTS=${FAULTS:-}
 XCOPY=${XCOPY:-0}
+WARM_MB=${WARM_MB:-1024}
+COLD_MB=${COLD_MB:-0}
 RETX=${RETX:-0}
 INIT_LOG=${INIT_LOG:-0}
 METRICS_ADDR=127.0.0.1:9477
@@ -136,6 +149,13 @@ URING_PARAM=/sys/module/fuse/parameters/enable_uring URING_OLD=
 
 bench_workspace bi bench-initiator
 [ "$XCOPY" = 1 ] && gcc -O2 -Wall -pthread -o "$WORK/xcopy" "$HERE/bench/xcopy.c"
+if [ "$WARM_MB" != 0 ] || [ "$COLD_MB" != 0 ]; then
+    command -v gcc >/dev/null || die "missing gcc for WARM_MB/COLD_MB (Debian: gcc; WARM_MB=0 to go without)"
+    gcc -O2 -Wall -o "$WORK/freemem" "$HERE/bench/freemem.c"
+    avail=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
+    [ $(( WARM_MB + COLD_MB + 2 * SIZE_MB )) -lt "$avail" ] ||
+        die "WARM_MB=$WARM_MB COLD_MB=$COLD_MB and two files of $SIZE_MB MiB do not fit the $avail MiB available"
+fi
 IP_T=10.91.0.1 IP_I=10.91.0.2
 SRC=/dev/shm/aoe-bench-initiator-$TAG.src
 cleanup_more() {
@@ -183,7 +203,32 @@ sys_during() { # name cmd...
         END { printf "proc stat %s: %sbusy %.2f CPU-ms/MiB, of it softirq %.3f, steal %.3f\n",
               n, out, busy / hz * 1000 / mib, si / hz * 1000 / mib, st / hz * 1000 / mib }' >&2
 }
+# Before a transfer (outside what perf_during measures): WARM_MB's touch of fresh memory,
+# and COLD_MB's hold of memory, released by mem_after once the transfer is done.
+HOLD_PID=""
+mem_before() { # name
+    [ "$WARM_MB" = 0 ] || echo "freemem $1: $("$WORK/freemem" warm "$WARM_MB")" >&2
+    [ "$COLD_MB" = 0 ] && return 0
+    local line
+    coproc HOLD { exec "$WORK/freemem" hold "$COLD_MB"; }
+    HOLD_PID=$HOLD_PID
+    # Its one line once every page is touched (or nothing, if it failed).
+    read -r -t 120 -u "${HOLD[0]}" line || die "freemem hold $COLD_MB did not report"
+    echo "freemem $1: $line" >&2
+}
+mem_after() {
+    [ -n "$HOLD_PID" ] || return 0
+    exec {HOLD[1]}>&-
+    wait "$HOLD_PID" 2>/dev/null || true
+    HOLD_PID=""
+}
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
+    local name=$1; shift
+    mem_before "$name"
+    perf_during_xcopy "$name" "$@"
+    mem_after
+}
+perf_during_xcopy() { # name cmd...
     local name=$1; shift
     [ "$XCOPY" = 1 ] || { perf_during_inner "$name" "$@"; return; }
     xcopy_line "$name before"
@@ -274,18 +319,16 @@ retx_report() { # cell counts-before
 
 ROWS=()
 row() { ROWS+=("$1"); echo "$1" >&2; }
-cell() { # label cmd... : median MB/s of RUNS runs
-    local label=$1; shift
-    local v
-    v=$(for _ in $(seq 1 "$RUNS"); do timed "$@"; done | median)
-    echo "$v"
-}
-# nbdkit's cell: as `cell`, each run under `perf_during` with PERFSTATALL, PERFALL or WAKES (the
-# whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our cells.
+# nbdkit's cell: median MB/s of RUNS runs, each under `perf_during` with PERFSTATALL, PERFALL or
+# WAKES (the whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our
+# cells; with WARM_MB or COLD_MB as our cells have them whatever is recorded.
 kit_cell() { # label cmd...
     local label=$1; shift
-    [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || [ -n "$WAKES" ] || { cell "$label" "$@"; return; }
-    for r in $(seq 1 "$RUNS"); do perf_during "$label-$mtu-$r" timed "$@"; done | median
+    if [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || [ -n "$WAKES" ]; then
+        for r in $(seq 1 "$RUNS"); do perf_during "$label-$mtu-$r" timed "$@"; done | median
+    else
+        for r in $(seq 1 "$RUNS"); do mem_before "$label-$mtu-$r"; timed "$@"; mem_after; done | median
+    fi
 }
 # One raw generator run: its MB/s on stdout; the bytes it moved, its own CPU ticks and the
 # target's appended to $WORK/raw (what the path's floor costs per GB: `raw_cpu`).
