@@ -2163,3 +2163,111 @@ fn readers_killed_mid_read_leave_nothing_held() {
         "held reads left waiting: {line}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// The link under the traffic (sixteenth audit)
+
+/// Pieces of 64 KiB the re-creation test writes, piece `i` at `i * 65536`.
+const RECREATE_PIECES: u64 = 32;
+const RECREATE_PIECE: usize = 64 << 10;
+
+/// Sixteenth audit (session 33): the veth pair deleted and created again under the same
+/// names (new indices, new MACs: a container runtime re-making its link, a USB NIC plugged
+/// back) while an `O_DIRECT` writer writes through the device file. Before, the initiator
+/// dropped the interface at its next rescan and opened the new one as another: the device,
+/// reached through the old one alone, went down at once ("no path left") and every write
+/// failed with EIO (base: thousands of EIO within 5 s of the re-creation, `deadsecs` 60
+/// notwithstanding), and `aoe serve`, its socket unbound for good, answered nothing on the
+/// new link anyway. Now the initiator takes the new interface in the old one's place and
+/// asks it for its targets, the target opens a socket on its new interface and announces
+/// itself from the new MAC: the writes wait, then go on; none fails, and every one
+/// acknowledged is in the backing file.
+#[test]
+fn writes_go_on_across_the_veth_pair_deleted_and_created_again() {
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            deadsecs: Some(60),
+            ..InitOpts::default()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let f = open_direct(&rig.dev());
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut acked = std::collections::BTreeMap::new();
+            let mut failures = Vec::new();
+            let mut g = 1000u64;
+            while !stop.load(Ordering::Relaxed) {
+                g += 1;
+                let i = g % RECREATE_PIECES;
+                let off = i * RECREATE_PIECE as u64;
+                match f.write_all_at(&pattern(g, RECREATE_PIECE), off) {
+                    Ok(()) => {
+                        acked.insert(i, g);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // A failed write's bytes are undefined: the piece is not checked.
+                        acked.remove(&i);
+                        failures.push(format!("piece {i} generation {g}: {e}"));
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (acked, failures)
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || done.load(Ordering::Relaxed)
+            >= 50),
+        "the writer did not get going: {}",
+        rig.logs()
+    );
+    let before = done.load(Ordering::Relaxed);
+    rig.veth
+        .recreate()
+        .expect("delete and create the veth pair again");
+    // The exact condition asserted: 100 writes answered after the re-creation, or a failure.
+    let went_on = wait_until(Duration::from_secs(45), || {
+        done.load(Ordering::Relaxed) >= before + 100 || failed.load(Ordering::Relaxed) > 0
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failures) = writer.join().expect("writer thread");
+    assert!(
+        failures.is_empty(),
+        "{} writes failed after the veth pair was deleted and created again (deadsecs 60), \
+         first {:?}:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(3)],
+        rig.logs()
+    );
+    assert!(
+        went_on && done.load(Ordering::Relaxed) >= before + 100,
+        "writes did not go on within 45 s of the re-creation ({} answered before it, {} in \
+         all):\n{}",
+        before,
+        done.load(Ordering::Relaxed),
+        rig.logs()
+    );
+    let file = fs::read(&rig.file).expect("read the backing file");
+    for (&i, &g) in &acked {
+        let at = i as usize * RECREATE_PIECE;
+        assert!(
+            file[at..at + RECREATE_PIECE] == pattern(g, RECREATE_PIECE)[..],
+            "piece {i}: the acknowledged write of generation {g} is not in the backing file"
+        );
+    }
+    let log = rig.logs();
+    for said in [
+        "interface deleted and created again: using the new one",
+        "interface deleted and created again: serving the new one",
+    ] {
+        assert!(log.contains(said), "no {said:?} in the logs:\n{log}");
+    }
+    rig.finish();
+}
