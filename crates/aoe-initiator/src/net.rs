@@ -635,6 +635,9 @@ struct Iface {
     /// Batches the linear sender refused for a full send buffer (the rest then waits in
     /// `backlog` for `POLLOUT`).
     linear_full: u64,
+    /// The interface vanished and is kept for the devices that rely on it alone (said
+    /// once, [`Net::sync_interfaces`]).
+    gone: bool,
 }
 
 /// Write data from which a frame goes out with `sendmmsg(2)` from the write's own buffer
@@ -1398,6 +1401,7 @@ impl Net {
                             }
                             i.linear = linear_sender(&w.name);
                             i.index = w.index;
+                            i.gone = false;
                             self.retiring.remove(&idx);
                             // Counted as opened: the caller sends a Query Config, which
                             // finds the targets on the new link (a re-made veth pair gives
@@ -1440,6 +1444,25 @@ impl Net {
                     if now.saturating_duration_since(since) < RETIRE_GRACE {
                         continue;
                     }
+                }
+                // Vanished (deleted; a USB NIC unplugged; moved to another namespace) while
+                // its name is still allowed and a device that is up reaches its targets
+                // through it alone: kept, as a link that is down is, so that the device's
+                // I/O waits for an interface of that name (taken in its place above) and
+                // fails only after `deadsecs`, when the device goes down and nothing
+                // relies on it any more. Before session 33 the device went down at the
+                // rescan that missed it ("no path left"), failing its I/O at once.
+                let allowed = iflist.is_empty() || iflist.contains(&i.name);
+                if !exists && allowed && relied_on {
+                    if !i.gone {
+                        i.gone = true;
+                        tracing::warn!(
+                            interface = %i.name,
+                            "interface is gone: the devices reached through it alone wait \
+                             for an interface of that name, and fail after deadsecs"
+                        );
+                    }
+                    continue;
                 }
                 // Listed again, or going now: no longer retiring.
                 self.retiring.remove(&idx);
@@ -1535,6 +1558,7 @@ impl Net {
                             linear: linear_sender(&w.name),
                             linear_sent: 0,
                             linear_full: 0,
+                            gone: false,
                         });
                         opened += 1;
                     }

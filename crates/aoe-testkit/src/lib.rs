@@ -602,8 +602,15 @@ impl VethPair {
     /// container runtime re-makes its veth pair or a USB NIC is plugged back. The ends'
     /// MACs ([`a_mac`](Self::a_mac), [`b_mac`](Self::b_mac)) are read again.
     pub fn recreate(&mut self) -> io::Result<()> {
+        self.recreate_after(std::time::Duration::ZERO)
+    }
+
+    /// Like [`recreate`](Self::recreate), with `gap` between the deletion and the new pair
+    /// (an unplugged NIC plugged back later).
+    pub fn recreate_after(&mut self, gap: std::time::Duration) -> io::Result<()> {
         let mtu = self.mtu(End::A)?;
         self.ip(End::A, &["link", "del", "dev", &self.a_name])?;
+        std::thread::sleep(gap);
         run(Command::new("ip").args([
             "-n",
             &self.a_ns,
