@@ -1160,7 +1160,7 @@ impl Daemon {
     }
 
     /// The refresh tick's look at every interface (once a second): an MTU change rebuilds
-    /// the socket's buffers; a changed MAC address (`ip link set DEV address`) becomes the
+    /// the socket's buffers and is announced (below); a changed MAC address (`ip link set DEV address`) becomes the
     /// source of the replies, and the frames sent to it are taken, at once; an interface
     /// deleted and created again under its name (a veth pair re-made, a USB NIC plugged
     /// back, a bond re-created: a new index) gets a new socket. A packet socket is bound
@@ -1169,9 +1169,13 @@ impl Daemon {
     /// the export answered nothing there, for ever, while its log said only "Network is
     /// down" once; and after a MAC change it kept answering from the old address and
     /// dropped every request sent to the new one (`Engine::handle_frame` takes frames to
-    /// its interface's MAC or to the broadcast address). Either way its exports announce
+    /// its interface's MAC or to the broadcast address). In each case the exports announce
     /// themselves again, as at start, so initiators find the new address without waiting
-    /// for their next discovery.
+    /// for their next discovery, and learn the new sector count of a lowered MTU (AoEr11
+    /// 3.2, the Query Config answer's Sector Count; the driver's `aoecmd_cfg_rsp` takes the
+    /// smaller of it and its own MTU's): before session 33 an MTU lowered on the target's
+    /// side alone (9000 to 1500 under writes) left the initiator sending 8 KiB frames the
+    /// link dropped until `deadsecs` put the device down.
     fn refresh_interfaces(&mut self) {
         let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
@@ -1220,6 +1224,7 @@ impl Daemon {
                     }
                 },
             };
+            let changed = info.mac != i.iface.mac.0 || info.mtu != i.iface.mtu;
             if info.mac != i.iface.mac.0 {
                 tracing::warn!(
                     interface = %i.name,
@@ -1228,7 +1233,6 @@ impl Daemon {
                     "MAC address changed: replies come from the new one"
                 );
                 i.iface.mac = MacAddr(info.mac);
-                Self::interface_changed(&mut self.exports, &mut self.spare, idx, i);
             }
             if info.mtu != i.iface.mtu {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
@@ -1242,10 +1246,12 @@ impl Daemon {
                 rebuilt = true;
                 for r in &i.exports {
                     if let Some(rt) = self.exports.get_mut(&r.id) {
-                        rt.engine.set_interface(idx, i.iface);
                         warn_if_state_too_long(rt, &i.name, i.iface.mtu);
                     }
                 }
+            }
+            if changed {
+                Self::interface_changed(&mut self.exports, &mut self.spare, idx, i);
             }
         }
         if rebuilt {
