@@ -14,6 +14,7 @@
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
 #                            [-O] [-H replace|move|idle|alone] [-X] [-I AOE]
+#                            [-N mtu|mac|recreate]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -132,6 +133,12 @@
 #                bad sectors (a buffered read fails whole pages). Needs nbdkit, nbdfuse, gcc;
 #                the template should open {FILE} with O_DIRECT (aoe serve -d): a buffered
 #                target reads the host's pages whole too.
+#   -N EVENT     a link event mid-stream (session 33): like -W, but at KILL_ME the host
+#                changes the target's link instead of killing the target: "mtu" lowers
+#                kitgt's MTU alone to 1500 (with -m 9000: the driver's frames no longer fit),
+#                "mac" gives kitgt a new MAC address, "recreate" deletes the kitgt/kiport veth
+#                pair and makes it again (a new index and MAC; kiport back on the bridge).
+#                The writes must complete and every check below hold
 #   -I AOE       ours beside the driver (file mode; twelfth audit): `AOE initiator` (the aoe
 #                binary given) on a fourth port of the bridge ("kiini"), its FUSE ROOT in the
 #                run directory, serves the same export to the host. When the guest starts its
@@ -209,13 +216,15 @@ X4K=0
 X4K_LOOP=""
 OURS=""
 OURS_PID=""
+LINKEV=""
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:H:I:kgKWFSPOXh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:H:I:N:kgKWFSPOXh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;; X) X4K=1 ;; I) OURS=$OPTARG ;;
+        N) LINKEV=$OPTARG KILL=2 ;;
         *) usage ;;
     esac
 done
@@ -231,6 +240,12 @@ done
     { echo "kernel-initiator.sh: -F goes with none of -r, -R, -g" >&2; exit 2; }
 [ "$SHRINK" = 0 ] || { [ -z "$RBD" ] && [ "$GROW" = 0 ] && [ "$SIZE_MB" -ge 24 ]; } ||
     { echo "kernel-initiator.sh: -S goes with neither -r nor -g, and wants -z 24 or more" >&2; exit 2; }
+case $LINKEV in
+    ""|mtu|mac|recreate) ;;
+    *) echo "kernel-initiator.sh: -N wants mtu, mac or recreate, not $LINKEV" >&2; exit 2 ;;
+esac
+[ -z "$LINKEV" ] || { [ -z "$RBD" ] && [ -z "$HANDOVER" ] && [ -z "$OURS" ]; } ||
+    { echo "kernel-initiator.sh: -N goes with none of -r, -H, -I" >&2; exit 2; }
 BAD_LBA=0 BAD_COUNT=0
 if [ -n "$BAD" ]; then
     [[ $BAD =~ ^([0-9]+):([1-9][0-9]*)$ ]] ||
@@ -1160,7 +1175,21 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         fi
         killed=1
     fi
-    if [ -z "$HANDOVER" ] && [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ -n "$LINKEV" ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        case $LINKEV in
+            mtu) ip -n "$NS" link set kitgt mtu 1500 ;;
+            mac) ip -n "$NS" link set kitgt address 02:00:00:00:33:16 ;;
+            recreate)
+                ip -n "$NS" link del kitgt
+                ip -n "$NS" link add kiport type veth peer name kitgt &&
+                    ip -n "$NS" link set kiport mtu "$MTU" && ip -n "$NS" link set kitgt mtu "$MTU" &&
+                    ip -n "$NS" link set kiport master kibr && ip -n "$NS" link set kiport up &&
+                    ip -n "$NS" link set kitgt up ;;
+        esac || fail "-N $LINKEV: the link event failed"
+        say "-N $LINKEV: done on kitgt mid-stream"
+        killed=1
+    fi
+    if [ -z "$LINKEV" ] && [ -z "$HANDOVER" ] && [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -1395,6 +1424,9 @@ if [ -n "$HANDOVER" ]; then
 elif [ "$OSDKILL" = 1 ]; then
     [ $killed = 1 ] || fail "-O: the guest never asked for the kill"
     say "OSD killed and restarted during the pattern write; $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting on the backend' "$RUN/target.log") backend-wait lines in the target's log"
+elif [ -n "$LINKEV" ]; then
+    [ $killed = 1 ] || fail "-N $LINKEV: the guest never asked for the link event"
+    say "-N $LINKEV: the target's link changed during the pattern write, $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits"
 elif [ "$KILL" != 0 ]; then
     [ $killed = 1 ] || fail "-K/-W: the guest never asked for the kill"
     say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"

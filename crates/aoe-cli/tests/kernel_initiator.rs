@@ -131,6 +131,28 @@ fn kernel_initiator_target_stopped_past_deadsecs_mtu_1500() {
     run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-P"]);
 }
 
+/// Sixteenth audit (s33): the target's veth pair deleted and made again (a new index and a
+/// new MAC) while the guest streams its pattern writes. The script's `-N recreate` mode:
+/// `aoe serve` must take the new interface (its old socket is unbound for good) and
+/// announce itself from the new MAC, and the driver moves its frames to the new target MAC;
+/// no write may fail and every check holds. Base (503bd55): the target never answered on
+/// the new link and the guest's write stalled past its step's 60 s budget.
+#[test]
+fn kernel_initiator_target_veth_made_again_mid_stream_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-N", "recreate"]);
+}
+
+/// Sixteenth audit (s33): the target's interface given a new MAC address while the guest
+/// streams its pattern writes (`-N mac`): `aoe serve` answers from the new address and
+/// announces it, and the driver moves its frames to the new target MAC (168 retransmits
+/// in the first run). A pin, not a regression test: base passes too (0 retransmits), since
+/// a veth hands frames for its old address to packet sockets and base answered from that
+/// address; on a NIC that filters by address base would answer nothing.
+#[test]
+fn kernel_initiator_target_mac_changed_mid_stream_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-N", "mac"]);
+}
+
 /// Ninth audit (s26): the Linux driver at the ends of LBA28 and 32-bit sector numbers on a
 /// disk past 2 TiB. The script's `-L` mode: a sparse backing file of 2^32 + 16387 sectors
 /// (8 MiB of random data, then a hole); the guest sees its size, writes 16 sectors of the

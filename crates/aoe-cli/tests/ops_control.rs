@@ -687,6 +687,92 @@ fn an_interface_down_at_start_or_flapped_costs_no_cpu() {
     );
 }
 
+/// Sixteenth audit (session 33): the target's interface changed under it. A packet socket
+/// is bound to an interface index, and the kernel unbinds it for good when that index goes;
+/// before, `aoe serve` kept the dead socket: after `ip link del` and a veth of the same name
+/// made again (a new index) it answered nothing there, for ever, while its log said only
+/// "Network is down" once (base: no answer in 20 s). And after `ip link set DEV address`
+/// it went on answering from the old address (base: the Query Config answer came from the
+/// old MAC), dropping every request sent to the new one. Now the refresh tick takes both:
+/// the new MAC within a second, the new interface with a new socket, each said in the log.
+#[test]
+fn a_target_serves_its_interface_created_again_and_its_new_mac_address() {
+    use aoe_testkit::{End, Netns, VethPair};
+    require_tools();
+    let t_ns = Netns::new("a16t").expect("target namespace");
+    let c_ns = Netns::new("a16c").expect("client namespace");
+    let mut veth = VethPair::new(&t_ns, &c_ns, 1500).expect("veth");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let mut target = t_ns
+        .spawn(Target::AoeServe.command(veth.a_name(), &file, &["--probe-ms".into(), "0".into()]))
+        .expect("start target");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            target.output_so_far().contains("exporting") || !target.is_running()
+        }) && target.is_running(),
+        "target did not start:\n{}",
+        target.output_so_far()
+    );
+    // The MAC the target answers a Query Config from, asked every 2 s for up to 20 s until
+    // `done` holds for it; None if nothing answered.
+    let answers_from = |veth: &VethPair, done: &dyn Fn(&str) -> bool| -> Option<String> {
+        let mut last = None;
+        wait_until(Duration::from_secs(20), || {
+            let o = run(c_ns.command(AOE).args([
+                "ping",
+                "--json",
+                "-s",
+                "2",
+                &SHELF.to_string(),
+                &SLOT.to_string(),
+                veth.b_name(),
+            ]));
+            let v: Option<serde_json::Value> = serde_json::from_slice(&o.stdout).ok();
+            last = v.and_then(|v| v["mac"].as_str().map(str::to_owned));
+            last.as_deref().is_some_and(done)
+        });
+        last
+    };
+    let mac = |m: [u8; 6]| MacAddr(m).to_string();
+    let first = mac(veth.a_mac());
+    assert_eq!(
+        answers_from(&veth, &|m| m == first).as_deref(),
+        Some(first.as_str()),
+        "no answer at start:\n{}",
+        target.output_so_far()
+    );
+    let new = "02:00:00:33:16:01";
+    veth.set_mac(End::A, new).expect("set the MAC");
+    let got = answers_from(&veth, &|m| m == new);
+    assert_eq!(
+        got.as_deref(),
+        Some(new),
+        "after `ip link set {} address {new}` the target answered from {got:?} for 20 s:\n{}",
+        veth.a_name(),
+        target.output_so_far()
+    );
+    veth.recreate()
+        .expect("delete and create the veth pair again");
+    let again = mac(veth.a_mac());
+    let got = answers_from(&veth, &|m| m == again);
+    let log = target.output_so_far();
+    target.stop().expect("stop target");
+    assert_eq!(
+        got.as_deref(),
+        Some(again.as_str()),
+        "the veth pair deleted and created again (new index, MAC {again}): answers {got:?} \
+         for 20 s:\n{log}"
+    );
+    for said in [
+        "MAC address changed",
+        "interface deleted and created again: serving the new one",
+    ] {
+        assert!(log.contains(said), "no {said:?} in the log:\n{log}");
+    }
+}
+
 /// Operator's audit (session 27): an interface without an Ethernet address (a tun device:
 /// AF_PACKET sees IP packets there, no Ethernet frames) is refused by `aoe serve --check`
 /// and at start, naming it; a loopback interface is served with a warning that only this

@@ -635,6 +635,9 @@ struct Iface {
     /// Batches the linear sender refused for a full send buffer (the rest then waits in
     /// `backlog` for `POLLOUT`).
     linear_full: u64,
+    /// The interface vanished and is kept for the devices that rely on it alone (said
+    /// once, [`Net::sync_interfaces`]).
+    gone: bool,
 }
 
 /// Write data from which a frame goes out with `sendmmsg(2)` from the write's own buffer
@@ -1308,7 +1311,8 @@ impl Net {
     /// used once an interface of that name appears, found by the periodic rescan in
     /// [`Net::run`] ([`RESCAN`]); one listed name that is missing or vanishes never stops
     /// the others from being synced. A missing name is said once on `err` (again if it
-    /// comes back and goes away again). Returns the number of interfaces newly opened.
+    /// comes back and goes away again). Returns the number of interfaces newly opened, or
+    /// opened again after they were deleted and created again under their names.
     pub fn sync_interfaces(&mut self) -> Result<usize, String> {
         let iflist = lock(&self.shared).iflist.clone();
         let all = aoe_sys::list_interfaces().map_err(|e| format!("cannot list interfaces: {e}"))?;
@@ -1352,8 +1356,68 @@ impl Net {
                 .any(|i| i.name == w.name && i.index == w.index)
         });
         let now = Instant::now();
+        let mut opened = 0;
         for (idx, slot) in self.ifaces.iter_mut().enumerate() {
             if let Some(i) = slot {
+                // Deleted and created again under its name (a new index: a veth pair
+                // re-made, a USB NIC plugged back) since the last look: the old sockets
+                // are unbound for good (the kernel's `packet_notifier`), so new ones take
+                // their place in the same slot, and the engine keeps the interface and the
+                // paths through it: the I/O in flight is retransmitted on the new sockets
+                // and fails only after `deadsecs`, as across a link that went down and up.
+                // Before session 33 the interface was dropped and opened anew, and every
+                // device reached through it alone went down at once ("no path left"),
+                // failing its I/O with EIO though the new interface was there.
+                let recreated = !all.iter().any(|w| w.name == i.name && w.index == i.index);
+                if let Some(w) = wanted
+                    .iter()
+                    .find(|w| recreated && w.name == i.name && w.index != i.index)
+                {
+                    match PacketSocket::open_responses(&w.name) {
+                        Ok(sock) => {
+                            let _ = sock.set_recv_buffer(8 << 20);
+                            tracing::warn!(
+                                interface = %i.name,
+                                old_index = i.index,
+                                new_index = w.index,
+                                "interface deleted and created again: using the new one"
+                            );
+                            if let Some(r) = i.ring.as_mut() {
+                                r.copy_out_all(&mut self.engine, &mut self.holds);
+                            }
+                            // The old ring goes first: the kernel takes one ring per socket.
+                            i.ring = None;
+                            i.ring = rx_ring(&sock, &w.name, w.mtu);
+                            i.sock = sock;
+                            // Frames still marked in the old transmit ring are lost with
+                            // it, and retransmitted.
+                            let old = i.txr.take();
+                            let before = old.as_ref().map_or(0, TxRing::sent);
+                            self.tx_rejected_closed +=
+                                old.map_or(0, |t| t.ring.stats().tx_rejected);
+                            i.txr = tx_ring(&w.name, w.mtu);
+                            if let Some(t) = i.txr.as_mut() {
+                                t.marked_before = before;
+                            }
+                            i.linear = linear_sender(&w.name);
+                            i.index = w.index;
+                            i.gone = false;
+                            self.retiring.remove(&idx);
+                            // Counted as opened: the caller sends a Query Config, which
+                            // finds the targets on the new link (a re-made veth pair gives
+                            // the target's end a new MAC address too). The engine learns
+                            // the interface's new address and MTU below, as for any known
+                            // interface.
+                            opened += 1;
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(
+                            interface = %w.name,
+                            error = %e,
+                            "interface created again, but no AoE socket could be opened on it"
+                        ),
+                    }
+                }
                 let same = wanted
                     .iter()
                     .any(|w| w.name == i.name && w.index == i.index);
@@ -1381,6 +1445,25 @@ impl Net {
                         continue;
                     }
                 }
+                // Vanished (deleted; a USB NIC unplugged; moved to another namespace) while
+                // its name is still allowed and a device that is up reaches its targets
+                // through it alone: kept, as a link that is down is, so that the device's
+                // I/O waits for an interface of that name (taken in its place above) and
+                // fails only after `deadsecs`, when the device goes down and nothing
+                // relies on it any more. Before session 33 the device went down at the
+                // rescan that missed it ("no path left"), failing its I/O at once.
+                let allowed = iflist.is_empty() || iflist.contains(&i.name);
+                if !exists && allowed && relied_on {
+                    if !i.gone {
+                        i.gone = true;
+                        tracing::warn!(
+                            interface = %i.name,
+                            "interface is gone: the devices reached through it alone wait \
+                             for an interface of that name, and fail after deadsecs"
+                        );
+                    }
+                    continue;
+                }
                 // Listed again, or going now: no longer retiring.
                 self.retiring.remove(&idx);
                 if !same {
@@ -1395,7 +1478,6 @@ impl Net {
                 }
             }
         }
-        let mut opened = 0;
         for w in wanted {
             let known = self
                 .ifaces
@@ -1476,6 +1558,7 @@ impl Net {
                             linear: linear_sender(&w.name),
                             linear_sent: 0,
                             linear_full: 0,
+                            gone: false,
                         });
                         opened += 1;
                     }

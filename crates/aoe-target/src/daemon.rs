@@ -1159,12 +1159,81 @@ impl Daemon {
         }
     }
 
+    /// The refresh tick's look at every interface (once a second): an MTU change rebuilds
+    /// the socket's buffers and is announced (below); a changed MAC address (`ip link set DEV address`) becomes the
+    /// source of the replies, and the frames sent to it are taken, at once; an interface
+    /// deleted and created again under its name (a veth pair re-made, a USB NIC plugged
+    /// back, a bond re-created: a new index) gets a new socket. A packet socket is bound
+    /// to an index, and the kernel unbinds it for good when that index goes
+    /// (`packet_notifier`, `NETDEV_UNREGISTER`: `po->ifindex = -1`), so before session 33
+    /// the export answered nothing there, for ever, while its log said only "Network is
+    /// down" once; and after a MAC change it kept answering from the old address and
+    /// dropped every request sent to the new one (`Engine::handle_frame` takes frames to
+    /// its interface's MAC or to the broadcast address). In each case the exports announce
+    /// themselves again, as at start, so initiators find the new address without waiting
+    /// for their next discovery, and learn the new sector count of a lowered MTU (AoEr11
+    /// 3.2, the Query Config answer's Sector Count; the driver's `aoecmd_cfg_rsp` takes the
+    /// smaller of it and its own MTU's): before session 33 an MTU lowered on the target's
+    /// side alone (9000 to 1500 under writes) left the initiator sending 8 KiB frames the
+    /// link dropped until `deadsecs` put the device down.
     fn refresh_interfaces(&mut self) {
         let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
-            let Ok(info) = i.sock.refresh_info() else {
-                continue;
+            let info = match i.sock.refresh_info() {
+                Ok(info) => info.clone(),
+                Err(_) => match aoe_sys::interface_info(&i.name) {
+                    // The bound index is gone; an interface of the name is there again.
+                    Ok(new) => {
+                        let frames = match &i.batch {
+                            Batch::Ring(r) => r.rx_frames(),
+                            Batch::Mmsg(_) => send::RING_FRAMES,
+                        };
+                        let old_index = i.sock.info().index;
+                        match i.reopen(self.io, frames) {
+                            Ok(()) => {
+                                tracing::warn!(
+                                    interface = %i.name,
+                                    old_index,
+                                    new_index = new.index,
+                                    mac = %MacAddr(i.sock.info().mac),
+                                    "interface deleted and created again: serving the new one"
+                                );
+                                rebuilt = true;
+                                i.gone = false;
+                                Self::interface_changed(&mut self.exports, &mut self.spare, idx, i);
+                            }
+                            Err(e) => tracing::error!(
+                                interface = %i.name,
+                                error = %e,
+                                "interface created again, but no socket could be opened on \
+                                 it: nothing is answered there; retried every second"
+                            ),
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        if !i.gone {
+                            i.gone = true;
+                            tracing::warn!(
+                                interface = %i.name,
+                                "interface is gone: nothing is answered there until an \
+                                 interface of that name exists again"
+                            );
+                        }
+                        continue;
+                    }
+                },
             };
+            let changed = info.mac != i.iface.mac.0 || info.mtu != i.iface.mtu;
+            if info.mac != i.iface.mac.0 {
+                tracing::warn!(
+                    interface = %i.name,
+                    old = %i.iface.mac,
+                    new = %MacAddr(info.mac),
+                    "MAC address changed: replies come from the new one"
+                );
+                i.iface.mac = MacAddr(info.mac);
+            }
             if info.mtu != i.iface.mtu {
                 tracing::info!(interface = %i.name, old = i.iface.mtu, new = info.mtu, "MTU changed");
                 i.iface.mtu = info.mtu;
@@ -1177,15 +1246,38 @@ impl Daemon {
                 rebuilt = true;
                 for r in &i.exports {
                     if let Some(rt) = self.exports.get_mut(&r.id) {
-                        rt.engine.set_interface(idx, i.iface);
                         warn_if_state_too_long(rt, &i.name, i.iface.mtu);
                     }
                 }
+            }
+            if changed {
+                Self::interface_changed(&mut self.exports, &mut self.spare, idx, i);
             }
         }
         if rebuilt {
             // A new socket starts with the kernel's default buffer sizes.
             self.size_socket_buffers();
+        }
+    }
+
+    /// Tells the exports on interface `idx` its new address and MTU, and queues their
+    /// announcements there (those with `announce`), as the start does.
+    fn interface_changed(
+        exports: &mut HashMap<u32, ExportRt, BuildHasherDefault<IdHasher>>,
+        spare: &mut Vec<Vec<u8>>,
+        idx: usize,
+        i: &mut IfaceRt,
+    ) {
+        for r in i.exports.clone() {
+            if let Some(rt) = exports.get_mut(&r.id) {
+                rt.engine.set_interface(idx, i.iface);
+                if rt.spec.announce && !rt.retiring {
+                    for frame in rt.engine.announcements(idx) {
+                        let n = frame.len();
+                        i.queue(frame, n, spare);
+                    }
+                }
+            }
         }
     }
 }

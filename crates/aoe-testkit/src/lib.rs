@@ -597,6 +597,56 @@ impl VethPair {
             .map(drop)
     }
 
+    /// Deletes the pair and creates it again with the same names, namespaces and MTU, both
+    /// ends up: new interfaces with new indices and new (random) MAC addresses, as when a
+    /// container runtime re-makes its veth pair or a USB NIC is plugged back. The ends'
+    /// MACs ([`a_mac`](Self::a_mac), [`b_mac`](Self::b_mac)) are read again.
+    pub fn recreate(&mut self) -> io::Result<()> {
+        self.recreate_after(std::time::Duration::ZERO)
+    }
+
+    /// Like [`recreate`](Self::recreate), with `gap` between the deletion and the new pair
+    /// (an unplugged NIC plugged back later).
+    pub fn recreate_after(&mut self, gap: std::time::Duration) -> io::Result<()> {
+        let mtu = self.mtu(End::A)?;
+        self.ip(End::A, &["link", "del", "dev", &self.a_name])?;
+        std::thread::sleep(gap);
+        run(Command::new("ip").args([
+            "-n",
+            &self.a_ns,
+            "link",
+            "add",
+            "name",
+            &self.a_name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.b_name,
+            "netns",
+            &self.b_ns,
+        ]))?;
+        self.set_mtu(mtu)?;
+        self.set_link(End::A, true)?;
+        self.set_link(End::B, true)?;
+        self.a_mac = self.mac(End::A)?;
+        self.b_mac = self.mac(End::B)?;
+        Ok(())
+    }
+
+    /// Sets `end`'s MAC address (`ip link set DEV address MAC`, the link staying up) and
+    /// reads it back into [`a_mac`](Self::a_mac) / [`b_mac`](Self::b_mac).
+    pub fn set_mac(&mut self, end: End, mac: &str) -> io::Result<()> {
+        let name = self.name(end).to_owned();
+        self.ip(end, &["link", "set", "dev", &name, "address", mac])?;
+        let got = self.mac(end)?;
+        match end {
+            End::A => self.a_mac = got,
+            End::B => self.b_mac = got,
+        }
+        Ok(())
+    }
+
     /// The current MTU of `end`, read with `ip -o link show`.
     pub fn mtu(&self, end: End) -> io::Result<u32> {
         let line = self.ip(end, &["-o", "link", "show", "dev", self.name(end)])?;

@@ -174,6 +174,9 @@ pub(super) struct IfaceRt {
     /// a read load no writes).
     staged_reads: usize,
     staged_writes: usize,
+    /// The interface's index is gone and no interface of its name exists (said once, by
+    /// [`Daemon::refresh_interfaces`](super::Daemon), until it is back).
+    pub(super) gone: bool,
 }
 
 impl IfaceRt {
@@ -200,6 +203,7 @@ impl IfaceRt {
             staged: Vec::with_capacity(BATCH),
             staged_reads: 0,
             staged_writes: 0,
+            gone: false,
         }
     }
 
@@ -387,6 +391,34 @@ impl IfaceRt {
                 "cannot open a new socket for the new MTU or buffer count; keeping the old one"
             ),
         }
+    }
+}
+
+impl IfaceRt {
+    /// Replaces the socket and batch with new ones on the interface now called `name`
+    /// (with at least `frames` ring slots), and takes its index, address and MTU: the
+    /// interface the old socket was bound to is gone (deleted and created again under its
+    /// name). Nothing can be read from or sent on the old socket any more (the kernel
+    /// unbound it), so it is closed, with what its rings held; a request lost there is
+    /// retransmitted by its initiator. On error the old socket is kept.
+    pub(super) fn reopen(&mut self, mode: IoMode, frames: usize) -> io::Result<()> {
+        let (sock, batch) = open_socket(mode, &self.name, frames)?;
+        // Replies still queued for the old socket go out on the new one.
+        let info = sock.info().clone();
+        self.sock = sock;
+        self.batch = batch;
+        self.old = None;
+        self.reading_old = false;
+        // The refresh tick runs between batches: each batch's staged replies are marked
+        // (`Daemon::finish_staged`) before it ends, so none refers to the old ring.
+        debug_assert!(self.staged.is_empty());
+        self.send_down = false;
+        self.frame_cap = frame_cap(info.mtu);
+        self.iface = Interface {
+            mac: MacAddr(info.mac),
+            mtu: info.mtu,
+        };
+        Ok(())
     }
 }
 
