@@ -31,6 +31,13 @@
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
 //!   sectors in it go through a second, buffered `O_DSYNC` descriptor of the same file.
 //! * A failed fdatasync is latched: see [`FileBackend::failed`].
+//! * O_DIRECT on a regular file is also O_DSYNC ([`direct_flags`]): O_DIRECT bypasses the
+//!   page cache, but the file system's metadata for the write (btrfs's new copy-on-write
+//!   extent, XFS's and ext4's allocation of a hole or conversion of an unwritten extent)
+//!   reaches the disk only with the next journal commit or fsync, so an acknowledged `-d`
+//!   write was lost with a power loss (session 33: every unflushed one, on btrfs, and in
+//!   holes and preallocated space on XFS and ext4). On btrfs a `-d` file is O_DSYNC without
+//!   O_DIRECT (see [`direct_flags`]).
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -179,7 +186,15 @@ impl FileBackend {
         o.read(true).write(!opts.read_only);
         let mut flags = 0;
         if opts.direct {
-            flags |= libc_o_direct();
+            // What the path is (followed symlinks, as open(2) does); one that cannot be
+            // opened fails the open below, with its message.
+            let probe = File::open(path).ok();
+            let block_device = probe
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.file_type().is_block_device());
+            let btrfs = !block_device && probe.as_ref().is_some_and(aoe_sys::is_btrfs);
+            flags |= direct_flags(block_device, btrfs);
         }
         if opts.sync {
             flags |= libc_o_sync();
@@ -1178,8 +1193,34 @@ impl Drop for FileBackend {
     }
 }
 
-fn libc_o_direct() -> i32 {
-    libc::O_DIRECT
+/// The open flags of a `-d` (`direct_io`) backend: O_DIRECT, and on anything but a block
+/// device O_DSYNC too. open(2) says O_DIRECT "does not give the guarantees of O_SYNC that
+/// data and necessary metadata are transferred": a direct write into a file is on the disk
+/// when it returns, but the extent that makes it reachable may not be. btrfs writes every
+/// overwrite to a new extent (copy-on-write) that only the next transaction commit or an
+/// fsync's log tree records; XFS (`xfs_dio_write_end_io`) and ext4 log the allocation of a
+/// hole and the conversion of an unwritten extent in a transaction that the write does not
+/// wait for. With O_DSYNC the kernel commits that metadata before the write returns
+/// (`generic_write_sync`, `iomap_dio_complete`); an overwrite of allocated, written blocks
+/// has none to commit, so on ext4 and XFS it costs a FUA write, and nothing on a disk
+/// without a volatile cache. A block device has no such metadata: O_DIRECT alone, as
+/// vblade `-d`.
+///
+/// On btrfs, O_DSYNC without O_DIRECT: concurrent O_DIRECT|O_DSYNC writes to one file
+/// (the worker pool's) left extents without checksums in btrfs's log on Debian's Linux
+/// 6.1 ("csum hole found"), and after the power loss a read of a block flushed long before
+/// failed with EIO (power-loss.sh `-e btrfs -M direct`, three runs of three, session 33),
+/// where buffered O_DSYNC writes (as `-s`) kept every acknowledged write in every run. The
+/// page cache is used there; the alignment rules stay (they cost a read-modify-write at a
+/// partial block, not correctness).
+fn direct_flags(block_device: bool, btrfs: bool) -> i32 {
+    if block_device {
+        libc::O_DIRECT
+    } else if btrfs {
+        libc::O_DSYNC
+    } else {
+        libc::O_DIRECT | libc::O_DSYNC
+    }
 }
 
 fn libc_o_sync() -> i32 {
@@ -1418,6 +1459,52 @@ mod tests {
         let all = std::fs::read(&p).unwrap();
         assert_eq!(&all[3 * 512..5 * 512], &data[..]);
         assert!(all[..3 * 512].iter().all(|x| *x == 0));
+    }
+
+    /// The open file description's flags, as /proc/self/fdinfo reports them (octal).
+    fn fd_flags(f: &File) -> i32 {
+        use std::os::fd::AsRawFd;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .expect("a flags: line in fdinfo");
+        i32::from_str_radix(flags.trim(), 8).unwrap()
+    }
+
+    /// Session 33: a `-d` export of a regular file is O_DIRECT and O_DSYNC, so a write's
+    /// metadata (btrfs's copy-on-write extent, the allocation of a hole) is committed before
+    /// it is acknowledged; power-loss.sh `-e btrfs -M direct` lost every unflushed write
+    /// without it (`power_loss.rs` `power_loss_btrfs_direct`). A block device stays O_DIRECT
+    /// alone.
+    #[test]
+    fn direct_regular_file_is_dsync() {
+        let dir = scratch_dir();
+        let p = dir.path().join("dsync.img");
+        std::fs::write(&p, vec![0u8; 16 * 512]).unwrap();
+        let b = FileBackend::open(
+            &p,
+            &OpenOptions {
+                direct: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let flags = fd_flags(&b.file);
+        // On btrfs the scratch file is O_DSYNC alone (see direct_flags).
+        let direct = if aoe_sys::is_btrfs(&b.file) {
+            0
+        } else {
+            libc::O_DIRECT
+        };
+        assert_eq!(flags & libc::O_DIRECT, direct, "O_DIRECT: flags {flags:o}");
+        assert_ne!(
+            flags & libc::O_DSYNC,
+            0,
+            "a -d regular file without O_DSYNC: flags {flags:o}"
+        );
+        assert_eq!(direct_flags(true, false), libc::O_DIRECT);
+        assert_eq!(direct_flags(false, true), libc::O_DSYNC);
     }
 
     /// Sector `lba` stamped: its number in every 8 bytes, xor'ed with `round`.

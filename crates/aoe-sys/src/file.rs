@@ -324,6 +324,14 @@ pub fn is_local_disk_fs(file: &File) -> bool {
     )
 }
 
+/// True if `file` lives on btrfs (`fstatfs(2)` `f_type`, `BTRFS_SUPER_MAGIC`), whose data
+/// is copy-on-write and checksummed: an O_DIRECT write lands in a new extent that only a
+/// transaction commit or an fsync's log tree makes part of the file.
+pub fn is_btrfs(file: &File) -> bool {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    fs_magic(file) == Some(BTRFS_SUPER_MAGIC)
+}
+
 /// The `f_type` of the file system `file` lives on, if `fstatfs(2)` tells.
 fn fs_magic(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
