@@ -465,6 +465,26 @@ pub fn block_device_sectors(rdev: u64) -> io::Result<u64> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size: {e}")))
 }
 
+/// Whether the disk under a file system has a volatile write cache: the sysfs
+/// `queue/write_cache` ("write back" or "write through", `Documentation/block/queue-sysfs`)
+/// of the block device whose device number is `dev` (a file's `st_dev`), or of the disk it
+/// is a partition of. `None` where there is none to read: btrfs's anonymous device numbers,
+/// network and FUSE file systems.
+pub fn disk_write_cache(dev: u64) -> Option<bool> {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let base = format!("/sys/dev/block/{major}:{minor}");
+    // A partition's directory has no queue; the kernel resolves `..` from the link's target,
+    // its disk's directory.
+    let cache = std::fs::read_to_string(format!("{base}/queue/write_cache"))
+        .or_else(|_| std::fs::read_to_string(format!("{base}/../queue/write_cache")))
+        .ok()?;
+    match cache.trim() {
+        "write back" => Some(true),
+        "write through" => Some(false),
+        _ => None,
+    }
+}
+
 /// Which pages of `file` in `offset..offset + len` (rounded out to whole pages) are in the
 /// page cache, one `bool` per page, from `mincore(2)` on a read-only mapping that is never
 /// touched (so the check itself reads nothing in, unlike a read with `RWF_NOWAIT`, whose
