@@ -49,8 +49,9 @@
 #                 (it was acknowledged before a FLUSH that succeeded)
 #   sync, direct: B and C's acknowledged chunks are new (O_SYNC: on stable storage when
 #                 acknowledged; O_DIRECT: handed to a disk without a volatile cache, and in
-#                 a file O_DSYNC too: the extent that makes it reachable is committed
-#                 (btrfs's copy-on-write, a hole or unwritten extent: session 33))
+#                 a file on such a disk O_DSYNC too, on btrfs O_DSYNC alone: the extent
+#                 that makes it reachable is committed (btrfs's copy-on-write, a hole or
+#                 unwritten extent: session 33))
 #   buffered:     B and C's acknowledged chunks may be old or new, and at least one of
 #                 their sectors must be old: the guest's dirty pages were really lost (else
 #                 the test could not tell a FLUSH that syncs from one that does not)
