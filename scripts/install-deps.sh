@@ -42,6 +42,8 @@ have_cmd debugfs  || need+=(e2fsprogs)  # aoe demo reads the image on the target
 have_cmd cc       || need+=(gcc)       # builds the send-refusing LD_PRELOAD shim of target_backlog.rs
 have_cmd strip    || need+=(binutils)  # power-loss.sh: the target binary for the guest, without debug info
 have_cmd e2fsck   || need+=(e2fsprogs) # power-loss.sh: the data disk's ext4 after the power loss
+have_cmd xfs_repair || need+=(xfsprogs)  # power-loss.sh -e xfs: mkfs.xfs, xfs_repair -n after the power loss
+have_cmd btrfs    || need+=(btrfs-progs)  # power-loss.sh -e btrfs: mkfs.btrfs, btrfs check after the power loss
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 # Ceph RBD exports (the `rbd` feature): librbd/librados headers and libraries to build it, and

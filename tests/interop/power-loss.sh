@@ -24,7 +24,14 @@
 #
 # The export (-e): raw, the whole of vda (8 MiB of random bytes); ext4, the file data.bin
 # (8 MiB of random bytes) on an ext4 file system made on vda by the host (mkfs.ext4 -d)
-# and mounted by the guest with default options.
+# and mounted by the guest with default options; xfs and btrfs, the same file on those
+# (mkfs.xfs -p with a protofile, 320 MiB: xfsprogs' smallest; mkfs.btrfs --rootdir,
+# 256 MiB; sparse on the host), mounted with default options (btrfs: data copy-on-write
+# and checksums, so an overwrite is a new extent that only a transaction commit or an
+# fsync's log tree makes reachable). -S sparse|prealloc (a file system export): the guest
+# makes data.bin anew before the target starts, a hole (`truncate`) or preallocated
+# unwritten extents (`fallocate`), then `sync`s; its old bytes are zeros, and every write
+# allocates (ext4, XFS: a logged allocation or unwritten-extent conversion).
 #
 # The writes, from the host through `aoe initiator`'s device file ROOT/e1.1, in 64 KiB
 # chunks at shuffled chunk positions, each chunk a separate `dd oflag=direct` (its own
@@ -34,13 +41,17 @@
 #   C  a writer in the background, one chunk after another; once 4 of its chunks are
 #      acknowledged the host SIGKILLs qemu. Chunks acknowledged before the kill join B's
 #      rule; the one it was writing is in flight; the rest were never started.
-# Then the host reads the image (raw: the file itself; ext4: loop-mounted, which replays
-# the journal, then `e2fsck -fn`) and classifies every 512-byte sector of the 8 MiB as the
+# Then the host reads the image (raw: the file itself; a file system: loop-mounted, which
+# replays the journal or log, then its own checker: `e2fsck -fn`, `xfs_repair -n`,
+# `btrfs check --readonly`) and classifies every 512-byte sector of the 8 MiB as the
 # old bytes, the new bytes of its chunk, or foreign. The rules, per target mode (-M):
 #   every mode:   no foreign sector anywhere; sectors never written are old; A is new
 #                 (it was acknowledged before a FLUSH that succeeded)
 #   sync, direct: B and C's acknowledged chunks are new (O_SYNC: on stable storage when
-#                 acknowledged; O_DIRECT: handed to a disk without a volatile cache)
+#                 acknowledged; O_DIRECT: handed to a disk without a volatile cache, and in
+#                 a file on such a disk O_DSYNC too, on btrfs O_DSYNC alone: the extent
+#                 that makes it reachable is committed (btrfs's copy-on-write, a hole or
+#                 unwritten extent: session 33))
 #   buffered:     B and C's acknowledged chunks may be old or new, and at least one of
 #                 their sectors must be old: the guest's dirty pages were really lost (else
 #                 the test could not tell a FLUSH that syncs from one that does not)
@@ -57,12 +68,15 @@
 # -r (report): print the same classification and exit 0 whatever it found (for peers that
 # are not held to these rules, e.g. vblade, whose FLUSH does not sync: docs/PROTOCOL.md).
 #
-# Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4] [-M buffered|sync|direct]
-#                      [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS] [-N] [-r] [-k]
+# Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4|xfs|btrfs] [-M buffered|sync|direct]
+#                      [-S sparse|prealloc] [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS]
+#                      [-N] [-r] [-k]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
-#   -e        the export: raw (default) or ext4
+#   -e        the export: raw (default), ext4, xfs or btrfs
 #   -M        buffered (default), sync (-s), direct (-d)
+#   -S HOW    a file system export's data.bin made by the guest as a hole (sparse) or
+#             preallocated (prealloc): see above
 #   -L BYTES  the data disk's logical (and physical) sector size: 512 (default) or 4096.
 #             With 4096 an AoE frame's 8704 bytes (MTU 9000) end mid-block, so -d takes
 #             the target's read-patch-write path for partial blocks; ext4 gets 4 KiB blocks
@@ -78,17 +92,18 @@
 # about a second), about 30 s with two runs at a time at load average 8.
 #
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, e2fsprogs,
-# util-linux (losetup, mount), perl, apt-get (the first run downloads the kernel package;
+# util-linux (losetup, mount), xfsprogs and btrfs-progs (for -e xfs|btrfs), perl, apt-get (the first run downloads the kernel package;
 # later runs use the cache). Exit status: 0 PASS, 1 FAIL (the last line says why), 2 usage.
 set -uo pipefail
 
-BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512
+BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512 SPARSE=""
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
 TOTAL=480 REPORT=0 KEEP=0 NBD=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:L:m:I:c:T:Nrkh" o; do
+while getopts "b:t:e:M:S:L:m:I:c:T:Nrkh" o; do
     case $o in
         b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
+        S) SPARSE=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
         N) NBD=1 ;; r) REPORT=1 ;; k) KEEP=1 ;;
         *) usage ;;
@@ -98,10 +113,12 @@ bad() { echo "power-loss.sh: $*" >&2; exit 2; }
 [ -n "$BIN" ] || bad "-b TARGET_BIN is required"
 [ -x "$BIN" ] || bad "-b $BIN is not an executable"
 case $TKIND in aoe|vblade) ;; *) bad "-t wants aoe or vblade, not $TKIND" ;; esac
-case $EXPORT in raw|ext4) ;; *) bad "-e wants raw or ext4, not $EXPORT" ;; esac
+case $EXPORT in raw|ext4|xfs|btrfs) ;; *) bad "-e wants raw, ext4, xfs or btrfs, not $EXPORT" ;; esac
 case $MODE in buffered) MFLAG="" ;; sync) MFLAG=-s ;; direct) MFLAG=-d ;;
     *) bad "-M wants buffered, sync or direct, not $MODE" ;; esac
 case $LBS in 512|4096) ;; *) bad "-L wants 512 or 4096, not $LBS" ;; esac
+case $SPARSE in "") ;; sparse|prealloc) [ "$EXPORT" != raw ] || bad "-S needs a file system export (-e)" ;;
+    *) bad "-S wants sparse or prealloc, not $SPARSE" ;; esac
 for n in "$MTU" "$TOTAL"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
 if [ -z "$INIT_BIN" ]; then
     if [ "$TKIND" = aoe ]; then INIT_BIN=$BIN; else INIT_BIN=$(command -v aoe || true); fi
@@ -124,6 +141,12 @@ fail() { echo "FAIL: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || fail "must run as root (network namespaces, tap and loop devices)"
 for t in ip nsenter setsid timeout file qemu-system-x86_64 cpio gzip modprobe depmod apt-get dpkg \
          flock mkfs.ext4 e2fsck losetup mount umount mountpoint perl shuf ldd strip dd sync; do
+    command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
+done
+case $EXPORT in
+    xfs) FSTOOLS="mkfs.xfs xfs_repair" ;; btrfs) FSTOOLS="mkfs.btrfs btrfs" ;; *) FSTOOLS="" ;;
+esac
+for t in $FSTOOLS; do
     command -v "$t" >/dev/null || fail "missing tool $t (scripts/install-deps.sh installs it)"
 done
 if [ "$NBD" = 1 ]; then
@@ -191,15 +214,23 @@ NCH=128                    # chunks in the region: 8 MiB
 NA=16 NB=16 NC_ACK=4       # phase A and B chunks; C's acknowledged chunks before the kill
 REGION=$((CH * NCH))
 OLD=$RUN/old.bin NEW=$RUN/new.bin IMG=$RUN/data.img
-head -c $REGION /dev/urandom >"$OLD" && head -c $REGION /dev/urandom >"$NEW" ||
+head -c $REGION "$([ -n "$SPARSE" ] && echo /dev/zero || echo /dev/urandom)" >"$OLD" &&
+    head -c $REGION /dev/urandom >"$NEW" ||
     fail "cannot write the patterns"
 if [ "$EXPORT" = raw ]; then
     cp "$OLD" "$IMG" || fail "cannot write $IMG"
     GFILE=/dev/vda
 else
-    mkdir -p "$RUN/fs" && cp "$OLD" "$RUN/fs/data.bin" || fail "cannot write the ext4 seed"
-    mkfs.ext4 -q -F -L pldata $([ "$LBS" = 4096 ] && echo -b 4096) -d "$RUN/fs" "$IMG" 32M >"$RUN/mkfs.log" 2>&1 ||
-        { cat "$RUN/mkfs.log"; fail "mkfs.ext4 of the data disk failed"; }
+    mkdir -p "$RUN/fs" && cp "$OLD" "$RUN/fs/data.bin" || fail "cannot write the $EXPORT seed"
+    case $EXPORT in
+    ext4) mkfs.ext4 -q -F -L pldata $([ "$LBS" = 4096 ] && echo -b 4096) -d "$RUN/fs" "$IMG" 32M ;;
+    xfs) # A protofile (mkfs.xfs(8) -p): the root directory with data.bin, copied in.
+        printf '%s\n' pldata "0 0" "d--755 0 0" "data.bin ---644 0 0 $RUN/fs/data.bin" '$' '$' >"$RUN/proto" &&
+            truncate -s 320M "$IMG" &&
+            mkfs.xfs -q -f -L pldata -s size="$LBS" -p "$RUN/proto" "$IMG" ;;
+    btrfs) truncate -s 256M "$IMG" &&
+        mkfs.btrfs -q -f -L pldata --rootdir "$RUN/fs" "$IMG" ;;
+    esac >"$RUN/mkfs.log" 2>&1 || { cat "$RUN/mkfs.log"; fail "mkfs.$EXPORT of the data disk failed"; }
     rm -rf "$RUN/fs"
     GFILE=/mnt/data.bin
 fi
@@ -222,7 +253,7 @@ rm -rf "$TD"
 # ---------------------------------------------------------------- initramfs
 IR=$RUN/initramfs
 guest_initramfs "$IR" mnt tools lib64
-guest_modules "$IR/lib/modules" virtio_pci virtio_net virtio_blk ext4
+guest_modules "$IR/lib/modules" virtio_pci virtio_net virtio_blk ext4 $([ "$EXPORT" = xfs ] || [ "$EXPORT" = btrfs ] && echo "$EXPORT")
 say "kernel $(basename "$KDIR") ($KVER), modules: $(tr '\n' ' ' <"$IR/lib/modules/order")"
 if [ "$TKIND" = aoe ]; then
     TCMD="/tools/target serve $MFLAG $SHELF $SLOT eth0 $GFILE"
@@ -232,6 +263,8 @@ fi
 cat >"$IR/etc/pl.conf" <<EOF
 MTU=$MTU
 EXPORT=$EXPORT
+SPARSE=$SPARSE
+REGION=$REGION
 TCMD="$TCMD"
 EOF
 cat >"$IR/init" <<'EOF'
@@ -255,7 +288,12 @@ done
 mount -t ext4 -o ro /dev/vdb /tools || die "mount the tools disk"
 ln -s /tools/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
 export LD_LIBRARY_PATH=/tools/lib
-if [ "$EXPORT" = ext4 ]; then mount -t ext4 /dev/vda /mnt || die "mount the data disk"; fi
+if [ "$EXPORT" != raw ]; then mount -t "$EXPORT" /dev/vda /mnt || die "mount the data disk ($EXPORT)"; fi
+# -S: data.bin anew, a hole or unwritten extents, on the disk before the target starts.
+case $SPARSE in
+    sparse) rm /mnt/data.bin && truncate -s "$REGION" /mnt/data.bin && sync || die "sparse data.bin" ;;
+    prealloc) rm /mnt/data.bin && fallocate -l "$REGION" /mnt/data.bin && sync || die "preallocated data.bin" ;;
+esac
 ip link set eth0 mtu "$MTU" || die "MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
 out "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache)"
@@ -288,7 +326,7 @@ ip -n "$NS" link set pltap master plbr && ip -n "$NS" link set plport master plb
 for l in plbr pltap plport plini; do ip -n "$NS" link set "$l" up || fail "$l up"; done
 
 # ---------------------------------------------------------------- guest
-say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT, mode $MODE, $LBS-byte sectors"
+say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT${SPARSE:+ ($SPARSE)}, mode $MODE, $LBS-byte sectors"
 nsx setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
@@ -408,24 +446,38 @@ else
     LOOP=$(losetup -f --show "$IMG") || fail "losetup $IMG"
     MNT=$RUN/mnt
     mkdir -p "$MNT"
-    # A read-write mount replays the journal, as the guest's next boot would.
-    mount -t ext4 "$LOOP" "$MNT" || fail "the data disk's ext4 does not mount after the power loss"
+    # A read-write mount replays the journal (btrfs: the log tree), as the guest's next
+    # boot would.
+    mount -t "$EXPORT" "$LOOP" "$MNT" || fail "the data disk's $EXPORT does not mount after the power loss"
     cp "$MNT/data.bin" "$AFTER" || fail "cannot read data.bin"
+    # btrfs: a read of a block whose checksum does not match fails (EIO) and is counted.
+    [ "$EXPORT" = btrfs ] && btrfs device stats "$MNT" >"$RUN/btrfs-stats.log" 2>&1
     umount "$MNT" || fail "umount $MNT"
     # A process that `ip netns exec` or `unshare -m` started beside us while it was mounted
     # holds a copy of the mount in its own namespace (this machine's / is a private mount),
     # and the file system would live on, behind e2fsck, until that process exits: removing
-    # the mount point detaches such copies; /sys/fs/ext4/loopN is there while it lives
-    # (thirteenth audit, tests/interop/ext4-check.sh).
+    # the mount point detaches such copies; /sys/fs/ext4/loopN (xfs: /sys/fs/xfs/loopN;
+    # btrfs: /sys/fs/btrfs/UUID) is there while it lives (thirteenth audit,
+    # tests/interop/ext4-check.sh).
     rmdir "$MNT" && MNT=""
-    SB=/sys/fs/ext4/${LOOP#/dev/}
+    case $EXPORT in
+        btrfs) SB=/sys/fs/btrfs/$(blkid -s UUID -o value "$LOOP") ;;
+        *) SB=/sys/fs/$EXPORT/${LOOP#/dev/} ;;
+    esac
     for _ in $(seq 200); do [ -e "$SB" ] || break; sleep 0.1; done
-    [ -e "$SB" ] && fail "$LOOP unmounted, but its file system lives on (mounted in the namespaces of pids $(grep -l " ext4 $LOOP " /proc/[0-9]*/mountinfo 2>/dev/null | cut -d/ -f3 | tr '\n' ' '))"
+    [ -e "$SB" ] && fail "$LOOP unmounted, but its file system lives on (mounted in the namespaces of pids $(grep -l " $EXPORT $LOOP " /proc/[0-9]*/mountinfo 2>/dev/null | cut -d/ -f3 | tr '\n' ' '))"
     losetup -d "$LOOP" && LOOP=""
-    e2fsck -fn "$IMG" >"$RUN/e2fsck.log" 2>&1
+    case $EXPORT in
+        ext4) FSCK_CMD="e2fsck -fn" ;; xfs) FSCK_CMD="xfs_repair -n" ;; btrfs) FSCK_CMD="btrfs check --readonly" ;;
+    esac
+    $FSCK_CMD "$IMG" >"$RUN/fsck.log" 2>&1
     FSCK=$?
-    say "ext4 after journal replay: e2fsck -fn exit status $FSCK"
-    [ $FSCK = 0 ] || { cat "$RUN/e2fsck.log"; fail "e2fsck -fn finds the data disk's file system damaged"; }
+    say "$EXPORT after log replay: $FSCK_CMD exit status $FSCK"
+    [ $FSCK = 0 ] || { cat "$RUN/fsck.log"; fail "$FSCK_CMD finds the data disk's file system damaged"; }
+    if [ -s "$RUN/btrfs-stats.log" ]; then
+        grep -q '[1-9]' <(awk '{print $2}' "$RUN/btrfs-stats.log") &&
+            { cat "$RUN/btrfs-stats.log"; fail "btrfs counted errors reading data.bin after the power loss"; }
+    fi
 fi
 [ "$(stat -c %s "$AFTER")" = "$REGION" ] || fail "the region has $(stat -c %s "$AFTER") bytes, not $REGION"
 
@@ -479,10 +531,10 @@ CHECK=$?
 VIA=""
 [ "$NBD" = 1 ] && VIA=", through NBD on several connections"
 echo "### total $(( $(date +%s) - T0 ))s"
-[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA): see VIOLATION above"
+[ $CHECK = 0 ] || fail "power loss of $TKIND ($MODE, $EXPORT${SPARSE:+ $SPARSE} export, $LBS-byte sectors$VIA): see VIOLATION above"
 if [ "$REPORT" = 1 ]; then
-    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA), findings above"
+    echo "REPORT: power loss of $TKIND ($MODE, $EXPORT${SPARSE:+ $SPARSE} export, $LBS-byte sectors$VIA), findings above"
 else
-    echo "PASS: power loss of $TKIND ($MODE, $EXPORT export, $LBS-byte sectors$VIA) at MTU $MTU"
+    echo "PASS: power loss of $TKIND ($MODE, $EXPORT${SPARSE:+ $SPARSE} export, $LBS-byte sectors$VIA) at MTU $MTU"
 fi
 exit 0

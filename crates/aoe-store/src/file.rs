@@ -31,6 +31,13 @@
 //!   which O_DIRECT can neither read whole nor write without growing the file: the
 //!   sectors in it go through a second, buffered `O_DSYNC` descriptor of the same file.
 //! * A failed fdatasync is latched: see [`FileBackend::failed`].
+//! * O_DIRECT on a file on a disk without a volatile cache is also O_DSYNC
+//!   (`direct_flags`): O_DIRECT bypasses the page cache, but the file system's metadata
+//!   for the write (btrfs's new copy-on-write extent, XFS's and ext4's allocation of a hole
+//!   or conversion of an unwritten extent) reaches the disk only with the next journal
+//!   commit or fsync, so an acknowledged `-d` write was lost with a power loss (session 33:
+//!   every unflushed one, on btrfs, and in holes and preallocated space on XFS and ext4).
+//!   On btrfs a `-d` file is O_DSYNC without O_DIRECT.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -179,7 +186,12 @@ impl FileBackend {
         o.read(true).write(!opts.read_only);
         let mut flags = 0;
         if opts.direct {
-            flags |= libc_o_direct();
+            // What the path is (followed symlinks, as open(2) does); one that cannot be
+            // opened fails the open below, with its message.
+            let under = File::open(path)
+                .ok()
+                .map_or(DirectUnder::Other, |f| DirectUnder::of(&f));
+            flags |= direct_flags(under);
         }
         if opts.sync {
             flags |= libc_o_sync();
@@ -1178,8 +1190,71 @@ impl Drop for FileBackend {
     }
 }
 
-fn libc_o_direct() -> i32 {
-    libc::O_DIRECT
+/// What a `-d` (`direct_io`) backend is opened on, for [`direct_flags`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DirectUnder {
+    /// A block device.
+    BlockDevice,
+    /// A file on btrfs, whatever its disks.
+    Btrfs,
+    /// A file on ext2/3/4, XFS or f2fs on a disk without a volatile write cache (sysfs
+    /// `queue/write_cache` "write through"), or whose disk's cache is unknown.
+    DiskWriteThrough,
+    /// Anything else: a file on a disk with a volatile cache, or on a network or FUSE file
+    /// system.
+    Other,
+}
+
+impl DirectUnder {
+    fn of(file: &File) -> DirectUnder {
+        let Ok(meta) = file.metadata() else {
+            return DirectUnder::Other;
+        };
+        if meta.file_type().is_block_device() {
+            DirectUnder::BlockDevice
+        } else if aoe_sys::is_btrfs(file) {
+            DirectUnder::Btrfs
+        } else if aoe_sys::is_local_disk_fs(file)
+            && aoe_sys::disk_write_cache(std::os::unix::fs::MetadataExt::dev(&meta)) != Some(true)
+        {
+            DirectUnder::DiskWriteThrough
+        } else {
+            DirectUnder::Other
+        }
+    }
+}
+
+/// The open flags of a `-d` (`direct_io`) backend: O_DIRECT, and for a file on a disk
+/// without a volatile cache O_DSYNC too. README's "Data safety" promises that such a `-d`
+/// write survives a power loss once acknowledged, and on a disk with a volatile cache once
+/// a FLUSH (fdatasync, which commits the metadata too) succeeded. open(2) says O_DIRECT "does not give the guarantees of O_SYNC that
+/// data and necessary metadata are transferred": a direct write into a file is on the disk
+/// when it returns, but the extent that makes it reachable may not be. btrfs writes every
+/// overwrite to a new extent (copy-on-write) that only the next transaction commit or an
+/// fsync's log tree records; XFS (`xfs_dio_write_end_io`) and ext4 log the allocation of a
+/// hole and the conversion of an unwritten extent in a transaction that the write does not
+/// wait for. With O_DSYNC the kernel commits that metadata before the write returns
+/// (`generic_write_sync`, `iomap_dio_complete`); an overwrite of allocated, written blocks
+/// has none to commit, and on a disk without a volatile cache the block layer drops the FUA
+/// flag: nothing more to pay. On a disk with one, O_DSYNC would cost a FUA or cache flush
+/// per write (half the MB/s of sequential writes on this project's virtio host, session
+/// 33), for more than is promised there: O_DIRECT alone. A block device has no such
+/// metadata: O_DIRECT alone, as vblade `-d`. Network and FUSE file systems: as before.
+///
+/// On btrfs, whatever its disks (an anonymous device number names none), O_DSYNC without
+/// O_DIRECT: concurrent O_DIRECT|O_DSYNC writes to one file
+/// (the worker pool's) left extents without checksums in btrfs's log on Debian's Linux
+/// 6.1 ("csum hole found"), and after the power loss a read of a block flushed long before
+/// failed with EIO (power-loss.sh `-e btrfs -M direct`, three runs of three, session 33),
+/// where buffered O_DSYNC writes (as `-s`) kept every acknowledged write in every run. The
+/// page cache is used there; the alignment rules stay (they cost a read-modify-write at a
+/// partial block, not correctness).
+fn direct_flags(under: DirectUnder) -> i32 {
+    match under {
+        DirectUnder::BlockDevice | DirectUnder::Other => libc::O_DIRECT,
+        DirectUnder::Btrfs => libc::O_DSYNC,
+        DirectUnder::DiskWriteThrough => libc::O_DIRECT | libc::O_DSYNC,
+    }
 }
 
 fn libc_o_sync() -> i32 {
@@ -1418,6 +1493,48 @@ mod tests {
         let all = std::fs::read(&p).unwrap();
         assert_eq!(&all[3 * 512..5 * 512], &data[..]);
         assert!(all[..3 * 512].iter().all(|x| *x == 0));
+    }
+
+    /// The open file description's flags, as /proc/self/fdinfo reports them (octal).
+    fn fd_flags(f: &File) -> i32 {
+        use std::os::fd::AsRawFd;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .expect("a flags: line in fdinfo");
+        i32::from_str_radix(flags.trim(), 8).unwrap()
+    }
+
+    /// Session 33: a `-d` export of a file on a disk without a volatile cache is O_DIRECT
+    /// and O_DSYNC (on btrfs O_DSYNC alone), so a write's metadata (btrfs's copy-on-write
+    /// extent, the allocation of a hole) is committed before it is acknowledged;
+    /// power-loss.sh `-e btrfs -M direct` lost every unflushed write without it
+    /// (`power_loss.rs` `power_loss_btrfs_direct`). The open uses what [`DirectUnder::of`]
+    /// finds for the file.
+    #[test]
+    fn direct_file_flags() {
+        let dir = scratch_dir();
+        let p = dir.path().join("dsync.img");
+        std::fs::write(&p, vec![0u8; 16 * 512]).unwrap();
+        let b = FileBackend::open(
+            &p,
+            &OpenOptions {
+                direct: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let flags = fd_flags(&b.file) & (libc::O_DIRECT | libc::O_DSYNC);
+        let want = direct_flags(DirectUnder::of(&b.file));
+        assert_eq!(flags, want, "flags {flags:o}, not {want:o}");
+        assert_eq!(
+            direct_flags(DirectUnder::DiskWriteThrough),
+            libc::O_DIRECT | libc::O_DSYNC
+        );
+        assert_eq!(direct_flags(DirectUnder::Btrfs), libc::O_DSYNC);
+        assert_eq!(direct_flags(DirectUnder::BlockDevice), libc::O_DIRECT);
+        assert_eq!(direct_flags(DirectUnder::Other), libc::O_DIRECT);
     }
 
     /// Sector `lba` stamped: its number in every 8 bytes, xor'ed with `round`.

@@ -324,6 +324,14 @@ pub fn is_local_disk_fs(file: &File) -> bool {
     )
 }
 
+/// True if `file` lives on btrfs (`fstatfs(2)` `f_type`, `BTRFS_SUPER_MAGIC`), whose data
+/// is copy-on-write and checksummed: an O_DIRECT write lands in a new extent that only a
+/// transaction commit or an fsync's log tree makes part of the file.
+pub fn is_btrfs(file: &File) -> bool {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    fs_magic(file) == Some(BTRFS_SUPER_MAGIC)
+}
+
 /// The `f_type` of the file system `file` lives on, if `fstatfs(2)` tells.
 fn fs_magic(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
@@ -455,6 +463,26 @@ pub fn block_device_sectors(rdev: u64) -> io::Result<u64> {
         .trim()
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size: {e}")))
+}
+
+/// Whether the disk under a file system has a volatile write cache: the sysfs
+/// `queue/write_cache` ("write back" or "write through", `Documentation/block/queue-sysfs`)
+/// of the block device whose device number is `dev` (a file's `st_dev`), or of the disk it
+/// is a partition of. `None` where there is none to read: btrfs's anonymous device numbers,
+/// network and FUSE file systems.
+pub fn disk_write_cache(dev: u64) -> Option<bool> {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let base = format!("/sys/dev/block/{major}:{minor}");
+    // A partition's directory has no queue; the kernel resolves `..` from the link's target,
+    // its disk's directory.
+    let cache = std::fs::read_to_string(format!("{base}/queue/write_cache"))
+        .or_else(|_| std::fs::read_to_string(format!("{base}/../queue/write_cache")))
+        .ok()?;
+    match cache.trim() {
+        "write back" => Some(true),
+        "write through" => Some(false),
+        _ => None,
+    }
 }
 
 /// Which pages of `file` in `offset..offset + len` (rounded out to whole pages) are in the

@@ -74,10 +74,11 @@ mod xdp;
 pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, PollFd, TimerFd};
 pub use exit::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use file::{
-    block_device_read_only, block_device_sectors, dio_alignment, drop_cached_range,
-    is_local_disk_fs, is_memory_fs, lock_range_ofd, logical_block_size, pread_nowait,
-    pwrite_nowait, pwritev_all, pwritev_nowait, resident_pages, try_lock_range_ofd,
-    write_back_range, DioAlign, DioAlignSource, NoWait, OfdRangeLock, MAX_WRITEV,
+    block_device_read_only, block_device_sectors, dio_alignment, disk_write_cache,
+    drop_cached_range, is_btrfs, is_local_disk_fs, is_memory_fs, lock_range_ofd,
+    logical_block_size, pread_nowait, pwrite_nowait, pwritev_all, pwritev_nowait, resident_pages,
+    try_lock_range_ofd, write_back_range, DioAlign, DioAlignSource, NoWait, OfdRangeLock,
+    MAX_WRITEV,
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
