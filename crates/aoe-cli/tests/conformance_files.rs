@@ -118,7 +118,9 @@ fn iflist_names_interfaces_before_they_exist() {
     let _ = t_a.stop();
     drop(veth_a);
     assert!(
-        wait_until(within, || init.output_so_far().contains("interface is gone")),
+        wait_until(within, || init
+            .output_so_far()
+            .contains("interface is gone")),
         "no word that {if_a} is gone after it was deleted:\n{}",
         init.output_so_far()
     );

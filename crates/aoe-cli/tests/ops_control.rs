@@ -601,6 +601,21 @@ fn requests_dropped_at_the_targets_ring_are_counted() {
     assert!(text.contains("RX-DROPPED"), "{text}");
 }
 
+/// `aoe serve` of `file` on `iface` in `ns` (no address probe), once it says it exports.
+fn serve_on(ns: &aoe_testkit::Netns, iface: &str, file: &std::path::Path) -> aoe_testkit::NsChild {
+    let mut target = ns
+        .spawn(Target::AoeServe.command(iface, file, &["--probe-ms".into(), "0".into()]))
+        .expect("start target");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            target.output_so_far().contains("exporting") || !target.is_running()
+        }) && target.is_running(),
+        "target did not start:\n{}",
+        target.output_so_far()
+    );
+    target
+}
+
 /// utime + stime of process `pid` in clock ticks (fields 14 and 15 of /proc/PID/stat,
 /// counted after the parenthesised command name), as floods.rs reads them.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -642,16 +657,7 @@ fn an_interface_down_at_start_or_flapped_costs_no_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
-    let mut target = t_ns
-        .spawn(Target::AoeServe.command(veth.a_name(), &file, &["--probe-ms".into(), "0".into()]))
-        .expect("start target");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            target.output_so_far().contains("exporting") || !target.is_running()
-        }) && target.is_running(),
-        "target did not start:\n{}",
-        target.output_so_far()
-    );
+    let mut target = serve_on(&t_ns, veth.a_name(), &file);
     assert!(
         target.output_so_far().contains("is down"),
         "no word that the interface is down:\n{}",
@@ -705,16 +711,7 @@ fn a_target_serves_its_interface_created_again_and_its_new_mac_address() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
-    let mut target = t_ns
-        .spawn(Target::AoeServe.command(veth.a_name(), &file, &["--probe-ms".into(), "0".into()]))
-        .expect("start target");
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            target.output_so_far().contains("exporting") || !target.is_running()
-        }) && target.is_running(),
-        "target did not start:\n{}",
-        target.output_so_far()
-    );
+    let mut target = serve_on(&t_ns, veth.a_name(), &file);
     // The MAC the target answers a Query Config from, asked every 2 s for up to 20 s until
     // `done` holds for it; None if nothing answered.
     let answers_from = |veth: &VethPair, done: &dyn Fn(&str) -> bool| -> Option<String> {
