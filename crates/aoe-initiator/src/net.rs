@@ -907,6 +907,36 @@ enum Sent {
 }
 
 impl Iface {
+    /// Gives the receive ring's held slots back (the engine copies out the parts it keeps)
+    /// and makes a new ring for `mtu`'s frames on the interface's socket, the old one
+    /// first (the kernel takes one ring per socket); none if it cannot be made.
+    fn renew_rx_ring(
+        &mut self,
+        mtu: u32,
+        engine: &mut Engine,
+        holds: &mut CountedMap<u64, (usize, usize)>,
+    ) {
+        if let Some(r) = self.ring.as_mut() {
+            r.copy_out_all(engine, holds);
+        }
+        self.ring = None;
+        self.ring = rx_ring(&self.sock, &self.name, mtu);
+    }
+
+    /// Makes a new transmit socket and ring for `mtu`'s frames (frames still marked in the
+    /// old ring are lost with it, and retransmitted), carrying the interface's count of
+    /// frames sent over; returns the frames the old ring rejected, for the interface's
+    /// count of those.
+    fn renew_tx_ring(&mut self, mtu: u32) -> u64 {
+        let old = self.txr.take();
+        let before = old.as_ref().map_or(0, TxRing::sent);
+        self.txr = tx_ring(&self.name, mtu);
+        if let Some(t) = self.txr.as_mut() {
+            t.marked_before = before;
+        }
+        old.map_or(0, |t| t.ring.stats().tx_rejected)
+    }
+
     /// What became of the first frame of a batch the socket refused with `e`.
     fn refused(&self, e: &std::io::Error, logs: &mut RateLimiter) -> Sent {
         if e.raw_os_error() == Some(libc::EAGAIN) {
@@ -1382,23 +1412,11 @@ impl Net {
                                 new_index = w.index,
                                 "interface deleted and created again: using the new one"
                             );
-                            if let Some(r) = i.ring.as_mut() {
-                                r.copy_out_all(&mut self.engine, &mut self.holds);
-                            }
-                            // The old ring goes first: the kernel takes one ring per socket.
-                            i.ring = None;
-                            i.ring = rx_ring(&sock, &w.name, w.mtu);
+                            // Each ring holds its own duplicate of its socket: the old
+                            // receive ring is emptied after the old socket is replaced.
                             i.sock = sock;
-                            // Frames still marked in the old transmit ring are lost with
-                            // it, and retransmitted.
-                            let old = i.txr.take();
-                            let before = old.as_ref().map_or(0, TxRing::sent);
-                            self.tx_rejected_closed +=
-                                old.map_or(0, |t| t.ring.stats().tx_rejected);
-                            i.txr = tx_ring(&w.name, w.mtu);
-                            if let Some(t) = i.txr.as_mut() {
-                                t.marked_before = before;
-                            }
+                            i.renew_rx_ring(w.mtu, &mut self.engine, &mut self.holds);
+                            self.tx_rejected_closed += i.renew_tx_ring(w.mtu);
                             i.linear = linear_sender(&w.name);
                             i.index = w.index;
                             i.gone = false;
@@ -1498,11 +1516,7 @@ impl Net {
                             .as_ref()
                             .is_some_and(|r| r.cap < aoe_sys::frame_capacity(w.mtu))
                         {
-                            if let Some(r) = i.ring.as_mut() {
-                                r.copy_out_all(&mut self.engine, &mut self.holds);
-                            }
-                            i.ring = None;
-                            i.ring = rx_ring(&i.sock, &i.name, w.mtu);
+                            i.renew_rx_ring(w.mtu, &mut self.engine, &mut self.holds);
                         }
                         // Without a ring (none could be made, now or before), the batch.
                         if i.ring.is_none() {
@@ -1516,14 +1530,7 @@ impl Net {
                             .as_ref()
                             .is_some_and(|t| t.ring.tx_frame_cap() < aoe_sys::frame_capacity(w.mtu))
                         {
-                            let old = i.txr.take();
-                            let before = old.as_ref().map_or(0, TxRing::sent);
-                            self.tx_rejected_closed +=
-                                old.map_or(0, |t| t.ring.stats().tx_rejected);
-                            i.txr = tx_ring(&i.name, w.mtu);
-                            if let Some(t) = i.txr.as_mut() {
-                                t.marked_before = before;
-                            }
+                            self.tx_rejected_closed += i.renew_tx_ring(w.mtu);
                         }
                     }
                 }
