@@ -529,12 +529,19 @@ impl VethPair {
             a_mac: [0; 6],
             b_mac: [0; 6],
         };
-        pair.set_mtu(mtu)?;
-        pair.set_link(End::A, true)?;
-        pair.set_link(End::B, true)?;
-        pair.a_mac = pair.mac(End::A)?;
-        pair.b_mac = pair.mac(End::B)?;
+        pair.bring_up(mtu)?;
         Ok(pair)
+    }
+
+    /// The steps after the pair is made: the MTU of both ends, both ends up, and their MAC
+    /// addresses read.
+    fn bring_up(&mut self, mtu: u32) -> io::Result<()> {
+        self.set_mtu(mtu)?;
+        self.set_link(End::A, true)?;
+        self.set_link(End::B, true)?;
+        self.a_mac = self.mac(End::A)?;
+        self.b_mac = self.mac(End::B)?;
+        Ok(())
     }
 
     /// Interface name of end A (in the first namespace).
@@ -611,27 +618,23 @@ impl VethPair {
         let mtu = self.mtu(End::A)?;
         self.ip(End::A, &["link", "del", "dev", &self.a_name])?;
         std::thread::sleep(gap);
-        run(Command::new("ip").args([
-            "-n",
-            &self.a_ns,
-            "link",
-            "add",
-            "name",
-            &self.a_name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.b_name,
-            "netns",
-            &self.b_ns,
-        ]))?;
-        self.set_mtu(mtu)?;
-        self.set_link(End::A, true)?;
-        self.set_link(End::B, true)?;
-        self.a_mac = self.mac(End::A)?;
-        self.b_mac = self.mac(End::B)?;
-        Ok(())
+        self.ip(
+            End::A,
+            &[
+                "link",
+                "add",
+                "name",
+                &self.a_name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.b_name,
+                "netns",
+                &self.b_ns,
+            ],
+        )?;
+        self.bring_up(mtu)
     }
 
     /// Sets `end`'s MAC address (`ip link set DEV address MAC`, the link staying up) and
