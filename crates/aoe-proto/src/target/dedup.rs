@@ -108,7 +108,7 @@ pub(super) struct Key {
 impl Key {
     /// The key of write request `req` from `src` under `tag`: what the lookup before the
     /// write (`Engine::read_write`) and the batch's prefetch pass
-    /// ([`Engine::prefetch_frame`](super::Engine::prefetch_frame)) both hash, so the line
+    /// ([`Engine::dedup_line`](super::Engine::dedup_line)) both hash, so the line
     /// the pass hints is the line the lookup reads.
     pub(super) fn of_write(src: MacAddr, tag: u32, req: &AtaRepr<'_>) -> Key {
         Key {
@@ -248,7 +248,7 @@ enum Found {
 /// hashes and two entry lookups a write (its admission, the removal of the write pushed
 /// out), 5-7% of the target's samples under writes. What is left is the cache miss on the
 /// home group, read at random: the daemon hints it ([`Dedup::line`], through
-/// `Engine::prefetch_frame`) for every frame of a receive batch before it handles the first,
+/// `Engine::dedup_line`) for every frame of a receive batch before it handles the first,
 /// so the line comes in behind the work on the frames before (docs/PERFORMANCE.md, "The
 /// duplicate-write table's cost"). The queue is also the sector-range index a copy is
 /// checked against ([`Dedup::overwritten_since`]): a walk from the copied write to the back.
