@@ -30,7 +30,7 @@ for f in sorted(glob.glob('target/criterion/*/*/new/sample.json')):
     per = [t / i for t, i in zip(d['times'], d['iters'])]
     name = f.split('/')[3]
     print(f"round {sys.argv[1]}\t{sys.argv[2]}\tload {sys.argv[3]}\t{name}\t"
-          f"fastest {min(per) / 1000:.2f} us\tmedian {statistics.median(per) / 1000:.2f} us")
+          f"fastest {min(per) / 1000:.3f} us\tmedian {statistics.median(per) / 1000:.3f} us")
 PY
     done
 done

@@ -109,7 +109,6 @@ fn target(c: &mut Criterion) {
         "write request (8.5 KiB, dedup) -> disk work -> reply header",
         |b| {
             let mut e = target_engine();
-            e.set_prefetch(aoe_sys::prefetch);
             let mut reqs: Vec<Vec<u8>> = (0..64u32)
                 .map(|k| write_request(u64::from(k) * 17, 0x1000_0000 + k, k as u8))
                 .collect();
@@ -124,7 +123,9 @@ fn target(c: &mut Criterion) {
                 tag = tag.wrapping_add(1);
                 // The tag: bytes 6..10 of the AoE header, after the 14-byte Ethernet one.
                 req[20..24].copy_from_slice(&tag.to_be_bytes());
-                e.prefetch_frame(black_box(req));
+                if let Some(line) = e.dedup_line(black_box(req)) {
+                    aoe_sys::prefetch(line);
+                }
                 let Outcome::Io(io) = e.handle_frame(0, black_box(req), &mut reply) else {
                     panic!("a write must ask for disk work");
                 };

@@ -503,8 +503,6 @@ pub struct Engine {
     /// The time the driver last gave ([`Engine::set_now`]); `None` until then, when entries
     /// of `dedup` are forgotten by number only.
     now: Option<Instant>,
-    /// The driver's cache hint ([`Engine::set_prefetch`]).
-    prefetch: Option<fn(*const u8)>,
 }
 
 /// Bytes an answer on an interface of `mtu` carries after the AoE header (10 bytes) and an
@@ -552,7 +550,6 @@ impl Engine {
             queries: QueryLimit::default(),
             dedup: dedup::Dedup::new(DedupConfig::default()),
             now: None,
-            prefetch: None,
         }
     }
 
@@ -562,49 +559,32 @@ impl Engine {
         self.now = Some(now);
     }
 
-    /// Gives the engine a cache hint to call with the address of memory it is about to
-    /// read, e.g. `aoe_sys::prefetch`: for a write, the line of the duplicate-write table's
-    /// index the write will look up, hinted by [`prefetch_frame`](Self::prefetch_frame)
-    /// for every frame of a batch before the first is handled, so that the line (most often
-    /// not in the cache: the index is read at random) comes in behind the frames before it.
-    /// The engine reads nothing through the hint; without one, nothing changes.
-    pub fn set_prefetch(&mut self, hint: fn(*const u8)) {
-        self.prefetch = Some(hint);
-    }
-
-    /// Hints ([`Engine::set_prefetch`]) the line of the duplicate-write table's index that
-    /// `frame`, if it is an ATA write, will look up when [`handle_frame`](Self::handle_frame)
-    /// takes it. The driver calls it for every frame of a receive batch before it handles
-    /// the first, so that each write's line comes in behind the work on the frames before
-    /// it (the lookup follows the write's header checks at once). Only reads: a frame that
-    /// is no write, or one `handle_frame` would refuse, costs a header parse and changes
-    /// nothing.
-    pub fn prefetch_frame(&self, frame: &[u8]) {
-        let Some(hint) = self.prefetch else {
-            return;
-        };
+    /// The address of the line of the duplicate-write table's index that `frame`, if it is
+    /// an ATA write, will look up when [`handle_frame`](Self::handle_frame) takes it; `None`
+    /// for any other frame (a read, a response, one too short to parse), and while the
+    /// table is off or has no index yet. Nothing is read through the address: it is for a
+    /// cache hint (`aoe_sys::prefetch`, x86-64 `prefetcht0`) that the driver issues for
+    /// every frame of a receive batch before it handles the first, so that each write's
+    /// line (most often not in the cache: the index is read at random) comes in behind the
+    /// work on the frames before it. The driver issues the hint itself, inlined where it
+    /// loops over the batch: held here as a function pointer it was an indirect call a
+    /// write, never inlined, 20-51 ns a request in session 31's profiles
+    /// (docs/PERFORMANCE.md, "Session 34: the target's own cost a request").
+    pub fn dedup_line(&self, frame: &[u8]) -> Option<*const u8> {
         if !self.dedup.active() {
-            return;
+            return None;
         }
-        let Ok(view) = Frame::new_checked(frame) else {
-            return;
-        };
-        let Ok(header) = HeaderRepr::parse(&view) else {
-            return;
-        };
+        let view = Frame::new_checked(frame).ok()?;
+        let header = HeaderRepr::parse(&view).ok()?;
         if header.response || header.command != Command::Ata {
-            return;
+            return None;
         }
-        let Ok(req) = AtaRepr::parse(view.payload()) else {
-            return;
-        };
+        let req = AtaRepr::parse(view.payload()).ok()?;
         if !req.aflags.contains(AtaFlags::WRITE) {
-            return;
+            return None;
         }
         let key = dedup::Key::of_write(header.src, header.tag.0, &req);
-        if let Some(line) = self.dedup.line(self.dedup.hash(&key)) {
-            hint(line);
-        }
+        self.dedup.line(self.dedup.hash(&key))
     }
 
     /// How long and how many executed writes are remembered to answer their copies.
@@ -1282,7 +1262,7 @@ impl Engine {
             // A copy of a write admitted moments ago (a network duplicate) is dropped while
             // that write is in flight or once a newer write overlapped it: run then, it would
             // put the old data back over acknowledged new data. No digest of the data: the
-            // daemon's batch pass already hinted the index line (`prefetch_frame`).
+            // daemon's batch pass already hinted the index line (`dedup_line`).
             let key = dedup::Key::of_write(rsp.dst, rsp.tag.0, req);
             let admitted = match self.dedup.admit(self.now, key) {
                 Ok(a) => a,

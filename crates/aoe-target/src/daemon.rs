@@ -962,7 +962,7 @@ impl Daemon {
             self.rx_frames += got as u64;
             // One pass over the batch's headers first: each write's line of its export's
             // duplicate-write table is asked for now and comes in while the frames before it
-            // are handled ([`Engine::prefetch_frame`](aoe_proto::target::Engine::prefetch_frame)).
+            // are handled ([`Engine::dedup_line`](aoe_proto::target::Engine::dedup_line)).
             if got > 1 {
                 self.prefetch_batch(idx, got);
             }
@@ -997,7 +997,7 @@ impl Daemon {
 
     /// Hints the duplicate-write table's lines the writes among the first `got` frames of
     /// interface `idx` will look up, for the exports each is addressed to. The first frame's
-    /// line is left to the engine's own hint: nothing would come before it to hide it.
+    /// line is not hinted: nothing would come before it to hide it.
     fn prefetch_batch(&self, idx: usize, got: usize) {
         let iface = &self.ifaces[idx];
         for f in 1..got {
@@ -1007,8 +1007,13 @@ impl Daemon {
             }
             for route in &iface.exports {
                 if route.reaches(iface.frame(f)) {
-                    if let Some(e) = self.exports.get(&route.id) {
-                        e.engine.prefetch_frame(iface.frame(f));
+                    // The hint inlined here (`prefetcht0`), not called through a pointer.
+                    if let Some(line) = self
+                        .exports
+                        .get(&route.id)
+                        .and_then(|e| e.engine.dedup_line(iface.frame(f)))
+                    {
+                        aoe_sys::prefetch(line);
                     }
                 }
             }

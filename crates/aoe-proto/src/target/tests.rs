@@ -1727,19 +1727,6 @@ fn writes_to_a_wildcard_address_are_aborted_reads_answered() {
     assert_eq!(&disk[..1024], &data[..]);
 }
 
-thread_local! {
-    /// The addresses the engine hinted through [`record_hint`], in order.
-    static HINTS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn record_hint(p: *const u8) {
-    HINTS.with(|h| h.borrow_mut().push(p as usize));
-}
-
-fn take_hints() -> Vec<usize> {
-    HINTS.with(|h| std::mem::take(&mut *h.borrow_mut()))
-}
-
 /// The home group of the index that a write `frame` looks up (where its key is, or goes).
 fn index_line(e: &Engine, frame: &[u8]) -> usize {
     let m = Message::parse(frame).unwrap();
@@ -1748,40 +1735,32 @@ fn index_line(e: &Engine, frame: &[u8]) -> usize {
     e.dedup.line(e.dedup.hash(&key)).unwrap() as usize
 }
 
-/// The batch's prefetch pass (`Engine::prefetch_frame`) hints the very line the write's
-/// lookup reads, and nothing for what is no write; it changes nothing the engine does.
+/// The address the daemon's batch pass hints (`Engine::dedup_line`) is the very line the
+/// write's lookup reads, and there is none for what is no write; asking changes nothing the
+/// engine does.
 #[test]
-fn prefetch_frame_hints_the_line_the_write_looks_up_and_only_for_writes() {
+fn dedup_line_is_the_line_the_write_looks_up_and_only_for_writes() {
     let mut e = engine(1000);
     e.set_now(Instant::now());
     let mut disk = vec![0u8; 1000 * 512];
-    // Without a hint set, nothing to call.
-    e.prefetch_frame(&write_frame(HOST, 1, 0, &[1u8; 512]));
-    e.set_prefetch(record_hint);
+    // No index before the first write: no line.
+    assert_eq!(e.dedup_line(&write_frame(HOST, 1, 0, &[1u8; 512])), None);
     io_round(&mut e, &mut disk, &write_frame(HOST, 1, 0, &[1u8; 512]));
-    assert_eq!(
-        take_hints(),
-        Vec::<usize>::new(),
-        "handling a frame hints nothing"
-    );
     for (tag, lba) in [(2, 5), (3, 900), (0xdead_beef, 77)] {
         let w = write_frame(HOST, tag, lba, &[tag as u8; 1024]);
-        e.prefetch_frame(&w);
-        let ahead = take_hints();
-        assert_eq!(
-            ahead,
-            vec![index_line(&e, &w)],
-            "one hint, the write's line"
-        );
+        let line = e.dedup_line(&w).map(|p| p as usize);
+        assert_eq!(line, Some(index_line(&e, &w)), "the write's line");
         io_round(&mut e, &mut disk, &w);
     }
     // A copy of an answered write: the same line, and run again (nothing overlapped it).
     let w = write_frame(HOST, 2, 5, &[2u8; 1024]);
-    e.prefetch_frame(&w);
-    assert_eq!(take_hints(), vec![index_line(&e, &w)]);
+    assert_eq!(
+        e.dedup_line(&w).map(|p| p as usize),
+        Some(index_line(&e, &w))
+    );
     io_round(&mut e, &mut disk, &w);
     assert_eq!(e.stats().dedup.executed_again, 1);
-    // No hint for a read, a response, a frame too short to parse, or another command.
+    // No line for a read, a response, a frame too short to parse, or another command.
     let read = request(HOST, ADDR, ata(0x24, AtaFlags::EXTENDED, 2, 0, &[]));
     let mut response = write_frame(HOST, 9, 0, &[0u8; 512]);
     response[14] |= 0x08;
@@ -1793,16 +1772,14 @@ fn prefetch_frame_hints_the_line_the_write_looks_up_and_only_for_writes() {
         &query[..],
         &[][..],
     ] {
-        e.prefetch_frame(f);
+        assert_eq!(e.dedup_line(f), None);
     }
-    assert_eq!(take_hints(), Vec::<usize>::new());
-    // With the table off, no line to hint.
+    // With the table off, no line.
     e.set_dedup(DedupConfig {
         window: Duration::ZERO,
         entries: 0,
     });
-    e.prefetch_frame(&write_frame(HOST, 4, 8, &[4u8; 512]));
-    assert_eq!(take_hints(), Vec::<usize>::new());
+    assert_eq!(e.dedup_line(&write_frame(HOST, 4, 8, &[4u8; 512])), None);
 }
 
 /// A READ of one sector at `lba` from `src`, tagged `tag`.

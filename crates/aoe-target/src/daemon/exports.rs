@@ -958,7 +958,6 @@ impl Opener {
             state,
         );
         engine.set_dedup(config.dedup);
-        engine.set_prefetch(aoe_sys::prefetch);
         Ok(ExportRt {
             spec: spec.clone(),
             engine,
