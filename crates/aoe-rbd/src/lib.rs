@@ -6,9 +6,11 @@
 //! fencing that lets two `aoe serve` gateways export one image safely, as Ceph's iSCSI
 //! gateways (tcmu-runner's rbd handler) do.
 //!
-//! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
-//! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
-//! gateway that was only slow, not dead, can no longer write. It notices without waiting for
+//! Failover: a gateway that finds the lock held breaks it. It has the monitors blocklist
+//! the holder before and after it breaks the lock (librbd does too, by Ceph's
+//! `rbd_blocklist_on_break_lock`, but with settings it fixed from the image's config at open,
+//! which the gateway's check reads a moment later: `Shared::break_lock`), so a gateway that
+//! was only slow, not dead, can no longer write. It notices without waiting for
 //! a write: a monitor thread per image asks the cluster who holds the lock whenever librbd's
 //! update watch reports a header change (which a blocklisted client's watch does once
 //! librbd re-registers it), and every [`LOCK_RECHECK`] while the export writes (a lock
@@ -1334,11 +1336,25 @@ impl Shared {
     }
 
     /// Breaks `owner`'s lock; one already gone (released, or broken by another) is fine.
+    ///
+    /// The gateway blocklists `owner` itself first, for the monitors' default time, and
+    /// again after the break: the fence does not depend on librbd's `rbd_blocklist_on_break_lock`
+    /// and `rbd_blocklist_expire_seconds`, which librbd fixes in the image's exclusive lock
+    /// from the image's config when it opens the image (`ExclusiveLock`'s constructor;
+    /// session 33: a value set on an open image does not reach its lock break). The
+    /// gateway's check of that config ([`refusal`]) reads it again after the open, so an
+    /// override removed in between (milliseconds) would pass the check while the lock still
+    /// breaks with it: without blocklisting (the old holder's queued writes would land over
+    /// ours) or, where librbd's break with an expiry works, re-blocklisting for seconds over
+    /// the hour. Blocklisting before the break fences the holder whatever the lock does; the
+    /// second blocklist restores the hour if librbd's break shortened it.
     fn break_lock(&self, owner: &str) -> io::Result<()> {
+        self.image.blocklist(owner)?;
         match self.image.lock_break(owner) {
-            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => Ok(()),
-            r => r,
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => {}
+            r => r?,
         }
+        self.image.blocklist(owner)
     }
 
     /// The size now (librbd refreshes it after a resize), or as last read if the cluster
