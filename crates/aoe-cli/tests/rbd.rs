@@ -3259,3 +3259,112 @@ fn a_take_over_fences_the_old_gateway_though_an_override_is_removed_between_open
     let _ = b.stop();
     r.rig.finish();
 }
+
+/// Session 33's "Left": a pool's or image's `rbd_plugins` set on a served image changes
+/// nothing in the gateway serving it (librbd loads plugins at open only), but a plugin that
+/// is not installed stops every later open of the image, the gateway's that would take it
+/// over included (`OpenError::MissingPlugin`; Debian's librbd 16 installs none, not even
+/// `parent_cache`). Before, the serving gateway said nothing of it. Now its monitor logs
+/// it, once per change, with the way out: `rados rmomapkey` for the image's (`rbd` cannot
+/// open the image to remove it), `rbd config pool remove` for the pool's; and once it is
+/// gone. The gateway serves on with its lock.
+#[test]
+fn a_plugin_named_on_a_served_image_is_logged_as_what_stops_a_take_over() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let first = pattern(35, 4096);
+    write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
+    let gateway_log = || {
+        r.rig
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let wait_logged = |what: &str, why: &str| {
+        assert!(
+            wait_until(Duration::from_secs(30), || gateway_log().lines().any(|l| l
+                .contains("a gateway starting on it now")
+                && l.contains(what))),
+            "gateway A did not log {why}:\n{}",
+            gateway_log()
+        );
+    };
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", "rbd_plugins", "parent_cache"]);
+    wait_logged(
+        "would load the librbd plugins parent_cache (rbd_plugins from the image)",
+        "the image's rbd_plugins",
+    );
+    assert!(
+        gateway_log().contains("rmomapkey rbd_header.ID metadata_conf_rbd_plugins")
+            && gateway_log().contains("get rbd_id.img /dev/stdout"),
+        "the warning names no way out:\n{}",
+        gateway_log()
+    );
+    // What it warns of: a gateway starting on the image now cannot open it.
+    let e = refused_at_start(&r, "rbd/img", &["-r"]);
+    assert!(
+        e.contains("plugin that its config names is not installed"),
+        "{e}"
+    );
+    // The way out it gives (rados touches the header object alone and notifies nobody).
+    let id = r
+        .ceph
+        .ok("rados", &["-p", "rbd", "get", "rbd_id.img", "/dev/stdout"]);
+    let id: String = id
+        .chars()
+        .skip(4)
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    r.ceph.ok(
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "rmomapkey",
+            &format!("rbd_header.{id}"),
+            "metadata_conf_rbd_plugins",
+        ],
+    );
+    // The pool's: set, then removed in a later second (session 33: the pool's change is
+    // stamped in whole seconds); its notification also refreshes A after the rmomapkey.
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    r.ceph
+        .rbd_config(&["pool", "set", "rbd", "rbd_plugins", "parent_cache"]);
+    let set_at = secs();
+    wait_logged(
+        "would load the librbd plugins parent_cache (rbd_plugins from the pool)",
+        "the pool's rbd_plugins",
+    );
+    assert!(
+        gateway_log().contains("`rbd config pool remove rbd rbd_plugins`"),
+        "{}",
+        gateway_log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || secs() > set_at));
+    r.ceph.rbd_config(&["pool", "remove", "rbd", "rbd_plugins"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || gateway_log().contains(
+            "no longer has an override that a starting gateway would refuse"
+        )),
+        "gateway A did not log that the plugins are gone:\n{}",
+        gateway_log()
+    );
+    // A served on all along, with its lock, and the image opens again.
+    let second = pattern(36, 4096);
+    write_sync(&r.rig.dev(), 8192, &second).expect("write through gateway A afterwards");
+    let exported = r.ceph.export("rbd/img");
+    assert!(exported[..4096] == first[..] && exported[8192..8192 + 4096] == second[..]);
+    assert!(
+        !gateway_log().contains("lost the image's exclusive lock"),
+        "{}",
+        gateway_log()
+    );
+    r.rig.finish();
+}

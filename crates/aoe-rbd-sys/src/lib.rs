@@ -756,7 +756,9 @@ impl Image {
         check(
             // SAFETY: live connected cluster handle (the image holds it); `c` is a
             // NUL-terminated string that librados only reads (its prototype lacks `const`).
-            unsafe { ffi::rados_blocklist_add(self._io._cluster.raw, c.as_ptr() as *mut c_char, 0) },
+            unsafe {
+                ffi::rados_blocklist_add(self._io._cluster.raw, c.as_ptr() as *mut c_char, 0)
+            },
             &format!("cannot blocklist {addr}"),
         )
         .map(|_| ())

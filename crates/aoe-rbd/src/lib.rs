@@ -780,6 +780,10 @@ fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> 
 struct Targets {
     pool: String,
     image: String,
+    /// `rados`'s `-p POOL [-N NAMESPACE]`, for the header object's commands.
+    rados: String,
+    /// The image's name alone (`rbd_id.NAME` holds its ID).
+    name: String,
 }
 
 impl Targets {
@@ -790,7 +794,25 @@ impl Targets {
                 Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
                 None => format!("{}/{}", o.pool, o.image),
             },
+            rados: match &o.namespace {
+                Some(ns) => format!("-p {} -N {ns}", o.pool),
+                None => format!("-p {}", o.pool),
+            },
+            name: o.image.clone(),
         }
+    }
+
+    /// How to remove the image's own `rbd_plugins` when `rbd` cannot open the image
+    /// (a plugin not installed: `rbd config image remove` fails as the open does).
+    fn plugins_fix(&self) -> String {
+        format!(
+            "`rbd` cannot open the image to remove the image's override either: remove it \
+             from the image's header object (`rados {r} rmomapkey rbd_header.ID \
+             metadata_conf_rbd_plugins`, with the ID that `rados {r} get rbd_id.{image} \
+             /dev/stdout` prints)",
+            r = self.rados,
+            image = self.name
+        )
     }
 
     /// The target of `rbd config LEVEL ...` for `level` (`pool` or `image`).
@@ -957,11 +979,6 @@ fn missing_plugin(
         c.into_iter()
             .find(|x| x.name == "rbd_plugins" && !x.value.trim().is_empty())
     });
-    let ns = o
-        .namespace
-        .as_ref()
-        .map(|n| format!(" -N {n}"))
-        .unwrap_or_default();
     let (plugins, fix) = match listed {
         Some(p) if p.source == ConfigSource::Pool => (
             format!("rbd_plugins={} from the pool", p.value),
@@ -976,14 +993,7 @@ fn missing_plugin(
         ),
         None => (
             "rbd_plugins from the image: the pool sets none".to_string(),
-            format!(
-                "`rbd` cannot open the image to remove the image's override either: remove it \
-                 from the image's header object (`rados -p {pool}{ns} rmomapkey rbd_header.ID \
-                 metadata_conf_rbd_plugins`, with the ID that `rados -p {pool}{ns} get \
-                 rbd_id.{image} /dev/stdout` prints)",
-                pool = o.pool,
-                image = o.image
-            ),
+            Targets::new(o).plugins_fix(),
         ),
     };
     OpenError::MissingPlugin {
@@ -992,6 +1002,45 @@ fn missing_plugin(
         fix,
         error,
     }
+}
+
+/// What the served image's monitor logs when the pool's or image's config names librbd
+/// plugins (`rbd_plugins`, over the client's empty list): the plugins, where from, what they
+/// do and how to remove them. librbd loads plugins at open only (`image::OpenRequest`'s
+/// plugin registry), so the running gateway goes on without them (session 33: `pwl_cache`
+/// set on a served image changed nothing in it), but every later open loads them. A plugin
+/// that is not installed (Debian's librbd 16 installs none) fails every open of the image
+/// with `ENOSYS` (the gateway taking it over says why, [`OpenError::MissingPlugin`], but
+/// cannot serve it); `pwl_cache` with a `rbd_persistent_cache_mode` is refused for a
+/// writable export anyway ([`persistent_cache`]); `parent_cache` reads a clone's parent, an
+/// immutable snapshot, through the host's `ceph-immutable-object-cache` daemon, which breaks
+/// no promise of the gateway's but is a daemon the next gateway's host must run. An image's
+/// own list cannot be removed with `rbd` where the plugin is missing, so the `rados` way is
+/// given.
+fn plugins(config: &[aoe_rbd_sys::ConfigOption], targets: &Targets) -> Option<String> {
+    use aoe_rbd_sys::ConfigSource;
+    let p = option(config, "rbd_plugins")?;
+    if p.source == ConfigSource::Client || p.value.trim().is_empty() {
+        return None;
+    }
+    let fix = if p.source == ConfigSource::Pool {
+        format!("`rbd config pool remove {} rbd_plugins`", targets.pool)
+    } else {
+        format!(
+            "`rbd config image remove {} rbd_plugins` where the plugins are installed; else {}",
+            targets.image,
+            targets.plugins_fix()
+        )
+    };
+    Some(format!(
+        "the librbd plugins {value} (rbd_plugins from the {level}): librbd loads plugins at \
+         open only, so this gateway runs without them, but where one is not installed no \
+         gateway can open the image at all (librbd: Function not implemented), and pwl_cache \
+         caches writes on the gateway's host. Remove the override unless every gateway's \
+         host has the plugins and they are meant: {fix}",
+        value = p.value.trim(),
+        level = level(p.source),
+    ))
 }
 
 /// `rbd config`'s name for where an override lives: `pool` for the pool's, else `image`
@@ -1184,7 +1233,9 @@ impl Shared {
     /// `rbd_cache_max_dirty`, `rbd_persistent_cache_mode` and `rbd_plugins` set on a served
     /// image changed what librbd lists, not what it does). But the override would stop
     /// the next gateway, the one taking the image over when this one dies: said now, while
-    /// there is time to remove it, rather than at the take-over.
+    /// there is time to remove it, rather than at the take-over. A pool's or image's
+    /// `rbd_plugins` is logged likewise ([`plugins`]), though it is no refusal: a plugin not
+    /// installed stops every open of the image, the next gateway's included.
     fn recheck_config(&self) {
         let config = match self.image.config() {
             Ok(c) => c,
@@ -1193,8 +1244,9 @@ impl Shared {
                 return;
             }
         };
-        let now =
-            refusal(&config, self.read_only, &self.name, &self.targets).map(|e| e.to_string());
+        let now = refusal(&config, self.read_only, &self.name, &self.targets)
+            .map(|e| format!("would refuse it: {e}"))
+            .or_else(|| plugins(&config, &self.targets).map(|p| format!("would load {p}")));
         let Ok(mut last) = self.refused.lock() else {
             return;
         };
@@ -1206,12 +1258,12 @@ impl Shared {
                 image = %self.name,
                 "the image's librbd config changed while it is served: this gateway keeps \
                  what it opened the image with, but a gateway starting on it now (taking it \
-                 over, or this one restarted) would refuse it: {e}"
+                 over, or this one restarted) {e}"
             ),
             None => tracing::info!(
                 image = %self.name,
                 "the image's librbd config no longer has an override that a starting gateway \
-                 would refuse"
+                 would refuse (nor plugins it would load)"
             ),
         }
         *last = now;
