@@ -1207,7 +1207,7 @@ impl DirectUnder {
     /// What `path` names, asked by path (`stat(2)`, `statfs(2)` and sysfs; symlinks
     /// followed, as open(2) does), without opening it: [`FileBackend::open`] needs the
     /// answer for its open's flags. Before session 34 the path was opened once more,
-    /// read-only, to ask its descriptor; [`DirectUnder::of`] asks one, for the tests' check
+    /// read-only, to ask its descriptor; `DirectUnder::of` asks one, for the tests' check
     /// that both agree.
     fn at(path: &Path) -> DirectUnder {
         let Ok(meta) = std::fs::metadata(path) else {
