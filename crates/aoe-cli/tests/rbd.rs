@@ -3185,18 +3185,34 @@ fn lock_holder(r: &RbdRig, image: &str) -> String {
 /// itself.
 #[test]
 fn a_take_over_fences_the_old_gateway_though_an_override_is_removed_between_open_and_check() {
+    take_over_with_an_override_removed_between_open_and_check(
+        "rbd_blocklist_on_break_lock",
+        "false",
+    );
+}
+
+/// The same window with `rbd_blocklist_expire_seconds 5`: librbd 16's lock break fails
+/// with EINVAL when the lock was made with an expiry (session 32). Before, gateway B
+/// passed the check, its break failed (`cannot break ...'s lock: Invalid argument`) and B
+/// exited: the image could not be taken over until B was started again (and with only the
+/// fix above, A would have been fenced with nobody serving). Now B opens the image once
+/// more when its break fails so, with the config of now, and takes it over.
+#[test]
+fn a_take_over_whose_lock_break_fails_on_an_expiry_removed_between_open_and_check_opens_again() {
+    take_over_with_an_override_removed_between_open_and_check("rbd_blocklist_expire_seconds", "5");
+}
+
+/// Gateway A serves rbd/img; `option` is set to `value` on the image; gateway B (another
+/// address) opens it, is held before its config check ([`config_pause_shim`]) while the
+/// override is removed, and must then take the image over with A blocklisted and fenced.
+fn take_over_with_an_override_removed_between_open_and_check(option: &str, value: &str) {
     let r = RbdRig::start("rbd/img", |ceph| {
         ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
     });
     write_sync(&r.rig.dev(), 0, &pattern(7, 4096)).expect("write through gateway A");
     let a_addr = lock_holder(&r, "rbd/img");
-    r.ceph.rbd_config(&[
-        "image",
-        "set",
-        "rbd/img",
-        "rbd_blocklist_on_break_lock",
-        "false",
-    ]);
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", option, value]);
     let dir = tempfile::Builder::new()
         .prefix("aoe-rbd-pause-")
         .tempdir()
@@ -3225,8 +3241,7 @@ fn a_take_over_fences_the_old_gateway_though_an_override_is_removed_between_open
         b.output_so_far()
     );
     // B's librbd opened the image with the override; now it goes, before B's check.
-    r.ceph
-        .rbd_config(&["image", "remove", "rbd/img", "rbd_blocklist_on_break_lock"]);
+    r.ceph.rbd_config(&["image", "remove", "rbd/img", option]);
     fs::write(dir.path().join("go"), b"").expect("release gateway B");
     assert!(
         wait_until(Duration::from_secs(90), || packet_sockets(&r.rig.target_ns)

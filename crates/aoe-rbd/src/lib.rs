@@ -480,6 +480,17 @@ impl RbdBackend {
     /// holder's: see the crate documentation for the failover this gives.
     /// Finished requests go to `completions`.
     pub fn open(o: &RbdOptions, completions: Arc<Completions>) -> Result<RbdBackend, OpenError> {
+        Self::open_once(o, completions, true)
+    }
+
+    /// [`RbdBackend::open`]; `first` is false on the one retry that a lock break failing
+    /// with `EINVAL` gets (see there).
+    fn open_once(
+        o: &RbdOptions,
+        completions: Arc<Completions>,
+        first: bool,
+    ) -> Result<RbdBackend, OpenError> {
+        let again = completions.clone();
         let name = o.name();
         let client = o.client_id.clone().unwrap_or_else(|| "admin".into());
         let secs = o.connect_timeout.as_secs().max(1).to_string();
@@ -622,7 +633,26 @@ impl RbdBackend {
             reserve_changed: AtomicBool::new(false),
         });
         if locked {
-            let broke = shared.take_lock().map_err(|e| classify(e, "lock"))?;
+            let broke = match shared.take_lock() {
+                Ok(broke) => broke,
+                // librbd 16's lock break fails with EINVAL when the image's lock was made
+                // with an `rbd_blocklist_expire_seconds` (session 32), which it takes from the
+                // config at open: here the config checked above no longer sets one, so it
+                // was removed between librbd's open and the check. The holder is fenced
+                // already (`Shared::break_lock` blocklists it first); a fresh open makes a
+                // lock with the config of now, and checks it again.
+                Err(e) if first && errno(&e) == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        image = %name,
+                        error = %e,
+                        "the lock break failed with settings librbd took from the image's \
+                         config at open, which has changed since; opening the image again"
+                    );
+                    drop(shared);
+                    return Self::open_once(o, again, false);
+                }
+                Err(e) => return Err(classify(e, "lock")),
+            };
             shared.took_over.store(broke, Ordering::SeqCst);
         }
         // librbd calls back on every header change (resize, metadata, lock traffic, and after
