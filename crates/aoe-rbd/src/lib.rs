@@ -477,7 +477,10 @@ pub const RESERVE_KEY: &str = "aoe.reserve";
 impl RbdBackend {
     /// Connects, opens the image and, for a writable export of an image with the
     /// exclusive-lock feature, takes its lock, breaking (and so blocklisting) a previous
-    /// holder's: see the crate documentation for the failover this gives.
+    /// holder's: see the crate documentation for the failover this gives. A lock break
+    /// that fails with `EINVAL` (librbd 16, for a lock made with an
+    /// `rbd_blocklist_expire_seconds` from the image's config at open, which the check after
+    /// the open no longer found) gets one fresh open, with the config of now.
     /// Finished requests go to `completions`.
     pub fn open(o: &RbdOptions, completions: Arc<Completions>) -> Result<RbdBackend, OpenError> {
         Self::open_once(o, completions, true)
