@@ -69,6 +69,12 @@ pub struct InitiatorArgs {
     /// can reach the port can read and write every AoE disk).
     #[arg(long, requires = "nbd_tcp")]
     nbd_tcp_any: bool,
+    /// Serve the NBD exports read-only: clients see NBD_FLAG_READ_ONLY (nbdinfo's
+    /// is_read_only, qemu's read-only node) and a write gets EPERM. AoE has no way for a
+    /// target to say it refuses writes (`aoe serve -r` aborts each one), so say it here.
+    /// The FUSE files stay writable.
+    #[arg(long)]
+    nbd_read_only: bool,
     /// Serve the files' requests through FUSE over io_uring (Linux 6.14+, with
     /// /sys/module/fuse/parameters/enable_uring set to Y by root) instead of read(2) and
     /// writev(2) on /dev/fuse. Refused with the reason where the kernel does not allow it.
@@ -145,6 +151,7 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,
         tcp: nbd_tcp,
+        read_only: a.nbd_read_only,
     };
     serve(&opts, &nbd, &stop, &force, a.metrics.metrics, a.fuse_uring)
 }

@@ -87,6 +87,11 @@ struct Rig {
 
 impl Rig {
     fn start(kind: Target) -> Rig {
+        Rig::start_with(kind, &[])
+    }
+
+    /// [`Rig::start`] with `extra` options for `aoe initiator`.
+    fn start_with(kind: Target, extra: &[&str]) -> Rig {
         require_tools();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut files = Vec::new();
@@ -136,6 +141,7 @@ impl Rig {
             .arg(&rig.sock)
             // 127.0.0.1 of the initiator's own namespace: no clash between tests.
             .args(["--nbd-tcp", "127.0.0.1:10809"])
+            .args(extra)
             .env("AOE_LOG", "debug");
         let mut init = NsChild::spawn_command(cmd).expect("start aoe initiator");
         let sock = rig.sock.clone();
@@ -1216,6 +1222,103 @@ fn nbd_connection_flood_is_logged_once_a_second() {
     assert!(
         (1..=secs + 2).contains(&lines),
         "{lines} warnings for 500 refused connections in {secs} s{}",
+        rig.logs()
+    );
+}
+
+/// Session 34: `aoe initiator --nbd-read-only` serves every NBD export read-only. AoE
+/// cannot say that a target refuses writes (`aoe serve -r` and `vblade -r` abort each one
+/// with an ATA error), so the initiator is told. Clients see `NBD_FLAG_READ_ONLY` (nbdinfo's
+/// `is_read_only: true`, neither FUA nor write zeroes), a write or write zeroes gets
+/// `NBD_EPERM` (NBD protocol, "Error values"), nbdcopy and qemu-io refuse to write, reads
+/// and flushes are served, and the backing files are untouched. Before, the option did not
+/// exist (the base binary refuses it: the initiator does not start), and no export was
+/// ever read-only.
+#[test]
+fn nbd_read_only_exports_say_so_and_refuse_writes_with_eperm() {
+    let rig = Rig::start_with(Target::AoeServe, &["--nbd-read-only"]);
+    let before = [rig.backing(0), rig.backing(1)];
+    for export in ["e1.1", "e1.1p1", "e1.2"] {
+        let info = rig.client("nbdinfo", &[&rig.uri(export)]);
+        for needle in [
+            "is_read_only: true",
+            "can_fua: false",
+            "can_zero: false",
+            "can_flush: true",
+        ] {
+            assert!(
+                info.contains(needle),
+                "nbdinfo {export} lacks {needle:?}:\n{info}"
+            );
+        }
+    }
+    // A raw client that ignores the flag: EPERM for writes and write zeroes (with FUA
+    // too), and the connection serves on.
+    const EPERM: u32 = 1;
+    for structured in [false, true] {
+        let mut c = rig.connect("e1.2", structured);
+        assert_eq!(c.write(0, &[0x5a; 4096], 0), EPERM);
+        assert_eq!(c.write(512, &[0x5a; 512], 1), EPERM, "write with FUA");
+        c.send(6, 0, 3, 0, 4096, &[]);
+        assert_eq!(c.reply(|_| 0), (3, EPERM, vec![]), "write zeroes");
+        assert_eq!(
+            c.read(0, 4096),
+            Ok(before[1][..4096].to_vec()),
+            "read after the refused writes{}",
+            rig.logs()
+        );
+        c.send(3, 0, 4, 0, 0, &[]);
+        assert_eq!(c.reply(|_| 0), (4, 0, vec![]), "flush");
+    }
+    // Real clients: nbdcopy into the export and qemu-io's write fail; qemu-io reads.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = dir.path().join("src.img");
+    fs::write(&src, vec![0xa5; (PART.1 * 512) as usize]).expect("source file");
+    let o = run(Command::new("timeout")
+        .args(["-k", "5", "60", "nbdcopy"])
+        .arg(&src)
+        .arg(rig.uri("e1.1p1")));
+    assert!(
+        !o.status.success(),
+        "nbdcopy wrote to a read-only export:\n{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        rig.logs()
+    );
+    let o = run(Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "60",
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 4096",
+        ])
+        .arg(rig.uri("e1.1")));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() || text.contains("Permission denied") || text.contains("read-only"),
+        "qemu-io wrote to a read-only export ({}):\n{text}",
+        o.status
+    );
+    let p = before[0][4096];
+    let read = format!("read -P {p:#x} 4096 1");
+    let out = rig.client(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", &read, &rig.uri("e1.1")],
+    );
+    assert!(
+        !out.contains("fail") && !out.contains("error"),
+        "qemu-io -r:\n{out}"
+    );
+    assert!(
+        rig.backing(0) == before[0] && rig.backing(1) == before[1],
+        "a backing file changed under read-only exports{}",
         rig.logs()
     );
 }

@@ -3110,3 +3110,276 @@ fn an_override_set_on_a_served_image_is_logged_as_what_a_take_over_would_refuse(
     );
     r.rig.finish();
 }
+
+/// A preload library for `aoe serve` that stops its first `rbd_config_image_list` (the
+/// gateway's check of the image's config, right after librbd's open) until the file `go`
+/// appears in `$AOE_TEST_PAUSE_DIR`, having made `paused` there (120 s at most): widens the
+/// window between librbd's open and the gateway's check to what a test needs, for the base
+/// binary and the new one alike, with nothing of it in `aoe` itself. Built with `cc` into
+/// `dir`; returns the library's path.
+fn config_pause_shim(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("pause.c");
+    let lib = dir.join("pause.so");
+    fs::write(
+        &src,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+typedef int (*list_fn)(void *, void *, int *);
+static int paused;
+int rbd_config_image_list(void *image, void *options, int *max_options) {
+    list_fn real = (list_fn)dlsym(RTLD_NEXT, "rbd_config_image_list");
+    const char *dir = getenv("AOE_TEST_PAUSE_DIR");
+    if (dir && !__atomic_exchange_n(&paused, 1, __ATOMIC_SEQ_CST)) {
+        char p[4096];
+        snprintf(p, sizeof p, "%s/paused", dir);
+        close(open(p, O_CREAT | O_WRONLY, 0600));
+        snprintf(p, sizeof p, "%s/go", dir);
+        for (int i = 0; i < 12000 && access(p, F_OK) != 0; i++)
+            usleep(10000);
+    }
+    return real(image, options, max_options);
+}
+"#,
+    )
+    .expect("write the shim's source");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .expect("run cc (the test builds a preload library with it)");
+    assert!(
+        out.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// The address (`IP:PORT/NONCE`) of the image's exclusive lock's holder, from `rbd lock ls`.
+fn lock_holder(r: &RbdRig, image: &str) -> String {
+    let locks = r.ceph.ok("rbd", &["lock", "ls", image]);
+    locks
+        .lines()
+        .find(|l| l.starts_with("client."))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no holder of {image}'s lock: {locks}"))
+        .to_owned()
+}
+
+/// Session 33's "Left": the gateway checks the image's config a moment after librbd's
+/// open, but librbd fixes its lock's break settings (`rbd_blocklist_on_break_lock`,
+/// `rbd_blocklist_expire_seconds`) from the config at the open. An override removed in
+/// between passed the check while the break still used it. Here gateway B (another
+/// address) opens the image while `rbd_blocklist_on_break_lock=false` is set on it, is
+/// held (a preload library, [`config_pause_shim`]) before its check while the override is
+/// removed, and then takes the image over from the serving gateway A. Before, B's break
+/// left A unfenced: A's address was not in the cluster's blocklist, so what A had queued
+/// could still land over B's writes. Now the gateway blocklists a holder itself before and
+/// after it breaks the lock, whatever librbd's settings: A is in the blocklist and fences
+/// itself.
+#[test]
+fn a_take_over_fences_the_old_gateway_though_an_override_is_removed_between_open_and_check() {
+    take_over_with_an_override_removed_between_open_and_check(
+        "rbd_blocklist_on_break_lock",
+        "false",
+    );
+}
+
+/// The same window with `rbd_blocklist_expire_seconds 5`: librbd 16's lock break fails
+/// with EINVAL when the lock was made with an expiry (session 32). Before, gateway B
+/// passed the check, its break failed (`cannot break ...'s lock: Invalid argument`) and B
+/// exited: the image could not be taken over until B was started again (and with only the
+/// fix above, A would have been fenced with nobody serving). Now B opens the image once
+/// more when its break fails so, with the config of now, and takes it over.
+#[test]
+fn a_take_over_whose_lock_break_fails_on_an_expiry_removed_between_open_and_check_opens_again() {
+    take_over_with_an_override_removed_between_open_and_check("rbd_blocklist_expire_seconds", "5");
+}
+
+/// Gateway A serves rbd/img; `option` is set to `value` on the image; gateway B (another
+/// address) opens it, is held before its config check ([`config_pause_shim`]) while the
+/// override is removed, and must then take the image over with A blocklisted and fenced.
+fn take_over_with_an_override_removed_between_open_and_check(option: &str, value: &str) {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    write_sync(&r.rig.dev(), 0, &pattern(7, 4096)).expect("write through gateway A");
+    let a_addr = lock_holder(&r, "rbd/img");
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", option, value]);
+    let dir = tempfile::Builder::new()
+        .prefix("aoe-rbd-pause-")
+        .tempdir()
+        .expect("temp dir");
+    let shim = config_pause_shim(dir.path());
+    let mut cmd = Command::new(AOE);
+    cmd.arg("serve")
+        .args(&r.rig.target_args)
+        .args(["--no-announce", &SHELF.to_string(), &(SLOT + 1).to_string()])
+        .arg(&r.rig.target_if)
+        .arg(&r.rig.file)
+        .env("LD_PRELOAD", &shim)
+        .env("AOE_TEST_PAUSE_DIR", dir.path());
+    let paused = dir.path().join("paused");
+    let before = packet_sockets(&r.rig.target_ns);
+    let mut b = r.rig.target_ns.spawn(cmd).expect("start gateway B");
+    assert!(
+        wait_until(Duration::from_secs(90), || paused.exists()
+            || !b.is_running()),
+        "gateway B never reached its config check:\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        b.is_running(),
+        "gateway B exited before its config check:\n{}",
+        b.output_so_far()
+    );
+    // B's librbd opened the image with the override; now it goes, before B's check.
+    r.ceph.rbd_config(&["image", "remove", "rbd/img", option]);
+    fs::write(dir.path().join("go"), b"").expect("release gateway B");
+    assert!(
+        wait_until(Duration::from_secs(90), || packet_sockets(&r.rig.target_ns)
+            > before
+            || !b.is_running()),
+        "gateway B neither served nor failed:\n{}",
+        b.output_so_far()
+    );
+    assert!(
+        b.is_running(),
+        "gateway B did not take the image over:\n{}",
+        b.output_so_far()
+    );
+    let blocklist = r.ceph.ok("ceph", &["osd", "blocklist", "ls"]);
+    assert!(
+        blocklist.contains(&a_addr),
+        "gateway B took the image over without blocklisting gateway A ({a_addr}); blocklist: \
+         {blocklist:?}, locks: {}\nB:\n{}",
+        r.ceph.ok("rbd", &["lock", "ls", "rbd/img"]),
+        b.output_so_far()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || r
+            .rig
+            .logs()
+            .contains("lost the image's exclusive lock")),
+        "gateway A did not fence itself after B took the image over{}",
+        r.rig.logs()
+    );
+    let _ = b.stop();
+    r.rig.finish();
+}
+
+/// Session 33's "Left": a pool's or image's `rbd_plugins` set on a served image changes
+/// nothing in the gateway serving it (librbd loads plugins at open only), but a plugin that
+/// is not installed stops every later open of the image, the gateway's that would take it
+/// over included (`OpenError::MissingPlugin`; Debian's librbd 16 installs none, not even
+/// `parent_cache`). Before, the serving gateway said nothing of it. Now its monitor logs
+/// it, once per change, with the way out: `rados rmomapkey` for the image's (`rbd` cannot
+/// open the image to remove it), `rbd config pool remove` for the pool's; and once it is
+/// gone. The gateway serves on with its lock.
+#[test]
+fn a_plugin_named_on_a_served_image_is_logged_as_what_stops_a_take_over() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let first = pattern(35, 4096);
+    write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
+    let gateway_log = || {
+        r.rig
+            .target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default()
+    };
+    let wait_logged = |what: &str, why: &str| {
+        assert!(
+            wait_until(Duration::from_secs(30), || gateway_log().lines().any(|l| l
+                .contains("a gateway starting on it now")
+                && l.contains(what))),
+            "gateway A did not log {why}:\n{}",
+            gateway_log()
+        );
+    };
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", "rbd_plugins", "parent_cache"]);
+    wait_logged(
+        "would load the librbd plugins parent_cache (rbd_plugins from the image)",
+        "the image's rbd_plugins",
+    );
+    assert!(
+        gateway_log().contains("rmomapkey rbd_header.ID metadata_conf_rbd_plugins")
+            && gateway_log().contains("get rbd_id.img /dev/stdout"),
+        "the warning names no way out:\n{}",
+        gateway_log()
+    );
+    // What it warns of: a gateway starting on the image now cannot open it.
+    let e = refused_at_start(&r, "rbd/img", &["-r"]);
+    assert!(
+        e.contains("plugin that its config names is not installed"),
+        "{e}"
+    );
+    // The way out it gives (rados touches the header object alone and notifies nobody).
+    let id = r
+        .ceph
+        .ok("rados", &["-p", "rbd", "get", "rbd_id.img", "/dev/stdout"]);
+    let id: String = id
+        .chars()
+        .skip(4)
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    r.ceph.ok(
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "rmomapkey",
+            &format!("rbd_header.{id}"),
+            "metadata_conf_rbd_plugins",
+        ],
+    );
+    // The pool's: set, then removed in a later second (session 33: the pool's change is
+    // stamped in whole seconds); its notification also refreshes A after the rmomapkey.
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    r.ceph
+        .rbd_config(&["pool", "set", "rbd", "rbd_plugins", "parent_cache"]);
+    let set_at = secs();
+    wait_logged(
+        "would load the librbd plugins parent_cache (rbd_plugins from the pool)",
+        "the pool's rbd_plugins",
+    );
+    assert!(
+        gateway_log().contains("`rbd config pool remove rbd rbd_plugins`"),
+        "{}",
+        gateway_log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || secs() > set_at));
+    r.ceph.rbd_config(&["pool", "remove", "rbd", "rbd_plugins"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || gateway_log().contains(
+            "no longer has an override that a starting gateway would refuse"
+        )),
+        "gateway A did not log that the plugins are gone:\n{}",
+        gateway_log()
+    );
+    // A served on all along, with its lock, and the image opens again.
+    let second = pattern(36, 4096);
+    write_sync(&r.rig.dev(), 8192, &second).expect("write through gateway A afterwards");
+    let exported = r.ceph.export("rbd/img");
+    assert!(exported[..4096] == first[..] && exported[8192..8192 + 4096] == second[..]);
+    assert!(
+        !gateway_log().contains("lost the image's exclusive lock"),
+        "{}",
+        gateway_log()
+    );
+    r.rig.finish();
+}

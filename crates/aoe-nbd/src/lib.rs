@@ -105,6 +105,8 @@ pub struct NbdOptions {
     pub unix: Option<PathBuf>,
     /// A TCP address (the CLI refuses non-loopback addresses unless told otherwise).
     pub tcp: Option<SocketAddr>,
+    /// Serve every export read-only (`NBD_FLAG_READ_ONLY`; writes refused with `EPERM`).
+    pub read_only: bool,
 }
 
 /// The running listeners; [`Server::stop`] removes the Unix socket.
@@ -122,9 +124,10 @@ impl Server {
     }
 }
 
-/// The exports: devices that are up, and their partitions.
+/// The exports: devices that are up, and their partitions; all read-only if the second
+/// field says so (`--nbd-read-only`).
 #[derive(Clone)]
-struct Devices(Arc<Mutex<Shared>>);
+struct Devices(Arc<Mutex<Shared>>, bool);
 
 impl Devices {
     /// The device and first sector behind export `name`.
@@ -168,6 +171,7 @@ impl Exports for Devices {
                 size: e.info.sectors * 512,
                 description: format!("AoE {a}{model}"),
                 block,
+                read_only: self.1,
             });
             for p in &e.partitions {
                 v.push(Export {
@@ -175,6 +179,7 @@ impl Exports for Devices {
                     size: p.sectors * 512,
                     description: format!("AoE {a} partition {}", p.number),
                     block,
+                    read_only: self.1,
                 });
             }
         }
@@ -257,7 +262,7 @@ impl Write for Conn {
 
 /// Starts the listeners named in `opts`, serving the devices in `shared` through `net`.
 pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Server> {
-    let devices = Devices(shared);
+    let devices = Devices(shared, opts.read_only);
     if let Some(path) = &opts.unix {
         remove_stale_socket(path)?;
         let l = UnixListener::bind(path)
@@ -2038,6 +2043,7 @@ mod tests {
             size: 1 << 30,
             description: String::new(),
             block: BlockSizes::for_payload(8704),
+            read_only: false,
         };
         let session = Arc::new(Session::new(&export, false));
         let dev = "e1.1".parse().unwrap();

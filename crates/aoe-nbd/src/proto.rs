@@ -62,6 +62,9 @@ pub struct Export {
     pub description: String,
     /// Block size constraints.
     pub block: BlockSizes,
+    /// Served read-only: `NBD_FLAG_READ_ONLY` is advertised and writes are refused with
+    /// `NBD_EPERM` ([`Session::check`]).
+    pub read_only: bool,
 }
 
 /// Where the handshake finds exports; asked afresh for every option, so an export whose
@@ -126,6 +129,7 @@ mod tests {
                     size: 1 << (20 - i),
                     description: String::new(),
                     block: BlockSizes::for_payload(1024),
+                    read_only: false,
                 })
                 .collect()
         }
@@ -431,6 +435,39 @@ mod tests {
         // The payload of a refused write still has to be read.
         assert_eq!(req(cmd::WRITE, 0, size, 100).payload_len(), 100);
         assert_eq!(req(cmd::READ, 0, 0, 100).payload_len(), 0);
+    }
+
+    /// A read-only export ("Transmission flags": `NBD_FLAG_READ_ONLY`, "the export is
+    /// read-only"; "Error values": a server SHOULD return `NBD_EPERM` for a write or trim
+    /// on a read-only export) advertises the flag and neither FUA nor write zeroes, keeps
+    /// flush and multi-conn, and refuses writes and write zeroes, in range or not, with
+    /// `EPERM`; reads, flushes and the disconnect are served as on a writable one.
+    #[test]
+    fn a_read_only_export_advertises_it_and_refuses_writes_with_eperm() {
+        let mut e = Two.list()[0].clone();
+        assert_eq!(Session::new(&e, false).flags & tflags::READ_ONLY, 0);
+        e.read_only = true;
+        for structured in [false, true] {
+            let s = Session::new(&e, structured);
+            assert_eq!(
+                s.flags & !tflags::SEND_DF,
+                tflags::HAS_FLAGS | tflags::READ_ONLY | tflags::SEND_FLUSH | tflags::CAN_MULTI_CONN
+            );
+            let size = s.size;
+            for r in [
+                req(cmd::WRITE, 0, 0, 512),
+                req(cmd::WRITE, cflags::FUA, 0, 512),
+                req(cmd::WRITE, 0, size, 512),
+                req(cmd::WRITE_ZEROES, 0, 0, 512),
+                req(cmd::WRITE_ZEROES, cflags::NO_HOLE, size - 512, 512),
+            ] {
+                assert_eq!(s.check(&r), Err(err::EPERM), "{r:?}");
+            }
+            assert!(s.check(&req(cmd::READ, 0, 0, 512)).is_ok());
+            assert_eq!(s.check(&req(cmd::FLUSH, 0, 0, 0)), Ok(Command::Flush));
+            assert_eq!(s.check(&req(cmd::DISC, 0, 0, 0)), Ok(Command::Disconnect));
+            assert_eq!(s.check(&req(cmd::TRIM, 0, 0, 512)), Err(err::EINVAL));
+        }
     }
 
     #[test]

@@ -137,6 +137,11 @@ pub mod ffi {
         // rados/librados.h
         pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
         pub fn rados_buffer_free(buf: *mut c_char);
+        pub fn rados_blocklist_add(
+            cluster: rados_t,
+            client_address: *mut c_char,
+            expire_seconds: u32,
+        ) -> c_int;
 
         // rbd/librbd.h
         pub fn rbd_update_watch(
@@ -737,6 +742,26 @@ impl Image {
         // SAFETY: that buffer, freed once with the function librados names for it.
         unsafe { ffi::rados_buffer_free(p) };
         Ok(s)
+    }
+
+    /// Has the monitors blocklist client `addr` (`IP:PORT/NONCE`, as [`Image::lock_owners`]
+    /// lists a lock's holder) for their default time (`mon_osd_blocklist_default_expire`, an
+    /// hour): `rados_blocklist_add` with an expiry of 0, what `ceph osd blocklist add ADDR`
+    /// does. The OSDs then refuse the client's requests (`EBLOCKLISTED`), whatever its
+    /// librbd's config says: the fence a lock break relies on, made by the caller rather than
+    /// by librbd's `rbd_blocklist_on_break_lock`, which librbd fixes from the image's config
+    /// when it opens the image.
+    pub fn blocklist(&self, addr: &str) -> io::Result<()> {
+        let c = cstr(addr)?;
+        check(
+            // SAFETY: live connected cluster handle (the image holds it); `c` is a
+            // NUL-terminated string that librados only reads (its prototype lacks `const`).
+            unsafe {
+                ffi::rados_blocklist_add(self._io._cluster.raw, c.as_ptr() as *mut c_char, 0)
+            },
+            &format!("cannot blocklist {addr}"),
+        )
+        .map(|_| ())
     }
 
     /// The image metadata value of `key` (`rbd image-meta get`), `None` if unset.

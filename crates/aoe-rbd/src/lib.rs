@@ -6,9 +6,11 @@
 //! fencing that lets two `aoe serve` gateways export one image safely, as Ceph's iSCSI
 //! gateways (tcmu-runner's rbd handler) do.
 //!
-//! Failover: a gateway that finds the lock held breaks it. librbd blocklists the holder
-//! before it breaks the lock (Ceph's `rbd_blocklist_on_break_lock`, on by default), so a
-//! gateway that was only slow, not dead, can no longer write. It notices without waiting for
+//! Failover: a gateway that finds the lock held breaks it. It has the monitors blocklist
+//! the holder before and after it breaks the lock (librbd does too, by Ceph's
+//! `rbd_blocklist_on_break_lock`, but with settings it fixed from the image's config at open,
+//! which the gateway's check reads a moment later: `Shared::break_lock`), so a gateway that
+//! was only slow, not dead, can no longer write. It notices without waiting for
 //! a write: a monitor thread per image asks the cluster who holds the lock whenever librbd's
 //! update watch reports a header change (which a blocklisted client's watch does once
 //! librbd re-registers it), and every [`LOCK_RECHECK`] while the export writes (a lock
@@ -475,9 +477,23 @@ pub const RESERVE_KEY: &str = "aoe.reserve";
 impl RbdBackend {
     /// Connects, opens the image and, for a writable export of an image with the
     /// exclusive-lock feature, takes its lock, breaking (and so blocklisting) a previous
-    /// holder's: see the crate documentation for the failover this gives.
+    /// holder's: see the crate documentation for the failover this gives. A lock break
+    /// that fails with `EINVAL` (librbd 16, for a lock made with an
+    /// `rbd_blocklist_expire_seconds` from the image's config at open, which the check after
+    /// the open no longer found) gets one fresh open, with the config of now.
     /// Finished requests go to `completions`.
     pub fn open(o: &RbdOptions, completions: Arc<Completions>) -> Result<RbdBackend, OpenError> {
+        Self::open_once(o, completions, true)
+    }
+
+    /// [`RbdBackend::open`]; `first` is false on the one retry that a lock break failing
+    /// with `EINVAL` gets (see there).
+    fn open_once(
+        o: &RbdOptions,
+        completions: Arc<Completions>,
+        first: bool,
+    ) -> Result<RbdBackend, OpenError> {
+        let again = completions.clone();
         let name = o.name();
         let client = o.client_id.clone().unwrap_or_else(|| "admin".into());
         let secs = o.connect_timeout.as_secs().max(1).to_string();
@@ -620,7 +636,26 @@ impl RbdBackend {
             reserve_changed: AtomicBool::new(false),
         });
         if locked {
-            let broke = shared.take_lock().map_err(|e| classify(e, "lock"))?;
+            let broke = match shared.take_lock() {
+                Ok(broke) => broke,
+                // librbd 16's lock break fails with EINVAL when the image's lock was made
+                // with an `rbd_blocklist_expire_seconds` (session 32), which it takes from the
+                // config at open: here the config checked above no longer sets one, so it
+                // was removed between librbd's open and the check. The holder is fenced
+                // already (`Shared::break_lock` blocklists it first); a fresh open makes a
+                // lock with the config of now, and checks it again.
+                Err(e) if first && errno(&e) == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        image = %name,
+                        error = %e,
+                        "the lock break failed with settings librbd took from the image's \
+                         config at open, which has changed since; opening the image again"
+                    );
+                    drop(shared);
+                    return Self::open_once(o, again, false);
+                }
+                Err(e) => return Err(classify(e, "lock")),
+            };
             shared.took_over.store(broke, Ordering::SeqCst);
         }
         // librbd calls back on every header change (resize, metadata, lock traffic, and after
@@ -778,6 +813,10 @@ fn writable_cache(config: &[aoe_rbd_sys::ConfigOption]) -> Option<CacheRefusal> 
 struct Targets {
     pool: String,
     image: String,
+    /// `rados`'s `-p POOL [-N NAMESPACE]`, for the header object's commands.
+    rados: String,
+    /// The image's name alone (`rbd_id.NAME` holds its ID).
+    name: String,
 }
 
 impl Targets {
@@ -788,7 +827,25 @@ impl Targets {
                 Some(ns) => format!("{}/{ns}/{}", o.pool, o.image),
                 None => format!("{}/{}", o.pool, o.image),
             },
+            rados: match &o.namespace {
+                Some(ns) => format!("-p {} -N {ns}", o.pool),
+                None => format!("-p {}", o.pool),
+            },
+            name: o.image.clone(),
         }
+    }
+
+    /// How to remove the image's own `rbd_plugins` when `rbd` cannot open the image
+    /// (a plugin not installed: `rbd config image remove` fails as the open does).
+    fn plugins_fix(&self) -> String {
+        format!(
+            "`rbd` cannot open the image to remove the image's override either: remove it \
+             from the image's header object (`rados {r} rmomapkey rbd_header.ID \
+             metadata_conf_rbd_plugins`, with the ID that `rados {r} get rbd_id.{image} \
+             /dev/stdout` prints)",
+            r = self.rados,
+            image = self.name
+        )
     }
 
     /// The target of `rbd config LEVEL ...` for `level` (`pool` or `image`).
@@ -955,11 +1012,6 @@ fn missing_plugin(
         c.into_iter()
             .find(|x| x.name == "rbd_plugins" && !x.value.trim().is_empty())
     });
-    let ns = o
-        .namespace
-        .as_ref()
-        .map(|n| format!(" -N {n}"))
-        .unwrap_or_default();
     let (plugins, fix) = match listed {
         Some(p) if p.source == ConfigSource::Pool => (
             format!("rbd_plugins={} from the pool", p.value),
@@ -974,14 +1026,7 @@ fn missing_plugin(
         ),
         None => (
             "rbd_plugins from the image: the pool sets none".to_string(),
-            format!(
-                "`rbd` cannot open the image to remove the image's override either: remove it \
-                 from the image's header object (`rados -p {pool}{ns} rmomapkey rbd_header.ID \
-                 metadata_conf_rbd_plugins`, with the ID that `rados -p {pool}{ns} get \
-                 rbd_id.{image} /dev/stdout` prints)",
-                pool = o.pool,
-                image = o.image
-            ),
+            Targets::new(o).plugins_fix(),
         ),
     };
     OpenError::MissingPlugin {
@@ -990,6 +1035,45 @@ fn missing_plugin(
         fix,
         error,
     }
+}
+
+/// What the served image's monitor logs when the pool's or image's config names librbd
+/// plugins (`rbd_plugins`, over the client's empty list): the plugins, where from, what they
+/// do and how to remove them. librbd loads plugins at open only (`image::OpenRequest`'s
+/// plugin registry), so the running gateway goes on without them (session 33: `pwl_cache`
+/// set on a served image changed nothing in it), but every later open loads them. A plugin
+/// that is not installed (Debian's librbd 16 installs none) fails every open of the image
+/// with `ENOSYS` (the gateway taking it over says why, [`OpenError::MissingPlugin`], but
+/// cannot serve it); `pwl_cache` with a `rbd_persistent_cache_mode` is refused for a
+/// writable export anyway ([`persistent_cache`]); `parent_cache` reads a clone's parent, an
+/// immutable snapshot, through the host's `ceph-immutable-object-cache` daemon, which breaks
+/// no promise of the gateway's but is a daemon the next gateway's host must run. An image's
+/// own list cannot be removed with `rbd` where the plugin is missing, so the `rados` way is
+/// given.
+fn plugins(config: &[aoe_rbd_sys::ConfigOption], targets: &Targets) -> Option<String> {
+    use aoe_rbd_sys::ConfigSource;
+    let p = option(config, "rbd_plugins")?;
+    if p.source == ConfigSource::Client || p.value.trim().is_empty() {
+        return None;
+    }
+    let fix = if p.source == ConfigSource::Pool {
+        format!("`rbd config pool remove {} rbd_plugins`", targets.pool)
+    } else {
+        format!(
+            "`rbd config image remove {} rbd_plugins` where the plugins are installed; else {}",
+            targets.image,
+            targets.plugins_fix()
+        )
+    };
+    Some(format!(
+        "the librbd plugins {value} (rbd_plugins from the {level}): librbd loads plugins at \
+         open only, so this gateway runs without them, but where one is not installed no \
+         gateway can open the image at all (librbd: Function not implemented), and pwl_cache \
+         caches writes on the gateway's host. Remove the override unless every gateway's \
+         host has the plugins and they are meant: {fix}",
+        value = p.value.trim(),
+        level = level(p.source),
+    ))
 }
 
 /// `rbd config`'s name for where an override lives: `pool` for the pool's, else `image`
@@ -1182,7 +1266,9 @@ impl Shared {
     /// `rbd_cache_max_dirty`, `rbd_persistent_cache_mode` and `rbd_plugins` set on a served
     /// image changed what librbd lists, not what it does). But the override would stop
     /// the next gateway, the one taking the image over when this one dies: said now, while
-    /// there is time to remove it, rather than at the take-over.
+    /// there is time to remove it, rather than at the take-over. A pool's or image's
+    /// `rbd_plugins` is logged likewise ([`plugins`]), though it is no refusal: a plugin not
+    /// installed stops every open of the image, the next gateway's included.
     fn recheck_config(&self) {
         let config = match self.image.config() {
             Ok(c) => c,
@@ -1191,8 +1277,9 @@ impl Shared {
                 return;
             }
         };
-        let now =
-            refusal(&config, self.read_only, &self.name, &self.targets).map(|e| e.to_string());
+        let now = refusal(&config, self.read_only, &self.name, &self.targets)
+            .map(|e| format!("would refuse it: {e}"))
+            .or_else(|| plugins(&config, &self.targets).map(|p| format!("would load {p}")));
         let Ok(mut last) = self.refused.lock() else {
             return;
         };
@@ -1204,12 +1291,12 @@ impl Shared {
                 image = %self.name,
                 "the image's librbd config changed while it is served: this gateway keeps \
                  what it opened the image with, but a gateway starting on it now (taking it \
-                 over, or this one restarted) would refuse it: {e}"
+                 over, or this one restarted) {e}"
             ),
             None => tracing::info!(
                 image = %self.name,
                 "the image's librbd config no longer has an override that a starting gateway \
-                 would refuse"
+                 would refuse (nor plugins it would load)"
             ),
         }
         *last = now;
@@ -1334,11 +1421,25 @@ impl Shared {
     }
 
     /// Breaks `owner`'s lock; one already gone (released, or broken by another) is fine.
+    ///
+    /// The gateway blocklists `owner` itself first, for the monitors' default time, and
+    /// again after the break: the fence does not depend on librbd's `rbd_blocklist_on_break_lock`
+    /// and `rbd_blocklist_expire_seconds`, which librbd fixes in the image's exclusive lock
+    /// from the image's config when it opens the image (`ExclusiveLock`'s constructor;
+    /// session 33: a value set on an open image does not reach its lock break). The
+    /// gateway's check of that config ([`refusal`]) reads it again after the open, so an
+    /// override removed in between (milliseconds) would pass the check while the lock still
+    /// breaks with it: without blocklisting (the old holder's queued writes would land over
+    /// ours) or, where librbd's break with an expiry works, re-blocklisting for seconds over
+    /// the hour. Blocklisting before the break fences the holder whatever the lock does; the
+    /// second blocklist restores the hour if librbd's break shortened it.
     fn break_lock(&self, owner: &str) -> io::Result<()> {
+        self.image.blocklist(owner)?;
         match self.image.lock_break(owner) {
-            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => Ok(()),
-            r => r,
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT)) => {}
+            r => r?,
         }
+        self.image.blocklist(owner)
     }
 
     /// The size now (librbd refreshes it after a resize), or as last read if the cluster

@@ -186,12 +186,10 @@ impl FileBackend {
         o.read(true).write(!opts.read_only);
         let mut flags = 0;
         if opts.direct {
-            // What the path is (followed symlinks, as open(2) does); one that cannot be
-            // opened fails the open below, with its message.
-            let under = File::open(path)
-                .ok()
-                .map_or(DirectUnder::Other, |f| DirectUnder::of(&f));
-            flags |= direct_flags(under);
+            // What the path is (symlinks followed, as open(2) does), asked by path: the
+            // flags must be known before the one open. One that cannot be asked about fails
+            // the open below, with its message.
+            flags |= direct_flags(DirectUnder::at(path));
         }
         if opts.sync {
             flags |= libc_o_sync();
@@ -1206,6 +1204,30 @@ enum DirectUnder {
 }
 
 impl DirectUnder {
+    /// What `path` names, asked by path (`stat(2)`, `statfs(2)` and sysfs; symlinks
+    /// followed, as open(2) does), without opening it: [`FileBackend::open`] needs the
+    /// answer for its open's flags. Before session 34 the path was opened once more,
+    /// read-only, to ask its descriptor; `DirectUnder::of` asks one, for the tests' check
+    /// that both agree.
+    fn at(path: &Path) -> DirectUnder {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return DirectUnder::Other;
+        };
+        if meta.file_type().is_block_device() {
+            DirectUnder::BlockDevice
+        } else if aoe_sys::is_btrfs_at(path) {
+            DirectUnder::Btrfs
+        } else if aoe_sys::is_local_disk_fs_at(path)
+            && aoe_sys::disk_write_cache(std::os::unix::fs::MetadataExt::dev(&meta)) != Some(true)
+        {
+            DirectUnder::DiskWriteThrough
+        } else {
+            DirectUnder::Other
+        }
+    }
+
+    /// [`DirectUnder::at`] asked of an open file.
+    #[cfg(test)]
     fn of(file: &File) -> DirectUnder {
         let Ok(meta) = file.metadata() else {
             return DirectUnder::Other;
@@ -1528,6 +1550,18 @@ mod tests {
         let flags = fd_flags(&b.file) & (libc::O_DIRECT | libc::O_DSYNC);
         let want = direct_flags(DirectUnder::of(&b.file));
         assert_eq!(flags, want, "flags {flags:o}, not {want:o}");
+        // Asked by path (what the open uses) as asked of the open file, through a symlink
+        // too, and of a block device node.
+        assert_eq!(DirectUnder::at(&p), DirectUnder::of(&b.file));
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(DirectUnder::at(&link), DirectUnder::of(&b.file));
+        if let Ok(dev) = File::open("/dev/loop0") {
+            assert_eq!(
+                DirectUnder::at(Path::new("/dev/loop0")),
+                DirectUnder::of(&dev)
+            );
+        }
         assert_eq!(
             direct_flags(DirectUnder::DiskWriteThrough),
             libc::O_DIRECT | libc::O_DSYNC

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 /// What a non-blocking positional read or write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,22 +315,55 @@ pub fn is_memory_fs(file: &File) -> bool {
 /// systems, where a write may wait for a server. A block device's node says nothing (it
 /// lives on devtmpfs): ask its file type.
 pub fn is_local_disk_fs(file: &File) -> bool {
+    local_disk_magic(fs_magic(file))
+}
+
+/// [`is_local_disk_fs`] of what `path` names (symlinks followed, as open(2) does;
+/// `statfs(2)`), without opening it.
+pub fn is_local_disk_fs_at(path: &Path) -> bool {
+    local_disk_magic(fs_magic_at(path))
+}
+
+fn local_disk_magic(magic: Option<i64>) -> bool {
     const EXT4_SUPER_MAGIC: i64 = 0xef53;
     const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
-    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
     const F2FS_SUPER_MAGIC: i64 = 0xf2f5_2010;
     matches!(
-        fs_magic(file),
+        magic,
         Some(EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC | BTRFS_SUPER_MAGIC | F2FS_SUPER_MAGIC)
     )
 }
+
+/// `BTRFS_SUPER_MAGIC` (`linux/magic.h`).
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 
 /// True if `file` lives on btrfs (`fstatfs(2)` `f_type`, `BTRFS_SUPER_MAGIC`), whose data
 /// is copy-on-write and checksummed: an O_DIRECT write lands in a new extent that only a
 /// transaction commit or an fsync's log tree makes part of the file.
 pub fn is_btrfs(file: &File) -> bool {
-    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
     fs_magic(file) == Some(BTRFS_SUPER_MAGIC)
+}
+
+/// [`is_btrfs`] of what `path` names (symlinks followed; `statfs(2)`), without opening it.
+pub fn is_btrfs_at(path: &Path) -> bool {
+    fs_magic_at(path) == Some(BTRFS_SUPER_MAGIC)
+}
+
+/// The `f_type` of the file system `path` lives on, if `statfs(2)` tells.
+fn fs_magic_at(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is valid for
+    // writes of a `statfs`.
+    let r = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statfs returned 0, so it filled `st` in.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every target
+    Some(st.f_type as i64)
 }
 
 /// The `f_type` of the file system `file` lives on, if `fstatfs(2)` tells.

@@ -112,6 +112,8 @@ pub struct Session {
     pub structured: bool,
     /// The transmission flags sent.
     pub flags: u16,
+    /// The export is read-only (`NBD_FLAG_READ_ONLY` among the flags).
+    pub read_only: bool,
     /// Block size constraints advertised.
     pub block: BlockSizes,
 }
@@ -120,13 +122,16 @@ impl Session {
     /// The session for `e`: flush, FUA, write zeroes and multi-conn (every connection
     /// goes through one initiator engine, and a flush reaches the target's disk, so a
     /// flush on one connection covers writes completed on all), plus DF with structured
-    /// replies (a read is always answered in one chunk).
+    /// replies (a read is always answered in one chunk). A read-only export advertises
+    /// `NBD_FLAG_READ_ONLY` instead of FUA and write zeroes (which only writes use), as
+    /// nbdkit's `-r` does; flush stays (it writes nothing).
     pub fn new(e: &Export, structured: bool) -> Session {
-        let mut flags = tflags::HAS_FLAGS
-            | tflags::SEND_FLUSH
-            | tflags::SEND_FUA
-            | tflags::SEND_WRITE_ZEROES
-            | tflags::CAN_MULTI_CONN;
+        let mut flags = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::CAN_MULTI_CONN;
+        if e.read_only {
+            flags |= tflags::READ_ONLY;
+        } else {
+            flags |= tflags::SEND_FUA | tflags::SEND_WRITE_ZEROES;
+        }
         if structured {
             flags |= tflags::SEND_DF;
         }
@@ -135,6 +140,7 @@ impl Session {
             name: e.name.clone(),
             structured,
             flags,
+            read_only: e.read_only,
             block: e.block,
         }
     }
@@ -144,7 +150,14 @@ impl Session {
     /// advertised maximum `NBD_EINVAL` ("Block size constraints"); a read past the end
     /// `NBD_EINVAL`, a write or write-zeroes past the end `NBD_ENOSPC` ("Error values":
     /// SHOULD return ENOSPC for writes beyond the size of the device, EINVAL for reads).
+    /// On a read-only export every write and write zeroes is `NBD_EPERM`, whatever its
+    /// flags, range or length ("Error values": "a server SHOULD return EPERM if it receives
+    /// a write or trim request on a read-only export"; a client that ignores the flag and
+    /// sends FUA learns the real reason rather than EINVAL).
     pub fn check(&self, r: &Request) -> Result<Command, u32> {
+        if self.read_only && matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+            return Err(err::EPERM);
+        }
         let allowed = match r.kind {
             cmd::READ if self.structured => cflags::DF,
             cmd::READ => 0,
