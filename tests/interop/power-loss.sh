@@ -327,7 +327,11 @@ for l in plbr pltap plport plini; do ip -n "$NS" link set "$l" up || fail "$l up
 
 # ---------------------------------------------------------------- guest
 say "booting the guest (qemu TCG, MTU $MTU): $TKIND, export $EXPORT${SPARSE:+ ($SPARSE)}, mode $MODE, $LBS-byte sectors"
-nsx setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
+# nsenter itself, not the nsx function: `nsx ... &` forks a subshell whose pid $! would be,
+# and a SIGKILL to it left qemu running (session 34: every earlier "power loss" read the
+# image beside a live guest). nsenter and setsid exec without forking (setsid: not a group
+# leader), so $! is qemu's pid, as in kernel-initiator.sh.
+nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboot -accel tcg -cpu max -smp 1 -m 256 \
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" \
     -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" \
     -drive if=none,id=d0,file="$IMG",format=raw \
@@ -352,6 +356,17 @@ wait_for() {
         sleep 0.2
     done
 }
+# kill_guest: the power loss. SIGKILL to qemu (braces: bash's "Killed" notice for its own
+# job goes to the same /dev/null), then no qemu may be left in the namespace.
+kill_guest() {
+    { kill -KILL "$QEMU_PID"; wait "$QEMU_PID"; } 2>/dev/null
+    QEMU_PID=""
+    local p
+    for p in $(ip netns pids "$NS" 2>/dev/null); do
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = qemu-system-x86 ] && die "qemu (pid $p) survived the SIGKILL meant to cut the guest's power"
+    done
+    return 0
+}
 # Boot: 3-8 s here unloaded, 23 s at worst seen with four guests on two cores.
 wait_for 180 "the guest's init" grep -q 'PL:BOOTED' "$CONSOLE"
 wait_for 120 "the guest's target" grep -q 'PL:SERVING' "$CONSOLE"
@@ -361,7 +376,8 @@ say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write 
 mkdir -p "$ROOT"
 # --deadsecs 5: once the guest is gone, the writer's last request fails within seconds.
 SOCK=$RUN/nbd.sock
-nsx env AOE_LOG=info "$INIT_BIN" initiator --root "$ROOT" --iflist plini --deadsecs 5 \
+# nsenter, not nsx: $! must be the initiator's pid (see qemu's start).
+nsenter --net="/run/netns/$NS" -- env AOE_LOG=info "$INIT_BIN" initiator --root "$ROOT" --iflist plini --deadsecs 5 \
     $([ "$NBD" = 1 ] && echo --nbd "$SOCK") >"$RUN/initiator.log" 2>&1 </dev/null &
 INIT_PID=$!
 up() { [ -e "$DEV" ] && [ "$(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>/dev/null)" = up ]; }
@@ -401,8 +417,7 @@ if [ "$NBD" = 1 ]; then
     say "phase B: $NB chunks acknowledged, not flushed"
     cp "$CLOG" "$RUN/clog.before-kill"
     DIRTY=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:DIRTY_KB //p' | tail -1)
-    { kill -KILL "$QEMU_PID"; wait "$QEMU_PID"; } 2>/dev/null
-    QEMU_PID=""
+    kill_guest
     say "qemu SIGKILLed after phase B (no phase C with -N); the guest's last dirty count ${DIRTY:-?} kB"
 else # through the device file, one dd a chunk
 for c in $(sed -n "1,${NA}p" "$RUN/order"); do
@@ -426,9 +441,7 @@ wait_for 120 "phase C: $NC_ACK chunks acknowledged" sh -c "[ \$(grep -c '^D' '$C
 # What was acknowledged before the kill is what the log said before it.
 cp "$CLOG" "$RUN/clog.before-kill"
 DIRTY=$(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:DIRTY_KB //p' | tail -1)
-# (Braces: bash's "Killed" notice for its own job goes to the same /dev/null.)
-{ kill -KILL "$QEMU_PID"; wait "$QEMU_PID"; } 2>/dev/null
-QEMU_PID=""
+kill_guest
 say "qemu SIGKILLed with $(grep -c '^D' "$RUN/clog.before-kill") of phase C's chunks acknowledged, writing the next; the guest's last dirty count ${DIRTY:-?} kB"
 { kill -KILL -- "-$WRITER_PID"; wait "$WRITER_PID"; } 2>/dev/null
 WRITER_PID=""
