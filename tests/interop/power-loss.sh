@@ -93,7 +93,7 @@
 #
 # Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4|xfs|btrfs] [-M buffered|sync|direct]
 #                      [-S sparse|prealloc] [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS]
-#                      [-N] [-r] [-k] [-F ext4|xfs|btrfs [-K guest|initiator] [-B]]
+#                      [-N] [-r] [-k] [-F ext4|xfs|btrfs [-K guest|initiator] [-B]] [-U]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
 #   -e        the export: raw (default), ext4, xfs or btrfs
@@ -111,6 +111,8 @@
 #   -F FS     a file system made on the host through the initiator (see above); -e raw only
 #   -K WHAT   with -F: kill the guest (default) or the initiator mid-stream
 #   -B        with -F: mount with nobarrier (the control that must fail, see above)
+#   -U        the initiator takes its files' requests through FUSE over io_uring
+#             (`--fuse-uring`: the caller sets /sys/module/fuse/parameters/enable_uring)
 #   -r        report only (see above)
 #   -k        keep the run directory (images, console, logs)
 #
@@ -124,15 +126,15 @@ set -uo pipefail
 
 BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512 SPARSE=""
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
-TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0
+TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0 URING=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:S:L:m:I:c:T:F:K:BNrkh" o; do
+while getopts "b:t:e:M:S:L:m:I:c:T:F:K:BUNrkh" o; do
     case $o in
         b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
         S) SPARSE=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
         N) NBD=1 ;; r) REPORT=1 ;; k) KEEP=1 ;;
-        F) HOSTFS=$OPTARG ;; K) KILL=$OPTARG ;; B) NOBARRIER=1 ;;
+        F) HOSTFS=$OPTARG ;; K) KILL=$OPTARG ;; B) NOBARRIER=1 ;; U) URING=1 ;;
         *) usage ;;
     esac
 done
@@ -422,7 +424,7 @@ SOCK=$RUN/nbd.sock
 start_initiator() {
 # nsenter, not nsx: $! must be the initiator's pid (see boot_guest).
 nsenter --net="/run/netns/$NS" -- env AOE_LOG=info "$INIT_BIN" initiator --root "$ROOT" --iflist plini --deadsecs 5 \
-    $([ "$NBD" = 1 ] && echo --nbd "$SOCK") >>"$RUN/initiator.log" 2>&1 </dev/null &
+    $([ "$NBD" = 1 ] && echo --nbd "$SOCK") $([ "$URING" = 1 ] && echo --fuse-uring) >>"$RUN/initiator.log" 2>&1 </dev/null &
 INIT_PID=$!
 }
 start_initiator
@@ -557,7 +559,7 @@ if [ -n "$HOSTFS" ]; then
     say "$FSCK_CMD $LOOP (over $DEV): exit status $FSCK"
     losetup -d "$LOOP" && LOOP=""
     echo "### total $(( $(date +%s) - T0 ))s"
-    WHAT="$HOSTFS made through the initiator, $KILL killed (target $TKIND $MODE${MOPT:+, -o $MOPT})"
+    WHAT="$HOSTFS made through the initiator, $KILL killed (target $TKIND $MODE${MOPT:+, -o $MOPT}$([ "$URING" = 1 ] && echo ", FUSE over io_uring"))"
     [ -z "$BAD" ] || fail "$WHAT: fsynced files lost or damaged:$BAD"
     [ -z "$STRAY" ] || fail "$WHAT: files the writer never started:$STRAY"
     [ "$SCRUB" = 0 ] || { cat "$RUN/scrub.log"; fail "$WHAT: btrfs scrub found errors"; }

@@ -272,3 +272,20 @@ fn power_loss_fs_ext4_without_barriers_loses_fsynced_files() {
         run.took.as_secs_f32()
     );
 }
+
+/// [`power_loss_fs_ext4_through_the_initiator_initiator_killed`] with the initiator taking
+/// its files' requests through FUSE over io_uring (`--fuse-uring`, the script's `-U`):
+/// the loop device's flush arrives as a ring entry's FSYNC (`aoe_fuse::ring`), another path
+/// than `/dev/fuse`'s, and the kill must fail the writer, not leave it waiting on an entry
+/// no one will answer. enable_uring is held at Y for the test.
+#[test]
+fn power_loss_fs_ext4_through_the_initiator_fuse_uring_initiator_killed() {
+    let _uring = aoe_testkit::fuseuring::FuseUring::enabled()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring is needed: {e}"));
+    aoe_power_loss_passes(
+        "ext4 made through the initiator over FUSE io_uring, initiator killed (`aoe serve`, buffered)",
+        "raw",
+        "buffered",
+        &["-F", "ext4", "-K", "initiator", "-U"],
+    );
+}
