@@ -117,7 +117,8 @@
 #   -k        keep the run directory (images, console, logs)
 #
 # Run time: 8-20 s on an idle two-core machine (the guest boots in 6-8 s; the writes take
-# about a second), about 30 s with two runs at a time at load average 8.
+# about a second), about 30 s with two runs at a time at load average 8. -F: 35-80 s (with
+# -K guest the guest boots twice).
 #
 # Needs root, iproute2, qemu-system-x86_64, busybox (static), cpio, kmod, e2fsprogs,
 # util-linux (losetup, mount), xfsprogs and btrfs-progs (for -e xfs|btrfs), perl, apt-get (the first run downloads the kernel package;
