@@ -13,6 +13,11 @@
 //! must have been lost (else the run could not tell a FLUSH that syncs from one that does
 //! not). Here we only run it and insist on PASS, printing its whole output otherwise.
 //!
+//! Since session 34 also a file system made on the host through the initiator (the
+//! script's `-F`: ext4, XFS, btrfs on a loop device over the device file), across the
+//! guest's power loss or the initiator's SIGKILL: every file whose `fsync` returned 0 must
+//! be there ([`fs_through_initiator`]).
+//!
 //! Needs root, qemu-system-x86, busybox-static, e2fsprogs, xfsprogs, btrfs-progs
 //! (scripts/install-deps.sh); the
 //! first run downloads the kernel package into `${AOE_CACHE:-/var/tmp/aoe-test-cache}`.
