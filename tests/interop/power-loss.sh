@@ -206,15 +206,23 @@ DEV=$ROOT/e$SHELF.$SLOT
 . "$(dirname "$0")/lib.sh"
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
 sweep_netns aoepl
+# unmount_root: the initiator's FUSE mount, if it is still there. Not `mountpoint`: on the
+# mount of an initiator that was SIGKILLed its stat fails (ENOTCONN), and the mount was
+# left behind (session 34, after a -F run whose initiator stop ran into the 5 s SIGKILL).
+unmount_root() {
+    grep -qs " $ROOT fuse" /proc/mounts && umount -l "$ROOT"
+    return 0
+}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP
     [ -n "$WRITER_PID" ] && kill -KILL -- "-$WRITER_PID" 2>/dev/null
     [ -n "$QEMU_PID" ] && kill -KILL -- "$QEMU_PID" 2>/dev/null
-    [ -n "$INIT_PID" ] && stop "$INIT_PID"
-    mountpoint -q "$ROOT" 2>/dev/null && umount -l "$ROOT"
-    [ -n "$MNT" ] && mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+    # The host's file system (-F) and its loop device before the initiator under them.
+    [ -n "$MNT" ] && mountpoint -q "$MNT" 2>/dev/null && { timeout 60 umount "$MNT" || umount -l "$MNT"; }
     [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+    [ -n "$INIT_PID" ] && stop "$INIT_PID"
+    unmount_root
     drop_netns "$NS"
     if [ "$KEEP" = 1 ]; then echo "### run directory kept: $RUN"; else rm -rf "$RUN"; fi
     exit $rc
@@ -637,7 +645,7 @@ fi
 stop "$INIT_PID"
 wait "$INIT_PID" 2>/dev/null
 INIT_PID=""
-mountpoint -q "$ROOT" && umount -l "$ROOT"
+unmount_root
 
 # ---------------------------------------------------------------- what the disk holds
 AFTER=$RUN/after.bin
