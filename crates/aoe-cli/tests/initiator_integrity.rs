@@ -2378,6 +2378,46 @@ fn a_veth_pair_made_again_is_taken_at_its_link_event_not_the_next_rescan() {
     rig.finish();
 }
 
+/// Seventeenth audit (session 34): the target's end of the veth moved to another network
+/// namespace and back (`ip link set DEV netns OTHER`, 1 s away), then the initiator's end,
+/// under an `O_DIRECT` writer. Moving an interface out unregisters it in its namespace, so
+/// the kernel unbinds the packet sockets on it for good (`packet_notifier`,
+/// `NETDEV_UNREGISTER`), but it comes back with the same name and, the index being free,
+/// the same index: both daemons looked at the index alone, saw nothing changed, and kept
+/// the dead socket. Base: the target never answered again and the device went down at
+/// `deadsecs` ("1 writes failed across an end of the veth pair moved to another namespace
+/// and back (deadsecs 60) ... Input/output error", 62 s; by hand with `deadsecs` 30: one
+/// write EIO at 30 s, nothing acknowledged lost; the same with the initiator's end alone). Now the `RTM_DELLINK` of the interface marks the socket unbound and
+/// the interface of that name is opened again when it is back. No write may fail, and
+/// every acknowledged write must be in the backing file.
+#[test]
+fn writes_go_on_across_each_end_moved_to_another_namespace_and_back() {
+    let away = aoe_testkit::Netns::new("aoeiw").expect("a third namespace");
+    let mut round = 0;
+    let (rig, gaps) = writes_across_link_events(
+        Target::AoeServe,
+        "an end of the veth pair moved to another namespace and back",
+        2,
+        |rig| {
+            let (ns, dev) = if round == 0 {
+                (&rig.target_ns, rig.veth.a_name().to_owned())
+            } else {
+                (&rig.init_ns, rig.veth.b_name().to_owned())
+            };
+            round += 1;
+            ns.ip(&["link", "set", "dev", &dev, "netns", away.name()])
+                .expect("move the end away");
+            std::thread::sleep(Duration::from_secs(1));
+            away.ip(&["link", "set", "dev", &dev, "netns", ns.name()])
+                .expect("move the end back");
+            ns.ip(&["link", "set", "dev", &dev, "up"])
+                .expect("set the end up");
+        },
+    );
+    eprintln!("from the end moved back to the first write answered: {gaps:?}");
+    rig.finish();
+}
+
 /// An `O_DIRECT` writer of 64 KiB pieces through the device file of a rig at MTU 1500
 /// (`deadsecs` 60) while `event` happens `rounds` times, 2 s apart: after each, a write
 /// must be answered within 45 s; no write may fail, and every acknowledged one must be

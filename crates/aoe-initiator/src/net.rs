@@ -1869,6 +1869,16 @@ impl Net {
         }
         let mut back = Vec::new();
         for e in &events {
+            // Deleted or moved to another namespace: the kernel unbound the sockets for
+            // good. Forgetting the index makes the next look open new ones on an interface
+            // of the name, also one moved back with the same index.
+            if e.deleted {
+                for i in self.ifaces.iter_mut().flatten() {
+                    if i.index == e.index {
+                        i.index = 0;
+                    }
+                }
+            }
             let running = e.running();
             let was = if e.deleted {
                 self.link_running.remove(&e.index)

@@ -1195,6 +1195,13 @@ impl Daemon {
         match links.drain() {
             Ok((events, overrun)) => {
                 tracing::debug!(?events, overrun, "link events");
+                for e in events.iter().filter(|e| e.deleted) {
+                    for i in &mut self.ifaces {
+                        if i.sock.info().index == e.index {
+                            i.unbound = true;
+                        }
+                    }
+                }
                 overrun || !events.is_empty()
             }
             Err(e) => {
@@ -1231,8 +1238,13 @@ impl Daemon {
     fn refresh_interfaces(&mut self, cause: &'static str) {
         let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
-            let info = match i.sock.refresh_info() {
-                Ok(info) => info.clone(),
+            let refreshed = if i.unbound {
+                Err(std::io::Error::other("unbound"))
+            } else {
+                i.sock.refresh_info().cloned()
+            };
+            let info = match refreshed {
+                Ok(info) => info,
                 Err(_) => match aoe_sys::interface_info(&i.name) {
                     // The bound index is gone; an interface of the name is there again.
                     Ok(new) => {
@@ -1243,6 +1255,7 @@ impl Daemon {
                         let old_index = i.sock.info().index;
                         match i.reopen(self.io, frames) {
                             Ok(()) => {
+                                i.unbound = false;
                                 tracing::warn!(
                                     interface = %i.name,
                                     old_index,
