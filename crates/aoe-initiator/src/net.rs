@@ -1843,10 +1843,9 @@ impl Net {
     /// taken in its slot, one gone is said, one renamed away is dropped or waited for),
     /// with a Query Config on what it opened; an interface in use that is running again
     /// (up with a carrier: `ip link set DEV up`, the peer of a veth set up, a cable back)
-    /// gets its frames in flight looked at now and a Query Config
-    /// ([`Engine::interface_up`]). Before session 34 both waited for the next [`RESCAN`]
-    /// (up to 5 s) and, for a link that came back, for the retransmit timer's back-off
-    /// (up to `rto_max`). True if the interfaces were looked at.
+    /// gets a Query Config ([`Engine::interface_up`]). An event of an interface created or
+    /// set down alone does nothing until it runs. Before session 34 all of it waited for the
+    /// next [`RESCAN`] (up to 5 s). True if the interfaces were looked at.
     fn link_events(&mut self) -> bool {
         let Some(links) = &mut self.links else {
             return false;
