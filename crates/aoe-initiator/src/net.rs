@@ -13,7 +13,7 @@ use aoe_proto::initiator::{
     SubmitError, TxFrame,
 };
 use aoe_proto::ratelimit::RateLimiter;
-use aoe_sys::{EventFd, PacketRing, PacketSocket, PollFd, RecvBatch};
+use aoe_sys::{EventFd, LinkEvents, PacketRing, PacketSocket, PollFd, RecvBatch};
 use aoe_wire::{MacAddr, TargetAddr};
 use crossbeam_channel::{Receiver, Sender};
 
@@ -1241,6 +1241,17 @@ pub struct Net {
     /// until each such device has a path through another interface, or [`RETIRE_GRACE`]
     /// has passed ([`Net::sync_interfaces`]).
     retiring: BTreeMap<usize, Instant>,
+    /// The rtnetlink link group ([`LinkEvents`]), polled beside the sockets: an interface
+    /// created, deleted, renamed, moved or set up is looked at at once ([`Net::link_events`])
+    /// rather than at the next [`RESCAN`], which stays as the fallback. `None` if it could
+    /// not be opened (said once) or failed since.
+    links: Option<LinkEvents>,
+    /// Whether each interface was last said to be running (up with a carrier), by index,
+    /// from the link events: a change to running is a link that came back.
+    link_running: HashMap<u32, bool>,
+    /// What made [`Net::sync_interfaces`] look, for its log lines: "link event" from
+    /// [`Net::link_events`], "rescan" otherwise.
+    scan_cause: &'static str,
 }
 
 /// How long an interface taken out of the list, in the same change that listed a new one,
@@ -1323,6 +1334,9 @@ impl Net {
             housekept: Instant::now(),
             tx_rejected_closed: 0,
             retiring: BTreeMap::new(),
+            links: None,
+            link_running: HashMap::new(),
+            scan_cause: "rescan",
         })
     }
 
@@ -1410,6 +1424,7 @@ impl Net {
                                 interface = %i.name,
                                 old_index = i.index,
                                 new_index = w.index,
+                                found_by = self.scan_cause,
                                 "interface deleted and created again: using the new one"
                             );
                             // Each ring holds its own duplicate of its socket: the old
@@ -1547,7 +1562,7 @@ impl Net {
                                     self.ifaces.push(None);
                                     self.ifaces.len() - 1
                                 });
-                        tracing::info!(interface = %w.name, mtu = w.mtu, "using interface");
+                        tracing::info!(interface = %w.name, mtu = w.mtu, found_by = self.scan_cause, "using interface");
                         self.engine
                             .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                         let ring = rx_ring(&sock, &w.name, w.mtu);
@@ -1587,6 +1602,17 @@ impl Net {
     /// Runs until [`Cmd::Stop`].
     pub fn run(mut self) {
         ON_NET.with(|f| f.set(true));
+        // Before the first look, so that nothing created in between is missed.
+        self.links = LinkEvents::new()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "cannot listen to link events (rtnetlink): interfaces that come back \
+                     are found by the rescan every {} s",
+                    RESCAN.as_secs()
+                )
+            })
+            .ok();
         let _ = self.sync_interfaces();
         self.engine.discover(Instant::now());
         let mut last_scan = Instant::now();
@@ -1747,6 +1773,10 @@ impl Net {
                 self.counts.copied_wait +=
                     u64::from(r.before_wait(&mut self.engine, &mut self.holds));
             }
+            let links_fd = self.links.as_ref().map(|l| {
+                fds.push(PollFd::new(l.as_raw_fd()));
+                fds.len() - 1
+            });
             // The sources: polled for reading, run on this pass, or left to a wake-up.
             let mut run_now = false;
             let mut src_fds: Vec<Option<usize>> = Vec::with_capacity(self.sources.len());
@@ -1802,7 +1832,88 @@ impl Net {
                 }
             }
             self.run_sources(&fds, &src_fds);
+            if links_fd.is_some_and(|k| fds[k].ready) && self.link_events() {
+                last_scan = Instant::now();
+            }
         }
+    }
+
+    /// Reads the link events queued ([`Net::links`]) and acts on them at once: any event
+    /// runs [`Net::sync_interfaces`] (an interface created again under a listed name is
+    /// taken in its slot, one gone is said, one renamed away is dropped or waited for),
+    /// with a Query Config on what it opened; an interface in use that is running again
+    /// (up with a carrier: `ip link set DEV up`, the peer of a veth set up, a cable back)
+    /// gets a Query Config ([`Engine::interface_up`]). An event of an interface created or
+    /// set down alone does nothing until it runs. Before session 34 all of it waited for the
+    /// next [`RESCAN`] (up to 5 s). True if the interfaces were looked at.
+    fn link_events(&mut self) -> bool {
+        let Some(links) = &mut self.links else {
+            return false;
+        };
+        let (events, overrun) = match links.drain() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "link events (rtnetlink) failed: interfaces that come back are found \
+                     by the rescan every {} s",
+                    RESCAN.as_secs()
+                );
+                self.links = None;
+                return false;
+            }
+        };
+        // An interface created or set down is left to the event that says it is running
+        // (or to the rescan): opened on its creation, while still down, the re-made
+        // interface of `conformance_files`' iflist test was never found to have its target.
+        let acts = overrun || events.iter().any(|e| e.deleted || e.running());
+        let mut back = Vec::new();
+        for e in &events {
+            // Deleted or moved to another namespace: the kernel unbound the sockets for
+            // good. Forgetting the index makes the next look open new ones on an interface
+            // of the name, also one moved back with the same index.
+            if e.deleted {
+                for i in self.ifaces.iter_mut().flatten() {
+                    if i.index == e.index {
+                        i.index = 0;
+                    }
+                }
+            }
+            let running = e.running();
+            let was = if e.deleted {
+                self.link_running.remove(&e.index)
+            } else {
+                self.link_running.insert(e.index, running)
+            };
+            // Unknown before (created now, or first heard of): running now is a return
+            // too, for a slot that waits for its name.
+            if running && was != Some(true) {
+                back.push(e.index);
+            }
+        }
+        tracing::debug!(?events, overrun, "link events");
+        if !acts {
+            return false;
+        }
+        let now = Instant::now();
+        self.scan_cause = "link event";
+        let synced = self.sync_interfaces();
+        self.scan_cause = "rescan";
+        if synced.is_ok_and(|n| n > 0) {
+            self.engine.discover(now);
+        }
+        for index in back {
+            let slot = self
+                .ifaces
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|i| i.index == index));
+            if let Some((idx, Some(i))) = slot.map(|idx| (idx, &self.ifaces[idx])) {
+                tracing::info!(interface = %i.name, "link event: interface running again");
+                self.engine.interface_up(now, idx);
+            }
+        }
+        self.publish();
+        true
     }
 
     /// Runs the sources whose fd is ready (`src_fds`: each source's entry in `fds`, None

@@ -20,6 +20,9 @@
 //!   it on veth.
 //! * [`interface_info`] and [`list_interfaces`]: name, index, MAC address, MTU and flags of the
 //!   network interfaces of the calling thread's network namespace.
+//! * [`LinkEvents`]: an rtnetlink socket in the link group, so a daemon hears at once that an
+//!   interface was created, deleted, renamed, moved or set up or down (`RTM_NEWLINK`,
+//!   `RTM_DELLINK`).
 //! * [`EventFd`], [`poll`] and [`TimerFd`]: the wake-up primitive, the readiness wait and the
 //!   periodic timer a single-threaded poll loop needs so that worker threads can hand it
 //!   completions.
@@ -64,6 +67,7 @@ mod exit;
 mod file;
 pub mod fuse_uring;
 mod iface;
+mod link;
 mod ns;
 mod packet;
 mod ring;
@@ -81,6 +85,7 @@ pub use file::{
     OfdRangeLock, MAX_WRITEV,
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
+pub use link::{LinkEvent, LinkEvents};
 pub use ns::{enter_netns, raise_nofile_limit, run_in_netns};
 pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};

@@ -19,7 +19,7 @@ use aoe_proto::target::{
     FIRMWARE_VERSION,
 };
 use aoe_store::{AsyncBackend, Completions, Done, Op, Pool, Request, StoreError};
-use aoe_sys::{EventFd, PacketSocket, PollFd, RecvBatch, TimerFd};
+use aoe_sys::{EventFd, LinkEvents, PacketSocket, PollFd, RecvBatch, TimerFd};
 use aoe_wire::{MacAddr, ATA_HEADER_LEN};
 
 use crate::config::{ExportSpec, IoMode, ServeConfig};
@@ -201,6 +201,11 @@ pub struct Daemon {
     /// Fires every [`REFRESH`]: the loop's once-a-second duties, without a timeout on its
     /// sleeps.
     refresh_timer: TimerFd,
+    /// The rtnetlink link group, polled beside the refresh timer: an interface deleted and
+    /// created again, given a new address or MTU, renamed or moved is looked at at once
+    /// ([`Daemon::refresh_interfaces`]) rather than at the next tick, which stays as the
+    /// fallback. `None` if it could not be opened (said once) or failed since.
+    links: Option<LinkEvents>,
     /// The wait's poll set (kept for its capacity).
     poll_fds: Vec<PollFd>,
     spare: Vec<Vec<u8>>,
@@ -356,6 +361,15 @@ impl Daemon {
             completions,
             event,
             refresh_timer: TimerFd::periodic(REFRESH).context("cannot create a timerfd")?,
+            links: LinkEvents::new()
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot listen to link events (rtnetlink): interface changes are \
+                         found by the look every second"
+                    )
+                })
+                .ok(),
             poll_fds: Vec::new(),
             spare: Vec::new(),
             waiting_writes: 0,
@@ -482,6 +496,7 @@ impl Daemon {
             };
             let cpu = sample.then(|| (aoe_sys::thread_cpu_time(), Instant::now()));
             let (mut completions, mut woken, mut refresh) = (false, false, false);
+            let mut linked = false;
             if skip {
                 // The frames are read below; nothing else is looked at this turn.
             } else {
@@ -501,6 +516,9 @@ impl Daemon {
                 fds.push(PollFd::new(self.event.as_raw_fd()));
                 fds.push(PollFd::new(control.wake_rx.as_raw_fd()));
                 fds.push(PollFd::new(self.refresh_timer.as_raw_fd()));
+                if let Some(l) = &self.links {
+                    fds.push(PollFd::new(l.as_raw_fd()));
+                }
                 if coalescing {
                     let wait = wait.unwrap_or(REFRESH).min(coalesce_wait);
                     aoe_sys::poll_precise(fds, Some(wait)).context("poll")?;
@@ -508,6 +526,7 @@ impl Daemon {
                     aoe_sys::poll(fds, wait).context("poll")?;
                 }
                 (completions, woken, refresh) = (fds[n].ready, fds[n + 1].ready, fds[n + 2].ready);
+                linked = fds.get(n + 3).is_some_and(|f| f.ready);
                 for (r, fd) in ready.iter_mut().zip(fds.iter()) {
                     *r = fd.ready;
                 }
@@ -584,9 +603,15 @@ impl Daemon {
                 self.read_rx_drops();
                 self.observer.publish(self.snapshot());
             }
+            if linked && !refresh && self.link_events() {
+                self.refresh_interfaces("link event");
+            }
             if refresh {
+                if linked {
+                    let _ = self.link_events();
+                }
                 self.watch.tick(&self.config, Instant::now());
-                self.refresh_interfaces();
+                self.refresh_interfaces("tick");
                 self.poll_shared_stores();
                 self.log_drops();
                 self.log_stuck();
@@ -1164,7 +1189,40 @@ impl Daemon {
         }
     }
 
-    /// The refresh tick's look at every interface (once a second): an MTU change rebuilds
+    /// Reads the link events queued ([`Daemon::links`]). True if any came (or some were
+    /// lost to a full buffer): the caller looks at the interfaces now. Before session 34
+    /// an interface created again, or given a new address or MTU, was found only by the
+    /// next tick (up to a second).
+    fn link_events(&mut self) -> bool {
+        let Some(links) = &mut self.links else {
+            return false;
+        };
+        match links.drain() {
+            Ok((events, overrun)) => {
+                tracing::debug!(?events, overrun, "link events");
+                for e in events.iter().filter(|e| e.deleted) {
+                    for i in &mut self.ifaces {
+                        if i.sock.info().index == e.index {
+                            i.unbound = true;
+                        }
+                    }
+                }
+                overrun || !events.is_empty()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "link events (rtnetlink) failed: interface changes are found by the \
+                     look every second"
+                );
+                self.links = None;
+                false
+            }
+        }
+    }
+
+    /// The refresh tick's look at every interface (once a second, and at once on a link
+    /// event, [`Daemon::link_events`]): an MTU change rebuilds
     /// the socket's buffers and is announced (below); a changed MAC address (`ip link set DEV address`) becomes the
     /// source of the replies, and the frames sent to it are taken, at once; an interface
     /// deleted and created again under its name (a veth pair re-made, a USB NIC plugged
@@ -1181,11 +1239,17 @@ impl Daemon {
     /// smaller of it and its own MTU's): before session 33 an MTU lowered on the target's
     /// side alone (9000 to 1500 under writes) left the initiator sending 8 KiB frames the
     /// link dropped until `deadsecs` put the device down.
-    fn refresh_interfaces(&mut self) {
+    /// `cause` ("tick" or "link event") is said in the lines of what it found.
+    fn refresh_interfaces(&mut self, cause: &'static str) {
         let mut rebuilt = false;
         for (idx, i) in self.ifaces.iter_mut().enumerate() {
-            let info = match i.sock.refresh_info() {
-                Ok(info) => info.clone(),
+            let refreshed = if i.unbound {
+                Err(std::io::Error::other("unbound"))
+            } else {
+                i.sock.refresh_info().cloned()
+            };
+            let info = match refreshed {
+                Ok(info) => info,
                 Err(_) => match aoe_sys::interface_info(&i.name) {
                     // The bound index is gone; an interface of the name is there again.
                     Ok(new) => {
@@ -1196,11 +1260,13 @@ impl Daemon {
                         let old_index = i.sock.info().index;
                         match i.reopen(self.io, frames) {
                             Ok(()) => {
+                                i.unbound = false;
                                 tracing::warn!(
                                     interface = %i.name,
                                     old_index,
                                     new_index = new.index,
                                     mac = %MacAddr(i.sock.info().mac),
+                                    found_by = cause,
                                     "interface deleted and created again: serving the new one"
                                 );
                                 rebuilt = true;

@@ -360,6 +360,7 @@ impl Engine {
         self.rack.remove(&key);
         let addr = f.dev;
         let mut ended_silence = false;
+        let mut well = None;
         if let Some(d) = self.devices.get_mut(&addr) {
             if let Some(ti) = d.target_idx(f.target) {
                 let t = &mut d.targets[ti];
@@ -392,6 +393,13 @@ impl Engine {
                 t.answers += 1;
                 if t.taint > 0 {
                     t.taint /= 2;
+                    if t.taint == 0 {
+                        well = Some(format!(
+                            "{addr}: target {} well again (tainted {} times)",
+                            t.mac, t.scorned
+                        ));
+                        t.scorned = 0;
+                    }
                 }
                 if let Some(p) = t.paths.iter_mut().find(|p| p.iface == f.iface) {
                     p.lost = 0;
@@ -402,6 +410,9 @@ impl Engine {
             } else if failed {
                 d.stats.ata_errors += 1;
             }
+        }
+        if let Some(l) = well {
+            self.log(l);
         }
         if ended_silence {
             self.restart_timers(now, addr, f.target);

@@ -162,9 +162,22 @@ impl Engine {
             t.silent += 1;
             t.silent_since.get_or_insert(now);
             if ntargets > 1 && (waited > scorn_at || t.silent >= t.nframes as u32) {
+                // Said once per change of state, not once per frame: every frame of a full
+                // window that times out together scorns the target again (the driver's
+                // `scorn` logs nothing; its `err` device gets the retransmissions).
+                if t.taint == 0 {
+                    t.scorned = 0;
+                }
+                let was = t.taint;
                 t.scorn();
+                t.scorned += 1;
                 t.silent = 0;
-                logs.push(format!("{addr}: target {} tainted ({})", t.mac, t.taint));
+                if was == 0 {
+                    logs.push(format!(
+                        "{addr}: target {} tainted ({}): new frames go to the other targets",
+                        t.mac, t.taint
+                    ));
+                }
             }
             logs.extend(t.path_lost(addr, f.iface));
         }

@@ -42,6 +42,10 @@ pub(super) struct Target {
     pub(super) nout: u16,
     pub(super) max_nout: u16,
     pub(super) taint: u32,
+    /// Times it was scorned since its taint last rose from 0: the "tainted" line is said
+    /// once when it rises, and this count with the "well again" line when the taint is
+    /// back at 0 (a full window timing out at once scorned it once per frame, 64 lines).
+    pub(super) scorned: u32,
     pub(super) rtt_avg_us: u64,
     pub(super) rtt_dev_us: u64,
     /// False until the first RTT sample, which replaces the initial estimate (RFC 6298 2.2).
@@ -166,6 +170,7 @@ impl Target {
             nout: 0,
             max_nout: 0,
             taint: 0,
+            scorned: 0,
             rtt_avg_us: RTT_AVG_INIT_US,
             rtt_dev_us: RTT_DEV_INIT_US,
             sampled: false,

@@ -1833,6 +1833,71 @@ fn sim_multipath_path_dies() {
     }
 }
 
+/// Seventeenth audit (session 34): a target whose frames time out together is said
+/// "tainted" once, and "well again" once when its taint is back at 0, with how often it
+/// was scorned meanwhile. Before, every frame of the window that timed out past
+/// `scorn_after` scorned the target again and logged "target ... tainted (N)" each time:
+/// 64 lines at one instant when a target's MAC changed under writes (session 33's `rig.py
+/// gone8`), each of them in the daemon's log and the `err` file. Here both paths of a
+/// multipath device go dark for 12 s (longer than `scorn_after`, 10 s) with a full window
+/// out, then both come back.
+#[test]
+fn sim_a_target_is_said_tainted_once_and_well_again_once() {
+    let cfg = Config {
+        deadsecs: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(23, LinkCfg::perfect(), cfg, &[1500, 1500]);
+    let a = sim.add_target(spec(DEV, 4096, 16, vec![(TMAC, 1500, 0)]));
+    let disk: Disk = sim.targets[a].disk.clone();
+    sim.add_target(TargetSpec {
+        disk: Some(disk),
+        ..spec(DEV, 4096, 16, vec![(TMAC2, 1500, 1)])
+    });
+    bring_up(&mut sim, DEV);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.device(DEV).targets.len() == 2));
+    let mut w = Workload::new(DEV, 4096, 16, 32);
+    w.run(&mut sim, 200, Duration::from_secs(60));
+    sim.seg_up = vec![false, false];
+    let mut budget = 32;
+    w.fill(&mut sim, &mut budget);
+    sim.run_for(Duration::from_secs(12));
+    sim.seg_up = vec![true, true];
+    w.run(&mut sim, 400, Duration::from_secs(600));
+    for _ in 0..20 {
+        sim.run_for(Duration::from_millis(500));
+        if sim.device(DEV).targets.iter().all(|t| t.taint == 0) {
+            break;
+        }
+    }
+    let d = sim.device(DEV);
+    assert_eq!(d.stats.ops_failed, 0);
+    assert!(d.targets.iter().all(|t| t.taint == 0), "{:#?}", d.targets);
+    let mut tainted_in_all = 0;
+    for mac in [TMAC, TMAC2] {
+        let said = |what: &str| -> Vec<String> {
+            sim.logs()
+                .filter(|l| l.contains(&format!("target {mac} {what}")))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (tainted, well) = (said("tainted"), said("well again"));
+        assert!(
+            tainted.len() <= 1,
+            "one line per change of state: {tainted:#?}"
+        );
+        assert_eq!(tainted.len(), well.len(), "{tainted:#?} {well:#?}");
+        for l in &well {
+            assert!(!l.contains("tainted 0 times"), "{l}");
+        }
+        tainted_in_all += tainted.len();
+    }
+    assert!(
+        tainted_in_all > 0,
+        "no target was tainted: the rig tests nothing"
+    );
+}
+
 /// Removing interfaces: I/O moves to the remaining path; without any path the device goes
 /// down at once and nothing hangs.
 #[test]

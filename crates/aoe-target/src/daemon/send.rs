@@ -177,6 +177,11 @@ pub(super) struct IfaceRt {
     /// The interface's index is gone and no interface of its name exists (said once, by
     /// [`Daemon::refresh_interfaces`](super::Daemon), until it is back).
     pub(super) gone: bool,
+    /// Its index was deleted (`RTM_DELLINK`: deleted, or moved to another namespace): the
+    /// kernel unbound the socket for good, so the next look opens a new one on an
+    /// interface of the name, even one back with the same index (an interface moved out
+    /// and back keeps it), which the index alone does not tell apart.
+    pub(super) unbound: bool,
 }
 
 impl IfaceRt {
@@ -204,6 +209,7 @@ impl IfaceRt {
             staged_reads: 0,
             staged_writes: 0,
             gone: false,
+            unbound: false,
         }
     }
 
