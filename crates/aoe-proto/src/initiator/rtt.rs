@@ -254,19 +254,9 @@ impl Target {
         Some(self.last_answer? + Duration::from_micros(self.rtt_avg_us))
     }
 
-    /// `aoecmd_wreset` then `addtgt`: the window starts at half its ceiling, as the
-    /// driver's, but slow start runs up to the ceiling itself (`ssthresh = nframes`), where
-    /// the driver's `ssthresh` is half of it and the window grows from there by one frame
-    /// per full window (`aoecmd_ata_rsp`). The ceiling is what the target said it can
-    /// hold (its buffer count, Query Config), so no queue overflows below it; RFC 5681 3.1
-    /// likewise starts `ssthresh` "arbitrarily high", at the receiver's advertised window.
-    /// With the driver's rule a lone 1 MiB writer at MTU 9000 (121 frames a write, one
-    /// write at a time) reached about 120 frames only after some 500 writes, and the last
-    /// frames of each write waited for an answer (session 33, s33/wchain); slow start fills
-    /// the 128 frames in the first 64 answers. A loss episode still halves the window and
-    /// ends slow start there ([`Target::on_loss`]).
+    /// `aoecmd_wreset` then `addtgt`: window at half its ceiling, slow start up to there.
     pub(super) fn wreset(&mut self) {
-        self.ssthresh = self.nframes.max(1);
+        self.ssthresh = (self.nframes / 2).max(1);
         self.maxout = (self.nframes / 2).max(1);
         self.next_cwnd = self.nframes;
     }

@@ -1141,8 +1141,7 @@ fn submit_errors() {
 #[test]
 fn window_bounds_outstanding_frames_and_queue_waits() {
     let (mut e, t0) = up_engine(100_000, true);
-    // bufcnt 16 -> nframes 16, window starts at 8; the IDENTIFY's answer made it 9 (slow
-    // start up to nframes).
+    // bufcnt 16 -> nframes 16, window starts at 8.
     for i in 0..20 {
         e.submit(
             t0,
@@ -1155,59 +1154,12 @@ fn window_bounds_outstanding_frames_and_queue_waits() {
         .unwrap();
     }
     let tx = drain(&mut e, t0);
-    assert_eq!(tx.len(), 9, "window 9");
+    assert_eq!(tx.len(), 8, "window 8");
     assert_eq!(e.device(DEV).unwrap().ops_outstanding, 20);
-    // Each answer below the ceiling opens the window by one (slow start up to nframes,
-    // `Target::wreset`): the answered frame's slot and one more, two queued frames out.
+    // Each answer opens the window (slow start below ssthresh 8? no: at 8, congestion
+    // avoidance) and sends the next queued frame.
     e.handle_frame(t0, 0, &ata_rsp(&tx[0].1, TMAC, status::DRDY, 0, &[0; 1024]));
-    assert_eq!(drain(&mut e, t0).len(), 2);
-    assert_eq!(e.device(DEV).unwrap().targets[0].maxout, 10);
-}
-
-/// Session 34 (s34/wwin): a lone writer of 1 MiB at MTU 9000 against a target that holds
-/// 128 frames (`aoe serve`'s default buffer count). Each write is 121 frames of 17 sectors,
-/// one at a time (`dd oflag=direct`). The window started at 64 with `ssthresh` 64, the
-/// driver's rule, and grew by one frame per full window: it stood near 120 after some 500
-/// writes, so the last frames of each write waited for the first answers (s33/wchain).
-/// Slow start now runs up to the ceiling: the second write goes out whole, at once. On the
-/// code before: "second write: 65 of 121 frames sent before an answer".
-#[test]
-fn a_whole_mib_write_goes_out_at_once_after_the_first() {
-    let t0 = Instant::now();
-    let mut e = Engine::new(Config::default(), t0);
-    e.add_interface(0, "eth0", HOST, 9000);
-    drain(&mut e, t0);
-    e.handle_frame(t0, 0, &config_rsp_with(TMAC, DEV, 128, 17, 0, b"ours"));
-    let tx = identifies(&drain(&mut e, t0));
-    assert_eq!(tx.len(), 1);
-    e.handle_frame(t0, 0, &identify_rsp(&tx[0].1, 1 << 20));
-    assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
-    assert_eq!(e.device(DEV).unwrap().targets[0].nframes, 128);
-    let mib = |lba: u64| BlockOp::Write {
-        lba,
-        data: vec![0x5a; 1 << 20],
-    };
-    // The first write: its frames answered in order as they go out.
-    e.submit(t0, DEV, mib(0)).unwrap();
-    let mut out: VecDeque<_> = drain(&mut e, t0).into();
-    assert!(out.len() < 121, "the window starts at half the ceiling");
-    let mut answered = 0;
-    while let Some((_, f)) = out.pop_front() {
-        e.handle_frame(t0, 0, &ata_rsp(&f, TMAC, status::DRDY, 0, &[]));
-        answered += 1;
-        out.extend(drain(&mut e, t0));
-    }
-    assert_eq!(answered, 121, "1 MiB in 17-sector frames");
-    assert_eq!(e.device(DEV).unwrap().ops_outstanding, 0);
-    // The second: all of it before any answer.
-    e.submit(t0, DEV, mib(2048)).unwrap();
-    let sent = drain(&mut e, t0).len();
-    assert_eq!(
-        sent, 121,
-        "second write: {sent} of 121 frames sent before an answer"
-    );
-    let t = &e.device(DEV).unwrap().targets[0];
-    assert!(t.maxout >= 121 && t.maxout <= 128, "window {}", t.maxout);
+    assert_eq!(drain(&mut e, t0).len(), 1);
 }
 
 #[test]

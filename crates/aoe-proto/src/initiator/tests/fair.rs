@@ -49,8 +49,7 @@ fn a_small_read_is_not_queued_behind_other_sources_backlog() {
         }
     }
     let tx: VecDeque<Vec<u8>> = drain(&mut e, t0).into_iter().map(|(_, f)| f).collect();
-    // Half of the 16 buffers, and one for the IDENTIFY's answer (slow start up to 16).
-    assert_eq!(tx.len(), 9, "the window's first frames");
+    assert_eq!(tx.len(), 8, "the window's first frames");
     let small = 5 << 16;
     e.submit_from(
         t0,
@@ -64,11 +63,11 @@ fn a_small_read_is_not_queued_behind_other_sources_backlog() {
     .unwrap();
     let after = frames_until(&mut e, t0, tx, |f| req_lba(f) == small)
         .expect("the small read was never sent");
-    // The 9 frames already out, then at most a quantum of each of the other four sources
+    // The 8 frames already out, then at most a quantum of each of the other four sources
     // before the fifth's turn.
     let quantum = (crate::initiator::queue::QUANTUM_BYTES / 1024) as usize;
     assert!(
-        after <= 9 + 4 * quantum,
+        after <= 8 + 4 * quantum,
         "the small read went out after {after} frames of the others' 4096"
     );
 }
