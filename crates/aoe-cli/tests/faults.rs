@@ -14,7 +14,9 @@
 //!   stays up, and after `discover` the device is `up` again (extends initiator_peers.rs
 //!   `dead_*`, which kills the target with no I/O pending except one read).
 //! * `multipath_*`: two relayed paths to one target, one cut mid-transfer: the transfer
-//!   finishes, the cut path's retransmits show in `err` (the driver's `retransmit ... s=MAC`).
+//!   finishes, the cut path's retransmits show in `err` (the driver's `retransmit ... s=MAC`);
+//!   two targets of one device (one per path), both cut for 3 s and one back: the write
+//!   finishes, the device stays up (a pin).
 //! * `interface_list_swapped_*`: the interface list changed mid-write from the first path's
 //!   interface to the second's: the write finishes (the old interface stays in use until
 //!   the device has a path through the new one), then only the new one is used.
@@ -691,6 +693,84 @@ fn multipath_one_path_cut_mid_transfer() {
          path 0: {}; path 1: {}",
         retransmits(&r.rig),
         err_stream.iter().any(|l| l.contains("ejecting")),
+        c0.counters(),
+        c1.counters()
+    );
+    r.finish();
+}
+
+/// Session 34: a device with two targets (two `aoe serve` on one file, each on its own
+/// relayed path), both paths dark for 3 s mid-write, then only the first back (the second
+/// cut for good). Asserts the write and its fsync succeed, the device is up, and the data
+/// is in the backing file and reads back. A pin, not a regression test: in aoe-proto's
+/// simulator this case went down at `deadsecs` before the fix (the frames sent into the
+/// dark held every slot of the live target's window while the earliest frame's copy waited
+/// for one: `sim_multipath_dark_*_one_path_back`), but the real daemons on the base got
+/// through it (the write ended 1.3-1.5 s after the path came back; with 12 s of dark and
+/// either path back, 2.9 and 6.6 s), for a reason not found.
+#[test]
+fn multipath_two_targets_both_dark_then_one_back() {
+    const DEADSECS: u64 = 20;
+    let r = RelayRig::start_per_path_targets(
+        Target::AoeServe,
+        InitOpts {
+            deadsecs: Some(DEADSECS),
+            ..InitOpts::default()
+        },
+        &[],
+        2,
+        9,
+    );
+    let both = wait_until(Duration::from_secs(20), || {
+        let _ = r.rig.echo("discover", "");
+        let n = r.rig.attr("netif").unwrap_or_default();
+        r.paths.iter().all(|(p, _)| n.contains(p.as_str()))
+    });
+    assert!(
+        both,
+        "netif {:?}, want both {:?}",
+        r.rig.attr("netif"),
+        r.paths
+    );
+    let (c0, c1) = (r.control(0), r.control(1));
+    let data = pattern(403, 16 * MIB);
+    let dev = r.rig.dev();
+    let t_back = std::cell::Cell::new(None);
+    let w = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_in_pieces(&dev, 2 * MIB as u64, &data));
+        let started = wait_until(Duration::from_secs(60), || {
+            c0.counters().to_target > 1000 && c1.counters().to_target > 1000
+        });
+        assert!(
+            started,
+            "both targets not in use: {} / {}",
+            c0.counters(),
+            c1.counters()
+        );
+        c0.set_link(false);
+        c1.set_link(false);
+        // The fault itself: both paths dark this long (not a wait for a condition).
+        std::thread::sleep(Duration::from_secs(3));
+        c0.set_link(true);
+        t_back.set(Some(Instant::now()));
+        writer.join().expect("writer")
+    });
+    let took = t_back.get().map(|t| t.elapsed());
+    w.unwrap_or_else(|e| {
+        panic!(
+            "write with both targets' paths dark 3 s, the first back (deadsecs {DEADSECS}): \
+             {e}, {took:?} after the first path came back{}",
+            r.rig.logs()
+        )
+    });
+    assert_eq!(r.rig.state().as_deref(), Some("up"), "{}", r.rig.logs());
+    let got = read_at(&dev, 2 * MIB as u64, data.len()).expect("read back");
+    assert_same(&got, &data, "read back over the path that came back");
+    let back = fs::read(&r.rig.file).expect("backing file");
+    assert_same(&back[2 * MIB..][..data.len()], &data, "backing file");
+    eprintln!(
+        "multipath, two targets, dark 3 s, one back: the write ended {took:?} after the \
+         first path came back; path 0: {}; path 1: {}",
         c0.counters(),
         c1.counters()
     );

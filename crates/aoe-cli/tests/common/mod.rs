@@ -1043,6 +1043,9 @@ pub struct RelayRig {
     /// Extra paths' veths and middle namespaces (the first path's are in the Rig).
     pub extra: Vec<(VethPair, VethPair, Netns)>,
     pub bridge: Option<aoe_testkit::Bridge>,
+    /// With [`RelayRig::start_per_path_targets`]: the targets of the paths after the first
+    /// (the first is the rig's), each serving the same file on its own path.
+    pub more_targets: Vec<NsChild>,
     pub rig: Rig,
 }
 
@@ -1057,6 +1060,34 @@ impl RelayRig {
         target_args: &[&str],
         npaths: usize,
         seed: u64,
+    ) -> RelayRig {
+        Self::start_inner(kind, mtu, opts, file, target_args, npaths, seed, false)
+    }
+
+    /// Like [`RelayRig::start`], but without the bridge: each path ends at a target of its
+    /// own (`kind` on that path's interface, the same shelf.slot and file), so the device has
+    /// `npaths` targets, one per path, as a disk with two controllers (multipath across
+    /// targets, where [`RelayRig::start`] gives one target over several paths).
+    pub fn start_per_path_targets(
+        kind: Target,
+        opts: InitOpts,
+        target_args: &[&str],
+        npaths: usize,
+        seed: u64,
+    ) -> RelayRig {
+        Self::start_inner(kind, 1500, opts, None, target_args, npaths, seed, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_inner(
+        kind: Target,
+        mtu: u32,
+        opts: InitOpts,
+        file: Option<PathBuf>,
+        target_args: &[&str],
+        npaths: usize,
+        seed: u64,
+        per_path_targets: bool,
     ) -> RelayRig {
         use aoe_testkit::relay::Relay;
         require_tools();
@@ -1088,7 +1119,7 @@ impl RelayRig {
             }
         }
         let (veth, i_side, mid) = first.expect("one path");
-        let (bridge, target_if) = if npaths > 1 {
+        let (bridge, target_if) = if npaths > 1 && !per_path_targets {
             let br = aoe_testkit::Bridge::new(&target_ns).expect("bridge");
             br.add_port(veth.a_name()).expect("bridge port");
             for (t, _, _) in &extra {
@@ -1117,6 +1148,15 @@ impl RelayRig {
         rig.init_if = iflist.clone();
         rig._spare = Some((i_side, mid));
         rig.start_target();
+        let mut more_targets = Vec::new();
+        if per_path_targets {
+            let args: Vec<String> = target_args.iter().map(|a| a.to_string()).collect();
+            for (t, _, _) in &extra {
+                let cmd = kind.command(t.a_name(), &rig.file, &args);
+                more_targets
+                    .push(NsChild::spawn(&rig.target_ns, cmd).expect("start another target"));
+            }
+        }
         // `init_if` is the whole --iflist here: every path's initiator end.
         rig.launch_initiator(&opts.args());
         let me = RelayRig {
@@ -1124,6 +1164,7 @@ impl RelayRig {
             paths,
             extra,
             bridge,
+            more_targets,
             rig,
         };
         // Discovery frames may be lost too: ask again until the device is up.
@@ -1152,6 +1193,7 @@ impl RelayRig {
             mut relays,
             extra,
             bridge,
+            more_targets,
             rig,
             ..
         } = self;
@@ -1161,6 +1203,7 @@ impl RelayRig {
             }
         }
         rig.finish();
+        drop(more_targets);
         drop(relays);
         drop(bridge);
         drop(extra);

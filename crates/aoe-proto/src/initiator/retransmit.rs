@@ -128,7 +128,11 @@ impl Engine {
                     .map(|ti| d.targets[ti].probe_answered)
             })
             .unwrap_or(false);
-        if !probe_answered && !self.copies_elsewhere(&f) && !self.earliest_at_target(tag, &f) {
+        if !probe_answered
+            && !self.copies_elsewhere(&f)
+            && !self.earliest_at_target(tag, &f)
+            && !self.slot_wanted(now, tag, &f)
+        {
             let cfg = &self.cfg;
             let backed_off = self
                 .devices
@@ -234,6 +238,58 @@ impl Engine {
                 && g.target == f.target
                 && self.ops.contains_key(&g.op)
                 && key(g) < key(f)
+        })
+    }
+
+    /// Whether frame `f` (`tag`), whose target has answered nothing for a whole timeout and
+    /// which is not the earliest there, must give its window slot up rather than back off:
+    /// the copy of an earlier frame of its device waits for a slot (`Device::rexmitq`), is
+    /// due, has no room at any target it may go to (`place_copy`), and may go to `f`'s
+    /// target; that earlier frame is the earliest at its own target (so one slot is given
+    /// up per copy of that frame, as TCP resends only the earliest segment, RFC 6298 5.4);
+    /// and no copy presumed lost at `f`'s target is still to free its slot (one is coming
+    /// already). Without it, frames sent into a silence that hold every slot of a target
+    /// back off for ever (`Target::silent_backoff`) while the earliest frame's copy waits
+    /// for one of their slots until `deadsecs`: a multipath device whose paths all went
+    /// dark, one coming back, went down though that path answered. The driver frees a
+    /// timed-out frame's slot at once (`rexmit_timer`: `t->nout--`) and moves the frames of
+    /// a target that stopped answering to another (`reassign_frame`, `ejectif`), so
+    /// nothing there waits on a slot.
+    fn slot_wanted(&self, now: Instant, tag: u32, f: &Outstanding) -> bool {
+        let Some(d) = self.devices.get(&f.dev) else {
+            return false;
+        };
+        let Some(fti) = d.target_idx(f.target) else {
+            return false;
+        };
+        if self
+            .held
+            .values()
+            .any(|h| h.dev == f.dev && h.target == f.target && h.presumed_lost)
+        {
+            return false;
+        }
+        let f_key = (f.first_sent, f.op, f.offset);
+        let all_tainted = d.targets.iter().filter(|t| t.usable()).all(|t| t.taint > 0);
+        let ft = &d.targets[fti];
+        d.rexmitq.iter().any(|&k| {
+            let Some(g) = self.outstanding.get(k) else {
+                return false;
+            };
+            let Some(why) = g.waiting else {
+                return false;
+            };
+            if k == tag || (g.first_sent, g.op, g.offset) >= f_key {
+                return false;
+            }
+            if !self.ops.contains_key(&g.op) || place_copy(d, g.target, why).is_some() {
+                return false;
+            }
+            let due = why != CopyWhy::Timeout
+                || d.target_idx(g.target)
+                    .is_none_or(|ti| d.targets[ti].copy_due_after_timeout(g.seq, now));
+            let may_go = g.target == f.target || (ft.usable() && (ft.taint == 0 || all_tainted));
+            due && may_go && self.earliest_at_target(k, g)
         })
     }
 

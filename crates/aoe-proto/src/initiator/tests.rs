@@ -1850,6 +1850,103 @@ fn sim_a_target_is_said_tainted_once_and_well_again_once() {
     );
 }
 
+/// A multipath device (two targets, one disk, one interface each), a window of 16 out on
+/// each, both paths dark for `dark`, then only the paths in `back` come back, under writes.
+/// Asserts no op failed, the device never went down, and the disk holds every acknowledged
+/// write (the shadow). Before session 34's fix, with the second path left dark, the device
+/// went down at `deadsecs` ("tag ... unanswered for 60 s") though the first path answered:
+/// the earliest frame at the first target waited for a window slot held by frames sent while
+/// it was dark, whose timers backed off because they were not the earliest.
+fn multipath_dark_then_back(seed: u64, dark: Duration, back: [bool; 2]) {
+    let cfg = Config {
+        deadsecs: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500, 1500]);
+    let a = sim.add_target(spec(DEV, 4096, 16, vec![(TMAC, 1500, 0)]));
+    let disk: Disk = sim.targets[a].disk.clone();
+    sim.add_target(TargetSpec {
+        disk: Some(disk.clone()),
+        ..spec(DEV, 4096, 16, vec![(TMAC2, 1500, 1)])
+    });
+    bring_up(&mut sim, DEV);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.device(DEV).targets.len() == 2));
+    let mut w = Workload::new(DEV, 4096, 16, 32);
+    w.run(&mut sim, 200, Duration::from_secs(60));
+    sim.seg_up = vec![false, false];
+    let mut budget = 32;
+    w.fill(&mut sim, &mut budget);
+    sim.run_for(dark);
+    sim.seg_up = back.to_vec();
+    // 400 more ops, within 50 s of virtual time: well inside `deadsecs` of the first frame
+    // sent into the dark. `Workload::run` panics on an op that fails.
+    w.run(&mut sim, 400, Duration::from_secs(50));
+    let d = sim.device(DEV);
+    assert_eq!(d.stats.ops_failed, 0);
+    assert_eq!(d.state, DeviceState::Up, "{d:#?}");
+    assert!(
+        !sim.logs().any(|l| l.contains(" down:")),
+        "the device went down: {:#?}",
+        sim.logs()
+            .filter(|l| l.contains(" down:"))
+            .collect::<Vec<_>>()
+    );
+    // Let the copies still in the network land, then the disk must be the shadow.
+    sim.run_for(Duration::from_secs(5));
+    assert!(
+        *disk.borrow() == w.shadow,
+        "the disk lost an acknowledged write"
+    );
+}
+
+/// Each path back alone, for two seeds: which target holds the earliest frame when the
+/// paths go dark is the seed's, and each case failed on the base code with one of them
+/// (seed 2 with the first path back, 23 with the second, at 1, 3 and 12 s).
+fn multipath_dark_one_path_back(dark: Duration) {
+    for seed in [2, 23] {
+        for back in [[true, false], [false, true]] {
+            multipath_dark_then_back(seed, dark, back);
+        }
+    }
+}
+
+#[test]
+fn sim_multipath_dark_1s_one_path_back() {
+    multipath_dark_one_path_back(Duration::from_secs(1));
+}
+
+#[test]
+fn sim_multipath_dark_3s_one_path_back() {
+    multipath_dark_one_path_back(Duration::from_secs(3));
+}
+
+#[test]
+fn sim_multipath_dark_12s_one_path_back() {
+    multipath_dark_one_path_back(Duration::from_secs(12));
+}
+
+/// Both paths back: passed before the fix too (pins it).
+fn multipath_dark_both_back(dark: Duration) {
+    for seed in [2, 23] {
+        multipath_dark_then_back(seed, dark, [true, true]);
+    }
+}
+
+#[test]
+fn sim_multipath_dark_1s_both_paths_back() {
+    multipath_dark_both_back(Duration::from_secs(1));
+}
+
+#[test]
+fn sim_multipath_dark_3s_both_paths_back() {
+    multipath_dark_both_back(Duration::from_secs(3));
+}
+
+#[test]
+fn sim_multipath_dark_12s_both_paths_back() {
+    multipath_dark_both_back(Duration::from_secs(12));
+}
+
 /// Removing interfaces: I/O moves to the remaining path; without any path the device goes
 /// down at once and nothing hangs.
 #[test]
