@@ -26,6 +26,9 @@ impl Exports for Two {
                 size: (64 << 20) >> i,
                 description: format!("AoE {n}"),
                 block: BlockSizes::for_payload(1024),
+                // One of each: `--nbd-read-only` exports advertise NBD_FLAG_READ_ONLY
+                // and leave FUA and WRITE_ZEROES out of their transmission flags.
+                read_only: i == 1,
             })
             .collect()
     }

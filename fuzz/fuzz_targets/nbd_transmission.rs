@@ -1,7 +1,7 @@
 //! Any bytes as an NBD client's transmission phase, fed to the initiator's request parser
 //! and checker (`aoe_nbd::proto::{Request, Session}`) the way its connection loop
 //! does: input = 1 byte of session settings (bit 0: structured replies), 8 bytes of export
-//! size (big-endian), then 28-byte request headers, a write's payload after its header.
+//! size (big-endian; its top bit says a read-only export, `--nbd-read-only`), then 28-byte request headers, a write's payload after its header.
 //! Never a panic; a request that passes `check` lies within the export and within the
 //! advertised maximum payload, uses only flags allowed for its type, and every reply the
 //! session builds for it starts with the right magic and echoes its cookie (NBD spec,
@@ -38,9 +38,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let e = Export {
         name: "e7.3".into(),
-        size: u64::from_be_bytes(*size),
+        size: u64::from_be_bytes(*size) & !(1 << 63),
         description: String::new(),
         block: BlockSizes::for_payload(usize::from(settings >> 1) * 512),
+        read_only: size[0] & 0x80 != 0,
     };
     let s = Session::new(&e, settings & 1 != 0);
     while let Ok(r) = Request::parse(rest) {
