@@ -43,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
         block: BlockSizes::for_payload(usize::from(settings >> 1) * 512),
         read_only: size[0] & 0x80 != 0,
     };
+    let e_read_only = e.read_only;
     let s = Session::new(&e, settings & 1 != 0);
     while let Ok(r) = Request::parse(rest) {
         rest = &rest[Request::LEN..];
@@ -54,6 +55,10 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[payload..];
         match s.check(&r) {
             Ok(c) => {
+                assert!(
+                    !(e_read_only && matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES)),
+                    "{r:?} accepted on a read-only export"
+                );
                 let (offset, len) = match c {
                     Command::Read { offset, len } => {
                         assert_eq!(r.kind, cmd::READ);
@@ -83,6 +88,14 @@ fuzz_target!(|data: &[u8]| {
                     assert!(len <= s.block.max, "{r:?} over the maximum {}", s.block.max);
                 }
                 assert_reply(&s, &s.done_reply(r.cookie), r.cookie);
+            }
+            Err(e) if e == err::EPERM => {
+                // A read-only export refuses writes and write zeroes, and only those.
+                assert!(
+                    e_read_only && matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES),
+                    "EPERM for {r:?} (read-only {e_read_only})"
+                );
+                assert_reply(&s, &s.error_reply(r.cookie, e, "refused"), r.cookie);
             }
             Err(e) => {
                 assert!(e == err::EINVAL || e == err::ENOSPC, "error {e} for {r:?}");
