@@ -63,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
                     }
                     IoKind::Flush => {}
                 }
-                let n = e.complete(io.token, Ok(()), &mut reply).expect("token in flight");
+                let n = e
+                    .complete(io.token, Ok(()), &mut reply)
+                    .expect("token in flight");
                 check_reply(&reply[..n]);
             }
         }
