@@ -1249,9 +1249,6 @@ pub struct Net {
     /// Whether each interface was last said to be running (up with a carrier), by index,
     /// from the link events: a change to running is a link that came back.
     link_running: HashMap<u32, bool>,
-    /// What made [`Net::sync_interfaces`] look, for its log lines: "link event" from
-    /// [`Net::link_events`], "rescan" otherwise.
-    scan_cause: &'static str,
 }
 
 /// How long an interface taken out of the list, in the same change that listed a new one,
@@ -1336,7 +1333,6 @@ impl Net {
             retiring: BTreeMap::new(),
             links: None,
             link_running: HashMap::new(),
-            scan_cause: "rescan",
         })
     }
 
@@ -1357,7 +1353,9 @@ impl Net {
     /// the others from being synced. A missing name is said once on `err` (again if it
     /// comes back and goes away again). Returns the number of interfaces newly opened, or
     /// opened again after they were deleted and created again under their names.
-    pub fn sync_interfaces(&mut self) -> Result<usize, String> {
+    /// `found_by` names what made it look, for its log lines ("link event" from
+    /// [`Net::link_events`], "rescan" otherwise).
+    pub fn sync_interfaces(&mut self, found_by: &'static str) -> Result<usize, String> {
         let iflist = lock(&self.shared).iflist.clone();
         let all = aoe_sys::list_interfaces().map_err(|e| format!("cannot list interfaces: {e}"))?;
         let missing: Vec<String> = iflist
@@ -1424,7 +1422,7 @@ impl Net {
                                 interface = %i.name,
                                 old_index = i.index,
                                 new_index = w.index,
-                                found_by = self.scan_cause,
+                                found_by,
                                 "interface deleted and created again: using the new one"
                             );
                             // Each ring holds its own duplicate of its socket: the old
@@ -1562,7 +1560,7 @@ impl Net {
                                     self.ifaces.push(None);
                                     self.ifaces.len() - 1
                                 });
-                        tracing::info!(interface = %w.name, mtu = w.mtu, found_by = self.scan_cause, "using interface");
+                        tracing::info!(interface = %w.name, mtu = w.mtu, found_by, "using interface");
                         self.engine
                             .add_interface(idx, &w.name, MacAddr(w.mac), w.mtu);
                         let ring = rx_ring(&sock, &w.name, w.mtu);
@@ -1613,7 +1611,7 @@ impl Net {
                 )
             })
             .ok();
-        let _ = self.sync_interfaces();
+        let _ = self.sync_interfaces("rescan");
         self.engine.discover(Instant::now());
         let mut last_scan = Instant::now();
         loop {
@@ -1712,14 +1710,14 @@ impl Net {
             if self.housekeeping() && !self.retiring.is_empty() {
                 // A retiring interface goes once no device relies on it alone, or at the
                 // end of its grace (`sync_interfaces` decides).
-                let _ = self.sync_interfaces();
+                let _ = self.sync_interfaces("rescan");
             }
             if last_scan.elapsed() > RESCAN {
                 last_scan = Instant::now();
                 // An interface that just appeared gets a Query Config broadcast at once, so
                 // its targets are found without waiting for the next beacon (the driver
                 // only finds them then, or on an aoe-discover).
-                if self.sync_interfaces().is_ok_and(|n| n > 0) {
+                if self.sync_interfaces("rescan").is_ok_and(|n| n > 0) {
                     self.engine.discover(Instant::now());
                 }
                 self.publish();
@@ -1896,9 +1894,7 @@ impl Net {
             return false;
         }
         let now = Instant::now();
-        self.scan_cause = "link event";
-        let synced = self.sync_interfaces();
-        self.scan_cause = "rescan";
+        let synced = self.sync_interfaces("link event");
         if synced.is_ok_and(|n| n > 0) {
             self.engine.discover(now);
         }
@@ -2128,7 +2124,7 @@ impl Net {
                 Err(e) => done(Err(errno_of_submit(&e))),
             },
             Cmd::Discover => {
-                let _ = self.sync_interfaces();
+                let _ = self.sync_interfaces("rescan");
                 self.engine.discover(now);
             }
             Cmd::Revalidate(dev, tx) => {
@@ -2146,9 +2142,9 @@ impl Net {
             Cmd::SetInterfaces(list, tx) => {
                 let r = check_iflist(&list).and_then(|()| {
                     let old = std::mem::replace(&mut lock(&self.shared).iflist, list);
-                    self.sync_interfaces().inspect_err(|_| {
+                    self.sync_interfaces("rescan").inspect_err(|_| {
                         lock(&self.shared).iflist = old;
-                        let _ = self.sync_interfaces();
+                        let _ = self.sync_interfaces("rescan");
                     })
                 });
                 let _ = tx.send(r.map(|_| ()));
