@@ -1353,8 +1353,8 @@ impl Net {
     /// the others from being synced. A missing name is said once on `err` (again if it
     /// comes back and goes away again). Returns the number of interfaces newly opened, or
     /// opened again after they were deleted and created again under their names.
-    /// `found_by` names what made it look, for its log lines ("link event" from
-    /// [`Net::link_events`], "rescan" otherwise).
+    /// `found_by` names what made it look, for its log lines ("link event" when a link
+    /// event did, "rescan" otherwise).
     pub fn sync_interfaces(&mut self, found_by: &'static str) -> Result<usize, String> {
         let iflist = lock(&self.shared).iflist.clone();
         let all = aoe_sys::list_interfaces().map_err(|e| format!("cannot list interfaces: {e}"))?;
