@@ -2262,55 +2262,25 @@ fn writes_go_on_across(mtu: u32, what: &str, event: impl FnOnce(&mut Rig)) -> Ri
             ..InitOpts::default()
         },
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let f = open_direct(&rig.dev());
-        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let mut acked = std::collections::BTreeMap::new();
-            let mut failures = Vec::new();
-            let mut g = 1000u64;
-            while !stop.load(Ordering::Relaxed) {
-                g += 1;
-                let i = g % RECREATE_PIECES;
-                let off = i * RECREATE_PIECE as u64;
-                match f.write_all_at(&pattern(g, RECREATE_PIECE), off) {
-                    Ok(()) => {
-                        acked.insert(i, g);
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // A failed write's bytes are undefined: the piece is not checked.
-                        acked.remove(&i);
-                        failures.push(format!("piece {i} generation {g}: {e}"));
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            (acked, failures)
-        })
-    };
+    let writer = PieceWriter::start(&rig.dev());
     assert!(
-        wait_until(Duration::from_secs(20), || done.load(Ordering::Relaxed)
-            >= 50),
+        wait_until(Duration::from_secs(20), || writer.answered() >= 50),
         "the writer did not get going: {}",
         rig.logs()
     );
-    let before = done.load(Ordering::Relaxed);
+    let before = writer.answered();
     event(&mut rig);
     // The exact condition asserted: 100 writes answered after the event, or a failure.
     let went_on = wait_until(Duration::from_secs(45), || {
-        done.load(Ordering::Relaxed) >= before + 100 || failed.load(Ordering::Relaxed) > 0
+        writer.answered() >= before + 100 || writer.failed() > 0
     });
-    stop.store(true, Ordering::Relaxed);
-    let (acked, failures) = writer.join().expect("writer thread");
+    let answered = writer.answered();
+    let (acked, failures) = writer.stop();
     assert!(
         went_on,
         "writes did not go on within 45 s after {what} ({} answered before, {} in all):\n{}",
         before,
-        done.load(Ordering::Relaxed),
+        answered,
         rig.logs()
     );
     assert!(
@@ -2320,15 +2290,94 @@ fn writes_go_on_across(mtu: u32, what: &str, event: impl FnOnce(&mut Rig)) -> Ri
         &failures[..failures.len().min(3)],
         rig.logs()
     );
-    let file = fs::read(&rig.file).expect("read the backing file");
-    for (&i, &g) in &acked {
+    assert_pieces_in_file(&rig.file, &acked);
+    rig
+}
+
+/// An `O_DIRECT` writer of 64 KiB pieces through a device file, each write a new
+/// generation's pattern at one of [`RECREATE_PIECES`] places, until [`PieceWriter::stop`]:
+/// the link-event tests' load. A failed write's piece is not checked (its bytes are
+/// undefined); every acknowledged one must be in the backing file
+/// ([`assert_pieces_in_file`]).
+struct PieceWriter {
+    stop: Arc<AtomicBool>,
+    /// When each write was answered, in order.
+    acks: Arc<std::sync::Mutex<Vec<Instant>>>,
+    failed: Arc<AtomicUsize>,
+    /// The last generation acknowledged at each piece, and the failures said.
+    thread: std::thread::JoinHandle<(std::collections::BTreeMap<u64, u64>, Vec<String>)>,
+}
+
+impl PieceWriter {
+    fn start(dev: &Path) -> PieceWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let f = open_direct(dev);
+        let (s, a, fl) = (stop.clone(), acks.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let mut acked = std::collections::BTreeMap::new();
+            let mut failures = Vec::new();
+            let mut g = 1000u64;
+            while !s.load(Ordering::Relaxed) {
+                g += 1;
+                let i = g % RECREATE_PIECES;
+                let off = i * RECREATE_PIECE as u64;
+                match f.write_all_at(&pattern(g, RECREATE_PIECE), off) {
+                    Ok(()) => {
+                        acked.insert(i, g);
+                        a.lock().unwrap().push(Instant::now());
+                    }
+                    Err(e) => {
+                        // A failed write's bytes are undefined: the piece is not checked.
+                        acked.remove(&i);
+                        failures.push(format!("piece {i} generation {g}: {e}"));
+                        fl.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            (acked, failures)
+        });
+        PieceWriter {
+            stop,
+            acks,
+            failed,
+            thread,
+        }
+    }
+
+    /// Writes answered so far.
+    fn answered(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// When the first write answered after `t` was answered.
+    fn answered_after(&self, t: Instant) -> Option<Instant> {
+        self.acks.lock().unwrap().iter().find(|&&a| a > t).copied()
+    }
+
+    /// Writes failed so far.
+    fn failed(&self) -> usize {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writer; the last generation acknowledged at each piece, and the failures.
+    fn stop(self) -> (std::collections::BTreeMap<u64, u64>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("writer thread")
+    }
+}
+
+/// Every piece's last acknowledged generation ([`PieceWriter`]) is in `file`.
+fn assert_pieces_in_file(file: &Path, acked: &std::collections::BTreeMap<u64, u64>) {
+    let file = fs::read(file).expect("read the backing file");
+    for (&i, &g) in acked {
         let at = i as usize * RECREATE_PIECE;
         assert!(
             file[at..at + RECREATE_PIECE] == pattern(g, RECREATE_PIECE)[..],
             "piece {i}: the acknowledged write of generation {g} is not in the backing file"
         );
     }
-    rig
 }
 
 // ------------------------------------------------------------------------------------------
@@ -2442,44 +2491,14 @@ fn writes_across_link_events(
             ..InitOpts::default()
         },
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let f = open_direct(&rig.dev());
-        let (stop, acks, failed) = (stop.clone(), acks.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let mut acked = std::collections::BTreeMap::new();
-            let mut failures = Vec::new();
-            let mut g = 1000u64;
-            while !stop.load(Ordering::Relaxed) {
-                g += 1;
-                let i = g % RECREATE_PIECES;
-                let off = i * RECREATE_PIECE as u64;
-                match f.write_all_at(&pattern(g, RECREATE_PIECE), off) {
-                    Ok(()) => {
-                        acked.insert(i, g);
-                        acks.lock().unwrap().push(Instant::now());
-                    }
-                    Err(e) => {
-                        // A failed write's bytes are undefined: the piece is not checked.
-                        acked.remove(&i);
-                        failures.push(format!("piece {i} generation {g}: {e}"));
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            (acked, failures)
-        })
-    };
-    let answered_after = |t: Instant| acks.lock().unwrap().iter().find(|&&a| a > t).copied();
+    let writer = PieceWriter::start(&rig.dev());
     let mut gaps = Vec::new();
     let mut stalled = None;
     for round in 0..rounds {
         let going = wait_until(Duration::from_secs(20), || {
-            acks.lock().unwrap().len() >= 50 * (round + 1)
+            writer.answered() >= 50 * (round + 1)
         });
-        if !going || failed.load(Ordering::Relaxed) > 0 {
+        if !going || writer.failed() > 0 {
             stalled = Some(format!("before round {round}"));
             break;
         }
@@ -2487,9 +2506,9 @@ fn writes_across_link_events(
         let t = Instant::now();
         // The exact condition measured: a write answered after the event, or a failure.
         let went_on = wait_until(Duration::from_secs(45), || {
-            answered_after(t).is_some() || failed.load(Ordering::Relaxed) > 0
+            writer.answered_after(t).is_some() || writer.failed() > 0
         });
-        match answered_after(t) {
+        match writer.answered_after(t) {
             Some(a) if went_on => gaps.push(a - t),
             _ => {
                 stalled = Some(format!("after round {round}"));
@@ -2498,8 +2517,7 @@ fn writes_across_link_events(
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    stop.store(true, Ordering::Relaxed);
-    let (acked, failures) = writer.join().expect("writer thread");
+    let (acked, failures) = writer.stop();
     assert!(
         failures.is_empty(),
         "{} writes failed across {what} (deadsecs 60), first {:?}:\n{}",
@@ -2513,13 +2531,6 @@ fn writes_across_link_events(
         stalled.unwrap_or_default(),
         rig.logs()
     );
-    let file = fs::read(&rig.file).expect("read the backing file");
-    for (&i, &g) in &acked {
-        let at = i as usize * RECREATE_PIECE;
-        assert!(
-            file[at..at + RECREATE_PIECE] == pattern(g, RECREATE_PIECE)[..],
-            "piece {i}: the acknowledged write of generation {g} is not in the backing file"
-        );
-    }
+    assert_pieces_in_file(&rig.file, &acked);
     (rig, gaps)
 }
