@@ -2998,13 +2998,7 @@ fn an_override_set_on_a_served_image_is_logged_as_what_a_take_over_would_refuse(
     });
     let first = pattern(33, 4096);
     write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
-    let gateway_log = || {
-        r.rig
-            .target
-            .as_ref()
-            .map(NsChild::output_so_far)
-            .unwrap_or_default()
-    };
+    let gateway_log = || r.rig.target_log();
     let warned = |what: &str| {
         gateway_log()
             .lines()
@@ -3290,13 +3284,7 @@ fn a_plugin_named_on_a_served_image_is_logged_as_what_stops_a_take_over() {
     });
     let first = pattern(35, 4096);
     write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
-    let gateway_log = || {
-        r.rig
-            .target
-            .as_ref()
-            .map(NsChild::output_so_far)
-            .unwrap_or_default()
-    };
+    let gateway_log = || r.rig.target_log();
     let wait_logged = |what: &str, why: &str| {
         assert!(
             wait_until(Duration::from_secs(30), || gateway_log().lines().any(|l| l

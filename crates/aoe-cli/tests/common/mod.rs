@@ -624,14 +624,18 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// The target's output so far (its log), empty when none runs.
+    pub fn target_log(&self) -> String {
+        self.target
+            .as_ref()
+            .map(NsChild::output_so_far)
+            .unwrap_or_default()
+    }
+
     /// Initiator and target output, for failure messages.
     pub fn logs(&self) -> String {
         let init = self.initiator_log();
-        let target = self
-            .target
-            .as_ref()
-            .map(NsChild::output_so_far)
-            .unwrap_or_default();
+        let target = self.target_log();
         format!("\n--- initiator:\n{init}\n--- target:\n{target}")
     }
 
