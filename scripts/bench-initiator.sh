@@ -31,7 +31,8 @@
 #             receives each answer's data, as the initiator must, instead of its headers only)
 #   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
 #             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
-#   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   NBDKIT=1 (also nbdkit over TCP)   NBDKIT_ARGS="" (extra nbdkit flags, e.g. "-t 4": its
+#             threads a connection)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   NBDCOPY_ARGS="" (extra nbdcopy flags for every nbdcopy, ours and nbdkit's alike, e.g.
 #             "--connections=1" or "--requests=4": what the client's depth does to both paths)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
