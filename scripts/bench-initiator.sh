@@ -434,7 +434,9 @@ init_round() { # k run
         sed "s/^/initiator log $t-$mtu-$k-$r: /" >&2 || true
 }
 # The median over the runs of a cell's MB/s over its reference's in the same round (raw: the
-# raw generator's read; r, w: nbdkit's read, write), as "0.93x", or "-".
+# raw generator's read; r, w: nbdkit's read, write), as "0.93x", or "-". With an even count
+# (ABBA wants one) the geometric mean of the two middle ratios, not the lower one: with four
+# rounds the lower middle is the second lowest.
 same_round() { # cell k raw|r|w
     local c=$1 k=$2 ref=$3 r a b out=""
     for r in $(seq 1 "$RUNS"); do
@@ -443,7 +445,8 @@ same_round() { # cell k raw|r|w
         [ -n "$a" ] && [ -n "$b" ] && [ "$b" != 0 ] && out+="$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.4f", a / b }') "
     done
     [ -n "$out" ] || { echo -; return; }
-    printf '%s\n' $out | median | awk '{ printf "%.2fx\n", $1 }'
+    printf '%s\n' $out | sort -g | awk '{ a[NR] = $1 }
+        END { m = (NR % 2) ? a[(NR + 1) / 2] : sqrt(a[NR / 2] * a[NR / 2 + 1]); printf "%.2fx\n", m }'
 }
 
 # A pass per MTU and target: the items (the raw generator, each initiator, nbdkit) take turns
@@ -519,7 +522,8 @@ for mtu in $MTUS; do
 done
 
 echo
-echo "MB/s, median of $RUNS rounds$([ "$WARMUP" = 1 ] && echo " after a discarded warm-up round"), order $ORDER; (x) = the median of each round's ratio to the raw read of the same round;"
+echo "MB/s, median of $RUNS rounds (the lower middle of an even count)$([ "$WARMUP" = 1 ] && echo " after a discarded warm-up round"), order $ORDER; (x) = the median of each round's ratio to the raw read of the same round"
+echo "(of an even count the geometric mean of the two middle ratios);"
 echo "raw = aoe bench read window $WINDOW${RAW_ARGS:+ $RAW_ARGS}; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
 echo "CPU-s/GB = user+system CPU-seconds per GB moved, per cell: dev read / nbd read / dev write / nbd write (nbdkit: read / write),"
 echo "the figures a loaded machine disturbs least; initiator = aoe initiator; target = aoe serve, vblade or nbdkit, which on"
