@@ -9,26 +9,34 @@
 #   nbd      nbdcopy from the initiator's NBD export to null:
 #   dev-w    dd bs=1M oflag=direct to the device file      (WRITES=1)
 #   nbd-w    nbdcopy from a tmpfs file to the NBD export   (WRITES=1)
-# then, on the same veth with addresses, nbdkit's file plugin over TCP read and written with
-# nbdcopy (what a user would pick instead). Every cell is the median of RUNS runs and is
-# printed with the load average, since this is meant for a shared machine: compare figures
-# of one run only. The initiator's CPU-seconds per GB are given for dev and nbd reads and,
-# in their own column (WRITES=1), for dev and nbd writes.
+# and, on the same veth with addresses, nbdkit's file plugin over TCP (started beside the
+# target) read and written with nbdcopy (what a user would pick instead). The raw generator,
+# each initiator and nbdkit take turns in RUNS rounds: every cell is the median of RUNS runs,
+# its ratios the median of each round's ratio to the raw read and to nbdkit's transfer of the
+# same round (what this minute of a shared machine gives each path), printed with the load
+# average: compare figures of one run only. Each transfer's own MB/s is on stderr ("run ...").
+# The initiator's CPU-seconds per GB are given for dev and nbd reads and, in their own column
+# (WRITES=1), for dev and nbd writes.
 #
 # Usage: sudo scripts/bench-initiator.sh
 #   AOE=target/release/aoe   MTUS="1500 9000"   TARGETS="aoe vblade" (others: TARGET_CMD_<name>,
 #   as in bench-compare.sh)   SIZE_MB=1024
-#   TIME=5 (raw generator seconds)   RUNS=3   WRITES=1   READS=1 (0: writes only, no raw
+#   TIME=5 (raw generator seconds)   RUNS=3 (rounds counted; even: ABBA balanced)
+#   WARMUP=1 (a first round of every item, not counted: no counted transfer is the first
+#             after the target's or nbdkit's start)   ORDER=abba (the even rounds in reverse
+#             order; fixed: always raw, the initiators in INITS's order, nbdkit)
+#   WRITES=1   READS=1 (0: writes only, no raw
 #             generator, dev or nbd reads)   WINDOW=64 (raw generator window)
 #   RAW_ARGS="" (extra `aoe bench` flags for the raw cells, e.g. --rx-whole: the generator
 #             receives each answer's data, as the initiator must, instead of its headers only)
 #   DD_BS=1M (dd's block size)   DD_IFLAG=direct DD_OFLAG=direct (dd's iflag/oflag on the
 #             device file; empty: through the page cache, e.g. DD_OFLAG= for buffered writes)
-#   NBDKIT=1 (also nbdkit over TCP)   INIT_ARGS="" (extra `aoe initiator` flags)
+#   NBDKIT=1 (also nbdkit over TCP)   NBDKIT_ARGS="" (extra nbdkit flags, e.g. "-t 4": its
+#             threads a connection)   INIT_ARGS="" (extra `aoe initiator` flags)
 #   NBDCOPY_ARGS="" (extra nbdcopy flags for every nbdcopy, ours and nbdkit's alike, e.g.
 #             "--connections=1" or "--requests=4": what the client's depth does to both paths)
 #   INITS="$AOE"  initiator binaries to compare (e.g. INITS="target/release/aoe /tmp/aoe-old");
-#             with more than one, each run measures them in turn (interleaved, not one after
+#             with more than one, each round measures them in turn (interleaved, not one after
 #             the other), every row names its binary, and the target and raw generator stay $AOE;
 #             an entry that is not a file is a name: INIT_AOE_<name> (binary, default AOE) and
 #             INIT_ARGS_<name> (its own extra arguments, after INIT_ARGS), as in bench/fio.sh, e.g.
@@ -115,6 +123,8 @@ WARM_MB=${WARM_MB:-1024}
 COLD_MB=${COLD_MB:-0}
 RETX=${RETX:-0}
 INIT_LOG=${INIT_LOG:-0}
+WARMUP=${WARMUP:-1}
+ORDER=${ORDER:-abba}
 METRICS_ADDR=127.0.0.1:9477
 [ "$RETX" = 1 ] && INIT_ARGS+=" --metrics $METRICS_ADDR"
 SHELF=1 SLOT=1
@@ -223,10 +233,17 @@ mem_after() {
     HOLD_PID=""
 }
 perf_during() { # name cmd... : the command, with perf recording the initiator if PERF is set
-    local name=$1; shift
+    local name=$1 out; shift
     mem_before "$name"
-    perf_during_xcopy "$name" "$@"
+    out=$(perf_during_xcopy "$name" "$@")
     mem_after
+    run_line "$name" "$out"
+    echo "$out"
+}
+# Every transfer's own MB/s on stderr, with the time and the load (the table keeps medians):
+# which run of a cell was the slow one, and in which order it ran.
+run_line() { # name MB/s
+    echo "run $(date -u +%T) $1: $2 MB/s, load $(load)" >&2
 }
 perf_during_xcopy() { # name cmd...
     local name=$1; shift
@@ -319,15 +336,15 @@ retx_report() { # cell counts-before
 
 ROWS=()
 row() { ROWS+=("$1"); echo "$1" >&2; }
-# nbdkit's cell: median MB/s of RUNS runs, each under `perf_during` with PERFSTATALL, PERFALL or
-# WAKES (the whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our
-# cells; with WARM_MB or COLD_MB as our cells have them whatever is recorded.
-kit_cell() { # label cmd...
-    local label=$1; shift
+# One nbdkit transfer: its MB/s, under `perf_during` with PERFSTATALL, PERFALL or WAKES (the
+# whole machine: nbdkit, nbdcopy and the kernel), for the same accounts as our cells; with
+# WARM_MB or COLD_MB as our cells have them whatever is recorded.
+kit_one() { # name cmd...
+    local name=$1 v; shift
     if [ "$PERFSTATALL" = 1 ] || [ -n "$PERFALL" ] || [ -n "$WAKES" ]; then
-        for r in $(seq 1 "$RUNS"); do perf_during "$label-$mtu-$r" timed "$@"; done | median
+        perf_during "$name" timed "$@"
     else
-        for r in $(seq 1 "$RUNS"); do mem_before "$label-$mtu-$r"; timed "$@"; mem_after; done | median
+        mem_before "$name"; v=$(timed "$@"); mem_after; run_line "$name" "$v"; echo "$v"
     fi
 }
 # One raw generator run: its MB/s on stdout; the bytes it moved, its own CPU ticks and the
@@ -360,56 +377,116 @@ head -c $((SIZE_MB << 20)) /dev/urandom >"$FILE"
 [ "$WRITES" = 1 ] && head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
 URI0="nbd+unix:///e$SHELF.$SLOT?socket=$SOCK" URI=$URI0
 
+# One round's turn of the raw generator (run r): its MB/s noted in RV (every run) and RR (by run).
+raw_round() { # run
+    local v
+    v=$(raw_read)
+    run_line "raw-$t-$mtu-$1" "$v"
+    RV+="$v " RR[$1]=$v
+}
+# One round's turn of nbdkit (run r): a read and (WRITES=1) a write, noted in KV (every run),
+# KR (by run) and nbdkit's (KT) and the client's (KC) CPU ticks.
+kit_round() { # run
+    local r=$1 s0 s1 v
+    : >"$WORK/cl"
+    s0=$(cpu_ticks "$KIT_PID")
+    v=$(kit_one "kit-$t-$mtu-$r" in_i nbdcopy $NBDCOPY_ARGS "nbd://$IP_T:10809" null:)
+    s1=$(cpu_ticks "$KIT_PID")
+    KV[r]+="$v " KR[r,$r]=$v KT[r]=$(( ${KT[r]:-0} + s1 - s0 )) KC[r]=$(( ${KC[r]:-0} + $(client_ticks) ))
+    [ "$WRITES" = 1 ] || return 0
+    v=$(kit_one "kitw-$t-$mtu-$r" in_i nbdcopy $NBDCOPY_ARGS "$SRC" "nbd://$IP_T:10809")
+    s0=$(cpu_ticks "$KIT_PID")
+    KV[w]+="$v " KR[w,$r]=$v KT[w]=$(( ${KT[w]:-0} + s0 - s1 )) KC[w]=$(( ${KC[w]:-0} + $(client_ticks) ))
+}
+# One round's turn of initiator k (run r): started, dev and nbd reads, dev and nbd writes,
+# stopped. Each transfer's MB/s noted in V (every run) and VR (by run), and the CPU ticks the
+# initiator (TK), the target (TT) and the client (TC) spent in it.
+init_round() { # k run
+    local k=$1 r=$2 c v c0 d0 c1 d1 rc=
+    local -a cells=()
+    INIT_AOE=${INIT_BINS[$k]} INIT_ARGS="$INIT_ARGS0 ${INIT_EXTRA[$k]}"
+    URI=$URI0
+    case "$INIT_ARGS" in *--nbd-tcp\ 127.0.0.1:10810*) URI="nbd://127.0.0.1:10810/e$SHELF.$SLOT" ;; esac
+    [ "$READS" = 1 ] && cells+=(dev nbd)
+    [ "$WRITES" = 1 ] && cells+=(devw nbdw)
+    start_initiator
+    : >"$WORK/cl"
+    for c in "${cells[@]}"; do
+        c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
+        case $c in devw | nbdw) rc=$(retx_counts) ;; esac
+        case $c in
+            dev) v=$(perf_during "dev-$t-$mtu-$k-$r" timed \
+                dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
+                count=$((SIZE_MB << 20))) ;;
+            nbd) v=$(perf_during "nbd-$t-$mtu-$k-$r" timed in_i nbdcopy $NBDCOPY_ARGS "$URI" null:) ;;
+            devw) v=$(perf_during "devw-$t-$mtu-$k-$r" timed dd if="$SRC" \
+                of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) ;;
+            nbdw) v=$(perf_during "nbdw-$t-$mtu-$k-$r" timed in_i nbdcopy $NBDCOPY_ARGS "$SRC" "$URI") ;;
+        esac
+        c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
+        V[$c,$k]+="$v " VR[$c,$k,$r]=$v
+        TK[$c,$k]=$(( ${TK[$c,$k]:-0} + c1 - c0 )) TT[$c,$k]=$(( ${TT[$c,$k]:-0} + d1 - d0 ))
+        TC[$c,$k]=$(( ${TC[$c,$k]:-0} + $(client_ticks) ))
+        [ -z "$rc" ] || retx_report "$c-$t-$mtu-$k-$r" "$rc"
+    done
+    stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
+    [ "$INIT_LOG" = 1 ] && grep -E 'transmit ring"?|network thread loop' "$WORK/init.log" |
+        sed "s/^/initiator log $t-$mtu-$k-$r: /" >&2 || true
+}
+# The median over the runs of a cell's MB/s over its reference's in the same round (raw: the
+# raw generator's read; r, w: nbdkit's read, write), as "0.93x", or "-". With an even count
+# (ABBA wants one) the geometric mean of the two middle ratios, not the lower one: with four
+# rounds the lower middle is the second lowest.
+same_round() { # cell k raw|r|w
+    local c=$1 k=$2 ref=$3 r a b out=""
+    for r in $(seq 1 "$RUNS"); do
+        a=${VR[$c,$k,$r]:-}
+        if [ "$ref" = raw ]; then b=${RR[$r]:-}; else b=${KR[$ref,$r]:-}; fi
+        [ -n "$a" ] && [ -n "$b" ] && [ "$b" != 0 ] && out+="$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.4f", a / b }') "
+    done
+    [ -n "$out" ] || { echo -; return; }
+    printf '%s\n' $out | sort -g | awk '{ a[NR] = $1 }
+        END { m = (NR % 2) ? a[(NR + 1) / 2] : sqrt(a[NR / 2] * a[NR / 2 + 1]); printf "%.2fx\n", m }'
+}
+
+# A pass per MTU and target: the items (the raw generator, each initiator, nbdkit) take turns
+# in every round, a discarded warm-up round first (WARMUP=1), in ABBA order (ORDER=abba: the
+# even rounds reversed), so that no item is always first after a start or after the same
+# neighbour, and every cell has its references measured beside it in the same round.
 for mtu in $MTUS; do
     bench_link "$mtu"
     for t in $TARGETS; do
         start_target "$t" || die "$t did not answer"
-        raw=-
-        [ "$READS" = 1 ] && raw=$(for _ in $(seq 1 "$RUNS"); do raw_read; done | median) && raw_cpu "$mtu" "$t"
-        # Per initiator binary (index k): MB/s of each run, and the CPU ticks the initiator (TK)
-        # and the target (TT) spent in dev and nbd reads (and the initiator in writes).
-        declare -A V=() TK=() TT=() TC=()
-        for run in $(seq 1 "$RUNS"); do
-            for k in "${!INIT_BINS[@]}"; do
-                INIT_AOE=${INIT_BINS[$k]} INIT_ARGS="$INIT_ARGS0 ${INIT_EXTRA[$k]}"
-                URI=$URI0
-                case "$INIT_ARGS" in *--nbd-tcp\ 127.0.0.1:10810*) URI="nbd://127.0.0.1:10810/e$SHELF.$SLOT" ;; esac
-                start_initiator
-                : >"$WORK/cl"
-                c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
-                if [ "$READS" = 1 ]; then
-                    V[dev,$k]+="$(perf_during "dev-$t-$mtu-$k-$run" timed \
-                        dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
-                        count=$((SIZE_MB << 20))) "
-                    c1=$(cpu_ticks "$INIT_PID") d1=$(cpu_ticks "$TARGET_PID")
-                    TK[dev,$k]=$(( ${TK[dev,$k]:-0} + c1 - c0 )) TT[dev,$k]=$(( ${TT[dev,$k]:-0} + d1 - d0 ))
-                    TC[dev,$k]=$(( ${TC[dev,$k]:-0} + $(client_ticks) ))
-                    V[nbd,$k]+="$(perf_during "nbd-$t-$mtu-$k-$run" timed in_i nbdcopy $NBDCOPY_ARGS "$URI" null:) "
-                    c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
-                    TK[nbd,$k]=$(( ${TK[nbd,$k]:-0} + c2 - c1 )) TT[nbd,$k]=$(( ${TT[nbd,$k]:-0} + d2 - d1 ))
-                    TC[nbd,$k]=$(( ${TC[nbd,$k]:-0} + $(client_ticks) ))
-                fi
-                c2=$(cpu_ticks "$INIT_PID") d2=$(cpu_ticks "$TARGET_PID")
-                if [ "$WRITES" = 1 ]; then
-                    rc=$(retx_counts)
-                    V[devw,$k]+="$(perf_during "devw-$t-$mtu-$k-$run" timed dd if="$SRC" \
-                        of="$ROOT/e$SHELF.$SLOT" bs="$DD_BS" ${DD_OFLAG:+oflag=$DD_OFLAG} conv=notrunc) "
-                    c3=$(cpu_ticks "$INIT_PID") d3=$(cpu_ticks "$TARGET_PID")
-                    TK[devw,$k]=$(( ${TK[devw,$k]:-0} + c3 - c2 )) TT[devw,$k]=$(( ${TT[devw,$k]:-0} + d3 - d2 ))
-                    TC[devw,$k]=$(( ${TC[devw,$k]:-0} + $(client_ticks) ))
-                    retx_report "devw-$t-$mtu-$k-$run" "$rc"; rc=$(retx_counts)
-                    V[nbdw,$k]+="$(perf_during "nbdw-$t-$mtu-$k-$run" timed in_i nbdcopy $NBDCOPY_ARGS "$SRC" "$URI") "
-                    c4=$(cpu_ticks "$INIT_PID") d4=$(cpu_ticks "$TARGET_PID")
-                    TK[nbdw,$k]=$(( ${TK[nbdw,$k]:-0} + c4 - c3 )) TT[nbdw,$k]=$(( ${TT[nbdw,$k]:-0} + d4 - d3 ))
-                    TC[nbdw,$k]=$(( ${TC[nbdw,$k]:-0} + $(client_ticks) ))
-                    retx_report "nbdw-$t-$mtu-$k-$run" "$rc"
-                fi
-                stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
-                [ "$INIT_LOG" = 1 ] && grep -E 'transmit ring"?|network thread loop' "$WORK/init.log" |
-                    sed "s/^/initiator log $t-$mtu-$k-$run: /" >&2 || true
+        [ "$NBDKIT" = 1 ] && start_nbdkit
+        ITEMS=()
+        [ "$READS" = 1 ] && ITEMS+=(raw)
+        ITEMS+=("${!INIT_BINS[@]}")
+        [ "$NBDKIT" = 1 ] && ITEMS+=(kit)
+        declare -A V=() VR=() TK=() TT=() TC=() RR=() KV=() KR=() KT=() KC=()
+        RV=""
+        for run in $(seq $(( WARMUP ? 0 : 1 )) "$RUNS"); do
+            if [ "$run" = 1 ]; then
+                # The warm-up round (run 0) is not counted.
+                V=() VR=() TK=() TT=() TC=() RR=() KV=() KR=() KT=() KC=() RV=""
+                : >"$WORK/raw"
+            fi
+            order=("${ITEMS[@]}")
+            if [ "$ORDER" = abba ] && [ $(( run % 2 )) = 0 ]; then
+                order=(); for it in "${ITEMS[@]}"; do order=("$it" "${order[@]}"); done
+            fi
+            echo "round $run ($([ "$run" = 0 ] && echo "warm-up, not counted" || echo counted)): ${order[*]}" >&2
+            for it in "${order[@]}"; do
+                case $it in
+                    raw) raw_round "$run" ;;
+                    kit) kit_round "$run" ;;
+                    *) init_round "$it" "$run" ;;
+                esac
             done
         done
+        [ "$NBDKIT" = 1 ] && { stop_pid "$KIT_PID"; KIT_PID=""; }
         stop_pid "$TARGET_PID"; TARGET_PID=""
+        raw=-
+        [ -n "$RV" ] && raw=$(printf '%s\n' $RV | median) && raw_cpu "$mtu" "$t"
         for k in "${!INIT_BINS[@]}"; do
             med() { [ -n "${V[$1,$k]:-}" ] && printf '%s\n' ${V[$1,$k]} | median || echo -; }
             dev=$(med dev) nbd=$(med nbd) devw=$(med devw) nbdw=$(med nbdw)
@@ -424,32 +501,34 @@ for mtu in $MTUS; do
                 done
                 echo "${out:--}"
             }
-            row "| $mtu | $label | $raw | $dev ($(ratio "$dev" "$raw")) | $nbd ($(ratio "$nbd" "$raw")) | $devw | $nbdw | $(cpus TK) | $(cpus TT) | $(cpus TC) | $(load) |"
+            # Against nbdkit in the same round: dev / nbd reads [/ dev / nbd writes].
+            kit=-
+            if [ "$NBDKIT" = 1 ]; then
+                kit=""
+                [ "$READS" = 1 ] && kit="$(same_round dev "$k" r) / $(same_round nbd "$k" r)"
+                [ "$WRITES" = 1 ] && kit+="${kit:+ / }$(same_round devw "$k" w) / $(same_round nbdw "$k" w)"
+            fi
+            row "| $mtu | $label | $raw | $dev ($(same_round dev "$k" raw)) | $nbd ($(same_round nbd "$k" raw)) | $devw | $nbdw | $kit | $(cpus TK) | $(cpus TT) | $(cpus TC) | $(load) |"
         done
-        unset V TK TT TC
-    done
-    if [ "$NBDKIT" = 1 ]; then
-        start_nbdkit
-        : >"$WORK/cl"
-        s0=$(cpu_ticks "$KIT_PID")
-        kr=$(kit_cell kit in_i nbdcopy $NBDCOPY_ARGS "nbd://$IP_T:10809" null:)
-        s1=$(cpu_ticks "$KIT_PID") kcr=$(client_ticks)
-        kw=- kcpu="$(per_gb $((s1 - s0)))" kccpu="$(per_gb "$kcr")"
-        if [ "$WRITES" = 1 ]; then
-            kw=$(kit_cell kitw in_i nbdcopy $NBDCOPY_ARGS "$SRC" "nbd://$IP_T:10809")
-            s2=$(cpu_ticks "$KIT_PID") kcw=$(client_ticks)
-            kcpu+=" / $(per_gb $((s2 - s1)))" kccpu+=" / $(per_gb "$kcw")"
+        if [ "$NBDKIT" = 1 ]; then
+            kmed() { [ -n "${KV[$1]:-}" ] && printf '%s\n' ${KV[$1]} | median || echo -; }
+            kcpu=- kccpu=-
+            [ -n "${KV[r]:-}" ] && kcpu=$(per_gb "${KT[r]}") kccpu=$(per_gb "${KC[r]}")
+            [ -n "${KV[w]:-}" ] && kcpu+=" / $(per_gb "${KT[w]}")" kccpu+=" / $(per_gb "${KC[w]}")"
+            row "| $mtu | nbdkit (TCP), beside $t | | | $(kmed r) | | $(kmed w) | | | $kcpu | $kccpu | $(load) |"
         fi
-        stop_pid "$KIT_PID"; KIT_PID=""
-        row "| $mtu | nbdkit (TCP) | | | $kr | | $kw | | $kcpu | $kccpu | $(load) |"
-    fi
+        unset V VR TK TT TC RR KV KR KT KC
+    done
 done
 
 echo
-echo "MB/s, median of $RUNS; raw = aoe bench read window $WINDOW${RAW_ARGS:+ $RAW_ARGS}; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
+echo "MB/s, median of $RUNS rounds (the lower middle of an even count)$([ "$WARMUP" = 1 ] && echo " after a discarded warm-up round"), order $ORDER; (x) = the median of each round's ratio to the raw read of the same round"
+echo "(of an even count the geometric mean of the two middle ratios);"
+echo "raw = aoe bench read window $WINDOW${RAW_ARGS:+ $RAW_ARGS}; dev = dd bs=$DD_BS iflag=${DD_IFLAG:-(none)} oflag=${DD_OFLAG:-(none)} on the FUSE file; nbd = nbdcopy; $(date -u +%F) $(nproc) CPUs"
 echo "CPU-s/GB = user+system CPU-seconds per GB moved, per cell: dev read / nbd read / dev write / nbd write (nbdkit: read / write),"
 echo "the figures a loaded machine disturbs least; initiator = aoe initiator; target = aoe serve, vblade or nbdkit, which on"
 echo "a veth also pays for delivering its replies into the initiator's socket; client = dd or nbdcopy (with nsenter)"
-echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | initiator CPU-s/GB | target CPU-s/GB | client CPU-s/GB | load |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "/ nbdkit = the same, to nbdkit's read (dev read / nbd read) and write (dev write / nbd write) of the same round"
+echo "| MTU | target | raw read | dev read | nbd read | dev write | nbd write | / nbdkit, same round | initiator CPU-s/GB | target CPU-s/GB | client CPU-s/GB | load |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"

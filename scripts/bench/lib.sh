@@ -163,9 +163,11 @@ start_initiator() {
 }
 
 # Starts nbdkit's file plugin on FILE in the target's namespace, listening on IP_T:10809 (log
-# in $WORK/nbdkit.log), and waits until it answers; sets KIT_PID.
+# in $WORK/nbdkit.log), with NBDKIT_ARGS (extra nbdkit flags, e.g. "-t 4"), and waits until it
+# answers; sets KIT_PID.
 start_nbdkit() {
-    nsenter --net="/run/netns/$NS_T" -- nbdkit -f -i "$IP_T" -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
+    # shellcheck disable=SC2086 # NBDKIT_ARGS: flags, split on purpose
+    nsenter --net="/run/netns/$NS_T" -- nbdkit -f ${NBDKIT_ARGS:-} -i "$IP_T" -p 10809 file "$FILE" >"$WORK/nbdkit.log" 2>&1 &
     KIT_PID=$!
     for _ in $(seq 1 50); do in_i nbdinfo --size "nbd://$IP_T:10809" >/dev/null 2>&1 && return 0; sleep 0.1; done
     sed 's/^/    /' "$WORK/nbdkit.log" >&2; die "nbdkit did not answer"
