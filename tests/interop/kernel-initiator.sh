@@ -14,7 +14,8 @@
 #                            [-c CACHE_DIR] [-T SECONDS] [-k] [-r POOL/IMAGE] [-g] [-K]
 #                            [-R SECONDS] [-F] [-S] [-P] [-B LBA:COUNT] [-W] [-L SECTORS]
 #                            [-O] [-H replace|move|idle|alone] [-X] [-I AOE]
-#                            [-N mtu|mac|recreate]
+#                            [-N mtu|mac|recreate|rename|netns]
+#                            [-M tap|target|shared]
 #   -t TEMPLATE  target command line, run by bash inside the namespace; placeholders
 #                {SHELF} {SLOT} {IFACE} {FILE}, and {CONFIG} (a configuration file for
 #                `aoe serve --config` serving {FILE} as {SHELF}.{SLOT} on {IFACE}). E.g.
@@ -137,8 +138,40 @@
 #                changes the target's link instead of killing the target: "mtu" lowers
 #                kitgt's MTU alone to 1500 (with -m 9000: the driver's frames no longer fit),
 #                "mac" gives kitgt a new MAC address, "recreate" deletes the kitgt/kiport veth
-#                pair and makes it again (a new index and MAC; kiport back on the bridge).
-#                The writes must complete and every check below hold
+#                pair and makes it again (a new index and MAC; kiport back on the bridge),
+#                "rename" renames kitgt to kitgtR for LINKEV_AWAY_S (4) seconds and back
+#                (the target's interface keeps its index and MAC), "netns" moves kitgt to
+#                a namespace of its own (aoekio-PID) for LINKEV_AWAY_S seconds and back,
+#                then sets it up (session 35: the same index and MAC, but the interface
+#                was unregistered from the target's namespace, unbinding its socket).
+#                The guest writes the pattern over and over for LINKEV_AWAY_S + 12 s, and
+#                the event must be done before its last write: the writes must complete,
+#                no "I/O error" line may be in the guest's dmesg, and every check below hold
+#   -M LINK      multipath (session 35, file mode): the guest gets a second NIC (eth1, tap
+#                "kitap2") on a second bridge ("kibr2") with a second veth to the target
+#                ("kitgt2"/"kiport2"); the driver is loaded with aoe_iflist=eth0,eth1. A
+#                template with {CONFIG} serves the export on both kitgt and kitgt2 (one
+#                process); any other is started twice, on kitgt and on kitgt2 (two
+#                processes on one file: two vblades, or two `aoe serve`). The guest must
+#                see two targets (two MACs) for e{SHELF}.{SLOT} in the driver's debugfs
+#                before it writes. Then as -W, but the guest writes the pattern over and
+#                over for MP_DOWN_S + MP_AFTER_S + 2 seconds, and at KILL_ME the host sets
+#                LINK down for MP_DOWN_S (12) seconds, past the driver's HARD_SCORN_SECS
+#                (10: the target is scorned and its frames go to the other), then up:
+#                "tap" is the guest's second tap (kitap2; the target sees nothing), "target"
+#                is the target's second interface (kitgt2; its link goes down and up).
+#                "shared": one segment instead of two, the guest's second tap on kibr
+#                too and no kitgt2 (one target, one MAC, reached through both of the
+#                guest's NICs: one aoetgt with eth0 and eth1 in its ifs[], checked in the
+#                debugfs before the writes); kitap2 is cut, and the frames are counted
+#                on the taps (what the guest sent on each NIC) instead of the target's
+#                interfaces. No
+#                write may fail, no "I/O error" line may be in the guest's dmesg, the
+#                link must come back before the guest's last write, and path 2 must be
+#                used again: from 10 s after it came back to the end of the writes, the
+#                frames received on kitgt2 at least a quarter of those on kitgt (the host
+#                counts each interface's rx_packets at the cut, the return, 10 s later and
+#                the end, and prints them with the driver's view of its targets)
 #   -I AOE       ours beside the driver (file mode; twelfth audit): `AOE initiator` (the aoe
 #                binary given) on a fourth port of the bridge ("kiini"), its FUSE ROOT in the
 #                run directory, serves the same export to the host. When the guest starts its
@@ -217,14 +250,18 @@ X4K_LOOP=""
 OURS=""
 OURS_PID=""
 LINKEV=""
+MP=""
+MP_DOWN_S=12
+MP_AFTER_S=20
 usage() { sed -n '2,/^# 2 usage/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "t:m:s:l:z:c:T:r:R:B:L:H:I:N:kgKWFSPOXh" o; do
+while getopts "t:m:s:l:z:c:T:r:R:B:L:H:I:N:M:kgKWFSPOXh" o; do
     case $o in
         t) TEMPLATE=$OPTARG ;; m) MTU=$OPTARG ;; s) SHELF=$OPTARG ;; l) SLOT=$OPTARG ;;
         z) SIZE_MB=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;; k) KEEP=1 ;;
         r) RBD=$OPTARG ;; g) GROW=1 ;; K) KILL=1 ;; W) KILL=2 ;; R) RELOAD=$OPTARG ;; O) KILL=2 OSDKILL=1 ;; F) FULL=1 ;; S) SHRINK=1 ;; P) PAUSE=1 ;;
         B) BAD=$OPTARG ;; L) LARGE=$OPTARG ;; H) HANDOVER=$OPTARG ;; X) X4K=1 ;; I) OURS=$OPTARG ;;
         N) LINKEV=$OPTARG KILL=2 ;;
+        M) MP=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -241,11 +278,17 @@ done
 [ "$SHRINK" = 0 ] || { [ -z "$RBD" ] && [ "$GROW" = 0 ] && [ "$SIZE_MB" -ge 24 ]; } ||
     { echo "kernel-initiator.sh: -S goes with neither -r nor -g, and wants -z 24 or more" >&2; exit 2; }
 case $LINKEV in
-    ""|mtu|mac|recreate) ;;
-    *) echo "kernel-initiator.sh: -N wants mtu, mac or recreate, not $LINKEV" >&2; exit 2 ;;
+    ""|mtu|mac|recreate|rename|netns) ;;
+    *) echo "kernel-initiator.sh: -N wants mtu, mac, recreate, rename or netns, not $LINKEV" >&2; exit 2 ;;
 esac
 [ -z "$LINKEV" ] || { [ -z "$RBD" ] && [ -z "$HANDOVER" ] && [ -z "$OURS" ]; } ||
     { echo "kernel-initiator.sh: -N goes with none of -r, -H, -I" >&2; exit 2; }
+if [ -n "$MP" ]; then
+    [[ $MP =~ ^(tap|target|shared)$ ]] || { echo "kernel-initiator.sh: -M wants tap, target or shared, not $MP" >&2; exit 2; }
+    [ -z "$RBD$HANDOVER$OURS$LINKEV$BAD" ] && [ "$RELOAD$GROW$KILL$FULL$SHRINK$PAUSE$LARGE" = 0000000 ] ||
+        { echo "kernel-initiator.sh: -M goes with none of -r, -H, -I, -N, -B, -R, -g, -K, -W, -F, -S, -P, -L" >&2; exit 2; }
+    KILL=2
+fi
 BAD_LBA=0 BAD_COUNT=0
 if [ -n "$BAD" ]; then
     [[ $BAD =~ ^([0-9]+):([1-9][0-9]*)$ ]] ||
@@ -317,6 +360,9 @@ if [ -n "$RBD" ]; then
 fi
 
 NS=aoeki-$$
+# -N netns: where the target's interface goes for LINKEV_AWAY_S seconds.
+NS_AWAY=aoekio-$$
+LINKEV_AWAY_S=4
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-kernel-initiator.XXXXXX") || fail "mktemp"
 CONSOLE=$RUN/console.log
 TARGET_PID="" QEMU_PID="" B_PID=""
@@ -329,6 +375,7 @@ GUEST_MARGIN=60
 . "$(dirname "$0")/lib.sh"
 # Namespaces of earlier runs that were SIGKILLed before their cleanup ran.
 sweep_netns aoeki
+sweep_netns aoekio
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP
@@ -341,6 +388,7 @@ cleanup() {
     # The cluster's daemons run in our namespace; ceph-down.sh stops them by their pid files.
     [ -n "$RBD" ] && [ -d "$RUN/ceph" ] && bash "$CEPH_DOWN" "$RUN/ceph" >/dev/null 2>&1
     drop_netns "$NS"
+    drop_netns "$NS_AWAY"
     # -F: the backing file's tmpfs (the target that held it open is stopped above).
     mountpoint -q "$RUN/full" 2>/dev/null && umount "$RUN/full"
     # -X: the 4Kn ext4 and its loop device.
@@ -559,6 +607,10 @@ SIZE_MB=$SIZE_MB
 LARGE=$LARGE
 LARGE_LBAS="${LARGE_LBAS:-}"
 HANDOVER=$HANDOVER
+LINKEV=$LINKEV
+STREAM_S=$( if [ -n "$LINKEV" ]; then echo $((LINKEV_AWAY_S + 12)); elif [ -n "$MP" ]; then echo $((MP_DOWN_S + MP_AFTER_S + 2)); else echo 0; fi )
+MP=$( [ -n "$MP" ] && echo 1 || echo 0 )
+MP_SHARED=$( [ "$MP" = shared ] && echo 1 || echo 0 )
 TWO=$( [ -n "$OURS" ] && echo 1 || echo 0 )
 S_LBA=${S_LBA:-0}
 EOF
@@ -633,7 +685,14 @@ ip link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0"
 ip link set eth0 up || die "eth0 up"
 # diag prints dmesg from here on (the boot's lines are of no interest).
 echo $(( $(dmesg | wc -l) + 1 )) >/tmp/dmesg0
-insmod /lib/modules/aoe.ko aoe_iflist=eth0 $AOE_PARAMS || die "insmod aoe.ko"
+IFL=eth0
+if [ "$MP" = 1 ]; then
+    # -M: the second path's NIC.
+    i=0; while [ ! -e /sys/class/net/eth1 ]; do i=$((i+1)); [ $i -gt 100 ] && die "no eth1"; sleep 0.1; done
+    ip link set eth1 mtu "$MTU" && ip link set eth1 up || die "eth1 up (MTU $MTU)"
+    IFL=eth0,eth1
+fi
+insmod /lib/modules/aoe.ko aoe_iflist=$IFL $AOE_PARAMS || die "insmod aoe.ko"
 # The driver's messages (retransmits, "down"): only this device reports them.
 cat /dev/etherd/err >/tmp/err.log 2>/dev/null &
 step discover 90
@@ -647,6 +706,19 @@ out "T discovered $(up)"
 out "BYTES $(blockdev --getsize64 $DEV)"
 out "PAYLOAD $(cat "$SYS/payload" 2>/dev/null)"
 out "STATE $(cat "$SYS/state" 2>/dev/null)"
+if [ "$MP" = 1 ]; then
+    # -M: both targets (one MAC per path) known to the driver before the writes; the
+    # debugfs lists a target as MAC:nout:maxout:nframes (%pm: 12 hex digits).
+    # -M shared: one target, both NICs in its interfaces (the debugfs line "\teth0,eth1").
+    step two_paths 60
+    i=0
+    until if [ "$MP_SHARED" = 1 ]; then grep -qE 'eth0,eth1|eth1,eth0' "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null
+          else [ "$(grep -cE '^[0-9a-f]{12}:' "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null)" -ge 2 ]; fi; do
+        [ $((i % 20)) = 0 ] && echo > /dev/etherd/discover
+        i=$((i + 1)); sleep 0.1
+    done
+    out "MP_TARGETS $(grep -E '^[0-9a-f]{12}:|^	[a-z]' "/sys/kernel/debug/aoe/e$SHELF.$SLOT" | tr '\n\t' '  ')"
+fi
 out "DRIVER aoe_deadsecs=$(cat /sys/module/aoe/parameters/aoe_deadsecs 2>/dev/null) aoe_maxout=$(cat /sys/module/aoe/parameters/aoe_maxout 2>/dev/null)"
 step md5_before "$READ_BUDGET"
 out "MD5_BEFORE $(devmd5)"
@@ -733,16 +805,22 @@ if [ "$FULL" = 1 ]; then
     out "FULL_REWRITTEN after $i failed tries"
 elif [ "$KILL" = 2 ]; then
     # -W: one 64 KiB direct write after the other; the host kills the target when it
-    # reads KILL_ME, while the following writes stream.
-    n=0
-    while [ $n -lt "$PAT_COUNT" ]; do
+    # reads KILL_ME, while the following writes stream. With STREAM_S (-N) the pattern is
+    # written over and over (the same bytes) until STREAM_S seconds of the host's clock
+    # have passed, so that the host's link event falls among the writes.
+    n=0 t0=$(hnow)
+    while [ $n -lt "$PAT_COUNT" ] || [ $(( $(hnow) - t0 )) -lt "$STREAM_S" ]; do
         [ $n = 2 ] && out "KILL_ME"
-        dd if=/pattern.bin of=$DEV bs=$BS skip=$n seek=$((SEEK + n)) count=1 conv=notrunc \
+        k=$((n % PAT_COUNT))
+        dd if=/pattern.bin of=$DEV bs=$BS skip=$k seek=$((SEEK + k)) count=1 conv=notrunc \
                 oflag=direct 2>/tmp/dd.err ||
             { cat /tmp/dd.err; die "-W: pattern write $n (oflag=direct) failed"; }
         n=$((n + 1))
     done
     out "STREAM_WRITTEN $n"
+    # The driver's "I/O error" lines since the module was loaded (a request failed up to
+    # the block layer: the -N and -M modes promise none).
+    out "IO_ERRORS $(dmesg | tail -n +"$(cat /tmp/dmesg0)" | grep -c 'I/O error')"
 else
     dd if=/pattern.bin of=$DEV bs=$BS seek=$SEEK conv=notrunc oflag=direct 2>/tmp/dd.err ||
         { cat /tmp/dd.err; die "pattern write (oflag=direct) failed"; }
@@ -821,7 +899,7 @@ if [ -n "$RESIZE_TO" ]; then
     fi
 fi
 step done 60
-if [ -n "$HANDOVER" ]; then
+if [ -n "$HANDOVER" ] || [ "$MP" = 1 ]; then
     # The driver's view of the device's targets (MAC, taint, ...) after the hand-over.
     cat "/sys/kernel/debug/aoe/e$SHELF.$SLOT" 2>/dev/null | sed 's/^/KI:TARGETS /'
 fi
@@ -854,17 +932,33 @@ if [ -n "$HANDOVER" ]; then
         LINKS="$LINKS kiport3 kihost"
     fi
 fi
+BRIDGES=kibr
+if [ "$MP" = shared ]; then
+    # -M shared: the guest's second tap on the one bridge.
+    ip -n "$NS" tuntap add dev kitap2 mode tap || fail "tap kitap2"
+    LINKS="$LINKS kitap2"
+elif [ -n "$MP" ]; then
+    # -M: the second path, a bridge of its own: the guest's second tap and the target's
+    # second veth.
+    ip -n "$NS" link add kibr2 type bridge stp_state 0 forward_delay 0 || fail "bridge kibr2"
+    ip -n "$NS" tuntap add dev kitap2 mode tap || fail "tap kitap2"
+    ip -n "$NS" link add kiport2 type veth peer name kitgt2 || fail "veth kitgt2"
+    LINKS="$LINKS kitap2 kiport2 kitgt2"
+    BRIDGES="kibr kibr2"
+fi
 if [ -n "$OURS" ]; then
     # -I: our initiator's own port on the bridge.
     ip -n "$NS" link add kiport4 type veth peer name kiini || fail "veth kiini"
     LINKS="$LINKS kiport4 kiini"
 fi
-for l in $LINKS kibr; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
+for l in $LINKS $BRIDGES; do ip -n "$NS" link set "$l" mtu "$MTU" || fail "MTU $MTU on $l"; done
 for l in $LINKS; do
-    [[ $l == kiport* || $l == kitap ]] || continue
-    ip -n "$NS" link set "$l" master kibr || fail "bridge port $l"
+    [[ $l == kiport* || $l == kitap* ]] || continue
+    br=kibr
+    [ -n "$MP" ] && [ "$MP" != shared ] && [[ $l == kiport2 || $l == kitap2 ]] && br=kibr2
+    ip -n "$NS" link set "$l" master "$br" || fail "bridge port $l"
 done
-for l in kibr $LINKS; do ip -n "$NS" link set "$l" up || fail "$l up"; done
+for l in $BRIDGES $LINKS; do ip -n "$NS" link set "$l" up || fail "$l up"; done
 
 # ---------------------------------------------------------------- Ceph (-r only)
 CEPH_CONF="" CEPH_KEYRING="" TFILE=$FILE
@@ -919,11 +1013,14 @@ TCMD=${TCMD//\{CEPH_KEYRING\}/$CEPH_KEYRING}
 # export's buffer_count 16 + K % 2 (each reload reopens it), a second export (slot+1, a file
 # of its own) in variants 2, 3, 6, 7, ...
 CONF=$RUN/serve.toml
+# -M: the export on both paths' interfaces.
+CONF_IFACES='"kitgt"'
+[ -z "$MP" ] || [ "$MP" = shared ] || CONF_IFACES='"kitgt", "kitgt2"'
 write_config() {
     local k=$1
     {
-        printf 'probe_ms = 0\n\n[[export]]\npath = "%s"\nshelf = %s\nslot = %s\ninterfaces = ["kitgt"]\nbuffer_count = %s\n' \
-            "$TFILE" "$SHELF" "$SLOT" $((16 + k % 2))
+        printf 'probe_ms = 0\n\n[[export]]\npath = "%s"\nshelf = %s\nslot = %s\ninterfaces = [%s]\nbuffer_count = %s\n' \
+            "$TFILE" "$SHELF" "$SLOT" "$CONF_IFACES" $((16 + k % 2))
         if [ $(( k / 2 % 2 )) = 1 ]; then
             printf '\n[[export]]\npath = "%s"\nshelf = %s\nslot = %s\ninterfaces = ["kitgt"]\n' \
                 "$RUN/extra.img" "$SHELF" $((SLOT + 1))
@@ -958,6 +1055,22 @@ nsenter --net="/run/netns/$NS" -- setsid bash -c "exec $TCMD" >"$RUN/target.log"
 TARGET_PID=$!
 sleep 1
 kill -0 "$TARGET_PID" 2>/dev/null || { cat "$RUN/target.log"; TARGET_PID=""; fail "target exited at start"; }
+if [ -n "$MP" ] && [ "$MP" != shared ] && [[ $TEMPLATE != *'{CONFIG}'* ]]; then
+    # -M without {CONFIG}: a second process of the template on kitgt2, the same file.
+    start_b
+    sleep 1
+    kill -0 "$B_PID" 2>/dev/null || { cat "$RUN/target-b.log"; B_PID=""; fail "-M: the second target (on kitgt2) exited at start"; }
+    say "-M: a second target on kitgt2 (pid $B_PID): $TCMD_B"
+fi
+# mp_rx: the frames received so far on the two paths' interfaces, as "N1 N2" (-M; ip
+# netns exec mounts the namespace's own /sys): the target's (kitgt, kitgt2), or with
+# -M shared the guest's taps (kitap, kitap2: what the guest sent on eth0 and eth1).
+MP_IFS="kitgt kitgt2"
+[ "$MP" != shared ] || MP_IFS="kitap kitap2"
+mp_rx() {
+    # shellcheck disable=SC2086
+    ip netns exec "$NS" sh -c 'for l in "$@"; do printf "%s " "$(cat /sys/class/net/$l/statistics/rx_packets)"; done' - $MP_IFS
+}
 if [ -n "$OURS" ]; then
     mkdir -p "$RUN/ours"
     OURS_DEV=$RUN/ours/e$SHELF.$SLOT
@@ -1041,6 +1154,7 @@ nsenter --net="/run/netns/$NS" -- setsid qemu-system-x86_64 -nographic -no-reboo
     -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init no_timer_check" \
     -netdev tap,id=n0,ifname=kitap,script=no,downscript=no \
     -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
+    $( [ -n "$MP" ] && echo "-netdev tap,id=n1,ifname=kitap2,script=no,downscript=no -device virtio-net-pci,netdev=n1,mac=52:54:00:ae:0e:02,romfile=" ) \
     </dev/null >"$CONSOLE" 2>&1 &
 QEMU_PID=$!
 QEMU_T0=$(date +%s)
@@ -1187,11 +1301,45 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
                     ip -n "$NS" link set kiport mtu "$MTU" && ip -n "$NS" link set kitgt mtu "$MTU" &&
                     ip -n "$NS" link set kiport master kibr && ip -n "$NS" link set kiport up &&
                     ip -n "$NS" link set kitgt up ;;
+            rename)
+                ip -n "$NS" link set kitgt name kitgtR && sleep "$LINKEV_AWAY_S" &&
+                    ip -n "$NS" link set kitgtR name kitgt ;;
+            netns)
+                ip netns add "$NS_AWAY" && ip -n "$NS" link set kitgt netns "$NS_AWAY" &&
+                    sleep "$LINKEV_AWAY_S" && ip -n "$NS_AWAY" link set kitgt netns "$NS" &&
+                    ip -n "$NS" link set kitgt mtu "$MTU" && ip -n "$NS" link set kitgt up ;;
         esac || fail "-N $LINKEV: the link event failed"
+        # The event must have fallen among the writes: the guest still streaming.
+        grep -q 'KI:STREAM_WRITTEN' "$CONSOLE" &&
+            fail "-N $LINKEV: the guest's stream of writes ended before the link event was done (not mid-stream)"
         say "-N $LINKEV: done on kitgt mid-stream"
         killed=1
     fi
-    if [ -z "$LINKEV" ] && [ -z "$HANDOVER" ] && [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+    if [ -n "$MP" ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
+        mp_link=$( [ "$MP" = target ] && echo kitgt2 || echo kitap2 )
+        mp_at_cut=$(mp_rx)
+        ip -n "$NS" link set "$mp_link" down || fail "-M: cannot set $mp_link down"
+        say "-M $MP: $mp_link down for ${MP_DOWN_S}s mid-stream (rx $MP_IFS: $mp_at_cut)"
+        sleep "$MP_DOWN_S"
+        mp_at_back=$(mp_rx)
+        ip -n "$NS" link set "$mp_link" up || fail "-M: cannot set $mp_link up"
+        mp_back_t=$(date +%s)
+        grep -q 'KI:STREAM_WRITTEN' "$CONSOLE" &&
+            fail "-M $MP: the guest's stream of writes ended before $mp_link was back (not mid-stream)"
+        say "-M $MP: $mp_link up again (rx $MP_IFS: $mp_at_back)"
+        killed=1
+    fi
+    if [ -n "$MP" ] && [ $killed = 1 ] && [ -z "${mp_at_10:-}" ] && [ $(( $(date +%s) - mp_back_t )) -ge 10 ]; then
+        mp_at_10=$(mp_rx)
+        grep -q 'KI:STREAM_WRITTEN' "$CONSOLE" &&
+            fail "-M $MP: the guest's stream of writes ended within 10 s of $mp_link's return"
+        say "-M $MP: 10 s after the return (rx $MP_IFS: $mp_at_10)"
+    fi
+    if [ -n "$MP" ] && [ -n "${mp_at_10:-}" ] && [ -z "${mp_at_end:-}" ] && grep -q 'KI:STREAM_WRITTEN' "$CONSOLE"; then
+        mp_at_end=$(mp_rx)
+        say "-M $MP: the guest's writes done (rx $MP_IFS: $mp_at_end)"
+    fi
+    if [ -z "$MP" ] && [ -z "$LINKEV" ] && [ -z "$HANDOVER" ] && [ "$OSDKILL" = 0 ] && [ "$KILL" != 0 ] && [ $killed = 0 ] && grep -q 'KI:KILL_ME' "$CONSOLE"; then
         kill -KILL -- "-$TARGET_PID" 2>/dev/null
         wait "$TARGET_PID" 2>/dev/null
         say "target SIGKILLed; starting it again in 3 s"
@@ -1426,9 +1574,25 @@ if [ -n "$HANDOVER" ]; then
 elif [ "$OSDKILL" = 1 ]; then
     [ $killed = 1 ] || fail "-O: the guest never asked for the kill"
     say "OSD killed and restarted during the pattern write; $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; $(grep -c 'waiting on the backend' "$RUN/target.log") backend-wait lines in the target's log"
+elif [ -n "$MP" ]; then
+    [ $killed = 1 ] || fail "-M $MP: the guest never asked for the cut"
+    [ -n "${mp_at_end:-}" ] || fail "-M $MP: no count of frames at the end of the guest's writes"
+    [ "$(g IO_ERRORS)" = 0 ] || fail "-M $MP: $(g IO_ERRORS) \"I/O error\" lines in the guest's dmesg (want none)"
+    read -r c1 c2 <<<"$mp_at_cut"; read -r b1 b2 <<<"$mp_at_back"
+    read -r t1 t2 <<<"$mp_at_10"; read -r e1 e2 <<<"$mp_at_end"
+    echo "### -M $MP: frames received on $MP_IFS (path 1 / path 2):"
+    echo "    before the cut: $c1 / $c2; while $mp_link was down: $((b1 - c1)) / $((b2 - c2));"
+    echo "    the first 10 s back: $((t1 - b1)) / $((t2 - b2)); from then to the end of the writes: $((e1 - t1)) / $((e2 - t2))"
+    tr -d '\r' <"$CONSOLE" | grep 'KI:TARGETS' | sed 's/^.*KI:TARGETS /    driver at the end: /'
+    [ $((e2 - t2)) -gt 0 ] && [ $(( (e2 - t2) * 4 )) -ge $((e1 - t1)) ] ||
+        fail "-M $MP: path 2 not used again: from 10 s after $mp_link came back to the end of the writes, $((e2 - t2)) frames on path 2 against $((e1 - t1)) on path 1 ($MP_IFS; want at least a quarter)"
+    say "-M $MP: $mp_link down ${MP_DOWN_S}s during the writes, $(g STREAM_WRITTEN) writes, none failed, no I/O error in the guest's dmesg; driver messages: $(g RETRANSMITS) retransmits; path 2 used again"
 elif [ -n "$LINKEV" ]; then
     [ $killed = 1 ] || fail "-N $LINKEV: the guest never asked for the link event"
-    say "-N $LINKEV: the target's link changed during the pattern write, $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits"
+    [ "$(g IO_ERRORS)" = 0 ] || fail "-N $LINKEV: $(g IO_ERRORS) \"I/O error\" lines in the guest's dmesg (want none)"
+    say "-N $LINKEV: the target's link changed during the pattern write, $(g STREAM_WRITTEN) writes; driver messages: $(g RETRANSMITS) retransmits; no I/O error in the guest's dmesg"
+    echo "### the target's lines about its interface:"
+    grep -E 'link event|kitgt' "$RUN/target.log" | tail -n 8 | sed 's/^/    /'
 elif [ "$KILL" != 0 ]; then
     [ $killed = 1 ] || fail "-K/-W: the guest never asked for the kill"
     say "target killed and restarted during the pattern write; driver messages: $(g RETRANSMITS) retransmits"

@@ -823,6 +823,266 @@ fn interface_list_swapped_mid_transfer_aoe_serve() {
 }
 
 // ------------------------------------------------------------------------------------------
+// 4b. multipath: every path dark in turn under a window of writes (session 35)
+
+/// `O_DIRECT` of asm-generic/fcntl.h on x86 (the tests run there).
+const O_DIRECT: i32 = 0o40000;
+
+/// Writer threads of [`WindowWriters`]: this many `O_DIRECT` writes in flight at once.
+const WINDOW_WRITERS: usize = 8;
+/// Each writer's places: 64 KiB pieces, writer `w`'s piece `k` at `(w * PLACES + k) * 64 KiB`.
+const WINDOW_PLACES: u64 = 4;
+const WINDOW_PIECE: usize = 64 << 10;
+
+/// [`WINDOW_WRITERS`] threads writing 64 KiB `O_DIRECT` pieces through a device file, each
+/// write a new generation's pattern at one of the thread's own places, until
+/// [`WindowWriters::stop`]: a window of writes in flight, as a file system's writeback
+/// keeps. A failed write's piece is not checked (its bytes are undefined); every
+/// acknowledged one must be in the backing file.
+struct WindowWriters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Per thread: the last generation acknowledged at each of its places (by piece index).
+    threads: Vec<std::thread::JoinHandle<std::collections::BTreeMap<u64, u64>>>,
+}
+
+impl WindowWriters {
+    fn start(dev: &Path) -> WindowWriters {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..WINDOW_WRITERS as u64)
+            .map(|w| {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(O_DIRECT)
+                    .open(dev)
+                    .expect("open the device file with O_DIRECT");
+                let (s, a, fl) = (stop.clone(), acked.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut last = std::collections::BTreeMap::new();
+                    let mut g = 0u64;
+                    while !s.load(Ordering::Relaxed) {
+                        g += 1;
+                        let i = w * WINDOW_PLACES + g % WINDOW_PLACES;
+                        let gen = (w << 32) | g;
+                        match f.write_all_at(&pattern(gen, WINDOW_PIECE), i * WINDOW_PIECE as u64) {
+                            Ok(()) => {
+                                last.insert(i, gen);
+                                a.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                last.remove(&i);
+                                fl.lock()
+                                    .unwrap()
+                                    .push(format!("piece {i} generation {gen:#x}: {e}"));
+                            }
+                        }
+                    }
+                    last
+                })
+            })
+            .collect();
+        WindowWriters {
+            stop,
+            acked,
+            failed,
+            threads,
+        }
+    }
+
+    /// Writes acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes failed so far.
+    fn failed(&self) -> usize {
+        self.failed.lock().unwrap().len()
+    }
+
+    /// Stops the writers; the last generation acknowledged at each piece, and the failures.
+    fn stop(self) -> (std::collections::BTreeMap<u64, u64>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = std::collections::BTreeMap::new();
+        for t in self.threads {
+            all.extend(t.join().expect("writer thread"));
+        }
+        let failed = std::mem::take(&mut *self.failed.lock().unwrap());
+        (all, failed)
+    }
+}
+
+/// How long each path is dark in [`paths_dark_in_turn`]: a few RTOs, well under `deadsecs`.
+const DARK: Duration = Duration::from_secs(4);
+const DARK_DEADSECS: u64 = 30;
+
+/// Session 35 (eighteenth audit, item 3): one `aoe serve` (on a bridge) reached over three
+/// relayed paths, a window of [`WINDOW_WRITERS`] `O_DIRECT` writers, and each path dark
+/// ([`DARK`]) in turn and back. Asserted by [`paths_dark_in_turn`]: no write fails, the device
+/// stays up (`deadsecs` 30), writes go on after each return, every path carries frames to
+/// the target and their answers again after its return, and every acknowledged write is in
+/// the backing file.
+#[test]
+fn multipath_three_paths_dark_in_turn_under_a_window_of_writes() {
+    let r = RelayRig::start(
+        Target::AoeServe,
+        1500,
+        InitOpts {
+            deadsecs: Some(DARK_DEADSECS),
+            ..InitOpts::default()
+        },
+        None,
+        &[],
+        3,
+        11,
+    );
+    paths_dark_in_turn(r, "one aoe serve over three paths");
+}
+
+/// Session 35 (eighteenth audit, item 3): our multipath over a target we did not write:
+/// two vblade processes on one file, one per relayed path (a device with two targets, two
+/// MACs), each path dark in turn and back under the window of writes; the assertions of
+/// [`paths_dark_in_turn`].
+#[test]
+fn multipath_two_vblades_dark_in_turn_under_a_window_of_writes() {
+    let r = RelayRig::start_per_path_targets(
+        Target::Vblade,
+        InitOpts {
+            deadsecs: Some(DARK_DEADSECS),
+            ..InitOpts::default()
+        },
+        &[],
+        2,
+        13,
+    );
+    paths_dark_in_turn(r, "two vblades, one per path");
+}
+
+/// The two tests above: every path of `r` known, the writers going on every path, then
+/// each path dark for [`DARK`] in turn; after each return 50 more writes must be answered
+/// within 45 s, and at the end each path must have carried 200 frames to the target and
+/// 200 answers back since its return (within 45 s); no write may fail, the device must be
+/// up, and every acknowledged write must be in the backing file.
+fn paths_dark_in_turn(r: RelayRig, what: &str) {
+    let all = wait_until(Duration::from_secs(20), || {
+        let _ = r.rig.echo("discover", "");
+        let n = r.rig.attr("netif").unwrap_or_default();
+        r.paths.iter().all(|(p, _)| n.contains(p.as_str()))
+    });
+    assert!(
+        all,
+        "{what}: netif {:?}, want every path {:?}",
+        r.rig.attr("netif"),
+        r.paths
+    );
+    let ctls: Vec<_> = (0..r.paths.len()).map(|i| r.control(i)).collect();
+    let writers = WindowWriters::start(&r.rig.dev());
+    // The exact condition the rounds need: every path carrying writes, and none failed.
+    let going = wait_until(Duration::from_secs(30), || {
+        writers.failed() > 0
+            || (writers.acked() >= 100 && ctls.iter().all(|c| c.counters().to_target > 200))
+    });
+    let mut stalled =
+        (!going || writers.failed() > 0).then(|| {
+            format!(
+            "before the first path went dark ({} acknowledged; frames to the target per path {:?})",
+            writers.acked(),
+            ctls.iter().map(|c| c.counters().to_target).collect::<Vec<_>>()
+        )
+        });
+    let mut at_back = Vec::new();
+    for (i, c) in ctls.iter().enumerate() {
+        if stalled.is_some() {
+            break;
+        }
+        c.set_link(false);
+        // The fault itself: the path dark this long (not a wait for a condition).
+        std::thread::sleep(DARK);
+        c.set_link(true);
+        at_back.push(c.counters());
+        let before = writers.acked();
+        // The exact condition asserted: 50 writes answered after the return, or a failure.
+        let on = wait_until(Duration::from_secs(45), || {
+            writers.acked() >= before + 50 || writers.failed() > 0
+        });
+        if !on || writers.failed() > 0 {
+            stalled = Some(format!(
+                "after path {i} came back ({} acknowledged before, {} now)",
+                before,
+                writers.acked()
+            ));
+        }
+    }
+    // The exact condition asserted: every path used again since its return, both ways.
+    let used = |i: usize| {
+        let (b, n) = (&at_back[i], ctls[i].counters());
+        n.to_target >= b.to_target + 200 && n.to_initiator >= b.to_initiator + 200
+    };
+    let used_again = stalled.is_none()
+        && wait_until(Duration::from_secs(45), || {
+            writers.failed() > 0 || (0..ctls.len()).all(used)
+        });
+    let counts: Vec<String> = ctls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match at_back.get(i) {
+            Some(b) => format!("path {i}: at its return {b}; now {}", c.counters()),
+            None => format!("path {i}: now {}", c.counters()),
+        })
+        .collect();
+    let (acked, failures) = writers.stop();
+    assert!(
+        failures.is_empty(),
+        "{what}: {} writes failed with each path dark {DARK:?} in turn (deadsecs \
+         {DARK_DEADSECS}), first {:?}\n{}{}",
+        failures.len(),
+        &failures[..failures.len().min(3)],
+        counts.join("\n"),
+        r.rig.logs()
+    );
+    assert!(
+        stalled.is_none(),
+        "{what}: writes did not go on {}\n{}{}",
+        stalled.unwrap_or_default(),
+        counts.join("\n"),
+        r.rig.logs()
+    );
+    assert!(
+        used_again,
+        "{what}: not every path carried 200 frames each way within 45 s of the last \
+         return:\n{}{}",
+        counts.join("\n"),
+        r.rig.logs()
+    );
+    assert_eq!(
+        r.rig.state().as_deref(),
+        Some("up"),
+        "{what}: {}",
+        r.rig.logs()
+    );
+    let file = fs::read(&r.rig.file).expect("read the backing file");
+    for (&i, &g) in &acked {
+        let at = i as usize * WINDOW_PIECE;
+        assert!(
+            file[at..at + WINDOW_PIECE] == pattern(g, WINDOW_PIECE)[..],
+            "{what}: piece {i}: the acknowledged write of generation {g:#x} is not in the \
+             backing file"
+        );
+    }
+    eprintln!(
+        "{what}: each path dark {DARK:?} in turn, {} pieces checked, retransmits {}\n{}",
+        acked.len(),
+        retransmits(&r.rig),
+        counts.join("\n")
+    );
+    r.finish();
+}
+
+// ------------------------------------------------------------------------------------------
 // 5-7, 9: raw clients
 
 fn backing(dir: &Path, sectors: usize) -> std::path::PathBuf {

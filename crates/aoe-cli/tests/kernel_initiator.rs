@@ -153,6 +153,64 @@ fn kernel_initiator_target_mac_changed_mid_stream_mtu_1500() {
     run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-N", "mac"]);
 }
 
+/// Eighteenth audit (s35): the target's interface renamed (`kitgt` to `kitgtR`) for 4 s and
+/// back while the guest streams its pattern writes (the script's `-N rename`; the guest
+/// writes for 16 s and the host checks the rename was done before the last write). The
+/// interface keeps its index and MAC, and `aoe serve`'s socket follows the index: no write
+/// may fail, no "I/O error" may be in the guest's dmesg, and every check holds. A guard, not
+/// a regression test: the base (44c48b4) passes it (281 writes, 6 retransmits); vblade
+/// passes it too (222 writes, no retransmit: its socket is bound by index as well).
+#[test]
+fn kernel_initiator_target_interface_renamed_mid_stream_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-N", "rename"]);
+}
+
+/// Eighteenth audit (s35): the target's interface moved to another network namespace for
+/// 4 s and back (`-N netns`) while the guest streams its writes: moving out unregisters it
+/// (the kernel unbinds the packet socket for good) and it comes back with the same index
+/// and MAC. `aoe serve` must open it again and answer; the driver retransmits meanwhile:
+/// no write may fail, no "I/O error" in the guest's dmesg, every check holds. Passes on the
+/// base (44c48b4, session 34's fix: 143 writes, 60 retransmits); fails on the code before
+/// that fix (`/tmp/aoe-s34-base`: "step pattern_write took more than its budget of 60 s":
+/// the target never answers again). vblade, the control, exits ("read network: Network is
+/// down") and the run fails with "target died during the run".
+#[test]
+fn kernel_initiator_target_interface_moved_to_another_namespace_and_back_mid_stream_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-N", "netns"]);
+}
+
+/// Eighteenth audit (s35), multipath with the Linux driver (the script's `-M`): the guest
+/// has two NICs on two bridges, and one `aoe serve --config` serves the export on an
+/// interface on each, so the driver sees one device with two targets (two MACs, an `aoetgt`
+/// each with one interface in its `ifs[]`; checked in its debugfs before the writes).
+/// `-M target`: the target's second interface is set down for 12 s (past the driver's
+/// `HARD_SCORN_SECS`, 10: it scorns the silent target and moves its frames to the other)
+/// while the guest streams its writes, then up (`aoe serve` sees both link events and
+/// announces itself there again). No write may fail, no "I/O error" in the guest's dmesg,
+/// every check holds, and the driver must use the second path again: from 10 s after its
+/// return to the end of the writes, at least a quarter as many frames on the target's
+/// second interface as on its first. A guard: the base (44c48b4) passes, as it does with two
+/// `aoe serve` processes on one file (one per interface) and with the guest's second tap
+/// cut instead (`-M tap`), and two vblades pass `-M tap` (docs/TEST-AUDIT.md, session 35).
+#[test]
+fn kernel_initiator_multipath_target_interface_down_12s_one_aoe_serve_on_both_mtu_1500() {
+    let aoe = env!("CARGO_BIN_EXE_aoe");
+    assert!(!aoe.contains('\''), "binary path {aoe} contains a quote");
+    let template = format!("'{aoe}' serve --config {{CONFIG}}");
+    run_kernel_initiator_with(&template, 1500, &["-M", "target"]);
+}
+
+/// `-M shared`: both of the guest's NICs on one bridge with the target's one interface, so
+/// the driver has one target (one MAC) with both NICs in its `ifs[]` (checked in its
+/// debugfs); the guest's second tap is cut for 12 s under the writes, then back. The
+/// assertions of the test above, the frames counted on the guest's two taps. A guard: the
+/// base passes (the driver kept eth1 in the target's `ifs[]` and sent as many frames on it
+/// as on eth0 in the first 10 s back).
+#[test]
+fn kernel_initiator_multipath_one_target_through_two_guest_nics_one_cut_12s_mtu_1500() {
+    run_kernel_initiator_with(&aoe_serve_template(), 1500, &["-M", "shared"]);
+}
+
 /// Ninth audit (s26): the Linux driver at the ends of LBA28 and 32-bit sector numbers on a
 /// disk past 2 TiB. The script's `-L` mode: a sparse backing file of 2^32 + 16387 sectors
 /// (8 MiB of random data, then a hole); the guest sees its size, writes 16 sectors of the

@@ -204,6 +204,9 @@ pub struct Sim {
     pub init: Engine,
     /// Whether each segment is up.
     pub seg_up: Vec<bool>,
+    /// One-way delay each segment adds to every frame on it, on top of [`Sim::link`]'s
+    /// (a longer path: another switch hop, a loaded bridge); zero unless set.
+    pub seg_delay: Vec<Duration>,
     /// The targets, in the order added.
     pub targets: Vec<SimTarget>,
     /// Hand-driven link: frames stay on the wire until [`Sim::deliver`] takes them, and
@@ -235,6 +238,7 @@ impl Sim {
             link,
             init,
             seg_up: vec![true; init_mtus.len()],
+            seg_delay: vec![Duration::ZERO; init_mtus.len()],
             targets: Vec::new(),
             hold: false,
             wire: BTreeMap::new(),
@@ -309,13 +313,18 @@ impl Sim {
         if self.rng.chance(self.link.loss_pct) {
             return;
         }
+        let seg = match dest {
+            Dest::Initiator(seg, _, _) => seg,
+            Dest::Target(t, j) => self.targets[t].segs[j],
+        };
+        let extra = self.seg_delay.get(seg).copied().unwrap_or_default();
         let copies = if self.rng.chance(self.link.dup_pct) {
             2
         } else {
             1
         };
         for _ in 0..copies {
-            let at = self.now + self.rng.duration(self.link.delay_min, self.link.delay_max);
+            let at = self.now + extra + self.rng.duration(self.link.delay_min, self.link.delay_max);
             self.seq += 1;
             self.wire.insert((at, self.seq), (dest, bytes.to_vec()));
         }

@@ -401,7 +401,11 @@ impl Engine {
                         t.scorned = 0;
                     }
                 }
-                if let Some(p) = t.paths.iter_mut().find(|p| p.iface == f.iface) {
+                // The path the answer came in on is alive: its loss count starts again
+                // (`ktiocomplete`: `getif(t, skb->dev)`, `ifp->lost = 0`). Not the path of
+                // the frame's latest copy: an original answered on a slow path after its
+                // copy went out on another is still the slow path's answer.
+                if let Some(p) = t.paths.iter_mut().find(|p| p.iface == iface) {
                     p.lost = 0;
                 }
             }

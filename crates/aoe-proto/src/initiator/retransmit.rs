@@ -952,9 +952,11 @@ impl Engine {
         t.loss_found();
         t.retransmits += 1;
         t.fast_retransmits += 1;
-        if let Some(l) = t.path_lost(addr, f.iface) {
-            self.log(l);
-        }
+        // Not a loss of the frame's path: a frame presumed lost because later ones were
+        // answered is most often only overtaken, by answers on a shorter path of the same
+        // target. The driver counts a path's losses (`ifp->lost`, `ejectif`) in
+        // `rexmit_timer` alone, on timeouts; counting these ejected the longer of two
+        // healthy paths within a second (session 35, docs/TEST-AUDIT.md).
         // Most likely lost, but a target that serves requests in parallel may still hold
         // it: the copy keeps its slot until its own timer runs out.
         self.hold_copy(now, tag, &f, f.deadline, true);
