@@ -44,6 +44,8 @@ have_cmd strip    || need+=(binutils)  # power-loss.sh: the target binary for th
 have_cmd e2fsck   || need+=(e2fsprogs) # power-loss.sh: the data disk's ext4 after the power loss
 have_cmd xfs_repair || need+=(xfsprogs)  # power-loss.sh -e xfs: mkfs.xfs, xfs_repair -n after the power loss
 have_cmd btrfs    || need+=(btrfs-progs)  # power-loss.sh -e btrfs: mkfs.btrfs, btrfs check after the power loss
+have_cmd sqlite3  || need+=(sqlite3)      # power-loss.sh -W sqlite-*: PRAGMA integrity_check after the power loss
+have_cmd python3  || need+=(python3)      # power-loss.sh -W: tests/interop/plapp.py, the applications' writers
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 # Ceph RBD exports (the `rbd` feature): librbd/librados headers and libraries to build it, and

@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""plapp.py - application write patterns for power-loss.sh -W (session 35).
+
+Each workload (KIND) lives in a directory of its own on the file system made through the
+initiator, and logs to a file on the host's own disk, one line per event, written with
+os.write (no user-space buffer) before the next step starts:
+
+    S KEY GEN    the step that makes version GEN of KEY durable has started
+    D KEY GEN    ... and returned 0: acknowledged (the application would now tell its user)
+
+The host kills the guest (or the initiator) once every workload has a few D lines, then
+mounts the file system again and runs `check`, which holds every D line as a promise:
+
+  replace        the atomic-replace pattern (the one editors, package managers and config
+                 writers use): write rN.tmp, fsync it, rename it over rN, fsync the
+                 directory; 8 names, versions in turn. After the loss every name exists and
+                 holds one whole version of its own (header and bytes), at least the last
+                 acknowledged one, at most the last started (POSIX rename(2): "a link named
+                 new shall remain visible ... and refer either to the file referred to by
+                 new or old"; the acknowledgement is the directory's fsync, which makes the
+                 rename durable on ext4, XFS and btrfs).
+  inplace        overwrites in place of a file whose blocks are all written (no allocation,
+                 no size change): 16 KiB at a block, then fdatasync(2), which needs no
+                 journal commit here ("does not flush modified metadata unless that
+                 metadata is needed in order to allow a subsequent data retrieval"), so only
+                 the data and a cache flush make it durable.
+  prealloc       the same into a file made by fallocate(2) (unwritten extents): the first
+                 write to a block converts its extent, metadata that fdatasync must commit.
+  odirect        the written file again, opened O_DIRECT|O_DSYNC, no fsync at all: each
+                 pwrite that returned is durable (open(2): O_DSYNC "as though each write(2)
+                 was followed by a call to fdatasync(2)"; the file system sends the block
+                 layer REQ_FUA or a flush after it).
+  sqlite-wal     sqlite3 with journal_mode=WAL, synchronous=FULL: a transaction per row
+  sqlite-delete  ... with journal_mode=DELETE (the rollback journal), synchronous=EXTRA:
+                 a row (seq N, a payload of its own) inserted and a counter row set to N,
+                 then COMMIT. After the loss PRAGMA integrity_check says ok, the rows are
+                 exactly 1..K with their payloads, the counter is K, and K is at least the
+                 last acknowledged N and at most the last started ("Atomic Commit In
+                 SQLite", sqlite.org/atomiccommit.html; "synchronous=FULL ... ensures that
+                 an operating system crash or power failure will not corrupt the database",
+                 and in WAL mode commits are durable, sqlite.org/pragma.html#pragma_synchronous).
+  sqlite-delete-full  journal_mode=DELETE with synchronous=FULL, checked as the others:
+                 not in `all`, because it does not promise what the check holds it to. In
+                 DELETE mode the commit is the journal's unlink, and FULL does not sync the
+                 directory after it; EXTRA does ("EXTRA provides additional durability if
+                 the commit is followed closely by a power loss", the same page). Session 35
+                 found it: on btrfs a COMMIT acknowledged just before the power loss was
+                 rolled back (the journal back, hot), integrity_check ok.
+
+For the inplace, prealloc and odirect files the check is per 512-byte sector: each holds
+that sector of an allowed version of its block (the last acknowledged one, or a version
+started after it: a write cut off may be torn at sector boundaries, no finer).
+
+Usage: plapp.py setup DIR KIND...   (each KIND in DIR/KIND, made and made durable)
+       plapp.py run DIR LOGDIR KIND...  (a process per KIND, until one step fails; exit 1
+                                        when every one has failed, 0 if any ran out)
+       plapp.py check DIR LOGDIR KIND... (prints a line per KIND; exit 1 on a violation)
+The contents are a function of (KIND, KEY, GEN) only, so `check` needs no copy of them.
+
+PLAPP_NOSYNC=1 in `run`'s environment is the control: every step logs its acknowledgement
+without the call that makes it durable (no fsync, no fdatasync, no O_DSYNC, sqlite's
+synchronous=OFF), so a power loss must make `check` fail for every KIND; if it did not,
+the check could not tell a durable acknowledgement from one that is not.
+"""
+
+import mmap
+import os
+import random
+import sqlite3
+import sys
+
+NAMES = 8              # replace: r0 .. r7
+BS = 16384             # inplace, prealloc, odirect: block size of a write
+NBLK = 256             # ... blocks in the file (4 MiB)
+SECTOR = 512
+STEPS = 100000         # a bound on a writer that never meets an error
+BLOCK_KINDS = ("inplace", "prealloc", "odirect")
+KINDS = ("replace",) + BLOCK_KINDS + ("sqlite-wal", "sqlite-delete", "sqlite-delete-full")
+NOSYNC = os.environ.get("PLAPP_NOSYNC") == "1"
+
+
+def data(kind, key, gen, n):
+    """The n bytes of version gen of key (deterministic: seeded by the three)."""
+    return random.Random(f"{kind}/{key}/{gen}").randbytes(n)
+
+
+def block(kind, b, gen):
+    if gen == 0 and kind == "prealloc":
+        return bytes(BS)  # unwritten extents read as zeros
+    return data(kind, b, gen, BS)
+
+
+def replace_bytes(i, gen):
+    head = b"r%d g%d\n" % (i, gen)
+    return head + data("replace", i, gen, 3000 + (gen * 7919 + i * 104729) % 60000)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(path, payload, sync=True):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, payload)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sqlite_sync(kind):
+    """The synchronous level of kind (OFF in the control, PLAPP_NOSYNC)."""
+    return "OFF" if NOSYNC else "EXTRA" if kind == "sqlite-delete" else "FULL"
+
+
+def sqlite_open(path, kind, sync="FULL"):
+    con = sqlite3.connect(path, isolation_level=None, timeout=60)
+    mode = "wal" if kind == "sqlite-wal" else "delete"
+    got = con.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
+    if got != mode:
+        raise RuntimeError(f"journal_mode {got}, not {mode}")
+    con.execute(f"PRAGMA synchronous={sync}")
+    return con
+
+
+def setup(d, kind):
+    os.makedirs(d)
+    if kind == "replace":
+        for i in range(NAMES):
+            write_all(os.path.join(d, f"r{i}"), replace_bytes(i, 0))
+    elif kind in BLOCK_KINDS:
+        path = os.path.join(d, "f")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if kind == "prealloc":
+            os.posix_fallocate(fd, 0, BS * NBLK)
+        else:
+            for b in range(NBLK):
+                os.pwrite(fd, block(kind, b, 0), b * BS)
+        os.fsync(fd)
+        os.close(fd)
+    else:
+        con = sqlite_open(os.path.join(d, "db"), kind)
+        con.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+        con.execute("CREATE TABLE c (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        con.execute("INSERT INTO c VALUES (1, 0)")
+        con.close()
+    fsync_dir(d)
+    fsync_dir(os.path.dirname(d))
+
+
+class Log:
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def put(self, tag, key, gen):
+        os.write(self.fd, f"{tag} {key} {gen}\n".encode())
+
+
+def run(d, kind, log):
+    gen = 0
+    if kind == "replace":
+        for gen in range(1, STEPS):
+            i = gen % NAMES
+            log.put("S", i, gen)
+            tmp = os.path.join(d, f"r{i}.tmp")
+            write_all(tmp, replace_bytes(i, gen), not NOSYNC)
+            os.rename(tmp, os.path.join(d, f"r{i}"))
+            if not NOSYNC:
+                fsync_dir(d)
+            log.put("D", i, gen)
+    elif kind in BLOCK_KINDS:
+        path = os.path.join(d, "f")
+        flags = os.O_WRONLY | (os.O_DIRECT if kind == "odirect" else 0)
+        flags |= os.O_DSYNC if kind == "odirect" and not NOSYNC else 0
+        fd = os.open(path, flags)
+        buf = mmap.mmap(-1, BS)  # page-aligned, as O_DIRECT wants
+        rng = random.Random(f"{kind}/order")
+        for gen in range(1, STEPS):
+            b = rng.randrange(NBLK)
+            buf[:] = block(kind, b, gen)
+            log.put("S", b, gen)
+            if os.pwrite(fd, buf, b * BS) != BS:
+                raise OSError("short write")
+            if kind != "odirect" and not NOSYNC:
+                os.fdatasync(fd)
+            log.put("D", b, gen)
+    else:
+        con = sqlite_open(os.path.join(d, "db"), kind, sqlite_sync(kind))
+        for gen in range(1, STEPS):
+            log.put("S", "q", gen)
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t VALUES (?, ?)", (gen, data(kind, "q", gen, 500 + gen * 37 % 3000)))
+            con.execute("UPDATE c SET v = ? WHERE id = 1", (gen,))
+            con.execute("COMMIT")
+            log.put("D", "q", gen)
+    return gen
+
+
+def read_log(path):
+    """Per key: the last acknowledged generation (0: none), and the generations started."""
+    acked, started = {}, {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 3:
+                continue  # a line cut by the kill (cannot happen with one write; be safe)
+            tag, key, gen = parts[0], parts[1], int(parts[2])
+            started.setdefault(key, set()).add(gen)
+            if tag == "D":
+                acked[key] = max(acked.get(key, 0), gen)
+    return acked, started
+
+
+def allowed(acked, started, key):
+    low = acked.get(key, 0)
+    return [low] + sorted(g for g in started.get(key, ()) if g > low)
+
+
+def check(d, kind, logpath):
+    """A list of violations; prints a summary line."""
+    acked, started = read_log(logpath)
+    nacked = sum(1 for _ in open(logpath) if _.startswith("D "))
+    bad = []
+    if kind == "replace":
+        newer = 0
+        for i in range(NAMES):
+            path = os.path.join(d, f"r{i}")
+            ok = allowed(acked, started, str(i))
+            try:
+                got = open(path, "rb").read()
+            except OSError as e:
+                bad.append(f"r{i}: {e.strerror} (acknowledged g{ok[0]})")
+                continue
+            head = got.split(b"\n", 1)[0]
+            try:
+                gen = int(head.split(b" g")[1])
+            except (IndexError, ValueError):
+                bad.append(f"r{i}: {len(got)} bytes, no header (acknowledged g{ok[0]})")
+                continue
+            if gen not in ok:
+                bad.append(f"r{i}: holds g{gen}, acknowledged g{ok[0]}, allowed {ok}")
+            elif got != replace_bytes(i, gen):
+                bad.append(f"r{i}: g{gen} damaged ({len(got)} bytes, not {len(replace_bytes(i, gen))})")
+            elif gen > ok[0]:
+                newer += 1
+        print(f"### replace: {nacked} renames acknowledged; {NAMES - len(bad)} of {NAMES} names whole, "
+              f"{newer} of them a version started after the last acknowledged")
+    elif kind in BLOCK_KINDS:
+        try:
+            got = open(os.path.join(d, "f"), "rb").read()
+        except OSError as e:
+            print(f"### {kind}: {nacked} writes acknowledged; the file: {e.strerror}")
+            return [f"{kind}: the file: {e.strerror}"]
+        if len(got) != BS * NBLK:
+            return [f"{kind}: the file has {len(got)} bytes, not {BS * NBLK}"]
+        torn = newer = 0
+        for b in range(NBLK):
+            ok = allowed(acked, started, str(b))
+            have = got[b * BS:(b + 1) * BS]
+            vers = {g: block(kind, b, g) for g in ok}
+            seen = set()
+            for s in range(0, BS, SECTOR):
+                m = [g for g, v in vers.items() if v[s:s + SECTOR] == have[s:s + SECTOR]]
+                if not m:
+                    old = [g for g in started.get(str(b), set()) | {0} if g < ok[0]
+                           and block(kind, b, g)[s:s + SECTOR] == have[s:s + SECTOR]]
+                    bad.append(f"block {b} sector {s // SECTOR}: "
+                               + (f"holds g{old[-1]}, older than the acknowledged g{ok[0]}" if old
+                                  else f"foreign bytes (acknowledged g{ok[0]}, allowed {ok})"))
+                    break
+                seen.add(m[0])
+            if len(seen) > 1:
+                torn += 1
+            elif seen and max(seen) > ok[0]:
+                newer += 1
+        print(f"### {kind}: {nacked} writes acknowledged; {NBLK} blocks checked per sector, "
+              f"{len(bad)} bad, {torn} torn between allowed versions, {newer} newer than acknowledged")
+    else:
+        low = max(acked.values(), default=0)
+        high = max((max(s) for s in started.values()), default=0)
+        try:
+            # mode=rw: a database that is gone is an error, not a new empty one.
+            con = sqlite3.connect(f"file:{os.path.join(d, 'db')}?mode=rw", uri=True,
+                                  isolation_level=None, timeout=60)
+            ic = [r[0] for r in con.execute("PRAGMA integrity_check")]
+            seqs = [r[0] for r in con.execute("SELECT seq FROM t ORDER BY seq")]
+            counter = con.execute("SELECT v FROM c WHERE id = 1").fetchone()[0]
+            wrong = [s for s, p in con.execute("SELECT seq, payload FROM t")
+                     if p != data(kind, "q", s, 500 + s * 37 % 3000)]
+            con.close()
+        except sqlite3.Error as e:
+            print(f"### {kind}: {nacked} commits acknowledged; the database: {e}")
+            return [f"{kind}: the database does not open or read: {e}"]
+        k = len(seqs)
+        if ic != ["ok"]:
+            bad.append(f"integrity_check: {'; '.join(map(str, ic[:5]))}")
+        if seqs != list(range(1, k + 1)):
+            bad.append(f"the rows are not 1..{k}: {[s for i, s in enumerate(seqs, 1) if s != i][:5]} ...")
+        if k < low:
+            missing = low - k
+            bad.append(f"{missing} committed rows missing: {k} rows, the last acknowledged COMMIT was seq {low}")
+        if k > high:
+            bad.append(f"{k} rows, more than the {high} transactions started")
+        if counter != k:
+            bad.append(f"the counter row says {counter}, the table has {k} rows")
+        if wrong:
+            bad.append(f"{len(wrong)} rows with damaged payloads, the first seq {wrong[0]}")
+        print(f"### {kind}: integrity_check {' '.join(map(str, ic[:1]))}; {k} rows; "
+              f"the last acknowledged COMMIT seq {low}, the last started {high}")
+    return [f"{kind}: {b}" for b in bad]
+
+
+def main():
+    if len(sys.argv) < 4 or sys.argv[1] not in ("setup", "run", "check"):
+        sys.exit("usage: plapp.py setup DIR KIND... | run|check DIR LOGDIR KIND... (see its header)")
+    cmd, root = sys.argv[1], sys.argv[2]
+    if cmd == "setup":
+        kinds = sys.argv[3:]
+    else:
+        logdir, kinds = sys.argv[3], sys.argv[4:]
+    for k in kinds:
+        if k not in KINDS:
+            sys.exit(f"plapp.py: unknown kind {k} (one of {', '.join(KINDS)})")
+    if cmd == "setup":
+        for k in kinds:
+            setup(os.path.join(root, k), k)
+        return
+    if cmd == "check":
+        bad = []
+        for k in kinds:
+            bad += check(os.path.join(root, k), k, os.path.join(logdir, f"clog.{k}"))
+        # The first three of each kind, and how many more (a lost file is 256 lines).
+        shown = {}
+        for b in bad:
+            k = b.split(":", 1)[0]
+            shown[k] = shown.get(k, 0) + 1
+            if shown[k] <= 3:
+                print(f"### VIOLATION: {b}")
+        for k, n in shown.items():
+            if n > 3:
+                print(f"### VIOLATION: {k}: ... and {n - 3} more")
+        sys.exit(1 if bad else 0)
+    # run: a process per kind, each with its own log.
+    pids = {}
+    for k in kinds:
+        pid = os.fork()
+        if pid == 0:
+            log = Log(os.path.join(logdir, f"clog.{k}"))
+            try:
+                n = run(os.path.join(root, k), k, log)
+                print(f"{k}: ran out after {n} steps", flush=True)
+                os._exit(0)
+            except (OSError, sqlite3.Error, RuntimeError) as e:
+                print(f"{k}: failed: {e}", flush=True)
+                os._exit(1)
+        pids[pid] = k
+    ok = False
+    for _ in kinds:
+        _, status = os.wait()
+        ok = ok or os.waitstatus_to_exitcode(status) == 0
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
