@@ -159,6 +159,11 @@ pub struct Engine {
     stats: Stats,
     /// Log lines a peer can provoke, one per kind per [`Config::peer_log_interval`].
     peer_logs: RateLimiter,
+    /// Frames sized before their device's payload shrank (an MTU change) whose sectors
+    /// went out again in frames that fit, by device and target, not yet said: one line
+    /// each once none of that target's frames in flight is too large any more
+    /// (`Engine::say_resized`), instead of one per frame.
+    resized: BTreeMap<(TargetAddr, MacAddr), Resized>,
 }
 
 impl Engine {
@@ -201,6 +206,7 @@ impl Engine {
             released: Vec::new(),
             stats: Stats::default(),
             peer_logs,
+            resized: BTreeMap::new(),
         }
     }
 
@@ -438,6 +444,7 @@ impl Engine {
             Body::Ata(ata) => self.ata_response(now, iface, &msg.header, &ata),
             _ => {}
         }
+        self.say_resized();
     }
 
     /// Retransmits frames whose timeout passed or whose target went silent at the end of a
@@ -475,6 +482,7 @@ impl Engine {
         for a in addrs {
             self.pump(now, a);
         }
+        self.say_resized();
     }
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the

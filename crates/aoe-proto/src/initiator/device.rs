@@ -290,6 +290,16 @@ pub(super) enum CopyWhy {
     LinkUp,
 }
 
+/// What [`Engine::resized`](super::Engine) counts for one target of a device since the
+/// payload shrank: frames sized before, how many of them the target refused (aborted), and
+/// the sectors they carried that went out again in new frames.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Resized {
+    pub(super) frames: u32,
+    pub(super) refused: u32,
+    pub(super) sectors: u64,
+}
+
 /// A copy of a frame the target may still hold although it no longer stands for the frame
 /// (another copy replaced it, or the frame completed on another copy's answer). It keeps its
 /// slot in its target's window (`Target::nout`) until its own answer comes or it is presumed

@@ -764,9 +764,7 @@ impl Engine {
             let rest = (nf.count - path_sectors) as u64;
             self.reissue(addr, f.op, nf.offset + path_sectors as u64, rest);
             nf.count = path_sectors;
-            self.log(format!(
-                "{addr}: {rest} sectors of tag {tag:08x} resent in new frames ({path_sectors} fit if {iface})"
-            ));
+            self.note_resized(addr, f.target, rest, false);
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
         let note = match why {
@@ -780,6 +778,59 @@ impl Engine {
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
+    }
+
+    /// A frame to target `mac` of device `addr`, sized before the payload shrank, had
+    /// `sectors` sent again in new frames (`refused`: the target aborted it): counted for
+    /// [`Engine::say_resized`].
+    pub(super) fn note_resized(
+        &mut self,
+        addr: TargetAddr,
+        mac: MacAddr,
+        sectors: u64,
+        refused: bool,
+    ) {
+        let r = self.resized.entry((addr, mac)).or_default();
+        r.frames += 1;
+        r.refused += u32::from(refused);
+        r.sectors += sectors;
+    }
+
+    /// Says, in one line per device and target, the frames sized before an MTU change that
+    /// went out again in frames that fit (`note_resized`), once none of that target's
+    /// frames in flight is larger than its device's payload any more: a window's worth of
+    /// frames is resized at every such change, and a line each (before session 35) filled
+    /// the log and the `err` file. Run at the end of `handle_frame` and `handle_timeout`,
+    /// where frames are answered, refused or time out; costs nothing while none is counted.
+    pub(super) fn say_resized(&mut self) {
+        if self.resized.is_empty() {
+            return;
+        }
+        let done: Vec<(TargetAddr, MacAddr)> = self
+            .resized
+            .keys()
+            .filter(|(dev, mac)| {
+                let payload = self.devices.get(dev).map_or(0, |d| d.payload);
+                payload == 0
+                    || !self
+                        .outstanding
+                        .iter()
+                        .any(|(_, f)| f.dev == *dev && f.target == *mac && f.count > payload)
+            })
+            .copied()
+            .collect();
+        for k in done {
+            let Some(r) = self.resized.remove(&k) else {
+                continue;
+            };
+            let (addr, mac) = k;
+            let payload = self.devices.get(&addr).map_or(0, |d| d.payload);
+            self.log(format!(
+                "{addr}: {} frames to {mac} sized before the payload shrank to {payload} sectors \
+                 ({} refused by the target): {} sectors resent in new frames",
+                r.frames, r.refused, r.sectors
+            ));
+        }
     }
 
     /// Loss detection from later answers, as RACK does it (RFC 8985 6.2), with

@@ -1262,6 +1262,89 @@ fn retransmit_after_mtu_shrink_splits_the_frame() {
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 0);
 }
 
+/// Session 35: a window of frames sized before the MTU shrank is resized in one log line
+/// for its target, with the count, whether the frames time out (vblade cannot answer them)
+/// or the target refuses them (`aoe serve` aborts them). Before, one line a frame: "N
+/// sectors of tag ... resent in new frames" or "...-sector frame tag ... refused after the
+/// payload shrank", as many as the window had out.
+#[test]
+fn frames_resized_at_an_mtu_shrink_are_said_in_one_line_per_target() {
+    for refuse in [false, true] {
+        let (mut e, t0) = up_engine(1000, true);
+        let id = e
+            .submit(
+                t0,
+                DEV,
+                BlockOp::Read {
+                    lba: 0,
+                    sectors: 64,
+                },
+            )
+            .unwrap();
+        let tx = drain(&mut e, t0);
+        let out = tx.len();
+        assert!(out >= 4, "{out} frames out");
+        assert!(tx.iter().all(|(_, f)| f[26] == 2), "2-sector frames");
+        e.add_interface(0, "eth0", HOST, 1000);
+        let mut logs: Vec<String> = Vec::new();
+        let mut done = None;
+        let take = |e: &mut Engine, logs: &mut Vec<String>, done: &mut Option<IoResult>| {
+            for ev in events(e) {
+                match ev {
+                    Event::Log(l) => logs.push(l),
+                    Event::Completed { id: got, result } if got == id => *done = Some(result),
+                    _ => {}
+                }
+            }
+        };
+        let mut now = t0;
+        if refuse {
+            for (_, f) in &tx {
+                e.handle_frame(t0, 0, &ata_rsp(f, TMAC, 0x41, error_bits::ABRT, &[]));
+            }
+        }
+        // Every 1-sector frame is answered; the 2-sector ones never are (they time out
+        // when not refused), until the read completes.
+        for _ in 0..1000 {
+            take(&mut e, &mut logs, &mut done);
+            if done.is_some() {
+                break;
+            }
+            let tx = drain(&mut e, now);
+            let small: Vec<_> = tx.iter().filter(|(_, f)| f[26] == 1).collect();
+            if small.is_empty() {
+                now = e.poll_timeout().expect("a timer while the read is out");
+                e.handle_timeout(now);
+                continue;
+            }
+            for (_, f) in small {
+                let lba = req_lba(f);
+                e.handle_frame(
+                    now,
+                    0,
+                    &ata_rsp(f, TMAC, status::DRDY, 0, &[lba as u8; 512]),
+                );
+            }
+        }
+        let data = done.expect("read completed").expect("read ok").unwrap();
+        let want: Vec<u8> = (0u8..64).flat_map(|l| [l; 512]).collect();
+        assert!(data == want, "sectors out of place");
+        let said: Vec<&String> = logs
+            .iter()
+            .filter(|l| l.contains("resent in new frames") || l.contains("refused after"))
+            .collect();
+        assert_eq!(said.len(), 1, "one line for the target: {said:#?}");
+        let want = format!(
+            "{DEV}: {out} frames to {TMAC} sized before the payload shrank to 1 sectors ({} \
+             refused by the target): {} sectors resent in new frames",
+            if refuse { out } else { 0 },
+            // Refused, a frame's 2 sectors go out anew; timed out, its copy carries 1.
+            if refuse { 2 * out } else { out },
+        );
+        assert_eq!(said[0], &want);
+    }
+}
+
 /// A target that checks the sector count against its new, smaller MTU aborts the frames
 /// sized before the change (`aoe serve` does): their sectors are sent again in frames that
 /// fit, and the read succeeds. An abort of a frame that fits still fails the op.
