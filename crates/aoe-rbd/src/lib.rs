@@ -114,7 +114,8 @@ pub struct RbdOptions {
     /// Open for reading only: no lock is taken and writes are refused.
     pub read_only: bool,
     /// The buffer count the target advertises (`-b`): requests an initiator may have
-    /// queued at the export, what a QoS limit's wait is reckoned from ([`qos_too_slow`]).
+    /// queued at the export, what a QoS limit's wait is reckoned from (the warning of a
+    /// limit under which a full queue outlasts [`INITIATOR_DEADSECS`]).
     pub buffer_count: u16,
 }
 
