@@ -2814,6 +2814,79 @@ fn refused_at_start(r: &RbdRig, image: &str, extra: &[&str]) -> String {
     e
 }
 
+/// Session 35: a QoS limit so low that a full queue of the largest requests (the buffer
+/// count, 128, of 8704 bytes) takes longer than the initiator's default dead time (180 s)
+/// would fail the last with EIO and take the device down. Session 34 left it unsaid ("a
+/// throttle is the operator's wish"). Now the serving gateway warns once when it is set
+/// (`rbd_qos_bps_limit 1000`: 1115 s), a gateway opening the image warns at open, and the
+/// serving one says when it is gone; the gateway serves on. Before: no word of it.
+#[test]
+fn a_qos_limit_that_makes_a_full_queue_outlast_deadsecs_is_warned_at_open_and_while_served() {
+    let r = RbdRig::start("rbd/img", |ceph| {
+        ceph.ok("rbd", &["create", "rbd/img", "--size", "32M"]);
+    });
+    let first = pattern(36, 4096);
+    write_sync(&r.rig.dev(), 0, &first).expect("write through gateway A");
+    let gateway_log = || r.rig.target_log();
+    let said = "the image's librbd config changed while it is served: rbd_qos_bps_limit 1000 \
+                (set by the image): a full queue of 128 requests of 8704 bytes";
+    r.ceph
+        .rbd_config(&["image", "set", "rbd/img", "rbd_qos_bps_limit", "1000"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || gateway_log().contains(said)),
+        "gateway A did not warn of the image's rbd_qos_bps_limit:\n{}",
+        gateway_log()
+    );
+    let line = gateway_log()
+        .lines()
+        .find(|l| l.contains(said))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        line.contains("takes 1115 s, longer than the initiator's default dead time (180 s)")
+            && line.contains("`rbd config image set rbd/img rbd_qos_bps_limit N`"),
+        "{line}"
+    );
+    // At open: a read-only gateway started meanwhile says it before it serves.
+    let mut cmd = r.rig.target_ns.command("timeout");
+    cmd.args(["-k", "5", "15", AOE, "serve"])
+        .args(&r.rig.target_args)
+        .args([
+            "-r",
+            "--probe-ms",
+            "0",
+            "9",
+            "9",
+            &r.rig.target_if,
+            "rbd:rbd/img",
+        ])
+        .env("AOE_LOG", "warn");
+    let out = run(&mut cmd);
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        e.contains("rbd_qos_bps_limit 1000 (set by the image): a full queue of 128 requests"),
+        "a gateway opening the image did not warn of its QoS limit: {e}"
+    );
+    r.ceph
+        .rbd_config(&["image", "remove", "rbd/img", "rbd_qos_bps_limit"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || gateway_log()
+            .contains("no longer has a QoS limit that makes a full queue wait")),
+        "gateway A did not say the limit was gone:\n{}",
+        gateway_log()
+    );
+    let second = pattern(37, 4096);
+    write_sync(&r.rig.dev(), 4096, &second).expect("gateway A serves on");
+    assert!(read_at(&r.rig.dev(), 0, 8192)
+        .is_ok_and(|d| d[..4096] == first[..] && d[4096..] == second[..]));
+    assert_eq!(
+        gateway_log().matches("rbd_qos_bps_limit 1000").count(),
+        1,
+        "said more than once:\n{}",
+        gateway_log()
+    );
+}
+
 /// Session 32: a writable gateway A of an image whose config turns librbd's cache on
 /// (`rbd config image set rbd/img rbd_cache true`) had a read cache too: the gateway's
 /// write-through policy kept librbd's `ObjectCacher`, which answers reads from memory. A

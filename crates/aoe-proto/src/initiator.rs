@@ -159,6 +159,11 @@ pub struct Engine {
     stats: Stats,
     /// Log lines a peer can provoke, one per kind per [`Config::peer_log_interval`].
     peer_logs: RateLimiter,
+    /// Frames sized before their device's payload shrank (an MTU change) whose sectors
+    /// went out again in frames that fit, by device and target, not yet said: one line
+    /// each once none of that target's frames in flight is too large any more
+    /// (`Engine::say_resized`), instead of one per frame.
+    resized: BTreeMap<(TargetAddr, MacAddr), Resized>,
 }
 
 impl Engine {
@@ -201,6 +206,7 @@ impl Engine {
             released: Vec::new(),
             stats: Stats::default(),
             peer_logs,
+            resized: BTreeMap::new(),
         }
     }
 
@@ -283,20 +289,24 @@ impl Engine {
     }
 
     /// The link of interface `idx` came back (up with a carrier again: the driver heard
-    /// it from rtnetlink, `RTM_NEWLINK` with `IFF_RUNNING`): a broadcast Query Config goes
-    /// out on it, as on a new interface, so a target that moved (a new MAC) or appeared
-    /// meanwhile is found at once. The frames in flight are left to their timers: making
-    /// them all due at once (tried in session 34) pushed every one but the earliest at its
-    /// target into a back-off as long as the silence, while the earliest waited for a
-    /// window slot they held, and the longest write across a 3 s flap grew from 3.1-3.8 s
-    /// to 6.5-8.0 s. The Linux driver has no such input (its `rexmit_timer` backs off to
-    /// `MAXTIMER` over a cut link).
+    /// it from rtnetlink, `RTM_NEWLINK` with `IFF_RUNNING`, or found a re-created interface
+    /// of its name): a broadcast Query Config goes out on it, as on a new interface, so a
+    /// target that moved (a new MAC) or appeared meanwhile is found at once; and the data
+    /// frames that went into the dead link (their last copy sent on it, or their target
+    /// reached through it alone, and nothing answered there since) are copied at once,
+    /// earliest first, their slots freed and their timeouts not backed off, instead of
+    /// waiting for timers backed off through the silence (up to `rto_max`):
+    /// `Engine::link_back`. The Linux driver has no such input (its `rexmit_timer` backs
+    /// off to `MAXTIMER` over a cut link).
     pub fn interface_up(&mut self, now: Instant, idx: usize) {
         self.touch(now);
         if !self.interfaces.contains_key(&idx) {
             return;
         }
         self.queue_config_query(now, idx, MacAddr::BROADCAST, TargetAddr::BROADCAST);
+        for addr in self.link_back(now, idx) {
+            self.pump(now, addr);
+        }
     }
 
     /// Queues a broadcast Query Config (dst ff:ff:ff:ff:ff:ff, shelf 0xffff, slot 0xff) on
@@ -434,6 +444,7 @@ impl Engine {
             Body::Ata(ata) => self.ata_response(now, iface, &msg.header, &ata),
             _ => {}
         }
+        self.say_resized();
     }
 
     /// Retransmits frames whose timeout passed or whose target went silent at the end of a
@@ -471,6 +482,7 @@ impl Engine {
         for a in addrs {
             self.pump(now, a);
         }
+        self.say_resized();
     }
 
     /// When [`Engine::handle_timeout`] must next be called: the earliest frame deadline, the

@@ -113,6 +113,10 @@ pub struct RbdOptions {
     pub connect_timeout: Duration,
     /// Open for reading only: no lock is taken and writes are refused.
     pub read_only: bool,
+    /// The buffer count the target advertises (`-b`): requests an initiator may have
+    /// queued at the export, what a QoS limit's wait is reckoned from (the warning of a
+    /// limit under which a full queue outlasts [`INITIATOR_DEADSECS`]).
+    pub buffer_count: u16,
 }
 
 impl RbdOptions {
@@ -342,6 +346,11 @@ struct Shared {
     /// after an update notification ([`Shared::recheck_config`]); `None` at open (else the
     /// open was refused).
     refused: Mutex<Option<String>>,
+    /// The buffer count advertised ([`RbdOptions::buffer_count`]).
+    buffer_count: u16,
+    /// The QoS limit that makes a full queue wait past the initiator's dead time, as last
+    /// said ([`qos_too_slow`]: at open, and by the monitor after an update notification).
+    qos_said: Mutex<Option<String>>,
     /// Size at open, or as last read (by the monitor, or `len` on IDENTIFY): what `len`
     /// answers if the cluster cannot be asked, and what requests are checked against.
     size: AtomicU64,
@@ -607,6 +616,10 @@ impl RbdBackend {
         if let Some(e) = refusal(&config, o.read_only, &name, &targets) {
             return Err(e);
         }
+        let qos = qos_too_slow(&config, o.buffer_count, &targets);
+        if let Some(q) = &qos {
+            tracing::warn!(image = %name, "{q}");
+        }
         let size = image.size().map_err(|e| classify(e, "size"))?;
         let locked = !o.read_only
             && image
@@ -619,6 +632,8 @@ impl RbdBackend {
             read_only: o.read_only,
             targets,
             refused: Mutex::new(None),
+            buffer_count: o.buffer_count,
+            qos_said: Mutex::new(qos),
             size: AtomicU64::new(size),
             fence: Arc::new(Fence {
                 name: name.clone(),
@@ -1079,6 +1094,93 @@ fn plugins(config: &[aoe_rbd_sys::ConfigOption], targets: &Targets) -> Option<St
 /// `rbd config`'s name for where an override lives: `pool` for the pool's, else `image`
 /// (the gateway sets every option these checks read itself, so a value it did not set is
 /// the pool's or the image's).
+/// The initiator's default dead time: the Linux driver's `aoe_deadsecs` (60 * 3 s,
+/// `drivers/block/aoe/aoecmd.c`), and `aoe initiator --deadsecs`'s default. A request
+/// unanswered that long fails with EIO and the device goes down.
+pub const INITIATOR_DEADSECS: Duration = Duration::from_secs(180);
+
+/// The largest AoE request the gateway serves, in bytes: 17 sectors, what a frame at MTU
+/// 9000 carries (`aoe_wire::max_sectors_for_mtu`).
+const LARGEST_REQUEST: u64 = 17 * 512;
+
+/// librbd's QoS limits that throttle every request of the gateway (`librbd::io::
+/// ImageDispatcher`'s QoS layer, token buckets per image), and what each counts: requests
+/// (`true`) or bytes a second. Burst settings are left out: a limit's rate is what a
+/// queue that stays full gets.
+const QOS_LIMITS: [(&str, bool); 6] = [
+    ("rbd_qos_iops_limit", true),
+    ("rbd_qos_read_iops_limit", true),
+    ("rbd_qos_write_iops_limit", true),
+    ("rbd_qos_bps_limit", false),
+    ("rbd_qos_read_bps_limit", false),
+    ("rbd_qos_write_bps_limit", false),
+];
+
+/// A QoS limit of the image's effective config so low that an initiator's full queue at
+/// the export (`buffer_count` requests of the largest size, [`LARGEST_REQUEST`]) takes
+/// longer than the initiator's default dead time ([`INITIATOR_DEADSECS`]) to get through
+/// it: the last request then fails with EIO at the initiator, and its device goes down
+/// (session 34 measured `rbd_qos_iops_limit 20`: 4 KiB writes p99 676 ms, well inside).
+/// The tightest such limit, said with where it is set and the way out; `None` if none is.
+/// An error, not lost data: what the initiator gave up on fails there.
+fn qos_too_slow(
+    config: &[aoe_rbd_sys::ConfigOption],
+    buffer_count: u16,
+    targets: &Targets,
+) -> Option<String> {
+    let queue = u64::from(buffer_count.max(1));
+    let mut worst: Option<(u64, String)> = None;
+    for (name, per_request) in QOS_LIMITS {
+        let Some(o) = option(config, name) else {
+            continue;
+        };
+        let Ok(limit) = o.value.trim().parse::<u64>() else {
+            continue;
+        };
+        if limit == 0 {
+            continue;
+        }
+        let work = if per_request {
+            queue
+        } else {
+            queue * LARGEST_REQUEST
+        };
+        let secs = work.div_ceil(limit);
+        if secs > INITIATOR_DEADSECS.as_secs() && worst.as_ref().is_none_or(|w| secs > w.0) {
+            let what = if per_request {
+                format!("{queue} requests")
+            } else {
+                format!("{queue} requests of {LARGEST_REQUEST} bytes")
+            };
+            let (at, fix) = match o.source {
+                aoe_rbd_sys::ConfigSource::Pool => (
+                    "the pool",
+                    format!("rbd config pool set {} {name} N", targets.pool),
+                ),
+                aoe_rbd_sys::ConfigSource::Image => (
+                    "the image",
+                    format!("rbd config image set {} {name} N", targets.image),
+                ),
+                aoe_rbd_sys::ConfigSource::Client => (
+                    "the client's config",
+                    format!("{name} in the gateway's ceph.conf"),
+                ),
+            };
+            worst = Some((
+                secs,
+                format!(
+                    "{name} {limit} (set by {at}): a full queue of {what} (the buffer count, \
+                     -b) takes {secs} s, longer than the initiator's default dead time ({} s): \
+                     the last would fail with EIO and the device go down; raise the limit \
+                     (`{fix}`), lower -b, or raise the initiator's deadsecs",
+                    INITIATOR_DEADSECS.as_secs()
+                ),
+            ));
+        }
+    }
+    worst.map(|w| w.1)
+}
+
 fn level(source: aoe_rbd_sys::ConfigSource) -> &'static str {
     if source == aoe_rbd_sys::ConfigSource::Pool {
         "pool"
@@ -1277,6 +1379,7 @@ impl Shared {
                 return;
             }
         };
+        self.recheck_qos(&config);
         let now = refusal(&config, self.read_only, &self.name, &self.targets)
             .map(|e| format!("would refuse it: {e}"))
             .or_else(|| plugins(&config, &self.targets).map(|p| format!("would load {p}")));
@@ -1297,6 +1400,32 @@ impl Shared {
                 image = %self.name,
                 "the image's librbd config no longer has an override that a starting gateway \
                  would refuse (nor plugins it would load)"
+            ),
+        }
+        *last = now;
+    }
+
+    /// Says, once per change, that a QoS limit now set on the served image (or its pool)
+    /// makes a full queue wait past the initiator's dead time ([`qos_too_slow`]), or that
+    /// none does any more. librbd applies QoS limits at its next refresh after the change
+    /// (session 34: `rbd_qos_iops_limit 20` slowed the writes at once), unlike the settings
+    /// fixed at open that [`Shared::recheck_config`] says would stop the next gateway.
+    fn recheck_qos(&self, config: &[aoe_rbd_sys::ConfigOption]) {
+        let now = qos_too_slow(config, self.buffer_count, &self.targets);
+        let Ok(mut last) = self.qos_said.lock() else {
+            return;
+        };
+        if *last == now {
+            return;
+        }
+        match &now {
+            Some(q) => {
+                tracing::warn!(image = %self.name, "the image's librbd config changed while it is served: {q}")
+            }
+            None => tracing::info!(
+                image = %self.name,
+                "the image's librbd config no longer has a QoS limit that makes a full queue \
+                 wait past the initiator's default dead time"
             ),
         }
         *last = now;
@@ -1673,4 +1802,82 @@ fn is_us(ours: &str, owner: &str) -> bool {
     };
     let owner = strip(owner);
     !owner.is_empty() && ours.split(',').any(|a| strip(a) == owner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aoe_rbd_sys::{ConfigOption, ConfigSource};
+
+    fn opt(name: &str, value: &str, source: ConfigSource) -> ConfigOption {
+        ConfigOption {
+            name: name.into(),
+            value: value.into(),
+            source,
+        }
+    }
+
+    fn targets() -> Targets {
+        Targets::new(&RbdOptions {
+            pool: "rbd".into(),
+            namespace: None,
+            image: "q".into(),
+            ceph_conf: None,
+            client_id: None,
+            keyring: None,
+            connect_timeout: Duration::from_secs(5),
+            read_only: false,
+            buffer_count: 128,
+        })
+    }
+
+    /// Session 35: a QoS limit is said when a full queue (the buffer count) of the largest
+    /// requests takes longer than the initiator's default dead time (180 s), and only then.
+    #[test]
+    fn a_qos_limit_is_said_when_a_full_queue_takes_longer_than_deadsecs() {
+        let t = targets();
+        let none = [
+            opt("rbd_qos_iops_limit", "0", ConfigSource::Client),
+            opt("rbd_qos_bps_limit", "0", ConfigSource::Client),
+            opt("rbd_cache", "false", ConfigSource::Client),
+        ];
+        assert_eq!(qos_too_slow(&none, 128, &t), None, "0 is no limit");
+        // Session 34's 20 requests a second: 128 in 7 s.
+        let iops20 = [opt("rbd_qos_iops_limit", "20", ConfigSource::Image)];
+        assert_eq!(qos_too_slow(&iops20, 128, &t), None);
+        // 1 a second: 128 s at -b 128 is inside; 8192 s at -b 8192 is not.
+        let iops1 = [opt("rbd_qos_write_iops_limit", "1", ConfigSource::Image)];
+        assert_eq!(qos_too_slow(&iops1, 128, &t), None);
+        let said = qos_too_slow(&iops1, 8192, &t).expect("8192 s");
+        assert!(
+            said.starts_with(
+                "rbd_qos_write_iops_limit 1 (set by the image): a full queue of 8192 requests"
+            ),
+            "{said}"
+        );
+        assert!(said.contains("takes 8192 s"), "{said}");
+        assert!(
+            said.contains("rbd config image set rbd/q rbd_qos_write_iops_limit N"),
+            "{said}"
+        );
+        // Bytes: 128 x 8704 bytes at 6000 B/s is 186 s; at 7000 B/s, 160 s.
+        let bps = |v: &str| [opt("rbd_qos_bps_limit", v, ConfigSource::Pool)];
+        assert_eq!(qos_too_slow(&bps("7000"), 128, &t), None);
+        let said = qos_too_slow(&bps("6000"), 128, &t).expect("186 s");
+        assert!(said.contains("takes 186 s"), "{said}");
+        assert!(
+            said.contains("rbd config pool set rbd rbd_qos_bps_limit N"),
+            "{said}"
+        );
+        // The tightest of several is said.
+        let both = [
+            opt("rbd_qos_bps_limit", "6000", ConfigSource::Pool),
+            opt("rbd_qos_read_iops_limit", "0", ConfigSource::Client),
+            opt("rbd_qos_iops_limit", "", ConfigSource::Client),
+            opt("rbd_qos_read_bps_limit", "1000", ConfigSource::Image),
+        ];
+        let said = qos_too_slow(&both, 128, &t).expect("1115 s");
+        assert!(said.starts_with("rbd_qos_read_bps_limit 1000"), "{said}");
+        assert!(said.contains("takes 1115 s"), "{said}");
+    }
 }

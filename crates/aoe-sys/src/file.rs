@@ -250,6 +250,39 @@ pub fn try_lock_range_ofd(
     }
 }
 
+/// How [`flock`] holds a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flock {
+    /// `LOCK_SH`: any number of holders at once, none while one holds it exclusively.
+    Shared,
+    /// `LOCK_EX`: one holder alone.
+    Exclusive,
+}
+
+/// `flock(2)`: waits until `file` can be held as `kind`, then holds it until `file` (its
+/// open file description: every duplicate of the fd) is closed. Locks of two opens of one
+/// path conflict even within one process, so each holder opens the file itself. Retried
+/// after a signal. (`File::lock` and `lock_shared` do this from Rust 1.89; the workspace
+/// builds with 1.85.)
+pub fn flock(file: &File, kind: Flock) -> io::Result<()> {
+    let op = match kind {
+        Flock::Shared => libc::LOCK_SH,
+        Flock::Exclusive => libc::LOCK_EX,
+    };
+    loop {
+        // SAFETY: flock takes an fd and an operation; the fd is open for the duration of
+        // the borrow of `file`, and no memory is passed.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn ofd_fcntl(
     file: &File,
     cmd: libc::c_int,

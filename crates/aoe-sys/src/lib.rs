@@ -79,10 +79,10 @@ pub use event::{poll, poll_precise, set_timer_slack, thread_cpu_time, EventFd, P
 pub use exit::{die_of_sigpipe, exit_now, sigpipe_default};
 pub use file::{
     block_device_read_only, block_device_sectors, dio_alignment, disk_write_cache,
-    drop_cached_range, is_btrfs, is_btrfs_at, is_local_disk_fs, is_local_disk_fs_at, is_memory_fs,
-    lock_range_ofd, logical_block_size, pread_nowait, pwrite_nowait, pwritev_all, pwritev_nowait,
-    resident_pages, try_lock_range_ofd, write_back_range, DioAlign, DioAlignSource, NoWait,
-    OfdRangeLock, MAX_WRITEV,
+    drop_cached_range, flock, is_btrfs, is_btrfs_at, is_local_disk_fs, is_local_disk_fs_at,
+    is_memory_fs, lock_range_ofd, logical_block_size, pread_nowait, pwrite_nowait, pwritev_all,
+    pwritev_nowait, resident_pages, try_lock_range_ofd, write_back_range, DioAlign, DioAlignSource,
+    Flock, NoWait, OfdRangeLock, MAX_WRITEV,
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use link::{LinkEvent, LinkEvents};

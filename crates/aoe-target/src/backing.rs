@@ -238,6 +238,7 @@ fn open_rbd(
             keyring: spec.ceph.keyring.clone(),
             connect_timeout: CEPH_CONNECT_TIMEOUT,
             read_only: spec.read_only,
+            buffer_count: spec.buffer_count,
         },
         completions.clone(),
     )

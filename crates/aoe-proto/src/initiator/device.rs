@@ -283,6 +283,21 @@ pub(super) enum CopyWhy {
     /// a copy of the latest frame out there, whose answer reveals the others lost
     /// (`Engine::tail_probes`).
     TailProbe,
+    /// The interface its last copy went out on (or the only one its target is reached
+    /// through) came back up while the target had answered nothing since: that copy went
+    /// into a dead link (`Engine::link_back`). Due at once, to the same target first,
+    /// with the target's timeout not backed off.
+    LinkUp,
+}
+
+/// What [`Engine::resized`](super::Engine) counts for one target of a device since the
+/// payload shrank: frames sized before, how many of them the target refused (aborted), and
+/// the sectors they carried that went out again in new frames.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Resized {
+    pub(super) frames: u32,
+    pub(super) refused: u32,
+    pub(super) sectors: u64,
 }
 
 /// A copy of a frame the target may still hold although it no longer stands for the frame

@@ -444,10 +444,7 @@ impl Engine {
                 op.frames_out = op.frames_out.saturating_sub(1);
             }
             self.reissue(addr, f.op, f.offset, f.count as u64);
-            self.log(format!(
-                "{addr}: {}-sector frame tag {:08x} refused after the payload shrank to {payload}; resent in new frames",
-                f.count, h.tag.0
-            ));
+            self.note_resized(addr, f.target, f.count as u64, true);
             self.pump(now, addr);
             return;
         }

@@ -192,6 +192,79 @@ impl Engine {
         self.copy_due(now, tag, CopyWhy::Timeout);
     }
 
+    /// Interface `idx` is running again (`Engine::interface_up`): every data frame whose
+    /// last copy went out on it, or whose target is reached through it alone, and whose
+    /// target has answered nothing since that copy went out a smoothed RTT or more ago,
+    /// went into a dead link. Its copy is presumed lost (`hold_copy`: its slot is free at
+    /// once if it has been out [`SILENT_HOLD`], as every copy sent before a cut of a second
+    /// or more has) and the frame's next copy is due now (`CopyWhy::LinkUp`), in the order
+    /// the frames were first sent, with the target's timeout not backed off; a copy already
+    /// waiting after a timeout turns due now too. Counted as retransmissions. Returns the
+    /// devices to `pump`.
+    ///
+    /// Without it the frames waited for timers backed off through the silence (up to
+    /// `rto_max`, 5 s) after the link was back. Making them time out at once instead
+    /// (session 34) was worse: `frame_timed_out` copies only the earliest frame at a silent
+    /// target and backs every other off for as long as the silence lasted, and the earliest
+    /// frame's copy then waited for a slot those others held. The Linux driver has no link
+    /// event (`rexmit_timer` backs off to `MAXTIMER` over a cut link).
+    pub(super) fn link_back(&mut self, now: Instant, idx: usize) -> Vec<TargetAddr> {
+        let mut kicked: Vec<(u32, (Instant, u64, u64))> = Vec::new();
+        for (tag, f) in self.outstanding.iter() {
+            if !self.carries_data(f) || self.past_deadsecs(f, now) {
+                continue;
+            }
+            if !matches!(f.waiting, None | Some(CopyWhy::Timeout)) {
+                continue;
+            }
+            let Some(d) = self.devices.get(&f.dev).filter(|d| d.life == Life::Up) else {
+                continue;
+            };
+            let Some(t) = d.target_idx(f.target).map(|ti| &d.targets[ti]) else {
+                continue;
+            };
+            let through = t.paths.iter().any(|p| p.iface == idx);
+            let only_through = through && t.paths.iter().all(|p| p.iface == idx);
+            if !(f.iface == idx && through || only_through) {
+                continue;
+            }
+            let overdue =
+                now.saturating_duration_since(f.sent) >= Duration::from_micros(t.rtt_avg_us);
+            // An answer at the instant the copy went out (which freed its slot) is not
+            // one since.
+            if !overdue || t.last_answer.is_some_and(|a| a > f.sent) {
+                continue;
+            }
+            kicked.push((tag, (f.first_sent, f.op, f.offset)));
+        }
+        kicked.sort_by_key(|k| k.1);
+        let mut devs: Vec<TargetAddr> = Vec::new();
+        for (tag, _) in kicked {
+            let Some(f) = self.outstanding.get(tag).cloned() else {
+                continue;
+            };
+            if let Some(t) = self
+                .devices
+                .get_mut(&f.dev)
+                .and_then(|d| d.target_idx(f.target).map(|ti| &mut d.targets[ti]))
+            {
+                t.retransmits += 1;
+            }
+            if f.waiting.is_some() {
+                if let Some(o) = self.outstanding.get_mut(tag) {
+                    o.waiting = Some(CopyWhy::LinkUp);
+                }
+            } else {
+                self.hold_copy(now, tag, &f, now, true);
+                self.copy_due(now, tag, CopyWhy::LinkUp);
+            }
+            if !devs.contains(&f.dev) {
+                devs.push(f.dev);
+            }
+        }
+        devs
+    }
+
     /// A new target's IDENTIFY timed out: asked again up to [`VET_TRIES`] times, then left
     /// [`Vet::Pending`] until its next Query Config response.
     #[cold]
@@ -617,7 +690,7 @@ impl Engine {
             let rto = d.targets[ti].rto(&self.cfg);
             let rto = match why {
                 CopyWhy::Timeout => backoff(rto, f.retransmits + 1, self.cfg.rto_max),
-                CopyWhy::LaterAnswered | CopyWhy::TailProbe => rto,
+                CopyWhy::LaterAnswered | CopyWhy::TailProbe | CopyWhy::LinkUp => rto,
             };
             self.resend(now, key, f, ti, rto, why);
         }
@@ -691,21 +764,73 @@ impl Engine {
             let rest = (nf.count - path_sectors) as u64;
             self.reissue(addr, f.op, nf.offset + path_sectors as u64, rest);
             nf.count = path_sectors;
-            self.log(format!(
-                "{addr}: {rest} sectors of tag {tag:08x} resent in new frames ({path_sectors} fit if {iface})"
-            ));
+            self.note_resized(addr, f.target, rest, false);
         }
         let nout = self.devices.get(&addr).map_or(0, |d| d.targets[ti].nout);
         let note = match why {
             CopyWhy::Timeout => "",
             CopyWhy::LaterAnswered => " (later frames answered)",
             CopyWhy::TailProbe => " (tail probe)",
+            CopyWhy::LinkUp => " (link up)",
         };
         self.log(format!(
             "retransmit {addr} oldtag={tag:08x} newtag={newtag:08x} s={src} d={mac} nout={nout}{note}"
         ));
         self.emit_frame(newtag, &nf);
         self.outstanding.insert(newtag, nf);
+    }
+
+    /// A frame to target `mac` of device `addr`, sized before the payload shrank, had
+    /// `sectors` sent again in new frames (`refused`: the target aborted it): counted for
+    /// [`Engine::say_resized`].
+    pub(super) fn note_resized(
+        &mut self,
+        addr: TargetAddr,
+        mac: MacAddr,
+        sectors: u64,
+        refused: bool,
+    ) {
+        let r = self.resized.entry((addr, mac)).or_default();
+        r.frames += 1;
+        r.refused += u32::from(refused);
+        r.sectors += sectors;
+    }
+
+    /// Says, in one line per device and target, the frames sized before an MTU change that
+    /// went out again in frames that fit (`note_resized`), once none of that target's
+    /// frames in flight is larger than its device's payload any more: a window's worth of
+    /// frames is resized at every such change, and a line each (before session 35) filled
+    /// the log and the `err` file. Run at the end of `handle_frame` and `handle_timeout`,
+    /// where frames are answered, refused or time out; costs nothing while none is counted.
+    pub(super) fn say_resized(&mut self) {
+        if self.resized.is_empty() {
+            return;
+        }
+        let done: Vec<(TargetAddr, MacAddr)> = self
+            .resized
+            .keys()
+            .filter(|(dev, mac)| {
+                let payload = self.devices.get(dev).map_or(0, |d| d.payload);
+                payload == 0
+                    || !self
+                        .outstanding
+                        .iter()
+                        .any(|(_, f)| f.dev == *dev && f.target == *mac && f.count > payload)
+            })
+            .copied()
+            .collect();
+        for k in done {
+            let Some(r) = self.resized.remove(&k) else {
+                continue;
+            };
+            let (addr, mac) = k;
+            let payload = self.devices.get(&addr).map_or(0, |d| d.payload);
+            self.log(format!(
+                "{addr}: {} frames to {mac} sized before the payload shrank to {payload} sectors \
+                 ({} refused by the target): {} sectors resent in new frames",
+                r.frames, r.refused, r.sectors
+            ));
+        }
     }
 
     /// Loss detection from later answers, as RACK does it (RFC 8985 6.2), with
@@ -1079,7 +1204,7 @@ fn place_copy(d: &Device, old: MacAddr, why: CopyWhy) -> Option<usize> {
         .find(|&i| room(&d.targets[i]) && (d.targets[i].taint == 0 || all_tainted));
     match why {
         CopyWhy::Timeout => other.or(old_ti),
-        CopyWhy::LaterAnswered | CopyWhy::TailProbe => old_ti.or(other),
+        CopyWhy::LaterAnswered | CopyWhy::TailProbe | CopyWhy::LinkUp => old_ti.or(other),
     }
 }
 

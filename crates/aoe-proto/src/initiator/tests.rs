@@ -1262,6 +1262,89 @@ fn retransmit_after_mtu_shrink_splits_the_frame() {
     assert_eq!(e.device(DEV).unwrap().stats.unexpected_responses, 0);
 }
 
+/// Session 35: a window of frames sized before the MTU shrank is resized in one log line
+/// for its target, with the count, whether the frames time out (vblade cannot answer them)
+/// or the target refuses them (`aoe serve` aborts them). Before, one line a frame: "N
+/// sectors of tag ... resent in new frames" or "...-sector frame tag ... refused after the
+/// payload shrank", as many as the window had out.
+#[test]
+fn frames_resized_at_an_mtu_shrink_are_said_in_one_line_per_target() {
+    for refuse in [false, true] {
+        let (mut e, t0) = up_engine(1000, true);
+        let id = e
+            .submit(
+                t0,
+                DEV,
+                BlockOp::Read {
+                    lba: 0,
+                    sectors: 64,
+                },
+            )
+            .unwrap();
+        let tx = drain(&mut e, t0);
+        let out = tx.len();
+        assert!(out >= 4, "{out} frames out");
+        assert!(tx.iter().all(|(_, f)| f[26] == 2), "2-sector frames");
+        e.add_interface(0, "eth0", HOST, 1000);
+        let mut logs: Vec<String> = Vec::new();
+        let mut done = None;
+        let take = |e: &mut Engine, logs: &mut Vec<String>, done: &mut Option<IoResult>| {
+            for ev in events(e) {
+                match ev {
+                    Event::Log(l) => logs.push(l),
+                    Event::Completed { id: got, result } if got == id => *done = Some(result),
+                    _ => {}
+                }
+            }
+        };
+        let mut now = t0;
+        if refuse {
+            for (_, f) in &tx {
+                e.handle_frame(t0, 0, &ata_rsp(f, TMAC, 0x41, error_bits::ABRT, &[]));
+            }
+        }
+        // Every 1-sector frame is answered; the 2-sector ones never are (they time out
+        // when not refused), until the read completes.
+        for _ in 0..1000 {
+            take(&mut e, &mut logs, &mut done);
+            if done.is_some() {
+                break;
+            }
+            let tx = drain(&mut e, now);
+            let small: Vec<_> = tx.iter().filter(|(_, f)| f[26] == 1).collect();
+            if small.is_empty() {
+                now = e.poll_timeout().expect("a timer while the read is out");
+                e.handle_timeout(now);
+                continue;
+            }
+            for (_, f) in small {
+                let lba = req_lba(f);
+                e.handle_frame(
+                    now,
+                    0,
+                    &ata_rsp(f, TMAC, status::DRDY, 0, &[lba as u8; 512]),
+                );
+            }
+        }
+        let data = done.expect("read completed").expect("read ok").unwrap();
+        let want: Vec<u8> = (0u8..64).flat_map(|l| [l; 512]).collect();
+        assert!(data == want, "sectors out of place");
+        let said: Vec<&String> = logs
+            .iter()
+            .filter(|l| l.contains("resent in new frames") || l.contains("refused after"))
+            .collect();
+        assert_eq!(said.len(), 1, "one line for the target: {said:#?}");
+        let want = format!(
+            "{DEV}: {out} frames to {TMAC} sized before the payload shrank to 1 sectors ({} \
+             refused by the target): {} sectors resent in new frames",
+            if refuse { out } else { 0 },
+            // Refused, a frame's 2 sectors go out anew; timed out, its copy carries 1.
+            if refuse { 2 * out } else { out },
+        );
+        assert_eq!(said[0], &want);
+    }
+}
+
 /// A target that checks the sector count against its new, smaller MTU aborts the frames
 /// sized before the change (`aoe serve` does): their sectors are sent again in frames that
 /// fit, and the read succeeds. An abort of a frame that fits still fails the op.
@@ -1999,6 +2082,72 @@ fn sim_a_slower_path_of_one_target_is_not_ejected_for_reordering() {
             "seed {seed}: the disk lost an acknowledged write"
         );
     }
+
+/// Session 35: a link cut under a window of ops, its interface then running again and the
+/// daemon saying so (`Engine::interface_up`, from rtnetlink): the time from the link event to
+/// the first op answered. Returns it, after checking that every op then completes, the
+/// device stays up and the disk holds every acknowledged write.
+fn link_back_first_answer(seed: u64, dark: Duration, event: bool) -> Duration {
+    let cfg = Config {
+        deadsecs: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500]);
+    let a = sim.add_target(spec(DEV, 4096, 16, vec![(TMAC, 1500, 0)]));
+    let disk: Disk = sim.targets[a].disk.clone();
+    bring_up(&mut sim, DEV);
+    let mut w = Workload::new(DEV, 4096, 16, 32);
+    w.run(&mut sim, 200, Duration::from_secs(60));
+    sim.seg_up[0] = false;
+    let mut budget = 32;
+    w.fill(&mut sim, &mut budget);
+    sim.run_for(dark);
+    assert!(sim.completions.is_empty(), "answered over a dead link");
+    sim.seg_up[0] = true;
+    let back = sim.now;
+    if event {
+        sim.init.interface_up(back, 0);
+        sim.flush();
+    }
+    assert!(
+        sim.run_until(Duration::from_secs(30), |s| !s.completions.is_empty()),
+        "nothing answered within 30 s of the link back"
+    );
+    let first = sim.completions.values().map(|(at, _)| *at).min().unwrap() - back;
+    w.run(&mut sim, 200, Duration::from_secs(50));
+    let d = sim.device(DEV);
+    assert_eq!(d.stats.ops_failed, 0);
+    assert_eq!(d.state, DeviceState::Up, "{d:#?}");
+    sim.run_for(Duration::from_secs(5));
+    assert!(
+        *disk.borrow() == w.shadow,
+        "the disk lost an acknowledged write"
+    );
+    first
+}
+
+/// Session 35: the frames that went into a dead link go out again at the link event that
+/// says it runs again, not when their timers, backed off through the silence up to
+/// `rto_max` (5 s), next run. Before (session 34's `interface_up` sent only a Query
+/// Config), the first answer after a cut of 3, 4.4, 6 or 9 s came 0.6-1.9 s after the
+/// event (the timers alone); with it, 0.4-0.7 ms (a round trip).
+#[test]
+fn sim_frames_sent_into_a_dead_link_go_again_at_its_link_event() {
+    let mut without = Vec::new();
+    for (seed, dark_ms) in [(5, 3000), (6, 6000), (7, 9000), (8, 4400)] {
+        let dark = Duration::from_millis(dark_ms);
+        let first = link_back_first_answer(seed, dark, true);
+        assert!(
+            first < Duration::from_millis(50),
+            "{dark:?} dark: the first answer came {first:?} after the link event"
+        );
+        without.push(link_back_first_answer(seed, dark, false));
+    }
+    // Without the event, the timers alone bring the frames out (the fallback, as before).
+    assert!(
+        without.iter().all(|d| *d < Duration::from_secs(6)),
+        "{without:?}"
+    );
 }
 
 /// Removing interfaces: I/O moves to the remaining path; without any path the device goes
