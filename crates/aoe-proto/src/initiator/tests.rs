@@ -2082,6 +2082,7 @@ fn sim_a_slower_path_of_one_target_is_not_ejected_for_reordering() {
             "seed {seed}: the disk lost an acknowledged write"
         );
     }
+}
 
 /// Session 35: a link cut under a window of ops, its interface then running again and the
 /// daemon saying so (`Engine::interface_up`, from rtnetlink): the time from the link event to
