@@ -849,7 +849,10 @@ impl Daemon {
                 );
             }
             Ok(cfg) => self.apply_reloaded(cfg, &path),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+            Err(e) => tracing::error!(
+                "reload refused, keeping the running configuration: {e:#}{}",
+                crate::nofile_hint(&e)
+            ),
         }
     }
 

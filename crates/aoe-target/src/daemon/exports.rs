@@ -160,7 +160,10 @@ impl Daemon {
     /// An error (here or on the thread) keeps the running configuration and is logged.
     pub(super) fn start_apply(&mut self, config: ServeConfig, path: PathBuf) {
         if let Err(e) = check_config(&config) {
-            tracing::error!("reload refused, keeping the running configuration: {e:#}");
+            tracing::error!(
+                "reload refused, keeping the running configuration: {e:#}{}",
+                crate::nofile_hint(&e)
+            );
             return;
         }
         let running = self.running();
@@ -240,7 +243,10 @@ impl Daemon {
                     tracing::error!("cannot start: {e:#}");
                     self.start_refused = Some(e);
                 } else {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                    tracing::error!(
+                        "reload refused, keeping the running configuration: {e:#}{}",
+                        crate::nofile_hint(&e)
+                    );
                 }
                 false
             }
@@ -1034,9 +1040,20 @@ fn load_state(state_file: Option<&StateFile>, spec: &ExportSpec) -> Result<Persi
 
 /// Ring slots for an interface serving `buffers` buffers in all: twice that (every request
 /// an initiator may have in flight, and a retransmitted copy of each), at least
-/// [`super::send::RING_FRAMES`].
+/// [`super::send::RING_FRAMES`], at most twice [`POOL_QUEUE`](super::POOL_QUEUE) (see
+/// [`held_buffers`]).
 pub(super) fn ring_frames(buffers: usize) -> usize {
-    (2 * buffers).max(super::send::RING_FRAMES)
+    (2 * held_buffers(buffers)).max(super::send::RING_FRAMES)
+}
+
+/// The requests an interface serving `buffers` buffers in all (the sum of its exports'
+/// buffer counts) may have waiting at once: that sum, but never more than the worker
+/// queue takes over all exports ([`POOL_QUEUE`](super::POOL_QUEUE)), since a request past
+/// it is dropped however many slots the ring has. Until session 35 the rings and socket
+/// buffers grew with the sum alone: 128 buffers an export made 4096 exports take 3.3 GB
+/// of resident ring memory (800 KiB an export) for requests the queue would refuse.
+pub(super) fn held_buffers(buffers: usize) -> usize {
+    buffers.min(super::POOL_QUEUE)
 }
 
 /// The MAC mask list as the "exporting" log line shows it: `any` when empty (everyone is

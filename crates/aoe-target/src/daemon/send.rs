@@ -449,15 +449,17 @@ impl IfaceRt {
 
 impl Daemon {
     /// Sizes each socket's receive buffer so the advertised buffer counts are honest: every
-    /// export's window of full frames fits, with room for the kernel's per-frame overhead.
+    /// export's window of full frames fits, with room for the kernel's per-frame overhead,
+    /// up to what the worker queue takes ([`held_buffers`](super::exports::held_buffers)).
     pub(super) fn size_socket_buffers(&mut self) {
         for i in &mut self.ifaces {
-            let frames: usize = i
-                .exports
-                .iter()
-                .filter_map(|r| self.exports.get(&r.id))
-                .map(|e| e.spec.buffer_count as usize)
-                .sum();
+            let frames = super::exports::held_buffers(
+                i.exports
+                    .iter()
+                    .filter_map(|r| self.exports.get(&r.id))
+                    .map(|e| e.spec.buffer_count as usize)
+                    .sum(),
+            );
             let per_frame = i.frame_cap + 1024;
             let want = (frames * per_frame * 2).max(4 << 20);
             if let Some(rx_frames) = i.ring().map(PacketRing::rx_frames) {
