@@ -527,6 +527,13 @@ impl Daemon {
                 );
                 if rt.spec.announce {
                     for frame in rt.engine.announcements(idx) {
+                        // The backlog gives Query Config responses a quarter of its places
+                        // (`IfaceRt::queue`): past 1024 exports on one interface the rest
+                        // of a start's announcements were dropped (4096 exports: 3072 of
+                        // them, session 35). Sent as the places fill instead.
+                        if self.ifaces[idx].out.len() >= super::CONTROL_BACKLOG {
+                            self.flush_sends();
+                        }
                         let n = frame.len();
                         self.ifaces[idx].queue(frame, n, &mut self.spare);
                     }
@@ -1006,10 +1013,16 @@ fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
 /// ([`ServeConfig::check_overlaps`]).
 pub fn validate(config: &ServeConfig) -> Result<()> {
     check_config(config)?;
+    // Held open to the end, as a start holds them: until session 35 each was closed before
+    // the next opened, so `--check` said ok for 1024 exports that the start refused with
+    // EMFILE under a soft open-file limit of 1024.
+    let mut opened = Vec::with_capacity(config.exports.len());
     for (n, e) in config.exports.iter().enumerate() {
         // Nothing is submitted: a queue nobody reads is enough to open the store.
-        crate::backing::open(e, &Completions::new(Arc::new(|| {})))
-            .map_err(|err| placed(config, n, "path", err))?;
+        opened.push(
+            crate::backing::open(e, &Completions::new(Arc::new(|| {})))
+                .map_err(|err| placed(config, n, "path", err))?,
+        );
         // The state file as a start loads it (read only; a missing one is the initial
         // state): until session 29's audit `--check --state-dir` said ok for a state file
         // that does not parse, or a "directory" that is a file, and the start refused them.
