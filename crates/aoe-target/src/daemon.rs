@@ -266,6 +266,11 @@ pub struct Daemon {
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
+    /// When the receive call that took the frames being dispatched found them: the time
+    /// [`Daemon::dispatch`] gives the export's engine (`Engine::set_now`) before each frame.
+    rx_now: Instant,
+    /// [`IfaceRt::routes_for`]'s answer for the frame being routed, kept for its capacity.
+    route_scratch: Vec<usize>,
     /// While the loop spins: the clock as the spin's last turn read it, which
     /// [`Daemon::receive`] gives the engines as the time of the frames it takes (a turn's
     /// work later: microseconds against a window of seconds) rather than reading the clock
@@ -394,6 +399,8 @@ impl Daemon {
             waits_skipped: 0,
             dedup: config.dedup,
             batch_file_frames: false,
+            route_scratch: Vec::new(),
+            rx_now: Instant::now(),
             spin_now: None,
             rx_batches: 0,
             rx_frames: 0,
@@ -977,13 +984,10 @@ impl Daemon {
                 // The window of the engines' duplicate-write tables counts from here: a
                 // clock read per call that found frames, not per frame, and none for the
                 // spin's empty turns.
-                let now = self.spin_now.unwrap_or_else(Instant::now);
-                for k in 0..self.ifaces[idx].exports.len() {
-                    let id = self.ifaces[idx].exports[k].id;
-                    if let Some(e) = self.exports.get_mut(&id) {
-                        e.engine.set_now(now);
-                    }
-                }
+                // Given to each engine as `dispatch` hands it a frame ([`Daemon::rx_now`]),
+                // not to every export of the interface here: beside 4096 idle exports that
+                // loop was most of a frame's cost (session 35).
+                self.rx_now = self.spin_now.unwrap_or_else(Instant::now);
             }
             total += got;
             self.rx_batches += 1;
@@ -1004,13 +1008,16 @@ impl Daemon {
                     }
                     continue;
                 }
-                for k in 0..self.ifaces[idx].exports.len() {
+                let mut routes = std::mem::take(&mut self.route_scratch);
+                self.ifaces[idx].routes_for(f, &mut routes);
+                for &k in &routes {
                     let route = self.ifaces[idx].exports[k];
                     if route.reaches(self.ifaces[idx].frame(f)) {
                         self.batch_file_frames |= route.file;
                         self.dispatch(idx, f, route.id);
                     }
                 }
+                self.route_scratch = routes;
             }
             // The batch's reads, then its replies into the transmit ring, in order; the
             // reads held back for merging stores go to them now, together.
@@ -1033,7 +1040,8 @@ impl Daemon {
             if iface.meta(f).truncated || !dispatch::may_write(iface.frame(f)) {
                 continue;
             }
-            for route in &iface.exports {
+            iface.each_route(f, |k| {
+                let route = &iface.exports[k];
                 if route.reaches(iface.frame(f)) {
                     // The hint inlined here (`prefetcht0`), not called through a pointer.
                     if let Some(line) = self
@@ -1044,7 +1052,7 @@ impl Daemon {
                         aoe_sys::prefetch(line);
                     }
                 }
-            }
+            });
         }
     }
 

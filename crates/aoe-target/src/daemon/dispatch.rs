@@ -90,6 +90,7 @@ impl Daemon {
                 reserve_before = Some(rt.engine.state().reserve.clone());
             }
         }
+        rt.engine.set_now(self.rx_now);
         let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
         if let Some(before) = reserve_before {
             if rt.engine.state().reserve != before {

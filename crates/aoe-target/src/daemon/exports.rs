@@ -492,7 +492,7 @@ impl Daemon {
             }
         }
         for i in &mut self.ifaces {
-            i.exports.retain(|r| keep.contains(&r.id));
+            i.set_routes(|routes| routes.retain(|r| keep.contains(&r.id)));
         }
         for mut rt in new_rts {
             let id = self.next_export_id;
@@ -505,11 +505,12 @@ impl Daemon {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
                 super::warn_if_state_too_long(&rt, &name, self.ifaces[idx].iface.mtu);
-                self.ifaces[idx].exports.push(super::send::Route {
+                let route = super::send::Route {
                     id,
                     addr: rt.spec.addr(),
                     file: rt.shared.is_none(),
-                });
+                };
+                self.ifaces[idx].set_routes(|routes| routes.push(route));
                 let info = self.ifaces[idx].iface;
                 tracing::info!(
                     path = %rt.spec.path.display(),
