@@ -269,6 +269,15 @@ pub struct Daemon {
     /// When the receive call that took the frames being dispatched found them: the time
     /// [`Daemon::dispatch`] gives the export's engine (`Engine::set_now`) before each frame.
     rx_now: Instant,
+    /// Exports frames were dispatched to that may still have requests in flight (each
+    /// with `listed_busy` set): what `outstanding` looks at (`daemon/shared.rs`).
+    busy: Vec<u32>,
+    /// Exports frames were dispatched to since the last [`Daemon::persist_state`] (each
+    /// with `listed_touched` set): whose state may have changed.
+    touched: Vec<u32>,
+    /// Set where a state changed outside `dispatch`: the next `persist_state` looks at
+    /// every export.
+    persist_all: bool,
     /// [`IfaceRt::routes_for`]'s answer for the frame being routed, kept for its capacity.
     route_scratch: Vec<usize>,
     /// While the loop spins: the clock as the spin's last turn read it, which
@@ -400,6 +409,9 @@ impl Daemon {
             dedup: config.dedup,
             batch_file_frames: false,
             route_scratch: Vec::new(),
+            busy: Vec::new(),
+            touched: Vec::new(),
+            persist_all: false,
             rx_now: Instant::now(),
             spin_now: None,
             rx_batches: 0,
@@ -605,7 +617,7 @@ impl Daemon {
                     self.slept_after = self.spin(control);
                 }
             }
-            self.persist_state();
+            self.persist_state(refresh);
             if refresh || self.observer.wanted() {
                 self.read_rx_drops();
                 self.observer.publish(self.snapshot());
@@ -645,7 +657,7 @@ impl Daemon {
         let left = self.drain_io(self.drain);
         self.drain_sends(Duration::from_secs(1));
         let unsynced = self.sync_exports(self.drain.saturating_sub(stopping.elapsed()));
-        self.persist_state();
+        self.persist_state(true);
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
             tracing::error!(
@@ -1056,9 +1068,28 @@ impl Daemon {
         }
     }
 
-    /// Queues changed state for the writer thread: the loop never waits on fsync.
-    fn persist_state(&mut self) {
-        for rt in self.exports.values_mut() {
+    /// Queues changed state for the writer thread: the loop never waits on fsync. Looks at
+    /// the exports frames went to since the last call ([`Daemon::touched`]), or at every
+    /// export when `all` or [`Daemon::persist_all`] (a reload's inherited states, a
+    /// reservation a shared store kept, the once-a-second tick, the stop). Until session 35
+    /// every export was looked at each turn.
+    fn persist_state(&mut self, all: bool) {
+        let all = all || std::mem::take(&mut self.persist_all);
+        let touched = std::mem::take(&mut self.touched);
+        for id in &touched {
+            if let Some(rt) = self.exports.get_mut(id) {
+                rt.listed_touched = false;
+            }
+        }
+        let ids: Vec<u32> = if all {
+            self.exports.keys().copied().collect()
+        } else {
+            touched
+        };
+        for id in ids {
+            let Some(rt) = self.exports.get_mut(&id) else {
+                continue;
+            };
             if !rt.engine.take_state_changed() {
                 continue;
             }

@@ -16,6 +16,10 @@ pub(super) struct ExportRt {
     /// The daemon's once-a-second tick ([`Daemon::log_stuck`]), copied here so that noting
     /// a request handed to the store costs no clock read.
     pub(super) tick: u32,
+    /// In [`Daemon::busy`] (see there).
+    pub(super) listed_busy: bool,
+    /// In [`Daemon::touched`] (see there).
+    pub(super) listed_touched: bool,
     /// Requests have waited on the store longer than [`super::STUCK_AFTER`]: (the tick it
     /// was first seen, the tick of the last warning, the longest wait seen, in ticks).
     pub(super) stuck: Option<(u32, u32, u32)>,
@@ -544,6 +548,8 @@ impl Daemon {
         }
         self.size_socket_buffers();
         self.config = config;
+        // The states the new exports inherited (`inherit_state`) are saved at the next turn.
+        self.persist_all = true;
         self.flush_sends();
         Ok(())
     }
@@ -979,6 +985,8 @@ impl Opener {
             state_file,
             token_iface: Vec::new(),
             tick: 0,
+            listed_busy: false,
+            listed_touched: false,
             stuck: None,
             oldest: 0,
             retiring: false,
