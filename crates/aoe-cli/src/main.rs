@@ -231,6 +231,17 @@ fn main() -> ExitCode {
         // and `aoe demo` (it removes what it made) keep it ignored.
         aoe_sys::sigpipe_default();
     }
+    if matches!(
+        cli.command,
+        Command::Serve(_) | Command::Initiator(_) | Command::Bench(_) | Command::Demo(_)
+    ) {
+        // One descriptor per export (and per interface socket): the usual soft limit of
+        // 1024 stopped `aoe serve --config` of 1024 exports with EMFILE while the hard
+        // limit allowed far more (session 35); daemons raise it, as systemd.exec(5) asks.
+        if let Err(e) = aoe_sys::raise_nofile_limit() {
+            tracing::warn!("cannot raise the open-file limit (RLIMIT_NOFILE): {e}");
+        }
+    }
     let result = match cli.command {
         Command::Serve(a) => serve::run(*a),
         Command::Read(a) => read::run(a),
@@ -250,7 +261,11 @@ fn main() -> ExitCode {
             // Not `eprintln!`: with standard error a pipe whose reader went (`aoe serve ...
             // 2>&1 | head`) and SIGPIPE ignored (the daemons), it panicked and the exit
             // status became 101 instead of the error's (session 29's audit).
-            let _ = writeln!(std::io::stderr().lock(), "{me}: {e:#}");
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{me}: {e:#}{}",
+                aoe_target::nofile_hint(&e)
+            );
             if e.downcast_ref::<aoe_target::WorkLost>().is_some() {
                 // Stores left running under their own threads (librados'): no library
                 // destructor may run under them (`aoe_target::WorkLost`).

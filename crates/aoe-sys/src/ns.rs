@@ -68,8 +68,13 @@ where
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, for daemons serving many exports or
-/// targets (each packet socket, eventfd and backing file is a descriptor).
-pub fn raise_nofile_limit() -> io::Result<()> {
+/// targets (each packet socket, eventfd and backing file is a descriptor). The soft limit
+/// is 1024 on most hosts (and under systemd, whose hard limit is 524288: systemd.exec(5),
+/// `LimitNOFILE=`, asks daemons that need more to raise their own soft limit, since 1024
+/// stays for programs that still use `select(2)`); `aoe serve` holds one descriptor per
+/// export, so 1024 exports failed to start with EMFILE (session 35). Returns the soft
+/// limit in force afterwards.
+pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -81,7 +86,21 @@ pub fn raise_nofile_limit() -> io::Result<()> {
         // SAFETY: `lim` is a readable rlimit that outlives the call.
         cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     }
-    Ok(())
+    Ok(lim.rlim_cur)
+}
+
+/// errno of an open or socket call past `RLIMIT_NOFILE` ("Too many open files").
+pub const EMFILE: i32 = libc::EMFILE;
+
+/// The process's `RLIMIT_NOFILE`: (soft, hard).
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a writable rlimit that outlives the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 #[cfg(test)]
@@ -112,6 +131,7 @@ mod tests {
 
     #[test]
     fn nofile_limit_can_be_raised() {
-        raise_nofile_limit().unwrap();
+        let soft = raise_nofile_limit().unwrap();
+        assert_eq!(nofile_limit().unwrap(), (soft, soft));
     }
 }

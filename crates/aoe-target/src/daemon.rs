@@ -266,6 +266,20 @@ pub struct Daemon {
     /// True if the frames received since the loop last slept reached a file export: what
     /// [`Daemon::spin_pays`] asks.
     batch_file_frames: bool,
+    /// When the receive call that took the frames being dispatched found them: the time
+    /// [`Daemon::dispatch`] gives the export's engine (`Engine::set_now`) before each frame.
+    rx_now: Instant,
+    /// Exports frames were dispatched to that may still have requests in flight (each
+    /// with `listed_busy` set): what `outstanding` looks at (`daemon/shared.rs`).
+    busy: Vec<u32>,
+    /// Exports frames were dispatched to since the last [`Daemon::persist_state`] (each
+    /// with `listed_touched` set): whose state may have changed.
+    touched: Vec<u32>,
+    /// Set where a state changed outside `dispatch`: the next `persist_state` looks at
+    /// every export.
+    persist_all: bool,
+    /// [`IfaceRt::routes_for`]'s answer for the frame being routed, kept for its capacity.
+    route_scratch: Vec<usize>,
     /// While the loop spins: the clock as the spin's last turn read it, which
     /// [`Daemon::receive`] gives the engines as the time of the frames it takes (a turn's
     /// work later: microseconds against a window of seconds) rather than reading the clock
@@ -394,6 +408,11 @@ impl Daemon {
             waits_skipped: 0,
             dedup: config.dedup,
             batch_file_frames: false,
+            route_scratch: Vec::new(),
+            busy: Vec::new(),
+            touched: Vec::new(),
+            persist_all: false,
+            rx_now: Instant::now(),
             spin_now: None,
             rx_batches: 0,
             rx_frames: 0,
@@ -598,7 +617,7 @@ impl Daemon {
                     self.slept_after = self.spin(control);
                 }
             }
-            self.persist_state();
+            self.persist_state(refresh);
             if refresh || self.observer.wanted() {
                 self.read_rx_drops();
                 self.observer.publish(self.snapshot());
@@ -638,7 +657,7 @@ impl Daemon {
         let left = self.drain_io(self.drain);
         self.drain_sends(Duration::from_secs(1));
         let unsynced = self.sync_exports(self.drain.saturating_sub(stopping.elapsed()));
-        self.persist_state();
+        self.persist_state(true);
         let state_saved = self.state_writer.wait_idle(Duration::from_secs(30));
         if !state_saved {
             tracing::error!(
@@ -849,7 +868,10 @@ impl Daemon {
                 );
             }
             Ok(cfg) => self.apply_reloaded(cfg, &path),
-            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e:#}"),
+            Err(e) => tracing::error!(
+                "reload refused, keeping the running configuration: {e:#}{}",
+                crate::nofile_hint(&e)
+            ),
         }
     }
 
@@ -974,13 +996,10 @@ impl Daemon {
                 // The window of the engines' duplicate-write tables counts from here: a
                 // clock read per call that found frames, not per frame, and none for the
                 // spin's empty turns.
-                let now = self.spin_now.unwrap_or_else(Instant::now);
-                for k in 0..self.ifaces[idx].exports.len() {
-                    let id = self.ifaces[idx].exports[k].id;
-                    if let Some(e) = self.exports.get_mut(&id) {
-                        e.engine.set_now(now);
-                    }
-                }
+                // Given to each engine as `dispatch` hands it a frame ([`Daemon::rx_now`]),
+                // not to every export of the interface here: beside 4096 idle exports that
+                // loop was most of a frame's cost (session 35).
+                self.rx_now = self.spin_now.unwrap_or_else(Instant::now);
             }
             total += got;
             self.rx_batches += 1;
@@ -1001,13 +1020,16 @@ impl Daemon {
                     }
                     continue;
                 }
-                for k in 0..self.ifaces[idx].exports.len() {
+                let mut routes = std::mem::take(&mut self.route_scratch);
+                self.ifaces[idx].routes_for(f, &mut routes);
+                for &k in &routes {
                     let route = self.ifaces[idx].exports[k];
                     if route.reaches(self.ifaces[idx].frame(f)) {
                         self.batch_file_frames |= route.file;
                         self.dispatch(idx, f, route.id);
                     }
                 }
+                self.route_scratch = routes;
             }
             // The batch's reads, then its replies into the transmit ring, in order; the
             // reads held back for merging stores go to them now, together.
@@ -1030,7 +1052,8 @@ impl Daemon {
             if iface.meta(f).truncated || !dispatch::may_write(iface.frame(f)) {
                 continue;
             }
-            for route in &iface.exports {
+            iface.each_route(f, |k| {
+                let route = &iface.exports[k];
                 if route.reaches(iface.frame(f)) {
                     // The hint inlined here (`prefetcht0`), not called through a pointer.
                     if let Some(line) = self
@@ -1041,13 +1064,32 @@ impl Daemon {
                         aoe_sys::prefetch(line);
                     }
                 }
-            }
+            });
         }
     }
 
-    /// Queues changed state for the writer thread: the loop never waits on fsync.
-    fn persist_state(&mut self) {
-        for rt in self.exports.values_mut() {
+    /// Queues changed state for the writer thread: the loop never waits on fsync. Looks at
+    /// the exports frames went to since the last call ([`Daemon::touched`]), or at every
+    /// export when `all` or [`Daemon::persist_all`] (a reload's inherited states, a
+    /// reservation a shared store kept, the once-a-second tick, the stop). Until session 35
+    /// every export was looked at each turn.
+    fn persist_state(&mut self, all: bool) {
+        let all = all || std::mem::take(&mut self.persist_all);
+        let touched = std::mem::take(&mut self.touched);
+        for id in &touched {
+            if let Some(rt) = self.exports.get_mut(id) {
+                rt.listed_touched = false;
+            }
+        }
+        let ids: Vec<u32> = if all {
+            self.exports.keys().copied().collect()
+        } else {
+            touched
+        };
+        for id in ids {
+            let Some(rt) = self.exports.get_mut(&id) else {
+                continue;
+            };
             if !rt.engine.take_state_changed() {
                 continue;
             }

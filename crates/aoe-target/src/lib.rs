@@ -26,3 +26,65 @@ pub mod state;
 pub use backing::CEPH_CONNECT_TIMEOUT;
 pub use config::{CephOptions, ExportSpec, IoMode, Overrides, ServeConfig};
 pub use daemon::{validate, Control, Daemon, WorkLost};
+
+/// What to add to an error caused by EMFILE ("Too many open files"): the limit it ran into
+/// and how to raise it, since the error alone names neither (session 35: 1024 exports under
+/// the usual soft limit of 1024 ended in `cannot open FILE: Too many open files (os error
+/// 24)` and nothing else). Empty for other errors. The binary raises the soft limit to the
+/// hard one at start (`aoe_sys::raise_nofile_limit`), so what is left to raise is the hard
+/// limit.
+pub fn nofile_hint(e: &anyhow::Error) -> String {
+    // The stores name their file in a new `io::Error` of the same kind, which keeps the
+    // text of the errno but not its number (`raw_os_error` is None then, and EMFILE's kind
+    // is not one a match can name): std writes it as "... (os error 24)".
+    let code = format!("(os error {})", aoe_sys::EMFILE);
+    let emfile = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(aoe_sys::EMFILE))
+            || c.to_string().contains(&code)
+    });
+    if emfile {
+        nofile_text(aoe_sys::nofile_limit().ok())
+    } else {
+        String::new()
+    }
+}
+
+/// The text of [`nofile_hint`] for the limits `(soft, hard)`, if known.
+fn nofile_text(limits: Option<(u64, u64)>) -> String {
+    let limit = limits.map_or_else(
+        || "the open-file limit (RLIMIT_NOFILE)".to_owned(),
+        |(soft, hard)| format!("the open-file limit (RLIMIT_NOFILE) of {soft} (hard {hard})"),
+    );
+    format!(
+        ": {limit} is reached: each export, interface and device holds descriptors; raise \
+         the hard limit (`ulimit -Hn N` as root before the start, LimitNOFILE= in a systemd \
+         unit)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emfile_names_the_limit_and_other_errors_nothing() {
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EMFILE))
+            .context("e1.2: cannot open x.img");
+        let hint = nofile_hint(&e);
+        assert!(hint.contains("RLIMIT_NOFILE"), "{hint}");
+        assert!(hint.contains("ulimit -Hn"), "{hint}");
+        let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(nofile_hint(&other), "");
+        // As aoe-store names the file: a new error of the same kind, the text kept.
+        let errno = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let named = std::io::Error::new(errno.kind(), format!("cannot open x.img: {errno}"));
+        assert!(nofile_hint(&anyhow::Error::from(named)).contains("RLIMIT_NOFILE"));
+        assert_eq!(
+            nofile_text(Some((1024, 4096))),
+            ": the open-file limit (RLIMIT_NOFILE) of 1024 (hard 4096) is reached: each \
+             export, interface and device holds descriptors; raise the hard limit (`ulimit \
+             -Hn N` as root before the start, LimitNOFILE= in a systemd unit)"
+        );
+    }
+}

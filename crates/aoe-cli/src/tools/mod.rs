@@ -303,12 +303,21 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Opens an AoE socket on `netif`, with an error naming the interface.
+/// Opens an AoE socket on `netif`, with an error naming the interface, and a receive
+/// buffer of 8 MiB: a broadcast Query Config (`aoecfg`, `aoeping` of a wildcard) is
+/// answered by every export on the segment at once. With the default buffer (212992 bytes,
+/// about 270 small frames on a veth link) `aoe cfg -t 3 65535 255` listed 256 of the 1024
+/// exports a target served, the rest dropped by the kernel before the tool read them
+/// (session 35); 8 MiB holds more than 10000 (as `aoe trace`'s and the initiator's own).
 pub fn open_socket(netif: &str) -> Result<PacketSocket> {
     if aoe_sys::interface_info(netif).is_err() {
         bail!("{netif:?} is not a network interface (in this network namespace)");
     }
-    PacketSocket::open(netif).with_context(|| format!("cannot open an AoE socket on {netif}"))
+    let sock = PacketSocket::open(netif)
+        .with_context(|| format!("cannot open an AoE socket on {netif}"))?;
+    // Best effort, as elsewhere: without CAP_NET_ADMIN the kernel's rmem_max caps it.
+    let _ = sock.set_recv_buffer(8 << 20);
+    Ok(sock)
 }
 
 /// Receives frames until `accept` returns true for one (returning its length in `buf`),

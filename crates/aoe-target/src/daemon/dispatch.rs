@@ -45,6 +45,15 @@ impl Daemon {
         let Some(rt) = self.exports.get_mut(&id) else {
             return;
         };
+        // What the loop's per-turn looks visit instead of every export (session 35).
+        if !rt.listed_busy {
+            rt.listed_busy = true;
+            self.busy.push(id);
+        }
+        if !rt.listed_touched {
+            rt.listed_touched = true;
+            self.touched.push(id);
+        }
         // Another gateway took the shared store over (broke our lock): not answered at
         // all, not even a Query Config, so that initiators re-send to that gateway (the
         // Linux driver moves a frame that timed out to another target of the device,
@@ -90,6 +99,7 @@ impl Daemon {
                 reserve_before = Some(rt.engine.state().reserve.clone());
             }
         }
+        rt.engine.set_now(self.rx_now);
         let outcome = rt.engine.handle_frame(idx, frame, &mut reply[..cap]);
         if let Some(before) = reserve_before {
             if rt.engine.state().reserve != before {

@@ -16,6 +16,10 @@ pub(super) struct ExportRt {
     /// The daemon's once-a-second tick ([`Daemon::log_stuck`]), copied here so that noting
     /// a request handed to the store costs no clock read.
     pub(super) tick: u32,
+    /// In [`Daemon::busy`] (see there).
+    pub(super) listed_busy: bool,
+    /// In [`Daemon::touched`] (see there).
+    pub(super) listed_touched: bool,
     /// Requests have waited on the store longer than [`super::STUCK_AFTER`]: (the tick it
     /// was first seen, the tick of the last warning, the longest wait seen, in ticks).
     pub(super) stuck: Option<(u32, u32, u32)>,
@@ -160,7 +164,10 @@ impl Daemon {
     /// An error (here or on the thread) keeps the running configuration and is logged.
     pub(super) fn start_apply(&mut self, config: ServeConfig, path: PathBuf) {
         if let Err(e) = check_config(&config) {
-            tracing::error!("reload refused, keeping the running configuration: {e:#}");
+            tracing::error!(
+                "reload refused, keeping the running configuration: {e:#}{}",
+                crate::nofile_hint(&e)
+            );
             return;
         }
         let running = self.running();
@@ -240,7 +247,10 @@ impl Daemon {
                     tracing::error!("cannot start: {e:#}");
                     self.start_refused = Some(e);
                 } else {
-                    tracing::error!("reload refused, keeping the running configuration: {e:#}");
+                    tracing::error!(
+                        "reload refused, keeping the running configuration: {e:#}{}",
+                        crate::nofile_hint(&e)
+                    );
                 }
                 false
             }
@@ -486,7 +496,7 @@ impl Daemon {
             }
         }
         for i in &mut self.ifaces {
-            i.exports.retain(|r| keep.contains(&r.id));
+            i.set_routes(|routes| routes.retain(|r| keep.contains(&r.id)));
         }
         for mut rt in new_rts {
             let id = self.next_export_id;
@@ -499,11 +509,12 @@ impl Daemon {
                 let idx = self.iface_index(&name, &config)?;
                 rt.engine.set_interface(idx, self.ifaces[idx].iface);
                 super::warn_if_state_too_long(&rt, &name, self.ifaces[idx].iface.mtu);
-                self.ifaces[idx].exports.push(super::send::Route {
+                let route = super::send::Route {
                     id,
                     addr: rt.spec.addr(),
                     file: rt.shared.is_none(),
-                });
+                };
+                self.ifaces[idx].set_routes(|routes| routes.push(route));
                 let info = self.ifaces[idx].iface;
                 tracing::info!(
                     path = %rt.spec.path.display(),
@@ -521,6 +532,13 @@ impl Daemon {
                 );
                 if rt.spec.announce {
                     for frame in rt.engine.announcements(idx) {
+                        // The backlog gives Query Config responses a quarter of its places
+                        // (`IfaceRt::queue`): past 1024 exports on one interface the rest
+                        // of a start's announcements were dropped (4096 exports: 3072 of
+                        // them, session 35). Sent as the places fill instead.
+                        if self.ifaces[idx].out.len() >= super::CONTROL_BACKLOG {
+                            self.flush_sends();
+                        }
                         let n = frame.len();
                         self.ifaces[idx].queue(frame, n, &mut self.spare);
                     }
@@ -530,6 +548,8 @@ impl Daemon {
         }
         self.size_socket_buffers();
         self.config = config;
+        // The states the new exports inherited (`inherit_state`) are saved at the next turn.
+        self.persist_all = true;
         self.flush_sends();
         Ok(())
     }
@@ -965,6 +985,8 @@ impl Opener {
             state_file,
             token_iface: Vec::new(),
             tick: 0,
+            listed_busy: false,
+            listed_touched: false,
             stuck: None,
             oldest: 0,
             retiring: false,
@@ -1000,10 +1022,16 @@ fn same_store(a: &ExportRt, b: &ExportRt) -> bool {
 /// ([`ServeConfig::check_overlaps`]).
 pub fn validate(config: &ServeConfig) -> Result<()> {
     check_config(config)?;
+    // Held open to the end, as a start holds them: until session 35 each was closed before
+    // the next opened, so `--check` said ok for 1024 exports that the start refused with
+    // EMFILE under a soft open-file limit of 1024.
+    let mut opened = Vec::with_capacity(config.exports.len());
     for (n, e) in config.exports.iter().enumerate() {
         // Nothing is submitted: a queue nobody reads is enough to open the store.
-        crate::backing::open(e, &Completions::new(Arc::new(|| {})))
-            .map_err(|err| placed(config, n, "path", err))?;
+        opened.push(
+            crate::backing::open(e, &Completions::new(Arc::new(|| {})))
+                .map_err(|err| placed(config, n, "path", err))?,
+        );
         // The state file as a start loads it (read only; a missing one is the initial
         // state): until session 29's audit `--check --state-dir` said ok for a state file
         // that does not parse, or a "directory" that is a file, and the start refused them.
@@ -1034,9 +1062,20 @@ fn load_state(state_file: Option<&StateFile>, spec: &ExportSpec) -> Result<Persi
 
 /// Ring slots for an interface serving `buffers` buffers in all: twice that (every request
 /// an initiator may have in flight, and a retransmitted copy of each), at least
-/// [`super::send::RING_FRAMES`].
+/// [`super::send::RING_FRAMES`], at most twice [`POOL_QUEUE`](super::POOL_QUEUE) (see
+/// [`held_buffers`]).
 pub(super) fn ring_frames(buffers: usize) -> usize {
-    (2 * buffers).max(super::send::RING_FRAMES)
+    (2 * held_buffers(buffers)).max(super::send::RING_FRAMES)
+}
+
+/// The requests an interface serving `buffers` buffers in all (the sum of its exports'
+/// buffer counts) may have waiting at once: that sum, but never more than the worker
+/// queue takes over all exports ([`POOL_QUEUE`](super::POOL_QUEUE)), since a request past
+/// it is dropped however many slots the ring has. Until session 35 the rings and socket
+/// buffers grew with the sum alone: 128 buffers an export made 4096 exports take 3.3 GB
+/// of resident ring memory (800 KiB an export) for requests the queue would refuse.
+pub(super) fn held_buffers(buffers: usize) -> usize {
+    buffers.min(super::POOL_QUEUE)
 }
 
 /// The MAC mask list as the "exporting" log line shows it: `any` when empty (everyone is
