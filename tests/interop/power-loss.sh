@@ -120,6 +120,7 @@
 # Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4|xfs|btrfs] [-M buffered|sync|direct]
 #                      [-S sparse|prealloc] [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS]
 #                      [-N] [-r] [-k] [-F ext4|xfs|btrfs [-K guest|initiator] [-B] [-W KINDS [-X] | -Z MS] [-D] [-P]] [-U]
+#                      [-G SECS]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
 #   -e        the export: raw (default), ext4, xfs or btrfs
@@ -140,6 +141,8 @@
 #   -W KINDS  with -F: applications' write patterns (comma-separated, or all; see above)
 #   -X        with -W: the writers without their syncs (the control that must fail)
 #   -Z MS     with -F: the guest killed MS milliseconds into a second mkfs (see above)
+#   -G SECS   the guest's init starts the target SECS seconds late, at each boot: a target
+#             slow to start (a loaded TCG guest took 5 s), which the rig must wait for
 #   -D        with -F: losetup --direct-io=on
 #   -P        with -F: the file system on the partition file e1.1p1 (see above)
 #   -U        the initiator takes its files' requests through FUSE over io_uring
@@ -160,16 +163,16 @@ set -uo pipefail
 
 BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512 SPARSE=""
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
-TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0 URING=0 APPS="" LODIO=0 PART=0 NOSYNC=0 MKFSKILL=""
+TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0 URING=0 APPS="" LODIO=0 PART=0 NOSYNC=0 MKFSKILL="" TDELAY=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:S:L:m:I:c:T:F:K:W:Z:BDPXUNrkh" o; do
+while getopts "b:t:e:M:S:L:m:I:c:T:F:K:W:Z:G:BDPXUNrkh" o; do
     case $o in
         b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
         S) SPARSE=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
         N) NBD=1 ;; r) REPORT=1 ;; k) KEEP=1 ;;
         F) HOSTFS=$OPTARG ;; K) KILL=$OPTARG ;; B) NOBARRIER=1 ;; U) URING=1 ;;
-        W) APPS=$OPTARG ;; D) LODIO=1 ;; P) PART=1 ;; X) NOSYNC=1 ;; Z) MKFSKILL=$OPTARG ;;
+        W) APPS=$OPTARG ;; D) LODIO=1 ;; P) PART=1 ;; X) NOSYNC=1 ;; Z) MKFSKILL=$OPTARG ;; G) TDELAY=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -196,7 +199,7 @@ APPS=${APPS//,/ }
 [ "$NOSYNC" = 0 ] || [ -n "$APPS" ] || bad "-X needs -W"
 [ -z "$MKFSKILL" ] || { [[ $MKFSKILL =~ ^[0-9]+$ ]] && [ -n "$HOSTFS" ] && [ "$KILL" = guest ] && [ -z "$APPS" ]; } ||
     bad "-Z wants milliseconds, with -F and -K guest, without -W"
-for n in "$MTU" "$TOTAL"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
+for n in "$MTU" "$TOTAL" "$TDELAY"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
 if [ -z "$INIT_BIN" ]; then
     if [ "$TKIND" = aoe ]; then INIT_BIN=$BIN; else INIT_BIN=$(command -v aoe || true); fi
 fi
@@ -361,6 +364,7 @@ EXPORT=$EXPORT
 SPARSE=$SPARSE
 REGION=$REGION
 TCMD="$TCMD"
+TDELAY=$TDELAY
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -394,7 +398,7 @@ ip link set eth0 up || die "eth0 up"
 out "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache)"
 out "SECTOR $(cat /sys/block/vda/queue/logical_block_size)"
 out "TARGET $TCMD"
-$TCMD 2>&1 | sed 's/^/PL:TGT /' &
+{ [ "$TDELAY" -gt 0 ] && sleep "$TDELAY"; $TCMD; } 2>&1 | sed 's/^/PL:TGT /' &
 out SERVING
 # The guest's dirty page count, when it changes: the host logs the last one before the kill.
 last=""
