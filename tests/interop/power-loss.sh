@@ -580,6 +580,8 @@ if [ -n "$HOSTFS" ]; then
         local lo=${LOOP#/dev/}
         kill "$HIST_PID" 2>/dev/null
         HIST_PID=""
+        # The state now too: the sampler may not have seen the last change before the mount.
+        echo "$(date -u +%T.%3N) $(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>&1) (at the report)" >>"$RUN/state-history"
         echo "### $LOOP attached at kernel time $KT_ATTACH; now: $(losetup -n -l -O NAME,BACK-FILE,AUTOCLEAR,DIO "$LOOP" 2>&1 | tr -s ' ')$([ -e "/sys/block/$lo/loop/backing_file" ] || echo " (NOT BOUND)"), $(cat "/sys/block/$lo/size" 2>/dev/null) sectors, held by $(ls "/sys/block/$lo/holders" 2>/dev/null | tr '\n' ' ')"
         echo "### the kernel's lines about $lo since then:"
         dmesg 2>/dev/null | awk -v t="$KT_ATTACH" -v lo="$lo" '{ s = $0; sub(/^\[ */, "", s); if (s + 0 >= t && $0 ~ (lo "([^0-9]|$)")) print "    " $0 }' | tail -n 20
