@@ -120,6 +120,7 @@
 # Usage: power-loss.sh -b TARGET_BIN [-t aoe|vblade] [-e raw|ext4|xfs|btrfs] [-M buffered|sync|direct]
 #                      [-S sparse|prealloc] [-L 512|4096] [-m MTU] [-c CACHE_DIR] [-T SECONDS]
 #                      [-N] [-r] [-k] [-F ext4|xfs|btrfs [-K guest|initiator] [-B] [-W KINDS [-X] | -Z MS] [-D] [-P]] [-U]
+#                      [-G SECS]
 #   -b BIN    the target binary to copy into the guest (`aoe`, or vblade with -t vblade)
 #   -t        how to start it: `aoe serve [-s|-d] 1 1 eth0 FILE` or `vblade [-s|-d] ...`
 #   -e        the export: raw (default), ext4, xfs or btrfs
@@ -140,6 +141,8 @@
 #   -W KINDS  with -F: applications' write patterns (comma-separated, or all; see above)
 #   -X        with -W: the writers without their syncs (the control that must fail)
 #   -Z MS     with -F: the guest killed MS milliseconds into a second mkfs (see above)
+#   -G SECS   the guest's init starts the target SECS seconds late, at each boot: a target
+#             slow to start (a loaded TCG guest took 5 s), which the rig must wait for
 #   -D        with -F: losetup --direct-io=on
 #   -P        with -F: the file system on the partition file e1.1p1 (see above)
 #   -U        the initiator takes its files' requests through FUSE over io_uring
@@ -160,16 +163,16 @@ set -uo pipefail
 
 BIN="" TKIND=aoe EXPORT=raw MODE=buffered MTU=9000 INIT_BIN="" LBS=512 SPARSE=""
 CACHE=${AOE_CACHE:-/var/tmp/aoe-test-cache}
-TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0 URING=0 APPS="" LODIO=0 PART=0 NOSYNC=0 MKFSKILL=""
+TOTAL=480 REPORT=0 KEEP=0 NBD=0 HOSTFS="" KILL=guest NOBARRIER=0 URING=0 APPS="" LODIO=0 PART=0 NOSYNC=0 MKFSKILL="" TDELAY=0
 usage() { sed -n '2,/^# later runs use the cache/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-while getopts "b:t:e:M:S:L:m:I:c:T:F:K:W:Z:BDPXUNrkh" o; do
+while getopts "b:t:e:M:S:L:m:I:c:T:F:K:W:Z:G:BDPXUNrkh" o; do
     case $o in
         b) BIN=$OPTARG ;; t) TKIND=$OPTARG ;; e) EXPORT=$OPTARG ;; M) MODE=$OPTARG ;; L) LBS=$OPTARG ;;
         S) SPARSE=$OPTARG ;;
         m) MTU=$OPTARG ;; I) INIT_BIN=$OPTARG ;; c) CACHE=$OPTARG ;; T) TOTAL=$OPTARG ;;
         N) NBD=1 ;; r) REPORT=1 ;; k) KEEP=1 ;;
         F) HOSTFS=$OPTARG ;; K) KILL=$OPTARG ;; B) NOBARRIER=1 ;; U) URING=1 ;;
-        W) APPS=$OPTARG ;; D) LODIO=1 ;; P) PART=1 ;; X) NOSYNC=1 ;; Z) MKFSKILL=$OPTARG ;;
+        W) APPS=$OPTARG ;; D) LODIO=1 ;; P) PART=1 ;; X) NOSYNC=1 ;; Z) MKFSKILL=$OPTARG ;; G) TDELAY=$OPTARG ;;
         *) usage ;;
     esac
 done
@@ -196,7 +199,7 @@ APPS=${APPS//,/ }
 [ "$NOSYNC" = 0 ] || [ -n "$APPS" ] || bad "-X needs -W"
 [ -z "$MKFSKILL" ] || { [[ $MKFSKILL =~ ^[0-9]+$ ]] && [ -n "$HOSTFS" ] && [ "$KILL" = guest ] && [ -z "$APPS" ]; } ||
     bad "-Z wants milliseconds, with -F and -K guest, without -W"
-for n in "$MTU" "$TOTAL"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
+for n in "$MTU" "$TOTAL" "$TDELAY"; do [[ $n =~ ^[0-9]+$ ]] || bad "not a number: $n"; done
 if [ -z "$INIT_BIN" ]; then
     if [ "$TKIND" = aoe ]; then INIT_BIN=$BIN; else INIT_BIN=$(command -v aoe || true); fi
 fi
@@ -243,7 +246,7 @@ BUSYBOX=$(command -v busybox || true)
 NS=aoepl-$$
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/aoe-power-loss.XXXXXX") || fail "mktemp"
 CONSOLE=$RUN/console.log ROOT=$RUN/root
-QEMU_PID="" INIT_PID="" WRITER_PID="" LOOP="" MNT=""
+QEMU_PID="" INIT_PID="" WRITER_PID="" LOOP="" MNT="" HIST_PID=""
 SHELF=1 SLOT=1
 DEV=$ROOT/e$SHELF.$SLOT
 
@@ -264,6 +267,7 @@ cleanup() {
     trap - EXIT INT TERM HUP
     [ -n "$WRITER_PID" ] && kill -KILL -- "-$WRITER_PID" 2>/dev/null
     [ -n "$QEMU_PID" ] && kill -KILL -- "$QEMU_PID" 2>/dev/null
+    [ -n "$HIST_PID" ] && kill "$HIST_PID" 2>/dev/null
     # The host's file system (-F) and its loop device before the initiator under them.
     [ -n "$MNT" ] && mountpoint -q "$MNT" 2>/dev/null && { timeout 60 umount "$MNT" || umount -l "$MNT"; }
     [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
@@ -360,6 +364,7 @@ EXPORT=$EXPORT
 SPARSE=$SPARSE
 REGION=$REGION
 TCMD="$TCMD"
+TDELAY=$TDELAY
 EOF
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
@@ -393,7 +398,7 @@ ip link set eth0 up || die "eth0 up"
 out "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache)"
 out "SECTOR $(cat /sys/block/vda/queue/logical_block_size)"
 out "TARGET $TCMD"
-$TCMD 2>&1 | sed 's/^/PL:TGT /' &
+{ [ "$TDELAY" -gt 0 ] && sleep "$TDELAY"; $TCMD; } 2>&1 | sed 's/^/PL:TGT /' &
 out SERVING
 # The guest's dirty page count, when it changes: the host logs the last one before the kill.
 last=""
@@ -468,9 +473,19 @@ wait_for() {
     done
 }
 # Boot: 3-8 s here unloaded, 23 s at worst seen with four guests on two cores.
+# PL:SERVING says the target was started, not that it answers: on a loaded host `aoe serve`
+# took 4 s more to start in the guest, then probed 1 s for duplicate addresses, as vblade
+# may take its time. So the guest serves once the target answers a Query Config and an
+# IDENTIFY (`aoe ping`, raw frames on the initiator's link). Session 35 (docs/TEST-AUDIT.md,
+# row 8): after a -Z reboot the initiator, which had had nothing in flight at the power loss,
+# still had the device up, the rig mounted at once, the mount's read waited for a target
+# not yet answering, and at --deadsecs 5 the device went down and the read failed with EIO
+# ("unable to read superblock"): the initiator as told, the rig too early.
+target_answers() { nsx "$INIT_BIN" ping -s 1 "$SHELF" "$SLOT" plini >/dev/null 2>&1; }
 guest_serving() {
 wait_for 180 "the guest's init" grep -q 'PL:BOOTED' "$CONSOLE"
 wait_for 120 "the guest's target" grep -q 'PL:SERVING' "$CONSOLE"
+wait_for 120 "the guest's target answering AoE (aoe ping $SHELF $SLOT plini)" target_answers
 }
 guest_serving
 say "guest serving $(( $(date +%s) - QEMU_T0 ))s after qemu's start; disk write cache: $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:WRITE_CACHE //p'), logical sector $(tr -d '\r' <"$CONSOLE" | sed -n 's/^.*PL:SECTOR //p') bytes"
@@ -542,6 +557,54 @@ if [ -n "$HOSTFS" ]; then
         for i in $(seq 200); do [ -e "$sb" ] || return 0; sleep 0.1; done
         die "$LOOP unmounted, but its file system lives on (mounted in the namespaces of pids $(grep -l " $LOOP " /proc/[0-9]*/mountinfo 2>/dev/null | cut -d/ -f3 | tr '\n' ' '))"
     }
+    # state_history: the device's state (its sysfs file) at each change, with the time,
+    # every 0.1 s until killed (-Z: from the kill to the mount after the reboot).
+    state_history() {
+        local last="" st
+        while :; do
+            st=$(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>&1)
+            [ "$st" = "$last" ] || { echo "$(date -u +%T.%3N) $st"; last=$st; }
+            sleep 0.1
+        done
+    }
+    # mount_failed_report: -Z's mount after the reboot failed although mkfs had ended (row
+    # 8 of docs/TEST-AUDIT.md's session 35). What tells its causes apart: whether $LOOP is
+    # still bound to our device file (another rig's `losetup -d` of a name it no longer
+    # owns would leave it unbound), the kernel's lines about $LOOP since we attached it
+    # (loop devices are the machine's: a line of another rig's loop0 from before is not
+    # ours), the superblock's sector read again through the loop device and straight from
+    # the device file (buffered and O_DIRECT: an error from our initiator, or one kept by
+    # the page cache), a second mount, the device's states since the kill, and the
+    # initiator's log since the kill.
+    mount_failed_report() {
+        local lo=${LOOP#/dev/}
+        kill "$HIST_PID" 2>/dev/null
+        HIST_PID=""
+        # The state now too: the sampler may not have seen the last change before the mount.
+        echo "$(date -u +%T.%3N) $(cat "$ROOT/sysfs/block/etherd!e$SHELF.$SLOT/state" 2>&1) (at the report)" >>"$RUN/state-history"
+        echo "### $LOOP attached at kernel time $KT_ATTACH; now: $(losetup -n -l -O NAME,BACK-FILE,AUTOCLEAR,DIO "$LOOP" 2>&1 | tr -s ' ')$([ -e "/sys/block/$lo/loop/backing_file" ] || echo " (NOT BOUND)"), $(cat "/sys/block/$lo/size" 2>/dev/null) sectors, held by $(ls "/sys/block/$lo/holders" 2>/dev/null | tr '\n' ' ')"
+        echo "### the kernel's lines about $lo since then:"
+        dmesg 2>/dev/null | awk -v t="$KT_ATTACH" -v lo="$lo" '{ s = $0; sub(/^\[ */, "", s); if (s + 0 >= t && $0 ~ (lo "([^0-9]|$)")) print "    " $0 }' | tail -n 20
+        sb_read() {
+            local e
+            if e=$(timeout 60 dd if="$1" of=/dev/null bs=1024 skip=1 count=1 ${2:+"$2"} status=none 2>&1); then
+                echo ok
+            else
+                echo "FAILS: $(echo "$e" | tr '\n' ' ')"
+            fi
+        }
+        echo "### the superblock read again: through $LOOP (O_DIRECT) $(sb_read "$LOOP" iflag=direct); $FSDEV buffered $(sb_read "$FSDEV"); $FSDEV O_DIRECT $(sb_read "$FSDEV" iflag=direct)"
+        if timeout 120 mount -t "$HOSTFS" "$LOOP" "$MNT" 2>"$RUN/mount-again.log"; then
+            echo "### a second mount of $LOOP: it mounts (the first failure was transient)"
+            timeout 60 umount "$MNT" || umount -l "$MNT"
+        else
+            echo "### a second mount of $LOOP fails too: $(tr '\n' ' ' <"$RUN/mount-again.log")"
+        fi
+        echo "### the device's state since the kill (UTC):"
+        sed 's/^/    /' "$RUN/state-history"
+        echo "### the initiator's log since the kill (AOE_LOG=${AOE_LOG:-info}; the last 80 lines):"
+        tail -n "+$(( ILOG_AT + 1 ))" "$RUN/initiator.log" | tail -n 80 | cut -c1-300 | sed 's/^/    /'
+    }
     mkfs_host "$LOOP" >"$RUN/mkfs-host.log" 2>&1 || { cat "$RUN/mkfs-host.log"; die "mkfs.$HOSTFS on $LOOP over $FSDEV failed"; }
     losetup -d "$LOOP" && LOOP=""
     fs_mount
@@ -564,17 +627,27 @@ if [ -n "$HOSTFS" ]; then
         timeout 120 umount "$MNT" || die "umount the old $HOSTFS"
         losetup -d "$LOOP"
         LOOP=$(losetup -f --show $LOFLAGS "$FSDEV") || die "losetup $LOFLAGS $FSDEV"
-        say "the old $HOSTFS with 8 fsynced files; mkfs.$HOSTFS again, the guest killed ${MKFSKILL} ms in"
+        say "the old $HOSTFS with 8 fsynced files; mkfs.$HOSTFS again on $LOOP, the guest killed ${MKFSKILL} ms in"
         mkfs_host "$LOOP" </dev/null >"$RUN/mkfs-again.log" 2>&1 &
         MKFS_PID=$!
         sleep "$(awk "BEGIN {print $MKFSKILL / 1000}")"
         MKFS_RAN=1
         kill -0 "$MKFS_PID" 2>/dev/null || MKFS_RAN=0
         kill_guest
+        # For row 8 of docs/TEST-AUDIT.md's session 35 (a superblock read failing with EIO
+        # after the reboot, twice, not explained): from here to the mount, the device's
+        # state at each change, and where the initiator's log stood.
+        ILOG_AT=$(wc -l <"$RUN/initiator.log")
+        state_history >"$RUN/state-history" 2>&1 &
+        HIST_PID=$!
         wait "$MKFS_PID"
         MRC=$?
         say "qemu SIGKILLed $([ "$MKFS_RAN" = 1 ] && echo "while mkfs ran" || echo "after mkfs had ended"); mkfs's status $MRC: $(tail -n 2 "$RUN/mkfs-again.log" | tr '\n' ' ' | cut -c1-160)"
+        OLDLOOP=$LOOP
         losetup -d "$LOOP"
+        # Held open (udev's probe of the device mkfs closed, reading through the dead
+        # target until deadsecs), the kernel detaches it at its last close.
+        say "$OLDLOOP: losetup -d; $([ -e "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" ] && echo "held open, detached at its last close" || echo "detached")"
         LOOP=""
         CONSOLE=$RUN/console2.log
         boot_guest
@@ -586,15 +659,25 @@ if [ -n "$HOSTFS" ]; then
             sleep 1
         done
         [ "$PART" = 1 ] && wait_for 60 "the partition file $FSDEV again" fsdev_there
+        KT_ATTACH=$(cut -d' ' -f1 /proc/uptime)
         LOOP=$(losetup -f --show $LOFLAGS "$FSDEV") || die "losetup $LOFLAGS $FSDEV"
+        say "the guest is back, $DEV up; $LOOP over $FSDEV$([ "$LOOP" != "$OLDLOOP" ] && [ -e "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" ] && echo " (the old $OLDLOOP still attached to $(cat "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" 2>/dev/null))")"
         WHAT="mkfs.$HOSTFS through the initiator over an older one, the guest killed ${MKFSKILL} ms in (target $TKIND $MODE)"
         if ! timeout 120 mount -t "$HOSTFS" "$LOOP" "$MNT" 2>"$RUN/mount-after.log"; then
-            # die, not fail: the initiator's log with it (seen twice, not explained:
-            # docs/TEST-AUDIT.md, session 35, row 8).
-            [ "$MKFS_RAN" = 1 ] || [ "$MRC" != 0 ] || { dmesg 2>/dev/null | tail -n 5; die "$WHAT: mkfs had ended with 0 before the kill, yet the file system does not mount: $(tr '\n' ' ' <"$RUN/mount-after.log")"; }
+            if [ "$MKFS_RAN" = 0 ] && [ "$MRC" = 0 ]; then
+                # die, not fail, with everything row 8 needs to be told apart: our
+                # initiator answering a read with an error while up, the device file's page
+                # cache, or the loop device not ours / no longer bound.
+                mount_failed_report
+                die "$WHAT: mkfs had ended with 0 before the kill, yet the file system does not mount on $LOOP: $(tr '\n' ' ' <"$RUN/mount-after.log")"
+            fi
+            kill "$HIST_PID" 2>/dev/null
+            HIST_PID=""
             echo "PASS: $WHAT: the file system is refused ($(tr '\n' ' ' <"$RUN/mount-after.log" | cut -c1-160))"
             exit 0
         fi
+        kill "$HIST_PID" 2>/dev/null
+        HIST_PID=""
         # It mounts: every file must read, the old files be whole, and the checker be content.
         NFILES=$(find "$MNT" -xdev -type f | wc -l)
         READERR=0

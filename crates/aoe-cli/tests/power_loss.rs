@@ -407,3 +407,20 @@ fn power_loss_during_mkfs_ext4_is_refused_or_clean() {
         &["-F", "ext4", "-Z", "150"],
     );
 }
+
+/// Session 35 (docs/TEST-AUDIT.md, its row 8): the target's machine loses power after mkfs
+/// has ended, with nothing in flight, so the initiator keeps the device up; after the
+/// reboot the guest's target takes 6 s to start (`-G 6`; a loaded TCG guest took 5 s,
+/// probe included). The rig must wait until the target answers (`aoe ping`), not until
+/// its init has started it: mounting before, the mount's read waited `--deadsecs 5` for
+/// a target not yet there, the device went down and the read failed with EIO ("unable to
+/// read superblock"; the rig before this test, with the same delay: 3 failures in 3 runs).
+#[test]
+fn power_loss_then_a_target_slow_to_start_is_waited_for() {
+    aoe_power_loss_passes(
+        "mkfs.ext4 done, then a power loss and a target 6 s slow to start (`aoe serve`, buffered)",
+        "raw",
+        "buffered",
+        &["-F", "ext4", "-Z", "3000", "-G", "6"],
+    );
+}
