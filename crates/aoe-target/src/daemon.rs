@@ -1075,29 +1075,27 @@ impl Daemon {
     /// every export was looked at each turn.
     fn persist_state(&mut self, all: bool) {
         let all = all || std::mem::take(&mut self.persist_all);
-        let touched = std::mem::take(&mut self.touched);
+        // Taken and put back cleared: the list keeps its capacity, so that the loop
+        // allocates nothing a turn.
+        let mut touched = std::mem::take(&mut self.touched);
         for id in &touched {
             if let Some(rt) = self.exports.get_mut(id) {
                 rt.listed_touched = false;
             }
         }
-        let ids: Vec<u32> = if all {
-            self.exports.keys().copied().collect()
-        } else {
-            touched
-        };
-        for id in ids {
-            let Some(rt) = self.exports.get_mut(&id) else {
-                continue;
-            };
-            if !rt.engine.take_state_changed() {
-                continue;
+        if all {
+            for rt in self.exports.values_mut() {
+                save_if_changed(&self.state_writer, rt);
             }
-            if let Some(f) = &rt.state_file {
-                self.state_writer
-                    .save(f, rt.engine.state(), &rt.spec.allowed_macs);
+        } else {
+            for id in &touched {
+                if let Some(rt) = self.exports.get_mut(id) {
+                    save_if_changed(&self.state_writer, rt);
+                }
             }
         }
+        touched.clear();
+        self.touched = touched;
     }
 
     /// Logs requests dropped since the last call, at most once per export per call (the
@@ -1453,4 +1451,14 @@ fn stuck_line(rt: &ExportRt, n: u32, oldest: u32) {
         "{}: {n} requests waiting on the backend, the oldest for {oldest} s",
         rt.spec.addr()
     );
+}
+
+/// Queues an export's state for the writer thread if its engine says it changed.
+fn save_if_changed(writer: &StateWriter, rt: &mut ExportRt) {
+    if !rt.engine.take_state_changed() {
+        return;
+    }
+    if let Some(f) = &rt.state_file {
+        writer.save(f, rt.engine.state(), &rt.spec.allowed_macs);
+    }
 }
