@@ -520,6 +520,21 @@ if [ -n "$HOSTFS" ]; then
     FSDEV=$DEV LOFLAGS=""
     [ "$LODIO" = 1 ] && LOFLAGS=--direct-io=on
     fsdev_there() { [ -e "$FSDEV" ]; }
+    # guest_back: after a kill of the guest, boot it again on the same disk image, wait
+    # until its target answers, and have the same initiator, which gave the device up,
+    # find it again (`discover` once a second) and its partition file with -P.
+    guest_back() {
+        local t
+        boot_guest
+        guest_serving
+        t=$(( $(date +%s) + 60 ))
+        until up; do
+            echo >"$ROOT/discover" 2>/dev/null
+            [ "$(date +%s)" -lt "$t" ] || die "the initiator did not find $DEV again within 60 s of discover"
+            sleep 1
+        done
+        if [ "$PART" = 1 ]; then wait_for 60 "the partition file $FSDEV again" fsdev_there; fi
+    }
     if [ "$PART" = 1 ]; then
         FSDEV=${DEV}p1
         echo 'start=2048, type=linux' | timeout 60 sfdisk -q --label gpt "$DEV" >"$RUN/sfdisk.log" 2>&1 ||
@@ -650,15 +665,7 @@ if [ -n "$HOSTFS" ]; then
         say "$OLDLOOP: losetup -d; $([ -e "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" ] && echo "held open, detached at its last close" || echo "detached")"
         LOOP=""
         CONSOLE=$RUN/console2.log
-        boot_guest
-        guest_serving
-        t=$(( $(date +%s) + 60 ))
-        until up; do
-            echo >"$ROOT/discover" 2>/dev/null
-            [ "$(date +%s)" -lt "$t" ] || die "the initiator did not find $DEV again within 60 s of discover"
-            sleep 1
-        done
-        [ "$PART" = 1 ] && wait_for 60 "the partition file $FSDEV again" fsdev_there
+        guest_back
         KT_ATTACH=$(cut -d' ' -f1 /proc/uptime)
         LOOP=$(losetup -f --show $LOFLAGS "$FSDEV") || die "losetup $LOFLAGS $FSDEV"
         say "the guest is back, $DEV up; $LOOP over $FSDEV$([ "$LOOP" != "$OLDLOOP" ] && [ -e "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" ] && echo " (the old $OLDLOOP still attached to $(cat "/sys/block/${OLDLOOP#/dev/}/loop/backing_file" 2>/dev/null))")"
@@ -773,15 +780,7 @@ if [ -n "$HOSTFS" ]; then
         # The target's machine comes back with the disk as the power loss left it; the
         # initiator, which gave the device up (down), is asked to find it again.
         CONSOLE=$RUN/console2.log
-        boot_guest
-        guest_serving
-        t=$(( $(date +%s) + 60 ))
-        until up; do
-            echo >"$ROOT/discover" 2>/dev/null
-            [ "$(date +%s)" -lt "$t" ] || die "the initiator did not find $DEV again within 60 s of discover"
-            sleep 1
-        done
-        [ "$PART" = 1 ] && wait_for 60 "the partition file $FSDEV again" fsdev_there
+        guest_back
         say "the guest is back; the same initiator has $DEV up again"
     else
         # A new initiator on the same ROOT (it removes the dead one's FUSE mount).
