@@ -109,10 +109,19 @@ impl Route {
     /// [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). A frame too short to carry
     /// the address goes to every export, whose engine drops and counts it as malformed.
     pub(super) fn reaches(&self, frame: &[u8]) -> bool {
-        let (Some(&[hi, lo]), Some(&minor)) = (frame.get(16..18), frame.get(18)) else {
-            return true;
-        };
-        aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor).reaches(self.addr)
+        frame_addr(frame).is_none_or(|a| a.reaches(self.addr))
+    }
+}
+
+/// The shelf.slot a frame is addressed to (AoEr11 section 2: bytes 16-18 of the Ethernet
+/// frame), or `None` if it is too short to carry one.
+fn frame_addr(frame: &[u8]) -> Option<aoe_wire::TargetAddr> {
+    match (frame.get(16..18), frame.get(18)) {
+        (Some(&[hi, lo]), Some(&minor)) => Some(aoe_wire::TargetAddr::new(
+            u16::from_be_bytes([hi, lo]),
+            minor,
+        )),
+        _ => None,
     }
 }
 
@@ -457,19 +466,16 @@ impl IfaceRt {
     /// Calls `g` with the index of each route [`routes_for`](Self::routes_for) names,
     /// without allocating.
     pub(super) fn each_route(&self, f: usize, mut g: impl FnMut(usize)) {
-        let frame = self.frame(f);
-        match (frame.get(16..18), frame.get(18)) {
-            (Some(&[hi, lo]), Some(&minor)) => {
-                let addr = aoe_wire::TargetAddr::new(u16::from_be_bytes([hi, lo]), minor);
-                if addr.is_wildcard() {
-                    (0..self.exports.len())
-                        .filter(|&k| addr.reaches(self.exports[k].addr))
-                        .for_each(g);
-                } else if let Some(ks) = self.by_addr.get(&addr) {
+        match frame_addr(self.frame(f)) {
+            Some(addr) if addr.is_wildcard() => (0..self.exports.len())
+                .filter(|&k| addr.reaches(self.exports[k].addr))
+                .for_each(g),
+            Some(addr) => {
+                if let Some(ks) = self.by_addr.get(&addr) {
                     ks.iter().for_each(|&k| g(k));
                 }
             }
-            _ => (0..self.exports.len()).for_each(g),
+            None => (0..self.exports.len()).for_each(g),
         }
     }
 
