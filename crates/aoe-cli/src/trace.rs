@@ -62,14 +62,6 @@ fn parse_target(s: &str) -> Result<TargetAddr> {
         .map_err(|e| crate::tools::usage(format!("-t {s}: {e}")))
 }
 
-/// Whether a frame addressed to `to` concerns target `want`: the same address, or a
-/// broadcast that reaches it (AoEr11 section 2: shelf 0xffff is every shelf, slot 0xff
-/// every slot).
-fn reaches(to: TargetAddr, want: TargetAddr) -> bool {
-    (to.shelf == want.shelf || to.shelf == TargetAddr::BROADCAST_SHELF)
-        && (to.slot == want.slot || to.slot == TargetAddr::BROADCAST_SLOT)
-}
-
 /// Runs `aoe trace` until `-c` frames were shown, or SIGINT/SIGTERM.
 pub fn run(a: TraceArgs) -> Result<()> {
     let want = a.target.as_deref().map(parse_target).transpose()?;
@@ -166,7 +158,8 @@ fn passes(frame: &[u8], want: Option<TargetAddr>, mac: Option<MacAddr>) -> bool 
     }
     if let Some(t) = want {
         if let Ok(f) = Frame::new_checked(frame) {
-            return reaches(f.target(), t);
+            // A frame to `t`, or a broadcast that reaches it (AoEr11 section 2).
+            return f.target().reaches(t);
         }
         return false;
     }
@@ -448,14 +441,12 @@ mod tests {
         let f = query_reply();
         assert!(passes(&f, Some(TargetAddr::new(7, 3)), None));
         assert!(!passes(&f, Some(TargetAddr::new(7, 4)), None));
-        assert!(reaches(TargetAddr::BROADCAST, TargetAddr::new(7, 4)));
-        assert!(reaches(
-            TargetAddr {
-                shelf: 7,
-                slot: 255
-            },
-            TargetAddr::new(7, 4)
-        ));
+        assert!(TargetAddr::BROADCAST.reaches(TargetAddr::new(7, 4)));
+        assert!(TargetAddr {
+            shelf: 7,
+            slot: 255
+        }
+        .reaches(TargetAddr::new(7, 4)));
         assert!(passes(&f, None, Some(MacAddr([2, 0, 0, 0, 0, 1]))));
         assert!(!passes(&f, None, Some(MacAddr([2, 0, 0, 0, 0, 9]))));
     }
