@@ -325,10 +325,35 @@ retx_counts() {
         /^aoe_initiator_overtaking_answers(_total)?[{ ]/ { o += $NF; seen = 1 }
         END { printf "%d %d %d %d %d %d %d\n", s, r, t, l, p, u, seen ? o : -1 }'
 }
-# Prints on stderr what the counts moved since "$2" (retx_counts).
-retx_report() { # cell counts-before
+# The counts (retx_counts) once at least "$1" frames were sent. The endpoint reads what the
+# initiator's network thread last published, which it does at most every 250 ms while I/O
+# completes and within its next wake-up (a second) after the I/O stops: scraped at once after
+# a transfer, it left out the transfer's last quarter second. Until session 36 this printed
+# "0 of 1 frames" for NBD writes at MTU 9000, 64 MiB taking less than that: the counts
+# before and after were the same stale publication. So wait (5 s at most) until the count
+# covers the frames the transfers so far needed at least (frames_floor).
+retx_wait() { # frames
+    local n c
+    for n in $(seq 50); do
+        c=$(retx_counts)
+        [ "${c%% *}" -ge "$1" ] && { echo "$c"; return; }
+        sleep 0.1
+    done
+    echo "bench-initiator: the initiator's frame count stayed at ${c%% *}, under $1" >&2
+    echo "$c"
+}
+# The fewest ATA frames a transfer of the whole SIZE_MB needs at MTU "$1": each carries at
+# most the whole 512-byte sectors that fit after the Ethernet (14), AoE (10) and ATA (12)
+# headers (AoEr11 section 3.1), 2 at 1500 and 17 at 9000.
+frames_floor() { # mtu
+    local per=$(( ($1 - 36) / 512 * 512 ))
+    echo $(( ((SIZE_MB << 20) + per - 1) / per ))
+}
+# Prints on stderr what the counts moved since "$2" (retx_counts), once the count covers "$3"
+# frames (retx_wait).
+retx_report() { # cell counts-before frames
     [ "$RETX" = 1 ] || return 0
-    local now; now=$(retx_counts)
+    local now; now=$(retx_wait "$3")
     awk -v c="$1" -v a="$2" -v b="$now" 'BEGIN { split(a, x, " "); split(b, y, " ");
         printf "retransmits %s: %d of %d frames (timeout %d, later answers %d, tail probe %d; answered after all %d); answers overtaking %s\n",
             c, y[2] - x[2], y[1] - x[1], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6], y[7] < 0 ? "-" : y[7] - x[7] }' >&2
@@ -402,7 +427,7 @@ kit_round() { # run
 # stopped. Each transfer's MB/s noted in V (every run) and VR (by run), and the CPU ticks the
 # initiator (TK), the target (TT) and the client (TC) spent in it.
 init_round() { # k run
-    local k=$1 r=$2 c v c0 d0 c1 d1 rc=
+    local k=$1 r=$2 c v c0 d0 c1 d1 rc= fr=0
     local -a cells=()
     INIT_AOE=${INIT_BINS[$k]} INIT_ARGS="$INIT_ARGS0 ${INIT_EXTRA[$k]}"
     URI=$URI0
@@ -413,7 +438,7 @@ init_round() { # k run
     : >"$WORK/cl"
     for c in "${cells[@]}"; do
         c0=$(cpu_ticks "$INIT_PID") d0=$(cpu_ticks "$TARGET_PID")
-        case $c in devw | nbdw) rc=$(retx_counts) ;; esac
+        case $c in devw | nbdw) [ "$RETX" = 1 ] && rc=$(retx_wait "$fr") ;; esac
         case $c in
             dev) v=$(perf_during "dev-$t-$mtu-$k-$r" timed \
                 dd if="$ROOT/e$SHELF.$SLOT" of=/dev/null bs="$DD_BS" iflag="${DD_IFLAG:+$DD_IFLAG,}count_bytes" \
@@ -427,7 +452,8 @@ init_round() { # k run
         V[$c,$k]+="$v " VR[$c,$k,$r]=$v
         TK[$c,$k]=$(( ${TK[$c,$k]:-0} + c1 - c0 )) TT[$c,$k]=$(( ${TT[$c,$k]:-0} + d1 - d0 ))
         TC[$c,$k]=$(( ${TC[$c,$k]:-0} + $(client_ticks) ))
-        [ -z "$rc" ] || retx_report "$c-$t-$mtu-$k-$r" "$rc"
+        fr=$(( fr + $(frames_floor "$mtu") ))
+        [ -z "$rc" ] || retx_report "$c-$t-$mtu-$k-$r" "$rc" "$fr"
     done
     stop_pid "$INIT_PID"; INIT_PID=""; fusermount3 -u -z "$ROOT" 2>/dev/null || true
     [ "$INIT_LOG" = 1 ] && grep -E 'transmit ring"?|network thread loop' "$WORK/init.log" |

@@ -72,9 +72,17 @@ pub struct InitiatorArgs {
     /// Serve the NBD exports read-only: clients see NBD_FLAG_READ_ONLY (nbdinfo's
     /// is_read_only, qemu's read-only node) and a write gets EPERM. AoE has no way for a
     /// target to say it refuses writes (`aoe serve -r` aborts each one), so say it here.
-    /// The FUSE files stay writable.
-    #[arg(long)]
-    nbd_read_only: bool,
+    /// Bare: every export; =NAME,...: those exports only, a device eX.Y with its partitions
+    /// or a partition eX.YpN (a name that is no export name is refused). The FUSE files
+    /// stay writable.
+    #[arg(
+        long,
+        value_name = "EXPORT,...",
+        num_args = 0..=1,
+        require_equals = true,
+        value_parser = parse_nbd_read_only
+    )]
+    nbd_read_only: Option<Option<aoe_nbd::ReadOnly>>,
     /// Serve the files' requests through FUSE over io_uring (Linux 6.14+, with
     /// /sys/module/fuse/parameters/enable_uring set to Y by root) instead of read(2) and
     /// writev(2) on /dev/fuse. Refused with the reason where the kernel does not allow it.
@@ -95,6 +103,12 @@ fn parse_deadsecs(s: &str) -> Result<u64, String> {
             "--deadsecs {s} is not from 0 to {max} seconds (0: a device is never declared down)"
         )),
     }
+}
+
+/// `--nbd-read-only=NAME,...`: the exports named ([`aoe_nbd::ReadOnly::Only`]); clap's
+/// message names the option and the value before the reason.
+fn parse_nbd_read_only(s: &str) -> Result<aoe_nbd::ReadOnly, String> {
+    s.parse()
 }
 
 /// Runs `aoe initiator`.
@@ -151,7 +165,11 @@ pub fn run(a: InitiatorArgs) -> Result<()> {
     let nbd = aoe_nbd::NbdOptions {
         unix: a.nbd,
         tcp: nbd_tcp,
-        read_only: a.nbd_read_only,
+        read_only: match a.nbd_read_only {
+            None => aoe_nbd::ReadOnly::None,
+            Some(None) => aoe_nbd::ReadOnly::All,
+            Some(Some(names)) => names,
+        },
     };
     serve(&opts, &nbd, &stop, &force, a.metrics.metrics, a.fuse_uring)
 }

@@ -68,7 +68,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
     let sock = PacketSocket::open_tap(&a.iface, aoe_sys::ETH_P_AOE)
         .with_context(|| format!("cannot open a capture socket on {}", a.iface))?;
     // A large receive buffer so a burst is not dropped while a line is printed.
-    let _ = sock.set_recv_buffer(8 << 20);
+    let _ = sock.set_recv_buffer(aoe_sys::RECV_BUFFER_BYTES);
     let mut pcap = match &a.write {
         Some(path) => {
             let f =

@@ -1322,3 +1322,67 @@ fn nbd_read_only_exports_say_so_and_refuse_writes_with_eperm() {
         rig.logs()
     );
 }
+
+/// Session 36: `--nbd-read-only=NAME,...` makes the named exports read-only and leaves the
+/// others writable: a device's name covers the device and its partitions (`e1.1`,
+/// `e1.1p1`), another device (`e1.2`) stays writable. The read-only ones advertise
+/// `NBD_FLAG_READ_ONLY` and refuse writes with `NBD_EPERM`, as the bare flag's exports do;
+/// the writable one takes a write that reaches its backing file. Base: the initiator does
+/// not start (clap: `unexpected value 'e1.1' for '--nbd-read-only'`).
+#[test]
+fn nbd_read_only_by_name_covers_the_named_device_and_its_partitions_only() {
+    let rig = Rig::start_with(Target::AoeServe, &["--nbd-read-only=e1.1"]);
+    let before = [rig.backing(0), rig.backing(1)];
+    for (export, read_only) in [("e1.1", true), ("e1.1p1", true), ("e1.2", false)] {
+        let info = rig.client("nbdinfo", &[&rig.uri(export)]);
+        let needle = format!("is_read_only: {read_only}");
+        assert!(
+            info.contains(&needle),
+            "nbdinfo {export} lacks {needle:?}:\n{info}"
+        );
+    }
+    const EPERM: u32 = 1;
+    for export in ["e1.1", "e1.1p1"] {
+        let mut c = rig.connect(export, true);
+        assert_eq!(c.write(0, &[0x5a; 4096], 0), EPERM, "write to {export}");
+    }
+    let mut c = rig.connect("e1.2", true);
+    assert_eq!(
+        c.write(0, &[0x5a; 4096], 0),
+        0,
+        "write to e1.2{}",
+        rig.logs()
+    );
+    c.send(3, 0, 4, 0, 0, &[]);
+    assert_eq!(c.reply(|_| 0), (4, 0, vec![]), "flush");
+    let after = rig.backing(1);
+    assert!(
+        after[..4096].iter().all(|&b| b == 0x5a) && after[4096..] == before[1][4096..],
+        "e1.2's backing file does not hold the write{}",
+        rig.logs()
+    );
+    assert!(
+        rig.backing(0) == before[0],
+        "e1.1's backing file changed under a read-only export{}",
+        rig.logs()
+    );
+}
+
+/// Session 36: a name in `--nbd-read-only=...` that no export can have (not `eX.Y` or
+/// `eX.YpN` as the exports are named) is a usage error naming it, not a list that silently
+/// covers nothing. Base: clap refuses any value (`unexpected value`), without the reason.
+#[test]
+fn nbd_read_only_refuses_a_name_that_is_no_export_name() {
+    for bad in ["disk1", "1.1", "e1.1p0", "e1.1,"] {
+        let o = run(Command::new(AOE)
+            .args(["initiator", "--root", "/nonexistent/aoe-s36", "--nbd"])
+            .arg("/nonexistent/aoe-s36.sock")
+            .arg(format!("--nbd-read-only={bad}")));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("not an NBD export name") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}

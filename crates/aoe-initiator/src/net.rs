@@ -649,12 +649,13 @@ struct Iface {
 /// initiator's transmit ring").
 const LINEAR_MIN_DATA: usize = 4096;
 
-/// Bytes of receive ring per interface: the 8 MiB receive buffer's worth of frames the
+/// Bytes of receive ring per interface: the receive buffer's worth
+/// ([`aoe_sys::RECV_BUFFER_BYTES`], 8 MiB) of frames the
 /// `recvmmsg` path asks for, in slots of the interface's frame size (920 slots at MTU 9000,
 /// 5,200 at 1500). Held reads ([`Handle::read_held`]) keep up to half of them out of the
 /// kernel's hands ([`may_hold`], [`must_copy_out`]), so the kernel always has at least the
 /// 4 MiB that was the whole ring before reads were held.
-const RX_RING_BYTES: usize = 8 << 20;
+const RX_RING_BYTES: usize = aoe_sys::RECV_BUFFER_BYTES;
 
 /// Whether a receive ring with `held` of its `slots` slots held may hold one more for a
 /// read ([`Handle::read_held`]); if not, the frame's payload is copied as for any read.
@@ -1417,7 +1418,7 @@ impl Net {
                 {
                     match PacketSocket::open_responses(&w.name) {
                         Ok(sock) => {
-                            let _ = sock.set_recv_buffer(8 << 20);
+                            let _ = sock.set_recv_buffer(aoe_sys::RECV_BUFFER_BYTES);
                             tracing::warn!(
                                 interface = %i.name,
                                 old_index = i.index,
@@ -1551,7 +1552,7 @@ impl Net {
                 // queries or ATA requests on the segment) before they take queue space.
                 None => match PacketSocket::open_responses(&w.name) {
                     Ok(sock) => {
-                        let _ = sock.set_recv_buffer(8 << 20);
+                        let _ = sock.set_recv_buffer(aoe_sys::RECV_BUFFER_BYTES);
                         let idx =
                             self.ifaces
                                 .iter()

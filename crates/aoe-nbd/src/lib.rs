@@ -105,8 +105,95 @@ pub struct NbdOptions {
     pub unix: Option<PathBuf>,
     /// A TCP address (the CLI refuses non-loopback addresses unless told otherwise).
     pub tcp: Option<SocketAddr>,
-    /// Serve every export read-only (`NBD_FLAG_READ_ONLY`; writes refused with `EPERM`).
-    pub read_only: bool,
+    /// The exports served read-only (`NBD_FLAG_READ_ONLY`; writes refused with `EPERM`).
+    pub read_only: ReadOnly,
+}
+
+/// Which NBD exports are read-only (`--nbd-read-only`, `--nbd-read-only=e1.1,e2.3p1`).
+/// AoE has no way for a target to say it refuses writes (`aoe serve -r` aborts each one),
+/// so the initiator's operator says it, for every export or for some by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReadOnly {
+    /// Every export writable (the default).
+    #[default]
+    None,
+    /// Every export read-only (the bare `--nbd-read-only`).
+    All,
+    /// The exports named: a device's name (`eX.Y`) covers the device and its partitions,
+    /// a partition's (`eX.YpN`) that partition alone.
+    Only(Vec<ReadOnlyName>),
+}
+
+/// A name in `--nbd-read-only=...`: an export name as [`Exports::list`] gives it, a device
+/// (`eX.Y`) or a partition (`eX.YpN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOnlyName {
+    /// The device.
+    pub dev: TargetAddr,
+    /// The partition, or `None` for the device and all its partitions.
+    pub partition: Option<u32>,
+}
+
+impl std::str::FromStr for ReadOnlyName {
+    type Err = String;
+
+    /// Parses an export name exactly as the exports are named (`e1.1`, `e1.1p2`: no leading
+    /// zeros, no wildcard shelf or slot, partitions from 1), so that a name that no export
+    /// can ever have is refused rather than matching nothing for ever.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not an NBD export name: a device eX.Y (e.g. e1.1, with its \
+                 partitions) or a partition eX.YpN (e.g. e1.1p1)"
+            )
+        };
+        let (dev, partition) = match s.split_once('p') {
+            Some((d, p)) => match p.parse::<u32>() {
+                Ok(n) if n > 0 && n.to_string() == p => (d, Some(n)),
+                _ => return Err(bad()),
+            },
+            None => (s, None),
+        };
+        // As the exports are named (`TargetAddr`'s Display): `e1.1`, not `1.1` or `e01.1`.
+        let dev: TargetAddr = dev
+            .parse()
+            .ok()
+            .filter(|a: &TargetAddr| a.to_string() == dev)
+            .ok_or_else(bad)?;
+        Ok(ReadOnlyName { dev, partition })
+    }
+}
+
+impl std::str::FromStr for ReadOnly {
+    type Err = String;
+
+    /// Parses a comma-separated list of export names ([`ReadOnlyName`]) into
+    /// [`ReadOnly::Only`]; an empty list is refused.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let names = s
+            .split(',')
+            .map(str::trim)
+            .map(str::parse)
+            .collect::<std::result::Result<Vec<ReadOnlyName>, String>>()?;
+        if names.is_empty() {
+            return Err("names no export".into());
+        }
+        Ok(ReadOnly::Only(names))
+    }
+}
+
+impl ReadOnly {
+    /// Whether the export of device `dev` (its partition `partition`, `None` for the whole
+    /// device) is read-only.
+    pub fn covers(&self, dev: TargetAddr, partition: Option<u32>) -> bool {
+        match self {
+            ReadOnly::None => false,
+            ReadOnly::All => true,
+            ReadOnly::Only(names) => names
+                .iter()
+                .any(|n| n.dev == dev && (n.partition.is_none() || n.partition == partition)),
+        }
+    }
 }
 
 /// The running listeners; [`Server::stop`] removes the Unix socket.
@@ -124,10 +211,10 @@ impl Server {
     }
 }
 
-/// The exports: devices that are up, and their partitions; all read-only if the second
-/// field says so (`--nbd-read-only`).
+/// The exports: devices that are up, and their partitions; read-only those the second
+/// field names (`--nbd-read-only`).
 #[derive(Clone)]
-struct Devices(Arc<Mutex<Shared>>, bool);
+struct Devices(Arc<Mutex<Shared>>, Arc<ReadOnly>);
 
 impl Devices {
     /// The device and first sector behind export `name`.
@@ -171,7 +258,7 @@ impl Exports for Devices {
                 size: e.info.sectors * 512,
                 description: format!("AoE {a}{model}"),
                 block,
-                read_only: self.1,
+                read_only: self.1.covers(*a, None),
             });
             for p in &e.partitions {
                 v.push(Export {
@@ -179,7 +266,7 @@ impl Exports for Devices {
                     size: p.sectors * 512,
                     description: format!("AoE {a} partition {}", p.number),
                     block,
-                    read_only: self.1,
+                    read_only: self.1.covers(*a, Some(p.number)),
                 });
             }
         }
@@ -262,7 +349,7 @@ impl Write for Conn {
 
 /// Starts the listeners named in `opts`, serving the devices in `shared` through `net`.
 pub fn start(opts: &NbdOptions, shared: Arc<Mutex<Shared>>, net: Handle) -> Result<Server> {
-    let devices = Devices(shared, opts.read_only);
+    let devices = Devices(shared, Arc::new(opts.read_only.clone()));
     if let Some(path) = &opts.unix {
         remove_stale_socket(path)?;
         let l = UnixListener::bind(path)
@@ -1672,6 +1759,45 @@ impl Drop for ConnSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Session 36: `--nbd-read-only=NAME,...` names devices (with their partitions) and
+    /// partitions as the exports are named; anything else is refused with the reason.
+    #[test]
+    fn read_only_names_cover_their_exports_and_refuse_what_names_none() {
+        let e = |s: &str| s.parse::<TargetAddr>().unwrap();
+        let ro: ReadOnly = "e1.1,e2.3p2".parse().unwrap();
+        assert!(ro.covers(e("e1.1"), None));
+        assert!(ro.covers(e("e1.1"), Some(1)), "a device's partitions");
+        assert!(!ro.covers(e("e1.2"), None));
+        assert!(
+            !ro.covers(e("e2.3"), None),
+            "a partition alone, not its disk"
+        );
+        assert!(ro.covers(e("e2.3"), Some(2)));
+        assert!(!ro.covers(e("e2.3"), Some(1)));
+        assert!(ReadOnly::All.covers(e("e9.9"), Some(3)));
+        assert!(!ReadOnly::None.covers(e("e9.9"), None));
+        for bad in [
+            "", "e1", "1.1", "e01.1", "e1.1p", "e1.1p0", "e1.1p01", "e65535.1", "e1.255", "e1.1,",
+            "disk", "e1.1 p1", "e1.256",
+        ] {
+            let err = bad.parse::<ReadOnly>().unwrap_err();
+            assert!(err.contains("not an NBD export name"), "{bad:?}: {err}");
+        }
+        assert_eq!(
+            " e1.1 , e1.2 ".parse::<ReadOnly>().unwrap(),
+            ReadOnly::Only(vec![
+                ReadOnlyName {
+                    dev: e("e1.1"),
+                    partition: None
+                },
+                ReadOnlyName {
+                    dev: e("e1.2"),
+                    partition: None
+                },
+            ])
+        );
+    }
 
     /// A socket that takes at most `max` bytes per call, like a full send buffer does.
     struct Dribble {

@@ -289,8 +289,8 @@ impl Engine {
     }
 
     /// The link of interface `idx` came back (up with a carrier again: the driver heard
-    /// it from rtnetlink, `RTM_NEWLINK` with `IFF_RUNNING`, or found a re-created interface
-    /// of its name): a broadcast Query Config goes out on it, as on a new interface, so a
+    /// it from rtnetlink, `RTM_NEWLINK` with `IFF_UP` and `IFF_LOWER_UP` or `IFF_RUNNING`,
+    /// or found a re-created interface of its name): a broadcast Query Config goes out on it, as on a new interface, so a
     /// target that moved (a new MAC) or appeared meanwhile is found at once; and the data
     /// frames that went into the dead link (their last copy sent on it, or their target
     /// reached through it alone, and nothing answered there since) are copied at once,

@@ -179,9 +179,8 @@ impl FileBackend {
     /// Opens `path`. Refuses, with a message naming the problem: a missing file, a size that
     /// is not a multiple of 512, an empty export, and a window beyond the end of the file.
     pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<FileBackend> {
-        let named = |e: io::Error, what: &str| {
-            io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-        };
+        let named =
+            |e: io::Error, what: &str| crate::Failed::wrap(e, format!("{what} {}", path.display()));
         let mut o = std::fs::OpenOptions::new();
         o.read(true).write(!opts.read_only);
         let mut flags = 0;
@@ -200,14 +199,12 @@ impl FileBackend {
             // (ramfs, some FUSE and network file systems): "Invalid argument" alone did not
             // say which argument (session 29's audit).
             if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot open {} with O_DIRECT (-d, direct_io): its file system does \
-                         not support direct I/O ({e}); leave -d out",
-                        path.display()
-                    ),
-                )
+                let what = format!(
+                    "cannot open {} with O_DIRECT (-d, direct_io), which its file system does \
+                     not support (leave -d out)",
+                    path.display()
+                );
+                crate::Failed::wrap(e, what)
             } else {
                 named(e, "cannot open")
             }

@@ -56,6 +56,29 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// What a store was doing when a system call failed, with the call's own error as its
+/// [`source`](std::error::Error::source): the store hands it on as an `io::Error` of the
+/// same kind (`io::Error::new(kind, Failed { .. })`), whose `source()` is that original
+/// error, so a caller can still ask for its errno (`raw_os_error`, EMFILE for the target's
+/// open-file hint). Until session 36 the stores wrote the errno's text into a new
+/// `io::Error` and its number was lost. Its own text names the step and the path only, as
+/// the errno's text follows it in a chain (`{:#}` of anyhow: `cannot open x.img: No such
+/// file or directory (os error 2)`).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct Failed {
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+impl Failed {
+    /// `source` under `what` (the step and the path), as an `io::Error` of `source`'s kind.
+    pub fn wrap(source: io::Error, what: String) -> io::Error {
+        io::Error::new(source.kind(), Failed { what, source })
+    }
+}
+
 /// A byte-addressed store an export reads and writes.
 ///
 /// Implementations are shared between worker threads, so methods take `&self` and must be

@@ -86,8 +86,8 @@ pub use file::{
 };
 pub use iface::{interface_info, list_interfaces, InterfaceInfo};
 pub use link::{LinkEvent, LinkEvents};
-pub use ns::{enter_netns, nofile_limit, raise_nofile_limit, run_in_netns, EMFILE};
-pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta};
+pub use ns::{enter_netns, nofile_limit, raise_nofile_limit, run_in_netns, EMFILE, ENFILE};
+pub use packet::{PacketSocket, PacketStats, RecvBatch, RecvMeta, RECV_BUFFER_BYTES};
 pub use ring::{PacketRing, RingStats, SlotPart, MAX_SLOT_PARTS};
 pub use stream::recv_append_nowait;
 pub use uring::{SlotRead, SlotReads};

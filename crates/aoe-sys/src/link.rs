@@ -27,15 +27,27 @@ pub struct LinkEvent {
     pub index: u32,
     /// `IFLA_IFNAME`, when the message carries it (it always does from Linux).
     pub name: Option<String>,
-    /// `ifi_flags`: `IFF_UP`, `IFF_RUNNING` (carrier), `IFF_LOWER_UP`, ...
+    /// `ifi_flags`: `IFF_UP`, `IFF_LOWER_UP` (carrier), `IFF_RUNNING` (operational
+    /// state up), ...
     pub flags: u32,
 }
 
 impl LinkEvent {
-    /// Up and with a carrier (`IFF_UP | IFF_RUNNING`): frames sent now can arrive.
+    /// Up and with a carrier (`IFF_UP` and `IFF_LOWER_UP`, or `IFF_RUNNING`): frames sent
+    /// now can arrive. The kernel sets `IFF_LOWER_UP` with the carrier (`netif_carrier_ok`)
+    /// and sends it only once the device's queue is active (`__dev_open` activates it when
+    /// the carrier is already on, as a veth's is; otherwise the carrier's `linkwatch` event
+    /// does, and then says so), while `IFF_RUNNING` follows the operational state, which
+    /// `linkwatch` sets later: up to a second later where another link changed in the
+    /// second before, anywhere on the machine (its rate limit). Until session 36 only
+    /// `IFF_RUNNING` counted, and the frames that had gone into a dead link waited for it:
+    /// 0.65 s after `ip link set up` in one of six rounds of
+    /// `writes_go_on_across_the_initiators_link_set_down_and_up`, while the link carried
+    /// frames from the `IFF_UP | IFF_LOWER_UP` event on.
     pub fn running(&self) -> bool {
-        let want = (libc::IFF_UP | libc::IFF_RUNNING) as u32;
-        !self.deleted && self.flags & want == want
+        let up = libc::IFF_UP as u32;
+        let carrier = (libc::IFF_LOWER_UP | libc::IFF_RUNNING) as u32;
+        !self.deleted && self.flags & up != 0 && self.flags & carrier != 0
     }
 }
 
@@ -251,6 +263,39 @@ mod tests {
         );
         assert!(out[0].running());
         assert!(!out[1].running());
+    }
+
+    /// Session 36: `ip link set up` of a veth whose peer is up sends `IFF_UP |
+    /// IFF_LOWER_UP` at once and `IFF_RUNNING` only at the next `linkwatch` run (the flags
+    /// 0x11003 and then 0x11043 of the probe's initiator log, 0.65 s apart): the first
+    /// already says frames can go. Up without a carrier, or a carrier while down, does not.
+    #[test]
+    fn up_with_a_carrier_is_running_before_the_operational_state_says_so() {
+        let event = |flags: u32| LinkEvent {
+            deleted: false,
+            index: 2,
+            name: None,
+            flags,
+        };
+        let (up, lower, running) = (
+            libc::IFF_UP as u32,
+            libc::IFF_LOWER_UP as u32,
+            libc::IFF_RUNNING as u32,
+        );
+        assert!(
+            event(0x11003).running(),
+            "IFF_UP | IFF_LOWER_UP, not yet IFF_RUNNING"
+        );
+        assert!(event(0x11043).running());
+        assert!(event(up | running).running());
+        assert!(!event(up).running(), "up without a carrier");
+        assert!(!event(lower).running(), "a carrier while down");
+        assert!(!event(0x1002).running(), "the event of `ip link set down`");
+        assert!(!LinkEvent {
+            deleted: true,
+            ..event(up | lower)
+        }
+        .running());
     }
 
     #[test]

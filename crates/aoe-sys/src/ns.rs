@@ -92,6 +92,10 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// errno of an open or socket call past `RLIMIT_NOFILE` ("Too many open files").
 pub const EMFILE: i32 = libc::EMFILE;
 
+/// errno of an open or socket call past the system-wide limit on open files
+/// (`fs.file-max`: "Too many open files in system").
+pub const ENFILE: i32 = libc::ENFILE;
+
 /// The process's `RLIMIT_NOFILE`: (soft, hard).
 pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {

@@ -98,6 +98,16 @@ fn response_filter() -> [libc::sock_filter; 6] {
     ]
 }
 
+/// The receive buffer that `aoe trace`, the tools' sockets ([`PacketSocket::open`] for
+/// `aoecfg`, `aoeping`) and the initiator's interface sockets ask for
+/// ([`PacketSocket::set_recv_buffer`]): 8 MiB. A broadcast Query Config is answered by
+/// every export on the segment at once, and the kernel's default (212992 bytes, about 270
+/// small frames on a veth link) dropped all but 256 of 1024 exports' answers to `aoecfg`
+/// (session 35); 8 MiB holds more than 10000 such answers, or 920 frames of MTU 9000. A
+/// wish: without `CAP_NET_ADMIN` `net.core.rmem_max` caps it. Until session 36 each of the
+/// four callers wrote its own `8 << 20`.
+pub const RECV_BUFFER_BYTES: usize = 8 << 20;
+
 /// An `AF_PACKET`/`SOCK_RAW` socket bound to one interface that receives only frames of one
 /// ethertype, by default AoE ([`ETH_P_AOE`]).
 ///

@@ -963,7 +963,7 @@ impl Daemon {
     }
 
     /// Takes every frame waiting on interface `idx` to the exports it is addressed to
-    /// ([`send::Route::reaches`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
+    /// ([`IfaceRt::routes_for`]) and gives the ring's slots back ([`IfaceRt::release_rx`]: a
     /// slot still lent would end the loop's next wait at once); returns how many.
     fn receive(&mut self, idx: usize) -> usize {
         let n = self.receive_batches(idx);
@@ -1024,10 +1024,8 @@ impl Daemon {
                 self.ifaces[idx].routes_for(f, &mut routes);
                 for &k in &routes {
                     let route = self.ifaces[idx].exports[k];
-                    if route.reaches(self.ifaces[idx].frame(f)) {
-                        self.batch_file_frames |= route.file;
-                        self.dispatch(idx, f, route.id);
-                    }
+                    self.batch_file_frames |= route.file;
+                    self.dispatch(idx, f, route.id);
                 }
                 self.route_scratch = routes;
             }
@@ -1053,16 +1051,13 @@ impl Daemon {
                 continue;
             }
             iface.each_route(f, |k| {
-                let route = &iface.exports[k];
-                if route.reaches(iface.frame(f)) {
-                    // The hint inlined here (`prefetcht0`), not called through a pointer.
-                    if let Some(line) = self
-                        .exports
-                        .get(&route.id)
-                        .and_then(|e| e.engine.dedup_line(iface.frame(f)))
-                    {
-                        aoe_sys::prefetch(line);
-                    }
+                // The hint inlined here (`prefetcht0`), not called through a pointer.
+                if let Some(line) = self
+                    .exports
+                    .get(&iface.exports[k].id)
+                    .and_then(|e| e.engine.dedup_line(iface.frame(f)))
+                {
+                    aoe_sys::prefetch(line);
                 }
             });
         }

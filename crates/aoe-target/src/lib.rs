@@ -27,26 +27,28 @@ pub use backing::CEPH_CONNECT_TIMEOUT;
 pub use config::{CephOptions, ExportSpec, IoMode, Overrides, ServeConfig};
 pub use daemon::{validate, Control, Daemon, WorkLost};
 
-/// What to add to an error caused by EMFILE ("Too many open files"): the limit it ran into
-/// and how to raise it, since the error alone names neither (session 35: 1024 exports under
-/// the usual soft limit of 1024 ended in `cannot open FILE: Too many open files (os error
-/// 24)` and nothing else). Empty for other errors. The binary raises the soft limit to the
-/// hard one at start (`aoe_sys::raise_nofile_limit`), so what is left to raise is the hard
-/// limit.
+/// What to add to an error caused by EMFILE or ENFILE ("Too many open files", "... in
+/// system"): the limit it ran into and how to raise it, since the error alone names neither
+/// (session 35: 1024 exports under the usual soft limit of 1024 ended in `cannot open FILE:
+/// Too many open files (os error 24)` and nothing else). Empty for other errors. The binary
+/// raises the soft limit to the hard one at start (`aoe_sys::raise_nofile_limit`), so what
+/// is left to raise is the hard limit, or for ENFILE the system's `fs.file-max`.
+///
+/// Found by the errno of an `io::Error` in `e`'s chain: the stores keep the call's own
+/// error as the source of theirs (`aoe_store::Failed`). Until session 36 they kept only its
+/// text and this matched "(os error 24)" in the text.
 pub fn nofile_hint(e: &anyhow::Error) -> String {
-    // The stores name their file in a new `io::Error` of the same kind, which keeps the
-    // text of the errno but not its number (`raw_os_error` is None then, and EMFILE's kind
-    // is not one a match can name): std writes it as "... (os error 24)".
-    let code = format!("(os error {})", aoe_sys::EMFILE);
-    let emfile = e.chain().any(|c| {
+    let errno = e.chain().find_map(|c| {
         c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(aoe_sys::EMFILE))
-            || c.to_string().contains(&code)
+            .and_then(std::io::Error::raw_os_error)
+            .filter(|n| [aoe_sys::EMFILE, aoe_sys::ENFILE].contains(n))
     });
-    if emfile {
-        nofile_text(aoe_sys::nofile_limit().ok())
-    } else {
-        String::new()
+    match errno {
+        Some(aoe_sys::EMFILE) => nofile_text(aoe_sys::nofile_limit().ok()),
+        Some(_) => ": the system's limit on open files (fs.file-max) is reached: raise it \
+                    (`sysctl fs.file-max=N`) or close files elsewhere"
+            .to_owned(),
+        None => String::new(),
     }
 }
 
@@ -76,10 +78,18 @@ mod tests {
         assert!(hint.contains("ulimit -Hn"), "{hint}");
         let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOENT));
         assert_eq!(nofile_hint(&other), "");
-        // As aoe-store names the file: a new error of the same kind, the text kept.
-        let errno = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let named = std::io::Error::new(errno.kind(), format!("cannot open x.img: {errno}"));
-        assert!(nofile_hint(&anyhow::Error::from(named)).contains("RLIMIT_NOFILE"));
+        // As aoe-store names the file: its own error, the errno's as its source.
+        let named = aoe_store::Failed::wrap(
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+            "cannot open x.img".to_owned(),
+        );
+        let named = anyhow::Error::from(named).context("e1.2");
+        assert!(nofile_hint(&named).contains("RLIMIT_NOFILE"));
+        let system = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENFILE));
+        assert!(nofile_hint(&system).contains("fs.file-max"));
+        // The text alone is not the errno: a message that quotes it is no EMFILE.
+        let quoted = anyhow::anyhow!("cannot open x.img: Too many open files (os error 24)");
+        assert_eq!(nofile_hint(&quoted), "");
         assert_eq!(
             nofile_text(Some((1024, 4096))),
             ": the open-file limit (RLIMIT_NOFILE) of 1024 (hard 4096) is reached: each \

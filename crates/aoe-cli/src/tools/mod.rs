@@ -304,11 +304,10 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 }
 
 /// Opens an AoE socket on `netif`, with an error naming the interface, and a receive
-/// buffer of 8 MiB: a broadcast Query Config (`aoecfg`, `aoeping` of a wildcard) is
-/// answered by every export on the segment at once. With the default buffer (212992 bytes,
-/// about 270 small frames on a veth link) `aoe cfg -t 3 65535 255` listed 256 of the 1024
-/// exports a target served, the rest dropped by the kernel before the tool read them
-/// (session 35); 8 MiB holds more than 10000 (as `aoe trace`'s and the initiator's own).
+/// buffer of [`aoe_sys::RECV_BUFFER_BYTES`] (8 MiB): a broadcast Query Config (`aoecfg`,
+/// `aoeping` of a wildcard) is answered by every export on the segment at once; with the
+/// default buffer `aoe cfg -t 3 65535 255` listed 256 of the 1024 exports a target served
+/// (session 35).
 pub fn open_socket(netif: &str) -> Result<PacketSocket> {
     if aoe_sys::interface_info(netif).is_err() {
         bail!("{netif:?} is not a network interface (in this network namespace)");
@@ -316,7 +315,7 @@ pub fn open_socket(netif: &str) -> Result<PacketSocket> {
     let sock = PacketSocket::open(netif)
         .with_context(|| format!("cannot open an AoE socket on {netif}"))?;
     // Best effort, as elsewhere: without CAP_NET_ADMIN the kernel's rmem_max caps it.
-    let _ = sock.set_recv_buffer(8 << 20);
+    let _ = sock.set_recv_buffer(aoe_sys::RECV_BUFFER_BYTES);
     Ok(sock)
 }
 

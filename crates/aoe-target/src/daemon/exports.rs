@@ -854,10 +854,12 @@ fn placed(config: &ServeConfig, n: usize, key: &str, err: anyhow::Error) -> anyh
     placed_at(config.sources.export_place(n, key), err)
 }
 
-/// `err` led by `at` (`FILE:LINE:COLUMN`), if known.
+/// `err` led by `at` (`FILE:LINE:COLUMN`), if known, as a context: the chain under it (an
+/// `io::Error` and its errno, for [`crate::nofile_hint`]) is kept. Until session 36 it was
+/// a new error of the chain's text.
 fn placed_at(at: Option<String>, err: anyhow::Error) -> anyhow::Error {
     match at {
-        Some(at) => anyhow::anyhow!("{at}: {err:#}"),
+        Some(at) => err.context(at),
         None => err,
     }
 }

@@ -108,7 +108,10 @@ impl Route {
     /// every shelf and every slot), as the engine itself tests with
     /// [`TargetAddr::reaches`](aoe_wire::TargetAddr::reaches). A frame too short to carry
     /// the address goes to every export, whose engine drops and counts it as malformed.
-    pub(super) fn reaches(&self, frame: &[u8]) -> bool {
+    /// The rule the routing index ([`each_route_in`]) answers by; the loop asks the index
+    /// alone, so this is the tests' statement of it.
+    #[cfg(test)]
+    fn reaches(&self, frame: &[u8]) -> bool {
         frame_addr(frame).is_none_or(|a| a.reaches(self.addr))
     }
 }
@@ -122,6 +125,39 @@ fn frame_addr(frame: &[u8]) -> Option<aoe_wire::TargetAddr> {
             minor,
         )),
         _ => None,
+    }
+}
+
+/// Builds `by_addr`, the index of `exports` by shelf.slot ([`IfaceRt::by_addr`]).
+fn index_routes(exports: &[Route], by_addr: &mut HashMap<aoe_wire::TargetAddr, Vec<usize>>) {
+    by_addr.clear();
+    for (k, r) in exports.iter().enumerate() {
+        by_addr.entry(r.addr).or_default().push(k);
+    }
+}
+
+/// Calls `g` with the index of each of `exports` that `frame` may concern, in order: those
+/// `Route::reaches` is true of, found through the index `by_addr` ([`index_routes`]). The
+/// one place that routes a frame: until session 36 the receive loop asked
+/// `Route::reaches` again of each route this had named (the same answer, the frame's
+/// shelf.slot parsed a second time per route); now that rule is this function's
+/// specification, held to it by the unit tests.
+fn each_route_in(
+    exports: &[Route],
+    by_addr: &HashMap<aoe_wire::TargetAddr, Vec<usize>>,
+    frame: &[u8],
+    mut g: impl FnMut(usize),
+) {
+    match frame_addr(frame) {
+        Some(addr) if addr.is_wildcard() => (0..exports.len())
+            .filter(|&k| addr.reaches(exports[k].addr))
+            .for_each(g),
+        Some(addr) => {
+            if let Some(ks) = by_addr.get(&addr) {
+                ks.iter().for_each(|&k| g(k));
+            }
+        }
+        None => (0..exports.len()).for_each(g),
     }
 }
 
@@ -449,14 +485,11 @@ impl IfaceRt {
     /// Changes the routes (`f` may push, retain, ...) and rebuilds the index by address.
     pub(super) fn set_routes(&mut self, f: impl FnOnce(&mut Vec<Route>)) {
         f(&mut self.exports);
-        self.by_addr.clear();
-        for (k, r) in self.exports.iter().enumerate() {
-            self.by_addr.entry(r.addr).or_default().push(k);
-        }
+        index_routes(&self.exports, &mut self.by_addr);
     }
 
     /// Puts into `out` the indices (into `exports`, in its order) of the routes frame `f`
-    /// may concern ([`Route::reaches`]): those of its shelf.slot, or every one for a
+    /// may concern (`Route::reaches`, in the tests): those of its shelf.slot, or every one for a
     /// wildcard address (AoEr11 section 2) or a frame too short to carry an address.
     pub(super) fn routes_for(&self, f: usize, out: &mut Vec<usize>) {
         out.clear();
@@ -465,18 +498,8 @@ impl IfaceRt {
 
     /// Calls `g` with the index of each route [`routes_for`](Self::routes_for) names,
     /// without allocating.
-    pub(super) fn each_route(&self, f: usize, mut g: impl FnMut(usize)) {
-        match frame_addr(self.frame(f)) {
-            Some(addr) if addr.is_wildcard() => (0..self.exports.len())
-                .filter(|&k| addr.reaches(self.exports[k].addr))
-                .for_each(g),
-            Some(addr) => {
-                if let Some(ks) = self.by_addr.get(&addr) {
-                    ks.iter().for_each(|&k| g(k));
-                }
-            }
-            None => (0..self.exports.len()).for_each(g),
-        }
+    pub(super) fn each_route(&self, f: usize, g: impl FnMut(usize)) {
+        each_route_in(&self.exports, &self.by_addr, self.frame(f), g);
     }
 
     /// Queues a reply for sending, or drops it (counted) when the backlog is full; the
@@ -652,5 +675,39 @@ mod tests {
         assert!(!r.reaches(&frame_to(0xffff, 5)));
         assert!(r.reaches(&[0u8; 18]));
         assert!(r.reaches(&[]));
+    }
+
+    /// Session 36: the receive loop takes the routes the index names without asking
+    /// [`Route::reaches`] again, so the index must name exactly the routes that rule
+    /// reaches, in order: for each address, wildcards, and short frames, beside exports
+    /// that share an address (two interfaces' worth) and ones that share a shelf or a slot.
+    #[test]
+    fn the_routing_index_names_exactly_the_routes_a_frame_reaches() {
+        let addrs = [(3, 4), (3, 5), (2, 4), (3, 4), (0, 0), (7, 0xfe)];
+        let exports: Vec<Route> = addrs
+            .iter()
+            .enumerate()
+            .map(|(id, &(shelf, slot))| Route {
+                id: id as u32,
+                addr: aoe_wire::TargetAddr::new(shelf, slot),
+                file: id % 2 == 0,
+            })
+            .collect();
+        let mut by_addr = HashMap::new();
+        index_routes(&exports, &mut by_addr);
+        let mut frames: Vec<Vec<u8>> = vec![vec![], vec![0; 17], vec![0; 18]];
+        for shelf in [0, 2, 3, 7, 9, 0xffff] {
+            for slot in [0, 4, 5, 0xfe, 0xff] {
+                frames.push(frame_to(shelf, slot));
+            }
+        }
+        for frame in &frames {
+            let mut named = Vec::new();
+            each_route_in(&exports, &by_addr, frame, |k| named.push(k));
+            let reached: Vec<usize> = (0..exports.len())
+                .filter(|&k| exports[k].reaches(frame))
+                .collect();
+            assert_eq!(named, reached, "frame {:?}", frame.get(16..19));
+        }
     }
 }
