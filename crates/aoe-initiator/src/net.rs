@@ -21,6 +21,7 @@ use crate::blockdev::rangelock::RangeLocks;
 use crate::errlog::ErrLog;
 use crate::iostats::IoBytes;
 use crate::partition::{self, Partition};
+use crate::scanpool::ScanPool;
 
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
@@ -299,6 +300,13 @@ impl Shared {
         self.scans_started += 1;
         self.latest_scan.insert(dev, self.scans_started);
         self.scans_started
+    }
+
+    /// Whether scan `n` is still the latest of `dev` and `dev` still known: a scan that
+    /// waited in the pool's queue past a resize, a revalidate or the device's end reads
+    /// nothing ([`Net::scan_partitions`]).
+    fn scan_is_current(&self, dev: TargetAddr, n: u64) -> bool {
+        self.latest_scan.get(&dev) == Some(&n) && self.devices.contains_key(&dev)
     }
 
     /// Stores the partitions scan `n` of `dev` found, unless a later scan of `dev` was
@@ -1249,6 +1257,8 @@ pub struct Net {
     /// Whether each interface was last said to be running (up with a carrier), by index,
     /// from the link events: a change to running is a link that came back.
     link_running: HashMap<u32, bool>,
+    /// The threads partition scans and `losetup` run on ([`ScanPool`]).
+    scans: ScanPool,
 }
 
 /// How long an interface taken out of the list, in the same change that listed a new one,
@@ -1333,6 +1343,7 @@ impl Net {
             retiring: BTreeMap::new(),
             links: None,
             link_running: HashMap::new(),
+            scans: ScanPool::new("aoe-partscan"),
         })
     }
 
@@ -1658,6 +1669,7 @@ impl Net {
                         held_pending = self.pending_held.len(),
                         copied_old = c.copied_old,
                         copied_wait = c.copied_wait,
+                        scan_threads_peak = self.scans.counts().2,
                         "network thread loop"
                     );
                     self.shut_down();
@@ -2036,6 +2048,9 @@ impl Net {
         self.housekept = now;
         s.interrupt_err_waiters();
         s.flush_err_log(now);
+        drop(s);
+        // Scans queued while no thread could be started (pids.max, ulimit -u).
+        self.scans.retry();
         true
     }
 
@@ -2318,9 +2333,11 @@ impl Net {
     }
 
     /// Reads the partition table of `dev` (MBR primaries, the EBR chain of extended
-    /// partitions, GPT: [`partition::scan_with`]) from a thread of its own, through the
-    /// same I/O path as the files: an EBR can be anywhere on the device, so the reads follow
-    /// each other and the network thread must keep running meanwhile.
+    /// partitions, GPT: [`partition::scan_with`]) on a thread of the scan pool
+    /// ([`ScanPool`]), through the same I/O path as the files: an EBR can be anywhere on the
+    /// device, so the reads follow each other and the network thread must keep running
+    /// meanwhile. A scan that waited in the pool's queue while a later one of the same
+    /// device was started, or the device went, is dropped before it reads anything.
     fn scan_partitions(&mut self, dev: TargetAddr) {
         let shared = self.shared.clone();
         let capacity = self.engine.device(dev).map_or(0, |d| d.sectors);
@@ -2333,6 +2350,9 @@ impl Net {
         let handle = self.handle.clone();
         let n = lock(&shared).start_scan(dev);
         let scan = move || {
+            if !lock(&shared).scan_is_current(dev, n) {
+                return;
+            }
             // Blocks until the I/O completes; the network thread answers every I/O (EIO
             // when it stops), or drops it with its channel, which ends the wait too.
             let read = |lba: u64, sectors: u32| -> Option<Vec<u8>> {
@@ -2359,16 +2379,13 @@ impl Net {
                 }
                 if loop_devices && s.devices.get(&dev).is_some_and(|e| e.loop_device.is_none()) {
                     drop(s);
-                    attach_loop(shared.clone(), dev, path);
+                    // On this pool thread: losetup reads the device through the network
+                    // thread, which keeps running.
+                    attach_loop(&shared, dev, &path);
                 }
             }
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("aoe-partscan".into())
-            .spawn(scan)
-        {
-            tracing::warn!(error = %e, "{dev}: cannot start the partition scan");
-        }
+        self.scans.submit(Box::new(scan));
     }
 
     fn detach_loop(&mut self, dev: TargetAddr) {
@@ -2377,7 +2394,7 @@ impl Net {
             .get_mut(&dev)
             .and_then(|e| e.loop_device.take());
         if let Some(lo) = lo {
-            detach_loop_device(&lo);
+            self.scans.submit(Box::new(move || detach_loop_device(&lo)));
         }
     }
 
@@ -2417,7 +2434,7 @@ impl Net {
             .filter_map(|e| e.loop_device.take())
             .collect();
         for lo in loops {
-            detach_loop_device(&lo);
+            self.scans.submit(Box::new(move || detach_loop_device(&lo)));
         }
     }
 }
@@ -2457,45 +2474,41 @@ fn shown_name(n: &str) -> String {
     format!("{:?}... ({} bytes)", &n[..end], n.len())
 }
 
-/// Attaches a loop device with partition scan to a device file, from a thread of its own:
-/// losetup reads the file through this daemon, so the network thread must keep running.
-fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::PathBuf) {
-    std::thread::spawn(move || {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(&path)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                let mut s = lock(&shared);
-                s.push_err(format!("{dev} attached to {lo}"));
-                match s.devices.get_mut(&dev) {
-                    Some(e) => e.loop_device = Some(lo),
-                    None => {
-                        drop(s);
-                        detach_loop_device(&lo);
-                    }
+/// Attaches a loop device with partition scan to a device file. Never on the network
+/// thread: losetup reads the file through this daemon, so that thread must keep running
+/// (a scan job of the [`ScanPool`] calls it).
+fn attach_loop(shared: &Mutex<Shared>, dev: TargetAddr, path: &std::path::Path) {
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--partscan"])
+        .arg(path)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let mut s = lock(shared);
+            s.push_err(format!("{dev} attached to {lo}"));
+            match s.devices.get_mut(&dev) {
+                Some(e) => e.loop_device = Some(lo),
+                None => {
+                    drop(s);
+                    detach_loop_device(&lo);
                 }
             }
-            Ok(o) => lock(&shared).push_err(format!(
-                "{dev}: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
         }
-    });
+        Ok(o) => lock(shared).push_err(format!(
+            "{dev}: losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => lock(shared).push_err(format!("{dev}: cannot run losetup: {e}")),
+    }
 }
 
+/// Detaches a loop device lazily (the kernel finishes once the last user closes it). Off
+/// the network thread (a [`ScanPool`] job) since it may read through us.
 fn detach_loop_device(lo: &str) {
-    let lo = lo.to_string();
-    // Detach lazily (the kernel finishes once the last user closes it); off the network
-    // thread since it may read through us.
-    std::thread::spawn(move || {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &lo])
-            .status();
-    });
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", lo])
+        .status();
 }
 
 #[cfg(test)]
