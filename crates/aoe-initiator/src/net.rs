@@ -2648,6 +2648,23 @@ mod scan_order_tests {
         assert_eq!(s.finish_scan(DEV, gone, part(1)), Scan::Stale);
     }
 
+    /// Scans wait in the scan pool's queue (session 36) and may start after a resize or
+    /// revalidate started a later one, or after the device went: such a scan reads nothing
+    /// (`scan_is_current` is checked before its first read), and only the latest of a
+    /// device that is still known runs.
+    #[test]
+    fn a_queued_scan_made_stale_reads_nothing() {
+        let mut s = Shared::default();
+        known(&mut s, 4096);
+        let up = s.start_scan(DEV);
+        assert!(s.scan_is_current(DEV, up));
+        let resized = s.start_scan(DEV);
+        assert!(!s.scan_is_current(DEV, up), "a later scan was started");
+        assert!(s.scan_is_current(DEV, resized));
+        s.devices.clear();
+        assert!(!s.scan_is_current(DEV, resized), "the device is gone");
+    }
+
     /// `flush` skips a device an NBD client is connected to, on the device or on one of
     /// its partitions, as it skips one with an open file: on the code before, `echo all >
     /// ROOT/flush` removed it and the client's reads failed with EIO until a discover.
