@@ -8,14 +8,17 @@
 //! started up to 1031 threads at once, and under a cgroup's `pids.max` (or `ulimit -u`) the
 //! spawns that failed left their devices without partition files, with only a warning in the
 //! log. Here a job waits in a queue until a thread takes it. A thread is started when the
-//! jobs queued outnumber the idle threads, up to [`MAX_THREADS`]; the kernel's
-//! concurrency-managed workqueues do the same (a worker is added when the running ones
-//! block), and the Linux driver's partition scan runs in one (aoecmd.c `aoecmd_sleepwork`
-//! calls `aoeblk_gdalloc`, whose `device_add_disk` reads the table). A thread that finds no
-//! work for [`IDLE`] ends. A spawn that fails leaves the job queued: a thread of the pool
-//! takes it when it is free, and the next [`ScanPool::submit`] or [`ScanPool::retry`] (the
-//! network thread's housekeeping calls it) tries to start one again, so no job is dropped
-//! for want of a thread, only delayed.
+//! jobs queued outnumber the idle threads, up to [`THREADS`] at once; past that, one more
+//! each [`STALL`] in which no queued job could start (threads held by devices that stopped
+//! answering, each until its I/O fails after `deadsecs`), up to [`MAX_THREADS`]. The
+//! kernel's concurrency-managed workqueues likewise add a worker when the running ones
+//! block, up to a work queue's `max_active` (256 by default, `WQ_DFL_ACTIVE`), and the
+//! Linux driver's partition scan runs in one (aoecmd.c `aoecmd_sleepwork` calls
+//! `aoeblk_gdalloc`, whose `device_add_disk` reads the table). A thread that finds no work
+//! for [`IDLE`] ends. A spawn that fails leaves the job queued: a thread of the pool takes
+//! it when one is free, and the next [`ScanPool::submit`] or [`ScanPool::retry`] (the
+//! network thread's housekeeping calls it every 20 ms) tries to start one again, so no job
+//! is dropped for want of a thread, only delayed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,15 +33,25 @@ pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 pub(crate) type Spawner =
     Box<dyn Fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()> + Send + Sync>;
 
-/// Most threads the pool runs. A scan takes a few round trips, so a handful of threads scan
-/// 1024 devices in about a second on a veth link (docs/PERFORMANCE.md, "The initiator with
-/// 1024 devices"); the cap matters when devices do not answer, each holding a thread until
-/// its I/O fails (`deadsecs`): then the scans behind them wait, as the kernel's work items
-/// wait past `max_active`.
-pub(crate) const MAX_THREADS: usize = 32;
+/// Threads the pool starts at once while jobs wait. A scan takes a few round trips, so 32
+/// threads scan 1024 devices in a few seconds on a veth link (docs/PERFORMANCE.md, "The
+/// initiator with 1024 devices"), and leave the rest of a `pids.max` to the daemon's other
+/// threads.
+pub(crate) const THREADS: usize = 32;
 
-/// How long a thread waits for work before it ends.
-pub(crate) const IDLE: Duration = Duration::from_secs(5);
+/// Most threads, reached one each [`STALL`] while no queued job can start: the kernel's
+/// `WQ_DFL_ACTIVE`.
+pub(crate) const MAX_THREADS: usize = 256;
+
+/// How long queued jobs wait with every thread busy before one more is started past
+/// [`THREADS`].
+pub(crate) const STALL: Duration = Duration::from_secs(1);
+
+/// How long a thread waits for work before it ends: short, so that the threads a burst
+/// of scans started give their places under a `pids.max` back to the daemon's other
+/// threads (an NBD connection's) soon after (the kernel's idle workers linger 5 minutes,
+/// but take no task slot from a process).
+pub(crate) const IDLE: Duration = Duration::from_secs(1);
 
 /// Least time between two tries to start a thread after one failed.
 const RETRY: Duration = Duration::from_millis(50);
@@ -51,12 +64,15 @@ pub(crate) struct ScanPool {
 struct Inner {
     state: Mutex<State>,
     work: Condvar,
-    /// A spawn failed and jobs may wait for a thread: [`ScanPool::retry`] looks at this
-    /// first, without the lock.
+    /// Jobs wait with no idle thread to take them (a spawn failed, or every thread is
+    /// busy): [`ScanPool::retry`] looks at this first, without the lock.
     starved: AtomicBool,
     spawn: Spawner,
+    /// [`THREADS`], [`MAX_THREADS`], [`IDLE`], [`STALL`] (tests make them smaller).
+    soft: usize,
     cap: usize,
     idle: Duration,
+    stall: Duration,
 }
 
 #[derive(Default)]
@@ -68,6 +84,8 @@ struct State {
     idle: usize,
     /// Most threads ever running at once.
     peak: usize,
+    /// When a thread last took a job from the queue, or a thread was started.
+    moved: Option<Instant>,
     /// The last failed spawn, and the failures since the last success.
     failed_at: Option<Instant>,
     failures: u64,
@@ -88,20 +106,29 @@ impl ScanPool {
                 .spawn(f)
                 .map(drop)
         });
-        ScanPool::with(spawn, MAX_THREADS, IDLE)
+        ScanPool::with(spawn, (THREADS, MAX_THREADS), IDLE, STALL)
     }
 
-    /// A pool starting its threads with `spawn`, at most `cap`, each ending after `idle`
-    /// without work.
-    pub(crate) fn with(spawn: Spawner, cap: usize, idle: Duration) -> ScanPool {
+    /// A pool starting its threads with `spawn`: `soft` at once while jobs wait, then one
+    /// each `stall` in which no queued job could start, at most `cap`; each ends after
+    /// `idle` without work.
+    pub(crate) fn with(
+        spawn: Spawner,
+        (soft, cap): (usize, usize),
+        idle: Duration,
+        stall: Duration,
+    ) -> ScanPool {
+        let soft = soft.max(1);
         ScanPool {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 work: Condvar::new(),
                 starved: AtomicBool::new(false),
                 spawn,
-                cap: cap.max(1),
+                soft,
+                cap: cap.max(soft),
                 idle,
+                stall,
             }),
         }
     }
@@ -117,8 +144,9 @@ impl ScanPool {
         Inner::grow(&self.inner, s, true);
     }
 
-    /// Tries again to start a thread for jobs that wait with none to take them, after a
-    /// spawn failed (at most every [`RETRY`]). Cheap when nothing failed: one atomic load.
+    /// For jobs that wait with no thread to take them: tries again to start a thread after
+    /// a spawn failed (at most every [`RETRY`]), and past [`THREADS`] starts one more if
+    /// no queued job could start for [`STALL`]. Cheap when no job waits: one atomic load.
     pub(crate) fn retry(&self) {
         if !self.inner.starved.load(Ordering::Relaxed) {
             return;
@@ -144,11 +172,22 @@ impl Drop for ScanPool {
 }
 
 impl Inner {
-    /// Starts threads while the jobs queued outnumber the idle threads and the cap
-    /// allows. After a failed spawn, `submit` tries again at once (the failure may have
-    /// passed) but `retry` only every [`RETRY`].
+    /// Starts threads while the jobs queued outnumber the idle threads, up to the soft
+    /// cap, and past it one if the queue has not moved for the stall time. After a failed
+    /// spawn, `submit` tries again at once (the failure may have passed) but `retry` only
+    /// every [`RETRY`]. Leaves `starved` set while jobs wait with no idle thread.
     fn grow<'a>(this: &'a Arc<Inner>, mut s: MutexGuard<'a, State>, submitted: bool) {
-        while s.queue.len() > s.idle && s.threads < this.cap {
+        loop {
+            let waiting = s.queue.len() > s.idle;
+            this.starved.store(waiting, Ordering::Relaxed);
+            if !waiting {
+                return;
+            }
+            let stalled = s.moved.is_none_or(|t| t.elapsed() >= this.stall);
+            let room = s.threads < this.soft || (s.threads < this.cap && stalled && !submitted);
+            if !room {
+                return;
+            }
             if !submitted && s.failed_at.is_some_and(|t| t.elapsed() < RETRY) {
                 return;
             }
@@ -162,12 +201,12 @@ impl Inner {
             match started {
                 Ok(()) => {
                     s.peak = s.peak.max(s.threads);
+                    s.moved = Some(Instant::now());
                     if s.failures > 0 {
                         tracing::info!(failures = s.failures, "partition scan threads start again");
                     }
                     s.failed_at = None;
                     s.failures = 0;
-                    this.starved.store(false, Ordering::Relaxed);
                 }
                 Err(e) => {
                     s.threads -= 1;
@@ -182,7 +221,6 @@ impl Inner {
                     }
                     s.failures += 1;
                     s.failed_at = Some(Instant::now());
-                    this.starved.store(true, Ordering::Relaxed);
                     return;
                 }
             }
@@ -194,6 +232,10 @@ impl Inner {
         let mut s = lock(&self.state);
         loop {
             if let Some(job) = s.queue.pop_front() {
+                s.moved = Some(Instant::now());
+                if s.queue.len() <= s.idle {
+                    self.starved.store(false, Ordering::Relaxed);
+                }
                 drop(s);
                 job();
                 s = lock(&self.state);
@@ -243,7 +285,7 @@ mod tests {
     /// thread a job (the per-device threads of the base: one each), and every job runs.
     #[test]
     fn blocked_jobs_grow_the_pool_to_its_cap_and_all_run() {
-        let pool = ScanPool::with(threads("t-cap"), 8, Duration::from_secs(5));
+        let pool = ScanPool::with(threads("t-cap"), (8, 8), Duration::from_secs(5), STALL);
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..1000 {
@@ -278,7 +320,7 @@ mod tests {
             }
             std::thread::Builder::new().spawn(job).map(drop)
         });
-        let pool = ScanPool::with(spawn, 4, Duration::from_secs(5));
+        let pool = ScanPool::with(spawn, (4, 4), Duration::from_secs(5), STALL);
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..100 {
             let ran = ran.clone();
@@ -303,7 +345,7 @@ mod tests {
     /// Threads without work end after the idle time; a job after that starts one again.
     #[test]
     fn idle_threads_end_and_new_work_starts_one() {
-        let pool = ScanPool::with(threads("t-idle"), 4, Duration::from_millis(20));
+        let pool = ScanPool::with(threads("t-idle"), (4, 4), Duration::from_millis(20), STALL);
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..10 {
             let ran = ran.clone();
@@ -319,5 +361,47 @@ mod tests {
             r.fetch_add(1, Ordering::SeqCst);
         }));
         wait_for("the new job runs", || ran.load(Ordering::SeqCst) == 11);
+    }
+
+    /// Jobs that hold their threads (devices that stopped answering) past the soft cap: one
+    /// more thread each stall time while the queue does not move, up to the cap, so the
+    /// scans behind them still run; and none past the cap.
+    #[test]
+    fn a_stalled_queue_grows_the_pool_past_the_soft_cap_one_thread_at_a_time() {
+        let stall = Duration::from_millis(30);
+        let pool = ScanPool::with(threads("t-stall"), (2, 4), Duration::from_secs(5), stall);
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let stuck = |gate: Arc<(Mutex<bool>, Condvar)>| -> Job {
+            Box::new(move || {
+                let (m, c) = &*gate;
+                let mut open = m.lock().unwrap();
+                while !*open {
+                    open = c.wait(open).unwrap();
+                }
+            })
+        };
+        // Three jobs that never finish (until the gate opens), then ten quick ones.
+        for _ in 0..3 {
+            pool.submit(stuck(gate.clone()));
+        }
+        for _ in 0..10 {
+            let ran = ran.clone();
+            pool.submit(Box::new(move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        assert_eq!(pool.counts().0, 2, "the soft cap at once");
+        // The third stuck job takes the third thread; the fourth thread runs the rest.
+        wait_for(
+            "the quick jobs run on threads added past the soft cap",
+            || {
+                pool.retry();
+                ran.load(Ordering::SeqCst) == 10
+            },
+        );
+        assert_eq!(pool.counts().2, 4, "grown to the cap, one stall at a time");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 }
