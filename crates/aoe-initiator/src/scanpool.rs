@@ -82,6 +82,9 @@ struct State {
     threads: usize,
     /// Threads waiting for work.
     idle: usize,
+    /// Threads started that have not looked at the queue yet: each takes a job, so they
+    /// count as idle ones when deciding whether to start another.
+    starting: usize,
     /// Most threads ever running at once.
     peak: usize,
     /// When a thread last took a job from the queue, or a thread was started.
@@ -178,7 +181,7 @@ impl Inner {
     /// every [`RETRY`]. Leaves `starved` set while jobs wait with no idle thread.
     fn grow<'a>(this: &'a Arc<Inner>, mut s: MutexGuard<'a, State>, submitted: bool) {
         loop {
-            let waiting = s.queue.len() > s.idle;
+            let waiting = s.queue.len() > s.idle + s.starting;
             this.starved.store(waiting, Ordering::Relaxed);
             if !waiting {
                 return;
@@ -192,6 +195,7 @@ impl Inner {
                 return;
             }
             s.threads += 1;
+            s.starting += 1;
             let me = this.clone();
             // Started outside the lock: a thread's creation may take a while, and a
             // worker that ends takes the lock.
@@ -210,6 +214,7 @@ impl Inner {
                 }
                 Err(e) => {
                     s.threads -= 1;
+                    s.starting -= 1;
                     if s.failures == 0 {
                         tracing::warn!(
                             error = %e,
@@ -230,10 +235,11 @@ impl Inner {
     /// A thread's life: jobs until none comes for [`Inner::idle`].
     fn work(self: Arc<Inner>) {
         let mut s = lock(&self.state);
+        s.starting -= 1;
         loop {
             if let Some(job) = s.queue.pop_front() {
                 s.moved = Some(Instant::now());
-                if s.queue.len() <= s.idle {
+                if s.queue.len() <= s.idle + s.starting {
                     self.starved.store(false, Ordering::Relaxed);
                 }
                 drop(s);
@@ -306,6 +312,30 @@ mod tests {
         gate.1.notify_all();
         wait_for("1000 jobs run", || ran.load(Ordering::SeqCst) == 1000);
         assert_eq!(pool.counts().2, 8, "never more than the cap");
+    }
+
+    /// One thread a job waiting, not more: threads started but not yet running count as
+    /// taking a job each (the first pool started all 32 for a single device's scan, since
+    /// the job stayed queued until its new thread ran).
+    #[test]
+    fn a_thread_is_started_per_job_waiting_not_per_look() {
+        let started: Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>> = Arc::default();
+        let st = started.clone();
+        let spawn: Spawner = Box::new(move |f| {
+            st.lock().unwrap().push(f);
+            Ok(())
+        });
+        let pool = ScanPool::with(spawn, (8, 8), Duration::from_secs(5), STALL);
+        pool.submit(Box::new(|| {}));
+        assert_eq!(pool.counts().0, 1, "one job, one thread");
+        pool.submit(Box::new(|| {}));
+        pool.retry();
+        assert_eq!(pool.counts().0, 2, "two jobs, two threads");
+        // The threads run: they take the two jobs and end once idle.
+        for f in started.lock().unwrap().drain(..) {
+            std::thread::spawn(f);
+        }
+        wait_for("both jobs taken", || pool.counts().1 == 0);
     }
 
     /// Every spawn fails for a while (a full `pids.max`): the jobs wait instead of being
