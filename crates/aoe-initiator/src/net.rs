@@ -2186,6 +2186,12 @@ impl Net {
     fn events(&mut self) -> (bool, bool) {
         let mut changed = false;
         let mut io = false;
+        // Devices whose partition tables are read once the device list is published: a
+        // scan stores its table only for a device the list has. Published once for all of
+        // them: once a device, 1024 devices coming up together copied the list 1024 times
+        // (each entry with its IDENTIFY page), and the IDENTIFY answers waiting meanwhile
+        // timed out and were sent again (session 36).
+        let mut scans: Vec<TargetAddr> = Vec::new();
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Completed { id, result } => {
@@ -2226,23 +2232,16 @@ impl Net {
                     io = true;
                 }
                 Event::Log(line) => lock(&self.shared).push_err(line),
-                Event::DeviceUp(dev) => {
-                    // (The engine logs the state change itself.)
-                    self.publish();
-                    self.scan_partitions(dev);
-                    changed = true;
-                }
-                Event::DeviceResized { dev, .. } => {
-                    self.publish();
-                    self.scan_partitions(dev);
+                // (The engine logs the state change itself.)
+                Event::DeviceUp(dev) | Event::DeviceResized { dev, .. } => {
+                    scans.push(dev);
                     changed = true;
                 }
                 // `revalidate` re-reads the partition table even when the size is the
                 // same, so a partition added on the target appears without flush and
                 // discover.
                 Event::Revalidated(dev) => {
-                    self.publish();
-                    self.scan_partitions(dev);
+                    scans.push(dev);
                     changed = true;
                 }
                 Event::DeviceDown(dev) => {
@@ -2253,6 +2252,14 @@ impl Net {
                     self.detach_loop(dev);
                     changed = true;
                 }
+            }
+        }
+        if !scans.is_empty() {
+            self.publish();
+            scans.sort_unstable();
+            scans.dedup();
+            for dev in scans {
+                self.scan_partitions(dev);
             }
         }
         self.engine.take_released(&mut self.released);
