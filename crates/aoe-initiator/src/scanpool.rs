@@ -34,7 +34,7 @@ pub(crate) type Spawner =
     Box<dyn Fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()> + Send + Sync>;
 
 /// Threads the pool starts at once while jobs wait. A scan takes a few round trips, so 32
-/// threads scan 1024 devices in a few seconds on a veth link (docs/PERFORMANCE.md, "The
+/// threads scan 1024 devices in under a second on a veth link (docs/PERFORMANCE.md, "The
 /// initiator with 1024 devices"), and leave the rest of a `pids.max` to the daemon's other
 /// threads.
 pub(crate) const THREADS: usize = 32;
