@@ -319,7 +319,7 @@ mod tests {
     /// the job stayed queued until its new thread ran).
     #[test]
     fn a_thread_is_started_per_job_waiting_not_per_look() {
-        let started: Arc<Mutex<Vec<Box<dyn FnOnce() + Send>>>> = Arc::default();
+        let started: Arc<Mutex<Vec<Job>>> = Arc::default();
         let st = started.clone();
         let spawn: Spawner = Box::new(move |f| {
             st.lock().unwrap().push(f);
