@@ -13,6 +13,12 @@
 //! - `aoe cfg` of the broadcast address hears every export (its socket's default buffer
 //!   held about 270 answers).
 //!
+//! And `aoe initiator` with the devices of such a target (session 36):
+//! - every device of 1024 that appear at once gets its partition files under a `pids.max`
+//!   of 128 (the base build started a thread per device's partition scan, up to 1031 at
+//!   once; a spawn refused at the cap dropped that device's scan with a warn line), and
+//!   `ROOT`'s listing, `aoe stat` and the NBD export list name every device and partition.
+//!
 //! Needs root; frames stay on a veth pair between two namespaces the test creates.
 
 mod common;
@@ -24,8 +30,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aoe_testkit::cgroup::PidsCgroup;
 use aoe_testkit::{wait_until, Netns, NsChild, VethPair};
-use common::{proc_status, raw_socket, AOE};
+use common::{proc_status, raw_socket, AOE, ROOTS};
 
 /// Writes `dir/serve.toml` with `n` exports of 1 MiB sparse files on `netif`, 200 slots a
 /// shelf from shelf 1, no probe (nothing else answers on the test's link).
@@ -198,4 +205,193 @@ fn eleven_hundred_exports_announce_and_answer_a_broadcast_each_in_bounded_memory
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The address of export `i` of [`many_exports`]: 200 slots a shelf from shelf 1.
+fn export_addr(i: usize) -> (usize, usize) {
+    (i / 200 + 1, i % 200)
+}
+
+/// `aoe initiator` in `ns` on ROOT `root`, inside `cgroup`, with its mount undone on drop
+/// (a test that fails midway must not leave a FUSE mount behind).
+struct CgInitiator {
+    child: NsChild,
+    root: std::path::PathBuf,
+}
+
+impl CgInitiator {
+    fn start(ns: &Netns, cgroup: &PidsCgroup, root: &Path, args: &[&str]) -> CgInitiator {
+        std::fs::create_dir_all(root).expect("create ROOT");
+        let mut cmd = ns.command(AOE);
+        cmd.arg("initiator").arg("--root").arg(root).args(args);
+        let mut child = NsChild::spawn_command(cgroup.command(&cmd)).expect("start initiator");
+        let discover = root.join("discover");
+        let mounted = wait_until(Duration::from_secs(20), || {
+            discover.exists() || !child.is_running()
+        });
+        assert!(
+            mounted && child.is_running(),
+            "aoe initiator did not mount {}:\n{}",
+            root.display(),
+            tail(&child.output_so_far())
+        );
+        CgInitiator {
+            child,
+            root: root.to_owned(),
+        }
+    }
+}
+
+impl Drop for CgInitiator {
+    fn drop(&mut self) {
+        let _ = self.child.stop_within(Duration::from_secs(30));
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.root)
+            .output();
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+/// 1024 devices with a partition table each appear at once before an initiator running
+/// under a `pids.max` of 128 tasks: every device must get its `eX.Yp1` (the base build
+/// started a thread per device's scan, and the spawns refused at the cap left 831 of 1024
+/// devices without partition files, saying so only in a warn line). Then what a user lists
+/// must be whole: `ROOT`'s directory (2048 device and partition files, in shelf.slot order,
+/// read through FUSE a page of entries at a time), `aoe stat` (1024 rows, each up) and
+/// `nbdinfo --list` (2048 exports).
+#[test]
+fn initiator_scans_every_partition_table_of_1024_devices_under_a_pids_max() {
+    const N: usize = 1024;
+    const PIDS_MAX: u32 = 128;
+    aoe_testkit::require_tools(&[
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("fusermount3", "fuse3"),
+        ("nbdinfo", "libnbd-bin"),
+    ]);
+    let tns = Netns::new("s36pst").expect("netns");
+    let ins = Netns::new("s36psi").expect("netns");
+    let link = VethPair::new(&tns, &ins, 1500).expect("veth");
+    let (tif, iif) = (link.a_name().to_owned(), link.b_name().to_owned());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = many_exports(dir.path(), N, &tif);
+    // One Linux partition on each 1 MiB image: sectors 64 to 1087.
+    let mut mbr = vec![0u8; 512];
+    common::write_mbr_partition1(&mut mbr, 64, 1024);
+    for i in 0..N {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(format!("{i}.img")))
+            .expect("open image");
+        std::os::unix::fs::FileExt::write_all_at(&f, &mbr, 0).expect("write the MBR");
+    }
+    let mut serve = Command::new(AOE);
+    serve.args(["serve", "--config"]).arg(&cfg);
+    let mut target = NsChild::spawn(&tns, serve).expect("start aoe serve");
+    assert!(
+        wait_until(Duration::from_secs(60), || target
+            .output_so_far()
+            .contains("control socket listening")
+            || !target.is_running()),
+        "target did not start:\n{}",
+        tail(&target.output_so_far())
+    );
+
+    let cgroup = PidsCgroup::new("aoe-s36ps", PIDS_MAX)
+        .unwrap_or_else(|e| panic!("cannot make a pids cgroup: {e}"));
+    let root = Path::new(ROOTS).join(format!("s36s{}", std::process::id()));
+    let nbd = dir.path().join("nbd.sock");
+    let nbd_arg = nbd.to_str().expect("UTF-8 path");
+    let init = CgInitiator::start(
+        &ins,
+        &cgroup,
+        &root,
+        &["--iflist", &iif, "--max-devices", "2048", "--nbd", nbd_arg],
+    );
+    let mut want = Vec::new();
+    for i in 0..N {
+        let (shelf, slot) = export_addr(i);
+        want.push(format!("e{shelf}.{slot}"));
+        want.push(format!("e{shelf}.{slot}p1"));
+    }
+    let listing = || -> Vec<String> {
+        std::fs::read_dir(&root)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('e') && n != "err")
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Each device's partition file appears once its scan is done; a scan that is never
+    // run never makes it, and the wait ends at its deadline.
+    let all = wait_until(Duration::from_secs(60), || {
+        listing().iter().filter(|n| n.ends_with("p1")).count() == N
+    });
+    let got = listing();
+    let missing: Vec<&String> = want.iter().filter(|w| !got.contains(w)).collect();
+    let log = init.child.output_so_far();
+    assert!(
+        all && missing.is_empty(),
+        "{} of {} device and partition files missing after 60 s (first: {:?}); tasks \
+         refused at pids.max {PIDS_MAX}: {:?}; initiator log lines about scans that could \
+         not start: {}\n{}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(5)],
+        cgroup.refused(),
+        log.lines().filter(|l| l.contains("cannot start")).count(),
+        tail(&log)
+    );
+    assert_eq!(
+        got, want,
+        "ROOT's listing: every file once, in shelf.slot order"
+    );
+
+    let stat = Command::new(AOE)
+        .args(["stat", "--root"])
+        .arg(&root)
+        .output()
+        .expect("run aoe stat");
+    let rows = String::from_utf8_lossy(&stat.stdout);
+    assert!(stat.status.success(), "aoe stat: {}", stat.status);
+    assert_eq!(
+        rows.lines().filter(|l| l.contains(" up ")).count(),
+        N,
+        "aoe stat rows of devices up:\n{rows}"
+    );
+    let list = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbd+unix:///?socket={nbd_arg}"))
+        .output()
+        .expect("run nbdinfo --list");
+    let exports = String::from_utf8_lossy(&list.stdout);
+    let mut named: Vec<&str> = exports
+        .lines()
+        .filter_map(|l| l.strip_prefix("export=\""))
+        .filter_map(|l| l.trim_end_matches(':').strip_suffix('"'))
+        .collect();
+    named.sort_unstable();
+    let mut want_sorted: Vec<&str> = want.iter().map(String::as_str).collect();
+    want_sorted.sort_unstable();
+    assert_eq!(
+        named,
+        want_sorted,
+        "nbdinfo --list: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    eprintln!(
+        "{N} devices: initiator {} threads, {} MiB resident (peak {} MiB); cgroup peak {:?} \
+         tasks, {:?} refused",
+        proc_status(init.child.pid(), "Threads:"),
+        proc_status(init.child.pid(), "VmRSS:") >> 10,
+        proc_status(init.child.pid(), "VmHWM:") >> 10,
+        cgroup.read("pids.peak"),
+        cgroup.refused()
+    );
+    drop(init);
+    let _ = target.stop();
 }

@@ -31,6 +31,7 @@ pub mod errlog;
 pub mod iostats;
 pub mod net;
 pub mod partition;
+mod scanpool;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,6 +21,7 @@ use crate::blockdev::rangelock::RangeLocks;
 use crate::errlog::ErrLog;
 use crate::iostats::IoBytes;
 use crate::partition::{self, Partition};
+use crate::scanpool::ScanPool;
 
 /// Called once with the outcome of an I/O: read data, or an errno.
 pub type Done = Box<dyn FnOnce(Result<Option<Vec<u8>>, i32>) + Send>;
@@ -299,6 +300,13 @@ impl Shared {
         self.scans_started += 1;
         self.latest_scan.insert(dev, self.scans_started);
         self.scans_started
+    }
+
+    /// Whether scan `n` is still the latest of `dev` and `dev` still known: a scan that
+    /// waited in the pool's queue past a resize, a revalidate or the device's end reads
+    /// nothing ([`Net::scan_partitions`]).
+    fn scan_is_current(&self, dev: TargetAddr, n: u64) -> bool {
+        self.latest_scan.get(&dev) == Some(&n) && self.devices.contains_key(&dev)
     }
 
     /// Stores the partitions scan `n` of `dev` found, unless a later scan of `dev` was
@@ -1250,6 +1258,8 @@ pub struct Net {
     /// Whether each interface was last said to be running (up with a carrier), by index,
     /// from the link events: a change to running is a link that came back.
     link_running: HashMap<u32, bool>,
+    /// The threads partition scans and `losetup` run on ([`ScanPool`]).
+    scans: ScanPool,
 }
 
 /// How long an interface taken out of the list, in the same change that listed a new one,
@@ -1334,6 +1344,7 @@ impl Net {
             retiring: BTreeMap::new(),
             links: None,
             link_running: HashMap::new(),
+            scans: ScanPool::new("aoe-partscan"),
         })
     }
 
@@ -1659,6 +1670,7 @@ impl Net {
                         held_pending = self.pending_held.len(),
                         copied_old = c.copied_old,
                         copied_wait = c.copied_wait,
+                        scan_threads_peak = self.scans.counts().2,
                         "network thread loop"
                     );
                     self.shut_down();
@@ -2037,6 +2049,9 @@ impl Net {
         self.housekept = now;
         s.interrupt_err_waiters();
         s.flush_err_log(now);
+        drop(s);
+        // Scans queued while no thread could be started (pids.max, ulimit -u).
+        self.scans.retry();
         true
     }
 
@@ -2172,6 +2187,12 @@ impl Net {
     fn events(&mut self) -> (bool, bool) {
         let mut changed = false;
         let mut io = false;
+        // Devices whose partition tables are read once the device list is published: a
+        // scan stores its table only for a device the list has. Published once for all of
+        // them: once a device, 1024 devices coming up together copied the list 1024 times
+        // (each entry with its IDENTIFY page), and the IDENTIFY answers waiting meanwhile
+        // timed out and were sent again (session 36).
+        let mut scans: Vec<TargetAddr> = Vec::new();
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Completed { id, result } => {
@@ -2212,23 +2233,16 @@ impl Net {
                     io = true;
                 }
                 Event::Log(line) => lock(&self.shared).push_err(line),
-                Event::DeviceUp(dev) => {
-                    // (The engine logs the state change itself.)
-                    self.publish();
-                    self.scan_partitions(dev);
-                    changed = true;
-                }
-                Event::DeviceResized { dev, .. } => {
-                    self.publish();
-                    self.scan_partitions(dev);
+                // (The engine logs the state change itself.)
+                Event::DeviceUp(dev) | Event::DeviceResized { dev, .. } => {
+                    scans.push(dev);
                     changed = true;
                 }
                 // `revalidate` re-reads the partition table even when the size is the
                 // same, so a partition added on the target appears without flush and
                 // discover.
                 Event::Revalidated(dev) => {
-                    self.publish();
-                    self.scan_partitions(dev);
+                    scans.push(dev);
                     changed = true;
                 }
                 Event::DeviceDown(dev) => {
@@ -2239,6 +2253,14 @@ impl Net {
                     self.detach_loop(dev);
                     changed = true;
                 }
+            }
+        }
+        if !scans.is_empty() {
+            self.publish();
+            scans.sort_unstable();
+            scans.dedup();
+            for dev in scans {
+                self.scan_partitions(dev);
             }
         }
         self.engine.take_released(&mut self.released);
@@ -2319,9 +2341,11 @@ impl Net {
     }
 
     /// Reads the partition table of `dev` (MBR primaries, the EBR chain of extended
-    /// partitions, GPT: [`partition::scan_with`]) from a thread of its own, through the
-    /// same I/O path as the files: an EBR can be anywhere on the device, so the reads follow
-    /// each other and the network thread must keep running meanwhile.
+    /// partitions, GPT: [`partition::scan_with`]) on a thread of the scan pool
+    /// ([`ScanPool`]), through the same I/O path as the files: an EBR can be anywhere on the
+    /// device, so the reads follow each other and the network thread must keep running
+    /// meanwhile. A scan that waited in the pool's queue while a later one of the same
+    /// device was started, or the device went, is dropped before it reads anything.
     fn scan_partitions(&mut self, dev: TargetAddr) {
         let shared = self.shared.clone();
         let capacity = self.engine.device(dev).map_or(0, |d| d.sectors);
@@ -2334,6 +2358,9 @@ impl Net {
         let handle = self.handle.clone();
         let n = lock(&shared).start_scan(dev);
         let scan = move || {
+            if !lock(&shared).scan_is_current(dev, n) {
+                return;
+            }
             // Blocks until the I/O completes; the network thread answers every I/O (EIO
             // when it stops), or drops it with its channel, which ends the wait too.
             let read = |lba: u64, sectors: u32| -> Option<Vec<u8>> {
@@ -2360,16 +2387,13 @@ impl Net {
                 }
                 if loop_devices && s.devices.get(&dev).is_some_and(|e| e.loop_device.is_none()) {
                     drop(s);
-                    attach_loop(shared.clone(), dev, path);
+                    // On this pool thread: losetup reads the device through the network
+                    // thread, which keeps running.
+                    attach_loop(&shared, dev, &path);
                 }
             }
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("aoe-partscan".into())
-            .spawn(scan)
-        {
-            tracing::warn!(error = %e, "{dev}: cannot start the partition scan");
-        }
+        self.scans.submit(Box::new(scan));
     }
 
     fn detach_loop(&mut self, dev: TargetAddr) {
@@ -2378,7 +2402,7 @@ impl Net {
             .get_mut(&dev)
             .and_then(|e| e.loop_device.take());
         if let Some(lo) = lo {
-            detach_loop_device(&lo);
+            self.scans.submit(Box::new(move || detach_loop_device(&lo)));
         }
     }
 
@@ -2418,7 +2442,7 @@ impl Net {
             .filter_map(|e| e.loop_device.take())
             .collect();
         for lo in loops {
-            detach_loop_device(&lo);
+            self.scans.submit(Box::new(move || detach_loop_device(&lo)));
         }
     }
 }
@@ -2458,45 +2482,41 @@ fn shown_name(n: &str) -> String {
     format!("{:?}... ({} bytes)", &n[..end], n.len())
 }
 
-/// Attaches a loop device with partition scan to a device file, from a thread of its own:
-/// losetup reads the file through this daemon, so the network thread must keep running.
-fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::PathBuf) {
-    std::thread::spawn(move || {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(&path)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                let mut s = lock(&shared);
-                s.push_err(format!("{dev} attached to {lo}"));
-                match s.devices.get_mut(&dev) {
-                    Some(e) => e.loop_device = Some(lo),
-                    None => {
-                        drop(s);
-                        detach_loop_device(&lo);
-                    }
+/// Attaches a loop device with partition scan to a device file. Never on the network
+/// thread: losetup reads the file through this daemon, so that thread must keep running
+/// (a scan job of the [`ScanPool`] calls it).
+fn attach_loop(shared: &Mutex<Shared>, dev: TargetAddr, path: &std::path::Path) {
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--partscan"])
+        .arg(path)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let mut s = lock(shared);
+            s.push_err(format!("{dev} attached to {lo}"));
+            match s.devices.get_mut(&dev) {
+                Some(e) => e.loop_device = Some(lo),
+                None => {
+                    drop(s);
+                    detach_loop_device(&lo);
                 }
             }
-            Ok(o) => lock(&shared).push_err(format!(
-                "{dev}: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
         }
-    });
+        Ok(o) => lock(shared).push_err(format!(
+            "{dev}: losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => lock(shared).push_err(format!("{dev}: cannot run losetup: {e}")),
+    }
 }
 
+/// Detaches a loop device lazily (the kernel finishes once the last user closes it). Off
+/// the network thread (a [`ScanPool`] job) since it may read through us.
 fn detach_loop_device(lo: &str) {
-    let lo = lo.to_string();
-    // Detach lazily (the kernel finishes once the last user closes it); off the network
-    // thread since it may read through us.
-    std::thread::spawn(move || {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &lo])
-            .status();
-    });
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", lo])
+        .status();
 }
 
 #[cfg(test)]
@@ -2634,6 +2654,23 @@ mod scan_order_tests {
         let gone = s.start_scan(DEV);
         s.devices.clear();
         assert_eq!(s.finish_scan(DEV, gone, part(1)), Scan::Stale);
+    }
+
+    /// Scans wait in the scan pool's queue (session 36) and may start after a resize or
+    /// revalidate started a later one, or after the device went: such a scan reads nothing
+    /// (`scan_is_current` is checked before its first read), and only the latest of a
+    /// device that is still known runs.
+    #[test]
+    fn a_queued_scan_made_stale_reads_nothing() {
+        let mut s = Shared::default();
+        known(&mut s, 4096);
+        let up = s.start_scan(DEV);
+        assert!(s.scan_is_current(DEV, up));
+        let resized = s.start_scan(DEV);
+        assert!(!s.scan_is_current(DEV, up), "a later scan was started");
+        assert!(s.scan_is_current(DEV, resized));
+        s.devices.clear();
+        assert!(!s.scan_is_current(DEV, resized), "the device is gone");
     }
 
     /// `flush` skips a device an NBD client is connected to, on the device or on one of
