@@ -20,6 +20,9 @@
 #
 # Usage: sudo scripts/bench-multipath.sh
 #   AOE=target/release/aoe   INITS="$AOE"   PATHS="1 2 3"   MTU=9000   SIZE_MB=256   RUNS=2
+#   RATE=""  a rate for each path both ways (tc tbf on both ends of each veth, e.g. 500mbit):
+#            paths with a bandwidth of their own, as two NICs, instead of veths limited only
+#            by the CPUs
 #   Wrap it in `flock /tmp/aoe-bench.lock` on a shared machine.
 set -euo pipefail
 
@@ -29,6 +32,7 @@ PATHS=${PATHS:-"1 2 3"}
 MTU=${MTU:-9000}
 SIZE_MB=${SIZE_MB:-256}
 RUNS=${RUNS:-2}
+RATE=${RATE:-}
 SHELF=7 SLOT=3
 TAG=$$
 NS_T=mpT$TAG NS_I=mpI$TAG
@@ -73,6 +77,10 @@ for ((i = 0; i < MAXP; i++)); do
     ip -n "$NS_I" link add "mp$i" mtu "$MTU" type veth peer name "mpp$i" mtu "$MTU" netns "$NS_T"
     ip -n "$NS_T" link set "mpp$i" master mpbr up
     ip -n "$NS_I" link set "mp$i" up
+    if [ -n "$RATE" ]; then
+        ip netns exec "$NS_I" tc qdisc add dev "mp$i" root tbf rate "$RATE" burst 1mb latency 20ms
+        ip netns exec "$NS_T" tc qdisc add dev "mpp$i" root tbf rate "$RATE" burst 1mb latency 20ms
+    fi
 done
 ip -n "$NS_T" link set mpbr mtu "$MTU"
 head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC"
@@ -134,7 +142,7 @@ for ((r = 1; r <= RUNS; r++)); do
     for e in "${order[@]}"; do one "${e%%:*}" "${e##*:}" "$r"; done
 done
 HZ=$(getconf CLK_TCK)
-echo "MTU $MTU, $SIZE_MB MiB each way, $RUNS rounds (median MB/s); initiator CPU-s/GB; retransmits summed over the rounds; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "MTU $MTU${RATE:+, each path $RATE}, $SIZE_MB MiB each way, $RUNS rounds (median MB/s); initiator CPU-s/GB; retransmits summed over the rounds; load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "| initiator | paths | read MB/s | write MB/s | read CPU-s/GB | write CPU-s/GB | retransmits read / write |"
 echo "|---|---|---|---|---|---|---|"
 for n in "${NPATHS[@]}"; do
