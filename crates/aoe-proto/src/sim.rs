@@ -207,6 +207,11 @@ pub struct Sim {
     /// One-way delay each segment adds to every frame on it, on top of [`Sim::link`]'s
     /// (a longer path: another switch hop, a loaded bridge); zero unless set.
     pub seg_delay: Vec<Duration>,
+    /// Chance, in percent, that a frame on each segment is lost, on top of [`Sim::link`]'s
+    /// (one lossy path among clean ones); zero unless set.
+    pub seg_loss: Vec<f64>,
+    /// Frames the initiator sent on each of its interfaces.
+    pub sent_on: Vec<u64>,
     /// The targets, in the order added.
     pub targets: Vec<SimTarget>,
     /// Hand-driven link: frames stay on the wire until [`Sim::deliver`] takes them, and
@@ -239,6 +244,8 @@ impl Sim {
             init,
             seg_up: vec![true; init_mtus.len()],
             seg_delay: vec![Duration::ZERO; init_mtus.len()],
+            seg_loss: vec![0.0; init_mtus.len()],
+            sent_on: vec![0; init_mtus.len()],
             targets: Vec::new(),
             hold: false,
             wire: BTreeMap::new(),
@@ -317,6 +324,10 @@ impl Sim {
             Dest::Initiator(seg, _, _) => seg,
             Dest::Target(t, j) => self.targets[t].segs[j],
         };
+        let seg_loss = self.seg_loss.get(seg).copied().unwrap_or_default();
+        if seg_loss > 0.0 && self.rng.chance(seg_loss) {
+            return;
+        }
         let extra = self.seg_delay.get(seg).copied().unwrap_or_default();
         let copies = if self.rng.chance(self.link.dup_pct) {
             2
@@ -361,6 +372,9 @@ impl Sim {
         while let Some(tx) = self.init.poll_transmit(self.now, &mut buf) {
             let frame = buf[..tx.len].to_vec();
             check_sent(&frame, self.init_mtu.get(tx.iface).copied().unwrap_or(0));
+            if let Some(n) = self.sent_on.get_mut(tx.iface) {
+                *n += 1;
+            }
             self.send_from_initiator(tx.iface, &frame);
         }
         while let Some(ev) = self.init.poll_event() {
@@ -723,6 +737,10 @@ pub struct Workload {
     pub done: u64,
     /// Reads whose data was checked.
     pub reads_checked: u64,
+    /// When each operation in flight was submitted.
+    started: BTreeMap<IoId, Instant>,
+    /// The longest an operation took from its submission to its completion.
+    pub longest: Duration,
 }
 
 impl Workload {
@@ -738,6 +756,8 @@ impl Workload {
             inflight: BTreeMap::new(),
             done: 0,
             reads_checked: 0,
+            started: BTreeMap::new(),
+            longest: Duration::ZERO,
         }
     }
 
@@ -786,6 +806,7 @@ impl Workload {
                 .submit_from(self.dev, op, source)
                 .expect("submit on an up device");
             self.inflight.insert(id, entry);
+            self.started.insert(id, sim.now);
             *budget -= 1;
         }
     }
@@ -800,7 +821,10 @@ impl Workload {
             .collect();
         for id in ids {
             let (lba, n, data) = self.inflight.remove(&id).unwrap_or_default();
-            let (_, result) = sim.completions.remove(&id).unwrap_or((sim.now, Ok(None)));
+            let (at, result) = sim.completions.remove(&id).unwrap_or((sim.now, Ok(None)));
+            if let Some(start) = self.started.remove(&id) {
+                self.longest = self.longest.max(at.saturating_duration_since(start));
+            }
             let result = result.unwrap_or_else(|e| panic!("{id} failed: {e}"));
             let range = lba as usize * 512..(lba + n) as usize * 512;
             match (data, result) {

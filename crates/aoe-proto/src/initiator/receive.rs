@@ -87,13 +87,11 @@ impl Engine {
         }
         let npaths = t.paths.len();
         match t.paths.iter().position(|p| p.iface == iface) {
-            Some(i) => t.paths[i].lost = 0,
+            Some(i) => t.paths[i].answered(),
             // A path whose MTU cannot carry one sector is useless.
-            None if sectors > 0 && npaths < MAX_PATHS_PER_TARGET => t.paths.push(Path {
-                iface,
-                sectors,
-                lost: 0,
-            }),
+            None if sectors > 0 && npaths < MAX_PATHS_PER_TARGET => {
+                t.paths.push(Path::new(iface, sectors))
+            }
             None => {}
         }
         // A down device unopened is identified through the MAC that answered (the only
@@ -366,23 +364,33 @@ impl Engine {
                 let t = &mut d.targets[ti];
                 // Karn's rule: no RTT sample from a retransmitted frame, but one from an
                 // earlier copy whose tag came back.
-                match earlier_sent {
+                let path_sample = match earlier_sent {
                     // An earlier copy answered after a later one went out: the later one
                     // was spurious (`Target::spurious_copy`), unless a held copy's answer
                     // already said so.
                     Some(sent) if !held => {
-                        t.spurious_copy(now, now.saturating_duration_since(sent));
+                        let rtt = now.saturating_duration_since(sent);
+                        t.spurious_copy(now, rtt);
                         t.on_answer(now, None);
+                        Some(rtt)
                     }
                     // The same for a held copy (its sample taken by `held_answered`), and
                     // the answer to the copy whose successor waits to go out.
-                    Some(_) => t.on_answer(now, None),
-                    None if f.waiting.is_some() => t.on_answer(now, None),
-                    None => t.on_answer(
-                        now,
-                        (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent)),
-                    ),
-                }
+                    Some(_) => {
+                        t.on_answer(now, None);
+                        None
+                    }
+                    None if f.waiting.is_some() => {
+                        t.on_answer(now, None);
+                        None
+                    }
+                    None => {
+                        let rtt =
+                            (f.retransmits == 0).then(|| now.saturating_duration_since(f.sent));
+                        t.on_answer(now, rtt);
+                        rtt
+                    }
+                };
                 if f.waiting.is_none() && earlier_sent.is_none() {
                     // The answer to the frame's latest copy: its slot is free. (A waiting
                     // frame's last copy was held, and freed by `held_answered`.)
@@ -405,8 +413,13 @@ impl Engine {
                 // (`ktiocomplete`: `getif(t, skb->dev)`, `ifp->lost = 0`). Not the path of
                 // the frame's latest copy: an original answered on a slow path after its
                 // copy went out on another is still the slow path's answer.
+                // Its sample is that path's too: an answer comes back through the interface
+                // its request went out on (the target answers the request's source MAC).
                 if let Some(p) = t.paths.iter_mut().find(|p| p.iface == iface) {
-                    p.lost = 0;
+                    p.answered();
+                    if let Some(rtt) = path_sample {
+                        p.rtt.sample(rtt);
+                    }
                 }
             }
             if h.error.is_some() {
@@ -430,7 +443,7 @@ impl Engine {
             // the target, so it keeps its slot until its own answer or its timer.
             self.hold_copy(now, key, &f, f.deadline, false);
         }
-        self.later_frame_answered(now, &f, earlier_sent.unwrap_or(f.sent));
+        self.later_frame_answered(now, &f, earlier_sent.unwrap_or(f.sent), iface);
         // A data frame sized before the MTU shrank, refused by a target that now checks its
         // sector count against the smaller MTU (`aoe serve` aborts it): a size problem, not
         // a media error. Its sectors go out again in frames that fit.

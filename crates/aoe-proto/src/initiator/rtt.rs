@@ -22,7 +22,90 @@ pub(super) struct Path {
     pub(super) sectors: u8,
     /// Timeouts since the last answer (`lost`); the path is ejected after `2 * nframes`.
     pub(super) lost: u32,
+    /// This path's own round trip (RFC 6298's estimator over the samples of answers that
+    /// came in through it): how long its frames may take before answers on the target's
+    /// other paths say they are lost (`Engine::later_frame_answered`). The driver keeps one
+    /// estimate per target (`calc_rttavg`), and so does [`Target`] for its timer.
+    pub(super) rtt: PathRtt,
+    /// Frames on this path presumed lost (by the timer or by later answers) since an answer
+    /// last came in through it: while it is not 0 the path takes one of `2^dark` of its
+    /// turns (up to 1 in [`DARK_SHARE_MIN`]; `Target::take_path`), so a path gone dark
+    /// while the others answer swallows a few frames, not a third of the window, and the
+    /// first answer through it gives it its whole share again (session 36: the three-path
+    /// test's cut paths took 4150 frames each in 4 s, every one then copied).
+    pub(super) dark: u32,
+    /// Turns it passed up since it last took one, while dark.
+    pub(super) skipped: u32,
 }
+
+/// A dark path's smallest share of its turns (`Path::dark`): one in this many.
+pub(super) const DARK_SHARE_MIN: u32 = 64;
+
+impl Path {
+    /// A path through local interface `iface`, carrying `sectors` per frame.
+    pub(super) fn new(iface: usize, sectors: u8) -> Path {
+        Path {
+            iface,
+            sectors,
+            lost: 0,
+            rtt: PathRtt::default(),
+            dark: 0,
+            skipped: 0,
+        }
+    }
+
+    /// An answer came in through it: it is alive, its whole share back.
+    pub(super) fn answered(&mut self) {
+        self.lost = 0;
+        self.dark = 0;
+        self.skipped = 0;
+    }
+}
+
+/// One path's smoothed RTT and its deviation (RFC 6298 2.2-2.3, gains 1/8 and 1/4), in
+/// microseconds; `None` before its first sample.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PathRtt(Option<(u64, u64)>);
+
+impl PathRtt {
+    /// One RTT sample of a frame answered through this path.
+    pub(super) fn sample(&mut self, rtt: Duration) {
+        let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.0 = Some(match self.0 {
+            None => (rtt, rtt / 2),
+            Some((avg, dev)) => {
+                let err = rtt.abs_diff(avg);
+                let dev = if err >= dev {
+                    dev + (err - dev) / 4
+                } else {
+                    dev - (dev - err) / 4
+                };
+                let avg = if rtt >= avg {
+                    avg + err / 8
+                } else {
+                    avg - err / 8
+                };
+                (avg, dev)
+            }
+        });
+    }
+
+    /// How long a frame on this path may be out before answers to frames sent after it on
+    /// *other* paths presume it lost: `srtt + 4 * rttvar` of this path (RFC 6298 2.3's
+    /// bound, without its floor), or [`UNSAMPLED_PATH_WAIT`] before its first sample.
+    pub(super) fn overtaken_after(&self) -> Duration {
+        match self.0 {
+            Some((avg, dev)) => Duration::from_micros(avg.saturating_add(dev.saturating_mul(4))),
+            None => UNSAMPLED_PATH_WAIT,
+        }
+    }
+}
+
+/// How long a frame on a path with no RTT sample yet may be out before answers on the
+/// target's other paths presume it lost: a path is added by a config response through it,
+/// so its first data frames are answered within one round trip of it, however long; a
+/// second is longer than any LAN's and short next to `deadsecs`.
+pub(super) const UNSAMPLED_PATH_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub(super) struct Target {
@@ -465,6 +548,40 @@ impl Target {
             ));
         }
         None
+    }
+
+    /// The path the next frame (or copy) goes out on: the paths in turn, as the driver's
+    /// `ifrotate`, but a path with frames presumed lost since its last answer
+    /// ([`Path::dark`]) passes up all but one of `2^dark` of its turns. If every path
+    /// passes, the next in turn is taken all the same. Returns its index in `paths`.
+    pub(super) fn take_path(&mut self) -> usize {
+        let n = self.paths.len().max(1);
+        for _ in 0..n {
+            let i = self.next_path % n;
+            self.next_path = self.next_path.wrapping_add(1);
+            let Some(p) = self.paths.get_mut(i) else {
+                return 0;
+            };
+            if p.dark == 0 {
+                return i;
+            }
+            p.skipped += 1;
+            if p.skipped >= (1u32 << p.dark.min(31)).min(DARK_SHARE_MIN) {
+                p.skipped = 0;
+                return i;
+            }
+        }
+        let i = self.next_path % n;
+        self.next_path = self.next_path.wrapping_add(1);
+        i
+    }
+
+    /// A frame sent through local interface `iface` was presumed lost: that path is dark
+    /// until an answer comes in through it ([`Path::dark`]).
+    pub(super) fn path_dark(&mut self, iface: usize) {
+        if let Some(p) = self.paths.iter_mut().find(|p| p.iface == iface) {
+            p.dark = p.dark.saturating_add(1);
+        }
     }
 
     /// A path of its device with an interface to reach it through: frames may go to it.

@@ -202,8 +202,8 @@ impl Engine {
         t.nout += 1;
         t.max_nout = t.max_nout.max(t.nout);
         let rto = t.rto(&self.cfg);
-        let iface = t.paths[t.next_path % t.paths.len()].iface;
-        t.next_path = t.next_path.wrapping_add(1);
+        let pi = t.take_path();
+        let iface = t.paths[pi].iface;
         let seq = t.take_seq();
         t.sent_order.push_back((seq, tag));
         t.last_sent = Some(now);
