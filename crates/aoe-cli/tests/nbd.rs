@@ -1386,3 +1386,85 @@ fn nbd_read_only_refuses_a_name_that_is_no_export_name() {
         );
     }
 }
+
+/// Session 36 (docs/PERFORMANCE.md "NBD read replies without the copy into the Unix
+/// socket: the ceiling", docs/TEST-AUDIT.md "Session 36: NBD read replies and the receive
+/// ring's reuse"): a read's reply goes out from the slots of the initiator's receive ring
+/// (`Replies::push_pieces` in aoe-nbd), and those slots go back to the kernel for the next
+/// frames, as the engine's copies of given-up parts go back to its pool. Whatever a reply
+/// leaves in the client's socket must be the client's own bytes, not a reference to memory
+/// the initiator fills again: a reply handed over by page reference (`vmsplice` +
+/// `splice`, `MSG_SPLICE_PAGES`) and released at once reads back later frames. A client
+/// asks for two reads of 64 KiB and reads only the first reply's header; a second client
+/// then reads the other device whole (8 MiB: 8192 frames of 1 KiB at MTU 1500, more than
+/// a lap of the ring's 5,200 slots, every slot filled again) in reads of 256 KiB and checks
+/// each; then the first reads its two replies, which must equal the backing file. On
+/// session 36's prototype, which splices every reply and releases at once, it failed in
+/// 3 of 3 runs ("the second client's read at 0 differs from the backing file", once at
+/// 1572864); on the session's base it passes.
+#[test]
+fn nbd_read_replies_left_in_the_socket_survive_the_rings_next_lap() {
+    let rig = Rig::start(Target::AoeServe);
+    let part: u32 = 64 << 10;
+    let mut lag = rig.connect("e1.2", false);
+    let mut tx = TxBytes::new(&rig.target_ns, &rig.target_if);
+    let start = tx.get();
+    for cookie in 0..2u64 {
+        lag.send(0, 0, cookie, cookie * u64::from(part), part, &[]);
+    }
+    // Both replies are answered before the ring's next lap begins: the target has sent
+    // their 128 KiB.
+    assert!(
+        wait_until(Duration::from_secs(20), || tx.get() - start
+            >= 2 * u64::from(part)),
+        "the lagging client's reads not served{}",
+        rig.logs()
+    );
+    // The first reply's header, read; its 64 KiB of data stay in the socket.
+    let mut head = [0u8; 16];
+    lag.s
+        .read_exact(&mut head)
+        .expect("the first reply's header");
+    assert_eq!(head[..4], 0x6744_6698u32.to_be_bytes(), "a simple reply");
+    assert_eq!(head[4..8], [0; 4], "the first read failed{}", rig.logs());
+    let first = u64::from_be_bytes(head[8..16].try_into().unwrap());
+    // A lap of the ring and more, read and checked by another client.
+    let whole = rig.backing(0);
+    let mut other = rig.connect("e1.1", false);
+    let step = 256 << 10;
+    let mut off = 0;
+    while off < whole.len() {
+        let len = step.min(whole.len() - off);
+        let got = other
+            .read(off as u64, len as u32)
+            .expect("the other device's read");
+        assert!(
+            got == whole[off..off + len],
+            "the second client's read at {off} differs from the backing file{}",
+            rig.logs()
+        );
+        off += len;
+    }
+    let want = rig.backing(1);
+    let mut data = vec![0u8; part as usize];
+    lag.s.read_exact(&mut data).expect("the first reply's data");
+    let mut replies = vec![(first, data)];
+    let (cookie, err, data) = lag.reply(|_| part as usize);
+    assert_eq!(err, 0, "the lagging client's read {cookie} failed");
+    replies.push((cookie, data));
+    for (cookie, data) in replies {
+        let at = (cookie * u64::from(part)) as usize;
+        let bad = data
+            .iter()
+            .zip(&want[at..at + part as usize])
+            .position(|(a, b)| a != b);
+        assert!(
+            bad.is_none(),
+            "the lagging client's reply {cookie} differs from the backing file at byte {} \
+             of {part}: its bytes were taken from the receive ring after the ring's next lap \
+             filled it again{}",
+            bad.unwrap_or(0),
+            rig.logs()
+        );
+    }
+}
