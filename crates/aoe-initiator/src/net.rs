@@ -2459,8 +2459,11 @@ fn shown_name(n: &str) -> String {
 
 /// Attaches a loop device with partition scan to a device file, from a thread of its own:
 /// losetup reads the file through this daemon, so the network thread must keep running.
+/// A thread that cannot start (a cgroup's `pids.max` reached) is a line in `err`, not a
+/// panic.
 fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::PathBuf) {
-    std::thread::spawn(move || {
+    let errs = shared.clone();
+    let spawned = std::thread::Builder::new().name("aoe-losetup".into()).spawn(move || {
         let out = std::process::Command::new("losetup")
             .args(["--find", "--show", "--partscan"])
             .arg(&path)
@@ -2485,17 +2488,28 @@ fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::Pat
             Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
         }
     });
+    if let Err(e) = spawned {
+        lock(&errs).push_err(format!("{dev}: cannot start losetup's thread: {e}"));
+    }
 }
 
+/// Called on the network thread: a thread that cannot start (a cgroup's `pids.max`
+/// reached) is logged and the loop device left attached; this panicked the network thread
+/// until session 36.
 fn detach_loop_device(lo: &str) {
     let lo = lo.to_string();
     // Detach lazily (the kernel finishes once the last user closes it); off the network
     // thread since it may read through us.
-    std::thread::spawn(move || {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &lo])
-            .status();
-    });
+    let spawned = std::thread::Builder::new()
+        .name("aoe-losetup".into())
+        .spawn(move || {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &lo])
+                .status();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the thread that detaches a loop device");
+    }
 }
 
 #[cfg(test)]
