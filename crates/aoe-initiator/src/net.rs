@@ -2463,31 +2463,33 @@ fn shown_name(n: &str) -> String {
 /// panic.
 fn attach_loop(shared: Arc<Mutex<Shared>>, dev: TargetAddr, path: std::path::PathBuf) {
     let errs = shared.clone();
-    let spawned = std::thread::Builder::new().name("aoe-losetup".into()).spawn(move || {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(&path)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                let mut s = lock(&shared);
-                s.push_err(format!("{dev} attached to {lo}"));
-                match s.devices.get_mut(&dev) {
-                    Some(e) => e.loop_device = Some(lo),
-                    None => {
-                        drop(s);
-                        detach_loop_device(&lo);
+    let spawned = std::thread::Builder::new()
+        .name("aoe-losetup".into())
+        .spawn(move || {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--partscan"])
+                .arg(&path)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {
+                    let lo = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    let mut s = lock(&shared);
+                    s.push_err(format!("{dev} attached to {lo}"));
+                    match s.devices.get_mut(&dev) {
+                        Some(e) => e.loop_device = Some(lo),
+                        None => {
+                            drop(s);
+                            detach_loop_device(&lo);
+                        }
                     }
                 }
+                Ok(o) => lock(&shared).push_err(format!(
+                    "{dev}: losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
             }
-            Ok(o) => lock(&shared).push_err(format!(
-                "{dev}: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => lock(&shared).push_err(format!("{dev}: cannot run losetup: {e}")),
-        }
-    });
+        });
     if let Err(e) = spawned {
         lock(&errs).push_err(format!("{dev}: cannot start losetup's thread: {e}"));
     }
