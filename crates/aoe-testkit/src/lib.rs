@@ -16,6 +16,8 @@
 //! * [`run_script`]: runs an interop script under `tests/interop/` (which has its own hard
 //!   timeout and cleanup) with its output captured, and a backstop kill if it hangs.
 //! * [`fuseuring::FuseUring`]: `enable_uring` of the fuse module set for a test and restored.
+//! * [`cgroup::Cgroup`]: a control group of the test's own (pids, memory, cpu limits), removed
+//!   on drop.
 //! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
 //!   for tests that must know exactly which request was acknowledged.
 //!
@@ -39,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod aoeclient;
+pub mod cgroup;
 pub mod faultfs;
 pub mod fuseuring;
 pub mod killed;
