@@ -82,28 +82,32 @@ fn initiator_under_pids_max_fails_with_the_cause_or_serves() {
             .arg(veth.b_name());
         let mut init: NsChild = i_ns.spawn(cg.wrap(&cmd)).expect("start aoe initiator");
         let t0 = Instant::now();
+        // Every pids.max is tried, and what went wrong with each reported at the end.
         let outcome = loop {
             if let Some(status) = init.try_wait().expect("wait for the initiator") {
                 let out = init.output_so_far();
-                assert_eq!(
-                    status.code(),
-                    Some(1),
-                    "pids.max {pids}: the initiator ended with {status}, not exit 1 with a \
-                     message:\n{out}"
-                );
-                assert!(
-                    out.contains("Resource temporarily unavailable"),
-                    "pids.max {pids}: the initiator's error does not name the cause:\n{out}"
-                );
-                assert!(
-                    !mounted(&root),
-                    "pids.max {pids}: ROOT still mounted after the initiator exited"
-                );
-                break format!("{pids}: exit 1");
+                if status.code() != Some(1) {
+                    break Err(format!(
+                        "pids.max {pids}: the initiator ended with {status}, not exit 1 with \
+                         a message:\n{out}"
+                    ));
+                }
+                if !out.contains("Resource temporarily unavailable") {
+                    break Err(format!(
+                        "pids.max {pids}: the initiator's error does not name the cause:\n{out}"
+                    ));
+                }
+                if mounted(&root) {
+                    break Err(format!(
+                        "pids.max {pids}: ROOT still mounted after the initiator exited"
+                    ));
+                }
+                break Ok(format!("{pids}: exit 1"));
             }
             if mounted(&root) {
                 match bounded_read(&state) {
                     None => {
+                        // SIGKILL aborts the connection, which fails the blocked read.
                         let out = init.output_so_far();
                         let _ = Command::new("kill")
                             .args(["-KILL", &init.pid().to_string()])
@@ -113,42 +117,63 @@ fn initiator_under_pids_max_fails_with_the_cause_or_serves() {
                             .args(["-u", "-z"])
                             .arg(&root)
                             .status();
-                        panic!(
+                        break Err(format!(
                             "pids.max {pids}: ROOT mounted but reading {} hung for {HUNG:?} \
                              (nobody serves the file system):\n{out}",
                             state.display()
-                        );
+                        ));
                     }
-                    Some(Ok(s)) if s.trim() == "up" => break format!("{pids}: serves"),
+                    Some(Ok(s)) if s.trim() == "up" => break Ok(format!("{pids}: serves")),
                     // Not up yet, or already going (ENOTCONN, ENOENT): look again.
                     Some(_) => {}
                 }
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "pids.max {pids}: neither exited nor served within 20 s:\n{}",
-                init.output_so_far()
-            );
+            if t0.elapsed() > Duration::from_secs(20) {
+                break Err(format!(
+                    "pids.max {pids}: neither exited nor served within 20 s:\n{}",
+                    init.output_so_far()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         };
-        outcomes.push(outcome);
-        if init.is_running() {
-            let status = init.stop().expect("stop the initiator");
-            assert!(
-                status.success(),
-                "pids.max {pids}: the initiator's stop: {status}\n{}",
-                init.output_so_far()
-            );
+        let running = init.is_running();
+        let outcome = outcome.and_then(|o| match running {
+            true => match init.stop() {
+                Ok(s) if s.success() => Ok(o),
+                st => Err(format!(
+                    "pids.max {pids}: the initiator's stop: {st:?}\n{}",
+                    init.output_so_far()
+                )),
+            },
+            false => Ok(o),
+        });
+        drop(init);
+        if !wait_until(Duration::from_secs(5), || !mounted(&root)) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&root)
+                .status();
+            panic!("pids.max {pids}: ROOT still mounted after the initiator stopped");
         }
-        assert!(
-            wait_until(Duration::from_secs(5), || !mounted(&root)),
-            "pids.max {pids}: ROOT still mounted after the initiator stopped"
-        );
+        outcomes.push(outcome);
         drop(cg);
     }
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     eprintln!("outcomes: {outcomes:?}");
     assert!(
-        outcomes.last().is_some_and(|o| o.ends_with("serves")),
+        failed.is_empty(),
+        "{} failed:\n{}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        outcomes
+            .last()
+            .is_some_and(|o| o.as_ref().is_ok_and(|o| o.ends_with("serves"))),
         "pids.max {} should be enough to serve: {outcomes:?}",
         PIDS.end()
     );
