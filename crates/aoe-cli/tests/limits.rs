@@ -28,8 +28,8 @@ use aoe_testkit::{wait_until, Netns, NsChild, VethPair};
 use common::*;
 
 /// The `pids.max` values tried: from too few for the main thread's first spawn to enough
-/// for every thread a daemon starts (7 for `aoe initiator` without `--nbd`, 7 for
-/// `aoe serve` with its 4 default workers).
+/// for every thread a daemon starts (6 for `aoe initiator` without `--nbd`; 6 for
+/// `aoe serve` with its 4 default workers to serve, 7 with its control socket's thread).
 const PIDS: std::ops::RangeInclusive<u32> = 1..=8;
 
 /// How long an access to ROOT may take before it counts as hung. A live initiator answers
