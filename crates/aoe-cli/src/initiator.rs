@@ -189,7 +189,7 @@ fn serve(
     aoe_fuse::prepare_root(&opts.root)?;
     let _claim = claim_network_namespace()?;
     let init = aoe_initiator::Initiator::start(opts)?;
-    let mount = match aoe_fuse::mount(&opts.root, init.shared(), init.handle(), fuse_uring) {
+    let mut mount = match aoe_fuse::mount(&opts.root, init.shared(), init.handle(), fuse_uring) {
         Ok(m) => m,
         Err(e) => {
             init.shutdown();
@@ -213,14 +213,16 @@ fn serve(
         None
     };
     tracing::info!(root = %opts.root.display(), "initiator running");
-    init.wait(stop, force);
-    tracing::info!("stopping");
+    let waited = init.wait(stop, force, || mount.check());
+    if waited.is_ok() {
+        tracing::info!("stopping");
+    }
     if let Some(s) = nbd_server {
         s.stop();
     }
     init.shutdown();
     mount.unmount();
-    Ok(())
+    waited
 }
 
 /// The abstract Unix socket (unix(7); its names belong to the network namespace) that

@@ -274,18 +274,18 @@ pub struct AoeFs {
 impl AoeFs {
     /// A file system over the shared state, sending work to `net` (the mount's source; each
     /// open device file gets one of its own, up to a cap); `notifier` is set once the
-    /// session is mounted.
+    /// session is mounted. Fails if its invalidator thread cannot start (a cgroup's
+    /// `pids.max` reached), which panicked until session 36.
     pub fn new(
         shared: Arc<Mutex<Shared>>,
         net: Handle,
         notifier: Arc<OnceLock<Notifier>>,
-    ) -> AoeFs {
+    ) -> std::io::Result<AoeFs> {
         let q = Arc::new(inval::Queue::default());
         let (rx, n) = (q.clone(), notifier.clone());
         std::thread::Builder::new()
             .name("fuse-inval".into())
-            .spawn(move || invalidator(rx, n))
-            .expect("spawn the FUSE invalidator thread");
+            .spawn(move || invalidator(rx, n))?;
         let cached_opens = Arc::new(Mutex::new(HashMap::new()));
         let pages = CachedPages {
             shared: shared.clone(),
@@ -293,7 +293,7 @@ impl AoeFs {
             queue: q.clone(),
         };
         net.set_cached_views(Box::new(pages.clone()));
-        AoeFs {
+        Ok(AoeFs {
             shared,
             openers: Arc::new(Openers::new(net.clone())),
             net,
@@ -305,7 +305,7 @@ impl AoeFs {
             invalidate: Arc::new(inval::Sender(q)),
             uring: false,
             reply_fd: Arc::new(OnceLock::new()),
-        }
+        })
     }
 
     /// Answers device-file reads on `fd` (a dup of the session's /dev/fuse fd, the one its

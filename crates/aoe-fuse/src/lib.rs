@@ -32,7 +32,8 @@ pub fn prepare_root(root: &Path) -> Result<()> {
 
 /// The mounted file system; [`Mount::unmount`] takes it down.
 pub struct Mount {
-    session: fuser::BackgroundSession,
+    /// None once [`Mount::check`] found its thread ended and joined it.
+    session: Option<fuser::BackgroundSession>,
     root: PathBuf,
     /// `root` made absolute as mountinfo shows it ([`absolute`]).
     abs: Option<PathBuf>,
@@ -62,7 +63,8 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
     // The mount's source in the devices' queues, served in turn with each NBD connection
     // ([`Handle::new_source`]); each open device file gets one of its own (`openers`), up
     // to a cap beyond which opens share this one.
-    let mut afs = fs::AoeFs::new(shared, net.new_source(), notifier.clone());
+    let mut afs = fs::AoeFs::new(shared, net.new_source(), notifier.clone())
+        .context("cannot start the FUSE invalidator thread")?;
     if uring {
         afs = afs.with_uring();
     }
@@ -86,7 +88,7 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
         .with_context(|| format!("cannot serve the control file system on {}", root.display()))?;
     let _ = notifier.set(session.notifier());
     let mut m = Mount {
-        session,
+        session: Some(session),
         root: root.to_path_buf(),
         abs: absolute(root),
         ring: None,
@@ -104,6 +106,33 @@ pub fn mount(root: &Path, shared: Arc<Mutex<Shared>>, net: Handle, uring: bool) 
 }
 
 impl Mount {
+    /// Fails, with the reason, once the file system's request threads have ended with an
+    /// error; call it now and then while the daemon runs ([`aoe_initiator::Initiator::wait`]).
+    ///
+    /// fuser's `Session::spawn` returns as soon as its `fuser-bg` thread exists; that thread
+    /// starts the request threads (`fuser-0`, `fuser-1`) afterwards, and where one cannot
+    /// start (a cgroup's `pids.max` reached: `pthread_create` fails with EAGAIN) it ends
+    /// with that error and the threads it did start are left alone. With none started, ROOT
+    /// stayed mounted with nobody reading `/dev/fuse`, and every access to it (`cat`,
+    /// `aoe-stat`, `dd`) waited for ever, SIGTERM included (a FUSE request waits killably
+    /// only); with one, the daemon ran on half its threads without saying so. An error
+    /// here ends the daemon, whose unmount then fails accesses with ENOTCONN at once.
+    /// Ending without an error (the kernel's connection gone: ROOT unmounted from outside,
+    /// or the connection aborted) is not a failure: the daemon keeps serving NBD as before.
+    pub fn check(&mut self) -> Result<()> {
+        if !self.session.as_ref().is_some_and(|s| s.guard.is_finished()) {
+            return Ok(());
+        }
+        match self.session.take().map(fuser::BackgroundSession::join) {
+            Some(Err(e)) => Err(anyhow::Error::new(e).context(format!(
+                "the file system on {} stopped serving requests (its threads could not \
+                 start or ended; a pids.max or RLIMIT_NPROC too low?)",
+                self.root.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Unmounts. Call after [`aoe_initiator::Initiator::shutdown`], which wakes blocked
     /// readers of `err` first.
     ///

@@ -135,9 +135,22 @@ impl Initiator {
 
     /// Waits until `stop` becomes true (SIGTERM/SIGINT in the binary) while no device is in
     /// use (see [`in_use`]; what is, is logged once), or `force` becomes true (SIGQUIT).
-    pub fn wait(&self, stop: &AtomicBool, force: &AtomicBool) {
+    ///
+    /// Fails, ending the wait, when `front_ends` (called every 100 ms) does, or when the
+    /// network thread has ended (it ends only on [`Initiator::shutdown`]; a panic there left
+    /// every request waiting on a thread that would never answer it).
+    pub fn wait(
+        &self,
+        stop: &AtomicBool,
+        force: &AtomicBool,
+        mut front_ends: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let mut refused = false;
         loop {
+            front_ends()?;
+            if self.thread.is_finished() {
+                anyhow::bail!("the network thread ended unexpectedly (see the log above)");
+            }
             if force.load(Ordering::SeqCst) {
                 tracing::warn!("SIGQUIT: stopping now, failing I/O on devices still in use");
                 break;
@@ -159,6 +172,7 @@ impl Initiator {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
     }
 
     /// Stops the network thread (I/O still in flight fails) and answers EINTR to readers

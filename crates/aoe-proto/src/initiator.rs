@@ -64,6 +64,11 @@ const DEFAULT_SECTORS: u8 = 2;
 /// How often tainted targets are probed (the driver's `TIMERTICK`, 100 ms).
 const PROBE_TICK: Duration = Duration::from_millis(100);
 
+/// How late a timer run must come before [`Engine::handle_timeout`] takes the daemon
+/// itself to have been stalled: longer than a busy host delays a thread (tens of
+/// milliseconds) or a `cpu.max` period holds it (100 ms by default).
+pub const STALL: Duration = Duration::from_millis(500);
+
 /// Highest taint a target reaches (the driver's `MAX_TAINT`).
 const MAX_TAINT: u32 = 1000;
 
@@ -105,6 +110,9 @@ pub struct Engine {
     cfg: Config,
     start: Instant,
     last_now: Instant,
+    /// Up to when a late timer run has been taken for a stall of the daemon
+    /// ([`Engine::handle_timeout`]), so that one stall is credited once.
+    stall_credited: Instant,
     interfaces: BTreeMap<usize, Iface>,
     devices: BTreeMap<TargetAddr, Device>,
     /// The operations submitted and not yet completed, by id (counted up: [`CountedMap`]).
@@ -182,6 +190,7 @@ impl Engine {
             cfg,
             start: now,
             last_now: now,
+            stall_credited: now,
             interfaces: BTreeMap::new(),
             devices: BTreeMap::new(),
             ops: CountedMap::default(),
@@ -451,7 +460,28 @@ impl Engine {
     /// burst (tail loss probes), declares devices down after `deadsecs`, probes tainted
     /// targets and sends the discovery beacon. Call it when [`Engine::poll_timeout`]
     /// is reached (calling it early is harmless).
+    ///
+    /// Called [`STALL`] or more after [`Engine::poll_timeout`] (the daemon stopped, frozen
+    /// or starved of CPU: SIGSTOP, a cgroup freezer, `cpu.max`), the time it was late does
+    /// not count toward `deadsecs` for the frames already out: nobody sent their copies
+    /// meanwhile, so their silence says nothing of the target. The driver's `rexmit_timer`
+    /// counts a frame's waits from its timer's runs (`waited_total`), which a stopped
+    /// initiator does not have either.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(due) = self.poll_timeout() {
+            // From the later of the timer's due time and the last stall taken, so that a
+            // timer still due at the next run does not credit the same time again.
+            let since = due.max(self.stall_credited);
+            let late = now.saturating_duration_since(since);
+            if late >= STALL {
+                for f in self.outstanding.values_mut() {
+                    if f.first_sent <= since {
+                        f.first_sent = (f.first_sent + late).min(now);
+                    }
+                }
+                self.stall_credited = now;
+            }
+        }
         self.touch(now);
         if self.next_discover.is_some_and(|t| now >= t) {
             self.discover(now);

@@ -16,7 +16,8 @@
 //! * [`run_script`]: runs an interop script under `tests/interop/` (which has its own hard
 //!   timeout and cleanup) with its output captured, and a backstop kill if it hangs.
 //! * [`fuseuring::FuseUring`]: `enable_uring` of the fuse module set for a test and restored.
-//! * [`cgroup::PidsCgroup`]: a pids cgroup (`pids.max`) to start a daemon in, removed on drop.
+//! * [`cgroup::Cgroup`]: a control group of the test's own (pids, memory, cpu limits), removed
+//!   on drop.
 //! * [`aoeclient`]: a raw AoE client on a veth end (tagged requests, a window, retransmits),
 //!   for tests that must know exactly which request was acknowledged.
 //!

@@ -2595,7 +2595,18 @@ fn last_close_queries_the_device_on_every_interface() {
     let down = e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 1 });
     assert!(down.is_ok());
     drain(&mut e, t0);
-    e.handle_timeout(t0 + Duration::from_secs(200));
+    // The timer run at each deadline until `deadsecs` (one run 200 s later would be a stall
+    // of the initiator, which does not count: `a_stall_of_the_initiator_...`).
+    let mut at = t0;
+    while e.device(DEV).unwrap().state == DeviceState::Up {
+        at = e
+            .poll_timeout()
+            .expect("a timer while the read waits")
+            .max(at + ms(1));
+        assert!(at < t0 + Duration::from_secs(200), "never went down");
+        e.handle_timeout(at);
+        drain(&mut e, at);
+    }
     assert_eq!(e.device(DEV).unwrap().state, DeviceState::DownCloseWait);
     let now = t0 + Duration::from_secs(201);
     drain(&mut e, now);
@@ -3559,4 +3570,48 @@ fn a_down_device_is_identified_through_its_path_not_a_mac_refused_before() {
     e.handle_frame(now, 0, &identify_rsp_from(req, OTHER, 2000));
     assert!(events(&mut e).contains(&Event::DeviceUp(DEV)));
     assert_eq!(e.device(DEV).unwrap().sectors, 2000);
+}
+
+/// Session 36 (limits): an initiator stopped or starved for longer than `deadsecs` (SIGSTOP,
+/// a cgroup freezer, `cpu.max`) while a frame is out must not, on waking, take the device
+/// down before it has sent one copy: its timer ran late, the target was not silent for
+/// `deadsecs` of time the initiator could observe. It goes down `deadsecs` after the stall
+/// if the target stays silent. On the code before: down at the first timer run after the
+/// stall, no copy sent ("down at once after a stall of the initiator").
+#[test]
+fn a_stall_of_the_initiator_does_not_count_toward_deadsecs() {
+    let cfg = Config {
+        deadsecs: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let (mut e, t0) = up_engine_with(cfg, 1000, true);
+    e.submit(t0, DEV, BlockOp::Read { lba: 0, sectors: 2 })
+        .unwrap();
+    assert!(!drain(&mut e, t0).is_empty(), "the read went out");
+    // The daemon is stopped from t0 to 8 s later: no timer runs meanwhile.
+    let woke = t0 + Duration::from_secs(8);
+    e.handle_timeout(woke);
+    assert_ne!(
+        e.device(DEV).unwrap().state,
+        DeviceState::Down,
+        "down at once after a stall of the initiator"
+    );
+    assert!(
+        !drain(&mut e, woke).is_empty(),
+        "no copy sent after the stall"
+    );
+    // The target stays silent: down about `deadsecs` after the stall, not before.
+    let mut now = woke;
+    while e.device(DEV).unwrap().state != DeviceState::Down {
+        let at = e.poll_timeout().expect("a timer while the read waits");
+        now = at.max(now + ms(1));
+        assert!(now < woke + Duration::from_secs(30), "never went down");
+        e.handle_timeout(now);
+        drain(&mut e, now);
+    }
+    assert!(
+        now >= woke + Duration::from_secs(2),
+        "down {:?} after the stall",
+        now - woke
+    );
 }
