@@ -204,8 +204,9 @@ impl Engine {
     /// copies waiting after later answers, and left the slots of copies out less than
     /// [`SILENT_HOLD`] held, so the copies waited up to that long for the window after the
     /// link came back (s36/leftovers saw 0.75 s on real daemons). The copies go out as the
-    /// window allows (`send_waiting_copies`: below `nframes`). Counted as
-    /// retransmissions. Returns the devices to `pump`.
+    /// window allows (`send_waiting_copies`: below `nframes`). Each frame presumed lost
+    /// here counts as a loss of its target; one whose copy already waited was counted when
+    /// it began to wait. Returns the devices to `pump`.
     ///
     /// Without it the frames waited for timers backed off through the silence (up to
     /// `rto_max`, 5 s) after the link was back. Making them time out at once instead
@@ -247,9 +248,13 @@ impl Engine {
             let Some(f) = self.outstanding.get(tag).cloned() else {
                 continue;
             };
+            // A loss of the target's (`aoe_initiator_losses`, found by timeout) unless the
+            // frame was presumed lost already, and counted then, when its copy began to
+            // wait.
             if let Some(t) = self
                 .devices
                 .get_mut(&f.dev)
+                .filter(|_| f.waiting.is_none())
                 .and_then(|d| d.target_idx(f.target).map(|ti| &mut d.targets[ti]))
             {
                 t.retransmits += 1;
