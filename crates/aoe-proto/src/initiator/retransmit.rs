@@ -216,19 +216,26 @@ impl Engine {
     /// event (`rexmit_timer` backs off to `MAXTIMER` over a cut link).
     pub(super) fn link_back(&mut self, now: Instant, idx: usize) -> Vec<TargetAddr> {
         let mut kicked: Vec<(u32, (Instant, u64, u64))> = Vec::new();
+        // What was passed over, for the log line below: not data or past deadsecs, device
+        // not up, another interface, answered since (or not yet overdue).
+        let mut passed = [0u32; 4];
         for (tag, f) in self.outstanding.iter() {
             if !self.carries_data(f) || self.past_deadsecs(f, now) {
+                passed[0] += 1;
                 continue;
             }
             let Some(d) = self.devices.get(&f.dev).filter(|d| d.life == Life::Up) else {
+                passed[1] += 1;
                 continue;
             };
             let Some(t) = d.target_idx(f.target).map(|ti| &d.targets[ti]) else {
+                passed[1] += 1;
                 continue;
             };
             let through = t.paths.iter().any(|p| p.iface == idx);
             let only_through = through && t.paths.iter().all(|p| p.iface == idx);
             if !(f.iface == idx && through || only_through) {
+                passed[2] += 1;
                 continue;
             }
             let overdue =
@@ -238,10 +245,29 @@ impl Engine {
             // timeout, or from answers to later frames, which may well have come after
             // its last copy went out): only its wait ends here.
             if f.waiting.is_none() && (!overdue || t.last_answer.is_some_and(|a| a > f.sent)) {
+                passed[3] += 1;
                 continue;
             }
             kicked.push((tag, (f.first_sent, f.op, f.offset)));
         }
+        let waiting = kicked
+            .iter()
+            .filter(|(tag, _)| {
+                self.outstanding
+                    .get(*tag)
+                    .is_some_and(|f| f.waiting.is_some())
+            })
+            .count();
+        self.log(format!(
+            "link back on if {idx}: {} frames copied ({waiting} of them waiting); passed over: \
+             {} not data or past deadsecs, {} device not up, {} through another interface, \
+             {} answered since or not overdue",
+            kicked.len(),
+            passed[0],
+            passed[1],
+            passed[2],
+            passed[3]
+        ));
         kicked.sort_by_key(|k| k.1);
         let mut devs: Vec<TargetAddr> = Vec::new();
         for (tag, _) in kicked {
