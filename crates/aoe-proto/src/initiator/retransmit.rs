@@ -207,12 +207,18 @@ impl Engine {
     /// Interface `idx` is running again (`Engine::interface_up`): every data frame whose
     /// last copy went out on it, or whose target is reached through it alone, and whose
     /// target has answered nothing since that copy went out a smoothed RTT or more ago,
-    /// went into a dead link. Its copy is presumed lost (`hold_copy`: its slot is free at
-    /// once if it has been out [`SILENT_HOLD`], as every copy sent before a cut of a second
-    /// or more has) and the frame's next copy is due now (`CopyWhy::LinkUp`), in the order
-    /// the frames were first sent, with the target's timeout not backed off; a copy already
-    /// waiting after a timeout turns due now too. Counted as retransmissions. Returns the
-    /// devices to `pump`.
+    /// went into a dead link. Its copy is presumed lost, its window slot free at once, and
+    /// the frame's next copy is due now (`CopyWhy::LinkUp`), in the order the frames were
+    /// first sent, with the target's timeout not backed off. A frame whose next copy
+    /// already waits (after a timeout, after later frames were answered, a tail probe),
+    /// through the interface as well, has its copy due now and its last copy's slot freed
+    /// too, however recent the answers that made it wait: session 35's version passed over
+    /// copies waiting after later answers, and left the slots of copies out less than
+    /// [`SILENT_HOLD`] held, so the copies waited up to that long for the window after the
+    /// link came back (s36/leftovers saw 0.75 s on real daemons). The copies go out as the
+    /// window allows (`send_waiting_copies`: below `nframes`). Each frame presumed lost
+    /// here counts as a loss of its target; one whose copy already waited was counted when
+    /// it began to wait. Returns the devices to `pump`.
     ///
     /// Without it the frames waited for timers backed off through the silence (up to
     /// `rto_max`, 5 s) after the link was back. Making them time out at once instead
@@ -222,42 +228,71 @@ impl Engine {
     /// event (`rexmit_timer` backs off to `MAXTIMER` over a cut link).
     pub(super) fn link_back(&mut self, now: Instant, idx: usize) -> Vec<TargetAddr> {
         let mut kicked: Vec<(u32, (Instant, u64, u64))> = Vec::new();
+        // What was passed over, for the log line below: not data or past deadsecs, device
+        // not up, another interface, answered since (or not yet overdue).
+        let mut passed = [0u32; 4];
         for (tag, f) in self.outstanding.iter() {
             if !self.carries_data(f) || self.past_deadsecs(f, now) {
-                continue;
-            }
-            if !matches!(f.waiting, None | Some(CopyWhy::Timeout)) {
+                passed[0] += 1;
                 continue;
             }
             let Some(d) = self.devices.get(&f.dev).filter(|d| d.life == Life::Up) else {
+                passed[1] += 1;
                 continue;
             };
             let Some(t) = d.target_idx(f.target).map(|ti| &d.targets[ti]) else {
+                passed[1] += 1;
                 continue;
             };
             let through = t.paths.iter().any(|p| p.iface == idx);
             let only_through = through && t.paths.iter().all(|p| p.iface == idx);
             if !(f.iface == idx && through || only_through) {
+                passed[2] += 1;
                 continue;
             }
             let overdue =
                 now.saturating_duration_since(f.sent) >= Duration::from_micros(t.rtt_avg_us);
             // An answer at the instant the copy went out (which freed its slot) is not
-            // one since.
-            if !overdue || t.last_answer.is_some_and(|a| a > f.sent) {
+            // one since. A frame whose copy waits is presumed lost already (after a
+            // timeout, or from answers to later frames, which may well have come after
+            // its last copy went out): only its wait ends here.
+            if f.waiting.is_none() && (!overdue || t.last_answer.is_some_and(|a| a > f.sent)) {
+                passed[3] += 1;
                 continue;
             }
             kicked.push((tag, (f.first_sent, f.op, f.offset)));
         }
+        let waiting = kicked
+            .iter()
+            .filter(|(tag, _)| {
+                self.outstanding
+                    .get(*tag)
+                    .is_some_and(|f| f.waiting.is_some())
+            })
+            .count();
+        self.log(format!(
+            "link back on if {idx}: {} frames copied ({waiting} of them waiting); passed over: \
+             {} not data or past deadsecs, {} device not up, {} through another interface, \
+             {} answered since or not overdue",
+            kicked.len(),
+            passed[0],
+            passed[1],
+            passed[2],
+            passed[3]
+        ));
         kicked.sort_by_key(|k| k.1);
         let mut devs: Vec<TargetAddr> = Vec::new();
         for (tag, _) in kicked {
             let Some(f) = self.outstanding.get(tag).cloned() else {
                 continue;
             };
+            // A loss of the target's (`aoe_initiator_losses`, found by timeout) unless the
+            // frame was presumed lost already, and counted then, when its copy began to
+            // wait.
             if let Some(t) = self
                 .devices
                 .get_mut(&f.dev)
+                .filter(|_| f.waiting.is_none())
                 .and_then(|d| d.target_idx(f.target).map(|ti| &mut d.targets[ti]))
             {
                 t.retransmits += 1;
@@ -269,6 +304,17 @@ impl Engine {
             } else {
                 self.hold_copy(now, tag, &f, now, true);
                 self.copy_due(now, tag, CopyWhy::LinkUp);
+            }
+            // Its last copy (held under the frame's key) went into the dead link: gone,
+            // its slot free now rather than once it has been out `SILENT_HOLD`, or the
+            // copies would wait for those slots up to a second after the link came back
+            // (0.7 s after a cut of 300 ms in the simulator). Remembered as a ghost: a late
+            // answer undoes the presumption (`Engine::ghost_answered`).
+            if let Some(h) = self.held.remove(&tag) {
+                self.release(h.dev, h.target);
+                if h.presumed_lost {
+                    self.add_ghost(now, tag, &h);
+                }
             }
             if !devs.contains(&f.dev) {
                 devs.push(f.dev);
