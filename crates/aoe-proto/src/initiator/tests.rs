@@ -2084,6 +2084,41 @@ fn sim_a_slower_path_of_one_target_is_not_ejected_for_reordering() {
     }
 }
 
+/// Session 36's multipath rig: one target (one MAC, a bridge all three paths reach) over
+/// three paths whose segments add one-way `delays` to the link's 200 µs, its disk answering
+/// after `io_delay` (None: the spec's default), `deadsecs` 60 s and `cfg` otherwise as
+/// given; the device up with all three paths. Returns the simulator and the target's disk.
+fn three_path_sim(
+    seed: u64,
+    cfg: Config,
+    delays: Vec<Duration>,
+    io_delay: Option<Duration>,
+) -> (Sim, Disk) {
+    let cfg = Config {
+        deadsecs: Duration::from_secs(60),
+        ..cfg
+    };
+    let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500, 1500, 1500]);
+    sim.seg_delay = delays;
+    let mut t = spec(
+        DEV,
+        8192,
+        128,
+        vec![(TMAC, 1500, 0), (TMAC, 1500, 1), (TMAC, 1500, 2)],
+    );
+    if let Some(d) = io_delay {
+        t.io_delay = d;
+    }
+    let a = sim.add_target(t);
+    let disk: Disk = sim.targets[a].disk.clone();
+    bring_up(&mut sim, DEV);
+    assert!(
+        sim.run_until(Duration::from_secs(5), |s| s.device(DEV).interfaces.len()
+            == 3)
+    );
+    (sim, disk)
+}
+
 /// Session 36: one target (one MAC, a bridge both paths reach) over three paths of
 /// different lengths (one-way 0, 5 and 20 ms more than the link's 200 µs), no loss, a
 /// window of 64 ops of up to 128 sectors, three seeds. Every frame is answered, so every
@@ -2097,28 +2132,13 @@ fn sim_a_slower_path_of_one_target_is_not_ejected_for_reordering() {
 #[test]
 fn sim_paths_of_different_lengths_cost_no_copies_without_loss() {
     for seed in [1, 2, 3] {
-        let cfg = Config {
-            deadsecs: Duration::from_secs(60),
-            ..Config::default()
-        };
-        let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500, 1500, 1500]);
-        sim.seg_delay = vec![Duration::ZERO, ms(5), ms(20)];
         // Answers in arrival order (a disk that reorders is `reo_wnd`'s business, the
         // same over one path): any copy here is one path's frames overtaken by another's.
-        let a = sim.add_target(TargetSpec {
-            io_delay: Duration::ZERO,
-            ..spec(
-                DEV,
-                8192,
-                128,
-                vec![(TMAC, 1500, 0), (TMAC, 1500, 1), (TMAC, 1500, 2)],
-            )
-        });
-        let disk: Disk = sim.targets[a].disk.clone();
-        bring_up(&mut sim, DEV);
-        assert!(
-            sim.run_until(Duration::from_secs(5), |s| s.device(DEV).interfaces.len()
-                == 3)
+        let (mut sim, disk) = three_path_sim(
+            seed,
+            Config::default(),
+            vec![Duration::ZERO, ms(5), ms(20)],
+            Some(Duration::ZERO),
         );
         let mut w = Workload::new(DEV, 8192, 128, 64);
         w.run(&mut sim, 3000, Duration::from_secs(120));
@@ -2150,27 +2170,13 @@ fn sim_paths_of_different_lengths_cost_no_copies_without_loss() {
 /// frames each way, 3000 ops in a window of 64: the longest op and the target's figures.
 fn three_paths_one_lossy(seed: u64, loss: f64) -> (Duration, TargetInfo) {
     let cfg = Config {
-        deadsecs: Duration::from_secs(60),
         // The write fence holds a write over sectors of a lost copy for up to a second
         // (`Config::fence_writes`), by design and whatever found the loss; the link here
         // drops a lost frame for good, so no late copy can land.
         fence_writes: false,
         ..Config::default()
     };
-    let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500, 1500, 1500]);
-    sim.seg_delay = vec![Duration::ZERO, ms(5), ms(20)];
-    let a = sim.add_target(spec(
-        DEV,
-        8192,
-        128,
-        vec![(TMAC, 1500, 0), (TMAC, 1500, 1), (TMAC, 1500, 2)],
-    ));
-    let disk: Disk = sim.targets[a].disk.clone();
-    bring_up(&mut sim, DEV);
-    assert!(
-        sim.run_until(Duration::from_secs(5), |s| s.device(DEV).interfaces.len()
-            == 3)
-    );
+    let (mut sim, disk) = three_path_sim(seed, cfg, vec![Duration::ZERO, ms(5), ms(20)], None);
     sim.seg_loss = vec![0.0, 0.0, loss];
     let mut w = Workload::new(DEV, 8192, 128, 64);
     w.run(&mut sim, 3000, Duration::from_secs(120));
@@ -2226,23 +2232,8 @@ fn sim_a_lossy_path_among_clean_ones_is_recovered_from_later_answers() {
 #[test]
 fn sim_a_dark_path_among_answering_ones_gets_few_frames() {
     for seed in [1, 2, 3] {
-        let cfg = Config {
-            deadsecs: Duration::from_secs(60),
-            ..Config::default()
-        };
-        let mut sim = Sim::new(seed, LinkCfg::perfect(), cfg, &[1500, 1500, 1500]);
-        let a = sim.add_target(spec(
-            DEV,
-            8192,
-            128,
-            vec![(TMAC, 1500, 0), (TMAC, 1500, 1), (TMAC, 1500, 2)],
-        ));
-        let disk: Disk = sim.targets[a].disk.clone();
-        bring_up(&mut sim, DEV);
-        assert!(
-            sim.run_until(Duration::from_secs(5), |s| s.device(DEV).interfaces.len()
-                == 3)
-        );
+        let (mut sim, disk) =
+            three_path_sim(seed, Config::default(), vec![Duration::ZERO; 3], None);
         let mut w = Workload::new(DEV, 8192, 128, 64);
         w.run(&mut sim, 100, Duration::from_secs(30));
         let before = sim.device(DEV).targets[0].retransmits;
