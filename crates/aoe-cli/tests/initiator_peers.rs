@@ -969,7 +969,8 @@ fn a_refused_target_neither_shrinks_our_frames_nor_keeps_a_new_path_out() {
 const O_DIRECT: i32 = 0o40000;
 
 /// The device file's `fsync` (FLUSH CACHE EXT) and a direct write of several FUSE requests
-/// (`FUSE_ASYNC_DIO`: 1 MiB, four requests in flight), both waiting on a target that died,
+/// (`FUSE_ASYNC_DIO`: 4 MiB, four requests of `max_write` in flight together), both waiting
+/// on a target that died,
 /// fail with EIO when deadsecs ends: never 0, never a short count. Session 36 (s36/plbtrfs)
 /// found an fdatasync on btrfs over a loop device (direct I/O) over the device file that
 /// returned 0 at the moment the device went down, its write lost; the kernel log showed the
@@ -1017,10 +1018,12 @@ fn fsync_and_direct_write_waiting_on_a_dead_target_fail_with_eio() {
     let (fs, fw) = (open(), open());
     let flusher = std::thread::spawn(move || fs.sync_all());
     let writer = std::thread::spawn(move || {
-        let mut raw = vec![0u8; (1 << 20) + 4096];
+        let mut raw = vec![0u8; (4 << 20) + 4096];
         let skip = raw.as_ptr().align_offset(4096);
-        raw[skip..skip + (1 << 20)].copy_from_slice(&data);
-        fw.write_at(&raw[skip..skip + (1 << 20)], 2 << 20)
+        for piece in raw[skip..skip + (4 << 20)].chunks_mut(1 << 20) {
+            piece.copy_from_slice(&data);
+        }
+        fw.write_at(&raw[skip..skip + (4 << 20)], 4 << 20)
     });
     let synced = flusher.join().unwrap();
     let wrote = writer.join().unwrap();
@@ -1031,7 +1034,7 @@ fn fsync_and_direct_write_waiting_on_a_dead_target_fail_with_eio() {
     );
     assert!(
         matches!(&wrote, Err(e) if is_eio(e)),
-        "a direct MiB written to a dead target: {wrote:?}, want EIO (not a count){}",
+        "4 direct MiB written to a dead target: {wrote:?}, want EIO (not a count){}",
         rig.logs()
     );
     // Down: both fail at once as well.
