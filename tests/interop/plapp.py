@@ -58,7 +58,7 @@ the error our stack answered: such a violation is printed as KERNEL and not coun
 so: btrfs over loop (direct I/O) over the initiator's device file, the guest killed, a
 prealloc fdatasync returned 0 exactly at deadsecs (K+5.0 s), when the initiator failed the
 dead device's I/O, btrfs aborting its log commit (walk_down_log_tree, errno=-5) in the same
-second; 2 runs in 11. Every D line before R is held as before.
+second; 4 runs in 28 (s36/plbtrfs). Every D line before R is held as before.
 
 For the inplace, prealloc and odirect files the check is per 512-byte sector: each holds
 that sector of an allowed version of its block (the last acknowledged one, or a version
