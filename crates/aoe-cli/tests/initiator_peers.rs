@@ -963,6 +963,92 @@ fn a_refused_target_neither_shrinks_our_frames_nor_keeps_a_new_path_out() {
 }
 
 // ------------------------------------------------------------------------------------------
+// What a dying target's FLUSH and direct writes answer
+
+/// `O_DIRECT` of asm-generic/fcntl.h on x86 (the tests run there).
+const O_DIRECT: i32 = 0o40000;
+
+/// The device file's `fsync` (FLUSH CACHE EXT) and a direct write of several FUSE requests
+/// (`FUSE_ASYNC_DIO`: 4 MiB, four requests of `max_write` in flight together), both waiting
+/// on a target that died,
+/// fail with EIO when deadsecs ends: never 0, never a short count. Session 36 (s36/plbtrfs)
+/// found an fdatasync on btrfs over a loop device (direct I/O) over the device file that
+/// returned 0 at the moment the device went down, its write lost; the kernel log showed the
+/// loop device's writes failing with EIO and btrfs aborting its log commit, so the success
+/// was not ours. This pins that it is not: the two calls a loop device makes of the
+/// device file (`vfs_fsync` for a flush, a direct `write_iter` for a write) both fail.
+#[test]
+fn fsync_and_direct_write_waiting_on_a_dead_target_fail_with_eio() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut rig = Rig::start(
+        Target::AoeServe,
+        9000,
+        InitOpts {
+            deadsecs: Some(DEADSECS),
+            ..InitOpts::default()
+        },
+    );
+    let dev = rig.dev();
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(O_DIRECT)
+            .open(&dev)
+            .unwrap()
+    };
+    // A page-aligned MiB, as O_DIRECT wants.
+    let mut raw = vec![0u8; (1 << 20) + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + (1 << 20)];
+    buf.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
+    let f = open();
+    assert_eq!(
+        f.write_at(buf, 0).unwrap(),
+        1 << 20,
+        "a direct MiB while the target lives"
+    );
+    f.sync_all().expect("fsync while the target lives");
+    drop(f);
+
+    rig.kill_target();
+    let data = buf.to_vec();
+    let (fs, fw) = (open(), open());
+    let flusher = std::thread::spawn(move || fs.sync_all());
+    let writer = std::thread::spawn(move || {
+        let mut raw = vec![0u8; (4 << 20) + 4096];
+        let skip = raw.as_ptr().align_offset(4096);
+        for piece in raw[skip..skip + (4 << 20)].chunks_mut(1 << 20) {
+            piece.copy_from_slice(&data);
+        }
+        fw.write_at(&raw[skip..skip + (4 << 20)], 4 << 20)
+    });
+    let synced = flusher.join().unwrap();
+    let wrote = writer.join().unwrap();
+    assert!(
+        matches!(&synced, Err(e) if is_eio(e)),
+        "fsync of the device file waiting on a dead target: {synced:?}, want EIO{}",
+        rig.logs()
+    );
+    assert!(
+        matches!(&wrote, Err(e) if is_eio(e)),
+        "4 direct MiB written to a dead target: {wrote:?}, want EIO (not a count){}",
+        rig.logs()
+    );
+    // Down: both fail at once as well.
+    let f = open();
+    let synced = f.sync_all();
+    assert!(
+        matches!(&synced, Err(e) if is_eio(e)),
+        "fsync of a down device: {synced:?}"
+    );
+    drop(f);
+    rig.finish();
+}
+
+// ------------------------------------------------------------------------------------------
 // SIGTERM with I/O in flight
 
 /// SIGTERM while a read waits on a dead target (deadsecs 60): the reader holds the device
