@@ -47,14 +47,8 @@ MAXP=0
 for n in "${NPATHS[@]}"; do [ "$n" -gt "$MAXP" ] && MAXP=$n; done
 
 die() { echo "bench-multipath: $*" >&2; exit 1; }
-stop_pid() { # pid
-    local p=$1
-    [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
+# stop_pid, cpu_ticks and median: the bench scripts' own (scripts/bench/lib.sh).
+. "$(dirname "$0")/bench/lib.sh"
 cleanup() {
     set +e
     stop_pid "$INIT_PID"
@@ -66,8 +60,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-median() { sort -g | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'; }
 
 for b in "${INIT_BINS[@]}" "$AOE"; do [ -x "$b" ] || die "no binary $b"; done
 ip netns add "$NS_T"; ip netns add "$NS_I"
